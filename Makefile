@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install what they need.
+# torch is installed first and on its own: TORCH_SPEC defaults to the 2.13.0 release (a CPU wheel is cached on the
+# project's dev/CI machines); on your machine pass the build you want, e.g. `make test TORCH_SPEC=torch`, or keep an
+# existing torch by creating .venv yourself with --system-site-packages.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/r1lab demo
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/grpo_vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs
