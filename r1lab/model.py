@@ -1,0 +1,364 @@
+"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Llama families, with Hugging Face-format load and save.
+
+Module names mirror transformers' (model.layers.N.self_attn.q_proj, ...) so a checkpoint's tensors map one to one.
+Two forward paths share every layer: `forward` (training, full sequences) and `forward_cached` (the engine's prefill
+and decode, writing into a preallocated KV cache).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True  # Qwen2: q/k/v have a bias, o_proj none
+    o_bias: bool = False  # Llama's attention_bias puts a bias on all four
+    mlp_bias: bool = False
+    architecture: str = "Qwen2ForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        arch = (hf.get("architectures") or [None])[0]
+        if arch is None:  # configs built in code lack "architectures"; the model_type says the same
+            arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(hf.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
+                f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{source}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+        llama = arch == "LlamaForCausalLM"
+        known = set(cls.__dataclass_fields__) | {
+            "architectures", "model_type", "rope_parameters", "attention_bias", "hidden_act", "use_sliding_window",
+            "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
+        }
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", not llama),
+            qkv_bias=hf.get("attention_bias", False) if llama else True,
+            o_bias=hf.get("attention_bias", False) if llama else False,
+            mlp_bias=hf.get("mlp_bias", False),
+            architecture=arch,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            extra={k: v for k, v in hf.items() if k not in known},
+        )
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        llama = self.architecture == "LlamaForCausalLM"
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[self.architecture],
+            model_type=SUPPORTED_ARCHITECTURES[self.architecture],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            torch_dtype=str(dtype).removeprefix("torch."),
+        )
+        if self.rope_scaling:
+            hf["rope_scaling"] = dict(self.rope_scaling)
+        if llama:
+            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        else:
+            hf.update(use_sliding_window=False)
+        return hf
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3's long-context rescaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv.float()
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as transformers does, so bf16 runs match it.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        groups = self.n_heads // self.n_kv
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, f, bias=b), nn.Linear(d, f, bias=b), nn.Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                       for _ in range(cfg.num_hidden_layers)]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (expanding a shared prompt to G samples, or dropping finished ones)."""
+        self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, start=0, key_mask=None):
+        """Final normalised hidden states (B, T, D).
+
+        attention_mask (B, T): 1 for real tokens (padding on either side) when no cache is used.
+        With a cache, tokens are written at positions [start, start+T) and key_mask (B, start+T) marks real keys.
+        """
+        B, T = input_ids.shape
+        if key_mask is None:
+            key_mask = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        mask = attention_mask_4d(key_mask, T, start)
+        layers = cache.layers if cache is not None else [None] * len(self.model.layers)
+        for layer, kv in zip(self.model.layers, layers):
+            x = layer(x, cos, sin, mask, kv, start)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits (B, T, V) for full sequences (training and parity checks)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    def forward_cached(self, input_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
+        """Logits of the last position only (B, V): prefill when T > 1, one decode step when T == 1."""
+        h = self.hidden_states(input_ids, None, position_ids, cache, start, key_mask)
+        return self.lm_head(h[:, -1])
+
+
+def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself.
+
+    Allowing the diagonal keeps padding rows finite (a row with no allowed key would give NaN, and NaN keys poison
+    every later query through 0 * NaN in the attention product).
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    return ((causal[None] & key_mask[:, None, :]) | (k_pos == q_pos)[None])[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inverse_frequencies(cfg)
+    return model.to(device=device, dtype=dtype)
+
+
+def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # shared with embed_tokens; safetensors refuses aliased tensors
+    dtype = dtype or next(model.parameters()).dtype
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = model.config
+    (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
