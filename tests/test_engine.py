@@ -1,0 +1,114 @@
+"""The sampler: KV-cache decoding equals full recomputation, seeds reproduce, stop rules cut exactly."""
+
+import pytest
+import torch
+
+from r1lab.engine import Engine, sample_next
+from r1lab.model import CausalLM, ModelConfig
+from r1lab.tokenizer import build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # sharp distributions, so greedy paths differ between prompts
+    tok.eos_ids = set()  # each test chooses its own stop ids
+    return Engine(model.eval(), tok)
+
+
+PROMPTS = ["3+5+2", "12+7", "9"]
+
+
+def prompt_ids(engine):
+    return [engine.tokenizer.encode(p) for p in PROMPTS]
+
+
+def greedy_without_cache(model, ids, n):
+    seq = list(ids)
+    for _ in range(n):
+        logits = model(torch.tensor([seq]))[0, -1]
+        seq.append(int(logits.argmax()))
+    return seq[len(ids):]
+
+
+def test_greedy_with_cache_equals_recomputation(engine):
+    ids = prompt_ids(engine)
+    out = engine.generate(ids, num_samples=2, max_new_tokens=12, temperature=0)
+    assert len(out) == 6
+    for i, s in enumerate(out):
+        assert s.prompt_index == i // 2
+        assert s.token_ids == greedy_without_cache(engine.model, ids[i // 2], 12)
+        assert s.finish_reason == "length"
+
+
+def test_logprobs_match_full_forward(engine):
+    ids = prompt_ids(engine)
+    out = engine.generate(ids, num_samples=3, max_new_tokens=10, temperature=0.7, seed=1)
+    for s in out:
+        seq = torch.tensor([ids[s.prompt_index] + s.token_ids])
+        logp = torch.log_softmax(engine.model(seq)[0, :-1] / 0.7, -1)
+        ref = logp[len(ids[s.prompt_index]) - 1:].gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(ref, torch.tensor(s.logprobs), atol=1e-5)
+
+
+def test_same_seed_same_samples(engine):
+    ids = prompt_ids(engine)
+    kw = dict(num_samples=4, max_new_tokens=16, temperature=1.0, top_p=0.95, top_k=50)
+    a = engine.generate(ids, seed=7, **kw)
+    b = engine.generate(ids, seed=7, **kw)
+    c = engine.generate(ids, seed=8, **kw)
+    assert [s.token_ids for s in a] == [s.token_ids for s in b]
+    assert [s.token_ids for s in a] != [s.token_ids for s in c]
+
+
+def test_eos_stops_exactly_and_finished_rows_stay_finished(engine):
+    ids = prompt_ids(engine)
+    free = engine.generate(ids, max_new_tokens=12, temperature=0)
+    stop_token = free[0].token_ids[4]
+    first = free[0].token_ids.index(stop_token)
+    engine.tokenizer.eos_ids = {stop_token}
+    try:
+        out = engine.generate(ids, max_new_tokens=12, temperature=0)
+        suppressed = engine.generate(ids, max_new_tokens=12, temperature=0, suppress_eos=True)
+    finally:
+        engine.tokenizer.eos_ids = set()
+    assert out[0].token_ids == free[0].token_ids[: first + 1]  # the stop token is kept, nothing after it
+    assert out[0].finish_reason == "stop"
+    for s, f in zip(out[1:], free[1:]):  # the other rows are unaffected by row 0 finishing
+        cut = f.token_ids.index(stop_token) + 1 if stop_token in f.token_ids else len(f.token_ids)
+        assert s.token_ids == f.token_ids[:cut]
+    assert all(len(s.token_ids) == 12 and stop_token not in s.token_ids for s in suppressed)
+
+
+def test_stop_string_cuts_text_right_after_it(engine):
+    ids = prompt_ids(engine)
+    free = engine.generate(ids[:1], max_new_tokens=16, temperature=0)[0]
+    stop = free.text[5:8]
+    out = engine.generate(ids[:1], max_new_tokens=16, temperature=0, stop_strings=(stop,))[0]
+    end = free.text.index(stop) + len(stop)
+    assert out.text == free.text[:end]
+    assert out.finish_reason == "stop"
+    # generation ended on the token that completed the stop string (a tag token may run past it)
+    assert stop in engine.tokenizer.decode(out.token_ids)
+    assert stop not in engine.tokenizer.decode(out.token_ids[:-1])
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(engine):
+    ids = prompt_ids(engine)
+    greedy = [s.token_ids for s in engine.generate(ids, max_new_tokens=8, temperature=0)]
+    k1 = [s.token_ids for s in engine.generate(ids, max_new_tokens=8, temperature=1.0, top_k=1, seed=3)]
+    p0 = [s.token_ids for s in engine.generate(ids, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3)]
+    assert greedy == k1 == p0
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0, 0.8, g)[0]) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8; 0.15 and 0.05 are cut
