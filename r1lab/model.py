@@ -182,7 +182,7 @@ class Attention(nn.Module):
         groups = self.n_heads // self.n_kv
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -258,7 +258,9 @@ class CausalLM(nn.Module):
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
-        mask = attention_mask_4d(key_mask, T, start)
+        # Without padding on the left, plain causal attention is exact (right padding is never attended to by a
+        # real token) and takes the fused kernel; mask=None selects it.
+        mask = None if cache is None and attention_mask is None else attention_mask_4d(key_mask, T, start)
         layers = cache.layers if cache is not None else [None] * len(self.model.layers)
         for layer, kv in zip(self.model.layers, layers):
             x = layer(x, cos, sin, mask, kv, start)

@@ -1,0 +1,190 @@
+"""One dataclass per command. Defaults live here; a YAML file and then CLI flags override them.
+
+Every field becomes a flag (`prompts_per_step` -> `--prompts-per-step`). The resolved config is saved in the run
+directory, so a run can be repeated exactly with `--config RUN/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class PretrainConfig:
+    """`r1lab pretrain`: a tiny base model from scratch on the synthetic corpus (see r1lab/corpus.py)."""
+
+    out: str = "runs/base"
+    task: str = "arithmetic"
+    task_options: dict = field(default_factory=dict)
+    documents: int = 60_000  # corpus size (documents are drawn from the task's train split)
+    steps: int = 700
+    batch_size: int = 96  # documents per optimizer step
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    think_share: float = 0.3
+    slip_rate: float = 0.2
+    untagged_share: float = 0.05
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 = all cores
+
+
+@dataclass
+class GRPOConfig:
+    """`r1lab grpo`: R1-Zero reinforcement learning with group-relative advantages and rule rewards."""
+
+    model: str = "runs/base/model"
+    task: str = "arithmetic"  # a built-in task name or a .jsonl/.parquet file with prompt and answer columns
+    task_options: dict = field(default_factory=dict)
+    out: str = "runs/grpo"
+    steps: int = 100
+    # batch sizes, named by unit
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8  # G, the group size
+    micro_batch_size: int = 64  # sequences per forward/backward pass
+    updates_per_batch: int = 1  # mu: gradient steps on one batch of rollouts
+    # optimisation
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    loss_norm: str = "token"  # token | sequence | constant
+    scale_by_std: bool = True
+    drop_uniform_groups: bool = False
+    # rewards
+    accuracy_weight: float = 1.0
+    format_weight: float = 1.0
+    reward_timeout_s: float = 5.0
+    control: str = "none"  # none | random-reward (rewards shuffled across the batch: same mean, no signal)
+    # sampling
+    template: str = "r1zero"  # r1zero | chat | none
+    prefill: str = ""  # text appended after the template, e.g. "<think>"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    suppress_eos: bool = False  # benchmarking only: every completion runs to max_new_tokens
+    # evaluation on held-out problems during training
+    eval_every: int = 20
+    eval_problems: int = 200
+    eval_samples: int = 4  # k
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    # bookkeeping
+    save_every: int = 50
+    samples_every: int = 10
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def check(self) -> None:
+        """Fail at start, with a sentence, on settings that cannot work."""
+        problems = []
+        if self.samples_per_prompt < 2:
+            problems.append("samples_per_prompt (G) must be at least 2: advantages compare samples within a group")
+        rollouts = self.prompts_per_step * self.samples_per_prompt
+        if self.micro_batch_size < 1 or self.micro_batch_size > rollouts:
+            problems.append(f"micro_batch_size ({self.micro_batch_size}) must be between 1 and prompts_per_step x "
+                            f"samples_per_prompt ({rollouts})")
+        if self.loss_norm not in ("token", "sequence", "constant"):
+            problems.append(f"loss_norm {self.loss_norm!r} is not one of token, sequence, constant")
+        if self.control not in ("none", "random-reward"):
+            problems.append(f"control {self.control!r} is not one of none, random-reward")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            problems.append("clip_low must be in [0, 1) and clip_high >= 0")
+        if self.updates_per_batch < 1 or self.steps < 1 or self.max_new_tokens < 1:
+            problems.append("updates_per_batch, steps and max_new_tokens must be at least 1")
+        if self.eval_every and self.eval_samples < 1:
+            problems.append("eval_samples must be at least 1 when eval_every > 0")
+        if problems:
+            raise ValueError("invalid GRPO config: " + "; ".join(problems))
+
+
+@dataclass
+class EvalConfig:
+    """`r1lab eval`: pass@1 over k samples, cons@k and pass@k on held-out problems (the paper's protocol)."""
+
+    model: str = "runs/demo/grpo/model"
+    task: str = "arithmetic"
+    task_options: dict = field(default_factory=dict)
+    split: str = "test"
+    problems: int = 200
+    samples: int = 8  # k
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 128
+    template: str = "r1zero"
+    prefill: str = ""
+    out: str = ""  # JSON results path; default: next to the model
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclass
+class DemoConfig:
+    """`r1lab demo`: tokenizer -> tiny base -> eval -> R1-Zero GRPO -> eval -> report, on a CPU in minutes."""
+
+    out: str = "runs/demo"
+    control: str = "none"  # random-reward runs the same demo with shuffled rewards
+    grpo_steps: int = 120
+    seed: int = 0
+    threads: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flag_type(tp):
+    if tp is bool:
+        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
+    if tp is dict:
+        return lambda s: yaml.safe_load(s) or {}
+    return tp
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per dataclass field, defaulting to None so that only the flags given override the YAML."""
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(hints[f.name]),
+                            default=None, metavar=hints[f.name].__name__.upper(), help=f"(default: {default})")
+
+
+def resolve(cls, args: argparse.Namespace | None = None, **overrides):
+    """Defaults, then the YAML file named by --config, then flags, then keyword overrides."""
+    values: dict = {}
+    config_path = getattr(args, "config", None) if args else None
+    if config_path:
+        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{config_path}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
+        values.update(loaded)
+    if args:
+        values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None})
+    values.update(overrides)
+    return cls(**values)
+
+
+def save_config(config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

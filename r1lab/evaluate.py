@@ -1,0 +1,238 @@
+"""Evaluation the DeepSeek-R1 way: k sampled completions per problem, scored by the same rule rewards as training.
+
+Reported figures (R1 paper, section "Evaluation setup"):
+- pass@1: mean correctness over the k samples, averaged over problems (temperature 0.6, top-p 0.95; never greedy,
+  which repeats itself and hides variance);
+- cons@k: the majority-vote answer over the k samples is correct;
+- pass@j: the unbiased estimator of Chen et al. (2021) for j in 1, 2, 4, ..., k.
+
+Run it through the CLI (`python -m r1lab eval ...`) or call `evaluate(engine, task, problems, encode_prompt)`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from r1lab.tasks.base import Problem
+
+# A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
+_FULL_CREDIT = 1.0 - 1e-6
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    if n < 1 or k < 1 or c < 0 or c > n:
+        raise ValueError(f"pass_at_k needs n >= 1, k >= 1 and 0 <= c <= n (got n={n}, c={c}, k={k})")
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0  # every k-subset contains a correct sample
+    # C(n-c,k)/C(n,k) = prod_{i=n-c+1}^{n} (1 - k/i): no huge binomials, no overflow for large n.
+    all_wrong = 1.0
+    for i in range(n - c + 1, n + 1):
+        all_wrong *= 1.0 - k / i
+    return 1.0 - all_wrong
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most common non-None answer (already canonicalised); ties go to the one seen first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def pass_ks(k: int) -> list[int]:
+    """The j reported as pass@j: powers of two below k, and k itself."""
+    ks, j = [], 1
+    while j < k:
+        ks.append(j)
+        j *= 2
+    return ks + [k]
+
+
+@dataclass
+class EvalResult:
+    k: int
+    n_problems: int
+    pass_at: dict[int, float]  # unbiased pass@j for j in pass_ks(k)
+    cons_at_k: float
+    format_rate: float  # share of samples with format reward 1
+    mean_length: float  # completion tokens per sample
+    truncation_rate: float = 0.0  # share of samples that hit max_new_tokens
+    records: list[dict] = field(default_factory=list)  # per problem: prompt, reference, the k samples
+
+    @property
+    def pass_at_1(self) -> float:
+        return self.pass_at[1]
+
+    def to_dict(self, include_records: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"pass@1": self.pass_at[1], f"cons@{self.k}": self.cons_at_k}
+        out.update({f"pass@{j}": v for j, v in sorted(self.pass_at.items()) if j != 1})
+        out.update(format_rate=self.format_rate, mean_length=self.mean_length, k=self.k, n_problems=self.n_problems)
+        if include_records:
+            out["records"] = self.records
+        return out
+
+
+def evaluate(
+    engine: Any,
+    task: Any,
+    problems: Sequence[Problem],
+    encode_prompt: Callable[[Problem], list[int]],
+    *,
+    k: int = 8,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    max_new_tokens: int = 128,
+    seed: int | None = 0,
+    batch_prompts: int = 64,
+    response_prefix: str = "",
+    timeout_s: float = 5.0,
+    scorer: Callable[..., Any] | None = None,
+) -> EvalResult:
+    """Sample k completions per problem, score them with the training rewards and summarise.
+
+    `scorer` defaults to r1lab.rewards.score_completions (same signature); tests pass a fake.
+    """
+    if not problems:
+        raise ValueError("evaluate() got no problems")
+    if k < 1 or batch_prompts < 1:
+        raise ValueError(f"k and batch_prompts must be >= 1 (got k={k}, batch_prompts={batch_prompts})")
+    if scorer is None:
+        from r1lab.rewards import score_completions as scorer
+    records: list[dict] = []
+    for start in range(0, len(problems), batch_prompts):
+        chunk = list(problems[start : start + batch_prompts])
+        samples = engine.generate(
+            [encode_prompt(p) for p in chunk],
+            num_samples=k,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            # A different seed per chunk, so chunks do not replay the same random stream.
+            seed=None if seed is None else seed + start,
+        )
+        if len(samples) != len(chunk) * k:
+            raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
+        repeated = [p for p in chunk for _ in range(k)]
+        reward = scorer(task, repeated, [s.text for s in samples], timeout_s=timeout_s, response_prefix=response_prefix)
+        for i, problem in enumerate(chunk):
+            records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k)))
+    return summarise(records, k)
+
+
+def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice) -> dict:
+    answers = reward.answers[sl]
+    canon = [None if a is None else task.canonical(a) for a in answers]
+    vote = majority_vote(canon)
+    return {
+        "prompt": problem.prompt,
+        "reference": problem.answer,
+        "majority": vote,
+        "majority_correct": vote is not None and _safe_score(task, problem, vote) >= _FULL_CREDIT,
+        "samples": [
+            {
+                "completion": s.text,
+                "answer": a,
+                "correct": bool(c),
+                "format": float(f),
+                "length": len(s.token_ids),
+                "finish_reason": s.finish_reason,
+            }
+            for s, a, c, f in zip(samples[sl], answers, reward.correct[sl], reward.components["format"][sl])
+        ],
+    }
+
+
+def _safe_score(task: Any, problem: Problem, answer: str) -> float:
+    # A verifier crash on one voted answer should cost that problem, not the whole evaluation.
+    try:
+        return float(task.score(problem, answer))
+    except Exception:
+        return 0.0
+
+
+def summarise(records: list[dict], k: int) -> EvalResult:
+    """EvalResult figures from per-problem records (as built by evaluate)."""
+    samples = [s for r in records for s in r["samples"]]
+    n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
+    pass_at = {j: _mean([pass_at_k(k, c, j) for c in n_correct]) for j in pass_ks(k)}
+    return EvalResult(
+        k=k,
+        n_problems=len(records),
+        pass_at=pass_at,
+        cons_at_k=_mean([float(r["majority_correct"]) for r in records]),
+        format_rate=_mean([float(s["format"] >= _FULL_CREDIT) for s in samples]),
+        mean_length=_mean([s["length"] for s in samples]),
+        truncation_rate=_mean([float(s["finish_reason"] == "length") for s in samples]),
+        records=records,
+    )
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _as_dict(result: EvalResult | dict) -> dict:
+    return result.to_dict() if isinstance(result, EvalResult) else result
+
+
+def _first_key(d: dict, prefix: str) -> str | None:
+    return next((key for key in d if key.startswith(prefix)), None)
+
+
+def _table_rows(d: dict) -> list[tuple[str, float | None]]:
+    cons_key = _first_key(d, "cons@")
+    pass_k = f"pass@{d['k']}" if "k" in d else max((x for x in d if x.startswith("pass@")), default=None)
+    return [
+        ("pass@1", d.get("pass@1")),
+        ("cons@k", d.get(cons_key) if cons_key else None),
+        ("pass@k", d.get(pass_k) if pass_k else None),
+        ("format rate", d.get("format_rate")),
+        ("mean length", d.get("mean_length")),
+    ]
+
+
+def print_table(results: dict[str, EvalResult | dict], title: str, console: Any = None) -> Any:
+    """Print one column per named result (e.g. "base", "after RL"); returns the rich Table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    dicts = {name: _as_dict(r) for name, r in results.items()}
+    ks = {d.get("k") for d in dicts.values()}
+    k_label = str(ks.pop()) if len(ks) == 1 and None not in ks else "k"
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in dicts:
+        table.add_column(name, justify="right")
+    rows = {name: _table_rows(d) for name, d in dicts.items()}
+    labels = [label for label, _ in next(iter(rows.values()), [])]
+    for i, label in enumerate(labels):
+        cells = [_fmt_cell(label, rows[name][i][1]) for name in dicts]
+        table.add_row(label.replace("@k", f"@{k_label}"), *cells)
+    (console or Console()).print(table)
+    return table
+
+
+def _fmt_cell(label: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if label == "mean length" else f"{100 * value:.1f}%"
+
+
+def save_json(path: str | Path, results: dict[str, EvalResult | dict], include_records: bool = True) -> Path:
+    """Write {name: figures (+ per-problem records)} as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {
+        name: r.to_dict(include_records=include_records) if isinstance(r, EvalResult) else r
+        for name, r in results.items()
+    }
+    path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    return path

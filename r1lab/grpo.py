@@ -1,0 +1,309 @@
+"""R1-Zero reinforcement learning with GRPO: `r1lab grpo --model DIR --task NAME_OR_FILE [--config FILE.yaml]`.
+
+One step, top to bottom:
+  1. sample   prompts_per_step problems, G completions each, from the policy itself (same weights, no sync)
+  2. score    each completion with the task's rule rewards (accuracy + format), the same scorer evaluation uses
+  3. advantage  group-relative: each reward against its group's mean (and std)
+  4. update   clipped surrogate (+ optional k3 KL to a frozen reference), updates_per_batch gradient steps
+  5. log      metrics (JSONL + TensorBoard), sample completions, held-out evaluation, checkpoints
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1lab.config import GRPOConfig, save_config
+from r1lab.engine import Engine
+from r1lab.evaluate import EvalResult, evaluate
+from r1lab.metrics import MetricsLogger, save_samples, training_progress
+from r1lab.model import CausalLM, load_model, save_model
+from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
+from r1lab.rewards import RewardResult, RewardWeights, score_completions
+from r1lab.tasks import DatasetTask, Problem, Task, get_task
+from r1lab.tokenizer import Tokenizer, load_tokenizer, render_prompt
+
+
+@dataclass
+class Rollouts:
+    """G completions per problem, flattened group by group (completion i belongs to group i // G)."""
+
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    old_logprobs: list[list[float]]
+    texts: list[str]
+    truncated: list[bool]
+
+
+@dataclass
+class MicroBatch:
+    ids: torch.Tensor  # (B, T) prompt + completion, right-padded
+    completion_mask: torch.Tensor  # (B, T-1) True where the target token is a completion token
+    old_logp: torch.Tensor  # (B, T-1) sampling log-probs at completion targets
+    advantages: torch.Tensor  # (B,)
+    weights: torch.Tensor  # (B,) per-token loss weight implementing the normalisation
+
+
+def step_seed(seed: int, step: int, purpose: str) -> int:
+    """A seed per (run seed, step, purpose): a resumed run draws exactly what an uninterrupted one would."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()[:4], "little")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. sample
+
+
+class PromptStream:
+    """The problems for each step, a pure function of (seed, step)."""
+
+    def __init__(self, task: Task, cfg: GRPOConfig):
+        self.task, self.cfg = task, cfg
+        # A data file is walked through in shuffled epochs; a generator draws fresh problems every step.
+        self.pool = task.problems("train", None, cfg.seed) if isinstance(task, DatasetTask) else None
+
+    def batch(self, step: int) -> list[Problem]:
+        n = self.cfg.prompts_per_step
+        if self.pool is None:
+            return self.task.problems("train", n, step_seed(self.cfg.seed, step, "prompts"))
+        epoch, offset = divmod(step * n, len(self.pool))
+        order = random.Random(step_seed(self.cfg.seed, epoch, "epoch")).sample(range(len(self.pool)), len(self.pool))
+        order += random.Random(step_seed(self.cfg.seed, epoch + 1, "epoch")).sample(range(len(self.pool)), len(self.pool))
+        return [self.pool[i] for i in order[offset : offset + n]]
+
+
+def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str) -> list[int]:
+    return tokenizer.encode(render_prompt(tokenizer, problem.prompt, template, prefill))
+
+
+def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int) -> Rollouts:
+    G, tok = cfg.samples_per_prompt, engine.tokenizer
+    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in problems]
+    samples = engine.generate(prompts, num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos)
+    return Rollouts(problems=[problems[s.prompt_index] for s in samples],
+                    prompt_ids=[prompts[s.prompt_index] for s in samples],
+                    completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
+                    texts=[s.text for s in samples], truncated=[s.finish_reason == "length" for s in samples])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. score
+
+
+def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -> tuple[torch.Tensor, RewardResult]:
+    result = score_completions(task, rollouts.problems, rollouts.texts,
+                               RewardWeights(cfg.accuracy_weight, cfg.format_weight), cfg.reward_timeout_s,
+                               response_prefix=cfg.prefill)
+    rewards = torch.tensor(result.total, dtype=torch.float32)
+    if cfg.control == "random-reward":
+        # The control: the same rewards handed to random completions. Same mean and spread, no signal.
+        rewards = rewards[torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seed))]
+    return rewards, result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. update
+
+
+def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
+                       pad_id: int, device) -> list[MicroBatch]:
+    rows = keep.nonzero().squeeze(-1).tolist()
+    lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows])
+    weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)
+    batches = []
+    for start in range(0, len(rows), cfg.micro_batch_size):
+        chunk = rows[start : start + cfg.micro_batch_size]
+        seqs = [rollouts.prompt_ids[i] + rollouts.completion_ids[i] for i in chunk]
+        T = max(map(len, seqs))
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T - 1), dtype=torch.bool)
+        old = torch.zeros((len(chunk), T - 1))
+        for r, i in enumerate(chunk):
+            p, c = len(rollouts.prompt_ids[i]), len(rollouts.completion_ids[i])
+            ids[r, : p + c] = torch.tensor(seqs[r])
+            mask[r, p - 1 : p - 1 + c] = True  # the target at t is token t+1
+            old[r, p - 1 : p - 1 + c] = torch.tensor(rollouts.old_logprobs[i])
+        batches.append(MicroBatch(ids.to(device), mask.to(device), old.to(device), advantages[chunk].to(device),
+                                  weights[start : start + len(chunk)].to(device)))
+    return batches
+
+
+def completion_logprobs(model: CausalLM, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """Log-probs (B, T-1) of each next token under softmax(logits / temperature), the sampling distribution."""
+    logits = model(ids)[:, :-1].float()  # (B, T-1, V); right padding needs no mask under causal attention
+    if temperature > 0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
+                  cfg: GRPOConfig) -> dict:
+    """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step."""
+    totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "skipped": 0}
+    for update in range(cfg.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        for mb in batches:
+            logp, entropy = completion_logprobs(model, mb.ids, cfg.temperature, with_entropy=update == 0)
+            # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
+            # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
+            old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp
+            ref = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = completion_logprobs(ref_model, mb.ids, cfg.temperature)[0]
+            token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
+                                                             ref, cfg.kl_coef)
+            m = mb.completion_mask.float()
+            loss = (token_loss * m * mb.weights[:, None]).sum()
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            n = m.sum().item()
+            totals["loss"] += loss.item()
+            totals["clipped"] += (clipped.float() * m).sum().item()
+            totals["tokens"] += n
+            if kl is not None:
+                totals["kl"] += (kl.detach() * m).sum().item()
+            if entropy is not None:
+                totals["entropy"] += (entropy * m).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
+        if not finite or not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)  # a poisoned step is dropped, the weights stay as they were
+            totals["skipped"] += 1
+            continue
+        totals["grad_norm"] += grad_norm.item()
+        optimizer.step()
+    tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
+    first_pass_tokens = tokens / max(1, updates - totals["skipped"]) if updates > 1 else tokens
+    return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
+            "kl": totals["kl"] / tokens if ref_model is not None else None,
+            "entropy": totals["entropy"] / first_pass_tokens, "grad_norm": totals["grad_norm"] / updates,
+            "skipped_nonfinite": totals["skipped"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_policy(path: str, device: torch.device) -> tuple[CausalLM, Tokenizer]:
+    model = load_model(path, device=device)
+    tokenizer = load_tokenizer(path)
+    tokenizer.add_eos_ids(model.config.eos_token_id)
+    if not tokenizer.eos_ids:
+        raise ValueError(f"{path}: no end-of-text token in tokenizer_config.json or config.json")
+    return model, tokenizer
+
+
+def heldout_eval(engine: Engine, task: Task, problems: list[Problem], cfg: GRPOConfig, step: int) -> EvalResult:
+    tok = engine.tokenizer
+    return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, cfg.template, cfg.prefill),
+                    k=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                    max_new_tokens=cfg.max_new_tokens, seed=step_seed(cfg.seed, 0, "eval"),
+                    response_prefix=cfg.prefill, timeout_s=cfg.reward_timeout_s)
+
+
+def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOConfig, update: dict) -> dict:
+    lengths = [len(c) for c in rollouts.completion_ids]
+    metrics = {"reward/mean": rewards.mean().item()}
+    metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in result.components.items()})
+    metrics.update({
+        "accuracy": sum(result.correct) / len(result.correct),
+        "zero_variance_groups": uniform_groups(rewards, cfg.samples_per_prompt).float().mean().item(),
+        "completion_len/mean": sum(lengths) / len(lengths), "completion_len/max": max(lengths),
+        "truncated": sum(rollouts.truncated) / len(rollouts.truncated),
+        "scorer_errors": result.errors, "scorer_timeouts": result.timeouts, "completion_tokens": sum(lengths),
+    })
+    metrics.update({k: v for k, v in update.items() if v is not None})
+    return metrics
+
+
+def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int) -> list[dict]:
+    return [{"prompt": rollouts.problems[i].prompt, "reference": rollouts.problems[i].answer,
+             "completion": rollouts.texts[i], "reward": rewards[i].item(), "answer": result.answers[i],
+             "correct": result.correct[i], "components": {k: v[i] for k, v in result.components.items()}}
+            for i in range(min(n, len(rollouts.texts)))]
+
+
+def train(cfg: GRPOConfig, log=print) -> Path:
+    """Run GRPO; returns the directory of the final Hugging Face-format model."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run, device = Path(cfg.out), pick_device(cfg.device)
+    model, tokenizer = load_policy(cfg.model, device)
+    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.kl_coef else None
+    task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before any training
+    stream, engine = PromptStream(task, cfg), Engine(model, tokenizer)
+    eval_problems = task.problems("test", cfg.eval_problems, cfg.seed + 1) if cfg.eval_every else []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(run)):
+        start = load_checkpoint(ckpt, model, optimizer)
+        log(f"resumed from {ckpt} (step {start})")
+    save_config(cfg, run / "config.yaml")
+    log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
+        f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
+        f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}")
+    with MetricsLogger(run, resume_step=start) as logger, training_progress(cfg.steps, start) as bar:
+        for step in range(start, cfg.steps):
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                logger.log_eval(step, "heldout", heldout_eval(engine, task, eval_problems, cfg, step).to_dict())
+            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run)
+            logger.log(step + 1, metrics)
+            bar.update(step + 1, metrics)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0:
+                save_checkpoint(run, step + 1, model, tokenizer, optimizer)
+        if cfg.eval_every:
+            logger.log_eval(cfg.steps, "heldout", heldout_eval(engine, task, eval_problems, cfg, cfg.steps).to_dict())
+    save_model(model, run / "model")
+    tokenizer.save(run / "model")
+    return run / "model"
+
+
+def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path) -> dict:
+    t0 = time.perf_counter()
+    for g in optimizer.param_groups:
+        g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    rollouts = sample_rollouts(engine, stream.batch(step), cfg, step_seed(cfg.seed, step, "sample"))
+    t_sample = time.perf_counter()
+    rewards, result = score_rollouts(task, rollouts, cfg, step_seed(cfg.seed, step, "control"))
+    advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.scale_by_std)
+    keep = torch.ones(len(rewards), dtype=torch.bool)
+    if cfg.drop_uniform_groups:
+        keep = ~uniform_groups(rewards, cfg.samples_per_prompt).repeat_interleave(cfg.samples_per_prompt)
+    update = {"skipped_nonfinite": 0}
+    if keep.any():
+        batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id, model.lm_head.weight.device)
+        update = update_policy(model, ref_model, optimizer, batches, cfg)
+    elapsed = time.perf_counter() - t0
+    metrics = step_metrics(rewards, result, rollouts, cfg, update)
+    metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
+                    "rollout_time_s": t_sample - t0, "tokens_per_s": metrics["completion_tokens"] / elapsed})
+    if cfg.samples_every and step % cfg.samples_every == 0:
+        save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt))
+    if metrics["skipped_nonfinite"]:
+        print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+    return metrics

@@ -1,0 +1,160 @@
+"""Rule-based rewards (R1 recipe section 3): answer extraction, format check, and a scorer that never raises.
+
+Every pitfall listed in the recipe is handled here: the format regex is DOTALL, there is no fallback to the
+whole text when the <answer> tag is missing, empty answers earn nothing, multi-line answers are kept whole, and
+a scorer that raises or hangs costs that one completion its reward instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+from r1lab.tasks.base import Problem, Task
+
+T = TypeVar("T")
+
+_OPEN, _CLOSE = "<answer>", "</answer>"
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags
+_FORMAT_RE = re.compile(rf"<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>\s*", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """Stripped content of the last complete <answer>...</answer> pair, or None when there is none."""
+    if not isinstance(text, str):
+        return None
+    end = text.rfind(_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(_OPEN, 0, end)
+    if start < 0:
+        return None
+    return text[start + len(_OPEN) : end].strip()
+
+
+def format_reward(text: str) -> float:
+    """1.0 iff the text is <think>...</think> <answer>non-empty</answer> with each tag exactly once, else 0.0."""
+    if not isinstance(text, str):
+        return 0.0
+    match = _FORMAT_RE.fullmatch(text.lstrip())
+    return 1.0 if match and match.group(1).strip() else 0.0
+
+
+@dataclass
+class RewardWeights:
+    accuracy: float = 1.0
+    format: float = 1.0
+
+
+@dataclass
+class RewardResult:
+    total: list[float]
+    components: dict[str, list[float]]  # "accuracy" and "format", one value per completion
+    correct: list[bool]
+    answers: list[str | None]
+    errors: int  # scorer calls that raised
+    timeouts: int  # scorer calls interrupted after timeout_s
+
+
+class _ScorerTimeout(BaseException):
+    """Raised by the SIGALRM handler. A BaseException so that scorers' `except Exception` (math-verify has
+    several) cannot swallow it."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _ScorerTimeout()
+
+
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """fn(), interrupted by _ScorerTimeout after timeout_s seconds (main thread only; elsewhere no limit).
+
+    Python runs signal handlers between bytecodes, so a single long C call is only interrupted when it returns.
+    """
+    if timeout_s is None or timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
+        return fn()
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    started = time.monotonic()
+    try:
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        # The outer finally still runs if the alarm fires inside the inner one, so the handler is always restored.
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # give an enclosing timer back what is left of its time
+            remaining = max(old_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
+
+
+class _Tally:
+    """Counts scorer failures while turning them into a 0.0 component."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.errors = 0
+        self.timeouts = 0
+
+    def run(self, fn: Callable[[], float]) -> float:
+        try:
+            value = float(call_with_timeout(fn, self.timeout_s))
+        except _ScorerTimeout:
+            self.timeouts += 1
+            return 0.0
+        except Exception:
+            self.errors += 1
+            return 0.0
+        if value != value:  # NaN would poison the group's advantage statistics
+            self.errors += 1
+            return 0.0
+        return value
+
+
+def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _Tally) -> float:
+    if not answer:  # no tag, or an empty answer: nothing to score, never a substring match on nothing
+        return 0.0
+    if problem is None:  # fewer problems than completions: a caller bug, reported as an error
+        tally.errors += 1
+        return 0.0
+    return tally.run(lambda: task.score(problem, answer))
+
+
+def score_completions(
+    task: Task,
+    problems: Sequence[Problem],
+    completions: Sequence[str],
+    weights: RewardWeights = RewardWeights(),
+    timeout_s: float = 5.0,
+    response_prefix: str = "",
+) -> RewardResult:
+    """Accuracy and format rewards of each completion; problems[i] is the problem of completions[i].
+
+    response_prefix is response text the prompt already supplied (e.g. a prefilled "<think>"): the format is
+    judged on prefix + completion, and the answer is extracted from the same text.
+    """
+    tally = _Tally(timeout_s)
+    prefix = response_prefix if isinstance(response_prefix, str) else ""
+    acc: list[float] = []
+    fmt: list[float] = []
+    answers: list[str | None] = []
+    for i, completion in enumerate(completions):
+        text = prefix + (completion if isinstance(completion, str) else "")
+        answer = extract_answer(text)
+        problem = problems[i] if i < len(problems) else None
+        answers.append(answer)
+        acc.append(_accuracy(task, problem, answer, tally))
+        fmt.append(tally.run(lambda: format_reward(text)))
+    total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
+    return RewardResult(
+        total=total,
+        components={"accuracy": acc, "format": fmt},
+        correct=[a == 1.0 for a in acc],
+        answers=answers,
+        errors=tally.errors,
+        timeouts=tally.timeouts,
+    )

@@ -1,0 +1,28 @@
+"""Task registry: turns a task spec (a generator name or a data file path) into a Task."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from r1lab.tasks.arithmetic import ArithmeticTask
+from r1lab.tasks.base import Problem, Task
+from r1lab.tasks.countdown import CountdownTask
+from r1lab.tasks.dataset import DatasetError, DatasetTask
+
+TASKS: dict[str, Callable[..., Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def get_task(spec: str, **options: Any) -> Task:
+    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path."""
+    if spec in TASKS:
+        return TASKS[spec](**options)
+    if spec.lower().endswith(DATA_SUFFIXES):
+        return DatasetTask(spec, **options)
+    raise ValueError(
+        f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, "
+        f"or a data file path ending in {', '.join(DATA_SUFFIXES)}"
+    )
+
+
+__all__ = ["TASKS", "ArithmeticTask", "CountdownTask", "DatasetError", "DatasetTask", "Problem", "Task", "get_task"]
