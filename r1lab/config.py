@@ -98,10 +98,8 @@ class GRPOConfig:
         problems = []
         if self.samples_per_prompt < 2:
             problems.append("samples_per_prompt (G) must be at least 2: advantages compare samples within a group")
-        rollouts = self.prompts_per_step * self.samples_per_prompt
-        if self.micro_batch_size < 1 or self.micro_batch_size > rollouts:
-            problems.append(f"micro_batch_size ({self.micro_batch_size}) must be between 1 and prompts_per_step x "
-                            f"samples_per_prompt ({rollouts})")
+        if self.prompts_per_step < 1 or self.micro_batch_size < 1:
+            problems.append("prompts_per_step and micro_batch_size must be at least 1")
         if self.loss_norm not in ("token", "sequence", "constant"):
             problems.append(f"loss_norm {self.loss_norm!r} is not one of token, sequence, constant")
         if self.control not in ("none", "random-reward"):
@@ -110,8 +108,10 @@ class GRPOConfig:
             problems.append("clip_low must be in [0, 1) and clip_high >= 0")
         if self.updates_per_batch < 1 or self.steps < 1 or self.max_new_tokens < 1:
             problems.append("updates_per_batch, steps and max_new_tokens must be at least 1")
-        if self.eval_every and self.eval_samples < 1:
-            problems.append("eval_samples must be at least 1 when eval_every > 0")
+        if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
+            problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
+        if self.temperature <= 0:
+            problems.append("temperature must be > 0: GRPO needs different samples within a group")
         if problems:
             raise ValueError("invalid GRPO config: " + "; ".join(problems))
 
@@ -165,8 +165,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}  # `--resume` alone means true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(hints[f.name]),
-                            default=None, metavar=hints[f.name].__name__.upper(), help=f"(default: {default})")
+                            default=None, metavar=hints[f.name].__name__.upper(), help=f"(default: {default})", **extra)
 
 
 def resolve(cls, args: argparse.Namespace | None = None, **overrides):

@@ -22,7 +22,7 @@ import torch
 from r1lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from r1lab.config import GRPOConfig, save_config
 from r1lab.engine import Engine
-from r1lab.evaluate import EvalResult, evaluate
+from r1lab.evaluate import EvalResult, evaluate, save_json
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM, load_model, save_model
 from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
@@ -224,6 +224,11 @@ def heldout_eval(engine: Engine, task: Task, problems: list[Problem], cfg: GRPOC
                     response_prefix=cfg.prefill, timeout_s=cfg.reward_timeout_s)
 
 
+def log_heldout(logger: MetricsLogger, run: Path, step: int, result: EvalResult) -> None:
+    logger.log_eval(step, "heldout", result.to_dict())
+    save_json(run / "eval" / f"step_{step:06d}.json", {"heldout": result})  # with every completion, for reading
+
+
 def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOConfig, update: dict) -> dict:
     lengths = [len(c) for c in rollouts.completion_ids]
     metrics = {"reward/mean": rewards.mean().item()}
@@ -270,14 +275,14 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     with MetricsLogger(run, resume_step=start) as logger, training_progress(cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                logger.log_eval(step, "heldout", heldout_eval(engine, task, eval_problems, cfg, step).to_dict())
+                log_heldout(logger, run, step, heldout_eval(engine, task, eval_problems, cfg, step))
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run)
             logger.log(step + 1, metrics)
             bar.update(step + 1, metrics)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_checkpoint(run, step + 1, model, tokenizer, optimizer)
         if cfg.eval_every:
-            logger.log_eval(cfg.steps, "heldout", heldout_eval(engine, task, eval_problems, cfg, cfg.steps).to_dict())
+            log_heldout(logger, run, cfg.steps, heldout_eval(engine, task, eval_problems, cfg, cfg.steps))
     save_model(model, run / "model")
     tokenizer.save(run / "model")
     return run / "model"

@@ -12,3 +12,16 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def tiny_config_kwargs():
     return dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A very small base model pretrained for a few seconds: it already writes the <think>/<answer> format."""
+    from r1lab.config import PretrainConfig
+    from r1lab.sft import pretrain
+
+    out = tmp_path_factory.mktemp("base")
+    cfg = PretrainConfig(out=str(out), task_options={"min_terms": 3, "max_terms": 4}, documents=3000, steps=80,
+                         batch_size=32, lr=1e-2, warmup_steps=5, hidden_size=64, num_layers=2, num_heads=2,
+                         num_kv_heads=1, intermediate_size=128)
+    return pretrain(cfg, log=lambda *_: None)

@@ -1,0 +1,82 @@
+"""The `r1lab` command: demo, pretrain, grpo, eval. Every config field is a flag; --config reads a YAML file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, resolve
+
+COMMANDS = {
+    "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
+    "pretrain": (PretrainConfig, "pretrain the tiny base model from scratch on the synthetic corpus"),
+    "grpo": (GRPOConfig, "R1-Zero GRPO on a Hugging Face-format model directory"),
+    "eval": (EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="r1lab", description="Train reasoning models the DeepSeek-R1 way.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (cls, help_text) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text, description=help_text), cls)
+    return parser
+
+
+def run_eval(cfg: EvalConfig) -> None:
+    from r1lab.engine import Engine
+    from r1lab.evaluate import evaluate, print_table, save_json
+    from r1lab.grpo import encode_prompt, load_policy, pick_device
+    from r1lab.tasks import get_task
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
+    task = get_task(cfg.task, **cfg.task_options)
+    problems = task.problems(cfg.split, cfg.problems, cfg.seed + 1)
+    result = evaluate(Engine(model, tokenizer), task, problems,
+                      lambda p: encode_prompt(tokenizer, p, cfg.template, cfg.prefill), k=cfg.samples,
+                      temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                      response_prefix=cfg.prefill)
+    print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {len(problems)} problems)")
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
+    save_json(out, {cfg.split: result})
+    print(f"results: {out}")
+
+
+def dispatch(command: str, cfg) -> None:
+    if command == "demo":
+        from r1lab.demo import run_demo
+
+        run_demo(cfg)
+    elif command == "pretrain":
+        from r1lab.sft import pretrain
+
+        print(f"base model: {pretrain(cfg)}")
+    elif command == "grpo":
+        from r1lab.grpo import train
+
+        print(f"final model: {train(cfg)}")
+    elif command == "eval":
+        run_eval(cfg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(COMMANDS[args.command][0], args)
+        dispatch(args.command, cfg)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("R1LAB_DEBUG"):
+            raise
+        print(f"r1lab {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
