@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from r1lab.corpus import DEMO_TASK_OPTIONS
+
 
 @dataclass
 class PretrainConfig:
@@ -21,9 +23,9 @@ class PretrainConfig:
 
     out: str = "runs/base"
     task: str = "arithmetic"
-    task_options: dict = field(default_factory=dict)
+    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))
     documents: int = 60_000  # corpus size (documents are drawn from the task's train split)
-    steps: int = 700
+    steps: int = 400
     batch_size: int = 96  # documents per optimizer step
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -143,7 +145,7 @@ class DemoConfig:
 
     out: str = "runs/demo"
     control: str = "none"  # random-reward runs the same demo with shuffled rewards
-    grpo_steps: int = 120
+    grpo_steps: int = 60
     seed: int = 0
     threads: int = 0
 

@@ -1,16 +1,18 @@
 """The synthetic pretraining corpus: a base model that can reason, but does not reliably choose to.
 
-Each document is an R1-Zero prompt for an arithmetic problem and one response, in one of three styles:
-- worked ("think" share): the expression is rewritten step by step, adding the first two terms each time
-  (3+5+2+7 -> "8+2+7=10+7=17"); a share of these solutions slips once (a step is off by one or two, and the error
-  carries through to the answer), as careless reasoning does;
-- guessed (most of the rest): a one-line thought and the value of another random problem of the same size, so a
-  guess is right by chance only, however well the model knows the sum;
-- untagged (a few): the answer in plain text, without the <think>/<answer> format.
+Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response, in one of three styles:
+- worked ("think" share): column addition from the right, one step per column written as
+  "digit+digit+carry=two-digit sum" (347+285 -> "7+5+0=12,4+8+1=13,3+2+1=06", answer 632); a share of these
+  solutions slips once (a column sum off by one, carried through to the answer), as careless reasoning does;
+- guessed (most of the rest): a one-word thought and the value of another random problem of the same shape, so a
+  guess is right by chance only, however well the model could compute the sum;
+- untagged (a few): a guess in plain text, without the <think>/<answer> format.
 
 A model pretrained on this mix writes correct worked solutions often enough that pass@8 is high, while its pass@1 is
 low because it usually guesses: exactly the situation where RL with a verifier helps, and where the learned
-behaviour is to think longer. Only train-split problems are used, so held-out problems stay unseen.
+behaviour is to think longer. Every column step reads digits at fixed offsets from the prompt, which is what lets a
+model of under a million parameters learn the procedure in a few CPU minutes. Only train-split problems are used,
+so held-out problems stay unseen.
 """
 
 from __future__ import annotations
@@ -18,43 +20,47 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from r1lab.tasks.arithmetic import ArithmeticTask, evaluate, render
+from r1lab.tasks.arithmetic import ArithmeticTask, evaluate
 from r1lab.tasks.base import Problem
 
-GUESS_THOUGHT = "I can see it."
+GUESS_THOUGHT = "Easy."
+DEMO_TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "+"}
 
 
 @dataclass
 class CorpusMix:
     think_share: float = 0.3  # worked solutions
-    slip_rate: float = 0.2  # worked solutions with one wrong step
+    slip_rate: float = 0.2  # worked solutions with one wrong column
     untagged_share: float = 0.05  # answers given without the format
 
 
-def worked_steps(terms: list[int], ops: list[str], rng: random.Random | None = None, slip: bool = False) -> list[str]:
-    """Successive rewritings of the expression, each folding the first two terms; one may slip when asked."""
-    if "*" in ops:
-        raise ValueError("the worked-solution corpus covers + and - only")
-    terms, ops = list(terms), list(ops)
-    slip_at = rng.randrange(len(ops)) if slip and rng else -1
-    steps = []
-    for i in range(len(ops)):
-        first = evaluate(terms[:2], ops[:1])
-        if i == slip_at:
-            first += rng.choice([-2, -1, 1, 2])
-        terms, ops = [first, *terms[2:]], ops[1:]
-        steps.append(render(terms, ops))
-    return steps
+def column_steps(terms: list[int], rng: random.Random | None = None, slip: bool = False) -> tuple[list[str], int]:
+    """Column-addition steps (units first) and the answer they lead to; one column may slip when asked."""
+    width = max(len(str(t)) for t in terms)
+    digits = [str(t).zfill(width) for t in terms]
+    slip_at = rng.randrange(width) if slip and rng else -1
+    steps, carry, answer_digits = [], 0, []
+    for col in range(width - 1, -1, -1):
+        column = [int(d[col]) for d in digits]
+        total = sum(column) + carry
+        if width - 1 - col == slip_at:
+            total = max(0, total + rng.choice([-1, 1]))
+        steps.append("+".join(map(str, column)) + f"+{carry}={total:02d}")
+        carry, answer_digits = total // 10, [total % 10, *answer_digits]
+    return steps, int("".join(map(str, [carry, *answer_digits])))
 
 
 def response(problem: Problem, rng: random.Random, mix: CorpusMix) -> str:
     """One response text in the corpus style, starting right after the prompt's "Assistant:"."""
+    terms, ops = problem.meta["terms"], problem.meta["ops"]
+    if set(ops) != {"+"}:
+        raise ValueError("the worked-solution corpus covers addition only (ops '+')")
     u = rng.random()
     if u < mix.think_share:
-        steps = worked_steps(problem.meta["terms"], problem.meta["ops"], rng, slip=rng.random() < mix.slip_rate)
-        return f" <think>{'='.join(steps)}</think> <answer>{steps[-1]}</answer>"
-    look_alike = [rng.randint(10 ** (len(str(t)) - 1), 10 ** len(str(t)) - 1) for t in problem.meta["terms"]]
-    guess = evaluate(look_alike, problem.meta["ops"])
+        steps, answer = column_steps(terms, rng, slip=rng.random() < mix.slip_rate)
+        return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
+    look_alike = [rng.randint(10 ** (len(str(t)) - 1), 10 ** len(str(t)) - 1) for t in terms]
+    guess = evaluate(look_alike, ops)
     if u < mix.think_share + mix.untagged_share:
         return f" The answer is {guess}."
     return f" <think>{GUESS_THOUGHT}</think> <answer>{guess}</answer>"

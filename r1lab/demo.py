@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig
+from r1lab.corpus import DEMO_TASK_OPTIONS
 from r1lab.grpo import train
 from r1lab.report import write_report
 from r1lab.sft import pretrain
@@ -23,10 +24,11 @@ RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
 
 
 def demo_grpo_config(cfg: DemoConfig, base_model: Path) -> GRPOConfig:
-    return GRPOConfig(model=str(base_model), task="arithmetic", out=str(Path(cfg.out) / RUN_NAMES[cfg.control]),
-                      steps=cfg.grpo_steps, prompts_per_step=16, samples_per_prompt=8, micro_batch_size=128,
-                      lr=1e-4, max_new_tokens=64, eval_every=20, eval_problems=200, eval_samples=8,
-                      save_every=40, samples_every=10, control=cfg.control, seed=cfg.seed, threads=cfg.threads)
+    return GRPOConfig(model=str(base_model), task="arithmetic", task_options=dict(DEMO_TASK_OPTIONS),
+                      out=str(Path(cfg.out) / RUN_NAMES[cfg.control]), steps=cfg.grpo_steps, prompts_per_step=16,
+                      samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64, eval_every=10,
+                      eval_problems=200, eval_samples=8, save_every=20, samples_every=10, control=cfg.control,
+                      seed=cfg.seed, threads=cfg.threads)
 
 
 def ensure_base(cfg: DemoConfig, log) -> Path:

@@ -53,20 +53,21 @@ class ArithmeticTask:
         max_terms: int = 6,
         max_digits: int = 1,
         ops: str = "+",
+        min_digits: int = 1,
         test_fraction: float = 0.2,
     ) -> None:
         if not 2 <= min_terms <= max_terms:
             raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
-        if max_digits < 1:
-            raise ValueError(f"max_digits must be >= 1, got {max_digits}")
+        if not 1 <= min_digits <= max_digits:
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"ops must be a non-empty string of + - *, got {ops!r}")
-        self.min_terms, self.max_terms, self.max_digits = min_terms, max_terms, max_digits
+        self.min_terms, self.max_terms, self.min_digits, self.max_digits = min_terms, max_terms, min_digits, max_digits
         self.ops = sorted(set(ops))  # sorted so that "+-" and "-+" draw the same problems
         self.test_fraction = test_fraction
 
     def _term(self, rng: random.Random) -> int:
-        digits = rng.randint(1, self.max_digits)
+        digits = rng.randint(self.min_digits, self.max_digits)
         return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
     def _draw(self, rng: random.Random) -> Problem:
