@@ -145,7 +145,9 @@ class DemoConfig:
 
     out: str = "runs/demo"
     control: str = "none"  # random-reward runs the same demo with shuffled rewards
+    pretrain_steps: int = 400
     grpo_steps: int = 60
+    eval_problems: int = 200
     seed: int = 0
     threads: int = 0
 

@@ -27,13 +27,13 @@ def demo_grpo_config(cfg: DemoConfig, base_model: Path) -> GRPOConfig:
     return GRPOConfig(model=str(base_model), task="arithmetic", task_options=dict(DEMO_TASK_OPTIONS),
                       out=str(Path(cfg.out) / RUN_NAMES[cfg.control]), steps=cfg.grpo_steps, prompts_per_step=16,
                       samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64, eval_every=10,
-                      eval_problems=200, eval_samples=8, save_every=20, samples_every=10, control=cfg.control,
+                      eval_problems=cfg.eval_problems, eval_samples=8, save_every=20, samples_every=10, control=cfg.control,
                       seed=cfg.seed, threads=cfg.threads)
 
 
 def ensure_base(cfg: DemoConfig, log) -> Path:
     """Pretrain the tiny base, or reuse one already made with the same settings (e.g. for the control run)."""
-    pre = PretrainConfig(out=str(Path(cfg.out) / "base"), seed=cfg.seed, threads=cfg.threads)
+    pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
     model_dir = Path(pre.out) / "model"
     saved = Path(pre.out) / "config.yaml"
     if (model_dir / "model.safetensors").exists() and saved.exists() and yaml.safe_load(saved.read_text()) == dataclasses.asdict(pre):

@@ -25,6 +25,14 @@ class Sample:
 
 
 @dataclass
+class _Outputs:
+    tokens: torch.Tensor  # (N, max_new) sampled ids, valid up to lengths
+    logprobs: torch.Tensor  # (N, max_new)
+    lengths: torch.Tensor  # (N,)
+    stopped: torch.Tensor  # (N,) ended by end-of-text or a stop string (else by length)
+
+
+@dataclass
 class _Batch:
     """The rows still being generated, and where each writes its output."""
 
@@ -45,7 +53,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     if temperature <= 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature  # (B, V)
+    scaled = logits / temperature if temperature != 1.0 else logits  # (B, V)
     logprobs = torch.log_softmax(scaled, -1)
     filtered = scaled
     if top_k and top_k < filtered.shape[-1]:
@@ -57,8 +65,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    tokens = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)
+    tokens = _inverse_cdf_sample(filtered.softmax(-1), generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from (B, V) probabilities: one uniform number per row against the cumulative sum.
+
+    torch.multinomial draws an exponential variate per vocabulary entry, which on a CPU costs more than the model's
+    decode step itself for vocabularies of a few thousand tokens.
+    """
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 class Engine:
@@ -70,7 +89,7 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: int = 128,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: tuple[str, ...] = (),
                  seed: int | None = None, suppress_eos: bool = False) -> list[Sample]:
@@ -79,20 +98,20 @@ class Engine:
             raise ValueError("generate needs at least one prompt, each with at least one token")
         was_training = self.model.training
         self.model.eval()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         n_out = len(prompt_ids) * num_samples
-        tokens_out: list[list[int]] = [[] for _ in range(n_out)]
-        logprobs_out: list[list[float]] = [[] for _ in range(n_out)]
-        finish = ["length"] * n_out
+        # Outputs stay on the device as tensors until the end: no host round trip per token.
+        out = _Outputs(torch.zeros((n_out, max_new_tokens), dtype=torch.long, device=self.device),
+                       torch.zeros((n_out, max_new_tokens), device=self.device),
+                       torch.zeros(n_out, dtype=torch.long, device=self.device),
+                       torch.zeros(n_out, dtype=torch.bool, device=self.device))
         batch, cache, start = self._prefill(prompt_ids, num_samples, max_new_tokens)
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
         for step in range(max_new_tokens):
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
             tokens, logprobs = sample_next(batch.logits, temperature, top_k, top_p, generator)
-            batch.finished = self._record(batch, tokens, logprobs, tokens_out, logprobs_out, finish, eos, stop_strings)
+            self._record(batch, step, tokens, logprobs, out, eos, stop_strings)
             if step == max_new_tokens - 1 or bool(batch.finished.all()):
                 break
             batch, tokens = self._drop_finished(batch, cache, tokens)
@@ -101,8 +120,10 @@ class Engine:
                                                      batch.key_mask)
             batch.positions = batch.positions + 1
         self.model.train(was_training)
-        return [self._finish(i // num_samples, tokens_out[i], logprobs_out[i], finish[i], stop_strings)
-                for i in range(n_out)]
+        lengths, stopped = out.lengths.tolist(), out.stopped.tolist()
+        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
+        return [self._finish(i // num_samples, tokens_out[i][: lengths[i]], logprobs_out[i][: lengths[i]],
+                             "stop" if stopped[i] else "length", stop_strings) for i in range(n_out)]
 
     def _prefill(self, prompt_ids, num_samples, max_new_tokens):
         device, pad = self.device, self.tokenizer.pad_id
@@ -122,22 +143,21 @@ class Engine:
                        finished=torch.zeros(len(rows), dtype=torch.bool, device=device))
         return batch, cache, P
 
-    def _record(self, batch, tokens, logprobs, tokens_out, logprobs_out, finish, eos, stop_strings):
-        """Append each unfinished row's token; return which rows are finished (B,)."""
-        hit_eos = torch.isin(tokens, eos) if len(eos) else torch.zeros_like(batch.finished)
-        done = batch.finished | hit_eos
-        rows = zip(batch.rows.tolist(), tokens.tolist(), logprobs.tolist(), batch.finished.tolist(), hit_eos.tolist())
-        for r, (row, tok, lp, was_done, eos_now) in enumerate(rows):
-            if was_done:
-                continue
-            tokens_out[row].append(tok)
-            logprobs_out[row].append(lp)
-            if eos_now:
-                finish[row] = "stop"
-            elif stop_strings and self._hits_stop(tokens_out[row], stop_strings):
-                finish[row] = "stop"
-                done[r] = True
-        return done
+    def _record(self, batch: _Batch, step: int, tokens, logprobs, out: "_Outputs", eos, stop_strings) -> None:
+        """Write each unfinished row's token; mark rows that sampled end-of-text or completed a stop string."""
+        live = ~batch.finished
+        rows = batch.rows[live]
+        out.tokens[rows, step] = tokens[live]
+        out.logprobs[rows, step] = logprobs[live]
+        out.lengths[rows] = step + 1
+        stop = live & torch.isin(tokens, eos) if len(eos) else torch.zeros_like(live)
+        if stop_strings:  # needs the text, so a host round trip; only when stop strings are asked for
+            for r in live.nonzero().squeeze(-1).tolist():
+                row = int(batch.rows[r])
+                if self._hits_stop(out.tokens[row, : step + 1].tolist(), stop_strings):
+                    stop[r] = True
+        out.stopped[batch.rows[stop]] = True
+        batch.finished = batch.finished | stop
 
     def _hits_stop(self, tokens: list[int], stop_strings) -> bool:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.

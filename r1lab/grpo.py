@@ -46,10 +46,10 @@ class Rollouts:
 @dataclass
 class MicroBatch:
     ids: torch.Tensor  # (B, T) prompt + completion, right-padded
-    completion_mask: torch.Tensor  # (B, T-1) True where the target token is a completion token
-    old_logp: torch.Tensor  # (B, T-1) sampling log-probs at completion targets
-    advantages: torch.Tensor  # (B,)
-    weights: torch.Tensor  # (B,) per-token loss weight implementing the normalisation
+    completion_mask: torch.Tensor  # (B, T-1) True where the target token (position t+1) is a completion token
+    old_logp: torch.Tensor  # (N,) sampling log-probs of the N completion tokens, in mask order
+    advantages: torch.Tensor  # (N,) each token carries its sequence's advantage
+    weights: torch.Tensor  # (N,) per-token loss weight implementing the normalisation
 
 
 def step_seed(seed: int, step: int, purpose: str) -> int:
@@ -117,32 +117,38 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
                        pad_id: int, device) -> list[MicroBatch]:
     rows = keep.nonzero().squeeze(-1).tolist()
     lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows])
-    weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)
+    seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)
     batches = []
     for start in range(0, len(rows), cfg.micro_batch_size):
         chunk = rows[start : start + cfg.micro_batch_size]
         seqs = [rollouts.prompt_ids[i] + rollouts.completion_ids[i] for i in chunk]
-        T = max(map(len, seqs))
-        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T - 1), dtype=torch.bool)
-        old = torch.zeros((len(chunk), T - 1))
+        ids = torch.full((len(chunk), max(map(len, seqs))), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), ids.shape[1] - 1), dtype=torch.bool)
         for r, i in enumerate(chunk):
             p, c = len(rollouts.prompt_ids[i]), len(rollouts.completion_ids[i])
             ids[r, : p + c] = torch.tensor(seqs[r])
-            mask[r, p - 1 : p - 1 + c] = True  # the target at t is token t+1
-            old[r, p - 1 : p - 1 + c] = torch.tensor(rollouts.old_logprobs[i])
-        batches.append(MicroBatch(ids.to(device), mask.to(device), old.to(device), advantages[chunk].to(device),
-                                  weights[start : start + len(chunk)].to(device)))
+            mask[r, p - 1 : p - 1 + c] = True  # the logits at t predict token t+1
+        per_seq = lengths[start : start + len(chunk)]
+        old = torch.tensor([lp for i in chunk for lp in rollouts.old_logprobs[i]])
+        batches.append(MicroBatch(ids.to(device), mask.to(device), old.to(device),
+                                  advantages[chunk].repeat_interleave(per_seq).to(device),
+                                  seq_weights[start : start + len(chunk)].repeat_interleave(per_seq).to(device)))
     return batches
 
 
-def completion_logprobs(model: CausalLM, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
-    """Log-probs (B, T-1) of each next token under softmax(logits / temperature), the sampling distribution."""
-    logits = model(ids)[:, :-1].float()  # (B, T-1, V); right padding needs no mask under causal attention
-    if temperature > 0:
+def completion_logprobs(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, temperature: float,
+                        with_entropy: bool = False):
+    """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution.
+
+    Logits are computed only where a completion token is predicted: prompt and padding positions never reach the
+    vocabulary projection.
+    """
+    hidden = model.hidden_states(ids)[:, :-1][mask]  # (N, D); right padding needs no mask under causal attention
+    logits = model.lm_head(hidden).float()  # (N, V)
+    if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logp = logp_all.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1)
     entropy = None
     if with_entropy:
         with torch.no_grad():
@@ -158,30 +164,29 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for mb in batches:
-            logp, entropy = completion_logprobs(model, mb.ids, cfg.temperature, with_entropy=update == 0)
+            logp, entropy = completion_logprobs(model, mb.ids, mb.completion_mask, cfg.temperature,
+                                                with_entropy=update == 0)
             # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
             # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
             old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp
             ref = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref = completion_logprobs(ref_model, mb.ids, cfg.temperature)[0]
+                    ref = completion_logprobs(ref_model, mb.ids, mb.completion_mask, cfg.temperature)[0]
             token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
                                                              ref, cfg.kl_coef)
-            m = mb.completion_mask.float()
-            loss = (token_loss * m * mb.weights[:, None]).sum()
+            loss = (token_loss * mb.weights).sum()
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
-            n = m.sum().item()
             totals["loss"] += loss.item()
-            totals["clipped"] += (clipped.float() * m).sum().item()
-            totals["tokens"] += n
+            totals["clipped"] += clipped.float().sum().item()
+            totals["tokens"] += len(logp)
             if kl is not None:
-                totals["kl"] += (kl.detach() * m).sum().item()
+                totals["kl"] += kl.detach().sum().item()
             if entropy is not None:
-                totals["entropy"] += (entropy * m).sum().item()
+                totals["entropy"] += entropy.sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)  # a poisoned step is dropped, the weights stay as they were
@@ -258,9 +263,9 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run, device = Path(cfg.out), pick_device(cfg.device)
+    task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
     model, tokenizer = load_policy(cfg.model, device)
     ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.kl_coef else None
-    task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before any training
     stream, engine = PromptStream(task, cfg), Engine(model, tokenizer)
     eval_problems = task.problems("test", cfg.eval_problems, cfg.seed + 1) if cfg.eval_every else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)

@@ -179,11 +179,20 @@ class Attention(nn.Module):
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
-        groups = self.n_heads // self.n_kv
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)  # (B, H, T, hd)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+def attend(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads, without copying the cache per head where torch allows."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and not _SDPA_GQA:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
 class MLP(nn.Module):

@@ -45,11 +45,12 @@ def token_weights(lengths: torch.Tensor, norm: str, max_new_tokens: int) -> torc
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            clip_low: float, clip_high: float, ref_logp: torch.Tensor | None = None,
                            kl_coef: float = 0.0):
-    """Per-token loss (B, T) and per-token stats: -min(rho A, clip(rho, 1-low, 1+high) A) + kl_coef * KL_k3.
+    """Per-token loss and per-token stats: -min(rho A, clip(rho, 1-low, 1+high) A) + kl_coef * KL_k3.
 
-    logp, old_logp, ref_logp: (B, T) log-probs of the sampled tokens; advantages: (B,) broadcast over tokens.
+    logp, old_logp, ref_logp: log-probs of the sampled tokens, (N,) or (B, T); advantages: one per token (same
+    shape), or (B,) to broadcast over a (B, T) batch.
     """
-    adv = advantages[:, None]  # (B, 1)
+    adv = advantages if advantages.shape == logp.shape else advantages[:, None]
     ratio = torch.exp(logp - old_logp)  # (B, T)
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = -torch.min(ratio * adv, clipped * adv)
