@@ -137,23 +137,27 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
 
 
 def completion_logprobs(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, temperature: float,
-                        with_entropy: bool = False):
+                        with_entropy: bool = False, chunk_bytes: int = 16 << 20):
     """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution.
 
-    Logits are computed only where a completion token is predicted: prompt and padding positions never reach the
-    vocabulary projection.
+    Logits are computed only where a completion token is predicted (prompt and padding never reach the vocabulary
+    projection), and in chunks of tokens of at most chunk_bytes each: allocations that size are recycled by the C
+    allocator, while one (N, V) block would be mapped and page-faulted afresh every step.
     """
     hidden = model.hidden_states(ids)[:, :-1][mask]  # (N, D); right padding needs no mask under causal attention
-    logits = model.lm_head(hidden).float()  # (N, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, -1)
-    logp = logp_all.gather(-1, ids[:, 1:][mask][:, None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
+    targets = ids[:, 1:][mask]  # (N,)
+    rows = max(1, chunk_bytes // (4 * model.config.vocab_size))
+    logps, entropies = [], []
+    for start in range(0, len(targets), rows):
+        logits = model.lm_head(hidden[start : start + rows]).float()  # (n, V)
+        if temperature != 1.0:
+            logits = logits / temperature
+        logp_all = torch.log_softmax(logits, -1)
+        logps.append(logp_all.gather(-1, targets[start : start + rows, None]).squeeze(-1))
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(-(logp_all.exp() * logp_all).sum(-1))
+    return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
