@@ -66,12 +66,15 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     run = Path(grpo_cfg.out)
     before, before_records = eval_records(run, "first")
     after, after_records = eval_records(run, "last")
-    columns = {"base (pretrained)": before, "after R1-Zero GRPO": after}
-    other = Path(cfg.out) / RUN_NAMES["random-reward" if cfg.control == "none" else "none"]
+    is_control = cfg.control != "none"
+    columns = {"base (pretrained)": before,
+               "after GRPO with shuffled rewards (control)" if is_control else "after R1-Zero GRPO": after}
+    other = Path(cfg.out) / RUN_NAMES["none" if is_control else "random-reward"]
     compare = {}
-    if (other / "eval").exists():
-        compare = {other.name: other}
-        columns[f"{other.name} (other run)"] = eval_records(other, "last")[0]
+    if (other / "eval").exists():  # the other run of the pair, when it has been run: shown side by side
+        other_label = "R1-Zero GRPO (verifier rewards)" if is_control else "random-reward control"
+        compare = {other_label: other}
+        columns[f"{other_label}, other run"] = eval_records(other, "last")[0]
     gain = after["pass@1"] - before["pass@1"]
     notes = [f"Held-out pass@1 went from {before['pass@1']:.1%} to {after['pass@1']:.1%} ({gain * 100:+.1f} points).",
              f"Rewards: {'shuffled across the batch (control: same mean, no signal)' if cfg.control != 'none' else 'accuracy + format, rule-based'}."]

@@ -65,7 +65,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    tokens = _inverse_cdf_sample(filtered.softmax(-1), generator)
+    probs = logprobs.exp() if filtered is scaled else filtered.softmax(-1)  # log_softmax is already done
+    tokens = _inverse_cdf_sample(probs, generator)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -154,7 +154,7 @@ def completion_logprobs(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, 
             logits = logits / temperature
         logp_all = torch.log_softmax(logits, -1)
         logps.append(logp_all.gather(-1, targets[start : start + rows, None]).squeeze(-1))
-        if with_entropy:
+        if with_entropy and not entropies:  # a metric: one chunk of tokens estimates it well enough
             with torch.no_grad():
                 entropies.append(-(logp_all.exp() * logp_all).sum(-1))
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
@@ -163,7 +163,8 @@ def completion_logprobs(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, 
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
                   cfg: GRPOConfig) -> dict:
     """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step."""
-    totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "tokens": 0.0, "grad_norm": 0.0, "skipped": 0}
+    totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
+              "grad_norm": 0.0, "skipped": 0}
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         finite = True
@@ -191,6 +192,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
                 totals["kl"] += kl.detach().sum().item()
             if entropy is not None:
                 totals["entropy"] += entropy.sum().item()
+                totals["entropy_tokens"] += len(entropy)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)  # a poisoned step is dropped, the weights stay as they were
@@ -199,10 +201,9 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         totals["grad_norm"] += grad_norm.item()
         optimizer.step()
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
-    first_pass_tokens = tokens / max(1, updates - totals["skipped"]) if updates > 1 else tokens
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
             "kl": totals["kl"] / tokens if ref_model is not None else None,
-            "entropy": totals["entropy"] / first_pass_tokens, "grad_norm": totals["grad_norm"] / updates,
+            "entropy": totals["entropy"] / max(1, totals["entropy_tokens"]), "grad_norm": totals["grad_norm"] / updates,
             "skipped_nonfinite": totals["skipped"]}
 
 

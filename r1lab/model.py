@@ -186,10 +186,22 @@ class Attention(nn.Module):
 def attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads, without copying the cache per head where torch allows."""
     groups = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return _decode_attention(q, k, v, mask, groups)
     if groups > 1 and not _SDPA_GQA:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+
+
+def _decode_attention(q, k, v, mask, groups: int) -> torch.Tensor:
+    """One query per row: two batched matmuls over the KV heads, cheaper on a CPU than the fused kernel's setup."""
+    B, H, _, hd = q.shape
+    qg = q.view(B, H // groups, groups, hd)  # (B, KV, G, hd): the G query heads sharing each KV head
+    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over heads
+    return (scores.softmax(-1) @ v).view(B, H, 1, hd)
 
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")

@@ -249,7 +249,7 @@ def write_report(
         parts.append("\n".join(f"- {n}" for n in notes))
     if compare_runs:
         names = ", ".join(compare_runs)
-        parts.append(f"Dashed lines: control runs ({names}) on the same base model.")
+        parts.append(f"Dashed lines: runs compared with this one ({names}), from the same base model.")
     for name, columns in tables.items():
         parts += [f"## {name}", markdown_table(columns)]
     if plots:
