@@ -498,6 +498,25 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     }
 
 
+def run_side(side: str, a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    """One measured run of one side, with its sanity checks printed."""
+    if side == "trl":
+        r = run_trl(a, model_dir, prompts, workdir)
+        if r["completion_len_min"] != a.max_new_tokens or r["completion_len_max"] != a.max_new_tokens:
+            print(f"WARNING: TRL completion lengths {r['completion_len_min']}..{r['completion_len_max']}"
+                  f" != {a.max_new_tokens}: EOS suppression did not hold")
+        return r
+    r = run_r1lab(a, model_dir, prompts, workdir)
+    zv = [x for x in r["zero_variance_groups"][a.warmup :] if x is not None]
+    if zv and min(zv) >= 1.0:
+        print("NOTE: every r1lab group had a uniform reward (expected with a random model); this is like-for-like "
+              "only because r1lab still runs its updates then (drop_uniform_groups off, its default).")
+    if not r["tokens_ok"]:
+        print(f"WARNING: r1lab completion_tokens per step {r['completion_tokens_per_round']} != "
+              f"{a.prompts_per_step * a.samples_per_prompt * a.max_new_tokens}")
+    return r
+
+
 def versions() -> dict:
     import importlib.metadata as md
 
@@ -560,6 +579,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="GRPO rounds (steps) per side, warm-up included")
     p.add_argument("--warmup", type=int, default=1, help="first rounds excluded from the measurement")
     p.add_argument("--updates", type=int, default=1, help="optimizer updates per round (TRL num_iterations)")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="measured TRL/r1lab pairs, order alternating; the median ratio is the headline")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=8, help="G")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion length (EOS suppressed)")
@@ -622,23 +643,25 @@ def main(argv=None) -> None:
         "versions": versions(),
         "cpu": {"cores": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor()},
     }
-    # TRL first: r1lab is the one being developed, so a failing r1lab still leaves the TRL figure printed.
-    if not a.r1lab_only:
-        res["trl"] = run_trl(a, model_dir, prompts_path, workdir)
-        if res["trl"]["completion_len_min"] != a.max_new_tokens or res["trl"]["completion_len_max"] != a.max_new_tokens:
-            print(f"WARNING: TRL completion lengths {res['trl']['completion_len_min']}..{res['trl']['completion_len_max']}"
-                  f" != {a.max_new_tokens}: EOS suppression did not hold")
-    if not a.trl_only:
-        res["r1lab"] = run_r1lab(a, model_dir, prompts_path, workdir)
-        zv = [x for x in res["r1lab"]["zero_variance_groups"][a.warmup :] if x is not None]
-        if zv and min(zv) >= 1.0:
-            print("NOTE: every r1lab group had a uniform reward (expected with a random model); this is like-for-like "
-                  "only because r1lab still runs its updates then (drop_uniform_groups off, its default).")
-        if not res["r1lab"]["tokens_ok"]:
-            print(f"WARNING: r1lab completion_tokens per step {res['r1lab']['completion_tokens_per_round']} != "
-                  f"{a.prompts_per_step * a.samples_per_prompt * a.max_new_tokens}")
-    res["ratio"] = (res["r1lab"]["tokens_per_s"] / res["trl"]["tokens_per_s"]) if "r1lab" in res and "trl" in res else None
+    pairs = []
+    for i in range(a.pairs):
+        # The order alternates between pairs, so a machine that speeds up or slows down over the run does not
+        # favour one side; each pair's ratio compares two runs made one right after the other.
+        sides = ["trl", "r1lab"] if i % 2 == 0 else ["r1lab", "trl"]
+        pair = {side: run_side(side, a, model_dir, prompts_path, workdir) for side in sides
+                if not (side == "trl" and a.r1lab_only) and not (side == "r1lab" and a.trl_only)}
+        pair["ratio"] = pair["r1lab"]["tokens_per_s"] / pair["trl"]["tokens_per_s"] if len(pair) == 2 else None
+        pairs.append(pair)
+        if a.pairs > 1:
+            print_table({**res, **pair})
+    res.update(pairs[-1])
+    res["pairs"] = pairs
+    ratios = [p["ratio"] for p in pairs if p["ratio"] is not None]
+    res["median_ratio"] = _median(ratios) if ratios else None
     print_table(res)
+    if len(ratios) > 1:
+        print(f"ratio r1lab/TRL per pair: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+              f"median over {len(ratios)} pairs: {res['median_ratio']:.2f}x")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2, default=str))

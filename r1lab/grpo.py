@@ -27,6 +27,7 @@ from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM, load_model, save_model
 from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
+from r1lab.runtime import setup_training_process
 from r1lab.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.tokenizer import Tokenizer, load_tokenizer, render_prompt
 
@@ -264,8 +265,7 @@ def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int) ->
 def train(cfg: GRPOConfig, log=print) -> Path:
     """Run GRPO; returns the directory of the final Hugging Face-format model."""
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    setup_training_process(cfg.threads)
     torch.manual_seed(cfg.seed)
     run, device = Path(cfg.out), pick_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
