@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from r1lab.config import PretrainConfig, save_config
 from r1lab.corpus import CorpusMix, arithmetic_corpus
 from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.runtime import setup_training_process
 from r1lab.tasks import get_task
 from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer, render_prompt
 
@@ -88,6 +89,7 @@ def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
     """Build the tokenizer, the corpus and the model; train; save a Hugging Face directory at cfg.out/model."""
+    setup_training_process(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     save_config(cfg, out / "config.yaml")
