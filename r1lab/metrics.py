@@ -104,9 +104,10 @@ class MetricsLogger:
         self._scalars(f"eval/{split}/", row, step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows with step > `step` from both files (and from TensorBoard on its next write)."""
-        for path in (self.metrics_path, self.eval_path):
-            _truncate_jsonl(path, step)
+        """Drop training rows with step > `step` and evaluations at step >= `step` (a resumed run evaluates its
+        first step again), from both files and from TensorBoard on its next write."""
+        _truncate_jsonl(self.metrics_path, step)
+        _truncate_jsonl(self.eval_path, step - 1)
         self._purge_step = step + 1
         if self._writer is not None:
             self._writer.close()

@@ -61,7 +61,7 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_base, tmp_path, monk
             raise RuntimeError("killed")
         return real_step(step, *args, **kw)
 
-    cfg = small_config(tiny_base, tmp_path / "b", steps=4, save_every=2)
+    cfg = small_config(tiny_base, tmp_path / "b", steps=4, save_every=2, eval_every=2, eval_problems=4, eval_samples=2)
     monkeypatch.setattr(grpo, "grpo_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="killed"):
         grpo.train(cfg, log=lambda *_: None)
@@ -72,6 +72,8 @@ def test_resume_after_a_crash_reaches_the_same_weights(tiny_base, tmp_path, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    evals = [json.loads(line)["step"] for line in (tmp_path / "b" / "eval.jsonl").read_text().splitlines()]
+    assert evals == [0, 2, 4]  # the evaluation at the resume step is not duplicated
 
 
 def test_impossible_batch_settings_fail_with_a_sentence(tiny_base, tmp_path):
