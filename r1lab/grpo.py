@@ -11,6 +11,7 @@ One step, top to bottom:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import random
 import time
@@ -74,10 +75,12 @@ class PromptStream:
         n = self.cfg.prompts_per_step
         if self.pool is None:
             return self.task.problems("train", n, step_seed(self.cfg.seed, step, "prompts"))
-        epoch, offset = divmod(step * n, len(self.pool))
-        order = random.Random(step_seed(self.cfg.seed, epoch, "epoch")).sample(range(len(self.pool)), len(self.pool))
-        order += random.Random(step_seed(self.cfg.seed, epoch + 1, "epoch")).sample(range(len(self.pool)), len(self.pool))
-        return [self.pool[i] for i in order[offset : offset + n]]
+        positions = range(step * n, (step + 1) * n)  # positions in the endless sequence of shuffled epochs
+        return [self.pool[self._epoch_order(i // len(self.pool))[i % len(self.pool)]] for i in positions]
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch_order(self, epoch: int) -> list[int]:
+        return random.Random(step_seed(self.cfg.seed, epoch, "epoch")).sample(range(len(self.pool)), len(self.pool))
 
 
 def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str) -> list[int]:

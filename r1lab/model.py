@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -390,7 +390,3 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
     (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    return asdict(cfg)

@@ -88,3 +88,15 @@ def test_random_reward_control_keeps_the_reward_multiset(tiny_base, tmp_path):
     rollouts = grpo.sample_rollouts(grpo.Engine(model, tok), grpo.PromptStream(task, cfg).batch(0), cfg, seed=1)
     shuffled, result = grpo.score_rollouts(task, rollouts, cfg, seed=5)
     assert sorted(shuffled.tolist()) == sorted(result.total)
+
+
+def test_data_file_prompts_walk_shuffled_epochs(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(5)))
+    cfg = GRPOConfig(task=str(data), task_options={"test_fraction": 0}, prompts_per_step=7, seed=3)
+    stream = grpo.PromptStream(grpo.get_task(cfg.task, **cfg.task_options), cfg)
+    first, second = stream.batch(0), stream.batch(1)
+    assert len(first) == len(second) == 7  # more prompts per step than rows: epochs continue
+    walked = [p.prompt for p in first + second]
+    assert sorted(walked[:5]) == sorted(walked[5:10]) == [f"q{i}" for i in range(5)]  # each epoch covers every row once
+    assert [p.prompt for p in stream.batch(1)] == walked[7:]  # a pure function of the step: resume-exact
