@@ -8,6 +8,7 @@ costing work. Sampling (temperature, top-k, top-p) is seeded by a torch.Generato
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 
@@ -30,6 +31,7 @@ class _Outputs:
     logprobs: torch.Tensor  # (N, max_new)
     lengths: torch.Tensor  # (N,)
     stopped: torch.Tensor  # (N,) ended by end-of-text or a stop string (else by length)
+    aborted: torch.Tensor  # (N,) ended by the caller's on_step callback
 
 
 @dataclass
@@ -43,42 +45,148 @@ class _Batch:
     finished: torch.Tensor  # (B,) rows done but not yet dropped from the batch
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+Param = float | torch.Tensor  # one value for the whole batch, or a (B, 1) tensor with one value per row
+
+
+def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param,
+                generator: torch.Generator | list[torch.Generator] | None):
     """Sample one token per row. Returns (tokens (B,), logprobs (B,)).
 
     The log-prob is taken under softmax(logits / temperature) before top-k/top-p truncation: that is the
-    distribution the training pass recomputes, so old and new log-probs agree.
+    distribution the training pass recomputes, so old and new log-probs agree. Rows with temperature 0 are greedy
+    (their log-prob is taken at temperature 1). Each parameter is a number or a (B, 1) tensor of per-row values;
+    generator is one generator for the batch or one per row (a row's draws then do not depend on its batch-mates).
     """
     logits = logits.float()
-    if temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature if temperature != 1.0 else logits  # (B, V)
-    logprobs = torch.log_softmax(scaled, -1)
-    filtered = scaled
-    if top_k and top_k < filtered.shape[-1]:
-        kth = filtered.topk(top_k, dim=-1).values[:, -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = filtered.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = logprobs.exp() if filtered is scaled else filtered.softmax(-1)  # log_softmax is already done
-    tokens = _inverse_cdf_sample(probs, generator)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    if not torch.is_tensor(temperature) and temperature <= 0:
+        return _greedy(logits)
+    greedy_rows = temperature <= 0 if torch.is_tensor(temperature) else None
+    if greedy_rows is not None:
+        temperature = temperature.masked_fill(greedy_rows, 1.0)
+    scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
+    top = scaled.max(-1, keepdim=True).values
+    weights = (scaled - top).exp()  # (B, V) unnormalised probabilities; one exp pass serves sampling and log-prob
+    log_norm = top + weights.sum(-1, keepdim=True).log()  # (B, 1) log of the softmax denominator
+    keep = _truncation_mask(scaled, weights, top_k, top_p)
+    if keep is not None:
+        weights = weights * keep
+    tokens = _inverse_cdf_sample(weights, _uniforms(len(weights), generator, weights.device))
+    if greedy_rows is not None and greedy_rows.any():
+        tokens = torch.where(greedy_rows.squeeze(-1), logits.argmax(-1), tokens)
+        scaled = torch.where(greedy_rows, logits, scaled)
+        log_norm = torch.where(greedy_rows, torch.logsumexp(logits, -1, keepdim=True), log_norm)
+    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm.squeeze(-1)
 
 
-def _inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from (B, V) probabilities: one uniform number per row against the cumulative sum.
+def _greedy(logits: torch.Tensor):
+    tokens = logits.argmax(-1)
+    return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
-    torch.multinomial draws an exponential variate per vocabulary entry, which on a CPU costs more than the model's
-    decode step itself for vocabularies of a few thousand tokens.
+
+def _truncation_mask(scaled, weights, top_k, top_p) -> torch.Tensor | None:
+    """(B, V) bool of the tokens top-k and top-p keep, or None when neither truncates."""
+    V = scaled.shape[-1]
+    keep = None
+    k_max = int(top_k.max()) if torch.is_tensor(top_k) else top_k
+    if 0 < k_max < V:
+        kth = scaled.topk(k_max, dim=-1).values  # (B, k_max)
+        if torch.is_tensor(top_k):  # per-row k; 0 (or >= V) keeps every token
+            kth = kth.gather(-1, (top_k.clamp(1, k_max) - 1)).masked_fill((top_k <= 0) | (top_k >= V), float("-inf"))
+        else:
+            kth = kth[:, -1:]
+        keep = scaled >= kth
+    truncating = bool((top_p < 1.0).any()) if torch.is_tensor(top_p) else top_p < 1.0
+    if truncating:
+        probs = weights * keep if keep is not None else weights
+        sorted_probs, order = probs.sort(-1, descending=True)
+        sorted_probs = sorted_probs / sorted_probs.sum(-1, keepdim=True)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # the mass before it already reaches top_p
+        if torch.is_tensor(top_p):
+            drop_sorted &= top_p < 1.0  # rounding must not truncate rows that asked for no top-p
+        nucleus = torch.ones_like(drop_sorted).scatter(-1, order, ~drop_sorted)
+        keep = nucleus if keep is None else keep & nucleus
+    return keep
+
+
+def _uniforms(n: int, generator, device) -> torch.Tensor:
+    """(n, 1) uniform draws: from one batch generator, or one draw from each row's own generator."""
+    if isinstance(generator, list):
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in generator])[:, None]
+    return torch.rand(n, 1, generator=generator, device=device)
+
+
+def _inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """One draw per row from (B, V) non-negative weights, given a uniform number per row (B, 1).
+
+    Two-level inverse CDF: the cumulative sum runs over blocks of `block` tokens, then inside the one chosen block.
+    torch.multinomial draws an exponential variate per vocabulary entry, and a cumulative sum over the whole
+    vocabulary is sequential per row; on a CPU either costs about as much as the model's decode step.
     """
-    cdf = probs.cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    B, V = weights.shape
+    n_blocks = -(-V // block)
+    w = torch.nn.functional.pad(weights, (0, n_blocks * block - V)).view(B, n_blocks, block)
+    block_mass = w.sum(-1)  # (B, n_blocks)
+    block_cdf = block_mass.cumsum(-1)
+    target = u.to(block_cdf.dtype) * block_cdf[:, -1:]  # (B, 1)
+    b = torch.searchsorted(block_cdf, target, side="right").clamp(max=n_blocks - 1)  # (B, 1)
+    inner = w[torch.arange(B, device=w.device), b.squeeze(-1)].cumsum(-1)  # (B, block)
+    rest = target - (block_cdf.gather(-1, b) - block_mass.gather(-1, b))
+    j = torch.searchsorted(inner, rest, side="right")
+    last_positive = (inner < inner[:, -1:]).sum(-1, keepdim=True)  # rounding must not land on a zero-weight token
+    return (b * block + torch.minimum(j, last_positive)).squeeze(-1).clamp(max=V - 1)
+
+
+PerPrompt = float | int | list  # one value for every prompt, or a list with one value per prompt
+StepCallback = Callable[[list[int], list[int]], "Iterable[int] | None"]
+
+
+@dataclass
+class _RowParams:
+    """Sampling settings as scalars (one for the batch, the fast path) or per output row (N, 1) tensors."""
+
+    temperature: float | torch.Tensor
+    top_k: int | torch.Tensor
+    top_p: float | torch.Tensor
+    generator: torch.Generator | list[torch.Generator] | None
+    limits: torch.Tensor | None  # (N,) max new tokens per output row, None when all share max_steps
+    max_steps: int
+
+    @classmethod
+    def build(cls, n_prompts: int, num_samples: int, device, *, max_new_tokens, temperature, top_p, top_k, seed):
+        def per_row(value, dtype):
+            if not isinstance(value, (list, tuple)):
+                return value
+            if len(value) != n_prompts:
+                raise ValueError(f"got {len(value)} per-prompt values for {n_prompts} prompts")
+            return torch.tensor(value, dtype=dtype, device=device).repeat_interleave(num_samples)[:, None]
+
+        limits = per_row(max_new_tokens, torch.long)
+        max_steps = int(limits.max()) if torch.is_tensor(limits) else int(max_new_tokens)
+        if max_steps < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if isinstance(seed, (list, tuple)):  # sample j of prompt i: its own stream, seeded by (seed_i, j)
+            if len(seed) != n_prompts:
+                raise ValueError(f"got {len(seed)} per-prompt seeds for {n_prompts} prompts")
+            generator = [_row_generator(s, j, device) for s in seed for j in range(num_samples)]
+        else:
+            generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        return cls(per_row(temperature, torch.float32), per_row(top_k, torch.long), per_row(top_p, torch.float32),
+                   generator, limits.squeeze(-1) if torch.is_tensor(limits) else None, max_steps)
+
+    def for_rows(self, rows: torch.Tensor) -> tuple:
+        """(temperature, top_k, top_p, generator) for the batch's current rows (they shrink as rows finish)."""
+        pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
+        gen = [self.generator[r] for r in rows.tolist()] if isinstance(self.generator, list) else self.generator
+        return pick(self.temperature), pick(self.top_k), pick(self.top_p), gen
+
+
+def _row_generator(seed: int | None, sample: int, device) -> torch.Generator:
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()  # this row asked for no seed: a fresh non-deterministic stream
+    else:
+        generator.manual_seed((seed * 1_000_003 + sample) % 2**63)
+    return generator
 
 
 class Engine:
@@ -91,29 +199,41 @@ class Engine:
         return next(self.model.parameters()).device
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: int = 128,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_strings: tuple[str, ...] = (),
-                 seed: int | None = None, suppress_eos: bool = False) -> list[Sample]:
-        """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j."""
+    def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: PerPrompt = 128,
+                 temperature: PerPrompt = 1.0, top_p: PerPrompt = 1.0, top_k: PerPrompt = 0,
+                 stop_strings: tuple[str, ...] = (), seed: PerPrompt | None = None, suppress_eos: bool = False,
+                 on_step: StepCallback | None = None) -> list[Sample]:
+        """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
+
+        max_new_tokens, temperature, top_p, top_k and seed take one value for all prompts or a list with one per
+        prompt (a server batches requests with different settings). With per-prompt seeds, each sample draws from
+        its own generator, so its tokens do not depend on what else is in the batch. on_step(rows, tokens) is
+        called after every decode step with the output rows that produced a token and those tokens (host lists);
+        it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected.
+        """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")
         was_training = self.model.training
         self.model.eval()
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-        n_out = len(prompt_ids) * num_samples
+        params = _RowParams.build(len(prompt_ids), num_samples, self.device, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        n_out, steps = len(prompt_ids) * num_samples, params.max_steps
         # Outputs stay on the device as tensors until the end: no host round trip per token.
-        out = _Outputs(torch.zeros((n_out, max_new_tokens), dtype=torch.long, device=self.device),
-                       torch.zeros((n_out, max_new_tokens), device=self.device),
+        out = _Outputs(torch.zeros((n_out, steps), dtype=torch.long, device=self.device),
+                       torch.zeros((n_out, steps), device=self.device),
                        torch.zeros(n_out, dtype=torch.long, device=self.device),
+                       torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
-        batch, cache, start = self._prefill(prompt_ids, num_samples, max_new_tokens)
+        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
-        for step in range(max_new_tokens):
+        for step in range(steps):
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
-            tokens, logprobs = sample_next(batch.logits, temperature, top_k, top_p, generator)
-            self._record(batch, step, tokens, logprobs, out, eos, stop_strings)
-            if step == max_new_tokens - 1 or bool(batch.finished.all()):
+            tokens, logprobs = sample_next(batch.logits, *params.for_rows(batch.rows))
+            live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
+            if on_step is not None:
+                self._call_back(on_step, batch, live, tokens, out)
+            if step == steps - 1 or bool(batch.finished.all()):
                 break
             batch, tokens = self._drop_finished(batch, cache, tokens)
             batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
@@ -121,10 +241,24 @@ class Engine:
                                                      batch.key_mask)
             batch.positions = batch.positions + 1
         self.model.train(was_training)
-        lengths, stopped = out.lengths.tolist(), out.stopped.tolist()
+        return self._samples(out, num_samples, stop_strings)
+
+    def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
+        lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
         tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
+        reasons = ["abort" if a else "stop" if s else "length" for a, s in zip(aborted, stopped)]
         return [self._finish(i // num_samples, tokens_out[i][: lengths[i]], logprobs_out[i][: lengths[i]],
-                             "stop" if stopped[i] else "length", stop_strings) for i in range(n_out)]
+                             reasons[i], stop_strings) for i in range(len(lengths))]
+
+    @staticmethod
+    def _call_back(on_step: StepCallback, batch: _Batch, live, tokens, out: _Outputs) -> None:
+        """Hand this step's tokens to the caller; rows it returns end now, with finish_reason "abort"."""
+        ended = on_step(batch.rows[live].tolist(), tokens[live].tolist())
+        if ended:
+            ended_rows = torch.tensor(sorted(ended), dtype=torch.long, device=batch.rows.device)
+            hit = torch.isin(batch.rows, ended_rows) & ~batch.finished
+            out.aborted[batch.rows[hit]] = True
+            batch.finished = batch.finished | hit
 
     def _prefill(self, prompt_ids, num_samples, max_new_tokens):
         device, pad = self.device, self.tokenizer.pad_id
@@ -144,8 +278,10 @@ class Engine:
                        finished=torch.zeros(len(rows), dtype=torch.bool, device=device))
         return batch, cache, P
 
-    def _record(self, batch: _Batch, step: int, tokens, logprobs, out: "_Outputs", eos, stop_strings) -> None:
-        """Write each unfinished row's token; mark rows that sampled end-of-text or completed a stop string."""
+    def _record(self, batch: _Batch, step: int, tokens, logprobs, out: _Outputs, eos, stop_strings,
+                limits) -> torch.Tensor:
+        """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
+        their own token limit. Returns the (B,) mask of rows that recorded a token."""
         live = ~batch.finished
         rows = batch.rows[live]
         out.tokens[rows, step] = tokens[live]
@@ -159,6 +295,9 @@ class Engine:
                     stop[r] = True
         out.stopped[batch.rows[stop]] = True
         batch.finished = batch.finished | stop
+        if limits is not None:  # per-prompt max_new_tokens: a row at its limit ends by length
+            batch.finished = batch.finished | (limits[batch.rows] <= step + 1)
+        return live
 
     def _hits_stop(self, tokens: list[int], stop_strings) -> bool:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.

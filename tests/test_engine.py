@@ -112,3 +112,57 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     g = torch.Generator().manual_seed(0)
     seen = {int(sample_next(logits, 1.0, 0, 0.8, g)[0]) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8; 0.15 and 0.05 are cut
+
+
+def test_sampler_frequencies_match_the_distribution():
+    # Two-level inverse CDF over a vocabulary that is not a multiple of the block size; zero-weight tokens never come.
+    probs = torch.rand(300) ** 4
+    probs[::7] = 0.0
+    probs /= probs.sum()
+    logits = probs.log().expand(20_000, -1)
+    tokens, logprobs = sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=300).float() / len(tokens)
+    assert freq[::7].sum() == 0
+    assert (freq - probs).abs().max() < 0.012
+    assert torch.allclose(logprobs, probs.log()[tokens], atol=1e-5)
+
+
+def test_per_row_settings_mix_greedy_top_k_and_sampling():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 3
+    temperature, top_k = torch.tensor([[0.0], [1.0], [0.7]]), torch.tensor([[0], [1], [0]])
+    tokens, logprobs = sample_next(logits, temperature, top_k, torch.tensor([[1.0], [1.0], [0.9]]),
+                                   torch.Generator().manual_seed(0))
+    assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax()  # greedy row, top-k 1 row
+    assert torch.isclose(logprobs[0], torch.log_softmax(logits[0], -1).max())
+    assert torch.isclose(logprobs[2], torch.log_softmax(logits[2] / 0.7, -1)[tokens[2]])
+
+
+def test_per_prompt_settings_and_seeds_do_not_depend_on_batch_mates(engine):
+    ids = prompt_ids(engine)
+    kw = dict(num_samples=2, temperature=[1.0, 0.0, 0.8], top_p=[0.9, 1.0, 1.0], max_new_tokens=[5, 9, 12])
+    both = engine.generate(ids, seed=[11, 12, 13], **kw)
+    assert [len(s.token_ids) for s in both] == [5, 5, 9, 9, 12, 12]
+    assert all(s.finish_reason == "length" for s in both)
+    for i in range(3):  # the same prompt alone, with its own settings and seed, gives the same samples
+        alone = engine.generate([ids[i]], seed=[[11, 12, 13][i]], num_samples=2,
+                                **{k: [v[i]] for k, v in kw.items() if k != "num_samples"})
+        assert [s.token_ids for s in alone] == [s.token_ids for s in both[2 * i : 2 * i + 2]]
+    greedy = engine.generate([ids[1]], max_new_tokens=9, temperature=0)[0]
+    assert both[2].token_ids == both[3].token_ids == greedy.token_ids
+    with pytest.raises(ValueError, match="per-prompt"):
+        engine.generate(ids, temperature=[1.0, 1.0])
+
+
+def test_on_step_streams_every_token_and_can_end_a_row(engine):
+    ids = prompt_ids(engine)
+    streamed: dict[int, list[int]] = {}
+
+    def on_step(rows, tokens):
+        for r, t in zip(rows, tokens):
+            streamed.setdefault(r, []).append(t)
+        return [1] if len(streamed[1]) == 3 else None  # the "client" of row 1 goes away after 3 tokens
+
+    out = engine.generate(ids, max_new_tokens=10, temperature=0, on_step=on_step)
+    assert [streamed[i] for i in range(3)] == [s.token_ids for s in out]
+    assert len(out[1].token_ids) == 3 and out[1].finish_reason == "abort"
+    assert [len(out[0].token_ids), len(out[2].token_ids)] == [10, 10]
