@@ -47,9 +47,14 @@ class Rollouts:
 
 @dataclass
 class MicroBatch:
-    ids: torch.Tensor  # (B, T) prompt + completion, right-padded
-    completion_mask: torch.Tensor  # (B, T-1) True where the target token (position t+1) is a completion token
-    old_logp: torch.Tensor  # (N,) sampling log-probs of the N completion tokens, in mask order
+    """Sequences grouped by prompt: each distinct prompt appears once, so a group's prompt is computed once."""
+
+    prompts: torch.Tensor  # (U, P) the distinct prompts of this micro-batch, left-padded
+    prompt_mask: torch.Tensor  # (U, P) True on real prompt tokens
+    rows: torch.Tensor  # (B,) the prompt (index into prompts) each completion continues
+    completions: torch.Tensor  # (B, C) completion tokens, right-padded
+    completion_mask: torch.Tensor  # (B, C) True on the N real completion tokens (row-major order below)
+    old_logp: torch.Tensor  # (N,) sampling log-probs of those N tokens
     advantages: torch.Tensor  # (N,) each token carries its sequence's advantage
     weights: torch.Tensor  # (N,) per-token loss weight implementing the normalisation
 
@@ -125,31 +130,48 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
     batches = []
     for start in range(0, len(rows), cfg.micro_batch_size):
         chunk = rows[start : start + cfg.micro_batch_size]
-        seqs = [rollouts.prompt_ids[i] + rollouts.completion_ids[i] for i in chunk]
-        ids = torch.full((len(chunk), max(map(len, seqs))), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), ids.shape[1] - 1), dtype=torch.bool)
-        for r, i in enumerate(chunk):
-            p, c = len(rollouts.prompt_ids[i]), len(rollouts.completion_ids[i])
-            ids[r, : p + c] = torch.tensor(seqs[r])
-            mask[r, p - 1 : p - 1 + c] = True  # the logits at t predict token t+1
         per_seq = lengths[start : start + len(chunk)]
+        prompts, prompt_mask, prompt_of = _distinct_prompts([rollouts.prompt_ids[i] for i in chunk], pad_id)
+        completions, completion_mask = _right_padded([rollouts.completion_ids[i] for i in chunk], pad_id)
         old = torch.tensor([lp for i in chunk for lp in rollouts.old_logprobs[i]])
-        batches.append(MicroBatch(ids.to(device), mask.to(device), old.to(device),
+        batches.append(MicroBatch(prompts.to(device), prompt_mask.to(device), prompt_of.to(device),
+                                  completions.to(device), completion_mask.to(device), old.to(device),
                                   advantages[chunk].repeat_interleave(per_seq).to(device),
                                   seq_weights[start : start + len(chunk)].repeat_interleave(per_seq).to(device)))
     return batches
 
 
-def completion_logprobs(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, temperature: float,
-                        with_entropy: bool = False, chunk_bytes: int = 16 << 20):
+def _distinct_prompts(prompts: list[list[int]], pad_id: int):
+    """(U, P) left-padded distinct prompts, their mask, and each sequence's index into them (B,)."""
+    index: dict[tuple, int] = {}
+    prompt_of = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompts])
+    distinct = [list(p) for p in index]
+    P = max(map(len, distinct))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in distinct])
+    mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in distinct])
+    return ids, mask, prompt_of
+
+
+def _right_padded(seqs: list[list[int]], pad_id: int):
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = True
+    return ids, mask
+
+
+def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
+                        chunk_bytes: int = 16 << 20):
     """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution.
 
     Logits are computed only where a completion token is predicted (prompt and padding never reach the vocabulary
     projection), and in chunks of tokens of at most chunk_bytes each: allocations that size are recycled by the C
     allocator, while one (N, V) block would be mapped and page-faulted afresh every step.
     """
-    hidden = model.hidden_states(ids)[:, :-1][mask]  # (N, D); right padding needs no mask under causal attention
-    targets = ids[:, 1:][mask]  # (N,)
+    hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
+                                            mb.completion_mask)[mb.completion_mask]  # (N, D)
+    targets = mb.completions[mb.completion_mask]  # (N,)
     rows = max(1, chunk_bytes // (4 * model.config.vocab_size))
     logps, entropies = [], []
     for start in range(0, len(targets), rows):
@@ -173,15 +195,14 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for mb in batches:
-            logp, entropy = completion_logprobs(model, mb.ids, mb.completion_mask, cfg.temperature,
-                                                with_entropy=update == 0)
+            logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0)
             # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
             # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
             old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp
             ref = None
             if ref_model is not None:
                 with torch.no_grad():
-                    ref = completion_logprobs(ref_model, mb.ids, mb.completion_mask, cfg.temperature)[0]
+                    ref = completion_logprobs(ref_model, mb, cfg.temperature)[0]
             token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
                                                              ref, cfg.kl_coef)
             loss = (token_loss * mb.weights).sum()

@@ -300,6 +300,26 @@ class CausalLM(nn.Module):
         """Logits (B, T, V) for full sequences (training and parity checks)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
 
+    def completion_hidden_states(self, prompts, prompt_mask, rows, completions, completion_mask) -> torch.Tensor:
+        """Hidden states (B, C, D) that predict each completion token, each distinct prompt run only once.
+
+        prompts (U, P) left-padded with prompt_mask (U, P); completion b continues prompt rows[b]; completions (B, C)
+        right-padded with completion_mask (B, C). A GRPO group's G samples share one prompt: its keys and values are
+        computed once and expanded to the G rows (autograd sums their gradients back), instead of running the prompt
+        G times. Exact: every completion token attends to the same keys as in a full-sequence forward.
+        """
+        U, P = prompts.shape
+        C = completions.shape[1]
+        cache = KVCache(self.config, U, P + C, self.lm_head.weight.dtype, prompts.device)
+        prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h_prompt = self.hidden_states(prompts, None, prompt_pos, cache, 0, prompt_mask)  # (U, P, D)
+        cache.select(rows)  # (B, ...): a view of the group's prompt keys per sample, gradients summed on backward
+        key_mask = torch.cat([prompt_mask[rows], completion_mask], dim=1)  # (B, P + C)
+        positions = prompt_pos[rows, -1:] + 1 + torch.arange(C, device=prompts.device)  # (B, C)
+        h_completion = self.hidden_states(completions, None, positions, cache, P, key_mask)  # (B, C, D)
+        # token 0 is predicted by the prompt's last position (left padding puts it at P - 1), token j by token j - 1
+        return torch.cat([h_prompt[rows, -1:], h_completion[:, :-1]], dim=1)
+
     def forward_cached(self, input_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         """Logits of the last position only (B, V): prefill when T > 1, one decode step when T == 1."""
         h = self.hidden_states(input_ids, None, position_ids, cache, start, key_mask)

@@ -100,3 +100,30 @@ def test_data_file_prompts_walk_shuffled_epochs(tmp_path):
     walked = [p.prompt for p in first + second]
     assert sorted(walked[:5]) == sorted(walked[5:10]) == [f"q{i}" for i in range(5)]  # each epoch covers every row once
     assert [p.prompt for p in stream.batch(1)] == walked[7:]  # a pure function of the step: resume-exact
+
+
+def test_shared_prompt_logprobs_and_gradients_equal_full_sequences(tiny_base):
+    # Groups share a prompt computed once; log-probs and gradients must equal one full forward per sequence.
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 60, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    rollouts = grpo.Rollouts(problems=[None] * 6, prompt_ids=[prompts[i // 2] for i in range(6)],
+                             completion_ids=[torch.randint(5, 60, (n,), generator=g).tolist() for n in (5, 9, 1, 4, 8, 6)],
+                             old_logprobs=[[0.0] * n for n in (5, 9, 1, 4, 8, 6)], texts=[""] * 6, truncated=[False] * 6)
+    cfg = grpo.GRPOConfig(micro_batch_size=4, samples_per_prompt=2)  # micro-batches of 4 + 2 rows: 2 prompts, then 1
+    adv = torch.arange(6.0)
+    batches = grpo.make_micro_batches(rollouts, adv, torch.ones(6, dtype=torch.bool), cfg, tok.pad_id, "cpu")
+    assert [len(b.prompts) for b in batches] == [2, 1]
+    shared = torch.cat([grpo.completion_logprobs(model, b, 0.7)[0] for b in batches])
+    shared.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    full = []
+    for p_ids, c_ids in zip(rollouts.prompt_ids, rollouts.completion_ids):
+        logits = model(torch.tensor([p_ids + c_ids]))[0, len(p_ids) - 1 : -1] / 0.7
+        full.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c_ids)[:, None]).squeeze(-1))
+    full = torch.cat(full)
+    full.sum().backward()
+    assert torch.allclose(shared, full, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert (grads[n] - p.grad).norm() <= 1e-5 * p.grad.norm(), n  # float32 summation order differs
