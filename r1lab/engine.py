@@ -64,18 +64,16 @@ def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Ten
     if greedy_rows is not None:
         temperature = temperature.masked_fill(greedy_rows, 1.0)
     scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
-    top = scaled.max(-1, keepdim=True).values
-    weights = (scaled - top).exp()  # (B, V) unnormalised probabilities; one exp pass serves sampling and log-prob
-    log_norm = top + weights.sum(-1, keepdim=True).log()  # (B, 1) log of the softmax denominator
-    keep = _truncation_mask(scaled, weights, top_k, top_p)
-    if keep is not None:
-        weights = weights * keep
-    tokens = _inverse_cdf_sample(weights, _uniforms(len(weights), generator, weights.device))
+    probs = scaled.softmax(-1)  # (B, V); on a CPU the fused softmax costs less than a separate max and exp
+    keep = _truncation_mask(scaled, probs, top_k, top_p)
+    tokens = _inverse_cdf_sample(probs * keep if keep is not None else probs,
+                                 _uniforms(len(probs), generator, probs.device))
+    logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a sampled token's probability is never 0
     if greedy_rows is not None and greedy_rows.any():
-        tokens = torch.where(greedy_rows.squeeze(-1), logits.argmax(-1), tokens)
-        scaled = torch.where(greedy_rows, logits, scaled)
-        log_norm = torch.where(greedy_rows, torch.logsumexp(logits, -1, keepdim=True), log_norm)
-    return tokens, scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_norm.squeeze(-1)
+        greedy_tokens, greedy_logprobs = _greedy(logits)
+        tokens = torch.where(greedy_rows.squeeze(-1), greedy_tokens, tokens)
+        logprobs = torch.where(greedy_rows.squeeze(-1), greedy_logprobs, logprobs)
+    return tokens, logprobs
 
 
 def _greedy(logits: torch.Tensor):

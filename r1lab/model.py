@@ -1,6 +1,8 @@
 """Decoder-only transformer for the Qwen2 / Qwen2.5 / Llama families, with Hugging Face-format load and save.
 
-Module names mirror transformers' (model.layers.N.self_attn.q_proj, ...) so a checkpoint's tensors map one to one.
+Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
+fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
+load_model and save_model split and join them, so checkpoints on disk hold transformers' tensor names exactly.
 Two forward paths share every layer: `forward` (training, full sequences) and `forward_cached` (the engine's prefill
 and decode, writing into a preallocated KV cache).
 """
@@ -163,24 +165,24 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.hd)
+        qk = qkv[:, :, : H + KV]  # rotary embedding on query and key heads at once
+        qk = (qk * cos + rotate_half(qk) * sin).transpose(1, 2)  # (B, H + KV, T, hd)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)
         if cache is not None:
             k_cache, v_cache = cache
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
             k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
         y = attend(q, k, v, mask, causal=mask is None and T > 1)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
 
 
 def attend(q, k, v, mask, causal: bool) -> torch.Tensor:
@@ -211,10 +213,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(d, f, bias=b), nn.Linear(d, f, bias=b), nn.Linear(f, d, bias=b)
+        self.gate_up_proj, self.down_proj = nn.Linear(d, 2 * f, bias=b), nn.Linear(f, d, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -272,7 +275,7 @@ class CausalLM(nn.Module):
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd): broadcast over heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, start=0, key_mask=None):
@@ -343,6 +346,42 @@ def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tenso
 # Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json)
 
 
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fused_sizes(fused: str, cfg: ModelConfig) -> list[int]:
+    if fused == "self_attn.qkv_proj":
+        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+    return [cfg.intermediate_size] * 2
+
+
+def split_fused(state: dict, cfg: ModelConfig) -> dict:
+    """r1lab's state dict with transformers' names: qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj."""
+    out = {}
+    for name, tensor in state.items():
+        fused = next((f for f in _FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        parts = tensor.split(_fused_sizes(fused, cfg), dim=0)
+        for part_name, part in zip(_FUSED[fused], parts):
+            out[name.replace(fused, part_name)] = part
+    return out
+
+
+def join_fused(state: dict, cfg: ModelConfig) -> dict:
+    """transformers' state dict with r1lab's fused projections (the inverse of split_fused)."""
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{p}.{kind}" for p in parts]
+                if all(n in out for n in names):
+                    out[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+    return out
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
     from safetensors.torch import load_file
 
@@ -365,11 +404,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = CausalLM(cfg)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    unexpected = set(state) - set(model.state_dict())
+    expected = set(split_fused(model.state_dict(), cfg))
+    missing = expected - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(join_fused(state, cfg), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inverse_frequencies(cfg)
@@ -382,7 +422,8 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+             for k, v in split_fused(model.state_dict(), model.config).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # shared with embed_tokens; safetensors refuses aliased tensors
     dtype = dtype or next(model.parameters()).dtype
