@@ -109,8 +109,8 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -> tuple[torch.Tensor, RewardResult]:
     result = score_completions(task, rollouts.problems, rollouts.texts,
-                               RewardWeights(cfg.accuracy_weight, cfg.format_weight), cfg.reward_timeout_s,
-                               response_prefix=cfg.prefill)
+                               RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language),
+                               cfg.reward_timeout_s, response_prefix=cfg.prefill)
     rewards = torch.tensor(result.total, dtype=torch.float32)
     if cfg.control == "random-reward":
         # The control: the same rewards handed to random completions. Same mean and spread, no signal.
@@ -123,10 +123,16 @@ def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -
 
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
-                       pad_id: int, device) -> list[MicroBatch]:
-    rows = keep.nonzero().squeeze(-1).tolist()
-    lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows])
-    seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)
+                       pad_id: int, device, skip_zero_advantage: bool | None = None) -> list[MicroBatch]:
+    rows = keep.nonzero().squeeze(-1)
+    lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows.tolist()])
+    seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)  # normalised over every kept sequence
+    if cfg.kl_coef == 0 if skip_zero_advantage is None else skip_zero_advantage:
+        # A zero advantage gives its tokens exactly zero gradient (without a KL term), so those sequences, often most
+        # of a batch late in training, skip the forward and backward passes. The update is the same.
+        trained = advantages[rows] != 0
+        rows, lengths, seq_weights = rows[trained], lengths[trained], seq_weights[trained]
+    rows = rows.tolist()
     batches = []
     for start in range(0, len(rows), cfg.micro_batch_size):
         chunk = rows[start : start + cfg.micro_batch_size]
@@ -218,6 +224,9 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             if entropy is not None:
                 totals["entropy"] += entropy.sum().item()
                 totals["entropy_tokens"] += len(entropy)
+        if finite and not batches:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if finite else torch.tensor(float("nan"))
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)  # a poisoned step is dropped, the weights stay as they were
@@ -228,7 +237,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
             "kl": totals["kl"] / tokens if ref_model is not None else None,
-            "entropy": totals["entropy"] / max(1, totals["entropy_tokens"]), "grad_norm": totals["grad_norm"] / updates,
+            "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None, "grad_norm": totals["grad_norm"] / updates,
             "skipped_nonfinite": totals["skipped"]}
 
 

@@ -112,7 +112,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_sequences(tiny_base):
                              old_logprobs=[[0.0] * n for n in (5, 9, 1, 4, 8, 6)], texts=[""] * 6, truncated=[False] * 6)
     cfg = grpo.GRPOConfig(micro_batch_size=4, samples_per_prompt=2)  # micro-batches of 4 + 2 rows: 2 prompts, then 1
     adv = torch.arange(6.0)
-    batches = grpo.make_micro_batches(rollouts, adv, torch.ones(6, dtype=torch.bool), cfg, tok.pad_id, "cpu")
+    batches = grpo.make_micro_batches(rollouts, adv, torch.ones(6, dtype=torch.bool), cfg, tok.pad_id, "cpu",
+                                      skip_zero_advantage=False)
     assert [len(b.prompts) for b in batches] == [2, 1]
     shared = torch.cat([grpo.completion_logprobs(model, b, 0.7)[0] for b in batches])
     shared.sum().backward()
@@ -127,3 +128,36 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_sequences(tiny_base):
     assert torch.allclose(shared, full, atol=1e-5)
     for n, p in model.named_parameters():
         assert (grads[n] - p.grad).norm() <= 1e-5 * p.grad.norm(), n  # float32 summation order differs
+
+
+@pytest.mark.parametrize("zero_groups", [1, 2])
+def test_skipping_zero_advantage_sequences_gives_the_same_update(tiny_base, tmp_path, zero_groups):
+    # Without a KL term, sequences with zero advantage have zero gradient: skipping them must give the same gradient,
+    # also when no sequence is left (a zero gradient, and AdamW still steps: weight decay and old moments apply).
+    cfg = small_config(tiny_base, tmp_path)
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    problems = grpo.PromptStream(grpo.get_task("arithmetic"), cfg).batch(0)[:2]
+    rollouts = grpo.sample_rollouts(grpo.Engine(model, tok), problems, cfg, seed=0)
+    G = cfg.samples_per_prompt
+    adv = torch.linspace(-1, 1, 2 * G)
+    adv[: zero_groups * G] = 0.0
+    grads, weights = {}, {}
+    for skip in (False, True):
+        model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt.step = lambda: None  # first the gradient alone
+        batches = grpo.make_micro_batches(rollouts, adv, torch.ones(2 * G, dtype=torch.bool), cfg, tok.pad_id,
+                                          "cpu", skip_zero_advantage=skip)
+        assert len(batches) == (0 if skip and zero_groups == 2 else 1)
+        grpo.update_policy(model, None, opt, batches, cfg)
+        grads[skip] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        del opt.step
+        for _ in range(2):  # AdamW steps; the second also uses the first step's moments
+            grpo.update_policy(model, None, opt, batches, cfg)
+        weights[skip] = model.state_dict()
+    for name, g in grads[True].items():
+        # float32 summation order differs with the batch's make-up; AdamW would magnify that noise in near-zero entries
+        assert (g - grads[False][name]).norm() <= 1e-5 * grads[False][name].norm() + 1e-12, name
+    if zero_groups == 2:  # nothing trained: the gradients are exactly zero on both paths, and so is any difference
+        for name, w in weights[True].items():
+            assert torch.equal(w, weights[False][name]), name
