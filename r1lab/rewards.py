@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
+from r1lab.language import check_target, language_consistency
 from r1lab.tasks.base import Problem, Task
 
 T = TypeVar("T")
@@ -48,12 +49,18 @@ def format_reward(text: str) -> float:
 class RewardWeights:
     accuracy: float = 1.0
     format: float = 1.0
+    language: float = 0.0  # R1 stage 2: share of the chain of thought in target_language (r1lab/language.py)
+    target_language: str = "en"
+
+    def __post_init__(self) -> None:
+        if self.language:
+            check_target(self.target_language)  # an unknown language fails at once, not as a reward of 0
 
 
 @dataclass
 class RewardResult:
     total: list[float]
-    components: dict[str, list[float]]  # "accuracy" and "format", one value per completion
+    components: dict[str, list[float]]  # "accuracy", "format" (and "language" if weighted), one per completion
     correct: list[bool]
     answers: list[str | None]
     errors: int  # scorer calls that raised
@@ -132,7 +139,8 @@ def score_completions(
     timeout_s: float = 5.0,
     response_prefix: str = "",
 ) -> RewardResult:
-    """Accuracy and format rewards of each completion; problems[i] is the problem of completions[i].
+    """Accuracy and format rewards (and language consistency, when weighted) of each completion; problems[i] is
+    the problem of completions[i].
 
     response_prefix is response text the prompt already supplied (e.g. a prefilled "<think>"): the format is
     judged on prefix + completion, and the answer is extracted from the same text.
@@ -141,6 +149,7 @@ def score_completions(
     prefix = response_prefix if isinstance(response_prefix, str) else ""
     acc: list[float] = []
     fmt: list[float] = []
+    lang: list[float] = []
     answers: list[str | None] = []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
@@ -149,10 +158,16 @@ def score_completions(
         answers.append(answer)
         acc.append(_accuracy(task, problem, answer, tally))
         fmt.append(tally.run(lambda: format_reward(text)))
+        if weights.language:
+            lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
+    components = {"accuracy": acc, "format": fmt}
+    if weights.language:
+        total = [t + weights.language * g for t, g in zip(total, lang)]
+        components["language"] = lang
     return RewardResult(
         total=total,
-        components={"accuracy": acc, "format": fmt},
+        components=components,
         correct=[a == 1.0 for a in acc],
         answers=answers,
         errors=tally.errors,

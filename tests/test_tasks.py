@@ -24,7 +24,8 @@ GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl
 def test_get_task() -> None:
     assert get_task("arithmetic", ops="+-").ops == ["+", "-"]
     assert get_task("countdown").name == "countdown"
-    with pytest.raises(ValueError, match="arithmetic, countdown"):
+    assert get_task("code").name == "code"
+    with pytest.raises(ValueError, match="arithmetic, code, countdown"):
         get_task("gsm9k")
 
 

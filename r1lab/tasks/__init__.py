@@ -6,10 +6,12 @@ from typing import Any, Callable
 
 from r1lab.tasks.arithmetic import ArithmeticTask
 from r1lab.tasks.base import Problem, Task
+from r1lab.tasks.code import CodeFileTask, CodeTask, code_task
 from r1lab.tasks.countdown import CountdownTask
 from r1lab.tasks.dataset import DatasetError, DatasetTask
 
-TASKS: dict[str, Callable[..., Task]] = {"arithmetic": ArithmeticTask, "countdown": CountdownTask}
+# "code" takes task option `path` for a file of code problems (see r1lab/tasks/code.py), else generates them.
+TASKS: dict[str, Callable[..., Task]] = {"arithmetic": ArithmeticTask, "code": code_task, "countdown": CountdownTask}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -25,4 +27,5 @@ def get_task(spec: str, **options: Any) -> Task:
     )
 
 
-__all__ = ["TASKS", "ArithmeticTask", "CountdownTask", "DatasetError", "DatasetTask", "Problem", "Task", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",
+           "Problem", "Task", "get_task"]
