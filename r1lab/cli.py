@@ -8,12 +8,18 @@ import sys
 from pathlib import Path
 
 from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, resolve
+from r1lab.config import ChatConfig, ServeConfig
+from r1lab.config import SampleConfig, SFTConfig
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
     "pretrain": (PretrainConfig, "pretrain the tiny base model from scratch on the synthetic corpus"),
     "grpo": (GRPOConfig, "R1-Zero GRPO on a Hugging Face-format model directory"),
     "eval": (EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems"),
+    "sft": (SFTConfig, "supervised fine-tuning on chat data (JSONL/Parquet rows of messages), loss on assistant turns"),
+    "sample": (SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data"),
+    "serve": (ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /"),
+    "chat": (ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer"),
 }
 
 
@@ -63,6 +69,24 @@ def dispatch(command: str, cfg) -> None:
         print(f"final model: {train(cfg)}")
     elif command == "eval":
         run_eval(cfg)
+    elif command == "sft":
+        from r1lab.sft import sft
+
+        print(f"final model: {sft(cfg)}")
+    elif command == "sample":
+        from r1lab.rejection import sample
+
+        print(f"SFT data: {sample(cfg)}")
+    elif command == "serve":
+        try:
+            from r1lab.serve.app import serve
+        except ImportError as err:
+            raise ValueError(f"{err}; r1lab serve needs its extra: pip install 'r1lab[serve]'") from None
+        serve(cfg)
+    elif command == "chat":
+        from r1lab.chat import run_chat
+
+        run_chat(cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

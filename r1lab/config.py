@@ -71,6 +71,8 @@ class GRPOConfig:
     # rewards
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
+    language_weight: float = 0.0  # R1 stage 2: reward the share of the chain of thought written in `language`
+    language: str = "en"  # en/latin, zh, cjk, ja, ko, ru (r1lab/language.py)
     reward_timeout_s: float = 5.0
     control: str = "none"  # none | random-reward (rewards shuffled across the batch: same mean, no signal)
     # sampling
@@ -140,6 +142,91 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """`r1lab sft`: supervised fine-tuning on chat data (rows of `messages`), the loss on assistant turns only."""
+
+    model: str = "runs/base/model"
+    data: str = "runs/sample/sft.jsonl"  # .jsonl / .json / .parquet, each row {"messages": [{role, content}, ...]}
+    out: str = "runs/sft"
+    template: str = "auto"  # auto (the tokenizer's chat template if it has one, else r1zero) | chat | r1zero
+    epochs: float = 2.0  # R1 stage 3 trains two epochs on the rejection-sampled data
+    steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
+    batch_size: int = 16  # conversations per optimizer step
+    micro_batch_size: int = 0  # conversations per forward/backward pass; 0 = the whole batch at once
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_len: int = 2048  # tokens; longer conversations are dropped and counted, never truncated
+    eval_fraction: float = 0.0  # share of conversations held out for a held-out loss (stable hash of the row)
+    eval_every: int = 50
+    save_every: int = 0  # checkpoint every N steps (0 = none); `--resume` continues from the latest
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def check(self) -> None:
+        """Fail at start, with a sentence, on settings that cannot work."""
+        problems = []
+        if self.batch_size < 1 or self.micro_batch_size < 0:
+            problems.append("batch_size must be at least 1 and micro_batch_size at least 0")
+        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
+            problems.append("set steps >= 1, or steps 0 and epochs > 0")
+        if self.max_len < 2:
+            problems.append("max_len must be at least 2 tokens")
+        if self.template not in ("auto", "chat", "r1zero"):
+            problems.append(f"template {self.template!r} is not one of auto, chat, r1zero")
+        if not 0 <= self.eval_fraction < 1 or self.eval_every < 1:
+            problems.append("eval_fraction must be in [0, 1) and eval_every at least 1")
+        if problems:
+            raise ValueError("invalid SFT config: " + "; ".join(problems))
+
+
+@dataclass
+class SampleConfig:
+    """`r1lab sample`: rejection sampling; k completions per prompt, the correct and readable ones kept as SFT data."""
+
+    model: str = "runs/grpo/model"
+    task: str = "arithmetic"
+    task_options: dict = field(default_factory=dict)
+    split: str = "train"
+    problems: int = 200  # prompts (distinct); 0 = every row of a data file's split
+    samples: int = 16  # k completions per prompt
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    prompts_per_chunk: int = 32  # prompts per generate call
+    template: str = "r1zero"  # r1zero | chat | none
+    prefill: str = ""
+    # readability filters on the verified-correct completions
+    min_tokens: int = 1
+    max_tokens: int = 0  # 0 = no limit below max_new_tokens
+    language: str = "en"  # language the reasoning must be written in (r1lab/language.py); "" = no language filter
+    min_language_score: float = 0.9  # share of the <think> part's words in it: one stray "π" in ten passes
+    max_per_prompt: int = 0  # distinct completions kept per prompt; 0 = every distinct one
+    reward_timeout_s: float = 5.0
+    out: str = "runs/sample/sft.jsonl"  # the SFT dataset; a summary and the config are written beside it
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+
+    def check(self) -> None:
+        """Fail at start, with a sentence, on settings that cannot work."""
+        problems = []
+        if self.samples < 1 or self.prompts_per_chunk < 1 or self.max_new_tokens < 1:
+            problems.append("samples, prompts_per_chunk and max_new_tokens must be at least 1")
+        if self.problems < 0 or self.max_per_prompt < 0 or self.min_tokens < 0 or self.max_tokens < 0:
+            problems.append("problems, max_per_prompt, min_tokens and max_tokens cannot be negative")
+        if self.max_tokens and self.max_tokens < self.min_tokens:
+            problems.append(f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}")
+        if self.temperature < 0:
+            problems.append("temperature cannot be negative")
+        if problems:
+            raise ValueError("invalid sample config: " + "; ".join(problems))
+
+
+@dataclass
 class DemoConfig:
     """`r1lab demo`: tokenizer -> tiny base -> eval -> R1-Zero GRPO -> eval -> report, on a CPU in minutes."""
 
@@ -149,6 +236,55 @@ class DemoConfig:
     grpo_steps: int = 60
     eval_problems: int = 200
     seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class ServeConfig:
+    """`r1lab serve`: an OpenAI-compatible API (reasoning_content split out) and a chat page for a model directory."""
+
+    model: str = "runs/demo/grpo/model"
+    served_model_name: str = ""  # the model id clients send; default: the model directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # when set, /v1 requests need the header `Authorization: Bearer KEY`
+    template: str = "auto"  # auto (the tokenizer's chat template, else r1zero) | chat | r1zero
+    prefill: str = ""  # text after the template, e.g. "<think>": the reply then starts inside the reasoning
+    max_batch: int = 64  # completions generated together in one batch
+    batch_wait_ms: float = 5.0  # a batch starts once no request came for this long (10x this at most)
+    max_pending: int = 4096  # requests waiting beyond this get 503
+    max_tokens: int = 4096  # the most completion tokens a request may ask for
+    max_model_len: int = 0  # context length (prompt + completion); 0: the model's max_position_embeddings
+    max_body_bytes: int = 1 << 20
+    device: str = "auto"
+    threads: int = 0
+    log_level: str = "info"
+
+    def check(self) -> None:
+        problems = []
+        if self.max_batch < 1 or self.max_tokens < 1 or self.max_pending < 1 or self.max_body_bytes < 1:
+            problems.append("max_batch, max_tokens, max_pending and max_body_bytes must be at least 1")
+        if self.batch_wait_ms < 0:
+            problems.append("batch_wait_ms cannot be negative")
+        if self.template not in ("auto", "chat", "r1zero"):
+            problems.append(f"template {self.template!r} is not one of auto, chat, r1zero")
+        if problems:
+            raise ValueError("invalid serve config: " + "; ".join(problems))
+
+
+@dataclass
+class ChatConfig:
+    """`r1lab chat`: talk to a model directory in the terminal; its reasoning is shown apart from the answer."""
+
+    model: str = "runs/demo/grpo/model"
+    template: str = "auto"  # auto (the tokenizer's chat template, else r1zero) | chat | r1zero
+    prefill: str = ""
+    system: str = ""  # a system message opening the conversation
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 0  # reply i is sampled with seed + i: a piped conversation replays exactly
+    device: str = "auto"
     threads: int = 0
 
 

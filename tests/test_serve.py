@@ -1,0 +1,458 @@
+"""`r1lab serve` and `r1lab chat`: the OpenAI API through a real uvicorn server, reasoning split, limits, batching.
+
+The model is a real r1lab CausalLM whose weights are set by hand so that it is a bigram machine (each token decides
+the next): after the R1-Zero prompt it writes `<think>We sum</think><answer>42</answer>` and stops, and after `z` it
+writes `yzyz...` forever. Every request therefore runs the real path (tokenizer, engine, batcher, HTTP) with a
+known answer, even when sampled at temperature 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.serve.prompts import r1zero_conversation, render_messages, starts_in_think
+from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1lab.serve.textstream import IncrementalDetokenizer, StopCutter, TextStream
+from r1lab.tokenizer import EOS, R1_ZERO_SUFFIX, build_tiny_tokenizer, render_prompt
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+KEY = "sk-test"
+MODEL_ID = "tiny-r1"
+SCRIPT = [R1_ZERO_SUFFIX, "<think>", "W", "e", " ", "s", "u", "m", "</think>", "<answer>", "4", "2", "</answer>", EOS]
+REASONING, ANSWER = "We sum", "42"
+ANSWER_TOKENS = len(SCRIPT) - 1  # the tokens after the prompt's last one, end-of-text included
+THINK_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|><think>{% endif %}")
+
+
+def scripted_model_dir(path: Path, chat_template: str | None = None, context: int = 2048) -> Path:
+    """A model directory whose greedy and sampled outputs are both fixed: SCRIPT after its first token, and
+    `z -> y -> z -> ...`; any other token is followed by end-of-text."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = chat_template
+    V = tok.vocab_size
+    ids = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    one = lambda s: ids(s)[0] if len(ids(s)) == 1 else pytest.fail(f"{s!r} is not one token")  # noqa: E731
+    following = {t: one(EOS) for t in range(V)}
+    following.update({one(a): one(b) for a, b in zip(SCRIPT, SCRIPT[1:])})
+    following.update({one("z"): one("y"), one("y"): one("z")})
+    cfg = ModelConfig(vocab_size=V, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
+                      tie_word_embeddings=False, eos_token_id=one(EOS))
+    assert cfg.hidden_size >= V
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()
+        model.model.embed_tokens.weight[:, :V] = torch.eye(V)  # the residual stream is the current token, one-hot
+        for layer in model.model.layers:  # layers compute but add nothing
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for cur, nxt in following.items():
+            model.lm_head.weight[nxt, cur] = 4.0  # logit ~45 against 0: p(other) < 1e-15 at temperature 2
+    save_model(model, path)
+    tok.save(path)
+    return path
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class ServerThread:
+    """A real uvicorn server on a free port, in a thread of this process (so tests can look at its state)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.sock = free_socket()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.app.state.server.batcher.stats)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return scripted_model_dir(tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    from r1lab.serve.app import create_app
+
+    app = create_app(model_dir, api_key=KEY, served_model_name=MODEL_ID, max_tokens=2000, max_body_bytes=8192,
+                     device="cpu", log_level="warning")
+    with ServerThread(app) as srv:
+        yield srv
+
+
+@pytest.fixture
+def api(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+QUESTION = [{"role": "user", "content": "What is 6*7?"}]
+
+
+def prompt_tokens(model_dir, messages=QUESTION) -> int:
+    from r1lab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    return len(tok.encode(render_messages(tok, messages)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official openai client, through a real server
+
+
+def test_openai_client_chat_gets_reasoning_and_answer(openai_client, model_dir):
+    r = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, temperature=1.0, top_p=0.9)
+    choice = r.choices[0]
+    assert (choice.message.reasoning_content, choice.message.content) == (REASONING, ANSWER)
+    assert choice.finish_reason == "stop" and choice.message.role == "assistant"
+    assert r.model == MODEL_ID and r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.usage.completion_tokens == ANSWER_TOKENS
+    assert r.usage.prompt_tokens == prompt_tokens(model_dir)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_client_streams_reasoning_then_answer(openai_client, model_dir):
+    stream = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, stream=True, seed=3,
+                                                   stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [d.reasoning_content for d in deltas if getattr(d, "reasoning_content", None)]
+    content = [d.content for d in deltas if d.content]
+    assert len(reasoning) > 1 and "".join(reasoning) == REASONING  # streamed piece by piece
+    assert "".join(content) == ANSWER
+    first_answer = next(i for i, d in enumerate(deltas) if d.content)
+    assert all(not getattr(d, "reasoning_content", None) for d in deltas[first_answer:])
+    assert deltas[0].role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ANSWER_TOKENS
+    assert chunks[-1].usage.prompt_tokens == prompt_tokens(model_dir)
+
+
+def test_openai_client_completions_and_models(openai_client):
+    r = openai_client.completions.create(model=MODEL_ID, prompt="z", max_tokens=9, temperature=0)
+    assert r.choices[0].text == "yzyzyzyzy" and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (1, 9)
+    pieces = [c.choices[0].text for c in openai_client.completions.create(model=MODEL_ID, prompt="y", max_tokens=5,
+                                                                           stream=True)]
+    assert "".join(pieces) == "zyzyz" and len([p for p in pieces if p]) == 5
+    assert [m.id for m in openai_client.models.list().data] == [MODEL_ID]
+
+
+def test_n_stop_and_several_prompts(api):
+    body = {"model": MODEL_ID, "messages": QUESTION, "n": 3, "stop": ["m", "never"], "seed": 1}
+    r = api.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2]
+    for c in r["choices"]:  # cut before the stop string, which is not returned
+        assert (c["message"]["reasoning_content"], c["message"]["content"], c["finish_reason"]) == ("We su", "", "stop")
+    assert r["usage"]["completion_tokens"] == 3 * 7  # <think> W e ' ' s u m: the row ends as m is sampled
+    r = api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["z", "y"], "n": 2, "max_tokens": 4}).json()
+    assert [(c["index"], c["text"]) for c in r["choices"]] == [(0, "yzyz"), (1, "yzyz"), (2, "zyzy"), (3, "zyzy")]
+    assert r["usage"] == {"prompt_tokens": 2, "completion_tokens": 16, "total_tokens": 18}
+
+
+def test_stop_string_split_across_tokens_in_a_stream(api):
+    body = {"model": MODEL_ID, "prompt": "z", "max_tokens": 50, "stop": "zyz", "stream": True}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["choices"][0]["text"] for e in events) == "y"  # "y" then "zyz" completes: cut before it
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_health_needs_no_key(server):
+    r = httpx.get(f"{server.url}/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == MODEL_ID
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad requests: each a 4xx with an OpenAI-style error body, and the server keeps serving
+
+
+def assert_error(r, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    if param:
+        assert error["param"] == param
+    if code:
+        assert error["code"] == code
+    return error
+
+
+def test_missing_or_wrong_api_key_gets_401(server):
+    body = {"model": MODEL_ID, "messages": QUESTION}
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=body), 401, code="missing_api_key")
+    wrong = {"Authorization": "Bearer sk-wrong"}
+    assert_error(httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=wrong), 401, code="invalid_api_key")
+    assert_error(httpx.get(f"{server.url}/v1/models", headers=wrong), 401)
+
+
+def test_body_over_the_limit_gets_413(api):
+    big = {"model": MODEL_ID, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    assert_error(api.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+    def chunked():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "tiny-r1", "prompt": "'
+        for _ in range(20):
+            yield b"x" * 1000
+        yield b'"}'
+
+    assert_error(api.post("/v1/completions", content=chunked()), 413)
+
+
+def test_malformed_json_gets_400(api):
+    for body in [b'{"model": "tiny-r1", "messages": [', b"not json", b"\xff\xfe", b"[1, 2]"]:
+        assert_error(api.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}),
+                     400, code="invalid_json")
+
+
+def test_unknown_or_invalid_fields_get_400(api):
+    base = {"model": MODEL_ID, "messages": QUESTION}
+    error = assert_error(api.post("/v1/chat/completions", json={**base, "logprobs": True}), 400, param="logprobs")
+    assert "logprobs" in error["message"]
+    assert_error(api.post("/v1/chat/completions", json={"model": MODEL_ID}), 400, param="messages")
+    assert_error(api.post("/v1/chat/completions", json={**base, "temperature": 5}), 400, param="temperature")
+    assert_error(api.post("/v1/chat/completions", json={**base, "messages": [{"role": "robot", "content": "hi"}]}),
+                 400)
+    assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ""}), 400, param="prompt")
+
+
+def test_unknown_model_gets_404(api):
+    assert_error(api.post("/v1/chat/completions", json={"model": "gpt-9", "messages": QUESTION}), 404,
+                 param="model", code="model_not_found")
+    assert_error(api.get("/v1/models/gpt-9"), 404)
+    assert_error(api.get("/v1/no-such-route"), 404)
+
+
+def test_max_tokens_over_the_limit_gets_400(api):
+    body = {"model": MODEL_ID, "messages": QUESTION, "max_tokens": 2001}
+    assert_error(api.post("/v1/chat/completions", json=body), 400, param="max_tokens")
+    assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": "z", "max_tokens": 5000}), 400,
+                 param="max_tokens")
+
+
+def test_context_overflow_gets_400(api):
+    long_prompt = "y" * 2100  # the model has 2048 positions
+    assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": long_prompt, "max_tokens": 1}), 400,
+                 code="context_length_exceeded")
+    body = {"model": MODEL_ID, "prompt": "y" * 1500, "max_tokens": 1000}  # each fits, together they do not
+    assert_error(api.post("/v1/completions", json=body), 400, code="context_length_exceeded")
+    r = api.post("/v1/completions", json={**body, "max_tokens": 20})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 20
+
+
+def test_server_still_serves_after_bad_requests(api):
+    r = api.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": QUESTION})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharing the engine
+
+
+def test_client_leaving_mid_stream_frees_its_row(server, api):
+    before = server.stats
+    body = {"model": MODEL_ID, "prompt": "z", "max_tokens": 2000, "stream": True}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: {") for line in got)
+    # the connection is closed mid-stream: the batcher must end that row long before its 2000 tokens
+    deadline = time.monotonic() + 20
+    while server.stats["aborted_rows"] == before["aborted_rows"]:
+        assert time.monotonic() < deadline, "the row of a client that left was never aborted"
+        time.sleep(0.02)
+    assert server.stats["completion_tokens"] - before["completion_tokens"] < 2000
+    r = api.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": QUESTION})
+    assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_concurrent_requests_are_batched(server, api):
+    before = server.stats
+    results, barrier = [None] * 8, threading.Barrier(8)
+
+    def client(i: int) -> None:
+        barrier.wait()
+        body = {"model": MODEL_ID, "prompt": "z" if i % 2 else "y", "max_tokens": 40 + i}
+        results[i] = api.post("/v1/completions", json=body).json()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = server.stats
+    for i, r in enumerate(results):  # each got its own row's text, not a neighbour's
+        assert r["choices"][0]["text"] == (("yz" if i % 2 else "zy") * 50)[: 40 + i]
+        assert r["usage"]["completion_tokens"] == 40 + i
+    assert after["rows"] - before["rows"] == 8
+    assert after["batches"] - before["batches"] < 8  # at least two requests shared a generate call
+    assert after["max_batch_rows"] > 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pieces, without a server
+
+
+@pytest.mark.parametrize("text,in_think,expected", [
+    ("<think> add 2 and 2 </think> <answer> 4 </answer>", False, ("add 2 and 2", "4")),
+    (" add them\n step two</think><answer>4</answer>", True, ("add them\n step two", "4")),
+    ("The answer is <answer>4</answer>.", False, ("", "The answer is 4.")),
+    ("<think>unfinished thought", False, ("unfinished thought", "")),
+    ("no tags at all", False, ("", "no tags at all")),
+    ("a </think> b <think>c<think>d</think> e", False, ("cd", "a  b  e")),  # stray tags dropped, spaces kept
+    ("<think>x</think>2 < 3 and <answ", False, ("x", "2 < 3 and <answ")),
+])
+def test_reasoning_split_whole_and_in_every_cut(text, in_think, expected):
+    got = split_reasoning(text, in_think)
+    assert got == expected
+    for cut in range(len(text) + 1):  # two chunks, the cut anywhere (inside tags too)
+        s = ReasoningSplitter(in_think)
+        parts = [s.feed(text[:cut]), s.feed(text[cut:]), s.finish()]
+        assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == got
+    s = ReasoningSplitter(in_think)  # one character at a time
+    parts = [s.feed(ch) for ch in text] + [s.finish()]
+    assert ("".join(p[0] for p in parts), "".join(p[1] for p in parts)) == got
+
+
+def test_reasoning_streams_before_the_closing_tag():
+    s = ReasoningSplitter()
+    assert s.feed("<think>first ") == ("first", "")
+    assert s.feed("idea</thi") == (" idea", "")
+    assert s.feed("nk> <answer>4") == ("", "4")
+
+
+def byte_level_tokenizer():
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    from r1lab.tokenizer import Tokenizer
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["hello world, héllo wörld"] * 20, trainer)
+    return Tokenizer(backend, EOS)
+
+
+def test_incremental_detokenizer_never_emits_half_a_character():
+    tok = byte_level_tokenizer()
+    text = "héllo 日本語 wörld 🙂!"
+    ids = tok.encode(text)
+    assert len(ids) > len(text) // 2  # the CJK and emoji characters are split across byte tokens
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stop_cutter_holds_back_a_possible_stop_start():
+    cut = StopCutter(["STOP", "xyz"])
+    assert cut.push("abc S") == "abc "
+    assert cut.push("T") == ""
+    assert cut.push("ay") == "STay"  # it was not a stop after all
+    assert cut.push(" xy") == " "
+    assert cut.push("zzz") == "" and cut.hit and cut.text == "abc STay "
+    nothing = StopCutter(["</s>"])
+    assert nothing.push("a</") == "a" and nothing.flush() == "</"
+
+
+def test_text_stream_cuts_at_stop_strings():
+    tok = build_tiny_tokenizer()
+    stream = TextStream(tok, ["+2"])
+    out = "".join(stream.push(i) for i in tok.encode("1+1+2+3")) + stream.flush()
+    assert out == "1+1" and stream.stopped
+
+
+def test_prompt_templates():
+    tok = build_tiny_tokenizer()
+    assert render_messages(tok, QUESTION) == render_prompt(tok, "What is 6*7?", "r1zero")
+    convo = r1zero_conversation([{"role": "system", "content": "Be brief."}, *QUESTION,
+                                 {"role": "assistant", "content": "42"}, {"role": "user", "content": "And 6*8?"}])
+    assert convo.startswith("Be brief.\n") and convo.endswith("<answer>42</answer> User: And 6*8?" + R1_ZERO_SUFFIX)
+    tok.chat_template = THINK_TEMPLATE
+    text = render_messages(tok, QUESTION)
+    assert text == "<|user|>What is 6*7?\n<|assistant|><think>" and starts_in_think(text)
+    assert not starts_in_think(render_messages(tok, QUESTION, template="r1zero"))
+    assert starts_in_think(render_messages(tok, QUESTION, template="r1zero", prefill="<think>\n"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# r1lab chat, the terminal client
+
+
+def test_terminal_chat_streams_reasoning_and_answer(tmp_path):
+    from rich.console import Console
+
+    from r1lab.chat import run_chat
+    from r1lab.config import ChatConfig
+
+    model = scripted_model_dir(tmp_path / "m", chat_template=THINK_TEMPLATE)  # the prompt ends inside <think>
+    out = io.StringIO()
+    run_chat(ChatConfig(model=str(model), device="cpu"), io.StringIO("What is 6*7?\n\n/reset\nAgain?\n/quit\nnot read\n"),
+             Console(file=out, width=120, color_system=None))
+    text = out.getvalue()
+    assert text.count(f"thinking: {REASONING}\nanswer: {ANSWER}\n") == 2
+    assert "you> What is 6*7?" in text and "(conversation cleared)" in text and "not read" not in text
+
+
+def test_chat_and_serve_commands(model_dir):
+    from r1lab.cli import build_parser
+    from r1lab.config import ServeConfig, resolve
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--api-key", "k", "--max-batch", "8", "--port", "9"])
+    cfg = resolve(ServeConfig, args)
+    assert (cfg.model, cfg.api_key, cfg.max_batch, cfg.port) == ("m", "k", 8, 9)
+    code = ("import sys, r1lab.chat, r1lab.serve.batcher, r1lab.serve.prompts, r1lab.cli; "
+            "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules; r1lab.cli.main()")
+    r = subprocess.run([sys.executable, "-c", code, "chat", "--model", str(model_dir), "--device", "cpu"],
+                       input="What is 6*7?\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"thinking: {REASONING}" in r.stdout and f"answer: {ANSWER}" in r.stdout

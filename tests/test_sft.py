@@ -1,0 +1,245 @@
+"""`r1lab sft` and `r1lab sample`: the assistant-token loss mask (R1 template and a real Jinja chat template), row
+validation with file:line, a few SFT steps that learn, and rejection sampling whose output `r1lab sft` accepts."""
+
+import json
+import shutil
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from r1lab.cli import main
+from r1lab.config import SampleConfig, SFTConfig
+from r1lab.engine import Sample
+from r1lab.model import CausalLM, ModelConfig, load_model, save_model
+from r1lab.rejection import Filters, Tally, judge_prompt
+from r1lab.rewards import score_completions
+from r1lab.sft import conversation_tokens, heldout_loss, lm_step, make_optimizer, read_conversations, sft
+from r1lab.tasks import ArithmeticTask, DatasetError, Problem
+from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer, load_tokenizer
+
+CONVERSATION = [
+    {"role": "system", "content": "Think step by step."},
+    {"role": "user", "content": "2+3"},
+    {"role": "assistant", "content": " <think>2+3=5</think> <answer>5</answer>"},
+    {"role": "user", "content": "and times 2?"},
+    {"role": "assistant", "content": " <think>5*2=10</think> <answer>10</answer>"},
+]
+# ChatML as in Qwen2.5's tokenizer_config.json, minus its default system prompt.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chatml_tokenizer(eos: str = "<|im_end|>", template: str = CHATML) -> Tokenizer:
+    """The built-in character-level tokenizer plus ChatML's two special tokens and a Jinja chat template."""
+    from tokenizers import AddedToken
+
+    backend = build_tiny_tokenizer().backend
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<|im_start|>", "<|im_end|>")])
+    return Tokenizer(backend, eos, template, name="chatml-tiny")
+
+
+def masked_text(tokenizer: Tokenizer, ids: list[int], mask: list[bool]) -> str:
+    return tokenizer.backend.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+
+
+def test_r1_template_mask_is_exactly_the_assistant_turns_and_their_end_of_text():
+    tok = build_tiny_tokenizer()
+    assert tok.chat_template is None  # so `r1lab sft` falls back to the R1-Zero template
+    ids, mask, closers = conversation_tokens(tok, CONVERSATION)
+    assert masked_text(tok, ids, mask) == (CONVERSATION[2]["content"] + "<|endoftext|>"
+                                           + CONVERSATION[4]["content"] + "<|endoftext|>")
+    assert closers == tok.eos_ids
+    expected = [t for turn in (2, 4) for t in tok.encode(CONVERSATION[turn]["content"], False) + [tok.pad_id]]
+    assert [i for i, m in zip(ids, mask) if m] == expected
+
+
+@pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])  # an instruct tokenizer, and a base one
+def test_chat_template_mask_covers_content_and_im_end_not_the_scaffolding(eos):
+    tok = chatml_tokenizer(eos)
+    ids, mask, closers = conversation_tokens(tok, CONVERSATION)
+    im_end = tok.backend.token_to_id("<|im_end|>")
+    assert masked_text(tok, ids, mask) == (CONVERSATION[2]["content"] + "<|im_end|>"
+                                           + CONVERSATION[4]["content"] + "<|im_end|>")
+    assert closers == {im_end}  # on a base tokenizer, sft adds it to the saved model's end-of-text ids
+    assert not mask[-1]  # the newline ChatML writes after <|im_end|> is scaffolding
+    assert ids == tok.encode(tok.backend.decode(ids, skip_special_tokens=False))
+
+
+@pytest.mark.parametrize("template, message", [
+    # no end-of-text after the answer: the model would never learn to stop
+    ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+     "{% if add_generation_prompt %}assistant: {% endif %}", "never learn to stop"),
+    # DeepSeek-R1's template drops the reasoning of earlier turns: the text is not what the row says
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].split('</think>')[-1] }}<|im_end|>\n"
+     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "prefix"),
+])
+def test_a_template_the_mask_cannot_follow_fails_clearly(template, message):
+    with pytest.raises(ValueError, match=message):
+        conversation_tokens(chatml_tokenizer(template=template), CONVERSATION)
+
+
+GOOD_ROW = {"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": " <answer>2</answer>"}]}
+
+
+@pytest.mark.parametrize("bad_row, field", [
+    ({"prompt": "1+1", "answer": "2"}, "field 'messages' is missing"),
+    ({"messages": [{"role": "bot", "content": "hi"}, GOOD_ROW["messages"][1]]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 7}, GOOD_ROW["messages"][1]]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "1+1"}]}, "no assistant message"),
+    ({"messages": [GOOD_ROW["messages"][1], GOOD_ROW["messages"][0]]}, "messages[0].role"),
+])
+def test_malformed_row_is_reported_with_file_line_and_field_before_loading(tmp_path, capsys, bad_row, field):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps(GOOD_ROW) + "\n" + json.dumps(bad_row) + "\n")
+    with pytest.raises(DatasetError, match="chat.jsonl:2"):
+        read_conversations(data)
+    with pytest.raises(SystemExit):  # the model does not exist: validation must fail first
+        main(["sft", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "chat.jsonl:2" in err and field in err and "no-model" not in err
+
+
+def tiny_random_model(path, tokenizer: Tokenizer) -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tokenizer.pad_id)
+    save_model(CausalLM(cfg), path)
+    tokenizer.save(path)
+
+
+def sum_conversations(n: int) -> list[dict]:
+    rows = []
+    for a in range(n):
+        b = (3 * a + 1) % 10
+        answer = f" <think>{a}+{b}={a + b}</think> <answer>{a + b}</answer>"
+        rows.append({"messages": [{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def test_a_few_sft_steps_lower_the_loss_and_write_a_model_directory(tmp_path):
+    tok = build_tiny_tokenizer()
+    tiny_random_model(tmp_path / "init", tok)
+    rows = sum_conversations(8)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded = [conversation_tokens(tok, r["messages"])[:2] for r in rows]
+    docs, masks = [e[0] for e in encoded], [e[1] for e in encoded]
+    before = heldout_loss(load_model(tmp_path / "init"), docs, masks, tok.pad_id, 8)
+    cfg = SFTConfig(model=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "run"), steps=40, batch_size=4,
+                    lr=1e-2, warmup_steps=2, save_every=20)
+    out = sft(cfg, log=lambda *_: None)
+    after = heldout_loss(load_model(out), docs, masks, tok.pad_id, 8)
+    assert after < 0.6 * before
+    losses = [row["loss"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert len(losses) == 40 and sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    assert load_tokenizer(out).eos_ids == tok.eos_ids
+    assert (tmp_path / "run" / "checkpoints" / "step_000040").is_dir() and (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
+    tok = build_tiny_tokenizer()
+    tiny_random_model(tmp_path / "init", tok)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sum_conversations(6)))
+    cfg = SFTConfig(model=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "run"), steps=8, batch_size=4,
+                    lr=1e-2, warmup_steps=2, save_every=4)
+    sft(cfg, log=lambda *_: None)
+    uninterrupted = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000008")  # as if killed between steps 4 and 8
+    cfg.resume = True
+    sft(cfg, log=lambda *_: None)
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == uninterrupted
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_sft_with_a_base_chat_template_makes_the_turn_end_a_stop_token(tmp_path):
+    tok = chatml_tokenizer("<|endoftext|>")  # a base model's tokenizer: ChatML's <|im_end|> is no stop token yet
+    tiny_random_model(tmp_path / "init", tok)
+    data = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist(sum_conversations(4)), data)
+    out = sft(SFTConfig(model=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "run"), steps=1,
+                        batch_size=2), log=lambda *_: None)
+    assert tok.backend.token_to_id("<|im_end|>") in load_tokenizer(out).eos_ids
+
+
+def test_micro_batches_give_the_same_step_as_one_batch():
+    tok = build_tiny_tokenizer()
+    encoded = [conversation_tokens(tok, r["messages"])[:2] for r in sum_conversations(4)]
+    docs, masks = [e[0] for e in encoded], [e[1] for e in encoded]
+    torch.manual_seed(0)
+    models = [CausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))]
+    models.append(CausalLM(models[0].config))
+    models[1].load_state_dict(models[0].state_dict())
+    results = [lm_step(m, make_optimizer(m, 1e-3, 0.0), docs, masks, tok.pad_id, micro)
+               for m, micro in zip(models, (0, 1))]  # the whole batch at once, and one conversation at a time
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert results[0]["target_tokens"] == results[1]["target_tokens"] == sum(map(sum, masks))
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_filters_reject_what_they_should():
+    task, problem = ArithmeticTask(), Problem("2+2", "4")
+    filters = Filters.of(SampleConfig(min_tokens=10, max_tokens=40, language="en"))
+    texts = {
+        "keep": " <think>2+2=4</think> <answer>4</answer>",
+        "incorrect": " <think>2+2=5</think> <answer>5</answer>",
+        "format": " <answer>4</answer>",
+        "language": " <think>two plus two 等于四</think> <answer>4</answer>",
+        "keep, in words": " <think>two plus two is four</think> <answer>4</answer>",
+    }
+    result = score_completions(task, [problem] * len(texts), list(texts.values()))
+    for i, (expected, text) in enumerate(texts.items()):
+        reason = filters.reason(text, 20, result.correct[i], result.components["format"][i])
+        assert reason == (None if expected.startswith("keep") else expected), text
+    keep = texts["keep"]
+    assert filters.reason(keep, 20, True, 1.0, finished=False) == "truncated"
+    assert filters.reason(keep, 9, True, 1.0) == "too_short"
+    assert filters.reason(keep, 41, True, 1.0) == "too_long"
+    assert Filters.of(SampleConfig(language="")).reason(texts["language"], 20, True, 1.0) is None  # no filter
+    half_english = texts["language"]
+    assert Filters.of(SampleConfig(language="zh")).reason(half_english, 20, True, 1.0) == "language"
+    with pytest.raises(ValueError, match="klingon"):
+        Filters.of(SampleConfig(language="klingon"))
+
+
+def test_duplicates_and_the_per_prompt_cap_are_rejected():
+    task, problem = ArithmeticTask(), Problem("2+2", "4")
+    texts = [" <think>2+2=4</think> <answer>4</answer>", " <think>2+2=4</think> <answer>4</answer> ",
+             " <think>2 and 2 make 4</think> <answer>4</answer>", " <think>4</think> <answer>4</answer>"]
+    samples = [Sample(0, [1] * 12, t, [0.0] * 12, "stop") for t in texts]
+    result = score_completions(task, [problem] * 4, texts)
+    cfg = SampleConfig(samples=4, max_per_prompt=2)
+    tally = Tally()
+    kept = judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally)
+    assert [j for j, _, _ in kept] == [0, 2]
+    assert tally.rejected == {"duplicate": 1, "over_max_per_prompt": 1}
+
+
+def test_sample_writes_sft_rows_that_sft_accepts(tiny_base, tmp_path, capsys):
+    data = tmp_path / "sampled.jsonl"
+    main(["sample", "--model", str(tiny_base), "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", "32",
+          "--samples", "8", "--max-new-tokens", "48", "--prefill", " <think>", "--max-per-prompt", "2",
+          "--out", str(data)])
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    summary = json.loads((tmp_path / "sampled.summary.json").read_text())
+    assert summary["prompts"] == 32 and summary["sampled"] == 256
+    assert summary["kept"] == len(rows) > 0  # the tiny base is right a few percent of the time: about 14 expected
+    assert max(Counter(row["prompt_index"] for row in rows).values()) <= 2
+    assert summary["kept"] + sum(summary["rejected"].values()) == summary["sampled"]
+    for row in rows:
+        user, assistant = row["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        assert assistant["content"].startswith(" <think>") and row["accuracy"] == 1.0 and row["format"] == 1.0
+        assert {"source_model", "source_step", "reward", "sample_index", "seed"} <= set(row)
+    assert rows[0]["source_step"] is None  # a final model directory, not a checkpoint
+    assert "kept" in capsys.readouterr().out
+    main(["sft", "--model", str(tiny_base), "--data", str(data), "--steps", "2", "--batch-size", "4",
+          "--lr", "1e-4", "--out", str(tmp_path / "sft")])
+    assert json.loads((tmp_path / "sft" / "data.json").read_text())["train"] == len(rows)
+    assert load_model(tmp_path / "sft" / "model").config.vocab_size == load_model(tiny_base).config.vocab_size
