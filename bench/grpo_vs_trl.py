@@ -445,6 +445,8 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
         "--steps", str(a.rounds), "--prompts-per-step", str(a.prompts_per_step),
         "--samples-per-prompt", str(a.samples_per_prompt), "--updates-per-batch", str(a.updates),
         "--max-new-tokens", str(a.max_new_tokens), "--suppress-eos", "true",
+        # TRL trains every completion; so must r1lab (its rewards here are all zero: it would skip every sequence)
+        "--skip-zero-advantage", "false",
         "--eval-every", "0", "--save-every", "0", "--out", str(run_dir),
         "--seed", str(a.seed), "--lr", str(a.lr),
     ]  # fmt: skip
@@ -484,7 +486,7 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
         "completion_tokens_per_round": tokens,
         "tokens_ok": all(t == expected for t in tokens),
         # the task's reward on a random model is uniform within every group (all zero); r1lab must still run its
-        # updates then (its drop_uniform_groups option must stay off), or it would skip the training half of a round
+        # updates then (drop_uniform_groups off, skip_zero_advantage off), or it would skip the training half of a round
         "zero_variance_groups": [r.get("zero_variance_groups") for r in steps],
         "round_time_s": [float(r["step_time_s"]) for r in steps],
         "measured_tokens": meas_tokens,
@@ -510,7 +512,7 @@ def run_side(side: str, a, model_dir: Path, prompts: Path, workdir: Path) -> dic
     zv = [x for x in r["zero_variance_groups"][a.warmup :] if x is not None]
     if zv and min(zv) >= 1.0:
         print("NOTE: every r1lab group had a uniform reward (expected with a random model); this is like-for-like "
-              "only because r1lab still runs its updates then (drop_uniform_groups off, its default).")
+              "only because r1lab still runs its updates then (drop_uniform_groups and skip_zero_advantage off).")
     if not r["tokens_ok"]:
         print(f"WARNING: r1lab completion_tokens per step {r['completion_tokens_per_round']} != "
               f"{a.prompts_per_step * a.samples_per_prompt * a.max_new_tokens}")

@@ -68,6 +68,8 @@ class GRPOConfig:
     loss_norm: str = "token"  # token | sequence | constant
     scale_by_std: bool = True
     drop_uniform_groups: bool = False
+    # with kl_coef 0, a zero-advantage sequence has zero gradient: skip its forward/backward (same update, faster)
+    skip_zero_advantage: bool = True
     # rewards
     accuracy_weight: float = 1.0
     format_weight: float = 1.0

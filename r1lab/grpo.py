@@ -123,11 +123,11 @@ def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -
 
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
-                       pad_id: int, device, skip_zero_advantage: bool | None = None) -> list[MicroBatch]:
+                       pad_id: int, device) -> list[MicroBatch]:
     rows = keep.nonzero().squeeze(-1)
     lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows.tolist()])
     seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)  # normalised over every kept sequence
-    if cfg.kl_coef == 0 if skip_zero_advantage is None else skip_zero_advantage:
+    if cfg.skip_zero_advantage and cfg.kl_coef == 0:
         # A zero advantage gives its tokens exactly zero gradient (without a KL term), so those sequences, often most
         # of a batch late in training, skip the forward and backward passes. The update is the same.
         trained = advantages[rows] != 0

@@ -112,8 +112,8 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_sequences(tiny_base):
                              old_logprobs=[[0.0] * n for n in (5, 9, 1, 4, 8, 6)], texts=[""] * 6, truncated=[False] * 6)
     cfg = grpo.GRPOConfig(micro_batch_size=4, samples_per_prompt=2)  # micro-batches of 4 + 2 rows: 2 prompts, then 1
     adv = torch.arange(6.0)
-    batches = grpo.make_micro_batches(rollouts, adv, torch.ones(6, dtype=torch.bool), cfg, tok.pad_id, "cpu",
-                                      skip_zero_advantage=False)
+    cfg.skip_zero_advantage = False  # adv has a zero; every row is wanted here
+    batches = grpo.make_micro_batches(rollouts, adv, torch.ones(6, dtype=torch.bool), cfg, tok.pad_id, "cpu")
     assert [len(b.prompts) for b in batches] == [2, 1]
     shared = torch.cat([grpo.completion_logprobs(model, b, 0.7)[0] for b in batches])
     shared.sum().backward()
@@ -146,8 +146,8 @@ def test_skipping_zero_advantage_sequences_gives_the_same_update(tiny_base, tmp_
         model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
         opt.step = lambda: None  # first the gradient alone
-        batches = grpo.make_micro_batches(rollouts, adv, torch.ones(2 * G, dtype=torch.bool), cfg, tok.pad_id,
-                                          "cpu", skip_zero_advantage=skip)
+        cfg.skip_zero_advantage = skip
+        batches = grpo.make_micro_batches(rollouts, adv, torch.ones(2 * G, dtype=torch.bool), cfg, tok.pad_id, "cpu")
         assert len(batches) == (0 if skip and zero_groups == 2 else 1)
         grpo.update_policy(model, None, opt, batches, cfg)
         grads[skip] = {n: p.grad.clone() for n, p in model.named_parameters()}
