@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, resolve
-from r1lab.config import ChatConfig, ServeConfig
-from r1lab.config import SampleConfig, SFTConfig
+from r1lab.config import ChatConfig, DistillConfig, PipelineConfig, SampleConfig, ServeConfig, SFTConfig
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
@@ -18,6 +17,8 @@ COMMANDS = {
     "eval": (EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems"),
     "sft": (SFTConfig, "supervised fine-tuning on chat data (JSONL/Parquet rows of messages), loss on assistant turns"),
     "sample": (SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data"),
+    "distill": (DistillConfig, "distil a teacher's verified reasoning into a smaller student (and compare with GRPO)"),
+    "pipeline": (PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student"),
     "serve": (ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /"),
     "chat": (ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer"),
 }
@@ -77,6 +78,14 @@ def dispatch(command: str, cfg) -> None:
         from r1lab.rejection import sample
 
         print(f"SFT data: {sample(cfg)}")
+    elif command == "distill":
+        from r1lab.distill import run_distill
+
+        run_distill(cfg)
+    elif command == "pipeline":
+        from r1lab.pipeline import run_pipeline
+
+        run_pipeline(cfg)
     elif command == "serve":
         try:
             from r1lab.serve.app import serve

@@ -51,6 +51,7 @@ class GRPOConfig:
     task_options: dict = field(default_factory=dict)
     out: str = "runs/grpo"
     steps: int = 100
+    time_limit_s: float = 0.0  # stop after the step that reaches this much training wall time (0 = no limit)
     # batch sizes, named by unit
     prompts_per_step: int = 16
     samples_per_prompt: int = 8  # G, the group size
@@ -237,6 +238,81 @@ class DemoConfig:
     pretrain_steps: int = 400
     grpo_steps: int = 60
     eval_problems: int = 200
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass
+class DistillConfig:
+    """`r1lab distill`: teacher -> sampled traces -> verified, readable SFT data -> a smaller student (R1 section 4).
+
+    With `compare_grpo`, the same student base is also trained by GRPO for the wall time distillation took, and the
+    report puts both beside the teacher (the paper's finding: distillation beats RL on the small model)."""
+
+    teacher: str = "runs/demo/grpo/model"
+    student: str = ""  # a student base model directory; "" = pretrain one of the student_* shape on the corpus
+    student_hidden_size: int = 64
+    student_num_layers: int = 4
+    student_num_heads: int = 4
+    student_num_kv_heads: int = 2
+    student_intermediate_size: int = 176  # with the four above: about 0.23x the demo model's parameters
+    student_pretrain_steps: int = 400
+    task: str = "arithmetic"
+    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))
+    template: str = "r1zero"
+    # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
+    problems: int = 1500  # train prompts
+    samples: int = 4
+    max_per_prompt: int = 2
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    # SFT of the student on them
+    epochs: float = 2.0
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup_steps: int = 10
+    # the comparison: the same student base trained by GRPO for the same wall time
+    compare_grpo: bool = True
+    grpo_lr: float = 1e-4
+    # held-out evaluation of teacher and students (k samples, temperature 0.6, top-p 0.95)
+    eval_problems: int = 200
+    eval_samples: int = 8
+    out: str = "runs/distill"
+    seed: int = 0
+    threads: int = 0
+
+    def check(self) -> None:
+        if not self.student and self.task != "arithmetic":
+            raise ValueError(f"invalid distill config: pretraining a student base needs the arithmetic task; for task "
+                             f"{self.task!r} give a student base model directory with --student")
+
+
+@dataclass
+class PipelineConfig:
+    """`r1lab pipeline`: DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student.
+
+    base -> (R1-Zero: GRPO) and (1 cold-start SFT -> 2 reasoning RL with the language reward -> 3 rejection sampling,
+    SFT of the base -> 4 final RL) -> distillation of the final model into a smaller student -> one report."""
+
+    out: str = "runs/pipeline"
+    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))  # the arithmetic task's settings
+    base: str = ""  # a base model directory; "" = pretrain the demo's tiny base (pretrain_steps)
+    pretrain_steps: int = 400
+    r1zero_steps: int = 60  # the demo's R1-Zero run, for comparison
+    cold_start_examples: int = 400  # worked solutions, always in the <think>/<answer> format
+    cold_start_epochs: float = 2.0
+    sft_lr: float = 1e-3
+    reasoning_rl_steps: int = 40
+    language_weight: float = 0.1  # stages 2 and 4: accuracy + format + this x language consistency
+    rejection_problems: int = 1000
+    rejection_samples: int = 4
+    final_rl_steps: int = 20
+    rl_lr: float = 3e-5
+    distill: bool = True  # distil the final model into a student (traces from rejection_problems prompts)
+    student_pretrain_steps: int = 400
+    eval_problems: int = 200
+    eval_samples: int = 8
     seed: int = 0
     threads: int = 0
 

@@ -66,6 +66,18 @@ def response(problem: Problem, rng: random.Random, mix: CorpusMix) -> str:
     return f" <think>{GUESS_THOUGHT}</think> <answer>{guess}</answer>"
 
 
+def worked_solution(problem: Problem) -> str:
+    """The corpus's worked style without slips: what R1's cold-start data is, readable and in the format."""
+    steps, answer = column_steps(problem.meta["terms"])
+    return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
+
+
+def cold_start_conversations(task: ArithmeticTask, n: int, seed: int) -> list[dict]:
+    """n chat rows (`r1lab sft` format) of train-split problems with their worked solutions."""
+    return [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": worked_solution(p)}]}
+            for p in task.problems("train", n, seed)]
+
+
 def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | None = None) -> list[tuple[Problem, str]]:
     """n (problem, response) pairs drawn from the train split."""
     mix = mix or CorpusMix()

@@ -8,38 +8,35 @@ verifier.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-
-import yaml
 
 from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig
 from r1lab.corpus import DEMO_TASK_OPTIONS
 from r1lab.grpo import train
 from r1lab.report import write_report
-from r1lab.sft import pretrain
+from r1lab.stages import pretrained_base
 
 RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
 
 
+def tiny_grpo_config(model: Path, out: Path, steps: int, **settings) -> GRPOConfig:
+    """GRPO on the demo's task and tiny model: 16 prompts x 8 samples, 64 new tokens, held-out eval every 10 steps."""
+    defaults = dict(task="arithmetic", task_options=dict(DEMO_TASK_OPTIONS), prompts_per_step=16, samples_per_prompt=8,
+                    micro_batch_size=128, lr=3e-5, max_new_tokens=64, eval_every=10, eval_samples=8, save_every=20,
+                    samples_every=10)
+    return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**defaults, **settings})
+
+
 def demo_grpo_config(cfg: DemoConfig, base_model: Path) -> GRPOConfig:
-    return GRPOConfig(model=str(base_model), task="arithmetic", task_options=dict(DEMO_TASK_OPTIONS),
-                      out=str(Path(cfg.out) / RUN_NAMES[cfg.control]), steps=cfg.grpo_steps, prompts_per_step=16,
-                      samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64, eval_every=10,
-                      eval_problems=cfg.eval_problems, eval_samples=8, save_every=20, samples_every=10, control=cfg.control,
-                      seed=cfg.seed, threads=cfg.threads)
+    return tiny_grpo_config(base_model, Path(cfg.out) / RUN_NAMES[cfg.control], cfg.grpo_steps,
+                            eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed, threads=cfg.threads)
 
 
 def ensure_base(cfg: DemoConfig, log) -> Path:
     """Pretrain the tiny base, or reuse one already made with the same settings (e.g. for the control run)."""
     pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
-    model_dir = Path(pre.out) / "model"
-    saved = Path(pre.out) / "config.yaml"
-    if (model_dir / "model.safetensors").exists() and saved.exists() and yaml.safe_load(saved.read_text()) == dataclasses.asdict(pre):
-        log(f"reusing the pretrained base model in {model_dir}")
-        return model_dir
-    return pretrain(pre, log=log)
+    return pretrained_base(pre, log)
 
 
 def eval_records(run: Path, which: str) -> tuple[dict, list[dict]]:

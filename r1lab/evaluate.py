@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from r1lab.language import language_consistency
 from r1lab.tasks.base import Problem
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
@@ -65,6 +66,7 @@ class EvalResult:
     format_rate: float  # share of samples with format reward 1
     mean_length: float  # completion tokens per sample
     truncation_rate: float = 0.0  # share of samples that hit max_new_tokens
+    language_consistency: float = 0.0  # mean share of chain-of-thought words in the target language (readability)
     records: list[dict] = field(default_factory=list)  # per problem: prompt, reference, the k samples
 
     @property
@@ -74,7 +76,8 @@ class EvalResult:
     def to_dict(self, include_records: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"pass@1": self.pass_at[1], f"cons@{self.k}": self.cons_at_k}
         out.update({f"pass@{j}": v for j, v in sorted(self.pass_at.items()) if j != 1})
-        out.update(format_rate=self.format_rate, mean_length=self.mean_length, k=self.k, n_problems=self.n_problems)
+        out.update(format_rate=self.format_rate, mean_length=self.mean_length,
+                   language_consistency=self.language_consistency, k=self.k, n_problems=self.n_problems)
         if include_records:
             out["records"] = self.records
         return out
@@ -95,6 +98,7 @@ def evaluate(
     response_prefix: str = "",
     timeout_s: float = 5.0,
     scorer: Callable[..., Any] | None = None,
+    language: str = "en",
 ) -> EvalResult:
     """Sample k completions per problem, score them with the training rewards and summarise.
 
@@ -123,11 +127,13 @@ def evaluate(
         repeated = [p for p in chunk for _ in range(k)]
         reward = scorer(task, repeated, [s.text for s in samples], timeout_s=timeout_s, response_prefix=response_prefix)
         for i, problem in enumerate(chunk):
-            records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k)))
+            records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k),
+                                           response_prefix, language))
     return summarise(records, k)
 
 
-def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice) -> dict:
+def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice, response_prefix: str = "",
+                    language: str = "en") -> dict:
     answers = reward.answers[sl]
     canon = [None if a is None else task.canonical(a) for a in answers]
     vote = majority_vote(canon)
@@ -143,6 +149,7 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
                 "correct": bool(c),
                 "format": float(f),
                 "length": len(s.token_ids),
+                "language": language_consistency(response_prefix + s.text, language),
                 "finish_reason": s.finish_reason,
             }
             for s, a, c, f in zip(samples[sl], answers, reward.correct[sl], reward.components["format"][sl])
@@ -171,6 +178,7 @@ def summarise(records: list[dict], k: int) -> EvalResult:
         format_rate=_mean([float(s["format"] >= _FULL_CREDIT) for s in samples]),
         mean_length=_mean([s["length"] for s in samples]),
         truncation_rate=_mean([float(s["finish_reason"] == "length") for s in samples]),
+        language_consistency=_mean([s.get("language", 0.0) for s in samples]),
         records=records,
     )
 

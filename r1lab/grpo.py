@@ -315,6 +315,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
         f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}")
+    step, trained_s = start, 0.0
     with MetricsLogger(run, resume_step=start) as logger, training_progress(cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -324,8 +325,12 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             bar.update(step + 1, metrics)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
                 save_checkpoint(run, step + 1, model, tokenizer, optimizer)
+            trained_s += metrics["step_time_s"]  # evaluations and checkpoints do not count against the budget
+            if cfg.time_limit_s and trained_s >= cfg.time_limit_s:
+                log(f"grpo: time limit of {cfg.time_limit_s:.0f} s of training reached after {step + 1} steps")
+                break
         if cfg.eval_every:
-            log_heldout(logger, run, cfg.steps, heldout_eval(engine, task, eval_problems, cfg, cfg.steps))
+            log_heldout(logger, run, step + 1, heldout_eval(engine, task, eval_problems, cfg, step + 1))
     save_model(model, run / "model")
     tokenizer.save(run / "model")
     return run / "model"

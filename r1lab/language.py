@@ -5,7 +5,8 @@ words in the CoT". Here a language is recognised by its script, which needs no m
 
 - a run of letters of one alphabetic script (Latin, Cyrillic, Greek, Arabic, Hangul, ...) is one word;
 - each Chinese character (and each Japanese kana) is one word, as those scripts do not separate words;
-- digits, punctuation and symbols are no language's words and are left out.
+- digits, punctuation and symbols are no language's words and are left out (a chain of thought of pure arithmetic
+  scores 1: nothing in it is written in another language).
 
     language_consistency("<think>我们 add 3 and 4</think><answer>7</answer>", "en")  # 2 of 4 words: 0.5
 
@@ -77,9 +78,15 @@ def check_target(target: str) -> frozenset[str]:
 
 
 def language_consistency(text: str, target: str = "en") -> float:
-    """Share in [0, 1] of the words of text's <think> part written in target's script; 0 for an empty think."""
+    """Share in [0, 1] of the words of text's <think> part written in target's script.
+
+    0 without a <think> tag (no chain of thought to judge); 1 for one without words (e.g. pure arithmetic such as
+    "7+5=12"): nothing in it is in another language, and a reward against mixing languages should not also push
+    the model to write more words."""
     scripts = check_target(target)
-    words = script_words(think_text(text)) if isinstance(text, str) else []
-    if not words:
+    if not isinstance(text, str) or _THINK_OPEN not in text:
         return 0.0
+    words = script_words(think_text(text))
+    if not words:
+        return 1.0
     return sum(1 for script in words if script in scripts) / len(words)

@@ -159,7 +159,7 @@ def format_value(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _md_escape(str(value))
     name = key.lower()
-    if name.startswith(("pass@", "cons@")) or name.endswith(("rate", "accuracy", "fraction")) or name == "acc":
+    if name.startswith(("pass@", "cons@")) or name.endswith(("rate", "accuracy", "fraction", "consistency")) or name == "acc":
         return f"{100 * value:.1f}%"
     if isinstance(value, int):
         return str(value)
@@ -258,5 +258,28 @@ def write_report(
     if examples:
         parts.append(_examples_md(examples, examples_per_side))
     path = run_dir / REPORT_DIR / "report.md"
+    path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def _first_samples(records: list[dict], n: int) -> list[dict]:
+    return [{"prompt": r["prompt"], "reference": r["reference"], **{k: r["samples"][0][k]
+             for k in ("completion", "answer", "correct")}} for r in records[:n]]
+
+
+def write_comparison_report(path: Path, title: str, results: dict[str, Any], extra: dict[str, dict],
+                            notes: list[str], examples_of: list[str] = (), examples_per_model: int = 2) -> Path:
+    """A Markdown report of several models evaluated on one held-out set (EvalResult each): one table, notes, and
+    a few completions of the models named in examples_of."""
+    columns = {label: {**result.to_dict(), **extra.get(label, {})} for label, result in results.items()}
+    first = next(iter(results.values()))
+    parts = [f"# {title}", "\n".join(f"- {n}" for n in notes),
+             f"## Held-out evaluation ({first.n_problems} problems, k={first.k} samples at temperature 0.6, "
+             f"top-p 0.95)", markdown_table(columns)]
+    examples = {label: _first_samples(results[label].records, examples_per_model) for label in examples_of}
+    if examples:
+        parts.append(_examples_md(examples, examples_per_model))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path

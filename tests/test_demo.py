@@ -26,5 +26,5 @@ def test_demo_runs_end_to_end_and_writes_a_report(tmp_path):
 
     control = run_demo(DemoConfig(out=str(tmp_path), pretrain_steps=20, grpo_steps=2, eval_problems=8,
                                   control="random-reward"), log=lines.append)
-    assert any("reusing the pretrained base" in line for line in lines)
+    assert any("pretrained base: reusing" in line for line in lines)
     assert "R1-Zero GRPO (verifier rewards), other run" in control.read_text()

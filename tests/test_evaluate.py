@@ -161,7 +161,8 @@ def test_evaluate_records_and_to_dict():
     assert rec["prompt"] == "p1" and rec["reference"] == "Seven" and rec["majority"] == "one"
     assert [s["correct"] for s in rec["samples"]] == [False, False, True, False]
     d = result.to_dict()
-    assert set(d) == {"pass@1", "cons@4", "pass@2", "pass@4", "format_rate", "mean_length", "k", "n_problems"}
+    assert set(d) == {"pass@1", "cons@4", "pass@2", "pass@4", "format_rate", "mean_length", "language_consistency", "k",
+                      "n_problems"}
     assert "records" in result.to_dict(include_records=True)
 
 

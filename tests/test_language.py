@@ -12,7 +12,7 @@ from r1lab.tasks import get_task
     ("<think>我们 add 3 and 4</think><answer>7</answer>", "en", 0.5),  # 我, 们 are two words; add, and are two
     ("<think>我们 add 3 and 4</think><answer>7</answer>", "zh", 0.5),
     ("<think>сложим 3 и 4, then 7</think>", "ru", 2 / 3),
-    ("<think>12 + 30 = 42</think><answer>42</answer>", "en", 0.0),  # no words at all: nothing earned
+    ("<think>12 + 30 = 42</think><answer>42</answer>", "en", 1.0),  # no words: nothing in another language
     ("no think tags here", "en", 0.0),
     ("<think>cut short, still english", "en", 1.0),  # a truncated chain of thought still counts
     ("<think>ok</think> 中文 after the think part", "en", 1.0),  # only the chain of thought is judged

@@ -1,0 +1,93 @@
+"""What the multi-stage commands (`r1lab distill`, `r1lab pipeline`, `r1lab demo`) share: reusing a stage already
+run with the same settings, and evaluating several models on one held-out set under one protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from r1lab.config import PretrainConfig
+from r1lab.evaluate import EvalResult
+from r1lab.tasks.base import Problem, Task
+
+
+def already_done(cfg, config_path: Path, output: Path) -> bool:
+    """True when output exists and config_path holds exactly cfg: a finished stage is not run twice (a crashed
+    pipeline picks up after its last finished stage)."""
+    return (output.exists() and config_path.exists()
+            and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg))
+
+
+def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], object], log) -> float:
+    """Run fn() for a stage, or reuse its earlier output; the seconds it took (then or now), kept beside its config."""
+    timing = config_path.with_name(config_path.stem.split(".")[0] + ".seconds.json")
+    if already_done(cfg, config_path, output):
+        log(f"{name}: reusing {output} (same settings)")
+        return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+    log(f"\n== {name}")
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+def pretrained_base(cfg: PretrainConfig, log) -> Path:
+    """The model directory of the tiny base of cfg, pretrained now or reused."""
+    from r1lab.sft import pretrain
+
+    model_dir = Path(cfg.out) / "model"
+    run_stage("pretrained base", cfg, Path(cfg.out) / "config.yaml", model_dir / "model.safetensors",
+              lambda: pretrain(cfg, log=log), log)
+    return model_dir
+
+
+@dataclasses.dataclass
+class EvalProtocol:
+    """The paper's protocol in CPU size: k samples per problem at temperature 0.6, top-p 0.95."""
+
+    problems: int = 200
+    samples: int = 8
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    template: str = "r1zero"
+    prefill: str = ""
+    seed: int = 0
+
+
+def heldout_problems(task: Task, protocol: EvalProtocol) -> list[Problem]:
+    return task.problems("test", protocol.problems, protocol.seed + 1)  # the held-out set the GRPO runs report
+
+
+def evaluate_model(model_dir: Path, task: Task, problems: list[Problem], protocol: EvalProtocol) -> EvalResult:
+    from r1lab.engine import Engine
+    from r1lab.evaluate import evaluate
+    from r1lab.grpo import encode_prompt, load_policy, pick_device
+
+    model, tokenizer = load_policy(str(model_dir), pick_device("auto"))
+    engine = Engine(model.eval(), tokenizer)
+    return evaluate(engine, task, problems, lambda p: encode_prompt(tokenizer, p, protocol.template, protocol.prefill),
+                    k=protocol.samples, temperature=protocol.temperature, top_p=protocol.top_p,
+                    max_new_tokens=protocol.max_new_tokens, seed=protocol.seed, response_prefix=protocol.prefill)
+
+
+def evaluate_models(models: dict[str, Path], task: Task, protocol: EvalProtocol, log) -> dict[str, EvalResult]:
+    """Every model on the same held-out problems with the same seeds."""
+    problems = heldout_problems(task, protocol)
+    results = {}
+    for label, model_dir in models.items():
+        results[label] = evaluate_model(model_dir, task, problems, protocol)
+        log(f"eval {label}: pass@1 {results[label].pass_at_1:.1%}")
+    return results
+
+
+def parameter_count(model_dir: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() for path in Path(model_dir).glob("*.safetensors") for t in load_file(str(path)).values())

@@ -1,0 +1,77 @@
+"""Distillation and the four-stage pipeline at toy size: every stage runs, reports compare the models on one held-out
+set, finished stages are reused, and GRPO's time limit (the same-wall-time comparison) holds."""
+
+import json
+
+import pytest
+
+from r1lab.config import DistillConfig, PipelineConfig
+from r1lab.distill import run_distill
+from r1lab.grpo import train
+from r1lab.demo import tiny_grpo_config
+from r1lab.pipeline import run_pipeline
+from r1lab.stages import parameter_count
+
+TOY = dict(task_options={"min_terms": 3, "max_terms": 4})
+
+
+def test_grpo_stops_at_its_time_limit(tiny_base, tmp_path):
+    cfg = tiny_grpo_config(tiny_base, tmp_path, steps=1000, time_limit_s=1e-3, eval_every=0, save_every=0,
+                           prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, **TOY)
+    train(cfg, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "step_time_s" in r]) == 1  # the first step already reached the limit
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_distill_compares_the_student_with_grpo_for_the_same_time(tiny_base, tmp_path):
+    cfg = DistillConfig(teacher=str(tiny_base), student=str(tiny_base), problems=16, samples=4, max_new_tokens=48,
+                        epochs=1.0, batch_size=4, eval_problems=4, eval_samples=2, out=str(tmp_path), **TOY)
+    lines = []
+    student = run_distill(cfg, log=lines.append)
+    assert (student / "model.safetensors").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"teacher", "student base", "distilled student", "student by GRPO, same time"}
+    same = results["student by GRPO, same time"]["training_seconds"]
+    assert same == results["distilled student"]["training_seconds"] > 0
+    grpo_config = (tmp_path / "student-grpo" / "config.yaml").read_text()
+    assert f"time_limit_s: {round(same, 1)}" in grpo_config
+    rows = [json.loads(line) for line in (tmp_path / "traces" / "sft.jsonl").read_text().splitlines()]
+    assert all(r["accuracy"] == 1.0 and r["source_model"] for r in rows)  # only verified traces, with provenance
+    report = (tmp_path / "report.md").read_text()
+    assert "distilled student" in report and "language_consistency" in report
+    lines.clear()
+    run_distill(cfg, log=lines.append)  # everything finished is reused, the same-time figure too
+    assert sum("reusing" in line for line in lines) == 3
+    assert json.loads((tmp_path / "results.json").read_text())["student by GRPO, same time"]["training_seconds"] == same
+
+
+def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path):
+    # the test base (pretrained for seconds on its own sums) gets a few right, so rejection sampling keeps some
+    cfg = PipelineConfig(out=str(tmp_path), base=str(tiny_base), r1zero_steps=1, cold_start_examples=16,
+                         cold_start_epochs=1.0, reasoning_rl_steps=1, rejection_problems=16, rejection_samples=4,
+                         final_rl_steps=1, student_pretrain_steps=5, eval_problems=4, eval_samples=2, **TOY)
+    report = run_pipeline(cfg, log=lambda *_: None).read_text()
+    for label in ("R1-Zero", "stage 1 cold start", "stage 3 rejection SFT", "R1 pipeline (stage 4)",
+                  "distilled student", "format_rate", "language_consistency", "mean_length", "cons@2"):
+        assert label in report
+    data = [json.loads(line) for line in (tmp_path / "stage1-cold-start" / "data.jsonl").read_text().splitlines()]
+    assert len(data) == 16 and all("<think>" in d["messages"][1]["content"] for d in data)
+    assert "language_weight: 0.1" in (tmp_path / "stage2-reasoning-rl" / "config.yaml").read_text()
+    # stage 3 fine-tunes the base, as R1 fine-tunes DeepSeek-V3-Base, not the RL checkpoint
+    assert f"model: {tiny_base}" in (tmp_path / "stage3-sft" / "config.yaml").read_text()
+    assert parameter_count(tmp_path / "distill" / "student-base" / "model") > 0
+
+
+def test_the_default_student_has_at_most_a_quarter_of_the_demo_models_parameters():
+    from r1lab.config import PretrainConfig
+    from r1lab.model import CausalLM
+    from r1lab.sft import tiny_model_config
+    from r1lab.tokenizer import build_tiny_tokenizer
+
+    d, tok = DistillConfig(), build_tiny_tokenizer()
+    student = PretrainConfig(hidden_size=d.student_hidden_size, num_layers=d.student_num_layers,
+                             num_heads=d.student_num_heads, num_kv_heads=d.student_num_kv_heads,
+                             intermediate_size=d.student_intermediate_size)
+    count = lambda cfg: sum(p.numel() for p in CausalLM(tiny_model_config(cfg, tok)).parameters())  # noqa: E731
+    assert count(student) <= count(PretrainConfig()) / 4
