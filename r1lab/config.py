@@ -261,15 +261,15 @@ class DistillConfig:
     task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))
     template: str = "r1zero"
     # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
-    problems: int = 1500  # train prompts
-    samples: int = 4
-    max_per_prompt: int = 2
+    problems: int = 6000  # train prompts
+    samples: int = 2
+    max_per_prompt: int = 1  # a worked solution is nearly deterministic: more copies of it add nothing
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 64
     # SFT of the student on them
-    epochs: float = 2.0
-    batch_size: int = 32
+    epochs: float = 8.0
+    batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 10
     # the comparison: the same student base trained by GRPO for the same wall time
@@ -309,7 +309,8 @@ class PipelineConfig:
     rejection_samples: int = 4
     final_rl_steps: int = 20
     rl_lr: float = 3e-5
-    distill: bool = True  # distil the final model into a student (traces from rejection_problems prompts)
+    distill: bool = True  # distil the final model into a student
+    distill_problems: int = 6000  # teacher prompts for the student's SFT data
     student_pretrain_steps: int = 400
     eval_problems: int = 200
     eval_samples: int = 8

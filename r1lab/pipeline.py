@@ -95,7 +95,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
                    "R1 pipeline (stage 4)": final})
     if cfg.distill:
         dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task_options=dict(cfg.task_options),
-                           problems=cfg.rejection_problems,
+                           problems=cfg.distill_problems,
                            student_pretrain_steps=cfg.student_pretrain_steps, compare_grpo=False, seed=cfg.seed,
                            threads=cfg.threads, eval_problems=cfg.eval_problems, eval_samples=cfg.eval_samples)
         models["distilled student"] = run_distill(dc, log=log)
