@@ -207,7 +207,7 @@ def _example_md(i: int, ex: dict) -> str:
 def _examples_md(examples: dict[str, list[dict]], per_side: int) -> str:
     parts = ["## Example completions"]
     for side, records in examples.items():
-        parts.append(f"### {side.capitalize()}")
+        parts.append(f"### {side[:1].upper() + side[1:]}")
         parts += [_example_md(i + 1, ex) for i, ex in enumerate(records[:per_side])] or ["(none)"]
     return "\n\n".join(parts)
 
