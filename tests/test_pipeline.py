@@ -50,7 +50,7 @@ def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path)
     # the test base (pretrained for seconds on its own sums) gets a few right, so rejection sampling keeps some
     cfg = PipelineConfig(out=str(tmp_path), base=str(tiny_base), r1zero_steps=1, cold_start_examples=16,
                          cold_start_epochs=1.0, reasoning_rl_steps=1, rejection_problems=16, rejection_samples=4,
-                         final_rl_steps=1, distill_problems=8, student_pretrain_steps=5, eval_problems=4,
+                         final_rl_steps=1, distill_problems=128, student_pretrain_steps=5, eval_problems=4,
                          eval_samples=2, **TOY)
     report = run_pipeline(cfg, log=lambda *_: None).read_text()
     for label in ("R1-Zero", "stage 1 cold start", "stage 3 rejection SFT", "R1 pipeline (stage 4)",
