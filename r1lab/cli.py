@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -55,47 +56,34 @@ def run_eval(cfg: EvalConfig) -> None:
     print(f"results: {out}")
 
 
+# command -> (module, function, what its return value is); imported only when run, so `r1lab --help` stays fast
+RUNNERS = {
+    "demo": ("r1lab.demo", "run_demo", None),
+    "pretrain": ("r1lab.sft", "pretrain", "base model"),
+    "grpo": ("r1lab.grpo", "train", "final model"),
+    "sft": ("r1lab.sft", "sft", "final model"),
+    "sample": ("r1lab.rejection", "sample", "SFT data"),
+    "distill": ("r1lab.distill", "run_distill", None),
+    "pipeline": ("r1lab.pipeline", "run_pipeline", None),
+    "serve": ("r1lab.serve.app", "serve", None),
+    "chat": ("r1lab.chat", "run_chat", None),
+}
+
+
 def dispatch(command: str, cfg) -> None:
-    if command == "demo":
-        from r1lab.demo import run_demo
-
-        run_demo(cfg)
-    elif command == "pretrain":
-        from r1lab.sft import pretrain
-
-        print(f"base model: {pretrain(cfg)}")
-    elif command == "grpo":
-        from r1lab.grpo import train
-
-        print(f"final model: {train(cfg)}")
-    elif command == "eval":
+    if command == "eval":
         run_eval(cfg)
-    elif command == "sft":
-        from r1lab.sft import sft
-
-        print(f"final model: {sft(cfg)}")
-    elif command == "sample":
-        from r1lab.rejection import sample
-
-        print(f"SFT data: {sample(cfg)}")
-    elif command == "distill":
-        from r1lab.distill import run_distill
-
-        run_distill(cfg)
-    elif command == "pipeline":
-        from r1lab.pipeline import run_pipeline
-
-        run_pipeline(cfg)
-    elif command == "serve":
-        try:
-            from r1lab.serve.app import serve
-        except ImportError as err:
-            raise ValueError(f"{err}; r1lab serve needs its extra: pip install 'r1lab[serve]'") from None
-        serve(cfg)
-    elif command == "chat":
-        from r1lab.chat import run_chat
-
-        run_chat(cfg)
+        return
+    module_name, function, result = RUNNERS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        if command != "serve":
+            raise
+        raise ValueError(f"{err}; r1lab serve needs its extra: pip install 'r1lab[serve]'") from None
+    value = getattr(module, function)(cfg)
+    if result:
+        print(f"{result}: {value}")
 
 
 def main(argv: list[str] | None = None) -> None:

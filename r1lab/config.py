@@ -76,6 +76,7 @@ class GRPOConfig:
     format_weight: float = 1.0
     language_weight: float = 0.0  # R1 stage 2: reward the share of the chain of thought written in `language`
     language: str = "en"  # en/latin, zh, cjk, ja, ko, ru (r1lab/language.py)
+    reward_functions: dict = field(default_factory=dict)  # your own: {"module:function": weight} (reward_functions.py)
     reward_timeout_s: float = 5.0
     control: str = "none"  # none | random-reward (rewards shuffled across the batch: same mean, no signal)
     # sampling
@@ -119,8 +120,25 @@ class GRPOConfig:
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
         if self.temperature <= 0:
             problems.append("temperature must be > 0: GRPO needs different samples within a group")
+        problems += _reward_function_problems(self.reward_functions)
         if problems:
             raise ValueError("invalid GRPO config: " + "; ".join(problems))
+
+
+def _reward_function_problems(functions: dict) -> list[str]:
+    from r1lab.reward_functions import load_reward_function
+
+    if not isinstance(functions, dict):
+        return ['reward_functions must map "module:function" to a weight']
+    problems = []
+    for spec, weight in functions.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(f"reward function {spec!r}: its weight must be a number, got {weight!r}")
+        try:
+            load_reward_function(spec)
+        except ValueError as err:
+            problems.append(str(err))
+    return problems
 
 
 @dataclass

@@ -109,7 +109,8 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -> tuple[torch.Tensor, RewardResult]:
     result = score_completions(task, rollouts.problems, rollouts.texts,
-                               RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language),
+                               RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
+                                             tuple(cfg.reward_functions.items())),
                                cfg.reward_timeout_s, response_prefix=cfg.prefill)
     rewards = torch.tensor(result.total, dtype=torch.float32)
     if cfg.control == "random-reward":

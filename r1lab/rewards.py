@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from r1lab.language import check_target, language_consistency
+from r1lab.reward_functions import component_name, load_reward_function
 from r1lab.tasks.base import Problem, Task
 
 T = TypeVar("T")
@@ -51,16 +52,19 @@ class RewardWeights:
     format: float = 1.0
     language: float = 0.0  # R1 stage 2: share of the chain of thought in target_language (r1lab/language.py)
     target_language: str = "en"
+    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), r1lab/reward_functions.py
 
     def __post_init__(self) -> None:
         if self.language:
             check_target(self.target_language)  # an unknown language fails at once, not as a reward of 0
+        for spec, _ in self.functions:
+            load_reward_function(spec)  # likewise a function that cannot be loaded
 
 
 @dataclass
 class RewardResult:
     total: list[float]
-    components: dict[str, list[float]]  # "accuracy", "format" (and "language" if weighted), one per completion
+    components: dict[str, list[float]]  # "accuracy", "format" (+ "language", your functions' names), one each
     correct: list[bool]
     answers: list[str | None]
     errors: int  # scorer calls that raised
@@ -150,6 +154,7 @@ def score_completions(
     acc: list[float] = []
     fmt: list[float] = []
     lang: list[float] = []
+    custom: dict[str, list[float]] = {spec: [] for spec, _ in weights.functions}
     answers: list[str | None] = []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
@@ -160,11 +165,17 @@ def score_completions(
         fmt.append(tally.run(lambda: format_reward(text)))
         if weights.language:
             lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
+        for spec, _ in weights.functions:
+            fn = load_reward_function(spec)
+            custom[spec].append(tally.run(lambda: fn(text, problem)))
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
     components = {"accuracy": acc, "format": fmt}
     if weights.language:
         total = [t + weights.language * g for t, g in zip(total, lang)]
         components["language"] = lang
+    for spec, weight in weights.functions:
+        total = [t + weight * v for t, v in zip(total, custom[spec])]
+        components[component_name(spec)] = custom[spec]
     return RewardResult(
         total=total,
         components=components,
