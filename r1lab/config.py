@@ -87,6 +87,9 @@ class GRPOConfig:
     top_k: int = 0
     max_new_tokens: int = 256
     suppress_eos: bool = False  # benchmarking only: every completion runs to max_new_tokens
+    # float32, or bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed after every update),
+    # training forward passes under bf16 autocast, the optimizer on the float32 weights
+    dtype: str = "float32"
     # evaluation on held-out problems during training
     eval_every: int = 20
     eval_problems: int = 200
@@ -120,6 +123,8 @@ class GRPOConfig:
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
         if self.temperature <= 0:
             problems.append("temperature must be > 0: GRPO needs different samples within a group")
+        if self.dtype not in ("float32", "bfloat16"):
+            problems.append(f"dtype {self.dtype!r} is not one of float32, bfloat16")
         problems += _reward_function_problems(self.reward_functions)
         if problems:
             raise ValueError("invalid GRPO config: " + "; ".join(problems))

@@ -10,6 +10,7 @@ One step, top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -193,6 +194,31 @@ def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, wit
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def training_precision(cfg: GRPOConfig, device: torch.device):
+    """bf16 autocast for the training forward passes when cfg.dtype is bfloat16 (the weights stay float32)."""
+    if cfg.dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.dtype])
+
+
+def rollout_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM:
+    """The weights the engine samples from: the policy itself in float32; in bfloat16 a bf16 copy of the float32
+    master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy."""
+    if cfg.dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def sync_rollout_policy(rollout: CausalLM, model: CausalLM) -> None:
+    if rollout is not model:  # parameters() lists a tied embedding once in both, in the same order
+        for r, p in zip(rollout.parameters(), model.parameters()):
+            r.copy_(p)
+
+
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
                   cfg: GRPOConfig) -> dict:
     """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step."""
@@ -202,13 +228,14 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for mb in batches:
-            logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0)
+            with training_precision(cfg, mb.completions.device):
+                logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0)
             # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
             # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
             old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp
             ref = None
             if ref_model is not None:
-                with torch.no_grad():
+                with torch.no_grad(), training_precision(cfg, mb.completions.device):
                     ref = completion_logprobs(ref_model, mb, cfg.temperature)[0]
             token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
                                                              ref, cfg.kl_coef)
@@ -304,14 +331,15 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     run, device = Path(cfg.out), pick_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
     model, tokenizer = load_policy(cfg.model, device)
-    ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.kl_coef else None
-    stream, engine = PromptStream(task, cfg), Engine(model, tokenizer)
+    ref_model = copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False) if cfg.kl_coef else None
+    stream = PromptStream(task, cfg)
     eval_problems = task.problems("test", cfg.eval_problems, cfg.seed + 1) if cfg.eval_every else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(run)):
         start = load_checkpoint(ckpt, model, optimizer)
         log(f"resumed from {ckpt} (step {start})")
+    engine = Engine(rollout_policy(model, cfg), tokenizer)  # after a resume, so that it has the resumed weights
     save_config(cfg, run / "config.yaml")
     log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
@@ -352,6 +380,7 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     if keep.any():
         batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id, model.lm_head.weight.device)
         update = update_policy(model, ref_model, optimizer, batches, cfg)
+        sync_rollout_policy(engine.model, model)
     elapsed = time.perf_counter() - t0
     metrics = step_metrics(rewards, result, rollouts, cfg, update)
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
