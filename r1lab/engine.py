@@ -2,7 +2,9 @@
 
 Prompts are left-padded and prefilled once; each prompt's cache is then copied to its `num_samples` rows, so a GRPO
 group of G samples pays for one prefill. Finished rows are dropped from the batch as they accumulate, so they stop
-costing work. Sampling (temperature, top-k, top-p) is seeded by a torch.Generator and is reproducible.
+costing work. Sampling (temperature, top-k, top-p) is seeded by a torch.Generator and is reproducible. On a GPU the
+decode step keeps fixed shapes and is replayed as a CUDA graph (r1lab/static_decode.py); tokens and log-probs stay
+on the device until the batch ends.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 
 from r1lab.model import CausalLM, KVCache
+from r1lab.static_decode import StaticDecoder
 from r1lab.tokenizer import Tokenizer
 
 
@@ -187,10 +190,25 @@ def _row_generator(seed: int | None, sample: int, device) -> torch.Generator:
     return generator
 
 
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether every row is done (a device sync)
+
+
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto"):
+        """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
+        "static" (fixed shapes, r1lab/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
+        graph on CUDA, dynamic elsewhere."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         self.model = model
         self.tokenizer = tokenizer
+        self.decode = decode
+
+    def _decode_mode(self) -> str:
+        if self.decode == "auto":
+            return "graph" if self.device.type == "cuda" else "dynamic"
+        return self.decode
 
     @property
     def device(self) -> torch.device:
@@ -223,6 +241,8 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
+        mode = self._decode_mode()
+        static = None if mode == "dynamic" else StaticDecoder(self.model, cache, batch.key_mask, mode == "graph")
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
         for step in range(steps):
             if suppress_eos and len(eos):
@@ -231,12 +251,16 @@ class Engine:
             live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
             if on_step is not None:
                 self._call_back(on_step, batch, live, tokens, out)
-            if step == steps - 1 or bool(batch.finished.all()):
+            check = static is None or on_step is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
+            if step == steps - 1 or (check and bool(batch.finished.all())):
                 break
-            batch, tokens = self._drop_finished(batch, cache, tokens)
-            batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
-            batch.logits = self.model.forward_cached(tokens[:, None], batch.positions[:, None], cache, start + step,
-                                                     batch.key_mask)
+            if static is not None:
+                batch.logits = static.step(tokens, batch.positions)
+            else:
+                batch, tokens = self._drop_finished(batch, cache, tokens)
+                batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
+                batch.logits = self.model.forward_cached(tokens[:, None], batch.positions[:, None], cache,
+                                                         start + step, batch.key_mask)
             batch.positions = batch.positions + 1
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)

@@ -176,7 +176,12 @@ class Attention(nn.Module):
         qk = (qk * cos + rotate_half(qk) * sin).transpose(1, 2)  # (B, H + KV, T, hd)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)
-        if cache is not None:
+        if cache is not None and torch.is_tensor(start):  # a static decode step: see CausalLM.decode_step
+            k_cache, v_cache = cache
+            k_cache.index_copy_(2, start, k)
+            v_cache.index_copy_(2, start, v)
+            k, v = k_cache, v_cache
+        elif cache is not None:
             k_cache, v_cache = cache
             k_cache[:, :, start : start + T] = k
             v_cache[:, :, start : start + T] = v
@@ -322,6 +327,19 @@ class CausalLM(nn.Module):
         h_completion = self.hidden_states(completions, None, positions, cache, P, key_mask)  # (B, C, D)
         # token 0 is predicted by the prompt's last position (left padding puts it at P - 1), token j by token j - 1
         return torch.cat([h_prompt[rows, -1:], h_completion[:, :-1]], dim=1)
+
+    def decode_step(self, input_ids, position_ids, cache: KVCache, write_pos: torch.Tensor, mask) -> torch.Tensor:
+        """One decode step with every shape fixed: logits (B, V) of input_ids (B, 1).
+
+        The new keys and values are written at write_pos (a (1,) tensor, not a Python int) and the whole cache is
+        attended under mask (B, 1, 1, max_len), so successive steps run the very same kernels on the same buffers:
+        what a CUDA graph captures once and replays (r1lab/static_decode.py).
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        for layer, kv in zip(self.model.layers, cache.layers):
+            x = layer(x, cos, sin, mask, kv, write_pos)
+        return self.lm_head(self.model.norm(x)[:, -1])
 
     def forward_cached(self, input_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         """Logits of the last position only (B, V): prefill when T > 1, one decode step when T == 1."""
