@@ -90,6 +90,7 @@ class GRPOConfig:
     # float32, or bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed after every update),
     # training forward passes under bf16 autocast, the optimizer on the float32 weights
     dtype: str = "float32"
+    recompute_logits: bool = False  # backward recomputes the vocabulary projection: far less memory, a bit more time
     # evaluation on held-out problems during training
     eval_every: int = 20
     eval_problems: int = 200

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from r1lab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from r1lab.config import GRPOConfig, save_config
@@ -170,12 +171,14 @@ def _right_padded(seqs: list[list[int]], pad_id: int):
 
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
-                        chunk_bytes: int = 16 << 20):
+                        chunk_bytes: int = 16 << 20, recompute_logits: bool = False):
     """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution.
 
     Logits are computed only where a completion token is predicted (prompt and padding never reach the vocabulary
     projection), and in chunks of tokens of at most chunk_bytes each: allocations that size are recycled by the C
-    allocator, while one (N, V) block would be mapped and page-faulted afresh every step.
+    allocator, while one (N, V) block would be mapped and page-faulted afresh every step. With recompute_logits,
+    backward recomputes each chunk's logits instead of keeping them: the memory for logits is then one chunk, not
+    N x V floats (what a 150k-token vocabulary needs on a GPU), for one more vocabulary projection.
     """
     hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
                                             mb.completion_mask)[mb.completion_mask]  # (N, D)
@@ -183,15 +186,34 @@ def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, wit
     rows = max(1, chunk_bytes // (4 * model.config.vocab_size))
     logps, entropies = [], []
     for start in range(0, len(targets), rows):
-        logits = model.lm_head(hidden[start : start + rows]).float()  # (n, V)
-        if temperature != 1.0:
-            logits = logits / temperature
-        logp_all = torch.log_softmax(logits, -1)
-        logps.append(logp_all.gather(-1, targets[start : start + rows, None]).squeeze(-1))
-        if with_entropy and not entropies:  # a metric: one chunk of tokens estimates it well enough
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        want_entropy = with_entropy and not entropies  # a metric: one chunk of tokens estimates it well enough
+        if recompute_logits and torch.is_grad_enabled():
+            logps.append(torch.utils.checkpoint.checkpoint(_token_logprobs, model.lm_head, h, t, temperature,
+                                                           use_reentrant=False))
+            if want_entropy:
+                with torch.no_grad():
+                    entropies.append(_entropy(_scaled_log_softmax(model.lm_head, h, temperature)))
+            continue
+        logp_all = _scaled_log_softmax(model.lm_head, h, temperature)
+        logps.append(logp_all.gather(-1, t[:, None]).squeeze(-1))
+        if want_entropy:
             with torch.no_grad():
-                entropies.append(-(logp_all.exp() * logp_all).sum(-1))
+                entropies.append(_entropy(logp_all))
     return torch.cat(logps), torch.cat(entropies) if with_entropy else None
+
+
+def _scaled_log_softmax(lm_head, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # (n, V)
+    return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+
+
+def _token_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _scaled_log_softmax(lm_head, hidden, temperature).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    return -(logp_all.exp() * logp_all).sum(-1)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -229,7 +251,8 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         finite = True
         for mb in batches:
             with training_precision(cfg, mb.completions.device):
-                logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0)
+                logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0,
+                                                    recompute_logits=cfg.recompute_logits)
             # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
             # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
             old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp

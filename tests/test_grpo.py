@@ -190,3 +190,25 @@ def test_bfloat16_rolls_out_from_a_synced_bf16_copy_and_trains_the_float32_weigh
     diff = (train_logp.float() - mb.old_logp).abs()
     assert diff.mean() < 0.03 and diff.max() < 0.2, (diff.mean(), diff.max())  # measured: 0.014 and 0.058 on a CPU
     assert grpo.train(cfg, log=lambda *_: None).joinpath("model.safetensors").exists()  # the whole loop, end to end
+
+
+def test_recomputed_logits_give_the_same_logprobs_and_gradients(tiny_base):
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    cfg = grpo.GRPOConfig(micro_batch_size=8, samples_per_prompt=2, skip_zero_advantage=False)
+    prompts = [tok.encode("12+30="), tok.encode("4+5=")]
+    completions = [tok.encode(c) for c in ("42", "4 2", "9", "nine")]
+    rollouts = grpo.Rollouts(problems=[None] * 4, prompt_ids=[prompts[0]] * 2 + [prompts[1]] * 2,
+                             completion_ids=completions, old_logprobs=[[0.0] * len(c) for c in completions],
+                             texts=[""] * 4, truncated=[False] * 4)
+    mb = grpo.make_micro_batches(rollouts, torch.ones(4), torch.ones(4, dtype=torch.bool), cfg, tok.pad_id, "cpu")[0]
+    results = []
+    for recompute in (False, True):
+        model.zero_grad()
+        logp, entropy = grpo.completion_logprobs(model, mb, 0.7, with_entropy=True, chunk_bytes=1,
+                                                 recompute_logits=recompute)  # one token per chunk
+        (logp * torch.arange(len(logp))).sum().backward()
+        results.append((logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logp_a, ent_a, grad_a), (logp_b, ent_b, grad_b) = results
+    assert torch.equal(logp_a, logp_b) and torch.equal(ent_a, ent_b)
+    for name in grad_a:
+        assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6), name
