@@ -9,6 +9,7 @@ on the device until the batch ends.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -210,6 +211,20 @@ class Engine:
             return "graph" if self.device.type == "cuda" else "dynamic"
         return self.decode
 
+    def _static_decoder(self, cache: KVCache, batch: _Batch) -> StaticDecoder | None:
+        mode = self._decode_mode()
+        if mode == "dynamic":
+            return None
+        try:
+            return StaticDecoder(self.model, cache, batch.key_mask, use_graph=mode == "graph")
+        except RuntimeError as err:
+            if self.decode != "auto":
+                raise
+            # A model or torch build the capture does not support: decode as on a CPU, and say so once.
+            warnings.warn(f"CUDA graph capture failed ({err}); decoding without CUDA graphs", stacklevel=3)
+            self.decode = "dynamic"
+            return None
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -241,8 +256,7 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
-        mode = self._decode_mode()
-        static = None if mode == "dynamic" else StaticDecoder(self.model, cache, batch.key_mask, mode == "graph")
+        static = self._static_decoder(cache, batch)
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
         for step in range(steps):
             if suppress_eos and len(eos):
