@@ -269,6 +269,8 @@ class Engine:
             if step == steps - 1 or (check and bool(batch.finished.all())):
                 break
             if static is not None:
+                if check:
+                    batch, tokens, static = self._compact_static(batch, tokens, static)
                 batch.logits = static.step(tokens, batch.positions)
             else:
                 batch, tokens = self._drop_finished(batch, cache, tokens)
@@ -339,6 +341,17 @@ class Engine:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.
         tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop_strings):])
         return any(s in tail for s in stop_strings)
+
+    @staticmethod
+    def _compact_static(batch: _Batch, tokens, static: StaticDecoder):
+        """Static decoding: drop finished rows once half the batch is done (a smaller batch, captured anew)."""
+        if int(batch.finished.sum()) * 2 < len(batch.finished):
+            return batch, tokens, static
+        keep = (~batch.finished).nonzero().squeeze(-1)
+        static = static.select(keep)
+        batch.rows, batch.key_mask, batch.positions = batch.rows[keep], batch.key_mask[keep], batch.positions[keep]
+        batch.finished = batch.finished[keep]
+        return batch, tokens[keep], static
 
     @staticmethod
     def _drop_finished(batch: _Batch, cache: KVCache, tokens):

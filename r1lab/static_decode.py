@@ -5,7 +5,8 @@ overhead, not the GPU, sets the pace. Here every step uses the same buffers: the
 copied into static tensors, the new keys and values are written at a position held in a (1,) tensor, and the whole
 preallocated cache is attended under a mask that gains one column per step. On CUDA the step is captured once as a
 CUDA graph and replayed; elsewhere it runs eagerly (the CPU tests check that both give the same tokens as the
-dynamic path). Rows are not compacted here: a finished row keeps its place until the batch ends.
+dynamic path). Finished rows keep their place until half the batch is done; the engine then continues with a
+smaller decoder (select), so they stop costing work without a capture every few steps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture, as CUDA graph ca
 
 class StaticDecoder:
     def __init__(self, model: CausalLM, cache: KVCache, key_mask: torch.Tensor, use_graph: bool):
-        """cache holds the prefilled prompts (B rows, prompt length P = key_mask.shape[1]) with room for the steps."""
+        """cache holds B rows whose first P = key_mask.shape[1] positions are filled (key_mask marks the real keys
+        among them), with room for the steps to come; the next step writes at P."""
         self.model, self.cache = model, cache
         B, P = key_mask.shape
         L = cache.layers[0][0].shape[2]
@@ -57,6 +59,13 @@ class StaticDecoder:
         """Undo the warm-up steps: their cache entries are overwritten before they are ever attended."""
         self.write_pos.fill_(self.prompt_len)
         self.mask[..., self.prompt_len :] = False
+
+    def select(self, keep: torch.Tensor) -> StaticDecoder:
+        """A decoder for the rows in keep only, continuing where this one is: a smaller batch, captured anew once
+        enough rows have finished that the work saved outweighs a capture."""
+        filled = int(self.write_pos)
+        self.cache.select(keep)
+        return StaticDecoder(self.model, self.cache, self.mask[keep, 0, 0, :filled], self.graph is not None)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) after feeding tokens (B,) at positions (B,). The returned tensor is reused by the next

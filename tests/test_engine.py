@@ -170,17 +170,27 @@ def test_on_step_streams_every_token_and_can_end_a_row(engine):
 
 @pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=3),
                                       dict(temperature=0.8, top_k=5, seed=[1, 2, 3], max_new_tokens=[4, 9, 12])])
-def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings):
+@pytest.mark.parametrize("check_every", [16, 1])  # 1: finished rows are compacted away as soon as half are done
+def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings, check_every, monkeypatch):
+    monkeypatch.setattr("r1lab.engine.FINISHED_CHECK_EVERY", check_every)
+    from r1lab.static_decode import StaticDecoder
+
+    selected = []
+    select = StaticDecoder.select
+    monkeypatch.setattr(StaticDecoder, "select", lambda self, keep: selected.append(len(keep)) or select(self, keep))
     # Fixed shapes (what a CUDA graph replays): the whole cache attended under a mask, keys written at a tensor
     # position, no compaction. Same tokens and log-probs as the growing cache, with rows finishing at end-of-text.
     static = Engine(engine.model, engine.tokenizer, decode="static")
     engine.tokenizer.eos_ids = {engine.generate(prompt_ids(engine), max_new_tokens=8, temperature=0)[0].token_ids[4]}
     try:
+        settings = dict(settings)
         args = dict(num_samples=2, max_new_tokens=settings.pop("max_new_tokens", 12), **settings)
         dynamic_out = engine.generate(prompt_ids(engine), **args)
         static_out = static.generate(prompt_ids(engine), **args)
     finally:
         engine.tokenizer.eos_ids = set()
+    if check_every == 1 and "seed" in settings and isinstance(settings["seed"], list):
+        assert selected == [2]  # limits 4 and 9 end four of six rows: the last two go on in a batch of two
     if settings.get("temperature") == 0.0:  # greedy: row 0 meets its 5th token again, so it ends early
         assert dynamic_out[0].finish_reason == "stop" and len(dynamic_out[0].token_ids) < 12
     for d, s in zip(dynamic_out, static_out):
