@@ -109,8 +109,7 @@ def make_model_dir(model_dir: Path, prompts: list[dict], vocab_size: int = DEFAU
         if info.get("requested_vocab", info["vocab_size"]) != vocab_size or info["shape"] != shape:
             sys.exit(f"ERROR: {model_dir} holds a model of another shape/vocab ({info}); use another --workdir")
         return info
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     model_dir.mkdir(parents=True, exist_ok=True)
     make_tokenizer(model_dir, prompts, vocab_size)
@@ -118,18 +117,27 @@ def make_model_dir(model_dir: Path, prompts: list[dict], vocab_size: int = DEFAU
     eos_id = tok.convert_tokens_to_ids(EOS_TOKEN)
     assert tok.eos_token_id == eos_id and tok.pad_token_id == eos_id, (tok.eos_token_id, tok.pad_token_id)
     vocab = len(tok)
+    params = save_random_qwen2(model_dir, vocab, eos_id, shape)
+    info = {"params": params, "vocab_size": vocab, "requested_vocab": vocab_size, "eos_id": eos_id, "shape": shape}
+    info_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def save_random_qwen2(model_dir: Path, vocab: int, eos_id: int, shape: dict, dtype: str = "float32") -> int:
+    """A random-init (seed SEED) Qwen2ForCausalLM saved with save_pretrained (safetensors) in dtype; returns its
+    parameter count (tied embeddings counted once)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(SEED)
     config = Qwen2Config(
         vocab_size=vocab, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, **shape
     )
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     model.save_pretrained(model_dir, safe_serialization=True)
-    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
-    info = {"params": params, "vocab_size": vocab, "requested_vocab": vocab_size, "eos_id": eos_id, "shape": shape}
-    info_path.write_text(json.dumps(info, indent=2))
-    return info
+    return sum(p.numel() for p in model.parameters())
 
 
 def write_prompts(path: Path, rows: list[dict]) -> None:
@@ -149,7 +157,15 @@ def _median(xs: list[float]) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def trl_child(a: argparse.Namespace) -> None:
+def trl_child(a: argparse.Namespace, device: str = "cpu", weights_dtype: str = "float32", bf16: bool = False,
+              micro_batch_size: int = 0) -> None:
+    """TRL's GRPOTrainer on the bench workload; writes its figures to a.result.
+
+    The defaults are this CPU bench's: CPU, fp32, one micro-batch per round. bench/grpo_gpu.py runs the same child
+    on "cuda" with bf16 (TrainingArguments.bf16: autocast), the weights loaded in weights_dtype, and micro-batches
+    of micro_batch_size completions (gradient accumulation over them gives one optimizer step per update, as
+    r1lab's micro-batches do).
+    """
     import torch
 
     torch.set_num_threads(a.threads)
@@ -159,8 +175,12 @@ def trl_child(a: argparse.Namespace) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     completions_per_round = a.prompts_per_step * a.samples_per_prompt
+    micro = micro_batch_size or completions_per_round
+    if completions_per_round % micro:
+        raise ValueError(f"{completions_per_round} completions per round do not split into micro-batches of {micro}")
+    accumulation = completions_per_round // micro
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, weights_dtype))
     eos_id = tok.eos_token_id
     ds = load_dataset("json", data_files=str(a.prompts), split="train")
 
@@ -174,10 +194,11 @@ def trl_child(a: argparse.Namespace) -> None:
     )
     config = GRPOConfig(
         output_dir=str(a.run_dir),
-        # one generation round = prompts_per_step * G completions, all in ONE optimizer step:
-        per_device_train_batch_size=completions_per_round,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,  # => generation_batch_size = completions_per_round
+        # one generation round = prompts_per_step * G completions, all in ONE optimizer step
+        # (on the CPU one micro-batch; on the GPU `accumulation` micro-batches accumulated):
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,  # => generation_batch_size = completions_per_round
         num_generations=a.samples_per_prompt,
         num_iterations=a.updates,  # each round's batch is reused for `updates` optimizer steps
         max_steps=a.rounds * a.updates,
@@ -190,8 +211,8 @@ def trl_child(a: argparse.Namespace) -> None:
         beta=0.0,
         loss_type="dapo",
         use_vllm=False,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=bf16,
         fp16=False,
         seed=a.seed,
         data_seed=a.seed,
@@ -435,12 +456,10 @@ def run_trl(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     return res
 
 
-def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
-    run_dir = workdir / "r1lab_run"
-    metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
-    cmd = [
-        sys.executable, "-m", "r1lab", "grpo",
+def r1lab_grpo_argv(a, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
+    """Arguments of `r1lab` (after `python -m r1lab`) for the bench workload."""
+    return [
+        "grpo",
         "--model", str(model_dir), "--task", str(prompts), "--template", "none",
         "--steps", str(a.rounds), "--prompts-per-step", str(a.prompts_per_step),
         "--samples-per-prompt", str(a.samples_per_prompt), "--updates-per-batch", str(a.updates),
@@ -450,6 +469,13 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
         "--eval-every", "0", "--save-every", "0", "--out", str(run_dir),
         "--seed", str(a.seed), "--lr", str(a.lr),
     ]  # fmt: skip
+
+
+def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
+    run_dir = workdir / "r1lab_run"
+    metrics = run_dir / "metrics.jsonl"
+    metrics.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "r1lab", *r1lab_grpo_argv(a, model_dir, prompts, run_dir)]
     env = _child_env(a.threads)
     repo_root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = str(repo_root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -462,6 +488,11 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
             f"The benchmark needs `python -m r1lab grpo` with the flags shown above, writing "
             f"RUN_DIR/metrics.jsonl (keys: step, step_time_s, completion_tokens, tokens_per_s)."
         )
+    return summarise_r1lab_run(a, metrics, proc)
+
+
+def summarise_r1lab_run(a, metrics: Path, proc: dict) -> dict:
+    """The figures of a finished r1lab run from its RUN_DIR/metrics.jsonl; exits with a message when they are missing."""
     if not metrics.exists():
         sys.exit(f"ERROR: r1lab exited 0 but wrote no {metrics}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -502,13 +533,18 @@ def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
 
 def run_side(side: str, a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     """One measured run of one side, with its sanity checks printed."""
+    r = run_trl(a, model_dir, prompts, workdir) if side == "trl" else run_r1lab(a, model_dir, prompts, workdir)
+    check_side(side, r, a)
+    return r
+
+
+def check_side(side: str, r: dict, a) -> None:
+    """Print a warning when a side's run was not the workload asked for (lengths, tokens per round)."""
     if side == "trl":
-        r = run_trl(a, model_dir, prompts, workdir)
         if r["completion_len_min"] != a.max_new_tokens or r["completion_len_max"] != a.max_new_tokens:
             print(f"WARNING: TRL completion lengths {r['completion_len_min']}..{r['completion_len_max']}"
                   f" != {a.max_new_tokens}: EOS suppression did not hold")
-        return r
-    r = run_r1lab(a, model_dir, prompts, workdir)
+        return
     zv = [x for x in r["zero_variance_groups"][a.warmup :] if x is not None]
     if zv and min(zv) >= 1.0:
         print("NOTE: every r1lab group had a uniform reward (expected with a random model); this is like-for-like "
@@ -516,7 +552,6 @@ def run_side(side: str, a, model_dir: Path, prompts: Path, workdir: Path) -> dic
     if not r["tokens_ok"]:
         print(f"WARNING: r1lab completion_tokens per step {r['completion_tokens_per_round']} != "
               f"{a.prompts_per_step * a.samples_per_prompt * a.max_new_tokens}")
-    return r
 
 
 def versions() -> dict:
