@@ -430,6 +430,9 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     rollout_s = [x.get("rollout_time_s") for x in steps if "step_time_s" in x][a.warmup :]
     r.update(argv=argv, memory=child["memory"], rollout_time_s=rollout_s,
              rollout_tokens_per_s=(r["measured_tokens"] / sum(rollout_s)) if rollout_s and None not in rollout_s else None)
+    # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
+    diffs = [(x["logprob_diff/mean"], x["logprob_diff/max"]) for x in steps if "logprob_diff/max" in x]
+    r["logprob_diff"] = {"mean": sum(d[0] for d in diffs) / len(diffs), "max": max(d[1] for d in diffs)} if diffs else None
     cpu_bench.check_side("r1lab", r, a)
     return r
 
@@ -509,6 +512,10 @@ def print_report(res: dict) -> None:
                 "peak alloc GiB", "peak reserved GiB", "peak RSS MB"], rows)
     if res.get("ratio") is not None:
         print(f"ratio r1lab/TRL (completion tokens/s, end to end): {res['ratio']:.2f}x")
+    diff = (res.get("r1lab") or {}).get("logprob_diff")
+    if diff:
+        print(f"r1lab sampler vs trainer log-probs of the sampled tokens: mean abs diff {diff['mean']:.2e}, "
+              f"max {diff['max']:.2e}")
     ro = res.get("rollout")
     if ro:
         print()

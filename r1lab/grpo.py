@@ -245,7 +245,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
                   cfg: GRPOConfig) -> dict:
     """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step."""
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
-              "grad_norm": 0.0, "skipped": 0}
+              "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         finite = True
@@ -275,6 +275,11 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             if entropy is not None:
                 totals["entropy"] += entropy.sum().item()
                 totals["entropy_tokens"] += len(entropy)
+            if update == 0 and len(logp):  # sampler vs trainer on the same weights: only precision can differ
+                diff = (logp.detach() - mb.old_logp).abs()
+                totals["logp_diff_sum"] += diff.sum().item()
+                totals["logp_diff_max"] = max(totals["logp_diff_max"], diff.max().item())
+                totals["logp_diff_tokens"] += len(diff)
         if finite and not batches:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
@@ -288,8 +293,18 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
             "kl": totals["kl"] / tokens if ref_model is not None else None,
-            "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None, "grad_norm": totals["grad_norm"] / updates,
-            "skipped_nonfinite": totals["skipped"]}
+            "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
+            "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
+            **_logp_diff(totals)}
+
+
+def _logp_diff(totals: dict) -> dict:
+    """Mean and max |training log-prob - sampling log-prob| of the trained tokens, before any update: the
+    mismatch that biases the importance ratio when sampler and trainer disagree (0 up to rounding in float32)."""
+    if not totals["logp_diff_tokens"]:
+        return {}
+    return {"logprob_diff/mean": totals["logp_diff_sum"] / totals["logp_diff_tokens"],
+            "logprob_diff/max": totals["logp_diff_max"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

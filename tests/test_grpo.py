@@ -33,6 +33,7 @@ def test_three_steps_change_parameters_and_log_metrics(tiny_base, tmp_path):
         assert all(k in r for k in ("reward/mean", "reward/accuracy", "reward/format", "zero_variance_groups",
                                     "completion_len/mean", "clip_fraction", "kl", "entropy", "tokens_per_s"))
         assert r["loss"] is not None and abs(r["loss"]) < 1e3 and r["skipped_nonfinite"] == 0
+        assert r["logprob_diff/max"] < 1e-4  # float32: the engine's log-probs are the training pass's
     assert (tmp_path / "samples" / "step_000000.jsonl").exists()
     assert (final / "tokenizer.json").exists()
 
