@@ -76,3 +76,13 @@ def test_the_default_student_has_at_most_a_quarter_of_the_demo_models_parameters
                              intermediate_size=d.student_intermediate_size)
     count = lambda cfg: sum(p.numel() for p in CausalLM(tiny_model_config(cfg, tok)).parameters())  # noqa: E731
     assert count(student) <= count(PretrainConfig()) / 4
+
+
+def test_the_shipped_pipeline_yaml_holds_the_defaults():
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "pipeline.yaml").read_text())
+    assert shipped == dataclasses.asdict(PipelineConfig())
