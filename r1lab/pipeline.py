@@ -103,8 +103,11 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     results = evaluate_models(models, get_task("arithmetic", **cfg.task_options), protocol, log)
     extra = {label: {"parameters": parameter_count(path)} for label, path in models.items()}
     notes = pipeline_notes(results, stages.seconds)
+    curves = (out / "r1zero", {"stage 2 reasoning RL": out / "stage2-reasoning-rl",
+                               "stage 4 final RL": out / "stage4-final-rl"})
     report = write_comparison_report(out / "report.md", "r1lab pipeline: R1-Zero, the R1 pipeline and distillation",
-                                     results, extra, notes, examples_of=["R1-Zero", "R1 pipeline (stage 4)"])
+                                     results, extra, notes, examples_of=["R1-Zero", "R1 pipeline (stage 4)"],
+                                     curves=curves)
     (out / "results.json").write_text(json.dumps({"results": {k: {**r.to_dict(), **extra[k]} for k, r in results.items()},
                                                   "stage_seconds": stages.seconds}, indent=2) + "\n")
     for note in notes:

@@ -268,18 +268,26 @@ def _first_samples(records: list[dict], n: int) -> list[dict]:
 
 
 def write_comparison_report(path: Path, title: str, results: dict[str, Any], extra: dict[str, dict],
-                            notes: list[str], examples_of: list[str] = (), examples_per_model: int = 2) -> Path:
-    """A Markdown report of several models evaluated on one held-out set (EvalResult each): one table, notes, and
+                            notes: list[str], examples_of: list[str] = (), examples_per_model: int = 2,
+                            curves: tuple[Path, dict[str, Path]] | None = None) -> Path:
+    """A Markdown report of several models evaluated on one held-out set (EvalResult each): one table, notes,
+    training curves of a run and the runs compared with it (curves = (run, {label: other run}), when given), and
     a few completions of the models named in examples_of."""
     columns = {label: {**result.to_dict(), **extra.get(label, {})} for label, result in results.items()}
     first = next(iter(results.values()))
     parts = [f"# {title}", "\n".join(f"- {n}" for n in notes),
              f"## Held-out evaluation ({first.n_problems} problems, k={first.k} samples at temperature 0.6, "
              f"top-p 0.95)", markdown_table(columns)]
+    path = Path(path)
+    if curves:
+        run, others = curves
+        plots = plot_curves(run, others)
+        if plots:
+            parts.append(f"## Training curves\n\nSolid: {Path(run).name}; dashed: {', '.join(others)}.")
+            parts += [f"![{_TITLES[name]}]({plot.relative_to(path.parent)})" for name, plot in plots.items()]
     examples = {label: _first_samples(results[label].records, examples_per_model) for label in examples_of}
     if examples:
         parts.append(_examples_md(examples, examples_per_model))
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path

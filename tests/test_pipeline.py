@@ -54,8 +54,10 @@ def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path)
                          eval_samples=2, **TOY)
     report = run_pipeline(cfg, log=lambda *_: None).read_text()
     for label in ("R1-Zero", "stage 1 cold start", "stage 3 rejection SFT", "R1 pipeline (stage 4)",
-                  "distilled student", "format_rate", "language_consistency", "mean_length", "cons@2"):
+                  "distilled student", "format_rate", "language_consistency", "mean_length", "cons@2",
+                  "](r1zero/report/heldout_accuracy.png)"):
         assert label in report
+    assert (tmp_path / "r1zero" / "report" / "heldout_accuracy.png").exists()
     data = [json.loads(line) for line in (tmp_path / "stage1-cold-start" / "data.jsonl").read_text().splitlines()]
     assert len(data) == 16 and all("<think>" in d["messages"][1]["content"] for d in data)
     assert "language_weight: 0.1" in (tmp_path / "stage2-reasoning-rl" / "config.yaml").read_text()
