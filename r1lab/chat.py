@@ -101,7 +101,7 @@ def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | N
             import torch
 
             torch.set_num_threads(cfg.threads)
-        model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
+        model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
         engine = Engine(model.eval(), tokenizer)
     opening = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(opening)

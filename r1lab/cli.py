@@ -43,7 +43,7 @@ def run_eval(cfg: EvalConfig) -> None:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
     task = get_task(cfg.task, **cfg.task_options)
     problems = task.problems(cfg.split, cfg.problems, cfg.seed + 1)
     result = evaluate(Engine(model, tokenizer), task, problems,

@@ -165,6 +165,7 @@ class EvalConfig:
     out: str = ""  # JSON results path; default: next to the model
     seed: int = 0
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
     threads: int = 0
 
 
@@ -236,6 +237,7 @@ class SampleConfig:
     out: str = "runs/sample/sft.jsonl"  # the SFT dataset; a summary and the config are written beside it
     seed: int = 0
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
     threads: int = 0
 
     def check(self) -> None:
@@ -360,6 +362,7 @@ class ServeConfig:
     max_model_len: int = 0  # context length (prompt + completion); 0: the model's max_position_embeddings
     max_body_bytes: int = 1 << 20
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
     threads: int = 0
     log_level: str = "info"
 
@@ -388,6 +391,7 @@ class ChatConfig:
     max_tokens: int = 1024
     seed: int = 0  # reply i is sampled with seed + i: a piped conversation replays exactly
     device: str = "auto"
+    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
     threads: int = 0
 
 

@@ -317,8 +317,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(path: str, device: torch.device) -> tuple[CausalLM, Tokenizer]:
-    model = load_model(path, device=device)
+def load_policy(path: str, device: torch.device, dtype: str = "float32") -> tuple[CausalLM, Tokenizer]:
+    """A model directory's model (weights in dtype: float32 or bfloat16) and tokenizer, with its stop ids."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = load_model(path, device=device, dtype=DTYPES[dtype])
     tokenizer = load_tokenizer(path)
     tokenizer.add_eos_ids(model.config.eos_token_id)
     if not tokenizer.eos_ids:

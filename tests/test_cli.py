@@ -36,10 +36,11 @@ def test_malformed_dataset_row_is_reported_before_training(tiny_base, tmp_path, 
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_eval_prints_a_table_and_writes_json(tiny_base, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eval_prints_a_table_and_writes_json(tiny_base, tmp_path, capsys, dtype):
     out = tmp_path / "eval.json"
     main(["eval", "--model", str(tiny_base), "--task-options", "{min_terms: 3, max_terms: 4}", "--problems", "6",
-          "--samples", "4", "--max-new-tokens", "24", "--out", str(out)])
+          "--samples", "4", "--max-new-tokens", "24", "--out", str(out), "--dtype", dtype])
     result = json.loads(out.read_text())["test"]
     assert {"pass@1", "cons@4", "pass@4", "format_rate"} <= set(result)
     assert "pass@1" in capsys.readouterr().out

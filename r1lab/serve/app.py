@@ -52,7 +52,7 @@ def load_engine(cfg: ServeConfig) -> Engine:
         import torch
 
         torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
     return Engine(model.eval(), tokenizer)
 
 
