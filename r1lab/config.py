@@ -316,17 +316,24 @@ class DistillConfig:
 
 @dataclass
 class PipelineConfig:
-    """`r1lab pipeline`: DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student.
+    """`r1lab pipeline`: DeepSeek-R1's four stages, beside R1-Zero and a distilled student, in one run.
 
     base -> (R1-Zero: GRPO) and (1 cold-start SFT -> 2 reasoning RL with the language reward -> 3 rejection sampling,
-    SFT of the base -> 4 final RL) -> distillation of the final model into a smaller student -> one report."""
+    SFT of the base -> 4 final RL) -> distillation of the final model into a smaller student -> one report.
+    On the built-in arithmetic task everything is made here (CPU size); on your own task (a data file) give the base
+    model, the cold-start data and, to distil, the student base."""
 
     out: str = "runs/pipeline"
-    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))  # the arithmetic task's settings
-    base: str = ""  # a base model directory; "" = pretrain the demo's tiny base (pretrain_steps)
+    task: str = "arithmetic"  # the built-in arithmetic task, or a .jsonl/.parquet file with prompt and answer columns
+    task_options: dict = field(default_factory=dict)  # for arithmetic, on top of the demo's (two 3-digit numbers)
+    base: str = ""  # a base model directory; "" = pretrain the demo's tiny base (arithmetic only)
+    cold_start_data: str = ""  # chat JSONL/Parquet for stage 1; "" = generated worked solutions (arithmetic only)
+    student: str = ""  # the student base for distillation; "" = pretrain the preset student (arithmetic only)
+    template: str = "r1zero"  # how prompts are rendered for RL, sampling and evaluation: r1zero | chat | none
+    max_new_tokens: int = 64
     pretrain_steps: int = 400
-    r1zero_steps: int = 60  # the demo's R1-Zero run, for comparison
-    cold_start_examples: int = 400  # worked solutions, always in the <think>/<answer> format
+    r1zero_steps: int = 60  # R1-Zero from the same base, for comparison (the demo's run)
+    cold_start_examples: int = 400  # generated worked solutions, always in the <think>/<answer> format
     cold_start_epochs: float = 2.0
     sft_lr: float = 1e-3
     reasoning_rl_steps: int = 40
@@ -342,6 +349,19 @@ class PipelineConfig:
     eval_samples: int = 8
     seed: int = 0
     threads: int = 0
+
+    def options(self) -> dict:
+        """The task's options: for arithmetic the demo's, updated by task_options."""
+        return {**DEMO_TASK_OPTIONS, **self.task_options} if self.task == "arithmetic" else dict(self.task_options)
+
+    def check(self) -> None:
+        if self.task == "arithmetic":
+            return
+        missing = [name for name, value in (("base", self.base), ("cold_start_data", self.cold_start_data),
+                                            ("student", self.student if self.distill else "given")) if not value]
+        if missing:
+            raise ValueError(f"invalid pipeline config: with task {self.task!r} (not the built-in arithmetic task), "
+                             f"give {', '.join(missing)}: only the built-in task can make them itself")
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""`r1lab pipeline`: DeepSeek-R1's four-stage pipeline in CPU size, beside R1-Zero and a distilled student.
+"""`r1lab pipeline`: DeepSeek-R1's four-stage pipeline, beside R1-Zero and a distilled student.
 
-From one pretrained tiny base:
+On the built-in arithmetic task it runs in CPU size from a tiny base it pretrains; on your own task (a data file) it
+starts from your base model and cold-start data. From the base:
 - R1-Zero: GRPO on the base with accuracy + format rewards (the demo's run), for comparison;
 - stage 1, cold start: SFT of the base on a few hundred readable worked solutions in the <think>/<answer> format;
 - stage 2, reasoning RL: GRPO from the cold-start model, the language-consistency reward added to accuracy + format;
@@ -38,8 +39,9 @@ class Stages:
     def rl(self, label: str, name: str, model: Path, steps: int, language_weight: float = 0.0) -> Path:
         cfg = self.cfg
         gc = tiny_grpo_config(model, self.out / name, steps, lr=cfg.rl_lr, language_weight=language_weight,
-                              task_options=dict(cfg.task_options),
-                              eval_problems=cfg.eval_problems, seed=cfg.seed, threads=cfg.threads)
+                              task=cfg.task, task_options=cfg.options(), template=cfg.template,
+                              max_new_tokens=cfg.max_new_tokens, eval_problems=cfg.eval_problems, seed=cfg.seed,
+                              threads=cfg.threads)
         final = Path(gc.out) / "model"
         self.seconds[label] = run_stage(label, gc, Path(gc.out) / "config.yaml", final / "model.safetensors",
                                         lambda: train(gc, log=self.log), self.log)
@@ -55,16 +57,17 @@ class Stages:
         return final
 
     def cold_start(self, base: Path) -> Path:
-        data = self.out / "stage1-cold-start" / "data.jsonl"
-        if not data.exists():
-            task = get_task("arithmetic", **self.cfg.task_options)
+        data = Path(self.cfg.cold_start_data or self.out / "stage1-cold-start" / "data.jsonl")
+        if not self.cfg.cold_start_data and not data.exists():  # the built-in task: worked solutions, generated
+            task = get_task("arithmetic", **self.cfg.options())
             write_jsonl(data, cold_start_conversations(task, self.cfg.cold_start_examples, self.cfg.seed))
         return self.sft("stage 1: cold-start SFT", "stage1-cold-start", base, data, self.cfg.cold_start_epochs)
 
     def rejection_sampling(self, model: Path) -> Path:
         cfg = self.cfg
-        sc = SampleConfig(model=str(model), task="arithmetic", task_options=dict(cfg.task_options),
-                          problems=cfg.rejection_problems, samples=cfg.rejection_samples, max_new_tokens=64,
+        sc = SampleConfig(model=str(model), task=cfg.task, task_options=cfg.options(), template=cfg.template,
+                          problems=cfg.rejection_problems, samples=cfg.rejection_samples,
+                          max_new_tokens=cfg.max_new_tokens,
                           max_per_prompt=2, out=str(self.out / "stage3-rejection-sampling" / "sft.jsonl"),
                           seed=cfg.seed, threads=cfg.threads)
         data = Path(sc.out)
@@ -79,10 +82,12 @@ class Stages:
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     """Run every stage (reusing finished ones), evaluate all models on one held-out set; returns the report path."""
+    cfg.check()
     out = Path(cfg.out)
+    task = get_task(cfg.task, **cfg.options())  # a malformed data file fails here, before any stage runs
     stages = Stages(cfg, log)
     base = Path(cfg.base) if cfg.base else pretrained_base(
-        PretrainConfig(out=str(out / "base"), task_options=dict(cfg.task_options), steps=cfg.pretrain_steps,
+        PretrainConfig(out=str(out / "base"), task_options=cfg.options(), steps=cfg.pretrain_steps,
                        seed=cfg.seed, threads=cfg.threads), log)
     models = {"base": base, "R1-Zero": stages.rl("R1-Zero: GRPO from the base", "r1zero", base, cfg.r1zero_steps)}
     cold = stages.cold_start(base)
@@ -94,13 +99,15 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     models.update({"stage 1 cold start": cold, "stage 2 reasoning RL": reasoning, "stage 3 rejection SFT": resampled,
                    "R1 pipeline (stage 4)": final})
     if cfg.distill:
-        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task_options=dict(cfg.task_options),
+        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task=cfg.task, task_options=cfg.options(),
+                           student=cfg.student, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                            problems=cfg.distill_problems,
                            student_pretrain_steps=cfg.student_pretrain_steps, compare_grpo=False, seed=cfg.seed,
                            threads=cfg.threads, eval_problems=cfg.eval_problems, eval_samples=cfg.eval_samples)
         models["distilled student"] = run_distill(dc, log=log)
-    protocol = EvalProtocol(problems=cfg.eval_problems, samples=cfg.eval_samples, seed=cfg.seed)
-    results = evaluate_models(models, get_task("arithmetic", **cfg.task_options), protocol, log)
+    protocol = EvalProtocol(problems=cfg.eval_problems, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                            template=cfg.template, seed=cfg.seed)
+    results = evaluate_models(models, task, protocol, log)
     extra = {label: {"parameters": parameter_count(path)} for label, path in models.items()}
     notes = pipeline_notes(results, stages.seconds)
     curves = (out / "r1zero", {"stage 2 reasoning RL": out / "stage2-reasoning-rl",
@@ -108,8 +115,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     report = write_comparison_report(out / "report.md", "r1lab pipeline: R1-Zero, the R1 pipeline and distillation",
                                      results, extra, notes, examples_of=["R1-Zero", "R1 pipeline (stage 4)"],
                                      curves=curves)
-    (out / "results.json").write_text(json.dumps({"results": {k: {**r.to_dict(), **extra[k]} for k, r in results.items()},
-                                                  "stage_seconds": stages.seconds}, indent=2) + "\n")
+    figures = {label: {**result.to_dict(), **extra[label]} for label, result in results.items()}
+    (out / "results.json").write_text(json.dumps({"results": figures, "stage_seconds": stages.seconds}, indent=2) + "\n")
     for note in notes:
         log(note)
     log(f"report: {report}")

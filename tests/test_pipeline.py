@@ -46,12 +46,16 @@ def test_distill_compares_the_student_with_grpo_for_the_same_time(tiny_base, tmp
     assert json.loads((tmp_path / "results.json").read_text())["student by GRPO, same time"]["training_seconds"] == same
 
 
+# the test base's own task (conftest: 3 or 4 one-digit terms), written out in full over the demo's options
+TINY_BASE_TASK = {"min_terms": 3, "max_terms": 4, "min_digits": 1, "max_digits": 1, "ops": "+"}
+TOY_STAGES = dict(r1zero_steps=1, cold_start_epochs=1.0, reasoning_rl_steps=1, rejection_problems=16,
+                  rejection_samples=4, final_rl_steps=1, distill_problems=128, eval_problems=4, eval_samples=2)
+
+
 def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path):
     # the test base (pretrained for seconds on its own sums) gets a few right, so rejection sampling keeps some
-    cfg = PipelineConfig(out=str(tmp_path), base=str(tiny_base), r1zero_steps=1, cold_start_examples=16,
-                         cold_start_epochs=1.0, reasoning_rl_steps=1, rejection_problems=16, rejection_samples=4,
-                         final_rl_steps=1, distill_problems=128, student_pretrain_steps=5, eval_problems=4,
-                         eval_samples=2, **TOY)
+    cfg = PipelineConfig(out=str(tmp_path), base=str(tiny_base), task_options=TINY_BASE_TASK, cold_start_examples=16,
+                         student_pretrain_steps=5, **TOY_STAGES)
     report = run_pipeline(cfg, log=lambda *_: None).read_text()
     for label in ("R1-Zero", "stage 1 cold start", "stage 3 rejection SFT", "R1 pipeline (stage 4)",
                   "distilled student", "format_rate", "language_consistency", "mean_length", "cons@2",
@@ -88,3 +92,23 @@ def test_the_shipped_pipeline_yaml_holds_the_defaults():
 
     shipped = yaml.safe_load((Path(__file__).parent.parent / "configs" / "pipeline.yaml").read_text())
     assert shipped == dataclasses.asdict(PipelineConfig())
+
+
+def test_pipeline_on_your_own_data_file_and_models(tiny_base, tmp_path):
+    from r1lab.corpus import cold_start_conversations
+    from r1lab.rejection import write_jsonl
+    from r1lab.tasks import get_task
+
+    task = get_task("arithmetic", **TINY_BASE_TASK)
+    problems = task.problems("train", 150, seed=5) + task.problems("test", 150, seed=5)
+    rows = [{"question": p.prompt, "answer": p.answer} for p in problems]
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    write_jsonl(tmp_path / "cold.jsonl", cold_start_conversations(task, 12, seed=6))
+    with pytest.raises(ValueError, match="give base, cold_start_data, student"):
+        run_pipeline(PipelineConfig(out=str(tmp_path / "run"), task=str(tmp_path / "mine.jsonl")))
+    cfg = PipelineConfig(out=str(tmp_path / "run"), task=str(tmp_path / "mine.jsonl"), base=str(tiny_base),
+                         cold_start_data=str(tmp_path / "cold.jsonl"), student=str(tiny_base), **TOY_STAGES)
+    report = run_pipeline(cfg, log=lambda *_: None).read_text()
+    assert "R1 pipeline (stage 4)" in report and "distilled student" in report
+    assert f"data: {tmp_path / 'cold.jsonl'}" in (tmp_path / "run" / "stage1-cold-start" / "config.yaml").read_text()
+    assert not (tmp_path / "run" / "base").exists()  # nothing pretrained: your models were used
