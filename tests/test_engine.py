@@ -196,15 +196,3 @@ def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings, check_
     for d, s in zip(dynamic_out, static_out):
         assert s.token_ids == d.token_ids and s.finish_reason == d.finish_reason
         assert s.logprobs == pytest.approx(d.logprobs, abs=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decoding_gives_the_eager_tokens(engine):
-    model = CausalLM(engine.model.config).cuda().eval()
-    model.load_state_dict(engine.model.state_dict())
-    ids = prompt_ids(engine)
-    graph = Engine(model, engine.tokenizer, decode="graph").generate(ids, num_samples=4, max_new_tokens=24,
-                                                                     temperature=0.0)
-    eager = Engine(model, engine.tokenizer, decode="dynamic").generate(ids, num_samples=4, max_new_tokens=24,
-                                                                       temperature=0.0)
-    assert [s.token_ids for s in graph] == [s.token_ids for s in eager]
