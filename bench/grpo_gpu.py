@@ -57,17 +57,8 @@ QWEN25_05B_SHAPE = dict(
     rope_theta=1000000.0,
     rms_norm_eps=1e-6,
 )
-TINY_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=True,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-)
+TINY_SHAPE = {**QWEN25_05B_SHAPE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "max_position_embeddings": 512}
 
 
 @dataclass(frozen=True)
