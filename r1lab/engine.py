@@ -321,17 +321,19 @@ class Engine:
         """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
         their own token limit. Returns the (B,) mask of rows that recorded a token."""
         live = ~batch.finished
-        rows = batch.rows[live]
-        out.tokens[rows, step] = tokens[live]
-        out.logprobs[rows, step] = logprobs[live]
-        out.lengths[rows] = step + 1
+        rows = batch.rows
+        # Written with torch.where over every row rather than by boolean indexing, which would make the host wait
+        # for the device at every token to learn how many rows are live.
+        out.tokens[rows, step] = torch.where(live, tokens, out.tokens[rows, step])
+        out.logprobs[rows, step] = torch.where(live, logprobs, out.logprobs[rows, step])
+        out.lengths[rows] = torch.where(live, step + 1, out.lengths[rows])
         stop = live & torch.isin(tokens, eos) if len(eos) else torch.zeros_like(live)
         if stop_strings:  # needs the text, so a host round trip; only when stop strings are asked for
             for r in live.nonzero().squeeze(-1).tolist():
                 row = int(batch.rows[r])
                 if self._hits_stop(out.tokens[row, : step + 1].tolist(), stop_strings):
                     stop[r] = True
-        out.stopped[batch.rows[stop]] = True
+        out.stopped[rows] = out.stopped[rows] | stop
         batch.finished = batch.finished | stop
         if limits is not None:  # per-prompt max_new_tokens: a row at its limit ends by length
             batch.finished = batch.finished | (limits[batch.rows] <= step + 1)
