@@ -20,11 +20,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from r1lab.tasks.arithmetic import ArithmeticTask, evaluate
+from r1lab.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask, evaluate
 from r1lab.tasks.base import Problem
 
 GUESS_THOUGHT = "Easy."
-DEMO_TASK_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "+"}
+DEMO_TASK_OPTIONS = DEMO_OPTIONS
 
 
 @dataclass

@@ -228,6 +228,9 @@ def sample(cfg: SampleConfig, log=print) -> Path:
             rows += sample_chunk(engine, task, chunk, start, cfg, filters, provenance, tally)
             bar.update(n, {"accuracy": tally.correct / max(1, tally.sampled)})
     write_jsonl(out, rows)
+    if not rows:
+        log(f"sample: WARNING: nothing was kept. If the model was trained on another task or task options than "
+            f"--task {cfg.task} --task-options {cfg.task_options or '{}'}, pass the ones it learned.")
     summary = {**tally.summary(), "out": str(out)}
     out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(summary_text(summary))

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from r1lab.tasks.arithmetic import ArithmeticTask
+from r1lab.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask
 from r1lab.tasks.base import Problem, Task
 from r1lab.tasks.code import CodeFileTask, CodeTask, code_task
 from r1lab.tasks.countdown import CountdownTask
 from r1lab.tasks.dataset import DatasetError, DatasetTask
 
+def arithmetic_task(**options: Any) -> ArithmeticTask:
+    """With no options, the demo's task (two 3-digit numbers to add); options describe other expressions, on top of
+    ArithmeticTask's own defaults (4 to 6 one-digit terms)."""
+    return ArithmeticTask(**(options or DEMO_OPTIONS))
+
+
 # "code" takes task option `path` for a file of code problems (see r1lab/tasks/code.py), else generates them.
-TASKS: dict[str, Callable[..., Task]] = {"arithmetic": ArithmeticTask, "code": code_task, "countdown": CountdownTask}
+TASKS: dict[str, Callable[..., Task]] = {"arithmetic": arithmetic_task, "code": code_task, "countdown": CountdownTask}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
