@@ -17,10 +17,21 @@ from r1lab.tasks.base import Problem, Task
 
 
 def already_done(cfg, config_path: Path, output: Path) -> bool:
-    """True when output exists and config_path holds exactly cfg: a finished stage is not run twice (a crashed
-    pipeline picks up after its last finished stage)."""
-    return (output.exists() and config_path.exists()
-            and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg))
+    """True when output exists, config_path holds exactly cfg, and output is newer than the stage's inputs (cfg.model,
+    cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
+    a stage whose input model or data was remade since is run again."""
+    if not (output.exists() and config_path.exists()
+            and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg)):
+        return False
+    inputs = [Path(v) for v in (getattr(cfg, "model", ""), getattr(cfg, "data", "")) if v and Path(v).exists()]
+    return all(_newest_mtime(p) <= output.stat().st_mtime for p in inputs)
+
+
+def _newest_mtime(path: Path) -> float:
+    """A file's modification time; for a directory (a model), that of its newest file."""
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime)
 
 
 def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], object], log) -> float:

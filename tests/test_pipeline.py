@@ -112,3 +112,35 @@ def test_pipeline_on_your_own_data_file_and_models(tiny_base, tmp_path):
     assert "R1 pipeline (stage 4)" in report and "distilled student" in report
     assert f"data: {tmp_path / 'cold.jsonl'}" in (tmp_path / "run" / "stage1-cold-start" / "config.yaml").read_text()
     assert not (tmp_path / "run" / "base").exists()  # nothing pretrained: your models were used
+
+
+def test_a_stage_is_reused_until_its_input_is_remade(tmp_path):
+    import os
+    from dataclasses import dataclass
+
+    from r1lab.config import save_config
+    from r1lab.stages import run_stage
+
+    @dataclass
+    class StageConfig:
+        model: str
+        steps: int = 1
+
+    model = tmp_path / "input-model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("v1")
+    cfg, config_path, output = StageConfig(str(model)), tmp_path / "stage" / "config.yaml", tmp_path / "stage" / "out"
+    runs = []
+
+    def stage():
+        runs.append(1)
+        save_config(cfg, config_path)
+        output.write_text("done")
+
+    for _ in range(2):
+        run_stage("stage", cfg, config_path, output, stage, log=lambda *_: None)
+    assert len(runs) == 1  # the second time it was reused
+    later = output.stat().st_mtime + 10
+    os.utime(model / "model.safetensors", (later, later))  # the input model was remade after the stage ran
+    run_stage("stage", cfg, config_path, output, stage, log=lambda *_: None)
+    assert len(runs) == 2
