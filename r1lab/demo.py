@@ -14,7 +14,7 @@ from pathlib import Path
 from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig
 from r1lab.corpus import DEMO_TASK_OPTIONS
 from r1lab.grpo import train
-from r1lab.report import write_report
+from r1lab.report import example_completions, write_report
 from r1lab.stages import pretrained_base
 
 RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
@@ -47,15 +47,6 @@ def eval_records(run: Path, which: str) -> tuple[dict, list[dict]]:
     return data, records
 
 
-def examples(records: list[dict], n: int = 3) -> list[dict]:
-    picked = []
-    for rec in records[:n]:
-        s = rec["samples"][0]
-        picked.append({"prompt": rec["prompt"], "completion": s["completion"], "answer": s["answer"],
-                       "reference": rec["reference"], "correct": s["correct"]})
-    return picked
-
-
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     base_model = ensure_base(cfg, log)
     grpo_cfg = demo_grpo_config(cfg, base_model)
@@ -77,7 +68,7 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
              f"Rewards: {'shuffled across the batch (control: same mean, no signal)' if cfg.control != 'none' else 'accuracy + format, rule-based'}."]
     report = write_report(run, title="r1lab demo: R1-Zero on a tiny model" + (" (random-reward control)" if cfg.control != "none" else ""),
                           tables={"Held-out evaluation (k=8 samples, temperature 0.6, top-p 0.95)": columns},
-                          examples={"before": examples(before_records), "after": examples(after_records)},
+                          examples={"before": example_completions(before_records), "after": example_completions(after_records)},
                           notes=notes, compare_runs=compare)
     log(f"\nheld-out pass@1: {before['pass@1']:.1%} -> {after['pass@1']:.1%} ({gain * 100:+.1f} points)")
     log(f"report:      {report}")

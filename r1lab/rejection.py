@@ -20,24 +20,13 @@ import torch
 from r1lab.checkpoint import STATE_FILE
 from r1lab.config import SampleConfig, save_config
 from r1lab.engine import Engine, Sample
-from r1lab.language import check_target, language_consistency, think_text
+from r1lab.language import check_target, language_consistency
 from r1lab.rewards import RewardResult, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.tasks import DatasetTask, Problem, Task, get_task
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
-
-
-def language_score(response: str, target: str) -> float:
-    """Consistency in [0, 1] of the response's reasoning (its <think> part) with the target language.
-
-    A think part with no letters at all (digits and symbols: "7+5+0=12") is written in no language, so it cannot
-    mix languages and scores 1; language_consistency would give it 0, as it has no words of the target language.
-    """
-    if not any(c.isalpha() for c in think_text(response)):
-        return 1.0
-    return language_consistency(response, target)
 
 
 @dataclass
@@ -74,7 +63,7 @@ class Filters:
             return "too_short"
         if self.max_tokens and n_tokens > self.max_tokens:
             return "too_long"
-        if self.language and language_score(response, self.language) < self.min_language_score:
+        if self.language and language_consistency(response, self.language) < self.min_language_score:
             return "language"
         return None
 

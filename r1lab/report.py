@@ -262,7 +262,8 @@ def write_report(
     return path
 
 
-def _first_samples(records: list[dict], n: int) -> list[dict]:
+def example_completions(records: list[dict], n: int = 3) -> list[dict]:
+    """The first sample of each of the first n evaluated problems, as the report's examples show them."""
     return [{"prompt": r["prompt"], "reference": r["reference"], **{k: r["samples"][0][k]
              for k in ("completion", "answer", "correct")}} for r in records[:n]]
 
@@ -285,7 +286,7 @@ def write_comparison_report(path: Path, title: str, results: dict[str, Any], ext
         if plots:
             parts.append(f"## Training curves\n\nSolid: {Path(run).name}; dashed: {', '.join(others)}.")
             parts += [f"![{_TITLES[name]}]({plot.relative_to(path.parent)})" for name, plot in plots.items()]
-    examples = {label: _first_samples(results[label].records, examples_per_model) for label in examples_of}
+    examples = {label: example_completions(results[label].records, examples_per_model) for label in examples_of}
     if examples:
         parts.append(_examples_md(examples, examples_per_model))
     path.parent.mkdir(parents=True, exist_ok=True)

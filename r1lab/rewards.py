@@ -155,6 +155,7 @@ def score_completions(
     fmt: list[float] = []
     lang: list[float] = []
     custom: dict[str, list[float]] = {spec: [] for spec, _ in weights.functions}
+    functions = [(spec, load_reward_function(spec)) for spec, _ in weights.functions]
     answers: list[str | None] = []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
@@ -165,8 +166,7 @@ def score_completions(
         fmt.append(tally.run(lambda: format_reward(text)))
         if weights.language:
             lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
-        for spec, _ in weights.functions:
-            fn = load_reward_function(spec)
+        for spec, fn in functions:
             custom[spec].append(tally.run(lambda: fn(text, problem)))
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
     components = {"accuracy": acc, "format": fmt}
