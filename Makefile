@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+# the fast tier: everything but the tests marked slow (end-to-end runs, the server, the sandbox's 1,000 rewards)
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"

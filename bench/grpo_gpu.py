@@ -8,7 +8,7 @@ One run of this script:
    tokenizer of exactly that vocabulary, saved with ``save_pretrained`` into ``WORKDIR/model-qwen2.5-0.5b``;
 2. writes ``WORKDIR/prompts-64.jsonl``: synthetic prompts of exactly 64 tokens (``prompt`` and ``answer`` columns);
 3. runs ``r1lab grpo`` in a child process, through a wrapper that records the child's peak GPU memory;
-4. runs TRL's ``GRPOTrainer`` (Hugging Face ``generate``, no vLLM) in a child process: grpo_vs_trl.py's TRL child;
+4. runs TRL's ``GRPOTrainer`` (Hugging Face ``generate``, no vLLM) in a child process: the CPU bench's TRL child;
 5. times r1lab's ``Engine.generate`` alone at the rollout batch (32 prompts x 8 samples, 256 new tokens) and
    compares it with the memory-bandwidth floor of that decode: (weights + KV cache read per step) / measured copy rate;
 6. prints one table and writes every figure to ``--json``.
@@ -17,6 +17,9 @@ Both GRPO sides get the same model directory, G, prompts per round, micro-batch,
 completion lengths (end-of-text suppressed in both: every completion is exactly 256 tokens), beta 0, bf16. See
 bench/README.md for the fairness rules. ``--tiny`` runs the same pipeline on the CPU with a 2-layer model in
 seconds: the CI smoke test (tests/test_bench_gpu_smoke.py).
+
+What it shares with the CPU bench (bench/grpo_vs_trl.py) is in bench/common.py (model saving, child processes, figures)
+and bench/sides.py (the TRL child, the ``r1lab grpo`` command line, the metrics reader, the sanity checks).
 """
 
 from __future__ import annotations
@@ -29,18 +32,15 @@ import platform
 import random
 import string
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-# the CPU bench's child runner, TRL child, r1lab command line and metrics reader are reused as they are
-sys.path.insert(0, str(BENCH_DIR))
-import grpo_vs_trl as cpu_bench  # noqa: E402
+# common.py and sides.py sit next to this file: importable whether it runs as a script or is imported (the tests)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import sides  # noqa: E402
 
-EOS_TOKEN = cpu_bench.EOS_TOKEN
 BYTE_TOKENS = 256  # ids 1..256: the byte-level alphabet; id 0 is <|endoftext|>; the rest are whole words
 # Qwen2's pre-tokenizer split (transformers' Qwen2Tokenizer): a word with its leading space is one piece
 QWEN2_SPLIT_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -119,11 +119,10 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
     and r1lab reads tokenizer.json as it is; with the same pipeline both give the same ids (check_prompt_tokens).
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     words = word_tokens(vocab_size - 1 - BYTE_TOKENS)
-    vocab = {EOS_TOKEN: 0, **{c: 1 + i for i, c in enumerate(alphabet)},
+    vocab = {common.EOS_TOKEN: 0, **{c: 1 + i for i, c in enumerate(alphabet)},
              **{w: 1 + BYTE_TOKENS + i for i, w in enumerate(words)}}
     merges = [(w[:-1], w[-1]) for w in words]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
@@ -133,30 +132,27 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])  # already id 0: marks it special
+    # already id 0: this marks it special
+    tok.add_special_tokens([AddedToken(common.EOS_TOKEN, special=True, normalized=False)])
     if tok.get_vocab_size(with_added_tokens=True) != vocab_size:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size(with_added_tokens=True)} entries, wanted {vocab_size}")
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN).save_pretrained(out_dir)
-    return vocab[EOS_TOKEN]
+    common.save_tokenizer(tok, out_dir)
+    return vocab[common.EOS_TOKEN]
 
 
 def build_model_dir(model_dir: Path, w: Workload) -> dict:
     """Build (or reuse) the random-init model directory of workload w. Returns what was built."""
     wanted = {"shape": w.shape, "vocab_size": w.vocab_size, "dtype": w.dtype}
-    info_path = model_dir / "bench_model_info.json"  # written last: a half-built directory is rebuilt
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
-        if {k: info.get(k) for k in wanted} != wanted:
-            sys.exit(f"ERROR: {model_dir} holds another model ({info}); delete it or use another --workdir")
+    info = common.cached_model_info(model_dir, lambda old: {k: old.get(k) for k in wanted} == wanted,
+                                    "another model ({info}); delete it or use another --workdir")
+    if info:
         return info
     print(f"building {model_dir} (random init, {w.dtype}) ...", flush=True)
     model_dir.mkdir(parents=True, exist_ok=True)
     eos_id = build_tokenizer(model_dir, w.vocab_size)
-    params = cpu_bench.save_random_qwen2(model_dir, w.vocab_size, eos_id, w.shape, w.dtype)
+    params = common.save_random_qwen2(model_dir, w.vocab_size, eos_id, w.shape, w.dtype)
     check_model_config(model_dir, w)
-    info = {**wanted, "params": params, "eos_id": eos_id}
-    info_path.write_text(json.dumps(info, indent=2))
-    return info
+    return common.write_model_info(model_dir, {**wanted, "params": params, "eos_id": eos_id})
 
 
 def check_model_config(model_dir: Path, w: Workload) -> None:
@@ -228,10 +224,10 @@ def child_r1lab(spec: dict) -> dict:
 
 
 def child_trl(spec: dict) -> dict:
-    """grpo_vs_trl.py's TRL child, on this workload's device and precision and in micro-batches."""
+    """The CPU bench's TRL child (sides.trl_child), on this workload's device and precision and in micro-batches."""
     ns = argparse.Namespace(**spec["trl_args"])
-    cpu_bench.trl_child(ns, device=spec["device"], weights_dtype=spec["weights_dtype"], bf16=spec["bf16"],
-                        micro_batch_size=spec["micro_batch_size"])
+    sides.trl_child(ns, device=spec["device"], weights_dtype=spec["weights_dtype"], bf16=spec["bf16"],
+                    micro_batch_size=spec["micro_batch_size"])
     return json.loads(Path(ns.result).read_text())
 
 
@@ -373,34 +369,23 @@ def decode_floors(r: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def child_env(a) -> dict:
-    env = cpu_bench._child_env(a.threads)  # offline, threads, unbuffered; it hides the GPUs (a CPU bench) ...
-    if a.workload.device == "cuda":  # ... so give them back, as the parent sees them
-        env.pop("CUDA_VISIBLE_DEVICES")
-        if "CUDA_VISIBLE_DEVICES" in os.environ:
-            env["CUDA_VISIBLE_DEVICES"] = os.environ["CUDA_VISIBLE_DEVICES"]
-    # the working tree's r1lab, as `python -m r1lab` from the repository root would import it
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
 def run_bench_child(kind: str, spec: dict, a) -> dict:
     """Run child KIND with spec; returns its figures with the process's wall time and peak RSS added."""
     spec_path, result = a.workdir / f"{kind}_spec.json", a.workdir / f"{kind}_result.json"
-    result.unlink(missing_ok=True)
     spec = {**spec, "result": str(result), "device": a.workload.device}
     spec_path.write_text(json.dumps(spec, indent=2, default=str))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, "--_spec", str(spec_path)]
-    proc = cpu_bench.run_child(cmd, child_env(a), a.workdir / f"{kind}.log", cwd=REPO_ROOT)
-    if proc["rc"] != 0 or not result.exists():
-        sys.exit(f"ERROR: the {kind} child failed (exit code {proc['rc']}); see {a.workdir / f'{kind}.log'}")
-    return {**json.loads(result.read_text()), "process": proc}
+    # the children see the GPUs the parent sees, and import the working tree's r1lab
+    env = common.with_repo_on_path(common.child_env(a.threads, hide_gpus=a.workload.device != "cuda"))
+    figures, proc = common.run_for_result(cmd, env, a.workdir / f"{kind}.log", result, f"{kind} child",
+                                          cwd=common.REPO_ROOT)
+    return {**figures, "process": proc}
 
 
 def r1lab_argv(a, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
     """The CPU bench's `r1lab grpo` flags plus device, micro-batch and dtype. float32 is r1lab's default and is not
     passed, so --tiny works with an r1lab that has no --dtype flag."""
-    argv = cpu_bench.r1lab_grpo_argv(a, model_dir, prompts, run_dir)
+    argv = sides.r1lab_grpo_argv(a, model_dir, prompts, run_dir)
     argv += ["--device", a.workload.device, "--micro-batch-size", str(a.micro_batch_size)]
     if a.workload.dtype != "float32":
         argv += ["--dtype", a.workload.dtype]
@@ -416,7 +401,7 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     argv = r1lab_argv(a, model_dir, prompts, run_dir)
     print("r1lab side: python -m r1lab " + " ".join(argv), flush=True)
     child = run_bench_child("r1lab", {"argv": argv}, a)
-    r = cpu_bench.summarise_r1lab_run(a, metrics, child["process"])
+    r = sides.summarise_r1lab_run(a, metrics, child["process"])
     steps = sorted((json.loads(x) for x in metrics.read_text().splitlines() if x.strip()), key=lambda x: x.get("step", 0))
     rollout_s = [x.get("rollout_time_s") for x in steps if "step_time_s" in x][a.warmup :]
     r.update(argv=argv, memory=child["memory"], rollout_time_s=rollout_s,
@@ -424,7 +409,7 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
     diffs = [(x["logprob_diff/mean"], x["logprob_diff/max"]) for x in steps if "logprob_diff/max" in x]
     r["logprob_diff"] = {"mean": sum(d[0] for d in diffs) / len(diffs), "max": max(d[1] for d in diffs)} if diffs else None
-    cpu_bench.check_side("r1lab", r, a)
+    sides.check_side("r1lab", r, a)
     return r
 
 
@@ -445,7 +430,7 @@ def run_trl_side(a, model_dir: Path, prompts: Path) -> dict:
     # generation + rewards + advantages (+ TRL's old-log-prob pass when updates > 1), per measured round
     gen_s = sum(r["generate_and_score_s"][a.warmup :])
     r["rollout_tokens_per_s"] = r["measured_tokens"] / gen_s if gen_s else None
-    cpu_bench.check_side("trl", r, a)
+    sides.check_side("trl", r, a)
     return r
 
 
@@ -455,7 +440,7 @@ def run_rollout(a, model_dir: Path, prompts: Path) -> dict:
             "max_new_tokens": a.max_new_tokens, "rollout_repeats": a.rollout_repeats, "seed": a.seed,
             "copy_mib": a.workload.copy_mib, "matmul_n": a.workload.matmul_n}
     r = run_bench_child("rollout", spec, a)
-    r["tokens_per_s"] = r["batch"] * r["new_tokens"] / cpu_bench._median(r["generate_s"])
+    r["tokens_per_s"] = r["batch"] * r["new_tokens"] / common.median(r["generate_s"])
     r.update(decode_floors(r))
     r["share_of_bandwidth_floor"] = r["tokens_per_s"] / r["bandwidth_floor_tokens_per_s"]
     r["share_of_roofline_floor"] = r["tokens_per_s"] / r["roofline_floor_tokens_per_s"]
@@ -471,16 +456,8 @@ def _gib(nbytes) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
 
 
-def _table(cols: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
-
-
 def print_report(res: dict) -> None:
-    a, m, v = res["args"], res["model"], res["versions"]
+    a, m = res["args"], res["model"]
     print()
     precision = ("fp32" if a["dtype"] == "float32" else
                  f"bf16 (r1lab --dtype {a['dtype']}; TRL bf16 autocast, weights in {a['trl_weights']})")
@@ -488,7 +465,7 @@ def print_report(res: dict) -> None:
           f"prompts/round, {a['prompt_tokens']}-token prompts, {a['max_new_tokens']} tokens/completion (EOS suppressed), "
           f"{a['updates']} update(s)/round, micro-batches of {a['micro_batch_size']}")
     print(f"model: Qwen2 random init, {m['params']:,} parameters, vocab {m['vocab_size']:,} ({res['model_dir']})")
-    print(f"versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, r1lab {v['r1lab']}")
+    print(common.versions_line(res["versions"]))
     rows = []
     for side in ("r1lab", "trl"):
         r = res.get(side)
@@ -499,8 +476,8 @@ def print_report(res: dict) -> None:
                          "-" if r.get("rollout_tokens_per_s") is None else f"{r['rollout_tokens_per_s']:,.1f}",
                          _gib(mem["max_allocated"]), _gib(mem["max_reserved"]), f"{r['peak_rss_mb']:,.0f}"])
     if rows:
-        _table(["side", "rounds meas.", "compl tok/s", "median round tok/s", "rollout-phase tok/s",
-                "peak alloc GiB", "peak reserved GiB", "peak RSS MB"], rows)
+        common.print_table(["side", "rounds meas.", "compl tok/s", "median round tok/s", "rollout-phase tok/s",
+                            "peak alloc GiB", "peak reserved GiB", "peak RSS MB"], rows)
     if res.get("ratio") is not None:
         print(f"ratio r1lab/TRL (completion tokens/s, end to end): {res['ratio']:.2f}x")
     diff = (res.get("r1lab") or {}).get("logprob_diff")
@@ -514,7 +491,7 @@ def print_report(res: dict) -> None:
               f"{ro['batch']} rows, {ro['new_tokens']} new tokens each, EOS suppressed")
         peak = ro["memory"]["max_allocated"]
         print(f"  measured        {ro['tokens_per_s']:>12,.0f} tok/s  (median of {len(ro['generate_s'])} calls: "
-              f"{cpu_bench._median(ro['generate_s']):.3f} s" + (f"; peak alloc {_gib(peak)} GiB)" if peak else ")"))
+              f"{common.median(ro['generate_s']):.3f} s" + (f"; peak alloc {_gib(peak)} GiB)" if peak else ")"))
         print(f"  bandwidth floor {ro['bandwidth_floor_tokens_per_s']:>12,.0f} tok/s  (weights "
               f"{ro['weights_bytes'] / 1e9:.3f} GB + KV cache {ro['kv_bytes_mean_per_step'] / 1e9:.3f} GB mean per "
               f"decode step, at the copy rate {ro['copy_bytes_per_s'] / 1e9:,.0f} GB/s read + write)")
@@ -547,7 +524,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads in every child (default: all cores; 1 with --tiny)")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate, both sides (default: 1e-6)")
-    p.add_argument("--seed", type=int, default=cpu_bench.SEED, help=f"both sides (default: {cpu_bench.SEED})")
+    p.add_argument("--seed", type=int, default=common.SEED, help=f"both sides (default: {common.SEED})")
     p.add_argument("--n-prompts", type=int, default=512, help="rows in the prompts file (default: 512)")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's own default (gradient checkpointing on); default: off, as in the CPU bench")
@@ -572,10 +549,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.threads = 1 if a.tiny else os.cpu_count() or 1
     completions = a.prompts_per_step * a.samples_per_prompt
     a.micro_batch_size = min(a.micro_batch_size, completions)
-    if not 0 <= a.warmup < a.rounds:
-        p.error("need 0 <= --warmup < --rounds")
-    if a.samples_per_prompt < 2:
-        p.error("GRPO needs --samples-per-prompt >= 2")
+    common.check_rounds(p, a)
     if completions % a.micro_batch_size:
         p.error(f"--micro-batch-size must divide prompts x G = {completions} (TRL accumulates whole micro-batches)")
     if a.prompt_tokens < 1 or a.max_new_tokens < 2 or a.rollout_repeats < 1:
@@ -609,22 +583,20 @@ def device_label(res: dict, w: Workload) -> str:
 
 
 def main(argv=None) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    common.go_offline()
     a = parse_args(argv)
     if a.child:
         child_main(a.child, a.spec)
         return
-    sys.path.insert(0, str(REPO_ROOT))  # the parent too reads the working tree's r1lab
+    sys.path.insert(0, str(common.REPO_ROOT))  # the parent too reads the working tree's r1lab
     check_environment(a)
-    a.workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="r1lab_bench_gpu_"))).resolve()
-    a.workdir.mkdir(parents=True, exist_ok=True)
+    a.workdir = common.make_workdir(a.workdir, "r1lab_bench_gpu_")
     w = a.workload
     model_dir = a.workdir / f"model-{w.name}"
     info = build_model_dir(model_dir, w)
     rows = make_prompt_rows(a.n_prompts, a.prompt_tokens, w.vocab_size, a.seed)
     prompts = a.workdir / f"prompts-{a.prompt_tokens}.jsonl"
-    cpu_bench.write_prompts(prompts, rows)
+    common.write_prompts(prompts, rows)
     check_prompt_tokens(model_dir, rows, a.prompt_tokens)
     print(f"model: {model_dir}  ({info['params']:,} parameters, vocab {info['vocab_size']:,}, {w.dtype})")
     print(f"prompts: {prompts}  ({len(rows)} rows of {a.prompt_tokens} tokens)", flush=True)
@@ -636,7 +608,7 @@ def main(argv=None) -> None:
         "model": info,
         "model_dir": str(model_dir),
         "prompts": str(prompts),
-        "versions": cpu_bench.versions(),
+        "versions": common.versions(),
     }
     if not a.trl_only:
         res["r1lab"] = run_r1lab_side(a, model_dir, prompts)
@@ -647,10 +619,7 @@ def main(argv=None) -> None:
     res["ratio"] = res["r1lab"]["tokens_per_s"] / res["trl"]["tokens_per_s"] if "r1lab" in res and "trl" in res else None
     res["device"] = device_label(res, w)
     print_report(res)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2, default=str))
-        print(f"figures written to {a.json}")
+    common.write_figures(a.json, res)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ script also reports how busy *other* processes kept the CPU, since a neighbour o
 
     python bench/serve_load.py                       # 64 clients x 10 requests, ~1 minute on 2 cores
     python bench/serve_load.py --stream --json out.json
+
+``--flood`` runs the fairness scenario instead: a small client (the chat request above, from 127.0.0.2) sends
+``--flood-small`` requests one after another, first alone, then while a flooding client (from 127.0.0.1: another
+host as far as the server knows) has one huge /v1/completions request running: ``--flood-prompts`` prompts x
+``--flood-max-tokens``, the most the server's default per-request budget allows. It prints the small client's
+latency in both phases and their ratio (bar: under the flood within 2x of alone).
+
+    python bench/serve_load.py --flood               # ~1 minute on 2 cores
 """
 
 from __future__ import annotations
@@ -43,8 +51,10 @@ MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, 
                    num_key_value_heads=2, max_position_embeddings=2048)
 
 
-def build_model(path: Path) -> None:
-    """The demo-size model, random init (seed 0), with the built-in tokenizer; kept if already there."""
+def build_model(path: Path, endless: bool = False) -> None:
+    """The demo-size model, random init (seed 0), with the built-in tokenizer; kept if already there. endless: the
+    same shapes (the same cost per token), but end-of-text is never sampled, so every completion runs to max_tokens
+    (a random model otherwise ends one in about a hundred tokens, and a flood would drain by itself)."""
     if (path / "config.json").exists():
         return
     import torch
@@ -54,7 +64,18 @@ def build_model(path: Path) -> None:
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()
-    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, eos_token_id=tok.backend.token_to_id(EOS), **MODEL_SHAPE))
+    eos = tok.backend.token_to_id(EOS)
+    model = CausalLM(ModelConfig(vocab_size=tok.vocab_size, eos_token_id=eos, **MODEL_SHAPE))
+    if endless:
+        with torch.no_grad():
+            # The residual stream's last dimension is a constant 1 that no layer writes to; the tied embedding row
+            # of end-of-text (never an input here) reads it as a large negative logit.
+            k = MODEL_SHAPE["hidden_size"] - 1
+            model.model.embed_tokens.weight[:, k] = 1.0
+            model.model.embed_tokens.weight[eos, k] = -100.0
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight[k].zero_()
+                layer.mlp.down_proj.weight[k].zero_()
     save_model(model, path)
     tok.save(path)
 
@@ -252,6 +273,108 @@ class CpuMeter:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the flood scenario: one client's huge request against another's small ones
+
+
+def flood_body(args) -> dict:
+    prompts = [f"What is {i}+{i * 7 % 100}?" for i in range(args.flood_prompts)]
+    return {"model": "tiny", "prompt": prompts, "max_tokens": args.flood_max_tokens, "temperature": 1.0, "seed": 1}
+
+
+async def small_requests(url: str, args, first_id: int) -> list[Result]:
+    """--flood-small chat requests one after another, from 127.0.0.2."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=args.timeout) as client:
+        return [await one_request(client, first_id + k, args) for k in range(args.flood_small)]
+
+
+async def measure_flood(url: str, server: subprocess.Popen, args) -> dict:
+    import httpx
+
+    await small_requests(url, argparse.Namespace(**{**vars(args), "flood_small": 3}), 10**6)  # warm-up
+    phases = {}
+    with CpuMeter(server.pid) as meter:
+        alone = await small_requests(url, args, 0)
+    phases["alone"] = {**latency_summary(alone), "cpu": meter.result}
+    async with httpx.AsyncClient(base_url=url, transport=httpx.AsyncHTTPTransport(local_address="127.0.0.1"),
+                                 timeout=None) as flooder:
+        flood = asyncio.create_task(flooder.post("/v1/completions", json=flood_body(args)))
+        await wait_generating(url, flood)
+        with CpuMeter(server.pid) as meter:
+            under = await small_requests(url, args, 1000)
+        phases["under flood"] = {**latency_summary(under), "cpu": meter.result}
+        health = (await flooder.get("/health")).json()
+        flood.cancel()  # the connection closes: the server drops the flood's rows
+    phases["under flood"]["flood_completions_waiting"] = health["pending"]
+    return phases
+
+
+async def wait_generating(url: str, flood: asyncio.Task, timeout: float = 60) -> None:
+    """Until the flood's first batch is generating (tokens out, the rest of its rows waiting), then a second more."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url) as client:
+        deadline = time.monotonic() + timeout
+        while True:
+            health = (await client.get("/health")).json()
+            if health["pending"] and health["batcher"]["completion_tokens"]:
+                break
+            if flood.done() or time.monotonic() > deadline:
+                raise RuntimeError(f"the flood did not start: {flood.result().text if flood.done() else 'timeout'}")
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)
+
+
+def latency_summary(results: list[Result]) -> dict:
+    ok = sorted(r.latency_s for r in results if not r.error)
+    lat = ok or [float("nan")]
+    return {"requests": len(results), "errors": len(results) - len(ok), "p50_latency_s": percentile(lat, 50),
+            "p90_latency_s": percentile(lat, 90), "max_latency_s": lat[-1],
+            "error_examples": sorted({r.error for r in results if r.error})[:5]}
+
+
+def print_flood(phases: dict[str, dict], ratio: float, stats: dict, args) -> None:
+    print(f"small client: chat, max_tokens {args.max_tokens}, {args.flood_small} requests one after another; "
+          f"flood: {args.flood_prompts} prompts x {args.flood_max_tokens} tokens in one /v1/completions request")
+    print(f"{'phase':<12} {'errors':>6} {'p50':>9} {'p90':>9} {'max':>9}  server / client / other cores")
+    for name, s in phases.items():
+        cpu = s["cpu"]
+        print(f"{name:<12} {s['errors']:>6} {s['p50_latency_s'] * 1000:>6.0f} ms {s['p90_latency_s'] * 1000:>6.0f} ms "
+              f"{s['max_latency_s'] * 1000:>6.0f} ms  {cpu['server_cores']:.2f} / {cpu['client_cores']:.2f} / "
+              f"{cpu['other_cores']:.2f}")
+    print(f"\nunder flood / alone, p50 latency: {ratio:.2f}x (bar: <= 2x); flood completions still waiting at the "
+          f"end: {phases['under flood']['flood_completions_waiting']}")
+    print(f"server: {stats['batches']} batches, of which {stats['nested_batches']} ran the small client's rows "
+          f"({stats['nested_rows']}) while the flood's batch paused")
+
+
+def run_flood(url: str, server: subprocess.Popen, args) -> int:
+    import httpx
+
+    phases = asyncio.run(measure_flood(url, server, args))
+    stats = httpx.get(f"{url}/health").json()["batcher"]
+    ratio = phases["under flood"]["p50_latency_s"] / phases["alone"]["p50_latency_s"]
+    print_flood(phases, ratio, stats, args)
+    errors = sum(p["errors"] for p in phases.values())
+    for p in phases.values():
+        for example in p["error_examples"]:
+            print(f"error: {example}")
+    write_json(args, {"phases": phases, "ratio": ratio, "server_batcher": stats})
+    return 0 if errors == 0 and ratio <= 2 else 1
+
+
+def write_json(args, figures: dict) -> None:
+    if not args.json:
+        return
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+              "cores": os.cpu_count(), "python": platform.python_version(), "args": vars(args), **figures}
+    Path(args.json).write_text(json.dumps(record, indent=2))
+    print(f"figures: {args.json}")
+
+
 def print_table(phases: dict[str, dict], ratio: float, stats: dict, args) -> None:
     rows = [("phase", "clients x requests", "errors", "p50 latency", "p99 latency", "completion tok/s",
              "server / client / other cores")]
@@ -294,17 +417,24 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300, help="per-request timeout, seconds")
     parser.add_argument("--workdir", default="", help="where the model and server log go (default: a temp dir)")
     parser.add_argument("--json", default="", help="write every figure here")
+    parser.add_argument("--flood", action="store_true", help="the fairness scenario instead (see above)")
+    parser.add_argument("--flood-prompts", type=int, default=128, help="prompts in the flooding request")
+    parser.add_argument("--flood-max-tokens", type=int, default=2000, help="max_tokens of the flooding request")
+    parser.add_argument("--flood-small", type=int, default=10, help="small requests in each phase")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="r1lab-serve-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    build_model(workdir / "model")
+    model = workdir / ("model-endless" if args.flood else "model")
+    build_model(model, endless=args.flood)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(workdir / "model", port, args, workdir / "server.log")
+    server = start_server(model, port, args, workdir / "server.log")
     try:
         wait_ready(url, server)
+        if args.flood:
+            return run_flood(url, server, args)
         phases, ratio = asyncio.run(measure(url, server, args))
         import httpx
 
@@ -317,12 +447,7 @@ def main() -> int:
     for p in phases.values():
         for example in p["error_examples"]:
             print(f"error: {example}")
-    if args.json:
-        record = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                  "cores": os.cpu_count(), "python": platform.python_version(), "args": vars(args),
-                  "phases": phases, "ratio": ratio, "server_batcher": stats}
-        Path(args.json).write_text(json.dumps(record, indent=2))
-        print(f"figures: {args.json}")
+    write_json(args, {"phases": phases, "ratio": ratio, "server_batcher": stats})
     return 0 if errors == 0 and ratio >= 4 else 1
 
 

@@ -1,23 +1,29 @@
-"""Child side of r1lab.sandbox: runs one candidate program against its tests, inside the sandbox process.
+"""Child side of r1lab.sandbox: runs one candidate program and calls it with each test's arguments.
 
-r1lab.sandbox starts `python -I -S -B _sandbox_child.py` in a fresh temporary directory and writes a marshal'd
-payload (code, tests, limits, a per-run nonce) to its stdin. This file then runs as __main__, in this order:
+r1lab.sandbox starts `python -I -S -B _sandbox_child.py` (inside bubblewrap when the machine allows it) in a fresh
+working directory and writes a marshal'd payload to its stdin: the code, and for each test only the calls to make
+(function name and literal arguments, split out by r1lab.sandbox_judge). What a test expects never reaches this
+process, and neither does any secret: it sends back return values, and the trainer's process judges them.
+This file then runs as __main__, in this order:
 
 1. read the payload; stdin, stdout and stderr are pointed at /dev/null, and the real stdout is kept on a private
-   fd that carries only the results, so the candidate's prints cannot garble them;
+   fd for the results, so the candidate's prints do not garble them;
 2. resource limits (CPU, address space, file size, open files, no core dumps);
-3. when root and allowed: a private network namespace, and a drop to uid nobody that keeps only
-   CAP_DAC_READ_SEARCH (the standard library may live under a root-only path such as /root/.pyenv); as nobody,
-   RLIMIT_NPROC = 0 forbids forks at the OS level, which it does not for root;
+3. when root: under bubblewrap, a plain drop to uid nobody (bubblewrap made the namespaces and left only
+   CAP_SETUID/CAP_SETGID for this); without it, a private network namespace and a drop to uid nobody that keeps
+   only CAP_DAC_READ_SEARCH (the standard library may live under a root-only path such as /root/.pyenv); as
+   nobody, RLIMIT_NPROC = 0 forbids forks at the OS level, which it does not for root;
 4. an audit hook that refuses process creation, signals, sockets, ctypes, frame and gc introspection, raising
-   limits, and writes outside the sandbox directory; audit hooks cannot be removed from Python code;
-5. each test runs on a fresh execution of the candidate, and a line "<nonce> <index> ok|fail <reason>" is written
-   per test, then "<nonce> done".
+   limits, directory fds (dir_fd-relative opens escape any path check) and writes outside the working directory;
+   audit hooks cannot be removed from Python code;
+5. per test, a fresh execution of the candidate, then its calls; a line "<index> ok <values>" (the return
+   values in the restricted literal syntax of make_encoder) or "<index> fail <reason>" is written per test, then
+   "done".
 
-Why the nonce: the candidate runs in this process and can write to any fd; only lines carrying the nonce count,
-and the nonce lives only in local variables, which the candidate cannot reach with frames and gc refused. Why
-everything used after the candidate starts is bound beforehand (default arguments, locals): the candidate can
-rebind module globals and builtins, this module's included (it is sys.modules["__main__"]).
+The candidate runs in this process and can write any line on any fd, so the parent takes the first line per test
+and trusts none: a forged line can only claim return values, which the parent judges like real ones. Everything
+used after the candidate starts is bound beforehand (default arguments, locals), because the candidate can rebind
+module globals and builtins, this module's included (it is sys.modules["__main__"]).
 
 Only built-in modules are imported (and resource/ctypes for setup), both for speed and so that no module holding
 a fork primitive (_posixsubprocess) is loaded before the hook is in place.
@@ -34,6 +40,8 @@ CLONE_NEWNET = 0x40000000
 PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 8, 38
 CAPABILITY_VERSION_3 = 0x20080522
 MAX_REASON_CHARS = 200
+MAX_VALUE_CHARS = 1 << 16  # one test's encoded return values; r1lab.sandbox_judge.MAX_VALUE_CHARS
+MAX_VALUE_DEPTH = 100
 
 REFUSED_EVENTS = frozenset({
     # processes and signals
@@ -42,7 +50,8 @@ REFUSED_EVENTS = frozenset({
     "os.setns", "os.unshare",
     # limits: root could raise them again
     "resource.setrlimit", "resource.prlimit",
-    # introspection that reaches this module's frames (and the nonce in them)
+    # introspection: frames and gc reach this module's frames; they hold nothing secret, but nothing should
+    # reach them either
     "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
     "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.monitoring.register_callback",
     # links could point out of the sandbox directory
@@ -53,7 +62,11 @@ REFUSED_MODULES = frozenset({
     "ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
     "_testcapi", "_testinternalcapi",
     "gc",  # gc.garbage under DEBUG_SAVEALL would hand out collected frames; gc.set_debug raises no event
+    "_posixshmem", "_multiprocessing",  # shm_open/sem_open create files in /dev/shm with no "open" event
 })
+# importlib.import_module() raises no "import" event for built-in modules: they are all imported before the hook
+# (but the refused ones), and _imp.create_builtin, the only way to make another, is replaced by refuse_builtin
+
 FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"})
 # event -> (positions of path arguments, positions of dir_fd arguments); every path must lie in the sandbox
 PATH_EVENTS = {
@@ -62,9 +75,11 @@ PATH_EVENTS = {
     "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)), "os.truncate": ((0,), ()),
     "os.chflags": ((0,), ()), "os.lchflags": ((0,), ()), "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
 }
-READ_DENIED_ROOTS = ("/proc", "/sys", "/dev")  # /proc/self/mem would expose the nonce; /dev holds devices
+READ_DENIED_ROOTS = ("/proc", "/sys", "/dev")  # /proc/<ppid>/environ holds the trainer's secrets; /dev devices
 READ_ALLOWED_DEVICES = frozenset({"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"})
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+DIRECTORY_FLAGS = getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_PATH", 0)
+O_TMPFILE = getattr(os, "O_TMPFILE", -1)  # includes O_DIRECTORY's bit, yet opens a new unnamed file in the directory
 UNAUDITED_CALLS = (  # escape routes that raise no audit event, removed from their modules instead
     ("posix", "mkfifo"), ("posix", "mknod"), ("posix", "pidfd_open"), ("posix", "chroot"),
     ("os", "mkfifo"), ("os", "mknod"), ("os", "pidfd_open"), ("os", "chroot"),
@@ -142,32 +157,109 @@ def drop_privileges(libc, ctypes) -> bool:
     return True
 
 
-def isolate(network: bool, privileges: bool) -> list[str]:
-    """Best-effort OS isolation for root; the names of the layers that took effect."""
+def isolate(network: bool, privileges: bool, bwrapped: bool) -> list[str]:
+    """OS isolation this process adds itself; the names of the layers that took effect ("netns", "uid")."""
     layers: list[str] = []
-    if os.geteuid() == 0 and (network or privileges):
-        try:
-            import ctypes
-        except ImportError:
-            return layers
-        libc = ctypes.CDLL(None, use_errno=True)
-        if network and libc.unshare(CLONE_NEWNET) == 0:
-            layers.append("netns")
-        if privileges and drop_privileges(libc, ctypes):
+    if os.geteuid() == 0 and bwrapped:
+        if privileges and drop_to_nobody():
             layers.append("uid")
-        for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-            del sys.modules[name]  # a re-import would go through the audit hook, which refuses it
+    elif os.geteuid() == 0 and (network or privileges):
+        layers = isolate_with_ctypes(network, privileges)
     import resource
 
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no forks for any uid but root (set after setresuid)
     return layers
 
 
+def drop_to_nobody() -> bool:
+    """Under bubblewrap: root -> uid/gid nobody. With no PR_SET_KEEPCAPS, moving every uid off 0 clears all
+    capabilities, and bubblewrap's mounts make the interpreter readable to nobody without CAP_DAC_READ_SEARCH."""
+    try:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+    except OSError:
+        return False
+    return True
+
+
+def isolate_with_ctypes(network: bool, privileges: bool) -> list[str]:
+    """Without bubblewrap, as root: a private network namespace and a drop to nobody, through libc."""
+    try:
+        import ctypes
+    except ImportError:
+        return []
+    layers = []
+    libc = ctypes.CDLL(None, use_errno=True)
+    if network and libc.unshare(CLONE_NEWNET) == 0:
+        layers.append("netns")
+    if privileges and drop_privileges(libc, ctypes):
+        layers.append("uid")
+    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]  # a re-import would go through the audit hook, which refuses it
+    return layers
+
+
+def refuse_builtin(spec, *args):
+    raise ImportError(f"sandbox: module {getattr(spec, 'name', spec)} is not allowed")
+
+
 def disarm_unaudited() -> None:
+    import types  # noqa: F401: importing it reads a traceback's tb_frame, which the hook refuses afterwards
+
+    for name in sys.builtin_module_names:
+        if name not in REFUSED_MODULES and name not in sys.modules:
+            __import__(name)  # built-in: no file, nothing run but the module's init
+    imp = sys.modules["_imp"]
+    imp.create_builtin = refuse_builtin
+    imp.create_dynamic = guard_extensions(imp.create_dynamic)
     for module_name, attribute in UNAUDITED_CALLS:
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, attribute):
             delattr(module, attribute)
+
+
+def guard_extensions(create_dynamic):
+    """_imp.create_dynamic, checked: only extension modules of this Python installation, none refused.
+
+    The real function raises no "import" event for a module loaded before (the fallback's own _ctypes), and would
+    dlopen a library the candidate wrote. The original lives only in a generator's frame, which nothing reaches
+    (gi_frame, tb_frame and f_back are refused by the hook, gc cannot be imported); the replacement talks to it
+    through send().
+    """
+    allowed = tuple(p + "/" for p in sys.path if p.startswith("/"))  # the installation's own directories
+    loader = load_extensions(create_dynamic, sys.modules["_frozen_importlib"].ModuleSpec, allowed,
+                             make_normalizer())
+    next(loader)
+
+    def guarded(spec, file=None, _send=loader.send, _error=ImportError):
+        module, error = _send(spec)
+        if error is not None:
+            raise _error(error)
+        return module
+
+    return guarded
+
+
+def load_extensions(create_dynamic, spec_type, allowed, normalize, refused=REFUSED_MODULES, type_=type, str_=str,
+                    getattr_=getattr, any_=any):
+    """Generator: receives a spec, answers (module, None) or (None, why not). The name and origin are read
+    once and a fresh spec is built from them, so a spec whose attributes change between reads gains nothing."""
+    spec = yield
+    while True:
+        name, origin = getattr_(spec, "name", None), getattr_(spec, "origin", None)
+        answer = None, "sandbox: this extension module is not allowed"
+        if type_(name) is str_ and type_(origin) is str_:
+            path = normalize(origin)
+            if (name not in refused and name.partition(".")[0] not in refused and path is not None
+                    and any_(path.startswith(d) for d in allowed)):
+                try:
+                    answer = create_dynamic(spec_type(name, None, origin=path)), None
+                except BaseException as e:  # noqa: B036: handed back as an ImportError outside this frame
+                    answer = None, f"{type_(e).__name__}: {e}"
+        spec = yield answer
+
+
 
 
 # ---------------------------------------------------------------- the audit hook
@@ -200,6 +292,41 @@ def make_normalizer(cwd_of=os.getcwd, str_=str, bytes_=bytes, type_=type):
     return normalize
 
 
+def make_open_check(inside, normalize):
+    """The check of the "open" event: reads anywhere but /proc, /sys and devices, writes inside the sandbox
+    directory only, and no directory fd at all."""
+
+    def check_open(args, _inside=inside, _normalize=normalize, _int=int, _type=type, _write=WRITE_FLAGS,
+                   _dirs=DIRECTORY_FLAGS, _tmpfile=O_TMPFILE, _denied=READ_DENIED_ROOTS,
+                   _devices=READ_ALLOWED_DEVICES, _stat=os.stat):
+        path, mode, flags = args
+        if _type(path) is _int:
+            return  # an fd already open: its path was checked when it was opened
+        absolute = _normalize(path)
+        if absolute is None or _type(flags) is not _int:
+            raise PermissionError("sandbox: open() needs a str or bytes path and int flags")
+        # The event does not carry dir_fd, so the path checked here may not be the path opened: os.open (mode
+        # None) may open no directory anywhere, which leaves no fd to pass as dir_fd (and there is no thread to
+        # swap a file for a directory between this stat and the open). io.open (a str mode) cannot return a
+        # directory fd, and with an opener it names the directory the opener's own os.open creates a file in.
+        if mode is None and flags & _tmpfile != _tmpfile:
+            try:
+                is_dir = _stat(absolute).st_mode & 0o170000 == 0o040000
+            except OSError:
+                is_dir = False
+            if is_dir or flags & _dirs:
+                raise PermissionError("sandbox: opening directories is not allowed")
+        if _inside(absolute):
+            return
+        if flags & _write:
+            raise PermissionError("sandbox: writing outside the sandbox directory is not allowed")
+        for denied in _denied:
+            if (absolute == denied or absolute.startswith(denied + "/")) and absolute not in _devices:
+                raise PermissionError(f"sandbox: reading {denied} is not allowed")
+
+    return check_open
+
+
 def make_hook(root: str):
     """The audit hook. Its state is bound as default arguments and closures: the function is reachable from
     nowhere once installed, and it looks nothing up in globals or builtins, which the candidate could rebind."""
@@ -208,27 +335,7 @@ def make_hook(root: str):
     def inside(path, _root=root, _prefix=root + "/"):
         return path is not None and (path == _root or path.startswith(_prefix))
 
-    def check_open(args, _inside=inside, _normalize=normalize, _int=int, _type=type, _write=WRITE_FLAGS,
-                   _denied=READ_DENIED_ROOTS, _devices=READ_ALLOWED_DEVICES, _stat=os.stat):
-        path, flags = args[0], args[2]
-        if _type(path) is _int:
-            return  # an fd already open: its path was checked when it was opened
-        absolute = _normalize(path)
-        if absolute is None:
-            raise PermissionError("sandbox: open() needs a str or bytes path")
-        if _inside(absolute):
-            return
-        if _type(flags) is not _int or flags & _write:
-            raise PermissionError("sandbox: writing outside the sandbox directory is not allowed")
-        for denied in _denied:
-            if (absolute == denied or absolute.startswith(denied + "/")) and absolute not in _devices:
-                raise PermissionError(f"sandbox: reading {denied} is not allowed")
-        try:
-            is_dir = _stat(absolute).st_mode & 0o170000 == 0o040000
-        except OSError:
-            is_dir = False
-        if is_dir:  # a directory fd outside the sandbox would let dir_fd-relative calls escape it
-            raise PermissionError("sandbox: opening directories outside the sandbox is not allowed")
+    check_open = make_open_check(inside, normalize)
 
     def check_paths(event, args, _paths=PATH_EVENTS, _inside=inside, _normalize=normalize, _int=int, _type=type):
         path_positions, dir_fd_positions = _paths[event]
@@ -269,8 +376,9 @@ def make_hook(root: str):
 def make_strict_equal(type_=type, len_=len, abs_=abs, max_=max, list_=list, zip_=zip, range_=range):
     """strict_equal(actual, expected): == that also demands the same types, all the way down.
 
-    The built-in code problems test with it, so that an object whose __eq__ always answers True (a known reward
-    hack) does not pass. It runs after the candidate, so it too looks nothing up globally.
+    The judge (r1lab.sandbox_judge) compares with it in the trainer's process, on plain data sent back from here:
+    `==` in a test and the built-in problems' strict_equal(...) both mean it. It lives in this file, with no
+    imports, so that both processes could share it; it looks nothing up globally.
     """
     exact = (int, bool, str, bytes, type(None), complex)
 
@@ -310,6 +418,88 @@ def make_strict_equal(type_=type, len_=len, abs_=abs, max_=max, list_=list, zip_
     return strict_equal
 
 
+def make_scalar_text(int_repr=int.__repr__, float_repr=float.__repr__, str_repr=str.__repr__,
+                     bytes_repr=bytes.__repr__):
+    """scalar_text(value, its exact type) -> its literal text, or None for a type that is not a plain scalar."""
+
+    def scalar_text(value, kind):
+        if kind is complex:
+            return "complex(" + scalar_text(value.real, float) + ", " + scalar_text(value.imag, float) + ")"
+        if kind is int:
+            return int_repr(value)  # ValueError past sys.get_int_max_str_digits: too long anyway
+        if kind is bool or kind is type(None):
+            return "True" if value is True else "False" if value is False else "None"
+        if kind is float:
+            return float_repr(value) if value - value == 0 else "nan" if value != value else \
+                "inf" if value > 0 else "-inf"
+        if kind is str:
+            return str_repr(value)
+        if kind is bytes:
+            return bytes_repr(value)
+        return None
+
+    return scalar_text
+
+
+def make_encoder(type_=type, dict_items=dict.items, len_=len, max_chars=MAX_VALUE_CHARS,
+                 max_depth=MAX_VALUE_DEPTH):
+    """encode(value) -> the value in a restricted literal syntax that r1lab.sandbox_judge.parse_values reads.
+
+    Only exact built-in types are accepted (a subclass could override __eq__ or __repr__), and only their own C
+    methods are called, bound here before the candidate runs; anything else, too deep or too long raises
+    ValueError. inf and nan are written as the names inf and nan.
+    """
+    scalar_text = make_scalar_text()
+
+    def encode(value):
+        out = []
+        size = [0]
+        put(value, out, size, 0)
+        return "".join(out)
+
+    def emit(text, out, size):
+        size[0] += len_(text)
+        if size[0] > max_chars:
+            raise ValueError(f"the return values are longer than {max_chars} characters")
+        out.append(text)
+
+    def put(value, out, size, depth):
+        kind = type_(value)
+        if depth > max_depth:
+            raise ValueError("the return value is nested too deeply")
+        text = scalar_text(value, kind)
+        if text is not None:
+            emit(text, out, size)
+        else:
+            put_container(kind, value, out, size, depth)
+
+    def put_container(kind, value, out, size, depth):
+        if kind is dict:
+            emit("{", out, size)
+            for key, item in dict_items(value):
+                put(key, out, size, depth + 1)
+                emit(": ", out, size)
+                put(item, out, size, depth + 1)
+                emit(", ", out, size)
+            emit("}", out, size)
+            return
+        opening, closing = {list: ("[", "]"), tuple: ("(", ")"), set: ("{", "}"),
+                            frozenset: ("frozenset([", "])")}.get(kind, (None, None))
+        if opening is None:
+            raise ValueError(f"returned a {kind.__name__}: only plain data (numbers, strings, bytes, None, "
+                             f"and lists, tuples, dicts, sets of them) can be judged")
+        if kind is set and not value:
+            emit("set()", out, size)
+            return
+        emit(opening, out, size)
+        for item in value:  # iterating an exact built-in container runs none of the candidate's code
+            put(item, out, size, depth + 1)
+            emit(", ", out, size)
+        emit(closing, out, size)  # "(1, )" and "[1, 2, ]": a trailing comma keeps the one-tuple a tuple
+
+    return encode
+
+
 def compile_or_reason(source: str, filename: str) -> tuple:
     """(code object, None), or (None, why it does not compile)."""
     try:
@@ -318,38 +508,40 @@ def compile_or_reason(source: str, filename: str) -> tuple:
         return None, f"{type(e).__name__}: {e}"
 
 
-def run(code: str, tests: list, nonce: str, result_fd: int, hook) -> None:
-    """Report each test as ok or fail on result_fd. Everything used once the candidate has run is a local."""
-    write, exit_now, exec_, type_ = os.write, os._exit, exec, type
+def run(code: str, tests: list, result_fd: int, hook) -> None:
+    """For each test: run the program afresh, make the test's calls, report their encoded return values (or why
+    they failed) on result_fd. Everything used once the candidate has run is a local."""
+    write, exit_now, exec_, type_, dict_ = os.write, os._exit, exec, type, dict
     as_str, exception_str, type_name = str.__str__, BaseException.__str__, type.__dict__["__name__"].__get__
-    max_chars = MAX_REASON_CHARS
+    max_chars, dict_get, join = MAX_REASON_CHARS, dict.get, ", ".join
     pristine = dict(builtins.__dict__)
-    strict_equal = make_strict_equal()
-    program, program_error = compile_or_reason(code, "<candidate>")
-    compiled = [compile_or_reason(test, "<test>") for test in tests]
+    encode = make_encoder()
+    program, reason_all = compile_or_reason(code, "<candidate>")
     sys.addaudithook(hook)
-    for index, (test, test_error) in enumerate(compiled):
-        passed = False
-        reason = program_error or (test_error and "test does not compile: " + test_error)
-        if reason is None:
+    for index, calls in enumerate(tests):
+        line = None
+        if reason_all is None:
             try:
                 namespace = {"__name__": "__main__", "__builtins__": pristine.copy()}
                 exec_(program, namespace)
-                # The test sees the candidate's names but pristine builtins and the trusted strict_equal: a
-                # candidate that rebinds sorted() or len() cannot change what the test computes.
-                scope = {k: v for k, v in namespace.items() if k not in pristine}
-                scope.update({"__builtins__": pristine.copy(), "strict_equal": strict_equal})
-                exec_(test, scope)
-                passed = True
+                values = []
+                for name, args, keywords in calls:
+                    function = dict_get(namespace, name)
+                    if function is None:
+                        raise NameError(f"name {name!r} is not defined")
+                    values.append(encode(function(*args, **dict_(keywords))))
+                line = f"{index} ok [{join(values)}]"
             except BaseException as e:
                 try:
                     reason = as_str(f"{type_name(type_(e))}: {exception_str(e)}")
                 except BaseException:
                     reason = "an exception that cannot be printed"
-        status = "ok" if passed else "fail"
-        reason = as_str(reason or "")[:max_chars].replace("\n", " ")
-        write(result_fd, f"{nonce} {index} {status} {reason}\n".encode("utf-8", "replace"))
-    write(result_fd, f"{nonce} done\n".encode())
+        else:
+            reason = reason_all
+        if line is None:
+            line = f"{index} fail " + as_str(reason)[:max_chars].replace("\n", " ")
+        write(result_fd, (line + "\n").encode("utf-8", "replace"))
+    write(result_fd, b"done\n")
     exit_now(0)  # no atexit handler or finalizer of the candidate runs after the report
 
 
@@ -357,11 +549,11 @@ def main() -> None:
     payload = read_payload()
     result_fd = redirect_stdio()
     limit_resources(payload["cpu_s"], payload["memory_mb"], payload["file_mb"], payload["open_files"])
-    layers = isolate(payload["network_namespace"], payload["drop_privileges"])
-    os.write(result_fd, f"{payload['nonce']} layers {','.join(layers) or '-'}\n".encode())
+    layers = isolate(payload["network_namespace"], payload["drop_privileges"], payload["bwrapped"])
     disarm_unaudited()
     hook = make_hook(os.getcwd())
-    run(payload["code"], payload["tests"], payload["nonce"], result_fd, hook)
+    os.write(result_fd, f"layers {','.join(layers + ['audit'])}\n".encode())
+    run(payload["code"], payload["tests"], result_fd, hook)
 
 
 if __name__ == "__main__":

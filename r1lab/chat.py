@@ -15,9 +15,11 @@ from rich.console import Console
 
 from r1lab.config import ChatConfig
 from r1lab.engine import Engine
-from r1lab.serve.prompts import render_messages, starts_in_think
+from r1lab.policy import load_policy, pick_device
+from r1lab.runtime import setup_training_process
 from r1lab.serve.reasoning import ReasoningSplitter
 from r1lab.serve.textstream import TextStream
+from r1lab.templates import render_conversation, starts_in_think
 
 
 class ReplyView:
@@ -51,7 +53,7 @@ class ReplyView:
 def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view: ReplyView) -> tuple[str, str]:
     """Sample one reply to the conversation, printing it as it streams. Returns (answer text, finish reason)."""
     tok = engine.tokenizer
-    prompt_text = render_messages(tok, messages, cfg.template, cfg.prefill)
+    prompt_text = render_conversation(tok, messages, cfg.template) + cfg.prefill
     ids = tok.encode(prompt_text)
     room = engine.model.config.max_position_embeddings - len(ids)
     if room < 1:
@@ -95,12 +97,7 @@ def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | N
              engine: Engine | None = None) -> None:
     console = console or Console(highlight=False)
     if engine is None:
-        from r1lab.grpo import load_policy, pick_device
-
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
+        setup_training_process(cfg.threads)
         model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
         engine = Engine(model.eval(), tokenizer)
     opening = [{"role": "system", "content": cfg.system}] if cfg.system else []

@@ -1,15 +1,22 @@
-"""The `r1lab` command: demo, pretrain, grpo, eval. Every config field is a flag; --config reads a YAML file."""
+"""The `r1lab` command: demo, pretrain, grpo, eval, ... Every config field is a flag; --config reads a YAML file.
+
+Every user mistake (a bad setting, a misspelt flag, malformed YAML, an occupied --out) ends as one
+`r1lab COMMAND: error: ...` message with exit status 2, before anything is loaded; R1LAB_DEBUG=1 re-raises instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 
-from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, resolve
-from r1lab.config import ChatConfig, DistillConfig, PipelineConfig, SampleConfig, ServeConfig, SFTConfig
+from r1lab import __version__
+from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, did_you_mean, resolve
+from r1lab.config import ChatConfig, DistillConfig, PipelineConfig, ReportConfig, SampleConfig, ServeConfig, SFTConfig
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
@@ -22,44 +29,98 @@ COMMANDS = {
     "pipeline": (PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student"),
     "serve": (ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /"),
     "chat": (ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer"),
+    "report": (ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, completions"),
 }
+# Commands whose --out is one run: writing a second run into it would mix the two. demo, distill and pipeline are
+# left out on purpose: they reuse the stages already finished in their out directory (r1lab/stages.py).
+RUN_DIRECTORY_COMMANDS = ("pretrain", "grpo", "sft")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, suggesting the flag or command that a misspelt one was probably meant to be."""
+
+    def parse_args(self, args=None, namespace=None):
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:  # the subcommand's parser passes unknown flags up to here; it knows the flags to suggest
+            parser = getattr(self, "commands", {}).get(getattr(known, "command", None), self)
+            parser.error(unrecognized(extras, parser))
+        return known
+
+    def error(self, message: str):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2]))
+        super().error(message)
+
+
+def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    flags = [s for action in parser._actions for s in action.option_strings]
+    hints = [did_you_mean(a.split("=")[0], flags, quote="").strip() for a in extras if a.startswith("--")]
+    return f"unrecognized arguments: {' '.join(extras)}" + "".join(f" {h}" for h in hints if h)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("r1lab")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="r1lab", description="Train reasoning models the DeepSeek-R1 way.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="r1lab", description="Train reasoning models the DeepSeek-R1 way. "
+                                              "`r1lab COMMAND --help` lists a command's settings.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
     for name, (cls, help_text) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=help_text, description=help_text), cls)
+        command = parser.commands[name] = sub.add_parser(  # a short usage line: errors stay readable
+            name, help=help_text, description=help_text, usage="%(prog)s [-h] [--config FILE] [--FIELD VALUE ...]")
+        add_flags(command, cls)
+        if name == "report":  # `r1lab report RUN_DIR`, the run directory as the one positional argument
+            command.add_argument("run_dir", nargs="?", help="the run directory (same as --run)")
+        if name in RUN_DIRECTORY_COMMANDS:
+            command.add_argument("--overwrite", action="store_true",
+                                 help="start afresh although --out holds files: they are moved aside to OUT.old-N "
+                                      "first (nothing is deleted)")
     return parser
 
 
-def run_eval(cfg: EvalConfig) -> None:
-    from r1lab.engine import Engine
-    from r1lab.evaluate import evaluate, print_table, save_json
-    from r1lab.grpo import encode_prompt, load_policy, pick_device
-    from r1lab.tasks import get_task
+def check_out(cfg, overwrite: bool) -> Path | None:
+    """Refuses, before anything is loaded, a run directory that already holds files (two runs would mix) unless the
+    run resumes there or --overwrite; returns the directory to move aside for --overwrite, if any."""
+    out, resume = Path(cfg.out), getattr(cfg, "resume", False)
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts afresh: give one of them")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file, not a run directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held or resume:
+        return None
+    if overwrite:
+        if Path.cwd().resolve().is_relative_to(out.resolve()):
+            raise ValueError(f"out: {out} holds the current directory, so --overwrite cannot move it aside")
+        return out
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    how = "continue that run with --resume, " if hasattr(cfg, "resume") else ""
+    raise ValueError(f"out: {out} already holds files ({shown}); {how}start afresh with --overwrite (they are moved "
+                     f"aside to {out}.old-N, nothing is deleted), or choose another --out")
 
-    if cfg.threads:
-        import torch
 
-        torch.set_num_threads(cfg.threads)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
-    task = get_task(cfg.task, **cfg.task_options)
-    problems = task.problems(cfg.split, cfg.problems, cfg.seed + 1)
-    result = evaluate(Engine(model, tokenizer), task, problems,
-                      lambda p: encode_prompt(tokenizer, p, cfg.template, cfg.prefill), k=cfg.samples,
-                      temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                      response_prefix=cfg.prefill)
-    print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {len(problems)} problems)")
-    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
-    save_json(out, {cfg.split: result})
-    print(f"results: {out}")
+def move_aside(out: Path) -> Path:
+    """OUT -> OUT.old-N, the first N free: the old run stays whole and apart, and the new one starts in an empty OUT."""
+    out = out.resolve()
+    n = 1
+    while out.with_name(f"{out.name}.old-{n}").exists():
+        n += 1
+    return out.rename(out.with_name(f"{out.name}.old-{n}"))
 
 
 # command -> (module, function, what its return value is); imported only when run, so `r1lab --help` stays fast
 RUNNERS = {
     "demo": ("r1lab.demo", "run_demo", None),
-    "pretrain": ("r1lab.sft", "pretrain", "base model"),
+    "report": ("r1lab.report", "report_run", "report"),
+    "eval": ("r1lab.evaluate", "run_eval", "results"),
+    "pretrain": ("r1lab.pretrain", "pretrain", "base model"),
     "grpo": ("r1lab.grpo", "train", "final model"),
     "sft": ("r1lab.sft", "sft", "final model"),
     "sample": ("r1lab.rejection", "sample", "SFT data"),
@@ -71,9 +132,6 @@ RUNNERS = {
 
 
 def dispatch(command: str, cfg) -> None:
-    if command == "eval":
-        run_eval(cfg)
-        return
     module_name, function, result = RUNNERS[command]
     try:
         module = importlib.import_module(module_name)
@@ -89,8 +147,12 @@ def dispatch(command: str, cfg) -> None:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "run_dir", None):
+        args.run = args.run or args.run_dir
     try:
         cfg = resolve(COMMANDS[args.command][0], args)
+        if args.command in RUN_DIRECTORY_COMMANDS and (old := check_out(cfg, args.overwrite)):
+            print(f"r1lab {args.command}: --overwrite: moved {old} aside to {move_aside(old)}", file=sys.stderr)
         dispatch(args.command, cfg)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("R1LAB_DEBUG"):

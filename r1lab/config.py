@@ -1,144 +1,454 @@
 """One dataclass per command. Defaults live here; a YAML file and then CLI flags override them.
 
-Every field becomes a flag (`prompts_per_step` -> `--prompts-per-step`). The resolved config is saved in the run
-directory, so a run can be repeated exactly with `--config RUN/config.yaml`.
+Every field becomes a flag (`prompts_per_step` -> `--prompts-per-step`). Each field is declared with `setting()`:
+its default, a one-line help text, and the values it allows (a range, choices or a rule); its type is the annotation.
+From that one declaration come the `--help` lines and the validation that `resolve()` runs on flags and YAML alike,
+before anything is loaded, reporting every bad field in one message. The resolved config is saved in the run
+directory, so a run can be repeated exactly with `--config RUN/config.yaml --out NEW` (r1lab refuses to write a
+second run into an occupied run directory; see r1lab/cli.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 
-from r1lab.corpus import DEMO_TASK_OPTIONS
+from r1lab import tasks
+from r1lab.language import TARGETS
+from r1lab.reward_functions import load_reward_function
+from r1lab.tasks import DATA_SUFFIXES, TASKS, get_task
 
 
-@dataclass
-class PretrainConfig:
-    """`r1lab pretrain`: a tiny base model from scratch on the synthetic corpus (see r1lab/corpus.py)."""
+@dataclass(frozen=True)
+class Spec:
+    """What a field allows besides its type: bounds (ge/gt/le/lt), choices, or a rule for anything else."""
 
-    out: str = "runs/base"
-    task: str = "arithmetic"
-    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))
-    documents: int = 60_000  # corpus size (documents are drawn from the task's train split)
-    steps: int = 400
-    batch_size: int = 96  # documents per optimizer step
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    think_share: float = 0.3
-    slip_rate: float = 0.2
-    untagged_share: float = 0.05
-    seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 = all cores
+    help: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    rule: Callable[[Any], str | None] | None = None  # value -> what is wrong with it, or None
+    allowed: str | Callable[[], str] = ""  # the rule's allowed values, for --help (a callable defers an import)
+
+    def allowed_text(self) -> str:
+        if self.choices is not None:
+            return "one of: " + ", ".join(repr(c) if c == "" else str(c) for c in self.choices)
+        if self.rule is not None:
+            return self.allowed() if callable(self.allowed) else self.allowed
+        low = (f"[{_show(self.ge)}" if self.ge is not None else f"({_show(self.gt)}" if self.gt is not None else None)
+        high = (f"{_show(self.le)}]" if self.le is not None else f"{_show(self.lt)})" if self.lt is not None else None)
+        if low and high:
+            return f"{low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        if high:
+            return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        return ""
+
+    def problem(self, value) -> str | None:
+        """What is wrong with a value of the right type, or None."""
+        if self.choices is not None and value not in self.choices:
+            return f"{_show(value)} is not {self.allowed_text()}{did_you_mean(value, self.choices)}"
+        if self.rule is not None:
+            return self.rule(value)
+        below = (self.ge is not None and value < self.ge) or (self.gt is not None and value <= self.gt)
+        above = (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt)
+        if not (below or above):
+            return None
+        bounds = self.allowed_text()
+        one_sided = {">= ": "is below the minimum ", "<= ": "is above the maximum ",
+                     "> ": "must be > ", "< ": "must be < "}
+        for sign, words in one_sided.items():
+            if bounds.startswith(sign):
+                return f"{_show(value)} {words}{bounds[len(sign):]}"
+        return f"{_show(value)} is not in {bounds}"
 
 
-@dataclass
-class GRPOConfig:
-    """`r1lab grpo`: R1-Zero reinforcement learning with group-relative advantages and rule rewards."""
+def setting(default, help: str, **allowed):
+    """A config field: its default, a one-line help text and what it allows (see Spec); the type is the annotation."""
+    meta = {"r1lab": Spec(help, **allowed)}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
-    model: str = "runs/base/model"
-    task: str = "arithmetic"  # a built-in task name or a .jsonl/.parquet file with prompt and answer columns
-    task_options: dict = field(default_factory=dict)
-    out: str = "runs/grpo"
-    steps: int = 100
-    time_limit_s: float = 0.0  # stop after the step that reaches this much training wall time (0 = no limit)
-    # batch sizes, named by unit
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8  # G, the group size
-    micro_batch_size: int = 64  # sequences per forward/backward pass
-    updates_per_batch: int = 1  # mu: gradient steps on one batch of rollouts
-    # optimisation
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.0
-    loss_norm: str = "token"  # token | sequence | constant
-    scale_by_std: bool = True
-    drop_uniform_groups: bool = False
-    # with kl_coef 0, a zero-advantage sequence has zero gradient: skip its forward/backward (same update, faster)
-    skip_zero_advantage: bool = True
-    # rewards
-    accuracy_weight: float = 1.0
-    format_weight: float = 1.0
-    language_weight: float = 0.0  # R1 stage 2: reward the share of the chain of thought written in `language`
-    language: str = "en"  # en/latin, zh, cjk, ja, ko, ru (r1lab/language.py)
-    reward_functions: dict = field(default_factory=dict)  # your own: {"module:function": weight} (reward_functions.py)
-    reward_timeout_s: float = 5.0
-    control: str = "none"  # none | random-reward (rewards shuffled across the batch: same mean, no signal)
-    # sampling
-    template: str = "r1zero"  # r1zero | chat | none
-    prefill: str = ""  # text appended after the template, e.g. "<think>"
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    suppress_eos: bool = False  # benchmarking only: every completion runs to max_new_tokens
-    # float32, or bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed after every update),
-    # training forward passes under bf16 autocast, the optimizer on the float32 weights
-    dtype: str = "float32"
-    recompute_logits: bool = False  # backward recomputes the vocabulary projection: far less memory, a bit more time
-    # evaluation on held-out problems during training
-    eval_every: int = 20
-    eval_problems: int = 200
-    eval_samples: int = 4  # k
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
-    # bookkeeping
-    save_every: int = 50
-    samples_every: int = 10
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
+
+def _show(value) -> str:
+    """A value as the user wrote it: 0 rather than 0.0, text quoted."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# Names other trainers (transformers, TRL) use for these settings: a user coming from them gets pointed here.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs", "output_dir": "out",
+           "model_name_or_path": "model", "per_device_train_batch_size": "batch_size", "warmup": "warmup_steps",
+           "num_generations": "samples_per_prompt", "group_size": "samples_per_prompt", "beta": "kl_coef",
+           "epsilon": "clip_low", "epsilon_high": "clip_high", "max_completion_length": "max_new_tokens",
+           "gradient_clipping": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "bf16": "dtype",
+           "torch_dtype": "dtype", "num_iterations": "updates_per_batch"}
+
+
+def did_you_mean(word, names, quote: str = "'") -> str:
+    """' (did you mean 'lr'?)' for a misspelt name, or ''. difflib first; then a name other trainers use; then a
+    name that the word contains as a whole part ('lr_rate' -> 'lr'), which difflib's ratio misses for short names.
+    Names may be flags: '--lr-rate' is compared with '--lr' as lr_rate with lr."""
+    if not isinstance(word, str):
+        return ""
+    key = word.lstrip("-").replace("-", "_")
+    plain = {n.lstrip("-").replace("-", "_"): n for n in names if isinstance(n, str)}
+    match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.6)
+    if not match and ALIASES.get(key) in plain:
+        match = [ALIASES[key]]
+    if not match:
+        parts = key.split("_")
+        match = sorted((n for n in plain if n and _has_parts(parts, n.split("_"))), key=len)[-1:]
+    return f" (did you mean {quote}{plain[match[0]]}{quote}?)" if match else ""
+
+
+def _has_parts(parts: list[str], sub: list[str]) -> bool:
+    return any(parts[i:i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# rules: fields whose allowed values are not a range or a fixed list
+
+
+def _nonempty(value: str) -> str | None:
+    return "must not be empty" if not value.strip() else None
+
+
+def _task_problem(value: str) -> str | None:
+    if value in TASKS or value.lower().endswith(DATA_SUFFIXES):
+        return None
+    return f"{value!r} is not {_task_allowed()}{did_you_mean(value, TASKS)}"
+
+
+def _task_allowed() -> str:
+    return f"a built-in task ({', '.join(sorted(TASKS))}) or a data file ending in {', '.join(DATA_SUFFIXES)}"
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def _device_problem(value: str) -> str | None:
+    """The device must exist on this machine: found here, before any weights load, rather than 30 lines deep."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        return f"{value!r} is not one of {DEVICES}{did_you_mean(value, ('auto', 'cpu', 'cuda', 'mps'))}"
+    if value in ("auto", "cpu"):
+        return None
+    import torch  # only here: `r1lab --help` should not wait for torch to load
+
+    if value == "mps":
+        return None if torch.backends.mps.is_available() else "'mps' is not available on this machine; use auto or cpu"
+    if not torch.cuda.is_available():
+        return f"{value!r} but CUDA is not available on this machine (torch {torch.__version__}); use auto or cpu"
+    index, count = int(value.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        return f"{value!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def _language_problem(value: str) -> str | None:
+    if value.lower() in TARGETS:  # r1lab/language.py reads the name case-insensitively
+        return None
+    return f"{value!r} is not one of: {', '.join(TARGETS)}{did_you_mean(value.lower(), TARGETS)}"
+
+
+def _sample_language_problem(value: str) -> str | None:
+    return None if value == "" else _language_problem(value)
+
+
+# what the settings shared by several commands allow
+SEED = dict(ge=0, le=2**32 - 1)  # every seed fits the 32-bit seeders, including the seed + 1 of held-out problems
+THREADS = dict(ge=0)
+DTYPE = dict(choices=("float32", "bfloat16"))
+DEVICE = dict(rule=_device_problem, allowed=f"one of: {DEVICES} (one this machine has)")
+TASK = dict(rule=_task_problem, allowed=_task_allowed)
+PROMPT_TEMPLATES = dict(choices=("r1zero", "chat", "none", "auto"))  # "none": a single question sent as it is
+CONVERSATION_TEMPLATES = dict(choices=("auto", "chat", "r1zero"))  # a conversation cannot be sent without one
+LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
+TOP_P = dict(gt=0, le=1)
+SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine.py)
+NONEMPTY = dict(rule=_nonempty, allowed="not empty")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation: types, then each field's Spec, then each command's rules across fields
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """Flag text that does not convert to its field's type: kept, so that it is reported with every other bad field."""
+
+    text: str
+    expected: str
+
+
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping {key: value}"}
+
+
+def type_problem(tp: type, value) -> str | None:
+    """Strict types: an int field refuses 2.5 and "3", a float field takes ints but not text, NaN or infinity, a bool
+    field takes only booleans (a quoted YAML 'no' is text, refused rather than read as true)."""
+    if isinstance(value, Unparsed):
+        return f"{value.text!r} is not {value.expected}"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
+          str: isinstance(value, str), dict: isinstance(value, dict)}[tp]
+    if ok and tp is float and not math.isfinite(value):
+        return f"{_show(value)} is not a finite number"
+    if ok:
+        return None
+    if isinstance(value, str) and not isinstance(_flag_type(tp)(value), Unparsed):  # YAML quotes made it text
+        return f"{value!r} is not {EXPECTED[tp]} (it is quoted: write it without quotes)"
+    if tp is str and isinstance(value, bool):  # YAML 1.1 reads unquoted yes/no/on/off as booleans
+        return f"{_show(value)} is not text (YAML read it as a boolean: put it in quotes)"
+    return f"{_show(value)} is not {EXPECTED[tp]}"
+
+
+def field_problems(cfg) -> list[str]:
+    """'name: what is wrong' for each field of a config whose value has the wrong type or is not allowed."""
+    hints = typing.get_type_hints(type(cfg))
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        problem = type_problem(hints[f.name], value)
+        spec = f.metadata.get("r1lab")
+        if problem is None and spec is not None:
+            problem = spec.problem(value)
+        if problem:
+            problems.append(f"{f.name}: {problem}")
+    return problems
+
+
+class Settings:
+    """Base of the command configs: check() validates every field against its declaration, then the command's rules
+    across fields (rules() of each config), which run only once every field is valid on its own."""
+
+    kind = "the"  # the config's name in check()'s message, e.g. "GRPO"
+
+    def find_problems(self) -> list[str]:
+        problems = field_problems(self)
+        if problems:
+            return problems
+        if hasattr(self, "task_options"):
+            problems += task_option_problems(self.task, self.task_options)
+        return problems + self.rules()
+
+    def rules(self) -> list[str]:
+        return []
 
     def check(self) -> None:
-        """Fail at start, with a sentence, on settings that cannot work."""
+        """Fail at start, with a sentence, on settings that cannot work (the commands call this themselves)."""
+        problems = self.find_problems()
+        if problems:
+            raise ValueError(f"invalid {self.kind} config: " + "; ".join(problems))
+
+
+def task_option_problems(task: str, options: dict) -> list[str]:
+    """Options a built-in task or a data file does not take, or of the wrong type: the task constructors would raise
+    a TypeError with a traceback only once the command is running."""
+    parameters = _task_parameters(task, options)
+    if parameters is None:
+        return []
+    problems = []
+    for key, value in options.items():
+        if key not in parameters:
+            problems.append(f"task_options: unknown option {key!r} for task {task!r}"
+                            f"{did_you_mean(key, parameters)}; it takes {', '.join(parameters) or 'none'}")
+            continue
+        tp = {"int": int, "float": float, "str": str, "str | None": str}.get(str(parameters[key].annotation))
+        optional = value is None and str(parameters[key].annotation).endswith("| None")
+        if tp and not optional and (problem := type_problem(tp, value)):
+            problems.append(f"task_options: {key}: {problem}")
+    return problems or _task_constructor_problems(task, options)
+
+
+def _task_constructor_problems(task: str, options: dict) -> list[str]:
+    """A generator task checks its options' ranges itself (min_terms <= max_terms, ...) and is built in microseconds:
+    build it here, so that those mistakes too are found before anything runs. A data file is not read here."""
+    if task not in TASKS or "path" in options:
+        return []
+    try:
+        get_task(task, **options)
+    except ValueError as err:
+        return [f"task_options: {err}"]
+    return []
+
+
+def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters the task's constructor takes, by name; None for a task this cannot tell."""
+    if task.lower().endswith(tasks.DATA_SUFFIXES):
+        target = tasks.DatasetTask
+    elif task == "arithmetic":  # arithmetic_task(**options) passes them on to ArithmeticTask
+        target = tasks.ArithmeticTask
+    elif task == "code":  # code_task(path=None, **options): a file of problems or the generator
+        target = tasks.CodeFileTask if "path" in options else tasks.CodeTask
+    elif task in tasks.TASKS:
+        target = tasks.TASKS[task]
+    else:
+        return None
+    parameters = dict(inspect.signature(target).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    if task == "code":
+        parameters["path"] = inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY)
+    elif target is tasks.DatasetTask:
+        parameters.pop("path")  # the data file is the task itself
+    return parameters
+
+
+@dataclass
+class PretrainConfig(Settings):
+    """`r1lab pretrain`: a tiny base model from scratch on the synthetic corpus (see r1lab/pretrain.py)."""
+
+    kind = "pretrain"
+
+    out: str = setting("runs/base", "run directory: the model goes to OUT/model", **NONEMPTY)
+    task: str = setting("arithmetic", "the task family the corpus is made of", choices=("arithmetic",))
+    task_options: dict = setting({}, "as in every command: none = the demo's task (3-digit sums)")
+    documents: int = setting(60_000, "corpus size (documents are drawn from the task's train split)", ge=1)
+    steps: int = setting(400, "optimizer steps", ge=1)
+    batch_size: int = setting(96, "documents per optimizer step", ge=1)
+    lr: float = setting(3e-3, "peak learning rate (linear warmup, then cosine decay to a tenth)", gt=0)
+    warmup_steps: int = setting(30, "steps of linear learning-rate warmup", ge=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
+    hidden_size: int = setting(128, "model width: num_heads times an even head size", ge=1)
+    num_layers: int = setting(4, "transformer layers", ge=1)
+    num_heads: int = setting(4, "attention heads, a multiple of num_kv_heads", ge=1)
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)", ge=1)
+    intermediate_size: int = setting(384, "MLP width", ge=1)
+    think_share: float = setting(0.3, "share of documents with a worked solution in <think>", ge=0, le=1)
+    slip_rate: float = setting(0.2, "share of worked solutions with one wrong column", ge=0, le=1)
+    untagged_share: float = setting(0.05, "share of answers given without the format (with think_share at most 1)",
+                                    ge=0, le=1)
+    dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
+                         **DTYPE)
+    recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
+                                            "more time")
+    seed: int = setting(0, "random seed", **SEED)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def rules(self) -> list[str]:
+        return model_shape_problems("", self.hidden_size, self.num_heads, self.num_kv_heads) + (
+            [f"think_share + untagged_share is {self.think_share + self.untagged_share:g}, above 1"]
+            if self.think_share + self.untagged_share > 1 else [])
+
+
+def model_shape_problems(prefix: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> list[str]:
+    """The attention's constraints: whole, even head sizes (rotary embeddings rotate halves) and whole KV groups."""
+    problems = []
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        problems.append(f"{prefix}hidden_size {hidden_size} is not num_heads {num_heads} times an even head size")
+    if num_heads % num_kv_heads:
+        problems.append(f"{prefix}num_heads {num_heads} is not a multiple of {prefix}num_kv_heads {num_kv_heads}")
+    return problems
+
+
+@dataclass
+class GRPOConfig(Settings):
+    """`r1lab grpo`: R1-Zero reinforcement learning with group-relative advantages and rule rewards."""
+
+    kind = "GRPO"
+
+    model: str = setting("runs/base/model", "the policy's model directory (Hugging Face format)", **NONEMPTY)
+    task: str = setting("arithmetic", "a built-in task name or a .jsonl/.parquet file with prompt and answer columns",
+                        **TASK)
+    task_options: dict = setting({}, "the task's options; arithmetic with none: the demo's task (two 3-digit numbers)")
+    out: str = setting("runs/grpo", "run directory: config, metrics, checkpoints, the final model", **NONEMPTY)
+    steps: int = setting(100, "optimizer steps (one batch of rollouts each)", ge=1)
+    time_limit_s: float = setting(0.0, "stop after the step that reaches this much training wall time (0 = no "
+                                       "limit)", ge=0)
+    # batch sizes, named by unit
+    prompts_per_step: int = setting(16, "distinct prompts per step", ge=1)
+    samples_per_prompt: int = setting(8, "G, the group size: advantages compare samples within a group", ge=2)
+    micro_batch_size: int = setting(64, "sequences per forward/backward pass", ge=1)
+    updates_per_batch: int = setting(1, "mu: gradient steps on one batch of rollouts", ge=1)
+    # optimisation
+    lr: float = setting(1e-6, "learning rate (AdamW; linear warmup, then constant)", gt=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    warmup_steps: int = setting(0, "steps of linear learning-rate warmup", ge=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
+    clip_low: float = setting(0.2, "PPO clip below: the ratio is kept above 1 - clip_low", ge=0, lt=1)
+    clip_high: float = setting(0.2, "PPO clip above: the ratio is kept below 1 + clip_high (DAPO: larger)", ge=0)
+    kl_coef: float = setting(0.0, "weight of the KL penalty to the initial model (0 = none, no reference model)", ge=0)
+    loss_norm: str = setting("token", "how token losses are averaged (Dr. GRPO: constant)",
+                             choices=("token", "sequence", "constant"))
+    scale_by_std: bool = setting(True, "divide advantages by the group's reward std (Dr. GRPO: false)")
+    drop_uniform_groups: bool = setting(False, "leave out groups whose rewards are all equal (DAPO dynamic sampling)")
+    skip_zero_advantage: bool = setting(True, "with kl_coef 0, a zero-advantage sequence has zero gradient: skip its "
+                                              "forward/backward (same update, faster)")
+    # rewards
+    accuracy_weight: float = setting(1.0, "weight of the verified-answer reward", ge=0)
+    format_weight: float = setting(1.0, "weight of the <think>/<answer> format reward", ge=0)
+    language_weight: float = setting(0.0, "R1 stage 2: reward the share of the chain of thought written in "
+                                          "`language`", ge=0)
+    language: str = setting("en", "the language of language_weight (r1lab/language.py)", **LANGUAGE)
+    reward_functions: dict = setting({}, 'your own rewards: {"module:function": weight} (r1lab/reward_functions.py)')
+    reward_timeout_s: float = setting(5.0, "seconds a completion's reward (a code sandbox) may take", gt=0)
+    control: str = setting("none", "random-reward: rewards shuffled across the batch (same mean, no signal)",
+                           choices=("none", "random-reward"))
+    # sampling
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
+    temperature: float = setting(1.0, "rollout temperature: GRPO needs different samples within a group", gt=0)
+    top_p: float = setting(1.0, "nucleus sampling of rollouts (1 = off)", **TOP_P)
+    top_k: int = setting(0, "top-k sampling of rollouts (0 = off)", ge=0)
+    max_new_tokens: int = setting(256, "completion length limit, in tokens", ge=1)
+    suppress_eos: bool = setting(False, "benchmarking only: every completion runs to max_new_tokens")
+    dtype: str = setting("float32", "bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed "
+                                    "after every update), training under bf16 autocast", **DTYPE)
+    recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
+                                            "more time")
+    # evaluation on held-out problems during training
+    eval_every: int = setting(20, "held-out evaluation every N steps (0 = none)", ge=0)
+    eval_problems: int = setting(200, "held-out problems (at least 1 when eval_every > 0)", ge=0)
+    eval_samples: int = setting(4, "k, samples per held-out problem (at least 1 when eval_every > 0)", ge=0)
+    eval_temperature: float = setting(0.6, "held-out sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    eval_top_p: float = setting(0.95, "held-out nucleus sampling", **TOP_P)
+    # bookkeeping
+    save_every: int = setting(50, "checkpoint every N steps (0 = none; the final model is always saved)", ge=0)
+    samples_every: int = setting(10, "write sample completions every N steps (0 = never)", ge=0)
+    resume: bool = setting(False, "continue from the newest intact checkpoint in out")
+    allow_config_change: bool = setting(False, "resume with settings that change the run (recorded in "
+                                               "config_changes.jsonl)")
+    seed: int = setting(0, "random seed", **SEED)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def eval_config(self) -> EvalConfig:
+        """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
+        return EvalConfig(model=self.model, task=self.task, task_options=dict(self.task_options),
+                          problems=self.eval_problems, samples=self.eval_samples, temperature=self.eval_temperature,
+                          top_p=self.eval_top_p, max_new_tokens=self.max_new_tokens, template=self.template,
+                          prefill=self.prefill, language=self.language, reward_timeout_s=self.reward_timeout_s,
+                          seed=self.seed)
+
+    def rules(self) -> list[str]:
         problems = []
-        if self.samples_per_prompt < 2:
-            problems.append("samples_per_prompt (G) must be at least 2: advantages compare samples within a group")
-        if self.prompts_per_step < 1 or self.micro_batch_size < 1:
-            problems.append("prompts_per_step and micro_batch_size must be at least 1")
-        if self.loss_norm not in ("token", "sequence", "constant"):
-            problems.append(f"loss_norm {self.loss_norm!r} is not one of token, sequence, constant")
-        if self.control not in ("none", "random-reward"):
-            problems.append(f"control {self.control!r} is not one of none, random-reward")
-        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
-            problems.append("clip_low must be in [0, 1) and clip_high >= 0")
-        if self.updates_per_batch < 1 or self.steps < 1 or self.max_new_tokens < 1:
-            problems.append("updates_per_batch, steps and max_new_tokens must be at least 1")
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
-        if self.temperature <= 0:
-            problems.append("temperature must be > 0: GRPO needs different samples within a group")
-        if self.dtype not in ("float32", "bfloat16"):
-            problems.append(f"dtype {self.dtype!r} is not one of float32, bfloat16")
-        problems += _reward_function_problems(self.reward_functions)
-        if problems:
-            raise ValueError("invalid GRPO config: " + "; ".join(problems))
+        return problems + _reward_function_problems(self.reward_functions)
 
 
 def _reward_function_problems(functions: dict) -> list[str]:
-    from r1lab.reward_functions import load_reward_function
-
-    if not isinstance(functions, dict):
-        return ['reward_functions must map "module:function" to a weight']
     problems = []
     for spec, weight in functions.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             problems.append(f"reward function {spec!r}: its weight must be a number, got {weight!r}")
         try:
             load_reward_function(spec)
@@ -148,174 +458,215 @@ def _reward_function_problems(functions: dict) -> list[str]:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     """`r1lab eval`: pass@1 over k samples, cons@k and pass@k on held-out problems (the paper's protocol)."""
 
-    model: str = "runs/demo/grpo/model"
-    task: str = "arithmetic"
-    task_options: dict = field(default_factory=dict)
-    split: str = "test"
-    problems: int = 200
-    samples: int = 8  # k
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 128
-    template: str = "r1zero"
-    prefill: str = ""
-    out: str = ""  # JSON results path; default: next to the model
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
-    threads: int = 0
+    kind = "eval"
+
+    model: str = setting("runs/demo/grpo/model", "the model directory to evaluate", **NONEMPTY)
+    task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
+    task_options: dict = setting({}, "the task's options (a YAML mapping)")
+    split: str = setting("test", "which split the problems come from", choices=("test", "train"))
+    problems: int = setting(200, "problems evaluated", ge=1)
+    samples: int = setting(8, "k, samples per problem", ge=1)
+    temperature: float = setting(0.6, "sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
+    max_new_tokens: int = setting(128, "completion length limit, in tokens", ge=1)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
+    language: str = setting("en", "the language whose share of the chain of thought is reported", **LANGUAGE)
+    reward_timeout_s: float = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
+    out: str = setting("", "JSON results path; default: next to the model")
+    seed: int = setting(0, "the held-out problems are drawn with seed + 1, the samples with seed", **SEED)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Settings):
     """`r1lab sft`: supervised fine-tuning on chat data (rows of `messages`), the loss on assistant turns only."""
 
-    model: str = "runs/base/model"
-    data: str = "runs/sample/sft.jsonl"  # .jsonl / .json / .parquet, each row {"messages": [{role, content}, ...]}
-    out: str = "runs/sft"
-    template: str = "auto"  # auto (the tokenizer's chat template if it has one, else r1zero) | chat | r1zero
-    epochs: float = 2.0  # R1 stage 3 trains two epochs on the rejection-sampled data
-    steps: int = 0  # optimizer steps; 0 = as many as `epochs` takes
-    batch_size: int = 16  # conversations per optimizer step
-    micro_batch_size: int = 0  # conversations per forward/backward pass; 0 = the whole batch at once
-    lr: float = 1e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_len: int = 2048  # tokens; longer conversations are dropped and counted, never truncated
-    eval_fraction: float = 0.0  # share of conversations held out for a held-out loss (stable hash of the row)
-    eval_every: int = 50
-    save_every: int = 0  # checkpoint every N steps (0 = none); `--resume` continues from the latest
-    resume: bool = False
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
+    kind = "SFT"
 
-    def check(self) -> None:
-        """Fail at start, with a sentence, on settings that cannot work."""
-        problems = []
-        if self.batch_size < 1 or self.micro_batch_size < 0:
-            problems.append("batch_size must be at least 1 and micro_batch_size at least 0")
-        if self.steps < 0 or (self.steps == 0 and self.epochs <= 0):
-            problems.append("set steps >= 1, or steps 0 and epochs > 0")
-        if self.max_len < 2:
-            problems.append("max_len must be at least 2 tokens")
-        if self.template not in ("auto", "chat", "r1zero"):
-            problems.append(f"template {self.template!r} is not one of auto, chat, r1zero")
-        if not 0 <= self.eval_fraction < 1 or self.eval_every < 1:
-            problems.append("eval_fraction must be in [0, 1) and eval_every at least 1")
-        if problems:
-            raise ValueError("invalid SFT config: " + "; ".join(problems))
+    model: str = setting("runs/base/model", "the model directory to fine-tune", **NONEMPTY)
+    data: str = setting("runs/sample/sft.jsonl", ".jsonl / .json / .parquet of chat rows: messages, prompt/completion "
+                                                 "(TRL) or ShareGPT conversations", **NONEMPTY)
+    data_format: str = setting("auto", "auto: detected from the first row's keys",
+                               choices=("auto", "messages", "prompt_completion", "sharegpt"))
+    messages_field: str = setting("messages", "the column holding a list of {role, content} messages", **NONEMPTY)
+    prompt_field: str = setting("prompt", "prompt-completion rows: the prompt column (a string, or a list of "
+                                          "messages)", **NONEMPTY)
+    completion_field: str = setting("completion", "prompt-completion rows: the completion column (a string, or the "
+                                                  "assistant message(s)); the loss is on it only", **NONEMPTY)
+    conversations_field: str = setting("conversations", "ShareGPT rows: the column holding a list of {from, value}",
+                                       **NONEMPTY)
+    role_map: dict = setting({}, "ShareGPT: more `from` values mapped to system, user or assistant (human, gpt, "
+                                 "system are known)")
+    out: str = setting("runs/sft", "run directory: config, metrics, checkpoints, the final model", **NONEMPTY)
+    template: str = setting("auto", "auto: the tokenizer's chat template if it has one, else r1zero",
+                            **CONVERSATION_TEMPLATES)
+    epochs: float = setting(2.0, "passes over the data (R1 stage 3 trains two epochs on rejection-sampled data)", ge=0)
+    steps: int = setting(0, "optimizer steps; 0 = as many as `epochs` takes", ge=0)
+    batch_size: int = setting(16, "conversations per optimizer step", ge=1)
+    micro_batch_size: int = setting(0, "conversations per forward/backward pass; 0 = the whole batch at once", ge=0)
+    lr: float = setting(1e-5, "peak learning rate (linear warmup, then cosine decay to a tenth)", gt=0)
+    warmup_steps: int = setting(10, "steps of linear learning-rate warmup", ge=0)
+    weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)
+    dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
+                         **DTYPE)
+    recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
+                                            "more time")
+    eval_fraction: float = setting(0.0, "share of conversations held out for a held-out loss (stable hash of the "
+                                        "row)", ge=0, lt=1)
+    eval_every: int = setting(50, "held-out loss every N steps (when eval_fraction > 0)", ge=1)
+    save_every: int = setting(0, "checkpoint every N steps (0 = none); `--resume` continues from the latest", ge=0)
+    resume: bool = setting(False, "continue from the newest intact checkpoint in out")
+    allow_config_change: bool = setting(False, "resume with settings that change the run (recorded in "
+                                               "config_changes.jsonl)")
+    seed: int = setting(0, "random seed", **SEED)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def rules(self) -> list[str]:
+        return ["set steps >= 1, or steps 0 and epochs > 0"] if self.steps == 0 and self.epochs <= 0 else []
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Settings):
     """`r1lab sample`: rejection sampling; k completions per prompt, the correct and readable ones kept as SFT data."""
 
-    model: str = "runs/grpo/model"
-    task: str = "arithmetic"
-    task_options: dict = field(default_factory=dict)
-    split: str = "train"
-    problems: int = 200  # prompts (distinct); 0 = every row of a data file's split
-    samples: int = 16  # k completions per prompt
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    prompts_per_chunk: int = 32  # prompts per generate call
-    template: str = "r1zero"  # r1zero | chat | none
-    prefill: str = ""
-    # readability filters on the verified-correct completions
-    min_tokens: int = 1
-    max_tokens: int = 0  # 0 = no limit below max_new_tokens
-    language: str = "en"  # language the reasoning must be written in (r1lab/language.py); "" = no language filter
-    min_language_score: float = 0.9  # share of the <think> part's words in it: one stray "π" in ten passes
-    max_per_prompt: int = 0  # distinct completions kept per prompt; 0 = every distinct one
-    reward_timeout_s: float = 5.0
-    out: str = "runs/sample/sft.jsonl"  # the SFT dataset; a summary and the config are written beside it
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
-    threads: int = 0
+    kind = "sample"
 
-    def check(self) -> None:
-        """Fail at start, with a sentence, on settings that cannot work."""
-        problems = []
-        if self.samples < 1 or self.prompts_per_chunk < 1 or self.max_new_tokens < 1:
-            problems.append("samples, prompts_per_chunk and max_new_tokens must be at least 1")
-        if self.problems < 0 or self.max_per_prompt < 0 or self.min_tokens < 0 or self.max_tokens < 0:
-            problems.append("problems, max_per_prompt, min_tokens and max_tokens cannot be negative")
+    model: str = setting("runs/grpo/model", "the model directory to sample from", **NONEMPTY)
+    task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
+    task_options: dict = setting({}, "the task's options (a YAML mapping)")
+    split: str = setting("train", "which split the prompts come from", choices=("train", "test"))
+    problems: int = setting(200, "prompts (distinct); 0 = every row of a data file's split", ge=0)
+    samples: int = setting(16, "k completions per prompt", ge=1)
+    temperature: float = setting(0.6, "sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
+    max_new_tokens: int = setting(256, "completion length limit, in tokens", ge=1)
+    prompts_per_chunk: int = setting(32, "prompts per generate call", ge=1)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
+    # readability filters on the verified-correct completions
+    min_tokens: int = setting(1, "shortest completion kept, in tokens", ge=0)
+    max_tokens: int = setting(0, "longest completion kept; 0 = no limit below max_new_tokens", ge=0)
+    language: str = setting("en", 'language the reasoning must be written in (r1lab/language.py); "" = no language '
+                                  "filter", rule=_sample_language_problem,
+                            allowed="one of: " + ", ".join(TARGETS) + ", ''")
+    min_language_score: float = setting(0.9, "share of the <think> part's words in it: one stray \"π\" in ten passes",
+                                        ge=0, le=1)
+    max_per_prompt: int = setting(0, "distinct completions kept per prompt; 0 = every distinct one", ge=0)
+    reward_timeout_s: float = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
+    out: str = setting("runs/sample/sft.jsonl", "the SFT dataset; a summary and the config are written beside it",
+                       **NONEMPTY)
+    seed: int = setting(0, "random seed", **SEED)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def rules(self) -> list[str]:
         if self.max_tokens and self.max_tokens < self.min_tokens:
-            problems.append(f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}")
-        if self.temperature < 0:
-            problems.append("temperature cannot be negative")
-        if problems:
-            raise ValueError("invalid sample config: " + "; ".join(problems))
+            return [f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}"]
+        return []
 
 
 @dataclass
-class DemoConfig:
+class ReportConfig(Settings):
+    """`r1lab report RUN_DIR`: curves, the first and last held-out evaluation and sample completions of a run."""
+
+    kind = "report"
+
+    run: str = setting("runs/grpo", "a run directory of r1lab grpo, sft or pretrain (it holds metrics.jsonl)",
+                       **NONEMPTY)
+    title: str = setting("", "the report's title; default: the run directory's name")
+
+
+@dataclass
+class DemoConfig(Settings):
     """`r1lab demo`: tokenizer -> tiny base -> eval -> R1-Zero GRPO -> eval -> report, on a CPU in minutes."""
 
-    out: str = "runs/demo"
-    control: str = "none"  # random-reward runs the same demo with shuffled rewards
-    pretrain_steps: int = 400
-    grpo_steps: int = 60
-    eval_problems: int = 200
-    seed: int = 0
-    threads: int = 0
+    kind = "demo"
+
+    out: str = setting("runs/demo", "run directory; stages already done there are reused", **NONEMPTY)
+    control: str = setting("none", "random-reward runs the same demo with shuffled rewards",
+                           choices=("none", "random-reward"))
+    pretrain_steps: int = setting(400, "optimizer steps of the tiny base", ge=1)
+    grpo_steps: int = setting(60, "GRPO steps", ge=1)
+    eval_problems: int = setting(200, "held-out problems of each evaluation", ge=1)
+    seed: int = setting(0, "random seed", **SEED)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+
+def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
+    """The demo's GRPO preset for the tiny models (used by demo, distill and pipeline): 16 prompts x 8 samples,
+    64 new tokens, lr 3e-5 (the tiny model collapses at 2e-4), held-out evaluation every 10 steps with k = 8."""
+    preset = dict(prompts_per_step=16, samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64,
+                  eval_every=10, eval_samples=8, save_every=20, samples_every=10)
+    return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**preset, **settings})
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Settings):
     """`r1lab distill`: teacher -> sampled traces -> verified, readable SFT data -> a smaller student (R1 section 4).
 
     With `compare_grpo`, the same student base is also trained by GRPO for the wall time distillation took, and the
     report puts both beside the teacher (the paper's finding: distillation beats RL on the small model)."""
 
-    teacher: str = "runs/demo/grpo/model"
-    student: str = ""  # a student base model directory; "" = pretrain one of the student_* shape on the corpus
-    student_hidden_size: int = 64
-    student_num_layers: int = 4
-    student_num_heads: int = 4
-    student_num_kv_heads: int = 2
-    student_intermediate_size: int = 176  # with the four above: about 0.23x the demo model's parameters
-    student_pretrain_steps: int = 400
-    task: str = "arithmetic"
-    task_options: dict = field(default_factory=lambda: dict(DEMO_TASK_OPTIONS))
-    template: str = "r1zero"
-    # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
-    problems: int = 6000  # train prompts
-    samples: int = 2
-    max_per_prompt: int = 1  # a worked solution is nearly deterministic: more copies of it add nothing
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    # SFT of the student on them
-    epochs: float = 8.0
-    batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 10
-    # the comparison: the same student base trained by GRPO for the same wall time
-    compare_grpo: bool = True
-    grpo_lr: float = 1e-4
-    # held-out evaluation of teacher and students (k samples, temperature 0.6, top-p 0.95)
-    eval_problems: int = 200
-    eval_samples: int = 8
-    out: str = "runs/distill"
-    seed: int = 0
-    threads: int = 0
+    kind = "distill"
 
-    def check(self) -> None:
-        if not self.student and self.task != "arithmetic":
-            raise ValueError(f"invalid distill config: pretraining a student base needs the arithmetic task; for task "
-                             f"{self.task!r} give a student base model directory with --student")
+    teacher: str = setting("runs/demo/grpo/model", "the teacher's model directory", **NONEMPTY)
+    student: str = setting("", 'a student base model directory; "" = pretrain one of the student_* shape on the '
+                               "corpus")
+    student_hidden_size: int = setting(64, "width of a pretrained student", ge=1)
+    student_num_layers: int = setting(4, "layers of a pretrained student", ge=1)
+    student_num_heads: int = setting(4, "attention heads of a pretrained student", ge=1)
+    student_num_kv_heads: int = setting(2, "key/value heads of a pretrained student", ge=1)
+    student_intermediate_size: int = setting(176, "with the four above: about 0.23x the demo model's parameters",
+                                             ge=1)
+    student_pretrain_steps: int = setting(400, "pretraining steps of the student base", ge=1)
+    task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
+    task_options: dict = setting({}, "the task's options (a YAML mapping)")
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
+    problems: int = setting(6000, "train prompts for the teacher (0 = every row of a data file's split)", ge=0)
+    samples: int = setting(2, "teacher completions per prompt", ge=1)
+    max_per_prompt: int = setting(1, "a worked solution is nearly deterministic: more copies of it add nothing (0 = "
+                                     "every distinct one)", ge=0)
+    temperature: float = setting(0.6, "the teacher's sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    top_p: float = setting(0.95, "the teacher's nucleus sampling", **TOP_P)
+    max_new_tokens: int = setting(64, "completion length limit, in tokens", ge=1)
+    # SFT of the student on them
+    epochs: float = setting(8.0, "SFT epochs of the student", gt=0)
+    batch_size: int = setting(64, "conversations per SFT step", ge=1)
+    lr: float = setting(2e-3, "the student's SFT learning rate", gt=0)
+    warmup_steps: int = setting(10, "steps of linear learning-rate warmup", ge=0)
+    # the comparison: the same student base trained by GRPO for the same wall time
+    compare_grpo: bool = setting(True, "also train the student base by GRPO for the same wall time")
+    grpo_lr: float = setting(1e-4, "that GRPO run's learning rate", gt=0)
+    # held-out evaluation of teacher and students (k samples, temperature 0.6, top-p 0.95)
+    eval_problems: int = setting(200, "held-out problems", ge=1)
+    eval_samples: int = setting(8, "k, samples per held-out problem", ge=1)
+    out: str = setting("runs/distill", "run directory; stages already done there are reused", **NONEMPTY)
+    seed: int = setting(0, "random seed", **SEED)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def rules(self) -> list[str]:
+        if self.student:
+            return []
+        if self.task != "arithmetic":
+            return [f"pretraining a student base needs the arithmetic task; for task {self.task!r} give a student "
+                    f"base model directory with --student"]
+        return model_shape_problems("student_", self.student_hidden_size, self.student_num_heads,
+                                    self.student_num_kv_heads)
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(Settings):
     """`r1lab pipeline`: DeepSeek-R1's four stages, beside R1-Zero and a distilled student, in one run.
 
     base -> (R1-Zero: GRPO) and (1 cold-start SFT -> 2 reasoning RL with the language reward -> 3 rejection sampling,
@@ -323,107 +674,160 @@ class PipelineConfig:
     On the built-in arithmetic task everything is made here (CPU size); on your own task (a data file) give the base
     model, the cold-start data and, to distil, the student base."""
 
-    out: str = "runs/pipeline"
-    task: str = "arithmetic"  # the built-in arithmetic task, or a .jsonl/.parquet file with prompt and answer columns
-    task_options: dict = field(default_factory=dict)  # for arithmetic, on top of the demo's (two 3-digit numbers)
-    base: str = ""  # a base model directory; "" = pretrain the demo's tiny base (arithmetic only)
-    cold_start_data: str = ""  # chat JSONL/Parquet for stage 1; "" = generated worked solutions (arithmetic only)
-    student: str = ""  # the student base for distillation; "" = pretrain the preset student (arithmetic only)
-    template: str = "r1zero"  # how prompts are rendered for RL, sampling and evaluation: r1zero | chat | none
-    max_new_tokens: int = 64
-    pretrain_steps: int = 400
-    r1zero_steps: int = 60  # R1-Zero from the same base, for comparison (the demo's run)
-    cold_start_examples: int = 400  # generated worked solutions, always in the <think>/<answer> format
-    cold_start_epochs: float = 2.0
-    sft_lr: float = 1e-3
-    reasoning_rl_steps: int = 40
-    language_weight: float = 0.1  # stages 2 and 4: accuracy + format + this x language consistency
-    rejection_problems: int = 1000
-    rejection_samples: int = 4
-    final_rl_steps: int = 20
-    rl_lr: float = 3e-5
-    distill: bool = True  # distil the final model into a student
-    distill_problems: int = 6000  # teacher prompts for the student's SFT data
-    student_pretrain_steps: int = 400
-    eval_problems: int = 200
-    eval_samples: int = 8
-    seed: int = 0
-    threads: int = 0
+    kind = "pipeline"
 
-    def options(self) -> dict:
-        """The task's options: for arithmetic the demo's, updated by task_options."""
-        return {**DEMO_TASK_OPTIONS, **self.task_options} if self.task == "arithmetic" else dict(self.task_options)
+    out: str = setting("runs/pipeline", "run directory; stages already done there are reused", **NONEMPTY)
+    task: str = setting("arithmetic", "the built-in arithmetic task, or a .jsonl/.parquet file with prompt and answer "
+                                      "columns", **TASK)
+    task_options: dict = setting({}, "the task's options (a YAML mapping)")
+    base: str = setting("", 'a base model directory; "" = pretrain the demo\'s tiny base (arithmetic only)')
+    cold_start_data: str = setting("", 'chat JSONL/Parquet for stage 1; "" = generated worked solutions (arithmetic '
+                                       "only)")
+    student: str = setting("", 'the student base for distillation; "" = pretrain the preset student (arithmetic '
+                               "only)")
+    template: str = setting("r1zero", "how prompts are rendered for RL, sampling and evaluation", **PROMPT_TEMPLATES)
+    max_new_tokens: int = setting(64, "completion length limit, in tokens", ge=1)
+    pretrain_steps: int = setting(400, "pretraining steps of the tiny base", ge=1)
+    r1zero_steps: int = setting(60, "R1-Zero from the same base, for comparison (the demo's run)", ge=1)
+    cold_start_examples: int = setting(400, "generated worked solutions, always in the <think>/<answer> format", ge=1)
+    cold_start_epochs: float = setting(2.0, "SFT epochs of stage 1", gt=0)
+    sft_lr: float = setting(1e-3, "SFT learning rate (stages 1 and 3)", gt=0)
+    reasoning_rl_steps: int = setting(40, "GRPO steps of stage 2", ge=1)
+    language_weight: float = setting(0.1, "stages 2 and 4: accuracy + format + this x language consistency", ge=0)
+    rejection_problems: int = setting(1000, "stage 3 prompts (0 = every row of a data file's split)", ge=0)
+    rejection_samples: int = setting(4, "stage 3 completions per prompt", ge=1)
+    final_rl_steps: int = setting(20, "GRPO steps of stage 4", ge=1)
+    rl_lr: float = setting(3e-5, "GRPO learning rate (stages 2 and 4)", gt=0)
+    distill: bool = setting(True, "distil the final model into a student")
+    distill_problems: int = setting(6000, "teacher prompts for the student's SFT data", ge=0)
+    student_pretrain_steps: int = setting(400, "pretraining steps of the preset student", ge=1)
+    eval_problems: int = setting(200, "held-out problems", ge=1)
+    eval_samples: int = setting(8, "k, samples per held-out problem", ge=1)
+    seed: int = setting(0, "random seed", **SEED)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
 
-    def check(self) -> None:
+    def rules(self) -> list[str]:
         if self.task == "arithmetic":
-            return
+            return []
         missing = [name for name, value in (("base", self.base), ("cold_start_data", self.cold_start_data),
                                             ("student", self.student if self.distill else "given")) if not value]
         if missing:
-            raise ValueError(f"invalid pipeline config: with task {self.task!r} (not the built-in arithmetic task), "
-                             f"give {', '.join(missing)}: only the built-in task can make them itself")
+            return [f"with task {self.task!r} (not the built-in arithmetic task), give {', '.join(missing)}: only the "
+                    f"built-in task can make them itself"]
+        return []
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Settings):
     """`r1lab serve`: an OpenAI-compatible API (reasoning_content split out) and a chat page for a model directory."""
 
-    model: str = "runs/demo/grpo/model"
-    served_model_name: str = ""  # the model id clients send; default: the model directory's name
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str = ""  # when set, /v1 requests need the header `Authorization: Bearer KEY`
-    template: str = "auto"  # auto (the tokenizer's chat template, else r1zero) | chat | r1zero
-    prefill: str = ""  # text after the template, e.g. "<think>": the reply then starts inside the reasoning
-    max_batch: int = 64  # completions generated together in one batch
-    batch_wait_ms: float = 5.0  # a batch starts once no request came for this long (10x this at most)
-    max_pending: int = 4096  # requests waiting beyond this get 503
-    max_tokens: int = 4096  # the most completion tokens a request may ask for
-    max_model_len: int = 0  # context length (prompt + completion); 0: the model's max_position_embeddings
-    max_body_bytes: int = 1 << 20
-    device: str = "auto"
-    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
-    threads: int = 0
-    log_level: str = "info"
+    kind = "serve"
 
-    def check(self) -> None:
-        problems = []
-        if self.max_batch < 1 or self.max_tokens < 1 or self.max_pending < 1 or self.max_body_bytes < 1:
-            problems.append("max_batch, max_tokens, max_pending and max_body_bytes must be at least 1")
-        if self.batch_wait_ms < 0:
-            problems.append("batch_wait_ms cannot be negative")
-        if self.template not in ("auto", "chat", "r1zero"):
-            problems.append(f"template {self.template!r} is not one of auto, chat, r1zero")
-        if problems:
-            raise ValueError("invalid serve config: " + "; ".join(problems))
+    model: str = setting("runs/demo/grpo/model", "the model directory to serve", **NONEMPTY)
+    served_model_name: str = setting("", "the model id clients send; default: the model directory's name")
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", **NONEMPTY)
+    port: int = setting(8000, "TCP port", ge=1, le=65535)
+    api_key: str = setting("", "when set, /v1 requests need the header `Authorization: Bearer KEY`")
+    template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **CONVERSATION_TEMPLATES)
+    prefill: str = setting("", 'text after the template, e.g. "<think>": the reply then starts inside the reasoning')
+    max_batch: int = setting(64, "completions generated together in one batch", ge=1)
+    batch_wait_ms: float = setting(5.0, "a batch starts once no request came for this long (10x this at most)", ge=0)
+    max_pending: int = setting(4096, "completions waiting beyond this get 503", ge=1)
+    max_tokens: int = setting(4096, "the most completion tokens a request may ask for", ge=1)
+    max_request_tokens: int = setting(262_144, "prompts x n x max_tokens of one request (a full batch of max_tokens "
+                                               "rows)", ge=1)
+    max_prompts: int = setting(128, "prompts in one /v1/completions request", ge=1)
+    yield_every_tokens: int = setting(32, "a batch holding more than a client's share pauses for waiting clients this "
+                                          "often", ge=1)
+    yield_max_tokens: int = setting(512, "... to run their requests of at most this many max_tokens "
+                                         "(r1lab/serve/batcher.py)", ge=0)
+    max_model_len: int = setting(0, "context length (prompt + completion); 0: the model's max_position_embeddings",
+                                 ge=0)
+    max_body_bytes: int = setting(1 << 20, "largest request body, in bytes", ge=1)
+    body_timeout_s: float = setting(30.0, "a request body not received in full within this gets 408 and its "
+                                          "connection closed", gt=0)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    log_level: str = setting("info", "uvicorn's and the server's log level",
+                             choices=("critical", "error", "warning", "info", "debug", "trace"))
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(Settings):
     """`r1lab chat`: talk to a model directory in the terminal; its reasoning is shown apart from the answer."""
 
-    model: str = "runs/demo/grpo/model"
-    template: str = "auto"  # auto (the tokenizer's chat template, else r1zero) | chat | r1zero
-    prefill: str = ""
-    system: str = ""  # a system message opening the conversation
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_tokens: int = 1024
-    seed: int = 0  # reply i is sampled with seed + i: a piped conversation replays exactly
-    device: str = "auto"
-    dtype: str = "float32"  # bfloat16: half the memory and bytes per decode step (on a GPU)
-    threads: int = 0
+    kind = "chat"
+
+    model: str = setting("runs/demo/grpo/model", "the model directory to talk to", **NONEMPTY)
+    template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **CONVERSATION_TEMPLATES)
+    prefill: str = setting("", 'text after the template, e.g. "<think>"')
+    system: str = setting("", "a system message opening the conversation")
+    temperature: float = setting(0.6, "sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
+    max_tokens: int = setting(1024, "reply length limit, in tokens", ge=1)
+    seed: int = setting(0, "reply i is sampled with seed + i: a piped conversation replays exactly", **SEED)
+    device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
+    dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
+    threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# YAML, flags and resolve()
 
 
-def _flag_type(tp):
-    if tp is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    if tp is dict:
-        return lambda s: yaml.safe_load(s) or {}
-    return tp
+class YAMLLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads 1e-5 (no decimal point) as text; who writes lr: 1e-5 means a number."""
+
+
+YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def read_yaml_config(path: str) -> dict:
+    """The mapping of a --config file; a missing file, malformed YAML or another shape is one line naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ValueError(f"--config {path}: {err.strerror or err}") from None
+    try:
+        loaded = yaml.load(text, Loader=YAMLLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise ValueError(f"{where}: malformed YAML: {getattr(err, 'problem', None) or err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: must be a mapping of field: value, not {type(loaded).__name__}")
+    return loaded
+
+
+def _flag_type(tp: type) -> Callable[[str], Any]:
+    """Flag text -> the field's type; text that does not convert is kept (Unparsed) for resolve() to report with the
+    other bad fields, instead of argparse stopping at the first."""
+    def convert(text: str):
+        try:
+            if tp is bool:
+                return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+            if tp is dict:
+                loaded = yaml.load(text, Loader=YAMLLoader)
+                return {} if loaded is None else loaded
+            return tp(text)
+        except (KeyError, ValueError, yaml.YAMLError):
+            expected = {bool: "one of true, false, yes, no, 1, 0", dict: "a YAML mapping such as '{key: value}'"}
+            return Unparsed(text, expected.get(tp, EXPECTED[tp]))
+    return convert
+
+
+def help_line(spec: Spec | None, tp: type, default) -> str:
+    """'description [allowed values] (default: ...)' for --help, from the field's declaration."""
+    allowed = (spec.allowed_text() if spec else "") or {bool: "true/false", dict: "a YAML mapping"}.get(tp, "")
+    if allowed and not allowed.startswith("one of"):
+        allowed = "allowed: " + allowed
+    shown = str(default).lower() if isinstance(default, bool) else repr(default)
+    text = (spec.help if spec else "") + f" ({allowed + '; ' if allowed else ''}default: {shown})"
+    return text.strip().replace("%", "%%")  # argparse %-formats help strings
 
 
 def add_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -434,23 +838,32 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}  # `--resume` alone means true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_flag_type(hints[f.name]),
-                            default=None, metavar=hints[f.name].__name__.upper(), help=f"(default: {default})", **extra)
+                            default=None, metavar=hints[f.name].__name__.upper(),
+                            help=help_line(f.metadata.get("r1lab"), hints[f.name], default), **extra)
 
 
 def resolve(cls, args: argparse.Namespace | None = None, **overrides):
-    """Defaults, then the YAML file named by --config, then flags, then keyword overrides."""
+    """Defaults, then the YAML file named by --config, then flags, then keyword overrides; then every field is
+    validated (types, ranges, choices, the command's rules), all bad fields reported in one ValueError."""
+    names = [f.name for f in dataclasses.fields(cls)]
     values: dict = {}
+    problems = []
     config_path = getattr(args, "config", None) if args else None
     if config_path:
-        loaded = yaml.safe_load(Path(config_path).read_text()) or {}
-        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{config_path}: unknown field(s) {', '.join(sorted(unknown))} for {cls.__name__}")
-        values.update(loaded)
+        for key, value in read_yaml_config(config_path).items():
+            if key in names:
+                values[key] = value
+            else:
+                problems.append(f"{config_path}: unknown field {str(key)!r}{did_you_mean(str(key), names)}")
     if args:
-        values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None})
+        values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     values.update(overrides)
-    return cls(**values)
+    cfg = cls(**values)
+    problems += cfg.find_problems()
+    if problems:
+        raise ValueError("invalid settings:\n  " + "\n  ".join(problems))
+    hints = typing.get_type_hints(cls)
+    return dataclasses.replace(cfg, **{n: float(getattr(cfg, n)) for n in names if hints[n] is float})
 
 
 def save_config(config, path: Path) -> None:

@@ -8,24 +8,14 @@ verifier.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig
-from r1lab.corpus import DEMO_TASK_OPTIONS
+from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig, tiny_grpo_config
 from r1lab.grpo import train
-from r1lab.report import example_completions, write_report
+from r1lab.report import eval_records, example_completions, write_report
 from r1lab.stages import pretrained_base
 
 RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
-
-
-def tiny_grpo_config(model: Path, out: Path, steps: int, **settings) -> GRPOConfig:
-    """GRPO on the demo's task and tiny model: 16 prompts x 8 samples, 64 new tokens, held-out eval every 10 steps."""
-    defaults = dict(task="arithmetic", task_options=dict(DEMO_TASK_OPTIONS), prompts_per_step=16, samples_per_prompt=8,
-                    micro_batch_size=128, lr=3e-5, max_new_tokens=64, eval_every=10, eval_samples=8, save_every=20,
-                    samples_every=10)
-    return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**defaults, **settings})
 
 
 def demo_grpo_config(cfg: DemoConfig, base_model: Path) -> GRPOConfig:
@@ -37,14 +27,6 @@ def ensure_base(cfg: DemoConfig, log) -> Path:
     """Pretrain the tiny base, or reuse one already made with the same settings (e.g. for the control run)."""
     pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
     return pretrained_base(pre, log)
-
-
-def eval_records(run: Path, which: str) -> tuple[dict, list[dict]]:
-    """The first or last held-out evaluation of a run: its figures and its per-problem records."""
-    files = sorted((run / "eval").glob("step_*.json"))
-    data = json.loads(files[0 if which == "first" else -1].read_text())["heldout"]
-    records = data.pop("records", [])
-    return data, records
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:

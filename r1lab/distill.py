@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r1lab.config import DistillConfig, PretrainConfig, SampleConfig, SFTConfig
-from r1lab.demo import tiny_grpo_config
+from r1lab.config import DistillConfig, EvalConfig, PretrainConfig, SampleConfig, SFTConfig, tiny_grpo_config
 from r1lab.grpo import train
 from r1lab.rejection import sample
 from r1lab.report import write_comparison_report
 from r1lab.sft import sft
-from r1lab.stages import EvalProtocol, evaluate_models, parameter_count, pretrained_base, run_stage
+from r1lab.stages import evaluate_models, parameter_count, pretrained_base, run_stage
 from r1lab.tasks import get_task
 
 
@@ -82,8 +81,8 @@ def run_distill(cfg: DistillConfig, log=print) -> Path:
     if cfg.compare_grpo:
         models["student by GRPO, same time"] = grpo_student(cfg, base, sample_s + sft_s, log)
         seconds["student by GRPO, same time"] = sample_s + sft_s
-    protocol = EvalProtocol(problems=cfg.eval_problems, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                            template=cfg.template, seed=cfg.seed)
+    protocol = EvalConfig(problems=cfg.eval_problems, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                          template=cfg.template, seed=cfg.seed)
     results = evaluate_models(models, get_task(cfg.task, **cfg.task_options), protocol, log)
     params = {label: parameter_count(path) for label, path in models.items()}
     extra = {label: {"parameters": params[label], "training_seconds": seconds.get(label)} for label in models}

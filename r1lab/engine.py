@@ -139,7 +139,7 @@ def _inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64)
 
 
 PerPrompt = float | int | list  # one value for every prompt, or a list with one value per prompt
-StepCallback = Callable[[list[int], list[int]], "Iterable[int] | None"]
+StepCallback = Callable[..., "Iterable[int] | None"]  # (rows, tokens) or, with step_logprobs, (rows, tokens, logprobs)
 
 
 @dataclass
@@ -233,14 +233,16 @@ class Engine:
     def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: PerPrompt = 128,
                  temperature: PerPrompt = 1.0, top_p: PerPrompt = 1.0, top_k: PerPrompt = 0,
                  stop_strings: tuple[str, ...] = (), seed: PerPrompt | None = None, suppress_eos: bool = False,
-                 on_step: StepCallback | None = None) -> list[Sample]:
+                 on_step: StepCallback | None = None, step_logprobs: bool = False) -> list[Sample]:
         """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
 
         max_new_tokens, temperature, top_p, top_k and seed take one value for all prompts or a list with one per
         prompt (a server batches requests with different settings). With per-prompt seeds, each sample draws from
         its own generator, so its tokens do not depend on what else is in the batch. on_step(rows, tokens) is
         called after every decode step with the output rows that produced a token and those tokens (host lists);
-        it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected.
+        it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected. With
+        step_logprobs it is called as on_step(rows, tokens, logprobs), those tokens' Sample.logprobs (one more host
+        copy per step, so only when asked: a server returning log-probs as it streams).
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")
@@ -264,7 +266,7 @@ class Engine:
             tokens, logprobs = sample_next(batch.logits, *params.for_rows(batch.rows))
             live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
             if on_step is not None:
-                self._call_back(on_step, batch, live, tokens, out)
+                self._call_back(on_step, batch, live, tokens, logprobs if step_logprobs else None, out)
             check = static is None or on_step is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
             if step == steps - 1 or (check and bool(batch.finished.all())):
                 break
@@ -289,9 +291,11 @@ class Engine:
                              reasons[i], stop_strings) for i in range(len(lengths))]
 
     @staticmethod
-    def _call_back(on_step: StepCallback, batch: _Batch, live, tokens, out: _Outputs) -> None:
-        """Hand this step's tokens to the caller; rows it returns end now, with finish_reason "abort"."""
-        ended = on_step(batch.rows[live].tolist(), tokens[live].tolist())
+    def _call_back(on_step: StepCallback, batch: _Batch, live, tokens, logprobs, out: _Outputs) -> None:
+        """Hand this step's tokens (and their log-probs, unless None) to the caller; rows it returns end now, with
+        finish_reason "abort"."""
+        args = (batch.rows[live].tolist(), tokens[live].tolist())
+        ended = on_step(*args, logprobs[live].tolist()) if logprobs is not None else on_step(*args)
         if ended:
             ended_rows = torch.tensor(sorted(ended), dtype=torch.long, device=batch.rows.device)
             hit = torch.isin(batch.rows, ended_rows) & ~batch.finished

@@ -6,7 +6,8 @@ Reported figures (R1 paper, section "Evaluation setup"):
 - cons@k: the majority-vote answer over the k samples is correct;
 - pass@j: the unbiased estimator of Chen et al. (2021) for j in 1, 2, 4, ..., k.
 
-Run it through the CLI (`python -m r1lab eval ...`) or call `evaluate(engine, task, problems, encode_prompt)`.
+`r1lab eval`, GRPO's held-out evaluation and the multi-stage commands all go through evaluate_policy, on the one
+held-out set heldout_problems defines; `evaluate(engine, task, problems, encode_prompt)` is the engine-level form.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rich.console import Console
+from rich.table import Table
+
+from r1lab.config import EvalConfig
 from r1lab.language import language_consistency
-from r1lab.tasks.base import Problem
+from r1lab.engine import Engine
+from r1lab.policy import encode_prompt, load_policy, pick_device
+from r1lab.rewards import call_with_timeout, score_completions
+from r1lab.runtime import setup_training_process
+from r1lab.tasks import Problem, Task, get_task
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
 _FULL_CREDIT = 1.0 - 1e-6
@@ -76,11 +85,37 @@ class EvalResult:
     def to_dict(self, include_records: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"pass@1": self.pass_at[1], f"cons@{self.k}": self.cons_at_k}
         out.update({f"pass@{j}": v for j, v in sorted(self.pass_at.items()) if j != 1})
-        out.update(format_rate=self.format_rate, mean_length=self.mean_length,
+        out.update(format_rate=self.format_rate, mean_length=self.mean_length, truncation_rate=self.truncation_rate,
                    language_consistency=self.language_consistency, k=self.k, n_problems=self.n_problems)
         if include_records:
             out["records"] = self.records
         return out
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """`r1lab eval`: the held-out evaluation of a model directory, printed as a table and saved as JSON."""
+    setup_training_process(cfg.threads)
+    task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
+    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg)
+    print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
+    return save_json(Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json", {cfg.split: result})
+
+
+def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
+    """The held-out set every command reports on: n problems of the split, drawn with seed + 1."""
+    return task.problems(split, n, seed + 1)
+
+
+def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[Problem] | None = None) -> EvalResult:
+    """The paper's protocol as ec sets it (k samples, temperature, top-p), on the held-out set unless problems are
+    given: the one evaluation entry of `r1lab eval`, GRPO and the stages of distill and pipeline."""
+    if problems is None:
+        problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
+    tok = engine.tokenizer
+    return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill), k=ec.samples,
+                    temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
+                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language)
 
 
 def evaluate(
@@ -104,12 +139,11 @@ def evaluate(
 
     `scorer` defaults to r1lab.rewards.score_completions (same signature); tests pass a fake.
     """
+    scorer = scorer or score_completions
     if not problems:
         raise ValueError("evaluate() got no problems")
     if k < 1 or batch_prompts < 1:
         raise ValueError(f"k and batch_prompts must be >= 1 (got k={k}, batch_prompts={batch_prompts})")
-    if scorer is None:
-        from r1lab.rewards import score_completions as scorer
     records: list[dict] = []
     for start in range(0, len(problems), batch_prompts):
         chunk = list(problems[start : start + batch_prompts])
@@ -128,20 +162,23 @@ def evaluate(
         reward = scorer(task, repeated, [s.text for s in samples], timeout_s=timeout_s, response_prefix=response_prefix)
         for i, problem in enumerate(chunk):
             records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k),
-                                           response_prefix, language))
+                                           response_prefix, language, timeout_s))
     return summarise(records, k)
 
 
-def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice, response_prefix: str = "",
-                    language: str = "en") -> dict:
+def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice, response_prefix: str,
+                    language: str, timeout_s: float) -> dict:
     answers = reward.answers[sl]
-    canon = [None if a is None else task.canonical(a) for a in answers]
+    canon = [_canonical(task, a, timeout_s) for a in answers]
     vote = majority_vote(canon)
+    # The vote is correct when the samples that gave it were: their scores came from the guarded scorer already,
+    # so the vote needs no second call to the verifier.
+    voted_correct = [c for a, c in zip(canon, reward.correct[sl]) if a is not None and a == vote]
     return {
         "prompt": problem.prompt,
         "reference": problem.answer,
         "majority": vote,
-        "majority_correct": vote is not None and _safe_score(task, problem, vote) >= _FULL_CREDIT,
+        "majority_correct": bool(voted_correct) and all(voted_correct),
         "samples": [
             {
                 "completion": s.text,
@@ -157,12 +194,17 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
     }
 
 
-def _safe_score(task: Any, problem: Problem, answer: str) -> float:
-    # A verifier crash on one voted answer should cost that problem, not the whole evaluation.
+def _canonical(task: Any, answer: str | None, timeout_s: float) -> str | None:
+    """The answer's canonical form for voting, under the scorers' timeout; an answer whose canonical form cannot be
+    computed (a verifier crash or hang) casts no vote."""
+    if answer is None:
+        return None
     try:
-        return float(task.score(problem, answer))
-    except Exception:
-        return 0.0
+        return call_with_timeout(lambda: task.canonical(answer), timeout_s)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # a crash, or the timeout (a BaseException, so that a bare `except Exception` can't eat it)
+        return None
 
 
 def summarise(records: list[dict], k: int) -> EvalResult:
@@ -209,9 +251,6 @@ def _table_rows(d: dict) -> list[tuple[str, float | None]]:
 
 def print_table(results: dict[str, EvalResult | dict], title: str, console: Any = None) -> Any:
     """Print one column per named result (e.g. "base", "after RL"); returns the rich Table."""
-    from rich.console import Console
-    from rich.table import Table
-
     dicts = {name: _as_dict(r) for name, r in results.items()}
     ks = {d.get("k") for d in dicts.values()}
     k_label = str(ks.pop()) if len(ks) == 1 and None not in ks else "k"

@@ -1,7 +1,7 @@
 """Run logging: per-step metrics (JSONL + TensorBoard), sample completions, and a live progress bar.
 
 The JSONL files are the source of truth (report.py plots from them); TensorBoard is a convenience and is skipped
-with a warning when it is not installed. Used by the trainer (`python -m r1lab train ...`).
+with a warning when it is not installed. Used by `r1lab grpo`, `r1lab sft`, `r1lab pretrain` and `r1lab sample`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -173,8 +177,6 @@ class TrainingProgress:
     """A rich progress bar on a terminal; on a pipe (CI logs) a plain line about every 5% of the run instead."""
 
     def __init__(self, total_steps: int, start_step: int = 0, console: Any = None) -> None:
-        from rich.console import Console
-
         self.total = total_steps
         self.start_step = start_step
         self.console = console or Console()
@@ -190,9 +192,6 @@ class TrainingProgress:
         return self
 
     def _start_bar(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
-
         self._progress = Progress(
             TextColumn("[bold]step"),
             MofNCompleteColumn(),

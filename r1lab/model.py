@@ -1,4 +1,4 @@
-"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Llama families, with Hugging Face-format load and save.
+"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families, with Hugging Face-format load and save.
 
 Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
 fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+# Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
+ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclass
@@ -36,7 +38,8 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     qkv_bias: bool = True  # Qwen2: q/k/v have a bias, o_proj none
-    o_bias: bool = False  # Llama's attention_bias puts a bias on all four
+    o_bias: bool = False  # Llama's and Qwen3's attention_bias puts a bias on all four
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before the rotary embedding
     mlp_bias: bool = False
     architecture: str = "Qwen2ForCausalLM"
     bos_token_id: int | None = None
@@ -59,7 +62,7 @@ class ModelConfig:
                 f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
                 f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if hf.get("use_sliding_window"):
+        if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
             raise ValueError(f"{source}: sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
@@ -68,7 +71,7 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
-        llama = arch == "LlamaForCausalLM"
+        own_bias = arch in ATTENTION_BIAS_ARCHITECTURES
         known = set(cls.__dataclass_fields__) | {
             "architectures", "model_type", "rope_parameters", "attention_bias", "hidden_act", "use_sliding_window",
             "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
@@ -85,9 +88,10 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=rope if rope_type == "llama3" else None,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=hf.get("tie_word_embeddings", not llama),
-            qkv_bias=hf.get("attention_bias", False) if llama else True,
-            o_bias=hf.get("attention_bias", False) if llama else False,
+            tie_word_embeddings=hf.get("tie_word_embeddings", arch == "Qwen2ForCausalLM"),  # transformers' defaults
+            qkv_bias=hf.get("attention_bias", False) if own_bias else True,
+            o_bias=hf.get("attention_bias", False) if own_bias else False,
+            qk_norm=arch == "Qwen3ForCausalLM",
             mlp_bias=hf.get("mlp_bias", False),
             architecture=arch,
             bos_token_id=hf.get("bos_token_id"),
@@ -96,7 +100,6 @@ class ModelConfig:
         )
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        llama = self.architecture == "LlamaForCausalLM"
         hf = dict(self.extra)
         hf.update(
             architectures=[self.architecture],
@@ -119,8 +122,10 @@ class ModelConfig:
         )
         if self.rope_scaling:
             hf["rope_scaling"] = dict(self.rope_scaling)
-        if llama:
-            hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+        if self.architecture in ATTENTION_BIAS_ARCHITECTURES:
+            hf.update(attention_bias=self.qkv_bias)
+        if self.architecture == "LlamaForCausalLM":
+            hf.update(mlp_bias=self.mlp_bias)
         else:
             hf.update(use_sliding_window=False)
         return hf
@@ -167,12 +172,17 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv
         qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.hd)
         qk = qkv[:, :, : H + KV]  # rotary embedding on query and key heads at once
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         qk = (qk * cos + rotate_half(qk) * sin).transpose(1, 2)  # (B, H + KV, T, hd)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)

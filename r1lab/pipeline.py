@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r1lab.config import DistillConfig, PipelineConfig, PretrainConfig, SampleConfig, SFTConfig
-from r1lab.corpus import cold_start_conversations
-from r1lab.demo import tiny_grpo_config
+from r1lab.config import (DistillConfig, EvalConfig, PipelineConfig, PretrainConfig, SampleConfig, SFTConfig,
+                          tiny_grpo_config)
+from r1lab.pretrain import cold_start_conversations
 from r1lab.distill import run_distill
 from r1lab.grpo import train
 from r1lab.rejection import sample, write_jsonl
 from r1lab.report import write_comparison_report
 from r1lab.sft import sft
-from r1lab.stages import EvalProtocol, evaluate_models, parameter_count, pretrained_base, run_stage
+from r1lab.stages import evaluate_models, parameter_count, pretrained_base, run_stage
 from r1lab.tasks import get_task
 
 
@@ -39,7 +39,7 @@ class Stages:
     def rl(self, label: str, name: str, model: Path, steps: int, language_weight: float = 0.0) -> Path:
         cfg = self.cfg
         gc = tiny_grpo_config(model, self.out / name, steps, lr=cfg.rl_lr, language_weight=language_weight,
-                              task=cfg.task, task_options=cfg.options(), template=cfg.template,
+                              task=cfg.task, task_options=dict(cfg.task_options), template=cfg.template,
                               max_new_tokens=cfg.max_new_tokens, eval_problems=cfg.eval_problems, seed=cfg.seed,
                               threads=cfg.threads)
         final = Path(gc.out) / "model"
@@ -59,13 +59,13 @@ class Stages:
     def cold_start(self, base: Path) -> Path:
         data = Path(self.cfg.cold_start_data or self.out / "stage1-cold-start" / "data.jsonl")
         if not self.cfg.cold_start_data and not data.exists():  # the built-in task: worked solutions, generated
-            task = get_task("arithmetic", **self.cfg.options())
+            task = get_task("arithmetic", **self.cfg.task_options)
             write_jsonl(data, cold_start_conversations(task, self.cfg.cold_start_examples, self.cfg.seed))
         return self.sft("stage 1: cold-start SFT", "stage1-cold-start", base, data, self.cfg.cold_start_epochs)
 
     def rejection_sampling(self, model: Path) -> Path:
         cfg = self.cfg
-        sc = SampleConfig(model=str(model), task=cfg.task, task_options=cfg.options(), template=cfg.template,
+        sc = SampleConfig(model=str(model), task=cfg.task, task_options=dict(cfg.task_options), template=cfg.template,
                           problems=cfg.rejection_problems, samples=cfg.rejection_samples,
                           max_new_tokens=cfg.max_new_tokens,
                           max_per_prompt=2, out=str(self.out / "stage3-rejection-sampling" / "sft.jsonl"),
@@ -84,10 +84,10 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     """Run every stage (reusing finished ones), evaluate all models on one held-out set; returns the report path."""
     cfg.check()
     out = Path(cfg.out)
-    task = get_task(cfg.task, **cfg.options())  # a malformed data file fails here, before any stage runs
+    task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before any stage runs
     stages = Stages(cfg, log)
     base = Path(cfg.base) if cfg.base else pretrained_base(
-        PretrainConfig(out=str(out / "base"), task_options=cfg.options(), steps=cfg.pretrain_steps,
+        PretrainConfig(out=str(out / "base"), task_options=dict(cfg.task_options), steps=cfg.pretrain_steps,
                        seed=cfg.seed, threads=cfg.threads), log)
     models = {"base": base, "R1-Zero": stages.rl("R1-Zero: GRPO from the base", "r1zero", base, cfg.r1zero_steps)}
     cold = stages.cold_start(base)
@@ -99,14 +99,14 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     models.update({"stage 1 cold start": cold, "stage 2 reasoning RL": reasoning, "stage 3 rejection SFT": resampled,
                    "R1 pipeline (stage 4)": final})
     if cfg.distill:
-        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task=cfg.task, task_options=cfg.options(),
+        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task=cfg.task, task_options=dict(cfg.task_options),
                            student=cfg.student, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
                            problems=cfg.distill_problems,
                            student_pretrain_steps=cfg.student_pretrain_steps, compare_grpo=False, seed=cfg.seed,
                            threads=cfg.threads, eval_problems=cfg.eval_problems, eval_samples=cfg.eval_samples)
         models["distilled student"] = run_distill(dc, log=log)
-    protocol = EvalProtocol(problems=cfg.eval_problems, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                            template=cfg.template, seed=cfg.seed)
+    protocol = EvalConfig(problems=cfg.eval_problems, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                          template=cfg.template, seed=cfg.seed)
     results = evaluate_models(models, task, protocol, log)
     extra = {label: {"parameters": parameter_count(path)} for label, path in models.items()}
     notes = pipeline_notes(results, stages.seconds)

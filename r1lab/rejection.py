@@ -21,6 +21,8 @@ from r1lab.checkpoint import STATE_FILE
 from r1lab.config import SampleConfig, save_config
 from r1lab.engine import Engine, Sample
 from r1lab.language import check_target, language_consistency
+from r1lab.metrics import training_progress
+from r1lab.policy import encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.tasks import DatasetTask, Problem, Task, get_task
@@ -157,8 +159,6 @@ def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: Re
 def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, cfg: SampleConfig,
                  filters: Filters, provenance: dict, tally: Tally) -> list[dict]:
     """One generate call for a chunk of prompts (k samples each), scored and filtered; the SFT rows kept."""
-    from r1lab.grpo import encode_prompt, step_seed
-
     k, tok = cfg.samples, engine.tokenizer
     # A seed per prompt (from the run seed and its index): each sample draws from its own stream, so a kept row's
     # seed and sample index reproduce it whatever the chunking.
@@ -192,9 +192,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def sample(cfg: SampleConfig, log=print) -> Path:
     """`r1lab sample`: write the kept completions to cfg.out (JSONL) and a summary beside it; returns cfg.out."""
-    from r1lab.grpo import load_policy, pick_device
-    from r1lab.metrics import training_progress
-
     cfg.check()
     setup_training_process(cfg.threads)
     torch.manual_seed(cfg.seed)

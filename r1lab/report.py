@@ -2,15 +2,17 @@
 
 Plots are drawn from run_dir/metrics.jsonl and run_dir/eval.jsonl, so a report can be rebuilt for any run, finished
 or crashed, and control runs (e.g. a random-reward control, see R1-RECIPE section 5) can be overlaid.
-Written at the end of `python -m r1lab train ...`; callable as `write_report(run_dir, title=..., tables=...)`.
+Written by `r1lab demo` (and, as comparison reports, by `r1lab distill` and `r1lab pipeline`); callable as `write_report(run_dir, title=..., tables=...)`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
+from r1lab.config import ReportConfig
 from r1lab.metrics import EVAL_FILE, METRICS_FILE, read_jsonl
 
 REPORT_DIR = "report"
@@ -260,6 +262,33 @@ def write_report(
     path = run_dir / REPORT_DIR / "report.md"
     path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
     return path
+
+
+def eval_records(run: Path, which: str) -> tuple[dict, list[dict]]:
+    """The first or last held-out evaluation of a GRPO run: its figures and its per-problem records."""
+    files = sorted((Path(run) / "eval").glob("step_*.json"))
+    data = json.loads(files[0 if which == "first" else -1].read_text())["heldout"]
+    records = data.pop("records", [])
+    return data, records
+
+
+def report_run(cfg: ReportConfig) -> Path:
+    """`r1lab report RUN_DIR`: the demo's report for any grpo, sft or pretrain run, finished or not."""
+    run = Path(cfg.run)
+    if not (run / METRICS_FILE).exists():
+        raise ValueError(f"{run}: no {METRICS_FILE}, so not the directory of an r1lab grpo, sft or pretrain run")
+    tables, examples, notes = {}, {}, []
+    if list((run / "eval").glob("step_*.json")):  # GRPO: held-out evaluations with every completion
+        (first, first_records), (last, last_records) = eval_records(run, "first"), eval_records(run, "last")
+        tables["Held-out evaluation, first and last"] = {"first": first, "last": last}
+        examples = {"first": example_completions(first_records), "last": example_completions(last_records)}
+        notes.append(f"Held-out pass@1 {first['pass@1']:.1%} -> {last['pass@1']:.1%} "
+                     f"({100 * (last['pass@1'] - first['pass@1']):+.1f} points).")
+    heldout = [r for r in read_jsonl(run / EVAL_FILE) if "loss" in r]
+    if heldout:  # SFT: the held-out loss
+        tables["Held-out loss"] = {f"step {r['step']}": {"loss": r["loss"]} for r in (heldout[0], heldout[-1])}
+    return write_report(run, title=cfg.title or f"r1lab run {run.resolve().name}", tables=tables, examples=examples,
+                        notes=notes)
 
 
 def example_completions(records: list[dict], n: int = 3) -> list[dict]:

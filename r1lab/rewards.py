@@ -8,17 +8,20 @@ a scorer that raises or hangs costs that one completion its reward instead of ki
 from __future__ import annotations
 
 import re
-import signal
-import threading
-import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Sequence
 
 from r1lab.language import check_target, language_consistency
-from r1lab.reward_functions import component_name, load_reward_function
+from r1lab.reward_functions import (  # noqa: F401  (call_with_timeout, _ScorerTimeout: the guard, re-exported)
+    Outcome,
+    _ScorerTimeout,
+    call_with_timeout,
+    component_name,
+    load_reward_function,
+    reward_workers,
+)
 from r1lab.tasks.base import Problem, Task
-
-T = TypeVar("T")
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 _NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags
@@ -71,38 +74,6 @@ class RewardResult:
     timeouts: int  # scorer calls interrupted after timeout_s
 
 
-class _ScorerTimeout(BaseException):
-    """Raised by the SIGALRM handler. A BaseException so that scorers' `except Exception` (math-verify has
-    several) cannot swallow it."""
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _ScorerTimeout()
-
-
-def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
-    """fn(), interrupted by _ScorerTimeout after timeout_s seconds (main thread only; elsewhere no limit).
-
-    Python runs signal handlers between bytecodes, so a single long C call is only interrupted when it returns.
-    """
-    if timeout_s is None or timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
-        return fn()
-    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    started = time.monotonic()
-    try:
-        try:
-            return fn()
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    finally:
-        # The outer finally still runs if the alarm fires inside the inner one, so the handler is always restored.
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay > 0:  # give an enclosing timer back what is left of its time
-            remaining = max(old_delay - (time.monotonic() - started), 1e-3)
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
-
-
 class _Tally:
     """Counts scorer failures while turning them into a 0.0 component."""
 
@@ -125,6 +96,30 @@ class _Tally:
             return 0.0
         return value
 
+    def record(self, spec: str, outcome: Outcome) -> float:
+        """The reward of one user-function call run in a worker (r1lab/reward_functions.py), failures counted."""
+        kind, value = outcome
+        if kind == "ok":
+            return value
+        if kind == "timeout":
+            self.timeouts += 1
+            _warn_once(spec, "timeout", f"ran past the {self.timeout_s:g} s timeout")
+        else:
+            self.errors += 1
+            _warn_once(spec, "error", value)
+        return 0.0
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(spec: str, kind: str, reason: str) -> None:
+    """Counters say how often a function fails; one message per function and kind says why, without a flood."""
+    if (spec, kind) not in _WARNED:
+        _WARNED.add((spec, kind))
+        warnings.warn(f"reward function {spec}: {reason}; it scores 0 and is counted in scorer_{kind}s "
+                      f"(reported once)", RuntimeWarning)
+
 
 def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _Tally) -> float:
     if not answer:  # no tag, or an empty answer: nothing to score, never a substring match on nothing
@@ -133,6 +128,16 @@ def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _T
         tally.errors += 1
         return 0.0
     return tally.run(lambda: task.score(problem, answer))
+
+
+def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: list[str],
+                  tally: _Tally) -> dict[str, list[float]]:
+    """Users' functions, run in worker processes so that nothing they do can end or hang the run."""
+    if not weights.functions:
+        return {}
+    pairs = [(text, problems[i] if i < len(problems) else None) for i, text in enumerate(texts)]
+    outcomes = reward_workers().score({spec: pairs for spec, _ in weights.functions}, tally.timeout_s)
+    return {spec: [tally.record(spec, o) for o in outcomes[spec]] for spec, _ in weights.functions}
 
 
 def score_completions(
@@ -154,11 +159,11 @@ def score_completions(
     acc: list[float] = []
     fmt: list[float] = []
     lang: list[float] = []
-    custom: dict[str, list[float]] = {spec: [] for spec, _ in weights.functions}
-    functions = [(spec, load_reward_function(spec)) for spec, _ in weights.functions]
+    texts: list[str] = []
     answers: list[str | None] = []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
+        texts.append(text)
         answer = extract_answer(text)
         problem = problems[i] if i < len(problems) else None
         answers.append(answer)
@@ -166,8 +171,7 @@ def score_completions(
         fmt.append(tally.run(lambda: format_reward(text)))
         if weights.language:
             lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
-        for spec, fn in functions:
-            custom[spec].append(tally.run(lambda: fn(text, problem)))
+    custom = _user_rewards(weights, problems, texts, tally)
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
     components = {"accuracy": acc, "format": fmt}
     if weights.language:

@@ -1,24 +1,37 @@
-"""Run untrusted Python (a candidate solution and its assert tests) in a separate, locked-down process.
+"""Run untrusted Python (a candidate solution) against assert tests, judging its return values in this process.
 
 The code reward (R1 recipe section 3: "code: run against test cases in a sandbox") executes model output, so the
-code is treated as hostile. What contains it, from the outside in:
+code is treated as hostile. Two halves:
 
-- its own process in a new session, killed as a whole process group in a `finally`, whatever happens here;
+- r1lab.sandbox_judge, here: each test `assert candidate(3, 4) == 7` is split into the calls to make
+  (`candidate(3, 4)`, literal arguments only) and the verdict (`_ == 7`), which never leaves this process;
+- r1lab/_sandbox_child.py, in a separate process: runs the candidate afresh per test, makes that test's calls,
+  and sends back the return values as plain data (a restricted literal syntax, size-limited; no pickle). The
+  verdict is evaluated here on them. The sandboxed process holds no expected value, nonce or secret, so nothing
+  it can read or forge earns a pass: at most it claims return values, and those are judged.
+
+What contains the process, from the outside in:
+
+- bubblewrap, when `bwrap` is installed and works here (probed once per process): new mount, PID, network, IPC
+  and UTS namespaces; only /usr (and its /lib, /bin links), the Python installation and the child script,
+  read-only; a fresh /proc that shows only the sandbox; private size-limited tmpfs for the working directory,
+  /tmp and /dev/shm, gone with the process; no /etc, no host /tmp, no view of this process;
+- its own process group in a new session, killed as a whole in a `finally`, whatever happens here
+  (bubblewrap's --die-with-parent takes the sandbox's PID namespace with it);
 - a wall-clock timeout (here) and a CPU-time limit (in the child), address-space, file-size and open-file limits,
   and no core dumps;
-- a fresh temporary working directory, removed afterwards;
-- when this process is root (containers): a private network namespace, and uid nobody with RLIMIT_NPROC = 0, so
-  forks, signals to this process and writes to the host fail at the OS level;
+- when this process is root: uid nobody with RLIMIT_NPROC = 0, so forks, signals and writes to the host fail at
+  the OS level; without bubblewrap, also a private network namespace, and a fresh host temporary directory;
 - in any case, a Python audit hook installed before the candidate runs (r1lab/_sandbox_child.py) that refuses
-  process creation, signals, sockets, ctypes, frame/gc introspection and writes outside the temporary directory.
-  It is what contains a root child when the OS layers are not permitted.
+  process creation, signals, sockets, ctypes, frame/gc introspection, directory fds and writes outside its
+  working directory. It is what contains a root child when the OS layers are not permitted.
 
-Results come back as nonce-tagged lines on a private pipe, so printing, closing stdout or faking a report earns
-nothing. The candidate and each test are run afresh per test, so one failure does not hide the others.
+SandboxResult.layers names the layers that took effect: "bwrap", "netns", "uid", "audit".
 
-Limits of the design: an audit hook is an in-process guard, not a security boundary (CPython's documentation says
-as much); the OS layers bound what an escape from it can reach. For adversarial workloads, run the trainer in a
-container or VM as well. The candidate can read host files that root can read.
+Limits of the design: without bubblewrap, the audit hook is an in-process guard, not a security boundary
+(CPython's documentation says as much), and the candidate can read host files that root can read; run the
+trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
+object the solution returns (a class instance, a generator) cannot be judged.
 
     from r1lab.sandbox import run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
@@ -27,10 +40,10 @@ container or VM as well. The candidate can read host files that root can read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import marshal
 import math
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -44,20 +57,25 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from r1lab._sandbox_child import NOBODY
+from r1lab.sandbox_judge import SplitTest, UnjudgeableTestError, parse_values, split_test
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
 TEMP_PREFIX = "r1lab-sandbox-"
-MAX_OUTPUT_BYTES = 1 << 20  # a report is a line per test; more than this is the candidate flooding the pipe
+MAX_OUTPUT_BYTES = 1 << 22  # a report is a line of values per test; more than this is the candidate flooding
 _REAP_TIMEOUT_S = 5.0
+_PROBE_TIMEOUT_S = 10.0
+_SANDBOX_DIR = "/sandbox"  # the working directory inside bubblewrap
+_SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 
 
 @dataclass(frozen=True)
 class SandboxResult:
-    passed: int  # tests that ran to the end without an exception
+    passed: int  # tests whose verdict held on the returned values
     total: int
     error: str | None = None  # why the first failing test failed, or why nothing ran
     timed_out: bool = False
-    layers: tuple[str, ...] = ()  # OS isolation that took effect in the child: "netns", "uid"
+    layers: tuple[str, ...] = ()  # isolation that took effect: "bwrap", "netns", "uid", "audit"
 
     @property
     def fraction(self) -> float:
@@ -68,6 +86,7 @@ def run_tests(
     code: str,
     tests: Sequence[str],
     *,
+    entry_point: str | None = None,
     timeout_s: float = 2.0,
     memory_mb: int = 256,
     cpu_s: int | None = None,
@@ -75,40 +94,115 @@ def run_tests(
     open_files: int = 64,
     network_namespace: bool = True,
     drop_privileges: bool = True,
+    bwrap: bool | None = None,
 ) -> SandboxResult:
-    """Run code, then each test (an assert statement) on a fresh run of it, in the sandbox; never raises for
-    anything the code does. cpu_s (a backstop: the wall-clock timeout_s normally ends the run first) defaults to
-    timeout_s rounded up, plus one."""
+    """Run code in the sandbox, afresh for each test (an assert statement, see r1lab.sandbox_judge), make the
+    test's calls there and judge the returned values here; never raises for anything the code does. With an
+    entry_point, tests may call it as `candidate`. A test the judge cannot split fails alone. cpu_s (a backstop:
+    the wall-clock timeout_s normally ends the run first) defaults to timeout_s rounded up, plus one. bwrap:
+    None uses bubblewrap when it works on this machine; False never; True requires it (an error if it does not
+    work)."""
     tests = [str(t) for t in tests]
     if not tests:
         return SandboxResult(0, 0, error="no tests")
     if not isinstance(code, str):
         return SandboxResult(0, len(tests), error="code is not a string")
-    nonce = secrets.token_hex(16)
+    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
+    if bwrapped and not bwrap_works():
+        return SandboxResult(0, len(tests), error="bubblewrap was required but does not work on this machine")
+    splits = [_split_or_reason(t, entry_point) for t in tests]
     payload = marshal.dumps({
-        "code": code, "tests": tests, "nonce": nonce, "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
-        "memory_mb": int(memory_mb), "file_mb": int(file_mb), "open_files": int(open_files),
-        "network_namespace": bool(network_namespace), "drop_privileges": bool(drop_privileges),
+        "code": code, "tests": [list(s.calls) if isinstance(s, SplitTest) else [] for s in splits],
+        "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1), "memory_mb": int(memory_mb), "file_mb": int(file_mb),
+        "open_files": int(open_files), "network_namespace": bool(network_namespace),
+        "drop_privileges": bool(drop_privileges), "bwrapped": bwrapped,
     })
-    owner = NOBODY if drop_privileges and os.geteuid() == 0 else None
-    output, timed_out, returncode = _execute(payload, timeout_s, owner)
-    return _parse_report(output, nonce, len(tests), timed_out, returncode)
+    output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb))
+    return _judge_report(output, splits, timed_out, returncode, bwrapped)
+
+
+@functools.lru_cache(maxsize=1)
+def active_layers() -> tuple[str, ...]:
+    """The isolation layers a default run_tests gets on this machine (SandboxResult.layers of an empty program),
+    measured once per process: for the trainer to log at start."""
+    return run_tests("", ["assert True"]).layers
+
+
+def _split_or_reason(test: str, entry_point: str | None) -> SplitTest | str:
+    try:
+        return split_test(test, entry_point)
+    except UnjudgeableTestError as e:
+        return f"the test cannot be judged: it {e}"
+
+
+# ---------------------------------------------------------------- bubblewrap
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_works() -> bool:
+    """Whether bubblewrap runs the child here: installed, and allowed to make its namespaces (a container may
+    forbid them). Probed with a real, empty run once per process."""
+    if shutil.which("bwrap") is None:
+        return False
+    payload = marshal.dumps({"code": "", "tests": [[]], "cpu_s": 5, "memory_mb": 256, "file_mb": 1,
+                             "open_files": 64, "network_namespace": True, "drop_privileges": True, "bwrapped": True})
+    try:
+        output, timed_out, returncode = _execute(payload, _PROBE_TIMEOUT_S, True, True, 1)
+    except OSError:
+        return False
+    return not timed_out and returncode == 0 and b"\n0 ok []\n" in output
+
+
+def _bwrap_argv(file_mb: int) -> list[str]:
+    """The bubblewrap command line that runs the child. As root, the child keeps CAP_SETUID/CAP_SETGID only to
+    drop to nobody before the candidate runs; otherwise bubblewrap runs unprivileged in a user namespace."""
+    argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--die-with-parent", "--new-session"]
+    if os.geteuid() == 0:
+        argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        argv += ["--unshare-user", "--disable-userns"]
+    for path in _SYSTEM_DIRS:
+        if os.path.islink(path):
+            argv += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            argv += ["--ro-bind", path, path]
+    if os.path.exists("/etc/ld.so.cache"):  # how the loader finds shared libraries; the rest of /etc stays out
+        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    prefix = os.path.realpath(sys.base_prefix)
+    if not any(prefix == d or prefix.startswith(d + "/") for d in _SYSTEM_DIRS):
+        for parent in reversed(Path(prefix).parents[:-1]):  # bubblewrap would make them 0700: nobody's dead end
+            argv += ["--perms", "0755", "--dir", str(parent)]
+        argv += ["--ro-bind", prefix, prefix]
+    tmpfs_mb = str(max(file_mb, 1) << 20)
+    argv += ["--ro-bind", str(CHILD_SCRIPT), "/r1lab/child.py", "--proc", "/proc", "--dev", "/dev",
+             "--perms", "1777", "--size", tmpfs_mb, "--tmpfs", "/tmp",
+             "--perms", "1777", "--size", tmpfs_mb, "--tmpfs", "/dev/shm",
+             "--perms", "1777", "--size", str(4 * (max(file_mb, 1) << 20)), "--tmpfs", _SANDBOX_DIR,
+             "--chdir", _SANDBOX_DIR, "--", _interpreter(), "-I", "-S", "-B", "/r1lab/child.py"]
+    return argv
+
+
+def _interpreter() -> str:
+    """The real interpreter behind sys.executable (a venv's python is a link into the base installation)."""
+    return os.path.realpath(sys.executable)
 
 
 # ---------------------------------------------------------------- the child process
 
 
-def _execute(payload: bytes, timeout_s: float, owner: int | None) -> tuple[bytes, bool, int | None]:
-    """(report bytes, timed out, exit status) of one child. The process group and the directory are gone on
+def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool,
+             file_mb: int) -> tuple[bytes, bool, int | None]:
+    """(report bytes, timed out, exit status) of one child. The process group and any host directory are gone on
     return, even when an alarm (rewards.call_with_timeout) fires meanwhile: it is held back until cleanup is
     done, and kills the child at once so that it is not held back for long."""
     with _held_alarm() as on_alarm:
-        workdir = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        workdir = None if bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
         proc = None
         try:
-            if owner is not None:  # the child drops to this uid and must still write in its directory
-                os.chown(workdir, owner, owner)
-            proc = _spawn(workdir)
+            if workdir is not None and drop and os.geteuid() == 0:  # the child, as nobody, writes there
+                os.chown(workdir, NOBODY, NOBODY)
+            proc = _spawn_bwrap(file_mb) if bwrapped else _spawn(workdir)
             on_alarm.append(lambda: _kill_group(proc))
             output, timed_out = _exchange(proc, payload, timeout_s)
         finally:
@@ -116,10 +210,18 @@ def _execute(payload: bytes, timeout_s: float, owner: int | None) -> tuple[bytes
         return output, timed_out, proc.returncode
 
 
+def _spawn_bwrap(file_mb: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        _bwrap_argv(file_mb), cwd="/", env={**_ENV, "HOME": _SANDBOX_DIR, "TMPDIR": _SANDBOX_DIR},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        start_new_session=True, close_fds=True,
+    )
+
+
 def _spawn(workdir: str) -> subprocess.Popen:
     # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
     # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LC_ALL": "C.UTF-8"}
+    env = {**_ENV, "HOME": workdir, "TMPDIR": workdir}
     return subprocess.Popen(
         [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)], cwd=workdir, env=env,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -178,7 +280,7 @@ def _kill_group(proc: subprocess.Popen | None) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _cleanup(proc: subprocess.Popen | None, workdir: str) -> None:
+def _cleanup(proc: subprocess.Popen | None, workdir: str | None) -> None:
     if proc is not None:
         _kill_group(proc)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -187,7 +289,8 @@ def _cleanup(proc: subprocess.Popen | None, workdir: str) -> None:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
-    shutil.rmtree(workdir, ignore_errors=True)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -225,32 +328,50 @@ def _deliver(handler: object, frame: object) -> None:
 # ---------------------------------------------------------------- the report
 
 
-def _parse_report(output: bytes, nonce: str, total: int, timed_out: bool, returncode: int | None) -> SandboxResult:
-    """Count the nonce-tagged "ok" lines; anything else on the pipe is ignored."""
-    passed: set[int] = set()
-    failures: dict[int, str] = {}
-    layers: tuple[str, ...] = ()
-    done = False
-    for line in output.decode("utf-8", "replace").splitlines():
-        tag, _, rest = line.partition(" ")
-        if tag != nonce:
-            continue
-        word, _, detail = rest.partition(" ")
-        if word == "done":
-            done = True
-        elif word == "layers":
-            layers = tuple(x for x in detail.split(",") if x and x != "-")
-        elif word.isdigit() and int(word) < total:
-            status, _, reason = detail.partition(" ")
-            if status == "ok":
-                passed.add(int(word))
-            else:
-                failures.setdefault(int(word), reason)
+def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int | None,
+                  bwrapped: bool) -> SandboxResult:
+    """Judge the first line the child wrote for each test; a test with no line, or a failing one, fails."""
+    lines = _first_lines(output, len(splits))
+    passed, failures = 0, {}
+    for index, split in enumerate(splits):
+        reason = split if isinstance(split, str) else _verdict(split, lines.get(index))
+        if reason is None:
+            passed += 1
+        else:
+            failures.setdefault(index, reason)
     error = failures[min(failures)] if failures else None
-    if returncode == -signal.SIGXCPU:
+    if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # killed by it, directly or under bubblewrap
         timed_out, error = True, "CPU time limit exceeded"
     elif timed_out:
         error = "timed out"
-    elif not done:
-        error = f"the sandboxed process ended early (exit status {returncode})"
-    return SandboxResult(len(passed), total, error, timed_out, layers)
+    elif "done" not in lines and error is not None:
+        error = f"the sandboxed process ended early (exit status {returncode}); first failure: {error}"
+    layers = (("bwrap", "netns") if bwrapped else ()) + tuple(lines.get("layers", "").split(","))
+    return SandboxResult(passed, len(splits), error, timed_out, tuple(x for x in layers if x))
+
+
+def _first_lines(output: bytes, total: int) -> dict:
+    """{test index: "ok VALUES" or "fail REASON", "layers": ..., "done": ""}, the first of each. The first
+    "layers" line is the child's own, written before the candidate ran; later ones may be forged and are ignored,
+    and so is anything else the candidate wrote."""
+    lines: dict = {}
+    for line in output.decode("utf-8", "replace").splitlines():
+        head, _, rest = line.partition(" ")
+        key = int(head) if head.isdigit() and int(head) < total else head
+        if key in ("layers", "done") or isinstance(key, int):
+            lines.setdefault(key, rest)
+    return lines
+
+
+def _verdict(split: SplitTest, line: str | None) -> str | None:
+    """None when the test passes on the values of its line, else why not."""
+    if line is None:
+        return "no result for this test"
+    status, _, detail = line.partition(" ")
+    if status != "ok":
+        return detail or "failed"
+    try:
+        values = parse_values(detail)
+    except ValueError as e:
+        return str(e)
+    return split.judge(values)

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Callable
 
 import yaml
+from safetensors import safe_open
 
-from r1lab.config import PretrainConfig
-from r1lab.evaluate import EvalResult
+from r1lab.config import EvalConfig, PretrainConfig
+from r1lab.engine import Engine
+from r1lab.evaluate import EvalResult, evaluate_policy, heldout_problems
+from r1lab.policy import load_policy, pick_device
+from r1lab.pretrain import pretrain
 from r1lab.tasks.base import Problem, Task
 
 
@@ -51,58 +55,29 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
 
 def pretrained_base(cfg: PretrainConfig, log) -> Path:
     """The model directory of the tiny base of cfg, pretrained now or reused."""
-    from r1lab.sft import pretrain
-
     model_dir = Path(cfg.out) / "model"
     run_stage("pretrained base", cfg, Path(cfg.out) / "config.yaml", model_dir / "model.safetensors",
               lambda: pretrain(cfg, log=log), log)
     return model_dir
 
 
-@dataclasses.dataclass
-class EvalProtocol:
-    """The paper's protocol in CPU size: k samples per problem at temperature 0.6, top-p 0.95."""
-
-    problems: int = 200
-    samples: int = 8
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    template: str = "r1zero"
-    prefill: str = ""
-    seed: int = 0
-
-
-def heldout_problems(task: Task, protocol: EvalProtocol) -> list[Problem]:
-    return task.problems("test", protocol.problems, protocol.seed + 1)  # the held-out set the GRPO runs report
-
-
-def evaluate_model(model_dir: Path, task: Task, problems: list[Problem], protocol: EvalProtocol) -> EvalResult:
-    from r1lab.engine import Engine
-    from r1lab.evaluate import evaluate
-    from r1lab.grpo import encode_prompt, load_policy, pick_device
-
+def evaluate_model(model_dir: Path, task: Task, problems: list[Problem], ec: EvalConfig) -> EvalResult:
     model, tokenizer = load_policy(str(model_dir), pick_device("auto"))
-    engine = Engine(model.eval(), tokenizer)
-    return evaluate(engine, task, problems, lambda p: encode_prompt(tokenizer, p, protocol.template, protocol.prefill),
-                    k=protocol.samples, temperature=protocol.temperature, top_p=protocol.top_p,
-                    max_new_tokens=protocol.max_new_tokens, seed=protocol.seed, response_prefix=protocol.prefill)
+    return evaluate_policy(Engine(model.eval(), tokenizer), task, ec, problems)
 
 
-def evaluate_models(models: dict[str, Path], task: Task, protocol: EvalProtocol, log) -> dict[str, EvalResult]:
+def evaluate_models(models: dict[str, Path], task: Task, ec: EvalConfig, log) -> dict[str, EvalResult]:
     """Every model on the same held-out problems with the same seeds."""
-    problems = heldout_problems(task, protocol)
+    problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
     results = {}
     for label, model_dir in models.items():
-        results[label] = evaluate_model(model_dir, task, problems, protocol)
+        results[label] = evaluate_model(model_dir, task, problems, ec)
         log(f"eval {label}: pass@1 {results[label].pass_at_1:.1%}")
     return results
 
 
 def parameter_count(model_dir: Path) -> int:
     """Parameters in a model directory's safetensors files, from their headers (no weights are loaded)."""
-    from safetensors import safe_open
-
     total = 0
     for path in Path(model_dir).glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:

@@ -18,7 +18,7 @@ def tiny_config_kwargs():
 def tiny_base(tmp_path_factory):
     """A very small base model pretrained for a few seconds: it already writes the <think>/<answer> format."""
     from r1lab.config import PretrainConfig
-    from r1lab.sft import pretrain
+    from r1lab.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("base")
     cfg = PretrainConfig(out=str(out), task_options={"min_terms": 3, "max_terms": 4}, documents=3000, steps=80,

@@ -4,6 +4,7 @@ its own child process, and every figure it reports is there and positive. About 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ def assert_positive(figures: dict, *keys: str) -> None:
         assert isinstance(figures.get(key), (int, float)) and figures[key] > 0, (key, figures.get(key))
 
 
+@pytest.mark.slow
 def test_r1lab_side_and_rollout_floor(workdir):
     res, stdout = run_bench(workdir, "--r1lab-only")
     assert res["model"]["vocab_size"] == 1024 and res["model"]["params"] > 0
@@ -53,6 +55,7 @@ def test_r1lab_side_and_rollout_floor(workdir):
     assert "bandwidth floor" in stdout and "compl tok/s" in stdout
 
 
+@pytest.mark.slow
 def test_trl_side(workdir):
     pytest.importorskip("trl")
     res, stdout = run_bench(workdir, "--trl-only")
@@ -79,3 +82,17 @@ def test_decode_floor_arithmetic(monkeypatch):
     assert floors["bandwidth_floor_tokens_per_s"] == pytest.approx(6 / 0.44)
     assert floors["compute_floor_tokens_per_s"] == pytest.approx(6 / 0.648)
     assert floors["roofline_floor_tokens_per_s"] == pytest.approx(6 / 0.648)  # compute is the slower, every step
+
+
+def test_child_env_gpus_and_path(monkeypatch):
+    """The CPU bench hides the GPUs from its children; the GPU bench's children see the parent's; both can put the
+    working tree's r1lab first on PYTHONPATH (bench/common.py, shared by the two benches)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import common
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert common.child_env(2)["CUDA_VISIBLE_DEVICES"] == ""
+    env = common.child_env(2, hide_gpus=False)
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["OMP_NUM_THREADS"] == "2" and env["HF_HUB_OFFLINE"] == "1"
+    assert common.with_repo_on_path({"PYTHONPATH": "x"})["PYTHONPATH"] == f"{REPO}{os.pathsep}x"
+    assert common.with_repo_on_path({})["PYTHONPATH"] == str(REPO)

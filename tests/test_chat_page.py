@@ -49,6 +49,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_question_streams_reasoning_and_answer(page_server, browser, tmp_path):
     from playwright.sync_api import expect
 

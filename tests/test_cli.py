@@ -44,3 +44,115 @@ def test_eval_prints_a_table_and_writes_json(tiny_base, tmp_path, capsys, dtype)
     result = json.loads(out.read_text())["test"]
     assert {"pass@1", "cons@4", "pass@4", "format_rate"} <= set(result)
     assert "pass@1" in capsys.readouterr().out
+
+
+@pytest.fixture
+def dispatched(monkeypatch):
+    """Records the commands main() would run, so that a test sees what ran without training anything."""
+    from r1lab import cli
+
+    monkeypatch.delenv("R1LAB_DEBUG", raising=False)
+    calls = []
+    monkeypatch.setattr(cli, "dispatch", lambda command, cfg: calls.append((command, cfg)))
+    return calls
+
+
+def refused(argv, capsys) -> str:
+    """main(argv) must stop with exit status 2 and a one-message error, no traceback; returns the message."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--warmup-steps", "-1"], "warmup_steps: -1 is below the minimum 0"),
+    (["--max-grad-norm", "-1"], "max_grad_norm: -1 must be > 0"),
+    (["--top-p", "0"], "top_p: 0 is not in (0, 1]"),
+    (["--temperature", "nan"], "temperature: nan is not a finite number"),
+    (["--reward-timeout-s", "-1"], "reward_timeout_s: -1 must be > 0"),
+    (["--task-options", "{min_term: 3}"], "unknown option 'min_term' for task 'arithmetic' (did you mean "
+                                          "'min_terms'?)"),
+])
+def test_bad_flags_stop_grpo_before_its_first_step(tiny_base, tmp_path, capsys, monkeypatch, flags, expected):
+    monkeypatch.delenv("R1LAB_DEBUG", raising=False)
+    out = tmp_path / "run"
+    err = refused(["grpo", "--model", str(tiny_base), "--out", str(out), "--steps", "1", "--eval-every", "0",
+                   "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8", *flags], capsys)
+    assert err.startswith("r1lab grpo: error: invalid settings:\n  ") and expected in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr: fast\n", "lr: 'fast' is not a number"),
+    ("steps: 2.5\n", "steps: 2.5 is not an integer"),
+    ("task_options: [1, 2]\n", "task_options: [1, 2] is not a mapping"),
+    ("resume: 'no'\n", "resume: 'no' is not true or false"),
+    ("learning_rate: 1.0e-5\n", "unknown field 'learning_rate' (did you mean 'lr'?)"),
+    ("lr: 1e-5\n  steps: 3\n", "run.yaml:2:8: malformed YAML"),
+])
+def test_bad_yaml_stops_before_anything_runs(tmp_path, capsys, dispatched, text, expected):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(text)
+    err = refused(["grpo", "--config", str(cfg_file), "--out", str(tmp_path / "run")], capsys)
+    assert err.startswith("r1lab grpo: error: ") and expected in err
+    assert dispatched == []
+
+
+def test_cuda_without_cuda_is_one_line_before_the_weights_load(tmp_path, capsys, dispatched, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = refused(["eval", "--model", str(tmp_path / "model"), "--device", "cuda:0"], capsys)
+    assert "device: 'cuda:0' but CUDA is not available on this machine" in err and len(err.splitlines()) == 2
+    assert dispatched == []
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"r1lab {version('r1lab')}"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["grpo", "--lr-rate", "1e-5"], "r1lab grpo: error: unrecognized arguments: --lr-rate 1e-5 (did you mean --lr?)"),
+    (["sft", "--warmpu-steps=3"], "unrecognized arguments: --warmpu-steps=3 (did you mean --warmup-steps?)"),
+    (["grop"], "invalid choice: 'grop'"),
+])
+def test_a_misspelt_flag_or_command_gets_a_suggestion(argv, expected, capsys, dispatched):
+    err = refused(argv, capsys)
+    assert expected in err
+    assert "(did you mean " in err and dispatched == []
+
+
+def test_an_occupied_out_is_refused_unless_resume_or_overwrite(tmp_path, capsys, dispatched):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    err = refused(["grpo", "--out", str(out)], capsys)
+    assert f"out: {out} already holds files (metrics.jsonl)" in err and "--resume" in err and "--overwrite" in err
+    assert refused(["grpo", "--out", str(out), "--resume", "--overwrite"], capsys)
+    assert dispatched == []
+    main(["grpo", "--out", str(out), "--resume"])
+    assert dispatched[-1][1].resume and (out / "metrics.jsonl").exists()  # resumes in place
+    main(["grpo", "--out", str(out), "--overwrite"])
+    assert not out.exists() and (tmp_path / "run.old-1" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert "moved" in capsys.readouterr().err and len(dispatched) == 2
+    out.mkdir()
+    (out / "config.yaml").write_text("")
+    main(["sft", "--out", str(out), "--overwrite"])
+    assert (tmp_path / "run.old-2" / "config.yaml").exists()  # the first moved-aside run stays as it was
+
+
+def test_pretrain_refuses_an_occupied_out_and_stage_reusing_commands_do_not(tmp_path, capsys, dispatched):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.yaml").write_text("")
+    err = refused(["pretrain", "--out", str(tmp_path / "base")], capsys)
+    assert "--overwrite" in err and "--resume" not in err  # pretraining has no checkpoints to resume
+    for command in ("demo", "distill", "pipeline"):  # they reuse the stages already done in out, by design
+        main([command, "--out", str(tmp_path / "base")])
+    assert [command for command, _ in dispatched] == ["demo", "distill", "pipeline"]

@@ -57,3 +57,61 @@ def test_unknown_family_fails_clearly():
     with pytest.raises(ValueError, match="unknown code families"):
         get_task("code", families=["nope"])
     assert "clamp" in FAMILY_NAMES
+
+
+def test_every_family_passes_its_reference_and_fails_a_wrong_answer():
+    task = get_task("code", tests_per_problem=4)
+    problems = {p.meta["family"]: p for p in task.problems("train", 200, seed=3)}
+    assert set(problems) == set(FAMILY_NAMES)
+    for name, problem in problems.items():
+        assert task.score(problem, problem.answer) == 1.0, name
+        entry_point = problem.meta["entry_point"]
+        assert task.score(problem, f"def {entry_point}(*args):\n    return None\n") < 1.0, name
+
+
+def _file_task(tmp_path, rows):
+    path = tmp_path / "code.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return get_task("code", path=str(path), test_fraction=0.0)
+
+
+def test_file_tests_in_the_usual_shapes_are_judged(tmp_path):
+    tests = ["assert candidate(2) is True", "assert is_even(3) is False", "assert not candidate(5)",
+             "assert is_even(4)", "assert strict_equal(candidate(0), True)", "assert candidate(n=2) == True",
+             "assert abs(half(3) - 1.5) < 1e-9", "assert half(0.3) == 0.15", "  assert candidate(-2) != False  "]
+    task = _file_task(tmp_path, [{"prompt": "Write is_even(n).", "entry_point": "is_even", "tests": tests}] * 2)
+    problem = task.problems("train", 1, seed=0)[0]
+    right = "def is_even(n):\n    return n % 2 == 0\ndef half(x):\n    return x / 2\n"
+    assert task.score(problem, right) == 1.0
+    truthy = "def is_even(n):\n    return 1 - n % 2\ndef half(x):\n    return x // 2\n"  # ints, not bools
+    assert task.score(problem, truthy) == 3 / 9  # `not`, truthiness and `!= False` hold; `is`, == and floats do not
+
+
+@pytest.mark.parametrize(("test", "message"), [
+    ("for x in range(3): assert candidate(x) == x", "item 1 must be a single assert statement"),
+    ("assert candidate(sorted([3, 1])) == [1, 3]", "item 1 calls f\\(\\) with an argument that is not a literal"),
+    ("assert candidate(1).bit_length() == 1", "item 1 uses the attribute .bit_length"),
+    ("assert expected == candidate(1)", "item 1 uses the name 'expected'"),
+])
+def test_a_test_the_judge_cannot_split_is_refused_at_load(tmp_path, test, message):
+    rows = [{"prompt": "ok", "entry_point": "f", "tests": ["assert True"]},
+            {"prompt": "bad", "entry_point": "f", "tests": ["assert candidate(1) == 1", test]}]
+    with pytest.raises(DatasetError, match=rf"code.jsonl:2: field 'tests' {message}"):
+        _file_task(tmp_path, rows)
+
+
+def test_code_reward_hacks_score_zero(tmp_path):
+    task = _file_task(tmp_path, [{"prompt": "Write add(a, b).", "entry_point": "add",
+                                  "tests": ["assert candidate(1, 2) == 3", "assert add(2, 2) == 4"]}] * 2)
+    problem = task.problems("train", 1, seed=0)[0]
+    # A forged report line can only claim return values, judged like real ones: without the answers (never in
+    # the sandbox), it claims wrong ones.
+    hacks = ["class A:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return A()\n",
+             "import os\nfor fd in range(3, 16):\n    try:\n        os.write(fd, b'0 ok [True]\\n1 ok [True]\\n')\n"
+             "    except OSError:\n        pass\nos._exit(0)\n",
+             "import builtins\nbuiltins.abs = lambda x: 0\ndef add(a, b):\n    return 0\n",
+             "def add(a, b):\n    return 'x' * 10 ** 8\n",
+             "def add(a, b):\n    return (a + b for _ in '1')\n"]
+    completions = [f"<think>hack</think><answer>{h}</answer>" for h in hacks]
+    result = score_completions(task, [problem] * len(hacks), completions, RewardWeights(1.0, 0.0), timeout_s=10)
+    assert result.components["accuracy"] == [0.0] * len(hacks)

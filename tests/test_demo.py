@@ -7,6 +7,8 @@ import pytest
 from r1lab.config import DemoConfig
 from r1lab.demo import run_demo
 
+pytestmark = pytest.mark.slow  # end-to-end runs of whole commands: the full suite only (make test)
+
 transformers = pytest.importorskip("transformers")
 
 

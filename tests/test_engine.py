@@ -196,3 +196,22 @@ def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings, check_
     for d, s in zip(dynamic_out, static_out):
         assert s.token_ids == d.token_ids and s.finish_reason == d.finish_reason
         assert s.logprobs == pytest.approx(d.logprobs, abs=1e-5)
+
+
+def test_qwen3_greedy_with_cache_equals_recomputation_dynamic_and_static():
+    """Qwen3's per-head q/k norms and explicit head_dim (24, not 64 / 4) in both cached decode paths."""
+    torch.manual_seed(0)
+    tok = build_tiny_tokenizer()
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=24, architecture="Qwen3ForCausalLM",
+                      qkv_bias=False, qk_norm=True, tie_word_embeddings=False)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    tok.eos_ids = set()
+    ids = [tok.encode(p) for p in PROMPTS]
+    for decode in ("dynamic", "static"):
+        out = Engine(model.eval(), tok, decode=decode).generate(ids, num_samples=2, max_new_tokens=12, temperature=0)
+        for i, s in enumerate(out):
+            assert s.token_ids == greedy_without_cache(model, ids[i // 2], 12), decode

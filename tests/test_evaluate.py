@@ -11,7 +11,9 @@ from itertools import combinations
 
 import pytest
 
-from r1lab.evaluate import EvalResult, evaluate, majority_vote, pass_at_k, pass_ks, print_table, save_json
+from r1lab.config import EvalConfig, GRPOConfig
+from r1lab.evaluate import (EvalResult, evaluate, evaluate_policy, majority_vote, pass_at_k, pass_ks, print_table,
+                            save_json)
 from r1lab.tasks.base import Problem
 
 
@@ -161,8 +163,9 @@ def test_evaluate_records_and_to_dict():
     assert rec["prompt"] == "p1" and rec["reference"] == "Seven" and rec["majority"] == "one"
     assert [s["correct"] for s in rec["samples"]] == [False, False, True, False]
     d = result.to_dict()
-    assert set(d) == {"pass@1", "cons@4", "pass@2", "pass@4", "format_rate", "mean_length", "language_consistency", "k",
-                      "n_problems"}
+    assert set(d) == {"pass@1", "cons@4", "pass@2", "pass@4", "format_rate", "mean_length", "truncation_rate",
+                      "language_consistency", "k", "n_problems"}
+    assert d["truncation_rate"] == pytest.approx(2 / 12)  # was computed, then dropped from the saved figures
     assert "records" in result.to_dict(include_records=True)
 
 
@@ -183,3 +186,47 @@ def test_print_table_and_save_json(tmp_path):
     loaded = json.loads(path.read_text())
     assert loaded["base"]["pass@1"] == pytest.approx(result.pass_at_1)
     assert len(loaded["base"]["records"]) == 3
+
+
+class HangingCanonicalTask(FakeTask):
+    """A verifier whose canonical form never returns: voting must stay under the scorers' timeout."""
+
+    def canonical(self, answer: str) -> str:
+        import time
+
+        time.sleep(30)
+        return answer
+
+    def score(self, problem: Problem, answer: str) -> float:
+        return float(answer.strip() == problem.answer)
+
+
+def test_majority_vote_runs_under_the_timeout():
+    import time
+
+    start = time.monotonic()
+    result = evaluate(FakeEngine(CANNED), HangingCanonicalTask(), PROBLEMS[:1], lambda p: [p.meta["id"]], k=4,
+                      scorer=fake_scorer, timeout_s=0.2)
+    assert time.monotonic() - start < 10  # 3 answers x 0.2 s, not 3 x 30 s
+    assert result.cons_at_k == 0.0 and result.records[0]["majority"] is None  # no canonical form, no vote
+
+
+class TextEngine(FakeEngine):
+    """FakeEngine with the tokenizer evaluate_policy encodes prompts with: the problem number as the prompt."""
+
+    class tokenizer:
+        @staticmethod
+        def encode(text):
+            return [int(text.rsplit(" ", 1)[-1])]
+
+
+def test_heldout_evaluation_uses_the_runs_language():
+    # The held-out evaluation in GRPO once measured language consistency against "en" whatever --language said.
+    cfg = GRPOConfig(language="zh", eval_samples=4, max_new_tokens=16, template="none")
+    assert cfg.eval_config().language == "zh"
+    problems = [Problem("p 0", "3", {"id": 0})]
+    figures = {lang: evaluate_policy(TextEngine(CANNED), FakeTask(), EvalConfig(**{**vars(cfg.eval_config()),
+                                                                                  "language": lang}), problems)
+               for lang in ("en", "zh")}
+    assert figures["en"].language_consistency >= 0.75  # "hmm" is written in Latin script
+    assert figures["zh"].language_consistency == 0.0

@@ -1,4 +1,4 @@
-"""Logits parity with transformers, both directions, for Qwen2 and Llama; clear errors for unsupported configs."""
+"""Logits parity with transformers, both directions, for Qwen2, Qwen3 and Llama; clear errors for unsupported configs."""
 
 import json
 
@@ -10,7 +10,19 @@ from r1lab.model import CausalLM, ModelConfig, load_model, save_model
 transformers = pytest.importorskip("transformers")
 
 
+KINDS = ["qwen2", "llama", "qwen3", "qwen3-tied"]
+
+
 def make_hf(kind, kw, **extra):
+    if kind.startswith("qwen3"):  # head_dim 24, not hidden_size / heads = 16: Qwen3 sets it explicitly
+        cfg = transformers.Qwen3Config(**kw, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=kind.endswith("tied"),
+                                       **extra)
+        model = transformers.Qwen3ForCausalLM(cfg)
+        with torch.no_grad():  # q_norm/k_norm start at ones: random weights check that they are applied and loaded
+            for name, p in model.named_parameters():
+                if "q_norm" in name or "k_norm" in name:
+                    p.uniform_(0.5, 1.5)
+        return model
     if kind == "qwen2":
         cfg = transformers.Qwen2Config(**kw, rope_theta=50000.0, tie_word_embeddings=True, **extra)
         return transformers.Qwen2ForCausalLM(cfg)
@@ -27,7 +39,7 @@ def batch(vocab):
     return ids, mask
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_hf_to_r1lab_logits_match(kind, tiny_config_kwargs, tmp_path):
     torch.manual_seed(0)
     hf = make_hf(kind, tiny_config_kwargs).eval()
@@ -41,7 +53,7 @@ def test_hf_to_r1lab_logits_match(kind, tiny_config_kwargs, tmp_path):
     assert (ref[real] - got[real]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_r1lab_to_hf_logits_match(kind, tiny_config_kwargs, tmp_path):
     torch.manual_seed(1)
     hf_src = make_hf(kind, tiny_config_kwargs)
@@ -94,3 +106,24 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 def test_missing_weights_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)
+
+
+def test_qwen3_config_round_trips_and_keeps_its_names(tiny_config_kwargs, tmp_path):
+    hf = make_hf("qwen3", tiny_config_kwargs)
+    cfg = ModelConfig.from_hf(hf.config.to_dict())
+    assert (cfg.head_dim, cfg.qk_norm, cfg.qkv_bias, cfg.o_bias, cfg.tie_word_embeddings) == (24, True, False, False, False)
+    save_model(CausalLM(cfg), tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["model_type"], written["head_dim"], written["attention_bias"]) == ("qwen3", 24, False)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.0.self_attn.k_norm.weight" in names
+    assert "model.layers.0.self_attn.q_proj.weight" in names and "model.layers.0.self_attn.q_proj.bias" not in names
+
+
+def test_sliding_window_is_refused(tiny_config_kwargs, tmp_path):
+    cfg = transformers.Qwen3Config(**tiny_config_kwargs, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match="sliding-window"):
+        ModelConfig.from_hf(cfg.to_dict())

@@ -8,9 +8,11 @@ import pytest
 from r1lab.config import DistillConfig, PipelineConfig
 from r1lab.distill import run_distill
 from r1lab.grpo import train
-from r1lab.demo import tiny_grpo_config
+from r1lab.config import tiny_grpo_config
 from r1lab.pipeline import run_pipeline
 from r1lab.stages import parameter_count
+
+pytestmark = pytest.mark.slow  # end-to-end runs of whole commands: the full suite only (make test)
 
 TOY = dict(task_options={"min_terms": 3, "max_terms": 4})
 
@@ -73,7 +75,7 @@ def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path)
 def test_the_default_student_has_at_most_a_quarter_of_the_demo_models_parameters():
     from r1lab.config import PretrainConfig
     from r1lab.model import CausalLM
-    from r1lab.sft import tiny_model_config
+    from r1lab.pretrain import tiny_model_config
     from r1lab.tokenizer import build_tiny_tokenizer
 
     d, tok = DistillConfig(), build_tiny_tokenizer()
@@ -95,7 +97,7 @@ def test_the_shipped_pipeline_yaml_holds_the_defaults():
 
 
 def test_pipeline_on_your_own_data_file_and_models(tiny_base, tmp_path):
-    from r1lab.corpus import cold_start_conversations
+    from r1lab.pretrain import cold_start_conversations
     from r1lab.rejection import write_jsonl
     from r1lab.tasks import get_task
 

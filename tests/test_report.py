@@ -79,12 +79,18 @@ def test_progress_is_quiet_off_terminal():
     assert out[-1].startswith("step 100/100") and "acc 25.0%" in out[-1]
 
 
-def test_progress_on_terminal_runs():
+def test_progress_on_terminal_shows_the_bar():
+    import re
+
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
     with training_progress(5, start_step=2, console=console) as bar:
         bar.update(3, {"reward/mean": 0.1})
+    screen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())  # the text without terminal escapes
+    last = screen.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("step 3/5") and "━" in last and last.endswith("reward 0.1")  # resumed at 2, then 3 of 5
     assert format_live_metrics({"kl": 0.01, "x": 1}) == "kl 0.01"
 
 
@@ -135,3 +141,30 @@ def test_formatting():
     assert format_value("kl", 0.00123) == "0.00123"
     assert format_value("x", math.nan) == "-"
     assert markdown_table({"a|b": {"pass@2": 1.0}}).splitlines()[0] == "| metric | a\\|b |"
+
+
+def test_report_command_for_a_grpo_run_and_an_sft_run(tmp_path, capsys):
+    from r1lab.cli import main
+
+    grpo_run, sft_run = tmp_path / "grpo", tmp_path / "sft"
+    synthetic_run(grpo_run)
+    for step, p in ((0, 0.1), (30, 0.6)):  # what GRPO's held-out evaluation writes beside eval.jsonl
+        record = {"prompt": "2+2?", "completion": f" <answer>{step}</answer>", "answer": str(step), "reference": "4",
+                  "correct": False}
+        (grpo_run / "eval").mkdir(exist_ok=True)
+        (grpo_run / "eval" / f"step_{step:06d}.json").write_text(json.dumps(
+            {"heldout": {"pass@1": p, "cons@8": p, "k": 8, "records": [{"samples": [record], **record}]}}))
+    main(["report", str(grpo_run)])
+    md = (grpo_run / "report" / "report.md").read_text()
+    assert "Held-out pass@1 10.0% -> 60.0% (+50.0 points)" in md and "| pass@1 | 10.0% | 60.0% |" in md
+    with MetricsLogger(sft_run, tensorboard=False) as log:
+        for s in range(1, 6):
+            log.log(s, {"loss": 2.0 / s, "grad_norm": 1.0, "lr": 1e-4})
+        log.log_eval(0, "heldout", {"loss": 2.5})
+        log.log_eval(5, "heldout", {"loss": 0.5})
+    main(["report", "--run", str(sft_run), "--title", "my SFT"])
+    md = (sft_run / "report" / "report.md").read_text()
+    assert md.startswith("# my SFT") and "Held-out loss" in md and (sft_run / "report" / "diagnostics.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(tmp_path)])  # not a run directory
+    assert exit_info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err

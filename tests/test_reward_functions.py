@@ -100,3 +100,163 @@ def test_grpo_logs_each_functions_mean(rewards_file, tiny_base, tmp_path):
     grpo.train(cfg, log=lambda *_: None)
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert 0.0 <= row["reward/brevity"] <= 1.0 and math.isfinite(row["reward/mean"])
+
+
+# ---------------------------------------------------------------- functions that try to end or hang the run
+
+HOSTILE_PY = '''
+import os, sys, time
+import numpy as np
+
+def exits(completion, problem):
+    sys.exit(3)
+
+def interrupts(completion, problem):
+    raise KeyboardInterrupt
+
+def kills_its_process(completion, problem):
+    if completion == "die":
+        os._exit(1)
+    return 1.0
+
+def hangs_on(completion, problem):
+    # A retry loop whose bare except swallows the timeout: only killing the worker stops it.
+    if completion == "hang":
+        while True:
+            try:
+                time.sleep(0.01)
+            except:
+                pass
+    return float(len(completion))
+
+VALUES = {"inf": float("inf"), "-inf": float("-inf"), "huge": 1e300, "big_int": 10 ** 400, "above": 1e6 + 1,
+          "string": "1.5", "bool": True, "none": None, "np_float": np.float32(0.25), "np_int": np.int64(3),
+          "bound": -1e6, "int": 2}
+
+def returns(completion, problem):
+    return VALUES[completion]
+
+def pid(completion, problem):
+    return os.getpid()
+'''
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    path = tmp_path / "hostile.py"
+    path.write_text(HOSTILE_PY)
+    return lambda name: f"{path}:{name}"
+
+
+@pytest.fixture
+def pool():
+    from r1lab.reward_functions import RewardWorkers
+
+    with RewardWorkers(workers=1) as workers:
+        yield workers
+
+
+def test_exit_and_keyboard_interrupt_are_contained_and_counted(hostile):
+    task = get_task("arithmetic")
+    problem = task.problems("test", 1, seed=0)[0]
+    functions = ((hostile("exits"), 1.0), (hostile("interrupts"), 1.0))
+    with pytest.warns(RuntimeWarning, match="raised SystemExit: 3"):
+        result = score_completions(task, [problem] * 3, ["a", "b", "c"], RewardWeights(0.0, 0.0, functions=functions))
+    assert result.components["exits"] == result.components["interrupts"] == [0.0] * 3
+    assert result.errors == 6 and result.timeouts == 0  # and this test process is still running
+
+
+def test_a_call_that_swallows_the_timeout_is_killed_and_the_rest_is_still_scored(hostile, pool):
+    start = time.monotonic()
+    out = pool.score({hostile("hangs_on"): [("a", None), ("hang", None), ("bc", None), ("def", None)]}, 0.3)
+    assert time.monotonic() - start < 6  # the 0.3 s timeout + 1 s of grace, not forever
+    assert out[hostile("hangs_on")] == [("ok", 1.0), ("timeout", None), ("ok", 2.0), ("ok", 3.0)]
+
+
+def test_a_function_that_kills_its_worker_costs_only_that_call(hostile, pool):
+    out = pool.score({hostile("kills_its_process"): [("a", None), ("die", None), ("b", None)]}, 5.0)
+    ok, died, after = out[hostile("kills_its_process")]
+    assert ok == after == ("ok", 1.0)
+    assert died[0] == "error" and "ended its worker process" in died[1]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("inf", None), ("-inf", None), ("huge", None), ("big_int", None), ("above", None), ("string", None),
+    ("bool", None), ("none", None), ("np_float", 0.25), ("np_int", 3.0), ("bound", -1e6), ("int", 2.0),
+])
+def test_only_bounded_real_numbers_are_rewards(hostile, pool, name, expected):
+    kind, value = pool.score({hostile("returns"): [(name, None)]}, 5.0)[hostile("returns")][0]
+    if expected is None:
+        assert kind == "error", value
+    else:
+        assert (kind, value) == ("ok", expected) and type(value) is float
+
+
+def test_checked_reward_says_what_is_wrong():
+    from r1lab.reward_functions import RewardValueError, checked_reward
+
+    with pytest.raises(RewardValueError, match="returned str, not a number"):
+        checked_reward("1.5")
+    with pytest.raises(RewardValueError, match="not a finite number"):
+        checked_reward(math.inf)
+    with pytest.raises(RewardValueError, match="beyond the bound"):
+        checked_reward(-2e6)
+
+
+def test_an_inf_reward_is_an_error_not_a_nonfinite_step(hostile):
+    task = get_task("arithmetic")
+    problem = task.problems("test", 1, seed=0)[0]
+    weights = RewardWeights(1.0, 0.0, functions=((hostile("returns"), 1.0),))
+    result = score_completions(task, [problem] * 2, ["inf", "int"], weights)
+    assert result.total == [0.0, 2.0] and all(math.isfinite(t) for t in result.total)
+    assert result.errors == 1
+
+
+def test_unpicklable_problem_and_vanished_module_are_errors(rewards_file, pool):
+    from r1lab.tasks.base import Problem
+
+    out = pool.score({f"{rewards_file}:brevity": [("a", Problem("q", "1", {"f": lambda: 0}))]}, 5.0)
+    assert out[f"{rewards_file}:brevity"][0][0] == "error"
+    moved = rewards_file.with_name("moved_rewards.py")
+    moved.write_text(REWARDS_PY)
+    RewardWeights(functions=((f"{moved}:brevity", 1.0),))  # loads fine in the trainer...
+    moved.unlink()
+    kind, reason = pool.score({f"{moved}:brevity": [("a", None)]}, 5.0)[f"{moved}:brevity"][0]
+    assert kind == "error" and "cannot be loaded in a worker" in reason  # ...then is gone for the worker
+
+
+def test_workers_are_reused_and_none_is_left_after_close(hostile):
+    from r1lab.reward_functions import RewardWorkers
+
+    pool = RewardWorkers(workers=2)
+    items = [("a", None)] * 10
+    first = {value for _, value in pool.score({hostile("pid"): items}, 5.0)[hostile("pid")]}
+    second = {value for _, value in pool.score({hostile("pid"): items}, 5.0)[hostile("pid")]}
+    assert len(first) == 2 and first == second  # two workers, both kept between calls
+    processes = [w.process for w in pool._idle]
+    pool.close()
+    assert all(p.poll() is not None for p in processes)
+
+
+def test_outcomes_are_batched_but_a_long_call_is_preceded_by_a_flush():
+    from r1lab.reward_functions import FLUSH_S, _Reporter
+
+    class Recorder:
+        def __init__(self):
+            self.messages = []
+
+        def send(self, message):
+            self.messages.append((time.monotonic(), message))
+
+    conn = Recorder()
+    reporter = _Reporter(conn)
+    for i in range(1000):  # a cheap function: few messages for many calls
+        reporter.begin()
+        reporter.add(("ok", 1.0), last=i == 999)
+    assert len(conn.messages) <= 5 and sum(len(m[1]) for _, m in conn.messages) == 1000
+    conn.messages.clear()
+    reporter.begin()
+    reporter.add(("ok", 2.0), last=False)
+    reporter.begin()  # a call that runs long: what came before it is sent while it runs
+    time.sleep(4 * FLUSH_S)
+    assert [m for _, m in conn.messages] == [("done", [("ok", 2.0)])]

@@ -6,6 +6,8 @@ written outside the sandbox directory, no connection made, this process alive, t
 
 from __future__ import annotations
 
+import contextlib
+import marshal
 import os
 import socket
 import tempfile
@@ -14,12 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from r1lab import sandbox
 from r1lab.rewards import _ScorerTimeout, call_with_timeout
-from r1lab.sandbox import TEMP_PREFIX, SandboxResult, run_tests
+from r1lab.sandbox import TEMP_PREFIX, SandboxResult, bwrap_works, run_tests
+from r1lab.sandbox_judge import UnjudgeableTestError, parse_values, split_test
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add('a', 'b') == 'ab'"]
 NOBODY = 65534
+# the fallback (process + audit hook) always; bubblewrap too where it works, which is then the default
+MODES = [False, True] if bwrap_works() else [False]
+SHARED_DIRS = ("/tmp", "/dev/shm")  # world-writable: where an escaped nobody would leave files
 
 
 def descendants(pid: int | None = None) -> set[int]:
@@ -57,6 +64,32 @@ def host_check(sandbox_root: Path):
     assert [p.name for p in sandbox_root.iterdir() if p.name.startswith(TEMP_PREFIX)] == []
 
 
+def shared_entries() -> dict[str, set[tuple[str, int]]]:
+    """(name, owner uid) of every entry of the world-writable directories."""
+    found: dict[str, set[tuple[str, int]]] = {}
+    for directory in SHARED_DIRS:
+        found[directory] = set()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    found[directory].add((entry.name, entry.stat(follow_symlinks=False).st_uid))
+    return found
+
+
+@pytest.fixture
+def shared_dirs_untouched(host_check):
+    """After the test, nothing new in /tmp or /dev/shm that the sandbox could have made: owned by nobody, or named
+    with ESCAPE_TOKEN. (Other people's processes share these directories, so a plain diff could flake.)"""
+    before = shared_entries()
+    yield
+    for directory, entries in shared_entries().items():
+        new = entries - before[directory]
+        assert [name for name, uid in new if uid == NOBODY or ESCAPE_TOKEN in name] == [], directory
+
+
+ESCAPE_TOKEN = "r1lab-escape-probe"
+
+
 def hostile(code: str, **kwargs) -> SandboxResult:
     """Run code that tries an escape at module level, with a test that would pass if the code got that far."""
     return run_tests(code, ["assert True"], **kwargs)
@@ -68,6 +101,8 @@ def hostile(code: str, **kwargs) -> SandboxResult:
 def test_correct_solution_scores_one(host_check) -> None:
     result = run_tests(ADD, ADD_TESTS)
     assert (result.passed, result.total, result.fraction, result.error, result.timed_out) == (3, 3, 1.0, None, False)
+    assert result.layers == sandbox.active_layers() and "audit" in result.layers
+    assert ("bwrap" in result.layers) == bwrap_works()  # bubblewrap is used wherever it works
 
 
 def test_partial_solution_scores_the_fraction_and_each_test_runs(host_check) -> None:
@@ -127,6 +162,12 @@ def test_infinite_loop_returns_within_the_timeout(host_check) -> None:
         result = run_tests(code, ["assert f() == 1"] if "def f" in code else ["assert True"], timeout_s=1.0)
         assert time.monotonic() - started < 2.5, code
         assert result.passed == 0 and result.timed_out
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_the_cpu_limit_is_reported_as_a_timeout(bwrap: bool, host_check) -> None:
+    result = run_tests("while True:\n    pass", ["assert True"], timeout_s=4.0, cpu_s=1, bwrap=bwrap)
+    assert (result.passed, result.timed_out, result.error) == (0, True, "CPU time limit exceeded")
 
 
 def test_fork_bomb_is_contained(host_check) -> None:
@@ -214,8 +255,9 @@ def test_network_is_refused(host_check) -> None:
 
 def test_stdin_does_not_leak_the_tests(host_check) -> None:
     code = "import sys\nleak = sys.stdin.read()\ndef f():\n    return leak\n"
-    assert run_tests(code, ["assert 'SECRET-MARKER' in f()"]).passed == 0  # the tests came in on stdin
-    assert run_tests("leak = open('/dev/stdin').read()", ["assert 'SECRET-MARKER' in leak"]).passed == 0
+    assert run_tests(code, ["assert 'SECRET-MARKER' in f()"]).passed == 0  # the calls came in on stdin
+    code = "def f():\n    return open('/dev/stdin').read()\n"
+    assert run_tests(code, ["assert 'SECRET-MARKER' in f()"]).passed == 0
 
 
 def test_exiting_early_scores_zero(host_check) -> None:
@@ -260,12 +302,15 @@ def test_limits_cannot_be_raised(host_check) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop and network namespace are for root only")
-def test_root_runs_the_code_as_nobody_without_forks() -> None:
-    code = "import os, resource\ninfo = (os.getuid(), os.geteuid(), resource.getrlimit(resource.RLIMIT_NPROC))\n"
-    result = run_tests(code, [f"assert info == ({NOBODY}, {NOBODY}, (0, 0)), info"])
+@pytest.mark.parametrize("bwrap", MODES)
+def test_root_runs_the_code_as_nobody_without_forks(bwrap: bool) -> None:
+    code = ("import os, resource\ndef info():\n"
+            "    return (os.getuid(), os.geteuid(), resource.getrlimit(resource.RLIMIT_NPROC))\n")
+    result = run_tests(code, [f"assert info() == ({NOBODY}, {NOBODY}, (0, 0))"], bwrap=bwrap)
     if "uid" not in result.layers:
         pytest.skip("this machine refused the uid drop; the audit hook alone contains the code")
     assert result.passed == 1
+    assert ("bwrap" in result.layers) == bwrap and "netns" in result.layers and "audit" in result.layers
 
 
 def test_an_alarm_during_a_run_kills_the_child_at_once(host_check) -> None:
@@ -275,7 +320,9 @@ def test_an_alarm_during_a_run_kills_the_child_at_once(host_check) -> None:
     assert time.monotonic() - started < 1.5  # the reward's own timeout wins over the sandbox's longer one
 
 
-def test_many_rewards_in_a_row_leave_nothing_behind(sandbox_root: Path, tmp_path: Path, host_check) -> None:
+@pytest.mark.slow
+def test_many_rewards_in_a_row_leave_nothing_behind(sandbox_root: Path, tmp_path: Path,
+                                                    shared_dirs_untouched) -> None:
     """1,000 rewards of good, wrong and hostile code: every result is right and nothing is left over."""
     marker = tmp_path / "escaped"
     programs = [
@@ -293,3 +340,270 @@ def test_many_rewards_in_a_row_leave_nothing_behind(sandbox_root: Path, tmp_path
     elapsed = time.monotonic() - started
     print(f"1,000 sandboxed rewards in {elapsed:.1f} s")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the judge: what the sandbox sees and returns
+
+
+def test_the_sandboxed_process_never_receives_an_expected_value(monkeypatch: pytest.MonkeyPatch,
+                                                                host_check) -> None:
+    sent: list[bytes] = []
+    execute = sandbox._execute
+    monkeypatch.setattr(sandbox, "_execute", lambda payload, *args: sent.append(payload) or execute(payload, *args))
+    tests = ["assert f(1) == 'EXPECTED-1'", "assert strict_equal(f(2), 'EXPECTED-2')",
+             "assert abs(g(0.5) - 1234.5) < 1e-6", "assert f(3) is not None and f(3) != 'EXPECTED-3'"]
+    code = "def f(x):\n    return 'EXP' + f'ECTED-{x}'\ndef g(x):\n    return x + 1000 + 234\n"
+    assert run_tests(code, tests).passed == 3  # the last is False for the right answer
+    payload = marshal.loads(sent[0])
+    assert payload["tests"] == [[("f", (1,), ())], [("f", (2,), ())], [("g", (0.5,), ())],
+                                [("f", (3,), ()), ("f", (3,), ())]]
+    assert b"EXPECTED" not in sent[0] and b"1234" not in sent[0]
+
+
+@pytest.mark.parametrize(("test", "calls"), [
+    ("assert candidate(3, 4) == 7", [("add", (3, 4), ())]),
+    ("assert add(3, b=[1, (2,)]) == 7", [("add", (3,), (("b", [1, (2,)]),))]),
+    ("assert abs(candidate(0.1, 0.2) - 0.3) < 1e-9", [("add", (0.1, 0.2), ())]),
+    ("assert candidate(1, 1)", [("add", (1, 1), ())]),
+    ("assert not candidate(0, 0)", [("add", (0, 0), ())]),
+    ("assert candidate(None, -1) is None, 'message'", [("add", (None, -1), ())]),
+    ("assert strict_equal(sorted(candidate({1: 2}, {3})), [1, 3])", [("add", ({1: 2}, {3}), ())]),
+    ("assert math.isclose(candidate(1e-3, 0.0), 1e-3) and len(add('a', 'b')) == 2",
+     [("add", (1e-3, 0.0), ()), ("add", ("a", "b"), ())]),
+    ("assert True", []),
+])
+def test_the_judge_splits_the_usual_test_shapes(test: str, calls: list) -> None:
+    assert list(split_test(test, "add").calls) == calls
+
+
+@pytest.mark.parametrize(("test", "why"), [
+    ("x = candidate(1)", "single assert"),
+    ("assert candidate(1) == 1\nassert candidate(2) == 2", "single assert"),
+    ("assert candidate(sorted([3, 1])) == 1", "not a literal"),
+    ("assert candidate(*[1]) == 1", "not a literal"),
+    ("assert candidate(**{'a': 1}) == 1", r"\*\*keywords"),
+    ("assert [candidate(i) for i in range(3)] == [0, 1, 2]", "not a literal"),
+    ("assert candidate(1).real == 1", "attribute .real"),
+    ("assert result == 1", "name 'result'"),
+    ("assert (lambda: 1)() == 1", "named function"),
+    ("assert __import__('os').system('true') == 0", r"\.system"),
+    ("assert (", "does not compile"),
+])
+def test_the_judge_refuses_what_it_cannot_split(test: str, why: str) -> None:
+    with pytest.raises(UnjudgeableTestError, match=why):
+        split_test(test, "candidate_fn")
+
+
+def test_the_judge_compares_strictly_and_guards_its_own_work() -> None:
+    def judged(test: str, *values) -> str | None:
+        return split_test(test, "f").judge(list(values))
+
+    assert judged("assert f(1) == 2", 2) is None
+    assert judged("assert f(1) == 2", 2.0) is not None  # == is strict_equal: an int is wanted
+    assert judged("assert f(1) == 0.3", 0.1 + 0.2) is None  # floats within 1e-9 relative
+    assert judged("assert f(1) != [1]", (1,)) is None
+    assert judged("assert f(1) is True", 1) is not None
+    assert judged("assert 1 < f(1) == 2 < 3", 2) is None
+    assert judged("assert abs(f(1) - 2.5) < 1e-6", "2.5").startswith("TypeError")
+    started = time.monotonic()
+    assert "refuses" in judged("assert 'x' * f(1) == ''", 10 ** 12)
+    assert "refuses" in judged("assert 2 ** f(1) > 0", 10 ** 12)
+    assert "refuses" in judged("assert 1 << f(1) > 0", 10 ** 12)
+    assert judged("assert '%*d' % (f(1), 1) == ''", 10 ** 9) is not None
+    assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize("text", ["[__import__('os')]", "[(1).__class__]", "[f(1)]", "[x]", "[1 + 1]", "{1: 2}",
+                                  "[" * 300 + "]" * 300, "[lambda: 1]", "['a' 'b', 'c']"])
+def test_returned_values_are_parsed_never_run(text: str) -> None:
+    if text == "['a' 'b', 'c']":
+        assert parse_values(text) == ["ab", "c"]  # implicit concatenation is still a plain constant
+        return
+    with pytest.raises(ValueError):
+        parse_values(text)
+
+
+# ---------------------------------------------------------------- forging a pass, with every layer in place
+
+GC_FRAME_WALK = '''
+import importlib, os
+ERR = None
+def steal():
+    gc = importlib.import_module('gc')
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    def cycle():
+        try:
+            1 / 0
+        except ZeroDivisionError as e:
+            e.keep = e
+    cycle()
+    gc.collect()
+    found = set()
+    for obj in list(gc.garbage):
+        frame = getattr(obj, '__traceback__', None) and obj.__traceback__.tb_frame
+        while frame is not None:
+            found |= {v for v in frame.f_locals.values() if isinstance(v, str)}
+            frame = frame.f_back
+    for fd in range(64):
+        for s in found:
+            try:
+                os.write(fd, f'0 ok [{s!r}]\\n'.encode())
+            except OSError:
+                pass
+try:
+    steal()
+except BaseException as e:
+    ERR = type(e).__name__
+def f():
+    return 'wrong'
+def why():
+    return ERR
+'''
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_gc_frames_reached_through_importlib_earn_nothing(bwrap: bool, shared_dirs_untouched) -> None:
+    result = run_tests(GC_FRAME_WALK, ["assert f() == 'EXPECTED-VALUE-9d1c'", "assert why() == 'ImportError'"],
+                       bwrap=bwrap)
+    assert (result.passed, result.total) == (1, 2)  # no pass forged; the gc import itself was refused
+    assert "audit" in result.layers
+
+
+DIR_FD_ESCAPES = '''
+import os
+TOKEN = 'r1lab-escape-probe'
+def attempts():
+    opened = []
+    root = os.getcwd()
+    for i in range(12):
+        os.mkdir(f'd{i}')
+        os.chdir(f'd{i}')
+    up = '../' * 12
+    targets = [('proc/self/mem', os.O_RDONLY), (f'proc/{os.getppid()}/environ', os.O_RDONLY),
+               (f'tmp/{TOKEN}-tmp', os.O_WRONLY | os.O_CREAT), (f'dev/shm/{TOKEN}-shm', os.O_WRONLY | os.O_CREAT)]
+    for how in ('root', 'O_DIRECTORY', 'O_PATH', 'tmpfile'):
+        try:
+            flags = {'root': os.O_RDONLY, 'O_DIRECTORY': os.O_RDONLY | os.O_DIRECTORY, 'O_PATH': os.O_PATH,
+                     'tmpfile': os.O_TMPFILE | os.O_RDWR}[how]
+            dir_fd = os.open(root, flags)
+        except OSError:
+            continue
+        for path, target_flags in targets:
+            try:
+                os.close(os.open(up + path, target_flags, dir_fd=dir_fd))
+                opened.append((how, path))
+            except OSError:
+                pass
+    for path, target_flags in targets:  # and plainly, in case the sandbox's root is the host's
+        try:
+            os.close(os.open('/' + path, target_flags))
+            opened.append(('absolute', path))
+        except OSError:
+            pass
+    return opened
+'''
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_dir_fd_opens_from_a_deep_directory_reach_nothing(bwrap: bool, shared_dirs_untouched) -> None:
+    result = run_tests(DIR_FD_ESCAPES, ["assert attempts() == []"], bwrap=bwrap)
+    assert result.passed == 1, result.error
+    for directory in SHARED_DIRS:
+        assert not [p for p in os.listdir(directory) if ESCAPE_TOKEN in p]
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_only_plain_data_comes_back(bwrap: bool, shared_dirs_untouched) -> None:
+    always_equal = ("class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
+                    "class Int(int):\n    def __eq__(self, other):\n        return True\n"
+                    "import builtins\nbuiltins.abs = lambda x: 0\n"
+                    "def f(x):\n    return Any()\ndef g(x):\n    return Int(5)\ndef h(x):\n    return [Int(5)]\n"
+                    "def gen(x):\n    return (i for i in range(3))\n")
+    tests = ["assert f(1) == 3", "assert g(1) == 3", "assert h(1) == [3]", "assert abs(g(1) - 3) < 1",
+             "assert gen(1) == [0, 1, 2]", "assert f(1)"]
+    result = run_tests(always_equal, tests, bwrap=bwrap)
+    assert result.passed == 0 and "only plain data" in result.error
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_huge_or_deep_outputs_fail_fast(bwrap: bool, shared_dirs_untouched) -> None:
+    code = ("def big():\n    return 'x' * 10 ** 7\ndef many():\n    return list(range(10 ** 6))\n"
+            "def deep():\n    x = []\n    for _ in range(10 ** 4):\n        x = [x]\n    return x\n"
+            "def digits():\n    return 10 ** 100000\n"
+            "def loop():\n    x = []\n    x.append(x)\n    return x\n")
+    started = time.monotonic()
+    result = run_tests(code, ["assert big() == ''", "assert len(many()) == 10 ** 6", "assert deep() == []",
+                              "assert digits() > 0", "assert loop() == []"], bwrap=bwrap, timeout_s=5.0)
+    assert result.passed == 0 and not result.timed_out
+    assert time.monotonic() - started < 4.0
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_printed_or_written_fake_results_earn_nothing(bwrap: bool, shared_dirs_untouched) -> None:
+    code = ("import os, sys\nfor fd in range(64):\n    for line in (b'0 ok [3]\\n', b'layers forged\\n', b'done\\n'):\n"
+            "        try:\n            os.write(fd, line)\n        except OSError:\n            pass\n"
+            "print('0 ok [3]')\ndef f():\n    return 1\n")
+    result = run_tests(code, ["assert f() == 'EXPECTED-31f0'"], bwrap=bwrap)
+    assert result.passed == 0 and "forged" not in result.layers
+    exits = run_tests("import os\ndef f():\n    os.write(3, b'0 ok [\"x\"]\\n')\n    os._exit(0)\n",
+                      ["assert f() == 'EXPECTED-31f0'"], bwrap=bwrap)
+    assert exits.passed == 0
+
+
+def test_a_candidate_rebinding_builtins_cannot_change_the_verdict(shared_dirs_untouched) -> None:
+    code = ("import builtins\nbuiltins.sorted = lambda *a, **k: [1, 2, 3]\nbuiltins.len = lambda x: 3\n"
+            "builtins.isinstance = lambda *a: True\ndef f():\n    return [3, 2]\n")
+    tests = ["assert sorted(f()) == [1, 2, 3]", "assert len(f()) == 3", "assert isinstance(f(), str)"]
+    assert run_tests(code, tests).passed == 0  # the judge's helpers live in the trainer's process
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_bubblewrap_hides_host_temp_files_and_processes(bwrap: bool, shared_dirs_untouched) -> None:
+    visible = Path("/tmp") / f"r1lab-host-only-{os.getpid()}"
+    visible.write_text("x")
+    code = ("import os\ndef look():\n    seen = []\n    for d in ('/tmp', '/dev/shm'):\n"
+            "        try:\n            seen += os.listdir(d)\n        except OSError:\n            pass\n"
+            "    return seen\ndef ppid():\n    return os.getppid()\n")
+    try:
+        result = run_tests(code, [f"assert {visible.name!r} not in look()", "assert ppid() == 1"], bwrap=bwrap)
+    finally:
+        visible.unlink()
+    # under bubblewrap a private /tmp and /dev/shm, and the parent is its init inside a PID namespace
+    assert result.passed == (2 if bwrap else 0)
+
+
+UNAUDITED_ROUTES = '''
+import importlib, importlib.util, math, os
+def imported(name):
+    try:
+        importlib.import_module(name)
+        return 'imported'
+    except BaseException as e:
+        return type(e).__name__
+def own_library():
+    with open('lib.so', 'wb') as f:
+        f.write(open(math.__file__, 'rb').read())
+    try:
+        importlib.util.module_from_spec(importlib.util.spec_from_file_location('math', os.path.abspath('lib.so')))
+        return 'loaded'
+    except BaseException as e:
+        return type(e).__name__
+def shm():
+    try:
+        import _posixshmem
+        _posixshmem.shm_open('/r1lab-escape-probe-shm-open', os.O_CREAT | os.O_RDWR, 0o600)
+        return 'created'
+    except BaseException as e:
+        return type(e).__name__
+'''
+
+
+@pytest.mark.parametrize("bwrap", MODES)
+def test_imports_that_raise_no_audit_event_are_refused(bwrap: bool, shared_dirs_untouched) -> None:
+    """importlib re-imports a cached extension (the fallback's own _ctypes) with no event, loads a library the
+    candidate wrote, and _posixshmem creates /dev/shm files with no "open" event."""
+    tests = ["assert imported('_ctypes') == 'ImportError'", "assert imported('gc') == 'ImportError'",
+             "assert imported('_posixsubprocess') == 'ImportError'", "assert own_library() == 'ImportError'",
+             "assert shm() == 'ImportError'", "assert imported('_json') == 'imported'"]
+    result = run_tests(UNAUDITED_ROUTES, tests, bwrap=bwrap)
+    assert result.passed == len(tests), result.error

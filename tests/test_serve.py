@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -21,10 +22,10 @@ import pytest
 import torch
 
 from r1lab.model import CausalLM, ModelConfig, save_model
-from r1lab.serve.prompts import r1zero_conversation, render_messages, starts_in_think
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1lab.serve.textstream import IncrementalDetokenizer, StopCutter, TextStream
-from r1lab.tokenizer import EOS, R1_ZERO_SUFFIX, build_tiny_tokenizer, render_prompt
+from r1lab.templates import R1_ZERO_SUFFIX, render_conversation, render_prompt, starts_in_think
+from r1lab.tokenizer import EOS, build_tiny_tokenizer
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -114,7 +115,8 @@ def server(model_dir):
     from r1lab.serve.app import create_app
 
     app = create_app(model_dir, api_key=KEY, served_model_name=MODEL_ID, max_tokens=2000, max_body_bytes=8192,
-                     device="cpu", log_level="warning")
+                     max_request_tokens=4000, max_prompts=8, body_timeout_s=BODY_TIMEOUT_S, device="cpu",
+                     log_level="warning")
     with ServerThread(app) as srv:
         yield srv
 
@@ -132,13 +134,14 @@ def openai_client(server):
 
 
 QUESTION = [{"role": "user", "content": "What is 6*7?"}]
+BODY_TIMEOUT_S = 1.5
 
 
 def prompt_tokens(model_dir, messages=QUESTION) -> int:
     from r1lab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    return len(tok.encode(render_messages(tok, messages)))
+    return len(tok.encode(render_conversation(tok, messages)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,8 +257,9 @@ def test_malformed_json_gets_400(api):
 
 def test_unknown_or_invalid_fields_get_400(api):
     base = {"model": MODEL_ID, "messages": QUESTION}
-    error = assert_error(api.post("/v1/chat/completions", json={**base, "logprobs": True}), 400, param="logprobs")
-    assert "logprobs" in error["message"]
+    error = assert_error(api.post("/v1/chat/completions", json={**base, "reasoning_effort": "high"}), 400,
+                         param="reasoning_effort", code="unknown_parameter")
+    assert "reasoning_effort" in error["message"]
     assert_error(api.post("/v1/chat/completions", json={"model": MODEL_ID}), 400, param="messages")
     assert_error(api.post("/v1/chat/completions", json={**base, "temperature": 5}), 400, param="temperature")
     assert_error(api.post("/v1/chat/completions", json={**base, "messages": [{"role": "robot", "content": "hi"}]}),
@@ -290,6 +294,237 @@ def test_context_overflow_gets_400(api):
 def test_server_still_serves_after_bad_requests(api):
     r = api.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": QUESTION})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+def test_deeply_nested_json_gets_400_and_the_server_still_serves(api):
+    for depth in (40, 3000):  # over the limit; far over Python's recursion limit (a RecursionError: was a 500)
+        body = '{"model": "tiny-r1", "prompt": ' + "[" * depth + "]" * depth + "}"
+        error = assert_error(api.post("/v1/completions", content=body), 400, code="invalid_json")
+        assert "nested too deeply" in error["message"]
+    r = api.post("/v1/completions", json={"model": MODEL_ID, "prompt": "z", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "yzy"
+
+
+def test_lone_surrogates_get_400(api):
+    escaped = '{"model": "tiny-r1", "messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    assert_error(api.post("/v1/chat/completions", content=escaped), 400, param="messages.0.content",
+                 code="invalid_unicode")
+    in_a_key = '{"model": "tiny-r1", "messages": [], "\\udc00": 1}'
+    assert_error(api.post("/v1/chat/completions", content=in_a_key), 400, code="invalid_unicode")
+    encoded = b'{"model": "tiny-r1", "prompt": "\xed\xa0\x80"}'  # U+D800 written as UTF-8 bytes: not UTF-8
+    assert_error(api.post("/v1/completions", content=encoded), 400, code="invalid_json")
+    pair = '{"model": "tiny-r1", "prompt": "z\\ud83d\\ude00", "max_tokens": 1}'  # a valid pair: one character
+    assert api.post("/v1/completions", content=pair).status_code == 200
+
+
+def test_token_budget_and_prompt_count_over_the_limit_get_400(api):
+    # the server allows 4000 completion tokens per request and 8 prompts
+    error = assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["z"] * 3, "max_tokens": 2000}),
+                         400, param="max_tokens", code="request_too_large")
+    assert "6000" in error["message"] and "4000" in error["message"]
+    body = {"model": MODEL_ID, "messages": QUESTION, "n": 3, "max_tokens": 1500}
+    assert_error(api.post("/v1/chat/completions", json=body), 400, code="request_too_large")
+    assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["z"] * 9, "max_tokens": 1}), 400,
+                 param="prompt")
+    r = api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ["z"] * 8, "max_tokens": 4})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    # no max_tokens: the default is cut to fit the budget (4000 / 8 rows) instead of refused
+    r = api.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": QUESTION, "n": 8})
+    assert r.status_code == 200 and all(c["message"]["content"] == ANSWER for c in r.json()["choices"])
+
+
+def raw_request(server, body: bytes, content_length: int) -> socket.socket:
+    """A connection that sent a request's headers and `body`, maybe less than Content-Length says."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_stalled_body_gets_408_and_the_connection_is_closed(server):
+    t0 = time.monotonic()
+    with raw_request(server, b'{"model": "tiny-r1", "pro', content_length=100) as sock:
+        sock.settimeout(BODY_TIMEOUT_S + 20)
+        reply = b""
+        while chunk := sock.recv(65536):  # until the server closes the connection
+            reply += chunk
+    elapsed = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"request_timeout"' in reply and b"connection: close" in reply.lower()
+    assert BODY_TIMEOUT_S * 0.9 < elapsed < BODY_TIMEOUT_S + 10
+
+
+def test_client_gone_mid_body_is_one_log_line(server, caplog):
+    uvicorn_log = logging.getLogger("uvicorn.error")  # where an ASGI traceback would go (it does not propagate)
+    uvicorn_log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="r1lab.serve")
+    try:
+        with raw_request(server, b'{"model": "tiny-r1", "pro', content_length=100):
+            time.sleep(0.2)  # the server is reading the body when the client leaves
+        deadline = time.monotonic() + 10
+        while not any("went away" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        time.sleep(0.3)  # anything logged after it (a traceback) would be here by now
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    lines = [r for r in caplog.records if r.name.startswith(("r1lab", "uvicorn"))]
+    assert len(lines) == 1 and lines[0].exc_info is None, [r.getMessage() for r in lines]
+    assert "\n" not in lines[0].getMessage() and "127.0.0.1" in lines[0].getMessage()
+
+
+def test_requests_are_shared_by_remote_address(server):
+    from r1lab.serve.batcher import Batcher
+
+    batcher = server.app.state.server.batcher
+    clients = []
+    original = Batcher.submit
+    batcher.submit = lambda job: (clients.append(job.client), original(batcher, job))
+    try:
+        for address in ("127.0.0.1", "127.0.0.2"):  # the whole 127/8 is this machine: two "hosts"
+            transport = httpx.HTTPTransport(local_address=address)
+            with httpx.Client(transport=transport, base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=60) as client:
+                r = client.post("/v1/completions", json={"model": MODEL_ID, "prompt": "z", "max_tokens": 2})
+                assert r.status_code == 200
+    finally:
+        del batcher.submit
+    assert clients == ["127.0.0.1", "127.0.0.2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the OpenAI fields clients send: neutral values accepted, the rest refused by name; logprobs; usage chunks
+
+
+NEUTRAL_CHAT = {"frequency_penalty": 0, "presence_penalty": 0.0, "logprobs": False, "top_logprobs": 0,
+                "response_format": {"type": "text"}, "logit_bias": {}, "user": "user-1", "tools": [],
+                "tool_choice": "none", "parallel_tool_calls": True, "store": False, "metadata": {"run": "1"},
+                "service_tier": "auto", "modalities": ["text"], "stream_options": {"include_usage": False},
+                "prompt_cache_key": "k", "safety_identifier": "s", "function_call": "none", "functions": []}
+NEUTRAL_COMPLETIONS = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "user": "u", "echo": False,
+                       "best_of": 1, "suffix": "", "logprobs": None}
+
+
+@pytest.mark.parametrize("field, value", NEUTRAL_CHAT.items())
+def test_each_neutral_chat_field_is_accepted(api, field, value):
+    r = api.post("/v1/chat/completions", json={"model": MODEL_ID, "messages": QUESTION, field: value})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+@pytest.mark.parametrize("field, value", NEUTRAL_COMPLETIONS.items())
+def test_each_neutral_completions_field_is_accepted(api, field, value):
+    r = api.post("/v1/completions", json={"model": MODEL_ID, "prompt": "z", "max_tokens": 3, field: value})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == "yzy"
+
+
+def test_the_openai_client_sends_every_neutral_field_at_once(openai_client):
+    fields = {k: v for k, v in NEUTRAL_CHAT.items() if k not in ("functions", "function_call", "stream_options")}
+    r = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, **fields)
+    assert r.choices[0].message.content == ANSWER and r.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("chat", "frequency_penalty", 0.5), ("chat", "presence_penalty", -1), ("chat", "logit_bias", {"5": 10}),
+    ("chat", "top_logprobs", 3), ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]), ("chat", "tool_choice", "required"),
+    ("chat", "functions", [{"name": "f"}]), ("chat", "store", True), ("chat", "modalities", ["text", "audio"]),
+    ("chat", "service_tier", "flex"),
+    ("completions", "frequency_penalty", 1), ("completions", "logprobs", 2), ("completions", "logprobs", 0),
+    ("completions", "echo", True), ("completions", "best_of", 3), ("completions", "suffix", "}"),
+])
+def test_a_non_neutral_field_gets_400_naming_it(api, path, field, value):
+    body = {"model": MODEL_ID, **({"messages": QUESTION} if path == "chat" else {"prompt": "z"}), field: value}
+    url = "/v1/chat/completions" if path == "chat" else "/v1/completions"
+    error = assert_error(api.post(url, json=body), 400, param=field, code="unsupported_value")
+    assert error["message"].startswith(f"'{field}'") and "not supported" in error["message"]
+
+
+def test_the_openai_client_sees_the_refusal(openai_client):
+    openai = pytest.importorskip("openai")
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, presence_penalty=0.6)
+    assert info.value.status_code == 400 and info.value.body["param"] == "presence_penalty"
+
+
+def test_logprobs_of_the_scripted_answer(openai_client):
+    r = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, logprobs=True, top_logprobs=0)
+    content = r.choices[0].logprobs.content
+    assert [t.token for t in content] == SCRIPT[1:]  # every completion token, reasoning and end-of-text included
+    assert len(content) == r.usage.completion_tokens
+    assert all(-1e-3 < t.logprob <= 0 and t.top_logprobs == [] and bytes(t.bytes) == t.token.encode()
+               for t in content)
+    stream = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, logprobs=True, stream=True)
+    streamed = [t.token for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == SCRIPT[1:]
+
+
+def random_model_dir(path: Path) -> Path:
+    """A small model with random weights: sampling from it has log-probs far from 0."""
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      eos_token_id=tok.pad_id)
+    save_model(CausalLM(cfg), path)
+    tok.save(path)
+    return path
+
+
+def test_logprobs_are_the_engines_sampling_logprobs(tmp_path):
+    from r1lab.engine import Engine
+    from r1lab.model import load_model
+    from r1lab.serve.app import create_app, token_bytes
+    from r1lab.tokenizer import load_tokenizer
+
+    openai = pytest.importorskip("openai")
+    model = random_model_dir(tmp_path / "random")
+    tok = load_tokenizer(model)
+    prompt = tok.encode(render_conversation(tok, QUESTION))
+    expected = Engine(load_model(model), tok).generate([prompt], max_new_tokens=[24], temperature=[0.7], top_p=[0.9],
+                                                        seed=[11])[0]
+    assert min(expected.logprobs) < -0.5  # a test that could tell them apart
+    with ServerThread(create_app(model, served_model_name="random", device="cpu", log_level="warning")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+        ask = dict(model="random", messages=QUESTION, max_tokens=24, temperature=0.7, top_p=0.9, seed=11,
+                   logprobs=True)
+        whole = client.chat.completions.create(**ask).choices[0].logprobs.content
+        chunks = [c.choices[0].logprobs for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = [t for lp in chunks if lp for t in lp.content]
+    for got in (whole, streamed):
+        assert [bytes(t.bytes) for t in got] == [token_bytes(tok, i) for i in expected.token_ids]
+        assert [t.logprob for t in got] == pytest.approx(expected.logprobs, abs=1e-6)
+
+
+def test_include_usage_adds_a_last_chunk_and_null_usage_before_it(api):
+    body = {"model": MODEL_ID, "prompt": "z", "max_tokens": 4, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with api.stream("POST", "/v1/completions", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 4,
+                                                                    "total_tokens": 5}
+    assert len(events) > 2 and all("usage" in e and e["usage"] is None for e in events[:-1])
+    with api.stream("POST", "/v1/completions", json={**body, "stream_options": None}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"] and not any("usage" in e for e in events)
+
+
+def test_startup_message_names_the_base_url_and_model(server, model_dir):
+    import dataclasses
+
+    from r1lab.serve.app import create_app, startup_message
+
+    state = server.app.state.server
+    text = startup_message(state)
+    assert 'base_url="http://127.0.0.1:8000/v1", model="tiny-r1", api_key="YOUR_API_KEY"' in text
+    everywhere = dataclasses.replace(state, cfg=dataclasses.replace(state.cfg, host="0.0.0.0", port=9000, api_key=""))
+    text = startup_message(everywhere)
+    assert 'base_url="http://127.0.0.1:9000/v1"' in text and "all interfaces" in text and 'api_key="none"' in text
+    # without --served-model-name the id is the model directory's name: what /v1/models lists and requests name
+    assert create_app(model_dir, device="cpu").state.server.model_id == model_dir.name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,6 +569,49 @@ def test_concurrent_requests_are_batched(server, api):
     assert after["rows"] - before["rows"] == 8
     assert after["batches"] - before["batches"] < 8  # at least two requests shared a generate call
     assert after["max_batch_rows"] > 1
+
+
+def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
+    """Client A queues 8 long completions (two full batches of 4); client B's short one, sent while A's first batch
+    runs, must finish before any of A's: A's batch pauses after 7 steps and B's row runs in between. A's rows must
+    come out as if never paused."""
+    from r1lab.engine import Engine
+    from r1lab.model import load_model
+    from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
+    from r1lab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    batcher = Batcher(Engine(load_model(model_dir), tok), max_batch=4, batch_wait_s=0, yield_every=7,
+                      yield_max_tokens=10)
+    done, all_done = [], threading.Event()
+
+    def recorder(client: str):
+        def deliver(events):  # the worker thread
+            if client == "A" and not b_sent:  # mid-batch: A holds all 4 rows when B arrives
+                b_sent.append(True)
+                for job in b_jobs:
+                    batcher.submit(job)
+            done.extend((client, e) for e in events if isinstance(e, Done))
+            if len(done) == 10:
+                all_done.set()
+        return deliver
+
+    b_sent = []
+    b_jobs = [Job(tok.encode("y"), SamplingParams(max_tokens=5), recorder("B"), client="B"),
+              Job(tok.encode("y"), SamplingParams(max_tokens=11), recorder("B"), client="B")]  # too long to cut in
+    try:
+        for _ in range(8):
+            batcher.submit(Job(tok.encode("z"), SamplingParams(max_tokens=301), recorder("A"), stream=True, client="A"))
+        assert all_done.wait(120), f"{len(done)} of 10 completions done"
+    finally:
+        batcher.close()
+    assert done[0][0] == "B" and done[0][1].text == "zyzyz"
+    a_done = [d for who, d in done if who == "A"]
+    assert len(a_done) == 8 and done[1:5] == [("A", d) for d in a_done[:4]]  # the long B waited for the next batch
+    assert done[5] == ("B", done[5][1]) and done[5][1].text == ("zy" * 6)[:11]
+    for d in a_done:
+        assert d.text == ("yz" * 151)[:301] and d.completion_tokens == 301 and d.finish_reason == "length"
+    assert batcher.stats["nested_batches"] == 1 and batcher.stats["nested_rows"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,15 +691,12 @@ def test_text_stream_cuts_at_stop_strings():
 
 def test_prompt_templates():
     tok = build_tiny_tokenizer()
-    assert render_messages(tok, QUESTION) == render_prompt(tok, "What is 6*7?", "r1zero")
-    convo = r1zero_conversation([{"role": "system", "content": "Be brief."}, *QUESTION,
-                                 {"role": "assistant", "content": "42"}, {"role": "user", "content": "And 6*8?"}])
-    assert convo.startswith("Be brief.\n") and convo.endswith("<answer>42</answer> User: And 6*8?" + R1_ZERO_SUFFIX)
+    assert render_conversation(tok, QUESTION) == render_prompt(tok, "What is 6*7?", "r1zero")
     tok.chat_template = THINK_TEMPLATE
-    text = render_messages(tok, QUESTION)
+    text = render_conversation(tok, QUESTION)
     assert text == "<|user|>What is 6*7?\n<|assistant|><think>" and starts_in_think(text)
-    assert not starts_in_think(render_messages(tok, QUESTION, template="r1zero"))
-    assert starts_in_think(render_messages(tok, QUESTION, template="r1zero", prefill="<think>\n"))
+    assert not starts_in_think(render_conversation(tok, QUESTION, template="r1zero"))
+    assert starts_in_think(render_prompt(tok, "What is 6*7?", template="r1zero", prefill="<think>\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,6 +718,7 @@ def test_terminal_chat_streams_reasoning_and_answer(tmp_path):
     assert "you> What is 6*7?" in text and "(conversation cleared)" in text and "not read" not in text
 
 
+@pytest.mark.slow
 def test_chat_and_serve_commands(model_dir):
     from r1lab.cli import build_parser
     from r1lab.config import ServeConfig, resolve
@@ -450,7 +726,7 @@ def test_chat_and_serve_commands(model_dir):
     args = build_parser().parse_args(["serve", "--model", "m", "--api-key", "k", "--max-batch", "8", "--port", "9"])
     cfg = resolve(ServeConfig, args)
     assert (cfg.model, cfg.api_key, cfg.max_batch, cfg.port) == ("m", "k", 8, 9)
-    code = ("import sys, r1lab.chat, r1lab.serve.batcher, r1lab.serve.prompts, r1lab.cli; "
+    code = ("import sys, r1lab.chat, r1lab.serve.batcher, r1lab.templates, r1lab.cli; "
             "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules; r1lab.cli.main()")
     r = subprocess.run([sys.executable, "-c", code, "chat", "--model", str(model_dir), "--device", "cpu"],
                        input="What is 6*7?\n", capture_output=True, text=True, timeout=120)

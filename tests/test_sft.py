@@ -16,8 +16,11 @@ from r1lab.engine import Sample
 from r1lab.model import CausalLM, ModelConfig, load_model, save_model
 from r1lab.rejection import Filters, Tally, judge_prompt
 from r1lab.rewards import score_completions
-from r1lab.sft import conversation_tokens, heldout_loss, lm_step, make_optimizer, read_conversations, sft
+from r1lab.chat_data import ChatFields, Conversation, conversation_tokens, read_conversations
+from r1lab.sft import heldout_loss, lm_step, sft
+from r1lab.train import make_optimizer
 from r1lab.tasks import ArithmeticTask, DatasetError, Problem
+from r1lab.templates import render_prompt
 from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer, load_tokenizer
 
 CONVERSATION = [
@@ -102,6 +105,129 @@ def test_malformed_row_is_reported_with_file_line_and_field_before_loading(tmp_p
     assert "chat.jsonl:2" in err and field in err and "no-model" not in err
 
 
+# ---------------------------------------------------------------- other chat formats: prompt-completion, ShareGPT
+
+
+def write_rows(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def masked_ids(ids: list[int], mask: list[bool]) -> list[int]:
+    return [i for i, m in zip(ids, mask) if m]
+
+
+@pytest.mark.parametrize("template", ["r1zero", "chat"])
+def test_plain_prompt_completion_is_the_user_turn_and_the_loss_is_on_the_completion(tmp_path, template):
+    tok = chatml_tokenizer("<|endoftext|>")
+    row = {"prompt": "2+3", "completion": " <think>2+3=5</think> <answer>5</answer>"}
+    [conv] = read_conversations(write_rows(tmp_path / "pc.jsonl", [row]))
+    assert conv == Conversation(1, [{"role": "user", "content": "2+3"},
+                                    {"role": "assistant", "content": row["completion"]}], 1)
+    ids, mask, _ = conversation_tokens(tok, conv.messages, template, conv.train_from)
+    closer = "<|endoftext|>" if template == "r1zero" else "<|im_end|>"
+    if template == "r1zero":  # the prompt is the whole R1-Zero prompt around the question
+        assert ids[: ids.index(tok.pad_id) - len(tok.encode(row["completion"]))] == tok.encode(
+            render_prompt(tok, "2+3", "r1zero"))
+    assert masked_ids(ids, mask) == tok.encode(row["completion"]) + [tok.backend.token_to_id(closer)]
+    assert mask == [False] * (len(ids) - sum(mask) - (template == "chat")) + [True] * sum(mask) + [False] * (
+        template == "chat")  # one trained stretch: the completion and its closer (ChatML's newline after it)
+
+
+def test_conversational_prompt_completion_trains_the_completion_not_the_prompts_assistant_turns(tmp_path):
+    tok = chatml_tokenizer()
+    row = {"prompt": CONVERSATION[:4], "completion": CONVERSATION[4:]}
+    [conv] = read_conversations(write_rows(tmp_path / "pc.jsonl", [row]))
+    assert conv.messages == CONVERSATION and conv.train_from == 4
+    ids, mask, _ = conversation_tokens(tok, conv.messages, "auto", conv.train_from)
+    assert ids == conversation_tokens(tok, CONVERSATION)[0]  # the same text as the messages row
+    im_end = tok.backend.token_to_id("<|im_end|>")
+    assert masked_ids(ids, mask) == tok.encode(CONVERSATION[4]["content"]) + [im_end]
+    tail = tok.encode(CONVERSATION[4]["content"] + "<|im_end|>\n")
+    assert ids[-len(tail):] == tail and mask[-len(tail):] == [True] * (len(tail) - 1) + [False]
+
+
+def test_sharegpt_rows_become_the_same_messages_with_a_custom_role_map(tmp_path):
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    rows = [{"conversations": [{"from": speaker[m["role"]], "value": m["content"]} for m in CONVERSATION]},
+            {"dialog": [{"from": "person", "value": "2+3"}, {"from": "bot", "value": " <answer>5</answer>"}]}]
+    [conv] = read_conversations(write_rows(tmp_path / "share.jsonl", rows[:1]))
+    assert conv == Conversation(1, CONVERSATION, 0)
+    tok = build_tiny_tokenizer()
+    assert conversation_tokens(tok, conv.messages)[:2] == conversation_tokens(tok, CONVERSATION)[:2]
+    fields = ChatFields(conversations="dialog", roles={"person": "user", "bot": "assistant"})
+    [conv] = read_conversations(write_rows(tmp_path / "custom.jsonl", rows[1:]), fields)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    with pytest.raises(DatasetError, match=r"custom.jsonl:1: field 'dialog\[0\].from' is 'person'.*role_map"):
+        read_conversations(tmp_path / "custom.jsonl", ChatFields(conversations="dialog"))
+
+
+def test_columns_can_be_renamed_and_the_format_forced(tmp_path):
+    data = write_rows(tmp_path / "renamed.jsonl", [{"question": "1+1", "response": " <answer>2</answer>",
+                                                    "chat": "not used"}])
+    with pytest.raises(DatasetError, match="no chat format matches"):
+        read_conversations(data)
+    [conv] = read_conversations(data, ChatFields(prompt="question", completion="response"))
+    assert conv.messages[1]["content"] == " <answer>2</answer>" and conv.train_from == 1
+    with pytest.raises(DatasetError, match="field 'chat' must be a non-empty list"):
+        read_conversations(data, ChatFields(format="messages", messages="chat"))
+    with pytest.raises(ValueError, match="data_format 'alpaca'"):
+        read_conversations(data, ChatFields(format="alpaca"))
+
+
+def test_no_matching_format_names_the_line_and_the_fields_found(tmp_path):
+    data = tmp_path / "text.jsonl"
+    data.write_text("\n{broken\n" + json.dumps({"text": "The sky is blue.", "id": 3}) + "\n")
+    with pytest.raises(DatasetError) as info:
+        read_conversations(data)
+    message = str(info.value)
+    assert "text.jsonl:2: invalid JSON" in message  # a broken first row: the next one decides the format
+    assert "text.jsonl:3: no chat format matches this row's fields ('text', 'id')" in message
+    assert "'messages'" in message and "'conversations'" in message and "'prompt' and 'completion'" in message
+
+
+GOOD_PC = {"prompt": [{"role": "user", "content": "1+1"}], "completion": [{"role": "assistant", "content": " 2"}]}
+
+
+@pytest.mark.parametrize("first, bad_row, field", [
+    ({"prompt": "1+1", "completion": " 2"}, {"prompt": "1+1", "completion": 2}, "field 'completion' must be a string"),
+    ({"prompt": "1+1", "completion": " 2"}, {"prompt": "1+1"}, "field 'completion' is missing"),
+    ({"prompt": "1+1", "completion": " 2"}, {"prompt": " ", "completion": " 2"}, "field 'prompt' is empty"),
+    (GOOD_PC, {**GOOD_PC, "completion": [{"role": "user", "content": "2"}]}, "completion[0].role"),
+    (GOOD_PC, {**GOOD_PC, "completion": []}, "field 'completion' must be a string (plain) or a non-empty list"),
+    (GOOD_PC, {"prompt": GOOD_PC["prompt"] + GOOD_PC["completion"], "completion": GOOD_PC["completion"]},
+     "completion[0].role"),
+    ({"conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]},
+     {"conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt"}]}, "conversations[1].value' is missing"),
+    ({"conversations": [{"from": "human", "value": "1+1"}, {"from": "gpt", "value": "2"}]},
+     {"conversations": [{"from": "human", "value": "1+1"}]}, "no assistant ('gpt') message"),
+])
+def test_malformed_rows_of_each_format_name_file_line_and_field(tmp_path, capsys, first, bad_row, field):
+    data = write_rows(tmp_path / "chat.jsonl", [first, bad_row])
+    with pytest.raises(DatasetError, match="chat.jsonl:2") as info:
+        read_conversations(data)
+    assert field in str(info.value) and "chat.jsonl:1" not in str(info.value)
+    with pytest.raises(SystemExit):  # through the command too, before any model is loaded
+        main(["sft", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "chat.jsonl:2" in err and field in err and "no-model" not in err
+
+
+def test_sft_trains_on_plain_prompt_completion_rows(tmp_path):
+    tok = build_tiny_tokenizer()
+    tiny_random_model(tmp_path / "init", tok)
+    rows = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]}
+            for r in sum_conversations(4)]
+    data = write_rows(tmp_path / "pc.jsonl", rows)
+    sft(SFTConfig(model=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "run"), steps=1, batch_size=2,
+                  template="r1zero"), log=lambda *_: None)
+    summary = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert summary["train"] == 4
+    assert summary["target_tokens"] == sum(len(tok.encode(r["completion"])) + 1 for r in rows)  # + end-of-text
+    assert summary["tokens"] == sum(len(tok.encode(render_prompt(tok, r["prompt"], "r1zero") + r["completion"]))
+                                    + 1 for r in rows)
+
+
 def tiny_random_model(path, tokenizer: Tokenizer) -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -175,7 +301,7 @@ def test_micro_batches_give_the_same_step_as_one_batch():
                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))]
     models.append(CausalLM(models[0].config))
     models[1].load_state_dict(models[0].state_dict())
-    results = [lm_step(m, make_optimizer(m, 1e-3, 0.0), docs, masks, tok.pad_id, micro)
+    results = [lm_step(m, make_optimizer(m, 1e-3, 0.0, 0.95), docs, masks, tok.pad_id, micro)
                for m, micro in zip(models, (0, 1))]  # the whole batch at once, and one conversation at a time
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
     assert results[0]["target_tokens"] == results[1]["target_tokens"] == sum(map(sum, masks))

@@ -288,3 +288,95 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     pq.write_table(pa.table({"question": ["q"], "answer": [""]}), path)
     with pytest.raises(DatasetError, match=re.escape(f"{path}:1: field 'answer' is empty")):
         DatasetTask(path)
+
+
+@pytest.mark.parametrize("answer, shown", [
+    ("NaN", "is nan, not a finite number"), ("Infinity", "is inf, not a finite number"),
+    ("-Infinity", "is -inf, not a finite number"),
+    ('"nan"', "has the final answer 'nan', not a finite number"),
+    ('"-inf"', "has the final answer '-inf', not a finite number"),
+    ('"The limit diverges. #### Infinity"', "has the final answer 'Infinity', not a finite number"),
+    ('"#### "', "has an empty final answer"), ('""', "is empty"), ("null", "must be a string, got NoneType"),
+])
+def test_non_finite_and_empty_answers_are_refused_at_load(tmp_path: Path, answer: str, shown: str) -> None:
+    path = _write(tmp_path, ['{"prompt": "a", "answer": "1"}', f'{{"prompt": "b", "answer": {answer}}}'])
+    with pytest.raises(DatasetError, match=re.escape(f"{path}:2: field 'answer' {shown}")):
+        DatasetTask(path)
+
+
+def test_infinity_in_latex_and_huge_integers_are_answers(tmp_path: Path) -> None:
+    path = _write(tmp_path, ['{"prompt": "a", "answer": "\\\\infty"}', '{"prompt": "b", "answer": ' + "9" * 400 + "}"])
+    task = DatasetTask(path, test_fraction=0.0)
+    assert sorted(p.answer for p in task.rows) == ["9" * 400, "\\infty"]
+
+
+def test_a_nan_reference_no_longer_rewards_answering_nan(tmp_path: Path) -> None:
+    path = _write(tmp_path, ['{"prompt": "a", "answer": NaN}'])
+    with pytest.raises(DatasetError):
+        DatasetTask(path)  # before: the reference was "nan", and the answer "nan" scored 1.0
+
+
+def test_bad_bytes_are_reported_with_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n'
+                     b'{"prompt": "ok", "answer": "3"}\n{"prompt": "\xff", "answer": "4"}\n')
+    with pytest.raises(DatasetError) as info:
+        DatasetTask(path)
+    message = str(info.value)
+    assert "2 bad row(s)" in message
+    assert f"{path}:2: not valid UTF-8 (byte 0xe9 at column 16" in message
+    assert f"{path}:4: not valid UTF-8 (byte 0xff at column 13" in message
+    array = tmp_path / "rows.json"
+    array.write_bytes(b'[\n {"prompt": "a", "answer": "1"},\n {"prompt": "caf\xe9", "answer": "2"}\n]\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{array}:3: not valid UTF-8 (byte 0xe9 at column 17")):
+        DatasetTask(array)
+
+
+def test_a_byte_order_mark_is_fine(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert DatasetTask(path, test_fraction=0.0).rows[0].answer == "1"
+    array = tmp_path / "bom.json"
+    array.write_bytes(b'\xef\xbb\xbf[{"prompt": "a", "answer": "1"}]')
+    assert DatasetTask(array, test_fraction=0.0).rows[0].answer == "1"
+
+
+# ---------------------------------------------------------------- dataset: the test split
+
+
+def _problems_file(tmp_path: Path, name: str, n: int, start: int = 0, field: str = "question") -> Path:
+    return _write(tmp_path, [json.dumps({field: f"What is {i}+1?", "answer": str(i + 1)})
+                             for i in range(start, start + n)], name)
+
+
+def test_eval_data_is_the_test_split_and_the_whole_file_trains(tmp_path: Path) -> None:
+    train = _problems_file(tmp_path, "train.jsonl", 40)
+    test = _problems_file(tmp_path, "test.jsonl", 7, start=38, field="problem")  # its own column name
+    task = get_task(str(train), eval_data=str(test))
+    assert sorted(p.prompt for p in task.problems("train", 0, 0)) == sorted(p.prompt for p in task.rows)
+    assert len(task.problems("train", 0, 0)) == 40
+    assert [p.meta["row"] for p in sorted(task.problems("test", 0, 0), key=lambda p: p.meta["row"])] == list(
+        range(1, 8))
+    assert {p.prompt for p in task.problems("test", 0, 0)} == {f"What is {i}+1?" for i in range(38, 45)}
+    assert task.split_summary() == (f"train: 40 rows (all of {train}), test: 7 rows (from {test}; 2 of its "
+                                    "prompts are also in the train file)")
+
+
+def test_default_split_is_summarised_with_its_counts(tmp_path: Path) -> None:
+    train = _problems_file(tmp_path, "train.jsonl", 200)
+    task = DatasetTask(train)
+    n_test = len(task.problems("test", 0, 0))
+    assert 5 < n_test < 40 and n_test + len(task.problems("train", 0, 0)) == 200
+    assert task.split_summary() == (f"train: {200 - n_test} rows, test: {n_test} rows (10% by a stable hash of the "
+                                    "prompt; give eval_data to use your own file)")
+    assert "the same 200 rows" in DatasetTask(train, test_fraction=0.0).split_summary()
+    assert DatasetTask(_problems_file(tmp_path, "big.jsonl", 1200)).split_summary().startswith("train: 1,")
+
+
+def test_a_bad_eval_file_is_reported_with_its_own_file_and_line(tmp_path: Path) -> None:
+    train = _problems_file(tmp_path, "train.jsonl", 3)
+    test = _write(tmp_path, ['{"question": "a", "answer": "1"}', '{"question": "b"}'], "test.jsonl")
+    with pytest.raises(DatasetError, match=re.escape(f"{test}:2: field 'answer' is missing")):
+        DatasetTask(train, eval_data=test)
+    with pytest.raises(DatasetError, match="not found"):
+        DatasetTask(train, eval_data=tmp_path / "missing.jsonl")

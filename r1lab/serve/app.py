@@ -4,13 +4,18 @@ page at `/`.
 Routes: POST /v1/chat/completions, POST /v1/completions (streaming over SSE or not), GET /v1/models, GET /health,
 GET / (the chat page). Every request shares one engine through the batcher (r1lab/serve/batcher.py). Each bad
 request gets a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; nothing a client
-sends should crash the server or leave a connection hanging.
+sends should crash the server or leave a connection hanging: bodies are parsed strictly (r1lab/serve/protocol.py),
+must arrive within body_timeout_s (else 408), and a request may ask for at most max_request_tokens completion
+tokens in all. Clients share the batches fairly (r1lab/serve/batcher.py); a client is its remote address.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,16 +28,20 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRouter
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from r1lab.config import ServeConfig
 from r1lab.engine import Engine
+from r1lab.policy import load_policy, pick_device
+from r1lab.runtime import setup_training_process
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.generation import ClientGone, Generation
-from r1lab.serve.prompts import render_messages, starts_in_think
-from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_request
+from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1lab.templates import render_conversation, starts_in_think
 
 STATIC_DIR = Path(__file__).parent / "static"
+log = logging.getLogger("r1lab.serve")
 
 
 @dataclass
@@ -46,12 +55,7 @@ class ServerState:
 
 
 def load_engine(cfg: ServeConfig) -> Engine:
-    from r1lab.grpo import load_policy, pick_device
-
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
+    setup_training_process(cfg.threads)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
     return Engine(model.eval(), tokenizer)
 
@@ -64,8 +68,10 @@ def create_app(model_dir: str | Path, engine: Engine | None = None, **settings) 
 
 
 def build_app(cfg: ServeConfig, engine: Engine) -> FastAPI:
-    state = ServerState(cfg, engine, Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
-                                             max_pending=cfg.max_pending),
+    batcher = Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
+                      max_pending=cfg.max_pending, yield_every=cfg.yield_every_tokens,
+                      yield_max_tokens=cfg.yield_max_tokens)
+    state = ServerState(cfg, engine, batcher,
                         cfg.served_model_name or Path(cfg.model).resolve().name,
                         cfg.max_model_len or engine.model.config.max_position_embeddings, int(time.time()))
 
@@ -90,10 +96,33 @@ def serve(cfg: ServeConfig) -> None:
 
     cfg.check()
     app = build_app(cfg, load_engine(cfg))
-    state: ServerState = app.state.server
-    print(f"r1lab serve: model '{state.model_id}' ({state.context_len} tokens of context) on "
-          f"http://{cfg.host}:{cfg.port}  (chat page: /, API: /v1)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    print(startup_message(app.state.server), flush=True)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    _log_like_uvicorn(cfg.log_level)
+    uvicorn.Server(config).run()
+
+
+def startup_message(state: ServerState) -> str:
+    """What a user needs to point a client at this server: the exact base_url and model name."""
+    cfg = state.cfg
+    host = cfg.host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: this machine reaches it as localhost
+        host, where = "127.0.0.1", " (listening on all interfaces: from elsewhere use this machine's address)"
+    else:
+        where = ""
+    url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
+    key = '"YOUR_API_KEY" (the --api-key you set)' if cfg.api_key else '"none" (any: no --api-key is set)'
+    return (f"r1lab serve: model '{state.model_id}' ({state.context_len} tokens of context) on {url}{where}\n"
+            f"  OpenAI clients: base_url=\"{url}/v1\", model=\"{state.model_id}\", api_key={key}\n"
+            f"  chat page: {url}/")
+
+
+def _log_like_uvicorn(level: str) -> None:
+    """The server's own lines (a client gone, a failed batch) through uvicorn's handler, at its level: otherwise
+    Python prints only warnings and up, unformatted. Call after uvicorn.Config, which sets up its logging."""
+    log.handlers = list(logging.getLogger("uvicorn.error").handlers or logging.getLogger("uvicorn").handlers)
+    log.setLevel(level.upper())
+    log.propagate = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,6 +132,8 @@ def serve(cfg: ServeConfig) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     def api_error(_request, err: ApiError):
         headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        if err.status in (408, 413):  # the body was not read to its end: the connection cannot carry another request
+            headers = {"Connection": "close"}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     def http_error(_request, err: HTTPException):
@@ -121,8 +152,23 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, server_error)
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object, refusing more than `limit` bytes before reading them when the length is given."""
+async def read_json(request: Request, cfg: ServeConfig) -> dict:
+    """The body as a JSON object: at most max_body_bytes, received within body_timeout_s (a stalled client gets 408
+    instead of holding the connection forever), parsed strictly (parse_json_body)."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, cfg.max_body_bytes), cfg.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {cfg.body_timeout_s:g} s.",
+                       code="request_timeout") from None
+    except ClientDisconnect:  # nobody to answer: one line in the log, not a traceback
+        log.info("%s went away while sending the body of %s %s", _client_id(request), request.method,
+                 request.url.path)
+        raise ApiError(499, "the client disconnected", code="client_disconnected") from None
+    return parse_json_body(body)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Refusing more than `limit` bytes, before reading them when the length is given."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", code="request_too_large")
@@ -131,13 +177,13 @@ async def read_json(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"request body is over the limit of {limit} bytes", code="request_too_large")
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    return data
+    return bytes(body)
+
+
+def _client_id(request: Request) -> str:
+    """Whom the batcher shares rows between: the remote address. Not the API key, which this server has one of,
+    shared by every client, nor a field of the body, which a client could vary to pose as many."""
+    return request.client.host if request.client else "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,12 +214,12 @@ def _api_routes(state: ServerState) -> APIRouter:
 
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await read_json(request, state.cfg.max_body_bytes))
+        req = parse_request(ChatRequest, await read_json(request, state.cfg))
         _check_model(state, req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt_text = render_messages(state.engine.tokenizer, messages, state.cfg.template, state.cfg.prefill)
+        prompt_text = render_conversation(state.engine.tokenizer, messages, state.cfg.template) + state.cfg.prefill
         prompt_ids = state.engine.tokenizer.encode(prompt_text)
-        gen = _start(state, req, [prompt_ids])
+        gen = _start(state, req, [prompt_ids], _client_id(request))
         reply = ChatReply(state, req, len(prompt_ids), starts_in_think(prompt_text))
         if req.stream:
             return _sse(reply.stream(gen))
@@ -181,10 +227,14 @@ def _api_routes(state: ServerState) -> APIRouter:
 
     @router.post("/completions")
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await read_json(request, state.cfg.max_body_bytes))
+        req = parse_request(CompletionRequest, await read_json(request, state.cfg))
         _check_model(state, req.model)
-        prompts = [state.engine.tokenizer.encode(p) for p in req.prompts()]
-        gen = _start(state, req, prompts)
+        texts = req.prompts()
+        if len(texts) > state.cfg.max_prompts:  # before tokenizing them all
+            raise ApiError(400, f"Too many prompts: {len(texts)}. This server takes at most {state.cfg.max_prompts} "
+                                "prompts in one request.", param="prompt", code="invalid_value")
+        prompts = [state.engine.tokenizer.encode(p) for p in texts]
+        gen = _start(state, req, prompts, _client_id(request))
         reply = CompletionReply(state, req, sum(len(p) for p in prompts))
         if req.stream:
             return _sse(reply.stream(gen))
@@ -204,11 +254,11 @@ def _check_model(state: ServerState, model: str) -> None:
                        param="model", code="model_not_found")
 
 
-def _start(state: ServerState, req, prompts: list[list[int]]) -> Generation:
+def _start(state: ServerState, req, prompts: list[list[int]], client: str) -> Generation:
     """Check the request against the limits and queue its completions."""
     params = _sampling_params(state, req, [len(p) for p in prompts])
     try:
-        return Generation(state.batcher, prompts, params, stream=req.stream)
+        return Generation(state.batcher, prompts, params, stream=req.stream, client=client)
     except Overloaded as err:
         raise ApiError(503, f"server overloaded: {err}; retry later", "server_error", code="overloaded") from None
 
@@ -224,14 +274,27 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
     if asked is not None and asked > cfg.max_tokens:
         raise ApiError(400, f"max_tokens is too large: {asked}. This server allows at most {cfg.max_tokens} "
                             "completion tokens.", param="max_tokens", code="invalid_value")
-    max_tokens = asked if asked is not None else min(cfg.max_tokens, ctx - longest)
+    rows = len(prompt_lens) * req.n
+    max_tokens = asked if asked is not None else min(cfg.max_tokens, ctx - longest, cfg.max_request_tokens // rows)
+    _check_budget(cfg, len(prompt_lens), req.n, max(max_tokens, 1))  # a default cut to 0 by the budget fails here
     if max_tokens < 1 or longest + max_tokens > ctx:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                             f"{longest + max(max_tokens, 1)} tokens ({longest} in the prompt, {max(max_tokens, 1)} in "
                             "the completion). Please reduce the prompt or the completion length.",
                        param="messages" if hasattr(req, "messages") else "prompt", code="context_length_exceeded")
     return SamplingParams(max_tokens=max_tokens, n=req.n, temperature=req.temperature, top_p=req.top_p,
-                          seed=req.seed, stop=req.stop_strings())
+                          seed=req.seed, stop=req.stop_strings(),
+                          logprobs=isinstance(req, ChatRequest) and bool(req.logprobs))
+
+
+def _check_budget(cfg: ServeConfig, prompts: int, n: int, max_tokens: int) -> None:
+    """One request may not ask for more than max_request_tokens completion tokens: a single client could otherwise
+    queue hours of work (the batcher's fairness protects other clients' latency, not the machine's time)."""
+    asked = prompts * n * max_tokens
+    if asked > cfg.max_request_tokens:
+        raise ApiError(400, f"This request asks for {asked} completion tokens ({prompts} prompts x n={n} x max_tokens="
+                            f"{max_tokens}); this server allows at most {cfg.max_request_tokens} in one request.",
+                       param="max_tokens", code="request_too_large")
 
 
 async def _answer(request: Request, gen: Generation, body) -> JSONResponse:
@@ -279,22 +342,28 @@ class _Reply:
         """SSE events: the choices' chunks, an optional usage chunk, then [DONE]; an error mid-way is sent as an
         error event (the status line has already gone out)."""
         completion_tokens = 0
+        options = self.req.stream_options
+        include_usage = options is not None and options.include_usage
         try:
             for first in self.opening_chunks():
-                yield _data(first)
+                yield _data(self._with_usage(first, include_usage))
             async for event in gen.events():
                 for chunk in self.chunks(event):
-                    yield _data(chunk)
+                    yield _data(self._with_usage(chunk, include_usage))
                 if isinstance(event, Done):
                     completion_tokens += event.completion_tokens
         except ApiError as err:
             yield _data(err.body())
             yield "data: [DONE]\n\n"
             return
-        options = self.req.stream_options
-        if options is not None and options.include_usage:
+        if include_usage:
             yield _data(self.envelope(self.chunk_object, [], _usage(self.prompt_tokens, completion_tokens)))
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _with_usage(chunk: dict, include_usage: bool) -> dict:
+        # As OpenAI: with include_usage every chunk has a usage field, null until the last one.
+        return {**chunk, "usage": None} if include_usage else chunk
 
     def opening_chunks(self) -> list[dict]:
         return []
@@ -309,13 +378,17 @@ class ChatReply(_Reply):
         super().__init__(state, req, prompt_tokens)
         self.in_think = in_think
         self.splitters = [ReasoningSplitter(in_think) for _ in range(req.n)]
+        self.tokenizer = state.engine.tokenizer
+        self.pending = _PendingLogprobs(req.n)
 
     def body(self, done: list[Done]) -> dict:
         choices = []
         for d in done:
             reasoning, content = split_reasoning(d.text, self.in_think)
             message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-            choices.append({"index": d.index, "message": message, "logprobs": None, "finish_reason": d.finish_reason})
+            logprobs = self._logprobs(d.logprobs or []) if self.req.logprobs else None
+            choices.append({"index": d.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": d.finish_reason})
         return self.envelope("chat.completion", choices,
                              _usage(self.prompt_tokens, sum(d.completion_tokens for d in done)))
 
@@ -325,15 +398,76 @@ class ChatReply(_Reply):
     def chunks(self, event) -> list[dict]:
         splitter = self.splitters[event.index]
         reasoning, content = splitter.feed(event.text) if isinstance(event, Delta) else splitter.finish()
-        out = [self._chunk(event.index, {"content": content or None, "reasoning_content": reasoning or None})] \
-            if reasoning or content else []
+        self.pending.add(event)
+        out = []
+        if reasoning or content:  # the log-probs of tokens whose text is held back ride on a later chunk
+            out.append(self._chunk(event.index, {"content": content or None, "reasoning_content": reasoning or None},
+                                   logprobs=self.pending.take(event.index)))
         if isinstance(event, Done):
-            out.append(self._chunk(event.index, {}, event.finish_reason))
+            out.append(self._chunk(event.index, {}, event.finish_reason, self.pending.take(event.index)))
         return out
 
-    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None) -> dict:
-        return self.envelope(self.chunk_object, [{"index": index, "delta": delta, "logprobs": None,
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
+        body = self._logprobs(logprobs) if logprobs else None
+        return self.envelope(self.chunk_object, [{"index": index, "delta": delta, "logprobs": body,
                                                   "finish_reason": finish_reason}])
+
+    def _logprobs(self, tokens: list) -> dict:
+        """OpenAI's choice.logprobs: one entry per completion token, reasoning and end-of-text included, its
+        log-prob under the sampling distribution (temperature applied, before top-p: r1lab/engine.py)."""
+        return {"content": [_token_logprob(self.tokenizer, t, lp) for t, lp in tokens], "refusal": None}
+
+
+class _PendingLogprobs:
+    """Per choice of a stream: the token log-probs that events brought and no chunk has carried yet."""
+
+    def __init__(self, n: int):
+        self.pending: list[list] = [[] for _ in range(n)]
+        self.seen = [0] * n  # how many arrived through Deltas; a Done repeats them all
+
+    def add(self, event) -> None:
+        new = event.logprobs or []
+        if isinstance(event, Done):
+            new = new[self.seen[event.index]:]
+        self.seen[event.index] += len(new)
+        self.pending[event.index] += new
+
+    def take(self, index: int) -> list:
+        out, self.pending[index] = self.pending[index], []
+        return out
+
+
+def _token_logprob(tokenizer, token: int, logprob: float) -> dict:
+    raw = token_bytes(tokenizer, token)
+    return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": logprob, "bytes": list(raw),
+            "top_logprobs": []}
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """A token's exact bytes: byte-level BPE tokens (GPT-2, Qwen, Llama 3) may hold part of a UTF-8 character,
+    which decoding the token alone would turn into U+FFFD; other tokenizers' tokens decode to whole text."""
+    from tokenizers import decoders
+
+    if isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
+        piece = tokenizer.backend.id_to_token(token)
+        byte_of = _byte_level_alphabet()
+        if piece and all(c in byte_of for c in piece):
+            return bytes(byte_of[c] for c in piece)
+    return tokenizer.backend.decode([token], skip_special_tokens=False).encode("utf-8")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's map from the printable characters byte-level BPE writes back to the bytes they stand for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 class CompletionReply(_Reply):

@@ -24,11 +24,12 @@ class ClientGone(Exception):
 class Generation:
     """n completions for each of the prompts; event indices are prompt * n + sample, as OpenAI numbers choices."""
 
-    def __init__(self, batcher: Batcher, prompts: list[list[int]], params: SamplingParams, stream: bool):
+    def __init__(self, batcher: Batcher, prompts: list[list[int]], params: SamplingParams, stream: bool,
+                 client: str = ""):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.total = len(prompts) * params.n
-        self.jobs = [Job(ids, params, self._deliverer(i * params.n), stream) for i, ids in enumerate(prompts)]
+        self.jobs = [Job(ids, params, self._deliverer(i * params.n), stream, client) for i, ids in enumerate(prompts)]
         self._finished = 0
         try:
             for job in self.jobs:

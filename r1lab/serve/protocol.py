@@ -1,16 +1,24 @@
 """The OpenAI request bodies this server accepts, and its errors in OpenAI's shape.
 
-Unknown fields are refused (400, naming the field) rather than ignored: a client that sets `logprobs` or
-`presence_penalty` should learn that they are not honoured here instead of silently getting something else.
+Unknown fields are refused (400, naming the field) rather than ignored. The OpenAI fields that clients send out of
+habit are accepted at their neutral values (frequency_penalty 0, logit_bias {}, response_format text, no tools, ...)
+and refused, naming the field, at any other: a client that asks for a penalty or a JSON schema should learn that it
+is not honoured here instead of silently getting something else.
+Bodies are decoded strictly (UTF-8, at most MAX_JSON_DEPTH levels of nesting, no lone surrogates) so that nothing
+a client sends can reach the tokenizer, pydantic or a JSON response as something they fail on.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP_STRINGS = 16
+MAX_JSON_DEPTH = 32  # an OpenAI body nests 4 or 5 levels (messages, a message, its content parts, a part)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a pair written as two escapes decodes to one character: any left is lone
 
 
 class ApiError(Exception):
@@ -30,7 +38,17 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage of the whole request
+    include_obfuscation: bool | None = None  # OpenAI pads chunks against side channels; nothing to pad here
+
+
+class ResponseFormat(_Strict):
+    type: str
+    json_schema: dict | None = None
+
+
+Rule = tuple[str, Callable[[Any], bool], str]  # (field, whether a value is neutral, what to send instead)
+_NO_PENALTY = "this server samples without penalties; send 0 or leave it out"
 
 
 class ContentPart(_Strict):
@@ -59,7 +77,25 @@ class _Sampling(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # a client's end-user id: only for OpenAI's abuse monitoring
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+
+    def rules(self) -> list[Rule]:
+        """The accepted fields this server does not implement, each with its neutral values."""
+        return [("frequency_penalty", lambda v: v == 0, _NO_PENALTY),
+                ("presence_penalty", lambda v: v == 0, _NO_PENALTY),
+                ("logit_bias", lambda v: not v, "this server cannot bias tokens; send {} or leave it out")]
+
+    def check_supported(self) -> None:
+        """A 400 naming the first field set to something this server would not honour."""
+        for name, neutral, instead in self.rules():
+            value = getattr(self, name)
+            if value is not None and not neutral(value):
+                shown = json.dumps(value.model_dump(exclude_none=True) if isinstance(value, BaseModel) else value)
+                raise ApiError(400, f"'{name}': {shown:.200} is not supported: {instead}.", param=name,
+                               code="unsupported_value")
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,14 +108,56 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # without tools there is nothing to call in parallel
+    functions: list[dict] | None = None  # the deprecated form of tools
+    function_call: str | dict | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # tags for OpenAI's stored completions: nothing to do here
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    prompt_cache_key: str | None = None  # a hint for OpenAI's prompt cache routing
+    safety_identifier: str | None = None  # like user
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def rules(self) -> list[Rule]:
+        no_tools = "this server has no tool calling; leave it out"
+        return super().rules() + [
+            ("top_logprobs", lambda v: v == 0, "this server returns the log-prob of each sampled token "
+             "(logprobs: true) but not the alternatives; send 0 or leave it out"),
+            ("response_format", lambda v: v.type == "text",
+             'this server generates free text only; send {"type": "text"} or leave it out'),
+            ("tools", lambda v: not v, no_tools), ("functions", lambda v: not v, no_tools),
+            ("tool_choice", lambda v: v in ("none", "auto"), no_tools + ', or send "none"'),
+            ("function_call", lambda v: v in ("none", "auto"), no_tools + ', or send "none"'),
+            ("store", lambda v: not v, "this server stores no completions; send false or leave it out"),
+            ("service_tier", lambda v: v in ("auto", "default"), 'there is one tier here; send "auto" or leave it out'),
+            ("modalities", lambda v: v in ([], ["text"]), 'this server generates text only; send ["text"]'),
+        ]
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = None
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def rules(self) -> list[Rule]:
+        return super().rules() + [
+            ("logprobs", lambda v: False, "log-probs are returned by /v1/chat/completions (logprobs: true), not "
+             "by /v1/completions; leave it out"),
+            ("echo", lambda v: not v, "the prompt is not echoed; send false or leave it out"),
+            ("best_of", lambda v: v == self.n, "completions are not ranked; leave it out (or send n)"),
+            ("suffix", lambda v: v == "", "this server does not fill in the middle; leave it out"),
+        ]
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
@@ -94,7 +172,7 @@ class CompletionRequest(_Sampling):
 def parse_request(cls: type[_Sampling], data: dict) -> _Sampling:
     """Validate a decoded JSON body; the first problem becomes a 400 naming the parameter."""
     try:
-        return cls.model_validate(data)
+        request = cls.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -104,3 +182,60 @@ def parse_request(cls: type[_Sampling], data: dict) -> _Sampling:
         if first["type"] == "missing":
             raise ApiError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter") from None
         raise ApiError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+    request.check_supported()
+    return request
+
+
+def parse_json_body(body: bytes) -> dict:
+    """A request body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        text = body.decode("utf-8")  # JSON text is UTF-8 (RFC 8259); strict decoding also refuses encoded surrogates
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"The request body is not valid UTF-8: {err}", code="invalid_json") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:  # json's C scanner guards its recursion: far deeper than any limit we accept
+        raise _too_deep() from None
+    except ValueError as err:
+        raise ApiError(400, f"We could not parse the JSON body of your request: {err}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    _check_tree(data)
+    return data
+
+
+def _check_tree(data: dict) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings (keys too) holding a lone surrogate, which no UTF-8
+    encoder accepts. Iterative, so that the check itself cannot run out of stack."""
+    stack: list[tuple[object, int, tuple | None]] = [(data, 1, None)]  # value, depth, (parent's entry, key)
+    while stack:
+        entry = stack.pop()
+        value, depth, _ = entry
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise _lone_surrogate(entry)
+            continue
+        if not isinstance(value, (dict, list)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                raise _lone_surrogate((key, depth + 1, (entry, key)))
+            stack.append((item, depth + 1, (entry, key)))
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"The JSON body is nested too deeply: at most {MAX_JSON_DEPTH} levels are accepted.",
+                    code="invalid_json")
+
+
+def _lone_surrogate(entry: tuple) -> ApiError:
+    keys = []
+    while entry[2] is not None:  # walk up to the root to name the field
+        entry, key = entry[2]
+        keys.append(str(key).encode("utf-8", "backslashreplace").decode())  # the name may hold the surrogate
+    param = ".".join(reversed(keys)) or None
+    return ApiError(400, f"Invalid unicode in '{param}': a lone surrogate (an unpaired \\uD800-\\uDFFF escape) is "
+                         "not a character.", param=param, code="invalid_unicode")

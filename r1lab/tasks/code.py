@@ -14,8 +14,12 @@ Two sources of problems, both under the task name "code":
    "solution": optional reference code}. With an entry_point, tests may call the function as `candidate`. Every
   row is checked when the task is built, and a bad one is reported as `file:line: field 'tests' ...`.
 
-Built-in tests compare with `strict_equal(actual, expected)`, a helper the sandbox provides to every test: equal
-values of the same types, so that an object whose __eq__ always says True earns nothing. File tests may use it.
+Tests are judged outside the sandboxed process (r1lab.sandbox_judge): each must be one assert whose calls to the
+solution have literal arguments, such as `assert candidate(3, [1, 2]) == 7`, `assert abs(f(2.0) - 4.0) < 1e-6`,
+`assert not candidate('')` or `assert candidate(0) is None`; anything else (statements, loops, calls with
+computed arguments) is refused when the file is loaded. `==` compares like `strict_equal(actual, expected)`
+(equal values of the same types; floats within 1e-9 relative), and only plain data can be returned, so an object
+whose __eq__ always says True earns nothing. Built-in tests spell strict_equal out; file tests may too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from r1lab.sandbox import run_tests
+from r1lab.sandbox_judge import UnjudgeableTestError, split_test
 from r1lab.tasks.base import Problem
 from r1lab.tasks.dataset import DatasetTask, _field_error, draw_unique
 
@@ -229,11 +234,10 @@ class _Scorer:
     memory_mb: int
 
     def score(self, problem: Problem, answer: str) -> float:
-        code = strip_fences(answer)
-        entry_point = problem.meta.get("entry_point")
-        if entry_point:
-            code += f"\n\ncandidate = {entry_point}\n"  # tests may call the function as candidate(...)
-        return run_tests(code, problem.meta["tests"], timeout_s=self.timeout_s, memory_mb=self.memory_mb).fraction
+        # tests may call the function as candidate(...): the judge maps that name to the entry point
+        result = run_tests(strip_fences(answer), problem.meta["tests"], entry_point=problem.meta.get("entry_point"),
+                           timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+        return result.fraction
 
     def canonical(self, answer: str) -> str:
         return canonical_code(answer)
@@ -274,13 +278,14 @@ def _tests_error(row: dict) -> str | None:
         return "field 'tests' is missing"
     if not isinstance(tests, list) or not tests:
         return "field 'tests' must be a non-empty list of assert statements"
+    entry_point = row.get("entry_point") if isinstance(row.get("entry_point"), str) else None
     for i, test in enumerate(tests):
         if not isinstance(test, str) or not test.strip():
             return f"field 'tests' item {i} must be a non-empty string"
         try:
-            compile(test, "<test>", "exec")  # compiling runs nothing
-        except (SyntaxError, ValueError) as e:
-            return f"field 'tests' item {i} does not compile ({type(e).__name__}: {e})"
+            split_test(test.strip(), entry_point)  # parsing runs nothing
+        except UnjudgeableTestError as e:
+            return f"field 'tests' item {i} {e}"
     return None
 
 
@@ -310,7 +315,7 @@ class CodeFileTask(_Scorer, DatasetTask):
             error = _field_error(row, "solution", allow_number=False)
         if error is not None:
             return None, error
-        meta = {"row": number, "tests": list(row["tests"]), "entry_point": row.get("entry_point")}
+        meta = {"row": number, "tests": [t.strip() for t in row["tests"]], "entry_point": row.get("entry_point")}
         return Problem(prompt=row["prompt"], answer=row.get("solution", ""), meta=meta), None
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import re
 from decimal import Decimal, InvalidOperation
@@ -155,8 +156,12 @@ def canonical_answer(answer: str) -> str:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, object, error) for each non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
+        for number, raw in enumerate(f, start=1):
+            line, error = _decode_line(raw, first=number == 1)
+            if error is not None:
+                yield number, None, error
+                continue
             if not line.strip():
                 continue
             try:
@@ -165,10 +170,32 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
 
+def _decode_line(raw: bytes, first: bool) -> tuple[str, str | None]:
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8"), None  # a byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        return "", _encoding_error(raw, e)
+
+
+def _encoding_error(data: bytes, e: UnicodeDecodeError) -> str:
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}; save the file as UTF-8)"
+
+
+def _read_utf8(path: Path) -> str:
+    """The whole file as text; a DatasetError naming the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DatasetError(f"{path}:{line}: {_encoding_error(data, e)}") from None
+
+
 def _json_array_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(item number, object, error) for a .json file holding one array of objects."""
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
         return
@@ -190,7 +217,7 @@ def _rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(path)
-    if suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+    if suffix == ".json" and path.read_bytes().removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
         return _json_array_rows(path)
     return _jsonl_rows(path)
 
@@ -206,7 +233,9 @@ def _field_error(row: dict, name: str, allow_number: bool) -> str | None:
         return f"field {name!r} is missing"
     value = row[name]
     if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return None
+        # JSON's NaN and Infinity (and Parquet's) would become the reference "nan": answering "nan" would score 1
+        finite = not isinstance(value, float) or math.isfinite(value)  # ints are finite, even beyond float range
+        return None if finite else f"field {name!r} is {value}, not a finite number"
     if not isinstance(value, str):
         return f"field {name!r} must be a string, got {type(value).__name__}"
     if not value.strip():
@@ -214,39 +243,53 @@ def _field_error(row: dict, name: str, allow_number: bool) -> str | None:
     return None
 
 
+def _non_finite(answer: str) -> bool:
+    """Whether answer is NaN or an infinity as float() spells them ("nan", "-Infinity", ...): the words, not a
+    long integer (which float() also turns into inf), nor LaTeX's \\infty, a real answer in calculus sets."""
+    return answer.strip().lstrip("+-").lower() in ("nan", "inf", "infinity")
+
+
 class DatasetTask:
+    """Problems from a data file. The test split is eval_data's rows when given (the train split is then the whole
+    file), else the test_fraction of path's rows picked by a stable hash of the prompt."""
+
     def __init__(
         self,
         path: str | Path,
         prompt_field: str | None = None,
         answer_field: str | None = None,
         test_fraction: float = 0.1,
+        eval_data: str | Path | None = None,
     ) -> None:
         self.path = Path(path)
         self.name = self.path.stem
         self.test_fraction = test_fraction
-        self._prompt_field, self._answer_field = prompt_field, answer_field
-        self.rows = self._load()
+        self.eval_path = Path(eval_data) if eval_data else None
+        self._given_fields = (prompt_field, answer_field)
+        self.rows = self._load(self.path)
+        self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
         self._splits = self._split_rows()
 
-    def _load(self) -> list[Problem]:
-        if not self.path.is_file():
-            raise DatasetError(f"{self.path}: file not found")
+    def _load(self, path: Path) -> list[Problem]:
+        if not path.is_file():
+            raise DatasetError(f"{path}: file not found")
+        # Fields as given, else detected on this file's first row (so an eval file may name its columns its way).
+        self._prompt_field, self._answer_field = self._given_fields
         problems: list[Problem] = []
         errors: list[str] = []
-        for number, row, error in _rows(self.path):
+        for number, row, error in _rows(path):
             if error is None:
                 problem, error = self._problem(number, row)
                 if problem is not None:
                     problems.append(problem)
             if error is not None:
-                errors.append(f"{self.path}:{number}: {error}")
+                errors.append(f"{path}:{number}: {error}")
         if not problems and not errors:
-            errors.append(f"{self.path}: the file has no rows")
+            errors.append(f"{path}: the file has no rows")
         if errors:
             shown = errors[:MAX_REPORTED_ERRORS]
             more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-            raise DatasetError(f"{len(errors)} bad row(s) in {self.path}:\n" + "\n".join(shown) + more)
+            raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
         return problems
 
     def _problem(self, number: int, row: Any) -> tuple[Problem | None, str | None]:
@@ -263,22 +306,41 @@ class DatasetTask:
         answer = extract_reference(raw)
         if not answer:
             return None, f"field {self._answer_field!r} has an empty final answer"
+        if _non_finite(answer):
+            return None, f"field {self._answer_field!r} has the final answer {answer!r}, not a finite number"
         meta = {"row": number, "solution": raw}
         return Problem(prompt=row[self._prompt_field], answer=answer, meta=meta), None
 
     def _split_rows(self) -> dict[str, list[Problem]]:
+        if self.eval_rows is not None:
+            return {"train": self.rows, "test": self.eval_rows}
         if self.test_fraction <= 0:
             return {"train": self.rows, "test": self.rows}
         test = [p for p in self.rows if in_test_split(p.prompt, self.test_fraction)]
         train = [p for p in self.rows if not in_test_split(p.prompt, self.test_fraction)]
         return {"train": train, "test": test}
 
+    def split_summary(self) -> str:
+        """One line saying where the train and test problems come from, for the log at start."""
+        train, test = len(self._splits["train"]), len(self._splits["test"])
+        if self.eval_rows is not None:
+            seen = {p.prompt for p in self.rows}
+            shared = sum(p.prompt in seen for p in self.eval_rows)
+            overlap = f"; {shared:,} of its prompts are also in the train file" if shared else ""
+            return f"train: {train:,} rows (all of {self.path}), test: {test:,} rows (from {self.eval_path}{overlap})"
+        if self.test_fraction <= 0:
+            return (f"train and test: the same {train:,} rows of {self.path} (test_fraction 0: evaluation is on "
+                    "training problems; give eval_data to use your own file)")
+        return (f"train: {train:,} rows, test: {test:,} rows ({self.test_fraction * 100:g}% by a stable hash of the "
+                "prompt; give eval_data to use your own file)")
+
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
         """n rows of split in a seed-determined order, cycling when n exceeds the split; all rows for n <= 0."""
         _check_split(split)
         rows = list(self._splits[split])
         if not rows:
-            raise DatasetError(f"{self.path}: the {split!r} split is empty (test_fraction={self.test_fraction})")
+            source = self.eval_path if split == "test" and self.eval_path is not None else self.path
+            raise DatasetError(f"{source}: the {split!r} split is empty (test_fraction={self.test_fraction})")
         random.Random(seed).shuffle(rows)
         if n is None or n <= 0:
             return rows

@@ -1,4 +1,5 @@
-"""The synthetic pretraining corpus: a base model that can reason, but does not reliably choose to.
+"""`r1lab pretrain`: the tiny base model from scratch, on a synthetic corpus that makes it a model that can reason
+but does not reliably choose to.
 
 Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response, in one of three styles:
 - worked ("think" share): column addition from the right, one step per column written as
@@ -20,11 +21,22 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from r1lab.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask, evaluate
+from pathlib import Path
+
+import torch
+
+from r1lab.config import PretrainConfig, save_config
+from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.runtime import setup_training_process
+from r1lab.sft import SUPERVISED_BETA2, train_lm
+from r1lab.tasks import get_task
+from r1lab.tasks.arithmetic import ArithmeticTask, evaluate
 from r1lab.tasks.base import Problem
+from r1lab.templates import render_prompt
+from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer
+from r1lab.train import make_optimizer
 
 GUESS_THOUGHT = "Easy."
-DEMO_TASK_OPTIONS = DEMO_OPTIONS
 
 
 @dataclass
@@ -83,3 +95,49 @@ def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | 
     mix = mix or CorpusMix()
     rng = random.Random(seed)
     return [(p, response(p, rng, mix)) for p in task.problems("train", n, seed)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> Path:
+    """Build the tokenizer, the corpus and the model; train; save a Hugging Face directory at cfg.out/model."""
+    setup_training_process(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    save_config(cfg, out / "config.yaml")
+    if cfg.task != "arithmetic":
+        raise ValueError(f"pretrain builds its corpus for the arithmetic task family only, not {cfg.task!r}")
+    tokenizer = build_tiny_tokenizer()
+    task = get_task(cfg.task, **cfg.task_options)
+    mix = CorpusMix(cfg.think_share, cfg.slip_rate, cfg.untagged_share)
+    pairs = [(render_prompt(tokenizer, p.prompt, "r1zero"), r) for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix)]
+    docs = tokenize_pairs(tokenizer, pairs)
+    model = CausalLM(tiny_model_config(cfg, tokenizer))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
+        f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
+    train_lm(model, docs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
+             pad_id=tokenizer.pad_id, seed=cfg.seed, log=log, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
+             optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2))
+    save_model(model, out / "model")
+    tokenizer.save(out / "model")
+    (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
+    return out / "model"
+
+
+def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    eos = sorted(tokenizer.eos_ids)[0]
+    return ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                       max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+                       eos_token_id=eos)
+
+
+def tokenize_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Prompt + response + end-of-text, as one token list per document."""
+    eos = tokenizer.pad_id
+    return [tokenizer.encode(prompt) + tokenizer.encode(response, add_special_tokens=False) + [eos]
+            for prompt, response in pairs]

@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Throughput of the code reward: rewards/s of the built-in code task through r1lab.rewards.score_completions.
+
+Each reward runs the answer's tests in the sandbox (r1lab/sandbox.py), so this measures the sandbox's cost per
+completion: process start, isolation, one fresh run of the candidate per test. The completions are the problems'
+own reference solutions in the reward format, so every one must score 1.0 (checked; a wrong score exits 1).
+
+    python bench/code_reward.py              # 200 completions, 6 tests each; bubblewrap where it works
+    python bench/code_reward.py --no-bwrap   # the fallback sandbox (process, root-only layers, audit hook)
+    PYTHONPATH=/path/to/older/checkout python bench/code_reward.py   # a before figure (--no-bwrap is ignored)
+
+Run it once, on an otherwise quiet machine: on a shared 2-core machine a neighbour's load moves the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from r1lab import sandbox
+from r1lab.rewards import RewardWeights, score_completions
+from r1lab.tasks import get_task
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200, help="completions to score")
+    parser.add_argument("--tests", type=int, default=6, help="tests per problem")
+    parser.add_argument("--no-bwrap", action="store_true", help="the fallback sandbox, even where bubblewrap works")
+    args = parser.parse_args()
+    if args.no_bwrap and hasattr(sandbox, "bwrap_works"):
+        sandbox.bwrap_works = lambda: False  # run_tests looks the probe up at each call
+    task = get_task("code", tests_per_problem=args.tests)
+    problems = task.problems("train", args.n, seed=0)
+    completions = [f"<think>reference</think><answer>```python\n{p.answer}```</answer>" for p in problems]
+    score_completions(task, problems[:2], completions[:2], RewardWeights(1.0, 0.0))  # warm-up: imports, caches
+    started = time.perf_counter()
+    result = score_completions(task, problems, completions, RewardWeights(1.0, 0.0), timeout_s=30)
+    elapsed = time.perf_counter() - started
+    wrong = sum(a != 1.0 for a in result.components["accuracy"])
+    layers = ",".join(sandbox.run_tests("", ["assert True"]).layers)
+    print(f"{len(problems)} code rewards ({args.tests} tests each) in {elapsed:.2f} s: "
+          f"{len(problems) / elapsed:.1f} rewards/s; {wrong} not scored 1.0; layers {layers}")
+    return 1 if wrong or result.errors or result.timeouts else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

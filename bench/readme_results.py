@@ -1,0 +1,281 @@
+"""Regenerate the README's measured results at HEAD: `python bench/readme_results.py [--demo] [--bench] [--tests]`.
+
+Each part runs its commands, writes its figures with the date, commit and machine to bench/results/NAME.json, and
+then every README block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` is rewritten from those files
+(`--render` alone rewrites the README from the saved files without running anything). Nothing in those blocks is
+edited by hand.
+
+- demo:  `r1lab demo` and its random-reward control for each of --seeds (each seed pretrains its own base), held-out
+         pass@1 / cons@8 / pass@8 / format / length before and after: mean and range over the seeds; wall times.
+- bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
+- distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
+- serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
+- tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+FIGURES = ("pass@1", "cons@8", "pass@8", "format_rate", "mean_length")
+
+
+def machine() -> dict:
+    """What the figures were measured on: they move with the CPU (see bench/README.md)."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def stamp() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return {"date": datetime.date.today().isoformat(), "commit": commit.stdout.strip() + ("+dirty" if dirty else ""),
+            "machine": machine()}
+
+
+def timed(cmd: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with log.open("w") as out:
+        subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the parts
+
+
+def run_demo(seeds: list[int], workdir: Path) -> dict:
+    runs = []
+    for seed in seeds:
+        out = workdir / f"demo-seed{seed}"
+        r1lab = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", str(seed)]
+        demo_s = timed(r1lab, workdir / f"demo-seed{seed}.log")
+        control_s = timed(r1lab + ["--control", "random-reward"], workdir / f"control-seed{seed}.log")
+        runs.append({"seed": seed, "demo_s": demo_s, "control_s": control_s,
+                     "base": heldout(out / "grpo", 0), "grpo": heldout(out / "grpo", -1),
+                     "control": heldout(out / "grpo-random-reward", -1),
+                     "curve": [e["pass@1"] for e in read_evals(out / "grpo")]})
+        print(f"seed {seed}: pass@1 {runs[-1]['base']['pass@1']:.1%} -> {runs[-1]['grpo']['pass@1']:.1%} "
+              f"(control {runs[-1]['control']['pass@1']:.1%}), {demo_s:.0f} s + {control_s:.0f} s", flush=True)
+    return {**stamp(), "command": "r1lab demo --seed S; r1lab demo --seed S --control random-reward", "runs": runs}
+
+
+def read_evals(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] == "heldout"]
+
+
+def heldout(run: Path, which: int) -> dict:
+    files = sorted((run / "eval").glob("step_*.json"))
+    figures = json.loads(files[which].read_text())["heldout"]
+    return {k: figures[k] for k in FIGURES}
+
+
+def run_bench(workdir: Path) -> dict:
+    out = workdir / "grpo_vs_trl.json"
+    cmd = [sys.executable, "bench/grpo_vs_trl.py", "--pairs", "3", "--wait-quiet", "120", "--json", str(out)]
+    seconds = timed(cmd, workdir / "grpo_vs_trl.log")
+    return {**stamp(), "command": "python bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120", "seconds": seconds,
+            "figures": json.loads(out.read_text())}
+
+
+def run_distill(workdir: Path) -> dict:
+    teacher = workdir / "demo-seed0" / "grpo" / "model"
+    if not teacher.exists():
+        raise SystemExit(f"{teacher} is missing: run --demo (seed 0) first")
+    out = workdir / "distill"
+    seconds = timed([sys.executable, "-m", "r1lab", "distill", "--teacher", str(teacher), "--out", str(out)],
+                    workdir / "distill.log")
+    return {**stamp(), "command": "r1lab distill --teacher DEMO_SEED0/grpo/model", "seconds": seconds,
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def run_pipeline(workdir: Path) -> dict:
+    out = workdir / "pipeline"
+    seconds = timed([sys.executable, "-m", "r1lab", "pipeline", "--out", str(out)], workdir / "pipeline.log")
+    return {**stamp(), "command": "r1lab pipeline", "seconds": seconds,
+            **json.loads((out / "results.json").read_text())}
+
+
+def run_serve(workdir: Path) -> dict:
+    figures = {}
+    for name, extra in (("load", []), ("flood", ["--flood"])):
+        out = workdir / f"serve-{name}.json"
+        timed([sys.executable, "bench/serve_load.py", "--json", str(out), *extra], workdir / f"serve-{name}.log")
+        figures[name] = json.loads(out.read_text())
+    return {**stamp(), "command": "python bench/serve_load.py; python bench/serve_load.py --flood", **figures}
+
+
+def run_tests(workdir: Path) -> dict:
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    fast = timed(pytest + ["-m", "not slow"], workdir / "tests-fast.log")
+    full = timed(pytest, workdir / "tests-full.log")
+    return {**stamp(), "fast_s": fast, "full_s": full,
+            "fast_summary": last_line(workdir / "tests-fast.log"), "full_summary": last_line(workdir / "tests-full.log")}
+
+
+def last_line(path: Path) -> str:
+    return [line for line in path.read_text().splitlines() if line.strip()][-1].strip("= ")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+def pct_range(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{100 * mean:.1f}% ({100 * min(values):.1f}–{100 * max(values):.1f})"
+
+
+def num_range(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.1f} ({min(values):.1f}–{max(values):.1f})"
+
+
+def render_demo(d: dict) -> str:
+    runs, m = d["runs"], d["machine"]
+    rows = [("pass@1", "pass@1"), ("cons@8", "cons@8"), ("pass@8", "pass@8"), ("format rate", "format_rate"),
+            ("mean completion length (tokens)", "mean_length")]
+    lines = [f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
+             f"kernels {m['aten_cpu_capability']}), by `python bench/readme_results.py --demo`. Seeds "
+             f"{', '.join(str(r['seed']) for r in runs)}: mean (min–max).", "",
+             "| | base (pretrained) | after R1-Zero GRPO | after GRPO with shuffled rewards (control) |",
+             "|---|---:|---:|---:|"]
+    for label, key in rows:
+        fmt = num_range if key == "mean_length" else pct_range
+        lines.append(f"| {label} | " + " | ".join(fmt([r[part][key] for r in runs])
+                                                 for part in ("base", "grpo", "control")) + " |")
+    gains = [r["grpo"]["pass@1"] - r["base"]["pass@1"] for r in runs]
+    control = [r["control"]["pass@1"] - r["base"]["pass@1"] for r in runs]
+    lines += ["", f"- Held-out pass@1 gain: {100 * sum(gains) / len(gains):+.1f} points on average "
+                  f"({', '.join(f'{100 * g:+.1f}' for g in gains)} per seed); the random-reward control: "
+                  f"{100 * sum(control) / len(control):+.1f} ({', '.join(f'{100 * g:+.1f}' for g in control)}).",
+              f"- Wall time of `r1lab demo`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
+              f"base: {num_range([r['control_s'] for r in runs])} s.",
+              "- Held-out pass@1 every 10 steps: " + "; ".join(
+                  f"seed {r['seed']}: " + " / ".join(f"{100 * p:.0f}" for p in r["curve"]) for r in runs) + " (%)."]
+    return "\n".join(lines)
+
+
+def render_bench(d: dict) -> str:
+    f, m = d["figures"], d["machine"]
+    ratios = [p["ratio"] for p in f.get("pairs", [])] or [f.get("median_ratio")]
+    r1lab = [p["r1lab_tok_s"] for p in f.get("pairs", [])]
+    trl = [p["trl_tok_s"] for p in f.get("pairs", [])]
+    return (f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores), by "
+            f"`{d['command']}`: r1lab {min(r1lab):,.0f}–{max(r1lab):,.0f} completion tokens/s against TRL's "
+            f"{min(trl):,.0f}–{max(trl):,.0f} over {len(ratios)} alternating pairs, per-pair ratios "
+            f"{', '.join(f'{r:.2f}' for r in ratios)}, median **{f['median_ratio']:.2f}x**.")
+
+
+def render_tests(d: dict) -> str:
+    return (f"Measured on {d['date']} at commit `{d['commit']}` on {d['machine']['cpu']} ({d['machine']['cores']} "
+            f"cores): `make test-fast` {d['fast_s']:.0f} s ({d['fast_summary']}); `make test` (the whole suite, what "
+            f"CI runs) {d['full_s']:.0f} s ({d['full_summary']}).")
+
+
+def measured(d: dict) -> str:
+    m = d["machine"]
+    return f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores)"
+
+
+def figure_table(results: dict[str, dict], rows: list[tuple[str, str]]) -> list[str]:
+    lines = ["| | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
+    for label, key in rows:
+        cells = []
+        for figures in results.values():
+            value = figures.get(key)
+            cells.append("-" if value is None else f"{value:,}" if key == "parameters"
+                         else f"{value:.1f}" if key == "mean_length" else f"{100 * value:.1f}%")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_distill(d: dict) -> str:
+    rows = [("parameters", "parameters"), ("pass@1", "pass@1"), ("cons@8", "cons@8"),
+            ("mean completion length (tokens)", "mean_length")]
+    seconds = {k: v.get("training_seconds") for k, v in d["results"].items() if v.get("training_seconds")}
+    return "\n".join([f"{measured(d)}, by `{d['command']}` ({d['seconds']:.0f} s in all):", "",
+                      *figure_table(d["results"], rows), "",
+                      "Training time of the students: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + "."])
+
+
+def render_pipeline(d: dict) -> str:
+    rows = [("pass@1", "pass@1"), ("cons@8", "cons@8"), ("format rate", "format_rate"),
+            ("language consistency", "language_consistency"), ("mean length (tokens)", "mean_length")]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in d["stage_seconds"].items())
+    return "\n".join([f"{measured(d)}, by `{d['command']}` ({d['seconds']:.0f} s in all):", "",
+                      *figure_table(d["results"], rows), "", f"Stage times: {stages}."])
+
+
+def render_serve(d: dict) -> str:
+    load, flood = d["load"]["phases"], d["flood"]["phases"]
+    concurrent, alone = load["concurrent"], load["one at a time"]
+    return (f"{measured(d)}, by `{d['command']}`: 64 concurrent clients x 10 chat requests of 64 tokens, "
+            f"{concurrent['errors']} errors, p50/p99 latency {1000 * concurrent['p50_latency_s']:,.0f} / "
+            f"{1000 * concurrent['p99_latency_s']:,.0f} ms, {concurrent['tokens_per_s']:,.0f} completion tokens/s "
+            f"against {alone['tokens_per_s']:,.0f} one request at a time (**{d['load']['ratio']:.1f}x**). Under a "
+            f"flood (one client's 128 prompts x 2,000 tokens), another client's small requests took "
+            f"{1000 * flood['under flood']['p50_latency_s']:,.0f} ms at the median against "
+            f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**).")
+
+
+RENDERERS = {"demo": render_demo, "bench": render_bench, "distill": render_distill, "pipeline": render_pipeline,
+             "serve": render_serve, "tests": render_tests}
+
+
+def render_readme() -> None:
+    text = README.read_text()
+    for name, render in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.exists():
+            continue
+        block = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        if not block.search(text):
+            raise SystemExit(f"README.md has no <!-- results:{name} --> block")
+        text = block.sub(lambda m: m.group(1) + render(json.loads(path.read_text())) + m.group(2), text)
+    README.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", action="store_true")
+    p.add_argument("--bench", action="store_true")
+    p.add_argument("--distill", action="store_true")
+    p.add_argument("--pipeline", action="store_true")
+    p.add_argument("--serve", action="store_true")
+    p.add_argument("--tests", action="store_true")
+    p.add_argument("--render", action="store_true", help="only rewrite the README from bench/results/*.json")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "readme-results")
+    a = p.parse_args(argv)
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = {"demo": lambda: run_demo(a.seeds, a.workdir), "bench": lambda: run_bench(a.workdir),
+             "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
+             "serve": lambda: run_serve(a.workdir), "tests": lambda: run_tests(a.workdir)}
+    for name, run in parts.items():
+        if getattr(a, name):
+            (RESULTS / f"{name}.json").write_text(json.dumps(run(), indent=2) + "\n")
+    render_readme()
+    print(f"README.md results rewritten from {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

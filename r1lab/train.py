@@ -1,0 +1,157 @@
+"""The pieces every training loop shares (pretraining, SFT and GRPO): functions, not a trainer class.
+
+- EpochOrder: which examples each step sees, a pure function of (seed, step), so a resumed run sees what an
+  uninterrupted one would;
+- make_optimizer, learning-rate schedules, optimizer_step (skips a non-finite gradient and reports it);
+- resume_run, save_run_config: continue from the newest intact checkpoint of a run directory, refusing settings
+  that would change the run (unless allow_config_change, which is recorded);
+- token_logprobs: per-token log-probs from hidden states, chunked over tokens and optionally recomputed in the
+  backward pass, so that a 150k-token vocabulary never needs N x V logits at once;
+- training_precision: bf16 autocast over float32 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import random
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+
+from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
+                              load_checkpoint, update_run_config)
+from r1lab.config import save_config
+from r1lab.policy import DTYPES, step_seed
+
+LOGITS_CHUNK_BYTES = 16 << 20  # recycled by the C allocator; one (N, V) block would be mapped afresh every step
+
+
+class EpochOrder:
+    """Positions in an endless sequence of shuffled epochs over n examples; each epoch's shuffle is seeded by
+    (seed, epoch) alone, so step s's batch is computed without replaying the epochs before it."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("EpochOrder needs at least one example")
+        self.n, self.seed = n, seed
+
+    def batch(self, step: int, size: int) -> list[int]:
+        """The example indices of step `step`, `size` of them; a batch runs on across an epoch boundary."""
+        return [self._epoch(p // self.n)[p % self.n] for p in range(step * size, (step + 1) * size)]
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> list[int]:
+        return random.Random(step_seed(self.seed, epoch, "epoch")).sample(range(self.n), self.n)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float) -> torch.optim.Optimizer:
+    """AdamW. beta2 is the caller's on purpose: pretraining and SFT take large steps on fresh data (0.95 follows the
+    gradient's scale quickly, as LM pretraining does), while RL on a trained policy takes small, noisy ones (0.99
+    averages the noise of a few rollouts per step)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=weight_decay)
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak (pretraining and SFT)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def constant_lr(step: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then constant (RL: the policy keeps learning from fresh rollouts to the last step)."""
+    return peak * min(1.0, (step + 1) / warmup) if warmup else peak
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
+                   finite_loss: bool = True) -> dict:
+    """Clip and apply the accumulated gradients; a non-finite loss or gradient drops the step instead, leaving the
+    weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite (0 or 1)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm) if finite_loss else None
+    if grad_norm is None or not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
+    optimizer.step()
+    return {"grad_norm": grad_norm.item(), "skipped_nonfinite": 0}
+
+
+def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
+               free: frozenset = RESUME_FREE_FIELDS) -> int:
+    """The number of steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0.
+
+    A damaged newer checkpoint is named and skipped; settings that differ from the run's (other than `free` ones)
+    are refused with the difference, before anything is loaded, unless cfg.allow_config_change."""
+    if not cfg.resume or (ckpt := find_resume_checkpoint(run, log)) is None:
+        return 0
+    check_config_change(run, dataclasses.asdict(cfg), checkpoint_step(ckpt), cfg.allow_config_change, free)
+    start = load_checkpoint(ckpt, model, optimizer)
+    log(f"resumed from {ckpt} (step {start})")
+    return start
+
+
+def save_run_config(run: Path, cfg, start: int, free: frozenset = RESUME_FREE_FIELDS) -> None:
+    """RUN/config.yaml: the whole config for a new run; on a resume only the free fields are updated, so the file
+    keeps saying what the run was started with (allowed changes are in config_changes.jsonl)."""
+    if start:
+        update_run_config(run, dataclasses.asdict(cfg), free)
+    else:
+        save_config(cfg, run / "config.yaml")
+
+
+def training_precision(dtype: str, device: torch.device):
+    """bf16 autocast for the training forward passes when dtype is bfloat16 (the weights stay float32)."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+    """Log-probs (N,) of targets (N,) under softmax(lm_head(hidden) / temperature), hidden (N, D); and, with
+    with_entropy, the entropy of one chunk's distributions (a metric: one chunk estimates it well enough).
+
+    The vocabulary projection runs in chunks of at most chunk_bytes of float32 logits. With recompute (in a pass
+    that needs gradients), backward recomputes each chunk's logits instead of keeping them: memory for one chunk,
+    not N x V floats, for one more projection."""
+    rows = max(1, chunk_bytes // (4 * lm_head.weight.shape[0]))
+    logps, entropies = [], []
+    for start in range(0, len(targets), rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        want_entropy = with_entropy and not entropies
+        if recompute and torch.is_grad_enabled():
+            logps.append(torch.utils.checkpoint.checkpoint(_target_logprobs, lm_head, h, t, temperature,
+                                                           use_reentrant=False))
+            if want_entropy:
+                with torch.no_grad():
+                    entropies.append(_entropy(_scaled_log_softmax(lm_head, h, temperature)))
+            continue
+        logp_all = _scaled_log_softmax(lm_head, h, temperature)  # (n, V)
+        logps.append(logp_all.gather(-1, t[:, None]).squeeze(-1))
+        if want_entropy:
+            with torch.no_grad():
+                entropies.append(_entropy(logp_all))
+    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
+    return logp, (torch.cat(entropies) if entropies else None) if with_entropy else None
+
+
+def _scaled_log_softmax(lm_head, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = lm_head(hidden).float()  # (n, V)
+    return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+
+
+def _target_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _scaled_log_softmax(lm_head, hidden, temperature).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    return -(logp_all.exp() * logp_all).sum(-1)

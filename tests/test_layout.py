@@ -1,0 +1,41 @@
+"""The package's shape, kept by tests: shared code lives in shared modules, not in a command's module."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "r1lab"
+RUNS_GRPO = {"cli.py", "demo.py", "distill.py", "pipeline.py"}  # the commands that run GRPO training (a stage)
+
+
+def imports(path: Path) -> list[tuple[str, list[str], bool]]:
+    """(module, names, at module level) for every `from r1lab... import` in a file."""
+    tree = ast.parse(path.read_text())
+    typing_only = [n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"]
+    top = set(map(id, tree.body)) | {id(n) for block in typing_only for n in block.body}
+    return [(node.module, [a.name for a in node.names], id(node) in top)
+            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("r1lab")]
+
+
+def test_the_grpo_module_is_imported_only_to_run_grpo():
+    for path in PACKAGE.rglob("*.py"):
+        for module, names, _ in imports(path):
+            if module == "r1lab.grpo":
+                assert path.name in RUNS_GRPO and names == ["train"], f"{path.name} imports {names} from r1lab.grpo"
+
+
+def test_prompt_text_is_made_in_one_module():
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "templates.py":
+            continue
+        source = path.read_text()
+        assert "A conversation between User and Assistant" not in source, path
+        assert "def apply_chat_template" not in source and "jinja2" not in source, path
+
+
+def test_imports_are_at_module_level_except_optional_ones():
+    # Optional dependencies (the server, plotting, transformers) are imported where used; everything of the package
+    # itself is imported at the top, so a module's first lines show what it depends on.
+    for path in PACKAGE.rglob("*.py"):
+        late = [module for module, _, top in imports(path) if not top]
+        allowed = {"r1lab.serve.app"} if path.name == "cli.py" else set()
+        assert set(late) <= allowed, f"{path.relative_to(PACKAGE)} imports {late} inside a function"
