@@ -31,6 +31,7 @@ import os
 import platform
 import random
 import string
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -397,7 +398,7 @@ def r1lab_argv(a, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
 def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     run_dir = a.workdir / "r1lab_run"
     metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # each pair starts afresh: r1lab refuses to mix two runs in one --out
     argv = r1lab_argv(a, model_dir, prompts, run_dir)
     print("r1lab side: python -m r1lab " + " ".join(argv), flush=True)
     child = run_bench_child("r1lab", {"argv": argv}, a)

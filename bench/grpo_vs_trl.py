@@ -28,6 +28,7 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def run_trl(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
 def run_r1lab(a, model_dir: Path, prompts: Path, workdir: Path) -> dict:
     run_dir = workdir / "r1lab_run"
     metrics = run_dir / "metrics.jsonl"
-    metrics.unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # each pair starts afresh: r1lab refuses to mix two runs in one --out
     cmd = [sys.executable, "-m", "r1lab", *sides.r1lab_grpo_argv(a, model_dir, prompts, run_dir)]
     env = common.with_repo_on_path(common.child_env(a.threads))
     if a.wait_quiet:
