@@ -174,14 +174,15 @@ def render_demo(d: dict) -> str:
 
 
 def render_bench(d: dict) -> str:
-    f, m = d["figures"], d["machine"]
-    ratios = [p["ratio"] for p in f.get("pairs", [])] or [f.get("median_ratio")]
-    r1lab = [p["r1lab_tok_s"] for p in f.get("pairs", [])]
-    trl = [p["trl_tok_s"] for p in f.get("pairs", [])]
-    return (f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores), by "
-            f"`{d['command']}`: r1lab {min(r1lab):,.0f}–{max(r1lab):,.0f} completion tokens/s against TRL's "
-            f"{min(trl):,.0f}–{max(trl):,.0f} over {len(ratios)} alternating pairs, per-pair ratios "
-            f"{', '.join(f'{r:.2f}' for r in ratios)}, median **{f['median_ratio']:.2f}x**.")
+    pairs, m = d["figures"]["pairs"], d["machine"]
+    r1lab = [p["r1lab"]["tokens_per_s"] for p in pairs]
+    trl = [p["trl"]["tokens_per_s"] for p in pairs]
+    rss = {side: [p[side]["peak_rss_mb"] / 1000 for p in pairs] for side in ("r1lab", "trl")}
+    return (f"{measured(d)}, by `{d['command']}`: r1lab {min(r1lab):,.0f}–{max(r1lab):,.0f} completion tokens/s "
+            f"against TRL's {min(trl):,.0f}–{max(trl):,.0f} over {len(pairs)} alternating pairs, per-pair ratios "
+            f"{', '.join(f'{p['ratio']:.2f}' for p in pairs)}, median **{d['figures']['median_ratio']:.2f}x**; peak "
+            f"memory r1lab {min(rss['r1lab']):.2f}–{max(rss['r1lab']):.2f} GB, TRL {min(rss['trl']):.2f}–"
+            f"{max(rss['trl']):.2f} GB.")
 
 
 def render_tests(d: dict) -> str:

@@ -738,7 +738,7 @@ class ServeConfig(Settings):
     max_request_tokens: int = setting(262_144, "prompts x n x max_tokens of one request (a full batch of max_tokens "
                                                "rows)", ge=1)
     max_prompts: int = setting(128, "prompts in one /v1/completions request", ge=1)
-    yield_every_tokens: int = setting(32, "a batch holding more than a client's share pauses for waiting clients this "
+    yield_every_tokens: int = setting(8, "a batch holding more than a client's share pauses for waiting clients this "
                                           "often", ge=1)
     yield_max_tokens: int = setting(512, "... to run their requests of at most this many max_tokens "
                                          "(r1lab/serve/batcher.py)", ge=0)

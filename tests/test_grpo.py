@@ -214,3 +214,29 @@ def test_recomputed_logits_give_the_same_logprobs_and_gradients(tiny_base):
     assert torch.equal(logp_a, logp_b) and torch.equal(ent_a, ent_b)
     for name in grad_a:
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6), name
+
+
+def test_resume_skips_a_damaged_checkpoint_and_refuses_a_changed_setting(tiny_base, tmp_path, capsys):
+    """Through the command line: a truncated newest checkpoint resumes from the one before it, named; a changed --lr
+    on resume is refused with the difference unless --allow-config-change, which is recorded."""
+    from r1lab.cli import main
+
+    run = tmp_path / "run"
+    args = ["grpo", "--model", str(tiny_base), "--task", "arithmetic", "--task-options", "{min_terms: 3, max_terms: 4}",
+            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "8", "--eval-every", "0",
+            "--save-every", "1", "--out", str(run), "--device", "cpu"]
+    main([*args, "--steps", "2"])
+    newest = run / "checkpoints" / "step_000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash in the middle of writing it
+    main([*args, "--steps", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "step_000002" in out and "resumed from" in out and "step_000001" in out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(SystemExit) as refused:
+        main([*args, "--steps", "4", "--resume", "--lr", "2e-6"])
+    assert refused.value.code == 2 and "lr: 1e-06 -> 2e-06" in capsys.readouterr().err
+    assert not (run / "config_changes.jsonl").exists()
+    main([*args, "--steps", "4", "--resume", "--lr", "2e-6", "--allow-config-change"])
+    change = json.loads((run / "config_changes.jsonl").read_text().splitlines()[0])
+    assert (change["field"], change["old"], change["new"]) == ("lr", 1e-6, 2e-6)
+    assert "lr: 1.0e-06" in (run / "config.yaml").read_text()  # the settings the run started with
