@@ -44,8 +44,9 @@ def machine() -> dict:
 
 def stamp() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    # what the figures depend on: the package, its configs and dependencies (not the docs or these scripts)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "r1lab", "configs",
+                            "pyproject.toml"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"date": datetime.date.today().isoformat(), "commit": commit.stdout.strip() + ("+dirty" if dirty else ""),
             "machine": machine()}
 
@@ -124,7 +125,8 @@ def run_serve(workdir: Path) -> dict:
 
 
 def run_tests(workdir: Path) -> dict:
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    # -o addopts= : the project's own -q plus this one would hide the "N passed in S s" line read below
+    pytest = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"]
     fast = timed(pytest + ["-m", "not slow"], workdir / "tests-fast.log")
     full = timed(pytest, workdir / "tests-full.log")
     return {**stamp(), "fast_s": fast, "full_s": full,
@@ -180,7 +182,7 @@ def render_bench(d: dict) -> str:
     rss = {side: [p[side]["peak_rss_mb"] / 1000 for p in pairs] for side in ("r1lab", "trl")}
     return (f"{measured(d)}, by `{d['command']}`: r1lab {min(r1lab):,.0f}–{max(r1lab):,.0f} completion tokens/s "
             f"against TRL's {min(trl):,.0f}–{max(trl):,.0f} over {len(pairs)} alternating pairs, per-pair ratios "
-            f"{', '.join(f'{p['ratio']:.2f}' for p in pairs)}, median **{d['figures']['median_ratio']:.2f}x**; peak "
+            f"{', '.join(format(p['ratio'], '.2f') for p in pairs)}, median **{d['figures']['median_ratio']:.2f}x**; peak "
             f"memory r1lab {min(rss['r1lab']):.2f}–{max(rss['r1lab']):.2f} GB, TRL {min(rss['trl']):.2f}–"
             f"{max(rss['trl']):.2f} GB.")
 
@@ -247,10 +249,11 @@ def render_readme() -> None:
         path = RESULTS / f"{name}.json"
         if not path.exists():
             continue
-        block = re.compile(rf"(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)", re.S)
+        block = re.compile(rf"(<!-- results:{name} -->)\n.*?(<!-- /results:{name} -->)", re.S)
         if not block.search(text):
             raise SystemExit(f"README.md has no <!-- results:{name} --> block")
-        text = block.sub(lambda m: m.group(1) + render(json.loads(path.read_text())) + m.group(2), text)
+        body = render(json.loads(path.read_text()))
+        text = block.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
     README.write_text(text)
 
 
