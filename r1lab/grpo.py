@@ -24,7 +24,7 @@ from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM, save_model
 from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
-from r1lab.policy import DTYPES, encode_prompt, load_policy, pick_device, step_seed
+from r1lab.policy import DTYPES, check_context, encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.sandbox import active_layers
@@ -47,9 +47,12 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     model, tokenizer = load_policy(cfg.model, device)
     ref_model = copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False) if cfg.kl_coef else None
     stream = PromptStream(task, cfg)
-    isolation = sandbox_metrics(task, log)
     eval_cfg = cfg.eval_config()
-    eval_problems = heldout_problems(task, eval_cfg.split, cfg.eval_problems, cfg.seed) if cfg.eval_every else []
+    eval_problems = heldout_problems(task, "test", cfg.eval_problems, cfg.seed) if cfg.eval_every else []
+    # every data row (or, for a generator, a step's draw) must fit the context with max_new_tokens, before any step
+    check_context(model, tokenizer, (stream.pool or stream.batch(0)) + eval_problems, cfg.template, cfg.prefill,
+                  cfg.max_new_tokens, cfg.task)
+    isolation = sandbox_metrics(task, log)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
     start = resume_run(run, cfg, model, optimizer, log)
     engine = Engine(rollout_policy(model, cfg), tokenizer)  # after a resume, so that it has the resumed weights

@@ -37,6 +37,26 @@ def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill
     return tokenizer.encode(render_prompt(tokenizer, problem.prompt, template, prefill))
 
 
+def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem], template: str, prefill: str,
+                  max_new_tokens: int, source: str) -> None:
+    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context: positions past
+    it were never trained, and the run would silently produce junk. Data-file rows are named by file:line."""
+    context = model.config.max_position_embeddings
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens (max_position_embeddings)")
+    too_long = []
+    for problem in problems:
+        n = len(encode_prompt(tokenizer, problem, template, prefill))
+        if n + max_new_tokens > context:
+            where = f"{source}:{problem.meta['row']}" if "row" in problem.meta else f"{source}: {problem.prompt[:40]!r}"
+            too_long.append(f"{where}: prompt of {n} tokens + max_new_tokens {max_new_tokens} > context {context}")
+    if too_long:
+        more = f"\n... and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+        raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context with max_new_tokens "
+                         f"(shorten them, lower --max-new-tokens, or drop those rows):\n" + "\n".join(too_long[:10]) + more)
+
+
 def step_seed(seed: int, step: int, purpose: str) -> int:
     """A seed per (run seed, step, purpose): a resumed run draws exactly what an uninterrupted one would."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{step}/{purpose}".encode()).digest()[:4], "little")

@@ -240,3 +240,15 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_a_changed_setting(tiny_ba
     change = json.loads((run / "config_changes.jsonl").read_text().splitlines()[0])
     assert (change["field"], change["old"], change["new"]) == ("lr", 1e-6, 2e-6)
     assert "lr: 1.0e-06" in (run / "config.yaml").read_text()  # the settings the run started with
+
+
+def test_prompts_that_do_not_fit_the_context_are_refused_before_any_step(tiny_base, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1", "answer": "2"}) + "\n" + json.dumps({"prompt": "9" * 600, "answer": "9"})
+                    + "\n" + json.dumps({"prompt": "2+2", "answer": "4"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl:2: prompt of \d+ tokens \+ max_new_tokens 8 > context 512"):
+        grpo.train(small_config(tiny_base, tmp_path / "a", task=str(data), task_options={}, max_new_tokens=8),
+                   log=lambda *_: None)
+    with pytest.raises(ValueError, match="max_new_tokens 600 leaves no room"):
+        grpo.train(small_config(tiny_base, tmp_path / "b", max_new_tokens=600), log=lambda *_: None)
+    assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()

@@ -2,6 +2,7 @@
 R1 tags as special tokens, model_type qwen2) and a GSM8K-style data file: GRPO with the chat template, eval, SFT on
 prompt/completion rows, the report, and serving it to the OpenAI client's calls."""
 
+import io
 import json
 
 import pytest
@@ -39,7 +40,7 @@ def users_model_dir(path):
     return path
 
 
-def test_own_model_gsm8k_grpo_eval_sft_report_serve(tmp_path):
+def test_own_model_gsm8k_grpo_eval_sft_report_serve_chat(tmp_path, monkeypatch, capsys):
     model = users_model_dir(tmp_path / "my-qwen2")
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": f"Natalia sold {n} clips. How many?", "answer": f"So {n}\n#### {n}"})
@@ -73,3 +74,7 @@ def test_own_model_gsm8k_grpo_eval_sft_report_serve(tmp_path):
             {"role": "user", "content": "Natalia sold 3 clips. How many?"}]})
     assert served == "model" and reply.status_code == 200, reply.text
     assert set(reply.json()["choices"][0]["message"]) >= {"content", "reasoning_content"}
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Natalia sold 3 clips. How many?\n/quit\n"))
+    main(["chat", "--model", str(run / "model"), "--max-tokens", "4", "--device", "cpu"])
+    assert "you> Natalia sold 3 clips" in capsys.readouterr().out
