@@ -59,11 +59,7 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
 
 def pass_ks(k: int) -> list[int]:
     """The j reported as pass@j: powers of two below k, and k itself."""
-    ks, j = [], 1
-    while j < k:
-        ks.append(j)
-        j *= 2
-    return ks + [k]
+    return [2**i for i in range(max(k - 1, 0).bit_length())] + [k]
 
 
 @dataclass
@@ -147,15 +143,9 @@ def evaluate(
     records: list[dict] = []
     for start in range(0, len(problems), batch_prompts):
         chunk = list(problems[start : start + batch_prompts])
-        samples = engine.generate(
-            [encode_prompt(p) for p in chunk],
-            num_samples=k,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            # A different seed per chunk, so chunks do not replay the same random stream.
-            seed=None if seed is None else seed + start,
-        )
+        # A different seed per chunk, so chunks do not replay the same random stream.
+        samples = engine.generate([encode_prompt(p) for p in chunk], num_samples=k, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start)
         if len(samples) != len(chunk) * k:
             raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
         repeated = [p for p in chunk for _ in range(k)]
@@ -173,25 +163,15 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
     vote = majority_vote(canon)
     # The vote is correct when the samples that gave it were: their scores came from the guarded scorer already,
     # so the vote needs no second call to the verifier.
-    voted_correct = [c for a, c in zip(canon, reward.correct[sl]) if a is not None and a == vote]
-    return {
-        "prompt": problem.prompt,
-        "reference": problem.answer,
-        "majority": vote,
-        "majority_correct": bool(voted_correct) and all(voted_correct),
-        "samples": [
-            {
-                "completion": s.text,
-                "answer": a,
-                "correct": bool(c),
-                "format": float(f),
-                "length": len(s.token_ids),
-                "language": language_consistency(response_prefix + s.text, language),
-                "finish_reason": s.finish_reason,
-            }
-            for s, a, c, f in zip(samples[sl], answers, reward.correct[sl], reward.components["format"][sl])
-        ],
-    }
+    correct = reward.correct[sl]
+    voted_correct = [c for a, c in zip(canon, correct) if a is not None and a == vote]
+    return {"prompt": problem.prompt, "reference": problem.answer, "majority": vote,
+            "majority_correct": bool(voted_correct) and all(voted_correct),
+            "samples": [{"completion": s.text, "answer": a, "correct": bool(c), "format": float(f),
+                         "length": len(s.token_ids),
+                         "language": language_consistency(response_prefix + s.text, language),
+                         "finish_reason": s.finish_reason}
+                        for s, a, c, f in zip(samples[sl], answers, correct, reward.components["format"][sl])]}
 
 
 def _canonical(task: Any, answer: str | None, timeout_s: float) -> str | None:
@@ -212,74 +192,49 @@ def summarise(records: list[dict], k: int) -> EvalResult:
     samples = [s for r in records for s in r["samples"]]
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     pass_at = {j: _mean([pass_at_k(k, c, j) for c in n_correct]) for j in pass_ks(k)}
-    return EvalResult(
-        k=k,
-        n_problems=len(records),
-        pass_at=pass_at,
-        cons_at_k=_mean([float(r["majority_correct"]) for r in records]),
-        format_rate=_mean([float(s["format"] >= _FULL_CREDIT) for s in samples]),
-        mean_length=_mean([s["length"] for s in samples]),
-        truncation_rate=_mean([float(s["finish_reason"] == "length") for s in samples]),
-        language_consistency=_mean([s.get("language", 0.0) for s in samples]),
-        records=records,
-    )
+    return EvalResult(k=k, n_problems=len(records), pass_at=pass_at,
+                      cons_at_k=_mean([float(r["majority_correct"]) for r in records]),
+                      format_rate=_mean([float(s["format"] >= _FULL_CREDIT) for s in samples]),
+                      mean_length=_mean([s["length"] for s in samples]),
+                      truncation_rate=_mean([float(s["finish_reason"] == "length") for s in samples]),
+                      language_consistency=_mean([s.get("language", 0.0) for s in samples]), records=records)
 
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def _as_dict(result: EvalResult | dict) -> dict:
-    return result.to_dict() if isinstance(result, EvalResult) else result
-
-
-def _first_key(d: dict, prefix: str) -> str | None:
-    return next((key for key in d if key.startswith(prefix)), None)
-
-
 def _table_rows(d: dict) -> list[tuple[str, float | None]]:
-    cons_key = _first_key(d, "cons@")
+    cons_key = next((key for key in d if key.startswith("cons@")), None)
     pass_k = f"pass@{d['k']}" if "k" in d else max((x for x in d if x.startswith("pass@")), default=None)
-    return [
-        ("pass@1", d.get("pass@1")),
-        ("cons@k", d.get(cons_key) if cons_key else None),
-        ("pass@k", d.get(pass_k) if pass_k else None),
-        ("format rate", d.get("format_rate")),
-        ("mean length", d.get("mean_length")),
-    ]
+    return [("pass@1", d.get("pass@1")), ("cons@k", d.get(cons_key) if cons_key else None),
+            ("pass@k", d.get(pass_k) if pass_k else None), ("format rate", d.get("format_rate")),
+            ("mean length", d.get("mean_length"))]
 
 
 def print_table(results: dict[str, EvalResult | dict], title: str, console: Any = None) -> Any:
     """Print one column per named result (e.g. "base", "after RL"); returns the rich Table."""
-    dicts = {name: _as_dict(r) for name, r in results.items()}
+    dicts = {name: r.to_dict() if isinstance(r, EvalResult) else r for name, r in results.items()}
     ks = {d.get("k") for d in dicts.values()}
     k_label = str(ks.pop()) if len(ks) == 1 and None not in ks else "k"
     table = Table(title=title)
     table.add_column("metric")
     for name in dicts:
         table.add_column(name, justify="right")
-    rows = {name: _table_rows(d) for name, d in dicts.items()}
-    labels = [label for label, _ in next(iter(rows.values()), [])]
-    for i, label in enumerate(labels):
-        cells = [_fmt_cell(label, rows[name][i][1]) for name in dicts]
+    rows = [_table_rows(d) for d in dicts.values()]
+    for i, (label, _) in enumerate(rows[0] if rows else []):
+        cells = ["-" if r[i][1] is None else f"{r[i][1]:.1f}" if label == "mean length" else f"{100 * r[i][1]:.1f}%"
+                 for r in rows]
         table.add_row(label.replace("@k", f"@{k_label}"), *cells)
     (console or Console()).print(table)
     return table
-
-
-def _fmt_cell(label: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1f}" if label == "mean length" else f"{100 * value:.1f}%"
 
 
 def save_json(path: str | Path, results: dict[str, EvalResult | dict], include_records: bool = True) -> Path:
     """Write {name: figures (+ per-problem records)} as indented JSON; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = {
-        name: r.to_dict(include_records=include_records) if isinstance(r, EvalResult) else r
-        for name, r in results.items()
-    }
+    out = {name: r.to_dict(include_records=include_records) if isinstance(r, EvalResult) else r
+           for name, r in results.items()}
     path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
     return path
