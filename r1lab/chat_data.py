@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from r1lab.config import SFTConfig
-from r1lab.tasks.dataset import MAX_REPORTED_ERRORS, DatasetError, _rows, in_test_split
+from r1lab.tasks.dataset import DatasetError, _rows, in_test_split, raise_row_errors
 from r1lab.templates import render_conversation
 from r1lab.tokenizer import Tokenizer
 
@@ -62,9 +62,6 @@ class ChatFields:
         bad = {k: v for k, v in self.roles.items() if v not in ROLES}
         if bad:
             raise ValueError(f"role_map {bad} maps to roles other than {', '.join(ROLES)}")
-
-    def sharegpt_roles(self) -> dict:
-        return {**SHAREGPT_ROLES, **self.roles}
 
 
 class Conversation(NamedTuple):
@@ -119,32 +116,17 @@ def _turns(items: list, names: list[str], keys: tuple[str, str] = ("role", "cont
     return messages, None
 
 
-def _list_field(row: dict, name: str, what: str) -> tuple[list, str | None]:
+def _list_row(row: dict, name: str, keys: tuple[str, str] = ("role", "content"), roles: dict | None = None,
+              assistant: str = "assistant") -> tuple[Conversation | None, str | None]:
+    """A row whose column `name` holds the whole conversation (messages, ShareGPT)."""
+    items = row.get(name)
     if name not in row:
-        return [], f"field {name!r} is missing"
-    value = row[name]
-    if not isinstance(value, list) or not value:
-        return [], f"field {name!r} must be a non-empty list of {what} objects, got {value!r:.60}"
-    return value, None
-
-
-def _messages_row(row: dict, fields: ChatFields) -> tuple[Conversation | None, str | None]:
-    items, error = _list_field(row, fields.messages, "{role, content}")
-    if error is None:
-        messages, error = _turns(items, [f"{fields.messages}[{i}]" for i in range(len(items))])
+        return None, f"field {name!r} is missing"
+    if not isinstance(items, list) or not items:
+        return None, f"field {name!r} must be a non-empty list of {{{', '.join(keys)}}} objects, got {items!r:.60}"
+    messages, error = _turns(items, [f"{name}[{i}]" for i in range(len(items))], keys, roles)
     if error is None and not any(m["role"] == "assistant" for m in messages):
-        error = f"field {fields.messages!r} has no assistant message: there is nothing to train on"
-    return (None, error) if error else (Conversation(0, messages), None)
-
-
-def _sharegpt_row(row: dict, fields: ChatFields) -> tuple[Conversation | None, str | None]:
-    name = fields.conversations
-    items, error = _list_field(row, name, "{from, value}")
-    if error is None:
-        messages, error = _turns(items, [f"{name}[{i}]" for i in range(len(items))], ("from", "value"),
-                                 fields.sharegpt_roles())
-    if error is None and not any(m["role"] == "assistant" for m in messages):
-        error = f"field {name!r} has no assistant ('gpt') message: there is nothing to train on"
+        error = f"field {name!r} has no {assistant} message: there is nothing to train on"
     return (None, error) if error else (Conversation(0, messages), None)
 
 
@@ -176,7 +158,10 @@ def _prompt_completion_row(row: dict, fields: ChatFields) -> tuple[Conversation 
     return (None, error) if error else (Conversation(0, messages, len(prompt)), None)
 
 
-_READERS = {"messages": _messages_row, "prompt_completion": _prompt_completion_row, "sharegpt": _sharegpt_row}
+_READERS = {"messages": lambda row, fields: _list_row(row, fields.messages),
+            "sharegpt": lambda row, fields: _list_row(row, fields.conversations, ("from", "value"),
+                                                      {**SHAREGPT_ROLES, **fields.roles}, "assistant ('gpt')"),
+            "prompt_completion": _prompt_completion_row}
 
 
 def detect_format(row: Any, fields: ChatFields) -> str | None:
@@ -200,11 +185,6 @@ def _no_format(row: Any, fields: ChatFields) -> str:
             "completion_field, or the format with data_format")
 
 
-def conversation_error(row: Any, fields: ChatFields | None = None, format: str = "messages") -> str | None:
-    """What makes one row of chat data unusable, naming the field; None when it is fine."""
-    return read_row(row, fields or ChatFields(), format)[1]
-
-
 def read_row(row: Any, fields: ChatFields, format: str) -> tuple[Conversation | None, str | None]:
     """One row of a file in `format` as a Conversation (its line left 0), or the problem naming the field."""
     if not isinstance(row, dict):
@@ -213,13 +193,6 @@ def read_row(row: Any, fields: ChatFields, format: str) -> tuple[Conversation | 
 
 
 # ---------------------------------------------------------------- reading a file
-
-
-def _raise_row_errors(path: Path, errors: list[str]) -> None:
-    if errors:
-        shown = errors[:MAX_REPORTED_ERRORS]
-        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-        raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
 
 
 def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
@@ -249,7 +222,7 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
             errors.append(f"{path}:{number}: {error}")
     if not rows and not errors:
         errors.append(f"{path}: the file has no rows")
-    _raise_row_errors(path, errors)
+    raise_row_errors(path, errors)
     return rows
 
 
@@ -340,7 +313,7 @@ def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfi
         heldout = cfg.eval_fraction > 0 and in_test_split(json.dumps(messages, sort_keys=True), cfg.eval_fraction)
         (data.eval_docs if heldout else data.train_docs).append(ids)
         (data.eval_masks if heldout else data.train_masks).append(mask)
-    _raise_row_errors(Path(cfg.data), errors)
+    raise_row_errors(Path(cfg.data), errors)
     if not data.train_docs:
         raise DatasetError(f"{cfg.data}: no conversation left to train on ({data.dropped_too_long} of {len(rows)} "
                            f"are longer than max_len {cfg.max_len}, {len(data.eval_docs)} held out)")

@@ -29,6 +29,14 @@ class DatasetError(ValueError):
     """A dataset file that cannot be used; the message lists each bad row as file:line: problem."""
 
 
+def raise_row_errors(path: Path, errors: list[str]) -> None:
+    """DatasetError listing the first MAX_REPORTED_ERRORS of the errors, if there are any."""
+    if errors:
+        shown = errors[:MAX_REPORTED_ERRORS]
+        more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+        raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
+
+
 # ---------------------------------------------------------------- splits shared by all tasks
 
 
@@ -286,10 +294,7 @@ class DatasetTask:
                 errors.append(f"{path}:{number}: {error}")
         if not problems and not errors:
             errors.append(f"{path}: the file has no rows")
-        if errors:
-            shown = errors[:MAX_REPORTED_ERRORS]
-            more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
-            raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
+        raise_row_errors(path, errors)
         return problems
 
     def _problem(self, number: int, row: Any) -> tuple[Problem | None, str | None]:
