@@ -455,9 +455,3 @@ def reward_workers() -> RewardWorkers:
         _POOL = RewardWorkers()
         atexit.register(_POOL.close)
     return _POOL
-
-
-def close_reward_workers() -> None:
-    """End the shared pool's workers now (e.g. at the end of a run); it restarts lazily if used again."""
-    if _POOL is not None:
-        _POOL.close()

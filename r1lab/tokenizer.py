@@ -129,6 +129,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                     files, _content(named.get("bos_token")), _content(named.get("pad_token")))
     if tok.eos_token is None and backend.token_to_id(EOS) is not None:
         tok = Tokenizer(backend, EOS, tok.chat_template, tok.name, files, tok.bos_token)
+    return _with_generation_eos(tok, directory)
+
+
+def _with_generation_eos(tok: Tokenizer, directory: Path) -> Tokenizer:
     gen_config = directory / "generation_config.json"
     if gen_config.exists():
         tok.add_eos_ids(json.loads(gen_config.read_text()).get("eos_token_id"))
@@ -280,7 +284,7 @@ def build_tiny_tokenizer(alphabet: str | None = None) -> Tokenizer:
     return Tokenizer(backend, EOS, name="r1lab-tiny")
 
 
-def _byte_symbols() -> dict[int, str]:
+def byte_symbols() -> dict[int, str]:
     """GPT-2's byte-to-character table, which the byte-level pre-tokenizer applies to every byte of the text."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, n = {b: chr(b) for b in keep}, 0
@@ -296,7 +300,7 @@ def _save_builtin(tok: Tokenizer, path: Path) -> None:
     model_type qwen2 directory's tokenizer as Qwen2Tokenizer (byte-level), so the vocabulary is written in byte-level
     characters (" " as "Ġ", "\\n" as "Ċ"): the rebuilt pipeline then gives every ASCII text the ids r1lab gives it.
     (A character outside the vocabulary is dropped there, where the built-in tokenizer gives <unk>.)"""
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = tok.backend.get_vocab(with_added_tokens=False)
     if any(len(t) != 1 or ord(t) > 127 for t in vocab if t != "<unk>"):
         raise ValueError("only a character-level tokenizer over ASCII can be saved in transformers' byte-level form")
@@ -331,7 +335,4 @@ def _load_legacy_builtin(file: Path, config: dict, name: str) -> Tokenizer:
     # Its models were trained on these ids; loaded as it is, and saved again in the byte-level form (files=None).
     eos = config.get("eos_token") or EOS
     tok = Tokenizer(Backend.from_file(str(file)), _content(_added(eos)), config.get("chat_template"), name)
-    gen_config = file.parent / "generation_config.json"
-    if gen_config.exists():
-        tok.add_eos_ids(json.loads(gen_config.read_text()).get("eos_token_id"))
-    return tok
+    return _with_generation_eos(tok, file.parent)

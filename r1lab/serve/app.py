@@ -39,6 +39,7 @@ from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1lab.templates import render_conversation, starts_in_think
+from r1lab.tokenizer import byte_symbols
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("r1lab.serve")
@@ -450,24 +451,15 @@ def token_bytes(tokenizer, token: int) -> bytes:
 
     if isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
         piece = tokenizer.backend.id_to_token(token)
-        byte_of = _byte_level_alphabet()
+        byte_of = _byte_of_symbol()
         if piece and all(c in byte_of for c in piece):
             return bytes(byte_of[c] for c in piece)
     return tokenizer.backend.decode([token], skip_special_tokens=False).encode("utf-8")
 
 
 @functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's map from the printable characters byte-level BPE writes back to the bytes they stand for."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
+def _byte_of_symbol() -> dict[str, int]:
+    return {c: b for b, c in byte_symbols().items()}
 
 
 class CompletionReply(_Reply):
