@@ -74,11 +74,8 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return True
-    return hasattr(value, "item") and getattr(value, "ndim", 1) == 0
+    return not isinstance(value, bool) and (isinstance(value, (int, float))
+                                            or hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
 
 
 class MetricsLogger:
@@ -113,9 +110,7 @@ class MetricsLogger:
         _truncate_jsonl(self.metrics_path, step)
         _truncate_jsonl(self.eval_path, step - 1)
         self._purge_step = step + 1
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None  # reopened lazily with purge_step
+        self.close()  # TensorBoard's writer is reopened lazily with purge_step
 
     def close(self) -> None:
         if self._writer is not None:
@@ -146,9 +141,8 @@ class MetricsLogger:
                 warnings.warn(f"TensorBoard logging disabled ({e}); metrics still go to {self.metrics_path}")
                 self._tb_wanted = False
                 return None
-            self._writer = SummaryWriter(
-                log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step, flush_secs=10
-            )
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step,
+                                         flush_secs=10)
         return self._writer
 
 
@@ -174,7 +168,8 @@ def format_live_metrics(metrics: dict[str, Any] | None, keys: tuple = LIVE_KEYS)
 
 
 class TrainingProgress:
-    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line about every 5% of the run instead."""
+    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line about every 5% of the run instead.
+    Use as `with training_progress(N, start) as bar: ... bar.update(step, metrics)`."""
 
     def __init__(self, total_steps: int, start_step: int = 0, console: Any = None) -> None:
         self.total = total_steps
@@ -188,22 +183,12 @@ class TrainingProgress:
     def __enter__(self) -> TrainingProgress:
         self._t0 = time.monotonic()
         if self.console.is_terminal:
-            self._start_bar()
+            self._progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                                      TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
+                                      console=self.console)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start_step, live="")
         return self
-
-    def _start_bar(self) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]step"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[live]}"),
-            console=self.console,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=self.total, completed=self.start_step, live="")
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
         """Record that `step` steps are done, showing a few of `metrics`."""
@@ -229,6 +214,4 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def training_progress(total_steps: int, start_step: int = 0, console: Any = None) -> TrainingProgress:
-    """Use as `with training_progress(N, start) as bar: ... bar.update(step, metrics)`."""
-    return TrainingProgress(total_steps, start_step, console)
+training_progress = TrainingProgress

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,10 @@ from r1lab.metrics import EVAL_FILE, METRICS_FILE, read_jsonl
 REPORT_DIR = "report"
 # Reward keys that are statistics of the total rather than components of it.
 _REWARD_STATS = {"reward/mean", "reward/std", "reward/min", "reward/max"}
-_DIAGNOSTICS = (
-    "accuracy", "zero_variance_groups", "kl", "entropy", "clip_fraction",
-    "loss", "grad_norm", "tokens_per_s", "step_time_s", "lr",
-)  # fmt: skip
+_DIAGNOSTICS = ("accuracy", "zero_variance_groups", "kl", "entropy", "clip_fraction", "loss", "grad_norm",
+                "tokens_per_s", "step_time_s", "lr")
+_TITLES = {"reward": "Reward", "heldout_accuracy": "Held-out accuracy", "completion_length": "Completion length",
+           "diagnostics": "Training diagnostics"}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -85,15 +86,10 @@ def _plot_reward(rows: list[dict], extra: dict[str, list[dict]], out: Path) -> P
     return _save(fig, ax, out / "reward.png") if ax.lines else None
 
 
-def _accuracy_keys(rows: list[dict]) -> list[str]:
-    cons = sorted({k for r in rows for k in r if k.startswith("cons@")})
-    return ["pass@1"] + cons
-
-
 def _plot_heldout(evals: list[dict], extra: dict[str, list[dict]], split: str, out: Path) -> Path | None:
     fig, ax = _figure(f"Accuracy on '{split}'", "accuracy", percent=True)
     rows = [r for r in evals if r.get("split") == split]
-    for key in _accuracy_keys(rows):
+    for key in ["pass@1", *sorted({k for r in rows for k in r if k.startswith("cons@")})]:
         steps, values = _series(rows, key)
         if values:
             ax.plot(steps, values, marker="o", label=key)
@@ -191,11 +187,7 @@ def markdown_table(columns: dict[str, dict]) -> str:
 
 def _code_block(text: str) -> str:
     # The fence must be longer than any backtick run inside, or a completion writing ``` would end the block.
-    longest, run = 0, 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        longest = max(longest, run)
-    fence = "`" * max(3, longest + 1)
+    fence = "`" * max(3, 1 + max(map(len, re.findall("`+", text)), default=0))
     return f"{fence}text\n{text}\n{fence}"
 
 
@@ -223,14 +215,6 @@ def _training_summary(rows: list[dict]) -> str:
         head, tail = rewards[:10], rewards[-10:]
         text += f" Mean total reward: first 10 steps {sum(head) / len(head):.3f}, last 10 {sum(tail) / len(tail):.3f}."
     return text
-
-
-_TITLES = {
-    "reward": "Reward",
-    "heldout_accuracy": "Held-out accuracy",
-    "completion_length": "Completion length",
-    "diagnostics": "Training diagnostics",
-}
 
 
 def write_report(
@@ -268,8 +252,7 @@ def eval_records(run: Path, which: str) -> tuple[dict, list[dict]]:
     """The first or last held-out evaluation of a GRPO run: its figures and its per-problem records."""
     files = sorted((Path(run) / "eval").glob("step_*.json"))
     data = json.loads(files[0 if which == "first" else -1].read_text())["heldout"]
-    records = data.pop("records", [])
-    return data, records
+    return data, data.pop("records", [])
 
 
 def report_run(cfg: ReportConfig) -> Path:
