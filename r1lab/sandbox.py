@@ -179,13 +179,9 @@ def _bwrap_argv(file_mb: int) -> list[str]:
              "--perms", "1777", "--size", tmpfs_mb, "--tmpfs", "/tmp",
              "--perms", "1777", "--size", tmpfs_mb, "--tmpfs", "/dev/shm",
              "--perms", "1777", "--size", str(4 * (max(file_mb, 1) << 20)), "--tmpfs", _SANDBOX_DIR,
-             "--chdir", _SANDBOX_DIR, "--", _interpreter(), "-I", "-S", "-B", "/r1lab/child.py"]
+             "--chdir", _SANDBOX_DIR, "--", os.path.realpath(sys.executable),  # a venv's python is a link
+             "-I", "-S", "-B", "/r1lab/child.py"]
     return argv
-
-
-def _interpreter() -> str:
-    """The real interpreter behind sys.executable (a venv's python is a link into the base installation)."""
-    return os.path.realpath(sys.executable)
 
 
 # ---------------------------------------------------------------- the child process
@@ -202,31 +198,18 @@ def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool,
         try:
             if workdir is not None and drop and os.geteuid() == 0:  # the child, as nobody, writes there
                 os.chown(workdir, NOBODY, NOBODY)
-            proc = _spawn_bwrap(file_mb) if bwrapped else _spawn(workdir)
+            # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
+            # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
+            argv = _bwrap_argv(file_mb) if bwrapped else [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
+            home = _SANDBOX_DIR if bwrapped else workdir
+            proc = subprocess.Popen(argv, cwd=workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
             on_alarm.append(lambda: _kill_group(proc))
             output, timed_out = _exchange(proc, payload, timeout_s)
         finally:
             _cleanup(proc, workdir)
         return output, timed_out, proc.returncode
-
-
-def _spawn_bwrap(file_mb: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        _bwrap_argv(file_mb), cwd="/", env={**_ENV, "HOME": _SANDBOX_DIR, "TMPDIR": _SANDBOX_DIR},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
-
-
-def _spawn(workdir: str) -> subprocess.Popen:
-    # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
-    # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
-    env = {**_ENV, "HOME": workdir, "TMPDIR": workdir}
-    return subprocess.Popen(
-        [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)], cwd=workdir, env=env,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
-    )
 
 
 def _exchange(proc: subprocess.Popen, payload: bytes, timeout_s: float) -> tuple[bytes, bool]:
@@ -332,14 +315,9 @@ def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int 
                   bwrapped: bool) -> SandboxResult:
     """Judge the first line the child wrote for each test; a test with no line, or a failing one, fails."""
     lines = _first_lines(output, len(splits))
-    passed, failures = 0, {}
-    for index, split in enumerate(splits):
-        reason = split if isinstance(split, str) else _verdict(split, lines.get(index))
-        if reason is None:
-            passed += 1
-        else:
-            failures.setdefault(index, reason)
-    error = failures[min(failures)] if failures else None
+    failures = [reason for index, split in enumerate(splits)
+                if (reason := split if isinstance(split, str) else _verdict(split, lines.get(index))) is not None]
+    passed, error = len(splits) - len(failures), failures[0] if failures else None
     if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):  # killed by it, directly or under bubblewrap
         timed_out, error = True, "CPU time limit exceeded"
     elif timed_out:
