@@ -68,12 +68,9 @@ class Spec:
         if not (below or above):
             return None
         bounds = self.allowed_text()
-        one_sided = {">= ": "is below the minimum ", "<= ": "is above the maximum ",
-                     "> ": "must be > ", "< ": "must be < "}
-        for sign, words in one_sided.items():
-            if bounds.startswith(sign):
-                return f"{_show(value)} {words}{bounds[len(sign):]}"
-        return f"{_show(value)} is not in {bounds}"
+        if bounds[:3] in (">= ", "<= "):
+            return f"{_show(value)} is {'below the minimum' if bounds[0] == '>' else 'above the maximum'} {bounds[3:]}"
+        return f"{_show(value)} {'must be' if bounds[0] in '<>' else 'is not in'} {bounds}"
 
 
 def setting(default, help: str, **allowed):
@@ -125,10 +122,6 @@ def _has_parts(parts: list[str], sub: list[str]) -> bool:
 # rules: fields whose allowed values are not a range or a fixed list
 
 
-def _nonempty(value: str) -> str | None:
-    return "must not be empty" if not value.strip() else None
-
-
 def _task_problem(value: str) -> str | None:
     if value in TASKS or value.lower().endswith(DATA_SUFFIXES):
         return None
@@ -167,10 +160,6 @@ def _language_problem(value: str) -> str | None:
     return f"{value!r} is not one of: {', '.join(TARGETS)}{did_you_mean(value.lower(), TARGETS)}"
 
 
-def _sample_language_problem(value: str) -> str | None:
-    return None if value == "" else _language_problem(value)
-
-
 # what the settings shared by several commands allow
 SEED = dict(ge=0, le=2**32 - 1)  # every seed fits the 32-bit seeders, including the seed + 1 of held-out problems
 THREADS = dict(ge=0)
@@ -182,7 +171,7 @@ CONVERSATION_TEMPLATES = dict(choices=("auto", "chat", "r1zero"))  # a conversat
 LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
 TOP_P = dict(gt=0, le=1)
 SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine.py)
-NONEMPTY = dict(rule=_nonempty, allowed="not empty")
+NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -557,7 +546,7 @@ class SampleConfig(Settings):
     min_tokens: int = setting(1, "shortest completion kept, in tokens", ge=0)
     max_tokens: int = setting(0, "longest completion kept; 0 = no limit below max_new_tokens", ge=0)
     language: str = setting("en", 'language the reasoning must be written in (r1lab/language.py); "" = no language '
-                                  "filter", rule=_sample_language_problem,
+                                  "filter", rule=lambda v: None if v == "" else _language_problem(v),
                             allowed="one of: " + ", ".join(TARGETS) + ", ''")
     min_language_score: float = setting(0.9, "share of the <think> part's words in it: one stray \"π\" in ten passes",
                                         ge=0, le=1)
