@@ -114,23 +114,10 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
                     response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language)
 
 
-def evaluate(
-    engine: Any,
-    task: Any,
-    problems: Sequence[Problem],
-    encode_prompt: Callable[[Problem], list[int]],
-    *,
-    k: int = 8,
-    temperature: float = 0.6,
-    top_p: float = 0.95,
-    max_new_tokens: int = 128,
-    seed: int | None = 0,
-    batch_prompts: int = 64,
-    response_prefix: str = "",
-    timeout_s: float = 5.0,
-    scorer: Callable[..., Any] | None = None,
-    language: str = "en",
-) -> EvalResult:
+def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt: Callable[[Problem], list[int]], *,
+             k: int = 8, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
+             seed: int | None = 0, batch_prompts: int = 64, response_prefix: str = "", timeout_s: float = 5.0,
+             scorer: Callable[..., Any] | None = None, language: str = "en") -> EvalResult:
     """Sample k completions per problem, score them with the training rewards and summarise.
 
     `scorer` defaults to r1lab.rewards.score_completions (same signature); tests pass a fake.

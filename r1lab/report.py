@@ -217,16 +217,9 @@ def _training_summary(rows: list[dict]) -> str:
     return text
 
 
-def write_report(
-    run_dir: Path,
-    *,
-    title: str,
-    tables: dict[str, dict],
-    examples: dict[str, list[dict]] | None = None,
-    notes: list[str] | None = None,
-    compare_runs: dict[str, Path] | None = None,
-    examples_per_side: int = 3,
-) -> Path:
+def write_report(run_dir: Path, *, title: str, tables: dict[str, dict], examples: dict[str, list[dict]] | None = None,
+                 notes: list[str] | None = None, compare_runs: dict[str, Path] | None = None,
+                 examples_per_side: int = 3) -> Path:
     """Write run_dir/report/report.md (plots, tables, examples, notes) and return its path."""
     run_dir = Path(run_dir)
     plots = plot_curves(run_dir, compare_runs)

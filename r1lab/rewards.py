@@ -140,14 +140,9 @@ def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: li
     return {spec: [tally.record(spec, o) for o in outcomes[spec]] for spec, _ in weights.functions}
 
 
-def score_completions(
-    task: Task,
-    problems: Sequence[Problem],
-    completions: Sequence[str],
-    weights: RewardWeights = RewardWeights(),
-    timeout_s: float = 5.0,
-    response_prefix: str = "",
-) -> RewardResult:
+def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
+                      weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
+                      response_prefix: str = "") -> RewardResult:
     """Accuracy and format rewards (and language consistency, when weighted) of each completion; problems[i] is
     the problem of completions[i].
 
@@ -156,11 +151,7 @@ def score_completions(
     """
     tally = _Tally(timeout_s)
     prefix = response_prefix if isinstance(response_prefix, str) else ""
-    acc: list[float] = []
-    fmt: list[float] = []
-    lang: list[float] = []
-    texts: list[str] = []
-    answers: list[str | None] = []
+    acc, fmt, lang, texts, answers = [], [], [], [], []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
         texts.append(text)
@@ -180,11 +171,5 @@ def score_completions(
     for spec, weight in weights.functions:
         total = [t + weight * v for t, v in zip(total, custom[spec])]
         components[component_name(spec)] = custom[spec]
-    return RewardResult(
-        total=total,
-        components=components,
-        correct=[a == 1.0 for a in acc],
-        answers=answers,
-        errors=tally.errors,
-        timeouts=tally.timeouts,
-    )
+    return RewardResult(total=total, components=components, correct=[a == 1.0 for a in acc], answers=answers,
+                        errors=tally.errors, timeouts=tally.timeouts)

@@ -82,20 +82,9 @@ class SandboxResult:
         return self.passed / self.total if self.total else 0.0
 
 
-def run_tests(
-    code: str,
-    tests: Sequence[str],
-    *,
-    entry_point: str | None = None,
-    timeout_s: float = 2.0,
-    memory_mb: int = 256,
-    cpu_s: int | None = None,
-    file_mb: int = 8,
-    open_files: int = 64,
-    network_namespace: bool = True,
-    drop_privileges: bool = True,
-    bwrap: bool | None = None,
-) -> SandboxResult:
+def run_tests(code: str, tests: Sequence[str], *, entry_point: str | None = None, timeout_s: float = 2.0,
+              memory_mb: int = 256, cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
+              network_namespace: bool = True, drop_privileges: bool = True, bwrap: bool | None = None) -> SandboxResult:
     """Run code in the sandbox, afresh for each test (an assert statement, see r1lab.sandbox_judge), make the
     test's calls there and judge the returned values here; never raises for anything the code does. With an
     entry_point, tests may call it as `candidate`. A test the judge cannot split fails alone. cpu_s (a backstop:

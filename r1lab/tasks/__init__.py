@@ -27,10 +27,8 @@ def get_task(spec: str, **options: Any) -> Task:
         return TASKS[spec](**options)
     if spec.lower().endswith(DATA_SUFFIXES):
         return DatasetTask(spec, **options)
-    raise ValueError(
-        f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, "
-        f"or a data file path ending in {', '.join(DATA_SUFFIXES)}"
-    )
+    raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, "
+                     f"or a data file path ending in {', '.join(DATA_SUFFIXES)}")
 
 
 __all__ = ["TASKS", "ArithmeticTask", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",

@@ -50,15 +50,8 @@ def parse_int(text: str) -> int | None:
 class ArithmeticTask:
     name = "arithmetic"
 
-    def __init__(
-        self,
-        min_terms: int = 4,
-        max_terms: int = 6,
-        max_digits: int = 1,
-        ops: str = "+",
-        min_digits: int = 1,
-        test_fraction: float = 0.2,
-    ) -> None:
+    def __init__(self, min_terms: int = 4, max_terms: int = 6, max_digits: int = 1, ops: str = "+",
+                 min_digits: int = 1, test_fraction: float = 0.2) -> None:
         if not 2 <= min_terms <= max_terms:
             raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
         if not 1 <= min_digits <= max_digits:

@@ -89,14 +89,8 @@ def check_equation(equation: str, numbers: list[int], target: int) -> bool:
 class CountdownTask:
     name = "countdown"
 
-    def __init__(
-        self,
-        min_numbers: int = 3,
-        max_numbers: int = 4,
-        max_number: int = 99,
-        max_target: int = 1000,
-        test_fraction: float = 0.2,
-    ) -> None:
+    def __init__(self, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99, max_target: int = 1000,
+                 test_fraction: float = 0.2) -> None:
         if not 2 <= min_numbers <= max_numbers:
             raise ValueError(f"need 2 <= min_numbers <= max_numbers, got {min_numbers}, {max_numbers}")
         if max_number < 1 or max_target < 1:

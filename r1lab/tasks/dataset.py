@@ -51,14 +51,8 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
 
 
-def draw_unique(
-    draw: Callable[[random.Random], Problem],
-    key: Callable[[Problem], str],
-    test_fraction: float,
-    split: str,
-    n: int,
-    seed: int,
-) -> list[Problem]:
+def draw_unique(draw: Callable[[random.Random], Problem], key: Callable[[Problem], str], test_fraction: float,
+                split: str, n: int, seed: int) -> list[Problem]:
     """n distinct problems of split from a generator; repeats only once the split's space is exhausted."""
     _check_split(split)
     rng = random.Random(seed)
@@ -261,14 +255,8 @@ class DatasetTask:
     """Problems from a data file. The test split is eval_data's rows when given (the train split is then the whole
     file), else the test_fraction of path's rows picked by a stable hash of the prompt."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        prompt_field: str | None = None,
-        answer_field: str | None = None,
-        test_fraction: float = 0.1,
-        eval_data: str | Path | None = None,
-    ) -> None:
+    def __init__(self, path: str | Path, prompt_field: str | None = None, answer_field: str | None = None,
+                 test_fraction: float = 0.1, eval_data: str | Path | None = None) -> None:
         self.path = Path(path)
         self.name = self.path.stem
         self.test_fraction = test_fraction
