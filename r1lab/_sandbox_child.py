@@ -260,8 +260,6 @@ def load_extensions(create_dynamic, spec_type, allowed, normalize, refused=REFUS
         spec = yield answer
 
 
-
-
 # ---------------------------------------------------------------- the audit hook
 
 
@@ -500,14 +498,6 @@ def make_encoder(type_=type, dict_items=dict.items, len_=len, max_chars=MAX_VALU
     return encode
 
 
-def compile_or_reason(source: str, filename: str) -> tuple:
-    """(code object, None), or (None, why it does not compile)."""
-    try:
-        return compile(source, filename, "exec"), None
-    except BaseException as e:
-        return None, f"{type(e).__name__}: {e}"
-
-
 def run(code: str, tests: list, result_fd: int, hook) -> None:
     """For each test: run the program afresh, make the test's calls, report their encoded return values (or why
     they failed) on result_fd. Everything used once the candidate has run is a local."""
@@ -516,7 +506,10 @@ def run(code: str, tests: list, result_fd: int, hook) -> None:
     max_chars, dict_get, join = MAX_REASON_CHARS, dict.get, ", ".join
     pristine = dict(builtins.__dict__)
     encode = make_encoder()
-    program, reason_all = compile_or_reason(code, "<candidate>")
+    try:
+        program, reason_all = compile(code, "<candidate>", "exec"), None
+    except BaseException as e:  # reported as every test's failure
+        program, reason_all = None, f"{type(e).__name__}: {e}"
     sys.addaudithook(hook)
     for index, calls in enumerate(tests):
         line = None

@@ -14,13 +14,7 @@ from typing import Callable, Sequence
 
 from r1lab.language import check_target, language_consistency
 from r1lab.reward_functions import (  # noqa: F401  (call_with_timeout, _ScorerTimeout: the guard, re-exported)
-    Outcome,
-    _ScorerTimeout,
-    call_with_timeout,
-    component_name,
-    load_reward_function,
-    reward_workers,
-)
+    Outcome, _ScorerTimeout, call_with_timeout, component_name, load_reward_function, reward_workers)
 from r1lab.tasks.base import Problem, Task
 
 _OPEN, _CLOSE = "<answer>", "</answer>"

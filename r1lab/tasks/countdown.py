@@ -19,10 +19,8 @@ _ALLOWED_CHARS = set("0123456789+-*/() \t")  # rules out floats, hex/underscore 
 _MAX_DRAWS = 10_000
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
-PROMPT = (
-    "Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
-    "operations (+, -, *, /) and each number can only be used once."
-)
+PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+          "operations (+, -, *, /) and each number can only be used once.")
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
