@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from r1lab.config import DemoConfig, GRPOConfig, PretrainConfig, tiny_grpo_config
+from r1lab.config import DemoConfig, PretrainConfig, tiny_grpo_config
 from r1lab.grpo import train
 from r1lab.report import eval_records, example_completions, write_report
 from r1lab.stages import pretrained_base
@@ -18,20 +18,12 @@ from r1lab.stages import pretrained_base
 RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
 
 
-def demo_grpo_config(cfg: DemoConfig, base_model: Path) -> GRPOConfig:
-    return tiny_grpo_config(base_model, Path(cfg.out) / RUN_NAMES[cfg.control], cfg.grpo_steps,
-                            eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed, threads=cfg.threads)
-
-
-def ensure_base(cfg: DemoConfig, log) -> Path:
-    """Pretrain the tiny base, or reuse one already made with the same settings (e.g. for the control run)."""
-    pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
-    return pretrained_base(pre, log)
-
-
 def run_demo(cfg: DemoConfig, log=print) -> Path:
-    base_model = ensure_base(cfg, log)
-    grpo_cfg = demo_grpo_config(cfg, base_model)
+    # The tiny base is pretrained, or reused when made with the same settings (e.g. for the control run).
+    pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
+    grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), Path(cfg.out) / RUN_NAMES[cfg.control], cfg.grpo_steps,
+                                eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed,
+                                threads=cfg.threads)
     final_model = train(grpo_cfg, log=log)
     run = Path(grpo_cfg.out)
     before, before_records = eval_records(run, "first")

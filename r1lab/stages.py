@@ -18,7 +18,7 @@ from r1lab.engine import Engine
 from r1lab.evaluate import EvalResult, evaluate_policy, heldout_problems
 from r1lab.policy import load_policy, pick_device
 from r1lab.pretrain import pretrain
-from r1lab.tasks.base import Problem, Task
+from r1lab.tasks.base import Task
 
 
 def already_done(cfg, config_path: Path, output: Path) -> bool:
@@ -61,17 +61,13 @@ def pretrained_base(cfg: PretrainConfig, log) -> Path:
     return model_dir
 
 
-def evaluate_model(model_dir: Path, task: Task, problems: list[Problem], ec: EvalConfig) -> EvalResult:
-    model, tokenizer = load_policy(str(model_dir), pick_device("auto"))
-    return evaluate_policy(Engine(model.eval(), tokenizer), task, ec, problems)
-
-
 def evaluate_models(models: dict[str, Path], task: Task, ec: EvalConfig, log) -> dict[str, EvalResult]:
     """Every model on the same held-out problems with the same seeds."""
     problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
     results = {}
     for label, model_dir in models.items():
-        results[label] = evaluate_model(model_dir, task, problems, ec)
+        model, tokenizer = load_policy(str(model_dir), pick_device("auto"))
+        results[label] = evaluate_policy(Engine(model.eval(), tokenizer), task, ec, problems)
         log(f"eval {label}: pass@1 {results[label].pass_at_1:.1%}")
     return results
 
