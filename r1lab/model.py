@@ -1,4 +1,5 @@
 """Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families, with Hugging Face-format load and save.
+DeepSeek-V3 and Qwen3-MoE use the same model with their layers from r1lab/mla.py (latent attention) and r1lab/moe.py.
 
 Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
 fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
@@ -18,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
+                           "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 # Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
-ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
+ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# Multi-head latent attention (r1lab/mla.py) and mixture-of-experts layers (r1lab/moe.py)
+MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
 @dataclass
@@ -44,11 +49,15 @@ class ModelConfig:
     architecture: str = "Qwen2ForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    mla: dict | None = None  # MLA's config.json keys (r1lab/mla.py); None: grouped-query attention
+    moe: dict | None = None  # mixture-of-experts config.json keys (r1lab/moe.py); None: dense MLP in every layer
     extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mla:  # the rotary part's width, as transformers sets head_dim for DeepSeek-V3
+            self.head_dim = self.mla["qk_rope_head_dim"]
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
@@ -69,13 +78,13 @@ class ModelConfig:
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
+        if rope_type not in ("default", "llama3") and not (rope_type == "yarn" and arch in MLA_ARCHITECTURES):
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
         own_bias = arch in ATTENTION_BIAS_ARCHITECTURES
         known = set(cls.__dataclass_fields__) | {
             "architectures", "model_type", "rope_parameters", "attention_bias", "hidden_act", "use_sliding_window",
             "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
-        }
+        } | _arch_keys(arch)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -86,17 +95,18 @@ class ModelConfig:
             head_dim=hf.get("head_dim"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_scaling=rope if rope_type in ("llama3", "yarn") else None,
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             tie_word_embeddings=hf.get("tie_word_embeddings", arch == "Qwen2ForCausalLM"),  # transformers' defaults
             qkv_bias=hf.get("attention_bias", False) if own_bias else True,
             o_bias=hf.get("attention_bias", False) if own_bias else False,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             mlp_bias=hf.get("mlp_bias", False),
             architecture=arch,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             extra={k: v for k, v in hf.items() if k not in known},
+            **_arch_fields(hf, arch, source),
         )
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -128,7 +138,25 @@ class ModelConfig:
             hf.update(mlp_bias=self.mlp_bias)
         else:
             hf.update(use_sliding_window=False)
+        hf.update(self.mla or {}, **(self.moe or {}))
         return hf
+
+
+def _arch_keys(arch: str) -> set[str]:
+    """config.json keys that the mla and moe fields hold (kept out of `extra`)."""
+    from r1lab import mla, moe
+
+    keys = set(mla.MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
+    if arch in MOE_ARCHITECTURES:
+        keys |= set(moe.DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else moe.QWEN_KEYS) | {"num_local_experts"}
+    return keys
+
+
+def _arch_fields(hf: dict, arch: str, source: str) -> dict:
+    from r1lab import mla, moe
+
+    return {"mla": mla.mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
+            "moe": moe.moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -138,6 +166,10 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if not s:
         return inv.float()
+    if s.get("rope_type", s.get("type")) == "yarn":
+        from r1lab.mla import yarn_inverse_frequencies
+
+        return yarn_inverse_frequencies(cfg)
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_ctx = s["original_max_position_embeddings"]
@@ -236,12 +268,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
+        from r1lab import mla, moe
+
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg) if cfg.mla is None else mla.MLAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = moe.MoE(cfg) if cfg.moe is not None and moe.is_moe_layer(cfg, index) else MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
@@ -252,16 +286,18 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each."""
+    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, the latent and the rotary
+    key instead (r1lab/mla.py)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.layers = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shapes = (shape, shape) if cfg.mla is None else _mla_cache_shapes(cfg, batch, max_len)
+        self.layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes)
                        for _ in range(cfg.num_hidden_layers)]
 
     def select(self, rows: torch.Tensor) -> None:
@@ -357,6 +393,12 @@ class CausalLM(nn.Module):
         return self.lm_head(h[:, -1])
 
 
+def _mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list:
+    from r1lab.mla import cache_shapes
+
+    return cache_shapes(cfg, batch, max_len)
+
+
 def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
     """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself.
 
@@ -395,6 +437,10 @@ def split_fused(state: dict, cfg: ModelConfig) -> dict:
         parts = tensor.split(_fused_sizes(fused, cfg), dim=0)
         for part_name, part in zip(_FUSED[fused], parts):
             out[name.replace(fused, part_name)] = part
+    if cfg.moe is not None:  # expert banks -> one tensor per expert
+        from r1lab.moe import split_experts
+
+        out = split_experts(out, cfg)
     return out
 
 
@@ -407,6 +453,10 @@ def join_fused(state: dict, cfg: ModelConfig) -> dict:
                 names = [f"model.layers.{i}.{p}.{kind}" for p in parts]
                 if all(n in out for n in names):
                     out[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+    if cfg.moe is not None:
+        from r1lab.moe import join_experts
+
+        out = join_experts(out, cfg)
     return out
 
 

@@ -1,0 +1,190 @@
+"""Mixture-of-experts feed-forward layers: DeepSeekMoE (DeepSeek-V3) and Qwen3-MoE, with transformers' routing.
+
+DeepSeek-V3: sigmoid scores; experts are chosen on score + e_score_correction_bias, within the topk_group best of
+n_group groups (a group ranked by its two best experts); the chosen experts' plain scores, normalised when
+norm_topk_prob, times routed_scaling_factor, weight their outputs; n_shared_experts always run (one wider MLP). The
+first first_k_dense_replace layers keep a dense MLP. Qwen3-MoE: softmax over experts, top-k, optional
+renormalisation; no shared experts; mlp_only_layers and decoder_sparse_step pick the dense layers.
+
+Only what is routed is computed: the (token, expert) pairs are sorted by expert and each expert runs one matrix
+product on its own tokens. Each MoE layer keeps the last forward's tokens per expert (last_expert_counts), for load
+metrics: expert_counts(model). In memory an expert bank is two 3-D tensors, as in transformers; on disk each expert
+has its own gate/up/down_proj (split_experts, join_experts), the names transformers and vLLM read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1lab.model import MLP, ModelConfig
+
+# config.json keys, with transformers' defaults
+DEEPSEEK_KEYS = {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
+                 "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+                 "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+QWEN_KEYS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+             "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def moe_from_hf(hf: dict, arch: str) -> dict:
+    if arch == "DeepseekV3ForCausalLM":
+        return {k: hf.get(k, default) for k, default in DEEPSEEK_KEYS.items()}
+    moe = {k: hf.get(k, default) for k, default in QWEN_KEYS.items()}
+    moe["num_experts"] = hf.get("num_experts", hf.get("num_local_experts", QWEN_KEYS["num_experts"]))  # either name
+    moe["mlp_only_layers"] = list(moe["mlp_only_layers"] or [])
+    return moe
+
+
+def _is_deepseek(moe: dict) -> bool:
+    return "n_routed_experts" in moe
+
+
+def num_experts(cfg: ModelConfig) -> int:
+    return cfg.moe["n_routed_experts"] if _is_deepseek(cfg.moe) else cfg.moe["num_experts"]
+
+
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+    m = cfg.moe
+    if _is_deepseek(m):
+        return index >= m["first_k_dense_replace"]
+    return index not in m["mlp_only_layers"] and m["num_experts"] > 0 and (index + 1) % m["decoder_sparse_step"] == 0
+
+
+class SigmoidGroupRouter(nn.Module):
+    """DeepSeek-V3's router: returns (weights (N, k) float32, experts (N, k))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.n_experts, self.top_k = m["n_routed_experts"], m["num_experts_per_tok"]
+        self.n_group, self.topk_group = m["n_group"] or 1, m["topk_group"] or 1
+        self.norm, self.scaling = m["norm_topk_prob"], m["routed_scaling_factor"]
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        # chosen on, never weighted by: the load-balancing bias (updated outside the gradient in DeepSeek-V3)
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+
+    def forward(self, x: torch.Tensor):
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()
+        groups = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
+        group_scores = groups.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        best_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1.0).bool()  # (N, G)
+        allowed = group_mask[:, :, None].expand_as(groups).reshape(-1, self.n_experts)
+        experts = choice.masked_fill(~allowed, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)  # (N, k)
+        if self.norm:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, experts
+
+
+class SoftmaxRouter(nn.Module):
+    """Qwen3-MoE's router: returns (weights (N, k), experts (N, k))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm = cfg.moe["num_experts_per_tok"], cfg.moe["norm_topk_prob"]
+        self.weight = nn.Parameter(torch.empty(num_experts(cfg), cfg.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor):
+        logits = F.linear(x, self.weight)  # (N, E)
+        weights, experts = logits.softmax(-1, dtype=torch.float32).topk(self.top_k, dim=-1)
+        if self.norm:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(logits.dtype), experts
+
+
+class Experts(nn.Module):
+    """A bank of SwiGLU experts: gate_up_proj (E, 2F, D) and down_proj (E, D, F), as in transformers."""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """x (N, D); experts, weights (N, k). Returns (output (N, D), tokens per expert (E,))."""
+        N, k = experts.shape
+        flat = experts.reshape(-1)  # (N * k,) one entry per (token, chosen expert)
+        order = flat.argsort(stable=True)  # grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        token = order // k  # the token of each grouped entry
+        grouped = x[token]  # (N * k, D)
+        outputs = []
+        for e, rows in enumerate(grouped.split(counts.tolist())):  # one host sync: the group sizes
+            if len(rows):
+                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        y = torch.cat(outputs) * weights.reshape(-1)[order, None]  # (N * k, D)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.gate = SigmoidGroupRouter(cfg) if _is_deepseek(m) else SoftmaxRouter(cfg)
+        self.experts = Experts(num_experts(cfg), cfg.hidden_size, m["moe_intermediate_size"])
+        shared = m.get("n_shared_experts") or 0
+        self.shared_experts = MLP(dataclasses.replace(
+            cfg, intermediate_size=m["moe_intermediate_size"] * shared, mlp_bias=False)) if shared else None
+        self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed to each expert, last forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, experts = self.gate(flat)
+        y, self.last_expert_counts = self.experts(flat, experts, weights)
+        y = y.view(B, T, D)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+
+def expert_counts(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert (E,) in the last forward, per MoE layer index (padding tokens included)."""
+    return {i: layer.mlp.last_expert_counts for i, layer in enumerate(model.model.layers)
+            if isinstance(layer.mlp, MoE) and layer.mlp.last_expert_counts is not None}
+
+
+def split_experts(state: dict, cfg: ModelConfig) -> dict:
+    """r1lab's expert banks and fused shared experts -> transformers' per-expert checkpoint names."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            for e, w in enumerate(t):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = w.chunk(2, dim=0)
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            for e, w in enumerate(t):
+                out[f"{base}{e}.down_proj.weight"] = w
+        elif ".mlp.shared_experts.gate_up_proj." in name:
+            gate, up = t.chunk(2, dim=0)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            out[name] = t
+    return out
+
+
+def join_experts(state: dict, cfg: ModelConfig) -> dict:
+    """transformers' per-expert names -> r1lab's expert banks (the inverse of split_experts)."""
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        names = [f"{p}experts.{e}.{w}_proj.weight" for e in range(num_experts(cfg)) for w in ("gate", "up", "down")]
+        if all(n in out for n in names):
+            parts = [out.pop(n) for n in names]
+            gate_up = [torch.cat(parts[j : j + 2]) for j in range(0, len(parts), 3)]  # (2F, D) per expert
+            out[f"{p}experts.gate_up_proj"] = torch.stack(gate_up)
+            out[f"{p}experts.down_proj"] = torch.stack(parts[2::3])
+        gate, up = f"{p}shared_experts.gate_proj.weight", f"{p}shared_experts.up_proj.weight"
+        if gate in out and up in out:
+            out[f"{p}shared_experts.gate_up_proj.weight"] = torch.cat([out.pop(gate), out.pop(up)])
+    return out
