@@ -68,6 +68,15 @@ class SigmoidGroupRouter(nn.Module):
         # chosen on, never weighted by: the load-balancing bias (updated outside the gradient in DeepSeek-V3)
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
+    def _apply(self, fn, recurse=True):
+        # transformers keeps gate.weight and e_score_correction_bias in float32 whatever the model's dtype (in bf16
+        # the bias's rounding would change which experts are chosen): model.to(dtype) moves them, casts them not
+        weight, bias = self.weight.data, self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        self.weight.data = weight.to(device=self.weight.device, dtype=torch.float32)
+        self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
+        return self
+
     def forward(self, x: torch.Tensor):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
         choice = scores + self.e_score_correction_bias.float()

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from r1lab import moe
+from r1lab import mla, moe
 from r1lab.engine import Engine
 from r1lab.model import CausalLM, KVCache, ModelConfig, load_model, save_model
 from r1lab.tokenizer import build_tiny_tokenizer
@@ -126,7 +126,7 @@ def _greedy_without_cache(model, ids, n):
 
 
 @pytest.mark.parametrize("kind", ["dsv3-qlora-groups-yarn", "dsv3-no-qlora", "qwen3moe"])
-def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_path):
+def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_path, monkeypatch):
     """Prefill expands the MLA latents; each decode step attends to the cached latents in the weight-absorbed form
     (dynamic: a growing cache; static: the whole buffer under a mask). Same tokens as a full forward per token and as
     transformers' greedy generate, and log-probs equal to the full forward's."""
@@ -142,6 +142,9 @@ def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_pa
         expected = [hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(p):]
                     .tolist() for p in prompts]
     assert len({tuple(e) for e in expected}) > 1
+    absorbed_steps = []
+    absorbed = mla.MLAttention._absorbed
+    monkeypatch.setattr(mla.MLAttention, "_absorbed", lambda self, *a: absorbed_steps.append(1) or absorbed(self, *a))
     for decode in ("dynamic", "static"):
         out = Engine(model, tok, decode=decode).generate(prompts, num_samples=2, max_new_tokens=n, temperature=0)
         for i, s in enumerate(out):
@@ -151,6 +154,44 @@ def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_pa
                 logp = torch.log_softmax(model(torch.tensor([prompts[i // 2] + s.token_ids]))[0, :-1], -1)
             ref = logp[len(prompts[i // 2]) - 1:].gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
             assert torch.allclose(ref, torch.tensor(s.logprobs), atol=1e-5)
+    assert bool(absorbed_steps) == kind.startswith("dsv3")  # MLA decode steps never expand the latents
+
+
+def test_grpo_completion_pass_through_the_mla_cache_equals_full_sequences():
+    """completion_hidden_states (GRPO's training pass) runs each prompt once into the latent cache, expands it to the
+    group's rows and continues with the completions: the hidden states and gradients of full sequences."""
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_hf(make_hf("dsv3-qlora-groups-yarn").config.to_dict()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08)
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]).bool()  # left padding on the first prompt
+    rows = torch.tensor([0, 0, 1])
+    completions = torch.tensor([[8, 9, 10], [11, 12, 0], [13, 14, 15]])
+    completion_mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]).bool()
+    got = model.completion_hidden_states(prompts, prompt_mask, rows, completions, completion_mask)  # (3, 3, D)
+    for b in range(3):
+        p = prompts[rows[b]][prompt_mask[rows[b]]]
+        c = completions[b][completion_mask[b]]
+        full = model.hidden_states(torch.cat([p, c])[None])[0]  # (P + C, D)
+        ref = full[len(p) - 1 : len(p) - 1 + len(c)]
+        assert (got[b, : len(c)] - ref).abs().max().item() < 1e-5
+    got.sum().backward()
+    assert model.model.layers[1].self_attn.kv_b_proj.weight.grad.abs().sum() > 0
+
+
+def test_deepseek_router_stays_float32_in_bf16():
+    model = CausalLM(ModelConfig.from_hf(make_hf("dsv3-qlora-groups-yarn").config.to_dict()))
+    gate = model.model.layers[1].mlp.gate
+    gate.e_score_correction_bias.normal_(0, 0.1)
+    bias, weight = gate.e_score_correction_bias.clone(), gate.weight.detach().clone()
+    model.to(torch.bfloat16)
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, bias) and torch.equal(gate.weight, weight)  # not rounded to bf16
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in model.state_dict()
+    assert model.model.layers[1].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
 def _cache_bytes_per_token(cfg: ModelConfig) -> int:
