@@ -3,6 +3,7 @@ decode (the MLA latent cache, weight-absorbed decode) equal to recomputation and
 size, and experts computing only what is routed."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -251,3 +252,27 @@ def test_moe_trains_router_and_experts():
     for p in (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.shared_experts.gate_up_proj.weight,
               model.model.layers[1].self_attn.kv_b_proj.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_deepseek_v3_release_config_reads_and_writes_back_for_transformers():
+    """config.json as DeepSeek-V3 ships it (legacy rope_scaling with "type", no head_dim, its own extra keys)."""
+    shipped = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
+               "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+               "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+               "n_shared_experts": 1, "n_routed_experts": 256, "ep_size": 1, "routed_scaling_factor": 2.5,
+               "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+               "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+               "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
+               "scoring_func": "sigmoid", "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+               "bos_token_id": 0, "eos_token_id": 1, "tie_word_embeddings": False, "rope_theta": 10000,
+               "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                "original_max_position_embeddings": 4096, "type": "yarn"},
+               "attention_bias": False, "attention_dropout": 0.0}
+    cfg = ModelConfig.from_hf(shipped)
+    assert cfg.head_dim == 64 and cfg.mla["q_lora_rank"] == 1536 and cfg.moe["first_k_dense_replace"] == 3
+    assert cfg.extra["topk_method"] == "noaux_tc"  # unknown keys written back unchanged
+    scale = mla.softmax_scale(cfg)
+    assert scale == pytest.approx(192**-0.5 * (0.1 * math.log(40) + 1) ** 2)  # YaRN's mscale_all_dim correction
+    hf = transformers.DeepseekV3Config(**cfg.to_hf())
+    assert hf.rope_parameters["rope_type"] == "yarn" and hf.rope_parameters["factor"] == 40
+    assert hf.qk_head_dim == 192 and hf.n_group == 8 and hf.q_lora_rank == 1536
