@@ -133,7 +133,9 @@ class Experts(nn.Module):
                 gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
                 outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         y = torch.cat(outputs) * weights.reshape(-1)[order, None]  # (N * k, D)
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
+        # back to (token, choice) order and summed over the k choices: a gather, not index_add_ (whose CPU kernel
+        # opens a parallel region even for a few rows: tens of milliseconds when another process holds a core)
+        return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype), counts
 
 
 class MoE(nn.Module):

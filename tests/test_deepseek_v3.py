@@ -146,15 +146,15 @@ def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_pa
     absorbed_steps = []
     absorbed = mla.MLAttention._absorbed
     monkeypatch.setattr(mla.MLAttention, "_absorbed", lambda self, *a: absorbed_steps.append(1) or absorbed(self, *a))
+    no_cache = [_greedy_without_cache(model, p, n) for p in prompts]
+    with torch.no_grad():  # each greedy token's log-prob under the full forward
+        logprobs = [torch.log_softmax(model(torch.tensor([p + e]))[0, len(p) - 1 : -1], -1)
+                    .gather(-1, torch.tensor(e)[:, None]).squeeze(-1) for p, e in zip(prompts, expected)]
     for decode in ("dynamic", "static"):
         out = Engine(model, tok, decode=decode).generate(prompts, num_samples=2, max_new_tokens=n, temperature=0)
         for i, s in enumerate(out):
-            assert s.token_ids == expected[i // 2], (decode, i)
-            assert s.token_ids == _greedy_without_cache(model, prompts[i // 2], n), (decode, i)
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([prompts[i // 2] + s.token_ids]))[0, :-1], -1)
-            ref = logp[len(prompts[i // 2]) - 1:].gather(-1, torch.tensor(s.token_ids)[:, None]).squeeze(-1)
-            assert torch.allclose(ref, torch.tensor(s.logprobs), atol=1e-5)
+            assert s.token_ids == expected[i // 2] == no_cache[i // 2], (decode, i)
+            assert torch.allclose(logprobs[i // 2], torch.tensor(s.logprobs), atol=1e-5)
     assert bool(absorbed_steps) == kind.startswith("dsv3")  # MLA decode steps never expand the latents
 
 
