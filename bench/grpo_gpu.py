@@ -87,6 +87,10 @@ class Workload:
 GPU_WORKLOAD = Workload("qwen2.5-0.5b", QWEN25_05B_SHAPE, 151_936, "cuda", "bfloat16", prompts_per_step=32,
                         samples_per_prompt=8, prompt_tokens=64, max_new_tokens=256, updates=4, rounds=4, warmup=1,
                         micro_batch_size=64, rollout_repeats=3, copy_mib=2048, matmul_n=8192)
+# The same shape on this machine's CPU, in fp32 with all cores: a workload both sides finish in minutes
+CPU_WORKLOAD = Workload("qwen2.5-0.5b-fp32", QWEN25_05B_SHAPE, 151_936, "cpu", "float32", prompts_per_step=2,
+                        samples_per_prompt=4, prompt_tokens=32, max_new_tokens=32, updates=1, rounds=3, warmup=1,
+                        micro_batch_size=8, rollout_repeats=2, copy_mib=1024, matmul_n=2048)
 TINY_WORKLOAD = Workload("tiny", TINY_SHAPE, 1024, "cpu", "float32", prompts_per_step=8, samples_per_prompt=4,
                          prompt_tokens=16, max_new_tokens=16, updates=1, rounds=2, warmup=1, micro_batch_size=32,
                          rollout_repeats=2, copy_mib=64, matmul_n=256)
@@ -511,8 +515,12 @@ def print_report(res: dict) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true",
-                   help="CPU smoke run: 2 layers, hidden 64, vocab 1024, 8 prompts x G=4, 16+16 tokens, 1 update, fp32")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true",
+                      help="CPU smoke run: 2 layers, hidden 64, vocab 1024, 8 prompts x G=4, 16+16 tokens, 1 update, fp32")
+    size.add_argument("--cpu", action="store_true",
+                      help="the Qwen2.5-0.5B shape on the CPU in fp32: 2 prompts x G=4, 32+32 tokens, 1 update, "
+                           "micro-batches of 8, 3 rounds (1 warm-up); a few minutes per side")
     p.add_argument("--workdir", type=Path, default=None, help="where model, prompts, logs and runs go (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     g = p.add_mutually_exclusive_group()
@@ -521,7 +529,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-rollout", action="store_true", help="skip the rollout-only timing of r1lab's engine")
     for name in OVERRIDABLE:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
-                       help=f"default: {getattr(GPU_WORKLOAD, name)} ({getattr(TINY_WORKLOAD, name)} with --tiny)")
+                       help=f"default: {getattr(GPU_WORKLOAD, name)} ({getattr(CPU_WORKLOAD, name)} with --cpu, "
+                            f"{getattr(TINY_WORKLOAD, name)} with --tiny)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads in every child (default: all cores; 1 with --tiny)")
     p.add_argument("--lr", type=float, default=1e-6, help="learning rate, both sides (default: 1e-6)")
@@ -538,7 +547,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.child:
         return a
-    a.workload = TINY_WORKLOAD if a.tiny else GPU_WORKLOAD
+    a.workload = TINY_WORKLOAD if a.tiny else CPU_WORKLOAD if a.cpu else GPU_WORKLOAD
     for name in OVERRIDABLE:
         if getattr(a, name) is None:
             setattr(a, name, getattr(a.workload, name))

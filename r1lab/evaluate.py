@@ -90,7 +90,7 @@ class EvalResult:
 
 def run_eval(cfg: EvalConfig) -> Path:
     """`r1lab eval`: the held-out evaluation of a model directory, printed as a table and saved as JSON."""
-    setup_training_process(cfg.threads)
+    setup_training_process(cfg.threads, cfg.model)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
     result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg)

@@ -24,6 +24,7 @@ from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM, save_model
 from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
+from r1lab.phases import PhaseClock
 from r1lab.policy import DTYPES, check_context, encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
 from r1lab.runtime import setup_training_process
@@ -38,7 +39,7 @@ RL_BETA2 = 0.99  # see make_optimizer
 def train(cfg: GRPOConfig, log=print) -> Path:
     """Run GRPO; returns the directory of the final Hugging Face-format model."""
     cfg.check()
-    setup_training_process(cfg.threads)
+    setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
     run, device = Path(cfg.out), pick_device(cfg.device)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
@@ -82,24 +83,27 @@ def train(cfg: GRPOConfig, log=print) -> Path:
 
 
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path) -> dict:
-    t0 = time.perf_counter()
+    clock = PhaseClock(model.lm_head.weight.device)
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
     rollouts = sample_rollouts(engine, stream.batch(step), cfg, step_seed(cfg.seed, step, "sample"))
-    t_sample = time.perf_counter()
+    clock.lap("rollout")
     rewards, result = score_rollouts(task, rollouts, cfg, step_seed(cfg.seed, step, "control"))
     advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.scale_by_std)
     keep = torch.ones(len(rewards), dtype=torch.bool)
     if cfg.drop_uniform_groups:
         keep = ~uniform_groups(rewards, cfg.samples_per_prompt).repeat_interleave(cfg.samples_per_prompt)
+    clock.lap("score")
     update = {"skipped_nonfinite": 0}
     if keep.any():
         batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id, model.lm_head.weight.device)
-        update = update_policy(model, ref_model, optimizer, batches, cfg)
+        update = update_policy(model, ref_model, optimizer, batches, cfg, clock)
         sync_rollout_policy(engine.model, model)
-    elapsed = time.perf_counter() - t0
+        clock.lap("sync")
+    elapsed = time.perf_counter() - clock.start
     metrics = step_metrics(rewards, result, rollouts, cfg, update)
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
-                    "rollout_time_s": t_sample - t0, "tokens_per_s": metrics["completion_tokens"] / elapsed})
+                    "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
+                    **clock.metrics()})
     if cfg.samples_every and step % cfg.samples_every == 0:
         save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt))
     if metrics["skipped_nonfinite"]:
@@ -231,8 +235,10 @@ def _right_padded(seqs: list[list[int]], pad_id: int):
 
 
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
-                  cfg: GRPOConfig) -> dict:
-    """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step."""
+                  cfg: GRPOConfig, clock: PhaseClock | None = None) -> dict:
+    """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step. The
+    gradients are freed after the last step: the rollouts that come next do not need them."""
+    clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
     for update in range(cfg.updates_per_batch):
@@ -241,9 +247,12 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         if finite and not batches:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
+        clock.lap("forward_backward")
         stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
+        clock.lap("optimizer")
         totals["skipped"] += stepped["skipped_nonfinite"]
         totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
+    optimizer.zero_grad(set_to_none=True)
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
             "kl": totals["kl"] / tokens if ref_model is not None else None,
@@ -293,7 +302,7 @@ def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, wit
     logits only where a completion token is predicted (prompt and padding never reach the vocabulary projection)."""
     hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
                                             mb.completion_mask)[mb.completion_mask]  # (N, D)
-    return token_logprobs(model.lm_head, hidden, mb.completions[mb.completion_mask], temperature,
+    return token_logprobs(model, hidden, mb.completions[mb.completion_mask], temperature,
                           recompute=recompute_logits, with_entropy=with_entropy, chunk_bytes=chunk_bytes)
 
 

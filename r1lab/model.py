@@ -144,8 +144,6 @@ class ModelConfig:
 
 def _arch_keys(arch: str) -> set[str]:
     """config.json keys that the mla and moe fields hold (kept out of `extra`)."""
-    from r1lab import mla, moe
-
     keys = set(mla.MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
     if arch in MOE_ARCHITECTURES:
         keys |= set(moe.DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else moe.QWEN_KEYS) | {"num_local_experts"}
@@ -153,8 +151,6 @@ def _arch_keys(arch: str) -> set[str]:
 
 
 def _arch_fields(hf: dict, arch: str, source: str) -> dict:
-    from r1lab import mla, moe
-
     return {"mla": mla.mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
             "moe": moe.moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
 
@@ -167,9 +163,7 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     if not s:
         return inv.float()
     if s.get("rope_type", s.get("type")) == "yarn":
-        from r1lab.mla import yarn_inverse_frequencies
-
-        return yarn_inverse_frequencies(cfg)
+        return mla.yarn_inverse_frequencies(cfg)
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_ctx = s["original_max_position_embeddings"]
@@ -270,8 +264,6 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
-        from r1lab import mla, moe
-
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg) if cfg.mla is None else mla.MLAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -285,7 +277,9 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A tied embedding's gradient is the LM head's (V, D) one plus the lookup's few rows: a sparse lookup gradient
+        # is added into it in place, where a dense one would be another (V, D) tensor at the end of every backward.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, sparse=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -394,9 +388,7 @@ class CausalLM(nn.Module):
 
 
 def _mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list:
-    from r1lab.mla import cache_shapes
-
-    return cache_shapes(cfg, batch, max_len)
+    return mla.cache_shapes(cfg, batch, max_len)
 
 
 def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
@@ -438,9 +430,7 @@ def split_fused(state: dict, cfg: ModelConfig) -> dict:
         for part_name, part in zip(_FUSED[fused], parts):
             out[name.replace(fused, part_name)] = part
     if cfg.moe is not None:  # expert banks -> one tensor per expert
-        from r1lab.moe import split_experts
-
-        out = split_experts(out, cfg)
+        out = moe.split_experts(out, cfg)
     return out
 
 
@@ -454,9 +444,7 @@ def join_fused(state: dict, cfg: ModelConfig) -> dict:
                 if all(n in out for n in names):
                     out[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
     if cfg.moe is not None:
-        from r1lab.moe import join_experts
-
-        out = join_experts(out, cfg)
+        out = moe.join_experts(out, cfg)
     return out
 
 
@@ -487,11 +475,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     unexpected = set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(join_fused(state, cfg), strict=False, assign=True)
+    model.load_state_dict(_owned(join_fused(state, cfg), state, device), strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inverse_frequencies(cfg)
     return model.to(device=device, dtype=dtype)
+
+
+def _owned(joined: dict, mapped: dict, device) -> dict:
+    """joined's tensors on device, none of them a view of the file.
+
+    safetensors maps the file into memory: every page a tensor reads stays counted in the process's memory as long as
+    any tensor of the file is alive. The fused projections are already new tensors (torch.cat), but the rest, kept as
+    views, would hold the whole mapping, so that the q/k/v and gate/up pages read to build the fused ones stayed
+    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends."""
+    return {name: t.to(device=device, copy=name in mapped) for name, t in joined.items()}
 
 
 def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> None:
@@ -529,3 +527,8 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
     (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+
+
+# The DeepSeek-V3 and MoE layers build on this module's config and layers, so they are imported after them; every
+# use of mla and moe above runs at call time, when both are complete.
+from r1lab import mla, moe  # noqa: E402

@@ -193,7 +193,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def sample(cfg: SampleConfig, log=print) -> Path:
     """`r1lab sample`: write the kept completions to cfg.out (JSONL) and a summary beside it; returns cfg.out."""
     cfg.check()
-    setup_training_process(cfg.threads)
+    setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads

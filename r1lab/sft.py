@@ -33,7 +33,7 @@ SUPERVISED_BETA2 = 0.95  # see make_optimizer
 def sft(cfg: SFTConfig, log=print) -> Path:
     """`r1lab sft`: fine-tune cfg.model on the chat data in cfg.data; returns the final model directory."""
     cfg.check()
-    setup_training_process(cfg.threads)
+    setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
     rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
@@ -141,7 +141,7 @@ def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recomput
     """
     targets = mask[:, 1:]  # (B, T-1); right padding needs no attention mask under causal attention
     hidden = model.hidden_states(ids)[:, :-1][targets]  # (N, D)
-    logp, _ = token_logprobs(model.lm_head, hidden, ids[:, 1:][targets], recompute=recompute_logits)
+    logp, _ = token_logprobs(model, hidden, ids[:, 1:][targets], recompute=recompute_logits)
     return -logp.sum()
 
 

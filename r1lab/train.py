@@ -20,7 +20,6 @@ import random
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 
 from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
                               load_checkpoint, update_run_config)
@@ -52,7 +51,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2
     """AdamW. beta2 is the caller's on purpose: pretraining and SFT take large steps on fresh data (0.95 follows the
     gradient's scale quickly, as LM pretraining does), while RL on a trained policy takes small, noisy ones (0.99
     averages the noise of a few rollouts per step)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=weight_decay)
+    # fused: one kernel per parameter, where the default (foreach) builds temporaries the size of all the weights at
+    # once (about 1 GB at 0.5B parameters in float32) and takes several times longer on a CPU
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -115,43 +116,89 @@ def training_precision(dtype: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
-def token_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES):
-    """Log-probs (N,) of targets (N,) under softmax(lm_head(hidden) / temperature), hidden (N, D); and, with
+    """Log-probs (N,) of targets (N,) under softmax(model.lm_head(hidden) / temperature), hidden (N, D); and, with
     with_entropy, the entropy of one chunk's distributions (a metric: one chunk estimates it well enough).
 
-    The vocabulary projection runs in chunks of at most chunk_bytes of float32 logits. With recompute (in a pass
-    that needs gradients), backward recomputes each chunk's logits instead of keeping them: memory for one chunk,
-    not N x V floats, for one more projection."""
-    rows = max(1, chunk_bytes // (4 * lm_head.weight.shape[0]))
-    logps, entropies = [], []
-    for start in range(0, len(targets), rows):
-        h, t = hidden[start : start + rows], targets[start : start + rows]
-        want_entropy = with_entropy and not entropies
-        if recompute and torch.is_grad_enabled():
-            logps.append(torch.utils.checkpoint.checkpoint(_target_logprobs, lm_head, h, t, temperature,
-                                                           use_reentrant=False))
-            if want_entropy:
-                with torch.no_grad():
-                    entropies.append(_entropy(_scaled_log_softmax(lm_head, h, temperature)))
-            continue
-        logp_all = _scaled_log_softmax(lm_head, h, temperature)  # (n, V)
-        logps.append(logp_all.gather(-1, t[:, None]).squeeze(-1))
-        if want_entropy:
-            with torch.no_grad():
-                entropies.append(_entropy(logp_all))
-    logp = torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)
-    return logp, (torch.cat(entropies) if entropies else None) if with_entropy else None
+    The vocabulary projection runs in chunks of at most chunk_bytes of float32 logits, and its backward pass writes
+    the LM head's gradient into one (V, D) tensor (see _HeadLogprobs). With recompute, backward recomputes each
+    chunk's log-softmax instead of keeping it: memory for one chunk, not N x V floats, for one more projection."""
+    weight = model.lm_head.weight
+    if model.lm_head.bias is not None:
+        raise ValueError("token_logprobs expects an LM head without a bias")
+    rows = max(1, chunk_bytes // (4 * weight.shape[0]))
+    device = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    logp, entropy = _HeadLogprobs.apply(hidden, weight, targets, temperature, rows, not recompute, compute_dtype,
+                                        with_entropy, model.config.tie_word_embeddings)
+    return logp, entropy if with_entropy else None
 
 
-def _scaled_log_softmax(lm_head, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = lm_head(hidden).float()  # (n, V)
+class _HeadLogprobs(torch.autograd.Function):
+    """Target log-probs through the LM head, chunk by chunk, with a hand-written backward.
+
+    Autograd through chunked projections would give each chunk its own (V, D) weight gradient to add into the next:
+    at a 150k vocabulary that is half a gigabyte written and re-read per chunk, and one extra copy of the LM head's
+    gradient held at once. Here every chunk adds into one (V, D) gradient in place, and d logp_t / d logit_j =
+    (1[j = t] - p_j) / T is formed from the kept (or recomputed) log-softmax of the chunk.
+
+    A head tied to the embedding gets its gradient written straight into weight.grad, and none returned: autograd
+    would otherwise sum it with the lookup's gradient out of place, one more (V, D) tensor at the end of every
+    backward. The lookup's (sparse) gradient still reaches the weight through autograd, so the weight's gradient
+    hooks (DDP's among them) fire once, with the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, rows, keep, compute_dtype, with_entropy, tied):
+        logps, kept, entropy = [], [], hidden.new_zeros(0, dtype=torch.float32)
+        weight_c = weight.to(compute_dtype)  # cast once, not per chunk
+        for start in range(0, len(targets), rows):
+            logp_all = _chunk_log_softmax(hidden[start : start + rows], weight_c, temperature, compute_dtype)
+            logps.append(logp_all.gather(-1, targets[start : start + rows, None]).squeeze(-1))
+            if with_entropy and not len(entropy):
+                entropy = -(logp_all.exp() * logp_all).sum(-1)
+            if keep:
+                kept.append(logp_all)
+        ctx.save_for_backward(hidden, weight, targets, *kept)
+        ctx.temperature, ctx.rows, ctx.compute_dtype, ctx.tied = temperature, rows, compute_dtype, tied
+        ctx.mark_non_differentiable(entropy)
+        return (torch.cat(logps) if logps else hidden.new_zeros(0, dtype=torch.float32)), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, *kept = ctx.saved_tensors
+        T, rows, dtype = ctx.temperature, ctx.rows, ctx.compute_dtype
+        want_hidden, want_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = None
+        if want_weight:
+            if ctx.tied and weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            grad_weight = weight.grad if ctx.tied else torch.zeros_like(weight)
+        weight_c = weight.to(dtype)
+        with _no_autocast(hidden.device.type):
+            for i, start in enumerate(range(0, len(targets), rows)):
+                h = hidden[start : start + rows]
+                logp_all = kept[i] if kept else _chunk_log_softmax(h, weight_c, T, dtype)
+                g = grad_logp[start : start + rows, None].float() / T  # (n, 1)
+                grad_logits = logp_all.exp().mul_(-g)
+                grad_logits.scatter_add_(-1, targets[start : start + rows, None], g)
+                grad_logits = grad_logits.to(dtype)
+                if want_hidden:
+                    grad_hidden[start : start + rows] = grad_logits @ weight_c
+                if want_weight and dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad_logits.t(), h.to(dtype))
+                elif want_weight:
+                    grad_weight += (grad_logits.t() @ h.to(dtype)).to(grad_weight.dtype)
+        return grad_hidden, None if ctx.tied else grad_weight, None, None, None, None, None, None, None
+
+
+def _chunk_log_softmax(hidden, weight_c, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """(n, V) float32 log-softmax of the chunk's logits / temperature, the projection in dtype (weight_c is in it)."""
+    with _no_autocast(hidden.device.type):
+        logits = (hidden.to(dtype) @ weight_c.t()).float()
     return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
 
 
-def _target_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    return _scaled_log_softmax(lm_head, hidden, temperature).gather(-1, targets[:, None]).squeeze(-1)
-
-
-def _entropy(logp_all: torch.Tensor) -> torch.Tensor:
-    return -(logp_all.exp() * logp_all).sum(-1)
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)

@@ -147,12 +147,13 @@ def test_skipping_zero_advantage_sequences_gives_the_same_update(tiny_base, tmp_
     for skip in (False, True):
         model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-        opt.step = lambda: None  # first the gradient alone
+        # first the gradient alone, as the optimizer sees it (update_policy frees it afterwards)
+        opt.step = lambda: grads.__setitem__(skip, {n: p.grad.clone() for n, p in model.named_parameters()})
         cfg.skip_zero_advantage = skip
         batches = grpo.make_micro_batches(rollouts, adv, torch.ones(2 * G, dtype=torch.bool), cfg, tok.pad_id, "cpu")
         assert len(batches) == (0 if skip and zero_groups == 2 else 1)
         grpo.update_policy(model, None, opt, batches, cfg)
-        grads[skip] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert all(p.grad is None for p in model.parameters())
         del opt.step
         for _ in range(2):  # AdamW steps; the second also uses the first step's moments
             grpo.update_policy(model, None, opt, batches, cfg)

@@ -1,0 +1,75 @@
+"""The shared training toolkit: the LM head's log-probs and their hand-written backward, the model's memory on load."""
+
+import pytest
+import torch
+
+from r1lab.model import CausalLM, ModelConfig, load_model, save_model
+from r1lab.train import make_optimizer, token_logprobs
+
+
+def tiny(tied: bool) -> CausalLM:
+    torch.manual_seed(0)
+    return CausalLM(ModelConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+
+
+def reference_logprobs(model, hidden, targets, temperature):
+    return torch.log_softmax(model.lm_head(hidden).float() / temperature, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 97 * 5, 1 << 30])  # one row per chunk, 5 rows, all at once
+def test_head_logprobs_and_gradients_equal_autograd(tied, recompute, chunk_bytes):
+    """Two backward passes accumulate (micro-batches); every parameter's gradient equals plain autograd's, the tied
+    weight's included, and the tied weight's gradient hook fires once per backward with the whole gradient."""
+    grads, logps, seen = [], [], []
+    for ours in (False, True):
+        model = tiny(tied)
+        hook = model.model.embed_tokens.weight.register_post_accumulate_grad_hook(
+            lambda p: seen.append(p.grad.clone()) if ours else None)
+        for mb in range(2):
+            ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(mb))
+            hidden = model.hidden_states(ids)[:, :-1].reshape(-1, 16)
+            targets, weights = ids[:, 1:].reshape(-1), torch.linspace(-1, 2, 24)
+            logp = (token_logprobs(model, hidden, targets, 0.7, recompute=recompute, chunk_bytes=chunk_bytes)[0]
+                    if ours else reference_logprobs(model, hidden, targets, 0.7))
+            (logp * weights).sum().backward()
+            logps.append(logp.detach())
+        hook.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.allclose(torch.cat(logps[:2]), torch.cat(logps[2:]), atol=1e-6)
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    if tied:
+        assert len(seen) == 2 and torch.allclose(seen[1], grads[1]["model.embed_tokens.weight"])
+
+
+def test_head_logprobs_under_bf16_autocast_match_autograd():
+    model = tiny(True)
+    hidden, targets = torch.randn(20, 16, requires_grad=True), torch.randint(0, 97, (20,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference_logprobs(model, hidden, targets, 1.0)
+        ours, entropy = token_logprobs(model, hidden, targets, with_entropy=True)
+    assert ours.dtype == torch.float32 and torch.allclose(ours, ref, atol=1e-6) and entropy.shape == (20,)
+    ref.sum().backward()
+    expected, hidden.grad = hidden.grad.clone(), None
+    ours.sum().backward()
+    assert torch.allclose(hidden.grad, expected, atol=1e-3)
+
+
+def test_loaded_weights_do_not_view_the_file(tmp_path):
+    """load_model copies what it does not fuse, so that the file's memory map is released when loading ends (a view
+    would keep every page read while loading counted in the process's memory)."""
+    save_model(tiny(True), tmp_path)
+    model = load_model(tmp_path)
+    file_bytes = (tmp_path / "model.safetensors").stat().st_size
+    for name, p in model.named_parameters():
+        storage = p.untyped_storage()
+        assert storage.nbytes() < file_bytes - 1024 and storage.data_ptr() == p.data_ptr(), name  # own storage
+
+
+def test_adamw_is_fused():
+    """The foreach AdamW builds temporaries as large as all the weights (1 GB at 0.5B parameters in float32)."""
+    optimizer = make_optimizer(tiny(True), 1e-3, 0.0, 0.99)
+    assert optimizer.defaults["fused"]
