@@ -1,33 +1,36 @@
 """Where a training step's time and memory go: seconds and peak memory per phase, as step metrics.
 
 A phase ends at each lap(name); a name met twice in a step (one per update) adds its seconds and keeps the larger
-peak. The peak is the device's: torch's allocator on CUDA, the process's resident memory elsewhere (Linux resets its
-high-water mark on request, so each phase's peak is its own).
+peak. The peak is the device's: torch's allocator on CUDA; elsewhere the process's resident memory, sampled every
+few milliseconds by a background thread (the kernel's own high-water mark could be reset per phase, but that would
+also reset the peak that time -v and the benchmarks read from the process's resource usage).
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+SAMPLE_EVERY_S = 0.002
 
 
 class PhaseClock:
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.peaks = device, {}, {}
-        self._reset_peak()
+        self._sampler = _RssSampler.shared() if device.type != "cuda" else None
+        self._take_peak()
         self.t = self.start = time.perf_counter()
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self.t
-        peak = self._peak()
+        peak = self._take_peak()
         if peak is not None:
             self.peaks[name] = max(self.peaks.get(name, 0.0), peak)
-        self._reset_peak()
         self.t = now
 
     def metrics(self) -> dict:
@@ -35,21 +38,53 @@ class PhaseClock:
         return ({f"time/{k}_s": v for k, v in self.seconds.items()}
                 | {f"memory/{k}_peak_gb": v / 1e9 for k, v in self.peaks.items()})
 
-    def _peak(self) -> float | None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return float(torch.cuda.max_memory_allocated(self.device))
-        try:
-            line = next(x for x in _STATUS.read_text().splitlines() if x.startswith("VmHWM:"))
-        except (OSError, StopIteration):
-            return None
-        return int(line.split()[1]) * 1024.0
+    def _take_peak(self) -> float | None:
+        """The peak since the last call, and start a new one."""
+        if self._sampler is not None:
+            return self._sampler.take_peak()
+        torch.cuda.synchronize(self.device)
+        peak = float(torch.cuda.max_memory_allocated(self.device))
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
 
-    def _reset_peak(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
+
+class _RssSampler(threading.Thread):
+    """The largest resident set size seen since the last take_peak(), read from /proc (None where there is none)."""
+
+    _instance = None
+    _STATM = Path("/proc/self/statm")
+
+    def __init__(self):
+        super().__init__(daemon=True, name="r1lab-rss-sampler")
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.lock = threading.Lock()
+        self.peak = self.read()
+
+    @classmethod
+    def shared(cls) -> "_RssSampler":
+        if cls._instance is None:
+            cls._instance = cls()
+            if cls._instance.peak is not None:
+                cls._instance.start()
+        return cls._instance
+
+    def read(self) -> int | None:
         try:
-            _CLEAR_REFS.write_text("5")  # Linux: reset VmHWM to the current resident size
-        except OSError:
-            pass
+            return int(self._STATM.read_text().split()[1]) * self.page
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def run(self) -> None:
+        while True:
+            rss = self.read()
+            with self.lock:
+                self.peak = max(self.peak, rss)
+            time.sleep(SAMPLE_EVERY_S)
+
+    def take_peak(self) -> float | None:
+        if self.peak is None:
+            return None
+        now = self.read()
+        with self.lock:
+            peak, self.peak = max(self.peak, now), now
+        return float(peak)

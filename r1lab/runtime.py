@@ -5,7 +5,7 @@ mmaps, so a CPU training step that frees and re-allocates the same tens of megab
 on memory it just gave back: a tenth or more of a GRPO step of a small model, and most of its run-to-run variance.
 So a small model's process keeps what it freed. A large model's is the other way round: its step takes seconds,
 page faults are a small share of it, and memory kept in the heap fragments: at the Qwen2.5-0.5B shape, holding
-freed blocks raised the peak by more than 1 GB. So blocks of a megabyte or more are mapped apart and given back.
+freed blocks raised the peak by more than 1 GB. So blocks of 128 KB or more are mapped apart and given back.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # glibc's malloc.h
 LARGE_MODEL_BYTES = 256 << 20  # weights on disk from which a process gives large blocks back
 KEEP_FREED = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**62), (_M_TOP_PAD, 64 << 20))
-# a fixed threshold also stops glibc from raising it to the size of the last block freed (up to 32 MB)
-RETURN_LARGE_BLOCKS = ((_M_MMAP_THRESHOLD, 1 << 20),)
+# glibc's own initial threshold, fixed: set, it stops glibc from raising it to the size of the last mapped block
+# freed (up to 32 MB), past which blocks would be served from, and held by, the heap (at 1 MB: 0.26 GB more at peak)
+RETURN_LARGE_BLOCKS = ((_M_MMAP_THRESHOLD, 128 << 10),)
 
 
 def set_allocator(settings) -> bool:
