@@ -192,12 +192,29 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose products over a few rows (a decode step's batch) run on a CPU as weight @ x.T: MKL streams
+    the weight faster in that orientation when x has 8-32 rows (measured on 2 AVX-512 cores at the Qwen2.5-0.5B
+    shape: 13 -> 17.5 GB/s; a GRPO rollout of 8 rows x 32 tokens 8.0 -> 7.0 s). Not for the LM head, where x @ W.T
+    is the faster one."""
+
+    FEW_ROWS = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.device.type != "cpu" or rows > self.FEW_ROWS:
+            return super().forward(x)
+        flat = x.reshape(rows, x.shape[-1])
+        y = (self.weight @ flat.t()).t() if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.t()).t()
+        return y.reshape(*x.shape[:-1], -1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
@@ -254,7 +271,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_up_proj, self.down_proj = nn.Linear(d, 2 * f, bias=b), nn.Linear(f, d, bias=b)
+        self.gate_up_proj, self.down_proj = Linear(d, 2 * f, bias=b), Linear(f, d, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -215,3 +215,19 @@ def test_qwen3_greedy_with_cache_equals_recomputation_dynamic_and_static():
         out = Engine(model.eval(), tok, decode=decode).generate(ids, num_samples=2, max_new_tokens=12, temperature=0)
         for i, s in enumerate(out):
             assert s.token_ids == greedy_without_cache(model, ids[i // 2], 12), decode
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # flat (the whole row is sorted), middling, peaked (top-k only)
+def test_nucleus_equals_the_sorted_definition(scale):
+    from r1lab.engine import NUCLEUS_FIRST_K, _nucleus
+
+    def by_sorting(probs, top_p):
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = ((sorted_probs.cumsum(-1) - sorted_probs) < top_p) | (top_p >= 1.0)
+        return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+
+    torch.manual_seed(0)
+    probs = (torch.randn(6, 3 * NUCLEUS_FIRST_K) * scale).softmax(-1)
+    per_row = torch.tensor([[0.5], [0.9], [0.95], [1.0], [0.99], [1e-6]])
+    assert torch.equal(_nucleus(probs, per_row), by_sorting(probs, per_row))
+    assert torch.equal(_nucleus(probs, 0.9), by_sorting(probs, torch.tensor(0.9)))
