@@ -412,6 +412,12 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     r.update(argv=argv, memory=child["memory"], rollout_time_s=rollout_s,
              rollout_tokens_per_s=(r["measured_tokens"] / sum(rollout_s)) if rollout_s and None not in rollout_s else None)
     # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
+    measured = [x for x in steps if "step_time_s" in x][a.warmup :]
+    # where a measured step's time and memory went (means of r1lab's own per-phase metrics)
+    r["phase_s"] = {k[5:-2]: sum(x[k] for x in measured) / len(measured)
+                    for k in measured[0] if k.startswith("time/")} if measured else {}
+    r["phase_peak_gb"] = {k[7:-8]: max(x[k] for x in measured)
+                          for k in measured[0] if k.startswith("memory/")} if measured else {}
     diffs = [(x["logprob_diff/mean"], x["logprob_diff/max"]) for x in steps if "logprob_diff/max" in x]
     r["logprob_diff"] = {"mean": sum(d[0] for d in diffs) / len(diffs), "max": max(d[1] for d in diffs)} if diffs else None
     sides.check_side("r1lab", r, a)
@@ -489,6 +495,7 @@ def print_report(res: dict) -> None:
     if diff:
         print(f"r1lab sampler vs trainer log-probs of the sampled tokens: mean abs diff {diff['mean']:.2e}, "
               f"max {diff['max']:.2e}")
+    print_breakdown(res)
     ro = res.get("rollout")
     if ro:
         print()
@@ -506,6 +513,48 @@ def print_report(res: dict) -> None:
         print(f"  r1lab rollouts at {100 * ro['share_of_bandwidth_floor']:.1f}% of the bandwidth floor, "
               f"{100 * ro['share_of_roofline_floor']:.1f}% of the roofline floor")
     print()
+
+
+def memory_breakdown(res: dict) -> list[tuple[str, float, str]]:
+    """(part, GB, how it is known) of r1lab's peak: the parts the algorithm needs, from the model's size and the
+    workload; the remainder is the measured peak less them."""
+    a, m, r = res["args"], res["model"], res["r1lab"]
+    weights = m["params"] * 4 if a["dtype"] == "float32" else None
+    ro = res.get("rollout") or {}
+    parts = [("weights (fp32)", weights, "parameters x 4 B"), ("gradients", weights, "parameters x 4 B"),
+             ("AdamW state", 2 * weights if weights else None, "2 x parameters x 4 B"),
+             ("extra copies of the weights", 0 if weights else None,
+              "none in fp32: the engine samples from the trained weights themselves")]
+    if ro:
+        rows = ro["batch"]
+        parts.append(("KV cache (rollout; freed before training)",
+                      rows * (max(ro["prompt_tokens"]) + ro["new_tokens"]) * ro["kv_bytes_per_position"],
+                      "rows x positions x layers x 2 x KV heads x head dim x 4 B"))
+    micro = min(a["micro_batch_size"], a["prompts_per_step"] * a["samples_per_prompt"])
+    parts.append(("kept log-softmax (one micro-batch)", micro * a["max_new_tokens"] * m["vocab_size"] * 4,
+                  "completion tokens x vocabulary x 4 B"))
+    peak = r["peak_rss_mb"] * 2**20
+    needed = sum(x for name, x, _ in parts[:3] if x)
+    parts.append(("peak RSS (measured)", peak, "the process's maximum resident set"))
+    parts.append(("remainder at the peak", peak - needed,
+                  "peak - weights - gradients - AdamW: activations, libraries, tokenizer, allocator"))
+    return [(name, x / 1e9 if x is not None else None, how) for name, x, how in parts]
+
+
+def print_breakdown(res: dict) -> None:
+    r = res.get("r1lab")
+    if not r or not r.get("phase_s"):
+        return
+    print()
+    print("r1lab, per measured step: seconds and peak memory by phase (its metrics time/* and memory/*)")
+    common.print_table(["phase", "seconds", "share", "peak GB"],
+                       [[k, f"{v:.2f}", f"{100 * v / sum(r['phase_s'].values()):.0f}%",
+                         "-" if k not in r["phase_peak_gb"] else f"{r['phase_peak_gb'][k]:.2f}"]
+                        for k, v in r["phase_s"].items()])
+    print()
+    print("r1lab memory at the peak")
+    common.print_table(["part", "GB", "from"], [[name, "-" if gb is None else f"{gb:.3f}", how]
+                                                 for name, gb, how in memory_breakdown(res)])
 
 
 # ----------------------------------------------------------------------------------------------

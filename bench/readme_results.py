@@ -8,6 +8,7 @@ edited by hand.
 - demo:  `r1lab demo` and its random-reward control for each of --seeds (each seed pretrains its own base), held-out
          pass@1 / cons@8 / pass@8 / format / length before and after: mean and range over the seeds; wall times.
 - bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
+- realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
@@ -94,6 +95,14 @@ def run_bench(workdir: Path) -> dict:
     cmd = [sys.executable, "bench/grpo_vs_trl.py", "--pairs", "3", "--wait-quiet", "120", "--json", str(out)]
     seconds = timed(cmd, workdir / "grpo_vs_trl.log")
     return {**stamp(), "command": "python bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120", "seconds": seconds,
+            "figures": json.loads(out.read_text())}
+
+
+def run_realshape(workdir: Path) -> dict:
+    out = workdir / "grpo_realshape.json"
+    cmd = [sys.executable, "bench/grpo_gpu.py", "--cpu", "--workdir", str(workdir / "realshape"), "--json", str(out)]
+    seconds = timed(cmd, workdir / "grpo_realshape.log")
+    return {**stamp(), "command": "python bench/grpo_gpu.py --cpu", "seconds": seconds,
             "figures": json.loads(out.read_text())}
 
 
@@ -187,6 +196,29 @@ def render_bench(d: dict) -> str:
             f"{max(rss['trl']):.2f} GB.")
 
 
+def render_realshape(d: dict) -> str:
+    f = d["figures"]
+    r1, trl, ro = f["r1lab"], f["trl"], f["rollout"]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
+    return "\n".join([
+        f"{measured(d)}, by `{d['command']}` (both sides in one run):",
+        "",
+        "| | r1lab | TRL | r1lab / TRL |",
+        "|---|---:|---:|---:|",
+        f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
+        f"**{f['ratio']:.2f}x** |",
+        f"| rollout phase tokens/s | {r1['rollout_tokens_per_s']:.1f} | {trl['rollout_tokens_per_s']:.1f} | "
+        f"{r1['rollout_tokens_per_s'] / trl['rollout_tokens_per_s']:.2f}x |",
+        f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
+        f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |",
+        "",
+        f"r1lab's step: {phases}. Its engine alone at that batch: {ro['tokens_per_s']:.0f} tokens/s, "
+        f"{100 * ro['share_of_roofline_floor']:.0f}% of the roofline floor the bench derives from the measured copy "
+        f"rate ({ro['copy_bytes_per_s'] / 1e9:.0f} GB/s) and matmul rate ({ro['matmul_flops_per_s'] / 1e9:.0f} "
+        f"GFLOP/s).",
+    ])
+
+
 def render_tests(d: dict) -> str:
     return (f"Measured on {d['date']} at commit `{d['commit']}` on {d['machine']['cpu']} ({d['machine']['cores']} "
             f"cores): `make test-fast` {d['fast_s']:.0f} s ({d['fast_summary']}); `make test` (the whole suite, what "
@@ -239,7 +271,7 @@ def render_serve(d: dict) -> str:
             f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**).")
 
 
-RENDERERS = {"demo": render_demo, "bench": render_bench, "distill": render_distill, "pipeline": render_pipeline,
+RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "tests": render_tests}
 
 
@@ -261,6 +293,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true")
     p.add_argument("--bench", action="store_true")
+    p.add_argument("--realshape", action="store_true")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -272,6 +305,7 @@ def main(argv=None) -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir), "bench": lambda: run_bench(a.workdir),
+             "realshape": lambda: run_realshape(a.workdir),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "tests": lambda: run_tests(a.workdir)}
     for name, run in parts.items():

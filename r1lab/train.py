@@ -26,7 +26,10 @@ from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoin
 from r1lab.config import save_config
 from r1lab.policy import DTYPES, step_seed
 
-LOGITS_CHUNK_BYTES = 16 << 20  # recycled by the C allocator; one (N, V) block would be mapped afresh every step
+# Large enough that each chunk's three products with the (V, D) head are efficient matrix products: at the
+# Qwen2.5-0.5B shape (V = 151,936) a 256-token forward + backward took 2.26 s in 16 MB chunks (27 rows), 1.35 s in
+# 256 MB ones, on 2 CPU cores. Without recompute every chunk's log-softmax is kept anyway; this bounds the transient.
+LOGITS_CHUNK_BYTES = 256 << 20
 
 
 class EpochOrder:

@@ -306,7 +306,9 @@ def test_micro_batches_give_the_same_step_as_one_batch():
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
     assert results[0]["target_tokens"] == results[1]["target_tokens"] == sum(map(sum, masks))
     for p, q in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        # AdamW divides by sqrt(v): a near-zero gradient entry's rounding (summation order differs between one
+        # batch and micro-batches) moves its step by up to ~1% of lr (1e-3)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_filters_reject_what_they_should():
