@@ -15,7 +15,8 @@ One run of this script:
 
 Both GRPO sides get the same model directory, G, prompts per round, micro-batch, updates per round, prompt and
 completion lengths (end-of-text suppressed in both: every completion is exactly 256 tokens), beta 0, bf16. See
-bench/README.md for the fairness rules. ``--tiny`` runs the same pipeline on the CPU with a 2-layer model in
+bench/README.md for the fairness rules. ``--cpu`` runs the same shape on the CPU in fp32 with a small workload and
+prints where r1lab's time and memory go; ``--tiny`` runs the same pipeline on the CPU with a 2-layer model in
 seconds: the CI smoke test (tests/test_bench_gpu_smoke.py).
 
 What it shares with the CPU bench (bench/grpo_vs_trl.py) is in bench/common.py (model saving, child processes, figures)
