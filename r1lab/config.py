@@ -372,6 +372,8 @@ class GRPOConfig(Settings):
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     warmup_steps: int = setting(0, "steps of linear learning-rate warmup", ge=0)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
+                                                  "bias moves this much toward an even load (0 = off)", ge=0)
     # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
     clip_low: float = setting(0.2, "PPO clip below: the ratio is kept above 1 - clip_low", ge=0, lt=1)
     clip_high: float = setting(0.2, "PPO clip above: the ratio is kept below 1 + clip_high (DAPO: larger)", ge=0)
@@ -504,6 +506,8 @@ class SFTConfig(Settings):
     warmup_steps: int = setting(10, "steps of linear learning-rate warmup", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
+                                                  "bias moves this much toward an even load (0 = off)", ge=0)
     max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)
     dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
                          **DTYPE)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from r1lab import moe
 from r1lab.checkpoint import save_checkpoint
 from r1lab.config import GRPOConfig
 from r1lab.engine import Engine
@@ -85,7 +86,8 @@ def train(cfg: GRPOConfig, log=print) -> Path:
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path) -> dict:
     clock = PhaseClock(model.lm_head.weight.device)
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
-    rollouts = sample_rollouts(engine, stream.batch(step), cfg, step_seed(cfg.seed, step, "sample"))
+    with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
+        rollouts = sample_rollouts(engine, stream.batch(step), cfg, step_seed(cfg.seed, step, "sample"))
     clock.lap("rollout")
     rewards, result = score_rollouts(task, rollouts, cfg, step_seed(cfg.seed, step, "control"))
     advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.scale_by_std)
@@ -103,7 +105,7 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     metrics = step_metrics(rewards, result, rollouts, cfg, update)
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
                     "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
-                    **clock.metrics()})
+                    **clock.metrics(), **moe.load_metrics(rollout_loads, "moe/rollout_")})
     if cfg.samples_every and step % cfg.samples_every == 0:
         save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt))
     if metrics["skipped_nonfinite"]:
@@ -241,15 +243,20 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
+    loads: dict = {}  # MoE models: tokens per expert in these forward passes, per layer
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        finite = all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
+        with moe.count_loads(model) as counted:
+            finite = all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
         if finite and not batches:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
         clock.lap("forward_backward")
         stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
         clock.lap("optimizer")
+        if not stepped["skipped_nonfinite"]:  # DeepSeek-V3's routing bias, toward an even load
+            moe.update_routing_bias(model, counted, cfg.moe_bias_update_speed)
+        moe.add_loads(loads, counted)
         totals["skipped"] += stepped["skipped_nonfinite"]
         totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
     optimizer.zero_grad(set_to_none=True)
@@ -258,7 +265,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             "kl": totals["kl"] / tokens if ref_model is not None else None,
             "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
             "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
-            **_logp_diff(totals)}
+            **_logp_diff(totals), **moe.load_metrics(loads)}
 
 
 def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update: int, totals: dict) -> bool:
@@ -328,6 +335,7 @@ def sync_rollout_policy(rollout: CausalLM, model: CausalLM) -> None:
     if rollout is not model:  # parameters() lists a tied embedding once in both, in the same order
         for r, p in zip(rollout.parameters(), model.parameters()):
             r.copy_(p)
+        moe.copy_routing_bias(rollout, model)  # a buffer, updated outside the gradient
 
 
 # ---------------------------------------------------------------------------------------------------------------

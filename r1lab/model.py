@@ -357,6 +357,8 @@ class CausalLM(nn.Module):
         # real token) and takes the fused kernel; mask=None selects it.
         mask = None if cache is None and attention_mask is None else attention_mask_4d(key_mask, T, start)
         layers = cache.layers if cache is not None else [None] * len(self.model.layers)
+        if self.config.moe is not None and mask is not None:  # expert load counts (moe.count_loads) skip padding
+            moe.mark_real_tokens(self, key_mask[:, -T:])
         for layer, kv in zip(self.model.layers, layers):
             x = layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)

@@ -8,12 +8,20 @@ renormalisation; no shared experts; mlp_only_layers and decoder_sparse_step pick
 
 Only what is routed is computed: the (token, expert) pairs are sorted by expert and each expert runs one matrix
 product on its own tokens. Each MoE layer keeps the last forward's tokens per expert (last_expert_counts), for load
-metrics: expert_counts(model). In memory an expert bank is two 3-D tensors, as in transformers; on disk each expert
+metrics: expert_counts(model).
+
+Expert load in training: count_loads(model) sums each MoE layer's tokens per expert over the forward passes run within
+it (padding excluded where the forward knows it); load_metrics turns the counts into moe/* metrics; after each
+optimizer step update_routing_bias nudges DeepSeek-V3's e_score_correction_bias toward an even load, the V3 paper's
+auxiliary-loss-free balancing (Qwen3-MoE has no such bias in transformers' format, so its routing is left alone).
+
+In memory an expert bank is two 3-D tensors, as in transformers; on disk each expert
 has its own gate/up/down_proj (split_experts, join_experts), the names transformers and vLLM read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -148,14 +156,93 @@ class MoE(nn.Module):
         self.shared_experts = MLP(dataclasses.replace(
             cfg, intermediate_size=m["moe_intermediate_size"] * shared, mlp_bias=False)) if shared else None
         self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed to each expert, last forward
+        self.load: torch.Tensor | None = None  # (E,) summed over forwards inside count_loads, else None
+        self.real_tokens: torch.Tensor | None = None  # (B, T) set by the model's forward while counting
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, experts = self.gate(flat)
         y, self.last_expert_counts = self.experts(flat, experts, weights)
+        if self.load is not None:
+            self._count(experts, B, T)
         y = y.view(B, T, D)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+    @torch.no_grad()
+    def _count(self, experts: torch.Tensor, B: int, T: int) -> None:
+        real, self.real_tokens = self.real_tokens, None
+        if real is not None and real.shape == (B, T):
+            experts = experts[real.reshape(-1)]  # padding is routed too, but is no load to balance
+            self.load += torch.bincount(experts.reshape(-1), minlength=len(self.load))
+        else:
+            self.load += self.last_expert_counts
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoE]:
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)}
+
+
+@contextlib.contextmanager
+def count_loads(model: nn.Module):
+    """Within it, every MoE layer sums its tokens per expert over the forward passes run (the backward pass runs
+    none); yields a dict that on exit holds layer index -> (E,) counts. A dense model: an empty dict, no work."""
+    layers, loads = moe_layers(model), {}
+    for m in layers.values():
+        m.load = torch.zeros(m.experts.gate_up_proj.shape[0], dtype=torch.long, device=m.experts.gate_up_proj.device)
+    try:
+        yield loads
+    finally:
+        for i, m in layers.items():
+            loads[i], m.load, m.real_tokens = m.load, None, None
+
+
+def mark_real_tokens(model: nn.Module, real: torch.Tensor) -> None:
+    """The forward's (B, T) mask of real tokens, for the load counts of the MoE layers that are counting."""
+    for m in moe_layers(model).values():
+        if m.load is not None:
+            m.real_tokens = real
+
+
+def add_loads(total: dict, loads: dict) -> dict:
+    for i, counts in loads.items():
+        total[i] = total[i] + counts if i in total else counts
+    return total
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, loads: dict, speed: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: each expert's routing bias moves by speed toward an even load,
+    bias_e += speed * sign(mean load - load_e), from the loads counted over one optimizer step's forward passes.
+    The bias only decides which experts are chosen; their weights are the plain scores (SigmoidGroupRouter)."""
+    if not speed:
+        return
+    for i, m in moe_layers(model).items():
+        if i in loads and isinstance(m.gate, SigmoidGroupRouter) and loads[i].sum() > 0:
+            load = loads[i].float()
+            m.gate.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+
+
+@torch.no_grad()
+def copy_routing_bias(to: nn.Module, source: nn.Module) -> None:
+    """The routing biases of source into to (a rollout copy of the policy): buffers, not parameters."""
+    for i, m in moe_layers(to).items():
+        if isinstance(m.gate, SigmoidGroupRouter):
+            m.gate.e_score_correction_bias.copy_(source.model.layers[i].mlp.gate.e_score_correction_bias)
+
+
+def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
+    """load_max_over_mean: the most loaded expert's tokens over the mean, worst layer (1 = perfectly even);
+    routing_entropy: entropy in nats of the distribution of tokens over experts (the expert loads, not the
+    router's probabilities), mean over layers; log(E) when even. {} for a dense model or no tokens counted."""
+    counts = [c.float() for c in loads.values() if c.sum() > 0]
+    if not counts:
+        return {}
+    loads_ = torch.stack(counts)  # (L, E)
+    share = loads_ / loads_.sum(-1, keepdim=True)
+    entropy = -(share * share.clamp_min(1e-30).log()).sum(-1)  # (L,)
+    worst, mean_entropy = torch.stack([(loads_.max(-1).values / loads_.mean(-1)).max(), entropy.mean()]).tolist()
+    return {f"{prefix}load_max_over_mean": worst, f"{prefix}routing_entropy": mean_entropy}
 
 
 def expert_counts(model: nn.Module) -> dict[int, torch.Tensor]:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from r1lab import moe
 from r1lab.chat_data import ChatFields, SFTData, build_sft_data, read_conversations
 from r1lab.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.config import SFTConfig
@@ -57,7 +58,8 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, log=log,
                  optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
                  max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
-                 name="sft", on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar))
+                 moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft",
+                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar))
     return _save_final(model, tokenizer, data.closers, run / "model", log)
 
 
@@ -69,11 +71,13 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              pad_id: int, seed: int, optimizer: torch.optim.Optimizer, log=print,
              loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
-             on_step: StepCallback | None = None, name: str = "pretrain") -> list[float]:
+             on_step: StepCallback | None = None, name: str = "pretrain",
+             moe_bias_update_speed: float = 0.0) -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
     on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there.
+    moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/moe.py update_routing_bias).
     """
     order = EpochOrder(len(docs), seed)
     losses = []
@@ -84,7 +88,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
         set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
         metrics = lm_step(model, optimizer, [docs[i] for i in picked],
                           None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
-                          micro_batch_size, max_grad_norm, dtype, recompute_logits)
+                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed)
         metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
         losses.append(metrics["loss"])
         if step % 50 == 0 or step == steps - 1:
@@ -96,9 +100,11 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
 
 def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[int]],
             loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
-            max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False) -> dict:
+            max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
+            moe_bias_update_speed: float = 0.0) -> dict:
     """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
-    split into micro-batches. A non-finite loss or gradient skips the step (the weights stay as they were)."""
+    split into micro-batches. A non-finite loss or gradient skips the step (the weights stay as they were). An MoE
+    model's expert loads in these forward passes give moe/* metrics and, after the step, balance its routing bias."""
     device = next(model.parameters()).device
     size = micro_batch_size or len(docs)
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
@@ -106,15 +112,21 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     n_targets = sum(int(mask[:, 1:].sum()) for _, mask in batches)
     optimizer.zero_grad(set_to_none=True)
     total, finite = 0.0, True
-    for ids, mask in batches:
-        with training_precision(dtype, device):
-            loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
-        if not torch.isfinite(loss):
-            finite = False
-            break
-        loss.backward()
-        total += loss.item()
-    return {"loss": total, "target_tokens": n_targets, **optimizer_step(model, optimizer, max_grad_norm, finite)}
+    with moe.count_loads(model) as loads:
+        for s, (ids, mask) in zip(range(0, len(docs), size), batches):
+            lengths = torch.tensor([len(d) for d in docs[s : s + size]])
+            moe.mark_real_tokens(model, (torch.arange(ids.shape[1]) < lengths[:, None]).to(device))  # not padding
+            with training_precision(dtype, device):
+                loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            total += loss.item()
+    stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
+    if not stepped["skipped_nonfinite"]:
+        moe.update_routing_bias(model, loads, moe_bias_update_speed)
+    return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads)}
 
 
 def lm_batch(docs: list[list[int]], pad_id: int,
