@@ -204,6 +204,17 @@ def mark_real_tokens(model: nn.Module, real: torch.Tensor) -> None:
             m.real_tokens = real
 
 
+def mark_real_lengths(model: nn.Module, lengths: list[int], T: int) -> None:
+    """mark_real_tokens for right-padded rows of T tokens: row b's first lengths[b] are real (nothing to do for a
+    model that is not counting, a dense one among them)."""
+    counting = [m for m in moe_layers(model).values() if m.load is not None]
+    if counting:
+        device = counting[0].load.device
+        real = torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]  # (B, T)
+        for m in counting:
+            m.real_tokens = real
+
+
 def add_loads(total: dict, loads: dict) -> dict:
     for i, counts in loads.items():
         total[i] = total[i] + counts if i in total else counts

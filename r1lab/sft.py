@@ -114,8 +114,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     total, finite = 0.0, True
     with moe.count_loads(model) as loads:
         for s, (ids, mask) in zip(range(0, len(docs), size), batches):
-            lengths = torch.tensor([len(d) for d in docs[s : s + size]])
-            moe.mark_real_tokens(model, (torch.arange(ids.shape[1]) < lengths[:, None]).to(device))  # not padding
+            moe.mark_real_lengths(model, [len(d) for d in docs[s : s + size]], ids.shape[1])  # MoE loads: no padding
             with training_precision(dtype, device):
                 loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
             if not torch.isfinite(loss):

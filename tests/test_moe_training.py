@@ -69,7 +69,7 @@ def test_load_counts_skip_padding():
     ids = torch.tensor([[5, 6, 7, 0, 0], [0, 0, 8, 9, 10]])
     with moe.count_loads(model) as loads, torch.no_grad():
         model(ids, attention_mask=(ids != 0).long())
-        moe.mark_real_tokens(model, torch.tensor([[True] * 3 + [False] * 2, [True] * 5]))
+        moe.mark_real_lengths(model, [3, 5], 5)  # as lm_step does
         model(ids)
     assert int(loads[1].sum()) == (6 + 8) * k  # the real tokens, k experts each
     assert list(loads) == [1]  # layer 0 is dense (first_k_dense_replace 1)
