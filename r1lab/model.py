@@ -195,14 +195,15 @@ class RMSNorm(nn.Module):
 class Linear(nn.Linear):
     """nn.Linear whose products over a few rows (a decode step's batch) run on a CPU as weight @ x.T: MKL streams
     the weight faster in that orientation when x has 8-32 rows (measured on 2 AVX-512 cores at the Qwen2.5-0.5B
-    shape: 13 -> 17.5 GB/s; a GRPO rollout of 8 rows x 32 tokens 8.0 -> 7.0 s). Not for the LM head, where x @ W.T
-    is the faster one."""
+    shape: 13 -> 17.5 GB/s; a GRPO rollout of 8 rows x 32 tokens 8.0 -> 7.0 s). float32 only (MKL's sgemm): bf16
+    goes through other kernels, and a product rounded differently there would set the sampler's log-probs further
+    apart from the training pass's. Not for the LM head, where x @ W.T is the faster one."""
 
     FEW_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or rows > self.FEW_ROWS:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])
         y = (self.weight @ flat.t()).t() if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.t()).t()

