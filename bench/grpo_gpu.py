@@ -409,16 +409,16 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     child = run_bench_child("r1lab", {"argv": argv}, a)
     r = sides.summarise_r1lab_run(a, metrics, child["process"])
     steps = sorted((json.loads(x) for x in metrics.read_text().splitlines() if x.strip()), key=lambda x: x.get("step", 0))
-    rollout_s = [x.get("rollout_time_s") for x in steps if "step_time_s" in x][a.warmup :]
+    measured = [x for x in steps if "step_time_s" in x][a.warmup :]
+    rollout_s = [x.get("rollout_time_s") for x in measured]
     r.update(argv=argv, memory=child["memory"], rollout_time_s=rollout_s,
              rollout_tokens_per_s=(r["measured_tokens"] / sum(rollout_s)) if rollout_s and None not in rollout_s else None)
-    # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
-    measured = [x for x in steps if "step_time_s" in x][a.warmup :]
     # where a measured step's time and memory went (means of r1lab's own per-phase metrics)
     r["phase_s"] = {k[5:-2]: sum(x[k] for x in measured) / len(measured)
                     for k in measured[0] if k.startswith("time/")} if measured else {}
     r["phase_peak_gb"] = {k[7:-8]: max(x[k] for x in measured)
                           for k in measured[0] if k.startswith("memory/")} if measured else {}
+    # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
     diffs = [(x["logprob_diff/mean"], x["logprob_diff/max"]) for x in steps if "logprob_diff/max" in x]
     r["logprob_diff"] = {"mean": sum(d[0] for d in diffs) / len(diffs), "max": max(d[1] for d in diffs)} if diffs else None
     sides.check_side("r1lab", r, a)
