@@ -1,8 +1,9 @@
 """Atomic checkpoints that verify themselves, exact resume, and a guard against resuming with other settings.
 
 A checkpoint is a directory run/checkpoints/step_NNNNNN holding the model in Hugging Face format (it loads in
-transformers as is), trainer_state.pt (optimizer, RNG states, step) and manifest.json (size and sha256 of every
-other file). It is written under a temporary name, the manifest last, and renamed into place, so a run killed
+transformers as is), optimizer/ (the optimizer state in torch.distributed.checkpoint's format, written by every
+rank of a torchrun job and read back at any number of ranks, one included), trainer_state.pt (RNG states, step)
+and manifest.json (size and sha256 of every other file). It is written under a temporary name, the manifest last, and renamed into place, so a run killed
 mid-save leaves the previous checkpoint intact; and a checkpoint damaged afterwards (a full disk, a copy cut
 short) fails its manifest check, so that resuming falls back to the previous intact one instead of crashing.
 
@@ -16,6 +17,7 @@ config.yaml, so that the run's record says which settings held from which step.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -23,17 +25,22 @@ import os
 import random
 import shutil
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from r1lab.distributed import World
 from r1lab.model import CausalLM, load_model, save_model
 from r1lab.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint's directory: loads at any number of ranks
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
@@ -41,7 +48,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # saves, evaluates and logs, and where. SFT's cosine schedule depends on the number of steps: it passes a list
 # without "steps" and "epochs".
 RESUME_FREE_FIELDS = frozenset({"steps", "save_every", "eval_every", "samples_every", "threads", "device",
-                                "time_limit_s", "resume", "out", "allow_config_change"})
+                                "dist_timeout_s", "time_limit_s", "resume", "out", "allow_config_change"})
 
 
 class CheckpointError(ValueError):
@@ -70,21 +77,38 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
-                    optimizer: torch.optim.Optimizer, keep: int = 2) -> Path:
+                    optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World()) -> Path:
+    """Every rank of the job calls this (run_dir on a file system they all see); rank 0 writes all but the
+    optimizer state, which each rank writes its part of."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    tokenizer.save(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
-    write_manifest(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(final.parent)  # the rename itself survives a power cut
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp)
+        tokenizer.save(tmp)
+        torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
+    world.barrier()
+    with _single_process_is_meant():
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / OPTIMIZER_DIR)
+    world.barrier()
+    if world.main:
+        write_manifest(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(final.parent)  # the rename itself survives a power cut
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _single_process_is_meant():
+    """torch.distributed.checkpoint warns when it runs without a process group: one process is what r1lab means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def write_manifest(directory: Path) -> None:
@@ -234,12 +258,23 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
     model.load_state_dict(saved.state_dict())
     try:
         state = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint
+            optimizer.load_state_dict(state["optimizer"])
+        else:
+            restore_optimizer(Path(path) / OPTIMIZER_DIR, model, optimizer)
         set_rng_state(state["rng"])
         return int(state["step"])
     except Exception as err:  # unpickling and torch's own checks raise many types; all mean "not this run's state"
         raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
+
+
+def restore_optimizer(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state saved by save_checkpoint, at whatever number of ranks wrote it."""
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (initialised if the optimizer is fresh)
+    with _single_process_is_meant():
+        dcp.load({"optimizer": state}, checkpoint_id=directory)
+    set_optimizer_state_dict(model, optimizer, state)
 
 
 def _check_same_shapes(path: Path, saved: CausalLM, model: CausalLM) -> None:

@@ -140,7 +140,7 @@ def dispatch(command: str, cfg) -> None:
             raise
         raise ValueError(f"{err}; r1lab serve needs its extra: pip install 'r1lab[serve]'") from None
     value = getattr(module, function)(cfg)
-    if result:
+    if result and rank_and_size()[0] == 0:  # under torchrun, rank 0 alone says where the result is
         print(f"{result}: {value}")
 
 
@@ -157,8 +157,36 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("R1LAB_DEBUG"):
             raise
-        print(f"r1lab {args.command}: error: {err}", file=sys.stderr)
+        print(f"r1lab {args.command}: {rank_label()}error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # under torchrun: one line naming the rank before the traceback, and the job ends
+        if rank_and_size()[1] == 1:
+            raise
+        print(f"r1lab {args.command}: {rank_label()}{type(err).__name__}: {explain(err)}", file=sys.stderr)
+        raise
+    finally:
+        if "r1lab.distributed" in sys.modules:  # imported by the commands that run under torchrun
+            sys.modules["r1lab.distributed"].leave_world()
+
+
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the job's size, from the environment torchrun sets ((0, 1) without torchrun); read
+    here rather than through r1lab.distributed, which imports torch, so that `r1lab --help` stays fast."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank_label() -> str:
+    rank, size = rank_and_size()
+    return f"rank {rank} of {size}: " if size > 1 else ""
+
+
+def explain(err: BaseException) -> str:
+    """The exception's first line; for a collective that timed out, what that means under torchrun."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (f"{text}: another rank stopped answering for dist_timeout_s (it hung or died); the job ends "
+                f"here, and torchrun's summary names the ranks")
+    return text
 
 
 if __name__ == "__main__":

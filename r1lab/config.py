@@ -421,6 +421,8 @@ class GRPOConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
+                                           "dead) ends the job with an error", gt=0)
 
     def eval_config(self) -> EvalConfig:
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
@@ -473,6 +475,8 @@ class EvalConfig(Settings):
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
+                                           "dead) ends the job with an error", gt=0)
 
 
 @dataclass
@@ -523,6 +527,8 @@ class SFTConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
+                                           "dead) ends the job with an error", gt=0)
 
     def rules(self) -> list[str]:
         return ["set steps >= 1, or steps 0 and epochs > 0"] if self.steps == 0 and self.epochs <= 0 else []
@@ -562,6 +568,8 @@ class SampleConfig(Settings):
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
+                                           "dead) ends the job with an error", gt=0)
 
     def rules(self) -> list[str]:
         if self.max_tokens and self.max_tokens < self.min_tokens:

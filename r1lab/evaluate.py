@@ -22,9 +22,10 @@ from rich.console import Console
 from rich.table import Table
 
 from r1lab.config import EvalConfig
+from r1lab.distributed import World, join_world
 from r1lab.language import language_consistency
 from r1lab.engine import Engine
-from r1lab.policy import encode_prompt, load_policy, pick_device
+from r1lab.policy import encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import call_with_timeout, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.tasks import Problem, Task, get_task
@@ -91,11 +92,16 @@ class EvalResult:
 def run_eval(cfg: EvalConfig) -> Path:
     """`r1lab eval`: the held-out evaluation of a model directory, printed as a table and saved as JSON."""
     setup_training_process(cfg.threads, cfg.model)
+    world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
-    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg)
-    print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
-    return save_json(Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json", {cfg.split: result})
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype)
+    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
+    path = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
+    if world.main:
+        print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
+        save_json(path, {cfg.split: result})
+    world.barrier()
+    return path
 
 
 def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
@@ -103,7 +109,8 @@ def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]
     return task.problems(split, n, seed + 1)
 
 
-def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[Problem] | None = None) -> EvalResult:
+def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[Problem] | None = None,
+                    world: World = World()) -> EvalResult:
     """The paper's protocol as ec sets it (k samples, temperature, top-p), on the held-out set unless problems are
     given: the one evaluation entry of `r1lab eval`, GRPO and the stages of distill and pipeline."""
     if problems is None:
@@ -111,16 +118,18 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     tok = engine.tokenizer
     return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
-                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language)
+                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language, world=world)
 
 
 def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt: Callable[[Problem], list[int]], *,
              k: int = 8, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              seed: int | None = 0, batch_prompts: int = 64, response_prefix: str = "", timeout_s: float = 5.0,
-             scorer: Callable[..., Any] | None = None, language: str = "en") -> EvalResult:
+             scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World()) -> EvalResult:
     """Sample k completions per problem, score them with the training rewards and summarise.
 
-    `scorer` defaults to r1lab.rewards.score_completions (same signature); tests pass a fake.
+    Under torchrun each rank evaluates its share of the problems and the records are gathered: every problem's
+    samples are seeded by (seed, its index), so the figures equal one process's exactly. `scorer` defaults to
+    r1lab.rewards.score_completions (same signature); tests pass a fake.
     """
     scorer = scorer or score_completions
     if not problems:
@@ -128,11 +137,13 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
     if k < 1 or batch_prompts < 1:
         raise ValueError(f"k and batch_prompts must be >= 1 (got k={k}, batch_prompts={batch_prompts})")
     records: list[dict] = []
-    for start in range(0, len(problems), batch_prompts):
-        chunk = list(problems[start : start + batch_prompts])
-        # A different seed per chunk, so chunks do not replay the same random stream.
+    mine = world.share(len(problems))
+    for start in range(mine.start, mine.stop, batch_prompts):
+        indices = range(start, min(start + batch_prompts, mine.stop))
+        chunk = [problems[i] for i in indices]
+        seeds = None if seed is None else [step_seed(seed, i, "eval") for i in indices]
         samples = engine.generate([encode_prompt(p) for p in chunk], num_samples=k, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=None if seed is None else seed + start)
+                                  temperature=temperature, top_p=top_p, seed=seeds)
         if len(samples) != len(chunk) * k:
             raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
         repeated = [p for p in chunk for _ in range(k)]
@@ -140,7 +151,7 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         for i, problem in enumerate(chunk):
             records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k),
                                            response_prefix, language, timeout_s))
-    return summarise(records, k)
+    return summarise(world.concat(records), k)
 
 
 def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice, response_prefix: str,

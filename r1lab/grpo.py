@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from r1lab import moe
 from r1lab.checkpoint import save_checkpoint
 from r1lab.config import GRPOConfig
+from r1lab.distributed import Silent, World, join_world
 from r1lab.engine import Engine
 from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
@@ -42,7 +43,10 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     cfg.check()
     setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
-    run, device = Path(cfg.out), pick_device(cfg.device)
+    world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)
+    check_world(cfg, world)
+    log = log if world.main else Silent().log  # rank 0 alone speaks and writes; the others train
+    run = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
     if isinstance(task, DatasetTask):
         log(f"grpo: {cfg.task}: {task.split_summary()}")
@@ -56,40 +60,57 @@ def train(cfg: GRPOConfig, log=print) -> Path:
                   cfg.max_new_tokens, cfg.task)
     isolation = sandbox_metrics(task, log)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
-    start = resume_run(run, cfg, model, optimizer, log)
+    start = resume_run(run, cfg, model, optimizer, log, world)
     engine = Engine(rollout_policy(model, cfg), tokenizer)  # after a resume, so that it has the resumed weights
-    save_run_config(run, cfg, start)
+    if world.main:
+        save_run_config(run, cfg, start)
     log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
-        f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}")
+        f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}"
+        + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
     step, trained_s = start, 0.0
-    with MetricsLogger(run, resume_step=start) as logger, training_progress(cfg.steps, start) as bar:
+    logger = MetricsLogger(run, resume_step=start) if world.main else Silent()
+    with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log)
-            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run)
+                heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
+            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(run, step + 1, model, tokenizer, optimizer)
+                save_checkpoint(run, step + 1, model, tokenizer, optimizer, world=world)
             trained_s += metrics["step_time_s"]  # evaluations and checkpoints do not count against the budget
             if cfg.time_limit_s and trained_s >= cfg.time_limit_s:
                 log(f"grpo: time limit of {cfg.time_limit_s:.0f} s of training reached after {step + 1} steps")
                 break
         if cfg.eval_every:
-            heldout(logger, run, step + 1, engine, task, eval_cfg, eval_problems, log)
-    save_model(model, run / "model")
-    tokenizer.save(run / "model")
+            heldout(logger, run, step + 1, engine, task, eval_cfg, eval_problems, log, world)
+    if world.main:
+        save_model(model, run / "model")
+        tokenizer.save(run / "model")
+    world.barrier()  # no rank exits (ending the job) before the final model is written
     return run / "model"
 
 
-def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path) -> dict:
+def check_world(cfg: GRPOConfig, world: World) -> None:
+    """Refuse, before anything loads, a batch that does not divide across the ranks: a group never spans ranks."""
+    if cfg.prompts_per_step % world.size:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} does not divide across {world.size} ranks: give a "
+                         f"multiple of {world.size} (each rank samples and trains whole groups)")
+
+
+def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path,
+              world: World = World()) -> dict:
     clock = PhaseClock(model.lm_head.weight.device)
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
+    problems, mine = stream.batch(step), world.share(cfg.prompts_per_step)  # this rank's share: whole groups
+    seeds = [prompt_seed(cfg.seed, step, i) for i in mine]  # per prompt, not per rank: N ranks draw what one would
     with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
-        rollouts = sample_rollouts(engine, stream.batch(step), cfg, step_seed(cfg.seed, step, "sample"))
+        local = sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds)
     clock.lap("rollout")
-    rewards, result = score_rollouts(task, rollouts, cfg, step_seed(cfg.seed, step, "control"))
+    local_result = score_rollouts(task, local, cfg)
+    rollouts, result = gather_rollouts(world, local), gather_results(world, local_result)  # the whole batch
+    rewards = control_rewards(torch.tensor(result.total, dtype=torch.float32), cfg, step)
     advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.scale_by_std)
     keep = torch.ones(len(rewards), dtype=torch.bool)
     if cfg.drop_uniform_groups:
@@ -97,8 +118,10 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     clock.lap("score")
     update = {"skipped_nonfinite": 0}
     if keep.any():
-        batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id, model.lm_head.weight.device)
-        update = update_policy(model, ref_model, optimizer, batches, cfg, clock)
+        G = cfg.samples_per_prompt
+        batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id,
+                                     model.lm_head.weight.device, range(mine.start * G, mine.stop * G))
+        update = update_policy(model, ref_model, optimizer, batches, cfg, clock, world)
         sync_rollout_policy(engine.model, model)
         clock.lap("sync")
     elapsed = time.perf_counter() - clock.start
@@ -145,7 +168,20 @@ class PromptStream:
         return [self.pool[i] for i in self.order.batch(step, n)]
 
 
-def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int) -> Rollouts:
+def prompt_seed(seed: int, step: int, prompt: int) -> int:
+    """The sampling seed of the step's prompt-th prompt (its G samples draw from (this, j))."""
+    return step_seed(seed, step, f"sample/{prompt}")
+
+
+def gather_rollouts(world: World, local: Rollouts) -> Rollouts:
+    """The whole step's rollouts on every rank, from each rank's share (in prompt order)."""
+    if not world.distributed:
+        return local
+    parts = world.gather(local)
+    return Rollouts(**{f.name: [x for part in parts for x in getattr(part, f.name)] for f in fields(Rollouts)})
+
+
+def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int | list[int]) -> Rollouts:
     G, tok = cfg.samples_per_prompt, engine.tokenizer
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in problems]
     samples = engine.generate(prompts, num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -160,16 +196,30 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 # 2. score
 
 
-def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, seed: int) -> tuple[torch.Tensor, RewardResult]:
-    result = score_completions(task, rollouts.problems, rollouts.texts,
-                               RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
-                                             tuple(cfg.reward_functions.items())),
-                               cfg.reward_timeout_s, response_prefix=cfg.prefill)
-    rewards = torch.tensor(result.total, dtype=torch.float32)
-    if cfg.control == "random-reward":
-        # The control: the same rewards handed to random completions. Same mean and spread, no signal.
-        rewards = rewards[torch.randperm(len(rewards), generator=torch.Generator().manual_seed(seed))]
-    return rewards, result
+def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig) -> RewardResult:
+    return score_completions(task, rollouts.problems, rollouts.texts,
+                             RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
+                                           tuple(cfg.reward_functions.items())),
+                             cfg.reward_timeout_s, response_prefix=cfg.prefill)
+
+
+def gather_results(world: World, local: RewardResult) -> RewardResult:
+    if not world.distributed:
+        return local
+    parts = world.gather(local)
+    return RewardResult(total=[x for p in parts for x in p.total],
+                        components={k: [x for p in parts for x in p.components[k]] for k in local.components},
+                        correct=[x for p in parts for x in p.correct], answers=[x for p in parts for x in p.answers],
+                        errors=sum(p.errors for p in parts), timeouts=sum(p.timeouts for p in parts))
+
+
+def control_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> torch.Tensor:
+    """The rewards as trained on: as scored, or for the control, the same rewards handed to random completions
+    (same mean and spread, no signal)."""
+    if cfg.control != "random-reward":
+        return rewards
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, "control"))
+    return rewards[torch.randperm(len(rewards), generator=generator)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,15 +242,20 @@ class MicroBatch:
 
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
-                       pad_id: int, device) -> list[MicroBatch]:
+                       pad_id: int, device, share: range | None = None) -> list[MicroBatch]:
+    """The micro-batches of the sequences in share (this rank's; all by default), their loss weights normalised
+    over every kept sequence of the whole batch, so that the ranks' gradients sum to the whole batch's."""
     rows = keep.nonzero().squeeze(-1)
     lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows.tolist()])
     seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)  # normalised over every kept sequence
+    trained = torch.ones(len(rows), dtype=torch.bool)
+    if share is not None:
+        trained &= (rows >= share.start) & (rows < share.stop)
     if cfg.skip_zero_advantage and cfg.kl_coef == 0:
         # A zero advantage gives its tokens exactly zero gradient (without a KL term), so those sequences, often most
         # of a batch late in training, skip the forward and backward passes. The update is the same.
-        trained = advantages[rows] != 0
-        rows, lengths, seq_weights = rows[trained], lengths[trained], seq_weights[trained]
+        trained &= advantages[rows] != 0
+    rows, lengths, seq_weights = rows[trained], lengths[trained], seq_weights[trained]
     rows = rows.tolist()
     batches = []
     for start in range(0, len(rows), cfg.micro_batch_size):
@@ -237,9 +292,10 @@ def _right_padded(seqs: list[list[int]], pad_id: int):
 
 
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
-                  cfg: GRPOConfig, clock: PhaseClock | None = None) -> dict:
-    """updates_per_batch optimizer steps over the rollouts; a non-finite loss or gradient skips the step. The
-    gradients are freed after the last step: the rollouts that come next do not need them."""
+                  cfg: GRPOConfig, clock: PhaseClock | None = None, world: World = World()) -> dict:
+    """updates_per_batch optimizer steps over the rollouts (this rank's micro-batches; the gradients summed over
+    ranks); a non-finite loss or gradient on any rank skips the step. The gradients are freed after the last step:
+    the rollouts that come next do not need them."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
@@ -248,9 +304,13 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         optimizer.zero_grad(set_to_none=True)
         with moe.count_loads(model) as counted:
             finite = all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
-        if finite and not batches:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
+        finite, trained = world.all(finite), not world.all(not batches)
+        if finite and not trained:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
+        if finite:
+            world.sum_gradients(model.parameters())
+        world.sum_counts(counted)
         clock.lap("forward_backward")
         stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
         clock.lap("optimizer")
@@ -260,12 +320,21 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         totals["skipped"] += stepped["skipped_nonfinite"]
         totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
     optimizer.zero_grad(set_to_none=True)
+    _sum_totals(world, totals)
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
             "kl": totals["kl"] / tokens if ref_model is not None else None,
             "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
             "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
             **_logp_diff(totals), **moe.load_metrics(loads)}
+
+
+def _sum_totals(world: World, totals: dict) -> None:
+    """The figures of every rank's micro-batches, as one process would have counted them (grad_norm and skipped
+    are the same on every rank already)."""
+    summed = [k for k in totals if k not in ("grad_norm", "skipped", "logp_diff_max")]
+    totals.update(zip(summed, world.sum([totals[k] for k in summed])))
+    totals["logp_diff_max"] = max(world.gather(totals["logp_diff_max"]))
 
 
 def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update: int, totals: dict) -> bool:
@@ -374,10 +443,14 @@ def sandbox_metrics(task: Task, log) -> dict:
     return {f"sandbox/{layer}": 1.0 for layer in layers}
 
 
-def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: Task, eval_cfg, problems, log) -> None:
-    """The held-out evaluation, said before it starts (it can take minutes) and printed when done."""
+def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: Task, eval_cfg, problems, log,
+            world: World = World()) -> None:
+    """The held-out evaluation (each rank a share of the problems), said before it starts (it can take minutes) and
+    printed when done."""
     log(f"grpo: held-out evaluation at step {step}: {len(problems)} problems x {eval_cfg.samples} samples")
-    result = evaluate_policy(engine, task, eval_cfg, problems)
+    result = evaluate_policy(engine, task, eval_cfg, problems, world)
+    if not world.main:
+        return
     log(f"grpo: held-out at step {step}: pass@1 {result.pass_at_1:.1%}, cons@{result.k} {result.cons_at_k:.1%}, "
         f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens")
     logger.log_eval(step, "heldout", result.to_dict())

@@ -24,6 +24,7 @@ import torch
 from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
                               load_checkpoint, update_run_config)
 from r1lab.config import save_config
+from r1lab.distributed import World
 from r1lab.policy import DTYPES, step_seed
 
 # Large enough that each chunk's three products with the (V, D) head are efficient matrix products: at the
@@ -90,14 +91,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 
 
 def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
-               free: frozenset = RESUME_FREE_FIELDS) -> int:
+               world: World = World(), free: frozenset = RESUME_FREE_FIELDS) -> int:
     """The number of steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0.
 
     A damaged newer checkpoint is named and skipped; settings that differ from the run's (other than `free` ones)
-    are refused with the difference, before anything is loaded, unless cfg.allow_config_change."""
-    if not cfg.resume or (ckpt := find_resume_checkpoint(run, log)) is None:
+    are refused with the difference, before anything is loaded, unless cfg.allow_config_change. Under torchrun,
+    rank 0 chooses and checks; every rank loads (the checkpoint may come from another number of ranks)."""
+    if not cfg.resume:
         return 0
-    check_config_change(run, dataclasses.asdict(cfg), checkpoint_step(ckpt), cfg.allow_config_change, free)
+    ckpt = None
+    if world.main and (ckpt := find_resume_checkpoint(run, log)) is not None:
+        check_config_change(run, dataclasses.asdict(cfg), checkpoint_step(ckpt), cfg.allow_config_change, free)
+    if (ckpt := world.broadcast(ckpt)) is None:
+        return 0
     start = load_checkpoint(ckpt, model, optimizer)
     log(f"resumed from {ckpt} (step {start})")
     return start

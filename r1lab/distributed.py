@@ -1,0 +1,184 @@
+"""Running under torchrun: this process's rank in the job, and the few collectives r1lab's loops need.
+
+`torchrun --nproc-per-node N -m r1lab grpo ...` starts N copies of the command; torchrun sets RANK, WORLD_SIZE,
+LOCAL_RANK and the rendezvous, and join_world() joins them into one torch.distributed process group (gloo on CPUs,
+NCCL on GPUs). Without torchrun, World() is a job of one and every collective below is the identity, so the loops
+read the same either way.
+
+How work divides: every rank computes the step's whole batch of problems (a pure function of seed and step) and
+takes its own contiguous share of them; sampling is seeded per (seed, step, prompt), never per rank, so N ranks
+draw exactly the samples one process would. What the update needs from all ranks (rewards, for the advantages and
+the loss normalisation) is gathered; each rank trains on its own sequences, and the gradients are summed across
+ranks. A collective that waits longer than the job's timeout (a rank that hung or died) raises on the ranks still
+waiting, and torchrun ends the job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+GRADIENT_BUCKET_BYTES = 32 << 20  # gradients are summed in flat buckets of about this size (one collective each)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: rank in 0..size-1 (local_rank on its node)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # where collectives' tensors must live: the rank's GPU under NCCL
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over ranks (a new tensor on t's device; t itself when already on the collective's device)."""
+        if t.device == torch.device(self.device):
+            dist.all_reduce(t)
+            return t
+        moved = t.to(self.device)
+        dist.all_reduce(moved)
+        return moved.to(t.device)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs, prints progress and writes the run's files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of n items (sizes differ by at most one when size does not divide n)."""
+        return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
+
+    def gather(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank (picklable objects)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def concat(self, items: list) -> list:
+        """Every rank's list, concatenated in rank order: the whole batch again, from each rank's share of it."""
+        return [x for part in self.gather(items) for x in part]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks (in float64: counts and loss totals)."""
+        if not self.distributed:
+            return list(values)
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def all(self, flag: bool) -> bool:
+        """True when flag is True on every rank."""
+        return bool(self.sum([0.0 if flag else 1.0])[0] == 0.0)
+
+    def broadcast(self, obj):
+        """Rank 0's obj, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def sum_counts(self, counts: dict) -> None:
+        """Sum, in place, a dict of tensors every rank holds under the same keys (MoE expert loads)."""
+        if self.distributed:
+            for key in sorted(counts):
+                counts[key].copy_(self._all_reduce(counts[key]))
+
+    def sum_gradients(self, params) -> None:
+        """Replace each parameter's gradient by its sum over ranks (a missing one counts as zero), as DDP's bucketed
+        all-reduce does: the loss is normalised over the whole batch already, so the sum is the full gradient.
+
+        Not DDP itself: DDP syncs from hooks set up by a forward through its wrapper, while training here goes
+        through completion_hidden_states and a hand-written LM-head backward, and a rank may train on no sequence
+        at all in a step (all of its advantages zero), which DDP's hooks would wait for forever."""
+        if not self.distributed:
+            return
+        params = [p for p in params if p.requires_grad]
+        # A parameter no rank used (an expert no token was routed to) keeps no gradient, as in one process, where
+        # the optimizer then leaves it alone; one that some rank used gets zeros from the others.
+        used = self._all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
+        params = [p for p, n in zip(params, used.tolist()) if n > 0]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+        for bucket in _buckets([p.grad for p in params], GRADIENT_BUCKET_BYTES):
+            flat = self._all_reduce(torch.cat([g.reshape(-1) for g in bucket]))
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, grouped up to about max_bytes each."""
+    buckets, current, size = [], [], 0
+    for t in tensors:
+        if current and (size + t.numel() * t.element_size() > max_bytes or t.dtype != current[0].dtype
+                        or t.device != current[0].device):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.numel() * t.element_size()
+    return buckets + ([current] if current else [])
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def current_world() -> World:
+    """The job this process is part of (World() when it is alone), read from the environment torchrun sets."""
+    if not launched_by_torchrun():
+        return World()
+    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def join_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
+    """Join the torchrun job (once per process), and this rank's device: on CUDA, the GPU of its local rank.
+
+    timeout_s bounds every collective: a rank that stops answering (hung, killed) makes the others raise after
+    that long, naming the wait, instead of the job hanging silently."""
+    world = current_world()
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+        world = dataclasses.replace(world, device=str(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return world, device
+
+
+def leave_world() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Silent:
+    """Stands in for a logger or progress bar on ranks other than 0: every call does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -1,0 +1,142 @@
+"""torchrun on this machine's CPUs (gloo): 2 ranks train, resume and evaluate exactly as one process does."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1lab.distributed import World
+
+TASK = ["--task-options", '{"min_terms": 3, "max_terms": 4}']
+GRPO = ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--micro-batch-size", "3", "--max-new-tokens", "24",
+        "--eval-every", "0", "--lr", "1e-3", "--save-every", "2", "--threads", "1", "--samples-every", "0"]
+
+
+def r1lab(args, ranks=1, timeout=300, check=True):
+    """`python -m r1lab ARGS`, or under torchrun with `ranks` processes; the finished process."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
+    command = (launcher if ranks > 1 else [sys.executable]) + ["-m", "r1lab", *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode:
+        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, tmp_path_factory):
+    """3 GRPO steps of the same global batch and seed, in 1 process and in 2 (checkpoints at step 2)."""
+    root = tmp_path_factory.mktemp("dist")
+    for name, ranks in (("one", 1), ("two", 2)):
+        r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 3, "--out", root / name], ranks)
+    return root
+
+
+def test_two_ranks_reach_the_weights_of_one_process(runs, tiny_base):
+    one, two = weights(runs / "one" / "model"), weights(runs / "two" / "model")
+    assert max_difference(one, two) <= 1e-5
+    assert max_difference(one, weights(tiny_base)) > 1e-4  # the steps did train
+    # rank 0 alone wrote the run: one metrics row per step, with the whole batch's figures
+    rows = [json.loads(line) for line in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+    single = [json.loads(line) for line in (runs / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for a, b in zip(rows, single):
+        assert a["completion_tokens"] == b["completion_tokens"] and a["reward/mean"] == b["reward/mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def resumed(runs, source, name, ranks, tiny_base):
+    """Copy source's run up to its step-2 checkpoint and continue it to step 3 with `ranks` processes."""
+    target = runs / name
+    shutil.copytree(runs / source, target)
+    shutil.rmtree(target / "model")
+    shutil.rmtree(target / "checkpoints" / "step_000003", ignore_errors=True)
+    r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 3, "--out", target, "--resume"], ranks)
+    return weights(target / "model")
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(runs, tiny_base):
+    assert (runs / "two" / "checkpoints" / "step_000002" / "optimizer" / ".metadata").exists()
+    continued = weights(runs / "two" / "model")
+    assert max_difference(resumed(runs, "two", "two-then-one", 1, tiny_base), continued) <= 1e-5
+    assert max_difference(resumed(runs, "one", "one-then-two", 2, tiny_base), continued) <= 1e-5
+
+
+def test_sharded_evaluation_equals_one_process_exactly(tiny_base, tmp_path):
+    args = ["eval", "--model", tiny_base, *TASK, "--problems", 7, "--samples", 3, "--max-new-tokens", 24,
+            "--threads", 1]
+    r1lab([*args, "--out", tmp_path / "one.json"])
+    r1lab([*args, "--out", tmp_path / "two.json"], ranks=2)  # 7 problems: shares of 3 and 4
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["test"] for n in ("one", "two"))
+    assert one == two and one["n_problems"] == 7 and len(two["records"]) == 7
+
+
+def test_a_batch_that_does_not_divide_across_ranks_is_refused(tiny_base, tmp_path):
+    done = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--prompts-per-step", 3, "--steps", 1,
+                  "--out", tmp_path / "run"], ranks=2, check=False)
+    assert done.returncode != 0
+    assert "rank 0 of 2: error: prompts_per_step 3 does not divide across 2 ranks" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_killed_rank_ends_the_job_naming_it(tiny_base, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "r1lab",
+               "grpo", "--model", str(tiny_base), *TASK, *GRPO, "--steps", "1000", "--save-every", "0",
+               "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # training has started on both ranks
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(rank_pid(job.pid, 1), signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = job.communicate(timeout=60)
+        assert time.monotonic() - killed < 30
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert "rank      : 1 (local_rank: 1)" in output and "Signal 9 (SIGKILL)" in output
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of the worker with RANK=rank among the torchrun launcher's children."""
+    for child in open(f"/proc/{launcher}/task/{launcher}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+def test_shares_cover_every_item_once():
+    for n in range(0, 12):
+        for size in (1, 2, 3, 5):
+            shares = [World(rank, size).share(n) for rank in range(size)]
+            assert [i for s in shares for i in s] == list(range(n))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_one_process_world_collectives_are_the_identity():
+    world = World()
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.full((3,), 2.0)
+    world.sum_gradients([param])
+    assert world.main and not world.distributed and world.concat([1, 2]) == [1, 2] and world.sum([1.5]) == [1.5]
+    assert torch.equal(param.grad, torch.full((3,), 2.0)) and world.all(True) and not world.all(False)
