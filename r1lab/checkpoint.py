@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from r1lab.distributed import World
 from r1lab.model import CausalLM, load_model, save_model
+from r1lab.sharding import full_state_dict, load_full_state_dict
 from r1lab.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
@@ -48,7 +49,7 @@ CHANGES_FILE = "config_changes.jsonl"
 # saves, evaluates and logs, and where. SFT's cosine schedule depends on the number of steps: it passes a list
 # without "steps" and "epochs".
 RESUME_FREE_FIELDS = frozenset({"steps", "save_every", "eval_every", "samples_every", "threads", "device",
-                                "dist_timeout_s", "time_limit_s", "resume", "out", "allow_config_change"})
+                                "dist_timeout_s", "shard", "time_limit_s", "resume", "out", "allow_config_change"})
 
 
 class CheckpointError(ValueError):
@@ -82,9 +83,10 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
     optimizer state, which each rank writes its part of."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
+    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp)
+        save_model(model, tmp, state=state)
         tokenizer.save(tmp)
         torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
     world.barrier()
@@ -255,7 +257,7 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
     except (ValueError, OSError, RuntimeError) as err:  # safetensors raises its own errors, all ValueError/OSError
         raise CheckpointError(f"{path}: its model cannot be read ({_first_line(err)})") from None
     _check_same_shapes(Path(path), saved, model)
-    model.load_state_dict(saved.state_dict())
+    load_full_state_dict(model, saved.state_dict())
     try:
         state = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=False)
         if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint

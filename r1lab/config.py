@@ -421,6 +421,8 @@ class GRPOConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
+                                 "state (models of 1M parameters and more)")
     dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
                                            "dead) ends the job with an error", gt=0)
 
@@ -527,6 +529,8 @@ class SFTConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
+                                 "state (models of 1M parameters and more)")
     dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
                                            "dead) ends the job with an error", gt=0)
 

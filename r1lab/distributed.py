@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 GRADIENT_BUCKET_BYTES = 32 << 20  # gradients are summed in flat buckets of about this size (one collective each)
 
@@ -106,7 +107,7 @@ class World:
         at all in a step (all of its advantages zero), which DDP's hooks would wait for forever."""
         if not self.distributed:
             return
-        params = [p for p in params if p.requires_grad]
+        params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]  # FSDP reduces its own
         # A parameter no rank used (an expert no token was routed to) keeps no gradient, as in one process, where
         # the optimizer then leaves it alone; one that some rank used gets zeros from the others.
         used = self._all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))

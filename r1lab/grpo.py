@@ -30,10 +30,11 @@ from r1lab.phases import PhaseClock
 from r1lab.policy import DTYPES, check_context, encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
 from r1lab.runtime import setup_training_process
+from r1lab.sharding import full_state_dict, full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.sandbox import active_layers
 from r1lab.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
-from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, make_optimizer, optimizer_step, resume_run,
-                         save_run_config, set_lr, token_logprobs, training_precision)
+from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, idle_pass, make_optimizer, optimizer_step,
+                         resume_run, save_run_config, set_lr, token_logprobs, training_precision)
 
 RL_BETA2 = 0.99  # see make_optimizer
 
@@ -52,6 +53,9 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         log(f"grpo: {cfg.task}: {task.split_summary()}")
     model, tokenizer = load_policy(cfg.model, device)
     ref_model = copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False) if cfg.kl_coef else None
+    rollout = rollout_policy(model, cfg)  # before any sharding: the engine samples from full weights
+    if cfg.shard:
+        shard_model(model, world)
     stream = PromptStream(task, cfg)
     eval_cfg = cfg.eval_config()
     eval_problems = heldout_problems(task, "test", cfg.eval_problems, cfg.seed) if cfg.eval_every else []
@@ -61,7 +65,9 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     isolation = sandbox_metrics(task, log)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
     start = resume_run(run, cfg, model, optimizer, log, world)
-    engine = Engine(rollout_policy(model, cfg), tokenizer)  # after a resume, so that it has the resumed weights
+    if start:
+        sync_rollout_policy(rollout, model)  # the resumed weights
+    engine = Engine(rollout, tokenizer)
     if world.main:
         save_run_config(run, cfg, start)
     log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
@@ -85,8 +91,9 @@ def train(cfg: GRPOConfig, log=print) -> Path:
                 break
         if cfg.eval_every:
             heldout(logger, run, step + 1, engine, task, eval_cfg, eval_problems, log, world)
+    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
     if world.main:
-        save_model(model, run / "model")
+        save_model(model, run / "model", state=state)
         tokenizer.save(run / "model")
     world.barrier()  # no rank exits (ending the job) before the final model is written
     return run / "model"
@@ -117,7 +124,7 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
         keep = ~uniform_groups(rewards, cfg.samples_per_prompt).repeat_interleave(cfg.samples_per_prompt)
     clock.lap("score")
     update = {"skipped_nonfinite": 0}
-    if keep.any():
+    if keep.any():  # every rank agrees: keep is the whole batch's
         G = cfg.samples_per_prompt
         batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id,
                                      model.lm_head.weight.device, range(mine.start * G, mine.stop * G))
@@ -300,10 +307,12 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
     loads: dict = {}  # MoE models: tokens per expert in these forward passes, per layer
+    # FSDP: every rank runs as many passes as the busiest one (each pass gathers weights with all ranks)
+    passes = max(world.gather(len(batches))) if is_sharded(model) else len(batches)
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         with moe.count_loads(model) as counted:
-            finite = all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
+            finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals)
         finite, trained = world.all(finite), not world.all(not batches)
         if finite and not trained:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
             for p in model.parameters():
@@ -319,6 +328,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
         moe.add_loads(loads, counted)
         totals["skipped"] += stepped["skipped_nonfinite"]
         totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
+    held = held_bytes(model, optimizer)  # this rank's share, gradients included (freed just below)
     optimizer.zero_grad(set_to_none=True)
     _sum_totals(world, totals)
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
@@ -326,7 +336,25 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             "kl": totals["kl"] / tokens if ref_model is not None else None,
             "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
             "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
-            **_logp_diff(totals), **moe.load_metrics(loads)}
+            **{f"memory/rank_{k}_mb": v / 2**20 for k, v in held.items()}, **_logp_diff(totals),
+            **moe.load_metrics(loads)}
+
+
+def _run_micro_batches(model, ref_model, batches: list[MicroBatch], passes: int, cfg: GRPOConfig, update: int,
+                       totals: dict) -> bool:
+    """Forward and backward of each micro-batch; False when a loss was not finite (the step is then dropped). One
+    process, or replicated ranks: the first non-finite loss ends the loop. FSDP (passes may exceed this rank's
+    micro-batches): idle passes make up the count, also in place of the passes after a non-finite loss."""
+    if not is_sharded(model):
+        return all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
+    finite = True
+    for i in range(passes):
+        if finite and i < len(batches):
+            if _micro_batch_loss(model, ref_model, batches[i], cfg, update, totals):
+                continue
+            finite = False
+        idle_pass(model)
+    return finite
 
 
 def _sum_totals(world: World, totals: dict) -> None:
@@ -393,17 +421,19 @@ def _logp_diff(totals: dict) -> dict:
 
 def rollout_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM:
     """The weights the engine samples from: the policy itself in float32; in bfloat16 a bf16 copy of the float32
-    master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy."""
-    if cfg.dtype == "float32":
+    master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy; with shard a
+    full copy (weights only) of the policy about to be sharded."""
+    if cfg.dtype == "float32" and not cfg.shard:
         return model
     return copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False).eval()
 
 
 @torch.no_grad()
 def sync_rollout_policy(rollout: CausalLM, model: CausalLM) -> None:
+    """The rollout copy's weights := the policy's (gathered, one parameter at a time, when sharded)."""
     if rollout is not model:  # parameters() lists a tied embedding once in both, in the same order
         for r, p in zip(rollout.parameters(), model.parameters()):
-            r.copy_(p)
+            r.copy_(full_tensor(p))
         moe.copy_routing_bias(rollout, model)  # a buffer, updated outside the gradient
 
 

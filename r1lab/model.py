@@ -512,14 +512,16 @@ def _owned(joined: dict, mapped: dict, device) -> dict:
     return {name: t.to(device=device, copy=name in mapped) for name, t in joined.items()}
 
 
-def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load."""
+def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
+               state: dict | None = None) -> None:
+    """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load; the
+    weights are model's own, or state (a full state dict of it, e.g. gathered from the ranks of a sharded model)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
-             for k, v in split_fused(model.state_dict(), model.config).items()}
+             for k, v in split_fused(model.state_dict() if state is None else state, model.config).items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # shared with embed_tokens; safetensors refuses aliased tensors
     dtype = dtype or next(model.parameters()).dtype

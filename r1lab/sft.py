@@ -19,6 +19,7 @@ from r1lab import moe
 from r1lab.chat_data import ChatFields, SFTData, build_sft_data, read_conversations
 from r1lab.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.config import SFTConfig
+from r1lab.distributed import Silent, World, join_world
 from r1lab.metrics import MetricsLogger, training_progress
 from r1lab.model import CausalLM, save_model
 from r1lab.policy import load_policy, pick_device
@@ -36,31 +37,40 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     cfg.check()
     setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
+    world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of a batch
+    log = log if world.main else Silent().log
     run = Path(cfg.out)
     rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device))
+    model, tokenizer = load_policy(cfg.model, device)
     data = build_sft_data(tokenizer, rows, cfg)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.train_docs) / cfg.batch_size))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2)
     # The cosine schedule depends on the total number of steps, so in SFT changing them changes the rest of the run.
-    start = resume_run(run, cfg, model, optimizer, log, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
-    save_run_config(run, cfg, start, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
+    start = resume_run(run, cfg, model, optimizer, log, world, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
     summary = data.summary()
-    (run / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if world.main:
+        save_run_config(run, cfg, start, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
+        (run / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(f"sft: {summary['train']} conversations for training, {summary['heldout']} held out, "
         f"{summary['dropped_too_long']} of {summary['rows']} dropped as longer than max_len {cfg.max_len}; "
         f"{summary['target_tokens']} target tokens of {summary['tokens']}; {steps} steps of {cfg.batch_size} "
         f"conversations = {steps * cfg.batch_size / len(data.train_docs):.2f} epochs")
-    with MetricsLogger(run, resume_step=start) as logger, training_progress(steps, start) as bar:
+    logger = MetricsLogger(run, resume_step=start) if world.main else Silent()
+    with logger, training_progress(steps, start) if world.main else Silent() as bar:
         if data.eval_docs and start == 0:
-            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg)  # the loss before any training
+            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
         train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
                  lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, log=log,
                  optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
                  max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
-                 moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft",
-                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar))
-    return _save_final(model, tokenizer, data.closers, run / "model", log)
+                 moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
+                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
+    _add_stop_tokens(model, tokenizer, data.closers, log)
+    if world.main:
+        save_model(model, run / "model")
+        tokenizer.save(run / "model")
+    world.barrier()  # no rank exits (ending the job) before the final model is written
+    return run / "model"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,11 +82,12 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
              on_step: StepCallback | None = None, name: str = "pretrain",
-             moe_bias_update_speed: float = 0.0) -> list[float]:
+             moe_bias_update_speed: float = 0.0, world: World = World()) -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
-    on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there.
+    on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there. Under torchrun
+    every rank walks the same order and trains on its share of each batch.
     moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/moe.py update_routing_bias).
     """
     order = EpochOrder(len(docs), seed)
@@ -88,7 +99,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
         set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
         metrics = lm_step(model, optimizer, [docs[i] for i in picked],
                           None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
-                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed)
+                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world)
         metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
         losses.append(metrics["loss"])
         if step % 50 == 0 or step == steps - 1:
@@ -101,15 +112,19 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
 def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[int]],
             loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
-            moe_bias_update_speed: float = 0.0) -> dict:
+            moe_bias_update_speed: float = 0.0, world: World = World()) -> dict:
     """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
-    split into micro-batches. A non-finite loss or gradient skips the step (the weights stay as they were). An MoE
-    model's expert loads in these forward passes give moe/* metrics and, after the step, balance its routing bias."""
+    split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
+    loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
+    passes give moe/* metrics and, after the step, balance its routing bias."""
     device = next(model.parameters()).device
-    size = micro_batch_size or len(docs)
+    n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
+    mine = world.share(len(docs))
+    docs = docs[mine.start : mine.stop]
+    loss_masks = None if loss_masks is None else loss_masks[mine.start : mine.stop]
+    size = micro_batch_size or len(docs) or 1
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
-    n_targets = sum(int(mask[:, 1:].sum()) for _, mask in batches)
     optimizer.zero_grad(set_to_none=True)
     total, finite = 0.0, True
     with moe.count_loads(model) as loads:
@@ -122,10 +137,21 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
                 break
             loss.backward()
             total += loss.item()
+    finite, (total,) = world.all(finite), world.sum([total])
+    if finite:
+        world.sum_gradients(model.parameters())
+    world.sum_counts(loads)
     stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
     if not stepped["skipped_nonfinite"]:
         moe.update_routing_bias(model, loads, moe_bias_update_speed)
     return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads)}
+
+
+def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None) -> int:
+    """The target tokens of a batch (lm_batch's mask[:, 1:]): all tokens but each document's first, or the masked."""
+    if loss_masks is None:
+        return sum(max(len(d) - 1, 0) for d in docs)
+    return sum(sum(mask[1:]) for mask in loss_masks)
 
 
 def lm_batch(docs: list[list[int]], pad_id: int,
@@ -162,48 +188,49 @@ def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recomput
 
 @torch.no_grad()
 def heldout_loss(model: CausalLM, docs: list[list[int]], masks: list[list[bool]], pad_id: int,
-                 batch_size: int) -> float:
-    """Mean cross-entropy per target token over held-out conversations."""
+                 batch_size: int, world: World = World()) -> float:
+    """Mean cross-entropy per target token over held-out conversations (each rank a share of them)."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, n = 0.0, 0
-    for s in range(0, len(docs), batch_size):
-        ids, mask = lm_batch(docs[s : s + batch_size], pad_id, masks[s : s + batch_size])
+    mine = world.share(len(docs))
+    for s in range(mine.start, mine.stop, batch_size):
+        end = min(s + batch_size, mine.stop)
+        ids, mask = lm_batch(docs[s:end], pad_id, masks[s:end])
         total += lm_loss_sum(model, ids.to(device), mask.to(device)).item()
         n += int(mask[:, 1:].sum())
     model.train(was_training)
+    total, n = world.sum([total, n])
     return total / max(1, n)
 
 
-def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int, cfg: SFTConfig) -> None:
-    loss = heldout_loss(model, data.eval_docs, data.eval_masks, pad_id, cfg.micro_batch_size or cfg.batch_size)
+def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int, cfg: SFTConfig,
+                 world: World = World()) -> None:
+    loss = heldout_loss(model, data.eval_docs, data.eval_masks, pad_id, cfg.micro_batch_size or cfg.batch_size, world)
     logger.log_eval(step, "heldout", {"loss": loss})
 
 
 def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer, optimizer, data: SFTData,
-               logger, bar) -> StepCallback:
+               logger, bar, world: World = World()) -> StepCallback:
     """What runs after each SFT step: metrics file, progress bar, held-out loss, checkpoints."""
 
     def on_step(step: int, metrics: dict) -> None:
         logger.log(step, metrics)
         bar.update(step, metrics)
         if data.eval_docs and (step % cfg.eval_every == 0 or step == steps):
-            _log_heldout(logger, step, model, data, tokenizer.pad_id, cfg)
+            _log_heldout(logger, step, model, data, tokenizer.pad_id, cfg, world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer)
+            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world)
 
     return on_step
 
 
-def _save_final(model: CausalLM, tokenizer: Tokenizer, closers: set[int], path: Path, log) -> Path:
-    """The model in Hugging Face format; turn-closing tokens that were not stop tokens become ones, since the model
-    has just learned to end its answers with them (e.g. ChatML's <|im_end|> on a base model's tokenizer)."""
+def _add_stop_tokens(model: CausalLM, tokenizer: Tokenizer, closers: set[int], log) -> None:
+    """Turn-closing tokens that were not stop tokens become ones, since the model has just learned to end its
+    answers with them (e.g. ChatML's <|im_end|> on a base model's tokenizer)."""
     extra = sorted(closers - tokenizer.eos_ids)
     if extra:
         current = model.config.eos_token_id
         model.config.eos_token_id = ([current] if isinstance(current, int) else list(current or [])) + extra
         names = ", ".join(repr(tokenizer.backend.id_to_token(i)) for i in extra)
         log(f"sft: assistant turns end with {names}; added to the model's end-of-text ids so generation stops there")
-    save_model(model, path)
-    tokenizer.save(path)
-    return path

@@ -202,6 +202,16 @@ class _HeadLogprobs(torch.autograd.Function):
         return grad_hidden, None if ctx.tied else grad_weight, None, None, None, None, None, None, None
 
 
+def idle_pass(model) -> None:
+    """A forward and backward pass that adds nothing to any gradient. Under FSDP (r1lab/sharding.py) every pass
+    gathers weights and reduces gradients with all ranks at once, so a rank with fewer micro-batches than another
+    (or one whose loss was not finite) runs these to keep step with the rest."""
+    device = model.lm_head.weight.device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    logp, _ = token_logprobs(model, model.hidden_states(token)[0], token[0])
+    (logp.sum() * 0.0).backward()
+
+
 def _chunk_log_softmax(hidden, weight_c, temperature: float, dtype: torch.dtype) -> torch.Tensor:
     """(n, V) float32 log-softmax of the chunk's logits / temperature, the projection in dtype (weight_c is in it)."""
     with _no_autocast(hidden.device.type):

@@ -140,3 +140,46 @@ def test_one_process_world_collectives_are_the_identity():
     world.sum_gradients([param])
     assert world.main and not world.distributed and world.concat([1, 2]) == [1, 2] and world.sum([1.5]) == [1.5]
     assert torch.equal(param.grad, torch.full((3,), 2.0)) and world.all(True) and not world.all(False)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_base, tmp_path_factory):
+    """A random-initialised model of 1.3M parameters (FSDP refuses smaller ones) with the tiny base's tokenizer, and
+    a reward file whose reward varies between its random completions (the length), so that GRPO has a gradient."""
+    from r1lab.model import CausalLM, ModelConfig, save_model
+    from r1lab.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("wide")
+    base = json.loads((tiny_base / "config.json").read_text())
+    cfg = ModelConfig(vocab_size=base["vocab_size"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=base["eos_token_id"], bos_token_id=base.get("bos_token_id"))
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    save_model(model, root / "model")
+    load_tokenizer(tiny_base).save(root / "model")
+    (root / "length.py").write_text("def reward(completion, problem):\n    return len(completion) / 100\n")
+    return root
+
+
+def test_fsdp_trains_the_steps_of_unsharded_ranks_with_half_the_memory_each(wide_model, tmp_path):
+    args = ["grpo", "--model", wide_model / "model", *TASK, *GRPO, "--steps", 3, "--save-every", 0,
+            "--accuracy-weight", 0, "--format-weight", 0, "--reward-functions",
+            json.dumps({f"{wide_model / 'length.py'}:reward": 1.0})]
+    r1lab([*args, "--out", tmp_path / "ddp"], ranks=2)
+    r1lab([*args, "--out", tmp_path / "fsdp", "--shard"], ranks=2)
+    ddp, fsdp = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "fsdp" / "model")
+    assert max_difference(ddp, fsdp) <= 1e-5
+    assert max_difference(ddp, weights(wide_model / "model")) > 1e-4  # the steps did train
+    last = [json.loads((tmp_path / r / "metrics.jsonl").read_text().splitlines()[-1]) for r in ("ddp", "fsdp")]
+    for held in ("weights", "optimizer"):  # rank 0's share: half, up to the optimizer's per-tensor step counts
+        assert last[1][f"memory/rank_{held}_mb"] == pytest.approx(last[0][f"memory/rank_{held}_mb"] / 2, rel=0.01)
+
+
+def test_fsdp_refuses_one_process_and_a_small_model(tiny_base, tmp_path):
+    alone = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 1, "--shard", "--out", tmp_path / "a"],
+                  check=False)
+    assert alone.returncode == 2 and "shard: FSDP splits a model across the ranks of a torchrun job" in alone.stderr
+    small = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 1, "--shard", "--out", tmp_path / "b"],
+                  ranks=2, check=False)
+    assert small.returncode != 0 and "parameters, under 1,000,000" in small.stderr
