@@ -131,7 +131,15 @@ RUNNERS = {
 }
 
 
+# Commands that divide their work across the ranks of a torchrun job. distill and pipeline chain these (run their
+# stages as these commands under torchrun); the others run in one process.
+TORCHRUN_COMMANDS = ("grpo", "sft", "sample", "eval")
+
+
 def dispatch(command: str, cfg) -> None:
+    if rank_and_size()[1] > 1 and command not in TORCHRUN_COMMANDS:
+        raise ValueError(f"r1lab {command} runs in one process, not under torchrun; torchrun runs "
+                         f"{', '.join(TORCHRUN_COMMANDS)} (distill's and pipeline's stages are these commands)")
     module_name, function, result = RUNNERS[command]
     try:
         module = importlib.import_module(module_name)

@@ -19,6 +19,7 @@ import torch
 
 from r1lab.checkpoint import STATE_FILE
 from r1lab.config import SampleConfig, save_config
+from r1lab.distributed import Silent, join_world
 from r1lab.engine import Engine, Sample
 from r1lab.language import check_target, language_consistency
 from r1lab.metrics import training_progress
@@ -119,6 +120,17 @@ class Tally:
     scorer_errors: int = 0
     scorer_timeouts: int = 0
 
+    @classmethod
+    def merged(cls, tallies: list[Tally]) -> Tally:
+        """The tally of the whole job, from each rank's."""
+        total = cls()
+        for t in tallies:
+            for name in ("prompts", "sampled", "kept", "prompts_with_kept", "correct", "scorer_errors",
+                         "scorer_timeouts"):
+                setattr(total, name, getattr(total, name) + getattr(t, name))
+            total.rejected.update(t.rejected)
+        return total
+
     def summary(self) -> dict:
         return {"prompts": self.prompts, "sampled": self.sampled, "kept": self.kept,
                 "kept_share": self.kept / max(1, self.sampled), "prompts_with_kept": self.prompts_with_kept,
@@ -195,24 +207,32 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     cfg.check()
     setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
+    world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of prompts
+    log = log if world.main else Silent().log
     out = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     problems = pick_problems(task, cfg)
     filters = Filters.of(cfg)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype)
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype)
     engine = Engine(model, tokenizer)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}
-    save_config(cfg, out.with_name(out.stem + ".config.yaml"))
+    if world.main:
+        save_config(cfg, out.with_name(out.stem + ".config.yaml"))
     log(f"sample: {len(problems)} prompts x {cfg.samples} samples from {cfg.model}, "
-        f"{cfg.prompts_per_chunk} prompts per generate call")
+        f"{cfg.prompts_per_chunk} prompts per generate call" + (f", {world.size} ranks" if world.distributed else ""))
     rows, tally = [], Tally()
-    chunks = range(0, len(problems), cfg.prompts_per_chunk)
-    with training_progress(len(chunks)) as bar:
+    mine = world.share(len(problems))  # every prompt's samples are seeded by its index: the same rows at any N
+    chunks = range(mine.start, mine.stop, cfg.prompts_per_chunk)
+    with training_progress(len(chunks)) if world.main else Silent() as bar:
         for n, start in enumerate(chunks, 1):
-            chunk = problems[start : start + cfg.prompts_per_chunk]
+            chunk = problems[start : min(start + cfg.prompts_per_chunk, mine.stop)]
             rows += sample_chunk(engine, task, chunk, start, cfg, filters, provenance, tally)
             bar.update(n, {"accuracy": tally.correct / max(1, tally.sampled)})
+    rows, tally = world.concat(rows), Tally.merged(world.gather(tally))
+    if not world.main:
+        world.barrier()
+        return out
     write_jsonl(out, rows)
     if not rows:
         log(f"sample: WARNING: nothing was kept. If the model was trained on another task or task options than "
@@ -220,6 +240,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     summary = {**tally.summary(), "out": str(out)}
     out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(summary_text(summary))
+    world.barrier()  # rank 0 has written: the job may end
     return out
 
 

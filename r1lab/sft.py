@@ -24,9 +24,10 @@ from r1lab.metrics import MetricsLogger, training_progress
 from r1lab.model import CausalLM, save_model
 from r1lab.policy import load_policy, pick_device
 from r1lab.runtime import setup_training_process
+from r1lab.sharding import full_state_dict, is_sharded, shard_model
 from r1lab.tokenizer import Tokenizer
-from r1lab.train import (EpochOrder, cosine_lr, make_optimizer, optimizer_step, resume_run, save_run_config, set_lr,
-                         token_logprobs, training_precision)
+from r1lab.train import (EpochOrder, cosine_lr, idle_pass, make_optimizer, optimizer_step, resume_run,
+                         save_run_config, set_lr, token_logprobs, training_precision)
 
 StepCallback = Callable[[int, dict], None]
 SUPERVISED_BETA2 = 0.95  # see make_optimizer
@@ -42,6 +43,10 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     run = Path(cfg.out)
     rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
     model, tokenizer = load_policy(cfg.model, device)
+    if cfg.shard:
+        if cfg.batch_size % world.size:  # equal shares: FSDP's ranks must run as many passes as each other
+            raise ValueError(f"shard: batch_size {cfg.batch_size} does not divide across {world.size} ranks")
+        shard_model(model, world)
     data = build_sft_data(tokenizer, rows, cfg)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.train_docs) / cfg.batch_size))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2)
@@ -66,8 +71,9 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
     _add_stop_tokens(model, tokenizer, data.closers, log)
+    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
     if world.main:
-        save_model(model, run / "model")
+        save_model(model, run / "model", state=state)
         tokenizer.save(run / "model")
     world.barrier()  # no rank exits (ending the job) before the final model is written
     return run / "model"
@@ -134,7 +140,11 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
                 loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
             if not torch.isfinite(loss):
                 finite = False
-                break
+                if not is_sharded(model):
+                    break
+            if not finite:  # FSDP: the other ranks still run their passes, which this one must join
+                idle_pass(model)
+                continue
             loss.backward()
             total += loss.item()
     finite, (total,) = world.all(finite), world.sum([total])
@@ -189,10 +199,12 @@ def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recomput
 @torch.no_grad()
 def heldout_loss(model: CausalLM, docs: list[list[int]], masks: list[list[bool]], pad_id: int,
                  batch_size: int, world: World = World()) -> float:
-    """Mean cross-entropy per target token over held-out conversations (each rank a share of them)."""
+    """Mean cross-entropy per target token over held-out conversations (each rank a share of them; a sharded
+    model's ranks all run every pass, which gathers weights with each other)."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, n = 0.0, 0
+    world = World() if is_sharded(model) else world
     mine = world.share(len(docs))
     for s in range(mine.start, mine.stop, batch_size):
         end = min(s + batch_size, mine.stop)

@@ -183,3 +183,46 @@ def test_fsdp_refuses_one_process_and_a_small_model(tiny_base, tmp_path):
     small = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 1, "--shard", "--out", tmp_path / "b"],
                   ranks=2, check=False)
     assert small.returncode != 0 and "parameters, under 1,000,000" in small.stderr
+
+
+def chat_rows(path, n=24):
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a % 7}"},
+                          {"role": "assistant", "content": f" <think>{a}+{a % 7}={a + a % 7}</think> "
+                                                           f"<answer>{a + a % 7}</answer>"}]} for a in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+SFT = ["--steps", 3, "--batch-size", 4, "--micro-batch-size", 1, "--lr", "1e-3", "--threads", 1, "--eval-every", 2,
+       "--eval-fraction", 0.3]
+
+
+def test_sft_across_ranks_equals_one_process_and_so_does_fsdp(wide_model, tmp_path):
+    data = chat_rows(tmp_path / "chat.jsonl")
+    args = ["sft", "--model", wide_model / "model", "--data", data, *SFT]
+    r1lab([*args, "--out", tmp_path / "one"])
+    r1lab([*args, "--out", tmp_path / "two"], ranks=2)
+    r1lab([*args, "--out", tmp_path / "fsdp", "--shard"], ranks=2)
+    one = weights(tmp_path / "one" / "model")
+    assert max_difference(one, weights(wide_model / "model")) > 1e-4
+    assert max_difference(one, weights(tmp_path / "two" / "model")) <= 1e-5
+    assert max_difference(one, weights(tmp_path / "fsdp" / "model")) <= 1e-5
+    heldout = [[json.loads(line)["loss"] for line in (tmp_path / r / "eval.jsonl").read_text().splitlines()]
+               for r in ("one", "two", "fsdp")]
+    assert len(heldout[0]) == 3 and heldout[0] == pytest.approx(heldout[1], abs=1e-6) and heldout[0] == pytest.approx(heldout[2], abs=1e-6)
+
+
+def test_rejection_sampling_across_ranks_keeps_the_rows_of_one_process(tiny_base, tmp_path):
+    args = ["sample", "--model", tiny_base, "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", 9,
+            "--samples", 4, "--max-new-tokens", 48, "--prefill", " <think>", "--threads", 1]
+    r1lab([*args, "--out", tmp_path / "one.jsonl"])
+    r1lab([*args, "--out", tmp_path / "two.jsonl"], ranks=2)
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    one, two = (json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("one", "two"))
+    assert {**one, "out": ""} == {**two, "out": ""} and one["sampled"] == 36
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
+    done = r1lab(["pretrain", "--out", tmp_path / "base", "--steps", 1], ranks=2, check=False)
+    assert done.returncode != 0 and "r1lab pretrain runs in one process, not under torchrun" in done.stderr
+    assert not (tmp_path / "base").exists()
