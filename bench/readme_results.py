@@ -11,6 +11,7 @@ edited by hand.
 - realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
+- distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
 - tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
 """
 
@@ -133,6 +134,14 @@ def run_serve(workdir: Path) -> dict:
     return {**stamp(), "command": "python bench/serve_load.py; python bench/serve_load.py --flood", **figures}
 
 
+def run_distributed(workdir: Path) -> dict:
+    out = workdir / "distributed.json"
+    cmd = [sys.executable, "bench/distributed.py", "--workdir", str(workdir / "distributed"), "--json", str(out)]
+    seconds = timed(cmd, workdir / "distributed.log")
+    return {**stamp(), "command": "python bench/distributed.py", "seconds": seconds,
+            "figures": json.loads(out.read_text())}
+
+
 def run_tests(workdir: Path) -> dict:
     # -o addopts= : the project's own -q plus this one would hide the "N passed in S s" line read below
     pytest = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"]
@@ -219,6 +228,22 @@ def render_realshape(d: dict) -> str:
     ])
 
 
+def render_distributed(d: dict) -> str:
+    f = d["figures"]
+    rows = [f"| {name} | {s['seconds']:.1f} | {s['max_abs_diff']:.1e} | {s['weights']:.2f} | {s['gradients']:.2f} | "
+            f"{s['optimizer']:.2f} |" for name, s in f["sides"].items()]
+    return "\n".join([
+        f"{measured(d)}, by `{d['command']}`: GRPO, {f['steps']} steps of 8 prompts x 8 samples on a "
+        f"{f['parameters']:,}-parameter model, the same global batch and seed on each side (gloo, one thread a rank):",
+        "", "| | wall s | max \\|Δw\\| vs one process | weights MB | gradients MB | AdamW state MB |",
+        "|---|---:|---:|---:|---:|---:|", *rows, "",
+        f"Memory columns: rank 0's share. A checkpoint of the {f['ranks']}-rank run resumed in one process ends "
+        f"{f['resume_in_one_max_abs_diff']:.1e} from the {f['ranks']}-rank run continued; the held-out evaluation "
+        f"sharded over {f['ranks']} ranks {'equals' if f['eval_equal'] else 'DIFFERS from'} one process's, figure for "
+        f"figure. On 2 cores, 2 ranks of one thread each are slower than one process of two threads: the figures are "
+        f"about equality and memory, not speed."])
+
+
 def render_tests(d: dict) -> str:
     return (f"Measured on {d['date']} at commit `{d['commit']}` on {d['machine']['cpu']} ({d['machine']['cores']} "
             f"cores): `make test-fast` {d['fast_s']:.0f} s ({d['fast_summary']}); `make test` (the whole suite, what "
@@ -272,7 +297,7 @@ def render_serve(d: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape, "distill": render_distill, "pipeline": render_pipeline,
-             "serve": render_serve, "tests": render_tests}
+             "serve": render_serve, "distributed": render_distributed, "tests": render_tests}
 
 
 def render_readme() -> None:
@@ -297,6 +322,7 @@ def main(argv=None) -> None:
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
+    p.add_argument("--distributed", action="store_true")
     p.add_argument("--tests", action="store_true")
     p.add_argument("--render", action="store_true", help="only rewrite the README from bench/results/*.json")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -307,7 +333,8 @@ def main(argv=None) -> None:
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
-             "serve": lambda: run_serve(a.workdir), "tests": lambda: run_tests(a.workdir)}
+             "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
+             "tests": lambda: run_tests(a.workdir)}
     for name, run in parts.items():
         if getattr(a, name):
             (RESULTS / f"{name}.json").write_text(json.dumps(run(), indent=2) + "\n")

@@ -353,7 +353,7 @@ def _run_micro_batches(model, ref_model, batches: list[MicroBatch], passes: int,
             if _micro_batch_loss(model, ref_model, batches[i], cfg, update, totals):
                 continue
             finite = False
-        idle_pass(model)
+        idle_pass(model, completions=True)
     return finite
 
 

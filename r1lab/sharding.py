@@ -14,6 +14,8 @@ optimizer state through torch.distributed.checkpoint.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -52,6 +54,9 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
     fully_shard(model)
     # training calls hidden_states, not forward: it is where the root's parameters must be gathered
     register_fsdp_forward_method(model, "hidden_states")
+    # FSDP warns that an in-place op on a unit's output (a view: the projections' x @ W.T for few rows, a reshape)
+    # would skip its backward hook; the model's layers take those outputs out of place only
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum, not FSDP's default mean

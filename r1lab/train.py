@@ -202,13 +202,20 @@ class _HeadLogprobs(torch.autograd.Function):
         return grad_hidden, None if ctx.tied else grad_weight, None, None, None, None, None, None, None
 
 
-def idle_pass(model) -> None:
+def idle_pass(model, completions: bool = False) -> None:
     """A forward and backward pass that adds nothing to any gradient. Under FSDP (r1lab/sharding.py) every pass
     gathers weights and reduces gradients with all ranks at once, so a rank with fewer micro-batches than another
-    (or one whose loss was not finite) runs these to keep step with the rest."""
+    (or one whose loss was not finite) runs these to keep step with the rest. It takes the same path as the
+    others' passes, so that it makes the same collectives in the same order: a whole sequence (SFT), or with
+    completions, a prompt and then its completion (GRPO, two forwards through every layer)."""
     device = model.lm_head.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    logp, _ = token_logprobs(model, model.hidden_states(token)[0], token[0])
+    if completions:
+        real = torch.ones(1, 1, dtype=torch.bool, device=device)
+        hidden = model.completion_hidden_states(token, real, token[0], token, real)[0]
+    else:
+        hidden = model.hidden_states(token)[0]
+    logp, _ = token_logprobs(model, hidden, token[0])
     (logp.sum() * 0.0).backward()
 
 

@@ -158,12 +158,15 @@ def wide_model(tiny_base, tmp_path_factory):
     model = CausalLM(cfg)
     save_model(model, root / "model")
     load_tokenizer(tiny_base).save(root / "model")
-    (root / "length.py").write_text("def reward(completion, problem):\n    return len(completion) / 100\n")
+    # odd answers only: the even-answer groups have zero advantage and are skipped, so the ranks' micro-batch
+    # counts differ (FSDP's ranks must still run as many passes as each other)
+    (root / "length.py").write_text("def reward(completion, problem):\n"
+                                    "    return len(completion) / 100 if int(problem.answer) % 2 else 0.0\n")
     return root
 
 
 def test_fsdp_trains_the_steps_of_unsharded_ranks_with_half_the_memory_each(wide_model, tmp_path):
-    args = ["grpo", "--model", wide_model / "model", *TASK, *GRPO, "--steps", 3, "--save-every", 0,
+    args = ["grpo", "--model", wide_model / "model", *TASK, *GRPO, "--steps", 3, "--save-every", 0, "--micro-batch-size", 1,
             "--accuracy-weight", 0, "--format-weight", 0, "--reward-functions",
             json.dumps({f"{wide_model / 'length.py'}:reward": 1.0})]
     r1lab([*args, "--out", tmp_path / "ddp"], ranks=2)
