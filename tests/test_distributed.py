@@ -116,6 +116,26 @@ def test_a_killed_rank_ends_the_job_naming_it(tiny_base, tmp_path):
     assert "rank      : 1 (local_rank: 1)" in output and "Signal 9 (SIGKILL)" in output
 
 
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_after_the_timeout_with_a_message(tiny_base, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "r1lab",
+               "grpo", "--model", str(tiny_base), *TASK, *GRPO, "--steps", "1000", "--save-every", "0",
+               "--dist-timeout-s", "5", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.kill(rank_pid(job.pid, 1), signal.SIGSTOP)  # hung: alive, silent, deaf even to SIGTERM
+        output, _ = job.communicate(timeout=90)  # 5 s to notice, then torchrun's 30 s grace before SIGKILL
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    assert "rank 0 of 2: RuntimeError" in output and "another rank stopped answering for dist_timeout_s" in output
+
+
 def rank_pid(launcher: int, rank: int) -> int:
     """The pid of the worker with RANK=rank among the torchrun launcher's children."""
     for child in open(f"/proc/{launcher}/task/{launcher}/children").read().split():
