@@ -17,6 +17,7 @@ from r1lab.distributed import World
 TASK = ["--task-options", '{"min_terms": 3, "max_terms": 4}']
 GRPO = ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--micro-batch-size", "3", "--max-new-tokens", "24",
         "--eval-every", "0", "--lr", "1e-3", "--save-every", "2", "--threads", "1", "--samples-every", "0"]
+HELDOUT = ["--steps", 3, "--eval-problems", 5, "--eval-samples", 2]
 
 
 def r1lab(args, ranks=1, timeout=300, check=True):
@@ -43,8 +44,8 @@ def max_difference(a, b):
 def runs(tiny_base, tmp_path_factory):
     """3 GRPO steps of the same global batch and seed, in 1 process and in 2 (checkpoints at step 2)."""
     root = tmp_path_factory.mktemp("dist")
-    for name, ranks in (("one", 1), ("two", 2)):
-        r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 3, "--out", root / name], ranks)
+    for name, ranks in (("one", 1), ("two", 2)):  # with a held-out evaluation at steps 0, 2 and 3
+        r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, *HELDOUT, "--eval-every", 2, "--out", root / name], ranks)
     return root
 
 
@@ -59,6 +60,8 @@ def test_two_ranks_reach_the_weights_of_one_process(runs, tiny_base):
     for a, b in zip(rows, single):
         assert a["completion_tokens"] == b["completion_tokens"] and a["reward/mean"] == b["reward/mean"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    evals = [(runs / r / "eval.jsonl").read_text().splitlines() for r in ("one", "two")]
+    assert len(evals[0]) == 3 and evals[0] == evals[1]  # held-out evaluation sharded, figure for figure
 
 
 def resumed(runs, source, name, ranks, tiny_base):
@@ -67,13 +70,14 @@ def resumed(runs, source, name, ranks, tiny_base):
     shutil.copytree(runs / source, target)
     shutil.rmtree(target / "model")
     shutil.rmtree(target / "checkpoints" / "step_000003", ignore_errors=True)
-    r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 3, "--out", target, "--resume"], ranks)
+    r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, *HELDOUT, "--eval-every", 0, "--out", target, "--resume"], ranks)
     return weights(target / "model")
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(runs, tiny_base):
     assert (runs / "two" / "checkpoints" / "step_000002" / "optimizer" / ".metadata").exists()
     continued = weights(runs / "two" / "model")
+    assert max_difference(resumed(runs, "two", "two-then-two", 2, tiny_base), continued) == 0.0  # exact
     assert max_difference(resumed(runs, "two", "two-then-one", 1, tiny_base), continued) <= 1e-5
     assert max_difference(resumed(runs, "one", "one-then-two", 2, tiny_base), continued) <= 1e-5
 
