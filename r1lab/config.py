@@ -381,6 +381,15 @@ class GRPOConfig(Settings):
     loss_norm: str = setting("token", "how token losses are averaged (Dr. GRPO: constant)",
                              choices=("token", "sequence", "constant"))
     scale_by_std: bool = setting(True, "divide advantages by the group's reward std (Dr. GRPO: false)")
+    policy_loss: str = setting("ppo-clip", "the policy-gradient term: ppo-clip (per-token clipped ratio), cispo (a "
+                                           "clipped, detached ratio weighting every token), gspo (sequence-level "
+                                           "ratio and clip)", choices=("ppo-clip", "cispo", "gspo"))
+    mismatch_correction: str = setting("none", "sampler/trainer probability gap: tis (weight min(p_trainer / "
+                                               "p_sampler, mismatch_cap)), mis (tokens past the cap dropped)",
+                                       choices=("none", "tis", "mis"))
+    mismatch_cap: float = setting(2.0, "the cap of tis / mis", ge=1)
+    fp32_lm_head: bool = setting(False, "with dtype bfloat16: the LM head's projection in float32 (closer sampler "
+                                        "and trainer log-probs)")
     drop_uniform_groups: bool = setting(False, "leave out groups whose rewards are all equal (DAPO dynamic sampling)")
     skip_zero_advantage: bool = setting(True, "with kl_coef 0, a zero-advantage sequence has zero gradient: skip its "
                                               "forward/backward (same update, faster)")

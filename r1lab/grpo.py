@@ -25,7 +25,8 @@ from r1lab.engine import Engine
 from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM, save_model
-from r1lab.objective import clipped_surrogate_loss, group_advantages, token_weights, uniform_groups
+from r1lab.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
+                             token_weights, uniform_groups)
 from r1lab.phases import PhaseClock
 from r1lab.policy import DTYPES, check_context, encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
@@ -246,6 +247,12 @@ class MicroBatch:
     old_logp: torch.Tensor  # (N,) sampling log-probs of those N tokens
     advantages: torch.Tensor  # (N,) each token carries its sequence's advantage
     weights: torch.Tensor  # (N,) per-token loss weight implementing the normalisation
+    trainer_old_logp: torch.Tensor | None = None  # (N,) the trainer's log-probs at the first update (set then)
+
+    def sequence_of_tokens(self) -> torch.Tensor:
+        """(N,) the index of the sequence (row) each of the N completion tokens belongs to."""
+        rows = torch.arange(len(self.completions), device=self.completions.device)
+        return rows[:, None].expand_as(self.completion_mask)[self.completion_mask]
 
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
@@ -305,7 +312,8 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     the rollouts that come next do not need them."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
-              "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0}
+              "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0,
+              "ratio_sum": 0.0, "ratio_min": float("inf"), "ratio_max": 0.0}
     loads: dict = {}  # MoE models: tokens per expert in these forward passes, per layer
     # FSDP: every rank runs as many passes as the busiest one (each pass gathers weights with all ranks)
     passes = max(world.gather(len(batches))) if is_sharded(model) else len(batches)
@@ -336,7 +344,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             "kl": totals["kl"] / tokens if ref_model is not None else None,
             "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
             "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
-            **{f"memory/rank_{k}_mb": v / 2**20 for k, v in held.items()}, **_logp_diff(totals),
+            **{f"memory/rank_{k}_mb": v / 2**20 for k, v in held.items()}, **_logp_diff(totals), **_ratio(totals),
             **moe.load_metrics(loads)}
 
 
@@ -360,9 +368,12 @@ def _run_micro_batches(model, ref_model, batches: list[MicroBatch], passes: int,
 def _sum_totals(world: World, totals: dict) -> None:
     """The figures of every rank's micro-batches, as one process would have counted them (grad_norm and skipped
     are the same on every rank already)."""
-    summed = [k for k in totals if k not in ("grad_norm", "skipped", "logp_diff_max")]
+    extremes = {"logp_diff_max": max, "ratio_max": max, "ratio_min": min}
+    summed = [k for k in totals if k not in ("grad_norm", "skipped", *extremes)]
     totals.update(zip(summed, world.sum([totals[k] for k in summed])))
-    totals["logp_diff_max"] = max(world.gather(totals["logp_diff_max"]))
+    if world.distributed:
+        for key, pick in extremes.items():
+            totals[key] = pick(world.gather(totals[key]))
 
 
 def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update: int, totals: dict) -> bool:
@@ -370,16 +381,23 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     loss, which drops the whole optimizer step."""
     with training_precision(cfg.dtype, mb.completions.device):
         logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0,
-                                            recompute_logits=cfg.recompute_logits)
-    # With a single update the sampling policy is the current one, so detach() gives the exact ratio of 1;
-    # with more, the engine's sampling log-probs (same weights, same process) are the old policy.
-    old = logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp
+                                            recompute_logits=cfg.recompute_logits, fp32_head=cfg.fp32_lm_head)
+    if update == 0:
+        mb.trainer_old_logp = logp.detach()  # the policy before this batch's updates, as the trainer computes it
+    old, weights = _old_policy(logp, mb, cfg)
     ref = None
     if ref_model is not None:
         with torch.no_grad(), training_precision(cfg.dtype, mb.completions.device):
-            ref = completion_logprobs(ref_model, mb, cfg.temperature)[0]
-    token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
-                                                     ref, cfg.kl_coef)
+            ref = completion_logprobs(ref_model, mb, cfg.temperature, fp32_head=cfg.fp32_lm_head)[0]
+    if cfg.policy_loss == "ppo-clip" and weights is None:  # GRPO as it always was
+        token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
+                                                         ref, cfg.kl_coef)
+    else:
+        token_loss, clipped = policy_loss(cfg.policy_loss, logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
+                                          mb.sequence_of_tokens())
+        token_loss = token_loss if weights is None else token_loss * weights
+        kl = k3_kl(logp, ref) if ref is not None and cfg.kl_coef else None
+        token_loss = token_loss if kl is None else token_loss + cfg.kl_coef * kl
     loss = (token_loss * mb.weights).sum()
     if not torch.isfinite(loss):
         return False
@@ -392,6 +410,11 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     if entropy is not None:
         totals["entropy"] += entropy.sum().item()
         totals["entropy_tokens"] += len(entropy)
+    if len(logp):  # the importance ratio of the trained tokens against the sampler, every update
+        ratio = torch.exp(logp.detach() - mb.old_logp)
+        totals["ratio_sum"] += ratio.sum().item()
+        totals["ratio_min"] = min(totals["ratio_min"], ratio.min().item())
+        totals["ratio_max"] = max(totals["ratio_max"], ratio.max().item())
     if update == 0 and len(logp):  # sampler vs trainer on the same weights: only precision can differ
         diff = (logp.detach() - mb.old_logp).abs()
         totals["logp_diff_sum"] += diff.sum().item()
@@ -400,14 +423,38 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     return True
 
 
+def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The old policy's log-probs that the ratio is taken against, and the mismatch correction's weights (or None).
+
+    Without a correction: with a single update the sampling policy is the current one, so detach() gives the exact
+    ratio of 1; with more, the engine's sampling log-probs (same weights, same process) are the old policy. With
+    one (TIS / MIS), the ratio is taken against the trainer's own log-probs before the updates, and the gap between
+    those and the sampler's becomes a separate, capped importance weight."""
+    if cfg.mismatch_correction == "none":
+        return (logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp), None
+    return mb.trainer_old_logp, mismatch_weights(mb.trainer_old_logp, mb.old_logp, cfg.mismatch_correction,
+                                                 cfg.mismatch_cap)
+
+
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
-                        recompute_logits: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+                        recompute_logits: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES, fp32_head: bool = False):
     """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution;
     logits only where a completion token is predicted (prompt and padding never reach the vocabulary projection)."""
     hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
                                             mb.completion_mask)[mb.completion_mask]  # (N, D)
-    return token_logprobs(model, hidden, mb.completions[mb.completion_mask], temperature,
-                          recompute=recompute_logits, with_entropy=with_entropy, chunk_bytes=chunk_bytes)
+    return token_logprobs(model, hidden, mb.completions[mb.completion_mask], temperature, recompute=recompute_logits,
+                          with_entropy=with_entropy, chunk_bytes=chunk_bytes,
+                          head_dtype=torch.float32 if fp32_head else None)
+
+
+def _ratio(totals: dict) -> dict:
+    """importance_ratio/{mean,min,max}: p_trainer / p_sampler of the trained tokens over every update (1 up to
+    rounding at the first update in float32; how far the policy moved from the sampler at later ones)."""
+    if not totals["tokens"]:
+        return {}
+    updates_tokens = totals["tokens"]  # each update counts its tokens once, as ratio_sum does
+    return {"importance_ratio/mean": totals["ratio_sum"] / updates_tokens, "importance_ratio/min": totals["ratio_min"],
+            "importance_ratio/max": totals["ratio_max"]}
 
 
 def _logp_diff(totals: dict) -> dict:

@@ -1,5 +1,6 @@
-"""The GRPO objective as pure tensor functions: group-relative advantages, the clipped surrogate, k3 KL, and the
-per-token weights that implement each loss normalisation. Tested against hand-computed values.
+"""The GRPO objective as pure tensor functions: group-relative advantages, the policy-gradient term (PPO's clipped
+ratio, CISPO or GSPO), k3 KL, the sampler/trainer mismatch correction (TIS / MIS), and the per-token weights that
+implement each loss normalisation. Tested against hand-computed values.
 """
 
 from __future__ import annotations
@@ -62,3 +63,58 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
         kl = torch.exp(log_r) - log_r - 1
         loss = loss + kl_coef * kl
     return loss, was_clipped, kl
+
+
+POLICY_LOSSES = ("ppo-clip", "cispo", "gspo")
+MISMATCH_CORRECTIONS = ("none", "tis", "mis")
+
+
+def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                clip_high: float, sequence: torch.Tensor | None = None):
+    """Per-token policy-gradient loss (N,) and where the ratio was clipped (N,), for tokens flattened over sequences.
+
+    ppo-clip: -min(r A, clip(r, 1-low, 1+high) A), r = pi/pi_old per token (GRPO, DAPO); a clipped token gets no
+              gradient.
+    cispo:    -sg(clip(r, 1-low, 1+high)) A log pi (MiniMax-M1): the importance weight is clipped and detached, so
+              every token keeps a gradient, of size at most 1+high.
+    gspo:     the PPO clip on the sequence's ratio s_i = exp(mean over its tokens of log pi - log pi_old) (Qwen's
+              GSPO): -min(s_i A_i, clip(s_i) A_i) on each of its tokens, s_i's gradient spread evenly over them.
+              sequence (N,) says which sequence each token belongs to.
+    """
+    if kind == "ppo-clip":
+        loss, clipped, _ = clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high)
+        return loss, clipped
+    ratio = torch.exp(logp - old_logp)
+    if kind == "cispo":
+        weight = ratio.detach().clamp(1 - clip_low, 1 + clip_high)
+        clipped = (ratio.detach() < 1 - clip_low) | (ratio.detach() > 1 + clip_high)
+        return -weight * advantages * logp, clipped
+    if kind == "gspo":
+        if sequence is None:
+            raise ValueError("gspo needs each token's sequence index")
+        n = int(sequence.max()) + 1 if len(sequence) else 0
+        lengths = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, sequence, torch.ones_like(logp))
+        log_ratio_sum = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, sequence, logp - old_logp)
+        seq_ratio = torch.exp(log_ratio_sum / lengths.clamp(min=1))[sequence]  # (N,): s_i on each of its tokens
+        loss = -torch.min(seq_ratio * advantages, seq_ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
+        clipped = ((seq_ratio < 1 - clip_low) & (advantages < 0)) | ((seq_ratio > 1 + clip_high) & (advantages > 0))
+        return loss, clipped
+    raise ValueError(f"unknown policy loss {kind!r} (one of {', '.join(POLICY_LOSSES)})")
+
+
+def mismatch_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
+    """Per-token importance weights (detached) for the gap between the trainer's and the sampler's probabilities of
+    the same tokens under the same weights (bf16 sampling, other kernels): w = pi_trainer / pi_sampler, truncated at
+    cap (TIS) or, past the cap, zero (MIS: such tokens are dropped). Multiplies the policy-gradient term."""
+    ratio = torch.exp(trainer_logp.detach() - sampler_logp)
+    if kind == "tis":
+        return ratio.clamp(max=cap)
+    if kind == "mis":
+        return torch.where(ratio <= cap, ratio, torch.zeros_like(ratio))
+    raise ValueError(f"unknown mismatch correction {kind!r} (one of tis, mis)")
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) per token: unbiased and never negative."""
+    log_r = ref_logp - logp
+    return torch.exp(log_r) - log_r - 1

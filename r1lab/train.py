@@ -126,19 +126,22 @@ def training_precision(dtype: str, device: torch.device):
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES):
+                   recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES,
+                   head_dtype: torch.dtype | None = None):
     """Log-probs (N,) of targets (N,) under softmax(model.lm_head(hidden) / temperature), hidden (N, D); and, with
     with_entropy, the entropy of one chunk's distributions (a metric: one chunk estimates it well enough).
 
     The vocabulary projection runs in chunks of at most chunk_bytes of float32 logits, and its backward pass writes
     the LM head's gradient into one (V, D) tensor (see _HeadLogprobs). With recompute, backward recomputes each
-    chunk's log-softmax instead of keeping it: memory for one chunk, not N x V floats, for one more projection."""
+    chunk's log-softmax instead of keeping it: memory for one chunk, not N x V floats, for one more projection.
+    head_dtype overrides the projection's dtype (float32 under bf16 autocast: the head's logits at full precision)."""
     weight = model.lm_head.weight
     if model.lm_head.bias is not None:
         raise ValueError("token_logprobs expects an LM head without a bias")
     rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     device = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    compute_dtype = head_dtype or compute_dtype  # a float32 head under bf16 autocast, when asked
     logp, entropy = _HeadLogprobs.apply(hidden, weight, targets, temperature, rows, not recompute, compute_dtype,
                                         with_entropy, model.config.tie_word_embeddings)
     return logp, entropy if with_entropy else None

@@ -37,7 +37,7 @@ def test_bf16_graph_rollouts_match_the_training_pass(tiny_base, tmp_path):
     rollouts = grpo.sample_rollouts(engine, grpo.PromptStream(task, cfg).batch(0), cfg, seed=0)
     adv = torch.ones(len(rollouts.texts))
     mb = grpo.make_micro_batches(rollouts, adv, torch.ones(len(adv), dtype=torch.bool), cfg, tok.pad_id, "cuda")[0]
-    with torch.no_grad(), grpo.training_precision(cfg, torch.device("cuda")):
+    with torch.no_grad(), grpo.training_precision(cfg.dtype, torch.device("cuda")):
         train_logp = grpo.completion_logprobs(model, mb, cfg.temperature)[0]
     diff = (train_logp.float() - mb.old_logp).abs()
     print(f"bf16 sampler vs trainer: mean {diff.mean():.2e}, max {diff.max():.2e}")

@@ -258,3 +258,30 @@ def test_prompts_that_do_not_fit_the_context_are_refused_before_any_step(tiny_ba
     with pytest.raises(ValueError, match="max_new_tokens 600 leaves no room"):
         grpo.train(small_config(tiny_base, tmp_path / "b", max_new_tokens=600), log=lambda *_: None)
     assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("knobs", [{"policy_loss": "cispo"}, {"policy_loss": "gspo"},
+                                   {"mismatch_correction": "tis"}, {"mismatch_correction": "mis"},
+                                   {"policy_loss": "gspo", "mismatch_correction": "tis", "mismatch_cap": 1.5}])
+def test_off_policy_knobs_give_ppo_clips_gradient_on_policy(tiny_base, tmp_path, knobs):
+    # At the first update the ratio is 1 (float32: sampler and trainer agree to rounding), where CISPO's weight, GSPO's
+    # sequence ratio (its gradient spread over the sequence's tokens) and TIS / MIS's weights all leave PPO-clip's
+    # gradient -A * w * grad log p unchanged; with all knobs off the loss is PPO-clip's own code, as always.
+    cfg = small_config(tiny_base, tmp_path)
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    problems = grpo.PromptStream(grpo.get_task("arithmetic"), cfg).batch(0)[:2]
+    rollouts = grpo.sample_rollouts(grpo.Engine(model, tok), problems, cfg, seed=0)
+    adv = torch.linspace(-1, 1, 2 * cfg.samples_per_prompt)
+    grads, metrics = {}, {}
+    for name, overrides in (("ppo-clip", {}), ("knobs", knobs)):
+        model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt.step = lambda name=name: grads.__setitem__(name, {n: p.grad.clone() for n, p in model.named_parameters()})
+        run_cfg = small_config(tiny_base, tmp_path, **overrides)
+        batches = grpo.make_micro_batches(rollouts, adv, torch.ones(len(adv), dtype=torch.bool), run_cfg, tok.pad_id,
+                                          "cpu")
+        metrics[name] = grpo.update_policy(model, None, opt, batches, run_cfg)
+    for name, g in grads["knobs"].items():
+        assert (g - grads["ppo-clip"][name]).norm() <= 1e-4 * grads["ppo-clip"][name].norm() + 1e-9, name
+    for m in metrics.values():
+        assert abs(m["importance_ratio/mean"] - 1) < 1e-4 and m["importance_ratio/min"] <= 1 <= m["importance_ratio/max"]
