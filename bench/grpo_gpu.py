@@ -417,7 +417,11 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
     r["phase_s"] = {k[5:-2]: sum(x[k] for x in measured) / len(measured)
                     for k in measured[0] if k.startswith("time/")} if measured else {}
     r["phase_peak_gb"] = {k[7:-8]: max(x[k] for x in measured)
-                          for k in measured[0] if k.startswith("memory/")} if measured else {}
+                          for k in measured[0] if k.startswith("memory/") and k.endswith("_peak_gb")} if measured else {}
+    if r["phase_peak_gb"] and r["memory"].get("max_allocated") is not None:
+        # r1lab's phase clock resets CUDA's peak counter at each phase, so the child's final reading is only the last
+        # phase's: the run's peak is the largest phase peak
+        r["memory"]["max_allocated"] = max(r["memory"]["max_allocated"], 1e9 * max(r["phase_peak_gb"].values()))
     # sampler vs trainer log-probs of the same tokens on the same weights, per step (r1lab's metrics)
     diffs = [(x["logprob_diff/mean"], x["logprob_diff/max"]) for x in steps if "logprob_diff/max" in x]
     r["logprob_diff"] = {"mean": sum(d[0] for d in diffs) / len(diffs), "max": max(d[1] for d in diffs)} if diffs else None

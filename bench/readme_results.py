@@ -12,6 +12,8 @@ edited by hand.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
+- gpu: `bench/grpo_gpu.py` run on a lent GPU (no GPU here): `--gpu FIGURES.json --gpu-commit C` files that run's
+       figures with their date, commit and device.
 - tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
 """
 
@@ -244,6 +246,42 @@ def render_distributed(d: dict) -> str:
         f"about equality and memory, not speed."])
 
 
+def import_gpu(figures: Path, commit: str, date: str) -> dict:
+    """A GPU run of bench/grpo_gpu.py made elsewhere (the machines here have none), filed with its provenance."""
+    f = json.loads(figures.read_text())
+    args = f["args"]
+    r1 = f["r1lab"]  # runs filed before grpo_gpu.py took r1lab's peak from its phases: the same correction
+    if r1.get("phase_peak_gb"):
+        peaks = [v for k, v in r1["phase_peak_gb"].items() if not k.startswith("rank_")]
+        r1["memory"]["max_allocated"] = max(r1["memory"]["max_allocated"], 1e9 * max(peaks))
+    return {"date": date, "commit": commit, "device": f["device"], "versions": f["versions"],
+            "command": f"python bench/grpo_gpu.py --rounds {args['rounds']}", "figures": f}
+
+
+def render_gpu(d: dict) -> str:
+    f = d["figures"]
+    r1, trl, ro, w = f["r1lab"], f["trl"], f["rollout"], f["workload"]
+    return "\n".join([
+        f"Measured on {d['date']} at commit `{d['commit']}` on one {d['device']} (torch {d['versions']['torch']}, "
+        f"transformers {d['versions']['transformers']}, TRL {d['versions']['trl']}), by `{d['command']}`: the "
+        f"Qwen2.5-0.5B shape ({f['model']['params']:,} parameters, random init), bf16, {w['prompts_per_step']} "
+        f"prompts x G = {w['samples_per_prompt']}, {w['prompt_tokens']}-token prompts, {w['max_new_tokens']} "
+        f"completion tokens, {f['args']['updates']} updates per round, both sides in one run:",
+        "", "| | r1lab | TRL | r1lab / TRL |", "|---|---:|---:|---:|",
+        f"| completion tokens/s, end to end | {r1['tokens_per_s']:,.0f} | {trl['tokens_per_s']:,.0f} | "
+        f"**{f['ratio']:.2f}x** |",
+        f"| rollout phase tokens/s | {r1['rollout_tokens_per_s']:,.0f} | {trl['rollout_tokens_per_s']:,.0f} | "
+        f"{r1['rollout_tokens_per_s'] / trl['rollout_tokens_per_s']:.2f}x |",
+        f"| peak GPU memory allocated (GiB) | {r1['memory']['max_allocated'] / 2**30:.2f} | "
+        f"{trl['memory']['max_allocated'] / 2**30:.2f} | "
+        f"**{r1['memory']['max_allocated'] / trl['memory']['max_allocated']:.2f}x** |",
+        f"| peak GPU memory reserved (GiB) | {r1['memory']['max_reserved'] / 2**30:.2f} | "
+        f"{trl['memory']['max_reserved'] / 2**30:.2f} | "
+        f"{r1['memory']['max_reserved'] / trl['memory']['max_reserved']:.2f}x |", "",
+        f"r1lab's engine alone at that batch: {ro['tokens_per_s']:,.0f} tokens/s, "
+        f"{100 * ro['share_of_bandwidth_floor']:.1f}% of the bandwidth floor: far from the GPU's limit yet."])
+
+
 def render_tests(d: dict) -> str:
     return (f"Measured on {d['date']} at commit `{d['commit']}` on {d['machine']['cpu']} ({d['machine']['cores']} "
             f"cores): `make test-fast` {d['fast_s']:.0f} s ({d['fast_summary']}); `make test` (the whole suite, what "
@@ -297,7 +335,7 @@ def render_serve(d: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape, "distill": render_distill, "pipeline": render_pipeline,
-             "serve": render_serve, "distributed": render_distributed, "tests": render_tests}
+             "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "tests": render_tests}
 
 
 def render_readme() -> None:
@@ -325,6 +363,9 @@ def main(argv=None) -> None:
     p.add_argument("--distributed", action="store_true")
     p.add_argument("--tests", action="store_true")
     p.add_argument("--render", action="store_true", help="only rewrite the README from bench/results/*.json")
+    p.add_argument("--gpu", type=Path, help="file the figures.json of a GPU run of bench/grpo_gpu.py")
+    p.add_argument("--gpu-commit", help="the commit that GPU run ran at")
+    p.add_argument("--gpu-date", default=datetime.date.today().isoformat(), help="the day it ran")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "readme-results")
     a = p.parse_args(argv)
@@ -335,6 +376,8 @@ def main(argv=None) -> None:
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
              "tests": lambda: run_tests(a.workdir)}
+    if a.gpu:
+        (RESULTS / "gpu.json").write_text(json.dumps(import_gpu(a.gpu, a.gpu_commit, a.gpu_date), indent=2) + "\n")
     for name, run in parts.items():
         if getattr(a, name):
             (RESULTS / f"{name}.json").write_text(json.dumps(run(), indent=2) + "\n")
