@@ -36,6 +36,8 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from r1lab.distributed import World
+from r1lab.lora import CONFIG_FILE as ADAPTER_CONFIG
+from r1lab.lora import has_lora, load_adapter_weights, save_adapter
 from r1lab.model import CausalLM, load_model, save_model
 from r1lab.sharding import full_state_dict, load_full_state_dict
 from r1lab.tokenizer import Tokenizer
@@ -78,15 +80,20 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
-                    optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World()) -> Path:
+                    optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
+                    adapter_base: str | None = None) -> Path:
     """Every rank of the job calls this (run_dir on a file system they all see); rank 0 writes all but the
-    optimizer state, which each rank writes its part of."""
+    optimizer state, which each rank writes its part of. A LoRA run (adapter_base: its base model) checkpoints its
+    adapter (PEFT's format) instead of the whole model: the base never changes."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
+    state = full_state_dict(model) if adapter_base is None else None  # a sharded model's weights, onto rank 0
     if world.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tmp, state=state)
+        if adapter_base is None:
+            save_model(model, tmp, state=state)
+        else:
+            save_adapter(model, tmp, adapter_base)
         tokenizer.save(tmp)
         torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
     world.barrier()
@@ -251,15 +258,12 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
     CheckpointError (one line) when the checkpoint cannot be read or its model has another shape than this
     run's, e.g. a resume with another --model.
     """
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if has_lora(model) or (Path(path) / ADAPTER_CONFIG).exists():
+        _restore_adapter(Path(path), model)
+    else:
+        _restore_model(Path(path), model)
     try:
-        saved = load_model(path, device=device, dtype=dtype)
-    except (ValueError, OSError, RuntimeError) as err:  # safetensors raises its own errors, all ValueError/OSError
-        raise CheckpointError(f"{path}: its model cannot be read ({_first_line(err)})") from None
-    _check_same_shapes(Path(path), saved, model)
-    load_full_state_dict(model, saved.state_dict())
-    try:
-        state = torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=False)
+        state = torch.load(Path(path) / STATE_FILE, map_location=next(model.parameters()).device, weights_only=False)
         if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint
             optimizer.load_state_dict(state["optimizer"])
         else:
@@ -269,6 +273,30 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
     except Exception as err:  # unpickling and torch's own checks raise many types; all mean "not this run's state"
         raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
+
+
+def _restore_model(path: Path, model: CausalLM) -> None:
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    try:
+        saved = load_model(path, device=device, dtype=dtype)
+    except (ValueError, OSError, RuntimeError) as err:  # safetensors raises its own errors, all ValueError/OSError
+        raise CheckpointError(f"{path}: its model cannot be read ({_first_line(err)})") from None
+    _check_same_shapes(path, saved, model)
+    load_full_state_dict(model, saved.state_dict())
+
+
+def _restore_adapter(path: Path, model: CausalLM) -> None:
+    """A LoRA run's checkpoint into its model's adapters (a full model's checkpoint, or an adapter for a run without
+    LoRA, does not fit: one line saying so)."""
+    if not has_lora(model) or not (path / ADAPTER_CONFIG).exists():
+        which = "a LoRA adapter" if (path / ADAPTER_CONFIG).exists() else "a whole model"
+        raise CheckpointError(f"{path}: it holds {which}, and this run {'trains' if has_lora(model) else 'has'} "
+                              f"{'LoRA adapters' if has_lora(model) else 'no adapters'}; resume with the run's own "
+                              f"lora_rank")
+    try:
+        load_adapter_weights(model, path)
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: its adapter does not fit this run's ({_first_line(err)})") from None
 
 
 def restore_optimizer(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from r1lab import __version__
 from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, did_you_mean, resolve
-from r1lab.config import ChatConfig, DistillConfig, PipelineConfig, ReportConfig, SampleConfig, ServeConfig, SFTConfig
+from r1lab.config import (ChatConfig, DistillConfig, MergeConfig, PipelineConfig, ReportConfig, SampleConfig,
+                          ServeConfig, SFTConfig)
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
@@ -29,6 +30,7 @@ COMMANDS = {
     "pipeline": (PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student"),
     "serve": (ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /"),
     "chat": (ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer"),
+    "merge": (MergeConfig, "merge a LoRA adapter (PEFT format) into its base: a plain Hugging Face model directory"),
     "report": (ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, completions"),
 }
 # Commands whose --out is one run: writing a second run into it would mix the two. demo, distill and pipeline are
@@ -128,6 +130,7 @@ RUNNERS = {
     "pipeline": ("r1lab.pipeline", "run_pipeline", None),
     "serve": ("r1lab.serve.app", "serve", None),
     "chat": ("r1lab.chat", "run_chat", None),
+    "merge": ("r1lab.merge", "merge", "merged model"),
 }
 
 

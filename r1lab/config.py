@@ -98,19 +98,24 @@ ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epo
 
 
 def did_you_mean(word, names, quote: str = "'") -> str:
-    """' (did you mean 'lr'?)' for a misspelt name, or ''. difflib first; then a name other trainers use; then a
-    name that the word contains as a whole part ('lr_rate' -> 'lr'), which difflib's ratio misses for short names.
+    """' (did you mean 'lr'?)' for a misspelt name, or ''. A near-identical name (difflib) first; then a name other
+    trainers use; then a name that the word contains as a whole part ('lr_rate' -> 'lr'), which difflib's ratio
+    misses for short names; then a merely similar one.
     Names may be flags: '--lr-rate' is compared with '--lr' as lr_rate with lr."""
     if not isinstance(word, str):
         return ""
     key = word.lstrip("-").replace("-", "_")
     plain = {n.lstrip("-").replace("-", "_"): n for n in names if isinstance(n, str)}
-    match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.6)
+    # a near-identical name first; then a name other trainers use, or one the word contains as a whole part
+    # ('lr_rate' -> 'lr', not the merely similar 'lora_rank'); then any similar name
+    match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.8)
     if not match and ALIASES.get(key) in plain:
         match = [ALIASES[key]]
     if not match:
         parts = key.split("_")
         match = sorted((n for n in plain if n and _has_parts(parts, n.split("_"))), key=len)[-1:]
+    if not match:
+        match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.6)
     return f" (did you mean {quote}{plain[match[0]]}{quote}?)" if match else ""
 
 
@@ -172,6 +177,25 @@ LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
 TOP_P = dict(gt=0, le=1)
 SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine.py)
 NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
+
+
+def lora_target_names(value: str) -> tuple[str, ...]:
+    """lora_targets as module names: "all-linear", or names separated by commas."""
+    if value.strip() == "all-linear":
+        return LORA_TARGETS
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def _lora_targets_problem(value: str) -> str | None:
+    names = lora_target_names(value)
+    if not names:
+        return "names no module"
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    return f"{unknown[0]!r} is not a module LoRA can adapt{did_you_mean(unknown[0], LORA_TARGETS)}" if unknown else None
+
+
+LORA_TARGET_SETTING = dict(rule=_lora_targets_problem, allowed="all-linear, or some of " + ",".join(LORA_TARGETS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,6 +454,11 @@ class GRPOConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    lora_rank: int = setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)",
+                             ge=0)
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
+    lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
+                                **LORA_TARGET_SETTING)
     shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
                                  "state (models of 1M parameters and more)")
     dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
@@ -469,6 +498,7 @@ class EvalConfig(Settings):
     kind = "eval"
 
     model: str = setting("runs/demo/grpo/model", "the model directory to evaluate", **NONEMPTY)
+    adapter: str = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
     task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
     task_options: dict = setting({}, "the task's options (a YAML mapping)")
     split: str = setting("test", "which split the problems come from", choices=("test", "train"))
@@ -538,6 +568,11 @@ class SFTConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+    lora_rank: int = setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)",
+                             ge=0)
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
+    lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
+                                **LORA_TARGET_SETTING)
     shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
                                  "state (models of 1M parameters and more)")
     dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
@@ -554,6 +589,7 @@ class SampleConfig(Settings):
     kind = "sample"
 
     model: str = setting("runs/grpo/model", "the model directory to sample from", **NONEMPTY)
+    adapter: str = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
     task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
     task_options: dict = setting({}, "the task's options (a YAML mapping)")
     split: str = setting("train", "which split the prompts come from", choices=("train", "test"))
@@ -733,12 +769,26 @@ class PipelineConfig(Settings):
 
 
 @dataclass
+class MergeConfig(Settings):
+    """`r1lab merge`: a LoRA adapter merged into its base, saved as a plain Hugging Face model directory."""
+
+    kind = "merge"
+
+    model: str = setting("runs/base/model", "the base model directory the adapter was trained on", **NONEMPTY)
+    adapter: str = setting("runs/grpo/adapter", "the adapter directory (adapter_config.json, adapter_model.safetensors)",
+                           **NONEMPTY)
+    out: str = setting("runs/merged", "where the merged model directory is written", **NONEMPTY)
+    dtype: str = setting("float32", "the merged weights' dtype on disk", **DTYPE)
+
+
+@dataclass
 class ServeConfig(Settings):
     """`r1lab serve`: an OpenAI-compatible API (reasoning_content split out) and a chat page for a model directory."""
 
     kind = "serve"
 
     model: str = setting("runs/demo/grpo/model", "the model directory to serve", **NONEMPTY)
+    adapter: str = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
     served_model_name: str = setting("", "the model id clients send; default: the model directory's name")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", **NONEMPTY)
     port: int = setting(8000, "TCP port", ge=1, le=65535)
@@ -775,6 +825,7 @@ class ChatConfig(Settings):
     kind = "chat"
 
     model: str = setting("runs/demo/grpo/model", "the model directory to talk to", **NONEMPTY)
+    adapter: str = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
     template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **CONVERSATION_TEMPLATES)
     prefill: str = setting("", 'text after the template, e.g. "<think>"')
     system: str = setting("", "a system message opening the conversation")

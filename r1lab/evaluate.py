@@ -94,7 +94,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     setup_training_process(cfg.threads, cfg.model)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
-    model, tokenizer = load_policy(cfg.model, device, cfg.dtype)
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
     path = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if world.main:

@@ -10,6 +10,7 @@ train() is the driver; one step (grpo_step), top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, fields
@@ -23,19 +24,21 @@ from r1lab.config import GRPOConfig
 from r1lab.distributed import Silent, World, join_world
 from r1lab.engine import Engine
 from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
+from r1lab.lora import adapters_disabled, add_lora, has_lora
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
-from r1lab.model import CausalLM, save_model
+from r1lab.model import CausalLM
 from r1lab.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
                              token_weights, uniform_groups)
 from r1lab.phases import PhaseClock
 from r1lab.policy import DTYPES, check_context, encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, RewardWeights, score_completions
 from r1lab.runtime import setup_training_process
-from r1lab.sharding import full_state_dict, full_tensor, held_bytes, is_sharded, shard_model
+from r1lab.sharding import full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.sandbox import active_layers
 from r1lab.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
-from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, idle_pass, make_optimizer, optimizer_step,
-                         resume_run, save_run_config, set_lr, token_logprobs, training_precision)
+from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, idle_pass, lora_spec, make_optimizer,
+                         optimizer_step, resume_run, save_final, save_run_config, set_lr, token_logprobs,
+                         training_precision)
 
 RL_BETA2 = 0.99  # see make_optimizer
 
@@ -52,8 +55,12 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
     if isinstance(task, DatasetTask):
         log(f"grpo: {cfg.task}: {task.split_summary()}")
-    model, tokenizer = load_policy(cfg.model, device)
-    ref_model = copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False) if cfg.kl_coef else None
+    lora = lora_spec(cfg)
+    # LoRA: the frozen base may stay in bf16 (no float32 master weights to keep); the adapters train in float32
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")
+    if lora:
+        add_lora(model, lora, cfg.seed)
+    ref_model = reference_policy(model, cfg)
     rollout = rollout_policy(model, cfg)  # before any sharding: the engine samples from full weights
     if cfg.shard:
         shard_model(model, world)
@@ -85,18 +92,15 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(run, step + 1, model, tokenizer, optimizer, world=world)
+                save_checkpoint(run, step + 1, model, tokenizer, optimizer, world=world,
+                                adapter_base=cfg.model if lora else None)
             trained_s += metrics["step_time_s"]  # evaluations and checkpoints do not count against the budget
             if cfg.time_limit_s and trained_s >= cfg.time_limit_s:
                 log(f"grpo: time limit of {cfg.time_limit_s:.0f} s of training reached after {step + 1} steps")
                 break
         if cfg.eval_every:
             heldout(logger, run, step + 1, engine, task, eval_cfg, eval_problems, log, world)
-    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
-    if world.main:
-        save_model(model, run / "model", state=state)
-        tokenizer.save(run / "model")
-    world.barrier()  # no rank exits (ending the job) before the final model is written
+    save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
 
 
@@ -386,8 +390,9 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
         mb.trainer_old_logp = logp.detach()  # the policy before this batch's updates, as the trainer computes it
     old, weights = _old_policy(logp, mb, cfg)
     ref = None
-    if ref_model is not None:
-        with torch.no_grad(), training_precision(cfg.dtype, mb.completions.device):
+    if ref_model is not None:  # the policy itself under LoRA: its base, with the adapters off
+        base_only = adapters_disabled(model) if ref_model is model else contextlib.nullcontext()
+        with torch.no_grad(), training_precision(cfg.dtype, mb.completions.device), base_only:
             ref = completion_logprobs(ref_model, mb, cfg.temperature, fp32_head=cfg.fp32_lm_head)[0]
     if cfg.policy_loss == "ppo-clip" and weights is None:  # GRPO as it always was
         token_loss, clipped, kl = clipped_surrogate_loss(logp, old, mb.advantages, cfg.clip_low, cfg.clip_high,
@@ -466,11 +471,22 @@ def _logp_diff(totals: dict) -> dict:
             "logprob_diff/max": totals["logp_diff_max"]}
 
 
+def reference_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM | None:
+    """The KL term's frozen reference (none without one): a copy of the initial policy in the training dtype, or
+    under LoRA the policy itself, whose base with the adapters off is the initial policy: no second copy."""
+    if not cfg.kl_coef:
+        return None
+    if has_lora(model):
+        return model
+    return copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False)
+
+
 def rollout_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM:
-    """The weights the engine samples from: the policy itself in float32; in bfloat16 a bf16 copy of the float32
-    master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy; with shard a
-    full copy (weights only) of the policy about to be sharded."""
-    if cfg.dtype == "float32" and not cfg.shard:
+    """The weights the engine samples from: the policy itself in float32, and under LoRA (the adapters apply in
+    the engine's forward passes too, on a base kept in the training dtype); otherwise in bfloat16 a bf16 copy of the
+    float32 master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy; with
+    shard a full copy (weights only) of the policy about to be sharded."""
+    if (cfg.dtype == "float32" or has_lora(model)) and not cfg.shard:
         return model
     return copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False).eval()
 

@@ -7,6 +7,7 @@ import hashlib
 
 import torch
 
+from r1lab.lora import load_adapter, merge_lora
 from r1lab.model import CausalLM, load_model
 from r1lab.tasks.base import Problem
 from r1lab.templates import render_prompt
@@ -21,11 +22,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_policy(path: str, device: torch.device, dtype: str = "float32") -> tuple[CausalLM, Tokenizer]:
-    """A model directory's model (weights in dtype: float32 or bfloat16) and tokenizer, with its stop ids."""
+def load_policy(path: str, device: torch.device, dtype: str = "float32",
+                adapter: str = "") -> tuple[CausalLM, Tokenizer]:
+    """A model directory's model (weights in dtype: float32 or bfloat16) and tokenizer, with its stop ids; with an
+    adapter directory (PEFT's LoRA format), the adapter merged into the weights, so inference runs at full speed."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = load_model(path, device=device, dtype=DTYPES[dtype])
+    if adapter:
+        load_adapter(model, adapter)
+        merge_lora(model)
     tokenizer = load_tokenizer(path)
     tokenizer.add_eos_ids(model.config.eos_token_id)
     if not tokenizer.eos_ids:

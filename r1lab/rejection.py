@@ -213,7 +213,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     problems = pick_problems(task, cfg)
     filters = Filters.of(cfg)
-    model, tokenizer = load_policy(cfg.model, device, cfg.dtype)
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     engine = Engine(model, tokenizer)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}

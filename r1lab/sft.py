@@ -20,14 +20,15 @@ from r1lab.chat_data import ChatFields, SFTData, build_sft_data, read_conversati
 from r1lab.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.config import SFTConfig
 from r1lab.distributed import Silent, World, join_world
+from r1lab.lora import add_lora
 from r1lab.metrics import MetricsLogger, training_progress
-from r1lab.model import CausalLM, save_model
+from r1lab.model import CausalLM
 from r1lab.policy import load_policy, pick_device
 from r1lab.runtime import setup_training_process
-from r1lab.sharding import full_state_dict, is_sharded, shard_model
+from r1lab.sharding import is_sharded, shard_model
 from r1lab.tokenizer import Tokenizer
-from r1lab.train import (EpochOrder, cosine_lr, idle_pass, make_optimizer, optimizer_step, resume_run,
-                         save_run_config, set_lr, token_logprobs, training_precision)
+from r1lab.train import (EpochOrder, cosine_lr, idle_pass, lora_spec, make_optimizer, optimizer_step, resume_run,
+                         save_final, save_run_config, set_lr, token_logprobs, training_precision)
 
 StepCallback = Callable[[int, dict], None]
 SUPERVISED_BETA2 = 0.95  # see make_optimizer
@@ -42,7 +43,10 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     log = log if world.main else Silent().log
     run = Path(cfg.out)
     rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
-    model, tokenizer = load_policy(cfg.model, device)
+    lora = lora_spec(cfg)
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")  # see grpo.train
+    if lora:
+        add_lora(model, lora, cfg.seed)
     if cfg.shard:
         if cfg.batch_size % world.size:  # equal shares: FSDP's ranks must run as many passes as each other
             raise ValueError(f"shard: batch_size {cfg.batch_size} does not divide across {world.size} ranks")
@@ -71,11 +75,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
     _add_stop_tokens(model, tokenizer, data.closers, log)
-    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
-    if world.main:
-        save_model(model, run / "model", state=state)
-        tokenizer.save(run / "model")
-    world.barrier()  # no rank exits (ending the job) before the final model is written
+    save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
 
 
@@ -232,7 +232,8 @@ def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer
         if data.eval_docs and (step % cfg.eval_every == 0 or step == steps):
             _log_heldout(logger, step, model, data, tokenizer.pad_id, cfg, world)
         if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world)
+            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world,
+                            adapter_base=cfg.model if cfg.lora_rank else None)
 
     return on_step
 

@@ -23,8 +23,11 @@ import torch
 
 from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
                               load_checkpoint, update_run_config)
-from r1lab.config import save_config
+from r1lab.config import lora_target_names, save_config
 from r1lab.distributed import World
+from r1lab.lora import LoRASpec, merge_lora, save_adapter
+from r1lab.model import save_model
+from r1lab.sharding import full_state_dict
 from r1lab.policy import DTYPES, step_seed
 
 # Large enough that each chunk's three products with the (V, D) head are efficient matrix products: at the
@@ -56,8 +59,19 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2
     gradient's scale quickly, as LM pretraining does), while RL on a trained policy takes small, noisy ones (0.99
     averages the noise of a few rollouts per step)."""
     # fused: one kernel per parameter, where the default (foreach) builds temporaries the size of all the weights at
-    # once (about 1 GB at 0.5B parameters in float32) and takes several times longer on a CPU
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
+    # once (about 1 GB at 0.5B parameters in float32) and takes several times longer on a CPU. Only the parameters
+    # that train (LoRA: the adapters) have state.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trained, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
+
+
+def lora_spec(cfg) -> LoRASpec | None:
+    """The LoRA adapters cfg asks for (lora_rank, lora_alpha, lora_targets), or None for full fine-tuning."""
+    if not cfg.lora_rank:
+        return None
+    if getattr(cfg, "shard", False):
+        raise ValueError("lora_rank with shard: LoRA's adapters are small, train them unsharded (leave shard off)")
+    return LoRASpec(cfg.lora_rank, cfg.lora_alpha, lora_target_names(cfg.lora_targets))
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
@@ -107,6 +121,21 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
     start = load_checkpoint(ckpt, model, optimizer)
     log(f"resumed from {ckpt} (step {start})")
     return start
+
+
+def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World) -> None:
+    """RUN/model, the trained model in Hugging Face format; with LoRA also RUN/adapter (PEFT's format, on
+    adapter_base) and RUN/model is the adapter merged into the base (the model is done with: merged in place)."""
+    if adapter_base is not None:
+        if world.main:
+            save_adapter(model, run / "adapter", adapter_base)
+            tokenizer.save(run / "adapter")
+        merge_lora(model)
+    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
+    if world.main:
+        save_model(model, run / "model", state=state)
+        tokenizer.save(run / "model")
+    world.barrier()  # no rank exits (ending the job) before the final model is written
 
 
 def save_run_config(run: Path, cfg, start: int, free: frozenset = RESUME_FREE_FIELDS) -> None:
