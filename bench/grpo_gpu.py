@@ -397,6 +397,8 @@ def r1lab_argv(a, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
         argv += ["--dtype", a.workload.dtype]
     if a.workload.device == "cuda":  # 64 x 256 tokens x 151,936 logits would be 10 GB per kept float32 tensor
         argv += ["--recompute-logits", "true"]
+    if a.lora_rank:  # the same adapters as TRL's peft LoraConfig: every linear layer but the head, no dropout
+        argv += ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(a.lora_alpha), "--lora-targets", "all-linear"]
     return argv
 
 
@@ -418,6 +420,9 @@ def run_r1lab_side(a, model_dir: Path, prompts: Path) -> dict:
                     for k in measured[0] if k.startswith("time/")} if measured else {}
     r["phase_peak_gb"] = {k[7:-8]: max(x[k] for x in measured)
                           for k in measured[0] if k.startswith("memory/") and k.endswith("_peak_gb")} if measured else {}
+    # what the process holds of weights, gradients and optimizer state, as r1lab counts them (LoRA: adapters' only)
+    r["held_mb"] = {k: measured[-1][f"memory/rank_{k}_mb"] for k in ("weights", "gradients", "optimizer")
+                    if measured and f"memory/rank_{k}_mb" in measured[-1]}
     if r["phase_peak_gb"] and r["memory"].get("max_allocated") is not None:
         # r1lab's phase clock resets CUDA's peak counter at each phase, so the child's final reading is only the last
         # phase's: the run's peak is the largest phase peak
@@ -435,7 +440,8 @@ def run_trl_side(a, model_dir: Path, prompts: Path) -> dict:
         "result": str(a.workdir / "trl_figures.json"), "rounds": a.rounds, "warmup": a.warmup,
         "updates": a.updates, "prompts_per_step": a.prompts_per_step, "samples_per_prompt": a.samples_per_prompt,
         "max_new_tokens": a.max_new_tokens, "threads": a.threads, "lr": a.lr, "seed": a.seed,
-        "trl_gradient_checkpointing": a.trl_gradient_checkpointing,
+        "trl_gradient_checkpointing": a.trl_gradient_checkpointing, "lora_rank": a.lora_rank,
+        "lora_alpha": a.lora_alpha,
     }  # fmt: skip
     # bf16 = TrainingArguments.bf16 (autocast). The weights in fp32 by default: GRPOTrainer(model="DIR")'s own default
     # and r1lab's recipe (fp32 master weights under bf16 autocast); --trl-weights bfloat16 trains bf16 weights
@@ -526,10 +532,16 @@ def memory_breakdown(res: dict) -> list[tuple[str, float, str]]:
     a, m, r = res["args"], res["model"], res["r1lab"]
     weights = m["params"] * 4 if a["dtype"] == "float32" else None
     ro = res.get("rollout") or {}
-    parts = [("weights (fp32)", weights, "parameters x 4 B"), ("gradients", weights, "parameters x 4 B"),
-             ("AdamW state", 2 * weights if weights else None, "2 x parameters x 4 B"),
-             ("extra copies of the weights", 0 if weights else None,
-              "none in fp32: the engine samples from the trained weights themselves")]
+    held = {k: v * 2**20 for k, v in (r.get("held_mb") or {}).items()}
+    if len(held) == 3:  # as r1lab counted them (its metrics memory/rank_*_mb): LoRA trains the adapters alone
+        parts = [("weights", held["weights"], "r1lab's count of its parameters' bytes"),
+                 ("gradients", held["gradients"], "r1lab's count (LoRA: the adapters')"),
+                 ("AdamW state", held["optimizer"], "r1lab's count (LoRA: the adapters')")]
+    else:
+        parts = [("weights (fp32)", weights, "parameters x 4 B"), ("gradients", weights, "parameters x 4 B"),
+                 ("AdamW state", 2 * weights if weights else None, "2 x parameters x 4 B")]
+    parts.append(("extra copies of the weights", 0 if weights else None,
+                  "none in fp32: the engine samples from the trained weights themselves"))
     if ro:
         rows = ro["batch"]
         parts.append(("KV cache (rollout; freed before training)",
@@ -596,6 +608,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype TRL loads the weights in, under bf16 autocast: float32 is TRL's default for a model "
                         "path and r1lab's recipe; bfloat16 is faster and smaller (weights, gradients, AdamW state all "
                         "bf16). Default: float32; --tiny runs fp32 without autocast")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA on both sides (r1lab --lora-rank, TRL with peft's LoraConfig on all linear layers); "
+                        "0: full fine-tuning (default)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA's alpha, both sides (default: 32)")
     p.add_argument("--_child", dest="child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--_spec", dest="spec", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -61,6 +61,7 @@ def trl_child(a: argparse.Namespace, device: str = "cpu", weights_dtype: str = "
         train_dataset=ds,
         processing_class=tok,
         callbacks=[timer],
+        peft_config=_lora_config(a),
     )
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -78,6 +79,16 @@ def trl_child(a: argparse.Namespace, device: str = "cpu", weights_dtype: str = "
         f"generate+score {sum(stats['gen_score_s'][w:]):.2f}s of {meas_time:.2f}s)",
         flush=True,
     )
+
+
+def _lora_config(a):
+    """peft's LoraConfig for --lora-rank (every linear layer but the head, no dropout), or None: full fine-tuning."""
+    if not getattr(a, "lora_rank", 0):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
 
 
 def _micro_batches(a, micro_batch_size: int) -> tuple[int, int]:
