@@ -12,8 +12,8 @@ edited by hand.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
-- gpu: `bench/grpo_gpu.py` run on a lent GPU (no GPU here): `--gpu FIGURES.json --gpu-commit C` files that run's
-       figures with their date, commit and device.
+- gpu, gpu_lora: `bench/grpo_gpu.py` run on a lent GPU (no GPU here), full fine-tuning or `--lora-rank`:
+       `--gpu FIGURES.json --gpu-commit C` files that run's figures with their date, commit and device.
 - tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
 """
 
@@ -254,13 +254,15 @@ def import_gpu(figures: Path, commit: str, date: str) -> dict:
     if r1.get("phase_peak_gb"):
         peaks = [v for k, v in r1["phase_peak_gb"].items() if not k.startswith("rank_")]
         r1["memory"]["max_allocated"] = max(r1["memory"]["max_allocated"], 1e9 * max(peaks))
+    lora = f" --lora-rank {args['lora_rank']} --lora-alpha {args['lora_alpha']:g}" if args.get("lora_rank") else ""
+    rollout = " --no-rollout" if args.get("no_rollout") else ""
     return {"date": date, "commit": commit, "device": f["device"], "versions": f["versions"],
-            "command": f"python bench/grpo_gpu.py --rounds {args['rounds']}", "figures": f}
+            "command": f"python bench/grpo_gpu.py --rounds {args['rounds']}{lora}{rollout}", "figures": f}
 
 
 def render_gpu(d: dict) -> str:
     f = d["figures"]
-    r1, trl, ro, w = f["r1lab"], f["trl"], f["rollout"], f["workload"]
+    r1, trl, ro, w = f["r1lab"], f["trl"], f.get("rollout"), f["workload"]
     return "\n".join([
         f"Measured on {d['date']} at commit `{d['commit']}` on one {d['device']} (torch {d['versions']['torch']}, "
         f"transformers {d['versions']['transformers']}, TRL {d['versions']['trl']}), by `{d['command']}`: the "
@@ -278,8 +280,11 @@ def render_gpu(d: dict) -> str:
         f"| peak GPU memory reserved (GiB) | {r1['memory']['max_reserved'] / 2**30:.2f} | "
         f"{trl['memory']['max_reserved'] / 2**30:.2f} | "
         f"{r1['memory']['max_reserved'] / trl['memory']['max_reserved']:.2f}x |", "",
-        f"r1lab's engine alone at that batch: {ro['tokens_per_s']:,.0f} tokens/s, "
-        f"{100 * ro['share_of_bandwidth_floor']:.1f}% of the bandwidth floor: far from the GPU's limit yet."])
+        (f"r1lab's engine alone at that batch: {ro['tokens_per_s']:,.0f} tokens/s, "
+         f"{100 * ro['share_of_bandwidth_floor']:.1f}% of the bandwidth floor: far from the GPU's limit yet." if ro else
+         f"LoRA rank {f['args']['lora_rank']}, alpha {f['args']['lora_alpha']:g}, on every linear layer but the head "
+         f"(TRL: peft's LoraConfig). Both peaks are the vocabulary's log-probs of a 64 x 256-token micro-batch "
+         f"more than the weights.")])
 
 
 def render_tests(d: dict) -> str:
@@ -335,7 +340,8 @@ def render_serve(d: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape, "distill": render_distill, "pipeline": render_pipeline,
-             "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "tests": render_tests}
+             "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
+             "tests": render_tests}
 
 
 def render_readme() -> None:
@@ -377,7 +383,9 @@ def main(argv=None) -> None:
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
              "tests": lambda: run_tests(a.workdir)}
     if a.gpu:
-        (RESULTS / "gpu.json").write_text(json.dumps(import_gpu(a.gpu, a.gpu_commit, a.gpu_date), indent=2) + "\n")
+        filed = import_gpu(a.gpu, a.gpu_commit, a.gpu_date)
+        name = "gpu_lora" if filed["figures"]["args"].get("lora_rank") else "gpu"
+        (RESULTS / f"{name}.json").write_text(json.dumps(filed, indent=2) + "\n")
     for name, run in parts.items():
         if getattr(a, name):
             (RESULTS / f"{name}.json").write_text(json.dumps(run(), indent=2) + "\n")
