@@ -283,8 +283,11 @@ def render_gpu(d: dict) -> str:
         (f"r1lab's engine alone at that batch: {ro['tokens_per_s']:,.0f} tokens/s, "
          f"{100 * ro['share_of_bandwidth_floor']:.1f}% of the bandwidth floor: far from the GPU's limit yet." if ro else
          f"LoRA rank {f['args']['lora_rank']}, alpha {f['args']['lora_alpha']:g}, on every linear layer but the head "
-         f"(TRL: peft's LoraConfig). Both peaks are the vocabulary's log-probs of a 64 x 256-token micro-batch "
-         f"more than the weights.")])
+         f"(TRL: peft's LoraConfig). r1lab's peak is its forward and backward pass "
+         f"({r1['phase_peak_gb']['forward_backward']:.1f} GB), where it holds "
+         f"{r1['held_mb']['weights'] / 1024:.2f} GiB of weights and "
+         f"{(r1['held_mb']['gradients'] + r1['held_mb']['optimizer']) / 1024:.2f} GiB of adapter gradients and AdamW "
+         f"state: the activations of a {f['args']['micro_batch_size']}-sequence micro-batch are the rest.")])
 
 
 def render_tests(d: dict) -> str:
