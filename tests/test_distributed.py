@@ -13,6 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from r1lab.distributed import World
+from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.tokenizer import build_tiny_tokenizer, load_tokenizer
+from test_moe_training import DEEPSEEK
 
 TASK = ["--task-options", '{"min_terms": 3, "max_terms": 4}']
 GRPO = ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--micro-batch-size", "3", "--max-new-tokens", "24",
@@ -170,9 +173,6 @@ def test_one_process_world_collectives_are_the_identity():
 def wide_model(tiny_base, tmp_path_factory):
     """A random-initialised model of 1.3M parameters (FSDP refuses smaller ones) with the tiny base's tokenizer, and
     a reward file whose reward varies between its random completions (the length), so that GRPO has a gradient."""
-    from r1lab.model import CausalLM, ModelConfig, save_model
-    from r1lab.tokenizer import load_tokenizer
-
     root = tmp_path_factory.mktemp("wide")
     base = json.loads((tiny_base / "config.json").read_text())
     cfg = ModelConfig(vocab_size=base["vocab_size"], hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -253,3 +253,27 @@ def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
     done = r1lab(["pretrain", "--out", tmp_path / "base", "--steps", 1], ranks=2, check=False)
     assert done.returncode != 0 and "r1lab pretrain runs in one process, not under torchrun" in done.stderr
     assert not (tmp_path / "base").exists()
+
+
+def test_a_deepseek_v3_moe_trains_across_ranks_as_in_one_process(tmp_path):
+    # experts that no token of a rank reached have no gradient there (zeros from it in the sum, none anywhere stays
+    # none), and the routing bias moves by the loads summed over ranks: the same model as one process
+    tok = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig.from_hf({**DEEPSEEK, "vocab_size": tok.vocab_size,
+                                          "eos_token_id": sorted(tok.eos_ids)[0]}))
+    save_model(model, tmp_path / "base")
+    tok.save(tmp_path / "base")
+    (tmp_path / "length.py").write_text("def reward(completion, problem):\n    return len(completion) / 10\n")
+    args = ["grpo", "--model", tmp_path / "base", "--task", "arithmetic", "--steps", 3, "--prompts-per-step", 4,
+            "--samples-per-prompt", 4, "--micro-batch-size", 4, "--max-new-tokens", 8, "--eval-every", 0,
+            "--save-every", 0, "--samples-every", 0, "--lr", "1e-2", "--moe-bias-update-speed", 0.01,
+            "--accuracy-weight", 0, "--format-weight", 0, "--threads", 1,
+            "--reward-functions", json.dumps({f"{tmp_path / 'length.py'}:reward": 1.0})]
+    r1lab([*args, "--out", tmp_path / "one"])
+    r1lab([*args, "--out", tmp_path / "two"], ranks=2)
+    one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+    assert max_difference(one, two) <= 1e-5
+    assert max_difference(one, weights(tmp_path / "base")) > 1e-4
+    biases = [k for k in one if k.endswith("e_score_correction_bias")]
+    assert biases and any(one[k].abs().max() > 0 for k in biases)  # the bias moved, the same way on both
