@@ -9,6 +9,7 @@ edited by hand.
          pass@1 / cons@8 / pass@8 / format / length before and after: mean and range over the seeds; wall times.
 - bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
 - realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
+- realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
@@ -107,6 +108,31 @@ def run_realshape(workdir: Path) -> dict:
     seconds = timed(cmd, workdir / "grpo_realshape.log")
     return {**stamp(), "command": "python bench/grpo_gpu.py --cpu", "seconds": seconds,
             "figures": json.loads(out.read_text())}
+
+
+REALSHAPE_LORA = ["bench/grpo_gpu.py", "--cpu", "--lora-rank", "16", "--lora-alpha", "32", "--no-rollout"]
+
+
+def run_realshape_lora(workdir: Path) -> dict:
+    out = workdir / "grpo_realshape_lora.json"
+    cmd = [sys.executable, *REALSHAPE_LORA, "--workdir", str(workdir / "realshape"), "--json", str(out)]
+    seconds = timed(cmd, workdir / "grpo_realshape_lora.log")
+    return {**stamp(), "command": "python " + " ".join(REALSHAPE_LORA), "seconds": seconds,
+            "figures": json.loads(out.read_text())}
+
+
+def render_realshape_lora(d: dict) -> str:
+    f = d["figures"]
+    r1, trl = f["r1lab"], f["trl"]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
+    return "\n".join([
+        f"{measured(d)}, by `{d['command']}` (LoRA rank 16 on every linear layer but the head; TRL with peft):",
+        "", "| | r1lab | TRL + peft | r1lab / TRL |", "|---|---:|---:|---:|",
+        f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
+        f"**{f['ratio']:.2f}x** |",
+        f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
+        f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |", "",
+        f"r1lab's step: {phases}."])
 
 
 def run_distill(workdir: Path) -> dict:
@@ -342,7 +368,8 @@ def render_serve(d: dict) -> str:
             f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**).")
 
 
-RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape, "distill": render_distill, "pipeline": render_pipeline,
+RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape,
+             "realshape_lora": render_realshape_lora, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -366,6 +393,7 @@ def main(argv=None) -> None:
     p.add_argument("--demo", action="store_true")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--realshape", action="store_true")
+    p.add_argument("--realshape-lora", action="store_true")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -381,7 +409,7 @@ def main(argv=None) -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir), "bench": lambda: run_bench(a.workdir),
-             "realshape": lambda: run_realshape(a.workdir),
+             "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
              "tests": lambda: run_tests(a.workdir)}
