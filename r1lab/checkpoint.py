@@ -288,11 +288,12 @@ def _restore_model(path: Path, model: CausalLM) -> None:
 def _restore_adapter(path: Path, model: CausalLM) -> None:
     """A LoRA run's checkpoint into its model's adapters (a full model's checkpoint, or an adapter for a run without
     LoRA, does not fit: one line saying so)."""
-    if not has_lora(model) or not (path / ADAPTER_CONFIG).exists():
-        which = "a LoRA adapter" if (path / ADAPTER_CONFIG).exists() else "a whole model"
-        raise CheckpointError(f"{path}: it holds {which}, and this run {'trains' if has_lora(model) else 'has'} "
-                              f"{'LoRA adapters' if has_lora(model) else 'no adapters'}; resume with the run's own "
-                              f"lora_rank")
+    if not has_lora(model):
+        raise CheckpointError(f"{path}: it holds a LoRA adapter and this run trains the whole model; resume with "
+                              f"the run's own lora_rank")
+    if not (path / ADAPTER_CONFIG).exists():
+        raise CheckpointError(f"{path}: it holds a whole model and this run trains LoRA adapters; resume with the "
+                              f"run's own lora_rank")
     try:
         load_adapter_weights(model, path)
     except (ValueError, OSError) as err:

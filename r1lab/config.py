@@ -198,6 +198,30 @@ def _lora_targets_problem(value: str) -> str | None:
 LORA_TARGET_SETTING = dict(rule=_lora_targets_problem, allowed="all-linear, or some of " + ",".join(LORA_TARGETS))
 
 
+# Settings that GRPO and SFT (and, for the timeout, eval and sample) declare alike: one declaration each, made fresh
+# for every class (a dataclass field belongs to the class that declares it).
+def lora_rank_setting():
+    return setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)", ge=0)
+
+
+def lora_alpha_setting():
+    return setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
+
+
+def lora_targets_setting():
+    return setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names", **LORA_TARGET_SETTING)
+
+
+def shard_setting():
+    return setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer state "
+                          "(models of 1M parameters and more)")
+
+
+def dist_timeout_setting():
+    return setting(600.0, "under torchrun: a rank that waits this long for another (hung or dead) ends the job with "
+                          "an error", gt=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation: types, then each field's Spec, then each command's rules across fields
 
@@ -454,15 +478,11 @@ class GRPOConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
-    lora_rank: int = setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)",
-                             ge=0)
-    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
-    lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
-                                **LORA_TARGET_SETTING)
-    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
-                                 "state (models of 1M parameters and more)")
-    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
-                                           "dead) ends the job with an error", gt=0)
+    lora_rank: int = lora_rank_setting()
+    lora_alpha: float = lora_alpha_setting()
+    lora_targets: str = lora_targets_setting()
+    shard: bool = shard_setting()
+    dist_timeout_s: float = dist_timeout_setting()
 
     def eval_config(self) -> EvalConfig:
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
@@ -516,8 +536,7 @@ class EvalConfig(Settings):
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
-    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
-                                           "dead) ends the job with an error", gt=0)
+    dist_timeout_s: float = dist_timeout_setting()
 
 
 @dataclass
@@ -568,15 +587,11 @@ class SFTConfig(Settings):
     seed: int = setting(0, "random seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
-    lora_rank: int = setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)",
-                             ge=0)
-    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
-    lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
-                                **LORA_TARGET_SETTING)
-    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
-                                 "state (models of 1M parameters and more)")
-    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
-                                           "dead) ends the job with an error", gt=0)
+    lora_rank: int = lora_rank_setting()
+    lora_alpha: float = lora_alpha_setting()
+    lora_targets: str = lora_targets_setting()
+    shard: bool = shard_setting()
+    dist_timeout_s: float = dist_timeout_setting()
 
     def rules(self) -> list[str]:
         return ["set steps >= 1, or steps 0 and epochs > 0"] if self.steps == 0 and self.epochs <= 0 else []
@@ -617,8 +632,7 @@ class SampleConfig(Settings):
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
-    dist_timeout_s: float = setting(600.0, "under torchrun: a rank that waits this long for another (hung or "
-                                           "dead) ends the job with an error", gt=0)
+    dist_timeout_s: float = dist_timeout_setting()
 
     def rules(self) -> list[str]:
         if self.max_tokens and self.max_tokens < self.min_tokens:

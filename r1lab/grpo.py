@@ -415,16 +415,18 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     if entropy is not None:
         totals["entropy"] += entropy.sum().item()
         totals["entropy_tokens"] += len(entropy)
-    if len(logp):  # the importance ratio of the trained tokens against the sampler, every update
-        ratio = torch.exp(logp.detach() - mb.old_logp)
-        totals["ratio_sum"] += ratio.sum().item()
-        totals["ratio_min"] = min(totals["ratio_min"], ratio.min().item())
-        totals["ratio_max"] = max(totals["ratio_max"], ratio.max().item())
-    if update == 0 and len(logp):  # sampler vs trainer on the same weights: only precision can differ
-        diff = (logp.detach() - mb.old_logp).abs()
-        totals["logp_diff_sum"] += diff.sum().item()
-        totals["logp_diff_max"] = max(totals["logp_diff_max"], diff.max().item())
-        totals["logp_diff_tokens"] += len(diff)
+    if len(logp):  # sampler vs trainer: the importance ratio every update, the log-prob gap before any update
+        gap = logp.detach() - mb.old_logp
+        ratio, abs_gap = torch.exp(gap), gap.abs()
+        # one host round trip for the five figures (each .item() would wait for the device)
+        r_sum, r_min, r_max, g_sum, g_max = torch.stack([ratio.sum(), ratio.min(), ratio.max(), abs_gap.sum(),
+                                                         abs_gap.max()]).tolist()
+        totals["ratio_sum"] += r_sum
+        totals["ratio_min"], totals["ratio_max"] = min(totals["ratio_min"], r_min), max(totals["ratio_max"], r_max)
+        if update == 0:  # same weights: only precision can differ
+            totals["logp_diff_sum"] += g_sum
+            totals["logp_diff_max"] = max(totals["logp_diff_max"], g_max)
+            totals["logp_diff_tokens"] += len(gap)
     return True
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -125,10 +125,8 @@ class Tally:
         """The tally of the whole job, from each rank's."""
         total = cls()
         for t in tallies:
-            for name in ("prompts", "sampled", "kept", "prompts_with_kept", "correct", "scorer_errors",
-                         "scorer_timeouts"):
-                setattr(total, name, getattr(total, name) + getattr(t, name))
-            total.rejected.update(t.rejected)
+            for f in fields(cls):  # counts, and the Counter of rejections (+= adds Counters key by key)
+                setattr(total, f.name, getattr(total, f.name) + getattr(t, f.name))
         return total
 
     def summary(self) -> dict:

@@ -13,6 +13,7 @@ from r1lab.lora import (ALL_LINEAR, LoRASpec, adapters_disabled, add_lora, has_l
 from r1lab.model import CausalLM, KVCache, ModelConfig, save_model
 from r1lab.moe import moe_from_hf
 from r1lab.tokenizer import build_tiny_tokenizer
+from test_model import batch  # 3 rows of 11 ids, one left-padded, one right-padded
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -41,15 +42,6 @@ def randomize_b(model: CausalLM, seed: int = 1) -> None:
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
-def batch(vocab: int = 128):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (3, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0  # left padding
-    mask[2, 8:] = 0  # right padding
-    return ids, mask
 
 
 def max_diff(ref, got, mask) -> float:
@@ -103,7 +95,7 @@ def test_some_targets_match_peft(targets, tmp_path):
 
 def test_only_the_adapters_train_and_the_model_starts_unchanged():
     model = tiny_model()
-    ids, mask = batch()
+    ids, mask = batch(128)
     with torch.no_grad():
         before = model(ids, attention_mask=mask)
     params = add_lora(model, SPEC)
@@ -132,7 +124,7 @@ def test_same_seed_same_adapters():
 
 def test_adapters_disabled_gives_the_base_exactly():
     model = tiny_model()
-    ids, mask = batch()
+    ids, mask = batch(128)
     with torch.no_grad():
         base = model(ids, attention_mask=mask)
         add_lora(model, SPEC)
@@ -192,7 +184,7 @@ def test_completion_hidden_states_and_cached_prefill_match_the_merged_model(adap
 
 def test_bf16_base_keeps_float32_adapters_and_runs_under_autocast():
     model = tiny_model()
-    ids, mask = batch()
+    ids, mask = batch(128)
     with torch.no_grad():
         add_lora(model, SPEC)
         randomize_b(model)
@@ -217,7 +209,7 @@ def test_load_adapter_round_trips(tmp_path):
     other = tiny_model()
     spec = load_adapter(other, tmp_path)
     assert spec == LoRASpec(rank=2, alpha=3.0, targets=("v_proj", "gate_proj"))
-    ids, mask = batch()
+    ids, mask = batch(128)
     with torch.no_grad():
         assert torch.equal(other(ids, attention_mask=mask), model(ids, attention_mask=mask))
     saved = lora_state_dict(model)
