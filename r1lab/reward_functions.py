@@ -162,8 +162,9 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
 
 
 def _worker_main(fd: int) -> None:
-    """A worker's loop: a job is (spec, cwd, sys.path, timeout_s, [(completion, problem), ...]); it answers
-    ("loaded", error or None), then ("done", [outcome, ...]) batches, in order."""
+    """A worker's loop: a job is (spec, cwd, sys.path, timeout_s, one_by_one, [(completion, problem), ...]); it
+    answers ("loaded", error or None), then ("done", [outcome, ...]) batches, in order (one outcome a message when
+    one_by_one)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it then closes the workers
     _die_with_parent()
     conn = Connection(fd)
@@ -176,12 +177,12 @@ def _worker_main(fd: int) -> None:
         except BaseException as err:  # a job that cannot be unpickled here (e.g. a Problem class not importable)
             reporter.send(("loaded", f"its job could not be read in the worker ({_describe(err)})"))
             continue
-        spec, cwd, path, timeout_s, items = message
+        spec, cwd, path, timeout_s, one_by_one, items = message
         fn, error = _load_in_worker(spec, cwd, path)
         reporter.send(("loaded", error))
         for i, (completion, problem) in enumerate(items if fn is not None else ()):
             reporter.begin()
-            reporter.add(_call(fn, completion, problem, timeout_s), last=i == len(items) - 1)
+            reporter.add(_call(fn, completion, problem, timeout_s), last=one_by_one or i == len(items) - 1)
 
 
 class _Reporter:
@@ -293,6 +294,9 @@ class _Job:
     spec: str
     slots: list[int]  # where each item's outcome goes in the caller's list
     items: list[tuple[str, object]]  # (completion, problem)
+    # The worker answers each call as it ends. Set after a worker died: outcomes it had not yet sent were lost
+    # with it, so which call killed it is only known when every call is answered before the next begins.
+    one_by_one: bool = False
 
 
 @dataclass
@@ -349,7 +353,7 @@ class RewardWorkers:
         return out
 
     def _start(self, job: _Job, limit: float, running: dict, out: dict) -> None:
-        message = (job.spec, os.getcwd(), list(sys.path), limit, job.items)
+        message = (job.spec, os.getcwd(), list(sys.path), limit, job.one_by_one, job.items)
         worker = self._idle.pop() if self._idle else _Worker()
         try:
             try:
@@ -406,7 +410,8 @@ class RewardWorkers:
 
     def _fail(self, running: dict, conn: Connection, queue: deque, out: dict, outcome: Outcome) -> None:
         """The worker died or overran: the call it was making gets outcome, the worker is killed, and the rest
-        of its job goes back to the queue for a fresh worker."""
+        of its job goes back to the queue for a fresh worker. A batched worker that died is not sure to have sent
+        every outcome, so its unanswered calls go back one by one, and the call that then kills a worker is blamed."""
         state = running.pop(conn)
         state.worker.kill()
         job, done = state.job, state.done
@@ -416,9 +421,13 @@ class RewardWorkers:
             for slot in job.slots:
                 out[job.spec][slot] = ("error", reason)
             return
+        if outcome[0] == "error" and not job.one_by_one:
+            # A died worker may have finished calls after the last batch it sent: run them again one by one.
+            queue.appendleft(_Job(job.spec, job.slots[done:], job.items[done:], one_by_one=True))
+            return
         out[job.spec][job.slots[done]] = outcome
         if done + 1 < len(job.items):
-            queue.appendleft(_Job(job.spec, job.slots[done + 1:], job.items[done + 1:]))
+            queue.appendleft(_Job(job.spec, job.slots[done + 1:], job.items[done + 1:], job.one_by_one))
 
     def close(self) -> None:
         """End every worker: closing its pipe ends an idle one; any still running after a moment is killed."""
