@@ -169,6 +169,7 @@ def _language_problem(value: str) -> str | None:
 SEED = dict(ge=0, le=2**32 - 1)  # every seed fits the 32-bit seeders, including the seed + 1 of held-out problems
 THREADS = dict(ge=0)
 DTYPE = dict(choices=("float32", "bfloat16"))
+ARCHS = ("dense", "deepseek-v3")  # the tiny bases r1lab pretrains
 DEVICE = dict(rule=_device_problem, allowed=f"one of: {DEVICES} (one this machine has)")
 TASK = dict(rule=_task_problem, allowed=_task_allowed)
 PROMPT_TEMPLATES = dict(choices=("r1zero", "chat", "none", "auto"))  # "none": a single question sent as it is
@@ -368,7 +369,21 @@ class PretrainConfig(Settings):
     num_layers: int = setting(4, "transformer layers", ge=1)
     num_heads: int = setting(4, "attention heads, a multiple of num_kv_heads", ge=1)
     num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)", ge=1)
-    intermediate_size: int = setting(384, "MLP width", ge=1)
+    intermediate_size: int = setting(384, "MLP width (deepseek-v3: of its dense layers)", ge=1)
+    arch: str = setting("dense", "dense: grouped-query attention and an MLP in every layer (Qwen2 format); "
+                                 "deepseek-v3: multi-head latent attention and DeepSeekMoE (DeepseekV3ForCausalLM)",
+                        choices=ARCHS)
+    kv_lora_rank: int = setting(32, "deepseek-v3: numbers per token in MLA's compressed key/value latent", ge=1)
+    experts: int = setting(8, "deepseek-v3: routed experts per MoE layer", ge=1)
+    experts_per_token: int = setting(2, "deepseek-v3: routed experts chosen for each token", ge=1)
+    shared_experts: int = setting(1, "deepseek-v3: shared experts every token runs", ge=0)
+    expert_intermediate_size: int = setting(128, "deepseek-v3: MLP width of each expert", ge=1)
+    dense_layers: int = setting(1, "deepseek-v3: the first layers keep a dense MLP (first_k_dense_replace)", ge=0)
+    moe_bias_update_speed: float = setting(0.01, "deepseek-v3: after each step every expert's routing bias moves this "
+                                                 "much toward an even load (auxiliary-loss-free balancing); 0 = off",
+                                           ge=0)
+    balance_loss_weight: float = setting(0.0, "deepseek-v3: weight of V3's sequence-wise balance loss (the paper: "
+                                              "0.0001); 0 = off, the routing bias alone balances", ge=0)
     think_share: float = setting(0.3, "share of documents with a worked solution in <think>", ge=0, le=1)
     slip_rate: float = setting(0.2, "share of worked solutions with one wrong column", ge=0, le=1)
     untagged_share: float = setting(0.05, "share of answers given without the format (with think_share at most 1)",
@@ -383,7 +398,20 @@ class PretrainConfig(Settings):
     def rules(self) -> list[str]:
         return model_shape_problems("", self.hidden_size, self.num_heads, self.num_kv_heads) + (
             [f"think_share + untagged_share is {self.think_share + self.untagged_share:g}, above 1"]
-            if self.think_share + self.untagged_share > 1 else [])
+            if self.think_share + self.untagged_share > 1 else []) + (
+            self._moe_problems() if self.arch == "deepseek-v3" else [])
+
+    def _moe_problems(self) -> list[str]:
+        problems = []
+        if self.experts_per_token > self.experts:
+            problems.append(f"experts_per_token ({self.experts_per_token}) is more than experts ({self.experts})")
+        if self.dense_layers >= self.num_layers:
+            problems.append(f"dense_layers ({self.dense_layers}) leaves no MoE layer of num_layers "
+                            f"({self.num_layers})")
+        if self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4:
+            problems.append(f"deepseek-v3 splits each head ({self.hidden_size // self.num_heads} wide) into a rotary "
+                            f"half and a plain half, both even: hidden_size / num_heads must be a multiple of 4")
+        return problems
 
 
 def model_shape_problems(prefix: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> list[str]:
@@ -660,6 +688,8 @@ class DemoConfig(Settings):
     out: str = setting("runs/demo", "run directory; stages already done there are reused", **NONEMPTY)
     control: str = setting("none", "random-reward runs the same demo with shuffled rewards",
                            choices=("none", "random-reward"))
+    arch: str = setting("dense", "the tiny base's architecture: dense (Qwen2 format) or deepseek-v3 (MLA + MoE; its "
+                                 "runs go to OUT/*-deepseek-v3)", choices=ARCHS)
     pretrain_steps: int = setting(600, "optimizer steps of the tiny base", ge=1)
     grpo_steps: int = setting(60, "GRPO steps", ge=1)
     eval_problems: int = setting(200, "held-out problems of each evaluation", ge=1)

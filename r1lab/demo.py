@@ -8,21 +8,28 @@ verifier.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from r1lab.config import DemoConfig, PretrainConfig, tiny_grpo_config
+from r1lab.config import ARCHS, DemoConfig, PretrainConfig, tiny_grpo_config
 from r1lab.grpo import train
+from r1lab.pretrain import ARCHITECTURE_FILE
 from r1lab.report import eval_records, example_completions, write_report
 from r1lab.stages import pretrained_base
 
-RUN_NAMES = {"none": "grpo", "random-reward": "grpo-random-reward"}
+def run_name(stage: str, arch: str, control: str = "none") -> str:
+    """A demo stage's directory under OUT: base, grpo and grpo-random-reward for the dense base; base-deepseek-v3,
+    grpo-deepseek-v3 and grpo-deepseek-v3-random-reward for the MLA + MoE one, so both demos share an OUT."""
+    return stage + ("" if arch == "dense" else f"-{arch}") + ("" if control == "none" else f"-{control}")
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     # The tiny base is pretrained, or reused when made with the same settings (e.g. for the control run).
-    pre = PretrainConfig(out=str(Path(cfg.out) / "base"), steps=cfg.pretrain_steps, seed=cfg.seed, threads=cfg.threads)
-    grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), Path(cfg.out) / RUN_NAMES[cfg.control], cfg.grpo_steps,
-                                eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed,
+    out = Path(cfg.out)
+    pre = PretrainConfig(out=str(out / run_name("base", cfg.arch)), steps=cfg.pretrain_steps, seed=cfg.seed,
+                         threads=cfg.threads, arch=cfg.arch)
+    grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), out / run_name("grpo", cfg.arch, cfg.control),
+                                cfg.grpo_steps, eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed,
                                 threads=cfg.threads)
     final_model = train(grpo_cfg, log=log)
     run = Path(grpo_cfg.out)
@@ -31,20 +38,44 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     is_control = cfg.control != "none"
     columns = {"base (pretrained)": before,
                "after GRPO with shuffled rewards (control)" if is_control else "after R1-Zero GRPO": after}
-    other = Path(cfg.out) / RUN_NAMES["none" if is_control else "random-reward"]
+    other = out / run_name("grpo", cfg.arch, "none" if is_control else "random-reward")
     compare = {}
     if (other / "eval").exists():  # the other run of the pair, when it has been run: shown side by side
         other_label = "R1-Zero GRPO (verifier rewards)" if is_control else "random-reward control"
         compare = {other_label: other}
         columns[f"{other_label}, other run"] = eval_records(other, "last")[0]
+    architectures = architecture_table(out, cfg)
     gain = after["pass@1"] - before["pass@1"]
     notes = [f"Held-out pass@1 went from {before['pass@1']:.1%} to {after['pass@1']:.1%} ({gain * 100:+.1f} points).",
              f"Rewards: {'shuffled across the batch (control: same mean, no signal)' if cfg.control != 'none' else 'accuracy + format, rule-based'}."]
     report = write_report(run, title="r1lab demo: R1-Zero on a tiny model" + (" (random-reward control)" if cfg.control != "none" else ""),
-                          tables={"Held-out evaluation (k=8 samples, temperature 0.6, top-p 0.95)": columns},
+                          tables={"Held-out evaluation (k=8 samples, temperature 0.6, top-p 0.95)": columns,
+                                  "Tiny bases (from each base's architecture.json and its R1-Zero run)": architectures},
                           examples={"before": example_completions(before_records), "after": example_completions(after_records)},
                           notes=notes, compare_runs=compare)
     log(f"\nheld-out pass@1: {before['pass@1']:.1%} -> {after['pass@1']:.1%} ({gain * 100:+.1f} points)")
     log(f"report:      {report}")
     log(f"final model: {final_model}  (Hugging Face format)")
     return report
+
+
+def architecture_table(out: Path, cfg: DemoConfig) -> dict[str, dict]:
+    """One column per architecture whose base is under OUT (this demo's, and the other's when it has been run):
+    parameters in all and active per token, KV-cache bytes per token, expert load at the end of pretraining, and the
+    held-out pass@1 before and after its R1-Zero GRPO run (when that run has been made)."""
+    columns = {}
+    for arch in ARCHS:
+        facts_file = out / run_name("base", arch) / ARCHITECTURE_FILE
+        if arch != cfg.arch and not facts_file.exists():
+            continue
+        facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
+        column = {"parameters": facts.get("parameters"), "active parameters per token": facts.get("active_parameters"),
+                  "KV-cache bytes per token (bf16)": facts.get("kv_cache_bytes_per_token_bf16"),
+                  "same for multi-head attention": facts.get("multi_head_kv_cache_bytes_per_token_bf16"),
+                  "expert load max/mean (end of pretraining)": facts.get("moe/load_max_over_mean")}
+        run = out / run_name("grpo", arch)
+        if (run / "eval").exists():
+            column["pass@1 before GRPO"] = eval_records(run, "first")[0]["pass@1"]
+            column["pass@1 after GRPO"] = eval_records(run, "last")[0]["pass@1"]
+        columns[arch] = column
+    return columns

@@ -158,16 +158,36 @@ class MoE(nn.Module):
         self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed to each expert, last forward
         self.load: torch.Tensor | None = None  # (E,) summed over forwards inside count_loads, else None
         self.real_tokens: torch.Tensor | None = None  # (B, T) set by the model's forward while counting
+        self.balance_weight = 0.0  # > 0 inside balance_loss(): training forwards add V3's sequence-wise balance loss
+        self.balance_terms: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, experts = self.gate(flat)
         y, self.last_expert_counts = self.experts(flat, experts, weights)
+        if self.balance_weight and self.training:
+            self.balance_terms.append(self._balance_loss(flat, experts, B, T))
         if self.load is not None:
             self._count(experts, B, T)
         y = y.view(B, T, D)
         return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+    def _balance_loss(self, flat: torch.Tensor, experts: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss, summed over the B sequences: weight * sum_e f_e * P_e, with f_e
+        = E / (k T) times the tokens of the sequence that chose expert e, and P_e the mean over its tokens of the
+        expert's normalised sigmoid score. Only P carries a gradient (to the router). Padding is left out."""
+        E, k = self.gate.n_experts, self.gate.top_k
+        scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()
+        share = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
+        chosen = torch.zeros(B * T, E, device=flat.device).scatter_(1, experts, 1.0).view(B, T, E)
+        real = self.real_tokens if self.real_tokens is not None and self.real_tokens.shape == (B, T) else \
+            torch.ones(B, T, dtype=torch.bool, device=flat.device)
+        real = real.unsqueeze(-1).float()
+        tokens = real.sum(1).clamp_min(1.0)  # (B, 1)
+        f = (chosen * real).sum(1) * E / (k * tokens)  # (B, E)
+        p = (share * real).sum(1) / tokens
+        return self.balance_weight * (f * p).sum()
 
     @torch.no_grad()
     def _count(self, experts: torch.Tensor, B: int, T: int) -> None:
@@ -195,6 +215,30 @@ def count_loads(model: nn.Module):
     finally:
         for i, m in layers.items():
             loads[i], m.load, m.real_tokens = m.load, None, None
+
+
+@contextlib.contextmanager
+def balance_loss(model: nn.Module, weight: float):
+    """Within it, with weight > 0, every DeepSeek-V3 MoE layer's training forward computes V3's sequence-wise
+    balance loss (MoE._balance_loss); take_balance_loss collects it for the step's loss. weight 0: nothing."""
+    layers = [m for m in moe_layers(model).values() if isinstance(m.gate, SigmoidGroupRouter)] if weight else []
+    for m in layers:
+        m.balance_weight, m.balance_terms = weight, []
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.balance_weight, m.balance_terms = 0.0, []
+
+
+def take_balance_loss(model: nn.Module) -> torch.Tensor | float:
+    """The balance losses of the forwards since the last call, summed over layers and sequences (0.0 if none)."""
+    total = 0.0
+    for m in moe_layers(model).values():
+        for term in m.balance_terms:
+            total = total + term
+        m.balance_terms = []
+    return total
 
 
 def mark_real_tokens(model: nn.Module, real: torch.Tensor) -> None:

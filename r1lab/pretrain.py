@@ -18,17 +18,19 @@ so held-out problems stay unseen.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import torch
 
+from r1lab import moe
 from r1lab.config import PretrainConfig, save_config
 from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.model_facts import architecture_facts
 from r1lab.runtime import setup_training_process
-from r1lab.sft import SUPERVISED_BETA2, train_lm
+from r1lab.sft import SUPERVISED_BETA2, lm_batch, train_lm
 from r1lab.tasks import get_task
 from r1lab.tasks.arithmetic import ArithmeticTask, evaluate
 from r1lab.tasks.base import Problem
@@ -37,6 +39,8 @@ from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer
 from r1lab.train import make_optimizer
 
 GUESS_THOUGHT = "Easy."
+ARCHITECTURE_FILE = "architecture.json"  # beside the model: parameters, KV-cache bytes per token, expert load
+LOAD_DOCUMENTS = 512  # documents of the expert-load measurement after pretraining
 
 
 @dataclass
@@ -120,20 +124,52 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
     train_lm(model, docs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
              pad_id=tokenizer.pad_id, seed=cfg.seed, log=log, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
-             optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2))
+             optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
+             moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight)
     save_model(model, out / "model")
     tokenizer.save(out / "model")
     (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
+    facts = {**architecture_facts(model), **expert_load(model, docs[:LOAD_DOCUMENTS], tokenizer.pad_id)}
+    (out / ARCHITECTURE_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    log("pretrain: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in facts.items()))
     return out / "model"
 
 
+@torch.no_grad()
+def expert_load(model: CausalLM, docs: list[list[int]], pad_id: int) -> dict:
+    """An MoE model's expert loads over docs in one forward pass (moe/load_max_over_mean: 1 is perfectly even;
+    moe/routing_entropy); {} for a dense model."""
+    model.eval()
+    ids, _ = lm_batch(docs, pad_id, None)
+    with moe.count_loads(model) as loads:
+        moe.mark_real_lengths(model, [len(d) for d in docs], ids.shape[1])
+        model(ids.to(next(model.parameters()).device))
+    return moe.load_metrics(loads)
+
+
 def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
-    eos = sorted(tokenizer.eos_ids)[0]
-    return ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                       max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
-                       eos_token_id=eos)
+    hf = {"vocab_size": tokenizer.vocab_size, "hidden_size": cfg.hidden_size,
+          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+          "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True,
+          "eos_token_id": sorted(tokenizer.eos_ids)[0], "architectures": ["Qwen2ForCausalLM"]}
+    if cfg.arch == "deepseek-v3":
+        hf.update(tiny_deepseek_v3(cfg))
+    return ModelConfig.from_hf(hf, source=f"the tiny {cfg.arch} base")
+
+
+def tiny_deepseek_v3(cfg: PretrainConfig) -> dict:
+    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck (q_lora_rank null), each
+    head's query/key half rotary and half plain; DeepSeekMoE after cfg.dense_layers dense layers, one expert group
+    (group-limited routing is for hundreds of experts)."""
+    head = cfg.hidden_size // cfg.num_heads
+    return {"architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": cfg.num_heads,
+            "q_lora_rank": None, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": head // 2,
+            "qk_rope_head_dim": head // 2, "v_head_dim": head, "rope_interleave": True, "attention_bias": False,
+            "n_routed_experts": cfg.experts, "num_experts_per_tok": cfg.experts_per_token,
+            "n_shared_experts": cfg.shared_experts, "moe_intermediate_size": cfg.expert_intermediate_size,
+            "first_k_dense_replace": cfg.dense_layers, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0}
 
 
 def tokenize_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:

@@ -88,13 +88,15 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
              on_step: StepCallback | None = None, name: str = "pretrain",
-             moe_bias_update_speed: float = 0.0, world: World = World()) -> list[float]:
+             moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
+             world: World = World()) -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
     on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there. Under torchrun
     every rank walks the same order and trains on its share of each batch.
-    moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/moe.py update_routing_bias).
+    moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/moe.py update_routing_bias);
+    balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
     """
     order = EpochOrder(len(docs), seed)
     losses = []
@@ -105,7 +107,8 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
         set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
         metrics = lm_step(model, optimizer, [docs[i] for i in picked],
                           None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
-                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world)
+                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
+                          balance_loss_weight)
         metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
         losses.append(metrics["loss"])
         if step % 50 == 0 or step == steps - 1:
@@ -118,13 +121,14 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
 def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[int]],
             loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
-            moe_bias_update_speed: float = 0.0, world: World = World()) -> dict:
+            moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0) -> dict:
     """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
     split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
     loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
     passes give moe/* metrics and, after the step, balance its routing bias."""
     device = next(model.parameters()).device
     n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
+    n_docs = len(docs)  # the balance loss is a mean over the whole batch's sequences
     mine = world.share(len(docs))
     docs = docs[mine.start : mine.stop]
     loss_masks = None if loss_masks is None else loss_masks[mine.start : mine.stop]
@@ -132,12 +136,14 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
     optimizer.zero_grad(set_to_none=True)
-    total, finite = 0.0, True
-    with moe.count_loads(model) as loads:
+    total, balance, finite = 0.0, 0.0, True
+    with moe.count_loads(model) as loads, moe.balance_loss(model, balance_loss_weight):
         for s, (ids, mask) in zip(range(0, len(docs), size), batches):
             moe.mark_real_lengths(model, [len(d) for d in docs[s : s + size]], ids.shape[1])  # MoE loads: no padding
             with training_precision(dtype, device):
-                loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
+                lm_loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
+            extra = moe.take_balance_loss(model) / n_docs
+            loss = lm_loss + extra
             if not torch.isfinite(loss):
                 finite = False
                 if not is_sharded(model):
@@ -146,15 +152,17 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
                 idle_pass(model)
                 continue
             loss.backward()
-            total += loss.item()
-    finite, (total,) = world.all(finite), world.sum([total])
+            total += lm_loss.item()
+            balance += extra.item() if torch.is_tensor(extra) else extra
+    finite, (total, balance) = world.all(finite), world.sum([total, balance])
     if finite:
         world.sum_gradients(model.parameters())
     world.sum_counts(loads)
     stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
     if not stepped["skipped_nonfinite"]:
         moe.update_routing_bias(model, loads, moe_bias_update_speed)
-    return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads)}
+    return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads),
+            **({"moe/balance_loss": balance} if balance_loss_weight else {})}
 
 
 def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None) -> int:

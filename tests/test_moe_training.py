@@ -170,3 +170,85 @@ def test_tiny_deepseek_grpo_logs_loads_and_saves_the_balanced_bias_for_transform
     bias = hf.model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.abs().max() > 0 and bias.abs().max() <= 2 * 0.01 + 1e-6  # two steps of 0.01 from zero
     print("metrics", {k: round(v, 3) for k, v in rows[-1].items() if k.startswith("moe/")}, "bias", bias.tolist())
+
+
+def _balance_by_hand(model, ids, lengths, weight):
+    """V3's sequence-wise balance loss written out sequence by sequence, expert by expert, from the router alone."""
+    total = 0.0
+    hidden = {}
+    layers = moe.moe_layers(model)
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: hidden.__setitem__(i, args[0]))
+             for i, m in layers.items()]
+    model(ids)
+    for hook in hooks:
+        hook.remove()
+    for i, m in layers.items():
+        E, k = m.gate.n_experts, m.gate.top_k
+        for b, T in enumerate(lengths):
+            x = hidden[i][b, :T]
+            _, experts = m.gate(x)
+            scores = torch.sigmoid(x.float() @ m.gate.weight.float().T)
+            for e in range(E):
+                f = E / (k * T) * sum(int(e in experts[t].tolist()) for t in range(T))
+                p = sum((scores[t, e] / scores[t].sum()).item() for t in range(T)) / T
+                total += weight * f * p
+    return total
+
+
+def test_sequence_balance_loss_matches_a_hand_computation_and_reaches_the_router_not_the_experts():
+    model = deepseek()
+    batch = docs(3)
+    lengths = [len(d) for d in batch]
+    T = max(lengths)
+    ids = torch.tensor([d + [0] * (T - len(d)) for d in batch])
+    with moe.count_loads(model), moe.balance_loss(model, 0.01):
+        moe.mark_real_lengths(model, lengths, T)
+        model(ids)
+        ours = moe.take_balance_loss(model)
+    expected = _balance_by_hand(model, ids, lengths, 0.01)
+    assert abs(ours.item() - expected) < 1e-6 * max(1.0, expected)
+    model.zero_grad()
+    ours.backward()
+    layer = moe.moe_layers(model)[1]
+    assert layer.gate.weight.grad.abs().sum() > 0
+    assert layer.experts.gate_up_proj.grad is None or layer.experts.gate_up_proj.grad.abs().sum() == 0
+    with moe.balance_loss(model, 0.0):  # off: nothing computed
+        model(ids)
+        assert moe.take_balance_loss(model) == 0.0
+
+
+def test_lm_step_adds_the_balance_loss_only_when_asked():
+    batch = docs()
+    off, on = deepseek(), deepseek()
+    plain = lm_step(off, make_optimizer(off, 1e-3, 0.0, 0.95), batch, None, pad_id=0)
+    weighted = lm_step(on, make_optimizer(on, 1e-3, 0.0, 0.95), batch, None, pad_id=0, micro_batch_size=4,
+                       balance_loss_weight=0.1)
+    assert "moe/balance_loss" not in plain and weighted["moe/balance_loss"] > 0
+    assert abs(plain["loss"] - weighted["loss"]) < 1e-5  # "loss" stays the language-model loss
+    router_moved = [(a.gate.weight - b.gate.weight).abs().max() for a, b in
+                    zip(moe.moe_layers(off).values(), moe.moe_layers(on).values())]
+    assert max(router_moved) > 0
+
+
+def test_the_tiny_deepseek_v3_base_is_what_transformers_reads_and_reports_its_costs(tmp_path):
+    from r1lab.config import PretrainConfig
+    from r1lab.model import load_model
+    from r1lab.pretrain import pretrain
+
+    cfg = PretrainConfig(out=str(tmp_path), arch="deepseek-v3", steps=3, documents=64, batch_size=16,
+                         balance_loss_weight=0.001, threads=1)
+    model_dir = pretrain(cfg, log=lambda *_: None)
+    facts = json.loads((tmp_path / "architecture.json").read_text())
+    ours = load_model(model_dir).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert type(theirs).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.tensor([[5, 17, 30, 2, 9, 44, 61, 3]])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+    # 4 layers x (32 latent + 16 rotary key) x 2 bytes, against 4 x 2 x 128 x 2 for multi-head attention
+    assert facts["kv_cache_bytes_per_token_bf16"] == 4 * 48 * 2
+    assert facts["multi_head_kv_cache_bytes_per_token_bf16"] == 4 * 2 * 128 * 2
+    per_expert = 3 * 128 * 128  # gate, up and down of one expert
+    assert facts["parameters"] - facts["active_parameters"] == 3 * (8 - 2) * per_expert  # 3 MoE layers, 6 idle
+    assert facts["parameters"] == sum(p.numel() for p in theirs.parameters())
+    assert 1.0 <= facts["moe/load_max_over_mean"] <= 8.0
