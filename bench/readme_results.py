@@ -7,6 +7,8 @@ edited by hand.
 
 - demo:  `r1lab demo` and its random-reward control for each of --seeds (each seed pretrains its own base), held-out
          pass@1 / cons@8 / pass@8 / format / length before and after: mean and range over the seeds; wall times.
+- demo_v3: the same with `--arch deepseek-v3` (MLA + MoE tiny base), with both tiny bases' parameters, active
+         parameters, KV-cache bytes per token, and the expert load after pretraining.
 - bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
 - realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
 - realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
@@ -67,20 +69,36 @@ def timed(cmd: list[str], log: Path) -> float:
 # the parts
 
 
-def run_demo(seeds: list[int], workdir: Path) -> dict:
-    runs = []
+def run_demo(seeds: list[int], workdir: Path, arch: str = "dense") -> dict:
+    from r1lab.demo import run_name
+
+    runs, flags = [], [] if arch == "dense" else ["--arch", arch]
     for seed in seeds:
         out = workdir / f"demo-seed{seed}"
-        r1lab = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", str(seed)]
-        demo_s = timed(r1lab, workdir / f"demo-seed{seed}.log")
-        control_s = timed(r1lab + ["--control", "random-reward"], workdir / f"control-seed{seed}.log")
+        r1lab = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", str(seed), *flags]
+        demo_s = timed(r1lab, workdir / f"{run_name('demo', arch)}-seed{seed}.log")
+        control_s = timed(r1lab + ["--control", "random-reward"],
+                          workdir / f"{run_name('control', arch)}-seed{seed}.log")
+        grpo, control = out / run_name("grpo", arch), out / run_name("grpo", arch, "random-reward")
         runs.append({"seed": seed, "demo_s": demo_s, "control_s": control_s,
-                     "base": heldout(out / "grpo", 0), "grpo": heldout(out / "grpo", -1),
-                     "control": heldout(out / "grpo-random-reward", -1),
-                     "curve": [e["pass@1"] for e in read_evals(out / "grpo")]})
+                     "base": heldout(grpo, 0), "grpo": heldout(grpo, -1), "control": heldout(control, -1),
+                     "curve": [e["pass@1"] for e in read_evals(grpo)],
+                     "architecture": json.loads((out / run_name("base", arch) / "architecture.json").read_text())})
         print(f"seed {seed}: pass@1 {runs[-1]['base']['pass@1']:.1%} -> {runs[-1]['grpo']['pass@1']:.1%} "
               f"(control {runs[-1]['control']['pass@1']:.1%}), {demo_s:.0f} s + {control_s:.0f} s", flush=True)
-    return {**stamp(), "command": "r1lab demo --seed S; r1lab demo --seed S --control random-reward", "runs": runs}
+    command = f"r1lab demo{' '.join([''] + flags)} --seed S; the same with --control random-reward"
+    return {**stamp(), "command": command, "arch": arch, "runs": runs, "dense_architecture": dense_facts()}
+
+
+def dense_facts() -> dict:
+    """The dense tiny base's parameters and cache bytes, from its default settings (nothing trained)."""
+    from r1lab.config import PretrainConfig
+    from r1lab.model import CausalLM
+    from r1lab.model_facts import architecture_facts
+    from r1lab.pretrain import tiny_model_config
+    from r1lab.tokenizer import build_tiny_tokenizer
+
+    return architecture_facts(CausalLM(tiny_model_config(PretrainConfig(), build_tiny_tokenizer())))
 
 
 def read_evals(run: Path) -> list[dict]:
@@ -196,12 +214,29 @@ def num_range(values: list[float]) -> str:
     return f"{sum(values) / len(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
+def render_demo_v3(d: dict) -> str:
+    """The DeepSeek-V3-style demo: the same table and lines as the dense one, then both tiny bases' costs."""
+    facts = [r["architecture"] for r in d["runs"]]
+    dense = d["dense_architecture"]
+    load = [f["moe/load_max_over_mean"] for f in facts]
+    lines = [render_demo(d), "",
+             "| tiny base | parameters | active per token | KV-cache bytes per token (bf16) | "
+             "expert load max/mean after pretraining |", "|---|---:|---:|---:|---:|",
+             f"| dense (Qwen2 format, GQA) | {dense['parameters']:,} | {dense['active_parameters']:,} | "
+             f"{dense['kv_cache_bytes_per_token_bf16']:,} | - |",
+             f"| deepseek-v3 (MLA + MoE) | {facts[0]['parameters']:,} | {facts[0]['active_parameters']:,} | "
+             f"{facts[0]['kv_cache_bytes_per_token_bf16']:,} ({facts[0]['kv_cache_bytes_per_token_bf16'] / facts[0]['multi_head_kv_cache_bytes_per_token_bf16']:.2f}x multi-head's "
+             f"{facts[0]['multi_head_kv_cache_bytes_per_token_bf16']:,}) | {num_range(load) if len(load) > 1 else f'{load[0]:.2f}'} |"]
+    return "\n".join(lines)
+
+
 def render_demo(d: dict) -> str:
     runs, m = d["runs"], d["machine"]
+    v3 = d.get("arch", "dense") != "dense"
     rows = [("pass@1", "pass@1"), ("cons@8", "cons@8"), ("pass@8", "pass@8"), ("format rate", "format_rate"),
             ("mean completion length (tokens)", "mean_length")]
     lines = [f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
-             f"kernels {m['aten_cpu_capability']}), by `python bench/readme_results.py --demo`. Seeds "
+             f"kernels {m['aten_cpu_capability']}), by `python bench/readme_results.py --demo{'-v3' if v3 else ''}`. Seeds "
              f"{', '.join(str(r['seed']) for r in runs)}: mean (min–max).", "",
              "| | base (pretrained) | after R1-Zero GRPO | after GRPO with shuffled rewards (control) |",
              "|---|---:|---:|---:|"]
@@ -214,7 +249,7 @@ def render_demo(d: dict) -> str:
     lines += ["", f"- Held-out pass@1 gain: {100 * sum(gains) / len(gains):+.1f} points on average "
                   f"({', '.join(f'{100 * g:+.1f}' for g in gains)} per seed); the random-reward control: "
                   f"{100 * sum(control) / len(control):+.1f} ({', '.join(f'{100 * g:+.1f}' for g in control)}).",
-              f"- Wall time of `r1lab demo`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
+              f"- Wall time of `r1lab demo{' --arch deepseek-v3' if v3 else ''}`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
               f"base: {num_range([r['control_s'] for r in runs])} s.",
               "- Held-out pass@1 every 10 steps: " + "; ".join(
                   f"seed {r['seed']}: " + " / ".join(f"{100 * p:.0f}" for p in r["curve"]) for r in runs) + " (%)."]
@@ -368,7 +403,7 @@ def render_serve(d: dict) -> str:
             f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**).")
 
 
-RENDERERS = {"demo": render_demo, "bench": render_bench, "realshape": render_realshape,
+RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "bench": render_bench, "realshape": render_realshape,
              "realshape_lora": render_realshape_lora, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
@@ -391,6 +426,7 @@ def render_readme() -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true")
+    p.add_argument("--demo-v3", action="store_true")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--realshape", action="store_true")
     p.add_argument("--realshape-lora", action="store_true")
@@ -408,7 +444,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    parts = {"demo": lambda: run_demo(a.seeds, a.workdir), "bench": lambda: run_bench(a.workdir),
+    parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
+             "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),

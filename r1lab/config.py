@@ -408,9 +408,6 @@ class PretrainConfig(Settings):
         if self.dense_layers >= self.num_layers:
             problems.append(f"dense_layers ({self.dense_layers}) leaves no MoE layer of num_layers "
                             f"({self.num_layers})")
-        if self.hidden_size % self.num_heads == 0 and (self.hidden_size // self.num_heads) % 4:
-            problems.append(f"deepseek-v3 splits each head ({self.hidden_size // self.num_heads} wide) into a rotary "
-                            f"half and a plain half, both even: hidden_size / num_heads must be a multiple of 4")
         return problems
 
 

@@ -159,13 +159,15 @@ def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def tiny_deepseek_v3(cfg: PretrainConfig) -> dict:
-    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck (q_lora_rank null), each
-    head's query/key half rotary and half plain; DeepSeekMoE after cfg.dense_layers dense layers, one expert group
-    (group-limited routing is for hundreds of experts)."""
+    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck (q_lora_rank null), a
+    rotary part of the query/key as wide as a dense head (the corpus's column steps are read at fixed offsets: with
+    half that width the base did not learn them in 600 steps) and a plain part half as wide, as V3's 64 + 128;
+    DeepSeekMoE after cfg.dense_layers dense layers, one expert group (group-limited routing is for hundreds of
+    experts)."""
     head = cfg.hidden_size // cfg.num_heads
     return {"architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": cfg.num_heads,
             "q_lora_rank": None, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": head // 2,
-            "qk_rope_head_dim": head // 2, "v_head_dim": head, "rope_interleave": True, "attention_bias": False,
+            "qk_rope_head_dim": head, "v_head_dim": head, "rope_interleave": True, "attention_bias": False,
             "n_routed_experts": cfg.experts, "num_experts_per_tok": cfg.experts_per_token,
             "n_shared_experts": cfg.shared_experts, "moe_intermediate_size": cfg.expert_intermediate_size,
             "first_k_dense_replace": cfg.dense_layers, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
