@@ -252,3 +252,49 @@ def test_the_tiny_deepseek_v3_base_is_what_transformers_reads_and_reports_its_co
     assert facts["parameters"] - facts["active_parameters"] == 3 * (8 - 2) * per_expert  # 3 MoE layers, 6 idle
     assert facts["parameters"] == sum(p.numel() for p in theirs.parameters())
     assert 1.0 <= facts["moe/load_max_over_mean"] <= 8.0
+
+
+@pytest.mark.parametrize("arch", ["deepseek", "qwen3moe"])
+def test_sft_eval_sample_serve_and_chat_run_on_moe_models(tmp_path, arch, monkeypatch, capsys):
+    """The commands a user runs on a dense model, on DeepSeek-V3 and Qwen3-MoE at toy size, through the CLI."""
+    import io
+
+    from fastapi import testclient
+
+    from r1lab.cli import main
+    from r1lab.serve.app import create_app
+
+    tok = build_tiny_tokenizer()
+    base = tmp_path / "base"
+    eos = sorted(tok.eos_ids)[0]
+    if arch == "deepseek":
+        model = deepseek(tok.vocab_size, eos_token_id=eos)
+    else:
+        torch.manual_seed(0)
+        model = CausalLM(ModelConfig.from_hf({
+            "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": tok.vocab_size, "hidden_size": 32,
+            "intermediate_size": 48, "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+            "max_position_embeddings": 256, "tie_word_embeddings": False, "eos_token_id": eos}))
+    save_model(model, base)
+    tok.save(base)
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}", "completion": f"<think>x</think> <answer>{2 * a}"
+                                                                           f"</answer>"}) + "\n" for a in range(6)))
+    main(["sft", "--model", str(base), "--data", str(data), "--steps", "2", "--batch-size", "3", "--template", "r1zero",
+          "--moe-bias-update-speed", "0.01", "--out", str(tmp_path / "sft"), "--device", "cpu", "--threads", "1"])
+    tuned = tmp_path / "sft" / "model"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tuned) is not None
+    main(["eval", "--model", str(tuned), "--problems", "3", "--samples", "2", "--max-new-tokens", "8",
+          "--out", str(tmp_path / "eval.json"), "--device", "cpu", "--threads", "1"])
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["n_problems"] == 3
+    main(["sample", "--model", str(tuned), "--problems", "2", "--samples", "2", "--max-new-tokens", "8",
+          "--out", str(tmp_path / "samples.jsonl"), "--device", "cpu", "--threads", "1"])
+    assert "2 prompts, 4 sampled" in capsys.readouterr().out  # an untrained toy: sampled and scored, none kept
+    with testclient.TestClient(create_app(tuned, device="cpu")) as client:
+        reply = client.post("/v1/chat/completions", json={"model": "model", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "1+1"}]})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 5, reply.text
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n/quit\n"))
+    main(["chat", "--model", str(tuned), "--max-tokens", "4", "--device", "cpu"])
+    assert "you> 1+1" in capsys.readouterr().out
