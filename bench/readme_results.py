@@ -12,6 +12,8 @@ edited by hand.
 - bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
 - realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
 - realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
+- lora_demo: the demo's GRPO (seed 0) with full fine-tuning and with LoRA (--lora-rank/--lora-alpha/--lora-lr) from
+         the same base: held-out gains side by side.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
@@ -88,6 +90,36 @@ def run_demo(seeds: list[int], workdir: Path, arch: str = "dense") -> dict:
               f"(control {runs[-1]['control']['pass@1']:.1%}), {demo_s:.0f} s + {control_s:.0f} s", flush=True)
     command = f"r1lab demo{' '.join([''] + flags)} --seed S; the same with --control random-reward"
     return {**stamp(), "command": command, "arch": arch, "runs": runs, "dense_architecture": dense_facts()}
+
+
+def run_lora_demo(workdir: Path, rank: int, alpha: float, lr: float) -> dict:
+    """The demo's R1-Zero GRPO (seed 0) with full fine-tuning, and the same run from the same base with LoRA."""
+    from r1lab.config import save_config, tiny_grpo_config
+
+    out = workdir / "lora-demo"
+    demo = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", "0"]
+    full_s = timed(demo, workdir / "lora-demo-full.log")
+    lora_run = out / f"grpo-lora-r{rank}"
+    lora_cfg = tiny_grpo_config(out / "base" / "model", lora_run, 60, seed=0, lr=lr, lora_rank=rank, lora_alpha=alpha)
+    save_config(lora_cfg, workdir / "lora-demo.yaml")
+    lora_s = timed([sys.executable, "-m", "r1lab", "grpo", "--config", str(workdir / "lora-demo.yaml")],
+                   workdir / "lora-demo-lora.log")
+    return {**stamp(), "command": f"r1lab demo --seed 0; r1lab grpo (the demo's preset) --lora-rank {rank} "
+                                  f"--lora-alpha {alpha:g} --lr {lr:g} from the same base",
+            "rank": rank, "alpha": alpha, "lr": lr, "full_lr": tiny_grpo_config("", "", 1).lr,
+            "base": heldout(out / "grpo", 0), "full": heldout(out / "grpo", -1), "lora": heldout(lora_run, -1),
+            "full_curve": [e["pass@1"] for e in read_evals(out / "grpo")],
+            "lora_curve": [e["pass@1"] for e in read_evals(lora_run)], "full_s": full_s, "lora_s": lora_s}
+
+
+def render_lora_demo(d: dict) -> str:
+    base, full, lora = (d[k]["pass@1"] for k in ("base", "full", "lora"))
+    return (f"{measured(d)}, by `python bench/readme_results.py --lora-demo` (`{d['command']}`): held-out pass@1 "
+            f"{100 * base:.1f}% -> {100 * full:.1f}% with full fine-tuning (lr {d['full_lr']:g}), -> "
+            f"**{100 * lora:.1f}%** with LoRA rank {d['rank']}, alpha {d['alpha']:g}, lr {d['lr']:g}: "
+            f"{(lora - base) / (full - base):.0%} of full fine-tuning's gain in the same 60 steps. Held-out pass@1 "
+            f"every 10 steps, full: {' / '.join(f'{100 * p:.0f}' for p in d['full_curve'])}; LoRA: "
+            f"{' / '.join(f'{100 * p:.0f}' for p in d['lora_curve'])} (%).")
 
 
 def dense_facts() -> dict:
@@ -404,7 +436,7 @@ def render_serve(d: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "bench": render_bench, "realshape": render_realshape,
-             "realshape_lora": render_realshape_lora, "distill": render_distill, "pipeline": render_pipeline,
+             "realshape_lora": render_realshape_lora, "lora_demo": render_lora_demo, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -430,6 +462,10 @@ def main(argv=None) -> None:
     p.add_argument("--bench", action="store_true")
     p.add_argument("--realshape", action="store_true")
     p.add_argument("--realshape-lora", action="store_true")
+    p.add_argument("--lora-demo", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=16, help="--lora-demo's adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="--lora-demo's alpha")
+    p.add_argument("--lora-lr", type=float, default=3e-4, help="--lora-demo's learning rate")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -447,6 +483,7 @@ def main(argv=None) -> None:
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
              "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
+             "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
              "tests": lambda: run_tests(a.workdir)}
