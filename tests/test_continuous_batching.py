@@ -1,6 +1,11 @@
 """Continuous batching (Engine.generate with max_rows, r1lab/slots.py): a sequence's tokens do not depend on the
 slot it gets, who held that slot before, or who runs beside it."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +119,14 @@ def test_a_row_ended_by_the_caller_frees_its_slot(engine):
             assert s.finish_reason == "abort" and s.token_ids == f.token_ids[:1]
         else:
             assert s.token_ids == f.token_ids
+
+
+def test_the_bench_runs_and_both_sides_sample_the_same_tokens():
+    # bench/continuous_batching.py at a tiny size: it exits 1 when the two sides' tokens differ.
+    bench = Path(__file__).resolve().parent.parent / "bench" / "continuous_batching.py"
+    flags = ["--prompts", "4", "--samples", "2", "--slots", "4", "--max-new", "24", "--hidden", "32", "--layers", "1",
+             "--repeats", "1", "--eos-tokens", "8"]
+    proc = subprocess.run([sys.executable, str(bench), *flags], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(bench.parent.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert "same tokens on both sides" in proc.stdout and "speed-up" in proc.stdout
