@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from r1lab import slots as slots_module
+from r1lab.config import PretrainConfig
 from r1lab.engine import Engine
 from r1lab.model import CausalLM, KVCache, ModelConfig
+from r1lab.pretrain import tiny_model_config
 from r1lab.tokenizer import build_tiny_tokenizer
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
@@ -80,6 +82,22 @@ def test_greedy_in_one_slot_equals_all_at_once(engine):
     # One slot: every sequence but the first takes a row another has just left.
     kw = dict(num_samples=3, max_new_tokens=LIMITS, temperature=0)
     assert_same_samples(engine.generate(ids(engine), max_rows=1, **kw), engine.generate(ids(engine), **kw))
+
+
+def test_latent_attention_cache_rows_are_reused_too():
+    # DeepSeek-V3's MLA caches latents, not keys and values: slots move and slide them the same way.
+    tok = build_tiny_tokenizer()
+    cfg = tiny_model_config(PretrainConfig(arch="deepseek-v3", hidden_size=64, num_layers=2, num_heads=2,
+                                           num_kv_heads=2, intermediate_size=128), tok)
+    torch.manual_seed(0)
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    tok.eos_ids = set()
+    engine = Engine(model.eval(), tok)
+    assert cfg.mla is not None
+    assert_same_samples(engine.generate(ids(engine), max_rows=3, **SAMPLING), engine.generate(ids(engine), **SAMPLING))
 
 
 def test_end_of_text_stop_strings_and_limits_per_sequence(engine):
