@@ -229,12 +229,12 @@ class Engine:
             return "graph" if self.device.type == "cuda" else "dynamic"
         return self.decode
 
-    def _static_decoder(self, cache: KVCache, batch: _Batch) -> StaticDecoder | None:
+    def _static_decoder(self, cache: KVCache, key_mask: torch.Tensor) -> StaticDecoder | None:
         mode = self._decode_mode()
         if mode == "dynamic":
             return None
         try:
-            return StaticDecoder(self.model, cache, batch.key_mask, use_graph=mode == "graph")
+            return StaticDecoder(self.model, cache, key_mask, use_graph=mode == "graph")
         except RuntimeError as err:
             if self.decode != "auto":
                 raise
@@ -265,9 +265,9 @@ class Engine:
         max_rows > 0 runs at most that many sequences at a time, with continuous batching (r1lab/slots.py): a
         finished sequence's row goes to the next waiting one at once. Fewer rows than sequences bound the KV cache,
         and with completions of very different lengths no row idles waiting for the longest. Its decode is the
-        dynamic one whatever the decode mode (the static and graph modes do not reuse slots yet). With per-prompt
-        seeds the samples are the ones generate gives without max_rows. 0 (or at least as many rows as sequences):
-        all at once.
+        the engine's decode mode's; with static decoding the host checks every step who finished (a device sync per
+        step). With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
+        many rows as sequences): all at once.
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")
@@ -289,7 +289,7 @@ class Engine:
             self.model.train(was_training)
             return self._samples(out, num_samples, stop_strings)
         batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
-        static = self._static_decoder(cache, batch)
+        static = self._static_decoder(cache, batch.key_mask)
         for step in range(steps):
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
@@ -317,7 +317,8 @@ class Engine:
                            stop_strings, suppress_eos, on_step, step_logprobs) -> None:
         """Continuous batching: the loop of generate over at most max_rows running sequences (r1lab/slots.py).
         Each row is at its own step (its length so far), so a row's limit is checked against its own count."""
-        slots = Slots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id)
+        slots = Slots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id,
+                      self._static_decoder)
         limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
         while True:
             if suppress_eos and len(eos):

@@ -11,15 +11,21 @@ slots, as in the engine's other modes. A newcomer's prompt is written to the col
 key mask hides everything else in the row: the previous occupant's keys stay in the buffer but are never attended.
 Columns that no running row attends any more are slid out from time to time, so the attended width stays near
 the longest running sequence. Rotary positions are per row and travel with the keys, so a slide changes nothing.
+
+With static decoding (r1lab/static_decode.py, a CUDA graph on a GPU) the slots are the decoder's fixed rows: its mask
+is the slots' key mask, newcomers and slides write into the same buffers in place, and the cache is slid only when
+full (every step attends the whole buffer anyway).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 import torch
 
 from r1lab.model import CausalLM, KVCache
+from r1lab.static_decode import StaticDecoder
 
 SLIDE_MIN_COLUMNS = 32  # slide dead columns out only once there are this many (a slide copies the whole cache)
 
@@ -33,7 +39,10 @@ class Slots:
     """
 
     def __init__(self, model: CausalLM, prompt_ids: list[list[int]], num_samples: int, n_slots: int,
-                 max_new_tokens: int, pad_id: int):
+                 max_new_tokens: int, pad_id: int,
+                 static_decoder: Callable[[KVCache, torch.Tensor], StaticDecoder | None] = lambda *_: None):
+        """static_decoder(cache, key_mask) gives the engine's fixed-shape decoder over the filled columns, or None
+        for the dynamic decode."""
         self.model, self.prompt_ids, self.num_samples, self.pad_id = model, prompt_ids, num_samples, pad_id
         device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.longest_prompt = max(len(p) for p in prompt_ids)
@@ -52,6 +61,9 @@ class Slots:
         self.logits = torch.zeros(n_slots, model.config.vocab_size, device=device)
         self.finished = torch.ones(n_slots, dtype=torch.bool, device=device)  # empty slots count as finished
         self._admit(list(range(n_slots)))
+        self.decoder = static_decoder(self.cache, self.key_mask[:, : self.clock])
+        if self.decoder is not None:
+            self.key_mask = self.decoder.mask[:, 0, 0]  # (B, width), a view: what the decoder attends
 
     def done(self) -> bool:
         return not self.waiting and bool(self.finished.all())
@@ -62,13 +74,18 @@ class Slots:
             tokens = self._compact(tokens)
         if not bool(self.finished.all()):
             self._slide_if_worth_it()
-            self.key_mask[:, self.clock] = True
-            self.logits = self.model.forward_cached(tokens[:, None], self.positions[:, None], self.cache, self.clock,
-                                                    self.key_mask[:, : self.clock + 1])  # (B, V)
+            self.logits = self._decode(tokens)  # (B, V)
             self.clock += 1
             self.positions = self.positions + 1
         if self.waiting:
             self._admit(self.finished.nonzero().squeeze(-1).tolist())
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.step(tokens, self.positions)  # writes at the clock and unmasks that column itself
+        self.key_mask[:, self.clock] = True
+        return self.model.forward_cached(tokens[:, None], self.positions[:, None], self.cache, self.clock,
+                                         self.key_mask[:, : self.clock + 1])
 
     def _admit(self, free: list[int]) -> None:
         """The next waiting sequences take these slots, their prompts prefilled (once per prompt)."""
@@ -112,21 +129,29 @@ class Slots:
         oldest = int(self.first_column[running].min()) if bool(running.any()) else self.clock
         shift = min(oldest, self.clock - self.longest_prompt)
         full = self.clock + 1 > self.width
-        if not full and (shift < SLIDE_MIN_COLUMNS or shift * 4 < self.clock):
+        if not full and (self.decoder is not None or shift < SLIDE_MIN_COLUMNS or shift * 4 < self.clock):
             return
         self.cache.slide(shift, self.clock)
         self.key_mask[:, : self.clock - shift] = self.key_mask[:, shift : self.clock].clone()
         self.key_mask[:, self.clock - shift :] = False
         self.first_column = (self.first_column - shift).clamp(min=0)  # finished rows' columns no longer matter
         self.clock -= shift
+        if self.decoder is not None:
+            self.decoder.move_to(self.clock)
 
     def _compact(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Nobody waits: once a quarter of the rows are finished, drop them, so they stop costing compute."""
+        """Nobody waits: once a quarter of the rows are finished (half with static decoding, whose smaller batch is
+        captured anew), drop them, so they stop costing compute."""
         n_done = int(self.finished.sum())
-        if n_done == 0 or n_done * 4 < len(self.finished):
+        if n_done == 0 or n_done * (4 if self.decoder is None else 2) < len(self.finished):
             return tokens
         keep = (~self.finished).nonzero().squeeze(-1)
-        self.cache.select(keep)
-        for name in ("rows", "key_mask", "first_column", "positions", "logits", "finished"):
+        for name in ("rows", "first_column", "positions", "logits", "finished"):
             setattr(self, name, getattr(self, name)[keep])
+        if self.decoder is not None:
+            self.decoder = self.decoder.select(keep)  # selects the cache's rows too
+            self.key_mask = self.decoder.mask[:, 0, 0]
+        else:
+            self.cache.select(keep)
+            self.key_mask = self.key_mask[keep]
         return tokens[keep]

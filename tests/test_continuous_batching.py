@@ -14,6 +14,7 @@ from r1lab.config import PretrainConfig
 from r1lab.engine import Engine
 from r1lab.model import CausalLM, KVCache, ModelConfig
 from r1lab.pretrain import tiny_model_config
+from r1lab.static_decode import StaticDecoder
 from r1lab.tokenizer import build_tiny_tokenizer
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
@@ -124,6 +125,21 @@ def test_slides_keep_the_tokens(engine, monkeypatch):
     monkeypatch.setattr(KVCache, "slide", lambda self, shift, used: slides.append(shift) or slide(self, shift, used))
     assert_same_samples(engine.generate(ids(engine), max_rows=2, **SAMPLING), engine.generate(ids(engine), **SAMPLING))
     assert slides
+
+
+@pytest.mark.parametrize("max_rows", [1, 5])
+def test_static_decoding_reuses_its_fixed_rows(engine, max_rows, monkeypatch):
+    # The fixed-shape decoder (a CUDA graph on a GPU, eager here): newcomers and slides write into its buffers in
+    # place; one slot fills the cache, so it slides; five leave a tail that is compacted into a smaller decoder.
+    slides, selected = [], []
+    slide, select = KVCache.slide, StaticDecoder.select
+    monkeypatch.setattr(KVCache, "slide", lambda self, shift, used: slides.append(shift) or slide(self, shift, used))
+    monkeypatch.setattr(StaticDecoder, "select", lambda self, keep: selected.append(len(keep)) or select(self, keep))
+    static = Engine(engine.model, engine.tokenizer, decode="static")
+    assert_same_samples(static.generate(ids(engine), max_rows=max_rows, **SAMPLING),
+                        engine.generate(ids(engine), **SAMPLING))
+    assert bool(slides) == (max_rows == 1)
+    assert bool(selected) == (max_rows == 5)
 
 
 def test_a_row_ended_by_the_caller_frees_its_slot(engine):
