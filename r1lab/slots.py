@@ -49,6 +49,7 @@ class Slots:
         # One running sequence spans at most longest_prompt + max_new_tokens columns; twice that leaves room to
         # slide rarely.
         self.width = 2 * (self.longest_prompt + max_new_tokens)
+        n_slots = min(n_slots, len(prompt_ids) * num_samples)  # a slot never filled would hold no output row
         self.cache = KVCache(model.config, n_slots, self.width, dtype, device)
         self.clock = self.longest_prompt  # the column every row writes next; a newcomer's prompt ends just before
         self.waiting = deque(range(len(prompt_ids) * num_samples))
