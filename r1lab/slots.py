@@ -28,6 +28,7 @@ from r1lab.model import CausalLM, KVCache
 from r1lab.static_decode import StaticDecoder
 
 SLIDE_MIN_COLUMNS = 32  # slide dead columns out only once there are this many (a slide copies the whole cache)
+SLIDE_SHARE = 4  # ... and they are at least 1 / SLIDE_SHARE of the columns in use
 
 
 class Slots:
@@ -130,7 +131,7 @@ class Slots:
         oldest = int(self.first_column[running].min()) if bool(running.any()) else self.clock
         shift = min(oldest, self.clock - self.longest_prompt)
         full = self.clock + 1 > self.width
-        if not full and (self.decoder is not None or shift < SLIDE_MIN_COLUMNS or shift * 4 < self.clock):
+        if not full and (self.decoder is not None or shift < SLIDE_MIN_COLUMNS or shift * SLIDE_SHARE < self.clock):
             return
         self.cache.slide(shift, self.clock)
         self.key_mask[:, : self.clock - shift] = self.key_mask[:, shift : self.clock].clone()
