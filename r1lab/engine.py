@@ -264,9 +264,9 @@ class Engine:
 
         max_rows > 0 runs at most that many sequences at a time, with continuous batching (r1lab/slots.py): a
         finished sequence's row goes to the next waiting one at once. Fewer rows than sequences bound the KV cache,
-        and with completions of very different lengths no row idles waiting for the longest. Its decode is the
-        the engine's decode mode's; with static decoding the host checks every step who finished (a device sync per
-        step). With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
+        and with completions of very different lengths no row idles waiting for the longest. It decodes in the
+        engine's decode mode; with static decoding the host asks every step who finished (a device sync per step).
+        With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
         many rows as sequences): all at once.
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
