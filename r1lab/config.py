@@ -484,6 +484,8 @@ class GRPOConfig(Settings):
     top_k: int = setting(0, "top-k sampling of rollouts (0 = off)", ge=0)
     max_new_tokens: int = setting(256, "completion length limit, in tokens", ge=1)
     suppress_eos: bool = setting(False, "benchmarking only: every completion runs to max_new_tokens")
+    rollout_slots: int = setting(0, "continuous batching: at most this many rollouts run at once, a finished one's "
+                                    "KV-cache row going to the next (0 = all of the step's rollouts at once)", ge=0)
     dtype: str = setting("float32", "bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed "
                                     "after every update), training under bf16 autocast", **DTYPE)
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "

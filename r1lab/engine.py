@@ -4,7 +4,8 @@ Prompts are left-padded and prefilled once; each prompt's cache is then copied t
 group of G samples pays for one prefill. Finished rows are dropped from the batch as they accumulate, so they stop
 costing work. Sampling (temperature, top-k, top-p) is seeded by a torch.Generator and is reproducible. On a GPU the
 decode step keeps fixed shapes and is replayed as a CUDA graph (r1lab/static_decode.py); tokens and log-probs stay
-on the device until the batch ends.
+on the device until the batch ends. With max_rows, at most that many sequences run at once and a finished one's row
+goes to the next waiting one (continuous batching, r1lab/slots.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from r1lab.model import CausalLM, KVCache
+from r1lab.slots import Slots
 from r1lab.static_decode import StaticDecoder
 from r1lab.tokenizer import Tokenizer
 
@@ -227,12 +229,12 @@ class Engine:
             return "graph" if self.device.type == "cuda" else "dynamic"
         return self.decode
 
-    def _static_decoder(self, cache: KVCache, batch: _Batch) -> StaticDecoder | None:
+    def _static_decoder(self, cache: KVCache, key_mask: torch.Tensor) -> StaticDecoder | None:
         mode = self._decode_mode()
         if mode == "dynamic":
             return None
         try:
-            return StaticDecoder(self.model, cache, batch.key_mask, use_graph=mode == "graph")
+            return StaticDecoder(self.model, cache, key_mask, use_graph=mode == "graph")
         except RuntimeError as err:
             if self.decode != "auto":
                 raise
@@ -249,7 +251,7 @@ class Engine:
     def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: PerPrompt = 128,
                  temperature: PerPrompt = 1.0, top_p: PerPrompt = 1.0, top_k: PerPrompt = 0,
                  stop_strings: tuple[str, ...] = (), seed: PerPrompt | None = None, suppress_eos: bool = False,
-                 on_step: StepCallback | None = None, step_logprobs: bool = False) -> list[Sample]:
+                 on_step: StepCallback | None = None, step_logprobs: bool = False, max_rows: int = 0) -> list[Sample]:
         """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
 
         max_new_tokens, temperature, top_p, top_k and seed take one value for all prompts or a list with one per
@@ -259,6 +261,13 @@ class Engine:
         it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected. With
         step_logprobs it is called as on_step(rows, tokens, logprobs), those tokens' Sample.logprobs (one more host
         copy per step, so only when asked: a server returning log-probs as it streams).
+
+        max_rows > 0 runs at most that many sequences at a time, with continuous batching (r1lab/slots.py): a
+        finished sequence's row goes to the next waiting one at once. Fewer rows than sequences bound the KV cache,
+        and with completions of very different lengths no row idles waiting for the longest. It decodes in the
+        engine's decode mode; with static decoding the host asks every step who finished (a device sync per step).
+        With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
+        many rows as sequences): all at once.
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")
@@ -273,9 +282,14 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.long, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
-        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
-        static = self._static_decoder(cache, batch)
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
+        if 0 < max_rows < n_out:
+            self._generate_in_slots(prompt_ids, num_samples, max_rows, params, out, eos, stop_strings, suppress_eos,
+                                    on_step, step_logprobs)
+            self.model.train(was_training)
+            return self._samples(out, num_samples, stop_strings)
+        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
+        static = self._static_decoder(cache, batch.key_mask)
         for step in range(steps):
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
@@ -299,6 +313,25 @@ class Engine:
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)
 
+    def _generate_in_slots(self, prompt_ids, num_samples, max_rows, params: _RowParams, out: _Outputs, eos,
+                           stop_strings, suppress_eos, on_step, step_logprobs) -> None:
+        """Continuous batching: the loop of generate over at most max_rows running sequences (r1lab/slots.py).
+        Each row is at its own step (its length so far), so a row's limit is checked against its own count."""
+        slots = Slots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id,
+                      self._static_decoder)
+        limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
+        while True:
+            if suppress_eos and len(eos):
+                slots.logits[:, eos] = float("-inf")
+            tokens, logprobs = sample_next(slots.logits, *params.for_rows(slots.rows))
+            step = out.lengths[slots.rows].clamp(max=params.max_steps - 1)  # (B,); a finished row writes nothing
+            live = self._record(slots, step, tokens, logprobs, out, eos, stop_strings, limits)
+            if on_step is not None:
+                self._call_back(on_step, slots, live, tokens, logprobs if step_logprobs else None, out)
+            if slots.done():
+                return
+            slots.step(tokens)
+
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
         lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
         tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
@@ -307,7 +340,7 @@ class Engine:
                              reasons[i], stop_strings) for i in range(len(lengths))]
 
     @staticmethod
-    def _call_back(on_step: StepCallback, batch: _Batch, live, tokens, logprobs, out: _Outputs) -> None:
+    def _call_back(on_step: StepCallback, batch: _Batch | Slots, live, tokens, logprobs, out: _Outputs) -> None:
         """Hand this step's tokens (and their log-probs, unless None) to the caller; rows it returns end now, with
         finish_reason "abort"."""
         args = (batch.rows[live].tolist(), tokens[live].tolist())
@@ -336,10 +369,11 @@ class Engine:
                        finished=torch.zeros(len(rows), dtype=torch.bool, device=device))
         return batch, cache, P
 
-    def _record(self, batch: _Batch, step: int, tokens, logprobs, out: _Outputs, eos, stop_strings,
-                limits) -> torch.Tensor:
+    def _record(self, batch: _Batch | Slots, step: int | torch.Tensor, tokens, logprobs, out: _Outputs, eos,
+                stop_strings, limits) -> torch.Tensor:
         """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
-        their own token limit. Returns the (B,) mask of rows that recorded a token."""
+        their own token limit. step: the index of this token, one for the batch or (B,) per row (continuous
+        batching). Returns the (B,) mask of rows that recorded a token."""
         live = ~batch.finished
         rows = batch.rows
         # Written with torch.where over every row rather than by boolean indexing, which would make the host wait
@@ -351,7 +385,7 @@ class Engine:
         if stop_strings:  # needs the text, so a host round trip; only when stop strings are asked for
             for r in live.nonzero().squeeze(-1).tolist():
                 row = int(batch.rows[r])
-                if self._hits_stop(out.tokens[row, : step + 1].tolist(), stop_strings):
+                if self._hits_stop(out.tokens[row, : int(out.lengths[row])].tolist(), stop_strings):
                     stop[r] = True
         out.stopped[rows] = out.stopped[rows] | stop
         batch.finished = batch.finished | stop

@@ -197,7 +197,8 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
     G, tok = cfg.samples_per_prompt, engine.tokenizer
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in problems]
     samples = engine.generate(prompts, num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos)
+                              top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos,
+                              max_rows=cfg.rollout_slots)
     return Rollouts(problems=[problems[s.prompt_index] for s in samples],
                     prompt_ids=[prompts[s.prompt_index] for s in samples],
                     completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],

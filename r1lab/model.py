@@ -316,6 +316,21 @@ class KVCache:
         """Keep only these batch rows (expanding a shared prompt to G samples, or dropping finished ones)."""
         self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
 
+    def copy_row(self, row: int, start: int, source: KVCache, source_row: int, source_start: int, n: int) -> None:
+        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n): a
+        prefilled prompt moving into a slot of the engine's continuous batch. Dimension 2 is the position in both
+        layouts (grouped keys and values, MLA's latents)."""
+        for layer, source_layer in zip(self.layers, source.layers):
+            for t, s in zip(layer, source_layer):
+                t[row, :, start : start + n] = s[source_row, :, source_start : source_start + n]
+
+    def slide(self, shift: int, used: int) -> None:
+        """Move positions [shift, used) to [0, used - shift) in every row: the columns before shift are no longer
+        attended by any row, and sliding them out keeps the attended width, and the cache, bounded."""
+        for layer in self.layers:
+            for t in layer:
+                t[:, :, : used - shift] = t[:, :, shift:used].clone()  # overlapping ranges: copy first
+
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):

@@ -60,6 +60,10 @@ class StaticDecoder:
         self.write_pos.fill_(self.prompt_len)
         self.mask[..., self.prompt_len :] = False
 
+    def move_to(self, column: int) -> None:
+        """The next step writes at this column (continuous batching slid the cache's columns, r1lab/slots.py)."""
+        self.write_pos.fill_(column)
+
     def select(self, keep: torch.Tensor) -> StaticDecoder:
         """A decoder for the rows in keep only, continuing where this one is: a smaller batch, captured anew once
         enough rows have finished that the work saved outweighs a capture."""

@@ -285,3 +285,17 @@ def test_off_policy_knobs_give_ppo_clips_gradient_on_policy(tiny_base, tmp_path,
         assert (g - grads["ppo-clip"][name]).norm() <= 1e-4 * grads["ppo-clip"][name].norm() + 1e-9, name
     for m in metrics.values():
         assert abs(m["importance_ratio/mean"] - 1) < 1e-4 and m["importance_ratio/min"] <= 1 <= m["importance_ratio/max"]
+
+
+def test_rollouts_in_few_slots_are_the_rollouts_of_all_at_once(tiny_base, tmp_path):
+    # Continuous batching (rollout_slots) changes when a rollout runs, not what it samples: seeds are per prompt.
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    cfg = small_config(tiny_base, tmp_path)
+    problems = grpo.PromptStream(grpo.get_task("arithmetic", min_terms=3, max_terms=4), cfg).batch(0)
+    seeds = [grpo.prompt_seed(cfg.seed, 0, i) for i in range(len(problems))]
+    all_at_once = grpo.sample_rollouts(grpo.Engine(model, tok), problems, cfg, seeds)
+    in_slots = grpo.sample_rollouts(grpo.Engine(model, tok), problems, small_config(tiny_base, tmp_path,
+                                                                                     rollout_slots=3), seeds)
+    assert in_slots.completion_ids == all_at_once.completion_ids and in_slots.texts == all_at_once.texts
+    for got, want in zip(in_slots.old_logprobs, all_at_once.old_logprobs):
+        assert got == pytest.approx(want, abs=1e-5)
