@@ -9,7 +9,9 @@ end-of-text sampled now and then (a random model's nearly flat distribution), so
   as its longest sequence (its finished rows are compacted away, as the engine's dynamic mode does);
 * continuous: one generate call with max_rows=S; a finished sequence's row goes to the next waiting one at once.
 
-Both sample the same tokens (checked; a difference exits 1). The sides alternate, `--repeats` times each, and the
+* all at once: today's GRPO default, one generate call with a row per sequence (no bound on the KV cache).
+
+All three sample the same tokens (checked; a difference exits 1). The sides alternate, `--repeats` times each, and the
 median of each is reported.
 
     OMP_NUM_THREADS=1 python bench/continuous_batching.py --threads 1
@@ -20,10 +22,12 @@ Run it on an otherwise quiet machine: a neighbour's load moves the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -46,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (alternating)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0, help="workload and model seed")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     return parser.parse_args()
 
 
@@ -86,6 +91,12 @@ def continuous(engine: Engine, prompts, limits, args) -> list[Sample]:
                            seed=list(range(len(prompts))), max_rows=args.slots)
 
 
+def all_at_once(engine: Engine, prompts, limits, args) -> list[Sample]:
+    """Today's GRPO default (rollout_slots 0): every sequence in one batch, as many rows as sequences."""
+    return engine.generate(prompts, num_samples=args.samples, max_new_tokens=limits, temperature=1.0,
+                           seed=list(range(len(prompts))))
+
+
 def timed(side, *args) -> tuple[float, list[Sample]]:
     start = time.perf_counter()
     samples = side(*args)
@@ -99,7 +110,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     engine = build_engine(args)
     prompts, limits = workload(args, engine.tokenizer)
-    sides = {"batch-at-a-time": batch_at_a_time, "continuous": continuous}
+    sides = {"batch-at-a-time": batch_at_a_time, "continuous": continuous, "all at once": all_at_once}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     tokens: dict[str, list[list[int]]] = {}
     continuous(engine, prompts[:2], [8, 8], args)  # warm-up: first-call allocations out of the figures
@@ -108,8 +119,8 @@ def main() -> int:
             elapsed, samples = timed(side, engine, prompts, limits, args)
             seconds[name].append(elapsed)
             tokens[name] = [s.token_ids for s in samples]
-    if tokens["continuous"] != tokens["batch-at-a-time"]:
-        print("FAIL: continuous batching sampled other tokens than batch-at-a-time", file=sys.stderr)
+    if not tokens["continuous"] == tokens["batch-at-a-time"] == tokens["all at once"]:
+        print("FAIL: the sides sampled different tokens", file=sys.stderr)
         return 1
     lengths = [len(t) for t in tokens["continuous"]]
     n_tokens = sum(lengths)
@@ -121,7 +132,13 @@ def main() -> int:
         rates[name] = n_tokens / statistics.median(times)
         print(f"  {name:16s} {rates[name]:8.0f} completion tokens/s  (median of {len(times)}: "
               + ", ".join(f"{t:.2f}" for t in times) + " s)")
-    print(f"  speed-up {rates['continuous'] / rates['batch-at-a-time']:.2f}x")
+    speedup = rates["continuous"] / rates["batch-at-a-time"]
+    print(f"  continuous / batch-at-a-time: {speedup:.2f}x (all at once, {len(lengths)} rows and no slot limit: "
+          f"{rates['all at once'] / rates['batch-at-a-time']:.2f}x)")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                         "tokens": n_tokens, "min_length": min(lengths), "max_length": max(lengths),
+                                         "seconds": seconds, "tokens_per_s": rates, "speedup": speedup}, indent=2))
     return 0
 
 

@@ -14,6 +14,7 @@ edited by hand.
 - realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
 - lora_demo: the demo's GRPO (seed 0) with full fine-tuning and with LoRA (--lora-rank/--lora-alpha/--lora-lr) from
          the same base: held-out gains side by side.
+- continuous: `bench/continuous_batching.py` (continuous batching against batch-at-a-time, same rows, one thread).
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
@@ -110,6 +111,24 @@ def run_lora_demo(workdir: Path, rank: int, alpha: float, lr: float) -> dict:
             "base": heldout(out / "grpo", 0), "full": heldout(out / "grpo", -1), "lora": heldout(lora_run, -1),
             "full_curve": [e["pass@1"] for e in read_evals(out / "grpo")],
             "lora_curve": [e["pass@1"] for e in read_evals(lora_run)], "full_s": full_s, "lora_s": lora_s}
+
+
+def run_continuous(workdir: Path) -> dict:
+    out = workdir / "continuous_batching.json"
+    cmd = [sys.executable, "bench/continuous_batching.py", "--threads", "1", "--repeats", "3", "--json", str(out)]
+    timed(cmd, workdir / "continuous_batching.log")
+    return {**stamp(), "command": " ".join(["python"] + cmd[1:-2]), "figures": json.loads(out.read_text())}
+
+
+def render_continuous(d: dict) -> str:
+    f, a = d["figures"], d["figures"]["args"]
+    rate = f["tokens_per_s"]
+    return (f"{measured(d)}, by `{d['command']}`: {a['prompts']} prompts x {a['samples']} samples on a "
+            f"{a['hidden']}-wide, {a['layers']}-layer model, per-prompt limits {a['min_new']}-{a['max_new']} tokens "
+            f"(completions of {f['min_length']}-{f['max_length']} tokens, {f['tokens']:,} in all), {a['slots']} rows "
+            f"on both sides, one thread: batch-at-a-time {rate['batch-at-a-time']:,.0f} completion tokens/s, continuous "
+            f"batching {rate['continuous']:,.0f} (**{f['speedup']:.2f}x**), the same tokens; all {a['prompts'] * a['samples']} "
+            f"at once, without a bound on the cache: {rate['all at once']:,.0f}.")
 
 
 def render_lora_demo(d: dict) -> str:
@@ -436,7 +455,7 @@ def render_serve(d: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "bench": render_bench, "realshape": render_realshape,
-             "realshape_lora": render_realshape_lora, "lora_demo": render_lora_demo, "distill": render_distill, "pipeline": render_pipeline,
+             "realshape_lora": render_realshape_lora, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -466,6 +485,7 @@ def main(argv=None) -> None:
     p.add_argument("--lora-rank", type=int, default=16, help="--lora-demo's adapter rank")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="--lora-demo's alpha")
     p.add_argument("--lora-lr", type=float, default=3e-4, help="--lora-demo's learning rate")
+    p.add_argument("--continuous", action="store_true")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -483,6 +503,7 @@ def main(argv=None) -> None:
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
              "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
+             "continuous": lambda: run_continuous(a.workdir),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),
