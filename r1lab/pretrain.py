@@ -139,6 +139,8 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
 def expert_load(model: CausalLM, docs: list[list[int]], pad_id: int) -> dict:
     """An MoE model's expert loads over docs in one forward pass (moe/load_max_over_mean: 1 is perfectly even;
     moe/routing_entropy); {} for a dense model."""
+    if not moe.moe_layers(model):
+        return {}
     model.eval()
     ids, _ = lm_batch(docs, pad_id, None)
     with moe.count_loads(model) as loads:
