@@ -30,3 +30,22 @@ def test_demo_runs_end_to_end_and_writes_a_report(tmp_path):
                                   control="random-reward"), log=lines.append)
     assert any("pretrained base: reusing" in line for line in lines)
     assert "R1-Zero GRPO (verifier rewards), other run" in control.read_text()
+
+
+def test_the_deepseek_v3_demo_runs_beside_the_dense_one_and_compares_the_bases(tmp_path):
+    dense = DemoConfig(out=str(tmp_path), pretrain_steps=5, grpo_steps=1, eval_problems=4)
+    run_demo(dense, log=lambda *_: None)
+    report = run_demo(DemoConfig(out=str(tmp_path), pretrain_steps=5, grpo_steps=1, eval_problems=4,
+                                 arch="deepseek-v3"), log=lambda *_: None)
+    assert report == tmp_path / "grpo-deepseek-v3" / "report" / "report.md"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "grpo-deepseek-v3" / "model")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    table = report.read_text().split("## Tiny bases")[1].split("##")[0]
+    assert "| metric | dense | deepseek-v3 |" in table
+    facts = {arch: json.loads((tmp_path / base / "architecture.json").read_text())
+             for arch, base in (("dense", "base"), ("deepseek-v3", "base-deepseek-v3"))}
+    assert "moe/load_max_over_mean" in facts["deepseek-v3"] and "moe/load_max_over_mean" not in facts["dense"]
+    assert facts["deepseek-v3"]["active_parameters"] < facts["deepseek-v3"]["parameters"]
+    assert facts["dense"]["active_parameters"] == facts["dense"]["parameters"]
+    assert 4 * facts["deepseek-v3"]["kv_cache_bytes_per_token_bf16"] <= \
+        facts["deepseek-v3"]["multi_head_kv_cache_bytes_per_token_bf16"]
