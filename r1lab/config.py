@@ -201,6 +201,11 @@ LORA_TARGET_SETTING = dict(rule=_lora_targets_problem, allowed="all-linear, or s
 
 # Settings that GRPO and SFT (and, for the timeout, eval and sample) declare alike: one declaration each, made fresh
 # for every class (a dataclass field belongs to the class that declares it).
+def activation_checkpointing_setting():
+    return setting(False, "backward recomputes each layer's forward instead of keeping its activations: memory of "
+                          "one layer's activations instead of all, about a third more compute (dense models)")
+
+
 def lora_rank_setting():
     return setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)", ge=0)
 
@@ -392,6 +397,7 @@ class PretrainConfig(Settings):
                          **DTYPE)
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
                                             "more time")
+    activation_checkpointing: bool = activation_checkpointing_setting()
     seed: int = setting(0, "random seed", **SEED)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
 
@@ -402,7 +408,8 @@ class PretrainConfig(Settings):
             self._moe_problems() if self.arch == "deepseek-v3" else [])
 
     def _moe_problems(self) -> list[str]:
-        problems = []
+        problems = ["activation_checkpointing is for dense models (an MoE forward counts expert loads)"] \
+            if self.activation_checkpointing else []
         if self.experts_per_token > self.experts:
             problems.append(f"experts_per_token ({self.experts_per_token}) is more than experts ({self.experts})")
         if self.dense_layers >= self.num_layers:
@@ -604,6 +611,7 @@ class SFTConfig(Settings):
                          **DTYPE)
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
                                             "more time")
+    activation_checkpointing: bool = activation_checkpointing_setting()
     eval_fraction: float = setting(0.0, "share of conversations held out for a held-out loss (stable hash of the "
                                         "row)", ge=0, lt=1)
     eval_every: int = setting(50, "held-out loss every N steps (when eval_fraction > 0)", ge=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
@@ -342,6 +343,15 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
         self.apply(self._init_weights)
+        self.checkpoint_layers = False  # set_activation_checkpointing
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Full-sequence training passes (SFT, pretraining) keep each layer's input only and recompute the rest in
+        backward. Not for MoE models, whose forward counts expert loads (a recomputation would count them twice)."""
+        if on and self.config.moe is not None:
+            raise ValueError("activation_checkpointing is for dense models: an MoE layer's forward counts its expert "
+                             "loads, which recomputing it would count twice")
+        self.checkpoint_layers = on
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -375,8 +385,11 @@ class CausalLM(nn.Module):
         layers = cache.layers if cache is not None else [None] * len(self.model.layers)
         if self.config.moe is not None and mask is not None:  # expert load counts (moe.count_loads) skip padding
             moe.mark_real_tokens(self, key_mask[:, -T:])
+        recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for layer, kv in zip(self.model.layers, layers):
-            x = layer(x, cos, sin, mask, kv, start)
+            # Activation checkpointing: only the layer's input is kept; backward runs its forward again.
+            x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False) if recompute else \
+                layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):

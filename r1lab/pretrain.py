@@ -119,6 +119,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     pairs = [(render_prompt(tokenizer, p.prompt, "r1zero"), r) for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix)]
     docs = tokenize_pairs(tokenizer, pairs)
     model = CausalLM(tiny_model_config(cfg, tokenizer))
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")

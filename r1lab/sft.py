@@ -47,6 +47,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")  # see grpo.train
     if lora:
         add_lora(model, lora, cfg.seed)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
     if cfg.shard:
         if cfg.batch_size % world.size:  # equal shares: FSDP's ranks must run as many passes as each other
             raise ValueError(f"shard: batch_size {cfg.batch_size} does not divide across {world.size} ranks")

@@ -83,6 +83,8 @@ def test_a_bad_flag_is_refused_naming_field_value_and_allowed_range(flags, expec
     ("pretrain", ["--arch", "deepseek-v3", "--experts", "2", "--experts-per-token", "3"],
      "experts_per_token (3) is more than experts (2)"),
     ("pretrain", ["--arch", "deepseek-v3", "--dense-layers", "4"], "dense_layers (4) leaves no MoE layer"),
+    ("pretrain", ["--arch", "deepseek-v3", "--activation-checkpointing", "true"], "activation_checkpointing is for "
+                                                                                     "dense models"),
     ("pretrain", ["--balance-loss-weight", "-1"], "balance_loss_weight: -1 is below the minimum 0"),
     ("distill", ["--epochs", "0"], "epochs: 0 must be > 0"),
     ("pipeline", ["--rl-lr", "-1"], "rl_lr: -1 must be > 0"),

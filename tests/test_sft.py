@@ -213,14 +213,15 @@ def test_malformed_rows_of_each_format_name_file_line_and_field(tmp_path, capsys
     assert "chat.jsonl:2" in err and field in err and "no-model" not in err
 
 
-def test_sft_trains_on_plain_prompt_completion_rows(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_trains_on_plain_prompt_completion_rows(tmp_path, checkpointing):
     tok = build_tiny_tokenizer()
     tiny_random_model(tmp_path / "init", tok)
     rows = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]}
             for r in sum_conversations(4)]
     data = write_rows(tmp_path / "pc.jsonl", rows)
     sft(SFTConfig(model=str(tmp_path / "init"), data=str(data), out=str(tmp_path / "run"), steps=1, batch_size=2,
-                  template="r1zero"), log=lambda *_: None)
+                  template="r1zero", activation_checkpointing=checkpointing), log=lambda *_: None)
     summary = json.loads((tmp_path / "run" / "data.json").read_text())
     assert summary["train"] == 4
     assert summary["target_tokens"] == sum(len(tok.encode(r["completion"])) + 1 for r in rows)  # + end-of-text

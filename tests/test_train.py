@@ -73,3 +73,47 @@ def test_adamw_is_fused():
     """The foreach AdamW builds temporaries as large as all the weights (1 GB at 0.5B parameters in float32)."""
     optimizer = make_optimizer(tiny(True), 1e-3, 0.0, 0.99)
     assert optimizer.defaults["fused"]
+
+
+def _saved_bytes_and_grads(model, ids, mask):
+    from r1lab.sft import lm_loss_sum
+
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    model.zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = lm_loss_sum(model, ids, mask)
+    loss.backward()
+    return sum(saved), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_keeps_layer_inputs_only_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = CausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    ids = torch.randint(0, 64, (3, 40))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    plain_bytes, plain_loss, plain = _saved_bytes_and_grads(model, ids, mask)
+    model.set_activation_checkpointing(True)
+    kept_bytes, loss, grads = _saved_bytes_and_grads(model, ids, mask)
+    assert loss == pytest.approx(plain_loss, abs=1e-6)
+    assert grads.keys() == plain.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], plain[name], atol=1e-6), name
+    # kept in forward: each layer's input (3 x 40 x 32 floats) and the head's inputs, not the layers' insides
+    assert kept_bytes < plain_bytes / 4, (kept_bytes, plain_bytes)
+    with torch.no_grad():  # inference and the engine's cached passes never recompute
+        model(ids)
+
+
+def test_activation_checkpointing_is_refused_for_moe_models():
+    cfg = ModelConfig.from_hf({"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+                               "intermediate_size": 48, "moe_intermediate_size": 16, "num_hidden_layers": 2,
+                               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "num_experts": 4,
+                               "num_experts_per_tok": 2})
+    with pytest.raises(ValueError, match="dense models"):
+        CausalLM(cfg).set_activation_checkpointing(True)
