@@ -126,7 +126,7 @@ def main() -> int:
     n_tokens = sum(lengths)
     print(f"{args.prompts} prompts x {args.samples} samples, {args.slots} slots, {args.threads} thread(s); "
           f"completion lengths {min(lengths)}..{max(lengths)} (mean {n_tokens / len(lengths):.0f}), "
-          f"{n_tokens} tokens; same tokens on both sides")
+          f"{n_tokens} tokens; the same tokens on every side")
     rates = {}
     for name, times in seconds.items():
         rates[name] = n_tokens / statistics.median(times)
