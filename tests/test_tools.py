@@ -6,8 +6,11 @@ import pytest
 import torch
 
 import r1lab.grpo as grpo
+from r1lab.cli import main
 from r1lab.engine import Sample
+from r1lab.evaluate import evaluate
 from r1lab.sandbox import ProgramResult, run_program
+from r1lab.tasks import Problem, get_task
 from r1lab.tokenizer import build_tiny_tokenizer
 from r1lab.tools import ToolSpec, block_code, generate_with_tools, output_text
 
@@ -231,3 +234,32 @@ def test_grpo_runs_with_tools_and_logs_the_calls(tiny_base, tmp_path):
         assert r["skipped_nonfinite"] == 0 and r["logprob_diff/max"] < 1e-4  # no placeholder reached the loss
     sample = json.loads((tmp_path / "samples" / "step_000000.jsonl").read_text().splitlines()[0])
     assert "tool_calls" in sample and "<output>" in sample["completion"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval and sample
+
+
+def test_evaluation_with_tools_scores_what_the_model_wrote_after_the_output():
+    problems = [Problem("What is 6*7?", "42", {})]
+    result = evaluate(ScriptedEngine(calculator), get_task("arithmetic"), problems, lambda p: [1], k=2,
+                      max_new_tokens=200, tools=ToolSpec())
+    assert result.pass_at_1 == 1.0 and result.format_rate == 1.0  # a tool block inside <think> keeps the format
+    samples = result.records[0]["samples"]
+    assert all("<output>42\n</output>" in s["completion"] and s["tool_calls"] == 1 for s in samples)
+    figures = result.to_dict()
+    assert figures["tool_calls"] == 1.0 and figures["tool_failure_rate"] == 0.0
+
+
+def test_eval_and_sample_commands_take_tools(tiny_base, tmp_path):
+    # "think" as the tool tag: the tiny base closes it in nearly every completion, so calls happen
+    tools = ["--tools", "python", "--tool-tag", "think", "--max-tool-calls", "1", "--tool-timeout-s", "1"]
+    main(["eval", "--model", str(tiny_base), "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", "3",
+          "--samples", "2", "--max-new-tokens", "40", "--out", str(tmp_path / "eval.json"), "--threads", "1", *tools])
+    figures = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert figures["tool_calls"] > 0 and "tool_calls" in figures["records"][0]["samples"][0]
+    main(["sample", "--model", str(tiny_base), "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", "3",
+          "--samples", "2", "--max-new-tokens", "40", "--out", str(tmp_path / "sampled.jsonl"), "--threads", "1",
+          *tools])
+    summary = json.loads((tmp_path / "sampled.summary.json").read_text())
+    assert summary["sampled"] == 6 and summary["tool_calls"] > 0 and 0 <= summary["tool_failures"] <= 6
