@@ -572,7 +572,14 @@ class GRPOConfig(Settings):
         problems = []
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
-        return problems + _reward_function_problems(self.reward_functions)
+        return problems + _reward_function_problems(self.reward_functions) + tool_problems(self)
+
+
+def tool_problems(cfg) -> list[str]:
+    if cfg.tools and cfg.tool_tag == cfg.tool_output_tag:
+        return [f"tool_tag and tool_output_tag are both {cfg.tool_tag!r}: the model could not tell a call from its "
+                f"output"]
+    return []
 
 
 TOOL_FIELDS = ("tools", "tool_tag", "tool_output_tag", "max_tool_calls", "tool_timeout_s", "tool_memory_mb",
@@ -624,6 +631,9 @@ class EvalConfig(Settings):
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
     dist_timeout_s: float = dist_timeout_setting()
+
+    def rules(self) -> list[str]:
+        return tool_problems(self)
 
 
 @dataclass
@@ -731,7 +741,7 @@ class SampleConfig(Settings):
     def rules(self) -> list[str]:
         if self.max_tokens and self.max_tokens < self.min_tokens:
             return [f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}"]
-        return []
+        return tool_problems(self)
 
 
 @dataclass

@@ -33,8 +33,12 @@ Limits of the design: without bubblewrap, the audit hook is an in-process guard,
 trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
 object the solution returns (a class instance, a generator) cannot be judged.
 
-    from r1lab.sandbox import run_tests
+The tool calls of a rollout (r1lab/tools.py) run through run_program in the same sandbox: the program runs once
+and what it prints, rather than a report of return values, comes back; nothing is judged on it.
+
+    from r1lab.sandbox import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
+    run_program("print(6 * 7)")  # ProgramResult(output='42\n', ok=True, ...)
 """
 
 from __future__ import annotations

@@ -263,3 +263,13 @@ def test_eval_and_sample_commands_take_tools(tiny_base, tmp_path):
           *tools])
     summary = json.loads((tmp_path / "sampled.summary.json").read_text())
     assert summary["sampled"] == 6 and summary["tool_calls"] > 0 and 0 <= summary["tool_failures"] <= 6
+
+
+@pytest.mark.parametrize("command", ["grpo", "eval", "sample"])
+def test_tool_settings_are_checked_before_anything_runs(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--tools", "python", "--tool-tag", "out", "--tool-output-tag", "out"])
+    assert "could not tell a call from its output" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--tools", "python", "--tool-tag", "<python>"])
+    assert "is not a tag name" in capsys.readouterr().err
