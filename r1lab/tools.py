@@ -118,9 +118,10 @@ def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec
                         stop_strings: tuple[str, ...] = (), runner: Runner = run_in_sandbox,
                         **sampling: Any) -> list[ToolSample]:
     """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls: see the module's
-    docstring. seed: one per prompt (an int is one for all prompts); sampling: Engine.generate's temperature,
-    top_p, top_k, suppress_eos, max_rows."""
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompt_ids)
+    docstring. seed: one per prompt, or an int from which each prompt's is drawn (None: unseeded); sampling:
+    Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else \
+        [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(len(prompt_ids))]
     stops = (spec.close, *stop_strings)
     first = engine.generate(prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seeds,
                             stop_strings=stops, **sampling)

@@ -153,20 +153,25 @@ def test_tool_output_counts_against_the_token_budget():
 
 
 def test_rollouts_with_tools_are_the_same_alone_and_in_a_batch(tiny_base):
-    # The tiny base writes <think>...</think>: with "think" as the tool tag every rollout makes calls (its reasoning
-    # runs as code and fails), so later turns run; per-rollout seeds make each one independent of its batch-mates.
+    # The tiny base writes <think>...</think>: with "think" as the tool tag nearly every rollout makes a call, and a
+    # short output leaves room for a second turn. Per-rollout seeds make each one independent of its batch-mates.
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
     engine = grpo.Engine(model, tok)
-    spec = ToolSpec(tag="think", max_calls=2)
+    spec, runner = ToolSpec(tag="think", max_calls=2), fake_runner(lambda code: ProgramResult("1\n", True))
     problems = grpo.get_task("arithmetic", min_terms=3, max_terms=4).problems("train", 3, 0)
     prompts = [grpo.encode_prompt(tok, p, "r1zero", "") for p in problems]
-    batch = generate_with_tools(engine, prompts, spec, num_samples=2, max_new_tokens=40, seed=[11, 12, 13])
-    assert sum(s.calls for s in batch) > 0 and any(not all(s.model_mask) for s in batch)
-    alone = generate_with_tools(engine, prompts[1:2], spec, num_samples=2, max_new_tokens=40, seed=[12])
+    kw = dict(num_samples=2, max_new_tokens=60, runner=runner)
+    batch = generate_with_tools(engine, prompts, spec, seed=[11, 12, 13], **kw)
+    alone = generate_with_tools(engine, prompts[1:2], spec, seed=[12], **kw)
+    second_turns = [s for s in alone if True in s.model_mask[s.model_mask.index(False):]]
+    assert all(s.calls > 0 for s in alone) and second_turns  # a model turn after a tool output
     assert [s.token_ids for s in alone] == [s.token_ids for s in batch[2:4]]
     assert [s.model_mask for s in alone] == [s.model_mask for s in batch[2:4]]
     for got, want in zip(alone, batch[2:4]):
         assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)
+    # one int seed: each prompt still draws its own stream (the same prompt twice gives different rollouts)
+    twice = generate_with_tools(engine, [prompts[0]] * 2, spec, max_new_tokens=40, seed=5, runner=runner)
+    assert twice[0].token_ids != twice[1].token_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------
