@@ -5,6 +5,10 @@ completion is kept only when it is correct and readable: format reward 1, a leng
 its reasoning in the target language, and no repeat of one already kept for its prompt. The kept ones are written
 as chat rows that `r1lab sft` reads (user = the problem, assistant = prefill + completion), each with where it came
 from; a summary counts every rejection by its first failed check.
+
+With --tools python the completions make tool calls (r1lab/tools.py): a kept row's assistant text holds its
+<python> blocks and their <output> blocks as the model read them. `r1lab sft` does not yet mask the output blocks
+out of its loss.
 """
 
 from __future__ import annotations

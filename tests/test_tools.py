@@ -227,7 +227,8 @@ def test_tool_output_tokens_are_attended_to_but_never_trained(tiny_base):
 def test_grpo_runs_with_tools_and_logs_the_calls(tiny_base, tmp_path):
     cfg = grpo.GRPOConfig(model=str(tiny_base), out=str(tmp_path), task="arithmetic",
                           task_options={"min_terms": 3, "max_terms": 4}, steps=2, prompts_per_step=2,
-                          samples_per_prompt=4, micro_batch_size=8, lr=1e-3, max_new_tokens=40, eval_every=0,
+                          samples_per_prompt=4, micro_batch_size=8, lr=1e-3, max_new_tokens=40, eval_every=2,
+                          eval_problems=2, eval_samples=2,
                           save_every=0, samples_every=1, seed=0, tools="python", tool_tag="think",
                           tool_timeout_s=1.0, max_tool_calls=2, tool_failure_penalty=0.1, skip_zero_advantage=False)
     grpo.train(cfg, log=lambda *_: None)
@@ -237,6 +238,8 @@ def test_grpo_runs_with_tools_and_logs_the_calls(tiny_base, tmp_path):
         assert r["tools/calls_per_rollout"] > 0 and 0 <= r["tools/failure_rate"] <= 1
         assert 0 < r["tools/output_token_share"] < 1 and "reward/tool_failures" in r
         assert r["skipped_nonfinite"] == 0 and r["logprob_diff/max"] < 1e-4  # no placeholder reached the loss
+    evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and all("tool_calls" in json.dumps(e) for e in evals)  # with tools
     sample = json.loads((tmp_path / "samples" / "step_000000.jsonl").read_text().splitlines()[0])
     assert "tool_calls" in sample and "<output>" in sample["completion"]
 
