@@ -18,7 +18,8 @@ This file then runs as __main__, in this order:
    audit hooks cannot be removed from Python code;
 5. per test, a fresh execution of the candidate, then its calls; a line "<index> ok <values>" (the return
    values in the restricted literal syntax of make_encoder) or "<index> fail <reason>" is written per test, then
-   "done".
+   "done". A tool call (payload "program", r1lab.sandbox.run_program) instead runs the program once with fds 1 and
+   2 on the parent's pipe: what it prints is the result, and its exit status says whether it raised.
 
 The candidate runs in this process and can write any line on any fd, so the parent takes the first line per test
 and trusts none: a forged line can only claim return values, which the parent judges like real ones. Everything
@@ -538,14 +539,49 @@ def run(code: str, tests: list, result_fd: int, hook) -> None:
     exit_now(0)  # no atexit handler or finalizer of the candidate runs after the report
 
 
+def run_program(code: str, hook) -> None:
+    """A tool call: run the program once; its prints (stdout and stderr, both the parent's pipe) are the result.
+    An exception ends it with its last line, as Python prints it, and exit status 1; a clean end is status 0."""
+    exit_now, type_, type_name, str_ = os._exit, type, type.__dict__["__name__"].__get__, str
+    stdout, stderr = sys.stdout, sys.stderr
+    for stream in (stdout, stderr):
+        stream.reconfigure(line_buffering=True)  # what was printed before a timeout still reaches the parent
+    namespace = {"__name__": "__main__", "__builtins__": dict(builtins.__dict__)}
+    sys.addaudithook(hook)
+    status = 0
+    try:
+        exec(compile(code, "<tool>", "exec"), namespace)
+    except SystemExit as e:
+        status = 0 if e.code is None or e.code == 0 else 1
+    except BaseException as e:
+        status = 1
+        try:
+            stdout.flush()
+            stderr.write(f"{type_name(type_(e))}: {str_(e)}\n")  # the program's own process: its __str__ may run
+        except BaseException:
+            pass
+    try:
+        stdout.flush()
+        stderr.flush()
+    except BaseException:
+        pass
+    exit_now(status)
+
+
 def main() -> None:
     payload = read_payload()
     result_fd = redirect_stdio()
+    program = payload.get("program", False)
+    if program:  # a tool call: the program's own output is the result, on the parent's pipe
+        os.dup2(result_fd, 1)
+        os.dup2(result_fd, 2)
     limit_resources(payload["cpu_s"], payload["memory_mb"], payload["file_mb"], payload["open_files"])
     layers = isolate(payload["network_namespace"], payload["drop_privileges"], payload["bwrapped"])
     disarm_unaudited()
     hook = make_hook(os.getcwd())
     os.write(result_fd, f"layers {','.join(layers + ['audit'])}\n".encode())
+    if program:
+        run_program(payload["code"], hook)
     run(payload["code"], payload["tests"], result_fd, hook)
 
 

@@ -228,6 +228,46 @@ def dist_timeout_setting():
                           "an error", gt=0)
 
 
+def _tag_problem(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", value):
+        return None
+    return f"{_show(value)} is not a tag name (letters, digits, _ and -, as in <python>)"
+
+
+TAG = dict(rule=_tag_problem, allowed="a tag name: letters, digits, _ and -")
+
+
+# Tool calls inside rollouts (r1lab/tools.py), declared alike by grpo, eval and sample (the settings of one ToolSpec).
+def tools_setting():
+    return setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and its '
+                       'output is appended as <output>...</output> ("" = no tools)', choices=("", "python"))
+
+
+def tool_tag_setting():
+    return setting("python", "tools: the tag of a tool block, <TAG>code</TAG>", **TAG)
+
+
+def tool_output_tag_setting():
+    return setting("output", "tools: the tag around a call's output, <TAG>printed text</TAG>", **TAG)
+
+
+def max_tool_calls_setting():
+    return setting(4, "tools: calls per rollout; a block closed past this ends the rollout", ge=1)
+
+
+def tool_timeout_setting():
+    return setting(2.0, "tools: seconds one call may run", gt=0)
+
+
+def tool_memory_setting():
+    return setting(256, "tools: address-space limit of one call, in MB", ge=32)
+
+
+def tool_output_chars_setting():
+    return setting(512, "tools: characters of a call's output the model reads; the rest is cut, with a marker",
+                   ge=16)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # validation: types, then each field's Spec, then each command's rules across fields
 
@@ -493,6 +533,15 @@ class GRPOConfig(Settings):
     suppress_eos: bool = setting(False, "benchmarking only: every completion runs to max_new_tokens")
     rollout_slots: int = setting(0, "continuous batching: at most this many rollouts run at once, a finished one's "
                                     "KV-cache row going to the next (0 = all of the step's rollouts at once)", ge=0)
+    tools: str = tools_setting()
+    tool_tag: str = tool_tag_setting()
+    tool_output_tag: str = tool_output_tag_setting()
+    max_tool_calls: int = max_tool_calls_setting()
+    tool_timeout_s: float = tool_timeout_setting()
+    tool_memory_mb: int = tool_memory_setting()
+    tool_output_chars: int = tool_output_chars_setting()
+    tool_failure_penalty: float = setting(0.0, "tools: subtracted from the reward for each failed call (an error, a "
+                                               "timeout, a limit)", ge=0)
     dtype: str = setting("float32", "bfloat16: rollouts from a bf16 copy of the float32 master weights (refreshed "
                                     "after every update), training under bf16 autocast", **DTYPE)
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
@@ -524,13 +573,24 @@ class GRPOConfig(Settings):
                           problems=self.eval_problems, samples=self.eval_samples, temperature=self.eval_temperature,
                           top_p=self.eval_top_p, max_new_tokens=self.max_new_tokens, template=self.template,
                           prefill=self.prefill, language=self.language, reward_timeout_s=self.reward_timeout_s,
-                          seed=self.seed)
+                          seed=self.seed, **{f: getattr(self, f) for f in TOOL_FIELDS})
 
     def rules(self) -> list[str]:
         problems = []
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
-        return problems + _reward_function_problems(self.reward_functions)
+        return problems + _reward_function_problems(self.reward_functions) + tool_problems(self)
+
+
+def tool_problems(cfg) -> list[str]:
+    if cfg.tools and cfg.tool_tag == cfg.tool_output_tag:
+        return [f"tool_tag and tool_output_tag are both {cfg.tool_tag!r}: the model could not tell a call from its "
+                f"output"]
+    return []
+
+
+TOOL_FIELDS = ("tools", "tool_tag", "tool_output_tag", "max_tool_calls", "tool_timeout_s", "tool_memory_mb",
+               "tool_output_chars")
 
 
 def _reward_function_problems(functions: dict) -> list[str]:
@@ -565,12 +625,22 @@ class EvalConfig(Settings):
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     language: str = setting("en", "the language whose share of the chain of thought is reported", **LANGUAGE)
     reward_timeout_s: float = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
+    tools: str = tools_setting()
+    tool_tag: str = tool_tag_setting()
+    tool_output_tag: str = tool_output_tag_setting()
+    max_tool_calls: int = max_tool_calls_setting()
+    tool_timeout_s: float = tool_timeout_setting()
+    tool_memory_mb: int = tool_memory_setting()
+    tool_output_chars: int = tool_output_chars_setting()
     out: str = setting("", "JSON results path; default: next to the model")
     seed: int = setting(0, "the held-out problems are drawn with seed + 1, the samples with seed", **SEED)
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
     dist_timeout_s: float = dist_timeout_setting()
+
+    def rules(self) -> list[str]:
+        return tool_problems(self)
 
 
 @dataclass
@@ -661,6 +731,13 @@ class SampleConfig(Settings):
                                         ge=0, le=1)
     max_per_prompt: int = setting(0, "distinct completions kept per prompt; 0 = every distinct one", ge=0)
     reward_timeout_s: float = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
+    tools: str = tools_setting()
+    tool_tag: str = tool_tag_setting()
+    tool_output_tag: str = tool_output_tag_setting()
+    max_tool_calls: int = max_tool_calls_setting()
+    tool_timeout_s: float = tool_timeout_setting()
+    tool_memory_mb: int = tool_memory_setting()
+    tool_output_chars: int = tool_output_chars_setting()
     out: str = setting("runs/sample/sft.jsonl", "the SFT dataset; a summary and the config are written beside it",
                        **NONEMPTY)
     seed: int = setting(0, "random seed", **SEED)
@@ -672,7 +749,7 @@ class SampleConfig(Settings):
     def rules(self) -> list[str]:
         if self.max_tokens and self.max_tokens < self.min_tokens:
             return [f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}"]
-        return []
+        return tool_problems(self)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from r1lab.policy import encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import call_with_timeout, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.tasks import Problem, Task, get_task
+from r1lab.tools import ToolSample, ToolSpec, generate_with_tools
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
 _FULL_CREDIT = 1.0 - 1e-6
@@ -74,6 +75,8 @@ class EvalResult:
     truncation_rate: float = 0.0  # share of samples that hit max_new_tokens
     language_consistency: float = 0.0  # mean share of chain-of-thought words in the target language (readability)
     records: list[dict] = field(default_factory=list)  # per problem: prompt, reference, the k samples
+    tool_calls: float | None = None  # with tools: calls per sample
+    tool_failure_rate: float | None = None  # with tools: the share of calls that failed
 
     @property
     def pass_at_1(self) -> float:
@@ -84,6 +87,8 @@ class EvalResult:
         out.update({f"pass@{j}": v for j, v in sorted(self.pass_at.items()) if j != 1})
         out.update(format_rate=self.format_rate, mean_length=self.mean_length, truncation_rate=self.truncation_rate,
                    language_consistency=self.language_consistency, k=self.k, n_problems=self.n_problems)
+        if self.tool_calls is not None:
+            out.update(tool_calls=self.tool_calls, tool_failure_rate=self.tool_failure_rate)
         if include_records:
             out["records"] = self.records
         return out
@@ -118,14 +123,17 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     tok = engine.tokenizer
     return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
-                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language, world=world)
+                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
+                    tools=ToolSpec.of(ec))
 
 
 def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt: Callable[[Problem], list[int]], *,
              k: int = 8, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              seed: int | None = 0, batch_prompts: int = 64, response_prefix: str = "", timeout_s: float = 5.0,
-             scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World()) -> EvalResult:
-    """Sample k completions per problem, score them with the training rewards and summarise.
+             scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World(),
+             tools: ToolSpec | None = None) -> EvalResult:
+    """Sample k completions per problem (with tool calls when tools is given, r1lab/tools.py), score them with the
+    training rewards and summarise.
 
     Under torchrun each rank evaluates its share of the problems and the records are gathered: every problem's
     samples are seeded by (seed, its index), so the figures equal one process's exactly. `scorer` defaults to
@@ -142,8 +150,10 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         indices = range(start, min(start + batch_prompts, mine.stop))
         chunk = [problems[i] for i in indices]
         seeds = None if seed is None else [step_seed(seed, i, "eval") for i in indices]
-        samples = engine.generate([encode_prompt(p) for p in chunk], num_samples=k, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seeds)
+        sampling = dict(num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seeds)
+        prompts = [encode_prompt(p) for p in chunk]
+        samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else \
+            engine.generate(prompts, **sampling)
         if len(samples) != len(chunk) * k:
             raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
         repeated = [p for p in chunk for _ in range(k)]
@@ -168,7 +178,8 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
             "samples": [{"completion": s.text, "answer": a, "correct": bool(c), "format": float(f),
                          "length": len(s.token_ids),
                          "language": language_consistency(response_prefix + s.text, language),
-                         "finish_reason": s.finish_reason}
+                         "finish_reason": s.finish_reason,
+                         **({"tool_calls": s.calls, "tool_failures": s.failures} if isinstance(s, ToolSample) else {})}
                         for s, a, c, f in zip(samples[sl], answers, correct, reward.components["format"][sl])]}
 
 
@@ -190,12 +201,16 @@ def summarise(records: list[dict], k: int) -> EvalResult:
     samples = [s for r in records for s in r["samples"]]
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     pass_at = {j: _mean([pass_at_k(k, c, j) for c in n_correct]) for j in pass_ks(k)}
+    calls = [s["tool_calls"] for s in samples if "tool_calls" in s]
+    failures = sum(s["tool_failures"] for s in samples if "tool_failures" in s)
     return EvalResult(k=k, n_problems=len(records), pass_at=pass_at,
                       cons_at_k=_mean([float(r["majority_correct"]) for r in records]),
                       format_rate=_mean([float(s["format"] >= _FULL_CREDIT) for s in samples]),
                       mean_length=_mean([s["length"] for s in samples]),
                       truncation_rate=_mean([float(s["finish_reason"] == "length") for s in samples]),
-                      language_consistency=_mean([s.get("language", 0.0) for s in samples]), records=records)
+                      language_consistency=_mean([s.get("language", 0.0) for s in samples]), records=records,
+                      tool_calls=_mean(calls) if calls else None,
+                      tool_failure_rate=failures / sum(calls) if calls and sum(calls) else 0.0 if calls else None)
 
 
 def _mean(xs: Sequence[float]) -> float:

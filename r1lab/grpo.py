@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from r1lab.runtime import setup_training_process
 from r1lab.sharding import full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.sandbox import active_layers
 from r1lab.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
+from r1lab.tools import ToolSpec, generate_with_tools
 from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, idle_pass, lora_spec, make_optimizer,
                          optimizer_step, resume_run, save_final, save_run_config, set_lr, token_logprobs,
                          training_precision)
@@ -70,7 +71,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     # every data row (or, for a generator, a step's draw) must fit the context with max_new_tokens, before any step
     check_context(model, tokenizer, (stream.pool or stream.batch(0)) + eval_problems, cfg.template, cfg.prefill,
                   cfg.max_new_tokens, cfg.task)
-    isolation = sandbox_metrics(task, log)
+    isolation = sandbox_metrics(task, log, cfg.tools)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
     start = resume_run(run, cfg, model, optimizer, log, world)
     if start:
@@ -162,6 +163,14 @@ class Rollouts:
     old_logprobs: list[list[float]]
     texts: list[str]
     truncated: list[bool]
+    # with tools (r1lab/tools.py), per completion; empty without: every token is the model's, no calls
+    model_mask: list[list[bool]] = field(default_factory=list)  # True on the model's tokens, False on tool output
+    tool_calls: list[int] = field(default_factory=list)
+    tool_failures: list[int] = field(default_factory=list)
+
+    def trained_mask(self, i: int) -> list[bool]:
+        """Which of completion i's tokens are the model's own: trained, with sampling log-probs."""
+        return self.model_mask[i] if self.model_mask else [True] * len(self.completion_ids[i])
 
 
 class PromptStream:
@@ -196,13 +205,18 @@ def gather_rollouts(world: World, local: Rollouts) -> Rollouts:
 def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int | list[int]) -> Rollouts:
     G, tok = cfg.samples_per_prompt, engine.tokenizer
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in problems]
-    samples = engine.generate(prompts, num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos,
-                              max_rows=cfg.rollout_slots)
-    return Rollouts(problems=[problems[s.prompt_index] for s in samples],
-                    prompt_ids=[prompts[s.prompt_index] for s in samples],
-                    completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
-                    texts=[s.text for s in samples], truncated=[s.finish_reason == "length" for s in samples])
+    sampling = dict(num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos, max_rows=cfg.rollout_slots)
+    tools = ToolSpec.of(cfg)
+    samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else engine.generate(prompts, **sampling)
+    rollouts = Rollouts(problems=[problems[s.prompt_index] for s in samples],
+                        prompt_ids=[prompts[s.prompt_index] for s in samples],
+                        completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
+                        texts=[s.text for s in samples], truncated=[s.finish_reason == "length" for s in samples])
+    if tools:
+        rollouts.model_mask = [s.model_mask for s in samples]
+        rollouts.tool_calls, rollouts.tool_failures = [s.calls for s in samples], [s.failures for s in samples]
+    return rollouts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,10 +224,15 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 
 
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig) -> RewardResult:
-    return score_completions(task, rollouts.problems, rollouts.texts,
-                             RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
-                                           tuple(cfg.reward_functions.items())),
-                             cfg.reward_timeout_s, response_prefix=cfg.prefill)
+    result = score_completions(task, rollouts.problems, rollouts.texts,
+                               RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
+                                             tuple(cfg.reward_functions.items())),
+                               cfg.reward_timeout_s, response_prefix=cfg.prefill)
+    if cfg.tools and cfg.tool_failure_penalty:  # a component like the others: reward/tool_failures is logged
+        failures = [float(f) for f in rollouts.tool_failures]
+        result.components["tool_failures"] = failures
+        result.total = [t - cfg.tool_failure_penalty * f for t, f in zip(result.total, failures)]
+    return result
 
 
 def gather_results(world: World, local: RewardResult) -> RewardResult:
@@ -248,16 +267,23 @@ class MicroBatch:
     prompt_mask: torch.Tensor  # (U, P) True on real prompt tokens
     rows: torch.Tensor  # (B,) the prompt (index into prompts) each completion continues
     completions: torch.Tensor  # (B, C) completion tokens, right-padded
-    completion_mask: torch.Tensor  # (B, C) True on the N real completion tokens (row-major order below)
-    old_logp: torch.Tensor  # (N,) sampling log-probs of those N tokens
+    completion_mask: torch.Tensor  # (B, C) True on the real completion tokens (all attended to)
+    old_logp: torch.Tensor  # (N,) sampling log-probs of the N trained tokens (row-major order below)
     advantages: torch.Tensor  # (N,) each token carries its sequence's advantage
     weights: torch.Tensor  # (N,) per-token loss weight implementing the normalisation
     trainer_old_logp: torch.Tensor | None = None  # (N,) the trainer's log-probs at the first update (set then)
+    trained_mask: torch.Tensor | None = None  # (B, C) True on the N trained tokens: the model's own, not tool
+    # output (r1lab/tools.py); None: every real completion token
+
+    @property
+    def trained(self) -> torch.Tensor:
+        """(B, C) True on the N tokens the loss is taken over."""
+        return self.completion_mask if self.trained_mask is None else self.trained_mask
 
     def sequence_of_tokens(self) -> torch.Tensor:
-        """(N,) the index of the sequence (row) each of the N completion tokens belongs to."""
+        """(N,) the index of the sequence (row) each of the N trained tokens belongs to."""
         rows = torch.arange(len(self.completions), device=self.completions.device)
-        return rows[:, None].expand_as(self.completion_mask)[self.completion_mask]
+        return rows[:, None].expand_as(self.trained)[self.trained]
 
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
@@ -265,7 +291,8 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
     """The micro-batches of the sequences in share (this rank's; all by default), their loss weights normalised
     over every kept sequence of the whole batch, so that the ranks' gradients sum to the whole batch's."""
     rows = keep.nonzero().squeeze(-1)
-    lengths = torch.tensor([len(rollouts.completion_ids[i]) for i in rows.tolist()])
+    # a sequence's length is its trained tokens: tool outputs count neither in the loss nor in its normalisation
+    lengths = torch.tensor([sum(rollouts.trained_mask(i)) for i in rows.tolist()])
     seq_weights = token_weights(lengths, cfg.loss_norm, cfg.max_new_tokens)  # normalised over every kept sequence
     trained = torch.ones(len(rows), dtype=torch.bool)
     if share is not None:
@@ -282,11 +309,14 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
         per_seq = lengths[start : start + len(chunk)]
         prompts, prompt_mask, prompt_of = _distinct_prompts([rollouts.prompt_ids[i] for i in chunk], pad_id)
         completions, completion_mask = _right_padded([rollouts.completion_ids[i] for i in chunk], pad_id)
-        old = torch.tensor([lp for i in chunk for lp in rollouts.old_logprobs[i]])
+        trained = _right_padded([rollouts.trained_mask(i) for i in chunk], False)[0].bool()  # (B, C)
+        old = torch.tensor([lp for i in chunk for lp, m in zip(rollouts.old_logprobs[i], rollouts.trained_mask(i))
+                            if m])
         batches.append(MicroBatch(prompts.to(device), prompt_mask.to(device), prompt_of.to(device),
                                   completions.to(device), completion_mask.to(device), old.to(device),
                                   advantages[chunk].repeat_interleave(per_seq).to(device),
-                                  seq_weights[start : start + len(chunk)].repeat_interleave(per_seq).to(device)))
+                                  seq_weights[start : start + len(chunk)].repeat_interleave(per_seq).to(device),
+                                  trained_mask=None if not rollouts.model_mask else trained.to(device)))
     return batches
 
 
@@ -446,11 +476,12 @@ def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[to
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
                         recompute_logits: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES, fp32_head: bool = False):
-    """Log-probs (N,) of the N completion tokens under softmax(logits / temperature), the sampling distribution;
-    logits only where a completion token is predicted (prompt and padding never reach the vocabulary projection)."""
+    """Log-probs (N,) of the N trained tokens under softmax(logits / temperature), the sampling distribution;
+    logits only where a trained token is predicted (prompt, padding and tool output never reach the vocabulary
+    projection, though the model attends to tool output)."""
     hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
-                                            mb.completion_mask)[mb.completion_mask]  # (N, D)
-    return token_logprobs(model, hidden, mb.completions[mb.completion_mask], temperature, recompute=recompute_logits,
+                                            mb.completion_mask)[mb.trained]  # (N, D)
+    return token_logprobs(model, hidden, mb.completions[mb.trained], temperature, recompute=recompute_logits,
                           with_entropy=with_entropy, chunk_bytes=chunk_bytes,
                           head_dtype=torch.float32 if fp32_head else None)
 
@@ -519,23 +550,40 @@ def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOCon
         "scorer_errors": result.errors, "scorer_timeouts": result.timeouts, "completion_tokens": sum(lengths),
     })
     metrics.update({k: v for k, v in update.items() if v is not None})
+    metrics.update(tool_metrics(rollouts))
     return metrics
+
+
+def tool_metrics(rollouts: Rollouts) -> dict:
+    """Per step, with tools: calls per rollout, the share of calls that failed, the share of rollouts that called,
+    and the tool outputs' share of the completion tokens."""
+    if not rollouts.model_mask:
+        return {}
+    calls, failures, n = sum(rollouts.tool_calls), sum(rollouts.tool_failures), len(rollouts.tool_calls)
+    tokens = sum(len(m) for m in rollouts.model_mask)
+    return {"tools/calls_per_rollout": calls / n, "tools/failure_rate": failures / calls if calls else 0.0,
+            "tools/rollouts_with_calls": sum(c > 0 for c in rollouts.tool_calls) / n,
+            "tools/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1)}
 
 
 def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int) -> list[dict]:
     return [{"prompt": rollouts.problems[i].prompt, "reference": rollouts.problems[i].answer,
              "completion": rollouts.texts[i], "reward": rewards[i].item(), "answer": result.answers[i],
-             "correct": result.correct[i], "components": {k: v[i] for k, v in result.components.items()}}
+             "correct": result.correct[i], "components": {k: v[i] for k, v in result.components.items()},
+             **({"tool_calls": rollouts.tool_calls[i], "tool_failures": rollouts.tool_failures[i]}
+                if rollouts.tool_calls else {})}
             for i in range(min(n, len(rollouts.texts)))]
 
 
-def sandbox_metrics(task: Task, log) -> dict:
-    """For a code task, the isolation layers its sandbox gets on this machine, as metrics (sandbox/bwrap: 1, ...),
-    so that every run records what stood between the policy's code and the host."""
-    if not isinstance(task, (CodeTask, CodeFileTask)):
+def sandbox_metrics(task: Task, log, tools: str = "") -> dict:
+    """For a code task or tool calls, the isolation layers the sandbox gets on this machine, as metrics
+    (sandbox/bwrap: 1, ...), so that every run records what stood between the policy's code and the host."""
+    if not isinstance(task, (CodeTask, CodeFileTask)) and not tools:
         return {}
     layers = active_layers()
-    log(f"grpo: code rewards run in the sandbox with {', '.join(layers) or 'no isolation layer'}")
+    what = "code rewards" if not tools else "tool calls" if not isinstance(task, (CodeTask, CodeFileTask)) else \
+        "code rewards and tool calls"
+    log(f"grpo: {what} run in the sandbox with {', '.join(layers) or 'no isolation layer'}")
     return {f"sandbox/{layer}": 1.0 for layer in layers}
 
 

@@ -5,6 +5,10 @@ completion is kept only when it is correct and readable: format reward 1, a leng
 its reasoning in the target language, and no repeat of one already kept for its prompt. The kept ones are written
 as chat rows that `r1lab sft` reads (user = the problem, assistant = prefill + completion), each with where it came
 from; a summary counts every rejection by its first failed check.
+
+With --tools python the completions make tool calls (r1lab/tools.py): a kept row's assistant text holds its
+<python> blocks and their <output> blocks as the model read them. `r1lab sft` does not yet mask the output blocks
+out of its loss.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from r1lab.policy import encode_prompt, load_policy, pick_device, step_seed
 from r1lab.rewards import RewardResult, score_completions
 from r1lab.runtime import setup_training_process
 from r1lab.tasks import DatasetTask, Problem, Task, get_task
+from r1lab.tools import ToolSpec, generate_with_tools
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
@@ -119,6 +124,8 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)
     scorer_errors: int = 0
     scorer_timeouts: int = 0
+    tool_calls: int = 0  # with tools (r1lab/tools.py): calls in every sampled completion
+    tool_failures: int = 0
 
     @classmethod
     def merged(cls, tallies: list[Tally]) -> Tally:
@@ -133,7 +140,8 @@ class Tally:
         return {"prompts": self.prompts, "sampled": self.sampled, "kept": self.kept,
                 "kept_share": self.kept / max(1, self.sampled), "prompts_with_kept": self.prompts_with_kept,
                 "rejected": {r: self.rejected[r] for r in REASONS}, "scorer_errors": self.scorer_errors,
-                "scorer_timeouts": self.scorer_timeouts}
+                "scorer_timeouts": self.scorer_timeouts, "tool_calls": self.tool_calls,
+                "tool_failures": self.tool_failures}
 
 
 def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, **extra) -> dict:
@@ -173,9 +181,14 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
     # A seed per prompt (from the run seed and its index): each sample draws from its own stream, so a kept row's
     # seed and sample index reproduce it whatever the chunking.
     seeds = [step_seed(cfg.seed, offset + i, "sample") for i in range(len(chunk))]
-    samples = engine.generate([encode_prompt(tok, p, cfg.template, cfg.prefill) for p in chunk], num_samples=k,
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              seed=seeds)
+    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in chunk]
+    sampling = dict(num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                    seed=seeds)
+    tools = ToolSpec.of(cfg)
+    samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else engine.generate(prompts, **sampling)
+    if tools:
+        tally.tool_calls += sum(s.calls for s in samples)
+        tally.tool_failures += sum(s.failures for s in samples)
     result = score_completions(task, [p for p in chunk for _ in range(k)], [s.text for s in samples],
                                timeout_s=cfg.reward_timeout_s, response_prefix=cfg.prefill)
     tally.scorer_errors += result.errors
@@ -186,7 +199,9 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
         kept = judge_prompt(problem, samples, i * k, result, cfg, filters, tok.eos_ids, tally)
         tally.prompts_with_kept += bool(kept)
         rows += [sft_row(problem, response, i * k + j, result, provenance, prompt_index=offset + i,
-                         sample_index=j, seed=seeds[i], tokens=n_tokens) for j, response, n_tokens in kept]
+                         sample_index=j, seed=seeds[i], tokens=n_tokens,
+                         **({"tool_calls": samples[i * k + j].calls} if tools else {}))
+                 for j, response, n_tokens in kept]
     tally.prompts += len(chunk)
     tally.sampled += len(samples)
     tally.kept += len(rows)

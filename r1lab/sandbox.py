@@ -33,8 +33,12 @@ Limits of the design: without bubblewrap, the audit hook is an in-process guard,
 trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
 object the solution returns (a class instance, a generator) cannot be judged.
 
-    from r1lab.sandbox import run_tests
+The tool calls of a rollout (r1lab/tools.py) run through run_program in the same sandbox: the program runs once
+and what it prints, rather than a report of return values, comes back; nothing is judged on it.
+
+    from r1lab.sandbox import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
+    run_program("print(6 * 7)")  # ProgramResult(output='42\n', ok=True, ...)
 """
 
 from __future__ import annotations
@@ -110,6 +114,54 @@ def run_tests(code: str, tests: Sequence[str], *, entry_point: str | None = None
     return _judge_report(output, splits, timed_out, returncode, bwrapped)
 
 
+@dataclass(frozen=True)
+class ProgramResult:
+    """What a program run by run_program printed, and how it ended."""
+
+    output: str  # stdout and stderr as the program wrote them (an exception's last line included)
+    ok: bool  # it ran to its end without an exception, within its limits
+    timed_out: bool = False
+    truncated: bool = False  # it printed more than max_output_bytes: cut there, the program killed
+    error: str | None = None  # why it is not ok, in a few words
+    layers: tuple[str, ...] = ()
+
+
+def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
+                cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64, network_namespace: bool = True,
+                drop_privileges: bool = True, bwrap: bool | None = None) -> ProgramResult:
+    """Run a program once in the sandbox (the tool calls of a rollout, r1lab/tools.py) and return what it printed;
+    the same isolation and limits as run_tests. Never raises for anything the code does."""
+    if not isinstance(code, str):
+        return ProgramResult("", False, error="code is not a string")
+    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
+    if bwrapped and not bwrap_works():
+        return ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
+    payload = marshal.dumps({
+        "code": code, "tests": [], "program": True, "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
+        "memory_mb": int(memory_mb), "file_mb": int(file_mb), "open_files": int(open_files),
+        "network_namespace": bool(network_namespace), "drop_privileges": bool(drop_privileges), "bwrapped": bwrapped,
+    })
+    limit = max_output_bytes + 4096  # room for the child's own first line
+    output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb), limit)
+    head, _, printed = output.partition(b"\n") if output.startswith(b"layers ") else (b"", b"", output)
+    layers = (("bwrap", "netns") if bwrapped else ()) + tuple(x for x in head[7:].decode().split(",") if x)
+    truncated = len(printed) > max_output_bytes
+    text = printed[:max_output_bytes].decode("utf-8", "replace")
+    if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
+        timed_out, error = True, "CPU time limit exceeded"
+    elif timed_out:
+        error = f"timed out after {timeout_s:g} s"
+    elif truncated:
+        error = "output limit exceeded"
+    elif returncode == 1:
+        error = "raised an exception"
+    elif returncode != 0:
+        error = f"the process ended with exit status {returncode}"
+    else:
+        error = None
+    return ProgramResult(text, error is None, timed_out, truncated, error, layers)
+
+
 @functools.lru_cache(maxsize=1)
 def active_layers() -> tuple[str, ...]:
     """The isolation layers a default run_tests gets on this machine (SandboxResult.layers of an empty program),
@@ -176,8 +228,8 @@ def _bwrap_argv(file_mb: int) -> list[str]:
 # ---------------------------------------------------------------- the child process
 
 
-def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool,
-             file_mb: int) -> tuple[bytes, bool, int | None]:
+def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool, file_mb: int,
+             max_bytes: int = MAX_OUTPUT_BYTES) -> tuple[bytes, bool, int | None]:
     """(report bytes, timed out, exit status) of one child. The process group and any host directory are gone on
     return, even when an alarm (rewards.call_with_timeout) fires meanwhile: it is held back until cleanup is
     done, and kills the child at once so that it is not held back for long."""
@@ -195,14 +247,15 @@ def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     start_new_session=True, close_fds=True)
             on_alarm.append(lambda: _kill_group(proc))
-            output, timed_out = _exchange(proc, payload, timeout_s)
+            output, timed_out = _exchange(proc, payload, timeout_s, max_bytes)
         finally:
             _cleanup(proc, workdir)
         return output, timed_out, proc.returncode
 
 
-def _exchange(proc: subprocess.Popen, payload: bytes, timeout_s: float) -> tuple[bytes, bool]:
-    """Write the payload, read the report until EOF, MAX_OUTPUT_BYTES or the deadline; (output, timed out)."""
+def _exchange(proc: subprocess.Popen, payload: bytes, timeout_s: float,
+              max_bytes: int = MAX_OUTPUT_BYTES) -> tuple[bytes, bool]:
+    """Write the payload, read the report until EOF, max_bytes or the deadline; (output, timed out)."""
     deadline = time.monotonic() + timeout_s
     pending = memoryview(payload)
     chunks: list[bytes] = []
@@ -229,7 +282,7 @@ def _exchange(proc: subprocess.Popen, payload: bytes, timeout_s: float) -> tuple
                     continue
                 chunks.append(data)
                 size += len(data)
-                if size > MAX_OUTPUT_BYTES:
+                if size > max_bytes:
                     return b"".join(chunks), False
     return b"".join(chunks), False
 
