@@ -243,15 +243,28 @@ def _closes_turn(tokenizer: Tokenizer, token: int) -> bool:
     return token in tokenizer.eos_ids or tokenizer.decode([token]) == ""
 
 
+def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
+    """Character ranges of the <tag>...</tag> blocks in an assistant message (the tool's output, which the sampler
+    appended and the model never wrote: r1lab/tools.py); an unclosed block runs to the end."""
+    spans, start, opener, closer = [], 0, f"<{tag}>", f"</{tag}>"
+    while (begin := content.find(opener, start)) >= 0:
+        end = content.find(closer, begin)
+        end = len(content) if end < 0 else end + len(closer)
+        spans.append((begin, end))
+        start = end
+    return spans
+
+
 def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
-                        train_from: int = 0) -> tuple[list[int], list[bool], set[int]]:
+                        train_from: int = 0, tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
     """Token ids of a conversation, its loss mask, and the ids of the tokens that closed its trained turns.
 
     The mask is True on the content tokens of each assistant message from messages[train_from] on, and on the
     end-of-text (or turn-closing special) token right after each, nowhere else. Each assistant message is located
     by tokenizing the conversation up to where its content starts (the template's generation prompt) and up to
     where it ends; both must be token prefixes of the whole conversation, since a merge across the boundary would
-    otherwise shift the mask silently.
+    otherwise shift the mask silently. With tool_output_tag, the <tag>...</tag> blocks inside assistant messages
+    (tool output, written by the sampler, not the model) are left out of the mask, located the same way.
     """
     full = tokenizer.encode(render_conversation(tokenizer, messages, template, add_generation_prompt=False))
     mask = [False] * len(full)
@@ -267,6 +280,10 @@ def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: st
             raise ValueError(f"messages[{i}]: the template follows this assistant message with {after!r}, not an "
                              "end-of-text or special token: a model trained on it would never learn to stop")
         mask[start : end + 1] = [True] * (end + 1 - start)
+        for a, b in tool_output_spans(message["content"], tool_output_tag) if tool_output_tag else ():
+            span_start = _prefix_length(tokenizer, before + message["content"][:a], full, i, "tool output's start")
+            span_end = _prefix_length(tokenizer, before + message["content"][:b], full, i, "tool output's end")
+            mask[span_start:span_end] = [False] * (span_end - span_start)
         closers.add(full[end])
     return full, mask, closers
 
@@ -302,7 +319,8 @@ def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfi
     data, errors = SFTData(rows=len(rows)), []
     for line, messages, train_from in rows:
         try:
-            ids, mask, closers = conversation_tokens(tokenizer, messages, cfg.template, train_from)
+            ids, mask, closers = conversation_tokens(tokenizer, messages, cfg.template, train_from,
+                                                     cfg.tool_output_tag)
         except ValueError as err:
             errors.append(f"{cfg.data}:{line}: {err}")
             continue

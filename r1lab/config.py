@@ -237,6 +237,13 @@ def _tag_problem(value: str) -> str | None:
 TAG = dict(rule=_tag_problem, allowed="a tag name: letters, digits, _ and -")
 
 
+def _optional_tag_problem(value: str) -> str | None:
+    return None if value == "" else _tag_problem(value)
+
+
+OPTIONAL_TAG = dict(rule=_optional_tag_problem, allowed='"" or a tag name: letters, digits, _ and -')
+
+
 # Tool calls inside rollouts (r1lab/tools.py), declared alike by grpo, eval and sample (the settings of one ToolSpec).
 def tools_setting():
     return setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and its '
@@ -682,6 +689,9 @@ class SFTConfig(Settings):
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
                                             "more time")
     activation_checkpointing: bool = activation_checkpointing_setting()
+    tool_output_tag: str = setting("", "rows sampled with tools (sample --tools): the tag whose blocks in assistant "
+                                       "messages are tool output, left out of the loss (e.g. output); \"\" = none",
+                                   **OPTIONAL_TAG)
     eval_fraction: float = setting(0.0, "share of conversations held out for a held-out loss (stable hash of the "
                                         "row)", ge=0, lt=1)
     eval_every: int = setting(50, "held-out loss every N steps (when eval_fraction > 0)", ge=1)

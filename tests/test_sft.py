@@ -372,3 +372,19 @@ def test_sample_writes_sft_rows_that_sft_accepts(tiny_base, tmp_path, capsys):
           "--lr", "1e-4", "--out", str(tmp_path / "sft")])
     assert json.loads((tmp_path / "sft" / "data.json").read_text())["train"] == len(rows)
     assert load_model(tmp_path / "sft" / "model").config.vocab_size == load_model(tiny_base).config.vocab_size
+
+
+def test_tool_output_blocks_of_sampled_rows_are_left_out_of_the_loss():
+    """Rows kept by `sample --tools python` carry <output> blocks the sampler wrote: SFT must not train on them."""
+    from r1lab.chat_data import conversation_tokens, tool_output_spans
+
+    tok = build_tiny_tokenizer()
+    answer = "<think><python>print(6*7)</python><output>42\n</output> so</think> <answer>42</answer>"
+    messages = [{"role": "user", "content": "6*7"}, {"role": "assistant", "content": answer}]
+    assert tool_output_spans(answer, "output") == [(answer.index("<output>"), answer.index(" so"))]
+    ids, plain, _ = conversation_tokens(tok, messages, "r1zero")
+    ids_too, masked, _ = conversation_tokens(tok, messages, "r1zero", tool_output_tag="output")
+    assert ids == ids_too
+    left_out = [i for i, (a, b) in enumerate(zip(plain, masked)) if a and not b]
+    assert tok.decode([ids[i] for i in left_out]) == "<output>42\n</output>"
+    assert tok.decode([ids[i] for i in range(len(ids)) if masked[i]]).startswith("<think><python>print(6*7)</python> so")
