@@ -245,8 +245,8 @@ def test_the_tiny_deepseek_v3_base_is_what_transformers_reads_and_reports_its_co
     ids = torch.tensor([[5, 17, 30, 2, 9, 44, 61, 3]])
     with torch.no_grad():
         assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
-    # 4 layers x (32 latent + 16 rotary key) x 2 bytes, against 4 x 2 x 128 x 2 for multi-head attention
-    assert facts["kv_cache_bytes_per_token_bf16"] == 4 * 48 * 2
+    # 4 layers x (32 latent + 32 rotary key) x 2 bytes: a quarter of multi-head attention's 4 x 2 x 128 x 2
+    assert facts["kv_cache_bytes_per_token_bf16"] == 4 * 64 * 2
     assert facts["multi_head_kv_cache_bytes_per_token_bf16"] == 4 * 2 * 128 * 2
     per_expert = 3 * 128 * 128  # gate, up and down of one expert
     assert facts["parameters"] - facts["active_parameters"] == 3 * (8 - 2) * per_expert  # 3 MoE layers, 6 idle
