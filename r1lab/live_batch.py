@@ -12,6 +12,9 @@ in the first rows (a row freed takes the last row's contents), so a step's forwa
 cache starts small and doubles (rows or columns) when it must; columns no running row attends any more are slid out,
 so the attended width stays near the longest running sequence.
 
+A step can also cover only some sequences (step(only=...)): the others skip it, as if paused. A server steps a
+light client's rows alone between full steps, so a heavy client's long rows slow it down less (r1lab/serve/batcher.py).
+
 A running sequence can be parked: its row's keys are copied aside and the row freed. Resumed, it takes a row again
 and goes on exactly where it stopped (rotary positions travel with the keys, its generator is its own): a server
 parks a client's rows to give a client that just arrived its share of the rows at once (r1lab/serve/batcher.py).
@@ -137,14 +140,20 @@ class LiveBatch:
         self.waiting.append(seq)
 
     @torch.inference_mode()
-    def step(self) -> list[StepToken]:
+    def step(self, only: set[int] | None = None) -> list[StepToken]:
         """Give free rows to waiting sequences, sample one token for every running sequence and feed the tokens
-        forward. Returns each running sequence's token; those that ended leave the batch."""
+        forward. Returns each running sequence's token; those that ended leave the batch.
+
+        only: step just these sequences (moved to the first rows, so the forward covers those alone), a cheaper
+        step; the others skip it. A sequence that skips a step leaves a masked column in its row and keeps its
+        position, logits and generator: its tokens are the same as if it had not skipped."""
         self._admit()
-        if not self.rows:
+        B = len(self.rows) if only is None else self._put_first(only)
+        if B == 0:
             return []
-        B = len(self.rows)
-        tokens, logprobs = sample_next(self.logits[:B], *self._row_params())  # (B,), (B,)
+        temperature, top_k, top_p, generators = self._row_params()
+        tokens, logprobs = sample_next(self.logits[:B], temperature[:B], top_k[:B], top_p[:B],
+                                       generators[:B])  # (B,), (B,)
         out = [StepToken(seq.id, token, logprob, self._finish_reason(seq, token))
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._decode(tokens)  # rows that just ended are fed too: cheaper than a compaction before the forward
@@ -153,6 +162,14 @@ class LiveBatch:
                 del self.sequences[out[r].seq]
                 self._free_row(r)
         return out
+
+    def _put_first(self, seq_ids: set[int]) -> int:
+        """Move these running sequences to the first rows (swapping rows' contents); how many of them run."""
+        front = [r for r, seq in enumerate(self.rows) if seq.id in seq_ids]
+        back = [r for r in range(len(front)) if self.rows[r].id not in seq_ids]  # rows of the front not theirs
+        for r, target in zip([r for r in front if r >= len(front)], back):
+            self._swap_rows(r, target)
+        return len(front)
 
     # --- inside ----------------------------------------------------------------------------------------------------
 
@@ -175,7 +192,7 @@ class LiveBatch:
         return self._params
 
     def _decode(self, tokens: torch.Tensor) -> None:
-        B = len(self.rows)
+        B = len(tokens)
         self._make_room(self.clock)
         self.key_mask[:B, self.clock] = True
         self.logits[:B] = self.model.forward_cached(tokens[:, None], self.positions[:B, None],
@@ -237,6 +254,16 @@ class LiveBatch:
                 t[r] = t[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()
+        self._params = None
+
+    def _swap_rows(self, a: int, b: int) -> None:
+        start = int(min(self.first_column[a], self.first_column[b]))
+        for layer in self.cache.layers:
+            for t in layer:
+                t[[a, b], :, start : self.clock] = t[[b, a], :, start : self.clock]  # advanced indexing copies first
+        for t in (self.key_mask, self.first_column, self.positions, self.logits):
+            t[[a, b]] = t[[b, a]]
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         self._params = None
 
     def _make_room(self, clock_at_least: int, new_rows: int = 0) -> None:

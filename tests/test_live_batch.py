@@ -134,3 +134,21 @@ def test_end_of_text_and_stop_strings_end_a_sequence(engine):
     assert [t for t, _, _ in out[a]] == [t for t, _, _ in free][: first_eos + 1] and out[a][-1][2] == "stop"
     assert out[b][-1][2] == "stop" and len(out[b]) <= len(out[a])
     assert text[2:4] in engine.tokenizer.decode([t for t, _, _ in out[b]])
+
+
+def test_steps_of_some_sequences_only_keep_every_sequences_tokens(engine):
+    # Every other step runs two of the sequences alone (moved to the first rows); the rest skip it.
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    batch = LiveBatch(engine, 6)
+    seq = {i: batch.add(ids[i], **SETTINGS[i]) for i in range(6)}
+    out: dict[int, list] = {}
+    for step in range(200):
+        if batch.idle:
+            break
+        tokens = batch.step(only={seq[5], seq[2]} if step % 2 else None)
+        assert step % 2 == 0 or {t.seq for t in tokens} <= {seq[5], seq[2]}
+        for t in tokens:
+            out.setdefault(t.seq, []).append((t.token, t.logprob, t.finish_reason))
+    assert batch.idle
+    for i in range(6):
+        assert_same(out[seq[i]], alone(engine, i))
