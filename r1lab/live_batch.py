@@ -12,17 +12,17 @@ in the first rows (a row freed takes the last row's contents), so a step's forwa
 cache starts small and doubles (rows or columns) when it must; columns no running row attends any more are slid out,
 so the attended width stays near the longest running sequence.
 
-A step can also cover only some sequences (step(only=...)): the others skip it, as if paused. A server steps a
-light client's rows alone between full steps, so a heavy client's long rows slow it down less (r1lab/serve/batcher.py).
-
-A running sequence can be parked: its row's keys are copied aside and the row freed. Resumed, it takes a row again
-and goes on exactly where it stopped (rotary positions travel with the keys, its generator is its own): a server
-parks a client's rows to give a client that just arrived its share of the rows at once (r1lab/serve/batcher.py).
+A sequence can be taken out of a batch (take): running, its row's keys are copied aside and the row freed. Put back,
+into the same batch or another (put), it takes a row again and goes on exactly where it stopped (rotary positions
+travel with the keys, its generator is its own). A server parks a client's rows this way to give a client that just
+arrived its share of the rows at once, and moves a heavy client's rows to a batch of their own so that they do not
+slow a light client's steps (r1lab/serve/batcher.py).
 Not thread-safe: one thread owns a LiveBatch.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,6 +34,7 @@ from r1lab.slots import SLIDE_MIN_COLUMNS, SLIDE_SHARE
 
 INITIAL_ROWS = 8  # the cache starts this small and doubles: an idle server holds little memory
 INITIAL_COLUMNS = 256
+_sequence_ids = itertools.count()  # ids unique across batches: a sequence may move from one to another
 
 
 @dataclass
@@ -55,7 +56,9 @@ class _Parked:
 
 
 @dataclass(eq=False)
-class _Sequence:
+class Sequence:
+    """One sequence's prompt, settings, random generator and tokens so far; its keys while out of a row."""
+
     id: int
     prompt: list[int]
     max_new_tokens: int
@@ -81,10 +84,10 @@ class LiveBatch:
             raise ValueError("a live batch needs at least one slot")
         self.engine, self.model, self.n_slots = engine, engine.model, n_slots
         self.device, self.dtype = engine.device, next(engine.model.parameters()).dtype
-        self.rows: list[_Sequence] = []  # the running sequences; rows[i] is in cache row i
-        self.waiting: deque[_Sequence] = deque()  # added or resumed, taking a row at the next step
-        self.sequences: dict[int, _Sequence] = {}  # every sequence not finished or cancelled, by id
-        self._next_id, self.clock, self._params = 0, 0, None
+        self.rows: list[Sequence] = []  # the running sequences; rows[i] is in cache row i
+        self.waiting: deque[Sequence] = deque()  # added or put back, taking a row at the next step
+        self.sequences: dict[int, Sequence] = {}  # every sequence not finished or cancelled, by id
+        self.clock, self._params = 0, None
         self.cache: KVCache | None = None
         self._resize(min(INITIAL_ROWS, n_slots), INITIAL_COLUMNS)
 
@@ -102,16 +105,15 @@ class LiveBatch:
         Engine.generate([prompt_ids], seed=[seed], ...) with the same settings. Returns its id."""
         if not prompt_ids or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
-        seq = _Sequence(self._next_id, list(prompt_ids), max_new_tokens, temperature, top_p, top_k,
-                        tuple(stop_strings), _row_generator(seed, 0, self.device))
-        self._next_id += 1
+        seq = Sequence(next(_sequence_ids), list(prompt_ids), max_new_tokens, temperature, top_p, top_k,
+                       tuple(stop_strings), _row_generator(seed, 0, self.device))
         self.sequences[seq.id] = seq
         self.waiting.append(seq)
         return seq.id
 
     @torch.inference_mode()
     def cancel(self, seq_id: int) -> None:
-        """End a sequence now, wherever it is (running, waiting or parked); an unknown or finished id is ignored."""
+        """End a sequence now, running or waiting; an unknown, finished or taken id is ignored."""
         seq = self.sequences.pop(seq_id, None)
         if seq is None:
             return
@@ -121,9 +123,13 @@ class LiveBatch:
             self.waiting.remove(seq)
 
     @torch.inference_mode()
-    def park(self, seq_id: int) -> None:
-        """Take a running sequence out of its row, its keys kept aside, until resume(seq_id)."""
-        seq = self.sequences[seq_id]
+    def take(self, seq_id: int) -> Sequence:
+        """Remove a sequence to put() it back later, here or into another LiveBatch of the same engine: running, its
+        row's keys are set aside and the row freed; it then goes on where it stopped, with the same tokens."""
+        seq = self.sequences.pop(seq_id)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            return seq
         r = self.rows.index(seq)
         start = int(self.first_column[r])
         seq.parked = _Parked([tuple(t[r : r + 1, :, start : self.clock].clone() for t in layer)
@@ -131,29 +137,22 @@ class LiveBatch:
                              self.key_mask[r, start : self.clock].clone(), self.logits[r].clone(),
                              int(self.positions[r]))
         self._free_row(r)
+        return seq
 
-    def resume(self, seq_id: int) -> None:
-        """A parked sequence waits for a row again (it is back in one at the next step when a slot is free)."""
-        seq = self.sequences[seq_id]
-        if seq.parked is None or seq in self.waiting:
-            raise ValueError(f"sequence {seq_id} is not parked")
+    def put(self, seq: Sequence) -> None:
+        """A sequence taken from this batch or another waits for a row (it has one at the next step, if free)."""
+        self.sequences[seq.id] = seq
         self.waiting.append(seq)
 
     @torch.inference_mode()
-    def step(self, only: set[int] | None = None) -> list[StepToken]:
+    def step(self) -> list[StepToken]:
         """Give free rows to waiting sequences, sample one token for every running sequence and feed the tokens
-        forward. Returns each running sequence's token; those that ended leave the batch.
-
-        only: step just these sequences (moved to the first rows, so the forward covers those alone), a cheaper
-        step; the others skip it. A sequence that skips a step leaves a masked column in its row and keeps its
-        position, logits and generator: its tokens are the same as if it had not skipped."""
+        forward. Returns each running sequence's token; those that ended leave the batch."""
         self._admit()
-        B = len(self.rows) if only is None else self._put_first(only)
+        B = len(self.rows)
         if B == 0:
             return []
-        temperature, top_k, top_p, generators = self._row_params()
-        tokens, logprobs = sample_next(self.logits[:B], temperature[:B], top_k[:B], top_p[:B],
-                                       generators[:B])  # (B,), (B,)
+        tokens, logprobs = sample_next(self.logits[:B], *self._row_params())  # (B,), (B,)
         out = [StepToken(seq.id, token, logprob, self._finish_reason(seq, token))
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._decode(tokens)  # rows that just ended are fed too: cheaper than a compaction before the forward
@@ -163,17 +162,9 @@ class LiveBatch:
                 self._free_row(r)
         return out
 
-    def _put_first(self, seq_ids: set[int]) -> int:
-        """Move these running sequences to the first rows (swapping rows' contents); how many of them run."""
-        front = [r for r, seq in enumerate(self.rows) if seq.id in seq_ids]
-        back = [r for r in range(len(front)) if self.rows[r].id not in seq_ids]  # rows of the front not theirs
-        for r, target in zip([r for r in front if r >= len(front)], back):
-            self._swap_rows(r, target)
-        return len(front)
-
     # --- inside ----------------------------------------------------------------------------------------------------
 
-    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         seq.generated.append(token)
         if token in self.engine.tokenizer.eos_ids:
             return "stop"
@@ -226,7 +217,7 @@ class LiveBatch:
             self.rows.append(seq)
         self._params = None
 
-    def _unpark(self, seq: _Sequence, r: int, start: int) -> None:
+    def _unpark(self, seq: Sequence, r: int, start: int) -> None:
         parked, seq.parked = seq.parked, None
         for layer, saved in zip(self.cache.layers, parked.layers):
             for t, s in zip(layer, saved):
@@ -234,7 +225,7 @@ class LiveBatch:
         self.key_mask[r, start : self.clock] = parked.key_mask
         self.positions[r], self.logits[r] = parked.position, parked.logits
 
-    def _prefill(self, fresh: list[_Sequence]) -> tuple[KVCache, torch.Tensor, int]:
+    def _prefill(self, fresh: list[Sequence]) -> tuple[KVCache, torch.Tensor, int]:
         """One forward over the new prompts, left-padded: (their cache, last logits (n, V), padded length)."""
         P = max(s.span for s in fresh)
         pad = self.engine.tokenizer.pad_id
@@ -254,16 +245,6 @@ class LiveBatch:
                 t[r] = t[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()
-        self._params = None
-
-    def _swap_rows(self, a: int, b: int) -> None:
-        start = int(min(self.first_column[a], self.first_column[b]))
-        for layer in self.cache.layers:
-            for t in layer:
-                t[[a, b], :, start : self.clock] = t[[b, a], :, start : self.clock]  # advanced indexing copies first
-        for t in (self.key_mask, self.first_column, self.positions, self.logits):
-            t[[a, b]] = t[[b, a]]
-        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
         self._params = None
 
     def _make_room(self, clock_at_least: int, new_rows: int = 0) -> None:

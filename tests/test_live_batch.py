@@ -49,8 +49,8 @@ def run(batch: LiveBatch, events: dict[int, list] | None = None) -> dict[int, li
 
 def alone(engine, i: int) -> list:
     batch = LiveBatch(engine, 1)
-    batch.add(engine.tokenizer.encode(PROMPTS[i]), **SETTINGS[i])
-    return run(batch)[0]
+    seq = batch.add(engine.tokenizer.encode(PROMPTS[i]), **SETTINGS[i])
+    return run(batch)[seq]
 
 
 def assert_same(got: list, want: list) -> None:
@@ -72,15 +72,17 @@ def test_alone_equals_engine_generate(engine):
 
 
 def test_same_tokens_alone_or_in_a_crowd_that_joins_leaves_and_parks(engine):
-    # Three slots for six sequences: 0 starts alone, others join mid-run (2 and 3 wait for a slot), 1 is cancelled,
-    # 5 is parked for a few steps and resumed while the rest go on.
+    # Three slots for six sequences: 0 starts alone, others join mid-run (2 and 3 wait for a slot), a stranger is
+    # cancelled, 5 is taken out (parked) for a few steps and put back while the rest go on.
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     batch = LiveBatch(engine, 3)
     seq: dict[int, int] = {}
     add = lambda i: lambda: seq.__setitem__(i, batch.add(ids[i], **SETTINGS[i]))  # noqa: E731
     extra = batch.add(ids[1], max_new_tokens=40, seed=99)  # a stranger, cancelled at step 6
+    parked = []
     events = {0: [add(0)], 2: [add(5), add(1)], 3: [add(2), add(3)], 5: [add(4)],
-              6: [lambda: batch.cancel(extra)], 8: [lambda: batch.park(seq[5])], 12: [lambda: batch.resume(seq[5])]}
+              6: [lambda: batch.cancel(extra)], 8: [lambda: parked.append(batch.take(seq[5]))],
+              12: [lambda: batch.put(parked[0])]}
     crowd = run(batch, events)
     assert len(crowd[extra]) == 6 and crowd[extra][-1][2] is None  # ended by the cancel, no finish reason
     for i in range(6):
@@ -136,19 +138,22 @@ def test_end_of_text_and_stop_strings_end_a_sequence(engine):
     assert text[2:4] in engine.tokenizer.decode([t for t, _, _ in out[b]])
 
 
-def test_steps_of_some_sequences_only_keep_every_sequences_tokens(engine):
-    # Every other step runs two of the sequences alone (moved to the first rows); the rest skip it.
+def test_sequences_moved_between_batches_keep_their_tokens(engine):
+    # Two batches of the same engine: sequences taken from one mid-run (running or still waiting) and put into the
+    # other go on there, and back again.
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    batch = LiveBatch(engine, 6)
-    seq = {i: batch.add(ids[i], **SETTINGS[i]) for i in range(6)}
+    one, two = LiveBatch(engine, 4), LiveBatch(engine, 2)
+    seq = {i: one.add(ids[i], **SETTINGS[i]) for i in range(6)}
     out: dict[int, list] = {}
     for step in range(200):
-        if batch.idle:
-            break
-        tokens = batch.step(only={seq[5], seq[2]} if step % 2 else None)
-        assert step % 2 == 0 or {t.seq for t in tokens} <= {seq[5], seq[2]}
-        for t in tokens:
+        if step == 3:
+            for i in (0, 5, 2):  # 0 and 2 run, 5 still waits for a slot
+                two.put(one.take(seq[i]))
+        if step == 9:
+            one.put(two.take(seq[0]))
+        for t in one.step() + two.step():
             out.setdefault(t.seq, []).append((t.token, t.logprob, t.finish_reason))
-    assert batch.idle
+        if one.idle and two.idle:
+            break
     for i in range(6):
         assert_same(out[seq[i]], alone(engine, i))

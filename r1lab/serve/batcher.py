@@ -14,9 +14,11 @@ resume where they stopped, with the same tokens, once a slot is theirs again. So
 rows can neither push a later client's row behind them nor hold it off for a whole generation.
 
 A step over many long rows costs many times a step over a few, so sharing slots is not enough for a light client's
-latency. While clients holding at most the mean number of rows per client (light) run beside heavier ones, the
-worker alternates full steps with steps of the light rows alone, giving each kind half of the engine's time: a light
-request then takes at most about twice as long as on an idle server, and the heavy rows keep half the time.
+latency. The rows run in two lanes, each its own LiveBatch: while clients holding at most the mean number of rows per
+client (light) run beside heavier ones, the heavy clients' rows are moved to the heavy lane (keys and all) and the
+worker steps one lane at a time, the light one taking LIGHT_SHARE (2/3) of the engine's time: a light request then
+takes at most about 1.5 times as long as on an idle server, and the heavy rows, never stopped, keep a third of the
+time while light requests run. Otherwise both lanes step every time (all rows are in one of them, mostly).
 
 Each step, a row's new token becomes events for its request: text deltas (when the request streams or has stop
 strings), then one Done. Rows end early when their request's client went away (`Job.cancel()`), freeing their slot
@@ -33,11 +35,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from r1lab.engine import Engine
-from r1lab.live_batch import LiveBatch, StepToken
+from r1lab.live_batch import LiveBatch, Sequence, StepToken
 from r1lab.serve.textstream import TextStream
 
 log = logging.getLogger("r1lab.serve")
 MAX_WAIT_FACTOR = 10  # an idle worker starts at most this many batch_wait_s after a first request
+# The engine's time the light lane takes while heavier clients run (see _lanes_to_step). At
+# 1/2 a light request would run up to 2x slower than on an idle server, before the step in flight when it arrived
+# and its prefill; 2/3 bounds it near 1.5x, and the heavy rows keep a third of the time while light ones run.
+LIGHT_SHARE = 2 / 3
+LIGHT, HEAVY = 0, 1  # the two lanes: LiveBatches of light clients' rows and of heavy ones'
 
 
 @dataclass
@@ -109,6 +116,7 @@ class _Row:
         self.logprobs: list[TokenLogprob] | None = [] if job.params.logprobs else None
         self.logprobs_sent = 0  # how many went out in Deltas
         self.seq: int | None = None  # its id in the LiveBatch once started (a parked row keeps it)
+        self.parked: Sequence | None = None  # taken out of its batch, waiting in its client's queue
 
     def push(self, token: int, events: list[Event], logprob: float | None = None) -> bool:
         """Record one token, adding this row's events; True when the row must be ended now (a stop string)."""
@@ -149,19 +157,21 @@ class _Row:
 
 
 class Batcher:
-    """The engine's only user while serving: submit() from any thread, one continuous batch on the worker."""
+    """The engine's only user while serving: submit() from any thread, continuous batches on the worker."""
 
     def __init__(self, engine: Engine, *, max_batch: int = 64, batch_wait_s: float = 0.005, max_pending: int = 4096):
         self.engine = engine
         self.max_batch, self.batch_wait_s, self.max_pending = max_batch, batch_wait_s, max_pending
         # batches: busy spells (the worker starting from idle); rows: completions started; max_batch_rows: the most
-        # running at once; parked_rows: rows set aside for a client under its share; light_steps: see _light_turn
+        # running at once; parked_rows: rows set aside for a client under its share; moved_rows: rows moved to the
+        # other lane; light_steps: steps of the light lane alone (see _lanes_to_step)
         self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "aborted_rows": 0, "stopped_rows": 0,
                       "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "steps": 0,
-                      "parked_rows": 0, "light_steps": 0}
-        self._lane_time = [0.0, 0.0]  # seconds of light-only steps, of full steps, since light and heavy both run
-        self._live = LiveBatch(engine, max_batch)
+                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0}
+        self._lanes = [LiveBatch(engine, max_batch), LiveBatch(engine, max_batch)]  # LIGHT, HEAVY
+        self._lane_time = [0.0, 0.0]  # seconds each lane stepped since light and heavy clients both run
         self._running: dict[int, _Row] = {}  # by LiveBatch id; the worker's alone
+        self._lane: dict[int, int] = {}  # the lane of each running row
         self._queues: dict[str, collections.deque[_Row]] = {}  # waiting rows per client; order = whose turn is next
         self._waiting = 0  # rows in the queues
         self._arrivals = 0  # submits so far: the idle worker sees whether more came while it waited
@@ -242,15 +252,20 @@ class Batcher:
             share = max(1, self.max_batch // len(set(held) | set(self._queues)))
             self._park_for_waiting(held, share)
             rows = self._take(self.max_batch - len(self._running), held, share)
+        lane_of = {r.job.client: self._lane[seq] for seq, r in self._running.items()}
         for row in rows:
-            if row.seq is None:
+            lane = lane_of.get(row.job.client, LIGHT)  # beside the client's other rows; _sort_lanes may move it
+            if row.parked is None:
                 p = row.job.params
-                row.seq = self._live.add(row.job.prompt_ids, max_new_tokens=p.max_tokens, temperature=p.temperature,
-                                         top_p=p.top_p, seed=_row_seed(p.seed, row.index))
+                row.seq = self._lanes[lane].add(row.job.prompt_ids, max_new_tokens=p.max_tokens,
+                                                temperature=p.temperature, top_p=p.top_p,
+                                                seed=_row_seed(p.seed, row.index))
                 self.stats["rows"] += 1
             else:
-                self._live.resume(row.seq)
+                self._lanes[lane].put(row.parked)
+                row.parked = None
             self._running[row.seq] = row
+            self._lane[row.seq] = lane
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self._running))
 
     def _park_for_waiting(self, held: collections.Counter, share: int) -> None:
@@ -262,7 +277,7 @@ class Batcher:
             if n <= share:
                 return
             row = max((r for r in self._running.values() if r.job.client == client), key=lambda r: r.seq)
-            self._live.park(row.seq)
+            row.parked = self._lanes[self._lane.pop(row.seq)].take(row.seq)
             del self._running[row.seq]
             held[client] -= 1
             self._queues.setdefault(client, collections.deque()).appendleft(row)  # next of this client's rows
@@ -296,24 +311,30 @@ class Batcher:
         return rows
 
     def _drop_cancelled(self, row: _Row) -> None:
-        if row.seq is None:
+        if row.parked is None:
             self.stats["cancelled_waiting"] += 1
-        else:  # parked: its keys go
-            self._live.cancel(row.seq)
+        else:  # parked: its keys go with it
+            row.parked = None
             self.stats["aborted_rows"] += 1
 
     def _step(self) -> None:
-        """One decode step of every running row, or of the light clients' rows alone; route the tokens."""
-        only = self._light_turn()
-        start = time.perf_counter()
-        try:
-            tokens = self._live.step(only)
-        except Exception as err:  # one bad step must not take the server down
-            self._fail_running(err)
-            return
-        self._lane_time[only is None] += time.perf_counter() - start
+        """One decode step of the rows whose turn it is (every lane's, unless light and heavy clients both run);
+        route the tokens to their requests."""
+        light = self._light_clients()
+        if light is not None:
+            self._sort_lanes(light)
+        lanes = self._lanes_to_step(light is not None)
+        tokens: list[StepToken] = []
+        for lane in lanes:
+            start = time.perf_counter()
+            try:
+                tokens += self._lanes[lane].step()
+            except Exception as err:  # one bad step must not take the server down
+                self._fail_running(err)
+                return
+            self._lane_time[lane] += time.perf_counter() - start
         self.stats["steps"] += 1
-        self.stats["light_steps"] += only is not None
+        self.stats["light_steps"] += lanes == [LIGHT]
         events: dict[Job, list[Event]] = collections.defaultdict(list)
         for t in tokens:
             self._route(t, events)
@@ -321,24 +342,42 @@ class Batcher:
             if job_events:
                 job.deliver(job_events)
 
-    def _light_turn(self) -> set[int] | None:
-        """The rows of the light clients (holding at most the mean number of rows per client), when heavy clients
-        run too and it is the light lane's turn: light-only steps take as much of the engine's time as full steps.
-        A light row then waits at most about as long as the steps it takes alone, and so runs at least half as fast
-        as on an idle server, however many rows the heavy clients hold; the heavy ones keep half of the time."""
+    def _light_clients(self) -> set[str] | None:
+        """The light clients (holding at most the mean number of rows per client) when heavier ones run too; None
+        when nobody is heavier than the rest (one client, or all alike): then every lane steps together."""
         held = collections.Counter(r.job.client for r in self._running.values())
-        light = {seq for seq, r in self._running.items() if held[r.job.client] * len(held) <= len(self._running)}
-        if len(light) == len(self._running):  # nobody heavy (or only one client): nothing to split
-            self._lane_time = [0.0, 0.0]
+        light = {c for c, n in held.items() if n * len(held) <= len(self._running)}
+        if len(light) == len(held):
+            self._lane_time = [0.0, 0.0]  # nothing owed to anyone
             return None
-        return light if self._lane_time[0] <= self._lane_time[1] else None
+        return light
+
+    def _sort_lanes(self, light: set[str]) -> None:
+        """Every running row to its client's lane (taken out of one batch and put into the other, keys and all)."""
+        for seq, row in self._running.items():
+            want = LIGHT if row.job.client in light else HEAVY
+            if self._lane[seq] != want:
+                self._lanes[want].put(self._lanes[self._lane[seq]].take(seq))
+                self._lane[seq] = want
+                self.stats["moved_rows"] += 1
+
+    def _lanes_to_step(self, split: bool) -> list[int]:
+        """Both lanes, unless light and heavy clients both run: then one lane per step, the light one taking
+        LIGHT_SHARE of the time. A light row so runs at LIGHT_SHARE of its idle speed or faster, however many rows
+        the heavy clients hold, and the heavy rows are never stopped."""
+        busy = [lane for lane in (LIGHT, HEAVY) if not self._lanes[lane].idle]
+        if not split or len(busy) < 2:
+            return busy
+        light_time, heavy_time = self._lane_time
+        return [LIGHT] if light_time * (1 - LIGHT_SHARE) <= heavy_time * LIGHT_SHARE else [HEAVY]
 
     def _route(self, t: StepToken, events: dict[Job, list[Event]]) -> None:
         """A row's token to its request's events; a row whose client left, or that completed a stop string, ends."""
         row = self._running[t.seq]
+        lane = self._lanes[self._lane[t.seq]]
         if row.job.cancelled:
-            self._live.cancel(t.seq)
-            del self._running[t.seq]
+            lane.cancel(t.seq)
+            del self._running[t.seq], self._lane[t.seq]
             self.stats["aborted_rows"] += 1
             return
         self.stats["completion_tokens"] += 1
@@ -348,8 +387,8 @@ class Batcher:
             row.finish(t.finish_reason, events[row.job])
         if row.done:
             if t.finish_reason is None:
-                self._live.cancel(t.seq)
-            del self._running[t.seq]
+                lane.cancel(t.seq)
+            del self._running[t.seq], self._lane[t.seq]
 
     def _fail_running(self, err: Exception) -> None:
         log.exception("generation failed")
@@ -358,7 +397,8 @@ class Batcher:
             job.cancel()  # its rows still queued (parked in the batch dropped below) are dropped, not resumed
             job.deliver([Failed(f"generation failed: {type(err).__name__}: {err}")])
         self._running.clear()
-        self._live = LiveBatch(self.engine, self.max_batch)  # parked rows of those requests go with the old one
+        self._lane.clear()
+        self._lanes = [LiveBatch(self.engine, self.max_batch), LiveBatch(self.engine, self.max_batch)]
 
 
 def _row_seed(seed: int | None, index: int) -> int | None:
