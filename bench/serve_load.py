@@ -505,8 +505,9 @@ def print_table(phases: dict[str, dict], ratio: float, stats: dict, args) -> Non
         if k == 0:
             print("  ".join("-" * w for w in widths))
     print(f"\nconcurrent / one-at-a-time tokens/s: {ratio:.2f}x (bar: >= 4x)")
-    print(f"server batches: {stats['batches']}, mean {stats['rows'] / max(1, stats['batches']):.1f} rows, "
-          f"largest {stats['max_batch_rows']}; max_tokens {args.max_tokens}, {'streaming' if args.stream else 'not streaming'}")
+    print(f"server: {stats['rows']} completions in {stats['steps']} decode steps ({stats['batches']} busy spells), at "
+          f"most {stats['max_batch_rows']} at once; max_tokens {args.max_tokens}, "
+          f"{'streaming' if args.stream else 'not streaming'}")
 
 
 async def measure(url: str, server: subprocess.Popen, args) -> tuple[dict, float]:
