@@ -615,6 +615,53 @@ def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
     assert batcher.stats["parked_rows"] == 2 and batcher.stats["max_batch_rows"] == 4
 
 
+def test_seeded_completions_are_the_same_whoever_shares_the_engine(tmp_path):
+    """A heavy client's six seeded completions in four slots and a light client's one, arriving mid-run: the light
+    one takes a slot at once (one of the heavy rows parked), the heavy rows move to their own lane and back; every
+    completion's text is what the engine samples for that request alone."""
+    from r1lab.engine import Engine
+    from r1lab.model import load_model
+    from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
+    from r1lab.tokenizer import load_tokenizer
+
+    model_dir = random_model_dir(tmp_path / "random")
+    tok = load_tokenizer(model_dir)
+    engine = Engine(load_model(model_dir), tok)
+    tok.eos_ids = set()  # every completion runs to its max_tokens, so the rows overlap for long
+    batcher = Batcher(engine, max_batch=4, batch_wait_s=0)
+    done, all_done = {}, threading.Event()
+    asks = {f"A{i}": ("z" * (i + 1), SamplingParams(max_tokens=60 + 7 * i, temperature=0.8, top_p=0.9, seed=i))
+            for i in range(6)}
+    asks["B"] = ("y", SamplingParams(max_tokens=12, temperature=1.0, seed=99))
+
+    def deliver(name: str):
+        def on_events(events):  # the worker thread
+            if name == "A0" and "B" not in submitted and batcher.stats["steps"] >= 10:
+                submitted.add("B")
+                batcher.submit(Job(tok.encode(asks["B"][0]), asks["B"][1], deliver("B"), client="B"))
+            for e in events:
+                if isinstance(e, Done):
+                    done[name] = e
+                    order.append(name)
+            if len(done) == len(asks):
+                all_done.set()
+        return on_events
+
+    submitted, order = set(), []
+    try:
+        for name in [n for n in asks if n.startswith("A")]:
+            batcher.submit(Job(tok.encode(asks[name][0]), asks[name][1], deliver(name), stream=True, client="A"))
+        assert all_done.wait(120), f"{len(done)} of {len(asks)} done"
+    finally:
+        batcher.close()
+    assert batcher.stats["parked_rows"] >= 1 and batcher.stats["moved_rows"] >= 1 and batcher.stats["light_steps"]
+    assert order[0] == "B"  # it arrived at step 10, when A's first four had 50 to 95 tokens to go
+    for name, (prompt, p) in asks.items():
+        alone = engine.generate([tok.encode(prompt)], max_new_tokens=[p.max_tokens], temperature=[p.temperature],
+                                top_p=[p.top_p], seed=[p.seed])[0]
+        assert (done[name].text, done[name].completion_tokens) == (alone.text, p.max_tokens), name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the pieces, without a server
 
