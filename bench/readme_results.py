@@ -224,11 +224,12 @@ def run_pipeline(workdir: Path) -> dict:
 
 def run_serve(workdir: Path) -> dict:
     figures = {}
-    for name, extra in (("load", []), ("flood", ["--flood"])):
+    for name, extra in (("load", []), ("flood", ["--flood"]), ("mixed", ["--mixed"])):
         out = workdir / f"serve-{name}.json"
         timed([sys.executable, "bench/serve_load.py", "--json", str(out), *extra], workdir / f"serve-{name}.log")
         figures[name] = json.loads(out.read_text())
-    return {**stamp(), "command": "python bench/serve_load.py; python bench/serve_load.py --flood", **figures}
+    return {**stamp(), "command": "python bench/serve_load.py; python bench/serve_load.py --flood; "
+                                  "python bench/serve_load.py --mixed", **figures}
 
 
 def run_distributed(workdir: Path) -> dict:
@@ -451,7 +452,16 @@ def render_serve(d: dict) -> str:
             f"against {alone['tokens_per_s']:,.0f} one request at a time (**{d['load']['ratio']:.1f}x**). Under a "
             f"flood (one client's 128 prompts x 2,000 tokens), another client's small requests took "
             f"{1000 * flood['under flood']['p50_latency_s']:,.0f} ms at the median against "
-            f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**).")
+            f"{1000 * flood['alone']['p50_latency_s']:,.0f} ms alone (**{d['flood']['ratio']:.2f}x**)."
+            + (render_serve_mixed(d["mixed"]) if "mixed" in d else ""))
+
+
+def render_serve_mixed(mixed: dict) -> str:
+    idle, busy = mixed["phases"]["idle"], mixed["phases"]["long ones running"]
+    return (f" While another client's 16 completions of 1,000 tokens ran, short requests' p50/p99 was "
+            f"{1000 * busy['p50_latency_s']:,.0f} / {1000 * busy['p99_latency_s']:,.0f} ms against "
+            f"{1000 * idle['p50_latency_s']:,.0f} / {1000 * idle['p99_latency_s']:,.0f} ms on an idle server "
+            f"(p99 **{mixed['p99_ratio']:.2f}x**, {mixed['errors']} errors).")
 
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "bench": render_bench, "realshape": render_realshape,

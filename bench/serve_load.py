@@ -27,6 +27,14 @@ host as far as the server knows) has one huge /v1/completions request running: `
 latency in both phases and their ratio (bar: under the flood within 2x of alone).
 
     python bench/serve_load.py --flood               # ~1 minute on 2 cores
+
+``--mixed`` runs the latency scenario: a small client (127.0.0.2) sends ``--mixed-short`` chat requests
+(``--max-tokens`` each) one after another, first on an idle server, then while ``--mixed-long`` long completions
+(``--mixed-long-tokens`` each, from 127.0.0.1, each sent again as soon as it ends) keep running. It prints the small
+requests' p50 and p99 latency both ways, the ratios, and errors (bar: p99 with the long ones running within 2x of
+idle, and no errors).
+
+    python bench/serve_load.py --mixed               # ~1.5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -332,7 +340,7 @@ def latency_summary(results: list[Result]) -> dict:
     ok = sorted(r.latency_s for r in results if not r.error)
     lat = ok or [float("nan")]
     return {"requests": len(results), "errors": len(results) - len(ok), "p50_latency_s": percentile(lat, 50),
-            "p90_latency_s": percentile(lat, 90), "max_latency_s": lat[-1],
+            "p90_latency_s": percentile(lat, 90), "p99_latency_s": percentile(lat, 99), "max_latency_s": lat[-1],
             "error_examples": sorted({r.error for r in results if r.error})[:5]}
 
 
@@ -347,8 +355,8 @@ def print_flood(phases: dict[str, dict], ratio: float, stats: dict, args) -> Non
               f"{cpu['other_cores']:.2f}")
     print(f"\nunder flood / alone, p50 latency: {ratio:.2f}x (bar: <= 2x); flood completions still waiting at the "
           f"end: {phases['under flood']['flood_completions_waiting']}")
-    print(f"server: {stats['batches']} batches, of which {stats['nested_batches']} ran the small client's rows "
-          f"({stats['nested_rows']}) while the flood's batch paused")
+    print(f"server: {stats['steps']} decode steps, at most {stats['max_batch_rows']} rows at once, "
+          f"{stats['parked_rows']} of the flood's rows parked to give the small client its share")
 
 
 def run_flood(url: str, server: subprocess.Popen, args) -> int:
@@ -364,6 +372,114 @@ def run_flood(url: str, server: subprocess.Popen, args) -> int:
             print(f"error: {example}")
     write_json(args, {"phases": phases, "ratio": ratio, "server_batcher": stats})
     return 0 if errors == 0 and ratio <= 2 else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the mixed scenario: short requests arriving while long generations run
+
+
+def long_body(i: int, args) -> dict:
+    return {"model": "tiny", "prompt": f"Count on from {i}:", "max_tokens": args.mixed_long_tokens,
+            "temperature": 1.0, "seed": i}
+
+
+async def one_long_request(client, i: int, args) -> Result:
+    t0 = time.perf_counter()
+    try:
+        r = await client.post("/v1/completions", json=long_body(i, args))
+        if r.status_code != 200:
+            return Result(error=f"HTTP {r.status_code}: {r.text[:120]}")
+        choice = r.json()["choices"][0]
+        n = check_finish(choice["finish_reason"], r.json()["usage"], args.mixed_long_tokens, choice["text"])
+    except Exception as err:  # counted, never stops the run
+        return Result(error=f"{type(err).__name__}: {err}"[:160])
+    return Result(time.perf_counter() - t0, n)
+
+
+async def keep_long_running(url: str, args, stop: asyncio.Event, results: list[Result]) -> None:
+    """--mixed-long clients of 127.0.0.1, each sending a long completion again as soon as its previous one ended,
+    until stop is set; the ones then running are dropped (the server sees their clients leave)."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(local_address="127.0.0.1")
+    limits = httpx.Limits(max_connections=args.mixed_long, max_keepalive_connections=args.mixed_long)
+    async with httpx.AsyncClient(base_url=url, transport=transport, limits=limits, timeout=args.timeout) as client:
+        async def worker(w: int) -> None:
+            for k in range(10**9):
+                results.append(await one_long_request(client, w * 10**6 + k, args))
+
+        tasks = [asyncio.create_task(worker(w)) for w in range(args.mixed_long)]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def wait_long_running(url: str, args, timeout: float = 120) -> None:
+    """Until every long completion has produced tokens for a while (all of them are in the batch)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url) as client:
+        start = (await client.get("/health")).json()["batcher"]["completion_tokens"]
+        deadline = time.monotonic() + timeout
+        while (await client.get("/health")).json()["batcher"]["completion_tokens"] - start < 20 * args.mixed_long:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the long completions did not start")
+            await asyncio.sleep(0.05)
+
+
+async def measure_mixed(url: str, server: subprocess.Popen, args) -> tuple[dict, list[Result], dict]:
+    import httpx
+
+    short = argparse.Namespace(**{**vars(args), "flood_small": args.mixed_short})
+    await small_requests(url, argparse.Namespace(**{**vars(args), "flood_small": 3}), 10**6)  # warm-up
+    phases = {}
+    with CpuMeter(server.pid) as meter:
+        idle = await small_requests(url, short, 0)
+    phases["idle"] = {**latency_summary(idle), "cpu": meter.result}
+    stop, long_results = asyncio.Event(), []
+    longs = asyncio.create_task(keep_long_running(url, args, stop, long_results))
+    await wait_long_running(url, args)
+    with CpuMeter(server.pid) as meter:
+        busy = await small_requests(url, short, 1000)
+    phases["long ones running"] = {**latency_summary(busy), "cpu": meter.result}
+    async with httpx.AsyncClient(base_url=url) as client:
+        stats = (await client.get("/health")).json()["batcher"]  # before the long ones leave
+    stop.set()
+    await longs
+    return phases, long_results, stats
+
+
+def print_mixed(phases: dict[str, dict], long_results: list[Result], stats: dict, args) -> tuple[float, float]:
+    print(f"short client: chat, max_tokens {args.max_tokens}, {args.mixed_short} requests one after another; long: "
+          f"{args.mixed_long} completions of {args.mixed_long_tokens} tokens kept running (another client)")
+    print(f"{'phase':<18} {'errors':>6} {'p50':>9} {'p99':>9} {'max':>9}  server / client / other cores")
+    for name, s in phases.items():
+        cpu = s["cpu"]
+        print(f"{name:<18} {s['errors']:>6} {s['p50_latency_s'] * 1000:>6.0f} ms {s['p99_latency_s'] * 1000:>6.0f} ms "
+              f"{s['max_latency_s'] * 1000:>6.0f} ms  {cpu['server_cores']:.2f} / {cpu['client_cores']:.2f} / "
+              f"{cpu['other_cores']:.2f}")
+    idle, busy = phases["idle"], phases["long ones running"]
+    p50, p99 = (busy[k] / idle[k] for k in ("p50_latency_s", "p99_latency_s"))
+    print(f"\nlong ones running / idle: p50 {p50:.2f}x, p99 {p99:.2f}x (bar: p99 <= 2x)")
+    long_errors = [r for r in long_results if r.error]
+    print(f"long completions finished: {len(long_results) - len(long_errors)}, errors: {len(long_errors)}")
+    print(f"server: {stats['steps']} decode steps, at most {stats['max_batch_rows']} rows at once, "
+          f"{stats['parked_rows']} rows parked")
+    return p50, p99
+
+
+def run_mixed(url: str, server: subprocess.Popen, args) -> int:
+    phases, long_results, stats = asyncio.run(measure_mixed(url, server, args))
+    p50, p99 = print_mixed(phases, long_results, stats, args)
+    examples = sorted({r.error for r in long_results if r.error} | {e for p in phases.values()
+                                                                     for e in p["error_examples"]})
+    for example in examples[:5]:
+        print(f"error: {example}")
+    errors = sum(p["errors"] for p in phases.values()) + sum(1 for r in long_results if r.error)
+    write_json(args, {"phases": phases, "p50_ratio": p50, "p99_ratio": p99, "errors": errors,
+                      "long_finished": sum(1 for r in long_results if not r.error), "server_batcher": stats})
+    return 0 if errors == 0 and p99 <= 2 else 1
 
 
 def write_json(args, figures: dict) -> None:
@@ -389,8 +505,9 @@ def print_table(phases: dict[str, dict], ratio: float, stats: dict, args) -> Non
         if k == 0:
             print("  ".join("-" * w for w in widths))
     print(f"\nconcurrent / one-at-a-time tokens/s: {ratio:.2f}x (bar: >= 4x)")
-    print(f"server batches: {stats['batches']}, mean {stats['rows'] / max(1, stats['batches']):.1f} rows, "
-          f"largest {stats['max_batch_rows']}; max_tokens {args.max_tokens}, {'streaming' if args.stream else 'not streaming'}")
+    print(f"server: {stats['rows']} completions in {stats['steps']} decode steps ({stats['batches']} busy spells), at "
+          f"most {stats['max_batch_rows']} at once; max_tokens {args.max_tokens}, "
+          f"{'streaming' if args.stream else 'not streaming'}")
 
 
 async def measure(url: str, server: subprocess.Popen, args) -> tuple[dict, float]:
@@ -421,13 +538,18 @@ def main() -> int:
     parser.add_argument("--flood-prompts", type=int, default=128, help="prompts in the flooding request")
     parser.add_argument("--flood-max-tokens", type=int, default=2000, help="max_tokens of the flooding request")
     parser.add_argument("--flood-small", type=int, default=10, help="small requests in each phase")
+    parser.add_argument("--mixed", action="store_true", help="the latency scenario instead (see above)")
+    parser.add_argument("--mixed-long", type=int, default=16, help="long completions kept running")
+    parser.add_argument("--mixed-long-tokens", type=int, default=1000, help="max_tokens of each long completion")
+    parser.add_argument("--mixed-short", type=int, default=100, help="short requests in each phase (100: p99 is not the max)")
     args = parser.parse_args()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="r1lab-serve-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    model = workdir / ("model-endless" if args.flood else "model")
-    build_model(model, endless=args.flood)
+    endless = args.flood or args.mixed  # every long completion runs to its max_tokens
+    model = workdir / ("model-endless" if endless else "model")
+    build_model(model, endless=endless)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(model, port, args, workdir / "server.log")
@@ -435,6 +557,8 @@ def main() -> int:
         wait_ready(url, server)
         if args.flood:
             return run_flood(url, server, args)
+        if args.mixed:
+            return run_mixed(url, server, args)
         phases, ratio = asyncio.run(measure(url, server, args))
         import httpx
 

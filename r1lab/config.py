@@ -933,17 +933,14 @@ class ServeConfig(Settings):
     api_key: str = setting("", "when set, /v1 requests need the header `Authorization: Bearer KEY`")
     template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **CONVERSATION_TEMPLATES)
     prefill: str = setting("", 'text after the template, e.g. "<think>": the reply then starts inside the reasoning')
-    max_batch: int = setting(64, "completions generated together in one batch", ge=1)
-    batch_wait_ms: float = setting(5.0, "a batch starts once no request came for this long (10x this at most)", ge=0)
+    max_batch: int = setting(64, "completions generated together (the continuous batch's slots)", ge=1)
+    batch_wait_ms: float = setting(5.0, "an idle server starts once no request came for this long (10x this at most)",
+                                   ge=0)
     max_pending: int = setting(4096, "completions waiting beyond this get 503", ge=1)
     max_tokens: int = setting(4096, "the most completion tokens a request may ask for", ge=1)
     max_request_tokens: int = setting(262_144, "prompts x n x max_tokens of one request (a full batch of max_tokens "
                                                "rows)", ge=1)
     max_prompts: int = setting(128, "prompts in one /v1/completions request", ge=1)
-    yield_every_tokens: int = setting(8, "a batch holding more than a client's share pauses for waiting clients this "
-                                          "often", ge=1)
-    yield_max_tokens: int = setting(512, "... to run their requests of at most this many max_tokens "
-                                         "(r1lab/serve/batcher.py)", ge=0)
     max_model_len: int = setting(0, "context length (prompt + completion); 0: the model's max_position_embeddings",
                                  ge=0)
     max_body_bytes: int = setting(1 << 20, "largest request body, in bytes", ge=1)

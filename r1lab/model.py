@@ -325,6 +325,13 @@ class KVCache:
             for t, s in zip(layer, source_layer):
                 t[row, :, start : start + n] = s[source_row, :, source_start : source_start + n]
 
+    def first_rows(self, n: int) -> KVCache:
+        """A cache over this one's first n rows, sharing its memory: a forward over a batch smaller than the buffer
+        (r1lab/live_batch.py) writes its keys straight into this cache."""
+        view = KVCache.__new__(KVCache)
+        view.layers = [tuple(t[:n] for t in layer) for layer in self.layers]
+        return view
+
     def slide(self, shift: int, used: int) -> None:
         """Move positions [shift, used) to [0, used - shift) in every row: the columns before shift are no longer
         attended by any row, and sliding them out keeps the attended width, and the cache, bounded."""

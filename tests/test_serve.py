@@ -572,46 +572,94 @@ def test_concurrent_requests_are_batched(server, api):
 
 
 def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
-    """Client A queues 8 long completions (two full batches of 4); client B's short one, sent while A's first batch
-    runs, must finish before any of A's: A's batch pauses after 7 steps and B's row runs in between. A's rows must
-    come out as if never paused."""
+    """Client A queues 8 long completions (twice the 4 slots); client B's two short ones, sent while A holds every
+    slot, start at the very next decode step and finish before any of A's: two of A's rows are parked (B's share is
+    2 of the 4 slots) and resume later. A's rows must come out as if never parked."""
     from r1lab.engine import Engine
     from r1lab.model import load_model
     from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
     from r1lab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
-    batcher = Batcher(Engine(load_model(model_dir), tok), max_batch=4, batch_wait_s=0, yield_every=7,
-                      yield_max_tokens=10)
-    done, all_done = [], threading.Event()
+    batcher = Batcher(Engine(load_model(model_dir), tok), max_batch=4, batch_wait_s=0)
+    done, all_done, b_steps = [], threading.Event(), []
 
     def recorder(client: str):
-        def deliver(events):  # the worker thread
-            if client == "A" and not b_sent:  # mid-batch: A holds all 4 rows when B arrives
-                b_sent.append(True)
+        def deliver(events):  # the worker thread, right after a decode step
+            if client == "A" and not b_sent and batcher.stats["steps"] >= 7:  # mid-run: A holds all 4 slots
+                b_sent.append(batcher.stats["steps"])
                 for job in b_jobs:
                     batcher.submit(job)
+            if client == "B":
+                b_steps.append(batcher.stats["steps"])
             done.extend((client, e) for e in events if isinstance(e, Done))
             if len(done) == 10:
                 all_done.set()
         return deliver
 
     b_sent = []
-    b_jobs = [Job(tok.encode("y"), SamplingParams(max_tokens=5), recorder("B"), client="B"),
-              Job(tok.encode("y"), SamplingParams(max_tokens=11), recorder("B"), client="B")]  # too long to cut in
+    b_jobs = [Job(tok.encode("y"), SamplingParams(max_tokens=5), recorder("B"), stream=True, client="B"),
+              Job(tok.encode("y"), SamplingParams(max_tokens=11), recorder("B"), stream=True, client="B")]
     try:
         for _ in range(8):
             batcher.submit(Job(tok.encode("z"), SamplingParams(max_tokens=301), recorder("A"), stream=True, client="A"))
         assert all_done.wait(120), f"{len(done)} of 10 completions done"
     finally:
         batcher.close()
-    assert done[0][0] == "B" and done[0][1].text == "zyzyz"
+    assert b_steps[0] == b_sent[0] + 1  # B's first tokens came out of the step right after it arrived
+    assert [(who, d.text) for who, d in done[:2]] == [("B", "zyzyz"), ("B", ("zy" * 6)[:11])]
     a_done = [d for who, d in done if who == "A"]
-    assert len(a_done) == 8 and done[1:5] == [("A", d) for d in a_done[:4]]  # the long B waited for the next batch
-    assert done[5] == ("B", done[5][1]) and done[5][1].text == ("zy" * 6)[:11]
+    assert len(a_done) == 8
     for d in a_done:
         assert d.text == ("yz" * 151)[:301] and d.completion_tokens == 301 and d.finish_reason == "length"
-    assert batcher.stats["nested_batches"] == 1 and batcher.stats["nested_rows"] == 1
+    assert batcher.stats["parked_rows"] == 2 and batcher.stats["max_batch_rows"] == 4
+
+
+def test_seeded_completions_are_the_same_whoever_shares_the_engine(tmp_path):
+    """A heavy client's six seeded completions in four slots and a light client's one, arriving mid-run: the light
+    one takes a slot at once (one of the heavy rows parked), the heavy rows move to their own lane and back; every
+    completion's text is what the engine samples for that request alone."""
+    from r1lab.engine import Engine
+    from r1lab.model import load_model
+    from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
+    from r1lab.tokenizer import load_tokenizer
+
+    model_dir = random_model_dir(tmp_path / "random")
+    tok = load_tokenizer(model_dir)
+    engine = Engine(load_model(model_dir), tok)
+    tok.eos_ids = set()  # every completion runs to its max_tokens, so the rows overlap for long
+    batcher = Batcher(engine, max_batch=4, batch_wait_s=0)
+    done, all_done = {}, threading.Event()
+    asks = {f"A{i}": ("z" * (i + 1), SamplingParams(max_tokens=60 + 7 * i, temperature=0.8, top_p=0.9, seed=i))
+            for i in range(6)}
+    asks["B"] = ("y", SamplingParams(max_tokens=12, temperature=1.0, seed=99))
+
+    def deliver(name: str):
+        def on_events(events):  # the worker thread
+            if name == "A0" and "B" not in submitted and batcher.stats["steps"] >= 10:
+                submitted.add("B")
+                batcher.submit(Job(tok.encode(asks["B"][0]), asks["B"][1], deliver("B"), client="B"))
+            for e in events:
+                if isinstance(e, Done):
+                    done[name] = e
+                    order.append(name)
+            if len(done) == len(asks):
+                all_done.set()
+        return on_events
+
+    submitted, order = set(), []
+    try:
+        for name in [n for n in asks if n.startswith("A")]:
+            batcher.submit(Job(tok.encode(asks[name][0]), asks[name][1], deliver(name), stream=True, client="A"))
+        assert all_done.wait(120), f"{len(done)} of {len(asks)} done"
+    finally:
+        batcher.close()
+    assert batcher.stats["parked_rows"] >= 1 and batcher.stats["moved_rows"] >= 1 and batcher.stats["light_steps"]
+    assert order[0] == "B"  # it arrived at step 10, when A's first four had 50 to 95 tokens to go
+    for name, (prompt, p) in asks.items():
+        alone = engine.generate([tok.encode(prompt)], max_new_tokens=[p.max_tokens], temperature=[p.temperature],
+                                top_p=[p.top_p], seed=[p.seed])[0]
+        assert (done[name].text, done[name].completion_tokens) == (alone.text, p.max_tokens), name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ GET / (the chat page). Every request shares one engine through the batcher (r1la
 request gets a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; nothing a client
 sends should crash the server or leave a connection hanging: bodies are parsed strictly (r1lab/serve/protocol.py),
 must arrive within body_timeout_s (else 408), and a request may ask for at most max_request_tokens completion
-tokens in all. Clients share the batches fairly (r1lab/serve/batcher.py); a client is its remote address.
+tokens in all. Clients share the batch's slots fairly (r1lab/serve/batcher.py); a client is its remote address.
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ def create_app(model_dir: str | Path, engine: Engine | None = None, **settings) 
 
 def build_app(cfg: ServeConfig, engine: Engine) -> FastAPI:
     batcher = Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
-                      max_pending=cfg.max_pending, yield_every=cfg.yield_every_tokens,
-                      yield_max_tokens=cfg.yield_max_tokens)
+                      max_pending=cfg.max_pending)
     state = ServerState(cfg, engine, batcher,
                         cfg.served_model_name or Path(cfg.model).resolve().name,
                         cfg.max_model_len or engine.model.config.max_position_embeddings, int(time.time()))

@@ -1,26 +1,29 @@
-"""One worker thread owns the engine and runs the completions waiting at each moment as one batched generate call.
+"""One worker thread owns the engine and runs every request in one continuous batch (r1lab/live_batch.py).
 
 Each request prompt (a job) asking for n completions queues n rows under its client (the server names clients by
-their remote address). A batch starts once no new request has come for `batch_wait_s` (or after 10 times that in
-all): a lone client waits a few milliseconds, while a crowd whose requests trickle in as the previous batch's answers
-go out is gathered into one batch instead of being split into a small one and a large one. The batch takes up to
-`max_batch` waiting rows round-robin across clients, one row per client in turn, so a client that queued a thousand
-rows cannot push a later client's one row behind them.
+their remote address). The worker loops: it gives the batch's free slots to waiting rows, runs one decode step, and
+turns every row's new token into events for its request. A request therefore starts at the step after it arrives
+(plus its prompt's prefill), whatever is running. Only when nothing runs does a first request wait for others, until
+none came for `batch_wait_s` (10 times that at most): a crowd arriving together is prefilled in one forward.
 
-The engine cannot add rows to a running batch, so a client arriving mid-batch would wait for the whole batch. When
-a waiting client holds fewer rows than its share (max_batch / active clients) while another holds more, the running
-batch pauses inside its per-step callback and runs the waiting clients' rows (up to their shares, requests of at
-most `yield_max_tokens` tokens) as a nested batch to their end, then resumes where it stopped: its cache is kept, so
-nothing is recomputed and every row's tokens are those it would have had (a cut-and-continue scheme would pay a
-prefill per cut: on a CPU about as much as generating the tokens again). Between two such pauses the running batch
-advances at least `yield_every` steps, so a stream of small requests slows a flood but cannot stop it; nested
-batches do not nest further. The cost is memory: a paused batch's cache stays while the nested one runs.
+Slots are shared fairly between clients. Waiting rows are admitted round-robin, one row per client in turn; a client
+fills slots beyond its share (max_batch / clients with rows running or waiting) only while no client under its share
+waits. When the slots are full and a client under its share waits, rows of the client holding the most are parked
+(LiveBatch.park: their keys set aside, nothing recomputed) and go back to the front of that client's queue; they
+resume where they stopped, with the same tokens, once a slot is theirs again. So a client that queued a thousand long
+rows can neither push a later client's row behind them nor hold it off for a whole generation.
 
-Each step, the engine's on_step callback turns every row's new token into events for its request: text deltas
-(when the request streams or has stop strings), then one Done. The callback also ends rows early: those of a
-request whose client went away (`Job.cancel()`), freeing their place in the batch, and those that completed a stop
-string. Events reach the request through its `deliver` function, which must be thread-safe (the server hands them
-to its event loop with `call_soon_threadsafe`).
+A step over many long rows costs many times a step over a few, so sharing slots is not enough for a light client's
+latency. The rows run in two lanes, each its own LiveBatch: while clients holding at most the mean number of rows per
+client (light) run beside heavier ones, the heavy clients' rows are moved to the heavy lane (keys and all) and the
+worker steps one lane at a time, the light one taking LIGHT_SHARE (2/3) of the engine's time: a light request then
+takes at most about 1.5 times as long as on an idle server, and the heavy rows, never stopped, keep a third of the
+time while light requests run. Otherwise both lanes step every time (all rows are in one of them, mostly).
+
+Each step, a row's new token becomes events for its request: text deltas (when the request streams or has stop
+strings), then one Done. Rows end early when their request's client went away (`Job.cancel()`), freeing their slot
+at the next step, or when they completed a stop string. Events reach the request through its `deliver` function,
+which must be thread-safe (the server hands them to its event loop with `call_soon_threadsafe`).
 """
 from __future__ import annotations
 
@@ -32,10 +35,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from r1lab.engine import Engine
+from r1lab.live_batch import LiveBatch, Sequence, StepToken
 from r1lab.serve.textstream import TextStream
 
 log = logging.getLogger("r1lab.serve")
-MAX_WAIT_FACTOR = 10  # a batch starts at most this many batch_wait_s after its first request
+MAX_WAIT_FACTOR = 10  # an idle worker starts at most this many batch_wait_s after a first request
+# The engine's time the light lane takes while heavier clients run (see _lanes_to_step). At
+# 1/2 a light request would run up to 2x slower than on an idle server, before the step in flight when it arrived
+# and its prefill; 2/3 bounds it near 1.5x, and the heavy rows keep a third of the time while light ones run.
+LIGHT_SHARE = 2 / 3
+LIGHT, HEAVY = 0, 1  # the two lanes: LiveBatches of light clients' rows and of heavy ones'
 
 
 @dataclass
@@ -106,6 +115,8 @@ class _Row:
         self.done = False
         self.logprobs: list[TokenLogprob] | None = [] if job.params.logprobs else None
         self.logprobs_sent = 0  # how many went out in Deltas
+        self.seq: int | None = None  # its id in the LiveBatch once started (a parked row keeps it)
+        self.parked: Sequence | None = None  # taken out of its batch, waiting in its client's queue
 
     def push(self, token: int, events: list[Event], logprob: float | None = None) -> bool:
         """Record one token, adding this row's events; True when the row must be ended now (a stop string)."""
@@ -145,29 +156,25 @@ class _Row:
         return Delta(self.index, text, new)
 
 
-@dataclass
-class _Running:
-    """A batch being generated: its rows, whether it runs nested inside a paused one, steps since its last pause."""
-
-    rows: list[_Row]
-    nested: bool
-    steps: int = 0
-
-
 class Batcher:
-    """The engine's only user while serving: submit() from any thread, one batch at a time on the worker."""
+    """The engine's only user while serving: submit() from any thread, continuous batches on the worker."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, batch_wait_s: float = 0.005, max_pending: int = 4096,
-                 yield_every: int = 32, yield_max_tokens: int = 512):
+    def __init__(self, engine: Engine, *, max_batch: int = 64, batch_wait_s: float = 0.005, max_pending: int = 4096):
         self.engine = engine
         self.max_batch, self.batch_wait_s, self.max_pending = max_batch, batch_wait_s, max_pending
-        self.yield_every, self.yield_max_tokens = yield_every, yield_max_tokens
+        # batches: busy spells (the worker starting from idle); rows: completions started; max_batch_rows: the most
+        # running at once; parked_rows: rows set aside for a client under its share; moved_rows: rows moved to the
+        # other lane; light_steps: steps of the light lane alone (see _lanes_to_step)
         self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "aborted_rows": 0, "stopped_rows": 0,
-                      "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "nested_batches": 0,
-                      "nested_rows": 0}
+                      "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "steps": 0,
+                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0}
+        self._lanes = [LiveBatch(engine, max_batch), LiveBatch(engine, max_batch)]  # LIGHT, HEAVY
+        self._lane_time = [0.0, 0.0]  # seconds each lane stepped since light and heavy clients both run
+        self._running: dict[int, _Row] = {}  # by LiveBatch id; the worker's alone
+        self._lane: dict[int, int] = {}  # the lane of each running row
         self._queues: dict[str, collections.deque[_Row]] = {}  # waiting rows per client; order = whose turn is next
         self._waiting = 0  # rows in the queues
-        self._arrivals = 0  # submits so far: the collector sees whether more came while it waited
+        self._arrivals = 0  # submits so far: the idle worker sees whether more came while it waited
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="r1lab-batcher", daemon=True)
@@ -188,7 +195,7 @@ class Batcher:
             self._cond.notify()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop taking work, tell waiting requests, and let the running batch finish."""
+        """Stop taking work, tell waiting requests, and let the running rows finish."""
         with self._cond:
             self._closing = True
             waiting = {r.job: None for q in self._queues.values() for r in q}
@@ -201,27 +208,29 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Completions waiting for a batch."""
+        """Completions waiting for a slot (parked ones included)."""
         return self._waiting
 
     # --- worker thread -----------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            rows = self._collect()
-            if rows is None:
-                return
-            if rows:
-                self._run_batch(_Running(rows, nested=False))
+            if not self._running:
+                if not self._gather():
+                    return
+                self.stats["batches"] += 1
+            self._admit()
+            if self._running:
+                self._step()
 
-    def _collect(self) -> list[_Row] | None:
-        """Wait for a first row, then for more until none came for batch_wait_s or max_batch rows wait; take a
-        batch round-robin across clients. None: closing."""
+    def _gather(self) -> bool:
+        """Nothing runs: wait for a first row, then for more until none came for batch_wait_s or max_batch rows
+        wait. False: closing."""
         with self._cond:
             while not self._queues and not self._closing:
                 self._cond.wait()
             if self._closing:
-                return None
+                return False
             start = time.monotonic()
             quiet_until, seen = start + self.batch_wait_s, self._arrivals
             while self._waiting < self.max_batch and not self._closing:
@@ -231,98 +240,165 @@ class Batcher:
                 self._cond.wait(left)
                 if self._arrivals != seen:  # more may be on the way
                     quiet_until, seen = time.monotonic() + self.batch_wait_s, self._arrivals
-            return self._take({c: self.max_batch for c in self._queues})
+            return True
 
-    def _take(self, quota: dict[str, int], fits=lambda row: True) -> list[_Row]:
-        """Up to max_batch waiting rows, one per client in turn, at most quota[client] each, from the front of each
-        client's queue while `fits` holds; a client served goes to the back of the line, so the next batch starts
-        with the next client. Called holding the lock."""
-        rows: list[_Row] = []
-        line = collections.deque(c for c in self._queues if quota.get(c, 0) > 0)
-        while line and len(rows) < self.max_batch:
-            client = line.popleft()
-            queue = self._queues[client]
-            if not fits(queue[0]):
-                continue
-            row = queue.popleft()
-            self._waiting -= 1
-            if row.job.cancelled:
-                self.stats["cancelled_waiting"] += 1
+    def _admit(self) -> None:
+        """Free slots to waiting rows, fairly; first park rows of the client holding the most when a client under
+        its share waits and no slot is free for it."""
+        with self._cond:
+            if not self._queues:
+                return
+            held = collections.Counter(r.job.client for r in self._running.values())
+            share = max(1, self.max_batch // len(set(held) | set(self._queues)))
+            self._park_for_waiting(held, share)
+            rows = self._take(self.max_batch - len(self._running), held, share)
+        lane_of = {r.job.client: self._lane[seq] for seq, r in self._running.items()}
+        for row in rows:
+            lane = lane_of.get(row.job.client, LIGHT)  # beside the client's other rows; _sort_lanes may move it
+            if row.parked is None:
+                p = row.job.params
+                row.seq = self._lanes[lane].add(row.job.prompt_ids, max_new_tokens=p.max_tokens,
+                                                temperature=p.temperature, top_p=p.top_p,
+                                                seed=_row_seed(p.seed, row.index))
+                self.stats["rows"] += 1
             else:
-                rows.append(row)
-                quota[client] -= 1
-            self._queues[client] = self._queues.pop(client)  # to the back of the line
-            if not queue:
-                del self._queues[client]
-            elif quota[client] > 0:
-                line.append(client)
+                self._lanes[lane].put(row.parked)
+                row.parked = None
+            self._running[row.seq] = row
+            self._lane[row.seq] = lane
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self._running))
+
+    def _park_for_waiting(self, held: collections.Counter, share: int) -> None:
+        """Park as many running rows as the waiting clients under their share lack free slots for, each time one of
+        the client holding the most (over its share). Called holding the lock."""
+        owed = sum(min(len(q), share - held[c]) for c, q in self._queues.items() if held[c] < share)
+        for _ in range(owed - (self.max_batch - len(self._running))):
+            client, n = max(held.items(), key=lambda item: item[1], default=("", 0))
+            if n <= share:
+                return
+            row = max((r for r in self._running.values() if r.job.client == client), key=lambda r: r.seq)
+            row.parked = self._lanes[self._lane.pop(row.seq)].take(row.seq)
+            del self._running[row.seq]
+            held[client] -= 1
+            self._queues.setdefault(client, collections.deque()).appendleft(row)  # next of this client's rows
+            self._waiting += 1
+            self.stats["parked_rows"] += 1
+
+    def _take(self, free: int, held: collections.Counter, share: int) -> list[_Row]:
+        """Up to `free` waiting rows, one per client in turn: first only clients under their share, then any. A
+        client served goes to the back of the line, so the next admission starts with the next client. Called
+        holding the lock."""
+        rows: list[_Row] = []
+        for capped in (True, False):
+            line = collections.deque(self._queues)
+            while line and len(rows) < free:
+                client = line.popleft()
+                if capped and held[client] >= share:
+                    continue
+                queue = self._queues[client]
+                row = queue.popleft()
+                self._waiting -= 1
+                if row.job.cancelled:
+                    self._drop_cancelled(row)
+                else:
+                    rows.append(row)
+                    held[client] += 1
+                self._queues[client] = self._queues.pop(client)  # to the back of the line
+                if not queue:
+                    del self._queues[client]
+                else:
+                    line.append(client)
         return rows
 
-    def _run_batch(self, batch: _Running) -> None:
-        rows = batch.rows
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(rows)
-        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
-        # Per-step log-probs cost a host copy per step: asked of the engine only when a row wants them.
-        with_logprobs = {"step_logprobs": True} if any(r.job.params.logprobs for r in rows) else {}
-        try:
-            self.engine.generate(
-                [r.job.prompt_ids for r in rows], max_new_tokens=[r.job.params.max_tokens for r in rows],
-                temperature=[r.job.params.temperature for r in rows], top_p=[r.job.params.top_p for r in rows],
-                seed=[_row_seed(r.job.params.seed, r.index) for r in rows],
-                on_step=lambda i, t, lp=None: self._on_step(batch, i, t, lp), **with_logprobs)
-        except Exception as err:  # one bad batch must not take the server down
-            log.exception("generate failed")
-            self.stats["failed_batches"] += 1
-            for job in {r.job: None for r in rows if not r.done}:
-                job.deliver([Failed(f"generation failed: {type(err).__name__}: {err}")])
-            return
-        # the engine ended a row we did not see end
-        for job in {r.job: None for r in rows if not r.done and not r.job.cancelled}:
-            events: list[Event] = []
-            for r in rows:
-                if r.job is job and not r.done:
-                    r.finish("length", events)
-            job.deliver(events)
+    def _drop_cancelled(self, row: _Row) -> None:
+        if row.parked is None:
+            self.stats["cancelled_waiting"] += 1
+        else:  # parked: its keys go with it
+            row.parked = None
+            self.stats["aborted_rows"] += 1
 
-    def _on_step(self, batch: _Running, indices: list[int], tokens: list[int],
-                 logprobs: list[float] | None = None) -> list[int]:
-        """The engine's per-step callback: route tokens (and log-probs, when asked for) to requests, maybe pause for
-        waiting clients; return the rows to end now."""
-        end, events = [], collections.defaultdict(list)
-        for k, (i, token) in enumerate(zip(indices, tokens)):
-            row = batch.rows[i]
-            if row.job.cancelled:
-                end.append(i)
-                self.stats["aborted_rows"] += 1
-                continue
-            if row.push(token, events[row.job], logprobs[k] if logprobs is not None else None):
-                end.append(i)
-                self.stats["stopped_rows"] += 1
-            self.stats["completion_tokens"] += 1
+    def _step(self) -> None:
+        """One decode step of the rows whose turn it is (every lane's, unless light and heavy clients both run);
+        route the tokens to their requests."""
+        light = self._light_clients()
+        if light is not None:
+            self._sort_lanes(light)
+        lanes = self._lanes_to_step(light is not None)
+        tokens: list[StepToken] = []
+        for lane in lanes:
+            start = time.perf_counter()
+            try:
+                tokens += self._lanes[lane].step()
+            except Exception as err:  # one bad step must not take the server down
+                self._fail_running(err)
+                return
+            self._lane_time[lane] += time.perf_counter() - start
+        self.stats["steps"] += 1
+        self.stats["light_steps"] += lanes == [LIGHT]
+        events: dict[Job, list[Event]] = collections.defaultdict(list)
+        for t in tokens:
+            self._route(t, events)
         for job, job_events in events.items():
             if job_events:
                 job.deliver(job_events)
-        batch.steps += 1
-        if not batch.nested and batch.steps >= self.yield_every and self._queues:
-            guests = self._take_guests(batch.rows)
-            if guests:  # this batch waits, its cache intact, while the guests run to their end
-                self.stats["nested_batches"] += 1
-                self.stats["nested_rows"] += len(guests)
-                self._run_batch(_Running(guests, nested=True))
-                batch.steps = 0
-        return end
 
-    def _take_guests(self, running: list[_Row]) -> list[_Row]:
-        """The rows of waiting clients that hold fewer than their share of the running batch, up to their shares,
-        when some client holds more: none otherwise (a crowd of one-row clients just waits for the next batch)."""
-        held = collections.Counter(r.job.client for r in running if not r.done and not r.job.cancelled)
-        with self._cond:
-            share = max(1, self.max_batch // len(set(held) | set(self._queues)))
-            if not any(n > share for n in held.values()):
-                return []
-            quota = {c: share - held[c] for c in self._queues if held[c] < share}
-            return self._take(quota, fits=lambda row: row.job.params.max_tokens <= self.yield_max_tokens)
+    def _light_clients(self) -> set[str] | None:
+        """The light clients (holding at most the mean number of rows per client) when heavier ones run too; None
+        when nobody is heavier than the rest (one client, or all alike): then every lane steps together."""
+        held = collections.Counter(r.job.client for r in self._running.values())
+        light = {c for c, n in held.items() if n * len(held) <= len(self._running)}
+        if len(light) == len(held):
+            self._lane_time = [0.0, 0.0]  # nothing owed to anyone
+            return None
+        return light
+
+    def _sort_lanes(self, light: set[str]) -> None:
+        """Every running row to its client's lane (taken out of one batch and put into the other, keys and all)."""
+        for seq, row in self._running.items():
+            want = LIGHT if row.job.client in light else HEAVY
+            if self._lane[seq] != want:
+                self._lanes[want].put(self._lanes[self._lane[seq]].take(seq))
+                self._lane[seq] = want
+                self.stats["moved_rows"] += 1
+
+    def _lanes_to_step(self, split: bool) -> list[int]:
+        """Both lanes, unless light and heavy clients both run: then one lane per step, the light one taking
+        LIGHT_SHARE of the time. A light row so runs at LIGHT_SHARE of its idle speed or faster, however many rows
+        the heavy clients hold, and the heavy rows are never stopped."""
+        busy = [lane for lane in (LIGHT, HEAVY) if not self._lanes[lane].idle]
+        if not split or len(busy) < 2:
+            return busy
+        light_time, heavy_time = self._lane_time
+        return [LIGHT] if light_time * (1 - LIGHT_SHARE) <= heavy_time * LIGHT_SHARE else [HEAVY]
+
+    def _route(self, t: StepToken, events: dict[Job, list[Event]]) -> None:
+        """A row's token to its request's events; a row whose client left, or that completed a stop string, ends."""
+        row = self._running[t.seq]
+        lane = self._lanes[self._lane[t.seq]]
+        if row.job.cancelled:
+            lane.cancel(t.seq)
+            del self._running[t.seq], self._lane[t.seq]
+            self.stats["aborted_rows"] += 1
+            return
+        self.stats["completion_tokens"] += 1
+        if row.push(t.token, events[row.job], t.logprob):
+            self.stats["stopped_rows"] += 1
+        elif t.finish_reason is not None and not row.done:  # the engine ended a row we did not see end
+            row.finish(t.finish_reason, events[row.job])
+        if row.done:
+            if t.finish_reason is None:
+                lane.cancel(t.seq)
+            del self._running[t.seq], self._lane[t.seq]
+
+    def _fail_running(self, err: Exception) -> None:
+        log.exception("generation failed")
+        self.stats["failed_batches"] += 1
+        for job in {r.job: None for r in self._running.values()}:
+            job.cancel()  # its rows still queued (parked in the batch dropped below) are dropped, not resumed
+            job.deliver([Failed(f"generation failed: {type(err).__name__}: {err}")])
+        self._running.clear()
+        self._lane.clear()
+        self._lanes = [LiveBatch(self.engine, self.max_batch), LiveBatch(self.engine, self.max_batch)]
 
 
 def _row_seed(seed: int | None, index: int) -> int | None:
