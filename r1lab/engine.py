@@ -187,7 +187,7 @@ class _RowParams:
         if isinstance(seed, (list, tuple)):  # sample j of prompt i: its own stream, seeded by (seed_i, j)
             if len(seed) != n_prompts:
                 raise ValueError(f"got {len(seed)} per-prompt seeds for {n_prompts} prompts")
-            generator = [_row_generator(s, j, device) for s in seed for j in range(num_samples)]
+            generator = [row_generator(s, j, device) for s in seed for j in range(num_samples)]
         else:
             generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         return cls(per_row(temperature, torch.float32), per_row(top_k, torch.long), per_row(top_p, torch.float32),
@@ -200,7 +200,7 @@ class _RowParams:
         return pick(self.temperature), pick(self.top_k), pick(self.top_p), gen
 
 
-def _row_generator(seed: int | None, sample: int, device) -> torch.Generator:
+def row_generator(seed: int | None, sample: int, device) -> torch.Generator:
     generator = torch.Generator(device)
     if seed is None:
         generator.seed()  # this row asked for no seed: a fresh non-deterministic stream
@@ -385,7 +385,7 @@ class Engine:
         if stop_strings:  # needs the text, so a host round trip; only when stop strings are asked for
             for r in live.nonzero().squeeze(-1).tolist():
                 row = int(batch.rows[r])
-                if self._hits_stop(out.tokens[row, : int(out.lengths[row])].tolist(), stop_strings):
+                if self.hits_stop(out.tokens[row, : int(out.lengths[row])].tolist(), stop_strings):
                     stop[r] = True
         out.stopped[rows] = out.stopped[rows] | stop
         batch.finished = batch.finished | stop
@@ -393,7 +393,7 @@ class Engine:
             batch.finished = batch.finished | (limits[batch.rows] <= step + 1)
         return live
 
-    def _hits_stop(self, tokens: list[int], stop_strings) -> bool:
+    def hits_stop(self, tokens: list[int], stop_strings) -> bool:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.
         tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop_strings):])
         return any(s in tail for s in stop_strings)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1lab.engine import Engine, _row_generator, sample_next
+from r1lab.engine import Engine, row_generator, sample_next
 from r1lab.model import KVCache
 from r1lab.slots import SLIDE_MIN_COLUMNS, SLIDE_SHARE
 
@@ -106,7 +106,7 @@ class LiveBatch:
         if not prompt_ids or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
         seq = Sequence(next(_sequence_ids), list(prompt_ids), max_new_tokens, temperature, top_p, top_k,
-                       tuple(stop_strings), _row_generator(seed, 0, self.device))
+                       tuple(stop_strings), row_generator(seed, 0, self.device))
         self.sequences[seq.id] = seq
         self.waiting.append(seq)
         return seq.id
@@ -168,7 +168,7 @@ class LiveBatch:
         seq.generated.append(token)
         if token in self.engine.tokenizer.eos_ids:
             return "stop"
-        if seq.stop_strings and self.engine._hits_stop(seq.generated, seq.stop_strings):
+        if seq.stop_strings and self.engine.hits_stop(seq.generated, seq.stop_strings):
             return "stop"
         return "length" if len(seq.generated) >= seq.max_new_tokens else None
 
