@@ -61,7 +61,7 @@ def test_r1zero_conversation_text():
 
 
 @pytest.mark.parametrize("template", [None, CHATML], ids=["r1zero", "chat-template"])
-def test_same_tokens_in_rl_sft_serve_and_chat(template, tmp_path):
+def test_same_tokens_in_rl_sft_serve_and_chat(template, tmp_path, monkeypatch):
     engine = tiny_engine(template)
     tok = engine.tokenizer
     expected = tok.encode(render_conversation(tok, CONVERSATION, "auto"))
@@ -84,9 +84,14 @@ def test_same_tokens_in_rl_sft_serve_and_chat(template, tmp_path):
     testclient = pytest.importorskip("fastapi.testclient")
     from r1lab.serve.app import create_app
 
-    served = tiny_engine(template, tmp_path)
+    from r1lab.live_batch import LiveBatch
+
+    served, added, add = tiny_engine(template, tmp_path), [], LiveBatch.add
+    # the server's requests join its running batch (r1lab/live_batch.py) rather than calling generate
+    monkeypatch.setattr(LiveBatch, "add", lambda self, prompt_ids, **kw: added.append(list(prompt_ids)) or
+                        add(self, prompt_ids, **kw))
     with testclient.TestClient(create_app(tmp_path, engine=served, device="cpu")) as client:
         response = client.post("/v1/chat/completions", json={"model": tmp_path.name, "messages": CONVERSATION,
                                                               "max_tokens": 2})
     assert response.status_code == 200, response.text
-    assert served.prompts[-1] == expected
+    assert added[-1] == expected
