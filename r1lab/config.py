@@ -433,6 +433,9 @@ class PretrainConfig(Settings):
     slip_rate: float = setting(0.2, "share of worked solutions with one wrong column", ge=0, le=1)
     untagged_share: float = setting(0.05, "share of answers given without the format (with think_share at most 1)",
                                     ge=0, le=1)
+    tools: str = setting("", "python: the tool corpus, whose worked solutions call the Python tool as rollouts with "
+                             "--tools python do (any arithmetic task; the tool demo's: products)",
+                         choices=("", "python"))
     dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
                          **DTYPE)
     recompute_logits: bool = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit "
@@ -774,6 +777,9 @@ class DemoConfig(Settings):
                            choices=("none", "random-reward"))
     arch: str = setting("dense", "the tiny base's architecture: dense (Qwen2 format) or deepseek-v3 (MLA + MoE; its "
                                  "runs go to OUT/*-deepseek-v3)", choices=ARCHS)
+    tools: str = setting("", "python: the tool demo, on products of 3- and 4-digit numbers that a tiny model cannot "
+                             "compute in its head, with a base that calls the Python tool now and then (its runs go "
+                             "to OUT/*-tools)", choices=("", "python"))
     pretrain_steps: int = setting(600, "optimizer steps of the tiny base", ge=1)
     grpo_steps: int = setting(60, "GRPO steps", ge=1)
     eval_problems: int = setting(200, "held-out problems of each evaluation", ge=1)
@@ -787,6 +793,13 @@ def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
     preset = dict(prompts_per_step=16, samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64,
                   eval_every=10, eval_samples=8, save_every=20, samples_every=10)
     return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**preset, **settings})
+
+
+def tool_demo_settings() -> dict:
+    """What the tool demo changes in that preset: the products task, the Python tool, room for a call, its output
+    and the answer (about 75 tokens; 96), and at most 2 calls a rollout (the corpus makes one)."""
+    return dict(task_options=dict(tasks.arithmetic.TOOL_DEMO_OPTIONS), tools="python", max_new_tokens=96,
+                max_tool_calls=2)
 
 
 @dataclass
