@@ -777,7 +777,7 @@ class DemoConfig(Settings):
                            choices=("none", "random-reward"))
     arch: str = setting("dense", "the tiny base's architecture: dense (Qwen2 format) or deepseek-v3 (MLA + MoE; its "
                                  "runs go to OUT/*-deepseek-v3)", choices=ARCHS)
-    tools: str = setting("", "python: the tool demo, on products of 3- and 4-digit numbers that a tiny model cannot "
+    tools: str = setting("", "python: the tool demo, on products of two 3-digit numbers that a tiny model cannot "
                              "compute in its head, with a base that calls the Python tool now and then (its runs go "
                              "to OUT/*-tools)", choices=("", "python"))
     pretrain_steps: int = setting(600, "optimizer steps of the tiny base", ge=1)
@@ -797,7 +797,7 @@ def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
 
 def tool_demo_settings() -> dict:
     """What the tool demo changes in that preset: the products task, the Python tool, room for a call, its output
-    and the answer (about 75 tokens; 96), and at most 2 calls a rollout (the corpus makes one)."""
+    and the answer (about 70 tokens; 96), and at most 2 calls a rollout (the corpus makes one)."""
     return dict(task_options=dict(tasks.arithmetic.TOOL_DEMO_OPTIONS), tools="python", max_new_tokens=96,
                 max_tool_calls=2)
 

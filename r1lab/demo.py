@@ -5,7 +5,7 @@ tokenizer -> tiny base model pretrained from scratch -> held-out evaluation -> R
 the same RL with shuffled rewards (same mean, no signal), reusing the pretrained base, to show the gain comes from the
 verifier.
 
-`--tools python` is the tool demo: products of 3- and 4-digit numbers (no tiny model computes them in its head),
+`--tools python` is the tool demo: products of two 3-digit numbers (no tiny model computes them in its head),
 a base pretrained on a corpus where a minority of solutions call the Python tool (r1lab/pretrain.py), and GRPO with
 tool calls inside rollouts (r1lab/tools.py): the report shows the tool-call rate beside the accuracy.
 """

@@ -15,9 +15,9 @@ behaviour is to think longer. Every column step reads digits at fixed offsets fr
 model of under a million parameters learn the procedure in a few CPU minutes. Only train-split problems are used,
 so held-out problems stay unseen.
 
-With `--tools python` (the tool demo's corpus, for problems no tiny model computes in its head, e.g. 1234*567), the
+With `--tools python` (the tool demo's corpus, for problems no tiny model computes in its head, e.g. 347*285), the
 worked style is a call of the Python tool instead, written exactly as a rollout with tools reads it (r1lab/tools.py):
-" <think><python>print(1234*567)</python><output>699678\n</output></think> <answer>699678</answer>"; a share of
+" <think><python>print(347*285)</python><output>98895\n</output></think> <answer>98895</answer>"; a share of
 these calls miscopy one digit of the problem (the output, and so the answer, are then those of the miscopied
 product). Guessed and untagged documents are as above.
 """
