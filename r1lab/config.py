@@ -797,9 +797,12 @@ def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
 
 def tool_demo_settings() -> dict:
     """What the tool demo changes in that preset: the products task, the Python tool, room for a call, its output
-    and the answer (about 70 tokens; 96), and at most 2 calls a rollout (the corpus makes one)."""
+    and the answer (about 70 tokens; 96), at most 2 calls a rollout (the corpus makes one), lr 1e-4 (at 3e-5 the
+    held-out pass@1 gained 22 points in 60 steps, at 1e-4 34 points in 30), and a held-out evaluation every 20 steps:
+    each call is a sandboxed process (about 40 ms of a core), and an evaluation of 200 problems x 8 samples makes
+    up to 1,600 calls once the model calls the tool every time."""
     return dict(task_options=dict(tasks.arithmetic.TOOL_DEMO_OPTIONS), tools="python", max_new_tokens=96,
-                max_tool_calls=2)
+                max_tool_calls=2, lr=1e-4, eval_every=20)
 
 
 @dataclass
