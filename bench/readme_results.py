@@ -72,25 +72,26 @@ def timed(cmd: list[str], log: Path) -> float:
 # the parts
 
 
-def run_demo(seeds: list[int], workdir: Path, arch: str = "dense") -> dict:
+def run_demo(seeds: list[int], workdir: Path, arch: str = "dense", tools: str = "") -> dict:
     from r1lab.demo import run_name
 
-    runs, flags = [], [] if arch == "dense" else ["--arch", arch]
+    runs, flags = [], ([] if arch == "dense" else ["--arch", arch]) + (["--tools", tools] if tools else [])
     for seed in seeds:
         out = workdir / f"demo-seed{seed}"
         r1lab = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", str(seed), *flags]
-        demo_s = timed(r1lab, workdir / f"{run_name('demo', arch)}-seed{seed}.log")
+        demo_s = timed(r1lab, workdir / f"{run_name('demo', arch, tools=tools)}-seed{seed}.log")
         control_s = timed(r1lab + ["--control", "random-reward"],
-                          workdir / f"{run_name('control', arch)}-seed{seed}.log")
-        grpo, control = out / run_name("grpo", arch), out / run_name("grpo", arch, "random-reward")
+                          workdir / f"{run_name('control', arch, tools=tools)}-seed{seed}.log")
+        grpo, control = out / run_name("grpo", arch, tools=tools), out / run_name("grpo", arch, "random-reward", tools)
         runs.append({"seed": seed, "demo_s": demo_s, "control_s": control_s,
                      "base": heldout(grpo, 0), "grpo": heldout(grpo, -1), "control": heldout(control, -1),
                      "curve": [e["pass@1"] for e in read_evals(grpo)],
-                     "architecture": json.loads((out / run_name("base", arch) / "architecture.json").read_text())})
+                     "architecture": json.loads((out / run_name("base", arch, tools=tools) / "architecture.json").read_text())})
         print(f"seed {seed}: pass@1 {runs[-1]['base']['pass@1']:.1%} -> {runs[-1]['grpo']['pass@1']:.1%} "
               f"(control {runs[-1]['control']['pass@1']:.1%}), {demo_s:.0f} s + {control_s:.0f} s", flush=True)
     command = f"r1lab demo{' '.join([''] + flags)} --seed S; the same with --control random-reward"
-    return {**stamp(), "command": command, "arch": arch, "runs": runs, "dense_architecture": dense_facts()}
+    return {**stamp(), "command": command, "arch": arch, "tools": tools, "runs": runs,
+            "dense_architecture": dense_facts()}
 
 
 def run_lora_demo(workdir: Path, rank: int, alpha: float, lr: float) -> dict:
@@ -160,7 +161,7 @@ def read_evals(run: Path) -> list[dict]:
 def heldout(run: Path, which: int) -> dict:
     files = sorted((run / "eval").glob("step_*.json"))
     figures = json.loads(files[which].read_text())["heldout"]
-    return {k: figures[k] for k in FIGURES}
+    return {k: figures[k] for k in FIGURES + ("tool_calls",) if k in figures}
 
 
 def run_bench(workdir: Path) -> dict:
@@ -266,6 +267,14 @@ def num_range(values: list[float]) -> str:
     return f"{sum(values) / len(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
+def render_demo_tools(d: dict) -> str:
+    """The tool demo: the demo's table and lines, then the tool calls per held-out sample before and after."""
+    calls = {part: [r[part].get("tool_calls", 0.0) for r in d["runs"]] for part in ("base", "grpo", "control")}
+    return render_demo(d) + ("\n- Tool calls per held-out sample: base " + num_range(calls["base"]) + ", after R1-Zero "
+                             "GRPO " + num_range(calls["grpo"]) + ", after the control " + num_range(calls["control"])
+                             + ".")
+
+
 def render_demo_v3(d: dict) -> str:
     """The DeepSeek-V3-style demo: the same table and lines as the dense one, then both tiny bases' costs."""
     facts = [r["architecture"] for r in d["runs"]]
@@ -285,10 +294,12 @@ def render_demo_v3(d: dict) -> str:
 def render_demo(d: dict) -> str:
     runs, m = d["runs"], d["machine"]
     v3 = d.get("arch", "dense") != "dense"
+    part = "-v3" if v3 else "-tools" if d.get("tools") else ""
+    flags = " --arch deepseek-v3" if v3 else " --tools python" if d.get("tools") else ""
     rows = [("pass@1", "pass@1"), ("cons@8", "cons@8"), ("pass@8", "pass@8"), ("format rate", "format_rate"),
             ("mean completion length (tokens)", "mean_length")]
     lines = [f"Measured on {d['date']} at commit `{d['commit']}` on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, "
-             f"kernels {m['aten_cpu_capability']}), by `python bench/readme_results.py --demo{'-v3' if v3 else ''}`. Seeds "
+             f"kernels {m['aten_cpu_capability']}), by `python bench/readme_results.py --demo{part}`. Seeds "
              f"{', '.join(str(r['seed']) for r in runs)}: mean (min–max).", "",
              "| | base (pretrained) | after R1-Zero GRPO | after GRPO with shuffled rewards (control) |",
              "|---|---:|---:|---:|"]
@@ -301,7 +312,7 @@ def render_demo(d: dict) -> str:
     lines += ["", f"- Held-out pass@1 gain: {100 * sum(gains) / len(gains):+.1f} points on average "
                   f"({', '.join(f'{100 * g:+.1f}' for g in gains)} per seed); the random-reward control: "
                   f"{100 * sum(control) / len(control):+.1f} ({', '.join(f'{100 * g:+.1f}' for g in control)}).",
-              f"- Wall time of `r1lab demo{' --arch deepseek-v3' if v3 else ''}`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
+              f"- Wall time of `r1lab demo{flags}`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
               f"base: {num_range([r['control_s'] for r in runs])} s.",
               "- Held-out pass@1 every 10 steps: " + "; ".join(
                   f"seed {r['seed']}: " + " / ".join(f"{100 * p:.0f}" for p in r["curve"]) for r in runs) + " (%)."]
@@ -464,7 +475,7 @@ def render_serve_mixed(mixed: dict) -> str:
             f"(p99 **{mixed['p99_ratio']:.2f}x**, {mixed['errors']} errors).")
 
 
-RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "bench": render_bench, "realshape": render_realshape,
+RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
              "realshape_lora": render_realshape_lora, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
@@ -488,6 +499,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", action="store_true")
     p.add_argument("--demo-v3", action="store_true")
+    p.add_argument("--demo-tools", action="store_true")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--realshape", action="store_true")
     p.add_argument("--realshape-lora", action="store_true")
@@ -511,7 +523,8 @@ def main(argv=None) -> None:
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
-             "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"), "bench": lambda: run_bench(a.workdir),
+             "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"),
+             "demo_tools": lambda: run_demo(a.seeds, a.workdir, tools="python"), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
              "continuous": lambda: run_continuous(a.workdir),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),

@@ -596,6 +596,7 @@ def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: T
     if not world.main:
         return
     log(f"grpo: held-out at step {step}: pass@1 {result.pass_at_1:.1%}, cons@{result.k} {result.cons_at_k:.1%}, "
-        f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens")
+        f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens"
+        + ("" if result.tool_calls is None else f", {result.tool_calls:.2f} tool calls per sample"))
     logger.log_eval(step, "heldout", result.to_dict())
     save_json(run / "eval" / f"step_{step:06d}.json", {"heldout": result})  # with every completion, for reading

@@ -14,6 +14,12 @@ low because it usually guesses: exactly the situation where RL with a verifier h
 behaviour is to think longer. Every column step reads digits at fixed offsets from the prompt, which is what lets a
 model of under a million parameters learn the procedure in a few CPU minutes. Only train-split problems are used,
 so held-out problems stay unseen.
+
+With `--tools python` (the tool demo's corpus, for problems no tiny model computes in its head, e.g. 347*285), the
+worked style is a call of the Python tool instead, written exactly as a rollout with tools reads it (r1lab/tools.py):
+" <think><python>print(347*285)</python><output>98895\n</output></think> <answer>98895</answer>"; a share of
+these calls miscopy one digit of the problem (the output, and so the answer, are then those of the miscopied
+product). Guessed and untagged documents are as above.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from r1lab.config import PretrainConfig, save_config
 from r1lab.model import CausalLM, ModelConfig, save_model
 from r1lab.model_facts import architecture_facts
 from r1lab.runtime import setup_training_process
+from r1lab.sandbox import ProgramResult
 from r1lab.sft import SUPERVISED_BETA2, lm_batch, train_lm
 from r1lab.tasks import get_task
-from r1lab.tasks.arithmetic import ArithmeticTask, evaluate
+from r1lab.tasks.arithmetic import ArithmeticTask, evaluate, render
 from r1lab.tasks.base import Problem
 from r1lab.templates import render_prompt
 from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer
+from r1lab.tools import ToolSpec, output_text
 from r1lab.train import make_optimizer
 
 GUESS_THOUGHT = "Easy."
@@ -75,11 +83,40 @@ def response(problem: Problem, rng: random.Random, mix: CorpusMix) -> str:
     if u < mix.think_share:
         steps, answer = column_steps(terms, rng, slip=rng.random() < mix.slip_rate)
         return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
+    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+
+
+def guessed(terms: list[int], ops: list[str], rng: random.Random, untagged: bool) -> str:
+    """The value of a look-alike problem (terms of the same lengths), as a guess in the format or in plain text."""
     look_alike = [rng.randint(10 ** (len(str(t)) - 1), 10 ** len(str(t)) - 1) for t in terms]
     guess = evaluate(look_alike, ops)
-    if u < mix.think_share + mix.untagged_share:
+    if untagged:
         return f" The answer is {guess}."
     return f" <think>{GUESS_THOUGHT}</think> <answer>{guess}</answer>"
+
+
+def tool_response(problem: Problem, rng: random.Random, mix: CorpusMix, spec: ToolSpec = ToolSpec()) -> str:
+    """One response of the tool corpus: a call of the Python tool (a share of them miscopying one digit), with the
+    output block a rollout appends for it (tools.output_text, so that pretraining and rollouts read alike), then
+    the answer it printed; or a guess, as in response()."""
+    terms, ops = problem.meta["terms"], problem.meta["ops"]
+    u = rng.random()
+    if u < mix.think_share:
+        if rng.random() < mix.slip_rate:
+            terms = miscopied(terms, rng)
+        value = evaluate(terms, ops)
+        block = output_text(ProgramResult(f"{value}\n", True), spec)
+        return f" <think>{spec.open}print({render(terms, ops)}){spec.close}{block}</think> <answer>{value}</answer>"
+    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+
+
+def miscopied(terms: list[int], rng: random.Random) -> list[int]:
+    """terms with one digit of one term changed (never into a leading zero)."""
+    i = rng.randrange(len(terms))
+    digits = list(str(terms[i]))
+    at = rng.randrange(len(digits))
+    digits[at] = rng.choice([d for d in "0123456789" if d != digits[at] and (at or d != "0")])
+    return [*terms[:i], int("".join(digits)), *terms[i + 1 :]]
 
 
 def worked_solution(problem: Problem) -> str:
@@ -94,11 +131,21 @@ def cold_start_conversations(task: ArithmeticTask, n: int, seed: int) -> list[di
             for p in task.problems("train", n, seed)]
 
 
-def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | None = None) -> list[tuple[Problem, str]]:
-    """n (problem, response) pairs drawn from the train split."""
+def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | None = None,
+                      tools: str = "") -> list[tuple[Problem, str]]:
+    """n (problem, response) pairs drawn from the train split; tools="python": the tool corpus."""
     mix = mix or CorpusMix()
     rng = random.Random(seed)
-    return [(p, response(p, rng, mix)) for p in task.problems("train", n, seed)]
+    write = tool_response if tools else response
+    return [(p, write(p, rng, mix)) for p in task.problems("train", n, seed)]
+
+
+def corpus_pairs(cfg: PretrainConfig, tokenizer: Tokenizer) -> list[tuple[str, str]]:
+    """The pretraining documents of cfg, as (rendered prompt, response) pairs."""
+    task = get_task(cfg.task, **cfg.task_options)
+    mix = CorpusMix(cfg.think_share, cfg.slip_rate, cfg.untagged_share)
+    return [(render_prompt(tokenizer, p.prompt, "r1zero"), r)
+            for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix, cfg.tools)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -114,9 +161,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     if cfg.task != "arithmetic":
         raise ValueError(f"pretrain builds its corpus for the arithmetic task family only, not {cfg.task!r}")
     tokenizer = build_tiny_tokenizer()
-    task = get_task(cfg.task, **cfg.task_options)
-    mix = CorpusMix(cfg.think_share, cfg.slip_rate, cfg.untagged_share)
-    pairs = [(render_prompt(tokenizer, p.prompt, "r1zero"), r) for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix)]
+    pairs = corpus_pairs(cfg, tokenizer)
     docs = tokenize_pairs(tokenizer, pairs)
     model = CausalLM(tiny_model_config(cfg, tokenizer))
     model.set_activation_checkpointing(cfg.activation_checkpointing)

@@ -22,7 +22,7 @@ _REWARD_STATS = {"reward/mean", "reward/std", "reward/min", "reward/max"}
 _DIAGNOSTICS = ("accuracy", "zero_variance_groups", "kl", "entropy", "clip_fraction", "loss", "grad_norm",
                 "tokens_per_s", "step_time_s", "lr")
 _TITLES = {"reward": "Reward", "heldout_accuracy": "Held-out accuracy", "completion_length": "Completion length",
-           "diagnostics": "Training diagnostics"}
+           "tool_use": "Tool use", "diagnostics": "Training diagnostics"}
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -100,6 +100,23 @@ def _plot_heldout(evals: list[dict], extra: dict[str, list[dict]], split: str, o
     return _save(fig, ax, out / "heldout_accuracy.png") if ax.lines else None
 
 
+def _plot_tool_use(rows: list[dict], evals: list[dict], extra_rows: dict[str, list[dict]],
+                   extra_evals: dict[str, list[dict]], split: str, out: Path) -> Path | None:
+    """With tool calls (r1lab/tools.py): the share of training rollouts that called a tool, and calls per held-out
+    sample; absent without tools."""
+    fig, ax = _figure("Tool use", "rate", percent=True)
+    series = {"": (rows, evals), **{f"{name}: ": (extra_rows[name], extra_evals.get(name, [])) for name in extra_rows}}
+    for prefix, (metrics, heldout) in series.items():
+        style = {"linestyle": "--"} if prefix else {}
+        steps, values = _series(metrics, "tools/rollouts_with_calls")
+        if values:
+            _line(ax, steps, values, f"{prefix}rollouts with a call (training)", **style)
+        steps, values = _series([r for r in heldout if r.get("split") == split], "tool_calls")
+        if values:
+            ax.plot(steps, values, marker="o", label=f"{prefix}calls per held-out sample", **style)
+    return _save(fig, ax, out / "tool_use.png") if ax.lines else None
+
+
 def _plot_length(rows: list[dict], out: Path) -> Path | None:
     fig, ax = _figure("Completion length", "tokens")
     for key, label, style in (("completion_len/mean", "mean", "-"), ("completion_len/max", "max", ":")):
@@ -144,6 +161,7 @@ def plot_curves(run_dir: Path, extra_runs: dict[str, Path] | None = None, split:
     plots = {
         "reward": _plot_reward(rows, extra_rows, out),
         "heldout_accuracy": _plot_heldout(evals, extra_evals, split, out),
+        "tool_use": _plot_tool_use(rows, evals, extra_rows, extra_evals, split, out),
         "completion_length": _plot_length(rows, out),
         "diagnostics": _plot_diagnostics(rows, out),
     }

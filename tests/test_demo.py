@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from r1lab.config import DemoConfig
 from r1lab.demo import run_demo
@@ -49,3 +50,23 @@ def test_the_deepseek_v3_demo_runs_beside_the_dense_one_and_compares_the_bases(t
     assert facts["dense"]["active_parameters"] == facts["dense"]["parameters"]
     assert 4 * facts["deepseek-v3"]["kv_cache_bytes_per_token_bf16"] <= \
         facts["deepseek-v3"]["multi_head_kv_cache_bytes_per_token_bf16"]
+
+
+def test_the_tool_demo_runs_in_its_own_directories_and_plots_the_tool_use(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path), tools="python", pretrain_steps=3, grpo_steps=1, eval_problems=4)
+    report = run_demo(cfg, log=lambda *_: None)
+    assert report == tmp_path / "grpo-tools" / "report" / "report.md"
+    assert "<python>" in (tmp_path / "base-tools" / "corpus_sample.txt").read_text()
+    grpo = yaml.safe_load((tmp_path / "grpo-tools" / "config.yaml").read_text())
+    assert grpo["tools"] == "python" and grpo["task_options"]["ops"] == "*"
+    text = report.read_text()
+    assert "tool_use.png" in text and (report.parent / "tool_use.png").exists() and "| tool_calls |" in text
+    assert "Tool calls per held-out sample went from" in text
+    metrics = [json.loads(line) for line in (tmp_path / "grpo-tools" / "metrics.jsonl").read_text().splitlines()]
+    assert "tools/rollouts_with_calls" in metrics[0]
+
+    control = run_demo(DemoConfig(out=str(tmp_path), tools="python", pretrain_steps=3, grpo_steps=1, eval_problems=4,
+                                  control="random-reward"), log=lambda *_: None)
+    assert control == tmp_path / "grpo-tools-random-reward" / "report" / "report.md"
+    assert "R1-Zero GRPO (verifier rewards), other run" in control.read_text()
+    assert not (tmp_path / "base").exists()  # the tool demo never touches the plain demo's runs

@@ -15,6 +15,10 @@ from r1lab.tasks.dataset import draw_unique
 # The demo's task (two 3-digit numbers to add), which "arithmetic" means when no task options are given: the task the
 # built-in tiny models are trained on, so that `r1lab eval --model runs/demo/grpo/model` evaluates what it learned.
 DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "+"}
+# The tool demo's task (`r1lab demo --tools python`): a product of two 3-digit numbers, which the tiny model cannot
+# compute in its head but can hand to the Python tool. Both numbers have 3 digits so that the call copies them from
+# fixed offsets (with 3- or 4-digit numbers, the 0.8M-parameter base had not learned to copy them after 600 steps).
+TOOL_DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "*"}
 _INT_RE = re.compile(r"-?[0-9]+")
 _MAX_ANSWER_CHARS = 1000  # longer "numbers" are junk, and int() refuses > 4300 digits anyway
 
