@@ -314,7 +314,7 @@ def render_demo(d: dict) -> str:
                   f"{100 * sum(control) / len(control):+.1f} ({', '.join(f'{100 * g:+.1f}' for g in control)}).",
               f"- Wall time of `r1lab demo{flags}`: {num_range([r['demo_s'] for r in runs])} s; the control, reusing the "
               f"base: {num_range([r['control_s'] for r in runs])} s.",
-              "- Held-out pass@1 every 10 steps: " + "; ".join(
+              "- Held-out pass@1 at each evaluation (every 10 steps; the tool demo every 20): " + "; ".join(
                   f"seed {r['seed']}: " + " / ".join(f"{100 * p:.0f}" for p in r["curve"]) for r in runs) + " (%)."]
     return "\n".join(lines)
 
