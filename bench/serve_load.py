@@ -47,12 +47,11 @@ import os
 import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -344,15 +343,20 @@ def latency_summary(results: list[Result]) -> dict:
             "error_examples": sorted({r.error for r in results if r.error})[:5]}
 
 
+def print_latency_rows(phases: dict[str, dict], width: int, tail: str) -> None:
+    """One row per phase: errors, p50, the tail percentile (p90 or p99), max latency, and whose cores were busy."""
+    print(f"{'phase':<{width}} {'errors':>6} {'p50':>9} {tail:>9} {'max':>9}  server / client / other cores")
+    for name, s in phases.items():
+        cpu = s["cpu"]
+        print(f"{name:<{width}} {s['errors']:>6} {s['p50_latency_s'] * 1000:>6.0f} ms "
+              f"{s[tail + '_latency_s'] * 1000:>6.0f} ms {s['max_latency_s'] * 1000:>6.0f} ms  "
+              f"{cpu['server_cores']:.2f} / {cpu['client_cores']:.2f} / {cpu['other_cores']:.2f}")
+
+
 def print_flood(phases: dict[str, dict], ratio: float, stats: dict, args) -> None:
     print(f"small client: chat, max_tokens {args.max_tokens}, {args.flood_small} requests one after another; "
           f"flood: {args.flood_prompts} prompts x {args.flood_max_tokens} tokens in one /v1/completions request")
-    print(f"{'phase':<12} {'errors':>6} {'p50':>9} {'p90':>9} {'max':>9}  server / client / other cores")
-    for name, s in phases.items():
-        cpu = s["cpu"]
-        print(f"{name:<12} {s['errors']:>6} {s['p50_latency_s'] * 1000:>6.0f} ms {s['p90_latency_s'] * 1000:>6.0f} ms "
-              f"{s['max_latency_s'] * 1000:>6.0f} ms  {cpu['server_cores']:.2f} / {cpu['client_cores']:.2f} / "
-              f"{cpu['other_cores']:.2f}")
+    print_latency_rows(phases, 12, "p90")
     print(f"\nunder flood / alone, p50 latency: {ratio:.2f}x (bar: <= 2x); flood completions still waiting at the "
           f"end: {phases['under flood']['flood_completions_waiting']}")
     print(f"server: {stats['steps']} decode steps, at most {stats['max_batch_rows']} rows at once, "
@@ -453,12 +457,7 @@ async def measure_mixed(url: str, server: subprocess.Popen, args) -> tuple[dict,
 def print_mixed(phases: dict[str, dict], long_results: list[Result], stats: dict, args) -> tuple[float, float]:
     print(f"short client: chat, max_tokens {args.max_tokens}, {args.mixed_short} requests one after another; long: "
           f"{args.mixed_long} completions of {args.mixed_long_tokens} tokens kept running (another client)")
-    print(f"{'phase':<18} {'errors':>6} {'p50':>9} {'p99':>9} {'max':>9}  server / client / other cores")
-    for name, s in phases.items():
-        cpu = s["cpu"]
-        print(f"{name:<18} {s['errors']:>6} {s['p50_latency_s'] * 1000:>6.0f} ms {s['p99_latency_s'] * 1000:>6.0f} ms "
-              f"{s['max_latency_s'] * 1000:>6.0f} ms  {cpu['server_cores']:.2f} / {cpu['client_cores']:.2f} / "
-              f"{cpu['other_cores']:.2f}")
+    print_latency_rows(phases, 18, "p99")
     idle, busy = phases["idle"], phases["long ones running"]
     p50, p99 = (busy[k] / idle[k] for k in ("p50_latency_s", "p99_latency_s"))
     print(f"\nlong ones running / idle: p50 {p50:.2f}x, p99 {p99:.2f}x (bar: p99 <= 2x)")

@@ -8,6 +8,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(scope="session")
+def sharp_engine():
+    """A factory of engines over a tiny random model with sharp distributions (a wrong key attended, or another
+    prompt, changes the tokens) and no stop ids (each test chooses its own): a fresh one per call."""
+    from r1lab.engine import Engine
+    from r1lab.model import CausalLM, ModelConfig
+    from r1lab.tokenizer import build_tiny_tokenizer
+
+    def make() -> Engine:
+        torch.manual_seed(0)
+        tok = build_tiny_tokenizer()
+        cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+        model = CausalLM(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+        tok.eos_ids = set()
+        return Engine(model.eval(), tok)
+
+    return make
+
+
 @pytest.fixture
 def tiny_config_kwargs():
     return dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

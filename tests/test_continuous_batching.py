@@ -12,7 +12,7 @@ import torch
 from r1lab import slots as slots_module
 from r1lab.config import PretrainConfig
 from r1lab.engine import Engine
-from r1lab.model import CausalLM, KVCache, ModelConfig
+from r1lab.model import CausalLM, KVCache
 from r1lab.pretrain import tiny_model_config
 from r1lab.static_decode import StaticDecoder
 from r1lab.tokenizer import build_tiny_tokenizer
@@ -23,17 +23,8 @@ SEEDS = [11, 12, 13, 14, 15, 16]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.manual_seed(0)
-    tok = build_tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)  # sharp distributions, so a wrong key attended changes the tokens
-    tok.eos_ids = set()
-    return Engine(model.eval(), tok)
+def engine(sharp_engine):
+    return sharp_engine()
 
 
 def ids(engine):

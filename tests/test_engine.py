@@ -9,17 +9,8 @@ from r1lab.tokenizer import build_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.manual_seed(0)
-    tok = build_tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)  # sharp distributions, so greedy paths differ between prompts
-    tok.eos_ids = set()  # each test chooses its own stop ids
-    return Engine(model.eval(), tok)
+def engine(sharp_engine):
+    return sharp_engine()
 
 
 PROMPTS = ["3+5+2", "12+7", "9"]

@@ -2,13 +2,9 @@
 seeded sequence's tokens do not depend on who else runs, joins, leaves or is parked beside it."""
 
 import pytest
-import torch
 
 from r1lab import live_batch as live_module
-from r1lab.engine import Engine
 from r1lab.live_batch import LiveBatch
-from r1lab.model import CausalLM, ModelConfig
-from r1lab.tokenizer import build_tiny_tokenizer
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
 SETTINGS = [dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=11),
@@ -20,17 +16,8 @@ SETTINGS = [dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=11),
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.manual_seed(0)
-    tok = build_tiny_tokenizer()
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)  # sharp distributions, so a wrong key attended changes the tokens
-    tok.eos_ids = set()
-    return Engine(model.eval(), tok)
+def engine(sharp_engine):
+    return sharp_engine()
 
 
 def run(batch: LiveBatch, events: dict[int, list] | None = None) -> dict[int, list]:
