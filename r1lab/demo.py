@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from r1lab.config import ARCHS, DemoConfig, PretrainConfig, tiny_grpo_config, tool_demo_settings
+from r1lab.config import (ARCHS, DemoConfig, PretrainConfig, tiny_grpo_config, tool_demo_pretrain_settings,
+                          tool_demo_settings)
 from r1lab.grpo import train
 from r1lab.pretrain import ARCHITECTURE_FILE
 from r1lab.report import eval_records, example_completions, write_report
@@ -29,11 +30,17 @@ def run_name(stage: str, arch: str, control: str = "none", tools: str = "") -> s
             + ("" if control == "none" else f"-{control}"))
 
 
+def base_settings(cfg: DemoConfig) -> dict:
+    """The pretraining settings the demo chooses: 600 steps; the tool demo's own corpus mix and steps."""
+    chosen = {"steps": 600, **(tool_demo_pretrain_settings() if cfg.tools else {})}
+    return {**chosen, **({"steps": cfg.pretrain_steps} if cfg.pretrain_steps else {})}
+
+
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     # The tiny base is pretrained, or reused when made with the same settings (e.g. for the control run).
     out = Path(cfg.out)
     tool_settings = tool_demo_settings() if cfg.tools else {}
-    pre = PretrainConfig(out=str(out / run_name("base", cfg.arch, tools=cfg.tools)), steps=cfg.pretrain_steps,
+    pre = PretrainConfig(**base_settings(cfg), out=str(out / run_name("base", cfg.arch, tools=cfg.tools)),
                          seed=cfg.seed, threads=cfg.threads, arch=cfg.arch, tools=cfg.tools,
                          task_options=tool_settings.get("task_options", {}))
     grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), out / run_name("grpo", cfg.arch, cfg.control, cfg.tools),
