@@ -118,6 +118,13 @@ def isolation_text() -> str:
     return ", ".join(active_layers()) or "no isolation layer"
 
 
+def tool_summary(spec: ToolSpec) -> str:
+    """What serve and chat say at start with --tools: the blocks they run, the limits, and what isolates the code
+    (in grpo's words)."""
+    return (f"python, {spec.open}...{spec.close} blocks (at most {spec.max_calls} per reply, {spec.timeout_s:g} s "
+            f"and {spec.memory_mb} MB each); tool calls run in the sandbox with {isolation_text()}")
+
+
 def block_code(turn_text: str, spec: ToolSpec) -> str | None:
     """The code of the block a turn ends with (turn_text ends with the close tag), or None without an opening tag."""
     body = turn_text[: len(turn_text) - len(spec.close)]
