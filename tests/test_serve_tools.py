@@ -234,3 +234,49 @@ def test_terminal_chat_runs_the_tool():
     text = out.getvalue()
     assert "tool calls run in the sandbox with" in text
     assert f"thinking: {CALL}" in text and "answer: 42" in text
+
+
+def run_jobs(batcher, jobs: list[tuple[str, int, int]]) -> dict[tuple[str, int, int], str]:
+    """Submit (client, seed, n) jobs of the question together; the text of each of their completions."""
+    from r1lab.serve.batcher import Done, Job, SamplingParams
+
+    tok = batcher.engine.tokenizer
+    prompt = tok.encode(render_conversation(tok, QUESTION, "auto"))
+    texts, finished, lock = {}, threading.Event(), threading.Lock()
+    total = sum(n for _, _, n in jobs)
+
+    def deliverer(client: str, seed: int):
+        def deliver(events) -> None:
+            with lock:
+                for e in events:
+                    assert isinstance(e, Done) or e.__class__.__name__ == "Delta", e
+                    if isinstance(e, Done):
+                        texts[client, seed, e.index] = e.text
+                if len(texts) == total:
+                    finished.set()
+        return deliver
+
+    for client, seed, n in jobs:
+        batcher.submit(Job(prompt, SamplingParams(max_tokens=300, n=n, seed=seed), deliverer(client, seed),
+                           stream=seed % 2 == 0, client=client))
+    assert finished.wait(60)
+    return texts
+
+
+def test_paused_rows_share_the_batch_fairly_and_keep_their_tokens():
+    from r1lab.serve.batcher import Batcher
+    from r1lab.tools import ToolSpec
+
+    jobs = [("heavy", 1, 3), ("heavy", 5, 3), ("light", 2, 1), ("other", 3, 2)]
+    alone = {}
+    for job in jobs:  # each job on an idle server
+        batcher = Batcher(tool_engine(), max_batch=8, tools=ToolSpec())
+        alone.update(run_jobs(batcher, [job]))
+        batcher.close()
+    crowded = Batcher(tool_engine(), max_batch=3, tools=ToolSpec())  # fewer slots than rows: parking, lanes
+    together = run_jobs(crowded, jobs)
+    crowded.close()
+    assert together == alone and len(together) == 9
+    assert all(text.startswith("<think>" + CALL) and text.endswith("<answer>42</answer>") for text in alone.values())
+    stats = crowded.stats
+    assert stats["tool_calls"] == 9 and stats["rows"] == 9 and stats["max_batch_rows"] == 3, stats

@@ -11,7 +11,9 @@ tokens in all. Clients share the batch's slots fairly (r1lab/serve/batcher.py); 
 With `--tools python` the server runs the model's tool calls itself (r1lab/tools.py, in the batcher): the code of a
 `<python>...</python>` block and its `<output>...</output>` are part of the completion's text, so inside `<think>`
 they reach the client in reasoning_content (streamed as they happen); usage.completion_tokens and max_tokens count the
-output's tokens too. OpenAI's `tools`/`functions` fields (functions the client runs) stay refused.
+output's tokens too (their logprobs, when asked, are 0.0: not sampled), and a block closed past max_tool_calls ends
+the completion with finish_reason "stop". OpenAI's `tools`/`functions` fields (functions the client runs) stay
+refused.
 """
 
 from __future__ import annotations
