@@ -481,7 +481,9 @@ class Batcher:
             ids, _ = output_tokens(result, self.tools, self.engine.tokenizer, row.job.params.max_tokens - len(row.ids))
             for token in ids:  # 0.0: a tool output's tokens were not sampled
                 self.stats["completion_tokens"] += 1
-                if row.push(token, events, 0.0) or row.done:  # a stop string inside the output, or max_tokens
+                if row.push(token, events, 0.0):  # a stop string inside the output
+                    self.stats["stopped_rows"] += 1
+                if row.done:  # that, or max_tokens reached
                     break
             if not row.done:
                 row.turn_start = len(row.ids)
