@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 import time
 
@@ -280,3 +281,27 @@ def test_paused_rows_share_the_batch_fairly_and_keep_their_tokens():
     assert all(text.startswith("<think>" + CALL) and text.endswith("<answer>42</answer>") for text in alone.values())
     stats = crowded.stats
     assert stats["tool_calls"] == 9 and stats["rows"] == 9 and stats["max_batch_rows"] == 3, stats
+
+
+def test_terminal_chat_ends_a_reply_past_max_tool_calls():
+    from rich.console import Console
+
+    from r1lab.chat import run_chat
+    from r1lab.config import ChatConfig
+
+    out = io.StringIO()
+    run_chat(ChatConfig(model="tiny", device="cpu", tools="python", max_tool_calls=1), io.StringIO("6*7?\n"),
+             Console(file=out, width=200, color_system=None), engine=tool_engine(loop=True))
+    text = out.getvalue()
+    assert f"thinking: {CALL}<python>print(6*7)</python>\n" in text
+    assert "[a tool call past max_tool_calls (1) ends the reply]" in text
+
+
+def test_logprobs_of_tool_output_tokens_are_zero(server):
+    tokens = chat(server.url, seed=3, logprobs=True)["choices"][0]["logprobs"]["content"]
+    pieces = [t["token"] for t in tokens]  # one character or tag per token
+    start, end = pieces.index("<output>"), pieces.index("</output>")
+    assert "".join(pieces[start : end + 1]) == "<output>42\n</output>"
+    # the output block's tokens were appended, not sampled: 0.0; the letter after it was drawn among 9 tokens
+    assert all(t["logprob"] == 0.0 for t in tokens[start : end + 1])
+    assert tokens[end + 1]["logprob"] == pytest.approx(-math.log(9), abs=1e-3)
