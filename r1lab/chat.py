@@ -4,12 +4,18 @@ Reads one message per line from stdin (typed, or piped: `printf 'What is 2+3?\n'
 streams each reply as it is sampled: the reasoning (<think>...</think>) dimmed under "thinking", then the answer,
 split exactly as the server's reasoning_content and content. `/reset` starts over, `/quit` (or end of input) leaves.
 It runs the engine in-process, with the same prompt rendering and text streaming as `r1lab serve`.
+
+With `--tools python` a reply runs tool calls as `r1lab serve` does (r1lab/tools.py): a closed `<python>...</python>`
+block's code runs in the sandbox and its `<output>...</output>` is shown (in the reasoning, when the block is there)
+and appended to the reply, which goes on from it with its turn's own seed; the output's tokens count against
+max_tokens, and a block closed past max_tool_calls ends the reply.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from rich.console import Console
 
@@ -20,6 +26,8 @@ from r1lab.runtime import setup_training_process
 from r1lab.serve.reasoning import ReasoningSplitter
 from r1lab.serve.textstream import TextStream
 from r1lab.templates import render_conversation, starts_in_think
+from r1lab.tools import (ToolSpec, block_code, call_tool, closes_block, output_tokens, run_in_sandbox, tool_summary,
+                         turn_seed)
 
 
 class ReplyView:
@@ -51,7 +59,8 @@ class ReplyView:
 
 
 def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view: ReplyView) -> tuple[str, str]:
-    """Sample one reply to the conversation, printing it as it streams. Returns (answer text, finish reason)."""
+    """Sample one reply to the conversation (tool calls included, with --tools), printing it as it streams. Returns
+    (answer text, finish reason)."""
     tok = engine.tokenizer
     prompt_text = render_conversation(tok, messages, cfg.template) + cfg.prefill
     ids = tok.encode(prompt_text)
@@ -65,16 +74,40 @@ def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view
         answer.append(content)
         view.show(reasoning, content)
 
-    def on_step(_rows: list[int], tokens: list[int]) -> None:
+    def feed(tokens: list[int]) -> None:
         for t in tokens:
             show(*splitter.feed(text.push(t)))
 
-    sample = engine.generate([ids], max_new_tokens=min(cfg.max_tokens, room), temperature=cfg.temperature,
-                             top_p=cfg.top_p, seed=[seed], on_step=on_step)[0]
+    tokens, reason, note = _turns(engine, ids, cfg, seed, min(cfg.max_tokens, room), feed)
     show(*splitter.feed(text.flush()))
     show(*splitter.finish())
-    view.close(f"[{len(sample.token_ids)} tokens, cut at max_tokens]" if sample.finish_reason == "length" else "")
-    return "".join(answer), sample.finish_reason
+    view.close(note or (f"[{tokens} tokens, cut at max_tokens]" if reason == "length" else ""))
+    return "".join(answer), reason
+
+
+def _turns(engine: Engine, ids: list[int], cfg: ChatConfig, seed: int, budget: int,
+           feed: Callable[[list[int]], None]) -> tuple[int, str, str]:
+    """Generate a reply turn by turn, feeding every token (the model's as sampled, a tool output's when it is back)
+    to `feed`: without tools, one turn. Returns (tokens, finish reason, a note on why it ended, or "")."""
+    spec = ToolSpec.of(cfg)
+    completion: list[int] = []
+    for turn in itertools.count():
+        sample = engine.generate([ids + completion], max_new_tokens=budget - len(completion),
+                                 temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=[seed if turn == 0 else turn_seed(seed, 0, turn)],
+                                 stop_strings=(spec.close,) if spec else (), on_step=lambda _rows, t: feed(t))[0]
+        completion += sample.token_ids
+        if spec is None or sample.finish_reason != "stop" or \
+                not closes_block(sample.text, sample.token_ids, spec, engine.tokenizer.eos_ids):
+            return len(completion), sample.finish_reason, ""
+        if turn >= spec.max_calls:  # this block is call max_calls + 1
+            return len(completion), "stop", f"[a tool call past max_tool_calls ({spec.max_calls}) ends the reply]"
+        result = call_tool(block_code(sample.text, spec), spec, run_in_sandbox)
+        out, _ = output_tokens(result, spec, engine.tokenizer, budget - len(completion))
+        feed(out)
+        completion += out
+        if len(completion) >= budget:
+            return len(completion), "length", ""
 
 
 def user_lines(source: TextIO, console: Console) -> Iterator[str]:
@@ -104,6 +137,8 @@ def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | N
     messages = list(opening)
     console.print(f"r1lab chat with {cfg.model}: one message per line, /reset to start over, /quit to leave",
                   style="dim", markup=False, highlight=False)
+    if cfg.tools:
+        console.print(f"tools: {tool_summary(ToolSpec.of(cfg))}", style="dim", markup=False, highlight=False)
     for turn, line in enumerate(user_lines(source or sys.stdin, console)):
         if line in ("/quit", "/exit"):
             break

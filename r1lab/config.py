@@ -244,7 +244,8 @@ def _optional_tag_problem(value: str) -> str | None:
 OPTIONAL_TAG = dict(rule=_optional_tag_problem, allowed='"" or a tag name: letters, digits, _ and -')
 
 
-# Tool calls inside rollouts (r1lab/tools.py), declared alike by grpo, eval and sample (the settings of one ToolSpec).
+# Tool calls inside rollouts (r1lab/tools.py), declared alike by grpo, eval, sample, serve and chat (one ToolSpec's
+# settings).
 def tools_setting():
     return setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and its '
                        'output is appended as <output>...</output> ("" = no tools)', choices=("", "python"))
@@ -978,6 +979,16 @@ class ServeConfig(Settings):
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
     log_level: str = setting("info", "uvicorn's and the server's log level",
                              choices=("critical", "error", "warning", "info", "debug", "trace"))
+    tools: str = tools_setting()
+    tool_tag: str = tool_tag_setting()
+    tool_output_tag: str = tool_output_tag_setting()
+    max_tool_calls: int = max_tool_calls_setting()
+    tool_timeout_s: float = tool_timeout_setting()
+    tool_memory_mb: int = tool_memory_setting()
+    tool_output_chars: int = tool_output_chars_setting()
+
+    def rules(self) -> list[str]:
+        return tool_problems(self)
 
 
 @dataclass
@@ -995,9 +1006,19 @@ class ChatConfig(Settings):
     top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
     max_tokens: int = setting(1024, "reply length limit, in tokens", ge=1)
     seed: int = setting(0, "reply i is sampled with seed + i: a piped conversation replays exactly", **SEED)
+    tools: str = tools_setting()
+    tool_tag: str = tool_tag_setting()
+    tool_output_tag: str = tool_output_tag_setting()
+    max_tool_calls: int = max_tool_calls_setting()
+    tool_timeout_s: float = tool_timeout_setting()
+    tool_memory_mb: int = tool_memory_setting()
+    tool_output_chars: int = tool_output_chars_setting()
     device: str = setting("auto", "where to run (auto: cuda when available, else cpu)", **DEVICE)
     dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
+
+    def rules(self) -> list[str]:
+        return tool_problems(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from r1lab.runtime import setup_training_process
 from r1lab.sharding import full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.sandbox import active_layers
 from r1lab.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
-from r1lab.tools import ToolSpec, generate_with_tools
+from r1lab.tools import ToolSpec, generate_with_tools, isolation_text
 from r1lab.train import (LOGITS_CHUNK_BYTES, EpochOrder, constant_lr, idle_pass, lora_spec, make_optimizer,
                          optimizer_step, resume_run, save_final, save_run_config, set_lr, token_logprobs,
                          training_precision)
@@ -583,7 +583,7 @@ def sandbox_metrics(task: Task, log, tools: str = "") -> dict:
     layers = active_layers()
     what = "code rewards" if not tools else "tool calls" if not isinstance(task, (CodeTask, CodeFileTask)) else \
         "code rewards and tool calls"
-    log(f"grpo: {what} run in the sandbox with {', '.join(layers) or 'no isolation layer'}")
+    log(f"grpo: {what} run in the sandbox with {isolation_text()}")
     return {f"sandbox/{layer}": 1.0 for layer in layers}
 
 

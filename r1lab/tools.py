@@ -1,4 +1,4 @@
-"""Tool calls inside rollouts: `r1lab grpo --tools python` (and eval, sample with the same settings).
+"""Tool calls inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with the same settings).
 
 When the model closes a tool block (`<python>...</python>` by default), that rollout pauses: the block's code runs
 in the code sandbox (r1lab/sandbox.py: a fresh process, time and memory limits), what it printed (cut to
@@ -11,7 +11,8 @@ max_new_tokens.
 generate_with_tools drives Engine.generate turn by turn: turn 0 samples every rollout with the close tag as a stop
 string; each later turn continues the rollouts that stopped on it, each as its own prompt (prompt + completion so
 far) with a seed drawn from (its prompt's seed, its sample index, the turn), so a rollout's tokens do not depend on
-what else is in the batch.
+what else is in the batch. The server (r1lab/serve/batcher.py) and the terminal chat (r1lab/chat.py) run the same
+turns with the helpers below (closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from r1lab.policy import step_seed
-from r1lab.sandbox import ProgramResult, run_program
+from r1lab.sandbox import ProgramResult, active_layers, run_program
 
 TOOLS = ("", "python")  # "" = no tools
 
@@ -75,6 +76,53 @@ Runner = Callable[[str, ToolSpec], ProgramResult]
 def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
     return run_program(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
                        max_output_bytes=4 * spec.output_chars + 64)
+
+
+def closes_block(turn_text: str, token_ids: list[int], spec: ToolSpec, eos_ids: set[int]) -> bool:
+    """Whether a turn that stopped did so by closing a tool block: its text (cut at the stop string, as
+    Engine.generate cuts it) ends with the close tag, and it did not end with end-of-text after it."""
+    return turn_text.endswith(spec.close) and not (token_ids and token_ids[-1] in eos_ids)
+
+
+def cut_at_close(turn_text: str, spec: ToolSpec) -> str:
+    """A turn's text up to its first close tag: the engine stops there, but the token that completed the tag may
+    carry more characters (Engine.generate cuts Sample.text the same way)."""
+    end = turn_text.find(spec.close)
+    return turn_text if end < 0 else turn_text[: end + len(spec.close)]
+
+
+def call_tool(code: str | None, spec: ToolSpec, runner: Runner) -> ProgramResult | None:
+    """Run a block's code (None: the block had no opening tag, nothing to run). A runner that raises (the sandbox
+    could not start a process) is a failed call the model reads about, not a crashed rollout."""
+    if code is None:
+        return None
+    try:
+        return runner(code, spec)
+    except Exception as err:  # noqa: BLE001 - anything the runner raises becomes the call's error
+        return ProgramResult("", False, error=f"the tool could not run: {type(err).__name__}: {err}")
+
+
+def output_tokens(result: ProgramResult | None, spec: ToolSpec, tokenizer: Any, room: int) -> tuple[list[int], str]:
+    """The output block's tokens and text as the model reads them, at most `room` tokens (the rollout's token budget
+    left): an output that fills it is cut there, and the rollout ends by length."""
+    text = output_text(result, spec)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) >= room:
+        ids = ids[: max(room, 0)]
+        text = tokenizer.decode(ids)
+    return ids, text
+
+
+def isolation_text() -> str:
+    """The sandbox's isolation layers on this machine, as the commands that run code say at start."""
+    return ", ".join(active_layers()) or "no isolation layer"
+
+
+def tool_summary(spec: ToolSpec) -> str:
+    """What serve and chat say at start with --tools: the blocks they run, the limits, and what isolates the code
+    (in grpo's words)."""
+    return (f"python, {spec.open}...{spec.close} blocks (at most {spec.max_calls} per reply, {spec.timeout_s:g} s "
+            f"and {spec.memory_mb} MB each); tool calls run in the sandbox with {isolation_text()}")
 
 
 def block_code(turn_text: str, spec: ToolSpec) -> str | None:
@@ -153,8 +201,7 @@ def _add_turn(r: _Rollout, sample: Any, spec: ToolSpec, eos_ids: set[int]) -> No
     out.model_mask += [True] * len(sample.token_ids)
     out.text += sample.text
     out.finish_reason = sample.finish_reason
-    closed = sample.finish_reason == "stop" and sample.text.endswith(spec.close)
-    if closed and not (sample.token_ids and sample.token_ids[-1] in eos_ids):
+    if sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, spec, eos_ids):
         r.pending = sample.text
 
 
@@ -166,18 +213,16 @@ def _run_calls(pending: list[_Rollout], spec: ToolSpec, runner: Runner, tokenize
     allowed = [r for r in pending if r.out.calls <= spec.max_calls]
     codes = [block_code(r.pending, spec) for r in allowed]
     with ThreadPoolExecutor(max_workers=max(1, min(len(allowed), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda code: None if code is None else runner(code, spec), codes))
+        results = list(pool.map(lambda code: call_tool(code, spec, runner), codes))
     for r in pending:
         if r.out.calls > spec.max_calls:
             r.out.failures += 1
             r.out.finish_reason, r.pending = "tool_limit", None
     for r, result in zip(allowed, results):
         r.out.failures += result is None or not result.ok
-        text = output_text(result, spec)
-        ids = tokenizer.encode(text, add_special_tokens=False)
         room = max_new_tokens - len(r.out.token_ids)
+        ids, text = output_tokens(result, spec, tokenizer, room)
         if len(ids) >= room:  # the output fills the budget: the rollout ends there, cut by length
-            ids, text = ids[:room], tokenizer.decode(ids[:room])
             r.out.finish_reason, r.pending = "length", None
         r.out.token_ids += ids
         r.out.logprobs += [0.0] * len(ids)

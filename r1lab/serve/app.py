@@ -7,6 +7,13 @@ request gets a 4xx with an OpenAI-style body {"error": {"message", "type", "para
 sends should crash the server or leave a connection hanging: bodies are parsed strictly (r1lab/serve/protocol.py),
 must arrive within body_timeout_s (else 408), and a request may ask for at most max_request_tokens completion
 tokens in all. Clients share the batch's slots fairly (r1lab/serve/batcher.py); a client is its remote address.
+
+With `--tools python` the server runs the model's tool calls itself (r1lab/tools.py, in the batcher): the code of a
+`<python>...</python>` block and its `<output>...</output>` are part of the completion's text, so inside `<think>`
+they reach the client in reasoning_content (streamed as they happen); usage.completion_tokens and max_tokens count the
+output's tokens too (their logprobs, when asked, are 0.0: not sampled), and a block closed past max_tool_calls ends
+the completion with finish_reason "stop". OpenAI's `tools`/`functions` fields (functions the client runs) stay
+refused.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1lab.templates import render_conversation, starts_in_think
 from r1lab.tokenizer import byte_symbols
+from r1lab.tools import Runner, ToolSpec, run_in_sandbox, tool_summary
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("r1lab.serve")
@@ -61,16 +69,18 @@ def load_engine(cfg: ServeConfig) -> Engine:
     return Engine(model.eval(), tokenizer)
 
 
-def create_app(model_dir: str | Path, engine: Engine | None = None, **settings) -> FastAPI:
-    """The app for a model directory; settings are ServeConfig fields (api_key=..., max_batch=...)."""
+def create_app(model_dir: str | Path, engine: Engine | None = None, runner: Runner = run_in_sandbox,
+               **settings) -> FastAPI:
+    """The app for a model directory; settings are ServeConfig fields (api_key=..., max_batch=...); runner runs
+    the tool calls (with tools="python"; tests wrap the sandbox's)."""
     cfg = ServeConfig(model=str(model_dir), **settings)
     cfg.check()
-    return build_app(cfg, engine or load_engine(cfg))
+    return build_app(cfg, engine or load_engine(cfg), runner)
 
 
-def build_app(cfg: ServeConfig, engine: Engine) -> FastAPI:
+def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox) -> FastAPI:
     batcher = Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
-                      max_pending=cfg.max_pending)
+                      max_pending=cfg.max_pending, tools=ToolSpec.of(cfg), runner=runner)
     state = ServerState(cfg, engine, batcher,
                         cfg.served_model_name or Path(cfg.model).resolve().name,
                         cfg.max_model_len or engine.model.config.max_position_embeddings, int(time.time()))
@@ -114,7 +124,12 @@ def startup_message(state: ServerState) -> str:
     key = '"YOUR_API_KEY" (the --api-key you set)' if cfg.api_key else '"none" (any: no --api-key is set)'
     return (f"r1lab serve: model '{state.model_id}' ({state.context_len} tokens of context) on {url}{where}\n"
             f"  OpenAI clients: base_url=\"{url}/v1\", model=\"{state.model_id}\", api_key={key}\n"
-            f"  chat page: {url}/")
+            f"  chat page: {url}/{tools_line(state.batcher.tools)}")
+
+
+def tools_line(spec: ToolSpec | None) -> str:
+    """With --tools: that the server runs the model's tool calls, and what isolates them."""
+    return "" if spec is None else f"\n  tools: {tool_summary(spec)}"
 
 
 def _log_like_uvicorn(level: str) -> None:

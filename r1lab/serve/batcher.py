@@ -20,6 +20,14 @@ worker steps one lane at a time, the light one taking LIGHT_SHARE (2/3) of the e
 takes at most about 1.5 times as long as on an idle server, and the heavy rows, never stopped, keep a third of the
 time while light requests run. Otherwise both lanes step every time (all rows are in one of them, mostly).
 
+With tools (`r1lab serve --tools python`, r1lab/tools.py), a row's sequence also stops at the tool block's close
+tag. The row then pauses: it leaves the batch (holding no slot), and its code runs in the sandbox on a small thread
+pool, off the worker, so the other rows keep decoding. When the call is back, its output block is appended to the row
+(streamed as text like the model's, counted in its tokens and its max_tokens) and the row goes back to the front of
+its client's queue; admitted again, it runs as a new sequence whose prompt is the request's prompt and the completion
+so far (prefilled again, as generate_with_tools does), seeded per turn (tools.turn_seed), so a seeded completion is
+the same whatever else runs. A block closed past max_tool_calls ends the row (finish_reason "stop").
+
 Each step, a row's new token becomes events for its request: text deltas (when the request streams or has stop
 strings), then one Done. Rows end early when their request's client went away (`Job.cancel()`), freeing their slot
 at the next step, or when they completed a stop string. Events reach the request through its `deliver` function,
@@ -29,14 +37,18 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from r1lab.engine import Engine
 from r1lab.live_batch import LiveBatch, Sequence, StepToken
+from r1lab.sandbox import ProgramResult
 from r1lab.serve.textstream import TextStream
+from r1lab.tools import Runner, ToolSpec, block_code, call_tool, cut_at_close, output_tokens, run_in_sandbox, turn_seed
 
 log = logging.getLogger("r1lab.serve")
 MAX_WAIT_FACTOR = 10  # an idle worker starts at most this many batch_wait_s after a first request
@@ -71,10 +83,11 @@ class Delta:
 @dataclass
 class Done:
     index: int
-    finish_reason: str  # "stop" (end-of-text or a stop string) or "length"
-    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-text, a stop string, a tool call past the limit) or "length"
+    completion_tokens: int  # tool outputs' tokens included: they fill max_tokens like the model's
     text: str  # the whole completion text, cut before a stop string
-    logprobs: list[TokenLogprob] | None = None  # every completion token, end-of-text and stop string included
+    logprobs: list[TokenLogprob] | None = None  # every completion token, end-of-text and stop string included;
+    # a tool output's tokens carry 0.0 (they were not sampled)
 
 
 @dataclass
@@ -117,6 +130,17 @@ class _Row:
         self.logprobs_sent = 0  # how many went out in Deltas
         self.seq: int | None = None  # its id in the LiveBatch once started (a parked row keeps it)
         self.parked: Sequence | None = None  # taken out of its batch, waiting in its client's queue
+        self.calls = 0  # tool blocks closed: also the turn its next sequence is (each call starts one)
+        self.turn_start = 0  # where in ids the current turn's tokens start
+        self.calling = False  # its tool call runs: out of every batch and queue until it is back
+
+    def sequence_args(self, stops: tuple[str, ...]) -> dict:
+        """LiveBatch.add's arguments for the row's current turn: the prompt and the completion so far, the tokens
+        left, and the turn's own seed (a pure function of the request's seed, the row and the turn)."""
+        p = self.job.params
+        seed = _row_seed(p.seed, self.index) if self.calls == 0 else turn_seed(p.seed, self.index, self.calls)
+        return dict(prompt_ids=self.job.prompt_ids + self.ids, max_new_tokens=p.max_tokens - len(self.ids),
+                    temperature=p.temperature, top_p=p.top_p, seed=seed, stop_strings=stops)
 
     def push(self, token: int, events: list[Event], logprob: float | None = None) -> bool:
         """Record one token, adding this row's events; True when the row must be ended now (a stop string)."""
@@ -159,15 +183,23 @@ class _Row:
 class Batcher:
     """The engine's only user while serving: submit() from any thread, continuous batches on the worker."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, batch_wait_s: float = 0.005, max_pending: int = 4096):
+    def __init__(self, engine: Engine, *, max_batch: int = 64, batch_wait_s: float = 0.005, max_pending: int = 4096,
+                 tools: ToolSpec | None = None, runner: Runner = run_in_sandbox):
         self.engine = engine
         self.max_batch, self.batch_wait_s, self.max_pending = max_batch, batch_wait_s, max_pending
+        self.tools, self.runner = tools, runner
+        self._stops = (tools.close,) if tools else ()  # a row's sequence stops where it closes a tool block
+        # Each call is a process of its own: the threads only wait for them, a few per core at most.
+        self._pool = ThreadPoolExecutor(max(1, min(max_batch, 2 * (os.cpu_count() or 1))), "r1lab-tool") \
+            if tools else None
+        self._calling: set[_Row] = set()  # rows whose tool call runs
+        self._back: list[tuple[_Row, ProgramResult | None]] = []  # calls done, for the worker to append
         # batches: busy spells (the worker starting from idle); rows: completions started; max_batch_rows: the most
         # running at once; parked_rows: rows set aside for a client under its share; moved_rows: rows moved to the
         # other lane; light_steps: steps of the light lane alone (see _lanes_to_step)
         self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "aborted_rows": 0, "stopped_rows": 0,
                       "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "steps": 0,
-                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0}
+                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0, "tool_calls": 0, "tool_limit_rows": 0}
         self._lanes = [LiveBatch(engine, max_batch), LiveBatch(engine, max_batch)]  # LIGHT, HEAVY
         self._lane_time = [0.0, 0.0]  # seconds each lane stepped since light and heavy clients both run
         self._running: dict[int, _Row] = {}  # by LiveBatch id; the worker's alone
@@ -199,11 +231,17 @@ class Batcher:
         with self._cond:
             self._closing = True
             waiting = {r.job: None for q in self._queues.values() for r in q}
+            waiting.update({r.job: None for r in self._calling})
+            waiting.update({r.job: None for r, _ in self._back})
             self._queues.clear()
+            self._calling.clear()
+            self._back.clear()
             self._waiting = 0
             self._cond.notify()
         for job in waiting:
             job.deliver([Failed("the server is shutting down")])
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout)
 
     @property
@@ -224,10 +262,10 @@ class Batcher:
                 self._step()
 
     def _gather(self) -> bool:
-        """Nothing runs: wait for a first row, then for more until none came for batch_wait_s or max_batch rows
-        wait. False: closing."""
+        """Nothing runs: wait for a first row (or a tool call back), then for more until none came for batch_wait_s
+        or max_batch rows wait. False: closing."""
         with self._cond:
-            while not self._queues and not self._closing:
+            while not self._queues and not self._back and not self._closing:
                 self._cond.wait()
             if self._closing:
                 return False
@@ -245,6 +283,7 @@ class Batcher:
     def _admit(self) -> None:
         """Free slots to waiting rows, fairly; first park rows of the client holding the most when a client under
         its share waits and no slot is free for it."""
+        self._take_back_calls()
         with self._cond:
             if not self._queues:
                 return
@@ -256,11 +295,8 @@ class Batcher:
         for row in rows:
             lane = lane_of.get(row.job.client, LIGHT)  # beside the client's other rows; _sort_lanes may move it
             if row.parked is None:
-                p = row.job.params
-                row.seq = self._lanes[lane].add(row.job.prompt_ids, max_new_tokens=p.max_tokens,
-                                                temperature=p.temperature, top_p=p.top_p,
-                                                seed=_row_seed(p.seed, row.index))
-                self.stats["rows"] += 1
+                row.seq = self._lanes[lane].add(**row.sequence_args(self._stops))
+                self.stats["rows"] += row.calls == 0  # a row back from a tool call is the same completion
             else:
                 self._lanes[lane].put(row.parked)
                 row.parked = None
@@ -384,11 +420,78 @@ class Batcher:
         if row.push(t.token, events[row.job], t.logprob):
             self.stats["stopped_rows"] += 1
         elif t.finish_reason is not None and not row.done:  # the engine ended a row we did not see end
-            row.finish(t.finish_reason, events[row.job])
-        if row.done:
+            if self._closed_block(t):
+                self._call(row, events[row.job])
+            else:
+                row.finish(t.finish_reason, events[row.job])
+        if row.done or row.calling:
             if t.finish_reason is None:
                 lane.cancel(t.seq)
             del self._running[t.seq], self._lane[t.seq]
+
+    # --- tool calls (worker thread, but for _call_done) ------------------------------------------------------------
+
+    def _closed_block(self, t: StepToken) -> bool:
+        """Whether a sequence's "stop" was its tool block's close tag (its only stop string) rather than end-of-text."""
+        return self.tools is not None and t.finish_reason == "stop" and t.token not in self.engine.tokenizer.eos_ids
+
+    def _call(self, row: _Row, events: list[Event]) -> None:
+        """The row closed a tool block: past max_tool_calls it ends ("stop"); else it pauses, out of the batch,
+        while its code runs on the pool."""
+        row.calls += 1
+        if row.calls > self.tools.max_calls:
+            self.stats["tool_limit_rows"] += 1
+            row.finish("stop", events)
+            return
+        turn = cut_at_close(self.engine.tokenizer.decode(row.ids[row.turn_start:]), self.tools)
+        code = block_code(turn, self.tools)
+        with self._cond:
+            if self._closing:
+                events.append(Failed("the server is shutting down"))
+                row.done = True
+                return
+            row.calling = True
+            self._calling.add(row)
+            self.stats["tool_calls"] += 1
+            future = self._pool.submit(call_tool, code, self.tools, self.runner)
+        future.add_done_callback(lambda f: self._call_done(row, f))
+
+    def _call_done(self, row: _Row, future: Future) -> None:
+        """A pool thread: hand the result to the worker (woken if it idles) unless the server closed meanwhile."""
+        if future.cancelled():
+            return
+        with self._cond:
+            if row not in self._calling:  # closing: its request was told
+                return
+            self._calling.discard(row)
+            self._back.append((row, future.result()))
+            self._cond.notify()
+
+    def _take_back_calls(self) -> None:
+        """Append the outputs of the calls that are back to their rows (text events, tokens counted against
+        max_tokens), and queue the rows that go on at the front of their clients' queues."""
+        with self._cond:
+            back, self._back = self._back, []
+        for row, result in back:
+            row.calling = False
+            if row.job.cancelled:
+                self.stats["aborted_rows"] += 1
+                continue
+            events: list[Event] = []
+            ids, _ = output_tokens(result, self.tools, self.engine.tokenizer, row.job.params.max_tokens - len(row.ids))
+            for token in ids:  # 0.0: a tool output's tokens were not sampled
+                self.stats["completion_tokens"] += 1
+                if row.push(token, events, 0.0):  # a stop string inside the output
+                    self.stats["stopped_rows"] += 1
+                if row.done:  # that, or max_tokens reached
+                    break
+            if not row.done:
+                row.turn_start = len(row.ids)
+                with self._cond:
+                    self._queues.setdefault(row.job.client, collections.deque()).appendleft(row)
+                    self._waiting += 1
+            if events:
+                row.job.deliver(events)
 
     def _fail_running(self, err: Exception) -> None:
         log.exception("generation failed")

@@ -127,7 +127,8 @@ class ChatRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
     def rules(self) -> list[Rule]:
-        no_tools = "this server has no tool calling; leave it out"
+        no_tools = ("this server takes no client-side functions to call (its own tool, `r1lab serve --tools python`, "
+                    "runs inside the completion); leave it out")
         return super().rules() + [
             ("top_logprobs", lambda v: v == 0, "this server returns the log-prob of each sampled token "
              "(logprobs: true) but not the alternatives; send 0 or leave it out"),
