@@ -33,8 +33,24 @@ Limits of the design: without bubblewrap, the audit hook is an in-process guard,
 trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
 object the solution returns (a class instance, a generator) cannot be judged.
 
-The tool calls of a rollout (r1lab/tools.py) run through run_program in the same sandbox: the program runs once
-and what it prints, rather than a report of return values, comes back; nothing is judged on it.
+The tool calls of a rollout (r1lab/tools.py) run in the same sandbox: the program runs once and what it prints,
+rather than a report of return values, comes back; nothing is judged on it. run_program starts a process per call;
+run_program_pooled, which the tools use, gets the same result from a fork server.
+
+The fork server. Starting the sandbox (bubblewrap, then a Python interpreter) costs 40-60 ms of CPU, and a GRPO run
+with tools makes thousands of calls. So run_program_pooled keeps a pool of servers (one per worker thread, up to the
+CPU count, per configuration of limits; stopped at exit): each is started exactly like the one-shot child (the same
+bubblewrap namespaces and mounts, its own process group) with `--server`, loads once, and per call forks a child.
+The server itself never runs candidate code; what would stop it forking or cannot be undone is applied in each
+forked child, before the code runs, in the one-shot child's order: its own process group (killed whole by the
+server at the wall-clock timeout or past the output limit), stdio on a fresh pipe and every other fd closed, the
+resource limits, uid nobody with RLIMIT_NPROC = 0 (when root), the previous call's files cleared (and /tmp,
+/dev/shm under bubblewrap; a child that cannot clear them exits, and the server is replaced), a fresh working
+directory, the audit hook. A call therefore starts from the server's pristine memory: nothing a call does (globals,
+monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces a deadline on the
+server too: a server that dies or does not answer is killed, the call in flight gets an error result, and the next
+call starts a new server. What the calls of one server share is that they run one after another in the same
+namespaces (a call's child can neither fork nor outlive its call, so nothing of it is left running).
 
     from r1lab.sandbox import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
@@ -58,6 +74,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -455,6 +472,7 @@ class _ServerFailure(Exception):
         self.retry = retry
 
 
+_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1lab-sandbox-start")
 _RESPONSE_HEADER = 14  # b"R", exit status (4 bytes, signed), timed out (1), output length (8)
 _SERVER_GRACE_S = 5.0  # past the call's own timeout, which the server enforces: its start, fork, reaping
 
@@ -500,10 +518,12 @@ class _ForkServer:
         argv = _bwrap_argv(config.file_mb) if config.bwrapped else [sys.executable, "-I", "-S", "-B",
                                                                     str(CHILD_SCRIPT)]
         home = _SANDBOX_DIR if config.bwrapped else self.workdir
-        self.proc = subprocess.Popen(argv + [SERVER_FLAG], cwd=self.workdir or "/",
-                                     env={**_ENV, "HOME": home, "TMPDIR": home}, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                                     close_fds=True)
+        # Started from one long-lived thread: bubblewrap's --die-with-parent kills the sandbox when the *thread*
+        # that started it ends, and tool calls run on short-lived worker threads.
+        self.proc = _STARTER.submit(
+            subprocess.Popen, argv + [SERVER_FLAG], cwd=self.workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True).result()
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
         limits = {"cpu_s": config.cpu_s, "memory_mb": config.memory_mb, "file_mb": config.file_mb,
@@ -581,17 +601,17 @@ class _ServerPool:
     def __init__(self, config: _ServerConfig, size: int):
         self.config, self.size = config, size
         self.idle: list[_ForkServer] = []
-        self.made = 0
+        self.made: list[_ForkServer] = []
         self.ready = threading.Condition()
 
     def acquire(self) -> _ForkServer:
         with self.ready:
-            while not self.idle and self.made >= self.size:
+            while not self.idle and len(self.made) >= self.size:
                 self.ready.wait()
             if self.idle:
                 return self.idle.pop()
-            self.made += 1
-        return _ForkServer(self.config)
+            self.made.append(_ForkServer(self.config))
+            return self.made[-1]
 
     def release(self, server: _ForkServer) -> None:
         with self.ready:
@@ -599,11 +619,10 @@ class _ServerPool:
             self.ready.notify()
 
     def close(self) -> None:
-        """Stop the idle servers (at exit, no call is in flight)."""
-        with self.ready:
-            servers, self.idle = self.idle, []
-        for server in servers:
-            server.stop()
+        """Stop the idle servers' processes (at exit, no call is in flight); a later call starts them again."""
+        with self.ready:  # held: no thread takes a server while it is being stopped
+            for server in self.idle:
+                server.stop()
 
 
 _POOLS: dict[_ServerConfig, _ServerPool] = {}
