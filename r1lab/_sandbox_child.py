@@ -585,7 +585,7 @@ def serve() -> None:
     request_fd = os.dup(0)
     response_fd = redirect_stdio()
     config = read_frame(request_fd)
-    preload()
+    preload(config)
     base = os.getcwd()
     number = 0
     while config is not None and (request := read_frame(request_fd)) is not None:
@@ -618,10 +618,15 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def preload() -> None:
-    """Import once, in the server, what every child's setup imports, so that a child's setup costs no imports."""
-    for name in ("resource", "types", *sys.builtin_module_names):  # the first two are what setup imports by name
-        if name not in REFUSED_MODULES and name not in sys.modules:
+def preload(config: dict) -> None:
+    """Import once, in the server, what every child's setup imports, so that a child's setup costs no imports.
+    ctypes (isolate_with_ctypes, root without bubblewrap) too: each child removes it from sys.modules before its
+    hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
+    names = ["resource", "types", *sys.builtin_module_names]  # the first two are what setup imports by name
+    if os.geteuid() == 0 and not config["bwrapped"] and (config["network_namespace"] or config["drop_privileges"]):
+        names.append("ctypes")
+    for name in names:
+        if name == "ctypes" or (name not in REFUSED_MODULES and name not in sys.modules):
             __import__(name)
 
 
