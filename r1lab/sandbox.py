@@ -644,4 +644,14 @@ def close_pools() -> None:
         pool.close()
 
 
+def _forget_pools_after_fork() -> None:
+    """In a forked copy of this process (a data-loader worker, say): the servers and their pipes are the parent's,
+    and the starter thread did not survive the fork; start afresh, touching nothing of the parent's."""
+    global _POOLS_LOCK, _STARTER
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+    _STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1lab-sandbox-start")
+
+
 atexit.register(close_pools)
+os.register_at_fork(after_in_child=_forget_pools_after_fork)

@@ -5,24 +5,30 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from r1lab import sandbox
-from r1lab.sandbox import ProgramResult, close_pools, run_program, run_program_pooled
+from r1lab.sandbox import TEMP_PREFIX, ProgramResult, close_pools, run_program, run_program_pooled
 
-from test_sandbox import MODES, host_check, sandbox_root  # noqa: F401: fixtures
+from test_sandbox import MODES, descendants
 
 
 @pytest.fixture(autouse=True)
-def fresh_servers(host_check):
-    """Servers started by the test and stopped after it, so host_check sees nothing left (no process, no host
-    directory)."""
+def fresh_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Servers started by the test (their host directories under its own tmp_path) and stopped after it: then no
+    process of theirs is left, nor any directory."""
     close_pools()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    before = descendants()
     yield
     close_pools()
+    assert descendants() - before == set(), "a sandbox process outlived its server"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)] == []
 
 
 def both(code: str, **kwargs) -> tuple[ProgramResult, ProgramResult]:
@@ -144,3 +150,12 @@ def test_a_server_outlives_the_thread_that_first_used_it() -> None:
     (server,) = servers()
     pid = server.proc.pid
     assert run_program_pooled("print(2)").output == "2\n" and servers()[0].proc.pid == pid
+
+
+def test_a_forked_copy_of_the_trainer_starts_its_own_servers() -> None:
+    assert run_program_pooled("print(1)").ok
+    pid = os.fork()
+    if pid == 0:  # the copy must neither hang on the parent's starter thread nor talk to the parent's server
+        os._exit(0 if run_program_pooled("print(2)", timeout_s=1).output == "2\n" and len(servers()) == 1 else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert run_program_pooled("print(3)").output == "3\n"
