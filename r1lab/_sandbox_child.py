@@ -34,6 +34,7 @@ import builtins
 import marshal
 import os
 import sys
+import time
 
 NOBODY = 65534
 CAP_DAC_READ_SEARCH, CAP_SETGID, CAP_SETUID = 2, 6, 7
@@ -43,6 +44,10 @@ CAPABILITY_VERSION_3 = 0x20080522
 MAX_REASON_CHARS = 200
 MAX_VALUE_CHARS = 1 << 16  # one test's encoded return values; r1lab.sandbox_judge.MAX_VALUE_CHARS
 MAX_VALUE_DEPTH = 100
+SERVER_FLAG = "--server"  # argv of the fork server (r1lab.sandbox.run_program_pooled)
+STALE_FILES_STATUS = 90  # a call's child could not clear the previous call's files: the server must be replaced
+MAX_CLEAR_DEPTH = 40  # directory levels a child clears (it holds an fd per level, under the open-files limit)
+SIGKILL = 9
 
 REFUSED_EVENTS = frozenset({
     # processes and signals
@@ -568,7 +573,179 @@ def run_program(code: str, hook) -> None:
     exit_now(status)
 
 
+# ---------------------------------------------------------------- the fork server (r1lab.sandbox.run_program_pooled)
+
+
+def serve() -> None:
+    """The fork server: reads its limits, then for each request forks a child that runs one tool call, and answers
+    with what the child printed and how it ended. The server itself runs no candidate code: every layer that is
+    irreversible or would stop it forking (limits, uid drop, RLIMIT_NPROC, audit hook) is applied in the child."""
+    import select  # an extension module, loaded by the server only: the one-shot child keeps to built-in ones
+
+    request_fd = os.dup(0)
+    response_fd = redirect_stdio()
+    config = read_frame(request_fd)
+    preload(config)
+    base = os.getcwd()
+    number = 0
+    while config is not None and (request := read_frame(request_fd)) is not None:
+        number += 1
+        status, timed_out, output = serve_call(request, config, f"{base}/call-{number}", select)
+        header = b"R" + status.to_bytes(4, "big", signed=True) + bytes([timed_out]) + len(output).to_bytes(8, "big")
+        write_all(response_fd, header + output)
+
+
+def read_frame(fd: int) -> dict | None:
+    """One request (8-byte length, then a marshal'd dict) from the trusted parent; None at EOF."""
+    head = read_exactly(fd, 8)
+    return None if head is None else marshal.loads(read_exactly(fd, int.from_bytes(head, "big")) or b"")
+
+
+def read_exactly(fd: int, size: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < size:
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def preload(config: dict) -> None:
+    """Import once, in the server, what every child's setup imports, so that a child's setup costs no imports.
+    ctypes (isolate_with_ctypes, root without bubblewrap) too: each child removes it from sys.modules before its
+    hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
+    names = ["resource", "types", *sys.builtin_module_names]  # the first two are what setup imports by name
+    if os.geteuid() == 0 and not config["bwrapped"] and (config["network_namespace"] or config["drop_privileges"]):
+        names.append("ctypes")
+    for name in names:
+        if name == "ctypes" or (name not in REFUSED_MODULES and name not in sys.modules):
+            __import__(name)
+
+
+def serve_call(request: dict, config: dict, workdir: str, select) -> tuple[int, bool, bytes]:
+    """Fork a child for one call and collect it: (exit status as subprocess gives it, timed out, output)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            run_call(request["code"], config, workdir, write_end)
+        finally:
+            os._exit(70)  # setup failed: never fall back into the server's loop
+    os.close(write_end)
+    try:
+        return collect(pid, read_end, request["timeout_s"], request["max_bytes"], select)
+    finally:
+        os.close(read_end)
+
+
+def run_call(code: str, config: dict, workdir: str, out_fd: int) -> None:
+    """In the forked child: what main() does before a one-shot tool call, then the call. Order matters: the uid
+    drop comes before clearing the previous call's files (they are nobody's), the hook last (it refuses setup)."""
+    os.setsid()  # its own process group, which the server kills as a whole
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's request and response pipes among them
+    limit_resources(config["cpu_s"], config["memory_mb"], config["file_mb"], config["open_files"])
+    layers = isolate(config["network_namespace"], config["drop_privileges"], config["bwrapped"])
+    scratch = (workdir.rpartition("/")[0],) + (("/tmp", "/dev/shm") if config["bwrapped"] else ())
+    if not all(clear_directory(d) for d in scratch):
+        os._exit(STALE_FILES_STATUS)  # never run with an earlier call's files in reach; the parent restarts us
+    os.mkdir(workdir, 0o700)
+    os.chdir(workdir)
+    os.environ["HOME"] = os.environ["TMPDIR"] = workdir  # tempfile writes inside the working directory
+    disarm_unaudited()
+    hook = make_hook(os.getcwd())
+    os.write(1, f"layers {','.join(layers + ['audit'])}\n".encode())
+    run_program(code, hook)
+
+
+def clear_directory(path: str) -> bool:
+    """Remove everything in path (an earlier call's files); False when something is left. Through directory fds,
+    so that a deep tree is no path-length problem; past MAX_CLEAR_DEPTH it gives up (the server is replaced)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        empty_directory(fd, 0)
+        return True
+    except (OSError, RecursionError):
+        return False
+    finally:
+        os.close(fd)
+
+
+def empty_directory(fd: int, depth: int) -> None:
+    if depth > MAX_CLEAR_DEPTH:
+        raise OSError("too deep")
+    for entry in list(os.scandir(fd)):
+        if not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.name, dir_fd=fd)
+            continue
+        os.chmod(entry.name, 0o700, dir_fd=fd)  # the call may have taken its own permissions away
+        child = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            empty_directory(child, depth + 1)
+        finally:
+            os.close(child)
+        os.rmdir(entry.name, dir_fd=fd)
+
+
+def collect(pid: int, read_fd: int, timeout_s: float, max_bytes: int, select) -> tuple[int, bool, bytes]:
+    """Read the child's output until it has ended and closed it, max_bytes is passed or the deadline; then kill its
+    group (whatever is left of it) and reap it."""
+    deadline = time.monotonic() + timeout_s
+    chunks, size, timed_out = [], 0, False
+    pidfd = os.pidfd_open(pid)  # readable once the child has exited, even if it closed its output long before
+    watching = {read_fd, pidfd}
+    try:
+        while watching:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            ready = select.select(list(watching), [], [], left)[0]
+            if pidfd in ready:
+                watching.discard(pidfd)
+            if read_fd in ready:
+                data = os.read(read_fd, 1 << 16)
+                if not data:
+                    watching.discard(read_fd)
+                chunks.append(data)
+                size += len(data)
+                if size > max_bytes:
+                    break
+    finally:
+        kill_call(pid)
+        os.close(pidfd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), timed_out, b"".join(chunks)
+
+
+def kill_call(pid: int) -> None:
+    """SIGKILL the child's group, and the child itself in case it died before making its group. Not reaped yet, so
+    its pid cannot have been reused."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, SIGKILL)
+        except OSError:
+            pass
+
+
 def main() -> None:
+    if sys.argv[1:] == [SERVER_FLAG]:
+        serve()
+        return
     payload = read_payload()
     result_fd = redirect_stdio()
     program = payload.get("program", False)

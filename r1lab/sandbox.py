@@ -33,8 +33,24 @@ Limits of the design: without bubblewrap, the audit hook is an in-process guard,
 trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
 object the solution returns (a class instance, a generator) cannot be judged.
 
-The tool calls of a rollout (r1lab/tools.py) run through run_program in the same sandbox: the program runs once
-and what it prints, rather than a report of return values, comes back; nothing is judged on it.
+The tool calls of a rollout (r1lab/tools.py) run in the same sandbox: the program runs once and what it prints,
+rather than a report of return values, comes back; nothing is judged on it. run_program starts a process per call;
+run_program_pooled, which the tools use, gets the same result from a fork server.
+
+The fork server. Starting the sandbox (bubblewrap, then a Python interpreter) costs 40-60 ms of CPU, and a GRPO run
+with tools makes thousands of calls. So run_program_pooled keeps a pool of servers (one per worker thread, up to the
+CPU count, per configuration of limits; stopped at exit): each is started exactly like the one-shot child (the same
+bubblewrap namespaces and mounts, its own process group) with `--server`, loads once, and per call forks a child.
+The server itself never runs candidate code; what would stop it forking or cannot be undone is applied in each
+forked child, before the code runs, in the one-shot child's order: its own process group (killed whole by the
+server at the wall-clock timeout or past the output limit), stdio on a fresh pipe and every other fd closed, the
+resource limits, uid nobody with RLIMIT_NPROC = 0 (when root), the previous call's files cleared (and /tmp,
+/dev/shm under bubblewrap; a child that cannot clear them exits, and the server is replaced), a fresh working
+directory, the audit hook. A call therefore starts from the server's pristine memory: nothing a call does (globals,
+monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces a deadline on the
+server too: a server that dies or does not answer is killed, the call in flight gets an error result, and the next
+call starts a new server. What the calls of one server share is that they run one after another in the same
+namespaces (a call's child can neither fork nor outlive its call, so nothing of it is left running).
 
     from r1lab.sandbox import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
@@ -43,11 +59,13 @@ and what it prints, rather than a report of return values, comes back; nothing i
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import marshal
 import math
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -56,11 +74,12 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from r1lab._sandbox_child import NOBODY
+from r1lab._sandbox_child import NOBODY, SERVER_FLAG, STALE_FILES_STATUS
 from r1lab.sandbox_judge import SplitTest, UnjudgeableTestError, parse_values, split_test
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
@@ -71,6 +90,7 @@ _PROBE_TIMEOUT_S = 10.0
 _SANDBOX_DIR = "/sandbox"  # the working directory inside bubblewrap
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
 _ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+_LAYERS_LINE_BYTES = 4096  # room for a tool call's first line, the layers the child wrote before the program ran
 
 
 @dataclass(frozen=True)
@@ -141,8 +161,14 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_
         "memory_mb": int(memory_mb), "file_mb": int(file_mb), "open_files": int(open_files),
         "network_namespace": bool(network_namespace), "drop_privileges": bool(drop_privileges), "bwrapped": bwrapped,
     })
-    limit = max_output_bytes + 4096  # room for the child's own first line
+    limit = max_output_bytes + _LAYERS_LINE_BYTES
     output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb), limit)
+    return _program_result(output, timed_out, returncode, bwrapped, timeout_s, max_output_bytes)
+
+
+def _program_result(output: bytes, timed_out: bool, returncode: int | None, bwrapped: bool, timeout_s: float,
+                    max_output_bytes: int) -> ProgramResult:
+    """A tool call's result from what its process wrote (the layers line first) and how it ended."""
     head, _, printed = output.partition(b"\n") if output.startswith(b"layers ") else (b"", b"", output)
     layers = (("bwrap", "netns") if bwrapped else ()) + tuple(x for x in head[7:].decode().split(",") if x)
     truncated = len(printed) > max_output_bytes
@@ -395,3 +421,237 @@ def _verdict(split: SplitTest, line: str | None) -> str | None:
     except ValueError as e:
         return str(e)
     return split.judge(values)
+
+
+# ---------------------------------------------------------------- the fork server (tool calls)
+
+
+def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
+                       cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
+                       network_namespace: bool = True, drop_privileges: bool = True,
+                       bwrap: bool | None = None) -> ProgramResult:
+    """run_program through a pre-started sandbox (see "The fork server" above): the same arguments, limits and
+    result, a few milliseconds a call. Safe from several threads; never raises for anything the code does, nor when
+    the server fails (an error result; the next call starts a new one)."""
+    if not isinstance(code, str):
+        return ProgramResult("", False, error="code is not a string")
+    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
+    if bwrapped and not bwrap_works():
+        return ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
+    config = _ServerConfig(int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files),
+                           bool(network_namespace), bool(drop_privileges), bwrapped)
+    pool = _pool(config)
+    server = pool.acquire()
+    try:
+        output, timed_out, status = server.call(code, float(timeout_s), max_output_bytes + _LAYERS_LINE_BYTES)
+    except (_ServerFailure, OSError) as e:
+        return ProgramResult("", False, error=f"the sandbox server failed: {e}")
+    finally:
+        pool.release(server)
+    return _program_result(output, timed_out, status, bwrapped, timeout_s, max_output_bytes)
+
+
+@dataclass(frozen=True)
+class _ServerConfig:
+    """The limits a server's children run under: one pool of servers per distinct configuration."""
+
+    cpu_s: int
+    memory_mb: int
+    file_mb: int
+    open_files: int
+    network_namespace: bool
+    drop_privileges: bool
+    bwrapped: bool
+
+
+class _ServerFailure(Exception):
+    """The server died, answered nonsense or did not answer in time; retry: nothing of the call can have run."""
+
+    def __init__(self, reason: str, retry: bool = False):
+        super().__init__(reason)
+        self.retry = retry
+
+
+_STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1lab-sandbox-start")
+_RESPONSE_HEADER = 14  # b"R", exit status (4 bytes, signed), timed out (1), output length (8)
+_SERVER_GRACE_S = 5.0  # past the call's own timeout, which the server enforces: its start, fork, reaping
+
+
+class _ForkServer:
+    """One server process (started on first use, restarted after a failure) and the calls made through it, one at
+    a time: the pool hands it to one thread at once."""
+
+    def __init__(self, config: _ServerConfig):
+        self.config = config
+        self.proc: subprocess.Popen | None = None
+        self.workdir: str | None = None
+        self.pending = b""  # the limits, sent ahead of the first request to a new server
+
+    def call(self, code: str, timeout_s: float, max_bytes: int) -> tuple[bytes, bool, int]:
+        """(output, timed out, exit status) of one call. A server found dead, or whose child could not clear the
+        previous call's files, is replaced and the call made again, once."""
+        for attempt in range(2):
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            try:
+                output, timed_out, status = self._exchange(code, timeout_s, max_bytes)
+            except _ServerFailure as e:
+                self.stop()
+                if e.retry and attempt == 0:
+                    continue
+                raise
+            except BaseException:  # an alarm or interrupt mid-exchange: the server's state is unknown
+                self.stop()
+                raise
+            if status != STALE_FILES_STATUS or attempt:
+                return output, timed_out, status
+            self.stop()
+        raise _ServerFailure("unreachable")
+
+    def start(self) -> None:
+        self.stop()
+        config = self.config
+        drop = config.drop_privileges
+        self.workdir = None if config.bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        if self.workdir is not None and drop and os.geteuid() == 0:  # the children, as nobody, write there
+            os.chown(self.workdir, NOBODY, NOBODY)
+        argv = _bwrap_argv(config.file_mb) if config.bwrapped else [sys.executable, "-I", "-S", "-B",
+                                                                    str(CHILD_SCRIPT)]
+        home = _SANDBOX_DIR if config.bwrapped else self.workdir
+        # Started from one long-lived thread: bubblewrap's --die-with-parent kills the sandbox when the *thread*
+        # that started it ends, and tool calls run on short-lived worker threads.
+        self.proc = _STARTER.submit(
+            subprocess.Popen, argv + [SERVER_FLAG], cwd=self.workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
+            close_fds=True).result()
+        assert self.proc.stdin is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        limits = {"cpu_s": config.cpu_s, "memory_mb": config.memory_mb, "file_mb": config.file_mb,
+                  "open_files": config.open_files, "network_namespace": config.network_namespace,
+                  "drop_privileges": drop, "bwrapped": config.bwrapped}
+        self.pending = _frame(limits)  # sent with the first request, under its deadline
+
+    def stop(self) -> None:
+        """Kill the server's process group, reap it, remove its host directory (bubblewrap's vanish with it)."""
+        proc, workdir, self.proc, self.workdir = self.proc, self.workdir, None, None
+        _cleanup(proc, workdir)
+
+    def kill(self) -> None:
+        """From a signal handler: kill only; the exchange then fails, and stop() runs."""
+        _kill_group(self.proc)
+
+    def _exchange(self, code: str, timeout_s: float, max_bytes: int) -> tuple[bytes, bool, int]:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s + _SERVER_GRACE_S
+        request = self.pending + _frame({"code": code, "timeout_s": timeout_s, "max_bytes": max_bytes})
+        self.pending = b""
+        with _held_alarm() as on_alarm:
+            on_alarm.append(self.kill)
+            try:
+                _send(self.proc.stdin.fileno(), request, deadline)
+            except (BrokenPipeError, ConnectionResetError):
+                raise _ServerFailure("it had ended", retry=True) from None
+            head = _receive(self.proc.stdout.fileno(), _RESPONSE_HEADER, deadline)
+            status, timed_out = int.from_bytes(head[1:5], "big", signed=True), head[5]
+            size = int.from_bytes(head[6:], "big")
+            if head[:1] != b"R" or timed_out > 1 or size > max_bytes + (1 << 16):
+                raise _ServerFailure("it answered nonsense")
+            return _receive(self.proc.stdout.fileno(), size, deadline), bool(timed_out), status
+
+
+def _frame(message: dict) -> bytes:
+    data = marshal.dumps(message)
+    return len(data).to_bytes(8, "big") + data
+
+
+def _send(fd: int, data: bytes, deadline: float) -> None:
+    view = memoryview(data)
+    while view:
+        _wait(fd, select.POLLOUT, deadline)
+        with contextlib.suppress(BlockingIOError):
+            view = view[os.write(fd, view):]
+
+
+def _receive(fd: int, size: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    got = 0
+    while got < size:
+        _wait(fd, select.POLLIN, deadline)
+        chunk = os.read(fd, min(size - got, 1 << 16))
+        if not chunk:
+            raise _ServerFailure("it ended during the call")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _wait(fd: int, event: int, deadline: float) -> None:
+    """Until fd is ready (or hung up: the read or write that follows says so), or raise at the deadline."""
+    poller = select.poll()  # not select.select: a trainer's fds can be past 1024
+    poller.register(fd, event)
+    left = deadline - time.monotonic()
+    if left <= 0 or not poller.poll(left * 1000):
+        raise _ServerFailure("it did not answer in time")
+
+
+class _ServerPool:
+    """Servers of one configuration: at most `size`, each used by one thread at a time, started as threads need
+    them."""
+
+    def __init__(self, config: _ServerConfig, size: int):
+        self.config, self.size = config, size
+        self.idle: list[_ForkServer] = []
+        self.made: list[_ForkServer] = []
+        self.ready = threading.Condition()
+
+    def acquire(self) -> _ForkServer:
+        with self.ready:
+            while not self.idle and len(self.made) >= self.size:
+                self.ready.wait()
+            if self.idle:
+                return self.idle.pop()
+            self.made.append(_ForkServer(self.config))
+            return self.made[-1]
+
+    def release(self, server: _ForkServer) -> None:
+        with self.ready:
+            self.idle.append(server)
+            self.ready.notify()
+
+    def close(self) -> None:
+        """Stop the idle servers' processes (at exit, no call is in flight); a later call starts them again."""
+        with self.ready:  # held: no thread takes a server while it is being stopped
+            for server in self.idle:
+                server.stop()
+
+
+_POOLS: dict[_ServerConfig, _ServerPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(config: _ServerConfig) -> _ServerPool:
+    with _POOLS_LOCK:
+        if config not in _POOLS:
+            _POOLS[config] = _ServerPool(config, max(1, os.cpu_count() or 1))
+        return _POOLS[config]
+
+
+def close_pools() -> None:
+    """Stop every fork server (registered with atexit; tests call it too)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.close()
+
+
+def _forget_pools_after_fork() -> None:
+    """In a forked copy of this process (a data-loader worker, say): the servers and their pipes are the parent's,
+    and the starter thread did not survive the fork; start afresh, touching nothing of the parent's."""
+    global _POOLS_LOCK, _STARTER
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+    _STARTER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="r1lab-sandbox-start")
+
+
+atexit.register(close_pools)
+os.register_at_fork(after_in_child=_forget_pools_after_fork)

@@ -1,7 +1,8 @@
 """Tool calls inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with the same settings).
 
 When the model closes a tool block (`<python>...</python>` by default), that rollout pauses: the block's code runs
-in the code sandbox (r1lab/sandbox.py: a fresh process, time and memory limits), what it printed (cut to
+in the code sandbox (r1lab/sandbox.py: a fresh process forked by a pre-started sandbox, time and memory
+limits), what it printed (cut to
 tool_output_chars, with a marker) is appended as `<output>...</output>`, and generation continues from there. The
 tool-output tokens are seen by the model but are not its own: they carry no sampling log-prob and are never
 trained on (ToolSample.model_mask, used by GRPO's loss). A rollout makes at most max_tool_calls calls (a block
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from r1lab.policy import step_seed
-from r1lab.sandbox import ProgramResult, active_layers, run_program
+from r1lab.sandbox import ProgramResult, active_layers, run_program_pooled
 
 TOOLS = ("", "python")  # "" = no tools
 
@@ -74,7 +75,8 @@ Runner = Callable[[str, ToolSpec], ProgramResult]
 
 
 def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
-    return run_program(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
+    """One call, through the sandbox's fork servers (a few milliseconds, not a process start-up per call)."""
+    return run_program_pooled(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
                        max_output_bytes=4 * spec.output_chars + 64)
 
 
