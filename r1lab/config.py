@@ -415,6 +415,8 @@ class PretrainConfig(Settings):
     steps: int = setting(600, "optimizer steps (at 400, one seed in three had not learned the column procedure yet)",
                          ge=1)
     batch_size: int = setting(96, "documents per optimizer step", ge=1)
+    micro_batch_size: int = setting(0, "documents per forward/backward pass, grouped by length so that they pad "
+                                       "less; 0 = the whole batch at once", ge=0)
     lr: float = setting(3e-3, "peak learning rate (linear warmup, then cosine decay to a tenth)", gt=0)
     warmup_steps: int = setting(30, "steps of linear learning-rate warmup", ge=0)
     weight_decay: float = setting(0.01, "AdamW weight decay", ge=0)
@@ -813,8 +815,9 @@ def tool_demo_pretrain_settings() -> dict:
     With 30% of documents calling the tool, 20% of them miscopied, and 600 steps, one seed learned it and another
     did not (held-out pass@1 0.1% vs 11.6%); with 45% calling (still a minority), 10% miscopied, the calls were
     right 84% of the time at 600 steps but the answers copied the output only 8% of the time, and at 1,000 steps
-    the base reached pass@1 40% and pass@8 97% (one thread, seed 0)."""
-    return dict(think_share=0.45, slip_rate=0.1, steps=1000)
+    the base reached pass@1 40% and pass@8 97% (one thread, seed 0). Its documents are 20 to 76 tokens long:
+    micro-batches of 48 grouped by length pad a third less than the whole batch at once (the same step, ~30% faster)."""
+    return dict(think_share=0.45, slip_rate=0.1, steps=1000, micro_batch_size=48)
 
 
 def tool_demo_settings() -> dict:

@@ -170,6 +170,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
     train_lm(model, docs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
              pad_id=tokenizer.pad_id, seed=cfg.seed, log=log, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
+             micro_batch_size=cfg.micro_batch_size,
              optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
              moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight)
     save_model(model, out / "model")

@@ -134,6 +134,10 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     docs = docs[mine.start : mine.stop]
     loss_masks = None if loss_masks is None else loss_masks[mine.start : mine.stop]
     size = micro_batch_size or len(docs) or 1
+    if size < len(docs):  # micro-batches of like lengths pad less; the loss (a sum over the batch) is unchanged
+        by_length = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+        docs = [docs[i] for i in by_length]
+        loss_masks = None if loss_masks is None else [loss_masks[i] for i in by_length]
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
     optimizer.zero_grad(set_to_none=True)

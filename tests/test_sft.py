@@ -17,6 +17,7 @@ from r1lab.model import CausalLM, ModelConfig, load_model, save_model
 from r1lab.rejection import Filters, Tally, judge_prompt
 from r1lab.rewards import score_completions
 from r1lab.chat_data import ChatFields, Conversation, conversation_tokens, read_conversations
+import r1lab.sft as sft_module
 from r1lab.sft import heldout_loss, lm_step, sft
 from r1lab.train import make_optimizer
 from r1lab.tasks import ArithmeticTask, DatasetError, Problem
@@ -309,6 +310,31 @@ def test_micro_batches_give_the_same_step_as_one_batch():
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         # AdamW divides by sqrt(v): a near-zero gradient entry's rounding (summation order differs between one
         # batch and micro-batches) moves its step by up to ~1% of lr (1e-3)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_group_documents_by_length_and_give_the_same_step(monkeypatch):
+    tok = build_tiny_tokenizer()
+    docs = [tok.encode("1+2=3" * n, add_special_tokens=False) for n in (9, 1, 8, 2, 7, 1)]  # long, short, ...
+    shapes = []
+    real_lm_batch = sft_module.lm_batch
+
+    def recording_lm_batch(batch_docs, pad_id, loss_masks=None):
+        ids, mask = real_lm_batch(batch_docs, pad_id, loss_masks)
+        shapes.append(tuple(ids.shape))
+        return ids, mask
+    monkeypatch.setattr(sft_module, "lm_batch", recording_lm_batch)
+    torch.manual_seed(0)
+    models = [CausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))]
+    models.append(CausalLM(models[0].config))
+    models[1].load_state_dict(models[0].state_dict())
+    results = [lm_step(m, make_optimizer(m, 1e-3, 0.0, 0.95), docs, None, tok.pad_id, micro)
+               for m, micro in zip(models, (0, 3))]
+    # one (6, 45) batch, then the three short documents padded to 10 tokens and the three long ones to 45
+    assert shapes == [(6, 45), (3, 10), (3, 45)]
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
