@@ -35,7 +35,7 @@ import string
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # common.py and sides.py sit next to this file: importable whether it runs as a script or is imported (the tests)
@@ -587,6 +587,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--cpu", action="store_true",
                       help="the Qwen2.5-0.5B shape on the CPU in fp32: 2 prompts x G=4, 32+32 tokens, 1 update, "
                            "micro-batches of 8, 3 rounds (1 warm-up); a few minutes per side")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="with --cpu: the same workload under bf16 autocast on both sides (this CPU's bf16 matrix "
+                        "units; with --lora-rank, r1lab's frozen base is kept in bf16, and --trl-weights bfloat16 "
+                        "does the same for TRL+peft)")
     p.add_argument("--workdir", type=Path, default=None, help="where model, prompts, logs and runs go (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     g = p.add_mutually_exclusive_group()
@@ -618,11 +622,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.child:
         return a
     a.workload = TINY_WORKLOAD if a.tiny else CPU_WORKLOAD if a.cpu else GPU_WORKLOAD
+    if a.cpu_bf16:
+        if not a.cpu:
+            p.error("--cpu-bf16 goes with --cpu")
+        a.workload = replace(CPU_WORKLOAD, name="qwen2.5-0.5b-cpu-bf16", dtype="bfloat16")
     for name in OVERRIDABLE:
         if getattr(a, name) is None:
             setattr(a, name, getattr(a.workload, name))
     if a.workload.dtype == "float32" and a.trl_weights != "float32":
-        p.error("--trl-weights bfloat16 is for the bf16 GPU run; --tiny runs fp32 throughout")
+        p.error("--trl-weights bfloat16 is for the bf16 runs (the GPU's, --cpu-bf16); --tiny and --cpu run fp32")
     if a.threads is None:
         # the tiny model's operations are too small to split, and on a shared 2-core machine OpenMP's spin-waiting
         # next to another busy process makes them tens of times slower with 2 threads
