@@ -12,6 +12,8 @@ edited by hand.
 - bench: `bench/grpo_vs_trl.py --pairs 3 --wait-quiet 120` (r1lab vs TRL on the same tiny model, CPU).
 - realshape: `bench/grpo_gpu.py --cpu` (r1lab vs TRL at the Qwen2.5-0.5B shape on the CPU, fp32; rollout roofline).
 - realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
+- realshape_lora_bf16: the same LoRA run under bf16 autocast with each side's frozen base in bf16 (`--cpu-bf16
+         --trl-weights bfloat16`: this CPU's bf16 matrix units; adapters, gradients and AdamW state in fp32).
 - lora_demo: the demo's GRPO (seed 0) with full fine-tuning and with LoRA (--lora-rank/--lora-alpha/--lora-lr) from
          the same base: held-out gains side by side.
 - continuous: `bench/continuous_batching.py` (continuous batching against batch-at-a-time, same rows, one thread).
@@ -183,11 +185,14 @@ def run_realshape(workdir: Path) -> dict:
 REALSHAPE_LORA = ["bench/grpo_gpu.py", "--cpu", "--lora-rank", "16", "--lora-alpha", "32", "--no-rollout"]
 
 
-def run_realshape_lora(workdir: Path) -> dict:
-    out = workdir / "grpo_realshape_lora.json"
-    cmd = [sys.executable, *REALSHAPE_LORA, "--workdir", str(workdir / "realshape"), "--json", str(out)]
-    seconds = timed(cmd, workdir / "grpo_realshape_lora.log")
-    return {**stamp(), "command": "python " + " ".join(REALSHAPE_LORA), "seconds": seconds,
+REALSHAPE_LORA_BF16 = [*REALSHAPE_LORA, "--cpu-bf16", "--trl-weights", "bfloat16"]
+
+
+def run_realshape_lora(workdir: Path, argv: list[str] = REALSHAPE_LORA, name: str = "grpo_realshape_lora") -> dict:
+    out = workdir / f"{name}.json"
+    cmd = [sys.executable, *argv, "--workdir", str(workdir / "realshape"), "--json", str(out)]
+    seconds = timed(cmd, workdir / f"{name}.log")
+    return {**stamp(), "command": "python " + " ".join(argv), "seconds": seconds,
             "figures": json.loads(out.read_text())}
 
 
@@ -196,7 +201,9 @@ def render_realshape_lora(d: dict) -> str:
     r1, trl = f["r1lab"], f["trl"]
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
     return "\n".join([
-        f"{measured(d)}, by `{d['command']}` (LoRA rank 16 on every linear layer but the head; TRL with peft):",
+        f"{measured(d)}, by `{d['command']}` (LoRA rank 16 on every linear layer but the head; TRL with peft"
+        + ("; bf16 autocast, each side's frozen base in bf16, adapters and their optimizer in fp32"
+           if "--cpu-bf16" in d["command"] else "") + "):",
         "", "| | r1lab | TRL + peft | r1lab / TRL |", "|---|---:|---:|---:|",
         f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
         f"**{f['ratio']:.2f}x** |",
@@ -476,7 +483,7 @@ def render_serve_mixed(mixed: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
-             "realshape_lora": render_realshape_lora, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
+             "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -503,6 +510,7 @@ def main(argv=None) -> None:
     p.add_argument("--bench", action="store_true")
     p.add_argument("--realshape", action="store_true")
     p.add_argument("--realshape-lora", action="store_true")
+    p.add_argument("--realshape-lora-bf16", action="store_true")
     p.add_argument("--lora-demo", action="store_true")
     p.add_argument("--lora-rank", type=int, default=16, help="--lora-demo's adapter rank")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="--lora-demo's alpha")
@@ -526,6 +534,8 @@ def main(argv=None) -> None:
              "demo_v3": lambda: run_demo(a.seeds, a.workdir, "deepseek-v3"),
              "demo_tools": lambda: run_demo(a.seeds, a.workdir, tools="python"), "bench": lambda: run_bench(a.workdir),
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
+             "realshape_lora_bf16": lambda: run_realshape_lora(a.workdir, REALSHAPE_LORA_BF16,
+                                                               "grpo_realshape_lora_bf16"),
              "continuous": lambda: run_continuous(a.workdir),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
