@@ -40,20 +40,12 @@ THINK_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% en
                   "{% if add_generation_prompt %}<|assistant|><think>{% endif %}")
 
 
-def scripted_model_dir(path: Path, chat_template: str | None = None, context: int = 2048) -> Path:
-    """A model directory whose greedy and sampled outputs are both fixed: SCRIPT after its first token, and
-    `z -> y -> z -> ...`; any other token is followed by end-of-text."""
-    tok = build_tiny_tokenizer()
-    tok.chat_template = chat_template
-    V = tok.vocab_size
-    ids = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    one = lambda s: ids(s)[0] if len(ids(s)) == 1 else pytest.fail(f"{s!r} is not one token")  # noqa: E731
-    following = {t: one(EOS) for t in range(V)}
-    following.update({one(a): one(b) for a, b in zip(SCRIPT, SCRIPT[1:])})
-    following.update({one("z"): one("y"), one("y"): one("z")})
+def bigram_model(V: int, following: dict[int, list[int]], eos_id: int, context: int = 1024) -> CausalLM:
+    """A one-layer model whose next token depends only on the current one: each token in following[current] gets
+    logit ~45, every other token 0 (p(other) < 1e-15 even at temperature 2), so sampling picks among the listed ones."""
     cfg = ModelConfig(vocab_size=V, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
-                      tie_word_embeddings=False, eos_token_id=one(EOS))
+                      tie_word_embeddings=False, eos_token_id=eos_id)
     assert cfg.hidden_size >= V
     model = CausalLM(cfg)
     with torch.no_grad():
@@ -63,9 +55,23 @@ def scripted_model_dir(path: Path, chat_template: str | None = None, context: in
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         model.lm_head.weight.zero_()
-        for cur, nxt in following.items():
-            model.lm_head.weight[nxt, cur] = 4.0  # logit ~45 against 0: p(other) < 1e-15 at temperature 2
-    save_model(model, path)
+        for cur, nexts in following.items():
+            model.lm_head.weight[nexts, cur] = 4.0
+    return model
+
+
+def scripted_model_dir(path: Path, chat_template: str | None = None, context: int = 2048) -> Path:
+    """A model directory whose greedy and sampled outputs are both fixed: SCRIPT after its first token, and
+    `z -> y -> z -> ...`; any other token is followed by end-of-text."""
+    tok = build_tiny_tokenizer()
+    tok.chat_template = chat_template
+    V = tok.vocab_size
+    ids = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    one = lambda s: ids(s)[0] if len(ids(s)) == 1 else pytest.fail(f"{s!r} is not one token")  # noqa: E731
+    following = {t: [one(EOS)] for t in range(V)}
+    following.update({one(a): [one(b)] for a, b in zip(SCRIPT, SCRIPT[1:])})
+    following.update({one("z"): [one("y")], one("y"): [one("z")]})
+    save_model(bigram_model(V, following, one(EOS), context), path)
     tok.save(path)
     return path
 

@@ -17,11 +17,9 @@ import threading
 import time
 
 import pytest
-import torch
 from tokenizers import AddedToken
 
 from r1lab.engine import Engine
-from r1lab.model import CausalLM, ModelConfig
 from r1lab.templates import R1_ZERO_SUFFIX, render_conversation
 from r1lab.tokenizer import EOS, build_tiny_tokenizer
 from r1lab.tools import run_in_sandbox
@@ -29,7 +27,7 @@ from r1lab.tools import run_in_sandbox
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
-from test_serve import ServerThread  # noqa: E402
+from test_serve import ServerThread, bigram_model  # noqa: E402
 
 TOOL_TAGS = ["<python>", "</python>", "<output>", "</output>"]
 LETTERS = "abcdefgh"
@@ -56,21 +54,7 @@ def tool_engine(code: str = "print(6*7)", loop: bool = False) -> Engine:
     following[one("</output>")] = [one("<python>")] if loop else random_tail
     following.update({one(c): random_tail for c in LETTERS})
     following.update(chain(["z", "y", "z"]))
-    cfg = ModelConfig(vocab_size=V, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=False, eos_token_id=one(EOS))
-    assert cfg.hidden_size >= V
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.zero_()
-        model.model.embed_tokens.weight[:, :V] = torch.eye(V)  # the residual stream is the current token, one-hot
-        for layer in model.model.layers:  # layers compute but add nothing
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        for cur, nexts in following.items():
-            model.lm_head.weight[nexts, cur] = 4.0  # logit ~45 for each allowed token, 0 for the rest
-    return Engine(model.eval(), tok)
+    return Engine(bigram_model(V, following, one(EOS)).eval(), tok)
 
 
 def tool_server(engine: Engine, runner=run_in_sandbox, **settings) -> ServerThread:

@@ -294,15 +294,21 @@ def test_sft_with_a_base_chat_template_makes_the_turn_end_a_stop_token(tmp_path)
     assert tok.backend.token_to_id("<|im_end|>") in load_tokenizer(out).eos_ids
 
 
+def twin_models(vocab_size: int) -> list[CausalLM]:
+    """Two tiny models with the same weights, to take one step two ways."""
+    torch.manual_seed(0)
+    first = CausalLM(ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1))
+    second = CausalLM(first.config)
+    second.load_state_dict(first.state_dict())
+    return [first, second]
+
+
 def test_micro_batches_give_the_same_step_as_one_batch():
     tok = build_tiny_tokenizer()
     encoded = [conversation_tokens(tok, r["messages"])[:2] for r in sum_conversations(4)]
     docs, masks = [e[0] for e in encoded], [e[1] for e in encoded]
-    torch.manual_seed(0)
-    models = [CausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))]
-    models.append(CausalLM(models[0].config))
-    models[1].load_state_dict(models[0].state_dict())
+    models = twin_models(tok.vocab_size)
     results = [lm_step(m, make_optimizer(m, 1e-3, 0.0, 0.95), docs, masks, tok.pad_id, micro)
                for m, micro in zip(models, (0, 1))]  # the whole batch at once, and one conversation at a time
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
@@ -324,11 +330,7 @@ def test_micro_batches_group_documents_by_length_and_give_the_same_step(monkeypa
         shapes.append(tuple(ids.shape))
         return ids, mask
     monkeypatch.setattr(sft_module, "lm_batch", recording_lm_batch)
-    torch.manual_seed(0)
-    models = [CausalLM(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))]
-    models.append(CausalLM(models[0].config))
-    models[1].load_state_dict(models[0].state_dict())
+    models = twin_models(tok.vocab_size)
     results = [lm_step(m, make_optimizer(m, 1e-3, 0.0, 0.95), docs, None, tok.pad_id, micro)
                for m, micro in zip(models, (0, 3))]
     # one (6, 45) batch, then the three short documents padded to 10 tokens and the three long ones to 45
