@@ -151,11 +151,9 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_
                 drop_privileges: bool = True, bwrap: bool | None = None) -> ProgramResult:
     """Run a program once in the sandbox (the tool calls of a rollout, r1lab/tools.py) and return what it printed;
     the same isolation and limits as run_tests. Never raises for anything the code does."""
-    if not isinstance(code, str):
-        return ProgramResult("", False, error="code is not a string")
-    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
-    if bwrapped and not bwrap_works():
-        return ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
+    bwrapped, refused = _program_preflight(code, bwrap)
+    if refused is not None:
+        return refused
     payload = marshal.dumps({
         "code": code, "tests": [], "program": True, "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
         "memory_mb": int(memory_mb), "file_mb": int(file_mb), "open_files": int(open_files),
@@ -164,6 +162,16 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_
     limit = max_output_bytes + _LAYERS_LINE_BYTES
     output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb), limit)
     return _program_result(output, timed_out, returncode, bwrapped, timeout_s, max_output_bytes)
+
+
+def _program_preflight(code: object, bwrap: bool | None) -> tuple[bool, ProgramResult | None]:
+    """(whether the program runs under bubblewrap, or the result that refuses it before anything starts)."""
+    if not isinstance(code, str):
+        return False, ProgramResult("", False, error="code is not a string")
+    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
+    if bwrapped and not bwrap_works():
+        return bwrapped, ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
+    return bwrapped, None
 
 
 def _program_result(output: bytes, timed_out: bool, returncode: int | None, bwrapped: bool, timeout_s: float,
@@ -263,20 +271,27 @@ def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool, file_
         workdir = None if bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
         proc = None
         try:
-            if workdir is not None and drop and os.geteuid() == 0:  # the child, as nobody, writes there
-                os.chown(workdir, NOBODY, NOBODY)
-            # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
-            # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
-            argv = _bwrap_argv(file_mb) if bwrapped else [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
-            home = _SANDBOX_DIR if bwrapped else workdir
-            proc = subprocess.Popen(argv, cwd=workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                    start_new_session=True, close_fds=True)
+            proc = _start_sandboxed(workdir, drop, bwrapped, file_mb)
             on_alarm.append(lambda: _kill_group(proc))
             output, timed_out = _exchange(proc, payload, timeout_s, max_bytes)
         finally:
             _cleanup(proc, workdir)
         return output, timed_out, proc.returncode
+
+
+def _start_sandboxed(workdir: str | None, drop: bool, bwrapped: bool, file_mb: int,
+                     extra_argv: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The child script in the sandbox (bubblewrap, or a bare interpreter working in the host directory workdir),
+    in a session of its own, with a minimal environment; its stdin and stdout are pipes to us."""
+    if workdir is not None and drop and os.geteuid() == 0:  # the child, as nobody, writes there
+        os.chown(workdir, NOBODY, NOBODY)
+    # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
+    # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
+    argv = _bwrap_argv(file_mb) if bwrapped else [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
+    home = _SANDBOX_DIR if bwrapped else workdir
+    return subprocess.Popen([*argv, *extra_argv], cwd=workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True)
 
 
 def _exchange(proc: subprocess.Popen, payload: bytes, timeout_s: float,
@@ -433,11 +448,9 @@ def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 25
     """run_program through a pre-started sandbox (see "The fork server" above): the same arguments, limits and
     result, a few milliseconds a call. Safe from several threads; never raises for anything the code does, nor when
     the server fails (an error result; the next call starts a new one)."""
-    if not isinstance(code, str):
-        return ProgramResult("", False, error="code is not a string")
-    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
-    if bwrapped and not bwrap_works():
-        return ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
+    bwrapped, refused = _program_preflight(code, bwrap)
+    if refused is not None:
+        return refused
     config = _ServerConfig(int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files),
                            bool(network_namespace), bool(drop_privileges), bwrapped)
     pool = _pool(config)
@@ -513,17 +526,10 @@ class _ForkServer:
         config = self.config
         drop = config.drop_privileges
         self.workdir = None if config.bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
-        if self.workdir is not None and drop and os.geteuid() == 0:  # the children, as nobody, write there
-            os.chown(self.workdir, NOBODY, NOBODY)
-        argv = _bwrap_argv(config.file_mb) if config.bwrapped else [sys.executable, "-I", "-S", "-B",
-                                                                    str(CHILD_SCRIPT)]
-        home = _SANDBOX_DIR if config.bwrapped else self.workdir
         # Started from one long-lived thread: bubblewrap's --die-with-parent kills the sandbox when the *thread*
         # that started it ends, and tool calls run on short-lived worker threads.
-        self.proc = _STARTER.submit(
-            subprocess.Popen, argv + [SERVER_FLAG], cwd=self.workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-            close_fds=True).result()
+        self.proc = _STARTER.submit(_start_sandboxed, self.workdir, drop, config.bwrapped, config.file_mb,
+                                    (SERVER_FLAG,)).result()
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
         limits = {"cpu_s": config.cpu_s, "memory_mb": config.memory_mb, "file_mb": config.file_mb,

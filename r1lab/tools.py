@@ -77,7 +77,7 @@ Runner = Callable[[str, ToolSpec], ProgramResult]
 def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
     """One call, through the sandbox's fork servers (a few milliseconds, not a process start-up per call)."""
     return run_program_pooled(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
-                       max_output_bytes=4 * spec.output_chars + 64)
+                              max_output_bytes=4 * spec.output_chars + 64)
 
 
 def closes_block(turn_text: str, token_ids: list[int], spec: ToolSpec, eos_ids: set[int]) -> bool:
