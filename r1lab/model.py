@@ -195,23 +195,42 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose products over a few rows (a decode step's batch) run on a CPU as weight @ x.T: MKL streams
-    the weight faster in that orientation when x has 8-32 rows (measured on 2 AVX-512 cores at the Qwen2.5-0.5B
-    shape: 13 -> 17.5 GB/s; a GRPO rollout of 8 rows x 32 tokens 8.0 -> 7.0 s). float32 only (MKL's sgemm): bf16
-    goes through other kernels, and a product rounded differently there would set the sampler's log-probs further
-    apart from the training pass's. Not for the LM head, where x @ W.T is the faster one."""
+    """nn.Linear whose products over a few rows (a decode step's batch) take _few_rows_linear on a CPU, and whose
+    backward writes its gradients in place (_InPlaceGradLinear)."""
 
     FEW_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _accumulates_in_place(x, self.weight):
             return _InPlaceGradLinear.apply(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        if x.device.type != "cpu" or x.dtype != torch.float32 or rows > self.FEW_ROWS:
-            return super().forward(x)
-        flat = x.reshape(rows, x.shape[-1])
-        y = (self.weight @ flat.t()).t() if self.bias is None else torch.addmm(self.bias[:, None], self.weight, flat.t()).t()
-        return y.reshape(*x.shape[:-1], -1)
+        if _few_rows(x, self.FEW_ROWS):
+            return _few_rows_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _few_rows(x: torch.Tensor, limit: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // x.shape[-1] <= limit
+
+
+SLICE_ROWS = 512  # see _few_rows_linear: 256-768 measured alike, 15% off a rollout; whole products 11-13 GB/s
+
+
+def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b for a few rows of x (a decode step's batch) on a CPU, in float32 (MKL's sgemm).
+
+    A decode step is bound by reading the weights, and MKL streams them at different rates by orientation and
+    size (measured on 2 AVX-512 cores at the Qwen2.5-0.5B shape, 8 rows; 25 GB/s is the read rate of a plain sum):
+    a weight of up to a few thousand rows goes fastest as W @ x.T (13-20 GB/s); a taller one, as gate_up_proj
+    (9,728 rows) or the LM head (151,936), as x @ W.T over slices of SLICE_ROWS rows (15-17 GB/s, where the whole
+    product in either orientation ran at 11-13). bf16 goes through other kernels: there the plain product."""
+    rows, out = x.numel() // x.shape[-1], weight.shape[0]
+    flat = x.reshape(rows, x.shape[-1])
+    if out <= 4 * SLICE_ROWS:
+        y = (weight @ flat.t()).t() if bias is None else torch.addmm(bias[:, None], weight, flat.t()).t()
+    else:
+        y = torch.cat([F.linear(flat, weight[i : i + SLICE_ROWS], None if bias is None else bias[i : i + SLICE_ROWS])
+                       for i in range(0, out, SLICE_ROWS)], dim=1)
+    return y.reshape(*x.shape[:-1], out)
 
 
 def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
@@ -444,6 +463,12 @@ class CausalLM(nn.Module):
                 layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the engine's last positions h (B, D): a decode step's few rows take _few_rows_linear."""
+        if not torch.is_grad_enabled() and _few_rows(h, Linear.FEW_ROWS):
+            return _few_rows_linear(h, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(h)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         """Logits (B, T, V) for full sequences (training and parity checks)."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
@@ -479,12 +504,12 @@ class CausalLM(nn.Module):
         cos, sin = self._rope(position_ids, x.dtype)
         for layer, kv in zip(self.model.layers, cache.layers):
             x = layer(x, cos, sin, mask, kv, write_pos)
-        return self.lm_head(self.model.norm(x)[:, -1])
+        return self.head(self.model.norm(x)[:, -1])
 
     def forward_cached(self, input_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         """Logits of the last position only (B, V): prefill when T > 1, one decode step when T == 1."""
         h = self.hidden_states(input_ids, None, position_ids, cache, start, key_mask)
-        return self.lm_head(h[:, -1])
+        return self.head(h[:, -1])
 
 
 def _mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from r1lab.model import CausalLM, ModelConfig, load_model, save_model
+from r1lab.model import SLICE_ROWS, CausalLM, ModelConfig, _few_rows_linear, load_model, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,3 +127,14 @@ def test_sliding_window_is_refused(tiny_config_kwargs, tmp_path):
     cfg = transformers.Qwen3Config(**tiny_config_kwargs, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(ValueError, match="sliding-window"):
         ModelConfig.from_hf(cfg.to_dict())
+
+
+@pytest.mark.parametrize("out", [7, 4 * SLICE_ROWS + 3])  # one product; slices, the last one short
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_rows_product_equals_linear(out, bias):
+    """A decode step's product over a few rows (r1lab's Linear and the LM head in the engine) equals F.linear."""
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(out, 24, generator=g), torch.randn(8, 1, 24, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    torch.testing.assert_close(_few_rows_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+                               rtol=1e-5, atol=1e-5)
