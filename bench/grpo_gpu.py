@@ -370,6 +370,30 @@ def decode_floors(r: dict) -> dict:
     }
 
 
+def step_floors(ro: dict, a: dict) -> dict:
+    """Seconds per GRPO step that the hardware allows for each of r1lab's phases (full fine-tuning), from the rollout
+    child's measured copy and matmul rates, to set beside the measured phase times.
+
+    rollout: the decode roofline above. forward_backward: the matrix products' FLOPs at the matmul rate, forward
+    and backward (3x the forward's 2 x parameters per token): each micro-batch runs its distinct prompts once and
+    its completions against them, the LM head only on completion tokens; attention adds 4 x heads x head_dim per
+    key (3x again). optimizer: fused AdamW reads weight, gradient and both moments and writes three of them: 28
+    bytes per parameter at the copy rate. Scoring and weight sync: none (the engine samples from the weights)."""
+    G, P, C, m = a["samples_per_prompt"], a["prompt_tokens"], a["max_new_tokens"], a["micro_batch_size"]
+    rows = a["prompts_per_step"] * G
+    body = ro["params"] - ro["embedding_params"]
+    attn_per_key = 4 * ro["num_layers"] * ro["num_heads"] * ro["head_dim"]
+    flops = 0
+    for start in range(0, rows, m):
+        completions = min(m, rows - start)
+        prompts = len({r // G for r in range(start, start + completions)})
+        flops += 2 * body * (prompts * P + completions * C) + 2 * ro["embedding_params"] * completions * C
+        flops += attn_per_key * (prompts * P * (P + 1) // 2 + completions * sum(P + k for k in range(1, C + 1)))
+    rollout = ro["batch"] * ro["new_tokens"] / ro["roofline_floor_tokens_per_s"]
+    return {"rollout": rollout, "score": 0.0, "forward_backward": 3 * flops / ro["matmul_flops_per_s"],
+            "optimizer": 28 * ro["params"] / ro["copy_bytes_per_s"], "sync": 0.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # Parent: the three measured children
 # ----------------------------------------------------------------------------------------------
@@ -564,10 +588,21 @@ def print_breakdown(res: dict) -> None:
         return
     print()
     print("r1lab, per measured step: seconds and peak memory by phase (its metrics time/* and memory/*)")
-    common.print_table(["phase", "seconds", "share", "peak GB"],
+    floor = r.get("floor_s") or {}
+    common.print_table(["phase", "seconds", "share", "peak GB", "floor s", "floor / seconds"],
                        [[k, f"{v:.2f}", f"{100 * v / sum(r['phase_s'].values()):.0f}%",
-                         "-" if k not in r["phase_peak_gb"] else f"{r['phase_peak_gb'][k]:.2f}"]
+                         "-" if k not in r["phase_peak_gb"] else f"{r['phase_peak_gb'][k]:.2f}",
+                         f"{floor[k]:.2f}" if k in floor else "-",
+                         f"{100 * floor[k] / v:.0f}%" if floor.get(k) and v else "-"]
                         for k, v in r["phase_s"].items()])
+    if floor:
+        tokens = r["measured_tokens"] / r["rounds_measured"]
+        trl = res.get("trl")
+        print(f"floor of the whole step (rollout roofline, products at the matmul rate, AdamW at the copy rate): "
+              f"{sum(floor.values()):.2f} s, {tokens / sum(floor.values()):.1f} completion tokens/s; r1lab's step at "
+              f"{100 * sum(floor.values()) / sum(r['phase_s'].values()):.0f}% of it"
+              + (f"; TRL's measured rate is {trl['tokens_per_s'] / (tokens / sum(floor.values())):.2f}x the floor's"
+                 if trl else ""))
     print()
     print("r1lab memory at the peak")
     common.print_table(["part", "GB", "from"], [[name, "-" if gb is None else f"{gb:.3f}", how]
@@ -705,6 +740,8 @@ def main(argv=None) -> None:
     if not a.trl_only and not a.no_rollout:
         res["rollout"] = run_rollout(a, model_dir, prompts)
     res["ratio"] = res["r1lab"]["tokens_per_s"] / res["trl"]["tokens_per_s"] if "r1lab" in res and "trl" in res else None
+    if res.get("rollout") and res.get("r1lab", {}).get("phase_s"):
+        res["r1lab"]["floor_s"] = step_floors(res["rollout"], vars(a))
     res["device"] = device_label(res, w)
     print_report(res)
     common.write_figures(a.json, res)

@@ -357,8 +357,21 @@ def render_realshape(d: dict) -> str:
         f"r1lab's step: {phases}. Its engine alone at that batch: {ro['tokens_per_s']:.0f} tokens/s, "
         f"{100 * ro['share_of_roofline_floor']:.0f}% of the roofline floor the bench derives from the measured copy "
         f"rate ({ro['copy_bytes_per_s'] / 1e9:.0f} GB/s) and matmul rate ({ro['matmul_flops_per_s'] / 1e9:.0f} "
-        f"GFLOP/s).",
+        f"GFLOP/s).{step_floor_sentence(r1)}",
     ])
+
+
+def step_floor_sentence(r1: dict) -> str:
+    """The whole step's floor at the same rates, phase by phase (bench/grpo_gpu.py's step_floors), when measured."""
+    floor = r1.get("floor_s")
+    if not floor:
+        return ""
+    seconds = sum(r1["phase_s"].values())
+    parts = ", ".join(f"{k} {100 * floor[k] / r1['phase_s'][k]:.0f}%" for k in ("rollout", "forward_backward",
+                                                                               "optimizer"))
+    return (f" The step's floor at those rates (rollout roofline, forward and backward products at the matmul rate, "
+            f"AdamW's 28 bytes per parameter at the copy rate) is {sum(floor.values()):.1f} s; r1lab's step reaches "
+            f"{100 * sum(floor.values()) / seconds:.0f}% of it ({parts}).")
 
 
 def render_distributed(d: dict) -> str:

@@ -213,6 +213,7 @@ def _few_rows(x: torch.Tensor, limit: int) -> bool:
 
 
 SLICE_ROWS = 512  # see _few_rows_linear: 256-768 measured alike, 15% off a rollout; whole products 11-13 GB/s
+SLICED_MIN = 4 << 20  # parameters from which slices pay: below, a decode step is bound by per-call overheads
 
 
 def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -220,12 +221,12 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     A decode step is bound by reading the weights, and MKL streams them at different rates by orientation and
     size (measured on 2 AVX-512 cores at the Qwen2.5-0.5B shape, 8 rows; 25 GB/s is the read rate of a plain sum):
-    a weight of up to a few thousand rows goes fastest as W @ x.T (13-20 GB/s); a taller one, as gate_up_proj
-    (9,728 rows) or the LM head (151,936), as x @ W.T over slices of SLICE_ROWS rows (15-17 GB/s, where the whole
+    a weight of up to a few thousand rows goes fastest as W @ x.T (13-20 GB/s); a taller and large one (SLICED_MIN
+    parameters), as gate_up_proj (9,728 rows) or the LM head (151,936), as x @ W.T over slices of SLICE_ROWS rows (15-17 GB/s, where the whole
     product in either orientation ran at 11-13). bf16 goes through other kernels: there the plain product."""
     rows, out = x.numel() // x.shape[-1], weight.shape[0]
     flat = x.reshape(rows, x.shape[-1])
-    if out <= 4 * SLICE_ROWS:
+    if out <= 4 * SLICE_ROWS or weight.numel() < SLICED_MIN:
         y = (weight @ flat.t()).t() if bias is None else torch.addmm(bias[:, None], weight, flat.t()).t()
     else:
         y = torch.cat([F.linear(flat, weight[i : i + SLICE_ROWS], None if bias is None else bias[i : i + SLICE_ROWS])
@@ -233,11 +234,16 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.reshape(*x.shape[:-1], out)
 
 
+# Weights from which the gradient is written in place: smaller ones come from the allocator's free lists (nothing to
+# fault in), where the Python-level autograd function would only add its overhead (a 4M-parameter model's step)
+IN_PLACE_GRAD_MIN = 1 << 20
+
+
 def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
     """Training one process's own weights, outside autocast (which casts inside F.linear): see _InPlaceGradLinear.
     FSDP's sharded weights (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks."""
-    return (torch.is_grad_enabled() and weight.requires_grad and not isinstance(weight, DTensor)
-            and not torch.is_autocast_enabled(x.device.type))
+    return (torch.is_grad_enabled() and weight.requires_grad and weight.numel() >= IN_PLACE_GRAD_MIN
+            and not isinstance(weight, DTensor) and not torch.is_autocast_enabled(x.device.type))
 
 
 class _InPlaceGradLinear(torch.autograd.Function):

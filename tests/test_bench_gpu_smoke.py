@@ -51,8 +51,9 @@ def test_r1lab_side_and_rollout_floor(workdir):
     assert_positive(ro, "tokens_per_s", "copy_bytes_per_s", "matmul_flops_per_s", "weights_bytes",
                     "bandwidth_floor_tokens_per_s", "compute_floor_tokens_per_s", "roofline_floor_tokens_per_s",
                     "share_of_bandwidth_floor")
+    assert_positive(r1["floor_s"], "rollout", "forward_backward", "optimizer")
     assert "trl" not in res and res["ratio"] is None
-    assert "bandwidth floor" in stdout and "compl tok/s" in stdout
+    assert "bandwidth floor" in stdout and "compl tok/s" in stdout and "floor of the whole step" in stdout
 
 
 @pytest.mark.slow
@@ -82,6 +83,26 @@ def test_decode_floor_arithmetic(monkeypatch):
     assert floors["bandwidth_floor_tokens_per_s"] == pytest.approx(6 / 0.44)
     assert floors["compute_floor_tokens_per_s"] == pytest.approx(6 / 0.648)
     assert floors["roofline_floor_tokens_per_s"] == pytest.approx(6 / 0.648)  # compute is the slower, every step
+
+
+@pytest.mark.parametrize("micro", [2, 1])
+def test_step_floor_arithmetic(monkeypatch, micro):
+    """Hand-computed: one prompt of 2 tokens, G = 2 completions of 3; body 40 parameters, LM head 10, one head of
+    dimension 1 (4 FLOPs per key). One micro-batch: 2 x 40 x (2 + 6) + 2 x 10 x 6 = 760, attention 4 x (3 + 2 x 12)
+    = 108; two (one completion each, the prompt run in both): 2 x (400 + 60 + 4 x 15). Forward and backward 3x, at
+    1,000 FLOP/s. AdamW 28 x 50 bytes at 1,000 B/s; the rollout at the decode roofline (6 tokens in 0.648 s)."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import grpo_gpu
+
+    ro = {"batch": 2, "prompts": 1, "prompt_tokens": [2], "new_tokens": 3, "weights_bytes": 100,
+          "kv_bytes_per_position": 10, "params": 50, "embedding_params": 10, "num_layers": 1, "num_heads": 1,
+          "head_dim": 1, "copy_bytes_per_s": 1000.0, "matmul_flops_per_s": 1000.0}
+    ro.update(grpo_gpu.decode_floors(ro))
+    floors = grpo_gpu.step_floors(ro, {"samples_per_prompt": 2, "prompt_tokens": 2, "max_new_tokens": 3,
+                                       "micro_batch_size": micro, "prompts_per_step": 1})
+    assert floors["forward_backward"] == pytest.approx(3 * (868 if micro == 2 else 1040) / 1000)
+    assert floors["optimizer"] == pytest.approx(1.4) and floors["rollout"] == pytest.approx(0.648)
+    assert floors["score"] == floors["sync"] == 0
 
 
 def test_child_env_gpus_and_path(monkeypatch):

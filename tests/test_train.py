@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import r1lab.model
 from r1lab.model import CausalLM, Linear, ModelConfig, load_model, save_model
 from r1lab.train import make_optimizer, token_logprobs
 
@@ -120,10 +121,11 @@ def test_activation_checkpointing_is_refused_for_moe_models():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_projection_gradients_written_in_place_equal_autograd(bias):
+def test_projection_gradients_written_in_place_equal_autograd(bias, monkeypatch):
     """r1lab's Linear adds its weight and bias gradients into .grad in place: over two backward passes (GRPO's
     prompt and completion passes, micro-batches), with a 3-D input, they equal nn.functional.linear's through
     autograd, and so does the input's gradient."""
+    monkeypatch.setattr(r1lab.model, "IN_PLACE_GRAD_MIN", 0)  # the tiny weight takes the in-place path too
     torch.manual_seed(0)
     ours = Linear(6, 5, bias=bias)
     plain = torch.nn.Linear(6, 5, bias=bias)
@@ -132,14 +134,17 @@ def test_projection_gradients_written_in_place_equal_autograd(bias):
     for layer in (ours, plain):
         x = torch.randn(2, 40, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
         for scale in (1.0, -0.5):
-            (layer(x) * torch.linspace(-1, 1, 5) * scale).sum().backward()
+            y = layer(x)
+            assert (type(y.grad_fn).__name__ == "_InPlaceGradLinearBackward") == (layer is ours)
+            (y * torch.linspace(-1, 1, 5) * scale).sum().backward()
         grads.append([x.grad] + [p.grad for p in layer.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_projection_of_a_frozen_weight_leaves_it_without_gradient():
+def test_projection_of_a_frozen_weight_leaves_it_without_gradient(monkeypatch):
     """LoRA's frozen base: the input still gets its gradient, the weight none."""
+    monkeypatch.setattr(r1lab.model, "IN_PLACE_GRAD_MIN", 0)
     layer = Linear(4, 3)
     layer.requires_grad_(False)
     x = torch.randn(40, 4, requires_grad=True)
