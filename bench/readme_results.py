@@ -369,9 +369,12 @@ def step_floor_sentence(r1: dict) -> str:
     seconds = sum(r1["phase_s"].values())
     parts = ", ".join(f"{k} {100 * floor[k] / r1['phase_s'][k]:.0f}%" for k in ("rollout", "forward_backward",
                                                                                "optimizer"))
+    drift = any(floor[k] > v for k, v in r1["phase_s"].items() if k in floor)
     return (f" The step's floor at those rates (rollout roofline, forward and backward products at the matmul rate, "
             f"AdamW's 28 bytes per parameter at the copy rate) is {sum(floor.values()):.1f} s; r1lab's step reaches "
-            f"{100 * sum(floor.values()) / seconds:.0f}% of it ({parts}).")
+            f"{100 * sum(floor.values()) / seconds:.0f}% of it ({parts})"
+            + ("; the rates are measured in another child, and a phase past 100% says the machine's speed drifted "
+               "between the two." if drift else "."))
 
 
 def render_distributed(d: dict) -> str:
