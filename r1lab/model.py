@@ -266,19 +266,14 @@ class _InPlaceGradLinear(torch.autograd.Function):
         dy = grad_y.reshape(-1, grad_y.shape[-1])
         grad_x = (dy @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            _add_grad(weight, lambda: dy.t() @ x.reshape(-1, x.shape[-1]),
-                      lambda g: g.addmm_(dy.t(), x.reshape(-1, x.shape[-1])))
+            flat_x = x.reshape(-1, x.shape[-1])
+            if weight.grad is None:
+                weight.grad = dy.t() @ flat_x
+            else:
+                weight.grad.addmm_(dy.t(), flat_x)
         if bias is not None and ctx.needs_input_grad[2]:
-            _add_grad(bias, lambda: dy.sum(0), lambda g: g.add_(dy.sum(0)))
+            bias.grad = dy.sum(0) if bias.grad is None else bias.grad.add_(dy.sum(0))
         return grad_x, None, None
-
-
-def _add_grad(param: torch.Tensor, fresh, add_into) -> None:
-    """param.grad = fresh() the first time, then add_into(param.grad) in place."""
-    if param.grad is None:
-        param.grad = fresh()
-    else:
-        add_into(param.grad)
 
 
 class Attention(nn.Module):
