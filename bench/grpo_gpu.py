@@ -421,6 +421,8 @@ def r1lab_argv(a, model_dir: Path, prompts: Path, run_dir: Path) -> list[str]:
         argv += ["--dtype", a.workload.dtype]
     if a.workload.device == "cuda":  # 64 x 256 tokens x 151,936 logits would be 10 GB per kept float32 tensor
         argv += ["--recompute-logits", "true"]
+    if a.optimizer_in_backward:  # no clipping by the global norm on either side (TRL: max_grad_norm 0 too)
+        argv += ["--optimizer-in-backward", "true", "--max-grad-norm", "0"]
     if a.lora_rank:  # the same adapters as TRL's peft LoraConfig: every linear layer but the head, no dropout
         argv += ["--lora-rank", str(a.lora_rank), "--lora-alpha", str(a.lora_alpha), "--lora-targets", "all-linear"]
     return argv
@@ -465,7 +467,7 @@ def run_trl_side(a, model_dir: Path, prompts: Path) -> dict:
         "updates": a.updates, "prompts_per_step": a.prompts_per_step, "samples_per_prompt": a.samples_per_prompt,
         "max_new_tokens": a.max_new_tokens, "threads": a.threads, "lr": a.lr, "seed": a.seed,
         "trl_gradient_checkpointing": a.trl_gradient_checkpointing, "lora_rank": a.lora_rank,
-        "lora_alpha": a.lora_alpha,
+        "lora_alpha": a.lora_alpha, "max_grad_norm": 0.0 if a.optimizer_in_backward else 1.0,
     }  # fmt: skip
     # bf16 = TrainingArguments.bf16 (autocast). The weights in fp32 by default: GRPOTrainer(model="DIR")'s own default
     # and r1lab's recipe (fp32 master weights under bf16 autocast); --trl-weights bfloat16 trains bf16 weights
@@ -651,6 +653,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA on both sides (r1lab --lora-rank, TRL with peft's LoraConfig on all linear layers); "
                         "0: full fine-tuning (default)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA's alpha, both sides (default: 32)")
+    p.add_argument("--optimizer-in-backward", action="store_true",
+                   help="r1lab updates each parameter in the backward pass (--optimizer-in-backward) and neither side "
+                        "clips the gradient norm (both max_grad_norm 0); default: both clip to 1")
     p.add_argument("--_child", dest="child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     p.add_argument("--_spec", dest="spec", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

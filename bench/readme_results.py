@@ -14,6 +14,8 @@ edited by hand.
 - realshape_lora: the same with `--lora-rank 16` on both sides (TRL with peft), without the rollout-only timing.
 - realshape_lora_bf16: the same LoRA run under bf16 autocast with each side's frozen base in bf16 (`--cpu-bf16
          --trl-weights bfloat16`: this CPU's bf16 matrix units; adapters, gradients and AdamW state in fp32).
+- realshape_in_backward: `bench/grpo_gpu.py --cpu --optimizer-in-backward --no-rollout` (full fine-tuning, r1lab
+         updating each parameter in the backward pass; neither side clips the gradient norm).
 - lora_demo: the demo's GRPO (seed 0) with full fine-tuning and with LoRA (--lora-rank/--lora-alpha/--lora-lr) from
          the same base: held-out gains side by side.
 - continuous: `bench/continuous_batching.py` (continuous batching against batch-at-a-time, same rows, one thread).
@@ -188,7 +190,11 @@ REALSHAPE_LORA = ["bench/grpo_gpu.py", "--cpu", "--lora-rank", "16", "--lora-alp
 REALSHAPE_LORA_BF16 = [*REALSHAPE_LORA, "--cpu-bf16", "--trl-weights", "bfloat16"]
 
 
+REALSHAPE_IN_BACKWARD = ["bench/grpo_gpu.py", "--cpu", "--optimizer-in-backward", "--no-rollout"]
+
+
 def run_realshape_lora(workdir: Path, argv: list[str] = REALSHAPE_LORA, name: str = "grpo_realshape_lora") -> dict:
+    """A run of bench/grpo_gpu.py with argv (LoRA by default; the optimizer-in-backward part too)."""
     out = workdir / f"{name}.json"
     cmd = [sys.executable, *argv, "--workdir", str(workdir / "realshape"), "--json", str(out)]
     seconds = timed(cmd, workdir / f"{name}.log")
@@ -210,6 +216,21 @@ def render_realshape_lora(d: dict) -> str:
         f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
         f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |", "",
         f"r1lab's step: {phases}."])
+
+
+def render_realshape_in_backward(d: dict) -> str:
+    f = d["figures"]
+    r1, trl = f["r1lab"], f["trl"]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
+    return "\n".join([
+        f"{measured(d)}, by `{d['command']}` (full fine-tuning, fp32; r1lab `--optimizer-in-backward true "
+        f"--max-grad-norm 0`, TRL `max_grad_norm=0`: neither side clips):",
+        "", "| | r1lab | TRL | r1lab / TRL |", "|---|---:|---:|---:|",
+        f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
+        f"**{f['ratio']:.2f}x** |",
+        f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
+        f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |", "",
+        f"r1lab's step: {phases} (the optimizer's work is inside the backward pass)."])
 
 
 def run_distill(workdir: Path) -> dict:
@@ -327,7 +348,7 @@ def render_demo(d: dict) -> str:
 
 
 def render_bench(d: dict) -> str:
-    pairs, m = d["figures"]["pairs"], d["machine"]
+    pairs = d["figures"]["pairs"]
     r1lab = [p["r1lab"]["tokens_per_s"] for p in pairs]
     trl = [p["trl"]["tokens_per_s"] for p in pairs]
     rss = {side: [p[side]["peak_rss_mb"] / 1000 for p in pairs] for side in ("r1lab", "trl")}
@@ -499,7 +520,8 @@ def render_serve_mixed(mixed: dict) -> str:
 
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
-             "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
+             "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora,
+             "realshape_in_backward": render_realshape_in_backward, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -527,6 +549,7 @@ def main(argv=None) -> None:
     p.add_argument("--realshape", action="store_true")
     p.add_argument("--realshape-lora", action="store_true")
     p.add_argument("--realshape-lora-bf16", action="store_true")
+    p.add_argument("--realshape-in-backward", action="store_true")
     p.add_argument("--lora-demo", action="store_true")
     p.add_argument("--lora-rank", type=int, default=16, help="--lora-demo's adapter rank")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="--lora-demo's alpha")
@@ -552,6 +575,8 @@ def main(argv=None) -> None:
              "realshape": lambda: run_realshape(a.workdir), "realshape_lora": lambda: run_realshape_lora(a.workdir),
              "realshape_lora_bf16": lambda: run_realshape_lora(a.workdir, REALSHAPE_LORA_BF16,
                                                                "grpo_realshape_lora_bf16"),
+             "realshape_in_backward": lambda: run_realshape_lora(a.workdir, REALSHAPE_IN_BACKWARD,
+                                                                 "grpo_realshape_in_backward"),
              "continuous": lambda: run_continuous(a.workdir),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),

@@ -125,6 +125,7 @@ def trl_config(a, micro: int, accumulation: int, eos_id: int, device: str, bf16:
         top_p=1.0,
         top_k=0,
         learning_rate=a.lr,
+        max_grad_norm=getattr(a, "max_grad_norm", 1.0),  # 0: no clipping (the optimizer-in-backward comparison)
         beta=0.0,
         loss_type="dapo",
         use_vllm=False,

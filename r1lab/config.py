@@ -504,9 +504,12 @@ class GRPOConfig(Settings):
     lr: float = setting(1e-6, "learning rate (AdamW; linear warmup, then constant)", gt=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     warmup_steps: int = setting(0, "steps of linear learning-rate warmup", ge=0)
-    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
     moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
                                                   "bias moves this much toward an even load (0 = off)", ge=0)
+    optimizer_in_backward: bool = setting(False, "update each parameter in the backward pass as soon as its "
+                                                 "gradient is complete, and free it: all gradients never exist at once "
+                                                 "(needs max_grad_norm 0, one process)")
     # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
     clip_low: float = setting(0.2, "PPO clip below: the ratio is kept above 1 - clip_low", ge=0, lt=1)
     clip_high: float = setting(0.2, "PPO clip above: the ratio is kept below 1 + clip_high (DAPO: larger)", ge=0)
@@ -592,6 +595,11 @@ class GRPOConfig(Settings):
         problems = []
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
+        if self.optimizer_in_backward and self.max_grad_norm:
+            problems.append(f"optimizer_in_backward cannot clip to max_grad_norm {_show(self.max_grad_norm)}: it "
+                            f"updates each parameter before the others' gradients exist; set max_grad_norm 0")
+        if self.optimizer_in_backward and self.shard:
+            problems.append("optimizer_in_backward with shard: FSDP reduces gradients from its own hooks; leave one on")
         return problems + _reward_function_problems(self.reward_functions) + tool_problems(self)
 
 
@@ -686,7 +694,7 @@ class SFTConfig(Settings):
     lr: float = setting(1e-5, "peak learning rate (linear warmup, then cosine decay to a tenth)", gt=0)
     warmup_steps: int = setting(10, "steps of linear learning-rate warmup", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
-    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm", gt=0)
+    max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
     moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
                                                   "bias moves this much toward an even load (0 = off)", ge=0)
     max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)

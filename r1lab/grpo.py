@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from r1lab import moe
+from r1lab.backward_step import BackwardStep
 from r1lab.checkpoint import save_checkpoint
 from r1lab.config import GRPOConfig
 from r1lab.distributed import Silent, World, join_world
@@ -110,6 +111,9 @@ def check_world(cfg: GRPOConfig, world: World) -> None:
     if cfg.prompts_per_step % world.size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} does not divide across {world.size} ranks: give a "
                          f"multiple of {world.size} (each rank samples and trains whole groups)")
+    if cfg.optimizer_in_backward and world.distributed:
+        raise ValueError("optimizer_in_backward runs in one process: under torchrun the gradients are summed over the "
+                         "ranks after the backward pass, which it would have stepped and freed already")
 
 
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path,
@@ -352,25 +356,10 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
     loads: dict = {}  # MoE models: tokens per expert in these forward passes, per layer
     # FSDP: every rank runs as many passes as the busiest one (each pass gathers weights with all ranks)
     passes = max(world.gather(len(batches))) if is_sharded(model) else len(batches)
-    for update in range(cfg.updates_per_batch):
-        optimizer.zero_grad(set_to_none=True)
-        with moe.count_loads(model) as counted:
-            finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals)
-        finite, trained = world.all(finite), not world.all(not batches)
-        if finite and not trained:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-        if finite:
-            world.sum_gradients(model.parameters())
-        world.sum_counts(counted)
-        clock.lap("forward_backward")
-        stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
-        clock.lap("optimizer")
-        if not stepped["skipped_nonfinite"]:  # DeepSeek-V3's routing bias, toward an even load
-            moe.update_routing_bias(model, counted, cfg.moe_bias_update_speed)
-        moe.add_loads(loads, counted)
-        totals["skipped"] += stepped["skipped_nonfinite"]
-        totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
+    with BackwardStep(optimizer) if cfg.optimizer_in_backward else contextlib.nullcontext() as in_backward:
+        for update in range(cfg.updates_per_batch):
+            _update(model, ref_model, optimizer, batches, passes, cfg, update, totals, loads, clock, world,
+                    in_backward)
     held = held_bytes(model, optimizer)  # this rank's share, gradients included (freed just below)
     optimizer.zero_grad(set_to_none=True)
     _sum_totals(world, totals)
@@ -383,13 +372,45 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             **moe.load_metrics(loads)}
 
 
+def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, update: int, totals: dict, loads: dict,
+            clock: PhaseClock, world: World, in_backward: BackwardStep | None) -> None:
+    """One optimizer step over the micro-batches. With in_backward, the last micro-batch's backward pass updates
+    the parameters as their gradients complete; finish() updates any it did not reach."""
+    optimizer.zero_grad(set_to_none=True)
+    with moe.count_loads(model) as counted:
+        finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals, in_backward)
+    finite, trained = world.all(finite), not world.all(not batches)
+    if finite and not trained:  # every sequence had zero advantage: a zero gradient, and the optimizer still steps
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    if finite:
+        world.sum_gradients(model.parameters())
+    world.sum_counts(counted)
+    clock.lap("forward_backward")
+    if in_backward is not None:
+        stepped = in_backward.finish(finite)
+    else:
+        stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
+    clock.lap("optimizer")
+    if not stepped["skipped_nonfinite"]:  # DeepSeek-V3's routing bias, toward an even load
+        moe.update_routing_bias(model, counted, cfg.moe_bias_update_speed)
+    moe.add_loads(loads, counted)
+    totals["skipped"] += stepped["skipped_nonfinite"]
+    totals["grad_norm"] += 0.0 if stepped["skipped_nonfinite"] else stepped["grad_norm"]
+
+
 def _run_micro_batches(model, ref_model, batches: list[MicroBatch], passes: int, cfg: GRPOConfig, update: int,
-                       totals: dict) -> bool:
+                       totals: dict, in_backward: BackwardStep | None = None) -> bool:
     """Forward and backward of each micro-batch; False when a loss was not finite (the step is then dropped). One
     process, or replicated ranks: the first non-finite loss ends the loop. FSDP (passes may exceed this rank's
     micro-batches): idle passes make up the count, also in place of the passes after a non-finite loss."""
     if not is_sharded(model):
-        return all(_micro_batch_loss(model, ref_model, mb, cfg, update, totals) for mb in batches)
+        for i, mb in enumerate(batches):
+            if in_backward is not None and i == len(batches) - 1:
+                in_backward.arm()  # the earlier micro-batches only add to the gradients
+            if not _micro_batch_loss(model, ref_model, mb, cfg, update, totals):
+                return False
+        return True
     finite = True
     for i in range(passes):
         if finite and i < len(batches):

@@ -253,7 +253,8 @@ class _InPlaceGradLinear(torch.autograd.Function):
     .grad: GRPO's two passes per micro-batch (the shared prompt, then the completions) give two per weight. On a CPU
     each fresh block is new memory the kernel must fault in and zero: at the Qwen2.5-0.5B shape about 3 GB per
     step, a third of the layers' backward time. Writing into .grad removes them. The gradients are the same sums;
-    weight hooks do not fire (r1lab sums gradients over ranks after backward, not from hooks)."""
+    a hook on the weight tensor does not see them (r1lab sums gradients over ranks after backward, not from hooks),
+    while a post-accumulate-grad hook still fires once, after every pass's part is in (r1lab/backward_step.py)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -486,13 +487,34 @@ class CausalLM(nn.Module):
         C = completions.shape[1]
         cache = KVCache(self.config, U, P + C, self.lm_head.weight.dtype, prompts.device)
         prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
-        h_prompt = self.hidden_states(prompts, None, prompt_pos, cache, 0, prompt_mask)  # (U, P, D)
-        cache.select(rows)  # (B, ...): a view of the group's prompt keys per sample, gradients summed on backward
         key_mask = torch.cat([prompt_mask[rows], completion_mask], dim=1)  # (B, P + C)
         positions = prompt_pos[rows, -1:] + 1 + torch.arange(C, device=prompts.device)  # (B, C)
-        h_completion = self.hidden_states(completions, None, positions, cache, P, key_mask)  # (B, C, D)
+        prompt_in = self._layer_inputs(prompts, prompt_pos, prompt_mask, 0)
+        completion_in = self._layer_inputs(completions, positions, key_mask, P)
+        x_prompt, x_completion = prompt_in[0], completion_in[0]
+        # Layer by layer, the prompt and then its completions: backward then finishes each layer's gradient (both
+        # passes' parts) before it starts on the layer below, so that an optimizer step in the backward pass
+        # (r1lab/backward_step.py) can free it. (Autograd runs the later-created of two ready nodes first.)
+        for layer, (k, v) in zip(self.model.layers, cache.layers):
+            x_prompt = self._run_layer(layer, x_prompt, prompt_in, (k, v), 0, prompt_mask)
+            # a view of the group's prompt keys per sample: autograd sums the G samples' gradients back
+            expanded = (k.index_select(0, rows), v.index_select(0, rows))
+            x_completion = self._run_layer(layer, x_completion, completion_in, expanded, P, completion_mask)
+        h_prompt, h_completion = self.model.norm(x_prompt), self.model.norm(x_completion)
         # token 0 is predicted by the prompt's last position (left padding puts it at P - 1), token j by token j - 1
         return torch.cat([h_prompt[rows, -1:], h_completion[:, :-1]], dim=1)
+
+    def _layer_inputs(self, input_ids, position_ids, key_mask, start: int):
+        """(embeddings, cos, sin, attention mask) of tokens written into a cache at [start, start + T)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        return x, cos, sin, attention_mask_4d(key_mask, input_ids.shape[1], start)
+
+    def _run_layer(self, layer, x, inputs, kv, start: int, real):
+        """One layer over one pass of completion_hidden_states; an MoE layer counts the pass's real tokens."""
+        if self.config.moe is not None:
+            moe.mark_real_tokens(self, real)
+        return layer(x, inputs[1], inputs[2], inputs[3], kv, start)
 
     def decode_step(self, input_ids, position_ids, cache: KVCache, write_pos: torch.Tensor, mask) -> torch.Tensor:
         """One decode step with every shape fixed: logits (B, V) of input_ids (B, 1).

@@ -52,8 +52,9 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
         fully_shard(attention)  # one unit: the layer's projections, gathered together
         fully_shard(layer.mlp)
     fully_shard(model)
-    # training calls hidden_states, not forward: it is where the root's parameters must be gathered
-    register_fsdp_forward_method(model, "hidden_states")
+    # training calls these, not forward: they are where the root's parameters must be gathered
+    for method in ("hidden_states", "completion_hidden_states"):
+        register_fsdp_forward_method(model, method)
     # FSDP warns that an in-place op on a unit's output (a view: the projections' x @ W.T for few rows, a reshape)
     # would skip its backward hook; the model's layers take those outputs out of place only
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")

@@ -94,9 +94,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                    finite_loss: bool = True) -> dict:
-    """Clip and apply the accumulated gradients; a non-finite loss or gradient drops the step instead, leaving the
-    weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite (0 or 1)."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm) if finite_loss else None
+    """Clip (max_grad_norm 0: no clipping) and apply the accumulated gradients; a non-finite loss or gradient drops
+    the step instead, leaving the weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite."""
+    grad_norm = None
+    if finite_loss and max_grad_norm:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    elif finite_loss:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if grad_norm is None or not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
@@ -222,7 +226,9 @@ class _HeadLogprobs(torch.autograd.Function):
                 h = hidden[start : start + rows]
                 logp_all = kept[i] if kept else _chunk_log_softmax(h, weight_c, T, dtype)
                 g = grad_logp[start : start + rows, None].float() / T  # (n, 1)
-                grad_logits = logp_all.exp().mul_(-g)
+                # in place: the kept (or recomputed) chunk is read only here, and a (n, V) copy would add to the
+                # backward's peak, when every activation is still alive
+                grad_logits = logp_all.exp_().mul_(-g)
                 grad_logits.scatter_add_(-1, targets[start : start + rows, None], g)
                 grad_logits = grad_logits.to(dtype)
                 if want_hidden:

@@ -69,7 +69,7 @@ def refused(argv, capsys) -> str:
 
 @pytest.mark.parametrize("flags, expected", [
     (["--warmup-steps", "-1"], "warmup_steps: -1 is below the minimum 0"),
-    (["--max-grad-norm", "-1"], "max_grad_norm: -1 must be > 0"),
+    (["--max-grad-norm", "-1"], "max_grad_norm: -1 is below the minimum 0"),
     (["--top-p", "0"], "top_p: 0 is not in (0, 1]"),
     (["--temperature", "nan"], "temperature: nan is not a finite number"),
     (["--reward-timeout-s", "-1"], "reward_timeout_s: -1 must be > 0"),

@@ -34,7 +34,7 @@ def test_every_field_declares_a_one_line_help_and_its_defaults_are_valid(cls):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--warmup-steps", "-1"], "warmup_steps: -1 is below the minimum 0"),
-    (["--max-grad-norm", "-1"], "max_grad_norm: -1 must be > 0"),
+    (["--max-grad-norm", "-1"], "max_grad_norm: -1 is below the minimum 0"),
     (["--lr", "0"], "lr: 0 must be > 0"),
     (["--top-p", "0"], "top_p: 0 is not in (0, 1]"),
     (["--top-p", "1.5"], "top_p: 1.5 is not in (0, 1]"),

@@ -1,0 +1,94 @@
+"""The optimizer step inside the backward pass: each parameter updated as soon as its gradient is complete, and that
+gradient freed at once.
+
+Full fine-tuning in float32 with AdamW holds 16 bytes per parameter (weights, gradients, two moments), and at the end
+of an ordinary backward pass every gradient exists at once. Stepping each parameter from its gradient hook instead
+(torchtune's optimizer_in_bwd, for the same reason) keeps only the gradients still being summed: at the
+Qwen2.5-0.5B shape that is the tied embedding's and a layer's, not all 2 GB. GRPO's forward runs the shared prompt
+and the completions layer by layer (CausalLM.completion_hidden_states) so that each layer's gradient is complete
+before the backward moves to the layer below.
+
+What it cannot do: clip by the global gradient norm (the norm needs every gradient, and the first parameters are
+updated before the last gradients exist), so it requires max_grad_norm 0; sum gradients over ranks (one process
+only). A non-finite gradient drops that parameter's update, not the whole step (the parameters before it are
+already updated); the step's metrics count it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class BackwardStep:
+    """Steps `optimizer` one parameter at a time from each parameter's post-accumulate-grad hook, while armed.
+
+    Use: arm() before the backward of the step's last micro-batch (earlier ones only accumulate), then finish()
+    after it, which steps whatever the hooks did not reach and returns the step's grad_norm and skipped_nonfinite.
+    Hooks are removed by close() (or leaving the `with` block)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.group_of = {p: group for group in optimizer.param_groups for p in group["params"]}
+        self.handles = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in self.group_of]
+        self.armed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.stepped: set = set()
+        self.squared_norm = 0.0
+        self.nonfinite = 0
+
+    def arm(self) -> None:
+        self._reset()
+        self.armed = True
+
+    def _on_gradient(self, param: torch.Tensor) -> None:
+        if self.armed and param.grad is not None:
+            self._step(param)
+
+    def _step(self, param: torch.Tensor) -> None:
+        """Update param alone from its gradient (the optimizer's own step over a one-parameter group), then free it."""
+        squared = float(torch.linalg.vector_norm(param.grad, dtype=torch.float32)) ** 2
+        if math.isfinite(squared):
+            self.squared_norm += squared
+            groups = self.optimizer.param_groups
+            kept = [group["params"] for group in groups]
+            for group in groups:
+                group["params"] = [param] if group is self.group_of[param] else []
+            try:
+                self.optimizer.step()
+            finally:
+                for group, params in zip(groups, kept):
+                    group["params"] = params
+        else:
+            self.nonfinite += 1
+        param.grad = None
+        self.stepped.add(param)
+
+    def finish(self, finite_loss: bool) -> dict:
+        """After the last micro-batch: step every parameter with a gradient that no hook stepped (a step with no
+        backward, or a parameter the last micro-batch did not reach). A non-finite loss ended the micro-batches
+        before the armed backward ran: nothing was updated, and the gradients are dropped."""
+        self.armed = False
+        if not finite_loss:
+            assert not self.stepped, "a parameter was updated in a step whose loss was not finite"
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
+        for param in self.group_of:
+            if param not in self.stepped and param.grad is not None:
+                self._step(param)
+        norm = math.sqrt(self.squared_norm) if not self.nonfinite else float("nan")
+        return {"grad_norm": norm, "skipped_nonfinite": int(self.nonfinite > 0)}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self) -> BackwardStep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

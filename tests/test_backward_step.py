@@ -1,0 +1,133 @@
+"""The optimizer step in the backward pass (optimizer_in_backward): the same update as stepping after the backward,
+each layer's gradient freed before the backward reaches the layer below, and bad input refused."""
+
+import pytest
+import torch
+
+import r1lab.grpo as grpo
+import r1lab.model as model_module
+from r1lab.backward_step import BackwardStep
+from r1lab.config import GRPOConfig
+from r1lab.train import optimizer_step
+
+from test_grpo import small_config
+
+
+def rollout_batches(base, cfg):
+    model, tok = grpo.load_policy(str(base), torch.device("cpu"))
+    problems = grpo.PromptStream(grpo.get_task("arithmetic"), cfg).batch(0)[:2]
+    rollouts = grpo.sample_rollouts(grpo.Engine(model, tok), problems, cfg, seed=0)
+    adv = torch.linspace(-1, 1, len(rollouts.texts))
+    return grpo.make_micro_batches(rollouts, adv, torch.ones(len(adv), dtype=torch.bool), cfg, tok.pad_id, "cpu")
+
+
+@pytest.mark.parametrize("in_place_min", [model_module.IN_PLACE_GRAD_MIN, 0])
+def test_stepping_in_the_backward_gives_the_update_of_stepping_after_it(tiny_base, tmp_path, monkeypatch, in_place_min):
+    # Two micro-batches (the first only accumulates), two optimizer steps (the second uses the first's moments),
+    # weight decay on; through autograd's gradients and through the projections' in-place ones.
+    monkeypatch.setattr(model_module, "IN_PLACE_GRAD_MIN", in_place_min)
+    cfg = small_config(tiny_base, tmp_path, micro_batch_size=4, max_grad_norm=0)
+    batches = rollout_batches(tiny_base, cfg)
+    assert len(batches) == 2
+    results = {}
+    for in_backward in (False, True):
+        model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+        cfg.optimizer_in_backward = in_backward
+        stats = [grpo.update_policy(model, None, optimizer, batches, cfg) for _ in range(2)]
+        assert all(p.grad is None for p in model.parameters())
+        results[in_backward] = stats, model.state_dict(), optimizer.state_dict()["state"]
+    (stats_after, weights_after, state_after), (stats_in, weights_in, state_in) = results[False], results[True]
+    for name, w in weights_after.items():
+        torch.testing.assert_close(weights_in[name], w, rtol=0, atol=1e-6, msg=name)
+    for i, state in state_after.items():
+        torch.testing.assert_close(state_in[i]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+        assert float(state_in[i]["step"]) == float(state["step"]) == 2
+    for a, b in zip(stats_after, stats_in):
+        assert b["skipped_nonfinite"] == a["skipped_nonfinite"] == 0
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_each_layer_is_stepped_before_the_backward_reaches_the_layer_below(tiny_base, tmp_path, monkeypatch):
+    # The point of the mode: a layer's gradient is complete (both the shared prompt's pass and the completions')
+    # and freed before any gradient of a lower layer exists. Two sequential passes (the prompt through every layer,
+    # then the completions) break it. The projections write their gradients in place, as at real shapes: autograd's
+    # own path would hold a partial gradient in its buffers, where .grad does not show it.
+    monkeypatch.setattr(model_module, "IN_PLACE_GRAD_MIN", 0)
+    cfg = small_config(tiny_base, tmp_path, max_grad_norm=0, optimizer_in_backward=True)
+    batches = rollout_batches(tiny_base, cfg)
+    model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    layer_of = {p: i for i, layer in enumerate(model.model.layers) for p in layer.parameters()}
+    assert len(model.model.layers) >= 2
+    seen = []
+    step = BackwardStep._step
+
+    def recording_step(self, param):
+        if param in layer_of:
+            lower = [i for p, i in layer_of.items() if i < layer_of[param] and p.grad is not None]
+            seen.append((layer_of[param], lower))
+        step(self, param)
+
+    monkeypatch.setattr(BackwardStep, "_step", recording_step)
+    grpo.update_policy(model, None, torch.optim.AdamW(model.parameters(), lr=1e-3), batches, cfg)
+    assert {layer for layer, _ in seen} == set(range(len(model.model.layers)))
+    assert all(not lower for _, lower in seen), seen
+    assert [layer for layer, _ in seen] == sorted((layer for layer, _ in seen), reverse=True)
+
+
+def test_a_nonfinite_gradient_drops_that_parameters_update_and_is_counted():
+    good, bad = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([good, bad], lr=0.1)
+    with BackwardStep(optimizer) as in_backward:
+        in_backward.arm()
+        (good.sum() + (bad * torch.tensor([1.0, float("inf"), 1.0])).sum()).backward()
+        assert good.grad is None and bad.grad is None  # both freed in the backward
+        stats = in_backward.finish(True)
+    assert stats["skipped_nonfinite"] == 1
+    assert torch.equal(bad.detach(), torch.ones(3)) and not torch.equal(good.detach(), torch.ones(3))
+
+
+def test_unarmed_backward_only_accumulates_and_a_nonfinite_loss_updates_nothing():
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    with BackwardStep(optimizer) as in_backward:
+        (w * 2).sum().backward()  # not armed: an earlier micro-batch
+        assert torch.equal(w.grad, torch.full((2,), 2.0)) and torch.equal(w.detach(), torch.ones(2))
+        in_backward.arm()
+        assert in_backward.finish(False) == {"grad_norm": pytest.approx(float("nan"), nan_ok=True),
+                                             "skipped_nonfinite": 1}
+        assert w.grad is None and torch.equal(w.detach(), torch.ones(2))
+    (w * 2).sum().backward()  # hooks removed on leaving the block
+    assert w.grad is not None and torch.equal(w.detach(), torch.ones(2))
+
+
+def test_zero_max_grad_norm_steps_without_clipping():
+    w = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    w.grad = torch.tensor([30.0, 40.0])
+    stats = optimizer_step(w_module(w), optimizer, 0.0)
+    assert stats == {"grad_norm": pytest.approx(50.0), "skipped_nonfinite": 0}
+    assert torch.equal(w.detach(), torch.tensor([-30.0, -40.0]))
+
+
+def w_module(w):
+    module = torch.nn.Module()
+    module.w = w
+    return module
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"optimizer_in_backward": True}, "optimizer_in_backward cannot clip to max_grad_norm 1"),
+    ({"optimizer_in_backward": True, "max_grad_norm": 0, "shard": True}, "optimizer_in_backward with shard"),
+    ({"max_grad_norm": -1}, "max_grad_norm"),
+])
+def test_settings_it_cannot_honour_are_refused(settings, problem):
+    with pytest.raises(ValueError, match=problem):
+        GRPOConfig(**settings).check()
+
+
+def test_it_is_refused_under_torchrun(tmp_path):
+    cfg = small_config(tmp_path, tmp_path, max_grad_norm=0, optimizer_in_backward=True)
+    world = grpo.World(rank=0, size=2)
+    with pytest.raises(ValueError, match="optimizer_in_backward runs in one process"):
+        grpo.check_world(cfg, world)
