@@ -10,7 +10,7 @@ from r1lab.backward_step import BackwardStep
 from r1lab.config import GRPOConfig
 from r1lab.train import optimizer_step
 
-from test_grpo import small_config
+from test_grpo import small_config, weights
 
 
 def rollout_batches(base, cfg):
@@ -131,3 +131,16 @@ def test_it_is_refused_under_torchrun(tmp_path):
     world = grpo.World(rank=0, size=2)
     with pytest.raises(ValueError, match="optimizer_in_backward runs in one process"):
         grpo.check_world(cfg, world)
+
+
+def test_a_run_with_the_step_in_the_backward_trains_checkpoints_and_resumes(tiny_base, tmp_path):
+    # end to end through `r1lab grpo`'s train(): the optimizer's state is the ordinary AdamW's, so a checkpoint
+    # written in this mode resumes into the same weights as the uninterrupted run
+    settings = dict(max_grad_norm=0, optimizer_in_backward=True, save_every=2, steps=3)
+    whole = grpo.train(small_config(tiny_base, tmp_path / "whole", **settings), log=lambda *_: None)
+    grpo.train(small_config(tiny_base, tmp_path / "cut", **{**settings, "steps": 2}), log=lambda *_: None)
+    resumed = grpo.train(small_config(tiny_base, tmp_path / "cut", **settings, resume=True), log=lambda *_: None)
+    before, after, again = weights(tiny_base), weights(whole), weights(resumed)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for name, w in after.items():
+        torch.testing.assert_close(again[name], w, rtol=0, atol=1e-6, msg=name)
