@@ -41,7 +41,6 @@ class BackwardStep:
         self.nonfinite = 0
 
     def arm(self) -> None:
-        self._reset()
         self.armed = True
 
     def _on_gradient(self, param: torch.Tensor) -> None:
@@ -80,7 +79,9 @@ class BackwardStep:
             if param not in self.stepped and param.grad is not None:
                 self._step(param)
         norm = math.sqrt(self.squared_norm) if not self.nonfinite else float("nan")
-        return {"grad_norm": norm, "skipped_nonfinite": int(self.nonfinite > 0)}
+        skipped = int(self.nonfinite > 0)
+        self._reset()
+        return {"grad_norm": norm, "skipped_nonfinite": skipped}
 
     def close(self) -> None:
         for handle in self.handles:
@@ -92,3 +93,10 @@ class BackwardStep:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_one_process(cfg, world) -> None:
+    """Refuse optimizer_in_backward under torchrun, before anything loads."""
+    if cfg.optimizer_in_backward and world.distributed:
+        raise ValueError("optimizer_in_backward runs in one process: under torchrun the gradients are summed over the "
+                         "ranks after the backward pass, which it would have stepped and freed already")

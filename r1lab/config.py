@@ -218,6 +218,24 @@ def lora_targets_setting():
     return setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names", **LORA_TARGET_SETTING)
 
 
+def optimizer_in_backward_setting():
+    return setting(False, "update each parameter in the backward pass as soon as its gradient is complete, and free "
+                          "it: all gradients never exist at once (needs max_grad_norm 0, one process)")
+
+
+def optimizer_in_backward_problems(cfg) -> list[str]:
+    """What optimizer_in_backward cannot honour (r1lab/backward_step.py); torchrun is refused when the world is known."""
+    if not cfg.optimizer_in_backward:
+        return []
+    problems = []
+    if cfg.max_grad_norm:
+        problems.append(f"optimizer_in_backward cannot clip to max_grad_norm {_show(cfg.max_grad_norm)}: it updates "
+                        f"each parameter before the others' gradients exist; set max_grad_norm 0")
+    if cfg.shard:
+        problems.append("optimizer_in_backward with shard: FSDP reduces gradients from its own hooks; leave one on")
+    return problems
+
+
 def shard_setting():
     return setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer state "
                           "(models of 1M parameters and more)")
@@ -507,9 +525,7 @@ class GRPOConfig(Settings):
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
     moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
                                                   "bias moves this much toward an even load (0 = off)", ge=0)
-    optimizer_in_backward: bool = setting(False, "update each parameter in the backward pass as soon as its "
-                                                 "gradient is complete, and free it: all gradients never exist at once "
-                                                 "(needs max_grad_norm 0, one process)")
+    optimizer_in_backward: bool = optimizer_in_backward_setting()
     # the objective's knobs (README: GRPO / Dr. GRPO / DAPO as settings of these)
     clip_low: float = setting(0.2, "PPO clip below: the ratio is kept above 1 - clip_low", ge=0, lt=1)
     clip_high: float = setting(0.2, "PPO clip above: the ratio is kept below 1 + clip_high (DAPO: larger)", ge=0)
@@ -595,12 +611,7 @@ class GRPOConfig(Settings):
         problems = []
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
-        if self.optimizer_in_backward and self.max_grad_norm:
-            problems.append(f"optimizer_in_backward cannot clip to max_grad_norm {_show(self.max_grad_norm)}: it "
-                            f"updates each parameter before the others' gradients exist; set max_grad_norm 0")
-        if self.optimizer_in_backward and self.shard:
-            problems.append("optimizer_in_backward with shard: FSDP reduces gradients from its own hooks; leave one on")
-        return problems + _reward_function_problems(self.reward_functions) + tool_problems(self)
+        return problems + optimizer_in_backward_problems(self) + _reward_function_problems(self.reward_functions) + tool_problems(self)
 
 
 def tool_problems(cfg) -> list[str]:
@@ -695,6 +706,7 @@ class SFTConfig(Settings):
     warmup_steps: int = setting(10, "steps of linear learning-rate warmup", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
+    optimizer_in_backward: bool = optimizer_in_backward_setting()
     moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
                                                   "bias moves this much toward an even load (0 = off)", ge=0)
     max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)
@@ -723,7 +735,8 @@ class SFTConfig(Settings):
     dist_timeout_s: float = dist_timeout_setting()
 
     def rules(self) -> list[str]:
-        return ["set steps >= 1, or steps 0 and epochs > 0"] if self.steps == 0 and self.epochs <= 0 else []
+        steps = ["set steps >= 1, or steps 0 and epochs > 0"] if self.steps == 0 and self.epochs <= 0 else []
+        return steps + optimizer_in_backward_problems(self)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from r1lab import moe
-from r1lab.backward_step import BackwardStep
+from r1lab.backward_step import BackwardStep, check_one_process
 from r1lab.checkpoint import save_checkpoint
 from r1lab.config import GRPOConfig
 from r1lab.distributed import Silent, World, join_world
@@ -111,9 +111,7 @@ def check_world(cfg: GRPOConfig, world: World) -> None:
     if cfg.prompts_per_step % world.size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} does not divide across {world.size} ranks: give a "
                          f"multiple of {world.size} (each rank samples and trains whole groups)")
-    if cfg.optimizer_in_backward and world.distributed:
-        raise ValueError("optimizer_in_backward runs in one process: under torchrun the gradients are summed over the "
-                         "ranks after the backward pass, which it would have stepped and freed already")
+    check_one_process(cfg, world)
 
 
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path,

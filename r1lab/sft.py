@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from r1lab import moe
+from r1lab.backward_step import BackwardStep, check_one_process
 from r1lab.chat_data import ChatFields, SFTData, build_sft_data, read_conversations
 from r1lab.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.config import SFTConfig
@@ -40,6 +41,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     setup_training_process(cfg.threads, cfg.model)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of a batch
+    check_one_process(cfg, world)
     log = log if world.main else Silent().log
     run = Path(cfg.out)
     rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
@@ -74,6 +76,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
                  max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
                  moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
+                 optimizer_in_backward=cfg.optimizer_in_backward,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
     _add_stop_tokens(model, tokenizer, data.closers, log)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
@@ -90,7 +93,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
              on_step: StepCallback | None = None, name: str = "pretrain",
              moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
-             world: World = World()) -> list[float]:
+             world: World = World(), optimizer_in_backward: bool = False) -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
@@ -98,31 +101,36 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
     every rank walks the same order and trains on its share of each batch.
     moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/moe.py update_routing_bias);
     balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
+    optimizer_in_backward: each parameter's update in the backward pass of the last micro-batch (r1lab/backward_step.py).
     """
     order = EpochOrder(len(docs), seed)
     losses = []
     model.train()
     t0 = time.time()
+    in_backward = BackwardStep(optimizer) if optimizer_in_backward else None
     for step in range(start_step, steps):
         picked, t_step = order.batch(step, batch_size), time.perf_counter()
         set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
         metrics = lm_step(model, optimizer, [docs[i] for i in picked],
                           None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
                           micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
-                          balance_loss_weight)
+                          balance_loss_weight, in_backward)
         metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
         losses.append(metrics["loss"])
         if step % 50 == 0 or step == steps - 1:
             log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")
         if on_step is not None:
             on_step(step + 1, metrics)
+    if in_backward is not None:
+        in_backward.close()
     return losses
 
 
 def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[int]],
             loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
-            moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0) -> dict:
+            moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0,
+            in_backward: BackwardStep | None = None) -> dict:
     """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
     split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
     loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
@@ -156,6 +164,8 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             if not finite:  # FSDP: the other ranks still run their passes, which this one must join
                 idle_pass(model)
                 continue
+            if in_backward is not None and s + size >= len(docs):
+                in_backward.arm()  # the last micro-batch: the earlier ones only add to the gradients
             loss.backward()
             total += lm_loss.item()
             balance += extra.item() if torch.is_tensor(extra) else extra
@@ -163,7 +173,10 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     if finite:
         world.sum_gradients(model.parameters())
     world.sum_counts(loads)
-    stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
+    if in_backward is not None:
+        stepped = in_backward.finish(finite)
+    else:
+        stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
     if not stepped["skipped_nonfinite"]:
         moe.update_routing_bias(model, loads, moe_bias_update_speed)
     return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads),

@@ -1,6 +1,8 @@
 """The optimizer step in the backward pass (optimizer_in_backward): the same update as stepping after the backward,
 each layer's gradient freed before the backward reaches the layer below, and bad input refused."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -144,3 +146,46 @@ def test_a_run_with_the_step_in_the_backward_trains_checkpoints_and_resumes(tiny
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for name, w in after.items():
         torch.testing.assert_close(again[name], w, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_nonfinite_loss_after_a_stepped_update_still_updates_nothing():
+    w = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([w], lr=0.1)
+    with BackwardStep(optimizer) as in_backward:
+        in_backward.arm()
+        w.sum().backward()
+        assert in_backward.finish(True)["skipped_nonfinite"] == 0
+        stepped = w.detach().clone()
+        assert in_backward.finish(False)["skipped_nonfinite"] == 1  # the next update: its loss was not finite
+        assert torch.equal(w.detach(), stepped)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_steps_in_the_backward_as_after_it(tiny_base, checkpointing):
+    # SFT's loop (pretraining's too): two micro-batches, two steps, with and without activation checkpointing
+    # (whose recomputation runs inside the backward pass, beside the hooks)
+    from r1lab.sft import lm_step
+
+    docs = [[1 + (i * 7 + j) % 50 for j in range(5 + i)] for i in range(6)]
+    results = {}
+    for in_backward in (False, True):
+        model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+        model.set_activation_checkpointing(checkpointing)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True)
+        with BackwardStep(optimizer) if in_backward else contextlib.nullcontext() as stepper:
+            stats = [lm_step(model, optimizer, docs, None, 0, micro_batch_size=4, max_grad_norm=0,
+                             in_backward=stepper) for _ in range(2)]
+        assert all(p.grad is None for p in model.parameters()) or not in_backward
+        results[in_backward] = stats, model.state_dict()
+    (stats_after, weights_after), (stats_in, weights_in) = results[False], results[True]
+    for name, w in weights_after.items():
+        torch.testing.assert_close(weights_in[name], w, rtol=0, atol=1e-6, msg=name)
+    assert [s["loss"] for s in stats_in] == pytest.approx([s["loss"] for s in stats_after], rel=1e-6)
+    assert [s["grad_norm"] for s in stats_in] == pytest.approx([s["grad_norm"] for s in stats_after], rel=1e-5)
+
+
+def test_sft_refuses_clipping_with_the_step_in_the_backward():
+    from r1lab.config import SFTConfig
+
+    with pytest.raises(ValueError, match="optimizer_in_backward cannot clip to max_grad_norm 1"):
+        SFTConfig(data="x.jsonl", optimizer_in_backward=True).check()
