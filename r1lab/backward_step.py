@@ -8,6 +8,11 @@ Qwen2.5-0.5B shape that is the tied embedding's and a layer's, not all 2 GB. GRP
 and the completions layer by layer (CausalLM.completion_hidden_states) so that each layer's gradient is complete
 before the backward moves to the layer below.
 
+A tied LM head's weight gradient is complete only when the embedding's backward, the last, adds its rows: while
+armed, the head's backward leaves its products (the kept log-softmax chunks, turned into logit gradients in place,
+and their hidden states) in the weight's `deferred_products` list, and the hook adds them just before the step, when
+the activations are gone: the (V, D) gradient is never alive beside them.
+
 What it cannot do: clip by the global gradient norm (the norm needs every gradient, and the first parameters are
 updated before the last gradients exist), so it requires max_grad_norm 0; sum gradients over ranks (one process
 only). A non-finite gradient drops that parameter's update, not the whole step (the parameters before it are
@@ -42,10 +47,14 @@ class BackwardStep:
 
     def arm(self) -> None:
         self.armed = True
+        for param in self.group_of:  # a gradient kept from earlier micro-batches is there anyway: add at once
+            setattr(param, _DEFERRED, [] if param.grad is None else None)
 
     def _on_gradient(self, param: torch.Tensor) -> None:
-        if self.armed and param.grad is not None:
-            self._step(param)
+        if self.armed:
+            _add_deferred(param)
+            if param.grad is not None:
+                self._step(param)
 
     def _step(self, param: torch.Tensor) -> None:
         """Update param alone from its gradient (the optimizer's own step over a one-parameter group), then free it."""
@@ -73,26 +82,69 @@ class BackwardStep:
         self.armed = False
         if not finite_loss:
             assert not self.stepped, "a parameter was updated in a step whose loss was not finite"
+            self._disarm_deferred()
             self.optimizer.zero_grad(set_to_none=True)
             return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
         for param in self.group_of:
-            if param not in self.stepped and param.grad is not None:
-                self._step(param)
+            if param not in self.stepped:
+                _add_deferred(param)
+                if param.grad is not None:
+                    self._step(param)
+        self._disarm_deferred()
         norm = math.sqrt(self.squared_norm) if not self.nonfinite else float("nan")
         skipped = int(self.nonfinite > 0)
         self._reset()
         return {"grad_norm": norm, "skipped_nonfinite": skipped}
 
+    def _disarm_deferred(self) -> None:
+        for param in self.group_of:
+            setattr(param, _DEFERRED, None)
+
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for param in self.group_of:
+            if hasattr(param, _DEFERRED):
+                delattr(param, _DEFERRED)
 
     def __enter__(self) -> BackwardStep:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_DEFERRED = "r1lab_deferred_products"
+
+
+def deferred_products(param: torch.Tensor) -> list | None:
+    """The list a backward may leave (grad_out, input) pairs of param's gradient in, to be added as
+    grad_out.T @ input just before param's step; None when no step in the backward is armed (add at once)."""
+    return getattr(param, _DEFERRED, None)
+
+
+def add_product(grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    """grad += grad_out.T @ x, in place (a product in a lower precision is cast to the gradient's)."""
+    if grad_out.dtype == grad.dtype:
+        grad.addmm_(grad_out.t(), x)
+    else:
+        grad += (grad_out.t() @ x).to(grad.dtype)
+
+
+def _add_deferred(param: torch.Tensor) -> None:
+    """Add the products left in param's deferred list into its (dense) gradient, and empty the list."""
+    parts = deferred_products(param)
+    if not parts:
+        return
+    # the products first, then the embedding lookup's (sparse) rows: the order of the sums without the deferral
+    rows = param.grad
+    param.grad = torch.zeros_like(param) if rows is None or rows.is_sparse else rows
+    for grad_out, x in parts:
+        add_product(param.grad, grad_out, x)
+    if rows is not None and rows.is_sparse:
+        param.grad.add_(rows)
+    parts.clear()
 
 
 def check_one_process(cfg, world) -> None:

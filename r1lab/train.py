@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from r1lab.backward_step import add_product, deferred_products
 from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
                               load_checkpoint, update_run_config)
 from r1lab.config import lora_target_names, save_config
@@ -201,7 +202,7 @@ class _HeadLogprobs(torch.autograd.Function):
             logp_all = _chunk_log_softmax(hidden[start : start + rows], weight_c, temperature, compute_dtype)
             logps.append(logp_all.gather(-1, targets[start : start + rows, None]).squeeze(-1))
             if with_entropy and not len(entropy):
-                entropy = -(logp_all.exp() * logp_all).sum(-1)
+                entropy = -logp_all.exp().mul_(logp_all).sum(-1)  # one (n, V) temporary, not two
             if keep:
                 kept.append(logp_all)
         ctx.save_for_backward(hidden, weight, targets, *kept)
@@ -216,7 +217,10 @@ class _HeadLogprobs(torch.autograd.Function):
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = None
-        if want_weight:
+        # with the optimizer in the backward pass, a tied head's weight product waits for the end of the backward
+        # (the embedding's rows come last anyway): the (V, D) gradient then never coexists with the activations
+        deferred = deferred_products(weight) if ctx.tied and kept else None
+        if want_weight and deferred is None:
             if ctx.tied and weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
             grad_weight = weight.grad if ctx.tied else torch.zeros_like(weight)
@@ -233,10 +237,10 @@ class _HeadLogprobs(torch.autograd.Function):
                 grad_logits = grad_logits.to(dtype)
                 if want_hidden:
                     grad_hidden[start : start + rows] = grad_logits @ weight_c
-                if want_weight and dtype == grad_weight.dtype:
-                    grad_weight.addmm_(grad_logits.t(), h.to(dtype))
+                if want_weight and deferred is not None:
+                    deferred.append((grad_logits, h.to(dtype)))  # the kept chunk itself, turned gradient in place
                 elif want_weight:
-                    grad_weight += (grad_logits.t() @ h.to(dtype)).to(grad_weight.dtype)
+                    add_product(grad_weight, grad_logits, h.to(dtype))
         return grad_hidden, None if ctx.tied else grad_weight, None, None, None, None, None, None, None
 
 

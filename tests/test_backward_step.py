@@ -23,14 +23,17 @@ def rollout_batches(base, cfg):
     return grpo.make_micro_batches(rollouts, adv, torch.ones(len(adv), dtype=torch.bool), cfg, tok.pad_id, "cpu")
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("in_place_min", [model_module.IN_PLACE_GRAD_MIN, 0])
-def test_stepping_in_the_backward_gives_the_update_of_stepping_after_it(tiny_base, tmp_path, monkeypatch, in_place_min):
-    # Two micro-batches (the first only accumulates), two optimizer steps (the second uses the first's moments),
-    # weight decay on; through autograd's gradients and through the projections' in-place ones.
+def test_stepping_in_the_backward_gives_the_update_of_stepping_after_it(tiny_base, tmp_path, monkeypatch, in_place_min,
+                                                                        micro_batches):
+    # One micro-batch (the tied LM head's product deferred to the end of the backward) or two (the first only
+    # accumulates); two optimizer steps (the second uses the first's moments), weight decay on; through autograd's
+    # gradients and through the projections' in-place ones.
     monkeypatch.setattr(model_module, "IN_PLACE_GRAD_MIN", in_place_min)
-    cfg = small_config(tiny_base, tmp_path, micro_batch_size=4, max_grad_norm=0)
+    cfg = small_config(tiny_base, tmp_path, micro_batch_size=8 // micro_batches, max_grad_norm=0)
     batches = rollout_batches(tiny_base, cfg)
-    assert len(batches) == 2
+    assert len(batches) == micro_batches
     results = {}
     for in_backward in (False, True):
         model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
@@ -60,7 +63,7 @@ def test_each_layer_is_stepped_before_the_backward_reaches_the_layer_below(tiny_
     batches = rollout_batches(tiny_base, cfg)
     model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"))
     layer_of = {p: i for i, layer in enumerate(model.model.layers) for p in layer.parameters()}
-    assert len(model.model.layers) >= 2
+    assert len(model.model.layers) >= 2 and model.config.tie_word_embeddings
     seen = []
     step = BackwardStep._step
 
@@ -68,6 +71,8 @@ def test_each_layer_is_stepped_before_the_backward_reaches_the_layer_below(tiny_
         if param in layer_of:
             lower = [i for p, i in layer_of.items() if i < layer_of[param] and p.grad is not None]
             seen.append((layer_of[param], lower))
+            # the tied head's (V, D) gradient waits for the end of the backward, not beside the activations
+            assert model.lm_head.weight.grad is None
         step(self, param)
 
     monkeypatch.setattr(BackwardStep, "_step", recording_step)
