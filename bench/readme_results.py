@@ -202,35 +202,32 @@ def run_realshape_lora(workdir: Path, argv: list[str] = REALSHAPE_LORA, name: st
             "figures": json.loads(out.read_text())}
 
 
-def render_realshape_lora(d: dict) -> str:
+def render_pair(d: dict, setup: str, trl_name: str, after: str = "") -> str:
+    """Both sides' completion tokens/s and peak RSS from one bench/grpo_gpu.py run, with its setup and r1lab's
+    phases (the LoRA and optimizer-in-backward parts)."""
     f = d["figures"]
     r1, trl = f["r1lab"], f["trl"]
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
     return "\n".join([
-        f"{measured(d)}, by `{d['command']}` (LoRA rank 16 on every linear layer but the head; TRL with peft"
-        + ("; bf16 autocast, each side's frozen base in bf16, adapters and their optimizer in fp32"
-           if "--cpu-bf16" in d["command"] else "") + "):",
-        "", "| | r1lab | TRL + peft | r1lab / TRL |", "|---|---:|---:|---:|",
+        f"{measured(d)}, by `{d['command']}` ({setup}):",
+        "", f"| | r1lab | {trl_name} | r1lab / TRL |", "|---|---:|---:|---:|",
         f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
         f"**{f['ratio']:.2f}x** |",
         f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
         f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |", "",
-        f"r1lab's step: {phases}."])
+        f"r1lab's step: {phases}{after}."])
+
+
+def render_realshape_lora(d: dict) -> str:
+    bf16 = ("; bf16 autocast, each side's frozen base in bf16, adapters and their optimizer in fp32"
+            if "--cpu-bf16" in d["command"] else "")
+    return render_pair(d, "LoRA rank 16 on every linear layer but the head; TRL with peft" + bf16, "TRL + peft")
 
 
 def render_realshape_in_backward(d: dict) -> str:
-    f = d["figures"]
-    r1, trl = f["r1lab"], f["trl"]
-    phases = ", ".join(f"{k} {v:.1f} s" for k, v in r1["phase_s"].items() if v >= 0.05)
-    return "\n".join([
-        f"{measured(d)}, by `{d['command']}` (full fine-tuning, fp32; r1lab `--optimizer-in-backward true "
-        f"--max-grad-norm 0`, TRL `max_grad_norm=0`: neither side clips):",
-        "", "| | r1lab | TRL | r1lab / TRL |", "|---|---:|---:|---:|",
-        f"| completion tokens/s, end to end | {r1['tokens_per_s']:.1f} | {trl['tokens_per_s']:.1f} | "
-        f"**{f['ratio']:.2f}x** |",
-        f"| peak RSS (MB) | {r1['peak_rss_mb']:,.0f} | {trl['peak_rss_mb']:,.0f} | "
-        f"**{r1['peak_rss_mb'] / trl['peak_rss_mb']:.2f}x** |", "",
-        f"r1lab's step: {phases} (the optimizer's work is inside the backward pass)."])
+    return render_pair(d, "full fine-tuning, fp32; r1lab `--optimizer-in-backward true --max-grad-norm 0`, TRL "
+                          "`max_grad_norm=0`: neither side clips", "TRL",
+                       " (the optimizer's work is inside the backward pass)")
 
 
 def run_distill(workdir: Path) -> dict:
