@@ -224,7 +224,7 @@ def optimizer_in_backward_setting():
 
 
 def optimizer_in_backward_problems(cfg) -> list[str]:
-    """What optimizer_in_backward cannot honour (r1lab/backward_step.py); torchrun is refused when the world is known."""
+    """What optimizer_in_backward cannot honour (r1lab/backward_step.py); torchrun: refused once the world is known."""
     if not cfg.optimizer_in_backward:
         return []
     problems = []
@@ -611,7 +611,8 @@ class GRPOConfig(Settings):
         problems = []
         if self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1):
             problems.append("eval_samples and eval_problems must be at least 1 when eval_every > 0")
-        return problems + optimizer_in_backward_problems(self) + _reward_function_problems(self.reward_functions) + tool_problems(self)
+        return (problems + optimizer_in_backward_problems(self) + _reward_function_problems(self.reward_functions)
+                + tool_problems(self))
 
 
 def tool_problems(cfg) -> list[str]:

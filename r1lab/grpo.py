@@ -385,10 +385,7 @@ def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, 
         world.sum_gradients(model.parameters())
     world.sum_counts(counted)
     clock.lap("forward_backward")
-    if in_backward is not None:
-        stepped = in_backward.finish(finite)
-    else:
-        stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite)
+    stepped = optimizer_step(model, optimizer, cfg.max_grad_norm, finite, in_backward)
     clock.lap("optimizer")
     if not stepped["skipped_nonfinite"]:  # DeepSeek-V3's routing bias, toward an even load
         moe.update_routing_bias(model, counted, cfg.moe_bias_update_speed)

@@ -7,6 +7,7 @@ masks from r1lab/chat_data.py). Logits are computed only where a target is predi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -107,22 +108,20 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
     losses = []
     model.train()
     t0 = time.time()
-    in_backward = BackwardStep(optimizer) if optimizer_in_backward else None
-    for step in range(start_step, steps):
-        picked, t_step = order.batch(step, batch_size), time.perf_counter()
-        set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
-        metrics = lm_step(model, optimizer, [docs[i] for i in picked],
-                          None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
-                          micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
-                          balance_loss_weight, in_backward)
-        metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
-        losses.append(metrics["loss"])
-        if step % 50 == 0 or step == steps - 1:
-            log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")
-        if on_step is not None:
-            on_step(step + 1, metrics)
-    if in_backward is not None:
-        in_backward.close()
+    with BackwardStep(optimizer) if optimizer_in_backward else contextlib.nullcontext() as in_backward:
+        for step in range(start_step, steps):
+            picked, t_step = order.batch(step, batch_size), time.perf_counter()
+            set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
+            metrics = lm_step(model, optimizer, [docs[i] for i in picked],
+                              None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
+                              micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
+                              balance_loss_weight, in_backward)
+            metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
+            losses.append(metrics["loss"])
+            if step % 50 == 0 or step == steps - 1:
+                log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")
+            if on_step is not None:
+                on_step(step + 1, metrics)
     return losses
 
 
@@ -173,10 +172,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     if finite:
         world.sum_gradients(model.parameters())
     world.sum_counts(loads)
-    if in_backward is not None:
-        stepped = in_backward.finish(finite)
-    else:
-        stepped = optimizer_step(model, optimizer, max_grad_norm, finite)
+    stepped = optimizer_step(model, optimizer, max_grad_norm, finite, in_backward)
     if not stepped["skipped_nonfinite"]:
         moe.update_routing_bias(model, loads, moe_bias_update_speed)
     return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from r1lab.backward_step import add_product, deferred_products
+from r1lab.backward_step import BackwardStep, add_product, deferred_products
 from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
                               load_checkpoint, update_run_config)
 from r1lab.config import lora_target_names, save_config
@@ -94,9 +94,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
-                   finite_loss: bool = True) -> dict:
+                   finite_loss: bool = True, in_backward: BackwardStep | None = None) -> dict:
     """Clip (max_grad_norm 0: no clipping) and apply the accumulated gradients; a non-finite loss or gradient drops
-    the step instead, leaving the weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite."""
+    the step instead, leaving the weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite.
+    With in_backward, the backward pass has applied them already: what is left is finished there."""
+    if in_backward is not None:
+        return in_backward.finish(finite_loss)
     grad_norm = None
     if finite_loss and max_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
