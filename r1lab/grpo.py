@@ -25,6 +25,7 @@ from r1lab.config import GRPOConfig
 from r1lab.distributed import Silent, World, join_world
 from r1lab.engine import Engine
 from r1lab.evaluate import evaluate_policy, heldout_problems, save_json
+from r1lab.grad_buffers import backward, release_gradients
 from r1lab.lora import adapters_disabled, add_lora, has_lora
 from r1lab.metrics import MetricsLogger, save_samples, training_progress
 from r1lab.model import CausalLM
@@ -359,7 +360,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             _update(model, ref_model, optimizer, batches, passes, cfg, update, totals, loads, clock, world,
                     in_backward)
     held = held_bytes(model, optimizer)  # this rank's share, gradients included (freed just below)
-    optimizer.zero_grad(set_to_none=True)
+    release_gradients(optimizer)
     _sum_totals(world, totals)
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
@@ -374,7 +375,7 @@ def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, 
             clock: PhaseClock, world: World, in_backward: BackwardStep | None) -> None:
     """One optimizer step over the micro-batches. With in_backward, the last micro-batch's backward pass updates
     the parameters as their gradients complete; finish() updates any it did not reach."""
-    optimizer.zero_grad(set_to_none=True)
+    release_gradients(optimizer)
     with moe.count_loads(model) as counted:
         finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals, in_backward)
     finite, trained = world.all(finite), not world.all(not batches)
@@ -453,7 +454,7 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     loss = (token_loss * mb.weights).sum()
     if not torch.isfinite(loss):
         return False
-    loss.backward()
+    backward(loss)  # noting memory around it: see r1lab/grad_buffers.py
     totals["loss"] += loss.item()
     totals["clipped"] += clipped.float().sum().item()
     totals["tokens"] += len(logp)

@@ -21,6 +21,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
+from r1lab.grad_buffers import IN_PLACE_GRAD_MIN, take_spare
+
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 # Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
@@ -234,9 +236,9 @@ def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y.reshape(*x.shape[:-1], out)
 
 
-# Weights from which the gradient is written in place: smaller ones come from the allocator's free lists (nothing to
-# fault in), where the Python-level autograd function would only add its overhead (a 4M-parameter model's step)
-IN_PLACE_GRAD_MIN = 1 << 20
+# IN_PLACE_GRAD_MIN (r1lab/grad_buffers.py): weights from which the gradient is written in place; smaller ones come
+# from the allocator's free lists (nothing to fault in), where the Python-level autograd function would only add its
+# overhead (a 4M-parameter model's step)
 
 
 def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
@@ -268,8 +270,8 @@ class _InPlaceGradLinear(torch.autograd.Function):
         grad_x = (dy @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
             flat_x = x.reshape(-1, x.shape[-1])
-            if weight.grad is None:
-                weight.grad = dy.t() @ flat_x
+            if weight.grad is None:  # the first pass writes into the last step's gradient memory, if kept
+                weight.grad = torch.mm(dy.t(), flat_x, out=take_spare(weight))
             else:
                 weight.grad.addmm_(dy.t(), flat_x)
         if bias is not None and ctx.needs_input_grad[2]:

@@ -49,7 +49,8 @@ class PhaseClock:
 
 
 class _RssSampler(threading.Thread):
-    """The largest resident set size seen since the last take_peak(), read from /proc (None where there is none)."""
+    """The largest resident set size seen since the last take_peak(channel), per channel (the phases' clock, the
+    gradient spares' budget: each reads its own), read from /proc (None where there is none)."""
 
     _instance = None
     _STATM = Path("/proc/self/statm")
@@ -58,13 +59,14 @@ class _RssSampler(threading.Thread):
         super().__init__(daemon=True, name="r1lab-rss-sampler")
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.lock = threading.Lock()
-        self.peak = self.read()
+        self.start_rss = self.read()
+        self.peaks: dict[str, int] = {}
 
     @classmethod
     def shared(cls) -> "_RssSampler":
         if cls._instance is None:
             cls._instance = cls()
-            if cls._instance.peak is not None:
+            if cls._instance.start_rss is not None:
                 cls._instance.start()
         return cls._instance
 
@@ -78,13 +80,22 @@ class _RssSampler(threading.Thread):
         while True:
             rss = self.read()
             with self.lock:
-                self.peak = max(self.peak, rss)
+                for channel, peak in self.peaks.items():
+                    self.peaks[channel] = max(peak, rss)
             time.sleep(SAMPLE_EVERY_S)
 
-    def take_peak(self) -> float | None:
-        if self.peak is None:
+    def take_peak(self, channel: str = "phases") -> float | None:
+        """The peak since this channel's last call (at its first: the larger of the resident size when the sampler
+        started and now), and start a new one."""
+        if self.start_rss is None:
             return None
         now = self.read()
         with self.lock:
-            peak, self.peak = max(self.peak, now), now
+            peak, self.peaks[channel] = max(self.peaks.get(channel, self.start_rss), now), now
         return float(peak)
+
+
+def resident_peak(channel: str) -> float | None:
+    """The largest resident set size of this process since the last call for channel (None where /proc is
+    missing): sampled every SAMPLE_EVERY_S, without resetting the kernel's high-water mark (see above)."""
+    return _RssSampler.shared().take_peak(channel)

@@ -22,6 +22,7 @@ from r1lab.chat_data import ChatFields, SFTData, build_sft_data, read_conversati
 from r1lab.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.config import SFTConfig
 from r1lab.distributed import Silent, World, join_world
+from r1lab.grad_buffers import backward, release_gradients
 from r1lab.lora import add_lora
 from r1lab.metrics import MetricsLogger, training_progress
 from r1lab.model import CausalLM
@@ -147,7 +148,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
         loss_masks = None if loss_masks is None else [loss_masks[i] for i in by_length]
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
-    optimizer.zero_grad(set_to_none=True)
+    release_gradients(optimizer)
     total, balance, finite = 0.0, 0.0, True
     with moe.count_loads(model) as loads, moe.balance_loss(model, balance_loss_weight):
         for s, (ids, mask) in zip(range(0, len(docs), size), batches):
@@ -165,7 +166,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
                 continue
             if in_backward is not None and s + size >= len(docs):
                 in_backward.arm()  # the last micro-batch: the earlier ones only add to the gradients
-            loss.backward()
+            backward(loss)  # noting memory around it: see r1lab/grad_buffers.py
             total += lm_loss.item()
             balance += extra.item() if torch.is_tensor(extra) else extra
     finite, (total, balance) = world.all(finite), world.sum([total, balance])

@@ -26,6 +26,7 @@ from r1lab.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoin
                               load_checkpoint, update_run_config)
 from r1lab.config import lora_target_names, save_config
 from r1lab.distributed import World
+from r1lab.grad_buffers import release_gradients, zeroed_gradient
 from r1lab.lora import LoRASpec, merge_lora, save_adapter
 from r1lab.model import save_model
 from r1lab.sharding import full_state_dict
@@ -106,7 +107,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     elif finite_loss:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if grad_norm is None or not torch.isfinite(grad_norm):
-        optimizer.zero_grad(set_to_none=True)
+        release_gradients(optimizer)
         return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
     optimizer.step()
     return {"grad_norm": grad_norm.item(), "skipped_nonfinite": 0}
@@ -225,8 +226,8 @@ class _HeadLogprobs(torch.autograd.Function):
         deferred = deferred_products(weight) if ctx.tied and kept else None
         if want_weight and deferred is None:
             if ctx.tied and weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            grad_weight = weight.grad if ctx.tied else torch.zeros_like(weight)
+                weight.grad = zeroed_gradient(weight)
+            grad_weight = weight.grad if ctx.tied else zeroed_gradient(weight)
         weight_c = weight.to(dtype)
         with _no_autocast(hidden.device.type):
             for i, start in enumerate(range(0, len(targets), rows)):
