@@ -63,7 +63,11 @@ def resident_bytes() -> int:
 
 def backward(loss: torch.Tensor) -> None:
     """loss.backward(), noting the highest resident size since the last backward or release (the forward pass:
-    the activations at their highest, and its passing peaks, the LM head's) and the size after it."""
+    the activations at their highest, and its passing peaks, the LM head's) and the size after it. On a GPU, only
+    the backward: spares are for CPU memory."""
+    if loss.device.type != "cpu":
+        loss.backward()
+        return
     _budget.forward_high = max(_budget.forward_high, _peak_since_last_call())
     loss.backward()
     _budget.after_backward = resident_bytes()

@@ -135,6 +135,8 @@ def test_spares_are_kept_in_the_order_the_backward_wrote_them_within_the_budget(
 class _PassThatFrees:
     """A backward pass whose resident size goes from `before` to `after` (the activations go, gradients come)."""
 
+    device = torch.device("cpu")
+
     def __init__(self, resident: dict, before: int, after: int):
         self.resident, self.after = resident, after
         resident["now"] = before
