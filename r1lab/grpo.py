@@ -346,8 +346,9 @@ def _right_padded(seqs: list[list[int]], pad_id: int):
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
                   cfg: GRPOConfig, clock: PhaseClock | None = None, world: World = World()) -> dict:
     """updates_per_batch optimizer steps over the rollouts (this rank's micro-batches; the gradients summed over
-    ranks); a non-finite loss or gradient on any rank skips the step. The gradients are freed after the last step:
-    the rollouts that come next do not need them."""
+    ranks); a non-finite loss or gradient on any rank skips the step. The gradients are released after the last step
+    (the rollouts that come next do not need them; r1lab/grad_buffers.py keeps the memory of those that fit under
+    the step's peak for the next backward to write into)."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0,
