@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from r1lab.phases import resident_peak
 
@@ -88,8 +89,8 @@ def spare_budget() -> int:
 
 
 def release_gradients(params: Iterable[torch.Tensor] | torch.optim.Optimizer, budget: int | None = None) -> None:
-    """Set each parameter's gradient to None, keeping large CPU ones as spares, the largest first, up to budget
-    bytes (default: spare_budget())."""
+    """Set each parameter's gradient to None, keeping large CPU ones as spares, in the order the last backward
+    first wrote them, up to budget bytes (default: spare_budget())."""
     if isinstance(params, torch.optim.Optimizer):
         params = [p for group in params.param_groups for p in group["params"]]
     # in the order the last backward wrote them: a spare taken early in the next backward is soon no longer a spare
@@ -117,8 +118,9 @@ def _forget(key: int, _dead: weakref.ref) -> None:
 
 
 def _worth_keeping(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    # a CUDA allocator keeps freed blocks itself; a sparse or mismatched gradient is nothing to write into
-    return (grad.device.type == "cpu" and grad.layout == torch.strided and grad.numel() >= IN_PLACE_GRAD_MIN
+    # a CUDA allocator keeps freed blocks itself; a sparse, sharded (FSDP's DTensor: r1lab does not write those in
+    # place) or mismatched gradient is nothing to write into
+    return (grad.device.type == "cpu" and grad.layout == torch.strided and not isinstance(grad, DTensor) and grad.numel() >= IN_PLACE_GRAD_MIN
             and grad.shape == param.shape and grad.dtype == param.dtype and grad.is_contiguous())
 
 
