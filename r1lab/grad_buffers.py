@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from collections.abc import Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from r1lab.phases import resident_peak
+from r1lab.phases import resident_bytes, resident_peak
 
 SAMPLER_CHANNEL = "gradient spares"  # its own reading of r1lab/phases.py's resident-size sampler
 # The size from which r1lab writes a weight's gradient in place (r1lab/model.py): smaller ones come from the
@@ -53,15 +52,6 @@ class _Budget:
 _budget = _Budget()
 
 
-def resident_bytes() -> int:
-    """This process's resident set size now (Linux); 0 where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def backward(loss: torch.Tensor) -> None:
     """loss.backward(), noting the highest resident size since the last backward or release (the forward pass:
     the activations at their highest, and its passing peaks, the LM head's) and the size after it. On a GPU, only
@@ -71,13 +61,13 @@ def backward(loss: torch.Tensor) -> None:
         return
     _budget.forward_high = max(_budget.forward_high, _peak_since_last_call())
     loss.backward()
-    _budget.after_backward = resident_bytes()
+    _budget.after_backward = resident_bytes() or 0
     _peak_since_last_call()  # the backward's own peak is not a forward's
 
 
 def _peak_since_last_call() -> int:
     peak = resident_peak(SAMPLER_CHANNEL)
-    return resident_bytes() if peak is None else int(peak)
+    return (resident_bytes() or 0) if peak is None else int(peak)
 
 
 def spare_budget() -> int:

@@ -48,18 +48,28 @@ class PhaseClock:
         return peak
 
 
+_STATM = Path("/proc/self/statm")
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size now, from /proc (None where there is none)."""
+    try:
+        return int(_STATM.read_text().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class _RssSampler(threading.Thread):
     """The largest resident set size seen since the last take_peak(channel), per channel (the phases' clock, the
     gradient spares' budget: each reads its own), read from /proc (None where there is none)."""
 
     _instance = None
-    _STATM = Path("/proc/self/statm")
 
     def __init__(self):
         super().__init__(daemon=True, name="r1lab-rss-sampler")
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.lock = threading.Lock()
-        self.start_rss = self.read()
+        self.start_rss = resident_bytes()
         self.peaks: dict[str, int] = {}
 
     @classmethod
@@ -70,15 +80,9 @@ class _RssSampler(threading.Thread):
                 cls._instance.start()
         return cls._instance
 
-    def read(self) -> int | None:
-        try:
-            return int(self._STATM.read_text().split()[1]) * self.page
-        except (OSError, IndexError, ValueError):
-            return None
-
     def run(self) -> None:
         while True:
-            rss = self.read()
+            rss = resident_bytes()
             with self.lock:
                 for channel, peak in self.peaks.items():
                     self.peaks[channel] = max(peak, rss)
@@ -89,7 +93,7 @@ class _RssSampler(threading.Thread):
         started and now), and start a new one."""
         if self.start_rss is None:
             return None
-        now = self.read()
+        now = resident_bytes()
         with self.lock:
             peak, self.peaks[channel] = max(self.peaks.get(channel, self.start_rss), now), now
         return float(peak)
