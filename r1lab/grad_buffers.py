@@ -29,6 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch.distributed.tensor import DTensor
 
+from r1lab import cpu_allocator
 from r1lab.phases import resident_bytes, resident_peak
 
 SAMPLER_CHANNEL = "gradient spares"  # its own reading of r1lab/phases.py's resident-size sampler
@@ -73,8 +74,8 @@ def _peak_since_last_call() -> int:
 def spare_budget() -> int:
     """Bytes of spares that fit under this step's peak (see above); 0 before any backward pass was noted. Taken
     before the optimizer step: AdamW's state, made at the first step, is not room for spares."""
-    if not _budget.forward_high or not _budget.after_backward:
-        return 0
+    if not _budget.forward_high or not _budget.after_backward or cpu_allocator.installed():
+        return 0  # r1lab's CPU allocator already hands a freed gradient's block to the next one of its size
     return max(0, _budget.after_backward - (_budget.forward_high - _budget.kept))
 
 

@@ -133,8 +133,10 @@ def test_sliding_window_is_refused(tiny_config_kwargs, tmp_path):
 @pytest.mark.parametrize("out", [7, 4 * SLICE_ROWS + 3])  # one product; slices, the last one short
 @pytest.mark.parametrize("bias", [True, False])
 def test_few_rows_product_equals_linear(out, bias, monkeypatch):
-    """A decode step's product over a few rows (r1lab's Linear and the LM head in the engine) equals F.linear."""
+    """A decode step's product over a few rows (r1lab's Linear and the LM head in the engine) equals F.linear, on
+    torch's path (the C kernel's own tests are in test_decode_matmul.py)."""
     monkeypatch.setattr(r1lab.model, "SLICED_MIN", 0)  # the small weight is sliced too
+    monkeypatch.setitem(r1lab.decode_matmul._loaded, "kernel", None)
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(out, 24, generator=g), torch.randn(8, 1, 24, generator=g)
     b = torch.randn(out, generator=g) if bias else None

@@ -1,0 +1,131 @@
+"""r1lab's CPU allocator (r1lab/cpu_allocator.py): blocks reused by size, never more held than the live peak, and
+tensors that stay right. Each test runs in a fresh interpreter: the allocator is process-wide once installed."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+needs_compiler = pytest.mark.skipif(not sys.platform.startswith("linux") or not (shutil.which("c++") or shutil.which("g++")),
+                                    reason="no C++ compiler on this machine")
+
+
+def run(code: str, env_extra: dict | None = None) -> str:
+    import os
+
+    env = {**os.environ, **(env_extra or {})}
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@needs_compiler
+def test_a_freed_block_serves_the_next_request_of_its_size_and_data_stay_right():
+    out = run("""
+        import torch
+        from r1lab import cpu_allocator
+        assert cpu_allocator.install() and cpu_allocator.installed()
+        a = torch.full((1 << 20,), 3.0)                  # 4 MiB: one of ours
+        address = a.data_ptr()
+        del a
+        assert cpu_allocator.stats()["kept"] == 4 << 20
+        b = torch.full((1 << 20,), 5.0)
+        s = cpu_allocator.stats()
+        assert (s["reused"], s["mapped"], s["kept"], s["live"]) == (1, 1, 0, 4 << 20), s
+        assert b.data_ptr() == address and bool((b == 5).all())  # the same block, rewritten
+        del s
+        before = cpu_allocator.stats()["live"]
+        small = torch.ones(10)                            # glibc's, as before
+        assert cpu_allocator.stats()["live"] == before
+        x = torch.randn(300, 500, requires_grad=True)     # autograd's temporaries through it
+        (x @ x.t()).relu().sum().backward()
+        torch.testing.assert_close(x.grad, ((x @ x.t()) > 0).float() @ x.detach() * 2)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_what_it_holds_never_passes_the_highest_live_total():
+    out = run("""
+        import random, torch
+        from r1lab import cpu_allocator
+        cpu_allocator.install()
+        random.seed(0)
+        live = []
+        for step in range(3000):
+            if live and random.random() < 0.5:
+                live.pop(random.randrange(len(live)))
+            else:
+                live.append(torch.empty(random.choice([33, 64, 200, 1000, 4096]) << 10, dtype=torch.uint8))
+            s = cpu_allocator.stats()
+            assert s["live"] + s["kept"] <= s["peak_live"], (step, s)
+        s = cpu_allocator.stats()
+        assert s["reused"] > s["mapped"] > 0, s                    # mostly reuse
+        live.clear()
+        cpu_allocator.drop_kept()
+        assert cpu_allocator.stats()["kept"] == 0
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_uninstall_returns_allocation_to_torch_and_its_blocks_still_come_back():
+    out = run("""
+        import torch
+        from r1lab import cpu_allocator
+        cpu_allocator.install()
+        ours = torch.empty(1 << 20)
+        cpu_allocator.uninstall()
+        assert not cpu_allocator.installed()
+        theirs = torch.empty(1 << 20)
+        assert cpu_allocator.stats()["live"] == 4 << 20    # the new tensor is torch's own
+        del ours
+        assert cpu_allocator.stats()["kept"] == 4 << 20    # ours came back to us
+        del theirs
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
+    out = run("""
+        import torch
+        from r1lab import cpu_allocator
+        assert not cpu_allocator.install() and not cpu_allocator.installed()
+        print("ok")
+    """, {"R1LAB_CPU_ALLOCATOR": "0"})
+    assert out.strip() == "ok"
+    out = run("""
+        import warnings, torch
+        from r1lab import cpu_allocator
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not cpu_allocator.install()
+        assert any("no C++ compiler found" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        print("ok")
+    """, {"CXX": str(tmp_path / "no-such-c++"), "R1LAB_KERNEL_CACHE": str(tmp_path / "cache")})
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_a_large_models_process_installs_it_and_a_small_ones_does_not(tmp_path):
+    out = run(f"""
+        from pathlib import Path
+        from r1lab import cpu_allocator, runtime
+        small, large = Path({str(tmp_path)!r}) / "small", Path({str(tmp_path)!r}) / "large"
+        small.mkdir(); large.mkdir()
+        (small / "model.safetensors").write_bytes(b"0" * 1000)
+        with open(large / "model.safetensors", "wb") as f:
+            f.truncate(runtime.LARGE_MODEL_BYTES)             # sparse: only its size is read
+        runtime.setup_training_process(0, small)
+        assert not cpu_allocator.installed()
+        runtime.setup_training_process(0, large)
+        assert cpu_allocator.installed()
+        print("ok")
+    """)
+    assert out.strip() == "ok"
