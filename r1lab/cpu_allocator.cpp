@@ -6,16 +6,20 @@
 // Served by mmap and returned at each free (the policy that keeps the peak down, r1lab/runtime.py), every block is
 // new memory that the kernel must fault in and zero: about a third of the forward and backward's time. Kept in
 // glibc's heap, the same blocks fragment and the peak rises by 0.7 GB. Here a freed block of LARGE bytes or more is
-// kept for a request of exactly its size (a step's activations repeat, layer after layer and step after step); the
-// blocks kept are unmapped, oldest first, whenever keeping them would take the live plus kept bytes past the highest
-// live total seen so far, so the process never holds more than it held at its own peak.
+// kept. A request of a kept block's exact size takes it (a step's activations repeat, layer after layer and step
+// after step); any other request is assembled from kept blocks by moving their pages into a new range with mremap:
+// the pages stay resident and filled, only their addresses change, so no block is ever faulted in while kept
+// memory is left, and what is held (live + kept) never passes the highest live total seen.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <sys/mman.h>
 
+#include <algorithm>
+
 #include <cstdint>
-#include <deque>
+#include <iterator>
+#include <map>
 #include <mutex>
 #include <unordered_map>
 
@@ -25,7 +29,7 @@ constexpr size_t PAGE = 4096;
 
 struct Stats {
   size_t live = 0, kept = 0, peak_live = 0;
-  uint64_t reused = 0, mapped = 0, unmapped = 0;
+  uint64_t reused = 0, assembled = 0, mapped = 0, moved_bytes = 0, fresh_bytes = 0;
 };
 
 class KeepingAllocator final : public c10::Allocator {
@@ -48,48 +52,12 @@ class KeepingAllocator final : public c10::Allocator {
     return stats_;
   }
 
-  // Unmap every kept block (before a phase that needs the memory for something else).
+  // Unmap every kept block (a process done with training, before memory is needed elsewhere).
   void drop_kept() {
     std::lock_guard<std::mutex> g(mutex_);
-    while (!order_.empty()) unmap_oldest();
-  }
-
- private:
-  static size_t round_up(size_t n) { return (n + PAGE - 1) / PAGE * PAGE; }
-
-  void* take(size_t size) {
-    {
-      std::lock_guard<std::mutex> g(mutex_);
-      auto bin = free_.find(size);
-      if (bin != free_.end() && !bin->second.empty()) {
-        void* p = bin->second.back();
-        bin->second.pop_back();
-        stats_.kept -= size;
-        forget_order(p);
-        note_live(p, size);
-        stats_.reused++;
-        return p;
-      }
-      // a new block: first make room for it under the highest live total seen
-      while (!order_.empty() && stats_.live + stats_.kept + size > std::max(stats_.peak_live, stats_.live + size))
-        unmap_oldest();
-    }
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      drop_kept();
-      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      TORCH_CHECK(p != MAP_FAILED, "r1lab's CPU allocator: out of memory allocating ", size, " bytes");
-    }
-    std::lock_guard<std::mutex> g(mutex_);
-    stats_.mapped++;
-    note_live(p, size);
-    return p;
-  }
-
-  void note_live(void* p, size_t size) {
-    sizes_[p] = size;
-    stats_.live += size;
-    stats_.peak_live = std::max(stats_.peak_live, stats_.live);
+    for (auto& [size, p] : kept_) munmap(p, size);
+    kept_.clear();
+    stats_.kept = 0;
   }
 
   bool give_back(void* p) {
@@ -99,39 +67,61 @@ class KeepingAllocator final : public c10::Allocator {
     size_t size = it->second;
     sizes_.erase(it);
     stats_.live -= size;
-    free_[size].push_back(p);
-    order_.push_back({p, size});
+    kept_.emplace(size, p);
     stats_.kept += size;
     return true;
   }
 
-  void unmap_oldest() {
-    auto [p, size] = order_.front();
-    order_.pop_front();
-    auto& bin = free_[size];
-    for (auto it = bin.begin(); it != bin.end(); ++it)
-      if (*it == p) {
-        bin.erase(it);
-        break;
-      }
-    stats_.kept -= size;
-    stats_.unmapped++;
-    munmap(p, size);
+ private:
+  static size_t round_up(size_t n) { return (n + PAGE - 1) / PAGE * PAGE; }
+
+  void* take(size_t size) {
+    std::lock_guard<std::mutex> g(mutex_);
+    void* p = nullptr;
+    auto exact = kept_.find(size);
+    if (exact != kept_.end()) {
+      p = exact->second;
+      kept_.erase(exact);
+      stats_.kept -= size;
+      stats_.reused++;
+    } else {
+      p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      TORCH_CHECK(p != MAP_FAILED, "r1lab's CPU allocator: out of memory mapping ", size, " bytes");
+      size_t moved = kept_.empty() ? 0 : assemble(static_cast<char*>(p), size);
+      (moved ? stats_.assembled : stats_.mapped)++;
+      stats_.moved_bytes += moved;
+      stats_.fresh_bytes += size - moved;
+    }
+    sizes_[p] = size;
+    stats_.live += size;
+    stats_.peak_live = std::max(stats_.peak_live, stats_.live);
+    return p;
   }
 
-  void forget_order(void* p) {
-    for (auto it = order_.begin(); it != order_.end(); ++it)
-      if (it->first == p) {
-        order_.erase(it);
-        return;
-      }
+  // Move kept pages into [dst, dst + size): the smallest kept block that covers what is still missing, else the
+  // largest one whole, until the range is full or nothing is kept. Returns the bytes moved; the rest of the range
+  // is fresh memory, faulted in when first touched.
+  size_t assemble(char* dst, size_t size) {
+    size_t filled = 0;
+    while (filled < size && !kept_.empty()) {
+      size_t missing = size - filled;
+      auto it = kept_.lower_bound(missing);
+      if (it == kept_.end()) it = std::prev(kept_.end());
+      auto [block, src] = *it;
+      size_t piece = std::min(block, missing);
+      if (mremap(src, piece, piece, MREMAP_MAYMOVE | MREMAP_FIXED, dst + filled) == MAP_FAILED) break;
+      kept_.erase(it);
+      if (block > piece) kept_.emplace(block - piece, static_cast<char*>(src) + piece);  // the rest stays kept
+      stats_.kept -= piece;
+      filled += piece;
+    }
+    return filled;
   }
 
   const size_t large_;
   std::mutex mutex_;
-  std::unordered_map<void*, size_t> sizes_;                // live blocks of ours
-  std::unordered_map<size_t, std::vector<void*>> free_;    // kept blocks by size
-  std::deque<std::pair<void*, size_t>> order_;             // kept blocks, oldest first
+  std::unordered_map<void*, size_t> sizes_;  // live blocks of ours
+  std::multimap<size_t, void*> kept_;        // kept blocks by size
   Stats stats_;
 };
 
@@ -168,9 +158,10 @@ void r1lab_drop_kept() {
   if (instance != nullptr) instance->drop_kept();
 }
 
-// live, kept, peak_live, reused, mapped, unmapped
+// live, kept, peak_live, reused, assembled, mapped, moved_bytes, fresh_bytes
 void r1lab_stats(uint64_t* out) {
   Stats s = instance != nullptr ? instance->stats() : Stats{};
-  out[0] = s.live, out[1] = s.kept, out[2] = s.peak_live, out[3] = s.reused, out[4] = s.mapped, out[5] = s.unmapped;
+  uint64_t values[] = {s.live, s.kept, s.peak_live, s.reused, s.assembled, s.mapped, s.moved_bytes, s.fresh_bytes};
+  std::copy(std::begin(values), std::end(values), out);
 }
 }

@@ -1,5 +1,6 @@
 """torch's CPU allocator for a large model's process: freed blocks are reused by requests of the same size, under a
-cap of the highest live total seen, so the page faults of fresh memory go without the peak rising (cpu_allocator.cpp).
+cap of the highest live total seen, and other requests are assembled from the pages of freed blocks, so the page
+faults of fresh memory go without the peak rising (cpu_allocator.cpp).
 
 Installed by r1lab/runtime.py for a large model (the policy that otherwise maps every block of 128 KB or more apart
 and gives it back at once). Compiled against the running torch on first use (a few seconds; r1lab/native.py caches
@@ -21,7 +22,7 @@ from r1lab import native
 
 SOURCE = Path(__file__).with_name("cpu_allocator.cpp")
 LARGE = 128 << 10  # blocks from this size are kept for reuse; smaller ones stay in glibc's heap, as before
-_STAT_NAMES = ("live", "kept", "peak_live", "reused", "mapped", "unmapped")
+_STAT_NAMES = ("live", "kept", "peak_live", "reused", "assembled", "mapped", "moved_bytes", "fresh_bytes")
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "library", or None once it could not be had
 
@@ -57,8 +58,8 @@ def drop_kept() -> None:
 
 
 def stats() -> dict[str, int]:
-    """Bytes live and kept, the highest live total, and counts of blocks reused, mapped and unmapped (zeros before
-    install)."""
+    """Bytes live and kept and the highest live total; blocks reused whole, assembled from kept pages, and mapped
+    fresh; bytes moved from kept blocks and fresh bytes (zeros before install)."""
     library = _library(build=False)
     out = (ctypes.c_uint64 * len(_STAT_NAMES))()
     if library is not None:

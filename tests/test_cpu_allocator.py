@@ -64,10 +64,35 @@ def test_what_it_holds_never_passes_the_highest_live_total():
             s = cpu_allocator.stats()
             assert s["live"] + s["kept"] <= s["peak_live"], (step, s)
         s = cpu_allocator.stats()
-        assert s["reused"] > s["mapped"] > 0, s                    # mostly reuse
+        assert s["reused"] + s["assembled"] > 10 * s["mapped"] and s["moved_bytes"] > s["fresh_bytes"], s
         live.clear()
         cpu_allocator.drop_kept()
         assert cpu_allocator.stats()["kept"] == 0
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_a_request_of_another_size_is_assembled_from_kept_pages_without_faulting_them_in():
+    out = run("""
+        import resource, torch
+        from r1lab import cpu_allocator
+        cpu_allocator.install()
+        a, b, c = (torch.ones(1 << 20) for _ in range(3))    # 3 x 4 MiB, faulted in
+        del a, b, c
+        before = cpu_allocator.stats()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        big = torch.empty(5 << 20, dtype=torch.float16)     # 10 MiB: two kept blocks and half of the third
+        big.fill_(2.0)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        s = cpu_allocator.stats()
+        assert s["assembled"] == before["assembled"] + 1 and s["fresh_bytes"] == before["fresh_bytes"], s
+        assert s["moved_bytes"] - before["moved_bytes"] == 10 << 20 and s["kept"] == 2 << 20, s
+        assert faults < 256, faults                          # 2,560 pages, fresh, would each fault
+        assert big.min() == 2 and big.max() == 2
+        del big
+        assert cpu_allocator.stats()["kept"] == 12 << 20
         print("ok")
     """)
     assert out.strip() == "ok"
