@@ -130,7 +130,7 @@ def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | N
              engine: Engine | None = None) -> None:
     console = console or Console(highlight=False)
     if engine is None:
-        setup_training_process(cfg.threads, cfg.model)
+        setup_training_process(cfg.threads, cfg.model, cfg.device)
         model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
         engine = Engine(model.eval(), tokenizer)
     opening = [{"role": "system", "content": cfg.system}] if cfg.system else []

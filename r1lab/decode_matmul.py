@@ -3,7 +3,7 @@
 Decoding reads every weight once per step for a handful of rows, so its speed is the rate at which the weights
 stream from memory. At the Qwen2.5-0.5B shape on 2 AVX-512 cores, MKL's sgemm read them at 11-16 GB/s where a plain
 sum reads 24 (r1lab/model.py's _few_rows_linear, which picks MKL's best orientation, at 13.5); the kernel reads them
-at 20-25, and a rollout of 8 x 32 tokens runs in 4.0 instead of 5.3 s.
+at 20-25, and a rollout of 8 x 32 tokens runs in 3.9-4.8 instead of 4.9-6.2 s (bench/README.md).
 
 The kernel is compiled with the machine's C compiler on first use (about a second; r1lab/native.py caches it per
 source, compiler and CPU, since it is built for this CPU's vector instructions). Without a compiler, or with

@@ -96,7 +96,7 @@ class EvalResult:
 
 def run_eval(cfg: EvalConfig) -> Path:
     """`r1lab eval`: the held-out evaluation of a model directory, printed as a table and saved as JSON."""
-    setup_training_process(cfg.threads, cfg.model)
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)

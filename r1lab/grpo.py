@@ -49,7 +49,7 @@ RL_BETA2 = 0.99  # see make_optimizer
 def train(cfg: GRPOConfig, log=print) -> Path:
     """Run GRPO; returns the directory of the final Hugging Face-format model."""
     cfg.check()
-    setup_training_process(cfg.threads, cfg.model)
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)
     check_world(cfg, world)

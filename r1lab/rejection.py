@@ -218,7 +218,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def sample(cfg: SampleConfig, log=print) -> Path:
     """`r1lab sample`: write the kept completions to cfg.out (JSONL) and a summary beside it; returns cfg.out."""
     cfg.check()
-    setup_training_process(cfg.threads, cfg.model)
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of prompts
     log = log if world.main else Silent().log

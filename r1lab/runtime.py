@@ -47,11 +47,14 @@ def weights_bytes(model: str | Path | None) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path and path.is_dir() else 0
 
 
-def setup_training_process(threads: int = 0, model: str | Path | None = None) -> None:
-    """CPU threads, and the allocator policy for the size of the model about to be loaded from `model`."""
+def setup_training_process(threads: int = 0, model: str | Path | None = None, device: str = "cpu") -> None:
+    """CPU threads, and the allocator policy for the size of the model about to be loaded from `model` onto
+    `device` ("auto": CUDA where there is one). r1lab's CPU allocator only where the model runs on the CPU: on a
+    GPU, the host's large blocks are the weights on their way to the device, not worth keeping."""
     if threads:
         torch.set_num_threads(threads)
     large = weights_bytes(model) >= LARGE_MODEL_BYTES
     set_allocator(RETURN_LARGE_BLOCKS if large else KEEP_FREED)
-    if large:
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if large and on_cpu:
         cpu_allocator.install()

@@ -40,7 +40,7 @@ SUPERVISED_BETA2 = 0.95  # see make_optimizer
 def sft(cfg: SFTConfig, log=print) -> Path:
     """`r1lab sft`: fine-tune cfg.model on the chat data in cfg.data; returns the final model directory."""
     cfg.check()
-    setup_training_process(cfg.threads, cfg.model)
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of a batch
     check_one_process(cfg, world)

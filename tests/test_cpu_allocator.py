@@ -138,7 +138,7 @@ def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
 
 
 @needs_compiler
-def test_a_large_models_process_installs_it_and_a_small_ones_does_not(tmp_path):
+def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_not(tmp_path):
     out = run(f"""
         from pathlib import Path
         from r1lab import cpu_allocator, runtime
@@ -147,10 +147,35 @@ def test_a_large_models_process_installs_it_and_a_small_ones_does_not(tmp_path):
         (small / "model.safetensors").write_bytes(b"0" * 1000)
         with open(large / "model.safetensors", "wb") as f:
             f.truncate(runtime.LARGE_MODEL_BYTES)             # sparse: only its size is read
-        runtime.setup_training_process(0, small)
+        runtime.setup_training_process(0, small, "cpu")
         assert not cpu_allocator.installed()
-        runtime.setup_training_process(0, large)
+        runtime.setup_training_process(0, large, "cuda")     # the host's blocks are weights on their way
+        assert not cpu_allocator.installed()
+        runtime.setup_training_process(0, large, "cpu")
         assert cpu_allocator.installed()
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_with_it_no_gradient_spares_are_kept():
+    """The allocator hands a freed gradient's block to the next gradient of its size: spares would only hold
+    memory beside it (r1lab/grad_buffers.py)."""
+    out = run("""
+        import torch
+        from r1lab import cpu_allocator, grad_buffers
+        from r1lab.grad_buffers import release_gradients
+        weight = torch.nn.Parameter(torch.randn(2048, 1024))
+        def step():
+            grad_buffers.backward((weight * 2).sum())
+            release_gradients([weight], budget=None)
+        grad_buffers._budget.forward_high, grad_buffers._budget.after_backward = 1, 1 << 40   # room for anything
+        assert grad_buffers.spare_budget() > 0
+        cpu_allocator.install()
+        assert grad_buffers.spare_budget() == 0
+        step()
+        assert not grad_buffers._spares
         print("ok")
     """)
     assert out.strip() == "ok"

@@ -64,7 +64,7 @@ class ServerState:
 
 
 def load_engine(cfg: ServeConfig) -> Engine:
-    setup_training_process(cfg.threads, cfg.model)
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
     return Engine(model.eval(), tokenizer)
 
