@@ -22,7 +22,8 @@ from r1lab import native
 
 SOURCE = Path(__file__).with_name("cpu_allocator.cpp")
 LARGE = 128 << 10  # blocks from this size are kept for reuse; smaller ones stay in glibc's heap, as before
-_STAT_NAMES = ("live", "kept", "peak_live", "reused", "assembled", "mapped", "moved_bytes", "fresh_bytes")
+_STAT_NAMES = ("live", "kept", "peak_live", "reused", "assembled", "mapped", "moved_bytes", "fresh_bytes",
+               "failed_moves", "drops")
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "library", or None once it could not be had
 
@@ -59,7 +60,8 @@ def drop_kept() -> None:
 
 def stats() -> dict[str, int]:
     """Bytes live and kept and the highest live total; blocks reused whole, assembled from kept pages, and mapped
-    fresh; bytes moved from kept blocks and fresh bytes (zeros before install)."""
+    fresh; bytes moved from kept blocks and fresh bytes; moves the kernel refused; times every kept block was unmapped
+    to bound the process's mappings (zeros before install)."""
     library = _library(build=False)
     out = (ctypes.c_uint64 * len(_STAT_NAMES))()
     if library is not None:

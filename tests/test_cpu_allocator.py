@@ -179,3 +179,61 @@ def test_with_it_no_gradient_spares_are_kept():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_a_fork_while_another_thread_allocates_leaves_the_child_working():
+    out = run("""
+        import os, threading, time, torch
+        from r1lab import cpu_allocator
+        cpu_allocator.install()
+        stop = False
+        def churn():
+            while not stop:
+                torch.empty(1 << 18)                      # 1 MiB: ours, in and out under the lock
+        worker = threading.Thread(target=churn)
+        worker.start()
+        for _ in range(100):
+            pid = os.fork()
+            if pid == 0:
+                torch.ones(1 << 20).sum()                 # takes the lock in the child
+                os._exit(0)
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    assert status == 0
+                    break
+                time.sleep(0.001)
+            else:
+                os.kill(pid, 9)
+                raise SystemExit("a forked child hung on the allocator's lock")
+        stop = True
+        worker.join()
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+@needs_compiler
+def test_the_mappings_that_moved_pages_leave_stay_under_the_limit():
+    """Blocks assembled from others' pages are several kernel mappings each; unbounded, a long run would reach
+    vm.max_map_count and fail to allocate. Past half the limit (here set low) the allocator lets its kept blocks go."""
+    out = run("""
+        import random, torch
+        from r1lab import cpu_allocator
+        cpu_allocator.install()
+        random.seed(0)
+        pool, highest = [], 0
+        for i in range(12_000):
+            if len(pool) > 40:
+                pool.pop(random.randrange(len(pool)))
+            pool.append(torch.empty(random.randrange(33, 700) << 12, dtype=torch.uint8))
+            if i % 500 == 0:
+                highest = max(highest, sum(1 for _ in open("/proc/self/maps")))
+        s = cpu_allocator.stats()
+        assert s["drops"] >= 1 and s["assembled"] > 10_000, s
+        assert highest < 3000, highest
+        print("ok", s["drops"], highest)
+    """, {"R1LAB_ALLOCATOR_MAX_MAPPINGS": "1600"})
+    assert out.startswith("ok")
