@@ -91,7 +91,7 @@ GPU_WORKLOAD = Workload("qwen2.5-0.5b", QWEN25_05B_SHAPE, 151_936, "cuda", "bflo
 # The same shape on this machine's CPU, in fp32 with all cores: a workload both sides finish in minutes
 CPU_WORKLOAD = Workload("qwen2.5-0.5b-fp32", QWEN25_05B_SHAPE, 151_936, "cpu", "float32", prompts_per_step=2,
                         samples_per_prompt=4, prompt_tokens=32, max_new_tokens=32, updates=1, rounds=3, warmup=1,
-                        micro_batch_size=8, rollout_repeats=2, copy_mib=1024, matmul_n=2048)
+                        micro_batch_size=8, rollout_repeats=5, copy_mib=1024, matmul_n=2048)
 TINY_WORKLOAD = Workload("tiny", TINY_SHAPE, 1024, "cpu", "float32", prompts_per_step=8, samples_per_prompt=4,
                          prompt_tokens=16, max_new_tokens=16, updates=1, rounds=2, warmup=1, micro_batch_size=32,
                          rollout_repeats=2, copy_mib=64, matmul_n=256)
