@@ -1,6 +1,7 @@
 """r1lab's CPU allocator (r1lab/cpu_allocator.py): blocks reused by size, never more held than the live peak, and
 tensors that stay right. Each test runs in a fresh interpreter: the allocator is process-wide once installed."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -12,19 +13,18 @@ needs_compiler = pytest.mark.skipif(not sys.platform.startswith("linux") or not 
                                     reason="no C++ compiler on this machine")
 
 
-def run(code: str, env_extra: dict | None = None) -> str:
-    import os
-
+def run(code: str, env_extra: dict | None = None) -> None:
+    """Run code in a fresh interpreter; it prints "ok" when every check in it held."""
     env = {**os.environ, **(env_extra or {})}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    assert done.stdout.startswith("ok"), done.stdout
 
 
 @needs_compiler
 def test_a_freed_block_serves_the_next_request_of_its_size_and_data_stay_right():
-    out = run("""
+    run("""
         import torch
         from r1lab import cpu_allocator
         assert cpu_allocator.install() and cpu_allocator.installed()
@@ -45,12 +45,11 @@ def test_a_freed_block_serves_the_next_request_of_its_size_and_data_stay_right()
         torch.testing.assert_close(x.grad, ((x @ x.t()) > 0).float() @ x.detach() * 2)
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_what_it_holds_never_passes_the_highest_live_total():
-    out = run("""
+    run("""
         import random, torch
         from r1lab import cpu_allocator
         cpu_allocator.install()
@@ -70,12 +69,11 @@ def test_what_it_holds_never_passes_the_highest_live_total():
         assert cpu_allocator.stats()["kept"] == 0
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_a_request_of_another_size_is_assembled_from_kept_pages_without_faulting_them_in():
-    out = run("""
+    run("""
         import resource, torch
         from r1lab import cpu_allocator
         cpu_allocator.install()
@@ -95,12 +93,11 @@ def test_a_request_of_another_size_is_assembled_from_kept_pages_without_faulting
         assert cpu_allocator.stats()["kept"] == 12 << 20
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_uninstall_returns_allocation_to_torch_and_its_blocks_still_come_back():
-    out = run("""
+    run("""
         import torch
         from r1lab import cpu_allocator
         cpu_allocator.install()
@@ -114,18 +111,16 @@ def test_uninstall_returns_allocation_to_torch_and_its_blocks_still_come_back():
         del theirs
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
-    out = run("""
+    run("""
         import torch
         from r1lab import cpu_allocator
         assert not cpu_allocator.install() and not cpu_allocator.installed()
         print("ok")
     """, {"R1LAB_CPU_ALLOCATOR": "0"})
-    assert out.strip() == "ok"
-    out = run("""
+    run("""
         import warnings, torch
         from r1lab import cpu_allocator
         with warnings.catch_warnings(record=True) as caught:
@@ -134,12 +129,11 @@ def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
         assert any("no C++ compiler found" in str(w.message) for w in caught), [str(w.message) for w in caught]
         print("ok")
     """, {"CXX": str(tmp_path / "no-such-c++"), "R1LAB_KERNEL_CACHE": str(tmp_path / "cache")})
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_not(tmp_path):
-    out = run(f"""
+    run(f"""
         from pathlib import Path
         from r1lab import cpu_allocator, runtime
         small, large = Path({str(tmp_path)!r}) / "small", Path({str(tmp_path)!r}) / "large"
@@ -155,14 +149,13 @@ def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_
         assert cpu_allocator.installed()
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_with_it_no_gradient_spares_are_kept():
     """The allocator hands a freed gradient's block to the next gradient of its size: spares would only hold
     memory beside it (r1lab/grad_buffers.py)."""
-    out = run("""
+    run("""
         import torch
         from r1lab import cpu_allocator, grad_buffers
         from r1lab.grad_buffers import release_gradients
@@ -178,12 +171,11 @@ def test_with_it_no_gradient_spares_are_kept():
         assert not grad_buffers._spares
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_a_fork_while_another_thread_allocates_leaves_the_child_working():
-    out = run("""
+    run("""
         import os, threading, time, torch
         from r1lab import cpu_allocator
         cpu_allocator.install()
@@ -212,14 +204,13 @@ def test_a_fork_while_another_thread_allocates_leaves_the_child_working():
         worker.join()
         print("ok")
     """)
-    assert out.strip() == "ok"
 
 
 @needs_compiler
 def test_the_mappings_that_moved_pages_leave_stay_under_the_limit():
     """Blocks assembled from others' pages are several kernel mappings each; unbounded, a long run would reach
     vm.max_map_count and fail to allocate. Past half the limit (here set low) the allocator lets its kept blocks go."""
-    out = run("""
+    run("""
         import random, torch
         from r1lab import cpu_allocator
         cpu_allocator.install()
@@ -236,4 +227,3 @@ def test_the_mappings_that_moved_pages_leave_stay_under_the_limit():
         assert highest < 3000, highest
         print("ok", s["drops"], highest)
     """, {"R1LAB_ALLOCATOR_MAX_MAPPINGS": "1600"})
-    assert out.startswith("ok")
