@@ -62,6 +62,8 @@ def available() -> bool:
 
 
 def _kernel():
+    if "kernel" in _loaded:  # every decode product asks: no lock once it is settled
+        return _loaded["kernel"]
     with _lock:
         if "kernel" not in _loaded:
             _loaded["kernel"] = None if native.switched_off("R1LAB_DECODE_KERNEL") else _load()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from r1lab import cpu_allocator
+from r1lab.policy import pick_device
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # glibc's malloc.h
 LARGE_MODEL_BYTES = 256 << 20  # weights on disk from which a process gives large blocks back
@@ -55,6 +56,5 @@ def setup_training_process(threads: int = 0, model: str | Path | None = None, de
         torch.set_num_threads(threads)
     large = weights_bytes(model) >= LARGE_MODEL_BYTES
     set_allocator(RETURN_LARGE_BLOCKS if large else KEEP_FREED)
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if large and on_cpu:
+    if large and pick_device(device).type == "cpu":
         cpu_allocator.install()
