@@ -19,7 +19,7 @@ def run(code: str, env_extra: dict | None = None) -> None:
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("ok"), done.stdout
+    assert done.stdout.strip() == "ok", done.stdout
 
 
 @needs_compiler
@@ -225,5 +225,5 @@ def test_the_mappings_that_moved_pages_leave_stay_under_the_limit():
         s = cpu_allocator.stats()
         assert s["drops"] >= 1 and s["assembled"] > 10_000, s
         assert highest < 3000, highest
-        print("ok", s["drops"], highest)
+        print("ok")
     """, {"R1LAB_ALLOCATOR_MAX_MAPPINGS": "1600"})
