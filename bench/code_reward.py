@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Throughput of the code reward: rewards/s of the built-in code task through r1lab.rewards.score_completions.
+"""Throughput of the code reward: rewards/s of the built-in code task through r1lab.rewards.rules.score_completions.
 
-Each reward runs the answer's tests in the sandbox (r1lab/sandbox.py), so this measures the sandbox's cost per
+Each reward runs the answer's tests in the sandbox (r1lab/rewards/sandbox/runner.py), so this measures the sandbox's cost per
 completion: process start, isolation, one fresh run of the candidate per test. The completions are the problems'
 own reference solutions in the reward format, so every one must score 1.0 (checked; a wrong score exits 1).
 
@@ -18,9 +18,9 @@ import argparse
 import sys
 import time
 
-from r1lab import sandbox
-from r1lab.rewards import RewardWeights, score_completions
-from r1lab.tasks import get_task
+from r1lab.rewards.rules import RewardWeights, score_completions
+from r1lab.rewards.sandbox import runner as sandbox
+from r1lab.rewards.tasks import get_task
 
 
 def main() -> int:

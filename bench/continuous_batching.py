@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from r1lab.engine import Engine, Sample
-from r1lab.model import CausalLM, ModelConfig
-from r1lab.tokenizer import build_tiny_tokenizer
+from r1lab.engine.engine import Engine, Sample
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
 
 
 def parse_args() -> argparse.Namespace:

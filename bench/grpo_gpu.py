@@ -31,8 +31,8 @@ import json
 import os
 import platform
 import random
-import string
 import shutil
+import string
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -124,7 +124,15 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
     directory's tokenizer as its Qwen2Tokenizer from the vocabulary and merges (ignoring tokenizer.json's pipeline),
     and r1lab reads tokenizer.json as it is; with the same pipeline both give the same ids (check_prompt_tokens).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     words = word_tokens(vocab_size - 1 - BYTE_TOKENS)
@@ -164,7 +172,7 @@ def build_model_dir(model_dir: Path, w: Workload) -> dict:
 def check_model_config(model_dir: Path, w: Workload) -> None:
     """The saved config.json must read back as the shape asked for, in r1lab's reading of it (rope_theta included:
     transformers 5 moves it into rope_parameters)."""
-    from r1lab.model import ModelConfig
+    from r1lab.model.architecture import ModelConfig
 
     cfg = ModelConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
     got = {k: getattr(cfg, k) for k in w.shape} | {"vocab_size": cfg.vocab_size}
@@ -187,7 +195,7 @@ def check_prompt_tokens(model_dir: Path, rows: list[dict], prompt_tokens: int) -
     loader (`--template none` encodes the prompt text as it is)."""
     from transformers import AutoTokenizer
 
-    from r1lab.tokenizer import load_tokenizer
+    from r1lab.model.tokenizer import load_tokenizer
 
     hf, ours = AutoTokenizer.from_pretrained(model_dir), load_tokenizer(model_dir)
     for row in rows:
@@ -241,9 +249,9 @@ def child_rollout(spec: dict) -> dict:
     """r1lab's Engine.generate alone at the GRPO rollout batch, then the device's copy and matmul rates."""
     import torch
 
-    from r1lab.engine import Engine
-    from r1lab.model import load_model
-    from r1lab.tokenizer import load_tokenizer
+    from r1lab.engine.engine import Engine
+    from r1lab.model.hf_format import load_model
+    from r1lab.model.tokenizer import load_tokenizer
 
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     torch.set_num_threads(spec["threads"])

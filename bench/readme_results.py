@@ -77,7 +77,7 @@ def timed(cmd: list[str], log: Path) -> float:
 
 
 def run_demo(seeds: list[int], workdir: Path, arch: str = "dense", tools: str = "") -> dict:
-    from r1lab.demo import run_name
+    from r1lab.commands.demo import run_name
 
     runs, flags = [], ([] if arch == "dense" else ["--arch", arch]) + (["--tools", tools] if tools else [])
     for seed in seeds:
@@ -148,11 +148,11 @@ def render_lora_demo(d: dict) -> str:
 
 def dense_facts() -> dict:
     """The dense tiny base's parameters and cache bytes, from its default settings (nothing trained)."""
+    from r1lab.commands.pretrain import tiny_model_config
     from r1lab.config import PretrainConfig
-    from r1lab.model import CausalLM
-    from r1lab.model_facts import architecture_facts
-    from r1lab.pretrain import tiny_model_config
-    from r1lab.tokenizer import build_tiny_tokenizer
+    from r1lab.model.facts import architecture_facts
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.model.transformer import CausalLM
 
     return architecture_facts(CausalLM(tiny_model_config(PretrainConfig(), build_tiny_tokenizer())))
 

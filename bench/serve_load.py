@@ -66,8 +66,10 @@ def build_model(path: Path, endless: bool = False) -> None:
         return
     import torch
 
-    from r1lab.model import CausalLM, ModelConfig, save_model
-    from r1lab.tokenizer import EOS, build_tiny_tokenizer
+    from r1lab.model.architecture import ModelConfig
+    from r1lab.model.hf_format import save_model
+    from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
+    from r1lab.model.transformer import CausalLM
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()

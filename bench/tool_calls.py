@@ -1,5 +1,5 @@
 """Per-call cost of a tool call: run_program (a sandboxed process per call) against run_program_pooled (the fork
-server, r1lab/sandbox.py): wall time per call over N sequential calls after one warm-up call, with bubblewrap (where
+server, r1lab/rewards/sandbox/runner.py): wall time per call over N sequential calls after one warm-up call, with bubblewrap (where
 it works) and without. Wall time only: processes reaped inside bubblewrap's PID namespace are not counted in this
 process's CPU times. The load average is printed because other jobs skew the figures.
 
@@ -12,7 +12,12 @@ import os
 import sys
 import time
 
-from r1lab.sandbox import bwrap_works, close_pools, run_program, run_program_pooled
+from r1lab.rewards.sandbox.runner import (
+    bwrap_works,
+    close_pools,
+    run_program,
+    run_program_pooled,
+)
 
 CODE = "x = 123 * 456\nprint(x)"
 

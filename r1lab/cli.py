@@ -15,9 +15,23 @@ import sys
 from pathlib import Path
 
 from r1lab import __version__
-from r1lab.config import DemoConfig, EvalConfig, GRPOConfig, PretrainConfig, add_flags, did_you_mean, resolve
-from r1lab.config import (ChatConfig, DistillConfig, MergeConfig, PipelineConfig, ReportConfig, SampleConfig,
-                          ServeConfig, SFTConfig)
+from r1lab.config import (
+    ChatConfig,
+    DemoConfig,
+    DistillConfig,
+    EvalConfig,
+    GRPOConfig,
+    MergeConfig,
+    PipelineConfig,
+    PretrainConfig,
+    ReportConfig,
+    SampleConfig,
+    ServeConfig,
+    SFTConfig,
+    add_flags,
+    did_you_mean,
+    resolve,
+)
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
@@ -34,7 +48,7 @@ COMMANDS = {
     "report": (ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, completions"),
 }
 # Commands whose --out is one run: writing a second run into it would mix the two. demo, distill and pipeline are
-# left out on purpose: they reuse the stages already finished in their out directory (r1lab/stages.py).
+# left out on purpose: they reuse the stages already finished in their out directory (r1lab/commands/stages.py).
 RUN_DIRECTORY_COMMANDS = ("pretrain", "grpo", "sft")
 
 
@@ -119,18 +133,18 @@ def move_aside(out: Path) -> Path:
 
 # command -> (module, function, what its return value is); imported only when run, so `r1lab --help` stays fast
 RUNNERS = {
-    "demo": ("r1lab.demo", "run_demo", None),
-    "report": ("r1lab.report", "report_run", "report"),
-    "eval": ("r1lab.evaluate", "run_eval", "results"),
-    "pretrain": ("r1lab.pretrain", "pretrain", "base model"),
-    "grpo": ("r1lab.grpo", "train", "final model"),
-    "sft": ("r1lab.sft", "sft", "final model"),
-    "sample": ("r1lab.rejection", "sample", "SFT data"),
-    "distill": ("r1lab.distill", "run_distill", None),
-    "pipeline": ("r1lab.pipeline", "run_pipeline", None),
+    "demo": ("r1lab.commands.demo", "run_demo", None),
+    "report": ("r1lab.commands.report", "report_run", "report"),
+    "eval": ("r1lab.train.evaluate", "run_eval", "results"),
+    "pretrain": ("r1lab.commands.pretrain", "pretrain", "base model"),
+    "grpo": ("r1lab.train.grpo", "train", "final model"),
+    "sft": ("r1lab.train.supervised", "sft", "final model"),
+    "sample": ("r1lab.commands.sample", "sample", "SFT data"),
+    "distill": ("r1lab.commands.distill", "run_distill", None),
+    "pipeline": ("r1lab.commands.pipeline", "run_pipeline", None),
     "serve": ("r1lab.serve.app", "serve", None),
-    "chat": ("r1lab.chat", "run_chat", None),
-    "merge": ("r1lab.merge", "merge", "merged model"),
+    "chat": ("r1lab.serve.chat", "run_chat", None),
+    "merge": ("r1lab.commands.merge", "merge", "merged model"),
 }
 
 
@@ -176,13 +190,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"r1lab {args.command}: {rank_label()}{type(err).__name__}: {explain(err)}", file=sys.stderr)
         raise
     finally:
-        if "r1lab.distributed" in sys.modules:  # imported by the commands that run under torchrun
-            sys.modules["r1lab.distributed"].leave_world()
+        if "r1lab.train.distributed" in sys.modules:  # imported by the commands that run under torchrun
+            sys.modules["r1lab.train.distributed"].leave_world()
 
 
 def rank_and_size() -> tuple[int, int]:
     """This process's rank and the job's size, from the environment torchrun sets ((0, 1) without torchrun); read
-    here rather than through r1lab.distributed, which imports torch, so that `r1lab --help` stays fast."""
+    here rather than through r1lab.train.distributed, which imports torch, so that `r1lab --help` stays fast."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

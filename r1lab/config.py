@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import yaml
 
-from r1lab import tasks
-from r1lab.language import TARGETS
-from r1lab.reward_functions import load_reward_function
-from r1lab.tasks import DATA_SUFFIXES, TASKS, get_task
+from r1lab.rewards import tasks
+from r1lab.rewards.language import TARGETS
+from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
+from r1lab.rewards.user_functions import load_reward_function
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _device_problem(value: str) -> str | None:
 
 
 def _language_problem(value: str) -> str | None:
-    if value.lower() in TARGETS:  # r1lab/language.py reads the name case-insensitively
+    if value.lower() in TARGETS:  # r1lab/rewards/language.py reads the name case-insensitively
         return None
     return f"{value!r} is not one of: {', '.join(TARGETS)}{did_you_mean(value.lower(), TARGETS)}"
 
@@ -176,7 +176,7 @@ PROMPT_TEMPLATES = dict(choices=("r1zero", "chat", "none", "auto"))  # "none": a
 CONVERSATION_TEMPLATES = dict(choices=("auto", "chat", "r1zero"))  # a conversation cannot be sent without one
 LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
 TOP_P = dict(gt=0, le=1)
-SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine.py)
+SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine/engine.py)
 NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
 
@@ -224,7 +224,7 @@ def optimizer_in_backward_setting():
 
 
 def optimizer_in_backward_problems(cfg) -> list[str]:
-    """What optimizer_in_backward cannot honour (r1lab/backward_step.py); torchrun: refused once the world is known."""
+    """What optimizer_in_backward cannot honour (r1lab/train/backward_step.py); torchrun: refused once the world is known."""
     if not cfg.optimizer_in_backward:
         return []
     problems = []
@@ -262,7 +262,7 @@ def _optional_tag_problem(value: str) -> str | None:
 OPTIONAL_TAG = dict(rule=_optional_tag_problem, allowed='"" or a tag name: letters, digits, _ and -')
 
 
-# Tool calls inside rollouts (r1lab/tools.py), declared alike by grpo, eval, sample, serve and chat (one ToolSpec's
+# Tool calls inside rollouts (r1lab/engine/tools.py), declared alike by grpo, eval, sample, serve and chat (one ToolSpec's
 # settings).
 def tools_setting():
     return setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and its '
@@ -422,7 +422,7 @@ def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] |
 
 @dataclass
 class PretrainConfig(Settings):
-    """`r1lab pretrain`: a tiny base model from scratch on the synthetic corpus (see r1lab/pretrain.py)."""
+    """`r1lab pretrain`: a tiny base model from scratch on the synthetic corpus (see r1lab/commands/pretrain.py)."""
 
     kind = "pretrain"
 
@@ -550,13 +550,13 @@ class GRPOConfig(Settings):
     format_weight: float = setting(1.0, "weight of the <think>/<answer> format reward", ge=0)
     language_weight: float = setting(0.0, "R1 stage 2: reward the share of the chain of thought written in "
                                           "`language`", ge=0)
-    language: str = setting("en", "the language of language_weight (r1lab/language.py)", **LANGUAGE)
-    reward_functions: dict = setting({}, 'your own rewards: {"module:function": weight} (r1lab/reward_functions.py)')
+    language: str = setting("en", "the language of language_weight (r1lab/rewards/language.py)", **LANGUAGE)
+    reward_functions: dict = setting({}, 'your own rewards: {"module:function": weight} (r1lab/rewards/user_functions.py)')
     reward_timeout_s: float = setting(5.0, "seconds a completion's reward (a code sandbox) may take", gt=0)
     control: str = setting("none", "random-reward: rewards shuffled across the batch (same mean, no signal)",
                            choices=("none", "random-reward"))
     # sampling
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     temperature: float = setting(1.0, "rollout temperature: GRPO needs different samples within a group", gt=0)
     top_p: float = setting(1.0, "nucleus sampling of rollouts (1 = off)", **TOP_P)
@@ -654,7 +654,7 @@ class EvalConfig(Settings):
     temperature: float = setting(0.6, "sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
     top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
     max_new_tokens: int = setting(128, "completion length limit, in tokens", ge=1)
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     language: str = setting("en", "the language whose share of the chain of thought is reported", **LANGUAGE)
     reward_timeout_s: float = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
@@ -757,12 +757,12 @@ class SampleConfig(Settings):
     top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
     max_new_tokens: int = setting(256, "completion length limit, in tokens", ge=1)
     prompts_per_chunk: int = setting(32, "prompts per generate call", ge=1)
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     # readability filters on the verified-correct completions
     min_tokens: int = setting(1, "shortest completion kept, in tokens", ge=0)
     max_tokens: int = setting(0, "longest completion kept; 0 = no limit below max_new_tokens", ge=0)
-    language: str = setting("en", 'language the reasoning must be written in (r1lab/language.py); "" = no language '
+    language: str = setting("en", 'language the reasoning must be written in (r1lab/rewards/language.py); "" = no language '
                                   "filter", rule=lambda v: None if v == "" else _language_problem(v),
                             allowed="one of: " + ", ".join(TARGETS) + ", ''")
     min_language_score: float = setting(0.9, "share of the <think> part's words in it: one stray \"π\" in ten passes",
@@ -873,7 +873,7 @@ class DistillConfig(Settings):
     student_pretrain_steps: int = setting(400, "pretraining steps of the student base", ge=1)
     task: str = setting("arithmetic", "a built-in task name or a data file", **TASK)
     task_options: dict = setting({}, "the task's options (a YAML mapping)")
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/templates.py)", **PROMPT_TEMPLATES)
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
     problems: int = setting(6000, "train prompts for the teacher (0 = every row of a data file's split)", ge=0)
     samples: int = setting(2, "teacher completions per prompt", ge=1)

@@ -12,9 +12,10 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def sharp_engine():
     """A factory of engines over a tiny random model with sharp distributions (a wrong key attended, or another
     prompt, changes the tokens) and no stop ids (each test chooses its own): a fresh one per call."""
-    from r1lab.engine import Engine
-    from r1lab.model import CausalLM, ModelConfig
-    from r1lab.tokenizer import build_tiny_tokenizer
+    from r1lab.engine.engine import Engine
+    from r1lab.model.architecture import ModelConfig
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.model.transformer import CausalLM
 
     def make() -> Engine:
         torch.manual_seed(0)
@@ -40,8 +41,8 @@ def tiny_config_kwargs():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A very small base model pretrained for a few seconds: it already writes the <think>/<answer> format."""
+    from r1lab.commands.pretrain import pretrain
     from r1lab.config import PretrainConfig
-    from r1lab.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("base")
     cfg = PretrainConfig(out=str(out), task_options={"min_terms": 3, "max_terms": 4}, documents=3000, steps=80,

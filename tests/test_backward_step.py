@@ -5,14 +5,13 @@ import contextlib
 
 import pytest
 import torch
-
-import r1lab.grpo as grpo
-import r1lab.model as model_module
-from r1lab.backward_step import BackwardStep
-from r1lab.config import GRPOConfig
-from r1lab.train import optimizer_step
-
 from test_grpo import small_config, weights
+
+import r1lab.model.layers as model_module
+import r1lab.train.grpo as grpo
+from r1lab.config import GRPOConfig
+from r1lab.train.backward_step import BackwardStep
+from r1lab.train.optimizer import optimizer_step
 
 
 def rollout_batches(base, cfg):
@@ -169,7 +168,7 @@ def test_a_nonfinite_loss_after_a_stepped_update_still_updates_nothing():
 def test_sft_steps_in_the_backward_as_after_it(tiny_base, checkpointing):
     # SFT's loop (pretraining's too): two micro-batches, two steps, with and without activation checkpointing
     # (whose recomputation runs inside the backward pass, beside the hooks)
-    from r1lab.sft import lm_step
+    from r1lab.train.supervised import lm_step
 
     docs = [[1 + (i * 7 + j) % 50 for j in range(5 + i)] for i in range(6)]
     results = {}

@@ -11,7 +11,6 @@ import os
 import shutil
 
 import pytest
-
 from test_serve import ANSWER, MODEL_ID, REASONING, ServerThread, scripted_model_dir
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

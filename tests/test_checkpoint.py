@@ -9,7 +9,10 @@ import pytest
 import torch
 import yaml
 
-from r1lab.checkpoint import (
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.train.checkpoint import (
     CHANGES_FILE,
     MANIFEST_FILE,
     STATE_FILE,
@@ -25,8 +28,6 @@ from r1lab.checkpoint import (
     save_checkpoint,
     update_run_config,
 )
-from r1lab.model import CausalLM, ModelConfig
-from r1lab.tokenizer import build_tiny_tokenizer
 
 
 def tiny_model(hidden: int = 32) -> CausalLM:

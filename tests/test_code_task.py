@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from r1lab.rewards import RewardWeights, score_completions
-from r1lab.tasks import DatasetError, get_task
-from r1lab.tasks.code import FAMILY_NAMES, canonical_code, strip_fences
+from r1lab.rewards.rules import RewardWeights, score_completions
+from r1lab.rewards.tasks import DatasetError, get_task
+from r1lab.rewards.tasks.code import FAMILY_NAMES, canonical_code, strip_fences
 
 
 def test_generated_problems_are_deterministic_disjoint_and_their_solutions_pass():

@@ -1,4 +1,4 @@
-"""Continuous batching (Engine.generate with max_rows, r1lab/slots.py): a sequence's tokens do not depend on the
+"""Continuous batching (Engine.generate with max_rows, r1lab/engine/slots.py): a sequence's tokens do not depend on the
 slot it gets, who held that slot before, or who runs beside it."""
 
 import os
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1lab import slots as slots_module
+from r1lab.commands.pretrain import tiny_model_config
 from r1lab.config import PretrainConfig
-from r1lab.engine import Engine
-from r1lab.model import CausalLM, KVCache
-from r1lab.pretrain import tiny_model_config
-from r1lab.static_decode import StaticDecoder
-from r1lab.tokenizer import build_tiny_tokenizer
+from r1lab.engine import slots as slots_module
+from r1lab.engine.engine import Engine
+from r1lab.engine.static_decode import StaticDecoder
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM, KVCache
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
 LIMITS = [30, 4, 17, 9, 2, 24]  # very different lengths, so slots free at different steps

@@ -1,4 +1,4 @@
-"""r1lab's CPU allocator (r1lab/cpu_allocator.py): blocks reused by size, never more held than the live peak, and
+"""r1lab's CPU allocator (r1lab/cpu/allocator.py): blocks reused by size, never more held than the live peak, and
 tensors that stay right. Each test runs in a fresh interpreter: the allocator is process-wide once installed."""
 
 import os
@@ -26,7 +26,7 @@ def run(code: str, env_extra: dict | None = None) -> None:
 def test_a_freed_block_serves_the_next_request_of_its_size_and_data_stay_right():
     run("""
         import torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         assert cpu_allocator.install() and cpu_allocator.installed()
         a = torch.full((1 << 20,), 3.0)                  # 4 MiB: one of ours
         address = a.data_ptr()
@@ -51,7 +51,7 @@ def test_a_freed_block_serves_the_next_request_of_its_size_and_data_stay_right()
 def test_what_it_holds_never_passes_the_highest_live_total():
     run("""
         import random, torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         cpu_allocator.install()
         random.seed(0)
         live = []
@@ -75,7 +75,7 @@ def test_what_it_holds_never_passes_the_highest_live_total():
 def test_a_request_of_another_size_is_assembled_from_kept_pages_without_faulting_them_in():
     run("""
         import resource, torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         cpu_allocator.install()
         a, b, c = (torch.ones(1 << 20) for _ in range(3))    # 3 x 4 MiB, faulted in
         del a, b, c
@@ -99,7 +99,7 @@ def test_a_request_of_another_size_is_assembled_from_kept_pages_without_faulting
 def test_uninstall_returns_allocation_to_torch_and_its_blocks_still_come_back():
     run("""
         import torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         cpu_allocator.install()
         ours = torch.empty(1 << 20)
         cpu_allocator.uninstall()
@@ -116,13 +116,13 @@ def test_uninstall_returns_allocation_to_torch_and_its_blocks_still_come_back():
 def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
     run("""
         import torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         assert not cpu_allocator.install() and not cpu_allocator.installed()
         print("ok")
     """, {"R1LAB_CPU_ALLOCATOR": "0"})
     run("""
         import warnings, torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert not cpu_allocator.install()
@@ -135,7 +135,7 @@ def test_switched_off_or_without_a_compiler_torch_keeps_its_allocator(tmp_path):
 def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_not(tmp_path):
     run(f"""
         from pathlib import Path
-        from r1lab import cpu_allocator, runtime
+        from r1lab.cpu import allocator as cpu_allocator, process as runtime
         small, large = Path({str(tmp_path)!r}) / "small", Path({str(tmp_path)!r}) / "large"
         small.mkdir(); large.mkdir()
         (small / "model.safetensors").write_bytes(b"0" * 1000)
@@ -154,11 +154,11 @@ def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_
 @needs_compiler
 def test_with_it_no_gradient_spares_are_kept():
     """The allocator hands a freed gradient's block to the next gradient of its size: spares would only hold
-    memory beside it (r1lab/grad_buffers.py)."""
+    memory beside it (r1lab/cpu/grad_buffers.py)."""
     run("""
         import torch
-        from r1lab import cpu_allocator, grad_buffers
-        from r1lab.grad_buffers import release_gradients
+        from r1lab.cpu import allocator as cpu_allocator, grad_buffers
+        from r1lab.cpu.grad_buffers import release_gradients
         weight = torch.nn.Parameter(torch.randn(2048, 1024))
         def step():
             grad_buffers.backward((weight * 2).sum())
@@ -177,7 +177,7 @@ def test_with_it_no_gradient_spares_are_kept():
 def test_a_fork_while_another_thread_allocates_leaves_the_child_working():
     run("""
         import os, threading, time, torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         cpu_allocator.install()
         stop = False
         def churn():
@@ -212,7 +212,7 @@ def test_the_mappings_that_moved_pages_leave_stay_under_the_limit():
     vm.max_map_count and fail to allocate. Past half the limit (here set low) the allocator lets its kept blocks go."""
     run("""
         import random, torch
-        from r1lab import cpu_allocator
+        from r1lab.cpu import allocator as cpu_allocator
         cpu_allocator.install()
         random.seed(0)
         pool, highest = [], 0

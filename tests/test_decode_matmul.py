@@ -1,4 +1,4 @@
-"""The CPU decode kernel (r1lab/decode_matmul.py): the same products as torch's, used only where autograd does not
+"""The CPU decode kernel (r1lab/cpu/decode_kernel.py): the same products as torch's, used only where autograd does not
 need them, and a clear fallback where it cannot be built."""
 
 import shutil
@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
-import r1lab.model
-from r1lab import decode_matmul, native
-from r1lab.model import CausalLM, KVCache, ModelConfig
+import r1lab.model.layers
+from r1lab.cpu import build as native
+from r1lab.cpu import decode_kernel as decode_matmul
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.transformer import CausalLM, KVCache
 
 HAS_COMPILER = sys.platform.startswith("linux") and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
@@ -79,7 +81,7 @@ def test_it_declines_what_autograd_or_its_layout_needs():
 def test_a_few_rows_product_that_needs_gradients_still_gets_them():
     """A LoRA or small-batch training forward over a few rows goes through torch's products, with gradients."""
     torch.manual_seed(0)
-    layer = r1lab.model.Linear(32, 24, bias=True)
+    layer = r1lab.model.layers.Linear(32, 24, bias=True)
     layer.weight.requires_grad_(False)  # a frozen base weight, as under LoRA
     x = torch.randn(3, 1, 32, requires_grad=True)
     layer(x).square().sum().backward()
@@ -95,7 +97,7 @@ def test_without_a_compiler_decode_warns_and_falls_back(monkeypatch, tmp_path):
     with pytest.warns(RuntimeWarning, match="no C compiler found"):
         assert not decode_matmul.available()
     w, x = torch.randn(16, 32), torch.randn(4, 32)
-    torch.testing.assert_close(r1lab.model._few_rows_linear(x, w, None), x @ w.t())  # torch's path instead
+    torch.testing.assert_close(r1lab.model.layers._few_rows_linear(x, w, None), x @ w.t())  # torch's path instead
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from r1lab import mla, moe
-from r1lab.engine import Engine
-from r1lab.model import CausalLM, KVCache, ModelConfig, load_model, save_model
-from r1lab.tokenizer import build_tiny_tokenizer
+from r1lab.engine.engine import Engine
+from r1lab.model import mla, moe
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import load_model, save_model
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM, KVCache
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
+from r1lab.commands.demo import run_demo
 from r1lab.config import DemoConfig
-from r1lab.demo import run_demo
 
 pytestmark = pytest.mark.slow  # end-to-end runs of whole commands: the full suite only (make test)
 

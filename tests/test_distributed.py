@@ -11,11 +11,13 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from r1lab.distributed import World
-from r1lab.model import CausalLM, ModelConfig, save_model
-from r1lab.tokenizer import build_tiny_tokenizer, load_tokenizer
 from test_moe_training import DEEPSEEK
+
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import save_model
+from r1lab.model.tokenizer import build_tiny_tokenizer, load_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.train.distributed import World
 
 TASK = ["--task-options", '{"min_terms": 3, "max_terms": 4}']
 GRPO = ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--micro-batch-size", "3", "--max-new-tokens", "24",

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from r1lab.engine import Engine, sample_next
-from r1lab.model import CausalLM, ModelConfig
-from r1lab.tokenizer import build_tiny_tokenizer
+from r1lab.engine.engine import Engine
+from r1lab.engine.sampling import sample_next
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +165,8 @@ def test_on_step_streams_every_token_and_can_end_a_row(engine):
                                       dict(temperature=0.8, top_k=5, seed=[1, 2, 3], max_new_tokens=[4, 9, 12])])
 @pytest.mark.parametrize("check_every", [16, 1])  # 1: finished rows are compacted away as soon as half are done
 def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings, check_every, monkeypatch):
-    monkeypatch.setattr("r1lab.engine.FINISHED_CHECK_EVERY", check_every)
-    from r1lab.static_decode import StaticDecoder
+    monkeypatch.setattr("r1lab.engine.engine.FINISHED_CHECK_EVERY", check_every)
+    from r1lab.engine.static_decode import StaticDecoder
 
     selected = []
     select = StaticDecoder.select
@@ -210,7 +212,7 @@ def test_qwen3_greedy_with_cache_equals_recomputation_dynamic_and_static():
 
 @pytest.mark.parametrize("scale", [0.1, 3.0, 30.0])  # flat (the whole row is sorted), middling, peaked (top-k only)
 def test_nucleus_equals_the_sorted_definition(scale):
-    from r1lab.engine import NUCLEUS_FIRST_K, _nucleus
+    from r1lab.engine.sampling import NUCLEUS_FIRST_K, _nucleus
 
     def by_sorting(probs, top_p):
         sorted_probs, order = probs.sort(-1, descending=True)

@@ -1,4 +1,4 @@
-"""Tests for r1lab.evaluate: pass@k estimator, majority vote, evaluate() on a fake engine/task/scorer."""
+"""Tests for r1lab.train.evaluate: pass@k estimator, majority vote, evaluate() on a fake engine/task/scorer."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ from itertools import combinations
 import pytest
 
 from r1lab.config import EvalConfig, GRPOConfig
-from r1lab.evaluate import (EvalResult, evaluate, evaluate_policy, majority_vote, pass_at_k, pass_ks, print_table,
-                            save_json)
-from r1lab.tasks.base import Problem
+from r1lab.rewards.tasks.base import Problem
+from r1lab.train.evaluate import (
+    EvalResult,
+    evaluate,
+    evaluate_policy,
+    majority_vote,
+    pass_at_k,
+    pass_ks,
+    print_table,
+    save_json,
+)
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

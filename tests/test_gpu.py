@@ -6,17 +6,18 @@ import math
 
 import pytest
 import torch
-
-import r1lab.grpo as grpo
 from test_grpo import small_config
+
+import r1lab.train.grpo as grpo
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_cuda_graph_decoding_gives_the_eager_tokens():
-    from r1lab.engine import Engine
-    from r1lab.model import CausalLM, ModelConfig
-    from r1lab.tokenizer import build_tiny_tokenizer
+    from r1lab.engine.engine import Engine
+    from r1lab.model.architecture import ModelConfig
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.model.transformer import CausalLM
 
     torch.manual_seed(0)
     tok = build_tiny_tokenizer()

@@ -1,4 +1,4 @@
-"""Gradient memory kept between steps (r1lab/grad_buffers.py): the next backward writes into the last step's
+"""Gradient memory kept between steps (r1lab/cpu/grad_buffers.py): the next backward writes into the last step's
 gradient memory, and the gradients, the weights and the optimizer's steps are the same as with freed gradients."""
 
 import gc
@@ -6,11 +6,20 @@ import gc
 import pytest
 import torch
 
-import r1lab.grad_buffers as grad_buffers
-import r1lab.model as model_module
-from r1lab.grad_buffers import backward, release_gradients, spare_budget, take_spare, zeroed_gradient
-from r1lab.model import CausalLM, Linear, ModelConfig
-from r1lab.train import make_optimizer, optimizer_step, token_logprobs
+import r1lab.cpu.grad_buffers as grad_buffers
+import r1lab.model.layers as model_module
+from r1lab.cpu.grad_buffers import (
+    backward,
+    release_gradients,
+    spare_budget,
+    take_spare,
+    zeroed_gradient,
+)
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.layers import Linear
+from r1lab.model.transformer import CausalLM
+from r1lab.train.logprobs import token_logprobs
+from r1lab.train.optimizer import make_optimizer, optimizer_step
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import r1lab.grpo as grpo
+import r1lab.train.grpo as grpo
 from r1lab.config import GRPOConfig
-from r1lab.model import load_model
+from r1lab.model.hf_format import load_model
 
 
 def small_config(base, out, **kw):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from r1lab.language import language_consistency, script_words
-from r1lab.rewards import RewardWeights, score_completions
-from r1lab.tasks import get_task
+from r1lab.rewards.language import language_consistency, script_words
+from r1lab.rewards.rules import RewardWeights, score_completions
+from r1lab.rewards.tasks import get_task
 
 
 @pytest.mark.parametrize("text, target, expected", [

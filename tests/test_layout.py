@@ -19,8 +19,8 @@ def imports(path: Path) -> list[tuple[str, list[str], bool]]:
 def test_the_grpo_module_is_imported_only_to_run_grpo():
     for path in PACKAGE.rglob("*.py"):
         for module, names, _ in imports(path):
-            if module == "r1lab.grpo":
-                assert path.name in RUNS_GRPO and names == ["train"], f"{path.name} imports {names} from r1lab.grpo"
+            if module == "r1lab.train.grpo":
+                assert path.name in RUNS_GRPO and names == ["train"], f"{path.name} imports {names} from r1lab.train.grpo"
 
 
 def test_prompt_text_is_made_in_one_module():

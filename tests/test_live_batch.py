@@ -1,10 +1,10 @@
-"""LiveBatch (r1lab/live_batch.py): sequences join and leave a running continuous batch between decode steps, and a
+"""LiveBatch (r1lab/engine/live_batch.py): sequences join and leave a running continuous batch between decode steps, and a
 seeded sequence's tokens do not depend on who else runs, joins, leaves or is parked beside it."""
 
 import pytest
 
-from r1lab import live_batch as live_module
-from r1lab.live_batch import LiveBatch
+from r1lab.engine import live_batch as live_module
+from r1lab.engine.live_batch import LiveBatch
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
 SETTINGS = [dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=11),

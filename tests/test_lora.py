@@ -6,14 +6,26 @@ import json
 
 import pytest
 import torch
-
-from r1lab.engine import Engine
-from r1lab.lora import (ALL_LINEAR, LoRASpec, adapters_disabled, add_lora, has_lora, load_adapter, load_adapter_weights,
-                        lora_state_dict, merge_lora, save_adapter)
-from r1lab.model import CausalLM, KVCache, ModelConfig, save_model
-from r1lab.moe import moe_from_hf
-from r1lab.tokenizer import build_tiny_tokenizer
 from test_model import batch  # 3 rows of 11 ids, one left-padded, one right-padded
+
+from r1lab.engine.engine import Engine
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import save_model
+from r1lab.model.lora import (
+    ALL_LINEAR,
+    LoRASpec,
+    adapters_disabled,
+    add_lora,
+    has_lora,
+    load_adapter,
+    load_adapter_weights,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+from r1lab.model.moe import moe_from_hf
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM, KVCache
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -7,10 +7,10 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from r1lab import grpo
 from r1lab.cli import main
 from r1lab.config import GRPOConfig
-from r1lab.model import load_model
+from r1lab.model.hf_format import load_model
+from r1lab.train import grpo
 
 
 def lora_config(base, out, **kw):

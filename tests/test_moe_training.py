@@ -9,13 +9,15 @@ import types
 import pytest
 import torch
 
-import r1lab.grpo as grpo
-from r1lab import moe
+import r1lab.train.grpo as grpo
 from r1lab.config import GRPOConfig, SFTConfig
-from r1lab.model import CausalLM, ModelConfig, save_model
-from r1lab.sft import lm_step
-from r1lab.tokenizer import build_tiny_tokenizer
-from r1lab.train import make_optimizer
+from r1lab.model import moe
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import save_model
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.train.optimizer import make_optimizer
+from r1lab.train.supervised import lm_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -231,9 +233,9 @@ def test_lm_step_adds_the_balance_loss_only_when_asked():
 
 
 def test_the_tiny_deepseek_v3_base_is_what_transformers_reads_and_reports_its_costs(tmp_path):
+    from r1lab.commands.pretrain import pretrain
     from r1lab.config import PretrainConfig
-    from r1lab.model import load_model
-    from r1lab.pretrain import pretrain
+    from r1lab.model.hf_format import load_model
 
     cfg = PretrainConfig(out=str(tmp_path), arch="deepseek-v3", steps=3, documents=64, batch_size=16,
                          balance_loss_weight=0.001, threads=1)

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from r1lab.phases import PhaseClock
+from r1lab.train.phases import PhaseClock
 
 
 def touch_and_release(megabytes: int) -> None:

@@ -5,12 +5,11 @@ import json
 
 import pytest
 
-from r1lab.config import DistillConfig, PipelineConfig
-from r1lab.distill import run_distill
-from r1lab.grpo import train
-from r1lab.config import tiny_grpo_config
-from r1lab.pipeline import run_pipeline
-from r1lab.stages import parameter_count
+from r1lab.commands.distill import run_distill
+from r1lab.commands.pipeline import run_pipeline
+from r1lab.commands.stages import parameter_count
+from r1lab.config import DistillConfig, PipelineConfig, tiny_grpo_config
+from r1lab.train.grpo import train
 
 pytestmark = pytest.mark.slow  # end-to-end runs of whole commands: the full suite only (make test)
 
@@ -73,10 +72,10 @@ def test_pipeline_runs_every_stage_and_reports_side_by_side(tiny_base, tmp_path)
 
 
 def test_the_default_student_has_at_most_a_quarter_of_the_demo_models_parameters():
+    from r1lab.commands.pretrain import tiny_model_config
     from r1lab.config import PretrainConfig
-    from r1lab.model import CausalLM
-    from r1lab.pretrain import tiny_model_config
-    from r1lab.tokenizer import build_tiny_tokenizer
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.model.transformer import CausalLM
 
     d, tok = DistillConfig(), build_tiny_tokenizer()
     student = PretrainConfig(hidden_size=d.student_hidden_size, num_layers=d.student_num_layers,
@@ -97,9 +96,9 @@ def test_the_shipped_pipeline_yaml_holds_the_defaults():
 
 
 def test_pipeline_on_your_own_data_file_and_models(tiny_base, tmp_path):
-    from r1lab.pretrain import cold_start_conversations
-    from r1lab.rejection import write_jsonl
-    from r1lab.tasks import get_task
+    from r1lab.commands.pretrain import cold_start_conversations
+    from r1lab.commands.sample import write_jsonl
+    from r1lab.rewards.tasks import get_task
 
     task = get_task("arithmetic", **TINY_BASE_TASK)
     problems = task.problems("train", 150, seed=5) + task.problems("test", 150, seed=5)
@@ -120,8 +119,8 @@ def test_a_stage_is_reused_until_its_input_is_remade(tmp_path):
     import os
     from dataclasses import dataclass
 
+    from r1lab.commands.stages import run_stage
     from r1lab.config import save_config
-    from r1lab.stages import run_stage
 
     @dataclass
     class StageConfig:

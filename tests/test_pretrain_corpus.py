@@ -1,15 +1,15 @@
-"""The pretraining corpora (r1lab/pretrain.py): the demo's is pinned, the tool demo's reads as rollouts with tools do."""
+"""The pretraining corpora (r1lab/commands/pretrain.py): the demo's is pinned, the tool demo's reads as rollouts with tools do."""
 
 import hashlib
 import re
 
+from r1lab.commands.pretrain import corpus_pairs, tokenize_pairs
 from r1lab.config import PretrainConfig
-from r1lab.engine import Sample
-from r1lab.pretrain import corpus_pairs, tokenize_pairs
-from r1lab.rewards import extract_answer, format_reward
-from r1lab.tasks.arithmetic import TOOL_DEMO_OPTIONS
-from r1lab.tokenizer import build_tiny_tokenizer
-from r1lab.tools import ToolSpec, generate_with_tools
+from r1lab.engine.engine import Sample
+from r1lab.engine.tools import ToolSpec, generate_with_tools
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.rewards.rules import extract_answer, format_reward
+from r1lab.rewards.tasks.arithmetic import TOOL_DEMO_OPTIONS
 
 TOK = build_tiny_tokenizer()
 TOOL_CORPUS = PretrainConfig(documents=60, tools="python", task_options=TOOL_DEMO_OPTIONS)

@@ -1,4 +1,4 @@
-"""Tests for r1lab.metrics (JSONL logging, resume truncation, samples, progress) and r1lab.report."""
+"""Tests for r1lab.train.metrics (JSONL logging, resume truncation, samples, progress) and r1lab.commands.report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,19 @@ import warnings
 
 import pytest
 
-from r1lab.metrics import MetricsLogger, format_live_metrics, read_jsonl, save_samples, training_progress
-from r1lab.report import format_value, markdown_table, plot_curves, write_report
+from r1lab.commands.report import (
+    format_value,
+    markdown_table,
+    plot_curves,
+    write_report,
+)
+from r1lab.train.metrics import (
+    MetricsLogger,
+    format_live_metrics,
+    read_jsonl,
+    save_samples,
+    training_progress,
+)
 
 
 def lines(path):

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from r1lab import grpo
-from r1lab.rewards import RewardWeights, score_completions
-from r1lab.tasks import get_task
+from r1lab.rewards.rules import RewardWeights, score_completions
+from r1lab.rewards.tasks import get_task
+from r1lab.train import grpo
 
 REWARDS_PY = '''
 import math, time
@@ -150,7 +150,7 @@ def hostile(tmp_path):
 
 @pytest.fixture
 def pool():
-    from r1lab.reward_functions import RewardWorkers
+    from r1lab.rewards.user_functions import RewardWorkers
 
     with RewardWorkers(workers=1) as workers:
         yield workers
@@ -197,7 +197,7 @@ def test_only_bounded_real_numbers_are_rewards(hostile, pool, name, expected):
 
 
 def test_checked_reward_says_what_is_wrong():
-    from r1lab.reward_functions import RewardValueError, checked_reward
+    from r1lab.rewards.user_functions import RewardValueError, checked_reward
 
     with pytest.raises(RewardValueError, match="returned str, not a number"):
         checked_reward("1.5")
@@ -217,7 +217,7 @@ def test_an_inf_reward_is_an_error_not_a_nonfinite_step(hostile):
 
 
 def test_unpicklable_problem_and_vanished_module_are_errors(rewards_file, pool):
-    from r1lab.tasks.base import Problem
+    from r1lab.rewards.tasks.base import Problem
 
     out = pool.score({f"{rewards_file}:brevity": [("a", Problem("q", "1", {"f": lambda: 0}))]}, 5.0)
     assert out[f"{rewards_file}:brevity"][0][0] == "error"
@@ -230,7 +230,7 @@ def test_unpicklable_problem_and_vanished_module_are_errors(rewards_file, pool):
 
 
 def test_workers_are_reused_and_none_is_left_after_close(hostile):
-    from r1lab.reward_functions import RewardWorkers
+    from r1lab.rewards.user_functions import RewardWorkers
 
     pool = RewardWorkers(workers=2)
     items = [("a", None)] * 10
@@ -243,7 +243,7 @@ def test_workers_are_reused_and_none_is_left_after_close(hostile):
 
 
 def test_outcomes_are_batched_but_a_long_call_is_preceded_by_a_flush():
-    from r1lab.reward_functions import FLUSH_S, _Reporter
+    from r1lab.rewards.user_functions import FLUSH_S, _Reporter
 
     class Recorder:
         def __init__(self):

@@ -7,9 +7,14 @@ import time
 
 import pytest
 
-from r1lab.rewards import RewardWeights, extract_answer, format_reward, score_completions
-from r1lab.tasks.arithmetic import ArithmeticTask
-from r1lab.tasks.base import Problem
+from r1lab.rewards.rules import (
+    RewardWeights,
+    extract_answer,
+    format_reward,
+    score_completions,
+)
+from r1lab.rewards.tasks.arithmetic import ArithmeticTask
+from r1lab.rewards.tasks.base import Problem
 
 GOOD = "<think>3 plus 4\nis 7</think>\n<answer>7</answer>"
 

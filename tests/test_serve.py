@@ -21,11 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1lab.model import CausalLM, ModelConfig, save_model
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import save_model
+from r1lab.model.templates import (
+    R1_ZERO_SUFFIX,
+    render_conversation,
+    render_prompt,
+    starts_in_think,
+)
+from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
 from r1lab.serve.textstream import IncrementalDetokenizer, StopCutter, TextStream
-from r1lab.templates import R1_ZERO_SUFFIX, render_conversation, render_prompt, starts_in_think
-from r1lab.tokenizer import EOS, build_tiny_tokenizer
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -144,7 +151,7 @@ BODY_TIMEOUT_S = 1.5
 
 
 def prompt_tokens(model_dir, messages=QUESTION) -> int:
-    from r1lab.tokenizer import load_tokenizer
+    from r1lab.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     return len(tok.encode(render_conversation(tok, messages)))
@@ -481,10 +488,10 @@ def random_model_dir(path: Path) -> Path:
 
 
 def test_logprobs_are_the_engines_sampling_logprobs(tmp_path):
-    from r1lab.engine import Engine
-    from r1lab.model import load_model
+    from r1lab.engine.engine import Engine
+    from r1lab.model.hf_format import load_model
+    from r1lab.model.tokenizer import load_tokenizer
     from r1lab.serve.app import create_app, token_bytes
-    from r1lab.tokenizer import load_tokenizer
 
     openai = pytest.importorskip("openai")
     model = random_model_dir(tmp_path / "random")
@@ -581,10 +588,10 @@ def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
     """Client A queues 8 long completions (twice the 4 slots); client B's two short ones, sent while A holds every
     slot, start at the very next decode step and finish before any of A's: two of A's rows are parked (B's share is
     2 of the 4 slots) and resume later. A's rows must come out as if never parked."""
-    from r1lab.engine import Engine
-    from r1lab.model import load_model
+    from r1lab.engine.engine import Engine
+    from r1lab.model.hf_format import load_model
+    from r1lab.model.tokenizer import load_tokenizer
     from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
-    from r1lab.tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     batcher = Batcher(Engine(load_model(model_dir), tok), max_batch=4, batch_wait_s=0)
@@ -625,10 +632,10 @@ def test_seeded_completions_are_the_same_whoever_shares_the_engine(tmp_path):
     """A heavy client's six seeded completions in four slots and a light client's one, arriving mid-run: the light
     one takes a slot at once (one of the heavy rows parked), the heavy rows move to their own lane and back; every
     completion's text is what the engine samples for that request alone."""
-    from r1lab.engine import Engine
-    from r1lab.model import load_model
+    from r1lab.engine.engine import Engine
+    from r1lab.model.hf_format import load_model
+    from r1lab.model.tokenizer import load_tokenizer
     from r1lab.serve.batcher import Batcher, Done, Job, SamplingParams
-    from r1lab.tokenizer import load_tokenizer
 
     model_dir = random_model_dir(tmp_path / "random")
     tok = load_tokenizer(model_dir)
@@ -701,9 +708,10 @@ def test_reasoning_streams_before_the_closing_tag():
 
 
 def byte_level_tokenizer():
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from r1lab.tokenizer import Tokenizer
+    from r1lab.model.tokenizer import Tokenizer
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -760,8 +768,8 @@ def test_prompt_templates():
 def test_terminal_chat_streams_reasoning_and_answer(tmp_path):
     from rich.console import Console
 
-    from r1lab.chat import run_chat
     from r1lab.config import ChatConfig
+    from r1lab.serve.chat import run_chat
 
     model = scripted_model_dir(tmp_path / "m", chat_template=THINK_TEMPLATE)  # the prompt ends inside <think>
     out = io.StringIO()
@@ -780,7 +788,7 @@ def test_chat_and_serve_commands(model_dir):
     args = build_parser().parse_args(["serve", "--model", "m", "--api-key", "k", "--max-batch", "8", "--port", "9"])
     cfg = resolve(ServeConfig, args)
     assert (cfg.model, cfg.api_key, cfg.max_batch, cfg.port) == ("m", "k", 8, 9)
-    code = ("import sys, r1lab.chat, r1lab.serve.batcher, r1lab.templates, r1lab.cli; "
+    code = ("import sys, r1lab.serve.chat, r1lab.serve.batcher, r1lab.model.templates, r1lab.cli; "
             "assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules; r1lab.cli.main()")
     r = subprocess.run([sys.executable, "-c", code, "chat", "--model", str(model_dir), "--device", "cpu"],
                        input="What is 6*7?\n", capture_output=True, text=True, timeout=120)

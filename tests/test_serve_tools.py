@@ -19,10 +19,10 @@ import time
 import pytest
 from tokenizers import AddedToken
 
-from r1lab.engine import Engine
-from r1lab.templates import R1_ZERO_SUFFIX, render_conversation
-from r1lab.tokenizer import EOS, build_tiny_tokenizer
-from r1lab.tools import run_in_sandbox
+from r1lab.engine.engine import Engine
+from r1lab.engine.tools import run_in_sandbox
+from r1lab.model.templates import R1_ZERO_SUFFIX, render_conversation
+from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -210,8 +210,8 @@ def test_tool_settings_are_checked():
 def test_terminal_chat_runs_the_tool():
     from rich.console import Console
 
-    from r1lab.chat import run_chat
     from r1lab.config import ChatConfig
+    from r1lab.serve.chat import run_chat
 
     out = io.StringIO()
     run_chat(ChatConfig(model="tiny", device="cpu", tools="python", seed=4), io.StringIO("What is 6*7?\n/quit\n"),
@@ -249,8 +249,8 @@ def run_jobs(batcher, jobs: list[tuple[str, int, int]]) -> dict[tuple[str, int, 
 
 
 def test_paused_rows_share_the_batch_fairly_and_keep_their_tokens():
+    from r1lab.engine.tools import ToolSpec
     from r1lab.serve.batcher import Batcher
-    from r1lab.tools import ToolSpec
 
     jobs = [("heavy", 1, 3), ("heavy", 5, 3), ("light", 2, 1), ("other", 3, 2)]
     alone = {}
@@ -270,8 +270,8 @@ def test_paused_rows_share_the_batch_fairly_and_keep_their_tokens():
 def test_terminal_chat_ends_a_reply_past_max_tool_calls():
     from rich.console import Console
 
-    from r1lab.chat import run_chat
     from r1lab.config import ChatConfig
+    from r1lab.serve.chat import run_chat
 
     out = io.StringIO()
     run_chat(ChatConfig(model="tiny", device="cpu", tools="python", max_tool_calls=1), io.StringIO("6*7?\n"),

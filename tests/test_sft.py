@@ -10,19 +10,26 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import r1lab.train.supervised as sft_module
 from r1lab.cli import main
+from r1lab.commands.sample import Filters, Tally, judge_prompt
 from r1lab.config import SampleConfig, SFTConfig
-from r1lab.engine import Sample
-from r1lab.model import CausalLM, ModelConfig, load_model, save_model
-from r1lab.rejection import Filters, Tally, judge_prompt
-from r1lab.rewards import score_completions
-from r1lab.chat_data import ChatFields, Conversation, conversation_tokens, read_conversations
-import r1lab.sft as sft_module
-from r1lab.sft import heldout_loss, lm_step, sft
-from r1lab.train import make_optimizer
-from r1lab.tasks import ArithmeticTask, DatasetError, Problem
-from r1lab.templates import render_prompt
-from r1lab.tokenizer import Tokenizer, build_tiny_tokenizer, load_tokenizer
+from r1lab.engine.engine import Sample
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import load_model, save_model
+from r1lab.model.templates import render_prompt
+from r1lab.model.tokenizer import Tokenizer, build_tiny_tokenizer, load_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.rewards.rules import score_completions
+from r1lab.rewards.tasks import ArithmeticTask, DatasetError, Problem
+from r1lab.train.optimizer import make_optimizer
+from r1lab.train.sft_data import (
+    ChatFields,
+    Conversation,
+    conversation_tokens,
+    read_conversations,
+)
+from r1lab.train.supervised import heldout_loss, lm_step, sft
 
 CONVERSATION = [
     {"role": "system", "content": "Think step by step."},
@@ -404,7 +411,7 @@ def test_sample_writes_sft_rows_that_sft_accepts(tiny_base, tmp_path, capsys):
 
 def test_tool_output_blocks_of_sampled_rows_are_left_out_of_the_loss():
     """Rows kept by `sample --tools python` carry <output> blocks the sampler wrote: SFT must not train on them."""
-    from r1lab.chat_data import conversation_tokens, tool_output_spans
+    from r1lab.train.sft_data import conversation_tokens, tool_output_spans
 
     tok = build_tiny_tokenizer()
     answer = "<think><python>print(6*7)</python><output>42\n</output> so</think> <answer>42</answer>"

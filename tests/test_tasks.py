@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from r1lab.tasks import DatasetError, DatasetTask, get_task
-from r1lab.tasks.arithmetic import ArithmeticTask
-from r1lab.tasks.base import Problem
-from r1lab.tasks.countdown import CountdownTask
-from r1lab.tasks.dataset import canonical_answer, extract_reference, math_equal
+from r1lab.rewards.tasks import DatasetError, DatasetTask, get_task
+from r1lab.rewards.tasks.arithmetic import ArithmeticTask
+from r1lab.rewards.tasks.base import Problem
+from r1lab.rewards.tasks.countdown import CountdownTask
+from r1lab.rewards.tasks.dataset import canonical_answer, extract_reference, math_equal
 
 GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/test.jsonl"
 

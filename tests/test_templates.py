@@ -1,5 +1,5 @@
 """One template module: the same conversation renders to the same tokens for RL prompts, SFT, `r1lab serve` and
-`r1lab chat` (r1lab/templates.py), with the R1-Zero template and with a chat template."""
+`r1lab chat` (r1lab/model/templates.py), with the R1-Zero template and with a chat template."""
 
 import io
 
@@ -7,15 +7,22 @@ import pytest
 import torch
 from rich.console import Console
 
-from r1lab.chat import ReplyView, reply
-from r1lab.chat_data import conversation_tokens
 from r1lab.config import ChatConfig
-from r1lab.engine import Engine
-from r1lab.model import CausalLM, ModelConfig, save_model
-from r1lab.policy import encode_prompt
-from r1lab.tasks.base import Problem
-from r1lab.templates import R1_ZERO_PREAMBLE, R1_ZERO_SUFFIX, render_conversation, render_prompt
-from r1lab.tokenizer import EOS, build_tiny_tokenizer
+from r1lab.engine.engine import Engine
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import save_model
+from r1lab.model.loading import encode_prompt
+from r1lab.model.templates import (
+    R1_ZERO_PREAMBLE,
+    R1_ZERO_SUFFIX,
+    render_conversation,
+    render_prompt,
+)
+from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.rewards.tasks.base import Problem
+from r1lab.serve.chat import ReplyView, reply
+from r1lab.train.sft_data import conversation_tokens
 
 CHATML = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}"
           "{% endif %}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -82,12 +89,11 @@ def test_same_tokens_in_rl_sft_serve_and_chat(template, tmp_path, monkeypatch):
 
     # serve: what the server asks the engine to continue
     testclient = pytest.importorskip("fastapi.testclient")
+    from r1lab.engine.live_batch import LiveBatch
     from r1lab.serve.app import create_app
 
-    from r1lab.live_batch import LiveBatch
-
     served, added, add = tiny_engine(template, tmp_path), [], LiveBatch.add
-    # the server's requests join its running batch (r1lab/live_batch.py) rather than calling generate
+    # the server's requests join its running batch (r1lab/engine/live_batch.py) rather than calling generate
     monkeypatch.setattr(LiveBatch, "add", lambda self, prompt_ids, **kw: added.append(list(prompt_ids)) or
                         add(self, prompt_ids, **kw))
     with testclient.TestClient(create_app(tmp_path, engine=served, device="cpu")) as client:

@@ -6,11 +6,17 @@ import json
 import random
 
 import pytest
-from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
 
-from r1lab.model import ModelConfig
-from r1lab.templates import R1_ZERO_PREAMBLE, R1_ZERO_SUFFIX, apply_chat_template, render_prompt
-from r1lab.tokenizer import EOS, TAGS, build_tiny_tokenizer, load_tokenizer
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.templates import (
+    R1_ZERO_PREAMBLE,
+    R1_ZERO_SUFFIX,
+    apply_chat_template,
+    render_prompt,
+)
+from r1lab.model.tokenizer import EOS, TAGS, build_tiny_tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

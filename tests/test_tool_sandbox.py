@@ -1,4 +1,4 @@
-"""The fork server of tool calls (r1lab.sandbox.run_program_pooled): run_program's results and isolation per call,
+"""The fork server of tool calls (r1lab.rewards.sandbox.runner.run_program_pooled): run_program's results and isolation per call,
 without a process start-up per call."""
 
 from __future__ import annotations
@@ -11,11 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from r1lab import sandbox
-from r1lab.sandbox import TEMP_PREFIX, ProgramResult, close_pools, run_program, run_program_pooled
-
 from test_sandbox import MODES, descendants
+
+from r1lab.rewards.sandbox import runner as sandbox
+from r1lab.rewards.sandbox.runner import (
+    TEMP_PREFIX,
+    ProgramResult,
+    close_pools,
+    run_program,
+    run_program_pooled,
+)
 
 
 @pytest.fixture(autouse=True)

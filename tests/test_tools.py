@@ -1,18 +1,18 @@
-"""Tool calls inside rollouts (r1lab/tools.py): the sandboxed call, the turn-by-turn driver, the loss mask, GRPO."""
+"""Tool calls inside rollouts (r1lab/engine/tools.py): the sandboxed call, the turn-by-turn driver, the loss mask, GRPO."""
 
 import json
 
 import pytest
 import torch
 
-import r1lab.grpo as grpo
+import r1lab.train.grpo as grpo
 from r1lab.cli import main
-from r1lab.engine import Sample
-from r1lab.evaluate import evaluate
-from r1lab.sandbox import ProgramResult, run_program
-from r1lab.tasks import Problem, get_task
-from r1lab.tokenizer import build_tiny_tokenizer
-from r1lab.tools import ToolSpec, block_code, generate_with_tools, output_text
+from r1lab.engine.engine import Sample
+from r1lab.engine.tools import ToolSpec, block_code, generate_with_tools, output_text
+from r1lab.model.tokenizer import build_tiny_tokenizer
+from r1lab.rewards.sandbox.runner import ProgramResult, run_program
+from r1lab.rewards.tasks import Problem, get_task
+from r1lab.train.evaluate import evaluate
 
 TOK = build_tiny_tokenizer()
 

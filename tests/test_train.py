@@ -3,9 +3,13 @@
 import pytest
 import torch
 
-import r1lab.model
-from r1lab.model import CausalLM, Linear, ModelConfig, load_model, save_model
-from r1lab.train import make_optimizer, token_logprobs
+import r1lab.model.layers
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import load_model, save_model
+from r1lab.model.layers import Linear
+from r1lab.model.transformer import CausalLM
+from r1lab.train.logprobs import token_logprobs
+from r1lab.train.optimizer import make_optimizer
 
 
 def tiny(tied: bool) -> CausalLM:
@@ -77,7 +81,7 @@ def test_adamw_is_fused():
 
 
 def _saved_bytes_and_grads(model, ids, mask):
-    from r1lab.sft import lm_loss_sum
+    from r1lab.train.supervised import lm_loss_sum
 
     saved = []
 
@@ -125,7 +129,7 @@ def test_projection_gradients_written_in_place_equal_autograd(bias, monkeypatch)
     """r1lab's Linear adds its weight and bias gradients into .grad in place: over two backward passes (GRPO's
     prompt and completion passes, micro-batches), with a 3-D input, they equal nn.functional.linear's through
     autograd, and so does the input's gradient."""
-    monkeypatch.setattr(r1lab.model, "IN_PLACE_GRAD_MIN", 0)  # the tiny weight takes the in-place path too
+    monkeypatch.setattr(r1lab.model.layers, "IN_PLACE_GRAD_MIN", 0)  # the tiny weight takes the in-place path too
     torch.manual_seed(0)
     ours = Linear(6, 5, bias=bias)
     plain = torch.nn.Linear(6, 5, bias=bias)
@@ -144,7 +148,7 @@ def test_projection_gradients_written_in_place_equal_autograd(bias, monkeypatch)
 
 def test_projection_of_a_frozen_weight_leaves_it_without_gradient(monkeypatch):
     """LoRA's frozen base: the input still gets its gradient, the weight none."""
-    monkeypatch.setattr(r1lab.model, "IN_PLACE_GRAD_MIN", 0)
+    monkeypatch.setattr(r1lab.model.layers, "IN_PLACE_GRAD_MIN", 0)
     layer = Linear(4, 3)
     layer.requires_grad_(False)
     x = torch.randn(40, 4, requires_grad=True)

@@ -8,7 +8,7 @@ sends should crash the server or leave a connection hanging: bodies are parsed s
 must arrive within body_timeout_s (else 408), and a request may ask for at most max_request_tokens completion
 tokens in all. Clients share the batch's slots fairly (r1lab/serve/batcher.py); a client is its remote address.
 
-With `--tools python` the server runs the model's tool calls itself (r1lab/tools.py, in the batcher): the code of a
+With `--tools python` the server runs the model's tool calls itself (r1lab/engine/tools.py, in the batcher): the code of a
 `<python>...</python>` block and its `<output>...</output>` are part of the completion's text, so inside `<think>`
 they reach the client in reasoning_content (streamed as they happen); usage.completion_tokens and max_tokens count the
 output's tokens too (their logprobs, when asked, are 0.0: not sampled), and a block closed past max_tool_calls ends
@@ -38,16 +38,22 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from r1lab.config import ServeConfig
-from r1lab.engine import Engine
-from r1lab.policy import load_policy, pick_device
-from r1lab.runtime import setup_training_process
+from r1lab.cpu.process import setup_training_process
+from r1lab.engine.engine import Engine
+from r1lab.engine.tools import Runner, ToolSpec, run_in_sandbox, tool_summary
+from r1lab.model.loading import load_policy, pick_device
+from r1lab.model.templates import render_conversation, starts_in_think
+from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.generation import ClientGone, Generation
-from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
+from r1lab.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    parse_json_body,
+    parse_request,
+)
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
-from r1lab.templates import render_conversation, starts_in_think
-from r1lab.tokenizer import byte_symbols
-from r1lab.tools import Runner, ToolSpec, run_in_sandbox, tool_summary
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("r1lab.serve")
@@ -429,7 +435,7 @@ class ChatReply(_Reply):
 
     def _logprobs(self, tokens: list) -> dict:
         """OpenAI's choice.logprobs: one entry per completion token, reasoning and end-of-text included, its
-        log-prob under the sampling distribution (temperature applied, before top-p: r1lab/engine.py)."""
+        log-prob under the sampling distribution (temperature applied, before top-p: r1lab/engine/engine.py)."""
         return {"content": [_token_logprob(self.tokenizer, t, lp) for t, lp in tokens], "refusal": None}
 
 

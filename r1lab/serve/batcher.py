@@ -1,4 +1,4 @@
-"""One worker thread owns the engine and runs every request in one continuous batch (r1lab/live_batch.py).
+"""One worker thread owns the engine and runs every request in one continuous batch (r1lab/engine/live_batch.py).
 
 Each request prompt (a job) asking for n completions queues n rows under its client (the server names clients by
 their remote address). The worker loops: it gives the batch's free slots to waiting rows, runs one decode step, and
@@ -20,7 +20,7 @@ worker steps one lane at a time, the light one taking LIGHT_SHARE (2/3) of the e
 takes at most about 1.5 times as long as on an idle server, and the heavy rows, never stopped, keep a third of the
 time while light requests run. Otherwise both lanes step every time (all rows are in one of them, mostly).
 
-With tools (`r1lab serve --tools python`, r1lab/tools.py), a row's sequence also stops at the tool block's close
+With tools (`r1lab serve --tools python`, r1lab/engine/tools.py), a row's sequence also stops at the tool block's close
 tag. The row then pauses: it leaves the batch (holding no slot), and its code runs in the sandbox on a small thread
 pool, off the worker, so the other rows keep decoding. When the call is back, its output block is appended to the row
 (streamed as text like the model's, counted in its tokens and its max_tokens) and the row goes back to the front of
@@ -44,11 +44,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from r1lab.engine import Engine
-from r1lab.live_batch import LiveBatch, Sequence, StepToken
-from r1lab.sandbox import ProgramResult
+from r1lab.engine.engine import Engine
+from r1lab.engine.live_batch import LiveBatch, Sequence, StepToken
+from r1lab.engine.tools import (
+    Runner,
+    ToolSpec,
+    block_code,
+    call_tool,
+    cut_at_close,
+    output_tokens,
+    run_in_sandbox,
+    turn_seed,
+)
+from r1lab.rewards.sandbox.runner import ProgramResult
 from r1lab.serve.textstream import TextStream
-from r1lab.tools import Runner, ToolSpec, block_code, call_tool, cut_at_close, output_tokens, run_in_sandbox, turn_seed
 
 log = logging.getLogger("r1lab.serve")
 MAX_WAIT_FACTOR = 10  # an idle worker starts at most this many batch_wait_s after a first request

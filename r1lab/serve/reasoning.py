@@ -13,8 +13,8 @@ A tag may arrive split across tokens, so a tail of a chunk that could begin a ta
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_TAGS = ("<answer>", "</answer>")
+from r1lab.model.templates import ANSWER_TAGS, THINK_CLOSE, THINK_OPEN
+
 _OUTSIDE_TAGS = (THINK_OPEN, THINK_CLOSE, *ANSWER_TAGS)
 _INSIDE_TAGS = (THINK_OPEN, THINK_CLOSE)
 

@@ -8,7 +8,7 @@ text ends right before the stop string, and a tail that could be the start of on
 
 from __future__ import annotations
 
-from r1lab.tokenizer import Tokenizer
+from r1lab.model.tokenizer import Tokenizer
 
 _INCOMPLETE = "\ufffd"
 

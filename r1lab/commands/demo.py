@@ -1,0 +1,109 @@
+"""`r1lab demo`: DeepSeek-R1-Zero in miniature on a laptop CPU, with nothing downloaded.
+
+tokenizer -> tiny base model pretrained from scratch -> held-out evaluation -> R1-Zero GRPO (pure RL, rule rewards)
+-> held-out evaluation -> report with curves, a before/after table and completions. `--control random-reward` runs
+the same RL with shuffled rewards (same mean, no signal), reusing the pretrained base, to show the gain comes from the
+verifier.
+
+`--tools python` is the tool demo: products of two 3-digit numbers (no tiny model computes them in its head),
+a base pretrained on a corpus where a minority of solutions call the Python tool (r1lab/commands/pretrain.py), and GRPO with
+tool calls inside rollouts (r1lab/engine/tools.py): the report shows the tool-call rate beside the accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r1lab.commands.pretrain import ARCHITECTURE_FILE
+from r1lab.commands.report import eval_records, example_completions, write_report
+from r1lab.commands.stages import pretrained_base
+from r1lab.config import (
+    ARCHS,
+    DemoConfig,
+    PretrainConfig,
+    tiny_grpo_config,
+    tool_demo_pretrain_settings,
+    tool_demo_settings,
+)
+from r1lab.train.grpo import train
+
+
+def run_name(stage: str, arch: str, control: str = "none", tools: str = "") -> str:
+    """A demo stage's directory under OUT: base, grpo and grpo-random-reward for the dense base; base-deepseek-v3,
+    grpo-deepseek-v3 and grpo-deepseek-v3-random-reward for the MLA + MoE one; base-tools, grpo-tools, ... for the
+    tool demo: so that every demo shares an OUT."""
+    return (stage + ("-tools" if tools else "") + ("" if arch == "dense" else f"-{arch}")
+            + ("" if control == "none" else f"-{control}"))
+
+
+def base_settings(cfg: DemoConfig) -> dict:
+    """The pretraining settings the demo chooses: 600 steps; the tool demo's own corpus mix and steps."""
+    chosen = {"steps": 600, **(tool_demo_pretrain_settings() if cfg.tools else {})}
+    return {**chosen, **({"steps": cfg.pretrain_steps} if cfg.pretrain_steps else {})}
+
+
+def run_demo(cfg: DemoConfig, log=print) -> Path:
+    # The tiny base is pretrained, or reused when made with the same settings (e.g. for the control run).
+    out = Path(cfg.out)
+    tool_settings = tool_demo_settings() if cfg.tools else {}
+    pre = PretrainConfig(**base_settings(cfg), out=str(out / run_name("base", cfg.arch, tools=cfg.tools)),
+                         seed=cfg.seed, threads=cfg.threads, arch=cfg.arch, tools=cfg.tools,
+                         task_options=tool_settings.get("task_options", {}))
+    grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), out / run_name("grpo", cfg.arch, cfg.control, cfg.tools),
+                                cfg.grpo_steps, eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed,
+                                threads=cfg.threads, **tool_settings)
+    final_model = train(grpo_cfg, log=log)
+    run = Path(grpo_cfg.out)
+    before, before_records = eval_records(run, "first")
+    after, after_records = eval_records(run, "last")
+    is_control = cfg.control != "none"
+    columns = {"base (pretrained)": before,
+               "after GRPO with shuffled rewards (control)" if is_control else "after R1-Zero GRPO": after}
+    other = out / run_name("grpo", cfg.arch, "none" if is_control else "random-reward", cfg.tools)
+    compare = {}
+    if (other / "eval").exists():  # the other run of the pair, when it has been run: shown side by side
+        other_label = "R1-Zero GRPO (verifier rewards)" if is_control else "random-reward control"
+        compare = {other_label: other}
+        columns[f"{other_label}, other run"] = eval_records(other, "last")[0]
+    gain = after["pass@1"] - before["pass@1"]
+    notes = [f"Held-out pass@1 went from {before['pass@1']:.1%} to {after['pass@1']:.1%} ({gain * 100:+.1f} points).",
+             *([f"Tool calls per held-out sample went from {before['tool_calls']:.2f} to {after['tool_calls']:.2f}."]
+               if cfg.tools else []),
+             f"Rewards: {'shuffled across the batch (control: same mean, no signal)' if cfg.control != 'none' else 'accuracy + format, rule-based'}."]
+    title = "r1lab demo: R1-Zero " + ("with a Python tool " if cfg.tools else "") + "on a tiny model"
+    report = write_report(run, title=title + (" (random-reward control)" if cfg.control != "none" else ""),
+                          tables={"Held-out evaluation (k=8 samples, temperature 0.6, top-p 0.95)": columns,
+                                  "Tiny bases (from each base's architecture.json and its R1-Zero run)":
+                                      architecture_table(out, cfg)},
+                          examples={"before": example_completions(before_records), "after": example_completions(after_records)},
+                          notes=notes, compare_runs=compare)
+    log(f"\nheld-out pass@1: {before['pass@1']:.1%} -> {after['pass@1']:.1%} ({gain * 100:+.1f} points)")
+    if cfg.tools:
+        log(f"tool calls per held-out sample: {before['tool_calls']:.2f} -> {after['tool_calls']:.2f}")
+    log(f"report:      {report}")
+    log(f"final model: {final_model}  (Hugging Face format)")
+    return report
+
+
+def architecture_table(out: Path, cfg: DemoConfig) -> dict[str, dict]:
+    """One column per architecture whose base is under OUT (this demo's, and the other's when it has been run):
+    parameters in all and active per token, KV-cache bytes per token, expert load at the end of pretraining, and the
+    held-out pass@1 before and after its R1-Zero GRPO run (when that run has been made); the bases of cfg's demo
+    (with or without tools)."""
+    columns = {}
+    for arch in ARCHS:
+        facts_file = out / run_name("base", arch, tools=cfg.tools) / ARCHITECTURE_FILE
+        if arch != cfg.arch and not facts_file.exists():
+            continue
+        facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
+        column = {"parameters": facts.get("parameters"), "active parameters per token": facts.get("active_parameters"),
+                  "KV-cache bytes per token (bf16)": facts.get("kv_cache_bytes_per_token_bf16"),
+                  "same for multi-head attention": facts.get("multi_head_kv_cache_bytes_per_token_bf16"),
+                  "expert load max/mean (end of pretraining)": facts.get("moe/load_max_over_mean")}
+        run = out / run_name("grpo", arch, tools=cfg.tools)
+        if (run / "eval").exists():
+            column["pass@1 before GRPO"] = eval_records(run, "first")[0]["pass@1"]
+            column["pass@1 after GRPO"] = eval_records(run, "last")[0]["pass@1"]
+        columns[arch] = column
+    return columns

@@ -1,0 +1,232 @@
+"""`r1lab pretrain`: the tiny base model from scratch, on a synthetic corpus that makes it a model that can reason
+but does not reliably choose to.
+
+Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response, in one of three styles:
+- worked ("think" share): column addition from the right, one step per column written as
+  "digit+digit+carry=two-digit sum" (347+285 -> "7+5+0=12,4+8+1=13,3+2+1=06", answer 632); a share of these
+  solutions slips once (a column sum off by one, carried through to the answer), as careless reasoning does;
+- guessed (most of the rest): a one-word thought and the value of another random problem of the same shape, so a
+  guess is right by chance only, however well the model could compute the sum;
+- untagged (a few): a guess in plain text, without the <think>/<answer> format.
+
+A model pretrained on this mix writes correct worked solutions often enough that pass@8 is high, while its pass@1 is
+low because it usually guesses: exactly the situation where RL with a verifier helps, and where the learned
+behaviour is to think longer. Every column step reads digits at fixed offsets from the prompt, which is what lets a
+model of under a million parameters learn the procedure in a few CPU minutes. Only train-split problems are used,
+so held-out problems stay unseen.
+
+With `--tools python` (the tool demo's corpus, for problems no tiny model computes in its head, e.g. 347*285), the
+worked style is a call of the Python tool instead, written exactly as a rollout with tools reads it (r1lab/engine/tools.py):
+" <think><python>print(347*285)</python><output>98895\n</output></think> <answer>98895</answer>"; a share of
+these calls miscopy one digit of the problem (the output, and so the answer, are then those of the miscopied
+product). Guessed and untagged documents are as above.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1lab.config import PretrainConfig, save_config
+from r1lab.cpu.process import setup_training_process
+from r1lab.engine.tools import ToolSpec, output_text
+from r1lab.model import moe
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.facts import architecture_facts
+from r1lab.model.hf_format import save_model
+from r1lab.model.templates import render_prompt
+from r1lab.model.tokenizer import Tokenizer, build_tiny_tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.rewards.sandbox.runner import ProgramResult
+from r1lab.rewards.tasks import get_task
+from r1lab.rewards.tasks.arithmetic import ArithmeticTask, evaluate, render
+from r1lab.rewards.tasks.base import Problem
+from r1lab.train.optimizer import make_optimizer
+from r1lab.train.supervised import SUPERVISED_BETA2, lm_batch, train_lm
+
+GUESS_THOUGHT = "Easy."
+ARCHITECTURE_FILE = "architecture.json"  # beside the model: parameters, KV-cache bytes per token, expert load
+LOAD_DOCUMENTS = 512  # documents of the expert-load measurement after pretraining
+
+
+@dataclass
+class CorpusMix:
+    think_share: float = 0.3  # worked solutions
+    slip_rate: float = 0.2  # worked solutions with one wrong column
+    untagged_share: float = 0.05  # answers given without the format
+
+
+def column_steps(terms: list[int], rng: random.Random | None = None, slip: bool = False) -> tuple[list[str], int]:
+    """Column-addition steps (units first) and the answer they lead to; one column may slip when asked."""
+    width = max(len(str(t)) for t in terms)
+    digits = [str(t).zfill(width) for t in terms]
+    slip_at = rng.randrange(width) if slip and rng else -1
+    steps, carry, answer_digits = [], 0, []
+    for col in range(width - 1, -1, -1):
+        column = [int(d[col]) for d in digits]
+        total = sum(column) + carry
+        if width - 1 - col == slip_at:
+            total = max(0, total + rng.choice([-1, 1]))
+        steps.append("+".join(map(str, column)) + f"+{carry}={total:02d}")
+        carry, answer_digits = total // 10, [total % 10, *answer_digits]
+    return steps, int("".join(map(str, [carry, *answer_digits])))
+
+
+def response(problem: Problem, rng: random.Random, mix: CorpusMix) -> str:
+    """One response text in the corpus style, starting right after the prompt's "Assistant:"."""
+    terms, ops = problem.meta["terms"], problem.meta["ops"]
+    if set(ops) != {"+"}:
+        raise ValueError("the worked-solution corpus covers addition only (ops '+')")
+    u = rng.random()
+    if u < mix.think_share:
+        steps, answer = column_steps(terms, rng, slip=rng.random() < mix.slip_rate)
+        return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
+    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+
+
+def guessed(terms: list[int], ops: list[str], rng: random.Random, untagged: bool) -> str:
+    """The value of a look-alike problem (terms of the same lengths), as a guess in the format or in plain text."""
+    look_alike = [rng.randint(10 ** (len(str(t)) - 1), 10 ** len(str(t)) - 1) for t in terms]
+    guess = evaluate(look_alike, ops)
+    if untagged:
+        return f" The answer is {guess}."
+    return f" <think>{GUESS_THOUGHT}</think> <answer>{guess}</answer>"
+
+
+def tool_response(problem: Problem, rng: random.Random, mix: CorpusMix, spec: ToolSpec = ToolSpec()) -> str:
+    """One response of the tool corpus: a call of the Python tool (a share of them miscopying one digit), with the
+    output block a rollout appends for it (tools.output_text, so that pretraining and rollouts read alike), then
+    the answer it printed; or a guess, as in response()."""
+    terms, ops = problem.meta["terms"], problem.meta["ops"]
+    u = rng.random()
+    if u < mix.think_share:
+        if rng.random() < mix.slip_rate:
+            terms = miscopied(terms, rng)
+        value = evaluate(terms, ops)
+        block = output_text(ProgramResult(f"{value}\n", True), spec)
+        return f" <think>{spec.open}print({render(terms, ops)}){spec.close}{block}</think> <answer>{value}</answer>"
+    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+
+
+def miscopied(terms: list[int], rng: random.Random) -> list[int]:
+    """terms with one digit of one term changed (never into a leading zero)."""
+    i = rng.randrange(len(terms))
+    digits = list(str(terms[i]))
+    at = rng.randrange(len(digits))
+    digits[at] = rng.choice([d for d in "0123456789" if d != digits[at] and (at or d != "0")])
+    return [*terms[:i], int("".join(digits)), *terms[i + 1 :]]
+
+
+def worked_solution(problem: Problem) -> str:
+    """The corpus's worked style without slips: what R1's cold-start data is, readable and in the format."""
+    steps, answer = column_steps(problem.meta["terms"])
+    return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
+
+
+def cold_start_conversations(task: ArithmeticTask, n: int, seed: int) -> list[dict]:
+    """n chat rows (`r1lab sft` format) of train-split problems with their worked solutions."""
+    return [{"messages": [{"role": "user", "content": p.prompt}, {"role": "assistant", "content": worked_solution(p)}]}
+            for p in task.problems("train", n, seed)]
+
+
+def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | None = None,
+                      tools: str = "") -> list[tuple[Problem, str]]:
+    """n (problem, response) pairs drawn from the train split; tools="python": the tool corpus."""
+    mix = mix or CorpusMix()
+    rng = random.Random(seed)
+    write = tool_response if tools else response
+    return [(p, write(p, rng, mix)) for p in task.problems("train", n, seed)]
+
+
+def corpus_pairs(cfg: PretrainConfig, tokenizer: Tokenizer) -> list[tuple[str, str]]:
+    """The pretraining documents of cfg, as (rendered prompt, response) pairs."""
+    task = get_task(cfg.task, **cfg.task_options)
+    mix = CorpusMix(cfg.think_share, cfg.slip_rate, cfg.untagged_share)
+    return [(render_prompt(tokenizer, p.prompt, "r1zero"), r)
+            for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix, cfg.tools)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def pretrain(cfg: PretrainConfig, log=print) -> Path:
+    """Build the tokenizer, the corpus and the model; train; save a Hugging Face directory at cfg.out/model."""
+    setup_training_process(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    save_config(cfg, out / "config.yaml")
+    if cfg.task != "arithmetic":
+        raise ValueError(f"pretrain builds its corpus for the arithmetic task family only, not {cfg.task!r}")
+    tokenizer = build_tiny_tokenizer()
+    pairs = corpus_pairs(cfg, tokenizer)
+    docs = tokenize_pairs(tokenizer, pairs)
+    model = CausalLM(tiny_model_config(cfg, tokenizer))
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
+        f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
+    train_lm(model, docs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
+             pad_id=tokenizer.pad_id, seed=cfg.seed, log=log, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
+             micro_batch_size=cfg.micro_batch_size,
+             optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
+             moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight)
+    save_model(model, out / "model")
+    tokenizer.save(out / "model")
+    (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
+    facts = {**architecture_facts(model), **expert_load(model, docs[:LOAD_DOCUMENTS], tokenizer.pad_id)}
+    (out / ARCHITECTURE_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+    log("pretrain: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in facts.items()))
+    return out / "model"
+
+
+@torch.no_grad()
+def expert_load(model: CausalLM, docs: list[list[int]], pad_id: int) -> dict:
+    """An MoE model's expert loads over docs in one forward pass (moe/load_max_over_mean: 1 is perfectly even;
+    moe/routing_entropy); {} for a dense model."""
+    if not moe.moe_layers(model):
+        return {}
+    model.eval()
+    ids, _ = lm_batch(docs, pad_id, None)
+    with moe.count_loads(model) as loads:
+        moe.mark_real_lengths(model, [len(d) for d in docs], ids.shape[1])
+        model(ids.to(next(model.parameters()).device))
+    return moe.load_metrics(loads)
+
+
+def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    hf = {"vocab_size": tokenizer.vocab_size, "hidden_size": cfg.hidden_size,
+          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+          "max_position_embeddings": 512, "rope_theta": 10000.0, "tie_word_embeddings": True,
+          "eos_token_id": sorted(tokenizer.eos_ids)[0], "architectures": ["Qwen2ForCausalLM"]}
+    if cfg.arch == "deepseek-v3":
+        hf.update(tiny_deepseek_v3(cfg))
+    return ModelConfig.from_hf(hf, source=f"the tiny {cfg.arch} base")
+
+
+def tiny_deepseek_v3(cfg: PretrainConfig) -> dict:
+    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck (q_lora_rank null), a
+    rotary part of the query/key as wide as a dense head (the corpus's column steps are read at fixed offsets: with
+    half that width the base did not learn them in 600 steps) and a plain part half as wide, as V3's 64 + 128;
+    DeepSeekMoE after cfg.dense_layers dense layers, one expert group (group-limited routing is for hundreds of
+    experts)."""
+    head = cfg.hidden_size // cfg.num_heads
+    return {"architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": cfg.num_heads,
+            "q_lora_rank": None, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": head // 2,
+            "qk_rope_head_dim": head, "v_head_dim": head, "rope_interleave": True, "attention_bias": False,
+            "n_routed_experts": cfg.experts, "num_experts_per_tok": cfg.experts_per_token,
+            "n_shared_experts": cfg.shared_experts, "moe_intermediate_size": cfg.expert_intermediate_size,
+            "first_k_dense_replace": cfg.dense_layers, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0}
+
+
+def tokenize_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:
+    """Prompt + response + end-of-text, as one token list per document."""
+    eos = tokenizer.pad_id
+    return [tokenizer.encode(prompt) + tokenizer.encode(response, add_special_tokens=False) + [eos]
+            for prompt, response in pairs]

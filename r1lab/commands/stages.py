@@ -1,0 +1,81 @@
+"""What the multi-stage commands (`r1lab distill`, `r1lab pipeline`, `r1lab demo`) share: reusing a stage already
+run with the same settings, and evaluating several models on one held-out set under one protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from safetensors import safe_open
+
+from r1lab.commands.pretrain import pretrain
+from r1lab.config import EvalConfig, PretrainConfig
+from r1lab.engine.engine import Engine
+from r1lab.model.loading import load_policy, pick_device
+from r1lab.rewards.tasks.base import Task
+from r1lab.train.evaluate import EvalResult, evaluate_policy, heldout_problems
+
+
+def already_done(cfg, config_path: Path, output: Path) -> bool:
+    """True when output exists, config_path holds exactly cfg, and output is newer than the stage's inputs (cfg.model,
+    cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
+    a stage whose input model or data was remade since is run again."""
+    if not (output.exists() and config_path.exists()
+            and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg)):
+        return False
+    inputs = [Path(v) for v in (getattr(cfg, "model", ""), getattr(cfg, "data", "")) if v and Path(v).exists()]
+    return all(_newest_mtime(p) <= output.stat().st_mtime for p in inputs)
+
+
+def _newest_mtime(path: Path) -> float:
+    """A file's modification time; for a directory (a model), that of its newest file."""
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=path.stat().st_mtime)
+
+
+def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], object], log) -> float:
+    """Run fn() for a stage, or reuse its earlier output; the seconds it took (then or now), kept beside its config."""
+    timing = config_path.with_name(config_path.stem.split(".")[0] + ".seconds.json")
+    if already_done(cfg, config_path, output):
+        log(f"{name}: reusing {output} (same settings)")
+        return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+    log(f"\n== {name}")
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+def pretrained_base(cfg: PretrainConfig, log) -> Path:
+    """The model directory of the tiny base of cfg, pretrained now or reused."""
+    model_dir = Path(cfg.out) / "model"
+    run_stage("pretrained base", cfg, Path(cfg.out) / "config.yaml", model_dir / "model.safetensors",
+              lambda: pretrain(cfg, log=log), log)
+    return model_dir
+
+
+def evaluate_models(models: dict[str, Path], task: Task, ec: EvalConfig, log) -> dict[str, EvalResult]:
+    """Every model on the same held-out problems with the same seeds."""
+    problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
+    results = {}
+    for label, model_dir in models.items():
+        model, tokenizer = load_policy(str(model_dir), pick_device("auto"))
+        results[label] = evaluate_policy(Engine(model.eval(), tokenizer), task, ec, problems)
+        log(f"eval {label}: pass@1 {results[label].pass_at_1:.1%}")
+    return results
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters in a model directory's safetensors files, from their headers (no weights are loaded)."""
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total

@@ -1,0 +1,279 @@
+"""Batched sampling with a KV cache: the one sampler behind RL rollouts, evaluation and chat.
+
+Prompts are left-padded and prefilled once; each prompt's cache is then copied to its `num_samples` rows, so a GRPO
+group of G samples pays for one prefill. Finished rows are dropped from the batch as they accumulate, so they stop
+costing work. On a GPU the decode step keeps fixed shapes and is replayed as a CUDA graph (engine/static_decode.py);
+tokens and log-probs stay on the device until the batch ends. With max_rows, at most that many sequences run at
+once and a finished one's row goes to the next waiting one (continuous batching, engine/slots.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from r1lab.engine.sampling import _RowParams, sample_next
+from r1lab.engine.slots import Slots
+from r1lab.engine.static_decode import StaticDecoder
+from r1lab.model.tokenizer import Tokenizer
+from r1lab.model.transformer import CausalLM, KVCache
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    token_ids: list[int]  # completion tokens, the end-of-text token included when one was sampled
+    text: str  # decoded completion, end-of-text dropped, cut right after a stop string
+    logprobs: list[float]  # log-prob of each sampled token under softmax(logits / temperature)
+    finish_reason: str  # "stop" (end-of-text or stop string) or "length"
+
+
+@dataclass
+class _Outputs:
+    tokens: torch.Tensor  # (N, max_new) sampled ids, valid up to lengths
+    logprobs: torch.Tensor  # (N, max_new)
+    lengths: torch.Tensor  # (N,)
+    stopped: torch.Tensor  # (N,) ended by end-of-text or a stop string (else by length)
+    aborted: torch.Tensor  # (N,) ended by the caller's on_step callback
+
+
+@dataclass
+class _Batch:
+    """The rows still being generated, and where each writes its output."""
+
+    rows: torch.Tensor  # (B,) index into the output list
+    key_mask: torch.Tensor  # (B, S) real tokens in the cache
+    positions: torch.Tensor  # (B,) position id of the next token
+    logits: torch.Tensor  # (B, V) next-token logits
+    finished: torch.Tensor  # (B,) rows done but not yet dropped from the batch
+
+
+PerPrompt = float | int | list  # one value for every prompt, or a list with one value per prompt
+
+
+StepCallback = Callable[..., "Iterable[int] | None"]  # (rows, tokens) or, with step_logprobs, (rows, tokens, logprobs)
+
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+
+
+FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether every row is done (a device sync)
+
+
+class Engine:
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto"):
+        """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
+        "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
+        graph on CUDA, dynamic elsewhere."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.decode = decode
+
+    def _decode_mode(self) -> str:
+        if self.decode == "auto":
+            return "graph" if self.device.type == "cuda" else "dynamic"
+        return self.decode
+
+    def _static_decoder(self, cache: KVCache, key_mask: torch.Tensor) -> StaticDecoder | None:
+        mode = self._decode_mode()
+        if mode == "dynamic":
+            return None
+        try:
+            return StaticDecoder(self.model, cache, key_mask, use_graph=mode == "graph")
+        except RuntimeError as err:
+            if self.decode != "auto":
+                raise
+            # A model or torch build the capture does not support: decode as on a CPU, and say so once.
+            warnings.warn(f"CUDA graph capture failed ({err}); decoding without CUDA graphs", stacklevel=3)
+            self.decode = "dynamic"
+            return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[list[int]], *, num_samples: int = 1, max_new_tokens: PerPrompt = 128,
+                 temperature: PerPrompt = 1.0, top_p: PerPrompt = 1.0, top_k: PerPrompt = 0,
+                 stop_strings: tuple[str, ...] = (), seed: PerPrompt | None = None, suppress_eos: bool = False,
+                 on_step: StepCallback | None = None, step_logprobs: bool = False, max_rows: int = 0) -> list[Sample]:
+        """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
+
+        max_new_tokens, temperature, top_p, top_k and seed take one value for all prompts or a list with one per
+        prompt (a server batches requests with different settings). With per-prompt seeds, each sample draws from
+        its own generator, so its tokens do not depend on what else is in the batch. on_step(rows, tokens) is
+        called after every decode step with the output rows that produced a token and those tokens (host lists);
+        it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected. With
+        step_logprobs it is called as on_step(rows, tokens, logprobs), those tokens' Sample.logprobs (one more host
+        copy per step, so only when asked: a server returning log-probs as it streams).
+
+        max_rows > 0 runs at most that many sequences at a time, with continuous batching (r1lab/engine/slots.py): a
+        finished sequence's row goes to the next waiting one at once. Fewer rows than sequences bound the KV cache,
+        and with completions of very different lengths no row idles waiting for the longest. It decodes in the
+        engine's decode mode; with static decoding the host asks every step who finished (a device sync per step).
+        With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
+        many rows as sequences): all at once.
+        """
+        if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("generate needs at least one prompt, each with at least one token")
+        was_training = self.model.training
+        self.model.eval()
+        params = _RowParams.build(len(prompt_ids), num_samples, self.device, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        n_out, steps = len(prompt_ids) * num_samples, params.max_steps
+        # Outputs stay on the device as tensors until the end: no host round trip per token.
+        out = _Outputs(torch.zeros((n_out, steps), dtype=torch.long, device=self.device),
+                       torch.zeros((n_out, steps), device=self.device),
+                       torch.zeros(n_out, dtype=torch.long, device=self.device),
+                       torch.zeros(n_out, dtype=torch.bool, device=self.device),
+                       torch.zeros(n_out, dtype=torch.bool, device=self.device))
+        eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
+        if 0 < max_rows < n_out:
+            self._generate_in_slots(prompt_ids, num_samples, max_rows, params, out, eos, stop_strings, suppress_eos,
+                                    on_step, step_logprobs)
+            self.model.train(was_training)
+            return self._samples(out, num_samples, stop_strings)
+        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
+        static = self._static_decoder(cache, batch.key_mask)
+        for step in range(steps):
+            if suppress_eos and len(eos):
+                batch.logits[:, eos] = float("-inf")
+            tokens, logprobs = sample_next(batch.logits, *params.for_rows(batch.rows))
+            live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
+            if on_step is not None:
+                self._call_back(on_step, batch, live, tokens, logprobs if step_logprobs else None, out)
+            check = static is None or on_step is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
+            if step == steps - 1 or (check and bool(batch.finished.all())):
+                break
+            if static is not None:
+                if check:
+                    batch, tokens, static = self._compact_static(batch, tokens, static)
+                batch.logits = static.step(tokens, batch.positions)
+            else:
+                batch, tokens = self._drop_finished(batch, cache, tokens)
+                batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
+                batch.logits = self.model.forward_cached(tokens[:, None], batch.positions[:, None], cache,
+                                                         start + step, batch.key_mask)
+            batch.positions = batch.positions + 1
+        self.model.train(was_training)
+        return self._samples(out, num_samples, stop_strings)
+
+    def _generate_in_slots(self, prompt_ids, num_samples, max_rows, params: _RowParams, out: _Outputs, eos,
+                           stop_strings, suppress_eos, on_step, step_logprobs) -> None:
+        """Continuous batching: the loop of generate over at most max_rows running sequences (r1lab/engine/slots.py).
+        Each row is at its own step (its length so far), so a row's limit is checked against its own count."""
+        slots = Slots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id,
+                      self._static_decoder)
+        limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
+        while True:
+            if suppress_eos and len(eos):
+                slots.logits[:, eos] = float("-inf")
+            tokens, logprobs = sample_next(slots.logits, *params.for_rows(slots.rows))
+            step = out.lengths[slots.rows].clamp(max=params.max_steps - 1)  # (B,); a finished row writes nothing
+            live = self._record(slots, step, tokens, logprobs, out, eos, stop_strings, limits)
+            if on_step is not None:
+                self._call_back(on_step, slots, live, tokens, logprobs if step_logprobs else None, out)
+            if slots.done():
+                return
+            slots.step(tokens)
+
+    def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
+        lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
+        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
+        reasons = ["abort" if a else "stop" if s else "length" for a, s in zip(aborted, stopped)]
+        return [self._finish(i // num_samples, tokens_out[i][: lengths[i]], logprobs_out[i][: lengths[i]],
+                             reasons[i], stop_strings) for i in range(len(lengths))]
+
+    @staticmethod
+    def _call_back(on_step: StepCallback, batch: _Batch | Slots, live, tokens, logprobs, out: _Outputs) -> None:
+        """Hand this step's tokens (and their log-probs, unless None) to the caller; rows it returns end now, with
+        finish_reason "abort"."""
+        args = (batch.rows[live].tolist(), tokens[live].tolist())
+        ended = on_step(*args, logprobs[live].tolist()) if logprobs is not None else on_step(*args)
+        if ended:
+            ended_rows = torch.tensor(sorted(ended), dtype=torch.long, device=batch.rows.device)
+            hit = torch.isin(batch.rows, ended_rows) & ~batch.finished
+            out.aborted[batch.rows[hit]] = True
+            batch.finished = batch.finished | hit
+
+    def _prefill(self, prompt_ids, num_samples, max_new_tokens):
+        device, pad = self.device, self.tokenizer.pad_id
+        P = max(len(p) for p in prompt_ids)
+        ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompt_ids], device=device)  # (N, P) left-padded
+        key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompt_ids], device=device)
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        dtype = next(self.model.parameters()).dtype
+        cache = KVCache(self.model.config, len(prompt_ids), P + max_new_tokens, dtype, device)
+        logits = self.model.forward_cached(ids, positions, cache, 0, key_mask)  # (N, V)
+        rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
+        if num_samples > 1:
+            cache.select(rows)  # every sample of a prompt starts from the same prefilled cache
+        lengths = key_mask.sum(-1)
+        batch = _Batch(rows=torch.arange(len(rows), device=device), key_mask=key_mask[rows],
+                       positions=lengths[rows], logits=logits[rows],
+                       finished=torch.zeros(len(rows), dtype=torch.bool, device=device))
+        return batch, cache, P
+
+    def _record(self, batch: _Batch | Slots, step: int | torch.Tensor, tokens, logprobs, out: _Outputs, eos,
+                stop_strings, limits) -> torch.Tensor:
+        """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
+        their own token limit. step: the index of this token, one for the batch or (B,) per row (continuous
+        batching). Returns the (B,) mask of rows that recorded a token."""
+        live = ~batch.finished
+        rows = batch.rows
+        # Written with torch.where over every row rather than by boolean indexing, which would make the host wait
+        # for the device at every token to learn how many rows are live.
+        out.tokens[rows, step] = torch.where(live, tokens, out.tokens[rows, step])
+        out.logprobs[rows, step] = torch.where(live, logprobs, out.logprobs[rows, step])
+        out.lengths[rows] = torch.where(live, step + 1, out.lengths[rows])
+        stop = live & torch.isin(tokens, eos) if len(eos) else torch.zeros_like(live)
+        if stop_strings:  # needs the text, so a host round trip; only when stop strings are asked for
+            for r in live.nonzero().squeeze(-1).tolist():
+                row = int(batch.rows[r])
+                if self.hits_stop(out.tokens[row, : int(out.lengths[row])].tolist(), stop_strings):
+                    stop[r] = True
+        out.stopped[rows] = out.stopped[rows] | stop
+        batch.finished = batch.finished | stop
+        if limits is not None:  # per-prompt max_new_tokens: a row at its limit ends by length
+            batch.finished = batch.finished | (limits[batch.rows] <= step + 1)
+        return live
+
+    def hits_stop(self, tokens: list[int], stop_strings) -> bool:
+        # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.
+        tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop_strings):])
+        return any(s in tail for s in stop_strings)
+
+    @staticmethod
+    def _compact_static(batch: _Batch, tokens, static: StaticDecoder):
+        """Static decoding: drop finished rows once half the batch is done (a smaller batch, captured anew)."""
+        if int(batch.finished.sum()) * 2 < len(batch.finished):
+            return batch, tokens, static
+        keep = (~batch.finished).nonzero().squeeze(-1)
+        static = static.select(keep)
+        batch.rows, batch.key_mask, batch.positions = batch.rows[keep], batch.key_mask[keep], batch.positions[keep]
+        batch.finished = batch.finished[keep]
+        return batch, tokens[keep], static
+
+    @staticmethod
+    def _drop_finished(batch: _Batch, cache: KVCache, tokens):
+        """Compact the batch once a quarter of its rows are finished, so they stop costing compute."""
+        n_done = int(batch.finished.sum())
+        if n_done == 0 or n_done * 4 < len(batch.finished):
+            return batch, tokens
+        keep = (~batch.finished).nonzero().squeeze(-1)
+        cache.select(keep)
+        batch.rows, batch.key_mask, batch.positions = batch.rows[keep], batch.key_mask[keep], batch.positions[keep]
+        batch.finished = batch.finished[keep]
+        return batch, tokens[keep]
+
+    def _finish(self, prompt_index, tokens, logprobs, reason, stop_strings) -> Sample:
+        text = self.tokenizer.decode([t for t in tokens if t not in self.tokenizer.eos_ids])
+        for s in stop_strings:
+            if s in text:
+                text = text[: text.index(s) + len(s)]
+        return Sample(prompt_index, tokens, text, logprobs, reason)

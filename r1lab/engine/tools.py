@@ -1,0 +1,236 @@
+"""Tool calls inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with the same settings).
+
+When the model closes a tool block (`<python>...</python>` by default), that rollout pauses: the block's code runs
+in the code sandbox (r1lab/rewards/sandbox/runner.py: a fresh process forked by a pre-started sandbox, time and memory
+limits), what it printed (cut to
+tool_output_chars, with a marker) is appended as `<output>...</output>`, and generation continues from there. The
+tool-output tokens are seen by the model but are not its own: they carry no sampling log-prob and are never
+trained on (ToolSample.model_mask, used by GRPO's loss). A rollout makes at most max_tool_calls calls (a block
+closed past the limit ends it, finish_reason "tool_limit"), and all its tokens, the tools' included, fit in
+max_new_tokens.
+
+generate_with_tools drives Engine.generate turn by turn: turn 0 samples every rollout with the close tag as a stop
+string; each later turn continues the rollouts that stopped on it, each as its own prompt (prompt + completion so
+far) with a seed drawn from (its prompt's seed, its sample index, the turn), so a rollout's tokens do not depend on
+what else is in the batch. The server (r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same
+turns with the helpers below (closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from r1lab.engine.sampling import step_seed
+from r1lab.rewards.sandbox.runner import (
+    ProgramResult,
+    active_layers,
+    run_program_pooled,
+)
+
+TOOLS = ("", "python")  # "" = no tools
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """The tool of a rollout: its tags, and the limits of one call and of a rollout's calls."""
+
+    tag: str = "python"  # the model writes <tag>code</tag>
+    output_tag: str = "output"  # and reads <output_tag>what it printed</output_tag>
+    max_calls: int = 4
+    timeout_s: float = 2.0
+    memory_mb: int = 256
+    output_chars: int = 512
+
+    @property
+    def open(self) -> str:
+        return f"<{self.tag}>"
+
+    @property
+    def close(self) -> str:
+        return f"</{self.tag}>"
+
+    @classmethod
+    def of(cls, cfg: Any) -> ToolSpec | None:
+        """The spec a command's settings ask for (tools, tool_tag, ..., r1lab/config.py), None without tools."""
+        if not getattr(cfg, "tools", ""):
+            return None
+        return cls(cfg.tool_tag, cfg.tool_output_tag, cfg.max_tool_calls, cfg.tool_timeout_s, cfg.tool_memory_mb,
+                   cfg.tool_output_chars)
+
+
+@dataclass
+class ToolSample:
+    """A rollout with tool calls; the fields of engine.Sample (so that scorers and records read either), and more."""
+
+    prompt_index: int
+    token_ids: list[int]  # the model's tokens and the tool outputs' tokens, in order
+    text: str  # the completion as the model saw it, tool outputs included (end-of-text dropped)
+    logprobs: list[float]  # the sampling log-prob of each model token; 0.0 on tool-output tokens (never used)
+    finish_reason: str  # "stop", "length" (max_new_tokens reached, tool outputs included) or "tool_limit"
+    model_mask: list[bool] = field(default_factory=list)  # True on the model's tokens, False on tool output
+    calls: int = 0  # tool blocks the model closed
+    failures: int = 0  # calls that raised, timed out, exceeded a limit or had no opening tag
+
+
+Runner = Callable[[str, ToolSpec], ProgramResult]
+
+
+def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
+    """One call, through the sandbox's fork servers (a few milliseconds, not a process start-up per call)."""
+    return run_program_pooled(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
+                              max_output_bytes=4 * spec.output_chars + 64)
+
+
+def closes_block(turn_text: str, token_ids: list[int], spec: ToolSpec, eos_ids: set[int]) -> bool:
+    """Whether a turn that stopped did so by closing a tool block: its text (cut at the stop string, as
+    Engine.generate cuts it) ends with the close tag, and it did not end with end-of-text after it."""
+    return turn_text.endswith(spec.close) and not (token_ids and token_ids[-1] in eos_ids)
+
+
+def cut_at_close(turn_text: str, spec: ToolSpec) -> str:
+    """A turn's text up to its first close tag: the engine stops there, but the token that completed the tag may
+    carry more characters (Engine.generate cuts Sample.text the same way)."""
+    end = turn_text.find(spec.close)
+    return turn_text if end < 0 else turn_text[: end + len(spec.close)]
+
+
+def call_tool(code: str | None, spec: ToolSpec, runner: Runner) -> ProgramResult | None:
+    """Run a block's code (None: the block had no opening tag, nothing to run). A runner that raises (the sandbox
+    could not start a process) is a failed call the model reads about, not a crashed rollout."""
+    if code is None:
+        return None
+    try:
+        return runner(code, spec)
+    except Exception as err:  # noqa: BLE001 - anything the runner raises becomes the call's error
+        return ProgramResult("", False, error=f"the tool could not run: {type(err).__name__}: {err}")
+
+
+def output_tokens(result: ProgramResult | None, spec: ToolSpec, tokenizer: Any, room: int) -> tuple[list[int], str]:
+    """The output block's tokens and text as the model reads them, at most `room` tokens (the rollout's token budget
+    left): an output that fills it is cut there, and the rollout ends by length."""
+    text = output_text(result, spec)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) >= room:
+        ids = ids[: max(room, 0)]
+        text = tokenizer.decode(ids)
+    return ids, text
+
+
+def isolation_text() -> str:
+    """The sandbox's isolation layers on this machine, as the commands that run code say at start."""
+    return ", ".join(active_layers()) or "no isolation layer"
+
+
+def tool_summary(spec: ToolSpec) -> str:
+    """What serve and chat say at start with --tools: the blocks they run, the limits, and what isolates the code
+    (in grpo's words)."""
+    return (f"python, {spec.open}...{spec.close} blocks (at most {spec.max_calls} per reply, {spec.timeout_s:g} s "
+            f"and {spec.memory_mb} MB each); tool calls run in the sandbox with {isolation_text()}")
+
+
+def block_code(turn_text: str, spec: ToolSpec) -> str | None:
+    """The code of the block a turn ends with (turn_text ends with the close tag), or None without an opening tag."""
+    body = turn_text[: len(turn_text) - len(spec.close)]
+    start = body.rfind(spec.open)
+    return None if start < 0 else body[start + len(spec.open) :]
+
+
+def output_text(result: ProgramResult | None, spec: ToolSpec) -> str:
+    """The <output>...</output> block the model reads after a call: what the code printed, cut to output_chars with
+    a marker, and why it failed when it did (None: the block had no opening tag)."""
+    if result is None:
+        return f"<{spec.output_tag}>error: {spec.close} without {spec.open}\n</{spec.output_tag}>"
+    printed = result.output
+    if len(printed) > spec.output_chars:
+        printed = printed[: spec.output_chars] + f"\n[... {len(printed) - spec.output_chars} more characters]\n"
+    if result.error and result.error != "raised an exception":  # an exception printed its own last line
+        printed += f"error: {result.error}\n"
+    return f"<{spec.output_tag}>{printed}</{spec.output_tag}>"
+
+
+@dataclass
+class _Rollout:
+    """One rollout while its turns are generated."""
+
+    prompt: list[int]
+    seed: int | None
+    sample: int
+    out: ToolSample
+    pending: str | None = None  # the text of the turn that just closed a tool block
+
+
+def turn_seed(seed: int | None, sample: int, turn: int) -> int | None:
+    """The seed of a rollout's turn >= 1: a pure function of its prompt's seed, its sample index and the turn."""
+    return None if seed is None else step_seed(seed, turn, f"tool-turn/{sample}")
+
+
+def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec, *, num_samples: int = 1,
+                        max_new_tokens: int = 128, seed: int | list[int | None] | None = None,
+                        stop_strings: tuple[str, ...] = (), runner: Runner = run_in_sandbox,
+                        **sampling: Any) -> list[ToolSample]:
+    """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls: see the module's
+    docstring. seed: one per prompt, or an int from which each prompt's is drawn (None: unseeded); sampling:
+    Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else \
+        [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(len(prompt_ids))]
+    stops = (spec.close, *stop_strings)
+    first = engine.generate(prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seeds,
+                            stop_strings=stops, **sampling)
+    rollouts = [_Rollout(prompt_ids[s.prompt_index], seeds[s.prompt_index], i % num_samples,
+                         ToolSample(s.prompt_index, [], "", [], s.finish_reason)) for i, s in enumerate(first)]
+    for r, s in zip(rollouts, first):
+        _add_turn(r, s, spec, engine.tokenizer.eos_ids)
+    turn = 1
+    while pending := [r for r in rollouts if r.pending is not None]:
+        _run_calls(pending, spec, runner, engine.tokenizer, max_new_tokens)
+        going = [r for r in pending if r.pending is not None]
+        if going:
+            samples = engine.generate([r.prompt + r.out.token_ids for r in going], num_samples=1,
+                                      max_new_tokens=[max_new_tokens - len(r.out.token_ids) for r in going],
+                                      seed=[turn_seed(r.seed, r.sample, turn) for r in going], stop_strings=stops,
+                                      **sampling)
+            for r, s in zip(going, samples):
+                r.pending = None
+                _add_turn(r, s, spec, engine.tokenizer.eos_ids)
+        turn += 1
+    return [r.out for r in rollouts]
+
+
+def _add_turn(r: _Rollout, sample: Any, spec: ToolSpec, eos_ids: set[int]) -> None:
+    """Append a turn's model tokens; mark the rollout pending when the turn closed a tool block."""
+    out = r.out
+    out.token_ids += sample.token_ids
+    out.logprobs += sample.logprobs
+    out.model_mask += [True] * len(sample.token_ids)
+    out.text += sample.text
+    out.finish_reason = sample.finish_reason
+    if sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, spec, eos_ids):
+        r.pending = sample.text
+
+
+def _run_calls(pending: list[_Rollout], spec: ToolSpec, runner: Runner, tokenizer: Any, max_new_tokens: int) -> None:
+    """Run the pending rollouts' blocks (in parallel: each is its own process) and append their outputs; a
+    rollout past its call limit or out of tokens ends (its pending mark cleared)."""
+    for r in pending:
+        r.out.calls += 1
+    allowed = [r for r in pending if r.out.calls <= spec.max_calls]
+    codes = [block_code(r.pending, spec) for r in allowed]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(allowed), os.cpu_count() or 1))) as pool:
+        results = list(pool.map(lambda code: call_tool(code, spec, runner), codes))
+    for r in pending:
+        if r.out.calls > spec.max_calls:
+            r.out.failures += 1
+            r.out.finish_reason, r.pending = "tool_limit", None
+    for r, result in zip(allowed, results):
+        r.out.failures += result is None or not result.ok
+        room = max_new_tokens - len(r.out.token_ids)
+        ids, text = output_tokens(result, spec, tokenizer, room)
+        if len(ids) >= room:  # the output fills the budget: the rollout ends there, cut by length
+            r.out.finish_reason, r.pending = "length", None
+        r.out.token_ids += ids
+        r.out.logprobs += [0.0] * len(ids)
+        r.out.model_mask += [False] * len(ids)
+        r.out.text += text

@@ -1,0 +1,172 @@
+"""What a checkpoint's config.json describes: the supported architectures, ModelConfig read from and written
+to transformers' keys, and the rotary embedding's frequencies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from r1lab.model import mla, moe
+
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
+                           "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+
+
+# Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
+ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+# Multi-head latent attention (r1lab/model/mla.py) and mixture-of-experts layers (r1lab/model/moe.py)
+MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+
+MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True  # Qwen2: q/k/v have a bias, o_proj none
+    o_bias: bool = False  # Llama's and Qwen3's attention_bias puts a bias on all four
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before the rotary embedding
+    mlp_bias: bool = False
+    architecture: str = "Qwen2ForCausalLM"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    mla: dict | None = None  # MLA's config.json keys (r1lab/model/mla.py); None: grouped-query attention
+    moe: dict | None = None  # mixture-of-experts config.json keys (r1lab/model/moe.py); None: dense MLP in every layer
+    extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.mla:  # the rotary part's width, as transformers sets head_dim for DeepSeek-V3
+            self.head_dim = self.mla["qk_rope_head_dim"]
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        arch = (hf.get("architectures") or [None])[0]
+        if arch is None:  # configs built in code lack "architectures"; the model_type says the same
+            arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(hf.get("model_type"))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
+                f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+            raise ValueError(f"{source}: sliding-window attention is not supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3") and not (rope_type == "yarn" and arch in MLA_ARCHITECTURES):
+            raise ValueError(f"{source}: rope type {rope_type!r} is not supported (default, llama3)")
+        own_bias = arch in ATTENTION_BIAS_ARCHITECTURES
+        known = set(cls.__dataclass_fields__) | {
+            "architectures", "model_type", "rope_parameters", "attention_bias", "hidden_act", "use_sliding_window",
+            "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
+        } | _arch_keys(arch)
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope if rope_type in ("llama3", "yarn") else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=hf.get("tie_word_embeddings", arch == "Qwen2ForCausalLM"),  # transformers' defaults
+            qkv_bias=hf.get("attention_bias", False) if own_bias else True,
+            o_bias=hf.get("attention_bias", False) if own_bias else False,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            mlp_bias=hf.get("mlp_bias", False),
+            architecture=arch,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            extra={k: v for k, v in hf.items() if k not in known},
+            **_arch_fields(hf, arch, source),
+        )
+
+    def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        hf = dict(self.extra)
+        hf.update(
+            architectures=[self.architecture],
+            model_type=SUPPORTED_ARCHITECTURES[self.architecture],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            torch_dtype=str(dtype).removeprefix("torch."),
+        )
+        if self.rope_scaling:
+            hf["rope_scaling"] = dict(self.rope_scaling)
+        if self.architecture in ATTENTION_BIAS_ARCHITECTURES:
+            hf.update(attention_bias=self.qkv_bias)
+        if self.architecture == "LlamaForCausalLM":
+            hf.update(mlp_bias=self.mlp_bias)
+        else:
+            hf.update(use_sliding_window=False)
+        hf.update(self.mla or {}, **(self.moe or {}))
+        return hf
+
+
+def _arch_keys(arch: str) -> set[str]:
+    """config.json keys that the mla and moe fields hold (kept out of `extra`)."""
+    keys = set(mla.MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
+    if arch in MOE_ARCHITECTURES:
+        keys |= set(moe.DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else moe.QWEN_KEYS) | {"num_local_experts"}
+    return keys
+
+
+def _arch_fields(hf: dict, arch: str, source: str) -> dict:
+    return {"mla": mla.mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
+            "moe": moe.moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3's long-context rescaling when configured."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv.float()
+    if s.get("rope_type", s.get("type")) == "yarn":
+        return mla.yarn_inverse_frequencies(cfg)
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+    mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+    return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()

@@ -1,0 +1,46 @@
+"""What a model costs per token, for reports: parameters in all and active per token (an MoE layer runs only the
+experts its router picks, plus its shared ones), and the bytes the engine's KV cache keeps per token (MLA: the
+compressed latent and the rotary key; grouped-query attention: a key and a value per KV head), beside a multi-head
+model of the same width, heads and depth."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from r1lab.model import moe
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.transformer import KVCache
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, those a token runs through): routed experts a token does not pick are not active."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for layer in moe.moe_layers(model).values():
+        bank = layer.experts
+        per_expert = bank.gate_up_proj[0].numel() + bank.down_proj[0].numel()
+        idle += (bank.gate_up_proj.shape[0] - layer.gate.top_k) * per_expert
+    return total, total - idle
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the engine's cache per token, all layers (the meta device gives the sizes without memory)."""
+    cache = KVCache(cfg, 1, 1, dtype, torch.device("meta"))
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer)
+
+
+def multi_head_twin(cfg: ModelConfig) -> ModelConfig:
+    """A dense multi-head (not grouped, not latent) model of cfg's width, heads and depth: the cache's yardstick."""
+    return dataclasses.replace(cfg, mla=None, moe=None, num_key_value_heads=cfg.num_attention_heads,
+                               head_dim=cfg.hidden_size // cfg.num_attention_heads)
+
+
+def architecture_facts(model: nn.Module) -> dict:
+    cfg = model.config
+    total, active = parameter_counts(model)
+    return {"architecture": cfg.architecture, "parameters": total, "active_parameters": active,
+            "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
+            "multi_head_kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(multi_head_twin(cfg))}

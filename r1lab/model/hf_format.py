@@ -1,0 +1,139 @@
+"""Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json).
+
+Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
+fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
+load_model and save_model split and join them, so checkpoints on disk hold transformers' tensor names exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from r1lab.model import moe
+from r1lab.model.architecture import ModelConfig, rope_inverse_frequencies
+from r1lab.model.transformer import CausalLM
+
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fused_sizes(fused: str, cfg: ModelConfig) -> list[int]:
+    if fused == "self_attn.qkv_proj":
+        return [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+    return [cfg.intermediate_size] * 2
+
+
+def split_fused(state: dict, cfg: ModelConfig) -> dict:
+    """r1lab's state dict with transformers' names: qkv_proj -> q/k/v_proj, gate_up_proj -> gate/up_proj."""
+    out = {}
+    for name, tensor in state.items():
+        fused = next((f for f in _FUSED if f".{f}." in name), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        parts = tensor.split(_fused_sizes(fused, cfg), dim=0)
+        for part_name, part in zip(_FUSED[fused], parts):
+            out[name.replace(fused, part_name)] = part
+    if cfg.moe is not None:  # expert banks -> one tensor per expert
+        out = moe.split_experts(out, cfg)
+    return out
+
+
+def join_fused(state: dict, cfg: ModelConfig) -> dict:
+    """transformers' state dict with r1lab's fused projections (the inverse of split_fused)."""
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        for fused, parts in _FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"model.layers.{i}.{p}.{kind}" for p in parts]
+                if all(n in out for n in names):
+                    out[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
+    if cfg.moe is not None:
+        out = moe.join_experts(out, cfg)
+    return out
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = set(split_fused(model.state_dict(), cfg))
+    missing = expected - set(state) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(_owned(join_fused(state, cfg), state, device), strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inverse_frequencies(cfg)
+    return model.to(device=device, dtype=dtype)
+
+
+def _owned(joined: dict, mapped: dict, device) -> dict:
+    """joined's tensors on device, none of them a view of the file.
+
+    safetensors maps the file into memory: every page a tensor reads stays counted in the process's memory as long as
+    any tensor of the file is alive. The fused projections are already new tensors (torch.cat), but the rest, kept as
+    views, would hold the whole mapping, so that the q/k/v and gate/up pages read to build the fused ones stayed
+    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends."""
+    return {name: t.to(device=device, copy=name in mapped) for name, t in joined.items()}
+
+
+def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
+               state: dict | None = None) -> None:
+    """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load; the
+    weights are model's own, or state (a full state dict of it, e.g. gathered from the ranks of a sharded model)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
+             for k, v in split_fused(model.state_dict() if state is None else state, model.config).items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # shared with embed_tokens; safetensors refuses aliased tensors
+    dtype = dtype or next(model.parameters()).dtype
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(path / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = model.config
+    (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))

@@ -1,0 +1,189 @@
+"""The transformer's layers: RMSNorm, the rotary embedding's rotation, grouped-query attention, the gated MLP, and
+the Linear they share.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from r1lab.cpu import decode_kernel as decode_matmul
+from r1lab.cpu.grad_buffers import IN_PLACE_GRAD_MIN, take_spare
+
+if TYPE_CHECKING:  # only annotations: model/architecture.py imports the layers' modules
+    from r1lab.model.architecture import ModelConfig
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as transformers does, so bf16 runs match it.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products over a few rows (a decode step's batch) take _few_rows_linear on a CPU, and whose
+    backward writes its gradients in place (_InPlaceGradLinear)."""
+
+    FEW_ROWS = 32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _accumulates_in_place(x, self.weight):
+            return _InPlaceGradLinear.apply(x, self.weight, self.bias)
+        if _few_rows(x, self.FEW_ROWS):
+            return _few_rows_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def _few_rows(x: torch.Tensor, limit: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // x.shape[-1] <= limit
+
+
+SLICE_ROWS = 512  # see _few_rows_linear: 256-768 measured alike, 15% off a rollout; whole products 11-13 GB/s
+
+
+SLICED_MIN = 4 << 20  # parameters from which slices pay: below, a decode step is bound by per-call overheads
+
+
+def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b for a few rows of x (a decode step's batch) on a CPU, in float32: r1lab/cpu/decode_kernel.py's kernel
+    where the machine has a C compiler, else MKL's sgemm as below.
+
+    A decode step is bound by reading the weights, and MKL streams them at different rates by orientation and
+    size (measured on 2 AVX-512 cores at the Qwen2.5-0.5B shape, 8 rows; 25 GB/s is the read rate of a plain sum):
+    a weight of up to a few thousand rows goes fastest as W @ x.T (13-20 GB/s); a taller and large one (SLICED_MIN
+    parameters), as gate_up_proj (9,728 rows) or the LM head (151,936), as x @ W.T over slices of SLICE_ROWS rows (15-17 GB/s, where the whole
+    product in either orientation ran at 11-13). bf16 goes through other kernels: there the plain product."""
+    rows, out = x.numel() // x.shape[-1], weight.shape[0]
+    flat = x.reshape(rows, x.shape[-1])
+    y = decode_matmul.linear(flat, weight, bias)  # the C kernel, where this machine has it: 1.6x faster
+    if y is not None:
+        return y.reshape(*x.shape[:-1], out)
+    if out <= 4 * SLICE_ROWS or weight.numel() < SLICED_MIN:
+        y = (weight @ flat.t()).t() if bias is None else torch.addmm(bias[:, None], weight, flat.t()).t()
+    else:
+        y = torch.cat([F.linear(flat, weight[i : i + SLICE_ROWS], None if bias is None else bias[i : i + SLICE_ROWS])
+                       for i in range(0, out, SLICE_ROWS)], dim=1)
+    return y.reshape(*x.shape[:-1], out)
+
+
+def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
+    """Training one process's own weights, outside autocast (which casts inside F.linear): see _InPlaceGradLinear.
+    FSDP's sharded weights (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks."""
+    return (torch.is_grad_enabled() and weight.requires_grad and weight.numel() >= IN_PLACE_GRAD_MIN
+            and not isinstance(weight, DTensor) and not torch.is_autocast_enabled(x.device.type))
+
+
+class _InPlaceGradLinear(torch.autograd.Function):
+    """x @ W.T + b whose backward adds dY.T @ x into W.grad in place (and dY summed into b.grad).
+
+    Through autograd, every backward of a projection returns a fresh (out, in) gradient that is then added into
+    .grad: GRPO's two passes per micro-batch (the shared prompt, then the completions) give two per weight. On a CPU
+    each fresh block is new memory the kernel must fault in and zero: at the Qwen2.5-0.5B shape about 3 GB per
+    step, a third of the layers' backward time. Writing into .grad removes them. The gradients are the same sums;
+    a hook on the weight tensor does not see them (r1lab sums gradients over ranks after backward, not from hooks),
+    while a post-accumulate-grad hook still fires once, after every pass's part is in (r1lab/train/backward_step.py)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, bias = ctx.saved_tensors
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = (dy @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            flat_x = x.reshape(-1, x.shape[-1])
+            if weight.grad is None:  # the first pass writes into the last step's gradient memory, if kept
+                weight.grad = torch.mm(dy.t(), flat_x, out=take_spare(weight))
+            else:
+                weight.grad.addmm_(dy.t(), flat_x)
+        if bias is not None and ctx.needs_input_grad[2]:
+            bias.grad = dy.sum(0) if bias.grad is None else bias.grad.add_(dy.sum(0))
+        return grad_x, None, None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        B, T, _ = x.shape
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * KV, self.hd)
+        qk = qkv[:, :, : H + KV]  # rotary embedding on query and key heads at once
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        qk = (qk * cos + rotate_half(qk) * sin).transpose(1, 2)  # (B, H + KV, T, hd)
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)
+        if cache is not None and torch.is_tensor(start):  # a static decode step: see CausalLM.decode_step
+            k_cache, v_cache = cache
+            k_cache.index_copy_(2, start, k)
+            v_cache.index_copy_(2, start, v)
+            k, v = k_cache, v_cache
+        elif cache is not None:
+            k_cache, v_cache = cache
+            k_cache[:, :, start : start + T] = k
+            v_cache[:, :, start : start + T] = v
+            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
+
+
+def attend(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads, without copying the cache per head where torch allows."""
+    groups = q.shape[1] // k.shape[1]
+    if q.shape[2] == 1 and q.device.type == "cpu":
+        return _decode_attention(q, k, v, mask, groups)
+    if groups > 1 and not _SDPA_GQA:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
+
+
+def _decode_attention(q, k, v, mask, groups: int) -> torch.Tensor:
+    """One query per row: two batched matmuls over the KV heads, cheaper on a CPU than the fused kernel's setup."""
+    B, H, _, hd = q.shape
+    qg = q.view(B, H // groups, groups, hd)  # (B, KV, G, hd): the G query heads sharing each KV head
+    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over heads
+    return (scores.softmax(-1) @ v).view(B, H, 1, hd)
+
+
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_up_proj, self.down_proj = Linear(d, 2 * f, bias=b), Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

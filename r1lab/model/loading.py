@@ -1,0 +1,68 @@
+"""Loading what a command runs: the device, the dtype, a model directory with its tokenizer (and adapter), and
+turning a problem into prompt tokens that fit the model's context.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from r1lab.model.hf_format import load_model
+from r1lab.model.lora import load_adapter, merge_lora
+from r1lab.model.templates import render_prompt
+from r1lab.model.tokenizer import Tokenizer, load_tokenizer
+from r1lab.model.transformer import CausalLM
+
+if TYPE_CHECKING:  # a task's problem, read for its prompt
+    from r1lab.rewards.tasks.base import Problem
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_policy(path: str, device: torch.device, dtype: str = "float32",
+                adapter: str = "") -> tuple[CausalLM, Tokenizer]:
+    """A model directory's model (weights in dtype: float32 or bfloat16) and tokenizer, with its stop ids; with an
+    adapter directory (PEFT's LoRA format), the adapter merged into the weights, so inference runs at full speed."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = load_model(path, device=device, dtype=DTYPES[dtype])
+    if adapter:
+        load_adapter(model, adapter)
+        merge_lora(model)
+    tokenizer = load_tokenizer(path)
+    tokenizer.add_eos_ids(model.config.eos_token_id)
+    if not tokenizer.eos_ids:
+        raise ValueError(f"{path}: no end-of-text token in tokenizer_config.json or config.json")
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "") -> list[int]:
+    return tokenizer.encode(render_prompt(tokenizer, problem.prompt, template, prefill))
+
+
+def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem], template: str, prefill: str,
+                  max_new_tokens: int, source: str) -> None:
+    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context: positions past
+    it were never trained, and the run would silently produce junk. Data-file rows are named by file:line."""
+    context = model.config.max_position_embeddings
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens (max_position_embeddings)")
+    too_long = []
+    for problem in problems:
+        n = len(encode_prompt(tokenizer, problem, template, prefill))
+        if n + max_new_tokens > context:
+            where = f"{source}:{problem.meta['row']}" if "row" in problem.meta else f"{source}: {problem.prompt[:40]!r}"
+            too_long.append(f"{where}: prompt of {n} tokens + max_new_tokens {max_new_tokens} > context {context}")
+    if too_long:
+        more = f"\n... and {len(too_long) - 10} more" if len(too_long) > 10 else ""
+        raise ValueError(f"{len(too_long)} prompt(s) do not fit the model's context with max_new_tokens "
+                         f"(shorten them, lower --max-new-tokens, or drop those rows):\n" + "\n".join(too_long[:10]) + more)

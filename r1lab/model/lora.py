@@ -1,0 +1,360 @@
+"""LoRA adapters on r1lab's model, saved and loaded in PEFT's format (adapter_config.json + adapter_model.safetensors).
+
+A LoRA adapter replaces the update of a frozen weight W (out, in) by scale * B @ A, with A (rank, in) and B (out,
+rank): training holds gradients and optimizer state for a few thousandths of the weights, and the base stays the
+initial policy, so GRPO's KL reference is the same model with the adapters off (adapters_disabled), not a second copy.
+
+Adapters are per Hugging Face module (q_proj, k_proj, ..., as PEFT names them), while r1lab fuses q/k/v into qkv_proj
+and gate/up into gate_up_proj (r1lab/model/transformer.py): the fused projection's output gets, for each part, that part's
+low-rank term (or zeros for a part not targeted). The base product is left as it is (a forward hook adds the
+low-rank term after it), so every forward path of the model (training, KV-cache prefill and decode, static decode
+and its CUDA graph) goes through the adapters without a change of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from r1lab.config import LORA_TARGETS
+from r1lab.model.architecture import ModelConfig
+from r1lab.model.hf_format import _fused_sizes
+from r1lab.model.layers import MLP, Attention
+from r1lab.model.transformer import CausalLM
+
+ALL_LINEAR = LORA_TARGETS  # the Hugging Face names of every linear layer but the LM head
+# The module of a decoder layer that holds each HF module (in r1lab, fused with others for q/k/v and gate/up)
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# The HF modules of each r1lab Linear, in the order of its output rows (model._FUSED's order)
+_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
+          "down_proj": ("down_proj",)}
+_PARENT_TYPES = {"self_attn": Attention, "mlp": MLP}
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model as base_model (a LoraModel), which holds it as .model
+# adapter_config.json fields that change what the adapter computes and that r1lab does not implement: any value
+# other than these defaults is refused rather than silently computing another model
+_UNSUPPORTED_DEFAULTS = {"bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+                         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "exclude_modules": None,
+                         "fan_in_fan_out": False, "lora_bias": False, "target_parameters": None,
+                         "trainable_token_indices": None, "layer_replication": None, "alora_invocation_tokens": None,
+                         "use_qalora": False, "use_bdlora": None}
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]  # Hugging Face module names, from ALL_LINEAR
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRAAdapter(nn.Module):
+    """The low-rank update of one Hugging Face module: scale * B @ A, float32 whatever the base's dtype (a bf16 A and
+    B would round away most of an update as small as a learning rate times a gradient)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float, device: torch.device):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, device=device))  # zeros: the model starts unchanged
+        self.scale = scale
+        self.enabled = True
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * x @ A.T @ B.T for float32 x (..., in): two thin products, never the (out, in) matrix."""
+        return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
+
+    def weight_delta(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+class _AddLowRank:
+    """Forward hook of one r1lab Linear: its output plus each part's low-rank term, concatenated along the output
+    rows in the fused order (zeros for the parts without an adapter)."""
+
+    def __init__(self, parts: list[tuple[LoRAAdapter | None, int]]):
+        self.parts = parts  # (adapter or None, that part's number of output rows)
+        self.handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        live = [a for a, _ in self.parts if a is not None and a.enabled]
+        if not live:
+            return None  # adapters_disabled: the base's output, untouched
+        # float32 even under autocast, which would otherwise run these products in bf16
+        with torch.autocast(output.device.type, enabled=False):
+            x = inputs[0].float()
+            deltas = [a.delta(x) if a is not None and a.enabled else x.new_zeros(*x.shape[:-1], rows)
+                      for a, rows in self.parts]
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=-1)
+            return (output.float() + delta).to(output.dtype)
+
+
+def add_lora(model: CausalLM, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
+    """Freeze every base parameter (requires_grad False) and install adapters on the targeted modules of every decoder
+    layer; returns the adapter parameters (what the optimizer gets).
+
+    A is initialised as PEFT does (kaiming-uniform, a=sqrt(5)) from a generator seeded with seed, B with zeros, so the
+    model is unchanged until trained. The adapters of a layer's attention and MLP live in a ModuleDict `lora` on each
+    (model.layers.N.self_attn.lora.q_proj.lora_A, ...): beside the fused Linear rather than inside it, so that the
+    model's fused-name handling (split_fused) never sees them, and every name contains "lora".
+    """
+    _check_spec(spec)
+    if has_lora(model):
+        raise ValueError("the model already has LoRA adapters: merge_lora first to add new ones")
+    for i, layer in enumerate(model.model.layers):
+        _check_layer(layer, i, spec.targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for layer in model.model.layers:
+        for parent_name in ("self_attn", "mlp"):
+            params += _install(getattr(layer, parent_name), model.config, spec, generator)
+    return params
+
+
+def _check_spec(spec: LoRASpec) -> None:
+    if not isinstance(spec.rank, int) or spec.rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {spec.rank!r}")
+    if not spec.targets:
+        raise ValueError(f"LoRA needs at least one target module, from {', '.join(ALL_LINEAR)}")
+    unknown = [t for t in spec.targets if t not in ALL_LINEAR]
+    if unknown:
+        raise ValueError(f"unknown LoRA target module(s) {unknown}; valid ones: {', '.join(ALL_LINEAR)}")
+
+
+def _check_layer(layer: nn.Module, index: int, targets: tuple[str, ...]) -> None:
+    for target in targets:
+        parent_name = _PARENT[target]
+        parent = getattr(layer, parent_name)
+        if not isinstance(parent, _PARENT_TYPES[parent_name]):
+            raise ValueError(
+                f"LoRA target {target}: layer {index}'s {parent_name} is {type(parent).__name__}; LoRA supports the "
+                f"standard attention (q/k/v/o_proj) and the dense MLP (gate/up/down_proj) so far, not latent "
+                f"attention (MLA) or mixture-of-experts layers")
+
+
+def _install(parent: nn.Module, cfg: ModelConfig, spec: LoRASpec, generator: torch.Generator) -> list[nn.Parameter]:
+    """Adapters for the targeted modules under parent (a layer's attention or MLP), and a hook on each Linear that
+    has one; nothing when none of parent's modules is targeted."""
+    adapters = nn.ModuleDict()
+    for linear_name, part_names in _PARTS.items():
+        if not hasattr(parent, linear_name) or not any(p in spec.targets for p in part_names):
+            continue
+        linear = getattr(parent, linear_name)
+        parts = []
+        for part, rows in zip(part_names, _part_rows(linear_name, linear, cfg)):
+            adapter = _new_adapter(linear, rows, spec, generator) if part in spec.targets else None
+            if adapter is not None:
+                adapters[part] = adapter
+            parts.append((adapter, rows))
+        hook = _AddLowRank(parts)
+        hook.handle = linear.register_forward_hook(hook)
+        linear._lora_hook = hook  # for merge_lora (its parts) and removal (its handle)
+    if not adapters:
+        return []
+    parent.lora = adapters
+    return list(adapters.parameters())
+
+
+def _part_rows(linear_name: str, linear: nn.Linear, cfg: ModelConfig) -> list[int]:
+    """Output rows of each HF module within r1lab's Linear (one part unless fused)."""
+    fused = {"qkv_proj": "self_attn.qkv_proj", "gate_up_proj": "mlp.gate_up_proj"}.get(linear_name)
+    return _fused_sizes(fused, cfg) if fused else [linear.out_features]
+
+
+def _new_adapter(linear: nn.Linear, rows: int, spec: LoRASpec, generator: torch.Generator) -> LoRAAdapter:
+    adapter = LoRAAdapter(linear.in_features, rows, spec.rank, spec.scale, linear.weight.device)
+    a = torch.empty(spec.rank, linear.in_features)  # drawn on the CPU: the same A on every device for a seed
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    with torch.no_grad():
+        adapter.lora_A.copy_(a)
+    return adapter
+
+
+def _adapters(model: CausalLM) -> Iterator[tuple[str, LoRAAdapter]]:
+    """(PEFT's module path, adapter) for every adapter, e.g. ("model.layers.0.self_attn.q_proj", ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRAAdapter):
+            yield name.replace(".lora.", "."), module
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRAAdapter) for m in model.modules())
+
+
+def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in) and
+    .lora_B.weight (out, rank), e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    state = {}
+    for path, adapter in _adapters(model):
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B.detach()
+    return state
+
+
+def _spec_of(model: CausalLM) -> LoRASpec:
+    adapters = list(_adapters(model))
+    if not adapters:
+        raise ValueError("the model has no LoRA adapters (add_lora or load_adapter first)")
+    names = {path.rsplit(".", 1)[1] for path, _ in adapters}
+    first = adapters[0][1]
+    rank = first.lora_A.shape[0]
+    return LoRASpec(rank, first.scale * rank, tuple(t for t in ALL_LINEAR if t in names))
+
+
+def save_adapter(model: CausalLM, path: str | Path, base_model: str) -> None:
+    """Write adapter_config.json and adapter_model.safetensors as PEFT does, so that PeftModel.from_pretrained (and
+    vLLM's LoRA loading) take them; base_model is what base_model_name_or_path names (a hub id or a directory)."""
+    spec = _spec_of(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+        "inference_mode": True, "r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(spec.targets),
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None, "lora_bias": False,
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(state, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_adapter(model: CausalLM, path: str | Path) -> LoRASpec:
+    """Install the adapter saved at path (PEFT's format, by save_adapter or PEFT itself) on model and return its spec.
+    Settings r1lab does not implement, and weights that do not fit the model, are a ValueError that names them; the
+    model is then left as it was."""
+    path = Path(path)
+    spec, state = _read_adapter(path)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    add_lora(model, spec)
+    try:
+        _copy_weights(model, state, path / WEIGHTS_FILE)
+    except ValueError:
+        _remove_adapters(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+        raise
+    return spec
+
+
+def load_adapter_weights(model: CausalLM, path: str | Path) -> None:
+    """The weights of the adapter saved at path into model's own adapters, in place (the optimizer keeps holding
+    the same parameters): resuming a LoRA run. Its settings must be the model's (ValueError naming what differs)."""
+    path = Path(path)
+    spec, state = _read_adapter(path)
+    own = _spec_of(model)
+    if spec != own:
+        raise ValueError(f"{path / CONFIG_FILE}: rank {spec.rank}, alpha {spec.alpha:g}, targets {list(spec.targets)}; "
+                         f"the model's adapters have rank {own.rank}, alpha {own.alpha:g}, targets {list(own.targets)}")
+    _copy_weights(model, state, path / WEIGHTS_FILE)
+
+
+def _read_adapter(path: Path) -> tuple[LoRASpec, dict[str, torch.Tensor]]:
+    spec = read_adapter_config(path / CONFIG_FILE)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.exists():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}")
+    return spec, load_file(str(weights_file))
+
+
+def read_adapter_config(config_file: Path) -> LoRASpec:
+    """The LoRASpec of an adapter_config.json; a ValueError naming the file and the field for what r1lab cannot
+    compute. lora_dropout is accepted and ignored: dropout only acts in training, and a new run sets its own."""
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: not found (expected a PEFT adapter directory)")
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_file}: peft_type {config['peft_type']!r} is not supported (only LORA)")
+    for field_name, default in _UNSUPPORTED_DEFAULTS.items():
+        value = config.get(field_name, default)
+        if value != default and (value or default):  # None, [] and {} all mean none
+            raise ValueError(f"{config_file}: {field_name} = {value!r} is not supported (only {default!r})")
+    targets = config.get("target_modules")
+    if targets == "all-linear":  # PEFT's shorthand: every linear layer but the output head
+        targets = list(ALL_LINEAR)
+    if not isinstance(targets, list) or not targets or any(t not in ALL_LINEAR for t in targets):
+        raise ValueError(f"{config_file}: target_modules = {targets!r} is not supported: a list of module names "
+                         f"from {', '.join(ALL_LINEAR)}")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{config_file}: r = {rank!r} is not a rank (an integer >= 1)")
+    if not isinstance(alpha, (int, float)):
+        raise ValueError(f"{config_file}: lora_alpha = {alpha!r} is not a number")
+    return LoRASpec(rank, float(alpha), tuple(t for t in ALL_LINEAR if t in targets))
+
+
+def _copy_weights(model: CausalLM, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Copy state (PEFT's names) into the model's adapters, after checking that names and shapes match exactly."""
+    # PEFT may name the weights with its adapter's name (lora_A.default.weight); saved files normally drop it
+    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the adapter does not fit the model: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    for key, target in expected.items():
+        if state[key].shape != target.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the model needs "
+                             f"{tuple(target.shape)}")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])  # target is the parameter's data (detached): copy in place, to float32
+
+
+def merge_lora(model: CausalLM) -> None:
+    """Fold every adapter into its base weight (W += scale * B @ A, into the fused weight's rows of its part) and
+    remove the adapters; every parameter is trainable again, and save_model then writes a plain HF model."""
+    if not has_lora(model):
+        raise ValueError("the model has no LoRA adapters to merge")
+    with torch.no_grad():
+        for linear in _hooked_linears(model):
+            row = 0
+            for adapter, rows in linear._lora_hook.parts:
+                if adapter is not None:
+                    w = linear.weight[row : row + rows]
+                    w.copy_((w.float() + adapter.weight_delta()).to(w.dtype))
+                row += rows
+    _remove_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def _hooked_linears(model: CausalLM) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "_lora_hook")]
+
+
+def _remove_adapters(model: CausalLM) -> None:
+    for linear in _hooked_linears(model):
+        linear._lora_hook.handle.remove()
+        del linear._lora_hook
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "lora", None), nn.ModuleDict):
+            del module.lora
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: CausalLM) -> Iterator[None]:
+    """Inside, the model computes as its base alone: the KL reference of a LoRA run without a second copy."""
+    adapters = [a for _, a in _adapters(model)]
+    was = [a.enabled for a in adapters]
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a, enabled in zip(adapters, was):
+            a.enabled = enabled

@@ -1,0 +1,187 @@
+"""Multi-head latent attention (DeepSeek-V2/V3), its YaRN rotary scaling, and its compressed KV cache.
+
+The math mirrors transformers' DeepseekV3Attention (tests/test_deepseek_v3.py checks logits both ways): queries from
+hidden states directly (q_lora_rank null) or through a low-rank, normalised bottleneck; keys and values from one
+latent c = kv_a_layernorm(x W_kv_a) of kv_lora_rank numbers per token, expanded per head by kv_b_proj, plus one
+rotary key k_rope of qk_rope_head_dim shared by all heads. With YaRN the softmax scale carries mscale(all_dim)^2.
+
+The engine's cache (KVCache, built from cache_shapes) holds only c and k_rope per token and layer. Prefill expands
+them with kv_b_proj; a decode step (one query per row) never does: kv_b_proj's key half is folded into the query
+and its value half applied after the attention (the weight-absorbed form), so decode reads kv_lora_rank +
+qk_rope_head_dim numbers per cached token instead of 2 * heads * head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1lab.model.layers import RMSNorm, rotate_half
+
+if TYPE_CHECKING:  # only annotations: model/architecture.py imports this module
+    from r1lab.model.architecture import ModelConfig
+
+# config.json keys of MLA, with transformers' DeepseekV3Config defaults
+MLA_KEYS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "rope_interleave": True, "attention_bias": False}
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps
+
+
+def mla_from_hf(hf: dict, source: str) -> dict:
+    mla = {k: hf.get(k, default) for k, default in MLA_KEYS.items()}
+    if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
+        raise ValueError(f"{source}: MLA needs num_key_value_heads equal to num_attention_heads (or unset)")
+    return mla
+
+
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list[tuple[int, ...]]:
+    """Per layer: the latent (B, 1, L, kv_lora_rank) and the rotated shared key (B, 1, L, qk_rope_head_dim)."""
+    return [(batch, 1, max_len, cfg.mla["kv_lora_rank"]), (batch, 1, max_len, cfg.mla["qk_rope_head_dim"])]
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(cfg: ModelConfig) -> tuple[dict, float, int]:
+    s = cfg.rope_scaling
+    original = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = s.get("factor") or cfg.max_position_embeddings / original  # DeepSeek's convention when factor is null
+    return s, factor, original
+
+
+def yarn_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """YaRN's blend of interpolated and extrapolated frequencies, in float32 as transformers computes them."""
+    s, factor, original = _yarn(cfg)
+    dim, base = cfg.head_dim, cfg.rope_theta
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp  # 1 where the original frequencies are kept (high frequencies)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's factor on cos and sin (1 without YaRN)."""
+    if not _is_yarn(cfg):
+        return 1.0
+    s, factor, _ = _yarn(cfg)
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim))
+    return yarn_mscale(factor)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    scale = (cfg.mla["qk_nope_head_dim"] + cfg.mla["qk_rope_head_dim"]) ** -0.5
+    if _is_yarn(cfg) and cfg.rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(_yarn(cfg)[1], cfg.rope_scaling["mscale_all_dim"]) ** 2
+    return scale
+
+
+def _is_yarn(cfg: ModelConfig) -> bool:
+    s = cfg.rope_scaling or {}
+    return s.get("rope_type", s.get("type")) == "yarn"
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m, D = cfg.mla, cfg.hidden_size
+        self.n_heads, self.r = cfg.num_attention_heads, m["kv_lora_rank"]
+        self.nope, self.rd, self.vd = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"]
+        qk, bias, H = self.nope + self.rd, m["attention_bias"], self.n_heads
+        if m["q_lora_rank"] is None:
+            self.q_proj = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, m["q_lora_rank"], bias=bias)
+            self.q_a_layernorm = RMSNorm(m["q_lora_rank"], LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(m["q_lora_rank"], H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.r + self.rd, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.r, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.r, H * (self.nope + self.vd), bias=False)
+        self.o_proj = nn.Linear(H * self.vd, D, bias=bias)
+        self.scale, self.rope_factor = softmax_scale(cfg), rope_attention_factor(cfg)
+        self.interleave = m["rope_interleave"]
+
+    def _rotate(self, x, cos, sin):
+        """Rotary embedding of x (B, T, h, rd); cos/sin (B, T, 1, rd) hold cat(freqs, freqs)."""
+        if self.interleave:  # DeepSeek's layout: pairs (x0, x1), (x2, x3), ... each turned by one frequency
+            c, s = cos[..., : self.rd // 2], sin[..., : self.rd // 2]
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = torch.cat([a * c - b * s, b * c + a * s], dim=-1)
+        else:
+            out = x * cos + rotate_half(x) * sin
+        return out * self.rope_factor if self.rope_factor != 1.0 else out
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rope = q.view(B, T, H, self.nope + self.rd).split([self.nope, self.rd], dim=-1)
+        q_rope = self._rotate(q_rope, cos, sin)  # (B, T, H, rd)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.r, self.rd], dim=-1)
+        latent = self.kv_a_layernorm(latent)[:, None]  # (B, 1, T, r)
+        k_rope = self._rotate(k_rope[:, :, None], cos, sin).transpose(1, 2)  # (B, 1, T, rd)
+        if cache is not None:
+            latent, k_rope = _write(cache, latent, k_rope, start, T)  # (B, 1, S, r), (B, 1, S, rd)
+            if T == 1:
+                return self.o_proj(self._absorbed(q_nope, q_rope, latent, k_rope, mask))
+        return self.o_proj(self._expanded(q_nope, q_rope, latent, k_rope, mask, causal=mask is None and T > 1))
+
+    def _expanded(self, q_nope, q_rope, latent, k_rope, mask, causal: bool) -> torch.Tensor:
+        """Keys and values of every head from the latents (training and prefill): (B, T, H * vd)."""
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(B, S, H, self.nope + self.vd).transpose(1, 2)  # (B, H, S, nope + vd)
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, S, self.rd)], dim=-1)  # (B, H, S, qk)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, T, qk)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+        return y.transpose(1, 2).reshape(B, T, H * self.vd)
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Attention over the cached latents without expanding them: (B, T, H * vd).
+
+        q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s): per step the cost is
+        one (H, nope, r) and one (H, vd, r) product per row, independent of the cache length.
+        """
+        B, T, H, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(H, self.nope + self.vd, self.r)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, vd, r)
+        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
+        scores = q_latent @ latent.transpose(-1, -2) + q_rope.transpose(1, 2) @ k_rope.transpose(-1, -2)  # (B, H, T, S)
+        scores = scores.float() * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, T, S) broadcasts over heads
+        o_latent = scores.softmax(-1).to(latent.dtype) @ latent  # (B, H, T, r)
+        return torch.einsum("bhtr,hvr->bthv", o_latent, w_uv).reshape(B, T, H * self.vd)
+
+
+def _write(cache, latent, k_rope, start, T):
+    """Store this step's latents in the layer's cache; return everything cached so far (or the whole buffer when
+    start is a tensor: the static decode step, attended under its mask)."""
+    latent_cache, rope_cache = cache
+    if torch.is_tensor(start):
+        latent_cache.index_copy_(2, start, latent)
+        rope_cache.index_copy_(2, start, k_rope)
+        return latent_cache, rope_cache
+    latent_cache[:, :, start : start + T] = latent
+    rope_cache[:, :, start : start + T] = k_rope
+    return latent_cache[:, :, : start + T], rope_cache[:, :, : start + T]

@@ -1,0 +1,347 @@
+"""Mixture-of-experts feed-forward layers: DeepSeekMoE (DeepSeek-V3) and Qwen3-MoE, with transformers' routing.
+
+DeepSeek-V3: sigmoid scores; experts are chosen on score + e_score_correction_bias, within the topk_group best of
+n_group groups (a group ranked by its two best experts); the chosen experts' plain scores, normalised when
+norm_topk_prob, times routed_scaling_factor, weight their outputs; n_shared_experts always run (one wider MLP). The
+first first_k_dense_replace layers keep a dense MLP. Qwen3-MoE: softmax over experts, top-k, optional
+renormalisation; no shared experts; mlp_only_layers and decoder_sparse_step pick the dense layers.
+
+Only what is routed is computed: the (token, expert) pairs are sorted by expert and each expert runs one matrix
+product on its own tokens. Each MoE layer keeps the last forward's tokens per expert (last_expert_counts), for load
+metrics: expert_counts(model).
+
+Expert load in training: count_loads(model) sums each MoE layer's tokens per expert over the forward passes run within
+it (padding excluded where the forward knows it); load_metrics turns the counts into moe/* metrics; after each
+optimizer step update_routing_bias nudges DeepSeek-V3's e_score_correction_bias toward an even load, the V3 paper's
+auxiliary-loss-free balancing (Qwen3-MoE has no such bias in transformers' format, so its routing is left alone).
+
+In memory an expert bank is two 3-D tensors, as in transformers; on disk each expert
+has its own gate/up/down_proj (split_experts, join_experts), the names transformers and vLLM read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1lab.model.layers import MLP
+
+if TYPE_CHECKING:  # only annotations: model/architecture.py imports this module
+    from r1lab.model.architecture import ModelConfig
+
+# config.json keys, with transformers' defaults
+DEEPSEEK_KEYS = {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
+                 "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+                 "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+QWEN_KEYS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+             "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def moe_from_hf(hf: dict, arch: str) -> dict:
+    if arch == "DeepseekV3ForCausalLM":
+        return {k: hf.get(k, default) for k, default in DEEPSEEK_KEYS.items()}
+    moe = {k: hf.get(k, default) for k, default in QWEN_KEYS.items()}
+    moe["num_experts"] = hf.get("num_experts", hf.get("num_local_experts", QWEN_KEYS["num_experts"]))  # either name
+    moe["mlp_only_layers"] = list(moe["mlp_only_layers"] or [])
+    return moe
+
+
+def _is_deepseek(moe: dict) -> bool:
+    return "n_routed_experts" in moe
+
+
+def num_experts(cfg: ModelConfig) -> int:
+    return cfg.moe["n_routed_experts"] if _is_deepseek(cfg.moe) else cfg.moe["num_experts"]
+
+
+def is_moe_layer(cfg: ModelConfig, index: int) -> bool:
+    m = cfg.moe
+    if _is_deepseek(m):
+        return index >= m["first_k_dense_replace"]
+    return index not in m["mlp_only_layers"] and m["num_experts"] > 0 and (index + 1) % m["decoder_sparse_step"] == 0
+
+
+class SigmoidGroupRouter(nn.Module):
+    """DeepSeek-V3's router: returns (weights (N, k) float32, experts (N, k))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.n_experts, self.top_k = m["n_routed_experts"], m["num_experts_per_tok"]
+        self.n_group, self.topk_group = m["n_group"] or 1, m["topk_group"] or 1
+        self.norm, self.scaling = m["norm_topk_prob"], m["routed_scaling_factor"]
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        # chosen on, never weighted by: the load-balancing bias (updated outside the gradient in DeepSeek-V3)
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+
+    def _apply(self, fn, recurse=True):
+        # transformers keeps gate.weight and e_score_correction_bias in float32 whatever the model's dtype (in bf16
+        # the bias's rounding would change which experts are chosen): model.to(dtype) moves them, casts them not
+        weight, bias = self.weight.data, self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        self.weight.data = weight.to(device=self.weight.device, dtype=torch.float32)
+        self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E)
+        choice = scores + self.e_score_correction_bias.float()
+        groups = choice.view(-1, self.n_group, self.n_experts // self.n_group)  # (N, G, E/G)
+        group_scores = groups.topk(2, dim=-1).values.sum(-1)  # (N, G)
+        best_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, best_groups, 1.0).bool()  # (N, G)
+        allowed = group_mask[:, :, None].expand_as(groups).reshape(-1, self.n_experts)
+        experts = choice.masked_fill(~allowed, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)  # (N, k)
+        if self.norm:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, experts
+
+
+class SoftmaxRouter(nn.Module):
+    """Qwen3-MoE's router: returns (weights (N, k), experts (N, k))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm = cfg.moe["num_experts_per_tok"], cfg.moe["norm_topk_prob"]
+        self.weight = nn.Parameter(torch.empty(num_experts(cfg), cfg.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor):
+        logits = F.linear(x, self.weight)  # (N, E)
+        weights, experts = logits.softmax(-1, dtype=torch.float32).topk(self.top_k, dim=-1)
+        if self.norm:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(logits.dtype), experts
+
+
+class Experts(nn.Module):
+    """A bank of SwiGLU experts: gate_up_proj (E, 2F, D) and down_proj (E, D, F), as in transformers."""
+
+    def __init__(self, n_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor):
+        """x (N, D); experts, weights (N, k). Returns (output (N, D), tokens per expert (E,))."""
+        N, k = experts.shape
+        flat = experts.reshape(-1)  # (N * k,) one entry per (token, chosen expert)
+        order = flat.argsort(stable=True)  # grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])  # (E,)
+        token = order // k  # the token of each grouped entry
+        grouped = x[token]  # (N * k, D)
+        outputs = []
+        for e, rows in enumerate(grouped.split(counts.tolist())):  # one host sync: the group sizes
+            if len(rows):
+                gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        y = torch.cat(outputs) * weights.reshape(-1)[order, None]  # (N * k, D)
+        # back to (token, choice) order and summed over the k choices: a gather, not index_add_ (whose CPU kernel
+        # opens a parallel region even for a few rows: tens of milliseconds when another process holds a core)
+        return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype), counts
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.gate = SigmoidGroupRouter(cfg) if _is_deepseek(m) else SoftmaxRouter(cfg)
+        self.experts = Experts(num_experts(cfg), cfg.hidden_size, m["moe_intermediate_size"])
+        shared = m.get("n_shared_experts") or 0
+        self.shared_experts = MLP(dataclasses.replace(
+            cfg, intermediate_size=m["moe_intermediate_size"] * shared, mlp_bias=False)) if shared else None
+        self.last_expert_counts: torch.Tensor | None = None  # (E,) tokens routed to each expert, last forward
+        self.load: torch.Tensor | None = None  # (E,) summed over forwards inside count_loads, else None
+        self.real_tokens: torch.Tensor | None = None  # (B, T) set by the model's forward while counting
+        self.balance_weight = 0.0  # > 0 inside balance_loss(): training forwards add V3's sequence-wise balance loss
+        self.balance_terms: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, experts = self.gate(flat)
+        y, self.last_expert_counts = self.experts(flat, experts, weights)
+        if self.balance_weight and self.training:
+            self.balance_terms.append(self._balance_loss(flat, experts, B, T))
+        if self.load is not None:
+            self._count(experts, B, T)
+        y = y.view(B, T, D)
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
+
+    def _balance_loss(self, flat: torch.Tensor, experts: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss, summed over the B sequences: weight * sum_e f_e * P_e, with f_e
+        = E / (k T) times the tokens of the sequence that chose expert e, and P_e the mean over its tokens of the
+        expert's normalised sigmoid score. Only P carries a gradient (to the router). Padding is left out."""
+        E, k = self.gate.n_experts, self.gate.top_k
+        scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()
+        share = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
+        chosen = torch.zeros(B * T, E, device=flat.device).scatter_(1, experts, 1.0).view(B, T, E)
+        real = self.real_tokens if self.real_tokens is not None and self.real_tokens.shape == (B, T) else \
+            torch.ones(B, T, dtype=torch.bool, device=flat.device)
+        real = real.unsqueeze(-1).float()
+        tokens = real.sum(1).clamp_min(1.0)  # (B, 1)
+        f = (chosen * real).sum(1) * E / (k * tokens)  # (B, E)
+        p = (share * real).sum(1) / tokens
+        return self.balance_weight * (f * p).sum()
+
+    @torch.no_grad()
+    def _count(self, experts: torch.Tensor, B: int, T: int) -> None:
+        real, self.real_tokens = self.real_tokens, None
+        if real is not None and real.shape == (B, T):
+            experts = experts[real.reshape(-1)]  # padding is routed too, but is no load to balance
+            self.load += torch.bincount(experts.reshape(-1), minlength=len(self.load))
+        else:
+            self.load += self.last_expert_counts
+
+
+def moe_layers(model: nn.Module) -> dict[int, MoE]:
+    return {i: layer.mlp for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)}
+
+
+@contextlib.contextmanager
+def count_loads(model: nn.Module):
+    """Within it, every MoE layer sums its tokens per expert over the forward passes run (the backward pass runs
+    none); yields a dict that on exit holds layer index -> (E,) counts. A dense model: an empty dict, no work."""
+    layers, loads = moe_layers(model), {}
+    for m in layers.values():
+        m.load = torch.zeros(m.experts.gate_up_proj.shape[0], dtype=torch.long, device=m.experts.gate_up_proj.device)
+    try:
+        yield loads
+    finally:
+        for i, m in layers.items():
+            loads[i], m.load, m.real_tokens = m.load, None, None
+
+
+@contextlib.contextmanager
+def balance_loss(model: nn.Module, weight: float):
+    """Within it, with weight > 0, every DeepSeek-V3 MoE layer's training forward computes V3's sequence-wise
+    balance loss (MoE._balance_loss); take_balance_loss collects it for the step's loss. weight 0: nothing."""
+    layers = [m for m in moe_layers(model).values() if isinstance(m.gate, SigmoidGroupRouter)] if weight else []
+    for m in layers:
+        m.balance_weight, m.balance_terms = weight, []
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.balance_weight, m.balance_terms = 0.0, []
+
+
+def take_balance_loss(model: nn.Module) -> torch.Tensor | float:
+    """The balance losses of the forwards since the last call, summed over layers and sequences (0.0 if none)."""
+    total = 0.0
+    for m in moe_layers(model).values():
+        for term in m.balance_terms:
+            total = total + term
+        m.balance_terms = []
+    return total
+
+
+def mark_real_tokens(model: nn.Module, real: torch.Tensor) -> None:
+    """The forward's (B, T) mask of real tokens, for the load counts of the MoE layers that are counting."""
+    for m in moe_layers(model).values():
+        if m.load is not None:
+            m.real_tokens = real
+
+
+def mark_real_lengths(model: nn.Module, lengths: list[int], T: int) -> None:
+    """mark_real_tokens for right-padded rows of T tokens: row b's first lengths[b] are real (nothing to do for a
+    model that is not counting, a dense one among them)."""
+    counting = [m for m in moe_layers(model).values() if m.load is not None]
+    if counting:
+        device = counting[0].load.device
+        real = torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]  # (B, T)
+        for m in counting:
+            m.real_tokens = real
+
+
+def add_loads(total: dict, loads: dict) -> dict:
+    for i, counts in loads.items():
+        total[i] = total[i] + counts if i in total else counts
+    return total
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, loads: dict, speed: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing: each expert's routing bias moves by speed toward an even load,
+    bias_e += speed * sign(mean load - load_e), from the loads counted over one optimizer step's forward passes.
+    The bias only decides which experts are chosen; their weights are the plain scores (SigmoidGroupRouter)."""
+    if not speed:
+        return
+    for i, m in moe_layers(model).items():
+        if i in loads and isinstance(m.gate, SigmoidGroupRouter) and loads[i].sum() > 0:
+            load = loads[i].float()
+            m.gate.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+
+
+@torch.no_grad()
+def copy_routing_bias(to: nn.Module, source: nn.Module) -> None:
+    """The routing biases of source into to (a rollout copy of the policy): buffers, not parameters."""
+    for i, m in moe_layers(to).items():
+        if isinstance(m.gate, SigmoidGroupRouter):
+            m.gate.e_score_correction_bias.copy_(source.model.layers[i].mlp.gate.e_score_correction_bias)
+
+
+def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
+    """load_max_over_mean: the most loaded expert's tokens over the mean, worst layer (1 = perfectly even);
+    routing_entropy: entropy in nats of the distribution of tokens over experts (the expert loads, not the
+    router's probabilities), mean over layers; log(E) when even. {} for a dense model or no tokens counted."""
+    counts = [c.float() for c in loads.values() if c.sum() > 0]
+    if not counts:
+        return {}
+    loads_ = torch.stack(counts)  # (L, E)
+    share = loads_ / loads_.sum(-1, keepdim=True)
+    entropy = -(share * share.clamp_min(1e-30).log()).sum(-1)  # (L,)
+    worst, mean_entropy = torch.stack([(loads_.max(-1).values / loads_.mean(-1)).max(), entropy.mean()]).tolist()
+    return {f"{prefix}load_max_over_mean": worst, f"{prefix}routing_entropy": mean_entropy}
+
+
+def expert_counts(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert (E,) in the last forward, per MoE layer index (padding tokens included)."""
+    return {i: layer.mlp.last_expert_counts for i, layer in enumerate(model.model.layers)
+            if isinstance(layer.mlp, MoE) and layer.mlp.last_expert_counts is not None}
+
+
+def split_experts(state: dict, cfg: ModelConfig) -> dict:
+    """r1lab's expert banks and fused shared experts -> transformers' per-expert checkpoint names."""
+    out = {}
+    for name, t in state.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            for e, w in enumerate(t):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = w.chunk(2, dim=0)
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            for e, w in enumerate(t):
+                out[f"{base}{e}.down_proj.weight"] = w
+        elif ".mlp.shared_experts.gate_up_proj." in name:
+            gate, up = t.chunk(2, dim=0)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            out[name] = t
+    return out
+
+
+def join_experts(state: dict, cfg: ModelConfig) -> dict:
+    """transformers' per-expert names -> r1lab's expert banks (the inverse of split_experts)."""
+    out = dict(state)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        names = [f"{p}experts.{e}.{w}_proj.weight" for e in range(num_experts(cfg)) for w in ("gate", "up", "down")]
+        if all(n in out for n in names):
+            parts = [out.pop(n) for n in names]
+            gate_up = [torch.cat(parts[j : j + 2]) for j in range(0, len(parts), 3)]  # (2F, D) per expert
+            out[f"{p}experts.gate_up_proj"] = torch.stack(gate_up)
+            out[f"{p}experts.down_proj"] = torch.stack(parts[2::3])
+        gate, up = f"{p}shared_experts.gate_proj.weight", f"{p}shared_experts.up_proj.weight"
+        if gate in out and up in out:
+            out[f"{p}shared_experts.gate_up_proj.weight"] = torch.cat([out.pop(gate), out.pop(up)])
+    return out

@@ -1,0 +1,130 @@
+"""The one place where prompts and conversations become text, for RL rollouts, SFT, sampling, evaluation, `r1lab
+serve` and `r1lab chat` alike: the same conversation renders to the same text in every command.
+
+Templates:
+- "r1zero": the R1-Zero template (R1 recipe section 2). A conversation of several turns wraps each user turn in the
+  whole template; an assistant turn follows verbatim and ends with end-of-text, as the model produced it. A system
+  message comes first, followed by a newline.
+- "chat": the tokenizer's own chat template (jinja), as transformers' apply_chat_template renders it.
+- "auto": "chat" when the tokenizer has a chat template, else "r1zero" (r1lab's built-in tokenizer has none).
+- "none": a single question sent as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# The reasoning format's tags: what a reasoning model writes around its thinking and its answer
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_TAGS = ("<answer>", "</answer>")
+
+if TYPE_CHECKING:  # the tokenizer module builds its tiny tokenizer from the template text defined here
+    from r1lab.model.tokenizer import Tokenizer
+
+R1_ZERO_PREAMBLE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think> <answer> answer here </answer>. User: "
+)
+R1_ZERO_SUFFIX = ". Assistant:"
+TEMPLATES = ("auto", "r1zero", "chat", "none")
+
+
+def render_prompt(tokenizer: Tokenizer, question: str, template: str = "r1zero", prefill: str = "") -> str:
+    """The text the model continues for one question."""
+    if template == "none":
+        return question + prefill
+    return render_conversation(tokenizer, [{"role": "user", "content": question}], template, True) + prefill
+
+
+def render_conversation(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
+                        add_generation_prompt: bool = True) -> str:
+    """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. With add_generation_prompt, the text
+    ends where the assistant's reply begins (a chat template's generation prompt; R1-Zero's "Assistant:")."""
+    template = resolve_template(tokenizer, template)
+    if template == "chat":
+        return apply_chat_template(tokenizer, messages, add_generation_prompt)
+    if template == "none":
+        raise ValueError("template 'none' sends a single question as it is; a conversation needs r1zero or chat")
+    return r1zero_conversation(tokenizer, messages)
+
+
+def resolve_template(tokenizer: Tokenizer, template: str) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r} is not one of {', '.join(TEMPLATES)}")
+    if template == "auto":
+        return "chat" if tokenizer.chat_template else "r1zero"
+    return template
+
+
+def r1zero_conversation(tokenizer: Tokenizer, messages: list[dict]) -> str:
+    """System text and a newline, each user turn in the R1-Zero template, each assistant turn + end-of-text."""
+    parts = []
+    for m in messages:
+        if m["role"] in ("system", "developer"):
+            parts.append(m["content"] + "\n")
+        elif m["role"] == "user":
+            parts.append(f"{R1_ZERO_PREAMBLE}{m['content']}{R1_ZERO_SUFFIX}")
+        elif m["role"] == "assistant":
+            if tokenizer.eos_token is None:
+                raise ValueError(f"{tokenizer.name}: no end-of-text token, so assistant turns cannot be closed")
+            parts.append(m["content"] + tokenizer.eos_token)
+        else:
+            raise ValueError(f"role {m['role']!r} is not one of system, user, assistant")
+    return "".join(parts)
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The chat template rendered as transformers' apply_chat_template renders it (same Jinja environment, helpers
+    and special-token variables)."""
+    if not tokenizer.chat_template:
+        raise ValueError(f"{tokenizer.name}: no chat template (chat_template.jinja, chat_template.json or "
+                         "tokenizer_config.json); use template 'r1zero' or 'none'")
+    return _jinja_environment().from_string(tokenizer.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=tokenizer.eos_token or "",
+        bos_token=getattr(tokenizer, "bos_token", None) or "")
+
+
+def _jinja_environment() -> ImmutableSandboxedEnvironment:
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' own tojson: unlike Jinja's, it does not escape HTML characters
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def load_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
+    """A directory's chat template, where transformers looks for it: chat_template.jinja first, then
+    chat_template.json, then tokenizer_config.json's chat_template (a string, or named templates as a list of
+    {name, template} or a dict: the one named "default")."""
+    jinja_file, json_file = Path(directory) / "chat_template.jinja", Path(directory) / "chat_template.json"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = tokenizer_config.get("chat_template")
+    if json_file.is_file():
+        template = json.loads(json_file.read_text(encoding="utf-8")).get("chat_template", template)
+    if isinstance(template, list):
+        template = {t["name"]: t["template"] for t in template}
+    if isinstance(template, dict):
+        return template.get("default")
+    return template
+
+
+def starts_in_think(prompt_text: str) -> bool:
+    """Whether the completion begins inside the reasoning: the prompt ends with an open `<think>` (a prefill, or a
+    chat template such as DeepSeek-R1's that adds one)."""
+    return prompt_text.rstrip().endswith(THINK_OPEN)

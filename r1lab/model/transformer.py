@@ -1,0 +1,229 @@
+"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families; DeepSeek-V3 and Qwen3-MoE use the
+same model with their layers from model/mla.py (latent attention) and model/moe.py.
+
+Two forward paths share every layer: `forward` (training, full sequences) and `forward_cached` (the engine's
+prefill and decode, writing into a preallocated KV cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from r1lab.model import mla, moe
+from r1lab.model.architecture import ModelConfig, rope_inverse_frequencies
+from r1lab.model.layers import (
+    MLP,
+    Attention,
+    Linear,
+    RMSNorm,
+    _few_rows,
+    _few_rows_linear,
+)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg) if cfg.mla is None else mla.MLAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = moe.MoE(cfg) if cfg.moe is not None and moe.is_moe_layer(cfg, index) else MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, start=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # A tied embedding's gradient is the LM head's (V, D) one plus the lookup's few rows: a sparse lookup gradient
+        # is added into it in place, where a dense one would be another (V, D) tensor at the end of every backward.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, sparse=cfg.tie_word_embeddings)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, the latent and the rotary
+    key instead (r1lab/model/mla.py)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shapes = (shape, shape) if cfg.mla is None else _mla_cache_shapes(cfg, batch, max_len)
+        self.layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes)
+                       for _ in range(cfg.num_hidden_layers)]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (expanding a shared prompt to G samples, or dropping finished ones)."""
+        self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
+
+    def copy_row(self, row: int, start: int, source: KVCache, source_row: int, source_start: int, n: int) -> None:
+        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n): a
+        prefilled prompt moving into a slot of the engine's continuous batch. Dimension 2 is the position in both
+        layouts (grouped keys and values, MLA's latents)."""
+        for layer, source_layer in zip(self.layers, source.layers):
+            for t, s in zip(layer, source_layer):
+                t[row, :, start : start + n] = s[source_row, :, source_start : source_start + n]
+
+    def first_rows(self, n: int) -> KVCache:
+        """A cache over this one's first n rows, sharing its memory: a forward over a batch smaller than the buffer
+        (r1lab/engine/live_batch.py) writes its keys straight into this cache."""
+        view = KVCache.__new__(KVCache)
+        view.layers = [tuple(t[:n] for t in layer) for layer in self.layers]
+        return view
+
+    def slide(self, shift: int, used: int) -> None:
+        """Move positions [shift, used) to [0, used - shift) in every row: the columns before shift are no longer
+        attended by any row, and sliding them out keeps the attended width, and the cache, bounded."""
+        for layer in self.layers:
+            for t in layer:
+                t[:, :, : used - shift] = t[:, :, shift:used].clone()  # overlapping ranges: copy first
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+        self.apply(self._init_weights)
+        self.checkpoint_layers = False  # set_activation_checkpointing
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Full-sequence training passes (SFT, pretraining) keep each layer's input only and recompute the rest in
+        backward. Not for MoE models, whose forward counts expert loads (a recomputation would count them twice)."""
+        if on and self.config.moe is not None:
+            raise ValueError("activation_checkpointing is for dense models: an MoE layer's forward counts its expert "
+                             "loads, which recomputing it would count twice")
+        self.checkpoint_layers = on
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # transformers' initializer_range (0.02); torch's default N(0, 1) embedding gives logits in the hundreds
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, hd): broadcast over heads
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, start=0, key_mask=None):
+        """Final normalised hidden states (B, T, D).
+
+        attention_mask (B, T): 1 for real tokens (padding on either side) when no cache is used.
+        With a cache, tokens are written at positions [start, start+T) and key_mask (B, start+T) marks real keys.
+        """
+        B, T = input_ids.shape
+        if key_mask is None:
+            key_mask = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        if position_ids is None:
+            position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        # Without padding on the left, plain causal attention is exact (right padding is never attended to by a
+        # real token) and takes the fused kernel; mask=None selects it.
+        mask = None if cache is None and attention_mask is None else attention_mask_4d(key_mask, T, start)
+        layers = cache.layers if cache is not None else [None] * len(self.model.layers)
+        if self.config.moe is not None and mask is not None:  # expert load counts (moe.count_loads) skip padding
+            moe.mark_real_tokens(self, key_mask[:, -T:])
+        recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
+        for layer, kv in zip(self.model.layers, layers):
+            # Activation checkpointing: only the layer's input is kept; backward runs its forward again.
+            x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False) if recompute else \
+                layer(x, cos, sin, mask, kv, start)
+        return self.model.norm(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the engine's last positions h (B, D): a decode step's few rows take _few_rows_linear."""
+        if not torch.is_grad_enabled() and _few_rows(h, Linear.FEW_ROWS):
+            return _few_rows_linear(h, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(h)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        """Logits (B, T, V) for full sequences (training and parity checks)."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
+
+    def completion_hidden_states(self, prompts, prompt_mask, rows, completions, completion_mask) -> torch.Tensor:
+        """Hidden states (B, C, D) that predict each completion token, each distinct prompt run only once.
+
+        prompts (U, P) left-padded with prompt_mask (U, P); completion b continues prompt rows[b]; completions (B, C)
+        right-padded with completion_mask (B, C). A GRPO group's G samples share one prompt: its keys and values are
+        computed once and expanded to the G rows (autograd sums their gradients back), instead of running the prompt
+        G times. Exact: every completion token attends to the same keys as in a full-sequence forward.
+        """
+        U, P = prompts.shape
+        C = completions.shape[1]
+        cache = KVCache(self.config, U, P + C, self.lm_head.weight.dtype, prompts.device)
+        prompt_pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        key_mask = torch.cat([prompt_mask[rows], completion_mask], dim=1)  # (B, P + C)
+        positions = prompt_pos[rows, -1:] + 1 + torch.arange(C, device=prompts.device)  # (B, C)
+        prompt_in = self._layer_inputs(prompts, prompt_pos, prompt_mask, 0)
+        completion_in = self._layer_inputs(completions, positions, key_mask, P)
+        x_prompt, x_completion = prompt_in[0], completion_in[0]
+        # Layer by layer, the prompt and then its completions: backward then finishes each layer's gradient (both
+        # passes' parts) before it starts on the layer below, so that an optimizer step in the backward pass
+        # (r1lab/train/backward_step.py) can free it. (Autograd runs the later-created of two ready nodes first.)
+        for layer, (k, v) in zip(self.model.layers, cache.layers):
+            x_prompt = self._run_layer(layer, x_prompt, prompt_in, (k, v), 0, prompt_mask)
+            # a view of the group's prompt keys per sample: autograd sums the G samples' gradients back
+            expanded = (k.index_select(0, rows), v.index_select(0, rows))
+            x_completion = self._run_layer(layer, x_completion, completion_in, expanded, P, completion_mask)
+        h_prompt, h_completion = self.model.norm(x_prompt), self.model.norm(x_completion)
+        # token 0 is predicted by the prompt's last position (left padding puts it at P - 1), token j by token j - 1
+        return torch.cat([h_prompt[rows, -1:], h_completion[:, :-1]], dim=1)
+
+    def _layer_inputs(self, input_ids, position_ids, key_mask, start: int):
+        """(embeddings, cos, sin, attention mask) of tokens written into a cache at [start, start + T)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        return x, cos, sin, attention_mask_4d(key_mask, input_ids.shape[1], start)
+
+    def _run_layer(self, layer, x, inputs, kv, start: int, real):
+        """One layer over one pass of completion_hidden_states; an MoE layer counts the pass's real tokens."""
+        if self.config.moe is not None:
+            moe.mark_real_tokens(self, real)
+        return layer(x, inputs[1], inputs[2], inputs[3], kv, start)
+
+    def decode_step(self, input_ids, position_ids, cache: KVCache, write_pos: torch.Tensor, mask) -> torch.Tensor:
+        """One decode step with every shape fixed: logits (B, V) of input_ids (B, 1).
+
+        The new keys and values are written at write_pos (a (1,) tensor, not a Python int) and the whole cache is
+        attended under mask (B, 1, 1, max_len), so successive steps run the very same kernels on the same buffers:
+        what a CUDA graph captures once and replays (r1lab/engine/static_decode.py).
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self._rope(position_ids, x.dtype)
+        for layer, kv in zip(self.model.layers, cache.layers):
+            x = layer(x, cos, sin, mask, kv, write_pos)
+        return self.head(self.model.norm(x)[:, -1])
+
+    def forward_cached(self, input_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
+        """Logits of the last position only (B, V): prefill when T > 1, one decode step when T == 1."""
+        h = self.hidden_states(input_ids, None, position_ids, cache, start, key_mask)
+        return self.head(h[:, -1])
+
+
+def _mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list:
+    return mla.cache_shapes(cfg, batch, max_len)
+
+
+def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself.
+
+    Allowing the diagonal keeps padding rows finite (a row with no allowed key would give NaN, and NaN keys poison
+    every later query through 0 * NaN in the attention product).
+    """
+    S = key_mask.shape[1]
+    q_pos = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    return ((causal[None] & key_mask[:, None, :]) | (k_pos == q_pos)[None])[:, None]

@@ -1,0 +1,175 @@
+"""Rule-based rewards (R1 recipe section 3): answer extraction, format check, and a scorer that never raises.
+
+Every pitfall listed in the recipe is handled here: the format regex is DOTALL, there is no fallback to the
+whole text when the <answer> tag is missing, empty answers earn nothing, multi-line answers are kept whole, and
+a scorer that raises or hangs costs that one completion its reward instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from r1lab.rewards.language import check_target, language_consistency
+from r1lab.rewards.tasks.base import Problem, Task
+from r1lab.rewards.user_functions import (
+    Outcome,
+    _ScorerTimeout,
+    call_with_timeout,
+    component_name,
+    load_reward_function,
+    reward_workers,
+)
+
+_OPEN, _CLOSE = "<answer>", "</answer>"
+_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags
+_FORMAT_RE = re.compile(rf"<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>\s*", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """Stripped content of the last complete <answer>...</answer> pair, or None when there is none."""
+    if not isinstance(text, str):
+        return None
+    end = text.rfind(_CLOSE)
+    if end < 0:
+        return None
+    start = text.rfind(_OPEN, 0, end)
+    if start < 0:
+        return None
+    return text[start + len(_OPEN) : end].strip()
+
+
+def format_reward(text: str) -> float:
+    """1.0 iff the text is <think>...</think> <answer>non-empty</answer> with each tag exactly once, else 0.0."""
+    if not isinstance(text, str):
+        return 0.0
+    match = _FORMAT_RE.fullmatch(text.lstrip())
+    return 1.0 if match and match.group(1).strip() else 0.0
+
+
+@dataclass
+class RewardWeights:
+    accuracy: float = 1.0
+    format: float = 1.0
+    language: float = 0.0  # R1 stage 2: share of the chain of thought in target_language (r1lab/rewards/language.py)
+    target_language: str = "en"
+    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), r1lab/rewards/user_functions.py
+
+    def __post_init__(self) -> None:
+        if self.language:
+            check_target(self.target_language)  # an unknown language fails at once, not as a reward of 0
+        for spec, _ in self.functions:
+            load_reward_function(spec)  # likewise a function that cannot be loaded
+
+
+@dataclass
+class RewardResult:
+    total: list[float]
+    components: dict[str, list[float]]  # "accuracy", "format" (+ "language", your functions' names), one each
+    correct: list[bool]
+    answers: list[str | None]
+    errors: int  # scorer calls that raised
+    timeouts: int  # scorer calls interrupted after timeout_s
+
+
+class _Tally:
+    """Counts scorer failures while turning them into a 0.0 component."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.errors = 0
+        self.timeouts = 0
+
+    def run(self, fn: Callable[[], float]) -> float:
+        try:
+            value = float(call_with_timeout(fn, self.timeout_s))
+        except _ScorerTimeout:
+            self.timeouts += 1
+            return 0.0
+        except Exception:
+            self.errors += 1
+            return 0.0
+        if value != value:  # NaN would poison the group's advantage statistics
+            self.errors += 1
+            return 0.0
+        return value
+
+    def record(self, spec: str, outcome: Outcome) -> float:
+        """The reward of one user-function call run in a worker (r1lab/rewards/user_functions.py), failures counted."""
+        kind, value = outcome
+        if kind == "ok":
+            return value
+        if kind == "timeout":
+            self.timeouts += 1
+            _warn_once(spec, "timeout", f"ran past the {self.timeout_s:g} s timeout")
+        else:
+            self.errors += 1
+            _warn_once(spec, "error", value)
+        return 0.0
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_once(spec: str, kind: str, reason: str) -> None:
+    """Counters say how often a function fails; one message per function and kind says why, without a flood."""
+    if (spec, kind) not in _WARNED:
+        _WARNED.add((spec, kind))
+        warnings.warn(f"reward function {spec}: {reason}; it scores 0 and is counted in scorer_{kind}s "
+                      f"(reported once)", RuntimeWarning)
+
+
+def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _Tally) -> float:
+    if not answer:  # no tag, or an empty answer: nothing to score, never a substring match on nothing
+        return 0.0
+    if problem is None:  # fewer problems than completions: a caller bug, reported as an error
+        tally.errors += 1
+        return 0.0
+    return tally.run(lambda: task.score(problem, answer))
+
+
+def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: list[str],
+                  tally: _Tally) -> dict[str, list[float]]:
+    """Users' functions, run in worker processes so that nothing they do can end or hang the run."""
+    if not weights.functions:
+        return {}
+    pairs = [(text, problems[i] if i < len(problems) else None) for i, text in enumerate(texts)]
+    outcomes = reward_workers().score({spec: pairs for spec, _ in weights.functions}, tally.timeout_s)
+    return {spec: [tally.record(spec, o) for o in outcomes[spec]] for spec, _ in weights.functions}
+
+
+def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
+                      weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
+                      response_prefix: str = "") -> RewardResult:
+    """Accuracy and format rewards (and language consistency, when weighted) of each completion; problems[i] is
+    the problem of completions[i].
+
+    response_prefix is response text the prompt already supplied (e.g. a prefilled "<think>"): the format is
+    judged on prefix + completion, and the answer is extracted from the same text.
+    """
+    tally = _Tally(timeout_s)
+    prefix = response_prefix if isinstance(response_prefix, str) else ""
+    acc, fmt, lang, texts, answers = [], [], [], [], []
+    for i, completion in enumerate(completions):
+        text = prefix + (completion if isinstance(completion, str) else "")
+        texts.append(text)
+        answer = extract_answer(text)
+        problem = problems[i] if i < len(problems) else None
+        answers.append(answer)
+        acc.append(_accuracy(task, problem, answer, tally))
+        fmt.append(tally.run(lambda: format_reward(text)))
+        if weights.language:
+            lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
+    custom = _user_rewards(weights, problems, texts, tally)
+    total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
+    components = {"accuracy": acc, "format": fmt}
+    if weights.language:
+        total = [t + weights.language * g for t, g in zip(total, lang)]
+        components["language"] = lang
+    for spec, weight in weights.functions:
+        total = [t + weight * v for t, v in zip(total, custom[spec])]
+        components[component_name(spec)] = custom[spec]
+    return RewardResult(total=total, components=components, correct=[a == 1.0 for a in acc], answers=answers,
+                        errors=tally.errors, timeouts=tally.timeouts)

@@ -1,0 +1,36 @@
+"""Task registry: turns a task spec (a generator name or a data file path) into a Task."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from r1lab.rewards.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask
+from r1lab.rewards.tasks.base import Problem, Task
+from r1lab.rewards.tasks.code import CodeFileTask, CodeTask, code_task
+from r1lab.rewards.tasks.countdown import CountdownTask
+from r1lab.rewards.tasks.dataset import DatasetError, DatasetTask
+
+
+def arithmetic_task(**options: Any) -> ArithmeticTask:
+    """With no options, the demo's task (two 3-digit numbers to add); options describe other expressions, on top of
+    ArithmeticTask's own defaults (4 to 6 one-digit terms)."""
+    return ArithmeticTask(**(options or DEMO_OPTIONS))
+
+
+# "code" takes task option `path` for a file of code problems (see r1lab/rewards/tasks/code.py), else generates them.
+TASKS: dict[str, Callable[..., Task]] = {"arithmetic": arithmetic_task, "code": code_task, "countdown": CountdownTask}
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def get_task(spec: str, **options: Any) -> Task:
+    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path."""
+    if spec in TASKS:
+        return TASKS[spec](**options)
+    if spec.lower().endswith(DATA_SUFFIXES):
+        return DatasetTask(spec, **options)
+    raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, "
+                     f"or a data file path ending in {', '.join(DATA_SUFFIXES)}")
+
+
+__all__ = ["TASKS", "ArithmeticTask", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",
+           "Problem", "Task", "get_task"]

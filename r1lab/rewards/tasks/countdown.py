@@ -1,0 +1,135 @@
+"""Countdown (TinyZero rules): reach a target with + - * / and parentheses, using each given number exactly once.
+
+Problems are built from a random expression over the numbers, so every problem has a solution (kept as the
+reference answer). Candidate equations are checked through the `ast` module and evaluated with exact fractions;
+nothing is ever passed to eval().
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+from fractions import Fraction
+
+from r1lab.rewards.tasks.base import Problem
+from r1lab.rewards.tasks.dataset import draw_unique
+
+MAX_EQUATION_CHARS = 200  # longer candidates are rejected before parsing: nothing legitimate is that long
+_ALLOWED_CHARS = set("0123456789+-*/() \t")  # rules out floats, hex/underscore literals, names, strings
+_MAX_DRAWS = 10_000
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+
+PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
+          "operations (+, -, *, /) and each number can only be used once.")
+
+
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a / b  # ZeroDivisionError is the caller's to handle
+
+
+def _literals(tree: ast.AST) -> list[int] | None:
+    """The int literals of an equation's AST, or None if it uses anything but ints, + - * / and parentheses."""
+    literals: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and type(node.value) is int:  # type() so True/False don't pass
+            literals.append(node.value)
+        elif isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            continue
+        elif not isinstance(node, (ast.Expression, *_OPS)):  # the op nodes themselves are walked too
+            return None
+    return literals
+
+
+def _evaluate(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant):
+        return Fraction(node.value)
+    assert isinstance(node, ast.BinOp)  # guaranteed by _literals
+    return _apply(_OPS[type(node.op)], _evaluate(node.left), _evaluate(node.right))
+
+
+def _left_side(equation: str, target: int) -> str | None:
+    """The expression part of "expr" or "expr = target"; None when there is any other right side."""
+    left, equals, right = equation.partition("=")
+    if equals and right.strip() != str(target):  # also rejects a second "=" and an empty right side
+        return None
+    return left
+
+
+def check_equation(equation: str, numbers: list[int], target: int) -> bool:
+    """True iff equation uses each of numbers exactly once and evaluates to target (within 1e-5)."""
+    if not isinstance(equation, str) or len(equation) > MAX_EQUATION_CHARS:
+        return False
+    left = _left_side(equation.strip(), target)
+    if left is None or not left.strip() or set(left) - _ALLOWED_CHARS:
+        return False
+    try:
+        tree = ast.parse(left.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    literals = _literals(tree)
+    if literals is None or sorted(literals) != sorted(numbers):
+        return False
+    try:
+        value = _evaluate(tree)
+    except ZeroDivisionError:
+        return False
+    return abs(value - target) < Fraction(1, 100_000)
+
+
+class CountdownTask:
+    name = "countdown"
+
+    def __init__(self, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99, max_target: int = 1000,
+                 test_fraction: float = 0.2) -> None:
+        if not 2 <= min_numbers <= max_numbers:
+            raise ValueError(f"need 2 <= min_numbers <= max_numbers, got {min_numbers}, {max_numbers}")
+        if max_number < 1 or max_target < 1:
+            raise ValueError("max_number and max_target must be >= 1")
+        self.min_numbers, self.max_numbers = min_numbers, max_numbers
+        self.max_number, self.max_target = max_number, max_target
+        self.test_fraction = test_fraction
+
+    def _random_solution(self, rng: random.Random, numbers: list[int]) -> tuple[str, Fraction] | None:
+        """A random expression using every number once, with its value; None on a division by zero."""
+        items = [(str(n), Fraction(n)) for n in numbers]
+        while len(items) > 1:
+            rng.shuffle(items)
+            (a_text, a), (b_text, b) = items.pop(), items.pop()
+            op = rng.choice("+-*/")
+            if op == "/" and b == 0:
+                return None
+            items.append((f"({a_text}{op}{b_text})", _apply(op, a, b)))
+        text, value = items[0]
+        return text[1:-1], value  # drop the redundant outer parentheses
+
+    def _draw(self, rng: random.Random) -> Problem:
+        for _ in range(_MAX_DRAWS):  # most random expressions land on an integer in range
+            numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
+            solution = self._random_solution(rng, numbers)
+            if solution and solution[1].denominator == 1 and 1 <= solution[1] <= self.max_target:
+                target = int(solution[1])
+                prompt = PROMPT.format(numbers=numbers, target=target)
+                return Problem(prompt=prompt, answer=solution[0], meta={"numbers": numbers, "target": target})
+        raise ValueError(f"no countdown problem found with targets in 1..{self.max_target}; raise max_target")
+
+    @staticmethod
+    def _key(problem: Problem) -> str:
+        # The same numbers in another order are the same problem: keep them in one split.
+        return f"countdown:{sorted(problem.meta['numbers'])}={problem.meta['target']}"
+
+    def problems(self, split: str, n: int, seed: int) -> list[Problem]:
+        return draw_unique(self._draw, self._key, self.test_fraction, split, n, seed)
+
+    def score(self, problem: Problem, answer: str) -> float:
+        return 1.0 if check_equation(answer, problem.meta["numbers"], problem.meta["target"]) else 0.0
+
+    def canonical(self, answer: str) -> str:
+        return "".join(answer.split())

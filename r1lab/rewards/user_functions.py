@@ -1,0 +1,466 @@
+"""Your own reward functions, added to the built-in ones: `r1lab grpo --reward-functions '{"my_rewards:brevity": 0.5}'`.
+
+A reward function is named "module:function" (an importable module) or "path/to/file.py:function", and weighted. It
+is called once per completion, as `function(completion, problem)`:
+- completion: the response text (with any prefilled text, e.g. "<think>", in front), exactly what the built-in
+  rewards see;
+- problem: an r1lab Problem, with `.prompt`, `.answer` (the reference) and `.meta` (task data; for a data file, the
+  row number);
+and returns a real number (int, float, or a numpy integer/float; not a bool, not a string) of magnitude at most
+MAX_REWARD. Mean per step is logged as `reward/<function name>`.
+
+Your functions run in a few worker processes (RewardWorkers), not in the trainer, so that nothing they do can end
+or hang training: a call that raises anything (SystemExit and KeyboardInterrupt included), returns something else
+than such a number, or kills its worker gives 0 and counts in `scorer_errors`; a call running past
+`reward_timeout_s` gives 0 and counts in `scorer_timeouts`, and if it ignores the interruption its worker is
+killed and replaced. The first failure of each kind per function is printed as a warning.
+
+    # my_rewards.py
+    def brevity(completion, problem):
+        return 1.0 if len(completion) < 200 else 0.0
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import importlib.util
+import inspect
+import math
+import numbers
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Callable, TypeVar
+
+RewardFunction = Callable[[str, object], float]
+T = TypeVar("T")
+
+# Rewards are summed with the built-in ones (0 or 1) into a float32 tensor and normalised per group. Up to 1e6,
+# float32 still tells r and r + 1 apart and a group's variance (<= 1e12 * G) cannot overflow; 1e300 or inf made
+# every step a non-finite skip. No sensible reward needs more: it is a bug to report, not a value to train on.
+MAX_REWARD = 1e6
+LOAD_TIMEOUT_S = 120.0  # importing the function's module in a fresh worker (it may import heavy libraries)
+NO_LIMIT_S = 60.0  # what a call gets when reward_timeout_s <= 0: workers are never allowed to hang the run
+GRACE_S = 1.0  # past the timeout, for the worker's own interruption to arrive before the worker is killed
+FLUSH_S = 0.05  # a worker sends its outcomes at least this often, and before any call that runs longer
+
+Outcome = tuple  # ("ok", float) | ("error", reason) | ("timeout", None)
+
+
+@lru_cache(maxsize=None)
+def load_reward_function(spec: str) -> RewardFunction:
+    """The function a "module:function" or "file.py:function" spec names; ValueError saying what is wrong."""
+    source, sep, name = str(spec).rpartition(":")
+    if not sep or not source or not name.isidentifier():
+        raise ValueError(f"reward function {spec!r}: write it as 'module:function' or 'path/to/file.py:function'")
+    module = _load_file(spec, Path(source)) if source.endswith(".py") else _import(spec, source)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {source} has no function {name!r}")
+    try:
+        inspect.signature(fn).bind("completion", None)
+    except TypeError:
+        raise ValueError(f"reward function {spec!r}: it must accept (completion, problem)") from None
+    except ValueError:  # builtins without a signature: let the call decide
+        pass
+    return fn
+
+
+def _import(spec: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except (Exception, SystemExit) as err:  # a module calling sys.exit() on import is a load error too
+        raise ValueError(f"reward function {spec!r}: cannot import {module!r} ({type(err).__name__}: {err})") from None
+
+
+def _load_file(spec: str, path: Path):
+    if not path.is_file():
+        raise ValueError(f"reward function {spec!r}: no file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"r1lab_reward_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except (Exception, SystemExit) as err:
+        raise ValueError(f"reward function {spec!r}: {path} failed to load ({type(err).__name__}: {err})") from None
+    return module
+
+
+def component_name(spec: str) -> str:
+    """The metric name of a function's reward: its function name, e.g. reward/brevity."""
+    return str(spec).rpartition(":")[2]
+
+
+class RewardValueError(ValueError):
+    """A reward function returned something that is not a usable reward."""
+
+
+def checked_reward(value: object) -> float:
+    """value as a float if it is a finite real number within +-MAX_REWARD, else RewardValueError.
+
+    Numbers only: a string such as "1.5" is a bug in the function, not a reward to parse; a bool usually means
+    a predicate was returned where a score was meant, so it must be converted explicitly (float(ok)).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RewardValueError(f"returned {type(value).__name__}, not a number (int or float)")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError) as err:  # e.g. an int beyond the float range
+        raise RewardValueError(f"returned a number that is not a float ({err})") from None
+    if not math.isfinite(number):
+        raise RewardValueError(f"returned {number}, not a finite number")
+    if abs(number) > MAX_REWARD:
+        raise RewardValueError(f"returned {number:g}, beyond the bound of +-{MAX_REWARD:g}")
+    return number
+
+
+# ---------------------------------------------------------------- the timeout guard (also for the built-in scorers)
+
+
+class _ScorerTimeout(BaseException):
+    """Raised by the SIGALRM handler. A BaseException so that scorers' `except Exception` (math-verify has
+    several) cannot swallow it."""
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise _ScorerTimeout()
+
+
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """fn(), interrupted by _ScorerTimeout after timeout_s seconds (main thread only; elsewhere no limit).
+
+    Python runs signal handlers between bytecodes, so a single long C call is only interrupted when it returns.
+    """
+    if timeout_s is None or timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
+        return fn()
+    old_handler = signal.signal(signal.SIGALRM, _on_alarm)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    started = time.monotonic()
+    try:
+        try:
+            return fn()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        # The outer finally still runs if the alarm fires inside the inner one, so the handler is always restored.
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:  # give an enclosing timer back what is left of its time
+            remaining = max(old_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
+
+
+# ---------------------------------------------------------------- inside a worker process
+
+
+def _worker_main(fd: int) -> None:
+    """A worker's loop: a job is (spec, cwd, sys.path, timeout_s, one_by_one, [(completion, problem), ...]); it
+    answers ("loaded", error or None), then ("done", [outcome, ...]) batches, in order (one outcome a message when
+    one_by_one)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it then closes the workers
+    _die_with_parent()
+    conn = Connection(fd)
+    reporter = _Reporter(conn)
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the trainer closed the pipe or is gone
+        except BaseException as err:  # a job that cannot be unpickled here (e.g. a Problem class not importable)
+            reporter.send(("loaded", f"its job could not be read in the worker ({_describe(err)})"))
+            continue
+        spec, cwd, path, timeout_s, one_by_one, items = message
+        fn, error = _load_in_worker(spec, cwd, path)
+        reporter.send(("loaded", error))
+        for i, (completion, problem) in enumerate(items if fn is not None else ()):
+            reporter.begin()
+            reporter.add(_call(fn, completion, problem, timeout_s), last=one_by_one or i == len(items) - 1)
+
+
+class _Reporter:
+    """Sends a worker's outcomes in batches, for throughput, yet so that the trainer always knows which call is
+    running: when a call has run for FLUSH_S, a watchdog thread sends what came before it. When the trainer
+    then kills the worker for a call that overran, the first unanswered item is that call."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn, self.lock = conn, threading.Lock()
+        self.pending: list[Outcome] = []
+        self.started: float | None = None  # when the running call began; None between calls
+        self.flushed = time.monotonic()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def begin(self) -> None:
+        with self.lock:
+            self.started = time.monotonic()
+
+    def add(self, outcome: Outcome, last: bool) -> None:
+        with self.lock:
+            self.started = None
+            self.pending.append(outcome)
+            if last or time.monotonic() - self.flushed > FLUSH_S:
+                self._flush()
+
+    def _watch(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # the alarm is for the thread running the calls
+        while True:
+            time.sleep(FLUSH_S)
+            with self.lock:
+                if self.pending and self.started is not None and time.monotonic() - self.started > FLUSH_S:
+                    self._flush()
+
+    def _flush(self) -> None:
+        self.conn.send(("done", self.pending))
+        self.pending, self.flushed = [], time.monotonic()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this worker when the trainer dies, even a worker stuck in a user's endless loop."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the closed pipe still ends an idle worker
+        pass
+
+
+def _load_in_worker(spec: str, cwd: str, path: list[str]) -> tuple[RewardFunction | None, str | None]:
+    try:
+        if os.getcwd() != cwd:
+            os.chdir(cwd)  # relative "file.py:function" specs mean what they meant to the trainer
+        sys.path[:] = path + [entry for entry in sys.path if entry not in path]  # the trainer's first, r1lab's kept
+        return load_reward_function(spec), None
+    except BaseException as err:
+        return None, str(err) if isinstance(err, ValueError) else _describe(err)
+
+
+def _call(fn: RewardFunction, completion: str, problem: object, timeout_s: float) -> Outcome:
+    try:
+        # The check runs under the alarm too: converting a strange number type runs user code.
+        return "ok", call_with_timeout(lambda: checked_reward(fn(completion, problem)), timeout_s)
+    except _ScorerTimeout:
+        return "timeout", None
+    except RewardValueError as err:
+        return "error", str(err)
+    except BaseException as err:  # SystemExit, KeyboardInterrupt, GeneratorExit...: all contained
+        return "error", _describe(err)
+
+
+def _describe(err: BaseException) -> str:
+    try:
+        text = str(err)
+    except BaseException:  # an exception whose __str__ raises
+        text = "?"
+    return f"raised {type(err).__name__}" + (f": {text[:200]}" if text else "")
+
+
+# ---------------------------------------------------------------- in the trainer
+
+
+class _Worker:
+    """One worker process, started as a fresh interpreter (no fork of a trainer holding CUDA and threads), that
+    imports only this module: it starts in a fraction of a second, even after a kill."""
+
+    def __init__(self) -> None:
+        parent, child = Pipe()
+        root = str(Path(__file__).resolve().parents[2])
+        code = "import sys; sys.path.insert(0, sys.argv[1]); from r1lab.rewards.user_functions import _worker_main; " \
+               "_worker_main(int(sys.argv[2]))"
+        self.process = subprocess.Popen([sys.executable, "-c", code, root, str(child.fileno())],
+                                        pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        child.close()
+        self.conn = parent
+
+    def kill(self) -> None:
+        self.conn.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@dataclass
+class _Job:
+    spec: str
+    slots: list[int]  # where each item's outcome goes in the caller's list
+    items: list[tuple[str, object]]  # (completion, problem)
+    # The worker answers each call as it ends. Set after a worker died: outcomes it had not yet sent were lost
+    # with it, so which call killed it is only known when every call is answered before the next begins.
+    one_by_one: bool = False
+
+
+@dataclass
+class _Running:
+    worker: _Worker
+    job: _Job
+    done: int = 0  # items answered
+    loading: bool = True
+    deadline: float = 0.0
+
+
+def default_workers() -> int:
+    """R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free."""
+    configured = os.environ.get("R1LAB_REWARD_WORKERS", "").strip()
+    return max(1, int(configured)) if configured.isdigit() else max(1, min(4, os.cpu_count() or 1))
+
+
+class RewardWorkers:
+    """A small pool of worker processes that run users' reward functions, started lazily and kept between
+    scoring calls. Each job sends one worker a whole chunk of completions in one message, so a cheap function
+    costs about as much as it did in-process. close() (also run at exit) ends every worker; the pool restarts
+    lazily if used again."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.size = workers or default_workers()
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()  # a forked copy of the trainer must not close the trainer's workers
+
+    def __enter__(self) -> "RewardWorkers":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(self, batches: dict[str, list[tuple[str, object]]], timeout_s: float) -> dict[str, list[Outcome]]:
+        """For each spec, the outcome of spec(completion, problem) for each item: ("ok", reward),
+        ("error", reason) or ("timeout", None). Never raises for anything a reward function does."""
+        limit = timeout_s if timeout_s and timeout_s > 0 else NO_LIMIT_S
+        out = {spec: [("error", "not scored")] * len(items) for spec, items in batches.items()}
+        queue = deque(job for spec, items in batches.items() for job in _split(spec, items, self.size))
+        running: dict[Connection, _Running] = {}
+        with self._lock:
+            try:
+                while queue or running:
+                    while queue and len(running) < self.size:
+                        self._start(queue.popleft(), limit, running, out)
+                    if running:  # else every job left failed to be sent
+                        self._advance(running, queue, out, limit)
+            except BaseException:
+                for state in running.values():  # their late answers would be read as the next job's
+                    state.worker.kill()
+                raise
+        return out
+
+    def _start(self, job: _Job, limit: float, running: dict, out: dict) -> None:
+        message = (job.spec, os.getcwd(), list(sys.path), limit, job.one_by_one, job.items)
+        worker = self._idle.pop() if self._idle else _Worker()
+        try:
+            try:
+                worker.conn.send(message)
+            except OSError:  # the idle worker died since its last job: one fresh try
+                worker.kill()
+                worker = _Worker()
+                worker.conn.send(message)
+        except Exception as err:  # e.g. a Problem whose meta cannot be pickled; pickling fails before writing
+            self._idle.append(worker)
+            for slot in job.slots:
+                out[job.spec][slot] = ("error", f"its arguments cannot be sent to a worker ({err})")
+            return
+        running[worker.conn] = _Running(worker, job, deadline=time.monotonic() + LOAD_TIMEOUT_S)
+
+    def _advance(self, running: dict, queue: deque, out: dict, limit: float) -> None:
+        """Read what the workers answered, or act on the first deadline that passes."""
+        soonest = min(state.deadline for state in running.values())
+        for conn in wait(list(running), timeout=max(0.0, soonest - time.monotonic())):
+            while conn in running and conn.poll():
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    code = running[conn].worker.process.wait()
+                    self._fail(running, conn, queue, out, ("error", f"ended its worker process (exit code {code})"))
+                    break
+                self._receive(running, conn, message, out, limit)
+        now = time.monotonic()
+        for conn, state in list(running.items()):
+            if state.deadline <= now and not conn.poll():
+                self._fail(running, conn, queue, out, ("timeout", None))
+
+    def _receive(self, running: dict, conn: Connection, message: Outcome, out: dict, limit: float) -> None:
+        state = running[conn]
+        job, (kind, value) = state.job, message
+        if state.loading:
+            state.loading = False
+            if value is not None:  # the function cannot be loaded there: every item is an error
+                self._finish(running, conn, out, ("error", f"cannot be loaded in a worker: {value}"))
+                return
+        else:
+            for outcome in value:
+                out[job.spec][job.slots[state.done]] = outcome
+                state.done += 1
+        state.deadline = time.monotonic() + limit + GRACE_S
+        if state.done == len(job.items):
+            self._finish(running, conn, out, None)
+
+    def _finish(self, running: dict, conn: Connection, out: dict, rest: Outcome | None) -> None:
+        state = running.pop(conn)
+        for slot in state.job.slots[state.done:] if rest else ():
+            out[state.job.spec][slot] = rest
+        self._idle.append(state.worker)
+
+    def _fail(self, running: dict, conn: Connection, queue: deque, out: dict, outcome: Outcome) -> None:
+        """The worker died or overran: the call it was making gets outcome, the worker is killed, and the rest
+        of its job goes back to the queue for a fresh worker. A batched worker that died is not sure to have sent
+        every outcome, so its unanswered calls go back one by one, and the call that then kills a worker is blamed."""
+        state = running.pop(conn)
+        state.worker.kill()
+        job, done = state.job, state.done
+        if state.loading:
+            reason = "its worker died while loading it" if outcome[0] == "error" else \
+                f"loading it in a worker took more than {LOAD_TIMEOUT_S:.0f} s"
+            for slot in job.slots:
+                out[job.spec][slot] = ("error", reason)
+            return
+        if outcome[0] == "error" and not job.one_by_one:
+            # A died worker may have finished calls after the last batch it sent: run them again one by one.
+            queue.appendleft(_Job(job.spec, job.slots[done:], job.items[done:], one_by_one=True))
+            return
+        out[job.spec][job.slots[done]] = outcome
+        if done + 1 < len(job.items):
+            queue.appendleft(_Job(job.spec, job.slots[done + 1:], job.items[done + 1:], job.one_by_one))
+
+    def close(self) -> None:
+        """End every worker: closing its pipe ends an idle one; any still running after a moment is killed."""
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            workers, self._idle = self._idle, []
+        for worker in workers:
+            worker.conn.close()
+        deadline = time.monotonic() + 1.0
+        for worker in workers:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+
+
+def _split(spec: str, items: list, parts: int) -> list[_Job]:
+    """items in at most `parts` contiguous chunks of near-equal size, one message each."""
+    n = len(items)
+    parts = max(1, min(parts, n))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [_Job(spec, list(range(a, b)), items[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+_POOL: RewardWorkers | None = None
+
+
+def reward_workers() -> RewardWorkers:
+    """The process's shared pool, created on first use and closed at exit."""
+    global _POOL
+    if _POOL is None:
+        _POOL = RewardWorkers()
+        atexit.register(_POOL.close)
+    return _POOL

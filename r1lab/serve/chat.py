@@ -1,0 +1,166 @@
+"""`r1lab chat --model DIR`: a terminal chat with a model directory, for use without a browser.
+
+Reads one message per line from stdin (typed, or piped: `printf 'What is 2+3?\n' | r1lab chat --model DIR`), and
+streams each reply as it is sampled: the reasoning (<think>...</think>) dimmed under "thinking", then the answer,
+split exactly as the server's reasoning_content and content. `/reset` starts over, `/quit` (or end of input) leaves.
+It runs the engine in-process, with the same prompt rendering and text streaming as `r1lab serve`.
+
+With `--tools python` a reply runs tool calls as `r1lab serve` does (r1lab/engine/tools.py): a closed `<python>...</python>`
+block's code runs in the sandbox and its `<output>...</output>` is shown (in the reasoning, when the block is there)
+and appended to the reply, which goes on from it with its turn's own seed; the output's tokens count against
+max_tokens, and a block closed past max_tool_calls ends the reply.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Callable, Iterator, TextIO
+
+from rich.console import Console
+
+from r1lab.config import ChatConfig
+from r1lab.cpu.process import setup_training_process
+from r1lab.engine.engine import Engine
+from r1lab.engine.tools import (
+    ToolSpec,
+    block_code,
+    call_tool,
+    closes_block,
+    output_tokens,
+    run_in_sandbox,
+    tool_summary,
+    turn_seed,
+)
+from r1lab.model.loading import load_policy, pick_device
+from r1lab.model.templates import render_conversation, starts_in_think
+from r1lab.serve.reasoning import ReasoningSplitter
+from r1lab.serve.textstream import TextStream
+
+
+class ReplyView:
+    """Prints a reply's reasoning and answer deltas as they come, each part under its own label."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.part = None  # "reasoning" or "answer": the part being printed
+
+    def show(self, reasoning: str, content: str) -> None:
+        if reasoning:
+            self._write("reasoning", "thinking: ", reasoning, "dim italic")
+        if content:
+            self._write("answer", "answer: ", content, "")
+
+    def _write(self, part: str, label: str, text: str, style: str) -> None:
+        if self.part != part:
+            if self.part is not None:
+                self.console.print()
+            self.console.print(label, style="bold cyan" if part == "answer" else "bold dim", end="")
+            self.part = part
+        self.console.print(text, style=style, end="", markup=False, highlight=False, soft_wrap=True)
+
+    def close(self, note: str = "") -> None:
+        if self.part is not None:
+            self.console.print()
+        if note:
+            self.console.print(note, style="dim", markup=False, highlight=False)
+
+
+def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view: ReplyView) -> tuple[str, str]:
+    """Sample one reply to the conversation (tool calls included, with --tools), printing it as it streams. Returns
+    (answer text, finish reason)."""
+    tok = engine.tokenizer
+    prompt_text = render_conversation(tok, messages, cfg.template) + cfg.prefill
+    ids = tok.encode(prompt_text)
+    room = engine.model.config.max_position_embeddings - len(ids)
+    if room < 1:
+        raise ValueError(f"the conversation ({len(ids)} tokens) fills the model's context; /reset to start over")
+    text, splitter = TextStream(tok), ReasoningSplitter(starts_in_think(prompt_text))
+    answer: list[str] = []
+
+    def show(reasoning: str, content: str) -> None:
+        answer.append(content)
+        view.show(reasoning, content)
+
+    def feed(tokens: list[int]) -> None:
+        for t in tokens:
+            show(*splitter.feed(text.push(t)))
+
+    tokens, reason, note = _turns(engine, ids, cfg, seed, min(cfg.max_tokens, room), feed)
+    show(*splitter.feed(text.flush()))
+    show(*splitter.finish())
+    view.close(note or (f"[{tokens} tokens, cut at max_tokens]" if reason == "length" else ""))
+    return "".join(answer), reason
+
+
+def _turns(engine: Engine, ids: list[int], cfg: ChatConfig, seed: int, budget: int,
+           feed: Callable[[list[int]], None]) -> tuple[int, str, str]:
+    """Generate a reply turn by turn, feeding every token (the model's as sampled, a tool output's when it is back)
+    to `feed`: without tools, one turn. Returns (tokens, finish reason, a note on why it ended, or "")."""
+    spec = ToolSpec.of(cfg)
+    completion: list[int] = []
+    for turn in itertools.count():
+        sample = engine.generate([ids + completion], max_new_tokens=budget - len(completion),
+                                 temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=[seed if turn == 0 else turn_seed(seed, 0, turn)],
+                                 stop_strings=(spec.close,) if spec else (), on_step=lambda _rows, t: feed(t))[0]
+        completion += sample.token_ids
+        if spec is None or sample.finish_reason != "stop" or \
+                not closes_block(sample.text, sample.token_ids, spec, engine.tokenizer.eos_ids):
+            return len(completion), sample.finish_reason, ""
+        if turn >= spec.max_calls:  # this block is call max_calls + 1
+            return len(completion), "stop", f"[a tool call past max_tool_calls ({spec.max_calls}) ends the reply]"
+        result = call_tool(block_code(sample.text, spec), spec, run_in_sandbox)
+        out, _ = output_tokens(result, spec, engine.tokenizer, budget - len(completion))
+        feed(out)
+        completion += out
+        if len(completion) >= budget:
+            return len(completion), "length", ""
+
+
+def user_lines(source: TextIO, console: Console) -> Iterator[str]:
+    """Lines typed at a prompt, or read from a pipe (echoed, so a transcript reads as a conversation)."""
+    while True:
+        if source.isatty():
+            try:
+                line = console.input("[bold green]you>[/] ")
+            except EOFError:
+                return
+        else:
+            line = source.readline()
+            if not line:
+                return
+            console.print(f"you> {line.rstrip()}", style="bold green", markup=False, highlight=False)
+        yield line.strip()
+
+
+def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | None = None,
+             engine: Engine | None = None) -> None:
+    console = console or Console(highlight=False)
+    if engine is None:
+        setup_training_process(cfg.threads, cfg.model, cfg.device)
+        model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
+        engine = Engine(model.eval(), tokenizer)
+    opening = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    messages = list(opening)
+    console.print(f"r1lab chat with {cfg.model}: one message per line, /reset to start over, /quit to leave",
+                  style="dim", markup=False, highlight=False)
+    if cfg.tools:
+        console.print(f"tools: {tool_summary(ToolSpec.of(cfg))}", style="dim", markup=False, highlight=False)
+    for turn, line in enumerate(user_lines(source or sys.stdin, console)):
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = list(opening)
+            console.print("(conversation cleared)", style="dim")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            answer, _ = reply(engine, messages, cfg, cfg.seed + turn, ReplyView(console))
+        except ValueError as err:
+            messages.pop()
+            console.print(f"error: {err}", style="red", markup=False, highlight=False)
+            continue
+        messages.append({"role": "assistant", "content": answer})

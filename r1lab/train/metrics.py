@@ -1,0 +1,223 @@
+"""Run logging: per-step metrics (JSONL + TensorBoard), sample completions, and a live progress bar.
+
+The JSONL files are the source of truth (report.py plots from them); TensorBoard is a convenience and is skipped
+with a warning when it is not installed. Used by `r1lab grpo`, `r1lab sft`, `r1lab pretrain` and `r1lab sample`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+
+# What the progress bar shows; the trainer logs many more keys to the files.
+LIVE_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("completion_len/mean", "len"), ("kl", "kl"))
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: tensors/numpy scalars become Python numbers, NaN and inf become None (null)."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return _clean(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return str(value)
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    # Open, write, close per call: a crash mid-run loses at most the line being written.
+    line = json.dumps(_clean(row), allow_nan=False, ensure_ascii=False)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a missing file gives [] and a torn last line (crash) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [r for r in read_jsonl(path) if not isinstance(r.get("step"), int) or r["step"] <= step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and (isinstance(value, (int, float))
+                                            or hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
+
+
+class MetricsLogger:
+    """Appends metrics to run_dir/metrics.jsonl and eval results to run_dir/eval.jsonl, mirrored to TensorBoard.
+
+    Pass `resume_step` (or call `truncate_after`) when resuming, so steps after the checkpoint are not duplicated.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.eval_path = self.run_dir / EVAL_FILE
+        self._tb_wanted = tensorboard
+        self._writer: Any = None
+        self._purge_step: int | None = None
+        if resume_step is not None:
+            self.truncate_after(resume_step)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        _append_jsonl(self.metrics_path, {"step": int(step), **metrics})
+        self._scalars("", metrics, step)
+
+    def log_eval(self, step: int, split: str, result: dict[str, Any]) -> None:
+        row = {k: v for k, v in result.items() if k != "records"}  # records belong in the samples/eval JSON
+        _append_jsonl(self.eval_path, {"step": int(step), "split": split, **row})
+        self._scalars(f"eval/{split}/", row, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop training rows with step > `step` and evaluations at step >= `step` (a resumed run evaluates its
+        first step again), from both files and from TensorBoard on its next write."""
+        _truncate_jsonl(self.metrics_path, step)
+        _truncate_jsonl(self.eval_path, step - 1)
+        self._purge_step = step + 1
+        self.close()  # TensorBoard's writer is reopened lazily with purge_step
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _scalars(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
+        writer = self._tb()
+        if writer is None:
+            return
+        for key, value in metrics.items():
+            if _is_number(value):
+                writer.add_scalar(prefix + key, float(value), int(step))
+
+    def _tb(self) -> Any:
+        if not self._tb_wanted:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception as e:  # tensorboard missing or broken: the JSONL still has everything
+                warnings.warn(f"TensorBoard logging disabled ({e}); metrics still go to {self.metrics_path}")
+                self._tb_wanted = False
+                return None
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step,
+                                         flush_secs=10)
+        return self._writer
+
+
+def save_samples(run_dir: Path, step: int, records: Iterable[dict]) -> Path:
+    """Write run_dir/samples/step_XXXXXX.jsonl, one record per completion (prompt, completion, reward, ...)."""
+    path = Path(run_dir) / "samples" / f"step_{step:06d}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) for r in records]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def format_live_metrics(metrics: dict[str, Any] | None, keys: tuple = LIVE_KEYS) -> str:
+    """A short 'reward 0.42  acc 31.0%  len 87' string of the metrics worth watching live."""
+    if not metrics:
+        return ""
+    parts = []
+    for key, label in keys:
+        value = _clean(metrics.get(key))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {100 * value:.1f}%" if label == "acc" else f"{label} {value:.3g}")
+    return "  ".join(parts)
+
+
+class TrainingProgress:
+    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line about every 5% of the run instead.
+    Use as `with training_progress(N, start) as bar: ... bar.update(step, metrics)`."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, console: Any = None) -> None:
+        self.total = total_steps
+        self.start_step = start_step
+        self.console = console or Console()
+        self._progress: Any = None
+        self._task: Any = None
+        self._t0 = time.monotonic()
+        self._every = max(1, (total_steps - start_step) // 20)
+
+    def __enter__(self) -> TrainingProgress:
+        self._t0 = time.monotonic()
+        if self.console.is_terminal:
+            self._progress = Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                                      TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[live]}"),
+                                      console=self.console)
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.total, completed=self.start_step, live="")
+        return self
+
+    def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
+        """Record that `step` steps are done, showing a few of `metrics`."""
+        live = format_live_metrics(metrics)
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, live=live)
+        elif (step - self.start_step) % self._every == 0 or step >= self.total:
+            self.console.print(f"step {step}/{self.total}  {self._timing(step)}  {live}".rstrip(), highlight=False)
+
+    def _timing(self, step: int) -> str:
+        elapsed = time.monotonic() - self._t0
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * max(self.total - step, 0)
+        return f"elapsed {_hms(elapsed)}  eta {_hms(eta)}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+training_progress = TrainingProgress

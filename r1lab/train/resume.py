@@ -1,0 +1,89 @@
+"""What makes a run resumable: EpochOrder (which examples each step sees, a pure function of (seed, step)),
+resume_run and save_run_config (continue from the newest intact checkpoint, refusing settings that would change
+the run unless allow_config_change, which is recorded), and save_final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+from pathlib import Path
+
+import torch
+
+from r1lab.config import save_config
+from r1lab.engine.sampling import step_seed
+from r1lab.model.hf_format import save_model
+from r1lab.model.lora import merge_lora, save_adapter
+from r1lab.train.checkpoint import (
+    RESUME_FREE_FIELDS,
+    check_config_change,
+    checkpoint_step,
+    find_resume_checkpoint,
+    load_checkpoint,
+    update_run_config,
+)
+from r1lab.train.distributed import World
+from r1lab.train.sharding import full_state_dict
+
+
+class EpochOrder:
+    """Positions in an endless sequence of shuffled epochs over n examples; each epoch's shuffle is seeded by
+    (seed, epoch) alone, so step s's batch is computed without replaying the epochs before it."""
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("EpochOrder needs at least one example")
+        self.n, self.seed = n, seed
+
+    def batch(self, step: int, size: int) -> list[int]:
+        """The example indices of step `step`, `size` of them; a batch runs on across an epoch boundary."""
+        return [self._epoch(p // self.n)[p % self.n] for p in range(step * size, (step + 1) * size)]
+
+    @functools.lru_cache(maxsize=4)
+    def _epoch(self, epoch: int) -> list[int]:
+        return random.Random(step_seed(self.seed, epoch, "epoch")).sample(range(self.n), self.n)
+
+
+def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
+               world: World = World(), free: frozenset = RESUME_FREE_FIELDS) -> int:
+    """The number of steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0.
+
+    A damaged newer checkpoint is named and skipped; settings that differ from the run's (other than `free` ones)
+    are refused with the difference, before anything is loaded, unless cfg.allow_config_change. Under torchrun,
+    rank 0 chooses and checks; every rank loads (the checkpoint may come from another number of ranks)."""
+    if not cfg.resume:
+        return 0
+    ckpt = None
+    if world.main and (ckpt := find_resume_checkpoint(run, log)) is not None:
+        check_config_change(run, dataclasses.asdict(cfg), checkpoint_step(ckpt), cfg.allow_config_change, free)
+    if (ckpt := world.broadcast(ckpt)) is None:
+        return 0
+    start = load_checkpoint(ckpt, model, optimizer)
+    log(f"resumed from {ckpt} (step {start})")
+    return start
+
+
+def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World) -> None:
+    """RUN/model, the trained model in Hugging Face format; with LoRA also RUN/adapter (PEFT's format, on
+    adapter_base) and RUN/model is the adapter merged into the base (the model is done with: merged in place)."""
+    if adapter_base is not None:
+        if world.main:
+            save_adapter(model, run / "adapter", adapter_base)
+            tokenizer.save(run / "adapter")
+        merge_lora(model)
+    state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
+    if world.main:
+        save_model(model, run / "model", state=state)
+        tokenizer.save(run / "model")
+    world.barrier()  # no rank exits (ending the job) before the final model is written
+
+
+def save_run_config(run: Path, cfg, start: int, free: frozenset = RESUME_FREE_FIELDS) -> None:
+    """RUN/config.yaml: the whole config for a new run; on a resume only the free fields are updated, so the file
+    keeps saying what the run was started with (allowed changes are in config_changes.jsonl)."""
+    if start:
+        update_run_config(run, dataclasses.asdict(cfg), free)
+    else:
+        save_config(cfg, run / "config.yaml")

@@ -1,0 +1,343 @@
+"""Chat data for SFT: reading and validating rows in the usual chat formats, and each conversation's tokens with its
+loss mask.
+
+Formats, detected per file from the first row's keys (or named with data_format):
+- messages: {"messages": [{"role", "content"}, ...]} (TRL's conversational language modeling); loss on every
+  assistant turn.
+- prompt-completion, as TRL defines it: plain ({"prompt": str, "completion": str}: the prompt becomes the user turn of
+  the chosen template, so `--template r1zero` wraps it in the R1-Zero prompt, and the completion is the assistant
+  turn) or conversational ({"prompt": [messages so far], "completion": [assistant turn(s)]}); loss on the
+  completion only, as TRL's completion_only_loss: assistant turns inside the prompt are context.
+- ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}; loss on every "gpt" turn.
+Column names and ShareGPT's role names can be changed (ChatFields).
+
+The loss mask is True on the trained assistant turns only (each turn's content plus the end-of-text or
+turn-closing token after it), never on system/user text or template scaffolding: what `r1lab sft` trains on.
+Conversations are rendered by r1lab/model/templates.py, the same text `r1lab serve` and `r1lab chat` send the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from r1lab.config import SFTConfig
+from r1lab.model.templates import render_conversation
+from r1lab.model.tokenizer import Tokenizer
+from r1lab.rewards.tasks.dataset import (
+    DatasetError,
+    _rows,
+    in_test_split,
+    raise_row_errors,
+)
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("auto", "messages", "prompt_completion", "sharegpt")
+# ShareGPT's speaker names as the common dumps spell them; ChatFields.roles adds to (or overrides) these.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class ChatFields:
+    """Which format a chat file holds and what its columns are called."""
+
+    format: str = "auto"  # one of FORMATS; auto: from the first row's keys
+    messages: str = "messages"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    conversations: str = "conversations"
+    roles: dict = field(default_factory=dict)  # ShareGPT "from" value -> system | user | assistant
+
+    @classmethod
+    def of(cls, cfg: Any) -> ChatFields:
+        """From an SFTConfig; getattr so that a config without these settings reads as the defaults."""
+        default = cls()
+        return cls(format=getattr(cfg, "data_format", default.format),
+                   messages=getattr(cfg, "messages_field", default.messages),
+                   prompt=getattr(cfg, "prompt_field", default.prompt),
+                   completion=getattr(cfg, "completion_field", default.completion),
+                   conversations=getattr(cfg, "conversations_field", default.conversations),
+                   roles=dict(getattr(cfg, "role_map", None) or {}))
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"data_format {self.format!r} is not one of {', '.join(FORMATS)}")
+        bad = {k: v for k, v in self.roles.items() if v not in ROLES}
+        if bad:
+            raise ValueError(f"role_map {bad} maps to roles other than {', '.join(ROLES)}")
+
+
+class Conversation(NamedTuple):
+    """One usable row: its line in the file, its messages, and the first message the loss may cover (a
+    prompt-completion row's completion starts after its prompt)."""
+
+    line: int
+    messages: list[dict]
+    train_from: int = 0
+
+
+# ---------------------------------------------------------------- validating one row
+
+
+def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str], roles: dict) -> str | None:
+    """name: the message's field path ("messages[0]"); keys: its role and content keys; roles: accepted role
+    values -> role."""
+    role_key, content_key = keys
+    if not isinstance(message, dict):
+        return f"field {name!r} must be an object with {role_key} and {content_key}, got {type(message).__name__}"
+    role, content = message.get(role_key), message.get(content_key)
+    if role is None:
+        return f"field '{name}.{role_key}' is missing"
+    if not isinstance(role, str) or role not in roles:
+        hint = "" if role_key == "role" else " (name other speakers with role_map)"  # ShareGPT's from
+        return f"field '{name}.{role_key}' is {role!r}, not one of {', '.join(roles)}{hint}"
+    if content_key not in message:
+        return f"field '{name}.{content_key}' is missing"
+    if not isinstance(content, str):
+        return f"field '{name}.{content_key}' must be a string, got {type(content).__name__}"
+    if roles[role] != expected:
+        return (f"field '{name}.{role_key}' is {role!r} where {expected!r} was expected "
+                "(an optional system message first, then user and assistant turns in alternation)")
+    if roles[role] != "system" and not content.strip():
+        return f"field '{name}.{content_key}' is empty"
+    return None
+
+
+def _turns(items: list, names: list[str], keys: tuple[str, str] = ("role", "content"),
+           roles: dict | None = None) -> tuple[list[dict], str | None]:
+    """items as {role, content} messages, checked for an optional system message and then alternating user and
+    assistant turns; or the first problem, naming its field."""
+    roles = roles or {r: r for r in ROLES}
+    first = 1 if isinstance(items[0], dict) and roles.get(items[0].get(keys[0])) == "system" else 0
+    messages = []
+    for i, (item, name) in enumerate(zip(items, names)):
+        expected = "system" if i < first else ("user", "assistant")[(i - first) % 2]
+        error = _message_error(name, item, expected, keys, roles)
+        if error is not None:
+            return [], error
+        messages.append({"role": roles[item[keys[0]]], "content": item[keys[1]]})
+    return messages, None
+
+
+def _list_row(row: dict, name: str, keys: tuple[str, str] = ("role", "content"), roles: dict | None = None,
+              assistant: str = "assistant") -> tuple[Conversation | None, str | None]:
+    """A row whose column `name` holds the whole conversation (messages, ShareGPT)."""
+    items = row.get(name)
+    if name not in row:
+        return None, f"field {name!r} is missing"
+    if not isinstance(items, list) or not items:
+        return None, f"field {name!r} must be a non-empty list of {{{', '.join(keys)}}} objects, got {items!r:.60}"
+    messages, error = _turns(items, [f"{name}[{i}]" for i in range(len(items))], keys, roles)
+    if error is None and not any(m["role"] == "assistant" for m in messages):
+        error = f"field {name!r} has no {assistant} message: there is nothing to train on"
+    return (None, error) if error else (Conversation(0, messages), None)
+
+
+def _prompt_completion_row(row: dict, fields: ChatFields) -> tuple[Conversation | None, str | None]:
+    """Plain (two strings: the prompt is the user turn) or conversational (two lists of messages: the loss is on
+    the completion's assistant turns only)."""
+    p, c = fields.prompt, fields.completion
+    for name in (p, c):
+        if name not in row:
+            return None, f"field {name!r} is missing"
+    prompt, completion = row[p], row[c]
+    if isinstance(prompt, str):
+        for name, text in ((p, prompt), (c, completion)):
+            if not isinstance(text, str):
+                return None, f"field {name!r} must be a string like {p!r} (plain prompt-completion), " \
+                             f"got {type(text).__name__}"
+            if not text.strip():
+                return None, f"field {name!r} is empty"
+        return Conversation(0, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                            1), None
+    for name, value in ((p, prompt), (c, completion)):
+        if not isinstance(value, list) or not value:
+            return None, (f"field {name!r} must be a string (plain) or a non-empty list of {{role, content}} "
+                          f"objects (conversational), got {value!r:.60}")
+    names = [f"{p}[{i}]" for i in range(len(prompt))] + [f"{c}[{i}]" for i in range(len(completion))]
+    messages, error = _turns(prompt + completion, names)
+    if error is None and not any(m["role"] == "assistant" for m in messages[len(prompt):]):
+        error = f"field {c!r} has no assistant message: there is nothing to train on"
+    return (None, error) if error else (Conversation(0, messages, len(prompt)), None)
+
+
+_READERS = {"messages": lambda row, fields: _list_row(row, fields.messages),
+            "sharegpt": lambda row, fields: _list_row(row, fields.conversations, ("from", "value"),
+                                                      {**SHAREGPT_ROLES, **fields.roles}, "assistant ('gpt')"),
+            "prompt_completion": _prompt_completion_row}
+
+
+def detect_format(row: Any, fields: ChatFields) -> str | None:
+    """The format a row's keys say, or None when none matches."""
+    if not isinstance(row, dict):
+        return None
+    if fields.messages in row:
+        return "messages"
+    if fields.conversations in row:
+        return "sharegpt"
+    if fields.prompt in row and fields.completion in row:
+        return "prompt_completion"
+    return None
+
+
+def _no_format(row: Any, fields: ChatFields) -> str:
+    found = ", ".join(repr(k) for k in row) if isinstance(row, dict) else f"a {type(row).__name__}, not an object"
+    return (f"no chat format matches this row's fields ({found or 'none'}): expected {fields.messages!r} "
+            f"(messages), {fields.conversations!r} (ShareGPT) or {fields.prompt!r} and {fields.completion!r} "
+            "(prompt-completion); name your columns with messages_field, conversations_field, prompt_field and "
+            "completion_field, or the format with data_format")
+
+
+def read_row(row: Any, fields: ChatFields, format: str) -> tuple[Conversation | None, str | None]:
+    """One row of a file in `format` as a Conversation (its line left 0), or the problem naming the field."""
+    if not isinstance(row, dict):
+        return None, f"row is not a JSON object (got {type(row).__name__})"
+    return _READERS[format](row, fields)
+
+
+# ---------------------------------------------------------------- reading a file
+
+
+def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
+    """Every row of a chat file (JSONL/JSON/Parquet) as a Conversation, all validated before any is used.
+
+    The format is fields.format, or detected from the first row's keys and then required of every row. Bad rows
+    raise DatasetError listing each as file:line: field problem (the first MAX_REPORTED_ERRORS of them).
+    """
+    path, fields = Path(path), fields or ChatFields()
+    fields.check()
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    rows, errors = [], []
+    format = None if fields.format == "auto" else fields.format
+    for number, row, error in _rows(path):
+        if error is None and format is None:
+            format = detect_format(row, fields)
+            if format is None:  # every later row would fail for the same reason: one error says it
+                errors.append(f"{path}:{number}: {_no_format(row, fields)}")
+                break
+        conversation = None
+        if error is None:
+            conversation, error = read_row(row, fields, format)
+        if error is None:
+            rows.append(conversation._replace(line=number))
+        else:
+            errors.append(f"{path}:{number}: {error}")
+    if not rows and not errors:
+        errors.append(f"{path}: the file has no rows")
+    raise_row_errors(path, errors)
+    return rows
+
+
+# ---------------------------------------------------------------- tokens and loss masks
+
+
+def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, where: str) -> int:
+    ids = tokenizer.encode(text)
+    if full[: len(ids)] != ids:
+        raise ValueError(f"messages[{turn}]: the conversation up to the {where} of this assistant message does not "
+                         "tokenize as a prefix of the whole conversation (the chat template rewrites the message, "
+                         "or a token spans its boundary), so its loss mask cannot be placed exactly")
+    return len(ids)
+
+
+def _closes_turn(tokenizer: Tokenizer, token: int) -> bool:
+    # An end-of-text id, or a special token (decoding drops those): ChatML's <|im_end|>, Llama 3's <|eot_id|>.
+    return token in tokenizer.eos_ids or tokenizer.decode([token]) == ""
+
+
+def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
+    """Character ranges of the <tag>...</tag> blocks in an assistant message (the tool's output, which the sampler
+    appended and the model never wrote: r1lab/engine/tools.py); an unclosed block runs to the end."""
+    spans, start, opener, closer = [], 0, f"<{tag}>", f"</{tag}>"
+    while (begin := content.find(opener, start)) >= 0:
+        end = content.find(closer, begin)
+        end = len(content) if end < 0 else end + len(closer)
+        spans.append((begin, end))
+        start = end
+    return spans
+
+
+def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
+                        train_from: int = 0, tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
+    """Token ids of a conversation, its loss mask, and the ids of the tokens that closed its trained turns.
+
+    The mask is True on the content tokens of each assistant message from messages[train_from] on, and on the
+    end-of-text (or turn-closing special) token right after each, nowhere else. Each assistant message is located
+    by tokenizing the conversation up to where its content starts (the template's generation prompt) and up to
+    where it ends; both must be token prefixes of the whole conversation, since a merge across the boundary would
+    otherwise shift the mask silently. With tool_output_tag, the <tag>...</tag> blocks inside assistant messages
+    (tool output, written by the sampler, not the model) are left out of the mask, located the same way.
+    """
+    full = tokenizer.encode(render_conversation(tokenizer, messages, template, add_generation_prompt=False))
+    mask = [False] * len(full)
+    closers: set[int] = set()
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or i < train_from:
+            continue
+        before = render_conversation(tokenizer, messages[:i], template, add_generation_prompt=True)
+        start = _prefix_length(tokenizer, before, full, i, "start")
+        end = _prefix_length(tokenizer, before + message["content"], full, i, "end")
+        if end >= len(full) or not _closes_turn(tokenizer, full[end]):
+            after = tokenizer.backend.id_to_token(full[end]) if end < len(full) else "nothing"
+            raise ValueError(f"messages[{i}]: the template follows this assistant message with {after!r}, not an "
+                             "end-of-text or special token: a model trained on it would never learn to stop")
+        mask[start : end + 1] = [True] * (end + 1 - start)
+        for a, b in tool_output_spans(message["content"], tool_output_tag) if tool_output_tag else ():
+            span_start = _prefix_length(tokenizer, before + message["content"][:a], full, i, "tool output's start")
+            span_end = _prefix_length(tokenizer, before + message["content"][:b], full, i, "tool output's end")
+            mask[span_start:span_end] = [False] * (span_end - span_start)
+        closers.add(full[end])
+    return full, mask, closers
+
+
+@dataclass
+class SFTData:
+    """Tokenised conversations with their loss masks, split into training and held-out rows."""
+
+    train_docs: list[list[int]] = field(default_factory=list)
+    train_masks: list[list[bool]] = field(default_factory=list)
+    eval_docs: list[list[int]] = field(default_factory=list)
+    eval_masks: list[list[bool]] = field(default_factory=list)
+    closers: set[int] = field(default_factory=set)  # the tokens that closed assistant turns
+    rows: int = 0
+    dropped_too_long: int = 0
+
+    def summary(self) -> dict:
+        docs = self.train_docs + self.eval_docs
+        masks = self.train_masks + self.eval_masks
+        return {"rows": self.rows, "train": len(self.train_docs), "heldout": len(self.eval_docs),
+                "dropped_too_long": self.dropped_too_long, "tokens": sum(map(len, docs)),
+                "target_tokens": sum(sum(m) for m in masks)}
+
+
+def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfig) -> SFTData:
+    """Tokenise and mask every conversation; drop (and count) those longer than cfg.max_len tokens.
+
+    Long rows are dropped, never truncated: a cut conversation loses its answer and the end-of-text that closes it,
+    and would teach the model to stop mid-thought. Held-out rows are picked by a stable hash of their messages.
+    """
+    if cfg.template == "chat" and not tokenizer.chat_template:
+        raise ValueError(f"{cfg.model}: the tokenizer has no chat_template; use --template r1zero or auto")
+    data, errors = SFTData(rows=len(rows)), []
+    for line, messages, train_from in rows:
+        try:
+            ids, mask, closers = conversation_tokens(tokenizer, messages, cfg.template, train_from,
+                                                     cfg.tool_output_tag)
+        except ValueError as err:
+            errors.append(f"{cfg.data}:{line}: {err}")
+            continue
+        if len(ids) > cfg.max_len:
+            data.dropped_too_long += 1
+            continue
+        data.closers |= closers
+        heldout = cfg.eval_fraction > 0 and in_test_split(json.dumps(messages, sort_keys=True), cfg.eval_fraction)
+        (data.eval_docs if heldout else data.train_docs).append(ids)
+        (data.eval_masks if heldout else data.train_masks).append(mask)
+    raise_row_errors(Path(cfg.data), errors)
+    if not data.train_docs:
+        raise DatasetError(f"{cfg.data}: no conversation left to train on ({data.dropped_too_long} of {len(rows)} "
+                           f"are longer than max_len {cfg.max_len}, {len(data.eval_docs)} held out)")
+    return data

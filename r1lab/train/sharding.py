@@ -1,0 +1,105 @@
+"""FSDP2 (`--shard`): parameters, gradients and optimizer state split across the ranks of a torchrun job.
+
+Each rank then holds 1/N of the float32 weights, of their gradients and of AdamW's two moments (16 bytes per
+parameter in all, 16/N sharded), and gathers a block's full weights only while it computes. The units are the
+parameter-holding parts of every decoder layer (its attention projections, its MLP) and the rest (embedding, final
+norm, LM head) at the root. The attention module itself is not a unit: its forward takes the KV cache, which FSDP
+would pass through its own autograd function, and the cache is written in place.
+
+Gradients are summed across ranks (the loss is normalised over the whole batch already), as in the unsharded path.
+The rollout engine samples from a full copy of the weights, refreshed after each update (sync_weights), without
+any of the optimizer state. Checkpoints gather full weights for the Hugging Face model and write the sharded
+optimizer state through torch.distributed.checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from r1lab.train.distributed import World
+
+# Below this many parameters (16 MB of weights, gradients and AdamW state in float32) sharding saves less memory
+# than its all-gather buffers and communication cost: such a model is refused.
+MIN_SHARD_PARAMETERS = 1_000_000
+
+
+def check_shardable(model: nn.Module, world: World) -> None:
+    """Refuse, before training starts, a sharding that cannot or need not happen."""
+    if not world.distributed:
+        raise ValueError("shard: FSDP splits a model across the ranks of a torchrun job, and this is one process; "
+                         "launch with torchrun --nproc-per-node N (N >= 2), or leave shard off")
+    n = sum(p.numel() for p in model.parameters())
+    if n < MIN_SHARD_PARAMETERS:
+        raise ValueError(f"shard: the model has {n:,} parameters, under {MIN_SHARD_PARAMETERS:,}: sharding it would "
+                         f"save less memory than it costs; train it unsharded (leave shard off)")
+    if getattr(model.config, "moe", None) is not None:
+        raise ValueError("shard: MoE models are not sharded yet (an expert no token reached on one rank has no "
+                         "gradient there, which FSDP's reduce-scatter cannot match); train it unsharded")
+
+
+def shard_model(model: nn.Module, world: World) -> nn.Module:
+    """Shard model in place across the job's ranks (FSDP2) and return it."""
+    check_shardable(model, world)
+    for layer in model.model.layers:
+        attention = [m for m in layer.self_attn.children() if isinstance(m, nn.Linear)]
+        fully_shard(attention)  # one unit: the layer's projections, gathered together
+        fully_shard(layer.mlp)
+    fully_shard(model)
+    # training calls these, not forward: they are where the root's parameters must be gathered
+    for method in ("hidden_states", "completion_hidden_states"):
+        register_fsdp_forward_method(model, method)
+    # FSDP warns that an in-place op on a unit's output (a view: the projections' x @ W.T for few rows, a reshape)
+    # would skip its backward hook; the model's layers take those outputs out of place only
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # a sum, not FSDP's default mean
+            module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The model's full weights: for a sharded model gathered from every rank (all ranks must call) into CPU
+    memory on rank 0 ({} elsewhere); for any other, its own state_dict."""
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, state: dict) -> None:
+    """Full weights (every rank holds them) into a sharded or plain model."""
+    if is_sharded(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: gathered from the ranks when it is a shard (all ranks must call)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What this rank holds of the parameters, their gradients and the optimizer state, in bytes (the local
+    shards under FSDP)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"weights": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
+            "optimizer": size(state)}
+

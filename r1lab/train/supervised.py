@@ -1,0 +1,279 @@
+"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE`.
+
+SFT is R1's cold start, its stage 3 (on data from `r1lab sample`) and distillation. The loss is the mean
+cross-entropy over the target tokens of a batch: every real token in pretraining, the assistant turns in SFT (loss
+masks from r1lab/train/sft_data.py). Logits are computed only where a target is predicted, in chunks (r1lab/train/logprobs.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from r1lab.config import SFTConfig
+from r1lab.cpu.grad_buffers import backward, release_gradients
+from r1lab.cpu.process import setup_training_process
+from r1lab.model import moe
+from r1lab.model.loading import load_policy, pick_device
+from r1lab.model.lora import add_lora
+from r1lab.model.tokenizer import Tokenizer
+from r1lab.model.transformer import CausalLM
+from r1lab.train.backward_step import BackwardStep, check_one_process
+from r1lab.train.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
+from r1lab.train.distributed import Silent, World, join_world
+from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
+from r1lab.train.metrics import MetricsLogger, training_progress
+from r1lab.train.optimizer import (
+    cosine_lr,
+    lora_spec,
+    make_optimizer,
+    optimizer_step,
+    set_lr,
+)
+from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
+from r1lab.train.sft_data import ChatFields, SFTData, build_sft_data, read_conversations
+from r1lab.train.sharding import is_sharded, shard_model
+
+StepCallback = Callable[[int, dict], None]
+SUPERVISED_BETA2 = 0.95  # see make_optimizer
+
+
+def sft(cfg: SFTConfig, log=print) -> Path:
+    """`r1lab sft`: fine-tune cfg.model on the chat data in cfg.data; returns the final model directory."""
+    cfg.check()
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
+    torch.manual_seed(cfg.seed)
+    world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of a batch
+    check_one_process(cfg, world)
+    log = log if world.main else Silent().log
+    run = Path(cfg.out)
+    rows = read_conversations(cfg.data, ChatFields.of(cfg))  # a malformed row fails here, before any model is loaded
+    lora = lora_spec(cfg)
+    model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")  # see grpo.train
+    if lora:
+        add_lora(model, lora, cfg.seed)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.shard:
+        if cfg.batch_size % world.size:  # equal shares: FSDP's ranks must run as many passes as each other
+            raise ValueError(f"shard: batch_size {cfg.batch_size} does not divide across {world.size} ranks")
+        shard_model(model, world)
+    data = build_sft_data(tokenizer, rows, cfg)
+    steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.train_docs) / cfg.batch_size))
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2)
+    # The cosine schedule depends on the total number of steps, so in SFT changing them changes the rest of the run.
+    start = resume_run(run, cfg, model, optimizer, log, world, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
+    summary = data.summary()
+    if world.main:
+        save_run_config(run, cfg, start, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
+        (run / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"sft: {summary['train']} conversations for training, {summary['heldout']} held out, "
+        f"{summary['dropped_too_long']} of {summary['rows']} dropped as longer than max_len {cfg.max_len}; "
+        f"{summary['target_tokens']} target tokens of {summary['tokens']}; {steps} steps of {cfg.batch_size} "
+        f"conversations = {steps * cfg.batch_size / len(data.train_docs):.2f} epochs")
+    logger = MetricsLogger(run, resume_step=start) if world.main else Silent()
+    with logger, training_progress(steps, start) if world.main else Silent() as bar:
+        if data.eval_docs and start == 0:
+            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
+        train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
+                 lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, log=log,
+                 optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
+                 max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
+                 moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
+                 optimizer_in_backward=cfg.optimizer_in_backward,
+                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
+    _add_stop_tokens(model, tokenizer, data.closers, log)
+    save_final(model, tokenizer, run, cfg.model if lora else None, world)
+    return run / "model"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop, shared by pretraining and SFT
+
+
+def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: int, lr: float, warmup: int,
+             pad_id: int, seed: int, optimizer: torch.optim.Optimizer, log=print,
+             loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
+             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
+             on_step: StepCallback | None = None, name: str = "pretrain",
+             moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
+             world: World = World(), optimizer_in_backward: bool = False) -> list[float]:
+    """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
+
+    loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
+    on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there. Under torchrun
+    every rank walks the same order and trains on its share of each batch.
+    moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/model/moe.py update_routing_bias);
+    balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
+    optimizer_in_backward: each parameter's update in the backward pass of the last micro-batch (r1lab/train/backward_step.py).
+    """
+    order = EpochOrder(len(docs), seed)
+    losses = []
+    model.train()
+    t0 = time.time()
+    with BackwardStep(optimizer) if optimizer_in_backward else contextlib.nullcontext() as in_backward:
+        for step in range(start_step, steps):
+            picked, t_step = order.batch(step, batch_size), time.perf_counter()
+            set_lr(optimizer, cosine_lr(step, steps, lr, warmup))
+            metrics = lm_step(model, optimizer, [docs[i] for i in picked],
+                              None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
+                              micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
+                              balance_loss_weight, in_backward)
+            metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
+            losses.append(metrics["loss"])
+            if step % 50 == 0 or step == steps - 1:
+                log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")
+            if on_step is not None:
+                on_step(step + 1, metrics)
+    return losses
+
+
+def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[int]],
+            loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
+            max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
+            moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0,
+            in_backward: BackwardStep | None = None) -> dict:
+    """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
+    split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
+    loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
+    passes give moe/* metrics and, after the step, balance its routing bias."""
+    device = next(model.parameters()).device
+    n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
+    n_docs = len(docs)  # the balance loss is a mean over the whole batch's sequences
+    mine = world.share(len(docs))
+    docs = docs[mine.start : mine.stop]
+    loss_masks = None if loss_masks is None else loss_masks[mine.start : mine.stop]
+    size = micro_batch_size or len(docs) or 1
+    if size < len(docs):  # micro-batches of like lengths pad less; the loss (a sum over the batch) is unchanged
+        by_length = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+        docs = [docs[i] for i in by_length]
+        loss_masks = None if loss_masks is None else [loss_masks[i] for i in by_length]
+    batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
+               for s in range(0, len(docs), size)]
+    release_gradients(optimizer)
+    total, balance, finite = 0.0, 0.0, True
+    with moe.count_loads(model) as loads, moe.balance_loss(model, balance_loss_weight):
+        for s, (ids, mask) in zip(range(0, len(docs), size), batches):
+            moe.mark_real_lengths(model, [len(d) for d in docs[s : s + size]], ids.shape[1])  # MoE loads: no padding
+            with training_precision(dtype, device):
+                lm_loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
+            extra = moe.take_balance_loss(model) / n_docs
+            loss = lm_loss + extra
+            if not torch.isfinite(loss):
+                finite = False
+                if not is_sharded(model):
+                    break
+            if not finite:  # FSDP: the other ranks still run their passes, which this one must join
+                idle_pass(model)
+                continue
+            if in_backward is not None and s + size >= len(docs):
+                in_backward.arm()  # the last micro-batch: the earlier ones only add to the gradients
+            backward(loss)  # noting memory around it: see r1lab/cpu/grad_buffers.py
+            total += lm_loss.item()
+            balance += extra.item() if torch.is_tensor(extra) else extra
+    finite, (total, balance) = world.all(finite), world.sum([total, balance])
+    if finite:
+        world.sum_gradients(model.parameters())
+    world.sum_counts(loads)
+    stepped = optimizer_step(model, optimizer, max_grad_norm, finite, in_backward)
+    if not stepped["skipped_nonfinite"]:
+        moe.update_routing_bias(model, loads, moe_bias_update_speed)
+    return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads),
+            **({"moe/balance_loss": balance} if balance_loss_weight else {})}
+
+
+def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None) -> int:
+    """The target tokens of a batch (lm_batch's mask[:, 1:]): all tokens but each document's first, or the masked."""
+    if loss_masks is None:
+        return sum(max(len(d) - 1, 0) for d in docs)
+    return sum(sum(mask[1:]) for mask in loss_masks)
+
+
+def lm_batch(docs: list[list[int]], pad_id: int,
+             loss_masks: list[list[bool]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, T) input ids and the (B, T) mask of the tokens the loss is on.
+
+    mask[b, t] means token t is a target (predicted from position t - 1): every real token when loss_masks is None
+    (pretraining), else loss_masks[b] (SFT: the assistant tokens). Padding is never a target.
+    """
+    T = max(len(d) for d in docs)
+    ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(docs), T), dtype=torch.bool)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d)
+        mask[i, : len(d)] = True if loss_masks is None else torch.tensor(loss_masks[i], dtype=torch.bool)
+    return ids, mask
+
+
+def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over the target tokens in mask (B, T).
+
+    Only positions that predict a target reach the vocabulary projection: in SFT the prompts are often most of the
+    tokens, and with a 150k vocabulary their logits would dominate memory for nothing.
+    """
+    targets = mask[:, 1:]  # (B, T-1); right padding needs no attention mask under causal attention
+    hidden = model.hidden_states(ids)[:, :-1][targets]  # (N, D)
+    logp, _ = token_logprobs(model, hidden, ids[:, 1:][targets], recompute=recompute_logits)
+    return -logp.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT's bookkeeping
+
+
+@torch.no_grad()
+def heldout_loss(model: CausalLM, docs: list[list[int]], masks: list[list[bool]], pad_id: int,
+                 batch_size: int, world: World = World()) -> float:
+    """Mean cross-entropy per target token over held-out conversations (each rank a share of them; a sharded
+    model's ranks all run every pass, which gathers weights with each other)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    total, n = 0.0, 0
+    world = World() if is_sharded(model) else world
+    mine = world.share(len(docs))
+    for s in range(mine.start, mine.stop, batch_size):
+        end = min(s + batch_size, mine.stop)
+        ids, mask = lm_batch(docs[s:end], pad_id, masks[s:end])
+        total += lm_loss_sum(model, ids.to(device), mask.to(device)).item()
+        n += int(mask[:, 1:].sum())
+    model.train(was_training)
+    total, n = world.sum([total, n])
+    return total / max(1, n)
+
+
+def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int, cfg: SFTConfig,
+                 world: World = World()) -> None:
+    loss = heldout_loss(model, data.eval_docs, data.eval_masks, pad_id, cfg.micro_batch_size or cfg.batch_size, world)
+    logger.log_eval(step, "heldout", {"loss": loss})
+
+
+def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer, optimizer, data: SFTData,
+               logger, bar, world: World = World()) -> StepCallback:
+    """What runs after each SFT step: metrics file, progress bar, held-out loss, checkpoints."""
+
+    def on_step(step: int, metrics: dict) -> None:
+        logger.log(step, metrics)
+        bar.update(step, metrics)
+        if data.eval_docs and (step % cfg.eval_every == 0 or step == steps):
+            _log_heldout(logger, step, model, data, tokenizer.pad_id, cfg, world)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world,
+                            adapter_base=cfg.model if cfg.lora_rank else None)
+
+    return on_step
+
+
+def _add_stop_tokens(model: CausalLM, tokenizer: Tokenizer, closers: set[int], log) -> None:
+    """Turn-closing tokens that were not stop tokens become ones, since the model has just learned to end its
+    answers with them (e.g. ChatML's <|im_end|> on a base model's tokenizer)."""
+    extra = sorted(closers - tokenizer.eos_ids)
+    if extra:
+        current = model.config.eos_token_id
+        model.config.eos_token_id = ([current] if isinstance(current, int) else list(current or [])) + extra
+        names = ", ".join(repr(tokenizer.backend.id_to_token(i)) for i in extra)
+        log(f"sft: assistant turns end with {names}; added to the model's end-of-text ids so generation stops there")
