@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import yaml
 
+from r1lab.model.lora import LORA_TARGETS
 from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
@@ -178,7 +179,6 @@ LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
 TOP_P = dict(gt=0, le=1)
 SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine/engine.py)
 NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
 
 
 def lora_target_names(value: str) -> tuple[str, ...]:

@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from r1lab.config import LORA_TARGETS
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import _fused_sizes
 from r1lab.model.layers import MLP, Attention
 from r1lab.model.transformer import CausalLM
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
 ALL_LINEAR = LORA_TARGETS  # the Hugging Face names of every linear layer but the LM head
 # The module of a decoder layer that holds each HF module (in r1lab, fused with others for q/k/v and gate/up)
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
