@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import r1lab.model.layers
-from r1lab.cpu import build as native
 from r1lab.cpu import decode_kernel as decode_matmul
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.transformer import CausalLM, KVCache
@@ -92,24 +91,26 @@ def test_a_few_rows_product_that_needs_gradients_still_gets_them():
 
 def test_without_a_compiler_decode_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(decode_matmul, "_loaded", {})
-    monkeypatch.setenv("R1LAB_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+    monkeypatch.setattr(decode_matmul, "cpu_tag", lambda: "no-compiler")  # a library not built before
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+    with pytest.warns(RuntimeWarning, match="decode kernel is not available"):
         assert not decode_matmul.available()
     w, x = torch.randn(16, 32), torch.randn(4, 32)
-    torch.testing.assert_close(r1lab.model.layers._few_rows_linear(x, w, None), x @ w.t())  # torch's path instead
-    assert list(tmp_path.iterdir()) == []
+    torch.testing.assert_close(decode_matmul.few_rows_linear(x, w, None), x @ w.t())  # torch's path instead
+    assert list(tmp_path.rglob("*.so")) == []
 
 
-def test_a_compile_error_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
+def test_a_compile_error_is_reported_and_leaves_no_library(monkeypatch, tmp_path):
     monkeypatch.setattr(decode_matmul, "_loaded", {})
-    monkeypatch.setenv("R1LAB_KERNEL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(decode_matmul, "FLAGS", ("--no-such-flag-r1lab",))
+    monkeypatch.setattr(decode_matmul, "cpu_tag", lambda: "compile-error")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(decode_matmul, "FLAGS", ["--no-such-flag-r1lab"])
     if not HAS_COMPILER:
         pytest.skip("no C compiler on this machine")
-    with pytest.warns(RuntimeWarning, match="failed"):
+    with pytest.warns(RuntimeWarning, match="decode kernel is not available"):
         assert not decode_matmul.available()
-    assert list((tmp_path / "cache").iterdir()) == []  # no partial library left to be loaded later
+    assert list(tmp_path.rglob("*.so")) == []  # no partial library left to be loaded later
 
 
 def test_it_can_be_switched_off(monkeypatch):
@@ -121,12 +122,23 @@ def test_it_can_be_switched_off(monkeypatch):
 
 @needs_kernel
 def test_the_library_is_built_once_and_reused(monkeypatch, tmp_path):
-    monkeypatch.setenv("R1LAB_KERNEL_CACHE", str(tmp_path))
-    first = native.build(decode_matmul.SOURCE, "CC", decode_matmul.FLAGS)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert decode_matmul._load() is not None
+    [first] = tmp_path.rglob("*.so")
     stamp = first.stat().st_mtime_ns
-    assert native.build(decode_matmul.SOURCE, "CC", decode_matmul.FLAGS) == first and first.stat().st_mtime_ns == stamp
-    monkeypatch.setattr(native, "cpu_identity", lambda: "another CPU")  # -march=native: one per CPU
-    assert native.build(decode_matmul.SOURCE, "CC", decode_matmul.FLAGS) != first
+    assert decode_matmul._load() is not None and list(tmp_path.rglob("*.so")) == [first]
+    assert first.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(decode_matmul, "cpu_tag", lambda: "another-cpu")  # -march=native: one library per CPU
+    assert decode_matmul._load() is not None and len(list(tmp_path.rglob("*.so"))) == 2
+
+
+def test_without_the_fast_paths_the_model_takes_torchs_products(monkeypatch):
+    """model/ runs on torch alone: nothing installed, a decode step's product is F.linear's."""
+    monkeypatch.setattr(r1lab.model.layers, "FAST_PATHS", r1lab.model.layers.FastPaths())
+    layer = r1lab.model.layers.Linear(32, 24, bias=True)
+    x = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 @needs_kernel

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-import r1lab.model.layers
+import r1lab.cpu.decode_kernel
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import load_model, save_model
-from r1lab.model.layers import SLICE_ROWS, _few_rows_linear
+from r1lab.cpu.decode_kernel import SLICE_ROWS, few_rows_linear
 from r1lab.model.transformer import CausalLM
 
 transformers = pytest.importorskip("transformers")
@@ -138,10 +138,10 @@ def test_sliding_window_is_refused(tiny_config_kwargs, tmp_path):
 def test_few_rows_product_equals_linear(out, bias, monkeypatch):
     """A decode step's product over a few rows (r1lab's Linear and the LM head in the engine) equals F.linear, on
     torch's path (the C kernel's own tests are in test_decode_matmul.py)."""
-    monkeypatch.setattr(r1lab.model.layers, "SLICED_MIN", 0)  # the small weight is sliced too
+    monkeypatch.setattr(r1lab.cpu.decode_kernel, "SLICED_MIN", 0)  # the small weight is sliced too
     monkeypatch.setitem(r1lab.cpu.decode_kernel._loaded, "kernel", None)
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(out, 24, generator=g), torch.randn(8, 1, 24, generator=g)
     b = torch.randn(out, generator=g) if bias else None
-    torch.testing.assert_close(_few_rows_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
+    torch.testing.assert_close(few_rows_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
                                rtol=1e-5, atol=1e-5)

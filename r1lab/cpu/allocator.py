@@ -3,22 +3,19 @@ cap of the highest live total seen, and other requests are assembled from the pa
 faults of fresh memory go without the peak rising (cpu_allocator.cpp).
 
 Installed by r1lab/cpu/process.py for a large model (the policy that otherwise maps every block of 128 KB or more apart
-and gives it back at once). Compiled against the running torch on first use (a few seconds; r1lab/cpu/build.py caches
-it). Without a C++ compiler, or with R1LAB_CPU_ALLOCATOR=0, torch's own allocator stays, with a warning in the first
+and gives it back at once). Compiled against the running torch on first use by torch.utils.cpp_extension (a few seconds;
+cached). Without a C++ compiler, or with R1LAB_CPU_ALLOCATOR=0, torch's own allocator stays, with a warning in the first
 case.
 """
 
 from __future__ import annotations
 
 import ctypes
-import subprocess
 import threading
 import warnings
 from pathlib import Path
 
-import torch
-
-from r1lab.cpu import build as native
+from r1lab.cpu.decode_kernel import switched_off
 
 SOURCE = Path(__file__).with_name("allocator.cpp")
 LARGE = 128 << 10  # blocks from this size are kept for reuse; smaller ones stay in glibc's heap, as before
@@ -72,22 +69,23 @@ def stats() -> dict[str, int]:
 def _library(build: bool = True):
     with _lock:
         if "library" not in _loaded and build:
-            _loaded["library"] = None if native.switched_off("R1LAB_CPU_ALLOCATOR") else _load()
+            _loaded["library"] = None if switched_off("R1LAB_CPU_ALLOCATOR") else _load()
         return _loaded.get("library")
 
 
-def _flags() -> tuple[str, ...]:
-    torch_dir = Path(torch.__file__).parent
-    return ("-O2", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-I{torch_dir / 'include'}", f"-L{torch_dir / 'lib'}", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}")
-
-
 def _load():
-    try:
-        library = ctypes.CDLL(str(native.build(SOURCE, "CXX", _flags(), key_extra=torch.__version__)))
-    except (OSError, native.BuildError, subprocess.SubprocessError) as e:
-        warnings.warn(f"r1lab: the CPU allocator is not available ({e}); torch's own is used, and a large model's "
-                      f"steps fault in fresh memory", RuntimeWarning, stacklevel=4)
+    from torch.utils import (
+        cpp_extension,  # imports setuptools: only where the allocator is built or loaded
+    )
+
+    try:  # cpp_extension compiles against the running torch (headers, ABI flag, c10) and caches per source
+        path = cpp_extension.load(name="r1lab_cpu_allocator", sources=[str(SOURCE)], extra_cflags=["-O2"],
+                                  is_python_module=False, verbose=False)
+        library = ctypes.CDLL(str(path))
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: torch's allocator stays
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        warnings.warn(f"r1lab: the CPU allocator is not available ({reason}); torch's own is used, and a large "
+                      f"model's steps fault in fresh memory", RuntimeWarning, stacklevel=4)
         return None
     library.r1lab_install.argtypes, library.r1lab_install.restype = [ctypes.c_size_t], ctypes.c_int
     library.r1lab_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]

@@ -1,32 +1,52 @@
-"""A decode step's matrix products on a CPU, x @ W.T + b for a few rows of x: a small C kernel (decode_matmul.c).
+"""A decode step's matrix products on a CPU, x @ W.T + b for a few rows of x: a small C++ kernel (decode_kernel.cpp)
+where it can be built, else torch's products in the orientation MKL streams fastest.
 
 Decoding reads every weight once per step for a handful of rows, so its speed is the rate at which the weights
-stream from memory. At the Qwen2.5-0.5B shape on 2 AVX-512 cores, MKL's sgemm read them at 11-16 GB/s where a plain
-sum reads 24 (r1lab/model/transformer.py's _few_rows_linear, which picks MKL's best orientation, at 13.5); the kernel reads them
-at 20-25, and a rollout of 8 x 32 tokens runs in 3.9-4.8 instead of 4.9-6.2 s (bench/README.md).
-
-The kernel is compiled with the machine's C compiler on first use (about a second; r1lab/cpu/build.py caches it per
-source, compiler and CPU, since it is built for this CPU's vector instructions). Without a compiler, or with
-R1LAB_DECODE_KERNEL=0, decode takes torch's own products, with a warning saying why in the first case.
+stream from memory; MKL's sgemm is built for products that reuse the matrix from cache, the kernel for streaming it
+(docs/benchmarks.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its cache,
+lock and compiler flags), for this CPU's vector instructions: the CPU is part of the library's name, so a cache
+shared by two machines holds one build each. Without a compiler or ninja, or with R1LAB_DECODE_KERNEL=0, decode
+takes torch's products, with a warning saying why in the first case.
 """
 
 from __future__ import annotations
 
 import ctypes
-import subprocess
+import hashlib
+import os
+import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from r1lab.cpu import build as native
-
-SOURCE = Path(__file__).with_name("decode_kernel.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("decode_kernel.cpp")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+SLICE_ROWS = 512  # rows of a weight slice in torch's path: 256-768 measured alike
+SLICED_MIN = 4 << 20  # parameters from which slices pay: below, a decode step is bound by per-call overheads
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "kernel": the C function, or None once it could not be had
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + b for a few float32 rows of x on a CPU: the kernel where it applies, else torch's products.
+
+    Without the kernel, MKL streams the weights at different rates by orientation and size: a weight of up to a
+    few thousand rows goes fastest as W @ x.T; a taller and large one (gate_up_proj, the LM head) as x @ W.T over
+    slices of SLICE_ROWS rows. bf16 goes through other kernels: there the plain product."""
+    rows, out = x.numel() // x.shape[-1], weight.shape[0]
+    flat = x.reshape(rows, x.shape[-1])
+    y = linear(flat, weight, bias)
+    if y is None and (out <= 4 * SLICE_ROWS or weight.numel() < SLICED_MIN):
+        y = (weight @ flat.t()).t() if bias is None else torch.addmm(bias[:, None], weight, flat.t()).t()
+    elif y is None:
+        y = torch.cat([F.linear(flat, weight[i : i + SLICE_ROWS], None if bias is None else bias[i : i + SLICE_ROWS])
+                       for i in range(0, out, SLICE_ROWS)], dim=1)
+    return y.reshape(*x.shape[:-1], out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -66,21 +86,52 @@ def _kernel():
         return _loaded["kernel"]
     with _lock:
         if "kernel" not in _loaded:
-            _loaded["kernel"] = None if native.switched_off("R1LAB_DECODE_KERNEL") else _load()
+            _loaded["kernel"] = None if switched_off("R1LAB_DECODE_KERNEL") else _load()
         return _loaded["kernel"]
 
 
 def _load():
+    from torch.utils import (
+        cpp_extension,  # imports setuptools: only where the kernel is built or loaded
+    )
+
     try:
-        library = ctypes.CDLL(str(native.build(SOURCE, "CC", FLAGS)))
-    except (OSError, native.BuildError, subprocess.SubprocessError) as e:
-        warnings.warn(f"r1lab: the CPU decode kernel is not available ({e}); decode uses torch's matrix products, "
-                      f"which are slower", RuntimeWarning, stacklevel=4)
+        path = cpp_extension.load(name=f"r1lab_decode_{cpu_tag()}", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        library = ctypes.CDLL(str(path))
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: each one leaves torch's path
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        warnings.warn(f"r1lab: the CPU decode kernel is not available ({reason}); decode uses torch's matrix "
+                      f"products, which are slower", RuntimeWarning, stacklevel=4)
         return None
-    if len(native.openmp_runtimes()) > 1:
+    if len(openmp_runtimes()) > 1:
         warnings.warn("r1lab: the CPU decode kernel would run a second OpenMP runtime beside torch's; decode uses "
                       "torch's matrix products", RuntimeWarning, stacklevel=4)
         return None
     kernel = library.few_rows_linear
     kernel.argtypes, kernel.restype = _ARGTYPES, None
     return kernel
+
+
+def cpu_tag() -> str:
+    """A short digest of what -march=native builds for: the CPU's model and instruction-set flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        identity = "\n".join(line for line in info.splitlines() if line.startswith(("model name", "flags", "Features")))
+    except OSError:
+        identity = f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
+def openmp_runtimes() -> set[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux; elsewhere none is seen)."""
+    if not sys.platform.startswith("linux"):
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/" in line}
+    return {os.path.realpath(p) for p in paths if os.path.basename(p).startswith(names)}
+
+
+def switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")

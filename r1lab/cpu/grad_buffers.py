@@ -15,7 +15,7 @@ A spare held through the next forward pass sits beside that pass's activations, 
 come back as the activations go: keeping them all raised the peak by 0.9 GB at the Qwen2.5-0.5B workload. So only
 as many are kept as fit under the step's own peak: the resident size after the backward passes (every gradient
 alive, the activations gone) less the highest one seen before them (the activations at their highest, with the LM
-head's passing peak; r1lab/train/phases.py samples it), the spares kept through those passes counted back in; backward()
+head's passing peak; r1lab/cpu/memory.py samples it), the spares kept through those passes counted back in; backward()
 notes both. They are kept in the order the backward writes them, so that each is soon a gradient again.
 """
 
@@ -30,12 +30,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from r1lab.cpu import allocator as cpu_allocator
-from r1lab.train.phases import resident_bytes, resident_peak
+from r1lab.cpu.memory import resident_bytes, resident_peak
+from r1lab.model.layers import IN_PLACE_GRAD_MIN
 
-SAMPLER_CHANNEL = "gradient spares"  # its own reading of r1lab/train/phases.py's resident-size sampler
-# The size from which r1lab writes a weight's gradient in place (r1lab/model/transformer.py): smaller ones come from the
-# allocator's free lists, with nothing to fault in.
-IN_PLACE_GRAD_MIN = 1 << 20
+SAMPLER_CHANNEL = "gradient spares"  # its own reading of r1lab/cpu/memory.py's resident-size sampler
 
 # id(parameter) -> (a weak reference to it, its last gradient's memory); by identity, as tensors compare by value.
 # An entry goes with its parameter.

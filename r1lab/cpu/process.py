@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from r1lab.cpu import allocator as cpu_allocator
+from r1lab.cpu import decode_kernel, grad_buffers
+from r1lab.model.layers import FAST_PATHS
 from r1lab.model.loading import pick_device
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # glibc's malloc.h
@@ -54,7 +56,15 @@ def setup_training_process(threads: int = 0, model: str | Path | None = None, de
     GPU, the host's large blocks are the weights on their way to the device, not worth keeping."""
     if threads:
         torch.set_num_threads(threads)
+    install_fast_paths()
     large = weights_bytes(model) >= LARGE_MODEL_BYTES
     set_allocator(RETURN_LARGE_BLOCKS if large else KEEP_FREED)
     if large and pick_device(device).type == "cpu":
         cpu_allocator.install()
+
+
+def install_fast_paths() -> None:
+    """The model's CPU fast paths (model/layers.py's FAST_PATHS, the one door through which cpu/ reaches the model):
+    the decode kernel's products over a few rows, and gradient memory kept between steps."""
+    FAST_PATHS.few_rows_linear = decode_kernel.few_rows_linear
+    FAST_PATHS.gradient_memory = grad_buffers.take_spare

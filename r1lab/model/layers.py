@@ -4,15 +4,13 @@ the Linear they share.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-
-from r1lab.cpu import decode_kernel as decode_matmul
-from r1lab.cpu.grad_buffers import IN_PLACE_GRAD_MIN, take_spare
 
 if TYPE_CHECKING:  # only annotations: model/architecture.py imports the layers' modules
     from r1lab.model.architecture import ModelConfig
@@ -36,50 +34,41 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose products over a few rows (a decode step's batch) take _few_rows_linear on a CPU, and whose
-    backward writes its gradients in place (_InPlaceGradLinear)."""
+@dataclass
+class FastPaths:
+    """Faster code for some products, installed by r1lab/cpu at process set-up (model/ never imports cpu/); None:
+    torch's own. few_rows_linear(x, weight, bias): x @ W.T + b over the few rows of a CPU decode step.
+    gradient_memory(param): memory to write param's first gradient of a backward into, or None to allocate."""
 
-    FEW_ROWS = 32
+    few_rows_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    gradient_memory: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+
+
+FAST_PATHS = FastPaths()
+FEW_ROWS = 32  # rows of x up to which a float32 CPU product takes FAST_PATHS.few_rows_linear (a decode step's batch)
+# Weights from which the gradient is written in place (_InPlaceGradLinear); smaller ones come from the allocator's
+# free lists (nothing to fault in), where the Python-level autograd function would only add its overhead.
+IN_PLACE_GRAD_MIN = 1 << 20
+
+
+def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x @ W.T + b through the installed few-rows product, or None where none is installed or x is not a few
+    float32 CPU rows."""
+    product = FAST_PATHS.few_rows_linear
+    if product is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() // x.shape[-1] > FEW_ROWS:
+        return None
+    return product(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products over a few rows (a decode step's batch) take the installed fast path, and whose
+    backward writes its gradients in place (_InPlaceGradLinear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _accumulates_in_place(x, self.weight):
             return _InPlaceGradLinear.apply(x, self.weight, self.bias)
-        if _few_rows(x, self.FEW_ROWS):
-            return _few_rows_linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def _few_rows(x: torch.Tensor, limit: int) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() // x.shape[-1] <= limit
-
-
-SLICE_ROWS = 512  # see _few_rows_linear: 256-768 measured alike, 15% off a rollout; whole products 11-13 GB/s
-
-
-SLICED_MIN = 4 << 20  # parameters from which slices pay: below, a decode step is bound by per-call overheads
-
-
-def _few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b for a few rows of x (a decode step's batch) on a CPU, in float32: r1lab/cpu/decode_kernel.py's kernel
-    where the machine has a C compiler, else MKL's sgemm as below.
-
-    A decode step is bound by reading the weights, and MKL streams them at different rates by orientation and
-    size (measured on 2 AVX-512 cores at the Qwen2.5-0.5B shape, 8 rows; 25 GB/s is the read rate of a plain sum):
-    a weight of up to a few thousand rows goes fastest as W @ x.T (13-20 GB/s); a taller and large one (SLICED_MIN
-    parameters), as gate_up_proj (9,728 rows) or the LM head (151,936), as x @ W.T over slices of SLICE_ROWS rows (15-17 GB/s, where the whole
-    product in either orientation ran at 11-13). bf16 goes through other kernels: there the plain product."""
-    rows, out = x.numel() // x.shape[-1], weight.shape[0]
-    flat = x.reshape(rows, x.shape[-1])
-    y = decode_matmul.linear(flat, weight, bias)  # the C kernel, where this machine has it: 1.6x faster
-    if y is not None:
-        return y.reshape(*x.shape[:-1], out)
-    if out <= 4 * SLICE_ROWS or weight.numel() < SLICED_MIN:
-        y = (weight @ flat.t()).t() if bias is None else torch.addmm(bias[:, None], weight, flat.t()).t()
-    else:
-        y = torch.cat([F.linear(flat, weight[i : i + SLICE_ROWS], None if bias is None else bias[i : i + SLICE_ROWS])
-                       for i in range(0, out, SLICE_ROWS)], dim=1)
-    return y.reshape(*x.shape[:-1], out)
+        y = few_rows_product(x, self.weight, self.bias)
+        return super().forward(x) if y is None else y
 
 
 def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
@@ -112,12 +101,16 @@ class _InPlaceGradLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             flat_x = x.reshape(-1, x.shape[-1])
             if weight.grad is None:  # the first pass writes into the last step's gradient memory, if kept
-                weight.grad = torch.mm(dy.t(), flat_x, out=take_spare(weight))
+                weight.grad = torch.mm(dy.t(), flat_x, out=_gradient_memory(weight))
             else:
                 weight.grad.addmm_(dy.t(), flat_x)
         if bias is not None and ctx.needs_input_grad[2]:
             bias.grad = dy.sum(0) if bias.grad is None else bias.grad.add_(dy.sum(0))
         return grad_x, None, None
+
+
+def _gradient_memory(weight: torch.Tensor) -> torch.Tensor | None:
+    return None if FAST_PATHS.gradient_memory is None else FAST_PATHS.gradient_memory(weight)
 
 
 class Attention(nn.Module):

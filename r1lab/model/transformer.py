@@ -16,10 +16,8 @@ from r1lab.model.architecture import ModelConfig, rope_inverse_frequencies
 from r1lab.model.layers import (
     MLP,
     Attention,
-    Linear,
     RMSNorm,
-    _few_rows,
-    _few_rows_linear,
+    few_rows_product,
 )
 
 
@@ -143,10 +141,9 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits of the engine's last positions h (B, D): a decode step's few rows take _few_rows_linear."""
-        if not torch.is_grad_enabled() and _few_rows(h, Linear.FEW_ROWS):
-            return _few_rows_linear(h, self.lm_head.weight, self.lm_head.bias)
-        return self.lm_head(h)
+        """Logits of the engine's last positions h (B, D): a decode step's few rows take the installed fast path."""
+        y = None if torch.is_grad_enabled() else few_rows_product(h, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(h) if y is None else y
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         """Logits (B, T, V) for full sequences (training and parity checks)."""

@@ -1,4 +1,5 @@
-/* y = x @ W.T + b for a decode step's few rows of x, in float32: compiled on first use by r1lab/cpu/decode_kernel.py.
+/* y = x @ W.T + b for a decode step's few rows of x, in float32: compiled on first use by r1lab/cpu/decode_kernel.py
+ * (torch.utils.cpp_extension).
  *
  * A decode step of a 0.5B model reads every weight once for a handful of rows, so it is bound by how fast the
  * weights stream from memory. MKL's sgemm at 8 rows read them at 11-16 GB/s on 2 AVX-512 cores where a plain sum
@@ -6,7 +7,7 @@
  * contiguous block of weight rows once, two rows at a time against every row of x (held in L1), and asks for the
  * memory a few kilobytes ahead of its reads: without that software prefetch this loop ran no faster than MKL.
  *
- * Portable C (GCC/Clang vector extensions: AVX-512, AVX2 or NEON as -march=native allows), threads from OpenMP,
+ * Portable C++ (GCC/Clang vector extensions: AVX-512, AVX2 or NEON as -march=native allows), threads from OpenMP,
  * the same runtime torch's CPU build already loaded.
  */
 #include <omp.h>
@@ -69,7 +70,7 @@ static void weight_rows(const float *x, long m, const float *w, const float *b, 
 }
 
 /* x (m, k), w (n, k), b (n) or NULL, y (m, n): all contiguous float32. */
-void few_rows_linear(const float *x, const float *w, const float *b, float *y, long m, long n, long k, int threads) {
+extern "C" void few_rows_linear(const float *x, const float *w, const float *b, float *y, long m, long n, long k, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         long t = omp_get_thread_num(), nt = omp_get_num_threads();
