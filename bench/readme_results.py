@@ -1,8 +1,9 @@
-"""Regenerate the README's measured results at HEAD: `python bench/readme_results.py [--demo] [--bench] [--tests]`.
+"""Regenerate the measured results at HEAD: `python bench/readme_results.py [--demo] [--bench] [--tests]`.
 
 Each part runs its commands, writes its figures with the date, commit and machine to bench/results/NAME.json, and
-then every README block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` is rewritten from those files
-(`--render` alone rewrites the README from the saved files without running anything). Nothing in those blocks is
+then every block between `<!-- results:NAME -->` and `<!-- /results:NAME -->` is rewritten from those files in the
+page PAGES names for it: README.md for the headline figures (demo, bench, gpu), docs/benchmarks.md for the rest
+(`--render` alone rewrites the blocks from the saved files without running anything). Nothing in those blocks is
 edited by hand.
 
 - demo:  `r1lab demo` and its random-reward control for each of --seeds (each seed pretrains its own base), held-out
@@ -42,12 +43,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+README, BENCHMARKS = Path("README.md"), Path("docs/benchmarks.md")
+# the page each block lives on (from the repository's root): the README's headline results, every other figure in
+# docs/benchmarks.md; a block is on its page once and on no other page (README.md, docs/*.md)
+PAGES = {"demo": README, "bench": README, "gpu": README,
+         **{name: BENCHMARKS for name in ("demo_v3", "demo_tools", "realshape", "realshape_in_backward",
+                                          "realshape_lora", "realshape_lora_bf16", "gpu_lora", "lora_demo",
+                                          "continuous", "distill", "pipeline", "serve", "distributed", "tests")}}
 FIGURES = ("pass@1", "cons@8", "pass@8", "format_rate", "mean_length")
 
 
 def machine() -> dict:
-    """What the figures were measured on: they move with the CPU (see bench/README.md)."""
+    """What the figures were measured on: they move with the CPU (see docs/benchmarks.md)."""
     import torch
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -523,18 +530,38 @@ RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": rende
              "tests": render_tests}
 
 
-def render_readme() -> None:
-    text = README.read_text()
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- results:{name} -->)\n.*?(<!-- /results:{name} -->)", re.S)
+
+
+def render_pages(root: Path = ROOT, results: Path = RESULTS) -> dict[Path, str]:
+    """The text of every page under root (README.md, docs/*.md; paths relative to root) with each block whose
+    figures are filed in `results` rewritten on its page (PAGES). A block missing from its page, or also on another
+    page, stops it: every figure lives in one place."""
+    pages = [README, *sorted(p.relative_to(root) for p in (root / "docs").glob("*.md"))]
+    texts = {page: (root / page).read_text() for page in pages if (root / page).exists()}
     for name, render in RENDERERS.items():
-        path = RESULTS / f"{name}.json"
+        path = results / f"{name}.json"
         if not path.exists():
             continue
-        block = re.compile(rf"(<!-- results:{name} -->)\n.*?(<!-- /results:{name} -->)", re.S)
-        if not block.search(text):
-            raise SystemExit(f"README.md has no <!-- results:{name} --> block")
+        block = block_pattern(name)
+        found = {page: len(block.findall(text)) for page, text in texts.items() if block.search(text)}
+        if found != {PAGES[name]: 1}:
+            raise SystemExit(f"the <!-- results:{name} --> block belongs on {PAGES[name]}, once, and nowhere else; "
+                             f"found: {', '.join(f'{page} ({n}x)' for page, n in found.items()) or 'none'}")
         body = render(json.loads(path.read_text()))
-        text = block.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
-    README.write_text(text)
+        texts[PAGES[name]] = block.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", texts[PAGES[name]])
+    return texts
+
+
+def render_readme(root: Path = ROOT, results: Path = RESULTS) -> list[Path]:
+    """Rewrite the blocks of README.md and docs/benchmarks.md from bench/results/*.json; the pages changed."""
+    changed = []
+    for page, text in render_pages(root, results).items():
+        if (root / page).read_text() != text:
+            (root / page).write_text(text)
+            changed.append(page)
+    return changed
 
 
 def main(argv=None) -> None:
@@ -557,7 +584,8 @@ def main(argv=None) -> None:
     p.add_argument("--serve", action="store_true")
     p.add_argument("--distributed", action="store_true")
     p.add_argument("--tests", action="store_true")
-    p.add_argument("--render", action="store_true", help="only rewrite the README from bench/results/*.json")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the blocks in README.md and docs/benchmarks.md from bench/results/*.json")
     p.add_argument("--gpu", type=Path, help="file the figures.json of a GPU run of bench/grpo_gpu.py")
     p.add_argument("--gpu-commit", help="the commit that GPU run ran at")
     p.add_argument("--gpu-date", default=datetime.date.today().isoformat(), help="the day it ran")
@@ -586,8 +614,9 @@ def main(argv=None) -> None:
     for name, run in parts.items():
         if getattr(a, name):
             (RESULTS / f"{name}.json").write_text(json.dumps(run(), indent=2) + "\n")
-    render_readme()
-    print(f"README.md results rewritten from {RESULTS}")
+    changed = render_readme()
+    print(f"results blocks in {', '.join(sorted({str(page) for page in PAGES.values()}))} rendered from "
+          f"{RESULTS.relative_to(ROOT)}; changed: {', '.join(map(str, changed)) or 'none'}")
 
 
 if __name__ == "__main__":

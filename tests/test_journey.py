@@ -1,6 +1,6 @@
-"""A new user's journey, as the README tells it, on a model directory written by transformers 5 (chat_template.jinja,
-R1 tags as special tokens, model_type qwen2) and a GSM8K-style data file: GRPO with the chat template, eval, SFT on
-prompt/completion rows, the report, and serving it to the OpenAI client's calls."""
+"""A new user's journey, as docs/your-model-and-data.md and docs/serving.md tell it, on a model directory written by
+transformers 5 (chat_template.jinja, R1 tags as special tokens, model_type qwen2) and a GSM8K-style data file: GRPO
+with the chat template, eval, SFT on prompt/completion rows, the report, and serving it to the OpenAI client's calls."""
 
 import io
 import json
@@ -69,7 +69,7 @@ def test_own_model_gsm8k_grpo_eval_sft_report_serve_chat(tmp_path, monkeypatch, 
     from r1lab.serve.app import create_app
 
     with testclient.TestClient(create_app(run / "model", device="cpu")) as client:
-        served = client.get("/v1/models").json()["data"][0]["id"]  # what the README's snippet asks the server for
+        served = client.get("/v1/models").json()["data"][0]["id"]  # what docs/serving.md's snippet asks the server for
         reply = client.post("/v1/chat/completions", json={"model": served, "max_tokens": 4, "messages": [
             {"role": "user", "content": "Natalia sold 3 clips. How many?"}]})
     assert served == "model" and reply.status_code == 200, reply.text
