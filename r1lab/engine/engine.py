@@ -9,6 +9,7 @@ once and a finished one's row goes to the next waiting one (continuous batching,
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -133,20 +134,28 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
-        if 0 < max_rows < n_out:
-            self._generate_in_slots(prompt_ids, num_samples, max_rows, params, out, eos, stop_strings, suppress_eos,
-                                    on_step, step_logprobs)
-            self.model.train(was_training)
-            return self._samples(out, num_samples, stop_strings)
-        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
-        static = self._static_decoder(cache, batch.key_mask)
-        for step in range(steps):
+        slots = None
+        if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
+            batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,
+                                       self._static_decoder)
+            limits = params.limits if params.limits is not None else torch.full_like(out.lengths, steps)
+        else:
+            batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
+            static, limits = self._static_decoder(cache, batch.key_mask), params.limits
+        for step in itertools.count():
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
             tokens, logprobs = sample_next(batch.logits, *params.for_rows(batch.rows))
-            live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
+            # In slots each row is at its own step (its length so far; a finished row writes nothing).
+            at = step if slots is None else out.lengths[slots.rows].clamp(max=steps - 1)
+            live = self._record(batch, at, tokens, logprobs, out, eos, stop_strings, limits)
             if on_step is not None:
                 self._call_back(on_step, batch, live, tokens, logprobs if step_logprobs else None, out)
+            if slots is not None:
+                if slots.done():
+                    break
+                slots.step(tokens)
+                continue
             check = static is None or on_step is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
             if step == steps - 1 or (check and bool(batch.finished.all())):
                 break
@@ -161,25 +170,6 @@ class Engine:
             batch.positions = batch.positions + 1
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)
-
-    def _generate_in_slots(self, prompt_ids, num_samples, max_rows, params: _RowParams, out: _Outputs, eos,
-                           stop_strings, suppress_eos, on_step, step_logprobs) -> None:
-        """Continuous batching: the loop of generate over at most max_rows running sequences (r1lab/engine/slots.py).
-        Each row is at its own step (its length so far), so a row's limit is checked against its own count."""
-        slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id,
-                           self._static_decoder)
-        limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
-        while True:
-            if suppress_eos and len(eos):
-                slots.logits[:, eos] = float("-inf")
-            tokens, logprobs = sample_next(slots.logits, *params.for_rows(slots.rows))
-            step = out.lengths[slots.rows].clamp(max=params.max_steps - 1)  # (B,); a finished row writes nothing
-            live = self._record(slots, step, tokens, logprobs, out, eos, stop_strings, limits)
-            if on_step is not None:
-                self._call_back(on_step, slots, live, tokens, logprobs if step_logprobs else None, out)
-            if slots.done():
-                return
-            slots.step(tokens)
 
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
         lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
