@@ -4,6 +4,7 @@ seeded sequence's tokens do not depend on who else runs, joins, leaves or is par
 import pytest
 
 from r1lab.engine import live_batch as live_module
+from r1lab.engine import slots as slots_module
 from r1lab.engine.live_batch import LiveBatch
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
@@ -90,7 +91,7 @@ def test_the_cache_grows_and_slides_without_changing_tokens(engine, monkeypatch)
     # A cache of 2 rows x 8 columns must double both ways; dead columns slide out every step they can.
     monkeypatch.setattr(live_module, "INITIAL_ROWS", 1)
     monkeypatch.setattr(live_module, "INITIAL_COLUMNS", 8)
-    monkeypatch.setattr(live_module, "SLIDE_MIN_COLUMNS", 1)
+    monkeypatch.setattr(slots_module, "SLIDE_MIN_COLUMNS", 1)
     slides, resizes = [], []
     resize = LiveBatch._resize
     monkeypatch.setattr(LiveBatch, "_resize", lambda self, r, w: resizes.append((r, w)) or resize(self, r, w))

@@ -9,6 +9,7 @@ once and a finished one's row goes to the next waiting one (continuous batching,
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -16,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 from r1lab.engine.sampling import _RowParams, sample_next
-from r1lab.engine.slots import Slots
+from r1lab.engine.slots import FixedSlots, drop_finished, prefill
 from r1lab.engine.static_decode import StaticDecoder
 from r1lab.model.tokenizer import Tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
@@ -133,54 +134,42 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
-        if 0 < max_rows < n_out:
-            self._generate_in_slots(prompt_ids, num_samples, max_rows, params, out, eos, stop_strings, suppress_eos,
-                                    on_step, step_logprobs)
-            self.model.train(was_training)
-            return self._samples(out, num_samples, stop_strings)
-        batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
-        static = self._static_decoder(cache, batch.key_mask)
-        for step in range(steps):
+        slots = None
+        if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
+            batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,
+                                       self._static_decoder)
+            limits = params.limits if params.limits is not None else torch.full_like(out.lengths, steps)
+        else:
+            batch, cache, start = self._prefill(prompt_ids, num_samples, steps)
+            static, limits = self._static_decoder(cache, batch.key_mask), params.limits
+        for step in itertools.count():
             if suppress_eos and len(eos):
                 batch.logits[:, eos] = float("-inf")
             tokens, logprobs = sample_next(batch.logits, *params.for_rows(batch.rows))
-            live = self._record(batch, step, tokens, logprobs, out, eos, stop_strings, params.limits)
+            # In slots each row is at its own step (its length so far; a finished row writes nothing).
+            at = step if slots is None else out.lengths[slots.rows].clamp(max=steps - 1)
+            live = self._record(batch, at, tokens, logprobs, out, eos, stop_strings, limits)
             if on_step is not None:
                 self._call_back(on_step, batch, live, tokens, logprobs if step_logprobs else None, out)
+            if slots is not None:
+                if slots.done():
+                    break
+                slots.step(tokens)
+                continue
             check = static is None or on_step is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
             if step == steps - 1 or (check and bool(batch.finished.all())):
                 break
+            if check:
+                tokens, static = drop_finished(batch, tokens, cache, static, ("rows", "key_mask", "positions"))
             if static is not None:
-                if check:
-                    batch, tokens, static = self._compact_static(batch, tokens, static)
                 batch.logits = static.step(tokens, batch.positions)
             else:
-                batch, tokens = self._drop_finished(batch, cache, tokens)
                 batch.key_mask = torch.cat([batch.key_mask, torch.ones_like(batch.key_mask[:, :1])], dim=1)
                 batch.logits = self.model.forward_cached(tokens[:, None], batch.positions[:, None], cache,
                                                          start + step, batch.key_mask)
             batch.positions = batch.positions + 1
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)
-
-    def _generate_in_slots(self, prompt_ids, num_samples, max_rows, params: _RowParams, out: _Outputs, eos,
-                           stop_strings, suppress_eos, on_step, step_logprobs) -> None:
-        """Continuous batching: the loop of generate over at most max_rows running sequences (r1lab/engine/slots.py).
-        Each row is at its own step (its length so far), so a row's limit is checked against its own count."""
-        slots = Slots(self.model, prompt_ids, num_samples, max_rows, params.max_steps, self.tokenizer.pad_id,
-                      self._static_decoder)
-        limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
-        while True:
-            if suppress_eos and len(eos):
-                slots.logits[:, eos] = float("-inf")
-            tokens, logprobs = sample_next(slots.logits, *params.for_rows(slots.rows))
-            step = out.lengths[slots.rows].clamp(max=params.max_steps - 1)  # (B,); a finished row writes nothing
-            live = self._record(slots, step, tokens, logprobs, out, eos, stop_strings, limits)
-            if on_step is not None:
-                self._call_back(on_step, slots, live, tokens, logprobs if step_logprobs else None, out)
-            if slots.done():
-                return
-            slots.step(tokens)
 
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
         lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
@@ -190,7 +179,7 @@ class Engine:
                              reasons[i], stop_strings) for i in range(len(lengths))]
 
     @staticmethod
-    def _call_back(on_step: StepCallback, batch: _Batch | Slots, live, tokens, logprobs, out: _Outputs) -> None:
+    def _call_back(on_step: StepCallback, batch: _Batch | FixedSlots, live, tokens, logprobs, out: _Outputs) -> None:
         """Hand this step's tokens (and their log-probs, unless None) to the caller; rows it returns end now, with
         finish_reason "abort"."""
         args = (batch.rows[live].tolist(), tokens[live].tolist())
@@ -202,14 +191,8 @@ class Engine:
             batch.finished = batch.finished | hit
 
     def _prefill(self, prompt_ids, num_samples, max_new_tokens):
-        device, pad = self.device, self.tokenizer.pad_id
-        P = max(len(p) for p in prompt_ids)
-        ids = torch.tensor([[pad] * (P - len(p)) + list(p) for p in prompt_ids], device=device)  # (N, P) left-padded
-        key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompt_ids], device=device)
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.config, len(prompt_ids), P + max_new_tokens, dtype, device)
-        logits = self.model.forward_cached(ids, positions, cache, 0, key_mask)  # (N, V)
+        device = self.device
+        cache, logits, key_mask = prefill(self.model, prompt_ids, self.tokenizer.pad_id, max_new_tokens)  # (N, P)
         rows = torch.arange(len(prompt_ids), device=device).repeat_interleave(num_samples)
         if num_samples > 1:
             cache.select(rows)  # every sample of a prompt starts from the same prefilled cache
@@ -217,9 +200,9 @@ class Engine:
         batch = _Batch(rows=torch.arange(len(rows), device=device), key_mask=key_mask[rows],
                        positions=lengths[rows], logits=logits[rows],
                        finished=torch.zeros(len(rows), dtype=torch.bool, device=device))
-        return batch, cache, P
+        return batch, cache, key_mask.shape[1]
 
-    def _record(self, batch: _Batch | Slots, step: int | torch.Tensor, tokens, logprobs, out: _Outputs, eos,
+    def _record(self, batch: _Batch | FixedSlots, step: int | torch.Tensor, tokens, logprobs, out: _Outputs, eos,
                 stop_strings, limits) -> torch.Tensor:
         """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
         their own token limit. step: the index of this token, one for the batch or (B,) per row (continuous
@@ -247,29 +230,6 @@ class Engine:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.
         tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop_strings):])
         return any(s in tail for s in stop_strings)
-
-    @staticmethod
-    def _compact_static(batch: _Batch, tokens, static: StaticDecoder):
-        """Static decoding: drop finished rows once half the batch is done (a smaller batch, captured anew)."""
-        if int(batch.finished.sum()) * 2 < len(batch.finished):
-            return batch, tokens, static
-        keep = (~batch.finished).nonzero().squeeze(-1)
-        static = static.select(keep)
-        batch.rows, batch.key_mask, batch.positions = batch.rows[keep], batch.key_mask[keep], batch.positions[keep]
-        batch.finished = batch.finished[keep]
-        return batch, tokens[keep], static
-
-    @staticmethod
-    def _drop_finished(batch: _Batch, cache: KVCache, tokens):
-        """Compact the batch once a quarter of its rows are finished, so they stop costing compute."""
-        n_done = int(batch.finished.sum())
-        if n_done == 0 or n_done * 4 < len(batch.finished):
-            return batch, tokens
-        keep = (~batch.finished).nonzero().squeeze(-1)
-        cache.select(keep)
-        batch.rows, batch.key_mask, batch.positions = batch.rows[keep], batch.key_mask[keep], batch.positions[keep]
-        batch.finished = batch.finished[keep]
-        return batch, tokens[keep]
 
     def _finish(self, prompt_index, tokens, logprobs, reason, stop_strings) -> Sample:
         text = self.tokenizer.decode([t for t in tokens if t not in self.tokenizer.eos_ids])

@@ -1,16 +1,14 @@
 """A continuous batch that sequences join and leave between decode steps: the engine under `r1lab serve`.
 
-Engine.generate(max_rows=N) runs a set of sequences fixed when it is called (r1lab/engine/slots.py). A server's requests
-arrive while others run, so here a sequence is added at any time (add) and takes a row at the next step, its prompt
-prefilled by a forward of its own; step() samples one token for every running sequence and feeds them forward
-together. Each sequence keeps its own sampling settings, token limit, stop strings and random generator, so a seeded
-sequence samples the same tokens whoever runs beside it (its logits differ only by float rounding).
+Engine.generate(max_rows=N) runs a set of sequences fixed when it is called. A server's requests arrive while others
+run, so here a sequence is added at any time (add) and takes a row at the next step, its prompt prefilled by a forward
+of its own; step() samples one token for every running sequence and feeds them forward together. Each sequence keeps
+its own sampling settings, token limit, stop strings and random generator, so a seeded sequence samples the same
+tokens whoever runs beside it (its logits differ only by float rounding).
 
-The layout is the one of Slots: every row writes its next key at the same cache column (the clock), a newcomer's
-prompt ends just before the clock and its key mask hides the rest of its row. The running sequences are kept packed
-in the first rows (a row freed takes the last row's contents), so a step's forward covers only the rows in use. The
-cache starts small and doubles (rows or columns) when it must; columns no running row attends any more are slid out,
-so the attended width stays near the longest running sequence.
+The layout is Slots' (r1lab/engine/slots.py). The running sequences are kept packed in the first rows (a row freed
+takes the last row's contents), so a step's forward covers only the rows in use; the buffers start small and double
+(rows or columns) when they must.
 
 A sequence can be taken out of a batch (take): running, its row's keys are copied aside and the row freed. Put back,
 into the same batch or another (put), it takes a row again and goes on exactly where it stopped (rotary positions
@@ -30,7 +28,7 @@ import torch
 
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import row_generator, sample_next
-from r1lab.engine.slots import SLIDE_MIN_COLUMNS, SLIDE_SHARE
+from r1lab.engine.slots import Slots, prefill
 from r1lab.model.transformer import KVCache
 
 INITIAL_ROWS = 8  # the cache starts this small and doubles: an idle server holds little memory
@@ -48,9 +46,9 @@ class StepToken:
 
 @dataclass
 class _Parked:
-    """A parked sequence's row: its columns of every cache tensor, their key mask, where it stood."""
+    """A parked sequence's row: its columns of the cache, their key mask, where it stood."""
 
-    layers: list[tuple[torch.Tensor, ...]]  # per layer, each tensor's (1, ..., span, ...) columns
+    cache: KVCache  # one row of span columns
     key_mask: torch.Tensor  # (span,)
     logits: torch.Tensor  # (V,) the next token's, not sampled yet
     position: int
@@ -77,20 +75,18 @@ class Sequence:
         return len(self.prompt) if self.parked is None else len(self.parked.key_mask)
 
 
-class LiveBatch:
+class LiveBatch(Slots):
     """Sequences running together over one KV cache of at most n_slots rows, and those waiting for a row."""
 
     def __init__(self, engine: Engine, n_slots: int):
         if n_slots < 1:
             raise ValueError("a live batch needs at least one slot")
-        self.engine, self.model, self.n_slots = engine, engine.model, n_slots
-        self.device, self.dtype = engine.device, next(engine.model.parameters()).dtype
+        self.engine = engine
         self.rows: list[Sequence] = []  # the running sequences; rows[i] is in cache row i
         self.waiting: deque[Sequence] = deque()  # added or put back, taking a row at the next step
         self.sequences: dict[int, Sequence] = {}  # every sequence not finished or cancelled, by id
-        self.clock, self._params = 0, None
-        self.cache: KVCache | None = None
-        self._resize(min(INITIAL_ROWS, n_slots), INITIAL_COLUMNS)
+        self._params = None
+        super().__init__(engine.model, n_slots, min(INITIAL_ROWS, n_slots), INITIAL_COLUMNS)
 
     @property
     def running(self) -> int:
@@ -133,9 +129,9 @@ class LiveBatch:
             return seq
         r = self.rows.index(seq)
         start = int(self.first_column[r])
-        seq.parked = _Parked([tuple(t[r : r + 1, :, start : self.clock].clone() for t in layer)
-                              for layer in self.cache.layers],
-                             self.key_mask[r, start : self.clock].clone(), self.logits[r].clone(),
+        cache = KVCache(self.model.config, 1, self.clock - start, self.dtype, self.device)
+        cache.copy_row(0, 0, self.cache, r, start, self.clock - start)
+        seq.parked = _Parked(cache, self.key_mask[r, start : self.clock].clone(), self.logits[r].clone(),
                              int(self.positions[r]))
         self._free_row(r)
         return seq
@@ -156,6 +152,7 @@ class LiveBatch:
         tokens, logprobs = sample_next(self.logits[:B], *self._row_params())  # (B,), (B,)
         out = [StepToken(seq.id, token, logprob, self._finish_reason(seq, token))
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
+        self._make_room(B, self.first_column[:B], self.clock)  # the clock before a slide: a full cache also grows
         self._decode(tokens)  # rows that just ended are fed too: cheaper than a compaction before the forward
         for r in reversed(range(B)):  # from the end, so the row moved into a freed one has been looked at
             if out[r].finish_reason is not None:
@@ -183,58 +180,27 @@ class LiveBatch:
                             [s.generator for s in self.rows])
         return self._params
 
-    def _decode(self, tokens: torch.Tensor) -> None:
-        B = len(tokens)
-        self._make_room(self.clock)
-        self.key_mask[:B, self.clock] = True
-        self.logits[:B] = self.model.forward_cached(tokens[:, None], self.positions[:B, None],
-                                                    self.cache.first_rows(B), self.clock,
-                                                    self.key_mask[:B, : self.clock + 1])  # (B, V)
-        self.clock += 1
-        self.positions[:B] += 1
-
     def _admit(self) -> None:
         """The waiting sequences take the free rows: new prompts prefilled together, parked rows copied back."""
         n = min(self.n_slots - len(self.rows), len(self.waiting))
         if n <= 0:
             return
         newcomers = [self.waiting.popleft() for _ in range(n)]
-        self._make_room(max(s.span for s in newcomers), new_rows=n)
-        self.clock = max(self.clock, max(s.span for s in newcomers))  # running rows see a masked gap: harmless
+        span = max(s.span for s in newcomers)
+        self._make_room(len(self.rows), self.first_column[: len(self.rows)], span, new_rows=n)
+        self.clock = max(self.clock, span)  # running rows see a masked gap: harmless
         fresh = [s for s in newcomers if s.parked is None]
-        prefilled = self._prefill(fresh) if fresh else None
+        if fresh:
+            cache, logits, key_mask = prefill(self.model, [s.prompt for s in fresh], self.engine.tokenizer.pad_id)
         for seq in newcomers:
-            r, start = len(self.rows), self.clock - seq.span
-            self.key_mask[r] = False
             if seq.parked is None:
-                cache, logits, P = prefilled
                 j = fresh.index(seq)
-                self.cache.copy_row(r, start, cache, j, P - seq.span, seq.span)
-                self.key_mask[r, start : self.clock] = True
-                self.positions[r], self.logits[r] = seq.span, logits[j]
+                self._enter(len(self.rows), cache, j, key_mask.shape[1] - seq.span, seq.span, logits[j], seq.span)
             else:
-                self._unpark(seq, r, start)
-            self.first_column[r] = start
+                p, seq.parked = seq.parked, None
+                self._enter(len(self.rows), p.cache, 0, 0, len(p.key_mask), p.logits, p.position, p.key_mask)
             self.rows.append(seq)
         self._params = None
-
-    def _unpark(self, seq: Sequence, r: int, start: int) -> None:
-        parked, seq.parked = seq.parked, None
-        for layer, saved in zip(self.cache.layers, parked.layers):
-            for t, s in zip(layer, saved):
-                t[r, :, start : self.clock] = s[0]
-        self.key_mask[r, start : self.clock] = parked.key_mask
-        self.positions[r], self.logits[r] = parked.position, parked.logits
-
-    def _prefill(self, fresh: list[Sequence]) -> tuple[KVCache, torch.Tensor, int]:
-        """One forward over the new prompts, left-padded: (their cache, last logits (n, V), padded length)."""
-        P = max(s.span for s in fresh)
-        pad = self.engine.tokenizer.pad_id
-        ids = torch.tensor([[pad] * (P - s.span) + s.prompt for s in fresh], device=self.device)  # (n, P)
-        key_mask = torch.tensor([[False] * (P - s.span) + [True] * s.span for s in fresh], device=self.device)
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, len(fresh), P, self.dtype, self.device)
-        return cache, self.model.forward_cached(ids, positions, cache, 0, key_mask), P
 
     def _free_row(self, r: int) -> None:
         """Row r leaves the batch; the last row's sequence moves into it, so the running rows stay packed."""
@@ -247,40 +213,3 @@ class LiveBatch:
             self.rows[r] = self.rows[last]
         self.rows.pop()
         self._params = None
-
-    def _make_room(self, clock_at_least: int, new_rows: int = 0) -> None:
-        """Room for the clock to be at clock_at_least or more and write one column there, and for new_rows more
-        rows: slide out dead columns when they are many or the cache is full, grow the cache when still short."""
-        B = len(self.rows)
-        shift = int(self.first_column[:B].min()) if B else self.clock  # columns before every running row's start
-        width = self.key_mask.shape[1]
-        full = max(self.clock, clock_at_least) + 1 > width
-        if shift and (full or (shift >= SLIDE_MIN_COLUMNS and shift * SLIDE_SHARE >= self.clock)):
-            self.cache.first_rows(B).slide(shift, self.clock)
-            self.key_mask[:B, : self.clock - shift] = self.key_mask[:B, shift : self.clock].clone()
-            self.key_mask[:B, self.clock - shift :] = False
-            self.first_column[:B] -= shift
-            self.clock -= shift
-        columns = max(self.clock, clock_at_least) + 1
-        rows = B + new_rows
-        n_rows = self.key_mask.shape[0]
-        if columns > width or rows > n_rows:  # doubling, so a long run resizes only a few times
-            self._resize(n_rows if rows <= n_rows else min(self.n_slots, max(rows, 2 * n_rows)),
-                         width if columns <= width else max(columns, 2 * width))
-
-    def _resize(self, n_rows: int, width: int) -> None:
-        """A new cache of this size, holding the running rows' columns so far."""
-        cache = KVCache(self.model.config, n_rows, width, self.dtype, self.device)
-        key_mask = torch.zeros(n_rows, width, dtype=torch.bool, device=self.device)
-        first_column = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        positions = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        logits = torch.zeros(n_rows, self.model.config.vocab_size, device=self.device)
-        if self.cache is not None:
-            B, c = len(self.rows), self.clock
-            for layer, old in zip(cache.layers, self.cache.layers):
-                for t, s in zip(layer, old):
-                    t[:B, :, :c] = s[:B, :, :c]
-            key_mask[:B, :c] = self.key_mask[:B, :c]
-            first_column[:B], positions[:B], logits[:B] = self.first_column[:B], self.positions[:B], self.logits[:B]
-        self.cache, self.key_mask, self.first_column, self.positions, self.logits = (cache, key_mask, first_column,
-                                                                                     positions, logits)

@@ -1,20 +1,22 @@
-"""Continuous batching for the engine: a fixed number of slots, each a row of one preallocated KV cache.
+"""Continuous batching: running sequences in the rows of one KV cache, a finished one's row going to a waiting one.
 
-A GRPO step's completions vary widely in length. Run all at once (or in batches), a batch lasts as long as its
-longest completion and a finished row is either wasted work or, compacted away, a smaller batch for the rest of the
-run. Here at most n_slots sequences run at a time; when one finishes, the next waiting sequence takes its slot at
-the following step, its prompt prefilled by a forward of its own between two decode steps. The engine
-(Engine.generate with max_rows) samples and records; this module owns the cache rows and who holds them.
+A GRPO step's completions vary widely in length, and a server's requests arrive while others run. Run in fixed
+batches, a batch lasts as long as its longest completion and a finished row is wasted work. Here a sequence takes a
+free row of the cache between two decode steps, its prompt prefilled by a forward of its own, and leaves it when done.
 
-Every row writes its next key at the same cache column (the clock), so one decode step is one forward over the
-slots, as in the engine's other modes. A newcomer's prompt is written to the columns just before the clock and its
-key mask hides everything else in the row: the previous occupant's keys stay in the buffer but are never attended.
-Columns that no running row attends any more are slid out from time to time, so the attended width stays near
-the longest running sequence. Rotary positions are per row and travel with the keys, so a slide changes nothing.
+Slots is the layout, one for both users: every row writes its next key at the same cache column (the clock), so one
+decode step is one forward over the rows. A newcomer's keys end just before the clock and its key mask hides
+everything else in the row: a previous occupant's keys stay in the buffer but are never attended. Columns that no
+running row attends any more are slid out from time to time, so the attended width stays near the longest running
+sequence. Rotary positions are per row and travel with the keys, so a slide changes nothing.
 
-With static decoding (r1lab/engine/static_decode.py, a CUDA graph on a GPU) the slots are the decoder's fixed rows: its mask
-is the slots' key mask, newcomers and slides write into the same buffers in place, and the cache is slid only when
-full (every step attends the whole buffer anyway).
+* FixedSlots (below) is Engine.generate with max_rows: a set of sequences fixed when generate is called, the engine
+  sampling and recording. A prompt is prefilled once for all its samples. A finished row keeps its place until a
+  newcomer takes it or, once nobody waits, the batch is compacted (the tail of the run then shrinks). With static
+  decoding (r1lab/engine/static_decode.py, a CUDA graph on a GPU) the rows are the decoder's fixed rows: its mask is
+  the key mask, newcomers and slides write into the same buffers in place, and the cache slides only when full.
+* LiveBatch (r1lab/engine/live_batch.py) is the server's batch: sequences join and leave at any time, the running
+  ones packed in the first rows, the cache growing as it must.
 """
 
 from __future__ import annotations
@@ -31,37 +33,132 @@ SLIDE_MIN_COLUMNS = 32  # slide dead columns out only once there are this many (
 SLIDE_SHARE = 4  # ... and they are at least 1 / SLIDE_SHARE of the columns in use
 
 
-class Slots:
-    """The running sequences (output rows, prompt-major) and the waiting ones, over a cache of n_slots rows.
+def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_columns: int = 0):
+    """One forward over these prompts, left-padded to the longest (P). Returns their cache (P + extra_columns
+    columns), last logits (n, V) and key mask (n, P)."""
+    P = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n, P)
+    key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
+    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = KVCache(model.config, len(prompts), P + extra_columns, next(model.parameters()).dtype, device)
+    return cache, model.forward_cached(ids, positions, cache, 0, key_mask), key_mask
 
-    It is the engine's batch: rows (B,) output row of each slot, finished (B,), logits (B, V), as Engine._record
-    and Engine._call_back expect. A finished slot keeps its row until a newcomer takes it, or, once nobody waits,
-    until the batch is compacted (the tail of the run then shrinks, as in the engine's dynamic mode).
-    """
+
+def drop_finished(batch, tokens: torch.Tensor, cache: KVCache, decoder: StaticDecoder | None, names: tuple[str, ...]):
+    """Once a quarter of batch's rows are finished (half with a static decoder, whose smaller batch is captured
+    anew), drop them, so they stop costing compute: from batch's per-row tensors (names, and finished), the cache (by
+    the decoder, which selects its rows) and tokens (B,). Returns (tokens, decoder)."""
+    n_done = int(batch.finished.sum())
+    if n_done == 0 or n_done * (4 if decoder is None else 2) < len(batch.finished):
+        return tokens, decoder
+    keep = (~batch.finished).nonzero().squeeze(-1)
+    for name in (*names, "finished"):
+        setattr(batch, name, getattr(batch, name)[keep])
+    if decoder is None:
+        cache.select(keep)
+    else:
+        decoder = decoder.select(keep)
+    return tokens[keep], decoder
+
+
+class Slots:
+    """The rows' buffers: KV cache, key_mask (rows, width) real keys of each row, first_column where each row's keys
+    start, positions the position id of each row's next token, logits (rows, V) of its next token; and the clock."""
+
+    def __init__(self, model: CausalLM, n_slots: int, n_rows: int, width: int, floor: int = 0):
+        """At most n_slots rows; buffers of n_rows x width to start with. The clock starts at floor and never slides
+        below it."""
+        self.model, self.n_slots, self.clock, self.floor = model, n_slots, floor, floor
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.decoder: StaticDecoder | None = None
+        self.cache: KVCache | None = None
+        self._resize(n_rows, width)
+
+    def _enter(self, r: int, source: KVCache, source_row: int, source_start: int, span: int, logits: torch.Tensor,
+               position: int, key_mask: torch.Tensor | bool = True) -> None:
+        """Row r takes a sequence whose span columns (source's row from source_start) end just before the clock."""
+        start = self.clock - span
+        self.cache.copy_row(r, start, source, source_row, source_start, span)
+        self.key_mask[r] = False
+        self.key_mask[r, start : self.clock] = key_mask
+        self.first_column[r], self.positions[r], self.logits[r] = start, position, logits
+
+    def _decode(self, tokens: torch.Tensor) -> None:
+        """Feed the first len(tokens) rows their next token: they write at the clock, then read the new logits."""
+        B = len(tokens)
+        if self.decoder is not None:  # it writes at the clock and unmasks that column itself
+            self.logits[:B] = self.decoder.step(tokens, self.positions[:B])
+        else:
+            self.key_mask[:B, self.clock] = True
+            self.logits[:B] = self.model.forward_cached(tokens[:, None], self.positions[:B, None],
+                                                        self.cache.first_rows(B), self.clock,
+                                                        self.key_mask[:B, : self.clock + 1])  # (B, V)
+        self.clock += 1
+        self.positions[:B] += 1
+
+    def _make_room(self, B: int, starts: torch.Tensor, clock_at_least: int = 0, new_rows: int = 0) -> None:
+        """Room for the clock to be at clock_at_least or more and write one column there, and for new_rows rows
+        beside the first B. starts: the first columns of the running rows. The columns before them all are slid out
+        when they are many or the cache is full (only when full with a static decoder, which attends the whole buffer
+        anyway); the buffers double when still short."""
+        shift = min(int(starts.min()) if len(starts) else self.clock, self.clock - self.floor)
+        width = self.key_mask.shape[1]
+        full = max(self.clock, clock_at_least) + 1 > width
+        if shift and (full or (self.decoder is None and shift >= SLIDE_MIN_COLUMNS
+                               and shift * SLIDE_SHARE >= self.clock)):
+            self.cache.first_rows(B).slide(shift, self.clock)
+            self.key_mask[:B, : self.clock - shift] = self.key_mask[:B, shift : self.clock].clone()
+            self.key_mask[:B, self.clock - shift :] = False
+            self.first_column[:B] -= shift
+            self.clock -= shift
+            if self.decoder is not None:
+                self.decoder.move_to(self.clock)
+        columns, rows, n_rows = max(self.clock, clock_at_least) + 1, B + new_rows, self.key_mask.shape[0]
+        if columns > width or rows > n_rows:  # doubling, so a long run resizes only a few times
+            self._resize(n_rows if rows <= n_rows else min(self.n_slots, max(rows, 2 * n_rows)),
+                         width if columns <= width else max(columns, 2 * width))
+
+    def _resize(self, n_rows: int, width: int) -> None:
+        """New buffers of this size (never smaller), holding the rows' columns so far."""
+        old = None if self.cache is None else (self.cache, self.key_mask, self.first_column, self.positions,
+                                               self.logits)
+        self.cache = KVCache(self.model.config, n_rows, width, self.dtype, self.device)
+        self.key_mask = torch.zeros(n_rows, width, dtype=torch.bool, device=self.device)
+        self.first_column = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(n_rows, self.model.config.vocab_size, device=self.device)
+        if old is not None:
+            cache, key_mask, first_column, positions, logits = old
+            n, c = len(key_mask), self.clock
+            for layer, old_layer in zip(self.cache.layers, cache.layers):
+                for t, s in zip(layer, old_layer):
+                    t[:n, :, :c] = s[:, :, :c]
+            self.key_mask[:n, :c] = key_mask[:, :c]
+            self.first_column[:n], self.positions[:n], self.logits[:n] = first_column, positions, logits
+
+
+class FixedSlots(Slots):
+    """Engine.generate's batch over a set of sequences fixed up front: num_samples per prompt, output rows
+    prompt-major, at most n_slots running. rows (B,) output row of each slot, finished (B,), logits (B, V), as
+    Engine._record and Engine._call_back expect; empty slots count as finished."""
 
     def __init__(self, model: CausalLM, prompt_ids: list[list[int]], num_samples: int, n_slots: int,
                  max_new_tokens: int, pad_id: int,
                  static_decoder: Callable[[KVCache, torch.Tensor], StaticDecoder | None] = lambda *_: None):
         """static_decoder(cache, key_mask) gives the engine's fixed-shape decoder over the filled columns, or None
         for the dynamic decode."""
-        self.model, self.prompt_ids, self.num_samples, self.pad_id = model, prompt_ids, num_samples, pad_id
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        self.longest_prompt = max(len(p) for p in prompt_ids)
-        # One running sequence spans at most longest_prompt + max_new_tokens columns; twice that leaves room to
-        # slide rarely.
-        self.width = 2 * (self.longest_prompt + max_new_tokens)
+        self.prompt_ids, self.num_samples, self.pad_id = prompt_ids, num_samples, pad_id
+        longest_prompt = max(len(p) for p in prompt_ids)
         n_slots = min(n_slots, len(prompt_ids) * num_samples)  # a slot never filled would hold no output row
-        self.cache = KVCache(model.config, n_slots, self.width, dtype, device)
-        self.clock = self.longest_prompt  # the column every row writes next; a newcomer's prompt ends just before
+        # A running sequence spans at most longest_prompt + max_new_tokens columns; twice that leaves room to slide
+        # rarely, and the buffers never grow. The clock never goes below the longest prompt, so a newcomer's prompt
+        # always fits before it.
+        super().__init__(model, n_slots, n_slots, 2 * (longest_prompt + max_new_tokens), floor=longest_prompt)
         self.waiting = deque(range(len(prompt_ids) * num_samples))
-        self.prefilled: dict[int, tuple[KVCache, int, torch.Tensor]] = {}  # prompt -> (cache, its row, logits (V,))
-        self.unadmitted = [num_samples] * len(prompt_ids)  # samples of each prompt still waiting
-        self.rows = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self.key_mask = torch.zeros(n_slots, self.width, dtype=torch.bool, device=device)  # real keys of each row
-        self.first_column = torch.zeros(n_slots, dtype=torch.long, device=device)  # where each row's prompt starts
-        self.positions = torch.zeros(n_slots, dtype=torch.long, device=device)  # position id of the next token
-        self.logits = torch.zeros(n_slots, model.config.vocab_size, device=device)
-        self.finished = torch.ones(n_slots, dtype=torch.bool, device=device)  # empty slots count as finished
+        self.prefilled: dict[int, tuple] = {}  # prompt -> (cache, its row, padded length, logits (V,))
+        self.rows = torch.zeros(n_slots, dtype=torch.long, device=self.device)
+        self.finished = torch.ones(n_slots, dtype=torch.bool, device=self.device)
         self._admit(list(range(n_slots)))
         self.decoder = static_decoder(self.cache, self.key_mask[:, : self.clock])
         if self.decoder is not None:
@@ -73,87 +170,29 @@ class Slots:
     def step(self, tokens: torch.Tensor) -> None:
         """Feed each running row its sampled token (B,), then give the slots of finished rows to waiting ones."""
         if not self.waiting:
-            tokens = self._compact(tokens)
+            tokens, self.decoder = drop_finished(self, tokens, self.cache, self.decoder,
+                                                 ("rows", "first_column", "positions", "logits", "key_mask"))
+            if self.decoder is not None:
+                self.key_mask = self.decoder.mask[:, 0, 0]
         if not bool(self.finished.all()):
-            self._slide_if_worth_it()
-            self.logits = self._decode(tokens)  # (B, V)
-            self.clock += 1
-            self.positions = self.positions + 1
+            self._make_room(len(tokens), self.first_column[~self.finished])
+            self._decode(tokens)
         if self.waiting:
             self._admit(self.finished.nonzero().squeeze(-1).tolist())
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.decoder is not None:
-            return self.decoder.step(tokens, self.positions)  # writes at the clock and unmasks that column itself
-        self.key_mask[:, self.clock] = True
-        return self.model.forward_cached(tokens[:, None], self.positions[:, None], self.cache, self.clock,
-                                         self.key_mask[:, : self.clock + 1])
-
     def _admit(self, free: list[int]) -> None:
-        """The next waiting sequences take these slots, their prompts prefilled (once per prompt)."""
+        """The next waiting sequences take these slots, their prompts prefilled (once per prompt, in one forward)."""
         newcomers = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
-        self._prefill({row // self.num_samples for row in newcomers} - self.prefilled.keys())
+        new = sorted({row // self.num_samples for row in newcomers} - self.prefilled.keys())
+        if new:
+            cache, logits, key_mask = prefill(self.model, [self.prompt_ids[i] for i in new], self.pad_id)
+            self.prefilled.update({p: (cache, j, key_mask.shape[1], logits[j]) for j, p in enumerate(new)})
         for slot, row in zip(free, newcomers):
             prompt = row // self.num_samples
-            source, source_row, logits = self.prefilled[prompt]
+            cache, j, P, logits = self.prefilled[prompt]
             n = len(self.prompt_ids[prompt])
-            start = self.clock - n
-            self.cache.copy_row(slot, start, source, source_row, source.layers[0][0].shape[2] - n, n)
-            self.key_mask[slot] = False
-            self.key_mask[slot, start : self.clock] = True
-            self.first_column[slot], self.positions[slot], self.logits[slot] = start, n, logits
+            self._enter(slot, cache, j, P - n, n, logits, n)
             self.rows[slot], self.finished[slot] = row, False
-            self.unadmitted[prompt] -= 1
-            if self.unadmitted[prompt] == 0:  # its last sample is in: the prefilled copy is no longer needed
-                del self.prefilled[prompt]
-
-    def _prefill(self, prompts: set[int]) -> None:
-        """One forward over these prompts, left-padded; each keeps its cache row and last logits until its
-        samples have all taken a slot."""
-        if not prompts:
-            return
-        order = sorted(prompts)
-        ids = [self.prompt_ids[i] for i in order]
-        P = max(len(p) for p in ids)
-        device, dtype = self.rows.device, self.cache.layers[0][0].dtype
-        padded = torch.tensor([[self.pad_id] * (P - len(p)) + list(p) for p in ids], device=device)  # (n, P)
-        key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in ids], device=device)
-        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        cache = KVCache(self.model.config, len(ids), P, dtype, device)
-        logits = self.model.forward_cached(padded, positions, cache, 0, key_mask)  # (n, V)
-        for j, prompt in enumerate(order):
-            self.prefilled[prompt] = (cache, j, logits[j])
-
-    def _slide_if_worth_it(self) -> None:
-        """Slide out the columns before every running row's prompt, when they are many or the cache is full. The
-        clock never goes below the longest prompt, so a newcomer's prompt always fits before it."""
-        running = ~self.finished
-        oldest = int(self.first_column[running].min()) if bool(running.any()) else self.clock
-        shift = min(oldest, self.clock - self.longest_prompt)
-        full = self.clock + 1 > self.width
-        if not full and (self.decoder is not None or shift < SLIDE_MIN_COLUMNS or shift * SLIDE_SHARE < self.clock):
-            return
-        self.cache.slide(shift, self.clock)
-        self.key_mask[:, : self.clock - shift] = self.key_mask[:, shift : self.clock].clone()
-        self.key_mask[:, self.clock - shift :] = False
-        self.first_column = (self.first_column - shift).clamp(min=0)  # finished rows' columns no longer matter
-        self.clock -= shift
-        if self.decoder is not None:
-            self.decoder.move_to(self.clock)
-
-    def _compact(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Nobody waits: once a quarter of the rows are finished (half with static decoding, whose smaller batch is
-        captured anew), drop them, so they stop costing compute."""
-        n_done = int(self.finished.sum())
-        if n_done == 0 or n_done * (4 if self.decoder is None else 2) < len(self.finished):
-            return tokens
-        keep = (~self.finished).nonzero().squeeze(-1)
-        for name in ("rows", "first_column", "positions", "logits", "finished"):
-            setattr(self, name, getattr(self, name)[keep])
-        if self.decoder is not None:
-            self.decoder = self.decoder.select(keep)  # selects the cache's rows too
-            self.key_mask = self.decoder.mask[:, 0, 0]
-        else:
-            self.cache.select(keep)
-            self.key_mask = self.key_mask[keep]
-        return tokens[keep]
+        # Sequences are admitted in order: only the next one's prompt may still be needed.
+        next_prompt = self.waiting[0] // self.num_samples if self.waiting else None
+        self.prefilled = {next_prompt: self.prefilled[next_prompt]} if next_prompt in self.prefilled else {}

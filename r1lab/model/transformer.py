@@ -68,7 +68,7 @@ class KVCache:
 
     def first_rows(self, n: int) -> KVCache:
         """A cache over this one's first n rows, sharing its memory: a forward over a batch smaller than the buffer
-        (r1lab/engine/live_batch.py) writes its keys straight into this cache."""
+        (r1lab/engine/slots.py) writes its keys straight into this cache."""
         view = KVCache.__new__(KVCache)
         view.layers = [tuple(t[:n] for t in layer) for layer in self.layers]
         return view
