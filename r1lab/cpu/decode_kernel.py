@@ -3,7 +3,7 @@ where it can be built, else torch's products in the orientation MKL streams fast
 
 Decoding reads every weight once per step for a handful of rows, so its speed is the rate at which the weights
 stream from memory; MKL's sgemm is built for products that reuse the matrix from cache, the kernel for streaming it
-(docs/benchmarks.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its cache,
+(bench/README.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its cache,
 lock and compiler flags), for this CPU's vector instructions: the CPU is part of the library's name, so a cache
 shared by two machines holds one build each. Without a compiler or ninja, or with R1LAB_DECODE_KERNEL=0, decode
 takes torch's products, with a warning saying why in the first case.
