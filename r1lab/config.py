@@ -430,8 +430,7 @@ class PretrainConfig(Settings):
     task: str = setting("arithmetic", "the task family the corpus is made of", choices=("arithmetic",))
     task_options: dict = setting({}, "as in every command: none = the demo's task (3-digit sums)")
     documents: int = setting(60_000, "corpus size (documents are drawn from the task's train split)", ge=1)
-    steps: int = setting(600, "optimizer steps (at 400, one seed in three had not learned the column procedure yet)",
-                         ge=1)
+    steps: int = setting(600, "optimizer steps", ge=1)
     batch_size: int = setting(96, "documents per optimizer step", ge=1)
     micro_batch_size: int = setting(0, "documents per forward/backward pass, grouped by length so that they pad "
                                        "less; 0 = the whole batch at once", ge=0)
