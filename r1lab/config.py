@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import yaml
 
-from r1lab.model.lora import LORA_TARGETS
+from r1lab.model.architecture import attention_shape_problems
+from r1lab.model.lora import LORA_TARGETS, lora_target_names
 from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
@@ -179,13 +180,6 @@ LANGUAGE = dict(rule=_language_problem, allowed="one of: " + ", ".join(TARGETS))
 TOP_P = dict(gt=0, le=1)
 SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine/engine.py)
 NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
-
-
-def lora_target_names(value: str) -> tuple[str, ...]:
-    """lora_targets as module names: "all-linear", or names separated by commas."""
-    if value.strip() == "all-linear":
-        return LORA_TARGETS
-    return tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def _lora_targets_problem(value: str) -> str | None:
@@ -472,7 +466,7 @@ class PretrainConfig(Settings):
     threads: int = setting(0, "torch CPU threads; 0 = all cores", **THREADS)
 
     def rules(self) -> list[str]:
-        return model_shape_problems("", self.hidden_size, self.num_heads, self.num_kv_heads) + (
+        return attention_shape_problems(self.hidden_size, self.num_heads, self.num_kv_heads) + (
             [f"think_share + untagged_share is {self.think_share + self.untagged_share:g}, above 1"]
             if self.think_share + self.untagged_share > 1 else []) + (
             self._moe_problems() if self.arch == "deepseek-v3" else [])
@@ -486,16 +480,6 @@ class PretrainConfig(Settings):
             problems.append(f"dense_layers ({self.dense_layers}) leaves no MoE layer of num_layers "
                             f"({self.num_layers})")
         return problems
-
-
-def model_shape_problems(prefix: str, hidden_size: int, num_heads: int, num_kv_heads: int) -> list[str]:
-    """The attention's constraints: whole, even head sizes (rotary embeddings rotate halves) and whole KV groups."""
-    problems = []
-    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
-        problems.append(f"{prefix}hidden_size {hidden_size} is not num_heads {num_heads} times an even head size")
-    if num_heads % num_kv_heads:
-        problems.append(f"{prefix}num_heads {num_heads} is not a multiple of {prefix}num_kv_heads {num_kv_heads}")
-    return problems
 
 
 @dataclass
@@ -902,8 +886,8 @@ class DistillConfig(Settings):
         if self.task != "arithmetic":
             return [f"pretraining a student base needs the arithmetic task; for task {self.task!r} give a student "
                     f"base model directory with --student"]
-        return model_shape_problems("student_", self.student_hidden_size, self.student_num_heads,
-                                    self.student_num_kv_heads)
+        return attention_shape_problems(self.student_hidden_size, self.student_num_heads, self.student_num_kv_heads,
+                                        "student_")
 
 
 @dataclass
