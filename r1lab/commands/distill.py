@@ -18,6 +18,7 @@ from r1lab.commands.stages import (
     parameter_count,
     pretrained_base,
     run_stage,
+    tiny_grpo_config,
 )
 from r1lab.config import (
     DistillConfig,
@@ -25,7 +26,6 @@ from r1lab.config import (
     PretrainConfig,
     SampleConfig,
     SFTConfig,
-    tiny_grpo_config,
 )
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
