@@ -16,6 +16,7 @@ from pathlib import Path
 
 from r1lab import __version__
 from r1lab.config import (
+    ALIASES,
     ChatConfig,
     DemoConfig,
     DistillConfig,
@@ -29,9 +30,9 @@ from r1lab.config import (
     ServeConfig,
     SFTConfig,
     add_flags,
-    did_you_mean,
     resolve,
 )
+from r1lab.suggest import did_you_mean
 
 COMMANDS = {
     "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
@@ -71,7 +72,8 @@ class Parser(argparse.ArgumentParser):
 
 def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
     flags = [s for action in parser._actions for s in action.option_strings]
-    hints = [did_you_mean(a.split("=")[0], flags, quote="").strip() for a in extras if a.startswith("--")]
+    hints = [did_you_mean(a.split("=")[0], flags, quote="", aliases=ALIASES).strip()
+             for a in extras if a.startswith("--")]
     return f"unrecognized arguments: {' '.join(extras)}" + "".join(f" {h}" for h in hints if h)
 
 

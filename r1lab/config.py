@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import inspect
 import math
 import re
@@ -29,6 +28,7 @@ from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
 from r1lab.rewards.user_functions import load_reward_function
+from r1lab.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -97,32 +97,6 @@ ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epo
            "epsilon": "clip_low", "epsilon_high": "clip_high", "max_completion_length": "max_new_tokens",
            "gradient_clipping": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "bf16": "dtype",
            "torch_dtype": "dtype", "num_iterations": "updates_per_batch"}
-
-
-def did_you_mean(word, names, quote: str = "'") -> str:
-    """' (did you mean 'lr'?)' for a misspelt name, or ''. A near-identical name (difflib) first; then a name other
-    trainers use; then a name that the word contains as a whole part ('lr_rate' -> 'lr'), which difflib's ratio
-    misses for short names; then a merely similar one.
-    Names may be flags: '--lr-rate' is compared with '--lr' as lr_rate with lr."""
-    if not isinstance(word, str):
-        return ""
-    key = word.lstrip("-").replace("-", "_")
-    plain = {n.lstrip("-").replace("-", "_"): n for n in names if isinstance(n, str)}
-    # a near-identical name first; then a name other trainers use, or one the word contains as a whole part
-    # ('lr_rate' -> 'lr', not the merely similar 'lora_rank'); then any similar name
-    match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.8)
-    if not match and ALIASES.get(key) in plain:
-        match = [ALIASES[key]]
-    if not match:
-        parts = key.split("_")
-        match = sorted((n for n in plain if n and _has_parts(parts, n.split("_"))), key=len)[-1:]
-    if not match:
-        match = difflib.get_close_matches(key, list(plain), n=1, cutoff=0.6)
-    return f" (did you mean {quote}{plain[match[0]]}{quote}?)" if match else ""
-
-
-def _has_parts(parts: list[str], sub: list[str]) -> bool:
-    return any(parts[i:i + len(sub)] == sub for i in range(len(parts) - len(sub) + 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1082,7 +1056,8 @@ def resolve(cls, args: argparse.Namespace | None = None, **overrides):
             if key in names:
                 values[key] = value
             else:
-                problems.append(f"{config_path}: unknown field {str(key)!r}{did_you_mean(str(key), names)}")
+                suggestion = did_you_mean(str(key), names, aliases=ALIASES)
+                problems.append(f"{config_path}: unknown field {str(key)!r}{suggestion}")
     if args:
         values.update({n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
     values.update(overrides)
