@@ -7,17 +7,18 @@ Every user mistake (a bad setting, a misspelt flag, malformed YAML, an occupied 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from r1lab import __version__
 from r1lab.config import (
-    ALIASES,
     ChatConfig,
     DemoConfig,
     DistillConfig,
@@ -30,10 +31,11 @@ from r1lab.config import (
     SampleConfig,
     ServeConfig,
     SFTConfig,
-    add_flags,
     resolve,
 )
+from r1lab.config.sources import ALIASES, from_text
 from r1lab.suggest import did_you_mean
+from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,28 @@ def version() -> str:
         return importlib.metadata.version("r1lab")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return __version__
+
+
+def help_line(spec, tp: type, default) -> str:
+    """'description [allowed values] (default: ...)' for --help, from the field's declaration."""
+    allowed = (spec.allowed_text() if spec else "") or {bool: "true/false", dict: "a YAML mapping"}.get(tp, "")
+    if allowed and not allowed.startswith("one of"):
+        allowed = "allowed: " + allowed
+    shown = str(default).lower() if isinstance(default, bool) else repr(default)
+    text = (spec.help if spec else "") + f" ({allowed + '; ' if allowed else ''}default: {shown})"
+    return text.strip().replace("%", "%%")  # argparse %-formats help strings
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per field of a command's settings, defaulting to None so that only the flags given override the YAML."""
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}  # `--resume` alone means true
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=from_text(hints[f.name]),
+                            default=None, metavar=hints[f.name].__name__.upper(),
+                            help=help_line(f.metadata.get("r1lab"), hints[f.name], default), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,8 @@ from pathlib import Path
 from r1lab.commands.pretrain import ARCHITECTURE_FILE
 from r1lab.commands.report import eval_records, example_completions, write_report
 from r1lab.commands.stages import pretrained_base, tiny_grpo_config
-from r1lab.config import ARCHS, DemoConfig, PretrainConfig
+from r1lab.config import DemoConfig, PretrainConfig
+from r1lab.config.groups import ARCHS
 from r1lab.rewards.tasks.arithmetic import TOOL_DEMO_OPTIONS
 from r1lab.train.grpo import train
 
