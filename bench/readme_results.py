@@ -107,7 +107,8 @@ def run_demo(seeds: list[int], workdir: Path, arch: str = "dense", tools: str = 
 
 def run_lora_demo(workdir: Path, rank: int, alpha: float, lr: float) -> dict:
     """The demo's R1-Zero GRPO (seed 0) with full fine-tuning, and the same run from the same base with LoRA."""
-    from r1lab.config import save_config, tiny_grpo_config
+    from r1lab.commands.stages import tiny_grpo_config
+    from r1lab.config import save_config
 
     out = workdir / "lora-demo"
     demo = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", "0"]

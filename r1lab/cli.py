@@ -7,11 +7,14 @@ Every user mistake (a bad setting, a misspelt flag, malformed YAML, an occupied 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import os
 import re
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from r1lab import __version__
@@ -28,28 +31,59 @@ from r1lab.config import (
     SampleConfig,
     ServeConfig,
     SFTConfig,
-    add_flags,
-    did_you_mean,
     resolve,
 )
+from r1lab.config.sources import ALIASES, from_text
+from r1lab.suggest import did_you_mean
+from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)
 
-COMMANDS = {
-    "demo": (DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report"),
-    "pretrain": (PretrainConfig, "pretrain the tiny base model from scratch on the synthetic corpus"),
-    "grpo": (GRPOConfig, "R1-Zero GRPO on a Hugging Face-format model directory"),
-    "eval": (EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems"),
-    "sft": (SFTConfig, "supervised fine-tuning on chat data (JSONL/Parquet rows of messages), loss on assistant turns"),
-    "sample": (SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data"),
-    "distill": (DistillConfig, "distil a teacher's verified reasoning into a smaller student (and compare with GRPO)"),
-    "pipeline": (PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student"),
-    "serve": (ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /"),
-    "chat": (ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer"),
-    "merge": (MergeConfig, "merge a LoRA adapter (PEFT format) into its base: a plain Hugging Face model directory"),
-    "report": (ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, completions"),
-}
-# Commands whose --out is one run: writing a second run into it would mix the two. demo, distill and pipeline are
-# left out on purpose: they reuse the stages already finished in their out directory (r1lab/commands/stages.py).
-RUN_DIRECTORY_COMMANDS = ("pretrain", "grpo", "sft")
+
+@dataclass(frozen=True)
+class Command:
+    """An `r1lab` command: its settings, its help line, and the function that runs it, imported only when the command
+    runs (so that `r1lab --help` stays fast)."""
+
+    name: str
+    settings: type
+    help: str
+    runner: str  # "module:function", called with the resolved settings
+    result: str | None = None  # what the runner returns, printed as "result: value"
+    # divides its work across the ranks of a torchrun job; distill and pipeline chain such commands (run their stages
+    # as these commands under torchrun), and the others run in one process
+    torchrun: bool = False
+    # --out is one run, and writing a second run into it would mix the two; demo, distill and pipeline are left out
+    # on purpose: they reuse the stages already finished in their out directory (r1lab/commands/stages.py)
+    run_directory: bool = False
+    extra: str = ""  # the pip extra its runner needs
+
+
+COMMANDS = {command.name: command for command in (
+    Command("demo", DemoConfig, "R1-Zero in miniature on a CPU: pretrain a tiny base, GRPO it, evaluate, report",
+            "r1lab.commands.demo:run_demo"),
+    Command("pretrain", PretrainConfig, "pretrain the tiny base model from scratch on the synthetic corpus",
+            "r1lab.commands.pretrain:pretrain", "base model", run_directory=True),
+    Command("grpo", GRPOConfig, "R1-Zero GRPO on a Hugging Face-format model directory",
+            "r1lab.train.grpo:train", "final model", torchrun=True, run_directory=True),
+    Command("eval", EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems",
+            "r1lab.train.evaluate:run_eval", "results", torchrun=True),
+    Command("sft", SFTConfig, "supervised fine-tuning on chat data (JSONL/Parquet rows of messages), loss on "
+            "assistant turns", "r1lab.train.supervised:sft", "final model", torchrun=True, run_directory=True),
+    Command("sample", SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data",
+            "r1lab.commands.sample:sample", "SFT data", torchrun=True),
+    Command("distill", DistillConfig, "distil a teacher's verified reasoning into a smaller student (and compare with "
+            "GRPO)", "r1lab.commands.distill:run_distill"),
+    Command("pipeline", PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student",
+            "r1lab.commands.pipeline:run_pipeline"),
+    Command("serve", ServeConfig, "OpenAI-compatible API with reasoning_content, and a chat page at /",
+            "r1lab.serve.app:serve", extra="serve"),
+    Command("chat", ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer",
+            "r1lab.serve.chat:run_chat"),
+    Command("merge", MergeConfig, "merge a LoRA adapter (PEFT format) into its base: a plain Hugging Face model "
+            "directory", "r1lab.commands.merge:merge", "merged model"),
+    Command("report", ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, "
+            "completions", "r1lab.commands.report:report_run", "report"),
+)}
+TORCHRUN_COMMANDS = tuple(name for name, command in COMMANDS.items() if command.torchrun)
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +105,8 @@ class Parser(argparse.ArgumentParser):
 
 def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
     flags = [s for action in parser._actions for s in action.option_strings]
-    hints = [did_you_mean(a.split("=")[0], flags, quote="").strip() for a in extras if a.startswith("--")]
+    hints = [did_you_mean(a.split("=")[0], flags, quote="", aliases=ALIASES).strip()
+             for a in extras if a.startswith("--")]
     return f"unrecognized arguments: {' '.join(extras)}" + "".join(f" {h}" for h in hints if h)
 
 
@@ -82,22 +117,45 @@ def version() -> str:
         return __version__
 
 
+def help_line(spec, tp: type, default) -> str:
+    """'description [allowed values] (default: ...)' for --help, from the field's declaration."""
+    allowed = (spec.allowed_text() if spec else "") or {bool: "true/false", dict: "a YAML mapping"}.get(tp, "")
+    if allowed and not allowed.startswith("one of"):
+        allowed = "allowed: " + allowed
+    shown = str(default).lower() if isinstance(default, bool) else repr(default)
+    text = (spec.help if spec else "") + f" ({allowed + '; ' if allowed else ''}default: {shown})"
+    return text.strip().replace("%", "%%")  # argparse %-formats help strings
+
+
+def add_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """A flag per field of a command's settings, defaulting to None so that only the flags given override the YAML."""
+    parser.add_argument("--config", help="YAML file with any of the fields below")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}  # `--resume` alone means true
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=from_text(hints[f.name]),
+                            default=None, metavar=hints[f.name].__name__.upper(),
+                            help=help_line(f.metadata.get("r1lab"), hints[f.name], default), **extra)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="r1lab", description="Train reasoning models the DeepSeek-R1 way. "
                                               "`r1lab COMMAND --help` lists a command's settings.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = {}
-    for name, (cls, help_text) in COMMANDS.items():
-        command = parser.commands[name] = sub.add_parser(  # a short usage line: errors stay readable
-            name, help=help_text, description=help_text, usage="%(prog)s [-h] [--config FILE] [--FIELD VALUE ...]")
-        add_flags(command, cls)
+    for name, command in COMMANDS.items():
+        flags = parser.commands[name] = sub.add_parser(  # a short usage line: errors stay readable
+            name, help=command.help, description=command.help,
+            usage="%(prog)s [-h] [--config FILE] [--FIELD VALUE ...]")
+        add_flags(flags, command.settings)
         if name == "report":  # `r1lab report RUN_DIR`, the run directory as the one positional argument
-            command.add_argument("run_dir", nargs="?", help="the run directory (same as --run)")
-        if name in RUN_DIRECTORY_COMMANDS:
-            command.add_argument("--overwrite", action="store_true",
-                                 help="start afresh although --out holds files: they are moved aside to OUT.old-N "
-                                      "first (nothing is deleted)")
+            flags.add_argument("run_dir", nargs="?", help="the run directory (same as --run)")
+        if command.run_directory:
+            flags.add_argument("--overwrite", action="store_true",
+                               help="start afresh although --out holds files: they are moved aside to OUT.old-N "
+                                    "first (nothing is deleted)")
     return parser
 
 
@@ -131,42 +189,21 @@ def move_aside(out: Path) -> Path:
     return out.rename(out.with_name(f"{out.name}.old-{n}"))
 
 
-# command -> (module, function, what its return value is); imported only when run, so `r1lab --help` stays fast
-RUNNERS = {
-    "demo": ("r1lab.commands.demo", "run_demo", None),
-    "report": ("r1lab.commands.report", "report_run", "report"),
-    "eval": ("r1lab.train.evaluate", "run_eval", "results"),
-    "pretrain": ("r1lab.commands.pretrain", "pretrain", "base model"),
-    "grpo": ("r1lab.train.grpo", "train", "final model"),
-    "sft": ("r1lab.train.supervised", "sft", "final model"),
-    "sample": ("r1lab.commands.sample", "sample", "SFT data"),
-    "distill": ("r1lab.commands.distill", "run_distill", None),
-    "pipeline": ("r1lab.commands.pipeline", "run_pipeline", None),
-    "serve": ("r1lab.serve.app", "serve", None),
-    "chat": ("r1lab.serve.chat", "run_chat", None),
-    "merge": ("r1lab.commands.merge", "merge", "merged model"),
-}
-
-
-# Commands that divide their work across the ranks of a torchrun job. distill and pipeline chain these (run their
-# stages as these commands under torchrun); the others run in one process.
-TORCHRUN_COMMANDS = ("grpo", "sft", "sample", "eval")
-
-
-def dispatch(command: str, cfg) -> None:
-    if rank_and_size()[1] > 1 and command not in TORCHRUN_COMMANDS:
-        raise ValueError(f"r1lab {command} runs in one process, not under torchrun; torchrun runs "
+def dispatch(name: str, cfg) -> None:
+    command = COMMANDS[name]
+    if rank_and_size()[1] > 1 and not command.torchrun:
+        raise ValueError(f"r1lab {name} runs in one process, not under torchrun; torchrun runs "
                          f"{', '.join(TORCHRUN_COMMANDS)} (distill's and pipeline's stages are these commands)")
-    module_name, function, result = RUNNERS[command]
+    module_name, function = command.runner.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        if command != "serve":
+        if not command.extra:
             raise
-        raise ValueError(f"{err}; r1lab serve needs its extra: pip install 'r1lab[serve]'") from None
+        raise ValueError(f"{err}; r1lab {name} needs its extra: pip install 'r1lab[{command.extra}]'") from None
     value = getattr(module, function)(cfg)
-    if result and rank_and_size()[0] == 0:  # under torchrun, rank 0 alone says where the result is
-        print(f"{result}: {value}")
+    if command.result and rank_and_size()[0] == 0:  # under torchrun, rank 0 alone says where the result is
+        print(f"{command.result}: {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "run_dir", None):
         args.run = args.run or args.run_dir
     try:
-        cfg = resolve(COMMANDS[args.command][0], args)
-        if args.command in RUN_DIRECTORY_COMMANDS and (old := check_out(cfg, args.overwrite)):
+        cfg = resolve(COMMANDS[args.command].settings, args)
+        if COMMANDS[args.command].run_directory and (old := check_out(cfg, args.overwrite)):
             print(f"r1lab {args.command}: --overwrite: moved {old} aside to {move_aside(old)}", file=sys.stderr)
         dispatch(args.command, cfg)
     except (ValueError, FileNotFoundError) as err:

@@ -17,11 +17,11 @@ from r1lab.config import (
     resolve,
 )
 
-CONFIGS = [cls for cls, _ in COMMANDS.values()]
+CONFIGS = [command.settings for command in COMMANDS.values()]
 
 
 def resolve_flags(command: str, *flags: str):
-    return resolve(COMMANDS[command][0], build_parser().parse_args([command, *flags]))
+    return resolve(COMMANDS[command].settings, build_parser().parse_args([command, *flags]))
 
 
 def resolve_yaml(tmp_path, text: str, command: str = "grpo", *flags: str):

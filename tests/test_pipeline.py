@@ -7,8 +7,8 @@ import pytest
 
 from r1lab.commands.distill import run_distill
 from r1lab.commands.pipeline import run_pipeline
-from r1lab.commands.stages import parameter_count
-from r1lab.config import DistillConfig, PipelineConfig, tiny_grpo_config
+from r1lab.commands.stages import parameter_count, tiny_grpo_config
+from r1lab.config import DistillConfig, PipelineConfig
 from r1lab.train.grpo import train
 
 pytestmark = pytest.mark.slow  # end-to-end runs of whole commands: the full suite only (make test)

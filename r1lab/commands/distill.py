@@ -18,6 +18,7 @@ from r1lab.commands.stages import (
     parameter_count,
     pretrained_base,
     run_stage,
+    tiny_grpo_config,
 )
 from r1lab.config import (
     DistillConfig,
@@ -25,11 +26,11 @@ from r1lab.config import (
     PretrainConfig,
     SampleConfig,
     SFTConfig,
-    tiny_grpo_config,
 )
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
 from r1lab.train.supervised import sft
+from r1lab.train.task_settings import check_settings
 
 
 def student_base(cfg: DistillConfig, log) -> Path:
@@ -83,7 +84,7 @@ def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
 
 def run_distill(cfg: DistillConfig, log=print) -> Path:
     """Distil cfg.teacher into a student; returns the distilled student's model directory (report beside it)."""
-    cfg.check()
+    check_settings(cfg)
     out = Path(cfg.out)
     base = student_base(cfg, log)
     data, sample_s = teacher_traces(cfg, log)

@@ -27,6 +27,7 @@ from r1lab.commands.stages import (
     parameter_count,
     pretrained_base,
     run_stage,
+    tiny_grpo_config,
 )
 from r1lab.config import (
     DistillConfig,
@@ -35,11 +36,11 @@ from r1lab.config import (
     PretrainConfig,
     SampleConfig,
     SFTConfig,
-    tiny_grpo_config,
 )
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
 from r1lab.train.supervised import sft
+from r1lab.train.task_settings import check_settings
 
 
 class Stages:
@@ -94,7 +95,7 @@ class Stages:
 
 def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     """Run every stage (reusing finished ones), evaluate all models on one held-out set; returns the report path."""
-    cfg.check()
+    check_settings(cfg)
     out = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before any stage runs
     stages = Stages(cfg, log)

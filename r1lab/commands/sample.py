@@ -33,6 +33,7 @@ from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.checkpoint import STATE_FILE
 from r1lab.train.distributed import Silent, join_world
 from r1lab.train.metrics import training_progress
+from r1lab.train.task_settings import check_settings
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
@@ -218,7 +219,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def sample(cfg: SampleConfig, log=print) -> Path:
     """`r1lab sample`: write the kept completions to cfg.out (JSONL) and a summary beside it; returns cfg.out."""
-    cfg.check()
+    check_settings(cfg)
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share of prompts

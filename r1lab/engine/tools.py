@@ -54,7 +54,7 @@ class ToolSpec:
 
     @classmethod
     def of(cls, cfg: Any) -> ToolSpec | None:
-        """The spec a command's settings ask for (tools, tool_tag, ..., r1lab/config.py), None without tools."""
+        """The spec a command's settings ask for (tools, tool_tag, ..., r1lab/config/groups.py), None without tools."""
         if not getattr(cfg, "tools", ""):
             return None
         return cls(cfg.tool_tag, cfg.tool_output_tag, cfg.max_tool_calls, cfg.tool_timeout_s, cfg.tool_memory_mb,

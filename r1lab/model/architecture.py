@@ -26,6 +26,17 @@ MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
+
+def attention_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, prefix: str = "") -> list[str]:
+    """The attention's constraints on a model's shape: whole, even head sizes (rotary embeddings rotate halves) and
+    whole KV groups; prefix: of the settings' names (student_ for a distilled student)."""
+    problems = []
+    if hidden_size % num_heads or (hidden_size // num_heads) % 2:
+        problems.append(f"{prefix}hidden_size {hidden_size} is not num_heads {num_heads} times an even head size")
+    if num_heads % num_kv_heads:
+        problems.append(f"{prefix}num_heads {num_heads} is not a multiple of {prefix}num_kv_heads {num_kv_heads}")
+    return problems
+
 @dataclass
 class ModelConfig:
     vocab_size: int

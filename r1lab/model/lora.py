@@ -49,6 +49,13 @@ _UNSUPPORTED_DEFAULTS = {"bias": "none", "use_rslora": False, "use_dora": False,
                          "use_qalora": False, "use_bdlora": None}
 
 
+def lora_target_names(value: str) -> tuple[str, ...]:
+    """lora_targets as module names: "all-linear" (PEFT's word for ALL_LINEAR), or names separated by commas."""
+    if value.strip() == "all-linear":
+        return ALL_LINEAR
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
 @dataclass(frozen=True)
 class LoRASpec:
     rank: int

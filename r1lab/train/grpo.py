@@ -74,13 +74,14 @@ from r1lab.train.optimizer import (
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
+from r1lab.train.task_settings import check_settings
 
 RL_BETA2 = 0.99  # see make_optimizer
 
 
 def train(cfg: GRPOConfig, log=print) -> Path:
     """Run GRPO; returns the directory of the final Hugging Face-format model."""
-    cfg.check()
+    check_settings(cfg)
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)

@@ -8,9 +8,8 @@ import math
 
 import torch
 
-from r1lab.config import lora_target_names
 from r1lab.cpu.grad_buffers import release_gradients
-from r1lab.model.lora import LoRASpec
+from r1lab.model.lora import LoRASpec, lora_target_names
 from r1lab.train.backward_step import BackwardStep
 
 

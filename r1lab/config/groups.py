@@ -1,0 +1,148 @@
+"""What several commands' settings share, declared once: allowed values, settings (`seed: int = SEED`), groups."""
+
+import re
+
+import torch
+
+from r1lab.config.fields import Group, setting
+from r1lab.config.sources import shown
+from r1lab.model.lora import LORA_TARGETS, lora_target_names
+from r1lab.suggest import did_you_mean
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def device_problem(value: str) -> str | None:
+    """The device must exist on this machine: found here, before any weights load, rather than 30 lines deep."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return f"{value!r} is not one of {DEVICES}{did_you_mean(value, ('auto', 'cpu', 'cuda', 'mps'))}"
+    if value == "mps" and not torch.backends.mps.is_available():
+        return "'mps' is not available on this machine; use auto or cpu"
+    if not value.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"{value!r} but CUDA is not available on this machine (torch {torch.__version__}); use auto or cpu"
+    count = torch.cuda.device_count()
+    if int(value.partition(":")[2] or 0) >= count:
+        return f"{value!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return None
+
+
+def lora_targets_problem(value: str) -> str | None:
+    names = lora_target_names(value)
+    if not names:
+        return "names no module"
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    return f"{unknown[0]!r} is not a module LoRA can adapt{did_you_mean(unknown[0], LORA_TARGETS)}" if unknown else None
+
+
+def tag_problem(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", value):
+        return None
+    return f"{shown(value)} is not a tag name (letters, digits, _ and -, as in <python>)"
+
+
+# what settings of several commands allow
+SEED_RANGE = dict(ge=0, le=2**32 - 1)  # every seed fits the 32-bit seeders, including the seed + 1 of held-out problems
+DTYPE = dict(choices=("float32", "bfloat16"))
+ARCHS = ("dense", "deepseek-v3")  # the tiny bases r1lab pretrains
+PROMPT_TEMPLATES = dict(choices=("r1zero", "chat", "none", "auto"))  # "none": a single question sent as it is
+CONVERSATION_TEMPLATES = dict(choices=("auto", "chat", "r1zero"))  # a conversation cannot be sent without one
+TOP_P = dict(gt=0, le=1)
+SAMPLING_TEMPERATURE = dict(ge=0)  # 0 = greedy (r1lab/engine/engine.py)
+NONEMPTY = dict(rule=lambda value: None if value.strip() else "must not be empty", allowed="not empty")
+TAG = dict(rule=tag_problem, allowed="a tag name: letters, digits, _ and -")
+OPTIONAL_TAG = dict(rule=lambda value: None if value == "" else tag_problem(value),
+                    allowed='"" or a tag name: letters, digits, _ and -')
+
+SEED = setting(0, "random seed", **SEED_RANGE)
+THREADS = setting(0, "torch CPU threads; 0 = all cores", ge=0)
+DEVICE = setting("auto", "where to run (auto: cuda when available, else cpu)", rule=device_problem,
+                 allowed=f"one of: {DEVICES} (one this machine has)")
+ADAPTER = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
+SCORING_TIMEOUT = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
+DIST_TIMEOUT = setting(600.0, "under torchrun: a rank that waits this long for another (hung or dead) ends the job "
+                              "with an error", gt=0)
+MOE_BIAS_UPDATE_SPEED = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing bias moves "
+                                       "this much toward an even load (0 = off)", ge=0)
+OPTIMIZER_IN_BACKWARD = setting(False, "update each parameter in the backward pass as soon as its gradient is "
+                                       "complete, and free it: all gradients never exist at once (needs max_grad_norm "
+                                       "0, one process)")
+RECOMPUTE_LOGITS = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit more time")
+
+
+class Inference(Group):  # where a model that only generates runs
+    device: str = DEVICE
+    dtype: str = setting("float32", "bfloat16: half the memory and bytes per decode step (on a GPU)", **DTYPE)
+    threads: int = THREADS
+
+
+class TaskChoice(Group):
+    task: str = setting("arithmetic", "a built-in task name or a data file", rule="task")
+    task_options: dict = setting({}, "the task's options (a YAML mapping)")
+
+
+class Prompts(Group):
+    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
+    prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
+
+
+class Sampling(Group):
+    temperature: float = setting(0.6, "sampling temperature (0 = greedy)", **SAMPLING_TEMPERATURE)
+    top_p: float = setting(0.95, "nucleus sampling", **TOP_P)
+
+
+class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the settings of one ToolSpec
+    tools: str = setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and '
+                             'its output is appended as <output>...</output> ("" = no tools)', choices=("", "python"))
+    tool_tag: str = setting("python", "tools: the tag of a tool block, <TAG>code</TAG>", **TAG)
+    tool_output_tag: str = setting("output", "tools: the tag around a call's output, <TAG>printed text</TAG>", **TAG)
+    max_tool_calls: int = setting(4, "tools: calls per rollout; a block closed past this ends the rollout", ge=1)
+    tool_timeout_s: float = setting(2.0, "tools: seconds one call may run", gt=0)
+    tool_memory_mb: int = setting(256, "tools: address-space limit of one call, in MB", ge=32)
+    tool_output_chars: int = setting(512, "tools: characters of a call's output the model reads; the rest is cut, "
+                                          "with a marker", ge=16)
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        if cfg.tools and cfg.tool_tag == cfg.tool_output_tag:
+            return [f"tool_tag and tool_output_tag are both {cfg.tool_tag!r}: the model could not tell a call from "
+                    f"its output"]
+        return []
+
+
+class TrainingMemory(Group):  # precision and recomputation: what a training step's memory is traded for
+    dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
+                         **DTYPE)
+    recompute_logits: bool = RECOMPUTE_LOGITS
+    activation_checkpointing: bool = setting(False, "backward recomputes each layer's forward instead of keeping its "
+                                                    "activations: memory of one layer's activations instead of all, "
+                                                    "about a third more compute (dense models)")
+
+
+class TrainerRun(Group):  # what grpo and sft share after their own settings: resuming, where they run, LoRA, torchrun
+    resume: bool = setting(False, "continue from the newest intact checkpoint in out")
+    allow_config_change: bool = setting(False, "resume with settings that change the run (recorded in "
+                                               "config_changes.jsonl)")
+    seed: int = SEED
+    device: str = DEVICE
+    threads: int = THREADS
+    lora_rank: int = setting(0, "LoRA: adapters of this rank on lora_targets, the base frozen (0 = full fine-tuning)",
+                             ge=0)
+    lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
+    lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
+                                rule=lora_targets_problem, allowed="all-linear, or some of " + ",".join(LORA_TARGETS))
+    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
+                                 "state (models of 1M parameters and more)")
+    dist_timeout_s: float = DIST_TIMEOUT
+
+
+def optimizer_in_backward_problems(cfg) -> list[str]:
+    """What optimizer_in_backward cannot honour (r1lab/train/backward_step.py; under torchrun it checks the world)."""
+    problems = []
+    if cfg.optimizer_in_backward and cfg.max_grad_norm:
+        problems.append(f"optimizer_in_backward cannot clip to max_grad_norm {shown(cfg.max_grad_norm)}: it updates "
+                        f"each parameter before the others' gradients exist; set max_grad_norm 0")
+    if cfg.optimizer_in_backward and cfg.shard:
+        problems.append("optimizer_in_backward with shard: FSDP reduces gradients from its own hooks; leave one on")
+    return problems

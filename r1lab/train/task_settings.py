@@ -1,0 +1,106 @@
+"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions.
+
+r1lab.config does not import r1lab.rewards, so this module installs the rules of these fields into it when imported:
+the CLI imports it before it builds its flags (`--task`'s help lists the tasks), and the commands that take these
+settings start with check_settings(cfg). Their problems are reported with every other bad setting, in the words they
+always had. Users' reward functions are found only as a command starts: finding one imports its module, which runs
+the user's code.
+"""
+
+import inspect
+
+from r1lab.config.fields import CHECKS, RULES
+from r1lab.config.sources import type_problem
+from r1lab.rewards import tasks
+from r1lab.rewards.language import TARGETS
+from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
+from r1lab.rewards.user_functions import load_reward_function
+from r1lab.suggest import did_you_mean
+
+TASKS_ALLOWED = f"a built-in task ({', '.join(sorted(TASKS))}) or a data file ending in {', '.join(DATA_SUFFIXES)}"
+LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
+
+
+def task_problem(value: str) -> str | None:
+    if value in TASKS or value.lower().endswith(DATA_SUFFIXES):
+        return None
+    return f"{value!r} is not {TASKS_ALLOWED}{did_you_mean(value, TASKS)}"
+
+
+def language_problem(value: str) -> str | None:
+    if value.lower() in TARGETS:  # r1lab/rewards/language.py reads the name case-insensitively
+        return None
+    return f"{value!r} is not one of: {', '.join(TARGETS)}{did_you_mean(value.lower(), TARGETS)}"
+
+
+def task_option_problems(cfg) -> list[str]:
+    """Options a built-in task or a data file does not take, or of the wrong type: the task constructors would raise
+    a TypeError with a traceback only once the command is running."""
+    options = getattr(cfg, "task_options", None)
+    parameters = None if options is None else _task_parameters(cfg.task, options)
+    if parameters is None:
+        return []
+    problems = []
+    for key, value in options.items():
+        if key not in parameters:
+            problems.append(f"task_options: unknown option {key!r} for task {cfg.task!r}"
+                            f"{did_you_mean(key, parameters)}; it takes {', '.join(parameters) or 'none'}")
+            continue
+        tp = {"int": int, "float": float, "str": str, "str | None": str}.get(str(parameters[key].annotation))
+        optional = value is None and str(parameters[key].annotation).endswith("| None")
+        if tp and not optional and (problem := type_problem(tp, value)):
+            problems.append(f"task_options: {key}: {problem}")
+    return problems or _task_constructor_problems(cfg.task, options)
+
+
+def _task_constructor_problems(task: str, options: dict) -> list[str]:
+    """A generator task checks its options' ranges itself (min_terms <= max_terms, ...) and is built in microseconds:
+    build it here, so that those mistakes too are found before anything runs. A data file is not read here."""
+    if task not in TASKS or "path" in options:
+        return []
+    try:
+        get_task(task, **options)
+    except ValueError as err:
+        return [f"task_options: {err}"]
+    return []
+
+
+def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] | None:
+    """The keyword parameters the task's constructor takes, by name; None for a task this cannot tell."""
+    if task.lower().endswith(DATA_SUFFIXES):
+        target = tasks.DatasetTask
+    elif task == "arithmetic":  # arithmetic_task(**options) passes them on to ArithmeticTask
+        target = tasks.ArithmeticTask
+    elif task == "code":  # code_task(path=None, **options): a file of problems or the generator
+        target = tasks.CodeFileTask if "path" in options else tasks.CodeTask
+    elif task in TASKS:
+        target = TASKS[task]
+    else:
+        return None
+    parameters = dict(inspect.signature(target).parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    if task == "code":
+        parameters["path"] = inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY)
+    elif target is tasks.DatasetTask:
+        parameters.pop("path")  # the data file is the task itself
+    return parameters
+
+
+RULES.update({"task": (task_problem, TASKS_ALLOWED), "language": (language_problem, LANGUAGES_ALLOWED),
+              "language or empty": (lambda value: None if value == "" else language_problem(value),
+                                    LANGUAGES_ALLOWED + ", ''")})
+CHECKS.append(task_option_problems)
+
+
+def check_settings(cfg) -> None:
+    """cfg.check(), then what only a starting command checks: that each of the user's reward functions exists."""
+    cfg.check()
+    problems = []
+    for spec in getattr(cfg, "reward_functions", {}):
+        try:
+            load_reward_function(spec)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError(f"invalid {cfg.kind} config: " + "; ".join(problems))
