@@ -152,28 +152,6 @@ def test_a_large_model_on_the_cpu_installs_it_and_a_small_one_or_a_gpu_run_does_
 
 
 @needs_compiler
-def test_with_it_no_gradient_spares_are_kept():
-    """The allocator hands a freed gradient's block to the next gradient of its size: spares would only hold
-    memory beside it (r1lab/cpu/grad_buffers.py)."""
-    run("""
-        import torch
-        from r1lab.cpu import allocator as cpu_allocator, grad_buffers
-        from r1lab.cpu.grad_buffers import release_gradients
-        weight = torch.nn.Parameter(torch.randn(2048, 1024))
-        def step():
-            grad_buffers.backward((weight * 2).sum())
-            release_gradients([weight], budget=None)
-        grad_buffers._budget.forward_high, grad_buffers._budget.after_backward = 1, 1 << 40   # room for anything
-        assert grad_buffers.spare_budget() > 0
-        cpu_allocator.install()
-        assert grad_buffers.spare_budget() == 0
-        step()
-        assert not grad_buffers._spares
-        print("ok")
-    """)
-
-
-@needs_compiler
 def test_a_fork_while_another_thread_allocates_leaves_the_child_working():
     run("""
         import os, threading, time, torch

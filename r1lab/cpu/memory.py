@@ -25,7 +25,7 @@ def resident_bytes() -> int | None:
 
 class _RssSampler(threading.Thread):
     """The largest resident set size seen since the last take_peak(channel), per channel (the phases' clock, the
-    gradient spares' budget: each reads its own), read from /proc (None where there is none)."""
+    benchmarks' own: each reads its own), read from /proc (None where there is none)."""
 
     _instance = None
 
@@ -60,9 +60,3 @@ class _RssSampler(threading.Thread):
         with self.lock:
             peak, self.peaks[channel] = max(self.peaks.get(channel, self.start_rss), now), now
         return float(peak)
-
-
-def resident_peak(channel: str) -> float | None:
-    """The largest resident set size of this process since the last call for channel (None where /proc is
-    missing): sampled every SAMPLE_EVERY_S, without resetting the kernel's high-water mark (see above)."""
-    return _RssSampler.shared().take_peak(channel)

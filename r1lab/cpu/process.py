@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from r1lab.cpu import allocator as cpu_allocator
-from r1lab.cpu import decode_kernel, grad_buffers
+from r1lab.cpu import decode_kernel
 from r1lab.model.layers import FAST_PATHS
 from r1lab.model.loading import pick_device
 
@@ -65,6 +65,5 @@ def setup_training_process(threads: int = 0, model: str | Path | None = None, de
 
 def install_fast_paths() -> None:
     """The model's CPU fast paths (model/layers.py's FAST_PATHS, the one door through which cpu/ reaches the model):
-    the decode kernel's products over a few rows, and gradient memory kept between steps."""
+    the decode kernel's products over a few rows."""
     FAST_PATHS.few_rows_linear = decode_kernel.few_rows_linear
-    FAST_PATHS.gradient_memory = grad_buffers.take_spare

@@ -37,11 +37,9 @@ class RMSNorm(nn.Module):
 @dataclass
 class FastPaths:
     """Faster code for some products, installed by r1lab/cpu at process set-up (model/ never imports cpu/); None:
-    torch's own. few_rows_linear(x, weight, bias): x @ W.T + b over the few rows of a CPU decode step.
-    gradient_memory(param): memory to write param's first gradient of a backward into, or None to allocate."""
+    torch's own. few_rows_linear(x, weight, bias): x @ W.T + b over the few rows of a CPU decode step."""
 
     few_rows_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
-    gradient_memory: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
 
 FAST_PATHS = FastPaths()
@@ -100,17 +98,13 @@ class _InPlaceGradLinear(torch.autograd.Function):
         grad_x = (dy @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
             flat_x = x.reshape(-1, x.shape[-1])
-            if weight.grad is None:  # the first pass writes into the last step's gradient memory, if kept
-                weight.grad = torch.mm(dy.t(), flat_x, out=_gradient_memory(weight))
+            if weight.grad is None:
+                weight.grad = torch.mm(dy.t(), flat_x)
             else:
                 weight.grad.addmm_(dy.t(), flat_x)
         if bias is not None and ctx.needs_input_grad[2]:
             bias.grad = dy.sum(0) if bias.grad is None else bias.grad.add_(dy.sum(0))
         return grad_x, None, None
-
-
-def _gradient_memory(weight: torch.Tensor) -> torch.Tensor | None:
-    return None if FAST_PATHS.gradient_memory is None else FAST_PATHS.gradient_memory(weight)
 
 
 class Attention(nn.Module):

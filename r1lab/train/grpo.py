@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from r1lab.config import GRPOConfig
-from r1lab.cpu.grad_buffers import backward, release_gradients
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
@@ -380,8 +379,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
                   cfg: GRPOConfig, clock: PhaseClock | None = None, world: World = World()) -> dict:
     """updates_per_batch optimizer steps over the rollouts (this rank's micro-batches; the gradients summed over
     ranks); a non-finite loss or gradient on any rank skips the step. The gradients are released after the last step
-    (the rollouts that come next do not need them; r1lab/cpu/grad_buffers.py keeps the memory of those that fit under
-    the step's peak for the next backward to write into)."""
+    (the rollouts that come next do not need them)."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0,
@@ -394,7 +392,7 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             _update(model, ref_model, optimizer, batches, passes, cfg, update, totals, loads, clock, world,
                     in_backward)
     held = held_bytes(model, optimizer)  # this rank's share, gradients included (freed just below)
-    release_gradients(optimizer)
+    optimizer.zero_grad(set_to_none=True)
     _sum_totals(world, totals)
     tokens, updates = max(totals["tokens"], 1.0), cfg.updates_per_batch
     return {"loss": totals["loss"] / updates, "clip_fraction": totals["clipped"] / tokens,
@@ -409,7 +407,7 @@ def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, 
             clock: PhaseClock, world: World, in_backward: BackwardStep | None) -> None:
     """One optimizer step over the micro-batches. With in_backward, the last micro-batch's backward pass updates
     the parameters as their gradients complete; finish() updates any it did not reach."""
-    release_gradients(optimizer)
+    optimizer.zero_grad(set_to_none=True)
     with moe.count_loads(model) as counted:
         finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals, in_backward)
     finite, trained = world.all(finite), not world.all(not batches)
@@ -488,7 +486,7 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
     loss = (token_loss * mb.weights).sum()
     if not torch.isfinite(loss):
         return False
-    backward(loss)  # noting memory around it: see r1lab/cpu/grad_buffers.py
+    loss.backward()
     totals["loss"] += loss.item()
     totals["clipped"] += clipped.float().sum().item()
     totals["tokens"] += len(logp)

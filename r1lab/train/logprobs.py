@@ -9,7 +9,6 @@ import contextlib
 
 import torch
 
-from r1lab.cpu.grad_buffers import zeroed_gradient
 from r1lab.model.loading import DTYPES
 from r1lab.train.backward_step import add_product, deferred_products
 
@@ -89,8 +88,8 @@ class _HeadLogprobs(torch.autograd.Function):
         deferred = deferred_products(weight) if ctx.tied and kept else None
         if want_weight and deferred is None:
             if ctx.tied and weight.grad is None:
-                weight.grad = zeroed_gradient(weight)
-            grad_weight = weight.grad if ctx.tied else zeroed_gradient(weight)
+                weight.grad = torch.zeros_like(weight)
+            grad_weight = weight.grad if ctx.tied else torch.zeros_like(weight)
         weight_c = weight.to(dtype)
         with _no_autocast(hidden.device.type):
             for i, start in enumerate(range(0, len(targets), rows)):

@@ -8,7 +8,6 @@ import math
 
 import torch
 
-from r1lab.cpu.grad_buffers import release_gradients
 from r1lab.model.lora import LoRASpec, lora_target_names
 from r1lab.train.backward_step import BackwardStep
 
@@ -64,7 +63,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     elif finite_loss:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     if grad_norm is None or not torch.isfinite(grad_norm):
-        release_gradients(optimizer)
+        optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
     optimizer.step()
     return {"grad_norm": grad_norm.item(), "skipped_nonfinite": 0}

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from r1lab.config import SFTConfig
-from r1lab.cpu.grad_buffers import backward, release_gradients
 from r1lab.cpu.process import setup_training_process
 from r1lab.model import moe
 from r1lab.model.loading import load_policy, pick_device
@@ -155,7 +154,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
         loss_masks = None if loss_masks is None else [loss_masks[i] for i in by_length]
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
-    release_gradients(optimizer)
+    optimizer.zero_grad(set_to_none=True)
     total, balance, finite = 0.0, 0.0, True
     with moe.count_loads(model) as loads, moe.balance_loss(model, balance_loss_weight):
         for s, (ids, mask) in zip(range(0, len(docs), size), batches):
@@ -173,7 +172,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
                 continue
             if in_backward is not None and s + size >= len(docs):
                 in_backward.arm()  # the last micro-batch: the earlier ones only add to the gradients
-            backward(loss)  # noting memory around it: see r1lab/cpu/grad_buffers.py
+            loss.backward()
             total += lm_loss.item()
             balance += extra.item() if torch.is_tensor(extra) else extra
     finite, (total, balance) = world.all(finite), world.sum([total, balance])
