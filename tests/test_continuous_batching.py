@@ -41,8 +41,7 @@ def assert_same_samples(got, want):
         assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)  # attended widths differ: float rounding only
 
 
-# 1 and 3 slots (16 s and 10 s on 2 cores) run in the full suite only; 5 slots still reuse a slot in the fast tier
-@pytest.mark.parametrize("max_rows", [pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 5])
+@pytest.mark.parametrize("max_rows", [1, 3, 5])
 def test_each_sequence_in_few_slots_equals_it_generated_alone(engine, max_rows):
     # The last prompts come in only after earlier ones freed their slots: a reused slot whose previous occupant's
     # keys are still in the buffer. Alone, each prompt has the cache to itself.
@@ -93,7 +92,6 @@ def test_latent_attention_cache_rows_are_reused_too():
     assert_same_samples(engine.generate(ids(engine), max_rows=3, **SAMPLING), engine.generate(ids(engine), **SAMPLING))
 
 
-@pytest.mark.slow  # 7 s; the fast tier stops sequences in tests/test_engine.py and tests/test_live_batch.py
 def test_end_of_text_stop_strings_and_limits_per_sequence(engine):
     free = engine.generate(ids(engine), num_samples=2, max_new_tokens=20, temperature=0.9, seed=SEEDS)
     stop_token, stop_text = free[0].token_ids[3], free[5].text[4:6]
@@ -110,7 +108,6 @@ def test_end_of_text_stop_strings_and_limits_per_sequence(engine):
     assert all(stop_token not in s.token_ids for s in suppressed)
 
 
-@pytest.mark.slow  # 7 s; the fast tier slides in test_static_decoding_reuses_its_fixed_rows[1] and tests/test_live_batch.py
 def test_slides_keep_the_tokens(engine, monkeypatch):
     # Sliding dead columns out of the cache (every step here) moves keys, not what any row attends.
     slides = []

@@ -128,10 +128,7 @@ def _greedy_without_cache(model, ids, n):
     return seq[len(ids):]
 
 
-# 3-4 s each: the fast tier decodes the DeepSeek-V3 with the most features; Qwen3 decodes through its cache in
-# tests/test_engine.py and the MoE commands run in tests/test_moe_training.py
-@pytest.mark.parametrize("kind", ["dsv3-qlora-groups-yarn", pytest.param("dsv3-no-qlora", marks=pytest.mark.slow),
-                                  pytest.param("qwen3moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["dsv3-qlora-groups-yarn", "dsv3-no-qlora", "qwen3moe"])
 def test_cached_greedy_decode_equals_recomputation_and_transformers(kind, tmp_path, monkeypatch):
     """Prefill expands the MLA latents; each decode step attends to the cached latents in the weight-absorbed form
     (dynamic: a growing cache; static: the whole buffer under a mask). Same tokens as a full forward per token and as

@@ -53,8 +53,6 @@ def test_nonfinite_loss_skips_the_step_and_keeps_weights(tiny_base, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.slow  # 20 s; the fast tier resumes in test_resume_skips_a_damaged_checkpoint_and_refuses_a_changed_setting,
-# tests/test_backward_step.py and tests/test_checkpoint.py
 def test_resume_after_a_crash_reaches_the_same_weights(tiny_base, tmp_path, monkeypatch):
     straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=4, save_every=2), log=lambda *_: None)
 
@@ -136,7 +134,7 @@ def test_shared_prompt_logprobs_and_gradients_equal_full_sequences(tiny_base):
         assert (grads[n] - p.grad).norm() <= 1e-5 * p.grad.norm(), n  # float32 summation order differs
 
 
-@pytest.mark.parametrize("zero_groups", [pytest.param(1, marks=pytest.mark.slow), 2])  # 4 s each: one in the fast tier
+@pytest.mark.parametrize("zero_groups", [1, 2])
 def test_skipping_zero_advantage_sequences_gives_the_same_update(tiny_base, tmp_path, zero_groups):
     # Without a KL term, sequences with zero advantage have zero gradient: skipping them must give the same gradient,
     # also when no sequence is left (a zero gradient, and AdamW still steps: weight decay and old moments apply).
@@ -262,12 +260,9 @@ def test_prompts_that_do_not_fit_the_context_are_refused_before_any_step(tiny_ba
     assert not (tmp_path / "a" / "metrics.jsonl").exists() and not (tmp_path / "b" / "metrics.jsonl").exists()
 
 
-# 3-4 s each: the fast tier runs the last (GSPO with TIS, through GRPO's update); tests/test_objective.py checks each
-# knob's loss on its own
-@pytest.mark.parametrize("knobs", [pytest.param(knobs, marks=pytest.mark.slow) for knobs in (
-                                       {"policy_loss": "cispo"}, {"policy_loss": "gspo"},
-                                       {"mismatch_correction": "tis"}, {"mismatch_correction": "mis"})]
-                         + [{"policy_loss": "gspo", "mismatch_correction": "tis", "mismatch_cap": 1.5}])
+@pytest.mark.parametrize("knobs", [{"policy_loss": "cispo"}, {"policy_loss": "gspo"},
+                                   {"mismatch_correction": "tis"}, {"mismatch_correction": "mis"},
+                                   {"policy_loss": "gspo", "mismatch_correction": "tis", "mismatch_cap": 1.5}])
 def test_off_policy_knobs_give_ppo_clips_gradient_on_policy(tiny_base, tmp_path, knobs):
     # At the first update the ratio is 1 (float32: sampler and trainer agree to rounding), where CISPO's weight, GSPO's
     # sequence ratio (its gradient spread over the sequence's tokens) and TIS / MIS's weights all leave PPO-clip's
@@ -292,7 +287,6 @@ def test_off_policy_knobs_give_ppo_clips_gradient_on_policy(tiny_base, tmp_path,
         assert abs(m["importance_ratio/mean"] - 1) < 1e-4 and m["importance_ratio/min"] <= 1 <= m["importance_ratio/max"]
 
 
-@pytest.mark.slow  # 6 s; the fast tier checks few slots against all at once in tests/test_continuous_batching.py
 def test_rollouts_in_few_slots_are_the_rollouts_of_all_at_once(tiny_base, tmp_path):
     # Continuous batching (rollout_slots) changes when a rollout runs, not what it samples: seeds are per prompt.
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))

@@ -4,7 +4,6 @@ model; checkpoints resume the adapter exactly; the KL reference is the base with
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,7 +36,6 @@ def test_lora_grpo_trains_adapters_only_and_writes_the_adapter_and_the_merged_mo
     assert last["memory/rank_optimizer_mb"] < 0.2 * last["memory/rank_weights_mb"]  # AdamW state of adapters only
 
 
-@pytest.mark.slow  # 8 s; the fast tier resumes full-weight runs (tests/test_grpo.py, tests/test_backward_step.py)
 def test_lora_resume_reaches_the_uninterrupted_adapter(tiny_base, tmp_path):
     straight = grpo.train(lora_config(tiny_base, tmp_path / "a", steps=4, save_every=2), log=lambda *_: None)
     grpo.train(lora_config(tiny_base, tmp_path / "b", steps=2, save_every=2), log=lambda *_: None)
