@@ -1,4 +1,4 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install what they need.
+# Two commands: `make demo` and `make test` (and its tiers below). Both create .venv and install what they need.
 # torch is installed first and on its own: TORCH_SPEC defaults to the 2.13.0 release (a CPU wheel is cached on the
 # project's dev/CI machines); on your machine pass the build you want, e.g. `make test TORCH_SPEC=torch`, or keep an
 # existing torch by creating .venv yourself with --system-site-packages.
@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-torchrun bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests
 
-# the fast tier: everything but the tests marked slow (end-to-end runs, the server, the sandbox's 1,000 rewards)
+# The tiers, by pytest marker (pyproject.toml): `make test` runs every test (CI runs it: .ci/run).
+# `make test-fast` (about 65 s on an idle 2-core CPU; at most 90 s) leaves out the tests marked slow (end-to-end runs of
+# whole commands, the server and chat page commands, the sandbox's 1,000 rewards), those marked torchrun (each starts
+# 2-process jobs: about 56 s of the 125 s the fast tier took with them) but for the one also marked smoke (two ranks
+# train to the weights of one process), and those marked gpu.
+FAST := not slow and not gpu and (not torchrun or smoke)
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "$(FAST)"
+
+# every torchrun job: 2 ranks on the CPUs train, resume, evaluate, sample, shard, and fail as they should
+test-torchrun: setup
+	$(PY) -m pytest tests -m torchrun
 
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"

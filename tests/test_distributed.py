@@ -1,4 +1,9 @@
-"""torchrun on this machine's CPUs (gloo): 2 ranks train, resume and evaluate exactly as one process does."""
+"""torchrun on this machine's CPUs (gloo): 2 ranks train, resume and evaluate exactly as one process does.
+
+Every test that launches torchrun is marked `torchrun` (`make test-torchrun`; `make test` runs them too): each costs
+several seconds of process starts on a 2-core machine. One of them, the smoke test that two ranks train to the weights
+of one process, is also marked `smoke` and stays in the fast tier (`make test-fast`).
+"""
 
 import json
 import os
@@ -18,6 +23,8 @@ from r1lab.model.hf_format import save_model
 from r1lab.model.tokenizer import build_tiny_tokenizer, load_tokenizer
 from r1lab.model.transformer import CausalLM
 from r1lab.train.distributed import World
+
+torchrun = pytest.mark.torchrun  # launches a torchrun job of 2 processes
 
 TASK = ["--task-options", '{"min_terms": 3, "max_terms": 4}']
 GRPO = ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--micro-batch-size", "3", "--max-new-tokens", "24",
@@ -54,6 +61,8 @@ def runs(tiny_base, tmp_path_factory):
     return root
 
 
+@torchrun
+@pytest.mark.smoke  # the fast tier's one torchrun test: 2 ranks train together, to one process's weights
 def test_two_ranks_reach_the_weights_of_one_process(runs, tiny_base):
     one, two = weights(runs / "one" / "model"), weights(runs / "two" / "model")
     assert max_difference(one, two) <= 1e-5
@@ -79,6 +88,7 @@ def resumed(runs, source, name, ranks, tiny_base):
     return weights(target / "model")
 
 
+@torchrun
 def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(runs, tiny_base):
     assert (runs / "two" / "checkpoints" / "step_000002" / "optimizer" / ".metadata").exists()
     continued = weights(runs / "two" / "model")
@@ -87,6 +97,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(runs, tiny_base):
     assert max_difference(resumed(runs, "one", "one-then-two", 2, tiny_base), continued) <= 1e-5
 
 
+@torchrun
 def test_sharded_evaluation_equals_one_process_exactly(tiny_base, tmp_path):
     args = ["eval", "--model", tiny_base, *TASK, "--problems", 7, "--samples", 3, "--max-new-tokens", 24,
             "--threads", 1]
@@ -96,6 +107,7 @@ def test_sharded_evaluation_equals_one_process_exactly(tiny_base, tmp_path):
     assert one == two and one["n_problems"] == 7 and len(two["records"]) == 7
 
 
+@torchrun
 def test_a_batch_that_does_not_divide_across_ranks_is_refused(tiny_base, tmp_path):
     done = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--prompts-per-step", 3, "--steps", 1,
                   "--out", tmp_path / "run"], ranks=2, check=False)
@@ -104,6 +116,7 @@ def test_a_batch_that_does_not_divide_across_ranks_is_refused(tiny_base, tmp_pat
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@torchrun
 def test_a_killed_rank_ends_the_job_naming_it(tiny_base, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "r1lab",
                "grpo", "--model", str(tiny_base), *TASK, *GRPO, "--steps", "1000", "--save-every", "0",
@@ -125,7 +138,8 @@ def test_a_killed_rank_ends_the_job_naming_it(tiny_base, tmp_path):
     assert "rank      : 1 (local_rank: 1)" in output and "Signal 9 (SIGKILL)" in output
 
 
-@pytest.mark.slow
+@torchrun
+@pytest.mark.slow  # 5 s to notice, then torchrun's 30 s grace
 def test_a_hung_rank_ends_the_job_after_the_timeout_with_a_message(tiny_base, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "r1lab",
                "grpo", "--model", str(tiny_base), *TASK, *GRPO, "--steps", "1000", "--save-every", "0",
@@ -191,6 +205,7 @@ def wide_model(tiny_base, tmp_path_factory):
     return root
 
 
+@torchrun
 def test_fsdp_trains_the_steps_of_unsharded_ranks_with_half_the_memory_each(wide_model, tmp_path):
     args = ["grpo", "--model", wide_model / "model", *TASK, *GRPO, "--steps", 3, "--save-every", 0, "--micro-batch-size", 1,
             "--accuracy-weight", 0, "--format-weight", 0, "--reward-functions",
@@ -205,6 +220,7 @@ def test_fsdp_trains_the_steps_of_unsharded_ranks_with_half_the_memory_each(wide
         assert last[1][f"memory/rank_{held}_mb"] == pytest.approx(last[0][f"memory/rank_{held}_mb"] / 2, rel=0.01)
 
 
+@torchrun
 def test_fsdp_refuses_one_process_and_a_small_model(tiny_base, tmp_path):
     alone = r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, "--steps", 1, "--shard", "--out", tmp_path / "a"],
                   check=False)
@@ -226,6 +242,7 @@ SFT = ["--steps", 3, "--batch-size", 4, "--micro-batch-size", 1, "--lr", "1e-3",
        "--eval-fraction", 0.3]
 
 
+@torchrun
 def test_sft_across_ranks_equals_one_process_and_so_does_fsdp(wide_model, tmp_path):
     data = chat_rows(tmp_path / "chat.jsonl")
     args = ["sft", "--model", wide_model / "model", "--data", data, *SFT]
@@ -241,6 +258,7 @@ def test_sft_across_ranks_equals_one_process_and_so_does_fsdp(wide_model, tmp_pa
     assert len(heldout[0]) == 3 and heldout[0] == pytest.approx(heldout[1], abs=1e-6) and heldout[0] == pytest.approx(heldout[2], abs=1e-6)
 
 
+@torchrun
 def test_rejection_sampling_across_ranks_keeps_the_rows_of_one_process(tiny_base, tmp_path):
     args = ["sample", "--model", tiny_base, "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", 9,
             "--samples", 4, "--max-new-tokens", 48, "--prefill", " <think>", "--threads", 1]
@@ -251,12 +269,14 @@ def test_rejection_sampling_across_ranks_keeps_the_rows_of_one_process(tiny_base
     assert {**one, "out": ""} == {**two, "out": ""} and one["sampled"] == 36
 
 
+@torchrun
 def test_commands_that_run_in_one_process_refuse_torchrun(tmp_path):
     done = r1lab(["pretrain", "--out", tmp_path / "base", "--steps", 1], ranks=2, check=False)
     assert done.returncode != 0 and "r1lab pretrain runs in one process, not under torchrun" in done.stderr
     assert not (tmp_path / "base").exists()
 
 
+@torchrun
 def test_a_deepseek_v3_moe_trains_across_ranks_as_in_one_process(tmp_path):
     # experts that no token of a rank reached have no gradient there (zeros from it in the sum, none anywhere stays
     # none), and the routing bias moves by the loads summed over ranks: the same model as one process

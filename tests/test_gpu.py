@@ -10,7 +10,7 @@ from test_grpo import small_config
 
 import r1lab.train.grpo as grpo
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_cuda_graph_decoding_gives_the_eager_tokens():

@@ -305,6 +305,7 @@ def test_bad_specs_and_models_are_refused():
     add_lora(moe, LoRASpec(rank=4, alpha=8, targets=("q_proj",)))  # its attention is the standard one
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decoding_and_bf16_training_on_the_gpu():
     tok = build_tiny_tokenizer()
