@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "r1lab"
-LAYERS = ["model", "rewards", "config", "engine", "cpu", "train", "commands", "serve", "cli", "__main__"]
+# suggest: the "did you mean" of error messages, a leaf every layer may use
+LAYERS = ["suggest", "model", "rewards", "config", "engine", "cpu", "train", "commands", "serve", "cli", "__main__"]
 # what the model and the engine must never reach, the CPU speed-ups included (decode kernel, allocator, build helper)
 ABOVE_MODEL_AND_ENGINE = ["r1lab.train", "r1lab.commands", "r1lab.serve", "r1lab.cpu"]
 MAX_TOP_ENTRIES = 12
