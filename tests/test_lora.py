@@ -9,7 +9,7 @@ import torch
 from test_model import batch  # 3 rows of 11 ids, one left-padded, one right-padded
 
 from r1lab.engine.engine import Engine
-from r1lab.model.architecture import ModelConfig
+from r1lab.model.architecture import ModelConfig, moe_from_hf
 from r1lab.model.hf_format import save_model
 from r1lab.model.lora import (
     ALL_LINEAR,
@@ -23,7 +23,6 @@ from r1lab.model.lora import (
     merge_lora,
     save_adapter,
 )
-from r1lab.model.moe import moe_from_hf
 from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
 

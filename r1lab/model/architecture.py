@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r1lab.model import mla, moe
-
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 
@@ -153,15 +151,15 @@ class ModelConfig:
 
 def _arch_keys(arch: str) -> set[str]:
     """config.json keys that the mla and moe fields hold (kept out of `extra`)."""
-    keys = set(mla.MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
+    keys = set(MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
     if arch in MOE_ARCHITECTURES:
-        keys |= set(moe.DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else moe.QWEN_KEYS) | {"num_local_experts"}
+        keys |= set(DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else QWEN_KEYS) | {"num_local_experts"}
     return keys
 
 
 def _arch_fields(hf: dict, arch: str, source: str) -> dict:
-    return {"mla": mla.mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
-            "moe": moe.moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
+    return {"mla": mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
+            "moe": moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -172,7 +170,7 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     if not s:
         return inv.float()
     if s.get("rope_type", s.get("type")) == "yarn":
-        return mla.yarn_inverse_frequencies(cfg)
+        return yarn_inverse_frequencies(cfg)
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_ctx = s["original_max_position_embeddings"]
@@ -181,3 +179,69 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
     mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
+
+
+# config.json keys of MLA, with transformers' DeepseekV3Config defaults
+MLA_KEYS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "v_head_dim": 128, "rope_interleave": True, "attention_bias": False}
+
+
+def mla_from_hf(hf: dict, source: str) -> dict:
+    mla = {k: hf.get(k, default) for k, default in MLA_KEYS.items()}
+    if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
+        raise ValueError(f"{source}: MLA needs num_key_value_heads equal to num_attention_heads (or unset)")
+    return mla
+
+
+# config.json keys, with transformers' defaults
+DEEPSEEK_KEYS = {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
+                 "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
+                 "norm_topk_prob": True, "routed_scaling_factor": 2.5}
+QWEN_KEYS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
+             "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def moe_from_hf(hf: dict, arch: str) -> dict:
+    if arch == "DeepseekV3ForCausalLM":
+        return {k: hf.get(k, default) for k, default in DEEPSEEK_KEYS.items()}
+    moe = {k: hf.get(k, default) for k, default in QWEN_KEYS.items()}
+    moe["num_experts"] = hf.get("num_experts", hf.get("num_local_experts", QWEN_KEYS["num_experts"]))  # either name
+    moe["mlp_only_layers"] = list(moe["mlp_only_layers"] or [])
+    return moe
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_settings(cfg: ModelConfig) -> tuple[dict, float, int]:
+    s = cfg.rope_scaling
+    original = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = s.get("factor") or cfg.max_position_embeddings / original  # DeepSeek's convention when factor is null
+    return s, factor, original
+
+
+def yarn_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """YaRN's blend of interpolated and extrapolated frequencies, in float32 as transformers computes them."""
+    s, factor, original = yarn_settings(cfg)
+    dim, base = cfg.head_dim, cfg.rope_theta
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp  # 1 where the original frequencies are kept (high frequencies)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+
+
+def is_yarn(cfg: ModelConfig) -> bool:
+    s = cfg.rope_scaling or {}
+    return s.get("rope_type", s.get("type")) == "yarn"

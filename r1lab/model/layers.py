@@ -5,15 +5,14 @@ the Linear they share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-if TYPE_CHECKING:  # only annotations: model/architecture.py imports the layers' modules
-    from r1lab.model.architecture import ModelConfig
+from r1lab.model.architecture import ModelConfig
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

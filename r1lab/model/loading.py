@@ -4,8 +4,6 @@ turning a problem into prompt tokens that fit the model's context.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from r1lab.model.hf_format import load_model
@@ -14,8 +12,7 @@ from r1lab.model.templates import render_prompt
 from r1lab.model.tokenizer import Tokenizer, load_tokenizer
 from r1lab.model.transformer import CausalLM
 
-if TYPE_CHECKING:  # a task's problem, read for its prompt
-    from r1lab.rewards.tasks.base import Problem
+# `Problem` in annotations is a task's (rewards/tasks/base.py), read for its prompt only: model/ imports no task
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

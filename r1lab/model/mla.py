@@ -13,29 +13,14 @@ qk_rope_head_dim numbers per cached token instead of 2 * heads * head_dim.
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1lab.model.architecture import ModelConfig, is_yarn, yarn_mscale, yarn_settings
 from r1lab.model.layers import RMSNorm, rotate_half
 
-if TYPE_CHECKING:  # only annotations: model/architecture.py imports this module
-    from r1lab.model.architecture import ModelConfig
-
-# config.json keys of MLA, with transformers' DeepseekV3Config defaults
-MLA_KEYS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-            "v_head_dim": 128, "rope_interleave": True, "attention_bias": False}
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps
-
-
-def mla_from_hf(hf: dict, source: str) -> dict:
-    mla = {k: hf.get(k, default) for k, default in MLA_KEYS.items()}
-    if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
-        raise ValueError(f"{source}: MLA needs num_key_value_heads equal to num_attention_heads (or unset)")
-    return mla
 
 
 def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list[tuple[int, ...]]:
@@ -43,43 +28,11 @@ def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list[tuple[int, 
     return [(batch, 1, max_len, cfg.mla["kv_lora_rank"]), (batch, 1, max_len, cfg.mla["qk_rope_head_dim"])]
 
 
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def _yarn(cfg: ModelConfig) -> tuple[dict, float, int]:
-    s = cfg.rope_scaling
-    original = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
-    factor = s.get("factor") or cfg.max_position_embeddings / original  # DeepSeek's convention when factor is null
-    return s, factor, original
-
-
-def yarn_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """YaRN's blend of interpolated and extrapolated frequencies, in float32 as transformers computes them."""
-    s, factor, original = _yarn(cfg)
-    dim, base = cfg.head_dim, cfg.rope_theta
-    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
-
-    def correction_dim(rotations):
-        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    extrapolate = 1 - ramp  # 1 where the original frequencies are kept (high frequencies)
-    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
-
-
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """YaRN's factor on cos and sin (1 without YaRN)."""
-    if not _is_yarn(cfg):
+    if not is_yarn(cfg):
         return 1.0
-    s, factor, _ = _yarn(cfg)
+    s, factor, _ = yarn_settings(cfg)
     if s.get("attention_factor") is not None:
         return float(s["attention_factor"])
     mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
@@ -90,14 +43,9 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
 
 def softmax_scale(cfg: ModelConfig) -> float:
     scale = (cfg.mla["qk_nope_head_dim"] + cfg.mla["qk_rope_head_dim"]) ** -0.5
-    if _is_yarn(cfg) and cfg.rope_scaling.get("mscale_all_dim"):
-        scale *= yarn_mscale(_yarn(cfg)[1], cfg.rope_scaling["mscale_all_dim"]) ** 2
+    if is_yarn(cfg) and cfg.rope_scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(yarn_settings(cfg)[1], cfg.rope_scaling["mscale_all_dim"]) ** 2
     return scale
-
-
-def _is_yarn(cfg: ModelConfig) -> bool:
-    s = cfg.rope_scaling or {}
-    return s.get("rope_type", s.get("type")) == "yarn"
 
 
 class MLAttention(nn.Module):

@@ -23,32 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from r1lab.model.architecture import ModelConfig
 from r1lab.model.layers import MLP
-
-if TYPE_CHECKING:  # only annotations: model/architecture.py imports this module
-    from r1lab.model.architecture import ModelConfig
-
-# config.json keys, with transformers' defaults
-DEEPSEEK_KEYS = {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
-                 "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
-                 "norm_topk_prob": True, "routed_scaling_factor": 2.5}
-QWEN_KEYS = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False,
-             "decoder_sparse_step": 1, "mlp_only_layers": []}
-
-
-def moe_from_hf(hf: dict, arch: str) -> dict:
-    if arch == "DeepseekV3ForCausalLM":
-        return {k: hf.get(k, default) for k, default in DEEPSEEK_KEYS.items()}
-    moe = {k: hf.get(k, default) for k, default in QWEN_KEYS.items()}
-    moe["num_experts"] = hf.get("num_experts", hf.get("num_local_experts", QWEN_KEYS["num_experts"]))  # either name
-    moe["mlp_only_layers"] = list(moe["mlp_only_layers"] or [])
-    return moe
 
 
 def _is_deepseek(moe: dict) -> bool:

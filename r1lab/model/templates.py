@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -24,8 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = ("<answer>", "</answer>")
 
-if TYPE_CHECKING:  # the tokenizer module builds its tiny tokenizer from the template text defined here
-    from r1lab.model.tokenizer import Tokenizer
+# `Tokenizer` in annotations is model/tokenizer.py's, not imported: that module builds its tiny tokenizer from the
+# template text defined here, so it imports this one
 
 R1_ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
