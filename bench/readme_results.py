@@ -25,7 +25,7 @@ edited by hand.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
 - gpu, gpu_lora: `bench/grpo_gpu.py` run on a lent GPU (no GPU here), full fine-tuning or `--lora-rank`:
        `--gpu FIGURES.json --gpu-commit C` files that run's figures with their date, commit and device.
-- tests: wall time of the fast tier (`pytest -m "not slow"`) and of the whole suite.
+- tests: wall time of the fast tier (`make test-fast`'s markers) and of the whole suite.
 """
 
 from __future__ import annotations
@@ -277,10 +277,16 @@ def run_distributed(workdir: Path) -> dict:
 def run_tests(workdir: Path) -> dict:
     # -o addopts= : the project's own -q plus this one would hide the "N passed in S s" line read below
     pytest = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"]
-    fast = timed(pytest + ["-m", "not slow"], workdir / "tests-fast.log")
+    fast = timed(pytest + ["-m", fast_tier()], workdir / "tests-fast.log")
     full = timed(pytest, workdir / "tests-full.log")
     return {**stamp(), "fast_s": fast, "full_s": full,
             "fast_summary": last_line(workdir / "tests-fast.log"), "full_summary": last_line(workdir / "tests-full.log")}
+
+
+def fast_tier() -> str:
+    """The marker expression of `make test-fast`, read from the Makefile, so the figure is that command's."""
+    makefile = (ROOT / "Makefile").read_text()
+    return next(line.split(":=", 1)[1].strip() for line in makefile.splitlines() if line.startswith("FAST :="))
 
 
 def last_line(path: Path) -> str:
