@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from r1lab.commands.distill import run_distill
+from r1lab.commands.distill import run_distill, same_time_limit
 from r1lab.commands.pipeline import run_pipeline
 from r1lab.commands.stages import parameter_count, tiny_grpo_config
 from r1lab.config import DistillConfig, PipelineConfig
@@ -25,6 +25,10 @@ def test_grpo_stops_at_its_time_limit(tiny_base, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 
+def test_the_same_time_limit_is_never_no_limit():
+    assert same_time_limit(0.0495) == 0.1 and same_time_limit(0.26) == 0.3  # 0 would mean: no limit at all
+
+
 def test_distill_compares_the_student_with_grpo_for_the_same_time(tiny_base, tmp_path):
     cfg = DistillConfig(teacher=str(tiny_base), student=str(tiny_base), problems=16, samples=4, max_new_tokens=48,
                         epochs=1.0, batch_size=4, eval_problems=4, eval_samples=2, out=str(tmp_path), **TOY)
@@ -36,7 +40,7 @@ def test_distill_compares_the_student_with_grpo_for_the_same_time(tiny_base, tmp
     same = results["student by GRPO, same time"]["training_seconds"]
     assert same == results["distilled student"]["training_seconds"] > 0
     grpo_config = (tmp_path / "student-grpo" / "config.yaml").read_text()
-    assert f"time_limit_s: {round(same, 1)}" in grpo_config
+    assert f"time_limit_s: {same_time_limit(same)}" in grpo_config
     rows = [json.loads(line) for line in (tmp_path / "traces" / "sft.jsonl").read_text().splitlines()]
     assert all(r["accuracy"] == 1.0 and r["source_model"] for r in rows)  # only verified traces, with provenance
     report = (tmp_path / "report.md").read_text()

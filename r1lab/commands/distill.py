@@ -72,7 +72,7 @@ def sft_student(cfg: DistillConfig, base: Path, data: Path, log) -> tuple[Path, 
 
 def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
     """The same student base trained by R1-Zero GRPO for `seconds` of training wall time."""
-    gc = tiny_grpo_config(base, Path(cfg.out) / "student-grpo", steps=100_000, time_limit_s=round(seconds, 1),
+    gc = tiny_grpo_config(base, Path(cfg.out) / "student-grpo", steps=100_000, time_limit_s=same_time_limit(seconds),
                           lr=cfg.grpo_lr, max_new_tokens=cfg.max_new_tokens, eval_every=0, save_every=0,
                           task=cfg.task, task_options=dict(cfg.task_options), template=cfg.template, seed=cfg.seed,
                           threads=cfg.threads)
@@ -80,6 +80,12 @@ def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
     run_stage(f"GRPO of the student base for the same {seconds:.0f} s", gc, Path(gc.out) / "config.yaml",
               model / "model.safetensors", lambda: train(gc, log=log), log)
     return model
+
+
+def same_time_limit(seconds: float) -> float:
+    """GRPO's time limit for `seconds` of distillation: rounded to a tenth for a readable config, and never 0, which
+    would mean no limit (a warm tiny run can sample and fine-tune in under 0.05 s)."""
+    return max(round(seconds, 1), 0.1)
 
 
 def run_distill(cfg: DistillConfig, log=print) -> Path:
