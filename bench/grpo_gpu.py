@@ -124,15 +124,7 @@ def build_tokenizer(out_dir: Path, vocab_size: int) -> int:
     directory's tokenizer as its Qwen2Tokenizer from the vocabulary and merges (ignoring tokenizer.json's pipeline),
     and r1lab reads tokenizer.json as it is; with the same pipeline both give the same ids (check_prompt_tokens).
     """
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-    )
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     words = word_tokens(vocab_size - 1 - BYTE_TOKENS)

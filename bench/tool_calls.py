@@ -12,12 +12,7 @@ import os
 import sys
 import time
 
-from r1lab.rewards.sandbox.runner import (
-    bwrap_works,
-    close_pools,
-    run_program,
-    run_program_pooled,
-)
+from r1lab.rewards.sandbox.runner import bwrap_works, close_pools, run_program, run_program_pooled
 
 CODE = "x = 123 * 456\nprint(x)"
 

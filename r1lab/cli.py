@@ -18,21 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1lab import __version__
-from r1lab.config import (
-    ChatConfig,
-    DemoConfig,
-    DistillConfig,
-    EvalConfig,
-    GRPOConfig,
-    MergeConfig,
-    PipelineConfig,
-    PretrainConfig,
-    ReportConfig,
-    SampleConfig,
-    ServeConfig,
-    SFTConfig,
-    resolve,
-)
+from r1lab.config import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRPOConfig, MergeConfig, PipelineConfig,
+                          PretrainConfig, ReportConfig, SampleConfig, ServeConfig, SFTConfig, resolve)
 from r1lab.config.sources import ALIASES, from_text
 from r1lab.suggest import did_you_mean
 from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)

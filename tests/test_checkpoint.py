@@ -12,22 +12,10 @@ import yaml
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM
-from r1lab.train.checkpoint import (
-    CHANGES_FILE,
-    MANIFEST_FILE,
-    STATE_FILE,
-    CheckpointError,
-    ConfigChangeError,
-    check_config_change,
-    checkpoint_step,
-    effective_config,
-    find_resume_checkpoint,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    update_run_config,
-)
+from r1lab.train.checkpoint import (CHANGES_FILE, MANIFEST_FILE, STATE_FILE, CheckpointError, ConfigChangeError,
+                                    check_config_change, checkpoint_step, effective_config, find_resume_checkpoint,
+                                    latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+                                    update_run_config)
 
 
 def tiny_model(hidden: int = 32) -> CausalLM:

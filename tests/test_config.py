@@ -7,15 +7,7 @@ import pytest
 import torch
 
 from r1lab.cli import COMMANDS, build_parser
-from r1lab.config import (
-    EvalConfig,
-    GRPOConfig,
-    PretrainConfig,
-    SampleConfig,
-    SFTConfig,
-    Spec,
-    resolve,
-)
+from r1lab.config import EvalConfig, GRPOConfig, PretrainConfig, SampleConfig, SFTConfig, Spec, resolve
 
 CONFIGS = [command.settings for command in COMMANDS.values()]
 

@@ -13,16 +13,8 @@ import pytest
 
 from r1lab.config import EvalConfig, GRPOConfig
 from r1lab.rewards.tasks.base import Problem
-from r1lab.train.evaluate import (
-    EvalResult,
-    evaluate,
-    evaluate_policy,
-    majority_vote,
-    pass_at_k,
-    pass_ks,
-    print_table,
-    save_json,
-)
+from r1lab.train.evaluate import (EvalResult, evaluate, evaluate_policy, majority_vote, pass_at_k, pass_ks,
+                                  print_table, save_json)
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

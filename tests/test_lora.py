@@ -11,18 +11,8 @@ from test_model import batch  # 3 rows of 11 ids, one left-padded, one right-pad
 from r1lab.engine.engine import Engine
 from r1lab.model.architecture import ModelConfig, moe_from_hf
 from r1lab.model.hf_format import save_model
-from r1lab.model.lora import (
-    ALL_LINEAR,
-    LoRASpec,
-    adapters_disabled,
-    add_lora,
-    has_lora,
-    load_adapter,
-    load_adapter_weights,
-    lora_state_dict,
-    merge_lora,
-    save_adapter,
-)
+from r1lab.model.lora import (ALL_LINEAR, LoRASpec, adapters_disabled, add_lora, has_lora, load_adapter,
+                              load_adapter_weights, lora_state_dict, merge_lora, save_adapter)
 from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import r1lab.cpu.decode_kernel
+from r1lab.cpu.decode_kernel import SLICE_ROWS, few_rows_linear
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import load_model, save_model
-from r1lab.cpu.decode_kernel import SLICE_ROWS, few_rows_linear
 from r1lab.model.transformer import CausalLM
 
 transformers = pytest.importorskip("transformers")

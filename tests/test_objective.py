@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from r1lab.train.objective import (
-    clipped_surrogate_loss,
-    group_advantages,
-    mismatch_weights,
-    policy_loss,
-    token_weights,
-    uniform_groups,
-)
+from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, mismatch_weights, policy_loss,
+                                   token_weights, uniform_groups)
 
 
 def test_group_advantages_standardise_within_each_group():

@@ -9,19 +9,8 @@ import warnings
 
 import pytest
 
-from r1lab.commands.report import (
-    format_value,
-    markdown_table,
-    plot_curves,
-    write_report,
-)
-from r1lab.train.metrics import (
-    MetricsLogger,
-    format_live_metrics,
-    read_jsonl,
-    save_samples,
-    training_progress,
-)
+from r1lab.commands.report import format_value, markdown_table, plot_curves, write_report
+from r1lab.train.metrics import MetricsLogger, format_live_metrics, read_jsonl, save_samples, training_progress
 
 
 def lines(path):

@@ -7,12 +7,7 @@ import time
 
 import pytest
 
-from r1lab.rewards.rules import (
-    RewardWeights,
-    extract_answer,
-    format_reward,
-    score_completions,
-)
+from r1lab.rewards.rules import RewardWeights, extract_answer, format_reward, score_completions
 from r1lab.rewards.tasks.arithmetic import ArithmeticTask
 from r1lab.rewards.tasks.base import Problem
 

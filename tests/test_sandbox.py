@@ -19,12 +19,7 @@ import pytest
 from r1lab.rewards.rules import _ScorerTimeout, call_with_timeout
 from r1lab.rewards.sandbox import runner as sandbox
 from r1lab.rewards.sandbox.judge import UnjudgeableTestError, parse_values, split_test
-from r1lab.rewards.sandbox.runner import (
-    TEMP_PREFIX,
-    SandboxResult,
-    bwrap_works,
-    run_tests,
-)
+from r1lab.rewards.sandbox.runner import TEMP_PREFIX, SandboxResult, bwrap_works, run_tests
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add('a', 'b') == 'ab'"]

@@ -23,12 +23,7 @@ import torch
 
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import save_model
-from r1lab.model.templates import (
-    R1_ZERO_SUFFIX,
-    render_conversation,
-    render_prompt,
-    starts_in_think,
-)
+from r1lab.model.templates import R1_ZERO_SUFFIX, render_conversation, render_prompt, starts_in_think
 from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning

@@ -23,12 +23,7 @@ from r1lab.model.transformer import CausalLM
 from r1lab.rewards.rules import score_completions
 from r1lab.rewards.tasks import ArithmeticTask, DatasetError, Problem
 from r1lab.train.optimizer import make_optimizer
-from r1lab.train.sft_data import (
-    ChatFields,
-    Conversation,
-    conversation_tokens,
-    read_conversations,
-)
+from r1lab.train.sft_data import ChatFields, Conversation, conversation_tokens, read_conversations
 from r1lab.train.supervised import heldout_loss, lm_step, sft
 
 CONVERSATION = [

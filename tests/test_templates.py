@@ -12,12 +12,7 @@ from r1lab.engine.engine import Engine
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import save_model
 from r1lab.model.loading import encode_prompt
-from r1lab.model.templates import (
-    R1_ZERO_PREAMBLE,
-    R1_ZERO_SUFFIX,
-    render_conversation,
-    render_prompt,
-)
+from r1lab.model.templates import R1_ZERO_PREAMBLE, R1_ZERO_SUFFIX, render_conversation, render_prompt
 from r1lab.model.tokenizer import EOS, build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM
 from r1lab.rewards.tasks.base import Problem

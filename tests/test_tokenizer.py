@@ -10,12 +10,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
 from r1lab.model.architecture import ModelConfig
-from r1lab.model.templates import (
-    R1_ZERO_PREAMBLE,
-    R1_ZERO_SUFFIX,
-    apply_chat_template,
-    render_prompt,
-)
+from r1lab.model.templates import R1_ZERO_PREAMBLE, R1_ZERO_SUFFIX, apply_chat_template, render_prompt
 from r1lab.model.tokenizer import EOS, TAGS, build_tiny_tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")

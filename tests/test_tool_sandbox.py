@@ -14,13 +14,7 @@ import pytest
 from test_sandbox import MODES, descendants
 
 from r1lab.rewards.sandbox import runner as sandbox
-from r1lab.rewards.sandbox.runner import (
-    TEMP_PREFIX,
-    ProgramResult,
-    close_pools,
-    run_program,
-    run_program_pooled,
-)
+from r1lab.rewards.sandbox.runner import TEMP_PREFIX, ProgramResult, close_pools, run_program, run_program_pooled
 
 
 @pytest.fixture(autouse=True)

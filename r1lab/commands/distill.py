@@ -13,20 +13,8 @@ from pathlib import Path
 
 from r1lab.commands.report import write_comparison_report
 from r1lab.commands.sample import sample
-from r1lab.commands.stages import (
-    evaluate_models,
-    parameter_count,
-    pretrained_base,
-    run_stage,
-    tiny_grpo_config,
-)
-from r1lab.config import (
-    DistillConfig,
-    EvalConfig,
-    PretrainConfig,
-    SampleConfig,
-    SFTConfig,
-)
+from r1lab.commands.stages import evaluate_models, parameter_count, pretrained_base, run_stage, tiny_grpo_config
+from r1lab.config import DistillConfig, EvalConfig, PretrainConfig, SampleConfig, SFTConfig
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
 from r1lab.train.supervised import sft

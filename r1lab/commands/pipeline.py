@@ -22,21 +22,8 @@ from r1lab.commands.distill import run_distill
 from r1lab.commands.pretrain import cold_start_conversations
 from r1lab.commands.report import write_comparison_report
 from r1lab.commands.sample import sample, write_jsonl
-from r1lab.commands.stages import (
-    evaluate_models,
-    parameter_count,
-    pretrained_base,
-    run_stage,
-    tiny_grpo_config,
-)
-from r1lab.config import (
-    DistillConfig,
-    EvalConfig,
-    PipelineConfig,
-    PretrainConfig,
-    SampleConfig,
-    SFTConfig,
-)
+from r1lab.commands.stages import evaluate_models, parameter_count, pretrained_base, run_stage, tiny_grpo_config
+from r1lab.config import DistillConfig, EvalConfig, PipelineConfig, PretrainConfig, SampleConfig, SFTConfig
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
 from r1lab.train.supervised import sft

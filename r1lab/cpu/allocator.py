@@ -74,9 +74,7 @@ def _library(build: bool = True):
 
 
 def _load():
-    from torch.utils import (
-        cpp_extension,  # imports setuptools: only where the allocator is built or loaded
-    )
+    from torch.utils import cpp_extension  # imports setuptools: only where the allocator is built or loaded
 
     try:  # cpp_extension compiles against the running torch (headers, ABI flag, c10) and caches per source
         path = cpp_extension.load(name="r1lab_cpu_allocator", sources=[str(SOURCE)], extra_cflags=["-O2"],

@@ -91,9 +91,7 @@ def _kernel():
 
 
 def _load():
-    from torch.utils import (
-        cpp_extension,  # imports setuptools: only where the kernel is built or loaded
-    )
+    from torch.utils import cpp_extension  # imports setuptools: only where the kernel is built or loaded
 
     try:
         path = cpp_extension.load(name=f"r1lab_decode_{cpu_tag()}", sources=[str(SOURCE)], extra_cflags=FLAGS,

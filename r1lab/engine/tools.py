@@ -24,11 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from r1lab.engine.sampling import step_seed
-from r1lab.rewards.sandbox.runner import (
-    ProgramResult,
-    active_layers,
-    run_program_pooled,
-)
+from r1lab.rewards.sandbox.runner import ProgramResult, active_layers, run_program_pooled
 
 TOOLS = ("", "python")  # "" = no tools
 

@@ -23,15 +23,7 @@ import json
 import string
 from pathlib import Path
 
-from tokenizers import (
-    AddedToken,
-    Regex,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-)
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from r1lab.model.templates import R1_ZERO_PREAMBLE, R1_ZERO_SUFFIX, load_chat_template

@@ -13,12 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from r1lab.model import mla, moe
 from r1lab.model.architecture import ModelConfig, rope_inverse_frequencies
-from r1lab.model.layers import (
-    MLP,
-    Attention,
-    RMSNorm,
-    few_rows_product,
-)
+from r1lab.model.layers import MLP, Attention, RMSNorm, few_rows_product
 
 
 class DecoderLayer(nn.Module):

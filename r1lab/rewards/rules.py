@@ -14,14 +14,8 @@ from typing import Callable, Sequence
 
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.tasks.base import Problem, Task
-from r1lab.rewards.user_functions import (
-    Outcome,
-    _ScorerTimeout,
-    call_with_timeout,
-    component_name,
-    load_reward_function,
-    reward_workers,
-)
+from r1lab.rewards.user_functions import (Outcome, _ScorerTimeout, call_with_timeout, component_name,
+                                          load_reward_function, reward_workers)
 
 _OPEN, _CLOSE = "<answer>", "</answer>"
 _NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags

@@ -46,13 +46,7 @@ from r1lab.model.templates import render_conversation, starts_in_think
 from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.generation import ClientGone, Generation
-from r1lab.serve.protocol import (
-    ApiError,
-    ChatRequest,
-    CompletionRequest,
-    parse_json_body,
-    parse_request,
-)
+from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
 
 STATIC_DIR = Path(__file__).parent / "static"

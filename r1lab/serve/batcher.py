@@ -46,16 +46,8 @@ from typing import Callable
 
 from r1lab.engine.engine import Engine
 from r1lab.engine.live_batch import LiveBatch, Sequence, StepToken
-from r1lab.engine.tools import (
-    Runner,
-    ToolSpec,
-    block_code,
-    call_tool,
-    cut_at_close,
-    output_tokens,
-    run_in_sandbox,
-    turn_seed,
-)
+from r1lab.engine.tools import (Runner, ToolSpec, block_code, call_tool, cut_at_close, output_tokens, run_in_sandbox,
+                                turn_seed)
 from r1lab.rewards.sandbox.runner import ProgramResult
 from r1lab.serve.textstream import TextStream
 

@@ -22,16 +22,8 @@ from rich.console import Console
 from r1lab.config import ChatConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
-from r1lab.engine.tools import (
-    ToolSpec,
-    block_code,
-    call_tool,
-    closes_block,
-    output_tokens,
-    run_in_sandbox,
-    tool_summary,
-    turn_seed,
-)
+from r1lab.engine.tools import (ToolSpec, block_code, call_tool, closes_block, output_tokens, run_in_sandbox,
+                                tool_summary, turn_seed)
 from r1lab.model.loading import load_policy, pick_device
 from r1lab.model.templates import render_conversation, starts_in_think
 from r1lab.serve.reasoning import ReasoningSplitter

@@ -33,10 +33,7 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint.state_dict import (
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from r1lab.model.hf_format import load_model, save_model
 from r1lab.model.lora import CONFIG_FILE as ADAPTER_CONFIG

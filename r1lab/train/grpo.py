@@ -24,52 +24,21 @@ from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.tools import ToolSpec, generate_with_tools, isolation_text
 from r1lab.model import moe
-from r1lab.model.loading import (
-    DTYPES,
-    check_context,
-    encode_prompt,
-    load_policy,
-    pick_device,
-)
+from r1lab.model.loading import DTYPES, check_context, encode_prompt, load_policy, pick_device
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
 from r1lab.rewards.sandbox.runner import active_layers
-from r1lab.rewards.tasks import (
-    CodeFileTask,
-    CodeTask,
-    DatasetTask,
-    Problem,
-    Task,
-    get_task,
-)
+from r1lab.rewards.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
 from r1lab.train.backward_step import BackwardStep, check_one_process
 from r1lab.train.checkpoint import save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.evaluate import evaluate_policy, heldout_problems, save_json
-from r1lab.train.logprobs import (
-    LOGITS_CHUNK_BYTES,
-    idle_pass,
-    token_logprobs,
-    training_precision,
-)
+from r1lab.train.logprobs import LOGITS_CHUNK_BYTES, idle_pass, token_logprobs, training_precision
 from r1lab.train.metrics import MetricsLogger, save_samples, training_progress
-from r1lab.train.objective import (
-    clipped_surrogate_loss,
-    group_advantages,
-    k3_kl,
-    mismatch_weights,
-    policy_loss,
-    token_weights,
-    uniform_groups,
-)
-from r1lab.train.optimizer import (
-    constant_lr,
-    lora_spec,
-    make_optimizer,
-    optimizer_step,
-    set_lr,
-)
+from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
+                                   token_weights, uniform_groups)
+from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model

@@ -14,6 +14,7 @@ import torch
 
 from r1lab.cpu.memory import _RssSampler
 
+
 class PhaseClock:
     def __init__(self, device: torch.device):
         self.device, self.seconds, self.peaks = device, {}, {}

@@ -16,14 +16,8 @@ from r1lab.config import save_config
 from r1lab.engine.sampling import step_seed
 from r1lab.model.hf_format import save_model
 from r1lab.model.lora import merge_lora, save_adapter
-from r1lab.train.checkpoint import (
-    RESUME_FREE_FIELDS,
-    check_config_change,
-    checkpoint_step,
-    find_resume_checkpoint,
-    load_checkpoint,
-    update_run_config,
-)
+from r1lab.train.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
+                                    load_checkpoint, update_run_config)
 from r1lab.train.distributed import World
 from r1lab.train.sharding import full_state_dict
 

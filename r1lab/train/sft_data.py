@@ -26,12 +26,7 @@ from typing import Any, NamedTuple
 from r1lab.config import SFTConfig
 from r1lab.model.templates import render_conversation
 from r1lab.model.tokenizer import Tokenizer
-from r1lab.rewards.tasks.dataset import (
-    DatasetError,
-    _rows,
-    in_test_split,
-    raise_row_errors,
-)
+from r1lab.rewards.tasks.dataset import DatasetError, _rows, in_test_split, raise_row_errors
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "prompt_completion", "sharegpt")

@@ -28,13 +28,7 @@ from r1lab.train.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
 from r1lab.train.metrics import MetricsLogger, training_progress
-from r1lab.train.optimizer import (
-    cosine_lr,
-    lora_spec,
-    make_optimizer,
-    optimizer_step,
-    set_lr,
-)
+from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sft_data import ChatFields, SFTData, build_sft_data, read_conversations
 from r1lab.train.sharding import is_sharded, shard_model

@@ -80,12 +80,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from r1lab.rewards.sandbox.child import NOBODY, SERVER_FLAG, STALE_FILES_STATUS
-from r1lab.rewards.sandbox.judge import (
-    SplitTest,
-    UnjudgeableTestError,
-    parse_values,
-    split_test,
-)
+from r1lab.rewards.sandbox.judge import SplitTest, UnjudgeableTestError, parse_values, split_test
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 TEMP_PREFIX = "r1lab-sandbox-"
