@@ -224,8 +224,11 @@ def child_r1lab(spec: dict) -> dict:
     """`r1lab grpo` in this process (same code path as `python -m r1lab`), so that peak_memory sees its allocations.
     Its figures are in RUN_DIR/metrics.jsonl, read by the parent."""
     from r1lab.cli import main as r1lab_main
+    from r1lab.cpu.process import relaunch_for_large_cpu_model
 
-    r1lab_main(spec["argv"])  # exits non-zero on an error, before any result is written
+    argv = spec["argv"]  # as the `r1lab` program would: this child restarts itself under jemalloc for a large model
+    relaunch_for_large_cpu_model("grpo", argv[argv.index("--model") + 1], argv[argv.index("--device") + 1])
+    r1lab_main(argv)  # exits non-zero on an error, before any result is written
     return {}
 
 

@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         args.run = args.run or args.run_dir
     try:
         cfg = resolve(COMMANDS[args.command].settings, args)
+        if argv is None:  # the program itself, not a caller in Python: its malloc can still be chosen
+            from r1lab.cpu.process import relaunch_for_large_cpu_model  # imports torch: not for --help
+
+            relaunch_for_large_cpu_model(args.command, getattr(cfg, "model", None), getattr(cfg, "device", "cpu"))
         if COMMANDS[args.command].run_directory and (old := check_out(cfg, args.overwrite)):
             print(f"r1lab {args.command}: --overwrite: moved {old} aside to {move_aside(old)}", file=sys.stderr)
         dispatch(args.command, cfg)

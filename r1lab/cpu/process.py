@@ -1,14 +1,13 @@
-"""Process set-up for training commands: CPU threads and the C allocator.
+"""Process set-up for training commands: CPU threads and the C library's malloc.
 
 glibc returns freed memory to the operating system past a trim threshold, and serves large blocks with fresh
 mmaps, so a CPU training step that frees and re-allocates the same tens of megabytes each step pays for page faults
 on memory it just gave back: a tenth or more of a GRPO step of a small model, and most of its run-to-run variance.
 So a small model's process keeps what it freed. A large model's is the other way round: its step takes seconds,
 page faults are a small share of it, and memory kept in the heap fragments: at the Qwen2.5-0.5B shape, holding
-freed blocks raised the peak by more than 1 GB. So blocks of 128 KB or more are mapped apart and given back, and,
-where it can be compiled, r1lab's own CPU allocator (r1lab/cpu/allocator.py) serves them: it reuses a freed block
-for the next request of its size while holding no more than the highest live total, so the steps stop faulting in
-fresh memory without the peak rising.
+freed blocks raised the peak by more than 1 GB. So blocks of 128 KB or more are mapped apart and given back; and the
+`r1lab` command restarts such a process under jemalloc where it is installed (r1lab/cpu/malloc.py), which reuses
+freed pages without the peak rising.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from r1lab.cpu import allocator as cpu_allocator
-from r1lab.cpu import decode_kernel
+from r1lab.cpu import decode_kernel, malloc
 from r1lab.model.layers import FAST_PATHS
 from r1lab.model.loading import pick_device
 
@@ -51,16 +49,21 @@ def weights_bytes(model: str | Path | None) -> int:
 
 
 def setup_training_process(threads: int = 0, model: str | Path | None = None, device: str = "cpu") -> None:
-    """CPU threads, and the allocator policy for the size of the model about to be loaded from `model` onto
-    `device` ("auto": CUDA where there is one). r1lab's CPU allocator only where the model runs on the CPU: on a
-    GPU, the host's large blocks are the weights on their way to the device, not worth keeping."""
+    """CPU threads, the fast paths, and glibc's malloc policy for the size of the model about to be loaded from
+    `model` (none where jemalloc or tcmalloc serves this process)."""
     if threads:
         torch.set_num_threads(threads)
     install_fast_paths()
-    large = weights_bytes(model) >= LARGE_MODEL_BYTES
-    set_allocator(RETURN_LARGE_BLOCKS if large else KEEP_FREED)
-    if large and pick_device(device).type == "cpu":
-        cpu_allocator.install()
+    if not malloc.preloaded():
+        set_allocator(RETURN_LARGE_BLOCKS if weights_bytes(model) >= LARGE_MODEL_BYTES else KEEP_FREED)
+
+
+def relaunch_for_large_cpu_model(command: str, model: str | Path | None, device: str) -> None:
+    """For a large model on the CPU (`device` "auto": CUDA where there is one), start this command again under
+    jemalloc (r1lab/cpu/malloc.py). On a GPU, the host's large blocks are the weights on their way to the device:
+    glibc's policy is enough."""
+    if malloc.wanted(weights_bytes(model), model is not None and pick_device(device).type == "cpu", LARGE_MODEL_BYTES):
+        malloc.relaunch_with_preferred_malloc(command)
 
 
 def install_fast_paths() -> None:
