@@ -78,9 +78,6 @@ def test_chat_template_mask_covers_content_and_im_end_not_the_scaffolding(eos):
     # no end-of-text after the answer: the model would never learn to stop
     ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
      "{% if add_generation_prompt %}assistant: {% endif %}", "never learn to stop"),
-    # DeepSeek-R1's template drops the reasoning of earlier turns: the text is not what the row says
-    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'].split('</think>')[-1] }}<|im_end|>\n"
-     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "prefix"),
 ])
 def test_a_template_the_mask_cannot_follow_fails_clearly(template, message):
     with pytest.raises(ValueError, match=message):

@@ -59,6 +59,8 @@ class ModelConfig:
     mla: dict | None = None  # MLA's config.json keys (r1lab/model/mla.py); None: grouped-query attention
     moe: dict | None = None  # mixture-of-experts config.json keys (r1lab/model/moe.py); None: dense MLP in every layer
     extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged
+    # generation_config.json as the model came (eos lists, sampling defaults): written back unchanged
+    generation: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:

@@ -64,6 +64,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    cfg.generation = read_generation_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -135,5 +136,27 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     cfg = model.config
     (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-    (path / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
+
+
+def read_generation_config(path: Path) -> dict:
+    """A model directory's generation_config.json ({} where there is none)."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def generation_config(cfg) -> dict:
+    """What a saved model's generation_config.json holds: the one it was loaded with, unchanged (its eos list and
+    sampling defaults are the model's, and vLLM and transformers read them); for a model r1lab built, its ids."""
+    if cfg.generation:
+        return dict(cfg.generation)
+    return {k: v for k, v in {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}.items()
+            if v is not None}

@@ -229,10 +229,15 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
 # ---------------------------------------------------------------- tokens and loss masks
 
 
+class TemplateRewrites(ValueError):
+    """The chat template renders an assistant message differently inside the conversation than the message says
+    (DeepSeek-R1's and Qwen3's drop earlier turns' reasoning; R1's opens <think> in the generation prompt)."""
+
+
 def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, where: str) -> int:
     ids = tokenizer.encode(text)
     if full[: len(ids)] != ids:
-        raise ValueError(f"messages[{turn}]: the conversation up to the {where} of this assistant message does not "
+        raise TemplateRewrites(f"messages[{turn}]: the conversation up to the {where} of this assistant message does not "
                          "tokenize as a prefix of the whole conversation (the chat template rewrites the message, "
                          "or a token spans its boundary), so its loss mask cannot be placed exactly")
     return len(ids)
@@ -253,6 +258,68 @@ def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
         spans.append((begin, end))
         start = end
     return spans
+
+
+def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: str = "auto", train_from: int = 0,
+                          tool_output_tag: str = "") -> list[tuple[list[int], list[bool], set[int]]]:
+    """A conversation's training examples: the whole conversation with every trained assistant turn masked in, where
+    the template renders each message as it is (conversation_tokens); else, where it rewrites earlier turns or opens
+    the reply in its generation prompt, one example per trained assistant turn, rendered as the final turn, as a
+    model prompted with that history would write it (turn_tokens)."""
+    try:
+        return [conversation_tokens(tokenizer, messages, template, train_from, tool_output_tag)]
+    except TemplateRewrites:
+        return [turn_tokens(tokenizer, messages, i, template, tool_output_tag)
+                for i, message in enumerate(messages) if message["role"] == "assistant" and i >= train_from]
+
+
+def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template: str = "auto",
+                tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
+    """messages[turn] (an assistant message) as the completion of the history before it: the history rendered with
+    the generation prompt, then the reply, then the token that closes it, trained on the reply and that token.
+
+    The reply is the template's own rendering of the message as the final turn where the generation prompt is a
+    prefix of it (Qwen3 re-formats the think block); where it is not (DeepSeek-R1's template opens "<think>\n" in
+    the generation prompt and strips the reasoning from every message it renders), it is the message's content,
+    less what the prompt already opened: what the model, prompted so, has to write."""
+    prompt = render_conversation(tokenizer, messages[:turn], template, add_generation_prompt=True)
+    whole = render_conversation(tokenizer, messages[: turn + 1], template, add_generation_prompt=False)
+    whole_ids, prompt_ids = tokenizer.encode(whole), tokenizer.encode(prompt)
+    closer = _last_closer(tokenizer, whole_ids, turn)
+    if whole.startswith(prompt) and whole_ids[: len(prompt_ids)] == prompt_ids:
+        ids = whole_ids[: max(i for i, t in enumerate(whole_ids) if t == closer) + 1]
+        reply = whole[len(prompt):]
+        position = lambda x: _prefix_length(tokenizer, prompt + reply[:x], ids, turn, "tool output")  # noqa: E731
+    else:
+        reply = _after_opened(prompt, whole, messages[turn]["content"])
+        ids = prompt_ids + tokenizer.encode(reply) + [closer]
+        position = lambda x: len(prompt_ids) + len(tokenizer.encode(reply[:x]))  # noqa: E731
+    mask = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+    for a, b in tool_output_spans(reply, tool_output_tag) if tool_output_tag else ():
+        mask[position(a):position(b)] = [False] * (position(b) - position(a))
+    return ids, mask, {closer}
+
+
+def _last_closer(tokenizer: Tokenizer, ids: list[int], turn: int) -> int:
+    """The token that closes the final turn: the last end-of-text or special token of its rendering."""
+    for token in reversed(ids):
+        if _closes_turn(tokenizer, token):
+            return token
+    raise ValueError(f"messages[{turn}]: the template ends this assistant message with no end-of-text or special "
+                     "token: a model trained on it would never learn to stop")
+
+
+def _after_opened(prompt: str, whole: str, content: str) -> str:
+    """content less the opening the generation prompt already wrote (the part of the prompt past where it and the
+    rendered conversation part ways, e.g. "<think>\n"), where content starts with it."""
+    shared = 0
+    while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
+        shared += 1
+    opened = prompt[shared:].strip()
+    stripped = content.lstrip()
+    if opened and stripped.startswith(opened):
+        return stripped[len(opened):].lstrip("\n")
+    return content
 
 
 def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
@@ -319,18 +386,18 @@ def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfi
     data, errors = SFTData(rows=len(rows)), []
     for line, messages, train_from in rows:
         try:
-            ids, mask, closers = conversation_tokens(tokenizer, messages, cfg.template, train_from,
-                                                     cfg.tool_output_tag)
+            examples = conversation_examples(tokenizer, messages, cfg.template, train_from, cfg.tool_output_tag)
         except ValueError as err:
             errors.append(f"{cfg.data}:{line}: {err}")
             continue
-        if len(ids) > cfg.max_len:
-            data.dropped_too_long += 1
-            continue
-        data.closers |= closers
         heldout = cfg.eval_fraction > 0 and in_test_split(json.dumps(messages, sort_keys=True), cfg.eval_fraction)
-        (data.eval_docs if heldout else data.train_docs).append(ids)
-        (data.eval_masks if heldout else data.train_masks).append(mask)
+        for ids, mask, closers in examples:
+            if len(ids) > cfg.max_len:
+                data.dropped_too_long += 1
+                continue
+            data.closers |= closers
+            (data.eval_docs if heldout else data.train_docs).append(ids)
+            (data.eval_masks if heldout else data.train_masks).append(mask)
     raise_row_errors(Path(cfg.data), errors)
     if not data.train_docs:
         raise DatasetError(f"{cfg.data}: no conversation left to train on ({data.dropped_too_long} of {len(rows)} "

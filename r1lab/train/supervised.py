@@ -266,7 +266,13 @@ def _add_stop_tokens(model: CausalLM, tokenizer: Tokenizer, closers: set[int], l
     answers with them (e.g. ChatML's <|im_end|> on a base model's tokenizer)."""
     extra = sorted(closers - tokenizer.eos_ids)
     if extra:
-        current = model.config.eos_token_id
-        model.config.eos_token_id = ([current] if isinstance(current, int) else list(current or [])) + extra
+        model.config.eos_token_id = _with_ids(model.config.eos_token_id, extra)
+        if "eos_token_id" in model.config.generation:  # the one field of the user's generation_config that changes
+            model.config.generation["eos_token_id"] = _with_ids(model.config.generation["eos_token_id"], extra)
         names = ", ".join(repr(tokenizer.backend.id_to_token(i)) for i in extra)
-        log(f"sft: assistant turns end with {names}; added to the model's end-of-text ids so generation stops there")
+        log(f"sft: assistant turns end with {names}; added to the model's end-of-text ids (config.json and "
+            f"generation_config.json's eos_token_id) so generation stops there")
+
+
+def _with_ids(current: int | list[int] | None, extra: list[int]) -> list[int]:
+    return ([current] if isinstance(current, int) else list(current or [])) + extra
