@@ -156,3 +156,52 @@ def test_sft_trains_trl_conversational_prompt_completion_rows_on_an_r1_distill_m
     assert saved == generation
     reloaded = transformers.GenerationConfig.from_pretrained(out / "model")
     assert reloaded.eos_token_id == [eos, other] and reloaded.temperature == 0.6 and reloaded.top_p == 0.95
+
+
+QWEN3_WITH_GENERATION = (  # ChatML with the assistant's text marked, as TRL's assistant-only loss templates do
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_generation_blocks_draw_the_mask_and_render_as_their_content():
+    tok = tokenizer("qwen3")
+    tok.chat_template = QWEN3_WITH_GENERATION
+    from r1lab.model.templates import render_conversation
+
+    assert "generation" not in render_conversation(tok, CONVERSATION, "chat", add_generation_prompt=False)
+    [(ids, mask, closers)] = conversation_examples(tok, CONVERSATION)
+    assert trained(tok, ids, mask) == CONVERSATION[1]["content"] + "<|im_end|>" + CONVERSATION[3]["content"] + "<|im_end|>"
+    assert closers == {tok.backend.token_to_id("<|im_end|>")}
+    [(ids, mask, _)] = conversation_examples(tok, CONVERSATION, train_from=2)  # only the last reply is trained
+    assert trained(tok, ids, mask) == CONVERSATION[3]["content"] + "<|im_end|>"
+
+
+def test_generation_blocks_that_leave_out_the_end_token_still_train_it():
+    tok = tokenizer("qwen3")
+    tok.chat_template = QWEN3_WITH_GENERATION.replace("m['content'] + '<|im_end|>' }}{% endgeneration %}",
+                                                      "m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+    [(ids, mask, _)] = conversation_examples(tok, CONVERSATION[:2])
+    assert trained(tok, ids, mask) == CONVERSATION[1]["content"] + "<|im_end|>"
+
+
+def test_generation_blocks_that_do_not_match_the_assistant_messages_fail_clearly():
+    tok = tokenizer("qwen3")
+    tok.chat_template = QWEN3_WITH_GENERATION.replace("{% if m['role'] == 'assistant' %}", "{% if false %}")
+    with pytest.raises(ValueError, match="0 spans for 2 assistant messages"):
+        conversation_examples(tok, CONVERSATION)
+    tok.chat_template = QWEN3_WITH_GENERATION
+    with pytest.raises(ValueError, match="U\\+E000"):
+        conversation_examples(tok, [{"role": "user", "content": "\ue000"}, CONVERSATION[1]])
+
+
+def test_generation_block_mask_is_transformers_own():
+    transformers = pytest.importorskip("transformers")
+    tok = tokenizer("qwen3")
+    tok.chat_template = QWEN3_WITH_GENERATION
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend, eos_token="<|im_end|>",
+                                              chat_template=QWEN3_WITH_GENERATION)
+    theirs = hf.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    [(ids, mask, _)] = conversation_examples(tok, CONVERSATION)
+    assert ids == list(theirs["input_ids"]) and mask == [bool(m) for m in theirs["assistant_masks"]]

@@ -13,10 +13,13 @@ Templates:
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # The reasoning format's tags: what a reasoning model writes around its thinking and its answer
@@ -91,6 +94,53 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
         bos_token=getattr(tokenizer, "bos_token", None) or "")
 
 
+# Private-use characters around each {% generation %} block's output while its spans are tracked
+_SPAN_OPEN, _SPAN_CLOSE = "\ue000", "\ue001"
+
+
+class _GenerationBlocks(jinja2.ext.Extension):
+    """transformers' {% generation %} ... {% endgeneration %}: marks the text a template says the assistant wrote
+    (the blocks TRL's assistant-only loss reads). Rendered as its content; with tracking on, between two markers."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_block", []), [], [], body).set_lineno(lineno)
+
+    def _block(self, caller) -> str:
+        text = caller()
+        return f"{_SPAN_OPEN}{text}{_SPAN_CLOSE}" if self.environment.globals.get("_track_generation") else text
+
+
+def has_generation_blocks(template: str | None) -> bool:
+    return bool(template) and "generation" in template and "endgeneration" in template
+
+
+def render_with_generation_spans(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template's text of a whole conversation, and the character spans of its {% generation %} blocks."""
+    text = json.dumps(messages, ensure_ascii=False)
+    if _SPAN_OPEN in text or _SPAN_CLOSE in text:
+        raise ValueError("a message holds one of the private-use characters U+E000/U+E001 that mark the template's "
+                         "{% generation %} blocks")
+    env = _jinja_environment()
+    env.globals["_track_generation"] = True
+    marked = env.from_string(tokenizer.chat_template).render(
+        messages=messages, add_generation_prompt=False, eos_token=tokenizer.eos_token or "",
+        bos_token=getattr(tokenizer, "bos_token", None) or "")
+    plain, spans, start, length = [], [], 0, 0
+    for part in re.split(f"([{_SPAN_OPEN}{_SPAN_CLOSE}])", marked):
+        if part == _SPAN_OPEN:
+            start = length
+        elif part == _SPAN_CLOSE:
+            spans.append((start, length))
+        else:
+            plain.append(part)
+            length += len(part)
+    return "".join(plain), spans
+
+
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -99,7 +149,7 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
         # transformers' own tojson: unlike Jinja's, it does not escape HTML characters
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationBlocks])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from r1lab.config import SFTConfig
-from r1lab.model.templates import render_conversation
+from r1lab.model.templates import has_generation_blocks, render_conversation, render_with_generation_spans
 from r1lab.model.tokenizer import Tokenizer
 from r1lab.rewards.tasks.dataset import DatasetError, _rows, in_test_split, raise_row_errors
 
@@ -266,11 +266,48 @@ def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: 
     the template renders each message as it is (conversation_tokens); else, where it rewrites earlier turns or opens
     the reply in its generation prompt, one example per trained assistant turn, rendered as the final turn, as a
     model prompted with that history would write it (turn_tokens)."""
+    if template in ("auto", "chat") and has_generation_blocks(tokenizer.chat_template):
+        return [generation_block_tokens(tokenizer, messages, train_from, tool_output_tag)]
     try:
         return [conversation_tokens(tokenizer, messages, template, train_from, tool_output_tag)]
     except TemplateRewrites:
         return [turn_tokens(tokenizer, messages, i, template, tool_output_tag)
                 for i, message in enumerate(messages) if message["role"] == "assistant" and i >= train_from]
+
+
+def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_from: int = 0,
+                            tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
+    """A conversation's tokens with the mask the template's {% generation %} blocks draw (one per assistant message,
+    as transformers' return_assistant_tokens_mask reads them), each followed by its closing token where the block
+    leaves it out."""
+    text, spans = render_with_generation_spans(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(spans) != len(turns):
+        raise ValueError(f"the chat template's {{% generation %}} blocks mark {len(spans)} spans for "
+                         f"{len(turns)} assistant messages, so its loss mask cannot be placed")
+    encoding = tokenizer.backend.encode(text)
+    ids, offsets = encoding.ids, encoding.offsets
+    mask, closers = [False] * len(ids), set()
+    for turn, (begin, end) in zip(turns, spans):
+        if turn < train_from:
+            continue
+        inside = [j for j, (a, b) in enumerate(offsets) if begin <= a and b <= end and b > a]
+        if not inside:
+            continue  # an empty reply: nothing written, nothing to learn
+        last = inside[-1]
+        if not _closes_turn(tokenizer, ids[last]):
+            last += 1
+            if last >= len(ids) or not _closes_turn(tokenizer, ids[last]):
+                raise ValueError(f"messages[{turn}]: the template's generation block is followed by no end-of-text "
+                                 "or special token: a model trained on it would never learn to stop")
+        for j in range(inside[0], last + 1):
+            mask[j] = True
+        for a, b in tool_output_spans(text[begin:end], tool_output_tag) if tool_output_tag else ():
+            for j, (x, y) in enumerate(offsets):
+                if begin + a <= x and y <= begin + b:
+                    mask[j] = False
+        closers.add(ids[last])
+    return ids, mask, closers
 
 
 def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template: str = "auto",
