@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import pytest
+from pathlib import Path
 
 from r1lab.config import EvalConfig, GRPOConfig
 from r1lab.rewards.tasks.base import Problem
@@ -230,3 +231,43 @@ def test_heldout_evaluation_uses_the_runs_language():
                for lang in ("en", "zh")}
     assert figures["en"].language_consistency >= 0.75  # "hmm" is written in Latin script
     assert figures["zh"].language_consistency == 0.0
+
+
+def test_eval_on_a_data_file_counts_each_row_once(tiny_base, tmp_path, capsys):
+    """`--split all` evaluates every row once; a split smaller than --problems is not cycled; the printed count is
+    the distinct problems; results never go inside the model directory."""
+    from r1lab.cli import main
+
+    data = tmp_path / "twenty.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}+1", "answer": str(n + 1)}) + "\n" for n in range(20)))
+    common = ["--model", str(tiny_base), "--task", str(data), "--samples", "2", "--max-new-tokens", "4"]
+    main(["eval", *common, "--split", "all", "--problems", "0"])
+    assert tiny_base.name == "model" and (tiny_base.parent / "config.yaml").exists()  # a pretraining run's model
+    saved = json.loads((tiny_base.parent / "eval.json").read_text())["all"]
+    assert saved["n_problems"] == 20 and "all, 20 problems" in " ".join(capsys.readouterr().out.split())
+    assert not (tiny_base / "eval.json").exists()
+    from r1lab.rewards.tasks.dataset import in_test_split
+
+    main(["eval", *common, "--split", "train", "--problems", "200", "--out", str(tmp_path / "train.json")])
+    train_rows = sum(not in_test_split(f"{n}+1", 0.1) for n in range(20))
+    assert json.loads((tmp_path / "train.json").read_text())["train"]["n_problems"] == train_rows < 200
+
+
+def test_a_generated_task_refuses_every_row(tiny_base, capsys):
+    from r1lab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tiny_base), "--problems", "0"])
+    assert "generates its problems" in capsys.readouterr().err
+
+
+def test_a_runs_model_is_evaluated_into_the_run(tmp_path):
+    from r1lab.config import EvalConfig
+    from r1lab.train.evaluate import results_path
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert results_path(EvalConfig(model=str(tmp_path / "run" / "model"))) == tmp_path / "run" / "eval.json"
+    assert results_path(EvalConfig(model=str(tmp_path / "run" / "model"), out="x.json")) == Path("x.json")
+    (tmp_path / "mine").mkdir()  # a model directory of the user's own: results in the current directory
+    assert results_path(EvalConfig(model=str(tmp_path / "mine"))) == Path("eval-mine.json")

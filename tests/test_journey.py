@@ -54,7 +54,7 @@ def test_own_model_gsm8k_grpo_eval_sft_report_serve_chat(tmp_path, monkeypatch, 
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     main(["eval", "--model", str(run / "model"), "--task", str(data), "--template", "chat", "--problems", "2",
           "--samples", "2", *small])
-    assert json.loads((run / "model" / "eval.json").read_text())["test"]["k"] == 2
+    assert json.loads((run / "eval.json").read_text())["test"]["k"] == 2  # beside the run, not in its model
     main(["report", str(run)])
     assert "Held-out pass@1" in (run / "report" / "report.md").read_text()
 

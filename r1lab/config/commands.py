@@ -165,8 +165,10 @@ class EvalConfig(Settings, kind="eval"):
     model: str = setting("runs/demo/grpo/model", "the model directory to evaluate", **shared.NONEMPTY)
     adapter: str = shared.ADAPTER
     _task = shared.TaskChoice
-    split: str = setting("test", "which split the problems come from", choices=("test", "train"))
-    problems: int = setting(200, "problems evaluated", ge=1)
+    split: str = setting("test", "which split the problems come from (all: every row of a data file)",
+                         choices=("test", "train", "all"))
+    problems: int = setting(200, "distinct problems evaluated, each once (a data file's split gives at most its rows; "
+                                 "0: every row)", ge=0)
     samples: int = setting(8, "k, samples per problem", ge=1)
     _sampling = shared.Sampling
     max_new_tokens: int = setting(128, "completion length limit, in tokens", ge=1)
@@ -174,7 +176,8 @@ class EvalConfig(Settings, kind="eval"):
     language: str = setting("en", "the language whose share of the chain of thought is reported", rule="language")
     reward_timeout_s: float = shared.SCORING_TIMEOUT
     _tools = shared.Tools
-    out: str = setting("", "JSON results path; default: next to the model")
+    out: str = setting("", "JSON results path; default: RUN/eval.json for a run's RUN/model, else "
+                           "./eval-MODEL.json (never inside the model directory)")
     seed: int = setting(0, "the held-out problems are drawn with seed + 1, the samples with seed", **shared.SEED_RANGE)
     _inference = shared.Inference
     dist_timeout_s: float = shared.DIST_TIMEOUT

@@ -29,7 +29,7 @@ from r1lab.engine.tools import ToolSample, ToolSpec, generate_with_tools
 from r1lab.model.loading import encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
-from r1lab.rewards.tasks import Problem, Task, get_task
+from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.distributed import World, join_world
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
@@ -102,7 +102,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
-    path = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
+    path = results_path(cfg)
     if world.main:
         print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
         save_json(path, {cfg.split: result})
@@ -110,8 +110,26 @@ def run_eval(cfg: EvalConfig) -> Path:
     return path
 
 
+def results_path(cfg: EvalConfig) -> Path:
+    """--out; else eval.json beside the run whose model this is (RUN/model -> RUN/eval.json), else eval-NAME.json in
+    the current directory: never inside the model directory, which is the model's alone."""
+    if cfg.out:
+        return Path(cfg.out)
+    model = Path(cfg.model)
+    if model.name == "model" and any((model.parent / f).exists() for f in ("metrics.jsonl", "config.yaml")):
+        return model.parent / "eval.json"
+    return Path(f"eval-{model.resolve().name}.json")
+
+
 def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
-    """The held-out set every command reports on: n problems of the split, drawn with seed + 1."""
+    """The held-out set every command reports on: n problems of the split, drawn with seed + 1, never one twice.
+    A data file's split gives at most its rows (n 0: every row; split "all": both splits); a generated task draws
+    n distinct problems."""
+    if isinstance(task, DatasetTask):
+        return task.problems(split, None, seed + 1)[: n if n > 0 else None]
+    if split == "all" or n <= 0:
+        raise ValueError(f"task {task.name!r} generates its problems: give --problems N (N >= 1) and --split test or "
+                         "train; --split all and --problems 0 (every row) are for data files")
     return task.problems(split, n, seed + 1)
 
 

@@ -328,9 +328,13 @@ class DatasetTask:
                 "prompt; give eval_data to use your own file)")
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
-        """n rows of split in a seed-determined order, cycling when n exceeds the split; all rows for n <= 0."""
-        _check_split(split)
-        rows = list(self._splits[split])
+        """n rows of split ("all": every row of the train and eval files, each once) in a seed-determined order,
+        cycling when n exceeds the split; all rows for n <= 0."""
+        if split == "all":
+            rows = list(self.rows) + list(self.eval_rows or [])
+        else:
+            _check_split(split)
+            rows = list(self._splits[split])
         if not rows:
             source = self.eval_path if split == "test" and self.eval_path is not None else self.path
             raise DatasetError(f"{source}: the {split!r} split is empty (test_fraction={self.test_fraction})")
