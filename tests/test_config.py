@@ -68,8 +68,8 @@ def test_a_bad_flag_is_refused_naming_field_value_and_allowed_range(flags, expec
 
 
 @pytest.mark.parametrize("command, flags, expected", [
-    ("eval", ["--split", "dev"], "split: 'dev' is not one of: test, train"),
-    ("eval", ["--problems", "0"], "problems: 0 is below the minimum 1"),
+    ("eval", ["--split", "dev"], "split: 'dev' is not one of: test, train, all"),
+    ("eval", ["--problems", "-1"], "problems: -1 is below the minimum 0"),
     ("sft", ["--eval-fraction", "1"], "eval_fraction: 1 is not in [0, 1)"),
     ("sft", ["--template", "none"], "template: 'none' is not one of: auto, chat, r1zero"),
     ("sample", ["--min-language-score", "2"], "min_language_score: 2 is not in [0, 1]"),

@@ -26,7 +26,7 @@ from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine, Sample
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.tools import ToolSpec, generate_with_tools
-from r1lab.model.loading import encode_prompt, load_policy, pick_device
+from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.rules import RewardResult, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
@@ -146,9 +146,14 @@ class Tally:
                 "tool_failures": self.tool_failures}
 
 
-def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, **extra) -> dict:
-    """One kept completion in the chat format `r1lab sft` reads, plus where it came from."""
-    return {"messages": [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": response}],
+def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, system: str = "",
+            **extra) -> dict:
+    """One kept completion in the chat format `r1lab sft` reads (the conversation it was sampled from, its system
+    message included), plus where it came from."""
+    history = problem.messages or [{"role": "user", "content": problem.prompt}]
+    if system and not any(m["role"] == "system" for m in history):
+        history = [{"role": "system", "content": system}, *history]
+    return {"messages": [*history, {"role": "assistant", "content": response}],
             **provenance, "reward": result.total[n], "accuracy": result.components["accuracy"][n],
             "format": result.components["format"][n], "answer": result.answers[n], "reference": problem.answer,
             **extra}
@@ -183,7 +188,7 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
     # A seed per prompt (from the run seed and its index): each sample draws from its own stream, so a kept row's
     # seed and sample index reproduce it whatever the chunking.
     seeds = [step_seed(cfg.seed, offset + i, "sample") for i in range(len(chunk))]
-    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in chunk]
+    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill, cfg.system) for p in chunk]
     sampling = dict(num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     seed=seeds)
     tools = ToolSpec.of(cfg)
@@ -200,7 +205,7 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
     for i, problem in enumerate(chunk):
         kept = judge_prompt(problem, samples, i * k, result, cfg, filters, tok.eos_ids, tally)
         tally.prompts_with_kept += bool(kept)
-        rows += [sft_row(problem, response, i * k + j, result, provenance, prompt_index=offset + i,
+        rows += [sft_row(problem, response, i * k + j, result, provenance, cfg.system, prompt_index=offset + i,
                          sample_index=j, seed=seeds[i], tokens=n_tokens,
                          **({"tool_calls": samples[i * k + j].calls} if tools else {}))
                  for j, response, n_tokens in kept]
@@ -232,6 +237,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     engine = Engine(model, tokenizer)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}
+    log(f"sample: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
     if world.main:
         save_config(cfg, out.with_name(out.stem + ".config.yaml"))
     log(f"sample: {len(problems)} prompts x {cfg.samples} samples from {cfg.model}, "

@@ -143,7 +143,8 @@ class GRPOConfig(Settings, kind="GRPO"):
 
     def eval_config(self) -> "EvalConfig":
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
-        same = ("model", "task", "max_new_tokens", "template", "prefill", "language", "reward_timeout_s", "seed")
+        same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "language", "reward_timeout_s",
+                "seed")
         return EvalConfig(task_options=dict(self.task_options), problems=self.eval_problems, samples=self.eval_samples,
                           temperature=self.eval_temperature, top_p=self.eval_top_p,
                           **{name: getattr(self, name) for name in same + tuple(shared.Tools.__annotations__)})
@@ -307,7 +308,8 @@ class DistillConfig(Settings, kind="distill"):
                                              ge=1)
     student_pretrain_steps: int = setting(400, "pretraining steps of the student base", ge=1)
     _task = shared.TaskChoice
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **shared.PROMPT_TEMPLATES)
+    template: str = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
+                                    "r1zero (r1lab/model/templates.py)", **shared.PROMPT_TEMPLATES)
     # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
     problems: int = setting(6000, "train prompts for the teacher (0 = every row of a data file's split)", ge=0)
     samples: int = setting(2, "teacher completions per prompt", ge=1)
@@ -355,7 +357,8 @@ class PipelineConfig(Settings, kind="pipeline"):
                                        "only)")
     student: str = setting("", 'the student base for distillation; "" = pretrain the preset student (arithmetic '
                                "only)")
-    template: str = setting("r1zero", "how prompts are rendered for RL, sampling and evaluation",
+    template: str = setting("auto", "how prompts are rendered for RL, sampling and evaluation (auto: the model's "
+                                    "chat template if it has one, else r1zero)",
                             **shared.PROMPT_TEMPLATES)
     max_new_tokens: int = setting(64, "completion length limit, in tokens", ge=1)
     pretrain_steps: int = setting(600, "pretraining steps of the tiny base", ge=1)

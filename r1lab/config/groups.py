@@ -83,8 +83,10 @@ class TaskChoice(Group):
 
 
 class Prompts(Group):
-    template: str = setting("r1zero", "how prompts are rendered (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
+    template: str = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
+                                    "r1zero (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
+    system: str = setting("", "a system message before each prompt (a data row's own system message wins)")
 
 
 class Sampling(Group):

@@ -8,7 +8,7 @@ import torch
 
 from r1lab.model.hf_format import load_model
 from r1lab.model.lora import load_adapter, merge_lora
-from r1lab.model.templates import render_prompt
+from r1lab.model.templates import render_conversation
 from r1lab.model.tokenizer import Tokenizer, load_tokenizer
 from r1lab.model.transformer import CausalLM
 
@@ -41,12 +41,37 @@ def load_policy(path: str, device: torch.device, dtype: str = "float32",
     return model, tokenizer
 
 
-def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "") -> list[int]:
-    return tokenizer.encode(render_prompt(tokenizer, problem.prompt, template, prefill))
+def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "", system: str = "") -> list[int]:
+    return tokenizer.encode(prompt_text(tokenizer, problem, template, prefill, system))
+
+
+def prompt_text(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "", system: str = "") -> str:
+    """The text the model continues for a problem: its conversation (a conversational prompt, else its question as
+    the user's message) after the system message, rendered by the template, then prefill."""
+    if template == "none":
+        if problem.messages is not None or system:
+            raise ValueError("template 'none' sends a question as it is: a conversational prompt or a system message "
+                             "needs a template (auto, chat or r1zero)")
+        return problem.prompt + prefill
+    messages = problem.messages or [{"role": "user", "content": problem.prompt}]
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}, *messages]
+    return render_conversation(tokenizer, messages, template, add_generation_prompt=True) + prefill
+
+
+def describe_prompts(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "",
+                     system: str = "") -> str:
+    """One line for the log at start: which template renders the prompts, and the first prompt as the model sees it."""
+    chosen = template
+    if template == "auto":
+        chosen = "chat (the model's chat template)" if tokenizer.chat_template else "r1zero (the tokenizer has no chat template)"
+    text = prompt_text(tokenizer, problem, template, prefill, system)
+    shown = text if len(text) <= 400 else text[:200] + " ... " + text[-150:]
+    return f"template {chosen}; the first prompt as the model sees it: {shown!r}"
 
 
 def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem], template: str, prefill: str,
-                  max_new_tokens: int, source: str) -> None:
+                  max_new_tokens: int, source: str, system: str = "") -> None:
     """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context: positions past
     it were never trained, and the run would silently produce junk. Data-file rows are named by file:line."""
     context = model.config.max_position_embeddings
@@ -55,7 +80,7 @@ def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem]
                          f"{context} tokens (max_position_embeddings)")
     too_long = []
     for problem in problems:
-        n = len(encode_prompt(tokenizer, problem, template, prefill))
+        n = len(encode_prompt(tokenizer, problem, template, prefill, system))
         if n + max_new_tokens > context:
             where = f"{source}:{problem.meta['row']}" if "row" in problem.meta else f"{source}: {problem.prompt[:40]!r}"
             too_long.append(f"{where}: prompt of {n} tokens + max_new_tokens {max_new_tokens} > context {context}")

@@ -26,7 +26,7 @@ from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.tools import ToolSample, ToolSpec, generate_with_tools
-from r1lab.model.loading import encode_prompt, load_policy, pick_device
+from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
@@ -101,7 +101,10 @@ def run_eval(cfg: EvalConfig) -> Path:
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
-    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
+    problems = heldout_problems(task, cfg.split, cfg.problems, cfg.seed)
+    if world.main:
+        print(f"eval: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
+    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, problems, world=world)
     path = results_path(cfg)
     if world.main:
         print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
@@ -140,7 +143,7 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     if problems is None:
         problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
     tok = engine.tokenizer
-    return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill), k=ec.samples,
+    return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill, ec.system), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
                     response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
                     tools=ToolSpec.of(ec))

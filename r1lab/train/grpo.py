@@ -24,7 +24,8 @@ from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.tools import ToolSpec, generate_with_tools, isolation_text
 from r1lab.model import moe
-from r1lab.model.loading import DTYPES, check_context, encode_prompt, load_policy, pick_device
+from r1lab.model.loading import (DTYPES, check_context, describe_prompts, encode_prompt, load_policy, pick_device,
+                                 prompt_text)
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
@@ -73,7 +74,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     eval_problems = heldout_problems(task, "test", cfg.eval_problems, cfg.seed) if cfg.eval_every else []
     # every data row (or, for a generator, a step's draw) must fit the context with max_new_tokens, before any step
     check_context(model, tokenizer, (stream.pool or stream.batch(0)) + eval_problems, cfg.template, cfg.prefill,
-                  cfg.max_new_tokens, cfg.task)
+                  cfg.max_new_tokens, cfg.task, cfg.system)
     isolation = sandbox_metrics(task, log, cfg.tools)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
     start = resume_run(run, cfg, model, optimizer, log, world)
@@ -82,6 +83,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     engine = Engine(rollout, tokenizer)
     if world.main:
         save_run_config(run, cfg, start)
+    log(f"grpo: {describe_prompts(tokenizer, stream.batch(start)[0], cfg.template, cfg.prefill, cfg.system)}")
     log(f"grpo: {cfg.prompts_per_step} prompts x {cfg.samples_per_prompt} samples = "
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
         f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}"
@@ -147,7 +149,8 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
                     "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
                     **clock.metrics(), **moe.load_metrics(rollout_loads, "moe/rollout_")})
     if cfg.samples_every and step % cfg.samples_every == 0:
-        save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt))
+        render = lambda p: prompt_text(engine.tokenizer, p, cfg.template, cfg.prefill, cfg.system)  # noqa: E731
+        save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt, render))
     if metrics["skipped_nonfinite"]:
         print(f"step {step + 1}: non-finite loss or gradient, update skipped")
     return metrics
@@ -208,7 +211,7 @@ def gather_rollouts(world: World, local: Rollouts) -> Rollouts:
 
 def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int | list[int]) -> Rollouts:
     G, tok = cfg.samples_per_prompt, engine.tokenizer
-    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill) for p in problems]
+    prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill, cfg.system) for p in problems]
     sampling = dict(num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos, max_rows=cfg.rollout_slots)
     tools = ToolSpec.of(cfg)
@@ -584,8 +587,10 @@ def tool_metrics(rollouts: Rollouts) -> dict:
             "tools/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1)}
 
 
-def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int) -> list[dict]:
-    return [{"prompt": rollouts.problems[i].prompt, "reference": rollouts.problems[i].answer,
+def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, render) -> list[dict]:
+    """The first n rollouts of a step, each with its prompt as rendered for the model (render(problem))."""
+    return [{"prompt": rollouts.problems[i].prompt, "prompt_text": render(rollouts.problems[i]),
+             "reference": rollouts.problems[i].answer,
              "completion": rollouts.texts[i], "reward": rewards[i].item(), "answer": result.answers[i],
              "correct": result.correct[i], "components": {k: v[i] for k, v in result.components.items()},
              **({"tool_calls": rollouts.tool_calls[i], "tool_failures": rollouts.tool_failures[i]}

@@ -14,6 +14,9 @@ class Problem:
     prompt: str  # the question, inserted into the chat/R1 template
     answer: str  # the reference answer, as text
     meta: dict = field(default_factory=dict)  # task-specific data (countdown: numbers and target)
+    # a conversational prompt (TRL's list of {role, content}, ending with the user's turn): rendered whole; prompt
+    # is then its last user message
+    messages: list[dict] | None = None
 
 
 class Task(Protocol):

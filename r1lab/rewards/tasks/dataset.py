@@ -230,6 +230,20 @@ def _pick_field(row: dict, given: str | None, candidates: tuple[str, ...]) -> st
     return next((name for name in candidates if name in row), candidates[0])
 
 
+def _prompt_messages_error(name: str, messages: list) -> str | None:
+    """A conversational prompt's problem: {role, content} messages, system/user/assistant, ending with the user's."""
+    if not messages:
+        return f"field {name!r} is an empty list of messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            return f"field {name!r} item {i} must be a {{role, content}} message with string content"
+        if m.get("role") not in ("system", "user", "assistant"):
+            return f"field {name!r} item {i} has role {m.get('role')!r}, not system, user or assistant"
+    if messages[-1]["role"] != "user":
+        return f"field {name!r}: a conversational prompt must end with the user's message, not {messages[-1]['role']!r}"
+    return None
+
+
 def _field_error(row: dict, name: str, allow_number: bool) -> str | None:
     if name not in row:
         return f"field {name!r} is missing"
@@ -291,6 +305,12 @@ class DatasetTask:
         # Fields are detected on the first row and then required on every row, so one schema holds for all.
         self._prompt_field = _pick_field(row, self._prompt_field, PROMPT_FIELDS)
         self._answer_field = _pick_field(row, self._answer_field, ANSWER_FIELDS)
+        messages = row.get(self._prompt_field)
+        if isinstance(messages, list):  # TRL's conversational prompt
+            error = _prompt_messages_error(self._prompt_field, messages)
+            if error is not None:
+                return None, error
+            row = {**row, self._prompt_field: messages[-1]["content"]}
         for name, allow_number in ((self._prompt_field, False), (self._answer_field, True)):
             error = _field_error(row, name, allow_number)
             if error is not None:
@@ -302,7 +322,8 @@ class DatasetTask:
         if _non_finite(answer):
             return None, f"field {self._answer_field!r} has the final answer {answer!r}, not a finite number"
         meta = {"row": number, "solution": raw}
-        return Problem(prompt=row[self._prompt_field], answer=answer, meta=meta), None
+        conversation = [dict(m) for m in messages] if isinstance(messages, list) else None
+        return Problem(prompt=row[self._prompt_field], answer=answer, meta=meta, messages=conversation), None
 
     def _split_rows(self) -> dict[str, list[Problem]]:
         if self.eval_rows is not None:
