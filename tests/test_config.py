@@ -56,7 +56,7 @@ def test_every_field_declares_a_one_line_help_and_its_defaults_are_valid(cls):
     (["--template", "chatml"], "template: 'chatml' is not one of"),
     (["--device", "gpu"], "device: 'gpu' is not one of auto, cpu, cuda, cuda:N, mps"),
     (["--language", "klingon"], "language: 'klingon' is not one of"),
-    (["--task", "countdwn"], "task: 'countdwn' is not a built-in task (arithmetic, code, countdown) or a data file"),
+    (["--task", "countdwn"], "task: 'countdwn' is not a built-in task (arithmetic, code, countdown), a data file"),
     (["--seed", "-1"], "seed: -1 is not in [0, 4294967295]"),
     (["--model", ""], "model: must not be empty"),
 ])

@@ -13,16 +13,17 @@ from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
 from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
-from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
+from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task, is_data_source
 from r1lab.rewards.user_functions import load_reward_function
 from r1lab.suggest import did_you_mean
 
-TASKS_ALLOWED = f"a built-in task ({', '.join(sorted(TASKS))}) or a data file ending in {', '.join(DATA_SUFFIXES)}"
+TASKS_ALLOWED = (f"a built-in task ({', '.join(sorted(TASKS))}), a data file ending in {', '.join(DATA_SUFFIXES)}, "
+                 "a datasets save_to_disk directory or a hub dataset name (owner/name)")
 LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
 
 
 def task_problem(value: str) -> str | None:
-    if value in TASKS or value.lower().endswith(DATA_SUFFIXES):
+    if value in TASKS or is_data_source(value):
         return None
     return f"{value!r} is not {TASKS_ALLOWED}{did_you_mean(value, TASKS)}"
 
@@ -67,7 +68,7 @@ def _task_constructor_problems(task: str, options: dict) -> list[str]:
 
 def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters the task's constructor takes, by name; None for a task this cannot tell."""
-    if task.lower().endswith(DATA_SUFFIXES):
+    if is_data_source(task):
         target = tasks.DatasetTask
     elif task == "arithmetic":  # arithmetic_task(**options) passes them on to ArithmeticTask
         target = tasks.ArithmeticTask

@@ -9,6 +9,7 @@ from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.tasks.code import CodeFileTask, CodeTask, code_task
 from r1lab.rewards.tasks.countdown import CountdownTask
 from r1lab.rewards.tasks.dataset import DatasetError, DatasetTask
+from r1lab.rewards.tasks.hf_datasets import is_datasets_source
 
 
 def arithmetic_task(**options: Any) -> ArithmeticTask:
@@ -23,14 +24,20 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def get_task(spec: str, **options: Any) -> Task:
-    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path."""
+    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
+    `datasets` save_to_disk directory or a hub dataset name (owner/name)."""
     if spec in TASKS:
         return TASKS[spec](**options)
-    if spec.lower().endswith(DATA_SUFFIXES):
+    if is_data_source(spec):
         return DatasetTask(spec, **options)
-    raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, "
-                     f"or a data file path ending in {', '.join(DATA_SUFFIXES)}")
+    raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, a data file path ending in "
+                     f"{', '.join(DATA_SUFFIXES)}, a datasets directory or a hub dataset name (owner/name)")
 
 
-__all__ = ["TASKS", "ArithmeticTask", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",
+def is_data_source(spec: str) -> bool:
+    """A data file's path, a `datasets` save_to_disk directory, or a hub dataset name."""
+    return spec.lower().endswith(DATA_SUFFIXES) or is_datasets_source(spec)
+
+
+__all__ = ["TASKS", "ArithmeticTask", "is_data_source", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",
            "Problem", "Task", "get_task"]

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message lists each bad row as file:line: problem."""
+
+
 @dataclass
 class Problem:
     prompt: str  # the question, inserted into the chat/R1 template

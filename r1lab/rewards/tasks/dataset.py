@@ -16,17 +16,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from r1lab.rewards.tasks.base import Problem
+from r1lab.rewards.tasks import hf_datasets
+from r1lab.rewards.tasks.base import DatasetError, Problem
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
 ANSWER_FIELDS = ("answer", "solution", "final_answer")
 MAX_REPORTED_ERRORS = 10
 _STALE_DRAWS = 10_000  # draws without a new problem after which a generator's space counts as exhausted
 _SPLITS = ("train", "test")
-
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message lists each bad row as file:line: problem."""
 
 
 def raise_row_errors(path: Path, errors: list[str]) -> None:
@@ -270,24 +267,37 @@ class DatasetTask:
     file), else the test_fraction of path's rows picked by a stable hash of the prompt."""
 
     def __init__(self, path: str | Path, prompt_field: str | None = None, answer_field: str | None = None,
-                 test_fraction: float = 0.1, eval_data: str | Path | None = None) -> None:
+                 test_fraction: float = 0.1, eval_data: str | Path | None = None, subset: str | None = None) -> None:
         self.path = Path(path)
         self.name = self.path.stem
         self.test_fraction = test_fraction
         self.eval_path = Path(eval_data) if eval_data else None
         self._given_fields = (prompt_field, answer_field)
-        self.rows = self._load(self.path)
-        self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        if hf_datasets.is_datasets_source(str(path)):  # a save_to_disk directory or a hub name
+            train, test, train_name, test_name = hf_datasets.pick_splits(hf_datasets.load_splits(str(path), subset),
+                                                                         str(path))
+            self.rows = self._load(Path(f"{path}[{train_name}]"), hf_datasets.dataset_rows(train))
+            if test is not None and self.eval_path is None:
+                self.eval_path = Path(f"{path}[{test_name}]")
+                self.eval_rows = self._load(self.eval_path, hf_datasets.dataset_rows(test))
+            else:
+                self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        else:
+            if subset is not None:
+                raise DatasetError(f"{path}: task option subset is for hub datasets, not data files")
+            self.rows = self._load(self.path)
+            self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
         self._splits = self._split_rows()
 
-    def _load(self, path: Path) -> list[Problem]:
-        if not path.is_file():
+    def _load(self, path: Path, rows: Iterator | None = None) -> list[Problem]:
+        """Problems from a data file's rows (or the given rows, named path:row)."""
+        if rows is None and not path.is_file():
             raise DatasetError(f"{path}: file not found")
         # Fields as given, else detected on this file's first row (so an eval file may name its columns its way).
         self._prompt_field, self._answer_field = self._given_fields
         problems: list[Problem] = []
         errors: list[str] = []
-        for number, row, error in _rows(path):
+        for number, row, error in rows if rows is not None else _rows(path):
             if error is None:
                 problem, error = self._problem(number, row)
                 if problem is not None:

@@ -1,0 +1,70 @@
+"""`--task` from Hugging Face `datasets`: a directory written by `save_to_disk` (read with `load_from_disk`), or a
+hub dataset name such as `openai/gsm8k` (read with `load_dataset`, from the local cache when offline). The rows then
+go through the same checks as a data file's, named `SOURCE[split]:ROW`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from r1lab.rewards.tasks.base import DatasetError
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, as the hub spells repository ids
+SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+TRAIN_SPLITS, TEST_SPLITS = ("train",), ("test", "validation")
+
+
+def is_datasets_source(spec: str) -> bool:
+    """A save_to_disk directory, or (where no such path exists) a hub name owner/name."""
+    path = Path(spec)
+    if path.is_dir():
+        return any((path / marker).exists() for marker in SAVED_MARKERS)
+    return bool(HUB_NAME.match(spec)) and not path.exists()
+
+
+def load_splits(spec: str, subset: str | None = None) -> dict[str, Any]:
+    """The dataset's splits by name ({"train": dataset} for a single saved Dataset)."""
+    datasets = _import_datasets()
+    if Path(spec).is_dir():
+        loaded = datasets.load_from_disk(spec)
+    else:
+        try:
+            loaded = datasets.load_dataset(spec, subset)
+        except Exception as err:  # noqa: BLE001 - offline, unknown name, gated: one line saying what to do
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise DatasetError(
+                f"{spec}: no such local path, and it could not be loaded as a hub dataset ({reason}). Without a connection it must already be in the "
+                f"datasets cache: download it where there is one (python -c \"import datasets; "
+                f"datasets.load_dataset('{spec}'{', ' + repr(subset) if subset else ''})\"), or save it with "
+                f"save_to_disk and pass that directory") from None
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def pick_splits(splits: dict[str, Any], spec: str) -> tuple[Any, Any | None, str, str | None]:
+    """(train rows, test rows or None, their split names): "train" (or the only split) trains; "test" or
+    "validation", where there is one, is the held-out set."""
+    train_name = next((n for n in TRAIN_SPLITS if n in splits), None)
+    if train_name is None:
+        if len(splits) != 1:
+            raise DatasetError(f"{spec}: no 'train' split among {', '.join(splits)}: save the one to train on as "
+                               "'train'")
+        train_name = next(iter(splits))
+    test_name = next((n for n in TEST_SPLITS if n in splits and n != train_name), None)
+    return splits[train_name], splits[test_name] if test_name else None, train_name, test_name
+
+
+def dataset_rows(dataset: Any) -> Iterator[tuple[int, Any, str | None]]:
+    """(row number from 1, row, None) for each row, as a data file's reader yields them."""
+    for number, row in enumerate(dataset, 1):
+        yield number, dict(row), None
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError("--task names a Hugging Face dataset, which needs the datasets package: "
+                           "pip install 'r1lab[datasets]'") from None
+    return datasets
