@@ -124,6 +124,8 @@ class TrainingMemory(Group):  # precision and recomputation: what a training ste
 
 class TrainerRun(Group):  # what grpo and sft share after their own settings: resuming, where they run, LoRA, torchrun
     resume: bool = setting(False, "continue from the newest intact checkpoint in out")
+    report_to: str = setting("tensorboard", "experiment trackers besides metrics.jsonl, comma-separated: tensorboard, "
+                                            "wandb, trackio, mlflow; or none", rule="report_to")
     allow_config_change: bool = setting(False, "resume with settings that change the run (recorded in "
                                                "config_changes.jsonl)")
     seed: int = SEED

@@ -36,7 +36,7 @@ from r1lab.train.checkpoint import save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.train.logprobs import LOGITS_CHUNK_BYTES, idle_pass, token_logprobs, training_precision
-from r1lab.train.metrics import MetricsLogger, save_samples, training_progress
+from r1lab.train.metrics import MetricsLogger, open_metrics, save_samples, training_progress
 from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
                                    token_weights, uniform_groups)
 from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr
@@ -89,7 +89,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}"
         + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
     step, trained_s = start, 0.0
-    logger = MetricsLogger(run, resume_step=start) if world.main else Silent()
+    logger = open_metrics(run, cfg, start) if world.main else Silent()
     with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:

@@ -6,6 +6,7 @@ with a warning when it is not installed. Used by `r1lab grpo`, `r1lab sft`, `r1l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -83,8 +84,10 @@ class MetricsLogger:
     Pass `resume_step` (or call `truncate_after`) when resuming, so steps after the checkpoint are not duplicated.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
+                 trackers: Iterable[Any] = ()) -> None:
         self.run_dir = Path(run_dir)
+        self.trackers = list(trackers)  # r1lab/train/trackers.py: W&B, trackio, MLflow
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.eval_path = self.run_dir / EVAL_FILE
@@ -121,14 +124,19 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def _scalars(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
+        scalars = {prefix + key: float(value) for key, value in metrics.items() if _is_number(value)}
+        for tracker in self.trackers:
+            tracker.log(int(step), scalars)
         writer = self._tb()
         if writer is None:
             return
-        for key, value in metrics.items():
-            if _is_number(value):
-                writer.add_scalar(prefix + key, float(value), int(step))
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, int(step))
 
     def _tb(self) -> Any:
         if not self._tb_wanted:
@@ -143,6 +151,15 @@ class MetricsLogger:
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self._purge_step,
                                          flush_secs=10)
         return self._writer
+
+
+def open_metrics(run_dir: Path, cfg: Any, resume_step: int) -> MetricsLogger:
+    """A training run's MetricsLogger with the trackers of cfg.report_to, each given the run's whole config."""
+    from r1lab.train.trackers import open_trackers, parse_report_to
+
+    names = parse_report_to(cfg.report_to)
+    return MetricsLogger(run_dir, tensorboard="tensorboard" in names, resume_step=resume_step,
+                         trackers=open_trackers(names, run_dir, dataclasses.asdict(cfg)))
 
 
 def save_samples(run_dir: Path, step: int, records: Iterable[dict]) -> Path:

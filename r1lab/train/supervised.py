@@ -27,7 +27,7 @@ from r1lab.train.backward_step import BackwardStep, check_one_process
 from r1lab.train.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
-from r1lab.train.metrics import MetricsLogger, training_progress
+from r1lab.train.metrics import open_metrics, training_progress
 from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sft_data import ChatFields, SFTData, build_sft_data, read_conversations
@@ -69,7 +69,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
         f"{summary['dropped_too_long']} of {summary['rows']} dropped as longer than max_len {cfg.max_len}; "
         f"{summary['target_tokens']} target tokens of {summary['tokens']}; {steps} steps of {cfg.batch_size} "
         f"conversations = {steps * cfg.batch_size / len(data.train_docs):.2f} epochs")
-    logger = MetricsLogger(run, resume_step=start) if world.main else Silent()
+    logger = open_metrics(run, cfg, start) if world.main else Silent()
     with logger, training_progress(steps, start) if world.main else Silent() as bar:
         if data.eval_docs and start == 0:
             _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training

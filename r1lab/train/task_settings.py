@@ -16,7 +16,9 @@ from r1lab.rewards.language import TARGETS
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task, is_data_source
 from r1lab.rewards.user_functions import load_reward_function
 from r1lab.suggest import did_you_mean
+from r1lab.train.trackers import REPORTERS, report_to_problem
 
+RULES["report_to"] = (report_to_problem, f"a comma-separated list of {', '.join(REPORTERS)}, or none")
 TASKS_ALLOWED = (f"a built-in task ({', '.join(sorted(TASKS))}), a data file ending in {', '.join(DATA_SUFFIXES)}, "
                  "a datasets save_to_disk directory or a hub dataset name (owner/name)")
 LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
