@@ -76,6 +76,25 @@ def load_reward_function(spec: str) -> RewardFunction:
     return fn
 
 
+def callable_spec(fn: Callable) -> str:
+    """The "module:function" (or "script.py:function") spec by which the reward workers import fn; ValueError for a
+    function they cannot reach by name."""
+    if not callable(fn):
+        raise ValueError(f"reward function {fn!r}: not callable")
+    name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
+    if not name.isidentifier() or module is None:
+        raise ValueError(f"reward function {name or fn!r}: r1lab's reward workers import a function by name, so it must "
+                         "be defined with def at the top level of a module or script (not a lambda, a nested "
+                         "function or a method)")
+    if module == "__main__":
+        script = getattr(sys.modules["__main__"], "__file__", None)
+        if not script or not script.endswith(".py"):
+            raise ValueError(f"reward function {name!r}: defined in an interactive session, which the reward workers "
+                             "cannot import: put it in a .py file and import it from there")
+        return f"{Path(script).resolve()}:{name}"
+    return f"{module}:{name}"
+
+
 def _import(spec: str, module: str):
     try:
         return importlib.import_module(module)
