@@ -20,7 +20,7 @@ def test_import_r1lab_stays_light():
     assert out.stdout.split() == ["False", "False"]
     assert callable(r1lab.grpo) and callable(r1lab.sft) and callable(r1lab.evaluate)
     with pytest.raises(AttributeError):
-        r1lab.train
+        r1lab.no_such_api
 
 
 def test_grpo_with_a_reward_callable_from_a_module(tiny_base, tmp_path, monkeypatch):

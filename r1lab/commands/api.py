@@ -15,12 +15,16 @@ function or one typed into a notebook is refused with what to do instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from r1lab.config import EvalConfig, GRPOConfig, SFTConfig
 from r1lab.rewards.user_functions import callable_spec
 from r1lab.suggest import did_you_mean
+from r1lab.train.evaluate import run_eval
+from r1lab.train.grpo import train
+from r1lab.train.supervised import sft as run_sft
 
 Rewards = Iterable[Callable] | Iterable[tuple[Callable, float]] | Mapping[Callable, float]
 
@@ -28,8 +32,6 @@ Rewards = Iterable[Callable] | Iterable[tuple[Callable, float]] | Mapping[Callab
 def grpo(config: GRPOConfig | Mapping[str, Any] | None = None, *, rewards: Rewards = (), **settings: Any) -> Path:
     """GRPO as `r1lab grpo` runs it, with `rewards` (callables, (callable, weight) pairs or {callable: weight}; weight
     1.0 by default) added to the built-in rewards and to config.reward_functions; returns the final model's directory."""
-    from r1lab.train.grpo import train
-
     cfg = _settings(GRPOConfig, config, settings)
     added = {callable_spec(fn): float(weight) for fn, weight in _weighted(rewards)}
     return train(dataclasses.replace(cfg, reward_functions={**cfg.reward_functions, **added}))
@@ -37,17 +39,11 @@ def grpo(config: GRPOConfig | Mapping[str, Any] | None = None, *, rewards: Rewar
 
 def sft(config: SFTConfig | Mapping[str, Any] | None = None, **settings: Any) -> Path:
     """Supervised fine-tuning as `r1lab sft` runs it; returns the final model's directory."""
-    from r1lab.train.supervised import sft as run_sft
-
     return run_sft(_settings(SFTConfig, config, settings))
 
 
 def evaluate(config: EvalConfig | Mapping[str, Any] | None = None, **settings: Any) -> dict:
     """The evaluation `r1lab eval` runs (printed and saved as it saves it); returns its figures."""
-    import json
-
-    from r1lab.train.evaluate import run_eval
-
     cfg = _settings(EvalConfig, config, settings)
     path = run_eval(cfg)
     return json.loads(Path(path).read_text())[cfg.split]

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from r1lab.train.trackers import open_trackers, parse_report_to
+
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 
@@ -155,8 +157,6 @@ class MetricsLogger:
 
 def open_metrics(run_dir: Path, cfg: Any, resume_step: int) -> MetricsLogger:
     """A training run's MetricsLogger with the trackers of cfg.report_to, each given the run's whole config."""
-    from r1lab.train.trackers import open_trackers, parse_report_to
-
     names = parse_report_to(cfg.report_to)
     return MetricsLogger(run_dir, tensorboard="tensorboard" in names, resume_step=resume_step,
                          trackers=open_trackers(names, run_dir, dataclasses.asdict(cfg)))

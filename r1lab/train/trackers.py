@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from r1lab.suggest import did_you_mean
+
 REPORTERS = ("tensorboard", "wandb", "trackio", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 IDS_FILE = "trackers.json"
@@ -29,8 +31,6 @@ def parse_report_to(value: str) -> list[str]:
 
 def report_to_problem(value: str) -> str | None:
     """What is wrong with a --report-to value: an unknown name, or a tracker whose package is not installed."""
-    from r1lab.suggest import did_you_mean
-
     names = parse_report_to(value)
     if "none" in names:
         return "'none' cannot be combined with trackers"
