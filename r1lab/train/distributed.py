@@ -88,6 +88,12 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def any(self, flag: bool) -> bool:
+        """Whether flag is true on any rank (every rank must call it)."""
+        if not self.distributed:
+            return flag
+        return bool(self._all_reduce(torch.tensor([float(flag)])).item() > 0)
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -42,6 +42,7 @@ from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_
 from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
+from r1lab.train.stopping import RunStopped, StopOnInterrupt
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.train.task_settings import check_settings
 
@@ -88,24 +89,36 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
         f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}"
         + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
-    step, trained_s = start, 0.0
+    done, trained_s, saved = start, 0.0, {start} if start else set()
+
+    def checkpoint(steps_done: int) -> Path:
+        """The checkpoint after steps_done steps, saved once."""
+        if steps_done not in saved:
+            save_checkpoint(run, steps_done, model, tokenizer, optimizer, world=world,
+                            adapter_base=cfg.model if lora else None)
+            saved.add(steps_done)
+        return run / "checkpoints" / f"step_{steps_done:06d}"
+
     logger = open_metrics(run, cfg, start) if world.main else Silent()
-    with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar:
+    with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0:
-                save_checkpoint(run, step + 1, model, tokenizer, optimizer, world=world,
-                                adapter_base=cfg.model if lora else None)
+            done = step + 1
+            if cfg.save_every and done % cfg.save_every == 0:
+                checkpoint(done)
+            if stop.requested(world):
+                raise RunStopped(done, checkpoint(done))
             trained_s += metrics["step_time_s"]  # evaluations and checkpoints do not count against the budget
             if cfg.time_limit_s and trained_s >= cfg.time_limit_s:
                 log(f"grpo: time limit of {cfg.time_limit_s:.0f} s of training reached after {step + 1} steps")
                 break
+        checkpoint(done)  # the last step's, so that a longer run (--steps more, --resume) can go on from it
         if cfg.eval_every:
-            heldout(logger, run, step + 1, engine, task, eval_cfg, eval_problems, log, world)
+            heldout(logger, run, done, engine, task, eval_cfg, eval_problems, log, world)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
 

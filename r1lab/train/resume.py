@@ -16,7 +16,7 @@ from r1lab.config import save_config
 from r1lab.engine.sampling import step_seed
 from r1lab.model.hf_format import save_model
 from r1lab.model.lora import merge_lora, save_adapter
-from r1lab.train.checkpoint import (RESUME_FREE_FIELDS, check_config_change, checkpoint_step, find_resume_checkpoint,
+from r1lab.train.checkpoint import (RESUME_FREE_FIELDS, CheckpointError, check_config_change, checkpoint_step, find_resume_checkpoint,
                                     load_checkpoint, update_run_config)
 from r1lab.train.distributed import World
 from r1lab.train.sharding import full_state_dict
@@ -47,12 +47,17 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
     A damaged newer checkpoint is named and skipped; settings that differ from the run's (other than `free` ones)
     are refused with the difference, before anything is loaded, unless cfg.allow_config_change. Under torchrun,
     rank 0 chooses and checks; every rank loads (the checkpoint may come from another number of ranks)."""
-    if not cfg.resume:
+    mode = {True: "true", False: "false"}.get(cfg.resume, cfg.resume)  # a config edited after it was made
+    if mode == "false":
         return 0
     ckpt = None
     if world.main and (ckpt := find_resume_checkpoint(run, log)) is not None:
         check_config_change(run, dataclasses.asdict(cfg), checkpoint_step(ckpt), cfg.allow_config_change, free)
     if (ckpt := world.broadcast(ckpt)) is None:
+        if mode == "true":
+            raise CheckpointError(f"--resume true: {run / 'checkpoints'} holds no checkpoint to resume from "
+                                  "(--resume auto starts afresh where there is none)")
+        log(f"--resume auto: no checkpoint in {run / 'checkpoints'}: starting at step 1")
         return 0
     start = load_checkpoint(ckpt, model, optimizer)
     log(f"resumed from {ckpt} (step {start})")

@@ -30,6 +30,7 @@ from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
 from r1lab.train.metrics import open_metrics, training_progress
 from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
+from r1lab.train.stopping import RunStopped, StopOnInterrupt
 from r1lab.train.sft_data import ChatFields, SFTData, build_sft_data, read_conversations
 from r1lab.train.sharding import is_sharded, shard_model
 
@@ -70,7 +71,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
         f"{summary['target_tokens']} target tokens of {summary['tokens']}; {steps} steps of {cfg.batch_size} "
         f"conversations = {steps * cfg.batch_size / len(data.train_docs):.2f} epochs")
     logger = open_metrics(run, cfg, start) if world.main else Silent()
-    with logger, training_progress(steps, start) if world.main else Silent() as bar:
+    with logger, training_progress(steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop:
         if data.eval_docs and start == 0:
             _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
         train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
@@ -79,7 +80,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
                  moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
                  optimizer_in_backward=cfg.optimizer_in_backward,
-                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
+                 on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world, stop))
     _add_stop_tokens(model, tokenizer, data.closers, log)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
@@ -246,17 +247,21 @@ def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int,
 
 
 def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer, optimizer, data: SFTData,
-               logger, bar, world: World = World()) -> StepCallback:
-    """What runs after each SFT step: metrics file, progress bar, held-out loss, checkpoints."""
+               logger, bar, world: World, stop: StopOnInterrupt) -> StepCallback:
+    """What runs after each SFT step: metrics file, progress bar, held-out loss, checkpoints (every save_every
+    steps, after the last step, and when a Ctrl-C stops the run)."""
 
     def on_step(step: int, metrics: dict) -> None:
         logger.log(step, metrics)
         bar.update(step, metrics)
         if data.eval_docs and (step % cfg.eval_every == 0 or step == steps):
             _log_heldout(logger, step, model, data, tokenizer.pad_id, cfg, world)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world,
-                            adapter_base=cfg.model if cfg.lora_rank else None)
+        stopping = stop.requested(world)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or stopping:
+            path = save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world,
+                                   adapter_base=cfg.model if cfg.lora_rank else None)
+            if stopping and step < steps:
+                raise RunStopped(step, path)
 
     return on_step
 

@@ -1,0 +1,54 @@
+"""A clean stop on Ctrl-C: the first SIGINT lets the current step finish, a checkpoint is saved, and the command ends
+with one line and exit status 130 (RunStopped, reported by r1lab/cli.py); a second SIGINT stops at once.
+
+Under torchrun every rank must save the same checkpoint step, so the ranks agree after each step: any rank that was
+interrupted stops them all.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from r1lab.train.distributed import World
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+class RunStopped(Exception):
+    """The run stopped early on request, its last step checkpointed."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by Ctrl-C after step {step}; checkpoint {checkpoint}; continue with --resume true")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopOnInterrupt:
+    """Within it, SIGINT asks the run to stop after its step instead of raising KeyboardInterrupt mid-step."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_interrupt(self, signum, frame) -> None:
+        if self.asked:  # the second Ctrl-C: now
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nr1lab: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def requested(self, world: World = World()) -> bool:
+        """Whether any rank was interrupted (a collective under torchrun: every rank calls it after each step)."""
+        return world.any(self.asked)

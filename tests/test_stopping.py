@@ -1,0 +1,91 @@
+"""Stopping and resuming as users do it: Ctrl-C finishes the step, saves a checkpoint and exits 130 without a
+traceback (a second Ctrl-C at once); every run ends with a checkpoint; --resume true without one is an error naming
+the directory, --resume auto starts afresh."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from r1lab.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grpo_argv(model, out, steps=200):
+    return ["grpo", "--model", str(model), "--steps", str(steps), "--prompts-per-step", "2", "--samples-per-prompt",
+            "2", "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "0", "--out", str(out),
+            "--device", "cpu", "--threads", "1"]
+
+
+def start(argv):
+    return subprocess.Popen([sys.executable, "-m", "r1lab", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def wait_for_steps(out: Path, n: int, process, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_goes_on(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    process = start(grpo_argv(tiny_base, out))
+    wait_for_steps(out, 2, process)
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.monotonic() - sent < 30, err
+    assert "Traceback" not in err and "stopped by Ctrl-C after step" in err, err
+    step = int(err.split("stopped by Ctrl-C after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert not (out / "model").exists()  # a stopped run is not a finished one
+    main([*grpo_argv(tiny_base, out, steps=step + 1), "--resume", "true"])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 2)) and (out / "model").exists()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tiny_base, tmp_path):
+    out = tmp_path / "run"
+    process = start(grpo_argv(tiny_base, out))
+    wait_for_steps(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+
+
+def test_every_run_ends_with_a_checkpoint_and_resume_true_needs_one(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(grpo_argv(tiny_base, out, steps=2))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002"]
+    empty = tmp_path / "empty"
+    with pytest.raises(SystemExit) as stopped:
+        main([*grpo_argv(tiny_base, empty, steps=1), "--resume", "true"])
+    assert stopped.value.code == 2
+    assert f"{empty / 'checkpoints'} holds no checkpoint" in capsys.readouterr().err
+    main([*grpo_argv(tiny_base, empty, steps=1), "--resume", "auto"])
+    assert "--resume auto: no checkpoint" in capsys.readouterr().out
+    assert (empty / "model").exists()
+
+
+def test_sft_ends_with_a_checkpoint(tiny_base, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{n}+1", "completion": f" <answer>{n + 1}</answer>"}) + "\n"
+                            for n in range(8)))
+    out = tmp_path / "sft"
+    main(["sft", "--model", str(tiny_base), "--data", str(data), "--steps", "3", "--batch-size", "2", "--out", str(out),
+          "--device", "cpu"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
