@@ -174,14 +174,15 @@ def _is_disk_full(err: BaseException, directory: Path) -> bool:
     pending, seen = [err], set()
     while pending:
         e = pending.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if (isinstance(e, OSError) and e.errno in _NO_SPACE) or any(t in str(e) for t in _NO_SPACE_TEXTS):
             return True
+        pending += [e.__cause__, e.__context__]
         failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
-        reported = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else []
-        pending += [e.__cause__, e.__context__, *(r for r in reported if isinstance(r, BaseException))]
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
     if isinstance(err, (KeyboardInterrupt, SystemExit)):
         return False
     return shutil.disk_usage(_existing(directory)).free < _FULL_BELOW
