@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
 import yaml
 
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM
+import r1lab.train.checkpoint as checkpoint_module
 from r1lab.train.checkpoint import (CHANGES_FILE, MANIFEST_FILE, STATE_FILE, CheckpointError, ConfigChangeError,
-                                    check_config_change, checkpoint_step, effective_config, find_resume_checkpoint,
-                                    latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
-                                    update_run_config)
+                                    DiskFullError, check_config_change, checkpoint_problem, checkpoint_step,
+                                    effective_config, find_resume_checkpoint, latest_checkpoint, list_checkpoints,
+                                    load_checkpoint, save_checkpoint, update_run_config)
+from r1lab.train.resume import save_final
 
 
 def tiny_model(hidden: int = 32) -> CausalLM:
@@ -137,6 +143,79 @@ def test_saves_rotate_and_leftover_temporary_directories_are_ignored(run):
     model = tiny_model()
     save_checkpoint(run, 8, model, build_tiny_tokenizer(), trained(model))
     assert [p.name for p in list_checkpoints(run)] == ["step_000004", "step_000008"]
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def no_space(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def safetensors_no_space(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:  # part of the file made it to the disk, as it does when the disk fills up
+        f.write(b"\0" * 64)
+    raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                      'message: "No space left on device" })')
+
+
+def torch_save_no_space(obj, path, *args, **kwargs):
+    with open(path, "wb") as f:
+        f.write(b"PK")
+    raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")  # says nothing of why
+
+
+def dcp_no_space(*_args, **_kwargs):
+    try:
+        no_space()
+    except OSError as err:  # torch.distributed.checkpoint reports each rank's failure in one BaseException
+        raise dcp.api.CheckpointException("save failed", {0: (err, None)}) from None
+
+
+@pytest.mark.parametrize("where", ["safetensors", "torch.save", "optimizer", "manifest"])
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(run, monkeypatch, where):
+    before = {p.name: p.read_bytes() for p in step_dir(run, 4).iterdir() if p.is_file()}
+    if where == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", safetensors_no_space)
+    elif where == "torch.save":  # torch.save's error does not say the disk is full: the free space does
+        monkeypatch.setattr(checkpoint_module.torch, "save", torch_save_no_space)
+        monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    elif where == "optimizer":
+        monkeypatch.setattr(checkpoint_module.dcp, "save", dcp_no_space)
+    else:
+        monkeypatch.setattr(checkpoint_module, "write_manifest", no_space)
+    model = tiny_model()
+    with pytest.raises(DiskFullError) as info:
+        save_checkpoint(run, 6, model, build_tiny_tokenizer(), trained(model))
+    message = str(info.value)
+    assert "\n" not in message and str(step_dir(run, 6)) in message and "needs about" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]  # no .tmp
+    assert {p.name: p.read_bytes() for p in step_dir(run, 4).iterdir() if p.is_file()} == before
+    assert checkpoint_problem(step_dir(run, 4)) is None and latest_checkpoint(run) == step_dir(run, 4)
+
+
+def test_another_failure_while_saving_is_raised_as_it_is_and_cleaned_up(run, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(checkpoint_module, "write_manifest", broken)
+    model = tiny_model()
+    with pytest.raises(PermissionError):
+        save_checkpoint(run, 6, model, build_tiny_tokenizer(), trained(model))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_the_final_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    model = tiny_model()
+    save_final(model, build_tiny_tokenizer(), tmp_path, adapter_base=None)
+    saved = (tmp_path / "model" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_no_space)
+    with pytest.raises(DiskFullError, match="no space left"):
+        save_final(model, build_tiny_tokenizer(), tmp_path, adapter_base=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no model.tmp
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == saved  # the earlier model, unchanged
 
 
 # ---------------------------------------------------------------- settings on resume

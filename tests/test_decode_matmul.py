@@ -1,8 +1,12 @@
 """The CPU decode kernel (r1lab/cpu/decode_kernel.py): the same products as torch's, used only where autograd does not
 need them, and a clear fallback where it cannot be built."""
 
+import os
 import shutil
+import stat
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from r1lab.cpu import decode_kernel as decode_matmul
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.transformer import CausalLM, KVCache
 
+REPO = Path(__file__).resolve().parents[1]
 HAS_COMPILER = sys.platform.startswith("linux") and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 
@@ -162,3 +167,118 @@ def test_a_decode_step_gives_torchs_logits(monkeypatch):
     with_kernel = step_logits()
     monkeypatch.setitem(decode_matmul._loaded, "kernel", None)
     torch.testing.assert_close(with_kernel, step_logits(), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- a build cache nobody else can plant a library in
+
+STAND_IN = """extern "C" void few_rows_linear(const float *x, const float *w, const float *b, float *y, long rows,
+                                long n_out, long k, int threads) {
+    for (long r = 0; r < rows; r++)
+        for (long o = 0; o < n_out; o++) {
+            float s = b ? b[o] : 0.0f;
+            for (long i = 0; i < k; i++) s += x[r * k + i] * w[o * k + i];
+            y[r * n_out + o] = s;
+        }
+}
+"""  # the kernel's signature in a few lines: builds in a second where the real one takes many
+
+
+@pytest.fixture
+def caches(monkeypatch, tmp_path):
+    """torch's build cache (TORCH_EXTENSIONS_DIR) and r1lab's private one, both fresh; the kernel not loaded yet,
+    built from the stand-in source."""
+    shared, home = tmp_path / "shared", tmp_path / "home-cache"
+    shared.mkdir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    monkeypatch.setattr(decode_matmul, "_loaded", {})
+    source = tmp_path / "stand_in.cpp"
+    source.write_text(STAND_IN)
+    monkeypatch.setattr(decode_matmul, "SOURCE", source)
+    monkeypatch.setattr(decode_matmul, "FLAGS", ["-O1", "-fopenmp"])
+    return shared, home / "r1lab" / "torch_extensions"
+
+
+def compiled(path, source: str) -> None:
+    """path replaced by a shared library built from C++ source, as someone else might plant it."""
+    src = path.with_name("planted.cpp")
+    src.write_text(source)
+    subprocess.run([shutil.which("c++") or "g++", "-shared", "-fPIC", "-o", str(path), str(src)], check=True)
+    src.unlink()
+
+
+def built_in_another_process(tag: str) -> Path:
+    """The stand-in kernel built and loaded by another r1lab process (this one's torch has not seen it, as at the
+    start of a run): its library, which ninja's records say is up to date."""
+    code = (f"import r1lab.cpu.decode_kernel as k; k.SOURCE = k.Path({str(decode_matmul.SOURCE)!r}); "
+            f"k.FLAGS = {decode_matmul.FLAGS!r}; k.cpu_tag = lambda: {tag!r}; assert k.available()")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    [library] = Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob(f"r1lab_decode_{tag}/*.so")
+    return library
+
+
+def test_a_cache_others_can_write_to_is_refused_for_a_private_one(caches, monkeypatch):
+    shared, private = caches
+    shared.chmod(0o777)  # e.g. a TORCH_EXTENSIONS_DIR under /tmp made by someone with umask 0
+    with pytest.warns(RuntimeWarning) as said:
+        directory = decode_matmul.build_directory("r1lab_decode_x")
+    [line] = [str(w.message) for w in said]
+    assert f"{shared} is writable by other users (mode 777)" in line
+    assert f"built in {private / 'r1lab_decode_x'} instead" in line
+    assert directory == (private / "r1lab_decode_x").resolve() and stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("what", ["a group-writable file", "a sticky world-writable parent", "another user's file"])
+def test_what_is_safe_and_what_is_not(caches, what):
+    shared, _ = caches
+    directory = shared / "r1lab_decode_x"
+    directory.mkdir(mode=0o700)
+    planted = directory / "r1lab_decode_x.so"
+    planted.write_bytes(b"")
+    if what == "a group-writable file":
+        planted.chmod(0o664)
+        assert "is writable by other users (mode 664)" in decode_matmul.planting_risk(directory)
+    elif what == "a sticky world-writable parent":  # as /tmp: nobody can move or replace another's entry there
+        shared.chmod(0o1777)
+        assert decode_matmul.planting_risk(directory) is None
+    else:
+        if os.getuid() != 0:
+            pytest.skip("only root can give a file to another user")
+        os.chown(planted, 65534, 65534)
+        assert "belongs to another user (uid 65534)" in decode_matmul.planting_risk(directory)
+
+
+def test_with_no_safe_cache_decode_takes_torchs_path_with_one_line(caches, monkeypatch):
+    shared, private = caches
+    shared.chmod(0o777)
+    private.parent.parent.mkdir(parents=True)
+    private.parent.parent.chmod(0o777)
+    with pytest.warns(RuntimeWarning, match="not available .*no safe build cache") as said:
+        assert not decode_matmul.available()
+    assert len(said) == 1 and not list(shared.rglob("*.so")) and not list(private.parent.parent.rglob("*.so"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("planted", ["wrong symbols", "truncated"])
+def test_a_foreign_or_corrupt_library_is_rebuilt_once(caches, monkeypatch, planted):
+    tag = f"planted-{planted.split()[0]}"  # a library this process has never built
+    library = built_in_another_process(tag)
+    if planted == "wrong symbols":  # loaded as it was, it would end the run with an AttributeError
+        compiled(library, 'extern "C" void not_the_kernel() {}\n')
+    else:  # loaded as it was, dlopen would fail, every run
+        library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+    monkeypatch.setattr(decode_matmul, "cpu_tag", lambda: tag)
+    expected = "does not define few_rows_linear" if planted == "wrong symbols" else "is not a readable shared library"
+    with pytest.warns(RuntimeWarning, match=f"cached CPU decode kernel .* {expected}.*; rebuilding it$"):
+        assert decode_matmul.available()
+    assert decode_matmul.library_problem(library) is None  # rebuilt in place
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    torch.testing.assert_close(decode_matmul.linear(x, w, None), x @ w.t())  # and it is the kernel that runs
+
+
+@needs_kernel
+def test_a_library_still_wrong_after_the_rebuild_leaves_torchs_path(caches, monkeypatch):
+    monkeypatch.setattr(decode_matmul, "cpu_tag", lambda: "never-right")
+    monkeypatch.setattr(decode_matmul, "library_problem", lambda path: "does not define few_rows_linear")
+    with pytest.warns(RuntimeWarning, match="not available .*does not define few_rows_linear after it was built"):
+        assert not decode_matmul.available()

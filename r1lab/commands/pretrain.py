@@ -37,7 +37,6 @@ from r1lab.engine.tools import ToolSpec, output_text
 from r1lab.model import moe
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.facts import architecture_facts
-from r1lab.model.hf_format import save_model
 from r1lab.model.templates import render_prompt
 from r1lab.model.tokenizer import Tokenizer, build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM
@@ -45,7 +44,9 @@ from r1lab.rewards.sandbox.runner import ProgramResult
 from r1lab.rewards.tasks import get_task
 from r1lab.rewards.tasks.arithmetic import ArithmeticTask, evaluate, render
 from r1lab.rewards.tasks.base import Problem
+from r1lab.train.memory_budget import check_supervised_memory
 from r1lab.train.optimizer import make_optimizer
+from r1lab.train.resume import save_final
 from r1lab.train.supervised import SUPERVISED_BETA2, lm_batch, train_lm
 
 GUESS_THOUGHT = "Easy."
@@ -167,6 +168,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     docs = tokenize_pairs(tokenizer, pairs)
     model = CausalLM(tiny_model_config(cfg, tokenizer))
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    check_supervised_memory(cfg, model, docs, torch.device("cpu"))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
@@ -175,8 +177,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
              micro_batch_size=cfg.micro_batch_size,
              optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
              moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight)
-    save_model(model, out / "model")
-    tokenizer.save(out / "model")
+    save_final(model, tokenizer, out, adapter_base=None)
     (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
     facts = {**architecture_facts(model), **expert_load(model, docs[:LOAD_DOCUMENTS], tokenizer.pad_id)}
     (out / ARCHITECTURE_FILE).write_text(json.dumps(facts, indent=2) + "\n")

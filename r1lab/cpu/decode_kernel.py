@@ -3,10 +3,15 @@ where it can be built, else torch's products in the orientation MKL streams fast
 
 Decoding reads every weight once per step for a handful of rows, so its speed is the rate at which the weights
 stream from memory; MKL's sgemm is built for products that reuse the matrix from cache, the kernel for streaming it
-(bench/README.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its cache,
-lock and compiler flags), for this CPU's vector instructions: the CPU is part of the library's name, so a cache
-shared by two machines holds one build each. Without a compiler or ninja, or with R1LAB_DECODE_KERNEL=0, decode
-takes torch's products, with a warning saying why in the first case.
+(bench/README.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its lock and
+compiler flags), for this CPU's vector instructions: the CPU is part of the library's name, so a cache shared by two
+machines holds one build each. Without a compiler or ninja, or with R1LAB_DECODE_KERNEL=0, decode takes torch's
+products, with a warning saying why in the first case.
+
+A library in the build cache runs inside r1lab, so the cache must be one nobody else can write to: torch's
+(TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) where it and its files are the user's and writable by no one
+else, else a private one (~/.cache/r1lab/torch_extensions), said in one line. A cached library is read with nm
+before it is loaded: one that is corrupt or lacks the kernel's symbols is rebuilt once, said in one line.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shutil
+import stat
+import subprocess
 import sys
 import threading
 import warnings
@@ -28,6 +36,8 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 SLICE_ROWS = 512  # rows of a weight slice in torch's path: 256-768 measured alike
 SLICED_MIN = 4 << 20  # parameters from which slices pay: below, a decode step is bound by per-call overheads
 _ARGTYPES = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+SYMBOLS = ("few_rows_linear",)  # what the library must define
+WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "kernel": the C function, or None once it could not be had
 
@@ -93,11 +103,12 @@ def _kernel():
 def _load():
     from torch.utils import cpp_extension  # imports setuptools: only where the kernel is built or loaded
 
+    name = f"r1lab_decode_{cpu_tag()}"
     try:
-        path = cpp_extension.load(name=f"r1lab_decode_{cpu_tag()}", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                                  extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        path = _checked_build(cpp_extension, name, build_directory(name))
         library = ctypes.CDLL(str(path))
-    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error: each one leaves torch's path
+        kernel = library.few_rows_linear
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a compile error, an unsafe cache: torch's path
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         warnings.warn(f"r1lab: the CPU decode kernel is not available ({reason}); decode uses torch's matrix "
                       f"products, which are slower", RuntimeWarning, stacklevel=4)
@@ -106,9 +117,107 @@ def _load():
         warnings.warn("r1lab: the CPU decode kernel would run a second OpenMP runtime beside torch's; decode uses "
                       "torch's matrix products", RuntimeWarning, stacklevel=4)
         return None
-    kernel = library.few_rows_linear
     kernel.argtypes, kernel.restype = _ARGTYPES, None
     return kernel
+
+
+def _checked_build(cpp_extension, name: str, directory: Path) -> Path:
+    """The kernel's library in directory, built (or rebuilt) by torch.utils.cpp_extension where needed. A cached
+    library is checked before torch loads it: a corrupt or foreign one is rebuilt from scratch, once."""
+    cached = directory / f"{name}.so"
+    if cached.exists() and (problem := library_problem(cached)) is not None:
+        warnings.warn(f"r1lab: the cached CPU decode kernel {cached} {problem}; rebuilding it", RuntimeWarning,
+                      stacklevel=5)
+        shutil.rmtree(directory)
+        directory.mkdir(mode=0o700)
+    path = Path(cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                                   build_directory=str(directory), is_python_module=False, verbose=False))
+    _withhold_write_from_others(directory)
+    if (problem := library_problem(path)) is not None:
+        raise RuntimeError(f"{path} {problem} after it was built")
+    return path
+
+
+def library_problem(path: Path) -> str | None:
+    """What is wrong with the shared library at path, or None when it defines SYMBOLS. Read with nm, not loaded:
+    loading a library runs its code."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return "cannot be checked: nm is missing (install binutils, which the C++ compiler comes with)"
+    flags = ["-D", "--defined-only"] if sys.platform.startswith("linux") else ["-g", "-U"]
+    try:
+        listed = subprocess.run([nm, *flags, str(path)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot be read by nm ({e})"
+    if listed.returncode:
+        said = (listed.stderr.strip().splitlines() or ["nm failed"])[-1].rsplit(": ", 1)[-1]  # after "nm: PATH: "
+        return f"is not a readable shared library ({said[:200]})"
+    defined = {line.split()[-1].removeprefix("_" if sys.platform == "darwin" else "")
+               for line in listed.stdout.splitlines() if line.split()}
+    missing = [symbol for symbol in SYMBOLS if symbol not in defined]
+    return f"does not define {', '.join(missing)}" if missing else None
+
+
+def build_directory(name: str) -> Path:
+    """The directory the kernel is built in and loaded from: torch's cache (TORCH_EXTENSIONS_DIR, else its per-user
+    one) where no one else can write to it, else r1lab's private cache, said in one line; RuntimeError where
+    neither is safe."""
+    from torch.utils import cpp_extension
+
+    shared_root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    directory, problem = _prepared(shared_root / name)
+    if problem is None:
+        return directory
+    private, private_problem = _prepared(private_cache_root() / name)
+    if private_problem is not None:
+        raise RuntimeError(f"no safe build cache: {problem}; {private_problem}")
+    warnings.warn(f"r1lab: {problem}, so another user could plant a library there; the CPU decode kernel is built in "
+                  f"{private} instead", RuntimeWarning, stacklevel=4)
+    return private
+
+
+def private_cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1lab" / "torch_extensions"
+
+
+def _prepared(directory: Path) -> tuple[Path, str | None]:
+    """directory, created (for this user only) if missing, and why another user could plant a library in it (None
+    if no one could)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = directory.resolve()
+        return directory, planting_risk(directory)
+    except OSError as e:
+        return directory, f"the build cache {directory} cannot be used ({e.strerror or e})"
+
+
+def planting_risk(directory: Path) -> str | None:
+    """Why someone other than this user could put a library into directory, or None. The directory and every entry
+    in it must be the user's and writable by no one else; each directory above it the user's or root's, and where
+    others may write to it, sticky (as /tmp is: no one can move or replace another's entry there)."""
+    uid = os.getuid()
+    for path in [directory, *directory.iterdir()]:
+        info = path.lstat()  # a link's own mode is rwx for all: refused, as the cache holds none of its own
+        if info.st_uid != uid:
+            return f"the build cache entry {path} belongs to another user (uid {info.st_uid})"
+        if info.st_mode & WRITABLE_BY_OTHERS:
+            return f"the build cache entry {path} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    for parent in directory.parents:
+        info = parent.stat()
+        if info.st_uid not in (uid, 0):
+            return f"the build cache's parent {parent} belongs to another user (uid {info.st_uid})"
+        if info.st_mode & WRITABLE_BY_OTHERS and not info.st_mode & stat.S_ISVTX:
+            return f"the build cache's parent {parent} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def _withhold_write_from_others(directory: Path) -> None:
+    """What the build wrote under a umask that lets others write (002), made writable by this user alone, so that
+    the next run finds the cache safe."""
+    for path in [directory, *directory.iterdir()]:
+        info = path.lstat()
+        if info.st_mode & WRITABLE_BY_OTHERS and not stat.S_ISLNK(info.st_mode):
+            path.chmod(stat.S_IMODE(info.st_mode) & ~WRITABLE_BY_OTHERS)
 
 
 def cpu_tag() -> str:

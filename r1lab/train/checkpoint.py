@@ -5,7 +5,9 @@ transformers as is), optimizer/ (the optimizer state in torch.distributed.checkp
 rank of a torchrun job and read back at any number of ranks, one included), trainer_state.pt (RNG states, step)
 and manifest.json (size and sha256 of every other file). It is written under a temporary name, the manifest last, and renamed into place, so a run killed
 mid-save leaves the previous checkpoint intact; and a checkpoint damaged afterwards (a full disk, a copy cut
-short) fails its manifest check, so that resuming falls back to the previous intact one instead of crashing.
+short) fails its manifest check, so that resuming falls back to the previous intact one instead of crashing. A save
+that fails (a full disk above all) removes what it had written, and a full disk is said in one line (DiskFullError)
+with the directory and the space the save needs; the final model (written_directory) is saved the same way.
 
 Checkpoints written before manifests existed are trusted if their files read whole: every safetensors file is
 as long as its header says, and trainer_state.pt is a complete zip archive (torch.save's format).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -59,6 +62,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line (a ValueError, so the CLI prints it as such)."""
 
 
+class DiskFullError(ValueError):
+    """A save that found no space left: what it had written is removed; one line naming the directory."""
+
+
 class ConfigChangeError(ValueError):
     """Resuming with settings that would change the run; the message lists each field as old -> new."""
 
@@ -89,28 +96,111 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     state = full_state_dict(model) if adapter_base is None else None  # a sharded model's weights, onto rank 0
+    needed = tensor_bytes(state if state is not None else model.state_dict()) + tensor_bytes(optimizer.state)
+    with _removed_on_failure(tmp, final, needed, world.main):
+        if world.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if adapter_base is None:
+                save_model(model, tmp, state=state)
+            else:
+                save_adapter(model, tmp, adapter_base)
+            tokenizer.save(tmp)
+            torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
+        world.barrier()
+        with _single_process_is_meant():
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / OPTIMIZER_DIR)
+        world.barrier()
+        if world.main:
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(final.parent)  # the rename itself survives a power cut
     if world.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if adapter_base is None:
-            save_model(model, tmp, state=state)
-        else:
-            save_adapter(model, tmp, adapter_base)
-        tokenizer.save(tmp)
-        torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
-    world.barrier()
-    with _single_process_is_meant():
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / OPTIMIZER_DIR)
-    world.barrier()
-    if world.main:
-        write_manifest(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(final.parent)  # the rename itself survives a power cut
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     world.barrier()
     return final
+
+
+@contextlib.contextmanager
+def written_directory(final: Path, needed_bytes: int):
+    """Yields a temporary directory to write `final` into, renamed into place when the block ends: a failed write
+    (a full disk: DiskFullError) leaves no partial directory behind, and an earlier `final` stays as it was."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _removed_on_failure(tmp, final, needed_bytes):
+        tmp.mkdir(parents=True)
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def tensor_bytes(tree) -> int:
+    """Bytes of the tensors in a (nested) state dict: what saving it writes, give or take the headers."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in values)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int, owner: bool = True):
+    """Any failure inside removes tmp (when this process owns it) and is raised again; one for lack of space
+    becomes DiskFullError. torch.distributed.checkpoint raises a BaseException, hence the broad catch."""
+    try:
+        yield
+    except BaseException as err:  # noqa: BLE001 - re-raised below, whatever it is
+        full = _is_disk_full(err, tmp)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        free = shutil.disk_usage(_existing(final)).free
+        raise DiskFullError(f"{final}: no space left on the device while saving: it needs about "
+                            f"{_gigabytes(needed_bytes)} and {_gigabytes(free)} is free; nothing was left half "
+                            f"written (earlier checkpoints are intact); free some space and run again") from None
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # safetensors' Rust error names
+
+
+def _is_disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether err (or one it was raised from, or one a torch.distributed.checkpoint rank reported) says the disk
+    is full; or, for errors that do not say why (torch.save's "file write failed"), whether the disk is now full."""
+    pending, seen = [err], set()
+    while pending:
+        e = pending.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in _NO_SPACE) or any(t in str(e) for t in _NO_SPACE_TEXTS):
+            return True
+        pending += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            pending.append(failure[0] if isinstance(failure, tuple) else failure)
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):
+        return False
+    return shutil.disk_usage(_existing(directory)).free < _FULL_BELOW
+
+
+_FULL_BELOW = 1 << 20  # bytes free under which a write that failed without saying why is taken for a full disk
+
+
+def _existing(path: Path) -> Path:
+    """path, or its nearest ancestor that exists (what disk_usage can be asked about)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager

@@ -36,10 +36,11 @@ from r1lab.train.checkpoint import save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.train.logprobs import LOGITS_CHUNK_BYTES, idle_pass, token_logprobs, training_precision
+from r1lab.train.memory_budget import check_grpo_memory
 from r1lab.train.metrics import MetricsLogger, open_metrics, save_samples, training_progress
 from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
                                    token_weights, uniform_groups)
-from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr
+from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr, stop_if_diverged
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
@@ -56,6 +57,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)
     check_world(cfg, world)
+    check_grpo_memory(cfg, device, world.size)
     log = log if world.main else Silent().log  # rank 0 alone speaks and writes; the others train
     run = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before anything is loaded
@@ -105,6 +107,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             if cfg.eval_every and step % cfg.eval_every == 0:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
+            stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
             done = step + 1

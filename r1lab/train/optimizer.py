@@ -1,15 +1,23 @@
 """The optimizer and its schedule, shared by pretraining, SFT and GRPO: AdamW, warmup with cosine or constant
-learning rates, and optimizer_step (skips a non-finite gradient and reports it).
+learning rates, optimizer_step (skips a non-finite gradient and reports it) and stop_if_diverged (ends the run when
+an update has left the weights non-finite).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from r1lab.model.lora import LoRASpec, lora_target_names
 from r1lab.train.backward_step import BackwardStep
+from r1lab.train.distributed import World
+
+
+class TrainingDiverged(ValueError):
+    """An update left the weights non-finite; one line (a ValueError, so the CLI prints it as such)."""
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float) -> torch.optim.Optimizer:
@@ -67,3 +75,30 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
         return {"grad_norm": float("nan"), "skipped_nonfinite": 1}
     optimizer.step()
     return {"grad_norm": grad_norm.item(), "skipped_nonfinite": 0}
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer (a sharded one: this rank's part) is finite: one max-abs
+    reduction per tensor (NaN propagates through it) and one host round trip."""
+    tensors = [t.to_local() if isinstance(t, DTensor) else t
+               for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return True
+    largest = torch.stack([torch.linalg.vector_norm(t, ord=math.inf, dtype=torch.float32).to(tensors[0].device)
+                           for t in tensors])
+    return bool(torch.isfinite(largest).all())
+
+
+def stop_if_diverged(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, name: str,
+                     world: World = World()) -> None:
+    """TrainingDiverged when step's update left a weight NaN or infinite. Checked before the step is logged or
+    checkpointed, so that no checkpoint and no final model ever holds such weights: the gradient was finite (a
+    non-finite one is skipped), so the update itself was too large, and with AdamW (whose steps are about lr in
+    size whatever the gradient's scale) that is the learning rate."""
+    if world.all(weights_finite(model)):
+        return
+    group = optimizer.param_groups[0]
+    raise TrainingDiverged(
+        f"{name} step {step}: the weights are no longer finite after the optimizer's update (lr {group['lr']:g}, "
+        f"weight_decay {group['weight_decay']:g}): the learning rate is likely too large; the run stops without "
+        f"saving a model (checkpoints of earlier steps are kept): lower lr")

@@ -16,8 +16,9 @@ from r1lab.config import save_config
 from r1lab.engine.sampling import step_seed
 from r1lab.model.hf_format import save_model
 from r1lab.model.lora import merge_lora, save_adapter
-from r1lab.train.checkpoint import (RESUME_FREE_FIELDS, CheckpointError, check_config_change, checkpoint_step, find_resume_checkpoint,
-                                    load_checkpoint, update_run_config)
+from r1lab.train.checkpoint import (RESUME_FREE_FIELDS, CheckpointError, check_config_change, checkpoint_step,
+                                    find_resume_checkpoint, load_checkpoint, tensor_bytes, update_run_config,
+                                    written_directory)
 from r1lab.train.distributed import World
 from r1lab.train.sharding import full_state_dict
 
@@ -64,18 +65,22 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
     return start
 
 
-def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World) -> None:
+def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World = World()) -> None:
     """RUN/model, the trained model in Hugging Face format; with LoRA also RUN/adapter (PEFT's format, on
-    adapter_base) and RUN/model is the adapter merged into the base (the model is done with: merged in place)."""
+    adapter_base) and RUN/model is the adapter merged into the base (the model is done with: merged in place).
+    Each is written whole or not at all (a full disk: DiskFullError, nothing left half written)."""
     if adapter_base is not None:
+        adapters = [p for p in model.parameters() if p.requires_grad]
         if world.main:
-            save_adapter(model, run / "adapter", adapter_base)
-            tokenizer.save(run / "adapter")
+            with written_directory(run / "adapter", tensor_bytes(adapters)) as tmp:
+                save_adapter(model, tmp, adapter_base)
+                tokenizer.save(tmp)
         merge_lora(model)
     state = full_state_dict(model)  # a sharded model's weights gathered onto rank 0
     if world.main:
-        save_model(model, run / "model", state=state)
-        tokenizer.save(run / "model")
+        with written_directory(run / "model", tensor_bytes(state)) as tmp:
+            save_model(model, tmp, state=state)
+            tokenizer.save(tmp)
     world.barrier()  # no rank exits (ending the job) before the final model is written
 
 

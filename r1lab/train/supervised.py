@@ -27,8 +27,9 @@ from r1lab.train.backward_step import BackwardStep, check_one_process
 from r1lab.train.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
+from r1lab.train.memory_budget import check_supervised_memory
 from r1lab.train.metrics import open_metrics, training_progress
-from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr
+from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr, stop_if_diverged
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
 from r1lab.train.sft_data import ChatFields, SFTData, build_sft_data, read_conversations
@@ -58,6 +59,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
             raise ValueError(f"shard: batch_size {cfg.batch_size} does not divide across {world.size} ranks")
         shard_model(model, world)
     data = build_sft_data(tokenizer, rows, cfg)
+    check_supervised_memory(cfg, model, data.train_docs, device, world.size)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.train_docs) / cfg.batch_size))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2)
     # The cosine schedule depends on the total number of steps, so in SFT changing them changes the rest of the run.
@@ -119,6 +121,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
                               micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
                               balance_loss_weight, in_backward)
             metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
+            stop_if_diverged(model, optimizer, step + 1, name, world)  # before on_step can checkpoint the weights
             losses.append(metrics["loss"])
             if step % 50 == 0 or step == steps - 1:
                 log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Sequence
@@ -207,25 +208,31 @@ _SCOPE: dict[str, Any] = {**_TYPES, **_FUNCTIONS, **_GUARDS, "strict_equal": mak
 
 
 def parse_values(text: str) -> list:
-    """The list of returned values the sandbox encoded (r1lab.rewards.sandbox.child.make_encoder); ValueError if it is
-    not plain data in that syntax. Nothing here runs code: the text is parsed, then only walked."""
+    """The list of returned values the sandbox encoded (r1lab.rewards.sandbox.child.make_encoder); ValueError, and
+    no other exception, if it is not plain data in that syntax (the candidate's process writes it: the runner turns
+    the ValueError into the test's failure). Nothing here runs code: the text is parsed, then only walked."""
     if len(text) > MAX_VALUE_CHARS:
         raise ValueError("returned values too large")
     try:
-        tree = ast.parse(text, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        values = _value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, TypeError, RecursionError, MemoryError) as e:  # TypeError: an unhashable set item or key
         raise ValueError(f"unreadable returned values ({type(e).__name__})") from None
-    values = _value(tree)
     if type(values) is not list:
         raise ValueError("returned values are not a list")
     return values
 
 
 _SPECIAL_FLOATS = {"inf": math.inf, "nan": math.nan}
+# A hexadecimal literal escapes Python's limit on decimal digits, and the judge's message could not print such a
+# value; the sandbox writes ints in decimal, so every int it can send is below this (fewer than 2 * 10**(limit - 1)).
+_DIGITS = sys.get_int_max_str_digits()
+_MAX_INT_BITS = int((_DIGITS - 1) * math.log2(10)) + 1 if _DIGITS else math.inf
 
 
 def _value(node: ast.expr) -> Any:
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bytes, bool, type(None)):
+        if type(node.value) is int and node.value.bit_length() > _MAX_INT_BITS:
+            raise ValueError("returned values contain an integer too long to judge")
         return node.value
     if isinstance(node, ast.Name) and node.id in _SPECIAL_FLOATS:
         return _SPECIAL_FLOATS[node.id]
