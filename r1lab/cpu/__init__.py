@@ -1,2 +1,3 @@
-"""CPU-only speed-ups, installed at process set-up: the decode kernel, the allocator, glibc's malloc settings.
+"""CPU-only speed-ups: the decode kernel and glibc's malloc settings, installed at process set-up; jemalloc for a large
+model, chosen by the `r1lab` program restarting itself (malloc.py).
 """
