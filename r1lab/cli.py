@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+import signal
 import sys
 import typing
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from r1lab.config import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRP
 from r1lab.config.sources import ALIASES, from_text
 from r1lab.suggest import did_you_mean
 from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)
-from r1lab.train.stopping import EXIT_INTERRUPTED, RunStopped
+from r1lab.train.stopping import EXIT_INTERRUPTED, RunStopped, exit_now
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"r1lab {args.command}: {rank_label()}error: {err}", file=sys.stderr)
         sys.exit(2)
     except RunStopped as stopped:  # the first Ctrl-C: the step finished and was checkpointed
+        signal.signal(signal.SIGINT, exit_now)  # another Ctrl-C while the process ends: no traceback
         if rank_and_size()[0] == 0:
             print(f"r1lab {args.command}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:  # a Ctrl-C outside a training loop, or the second one inside it
+    except KeyboardInterrupt:  # a Ctrl-C outside a training loop
+        signal.signal(signal.SIGINT, exit_now)
         print(f"\nr1lab {args.command}: {rank_label()}interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:  # under torchrun: one line naming the rank before the traceback, and the job ends

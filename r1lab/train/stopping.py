@@ -7,6 +7,7 @@ interrupted stops them all.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,13 @@ from pathlib import Path
 from r1lab.train.distributed import World
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended by Ctrl-C
+
+
+def exit_now(signum: int | None = None, frame: object = None) -> None:
+    """End the process at once, status 130, without unwinding: no cleanup that a Ctrl-C could interrupt with a
+    traceback. Reward workers and sandbox children end with it (they die with their parent)."""
+    print("\nr1lab: stopped at once", file=sys.stderr, flush=True)
+    os._exit(EXIT_INTERRUPTED)
 
 
 class RunStopped(Exception):
@@ -38,13 +46,13 @@ class StopOnInterrupt:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._previous is not None:  # once asked to stop, the process is on its way out: a Ctrl-C ends it
+            signal.signal(signal.SIGINT, exit_now if self.asked else self._previous)
             self._previous = None
 
     def _on_interrupt(self, signum, frame) -> None:
-        if self.asked:  # the second Ctrl-C: now
-            raise KeyboardInterrupt
+        if self.asked:  # the second Ctrl-C: now (a checkpoint being written stays a .tmp, never taken for one)
+            exit_now()
         self.asked = True
         print("\nr1lab: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
