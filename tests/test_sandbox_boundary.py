@@ -2,8 +2,9 @@
 (plainly, through a directory fd, O_PATH, fchdir, raw libc, a forked child), read the problem file or the trainer's
 /proc, signal the trainer, or score full marks on a file-based code task without implementing the function.
 
-Each runs with the audit hook in place, and again with the hook left out of the child (a copy of child.py without
-it: as if a way around it had been found), so that what holds is the boundary, bubblewrap or r1lab's own
+Each runs with the audit hook in place, and again with the hook and the extension guard left out of the child (a
+copy of child.py without them, so that the program may even call libc through ctypes: as if a way around them had
+been found), so that what holds is the boundary, bubblewrap or r1lab's own
 (namespaces and Landlock). Where no boundary works, the sandbox and the commands refuse, in one line.
 """
 
@@ -44,13 +45,23 @@ def hooked(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.M
     """The child as shipped, or a copy of it that never installs its audit hook: the OS boundary alone."""
     close_pools()
     if request.param == "no-hook":
-        source = runner.CHILD_SCRIPT.read_text()
-        assert source.count("sys.addaudithook(hook)") == 2  # the test run and the tool call
-        copy = tmp_path / "child_without_hook.py"
-        copy.write_text(source.replace("sys.addaudithook(hook)", "pass  # no audit hook: the boundary alone"))
-        monkeypatch.setattr(runner, "CHILD_SCRIPT", copy)
+        monkeypatch.setattr(runner, "CHILD_SCRIPT", child_without_guards(tmp_path))
     yield request.param
     close_pools()
+
+
+def child_without_guards(directory: Path) -> Path:
+    """A copy of child.py that installs neither its audit hook nor its guard of extension modules: the candidate may
+    import ctypes and call libc, as if it had found a way around both."""
+    source = runner.CHILD_SCRIPT.read_text()
+    guards = {"sys.addaudithook(hook)": 2,  # the test run and the tool call
+              "imp.create_builtin = refuse_builtin": 1, "imp.create_dynamic = guard_extensions(imp.create_dynamic)": 1}
+    for guard, count in guards.items():
+        assert source.count(guard) == count, guard
+        source = source.replace(guard, "pass  # removed: the boundary alone")
+    copy = directory / "child_without_guards.py"
+    copy.write_text(source)
+    return copy
 
 
 def escapes(problem: Path) -> str:
@@ -144,6 +155,38 @@ def test_tool_calls_write_nothing_outside_and_leave_nothing_for_the_next(mode: s
         assert after.output == "[]\n", after  # nothing of the first call is visible to the next
     for directory in SHARED_DIRS:
         assert not [p for p in os.listdir(directory) if ESCAPE_TOKEN in p]
+
+
+KERNEL_VIEW = '''
+import ctypes
+libc = ctypes.CDLL(None)
+class Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class Data(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+def no_new_privs():
+    return libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+def capabilities():
+    data = (Data * 2)()
+    assert libc.capget(ctypes.byref(Header(0x20080522, 0)), data) == 0
+    return [getattr(d, n) for d in data for n in ("effective", "permitted", "inheritable")]
+def ambient():
+    return [c for c in range(64) if libc.prctl(47, 1, c, 0, 0) == 1]  # PR_CAP_AMBIENT_IS_SET
+def bounding():
+    return [c for c in range(64) if libc.prctl(23, c, 0, 0, 0) == 1]  # PR_CAPBSET_READ
+'''
+
+
+@pytest.mark.parametrize("mode", [*BOUNDARY_MODES, "none"])
+def test_the_kernel_reports_no_capability_and_no_new_privileges(mode: str, monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """Asked of the kernel itself, from a child without its guards (so that it can call libc)."""
+    monkeypatch.setattr(runner, "CHILD_SCRIPT", child_without_guards(tmp_path))
+    tests = ["assert no_new_privs() == 1", "assert capabilities() == [0, 0, 0, 0, 0, 0]", "assert ambient() == []"]
+    if mode != "bwrap" or os.geteuid() != 0:  # bubblewrap keeps CAP_SETUID/CAP_SETGID in the child's bounding set
+        tests.append("assert bounding() == []")
+    result = run_tests(KERNEL_VIEW, tests, sandbox=mode)
+    assert (result.passed, result.error) == (len(tests), None)
 
 
 CHEAT = '''

@@ -10,8 +10,8 @@ This file then runs as __main__, in this order:
    fd for the results, so the candidate's prints do not garble them;
 2. resource limits (CPU, address space, file size, open files, no core dumps);
 3. the OS confinement this process applies to itself (r1lab.rewards.sandbox.runner says which boundary it runs
-   in): under bubblewrap as root, a drop to uid nobody (bubblewrap left only CAP_SETUID/CAP_SETGID for it), which
-   clears every capability; otherwise no new privileges and every capability dropped (root stays uid 0), then, for
+   in): under bubblewrap as root, a drop to uid nobody (bubblewrap left only CAP_SETUID/CAP_SETGID for it); in
+   every mode no new privileges and every capability dropped (elsewhere root stays uid 0), then, for
    the "landlock" boundary, Landlock rules that let it read only the system and Python directories and write only
    its working directory; RLIMIT_NPROC = 0 forbids forks (to any uid but the host's root). A step that fails ends the process
    (SETUP_FAILED_STATUS) before any candidate code runs: it never runs less confined than it was asked to be;
@@ -136,15 +136,13 @@ def confine(config: dict) -> list[str]:
     (RLIMIT_NPROC binds every uid but root of the first user namespace, which only the "none" mode runs as). The
     names of the layers that took effect ("uid", "nocaps"); exits if a step fails."""
     layers = []
-    if config["boundary"] == "bwrap":
-        if os.geteuid() == 0:
-            if not drop_to_nobody():
-                os._exit(SETUP_FAILED_STATUS)
-            layers.append("uid")
-    else:
-        if not drop_capabilities():
+    if config["boundary"] == "bwrap" and os.geteuid() == 0:
+        if not drop_to_nobody():
             os._exit(SETUP_FAILED_STATUS)
-        layers.append("nocaps")
+        layers.append("uid")
+    if not drop_capabilities():  # under bubblewrap too: it leaves the child capabilities in its inheritable set
+        os._exit(SETUP_FAILED_STATUS)
+    layers.append("nocaps")
     import resource
 
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # set after setresuid: it counts the new uid's processes
@@ -674,8 +672,7 @@ def preload(config: dict) -> None:
     ctypes and landlock (drop_capabilities, confine_filesystem) too: each child removes them from sys.modules before
     its hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
     names = ["resource", "types", *sys.builtin_module_names]  # the first two are what setup imports by name
-    if config["boundary"] != "bwrap":
-        names.append("ctypes")
+    names.append("ctypes")
     for name in names:
         if name == "ctypes" or (name not in REFUSED_MODULES and name not in sys.modules):
             __import__(name)

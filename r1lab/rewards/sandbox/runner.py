@@ -16,7 +16,7 @@ What contains the process, from the outside in. Model-written code runs only ins
   network, IPC and UTS namespaces; only /usr (and its /lib, /bin links), the Python installation and the child
   script, read-only; a fresh /proc that shows only the sandbox; private size-limited tmpfs for the working
   directory, /tmp and /dev/shm, gone with the process; no /etc, no host /tmp, no view of this process; as root,
-  the child drops to uid nobody, which clears every capability;
+  the child drops to uid nobody, and in any case every capability (bubblewrap leaves some inheritable);
 - "landlock", r1lab's own where bubblewrap is missing: util-linux's `unshare` makes user (its root mapped to our
   uid), PID, network, IPC and UTS namespaces, and the child, before any candidate code, drops every capability
   (effective, permitted, inheritable, ambient and the bounding set; no new privileges; it stays the namespace's
@@ -41,7 +41,7 @@ Inside every mode:
   directory: a second line behind the OS boundary, not a boundary itself (CPython's documentation says as much).
 
 SandboxResult.layers names the layers that took effect: "bwrap", "userns", "netns", "pidns", "landlock", "uid"
-(dropped to nobody), "nocaps" (every capability dropped, the uid kept), "audit".
+(dropped to nobody), "nocaps" (no capability in any set, no new privileges), "audit".
 
 Limits of the design: return values must be plain data: a test of an object the solution returns (a class
 instance, a generator) cannot be judged.
