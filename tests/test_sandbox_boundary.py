@@ -64,7 +64,7 @@ def child_without_guards(directory: Path) -> Path:
     return copy
 
 
-def escapes(problem: Path) -> str:
+def escapes(problem: Path, linger: bool = True) -> str:
     trainer = os.getpid()
     return f'''
 import os
@@ -102,7 +102,7 @@ def write_from_a_fork():
             os._exit(0)
     os.waitpid(pid, 0)
 def linger():
-    if os.fork() == 0:
+    if {linger} and os.fork() == 0:
         os.setsid()
         import time
         time.sleep(30)
@@ -122,20 +122,35 @@ def signal_trainer():
 '''
 
 
+LEAKS = [f"assert {SECRET!r} in problem()", "assert 'PATH=' in trainer_environ()", "assert 'pytest' in trainer_cmdline()",
+         "assert 'PATH=' in parent_environ()", "assert signal_trainer() is None"]
+
+
+def test_the_escapes_work_where_nothing_contains_them(problem_file: Path, tmp_path: Path) -> None:
+    """The control: unconfined (sandbox none) and without the child's guards, every escape succeeds, so the zeros
+    and clean directories under the boundaries are theirs, not a broken probe's."""
+    close_pools()
+    runner_child = runner.CHILD_SCRIPT
+    try:
+        runner.CHILD_SCRIPT = child_without_guards(tmp_path)
+        # all but /proc/<pid>/environ, which needs ptrace access: no capability, no access, even unconfined
+        result = run_tests(escapes(problem_file, linger=False), [LEAKS[0], LEAKS[2], LEAKS[4]], sandbox="none")
+    finally:
+        runner.CHILD_SCRIPT = runner_child
+        written = [Path(d) / n for d in SHARED_DIRS for n in os.listdir(d) if n.startswith(ESCAPE_TOKEN)]
+        for path in written:
+            path.unlink()
+    assert (result.passed, result.error) == (3, None)
+    assert sorted(p.name.removeprefix(ESCAPE_TOKEN + "-") for p in written) == [
+        "dir-fd", "fchdir", "fork", "libc", "o-path", "plain", "shm"]
+
+
 @pytest.mark.parametrize("mode", BOUNDARY_MODES)
 def test_crafted_escapes_reach_nothing_outside(mode: str, hooked: str, problem_file: Path,
                                               shared_dirs_untouched) -> None:  # noqa: F811
     """Nothing written outside the sandbox (shared_dirs_untouched; no process left), nothing read from the problem
-    file or the trainer's /proc, no signal reaching the trainer: every test below would pass on a leak."""
-    os.environ["R1LAB_ESCAPE_PROBE"] = SECRET  # in the trainer's environment, for /proc/<pid>/environ to leak
-    try:
-        result = run_tests(escapes(problem_file), [f"assert {SECRET!r} in problem()",
-                                                   f"assert {SECRET!r} in trainer_environ()",
-                                                   "assert 'pytest' in trainer_cmdline()",
-                                                   f"assert {SECRET!r} in parent_environ()",
-                                                   "assert signal_trainer() is None"], sandbox=mode)
-    finally:
-        del os.environ["R1LAB_ESCAPE_PROBE"]
+    file or the trainer's /proc, no signal reaching the trainer: every test would pass on a leak (the control below)."""
+    result = run_tests(escapes(problem_file), LEAKS, sandbox=mode)
     assert result.passed == 0, result.error
     assert "done" not in (result.error or "")
     for directory in SHARED_DIRS:
