@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 
 import pytest
-from test_sandbox import (BOUNDARY_MODES, ESCAPE_TOKEN, SHARED_DIRS, host_check, sandbox_root,  # noqa: F401: fixtures
-                          shared_dirs_untouched)
+from test_sandbox import (BOUNDARY_MODES, ESCAPE_TOKEN, SHARED_DIRS, descendants, host_check,  # noqa: F401: fixtures
+                          sandbox_root, shared_dirs_untouched)
 
 from r1lab.cli import main
-from r1lab.config import EvalConfig
+from r1lab.config import EvalConfig, groups
 from r1lab.rewards.sandbox import runner
 from r1lab.rewards.sandbox.runner import close_pools, run_program, run_program_pooled, run_tests
 from r1lab.rewards.tasks import get_task
@@ -101,9 +101,10 @@ def write_from_a_fork():
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
-def linger():
+def linger():  # out of the call's process group, its output closed: it would outlive the call
     if {linger} and os.fork() == 0:
         os.setsid()
+        os.closerange(0, 1024)
         import time
         time.sleep(30)
 for action in (write_plainly, write_through_dir_fd, write_through_o_path, write_after_fchdir, write_with_libc,
@@ -163,7 +164,11 @@ def test_tool_calls_write_nothing_outside_and_leave_nothing_for_the_next(mode: s
     code = escapes(problem_file) + "print(problem(), trainer_environ(), signal_trainer())\n"
     for run in (run_program, run_program_pooled):
         first = run(code, sandbox=mode, timeout_s=5)
-        assert SECRET not in first.output
+        assert SECRET not in first.output and not first.timed_out
+        if run is run_program_pooled:  # the server alone is left: nothing of the call runs on into the next
+            (server,) = [s for pool in runner._POOLS.values() for s in pool.idle if s.proc is not None]
+            # below bubblewrap: its PID namespace's init and the server; below unshare: the server
+            assert len(descendants(server.proc.pid)) == {"bwrap": 2, "landlock": 1}[mode]
         after = run(f"import os\ndef names(d):\n    try:\n        return os.listdir(d)\n    except OSError:\n"
                     f"        return []\nprint(sorted(n for d in ('/tmp', '/dev/shm', '..') for n in names(d) "
                     f"if {ESCAPE_TOKEN!r} in n))", sandbox=mode)
@@ -294,6 +299,10 @@ def test_commands_refuse_code_and_tools_at_start_in_one_line(no_boundary, argv: 
     assert exit_info.value.code == 2
     refusal = [line for line in capsys.readouterr().err.splitlines() if "OS boundary" in line]
     assert len(refusal) == 1 and "apt-get install bubblewrap" in refusal[0] and "--sandbox none" in refusal[0]
+
+
+def test_the_settings_offer_the_sandbox_choices() -> None:
+    assert groups.SANDBOXES == runner.SANDBOXES and EvalConfig().sandbox == "auto"
 
 
 def test_the_opt_out_starts_and_says_so(no_boundary, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,7 @@ This file then runs as __main__, in this order:
    in): under bubblewrap as root, a drop to uid nobody (bubblewrap left only CAP_SETUID/CAP_SETGID for it); in
    every mode no new privileges and every capability dropped (elsewhere root stays uid 0), then, for
    the "landlock" boundary, Landlock rules that let it read only the system and Python directories and write only
-   its working directory; RLIMIT_NPROC = 0 forbids forks (to any uid but the host's root). A step that fails ends the process
+   its working directory; RLIMIT_NPROC = 0 forbids forks (to any uid but the host's). A step that fails ends the process
    (SETUP_FAILED_STATUS) before any candidate code runs: it never runs less confined than it was asked to be;
 4. an audit hook that refuses process creation, signals, sockets, ctypes, frame and gc introspection, raising
    limits, directory fds (dir_fd-relative opens escape any path check) and writes outside the working directory;
@@ -132,9 +132,10 @@ def limit_resources(cpu_s: int, memory_mb: int, file_mb: int, open_files: int) -
 
 
 def confine(config: dict) -> list[str]:
-    """The confinement that does not depend on the working directory: the uid or the capabilities, and no forks
-    (RLIMIT_NPROC binds every uid but root of the first user namespace, which only the "none" mode runs as). The
-    names of the layers that took effect ("uid", "nocaps"); exits if a step fails."""
+    """The confinement that does not depend on the working directory: the uid and the capabilities, and no forks
+    (RLIMIT_NPROC binds every uid but the host's root, even in a user namespace: under r1lab's own boundary, run as
+    root, what a call forks dies with its PID namespace, or is killed by the fork server, end_strays). The names of
+    the layers that took effect ("uid", "nocaps"); exits if a step fails."""
     layers = []
     if config["boundary"] == "bwrap" and os.geteuid() == 0:
         if not drop_to_nobody():
@@ -640,8 +641,27 @@ def serve() -> None:
     while config is not None and (request := read_frame(request_fd)) is not None:
         number += 1
         status, timed_out, output = serve_call(request, config, f"{base}/call-{number}", select)
+        end_strays(config)
         header = b"R" + status.to_bytes(4, "big", signed=True) + bytes([timed_out]) + len(output).to_bytes(8, "big")
         write_all(response_fd, header + output)
+
+
+def end_strays(config: dict) -> None:
+    """Under r1lab's own boundary, after a call: kill every other process of this server's PID namespace, and reap
+    them (its orphans are this process's). The host's root is exempt from RLIMIT_NPROC, even inside a user
+    namespace, so a call's child may have forked, and a process that left its process group would outlive the
+    call. Only as the namespace's first process: kill(-1) spares it, and reaches no process outside."""
+    if config["boundary"] != "landlock" or os.getpid() != 1:
+        return
+    try:
+        os.kill(-1, SIGKILL)
+    except ProcessLookupError:
+        return  # nothing was left
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def read_frame(fd: int) -> dict | None:

@@ -35,7 +35,9 @@ Inside every mode:
 - its own process group in a new session, killed as a whole in a `finally`, whatever happens here (the PID
   namespace goes with its first process);
 - a wall-clock timeout (here) and a CPU-time limit (in the child), address-space, file-size and open-file limits,
-  and no core dumps; RLIMIT_NPROC = 0, which forbids forks for every uid but 0;
+  and no core dumps; RLIMIT_NPROC = 0, which forbids forks to every uid but the host's root (exempt even in a
+  user namespace: under r1lab's own boundary a process forked by the code dies with its PID namespace, and the
+  fork server kills whatever a call left before the next);
 - a Python audit hook installed before the candidate runs (r1lab/rewards/sandbox/child.py) that refuses process
   creation, signals, sockets, ctypes, frame/gc introspection, directory fds and writes outside its working
   directory: a second line behind the OS boundary, not a boundary itself (CPython's documentation says as much).
@@ -63,8 +65,8 @@ on it (sandbox "landlock"), the audit hook. A call therefore starts from the ser
 call does (globals, monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces
 a deadline on the server too: a server that dies or does not answer is killed, the call in flight gets an error
 result, and the next call starts a new server. What the calls of one server share is that they run one after
-another in the same namespaces (in a boundary a call's child can neither fork, RLIMIT_NPROC binding its uid there,
-nor outlive its call, so nothing of it is left running).
+another in the same namespaces (nothing of a call is left running: it cannot fork, or, run by the host's root
+under r1lab's own boundary, what it forked is killed after it).
 
     from r1lab.rewards.sandbox.runner import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
@@ -272,7 +274,9 @@ def sandbox_summary(choice: str | None = None) -> str:
     mode = resolve_sandbox(choice)
     if mode == "none":
         return "UNCONFINED (--sandbox none): no OS boundary, only the audit hook and resource limits"
-    return f"in the sandbox with {', '.join(active_layers(choice))}" if mode else "nowhere: no sandbox boundary works here"
+    if mode is None:
+        return "nowhere: no sandbox boundary works here"
+    return f"in the sandbox with {', '.join(active_layers(choice))}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,8 +325,7 @@ def _landlock_rules() -> dict:
 def _unshare_argv() -> list[str]:
     """util-linux's unshare: the child is the first process of new user, PID, network, IPC and UTS namespaces (all
     its processes die with it), killed if unshare dies. The user namespace maps its root to our uid: the child owns
-    what we own, no capability of it counts outside, and RLIMIT_NPROC binds even its uid 0 (it does not bind root
-    in the first user namespace)."""
+    what we own (an interpreter under /root included), and no capability it holds there counts outside."""
     return ["unshare", "--user", "--map-root-user", "--fork", "--kill-child", "--pid", "--net", "--ipc", "--uts"]
 
 
