@@ -251,15 +251,14 @@ def test_the_opt_out_is_unconfined_which_is_why_it_must_be_asked_for(problem_fil
     assert cheat_score(problem_file, "none", monkeypatch) == 1.0
 
 
-# ---------------------------------------------------------------- no boundary: refused
+# ---------------------------------------------------------------- without bubblewrap: r1lab's own, or refused
 
 
-@pytest.fixture
-def no_boundary(monkeypatch: pytest.MonkeyPatch):
-    """A machine without bubblewrap and without unshare (their finder finds nothing): no boundary works."""
+def hide(monkeypatch: pytest.MonkeyPatch, *tools: str):
+    """A machine without these tools (their finder finds nothing), probed afresh; the probes are forgotten after."""
     close_pools()
     real_which = runner.shutil.which
-    monkeypatch.setattr(runner.shutil, "which", lambda name, *a, **k: None if name in ("bwrap", "unshare")
+    monkeypatch.setattr(runner.shutil, "which", lambda name, *a, **k: None if name in tools
                         else real_which(name, *a, **k))
     caches = (runner.boundary_works, runner.active_layers)
     for cache in caches:
@@ -269,6 +268,25 @@ def no_boundary(monkeypatch: pytest.MonkeyPatch):
     for cache in caches:
         cache.cache_clear()
     close_pools()
+
+
+@pytest.fixture
+def no_bubblewrap(monkeypatch: pytest.MonkeyPatch):
+    yield from hide(monkeypatch, "bwrap")
+
+
+@pytest.fixture
+def no_boundary(monkeypatch: pytest.MonkeyPatch):
+    """Neither bubblewrap nor unshare: no boundary works."""
+    yield from hide(monkeypatch, "bwrap", "unshare")
+
+
+@pytest.mark.skipif("landlock" not in BOUNDARY_MODES, reason="r1lab's own boundary does not work here")
+def test_without_bubblewrap_auto_takes_r1labs_own_and_the_cheat_still_scores_zero(
+        no_bubblewrap, problem_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert runner.resolve_sandbox("auto") == "landlock"
+    assert "landlock" in run_tests("", ["assert True"]).layers
+    assert cheat_score(problem_file, "auto", monkeypatch) == 0.0
 
 
 def test_without_a_boundary_nothing_runs(no_boundary, tmp_path: Path) -> None:
