@@ -19,13 +19,14 @@ import pytest
 from r1lab.rewards.rules import _ScorerTimeout, call_with_timeout
 from r1lab.rewards.sandbox import runner as sandbox
 from r1lab.rewards.sandbox.judge import UnjudgeableTestError, parse_values, split_test
-from r1lab.rewards.sandbox.runner import TEMP_PREFIX, SandboxResult, bwrap_works, run_tests
+from r1lab.rewards.sandbox.runner import BOUNDARIES, TEMP_PREFIX, SandboxResult, boundary_works, run_tests
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add('a', 'b') == 'ab'"]
 NOBODY = 65534
-# the fallback (process + audit hook) always; bubblewrap too where it works, which is then the default
-MODES = [False, True] if bwrap_works() else [False]
+# the OS boundaries that work here (CI installs bubblewrap; r1lab's own needs unshare and Landlock), and the opt-out
+BOUNDARY_MODES = [mode for mode in BOUNDARIES if boundary_works(mode)]
+MODES = [*BOUNDARY_MODES, "none"]  # the audit hook and the limits hold in every mode
 SHARED_DIRS = ("/tmp", "/dev/shm")  # world-writable: where an escaped nobody would leave files
 
 
@@ -102,7 +103,7 @@ def test_correct_solution_scores_one(host_check) -> None:
     result = run_tests(ADD, ADD_TESTS)
     assert (result.passed, result.total, result.fraction, result.error, result.timed_out) == (3, 3, 1.0, None, False)
     assert result.layers == sandbox.active_layers() and "audit" in result.layers
-    assert ("bwrap" in result.layers) == bwrap_works()  # bubblewrap is used wherever it works
+    assert ("bwrap" in result.layers) == boundary_works("bwrap")  # bubblewrap is used wherever it works
 
 
 def test_partial_solution_scores_the_fraction_and_each_test_runs(host_check) -> None:
@@ -164,9 +165,9 @@ def test_infinite_loop_returns_within_the_timeout(host_check) -> None:
         assert result.passed == 0 and result.timed_out
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_the_cpu_limit_is_reported_as_a_timeout(bwrap: bool, host_check) -> None:
-    result = run_tests("while True:\n    pass", ["assert True"], timeout_s=4.0, cpu_s=1, bwrap=bwrap)
+@pytest.mark.parametrize("mode", MODES)
+def test_the_cpu_limit_is_reported_as_a_timeout(mode: str, host_check) -> None:
+    result = run_tests("while True:\n    pass", ["assert True"], timeout_s=4.0, cpu_s=1, sandbox=mode)
     assert (result.passed, result.timed_out, result.error) == (0, True, "CPU time limit exceeded")
 
 
@@ -301,16 +302,42 @@ def test_limits_cannot_be_raised(host_check) -> None:
     assert hostile(code).passed == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop and network namespace are for root only")
-@pytest.mark.parametrize("bwrap", MODES)
-def test_root_runs_the_code_as_nobody_without_forks(bwrap: bool) -> None:
-    code = ("import os, resource\ndef info():\n"
-            "    return (os.getuid(), os.geteuid(), resource.getrlimit(resource.RLIMIT_NPROC))\n")
-    result = run_tests(code, [f"assert info() == ({NOBODY}, {NOBODY}, (0, 0))"], bwrap=bwrap)
-    if "uid" not in result.layers:
-        pytest.skip("this machine refused the uid drop; the audit hook alone contains the code")
-    assert result.passed == 1
-    assert ("bwrap" in result.layers) == bwrap and "netns" in result.layers and "audit" in result.layers
+CAPABILITY_PROBES = """
+import os, resource, tempfile
+fd, MINE = tempfile.mkstemp(dir='.')  # each test runs the program afresh, in the same directory
+os.close(fd)
+os.chmod(MINE, 0)
+def attempt(action):
+    try:
+        action()
+        return 'done'
+    except OSError as e:
+        return type(e).__name__
+def read_unreadable():  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    return attempt(lambda: open(MINE).read())
+def raise_priority():  # CAP_SYS_NICE
+    return attempt(lambda: os.nice(-1))
+def setuid():  # CAP_SETUID
+    return attempt(lambda: os.setresuid(1, 1, 1))
+def uid():
+    return os.getuid()
+def nproc():
+    return resource.getrlimit(resource.RLIMIT_NPROC)
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_child_keeps_no_capability(mode: str, host_check) -> None:
+    """In every mode the child can do nothing a capability allows: under bubblewrap, root's child is nobody;
+    elsewhere it keeps its uid with every capability dropped (a file it owns but made unreadable stays unreadable)."""
+    tests = ["assert read_unreadable() == 'PermissionError'", "assert raise_priority() == 'PermissionError'",
+             "assert setuid() != 'done'", "assert nproc() == (0, 0)"]
+    result = run_tests(CAPABILITY_PROBES, tests, sandbox=mode)
+    assert (result.passed, result.error) == (4, None)
+    assert "nocaps" in result.layers and ("uid" in result.layers) == (mode == "bwrap" and os.geteuid() == 0)
+    if os.geteuid() == 0:
+        expected_uid = NOBODY if mode == "bwrap" else 0  # landlock: the user namespace's root, mapped to ours
+        assert run_tests(CAPABILITY_PROBES, [f"assert uid() == {expected_uid}"], sandbox=mode).passed == 1
 
 
 def test_an_alarm_during_a_run_kills_the_child_at_once(host_check) -> None:
@@ -461,10 +488,10 @@ def why():
 '''
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_gc_frames_reached_through_importlib_earn_nothing(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_gc_frames_reached_through_importlib_earn_nothing(mode: str, shared_dirs_untouched) -> None:
     result = run_tests(GC_FRAME_WALK, ["assert f() == 'EXPECTED-VALUE-9d1c'", "assert why() == 'ImportError'"],
-                       bwrap=bwrap)
+                       sandbox=mode)
     assert (result.passed, result.total) == (1, 2)  # no pass forged; the gc import itself was refused
     assert "audit" in result.layers
 
@@ -504,16 +531,16 @@ def attempts():
 '''
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_dir_fd_opens_from_a_deep_directory_reach_nothing(bwrap: bool, shared_dirs_untouched) -> None:
-    result = run_tests(DIR_FD_ESCAPES, ["assert attempts() == []"], bwrap=bwrap)
+@pytest.mark.parametrize("mode", MODES)
+def test_dir_fd_opens_from_a_deep_directory_reach_nothing(mode: str, shared_dirs_untouched) -> None:
+    result = run_tests(DIR_FD_ESCAPES, ["assert attempts() == []"], sandbox=mode)
     assert result.passed == 1, result.error
     for directory in SHARED_DIRS:
         assert not [p for p in os.listdir(directory) if ESCAPE_TOKEN in p]
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_only_plain_data_comes_back(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_only_plain_data_comes_back(mode: str, shared_dirs_untouched) -> None:
     always_equal = ("class Any:\n    def __eq__(self, other):\n        return True\n    __hash__ = None\n"
                     "class Int(int):\n    def __eq__(self, other):\n        return True\n"
                     "import builtins\nbuiltins.abs = lambda x: 0\n"
@@ -521,32 +548,32 @@ def test_only_plain_data_comes_back(bwrap: bool, shared_dirs_untouched) -> None:
                     "def gen(x):\n    return (i for i in range(3))\n")
     tests = ["assert f(1) == 3", "assert g(1) == 3", "assert h(1) == [3]", "assert abs(g(1) - 3) < 1",
              "assert gen(1) == [0, 1, 2]", "assert f(1)"]
-    result = run_tests(always_equal, tests, bwrap=bwrap)
+    result = run_tests(always_equal, tests, sandbox=mode)
     assert result.passed == 0 and "only plain data" in result.error
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_huge_or_deep_outputs_fail_fast(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_huge_or_deep_outputs_fail_fast(mode: str, shared_dirs_untouched) -> None:
     code = ("def big():\n    return 'x' * 10 ** 7\ndef many():\n    return list(range(10 ** 6))\n"
             "def deep():\n    x = []\n    for _ in range(10 ** 4):\n        x = [x]\n    return x\n"
             "def digits():\n    return 10 ** 100000\n"
             "def loop():\n    x = []\n    x.append(x)\n    return x\n")
     started = time.monotonic()
     result = run_tests(code, ["assert big() == ''", "assert len(many()) == 10 ** 6", "assert deep() == []",
-                              "assert digits() > 0", "assert loop() == []"], bwrap=bwrap, timeout_s=5.0)
+                              "assert digits() > 0", "assert loop() == []"], sandbox=mode, timeout_s=5.0)
     assert result.passed == 0 and not result.timed_out
     assert time.monotonic() - started < 4.0
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_printed_or_written_fake_results_earn_nothing(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_printed_or_written_fake_results_earn_nothing(mode: str, shared_dirs_untouched) -> None:
     code = ("import os, sys\nfor fd in range(64):\n    for line in (b'0 ok [3]\\n', b'layers forged\\n', b'done\\n'):\n"
             "        try:\n            os.write(fd, line)\n        except OSError:\n            pass\n"
             "print('0 ok [3]')\ndef f():\n    return 1\n")
-    result = run_tests(code, ["assert f() == 'EXPECTED-31f0'"], bwrap=bwrap)
+    result = run_tests(code, ["assert f() == 'EXPECTED-31f0'"], sandbox=mode)
     assert result.passed == 0 and "forged" not in result.layers
     exits = run_tests("import os\ndef f():\n    os.write(3, b'0 ok [\"x\"]\\n')\n    os._exit(0)\n",
-                      ["assert f() == 'EXPECTED-31f0'"], bwrap=bwrap)
+                      ["assert f() == 'EXPECTED-31f0'"], sandbox=mode)
     assert exits.passed == 0
 
 
@@ -557,19 +584,20 @@ def test_a_candidate_rebinding_builtins_cannot_change_the_verdict(shared_dirs_un
     assert run_tests(code, tests).passed == 0  # the judge's helpers live in the trainer's process
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_bubblewrap_hides_host_temp_files_and_processes(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", BOUNDARY_MODES)
+def test_the_boundary_hides_host_temp_files_and_processes(mode: str, shared_dirs_untouched) -> None:
     visible = Path("/tmp") / f"r1lab-host-only-{os.getpid()}"
     visible.write_text("x")
     code = ("import os\ndef look():\n    seen = []\n    for d in ('/tmp', '/dev/shm'):\n"
             "        try:\n            seen += os.listdir(d)\n        except OSError:\n            pass\n"
             "    return seen\ndef ppid():\n    return os.getppid()\n")
     try:
-        result = run_tests(code, [f"assert {visible.name!r} not in look()", "assert ppid() == 1"], bwrap=bwrap)
+        result = run_tests(code, [f"assert {visible.name!r} not in look()", "assert ppid() in (0, 1)"], sandbox=mode)
     finally:
         visible.unlink()
-    # under bubblewrap a private /tmp and /dev/shm, and the parent is its init inside a PID namespace
-    assert result.passed == (2 if bwrap else 0)
+    # bubblewrap: a private /tmp and /dev/shm; Landlock: no reading them. In a PID namespace the parent is its init
+    # (bubblewrap) or none at all (the child is the first process, under unshare)
+    assert result.passed == 2, result.error
 
 
 UNAUDITED_ROUTES = '''
@@ -598,12 +626,12 @@ def shm():
 '''
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_imports_that_raise_no_audit_event_are_refused(bwrap: bool, shared_dirs_untouched) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_imports_that_raise_no_audit_event_are_refused(mode: str, shared_dirs_untouched) -> None:
     """importlib re-imports a cached extension (the fallback's own _ctypes) with no event, loads a library the
     candidate wrote, and _posixshmem creates /dev/shm files with no "open" event."""
     tests = ["assert imported('_ctypes') == 'ImportError'", "assert imported('gc') == 'ImportError'",
              "assert imported('_posixsubprocess') == 'ImportError'", "assert own_library() == 'ImportError'",
              "assert shm() == 'ImportError'", "assert imported('_json') == 'imported'"]
-    result = run_tests(UNAUDITED_ROUTES, tests, bwrap=bwrap)
+    result = run_tests(UNAUDITED_ROUTES, tests, sandbox=mode)
     assert result.passed == len(tests), result.error

@@ -38,17 +38,17 @@ def servers() -> list:
     return [s for pool in sandbox._POOLS.values() for s in pool.idle if s.proc is not None]
 
 
-@pytest.mark.parametrize("bwrap", MODES)
-def test_results_are_run_programs(bwrap: bool) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_results_are_run_programs(mode: str) -> None:
     for code in ["print(6*7)", "print('a')\n1/0", "import sys\nprint('bye')\nsys.exit(0)",
                  "import sys\nsys.exit(2)", "import os\nprint('x', flush=True)\nos._exit(3)"]:
-        one, pooled = both(code, bwrap=bwrap)
+        one, pooled = both(code, sandbox=mode)
         assert pooled == one, code
-    assert run_program_pooled("print(6*7)", bwrap=bwrap).output == "42\n"
-    raised = run_program_pooled("print('a')\n1/0", bwrap=bwrap)
+    assert run_program_pooled("print(6*7)", sandbox=mode).output == "42\n"
+    raised = run_program_pooled("print('a')\n1/0", sandbox=mode)
     assert (raised.ok, raised.error, raised.output) == (False, "raised an exception",
                                                         "a\nZeroDivisionError: division by zero\n")
-    assert run_program_pooled("import os\nos._exit(3)", bwrap=bwrap).error == "the process ended with exit status 3"
+    assert run_program_pooled("import os\nos._exit(3)", sandbox=mode).error == "the process ended with exit status 3"
 
 
 def test_an_infinite_loop_times_out_and_the_next_call_is_quick() -> None:

@@ -33,7 +33,7 @@ from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.checkpoint import STATE_FILE
 from r1lab.train.distributed import Silent, join_world
 from r1lab.train.metrics import training_progress
-from r1lab.train.task_settings import check_settings
+from r1lab.train.task_settings import check_settings, start_sandbox
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
@@ -231,6 +231,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     log = log if world.main else Silent().log
     out = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
+    start_sandbox(cfg, log)
     problems = pick_problems(task, cfg)
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from r1lab.engine.sampling import step_seed
-from r1lab.rewards.sandbox.runner import ProgramResult, active_layers, run_program_pooled
+from r1lab.rewards.sandbox.runner import ProgramResult, run_program_pooled, sandbox_summary
 
 TOOLS = ("", "python")  # "" = no tools
 
@@ -39,6 +39,7 @@ class ToolSpec:
     timeout_s: float = 2.0
     memory_mb: int = 256
     output_chars: int = 512
+    sandbox: str = "auto"  # r1lab.rewards.sandbox.runner.SANDBOXES: the boundary the calls run in
 
     @property
     def open(self) -> str:
@@ -54,7 +55,7 @@ class ToolSpec:
         if not getattr(cfg, "tools", ""):
             return None
         return cls(cfg.tool_tag, cfg.tool_output_tag, cfg.max_tool_calls, cfg.tool_timeout_s, cfg.tool_memory_mb,
-                   cfg.tool_output_chars)
+                   cfg.tool_output_chars, cfg.sandbox)
 
 
 @dataclass
@@ -77,7 +78,7 @@ Runner = Callable[[str, ToolSpec], ProgramResult]
 def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
     """One call, through the sandbox's fork servers (a few milliseconds, not a process start-up per call)."""
     return run_program_pooled(code, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
-                              max_output_bytes=4 * spec.output_chars + 64)
+                              max_output_bytes=4 * spec.output_chars + 64, sandbox=spec.sandbox)
 
 
 def closes_block(turn_text: str, token_ids: list[int], spec: ToolSpec, eos_ids: set[int]) -> bool:
@@ -115,16 +116,11 @@ def output_tokens(result: ProgramResult | None, spec: ToolSpec, tokenizer: Any, 
     return ids, text
 
 
-def isolation_text() -> str:
-    """The sandbox's isolation layers on this machine, as the commands that run code say at start."""
-    return ", ".join(active_layers()) or "no isolation layer"
-
-
 def tool_summary(spec: ToolSpec) -> str:
     """What serve and chat say at start with --tools: the blocks they run, the limits, and what isolates the code
     (in grpo's words)."""
     return (f"python, {spec.open}...{spec.close} blocks (at most {spec.max_calls} per reply, {spec.timeout_s:g} s "
-            f"and {spec.memory_mb} MB each); tool calls run in the sandbox with {isolation_text()}")
+            f"and {spec.memory_mb} MB each); tool calls run {sandbox_summary(spec.sandbox)}")
 
 
 def block_code(turn_text: str, spec: ToolSpec) -> str | None:

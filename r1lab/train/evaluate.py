@@ -31,6 +31,7 @@ from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.distributed import World, join_world
+from r1lab.train.task_settings import start_sandbox
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
 _FULL_CREDIT = 1.0 - 1e-6
@@ -100,6 +101,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
+    start_sandbox(cfg, print if world.main else lambda line: None)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     problems = heldout_problems(task, cfg.split, cfg.problems, cfg.seed)
     if world.main:

@@ -22,14 +22,14 @@ from r1lab.config import GRPOConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import ToolSpec, generate_with_tools, isolation_text
+from r1lab.engine.tools import ToolSpec, generate_with_tools
 from r1lab.model import moe
 from r1lab.model.loading import (DTYPES, check_context, describe_prompts, encode_prompt, load_policy, pick_device,
                                  prompt_text)
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
-from r1lab.rewards.sandbox.runner import active_layers
+from r1lab.rewards.sandbox.runner import active_layers, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
 from r1lab.train.backward_step import BackwardStep, check_one_process
 from r1lab.train.checkpoint import save_checkpoint
@@ -78,7 +78,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     # every data row (or, for a generator, a step's draw) must fit the context with max_new_tokens, before any step
     check_context(model, tokenizer, (stream.pool or stream.batch(0)) + eval_problems, cfg.template, cfg.prefill,
                   cfg.max_new_tokens, cfg.task, cfg.system)
-    isolation = sandbox_metrics(task, log, cfg.tools)
+    isolation = sandbox_metrics(task, log, cfg.tools, cfg.sandbox)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, RL_BETA2)
     start = resume_run(run, cfg, model, optimizer, log, world)
     if start:
@@ -614,16 +614,17 @@ def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, re
             for i in range(min(n, len(rollouts.texts)))]
 
 
-def sandbox_metrics(task: Task, log, tools: str = "") -> dict:
-    """For a code task or tool calls, the isolation layers the sandbox gets on this machine, as metrics
-    (sandbox/bwrap: 1, ...), so that every run records what stood between the policy's code and the host."""
+def sandbox_metrics(task: Task, log, tools: str = "", sandbox: str = "auto") -> dict:
+    """For a code task or tool calls: the process's sandbox choice set, and the isolation layers it gets on this
+    machine as metrics logged every step (sandbox/bwrap: 1, ...; sandbox/none: 1 where the user opted out), so that
+    every run records what stood between the policy's code and the host."""
+    use_sandbox(sandbox)
     if not isinstance(task, (CodeTask, CodeFileTask)) and not tools:
         return {}
-    layers = active_layers()
     what = "code rewards" if not tools else "tool calls" if not isinstance(task, (CodeTask, CodeFileTask)) else \
         "code rewards and tool calls"
-    log(f"grpo: {what} run in the sandbox with {isolation_text()}")
-    return {f"sandbox/{layer}": 1.0 for layer in layers}
+    log(f"grpo: {what} run {sandbox_summary(sandbox)}")
+    return {f"sandbox/{layer}": 1.0 for layer in (("none",) if sandbox == "none" else active_layers(sandbox))}
 
 
 def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: Task, eval_cfg, problems, log,

@@ -1,4 +1,5 @@
-"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions.
+"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions, and whether
+the sandbox that a code task or tool calls need works here.
 
 r1lab.config does not import r1lab.rewards, so this module installs the rules of these fields into it when imported:
 the CLI imports it before it builds its flags (`--task`'s help lists the tasks), and the commands that take these
@@ -13,6 +14,7 @@ from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
 from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
+from r1lab.rewards.sandbox.runner import sandbox_refusal, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task, is_data_source
 from r1lab.rewards.user_functions import load_reward_function
 from r1lab.suggest import did_you_mean
@@ -90,10 +92,26 @@ def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] |
     return parameters
 
 
+def sandbox_problems(cfg) -> list[str]:
+    """A code task or tool calls run model-written code: only inside an OS boundary, or where the user opted out."""
+    if not hasattr(cfg, "sandbox") or not (cfg.tools or getattr(cfg, "task", "") == "code"):
+        return []
+    refusal = sandbox_refusal(cfg.sandbox)
+    return [refusal] if refusal else []
+
+
+def start_sandbox(cfg, log) -> None:
+    """As eval or sample starts: its sandbox choice becomes the process's (for the code task's rewards), and it says
+    what model-written code runs in (NO OS boundary, with --sandbox none)."""
+    use_sandbox(cfg.sandbox)
+    if cfg.tools or cfg.task == "code":
+        log(f"{cfg.kind}: model-written code runs {sandbox_summary(cfg.sandbox)}")
+
+
 RULES.update({"task": (task_problem, TASKS_ALLOWED), "language": (language_problem, LANGUAGES_ALLOWED),
               "language or empty": (lambda value: None if value == "" else language_problem(value),
                                     LANGUAGES_ALLOWED + ", ''")})
-CHECKS.append(task_option_problems)
+CHECKS.extend([task_option_problems, sandbox_problems])
 
 
 def check_settings(cfg) -> None:

@@ -9,10 +9,12 @@ This file then runs as __main__, in this order:
 1. read the payload; stdin, stdout and stderr are pointed at /dev/null, and the real stdout is kept on a private
    fd for the results, so the candidate's prints do not garble them;
 2. resource limits (CPU, address space, file size, open files, no core dumps);
-3. when root: under bubblewrap, a plain drop to uid nobody (bubblewrap made the namespaces and left only
-   CAP_SETUID/CAP_SETGID for this); without it, a private network namespace and a drop to uid nobody that keeps
-   only CAP_DAC_READ_SEARCH (the standard library may live under a root-only path such as /root/.pyenv); as
-   nobody, RLIMIT_NPROC = 0 forbids forks at the OS level, which it does not for root;
+3. the OS confinement this process applies to itself (r1lab.rewards.sandbox.runner says which boundary it runs
+   in): under bubblewrap as root, a drop to uid nobody (bubblewrap left only CAP_SETUID/CAP_SETGID for it); in
+   every mode no new privileges and every capability dropped (elsewhere root stays uid 0), then, for
+   the "landlock" boundary, Landlock rules that let it read only the system and Python directories and write only
+   its working directory; RLIMIT_NPROC = 0 forbids forks (to any uid but the host's). A step that fails ends the process
+   (SETUP_FAILED_STATUS) before any candidate code runs: it never runs less confined than it was asked to be;
 4. an audit hook that refuses process creation, signals, sockets, ctypes, frame and gc introspection, raising
    limits, directory fds (dir_fd-relative opens escape any path check) and writes outside the working directory;
    audit hooks cannot be removed from Python code;
@@ -26,8 +28,8 @@ and trusts none: a forged line can only claim return values, which the parent ju
 used after the candidate starts is bound beforehand (default arguments, locals), because the candidate can rebind
 module globals and builtins, this module's included (it is sys.modules["__main__"]).
 
-Only built-in modules are imported (and resource/ctypes for setup), both for speed and so that no module holding
-a fork primitive (_posixsubprocess) is loaded before the hook is in place.
+Only built-in modules are imported (and resource, ctypes and landlock for setup), both for speed and so that no
+module holding a fork primitive (_posixsubprocess) is loaded before the hook is in place.
 """
 
 import builtins
@@ -37,10 +39,12 @@ import sys
 import time
 
 NOBODY = 65534
-CAP_DAC_READ_SEARCH, CAP_SETGID, CAP_SETUID = 2, 6, 7
-CLONE_NEWNET = 0x40000000
-PR_SET_KEEPCAPS, PR_SET_NO_NEW_PRIVS = 8, 38
+PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 23, 24, 38, 39, 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LAST_CAPABILITY = 63  # the bounding set is dropped up to this; prctl refuses numbers past the kernel's last
 CAPABILITY_VERSION_3 = 0x20080522
+SIGXCPU = 24
+SETUP_FAILED_STATUS = 71  # the confinement could not be applied: nothing ran
 MAX_REASON_CHARS = 200
 MAX_VALUE_CHARS = 1 << 16  # one test's encoded return values; r1lab.rewards.sandbox.judge.MAX_VALUE_CHARS
 MAX_VALUE_DEPTH = 100
@@ -127,53 +131,22 @@ def limit_resources(cpu_s: int, memory_mb: int, file_mb: int, open_files: int) -
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def set_capabilities(libc, ctypes, caps: list[int]) -> bool:
-    """Effective and permitted capabilities become exactly caps (capset(2), version 3)."""
-
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                    ("inheritable", ctypes.c_uint32)]
-
-    mask = sum(1 << c for c in caps)
-    data = (Data * 2)()
-    data[0].effective = data[0].permitted = mask
-    return libc.capset(ctypes.byref(Header(CAPABILITY_VERSION_3, 0)), data) == 0
-
-
-def drop_privileges(libc, ctypes) -> bool:
-    """Root -> uid/gid nobody keeping CAP_DAC_READ_SEARCH; False (still root) when the first step is refused.
-    The parent has given the sandbox directory to nobody already.
-
-    The capabilities are narrowed while still root, so a refusal leaves nothing half done; after setresuid the
-    remaining narrowing only removes capabilities, which cannot be refused.
-    """
-    if libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0:
-        return False
-    if not set_capabilities(libc, ctypes, [CAP_DAC_READ_SEARCH, CAP_SETGID, CAP_SETUID]):
-        return False
-    os.setgroups([])
-    os.setresgid(NOBODY, NOBODY, NOBODY)
-    os.setresuid(NOBODY, NOBODY, NOBODY)
-    if not set_capabilities(libc, ctypes, [CAP_DAC_READ_SEARCH]):
-        os._exit(3)  # cannot happen short of a kernel refusing to drop capabilities; never run code half-dropped
-    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    return True
-
-
-def isolate(network: bool, privileges: bool, bwrapped: bool) -> list[str]:
-    """OS isolation this process adds itself; the names of the layers that took effect ("netns", "uid")."""
-    layers: list[str] = []
-    if os.geteuid() == 0 and bwrapped:
-        if privileges and drop_to_nobody():
-            layers.append("uid")
-    elif os.geteuid() == 0 and (network or privileges):
-        layers = isolate_with_ctypes(network, privileges)
+def confine(config: dict) -> list[str]:
+    """The confinement that does not depend on the working directory: the uid and the capabilities, and no forks
+    (RLIMIT_NPROC binds every uid but the host's root, even in a user namespace: under r1lab's own boundary, run as
+    root, what a call forks dies with its PID namespace, or is killed by the fork server, end_strays). The names of
+    the layers that took effect ("uid", "nocaps"); exits if a step fails."""
+    layers = []
+    if config["boundary"] == "bwrap" and os.geteuid() == 0:
+        if not drop_to_nobody():
+            os._exit(SETUP_FAILED_STATUS)
+        layers.append("uid")
+    if not drop_capabilities():  # under bubblewrap too: it leaves the child capabilities in its inheritable set
+        os._exit(SETUP_FAILED_STATUS)
+    layers.append("nocaps")
     import resource
 
-    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no forks for any uid but root (set after setresuid)
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # set after setresuid: it counts the new uid's processes
     return layers
 
 
@@ -189,21 +162,99 @@ def drop_to_nobody() -> bool:
     return True
 
 
-def isolate_with_ctypes(network: bool, privileges: bool) -> list[str]:
-    """Without bubblewrap, as root: a private network namespace and a drop to nobody, through libc."""
+def drop_capabilities() -> bool:
+    """No new privileges, and no capability left in any set: effective, permitted, inheritable, ambient, and (for
+    root, who may) the bounding set. Root stays uid 0, so that an interpreter installed under /root stays readable
+    without CAP_DAC_READ_SEARCH; with no capability, uid 0 reads and writes by file ownership alone, which the
+    boundary (Landlock, namespaces) confines. True when the kernel confirms every set empty."""
     try:
         import ctypes
     except ImportError:
-        return []
-    layers = []
+        return False
     libc = ctypes.CDLL(None, use_errno=True)
-    if network and libc.unshare(CLONE_NEWNET) == 0:
-        layers.append("netns")
-    if privileges and drop_privileges(libc, ctypes):
-        layers.append("uid")
-    for name in [m for m in sys.modules if m == "ctypes" or m.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]  # a re-import would go through the audit hook, which refuses it
-    return layers
+    try:
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1:
+            return False
+        libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL before Linux 4.3: none to clear
+        for capability in range(LAST_CAPABILITY + 1):
+            if libc.prctl(PR_CAPBSET_READ, capability, 0, 0, 0) == 1 and \
+                    libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and os.geteuid() == 0:
+                return False  # root may drop them all; anyone else has none to use (no new privileges)
+        return set_capabilities(libc, ctypes, []) and capability_sets(libc, ctypes) == (0, 0, 0)
+    finally:
+        ctypes.set_errno(0)  # the landlock package reads errno after its calls: no stale EINVAL from here
+
+
+def set_capabilities(libc, ctypes, caps: list[int]) -> bool:
+    """Effective and permitted capabilities become exactly caps, inheritable none (capset(2), version 3)."""
+    header, data = capability_structures(ctypes)
+    mask = sum(1 << c for c in caps)
+    data[0].effective = data[0].permitted = mask
+    return libc.capset(ctypes.byref(header), data) == 0
+
+
+def capability_sets(libc, ctypes) -> tuple[int, int, int] | None:
+    """(effective, permitted, inheritable) as the kernel reports them (capget(2)), all 64 bits of each."""
+    header, data = capability_structures(ctypes)
+    if libc.capget(ctypes.byref(header), data) != 0:
+        return None
+    return tuple(data[0].__getattribute__(n) | data[1].__getattribute__(n) << 32
+                 for n in ("effective", "permitted", "inheritable"))
+
+
+def capability_structures(ctypes):
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    return Header(CAPABILITY_VERSION_3, 0), (Data * 2)()
+
+
+def forget_setup_modules() -> None:
+    """ctypes and landlock leave sys.modules: a re-import goes through the audit hook, which refuses ctypes."""
+    for name in [m for m in sys.modules if m in ("ctypes", "landlock") or m.startswith(("ctypes.", "_ctypes",
+                                                                                          "landlock."))]:
+        del sys.modules[name]
+
+
+def confine_filesystem(config: dict, workdir: str) -> list[str]:
+    """For the "landlock" boundary: Landlock rules, applied to this process and all it could start, that refuse
+    every file access (reads, writes, creating, removing, linking, renaming, truncating, executing, device ioctls)
+    but reading the directories and files the parent listed, reading and writing the usual devices, and everything
+    inside workdir. Landlock judges the file an open reaches, whatever path or directory fd led there. Exits if the
+    kernel refuses the rules: the boundary was asked for, and is never silently missing."""
+    if config["boundary"] != "landlock":
+        return []
+    rules = config["landlock"]
+    try:
+        sys.path.insert(0, rules["package"])
+        try:
+            import landlock
+        finally:
+            del sys.path[0]
+        access = landlock.FSAccess
+        device = access.all_file() & ~access.EXECUTE  # read, write, truncate, and its ioctls
+        ruleset = landlock.Ruleset()  # handles every access right this kernel knows: what no rule grants is refused
+        ruleset.allow(*rules["read_dirs"], rules=access.READ_FILE | access.READ_DIR)
+        ruleset.allow(*rules["read_files"], rules=access.READ_FILE)
+        ruleset.allow(*rules["devices"], rules=device)
+        ruleset.allow(workdir, rules=access.all() & ~access.EXECUTE)
+        ruleset.apply()
+        os.close(ruleset._fd)  # the package keeps it open; the domain now in force cannot be widened through it
+    except BaseException:  # noqa: B036: whatever went wrong, nothing may run unconfined
+        os._exit(SETUP_FAILED_STATUS)
+    return ["landlock"]
+
+
+def exit_on_cpu_limit() -> None:
+    """The first process of a PID namespace (under unshare) ignores the signals it has no handler for, SIGXCPU
+    included; with this handler the CPU limit ends it as SIGXCPU would, with the status a shell gives for it."""
+    import _signal
+
+    _signal.signal(SIGXCPU, lambda signum, frame, _exit=os._exit: _exit(128 + SIGXCPU))
 
 
 def refuse_builtin(spec, *args):
@@ -228,7 +279,7 @@ def disarm_unaudited() -> None:
 def guard_extensions(create_dynamic):
     """_imp.create_dynamic, checked: only extension modules of this Python installation, none refused.
 
-    The real function raises no "import" event for a module loaded before (the fallback's own _ctypes), and would
+    The real function raises no "import" event for a module loaded before (the setup's own _ctypes), and would
     dlopen a library the candidate wrote. The original lives only in a generator's frame, which nothing reaches
     (gi_frame, tb_frame and f_back are refused by the hook, gc cannot be imported); the replacement talks to it
     through send().
@@ -591,8 +642,27 @@ def serve() -> None:
     while config is not None and (request := read_frame(request_fd)) is not None:
         number += 1
         status, timed_out, output = serve_call(request, config, f"{base}/call-{number}", select)
+        end_strays(config)
         header = b"R" + status.to_bytes(4, "big", signed=True) + bytes([timed_out]) + len(output).to_bytes(8, "big")
         write_all(response_fd, header + output)
+
+
+def end_strays(config: dict) -> None:
+    """Under r1lab's own boundary, after a call: kill every other process of this server's PID namespace, and reap
+    them (its orphans are this process's). The host's root is exempt from RLIMIT_NPROC, even inside a user
+    namespace, so a call's child may have forked, and a process that left its process group would outlive the
+    call. Only as the namespace's first process: kill(-1) spares it, and reaches no process outside."""
+    if config["boundary"] != "landlock" or os.getpid() != 1:
+        return
+    try:
+        os.kill(-1, SIGKILL)
+    except ProcessLookupError:
+        return  # nothing was left
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def read_frame(fd: int) -> dict | None:
@@ -620,14 +690,21 @@ def write_all(fd: int, data: bytes) -> None:
 
 def preload(config: dict) -> None:
     """Import once, in the server, what every child's setup imports, so that a child's setup costs no imports.
-    ctypes (isolate_with_ctypes, root without bubblewrap) too: each child removes it from sys.modules before its
-    hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
+    ctypes and landlock (drop_capabilities, confine_filesystem) too: each child removes them from sys.modules before
+    its hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
     names = ["resource", "types", *sys.builtin_module_names]  # the first two are what setup imports by name
-    if os.geteuid() == 0 and not config["bwrapped"] and (config["network_namespace"] or config["drop_privileges"]):
-        names.append("ctypes")
+    names.append("ctypes")
     for name in names:
         if name == "ctypes" or (name not in REFUSED_MODULES and name not in sys.modules):
             __import__(name)
+    if config["boundary"] == "landlock":
+        sys.path.insert(0, config["landlock"]["package"])
+        try:
+            import landlock
+
+            landlock.landlock_abi_version()  # cached: the children's rules ask for it
+        finally:
+            del sys.path[0]
 
 
 def serve_call(request: dict, config: dict, workdir: str, select) -> tuple[int, bool, bytes]:
@@ -649,7 +726,8 @@ def serve_call(request: dict, config: dict, workdir: str, select) -> tuple[int, 
 
 def run_call(code: str, config: dict, workdir: str, out_fd: int) -> None:
     """In the forked child: what main() does before a one-shot tool call, then the call. Order matters: the uid
-    drop comes before clearing the previous call's files (they are nobody's), the hook last (it refuses setup)."""
+    drop comes before clearing the previous call's files (under bubblewrap they are nobody's), Landlock after the
+    working directory exists (it is the one writable place), the hook last (it refuses setup)."""
     os.setsid()  # its own process group, which the server kills as a whole
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -657,13 +735,15 @@ def run_call(code: str, config: dict, workdir: str, out_fd: int) -> None:
     os.dup2(out_fd, 2)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))  # the server's request and response pipes among them
     limit_resources(config["cpu_s"], config["memory_mb"], config["file_mb"], config["open_files"])
-    layers = isolate(config["network_namespace"], config["drop_privileges"], config["bwrapped"])
-    scratch = (workdir.rpartition("/")[0],) + (("/tmp", "/dev/shm") if config["bwrapped"] else ())
+    layers = confine(config)
+    scratch = (workdir.rpartition("/")[0],) + (("/tmp", "/dev/shm") if config["boundary"] == "bwrap" else ())
     if not all(clear_directory(d) for d in scratch):
         os._exit(STALE_FILES_STATUS)  # never run with an earlier call's files in reach; the parent restarts us
     os.mkdir(workdir, 0o700)
     os.chdir(workdir)
     os.environ["HOME"] = os.environ["TMPDIR"] = workdir  # tempfile writes inside the working directory
+    layers += confine_filesystem(config, workdir)
+    forget_setup_modules()
     disarm_unaudited()
     hook = make_hook(os.getcwd())
     os.write(1, f"layers {','.join(layers + ['audit'])}\n".encode())
@@ -753,7 +833,10 @@ def main() -> None:
         os.dup2(result_fd, 1)
         os.dup2(result_fd, 2)
     limit_resources(payload["cpu_s"], payload["memory_mb"], payload["file_mb"], payload["open_files"])
-    layers = isolate(payload["network_namespace"], payload["drop_privileges"], payload["bwrapped"])
+    layers = confine(payload) + confine_filesystem(payload, os.getcwd())
+    forget_setup_modules()
+    if os.getpid() == 1:
+        exit_on_cpu_limit()
     disarm_unaudited()
     hook = make_hook(os.getcwd())
     os.write(result_fd, f"layers {','.join(layers + ['audit'])}\n".encode())

@@ -10,28 +10,43 @@ code is treated as hostile. Two halves:
   verdict is evaluated here on them. The sandboxed process holds no expected value, nonce or secret, so nothing
   it can read or forge earns a pass: at most it claims return values, and those are judged.
 
-What contains the process, from the outside in:
+What contains the process, from the outside in. Model-written code runs only inside an OS boundary, one of:
 
-- bubblewrap, when `bwrap` is installed and works here (probed once per process): new mount, PID, network, IPC
-  and UTS namespaces; only /usr (and its /lib, /bin links), the Python installation and the child script,
-  read-only; a fresh /proc that shows only the sandbox; private size-limited tmpfs for the working directory,
-  /tmp and /dev/shm, gone with the process; no /etc, no host /tmp, no view of this process;
-- its own process group in a new session, killed as a whole in a `finally`, whatever happens here
-  (bubblewrap's --die-with-parent takes the sandbox's PID namespace with it);
+- "bwrap": bubblewrap, when `bwrap` is installed and works here (probed once per process): new mount, PID,
+  network, IPC and UTS namespaces; only /usr (and its /lib, /bin links), the Python installation and the child
+  script, read-only; a fresh /proc that shows only the sandbox; private size-limited tmpfs for the working
+  directory, /tmp and /dev/shm, gone with the process; no /etc, no host /tmp, no view of this process; as root,
+  the child drops to uid nobody, and in any case every capability (bubblewrap leaves some inheritable);
+- "landlock", r1lab's own where bubblewrap is missing: util-linux's `unshare` makes user (its root mapped to our
+  uid), PID, network, IPC and UTS namespaces, and the child, before any candidate code, drops every capability
+  (effective, permitted, inheritable, ambient and the bounding set; no new privileges; it stays the namespace's
+  uid 0, so that a Python installed under /root stays readable) and confines itself with Landlock (the `landlock`
+  package): it may read only /usr, the system library directories, the Python installation, the loader's cache
+  and a few devices, execute nothing, and write only its own working directory. Landlock judges the file a call
+  reaches, so no path or descriptor trick (dir_fd, fchdir, O_PATH) gets past it; /proc, /tmp and the problem
+  files are out of reach.
+
+Where neither works, run_tests and run_program refuse (an error result naming what to install), and the commands
+refuse code tasks and --tools at start (sandbox_refusal), unless the user opts out with sandbox "none": then the
+child runs with no OS boundary, capabilities dropped, and the audit hook below as its only guard.
+
+Inside every mode:
+
+- its own process group in a new session, killed as a whole in a `finally`, whatever happens here (the PID
+  namespace goes with its first process);
 - a wall-clock timeout (here) and a CPU-time limit (in the child), address-space, file-size and open-file limits,
-  and no core dumps;
-- when this process is root: uid nobody with RLIMIT_NPROC = 0, so forks, signals and writes to the host fail at
-  the OS level; without bubblewrap, also a private network namespace, and a fresh host temporary directory;
-- in any case, a Python audit hook installed before the candidate runs (r1lab/rewards/sandbox/child.py) that refuses
-  process creation, signals, sockets, ctypes, frame/gc introspection, directory fds and writes outside its
-  working directory. It is what contains a root child when the OS layers are not permitted.
+  and no core dumps; RLIMIT_NPROC = 0, which forbids forks to every uid but the host's root (exempt even in a
+  user namespace: under r1lab's own boundary a process forked by the code dies with its PID namespace, and the
+  fork server kills whatever a call left before the next);
+- a Python audit hook installed before the candidate runs (r1lab/rewards/sandbox/child.py) that refuses process
+  creation, signals, sockets, ctypes, frame/gc introspection, directory fds and writes outside its working
+  directory: a second line behind the OS boundary, not a boundary itself (CPython's documentation says as much).
 
-SandboxResult.layers names the layers that took effect: "bwrap", "netns", "uid", "audit".
+SandboxResult.layers names the layers that took effect: "bwrap", "userns", "netns", "pidns", "landlock", "uid"
+(dropped to nobody), "nocaps" (no capability in any set, no new privileges), "audit".
 
-Limits of the design: without bubblewrap, the audit hook is an in-process guard, not a security boundary
-(CPython's documentation says as much), and the candidate can read host files that root can read; run the
-trainer in a container or VM as well, or install bubblewrap. Return values must be plain data: a test of an
-object the solution returns (a class instance, a generator) cannot be judged.
+Limits of the design: return values must be plain data: a test of an object the solution returns (a class
+instance, a generator) cannot be judged.
 
 The tool calls of a rollout (r1lab/engine/tools.py) run in the same sandbox: the program runs once and what it prints,
 rather than a report of return values, comes back; nothing is judged on it. run_program starts a process per call;
@@ -40,17 +55,18 @@ run_program_pooled, which the tools use, gets the same result from a fork server
 The fork server. Starting the sandbox (bubblewrap, then a Python interpreter) costs 40-60 ms of CPU, and a GRPO run
 with tools makes thousands of calls. So run_program_pooled keeps a pool of servers (one per worker thread, up to the
 CPU count, per configuration of limits; stopped at exit): each is started exactly like the one-shot child (the same
-bubblewrap namespaces and mounts, its own process group) with `--server`, loads once, and per call forks a child.
+namespaces, mounts, its own process group) with `--server`, loads once, and per call forks a child.
 The server itself never runs candidate code; what would stop it forking or cannot be undone is applied in each
 forked child, before the code runs, in the one-shot child's order: its own process group (killed whole by the
 server at the wall-clock timeout or past the output limit), stdio on a fresh pipe and every other fd closed, the
-resource limits, uid nobody with RLIMIT_NPROC = 0 (when root), the previous call's files cleared (and /tmp,
-/dev/shm under bubblewrap; a child that cannot clear them exits, and the server is replaced), a fresh working
-directory, the audit hook. A call therefore starts from the server's pristine memory: nothing a call does (globals,
-monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces a deadline on the
-server too: a server that dies or does not answer is killed, the call in flight gets an error result, and the next
-call starts a new server. What the calls of one server share is that they run one after another in the same
-namespaces (a call's child can neither fork nor outlive its call, so nothing of it is left running).
+resource limits and the drop of uid or capabilities, the previous call's files cleared (and /tmp, /dev/shm under
+bubblewrap; a child that cannot clear them exits, and the server is replaced), a fresh working directory, Landlock
+on it (sandbox "landlock"), the audit hook. A call therefore starts from the server's pristine memory: nothing a
+call does (globals, monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces
+a deadline on the server too: a server that dies or does not answer is killed, the call in flight gets an error
+result, and the next call starts a new server. What the calls of one server share is that they run one after
+another in the same namespaces (nothing of a call is left running: it cannot fork, or, run by the host's root
+under r1lab's own boundary, what it forked is killed after it).
 
     from r1lab.rewards.sandbox.runner import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
@@ -62,6 +78,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import importlib.util
 import marshal
 import math
 import os
@@ -79,18 +96,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from r1lab.rewards.sandbox.child import NOBODY, SERVER_FLAG, STALE_FILES_STATUS
+from r1lab.rewards.sandbox.child import SERVER_FLAG, STALE_FILES_STATUS
 from r1lab.rewards.sandbox.judge import SplitTest, UnjudgeableTestError, parse_values, split_test
 
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 TEMP_PREFIX = "r1lab-sandbox-"
 MAX_OUTPUT_BYTES = 1 << 22  # a report is a line of values per test; more than this is the candidate flooding
+SANDBOXES = ("auto", "bwrap", "landlock", "none")  # the choices of --sandbox (r1lab/config/groups.py lists them too)
+BOUNDARIES = ("bwrap", "landlock")  # the OS boundaries, in the order "auto" tries them
+_MODE_LAYERS = {"bwrap": ("bwrap", "netns", "pidns"), "landlock": ("userns", "netns", "pidns"), "none": ()}
 _REAP_TIMEOUT_S = 5.0
 _PROBE_TIMEOUT_S = 10.0
 _SANDBOX_DIR = "/sandbox"  # the working directory inside bubblewrap
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin")
+_LOADER_CACHE = "/etc/ld.so.cache"  # how the loader finds shared libraries; the rest of /etc stays out
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
 _ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
 _LAYERS_LINE_BYTES = 4096  # room for a tool call's first line, the layers the child wrote before the program ran
+_default_sandbox = "auto"
 
 
 @dataclass(frozen=True)
@@ -99,7 +122,7 @@ class SandboxResult:
     total: int
     error: str | None = None  # why the first failing test failed, or why nothing ran
     timed_out: bool = False
-    layers: tuple[str, ...] = ()  # isolation that took effect: "bwrap", "netns", "uid", "audit"
+    layers: tuple[str, ...] = ()  # isolation that took effect: "bwrap", "netns", "pidns", "landlock", ..., "audit"
 
     @property
     def fraction(self) -> float:
@@ -108,30 +131,28 @@ class SandboxResult:
 
 def run_tests(code: str, tests: Sequence[str], *, entry_point: str | None = None, timeout_s: float = 2.0,
               memory_mb: int = 256, cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
-              network_namespace: bool = True, drop_privileges: bool = True, bwrap: bool | None = None) -> SandboxResult:
+              sandbox: str | None = None) -> SandboxResult:
     """Run code in the sandbox, afresh for each test (an assert statement, see r1lab.rewards.sandbox.judge), make the
     test's calls there and judge the returned values here; never raises for anything the code does. With an
     entry_point, tests may call it as `candidate`. A test the judge cannot split fails alone. cpu_s (a backstop:
-    the wall-clock timeout_s normally ends the run first) defaults to timeout_s rounded up, plus one. bwrap:
-    None uses bubblewrap when it works on this machine; False never; True requires it (an error if it does not
-    work)."""
+    the wall-clock timeout_s normally ends the run first) defaults to timeout_s rounded up, plus one. sandbox: one
+    of SANDBOXES, None for the process's choice (use_sandbox); a boundary that does not work here runs nothing and
+    fails every test with sandbox_refusal's reason."""
     tests = [str(t) for t in tests]
     if not tests:
         return SandboxResult(0, 0, error="no tests")
     if not isinstance(code, str):
         return SandboxResult(0, len(tests), error="code is not a string")
-    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
-    if bwrapped and not bwrap_works():
-        return SandboxResult(0, len(tests), error="bubblewrap was required but does not work on this machine")
+    mode = resolve_sandbox(sandbox)
+    if mode is None:
+        return SandboxResult(0, len(tests), error=sandbox_refusal(sandbox))
     splits = [_split_or_reason(t, entry_point) for t in tests]
     payload = marshal.dumps({
         "code": code, "tests": [list(s.calls) if isinstance(s, SplitTest) else [] for s in splits],
-        "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1), "memory_mb": int(memory_mb), "file_mb": int(file_mb),
-        "open_files": int(open_files), "network_namespace": bool(network_namespace),
-        "drop_privileges": bool(drop_privileges), "bwrapped": bwrapped,
+        **_child_config(mode, int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files)),
     })
-    output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb))
-    return _judge_report(output, splits, timed_out, returncode, bwrapped)
+    output, timed_out, returncode = _execute(payload, timeout_s, mode, int(file_mb))
+    return _judge_report(output, splits, timed_out, returncode, mode)
 
 
 @dataclass(frozen=True)
@@ -147,38 +168,37 @@ class ProgramResult:
 
 
 def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
-                cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64, network_namespace: bool = True,
-                drop_privileges: bool = True, bwrap: bool | None = None) -> ProgramResult:
+                cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
+                sandbox: str | None = None) -> ProgramResult:
     """Run a program once in the sandbox (the tool calls of a rollout, r1lab/engine/tools.py) and return what it printed;
     the same isolation and limits as run_tests. Never raises for anything the code does."""
-    bwrapped, refused = _program_preflight(code, bwrap)
+    mode, refused = _program_preflight(code, sandbox)
     if refused is not None:
         return refused
     payload = marshal.dumps({
-        "code": code, "tests": [], "program": True, "cpu_s": int(cpu_s or math.ceil(timeout_s) + 1),
-        "memory_mb": int(memory_mb), "file_mb": int(file_mb), "open_files": int(open_files),
-        "network_namespace": bool(network_namespace), "drop_privileges": bool(drop_privileges), "bwrapped": bwrapped,
+        "code": code, "tests": [], "program": True,
+        **_child_config(mode, int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files)),
     })
     limit = max_output_bytes + _LAYERS_LINE_BYTES
-    output, timed_out, returncode = _execute(payload, timeout_s, bool(drop_privileges), bwrapped, int(file_mb), limit)
-    return _program_result(output, timed_out, returncode, bwrapped, timeout_s, max_output_bytes)
+    output, timed_out, returncode = _execute(payload, timeout_s, mode, int(file_mb), limit)
+    return _program_result(output, timed_out, returncode, mode, timeout_s, max_output_bytes)
 
 
-def _program_preflight(code: object, bwrap: bool | None) -> tuple[bool, ProgramResult | None]:
-    """(whether the program runs under bubblewrap, or the result that refuses it before anything starts)."""
+def _program_preflight(code: object, sandbox: str | None) -> tuple[str, ProgramResult | None]:
+    """(the mode the program runs in, or the result that refuses it before anything starts)."""
     if not isinstance(code, str):
-        return False, ProgramResult("", False, error="code is not a string")
-    bwrapped = bwrap_works() if bwrap is None else bool(bwrap)
-    if bwrapped and not bwrap_works():
-        return bwrapped, ProgramResult("", False, error="bubblewrap was required but does not work on this machine")
-    return bwrapped, None
+        return "", ProgramResult("", False, error="code is not a string")
+    mode = resolve_sandbox(sandbox)
+    if mode is None:
+        return "", ProgramResult("", False, error=sandbox_refusal(sandbox))
+    return mode, None
 
 
-def _program_result(output: bytes, timed_out: bool, returncode: int | None, bwrapped: bool, timeout_s: float,
+def _program_result(output: bytes, timed_out: bool, returncode: int | None, mode: str, timeout_s: float,
                     max_output_bytes: int) -> ProgramResult:
     """A tool call's result from what its process wrote (the layers line first) and how it ended."""
     head, _, printed = output.partition(b"\n") if output.startswith(b"layers ") else (b"", b"", output)
-    layers = (("bwrap", "netns") if bwrapped else ()) + tuple(x for x in head[7:].decode().split(",") if x)
+    layers = _MODE_LAYERS[mode] + tuple(x for x in head[7:].decode().split(",") if x)
     truncated = len(printed) > max_output_bytes
     text = printed[:max_output_bytes].decode("utf-8", "replace")
     if returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
@@ -196,11 +216,11 @@ def _program_result(output: bytes, timed_out: bool, returncode: int | None, bwra
     return ProgramResult(text, error is None, timed_out, truncated, error, layers)
 
 
-@functools.lru_cache(maxsize=1)
-def active_layers() -> tuple[str, ...]:
-    """The isolation layers a default run_tests gets on this machine (SandboxResult.layers of an empty program),
-    measured once per process: for the trainer to log at start."""
-    return run_tests("", ["assert True"]).layers
+@functools.lru_cache(maxsize=None)
+def active_layers(sandbox: str | None = None) -> tuple[str, ...]:
+    """The isolation layers a run_tests with this sandbox choice gets on this machine (SandboxResult.layers of an
+    empty program; () where it is refused), measured once per process: for the commands to say at start."""
+    return run_tests("", ["assert True"], sandbox=sandbox or _default_sandbox).layers
 
 
 def _split_or_reason(test: str, entry_point: str | None) -> SplitTest | str:
@@ -210,22 +230,106 @@ def _split_or_reason(test: str, entry_point: str | None) -> SplitTest | str:
         return f"the test cannot be judged: it {e}"
 
 
-# ---------------------------------------------------------------- bubblewrap
+# ---------------------------------------------------------------- choosing the boundary
+
+
+def use_sandbox(choice: str) -> None:
+    """The process's sandbox choice, for the calls that name none (a command's --sandbox, set as it starts)."""
+    global _default_sandbox
+    if choice not in SANDBOXES:
+        raise ValueError(f"sandbox: {choice!r} is not one of {', '.join(SANDBOXES)}")
+    _default_sandbox = choice
+
+
+def resolve_sandbox(choice: str | None = None) -> str | None:
+    """The mode a choice gets here: "bwrap", "landlock", or "none" (the user opted out); None where the boundary
+    asked for (for "auto": any) does not work on this machine."""
+    choice = choice or _default_sandbox
+    if choice == "none":
+        return "none"
+    if choice not in SANDBOXES:
+        return None
+    return next((b for b in (BOUNDARIES if choice == "auto" else (choice,)) if boundary_works(b)), None)
+
+
+def sandbox_refusal(choice: str | None = None) -> str | None:
+    """None where the choice gets a boundary here, else the one line that says why not and what to install."""
+    choice = choice or _default_sandbox
+    if resolve_sandbox(choice) is not None:
+        return None
+    install = {"bwrap": "install bubblewrap (apt-get install bubblewrap) where it may create namespaces",
+               "landlock": "r1lab's own needs util-linux's unshare with namespaces allowed, `pip install landlock` "
+                           "and a Linux kernel with Landlock (5.13+)"}
+    if choice in BOUNDARIES:
+        return f"sandbox: {choice!r} does not work on this machine: {install[choice]}"
+    if choice not in SANDBOXES:
+        return f"sandbox: {choice!r} is not one of {', '.join(SANDBOXES)}"
+    return (f"sandbox: model-written code runs only inside an OS boundary, and none works on this machine: "
+            f"{install['bwrap']}, or {install['landlock']}; or pass --sandbox none to run it unconfined")
+
+
+def sandbox_summary(choice: str | None = None) -> str:
+    """How the commands that run code end "... run " at start: the layers the sandbox gets here, or that there are
+    none."""
+    mode = resolve_sandbox(choice)
+    if mode == "none":
+        return "UNCONFINED (--sandbox none): no OS boundary, only the audit hook and resource limits"
+    if mode is None:
+        return "nowhere: no sandbox boundary works here"
+    return f"in the sandbox with {', '.join(active_layers(choice))}"
+
+
+@functools.lru_cache(maxsize=None)
+def boundary_works(mode: str) -> bool:
+    """Whether this boundary runs the child here: its tools installed, and allowed to make its namespaces and rules
+    (a container may forbid them). Probed with a real, empty run once per process."""
+    if mode == "bwrap" and shutil.which("bwrap") is None:
+        return False
+    if mode == "landlock" and (shutil.which("unshare") is None or _landlock_package() is None):
+        return False
+    payload = marshal.dumps({"code": "", "tests": [[]], **_child_config(mode, 5, 256, 1, 64)})
+    try:
+        output, timed_out, returncode = _execute(payload, _PROBE_TIMEOUT_S, mode, 1)
+    except OSError:
+        return False
+    layers = output.partition(b"\n")[0].split(b" ")[-1].split(b",")  # the child's own first line
+    confined = mode != "landlock" or b"landlock" in layers
+    return not timed_out and returncode == 0 and b"\n0 ok []\n" in output and confined
 
 
 @functools.lru_cache(maxsize=1)
-def bwrap_works() -> bool:
-    """Whether bubblewrap runs the child here: installed, and allowed to make its namespaces (a container may
-    forbid them). Probed with a real, empty run once per process."""
-    if shutil.which("bwrap") is None:
-        return False
-    payload = marshal.dumps({"code": "", "tests": [[]], "cpu_s": 5, "memory_mb": 256, "file_mb": 1,
-                             "open_files": 64, "network_namespace": True, "drop_privileges": True, "bwrapped": True})
-    try:
-        output, timed_out, returncode = _execute(payload, _PROBE_TIMEOUT_S, True, True, 1)
-    except OSError:
-        return False
-    return not timed_out and returncode == 0 and b"\n0 ok []\n" in output
+def _landlock_package() -> str | None:
+    """The directory the `landlock` package is imported from (the child, run with -I -S, has no site-packages)."""
+    spec = importlib.util.find_spec("landlock")
+    return None if spec is None or spec.origin is None else str(Path(spec.origin).parent.parent)
+
+
+def _child_config(mode: str, cpu_s: int, memory_mb: int, file_mb: int, open_files: int) -> dict:
+    """The limits and the confinement the child applies to itself (to each call's child, for the fork server)."""
+    config = {"cpu_s": cpu_s, "memory_mb": memory_mb, "file_mb": file_mb, "open_files": open_files, "boundary": mode}
+    if mode == "landlock":
+        config["landlock"] = _landlock_rules()
+    return config
+
+
+@functools.lru_cache(maxsize=1)
+def _landlock_rules() -> dict:
+    """What the child may read under Landlock (besides its working directory, its only writable place): what
+    bubblewrap would mount, the devices no program does without, and where the landlock package is loaded from."""
+    prefix = os.path.realpath(sys.base_prefix)
+    return {"package": _landlock_package(), "read_dirs": [d for d in (*_SYSTEM_DIRS, prefix) if os.path.isdir(d)],
+            "read_files": [_LOADER_CACHE] if os.path.isfile(_LOADER_CACHE) else [],
+            "devices": [d for d in _DEVICES if os.path.exists(d)]}
+
+
+def _unshare_argv() -> list[str]:
+    """util-linux's unshare: the child is the first process of new user, PID, network, IPC and UTS namespaces (all
+    its processes die with it), killed if unshare dies. The user namespace maps its root to our uid: the child owns
+    what we own (an interpreter under /root included), and no capability it holds there counts outside."""
+    return ["unshare", "--user", "--map-root-user", "--fork", "--kill-child", "--pid", "--net", "--ipc", "--uts"]
+
+
+# ---------------------------------------------------------------- bubblewrap
 
 
 def _bwrap_argv(file_mb: int) -> list[str]:
@@ -242,8 +346,8 @@ def _bwrap_argv(file_mb: int) -> list[str]:
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             argv += ["--ro-bind", path, path]
-    if os.path.exists("/etc/ld.so.cache"):  # how the loader finds shared libraries; the rest of /etc stays out
-        argv += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    if os.path.exists(_LOADER_CACHE):
+        argv += ["--ro-bind", _LOADER_CACHE, _LOADER_CACHE]
     prefix = os.path.realpath(sys.base_prefix)
     if not any(prefix == d or prefix.startswith(d + "/") for d in _SYSTEM_DIRS):
         for parent in reversed(Path(prefix).parents[:-1]):  # bubblewrap would make them 0700: nobody's dead end
@@ -262,16 +366,16 @@ def _bwrap_argv(file_mb: int) -> list[str]:
 # ---------------------------------------------------------------- the child process
 
 
-def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool, file_mb: int,
+def _execute(payload: bytes, timeout_s: float, mode: str, file_mb: int,
              max_bytes: int = MAX_OUTPUT_BYTES) -> tuple[bytes, bool, int | None]:
     """(report bytes, timed out, exit status) of one child. The process group and any host directory are gone on
     return, even when an alarm (rewards.call_with_timeout) fires meanwhile: it is held back until cleanup is
     done, and kills the child at once so that it is not held back for long."""
     with _held_alarm() as on_alarm:
-        workdir = None if bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        workdir = None if mode == "bwrap" else tempfile.mkdtemp(prefix=TEMP_PREFIX)
         proc = None
         try:
-            proc = _start_sandboxed(workdir, drop, bwrapped, file_mb)
+            proc = _start_sandboxed(workdir, mode, file_mb)
             on_alarm.append(lambda: _kill_group(proc))
             output, timed_out = _exchange(proc, payload, timeout_s, max_bytes)
         finally:
@@ -279,16 +383,15 @@ def _execute(payload: bytes, timeout_s: float, drop: bool, bwrapped: bool, file_
         return output, timed_out, proc.returncode
 
 
-def _start_sandboxed(workdir: str | None, drop: bool, bwrapped: bool, file_mb: int,
+def _start_sandboxed(workdir: str | None, mode: str, file_mb: int,
                      extra_argv: tuple[str, ...] = ()) -> subprocess.Popen:
-    """The child script in the sandbox (bubblewrap, or a bare interpreter working in the host directory workdir),
-    in a session of its own, with a minimal environment; its stdin and stdout are pipes to us."""
-    if workdir is not None and drop and os.geteuid() == 0:  # the child, as nobody, writes there
-        os.chown(workdir, NOBODY, NOBODY)
-    # -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages;
-    # -B: no .pyc writes. A minimal environment, so nothing of ours leaks to the candidate.
-    argv = _bwrap_argv(file_mb) if bwrapped else [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
-    home = _SANDBOX_DIR if bwrapped else workdir
+    """The child script in the sandbox (bubblewrap; or unshare, or nothing, around an interpreter working in the
+    host directory workdir), in a session of its own, with a minimal environment; its stdin and stdout are pipes to
+    us. -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages; -B: no
+    .pyc writes. A minimal environment, so nothing of ours leaks to the candidate."""
+    python = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
+    argv = _bwrap_argv(file_mb) if mode == "bwrap" else _unshare_argv() + python if mode == "landlock" else python
+    home = _SANDBOX_DIR if mode == "bwrap" else workdir
     return subprocess.Popen([*argv, *extra_argv], cwd=workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
@@ -395,7 +498,7 @@ def _deliver(handler: object, frame: object) -> None:
 
 
 def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int | None,
-                  bwrapped: bool) -> SandboxResult:
+                  mode: str) -> SandboxResult:
     """Judge the first line the child wrote for each test; a test with no line, or a failing one, fails."""
     lines = _first_lines(output, len(splits))
     failures = [reason for index, split in enumerate(splits)
@@ -407,7 +510,7 @@ def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int 
         error = "timed out"
     elif "done" not in lines and error is not None:
         error = f"the sandboxed process ended early (exit status {returncode}); first failure: {error}"
-    layers = (("bwrap", "netns") if bwrapped else ()) + tuple(lines.get("layers", "").split(","))
+    layers = _MODE_LAYERS[mode] + tuple(lines.get("layers", "").split(","))
     return SandboxResult(passed, len(splits), error, timed_out, tuple(x for x in layers if x))
 
 
@@ -443,16 +546,14 @@ def _verdict(split: SplitTest, line: str | None) -> str | None:
 
 def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
                        cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
-                       network_namespace: bool = True, drop_privileges: bool = True,
-                       bwrap: bool | None = None) -> ProgramResult:
+                       sandbox: str | None = None) -> ProgramResult:
     """run_program through a pre-started sandbox (see "The fork server" above): the same arguments, limits and
     result, a few milliseconds a call. Safe from several threads; never raises for anything the code does, nor when
     the server fails (an error result; the next call starts a new one)."""
-    bwrapped, refused = _program_preflight(code, bwrap)
+    mode, refused = _program_preflight(code, sandbox)
     if refused is not None:
         return refused
-    config = _ServerConfig(int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files),
-                           bool(network_namespace), bool(drop_privileges), bwrapped)
+    config = _ServerConfig(int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files), mode)
     pool = _pool(config)
     server = pool.acquire()
     try:
@@ -461,7 +562,7 @@ def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 25
         return ProgramResult("", False, error=f"the sandbox server failed: {e}")
     finally:
         pool.release(server)
-    return _program_result(output, timed_out, status, bwrapped, timeout_s, max_output_bytes)
+    return _program_result(output, timed_out, status, mode, timeout_s, max_output_bytes)
 
 
 @dataclass(frozen=True)
@@ -472,9 +573,7 @@ class _ServerConfig:
     memory_mb: int
     file_mb: int
     open_files: int
-    network_namespace: bool
-    drop_privileges: bool
-    bwrapped: bool
+    mode: str  # "bwrap", "landlock" or "none"
 
 
 class _ServerFailure(Exception):
@@ -524,17 +623,14 @@ class _ForkServer:
     def start(self) -> None:
         self.stop()
         config = self.config
-        drop = config.drop_privileges
-        self.workdir = None if config.bwrapped else tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        self.workdir = None if config.mode == "bwrap" else tempfile.mkdtemp(prefix=TEMP_PREFIX)
         # Started from one long-lived thread: bubblewrap's --die-with-parent kills the sandbox when the *thread*
         # that started it ends, and tool calls run on short-lived worker threads.
-        self.proc = _STARTER.submit(_start_sandboxed, self.workdir, drop, config.bwrapped, config.file_mb,
+        self.proc = _STARTER.submit(_start_sandboxed, self.workdir, config.mode, config.file_mb,
                                     (SERVER_FLAG,)).result()
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
-        limits = {"cpu_s": config.cpu_s, "memory_mb": config.memory_mb, "file_mb": config.file_mb,
-                  "open_files": config.open_files, "network_namespace": config.network_namespace,
-                  "drop_privileges": drop, "bwrapped": config.bwrapped}
+        limits = _child_config(config.mode, config.cpu_s, config.memory_mb, config.file_mb, config.open_files)
         self.pending = _frame(limits)  # sent with the first request, under its deadline
 
     def stop(self) -> None:
