@@ -7,11 +7,14 @@ always had. Users' reward functions are found only as a command starts: finding 
 the user's code.
 """
 
+import dataclasses
 import inspect
 
 from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
+from r1lab.model.templates import THINK_CLOSE, resolve_template, response_prefix, template_opens_think
 from r1lab.rewards import tasks
+from r1lab.rewards.answers import choose_answer_format
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
 from r1lab.rewards.user_functions import load_reward_function
@@ -104,3 +107,34 @@ def check_settings(cfg) -> None:
             problems.append(str(err))
     if problems:
         raise ValueError(f"invalid {cfg.kind} config: " + "; ".join(problems))
+
+
+def task_solutions(task) -> list[str]:
+    """A data file's reference solutions as written (for the auto answer format); none for a generator task."""
+    if not isinstance(task, tasks.DatasetTask):
+        return []
+    return [p.meta.get("solution", "") for p in task.rows]
+
+
+def settle_answer_format(cfg, tokenizer, task) -> tuple[str, str]:
+    """(format, why): cfg.answer_format, or for auto what the chat template or the data implies."""
+    if cfg.answer_format != "auto":
+        return choose_answer_format(cfg.answer_format)
+    template = resolve_template(tokenizer, cfg.template)
+    return choose_answer_format("auto", opens_think=template_opens_think(tokenizer, cfg.template),
+                                closes_think=template == "chat" and THINK_CLOSE in tokenizer.chat_template,
+                                template=template, solutions=task_solutions(task))
+
+
+def with_answer_format(cfg, tokenizer, task, log=print):
+    """cfg with its answer format settled, said in one line (the commands call this once, at start)."""
+    chosen, why = settle_answer_format(cfg, tokenizer, task)
+    log(f"{cfg.kind.lower()}: answer format {chosen} ({why})")
+    return dataclasses.replace(cfg, answer_format=chosen)
+
+
+def scoring_keywords(cfg, tokenizer, task) -> dict:
+    """score_completions' answer_format and response_prefix for a command's settings: the format settled, and the
+    response its prompts already write (a prefill, or the `<think>` a chat template opens)."""
+    return {"answer_format": settle_answer_format(cfg, tokenizer, task)[0],
+            "response_prefix": response_prefix(tokenizer, cfg.template, cfg.prefill)}
