@@ -170,16 +170,19 @@ def test_score_a_data_file_task_five_right_five_wrong(tmp_path):
     assert all(r["think_in_prompt"] for r in report["results"]) and report["results"][3]["answer"] == "6"
 
 
-def test_score_the_builtin_arithmetic_task_with_chat_rows(tmp_path, capsys):
+@pytest.mark.parametrize("answer_format,said", [("boxed", "boxed (as given)"),
+                                                ("auto", "boxed (10 of 10 completions write \\boxed, 0 an </answer>)")])
+def test_score_the_builtin_arithmetic_task_five_right_five_wrong(tmp_path, capsys, answer_format, said):
     problems = get_task("arithmetic").problems("test", 10, seed=0)
-    rows = [{"prompt": [{"role": "user", "content": p.prompt}],  # TRL's conversational rows
-             "completion": [{"role": "assistant", "content": _completion(int(p.answer) + (i % 2))}]}
-            for i, p in enumerate(problems)]
+    rows = [{"prompt": p.prompt, "completion": _completion(int(p.answer) + (i % 2))} for i, p in enumerate(problems)]
+    rows[0] = {"prompt": [{"role": "user", "content": rows[0]["prompt"]}],  # TRL's conversational rows too
+               "completion": [{"role": "assistant", "content": rows[0]["completion"]}]}
     completions = _write_rows(tmp_path / "api.jsonl", rows)
-    main(["score", "--task", "arithmetic", "--completions", str(completions), "--answer-format", "auto"])
+    main(["score", "--task", "arithmetic", "--completions", str(completions), "--answer-format", answer_format])
     report = json.loads((tmp_path / "api.score.json").read_text())
     assert report["accuracy"] == 0.5 and report["format_rate"] == 1.0
-    assert "score: answer format boxed (10 of 10 completions write \\boxed" in capsys.readouterr().out
+    assert [r["correct"] for r in report["results"]] == [i % 2 == 0 for i in range(10)]
+    assert f"score: answer format {said}" in capsys.readouterr().out
 
 
 def test_score_a_tags_completion_and_a_code_file_through_the_sandbox(tmp_path):
