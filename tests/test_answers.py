@@ -161,6 +161,7 @@ def test_score_a_data_file_task_five_right_five_wrong(tmp_path):
                                                  for n in range(10)])
     rows = [{"prompt": f"What is {n} + {n}?", "completion": _completion(2 * n if n % 2 else 2 * n + 1)}
             for n in range(10)]
+    rows[9]["prompt"] = "<|User|>What is 9 + 9?<|Assistant|><think>\n"  # as a template rendered it, <think> opened
     completions, out = _write_rows(tmp_path / "vllm.jsonl", rows), tmp_path / "scores.json"
     main(["score", "--task", str(data), "--completions", str(completions), "--answer-format", "boxed",
           "--out", str(out)])

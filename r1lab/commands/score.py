@@ -2,8 +2,9 @@
 `r1lab score --task NAME_OR_FILE --completions FILE.jsonl [--answer-format F] --out OUT.json`.
 
 Each row of FILE.jsonl holds `prompt` and `completion`. The prompt is a task problem's question (a string, or chat
-messages whose last user message is the question), matched to the task's problems: a data file's rows, or for a
-generator task the problem its prompt writes out (arithmetic, countdown). The completion is the model's text (a
+messages whose last user message is the question), matched to the task's problems: a data file's rows (also inside
+a prompt as a chat template rendered it), or for a generator task the problem its prompt writes out (arithmetic,
+countdown). The completion is the model's text (a
 string, or assistant messages). Scoring is score_completions, exactly what GRPO rewards and `r1lab eval` reports
 (code tasks run their tests in the sandbox).
 
@@ -47,7 +48,15 @@ def problem_lookup(task: Task, name: str) -> Callable[[str], Problem | None]:
         by_prompt: dict[str, Problem] = {}
         for problem in task.rows + (task.eval_rows or []):
             by_prompt.setdefault(problem.prompt.strip(), problem)
-        return lambda prompt: by_prompt.get(prompt.strip())
+        longest_first = sorted(by_prompt, key=len, reverse=True)
+
+        def lookup(prompt: str) -> Problem | None:
+            # the question itself, else the longest question inside the prompt as a template rendered it (vLLM's
+            # prompts): longest, so that "What is 1 + 10?" is not taken for "What is 1 + 1"
+            found = by_prompt.get(prompt.strip())
+            return found or next((by_prompt[q] for q in longest_first if q in prompt), None)
+
+        return lookup
     if hasattr(task, "problem_for"):
         return task.problem_for
     raise ValueError(f"task {name!r} generates problems that a prompt does not identify (their tests are drawn, not "

@@ -22,7 +22,6 @@ from typing import Sequence
 from r1lab.model.templates import ANSWER_TAGS, THINK_CLOSE, THINK_OPEN
 
 ANSWER_FORMATS = ("tags", "boxed")
-BOX_COMMANDS = ("\\boxed", "\\fbox")
 _OPEN, _CLOSE = ANSWER_TAGS
 _NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags
 _TAGS_FORMAT_RE = re.compile(rf"<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>\s*", re.DOTALL)
