@@ -63,18 +63,19 @@ def problem_lookup(task: Task, name: str) -> Callable[[str], Problem | None]:
                      f"written in the prompt): score against a file of its problems, --task-options '{{path: FILE}}'")
 
 
-def _message_text(value: Any, roles: tuple[str, ...]) -> str | None:
-    """A string as it is; chat messages: the content of the last one of roles (prompt) or all of them (completion)."""
+def _message_text(value: Any, role: str) -> str | None:
+    """A string as it is; chat messages: the last user message's content (a prompt), or the assistant messages'
+    contents joined (a completion); None for anything else."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in value):
         return None
-    picked = [m["content"] for m in value if m.get("role") in roles]
+    picked = [m["content"] for m in value if m.get("role") == role]
     if not picked:
         return None
-    return picked[-1] if roles == ("user",) else "".join(picked)
+    return picked[-1] if role == "user" else "".join(picked)
 
 
 def _row(number: int, obj: Any, lookup: Callable[[str], Problem | None],
@@ -84,8 +85,7 @@ def _row(number: int, obj: Any, lookup: Callable[[str], Problem | None],
     for name in ("prompt", "completion"):
         if name not in obj:
             return None, f"field {name!r} is missing"
-    prompt = _message_text(obj["prompt"], ("user",))
-    completion = _message_text(obj["completion"], ("assistant",))
+    prompt, completion = _message_text(obj["prompt"], "user"), _message_text(obj["completion"], "assistant")
     if prompt is None:
         return None, "field 'prompt' must be a string or chat messages with a user message"
     if completion is None:
