@@ -20,9 +20,9 @@ from r1lab.serve.reasoning import split_reasoning
 from r1lab.train import grpo
 
 # DeepSeek-R1-Distill's template, reduced to what matters here: its generation prompt opens <think>
-R1_DISTILL_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}{% else %}<|Assistant|>"
-                       "{{ m.content }}<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|Assistant|><think>\n"
-                       "{% endif %}")
+R1_DISTILL_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<|User|>{{ m.content }}{% else %}"
+                       "<|Assistant|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+                       "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}")
 
 
 # ---------------------------------------------------------------- the extractor
@@ -133,14 +133,15 @@ def test_server_split_keeps_a_boxed_answer_as_written():
 
 
 def test_a_run_of_zero_variance_steps_is_said_once_with_its_likely_causes():
-    cfg, lines = GRPOConfig(answer_format="tags", max_new_tokens=64), []
+    cfg, lines = GRPOConfig(max_new_tokens=64), []
     flat = {"zero_variance_groups": 1.0, "reward/mean": 0.0, "reward/format": 0.0, "accuracy": 0.0, "truncated": 1.0}
     streak = 0
     for _ in range(grpo.ZERO_VARIANCE_PATIENCE + 2):
-        streak = grpo.zero_variance_streak(streak, flat, cfg, lines.append)
+        streak = grpo.zero_variance_streak(streak, flat, cfg, "tags", lines.append)
     assert streak == grpo.ZERO_VARIANCE_PATIENCE + 2 and len(lines) == 1
-    assert all(cause in lines[0] for cause in ("--answer-format is tags", "too hard", "max_new_tokens 64"))
-    assert grpo.zero_variance_streak(streak, {**flat, "zero_variance_groups": 0.5}, cfg, lines.append) == 0
+    causes = ("answer format (--answer-format, here tags;", "too hard", "max_new_tokens 64")
+    assert all(cause in lines[0] for cause in causes)
+    assert grpo.zero_variance_streak(streak, {**flat, "zero_variance_groups": 0.5}, cfg, "tags", lines.append) == 0
 
 
 # ---------------------------------------------------------------- r1lab score

@@ -33,7 +33,7 @@ from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.checkpoint import STATE_FILE
 from r1lab.train.distributed import Silent, join_world
 from r1lab.train.metrics import training_progress
-from r1lab.train.task_settings import check_settings, scoring_keywords, with_answer_format
+from r1lab.train.task_settings import announce_answer_format, check_settings, scoring_keywords
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
@@ -229,7 +229,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     problems = pick_problems(task, cfg)
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
-    cfg = with_answer_format(cfg, tokenizer, task, log)
+    announce_answer_format(cfg, tokenizer, task, log)
     engine = Engine(model, tokenizer)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}

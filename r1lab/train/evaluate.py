@@ -32,7 +32,7 @@ from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
 from r1lab.rewards.tasks import Problem, Task, get_task
 from r1lab.train.distributed import World, join_world
-from r1lab.train.task_settings import scoring_keywords, with_answer_format
+from r1lab.train.task_settings import announce_answer_format, scoring_keywords
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
 _FULL_CREDIT = 1.0 - 1e-6
@@ -103,7 +103,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
-    cfg = with_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
+    announce_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
     result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
     path = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if world.main:

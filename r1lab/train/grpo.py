@@ -42,7 +42,7 @@ from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimi
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
-from r1lab.train.task_settings import check_settings, scoring_keywords, with_answer_format
+from r1lab.train.task_settings import announce_answer_format, check_settings, scoring_keywords
 
 RL_BETA2 = 0.99  # see make_optimizer
 ZERO_VARIANCE_PATIENCE = 3  # steps in a row with no group's rewards differing before the run says nothing is learned
@@ -63,7 +63,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     lora = lora_spec(cfg)
     # LoRA: the frozen base may stay in bf16 (no float32 master weights to keep); the adapters train in float32
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")
-    cfg = with_answer_format(cfg, tokenizer, task, log)  # auto: what the chat template or the data implies
+    answer_format = announce_answer_format(cfg, tokenizer, task, log)  # auto: what the template or the data implies
     if lora:
         add_lora(model, lora, cfg.seed)
     ref_model = reference_policy(model, cfg)
@@ -95,7 +95,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             if cfg.eval_every and step % cfg.eval_every == 0:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
-            streak = metrics["zero_variance_streak"] = zero_variance_streak(streak, metrics, cfg, log)
+            streak = metrics["zero_variance_streak"] = zero_variance_streak(streak, metrics, cfg, answer_format, log)
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
             if cfg.save_every and (step + 1) % cfg.save_every == 0:
@@ -575,21 +575,21 @@ def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOCon
     return metrics
 
 
-def zero_variance_streak(streak: int, metrics: dict, cfg: GRPOConfig, log) -> int:
+def zero_variance_streak(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str, log) -> int:
     """Steps in a row, this one included, in which every group's rewards were all equal: zero advantages, zero
     gradient. The loss alone does not show it, so a streak of ZERO_VARIANCE_PATIENCE is said once, with its likely
     causes and the figures that tell them apart."""
     streak = streak + 1 if metrics["zero_variance_groups"] >= 1.0 else 0
     if streak == ZERO_VARIANCE_PATIENCE:
-        log(zero_variance_warning(streak, metrics, cfg))
+        log(zero_variance_warning(streak, metrics, cfg, answer_format))
     return streak
 
 
-def zero_variance_warning(streak: int, metrics: dict, cfg: GRPOConfig) -> str:
+def zero_variance_warning(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str) -> str:
     fmt, accuracy, truncated = metrics.get("reward/format", 0.0), metrics["accuracy"], metrics["truncated"]
     return (f"grpo: WARNING: for {streak} steps every group's rewards were all equal (reward "
             f"{metrics['reward/mean']:.2f}, format {fmt:.0%}, accuracy {accuracy:.0%}, truncated {truncated:.0%}): no "
-            f"advantage, nothing is learned. Likely causes: the answer format (--answer-format is {cfg.answer_format}; "
+            f"advantage, nothing is learned. Likely causes: the answer format (--answer-format, here {answer_format}; "
             f"a model that answers in \\boxed{{}} after </think> needs boxed, one that writes <answer> tags needs "
             f"tags; see the completions in samples/), a task too hard for the model (accuracy 0: easier task options "
             f"or a stronger base), or max_new_tokens {cfg.max_new_tokens} too short for its reasoning (truncated near "

@@ -9,6 +9,7 @@ the user's code.
 
 import dataclasses
 import inspect
+from functools import lru_cache
 
 from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
@@ -109,11 +110,12 @@ def check_settings(cfg) -> None:
         raise ValueError(f"invalid {cfg.kind} config: " + "; ".join(problems))
 
 
-def task_solutions(task) -> list[str]:
+@lru_cache(maxsize=8)  # GRPO settles the format every step, on the same task
+def task_solutions(task) -> tuple[str, ...]:
     """A data file's reference solutions as written (for the auto answer format); none for a generator task."""
     if not isinstance(task, tasks.DatasetTask):
-        return []
-    return [p.meta.get("solution", "") for p in task.rows]
+        return ()
+    return tuple(p.meta.get("solution", "") for p in task.rows)
 
 
 def settle_answer_format(cfg, tokenizer, task) -> tuple[str, str]:
@@ -126,11 +128,17 @@ def settle_answer_format(cfg, tokenizer, task) -> tuple[str, str]:
                                 template=template, solutions=task_solutions(task))
 
 
-def with_answer_format(cfg, tokenizer, task, log=print):
-    """cfg with its answer format settled, said in one line (the commands call this once, at start)."""
+def announce_answer_format(cfg, tokenizer, task, log=print) -> str:
+    """The answer format a command scores in, said in one line at its start. The settings keep "auto" as given (a
+    resumed run or a reused stage compares them), and the scorer settles it the same way each time."""
     chosen, why = settle_answer_format(cfg, tokenizer, task)
     log(f"{cfg.kind.lower()}: answer format {chosen} ({why})")
-    return dataclasses.replace(cfg, answer_format=chosen)
+    return chosen
+
+
+def with_answer_format(cfg, tokenizer, task, log=print):
+    """cfg with its answer format settled and said (the server, which keeps no run directory)."""
+    return dataclasses.replace(cfg, answer_format=announce_answer_format(cfg, tokenizer, task, log))
 
 
 def scoring_keywords(cfg, tokenizer, task) -> dict:
