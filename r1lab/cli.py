@@ -20,7 +20,7 @@ from pathlib import Path
 
 from r1lab import __version__
 from r1lab.config import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRPOConfig, MergeConfig, PipelineConfig,
-                          PretrainConfig, ReportConfig, SampleConfig, ServeConfig, SFTConfig, resolve)
+                          PretrainConfig, ReportConfig, SampleConfig, ScoreConfig, ServeConfig, SFTConfig, resolve)
 from r1lab.config.sources import ALIASES, from_text
 from r1lab.suggest import did_you_mean
 from r1lab.train import task_settings  # noqa: F401  (installs the rules of --task and --language before any --help)
@@ -59,6 +59,8 @@ COMMANDS = {command.name: command for command in (
             "assistant turns", "r1lab.train.supervised:sft", "final model", torchrun=True, run_directory=True),
     Command("sample", SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data",
             "r1lab.commands.sample:sample", "SFT data", torchrun=True),
+    Command("score", ScoreConfig, "score completions made elsewhere (vLLM, an API, another trainer) with the "
+            "reward's own scorer", "r1lab.commands.score:score", "results"),
     Command("distill", DistillConfig, "distil a teacher's verified reasoning into a smaller student (and compare with "
             "GRPO)", "r1lab.commands.distill:run_distill"),
     Command("pipeline", PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student",

@@ -88,7 +88,7 @@ def test_random_reward_control_keeps_the_reward_multiset(tiny_base, tmp_path):
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
     task = grpo.get_task("arithmetic", min_terms=3, max_terms=4)
     rollouts = grpo.sample_rollouts(grpo.Engine(model, tok), grpo.PromptStream(task, cfg).batch(0), cfg, seed=1)
-    result = grpo.score_rollouts(task, rollouts, cfg)
+    result = grpo.score_rollouts(task, rollouts, cfg, tok)
     scored = torch.tensor(result.total)
     shuffled = grpo.control_rewards(scored, cfg, step=5)
     assert sorted(shuffled.tolist()) == sorted(result.total) and not torch.equal(shuffled, scored)

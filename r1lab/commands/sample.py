@@ -33,7 +33,8 @@ from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.checkpoint import STATE_FILE
 from r1lab.train.distributed import Silent, join_world
 from r1lab.train.metrics import training_progress
-from r1lab.train.task_settings import check_settings, start_sandbox
+from r1lab.train.task_settings import (announce_answer_format, check_settings, scoring_keywords,
+                                       start_sandbox)
 
 # The checks in the order they are applied; a rejected completion is counted under the first it fails.
 REASONS = ("incorrect", "format", "truncated", "too_short", "too_long", "language", "duplicate", "over_max_per_prompt")
@@ -197,7 +198,7 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
         tally.tool_calls += sum(s.calls for s in samples)
         tally.tool_failures += sum(s.failures for s in samples)
     result = score_completions(task, [p for p in chunk for _ in range(k)], [s.text for s in samples],
-                               timeout_s=cfg.reward_timeout_s, response_prefix=cfg.prefill)
+                               timeout_s=cfg.reward_timeout_s, **scoring_keywords(cfg, tok, task))
     tally.scorer_errors += result.errors
     tally.correct += sum(result.correct)
     tally.scorer_timeouts += result.timeouts
@@ -235,6 +236,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     problems = pick_problems(task, cfg)
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
+    announce_answer_format(cfg, tokenizer, task, log)
     engine = Engine(model, tokenizer)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}

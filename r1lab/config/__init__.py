@@ -4,10 +4,11 @@ line (r1lab/cli.py) and the checks resolve() runs on YAML and flags alike before
 several commands share are declared once (groups.py). A run's resolved config is saved with it, to rerun it exactly."""
 
 from r1lab.config.commands import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRPOConfig, MergeConfig,
-                                   PipelineConfig, PretrainConfig, ReportConfig, SampleConfig, ServeConfig, SFTConfig)
+                                   PipelineConfig, PretrainConfig, ReportConfig, SampleConfig, ScoreConfig, ServeConfig,
+                                   SFTConfig)
 from r1lab.config.fields import Spec
 from r1lab.config.sources import resolve, save_config
 
 __all__ = ["ChatConfig", "DemoConfig", "DistillConfig", "EvalConfig", "GRPOConfig", "MergeConfig", "PipelineConfig",
-           "PretrainConfig", "ReportConfig", "SampleConfig", "ServeConfig", "SFTConfig", "Spec", "resolve",
-           "save_config"]
+           "PretrainConfig", "ReportConfig", "SampleConfig", "ScoreConfig", "ServeConfig", "SFTConfig", "Spec",
+           "resolve", "save_config"]

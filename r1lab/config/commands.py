@@ -144,8 +144,8 @@ class GRPOConfig(Settings, kind="GRPO"):
 
     def eval_config(self) -> "EvalConfig":
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
-        same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "language", "reward_timeout_s",
-                "seed")
+        same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",
+                "reward_timeout_s", "seed")
         return EvalConfig(task_options=dict(self.task_options), problems=self.eval_problems, samples=self.eval_samples,
                           temperature=self.eval_temperature, top_p=self.eval_top_p,
                           **{name: getattr(self, name) for name in same + tuple(shared.Tools.__annotations__)})
@@ -266,6 +266,18 @@ class SampleConfig(Settings, kind="sample"):
         if self.max_tokens and self.max_tokens < self.min_tokens:
             return [f"max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}"]
         return super().rules()
+
+
+class ScoreConfig(Settings, kind="score"):
+    """`r1lab score`: completions made elsewhere (vLLM, an API, another trainer) scored by the reward's own scorer."""
+
+    _task = shared.TaskChoice
+    completions: str = setting("completions.jsonl", "JSONL rows with prompt (a problem's question, or chat messages) "
+                                                    "and completion (text, or assistant messages)", **shared.NONEMPTY)
+    answer_format: str = shared.ANSWER_FORMAT
+    reward_timeout_s: float = shared.SCORING_TIMEOUT
+    out: str = setting("", "the results JSON (accuracy, format_rate, every row's result); default: "
+                           "COMPLETIONS.score.json beside the completions")
 
 
 class ReportConfig(Settings, kind="report"):
@@ -414,6 +426,7 @@ class ServeConfig(Settings, kind="serve"):
     api_key: str = setting("", "when set, /v1 requests need the header `Authorization: Bearer KEY`")
     template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **shared.CONVERSATION_TEMPLATES)
     prefill: str = setting("", 'text after the template, e.g. "<think>": the reply then starts inside the reasoning')
+    answer_format: str = shared.ANSWER_FORMAT
     max_batch: int = setting(64, "completions generated together (the continuous batch's slots)", ge=1)
     batch_wait_ms: float = setting(5.0, "an idle server starts once no request came for this long (10x this at most)",
                                    ge=0)

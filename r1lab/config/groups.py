@@ -60,6 +60,10 @@ THREADS = setting(0, "torch CPU threads; 0 = all cores", ge=0)
 DEVICE = setting("auto", "where to run (auto: cuda when available, else cpu)", rule=device_problem,
                  allowed=f"one of: {DEVICES} (one this machine has)")
 ADAPTER = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
+ANSWER_FORMAT = setting("auto", "how the final answer is written and read: tags (<think>...</think> "
+                                "<answer>...</answer>), boxed (\\boxed{...} after </think>, as R1-Distill, QwQ and "
+                                "Qwen3 answer), auto (boxed when the chat template handles <think> blocks or the "
+                                "data's solutions use \\boxed, else tags)", choices=("auto", "tags", "boxed"))
 SCORING_TIMEOUT = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
 DIST_TIMEOUT = setting(600.0, "under torchrun: a rank that waits this long for another (hung or dead) ends the job "
                               "with an error", gt=0)
@@ -87,6 +91,7 @@ class Prompts(Group):
                                     "r1zero (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     system: str = setting("", "a system message before each prompt (a data row's own system message wins)")
+    answer_format: str = ANSWER_FORMAT
 
 
 class Sampling(Group):

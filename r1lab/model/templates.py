@@ -177,3 +177,16 @@ def starts_in_think(prompt_text: str) -> bool:
     """Whether the completion begins inside the reasoning: the prompt ends with an open `<think>` (a prefill, or a
     chat template such as DeepSeek-R1's that adds one)."""
     return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+def response_prefix(tokenizer: Tokenizer, template: str, prefill: str = "") -> str:
+    """The start of the response that the prompt itself writes, which the rewards read in front of each completion:
+    from the prompt's last `<think>` on when the prompt ends inside a think block (DeepSeek-R1's and QwQ's chat
+    templates open one in their generation prompt; so may a prefill), else the prefill."""
+    prompt = render_prompt(tokenizer, "?", template, prefill)  # the question does not change how the reply opens
+    return prompt[prompt.rfind(THINK_OPEN):] if starts_in_think(prompt) else prefill
+
+
+def template_opens_think(tokenizer: Tokenizer, template: str) -> bool:
+    """Whether the chat template's generation prompt opens `<think>`: the completion starts inside the reasoning."""
+    return resolve_template(tokenizer, template) == "chat" and starts_in_think(render_prompt(tokenizer, "?", "chat"))

@@ -1,4 +1,5 @@
-"""Rule-based rewards (R1 recipe section 3): answer extraction, format check, and a scorer that never raises.
+"""Rule-based rewards (R1 recipe section 3): accuracy and format (extracted and checked in r1lab/rewards/answers.py,
+per answer format), and a scorer that never raises.
 
 Every pitfall listed in the recipe is handled here: the format regex is DOTALL, there is no fallback to the
 whole text when the <answer> tag is missing, empty answers earn nothing, multi-line answers are kept whole, and
@@ -7,40 +8,15 @@ a scorer that raises or hangs costs that one completion its reward instead of ki
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from r1lab.rewards.answers import check_answer_format, extract_answer, format_reward
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.user_functions import (Outcome, _ScorerTimeout, call_with_timeout, component_name,
                                           load_reward_function, reward_workers)
-
-_OPEN, _CLOSE = "<answer>", "</answer>"
-_NO_TAG = r"(?:(?!</?think>|</?answer>).)*"  # any text that contains none of the four tags
-_FORMAT_RE = re.compile(rf"<think>{_NO_TAG}</think>\s*<answer>({_NO_TAG})</answer>\s*", re.DOTALL)
-
-
-def extract_answer(text: str) -> str | None:
-    """Stripped content of the last complete <answer>...</answer> pair, or None when there is none."""
-    if not isinstance(text, str):
-        return None
-    end = text.rfind(_CLOSE)
-    if end < 0:
-        return None
-    start = text.rfind(_OPEN, 0, end)
-    if start < 0:
-        return None
-    return text[start + len(_OPEN) : end].strip()
-
-
-def format_reward(text: str) -> float:
-    """1.0 iff the text is <think>...</think> <answer>non-empty</answer> with each tag exactly once, else 0.0."""
-    if not isinstance(text, str):
-        return 0.0
-    match = _FORMAT_RE.fullmatch(text.lstrip())
-    return 1.0 if match and match.group(1).strip() else 0.0
 
 
 @dataclass
@@ -136,24 +112,26 @@ def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: li
 
 def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
                       weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
-                      response_prefix: str = "") -> RewardResult:
+                      response_prefix: str = "", answer_format: str = "tags") -> RewardResult:
     """Accuracy and format rewards (and language consistency, when weighted) of each completion; problems[i] is
     the problem of completions[i].
 
-    response_prefix is response text the prompt already supplied (e.g. a prefilled "<think>"): the format is
-    judged on prefix + completion, and the answer is extracted from the same text.
+    response_prefix is response text the prompt already supplied (a prefilled "<think>", or the `<think>` a chat
+    template opens): the format is judged on prefix + completion, and the answer is extracted from the same text,
+    as answer_format says (r1lab/rewards/answers.py).
     """
     tally = _Tally(timeout_s)
     prefix = response_prefix if isinstance(response_prefix, str) else ""
+    fmt_name, code = check_answer_format(answer_format), getattr(task, "answers_are_code", False)
     acc, fmt, lang, texts, answers = [], [], [], [], []
     for i, completion in enumerate(completions):
         text = prefix + (completion if isinstance(completion, str) else "")
         texts.append(text)
-        answer = extract_answer(text)
+        answer = extract_answer(text, fmt_name, code)
         problem = problems[i] if i < len(problems) else None
         answers.append(answer)
         acc.append(_accuracy(task, problem, answer, tally))
-        fmt.append(tally.run(lambda: format_reward(text)))
+        fmt.append(tally.run(lambda: format_reward(text, fmt_name, code)))
         if weights.language:
             lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
     custom = _user_rewards(weights, problems, texts, tally)

@@ -48,6 +48,7 @@ from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1lab.train.task_settings import with_answer_format
 
 STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("r1lab.serve")
@@ -79,6 +80,7 @@ def create_app(model_dir: str | Path, engine: Engine | None = None, runner: Runn
 
 
 def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox) -> FastAPI:
+    cfg = with_answer_format(cfg, engine.tokenizer, task=None)  # what the replies' content keeps (reasoning.py)
     batcher = Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
                       max_pending=cfg.max_pending, tools=ToolSpec.of(cfg), runner=runner)
     state = ServerState(cfg, engine, batcher,
@@ -391,15 +393,15 @@ class ChatReply(_Reply):
 
     def __init__(self, state: ServerState, req: ChatRequest, prompt_tokens: int, in_think: bool):
         super().__init__(state, req, prompt_tokens)
-        self.in_think = in_think
-        self.splitters = [ReasoningSplitter(in_think) for _ in range(req.n)]
+        self.in_think, self.answer_format = in_think, state.cfg.answer_format
+        self.splitters = [ReasoningSplitter(in_think, self.answer_format) for _ in range(req.n)]
         self.tokenizer = state.engine.tokenizer
         self.pending = _PendingLogprobs(req.n)
 
     def body(self, done: list[Done]) -> dict:
         choices = []
         for d in done:
-            reasoning, content = split_reasoning(d.text, self.in_think)
+            reasoning, content = split_reasoning(d.text, self.in_think, self.answer_format)
             message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
             logprobs = self._logprobs(d.logprobs or []) if self.req.logprobs else None
             choices.append({"index": d.index, "message": message, "logprobs": logprobs,

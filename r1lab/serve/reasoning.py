@@ -2,8 +2,9 @@
 
 The rules (the same for a whole text and for a stream cut anywhere, tags included):
 - text between `<think>` and `</think>` is reasoning; everything else is content;
-- `<answer>` and `</answer>` are dropped from the content, their inner text kept: the content is the answer a
-  reader wants, and the R1 format only wraps it;
+- in the tags answer format, `<answer>` and `</answer>` are dropped from the content, their inner text kept: the
+  content is the answer a reader wants, and the R1 format only wraps it; in the boxed format the content is the
+  text after `</think>` as written, box included (the tags of each format: r1lab/rewards/answers.py);
 - a `</think>` with no open think block is dropped, as is a `<think>` inside one;
 - a prompt that ends with a prefilled `<think>` starts the split inside the reasoning (`in_think=True`);
 - each part is stripped of leading and trailing whitespace (R1 writes `<think> ... </think> <answer> ... </answer>`);
@@ -13,9 +14,9 @@ A tag may arrive split across tokens, so a tail of a chunk that could begin a ta
 
 from __future__ import annotations
 
-from r1lab.model.templates import ANSWER_TAGS, THINK_CLOSE, THINK_OPEN
+from r1lab.model.templates import THINK_CLOSE, THINK_OPEN
+from r1lab.rewards.answers import content_tags
 
-_OUTSIDE_TAGS = (THINK_OPEN, THINK_CLOSE, *ANSWER_TAGS)
 _INSIDE_TAGS = (THINK_OPEN, THINK_CLOSE)
 
 
@@ -47,15 +48,16 @@ class _Part:
 class ReasoningSplitter:
     """Feed text deltas, get (reasoning_delta, content_delta) back; call finish() at the end of the stream."""
 
-    def __init__(self, in_think: bool = False):
+    def __init__(self, in_think: bool = False, answer_format: str = "tags"):
         self.in_think = in_think
+        self._outside_tags = (*_INSIDE_TAGS, *content_tags(answer_format))
         self._held = ""
         self._reasoning, self._content = _Part(), _Part()
 
     def feed(self, text: str) -> tuple[str, str]:
         buf, reasoning, content = self._held + text, [], []
         while buf:
-            tags = _INSIDE_TAGS if self.in_think else _OUTSIDE_TAGS
+            tags = _INSIDE_TAGS if self.in_think else self._outside_tags
             at, tag = _first_tag(buf, tags)
             if tag is None:
                 keep = _partial_tag_len(buf, tags)
@@ -87,9 +89,9 @@ class ReasoningSplitter:
             self._reasoning.end()  # whitespace before </think> belongs to no one
 
 
-def split_reasoning(text: str, in_think: bool = False) -> tuple[str, str]:
+def split_reasoning(text: str, in_think: bool = False, answer_format: str = "tags") -> tuple[str, str]:
     """(reasoning, content) of a whole completion: exactly what streaming its pieces would give."""
-    splitter = ReasoningSplitter(in_think)
+    splitter = ReasoningSplitter(in_think, answer_format)
     r1, c1 = splitter.feed(text)
     r2, c2 = splitter.finish()
     return r1 + r2, c1 + c2

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,7 @@ from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.train.distributed import World, join_world
-from r1lab.train.task_settings import start_sandbox
+from r1lab.train.task_settings import announce_answer_format, scoring_keywords, start_sandbox
 
 # A correct answer earns the task's full accuracy score; partial credit (if a task gives any) does not count.
 _FULL_CREDIT = 1.0 - 1e-6
@@ -104,6 +105,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     start_sandbox(cfg, print if world.main else lambda line: None)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     problems = heldout_problems(task, cfg.split, cfg.problems, cfg.seed)
+    announce_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
     if world.main:
         print(f"eval: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
     result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, problems, world=world)
@@ -147,23 +149,23 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     tok = engine.tokenizer
     return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill, ec.system), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
-                    response_prefix=ec.prefill, timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
-                    tools=ToolSpec.of(ec))
+                    timeout_s=ec.reward_timeout_s, language=ec.language, world=world, tools=ToolSpec.of(ec),
+                    **scoring_keywords(ec, tok, task))
 
 
 def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt: Callable[[Problem], list[int]], *,
              k: int = 8, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              seed: int | None = 0, batch_prompts: int = 64, response_prefix: str = "", timeout_s: float = 5.0,
              scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World(),
-             tools: ToolSpec | None = None) -> EvalResult:
+             tools: ToolSpec | None = None, answer_format: str = "tags") -> EvalResult:
     """Sample k completions per problem (with tool calls when tools is given, r1lab/engine/tools.py), score them with the
     training rewards and summarise.
 
     Under torchrun each rank evaluates its share of the problems and the records are gathered: every problem's
     samples are seeded by (seed, its index), so the figures equal one process's exactly. `scorer` defaults to
-    r1lab.rewards.rules.score_completions (same signature); tests pass a fake.
+    r1lab.rewards.rules.score_completions in answer_format (same signature); tests pass a fake.
     """
-    scorer = scorer or score_completions
+    scorer = scorer or partial(score_completions, answer_format=answer_format)
     if not problems:
         raise ValueError("evaluate() got no problems")
     if k < 1 or batch_prompts < 1:

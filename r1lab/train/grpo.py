@@ -45,9 +45,10 @@ from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
-from r1lab.train.task_settings import check_settings
+from r1lab.train.task_settings import announce_answer_format, check_settings, scoring_keywords
 
 RL_BETA2 = 0.99  # see make_optimizer
+ZERO_VARIANCE_PATIENCE = 3  # steps in a row with no group's rewards differing before the run says nothing is learned
 
 
 def train(cfg: GRPOConfig, log=print) -> Path:
@@ -66,6 +67,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     lora = lora_spec(cfg)
     # LoRA: the frozen base may stay in bf16 (no float32 master weights to keep); the adapters train in float32
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype if lora else "float32")
+    answer_format = announce_answer_format(cfg, tokenizer, task, log)  # auto: what the template or the data implies
     if lora:
         add_lora(model, lora, cfg.seed)
     ref_model = reference_policy(model, cfg)
@@ -91,7 +93,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         f"{cfg.prompts_per_step * cfg.samples_per_prompt} rollouts per step, micro-batches of {cfg.micro_batch_size}, "
         f"{cfg.updates_per_batch} update(s) per batch, {cfg.steps} steps, device {device}"
         + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
-    done, trained_s, saved = start, 0.0, {start} if start else set()
+    done, trained_s, saved, streak = start, 0.0, {start} if start else set(), 0
 
     def checkpoint(steps_done: int) -> Path:
         """The checkpoint after steps_done steps, saved once."""
@@ -108,6 +110,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
             stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
+            streak = metrics["zero_variance_streak"] = zero_variance_streak(streak, metrics, cfg, answer_format, log)
             logger.log(step + 1, {**metrics, **isolation})
             bar.update(step + 1, metrics)
             done = step + 1
@@ -143,7 +146,7 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
         local = sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds)
     clock.lap("rollout")
-    local_result = score_rollouts(task, local, cfg)
+    local_result = score_rollouts(task, local, cfg, engine.tokenizer)
     rollouts, result = gather_rollouts(world, local), gather_results(world, local_result)  # the whole batch
     rewards = control_rewards(torch.tensor(result.total, dtype=torch.float32), cfg, step)
     advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.scale_by_std)
@@ -246,11 +249,11 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 # 2. score
 
 
-def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig) -> RewardResult:
+def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, tokenizer) -> RewardResult:
     result = score_completions(task, rollouts.problems, rollouts.texts,
                                RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
                                              tuple(cfg.reward_functions.items())),
-                               cfg.reward_timeout_s, response_prefix=cfg.prefill)
+                               cfg.reward_timeout_s, **scoring_keywords(cfg, tokenizer, task))
     if cfg.tools and cfg.tool_failure_penalty:  # a component like the others: reward/tool_failures is logged
         failures = [float(f) for f in rollouts.tool_failures]
         result.components["tool_failures"] = failures
@@ -589,6 +592,27 @@ def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOCon
     metrics.update({k: v for k, v in update.items() if v is not None})
     metrics.update(tool_metrics(rollouts))
     return metrics
+
+
+def zero_variance_streak(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str, log) -> int:
+    """Steps in a row, this one included, in which every group's rewards were all equal: zero advantages, zero
+    gradient. The loss alone does not show it, so a streak of ZERO_VARIANCE_PATIENCE is said once, with its likely
+    causes and the figures that tell them apart."""
+    streak = streak + 1 if metrics["zero_variance_groups"] >= 1.0 else 0
+    if streak == ZERO_VARIANCE_PATIENCE:
+        log(zero_variance_warning(streak, metrics, cfg, answer_format))
+    return streak
+
+
+def zero_variance_warning(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str) -> str:
+    fmt, accuracy, truncated = metrics.get("reward/format", 0.0), metrics["accuracy"], metrics["truncated"]
+    return (f"grpo: WARNING: for {streak} steps every group's rewards were all equal (reward "
+            f"{metrics['reward/mean']:.2f}, format {fmt:.0%}, accuracy {accuracy:.0%}, truncated {truncated:.0%}): no "
+            f"advantage, nothing is learned. Likely causes: the answer format (--answer-format, here {answer_format}; "
+            f"a model that answers in \\boxed{{}} after </think> needs boxed, one that writes <answer> tags needs "
+            f"tags; see the completions in samples/), a task too hard for the model (accuracy 0: easier task options "
+            f"or a stronger base), or max_new_tokens {cfg.max_new_tokens} too short for its reasoning (truncated near "
+            f"100%).")
 
 
 def tool_metrics(rollouts: Rollouts) -> dict:

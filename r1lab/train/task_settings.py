@@ -8,11 +8,15 @@ always had. Users' reward functions are found only as a command starts: finding 
 the user's code.
 """
 
+import dataclasses
 import inspect
+from functools import lru_cache
 
 from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
+from r1lab.model.templates import THINK_CLOSE, resolve_template, response_prefix, template_opens_think
 from r1lab.rewards import tasks
+from r1lab.rewards.answers import choose_answer_format
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.sandbox.runner import sandbox_refusal, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task, is_data_source
@@ -125,3 +129,41 @@ def check_settings(cfg) -> None:
             problems.append(str(err))
     if problems:
         raise ValueError(f"invalid {cfg.kind} config: " + "; ".join(problems))
+
+
+@lru_cache(maxsize=8)  # GRPO settles the format every step, on the same task
+def task_solutions(task) -> tuple[str, ...]:
+    """A data file's reference solutions as written (for the auto answer format); none for a generator task."""
+    if not isinstance(task, tasks.DatasetTask):
+        return ()
+    return tuple(p.meta.get("solution", "") for p in task.rows)
+
+
+def settle_answer_format(cfg, tokenizer, task) -> tuple[str, str]:
+    """(format, why): cfg.answer_format, or for auto what the chat template or the data implies."""
+    if cfg.answer_format != "auto":
+        return choose_answer_format(cfg.answer_format)
+    template = resolve_template(tokenizer, cfg.template)
+    return choose_answer_format("auto", opens_think=template_opens_think(tokenizer, cfg.template),
+                                closes_think=template == "chat" and THINK_CLOSE in tokenizer.chat_template,
+                                template=template, solutions=task_solutions(task))
+
+
+def announce_answer_format(cfg, tokenizer, task, log=print) -> str:
+    """The answer format a command scores in, said in one line at its start. The settings keep "auto" as given (a
+    resumed run or a reused stage compares them), and the scorer settles it the same way each time."""
+    chosen, why = settle_answer_format(cfg, tokenizer, task)
+    log(f"{cfg.kind.lower()}: answer format {chosen} ({why})")
+    return chosen
+
+
+def with_answer_format(cfg, tokenizer, task, log=print):
+    """cfg with its answer format settled and said (the server, which keeps no run directory)."""
+    return dataclasses.replace(cfg, answer_format=announce_answer_format(cfg, tokenizer, task, log))
+
+
+def scoring_keywords(cfg, tokenizer, task) -> dict:
+    """score_completions' answer_format and response_prefix for a command's settings: the format settled, and the
+    response its prompts already write (a prefill, or the `<think>` a chat template opens)."""
+    return {"answer_format": settle_answer_format(cfg, tokenizer, task)[0],
+            "response_prefix": response_prefix(tokenizer, cfg.template, cfg.prefill)}

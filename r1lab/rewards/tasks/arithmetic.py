@@ -20,6 +20,7 @@ DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3
 # fixed offsets (with 3- or 4-digit numbers, the 0.8M-parameter base had not learned to copy them after 600 steps).
 TOOL_DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "*"}
 _INT_RE = re.compile(r"-?[0-9]+")
+_EXPRESSION_RE = re.compile(r"[0-9]{1,18}(?:[-+*][0-9]{1,18}){1,31}")  # what render() writes, of sane size
 _MAX_ANSWER_CHARS = 1000  # longer "numbers" are junk, and int() refuses > 4300 digits anyway
 
 
@@ -87,3 +88,11 @@ class ArithmeticTask:
     def canonical(self, answer: str) -> str:
         value = parse_int(answer)
         return str(value) if value is not None else answer.strip()
+
+    def problem_for(self, prompt: str) -> Problem | None:
+        """The problem whose prompt this is (an expression as render() writes it), for `r1lab score`; else None."""
+        text = prompt.strip()
+        if not _EXPRESSION_RE.fullmatch(text):
+            return None
+        terms, ops = [int(t) for t in re.split(r"[-+*]", text)], re.findall(r"[-+*]", text)
+        return Problem(prompt=text, answer=str(evaluate(terms, ops)), meta={"terms": terms, "ops": ops})

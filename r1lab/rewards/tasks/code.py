@@ -232,6 +232,7 @@ class _Scorer:
 
     timeout_s: float
     memory_mb: int
+    answers_are_code = True  # the boxed format reads the whole text after </think> (r1lab/rewards/answers.py)
 
     def score(self, problem: Problem, answer: str) -> float:
         # tests may call the function as candidate(...): the judge maps that name to the entry point

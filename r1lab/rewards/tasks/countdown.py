@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from fractions import Fraction
 
 from r1lab.rewards.tasks.base import Problem
@@ -21,6 +22,9 @@ _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
           "operations (+, -, *, /) and each number can only be used once.")
+# PROMPT read back: its numbers (a Python list of ints) and its target
+_PROMPT_RE = re.compile(re.escape(PROMPT).replace(re.escape("{numbers}"), r"\[([0-9]{1,9}(?:, [0-9]{1,9}){0,15})\]")
+                        .replace(re.escape("{target}"), r"([0-9]{1,9})"))
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
@@ -133,3 +137,12 @@ class CountdownTask:
 
     def canonical(self, answer: str) -> str:
         return "".join(answer.split())
+
+    def problem_for(self, prompt: str) -> Problem | None:
+        """The problem whose prompt this is (PROMPT's words, any numbers and target), for `r1lab score`; else None.
+        The reference is unknown, and not needed: an equation is checked against the numbers and the target."""
+        match = _PROMPT_RE.fullmatch(prompt.strip())
+        if match is None:
+            return None
+        numbers, target = [int(n) for n in match[1].split(", ")], int(match[2])
+        return Problem(prompt=prompt.strip(), answer="", meta={"numbers": numbers, "target": target})

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from r1lab.rewards.answers import last_boxed
 from r1lab.rewards.tasks import hf_datasets
 from r1lab.rewards.tasks.base import DatasetError, Problem
 
@@ -73,25 +74,11 @@ def draw_unique(draw: Callable[[random.Random], Problem], key: Callable[[Problem
 # ---------------------------------------------------------------- reference answers
 
 
-def _last_braced(text: str, commands: tuple[str, ...]) -> str | None:
-    """Content of the last \\boxed{...} (or other command) in text, nested braces included."""
-    start = max(text.rfind(c + "{") for c in commands)
-    if start < 0:
-        return None
-    i = text.index("{", start)
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j].strip()
-    return None  # unbalanced braces
-
-
 def extract_reference(answer: str) -> str:
     """Final answer of a reference solution: after the last "####" (GSM8K), else the last \\boxed{}, else all."""
     if "####" in answer:
         return answer.rsplit("####", 1)[1].strip()
-    boxed = _last_braced(answer, ("\\boxed", "\\fbox"))
+    boxed = last_boxed(answer)
     return boxed if boxed is not None else answer.strip()
 
 
