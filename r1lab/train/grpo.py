@@ -27,6 +27,7 @@ from r1lab.model import moe
 from r1lab.model.loading import DTYPES, check_context, encode_prompt, load_policy, pick_device
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
+from r1lab.rewards.learned import add_learned_rewards
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
 from r1lab.rewards.sandbox.runner import active_layers
 from r1lab.rewards.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
@@ -42,7 +43,7 @@ from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimi
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
-from r1lab.train.task_settings import check_settings
+from r1lab.train.task_settings import check_settings, model_rewards
 
 RL_BETA2 = 0.99  # see make_optimizer
 
@@ -232,6 +233,8 @@ def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig) -> RewardRes
                                RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
                                              tuple(cfg.reward_functions.items())),
                                cfg.reward_timeout_s, response_prefix=cfg.prefill)
+    if cfg.judge_url or cfg.reward_model:  # reward/judge, reward/reward_model
+        add_learned_rewards(result, model_rewards(cfg), rollouts.problems, rollouts.texts, cfg.prefill)
     if cfg.tools and cfg.tool_failure_penalty:  # a component like the others: reward/tool_failures is logged
         failures = [float(f) for f in rollouts.tool_failures]
         result.components["tool_failures"] = failures
