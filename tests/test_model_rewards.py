@@ -218,7 +218,7 @@ def test_what_cannot_start_is_refused_before_the_run(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as refused:
         check_settings(cfg)
     text = str(refused.value)
-    assert "R1LAB_TEST_JUDGE_KEY is not set" in text and "cannot be read" in text and "no config.json" in text
+    assert "R1LAB_TEST_JUDGE_KEY is not set" in text and "cannot be read" in text and "not a model directory (no config.json)" in text
     import importlib.util
 
     real = importlib.util.find_spec
@@ -247,6 +247,16 @@ def reward_model_dir(tiny_base, tmp_path_factory):
     transformers.Qwen2ForSequenceClassification(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def test_a_classifier_of_several_labels_is_refused_at_start(reward_model_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(reward_model_dir)
+    config.num_labels = 2
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has 2 outputs"):
+        check_settings(GRPOConfig(reward_model=str(tmp_path)))
+    check_settings(GRPOConfig(reward_model=str(reward_model_dir)))
 
 
 def test_reward_model_scores_in_batches_as_one_by_one(reward_model_dir):

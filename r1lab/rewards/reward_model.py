@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -24,6 +25,21 @@ def transformers_problem() -> str | None:
     """Why a reward model cannot run here, or None."""
     if importlib.util.find_spec("transformers") is None:
         return f"needs transformers, which is not installed: {EXTRA}"
+    return None
+
+
+def directory_problem(path: str) -> str | None:
+    """Why path is not a one-output sequence-classification model directory transformers can read, or None."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():  # checked first: transformers would take a missing one for a Hub id
+        return f"{path!r} is not a model directory (no config.json)"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        return f"{path!r} is not a model directory transformers can read ({str(err).splitlines()[0]})"
+    if config.num_labels != 1:
+        return f"{path!r} has {config.num_labels} outputs (num_labels); a reward model has one"
     return None
 
 
@@ -52,9 +68,6 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForSequenceClassification.from_pretrained(settings.path)
         self.model = self.model.to(settings.device, getattr(torch, settings.dtype)).eval()
-        if self.model.config.num_labels != 1:
-            raise ValueError(f"reward_model {settings.path!r} has {self.model.config.num_labels} outputs "
-                             f"(num_labels); a reward model has one")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = min(self.tokenizer.model_max_length,

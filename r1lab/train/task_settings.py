@@ -11,7 +11,6 @@ the user's code.
 import importlib.util
 import inspect
 import os
-from pathlib import Path
 
 from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
@@ -20,7 +19,7 @@ from r1lab.rewards import tasks
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.learned import LearnedRewards
 from r1lab.rewards.llm_judge import JudgeSettings, load_template
-from r1lab.rewards.reward_model import RewardModelSettings, transformers_problem
+from r1lab.rewards.reward_model import RewardModelSettings, directory_problem, transformers_problem
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task
 from r1lab.rewards.user_functions import load_reward_function
 from r1lab.suggest import did_you_mean
@@ -128,11 +127,9 @@ def model_reward_problems(cfg) -> list[str]:
         except ValueError as err:
             problems.append(str(err))
     if getattr(cfg, "reward_model", ""):
-        missing = transformers_problem()
-        if missing:
-            problems.append(f"reward_model {missing}")
-        elif not (Path(cfg.reward_model) / "config.json").is_file():
-            problems.append(f"reward_model {cfg.reward_model!r} is not a model directory (no config.json)")
+        problem = transformers_problem() or directory_problem(cfg.reward_model)
+        if problem:
+            problems.append(f"reward_model {problem}")
     return problems
 
 
