@@ -114,6 +114,7 @@ class GRPOConfig(Settings, kind="GRPO"):
     language: str = setting("en", "the language of language_weight (r1lab/rewards/language.py)", rule="language")
     reward_functions: dict = setting({}, 'your own rewards: {"module:function": weight} (r1lab/rewards/user_functions.py)')
     reward_timeout_s: float = setting(5.0, "seconds a completion's reward (a code sandbox) may take", gt=0)
+    _model_rewards = shared.ModelRewards
     control: str = setting("none", "random-reward: rewards shuffled across the batch (same mean, no signal)",
                            choices=("none", "random-reward"))
     # sampling

@@ -164,3 +164,45 @@ def optimizer_in_backward_problems(cfg) -> list[str]:
     if cfg.optimizer_in_backward and cfg.shard:
         problems.append("optimizer_in_backward with shard: FSDP reduces gradients from its own hooks; leave one on")
     return problems
+
+
+def url_problem(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"https?://[^\s/?#]+(/\S*)?", value):
+        return None
+    return f"{shown(value)} is not an http(s)://host[:port][/path] URL"
+
+
+def env_name_problem(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return None
+    return f"{shown(value)} is not an environment variable name (the variable holds the key, never the key itself)"
+
+
+class ModelRewards(Group):  # rewards a model gives: r1lab/rewards/llm_judge.py and reward_model.py
+    judge_url: str = setting("", "an LLM judge as a reward: an OpenAI-compatible endpoint, e.g. "
+                                 "http://127.0.0.1:8000/v1 (`r1lab serve` of another model); \"\" = no judge",
+                             rule=url_problem, allowed='"" or an http(s)://... URL')
+    judge_model: str = setting("", "judge: the model name sent to judge_url")
+    judge_api_key_env: str = setting("", "judge: the environment variable holding the API key, e.g. OPENAI_API_KEY "
+                                         "(\"\" = none)", rule=env_name_problem,
+                                     allowed='"" or an environment variable name')
+    judge_template: str = setting("", "judge: a file with the judge prompt, its placeholders {problem}, {reference}, "
+                                      "{completion} (\"\" = the built-in one)")
+    judge_weight: float = setting(1.0, "judge: weight of its score (in [0, 1])", ge=0)
+    judge_concurrency: int = setting(8, "judge: requests in flight at once", ge=1)
+    judge_timeout_s: float = setting(60.0, "judge: seconds one request may take", gt=0)
+    judge_retries: int = setting(2, "judge: retries of a request that timed out, failed to connect or got a 429/5xx",
+                                 ge=0)
+    judge_max_tokens: int = setting(512, "judge: the longest reply asked for, in tokens", ge=1)
+    reward_model: str = setting("", "a Hugging Face sequence-classification model directory (num_labels 1) as a "
+                                    "reward, run with transformers (\"\" = none)")
+    reward_model_batch_size: int = setting(8, "reward model: completions scored in one forward pass", ge=1)
+    reward_model_normalize: str = setting("none", "reward model: batch = its scores standardised over the step's "
+                                                  "completions (mean 0, std 1)", choices=("none", "batch"))
+    reward_model_weight: float = setting(1.0, "reward model: weight of its score", ge=0)
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        if bool(cfg.judge_url) != bool(cfg.judge_model.strip()):
+            return ["judge_url and judge_model go together: the endpoint, and the model name it serves"]
+        return []

@@ -28,6 +28,7 @@ from r1lab.model.loading import (DTYPES, check_context, describe_prompts, encode
                                  prompt_text)
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
+from r1lab.rewards.learned import add_learned_rewards
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
 from r1lab.rewards.sandbox.runner import active_layers, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
@@ -45,7 +46,8 @@ from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
-from r1lab.train.task_settings import announce_answer_format, check_settings, scoring_keywords
+from r1lab.train.task_settings import (announce_answer_format, check_settings, model_rewards,
+                                      scoring_keywords)
 
 RL_BETA2 = 0.99  # see make_optimizer
 ZERO_VARIANCE_PATIENCE = 3  # steps in a row with no group's rewards differing before the run says nothing is learned
@@ -250,10 +252,13 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 
 
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, tokenizer) -> RewardResult:
+    scoring = scoring_keywords(cfg, tokenizer, task)
     result = score_completions(task, rollouts.problems, rollouts.texts,
                                RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
                                              tuple(cfg.reward_functions.items())),
-                               cfg.reward_timeout_s, **scoring_keywords(cfg, tokenizer, task))
+                               cfg.reward_timeout_s, **scoring)
+    if cfg.judge_url or cfg.reward_model:  # reward/judge, reward/reward_model
+        add_learned_rewards(result, model_rewards(cfg), rollouts.problems, rollouts.texts, scoring["response_prefix"])
     if cfg.tools and cfg.tool_failure_penalty:  # a component like the others: reward/tool_failures is logged
         failures = [float(f) for f in rollouts.tool_failures]
         result.components["tool_failures"] = failures

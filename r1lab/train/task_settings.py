@@ -1,5 +1,5 @@
-"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions, and whether
-the sandbox that a code task or tool calls need works here.
+"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions, the judge
+and the reward model, and whether the sandbox that a code task or tool calls need works here.
 
 r1lab.config does not import r1lab.rewards, so this module installs the rules of these fields into it when imported:
 the CLI imports it before it builds its flags (`--task`'s help lists the tasks), and the commands that take these
@@ -9,15 +9,21 @@ the user's code.
 """
 
 import dataclasses
+import importlib.util
 import inspect
+import os
 from functools import lru_cache
 
 from r1lab.config.fields import CHECKS, RULES
 from r1lab.config.sources import type_problem
+from r1lab.model.loading import pick_device
 from r1lab.model.templates import THINK_CLOSE, resolve_template, response_prefix, template_opens_think
 from r1lab.rewards import tasks
 from r1lab.rewards.answers import choose_answer_format
 from r1lab.rewards.language import TARGETS
+from r1lab.rewards.learned import LearnedRewards
+from r1lab.rewards.llm_judge import JudgeSettings, load_template
+from r1lab.rewards.reward_model import RewardModelSettings, directory_problem, transformers_problem
 from r1lab.rewards.sandbox.runner import sandbox_refusal, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import DATA_SUFFIXES, TASKS, get_task, is_data_source
 from r1lab.rewards.user_functions import load_reward_function
@@ -127,6 +133,7 @@ def check_settings(cfg) -> None:
             load_reward_function(spec)
         except ValueError as err:
             problems.append(str(err))
+    problems += model_reward_problems(cfg)
     if problems:
         raise ValueError(f"invalid {cfg.kind} config: " + "; ".join(problems))
 
@@ -167,3 +174,36 @@ def scoring_keywords(cfg, tokenizer, task) -> dict:
     response its prompts already write (a prefill, or the `<think>` a chat template opens)."""
     return {"answer_format": settle_answer_format(cfg, tokenizer, task)[0],
             "response_prefix": response_prefix(tokenizer, cfg.template, cfg.prefill)}
+
+
+def model_reward_problems(cfg) -> list[str]:
+    """What keeps the judge or the reward model from starting: found before any weights load, not at the first step."""
+    problems = []
+    if getattr(cfg, "judge_url", ""):
+        if importlib.util.find_spec("openai") is None:
+            problems.append("judge_url needs the openai client, which is not installed: pip install 'r1lab[judge]'")
+        if cfg.judge_api_key_env and not os.environ.get(cfg.judge_api_key_env):
+            problems.append(f"judge_api_key_env: the environment variable {cfg.judge_api_key_env} is not set")
+        try:
+            load_template(cfg.judge_template)
+        except ValueError as err:
+            problems.append(str(err))
+    if getattr(cfg, "reward_model", ""):
+        problem = transformers_problem() or directory_problem(cfg.reward_model)
+        if problem:
+            problems.append(f"reward_model {problem}")
+    return problems
+
+
+def model_rewards(cfg) -> LearnedRewards:
+    """The judge and the reward model cfg asks for (check_settings has found that they can start)."""
+    judge = rm = None
+    if cfg.judge_url:
+        key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else "EMPTY"
+        judge = JudgeSettings(cfg.judge_url, cfg.judge_model, key, load_template(cfg.judge_template),
+                              cfg.judge_concurrency, cfg.judge_timeout_s, cfg.judge_retries, cfg.judge_max_tokens)
+    if cfg.reward_model:
+        device = str(pick_device(cfg.device))  # under torchrun, "cuda" is this rank's GPU (set by join_world)
+        rm = RewardModelSettings(cfg.reward_model, cfg.reward_model_batch_size, cfg.reward_model_normalize, device,
+                                 cfg.dtype if device.startswith("cuda") else "float32")
+    return LearnedRewards(judge, cfg.judge_weight, rm, cfg.reward_model_weight)
