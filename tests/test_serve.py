@@ -852,6 +852,20 @@ def test_terminal_chat_streams_reasoning_and_answer(tmp_path):
     assert "you> What is 6*7?" in text and "(conversation cleared)" in text and "not read" not in text
 
 
+def test_terminal_chat_shows_an_empty_reply_as_such(tmp_path):
+    from rich.console import Console
+
+    from r1lab.config import ChatConfig
+    from r1lab.serve.chat import run_chat
+
+    # after the prompt's last token ("i") the scripted model writes end-of-text at once
+    model = scripted_model_dir(tmp_path / "m", chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = io.StringIO()
+    run_chat(ChatConfig(model=str(model), device="cpu"), io.StringIO("Hi\nHi\n"),
+             Console(file=out, width=120, color_system=None))
+    assert out.getvalue().count("you> Hi\n(empty reply)\n") == 2
+
+
 @pytest.mark.slow
 def test_chat_and_serve_commands(model_dir):
     from r1lab.cli import build_parser
