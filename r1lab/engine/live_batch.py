@@ -40,7 +40,7 @@ _sequence_ids = itertools.count()  # ids unique across batches: a sequence may m
 class StepToken:
     seq: int  # the id add() returned
     token: int
-    logprob: float  # under softmax(logits / temperature), as Engine.generate's Sample.logprobs
+    logprob: float  # under softmax(logits / temperature) as Engine.generate's, the logits penalised if it asks
     finish_reason: str | None  # "stop" (end-of-text or a stop string) or "length" when this token ended it
 
 
