@@ -46,7 +46,7 @@ def test_an_update_that_breaks_the_weights_stops_before_the_step_is_reported(in_
     docs = [[1 + (i * 7 + j) % 30 for j in range(12)] for i in range(8)]
     reported = []
     with pytest.raises(TrainingDiverged) as info:
-        train_lm(model, docs, steps=5, batch_size=4, lr=1e300, warmup=0, pad_id=0, seed=0, log=lambda *_: None,
+        train_lm(model, docs, steps=5, batch_size=4, lr=1e300, warmup=0, pad_id=0, seed=0,
                  optimizer=make_optimizer(model, 1e300, 0.0, 0.95), max_grad_norm=0.0 if in_backward else 1.0,
                  optimizer_in_backward=in_backward, name="sft", on_step=lambda step, _: reported.append(step))
     message = str(info.value)
@@ -57,7 +57,7 @@ def test_an_update_that_breaks_the_weights_stops_before_the_step_is_reported(in_
 def test_a_sane_learning_rate_trains_through():
     model = tiny()
     docs = [[1 + (i * 7 + j) % 30 for j in range(12)] for i in range(8)]
-    losses = train_lm(model, docs, steps=3, batch_size=4, lr=1e-2, warmup=0, pad_id=0, seed=0, log=lambda *_: None,
+    losses = train_lm(model, docs, steps=3, batch_size=4, lr=1e-2, warmup=0, pad_id=0, seed=0,
                       optimizer=make_optimizer(model, 1e-2, 0.0, 0.95))
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 

@@ -224,3 +224,81 @@ def test_nucleus_equals_the_sorted_definition(scale):
     per_row = torch.tensor([[0.5], [0.9], [0.95], [1.0], [0.99], [1e-6]])
     assert torch.equal(_nucleus(probs, per_row), by_sorting(probs, per_row))
     assert torch.equal(_nucleus(probs, 0.9), by_sorting(probs, torch.tensor(0.9)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM's sampling extras (the server's): penalties and min-p, per row
+
+
+def reference_penalties(logits: list[float], context: list[int], output: list[int], repetition: float,
+                        presence: float, frequency: float) -> list[float]:
+    """The definitions, token by token: HF/vLLM's repetition penalty over the prompt and output, then OpenAI's
+    frequency and presence penalties over the output."""
+    out = list(logits)
+    for t in set(context):
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in set(output):
+        out[t] -= frequency * output.count(t) + presence
+    return out
+
+
+def test_penalties_per_row_match_the_definitions_and_transformers():
+    from r1lab.engine.sampling import Penalties
+
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(2)) * 3
+    contexts = [[1, 2, 2, 5, 9, 30], [3, 3, 3, 7, 11], [0, 39, 20], [4, 8]]
+    outputs = [[2, 5, 30], [3, 3, 7, 7, 7], [], [8]]
+    values = [(1.3, 0.0, 0.0), (1.0, 0.5, 0.25), (0.8, -1.0, 2.0), (1.0, 0.0, 0.0)]  # a boost, a negative penalty
+    got = Penalties.build(values, contexts, outputs, 40, "cpu").apply(logits)
+    want = torch.tensor([reference_penalties(row, c, o, *v)
+                         for row, c, o, v in zip(logits.tolist(), contexts, outputs, values)])
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got[:3], logits[:3])
+    assert torch.equal(got[3], logits[3])  # a neutral row is untouched, bit for bit
+    # Rows 0 and 2 are penalised for repetition alone (row 2's presence and frequency count an empty output): the
+    # same logits as transformers' processor over the prompt and output tokens
+    for r in (0, 2):
+        hf = transformers.RepetitionPenaltyLogitsProcessor(values[r][0])(torch.tensor([contexts[r]]), logits[r:r + 1])
+        assert torch.equal(got[r], hf[0])
+
+
+@pytest.mark.parametrize("min_p", [0.02, 0.1, 0.5, 1.0])
+def test_min_p_keeps_what_transformers_min_p_keeps(min_p):
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(3)) * 2
+    temperature = torch.tensor([[1.0], [0.7]])
+    kept = transformers.MinPLogitsWarper(min_p)(None, logits / temperature) > float("-inf")  # (2, V)
+    n = 4000
+    rows = torch.arange(2).repeat_interleave(n)
+    per_row_min_p = torch.tensor([[min_p], [0.0]]) if min_p == 0.02 else torch.full((2, 1), min_p)
+    tokens, logprobs = sample_next(logits[rows], temperature[rows], 0, 1.0, torch.Generator().manual_seed(0),
+                                   per_row_min_p[rows])
+    for r in range(2):
+        seen = set(tokens[rows == r].tolist())
+        if per_row_min_p[r] > 0:
+            assert seen == set(kept[r].nonzero().squeeze(-1).tolist())
+        else:  # min_p 0 keeps every token: more than min_p 0.02 would
+            assert len(seen) > kept[r].sum()
+    # the log-prob is the token's under softmax(logits / temperature), before min-p cuts the row
+    assert torch.allclose(logprobs, torch.log_softmax(logits / temperature, -1)[rows, tokens], atol=1e-5)
+
+
+def test_neutral_extras_leave_every_token_and_logprob_bit_identical():
+    """A row at min_p 0 and neutral penalties samples exactly what it sampled before these existed, even beside a
+    row that uses them."""
+    from r1lab.engine.sampling import NO_PENALTIES, Penalties, row_generator
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(4)) * 2
+    temperature = torch.tensor([[1.0], [0.0], [0.7], [1.3], [1.0]])  # a greedy row among them
+    top_k, top_p = torch.tensor([[0], [0], [20], [0], [5]]), torch.tensor([[1.0], [1.0], [0.9], [0.8], [1.0]])
+    generators = lambda: [row_generator(seed, 0, "cpu") for seed in range(5)]  # noqa: E731
+    before = sample_next(logits, temperature, top_k, top_p, generators())
+    contexts = [[1, 2, 3, int(logits[r].argmax())] for r in range(5)]  # each row's favourite token was seen
+    values = [(1.5, 0.5, 0.5)] + [NO_PENALTIES] * 4  # row 0 penalised, the others neutral
+    min_p = torch.tensor([[0.3], [0.0], [0.0], [0.0], [0.0]])
+    after = sample_next(logits, temperature, top_k, top_p, generators(), min_p,
+                        Penalties.build(values, contexts, contexts, 300, "cpu"))
+    assert torch.equal(after[0][1:], before[0][1:]) and torch.equal(after[1][1:], before[1][1:])
+    neutral = Penalties.build([NO_PENALTIES] * 5, contexts, contexts, 300, "cpu")
+    again = sample_next(logits, temperature, top_k, top_p, generators(), torch.zeros(5, 1), neutral)
+    assert torch.equal(again[0], before[0]) and torch.equal(again[1], before[1])

@@ -72,7 +72,7 @@ def test_own_model_gsm8k_grpo_eval_sft_report_serve_chat(tmp_path, monkeypatch, 
         served = client.get("/v1/models").json()["data"][0]["id"]  # what docs/serving.md's snippet asks the server for
         reply = client.post("/v1/chat/completions", json={"model": served, "max_tokens": 4, "messages": [
             {"role": "user", "content": "Natalia sold 3 clips. How many?"}]})
-    assert served == "model" and reply.status_code == 200, reply.text
+    assert served == "my-run" and reply.status_code == 200, reply.text  # RUN/model is served as the run's name
     assert set(reply.json()["choices"][0]["message"]) >= {"content", "reasoning_content"}
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Natalia sold 3 clips. How many?\n/quit\n"))

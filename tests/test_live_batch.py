@@ -2,10 +2,13 @@
 seeded sequence's tokens do not depend on who else runs, joins, leaves or is parked beside it."""
 
 import pytest
+import torch
+from test_engine import reference_penalties
 
 from r1lab.engine import live_batch as live_module
 from r1lab.engine import slots as slots_module
 from r1lab.engine.live_batch import LiveBatch
+from r1lab.engine.sampling import row_generator, sample_next
 
 PROMPTS = ["3+5+2", "12+7", "9", "100+200+300+400", "7*8", "1"]
 SETTINGS = [dict(max_new_tokens=30, temperature=1.0, top_p=0.9, seed=11),
@@ -145,3 +148,46 @@ def test_sequences_moved_between_batches_keep_their_tokens(engine):
             break
     for i in range(6):
         assert_same(out[seq[i]], alone(engine, i))
+
+
+# vLLM's extras: each sequence its own min-p and penalties, which read its own prompt and output
+PENALISED = [dict(max_new_tokens=20, temperature=0.0, repetition_penalty=1.8),  # greedy: the penalty decides alone
+             dict(max_new_tokens=25, temperature=1.0, top_k=10, min_p=0.05, repetition_penalty=1.2,
+                  presence_penalty=0.7, frequency_penalty=0.4, seed=21),
+             dict(max_new_tokens=15, temperature=0.8, frequency_penalty=-0.5, presence_penalty=1.5, seed=22,
+                  output_start=1)]  # its prompt's last tokens are output so far (a tool turn's prompt)
+
+
+def reference_extras(engine, prompt: list[int], s: dict) -> list[int]:
+    """Token by token, the whole sequence recomputed: the penalties by their definitions, then the sampler."""
+    generator, start, seq = row_generator(s.get("seed"), 0, "cpu"), s.get("output_start", len(prompt)), list(prompt)
+    for _ in range(s["max_new_tokens"]):
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([seq]))[0, -1].tolist()
+        penalised = reference_penalties(logits, seq, seq[start:], s.get("repetition_penalty", 1.0),
+                                        s.get("presence_penalty", 0.0), s.get("frequency_penalty", 0.0))
+        token, _ = sample_next(torch.tensor([penalised]), s["temperature"], s.get("top_k", 0), 1.0, [generator],
+                               s.get("min_p", 0.0))
+        seq.append(int(token))
+    return seq[len(prompt):]
+
+
+def test_penalties_and_min_p_per_sequence_in_a_crowd(engine):
+    """Penalised sequences among plain ones, joining, parked and put back: each penalised one samples what the
+    definitions give for it alone, and each plain one exactly what it samples alone."""
+    ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    batch = LiveBatch(engine, 3)
+    seq: dict[str, int] = {}
+    add = lambda name, prompt, s: lambda: seq.__setitem__(name, batch.add(prompt, **s))  # noqa: E731
+    parked = []
+    events = {0: [add("p0", ids[3], PENALISED[0]), add("n0", ids[0], SETTINGS[0])],
+              2: [add("p1", ids[1], PENALISED[1]), add("n2", ids[2], SETTINGS[2])],
+              4: [add("p2", ids[4], PENALISED[2]), add("n5", ids[5], SETTINGS[5])],
+              6: [lambda: parked.append(batch.take(seq["p1"]))], 9: [lambda: batch.put(parked[0])]}
+    crowd = run(batch, events)
+    for name, prompt, s in (("p0", ids[3], PENALISED[0]), ("p1", ids[1], PENALISED[1]), ("p2", ids[4], PENALISED[2])):
+        assert [t for t, _, _ in crowd[seq[name]]] == reference_extras(engine, prompt, s), name
+    plain = reference_extras(engine, ids[1], {k: v for k, v in PENALISED[1].items() if "penalty" not in k})
+    assert plain != reference_extras(engine, ids[1], PENALISED[1])  # the penalties changed something
+    for name, i in (("n0", 0), ("n2", 2), ("n5", 5)):
+        assert [t for t, _, _ in crowd[seq[name]]] == [t for t, _, _ in alone(engine, i)], name

@@ -79,6 +79,21 @@ def test_progress_is_quiet_off_terminal():
     assert out[-1].startswith("step 100/100") and "acc 25.0%" in out[-1]
 
 
+def test_progress_off_terminal_has_an_eta_from_the_first_step_on_one_line_each():
+    from rich.console import Console
+
+    from r1lab.train.metrics import LOSS_KEYS
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=30)  # narrower than a line: no line is wrapped
+    with training_progress(200, start_step=50, console=console, keys=LOSS_KEYS) as bar:
+        for step in range(51, 201):
+            bar.update(step, {"loss": 2.5, "reward/mean": 0.5})
+    out = buf.getvalue().splitlines()
+    assert out[0].startswith("step 51/200  elapsed ") and out[-1].startswith("step 200/200")  # the first step, resumed
+    assert all(line.startswith("step ") and " eta " in line and line.endswith("loss 2.5") for line in out), out
+
+
 def test_progress_on_terminal_shows_the_bar():
     import re
 

@@ -435,13 +435,13 @@ def test_the_openai_client_sends_every_neutral_field_at_once(openai_client):
 
 
 @pytest.mark.parametrize("path, field, value", [
-    ("chat", "frequency_penalty", 0.5), ("chat", "presence_penalty", -1), ("chat", "logit_bias", {"5": 10}),
+    ("chat", "logit_bias", {"5": 10}),
     ("chat", "top_logprobs", 3), ("chat", "response_format", {"type": "json_object"}),
     ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
     ("chat", "tools", [{"type": "function", "function": {"name": "f"}}]), ("chat", "tool_choice", "required"),
     ("chat", "functions", [{"name": "f"}]), ("chat", "store", True), ("chat", "modalities", ["text", "audio"]),
     ("chat", "service_tier", "flex"),
-    ("completions", "frequency_penalty", 1), ("completions", "logprobs", 2), ("completions", "logprobs", 0),
+    ("completions", "logit_bias", {"5": 10}), ("completions", "logprobs", 2), ("completions", "logprobs", 0),
     ("completions", "echo", True), ("completions", "best_of", 3), ("completions", "suffix", "}"),
 ])
 def test_a_non_neutral_field_gets_400_naming_it(api, path, field, value):
@@ -454,8 +454,66 @@ def test_a_non_neutral_field_gets_400_naming_it(api, path, field, value):
 def test_the_openai_client_sees_the_refusal(openai_client):
     openai = pytest.importorskip("openai")
     with pytest.raises(openai.BadRequestError) as info:
-        openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, presence_penalty=0.6)
-    assert info.value.status_code == 400 and info.value.body["param"] == "presence_penalty"
+        openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, logit_bias={"5": 10})
+    assert info.value.status_code == 400 and info.value.body["param"] == "logit_bias"
+
+
+VLLM_EXTRAS = {"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+
+
+def test_the_openai_client_sends_vllms_sampling_extras(openai_client):
+    # The script's next token has logit ~45 and every other 0: these settings keep it, so the answer is unchanged...
+    r = openai_client.chat.completions.create(model=MODEL_ID, messages=QUESTION, seed=1, extra_body=VLLM_EXTRAS)
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (REASONING, ANSWER)
+    # ... while penalties strong enough are honoured: after "z" comes "y", then "z" again unless it is penalised
+    ask = dict(model=MODEL_ID, prompt="z", max_tokens=40, seed=5)
+    assert openai_client.completions.create(**ask).choices[0].text == "yz" * 20
+    repeated = openai_client.completions.create(**ask, extra_body={"repetition_penalty": 100}).choices[0].text
+    assert repeated.startswith("y") and not repeated.startswith("yz")  # z (in the prompt) drops from 45 to 0.45
+    worn = openai_client.completions.create(**{**ask, "max_tokens": 60}, presence_penalty=2, frequency_penalty=2)
+    assert worn.choices[0].text.startswith("yzyzyz") and worn.choices[0].text != "yz" * 30  # -2 a repeat: 45 -> < 0
+    every = openai_client.completions.create(**ask, extra_body={"top_k": -1, "min_p": 0}).choices[0].text
+    assert every == "yz" * 20  # vLLM's "no top-k" and min-p 0 change nothing
+
+
+@pytest.mark.parametrize("field, value", [("top_k", -2), ("min_p", 1.5), ("min_p", -0.1), ("repetition_penalty", 0),
+                                          ("presence_penalty", 2.5), ("frequency_penalty", -3), ("top_k", 0.5)])
+def test_out_of_range_sampling_extras_get_400(api, field, value):
+    body = {"model": MODEL_ID, "prompt": "z", "max_tokens": 2, field: value}
+    assert_error(api.post("/v1/completions", json=body), 400, param=field, code="invalid_value")
+
+
+THINKING_SWITCH = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}"
+                   "<|assistant|>{% if enable_thinking is defined and enable_thinking is false %}</think>"
+                   "{% else %}<think>{% endif %}{% endif %}")  # Qwen3's switch, reduced to its tags
+
+
+def test_chat_template_kwargs_reach_the_chat_template(tmp_path):
+    openai = pytest.importorskip("openai")
+    from r1lab.serve.app import create_app
+
+    model = scripted_model_dir(tmp_path / "qwen3-like", chat_template=THINKING_SWITCH)
+    with ServerThread(create_app(model, device="cpu", log_level="warning")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+        ask = dict(model="qwen3-like", messages=QUESTION)
+        thinking = client.chat.completions.create(**ask).choices[0].message
+        no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+        quick = client.chat.completions.create(**ask, extra_body=no_thinking).choices[0].message
+        assert (thinking.reasoning_content, thinking.content) == (REASONING, ANSWER)
+        assert (quick.reasoning_content, quick.content) == (None, ANSWER)  # the template closed the thinking
+        for kwargs, words in [({"messages": []}, "set by the renderer"),
+                              ({"add_generation_prompt": False}, "set by the renderer"),
+                              ({"enable_thinking": {"a": 1}}, "not an object"), ({"enable_thinking": [1]}, "an array"),
+                              ({"enable_reasoning": False}, "does not read 'enable_reasoning'")]:
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json={**ask, "chat_template_kwargs": kwargs}, timeout=30)
+            assert words in assert_error(r, 400, param="chat_template_kwargs")["message"], kwargs
+
+
+def test_chat_template_kwargs_without_a_chat_template_get_400(api):
+    body = {"model": MODEL_ID, "messages": QUESTION, "chat_template_kwargs": {"enable_thinking": False}}
+    error = assert_error(api.post("/v1/chat/completions", json=body), 400, param="chat_template_kwargs")
+    assert "'r1zero' template reads no variables" in error["message"]
+    assert api.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {}}).status_code == 200
 
 
 def test_logprobs_of_the_scripted_answer(openai_client):
@@ -533,6 +591,25 @@ def test_startup_message_names_the_base_url_and_model(server, model_dir):
     assert 'base_url="http://127.0.0.1:9000/v1"' in text and "all interfaces" in text and 'api_key="none"' in text
     # without --served-model-name the id is the model directory's name: what /v1/models lists and requests name
     assert create_app(model_dir, device="cpu").state.server.model_id == model_dir.name
+
+
+def test_a_runs_model_is_served_under_the_runs_name(tmp_path, model_dir):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from r1lab.serve.app import create_app, default_served_name
+
+    run = tmp_path / "runs" / "my-run"
+    shutil.copytree(model_dir, run / "model")
+    assert default_served_name(str(run / "model")) == "model"  # no config.yaml beside it: a directory named model
+    (run / "config.yaml").write_text("steps: 1\n")
+    with TestClient(create_app(run / "model", device="cpu")) as client:
+        listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        ok = client.post("/v1/completions", json={"model": "my-run", "prompt": "z", "max_tokens": 2})
+        old = client.post("/v1/completions", json={"model": "model", "prompt": "z", "max_tokens": 2})
+    assert listed == ["my-run"] and ok.json()["model"] == "my-run"
+    assert_error(old, 404, param="model", code="model_not_found")  # the old name "model" is not an alias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -773,6 +850,20 @@ def test_terminal_chat_streams_reasoning_and_answer(tmp_path):
     text = out.getvalue()
     assert text.count(f"thinking: {REASONING}\nanswer: {ANSWER}\n") == 2
     assert "you> What is 6*7?" in text and "(conversation cleared)" in text and "not read" not in text
+
+
+def test_terminal_chat_shows_an_empty_reply_as_such(tmp_path):
+    from rich.console import Console
+
+    from r1lab.config import ChatConfig
+    from r1lab.serve.chat import run_chat
+
+    # after the prompt's last token ("i") the scripted model writes end-of-text at once
+    model = scripted_model_dir(tmp_path / "m", chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    out = io.StringIO()
+    run_chat(ChatConfig(model=str(model), device="cpu"), io.StringIO("Hi\nHi\n"),
+             Console(file=out, width=120, color_system=None))
+    assert out.getvalue().count("you> Hi\n(empty reply)\n") == 2
 
 
 @pytest.mark.slow

@@ -266,6 +266,17 @@ def test_a_few_sft_steps_lower_the_loss_and_write_a_model_directory(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_000040").is_dir() and (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_sft_prints_its_progress_once_with_an_eta_and_the_loss(tmp_path, capsys):
+    tiny_random_model(tmp_path / "init", build_tiny_tokenizer())
+    data = write_rows(tmp_path / "chat.jsonl", sum_conversations(4))
+    main(["sft", "--model", str(tmp_path / "init"), "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "3",
+          "--batch-size", "2", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()  # not a terminal: plain lines, as in a CI log
+    progress = [line for line in out if "step" in line and "/3" in line]
+    assert [line.split()[:2] for line in progress] == [["step", f"{i}/3"] for i in (1, 2, 3)], out  # each once
+    assert all(" eta " in line and "loss " in line for line in progress)
+
+
 def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tmp_path):
     tok = build_tiny_tokenizer()
     tiny_random_model(tmp_path / "init", tok)

@@ -195,6 +195,22 @@ def test_math_verify_runs_without_its_own_alarm(monkeypatch: pytest.MonkeyPatch)
     assert math_equal("\\frac{3}{7}", "3/7") and not math_equal("123457", "123456")
 
 
+@pytest.mark.parametrize("rank, notices", [(None, 1), ("0", 1), ("1", 0)])
+def test_math_verifys_timeout_notice_is_printed_once_and_by_rank_0_alone(rank: str | None, notices: int) -> None:
+    # parse and verify each print it once per process; r1lab's scorer timeout stands in for theirs
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update({"RANK": rank, "WORLD_SIZE": "2"} if rank is not None else {})
+    code = ("from r1lab.rewards.tasks.dataset import math_equal\n"
+            "assert math_equal('1/2', '0.5') and math_equal('3', '3') and not math_equal('x^2', 'x^3')")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout + r.stderr).count("Timeout is disabled") == notices, r.stderr
+
+
 def test_boxed_reference_vs_decimal(tmp_path: Path) -> None:
     path = tmp_path / "math.jsonl"
     path.write_text(json.dumps({"problem": "half?", "solution": "It is $\\boxed{\\frac{1}{2}}$."}) + "\n")

@@ -421,7 +421,8 @@ class ServeConfig(Settings, kind="serve"):
 
     model: str = setting("runs/demo/grpo/model", "the model directory to serve", **shared.NONEMPTY)
     adapter: str = shared.ADAPTER
-    served_model_name: str = setting("", "the model id clients send; default: the model directory's name")
+    served_model_name: str = setting("", "the model id clients send; default: the model directory's name (a run's "
+                                         "RUN/model: the run's name)")
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0: every interface)", **shared.NONEMPTY)
     port: int = setting(8000, "TCP port", ge=1, le=65535)
     api_key: str = setting("", "when set, /v1 requests need the header `Authorization: Bearer KEY`")

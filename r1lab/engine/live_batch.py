@@ -3,8 +3,8 @@
 Engine.generate(max_rows=N) runs a set of sequences fixed when it is called. A server's requests arrive while others
 run, so here a sequence is added at any time (add) and takes a row at the next step, its prompt prefilled by a forward
 of its own; step() samples one token for every running sequence and feeds them forward together. Each sequence keeps
-its own sampling settings, token limit, stop strings and random generator, so a seeded sequence samples the same
-tokens whoever runs beside it (its logits differ only by float rounding).
+its own sampling settings (vLLM's min-p and penalties included), token limit, stop strings and random generator, so
+a seeded sequence samples the same tokens whoever runs beside it (its logits differ only by float rounding).
 
 The layout is Slots' (r1lab/engine/slots.py). The running sequences are kept packed in the first rows (a row freed
 takes the last row's contents), so a step's forward covers only the rows in use; the buffers start small and double
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from r1lab.engine.engine import Engine
-from r1lab.engine.sampling import row_generator, sample_next
+from r1lab.engine.sampling import NO_PENALTIES, Penalties, row_generator, sample_next
 from r1lab.engine.slots import Slots, prefill
 from r1lab.model.transformer import KVCache
 
@@ -40,7 +40,7 @@ _sequence_ids = itertools.count()  # ids unique across batches: a sequence may m
 class StepToken:
     seq: int  # the id add() returned
     token: int
-    logprob: float  # under softmax(logits / temperature), as Engine.generate's Sample.logprobs
+    logprob: float  # under softmax(logits / temperature) as Engine.generate's, the logits penalised if it asks
     finish_reason: str | None  # "stop" (end-of-text or a stop string) or "length" when this token ended it
 
 
@@ -66,6 +66,9 @@ class Sequence:
     top_k: int
     stop_strings: tuple[str, ...]
     generator: torch.Generator
+    min_p: float = 0.0
+    penalties: tuple[float, float, float] = NO_PENALTIES  # repetition, presence, frequency
+    output_start: int = 0  # where in prompt the output begins (a tool turn's prompt holds the completion so far)
     generated: list[int] = field(default_factory=list)
     parked: _Parked | None = None
 
@@ -97,13 +100,19 @@ class LiveBatch(Slots):
         return not self.rows and not self.waiting
 
     def add(self, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-            top_k: int = 0, seed: int | None = None, stop_strings: tuple[str, ...] = ()) -> int:
-        """Queue a sequence; it starts at the next step (when a slot is free). With a seed its tokens are those of
-        Engine.generate([prompt_ids], seed=[seed], ...) with the same settings. Returns its id."""
+            top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+            frequency_penalty: float = 0.0, seed: int | None = None, stop_strings: tuple[str, ...] = (),
+            output_start: int | None = None) -> int:
+        """Queue a sequence; it starts at the next step (when a slot is free). With a seed and no min-p or penalties
+        its tokens are those of Engine.generate([prompt_ids], seed=[seed], ...) with the same settings. The penalties
+        (r1lab/engine/sampling.py Penalties) count the output from prompt_ids[output_start:] on (default: the sampled
+        tokens only). Returns its id."""
         if not prompt_ids or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
         seq = Sequence(next(_sequence_ids), list(prompt_ids), max_new_tokens, temperature, top_p, top_k,
-                       tuple(stop_strings), row_generator(seed, 0, self.device))
+                       tuple(stop_strings), row_generator(seed, 0, self.device), min_p,
+                       (repetition_penalty, presence_penalty, frequency_penalty),
+                       len(prompt_ids) if output_start is None else output_start)
         self.sequences[seq.id] = seq
         self.waiting.append(seq)
         return seq.id
@@ -149,7 +158,11 @@ class LiveBatch(Slots):
         B = len(self.rows)
         if B == 0:
             return []
-        tokens, logprobs = sample_next(self.logits[:B], *self._row_params())  # (B,), (B,)
+        params = self._row_params()
+        tokens, logprobs = sample_next(self.logits[:B], *params)  # (B,), (B,)
+        penalties = params[-1]
+        if penalties is not None:
+            penalties.record(tokens)
         out = [StepToken(seq.id, token, logprob, self._finish_reason(seq, token))
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._make_room(B, self.first_column[:B], self.clock)  # the clock before a slide: a full cache also grows
@@ -171,14 +184,28 @@ class LiveBatch(Slots):
         return "length" if len(seq.generated) >= seq.max_new_tokens else None
 
     def _row_params(self) -> tuple:
-        """(temperature, top_k, top_p) as (B, 1) tensors and the rows' generators, rebuilt when the rows change."""
+        """sample_next's (temperature, top_k, top_p, generators, min_p, penalties): (B, 1) tensors, the rows'
+        generators and their Penalties (None when no row has any), rebuilt when the rows change; between changes
+        step() records each sampled token in the penalties' statistics."""
         if self._params is None:
             column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)[:, None]  # noqa: E731
             self._params = (column([s.temperature for s in self.rows], torch.float32),
                             column([s.top_k for s in self.rows], torch.long),
                             column([s.top_p for s in self.rows], torch.float32),
-                            [s.generator for s in self.rows])
+                            [s.generator for s in self.rows],
+                            column([s.min_p for s in self.rows], torch.float32),
+                            self._penalties())
         return self._params
+
+    def _penalties(self) -> Penalties | None:
+        """The running rows' penalties and the tokens they read (listed only for rows that have penalties)."""
+        if all(s.penalties == NO_PENALTIES for s in self.rows):
+            return None
+        counted = [s if s.penalties != NO_PENALTIES else None for s in self.rows]
+        return Penalties.build([s.penalties for s in self.rows],
+                               [s.prompt + s.generated if s else [] for s in counted],
+                               [s.prompt[s.output_start:] + s.generated if s else [] for s in counted],
+                               self.logits.shape[1], self.device)
 
     def _admit(self) -> None:
         """The waiting sequences take the free rows: new prompts prefilled together, parked rows copied back."""

@@ -1,5 +1,6 @@
-"""Choosing the next token: temperature, top-k and top-p per row, from a seeded generator; and the per-step seeds
-that make runs resumable and reproducible.
+"""Choosing the next token: temperature, top-k, top-p and min-p per row, from a seeded generator, after vLLM's
+repetition, presence and frequency penalties (the server's); and the per-step seeds that make runs resumable and
+reproducible.
 """
 
 from __future__ import annotations
@@ -19,15 +20,20 @@ Param = float | torch.Tensor  # one value for the whole batch, or a (B, 1) tenso
 
 
 def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param,
-                generator: torch.Generator | list[torch.Generator] | None):
+                generator: torch.Generator | list[torch.Generator] | None, min_p: Param = 0.0,
+                penalties: Penalties | None = None):
     """Sample one token per row. Returns (tokens (B,), logprobs (B,)).
 
-    The log-prob is taken under softmax(logits / temperature) before top-k/top-p truncation: that is the
-    distribution the training pass recomputes, so old and new log-probs agree. Rows with temperature 0 are greedy
-    (their log-prob is taken at temperature 1). Each parameter is a number or a (B, 1) tensor of per-row values;
-    generator is one generator for the batch or one per row (a row's draws then do not depend on its batch-mates).
+    The log-prob is taken under softmax(logits / temperature) before top-k/top-p/min-p truncation: that is the
+    distribution the training pass recomputes, so old and new log-probs agree. With penalties (the server's; training
+    never sets them) the logits are the penalised ones, so the log-prob is still that of the distribution the token was
+    drawn from before truncation. Rows with temperature 0 are greedy over the (penalised) logits (their log-prob is
+    taken at temperature 1). Each parameter is a number or a (B, 1) tensor of per-row values; generator is one
+    generator for the batch or one per row (a row's draws then do not depend on its batch-mates).
     """
     logits = logits.float()
+    if penalties is not None:  # before temperature, as vLLM and transformers apply them
+        logits = penalties.apply(logits)
     if not torch.is_tensor(temperature) and temperature <= 0:
         return _greedy(logits)
     greedy_rows = temperature <= 0 if torch.is_tensor(temperature) else None
@@ -35,7 +41,7 @@ def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Ten
         temperature = temperature.masked_fill(greedy_rows, 1.0)
     scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
     probs = scaled.softmax(-1)  # (B, V); on a CPU the fused softmax costs less than a separate max and exp
-    keep = _truncation_mask(scaled, probs, top_k, top_p)
+    keep = _truncation_mask(scaled, probs, top_k, top_p, min_p)
     tokens = _inverse_cdf_sample(probs * keep if keep is not None else probs,
                                  _uniforms(len(probs), generator, probs.device))
     logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a sampled token's probability is never 0
@@ -46,13 +52,56 @@ def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Ten
     return tokens, logprobs
 
 
+NO_PENALTIES = (1.0, 0.0, 0.0)  # (repetition, presence, frequency) that change nothing
+
+
+@dataclass
+class Penalties:
+    """vLLM's repetition penalty and OpenAI's presence and frequency penalties, one value per row, with the token
+    statistics they read. A row at the neutral values (1, 0, 0) keeps its logits bit for bit."""
+
+    repetition: torch.Tensor  # (B, 1) a prompt or output token's logit is divided by it when positive, else multiplied
+    presence: torch.Tensor  # (B, 1) subtracted from the logit of each token the output holds
+    frequency: torch.Tensor  # (B, 1) subtracted once for each time the output holds the token
+    seen: torch.Tensor  # (B, V) bool: the token is in the prompt or the output
+    counts: torch.Tensor  # (B, V) how many times the output holds the token
+
+    @classmethod
+    def build(cls, values: list[tuple[float, float, float]], contexts: list[list[int]], outputs: list[list[int]],
+              vocab_size: int, device) -> Penalties:
+        """values: (repetition, presence, frequency) per row; contexts: each row's prompt and output tokens; outputs:
+        its output tokens (those that presence and frequency count)."""
+        B = len(values)
+        seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+        counts = torch.zeros(B, vocab_size, device=device)
+        for r, (context, output) in enumerate(zip(contexts, outputs)):
+            if context:
+                seen[r, torch.tensor(context, device=device)] = True
+            if output:
+                counts[r].index_add_(0, torch.tensor(output, device=device), torch.ones(len(output), device=device))
+        per_row = torch.tensor(values, dtype=torch.float32, device=device).view(B, 3, 1)
+        return cls(*per_row.unbind(1), seen, counts)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The penalised logits (B, V), in vLLM's order: repetition, then frequency and presence."""
+        repeated = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+        logits = torch.where(self.seen, repeated, logits)
+        return logits - self.frequency * self.counts - self.presence * (self.counts > 0)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Each row's sampled token (B,) joins its output."""
+        self.seen.scatter_(1, tokens[:, None], True)
+        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
+
+
 def _greedy(logits: torch.Tensor):
     tokens = logits.argmax(-1)
     return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _truncation_mask(scaled, weights, top_k, top_p) -> torch.Tensor | None:
-    """(B, V) bool of the tokens top-k and top-p keep, or None when neither truncates."""
+def _truncation_mask(scaled, weights, top_k, top_p, min_p=0.0) -> torch.Tensor | None:
+    """(B, V) bool of the tokens top-k, min-p and top-p keep, or None when none truncates. Top-p takes its share of
+    what top-k and min-p keep, as in vLLM."""
     V = scaled.shape[-1]
     keep = None
     k_max = int(top_k.max()) if torch.is_tensor(top_k) else top_k
@@ -63,6 +112,10 @@ def _truncation_mask(scaled, weights, top_k, top_p) -> torch.Tensor | None:
         else:
             kth = kth[:, -1:]
         keep = scaled >= kth
+    if bool((min_p > 0).any()) if torch.is_tensor(min_p) else min_p > 0:
+        # min-p: a token at least min_p times as probable as the most probable one (0 keeps every token)
+        likely = weights >= min_p * weights.amax(-1, keepdim=True)
+        keep = likely if keep is None else keep & likely
     truncating = bool((top_p < 1.0).any()) if torch.is_tensor(top_p) else top_p < 1.0
     if truncating:
         nucleus = _nucleus(weights * keep if keep is not None else weights, top_p)

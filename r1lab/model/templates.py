@@ -12,6 +12,7 @@ Templates:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from datetime import datetime
@@ -20,6 +21,7 @@ from pathlib import Path
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # The reasoning format's tags: what a reasoning model writes around its thinking and its answer
@@ -47,12 +49,15 @@ def render_prompt(tokenizer: Tokenizer, question: str, template: str = "r1zero",
 
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
-                        add_generation_prompt: bool = True) -> str:
+                        add_generation_prompt: bool = True, variables: dict | None = None) -> str:
     """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. With add_generation_prompt, the text
-    ends where the assistant's reply begins (a chat template's generation prompt; R1-Zero's "Assistant:")."""
+    ends where the assistant's reply begins (a chat template's generation prompt; R1-Zero's "Assistant:").
+    variables: more variables for a chat template (apply_chat_template)."""
     template = resolve_template(tokenizer, template)
     if template == "chat":
-        return apply_chat_template(tokenizer, messages, add_generation_prompt)
+        return apply_chat_template(tokenizer, messages, add_generation_prompt, variables)
+    if variables:
+        raise TemplateVariableError(f"the {template!r} template reads no variables (only a chat template does)")
     if template == "none":
         raise ValueError("template 'none' sends a single question as it is; a conversation needs r1zero or chat")
     return r1zero_conversation(tokenizer, messages)
@@ -83,15 +88,46 @@ def r1zero_conversation(tokenizer: Tokenizer, messages: list[dict]) -> str:
     return "".join(parts)
 
 
-def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        variables: dict | None = None) -> str:
     """The chat template rendered as transformers' apply_chat_template renders it (same Jinja environment, helpers
-    and special-token variables)."""
+    and special-token variables). variables: more of the template's variables, as apply_chat_template's keyword
+    arguments (e.g. Qwen3's enable_thinking), checked by check_template_variables."""
     if not tokenizer.chat_template:
         raise ValueError(f"{tokenizer.name}: no chat template (chat_template.jinja, chat_template.json or "
                          "tokenizer_config.json); use template 'r1zero' or 'none'")
+    check_template_variables(tokenizer.chat_template, variables or {})
     return _jinja_environment().from_string(tokenizer.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, eos_token=tokenizer.eos_token or "",
-        bos_token=getattr(tokenizer, "bos_token", None) or "")
+        **(variables or {}), messages=messages, add_generation_prompt=add_generation_prompt,
+        eos_token=tokenizer.eos_token or "", bos_token=getattr(tokenizer, "bos_token", None) or "")
+
+
+RENDERER_VARIABLES = ("messages", "add_generation_prompt", "eos_token", "bos_token")  # apply_chat_template's own
+_JSON_TYPE = {dict: "an object", list: "an array"}
+
+
+class TemplateVariableError(ValueError):
+    """A chat template variable that cannot be passed (the renderer's own, not a JSON scalar, or never read)."""
+
+
+def check_template_variables(template: str, variables: dict) -> None:
+    """Refuse a variable that would replace one the renderer sets, a value that is not a JSON scalar (string,
+    number, boolean, null: what templates' switches are), and one the template never reads, which would otherwise
+    be ignored without a word."""
+    for name, value in variables.items():
+        if name in RENDERER_VARIABLES:
+            raise TemplateVariableError(f"{name!r} is set by the renderer itself, not by a template variable")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise TemplateVariableError(f"{name!r} must be a string, number, boolean or null, not "
+                                        f"{_JSON_TYPE.get(type(value), type(value).__name__)}")
+        if name not in _template_variables(template):
+            raise TemplateVariableError(f"this model's chat template does not read {name!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _template_variables(template: str) -> frozenset[str]:
+    """The variables a template reads from its caller."""
+    return frozenset(meta.find_undeclared_variables(_jinja_environment().parse(template)))
 
 
 # Private-use characters around each {% generation %} block's output while its spans are tracked

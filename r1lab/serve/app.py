@@ -42,12 +42,13 @@ from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.tools import Runner, ToolSpec, run_in_sandbox, tool_summary
 from r1lab.model.loading import load_policy, pick_device
-from r1lab.model.templates import render_conversation, starts_in_think
+from r1lab.model.templates import TemplateVariableError, render_conversation, starts_in_think
 from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
+from r1lab.train.checkpoint import CONFIG_FILE
 from r1lab.train.task_settings import with_answer_format
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -84,7 +85,7 @@ def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox)
     batcher = Batcher(engine, max_batch=cfg.max_batch, batch_wait_s=cfg.batch_wait_ms / 1000,
                       max_pending=cfg.max_pending, tools=ToolSpec.of(cfg), runner=runner)
     state = ServerState(cfg, engine, batcher,
-                        cfg.served_model_name or Path(cfg.model).resolve().name,
+                        cfg.served_model_name or default_served_name(cfg.model),
                         cfg.max_model_len or engine.model.config.max_position_embeddings, int(time.time()))
 
     @asynccontextmanager
@@ -101,6 +102,15 @@ def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox)
     app.get("/", include_in_schema=False)(lambda: FileResponse(STATIC_DIR / "index.html"))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def default_served_name(model_dir: str) -> str:
+    """The model directory's name; a run's final model, RUN/model beside RUN/config.yaml, is named after the run
+    ("model" would tell a client nothing)."""
+    path = Path(model_dir).resolve()
+    if path.name == "model" and (path.parent / CONFIG_FILE).is_file():
+        return path.parent.name
+    return path.name
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -233,8 +243,7 @@ def _api_routes(state: ServerState) -> APIRouter:
     async def chat_completions(request: Request):
         req = parse_request(ChatRequest, await read_json(request, state.cfg))
         _check_model(state, req.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
-        prompt_text = render_conversation(state.engine.tokenizer, messages, state.cfg.template) + state.cfg.prefill
+        prompt_text = _chat_prompt(state, req)
         prompt_ids = state.engine.tokenizer.encode(prompt_text)
         gen = _start(state, req, [prompt_ids], _client_id(request))
         reply = ChatReply(state, req, len(prompt_ids), starts_in_think(prompt_text))
@@ -258,6 +267,17 @@ def _api_routes(state: ServerState) -> APIRouter:
         return await _answer(request, gen, reply.body)
 
     return router
+
+
+def _chat_prompt(state: ServerState, req: ChatRequest) -> str:
+    """The conversation rendered for the model, with the request's chat_template_kwargs."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = render_conversation(state.engine.tokenizer, messages, state.cfg.template, True, req.chat_template_kwargs)
+    except TemplateVariableError as err:
+        raise ApiError(400, f"'chat_template_kwargs': {err}.", param="chat_template_kwargs",
+                       code="invalid_value") from None
+    return text + state.cfg.prefill
 
 
 def _model_card(state: ServerState) -> dict:
@@ -300,7 +320,7 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
                             "the completion). Please reduce the prompt or the completion length.",
                        param="messages" if hasattr(req, "messages") else "prompt", code="context_length_exceeded")
     return SamplingParams(max_tokens=max_tokens, n=req.n, temperature=req.temperature, top_p=req.top_p,
-                          seed=req.seed, stop=req.stop_strings(),
+                          **req.sampling_extras(), seed=req.seed, stop=req.stop_strings(),
                           logprobs=isinstance(req, ChatRequest) and bool(req.logprobs))
 
 
@@ -431,7 +451,8 @@ class ChatReply(_Reply):
 
     def _logprobs(self, tokens: list) -> dict:
         """OpenAI's choice.logprobs: one entry per completion token, reasoning and end-of-text included, its
-        log-prob under the sampling distribution (temperature applied, before top-p: r1lab/engine/engine.py)."""
+        log-prob under the sampling distribution (penalties and temperature applied, before truncation:
+        r1lab/engine/sampling.py)."""
         return {"content": [_token_logprob(self.tokenizer, t, lp) for t, lp in tokens], "refusal": None}
 
 

@@ -66,6 +66,11 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False  # the events carry each token's sampling log-prob
@@ -141,7 +146,10 @@ class _Row:
         p = self.job.params
         seed = _row_seed(p.seed, self.index) if self.calls == 0 else turn_seed(p.seed, self.index, self.calls)
         return dict(prompt_ids=self.job.prompt_ids + self.ids, max_new_tokens=p.max_tokens - len(self.ids),
-                    temperature=p.temperature, top_p=p.top_p, seed=seed, stop_strings=stops)
+                    temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                    repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+                    frequency_penalty=p.frequency_penalty, seed=seed, stop_strings=stops,
+                    output_start=len(self.job.prompt_ids))  # penalties count the whole completion, tool outputs too
 
     def push(self, token: int, events: list[Event], logprob: float | None = None) -> bool:
         """Record one token, adding this row's events; True when the row must be ended now (a stop string)."""

@@ -54,6 +54,8 @@ class ReplyView:
     def close(self, note: str = "") -> None:
         if self.part is not None:
             self.console.print()
+        else:  # the model ended its reply at once (or with white space only): say so rather than print nothing
+            self.console.print("(empty reply)", style="dim")
         if note:
             self.console.print(note, style="dim", markup=False, highlight=False)
 

@@ -1,9 +1,11 @@
 """The OpenAI request bodies this server accepts, and its errors in OpenAI's shape.
 
 Unknown fields are refused (400, naming the field) rather than ignored. The OpenAI fields that clients send out of
-habit are accepted at their neutral values (frequency_penalty 0, logit_bias {}, response_format text, no tools, ...)
-and refused, naming the field, at any other: a client that asks for a penalty or a JSON schema should learn that it
-is not honoured here instead of silently getting something else.
+habit are accepted at their neutral values (logit_bias {}, response_format text, no tools, ...) and refused, naming
+the field, at any other: a client that asks for a logit bias or a JSON schema should learn that it is not honoured
+here instead of silently getting something else. vLLM's sampling extras that clients send in extra_body are
+implemented (top_k, min_p, repetition_penalty, with OpenAI's presence and frequency penalties: per request, in the
+engine's sampler), and so is chat_template_kwargs (more variables for the chat template, e.g. Qwen3's enable_thinking).
 Bodies are decoded strictly (UTF-8, at most MAX_JSON_DEPTH levels of nesting, no lone surrogates) so that nothing
 a client sends can reach the tokenizer, pydantic or a JSON response as something they fail on.
 """
@@ -48,7 +50,6 @@ class ResponseFormat(_Strict):
 
 
 Rule = tuple[str, Callable[[Any], bool], str]  # (field, whether a value is neutral, what to send instead)
-_NO_PENALTY = "this server samples without penalties; send 0 or leave it out"
 
 
 class ContentPart(_Strict):
@@ -80,13 +81,23 @@ class _Sampling(_Strict):
     user: str | None = None  # a client's end-user id: only for OpenAI's abuse monitoring
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # vLLM's extras (sent through the openai client's extra_body)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: every token
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
+
+    def sampling_extras(self) -> dict:
+        """The penalties, top-k and min-p as the batcher's SamplingParams takes them (null: the neutral value)."""
+        given = lambda value, neutral: neutral if value is None else value  # noqa: E731
+        return dict(top_k=max(given(self.top_k, 0), 0), min_p=given(self.min_p, 0.0),
+                    repetition_penalty=given(self.repetition_penalty, 1.0),
+                    presence_penalty=given(self.presence_penalty, 0.0),
+                    frequency_penalty=given(self.frequency_penalty, 0.0))
 
     def rules(self) -> list[Rule]:
         """The accepted fields this server does not implement, each with its neutral values."""
-        return [("frequency_penalty", lambda v: v == 0, _NO_PENALTY),
-                ("presence_penalty", lambda v: v == 0, _NO_PENALTY),
-                ("logit_bias", lambda v: not v, "this server cannot bias tokens; send {} or leave it out")]
+        return [("logit_bias", lambda v: not v, "this server cannot bias tokens; send {} or leave it out")]
 
     def check_supported(self) -> None:
         """A 400 naming the first field set to something this server would not honour."""
@@ -122,6 +133,7 @@ class ChatRequest(_Sampling):
     modalities: list[str] | None = None
     prompt_cache_key: str | None = None  # a hint for OpenAI's prompt cache routing
     safety_identifier: str | None = None  # like user
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: checked by r1lab/model/templates.py
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -23,8 +23,9 @@ from r1lab.train.trackers import open_trackers, parse_report_to
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 
-# What the progress bar shows; the trainer logs many more keys to the files.
-LIVE_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("completion_len/mean", "len"), ("kl", "kl"))
+# What the progress bar shows (metric, label); the trainers log many more keys to the files.
+LIVE_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("completion_len/mean", "len"), ("kl", "kl"))  # RL
+LOSS_KEYS = (("loss", "loss"),)  # pretraining and SFT
 
 
 def _clean(value: Any) -> Any:
@@ -184,12 +185,14 @@ def format_live_metrics(metrics: dict[str, Any] | None, keys: tuple = LIVE_KEYS)
 
 
 class TrainingProgress:
-    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line about every 5% of the run instead.
+    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line with the elapsed time and the ETA after
+    the first step, about every 5% of the run and at the end instead. keys: the (metric, label) pairs shown.
     Use as `with training_progress(N, start) as bar: ... bar.update(step, metrics)`."""
 
-    def __init__(self, total_steps: int, start_step: int = 0, console: Any = None) -> None:
+    def __init__(self, total_steps: int, start_step: int = 0, console: Any = None, keys: tuple = LIVE_KEYS) -> None:
         self.total = total_steps
         self.start_step = start_step
+        self.keys = keys
         self.console = console or Console()
         self._progress: Any = None
         self._task: Any = None
@@ -208,11 +211,13 @@ class TrainingProgress:
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
         """Record that `step` steps are done, showing a few of `metrics`."""
-        live = format_live_metrics(metrics)
+        live = format_live_metrics(metrics, self.keys)
+        done = step - self.start_step
         if self._progress is not None:
             self._progress.update(self._task, completed=step, live=live)
-        elif (step - self.start_step) % self._every == 0 or step >= self.total:
-            self.console.print(f"step {step}/{self.total}  {self._timing(step)}  {live}".rstrip(), highlight=False)
+        elif done == 1 or done % self._every == 0 or step >= self.total:  # the first: an ETA before 5% of the run
+            self.console.print(f"step {step}/{self.total}  {self._timing(step)}  {live}".rstrip(), highlight=False,
+                               soft_wrap=True)  # one line per update, whatever the log's width
 
     def _timing(self, step: int) -> str:
         elapsed = time.monotonic() - self._t0

@@ -28,7 +28,7 @@ from r1lab.train.checkpoint import RESUME_FREE_FIELDS, save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.logprobs import idle_pass, token_logprobs, training_precision
 from r1lab.train.memory_budget import check_supervised_memory
-from r1lab.train.metrics import open_metrics, training_progress
+from r1lab.train.metrics import LOSS_KEYS, open_metrics, training_progress
 from r1lab.train.optimizer import cosine_lr, lora_spec, make_optimizer, optimizer_step, set_lr, stop_if_diverged
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
@@ -73,14 +73,15 @@ def sft(cfg: SFTConfig, log=print) -> Path:
         f"{summary['target_tokens']} target tokens of {summary['tokens']}; {steps} steps of {cfg.batch_size} "
         f"conversations = {steps * cfg.batch_size / len(data.train_docs):.2f} epochs")
     logger = open_metrics(run, cfg, start) if world.main else Silent()
-    with logger, training_progress(steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop:
+    with logger, training_progress(steps, start, keys=LOSS_KEYS) if world.main else Silent() as bar, \
+            StopOnInterrupt() as stop:
         if data.eval_docs and start == 0:
             _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
         train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
-                 lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, log=log,
-                 optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
-                 max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
-                 moe_bias_update_speed=cfg.moe_bias_update_speed, name="sft", world=world,
+                 lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, optimizer=optimizer,
+                 start_step=start, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
+                 dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
+                 moe_bias_update_speed=cfg.moe_bias_update_speed, world=world, name="sft",
                  optimizer_in_backward=cfg.optimizer_in_backward,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world, stop))
     _add_stop_tokens(model, tokenizer, data.closers, log)
@@ -93,16 +94,16 @@ def sft(cfg: SFTConfig, log=print) -> Path:
 
 
 def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: int, lr: float, warmup: int,
-             pad_id: int, seed: int, optimizer: torch.optim.Optimizer, log=print,
+             pad_id: int, seed: int, optimizer: torch.optim.Optimizer,
              loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
-             on_step: StepCallback | None = None, name: str = "pretrain",
-             moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
-             world: World = World(), optimizer_in_backward: bool = False) -> list[float]:
+             on_step: StepCallback | None = None, moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
+             world: World = World(), optimizer_in_backward: bool = False, name: str = "pretrain") -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
-    on_step(steps_done, metrics) runs after each step: SFT logs, checkpoints and evaluates there. Under torchrun
+    on_step(steps_done, metrics) runs after each step: the progress bar, and SFT's metrics, checkpoints and
+    evaluations (the loop prints nothing itself, so progress is printed once). Under torchrun
     every rank walks the same order and trains on its share of each batch.
     moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/model/moe.py update_routing_bias);
     balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
@@ -111,7 +112,6 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
     order = EpochOrder(len(docs), seed)
     losses = []
     model.train()
-    t0 = time.time()
     with BackwardStep(optimizer) if optimizer_in_backward else contextlib.nullcontext() as in_backward:
         for step in range(start_step, steps):
             picked, t_step = order.batch(step, batch_size), time.perf_counter()
@@ -123,8 +123,6 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
             metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
             stop_if_diverged(model, optimizer, step + 1, name, world)  # before on_step can checkpoint the weights
             losses.append(metrics["loss"])
-            if step % 50 == 0 or step == steps - 1:
-                log(f"{name} step {step + 1}/{steps}  loss {metrics['loss']:.4f}  {time.time() - t0:.0f}s")
             if on_step is not None:
                 on_step(step + 1, metrics)
     return losses

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 from decimal import Decimal, InvalidOperation
@@ -110,8 +111,7 @@ def _normal_number(number: str) -> str:
 @lru_cache(maxsize=8192)
 def _parse(text: str) -> tuple:
     """math-verify's parse of an answer, with its signal timeout off (rewards.py applies its own)."""
-    from math_verify import parse  # lazy: sympy takes a second to import
-
+    parse, _ = _math_verify()
     number = plain_number(text)
     parsed = parse(number if number is not None else text, parsing_timeout=None)
     if not parsed or isinstance(parsed[0], str):
@@ -120,12 +120,24 @@ def _parse(text: str) -> tuple:
     return tuple(parsed)
 
 
+@lru_cache(maxsize=1)
+def _math_verify() -> tuple[Callable, Callable]:
+    """math-verify's (parse, verify), imported when first needed (sympy takes a second to import). Each of the two
+    prints its own notice that its timeout is off (r1lab's scorer timeout stands in for it): the notice is printed
+    once per process, and under torchrun by rank 0 alone."""
+    from math_verify import grader, parse, parser, verify
+
+    grader.TIMEOUT_WARNING_SHOWN = True  # verify's notice repeats parse's
+    if os.environ.get("RANK", "0") != "0":
+        parser.TIMEOUT_WARNING_SHOWN = True
+    return parse, verify
+
+
 def math_equal(gold: str, candidate: str) -> bool:
     """Whether candidate is mathematically the gold answer (math-verify), with exact text as a last resort."""
     if not candidate.strip():
         return False
-    from math_verify import verify
-
+    _, verify = _math_verify()
     gold_parsed, candidate_parsed = _parse(gold), _parse(candidate)
     if not gold_parsed:  # a non-mathematical reference ("yes", a name): compare normalised text
         return canonical_answer(gold) == canonical_answer(candidate)
