@@ -36,6 +36,7 @@ from r1lab.train.backward_step import BackwardStep, check_one_process
 from r1lab.train.checkpoint import save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.evaluate import evaluate_policy, heldout_problems, save_json
+from r1lab.train.health import RunHealth, weights_fingerprint
 from r1lab.train.logprobs import LOGITS_CHUNK_BYTES, idle_pass, token_logprobs, training_precision
 from r1lab.train.memory_budget import check_grpo_memory
 from r1lab.train.metrics import MetricsLogger, open_metrics, save_samples, training_progress
@@ -105,12 +106,13 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             saved.add(steps_done)
         return run / "checkpoints" / f"step_{steps_done:06d}"
 
+    health = RunHealth(log)
     logger = open_metrics(run, cfg, start) if world.main else Silent()
     with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop:
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
-            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world)
+            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world, health)
             stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
             streak = metrics["zero_variance_streak"] = zero_variance_streak(streak, metrics, cfg, answer_format, log)
             logger.log(step + 1, {**metrics, **isolation})
@@ -140,7 +142,7 @@ def check_world(cfg: GRPOConfig, world: World) -> None:
 
 
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path,
-              world: World = World()) -> dict:
+              world: World = World(), health: RunHealth | None = None) -> dict:
     clock = PhaseClock(model.lm_head.weight.device)
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
     problems, mine = stream.batch(step), world.share(cfg.prompts_per_step)  # this rank's share: whole groups
@@ -156,19 +158,23 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     if cfg.drop_uniform_groups:
         keep = ~uniform_groups(rewards, cfg.samples_per_prompt).repeat_interleave(cfg.samples_per_prompt)
     clock.lap("score")
-    update = {"skipped_nonfinite": 0}
+    update, before, after = {"skipped_nonfinite": 0}, None, None
     if keep.any():  # every rank agrees: keep is the whole batch's
+        before = weights_fingerprint(engine.model) if health else None
         G = cfg.samples_per_prompt
         batches = make_micro_batches(rollouts, advantages, keep, cfg, engine.tokenizer.pad_id,
                                      model.lm_head.weight.device, range(mine.start * G, mine.stop * G))
         update = update_policy(model, ref_model, optimizer, batches, cfg, clock, world)
         sync_rollout_policy(engine.model, model)
+        after = weights_fingerprint(engine.model) if health else None
         clock.lap("sync")
     elapsed = time.perf_counter() - clock.start
     metrics = step_metrics(rewards, result, rollouts, cfg, update)
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
                     "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
                     **clock.metrics(), **moe.load_metrics(rollout_loads, "moe/rollout_")})
+    if health is not None:
+        metrics.update(health.check(step + 1, metrics, before, after, optimizer.param_groups[0]["lr"]))
     if cfg.samples_every and step % cfg.samples_every == 0:
         render = lambda p: prompt_text(engine.tokenizer, p, cfg.template, cfg.prefill, cfg.system)  # noqa: E731
         save_samples(run, step, sample_records(rollouts, rewards, result, 2 * cfg.samples_per_prompt, render))
