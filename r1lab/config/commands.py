@@ -40,6 +40,9 @@ class PretrainConfig(Settings, kind="pretrain"):
                                            ge=0)
     balance_loss_weight: float = setting(0.0, "deepseek-v3: weight of V3's sequence-wise balance loss (the paper: "
                                               "0.0001); 0 = off, the routing bias alone balances", ge=0)
+    mtp_depth: int = setting(0, "deepseek-v3: multi-token prediction modules (V3: 1), each predicting one token "
+                                "further ahead (num_nextn_predict_layers); 0 = none", ge=0)
+    mtp_loss_weight: float = shared.MTP_LOSS_WEIGHT
     think_share: float = setting(0.3, "share of documents with a worked solution in <think>", ge=0, le=1)
     slip_rate: float = setting(0.2, "share of worked solutions with one wrong column", ge=0, le=1)
     untagged_share: float = setting(0.05, "share of answers given without the format (with think_share at most 1)",
@@ -60,6 +63,8 @@ class PretrainConfig(Settings, kind="pretrain"):
             problems.append("activation_checkpointing is for dense models (an MoE forward counts expert loads)")
         if moe and self.experts_per_token > self.experts:
             problems.append(f"experts_per_token ({self.experts_per_token}) is more than experts ({self.experts})")
+        if self.mtp_depth and not moe:
+            problems.append(f"mtp_depth {self.mtp_depth}: multi-token prediction is DeepSeek-V3's (--arch deepseek-v3)")
         if moe and self.dense_layers >= self.num_layers:
             problems.append(f"dense_layers ({self.dense_layers}) leaves no MoE layer of num_layers ({self.num_layers})")
         return problems
@@ -211,6 +216,7 @@ class SFTConfig(Settings, kind="SFT"):
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
     optimizer_in_backward: bool = shared.OPTIMIZER_IN_BACKWARD
     moe_bias_update_speed: float = shared.MOE_BIAS_UPDATE_SPEED
+    mtp_loss_weight: float = shared.MTP_LOSS_WEIGHT
     max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)
     _memory = shared.TrainingMemory
     tool_output_tag: str = setting("", "rows sampled with tools (sample --tools): the tag whose blocks in assistant "
