@@ -207,7 +207,11 @@ def test_pretrain_a_tiny_v3_with_mtp_logs_the_loss_and_saves_the_layer(tmp_path)
     assert any("mtp_loss" in line for line in lines if line.startswith("pretrain step"))
     assert json.loads((model_dir / "config.json").read_text())["num_nextn_predict_layers"] == 1
     assert "model.layers.2.eh_proj.weight" in load_file(str(model_dir / "model.safetensors"))
-    assert len(load_model(model_dir).mtp) == 1
+    model = load_model(model_dir)
+    assert len(model.mtp) == 1
+    facts = json.loads((tmp_path / "architecture.json").read_text())  # the main model's count, V3's convention
+    assert facts["parameters"] + facts["mtp_parameters"] == sum(p.numel() for p in model.parameters())
+    assert facts["mtp_parameters"] == sum(p.numel() for p in model.mtp.parameters()) > 0
 
 
 def test_mtp_depth_needs_the_deepseek_v3_architecture():
