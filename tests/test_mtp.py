@@ -219,3 +219,120 @@ def test_mtp_depth_needs_the_deepseek_v3_architecture():
 
     with pytest.raises(ValueError, match="mtp_depth 1: multi-token prediction is DeepSeek-V3's"):
         PretrainConfig(mtp_depth=1).check()
+
+
+# --- speculative decoding with the MTP module as the draft -------------------------------------------------------
+
+
+class CountingTokenizer:
+    """What the engine needs of a tokenizer, for a vocabulary of any size: no end-of-text, ids as text."""
+
+    def __init__(self):
+        self.eos_ids, self.pad_id = set(), 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _spec_model(vocab, scale):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf({**transformers.DeepseekV3Config(num_hidden_layers=2, **{**TINY_V3, "vocab_size": vocab})
+                               .to_dict(), "num_nextn_predict_layers": 1})
+    return _randomise(CausalLM(cfg), scale)
+
+
+def test_speculative_greedy_decoding_gives_the_engines_tokens():
+    from r1lab.engine.engine import Engine
+
+    model = _spec_model(61, 0.3)
+    prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
+    plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    fast = engine.generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
+    assert len({tuple(s.token_ids) for s in plain}) == 3 and all(len(s.token_ids) == 12 for s in fast)
+    for a, b in zip(plain, fast):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5) and a.finish_reason == b.finish_reason
+    counts = engine.speculative_counts
+    assert 0 < counts["accepted"] < counts["drafted"]  # both the accepted and the rejected path ran
+
+
+def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test of counts against expected counts (cells expecting fewer than 5 pooled into one)."""
+    small = expected < 5
+    observed = torch.cat([observed[~small], observed[small].sum()[None]]).double()
+    expected = torch.cat([expected[~small], expected[small].sum()[None]]).double()
+    stat = ((observed - expected) ** 2 / expected.clamp_min(1e-12)).sum()
+    return float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2.0, dtype=torch.float64), stat / 2))
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
+    """A vocabulary of 5: the empirical distribution of 3 sampled tokens (125 outcomes; an accepted draft brings a
+    second token in the same step, a rejected one a token from the residual) against the exact one computed from
+    the model's full forward passes, by a chi-square test. The control: the same counts against the distribution
+    that always keeping the draft would give (the second token from the MTP module) are rejected by the test."""
+    from r1lab.engine.engine import Engine
+    from r1lab.engine.sampling import sampling_probs
+
+    V, n, T = 5, 6000, 0.9
+    model = _spec_model(V, 0.5)
+    prompt = [1, 3, 2]
+    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    samples = engine.generate([prompt], num_samples=n, max_new_tokens=3, temperature=T, top_p=top_p, seed=0)
+    assert all(len(s.token_ids) == 3 for s in samples)
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * 3)  # (125, 3)
+    index = {tuple(q): i for i, q in enumerate(seqs.tolist())}
+    observed = torch.zeros(len(seqs))
+    for s in samples:
+        observed[index[tuple(s.token_ids)]] += 1
+    with torch.no_grad():
+        ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1)  # (125, P + 3)
+        logits = model(ids)[:, len(prompt) - 1 : -1]  # (125, 3, V) the distributions of the 3 tokens
+        probs = sampling_probs(logits.reshape(-1, V), T, 0, top_p).view(len(seqs), 3, V)
+        exact = probs.gather(-1, seqs[:, :, None]).squeeze(-1).prod(-1)  # (125,)
+        h = model.hidden_states(ids)
+        draft_h = model.mtp_hidden_states(h, ids)[0][:, len(prompt) - 1]  # from the prompt's end and token 1
+        draft = sampling_probs(model.lm_head(draft_h), T, 0, top_p).gather(-1, seqs[:, 1:2]).squeeze(-1)
+    assert abs(exact.sum().item() - 1) < 1e-4
+    assert chi_square_pvalue(observed, exact * n) > 1e-3
+    token = probs.gather(-1, seqs[:, :, None]).squeeze(-1)  # (125, 3) each token's probability
+    always_kept = token[:, 0] * draft * token[:, 2]
+    assert chi_square_pvalue(observed, always_kept * n / always_kept.sum()) < 1e-6
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
+
+
+def test_speculative_decoding_refuses_what_it_does_not_do():
+    import dataclasses
+
+    from r1lab.engine.engine import Engine
+
+    model = _spec_model(11, 0.1)
+    with pytest.raises(ValueError, match="needs a model with a multi-token prediction module"):
+        Engine(CausalLM(dataclasses.replace(model.config, mtp_depth=0)), CountingTokenizer(), speculative="mtp")
+    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    with pytest.raises(ValueError, match="does not support stop_strings"):
+        engine.generate([[1, 2]], max_new_tokens=4, stop_strings=("x",))
+
+
+def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path, capsys):
+    """`r1lab eval --speculative mtp` at temperature 0 on a V3 with its MTP layer: the same figures and completions
+    as without it, and the throughput reported; a model without the module, or tools, are refused."""
+    from r1lab.cli import main
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.3)
+    save_model(model, tmp_path / "m")
+    tok.save(tmp_path / "m")
+    results = {}
+    for mode in ("none", "mtp"):
+        out = tmp_path / f"{mode}.json"
+        main(["eval", "--model", str(tmp_path / "m"), "--problems", "3", "--samples", "2", "--temperature", "0",
+              "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1"])
+        results[mode] = json.loads(out.read_text())["test"]
+    assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results["mtp"]["records"]]
+    assert results["mtp"]["tokens_per_s"] > 0
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(tmp_path / "m"), "--speculative", "mtp", "--tools", "python"])
+    assert "does not run tool calls" in capsys.readouterr().err

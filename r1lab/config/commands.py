@@ -179,10 +179,18 @@ class EvalConfig(Settings, kind="eval"):
     language: str = setting("en", "the language whose share of the chain of thought is reported", rule="language")
     reward_timeout_s: float = shared.SCORING_TIMEOUT
     _tools = shared.Tools
+    speculative: str = setting("none", "mtp: speculative decoding, DeepSeek-V3's multi-token prediction module drafting "
+                                       "one token per step that the model verifies (the same distribution; greedy: "
+                                       "the same tokens); not with tools", choices=("none", "mtp"))
     out: str = setting("", "JSON results path; default: next to the model")
     seed: int = setting(0, "the held-out problems are drawn with seed + 1, the samples with seed", **shared.SEED_RANGE)
     _inference = shared.Inference
     dist_timeout_s: float = shared.DIST_TIMEOUT
+
+    def rules(self) -> list[str]:
+        tools = self.speculative != "none" and self.tools
+        return ([f"speculative {self.speculative} does not run tool calls (tools {self.tools})"] if tools else []) + \
+            super().rules()
 
 
 class SFTConfig(Settings, kind="SFT"):

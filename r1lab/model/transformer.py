@@ -51,11 +51,12 @@ class MTPModule(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def predict(self, h, next_embeddings, cos, sin, mask):
+    def predict(self, h, next_embeddings, cos, sin, mask, cache=None, start=0):
         """The block's output (B, T, D), before shared_head.norm (the next depth's h), from the previous depth's h
-        (B, T, D) and the embeddings of the tokens one further ahead (B, T, D)."""
+        (B, T, D) and the embeddings of the tokens one further ahead (B, T, D); with a cache (the block's keys, one
+        layer of a KVCache), written at [start, start + T) as the main model's are."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h)], dim=-1))
-        return self(x, cos, sin, mask)
+        return self(x, cos, sin, mask, cache, start)
 
 
 class Backbone(nn.Module):
@@ -182,6 +183,16 @@ class CausalLM(nn.Module):
             h = module.predict(h[:, :-1], self.model.embed_tokens(input_ids[:, k : k + T]), cos, sin, mask)
             out.append(module.shared_head.norm(h))
         return out
+
+    def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
+        """The first MTP depth over T new positions, its keys written into cache (one layer) at [start, start + T):
+        normalised hidden states (B, T, D) for the shared head, each predicting the token after next_ids (B, T).
+        h (B, T, D): the main model's final hidden states there; key_mask (B, start + T) marks real keys."""
+        module = self.mtp[0]
+        cos, sin = self._rope(position_ids, h.dtype)
+        mask = attention_mask_4d(key_mask, h.shape[1], start)
+        out = module.predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[0], start)
+        return module.shared_head.norm(out)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the engine's last positions h (B, D): a decode step's few rows take the installed fast path."""

@@ -105,7 +105,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
-    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, world=world)
+    result = evaluate_policy(Engine(model.eval(), tokenizer, speculative=cfg.speculative), task, cfg, world=world)
     path = Path(cfg.out) if cfg.out else Path(cfg.model) / "eval.json"
     if world.main:
         print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
