@@ -153,8 +153,9 @@ def _owned(joined: dict, mapped: dict, device) -> dict:
     safetensors maps the file into memory: every page a tensor reads stays counted in the process's memory as long as
     any tensor of the file is alive. The fused projections are already new tensors (torch.cat), but the rest, kept as
     views, would hold the whole mapping, so that the q/k/v and gate/up pages read to build the fused ones stayed
-    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends."""
-    return {name: t.to(device=device, copy=name in mapped) for name, t in joined.items()}
+    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends (the
+    multi-token prediction module's tensors, renamed from the file's, included)."""
+    return {name: t.to(device=device, copy=name in mapped or name.startswith("mtp.")) for name, t in joined.items()}
 
 
 def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,

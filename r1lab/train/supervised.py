@@ -78,8 +78,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  optimizer=optimizer, start_step=start, micro_batch_size=cfg.micro_batch_size,
                  max_grad_norm=cfg.max_grad_norm, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
                  moe_bias_update_speed=cfg.moe_bias_update_speed, mtp_loss_weight=cfg.mtp_loss_weight, name="sft",
-                 world=world,
-                 optimizer_in_backward=cfg.optimizer_in_backward,
+                 world=world, optimizer_in_backward=cfg.optimizer_in_backward,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world))
     _add_stop_tokens(model, tokenizer, data.closers, log)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
@@ -163,7 +162,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             with training_precision(dtype, device):
                 lm_sum, mtp_sums = lm_loss_sums(model, ids.to(device), mask.to(device), recompute_logits, mtp_depth)
             lm_loss = lm_sum / max(1, n_targets)
-            mtp_loss = sum(s / max(1, n) for s, n in zip(mtp_sums, n_mtp_targets)) / max(1, mtp_depth)
+            mtp_loss = sum(part / max(1, n) for part, n in zip(mtp_sums, n_mtp_targets)) / max(1, mtp_depth)
             extra = moe.take_balance_loss(model) / n_docs
             loss = lm_loss + extra + mtp_loss_weight * mtp_loss
             if not torch.isfinite(loss):
