@@ -336,3 +336,26 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "m"), "--speculative", "mtp", "--tools", "python"])
     assert "does not run tool calls" in capsys.readouterr().err
+
+
+def test_sft_of_a_v3_with_its_mtp_layer_trains_it_and_logs_mtp_loss(tmp_path):
+    from r1lab.config import SFTConfig
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.train.supervised import sft
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.05)
+    model.config.eos_token_id = tok.pad_id
+    save_model(model, tmp_path / "init")
+    tok.save(tmp_path / "init")
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a}"},
+                          {"role": "assistant", "content": f" <think>{a}+{a}={2 * a}</think> <answer>{2 * a}</answer>"}]}
+            for a in range(6)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = sft(SFTConfig(model=str(tmp_path / "init"), data=str(tmp_path / "chat.jsonl"), out=str(tmp_path / "run"),
+                        steps=2, batch_size=3, lr=1e-2, template="r1zero"), log=lambda *_: None)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics if "loss" in m]
+    assert len(trained) == 2 and all(m["mtp_loss"] > 0 for m in trained)
+    tuned = load_model(out)
+    assert not torch.equal(tuned.mtp[0].eh_proj.weight, model.mtp[0].eh_proj.weight)
