@@ -165,9 +165,33 @@ def test_evaluate_records_and_to_dict():
     assert [s["correct"] for s in rec["samples"]] == [False, False, True, False]
     d = result.to_dict()
     assert set(d) == {"pass@1", "cons@4", "pass@2", "pass@4", "format_rate", "mean_length", "truncation_rate",
-                      "language_consistency", "k", "n_problems"}
+                      "language_consistency", "k", "n_problems", "tokens_per_s"}
     assert d["truncation_rate"] == pytest.approx(2 / 12)  # was computed, then dropped from the saved figures
     assert "records" in result.to_dict(include_records=True)
+
+
+def test_tokens_per_s_is_completion_tokens_over_generation_time_only(monkeypatch):
+    """A fake clock that moves 0.5 s per generate call and 7 s per scoring call: the throughput counts the
+    generated tokens over the generation time alone."""
+    import r1lab.train.evaluate as evaluate_module
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate_module.time, "perf_counter", lambda: clock[0])
+
+    class TimedEngine(FakeEngine):
+        def generate(self, *args, **kwargs):
+            clock[0] += 0.5
+            return super().generate(*args, **kwargs)
+
+    def slow_scorer(*args, **kwargs):
+        clock[0] += 7.0
+        return fake_scorer(*args, **kwargs)
+
+    result = evaluate(TimedEngine(CANNED), FakeTask(), PROBLEMS, lambda p: [p.meta["id"]], k=4, scorer=slow_scorer,
+                      batch_prompts=2)
+    tokens = sum(len(t) for texts in CANNED.values() for t in texts)
+    assert result.tokens_per_s == pytest.approx(tokens / 1.0)  # two generate calls
+    assert result.to_dict()["tokens_per_s"] == result.tokens_per_s
 
 
 def test_evaluate_rejects_bad_input():

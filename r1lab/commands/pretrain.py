@@ -179,7 +179,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
                  micro_batch_size=cfg.micro_batch_size,
                  optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
                  moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight,
-                 on_step=bar.update)
+                 mtp_loss_weight=cfg.mtp_loss_weight, on_step=bar.update)
     save_final(model, tokenizer, out, adapter_base=None)
     (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
     facts = {**architecture_facts(model), **expert_load(model, docs[:LOAD_DOCUMENTS], tokenizer.pad_id)}
@@ -226,7 +226,7 @@ def tiny_deepseek_v3(cfg: PretrainConfig) -> dict:
             "n_routed_experts": cfg.experts, "num_experts_per_tok": cfg.experts_per_token,
             "n_shared_experts": cfg.shared_experts, "moe_intermediate_size": cfg.expert_intermediate_size,
             "first_k_dense_replace": cfg.dense_layers, "n_group": 1, "topk_group": 1, "norm_topk_prob": True,
-            "routed_scaling_factor": 1.0}
+            "routed_scaling_factor": 1.0, "num_nextn_predict_layers": cfg.mtp_depth}
 
 
 def tokenize_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[list[int]]:

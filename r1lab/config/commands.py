@@ -40,6 +40,9 @@ class PretrainConfig(Settings, kind="pretrain"):
                                            ge=0)
     balance_loss_weight: float = setting(0.0, "deepseek-v3: weight of V3's sequence-wise balance loss (the paper: "
                                               "0.0001); 0 = off, the routing bias alone balances", ge=0)
+    mtp_depth: int = setting(0, "deepseek-v3: multi-token prediction modules (V3: 1), each predicting one token "
+                                "further ahead (num_nextn_predict_layers); 0 = none", ge=0)
+    mtp_loss_weight: float = shared.MTP_LOSS_WEIGHT
     think_share: float = setting(0.3, "share of documents with a worked solution in <think>", ge=0, le=1)
     slip_rate: float = setting(0.2, "share of worked solutions with one wrong column", ge=0, le=1)
     untagged_share: float = setting(0.05, "share of answers given without the format (with think_share at most 1)",
@@ -60,6 +63,8 @@ class PretrainConfig(Settings, kind="pretrain"):
             problems.append("activation_checkpointing is for dense models (an MoE forward counts expert loads)")
         if moe and self.experts_per_token > self.experts:
             problems.append(f"experts_per_token ({self.experts_per_token}) is more than experts ({self.experts})")
+        if self.mtp_depth and not moe:
+            problems.append(f"mtp_depth {self.mtp_depth}: multi-token prediction is DeepSeek-V3's (--arch deepseek-v3)")
         if moe and self.dense_layers >= self.num_layers:
             problems.append(f"dense_layers ({self.dense_layers}) leaves no MoE layer of num_layers ({self.num_layers})")
         return problems
@@ -179,11 +184,19 @@ class EvalConfig(Settings, kind="eval"):
     language: str = setting("en", "the language whose share of the chain of thought is reported", rule="language")
     reward_timeout_s: float = shared.SCORING_TIMEOUT
     _tools = shared.Tools
+    speculative: str = setting("none", "mtp: speculative decoding, DeepSeek-V3's multi-token prediction module drafting "
+                                       "one token per step that the model verifies (the same distribution; greedy: "
+                                       "the same tokens); not with tools", choices=("none", "mtp"))
     out: str = setting("", "JSON results path; default: RUN/eval.json for a run's RUN/model, else "
                            "./eval-MODEL.json (never inside the model directory)")
     seed: int = setting(0, "the held-out problems are drawn with seed + 1, the samples with seed", **shared.SEED_RANGE)
     _inference = shared.Inference
     dist_timeout_s: float = shared.DIST_TIMEOUT
+
+    def rules(self) -> list[str]:
+        tools = self.speculative != "none" and self.tools
+        return ([f"speculative {self.speculative} does not run tool calls (tools {self.tools})"] if tools else []) + \
+            super().rules()
 
 
 class SFTConfig(Settings, kind="SFT"):
@@ -217,6 +230,7 @@ class SFTConfig(Settings, kind="SFT"):
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
     optimizer_in_backward: bool = shared.OPTIMIZER_IN_BACKWARD
     moe_bias_update_speed: float = shared.MOE_BIAS_UPDATE_SPEED
+    mtp_loss_weight: float = shared.MTP_LOSS_WEIGHT
     max_len: int = setting(2048, "tokens; longer conversations are dropped and counted, never truncated", ge=2)
     _memory = shared.TrainingMemory
     tool_output_tag: str = setting("", "rows sampled with tools (sample --tools): the tag whose blocks in assistant "

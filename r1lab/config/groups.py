@@ -72,6 +72,9 @@ MOE_BIAS_UPDATE_SPEED = setting(0.001, "DeepSeek-V3 MoE: after each optimizer st
 OPTIMIZER_IN_BACKWARD = setting(False, "update each parameter in the backward pass as soon as its gradient is "
                                        "complete, and free it: all gradients never exist at once (needs max_grad_norm "
                                        "0, one process)")
+MTP_LOSS_WEIGHT = setting(0.3, "DeepSeek-V3 with multi-token prediction modules: their loss joins the next-token "
+                                "loss with this weight (the V3 paper: 0.3, later 0.1), logged as mtp_loss; 0 = off",
+                          ge=0)
 RECOMPUTE_LOGITS = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit more time")
 
 

@@ -18,6 +18,7 @@ import torch
 
 from r1lab.engine.sampling import _RowParams, sample_next
 from r1lab.engine.slots import FixedSlots, drop_finished, prefill
+from r1lab.engine.speculative import generate_mtp
 from r1lab.engine.static_decode import StaticDecoder
 from r1lab.model.tokenizer import Tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
@@ -61,19 +62,30 @@ StepCallback = Callable[..., "Iterable[int] | None"]  # (rows, tokens) or, with 
 DECODE_MODES = ("auto", "dynamic", "static", "graph")
 
 
+SPECULATIVE = ("none", "mtp")  # mtp: DeepSeek-V3's multi-token prediction module drafts (r1lab/engine/speculative.py)
+
+
 FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether every row is done (a device sync)
 
 
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto"):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto", speculative: str = "none"):
         """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
         "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
-        graph on CUDA, dynamic elsewhere."""
+        graph on CUDA, dynamic elsewhere. speculative "mtp": the model's multi-token prediction module drafts a
+        token per step, verified by the model (the same distribution; r1lab/engine/speculative.py)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative {speculative!r} is not one of {', '.join(SPECULATIVE)}")
+        if speculative == "mtp" and not len(model.mtp):
+            raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
+                             "(DeepSeek-V3's num_nextn_predict_layers)")
         self.model = model
         self.tokenizer = tokenizer
         self.decode = decode
+        self.speculative = speculative
+        self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls
 
     def _decode_mode(self) -> str:
         if self.decode == "auto":
@@ -134,6 +146,13 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
+        if self.speculative == "mtp":
+            self._check_speculative(stop_strings, suppress_eos, on_step, max_rows)
+            prompts = [p for p in prompt_ids for _ in range(num_samples)]
+            counts = generate_mtp(self.model, prompts, params, eos, self.tokenizer.pad_id, out)
+            self.speculative_counts = {k: self.speculative_counts[k] + counts[k] for k in counts}
+            self.model.train(was_training)
+            return self._samples(out, num_samples, stop_strings)
         slots = None
         if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
             batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,
@@ -170,6 +189,13 @@ class Engine:
             batch.positions = batch.positions + 1
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)
+
+    @staticmethod
+    def _check_speculative(stop_strings, suppress_eos, on_step, max_rows) -> None:
+        asked = [name for name, on in (("stop_strings", stop_strings), ("suppress_eos", suppress_eos),
+                                       ("on_step", on_step is not None), ("max_rows", max_rows > 0)) if on]
+        if asked:
+            raise ValueError(f"speculative decoding (mtp) does not support {', '.join(asked)}: generate without it")
 
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
         lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()

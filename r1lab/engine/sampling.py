@@ -220,3 +220,30 @@ def row_generator(seed: int | None, sample: int, device) -> torch.Generator:
     else:
         generator.manual_seed((seed * 1_000_003 + sample) % 2**63)
     return generator
+
+
+def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param) -> torch.Tensor:
+    """(B, V) the distribution sample_next draws from: softmax(logits / temperature) after top-k/top-p truncation,
+    renormalised; one-hot at the argmax for greedy rows (temperature 0). Speculative decoding's target and draft."""
+    logits = logits.float()
+    t = temperature if torch.is_tensor(temperature) else \
+        torch.full((len(logits), 1), float(temperature), device=logits.device)
+    greedy = t <= 0  # (B, 1)
+    scaled = logits / t.masked_fill(greedy, 1.0)
+    probs = scaled.softmax(-1)
+    keep = _truncation_mask(scaled, probs, top_k, top_p)
+    if keep is not None:
+        probs = probs * keep
+        probs = probs / probs.sum(-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)
+
+
+def draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row (B,) from (B, V) probabilities, with sample_next's generators (one, or one per row)."""
+    return _inverse_cdf_sample(probs, uniforms(len(probs), generator, probs.device))
+
+
+def uniforms(n: int, generator, device) -> torch.Tensor:
+    """(n, 1) uniform draws in [0, 1): from one generator, or one from each row's own."""
+    return _uniforms(n, generator, device)

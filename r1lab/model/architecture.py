@@ -24,6 +24,10 @@ MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
+# Multi-token prediction modules (r1lab/model/transformer.py MTPModule), stored after the main layers
+MTP_ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+
 
 def attention_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, prefix: str = "") -> list[str]:
     """The attention's constraints on a model's shape: whole, even head sizes (rotary embeddings rotate halves) and
@@ -58,6 +62,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     mla: dict | None = None  # MLA's config.json keys (r1lab/model/mla.py); None: grouped-query attention
     moe: dict | None = None  # mixture-of-experts config.json keys (r1lab/model/moe.py); None: dense MLP in every layer
+    mtp_depth: int = 0  # DeepSeek-V3's num_nextn_predict_layers: multi-token prediction modules after the layers
     extra: dict = field(default_factory=dict)  # unknown HF keys, written back unchanged
     # generation_config.json as the model came (eos lists, sampling defaults): written back unchanged
     generation: dict = field(default_factory=dict)
@@ -69,6 +74,9 @@ class ModelConfig:
             self.head_dim = self.mla["qk_rope_head_dim"]
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.mtp_depth and self.architecture != MTP_ARCHITECTURE:
+            raise ValueError(f"multi-token prediction (mtp_depth {self.mtp_depth}) is DeepSeek-V3's module; "
+                             f"{self.architecture} has none")
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -148,20 +156,30 @@ class ModelConfig:
         else:
             hf.update(use_sliding_window=False)
         hf.update(self.mla or {}, **(self.moe or {}))
+        if self.architecture == MTP_ARCHITECTURE:
+            hf.update(num_nextn_predict_layers=self.mtp_depth)
         return hf
 
 
 def _arch_keys(arch: str) -> set[str]:
-    """config.json keys that the mla and moe fields hold (kept out of `extra`)."""
+    """config.json keys that the mla, moe and mtp_depth fields hold (kept out of `extra`)."""
     keys = set(MLA_KEYS) if arch in MLA_ARCHITECTURES else set()
+    if arch == MTP_ARCHITECTURE:
+        keys.add("num_nextn_predict_layers")
     if arch in MOE_ARCHITECTURES:
         keys |= set(DEEPSEEK_KEYS if arch == "DeepseekV3ForCausalLM" else QWEN_KEYS) | {"num_local_experts"}
     return keys
 
 
 def _arch_fields(hf: dict, arch: str, source: str) -> dict:
-    return {"mla": mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
-            "moe": moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
+    fields = {"mla": mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
+              "moe": moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
+    if arch == MTP_ARCHITECTURE:
+        depth = hf.get("num_nextn_predict_layers") or 0
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"{source}: num_nextn_predict_layers {depth!r} is not a whole number >= 0")
+        fields["mtp_depth"] = depth
+    return fields
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:

@@ -16,14 +16,20 @@ from r1lab.model.transformer import KVCache
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, those a token runs through): routed experts a token does not pick are not active."""
-    total = sum(p.numel() for p in model.parameters())
+    """(all parameters, those a token runs through): routed experts a token does not pick are not active. The
+    multi-token prediction modules are left out, as V3's 671B leaves out its 14B MTP module (mtp_parameters)."""
+    total = sum(p.numel() for p in model.parameters()) - mtp_parameters(model)
     idle = 0
     for layer in moe.moe_layers(model).values():
         bank = layer.experts
         per_expert = bank.gate_up_proj[0].numel() + bank.down_proj[0].numel()
         idle += (bank.gate_up_proj.shape[0] - layer.gate.top_k) * per_expert
     return total, total - idle
+
+
+def mtp_parameters(model: nn.Module) -> int:
+    """The multi-token prediction modules' own parameters (the embedding and head they share are the model's)."""
+    return sum(p.numel() for p in getattr(model, "mtp", nn.ModuleList()).parameters())
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -41,6 +47,7 @@ def multi_head_twin(cfg: ModelConfig) -> ModelConfig:
 def architecture_facts(model: nn.Module) -> dict:
     cfg = model.config
     total, active = parameter_counts(model)
-    return {"architecture": cfg.architecture, "parameters": total, "active_parameters": active,
+    mtp = {"mtp_parameters": mtp_parameters(model)} if cfg.mtp_depth else {}
+    return {"architecture": cfg.architecture, "parameters": total, "active_parameters": active, **mtp,
             "kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(cfg),
             "multi_head_kv_cache_bytes_per_token_bf16": kv_cache_bytes_per_token(multi_head_twin(cfg))}

@@ -3,11 +3,15 @@
 Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
 fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
 load_model and save_model split and join them, so checkpoints on disk hold transformers' tensor names exactly.
+DeepSeek-V3's multi-token prediction modules (r1lab's mtp.K.*) are stored as V3 ships them: model.layers.{L + K}.*
+after the L main layers, each with copies of the embedding and the output head it shares (embed_tokens,
+shared_head.head); transformers skips those layers when it loads.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,13 +43,13 @@ def split_fused(state: dict, cfg: ModelConfig) -> dict:
             out[name.replace(fused, part_name)] = part
     if cfg.moe is not None:  # expert banks -> one tensor per expert
         out = moe.split_experts(out, cfg)
-    return out
+    return _mtp_to_v3_names(out, cfg)
 
 
 def join_fused(state: dict, cfg: ModelConfig) -> dict:
     """transformers' state dict with r1lab's fused projections (the inverse of split_fused)."""
     out = dict(state)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers + cfg.mtp_depth):
         for fused, parts in _FUSED.items():
             for kind in ("weight", "bias"):
                 names = [f"model.layers.{i}.{p}.{kind}" for p in parts]
@@ -53,6 +57,49 @@ def join_fused(state: dict, cfg: ModelConfig) -> dict:
                     out[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([out.pop(n) for n in names], dim=0)
     if cfg.moe is not None:
         out = moe.join_experts(out, cfg)
+    return _mtp_from_v3_names(out, cfg)
+
+
+def _mtp_layer(cfg: ModelConfig, k: int) -> str:
+    return f"model.layers.{cfg.num_hidden_layers + k}."
+
+
+def _mtp_to_v3_names(state: dict, cfg: ModelConfig) -> dict:
+    """mtp.K.* -> model.layers.{L + K}.*, with the copies of the shared embedding and head that V3's layout holds."""
+    if not cfg.mtp_depth:
+        return state
+    out = {}
+    for name, t in state.items():
+        if name.startswith("mtp."):
+            k, rest = name.removeprefix("mtp.").split(".", 1)
+            name = _mtp_layer(cfg, int(k)) + rest
+        out[name] = t
+    head = state.get("lm_head.weight", state["model.embed_tokens.weight"])  # tied: the embedding is the head
+    for k in range(cfg.mtp_depth):  # copies: safetensors refuses tensors that share memory
+        out[_mtp_layer(cfg, k) + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        out[_mtp_layer(cfg, k) + "shared_head.head.weight"] = head.clone()
+    return out
+
+
+def _mtp_from_v3_names(state: dict, cfg: ModelConfig) -> dict:
+    """model.layers.{L + K}.* -> mtp.K.*; the copies of the embedding and head must equal the main model's, which
+    the module shares (a checkpoint whose copies differ would change the predictions silently)."""
+    out = {}
+    shared = {"embed_tokens.weight": "model.embed_tokens.weight",
+              "shared_head.head.weight": "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"}
+    for name, t in state.items():
+        k = next((k for k in range(cfg.mtp_depth) if name.startswith(_mtp_layer(cfg, k))), None)
+        if k is None:
+            out[name] = t
+            continue
+        rest = name.removeprefix(_mtp_layer(cfg, k))
+        if rest in shared:
+            main = state.get(shared[rest])
+            if main is not None and not torch.equal(t, main):
+                raise ValueError(f"{name} differs from {shared[rest]}: r1lab's multi-token prediction module shares "
+                                 f"the main model's embedding and output head, as DeepSeek-V3's does")
+            continue
+        out[f"mtp.{k}.{rest}"] = t
     return out
 
 
@@ -75,6 +122,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     state = {}
     for f in files:
         state.update(load_file(str(path / f)))
+    _drop_absent_mtp(cfg, state, path)
     with torch.device("meta"):
         model = CausalLM(cfg)
     if cfg.tie_word_embeddings:
@@ -91,14 +139,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.to(device=device, dtype=dtype)
 
 
+def _drop_absent_mtp(cfg: ModelConfig, state: dict, path: Path) -> None:
+    """A DeepSeek-V3 checkpoint written by transformers keeps num_nextn_predict_layers in its config but not the
+    layers (transformers builds none): the model loads without them, and says so."""
+    if cfg.mtp_depth and not any(name.startswith(_mtp_layer(cfg, 0)) for name in state):
+        warnings.warn(f"{path}: config.json has num_nextn_predict_layers {cfg.mtp_depth} but the weights hold no "
+                      f"{_mtp_layer(cfg, 0)}*: loading without the multi-token prediction module", stacklevel=3)
+        cfg.mtp_depth = 0
+
+
 def _owned(joined: dict, mapped: dict, device) -> dict:
     """joined's tensors on device, none of them a view of the file.
 
     safetensors maps the file into memory: every page a tensor reads stays counted in the process's memory as long as
     any tensor of the file is alive. The fused projections are already new tensors (torch.cat), but the rest, kept as
     views, would hold the whole mapping, so that the q/k/v and gate/up pages read to build the fused ones stayed
-    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends."""
-    return {name: t.to(device=device, copy=name in mapped) for name, t in joined.items()}
+    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends (the
+    multi-token prediction module's tensors, renamed from the file's, included)."""
+    return {name: t.to(device=device, copy=name in mapped or name.startswith("mtp.")) for name, t in joined.items()}
 
 
 def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,

@@ -314,7 +314,7 @@ def split_experts(state: dict, cfg: ModelConfig) -> dict:
 def join_experts(state: dict, cfg: ModelConfig) -> dict:
     """transformers' per-expert names -> r1lab's expert banks (the inverse of split_experts)."""
     out = dict(state)
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers + cfg.mtp_depth):  # the multi-token prediction layers follow the main ones
         p = f"model.layers.{i}.mlp."
         names = [f"{p}experts.{e}.{w}_proj.weight" for e in range(num_experts(cfg)) for w in ("gate", "up", "down")]
         if all(n in out for n in names):

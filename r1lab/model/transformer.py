@@ -2,7 +2,8 @@
 same model with their layers from model/mla.py (latent attention) and model/moe.py.
 
 Two forward paths share every layer: `forward` (training, full sequences) and `forward_cached` (the engine's
-prefill and decode, writing into a preallocated KV cache).
+prefill and decode, writing into a preallocated KV cache). DeepSeek-V3's multi-token prediction modules (MTPModule)
+run after the main model, on its final hidden states, in training only (mtp_hidden_states).
 """
 
 from __future__ import annotations
@@ -27,6 +28,35 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SharedHead(nn.Module):
+    """The norm before the output head an MTP module shares with the main model (V3's `shared_head`; its `head`
+    is the main lm_head, stored as a copy in checkpoints)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class MTPModule(DecoderLayer):
+    """One depth of DeepSeek-V3's multi-token prediction: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then one
+    decoder block of the type a layer at its index would be (V3: MLA + MoE), then shared_head.norm before the shared
+    output head. Its weights are V3's model.layers.{num_hidden_layers + k - 1}.* (r1lab/model/hf_format.py)."""
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__(cfg, index)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.shared_head = SharedHead(cfg)
+
+    def predict(self, h, next_embeddings, cos, sin, mask, cache=None, start=0):
+        """The block's output (B, T, D), before shared_head.norm (the next depth's h), from the previous depth's h
+        (B, T, D) and the embeddings of the tokens one further ahead (B, T, D); with a cache (the block's keys, one
+        layer of a KVCache), written at [start, start + T) as the main model's are."""
+        x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h)], dim=-1))
+        return self(x, cos, sin, mask, cache, start)
 
 
 class Backbone(nn.Module):
@@ -84,6 +114,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.mtp_depth))
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
         self.apply(self._init_weights)
         self.checkpoint_layers = False  # set_activation_checkpointing
@@ -134,6 +165,34 @@ class CausalLM(nn.Module):
             x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False) if recompute else \
                 layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)
+
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask=None,
+                          depth: int | None = None) -> list[torch.Tensor]:
+        """The first depth (default all) MTP depths' normalised hidden states, for the shared head: depth k's
+        (B, T - k, D) at position i predicts token i + k + 1. h (B, T, D): hidden_states(input_ids) (the main model's,
+        normalised, as vLLM's DeepSeek MTP takes them); right padding needs no attention_mask (causal attention),
+        left padding does."""
+        out, B = [], h.shape[0]
+        for k, module in enumerate(self.mtp[:depth], 1):
+            T = h.shape[1] - 1  # the last position has no next token to embed
+            positions = torch.arange(T, device=h.device).expand(B, T)
+            if attention_mask is not None:
+                positions = (attention_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
+            cos, sin = self._rope(positions, h.dtype)
+            mask = None if attention_mask is None else attention_mask_4d(attention_mask[:, :T].bool(), T, 0)
+            h = module.predict(h[:, :-1], self.model.embed_tokens(input_ids[:, k : k + T]), cos, sin, mask)
+            out.append(module.shared_head.norm(h))
+        return out
+
+    def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
+        """The first MTP depth over T new positions, its keys written into cache (one layer) at [start, start + T):
+        normalised hidden states (B, T, D) for the shared head, each predicting the token after next_ids (B, T).
+        h (B, T, D): the main model's final hidden states there; key_mask (B, start + T) marks real keys."""
+        module = self.mtp[0]
+        cos, sin = self._rope(position_ids, h.dtype)
+        mask = attention_mask_4d(key_mask, h.shape[1], start)
+        out = module.predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[0], start)
+        return module.shared_head.norm(out)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the engine's last positions h (B, D): a decode step's few rows take the installed fast path."""

@@ -13,6 +13,7 @@ held-out set heldout_problems defines; `evaluate(engine, task, problems, encode_
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,6 +81,7 @@ class EvalResult:
     records: list[dict] = field(default_factory=list)  # per problem: prompt, reference, the k samples
     tool_calls: float | None = None  # with tools: calls per sample
     tool_failure_rate: float | None = None  # with tools: the share of calls that failed
+    tokens_per_s: float | None = None  # completion tokens generated per second of generation (summed over ranks)
 
     @property
     def pass_at_1(self) -> float:
@@ -92,6 +94,8 @@ class EvalResult:
                    language_consistency=self.language_consistency, k=self.k, n_problems=self.n_problems)
         if self.tool_calls is not None:
             out.update(tool_calls=self.tool_calls, tool_failure_rate=self.tool_failure_rate)
+        if self.tokens_per_s is not None:
+            out.update(tokens_per_s=self.tokens_per_s)
         if include_records:
             out["records"] = self.records
         return out
@@ -108,7 +112,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     announce_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
     if world.main:
         print(f"eval: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
-    result = evaluate_policy(Engine(model.eval(), tokenizer), task, cfg, problems, world=world)
+    result = evaluate_policy(Engine(model.eval(), tokenizer, speculative=cfg.speculative), task, cfg, problems, world=world)
     path = results_path(cfg)
     if world.main:
         print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")
@@ -171,6 +175,7 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
     if k < 1 or batch_prompts < 1:
         raise ValueError(f"k and batch_prompts must be >= 1 (got k={k}, batch_prompts={batch_prompts})")
     records: list[dict] = []
+    generated, generation_s = 0, 0.0
     mine = world.share(len(problems))
     for start in range(mine.start, mine.stop, batch_prompts):
         indices = range(start, min(start + batch_prompts, mine.stop))
@@ -178,8 +183,11 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         seeds = None if seed is None else [step_seed(seed, i, "eval") for i in indices]
         sampling = dict(num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seeds)
         prompts = [encode_prompt(p) for p in chunk]
+        t0 = time.perf_counter()
         samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else \
             engine.generate(prompts, **sampling)
+        generation_s += time.perf_counter() - t0
+        generated += sum(len(s.token_ids) for s in samples)
         if len(samples) != len(chunk) * k:
             raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
         repeated = [p for p in chunk for _ in range(k)]
@@ -187,7 +195,10 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         for i, problem in enumerate(chunk):
             records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k),
                                            response_prefix, language, timeout_s))
-    return summarise(world.concat(records), k)
+    result = summarise(world.concat(records), k)
+    # each rank's throughput, summed: the ranks generate at the same time
+    result.tokens_per_s = world.sum([generated / generation_s if generation_s > 0 else 0.0])[0]
+    return result
 
 
 def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl: slice, response_prefix: str,

@@ -25,7 +25,7 @@ EVAL_FILE = "eval.jsonl"
 
 # What the progress bar shows (metric, label); the trainers log many more keys to the files.
 LIVE_KEYS = (("reward/mean", "reward"), ("accuracy", "acc"), ("completion_len/mean", "len"), ("kl", "kl"))  # RL
-LOSS_KEYS = (("loss", "loss"),)  # pretraining and SFT
+LOSS_KEYS = (("loss", "loss"), ("mtp_loss", "mtp_loss"))  # pretraining and SFT (mtp_loss: with an MTP module)
 
 
 def _clean(value: Any) -> Any:

@@ -81,7 +81,8 @@ def sft(cfg: SFTConfig, log=print) -> Path:
                  lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, optimizer=optimizer,
                  start_step=start, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
                  dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
-                 moe_bias_update_speed=cfg.moe_bias_update_speed, world=world, name="sft",
+                 moe_bias_update_speed=cfg.moe_bias_update_speed, mtp_loss_weight=cfg.mtp_loss_weight,
+                 world=world, name="sft",
                  optimizer_in_backward=cfg.optimizer_in_backward,
                  on_step=_step_hook(cfg, steps, model, tokenizer, optimizer, data, logger, bar, world, stop))
     _add_stop_tokens(model, tokenizer, data.closers, log)
@@ -98,7 +99,8 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              loss_masks: list[list[bool]] | None = None, start_step: int = 0, micro_batch_size: int = 0,
              max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
              on_step: StepCallback | None = None, moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
-             world: World = World(), optimizer_in_backward: bool = False, name: str = "pretrain") -> list[float]:
+             world: World = World(), optimizer_in_backward: bool = False, name: str = "pretrain",
+             mtp_loss_weight: float = 0.0) -> list[float]:
     """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
 
     loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
@@ -108,6 +110,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
     moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/model/moe.py update_routing_bias);
     balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
     optimizer_in_backward: each parameter's update in the backward pass of the last micro-batch (r1lab/train/backward_step.py).
+    mtp_loss_weight: DeepSeek-V3's multi-token prediction loss (a model with MTP modules), added with this weight.
     """
     order = EpochOrder(len(docs), seed)
     losses = []
@@ -119,7 +122,7 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
             metrics = lm_step(model, optimizer, [docs[i] for i in picked],
                               None if loss_masks is None else [loss_masks[i] for i in picked], pad_id,
                               micro_batch_size, max_grad_norm, dtype, recompute_logits, moe_bias_update_speed, world,
-                              balance_loss_weight, in_backward)
+                              balance_loss_weight, in_backward, mtp_loss_weight)
             metrics.update(lr=optimizer.param_groups[0]["lr"], step_time_s=time.perf_counter() - t_step)
             stop_if_diverged(model, optimizer, step + 1, name, world)  # before on_step can checkpoint the weights
             losses.append(metrics["loss"])
@@ -132,13 +135,17 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             loss_masks: list[list[bool]] | None, pad_id: int, micro_batch_size: int = 0,
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
             moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0,
-            in_backward: BackwardStep | None = None) -> dict:
+            in_backward: BackwardStep | None = None, mtp_loss_weight: float = 0.0) -> dict:
     """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
     split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
     loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
-    passes give moe/* metrics and, after the step, balance its routing bias."""
+    passes give moe/* metrics and, after the step, balance its routing bias. With mtp_loss_weight, a model's
+    multi-token prediction modules add that weight times their loss (mtp_loss: the mean over depths of each
+    depth's mean cross-entropy), as DeepSeek-V3 trains them."""
     device = next(model.parameters()).device
     n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
+    mtp_depth = len(model.mtp) if mtp_loss_weight else 0
+    n_mtp_targets = [target_count(docs, loss_masks, skip=k + 1) for k in range(1, mtp_depth + 1)]
     n_docs = len(docs)  # the balance loss is a mean over the whole batch's sequences
     mine = world.share(len(docs))
     docs = docs[mine.start : mine.stop]
@@ -151,14 +158,16 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     batches = [lm_batch(docs[s : s + size], pad_id, None if loss_masks is None else loss_masks[s : s + size])
                for s in range(0, len(docs), size)]
     optimizer.zero_grad(set_to_none=True)
-    total, balance, finite = 0.0, 0.0, True
+    total, balance, mtp_total, finite = 0.0, 0.0, 0.0, True
     with moe.count_loads(model) as loads, moe.balance_loss(model, balance_loss_weight):
         for s, (ids, mask) in zip(range(0, len(docs), size), batches):
             moe.mark_real_lengths(model, [len(d) for d in docs[s : s + size]], ids.shape[1])  # MoE loads: no padding
             with training_precision(dtype, device):
-                lm_loss = lm_loss_sum(model, ids.to(device), mask.to(device), recompute_logits) / max(1, n_targets)
+                lm_sum, mtp_sums = lm_loss_sums(model, ids.to(device), mask.to(device), recompute_logits, mtp_depth)
+            lm_loss = lm_sum / max(1, n_targets)
+            mtp_loss = sum(part / max(1, n) for part, n in zip(mtp_sums, n_mtp_targets)) / max(1, mtp_depth)
             extra = moe.take_balance_loss(model) / n_docs
-            loss = lm_loss + extra
+            loss = lm_loss + extra + mtp_loss_weight * mtp_loss
             if not torch.isfinite(loss):
                 finite = False
                 if not is_sharded(model):
@@ -171,7 +180,8 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             loss.backward()
             total += lm_loss.item()
             balance += extra.item() if torch.is_tensor(extra) else extra
-    finite, (total, balance) = world.all(finite), world.sum([total, balance])
+            mtp_total += mtp_loss.item() if torch.is_tensor(mtp_loss) else mtp_loss
+    finite, (total, balance, mtp_total) = world.all(finite), world.sum([total, balance, mtp_total])
     if finite:
         world.sum_gradients(model.parameters())
     world.sum_counts(loads)
@@ -179,14 +189,16 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
     if not stepped["skipped_nonfinite"]:
         moe.update_routing_bias(model, loads, moe_bias_update_speed)
     return {"loss": total, "target_tokens": n_targets, **stepped, **moe.load_metrics(loads),
-            **({"moe/balance_loss": balance} if balance_loss_weight else {})}
+            **({"moe/balance_loss": balance} if balance_loss_weight else {}),
+            **({"mtp_loss": mtp_total} if mtp_depth else {})}
 
 
-def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None) -> int:
-    """The target tokens of a batch (lm_batch's mask[:, 1:]): all tokens but each document's first, or the masked."""
+def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None, skip: int = 1) -> int:
+    """The target tokens of a batch (lm_batch's mask[:, skip:]): all tokens but each document's first skip (1: the
+    next-token loss; k + 1: the k-th multi-token prediction depth's), or the masked ones among them."""
     if loss_masks is None:
-        return sum(max(len(d) - 1, 0) for d in docs)
-    return sum(sum(mask[1:]) for mask in loss_masks)
+        return sum(max(len(d) - skip, 0) for d in docs)
+    return sum(sum(mask[skip:]) for mask in loss_masks)
 
 
 def lm_batch(docs: list[list[int]], pad_id: int,
@@ -206,15 +218,28 @@ def lm_batch(docs: list[list[int]], pad_id: int,
 
 
 def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens in mask (B, T).
+    """Summed next-token cross-entropy over the target tokens in mask (B, T)."""
+    return lm_loss_sums(model, ids, mask, recompute_logits)[0]
+
+
+def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False,
+                 mtp_depth: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Summed next-token cross-entropy over the target tokens in mask (B, T), and that of each of the first
+    mtp_depth multi-token prediction depths (depth k predicts the target tokens from k + 1 on, k + 1 ahead).
 
     Only positions that predict a target reach the vocabulary projection: in SFT the prompts are often most of the
-    tokens, and with a 150k vocabulary their logits would dominate memory for nothing.
+    tokens, and with a 150k vocabulary their logits would dominate memory for nothing. All depths share the head:
+    one projection over their rows together.
     """
-    targets = mask[:, 1:]  # (B, T-1); right padding needs no attention mask under causal attention
-    hidden = model.hidden_states(ids)[:, :-1][targets]  # (N, D)
-    logp, _ = token_logprobs(model, hidden, ids[:, 1:][targets], recompute=recompute_logits)
-    return -logp.sum()
+    h = model.hidden_states(ids)  # (B, T, D); right padding needs no attention mask under causal attention
+    mtp_depth = min(mtp_depth, ids.shape[1] - 2)  # a depth needs a token to embed and one to predict
+    depths = [h] + (model.mtp_hidden_states(h, ids, depth=mtp_depth) if mtp_depth > 0 else [])  # depth k: (B, T - k, D)
+    picks = [mask[:, k + 1 :] for k in range(len(depths))]
+    hidden = torch.cat([hk[:, :-1][pick] for hk, pick in zip(depths, picks)])  # (N, D)
+    targets = torch.cat([ids[:, k + 1 :][pick] for k, pick in enumerate(picks)])
+    logp, _ = token_logprobs(model, hidden, targets, recompute=recompute_logits)
+    sums = [-part.sum() for part in logp.split([int(pick.sum()) for pick in picks])]
+    return sums[0], sums[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
