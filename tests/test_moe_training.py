@@ -294,7 +294,8 @@ def test_sft_eval_sample_serve_and_chat_run_on_moe_models(tmp_path, arch, monkey
           "--out", str(tmp_path / "samples.jsonl"), "--device", "cpu", "--threads", "1"])
     assert "2 prompts, 4 sampled" in capsys.readouterr().out  # an untrained toy: sampled and scored, none kept
     with testclient.TestClient(create_app(tuned, device="cpu")) as client:
-        reply = client.post("/v1/chat/completions", json={"model": "model", "max_tokens": 5, "messages": [
+        served = client.get("/v1/models").json()["data"][0]["id"]  # the run's name: sft
+        reply = client.post("/v1/chat/completions", json={"model": served, "max_tokens": 5, "messages": [
             {"role": "user", "content": "1+1"}]})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 5, reply.text
     monkeypatch.setattr("sys.stdin", io.StringIO("1+1\n/quit\n"))

@@ -493,7 +493,8 @@ def test_chat_template_kwargs_reach_the_chat_template(tmp_path):
     from r1lab.serve.app import create_app
 
     model = scripted_model_dir(tmp_path / "qwen3-like", chat_template=THINKING_SWITCH)
-    with ServerThread(create_app(model, device="cpu", log_level="warning")) as srv:
+    # the scripted model answers in <answer> tags; auto would read a Qwen3-like template's model as a boxed one
+    with ServerThread(create_app(model, device="cpu", log_level="warning", answer_format="tags")) as srv:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
         ask = dict(model="qwen3-like", messages=QUESTION)
         thinking = client.chat.completions.create(**ask).choices[0].message
