@@ -104,10 +104,13 @@ def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox)
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
+
     cfg.check()
+    limits = ConnectionLimits.of(cfg, raise_open_file_limit())  # before the model loads: no room fails at once
     app = build_app(cfg, load_engine(cfg))
-    print(startup_message(app.state.server), flush=True)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, cfg, limits)
+    print(startup_message(app.state.server) + "\n" + limits.summary(), flush=True)
     _log_like_uvicorn(cfg.log_level)
     uvicorn.Server(config).run()
 
