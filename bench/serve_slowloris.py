@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -152,9 +153,14 @@ def closing_figures(closed_at: list[float | None], all_open: float, hold_s: floa
     """The share still open hold_s after the last connection opened, and when half, 90 % and all had closed."""
     n = len(closed_at)
     times = sorted(t - all_open for t in closed_at if t is not None)
-    at = lambda share: times[max(0, int(share * n) - 1)] if int(share * n) <= len(times) else None  # noqa: E731
-    return {"still_open_share": (n - len(times)) / n if n else 0.0, "closed_before_all_open": sum(t <= 0 for t in times),
-            "closed_half_s": at(0.5), "closed_90_s": at(0.9), "closed_all_s": at(1.0)}
+
+    def by(share: float) -> float | None:  # when that share of all had closed (seconds after the last opened)
+        k = max(1, math.ceil(share * n))
+        return times[k - 1] if k <= len(times) else None
+
+    return {"still_open_share": (n - len(times)) / n if n else 0.0,
+            "closed_before_all_open": sum(t <= 0 for t in times),
+            "closed_half_s": by(0.5), "closed_90_s": by(0.9), "closed_all_s": by(1.0)}
 
 
 def print_figures(f: dict, args) -> bool:

@@ -282,7 +282,7 @@ def test_r1lab_serve_holds_more_half_open_connections_than_its_starting_open_fil
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "r1lab", "serve", "--model", str(model_dir), "--port", str(port), "--device", "cpu",
-           "--served-model-name", MODEL_ID, "--api-key", KEY, "--header-timeout-s", "3",
+           "--served-model-name", MODEL_ID, "--api-key", KEY, "--header-timeout-s", "6",
            "--max-connections-per-client", str(n + 10), "--log-level", "warning"]
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:  # the shell lowers the soft limit, then becomes the server
@@ -298,9 +298,9 @@ def test_r1lab_serve_holds_more_half_open_connections_than_its_starting_open_fil
         r, took = chat(url)
         assert r.status_code == 200 and took < 2.0, (r.status_code, took)
         early = closed_by_server(socks, 0)
-        if time.monotonic() - opened < 2.5:
+        if time.monotonic() - opened < 5:
             assert not early, f"{len(early)} connections were closed at once: accept() failed or a cap cut in"
-        assert len(closed_by_server(socks, 25)) == n
+        assert len(closed_by_server(socks, 30)) == n
         assert "Too many open files" not in log_path.read_text()
     finally:
         close_all(socks)
