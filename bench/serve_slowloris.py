@@ -10,7 +10,7 @@ One run:
    ``--connections`` connections in all, each sending a partial request line (``GET /v1/mod``) and nothing more,
    from ``--sources`` loopback addresses (127.0.1.1, ...; 1: from 127.0.0.1, the normal client's own address);
 4. once all are open, sends ``--requests`` chat requests (16 tokens), one after another, from 127.0.0.1, and times
-   each to its 200;
+   each to its 200 (three more before the attack, the first of which warms the server up, give the idle times);
 5. keeps watching every half-open connection for the server's close until ``--hold-s`` (45) after the last one
    opened, then prints: the chat requests' times, the share still open then, how long the server took to close
    half, 90 % and all of them, and how many descriptors the server held when all were open.
@@ -138,8 +138,10 @@ def attack(port: int, server: subprocess.Popen, args) -> dict:
     all_open = max(o[5] for o in opened)
     figures = {"connections": args.connections, "opened": sum(o[2] for o in opened),
                "failed_to_open": sum(o[3] for o in opened), "first_error": next((o[4] for o in opened if o[4]), ""),
-               "open_s": all_open - t0, "server_fds_when_open": open_descriptors(server.pid)}
+               "open_s": all_open - t0}
     figures["requests"] = [chat_request(port) for _ in range(args.requests)]
+    # after a request: the server has accepted every connection queued before it
+    figures["server_fds_when_open"] = open_descriptors(server.pid)
     for stop in stops:
         stop.put(all_open + args.hold_s)
     done = [report.get(timeout=args.hold_s + 600) for _ in workers]
@@ -171,7 +173,8 @@ def print_figures(f: dict, args) -> bool:
           f"({f['failed_to_open']} failed{': ' + f['first_error'] if f['failed_to_open'] else ''}), from "
           f"{args.sources} address(es); the server held {f['server_fds_when_open']} descriptors then")
     print(f"  {f['closed_before_all_open']:,} of them closed by the server before the last one opened (its caps)")
-    print("chat requests beside them: " + ", ".join(f"{status} in {t * 1000:.0f} ms" for status, t in f["requests"]))
+    print("chat requests beside them: " + ", ".join(f"{status} in {t * 1000:.0f} ms" for status, t in f["requests"])
+          + "; on the idle server before: " + ", ".join(f"{t * 1000:.0f} ms" for _, t in f["idle_requests"]))
     print(f"still open {args.hold_s:g} s after the last one opened: {f['still_open_share']:.1%}; closed: half by "
           f"{secs(f['closed_half_s'])}, 90 % by {secs(f['closed_90_s'])}, all by {secs(f['closed_all_s'])}")
     print(f"bar (every request 200 within 1 s, at most 10 % open after {args.hold_s:g} s): "
@@ -202,7 +205,8 @@ def main() -> int:
     server = start_server(model, port, args, workdir / "server.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}", server)
-        figures = attack(port, server, args)
+        idle = [chat_request(port) for _ in range(3)]  # the first request warms the server up: not the attack's doing
+        figures = attack(port, server, args) | {"idle_requests": idle}
     finally:
         server.terminate()
         server.wait(30)

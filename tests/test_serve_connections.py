@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import selectors
@@ -312,3 +313,20 @@ def _health(url: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     return False
+
+
+@pytest.mark.slow
+def test_the_slowloris_bench_runs_small(tmp_path):
+    """bench/serve_slowloris.py end to end at a small size (300 connections from 4 addresses, a 2 s head deadline,
+    counted 12 s on): its figures are there and meet the bar. About 30 s."""
+    figures = tmp_path / "figures.json"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "serve_slowloris.py"
+    proc = subprocess.run([sys.executable, str(bench), "--connections", "300", "--workers", "2", "--sources", "4",
+                           "--requests", "2", "--hold-s", "12", "--serve-args", "--header-timeout-s 2",
+                           "--workdir", str(tmp_path), "--json", str(figures)],
+                          capture_output=True, text=True, timeout=300, cwd=bench.parents[1])
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads(figures.read_text())
+    assert result["opened"] == 300 and result["still_open_share"] == 0.0 and 1.5 < result["closed_all_s"] < 12
+    assert [status for status, _ in result["requests"]] == [200, 200]
+    assert "bar (every request 200 within 1 s, at most 10 % open after 12 s): met" in proc.stdout
