@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -45,6 +46,7 @@ from r1lab.model.loading import load_policy, pick_device
 from r1lab.model.templates import render_conversation, starts_in_think
 from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
+from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
 from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
@@ -102,10 +104,6 @@ def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox)
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
-    from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
-
     cfg.check()
     limits = ConnectionLimits.of(cfg, raise_open_file_limit())  # before the model loads: no room fails at once
     app = build_app(cfg, load_engine(cfg))
