@@ -11,9 +11,10 @@ One run:
    from ``--sources`` loopback addresses (127.0.1.1, ...; 1: from 127.0.0.1, the normal client's own address);
 4. once all are open, sends ``--requests`` chat requests (16 tokens), one after another, from 127.0.0.1, and times
    each to its 200 (three more before the attack, the first of which warms the server up, give the idle times);
-5. keeps watching every half-open connection for the server's close until ``--hold-s`` (45) after the last one
-   opened, then prints: the chat requests' times, the share still open then, how long the server took to close
-   half, 90 % and all of them, and how many descriptors the server held when all were open.
+5. watches every half-open connection for the server's close, from when its process has opened its share until
+   ``--hold-s`` (45) after the last one opened (or all are closed), then prints: the chat requests' times, how many
+   the server had closed before them (its caps), the share still open at the end, when half, 90 % and all had been
+   closed, and how many descriptors the server held once it had accepted them all.
 
 Bar (issue 31): every chat request answers 200 within 1 s, and at most a tenth of the half-open connections are
 still open 45 s later. The exit status is 0 when it is met.
@@ -51,8 +52,8 @@ def attack_address(i: int, sources: int) -> str:
 
 
 def hold(worker: int, indices: range, port: int, sources: int, stop_at_queue, report) -> None:
-    """A client process: open the connections of `indices`, report, then record when the server closes each, until
-    the parent sends the time to stop (time.monotonic(), the same clock in every process on Linux)."""
+    """A client process: open the connections of `indices`, report, and record when the server closes each, from
+    then until the time to stop that the parent sends (time.monotonic(), the same clock in every process on Linux)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     socks, failed, first_error = [], 0, ""
@@ -66,22 +67,27 @@ def hold(worker: int, indices: range, port: int, sources: int, stop_at_queue, re
             failed += 1
             first_error = first_error or repr(err)
     report.put(("opened", worker, len(socks), failed, first_error, time.monotonic()))
-    stop_at = stop_at_queue.get()
-    closed_at = watch(socks, stop_at)
+    closed_at = watch(socks, stop_at_queue)
     report.put(("done", worker, closed_at))
     for sock in socks:
         sock.close()
 
 
-def watch(socks: list[socket.socket], stop_at: float) -> list[float | None]:
-    """When the server closed each socket (read to end of file or reset), None for those open at stop_at."""
+def watch(socks: list[socket.socket], stop_at_queue) -> list[float | None]:
+    """When the server closed each socket (read to end of file or reset), None for those still open at the time to
+    stop, which stop_at_queue brings once the parent knows it."""
     closed_at: list[float | None] = [None] * len(socks)
+    stop_at = math.inf
     with selectors.DefaultSelector() as selector:
         for i, sock in enumerate(socks):
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ, i)
-        while selector.get_map() and (left := stop_at - time.monotonic()) > 0:
-            for key, _ in selector.select(min(left, 0.5)):
+        while (left := stop_at - time.monotonic()) > 0:
+            if stop_at == math.inf and not stop_at_queue.empty():
+                stop_at = stop_at_queue.get()
+            if not selector.get_map():
+                break
+            for key, _ in selector.select(min(left, 0.2)):
                 try:
                     data = key.fileobj.recv(65536)
                 except BlockingIOError:
@@ -139,6 +145,7 @@ def attack(port: int, server: subprocess.Popen, args) -> dict:
     figures = {"connections": args.connections, "opened": sum(o[2] for o in opened),
                "failed_to_open": sum(o[3] for o in opened), "first_error": next((o[4] for o in opened if o[4]), ""),
                "open_s": all_open - t0}
+    requests_start = time.monotonic()
     figures["requests"] = [chat_request(port) for _ in range(args.requests)]
     # after a request: the server has accepted every connection queued before it
     figures["server_fds_when_open"] = open_descriptors(server.pid)
@@ -148,20 +155,21 @@ def attack(port: int, server: subprocess.Popen, args) -> dict:
     for w in workers:
         w.join(30)
     closed_at = [t for d in done for t in d[2]]
-    return figures | closing_figures(closed_at, all_open, args.hold_s)
+    return figures | closing_figures(closed_at, all_open, requests_start, args.hold_s)
 
 
-def closing_figures(closed_at: list[float | None], all_open: float, hold_s: float) -> dict:
-    """The share still open hold_s after the last connection opened, and when half, 90 % and all had closed."""
+def closing_figures(closed_at: list[float | None], all_open: float, requests_start: float, hold_s: float) -> dict:
+    """The share still open hold_s after the last connection opened, how many were closed before the chat requests,
+    and when half, 90 % and all had closed (seconds after the last one opened)."""
     n = len(closed_at)
-    times = sorted(t - all_open for t in closed_at if t is not None)
+    times = sorted(t - all_open for t in closed_at if t is not None and t <= all_open + hold_s)
 
     def by(share: float) -> float | None:  # when that share of all had closed (seconds after the last opened)
         k = max(1, math.ceil(share * n))
         return times[k - 1] if k <= len(times) else None
 
     return {"still_open_share": (n - len(times)) / n if n else 0.0,
-            "closed_before_all_open": sum(t <= 0 for t in times),
+            "closed_before_requests": sum(t <= requests_start - all_open for t in times),
             "closed_half_s": by(0.5), "closed_90_s": by(0.9), "closed_all_s": by(1.0)}
 
 
@@ -172,7 +180,8 @@ def print_figures(f: dict, args) -> bool:
     print(f"half-open connections: {f['opened']:,} of {f['connections']:,} opened in {f['open_s']:.1f} s "
           f"({f['failed_to_open']} failed{': ' + f['first_error'] if f['failed_to_open'] else ''}), from "
           f"{args.sources} address(es); the server held {f['server_fds_when_open']} descriptors then")
-    print(f"  {f['closed_before_all_open']:,} of them closed by the server before the last one opened (its caps)")
+    print(f"  {f['closed_before_requests']:,} of them already closed by the server when the chat requests began "
+          f"(its connection caps)")
     print("chat requests beside them: " + ", ".join(f"{status} in {t * 1000:.0f} ms" for status, t in f["requests"])
           + "; on the idle server before: " + ", ".join(f"{t * 1000:.0f} ms" for _, t in f["idle_requests"]))
     print(f"still open {args.hold_s:g} s after the last one opened: {f['still_open_share']:.1%}; closed: half by "

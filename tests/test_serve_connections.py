@@ -328,5 +328,5 @@ def test_the_slowloris_bench_runs_small(tmp_path):
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     result = json.loads(figures.read_text())
     assert result["opened"] == 300 and result["still_open_share"] == 0.0 and 1.5 < result["closed_all_s"] < 12
-    assert [status for status, _ in result["requests"]] == [200, 200]
+    assert [status for status, _ in result["requests"]] == [200, 200] and result["closed_before_requests"] == 0
     assert "bar (every request 200 within 1 s, at most 10 % open after 12 s): met" in proc.stdout
