@@ -86,13 +86,17 @@ def free_socket() -> socket.socket:
 
 
 class ServerThread:
-    """A real uvicorn server on a free port, in a thread of this process (so tests can look at its state)."""
+    """A real uvicorn server on a free port, in a thread of this process (so tests can look at its state), run as
+    `r1lab serve` runs it: its connection limits are the app's settings."""
 
     def __init__(self, app):
+        from r1lab.serve.connections import uvicorn_config
+
         self.app = app
         self.sock = free_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        self.config = uvicorn_config(app, app.state.server.cfg, log_level="warning", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":

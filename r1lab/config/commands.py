@@ -456,6 +456,17 @@ class ServeConfig(Settings, kind="serve"):
     max_body_bytes: int = setting(1 << 20, "largest request body, in bytes", ge=1)
     body_timeout_s: float = setting(30.0, "a request body not received in full within this gets 408 and its "
                                           "connection closed", gt=0)
+    # connections (r1lab/serve/connections.py): what keeps clients that never finish a request from starving the rest
+    header_timeout_s: float = setting(10.0, "a connection whose request head (request line and headers) is not in "
+                                            "within this of its opening, or of the request's first bytes, is closed",
+                                      gt=0)
+    keep_alive_s: float = setting(5.0, "an idle connection is closed this long after its last response", gt=0)
+    max_connections: int = setting(8192, "open connections in all (fewer if the open-file limit allows fewer); past "
+                                         "it the one waiting longest for a request head is closed, or if every one "
+                                         "is busy the new one gets 503", ge=1)
+    max_connections_per_client: int = setting(1024, "open connections from one address; past it as max_connections, "
+                                                    "among that address's", ge=1)
+    max_header_bytes: int = setting(16384, "largest request head; a larger one gets 400", ge=1024)
     _inference = shared.Inference
     log_level: str = setting("info", "uvicorn's and the server's log level",
                              choices=("critical", "error", "warning", "info", "debug", "trace"))

@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -45,6 +46,7 @@ from r1lab.model.loading import load_policy, pick_device
 from r1lab.model.templates import TemplateVariableError, render_conversation, starts_in_think
 from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
+from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
 from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
@@ -114,12 +116,11 @@ def default_served_name(model_dir: str) -> str:
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
     cfg.check()
+    limits = ConnectionLimits.of(cfg, raise_open_file_limit())  # before the model loads: no room fails at once
     app = build_app(cfg, load_engine(cfg))
-    print(startup_message(app.state.server), flush=True)
-    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(app, cfg, limits)
+    print(startup_message(app.state.server) + "\n" + limits.summary(), flush=True)
     _log_like_uvicorn(cfg.log_level)
     uvicorn.Server(config).run()
 
