@@ -309,11 +309,12 @@ def test_without_a_boundary_nothing_runs(no_boundary, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [["eval", "--task", "code"], ["sample", "--task", "code"],
                                   ["grpo", "--task", "code"], ["grpo", "--tools", "python"],
-                                  ["serve", "--tools", "python"], ["chat", "--tools", "python"]])
+                                  ["serve", "--tools", "python"], ["chat", "--tools", "python"],
+                                  ["score", "--task", "code"]])
 def test_commands_refuse_code_and_tools_at_start_in_one_line(no_boundary, argv: list[str], tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--model", str(tmp_path)])
+        main([*argv, *(["--model", str(tmp_path)] if argv[0] != "score" else [])])
     assert exit_info.value.code == 2
     refusal = [line for line in capsys.readouterr().err.splitlines() if "OS boundary" in line]
     assert len(refusal) == 1 and "apt-get install bubblewrap" in refusal[0] and "--sandbox none" in refusal[0]

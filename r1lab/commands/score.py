@@ -26,7 +26,7 @@ from r1lab.rewards.answers import choose_answer_format
 from r1lab.rewards.rules import score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
 from r1lab.rewards.tasks.dataset import _jsonl_rows, raise_row_errors
-from r1lab.train.task_settings import check_settings, task_solutions
+from r1lab.train.task_settings import check_settings, start_sandbox, task_solutions
 
 
 @dataclass
@@ -137,6 +137,7 @@ def score_rows(task: Task, rows: list[Row], answer_format: str, timeout_s: float
 def score(cfg: ScoreConfig, log=print) -> Path:
     """`r1lab score`: OUT.json with accuracy, format_rate and every row's result; returns its path."""
     check_settings(cfg)
+    start_sandbox(cfg, log)  # a code task's programs run only inside an OS boundary (or --sandbox none, said)
     task = get_task(cfg.task, **cfg.task_options)
     path = Path(cfg.completions)
     rows = read_rows(path, task, cfg.task)

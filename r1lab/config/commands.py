@@ -291,6 +291,7 @@ class ScoreConfig(Settings, kind="score"):
                                                     "and completion (text, or assistant messages)", **shared.NONEMPTY)
     answer_format: str = shared.ANSWER_FORMAT
     reward_timeout_s: float = shared.SCORING_TIMEOUT
+    sandbox: str = shared.SANDBOX
     out: str = setting("", "the results JSON (accuracy, format_rate, every row's result); default: "
                            "COMPLETIONS.score.json beside the completions")
 

@@ -105,13 +105,16 @@ class Sampling(Group):
 SANDBOXES = ("auto", "bwrap", "landlock", "none")  # r1lab.rewards.sandbox.runner.SANDBOXES
 
 
+SANDBOX = setting("auto", "the OS boundary of model-written code (code rewards, tool calls): auto (bwrap where it "
+                          "works, else landlock), bwrap (bubblewrap), landlock (r1lab's own: namespaces and Landlock), "
+                          "none (unconfined, said at start and logged every step); with none working, a code task or "
+                          "tools is refused at start", choices=SANDBOXES)
+
+
 class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the settings of one ToolSpec; and the sandbox
     tools: str = setting("", 'python: code the model closes in a <python>...</python> block runs in the sandbox and '
                              'its output is appended as <output>...</output> ("" = no tools)', choices=("", "python"))
-    sandbox: str = setting("auto", "the OS boundary of model-written code (code rewards, tool calls): auto (bwrap "
-                                   "where it works, else landlock), bwrap (bubblewrap), landlock (r1lab's own: "
-                                   "namespaces and Landlock), none (unconfined, said at start and logged every step); "
-                                   "with none working, a code task or tools is refused at start", choices=SANDBOXES)
+    sandbox: str = SANDBOX
     tool_tag: str = setting("python", "tools: the tag of a tool block, <TAG>code</TAG>", **TAG)
     tool_output_tag: str = setting("output", "tools: the tag around a call's output, <TAG>printed text</TAG>", **TAG)
     max_tool_calls: int = setting(4, "tools: calls per rollout; a block closed past this ends the rollout", ge=1)

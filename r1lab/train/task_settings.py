@@ -104,17 +104,17 @@ def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] |
 
 def sandbox_problems(cfg) -> list[str]:
     """A code task or tool calls run model-written code: only inside an OS boundary, or where the user opted out."""
-    if not hasattr(cfg, "sandbox") or not (cfg.tools or getattr(cfg, "task", "") == "code"):
+    if not hasattr(cfg, "sandbox") or not (getattr(cfg, "tools", "") or getattr(cfg, "task", "") == "code"):
         return []
     refusal = sandbox_refusal(cfg.sandbox)
     return [refusal] if refusal else []
 
 
 def start_sandbox(cfg, log) -> None:
-    """As eval or sample starts: its sandbox choice becomes the process's (for the code task's rewards), and it says
+    """As eval, sample or score starts: its sandbox choice becomes the process's (for the code task's rewards), and it says
     what model-written code runs in (NO OS boundary, with --sandbox none)."""
     use_sandbox(cfg.sandbox)
-    if cfg.tools or cfg.task == "code":
+    if getattr(cfg, "tools", "") or cfg.task == "code":
         log(f"{cfg.kind}: model-written code runs {sandbox_summary(cfg.sandbox)}")
 
 
