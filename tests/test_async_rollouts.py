@@ -13,6 +13,9 @@ from r1lab.train.distributed import World
 from test_grpo import small_config, weights
 
 
+EVAL = {"eval_every": 2, "eval_problems": 4, "eval_samples": 2}  # evaluations between steps: all threads
+
+
 def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -22,7 +25,7 @@ def no_worker_left():
 
 
 def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
-    straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=5, save_every=2, async_steps=1),
+    straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=5, save_every=2, async_steps=1, **EVAL),
                           log=lambda *_: None)
     rows = metrics(tmp_path / "a")
     assert [r["async/staleness"] for r in rows] == [0, 1, 1, 1, 1]  # step s samples version max(s - 1, 0)
@@ -37,7 +40,7 @@ def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tm
             raise RuntimeError("killed")
         return real_step(step, *args, **kw)
 
-    cfg = small_config(tiny_base, tmp_path / "b", steps=5, save_every=2, async_steps=1)
+    cfg = small_config(tiny_base, tmp_path / "b", steps=5, save_every=2, async_steps=1, **EVAL)
     monkeypatch.setattr(grpo, "grpo_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="killed"):
         grpo.train(cfg, log=lambda *_: None)
@@ -73,6 +76,10 @@ def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
     stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
     source = AsyncRollouts(model, tok, cfg, failing_sample, grpo.sync_rollout_policy,
                            lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None)
+    split = torch.get_num_threads()
+    with source.all_threads():
+        assert torch.get_num_threads() == source.previous_threads
+    assert torch.get_num_threads() == split
     with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
         source.start(0, model, None)
         source.take(0)
