@@ -13,7 +13,7 @@ from r1lab.train.distributed import World
 from test_grpo import small_config, weights
 
 
-EVAL = {"eval_every": 2, "eval_problems": 4, "eval_samples": 2}  # evaluations between steps: all threads
+EVAL = {"eval_every": 2, "eval_problems": 4, "eval_samples": 2}  # evaluations between steps
 
 
 def metrics(run):
@@ -76,10 +76,7 @@ def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
     stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
     source = AsyncRollouts(model, tok, cfg, failing_sample, grpo.sync_rollout_policy,
                            lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None)
-    split = torch.get_num_threads()
-    with source.all_threads():
-        assert torch.get_num_threads() == source.previous_threads
-    assert torch.get_num_threads() == split
+    assert torch.get_num_threads() == thread_split(source.previous_threads, 0)[1]
     with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
         source.start(0, model, None)
         source.take(0)

@@ -16,7 +16,6 @@ own weights), so a resumed run goes on exactly as the uninterrupted one: no prom
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import multiprocessing
 import os
@@ -110,17 +109,6 @@ class AsyncRollouts:
         self._publish(model, step + 1)
         if step + 1 + self.K < self.steps:
             self._request(step + 1 + self.K)
-
-    @contextlib.contextmanager
-    def all_threads(self):
-        """Within it (a held-out evaluation, which the worker does not share), the trainer uses every thread: the
-        worker has at most the rest of one batch to sample."""
-        split = torch.get_num_threads()
-        torch.set_num_threads(self.previous_threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(split)
 
     def state(self) -> dict:
         """What a checkpoint carries: the batches already sampled and not yet trained."""

@@ -120,8 +120,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             source.start(start, model, checkpoint_extra(run / "checkpoints" / f"step_{start:06d}") if start else None)
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                with source.all_threads() if source else contextlib.nullcontext():
-                    heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
+                heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world, health,
                                 source)
             stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
@@ -139,8 +138,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
                 break
         checkpoint(done)  # the last step's, so that a longer run (--steps more, --resume) can go on from it
         if cfg.eval_every:
-            with source.all_threads() if source else contextlib.nullcontext():
-                heldout(logger, run, done, engine, task, eval_cfg, eval_problems, log, world)
+            heldout(logger, run, done, engine, task, eval_cfg, eval_problems, log, world)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
 
