@@ -102,9 +102,10 @@ class GRPOConfig(Settings, kind="GRPO"):
     policy_loss: str = setting("ppo-clip", "the policy-gradient term: ppo-clip (per-token clipped ratio), cispo (a "
                                            "clipped, detached ratio weighting every token), gspo (sequence-level "
                                            "ratio and clip)", choices=("ppo-clip", "cispo", "gspo"))
-    mismatch_correction: str = setting("none", "sampler/trainer probability gap: tis (weight min(p_trainer / "
-                                               "p_sampler, mismatch_cap)), mis (tokens past the cap dropped)",
-                                       choices=("none", "tis", "mis"))
+    mismatch_correction: str = setting("auto", "sampler/trainer probability gap: tis (weight min(p_trainer / "
+                                               "p_sampler, mismatch_cap)), mis (tokens past the cap dropped); auto: "
+                                               "tis with async_steps, else none",
+                                       choices=("auto", "none", "tis", "mis"))
     mismatch_cap: float = setting(2.0, "the cap of tis / mis", ge=1)
     fp32_lm_head: bool = setting(False, "with dtype bfloat16: the LM head's projection in float32 (closer sampler "
                                         "and trainer log-probs)")
@@ -129,6 +130,11 @@ class GRPOConfig(Settings, kind="GRPO"):
     top_k: int = setting(0, "top-k sampling of rollouts (0 = off)", ge=0)
     max_new_tokens: int = setting(256, "completion length limit, in tokens", ge=1)
     suppress_eos: bool = setting(False, "benchmarking only: every completion runs to max_new_tokens")
+    async_steps: int = setting(0, "K: a worker process samples the next K steps' rollouts while this one trains; "
+                                  "step s samples the weights after step s - K (0 = sampling and training in turn)",
+                               ge=0)
+    rollout_threads: int = setting(0, "with async_steps: the rollout worker's CPU threads, the trainer keeps the "
+                                      "rest (0 = half)", ge=0)
     rollout_slots: int = setting(0, "continuous batching: at most this many rollouts run at once, a finished one's "
                                     "KV-cache row going to the next (0 = all of the step's rollouts at once)", ge=0)
     _tools = shared.Tools

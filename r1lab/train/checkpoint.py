@@ -89,10 +89,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
-                    adapter_base: str | None = None) -> Path:
+                    adapter_base: str | None = None, extra: dict | None = None) -> Path:
     """Every rank of the job calls this (run_dir on a file system they all see); rank 0 writes all but the
     optimizer state, which each rank writes its part of. A LoRA run (adapter_base: its base model) checkpoints its
-    adapter (PEFT's format) instead of the whole model: the base never changes."""
+    adapter (PEFT's format) instead of the whole model: the base never changes. extra: a trainer's own state
+    (picklable; async GRPO's rollouts in flight), given back by checkpoint_extra."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     state = full_state_dict(model) if adapter_base is None else None  # a sharded model's weights, onto rank 0
@@ -105,7 +106,8 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
             else:
                 save_adapter(model, tmp, adapter_base)
             tokenizer.save(tmp)
-            torch.save({"step": step, "rng": rng_state()}, tmp / STATE_FILE)
+            torch.save({"step": step, "rng": rng_state(), **({"extra": extra} if extra is not None else {})},
+                       tmp / STATE_FILE)
         world.barrier()
         with _single_process_is_meant():
             dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / OPTIMIZER_DIR)
@@ -362,6 +364,15 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
         set_rng_state(state["rng"])
         return int(state["step"])
     except Exception as err:  # unpickling and torch's own checks raise many types; all mean "not this run's state"
+        raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
+                              f"{_first_line(err)})") from None
+
+
+def checkpoint_extra(path: Path) -> dict | None:
+    """The extra state save_checkpoint was given (None where it had none)."""
+    try:
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False).get("extra")
+    except Exception as err:  # as in load_checkpoint: whatever unpickling raises means the state cannot be read
         raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -33,7 +34,8 @@ from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
 from r1lab.rewards.sandbox.runner import active_layers, sandbox_summary, use_sandbox
 from r1lab.rewards.tasks import CodeFileTask, CodeTask, DatasetTask, Problem, Task, get_task
 from r1lab.train.backward_step import BackwardStep, check_one_process
-from r1lab.train.checkpoint import save_checkpoint
+from r1lab.train.async_rollouts import AsyncRollouts, check_async
+from r1lab.train.checkpoint import checkpoint_extra, save_checkpoint
 from r1lab.train.distributed import Silent, World, join_world
 from r1lab.train.evaluate import evaluate_policy, heldout_problems, save_json
 from r1lab.train.health import RunHealth, weights_fingerprint
@@ -57,10 +59,12 @@ ZERO_VARIANCE_PATIENCE = 3  # steps in a row with no group's rewards differing b
 def train(cfg: GRPOConfig, log=print) -> Path:
     """Run GRPO; returns the directory of the final Hugging Face-format model."""
     check_settings(cfg)
+    cfg = dataclasses.replace(cfg, mismatch_correction=mismatch_kind(cfg))  # the run's config records which
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     torch.manual_seed(cfg.seed)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)
     check_world(cfg, world)
+    check_async(cfg, world, device)
     check_grpo_memory(cfg, device, world.size)
     log = log if world.main else Silent().log  # rank 0 alone speaks and writes; the others train
     run = Path(cfg.out)
@@ -98,21 +102,27 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
     done, trained_s, saved, streak = start, 0.0, {start} if start else set(), 0
 
+    source = async_rollouts(rollout, tokenizer, cfg, stream, log)
+
     def checkpoint(steps_done: int) -> Path:
         """The checkpoint after steps_done steps, saved once."""
         if steps_done not in saved:
             save_checkpoint(run, steps_done, model, tokenizer, optimizer, world=world,
-                            adapter_base=cfg.model if lora else None)
+                            adapter_base=cfg.model if lora else None, extra=source.state() if source else None)
             saved.add(steps_done)
         return run / "checkpoints" / f"step_{steps_done:06d}"
 
     health = RunHealth(log)
     logger = open_metrics(run, cfg, start) if world.main else Silent()
-    with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop:
+    with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop, \
+            source or contextlib.nullcontext():
+        if source:
+            source.start(start, model, checkpoint_extra(run / "checkpoints" / f"step_{start:06d}") if start else None)
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
                 heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
-            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world, health)
+            metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world, health,
+                                source)
             stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
             streak = metrics["zero_variance_streak"] = zero_variance_streak(streak, metrics, cfg, answer_format, log)
             logger.log(step + 1, {**metrics, **isolation})
@@ -133,6 +143,18 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     return run / "model"
 
 
+def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: PromptStream, log) -> AsyncRollouts | None:
+    """The rollout worker of --async-steps (none without): it samples with sample_rollouts, as this process would,
+    each step's prompts and seeds."""
+    if not cfg.async_steps:
+        return None
+
+    def draw(step: int) -> tuple[list[Problem], list[int]]:
+        return stream.batch(step), [prompt_seed(cfg.seed, step, i) for i in range(cfg.prompts_per_step)]
+
+    return AsyncRollouts(rollout, tokenizer, cfg, sample_rollouts, sync_rollout_policy, draw, log)
+
+
 def check_world(cfg: GRPOConfig, world: World) -> None:
     """Refuse, before anything loads, a batch that does not divide across the ranks: a group never spans ranks."""
     if cfg.prompts_per_step % world.size:
@@ -142,13 +164,13 @@ def check_world(cfg: GRPOConfig, world: World) -> None:
 
 
 def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPOConfig, run: Path,
-              world: World = World(), health: RunHealth | None = None) -> dict:
+              world: World = World(), health: RunHealth | None = None, source: AsyncRollouts | None = None) -> dict:
     clock = PhaseClock(model.lm_head.weight.device)
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
     problems, mine = stream.batch(step), world.share(cfg.prompts_per_step)  # this rank's share: whole groups
     seeds = [prompt_seed(cfg.seed, step, i) for i in mine]  # per prompt, not per rank: N ranks draw what one would
     with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
-        local = sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds)
+        local = source.take(step) if source else sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds)
     clock.lap("rollout")
     local_result = score_rollouts(task, local, cfg, engine.tokenizer)
     rollouts, result = gather_rollouts(world, local), gather_results(world, local_result)  # the whole batch
@@ -168,8 +190,13 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
         sync_rollout_policy(engine.model, model)
         after = weights_fingerprint(engine.model) if health else None
         clock.lap("sync")
+    if source:  # every step, updated or not: version step + 1 to the worker
+        source.after_update(step, model)
+        clock.lap("async_wait")
     elapsed = time.perf_counter() - clock.start
     metrics = step_metrics(rewards, result, rollouts, cfg, update)
+    if source:
+        metrics["async/staleness"] = step - min(rollouts.versions)
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
                     "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
                     **clock.metrics(), **moe.load_metrics(rollout_loads, "moe/rollout_")})
@@ -201,6 +228,7 @@ class Rollouts:
     model_mask: list[list[bool]] = field(default_factory=list)  # True on the model's tokens, False on tool output
     tool_calls: list[int] = field(default_factory=list)
     tool_failures: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # async rollouts: the policy version each was sampled from
 
     def trained_mask(self, i: int) -> list[bool]:
         """Which of completion i's tokens are the model's own: trained, with sampling log-probs."""
@@ -519,10 +547,18 @@ def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[to
     ratio of 1; with more, the engine's sampling log-probs (same weights, same process) are the old policy. With
     one (TIS / MIS), the ratio is taken against the trainer's own log-probs before the updates, and the gap between
     those and the sampler's becomes a separate, capped importance weight."""
-    if cfg.mismatch_correction == "none":
-        return (logp.detach() if cfg.updates_per_batch == 1 else mb.old_logp), None
-    return mb.trainer_old_logp, mismatch_weights(mb.trainer_old_logp, mb.old_logp, cfg.mismatch_correction,
-                                                 cfg.mismatch_cap)
+    kind = mismatch_kind(cfg)
+    if kind == "none":  # async rollouts come from an older policy: the sampler's log-probs are the old policy
+        return (logp.detach() if cfg.updates_per_batch == 1 and not cfg.async_steps else mb.old_logp), None
+    return mb.trainer_old_logp, mismatch_weights(mb.trainer_old_logp, mb.old_logp, kind, cfg.mismatch_cap)
+
+
+def mismatch_kind(cfg: GRPOConfig) -> str:
+    """The mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps updates ago),
+    none otherwise."""
+    if cfg.mismatch_correction != "auto":
+        return cfg.mismatch_correction
+    return "tis" if cfg.async_steps else "none"
 
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,

@@ -1,0 +1,180 @@
+"""Asynchronous rollouts for GRPO (`r1lab grpo --async-steps K`): a second process samples the coming steps' batches
+while this one trains on the current one.
+
+The schedule, the same whatever the timing: step s's batch (0-based) is sampled from policy version
+v(s) = max(s - K, 0), version v being the weights after v optimizer steps (0: the initial weights). With K = 1,
+step s trains on rollouts of the weights that step s - 1 started from. The worker holds its own copy of the sampling
+policy, its parameters in shared memory. After step t's update the trainer waits for the batch the worker is
+sampling from version t (step t + K's), copies the new weights in, bumps the version counter to t + 1 and asks for
+step t + K + 1's batch: one batch is sampled while one is trained, and the worker never samples from weights that
+happen to be there. Each sample records its version; none older than K is trained.
+
+Step s's batch is thus a pure function of (seed, s, the weights of version v(s)). The checkpoint after step d
+carries the batches d .. d + K - 1, already sampled (the one being sampled comes from version d, the checkpoint's
+own weights), so a resumed run goes on exactly as the uninterrupted one: no prompt lost or repeated.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from r1lab.cpu.process import setup_training_process
+from r1lab.engine.engine import Engine
+
+RESULT_POLL_S = 1.0  # how often a trainer waiting for a batch checks that the worker is still alive
+
+
+def check_async(cfg, world, device: torch.device) -> None:
+    """Refuse, before anything loads, what the single-machine rollout worker cannot do."""
+    if not cfg.async_steps:
+        return
+    refusals = [(world.size > 1, "runs on one process (no torchrun)"), (device.type != "cpu", "runs on the CPU "
+                 "(the worker's weights live in shared host memory)"), (bool(cfg.tools), "does not run tool calls"),
+                (cfg.shard, "needs unsharded weights"), (cfg.lora_rank > 0, "does not train LoRA adapters")]
+    for refused, why in refusals:
+        if refused:
+            raise ValueError(f"--async-steps {cfg.async_steps}: the rollout worker {why}; use --async-steps 0")
+
+
+def thread_split(total: int, rollout_threads: int) -> tuple[int, int]:
+    """(worker, trainer) CPU threads out of total: rollout_threads for the worker (0: half, at least one), the rest
+    (at least one) for the trainer. Two cores: one and one."""
+    worker = rollout_threads or max(1, total // 2)
+    return worker, max(1, total - worker)
+
+
+class AsyncRollouts:
+    """The trainer's side of the rollout worker: asks for batches, receives them, publishes new weights. A context
+    manager: the worker process ends with it, whatever ends the run (an error, Ctrl-C's RunStopped)."""
+
+    def __init__(self, rollout_model, tokenizer, cfg, sample, sync, batch_of, log=print):
+        """sample(engine, problems, cfg, seeds) -> Rollouts runs in the worker (grpo.sample_rollouts); sync(dst, src)
+        copies weights (grpo.sync_rollout_policy); batch_of(step) -> (problems, seeds) is the step's draw."""
+        self.K, self.steps, self.sync, self.batch_of, self.log = cfg.async_steps, cfg.steps, sync, batch_of, log
+        self.worker_threads, trainer_threads = thread_split(torch.get_num_threads(), cfg.rollout_threads)
+        self.previous_threads = torch.get_num_threads()
+        torch.set_num_threads(trainer_threads)
+        ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
+        self.shared = copy.deepcopy(rollout_model).requires_grad_(False).eval().share_memory()
+        self.version = ctx.Value("q", -1)
+        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=worker_main, name="r1lab-rollouts", daemon=True,
+                                   args=(self.shared, tokenizer, cfg, sample, self.version, self.requests,
+                                         self.results, self.worker_threads))
+        self.ready: dict = {}  # step -> Rollouts, received and not yet trained
+        self.pending: list[int] = []  # steps asked for, not yet received
+
+    def __enter__(self) -> AsyncRollouts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, start: int, model, restored: dict | None) -> None:
+        """Start the worker at step `start` with the policy `model` (version start): the batches of the checkpoint
+        (restored: its state()), and requests for the others up to start + K."""
+        self.process.start()
+        self.log(f"grpo: async rollouts, {self.K} step(s) ahead: a worker process with {self.worker_threads} "
+                 f"thread(s), the trainer {torch.get_num_threads()}")
+        if restored:
+            self.ready.update(restored["rollouts"])
+        self._publish(model, start)
+        for s in range(start, min(start + self.K + 1, self.steps)):
+            if s not in self.ready:
+                self._request(s)
+
+    def take(self, step: int):
+        """Step's rollouts (waiting for them), checked to come from a version at most K steps old."""
+        while step not in self.ready:
+            self._receive()
+        rollouts = self.ready.pop(step)
+        stale = step - min(rollouts.versions)
+        assert 0 <= stale <= self.K, f"step {step + 1}'s rollouts come from version {min(rollouts.versions)}"
+        return rollouts
+
+    def after_update(self, step: int, model) -> None:
+        """Step's update is done: once the batch being sampled from the old weights is in, the worker gets version
+        step + 1 and is asked for the batch that version samples."""
+        while self.pending:
+            self._receive()
+        self._publish(model, step + 1)
+        if step + 1 + self.K < self.steps:
+            self._request(step + 1 + self.K)
+
+    def state(self) -> dict:
+        """What a checkpoint carries: the batches already sampled and not yet trained."""
+        return {"async_steps": self.K, "rollouts": dict(self.ready)}
+
+    def close(self) -> None:
+        """End the worker now (a batch half-sampled is of no use) and give the trainer its threads back."""
+        if self.process.is_alive():
+            self.process.terminate()
+        if self.process.pid is not None:
+            self.process.join()
+        for q in (self.requests, self.results):
+            q.cancel_join_thread()  # data still in a queue must not hold the exit up
+            q.close()
+        torch.set_num_threads(self.previous_threads)
+
+    def _publish(self, model, version: int) -> None:
+        self.sync(self.shared, model)
+        with self.version.get_lock():
+            self.version.value = version
+
+    def _request(self, step: int) -> None:
+        wanted = max(step - self.K, 0)
+        if wanted != self.version.value:  # only a run resumed with more --steps than it was started with
+            self.log(f"grpo: async: step {step + 1} is sampled from version {self.version.value}, not {wanted} "
+                     "(its batch was not in the checkpoint)")
+        problems, seeds = self.batch_of(step)
+        self.requests.put((step, self.version.value, problems, seeds))
+        self.pending.append(step)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                step, rollouts, error = self.results.get(timeout=RESULT_POLL_S)
+                break
+            except queue.Empty:
+                if not self.process.is_alive():
+                    raise RuntimeError(f"the rollout worker ended (exit code {self.process.exitcode})") from None
+        if error:
+            raise RuntimeError(f"the rollout worker failed at step {step + 1}: {error.strip().splitlines()[-1]}\n"
+                               f"{error}")
+        self.pending.remove(step)
+        self.ready[step] = rollouts
+
+
+def worker_main(model, tokenizer, cfg, sample, version, requests, results, threads: int) -> None:
+    """The rollout worker: samples each requested batch from the shared weights, which must be the requested
+    version (the trainer publishes before it asks)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then ends this process
+    _exit_with_parent()
+    setup_training_process(threads)
+    engine = Engine(model, tokenizer)
+    while (request := requests.get()) is not None:
+        step, wanted, problems, seeds = request
+        try:
+            if version.value != wanted:
+                raise RuntimeError(f"asked for version {wanted}, the shared weights are version {version.value}")
+            rollouts = sample(engine, problems, cfg, seeds)
+            rollouts.versions = [wanted] * len(rollouts.texts)
+            results.put((step, rollouts, None))
+        except Exception:  # any failure is the trainer's to report, with the worker's traceback
+            results.put((step, None, traceback.format_exc()))
+
+
+def _exit_with_parent() -> None:
+    """End this process as soon as the trainer's ends, even mid-batch (a trainer killed without unwinding)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()

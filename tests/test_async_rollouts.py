@@ -1,0 +1,101 @@
+"""Async GRPO (--async-steps): a worker process samples ahead from a fixed, timing-free schedule of policy versions;
+a killed and resumed run equals the uninterrupted one; the worker never outlives the trainer."""
+
+import json
+import multiprocessing
+
+import pytest
+import torch
+
+import r1lab.train.grpo as grpo
+from r1lab.train.async_rollouts import AsyncRollouts, check_async, thread_split
+from r1lab.train.distributed import World
+from test_grpo import small_config, weights
+
+
+EVAL = {"eval_every": 2, "eval_problems": 4, "eval_samples": 2}  # evaluations between steps
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def no_worker_left():
+    return not [p for p in multiprocessing.active_children() if p.name == "r1lab-rollouts"]
+
+
+def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
+    straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=5, save_every=2, async_steps=1, **EVAL),
+                          log=lambda *_: None)
+    rows = metrics(tmp_path / "a")
+    assert [r["async/staleness"] for r in rows] == [0, 1, 1, 1, 1]  # step s samples version max(s - 1, 0)
+    assert all("importance_ratio/mean" in r for r in rows if r["zero_variance_groups"] < 1)  # some tokens trained
+    assert any(r["zero_variance_groups"] < 1 for r in rows)
+    assert no_worker_left()
+
+    real_step = grpo.grpo_step
+
+    def crash_at_step_3(step, *args, **kw):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real_step(step, *args, **kw)
+
+    cfg = small_config(tiny_base, tmp_path / "b", steps=5, save_every=2, async_steps=1, **EVAL)
+    monkeypatch.setattr(grpo, "grpo_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        grpo.train(cfg, log=lambda *_: None)
+    assert no_worker_left()  # ended with the trainer's error
+    monkeypatch.setattr(grpo, "grpo_step", real_step)
+    cfg.resume = True
+    resumed = grpo.train(cfg, log=lambda *_: None)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_b = metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5]
+    assert [r["reward/mean"] for r in rows_b] == [r["reward/mean"] for r in rows]  # the same prompts and samples
+
+
+def test_async_run_differs_from_the_synchronous_one_and_corrects_by_default(tiny_base, tmp_path):
+    sync = grpo.train(small_config(tiny_base, tmp_path / "s", steps=2), log=lambda *_: None)
+    run = grpo.train(small_config(tiny_base, tmp_path / "x", steps=2, async_steps=1), log=lambda *_: None)
+    # step 1 (0-based) samples the initial weights again instead of the updated ones
+    assert metrics(tmp_path / "s")[0]["reward/mean"] == metrics(tmp_path / "x")[0]["reward/mean"]
+    a, b = weights(sync), weights(run)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    saved = (tmp_path / "x" / "config.yaml").read_text()
+    assert "mismatch_correction: tis" in saved and "mismatch_correction: none" in (tmp_path / "s" / "config.yaml").read_text()
+
+
+def failing_sample(engine, problems, cfg, seeds):
+    raise ValueError("no room left for the rollouts")
+
+
+def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
+    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
+    source = AsyncRollouts(model, tok, cfg, failing_sample, grpo.sync_rollout_policy,
+                           lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None)
+    assert torch.get_num_threads() == thread_split(source.previous_threads, 0)[1]
+    with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
+        source.start(0, model, None)
+        source.take(0)
+    assert no_worker_left()
+
+
+@pytest.mark.parametrize("change, why", [(dict(tools="python"), "tool calls"), (dict(shard=True), "unsharded"),
+                                         (dict(lora_rank=4), "LoRA")])
+def test_what_the_worker_cannot_do_is_refused_in_one_line(tiny_base, tmp_path, change, why):
+    cfg = small_config(tiny_base, tmp_path, async_steps=1, **change)
+    with pytest.raises(ValueError, match=why):
+        check_async(cfg, World(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="CPU"):
+        check_async(small_config(tiny_base, tmp_path, async_steps=1), World(), torch.device("cuda"))
+    check_async(small_config(tiny_base, tmp_path, async_steps=0, **change), World(), torch.device("cuda"))
+
+
+def test_threads_are_split_between_worker_and_trainer():
+    assert thread_split(2, 0) == (1, 1)
+    assert thread_split(1, 0) == (1, 1)
+    assert thread_split(16, 0) == (8, 8)
+    assert thread_split(16, 4) == (4, 12)
