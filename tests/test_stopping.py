@@ -64,7 +64,9 @@ def test_a_second_ctrl_c_stops_at_once(tiny_base, tmp_path):
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in err, err
+    # 130, or killed by the second SIGINT itself when it lands while the interpreter is already shutting down (the
+    # shell shows 130 for both)
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
 
 
 def test_every_run_ends_with_a_checkpoint_and_resume_true_needs_one(tiny_base, tmp_path, capsys):

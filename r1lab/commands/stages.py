@@ -25,6 +25,8 @@ def already_done(cfg, config_path: Path, output: Path) -> bool:
     """True when output exists, config_path holds exactly cfg, and output is newer than the stage's inputs (cfg.model,
     cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
     a stage whose input model or data was remade since is run again."""
+    if isinstance(cfg, GRPOConfig):  # grpo records the mismatch correction it settled on, not "auto"
+        cfg = dataclasses.replace(cfg, mismatch_correction=cfg.mismatch_in_force())
     if not (output.exists() and config_path.exists()
             and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg)):
         return False

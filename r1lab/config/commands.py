@@ -154,6 +154,13 @@ class GRPOConfig(Settings, kind="GRPO"):
     samples_every: int = setting(10, "write sample completions every N steps (0 = never)", ge=0)
     _trainer_run = shared.TrainerRun
 
+    def mismatch_in_force(self) -> str:
+        """The mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps updates
+        ago), none otherwise."""
+        if self.mismatch_correction != "auto":
+            return self.mismatch_correction
+        return "tis" if self.async_steps else "none"
+
     def eval_config(self) -> "EvalConfig":
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
         same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",

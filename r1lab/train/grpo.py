@@ -554,11 +554,7 @@ def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[to
 
 
 def mismatch_kind(cfg: GRPOConfig) -> str:
-    """The mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps updates ago),
-    none otherwise."""
-    if cfg.mismatch_correction != "auto":
-        return cfg.mismatch_correction
-    return "tis" if cfg.async_steps else "none"
+    return cfg.mismatch_in_force()
 
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
