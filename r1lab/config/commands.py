@@ -351,8 +351,7 @@ class DistillConfig(Settings, kind="distill"):
                                              ge=1)
     student_pretrain_steps: int = setting(400, "pretraining steps of the student base", ge=1)
     _task = shared.TaskChoice
-    template: str = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
-                                    "r1zero (r1lab/model/templates.py)", **shared.PROMPT_TEMPLATES)
+    template: str = shared.PROMPT_TEMPLATE
     # traces from the teacher (rejection sampling: verified-correct, readable, distinct)
     problems: int = setting(6000, "train prompts for the teacher (0 = every row of a data file's split)", ge=0)
     samples: int = setting(2, "teacher completions per prompt", ge=1)

@@ -89,9 +89,12 @@ class TaskChoice(Group):
     task_options: dict = setting({}, "the task's options (a YAML mapping)")
 
 
+PROMPT_TEMPLATE = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
+                                  "r1zero (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
+
+
 class Prompts(Group):
-    template: str = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
-                                    "r1zero (r1lab/model/templates.py)", **PROMPT_TEMPLATES)
+    template: str = PROMPT_TEMPLATE
     prefill: str = setting("", 'text appended after the template, e.g. "<think>"')
     system: str = setting("", "a system message before each prompt (a data row's own system message wins)")
     answer_format: str = ANSWER_FORMAT
