@@ -226,7 +226,7 @@ def child_r1lab(spec: dict) -> dict:
     from r1lab.cli import main as r1lab_main
     from r1lab.cpu.process import relaunch_for_large_cpu_model
 
-    argv = spec["argv"]  # as the `r1lab` program would: this child restarts itself under jemalloc for a large model
+    argv = spec["argv"]  # as the `r1lab` program would: this child restarts itself under tcmalloc for a large model
     relaunch_for_large_cpu_model("grpo", argv[argv.index("--model") + 1], argv[argv.index("--device") + 1])
     r1lab_main(argv)  # exits non-zero on an error, before any result is written
     return {}

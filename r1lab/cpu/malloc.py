@@ -1,11 +1,11 @@
-"""jemalloc for a large model on the CPU: the `r1lab` command starts itself again with it preloaded.
+"""tcmalloc for a large model on the CPU: the `r1lab` command starts itself again with it preloaded.
 
 A CPU training step at the Qwen2.5-0.5B shape frees and re-allocates gigabytes of activations and gradients. glibc's
 malloc either gives those blocks back to the system (and the next step faults them in again: 13% of the step) or
-keeps them in a heap that fragments (more than 1 GB higher peak). jemalloc, tuned to return freed pages lazily and
-to map large blocks apart, measured within 1% of the step time and 2% of the peak of r1lab's former hand-written
-allocator (docs/performance.md). A malloc can only be swapped before the process starts, hence the relaunch: the
-same command line, the same process id (exec), with LD_PRELOAD and MALLOC_CONF set. tcmalloc is the second choice.
+keeps them in a heap that fragments (more than 1 GB higher peak). tcmalloc, with its defaults, held r1lab's former
+hand-written allocator's throughput within 10% and its peak within 6% on both CPUs measured; jemalloc, second, did
+on an Intel Xeon but ran at 0.78x on an AMD EPYC (docs/performance.md). A malloc can only be swapped before the
+process starts, hence the relaunch: the same command line, the same process id (exec), with LD_PRELOAD set.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from pathlib import Path
 
 # (library name for ctypes.util.find_library, the Debian package that has it, its settings variable and settings)
 CANDIDATES = (
+    ("tcmalloc_minimal", "libtcmalloc-minimal4", None, None),
     # pages of freed blocks returned 10 s after their last use (not at once), large blocks mapped apart, a background
     # thread doing the returning off the training thread
     ("jemalloc", "libjemalloc2", "MALLOC_CONF",
      "background_thread:true,oversize_threshold:0,dirty_decay_ms:10000,muzzy_decay_ms:0"),
-    ("tcmalloc_minimal", "libtcmalloc-minimal4", None, None),
 )
 RELAUNCHED = "R1LAB_MALLOC_RELAUNCHED"  # set in the relaunched process: never relaunch twice
 SWITCH = "R1LAB_CPU_ALLOCATOR"  # 0: keep glibc's malloc
@@ -67,7 +67,7 @@ def wanted(weights_bytes: int, on_cpu: bool, threshold: int) -> bool:
 
 
 def relaunch_with_preferred_malloc(command: str) -> None:
-    """Replace this process with the same command line under jemalloc (or tcmalloc); return where it is already
+    """Replace this process with the same command line under tcmalloc (or jemalloc); return where it is already
     preloaded, or where none is installed (with a warning that says what to install)."""
     if preloaded():
         return
@@ -78,9 +78,9 @@ def relaunch_with_preferred_malloc(command: str) -> None:
     env = preload_env(os.environ)
     if env is None:
         packages = " or ".join(package for _, package, *_ in CANDIDATES)
-        warnings.warn(f"r1lab {command}: neither jemalloc nor tcmalloc is installed, so a large model's CPU steps "
-                      f"run on glibc's malloc (about 13% slower at the Qwen2.5-0.5B shape); install {packages} "
-                      f"(apt-get install libjemalloc2), or set {SWITCH}=0 to silence this", RuntimeWarning,
+        warnings.warn(f"r1lab {command}: neither tcmalloc nor jemalloc is installed, so a large model's CPU steps "
+                      f"run on glibc's malloc (13-28% slower at the Qwen2.5-0.5B shape); install {packages} "
+                      f"(apt-get install libtcmalloc-minimal4), or set {SWITCH}=0 to silence this", RuntimeWarning,
                       stacklevel=2)
         return
     print(f"r1lab {command}: a large model on the CPU: restarting with {env[RELAUNCHED]} "

@@ -6,7 +6,7 @@ on memory it just gave back: a tenth or more of a GRPO step of a small model, an
 So a small model's process keeps what it freed. A large model's is the other way round: its step takes seconds,
 page faults are a small share of it, and memory kept in the heap fragments: at the Qwen2.5-0.5B shape, holding
 freed blocks raised the peak by more than 1 GB. So blocks of 128 KB or more are mapped apart and given back; and the
-`r1lab` command restarts such a process under jemalloc where it is installed (r1lab/cpu/malloc.py), which reuses
+`r1lab` command restarts such a process under tcmalloc where it is installed (r1lab/cpu/malloc.py), which reuses
 freed pages without the peak rising.
 """
 
@@ -50,7 +50,7 @@ def weights_bytes(model: str | Path | None) -> int:
 
 def setup_training_process(threads: int = 0, model: str | Path | None = None, device: str = "cpu") -> None:
     """CPU threads, the fast paths, and glibc's malloc policy for the size of the model about to be loaded from
-    `model` (none where jemalloc or tcmalloc serves this process)."""
+    `model` (none where tcmalloc or jemalloc serves this process)."""
     if threads:
         torch.set_num_threads(threads)
     install_fast_paths()
@@ -60,7 +60,7 @@ def setup_training_process(threads: int = 0, model: str | Path | None = None, de
 
 def relaunch_for_large_cpu_model(command: str, model: str | Path | None, device: str) -> None:
     """For a large model on the CPU (`device` "auto": CUDA where there is one), start this command again under
-    jemalloc (r1lab/cpu/malloc.py). On a GPU, the host's large blocks are the weights on their way to the device:
+    tcmalloc (r1lab/cpu/malloc.py). On a GPU, the host's large blocks are the weights on their way to the device:
     glibc's policy is enough."""
     if malloc.wanted(weights_bytes(model), model is not None and pick_device(device).type == "cpu", LARGE_MODEL_BYTES):
         malloc.relaunch_with_preferred_malloc(command)
