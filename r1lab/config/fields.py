@@ -6,14 +6,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from r1lab.config.sources import shown, type_problem
+from r1lab.config.sources import YES_NO, shown, type_problem
 from r1lab.suggest import did_you_mean
 
 # Rules config cannot apply itself, by name (rule="task"): the tasks and languages are r1lab.rewards', which config
 # does not import. r1lab/train/task_settings.py installs them on import; until then those fields take any text.
 RULES: dict[str, tuple[Callable[[Any], str | None], str]] = {}  # name -> (rule, its allowed values)
 CHECKS: list[Callable[[Any], list[str]]] = []  # installed checks across fields, run beside each command's rules()
-YES_NO = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 @dataclass(frozen=True)
@@ -91,11 +90,8 @@ class Settings:
         and the flag words a boolean takes (yes, no, 1, 0): the same choice, spelt as the choices spell it."""
         for f in dataclasses.fields(self):
             value, spec = getattr(self, f.name), f.metadata.get("r1lab")
-            if spec is None or not spec.choices or "true" not in spec.choices:
-                continue
-            if isinstance(value, str) and value.lower() in YES_NO:
-                value = YES_NO[value.lower()]
-            if isinstance(value, bool):
+            value = YES_NO.get(value.lower(), value) if isinstance(value, str) else value
+            if spec and spec.choices and "true" in spec.choices and isinstance(value, bool):
                 object.__setattr__(self, f.name, "true" if value else "false")
 
     def __init_subclass__(cls, kind: str, **kwargs):
@@ -129,6 +125,5 @@ class Settings:
 
     def check(self) -> None:
         """Fail at start, with a sentence, on settings that cannot work (the commands call this themselves)."""
-        problems = self.find_problems()
-        if problems:
+        if problems := self.find_problems():
             raise ValueError(f"invalid {self.kind} config: " + "; ".join(problems))

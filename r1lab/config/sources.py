@@ -27,6 +27,7 @@ ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epo
            "epsilon": "clip_low", "epsilon_high": "clip_high", "max_completion_length": "max_new_tokens",
            "gradient_clipping": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "bf16": "dtype",
            "torch_dtype": "dtype", "num_iterations": "updates_per_batch"}
+YES_NO = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping {key: value}"}
 
 
@@ -41,7 +42,7 @@ def from_text(tp: type) -> Callable[[str], Any]:
     def convert(text: str):
         try:
             if tp is bool:
-                return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+                return YES_NO[text.lower()]
             if tp is dict:
                 loaded = yaml.load(text, Loader=YAMLLoader)
                 return {} if loaded is None else loaded

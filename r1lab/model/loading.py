@@ -4,6 +4,8 @@ turning a problem into prompt tokens that fit the model's context.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from r1lab.model.hf_format import load_model
@@ -11,11 +13,31 @@ from r1lab.model.lora import load_adapter, merge_lora
 from r1lab.model.templates import render_conversation
 from r1lab.model.tokenizer import Tokenizer, load_tokenizer
 from r1lab.model.transformer import CausalLM
+from r1lab.suggest import did_you_mean
 
 # `Problem` in annotations is a task's (rewards/tasks/base.py), read for its prompt only: model/ imports no task
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def device_problem(value: str) -> str | None:
+    """The device must exist on this machine: found when the settings are read, before any weights load."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        return f"{value!r} is not one of {DEVICES}{did_you_mean(value, ('auto', 'cpu', 'cuda', 'mps'))}"
+    if value == "mps" and not torch.backends.mps.is_available():
+        return "'mps' is not available on this machine; use auto or cpu"
+    if not value.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"{value!r} but CUDA is not available on this machine (torch {torch.__version__}); use auto or cpu"
+    count = torch.cuda.device_count()
+    if int(value.partition(":")[2] or 0) >= count:
+        return f"{value!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+    return None
 
 
 def pick_device(name: str) -> torch.device:

@@ -28,6 +28,7 @@ from r1lab.model.architecture import ModelConfig
 from r1lab.model.hf_format import _fused_sizes
 from r1lab.model.layers import MLP, Attention
 from r1lab.model.transformer import CausalLM
+from r1lab.suggest import did_you_mean
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
 ALL_LINEAR = LORA_TARGETS  # the Hugging Face names of every linear layer but the LM head
@@ -54,6 +55,15 @@ def lora_target_names(value: str) -> tuple[str, ...]:
     if value.strip() == "all-linear":
         return ALL_LINEAR
     return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def lora_targets_problem(value: str) -> str | None:
+    """What is wrong with a lora_targets setting, or None."""
+    names = lora_target_names(value)
+    if not names:
+        return "names no module"
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    return f"{unknown[0]!r} is not a module LoRA can adapt{did_you_mean(unknown[0], LORA_TARGETS)}" if unknown else None
 
 
 @dataclass(frozen=True)
