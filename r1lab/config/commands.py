@@ -32,8 +32,7 @@ class PretrainConfig(Settings, kind="pretrain"):
     shared_experts: int = setting(1, "deepseek-v3: shared experts every token runs", ge=0)
     expert_intermediate_size: int = setting(128, "deepseek-v3: MLP width of each expert", ge=1)
     dense_layers: int = setting(1, "deepseek-v3: the first layers keep a dense MLP (first_k_dense_replace)", ge=0)
-    moe_bias_update_speed: float = setting(0.01, "deepseek-v3: each step moves every expert's routing bias this much "
-                                                 "toward an even load (auxiliary-loss-free balancing); 0 = off", ge=0)
+    moe_bias_update_speed: float = setting(0.01, "deepseek-v3: routing-bias step toward even load (0 = off)", ge=0)
     balance_loss_weight: float = setting(0.0, "deepseek-v3: sequence-wise balance loss weight; 0 = bias alone", ge=0)
     mtp_depth: int = setting(0, "deepseek-v3: multi-token prediction modules, one token further each; 0 = none", ge=0)
     mtp_loss_weight: float = shared.MTP_LOSS_WEIGHT
@@ -274,8 +273,7 @@ class DemoConfig(Settings, kind="demo"):
     out: str = setting("runs/demo", "run directory; stages already done there are reused", **shared.NONEMPTY)
     control: str = setting("none", "random-reward: the demo with shuffled rewards", choices=("none", "random-reward"))
     arch: str = setting("dense", "dense or deepseek-v3 (MLA + MoE; runs in OUT/*-deepseek-v3)", choices=shared.ARCHS)
-    tools: str = setting("", "python: the tool demo: products of 3-digit numbers, too hard for a tiny model's head, by "
-                             "a base that calls the Python tool (runs in OUT/*-tools)", choices=("", "python"))
+    tools: str = setting("", "python: the tool demo (3-digit products, runs in OUT/*-tools)", choices=("", "python"))
     pretrain_steps: int = setting(0, "optimizer steps of the tiny base; 0 = 600 (the tool demo: 1,000)", ge=0)
     grpo_steps: int = setting(60, "GRPO steps", ge=1)
     eval_problems: int = setting(200, "held-out problems of each evaluation", ge=1)

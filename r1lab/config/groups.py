@@ -39,8 +39,7 @@ ANSWER_FORMAT = setting("auto", "how the answer is written and read: tags (<answ
                                 "<think> or the data's solutions use \\boxed)", choices=("auto", "tags", "boxed"))
 SCORING_TIMEOUT = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
 DIST_TIMEOUT = setting(600.0, "under torchrun: a rank waiting this long for a hung or dead one ends the job", gt=0)
-MTP_LOSS_WEIGHT = setting(0.3, "DeepSeek-V3 multi-token prediction: its loss joins the next-token loss with this "
-                                "weight (V3: 0.3), logged as mtp_loss; 0 = off", ge=0)
+MTP_LOSS_WEIGHT = setting(0.3, "weight of the MTP modules' loss (DeepSeek-V3; logged as mtp_loss); 0 = off", ge=0)
 RECOMPUTE_LOGITS = setting(False, "backward recomputes the vocabulary projection: far less memory, a bit more time")
 PROMPT_TEMPLATE = setting("auto", "how prompts are rendered: auto = the model's chat template if it has one, else "
                                   "r1zero; none = a question as it is", choices=("r1zero", "chat", "none", "auto"))
@@ -100,11 +99,9 @@ class TrainingMemory(Group):  # precision and recomputation: what a training ste
 
 
 class TrainerRun(Group):  # what grpo and sft share after their own settings: resuming, where they run, LoRA, torchrun
-    resume: str = setting("false", "continue from the newest intact checkpoint in out: true (an error where there is "
-                                   "none), auto (start afresh where there is none), or false",
-                          choices=("false", "true", "auto"))
-    report_to: str = setting("tensorboard", "experiment trackers besides metrics.jsonl, comma-separated: tensorboard, "
-                                            "wandb, trackio, mlflow; or none", rule="report_to")
+    resume: str = setting("false", "continue from the newest intact checkpoint in out: true (an error if none), "
+                                   "auto (start afresh if none), or false", choices=("false", "true", "auto"))
+    report_to: str = setting("tensorboard", "trackers beside metrics.jsonl, comma-separated, or none", rule="report_to")
     allow_config_change: bool = setting(False, "resume with settings that change the run (see config_changes.jsonl)")
     seed: int = SEED
     device: str = DEVICE
@@ -113,16 +110,14 @@ class TrainerRun(Group):  # what grpo and sft share after their own settings: re
     lora_alpha: float = setting(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
     lora_targets: str = setting("all-linear", "LoRA: the modules adapted, comma-separated Hugging Face names",
                                 rule=lora_targets_problem, allowed="all-linear, or some of " + ",".join(LORA_TARGETS))
-    shard: bool = setting(False, "under torchrun: FSDP2, each rank holds 1/N of the weights, gradients and optimizer "
-                                 "state (models of 1M parameters and more)")
+    shard: bool = setting(False, "FSDP2 under torchrun: each rank holds 1/N of weights and state (1M+ parameters)")
     dist_timeout_s: float = DIST_TIMEOUT
 
 
 class Optimizer(Group):  # what grpo and sft share after the learning rate and its warmup
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(1.0, "gradients are clipped to this norm (0 = no clipping)", ge=0)
-    moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3 MoE: after each optimizer step every expert's routing "
-                                                  "bias moves this much toward an even load (0 = off)", ge=0)
+    moe_bias_update_speed: float = setting(0.001, "DeepSeek-V3: routing-bias step toward even load (0 = off)", ge=0)
     optimizer_in_backward: bool = setting(False, "update each parameter in the backward pass once its gradient is "
                                                  "complete, and free it: no step holds every gradient (needs "
                                                  "max_grad_norm 0, one process)")
@@ -141,11 +136,9 @@ class Optimizer(Group):  # what grpo and sft share after the learning rate and i
 
 
 class ModelRewards(Group):  # rewards a model gives: r1lab/rewards/llm_judge.py and reward_model.py
-    judge_url: str = setting("", "an LLM judge as a reward: an OpenAI-compatible endpoint, e.g. "
-                                 "http://127.0.0.1:8000/v1 (`r1lab serve` of another model); \"\" = no judge", **URL)
+    judge_url: str = setting("", 'LLM judge reward: an OpenAI-compatible URL, e.g. `r1lab serve` ("" = none)', **URL)
     judge_model: str = setting("", "judge: the model name sent to judge_url")
-    judge_api_key_env: str = setting("", "judge: the environment variable holding the API key, e.g. OPENAI_API_KEY "
-                                         "(\"\" = none)", **ENV_NAME)
+    judge_api_key_env: str = setting("", "judge: the API key's environment variable, e.g. OPENAI_API_KEY", **ENV_NAME)
     judge_template: str = setting("", 'judge: prompt file with {problem}, {reference}, {completion} ("" = built-in)')
     judge_weight: float = setting(1.0, "judge: weight of its score (in [0, 1])", ge=0)
     judge_concurrency: int = setting(8, "judge: requests in flight at once", ge=1)
@@ -154,8 +147,7 @@ class ModelRewards(Group):  # rewards a model gives: r1lab/rewards/llm_judge.py 
     judge_max_tokens: int = setting(512, "judge: the longest reply asked for, in tokens", ge=1)
     reward_model: str = setting("", "a reward model: a Hugging Face sequence-classification directory (num_labels 1)")
     reward_model_batch_size: int = setting(8, "reward model: completions scored in one forward pass", ge=1)
-    reward_model_normalize: str = setting("none", "reward model: batch = scores standardised over the step (mean 0, "
-                                                  "std 1)", choices=("none", "batch"))
+    reward_model_normalize: str = setting("none", "batch: standardise reward-model scores", choices=("none", "batch"))
     reward_model_weight: float = setting(1.0, "reward model: weight of its score", ge=0)
 
     @staticmethod
