@@ -94,6 +94,7 @@ def test_the_program_restarts_once_under_tcmalloc_for_a_large_model_on_the_cpu(t
     assert out.returncode != 0 and "restarting" in out.stderr.splitlines()[0], out.stderr
 
 
+@pytest.mark.slow  # two eval commands: test_only_a_large_model_on_the_cpu_and_not_switched_off is the fast check
 @needs_a_malloc
 def test_a_small_model_a_gpu_run_or_the_switch_keep_glibc(tmp_path):
     small = model_dir(tmp_path / "small", 1000)

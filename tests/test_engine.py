@@ -191,6 +191,7 @@ def test_static_decoding_gives_the_dynamic_paths_tokens(engine, settings, check_
         assert s.logprobs == pytest.approx(d.logprobs, abs=1e-5)
 
 
+@pytest.mark.slow  # the fast tier decodes Qwen3's q/k norms from the cache in test_deepseek_v3.py (qwen3moe)
 def test_qwen3_greedy_with_cache_equals_recomputation_dynamic_and_static():
     """Qwen3's per-head q/k norms and explicit head_dim (24, not 64 / 4) in both cached decode paths."""
     torch.manual_seed(0)

@@ -53,6 +53,7 @@ def test_nonfinite_loss_skips_the_step_and_keeps_weights(tiny_base, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow  # the fast tier resumes exactly in test_sft.py and test_async_rollouts.py
 def test_resume_after_a_crash_reaches_the_same_weights(tiny_base, tmp_path, monkeypatch):
     straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=4, save_every=2), log=lambda *_: None)
 
@@ -222,6 +223,7 @@ def test_recomputed_logits_give_the_same_logprobs_and_gradients(tiny_base):
         assert torch.allclose(grad_a[name], grad_b[name], atol=1e-6), name
 
 
+@pytest.mark.slow  # four grpo commands: test_checkpoint.py keeps the fallback and the refusal in the fast tier
 def test_resume_skips_a_damaged_checkpoint_and_refuses_a_changed_setting(tiny_base, tmp_path, capsys):
     """Through the command line: a truncated newest checkpoint resumes from the one before it, named; a changed --lr
     on resume is refused with the difference unless --allow-config-change, which is recorded."""
@@ -287,6 +289,7 @@ def test_off_policy_knobs_give_ppo_clips_gradient_on_policy(tiny_base, tmp_path,
         assert abs(m["importance_ratio/mean"] - 1) < 1e-4 and m["importance_ratio/min"] <= 1 <= m["importance_ratio/max"]
 
 
+@pytest.mark.slow  # test_continuous_batching.py keeps few slots against all at once in the fast tier
 def test_rollouts_in_few_slots_are_the_rollouts_of_all_at_once(tiny_base, tmp_path):
     # Continuous batching (rollout_slots) changes when a rollout runs, not what it samples: seeds are per prompt.
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))

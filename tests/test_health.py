@@ -1,6 +1,7 @@
 """The loud checks (r1lab/train/health.py): a stale sampler, an importance ratio far from 1 and a sampler/trainer
 log-prob drift each give a metric and a warning line, said once until the check passes again."""
 
+import pytest
 import torch
 
 from r1lab.train import grpo
@@ -42,6 +43,7 @@ def test_each_check_warns_once_until_it_passes_again():
     assert "sync/policy_changed" not in health.check(9, {**fine, "grad_norm": 0.0}, 1.0, 1.0, 1e-6)  # all-equal groups
 
 
+@pytest.mark.slow  # whole runs: the checks themselves are the two tests above
 def test_a_weight_sync_that_stopped_is_caught_in_a_run(tiny_base, tmp_path, monkeypatch, capsys):
     from r1lab.cli import main
 
@@ -57,6 +59,7 @@ def test_a_weight_sync_that_stopped_is_caught_in_a_run(tiny_base, tmp_path, monk
         "sync/policy_changed" in r for r in rows) and any("sync/policy_changed" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_a_sound_run_raises_no_warning(tiny_base, tmp_path, capsys):
     import json
 

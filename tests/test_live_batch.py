@@ -129,6 +129,7 @@ def test_end_of_text_and_stop_strings_end_a_sequence(engine):
     assert text[2:4] in engine.tokenizer.decode([t for t, _, _ in out[b]])
 
 
+@pytest.mark.slow  # the fast tier moves rows between lanes in test_serve_tools.py (the batcher's parking)
 def test_sequences_moved_between_batches_keep_their_tokens(engine):
     # Two batches of the same engine: sequences taken from one mid-run (running or still waiting) and put into the
     # other go on there, and back again.
@@ -172,6 +173,7 @@ def reference_extras(engine, prompt: list[int], s: dict) -> list[int]:
     return seq[len(prompt):]
 
 
+@pytest.mark.slow  # the fast tier checks each row's penalties and min-p in test_engine.py
 def test_penalties_and_min_p_per_sequence_in_a_crowd(engine):
     """Penalised sequences among plain ones, joining, parked and put back: each penalised one samples what the
     definitions give for it alone, and each plain one exactly what it samples alone."""

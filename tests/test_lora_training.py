@@ -4,6 +4,7 @@ model; checkpoints resume the adapter exactly; the KL reference is the base with
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,6 +22,7 @@ def lora_config(base, out, **kw):
     return GRPOConfig(**values)
 
 
+@pytest.mark.slow  # whole GRPO runs: test_lora.py keeps the adapters' training, merging and loading in the fast tier
 def test_lora_grpo_trains_adapters_only_and_writes_the_adapter_and_the_merged_model(tiny_base, tmp_path):
     final = grpo.train(lora_config(tiny_base, tmp_path / "run"), log=lambda *_: None)
     adapter = tmp_path / "run" / "adapter"
@@ -36,6 +38,7 @@ def test_lora_grpo_trains_adapters_only_and_writes_the_adapter_and_the_merged_mo
     assert last["memory/rank_optimizer_mb"] < 0.2 * last["memory/rank_weights_mb"]  # AdamW state of adapters only
 
 
+@pytest.mark.slow
 def test_lora_resume_reaches_the_uninterrupted_adapter(tiny_base, tmp_path):
     straight = grpo.train(lora_config(tiny_base, tmp_path / "a", steps=4, save_every=2), log=lambda *_: None)
     grpo.train(lora_config(tiny_base, tmp_path / "b", steps=2, save_every=2), log=lambda *_: None)
@@ -52,6 +55,10 @@ def test_lora_kl_reference_and_rollouts_are_the_policy_itself(tiny_base, tmp_pat
         model, _ = grpo.load_policy(str(tiny_base), torch.device("cpu"), dtype)  # LoRA keeps the base in dtype
         grpo.add_lora(model, grpo.lora_spec(cfg))
         assert grpo.reference_policy(model, cfg) is model and grpo.rollout_policy(model, cfg) is model  # no copy
+
+
+@pytest.mark.slow
+def test_the_lora_kl_is_zero_before_any_update_and_grows_as_the_adapters_move(tiny_base, tmp_path):
     grpo.train(lora_config(tiny_base, tmp_path / "run", kl_coef=0.1, steps=3, prompts_per_step=8),
                log=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -59,6 +66,7 @@ def test_lora_kl_reference_and_rollouts_are_the_policy_itself(tiny_base, tmp_pat
     assert rows[0]["grad_norm"] > 0 and rows[-1]["kl"] > 0  # the reference stayed the base while the adapters moved
 
 
+@pytest.mark.slow
 def test_merge_command_and_eval_adapter_give_the_runs_merged_model(tiny_base, tmp_path, capsys):
     final = grpo.train(lora_config(tiny_base, tmp_path / "run", steps=2), log=lambda *_: None)
     main(["merge", "--model", str(tiny_base), "--adapter", str(tmp_path / "run" / "adapter"),

@@ -102,6 +102,7 @@ def balance_run(speed: float, steps: int, **kw):
     return history, layer
 
 
+@pytest.mark.slow  # 100 routing steps each: the fast tier keeps the bias's step (speed zero or not) below
 @pytest.mark.parametrize("groups", [dict(), dict(n_group=2, topk_group=1)])
 def test_routing_bias_moves_the_load_toward_balance(groups):
     history, layer = balance_run(speed=0.01, steps=100, **groups)
