@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import importlib.metadata
+import itertools
 import os
 import re
 import signal
@@ -129,7 +130,7 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         extra = {"nargs": "?", "const": True} if yes_no else {}  # `--resume` alone means true
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=from_text(hints[f.name]),
                             default=None, metavar=hints[f.name].__name__.upper(),
-                            help=help_line(f.metadata.get("r1lab"), hints[f.name], default), **extra)
+                            help=help_line(spec, hints[f.name], default), **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,9 +177,7 @@ def check_out(cfg, overwrite: bool) -> Path | None:
 def move_aside(out: Path) -> Path:
     """OUT -> OUT.old-N, the first N free: the old run stays whole and apart, and the new one starts in an empty OUT."""
     out = out.resolve()
-    n = 1
-    while out.with_name(f"{out.name}.old-{n}").exists():
-        n += 1
+    n = next(n for n in itertools.count(1) if not out.with_name(f"{out.name}.old-{n}").exists())
     return out.rename(out.with_name(f"{out.name}.old-{n}"))
 
 
