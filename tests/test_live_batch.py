@@ -1,6 +1,8 @@
 """LiveBatch (r1lab/engine/live_batch.py): sequences join and leave a running continuous batch between decode steps, and a
 seeded sequence's tokens do not depend on who else runs, joins, leaves or is parked beside it."""
 
+import functools
+
 import pytest
 import torch
 from test_engine import reference_penalties
@@ -38,6 +40,7 @@ def run(batch: LiveBatch, events: dict[int, list] | None = None) -> dict[int, li
     return out
 
 
+@functools.cache  # the reference every test compares with, decoded once per engine (the tokens are seeded)
 def alone(engine, i: int) -> list:
     batch = LiveBatch(engine, 1)
     seq = batch.add(engine.tokenizer.encode(PROMPTS[i]), **SETTINGS[i])
