@@ -190,7 +190,7 @@ class SFTConfig(Settings, kind="SFT"):
     prompt_field: str = setting("prompt", "prompt-completion rows: the prompt (text or messages)", **shared.NONEMPTY)
     completion_field: str = setting("completion", "prompt-completion rows: the completion column (a string, or the "
                                                   "assistant message(s)); the loss is on it only", **shared.NONEMPTY)
-    conversations_field: str = setting("conversations", "ShareGPT: the column of {from, value}s", **shared.NONEMPTY)
+    conversations_field: str = setting("conversations", "ShareGPT: the {from, value} list column", **shared.NONEMPTY)
     role_map: dict = setting({}, "ShareGPT: more `from` values mapped to system, user or assistant (human, gpt known)")
     out: str = setting("runs/sft", "run directory: config, metrics, checkpoints, the final model", **shared.NONEMPTY)
     template: str = setting("auto", "auto: the tokenizer's chat template, else r1zero", **shared.CONVERSATION_TEMPLATES)

@@ -34,9 +34,9 @@ THREADS = setting(0, "torch CPU threads; 0 = all cores", ge=0)
 DEVICE = setting("auto", "where to run (auto: cuda when available, else cpu)", rule=device_problem,
                  allowed=f"one of: {DEVICES} (one this machine has)")
 ADAPTER = setting("", "a LoRA adapter directory (PEFT format) to apply to the model, merged into it at load")
-ANSWER_FORMAT = setting("auto", "how the answer is written and read: tags (<answer>...</answer> after </think>), boxed "
-                                "(\\boxed{...}, as R1-Distill, QwQ, Qwen3), auto (boxed where the chat template opens "
-                                "<think> or the data's solutions use \\boxed)", choices=("auto", "tags", "boxed"))
+ANSWER_FORMAT = setting("auto", "how the answer is written and read: tags (<think>...</think> <answer>...</answer>), "
+                                "boxed (\\boxed{...} after </think>, as R1-Distill, QwQ, Qwen3), auto (boxed where the "
+                                "chat template opens <think> or data uses \\boxed)", choices=("auto", "tags", "boxed"))
 SCORING_TIMEOUT = setting(5.0, "seconds a completion's scoring (a code sandbox) may take", gt=0)
 DIST_TIMEOUT = setting(600.0, "under torchrun: a rank waiting this long for a hung or dead one ends the job", gt=0)
 MTP_LOSS_WEIGHT = setting(0.3, "weight of the MTP modules' loss (DeepSeek-V3; logged as mtp_loss); 0 = off", ge=0)
