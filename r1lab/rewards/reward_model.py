@@ -1,11 +1,6 @@
-"""A reward model as a reward: `r1lab grpo --reward-model DIR`.
-
-DIR is a Hugging Face sequence-classification model with one output (AutoModelForSequenceClassification format,
-e.g. Skywork-Reward or any `*ForSequenceClassification` with num_labels=1), run with transformers. Each completion is
-shown to it as the conversation [user: the problem, assistant: the completion] through the model's own chat template
-(the prompt and the completion joined by a newline when it has none), and its scalar output is the reward, logged as
-`reward/reward_model`: as it is, or with normalize="batch" standardised over the step's completions (mean 0, std 1),
-so that its scale does not drown the 0/1 rule rewards.
+"""A reward model as a reward: `r1lab grpo --reward-model DIR`, a one-output Hugging Face sequence-classification
+model run with transformers on [user: the problem, assistant: the completion] through its chat template; its output
+is the reward (`reward/reward_model`), with normalize="batch" standardised over the step's completions.
 """
 
 from __future__ import annotations

@@ -1,13 +1,12 @@
 """Countdown (TinyZero rules): reach a target with + - * / and parentheses, using each given number exactly once.
-
-Problems are built from a random expression over the numbers, so every problem has a solution (kept as the
-reference answer). Candidate equations are checked through the `ast` module and evaluated with exact fractions;
-nothing is ever passed to eval().
+Each problem is built from a random expression (its reference solution); candidate equations are checked through
+`ast` and evaluated with exact fractions, never eval().
 """
 
 from __future__ import annotations
 
 import ast
+import operator
 import random
 import re
 from fractions import Fraction
@@ -28,13 +27,7 @@ _PROMPT_RE = re.compile(re.escape(PROMPT).replace(re.escape("{numbers}"), r"\[([
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a / b  # ZeroDivisionError is the caller's to handle
+    return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}[op](a, b)
 
 
 def _literals(tree: ast.AST) -> list[int] | None:

@@ -1,8 +1,6 @@
-"""Problems read from a JSONL or Parquet file (GSM8K, MATH, ...), scored with math-verify.
-
-The whole file is validated when the task is built, before any training starts, and every bad row is reported
-with its file, line and field. Also home to the split helpers every task shares (stable-hash train/test splits).
-"""
+"""Problems read from a JSONL, JSON or Parquet file (GSM8K, MATH, ...), scored with math-verify. The whole file is
+validated when the task is built, each bad row reported as file:line: field; also the train/test split helpers every
+task shares."""
 
 from __future__ import annotations
 
@@ -34,9 +32,6 @@ def raise_row_errors(path: Path, errors: list[str]) -> None:
         shown = errors[:MAX_REPORTED_ERRORS]
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
-
-
-# ---------------------------------------------------------------- splits shared by all tasks
 
 
 def in_test_split(key: str, test_fraction: float) -> bool:
@@ -72,9 +67,6 @@ def draw_unique(draw: Callable[[random.Random], Problem], key: Callable[[Problem
     return [found[i % len(found)] for i in range(n)] if n > 0 else []
 
 
-# ---------------------------------------------------------------- reference answers
-
-
 def extract_reference(answer: str) -> str:
     """Final answer of a reference solution: after the last "####" (GSM8K), else the last \\boxed{}, else all."""
     if "####" in answer:
@@ -87,10 +79,8 @@ _NUMBER_RE = re.compile(r"[-+]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?(?:\.[0-9]+)?
 
 
 def plain_number(text: str) -> str | None:
-    """"$1,234.50" -> "1234.50"; None unless text is a plain number (currency sign, spaces, commas allowed).
-
-    Commas count only as thousands separators: math-verify would read "1,2" as 1.2.
-    """
+    """"$1,234.50" -> "1234.50"; None unless text is a plain number (currency sign, spaces, and commas allowed, as
+    thousands separators only: math-verify would read "1,2" as 1.2)."""
     compact = "".join(text.replace("\\$", "").replace("$", "").split())
     if not compact or not any(c.isdigit() for c in compact) or not _NUMBER_RE.fullmatch(compact):
         return None
@@ -122,9 +112,8 @@ def _parse(text: str) -> tuple:
 
 @lru_cache(maxsize=1)
 def _math_verify() -> tuple[Callable, Callable]:
-    """math-verify's (parse, verify), imported when first needed (sympy takes a second to import). Each of the two
-    prints its own notice that its timeout is off (r1lab's scorer timeout stands in for it): the notice is printed
-    once per process, and under torchrun by rank 0 alone."""
+    """math-verify's (parse, verify), imported when first needed (sympy is slow to import); its notice that its
+    timeout is off (r1lab's stands in for it) printed once per process, and under torchrun by rank 0 alone."""
     from math_verify import grader, parse, parser, verify
 
     grader.TIMEOUT_WARNING_SHOWN = True  # verify's notice repeats parse's
@@ -147,9 +136,6 @@ def math_equal(gold: str, candidate: str) -> bool:
 def canonical_answer(answer: str) -> str:
     number = plain_number(answer)
     return _normal_number(number) if number is not None else answer.strip()
-
-
-# ---------------------------------------------------------------- reading and validating files
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -207,8 +193,7 @@ def _json_array_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     import pyarrow.parquet as pq  # lazy: only Parquet users pay for the import
 
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield number, row, None
+    return ((number, row, None) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
 
 
 def _rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
