@@ -75,23 +75,18 @@ class RewardModel:
         return f"{prompt}\n{completion}"
 
     @torch.inference_mode()
-    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], int]:
+        """The rewards, and how many were not finite (given 0 and counted as errors)."""
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
-        scores: list[float] = []
+        raw: list[float] = []
         for start in range(0, len(texts), self.settings.batch_size):
             batch = self.tokenizer(texts[start:start + self.settings.batch_size], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_length,
                                    add_special_tokens=not self.tokenizer.chat_template)  # a template writes its own
             logits = self.model(**batch.to(self.settings.device)).logits  # (B, 1)
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], int]:
-        """The rewards, and how many were not finite (given 0 and counted as errors)."""
-        raw = self.raw_scores(prompts, completions)
-        finite = [x if math.isfinite(x) else None for x in raw]
-        errors = sum(x is None for x in finite)
-        values = [0.0 if x is None else x for x in finite]
+            raw += logits[:, 0].float().tolist()
+        errors = sum(not math.isfinite(x) for x in raw)
+        values = [x if math.isfinite(x) else 0.0 for x in raw]
         if self.settings.normalize == "batch":
             values = standardised(values)
         return values, errors

@@ -4,6 +4,7 @@ users' functions, summed by weight; a scorer that raises or hangs costs that one
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -21,7 +22,7 @@ class RewardWeights:
     format: float = 1.0
     language: float = 0.0  # R1 stage 2: share of the chain of thought in target_language (r1lab/rewards/language.py)
     target_language: str = "en"
-    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), r1lab/rewards/user_functions.py
+    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), user_functions.py
 
     def __post_init__(self) -> None:
         if self.language:
@@ -44,9 +45,7 @@ class _Tally:
     """Counts scorer failures while turning them into a 0.0 component."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.errors = 0
-        self.timeouts = 0
+        self.timeout_s, self.errors, self.timeouts = timeout_s, 0, 0
 
     def run(self, fn: Callable[[], float]) -> float:
         try:
@@ -55,9 +54,8 @@ class _Tally:
             self.timeouts += 1
             return 0.0
         except Exception:
-            self.errors += 1
-            return 0.0
-        if value != value:  # NaN would poison the group's advantage statistics
+            value = math.nan
+        if value != value:  # it raised, or NaN, which would poison the group's advantage statistics
             self.errors += 1
             return 0.0
         return value

@@ -52,8 +52,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     source, sep, name = str(spec).rpartition(":")
     if not sep or not source or not name.isidentifier():
         raise ValueError(f"reward function {spec!r}: write it as 'module:function' or 'path/to/file.py:function'")
-    module = _load_file(spec, Path(source)) if source.endswith(".py") else _import(spec, source)
-    fn = getattr(module, name, None)
+    fn = getattr(_load_module(spec, source), name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {source} has no function {name!r}")
     try:
@@ -72,8 +71,8 @@ def callable_spec(fn: Callable) -> str:
         raise ValueError(f"reward function {fn!r}: not callable")
     name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
     if not name.isidentifier() or module is None:
-        raise ValueError(f"reward function {name or fn!r}: r1lab's reward workers import a function by name, so it must "
-                         "be defined with def at the top level of a module or script (not a lambda, a nested "
+        raise ValueError(f"reward function {name or fn!r}: r1lab's reward workers import a function by name, so it "
+                         "must be defined with def at the top level of a module or script (not a lambda, a nested "
                          "function or a method)")
     if module == "__main__":
         script = getattr(sys.modules["__main__"], "__file__", None)
@@ -84,23 +83,21 @@ def callable_spec(fn: Callable) -> str:
     return f"{module}:{name}"
 
 
-def _import(spec: str, module: str):
-    try:
-        return importlib.import_module(module)
-    except (Exception, SystemExit) as err:  # a module calling sys.exit() on import is a load error too
-        raise ValueError(f"reward function {spec!r}: cannot import {module!r} ({type(err).__name__}: {err})") from None
-
-
-def _load_file(spec: str, path: Path):
-    if not path.is_file():
+def _load_module(spec: str, source: str):
+    """The module a spec names, a file.py or an importable module; ValueError if loading it fails (sys.exit too)."""
+    path, is_file = Path(source), source.endswith(".py")
+    if is_file and not path.is_file():
         raise ValueError(f"reward function {spec!r}: no file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"r1lab_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
+        if not is_file:
+            return importlib.import_module(source)
+        module_spec = importlib.util.spec_from_file_location(f"r1lab_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+        return module
     except (Exception, SystemExit) as err:
-        raise ValueError(f"reward function {spec!r}: {path} failed to load ({type(err).__name__}: {err})") from None
-    return module
+        failed = f"{path} failed to load" if is_file else f"cannot import {source!r}"
+        raise ValueError(f"reward function {spec!r}: {failed} ({type(err).__name__}: {err})") from None
 
 
 def component_name(spec: str) -> str:

@@ -82,9 +82,6 @@ UNAUDITED_CALLS = (  # escape routes that raise no audit event, removed from the
 )
 
 
-# ---------------------------------------------------------------- setup, before any candidate code
-
-
 def read_payload() -> dict:
     return marshal.loads(b"".join(iter(lambda: os.read(0, 1 << 16), b"")))
 
@@ -115,8 +112,7 @@ def confine(config: dict) -> list[str]:
     under r1lab's own boundary dies with its PID namespace, or by end_strays). The layers applied; exits on failure."""
     layers = []
     if config["boundary"] == "bwrap" and os.geteuid() == 0:
-        if not drop_to_nobody():
-            os._exit(SETUP_FAILED_STATUS)
+        drop_to_nobody()
         layers.append("uid")
     if not drop_capabilities():  # under bubblewrap too: it leaves the child capabilities in its inheritable set
         os._exit(SETUP_FAILED_STATUS)
@@ -127,16 +123,15 @@ def confine(config: dict) -> list[str]:
     return layers
 
 
-def drop_to_nobody() -> bool:
-    """Under bubblewrap: root -> uid/gid nobody. With no PR_SET_KEEPCAPS, moving every uid off 0 clears all
+def drop_to_nobody() -> None:
+    """Under bubblewrap: root -> uid/gid nobody, or exit. With no PR_SET_KEEPCAPS, moving every uid off 0 clears all
     capabilities, and bubblewrap's mounts make the interpreter readable to nobody without CAP_DAC_READ_SEARCH."""
     try:
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
     except OSError:
-        return False
-    return True
+        os._exit(SETUP_FAILED_STATUS)
 
 
 def drop_capabilities() -> bool:
@@ -281,9 +276,6 @@ def load_extensions(create_dynamic, spec_type, allowed, normalize, refused=REFUS
         spec = yield answer
 
 
-# ---------------------------------------------------------------- the audit hook
-
-
 def make_normalizer(cwd_of=os.getcwd, str_=str, bytes_=bytes, type_=type):
     """A path -> absolute, lexically normalised str, free of global lookups: lexical is enough, as the candidate
     cannot create symlinks; None for anything but str/bytes (a __fspath__ could change between check and use)."""
@@ -384,9 +376,6 @@ def make_hook(root: str):
             _check_paths(event, args)
 
     return hook
-
-
-# ---------------------------------------------------------------- running the tests
 
 
 def make_scalar_text(int_repr=int.__repr__, float_repr=float.__repr__, str_repr=str.__repr__,
@@ -535,9 +524,6 @@ def run_program(code: str, hook) -> None:
     except BaseException:
         pass
     exit_now(status)
-
-
-# ---------------------------------------------------------------- the fork server (r1lab.rewards.sandbox.runner.run_program_pooled)
 
 
 def serve() -> None:

@@ -110,24 +110,24 @@ def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_
                 sandbox: str | None = None) -> ProgramResult:
     """Run a program once in the sandbox (a tool call, r1lab/engine/tools.py) and return what it printed; the same
     isolation and limits as run_tests. Never raises for anything the code does."""
-    mode, refused = _program_preflight(code, sandbox)
-    if refused is not None:
-        return refused
-    limits = _Limits.of(mode, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    limits = _program_limits(code, sandbox, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    if isinstance(limits, ProgramResult):
+        return limits
     payload = marshal.dumps({"code": code, "tests": [], "program": True, **limits.child_config()})
     limit = max_output_bytes + _LAYERS_LINE_BYTES
-    output, timed_out, returncode = _execute(payload, timeout_s, mode, limits.file_mb, limit)
-    return _program_result(output, timed_out, returncode, mode, timeout_s, max_output_bytes)
+    output, timed_out, returncode = _execute(payload, timeout_s, limits.mode, limits.file_mb, limit)
+    return _program_result(output, timed_out, returncode, limits.mode, timeout_s, max_output_bytes)
 
 
-def _program_preflight(code: object, sandbox: str | None) -> tuple[str, ProgramResult | None]:
-    """(the mode the program runs in, or the result that refuses it before anything starts)."""
+def _program_limits(code: object, sandbox: str | None, timeout_s: float,
+                    *limits: int | None) -> _Limits | ProgramResult:
+    """The limits a program runs under (cpu_s, memory_mb, file_mb, open_files), or the result that refuses it."""
     if not isinstance(code, str):
-        return "", ProgramResult("", False, error="code is not a string")
+        return ProgramResult("", False, error="code is not a string")
     mode = resolve_sandbox(sandbox)
     if mode is None:
-        return "", ProgramResult("", False, error=sandbox_refusal(sandbox))
-    return mode, None
+        return ProgramResult("", False, error=sandbox_refusal(sandbox))
+    return _Limits.of(mode, timeout_s, *limits)
 
 
 def _program_result(output: bytes, timed_out: bool, returncode: int | None, mode: str, timeout_s: float,
@@ -469,10 +469,10 @@ def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 25
                        sandbox: str | None = None) -> ProgramResult:
     """run_program through a fork server (see above): the same arguments, limits and result, a few milliseconds a
     call. Thread-safe; never raises for anything the code does, nor when the server fails (an error result)."""
-    mode, refused = _program_preflight(code, sandbox)
-    if refused is not None:
-        return refused
-    pool = _pool(_Limits.of(mode, timeout_s, cpu_s, memory_mb, file_mb, open_files))
+    limits = _program_limits(code, sandbox, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    if isinstance(limits, ProgramResult):
+        return limits
+    pool = _pool(limits)
     server = pool.acquire()
     try:
         output, timed_out, status = server.call(code, float(timeout_s), max_output_bytes + _LAYERS_LINE_BYTES)
@@ -480,7 +480,7 @@ def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 25
         return ProgramResult("", False, error=f"the sandbox server failed: {e}")
     finally:
         pool.release(server)
-    return _program_result(output, timed_out, status, mode, timeout_s, max_output_bytes)
+    return _program_result(output, timed_out, status, limits.mode, timeout_s, max_output_bytes)
 
 
 class _ServerFailure(Exception):

@@ -30,26 +30,15 @@ def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
     return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}[op](a, b)
 
 
-def _literals(tree: ast.AST) -> list[int] | None:
-    """The int literals of an equation's AST, or None if it uses anything but ints, + - * / and parentheses."""
-    literals: list[int] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and type(node.value) is int:  # type() so True/False don't pass
-            literals.append(node.value)
-        elif isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            continue
-        elif not isinstance(node, (ast.Expression, *_OPS)):  # the op nodes themselves are walked too
-            return None
-    return literals
-
-
-def _evaluate(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
-    if isinstance(node, ast.Constant):
+def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
+    """The exact value of an equation's AST, collecting its int literals; ValueError for anything but ints and
+    + - * / (parentheses leave no node)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:  # type() so True/False don't pass
+        literals.append(node.value)
         return Fraction(node.value)
-    assert isinstance(node, ast.BinOp)  # guaranteed by _literals
-    return _apply(_OPS[type(node.op)], _evaluate(node.left), _evaluate(node.right))
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _apply(_OPS[type(node.op)], _evaluate(node.left, literals), _evaluate(node.right, literals))
+    raise ValueError(f"{type(node).__name__} is not allowed in an equation")
 
 
 def _left_side(equation: str, target: int) -> str | None:
@@ -67,18 +56,12 @@ def check_equation(equation: str, numbers: list[int], target: int) -> bool:
     left = _left_side(equation.strip(), target)
     if left is None or not left.strip() or set(left) - _ALLOWED_CHARS:
         return False
+    literals: list[int] = []
     try:
-        tree = ast.parse(left.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        value = _evaluate(ast.parse(left.strip(), mode="eval").body, literals)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, ZeroDivisionError):
         return False
-    literals = _literals(tree)
-    if literals is None or sorted(literals) != sorted(numbers):
-        return False
-    try:
-        value = _evaluate(tree)
-    except ZeroDivisionError:
-        return False
-    return abs(value - target) < Fraction(1, 100_000)
+    return sorted(literals) == sorted(numbers) and abs(value - target) < Fraction(1, 100_000)
 
 
 class CountdownTask:

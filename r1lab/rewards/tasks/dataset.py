@@ -13,7 +13,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from r1lab.rewards.answers import last_boxed
 from r1lab.rewards.tasks import hf_datasets
@@ -142,9 +142,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, object, error) for each non-blank line."""
     with path.open("rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
         for number, raw in enumerate(f, start=1):
-            line, error = _decode_line(raw, first=number == 1)
-            if error is not None:
-                yield number, None, error
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is harmless
+            except UnicodeDecodeError as e:
+                yield number, None, _encoding_error(raw, e)
                 continue
             if not line.strip():
                 continue
@@ -153,12 +154,6 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             except json.JSONDecodeError as e:
                 yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
-
-def _decode_line(raw: bytes, first: bool) -> tuple[str, str | None]:
-    try:
-        return raw.decode("utf-8-sig" if first else "utf-8"), None  # a byte-order mark is harmless
-    except UnicodeDecodeError as e:
-        return "", _encoding_error(raw, e)
 
 
 def _encoding_error(data: bytes, e: UnicodeDecodeError) -> str:
@@ -176,18 +171,15 @@ def _read_utf8(path: Path) -> str:
         raise DatasetError(f"{path}:{line}: {_encoding_error(data, e)}") from None
 
 
-def _json_array_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _json_array_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     """(item number, object, error) for a .json file holding one array of objects."""
     try:
         items = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
-        yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
-        return
+        return [(e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")]
     if not isinstance(items, list):
-        yield 1, None, "a .json file must hold an array of objects (or use JSONL)"
-        return
-    for number, item in enumerate(items, start=1):
-        yield number, item, None
+        return [(1, None, "a .json file must hold an array of objects (or use JSONL)")]
+    return [(number, item, None) for number, item in enumerate(items, start=1)]
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -196,7 +188,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     return ((number, row, None) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _rows(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(path)
@@ -257,6 +249,7 @@ class DatasetTask:
         self.test_fraction = test_fraction
         self.eval_path = Path(eval_data) if eval_data else None
         self._given_fields = (prompt_field, answer_field)
+        self.eval_rows = None
         if hf_datasets.is_datasets_source(str(path)):  # a save_to_disk directory or a hub name
             train, test, train_name, test_name = hf_datasets.pick_splits(hf_datasets.load_splits(str(path), subset),
                                                                          str(path))
@@ -264,13 +257,12 @@ class DatasetTask:
             if test is not None and self.eval_path is None:
                 self.eval_path = Path(f"{path}[{test_name}]")
                 self.eval_rows = self._load(self.eval_path, hf_datasets.dataset_rows(test))
-            else:
-                self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        elif subset is not None:
+            raise DatasetError(f"{path}: task option subset is for hub datasets, not data files")
         else:
-            if subset is not None:
-                raise DatasetError(f"{path}: task option subset is for hub datasets, not data files")
             self.rows = self._load(self.path)
-            self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        if self.eval_rows is None and self.eval_path is not None:
+            self.eval_rows = self._load(self.eval_path)
         self._splits = self._split_rows()
 
     def _load(self, path: Path, rows: Iterator | None = None) -> list[Problem]:
