@@ -299,18 +299,16 @@ class _Running:
     deadline: float = 0.0
 
 
-def default_workers() -> int:
-    """R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free."""
-    configured = os.environ.get("R1LAB_REWARD_WORKERS", "").strip()
-    return max(1, int(configured)) if configured.isdigit() else max(1, min(4, os.cpu_count() or 1))
-
 
 class RewardWorkers:
     """Worker processes that run users' reward functions, started lazily and kept between scoring calls; a job
     sends one worker a chunk of completions in one message, so a cheap function costs about what it did in-process."""
 
     def __init__(self, workers: int | None = None) -> None:
-        self.size = workers or default_workers()
+        # R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free
+        configured = os.environ.get("R1LAB_REWARD_WORKERS", "").strip()
+        default = max(1, int(configured)) if configured.isdigit() else max(1, min(4, os.cpu_count() or 1))
+        self.size = workers or default
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked copy of the trainer must not close the trainer's workers
