@@ -81,15 +81,11 @@ def parse_score(reply: object) -> float | None:
         if not match:
             return None
         value, scale = match.groups()
-    return _scaled(float(value), float(scale) if scale else None)
-
-
-def _scaled(value: float, scale: float | None) -> float | None:
-    if scale is not None:
-        return value / scale if scale > 0 and 0 <= value <= scale else None
-    if 0 <= value <= 1:
-        return value
-    return value / 10 if 1 < value <= 10 else None
+    value = float(value)
+    if scale:  # X/N
+        top = float(scale)
+        return value / top if top > 0 and 0 <= value <= top else None
+    return value if 0 <= value <= 1 else value / 10 if 1 < value <= 10 else None
 
 
 @dataclass(frozen=True)

@@ -543,7 +543,9 @@ def serve() -> None:
         status, timed_out, output = serve_call(request, config, f"{base}/call-{number}", select)
         end_strays(config)
         header = b"R" + status.to_bytes(4, "big", signed=True) + bytes([timed_out]) + len(output).to_bytes(8, "big")
-        write_all(response_fd, header + output)
+        view = memoryview(header + output)
+        while view:
+            view = view[os.write(response_fd, view):]
 
 
 def end_strays(config: dict) -> None:
@@ -578,11 +580,6 @@ def read_exactly(fd: int, size: int) -> bytes | None:
         got += len(chunk)
     return b"".join(chunks)
 
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def preload(config: dict) -> None:
@@ -700,19 +697,13 @@ def collect(pid: int, read_fd: int, timeout_s: float, max_bytes: int, select) ->
                 if size > max_bytes:
                     break
     finally:
-        kill_call(pid)
+        for kill in (os.killpg, os.kill):  # its group, and itself if it died before making one (unreaped: no reuse)
+            try:
+                kill(pid, SIGKILL)
+            except OSError:
+                pass
         os.close(pidfd)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), timed_out, b"".join(chunks)
-
-
-def kill_call(pid: int) -> None:
-    """SIGKILL the child's group, and the child itself in case it died before making its group. Not reaped yet, so
-    its pid cannot have been reused."""
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, SIGKILL)
-        except OSError:
-            pass
 
 
 def main() -> None:

@@ -253,15 +253,12 @@ def _value(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict) and None not in node.keys:
         return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-        return _constructed(node.func.id, [_value(a) for a in node.args])
+        name, args = node.func.id, [_value(a) for a in node.args]
+        if name == "set" and not args:
+            return set()
+        if name == "frozenset" and len(args) == 1 and type(args[0]) is list:
+            return frozenset(args[0])
+        if name == "complex" and len(args) == 2 and all(type(a) is float for a in args):
+            return complex(*args)
+        raise ValueError(f"returned values contain a call to {name}")
     raise ValueError(f"returned values contain {type(node).__name__}")
-
-
-def _constructed(name: str, args: list) -> Any:
-    if name == "set" and not args:
-        return set()
-    if name == "frozenset" and len(args) == 1 and type(args[0]) is list:
-        return frozenset(args[0])
-    if name == "complex" and len(args) == 2 and all(type(a) is float for a in args):
-        return complex(*args)
-    raise ValueError(f"returned values contain a call to {name}")
