@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import hashlib
 import keyword
 import random
 import re
@@ -22,7 +23,7 @@ from typing import Any, Callable
 from r1lab.rewards.sandbox.judge import UnjudgeableTestError, split_test
 from r1lab.rewards.sandbox.runner import run_tests
 from r1lab.rewards.tasks.base import Problem
-from r1lab.rewards.tasks.dataset import DatasetTask, _field_error, draw_unique, stable_hash
+from r1lab.rewards.tasks.dataset import DatasetTask, _field_error, draw_unique
 
 DEFAULT_TIMEOUT_S = 2.0  # all tests of one answer; below GRPOConfig.reward_timeout_s (5 s) with room to spare
 _MAX_EXAMPLE_CHARS = 70  # the example test shown in the prompt
@@ -180,6 +181,9 @@ def _call(entry_point: str, args: tuple) -> str:
     return f"{entry_point}({', '.join(repr(a) for a in args)})"
 
 
+def _stable_seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
 
 @lru_cache(maxsize=65536)
 def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
@@ -190,7 +194,7 @@ def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
     namespace: dict[str, Any] = {}
     exec(solution, namespace)  # our own reference code, not model output
     reference = namespace[family.entry_point]
-    rng = random.Random(stable_hash(f"{family.name}:{params_key}"))
+    rng = random.Random(_stable_seed(f"{family.name}:{params_key}"))
     tests, examples = [], []
     for _ in range(n_tests):
         args = family.args(rng)

@@ -34,13 +34,10 @@ def raise_row_errors(path: Path, errors: list[str]) -> None:
         raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
 
 
-def stable_hash(key: str) -> int:
-    """A 64-bit hash of key, the same on every run and machine (unlike hash())."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-
-
 def in_test_split(key: str, test_fraction: float) -> bool:
-    return stable_hash(key) / 2**64 < test_fraction
+    """Whether key belongs to the test split: a stable hash (same on every run and machine), not hash()."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
 
 
 def _check_split(split: str) -> None:
