@@ -177,9 +177,6 @@ FAMILIES: tuple[Family, ...] = (
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 
 
-def _call(entry_point: str, args: tuple) -> str:
-    return f"{entry_point}({', '.join(repr(a) for a in args)})"
-
 
 def _stable_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
@@ -199,7 +196,7 @@ def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
     for _ in range(n_tests):
         args = family.args(rng)
         expected = reference(*copy.deepcopy(args))
-        call = _call(family.entry_point, args)
+        call = f"{family.entry_point}({', '.join(repr(a) for a in args)})"
         tests.append(f"assert strict_equal({call}, {expected!r})")
         examples.append(f"{call} == {expected!r}")
     shown = [e for e in examples if len(e) <= _MAX_EXAMPLE_CHARS] or [min(examples, key=len)]
