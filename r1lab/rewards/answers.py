@@ -1,17 +1,10 @@
-"""Where a completion's final answer is, in the two ways reasoning models write it: the one extractor and format
-check behind the reward, evaluation, rejection sampling, `r1lab score` and the server's reasoning split.
+"""Where a completion's final answer is: the one extractor and format check behind the reward, evaluation,
+rejection sampling, `r1lab score` and the server's reasoning split (formats: docs/rewards-and-sandbox.md).
 
-Answer formats:
-- "tags": the R1-Zero template's `<think>...</think> <answer>...</answer>`; the answer is the last complete
-  `<answer>` pair.
-- "boxed": how R1-Distill, QwQ and Qwen3 answer (and what the R1 paper's math evaluation reads): `...</think>` then
-  prose with `\\boxed{...}` (or `\\fbox{...}`); the answer is the content of the last complete box after the think
-  block. A box inside the think block, open or closed, never counts. For a code task the answer is the whole text
-  after `</think>` (its fence is stripped by the task).
-- "auto": chosen once per command by choose_answer_format (r1lab/train/task_settings.py says which was chosen).
-
-The response that is judged is the text the prompt already wrote (`<think>` opened by a chat template or a prefill,
-see response_prefix in r1lab/model/templates.py) followed by the completion.
+"tags": the last complete `<answer>` pair of `<think>...</think> <answer>...</answer>` (R1-Zero); "boxed": the last
+complete `\\boxed{}` after `</think>` (R1-Distill, QwQ, Qwen3), or for a code task the whole text after it; "auto" is
+chosen once per command by choose_answer_format. The text judged is what the prompt already wrote (response_prefix in
+r1lab/model/templates.py) followed by the completion.
 """
 
 from __future__ import annotations
@@ -33,9 +26,6 @@ def check_answer_format(answer_format: str) -> str:
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer format {answer_format!r} is not one of {', '.join(ANSWER_FORMATS)}")
     return answer_format
-
-
-# ---------------------------------------------------------------- boxes
 
 
 def _box_ends(text: str, open_brace: int) -> int | None:
@@ -72,9 +62,6 @@ def last_boxed(text: str) -> str | None:
     return None if unclosed or not found else found[-1]
 
 
-# ---------------------------------------------------------------- the think block
-
-
 def after_think(text: str) -> str | None:
     """The text after the think block: after the last `</think>`; the whole text when it has no think tags at all
     (a model that does not reason aloud); None while a think block is open (the reasoning never ended)."""
@@ -97,9 +84,6 @@ def _think_closed_once(text: str) -> str | None:
     return None if _OPEN in thinking or _CLOSE in thinking else final
 
 
-# ---------------------------------------------------------------- the extractor and the format, per answer format
-
-
 def extract_answer(text: str, answer_format: str = "tags", code: bool = False) -> str | None:
     """The final answer of a response (prefix + completion), or None when it gives none."""
     if not isinstance(text, str):
@@ -115,12 +99,9 @@ def extract_answer(text: str, answer_format: str = "tags", code: bool = False) -
 
 
 def format_reward(text: str, answer_format: str = "tags", code: bool = False) -> float:
-    """1.0 iff the response has the format's shape, else 0.0.
-
-    tags: `<think>...</think> <answer>non-empty</answer>`, each tag exactly once, nothing around them.
-    boxed: `<think>` at the start, `</think>` exactly once, no box inside the reasoning, and after it exactly one
-    complete, non-empty box (a code task: a non-empty final part) and no answer tags.
-    """
+    """1.0 iff the response has the format's shape, else 0.0. tags: `<think>...</think> <answer>non-empty</answer>`,
+    each tag once, nothing around them. boxed: `<think>` at the start, `</think>` once, no box in the reasoning, then
+    exactly one complete, non-empty box (a code task: a non-empty final part) and no answer tags."""
     if not isinstance(text, str):
         return 0.0
     if answer_format != "boxed":
@@ -151,13 +132,9 @@ def content_tags(answer_format: str) -> tuple[str, ...]:
 
 def choose_answer_format(requested: str, *, opens_think: bool = False, closes_think: bool = False, template: str = "",
                          solutions: Sequence[str] = (), completions: Sequence[str] = ()) -> tuple[str, str]:
-    """(format, why) for a requested format: itself, or for "auto" what the prompt or the data implies.
-
-    opens_think: the chat template opens `<think>` in its generation prompt (R1-Distill, QwQ); closes_think: it
-    writes `</think>` (a reasoning model's template, such as Qwen3's, which leaves the opening to the model): models
-    that answer in a box; template: the resolved template ("r1zero" asks for <answer> tags in its own words);
-    solutions: the data's reference solutions; completions: texts to score, when no model says (`r1lab score`).
-    """
+    """(format, why) for a requested format: itself, or for "auto" what the prompt or the data implies: a chat
+    template that opens `<think>` in its generation prompt (opens_think: R1-Distill, QwQ) or writes `</think>`
+    (closes_think: Qwen3) means boxed, template "r1zero" tags, else the data's solutions or the completions decide."""
     if requested != "auto":
         return check_answer_format(requested), "as given"
     if opens_think:

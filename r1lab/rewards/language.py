@@ -1,16 +1,9 @@
-"""Language consistency (DeepSeek-R1, stage-2 RL): the share of the chain of thought written in the target language.
+"""Language consistency (DeepSeek-R1, stage-2 RL): the share of the chain of thought's words in the target language.
 
-R1-Zero's reasoning drifted between languages; R1 added, to the accuracy reward, "the proportion of target language
-words in the CoT". Here a language is recognised by its script, which needs no model and no word list:
-
-- a run of letters of one alphabetic script (Latin, Cyrillic, Greek, Arabic, Hangul, ...) is one word;
-- each Chinese character (and each Japanese kana) is one word, as those scripts do not separate words;
-- digits, punctuation and symbols are no language's words and are left out (a chain of thought of pure arithmetic
-  scores 1: nothing in it is written in another language).
+A language is recognised by its script, which needs no model or word list: a run of letters of one script is a word,
+and so is each Chinese character or kana (those scripts do not separate words); digits and symbols are no words.
 
     language_consistency("<think>我们 add 3 and 4</think><answer>7</answer>", "en")  # 2 of 4 words: 0.5
-
-Used by r1lab/rewards/rules.py when GRPOConfig.language_weight is non-zero (`r1lab grpo --language-weight 0.1`).
 """
 
 from __future__ import annotations
@@ -78,11 +71,8 @@ def check_target(target: str) -> frozenset[str]:
 
 
 def language_consistency(text: str, target: str = "en") -> float:
-    """Share in [0, 1] of the words of text's <think> part written in target's script.
-
-    0 without a <think> tag (no chain of thought to judge); 1 for one without words (e.g. pure arithmetic such as
-    "7+5=12"): nothing in it is in another language, and a reward against mixing languages should not also push
-    the model to write more words."""
+    """Share in [0, 1] of the words of text's <think> part written in target's script: 0 without a <think> tag, 1
+    for one without words ("7+5=12": a reward against mixing languages should not push the model to write more)."""
     scripts = check_target(target)
     if not isinstance(text, str) or _THINK_OPEN not in text:
         return 0.0

@@ -1,8 +1,5 @@
-"""Rewards that a model gives (an LLM judge, a reward model) added to the rule rewards of score_completions.
-
-Each is a weighted component of the total like the built-in ones, logged as `reward/judge` and `reward/reward_model`;
-its failures count in the result's errors and timeouts (scorer_errors, scorer_timeouts). The scorers are built once
-per run (loaded models, the judge's cache and threads) and kept for the steps that follow.
+"""Rewards that a model gives (an LLM judge, a reward model), added to score_completions' result as weighted
+components (`reward/judge`, `reward/reward_model`), their failures counted; each scorer is built once per run.
 """
 
 from __future__ import annotations

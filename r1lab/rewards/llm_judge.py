@@ -1,10 +1,8 @@
 """An LLM judge as a reward: `r1lab grpo --judge-url http://host:8000/v1 --judge-model NAME`.
 
-Any OpenAI-compatible endpoint (another model under `r1lab serve` included) is asked, once per distinct judge prompt,
-how good a completion is; its reply's score becomes a reward in [0, 1], logged as `reward/judge`. The judge prompt is
-a template with {problem}, {reference} and {completion} (DEFAULT_TEMPLATE, or your file). A judge that cannot be
-reached, times out past its retries, or replies without a readable score gives 0 for that completion and counts in
-scorer_errors / scorer_timeouts: the judge can make a step's reward poorer, never end the run.
+Any OpenAI-compatible endpoint is asked, once per distinct judge prompt (a template with {problem}, {reference} and
+{completion}), for a score in [0, 1], logged as `reward/judge`. A failed request or an unreadable reply gives 0 and
+counts in scorer_errors / scorer_timeouts: the judge can make a step's reward poorer, never end the run.
 """
 
 from __future__ import annotations
@@ -69,11 +67,9 @@ def load_template(path: str) -> str:
 
 
 def parse_score(reply: object) -> float | None:
-    """The score in a judge's reply, in [0, 1], or None when there is no readable one (never raises).
-
-    The last `score: X` counts, else a reply that is only a number. X/N ("7/10", "7 out of 10") is divided by N; a
-    bare X in [0, 1] is taken as it is and one in (1, 10] as a 0-10 score; anything else is unreadable. Reasoning
-    closed by </think> is skipped, so a score the judge merely considered does not count."""
+    """The score in a judge's reply, in [0, 1], or None when there is no readable one (never raises): the last
+    `score: X` after any </think>, else a reply that is only a number. X/N ("7/10", "7 out of 10") is divided by N;
+    a bare X in [0, 1] is taken as it is, one in (1, 10] as a 0-10 score; anything else is unreadable."""
     if not isinstance(reply, str):
         return None
     answer = reply.rpartition("</think>")[2]
@@ -85,15 +81,11 @@ def parse_score(reply: object) -> float | None:
         if not match:
             return None
         value, scale = match.groups()
-    return _scaled(float(value), float(scale) if scale else None)
-
-
-def _scaled(value: float, scale: float | None) -> float | None:
-    if scale is not None:
-        return value / scale if scale > 0 and 0 <= value <= scale else None
-    if 0 <= value <= 1:
-        return value
-    return value / 10 if 1 < value <= 10 else None
+    value = float(value)
+    if scale:  # X/N
+        top = float(scale)
+        return value / top if top > 0 and 0 <= value <= top else None
+    return value if 0 <= value <= 1 else value / 10 if 1 < value <= 10 else None
 
 
 @dataclass(frozen=True)

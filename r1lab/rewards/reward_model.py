@@ -1,11 +1,6 @@
-"""A reward model as a reward: `r1lab grpo --reward-model DIR`.
-
-DIR is a Hugging Face sequence-classification model with one output (AutoModelForSequenceClassification format,
-e.g. Skywork-Reward or any `*ForSequenceClassification` with num_labels=1), run with transformers. Each completion is
-shown to it as the conversation [user: the problem, assistant: the completion] through the model's own chat template
-(the prompt and the completion joined by a newline when it has none), and its scalar output is the reward, logged as
-`reward/reward_model`: as it is, or with normalize="batch" standardised over the step's completions (mean 0, std 1),
-so that its scale does not drown the 0/1 rule rewards.
+"""A reward model as a reward: `r1lab grpo --reward-model DIR`, a one-output Hugging Face sequence-classification
+model run with transformers on [user: the problem, assistant: the completion] through its chat template; its output
+is the reward (`reward/reward_model`), with normalize="batch" standardised over the step's completions.
 """
 
 from __future__ import annotations
@@ -80,23 +75,18 @@ class RewardModel:
         return f"{prompt}\n{completion}"
 
     @torch.inference_mode()
-    def raw_scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], int]:
+        """The rewards, and how many were not finite (given 0 and counted as errors)."""
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
-        scores: list[float] = []
+        raw: list[float] = []
         for start in range(0, len(texts), self.settings.batch_size):
             batch = self.tokenizer(texts[start:start + self.settings.batch_size], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_length,
                                    add_special_tokens=not self.tokenizer.chat_template)  # a template writes its own
             logits = self.model(**batch.to(self.settings.device)).logits  # (B, 1)
-            scores += logits[:, 0].float().tolist()
-        return scores
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[float], int]:
-        """The rewards, and how many were not finite (given 0 and counted as errors)."""
-        raw = self.raw_scores(prompts, completions)
-        finite = [x if math.isfinite(x) else None for x in raw]
-        errors = sum(x is None for x in finite)
-        values = [0.0 if x is None else x for x in finite]
+            raw += logits[:, 0].float().tolist()
+        errors = sum(not math.isfinite(x) for x in raw)
+        values = [x if math.isfinite(x) else 0.0 for x in raw]
         if self.settings.normalize == "batch":
             values = standardised(values)
         return values, errors

@@ -1,13 +1,10 @@
-"""Rule-based rewards (R1 recipe section 3): accuracy and format (extracted and checked in r1lab/rewards/answers.py,
-per answer format), and a scorer that never raises.
-
-Every pitfall listed in the recipe is handled here: the format regex is DOTALL, there is no fallback to the
-whole text when the <answer> tag is missing, empty answers earn nothing, multi-line answers are kept whole, and
-a scorer that raises or hangs costs that one completion its reward instead of killing the run.
+"""Rule-based rewards (R1 recipe section 3): accuracy and format (r1lab/rewards/answers.py), language consistency and
+users' functions, summed by weight; a scorer that raises or hangs costs that one completion its reward, not the run.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -25,7 +22,7 @@ class RewardWeights:
     format: float = 1.0
     language: float = 0.0  # R1 stage 2: share of the chain of thought in target_language (r1lab/rewards/language.py)
     target_language: str = "en"
-    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), r1lab/rewards/user_functions.py
+    functions: tuple[tuple[str, float], ...] = ()  # your own: ("module:function", weight), user_functions.py
 
     def __post_init__(self) -> None:
         if self.language:
@@ -48,9 +45,7 @@ class _Tally:
     """Counts scorer failures while turning them into a 0.0 component."""
 
     def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self.errors = 0
-        self.timeouts = 0
+        self.timeout_s, self.errors, self.timeouts = timeout_s, 0, 0
 
     def run(self, fn: Callable[[], float]) -> float:
         try:
@@ -59,9 +54,8 @@ class _Tally:
             self.timeouts += 1
             return 0.0
         except Exception:
-            self.errors += 1
-            return 0.0
-        if value != value:  # NaN would poison the group's advantage statistics
+            value = math.nan
+        if value != value:  # it raised, or NaN, which would poison the group's advantage statistics
             self.errors += 1
             return 0.0
         return value
@@ -113,13 +107,9 @@ def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: li
 def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
                       weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
                       response_prefix: str = "", answer_format: str = "tags") -> RewardResult:
-    """Accuracy and format rewards (and language consistency, when weighted) of each completion; problems[i] is
-    the problem of completions[i].
-
-    response_prefix is response text the prompt already supplied (a prefilled "<think>", or the `<think>` a chat
-    template opens): the format is judged on prefix + completion, and the answer is extracted from the same text,
-    as answer_format says (r1lab/rewards/answers.py).
-    """
+    """Accuracy and format rewards (and language and users' functions, when weighted) of each completion;
+    problems[i] is the problem of completions[i]. Both are judged on response_prefix (response text the prompt
+    already supplied, such as a chat template's `<think>`) + completion, as answer_format says."""
     tally = _Tally(timeout_s)
     prefix = response_prefix if isinstance(response_prefix, str) else ""
     fmt_name, code = check_answer_format(answer_format), getattr(task, "answers_are_code", False)

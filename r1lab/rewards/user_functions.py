@@ -1,19 +1,9 @@
 """Your own reward functions, added to the built-in ones: `r1lab grpo --reward-functions '{"my_rewards:brevity": 0.5}'`.
 
-A reward function is named "module:function" (an importable module) or "path/to/file.py:function", and weighted. It
-is called once per completion, as `function(completion, problem)`:
-- completion: the response text (with any prefilled text, e.g. "<think>", in front), exactly what the built-in
-  rewards see;
-- problem: an r1lab Problem, with `.prompt`, `.answer` (the reference) and `.meta` (task data; for a data file, the
-  row number);
-and returns a real number (int, float, or a numpy integer/float; not a bool, not a string) of magnitude at most
-MAX_REWARD. Mean per step is logged as `reward/<function name>`.
-
-Your functions run in a few worker processes (RewardWorkers), not in the trainer, so that nothing they do can end
-or hang training: a call that raises anything (SystemExit and KeyboardInterrupt included), returns something else
-than such a number, or kills its worker gives 0 and counts in `scorer_errors`; a call running past
-`reward_timeout_s` gives 0 and counts in `scorer_timeouts`, and if it ignores the interruption its worker is
-killed and replaced. The first failure of each kind per function is printed as a warning.
+A "module:function" or "path/to/file.py:function" is called as `function(completion, problem)` (the response text
+as the built-in rewards see it, and the Problem) and returns a real number within +-MAX_REWARD, logged as
+`reward/<function name>`. The functions run in worker processes (RewardWorkers), so that nothing they do can end or
+hang training: a failure gives 0 and counts in scorer_errors or scorer_timeouts (docs/rewards-and-sandbox.md).
 
     # my_rewards.py
     def brevity(completion, problem):
@@ -45,9 +35,8 @@ from typing import Callable, TypeVar
 RewardFunction = Callable[[str, object], float]
 T = TypeVar("T")
 
-# Rewards are summed with the built-in ones (0 or 1) into a float32 tensor and normalised per group. Up to 1e6,
-# float32 still tells r and r + 1 apart and a group's variance (<= 1e12 * G) cannot overflow; 1e300 or inf made
-# every step a non-finite skip. No sensible reward needs more: it is a bug to report, not a value to train on.
+# Rewards are summed in float32 and normalised per group: up to 1e6, float32 still tells r and r + 1 apart and a
+# group's variance cannot overflow. No sensible reward needs more: it is a bug to report, not a value to train on.
 MAX_REWARD = 1e6
 LOAD_TIMEOUT_S = 120.0  # importing the function's module in a fresh worker (it may import heavy libraries)
 NO_LIMIT_S = 60.0  # what a call gets when reward_timeout_s <= 0: workers are never allowed to hang the run
@@ -63,8 +52,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     source, sep, name = str(spec).rpartition(":")
     if not sep or not source or not name.isidentifier():
         raise ValueError(f"reward function {spec!r}: write it as 'module:function' or 'path/to/file.py:function'")
-    module = _load_file(spec, Path(source)) if source.endswith(".py") else _import(spec, source)
-    fn = getattr(module, name, None)
+    fn = getattr(_load_module(spec, source), name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {source} has no function {name!r}")
     try:
@@ -83,8 +71,8 @@ def callable_spec(fn: Callable) -> str:
         raise ValueError(f"reward function {fn!r}: not callable")
     name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
     if not name.isidentifier() or module is None:
-        raise ValueError(f"reward function {name or fn!r}: r1lab's reward workers import a function by name, so it must "
-                         "be defined with def at the top level of a module or script (not a lambda, a nested "
+        raise ValueError(f"reward function {name or fn!r}: r1lab's reward workers import a function by name, so it "
+                         "must be defined with def at the top level of a module or script (not a lambda, a nested "
                          "function or a method)")
     if module == "__main__":
         script = getattr(sys.modules["__main__"], "__file__", None)
@@ -95,23 +83,21 @@ def callable_spec(fn: Callable) -> str:
     return f"{module}:{name}"
 
 
-def _import(spec: str, module: str):
-    try:
-        return importlib.import_module(module)
-    except (Exception, SystemExit) as err:  # a module calling sys.exit() on import is a load error too
-        raise ValueError(f"reward function {spec!r}: cannot import {module!r} ({type(err).__name__}: {err})") from None
-
-
-def _load_file(spec: str, path: Path):
-    if not path.is_file():
+def _load_module(spec: str, source: str):
+    """The module a spec names, a file.py or an importable module; ValueError if loading it fails (sys.exit too)."""
+    path, is_file = Path(source), source.endswith(".py")
+    if is_file and not path.is_file():
         raise ValueError(f"reward function {spec!r}: no file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"r1lab_reward_{path.stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
     try:
+        if not is_file:
+            return importlib.import_module(source)
+        module_spec = importlib.util.spec_from_file_location(f"r1lab_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+        return module
     except (Exception, SystemExit) as err:
-        raise ValueError(f"reward function {spec!r}: {path} failed to load ({type(err).__name__}: {err})") from None
-    return module
+        failed = f"{path} failed to load" if is_file else f"cannot import {source!r}"
+        raise ValueError(f"reward function {spec!r}: {failed} ({type(err).__name__}: {err})") from None
 
 
 def component_name(spec: str) -> str:
@@ -124,11 +110,8 @@ class RewardValueError(ValueError):
 
 
 def checked_reward(value: object) -> float:
-    """value as a float if it is a finite real number within +-MAX_REWARD, else RewardValueError.
-
-    Numbers only: a string such as "1.5" is a bug in the function, not a reward to parse; a bool usually means
-    a predicate was returned where a score was meant, so it must be converted explicitly (float(ok)).
-    """
+    """value as a float if it is a finite real number within +-MAX_REWARD, else RewardValueError. Not a string
+    (a bug, not a reward to parse) nor a bool (a predicate returned where a score was meant: float(ok))."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RewardValueError(f"returned {type(value).__name__}, not a number (int or float)")
     try:
@@ -142,9 +125,6 @@ def checked_reward(value: object) -> float:
     return number
 
 
-# ---------------------------------------------------------------- the timeout guard (also for the built-in scorers)
-
-
 class _ScorerTimeout(BaseException):
     """Raised by the SIGALRM handler. A BaseException so that scorers' `except Exception` (math-verify has
     several) cannot swallow it."""
@@ -155,10 +135,8 @@ def _on_alarm(signum: int, frame: object) -> None:
 
 
 def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
-    """fn(), interrupted by _ScorerTimeout after timeout_s seconds (main thread only; elsewhere no limit).
-
-    Python runs signal handlers between bytecodes, so a single long C call is only interrupted when it returns.
-    """
+    """fn(), interrupted by _ScorerTimeout after timeout_s seconds (main thread only; elsewhere no limit). Signal
+    handlers run between bytecodes: a single long C call is only interrupted when it returns."""
     if timeout_s is None or timeout_s <= 0 or threading.current_thread() is not threading.main_thread():
         return fn()
     old_handler = signal.signal(signal.SIGALRM, _on_alarm)
@@ -175,9 +153,6 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
         if old_delay > 0:  # give an enclosing timer back what is left of its time
             remaining = max(old_delay - (time.monotonic() - started), 1e-3)
             signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
-
-
-# ---------------------------------------------------------------- inside a worker process
 
 
 def _worker_main(fd: int) -> None:
@@ -284,9 +259,6 @@ def _describe(err: BaseException) -> str:
     return f"raised {type(err).__name__}" + (f": {text[:200]}" if text else "")
 
 
-# ---------------------------------------------------------------- in the trainer
-
-
 class _Worker:
     """One worker process, started as a fresh interpreter (no fork of a trainer holding CUDA and threads), that
     imports only this module: it starts in a fraction of a second, even after a kill."""
@@ -327,20 +299,16 @@ class _Running:
     deadline: float = 0.0
 
 
-def default_workers() -> int:
-    """R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free."""
-    configured = os.environ.get("R1LAB_REWARD_WORKERS", "").strip()
-    return max(1, int(configured)) if configured.isdigit() else max(1, min(4, os.cpu_count() or 1))
-
 
 class RewardWorkers:
-    """A small pool of worker processes that run users' reward functions, started lazily and kept between
-    scoring calls. Each job sends one worker a whole chunk of completions in one message, so a cheap function
-    costs about as much as it did in-process. close() (also run at exit) ends every worker; the pool restarts
-    lazily if used again."""
+    """Worker processes that run users' reward functions, started lazily and kept between scoring calls; a job
+    sends one worker a chunk of completions in one message, so a cheap function costs about what it did in-process."""
 
     def __init__(self, workers: int | None = None) -> None:
-        self.size = workers or default_workers()
+        # R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free
+        configured = os.environ.get("R1LAB_REWARD_WORKERS", "").strip()
+        default = max(1, int(configured)) if configured.isdigit() else max(1, min(4, os.cpu_count() or 1))
+        self.size = workers or default
         self._idle: list[_Worker] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()  # a forked copy of the trainer must not close the trainer's workers
@@ -441,7 +409,6 @@ class RewardWorkers:
                 out[job.spec][slot] = ("error", reason)
             return
         if outcome[0] == "error" and not job.one_by_one:
-            # A died worker may have finished calls after the last batch it sent: run them again one by one.
             queue.appendleft(_Job(job.spec, job.slots[done:], job.items[done:], one_by_one=True))
             return
         out[job.spec][job.slots[done]] = outcome

@@ -1,35 +1,19 @@
-"""Child side of r1lab.rewards.sandbox.runner: runs one candidate program and calls it with each test's arguments.
+"""Child side of r1lab.rewards.sandbox.runner: runs a candidate program inside the boundary and calls it with each
+test's arguments (as `--server`: the fork server of tool calls).
 
-r1lab.rewards.sandbox.runner starts `python -I -S -B _sandbox_child.py` (inside bubblewrap when the machine allows it) in a fresh
-working directory and writes a marshal'd payload to its stdin: the code, and for each test only the calls to make
-(function name and literal arguments, split out by r1lab.rewards.sandbox.judge). What a test expects never reaches this
-process, and neither does any secret: it sends back return values, and the trainer's process judges them.
-This file then runs as __main__, in this order:
+Started as `python -I -S -B child.py` with a marshal'd payload on stdin: the code, the limits, and per test only the
+calls to make; what a test expects, and any secret, never reaches this process. In this order: stdio to /dev/null
+(results on a private fd); resource limits; the confinement (as root under bubblewrap a drop to uid nobody; in every
+mode no new privileges, no capability and no forks; Landlock rules for "landlock"), where a step that fails exits
+with SETUP_FAILED_STATUS before any candidate code runs; an audit hook (irremovable from Python) that refuses process
+creation, signals, sockets, ctypes, frame and gc introspection, raising limits, directory fds and writes outside the
+working directory; then per test a fresh execution and "<index> ok <values>" (make_encoder's syntax) or "<index> fail
+<reason>", then "done". A tool call (payload "program") runs once with fds 1 and 2 on the parent's pipe.
 
-1. read the payload; stdin, stdout and stderr are pointed at /dev/null, and the real stdout is kept on a private
-   fd for the results, so the candidate's prints do not garble them;
-2. resource limits (CPU, address space, file size, open files, no core dumps);
-3. the OS confinement this process applies to itself (r1lab.rewards.sandbox.runner says which boundary it runs
-   in): under bubblewrap as root, a drop to uid nobody (bubblewrap left only CAP_SETUID/CAP_SETGID for it); in
-   every mode no new privileges and every capability dropped (elsewhere root stays uid 0), then, for
-   the "landlock" boundary, Landlock rules that let it read only the system and Python directories and write only
-   its working directory; RLIMIT_NPROC = 0 forbids forks (to any uid but the host's). A step that fails ends the process
-   (SETUP_FAILED_STATUS) before any candidate code runs: it never runs less confined than it was asked to be;
-4. an audit hook that refuses process creation, signals, sockets, ctypes, frame and gc introspection, raising
-   limits, directory fds (dir_fd-relative opens escape any path check) and writes outside the working directory;
-   audit hooks cannot be removed from Python code;
-5. per test, a fresh execution of the candidate, then its calls; a line "<index> ok <values>" (the return
-   values in the restricted literal syntax of make_encoder) or "<index> fail <reason>" is written per test, then
-   "done". A tool call (payload "program", r1lab.rewards.sandbox.runner.run_program) instead runs the program once with fds 1 and
-   2 on the parent's pipe: what it prints is the result, and its exit status says whether it raised.
-
-The candidate runs in this process and can write any line on any fd, so the parent takes the first line per test
-and trusts none: a forged line can only claim return values, which the parent judges like real ones. Everything
-used after the candidate starts is bound beforehand (default arguments, locals), because the candidate can rebind
-module globals and builtins, this module's included (it is sys.modules["__main__"]).
-
-Only built-in modules are imported (and resource, ctypes and landlock for setup), both for speed and so that no
-module holding a fork primitive (_posixsubprocess) is loaded before the hook is in place.
+The candidate can write any line on any fd: the parent takes the first line per test and trusts none (a forged line
+only claims return values, which are judged). Everything used after the candidate starts is bound beforehand
+(default arguments, locals): it can rebind module globals and builtins, this module's included. Only built-in
+modules are imported (and resource, ctypes, landlock for setup): nothing holding a fork primitive before the hook.
 """
 
 import builtins
@@ -98,16 +82,8 @@ UNAUDITED_CALLS = (  # escape routes that raise no audit event, removed from the
 )
 
 
-# ---------------------------------------------------------------- setup, before any candidate code
-
-
 def read_payload() -> dict:
-    chunks = []
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            return marshal.loads(b"".join(chunks))
-        chunks.append(chunk)
+    return marshal.loads(b"".join(iter(lambda: os.read(0, 1 << 16), b"")))
 
 
 def redirect_stdio() -> int:
@@ -132,14 +108,11 @@ def limit_resources(cpu_s: int, memory_mb: int, file_mb: int, open_files: int) -
 
 
 def confine(config: dict) -> list[str]:
-    """The confinement that does not depend on the working directory: the uid and the capabilities, and no forks
-    (RLIMIT_NPROC binds every uid but the host's root, even in a user namespace: under r1lab's own boundary, run as
-    root, what a call forks dies with its PID namespace, or is killed by the fork server, end_strays). The names of
-    the layers that took effect ("uid", "nocaps"); exits if a step fails."""
+    """The uid, the capabilities and no forks (RLIMIT_NPROC binds every uid but the host's root: what root forks
+    under r1lab's own boundary dies with its PID namespace, or by end_strays). The layers applied; exits on failure."""
     layers = []
     if config["boundary"] == "bwrap" and os.geteuid() == 0:
-        if not drop_to_nobody():
-            os._exit(SETUP_FAILED_STATUS)
+        drop_to_nobody()
         layers.append("uid")
     if not drop_capabilities():  # under bubblewrap too: it leaves the child capabilities in its inheritable set
         os._exit(SETUP_FAILED_STATUS)
@@ -150,23 +123,21 @@ def confine(config: dict) -> list[str]:
     return layers
 
 
-def drop_to_nobody() -> bool:
-    """Under bubblewrap: root -> uid/gid nobody. With no PR_SET_KEEPCAPS, moving every uid off 0 clears all
+def drop_to_nobody() -> None:
+    """Under bubblewrap: root -> uid/gid nobody, or exit. With no PR_SET_KEEPCAPS, moving every uid off 0 clears all
     capabilities, and bubblewrap's mounts make the interpreter readable to nobody without CAP_DAC_READ_SEARCH."""
     try:
         os.setgroups([])
         os.setresgid(NOBODY, NOBODY, NOBODY)
         os.setresuid(NOBODY, NOBODY, NOBODY)
     except OSError:
-        return False
-    return True
+        os._exit(SETUP_FAILED_STATUS)
 
 
 def drop_capabilities() -> bool:
-    """No new privileges, and no capability left in any set: effective, permitted, inheritable, ambient, and (for
-    root, who may) the bounding set. Root stays uid 0, so that an interpreter installed under /root stays readable
-    without CAP_DAC_READ_SEARCH; with no capability, uid 0 reads and writes by file ownership alone, which the
-    boundary (Landlock, namespaces) confines. True when the kernel confirms every set empty."""
+    """No new privileges, and no capability in any set (effective, permitted, inheritable, ambient and, for root,
+    bounding). Root stays uid 0 (an interpreter under /root stays readable), with the rights of file ownership alone,
+    which the boundary confines. True when the kernel confirms every set empty."""
     try:
         import ctypes
     except ImportError:
@@ -180,29 +151,18 @@ def drop_capabilities() -> bool:
             if libc.prctl(PR_CAPBSET_READ, capability, 0, 0, 0) == 1 and \
                     libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and os.geteuid() == 0:
                 return False  # root may drop them all; anyone else has none to use (no new privileges)
-        return set_capabilities(libc, ctypes, []) and capability_sets(libc, ctypes) == (0, 0, 0)
+        header, data = capability_structures(ctypes)  # zeroed: capset(2) empties every set
+        if libc.capset(ctypes.byref(header), data) != 0:
+            return False
+        header, data = capability_structures(ctypes)
+        return libc.capget(ctypes.byref(header), data) == 0 and not any(
+            getattr(half, name) for half in data for name in ("effective", "permitted", "inheritable"))
     finally:
         ctypes.set_errno(0)  # the landlock package reads errno after its calls: no stale EINVAL from here
 
 
-def set_capabilities(libc, ctypes, caps: list[int]) -> bool:
-    """Effective and permitted capabilities become exactly caps, inheritable none (capset(2), version 3)."""
-    header, data = capability_structures(ctypes)
-    mask = sum(1 << c for c in caps)
-    data[0].effective = data[0].permitted = mask
-    return libc.capset(ctypes.byref(header), data) == 0
-
-
-def capability_sets(libc, ctypes) -> tuple[int, int, int] | None:
-    """(effective, permitted, inheritable) as the kernel reports them (capget(2)), all 64 bits of each."""
-    header, data = capability_structures(ctypes)
-    if libc.capget(ctypes.byref(header), data) != 0:
-        return None
-    return tuple(data[0].__getattribute__(n) | data[1].__getattribute__(n) << 32
-                 for n in ("effective", "permitted", "inheritable"))
-
-
 def capability_structures(ctypes):
+    """capset(2)/capget(2)'s header (version 3) and its two 32-bit halves of each set, zeroed."""
     class Header(ctypes.Structure):
         _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 
@@ -221,11 +181,9 @@ def forget_setup_modules() -> None:
 
 
 def confine_filesystem(config: dict, workdir: str) -> list[str]:
-    """For the "landlock" boundary: Landlock rules, applied to this process and all it could start, that refuse
-    every file access (reads, writes, creating, removing, linking, renaming, truncating, executing, device ioctls)
-    but reading the directories and files the parent listed, reading and writing the usual devices, and everything
-    inside workdir. Landlock judges the file an open reaches, whatever path or directory fd led there. Exits if the
-    kernel refuses the rules: the boundary was asked for, and is never silently missing."""
+    """For the "landlock" boundary: Landlock rules that refuse every file access but reading what the parent listed,
+    the usual devices, and everything inside workdir; judged on the file reached, whatever path or fd led there.
+    Exits if the kernel refuses them: the boundary was asked for, and is never silently missing."""
     if config["boundary"] != "landlock":
         return []
     rules = config["landlock"]
@@ -261,12 +219,17 @@ def refuse_builtin(spec, *args):
     raise ImportError(f"sandbox: module {getattr(spec, 'name', spec)} is not allowed")
 
 
+def import_builtins() -> None:
+    """Every built-in module but the refused ones: no file, nothing run but the module's init."""
+    for name in sys.builtin_module_names:
+        if name not in REFUSED_MODULES and name not in sys.modules:
+            __import__(name)
+
+
 def disarm_unaudited() -> None:
     import types  # noqa: F401: importing it reads a traceback's tb_frame, which the hook refuses afterwards
 
-    for name in sys.builtin_module_names:
-        if name not in REFUSED_MODULES and name not in sys.modules:
-            __import__(name)  # built-in: no file, nothing run but the module's init
+    import_builtins()
     imp = sys.modules["_imp"]
     imp.create_builtin = refuse_builtin
     imp.create_dynamic = guard_extensions(imp.create_dynamic)
@@ -277,13 +240,9 @@ def disarm_unaudited() -> None:
 
 
 def guard_extensions(create_dynamic):
-    """_imp.create_dynamic, checked: only extension modules of this Python installation, none refused.
-
-    The real function raises no "import" event for a module loaded before (the setup's own _ctypes), and would
-    dlopen a library the candidate wrote. The original lives only in a generator's frame, which nothing reaches
-    (gi_frame, tb_frame and f_back are refused by the hook, gc cannot be imported); the replacement talks to it
-    through send().
-    """
+    """_imp.create_dynamic, checked: only extension modules of this Python installation, none refused (the real one
+    raises no "import" event for the setup's own _ctypes, and would dlopen a library the candidate wrote). It lives
+    only in a generator's frame, which nothing reaches (the hook refuses frames, gc is refused); send() talks to it."""
     allowed = tuple(p + "/" for p in sys.path if p.startswith("/"))  # the installation's own directories
     loader = load_extensions(create_dynamic, sys.modules["_frozen_importlib"].ModuleSpec, allowed,
                              make_normalizer())
@@ -317,15 +276,9 @@ def load_extensions(create_dynamic, spec_type, allowed, normalize, refused=REFUS
         spec = yield answer
 
 
-# ---------------------------------------------------------------- the audit hook
-
-
 def make_normalizer(cwd_of=os.getcwd, str_=str, bytes_=bytes, type_=type):
-    """A path -> absolute, lexically normalised str (None for anything but str/bytes), free of global lookups.
-
-    Lexical is enough because the candidate cannot create symlinks; other path-like objects are refused so that
-    an object whose __fspath__ changes between the check and the system call cannot slip through.
-    """
+    """A path -> absolute, lexically normalised str, free of global lookups: lexical is enough, as the candidate
+    cannot create symlinks; None for anything but str/bytes (a __fspath__ could change between check and use)."""
 
     def normalize(path):
         kind = type_(path)
@@ -425,54 +378,6 @@ def make_hook(root: str):
     return hook
 
 
-# ---------------------------------------------------------------- running the tests
-
-
-def make_strict_equal(type_=type, len_=len, abs_=abs, max_=max, list_=list, zip_=zip, range_=range):
-    """strict_equal(actual, expected): == that also demands the same types, all the way down.
-
-    The judge (r1lab.rewards.sandbox.judge) compares with it in the trainer's process, on plain data sent back from here:
-    `==` in a test and the built-in problems' strict_equal(...) both mean it. It lives in this file, with no
-    imports, so that both processes could share it; it looks nothing up globally.
-    """
-    exact = (int, bool, str, bytes, type(None), complex)
-
-    def strict_equal(actual, expected):
-        kind = type_(expected)
-        if type_(actual) is not kind:
-            return False
-        if kind in exact:
-            return actual == expected
-        if kind is float:
-            return actual == expected or abs_(actual - expected) <= 1e-9 * max_(1.0, abs_(expected))
-        if kind is list or kind is tuple:
-            return len_(actual) == len_(expected) and all_same(actual, expected)
-        if kind is dict:
-            return len_(actual) == len_(expected) and unordered_same(list_(actual.items()), list_(expected.items()))
-        if kind is set or kind is frozenset:
-            return len_(actual) == len_(expected) and unordered_same(list_(actual), list_(expected))
-        return False
-
-    def all_same(actual, expected):
-        for a, e in zip_(actual, expected):
-            if not strict_equal(a, e):
-                return False
-        return True
-
-    def unordered_same(actual, expected):
-        left = list_(actual)  # O(n^2): hashing the candidate's objects would run its code
-        for e in expected:
-            for i in range_(len_(left)):
-                if strict_equal(left[i], e):
-                    left.pop(i)
-                    break
-            else:
-                return False
-        return True
-
-    return strict_equal
-
-
 def make_scalar_text(int_repr=int.__repr__, float_repr=float.__repr__, str_repr=str.__repr__,
                      bytes_repr=bytes.__repr__):
     """scalar_text(value, its exact type) -> its literal text, or None for a type that is not a plain scalar."""
@@ -498,12 +403,9 @@ def make_scalar_text(int_repr=int.__repr__, float_repr=float.__repr__, str_repr=
 
 def make_encoder(type_=type, dict_items=dict.items, len_=len, max_chars=MAX_VALUE_CHARS,
                  max_depth=MAX_VALUE_DEPTH):
-    """encode(value) -> the value in a restricted literal syntax that r1lab.rewards.sandbox.judge.parse_values reads.
-
-    Only exact built-in types are accepted (a subclass could override __eq__ or __repr__), and only their own C
-    methods are called, bound here before the candidate runs; anything else, too deep or too long raises
-    ValueError. inf and nan are written as the names inf and nan.
-    """
+    """encode(value) -> the value in the restricted literal syntax r1lab.rewards.sandbox.judge.parse_values reads
+    (inf and nan as names). Only exact built-in types (a subclass could override __eq__ or __repr__), through their
+    own C methods bound before the candidate runs; anything else, too deep or too long raises ValueError."""
     scalar_text = make_scalar_text()
 
     def encode(value):
@@ -624,13 +526,10 @@ def run_program(code: str, hook) -> None:
     exit_now(status)
 
 
-# ---------------------------------------------------------------- the fork server (r1lab.rewards.sandbox.runner.run_program_pooled)
-
-
 def serve() -> None:
-    """The fork server: reads its limits, then for each request forks a child that runs one tool call, and answers
-    with what the child printed and how it ended. The server itself runs no candidate code: every layer that is
-    irreversible or would stop it forking (limits, uid drop, RLIMIT_NPROC, audit hook) is applied in the child."""
+    """The fork server: reads its limits, then per request forks a child that runs one tool call, and answers with
+    what it printed and how it ended. It runs no candidate code: every layer that is irreversible or would stop it
+    forking (limits, uid drop, RLIMIT_NPROC, audit hook) is applied in the child."""
     import select  # an extension module, loaded by the server only: the one-shot child keeps to built-in ones
 
     request_fd = os.dup(0)
@@ -644,14 +543,14 @@ def serve() -> None:
         status, timed_out, output = serve_call(request, config, f"{base}/call-{number}", select)
         end_strays(config)
         header = b"R" + status.to_bytes(4, "big", signed=True) + bytes([timed_out]) + len(output).to_bytes(8, "big")
-        write_all(response_fd, header + output)
+        view = memoryview(header + output)
+        while view:
+            view = view[os.write(response_fd, view):]
 
 
 def end_strays(config: dict) -> None:
-    """Under r1lab's own boundary, after a call: kill every other process of this server's PID namespace, and reap
-    them (its orphans are this process's). The host's root is exempt from RLIMIT_NPROC, even inside a user
-    namespace, so a call's child may have forked, and a process that left its process group would outlive the
-    call. Only as the namespace's first process: kill(-1) spares it, and reaches no process outside."""
+    """Under r1lab's own boundary, after a call: kill and reap every other process of the PID namespace (the host's
+    root is exempt from RLIMIT_NPROC, so a call may have forked). Only as its first process: kill(-1) spares it."""
     if config["boundary"] != "landlock" or os.getpid() != 1:
         return
     try:
@@ -682,21 +581,13 @@ def read_exactly(fd: int, size: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
 
 def preload(config: dict) -> None:
-    """Import once, in the server, what every child's setup imports, so that a child's setup costs no imports.
-    ctypes and landlock (drop_capabilities, confine_filesystem) too: each child removes them from sys.modules before
-    its hook, as the one-shot child does, and guard_extensions refuses the loaded _ctypes."""
-    names = ["resource", "types", *sys.builtin_module_names]  # the first two are what setup imports by name
-    names.append("ctypes")
-    for name in names:
-        if name == "ctypes" or (name not in REFUSED_MODULES and name not in sys.modules):
-            __import__(name)
+    """Import once, in the server, what every child's setup imports (ctypes and landlock too: each child removes
+    them from sys.modules before its hook, and guard_extensions refuses the loaded _ctypes)."""
+    for name in ("resource", "types", "ctypes"):
+        __import__(name)
+    import_builtins()
     if config["boundary"] == "landlock":
         sys.path.insert(0, config["landlock"]["package"])
         try:
@@ -725,9 +616,8 @@ def serve_call(request: dict, config: dict, workdir: str, select) -> tuple[int, 
 
 
 def run_call(code: str, config: dict, workdir: str, out_fd: int) -> None:
-    """In the forked child: what main() does before a one-shot tool call, then the call. Order matters: the uid
-    drop comes before clearing the previous call's files (under bubblewrap they are nobody's), Landlock after the
-    working directory exists (it is the one writable place), the hook last (it refuses setup)."""
+    """In the forked child: main()'s setup, then the call. The uid drop before clearing the previous call's files
+    (under bubblewrap they are nobody's), Landlock once the working directory exists, the hook last."""
     os.setsid()  # its own process group, which the server kills as a whole
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -807,19 +697,13 @@ def collect(pid: int, read_fd: int, timeout_s: float, max_bytes: int, select) ->
                 if size > max_bytes:
                     break
     finally:
-        kill_call(pid)
+        for kill in (os.killpg, os.kill):  # its group, and itself if it died before making one (unreaped: no reuse)
+            try:
+                kill(pid, SIGKILL)
+            except OSError:
+                pass
         os.close(pidfd)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), timed_out, b"".join(chunks)
-
-
-def kill_call(pid: int) -> None:
-    """SIGKILL the child's group, and the child itself in case it died before making its group. Not reaped yet, so
-    its pid cannot have been reused."""
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, SIGKILL)
-        except OSError:
-            pass
 
 
 def main() -> None:

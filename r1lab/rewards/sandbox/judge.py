@@ -1,21 +1,11 @@
 """The trusted half of the code sandbox: split assert tests into calls and verdicts, and judge returned values.
 
-The candidate's process never sees what a test expects. A test such as `assert candidate(3, 4) == 7` is split
-here, in the trainer's process, into the call `candidate(3, 4)` (a function name and literal arguments, sent to
-the sandbox) and the verdict `_r0 == 7` (kept here). The sandbox runs the candidate, calls it, and sends back
-each returned value in a restricted literal syntax (plain data only: numbers, strings, bytes, None and
-containers of them); the verdict is then evaluated here with those values. So the sandboxed process holds no
-expected value and no secret: the most a hostile program can do is claim return values, which are judged.
-
-What a test may be, checked when a problem file is loaded (split_test raises UnjudgeableTestError):
-
-- one `assert EXPR` (a message after a comma is ignored);
-- calls to the candidate: `name(literal, ..., key=literal)`, where name is any name that is not a helper below
-  (with an entry point, `candidate` means the entry point); the arguments must be Python literals;
-- around them: literals, comparisons (`==` and `!=` compare with strict_equal: same types all the way down,
-  floats within 1e-9 relative), `in`, `is`, `and`/`or`/`not`, arithmetic, indexing and slicing, and the helpers
-  abs, all, any, bool, dict, float, frozenset, int, isinstance, len, list, max, min, round, set, sorted, str,
-  sum, tuple, strict_equal and math.isclose.
+A test such as `assert candidate(3, 4) == 7` is split here, in the trainer's process, into the call `candidate(3, 4)`
+(a name and literal arguments, sent to the sandbox) and the verdict `_r0 == 7`, kept here and evaluated on the plain
+data the sandbox sends back: the sandboxed process holds no expected value, so at most it claims return values.
+A test is one `assert EXPR` whose calls to the solution (any name but HELPER_NAMES; `candidate` for the entry point)
+take literal arguments, around them literals, comparisons (`==` is strict_equal), boolean operators, arithmetic,
+indexing and the helpers; anything else raises UnjudgeableTestError when the problem file is loaded.
 
     check = split_test("assert abs(candidate(2.0) - 4.0) < 1e-6", entry_point="square")
     check.calls  # (("square", (2.0,), ()),)
@@ -30,8 +20,6 @@ import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Sequence
-
-from r1lab.rewards.sandbox.child import make_strict_equal
 
 MAX_TEST_CHARS = 20_000
 MAX_VALUE_CHARS = 1 << 16  # one test's returned values, as sent by the sandbox
@@ -76,9 +64,6 @@ class SplitTest:
         returned = ", ".join(repr(v) for v in results)  # plain data: its repr runs none of the candidate's code
         return f"AssertionError: {self.source[:120]} (returned {returned[:80]})" if results else \
             f"AssertionError: {self.source[:120]}"
-
-
-# ---------------------------------------------------------------- splitting a test
 
 
 @lru_cache(maxsize=65536)
@@ -165,7 +150,30 @@ def _check_nodes(expression: ast.expr) -> None:
             raise UnjudgeableTestError("calls something other than a named function")
 
 
-# ---------------------------------------------------------------- evaluating a verdict
+def strict_equal(actual: Any, expected: Any) -> bool:
+    """== that also demands the same types, all the way down (floats within 1e-9 relative): what `==` means in a
+    test. Sets and dicts are matched pair by pair, never hashed, so that equal floats need not hash alike."""
+    kind = type(expected)
+    if type(actual) is not kind:
+        return False
+    if kind is float:
+        return actual == expected or abs(actual - expected) <= 1e-9 * max(1.0, abs(expected))
+    if kind is list or kind is tuple:
+        return len(actual) == len(expected) and all(map(strict_equal, actual, expected))
+    if kind is dict:
+        return len(actual) == len(expected) and _unordered_same(list(actual.items()), list(expected.items()))
+    if kind is set or kind is frozenset:
+        return len(actual) == len(expected) and _unordered_same(list(actual), list(expected))
+    return kind in (int, bool, str, bytes, type(None), complex) and actual == expected
+
+
+def _unordered_same(actual: list, expected: list) -> bool:
+    for e in expected:
+        match = next((i for i, a in enumerate(actual) if strict_equal(a, e)), None)
+        if match is None:
+            return False
+        actual.pop(match)
+    return True
 
 
 def _sized(value: Any) -> int:
@@ -200,17 +208,13 @@ def _mod(a: Any, b: Any) -> Any:
 
 
 _GUARDS: dict[str, Callable] = {"_mul": _mul, "_pow": _pow, "_lshift": _lshift, "_mod": _mod}
-_SCOPE: dict[str, Any] = {**_TYPES, **_FUNCTIONS, **_GUARDS, "strict_equal": make_strict_equal(),
-                          "_eq": make_strict_equal(), "math": type("math", (), {"isclose": math.isclose})}
-
-
-# ---------------------------------------------------------------- values sent back by the sandbox
+_SCOPE: dict[str, Any] = {**_TYPES, **_FUNCTIONS, **_GUARDS, "strict_equal": strict_equal, "_eq": strict_equal,
+                          "math": type("math", (), {"isclose": math.isclose})}
 
 
 def parse_values(text: str) -> list:
-    """The list of returned values the sandbox encoded (r1lab.rewards.sandbox.child.make_encoder); ValueError, and
-    no other exception, if it is not plain data in that syntax (the candidate's process writes it: the runner turns
-    the ValueError into the test's failure). Nothing here runs code: the text is parsed, then only walked."""
+    """The list of returned values the sandbox encoded (child.make_encoder); ValueError, and no other exception, if
+    it is not plain data in that syntax. Nothing here runs code: the text is parsed, then only walked."""
     if len(text) > MAX_VALUE_CHARS:
         raise ValueError("returned values too large")
     try:
@@ -249,15 +253,12 @@ def _value(node: ast.expr) -> Any:
     if isinstance(node, ast.Dict) and None not in node.keys:
         return {_value(k): _value(v) for k, v in zip(node.keys, node.values)}
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords:
-        return _constructed(node.func.id, [_value(a) for a in node.args])
+        name, args = node.func.id, [_value(a) for a in node.args]
+        if name == "set" and not args:
+            return set()
+        if name == "frozenset" and len(args) == 1 and type(args[0]) is list:
+            return frozenset(args[0])
+        if name == "complex" and len(args) == 2 and all(type(a) is float for a in args):
+            return complex(*args)
+        raise ValueError(f"returned values contain a call to {name}")
     raise ValueError(f"returned values contain {type(node).__name__}")
-
-
-def _constructed(name: str, args: list) -> Any:
-    if name == "set" and not args:
-        return set()
-    if name == "frozenset" and len(args) == 1 and type(args[0]) is list:
-        return frozenset(args[0])
-    if name == "complex" and len(args) == 2 and all(type(a) is float for a in args):
-        return complex(*args)
-    raise ValueError(f"returned values contain a call to {name}")

@@ -1,74 +1,17 @@
-"""Run untrusted Python (a candidate solution) against assert tests, judging its return values in this process.
+"""Run untrusted Python (model-written code) in an OS sandbox: assert tests judged here, or a program's output.
 
-The code reward (R1 recipe section 3: "code: run against test cases in a sandbox") executes model output, so the
-code is treated as hostile. Two halves:
+The code reward (R1 recipe section 3: "code: run against test cases in a sandbox") and the tool calls of a rollout
+execute model output, so it is treated as hostile; docs/rewards-and-sandbox.md says how it is contained. Each test is
+split here (r1lab.rewards.sandbox.judge) into literal calls and a verdict that never leaves this process; child.py
+makes the calls inside the boundary and sends back plain return values, judged here. The boundary is "bwrap"
+(bubblewrap) or "landlock" (unshare's namespaces, no capabilities, Landlock rules); where neither works nothing runs,
+unless the user opted out with "none". In every mode: its own process group (killed whole), wall-clock and resource
+limits, no forks (RLIMIT_NPROC = 0), and child.py's audit hook. SandboxResult.layers names what took effect.
 
-- r1lab.rewards.sandbox.judge, here: each test `assert candidate(3, 4) == 7` is split into the calls to make
-  (`candidate(3, 4)`, literal arguments only) and the verdict (`_ == 7`), which never leaves this process;
-- r1lab/rewards/sandbox/child.py, in a separate process: runs the candidate afresh per test, makes that test's calls,
-  and sends back the return values as plain data (a restricted literal syntax, size-limited; no pickle). The
-  verdict is evaluated here on them. The sandboxed process holds no expected value, nonce or secret, so nothing
-  it can read or forge earns a pass: at most it claims return values, and those are judged.
+run_program_pooled gets run_program's result from a fork server (per thread and configuration of limits) that
+starts like the one-shot child and forks a child per call, confined in the one-shot child's order before the code
+runs: nothing a call does (globals, files, a hang, os._exit) reaches the next; a server that fails is replaced.
 
-What contains the process, from the outside in. Model-written code runs only inside an OS boundary, one of:
-
-- "bwrap": bubblewrap, when `bwrap` is installed and works here (probed once per process): new mount, PID,
-  network, IPC and UTS namespaces; only /usr (and its /lib, /bin links), the Python installation and the child
-  script, read-only; a fresh /proc that shows only the sandbox; private size-limited tmpfs for the working
-  directory, /tmp and /dev/shm, gone with the process; no /etc, no host /tmp, no view of this process; as root,
-  the child drops to uid nobody, and in any case every capability (bubblewrap leaves some inheritable);
-- "landlock", r1lab's own where bubblewrap is missing: util-linux's `unshare` makes user (its root mapped to our
-  uid), PID, network, IPC and UTS namespaces, and the child, before any candidate code, drops every capability
-  (effective, permitted, inheritable, ambient and the bounding set; no new privileges; it stays the namespace's
-  uid 0, so that a Python installed under /root stays readable) and confines itself with Landlock (the `landlock`
-  package): it may read only /usr, the system library directories, the Python installation, the loader's cache
-  and a few devices, execute nothing, and write only its own working directory. Landlock judges the file a call
-  reaches, so no path or descriptor trick (dir_fd, fchdir, O_PATH) gets past it; /proc, /tmp and the problem
-  files are out of reach.
-
-Where neither works, run_tests and run_program refuse (an error result naming what to install), and the commands
-refuse code tasks and --tools at start (sandbox_refusal), unless the user opts out with sandbox "none": then the
-child runs with no OS boundary, capabilities dropped, and the audit hook below as its only guard.
-
-Inside every mode:
-
-- its own process group in a new session, killed as a whole in a `finally`, whatever happens here (the PID
-  namespace goes with its first process);
-- a wall-clock timeout (here) and a CPU-time limit (in the child), address-space, file-size and open-file limits,
-  and no core dumps; RLIMIT_NPROC = 0, which forbids forks to every uid but the host's root (exempt even in a
-  user namespace: under r1lab's own boundary a process forked by the code dies with its PID namespace, and the
-  fork server kills whatever a call left before the next);
-- a Python audit hook installed before the candidate runs (r1lab/rewards/sandbox/child.py) that refuses process
-  creation, signals, sockets, ctypes, frame/gc introspection, directory fds and writes outside its working
-  directory: a second line behind the OS boundary, not a boundary itself (CPython's documentation says as much).
-
-SandboxResult.layers names the layers that took effect: "bwrap", "userns", "netns", "pidns", "landlock", "uid"
-(dropped to nobody), "nocaps" (no capability in any set, no new privileges), "audit".
-
-Limits of the design: return values must be plain data: a test of an object the solution returns (a class
-instance, a generator) cannot be judged.
-
-The tool calls of a rollout (r1lab/engine/tools.py) run in the same sandbox: the program runs once and what it prints,
-rather than a report of return values, comes back; nothing is judged on it. run_program starts a process per call;
-run_program_pooled, which the tools use, gets the same result from a fork server.
-
-The fork server. Starting the sandbox (bubblewrap, then a Python interpreter) costs 40-60 ms of CPU, and a GRPO run
-with tools makes thousands of calls. So run_program_pooled keeps a pool of servers (one per worker thread, up to the
-CPU count, per configuration of limits; stopped at exit): each is started exactly like the one-shot child (the same
-namespaces, mounts, its own process group) with `--server`, loads once, and per call forks a child.
-The server itself never runs candidate code; what would stop it forking or cannot be undone is applied in each
-forked child, before the code runs, in the one-shot child's order: its own process group (killed whole by the
-server at the wall-clock timeout or past the output limit), stdio on a fresh pipe and every other fd closed, the
-resource limits and the drop of uid or capabilities, the previous call's files cleared (and /tmp, /dev/shm under
-bubblewrap; a child that cannot clear them exits, and the server is replaced), a fresh working directory, Landlock
-on it (sandbox "landlock"), the audit hook. A call therefore starts from the server's pristine memory: nothing a
-call does (globals, monkeypatched modules, files, a hang, a flood, os._exit) reaches the next. The trainer enforces
-a deadline on the server too: a server that dies or does not answer is killed, the call in flight gets an error
-result, and the next call starts a new server. What the calls of one server share is that they run one after
-another in the same namespaces (nothing of a call is left running: it cannot fork, or, run by the host's root
-under r1lab's own boundary, what it forked is killed after it).
-
-    from r1lab.rewards.sandbox.runner import run_program, run_tests
     run_tests("def f(x): return x + 1", ["assert f(1) == 2", "assert f(2) == 4"])  # SandboxResult(passed=1, ...)
     run_program("print(6 * 7)")  # ProgramResult(output='42\n', ok=True, ...)
 """
@@ -132,12 +75,10 @@ class SandboxResult:
 def run_tests(code: str, tests: Sequence[str], *, entry_point: str | None = None, timeout_s: float = 2.0,
               memory_mb: int = 256, cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
               sandbox: str | None = None) -> SandboxResult:
-    """Run code in the sandbox, afresh for each test (an assert statement, see r1lab.rewards.sandbox.judge), make the
-    test's calls there and judge the returned values here; never raises for anything the code does. With an
-    entry_point, tests may call it as `candidate`. A test the judge cannot split fails alone. cpu_s (a backstop:
-    the wall-clock timeout_s normally ends the run first) defaults to timeout_s rounded up, plus one. sandbox: one
-    of SANDBOXES, None for the process's choice (use_sandbox); a boundary that does not work here runs nothing and
-    fails every test with sandbox_refusal's reason."""
+    """Run code in the sandbox, afresh for each test (one assert, see r1lab.rewards.sandbox.judge), make the test's
+    calls there and judge the returned values here; never raises for anything the code does. With an entry_point,
+    tests may call it as `candidate`; a test the judge cannot split fails alone. cpu_s (a backstop) defaults to
+    timeout_s rounded up, plus one. sandbox: one of SANDBOXES, None for use_sandbox's choice."""
     tests = [str(t) for t in tests]
     if not tests:
         return SandboxResult(0, 0, error="no tests")
@@ -147,18 +88,15 @@ def run_tests(code: str, tests: Sequence[str], *, entry_point: str | None = None
     if mode is None:
         return SandboxResult(0, len(tests), error=sandbox_refusal(sandbox))
     splits = [_split_or_reason(t, entry_point) for t in tests]
-    payload = marshal.dumps({
-        "code": code, "tests": [list(s.calls) if isinstance(s, SplitTest) else [] for s in splits],
-        **_child_config(mode, int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files)),
-    })
-    output, timed_out, returncode = _execute(payload, timeout_s, mode, int(file_mb))
+    calls = [list(s.calls) if isinstance(s, SplitTest) else [] for s in splits]
+    limits = _Limits.of(mode, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    payload = marshal.dumps({"code": code, "tests": calls, **limits.child_config()})
+    output, timed_out, returncode = _execute(payload, timeout_s, mode, limits.file_mb)
     return _judge_report(output, splits, timed_out, returncode, mode)
 
 
 @dataclass(frozen=True)
 class ProgramResult:
-    """What a program run by run_program printed, and how it ended."""
-
     output: str  # stdout and stderr as the program wrote them (an exception's last line included)
     ok: bool  # it ran to its end without an exception, within its limits
     timed_out: bool = False
@@ -170,28 +108,26 @@ class ProgramResult:
 def run_program(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
                 cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
                 sandbox: str | None = None) -> ProgramResult:
-    """Run a program once in the sandbox (the tool calls of a rollout, r1lab/engine/tools.py) and return what it printed;
-    the same isolation and limits as run_tests. Never raises for anything the code does."""
-    mode, refused = _program_preflight(code, sandbox)
-    if refused is not None:
-        return refused
-    payload = marshal.dumps({
-        "code": code, "tests": [], "program": True,
-        **_child_config(mode, int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files)),
-    })
+    """Run a program once in the sandbox (a tool call, r1lab/engine/tools.py) and return what it printed; the same
+    isolation and limits as run_tests. Never raises for anything the code does."""
+    limits = _program_limits(code, sandbox, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    if isinstance(limits, ProgramResult):
+        return limits
+    payload = marshal.dumps({"code": code, "tests": [], "program": True, **limits.child_config()})
     limit = max_output_bytes + _LAYERS_LINE_BYTES
-    output, timed_out, returncode = _execute(payload, timeout_s, mode, int(file_mb), limit)
-    return _program_result(output, timed_out, returncode, mode, timeout_s, max_output_bytes)
+    output, timed_out, returncode = _execute(payload, timeout_s, limits.mode, limits.file_mb, limit)
+    return _program_result(output, timed_out, returncode, limits.mode, timeout_s, max_output_bytes)
 
 
-def _program_preflight(code: object, sandbox: str | None) -> tuple[str, ProgramResult | None]:
-    """(the mode the program runs in, or the result that refuses it before anything starts)."""
+def _program_limits(code: object, sandbox: str | None, timeout_s: float,
+                    *limits: int | None) -> _Limits | ProgramResult:
+    """The limits a program runs under (cpu_s, memory_mb, file_mb, open_files), or the result that refuses it."""
     if not isinstance(code, str):
-        return "", ProgramResult("", False, error="code is not a string")
+        return ProgramResult("", False, error="code is not a string")
     mode = resolve_sandbox(sandbox)
     if mode is None:
-        return "", ProgramResult("", False, error=sandbox_refusal(sandbox))
-    return mode, None
+        return ProgramResult("", False, error=sandbox_refusal(sandbox))
+    return _Limits.of(mode, timeout_s, *limits)
 
 
 def _program_result(output: bytes, timed_out: bool, returncode: int | None, mode: str, timeout_s: float,
@@ -218,8 +154,7 @@ def _program_result(output: bytes, timed_out: bool, returncode: int | None, mode
 
 @functools.lru_cache(maxsize=None)
 def active_layers(sandbox: str | None = None) -> tuple[str, ...]:
-    """The isolation layers a run_tests with this sandbox choice gets on this machine (SandboxResult.layers of an
-    empty program; () where it is refused), measured once per process: for the commands to say at start."""
+    """The layers a run_tests with this sandbox choice gets here (() where refused), measured once per process."""
     return run_tests("", ["assert True"], sandbox=sandbox or _default_sandbox).layers
 
 
@@ -228,9 +163,6 @@ def _split_or_reason(test: str, entry_point: str | None) -> SplitTest | str:
         return split_test(test, entry_point)
     except UnjudgeableTestError as e:
         return f"the test cannot be judged: it {e}"
-
-
-# ---------------------------------------------------------------- choosing the boundary
 
 
 def use_sandbox(choice: str) -> None:
@@ -269,8 +201,7 @@ def sandbox_refusal(choice: str | None = None) -> str | None:
 
 
 def sandbox_summary(choice: str | None = None) -> str:
-    """How the commands that run code end "... run " at start: the layers the sandbox gets here, or that there are
-    none."""
+    """How the commands that run code end "... run " at start: the sandbox's layers here, or that there are none."""
     mode = resolve_sandbox(choice)
     if mode == "none":
         return "UNCONFINED (--sandbox none): no OS boundary, only the audit hook and resource limits"
@@ -287,7 +218,7 @@ def boundary_works(mode: str) -> bool:
         return False
     if mode == "landlock" and (shutil.which("unshare") is None or _landlock_package() is None):
         return False
-    payload = marshal.dumps({"code": "", "tests": [[]], **_child_config(mode, 5, 256, 1, 64)})
+    payload = marshal.dumps({"code": "", "tests": [[]], **_Limits(mode, 5, 256, 1, 64).child_config()})
     try:
         output, timed_out, returncode = _execute(payload, _PROBE_TIMEOUT_S, mode, 1)
     except OSError:
@@ -304,37 +235,45 @@ def _landlock_package() -> str | None:
     return None if spec is None or spec.origin is None else str(Path(spec.origin).parent.parent)
 
 
-def _child_config(mode: str, cpu_s: int, memory_mb: int, file_mb: int, open_files: int) -> dict:
-    """The limits and the confinement the child applies to itself (to each call's child, for the fork server)."""
-    config = {"cpu_s": cpu_s, "memory_mb": memory_mb, "file_mb": file_mb, "open_files": open_files, "boundary": mode}
-    if mode == "landlock":
-        config["landlock"] = _landlock_rules()
-    return config
+@dataclass(frozen=True)
+class _Limits:
+    """What a child runs under; the fork server keeps a pool of servers per distinct value."""
+
+    mode: str  # "bwrap", "landlock" or "none"
+    cpu_s: int
+    memory_mb: int
+    file_mb: int
+    open_files: int
+
+    @classmethod
+    def of(cls, mode: str, timeout_s: float, cpu_s: int | None, memory_mb: int, file_mb: int, open_files: int):
+        return cls(mode, int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files))
+
+    def child_config(self) -> dict:
+        """The limits and the confinement the child applies to itself (each call's child, under the fork server)."""
+        config = {"cpu_s": self.cpu_s, "memory_mb": self.memory_mb, "file_mb": self.file_mb,
+                  "open_files": self.open_files, "boundary": self.mode}
+        return {**config, "landlock": _landlock_rules()} if self.mode == "landlock" else config
 
 
 @functools.lru_cache(maxsize=1)
 def _landlock_rules() -> dict:
-    """What the child may read under Landlock (besides its working directory, its only writable place): what
-    bubblewrap would mount, the devices no program does without, and where the landlock package is loaded from."""
+    """What the child may read under Landlock (it writes only its working directory): what bubblewrap would mount,
+    the usual devices, and the landlock package."""
     prefix = os.path.realpath(sys.base_prefix)
     return {"package": _landlock_package(), "read_dirs": [d for d in (*_SYSTEM_DIRS, prefix) if os.path.isdir(d)],
             "read_files": [_LOADER_CACHE] if os.path.isfile(_LOADER_CACHE) else [],
             "devices": [d for d in _DEVICES if os.path.exists(d)]}
 
 
-def _unshare_argv() -> list[str]:
-    """util-linux's unshare: the child is the first process of new user, PID, network, IPC and UTS namespaces (all
-    its processes die with it), killed if unshare dies. The user namespace maps its root to our uid: the child owns
-    what we own (an interpreter under /root included), and no capability it holds there counts outside."""
-    return ["unshare", "--user", "--map-root-user", "--fork", "--kill-child", "--pid", "--net", "--ipc", "--uts"]
-
-
-# ---------------------------------------------------------------- bubblewrap
+# util-linux's unshare: the child is the first process of new user (its root mapped to our uid, no capability that
+# counts outside), PID, network, IPC and UTS namespaces; all its processes die with it, and it dies with unshare.
+_UNSHARE_ARGV = ["unshare", "--user", "--map-root-user", "--fork", "--kill-child", "--pid", "--net", "--ipc", "--uts"]
 
 
 def _bwrap_argv(file_mb: int) -> list[str]:
     """The bubblewrap command line that runs the child. As root, the child keeps CAP_SETUID/CAP_SETGID only to
-    drop to nobody before the candidate runs; otherwise bubblewrap runs unprivileged in a user namespace."""
+    drop to nobody; otherwise bubblewrap runs unprivileged in a user namespace."""
     argv = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session"]
     if os.geteuid() == 0:
@@ -363,14 +302,10 @@ def _bwrap_argv(file_mb: int) -> list[str]:
     return argv
 
 
-# ---------------------------------------------------------------- the child process
-
-
 def _execute(payload: bytes, timeout_s: float, mode: str, file_mb: int,
              max_bytes: int = MAX_OUTPUT_BYTES) -> tuple[bytes, bool, int | None]:
     """(report bytes, timed out, exit status) of one child. The process group and any host directory are gone on
-    return, even when an alarm (rewards.call_with_timeout) fires meanwhile: it is held back until cleanup is
-    done, and kills the child at once so that it is not held back for long."""
+    return, even when an alarm (call_with_timeout) fires meanwhile: it kills the child, and is held back until then."""
     with _held_alarm() as on_alarm:
         workdir = None if mode == "bwrap" else tempfile.mkdtemp(prefix=TEMP_PREFIX)
         proc = None
@@ -386,11 +321,10 @@ def _execute(payload: bytes, timeout_s: float, mode: str, file_mb: int,
 def _start_sandboxed(workdir: str | None, mode: str, file_mb: int,
                      extra_argv: tuple[str, ...] = ()) -> subprocess.Popen:
     """The child script in the sandbox (bubblewrap; or unshare, or nothing, around an interpreter working in the
-    host directory workdir), in a session of its own, with a minimal environment; its stdin and stdout are pipes to
-    us. -I: no environment variables, no user site, no script directory on sys.path; -S: no site-packages; -B: no
-    .pyc writes. A minimal environment, so nothing of ours leaks to the candidate."""
+    host directory workdir), in a session of its own, with a minimal environment so that nothing of ours leaks;
+    stdin and stdout are pipes to us. -I -S -B: no environment variables, site-packages or .pyc writes."""
     python = [sys.executable, "-I", "-S", "-B", str(CHILD_SCRIPT)]
-    argv = _bwrap_argv(file_mb) if mode == "bwrap" else _unshare_argv() + python if mode == "landlock" else python
+    argv = _bwrap_argv(file_mb) if mode == "bwrap" else _UNSHARE_ARGV + python if mode == "landlock" else python
     home = _SANDBOX_DIR if mode == "bwrap" else workdir
     return subprocess.Popen([*argv, *extra_argv], cwd=workdir or "/", env={**_ENV, "HOME": home, "TMPDIR": home},
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -441,8 +375,7 @@ def _write_some(fd: int, pending: memoryview) -> memoryview:
 
 
 def _kill_group(proc: subprocess.Popen | None) -> None:
-    """SIGKILL the child's whole process group. The child is not reaped yet, so its pid (= the group id, as it
-    leads its own session) cannot have been reused."""
+    """SIGKILL the child's whole process group (not reaped yet: its pid, the group id, cannot have been reused)."""
     if proc is None or proc.returncode is not None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -464,8 +397,8 @@ def _cleanup(proc: subprocess.Popen | None, workdir: str | None) -> None:
 
 @contextlib.contextmanager
 def _held_alarm() -> Iterator[list[Callable[[], None]]]:
-    """Hold back SIGALRM in the block: yields a list of callbacks run at once when it fires; the previous
-    handler then runs when the block exits. Only the main thread can set handlers, and only it runs them."""
+    """Hold back SIGALRM in the block (main thread only): yields a list of callbacks run at once when it fires;
+    the previous handler then runs as the block exits, as the signal would have run it."""
     if threading.current_thread() is not threading.main_thread():
         yield []
         return
@@ -482,19 +415,10 @@ def _held_alarm() -> Iterator[list[Callable[[], None]]]:
         yield callbacks
     finally:
         signal.signal(signal.SIGALRM, previous)
-        if fired:
-            _deliver(previous, fired[0])
-
-
-def _deliver(handler: object, frame: object) -> None:
-    """Run a SIGALRM handler that was held back, as the signal would have."""
-    if callable(handler):
-        handler(signal.SIGALRM, frame)
-    elif handler == signal.SIG_DFL:
-        signal.raise_signal(signal.SIGALRM)
-
-
-# ---------------------------------------------------------------- the report
+        if fired and callable(previous):
+            previous(signal.SIGALRM, fired[0])
+        elif fired and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGALRM)
 
 
 def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int | None,
@@ -515,9 +439,8 @@ def _judge_report(output: bytes, splits: list, timed_out: bool, returncode: int 
 
 
 def _first_lines(output: bytes, total: int) -> dict:
-    """{test index: "ok VALUES" or "fail REASON", "layers": ..., "done": ""}, the first of each. The first
-    "layers" line is the child's own, written before the candidate ran; later ones may be forged and are ignored,
-    and so is anything else the candidate wrote."""
+    """{test index: "ok VALUES" or "fail REASON", "layers": ..., "done": ""}, the first of each: the first "layers"
+    line is the child's own, written before the candidate ran; later (forged) ones and anything else are ignored."""
     lines: dict = {}
     for line in output.decode("utf-8", "replace").splitlines():
         head, _, rest = line.partition(" ")
@@ -541,20 +464,15 @@ def _verdict(split: SplitTest, line: str | None) -> str | None:
     return split.judge(values)
 
 
-# ---------------------------------------------------------------- the fork server (tool calls)
-
-
 def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 256, max_output_bytes: int = 1 << 16,
                        cpu_s: int | None = None, file_mb: int = 8, open_files: int = 64,
                        sandbox: str | None = None) -> ProgramResult:
-    """run_program through a pre-started sandbox (see "The fork server" above): the same arguments, limits and
-    result, a few milliseconds a call. Safe from several threads; never raises for anything the code does, nor when
-    the server fails (an error result; the next call starts a new one)."""
-    mode, refused = _program_preflight(code, sandbox)
-    if refused is not None:
-        return refused
-    config = _ServerConfig(int(cpu_s or math.ceil(timeout_s) + 1), int(memory_mb), int(file_mb), int(open_files), mode)
-    pool = _pool(config)
+    """run_program through a fork server (see above): the same arguments, limits and result, a few milliseconds a
+    call. Thread-safe; never raises for anything the code does, nor when the server fails (an error result)."""
+    limits = _program_limits(code, sandbox, timeout_s, cpu_s, memory_mb, file_mb, open_files)
+    if isinstance(limits, ProgramResult):
+        return limits
+    pool = _pool(limits)
     server = pool.acquire()
     try:
         output, timed_out, status = server.call(code, float(timeout_s), max_output_bytes + _LAYERS_LINE_BYTES)
@@ -562,22 +480,11 @@ def run_program_pooled(code: str, *, timeout_s: float = 2.0, memory_mb: int = 25
         return ProgramResult("", False, error=f"the sandbox server failed: {e}")
     finally:
         pool.release(server)
-    return _program_result(output, timed_out, status, mode, timeout_s, max_output_bytes)
-
-
-@dataclass(frozen=True)
-class _ServerConfig:
-    """The limits a server's children run under: one pool of servers per distinct configuration."""
-
-    cpu_s: int
-    memory_mb: int
-    file_mb: int
-    open_files: int
-    mode: str  # "bwrap", "landlock" or "none"
+    return _program_result(output, timed_out, status, limits.mode, timeout_s, max_output_bytes)
 
 
 class _ServerFailure(Exception):
-    """The server died, answered nonsense or did not answer in time; retry: nothing of the call can have run."""
+    """The server died, answered nonsense or did not answer in time; retry: nothing of the call ran."""
 
     def __init__(self, reason: str, retry: bool = False):
         super().__init__(reason)
@@ -590,10 +497,9 @@ _SERVER_GRACE_S = 5.0  # past the call's own timeout, which the server enforces:
 
 
 class _ForkServer:
-    """One server process (started on first use, restarted after a failure) and the calls made through it, one at
-    a time: the pool hands it to one thread at once."""
+    """One server process (started on first use, restarted after a failure), used by one thread at a time."""
 
-    def __init__(self, config: _ServerConfig):
+    def __init__(self, config: _Limits):
         self.config = config
         self.proc: subprocess.Popen | None = None
         self.workdir: str | None = None
@@ -630,17 +536,12 @@ class _ForkServer:
                                     (SERVER_FLAG,)).result()
         assert self.proc.stdin is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
-        limits = _child_config(config.mode, config.cpu_s, config.memory_mb, config.file_mb, config.open_files)
-        self.pending = _frame(limits)  # sent with the first request, under its deadline
+        self.pending = _frame(config.child_config())  # sent with the first request, under its deadline
 
     def stop(self) -> None:
         """Kill the server's process group, reap it, remove its host directory (bubblewrap's vanish with it)."""
         proc, workdir, self.proc, self.workdir = self.proc, self.workdir, None, None
         _cleanup(proc, workdir)
-
-    def kill(self) -> None:
-        """From a signal handler: kill only; the exchange then fails, and stop() runs."""
-        _kill_group(self.proc)
 
     def _exchange(self, code: str, timeout_s: float, max_bytes: int) -> tuple[bytes, bool, int]:
         assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
@@ -648,7 +549,7 @@ class _ForkServer:
         request = self.pending + _frame({"code": code, "timeout_s": timeout_s, "max_bytes": max_bytes})
         self.pending = b""
         with _held_alarm() as on_alarm:
-            on_alarm.append(self.kill)
+            on_alarm.append(lambda: _kill_group(self.proc))  # kill only: the exchange then fails, and stop() runs
             try:
                 _send(self.proc.stdin.fileno(), request, deadline)
             except (BrokenPipeError, ConnectionResetError):
@@ -697,10 +598,9 @@ def _wait(fd: int, event: int, deadline: float) -> None:
 
 
 class _ServerPool:
-    """Servers of one configuration: at most `size`, each used by one thread at a time, started as threads need
-    them."""
+    """Servers of one configuration: at most `size`, each used by one thread at a time, started as needed."""
 
-    def __init__(self, config: _ServerConfig, size: int):
+    def __init__(self, config: _Limits, size: int):
         self.config, self.size = config, size
         self.idle: list[_ForkServer] = []
         self.made: list[_ForkServer] = []
@@ -727,11 +627,11 @@ class _ServerPool:
                 server.stop()
 
 
-_POOLS: dict[_ServerConfig, _ServerPool] = {}
+_POOLS: dict[_Limits, _ServerPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def _pool(config: _ServerConfig) -> _ServerPool:
+def _pool(config: _Limits) -> _ServerPool:
     with _POOLS_LOCK:
         if config not in _POOLS:
             _POOLS[config] = _ServerPool(config, max(1, os.cpu_count() or 1))
@@ -747,8 +647,8 @@ def close_pools() -> None:
 
 
 def _forget_pools_after_fork() -> None:
-    """In a forked copy of this process (a data-loader worker, say): the servers and their pipes are the parent's,
-    and the starter thread did not survive the fork; start afresh, touching nothing of the parent's."""
+    """In a forked copy of this process: the servers and pipes are the parent's, and the starter thread did not
+    survive the fork; start afresh, touching nothing of the parent's."""
     global _POOLS_LOCK, _STARTER
     _POOLS.clear()
     _POOLS_LOCK = threading.Lock()

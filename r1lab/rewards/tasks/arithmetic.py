@@ -1,7 +1,5 @@
-"""Generated arithmetic problems ("3+5*2-7"): the smallest task on which a tiny model can learn to reason.
-
-Expressions are evaluated exactly with Python ints and normal precedence. The train/test split is decided by a
-stable hash of the expression text, so the two splits never share a problem, whatever the seed.
+"""Generated arithmetic problems ("3+5*2-7"): the smallest task on which a tiny model can learn to reason; evaluated
+exactly with normal precedence, split into train and test by a stable hash of the expression text.
 """
 
 from __future__ import annotations
@@ -12,12 +10,11 @@ import re
 from r1lab.rewards.tasks.base import Problem
 from r1lab.rewards.tasks.dataset import draw_unique
 
-# The demo's task (two 3-digit numbers to add), which "arithmetic" means when no task options are given: the task the
-# built-in tiny models are trained on, so that `r1lab eval --model runs/demo/grpo/model` evaluates what it learned.
+# The demo's task (two 3-digit numbers to add), which "arithmetic" means when no task options are given, so that
+# `r1lab eval --model runs/demo/grpo/model` evaluates what the demo's model learned.
 DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "+"}
-# The tool demo's task (`r1lab demo --tools python`): a product of two 3-digit numbers, which the tiny model cannot
-# compute in its head but can hand to the Python tool. Both numbers have 3 digits so that the call copies them from
-# fixed offsets (with 3- or 4-digit numbers, the 0.8M-parameter base had not learned to copy them after 600 steps).
+# The tool demo's task (`r1lab demo --tools python`): a product the tiny model cannot compute in its head but can hand
+# to the Python tool; both numbers have 3 digits, so that the call copies them from fixed offsets.
 TOOL_DEMO_OPTIONS = {"min_terms": 2, "max_terms": 2, "min_digits": 3, "max_digits": 3, "ops": "*"}
 _INT_RE = re.compile(r"-?[0-9]+")
 _EXPRESSION_RE = re.compile(r"[0-9]{1,18}(?:[-+*][0-9]{1,18}){1,31}")  # what render() writes, of sane size
@@ -38,10 +35,7 @@ def evaluate(terms: list[int], ops: list[str]) -> int:
 
 
 def render(terms: list[int], ops: list[str]) -> str:
-    parts = [str(terms[0])]
-    for op, term in zip(ops, terms[1:]):
-        parts += [op, str(term)]
-    return "".join(parts)
+    return str(terms[0]) + "".join(f"{op}{term}" for op, term in zip(ops, terms[1:]))
 
 
 def parse_int(text: str) -> int | None:

@@ -1,25 +1,10 @@
-"""Code problems: write a small Python function; the answer is run against assert tests in r1lab.rewards.sandbox.runner.
+"""Code problems: write a small Python function, run against assert tests in r1lab.rewards.sandbox.runner.
 
-The score is the fraction of tests passed (R1 recipe section 3: "code: run against test cases in a sandbox"), so
-it is partial credit; the reward's `correct` (and pass@k) count only full marks. The answer is the <answer>
-content, with a Markdown fence (```python ... ```) stripped.
-
-Two sources of problems, both under the task name "code":
-- `--task code`: a built-in generator of small function problems from families such as "return the sum of the
-  numbers in xs divisible by 3", each drawn with random parameters and checked by several assert tests computed
-  from a reference solution (kept in Problem.answer and meta["solution"]). The train/test split hashes the
-  family and its parameters, so the two splits never share a problem however many examples are drawn.
-- `--task code --task-options '{path: problems.jsonl}'`: a JSONL (or .json/.parquet) file, one problem a row:
-  {"prompt": str, "tests": [assert statements, ...], "entry_point": optional function name,
-   "solution": optional reference code}. With an entry_point, tests may call the function as `candidate`. Every
-  row is checked when the task is built, and a bad one is reported as `file:line: field 'tests' ...`.
-
-Tests are judged outside the sandboxed process (r1lab.rewards.sandbox.judge): each must be one assert whose calls to the
-solution have literal arguments, such as `assert candidate(3, [1, 2]) == 7`, `assert abs(f(2.0) - 4.0) < 1e-6`,
-`assert not candidate('')` or `assert candidate(0) is None`; anything else (statements, loops, calls with
-computed arguments) is refused when the file is loaded. `==` compares like `strict_equal(actual, expected)`
-(equal values of the same types; floats within 1e-9 relative), and only plain data can be returned, so an object
-whose __eq__ always says True earns nothing. Built-in tests spell strict_equal out; file tests may too.
+The score is the fraction of tests passed (partial credit; `correct` and pass@k count only full marks), on the answer
+with its Markdown fence stripped. `--task code` draws problems from FAMILIES with random parameters, the tests
+computed from a reference solution, split by a hash of the family and its parameters; with task option `path`, a
+JSONL/JSON/Parquet file gives one problem a row: {"prompt", "tests": [assert statements], "entry_point" (optional:
+tests may then call it `candidate`), "solution" (optional)}, each test checked by r1lab.rewards.sandbox.judge at load.
 """
 
 from __future__ import annotations
@@ -63,19 +48,20 @@ def canonical_code(answer: str) -> str:
     return "\n".join(line.rstrip() for line in code.strip().splitlines())
 
 
-# ---------------------------------------------------------------- the built-in families
-
-
 @dataclass(frozen=True)
 class Family:
     """One kind of problem. describe and solution are str.format templates over the drawn params."""
 
     name: str
-    signature: str  # "sum_multiples(xs)": the function to write
     describe: str  # completes "Write a Python function `signature` that ..."
-    solution: str  # reference code, formatted with params
+    solution: str  # reference code, "def f(xs):\n ...", formatted with params
     params: Callable[[random.Random], dict]
-    args: Callable[[random.Random, dict], tuple]  # the arguments of one test call
+    args: Callable[[random.Random], tuple]  # the arguments of one test call
+
+    @property
+    def signature(self) -> str:
+        """"sum_multiples(xs)": the function to write, as the solution defines it."""
+        return self.solution[len("def "):self.solution.index(":")]
 
     @property
     def entry_point(self) -> str:
@@ -100,31 +86,29 @@ def _bounds(rng: random.Random, lo_min: int, lo_max: int, max_width: int) -> dic
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("sum_multiples", "sum_multiples(xs)",
-           "returns the sum of the numbers in the list xs that are divisible by {k}",
+    Family("sum_multiples", "returns the sum of the numbers in the list xs that are divisible by {k}",
            "def sum_multiples(xs):\n    return sum(x for x in xs if x % {k} == 0)\n",
-           lambda r: {"k": r.randint(2, 12)}, lambda r, p: (_ints(r, -50, 50),)),
-    Family("count_above", "count_above(xs)", "returns how many numbers in the list xs are greater than {t}",
+           lambda r: {"k": r.randint(2, 12)}, lambda r: (_ints(r, -50, 50),)),
+    Family("count_above", "returns how many numbers in the list xs are greater than {t}",
            "def count_above(xs):\n    return sum(1 for x in xs if x > {t})\n",
-           lambda r: {"t": r.randint(-30, 30)}, lambda r, p: (_ints(r, -40, 40, 10),)),
-    Family("multiples", "multiples(n)",
-           "returns the list of the first n positive multiples of {k}, in increasing order",
+           lambda r: {"t": r.randint(-30, 30)}, lambda r: (_ints(r, -40, 40, 10),)),
+    Family("multiples", "returns the list of the first n positive multiples of {k}, in increasing order",
            "def multiples(n):\n    return [{k} * i for i in range(1, n + 1)]\n",
-           lambda r: {"k": r.randint(2, 40)}, lambda r, p: (r.randint(0, 9),)),
-    Family("join_reversed", "join_reversed(s)",
+           lambda r: {"k": r.randint(2, 40)}, lambda r: (r.randint(0, 9),)),
+    Family("join_reversed",
            "returns the words of the string s (separated by spaces) in reverse order, joined by {sep!r}",
            "def join_reversed(s):\n    return {sep!r}.join(reversed(s.split()))\n",
            lambda r: {"sep": r.choice([" ", "-", ",", "+", "/", "::", "_", ", ", " | "])},
-           lambda r, p: (" ".join(_words(r)),)),
-    Family("count_chars", "count_chars(s)", "returns how many characters of the string s are one of {chars!r}",
+           lambda r: (" ".join(_words(r)),)),
+    Family("count_chars", "returns how many characters of the string s are one of {chars!r}",
            "def count_chars(s):\n    return sum(1 for c in s if c in {chars!r})\n",
            lambda r: {"chars": "".join(sorted(r.sample("abcdeiou", r.randint(1, 4))))},
-           lambda r, p: (_word(r, "abcdeiou xyz", 14),)),
-    Family("sum_largest", "sum_largest(xs)",
+           lambda r: (_word(r, "abcdeiou xyz", 14),)),
+    Family("sum_largest",
            "returns the sum of the {k} largest numbers in the list xs (of all of them if xs has fewer than {k})",
            "def sum_largest(xs):\n    return sum(sorted(xs, reverse=True)[:{k}])\n",
-           lambda r: {"k": r.randint(1, 5)}, lambda r, p: (_ints(r, -30, 30, 9),)),
-    Family("fizz", "fizz(n)",
+           lambda r: {"k": r.randint(1, 5)}, lambda r: (_ints(r, -30, 30, 9),)),
+    Family("fizz",
            "returns a list of strings for the numbers 1 to n: {wa!r} for multiples of {a}, {wb!r} for multiples "
            "of {b}, {wa!r} followed by {wb!r} for multiples of both, and the number itself (as a string) otherwise",
            "def fizz(n):\n    out = []\n    for i in range(1, n + 1):\n"
@@ -132,70 +116,66 @@ FAMILIES: tuple[Family, ...] = (
            "        out.append(s or str(i))\n    return out\n",
            lambda r: {"a": r.randint(2, 4), "b": r.randint(5, 7), "wa": r.choice(["Fizz", "Foo", "Ping"]),
                       "wb": r.choice(["Buzz", "Bar", "Pong"])},
-           lambda r, p: (r.randint(0, 16),)),
-    Family("running_total", "running_total(xs)",
+           lambda r: (r.randint(0, 16),)),
+    Family("running_total",
            "returns the list of running totals of the list xs, starting from {s}: element i is {s} plus "
            "xs[0] + ... + xs[i]",
            "def running_total(xs):\n    out, total = [], {s}\n    for x in xs:\n        total += x\n"
            "        out.append(total)\n    return out\n",
-           lambda r: {"s": r.randint(-10, 10)}, lambda r, p: (_ints(r),)),
-    Family("caesar", "caesar(s)",
+           lambda r: {"s": r.randint(-10, 10)}, lambda r: (_ints(r),)),
+    Family("caesar",
            "shifts every lowercase letter of the string s forward by {k} places in the alphabet (z wraps round "
            "to a) and returns the result; other characters stay as they are",
            "def caesar(s):\n"
            "    return ''.join(chr((ord(c) - 97 + {k}) % 26 + 97) if 'a' <= c <= 'z' else c for c in s)\n",
-           lambda r: {"k": r.randint(1, 25)}, lambda r, p: (_word(r, "abcxyz ABZ!", 12),)),
-    Family("digit_power_sum", "digit_power_sum(n)",
+           lambda r: {"k": r.randint(1, 25)}, lambda r: (_word(r, "abcxyz ABZ!", 12),)),
+    Family("digit_power_sum",
            "returns the sum of the decimal digits of the non-negative integer n, each raised to the power {p}",
            "def digit_power_sum(n):\n    return sum(int(d) ** {p} for d in str(n))\n",
-           lambda r: {"p": r.randint(1, 5)}, lambda r, p: (r.randint(0, 99999),)),
-    Family("clamp", "clamp(xs)",
+           lambda r: {"p": r.randint(1, 5)}, lambda r: (r.randint(0, 99999),)),
+    Family("clamp",
            "returns the list xs with every number below {lo} replaced by {lo} and every number above {hi} "
            "replaced by {hi}",
            "def clamp(xs):\n    return [min(max(x, {lo}), {hi}) for x in xs]\n",
-           lambda r: _bounds(r, -15, 10, 20), lambda r, p: (_ints(r, -30, 30),)),
-    Family("chunks", "chunks(xs)",
+           lambda r: _bounds(r, -15, 10, 20), lambda r: (_ints(r, -30, 30),)),
+    Family("chunks",
            "splits the list xs into consecutive pieces of length {k} (the last one may be shorter) and returns "
            "the list of pieces, each a list",
            "def chunks(xs):\n    return [xs[i:i + {k}] for i in range(0, len(xs), {k})]\n",
-           lambda r: {"k": r.randint(1, 5)}, lambda r, p: (_ints(r, 0, 9, 11),)),
-    Family("longest_run_above", "longest_run_above(xs)",
+           lambda r: {"k": r.randint(1, 5)}, lambda r: (_ints(r, 0, 9, 11),)),
+    Family("longest_run_above",
            "returns the length of the longest run of consecutive elements of the list xs that are all greater "
            "than {t} (0 if there is none)",
            "def longest_run_above(xs):\n    best = run = 0\n    for x in xs:\n"
            "        run = run + 1 if x > {t} else 0\n        best = max(best, run)\n    return best\n",
-           lambda r: {"t": r.randint(-5, 5)}, lambda r, p: (_ints(r, -10, 10, 12),)),
-    Family("word_lengths", "word_lengths(s)",
+           lambda r: {"t": r.randint(-5, 5)}, lambda r: (_ints(r, -10, 10, 12),)),
+    Family("word_lengths",
            "returns a dict that maps each distinct word of the string s (words are separated by spaces) with at "
            "least {k} letters to its length",
            "def word_lengths(s):\n    return {{w: len(w) for w in s.split() if len(w) >= {k}}}\n",
-           lambda r: {"k": r.randint(1, 5)}, lambda r, p: (" ".join(_words(r, 7)),)),
-    Family("count_primes", "count_primes(n)", "returns how many prime numbers p satisfy {a} <= p <= n",
+           lambda r: {"k": r.randint(1, 5)}, lambda r: (" ".join(_words(r, 7)),)),
+    Family("count_primes", "returns how many prime numbers p satisfy {a} <= p <= n",
            "def count_primes(n):\n    count = 0\n    for p in range(max({a}, 2), n + 1):\n"
            "        if all(p % d for d in range(2, int(p ** 0.5) + 1)):\n            count += 1\n"
            "    return count\n",
-           lambda r: {"a": r.randint(0, 30)}, lambda r, p: (r.randint(0, 120),)),
-    Family("rotate", "rotate(xs)",
+           lambda r: {"a": r.randint(0, 30)}, lambda r: (r.randint(0, 120),)),
+    Family("rotate",
            "returns the list xs rotated right by {k} places (the last {k} elements move to the front, wrapping "
            "around when xs has fewer than {k} elements); an empty list stays empty",
            "def rotate(xs):\n    if not xs:\n        return []\n    k = {k} % len(xs)\n"
            "    return xs[len(xs) - k:] + xs[:len(xs) - k]\n",
-           lambda r: {"k": r.randint(1, 9)}, lambda r, p: (_ints(r, 0, 9),)),
-    Family("starting_with", "starting_with(words)",
-           "returns the strings of the list words that start with {c!r}, in their original order",
+           lambda r: {"k": r.randint(1, 9)}, lambda r: (_ints(r, 0, 9),)),
+    Family("starting_with", "returns the strings of the list words that start with {c!r}, in their original order",
            "def starting_with(words):\n    return [w for w in words if w.startswith({c!r})]\n",
-           lambda r: {"c": r.choice("abcdeilmoprstu")}, lambda r, p: (_words(r, 8),)),
-    Family("small_steps", "steps_ok(xs)",
+           lambda r: {"c": r.choice("abcdeilmoprstu")}, lambda r: (_words(r, 8),)),
+    Family("small_steps",
            "returns True if each element of the list xs differs from the one before it by at most {d} (in "
            "absolute value), and False otherwise; lists with fewer than two elements give True",
            "def steps_ok(xs):\n    return all(abs(b - a) <= {d} for a, b in zip(xs, xs[1:]))\n",
-           lambda r: {"d": r.randint(0, 6)}, lambda r, p: ([r.randint(0, 12) for _ in range(r.randint(0, 6))],)),
+           lambda r: {"d": r.randint(0, 6)}, lambda r: ([r.randint(0, 12) for _ in range(r.randint(0, 6))],)),
 )
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 
-
-def _call(entry_point: str, args: tuple) -> str:
-    return f"{entry_point}({', '.join(repr(a) for a in args)})"
 
 
 def _stable_seed(key: str) -> int:
@@ -214,9 +194,9 @@ def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
     rng = random.Random(_stable_seed(f"{family.name}:{params_key}"))
     tests, examples = [], []
     for _ in range(n_tests):
-        args = family.args(rng, params)
+        args = family.args(rng)
         expected = reference(*copy.deepcopy(args))
-        call = _call(family.entry_point, args)
+        call = f"{family.entry_point}({', '.join(repr(a) for a in args)})"
         tests.append(f"assert strict_equal({call}, {expected!r})")
         examples.append(f"{call} == {expected!r}")
     shown = [e for e in examples if len(e) <= _MAX_EXAMPLE_CHARS] or [min(examples, key=len)]
@@ -268,9 +248,6 @@ class CodeTask(_Scorer):
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
         key = lambda p: f"{p.meta['family']}:{sorted(p.meta['params'].items())}"  # noqa: E731
         return draw_unique(self._draw, key, self.test_fraction, split, n, seed)
-
-
-# ---------------------------------------------------------------- problems from a file
 
 
 def _tests_error(row: dict) -> str | None:

@@ -1,13 +1,12 @@
 """Countdown (TinyZero rules): reach a target with + - * / and parentheses, using each given number exactly once.
-
-Problems are built from a random expression over the numbers, so every problem has a solution (kept as the
-reference answer). Candidate equations are checked through the `ast` module and evaluated with exact fractions;
-nothing is ever passed to eval().
+Each problem is built from a random expression (its reference solution); candidate equations are checked through
+`ast` and evaluated with exact fractions, never eval().
 """
 
 from __future__ import annotations
 
 import ast
+import operator
 import random
 import re
 from fractions import Fraction
@@ -28,35 +27,18 @@ _PROMPT_RE = re.compile(re.escape(PROMPT).replace(re.escape("{numbers}"), r"\[([
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    return a / b  # ZeroDivisionError is the caller's to handle
+    return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}[op](a, b)
 
 
-def _literals(tree: ast.AST) -> list[int] | None:
-    """The int literals of an equation's AST, or None if it uses anything but ints, + - * / and parentheses."""
-    literals: list[int] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and type(node.value) is int:  # type() so True/False don't pass
-            literals.append(node.value)
-        elif isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            continue
-        elif not isinstance(node, (ast.Expression, *_OPS)):  # the op nodes themselves are walked too
-            return None
-    return literals
-
-
-def _evaluate(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
-    if isinstance(node, ast.Constant):
+def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
+    """The exact value of an equation's AST, collecting its int literals; ValueError for anything but ints and
+    + - * / (parentheses leave no node)."""
+    if isinstance(node, ast.Constant) and type(node.value) is int:  # type() so True/False don't pass
+        literals.append(node.value)
         return Fraction(node.value)
-    assert isinstance(node, ast.BinOp)  # guaranteed by _literals
-    return _apply(_OPS[type(node.op)], _evaluate(node.left), _evaluate(node.right))
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        return _apply(_OPS[type(node.op)], _evaluate(node.left, literals), _evaluate(node.right, literals))
+    raise ValueError(f"{type(node).__name__} is not allowed in an equation")
 
 
 def _left_side(equation: str, target: int) -> str | None:
@@ -74,18 +56,12 @@ def check_equation(equation: str, numbers: list[int], target: int) -> bool:
     left = _left_side(equation.strip(), target)
     if left is None or not left.strip() or set(left) - _ALLOWED_CHARS:
         return False
+    literals: list[int] = []
     try:
-        tree = ast.parse(left.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        value = _evaluate(ast.parse(left.strip(), mode="eval").body, literals)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, ZeroDivisionError):
         return False
-    literals = _literals(tree)
-    if literals is None or sorted(literals) != sorted(numbers):
-        return False
-    try:
-        value = _evaluate(tree)
-    except ZeroDivisionError:
-        return False
-    return abs(value - target) < Fraction(1, 100_000)
+    return sorted(literals) == sorted(numbers) and abs(value - target) < Fraction(1, 100_000)
 
 
 class CountdownTask:

@@ -1,8 +1,6 @@
-"""Problems read from a JSONL or Parquet file (GSM8K, MATH, ...), scored with math-verify.
-
-The whole file is validated when the task is built, before any training starts, and every bad row is reported
-with its file, line and field. Also home to the split helpers every task shares (stable-hash train/test splits).
-"""
+"""Problems read from a JSONL, JSON or Parquet file (GSM8K, MATH, ...), scored with math-verify. The whole file is
+validated when the task is built, each bad row reported as file:line: field; also the train/test split helpers every
+task shares."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from r1lab.rewards.answers import last_boxed
 from r1lab.rewards.tasks import hf_datasets
@@ -34,9 +32,6 @@ def raise_row_errors(path: Path, errors: list[str]) -> None:
         shown = errors[:MAX_REPORTED_ERRORS]
         more = f"\n... and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
         raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
-
-
-# ---------------------------------------------------------------- splits shared by all tasks
 
 
 def in_test_split(key: str, test_fraction: float) -> bool:
@@ -72,9 +67,6 @@ def draw_unique(draw: Callable[[random.Random], Problem], key: Callable[[Problem
     return [found[i % len(found)] for i in range(n)] if n > 0 else []
 
 
-# ---------------------------------------------------------------- reference answers
-
-
 def extract_reference(answer: str) -> str:
     """Final answer of a reference solution: after the last "####" (GSM8K), else the last \\boxed{}, else all."""
     if "####" in answer:
@@ -87,10 +79,8 @@ _NUMBER_RE = re.compile(r"[-+]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?(?:\.[0-9]+)?
 
 
 def plain_number(text: str) -> str | None:
-    """"$1,234.50" -> "1234.50"; None unless text is a plain number (currency sign, spaces, commas allowed).
-
-    Commas count only as thousands separators: math-verify would read "1,2" as 1.2.
-    """
+    """"$1,234.50" -> "1234.50"; None unless text is a plain number (currency sign, spaces, and commas allowed, as
+    thousands separators only: math-verify would read "1,2" as 1.2)."""
     compact = "".join(text.replace("\\$", "").replace("$", "").split())
     if not compact or not any(c.isdigit() for c in compact) or not _NUMBER_RE.fullmatch(compact):
         return None
@@ -122,9 +112,8 @@ def _parse(text: str) -> tuple:
 
 @lru_cache(maxsize=1)
 def _math_verify() -> tuple[Callable, Callable]:
-    """math-verify's (parse, verify), imported when first needed (sympy takes a second to import). Each of the two
-    prints its own notice that its timeout is off (r1lab's scorer timeout stands in for it): the notice is printed
-    once per process, and under torchrun by rank 0 alone."""
+    """math-verify's (parse, verify), imported when first needed (sympy is slow to import); its notice that its
+    timeout is off (r1lab's stands in for it) printed once per process, and under torchrun by rank 0 alone."""
     from math_verify import grader, parse, parser, verify
 
     grader.TIMEOUT_WARNING_SHOWN = True  # verify's notice repeats parse's
@@ -149,16 +138,14 @@ def canonical_answer(answer: str) -> str:
     return _normal_number(number) if number is not None else answer.strip()
 
 
-# ---------------------------------------------------------------- reading and validating files
-
-
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, object, error) for each non-blank line."""
     with path.open("rb") as f:  # bytes, decoded line by line, so that a bad byte is reported with its line
         for number, raw in enumerate(f, start=1):
-            line, error = _decode_line(raw, first=number == 1)
-            if error is not None:
-                yield number, None, error
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a byte-order mark is harmless
+            except UnicodeDecodeError as e:
+                yield number, None, _encoding_error(raw, e)
                 continue
             if not line.strip():
                 continue
@@ -167,12 +154,6 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             except json.JSONDecodeError as e:
                 yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
-
-def _decode_line(raw: bytes, first: bool) -> tuple[str, str | None]:
-    try:
-        return raw.decode("utf-8-sig" if first else "utf-8"), None  # a byte-order mark is harmless
-    except UnicodeDecodeError as e:
-        return "", _encoding_error(raw, e)
 
 
 def _encoding_error(data: bytes, e: UnicodeDecodeError) -> str:
@@ -190,28 +171,24 @@ def _read_utf8(path: Path) -> str:
         raise DatasetError(f"{path}:{line}: {_encoding_error(data, e)}") from None
 
 
-def _json_array_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _json_array_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     """(item number, object, error) for a .json file holding one array of objects."""
     try:
         items = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
-        yield e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})"
-        return
+        return [(e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")]
     if not isinstance(items, list):
-        yield 1, None, "a .json file must hold an array of objects (or use JSONL)"
-        return
-    for number, item in enumerate(items, start=1):
-        yield number, item, None
+        return [(1, None, "a .json file must hold an array of objects (or use JSONL)")]
+    return [(number, item, None) for number, item in enumerate(items, start=1)]
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     import pyarrow.parquet as pq  # lazy: only Parquet users pay for the import
 
-    for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield number, row, None
+    return ((number, row, None) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _rows(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parquet_rows(path)
@@ -272,6 +249,7 @@ class DatasetTask:
         self.test_fraction = test_fraction
         self.eval_path = Path(eval_data) if eval_data else None
         self._given_fields = (prompt_field, answer_field)
+        self.eval_rows = None
         if hf_datasets.is_datasets_source(str(path)):  # a save_to_disk directory or a hub name
             train, test, train_name, test_name = hf_datasets.pick_splits(hf_datasets.load_splits(str(path), subset),
                                                                          str(path))
@@ -279,13 +257,12 @@ class DatasetTask:
             if test is not None and self.eval_path is None:
                 self.eval_path = Path(f"{path}[{test_name}]")
                 self.eval_rows = self._load(self.eval_path, hf_datasets.dataset_rows(test))
-            else:
-                self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        elif subset is not None:
+            raise DatasetError(f"{path}: task option subset is for hub datasets, not data files")
         else:
-            if subset is not None:
-                raise DatasetError(f"{path}: task option subset is for hub datasets, not data files")
             self.rows = self._load(self.path)
-            self.eval_rows = self._load(self.eval_path) if self.eval_path is not None else None
+        if self.eval_rows is None and self.eval_path is not None:
+            self.eval_rows = self._load(self.eval_path)
         self._splits = self._split_rows()
 
     def _load(self, path: Path, rows: Iterator | None = None) -> list[Problem]:

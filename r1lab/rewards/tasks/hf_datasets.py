@@ -35,10 +35,10 @@ def load_splits(spec: str, subset: str | None = None) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - offline, unknown name, gated: one line saying what to do
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             raise DatasetError(
-                f"{spec}: no such local path, and it could not be loaded as a hub dataset ({reason}). Without a connection it must already be in the "
-                f"datasets cache: download it where there is one (python -c \"import datasets; "
-                f"datasets.load_dataset('{spec}'{', ' + repr(subset) if subset else ''})\"), or save it with "
-                f"save_to_disk and pass that directory") from None
+                f"{spec}: no such local path, and it could not be loaded as a hub dataset ({reason}). Without a "
+                f"connection it must already be in the datasets cache: download it where there is one (python -c "
+                f"\"import datasets; datasets.load_dataset('{spec}'{', ' + repr(subset) if subset else ''})\"), or "
+                f"save it with save_to_disk and pass that directory") from None
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
