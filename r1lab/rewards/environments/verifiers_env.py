@@ -52,7 +52,8 @@ class VerifiersEnvironment:
         try:
             self.env = vf.load_environment(vf.resolve_env_config({"taskset": {"id": name, **options}}))
         except Exception as err:  # noqa: BLE001 - not installed, bad options: one line saying which
-            raise ValueError(f"{self.name}: {type(err).__name__}: {str(err).strip().splitlines()[0]}") from None
+            reason = " ".join(line.strip() for line in str(err).strip().splitlines()[:3])  # pydantic's: field, why
+            raise ValueError(f"{self.name}: {type(err).__name__}: {reason[:300]}") from None
         seats = agent_config_fields(self.env.config)
         if len(seats) != 1:
             raise ValueError(f"{self.name}: its env has {len(seats)} agent seats ({', '.join(seats)}); r1lab's policy "
