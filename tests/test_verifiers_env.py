@@ -191,7 +191,8 @@ def test_env_tokens_are_the_templates_delta_and_never_trained(packages):
         assert s.model_mask == [True] * len(first) + [False] * len(delta) + [True] * len(second)
         assert s.logprobs == [-0.5] * len(first) + [0.0] * len(delta) + [-0.5] * len(second)
         assert [m["role"] for m in s.messages] == ["assistant", "user", "assistant"] and s.calls == 2
-    rollouts = grpo.Rollouts(problems=[problems[s.prompt_index] for s in samples], prompt_ids=[prompts[s.prompt_index] for s in samples],
+    rollouts = grpo.Rollouts(problems=[problems[s.prompt_index] for s in samples],
+                             prompt_ids=[prompts[s.prompt_index] for s in samples],
                              completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
                              texts=[s.text for s in samples], truncated=[False] * 4,
                              model_mask=[s.model_mask for s in samples], conversations=[s.messages for s in samples])

@@ -14,8 +14,9 @@ generate_with_tools drives Engine.generate turn by turn: turn 0 samples every ro
 string; each later turn continues the rollouts that stopped on it, each as its own prompt (prompt + completion so
 far) with a seed drawn from (its prompt's seed, its sample index, the turn), so a rollout's tokens do not depend on
 what else is in the batch. An environment's turns (`--task verifiers:ENV`, EnvTurns) run the same loop: a policy turn
-that ends with end-of-text gets the environment's reply, appended as context the same way. The server (r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same
-turns with the helpers below (closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
+that ends with end-of-text gets the environment's reply, appended as context the same way. The server
+(r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same turns with the helpers below
+(closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
 """
 
 from __future__ import annotations

@@ -165,4 +165,5 @@ def score_environment(env, problems: Sequence[Problem], completions: Sequence, t
     total = [float(s.get("reward", 0.0)) for s in scored]
     return RewardResult(total=total, components={n: [float(s.get(n, 0.0)) for s in scored] for n in names},
                         correct=[t >= 1.0 for t in total], answers=[t[-1]["content"] if t else None for t in turns],
-                        errors=sum(k == "error" for k, _ in outcomes), timeouts=sum(k == "timeout" for k, _ in outcomes))
+                        errors=sum(k == "error" for k, _ in outcomes),
+                        timeouts=sum(k == "timeout" for k, _ in outcomes))
