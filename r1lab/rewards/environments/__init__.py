@@ -64,10 +64,11 @@ def call_all(fn: Callable, calls: list[tuple], timeout_s: float) -> list[tuple[s
         except Exception as err:  # noqa: BLE001 - an environment's failure costs its rollout, never the run
             outcomes.append(("error", f"{type(err).__name__}: {err}"))
     pool.shutdown(wait=False, cancel_futures=True)
+    name = getattr(fn, "__qualname__", type(fn).__name__)
     for kind, value in outcomes:
-        if kind != "ok" and (fn.__qualname__, kind) not in _WARNED:  # counters say how often, one message why
-            _WARNED.add((fn.__qualname__, kind))
-            warnings.warn(f"environment {fn.__qualname__}: {value or f'ran past {timeout_s:g} s'}; counted in "
+        if kind != "ok" and (name, kind) not in _WARNED:  # counters say how often, one message why
+            _WARNED.add((name, kind))
+            warnings.warn(f"environment {name}: {value or f'ran past {timeout_s:g} s'}; counted in "
                           f"scorer_{kind}s, the rollout scores 0 or its episode ends (reported once)", RuntimeWarning)
     return outcomes
 

@@ -59,8 +59,7 @@ class VerifiersEnvironment:
             raise ValueError(f"{self.name}: its env has {len(seats)} agent seats ({', '.join(seats)}); r1lab's policy "
                              "plays an env of one seat")
         (self.seat, seat), = seats.items()
-        single = isinstance(self.env, vf.SingleAgentEnv)
-        self.max_turns = 1 if single else seat.max_turns or DEFAULT_MAX_TURNS
+        self.max_turns = 1 if isinstance(self.env, vf.SingleAgentEnv) else seat.max_turns or DEFAULT_MAX_TURNS
         taskset = self.env.taskset if self.env.taskset.bounded else self.env.taskset.take(MAX_TASKS)
         self.tasks = {t.key: t for t in taskset}
         problems = [_problem(t, self.name) for t in self.tasks.values()]
@@ -81,12 +80,14 @@ class VerifiersEnvironment:
         return answer.strip()
 
     def reply(self, problem: Problem, messages: list[dict]) -> EnvReply:
-        trace, sent, waiting = self._replay(problem, messages)
+        _, sent, waiting = self._replay(problem, messages)
         return EnvReply(sent if waiting else [], done=not waiting)
 
     def rewards(self, problem: Problem, messages: list[dict]) -> dict[str, float]:
-        trace = self._replay(problem, messages)[0]
-        asyncio.run(self.tasks[problem.meta["key"]].score(trace))
+        trace, task = self._replay(problem, messages)[0], self.tasks[problem.meta["key"]]
+        asyncio.run(task.score(trace))  # the task's rewards and judges, then the env's cross-trace judgement
+        asyncio.run(self.env.finalize(task, vf.Episode(env=vf.EnvInfo(id=self.env.config.env_id), task=trace.task,
+                                                       traces=[trace])))
         scored = {name: r for name, r in trace.rewards.items() if r is not None}
         return {**{name: r.score for name, r in scored.items()}, "reward": trace.reward}
 
@@ -96,8 +97,13 @@ class VerifiersEnvironment:
         replies = [m["content"] for m in messages[len(problem.messages) :] if m["role"] == "assistant"]
         task = self.tasks[problem.meta["key"]]
         seat = _Seat(task, problem.messages, replies, self.max_turns, self.env.config, self.seat)
+        async def episode():  # as verifiers' Env.run_episode: setup(agents), then run(task, agents)
+            agents = vf.Agents(self.env.config, lambda name, spec: seat)
+            await self.env.setup(agents)
+            await self.env.run(task, agents)
+
         try:
-            asyncio.run(self.env.run(task, vf.Agents(self.env.config, lambda name, spec: seat)))
+            asyncio.run(episode())
         except _PolicyTurn:
             return seat.trace, seat.sent, True
         return seat.trace, [], False
