@@ -25,7 +25,7 @@ from r1lab.config import SampleConfig, save_config
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine, Sample
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import ToolSpec, generate_with_tools
+from r1lab.engine.tools import generate_with_tools, rollout_turns
 from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.rules import RewardResult, score_completions
@@ -148,16 +148,21 @@ class Tally:
 
 
 def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, system: str = "",
-            **extra) -> dict:
+            turns: list[dict] | None = None, **extra) -> dict:
     """One kept completion in the chat format `r1lab sft` reads (the conversation it was sampled from, its system
-    message included), plus where it came from."""
+    message included; with an environment, every turn), plus where it came from. An environment's task has no
+    accuracy or format of its own: its correctness and 1.0 stand in."""
     history = problem.messages or [{"role": "user", "content": problem.prompt}]
     if system and not any(m["role"] == "system" for m in history):
         history = [{"role": "system", "content": system}, *history]
-    return {"messages": [*history, {"role": "assistant", "content": response}],
-            **provenance, "reward": result.total[n], "accuracy": result.components["accuracy"][n],
-            "format": result.components["format"][n], "answer": result.answers[n], "reference": problem.answer,
+    return {"messages": [*history, *(turns or [{"role": "assistant", "content": response}])], **provenance,
+            "reward": result.total[n], "accuracy": result.components.get("accuracy", result.correct)[n] * 1.0,
+            "format": _format(result)[n], "answer": result.answers[n], "reference": problem.answer,
             **extra}
+
+
+def _format(result: RewardResult) -> list[float]:
+    return result.components.get("format", [1.0] * len(result.total))
 
 
 def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: RewardResult, cfg: SampleConfig,
@@ -169,7 +174,7 @@ def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: Re
         sample = samples[n]
         response = cfg.prefill + sample.text
         n_tokens = sum(t not in eos_ids for t in sample.token_ids)
-        reason = filters.reason(response, n_tokens, result.correct[n], result.components["format"][n],
+        reason = filters.reason(response, n_tokens, result.correct[n], _format(result)[n],
                                 finished=sample.finish_reason == "stop")
         if reason is None and any(response.strip() == r.strip() for _, r, _ in kept):
             reason = "duplicate"
@@ -192,12 +197,13 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill, cfg.system) for p in chunk]
     sampling = dict(num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     seed=seeds)
-    tools = ToolSpec.of(cfg)
+    tools = rollout_turns(cfg, task, chunk, tok)
     samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else engine.generate(prompts, **sampling)
     if tools:
         tally.tool_calls += sum(s.calls for s in samples)
         tally.tool_failures += sum(s.failures for s in samples)
-    result = score_completions(task, [p for p in chunk for _ in range(k)], [s.text for s in samples],
+    result = score_completions(task, [p for p in chunk for _ in range(k)],
+                               [getattr(s, "messages", None) or s.text for s in samples],
                                timeout_s=cfg.reward_timeout_s, **scoring_keywords(cfg, tok, task))
     tally.scorer_errors += result.errors
     tally.correct += sum(result.correct)
@@ -208,6 +214,7 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
         tally.prompts_with_kept += bool(kept)
         rows += [sft_row(problem, response, i * k + j, result, provenance, cfg.system, prompt_index=offset + i,
                          sample_index=j, seed=seeds[i], tokens=n_tokens,
+                         turns=getattr(samples[i * k + j], "messages", None),
                          **({"tool_calls": samples[i * k + j].calls} if tools else {}))
                  for j, response, n_tokens in kept]
     tally.prompts += len(chunk)

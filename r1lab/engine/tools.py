@@ -1,4 +1,5 @@
-"""Tool calls inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with the same settings).
+"""Tool calls and environment turns inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with
+the same settings).
 
 When the model closes a tool block (`<python>...</python>` by default), that rollout pauses: the block's code runs
 in the code sandbox (r1lab/rewards/sandbox/runner.py: a fresh process forked by a pre-started sandbox, time and memory
@@ -12,8 +13,10 @@ max_new_tokens.
 generate_with_tools drives Engine.generate turn by turn: turn 0 samples every rollout with the close tag as a stop
 string; each later turn continues the rollouts that stopped on it, each as its own prompt (prompt + completion so
 far) with a seed drawn from (its prompt's seed, its sample index, the turn), so a rollout's tokens do not depend on
-what else is in the batch. The server (r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same
-turns with the helpers below (closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
+what else is in the batch. An environment's turns (`--task verifiers:ENV`, EnvTurns) run the same loop: a policy turn
+that ends with end-of-text gets the environment's reply, appended as context the same way. The server
+(r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same turns with the helpers below
+(closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from r1lab.engine.sampling import step_seed
+from r1lab.model.templates import render_conversation
+from r1lab.rewards.environments import call_all, is_environment
 from r1lab.rewards.sandbox.runner import ProgramResult, run_program_pooled, sandbox_summary
 
 TOOLS = ("", "python")  # "" = no tools
@@ -70,6 +75,8 @@ class ToolSample:
     model_mask: list[bool] = field(default_factory=list)  # True on the model's tokens, False on tool output
     calls: int = 0  # tool blocks the model closed
     failures: int = 0  # calls that raised, timed out, exceeded a limit or had no opening tag
+    timeouts: int = 0  # environment replies past their time (tools count theirs in failures)
+    messages: list[dict] = field(default_factory=list)  # with an environment: the turns, policy's and environment's
 
 
 Runner = Callable[[str, ToolSpec], ProgramResult]
@@ -151,7 +158,7 @@ class _Rollout:
     seed: int | None
     sample: int
     out: ToolSample
-    pending: str | None = None  # the text of the turn that just closed a tool block
+    pending: str | None = None  # the text of the turn that just ended for a response (a tool block, an env's turn)
 
 
 def turn_seed(seed: int | None, sample: int, turn: int) -> int | None:
@@ -159,25 +166,38 @@ def turn_seed(seed: int | None, sample: int, turn: int) -> int | None:
     return None if seed is None else step_seed(seed, turn, f"tool-turn/{sample}")
 
 
-def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec, *, num_samples: int = 1,
+class Turns(Protocol):
+    """What answers a rollout between its turns: tool calls (ToolTurns) or an environment (EnvTurns)."""
+
+    stops: tuple[str, ...]  # stop strings that end a turn for a response
+
+    def ended(self, r: _Rollout, sample: Any, eos_ids: set[int]) -> bool:
+        """Whether the turn just appended to r waits for a response."""
+
+    def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
+        """Append each pending rollout's response (append_context); clear r.pending where the rollout ends."""
+
+
+def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec | Turns, *, num_samples: int = 1,
                         max_new_tokens: int = 128, seed: int | list[int | None] | None = None,
                         stop_strings: tuple[str, ...] = (), runner: Runner = run_in_sandbox,
                         **sampling: Any) -> list[ToolSample]:
-    """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls: see the module's
-    docstring. seed: one per prompt, or an int from which each prompt's is drawn (None: unseeded); sampling:
-    Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls (a ToolSpec) or another
+    responder's turns: see the module's docstring. seed: one per prompt, or an int from which each prompt's is drawn
+    (None: unseeded); sampling: Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    turns = ToolTurns(spec, runner) if isinstance(spec, ToolSpec) else spec
     seeds = list(seed) if isinstance(seed, (list, tuple)) else \
         [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(len(prompt_ids))]
-    stops = (spec.close, *stop_strings)
+    stops = (*turns.stops, *stop_strings)
     first = engine.generate(prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seeds,
                             stop_strings=stops, **sampling)
     rollouts = [_Rollout(prompt_ids[s.prompt_index], seeds[s.prompt_index], i % num_samples,
                          ToolSample(s.prompt_index, [], "", [], s.finish_reason)) for i, s in enumerate(first)]
     for r, s in zip(rollouts, first):
-        _add_turn(r, s, spec, engine.tokenizer.eos_ids)
+        _add_turn(r, s, turns, engine.tokenizer.eos_ids)
     turn = 1
     while pending := [r for r in rollouts if r.pending is not None]:
-        _run_calls(pending, spec, runner, engine.tokenizer, max_new_tokens)
+        turns.respond(pending, engine.tokenizer, max_new_tokens)
         going = [r for r in pending if r.pending is not None]
         if going:
             samples = engine.generate([r.prompt + r.out.token_ids for r in going], num_samples=1,
@@ -186,43 +206,139 @@ def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec
                                       **sampling)
             for r, s in zip(going, samples):
                 r.pending = None
-                _add_turn(r, s, spec, engine.tokenizer.eos_ids)
+                _add_turn(r, s, turns, engine.tokenizer.eos_ids)
         turn += 1
     return [r.out for r in rollouts]
 
 
-def _add_turn(r: _Rollout, sample: Any, spec: ToolSpec, eos_ids: set[int]) -> None:
-    """Append a turn's model tokens; mark the rollout pending when the turn closed a tool block."""
+def _add_turn(r: _Rollout, sample: Any, turns: Turns, eos_ids: set[int]) -> None:
+    """Append a turn's model tokens; mark the rollout pending when the turn waits for a response."""
     out = r.out
     out.token_ids += sample.token_ids
     out.logprobs += sample.logprobs
     out.model_mask += [True] * len(sample.token_ids)
     out.text += sample.text
     out.finish_reason = sample.finish_reason
-    if sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, spec, eos_ids):
+    if turns.ended(r, sample, eos_ids):
         r.pending = sample.text
 
 
-def _run_calls(pending: list[_Rollout], spec: ToolSpec, runner: Runner, tokenizer: Any, max_new_tokens: int) -> None:
-    """Run the pending rollouts' blocks (in parallel: each is its own process) and append their outputs; a
-    rollout past its call limit or out of tokens ends (its pending mark cleared)."""
-    for r in pending:
-        r.out.calls += 1
-    allowed = [r for r in pending if r.out.calls <= spec.max_calls]
-    codes = [block_code(r.pending, spec) for r in allowed]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(allowed), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda code: call_tool(code, spec, runner), codes))
-    for r in pending:
-        if r.out.calls > spec.max_calls:
-            r.out.failures += 1
-            r.out.finish_reason, r.pending = "tool_limit", None
-    for r, result in zip(allowed, results):
-        r.out.failures += result is None or not result.ok
-        room = max_new_tokens - len(r.out.token_ids)
-        ids, text = output_tokens(result, spec, tokenizer, room)
-        if len(ids) >= room:  # the output fills the budget: the rollout ends there, cut by length
-            r.out.finish_reason, r.pending = "length", None
-        r.out.token_ids += ids
-        r.out.logprobs += [0.0] * len(ids)
-        r.out.model_mask += [False] * len(ids)
-        r.out.text += text
+def append_context(r: _Rollout, ids: list[int], text: str, max_new_tokens: int, tokenizer: Any) -> None:
+    """Append tokens the model reads but did not sample (a tool's output, an environment's messages): no log-prob,
+    never trained on. Cut at the rollout's token budget, where the rollout then ends by length."""
+    room = max_new_tokens - len(r.out.token_ids)
+    if len(ids) >= room:
+        ids = ids[: max(room, 0)]
+        text = tokenizer.decode(ids)
+        r.out.finish_reason, r.pending = "length", None
+    r.out.token_ids += ids
+    r.out.logprobs += [0.0] * len(ids)
+    r.out.model_mask += [False] * len(ids)
+    r.out.text += text
+
+
+@dataclass
+class ToolTurns:
+    """Tool calls: a turn that closes a tool block waits for the block's output."""
+
+    spec: ToolSpec
+    runner: Runner = run_in_sandbox
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.spec.close,)
+
+    def ended(self, r: _Rollout, sample: Any, eos_ids: set[int]) -> bool:
+        return sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, self.spec, eos_ids)
+
+    def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
+        """Run the pending rollouts' blocks (in parallel: each is its own process) and append their outputs; a
+        rollout past its call limit or out of tokens ends (its pending mark cleared)."""
+        spec = self.spec
+        for r in pending:
+            r.out.calls += 1
+        allowed = [r for r in pending if r.out.calls <= spec.max_calls]
+        codes = [block_code(r.pending, spec) for r in allowed]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(allowed), os.cpu_count() or 1))) as pool:
+            results = list(pool.map(lambda code: call_tool(code, spec, self.runner), codes))
+        for r in pending:
+            if r.out.calls > spec.max_calls:
+                r.out.failures += 1
+                r.out.finish_reason, r.pending = "tool_limit", None
+        for r, result in zip(allowed, results):
+            r.out.failures += result is None or not result.ok
+            ids, text = output_tokens(result, spec, tokenizer, max_new_tokens - len(r.out.token_ids))
+            append_context(r, ids, text, max_new_tokens, tokenizer)
+
+
+@dataclass
+class EnvTurns:
+    """An environment's turns (r1lab/rewards/environments): a policy turn that ends with end-of-text, short of the
+    environment's max_turns, waits for its reply. The reply's messages are appended as the template renders them
+    after an assistant turn (context_delta): the policy's sampled tokens stay as sampled, never decoded and
+    re-encoded."""
+
+    env: Any  # an Environment
+    problems: list  # the problem of each prompt, in the prompts' order
+    tokenizer: Any
+    template: str
+    prefill: str = ""
+    timeout_s: float = 5.0  # of one reply; past it the episode ends, counted in timeouts
+    stops: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.env.max_turns > 1:  # a template that cannot render a conversation fails here, at start
+            context_delta(self.tokenizer, [{"role": "user", "content": "?"}], self.template)
+
+    def ended(self, r: _Rollout, sample: Any, eos_ids: set[int]) -> bool:
+        r.out.messages.append({"role": "assistant", "content": sample.text})
+        turns = sum(m["role"] == "assistant" for m in r.out.messages)
+        return (turns < self.env.max_turns and sample.finish_reason == "stop" and bool(sample.token_ids)
+                and sample.token_ids[-1] in eos_ids)
+
+    def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
+        problems = [self.problems[r.out.prompt_index] for r in pending]
+        outcomes = call_all(self.env.reply, [(p, conversation(p, r.out.messages)) for p, r in zip(problems, pending)],
+                            self.timeout_s)
+        for r, (kind, reply) in zip(pending, outcomes):
+            r.out.calls += 1
+            r.out.failures += kind == "error"
+            r.out.timeouts += kind == "timeout"
+            if kind != "ok" or reply.done or not reply.messages:
+                r.pending = None
+                continue
+            r.out.messages += reply.messages
+            text = context_delta(tokenizer, reply.messages, self.template) + self.prefill
+            append_context(r, tokenizer.encode(text, add_special_tokens=False), text, max_new_tokens, tokenizer)
+
+
+def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns | None:
+    """What answers the policy between its turns in a command: the task when it is an environment, else the tools
+    cfg asks for (None: neither)."""
+    if is_environment(task):
+        return EnvTurns(task, problems, tokenizer, cfg.template, cfg.prefill, cfg.reward_timeout_s)
+    spec = ToolSpec.of(cfg)
+    return ToolTurns(spec) if spec else None
+
+
+def conversation(problem: Any, messages: list[dict]) -> list[dict]:
+    """A rollout's whole conversation: its problem's prompt messages, then the turns."""
+    return [*(problem.messages or [{"role": "user", "content": problem.prompt}]), *messages]
+
+
+_MARK = "\x00assistant-turn\x00"
+
+
+def context_delta(tokenizer: Any, messages: list[dict], template: str) -> str:
+    """The text the template puts after an assistant turn's end-of-text for messages that follow it, through the next
+    assistant turn's opening: the difference between a stand-in conversation rendered with and without them."""
+    base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
+    before = render_conversation(tokenizer, base, template, add_generation_prompt=False)
+    after = render_conversation(tokenizer, base + messages, template, add_generation_prompt=True)
+    end = before.index(_MARK) + len(_MARK)
+    if tokenizer.eos_token and before.startswith(tokenizer.eos_token, end):  # the policy sampled it already
+        end += len(tokenizer.eos_token)
+    if not after.startswith(before[:end]):
+        raise ValueError(f"template {template!r} renders an assistant turn differently once messages follow it: the "
+                         "environment's messages cannot be appended after the policy's tokens")
+    return after[end:]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from r1lab.rewards.answers import check_answer_format, extract_answer, format_reward
+from r1lab.rewards.environments import call_all, is_environment
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.user_functions import (Outcome, _ScorerTimeout, call_with_timeout, component_name,
@@ -109,7 +110,10 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
                       response_prefix: str = "", answer_format: str = "tags") -> RewardResult:
     """Accuracy and format rewards (and language and users' functions, when weighted) of each completion;
     problems[i] is the problem of completions[i]. Both are judged on response_prefix (response text the prompt
-    already supplied, such as a chat template's `<think>`) + completion, as answer_format says."""
+    already supplied, such as a chat template's `<think>`) + completion, as answer_format says. An environment's
+    task scores itself: score_environment."""
+    if is_environment(task):
+        return score_environment(task, problems, completions, timeout_s)
     tally = _Tally(timeout_s)
     prefix = response_prefix if isinstance(response_prefix, str) else ""
     fmt_name, code = check_answer_format(answer_format), getattr(task, "answers_are_code", False)
@@ -135,3 +139,21 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
         components[component_name(spec)] = custom[spec]
     return RewardResult(total=total, components=components, correct=[a == 1.0 for a in acc], answers=answers,
                         errors=tally.errors, timeouts=tally.timeouts)
+
+
+def score_environment(env, problems: Sequence[Problem], completions: Sequence, timeout_s: float) -> RewardResult:
+    """An environment's rewards (r1lab/rewards/environments) of each conversation (the turns after the prompt, or a
+    single completion's text): its 'reward' is the total, the others are components. A conversation is correct at a
+    total of 1 or more; its answer is its last turn. A scoring that raises or runs past timeout_s scores 0 and is
+    counted."""
+    turns = [[{"role": "assistant", "content": c}] if isinstance(c, str) else list(c) for c in completions]
+    calls = [(p, [*(p.messages or [{"role": "user", "content": p.prompt}]), *t]) for p, t in zip(problems, turns)]
+    outcomes = [("error", "a non-finite reward") if k == "ok" and not all(map(math.isfinite, v.values())) else (k, v)
+                for k, v in call_all(env.rewards, calls, timeout_s)]
+    scored = [value if kind == "ok" else {} for kind, value in outcomes]
+    names = sorted({name for s in scored for name in s} - {"reward"})
+    total = [float(s.get("reward", 0.0)) for s in scored]
+    return RewardResult(total=total, components={n: [float(s.get(n, 0.0)) for s in scored] for n in names},
+                        correct=[t >= 1.0 for t in total], answers=[t[-1]["content"] if t else None for t in turns],
+                        errors=sum(k == "error" for k, _ in outcomes),
+                        timeouts=sum(k == "timeout" for k, _ in outcomes))

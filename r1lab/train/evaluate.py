@@ -27,7 +27,7 @@ from r1lab.config import EvalConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import ToolSample, ToolSpec, generate_with_tools
+from r1lab.engine.tools import ToolSample, ToolSpec, Turns, generate_with_tools, rollout_turns
 from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
@@ -153,7 +153,8 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     tok = engine.tokenizer
     return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill, ec.system), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
-                    timeout_s=ec.reward_timeout_s, language=ec.language, world=world, tools=ToolSpec.of(ec),
+                    timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
+                    tools=lambda chunk: rollout_turns(ec, task, chunk, tok),
                     **scoring_keywords(ec, tok, task))
 
 
@@ -161,9 +162,10 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
              k: int = 8, temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 128,
              seed: int | None = 0, batch_prompts: int = 64, response_prefix: str = "", timeout_s: float = 5.0,
              scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World(),
-             tools: ToolSpec | None = None, answer_format: str = "tags") -> EvalResult:
-    """Sample k completions per problem (with tool calls when tools is given, r1lab/engine/tools.py), score them with the
-    training rewards and summarise.
+             tools: ToolSpec | Callable[[list[Problem]], Turns | None] | None = None,
+             answer_format: str = "tags") -> EvalResult:
+    """Sample k completions per problem (with tool calls or environment turns when tools gives them, a ToolSpec or
+    a function of a batch's problems, r1lab/engine/tools.py), score them with the training rewards and summarise.
 
     Under torchrun each rank evaluates its share of the problems and the records are gathered: every problem's
     samples are seeded by (seed, its index), so the figures equal one process's exactly. `scorer` defaults to
@@ -184,14 +186,16 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         sampling = dict(num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seeds)
         prompts = [encode_prompt(p) for p in chunk]
         t0 = time.perf_counter()
-        samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else \
+        turns = tools(chunk) if callable(tools) else tools
+        samples = generate_with_tools(engine, prompts, turns, **sampling) if turns else \
             engine.generate(prompts, **sampling)
         generation_s += time.perf_counter() - t0
         generated += sum(len(s.token_ids) for s in samples)
         if len(samples) != len(chunk) * k:
             raise RuntimeError(f"engine returned {len(samples)} samples for {len(chunk)} prompts x {k}")
         repeated = [p for p in chunk for _ in range(k)]
-        reward = scorer(task, repeated, [s.text for s in samples], timeout_s=timeout_s, response_prefix=response_prefix)
+        reward = scorer(task, repeated, [getattr(s, "messages", None) or s.text for s in samples], timeout_s=timeout_s,
+                        response_prefix=response_prefix)
         for i, problem in enumerate(chunk):
             records.append(_problem_record(task, problem, samples, reward, slice(i * k, (i + 1) * k),
                                            response_prefix, language, timeout_s))
@@ -217,7 +221,8 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
                          "language": language_consistency(response_prefix + s.text, language),
                          "finish_reason": s.finish_reason,
                          **({"tool_calls": s.calls, "tool_failures": s.failures} if isinstance(s, ToolSample) else {})}
-                        for s, a, c, f in zip(samples[sl], answers, correct, reward.components["format"][sl])]}
+                        for s, a, c, f in zip(samples[sl], answers, correct,
+                                              reward.components.get("format", [0.0] * len(reward.total))[sl])]}
 
 
 def _canonical(task: Any, answer: str | None, timeout_s: float) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,12 +24,13 @@ from r1lab.config import GRPOConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import ToolSpec, generate_with_tools
+from r1lab.engine.tools import generate_with_tools, rollout_turns
 from r1lab.model import moe
 from r1lab.model.loading import (DTYPES, check_context, describe_prompts, encode_prompt, load_policy, pick_device,
                                  prompt_text)
 from r1lab.model.lora import adapters_disabled, add_lora, has_lora
 from r1lab.model.transformer import CausalLM
+from r1lab.rewards.environments import is_environment
 from r1lab.rewards.learned import add_learned_rewards
 from r1lab.rewards.rules import RewardResult, RewardWeights, score_completions
 from r1lab.rewards.sandbox.runner import active_layers, sandbox_summary, use_sandbox
@@ -152,7 +154,8 @@ def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: Prompt
     def draw(step: int) -> tuple[list[Problem], list[int]]:
         return stream.batch(step), [prompt_seed(cfg.seed, step, i) for i in range(cfg.prompts_per_step)]
 
-    return AsyncRollouts(rollout, tokenizer, cfg, sample_rollouts, sync_rollout_policy, draw, log)
+    return AsyncRollouts(rollout, tokenizer, cfg, functools.partial(sample_rollouts, task=stream.task),
+                         sync_rollout_policy, draw, log)
 
 
 def check_world(cfg: GRPOConfig, world: World) -> None:
@@ -170,7 +173,8 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     problems, mine = stream.batch(step), world.share(cfg.prompts_per_step)  # this rank's share: whole groups
     seeds = [prompt_seed(cfg.seed, step, i) for i in mine]  # per prompt, not per rank: N ranks draw what one would
     with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
-        local = source.take(step) if source else sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds)
+        local = source.take(step) if source else sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds,
+                                                                 task)
     clock.lap("rollout")
     local_result = score_rollouts(task, local, cfg, engine.tokenizer)
     rollouts, result = gather_rollouts(world, local), gather_results(world, local_result)  # the whole batch
@@ -224,10 +228,13 @@ class Rollouts:
     old_logprobs: list[list[float]]
     texts: list[str]
     truncated: list[bool]
-    # with tools (r1lab/engine/tools.py), per completion; empty without: every token is the model's, no calls
+    # with tools or an environment (r1lab/engine/tools.py), per completion; empty without: every token is the
+    # model's, no calls
     model_mask: list[list[bool]] = field(default_factory=list)  # True on the model's tokens, False on tool output
-    tool_calls: list[int] = field(default_factory=list)
+    tool_calls: list[int] = field(default_factory=list)  # tool calls, or environment replies
     tool_failures: list[int] = field(default_factory=list)
+    tool_timeouts: list[int] = field(default_factory=list)  # environment replies past their time
+    conversations: list[list[dict]] = field(default_factory=list)  # with an environment: the turns after the prompt
     versions: list[int] = field(default_factory=list)  # async rollouts: the policy version each was sampled from
 
     def trained_mask(self, i: int) -> list[bool]:
@@ -264,20 +271,24 @@ def gather_rollouts(world: World, local: Rollouts) -> Rollouts:
     return Rollouts(**{f.name: [x for part in parts for x in getattr(part, f.name)] for f in fields(Rollouts)})
 
 
-def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int | list[int]) -> Rollouts:
+def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, seed: int | list[int],
+                    task: Task | None = None) -> Rollouts:
     G, tok = cfg.samples_per_prompt, engine.tokenizer
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill, cfg.system) for p in problems]
     sampling = dict(num_samples=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                     top_k=cfg.top_k, seed=seed, suppress_eos=cfg.suppress_eos, max_rows=cfg.rollout_slots)
-    tools = ToolSpec.of(cfg)
-    samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else engine.generate(prompts, **sampling)
+    turns = rollout_turns(cfg, task, problems, tok)
+    samples = generate_with_tools(engine, prompts, turns, **sampling) if turns else engine.generate(prompts, **sampling)
     rollouts = Rollouts(problems=[problems[s.prompt_index] for s in samples],
                         prompt_ids=[prompts[s.prompt_index] for s in samples],
                         completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
                         texts=[s.text for s in samples], truncated=[s.finish_reason == "length" for s in samples])
-    if tools:
+    if turns:
         rollouts.model_mask = [s.model_mask for s in samples]
         rollouts.tool_calls, rollouts.tool_failures = [s.calls for s in samples], [s.failures for s in samples]
+        rollouts.tool_timeouts = [s.timeouts for s in samples]
+    if is_environment(task):
+        rollouts.conversations = [s.messages for s in samples]
     return rollouts
 
 
@@ -287,10 +298,13 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
 
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, tokenizer) -> RewardResult:
     scoring = scoring_keywords(cfg, tokenizer, task)
-    result = score_completions(task, rollouts.problems, rollouts.texts,
+    result = score_completions(task, rollouts.problems, rollouts.conversations or rollouts.texts,
                                RewardWeights(cfg.accuracy_weight, cfg.format_weight, cfg.language_weight, cfg.language,
                                              tuple(cfg.reward_functions.items())),
                                cfg.reward_timeout_s, **scoring)
+    if is_environment(task):  # its replies' failures, as its scoring's
+        result.errors += sum(rollouts.tool_failures)
+        result.timeouts += sum(rollouts.tool_timeouts)
     if cfg.judge_url or cfg.reward_model:  # reward/judge, reward/reward_model
         add_learned_rewards(result, model_rewards(cfg), rollouts.problems, rollouts.texts, scoring["response_prefix"])
     if cfg.tools and cfg.tool_failure_penalty:  # a component like the others: reward/tool_failures is logged
@@ -659,15 +673,15 @@ def zero_variance_warning(streak: int, metrics: dict, cfg: GRPOConfig, answer_fo
 
 
 def tool_metrics(rollouts: Rollouts) -> dict:
-    """Per step, with tools: calls per rollout, the share of calls that failed, the share of rollouts that called,
-    and the tool outputs' share of the completion tokens."""
+    """Per step, with tools (tools/) or an environment (env/, its replies): calls per rollout, the share of calls
+    that failed, the share of rollouts that called, and the outputs' share of the completion tokens."""
     if not rollouts.model_mask:
         return {}
     calls, failures, n = sum(rollouts.tool_calls), sum(rollouts.tool_failures), len(rollouts.tool_calls)
-    tokens = sum(len(m) for m in rollouts.model_mask)
-    return {"tools/calls_per_rollout": calls / n, "tools/failure_rate": failures / calls if calls else 0.0,
-            "tools/rollouts_with_calls": sum(c > 0 for c in rollouts.tool_calls) / n,
-            "tools/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1)}
+    tokens, kind = sum(len(m) for m in rollouts.model_mask), "env" if rollouts.conversations else "tools"
+    return {f"{kind}/calls_per_rollout": calls / n, f"{kind}/failure_rate": failures / calls if calls else 0.0,
+            f"{kind}/rollouts_with_calls": sum(c > 0 for c in rollouts.tool_calls) / n,
+            f"{kind}/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1)}
 
 
 def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, render) -> list[dict]:

@@ -20,6 +20,7 @@ from r1lab.model.loading import pick_device
 from r1lab.model.templates import THINK_CLOSE, resolve_template, response_prefix, template_opens_think
 from r1lab.rewards import tasks
 from r1lab.rewards.answers import choose_answer_format
+from r1lab.rewards.environments import is_environment_spec
 from r1lab.rewards.language import TARGETS
 from r1lab.rewards.learned import LearnedRewards
 from r1lab.rewards.llm_judge import JudgeSettings, load_template
@@ -32,12 +33,12 @@ from r1lab.train.trackers import REPORTERS, report_to_problem
 
 RULES["report_to"] = (report_to_problem, f"a comma-separated list of {', '.join(REPORTERS)}, or none")
 TASKS_ALLOWED = (f"a built-in task ({', '.join(sorted(TASKS))}), a data file ending in {', '.join(DATA_SUFFIXES)}, "
-                 "a datasets save_to_disk directory or a hub dataset name (owner/name)")
+                 "a datasets save_to_disk directory, a hub dataset name (owner/name) or an environment (verifiers:ENV)")
 LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
 
 
 def task_problem(value: str) -> str | None:
-    if value in TASKS or is_data_source(value):
+    if value in TASKS or is_data_source(value) or is_environment_spec(value):
         return None
     return f"{value!r} is not {TASKS_ALLOWED}{did_you_mean(value, TASKS)}"
 
@@ -102,6 +103,13 @@ def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] |
     return parameters
 
 
+def environment_problems(cfg) -> list[str]:
+    """An environment answers the policy between turns itself: r1lab's tool calls would interleave a second protocol."""
+    if getattr(cfg, "tools", "") and is_environment_spec(getattr(cfg, "task", "")):
+        return [f"task {cfg.task} is an environment: its turns are the environment's, give no --tools"]
+    return []
+
+
 def sandbox_problems(cfg) -> list[str]:
     """A code task or tool calls run model-written code: only inside an OS boundary, or where the user opted out."""
     if not hasattr(cfg, "sandbox") or not (getattr(cfg, "tools", "") or getattr(cfg, "task", "") == "code"):
@@ -121,7 +129,7 @@ def start_sandbox(cfg, log) -> None:
 RULES.update({"task": (task_problem, TASKS_ALLOWED), "language": (language_problem, LANGUAGES_ALLOWED),
               "language or empty": (lambda value: None if value == "" else language_problem(value),
                                     LANGUAGES_ALLOWED + ", ''")})
-CHECKS.extend([task_option_problems, sandbox_problems])
+CHECKS.extend([task_option_problems, sandbox_problems, environment_problems])
 
 
 def check_settings(cfg) -> None:

@@ -25,13 +25,19 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def get_task(spec: str, **options: Any) -> Task:
     """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
-    `datasets` save_to_disk directory or a hub dataset name (owner/name)."""
+    `datasets` save_to_disk directory or a hub dataset name (owner/name), or an environment (verifiers:ENV, its
+    options the environment's)."""
+    from r1lab.rewards.environments import is_environment_spec, load_environment  # it imports tasks.base
+
     if spec in TASKS:
         return TASKS[spec](**options)
+    if is_environment_spec(spec):
+        return load_environment(spec, **options)
     if is_data_source(spec):
         return DatasetTask(spec, **options)
     raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, a data file path ending in "
-                     f"{', '.join(DATA_SUFFIXES)}, a datasets directory or a hub dataset name (owner/name)")
+                     f"{', '.join(DATA_SUFFIXES)}, a datasets directory, a hub dataset name (owner/name) or an "
+                     "environment (verifiers:ENV)")
 
 
 def is_data_source(spec: str) -> bool:
