@@ -97,7 +97,7 @@ class Slots:
             self.first_column[:B] -= shift
             self.clock -= shift
             if self.decoder is not None:
-                self.decoder.move_to(self.clock)
+                self.decoder.write_pos.fill_(self.clock)  # the next step writes at the slid clock
         columns, rows, n_rows = max(self.clock, clock_at_least) + 1, B + new_rows, self.key_mask.shape[0]
         if columns > width or rows > n_rows:  # doubling, so a long run resizes only a few times
             self._resize(n_rows if rows <= n_rows else min(self.n_slots, max(rows, 2 * n_rows)),

@@ -15,8 +15,7 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture, as CUDA graph ca
 
 class StaticDecoder:
     def __init__(self, model: CausalLM, cache: KVCache, key_mask: torch.Tensor, use_graph: bool):
-        """cache holds B rows whose first P = key_mask.shape[1] positions are filled (key_mask: the real keys), with
-        room for the steps to come; the next step writes at P."""
+        """cache: B rows whose first P = key_mask.shape[1] positions are filled; the next step writes at P."""
         self.model, self.cache = model, cache
         B, P = key_mask.shape
         L = cache.layers[0][0].shape[2]
@@ -54,10 +53,6 @@ class StaticDecoder:
         """Undo the warm-up steps: their cache entries are overwritten before they are ever attended."""
         self.write_pos.fill_(self.prompt_len)
         self.mask[..., self.prompt_len :] = False
-
-    def move_to(self, column: int) -> None:
-        """The next step writes at this column (continuous batching slid the cache's columns)."""
-        self.write_pos.fill_(column)
 
     def select(self, keep: torch.Tensor) -> StaticDecoder:
         """A decoder for the rows in keep only, continuing where this one is (a smaller batch, captured anew)."""

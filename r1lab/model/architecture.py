@@ -78,10 +78,8 @@ class ModelConfig:
         if arch is None:  # configs built in code lack "architectures"; the model_type says the same
             arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(hf.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
-                f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
+                             f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}")
         if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
             raise ValueError(f"{source}: sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
@@ -97,13 +95,10 @@ class ModelConfig:
             "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
         } | _arch_keys(arch)
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
+            **{k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads")},
+            **{k: hf.get(k) for k in ("head_dim", "bos_token_id", "eos_token_id")},
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=rope if rope_type in ("llama3", "yarn") else None,
@@ -114,8 +109,6 @@ class ModelConfig:
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             mlp_bias=hf.get("mlp_bias", False),
             architecture=arch,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
             extra={k: v for k, v in hf.items() if k not in known},
             **_arch_fields(hf, arch, source),
         )

@@ -79,8 +79,7 @@ def _mtp_to_v3_names(state: dict, cfg: ModelConfig) -> dict:
 
 
 def _mtp_from_v3_names(state: dict, cfg: ModelConfig) -> dict:
-    """model.layers.{L + K}.* -> mtp.K.*; the copies of the embedding and head must equal the main model's, which
-    the module shares."""
+    """model.layers.{L + K}.* -> mtp.K.*; the copies of the embedding and head must equal the main model's."""
     out = {}
     shared = {"embed_tokens.weight": "model.embed_tokens.weight",
               "shared_head.head.weight": "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"}
@@ -139,8 +138,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def _drop_absent_mtp(cfg: ModelConfig, state: dict, path: Path) -> None:
-    """A DeepSeek-V3 checkpoint written by transformers keeps num_nextn_predict_layers but not the layers: the model
-    loads without them, and says so."""
+    """A V3 checkpoint written by transformers has num_nextn_predict_layers but no MTP layers: load without them."""
     if cfg.mtp_depth and not any(name.startswith(_mtp_layer(cfg, 0)) for name in state):
         warnings.warn(f"{path}: config.json has num_nextn_predict_layers {cfg.mtp_depth} but the weights hold no "
                       f"{_mtp_layer(cfg, 0)}*: loading without the multi-token prediction module", stacklevel=3)
@@ -196,8 +194,7 @@ def read_generation_config(path: Path) -> dict:
 
 
 def generation_config(cfg) -> dict:
-    """What a saved model's generation_config.json holds: the one it was loaded with, unchanged; for a model r1lab
-    built, its ids."""
+    """A saved model's generation_config.json: the one it was loaded with, unchanged; else its token ids."""
     if cfg.generation:
         return dict(cfg.generation)
     return {k: v for k, v in {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}.items()

@@ -78,8 +78,7 @@ class LoRAAdapter(nn.Module):
 
 
 class _AddLowRank:
-    """Forward hook of one r1lab Linear: its output plus each part's low-rank term, concatenated along the output
-    rows in the fused order (zeros for the parts without an adapter)."""
+    """Forward hook of one r1lab Linear: its output plus each part's low-rank term (zeros for a part without one)."""
 
     def __init__(self, parts: list[tuple[LoRAAdapter | None, int]]):
         self.parts = parts  # (adapter or None, that part's number of output rows)
@@ -134,8 +133,7 @@ def _check_spec(spec: LoRASpec) -> None:
 
 def _install(parent: nn.Module, parent_name: str, cfg: ModelConfig, spec: LoRASpec,
              generator: torch.Generator) -> list[nn.Parameter]:
-    """Adapters for the targeted modules under parent (a layer's attention or MLP), and a hook on each Linear that
-    has one."""
+    """Adapters for the targeted modules under parent (a layer's attention or MLP), and a hook on their Linears."""
     adapters = nn.ModuleDict()
     for linear_name, part_names in _PARTS[parent_name].items():
         if not any(p in spec.targets for p in part_names):
@@ -174,8 +172,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in) and
-    .lora_B.weight (out, rank), e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in), .lora_B.weight."""
     state = {}
     for path, adapter in _adapters(model):
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
@@ -194,8 +191,7 @@ def _spec_of(model: CausalLM) -> LoRASpec:
 
 
 def save_adapter(model: CausalLM, path: str | Path, base_model: str) -> None:
-    """Write adapter_config.json and adapter_model.safetensors as PEFT does, so that PeftModel.from_pretrained (and
-    vLLM's LoRA loading) take them; base_model is what base_model_name_or_path names (a hub id or a directory)."""
+    """Write adapter_config.json and adapter_model.safetensors as PEFT does; base_model: base_model_name_or_path."""
     spec = _spec_of(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -230,8 +226,7 @@ def load_adapter(model: CausalLM, path: str | Path) -> LoRASpec:
 
 
 def load_adapter_weights(model: CausalLM, path: str | Path) -> None:
-    """The weights of the adapter saved at path into model's own adapters, in place (the optimizer keeps holding
-    the same parameters): resuming a LoRA run. Its settings must be the model's (ValueError naming what differs)."""
+    """The weights of the adapter at path into model's own adapters, in place (resuming); its settings must match."""
     path = Path(path)
     spec, state = _read_adapter(path)
     own = _spec_of(model)
@@ -295,8 +290,7 @@ def _copy_weights(model: CausalLM, state: dict[str, torch.Tensor], source: Path)
 
 
 def merge_lora(model: CausalLM) -> None:
-    """Fold every adapter into its base weight (W += scale * B @ A, into the fused weight's rows of its part) and
-    remove the adapters; every parameter is trainable again, and save_model then writes a plain HF model."""
+    """Fold every adapter into its base weight (W += scale * B @ A) and remove them; every parameter trainable again."""
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to merge")
     with torch.no_grad():

@@ -43,8 +43,7 @@ def render_prompt(tokenizer: Tokenizer, question: str, template: str = "r1zero",
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
                         add_generation_prompt: bool = True, variables: dict | None = None) -> str:
-    """messages: [{"role": ..., "content": str}, ...]; with add_generation_prompt the text ends where the assistant's
-    reply begins. variables: more variables for a chat template."""
+    """messages: [{"role": ..., "content": str}, ...]; variables: more variables for a chat template."""
     template = resolve_template(tokenizer, template)
     if template == "chat":
         return apply_chat_template(tokenizer, messages, add_generation_prompt, variables)

@@ -64,8 +64,7 @@ class Backbone(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, the latent and the rotary
-    key instead (r1lab/model/mla.py)."""
+    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, mla.cache_shapes."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -78,8 +77,7 @@ class KVCache:
         self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
 
     def copy_row(self, row: int, start: int, source: KVCache, source_row: int, source_start: int, n: int) -> None:
-        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n): a
-        prefilled prompt moving into a slot of the engine's continuous batch."""
+        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n)."""
         for layer, source_layer in zip(self.layers, source.layers):
             for t, s in zip(layer, source_layer):
                 t[row, :, start : start + n] = s[source_row, :, source_start : source_start + n]

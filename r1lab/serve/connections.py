@@ -71,8 +71,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
 
 
 class ConnectionTable:
-    """A server's open connections, counted in all and per address, and those waiting for a request head, oldest
-    first (closed first when a cap is reached)."""
+    """A server's open connections, in all and per address, and those waiting for a request head, oldest first."""
 
     def __init__(self, limits: ConnectionLimits):
         self.limits = limits
