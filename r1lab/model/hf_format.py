@@ -10,8 +10,8 @@ import json
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 from r1lab.model import moe
 from r1lab.model.architecture import ModelConfig, rope_inverse_frequencies
@@ -115,7 +115,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(safetensors.torch.load_file(str(path / f)))
     _drop_absent_mtp(cfg, state, path)
     with torch.device("meta"):
         model = CausalLM(cfg)
@@ -169,7 +169,7 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
-        save_file(shard, str(path / name), metadata={"format": "pt"})
+        safetensors.torch.save_file(shard, str(path / name), metadata={"format": "pt"})  # looked up here: tests replace it
     if n > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}

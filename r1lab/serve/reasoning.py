@@ -34,9 +34,6 @@ class _Part:
         self.pending_space = text[len(body):]
         return out
 
-    def end(self) -> None:
-        self.pending_space = ""
-
 
 class ReasoningSplitter:
     """Feed text deltas, get (reasoning_delta, content_delta) back; call finish() at the end of the stream."""
@@ -79,7 +76,7 @@ class ReasoningSplitter:
             self.in_think = True
         elif tag == THINK_CLOSE and self.in_think:
             self.in_think = False
-            self._reasoning.end()  # whitespace before </think> belongs to no one
+            self._reasoning.pending_space = ""  # whitespace before </think> belongs to no one
 
 
 def split_reasoning(text: str, in_think: bool = False, answer_format: str = "tags") -> tuple[str, str]:
