@@ -10,7 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
-import safetensors.torch
+import safetensors.torch  # its functions looked up at each call: tests replace save_file
 import torch
 
 from r1lab.model import moe
@@ -169,7 +169,7 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
-        safetensors.torch.save_file(shard, str(path / name), metadata={"format": "pt"})  # looked up here: tests replace it
+        safetensors.torch.save_file(shard, str(path / name), metadata={"format": "pt"})
     if n > 1:
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
