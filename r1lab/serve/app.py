@@ -132,20 +132,14 @@ def _add_error_handlers(app: FastAPI) -> None:
             headers = {"Connection": "close"}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
-    def http_error(_request, err: HTTPException):
-        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return JSONResponse(ApiError(err.status_code, str(err.detail), kind).body(), status_code=err.status_code)
-
-    def validation_error(_request, err: RequestValidationError):
-        return JSONResponse(ApiError(400, str(err.errors()[:1])).body(), status_code=400)
-
-    def server_error(_request, err: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(), status_code=500)
+    def error(status: int, message: str) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(ApiError(status, message, kind).body(), status_code=status)
 
     app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
+    app.add_exception_handler(HTTPException, lambda _r, err: error(err.status_code, str(err.detail)))
+    app.add_exception_handler(RequestValidationError, lambda _r, err: error(400, str(err.errors()[:1])))
+    app.add_exception_handler(Exception, lambda _r, err: error(500, f"internal error: {type(err).__name__}"))
 
 
 async def read_json(request: Request, cfg: ServeConfig) -> dict:
