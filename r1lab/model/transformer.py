@@ -27,14 +27,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class SharedHead(nn.Module):
-    """V3's `shared_head`: the norm before the output head (the main lm_head, stored as a copy in checkpoints)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class MTPModule(DecoderLayer):
     """One depth of DeepSeek-V3's multi-token prediction: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then the
     decoder block a layer at its index would be, then shared_head.norm before the shared output head."""
@@ -44,7 +36,8 @@ class MTPModule(DecoderLayer):
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.shared_head = SharedHead(cfg)
+        # V3's shared_head: the norm before the output head (the main lm_head, stored as a copy in checkpoints)
+        self.shared_head = nn.ModuleDict({"norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)})
 
     def predict(self, h, next_embeddings, cos, sin, mask, cache=None, start=0):
         """The block's output (B, T, D) before shared_head.norm (the next depth's h), from the previous depth's h and
