@@ -1,22 +1,9 @@
-"""Continuous batching: running sequences in the rows of one KV cache, a finished one's row going to a waiting one.
+"""Continuous batching: sequences in the rows of one KV cache, a finished one's row going to a waiting one.
 
-A GRPO step's completions vary widely in length, and a server's requests arrive while others run. Run in fixed
-batches, a batch lasts as long as its longest completion and a finished row is wasted work. Here a sequence takes a
-free row of the cache between two decode steps, its prompt prefilled by a forward of its own, and leaves it when done.
-
-Slots is the layout, one for both users: every row writes its next key at the same cache column (the clock), so one
-decode step is one forward over the rows. A newcomer's keys end just before the clock and its key mask hides
-everything else in the row: a previous occupant's keys stay in the buffer but are never attended. Columns that no
-running row attends any more are slid out from time to time, so the attended width stays near the longest running
-sequence. Rotary positions are per row and travel with the keys, so a slide changes nothing.
-
-* FixedSlots (below) is Engine.generate with max_rows: a set of sequences fixed when generate is called, the engine
-  sampling and recording. A prompt is prefilled once for all its samples. A finished row keeps its place until a
-  newcomer takes it or, once nobody waits, the batch is compacted (the tail of the run then shrinks). With static
-  decoding (r1lab/engine/static_decode.py, a CUDA graph on a GPU) the rows are the decoder's fixed rows: its mask is
-  the key mask, newcomers and slides write into the same buffers in place, and the cache slides only when full.
-* LiveBatch (r1lab/engine/live_batch.py) is the server's batch: sequences join and leave at any time, the running
-  ones packed in the first rows, the cache growing as it must.
+Slots is the layout, for Engine.generate (FixedSlots, below) and the server's LiveBatch (r1lab/engine/live_batch.py):
+every row writes its next key at the same cache column (the clock), so one decode step is one forward over the rows.
+A newcomer's keys end just before the clock and its key mask hides the rest of its row; columns no running row
+attends any more are slid out from time to time. Rotary positions travel with the keys, so a slide changes nothing.
 """
 
 from __future__ import annotations
@@ -34,8 +21,8 @@ SLIDE_SHARE = 4  # ... and they are at least 1 / SLIDE_SHARE of the columns in u
 
 
 def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_columns: int = 0):
-    """One forward over these prompts, left-padded to the longest (P). Returns their cache (P + extra_columns
-    columns), last logits (n, V) and key mask (n, P)."""
+    """One forward over these prompts, left-padded to the longest (P): their cache (P + extra_columns columns),
+    last logits (n, V) and key mask (n, P)."""
     P = max(len(p) for p in prompts)
     device = next(model.parameters()).device
     ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n, P)
@@ -46,9 +33,8 @@ def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_column
 
 
 def drop_finished(batch, tokens: torch.Tensor, cache: KVCache, decoder: StaticDecoder | None, names: tuple[str, ...]):
-    """Once a quarter of batch's rows are finished (half with a static decoder, whose smaller batch is captured
-    anew), drop them, so they stop costing compute: from batch's per-row tensors (names, and finished), the cache (by
-    the decoder, which selects its rows) and tokens (B,). Returns (tokens, decoder)."""
+    """Once a quarter of batch's rows are finished (half with a static decoder, captured anew), drop them from its
+    per-row tensors (names, and finished), the cache (or the decoder) and tokens (B,). Returns (tokens, decoder)."""
     n_done = int(batch.finished.sum())
     if n_done == 0 or n_done * (4 if decoder is None else 2) < len(batch.finished):
         return tokens, decoder
@@ -67,8 +53,7 @@ class Slots:
     start, positions the position id of each row's next token, logits (rows, V) of its next token; and the clock."""
 
     def __init__(self, model: CausalLM, n_slots: int, n_rows: int, width: int, floor: int = 0):
-        """At most n_slots rows; buffers of n_rows x width to start with. The clock starts at floor and never slides
-        below it."""
+        """At most n_slots rows; buffers of n_rows x width to start with; the clock never slides below floor."""
         self.model, self.n_slots, self.clock, self.floor = model, n_slots, floor, floor
         self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.decoder: StaticDecoder | None = None
@@ -98,10 +83,9 @@ class Slots:
         self.positions[:B] += 1
 
     def _make_room(self, B: int, starts: torch.Tensor, clock_at_least: int = 0, new_rows: int = 0) -> None:
-        """Room for the clock to be at clock_at_least or more and write one column there, and for new_rows rows
-        beside the first B. starts: the first columns of the running rows. The columns before them all are slid out
-        when they are many or the cache is full (only when full with a static decoder, which attends the whole buffer
-        anyway); the buffers double when still short."""
+        """Room for the clock to be at clock_at_least or more and write there, and for new_rows rows beside the first
+        B. starts: the running rows' first columns; the columns before them all are slid out when they are many or
+        the cache is full (only when full with a static decoder); the buffers double when still short."""
         shift = min(int(starts.min()) if len(starts) else self.clock, self.clock - self.floor)
         width = self.key_mask.shape[1]
         full = max(self.clock, clock_at_least) + 1 > width
@@ -113,7 +97,7 @@ class Slots:
             self.first_column[:B] -= shift
             self.clock -= shift
             if self.decoder is not None:
-                self.decoder.move_to(self.clock)
+                self.decoder.write_pos.fill_(self.clock)  # the next step writes at the slid clock
         columns, rows, n_rows = max(self.clock, clock_at_least) + 1, B + new_rows, self.key_mask.shape[0]
         if columns > width or rows > n_rows:  # doubling, so a long run resizes only a few times
             self._resize(n_rows if rows <= n_rows else min(self.n_slots, max(rows, 2 * n_rows)),
@@ -139,21 +123,19 @@ class Slots:
 
 
 class FixedSlots(Slots):
-    """Engine.generate's batch over a set of sequences fixed up front: num_samples per prompt, output rows
-    prompt-major, at most n_slots running. rows (B,) output row of each slot, finished (B,), logits (B, V), as
-    Engine._record and Engine._call_back expect; empty slots count as finished."""
+    """Engine.generate's batch over sequences fixed up front: num_samples per prompt, output rows prompt-major, at
+    most n_slots running. rows (B,) output row of each slot, finished (B,) (empty slots too), logits (B, V). A prompt
+    is prefilled once for all its samples; with a static decoder its mask is the key mask."""
 
     def __init__(self, model: CausalLM, prompt_ids: list[list[int]], num_samples: int, n_slots: int,
                  max_new_tokens: int, pad_id: int,
                  static_decoder: Callable[[KVCache, torch.Tensor], StaticDecoder | None] = lambda *_: None):
-        """static_decoder(cache, key_mask) gives the engine's fixed-shape decoder over the filled columns, or None
-        for the dynamic decode."""
+        """static_decoder(cache, key_mask): the engine's fixed-shape decoder over the filled columns, or None."""
         self.prompt_ids, self.num_samples, self.pad_id = prompt_ids, num_samples, pad_id
         longest_prompt = max(len(p) for p in prompt_ids)
         n_slots = min(n_slots, len(prompt_ids) * num_samples)  # a slot never filled would hold no output row
-        # A running sequence spans at most longest_prompt + max_new_tokens columns; twice that leaves room to slide
-        # rarely, and the buffers never grow. The clock never goes below the longest prompt, so a newcomer's prompt
-        # always fits before it.
+        # A sequence spans at most longest_prompt + max_new_tokens columns: twice that slides rarely and never grows;
+        # the clock never goes below the longest prompt, so a newcomer's prompt always fits before it
         super().__init__(model, n_slots, n_slots, 2 * (longest_prompt + max_new_tokens), floor=longest_prompt)
         self.waiting = deque(range(len(prompt_ids) * num_samples))
         self.prefilled: dict[int, tuple] = {}  # prompt -> (cache, its row, padded length, logits (V,))

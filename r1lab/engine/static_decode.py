@@ -1,12 +1,7 @@
-"""Decode steps with fixed shapes, replayed as one CUDA graph on a GPU.
-
-A decode step of a 0.5B model is a few hundred small kernels; launched one by one from Python, their launch
-overhead, not the GPU, sets the pace. Here every step uses the same buffers: the input token and position are
-copied into static tensors, the new keys and values are written at a position held in a (1,) tensor, and the whole
-preallocated cache is attended under a mask that gains one column per step. On CUDA the step is captured once as a
-CUDA graph and replayed; elsewhere it runs eagerly (the CPU tests check that both give the same tokens as the
-dynamic path). Finished rows keep their place until half the batch is done; the engine then continues with a
-smaller decoder (select), so they stop costing work without a capture every few steps.
+"""Decode steps with fixed shapes, replayed as one CUDA graph on a GPU (launching a small model's few hundred kernels
+one by one from Python sets the pace). Every step uses the same buffers: token and position copied into static tensors,
+keys written at a position held in a (1,) tensor, the whole cache attended under a mask that gains a column per step.
+Elsewhere the step runs eagerly (the CPU tests check it gives the dynamic path's tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +15,7 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture, as CUDA graph ca
 
 class StaticDecoder:
     def __init__(self, model: CausalLM, cache: KVCache, key_mask: torch.Tensor, use_graph: bool):
-        """cache holds B rows whose first P = key_mask.shape[1] positions are filled (key_mask marks the real keys
-        among them), with room for the steps to come; the next step writes at P."""
+        """cache: B rows whose first P = key_mask.shape[1] positions are filled; the next step writes at P."""
         self.model, self.cache = model, cache
         B, P = key_mask.shape
         L = cache.layers[0][0].shape[2]
@@ -60,20 +54,14 @@ class StaticDecoder:
         self.write_pos.fill_(self.prompt_len)
         self.mask[..., self.prompt_len :] = False
 
-    def move_to(self, column: int) -> None:
-        """The next step writes at this column (continuous batching slid the cache's columns, r1lab/engine/slots.py)."""
-        self.write_pos.fill_(column)
-
     def select(self, keep: torch.Tensor) -> StaticDecoder:
-        """A decoder for the rows in keep only, continuing where this one is: a smaller batch, captured anew once
-        enough rows have finished that the work saved outweighs a capture."""
+        """A decoder for the rows in keep only, continuing where this one is (a smaller batch, captured anew)."""
         filled = int(self.write_pos)
         self.cache.select(keep)
         return StaticDecoder(self.model, self.cache, self.mask[keep, 0, 0, :filled], self.graph is not None)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) after feeding tokens (B,) at positions (B,). The returned tensor is reused by the next
-        step: read it before calling step again."""
+        """Logits (B, V) after feeding tokens (B,) at positions (B,), in a tensor the next step reuses."""
         self.tokens.copy_(tokens[:, None])
         self.positions.copy_(positions[:, None])
         if self.graph is None:

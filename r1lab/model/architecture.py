@@ -17,16 +17,9 @@ SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwe
 ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
 
 
-# Multi-head latent attention (r1lab/model/mla.py) and mixture-of-experts layers (r1lab/model/moe.py)
-MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
-
-
-MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")
-
-
-# Multi-token prediction modules (r1lab/model/transformer.py MTPModule), stored after the main layers
-MTP_ARCHITECTURE = "DeepseekV3ForCausalLM"
-
+MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)  # multi-head latent attention (mla.py)
+MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")  # mixture-of-experts layers (moe.py)
+MTP_ARCHITECTURE = "DeepseekV3ForCausalLM"  # multi-token prediction modules (transformer.py MTPModule)
 
 
 def attention_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, prefix: str = "") -> list[str]:
@@ -38,6 +31,7 @@ def attention_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int
     if num_heads % num_kv_heads:
         problems.append(f"{prefix}num_heads {num_heads} is not a multiple of {prefix}num_kv_heads {num_kv_heads}")
     return problems
+
 
 @dataclass
 class ModelConfig:
@@ -84,10 +78,8 @@ class ModelConfig:
         if arch is None:  # configs built in code lack "architectures"; the model_type says the same
             arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}.get(hf.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
-                f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"{source}: architecture {arch!r} (model_type {hf.get('model_type')!r}) is not supported; "
+                             f"r1lab supports {', '.join(SUPPORTED_ARCHITECTURES)}")
         if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
             raise ValueError(f"{source}: sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
@@ -103,13 +95,10 @@ class ModelConfig:
             "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
         } | _arch_keys(arch)
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
+            **{k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                  "num_attention_heads")},
+            **{k: hf.get(k) for k in ("head_dim", "bos_token_id", "eos_token_id")},
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=rope if rope_type in ("llama3", "yarn") else None,
@@ -120,33 +109,19 @@ class ModelConfig:
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             mlp_bias=hf.get("mlp_bias", False),
             architecture=arch,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
             extra={k: v for k, v in hf.items() if k not in known},
             **_arch_fields(hf, arch, source),
         )
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
+        shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim")
+        rest = ("rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
+                "eos_token_id")
         hf = dict(self.extra)
-        hf.update(
-            architectures=[self.architecture],
-            model_type=SUPPORTED_ARCHITECTURES[self.architecture],
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads,
-            head_dim=self.head_dim,
-            hidden_act="silu",
-            rms_norm_eps=self.rms_norm_eps,
-            rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            torch_dtype=str(dtype).removeprefix("torch."),
-        )
+        hf.update(architectures=[self.architecture], model_type=SUPPORTED_ARCHITECTURES[self.architecture],
+                  **{k: getattr(self, k) for k in shape}, hidden_act="silu", **{k: getattr(self, k) for k in rest},
+                  torch_dtype=str(dtype).removeprefix("torch."))
         if self.rope_scaling:
             hf["rope_scaling"] = dict(self.rope_scaling)
         if self.architecture in ATTENTION_BIAS_ARCHITECTURES:
@@ -172,8 +147,10 @@ def _arch_keys(arch: str) -> set[str]:
 
 
 def _arch_fields(hf: dict, arch: str, source: str) -> dict:
-    fields = {"mla": mla_from_hf(hf, source) if arch in MLA_ARCHITECTURES else None,
+    fields = {"mla": {k: hf.get(k, default) for k, default in MLA_KEYS.items()} if arch in MLA_ARCHITECTURES else None,
               "moe": moe_from_hf(hf, arch) if arch in MOE_ARCHITECTURES else None}
+    if fields["mla"] and hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
+        raise ValueError(f"{source}: MLA needs num_key_value_heads equal to num_attention_heads (or unset)")
     if arch == MTP_ARCHITECTURE:
         depth = hf.get("num_nextn_predict_layers") or 0
         if not isinstance(depth, int) or depth < 0:
@@ -189,7 +166,7 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if not s:
         return inv.float()
-    if s.get("rope_type", s.get("type")) == "yarn":
+    if is_yarn(cfg):
         return yarn_inverse_frequencies(cfg)
     # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
@@ -204,13 +181,6 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
 # config.json keys of MLA, with transformers' DeepseekV3Config defaults
 MLA_KEYS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
             "v_head_dim": 128, "rope_interleave": True, "attention_bias": False}
-
-
-def mla_from_hf(hf: dict, source: str) -> dict:
-    mla = {k: hf.get(k, default) for k, default in MLA_KEYS.items()}
-    if hf.get("num_key_value_heads") not in (None, hf["num_attention_heads"]):
-        raise ValueError(f"{source}: MLA needs num_key_value_heads equal to num_attention_heads (or unset)")
-    return mla
 
 
 # config.json keys, with transformers' defaults

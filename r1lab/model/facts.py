@@ -1,7 +1,5 @@
-"""What a model costs per token, for reports: parameters in all and active per token (an MoE layer runs only the
-experts its router picks, plus its shared ones), and the bytes the engine's KV cache keeps per token (MLA: the
-compressed latent and the rotary key; grouped-query attention: a key and a value per KV head), beside a multi-head
-model of the same width, heads and depth."""
+"""What a model costs per token, for reports: parameters in all and active per token, and the bytes the engine's KV
+cache keeps per token, beside a multi-head model of the same width, heads and depth."""
 
 from __future__ import annotations
 
@@ -16,8 +14,7 @@ from r1lab.model.transformer import KVCache
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, those a token runs through): routed experts a token does not pick are not active. The
-    multi-token prediction modules are left out, as V3's 671B leaves out its 14B MTP module (mtp_parameters)."""
+    """(all parameters, those a token runs through), the multi-token prediction modules left out (as V3's 671B)."""
     total = sum(p.numel() for p in model.parameters()) - mtp_parameters(model)
     idle = 0
     for layer in moe.moe_layers(model).values():

@@ -1,11 +1,7 @@
-"""Hugging Face format: config.json + model.safetensors (or sharded with model.safetensors.index.json).
-
-Module names mirror transformers' (model.layers.N.self_attn.o_proj, ...), except that q/k/v and gate/up are each one
-fused projection (qkv_proj, gate_up_proj): one larger matrix product instead of three or two, in decode and training.
-load_model and save_model split and join them, so checkpoints on disk hold transformers' tensor names exactly.
-DeepSeek-V3's multi-token prediction modules (r1lab's mtp.K.*) are stored as V3 ships them: model.layers.{L + K}.*
-after the L main layers, each with copies of the embedding and the output head it shares (embed_tokens,
-shared_head.head); transformers skips those layers when it loads.
+"""Hugging Face format: config.json + model.safetensors (or shards with model.safetensors.index.json), in transformers'
+tensor names: r1lab's fused projections (qkv_proj, gate_up_proj: one matrix product instead of three or two) are split
+on save and joined on load. DeepSeek-V3's multi-token prediction modules (mtp.K.*) are stored as V3 ships them:
+model.layers.{L + K}.*, with copies of the embedding and output head they share.
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
+import safetensors.torch  # its functions looked up at each call: tests replace save_file
 import torch
 
 from r1lab.model import moe
@@ -82,8 +79,7 @@ def _mtp_to_v3_names(state: dict, cfg: ModelConfig) -> dict:
 
 
 def _mtp_from_v3_names(state: dict, cfg: ModelConfig) -> dict:
-    """model.layers.{L + K}.* -> mtp.K.*; the copies of the embedding and head must equal the main model's, which
-    the module shares (a checkpoint whose copies differ would change the predictions silently)."""
+    """model.layers.{L + K}.* -> mtp.K.*; the copies of the embedding and head must equal the main model's."""
     out = {}
     shared = {"embed_tokens.weight": "model.embed_tokens.weight",
               "shared_head.head.weight": "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"}
@@ -104,8 +100,6 @@ def _mtp_from_v3_names(state: dict, cfg: ModelConfig) -> dict:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> CausalLM:
-    from safetensors.torch import load_file
-
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -121,7 +115,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(safetensors.torch.load_file(str(path / f)))
     _drop_absent_mtp(cfg, state, path)
     with torch.device("meta"):
         model = CausalLM(cfg)
@@ -132,7 +126,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     unexpected = set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(_owned(join_fused(state, cfg), state, device), strict=False, assign=True)
+    # No tensor may stay a view of the file's memory mapping: it would keep the whole mapping resident, the q/k/v and
+    # gate/up pages read to build the fused tensors included (about half the weights again)
+    owned = {name: t.to(device=device, copy=name in state or name.startswith("mtp."))
+             for name, t in join_fused(state, cfg).items()}
+    model.load_state_dict(owned, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inverse_frequencies(cfg)
@@ -140,31 +138,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 
 def _drop_absent_mtp(cfg: ModelConfig, state: dict, path: Path) -> None:
-    """A DeepSeek-V3 checkpoint written by transformers keeps num_nextn_predict_layers in its config but not the
-    layers (transformers builds none): the model loads without them, and says so."""
+    """A V3 checkpoint written by transformers has num_nextn_predict_layers but no MTP layers: load without them."""
     if cfg.mtp_depth and not any(name.startswith(_mtp_layer(cfg, 0)) for name in state):
         warnings.warn(f"{path}: config.json has num_nextn_predict_layers {cfg.mtp_depth} but the weights hold no "
                       f"{_mtp_layer(cfg, 0)}*: loading without the multi-token prediction module", stacklevel=3)
         cfg.mtp_depth = 0
 
 
-def _owned(joined: dict, mapped: dict, device) -> dict:
-    """joined's tensors on device, none of them a view of the file.
-
-    safetensors maps the file into memory: every page a tensor reads stays counted in the process's memory as long as
-    any tensor of the file is alive. The fused projections are already new tensors (torch.cat), but the rest, kept as
-    views, would hold the whole mapping, so that the q/k/v and gate/up pages read to build the fused ones stayed
-    resident beside them: about half the weights again. Copying the rest lets the mapping go when loading ends (the
-    multi-token prediction module's tensors, renamed from the file's, included)."""
-    return {name: t.to(device=device, copy=name in mapped or name.startswith("mtp.")) for name, t in joined.items()}
-
-
 def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
                state: dict | None = None) -> None:
     """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load; the
     weights are model's own, or state (a full state dict of it, e.g. gathered from the ranks of a sharded model)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
@@ -174,24 +158,22 @@ def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = No
     dtype = dtype or next(model.parameters()).dtype
     shards, current, size = [], {}, 0
     for name, t in state.items():
-        if current and size + t.numel() * t.element_size() > max_shard_bytes:
+        if current and size + t.nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
         current[name] = t
-        size += t.numel() * t.element_size()
+        size += t.nbytes
     shards.append(current)
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()
-    if len(shards) == 1:
-        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for name, shard in zip(names, shards):
+        safetensors.torch.save_file(shard, str(path / name), metadata={"format": "pt"})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     cfg = model.config
     (path / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
     (path / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2))
@@ -212,8 +194,7 @@ def read_generation_config(path: Path) -> dict:
 
 
 def generation_config(cfg) -> dict:
-    """What a saved model's generation_config.json holds: the one it was loaded with, unchanged (its eos list and
-    sampling defaults are the model's, and vLLM and transformers read them); for a model r1lab built, its ids."""
+    """A saved model's generation_config.json: the one it was loaded with, unchanged; else its token ids."""
     if cfg.generation:
         return dict(cfg.generation)
     return {k: v for k, v in {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}.items()

@@ -35,22 +35,19 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class FastPaths:
-    """Faster code for some products, installed by r1lab/cpu at process set-up (model/ never imports cpu/); None:
-    torch's own. few_rows_linear(x, weight, bias): x @ W.T + b over the few rows of a CPU decode step."""
+    """Faster products installed by r1lab/cpu at process set-up (model/ never imports cpu/); None: torch's own.
+    few_rows_linear(x, weight, bias): x @ W.T + b over the few rows of a CPU decode step."""
 
     few_rows_linear: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 FAST_PATHS = FastPaths()
 FEW_ROWS = 32  # rows of x up to which a float32 CPU product takes FAST_PATHS.few_rows_linear (a decode step's batch)
-# Weights from which the gradient is written in place (_InPlaceGradLinear); smaller ones come from the allocator's
-# free lists (nothing to fault in), where the Python-level autograd function would only add its overhead.
-IN_PLACE_GRAD_MIN = 1 << 20
+IN_PLACE_GRAD_MIN = 1 << 20  # weights whose gradient _InPlaceGradLinear writes (smaller ones cost no page faults)
 
 
 def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x @ W.T + b through the installed few-rows product, or None where none is installed or x is not a few
-    float32 CPU rows."""
+    """x @ W.T + b through the installed few-rows product; None where none is or x is not a few float32 CPU rows."""
     product = FAST_PATHS.few_rows_linear
     if product is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() // x.shape[-1] > FEW_ROWS:
         return None
@@ -58,32 +55,24 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose products over a few rows (a decode step's batch) take the installed fast path, and whose
-    backward writes its gradients in place (_InPlaceGradLinear)."""
+    """nn.Linear whose few-row products take the installed fast path, and whose backward writes its gradients in
+    place (_InPlaceGradLinear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _accumulates_in_place(x, self.weight):
-            return _InPlaceGradLinear.apply(x, self.weight, self.bias)
+        # Training one process's own weights, outside autocast (which casts inside F.linear); FSDP's sharded weights
+        # (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks.
+        w = self.weight
+        if (torch.is_grad_enabled() and w.requires_grad and w.numel() >= IN_PLACE_GRAD_MIN
+                and not isinstance(w, DTensor) and not torch.is_autocast_enabled(x.device.type)):
+            return _InPlaceGradLinear.apply(x, w, self.bias)
         y = few_rows_product(x, self.weight, self.bias)
         return super().forward(x) if y is None else y
 
 
-def _accumulates_in_place(x: torch.Tensor, weight: nn.Parameter) -> bool:
-    """Training one process's own weights, outside autocast (which casts inside F.linear): see _InPlaceGradLinear.
-    FSDP's sharded weights (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks."""
-    return (torch.is_grad_enabled() and weight.requires_grad and weight.numel() >= IN_PLACE_GRAD_MIN
-            and not isinstance(weight, DTensor) and not torch.is_autocast_enabled(x.device.type))
-
-
 class _InPlaceGradLinear(torch.autograd.Function):
-    """x @ W.T + b whose backward adds dY.T @ x into W.grad in place (and dY summed into b.grad).
-
-    Through autograd, every backward of a projection returns a fresh (out, in) gradient that is then added into
-    .grad: GRPO's two passes per micro-batch (the shared prompt, then the completions) give two per weight. On a CPU
-    each fresh block is new memory the kernel must fault in and zero: at the Qwen2.5-0.5B shape about 3 GB per
-    step, a third of the layers' backward time. Writing into .grad removes them. The gradients are the same sums;
-    a hook on the weight tensor does not see them (r1lab sums gradients over ranks after backward, not from hooks),
-    while a post-accumulate-grad hook still fires once, after every pass's part is in (r1lab/train/backward_step.py)."""
+    """x @ W.T + b whose backward adds dY.T @ x into W.grad in place (and dY summed into b.grad): through autograd,
+    each backward returns a fresh (out, in) gradient, new memory a CPU must fault in and zero (two per weight in
+    GRPO's two passes). A hook on the weight does not see these gradients; a post-accumulate-grad hook still fires."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -126,39 +115,38 @@ class Attention(nn.Module):
         qk = (qk * cos + rotate_half(qk) * sin).transpose(1, 2)  # (B, H + KV, T, hd)
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, :, H + KV :].transpose(1, 2)  # (B, KV, T, hd)
-        if cache is not None and torch.is_tensor(start):  # a static decode step: see CausalLM.decode_step
-            k_cache, v_cache = cache
-            k_cache.index_copy_(2, start, k)
-            v_cache.index_copy_(2, start, v)
-            k, v = k_cache, v_cache
-        elif cache is not None:
-            k_cache, v_cache = cache
-            k_cache[:, :, start : start + T] = k
-            v_cache[:, :, start : start + T] = v
-            k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+        if cache is not None:
+            k, v = write_cache(cache, start, k, v)
         y = attend(q, k, v, mask, causal=mask is None and T > 1)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.hd))
+
+
+def write_cache(cache: tuple, start, *new: torch.Tensor) -> tuple:
+    """Store this step's tensors (B, h, T, d) in a layer's cache at [start, start + T); return what is attended:
+    everything cached so far, or the whole buffer when start is a (1,) tensor (a static decode step, under its mask)."""
+    if torch.is_tensor(start):
+        for buffer, t in zip(cache, new):
+            buffer.index_copy_(2, start, t)
+        return cache
+    end = start + new[0].shape[2]
+    for buffer, t in zip(cache, new):
+        buffer[:, :, start:end] = t
+    return tuple(buffer[:, :, :end] for buffer in cache)
 
 
 def attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads, without copying the cache per head where torch allows."""
     groups = q.shape[1] // k.shape[1]
-    if q.shape[2] == 1 and q.device.type == "cpu":
-        return _decode_attention(q, k, v, mask, groups)
+    if q.shape[2] == 1 and q.device.type == "cpu":  # one query per row: two batched matmuls, cheaper than SDPA's setup
+        B, H, _, hd = q.shape
+        scores = (q.view(B, H // groups, groups, hd) @ k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over heads
+        return (scores.softmax(-1) @ v).view(B, H, 1, hd)
     if groups > 1 and not _SDPA_GQA:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     extra = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **extra)
-
-
-def _decode_attention(q, k, v, mask, groups: int) -> torch.Tensor:
-    """One query per row: two batched matmuls over the KV heads, cheaper on a CPU than the fused kernel's setup."""
-    B, H, _, hd = q.shape
-    qg = q.view(B, H // groups, groups, hd)  # (B, KV, G, hd): the G query heads sharing each KV head
-    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, KV, G, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over heads
-    return (scores.softmax(-1) @ v).view(B, H, 1, hd)
 
 
 _SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")

@@ -48,8 +48,7 @@ def pick_device(name: str) -> torch.device:
 
 def load_policy(path: str, device: torch.device, dtype: str = "float32",
                 adapter: str = "") -> tuple[CausalLM, Tokenizer]:
-    """A model directory's model (weights in dtype: float32 or bfloat16) and tokenizer, with its stop ids; with an
-    adapter directory (PEFT's LoRA format), the adapter merged into the weights, so inference runs at full speed."""
+    """A model directory's model (in dtype) and tokenizer, with its stop ids; an adapter directory merged in."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = load_model(path, device=device, dtype=DTYPES[dtype])
@@ -94,8 +93,8 @@ def describe_prompts(tokenizer: Tokenizer, problem: Problem, template: str, pref
 
 def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem], template: str, prefill: str,
                   max_new_tokens: int, source: str, system: str = "") -> None:
-    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context: positions past
-    it were never trained, and the run would silently produce junk. Data-file rows are named by file:line."""
+    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context (positions past it
+    were never trained)."""
     context = model.config.max_position_embeddings
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "

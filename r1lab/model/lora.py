@@ -1,19 +1,15 @@
 """LoRA adapters on r1lab's model, saved and loaded in PEFT's format (adapter_config.json + adapter_model.safetensors).
 
-A LoRA adapter replaces the update of a frozen weight W (out, in) by scale * B @ A, with A (rank, in) and B (out,
-rank): training holds gradients and optimizer state for a few thousandths of the weights, and the base stays the
-initial policy, so GRPO's KL reference is the same model with the adapters off (adapters_disabled), not a second copy.
-
-Adapters are per Hugging Face module (q_proj, k_proj, ..., as PEFT names them), while r1lab fuses q/k/v into qkv_proj
-and gate/up into gate_up_proj (r1lab/model/transformer.py): the fused projection's output gets, for each part, that part's
-low-rank term (or zeros for a part not targeted). The base product is left as it is (a forward hook adds the
-low-rank term after it), so every forward path of the model (training, KV-cache prefill and decode, static decode
-and its CUDA graph) goes through the adapters without a change of its own.
+Adapters are per Hugging Face module (q_proj, ...), while r1lab fuses q/k/v and gate/up: a forward hook adds each
+part's low-rank term to the fused projection's output, so every forward path (training, KV-cache prefill and decode,
+static decode and its CUDA graph) goes through the adapters unchanged. The base stays the initial policy, so GRPO's
+KL reference is the same model with the adapters off (adapters_disabled). Usage: docs/lora.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -31,14 +27,12 @@ from r1lab.model.transformer import CausalLM
 from r1lab.suggest import did_you_mean
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
-ALL_LINEAR = LORA_TARGETS  # the Hugging Face names of every linear layer but the LM head
-# The module of a decoder layer that holds each HF module (in r1lab, fused with others for q/k/v and gate/up)
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# The HF modules of each r1lab Linear, in the order of its output rows (model._FUSED's order)
-_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up_proj": ("gate_proj", "up_proj"),
-          "down_proj": ("down_proj",)}
+ALL_LINEAR = LORA_TARGETS  # PEFT's "all-linear": every linear layer but the LM head
+# Per module of a decoder layer (and its class): the HF modules of each of its Linears, in the order of its output rows
+_PARTS = {"self_attn": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",)},
+          "mlp": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _PARENT_TYPES = {"self_attn": Attention, "mlp": MLP}
+_PARENT = {part: parent for parent, linears in _PARTS.items() for parts in linears.values() for part in parts}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model as base_model (a LoraModel), which holds it as .model
 # adapter_config.json fields that change what the adapter computes and that r1lab does not implement: any value
@@ -51,7 +45,7 @@ _UNSUPPORTED_DEFAULTS = {"bias": "none", "use_rslora": False, "use_dora": False,
 
 
 def lora_target_names(value: str) -> tuple[str, ...]:
-    """lora_targets as module names: "all-linear" (PEFT's word for ALL_LINEAR), or names separated by commas."""
+    """lora_targets as module names: "all-linear", or names separated by commas."""
     if value.strip() == "all-linear":
         return ALL_LINEAR
     return tuple(name.strip() for name in value.split(",") if name.strip())
@@ -92,21 +86,16 @@ class LoRAAdapter(nn.Module):
         """scale * x @ A.T @ B.T for float32 x (..., in): two thin products, never the (out, in) matrix."""
         return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
 
-    def weight_delta(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scale
-
 
 class _AddLowRank:
-    """Forward hook of one r1lab Linear: its output plus each part's low-rank term, concatenated along the output
-    rows in the fused order (zeros for the parts without an adapter)."""
+    """Forward hook of one r1lab Linear: its output plus each part's low-rank term (zeros for a part without one)."""
 
     def __init__(self, parts: list[tuple[LoRAAdapter | None, int]]):
         self.parts = parts  # (adapter or None, that part's number of output rows)
         self.handle: torch.utils.hooks.RemovableHandle | None = None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        live = [a for a, _ in self.parts if a is not None and a.enabled]
-        if not live:
+        if not any(a is not None and a.enabled for a, _ in self.parts):
             return None  # adapters_disabled: the base's output, untouched
         # float32 even under autocast, which would otherwise run these products in bf16
         with torch.autocast(output.device.type, enabled=False):
@@ -118,26 +107,27 @@ class _AddLowRank:
 
 
 def add_lora(model: CausalLM, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
-    """Freeze every base parameter (requires_grad False) and install adapters on the targeted modules of every decoder
-    layer; returns the adapter parameters (what the optimizer gets).
-
-    A is initialised as PEFT does (kaiming-uniform, a=sqrt(5)) from a generator seeded with seed, B with zeros, so the
-    model is unchanged until trained. The adapters of a layer's attention and MLP live in a ModuleDict `lora` on each
-    (model.layers.N.self_attn.lora.q_proj.lora_A, ...): beside the fused Linear rather than inside it, so that the
-    model's fused-name handling (split_fused) never sees them, and every name contains "lora".
-    """
+    """Freeze every base parameter and install adapters on the targeted modules of every decoder layer; returns the
+    adapter parameters. A is initialised as PEFT does (kaiming-uniform, a=sqrt(5), seeded), B with zeros. A layer's
+    adapters live in a ModuleDict `lora` beside the fused Linears (self_attn.lora.q_proj.lora_A, ...), where
+    split_fused never sees them."""
     _check_spec(spec)
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters: merge_lora first to add new ones")
-    for i, layer in enumerate(model.model.layers):
-        _check_layer(layer, i, spec.targets)
+    for (i, layer), target in itertools.product(enumerate(model.model.layers), spec.targets):
+        parent = getattr(layer, _PARENT[target])
+        if not isinstance(parent, _PARENT_TYPES[_PARENT[target]]):
+            raise ValueError(
+                f"LoRA target {target}: layer {i}'s {_PARENT[target]} is {type(parent).__name__}; LoRA supports the "
+                f"standard attention (q/k/v/o_proj) and the dense MLP (gate/up/down_proj) so far, not latent "
+                f"attention (MLA) or mixture-of-experts layers")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     params = []
     for layer in model.model.layers:
-        for parent_name in ("self_attn", "mlp"):
-            params += _install(getattr(layer, parent_name), model.config, spec, generator)
+        for parent_name in _PARTS:
+            params += _install(getattr(layer, parent_name), parent_name, model.config, spec, generator)
     return params
 
 
@@ -151,30 +141,25 @@ def _check_spec(spec: LoRASpec) -> None:
         raise ValueError(f"unknown LoRA target module(s) {unknown}; valid ones: {', '.join(ALL_LINEAR)}")
 
 
-def _check_layer(layer: nn.Module, index: int, targets: tuple[str, ...]) -> None:
-    for target in targets:
-        parent_name = _PARENT[target]
-        parent = getattr(layer, parent_name)
-        if not isinstance(parent, _PARENT_TYPES[parent_name]):
-            raise ValueError(
-                f"LoRA target {target}: layer {index}'s {parent_name} is {type(parent).__name__}; LoRA supports the "
-                f"standard attention (q/k/v/o_proj) and the dense MLP (gate/up/down_proj) so far, not latent "
-                f"attention (MLA) or mixture-of-experts layers")
-
-
-def _install(parent: nn.Module, cfg: ModelConfig, spec: LoRASpec, generator: torch.Generator) -> list[nn.Parameter]:
-    """Adapters for the targeted modules under parent (a layer's attention or MLP), and a hook on each Linear that
-    has one; nothing when none of parent's modules is targeted."""
+def _install(parent: nn.Module, parent_name: str, cfg: ModelConfig, spec: LoRASpec,
+             generator: torch.Generator) -> list[nn.Parameter]:
+    """Adapters for the targeted modules under parent (a layer's attention or MLP), and a hook on their Linears."""
     adapters = nn.ModuleDict()
-    for linear_name, part_names in _PARTS.items():
-        if not hasattr(parent, linear_name) or not any(p in spec.targets for p in part_names):
+    for linear_name, part_names in _PARTS[parent_name].items():
+        if not any(p in spec.targets for p in part_names):
             continue
         linear = getattr(parent, linear_name)
+        sizes = _fused_sizes(f"{parent_name}.{linear_name}", cfg) if len(part_names) > 1 else [linear.out_features]
         parts = []
-        for part, rows in zip(part_names, _part_rows(linear_name, linear, cfg)):
-            adapter = _new_adapter(linear, rows, spec, generator) if part in spec.targets else None
-            if adapter is not None:
-                adapters[part] = adapter
+        for part, rows in zip(part_names, sizes):
+            adapter = None
+            if part in spec.targets:
+                adapter = adapters[part] = LoRAAdapter(linear.in_features, rows, spec.rank, spec.scale,
+                                                       linear.weight.device)
+                a = torch.empty(spec.rank, linear.in_features)  # drawn on the CPU: the same A on every device
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+                with torch.no_grad():
+                    adapter.lora_A.copy_(a)
             parts.append((adapter, rows))
         hook = _AddLowRank(parts)
         hook.handle = linear.register_forward_hook(hook)
@@ -183,21 +168,6 @@ def _install(parent: nn.Module, cfg: ModelConfig, spec: LoRASpec, generator: tor
         return []
     parent.lora = adapters
     return list(adapters.parameters())
-
-
-def _part_rows(linear_name: str, linear: nn.Linear, cfg: ModelConfig) -> list[int]:
-    """Output rows of each HF module within r1lab's Linear (one part unless fused)."""
-    fused = {"qkv_proj": "self_attn.qkv_proj", "gate_up_proj": "mlp.gate_up_proj"}.get(linear_name)
-    return _fused_sizes(fused, cfg) if fused else [linear.out_features]
-
-
-def _new_adapter(linear: nn.Linear, rows: int, spec: LoRASpec, generator: torch.Generator) -> LoRAAdapter:
-    adapter = LoRAAdapter(linear.in_features, rows, spec.rank, spec.scale, linear.weight.device)
-    a = torch.empty(spec.rank, linear.in_features)  # drawn on the CPU: the same A on every device for a seed
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-    with torch.no_grad():
-        adapter.lora_A.copy_(a)
-    return adapter
 
 
 def _adapters(model: CausalLM) -> Iterator[tuple[str, LoRAAdapter]]:
@@ -212,8 +182,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in) and
-    .lora_B.weight (out, rank), e.g. base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in), .lora_B.weight."""
     state = {}
     for path, adapter in _adapters(model):
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
@@ -232,8 +201,7 @@ def _spec_of(model: CausalLM) -> LoRASpec:
 
 
 def save_adapter(model: CausalLM, path: str | Path, base_model: str) -> None:
-    """Write adapter_config.json and adapter_model.safetensors as PEFT does, so that PeftModel.from_pretrained (and
-    vLLM's LoRA loading) take them; base_model is what base_model_name_or_path names (a hub id or a directory)."""
+    """Write adapter_config.json and adapter_model.safetensors as PEFT does; base_model: base_model_name_or_path."""
     spec = _spec_of(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -268,8 +236,7 @@ def load_adapter(model: CausalLM, path: str | Path) -> LoRASpec:
 
 
 def load_adapter_weights(model: CausalLM, path: str | Path) -> None:
-    """The weights of the adapter saved at path into model's own adapters, in place (the optimizer keeps holding
-    the same parameters): resuming a LoRA run. Its settings must be the model's (ValueError naming what differs)."""
+    """The weights of the adapter at path into model's own adapters, in place (resuming); its settings must match."""
     path = Path(path)
     spec, state = _read_adapter(path)
     own = _spec_of(model)
@@ -333,8 +300,7 @@ def _copy_weights(model: CausalLM, state: dict[str, torch.Tensor], source: Path)
 
 
 def merge_lora(model: CausalLM) -> None:
-    """Fold every adapter into its base weight (W += scale * B @ A, into the fused weight's rows of its part) and
-    remove the adapters; every parameter is trainable again, and save_model then writes a plain HF model."""
+    """Fold every adapter into its base weight (W += scale * B @ A) and remove them; every parameter trainable again."""
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to merge")
     with torch.no_grad():
@@ -343,7 +309,7 @@ def merge_lora(model: CausalLM) -> None:
             for adapter, rows in linear._lora_hook.parts:
                 if adapter is not None:
                     w = linear.weight[row : row + rows]
-                    w.copy_((w.float() + adapter.weight_delta()).to(w.dtype))
+                    w.copy_((w.float() + (adapter.lora_B @ adapter.lora_A) * adapter.scale).to(w.dtype))
                 row += rows
     _remove_adapters(model)
     for p in model.parameters():

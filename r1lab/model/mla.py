@@ -1,14 +1,7 @@
-"""Multi-head latent attention (DeepSeek-V2/V3), its YaRN rotary scaling, and its compressed KV cache.
-
-The math mirrors transformers' DeepseekV3Attention (tests/test_deepseek_v3.py checks logits both ways): queries from
-hidden states directly (q_lora_rank null) or through a low-rank, normalised bottleneck; keys and values from one
-latent c = kv_a_layernorm(x W_kv_a) of kv_lora_rank numbers per token, expanded per head by kv_b_proj, plus one
-rotary key k_rope of qk_rope_head_dim shared by all heads. With YaRN the softmax scale carries mscale(all_dim)^2.
-
-The engine's cache (KVCache, built from cache_shapes) holds only c and k_rope per token and layer. Prefill expands
-them with kv_b_proj; a decode step (one query per row) never does: kv_b_proj's key half is folded into the query
-and its value half applied after the attention (the weight-absorbed form), so decode reads kv_lora_rank +
-qk_rope_head_dim numbers per cached token instead of 2 * heads * head_dim.
+"""Multi-head latent attention (DeepSeek-V2/V3), its YaRN rotary scaling, and its compressed KV cache, with the math of
+transformers' DeepseekV3Attention. The cache holds per token and layer only the latent c = kv_a_layernorm(x W_kv_a)
+and the shared rotary key. Prefill expands them with kv_b_proj; a decode step never does: kv_b_proj's key half is
+folded into the query and its value half applied after the attention (the weight-absorbed form).
 """
 
 from __future__ import annotations
@@ -18,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1lab.model.architecture import ModelConfig, is_yarn, yarn_mscale, yarn_settings
-from r1lab.model.layers import RMSNorm, rotate_half
+from r1lab.model.layers import RMSNorm, rotate_half, write_cache
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps
 
@@ -88,7 +81,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)[:, None]  # (B, 1, T, r)
         k_rope = self._rotate(k_rope[:, :, None], cos, sin).transpose(1, 2)  # (B, 1, T, rd)
         if cache is not None:
-            latent, k_rope = _write(cache, latent, k_rope, start, T)  # (B, 1, S, r), (B, 1, S, rd)
+            latent, k_rope = write_cache(cache, start, latent, k_rope)  # (B, 1, S, r), (B, 1, S, rd)
             if T == 1:
                 return self.o_proj(self._absorbed(q_nope, q_rope, latent, k_rope, mask))
         return self.o_proj(self._expanded(q_nope, q_rope, latent, k_rope, mask, causal=mask is None and T > 1))
@@ -105,11 +98,8 @@ class MLAttention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, H * self.vd)
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
-        """Attention over the cached latents without expanding them: (B, T, H * vd).
-
-        q_nope . (W_uk c) = (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s): per step the cost is
-        one (H, nope, r) and one (H, vd, r) product per row, independent of the cache length.
-        """
+        """Attention over the cached latents without expanding them: (B, T, H * vd). q_nope . (W_uk c) =
+        (W_uk^T q_nope) . c, and sum_s p_s W_uv c_s = W_uv (sum_s p_s c_s)."""
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.vd, self.r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, vd, r)
@@ -121,15 +111,3 @@ class MLAttention(nn.Module):
         o_latent = scores.softmax(-1).to(latent.dtype) @ latent  # (B, H, T, r)
         return torch.einsum("bhtr,hvr->bthv", o_latent, w_uv).reshape(B, T, H * self.vd)
 
-
-def _write(cache, latent, k_rope, start, T):
-    """Store this step's latents in the layer's cache; return everything cached so far (or the whole buffer when
-    start is a tensor: the static decode step, attended under its mask)."""
-    latent_cache, rope_cache = cache
-    if torch.is_tensor(start):
-        latent_cache.index_copy_(2, start, latent)
-        rope_cache.index_copy_(2, start, k_rope)
-        return latent_cache, rope_cache
-    latent_cache[:, :, start : start + T] = latent
-    rope_cache[:, :, start : start + T] = k_rope
-    return latent_cache[:, :, : start + T], rope_cache[:, :, : start + T]

@@ -1,22 +1,9 @@
-"""Mixture-of-experts feed-forward layers: DeepSeekMoE (DeepSeek-V3) and Qwen3-MoE, with transformers' routing.
-
-DeepSeek-V3: sigmoid scores; experts are chosen on score + e_score_correction_bias, within the topk_group best of
-n_group groups (a group ranked by its two best experts); the chosen experts' plain scores, normalised when
-norm_topk_prob, times routed_scaling_factor, weight their outputs; n_shared_experts always run (one wider MLP). The
-first first_k_dense_replace layers keep a dense MLP. Qwen3-MoE: softmax over experts, top-k, optional
-renormalisation; no shared experts; mlp_only_layers and decoder_sparse_step pick the dense layers.
-
-Only what is routed is computed: the (token, expert) pairs are sorted by expert and each expert runs one matrix
-product on its own tokens. Each MoE layer keeps the last forward's tokens per expert (last_expert_counts), for load
-metrics: expert_counts(model).
-
-Expert load in training: count_loads(model) sums each MoE layer's tokens per expert over the forward passes run within
-it (padding excluded where the forward knows it); load_metrics turns the counts into moe/* metrics; after each
-optimizer step update_routing_bias nudges DeepSeek-V3's e_score_correction_bias toward an even load, the V3 paper's
-auxiliary-loss-free balancing (Qwen3-MoE has no such bias in transformers' format, so its routing is left alone).
-
-In memory an expert bank is two 3-D tensors, as in transformers; on disk each expert
-has its own gate/up/down_proj (split_experts, join_experts), the names transformers and vLLM read.
+"""Mixture-of-experts feed-forward layers with transformers' routing: DeepSeekMoE (DeepSeek-V3: sigmoid scores, group-
+limited top-k on score + e_score_correction_bias, shared experts; the first first_k_dense_replace layers dense) and
+Qwen3-MoE (softmax top-k; mlp_only_layers and decoder_sparse_step pick the dense layers). Only what is routed is
+computed. Training: expert loads counted (count_loads, load_metrics), V3's auxiliary-loss-free balancing
+(update_routing_bias) and sequence-wise balance loss. In memory an expert bank is two 3-D tensors, as in transformers;
+on disk each expert has its own gate/up/down_proj (split_experts, join_experts).
 """
 
 from __future__ import annotations
@@ -127,7 +114,7 @@ class Experts(nn.Module):
                 outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         y = torch.cat(outputs) * weights.reshape(-1)[order, None]  # (N * k, D)
         # back to (token, choice) order and summed over the k choices: a gather, not index_add_ (whose CPU kernel
-        # opens a parallel region even for a few rows: tens of milliseconds when another process holds a core)
+        # opens a parallel region even for a few rows)
         return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype), counts
 
 
@@ -159,9 +146,8 @@ class MoE(nn.Module):
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
     def _balance_loss(self, flat: torch.Tensor, experts: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """DeepSeek-V3's sequence-wise balance loss, summed over the B sequences: weight * sum_e f_e * P_e, with f_e
-        = E / (k T) times the tokens of the sequence that chose expert e, and P_e the mean over its tokens of the
-        expert's normalised sigmoid score. Only P carries a gradient (to the router). Padding is left out."""
+        """DeepSeek-V3's sequence-wise balance loss, summed over the B sequences: weight * sum_e f_e * P_e, f_e = E /
+        (k T) times the sequence's tokens that chose expert e, P_e their mean normalised score. Padding left out."""
         E, k = self.gate.n_experts, self.gate.top_k
         scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()
         share = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
@@ -190,8 +176,8 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
 
 @contextlib.contextmanager
 def count_loads(model: nn.Module):
-    """Within it, every MoE layer sums its tokens per expert over the forward passes run (the backward pass runs
-    none); yields a dict that on exit holds layer index -> (E,) counts. A dense model: an empty dict, no work."""
+    """Within it, every MoE layer sums its tokens per expert over the forward passes run; yields a dict that on exit
+    holds layer index -> (E,) counts (empty for a dense model)."""
     layers, loads = moe_layers(model), {}
     for m in layers.values():
         m.load = torch.zeros(m.experts.gate_up_proj.shape[0], dtype=torch.long, device=m.experts.gate_up_proj.device)
@@ -205,7 +191,7 @@ def count_loads(model: nn.Module):
 @contextlib.contextmanager
 def balance_loss(model: nn.Module, weight: float):
     """Within it, with weight > 0, every DeepSeek-V3 MoE layer's training forward computes V3's sequence-wise
-    balance loss (MoE._balance_loss); take_balance_loss collects it for the step's loss. weight 0: nothing."""
+    balance loss (MoE._balance_loss), for take_balance_loss to collect."""
     layers = [m for m in moe_layers(model).values() if isinstance(m.gate, SigmoidGroupRouter)] if weight else []
     for m in layers:
         m.balance_weight, m.balance_terms = weight, []
@@ -234,14 +220,11 @@ def mark_real_tokens(model: nn.Module, real: torch.Tensor) -> None:
 
 
 def mark_real_lengths(model: nn.Module, lengths: list[int], T: int) -> None:
-    """mark_real_tokens for right-padded rows of T tokens: row b's first lengths[b] are real (nothing to do for a
-    model that is not counting, a dense one among them)."""
+    """mark_real_tokens for right-padded rows of T tokens: row b's first lengths[b] are real."""
     counting = [m for m in moe_layers(model).values() if m.load is not None]
     if counting:
         device = counting[0].load.device
-        real = torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None]  # (B, T)
-        for m in counting:
-            m.real_tokens = real
+        mark_real_tokens(model, torch.arange(T, device=device) < torch.tensor(lengths, device=device)[:, None])
 
 
 def add_loads(total: dict, loads: dict) -> dict:
@@ -252,9 +235,8 @@ def add_loads(total: dict, loads: dict) -> dict:
 
 @torch.no_grad()
 def update_routing_bias(model: nn.Module, loads: dict, speed: float) -> None:
-    """DeepSeek-V3's auxiliary-loss-free balancing: each expert's routing bias moves by speed toward an even load,
-    bias_e += speed * sign(mean load - load_e), from the loads counted over one optimizer step's forward passes.
-    The bias only decides which experts are chosen; their weights are the plain scores (SigmoidGroupRouter)."""
+    """DeepSeek-V3's auxiliary-loss-free balancing, from one optimizer step's loads: bias_e += speed * sign(mean
+    load - load_e). The bias only decides which experts are chosen, not their weights."""
     if not speed:
         return
     for i, m in moe_layers(model).items():
@@ -272,9 +254,8 @@ def copy_routing_bias(to: nn.Module, source: nn.Module) -> None:
 
 
 def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
-    """load_max_over_mean: the most loaded expert's tokens over the mean, worst layer (1 = perfectly even);
-    routing_entropy: entropy in nats of the distribution of tokens over experts (the expert loads, not the
-    router's probabilities), mean over layers; log(E) when even. {} for a dense model or no tokens counted."""
+    """load_max_over_mean: the most loaded expert's tokens over the mean, worst layer (1 = even); routing_entropy:
+    entropy in nats of the tokens over experts, mean over layers (log(E) when even). {} when nothing was counted."""
     counts = [c.float() for c in loads.values() if c.sum() > 0]
     if not counts:
         return {}
@@ -287,8 +268,7 @@ def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
 
 def expert_counts(model: nn.Module) -> dict[int, torch.Tensor]:
     """Tokens routed to each expert (E,) in the last forward, per MoE layer index (padding tokens included)."""
-    return {i: layer.mlp.last_expert_counts for i, layer in enumerate(model.model.layers)
-            if isinstance(layer.mlp, MoE) and layer.mlp.last_expert_counts is not None}
+    return {i: m.last_expert_counts for i, m in moe_layers(model).items() if m.last_expert_counts is not None}
 
 
 def split_experts(state: dict, cfg: ModelConfig) -> dict:

@@ -1,13 +1,7 @@
-"""The one place where prompts and conversations become text, for RL rollouts, SFT, sampling, evaluation, `r1lab
-serve` and `r1lab chat` alike: the same conversation renders to the same text in every command.
-
-Templates:
-- "r1zero": the R1-Zero template (R1 recipe section 2). A conversation of several turns wraps each user turn in the
-  whole template; an assistant turn follows verbatim and ends with end-of-text, as the model produced it. A system
-  message comes first, followed by a newline.
-- "chat": the tokenizer's own chat template (jinja), as transformers' apply_chat_template renders it.
-- "auto": "chat" when the tokenizer has a chat template, else "r1zero" (r1lab's built-in tokenizer has none).
-- "none": a single question sent as it is.
+"""The one place where prompts and conversations become text, for every command alike. Templates: "r1zero" (R1-Zero's,
+each user turn wrapped in it, assistant turns verbatim + end-of-text, a system message first with a newline), "chat"
+(the tokenizer's jinja template, as transformers renders it), "auto" (chat if the tokenizer has one, else r1zero),
+"none" (a single question as it is).
 """
 
 from __future__ import annotations
@@ -28,8 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_TAGS = ("<answer>", "</answer>")
 
-# `Tokenizer` in annotations is model/tokenizer.py's, not imported: that module builds its tiny tokenizer from the
-# template text defined here, so it imports this one
+# `Tokenizer` in annotations is model/tokenizer.py's, not imported: that module imports this one
 
 R1_ZERO_PREAMBLE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
@@ -50,9 +43,7 @@ def render_prompt(tokenizer: Tokenizer, question: str, template: str = "r1zero",
 
 def render_conversation(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
                         add_generation_prompt: bool = True, variables: dict | None = None) -> str:
-    """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...]. With add_generation_prompt, the text
-    ends where the assistant's reply begins (a chat template's generation prompt; R1-Zero's "Assistant:").
-    variables: more variables for a chat template (apply_chat_template)."""
+    """messages: [{"role": ..., "content": str}, ...]; variables: more variables for a chat template."""
     template = resolve_template(tokenizer, template)
     if template == "chat":
         return apply_chat_template(tokenizer, messages, add_generation_prompt, variables)
@@ -91,14 +82,17 @@ def r1zero_conversation(tokenizer: Tokenizer, messages: list[dict]) -> str:
 def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                         variables: dict | None = None) -> str:
     """The chat template rendered as transformers' apply_chat_template renders it (same Jinja environment, helpers
-    and special-token variables). variables: more of the template's variables, as apply_chat_template's keyword
-    arguments (e.g. Qwen3's enable_thinking), checked by check_template_variables."""
+    and special-token variables); variables as its keyword arguments (e.g. Qwen3's enable_thinking)."""
     if not tokenizer.chat_template:
         raise ValueError(f"{tokenizer.name}: no chat template (chat_template.jinja, chat_template.json or "
                          "tokenizer_config.json); use template 'r1zero' or 'none'")
     check_template_variables(tokenizer.chat_template, variables or {})
-    return _jinja_environment().from_string(tokenizer.chat_template).render(
-        **(variables or {}), messages=messages, add_generation_prompt=add_generation_prompt,
+    return _render(_jinja_environment(), tokenizer, messages, add_generation_prompt, variables or {})
+
+
+def _render(env, tokenizer, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+    return env.from_string(tokenizer.chat_template).render(
+        **variables, messages=messages, add_generation_prompt=add_generation_prompt,
         eos_token=tokenizer.eos_token or "", bos_token=getattr(tokenizer, "bos_token", None) or "")
 
 
@@ -111,9 +105,8 @@ class TemplateVariableError(ValueError):
 
 
 def check_template_variables(template: str, variables: dict) -> None:
-    """Refuse a variable that would replace one the renderer sets, a value that is not a JSON scalar (string,
-    number, boolean, null: what templates' switches are), and one the template never reads, which would otherwise
-    be ignored without a word."""
+    """Refuse a variable the renderer sets, a value that is not a JSON scalar (what templates' switches are), and one
+    the template never reads (it would be ignored without a word)."""
     for name, value in variables.items():
         if name in RENDERER_VARIABLES:
             raise TemplateVariableError(f"{name!r} is set by the renderer itself, not by a template variable")
@@ -126,7 +119,6 @@ def check_template_variables(template: str, variables: dict) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _template_variables(template: str) -> frozenset[str]:
-    """The variables a template reads from its caller."""
     return frozenset(meta.find_undeclared_variables(_jinja_environment().parse(template)))
 
 
@@ -162,9 +154,7 @@ def render_with_generation_spans(tokenizer: Tokenizer, messages: list[dict]) -> 
                          "{% generation %} blocks")
     env = _jinja_environment()
     env.globals["_track_generation"] = True
-    marked = env.from_string(tokenizer.chat_template).render(
-        messages=messages, add_generation_prompt=False, eos_token=tokenizer.eos_token or "",
-        bos_token=getattr(tokenizer, "bos_token", None) or "")
+    marked = _render(env, tokenizer, messages, False, {})
     plain, spans, start, length = [], [], 0, 0
     for part in re.split(f"([{_SPAN_OPEN}{_SPAN_CLOSE}])", marked):
         if part == _SPAN_OPEN:
@@ -193,9 +183,8 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
 
 
 def load_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
-    """A directory's chat template, where transformers looks for it: chat_template.jinja first, then
-    chat_template.json, then tokenizer_config.json's chat_template (a string, or named templates as a list of
-    {name, template} or a dict: the one named "default")."""
+    """A directory's chat template, where transformers looks for it: chat_template.jinja, chat_template.json, then
+    tokenizer_config.json's (a string, or named templates as a list or a dict: the one named "default")."""
     jinja_file, json_file = Path(directory) / "chat_template.jinja", Path(directory) / "chat_template.json"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
@@ -210,15 +199,13 @@ def load_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
 
 
 def starts_in_think(prompt_text: str) -> bool:
-    """Whether the completion begins inside the reasoning: the prompt ends with an open `<think>` (a prefill, or a
-    chat template such as DeepSeek-R1's that adds one)."""
+    """Whether the completion begins inside the reasoning: the prompt ends with an open `<think>`."""
     return prompt_text.rstrip().endswith(THINK_OPEN)
 
 
 def response_prefix(tokenizer: Tokenizer, template: str, prefill: str = "") -> str:
     """The start of the response that the prompt itself writes, which the rewards read in front of each completion:
-    from the prompt's last `<think>` on when the prompt ends inside a think block (DeepSeek-R1's and QwQ's chat
-    templates open one in their generation prompt; so may a prefill), else the prefill."""
+    from the prompt's last `<think>` on when the prompt ends inside one (R1's and QwQ's templates), else the prefill."""
     prompt = render_prompt(tokenizer, "?", template, prefill)  # the question does not change how the reply opens
     return prompt[prompt.rfind(THINK_OPEN):] if starts_in_think(prompt) else prefill
 

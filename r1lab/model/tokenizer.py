@@ -1,20 +1,7 @@
-"""Tokenizers: the tiny built-in one made in code, and any Hugging Face tokenizer directory (templates: templates.py).
-
-The built-in tokenizer is character-level over printable ASCII, plus the R1 tags and end-of-text as single tokens.
-It also carries the fixed text of the R1-Zero template as two tokens (the preamble up to "User: ", and
-". Assistant:"), so a CPU model reads the real template without paying ~80 characters per prompt for it.
-
-A directory is read the way transformers 5's AutoTokenizer reads it, so both give the same ids (r1lab has no
-transformers dependency, so it rebuilds the same `tokenizers` pipeline itself):
-- the class: config.json's model_type and tokenizer_config.json's tokenizer_class select it (`_transformers_class`
-  follows AutoTokenizer.from_pretrained). Qwen2Tokenizer (model_type qwen2 always; qwen2_moe/qwen3/qwen3_moe unless
-  tokenizer_class names another class) and LlamaTokenizer (tokenizer_class LlamaTokenizer with a tokenizer.json that
-  is not byte-level) rebuild the pipeline around tokenizer.json's vocabulary and merges; anything else loads
-  tokenizer.json as it is (TokenizersBackend).
-- added tokens: tokenizer_config.json's added_tokens_decoder (else tokenizer.json's added_tokens and
-  special_tokens_map.json), then the named special tokens, with the class's defaults where the config has none.
-Saving copies the directory's tokenizer files verbatim; only the built-in tokenizer writes its own files, in a form
-that Qwen2Tokenizer rebuilds into the same ids (see `_save_builtin`).
+"""Tokenizers: the tiny built-in one made in code (character-level ASCII, plus the R1 tags, end-of-text and the R1-Zero
+template's fixed text as single tokens), and any Hugging Face tokenizer directory, read as transformers 5's
+AutoTokenizer reads it (the class picked by model_type and tokenizer_class, the pipeline rebuilt for Qwen2Tokenizer
+and LlamaTokenizer, the added and named special tokens), so both give the same ids: docs/your-model-and-data.md.
 """
 
 from __future__ import annotations
@@ -47,11 +34,8 @@ CLASS_DEFAULTS = {  # the named special tokens each class's __init__ defaults to
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus what generation needs: end-of-text ids and the chat template.
-
-    files: the tokenizer files of the directory it was loaded from (name -> bytes), written back verbatim by save;
-    None for a tokenizer made in code (save then writes the built-in tokenizer's own files).
-    """
+    """A `tokenizers.Tokenizer` plus what generation needs: end-of-text ids and the chat template. files: the
+    directory's tokenizer files (name -> bytes), written back verbatim by save; None for one made in code."""
 
     def __init__(self, backend, eos_token: str | None, chat_template: str | None = None, name: str = "",
                  files: dict[str, bytes] | None = None, bos_token: str | None = None, pad_token: str | None = None):
@@ -101,10 +85,6 @@ class Tokenizer:
             (path / name).write_bytes(data)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# loading a directory as transformers does
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer directory (tokenizer.json + tokenizer_config.json) or a bare tokenizer.json file."""
     path = Path(path)
@@ -120,9 +100,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     kind = _transformers_class(_model_type(directory), config.get("tokenizer_class"), files["tokenizer.json"])
     named, added = _special_tokens(config, files, tokenizer_json, kind)
     backend = _backend(kind, file, tokenizer_json, config)
-    _add_tokens(backend, added, named, config.get("extra_special_tokens") or config.get("additional_special_tokens"))
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extra = [_added(t) for t in (extra.values() if isinstance(extra, dict) else extra)]
+    _add_tokens(backend, added, named, extra)
     if kind == "qwen2":  # Qwen2Tokenizer.__init__ ends by re-adding every special token as special
-        backend.add_tokens([AddedToken(str(t), special=True) for t in _all_special(named, config)])
+        backend.add_tokens([AddedToken(str(_content(t)), special=True) for t in [*named.values(), *extra]])
     if backend.post_processor is None:  # transformers' update_post_processor: no bos/eos once tokenizer.json exists
         backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
     backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
@@ -216,7 +198,7 @@ def _llama_pipeline(vocab: dict, merges: list, config: dict) -> Backend:
 def _special_tokens(config: dict, files: dict, tokenizer_json: dict, kind: str) -> tuple[dict, list]:
     """The named special tokens (bos_token, ...: AddedToken or str) and the added tokens in id order, from the
     same files and with the same precedence as transformers' _from_pretrained."""
-    named = {k: v for k, v in CLASS_DEFAULTS[kind].items()}
+    named = dict(CLASS_DEFAULTS[kind])
     named.update({k: _added(config[k]) for k in SPECIAL_KEYS if k in config})
     if "added_tokens_decoder" in config:
         added = {int(i): _added(t) for i, t in config["added_tokens_decoder"].items()}
@@ -240,21 +222,17 @@ def _content(token) -> str | None:
     return token.content if isinstance(token, AddedToken) else token
 
 
-def _all_special(named: dict, config: dict) -> list:
-    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
-    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)
-    return [_content(t) for t in [*named.values(), *extra]]
-
-
-def _add_tokens(backend: Backend, added: list, named: dict, extra) -> None:
+def _add_tokens(backend: Backend, added: list, named: dict, extra: list) -> None:
     """transformers' TokenizersBackend.__init__: the configured added tokens missing from the backend, then the
     named and extra special tokens missing from them (as special), in one add_tokens call."""
-    present = {(t.content, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word)
-               for t in backend.get_added_tokens_decoder().values()}
-    todo = [t for t in added if (t.content, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word) not in present]
-    known = {t.content for t in backend.get_added_tokens_decoder().values()} | {t.content for t in todo}
-    extra = list(extra.values()) if isinstance(extra, dict) else list(extra or [])
-    for token in [*named.values(), *[_added(t) for t in extra]]:
+    def key(t: AddedToken) -> tuple:
+        return t.content, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word
+
+    present = backend.get_added_tokens_decoder().values()
+    present_keys = {key(t) for t in present}
+    todo = [t for t in added if key(t) not in present_keys]
+    known = {t.content for t in present} | {t.content for t in todo}
+    for token in [*named.values(), *extra]:
         if _content(token) not in known:
             todo.append(token)
             known.add(_content(token))
@@ -268,10 +246,6 @@ def _add_tokens(backend: Backend, added: list, named: dict, extra) -> None:
         tokens.append(token)
     if tokens:
         backend.add_tokens(tokens)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the built-in tokenizer
 
 
 def build_tiny_tokenizer(alphabet: str | None = None) -> Tokenizer:

@@ -1,9 +1,6 @@
-"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families; DeepSeek-V3 and Qwen3-MoE use the
-same model with their layers from model/mla.py (latent attention) and model/moe.py.
-
-Two forward paths share every layer: `forward` (training, full sequences) and `forward_cached` (the engine's
-prefill and decode, writing into a preallocated KV cache). DeepSeek-V3's multi-token prediction modules (MTPModule)
-run after the main model, on its final hidden states, in training only (mtp_hidden_states).
+"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families, and DeepSeek-V3 and Qwen3-MoE with the
+layers of mla.py and moe.py. `forward` runs full sequences (training); `forward_cached` (the engine's prefill and
+decode) writes into a preallocated KV cache. DeepSeek-V3's multi-token prediction modules run after the main model.
 """
 
 from __future__ import annotations
@@ -30,31 +27,21 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class SharedHead(nn.Module):
-    """The norm before the output head an MTP module shares with the main model (V3's `shared_head`; its `head`
-    is the main lm_head, stored as a copy in checkpoints)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-
 class MTPModule(DecoderLayer):
-    """One depth of DeepSeek-V3's multi-token prediction: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then one
-    decoder block of the type a layer at its index would be (V3: MLA + MoE), then shared_head.norm before the shared
-    output head. Its weights are V3's model.layers.{num_hidden_layers + k - 1}.* (r1lab/model/hf_format.py)."""
+    """One depth of DeepSeek-V3's multi-token prediction: h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_i)]), then the
+    decoder block a layer at its index would be, then shared_head.norm before the shared output head."""
 
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__(cfg, index)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.shared_head = SharedHead(cfg)
+        # V3's shared_head: the norm before the output head (the main lm_head, stored as a copy in checkpoints)
+        self.shared_head = nn.ModuleDict({"norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)})
 
     def predict(self, h, next_embeddings, cos, sin, mask, cache=None, start=0):
-        """The block's output (B, T, D), before shared_head.norm (the next depth's h), from the previous depth's h
-        (B, T, D) and the embeddings of the tokens one further ahead (B, T, D); with a cache (the block's keys, one
-        layer of a KVCache), written at [start, start + T) as the main model's are."""
+        """The block's output (B, T, D) before shared_head.norm (the next depth's h), from the previous depth's h and
+        the embeddings of the tokens one further ahead (B, T, D); cache: one layer of a KVCache."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h)], dim=-1))
         return self(x, cos, sin, mask, cache, start)
 
@@ -70,12 +57,11 @@ class Backbone(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, the latent and the rotary
-    key instead (r1lab/model/mla.py)."""
+    """Preallocated keys and values for every layer: (B, KV, max_len, hd) each; with MLA, mla.cache_shapes."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        shapes = (shape, shape) if cfg.mla is None else _mla_cache_shapes(cfg, batch, max_len)
+        shapes = (shape, shape) if cfg.mla is None else mla.cache_shapes(cfg, batch, max_len)
         self.layers = [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes)
                        for _ in range(cfg.num_hidden_layers)]
 
@@ -84,23 +70,19 @@ class KVCache:
         self.layers = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.layers]
 
     def copy_row(self, row: int, start: int, source: KVCache, source_row: int, source_start: int, n: int) -> None:
-        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n): a
-        prefilled prompt moving into a slot of the engine's continuous batch. Dimension 2 is the position in both
-        layouts (grouped keys and values, MLA's latents)."""
+        """Write n positions of source's row (from source_start) into this cache's row at [start, start + n)."""
         for layer, source_layer in zip(self.layers, source.layers):
             for t, s in zip(layer, source_layer):
                 t[row, :, start : start + n] = s[source_row, :, source_start : source_start + n]
 
     def first_rows(self, n: int) -> KVCache:
-        """A cache over this one's first n rows, sharing its memory: a forward over a batch smaller than the buffer
-        (r1lab/engine/slots.py) writes its keys straight into this cache."""
+        """A cache over this one's first n rows, sharing its memory."""
         view = KVCache.__new__(KVCache)
         view.layers = [tuple(t[:n] for t in layer) for layer in self.layers]
         return view
 
     def slide(self, shift: int, used: int) -> None:
-        """Move positions [shift, used) to [0, used - shift) in every row: the columns before shift are no longer
-        attended by any row, and sliding them out keeps the attended width, and the cache, bounded."""
+        """Move positions [shift, used) to [0, used - shift) in every row (columns no row attends any more)."""
         for layer in self.layers:
             for t in layer:
                 t[:, :, : used - shift] = t[:, :, shift:used].clone()  # overlapping ranges: copy first
@@ -120,8 +102,7 @@ class CausalLM(nn.Module):
         self.checkpoint_layers = False  # set_activation_checkpointing
 
     def set_activation_checkpointing(self, on: bool) -> None:
-        """Full-sequence training passes (SFT, pretraining) keep each layer's input only and recompute the rest in
-        backward. Not for MoE models, whose forward counts expert loads (a recomputation would count them twice)."""
+        """Full-sequence training passes keep each layer's input only and recompute the rest in backward."""
         if on and self.config.moe is not None:
             raise ValueError("activation_checkpointing is for dense models: an MoE layer's forward counts its expert "
                              "loads, which recomputing it would count twice")
@@ -141,11 +122,8 @@ class CausalLM(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, start=0, key_mask=None):
-        """Final normalised hidden states (B, T, D).
-
-        attention_mask (B, T): 1 for real tokens (padding on either side) when no cache is used.
-        With a cache, tokens are written at positions [start, start+T) and key_mask (B, start+T) marks real keys.
-        """
+        """Final normalised hidden states (B, T, D). attention_mask (B, T): 1 for real tokens, without a cache; with
+        one, tokens are written at positions [start, start+T) and key_mask (B, start+T) marks real keys."""
         B, T = input_ids.shape
         if key_mask is None:
             key_mask = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -153,25 +131,21 @@ class CausalLM(nn.Module):
             position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
-        # Without padding on the left, plain causal attention is exact (right padding is never attended to by a
-        # real token) and takes the fused kernel; mask=None selects it.
+        # Without left padding, plain causal attention (mask None: the fused kernel) is exact
         mask = None if cache is None and attention_mask is None else attention_mask_4d(key_mask, T, start)
         layers = cache.layers if cache is not None else [None] * len(self.model.layers)
         if self.config.moe is not None and mask is not None:  # expert load counts (moe.count_loads) skip padding
             moe.mark_real_tokens(self, key_mask[:, -T:])
         recompute = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for layer, kv in zip(self.model.layers, layers):
-            # Activation checkpointing: only the layer's input is kept; backward runs its forward again.
             x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False) if recompute else \
                 layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)
 
     def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask=None,
                           depth: int | None = None) -> list[torch.Tensor]:
-        """The first depth (default all) MTP depths' normalised hidden states, for the shared head: depth k's
-        (B, T - k, D) at position i predicts token i + k + 1. h (B, T, D): hidden_states(input_ids) (the main model's,
-        normalised, as vLLM's DeepSeek MTP takes them); right padding needs no attention_mask (causal attention),
-        left padding does."""
+        """The first depth (default all) MTP depths' normalised hidden states: depth k's (B, T - k, D) at position i
+        predicts token i + k + 1. h: hidden_states(input_ids); left padding needs attention_mask."""
         out, B = [], h.shape[0]
         for k, module in enumerate(self.mtp[:depth], 1):
             T = h.shape[1] - 1  # the last position has no next token to embed
@@ -186,8 +160,7 @@ class CausalLM(nn.Module):
 
     def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         """The first MTP depth over T new positions, its keys written into cache (one layer) at [start, start + T):
-        normalised hidden states (B, T, D) for the shared head, each predicting the token after next_ids (B, T).
-        h (B, T, D): the main model's final hidden states there; key_mask (B, start + T) marks real keys."""
+        normalised hidden states (B, T, D), each predicting the token after next_ids (B, T), from the main model's h."""
         module = self.mtp[0]
         cos, sin = self._rope(position_ids, h.dtype)
         mask = attention_mask_4d(key_mask, h.shape[1], start)
@@ -204,13 +177,9 @@ class CausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
 
     def completion_hidden_states(self, prompts, prompt_mask, rows, completions, completion_mask) -> torch.Tensor:
-        """Hidden states (B, C, D) that predict each completion token, each distinct prompt run only once.
-
-        prompts (U, P) left-padded with prompt_mask (U, P); completion b continues prompt rows[b]; completions (B, C)
-        right-padded with completion_mask (B, C). A GRPO group's G samples share one prompt: its keys and values are
-        computed once and expanded to the G rows (autograd sums their gradients back), instead of running the prompt
-        G times. Exact: every completion token attends to the same keys as in a full-sequence forward.
-        """
+        """Hidden states (B, C, D) that predict each completion token, each distinct prompt run only once (its keys
+        expanded to its samples' rows). prompts (U, P) left-padded with prompt_mask; completion b continues prompt
+        rows[b]; completions (B, C) right-padded with completion_mask."""
         U, P = prompts.shape
         C = completions.shape[1]
         cache = KVCache(self.config, U, P + C, self.lm_head.weight.dtype, prompts.device)
@@ -220,9 +189,8 @@ class CausalLM(nn.Module):
         prompt_in = self._layer_inputs(prompts, prompt_pos, prompt_mask, 0)
         completion_in = self._layer_inputs(completions, positions, key_mask, P)
         x_prompt, x_completion = prompt_in[0], completion_in[0]
-        # Layer by layer, the prompt and then its completions: backward then finishes each layer's gradient (both
-        # passes' parts) before it starts on the layer below, so that an optimizer step in the backward pass
-        # (r1lab/train/backward_step.py) can free it. (Autograd runs the later-created of two ready nodes first.)
+        # Layer by layer, prompt then completions: backward finishes each layer's gradient before the layer below,
+        # so that an optimizer step in the backward pass (r1lab/train/backward_step.py) can free it
         for layer, (k, v) in zip(self.model.layers, cache.layers):
             x_prompt = self._run_layer(layer, x_prompt, prompt_in, (k, v), 0, prompt_mask)
             # a view of the group's prompt keys per sample: autograd sums the G samples' gradients back
@@ -245,12 +213,8 @@ class CausalLM(nn.Module):
         return layer(x, inputs[1], inputs[2], inputs[3], kv, start)
 
     def decode_step(self, input_ids, position_ids, cache: KVCache, write_pos: torch.Tensor, mask) -> torch.Tensor:
-        """One decode step with every shape fixed: logits (B, V) of input_ids (B, 1).
-
-        The new keys and values are written at write_pos (a (1,) tensor, not a Python int) and the whole cache is
-        attended under mask (B, 1, 1, max_len), so successive steps run the very same kernels on the same buffers:
-        what a CUDA graph captures once and replays (r1lab/engine/static_decode.py).
-        """
+        """One decode step with every shape fixed, for a CUDA graph: logits (B, V) of input_ids (B, 1), the keys
+        written at write_pos (a (1,) tensor) and the whole cache attended under mask (B, 1, 1, max_len)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
         for layer, kv in zip(self.model.layers, cache.layers):
@@ -263,16 +227,9 @@ class CausalLM(nn.Module):
         return self.head(h[:, -1])
 
 
-def _mla_cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> list:
-    return mla.cache_shapes(cfg, batch, max_len)
-
-
 def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself.
-
-    Allowing the diagonal keeps padding rows finite (a row with no allowed key would give NaN, and NaN keys poison
-    every later query through 0 * NaN in the attention product).
-    """
+    """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself (a padding row with no key
+    would give NaN, which poisons every later query through 0 * NaN)."""
     S = key_mask.shape[1]
     q_pos = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)

@@ -1,19 +1,5 @@
-"""The HTTP server: `r1lab serve --model DIR`. OpenAI's chat and completions API, DeepSeek's reasoning split, a chat
-page at `/`.
-
-Routes: POST /v1/chat/completions, POST /v1/completions (streaming over SSE or not), GET /v1/models, GET /health,
-GET / (the chat page). Every request shares one engine through the batcher (r1lab/serve/batcher.py). Each bad
-request gets a 4xx with an OpenAI-style body {"error": {"message", "type", "param", "code"}}; nothing a client
-sends should crash the server or leave a connection hanging: bodies are parsed strictly (r1lab/serve/protocol.py),
-must arrive within body_timeout_s (else 408), and a request may ask for at most max_request_tokens completion
-tokens in all. Clients share the batch's slots fairly (r1lab/serve/batcher.py); a client is its remote address.
-
-With `--tools python` the server runs the model's tool calls itself (r1lab/engine/tools.py, in the batcher): the code of a
-`<python>...</python>` block and its `<output>...</output>` are part of the completion's text, so inside `<think>`
-they reach the client in reasoning_content (streamed as they happen); usage.completion_tokens and max_tokens count the
-output's tokens too (their logprobs, when asked, are 0.0: not sampled), and a block closed past max_tool_calls ends
-the completion with finish_reason "stop". OpenAI's `tools`/`functions` fields (functions the client runs) stay
-refused.
+"""The HTTP server, `r1lab serve --model DIR`: OpenAI's chat and completions API with DeepSeek's reasoning split, and
+a chat page at `/`. Routes, limits, errors and tool calls: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -37,14 +23,14 @@ from fastapi.routing import APIRouter
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from tokenizers import decoders
 
 from r1lab.config import ServeConfig
-from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.tools import Runner, ToolSpec, run_in_sandbox, tool_summary
-from r1lab.model.loading import load_policy, pick_device
 from r1lab.model.templates import TemplateVariableError, render_conversation, starts_in_think
 from r1lab.model.tokenizer import byte_symbols
+from r1lab.serve.chat import load_engine
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
 from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
 from r1lab.serve.generation import ClientGone, Generation
@@ -67,16 +53,9 @@ class ServerState:
     created: int
 
 
-def load_engine(cfg: ServeConfig) -> Engine:
-    setup_training_process(cfg.threads, cfg.model, cfg.device)
-    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
-    return Engine(model.eval(), tokenizer)
-
-
 def create_app(model_dir: str | Path, engine: Engine | None = None, runner: Runner = run_in_sandbox,
                **settings) -> FastAPI:
-    """The app for a model directory; settings are ServeConfig fields (api_key=..., max_batch=...); runner runs
-    the tool calls (with tools="python"; tests wrap the sandbox's)."""
+    """The app for a model directory; settings are ServeConfig fields; runner runs the tool calls (tests wrap it)."""
     cfg = ServeConfig(model=str(model_dir), **settings)
     cfg.check()
     return build_app(cfg, engine or load_engine(cfg), runner)
@@ -107,8 +86,7 @@ def build_app(cfg: ServeConfig, engine: Engine, runner: Runner = run_in_sandbox)
 
 
 def default_served_name(model_dir: str) -> str:
-    """The model directory's name; a run's final model, RUN/model beside RUN/config.yaml, is named after the run
-    ("model" would tell a client nothing)."""
+    """The model directory's name; a run's final model (RUN/model beside RUN/config.yaml) is named after the run."""
     path = Path(model_dir).resolve()
     if path.name == "model" and (path.parent / CONFIG_FILE).is_file():
         return path.parent.name
@@ -127,7 +105,7 @@ def serve(cfg: ServeConfig) -> None:
 
 def startup_message(state: ServerState) -> str:
     """What a user needs to point a client at this server: the exact base_url and model name."""
-    cfg = state.cfg
+    cfg, spec = state.cfg, state.batcher.tools
     host = cfg.host
     if host in ("0.0.0.0", "::", ""):  # listening everywhere: this machine reaches it as localhost
         host, where = "127.0.0.1", " (listening on all interfaces: from elsewhere use this machine's address)"
@@ -137,24 +115,14 @@ def startup_message(state: ServerState) -> str:
     key = '"YOUR_API_KEY" (the --api-key you set)' if cfg.api_key else '"none" (any: no --api-key is set)'
     return (f"r1lab serve: model '{state.model_id}' ({state.context_len} tokens of context) on {url}{where}\n"
             f"  OpenAI clients: base_url=\"{url}/v1\", model=\"{state.model_id}\", api_key={key}\n"
-            f"  chat page: {url}/{tools_line(state.batcher.tools)}")
-
-
-def tools_line(spec: ToolSpec | None) -> str:
-    """With --tools: that the server runs the model's tool calls, and what isolates them."""
-    return "" if spec is None else f"\n  tools: {tool_summary(spec)}"
+            f"  chat page: {url}/" + ("" if spec is None else f"\n  tools: {tool_summary(spec)}"))
 
 
 def _log_like_uvicorn(level: str) -> None:
-    """The server's own lines (a client gone, a failed batch) through uvicorn's handler, at its level: otherwise
-    Python prints only warnings and up, unformatted. Call after uvicorn.Config, which sets up its logging."""
+    """The server's own lines through uvicorn's handler, at its level (call after uvicorn.Config sets it up)."""
     log.handlers = list(logging.getLogger("uvicorn.error").handlers or logging.getLogger("uvicorn").handlers)
     log.setLevel(level.upper())
     log.propagate = False
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# errors
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -164,25 +132,18 @@ def _add_error_handlers(app: FastAPI) -> None:
             headers = {"Connection": "close"}
         return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
-    def http_error(_request, err: HTTPException):
-        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-        return JSONResponse(ApiError(err.status_code, str(err.detail), kind).body(), status_code=err.status_code)
-
-    def validation_error(_request, err: RequestValidationError):
-        return JSONResponse(ApiError(400, str(err.errors()[:1])).body(), status_code=400)
-
-    def server_error(_request, err: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}", "server_error").body(), status_code=500)
+    def error(status: int, message: str) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(ApiError(status, message, kind).body(), status_code=status)
 
     app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, server_error)
+    app.add_exception_handler(HTTPException, lambda _r, err: error(err.status_code, str(err.detail)))
+    app.add_exception_handler(RequestValidationError, lambda _r, err: error(400, str(err.errors()[:1])))
+    app.add_exception_handler(Exception, lambda _r, err: error(500, f"internal error: {type(err).__name__}"))
 
 
 async def read_json(request: Request, cfg: ServeConfig) -> dict:
-    """The body as a JSON object: at most max_body_bytes, received within body_timeout_s (a stalled client gets 408
-    instead of holding the connection forever), parsed strictly (parse_json_body)."""
+    """The body as a JSON object: at most max_body_bytes, received within body_timeout_s, parsed strictly."""
     try:
         body = await asyncio.wait_for(_read_body(request, cfg.max_body_bytes), cfg.body_timeout_s)
     except asyncio.TimeoutError:
@@ -196,7 +157,6 @@ async def read_json(request: Request, cfg: ServeConfig) -> dict:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """Refusing more than `limit` bytes, before reading them when the length is given."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", code="request_too_large")
@@ -209,13 +169,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _client_id(request: Request) -> str:
-    """Whom the batcher shares rows between: the remote address. Not the API key, which this server has one of,
-    shared by every client, nor a field of the body, which a client could vary to pose as many."""
+    """Whom the batcher shares rows between: the remote address (a body field could be varied to pose as many)."""
     return request.client.host if request.client else "unknown"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the API
 
 
 def _api_routes(state: ServerState) -> APIRouter:
@@ -271,7 +226,6 @@ def _api_routes(state: ServerState) -> APIRouter:
 
 
 def _chat_prompt(state: ServerState, req: ChatRequest) -> str:
-    """The conversation rendered for the model, with the request's chat_template_kwargs."""
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
         text = render_conversation(state.engine.tokenizer, messages, state.cfg.template, True, req.chat_template_kwargs)
@@ -293,7 +247,6 @@ def _check_model(state: ServerState, model: str) -> None:
 
 
 def _start(state: ServerState, req, prompts: list[list[int]], client: str) -> Generation:
-    """Check the request against the limits and queue its completions."""
     params = _sampling_params(state, req, [len(p) for p in prompts])
     try:
         return Generation(state.batcher, prompts, params, stream=req.stream, client=client)
@@ -314,7 +267,13 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
                             "completion tokens.", param="max_tokens", code="invalid_value")
     rows = len(prompt_lens) * req.n
     max_tokens = asked if asked is not None else min(cfg.max_tokens, ctx - longest, cfg.max_request_tokens // rows)
-    _check_budget(cfg, len(prompt_lens), req.n, max(max_tokens, 1))  # a default cut to 0 by the budget fails here
+    # One request may not queue more than max_request_tokens (fairness protects latency, not the machine's time);
+    # a default cut to 0 by the budget fails here.
+    budget = len(prompt_lens) * req.n * max(max_tokens, 1)
+    if budget > cfg.max_request_tokens:
+        raise ApiError(400, f"This request asks for {budget} completion tokens ({len(prompt_lens)} prompts x n={req.n} "
+                            f"x max_tokens={max(max_tokens, 1)}); this server allows at most {cfg.max_request_tokens} "
+                            "in one request.", param="max_tokens", code="request_too_large")
     if max_tokens < 1 or longest + max_tokens > ctx:
         raise ApiError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                             f"{longest + max(max_tokens, 1)} tokens ({longest} in the prompt, {max(max_tokens, 1)} in "
@@ -325,18 +284,7 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
                           logprobs=isinstance(req, ChatRequest) and bool(req.logprobs))
 
 
-def _check_budget(cfg: ServeConfig, prompts: int, n: int, max_tokens: int) -> None:
-    """One request may not ask for more than max_request_tokens completion tokens: a single client could otherwise
-    queue hours of work (the batcher's fairness protects other clients' latency, not the machine's time)."""
-    asked = prompts * n * max_tokens
-    if asked > cfg.max_request_tokens:
-        raise ApiError(400, f"This request asks for {asked} completion tokens ({prompts} prompts x n={n} x max_tokens="
-                            f"{max_tokens}); this server allows at most {cfg.max_request_tokens} in one request.",
-                       param="max_tokens", code="request_too_large")
-
-
 async def _answer(request: Request, gen: Generation, body) -> JSONResponse:
-    """Wait for every completion (cancelling them if the client leaves first) and build the response."""
     try:
         done = await gen.results(request.is_disconnected)
     except ClientGone:
@@ -353,41 +301,31 @@ def _data(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# response bodies
-
-
 class _Reply:
-    object_name = ""
     id_prefix = ""
 
     def __init__(self, state: ServerState, req, prompt_tokens: int):
         self.model, self.req, self.prompt_tokens = state.model_id, req, prompt_tokens
         self.id, self.created = f"{self.id_prefix}{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def envelope(self, object_name: str, choices: list[dict], usage: dict | None = None) -> dict:
+    def envelope(self, object_name: str, choices: list[dict], completion_tokens: int | None = None) -> dict:
         out = {"id": self.id, "object": object_name, "created": self.created, "model": self.model, "choices": choices}
-        if usage is not None:
-            out["usage"] = usage
+        if completion_tokens is not None:
+            out["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": self.prompt_tokens + completion_tokens}
         return out
 
     async def stream(self, gen: Generation):
-        """SSE events: the choices' chunks, an optional usage chunk, then [DONE]; an error mid-way is sent as an
-        error event (the status line has already gone out)."""
+        """SSE events: the choices' chunks, an optional usage chunk, then [DONE]; an error mid-way is an event."""
         completion_tokens = 0
-        options = self.req.stream_options
-        include_usage = options is not None and options.include_usage
+        include_usage = self.req.stream_options is not None and self.req.stream_options.include_usage
+        usage = {"usage": None} if include_usage else {}  # as OpenAI's: null in every chunk until the last one
         try:
             for first in self.opening_chunks():
-                yield _data(self._with_usage(first, include_usage))
+                yield _data({**first, **usage})
             async for event in gen.events():
                 for chunk in self.chunks(event):
-                    yield _data(self._with_usage(chunk, include_usage))
+                    yield _data({**chunk, **usage})
                 if isinstance(event, Done):
                     completion_tokens += event.completion_tokens
         except ApiError as err:
@@ -395,13 +333,8 @@ class _Reply:
             yield "data: [DONE]\n\n"
             return
         if include_usage:
-            yield _data(self.envelope(self.chunk_object, [], _usage(self.prompt_tokens, completion_tokens)))
+            yield _data(self.envelope(self.chunk_object, [], completion_tokens))
         yield "data: [DONE]\n\n"
-
-    @staticmethod
-    def _with_usage(chunk: dict, include_usage: bool) -> dict:
-        # As OpenAI: with include_usage every chunk has a usage field, null until the last one.
-        return {**chunk, "usage": None} if include_usage else chunk
 
     def opening_chunks(self) -> list[dict]:
         return []
@@ -417,7 +350,8 @@ class ChatReply(_Reply):
         self.in_think, self.answer_format = in_think, state.cfg.answer_format
         self.splitters = [ReasoningSplitter(in_think, self.answer_format) for _ in range(req.n)]
         self.tokenizer = state.engine.tokenizer
-        self.pending = _PendingLogprobs(req.n)
+        self.pending: list[list] = [[] for _ in range(req.n)]  # per choice: log-probs no chunk has carried yet
+        self.seen = [0] * req.n  # how many arrived through Deltas; a Done repeats them all
 
     def body(self, done: list[Done]) -> dict:
         choices = []
@@ -427,22 +361,27 @@ class ChatReply(_Reply):
             logprobs = self._logprobs(d.logprobs or []) if self.req.logprobs else None
             choices.append({"index": d.index, "message": message, "logprobs": logprobs,
                             "finish_reason": d.finish_reason})
-        return self.envelope("chat.completion", choices,
-                             _usage(self.prompt_tokens, sum(d.completion_tokens for d in done)))
+        return self.envelope("chat.completion", choices, sum(d.completion_tokens for d in done))
 
     def opening_chunks(self) -> list[dict]:
         return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.req.n)]
 
     def chunks(self, event) -> list[dict]:
-        splitter = self.splitters[event.index]
+        i, splitter = event.index, self.splitters[event.index]
         reasoning, content = splitter.feed(event.text) if isinstance(event, Delta) else splitter.finish()
-        self.pending.add(event)
+        new = (event.logprobs or [])[self.seen[i] if isinstance(event, Done) else 0:]
+        self.seen[i] += len(new)
+        self.pending[i] += new
         out = []
         if reasoning or content:  # the log-probs of tokens whose text is held back ride on a later chunk
-            out.append(self._chunk(event.index, {"content": content or None, "reasoning_content": reasoning or None},
-                                   logprobs=self.pending.take(event.index)))
+            out.append(self._chunk(i, {"content": content or None, "reasoning_content": reasoning or None},
+                                   logprobs=self._take(i)))
         if isinstance(event, Done):
-            out.append(self._chunk(event.index, {}, event.finish_reason, self.pending.take(event.index)))
+            out.append(self._chunk(i, {}, event.finish_reason, self._take(i)))
+        return out
+
+    def _take(self, i: int) -> list:
+        out, self.pending[i] = self.pending[i], []
         return out
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
@@ -451,42 +390,14 @@ class ChatReply(_Reply):
                                                   "finish_reason": finish_reason}])
 
     def _logprobs(self, tokens: list) -> dict:
-        """OpenAI's choice.logprobs: one entry per completion token, reasoning and end-of-text included, its
-        log-prob under the sampling distribution (penalties and temperature applied, before truncation:
-        r1lab/engine/sampling.py)."""
-        return {"content": [_token_logprob(self.tokenizer, t, lp) for t, lp in tokens], "refusal": None}
-
-
-class _PendingLogprobs:
-    """Per choice of a stream: the token log-probs that events brought and no chunk has carried yet."""
-
-    def __init__(self, n: int):
-        self.pending: list[list] = [[] for _ in range(n)]
-        self.seen = [0] * n  # how many arrived through Deltas; a Done repeats them all
-
-    def add(self, event) -> None:
-        new = event.logprobs or []
-        if isinstance(event, Done):
-            new = new[self.seen[event.index]:]
-        self.seen[event.index] += len(new)
-        self.pending[event.index] += new
-
-    def take(self, index: int) -> list:
-        out, self.pending[index] = self.pending[index], []
-        return out
-
-
-def _token_logprob(tokenizer, token: int, logprob: float) -> dict:
-    raw = token_bytes(tokenizer, token)
-    return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": logprob, "bytes": list(raw),
-            "top_logprobs": []}
+        """OpenAI's choice.logprobs: one entry per completion token, reasoning and end-of-text included."""
+        raw = [(token_bytes(self.tokenizer, t), lp) for t, lp in tokens]
+        return {"content": [{"token": b.decode("utf-8", "backslashreplace"), "logprob": lp, "bytes": list(b),
+                             "top_logprobs": []} for b, lp in raw], "refusal": None}
 
 
 def token_bytes(tokenizer, token: int) -> bytes:
-    """A token's exact bytes: byte-level BPE tokens (GPT-2, Qwen, Llama 3) may hold part of a UTF-8 character,
-    which decoding the token alone would turn into U+FFFD; other tokenizers' tokens decode to whole text."""
-    from tokenizers import decoders
-
+    """A token's exact bytes: a byte-level BPE token may hold part of a UTF-8 character (decoded alone: U+FFFD)."""
     if isinstance(tokenizer.backend.decoder, decoders.ByteLevel):
         piece = tokenizer.backend.id_to_token(token)
         byte_of = _byte_of_symbol()
@@ -507,8 +418,7 @@ class CompletionReply(_Reply):
 
     def body(self, done: list[Done]) -> dict:
         choices = [{"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason} for d in done]
-        return self.envelope("text_completion", choices,
-                             _usage(self.prompt_tokens, sum(d.completion_tokens for d in done)))
+        return self.envelope("text_completion", choices, sum(d.completion_tokens for d in done))
 
     def chunks(self, event) -> list[dict]:
         text = event.text if isinstance(event, Delta) else ""

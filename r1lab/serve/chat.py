@@ -1,14 +1,6 @@
-"""`r1lab chat --model DIR`: a terminal chat with a model directory, for use without a browser.
-
-Reads one message per line from stdin (typed, or piped: `printf 'What is 2+3?\n' | r1lab chat --model DIR`), and
-streams each reply as it is sampled: the reasoning (<think>...</think>) dimmed under "thinking", then the answer,
-split exactly as the server's reasoning_content and content. `/reset` starts over, `/quit` (or end of input) leaves.
-It runs the engine in-process, with the same prompt rendering and text streaming as `r1lab serve`.
-
-With `--tools python` a reply runs tool calls as `r1lab serve` does (r1lab/engine/tools.py): a closed `<python>...</python>`
-block's code runs in the sandbox and its `<output>...</output>` is shown (in the reasoning, when the block is there)
-and appended to the reply, which goes on from it with its turn's own seed; the output's tokens count against
-max_tokens, and a block closed past max_tool_calls ends the reply.
+"""`r1lab chat --model DIR`: a terminal chat with a model directory. One message per line from stdin (typed or piped),
+each reply streamed as sampled, its reasoning dimmed under "thinking" and then the answer, split, rendered and
+streamed exactly as `r1lab serve` does, tool calls included with `--tools python`. `/reset` starts over, `/quit` leaves.
 """
 
 from __future__ import annotations
@@ -19,7 +11,7 @@ from typing import Callable, Iterator, TextIO
 
 from rich.console import Console
 
-from r1lab.config import ChatConfig
+from r1lab.config import ChatConfig, ServeConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.tools import (ToolSpec, block_code, call_tool, closes_block, output_tokens, run_in_sandbox,
@@ -28,6 +20,12 @@ from r1lab.model.loading import load_policy, pick_device
 from r1lab.model.templates import render_conversation, starts_in_think
 from r1lab.serve.reasoning import ReasoningSplitter
 from r1lab.serve.textstream import TextStream
+
+
+def load_engine(cfg: ChatConfig | ServeConfig) -> Engine:
+    setup_training_process(cfg.threads, cfg.model, cfg.device)
+    model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
+    return Engine(model.eval(), tokenizer)
 
 
 class ReplyView:
@@ -61,8 +59,7 @@ class ReplyView:
 
 
 def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view: ReplyView) -> tuple[str, str]:
-    """Sample one reply to the conversation (tool calls included, with --tools), printing it as it streams. Returns
-    (answer text, finish reason)."""
+    """Sample one reply to the conversation, printing it as it streams: (answer text, finish reason)."""
     tok = engine.tokenizer
     prompt_text = render_conversation(tok, messages, cfg.template) + cfg.prefill
     ids = tok.encode(prompt_text)
@@ -89,8 +86,8 @@ def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view
 
 def _turns(engine: Engine, ids: list[int], cfg: ChatConfig, seed: int, budget: int,
            feed: Callable[[list[int]], None]) -> tuple[int, str, str]:
-    """Generate a reply turn by turn, feeding every token (the model's as sampled, a tool output's when it is back)
-    to `feed`: without tools, one turn. Returns (tokens, finish reason, a note on why it ended, or "")."""
+    """Generate a reply turn by turn (without tools, one), feeding every token, sampled or a tool output's, to feed.
+    Returns (tokens, finish reason, a note on why it ended, or "")."""
     spec = ToolSpec.of(cfg)
     completion: list[int] = []
     for turn in itertools.count():
@@ -131,10 +128,7 @@ def user_lines(source: TextIO, console: Console) -> Iterator[str]:
 def run_chat(cfg: ChatConfig, source: TextIO | None = None, console: Console | None = None,
              engine: Engine | None = None) -> None:
     console = console or Console(highlight=False)
-    if engine is None:
-        setup_training_process(cfg.threads, cfg.model, cfg.device)
-        model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
-        engine = Engine(model.eval(), tokenizer)
+    engine = engine or load_engine(cfg)
     opening = [{"role": "system", "content": cfg.system}] if cfg.system else []
     messages = list(opening)
     console.print(f"r1lab chat with {cfg.model}: one message per line, /reset to start over, /quit to leave",

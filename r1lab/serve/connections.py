@@ -1,18 +1,6 @@
-"""Connections that cannot starve `r1lab serve`: limits on what clients may hold open, on top of uvicorn's.
-
-uvicorn closes a connection by itself only once it is idle after a response (timeout_keep_alive): one that never
-completes its request head is kept forever, and some thousands of those (slowloris) take every file descriptor
-until accept() fails and real clients time out. Its limit_concurrency counts such connections too, so under that
-attack it answers the real requests 503. The server's HTTP protocol is therefore uvicorn's h11 one plus:
-- a deadline for each request head: header_timeout_s from the connection's opening, or from the first bytes of a next
-  request on it (until those, uvicorn's keep-alive timeout applies), however it trickles in; a connection that misses
-  it is closed;
-- caps on open connections, per client address and in all: past one, the connection that has waited longest for a
-  request head is closed to make room (the same address's first), as it costs nobody anything; only when every
-  connection is busy with a request does the new one get 503 (once its head is in);
-- the cap in all never passes what the open-file limit allows (raised to the hard limit at start), so accept() keeps
-  working whatever clients do.
-A client is its remote address, as for the batcher's fairness: behind a reverse proxy every client is the proxy's.
+"""Connections that cannot starve `r1lab serve` (slowloris): uvicorn's h11 protocol plus a deadline for each request
+head and caps on open connections, per client address and in all, under the open-file limit (docs/serving.md).
+uvicorn alone keeps a connection that never completes its head forever, and its limit_concurrency counts those too.
 """
 
 from __future__ import annotations
@@ -33,7 +21,7 @@ FD_RESERVE = 256  # descriptors kept for all but connections: model files, logs,
 
 
 def raise_open_file_limit() -> int:
-    """The open-file soft limit raised to the hard one (many systems start a process at 1,024); the limit now."""
+    """The open-file soft limit raised to the hard one; the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == hard or hard == resource.RLIM_INFINITY:
         return soft
@@ -83,8 +71,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
 
 
 class ConnectionTable:
-    """A server's open connections, counted in all and per address, and those waiting for a request head, oldest
-    first: the ones closed first when a cap is reached."""
+    """A server's open connections, in all and per address, and those waiting for a request head, oldest first."""
 
     def __init__(self, limits: ConnectionLimits):
         self.limits = limits
@@ -135,9 +122,8 @@ class ConnectionTable:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol (the parser whose head-size limit uvicorn exposes) under a ConnectionTable's caps and
-    the request-head deadline. A request is in flight from its head's arrival to its response's end (uvicorn's
-    cycle); otherwise the connection waits for a head."""
+    """uvicorn's h11 protocol under a ConnectionTable's caps and the request-head deadline. A request is in flight
+    from its head's arrival to its response's end (uvicorn's cycle); otherwise the connection waits for a head."""
 
     table: ConnectionTable  # one per server: see guarded_protocol()
 

@@ -1,13 +1,6 @@
-"""The OpenAI request bodies this server accepts, and its errors in OpenAI's shape.
-
-Unknown fields are refused (400, naming the field) rather than ignored. The OpenAI fields that clients send out of
-habit are accepted at their neutral values (logit_bias {}, response_format text, no tools, ...) and refused, naming
-the field, at any other: a client that asks for a logit bias or a JSON schema should learn that it is not honoured
-here instead of silently getting something else. vLLM's sampling extras that clients send in extra_body are
-implemented (top_k, min_p, repetition_penalty, with OpenAI's presence and frequency penalties: per request, in the
-engine's sampler), and so is chat_template_kwargs (more variables for the chat template, e.g. Qwen3's enable_thinking).
-Bodies are decoded strictly (UTF-8, at most MAX_JSON_DEPTH levels of nesting, no lone surrogates) so that nothing
-a client sends can reach the tokenizer, pydantic or a JSON response as something they fail on.
+"""The OpenAI request bodies this server accepts, and its errors in OpenAI's shape. Unknown fields are refused; the
+OpenAI fields it does not implement are accepted at their neutral values only (the rules: docs/serving.md). Bodies
+are decoded strictly, so nothing a client sends reaches the tokenizer, pydantic or a response as something they fail on.
 """
 
 from __future__ import annotations
@@ -220,23 +213,18 @@ def parse_json_body(body: bytes) -> dict:
 def _check_tree(data: dict) -> None:
     """Refuse nesting deeper than MAX_JSON_DEPTH and strings (keys too) holding a lone surrogate, which no UTF-8
     encoder accepts. Iterative, so that the check itself cannot run out of stack."""
-    stack: list[tuple[object, int, tuple | None]] = [(data, 1, None)]  # value, depth, (parent's entry, key)
+    stack: list[tuple[object, tuple]] = [(data, ())]  # a value and the keys that lead to it
     while stack:
-        entry = stack.pop()
-        value, depth, _ = entry
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                raise _lone_surrogate(entry)
-            continue
-        if not isinstance(value, (dict, list)):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise _too_deep()
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str) and _SURROGATE.search(key):
-                raise _lone_surrogate((key, depth + 1, (entry, key)))
-            stack.append((item, depth + 1, (entry, key)))
+        value, path = stack.pop()
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise _lone_surrogate(path)
+        if isinstance(value, (dict, list)):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise _too_deep()
+            for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    raise _lone_surrogate((*path, key))
+                stack.append((item, (*path, key)))
 
 
 def _too_deep() -> ApiError:
@@ -244,11 +232,8 @@ def _too_deep() -> ApiError:
                     code="invalid_json")
 
 
-def _lone_surrogate(entry: tuple) -> ApiError:
-    keys = []
-    while entry[2] is not None:  # walk up to the root to name the field
-        entry, key = entry[2]
-        keys.append(str(key).encode("utf-8", "backslashreplace").decode())  # the name may hold the surrogate
-    param = ".".join(reversed(keys)) or None
+def _lone_surrogate(path: tuple) -> ApiError:
+    # the field's name may hold the surrogate itself
+    param = ".".join(str(key).encode("utf-8", "backslashreplace").decode() for key in path) or None
     return ApiError(400, f"Invalid unicode in '{param}': a lone surrogate (an unpaired \\uD800-\\uDFFF escape) is "
                          "not a character.", param=param, code="invalid_unicode")

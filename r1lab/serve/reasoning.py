@@ -1,21 +1,14 @@
-"""Split streamed completion text into DeepSeek's `reasoning_content` and `content`, chunk by chunk.
-
-The rules (the same for a whole text and for a stream cut anywhere, tags included):
-- text between `<think>` and `</think>` is reasoning; everything else is content;
-- in the tags answer format, `<answer>` and `</answer>` are dropped from the content, their inner text kept: the
-  content is the answer a reader wants, and the R1 format only wraps it; in the boxed format the content is the
-  text after `</think>` as written, box included (the tags of each format: r1lab/rewards/answers.py);
-- a `</think>` with no open think block is dropped, as is a `<think>` inside one;
-- a prompt that ends with a prefilled `<think>` starts the split inside the reasoning (`in_think=True`);
-- each part is stripped of leading and trailing whitespace (R1 writes `<think> ... </think> <answer> ... </answer>`);
-  whitespace inside a part is kept, so trailing whitespace is held back until more text of that part arrives.
-A tag may arrive split across tokens, so a tail of a chunk that could begin a tag is held until the next chunk.
+"""Split streamed completion text into DeepSeek's `reasoning_content` and `content`, chunk by chunk, the same for a
+whole text as for a stream cut anywhere: text inside `<think>`...`</think>` is reasoning, the rest content (in the tags
+answer format without its `<answer>` tags; r1lab/rewards/answers.py); a stray `</think>`, or a `<think>` inside one,
+is dropped; each part is stripped at both ends. A tail that could begin a tag is held until the next chunk.
 """
 
 from __future__ import annotations
 
 from r1lab.model.templates import THINK_CLOSE, THINK_OPEN
 from r1lab.rewards.answers import content_tags
+from r1lab.serve.textstream import prefix_tail_len
 
 _INSIDE_TAGS = (THINK_OPEN, THINK_CLOSE)
 
@@ -41,9 +34,6 @@ class _Part:
         self.pending_space = text[len(body):]
         return out
 
-    def end(self) -> None:
-        self.pending_space = ""
-
 
 class ReasoningSplitter:
     """Feed text deltas, get (reasoning_delta, content_delta) back; call finish() at the end of the stream."""
@@ -58,9 +48,9 @@ class ReasoningSplitter:
         buf, reasoning, content = self._held + text, [], []
         while buf:
             tags = _INSIDE_TAGS if self.in_think else self._outside_tags
-            at, tag = _first_tag(buf, tags)
+            at, tag = min(((buf.find(t), t) for t in tags if t in buf), default=(len(buf), None), key=lambda m: m[0])
             if tag is None:
-                keep = _partial_tag_len(buf, tags)
+                keep = prefix_tail_len(buf, tags)
                 self._emit(buf[: len(buf) - keep], reasoning, content)
                 self._held = buf[len(buf) - keep:]
                 break
@@ -86,7 +76,7 @@ class ReasoningSplitter:
             self.in_think = True
         elif tag == THINK_CLOSE and self.in_think:
             self.in_think = False
-            self._reasoning.end()  # whitespace before </think> belongs to no one
+            self._reasoning.pending_space = ""  # whitespace before </think> belongs to no one
 
 
 def split_reasoning(text: str, in_think: bool = False, answer_format: str = "tags") -> tuple[str, str]:
@@ -96,20 +86,3 @@ def split_reasoning(text: str, in_think: bool = False, answer_format: str = "tag
     r2, c2 = splitter.finish()
     return r1 + r2, c1 + c2
 
-
-def _first_tag(buf: str, tags: tuple[str, ...]) -> tuple[int, str | None]:
-    best, best_tag = len(buf), None
-    for tag in tags:
-        i = buf.find(tag)
-        if i != -1 and i < best:
-            best, best_tag = i, tag
-    return best, best_tag
-
-
-def _partial_tag_len(buf: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest tail of buf that is a proper prefix of one of the tags."""
-    for k in range(min(len(buf), max(len(t) for t in tags) - 1), 0, -1):
-        tail = buf[-k:]
-        if any(t.startswith(tail) for t in tags):
-            return k
-    return 0

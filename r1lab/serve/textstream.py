@@ -60,7 +60,7 @@ class StopCutter:
             self.hit = True
             self.text = self.text[: min(found)]
             return self._send(len(self.text))
-        return self._send(len(self.text) - self._partial_len())
+        return self._send(len(self.text) - prefix_tail_len(self.text[self._sent:], self.stops))
 
     def flush(self) -> str:
         return self._send(len(self.text))
@@ -70,14 +70,13 @@ class StopCutter:
         self._sent = max(self._sent, upto)
         return out
 
-    def _partial_len(self) -> int:
-        """Length of the longest unsent tail that is a proper prefix of a stop string."""
-        longest = max(len(s) for s in self.stops) - 1
-        for k in range(min(longest, len(self.text) - self._sent), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
+
+def prefix_tail_len(text: str, strings) -> int:
+    """Length of the longest tail of text that is a proper prefix of one of strings (held back: it may begin one)."""
+    for k in range(min(len(text), max(len(s) for s in strings) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in strings):
+            return k
+    return 0
 
 
 class TextStream:
