@@ -44,10 +44,8 @@ def _clean(value: Any) -> Any:
 
 def _append_jsonl(path: Path, row: dict) -> None:
     # Open, write, close per call: a crash mid-run loses at most the line being written.
-    line = json.dumps(_clean(row), allow_nan=False, ensure_ascii=False)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
+        f.write(json.dumps(_clean(row), allow_nan=False, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -151,8 +149,8 @@ def save_samples(run_dir: Path, step: int, records: Iterable[dict]) -> Path:
     """Write run_dir/samples/step_XXXXXX.jsonl, one record per completion (prompt, completion, reward, ...)."""
     path = Path(run_dir) / "samples" / f"step_{step:06d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) for r in records]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    path.write_text("".join(json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
     return path
 
 
@@ -173,10 +171,7 @@ class TrainingProgress:
     step, about every 5% of the run and at the end. keys: the (metric, label) pairs shown."""
 
     def __init__(self, total_steps: int, start_step: int = 0, console: Any = None, keys: tuple = LIVE_KEYS) -> None:
-        self.total = total_steps
-        self.start_step = start_step
-        self.keys = keys
-        self.console = console or Console()
+        self.total, self.start_step, self.keys, self.console = total_steps, start_step, keys, console or Console()
         self._progress: Any = None
         self._task: Any = None
         self._t0 = time.monotonic()

@@ -9,7 +9,8 @@ import torch
 POLICY_LOSSES = ("ppo-clip", "cispo", "gspo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
     """(r_i - mean(group)) / (std(group) + eps), the sample std as in TRL; without std scaling (Dr. GRPO) r_i - mean.
     rewards (N,) are ordered group by group."""
     r = rewards.view(-1, group_size)  # (groups, G)

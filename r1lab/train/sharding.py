@@ -19,8 +19,9 @@ from r1lab.train.distributed import World
 MIN_SHARD_PARAMETERS = 1_000_000
 
 
-def check_shardable(model: nn.Module, world: World) -> None:
-    """Refuse, before training starts, a sharding that cannot or need not happen."""
+def shard_model(model: nn.Module, world: World) -> nn.Module:
+    """Shard model in place across the job's ranks (FSDP2) and return it; refuse a sharding that cannot or need not
+    happen."""
     if not world.distributed:
         raise ValueError("shard: FSDP splits a model across the ranks of a torchrun job, and this is one process; "
                          "launch with torchrun --nproc-per-node N (N >= 2), or leave shard off")
@@ -31,11 +32,6 @@ def check_shardable(model: nn.Module, world: World) -> None:
     if getattr(model.config, "moe", None) is not None:
         raise ValueError("shard: MoE models are not sharded yet (an expert no token reached on one rank has no "
                          "gradient there, which FSDP's reduce-scatter cannot match); train it unsharded")
-
-
-def shard_model(model: nn.Module, world: World) -> nn.Module:
-    """Shard model in place across the job's ranks (FSDP2) and return it."""
-    check_shardable(model, world)
     for layer in model.model.layers:
         # the layer's projections as one unit, not the attention module: FSDP would pass its KV cache (written in
         # place) through its own autograd function

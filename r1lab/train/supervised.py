@@ -74,7 +74,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     with logger, training_progress(steps, start, keys=LOSS_KEYS) if world.main else Silent() as bar, \
             StopOnInterrupt() as stop:
         if data.eval_docs and start == 0:
-            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
+            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # before any training
         train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
                  lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, optimizer=optimizer,
                  start_step=start, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
