@@ -1,22 +1,9 @@
-"""The optimizer step inside the backward pass: each parameter updated as soon as its gradient is complete, and that
-gradient freed at once.
+"""The optimizer step inside the backward pass (torchtune's optimizer_in_bwd): each parameter updated as soon as its
+gradient is complete, and that gradient freed at once, so that the gradients of all the weights never exist together.
+What it gives up (global-norm clipping, torchrun): docs/performance.md.
 
-Full fine-tuning in float32 with AdamW holds 16 bytes per parameter (weights, gradients, two moments), and at the end
-of an ordinary backward pass every gradient exists at once. Stepping each parameter from its gradient hook instead
-(torchtune's optimizer_in_bwd, for the same reason) keeps only the gradients still being summed: at the
-Qwen2.5-0.5B shape that is the tied embedding's and a layer's, not all 2 GB. GRPO's forward runs the shared prompt
-and the completions layer by layer (CausalLM.completion_hidden_states) so that each layer's gradient is complete
-before the backward moves to the layer below.
-
-A tied LM head's weight gradient is complete only when the embedding's backward, the last, adds its rows: while
-armed, the head's backward leaves its products (the kept log-softmax chunks, turned into logit gradients in place,
-and their hidden states) in the weight's `deferred_products` list, and the hook adds them just before the step, when
-the activations are gone: the (V, D) gradient is never alive beside them.
-
-What it cannot do: clip by the global gradient norm (the norm needs every gradient, and the first parameters are
-updated before the last gradients exist), so it requires max_grad_norm 0; sum gradients over ranks (one process
-only). A non-finite gradient drops that parameter's update, not the whole step (the parameters before it are
-already updated); the step's metrics count it.
+A tied LM head's gradient is complete only after the embedding's backward, the last: while armed, the head's backward
+leaves its products in the weight's deferred_products list, added just before the step, once the activations are gone.
 """
 
 from __future__ import annotations
@@ -25,13 +12,13 @@ import math
 
 import torch
 
+_DEFERRED = "r1lab_deferred_products"
+
 
 class BackwardStep:
-    """Steps `optimizer` one parameter at a time from each parameter's post-accumulate-grad hook, while armed.
-
-    Use: arm() before the backward of the step's last micro-batch (earlier ones only accumulate), then finish()
-    after it, which steps whatever the hooks did not reach and returns the step's grad_norm and skipped_nonfinite.
-    Hooks are removed by close() (or leaving the `with` block)."""
+    """Steps `optimizer` one parameter at a time from each parameter's post-accumulate-grad hook, while armed: arm()
+    before the backward of the step's last micro-batch (earlier ones only accumulate), then finish(). Hooks are
+    removed by close() (or leaving the `with` block)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -57,7 +44,8 @@ class BackwardStep:
                 self._step(param)
 
     def _step(self, param: torch.Tensor) -> None:
-        """Update param alone from its gradient (the optimizer's own step over a one-parameter group), then free it."""
+        """Update param alone (the optimizer's own step over a one-parameter group), then free its gradient; a
+        non-finite gradient drops this parameter's update only (those before it are updated already)."""
         squared = float(torch.linalg.vector_norm(param.grad, dtype=torch.float32)) ** 2
         if math.isfinite(squared):
             self.squared_norm += squared
@@ -76,9 +64,9 @@ class BackwardStep:
         self.stepped.add(param)
 
     def finish(self, finite_loss: bool) -> dict:
-        """After the last micro-batch: step every parameter with a gradient that no hook stepped (a step with no
-        backward, or a parameter the last micro-batch did not reach). A non-finite loss ended the micro-batches
-        before the armed backward ran: nothing was updated, and the gradients are dropped."""
+        """After the last micro-batch: step every parameter with a gradient no hook stepped, and return the step's
+        grad_norm and skipped_nonfinite. A non-finite loss ended the micro-batches before the armed backward ran:
+        nothing was updated, and the gradients are dropped."""
         self.armed = False
         if not finite_loss:
             assert not self.stepped, "a parameter was updated in a step whose loss was not finite"
@@ -115,12 +103,9 @@ class BackwardStep:
         self.close()
 
 
-_DEFERRED = "r1lab_deferred_products"
-
-
 def deferred_products(param: torch.Tensor) -> list | None:
-    """The list a backward may leave (grad_out, input) pairs of param's gradient in, to be added as
-    grad_out.T @ input just before param's step; None when no step in the backward is armed (add at once)."""
+    """The list a backward may leave (grad_out, input) pairs of param's gradient in, added as grad_out.T @ input just
+    before param's step; None when no step in the backward is armed (add at once)."""
     return getattr(param, _DEFERRED, None)
 
 

@@ -1,20 +1,8 @@
-"""Atomic checkpoints that verify themselves, exact resume, and a guard against resuming with other settings.
+"""Checkpoints that verify themselves, exact resume, and a guard against resuming with other settings.
 
-A checkpoint is a directory run/checkpoints/step_NNNNNN holding the model in Hugging Face format (it loads in
-transformers as is), optimizer/ (the optimizer state in torch.distributed.checkpoint's format, written by every
-rank of a torchrun job and read back at any number of ranks, one included), trainer_state.pt (RNG states, step)
-and manifest.json (size and sha256 of every other file). It is written under a temporary name, the manifest last, and renamed into place, so a run killed
-mid-save leaves the previous checkpoint intact; and a checkpoint damaged afterwards (a full disk, a copy cut
-short) fails its manifest check, so that resuming falls back to the previous intact one instead of crashing. A save
-that fails (a full disk above all) removes what it had written, and a full disk is said in one line (DiskFullError)
-with the directory and the space the save needs; the final model (written_directory) is saved the same way.
-
-Checkpoints written before manifests existed are trusted if their files read whole: every safetensors file is
-as long as its header says, and trainer_state.pt is a complete zip archive (torch.save's format).
-
-Resuming a run with settings that change what it trains (lr, samples_per_prompt, ...) is refused unless allowed
-(allow_config_change); an allowed change is appended to RUN/config_changes.jsonl, never written over the run's
-config.yaml, so that the run's record says which settings held from which step.
+RUN/checkpoints/step_NNNNNN holds the model in Hugging Face format (a LoRA run: its adapter), optimizer/
+(torch.distributed.checkpoint's format: it loads at any number of ranks), trainer_state.pt (RNG states, step) and
+manifest.json (size and sha256 of every other file, written last). See docs/settings-and-runs.md.
 """
 
 from __future__ import annotations
@@ -44,18 +32,21 @@ from r1lab.model.lora import has_lora, load_adapter_weights, save_adapter
 from r1lab.model.tokenizer import Tokenizer
 from r1lab.model.transformer import CausalLM
 from r1lab.train.distributed import World
+from r1lab.train.memory_budget import gigabytes
 from r1lab.train.sharding import full_state_dict, load_full_state_dict
 
 STATE_FILE = "trainer_state.pt"
-OPTIMIZER_DIR = "optimizer"  # torch.distributed.checkpoint's directory: loads at any number of ranks
+OPTIMIZER_DIR = "optimizer"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
-# Settings that can differ on resume without changing what the run trains: how long it runs, how often it
-# saves, evaluates and logs, and where. SFT's cosine schedule depends on the number of steps: it passes a list
-# without "steps" and "epochs".
+# Settings that can differ on resume without changing what the run trains (SFT, whose cosine schedule depends on the
+# number of steps, passes this less "steps" and "epochs").
 RESUME_FREE_FIELDS = frozenset({"steps", "save_every", "eval_every", "samples_every", "threads", "device",
                                 "dist_timeout_s", "shard", "time_limit_s", "resume", "out", "allow_config_change"})
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # safetensors' Rust error names
+_FULL_BELOW = 1 << 20  # bytes free under which a write that failed without saying why is taken for a full disk
 
 
 class CheckpointError(ValueError):
@@ -70,43 +61,29 @@ class ConfigChangeError(ValueError):
     """Resuming with settings that would change the run; the message lists each field as old -> new."""
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------- writing
 
 
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
                     adapter_base: str | None = None, extra: dict | None = None) -> Path:
-    """Every rank of the job calls this (run_dir on a file system they all see); rank 0 writes all but the
-    optimizer state, which each rank writes its part of. A LoRA run (adapter_base: its base model) checkpoints its
-    adapter (PEFT's format) instead of the whole model: the base never changes. extra: a trainer's own state
-    (picklable; async GRPO's rollouts in flight), given back by checkpoint_extra."""
+    """Every rank calls this (run_dir on a file system they all see): rank 0 writes all but the optimizer state, of
+    which each rank writes its part. A LoRA run (adapter_base: its base model) saves its adapter only. extra: a
+    trainer's own picklable state, given back by checkpoint_extra."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
     state = full_state_dict(model) if adapter_base is None else None  # a sharded model's weights, onto rank 0
     needed = tensor_bytes(state if state is not None else model.state_dict()) + tensor_bytes(optimizer.state)
-    with _removed_on_failure(tmp, final, needed, world.main):
+    with written_directory(final, needed, world.main) as tmp:
         if world.main:
-            shutil.rmtree(tmp, ignore_errors=True)
             if adapter_base is None:
                 save_model(model, tmp, state=state)
             else:
                 save_adapter(model, tmp, adapter_base)
             tokenizer.save(tmp)
-            torch.save({"step": step, "rng": rng_state(), **({"extra": extra} if extra is not None else {})},
+            rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save({"step": step, "rng": rng, **({"extra": extra} if extra is not None else {})},
                        tmp / STATE_FILE)
         world.barrier()
         with _single_process_is_meant():
@@ -114,10 +91,6 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
         world.barrier()
         if world.main:
             write_manifest(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(final.parent)  # the rename itself survives a power cut
     if world.main:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -126,18 +99,32 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
 
 
 @contextlib.contextmanager
-def written_directory(final: Path, needed_bytes: int):
-    """Yields a temporary directory to write `final` into, renamed into place when the block ends: a failed write
-    (a full disk: DiskFullError) leaves no partial directory behind, and an earlier `final` stays as it was."""
+def written_directory(final: Path, needed_bytes: int, owner: bool = True):
+    """Yields a temporary directory to write `final` into, renamed into place when the block ends (by its owner, the
+    one rank that writes the run's files). A failure removes it and is raised again, one for lack of space as
+    DiskFullError; an earlier `final` stays as it was."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _removed_on_failure(tmp, final, needed_bytes):
-        tmp.mkdir(parents=True)
+    try:
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if owner:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(final.parent)  # the rename itself survives a power cut
+    except BaseException as err:  # torch.distributed.checkpoint raises BaseExceptions; re-raised below
+        full = _is_disk_full(err, tmp)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        free = shutil.disk_usage(_existing(final)).free
+        raise DiskFullError(f"{final}: no space left on the device while saving: it needs about "
+                            f"{gigabytes(needed_bytes)} and {gigabytes(free)} is free; nothing was left half "
+                            f"written (earlier checkpoints are intact); free some space and run again") from None
 
 
 def tensor_bytes(tree) -> int:
@@ -148,31 +135,9 @@ def tensor_bytes(tree) -> int:
     return sum(tensor_bytes(v) for v in values)
 
 
-@contextlib.contextmanager
-def _removed_on_failure(tmp: Path, final: Path, needed_bytes: int, owner: bool = True):
-    """Any failure inside removes tmp (when this process owns it) and is raised again; one for lack of space
-    becomes DiskFullError. torch.distributed.checkpoint raises a BaseException, hence the broad catch."""
-    try:
-        yield
-    except BaseException as err:  # noqa: BLE001 - re-raised below, whatever it is
-        full = _is_disk_full(err, tmp)
-        if owner:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not full:
-            raise
-        free = shutil.disk_usage(_existing(final)).free
-        raise DiskFullError(f"{final}: no space left on the device while saving: it needs about "
-                            f"{_gigabytes(needed_bytes)} and {_gigabytes(free)} is free; nothing was left half "
-                            f"written (earlier checkpoints are intact); free some space and run again") from None
-
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-_NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull")  # safetensors' Rust error names
-
-
 def _is_disk_full(err: BaseException, directory: Path) -> bool:
-    """Whether err (or one it was raised from, or one a torch.distributed.checkpoint rank reported) says the disk
-    is full; or, for errors that do not say why (torch.save's "file write failed"), whether the disk is now full."""
+    """Whether err, one it was raised from, or one a torch.distributed.checkpoint rank reported says the disk is
+    full; for errors that do not say why (torch.save's "file write failed"), whether the disk is now full."""
     pending, seen = [err], set()
     while pending:
         e = pending.pop()
@@ -190,19 +155,12 @@ def _is_disk_full(err: BaseException, directory: Path) -> bool:
     return shutil.disk_usage(_existing(directory)).free < _FULL_BELOW
 
 
-_FULL_BELOW = 1 << 20  # bytes free under which a write that failed without saying why is taken for a full disk
-
-
 def _existing(path: Path) -> Path:
     """path, or its nearest ancestor that exists (what disk_usage can be asked about)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def _gigabytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager
@@ -214,8 +172,7 @@ def _single_process_is_meant():
 
 
 def write_manifest(directory: Path) -> None:
-    """manifest.json listing size and sha256 of every file in directory, each flushed to disk first: written
-    last, so a manifest is only ever present beside complete files."""
+    """manifest.json: size and sha256 of every file in directory, each flushed to disk first."""
     directory = Path(directory)
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
@@ -247,13 +204,10 @@ def _fsync(path: Path) -> None:
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Every checkpoint directory of the run, oldest first, intact or not (temporary ones excluded)."""
     root = Path(run_dir) / "checkpoints"
-    if not root.exists():
-        return []
     return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint directory was saved at, from its name step_NNNNNN."""
     return int(Path(path).name.rpartition("_")[2])
 
 
@@ -282,7 +236,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def _legacy_problem(path: Path) -> str | None:
-    """A checkpoint from before manifests: intact if its files read whole."""
+    """A checkpoint from before manifests: intact if trainer_state.pt is a whole zip archive (torch.save's format)
+    and every safetensors file is as long as its header says."""
     if not (path / STATE_FILE).is_file():
         return f"{STATE_FILE}: missing"
     try:
@@ -301,11 +256,10 @@ def _legacy_problem(path: Path) -> str | None:
 
 
 def _safetensors_problem(file: Path) -> str | None:
-    """Whether the file is as long as its header says (8-byte length, JSON header, then the tensor data)."""
     size = file.stat().st_size
     try:
         with file.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
+            (header_len,) = struct.unpack("<Q", f.read(8))  # then the JSON header, then the tensor data
             if header_len > size:
                 return f"size {size} is shorter than its header"
             header = json.loads(f.read(header_len))
@@ -316,18 +270,13 @@ def _safetensors_problem(file: Path) -> str | None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint of the run, or None; broken newer ones are skipped silently (use
-    find_resume_checkpoint to name them)."""
+    """The newest intact checkpoint of the run, or None; broken newer ones are skipped silently."""
     return next((p for p in reversed(list_checkpoints(run_dir)) if checkpoint_problem(p) is None), None)
 
 
 def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) -> Path | None:
-    """The newest intact checkpoint to resume from; None when the run has no checkpoint at all.
-
-    Each broken newer one is named through log, e.g. "checkpoint step_000004 is incomplete (model.safetensors:
-    size 123 != 456), resuming from step_000002". CheckpointError when there are checkpoints but none is intact:
-    starting over silently would throw away the run.
-    """
+    """The newest intact checkpoint, each broken newer one named through log; None when the run has none at all.
+    CheckpointError when there are checkpoints but none is intact: starting over silently would throw the run away."""
     broken = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(path)
@@ -346,25 +295,30 @@ def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) 
 
 
 def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG states in place; return the number of steps already done.
-
-    CheckpointError (one line) when the checkpoint cannot be read or its model has another shape than this
-    run's, e.g. a resume with another --model.
-    """
-    if has_lora(model) or (Path(path) / ADAPTER_CONFIG).exists():
-        _restore_adapter(Path(path), model)
+    """Restore weights, optimizer and RNG states in place; return the number of steps already done. CheckpointError
+    (one line) when the checkpoint cannot be read or does not fit this run's model."""
+    path = Path(path)
+    if has_lora(model) or (path / ADAPTER_CONFIG).exists():
+        _restore_adapter(path, model)
     else:
-        _restore_model(Path(path), model)
+        _restore_model(path, model)
     try:
-        state = torch.load(Path(path) / STATE_FILE, map_location=next(model.parameters()).device, weights_only=False)
+        state = torch.load(path / STATE_FILE, map_location=next(model.parameters()).device, weights_only=False)
         if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint
             optimizer.load_state_dict(state["optimizer"])
         else:
-            restore_optimizer(Path(path) / OPTIMIZER_DIR, model, optimizer)
-        set_rng_state(state["rng"])
+            layout = get_optimizer_state_dict(model, optimizer)  # to fill (initialised if the optimizer is fresh)
+            with _single_process_is_meant():
+                dcp.load({"optimizer": layout}, checkpoint_id=path / OPTIMIZER_DIR)
+            set_optimizer_state_dict(model, optimizer, layout)
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return int(state["step"])
     except Exception as err:  # unpickling and torch's own checks raise many types; all mean "not this run's state"
-        raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
+        raise CheckpointError(f"{path / STATE_FILE}: cannot be restored ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
 
 
@@ -372,7 +326,7 @@ def checkpoint_extra(path: Path) -> dict | None:
     """The extra state save_checkpoint was given (None where it had none)."""
     try:
         return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False).get("extra")
-    except Exception as err:  # as in load_checkpoint: whatever unpickling raises means the state cannot be read
+    except Exception as err:  # as in load_checkpoint
         raise CheckpointError(f"{Path(path) / STATE_FILE}: cannot be restored ({type(err).__name__}: "
                               f"{_first_line(err)})") from None
 
@@ -380,16 +334,20 @@ def checkpoint_extra(path: Path) -> dict | None:
 def _restore_model(path: Path, model: CausalLM) -> None:
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     try:
-        saved = load_model(path, device=device, dtype=dtype)
+        saved = load_model(path, device=device, dtype=dtype).state_dict()
     except (ValueError, OSError, RuntimeError) as err:  # safetensors raises its own errors, all ValueError/OSError
         raise CheckpointError(f"{path}: its model cannot be read ({_first_line(err)})") from None
-    _check_same_shapes(path, saved, model)
-    load_full_state_dict(model, saved.state_dict())
+    mine = model.state_dict()
+    for name in sorted(set(saved) | set(mine)):
+        a, b = saved.get(name), mine.get(name)
+        if a is None or b is None or a.shape != b.shape:
+            raise CheckpointError(
+                f"{path}: its model does not fit this run's ({name}: {_shape(a)} in the checkpoint, {_shape(b)} "
+                f"in the model being trained); resume with the model the run started from")
+    load_full_state_dict(model, saved)
 
 
 def _restore_adapter(path: Path, model: CausalLM) -> None:
-    """A LoRA run's checkpoint into its model's adapters (a full model's checkpoint, or an adapter for a run without
-    LoRA, does not fit: one line saying so)."""
     if not has_lora(model):
         raise CheckpointError(f"{path}: it holds a LoRA adapter and this run trains the whole model; resume with "
                               f"the run's own lora_rank")
@@ -400,24 +358,6 @@ def _restore_adapter(path: Path, model: CausalLM) -> None:
         load_adapter_weights(model, path)
     except (ValueError, OSError) as err:
         raise CheckpointError(f"{path}: its adapter does not fit this run's ({_first_line(err)})") from None
-
-
-def restore_optimizer(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The optimizer state saved by save_checkpoint, at whatever number of ranks wrote it."""
-    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (initialised if the optimizer is fresh)
-    with _single_process_is_meant():
-        dcp.load({"optimizer": state}, checkpoint_id=directory)
-    set_optimizer_state_dict(model, optimizer, state)
-
-
-def _check_same_shapes(path: Path, saved: CausalLM, model: CausalLM) -> None:
-    theirs, mine = saved.state_dict(), model.state_dict()
-    for name in sorted(set(theirs) | set(mine)):
-        a, b = theirs.get(name), mine.get(name)
-        if a is None or b is None or a.shape != b.shape:
-            raise CheckpointError(
-                f"{path}: its model does not fit this run's ({name}: {_shape(a)} in the checkpoint, {_shape(b)} "
-                f"in the model being trained); resume with the model the run started from")
 
 
 def _shape(t: torch.Tensor | None) -> str:
@@ -434,13 +374,9 @@ def _first_line(err: BaseException) -> str:
 
 def check_config_change(run_dir: Path, new_config: dict, step: int, allow: bool = False,
                         free: frozenset[str] = RESUME_FREE_FIELDS) -> list[dict]:
-    """Refuse (ConfigChangeError, each field as "field: old -> new") to resume a run with settings other than
-    those it ran with, fields in `free` excepted; with allow, append each change to RUN/config_changes.jsonl
-    (step, field, old, new, time) and return the records. config.yaml itself is not touched.
-
-    "Those it ran with" are config.yaml plus the changes recorded so far, so an allowed change is asked for
-    once. Fields missing from either side (added or removed by another r1lab version) are not compared.
-    """
+    """Refuse (ConfigChangeError, each field as "field: old -> new") to resume a run with settings other than those
+    it runs with (effective_config), fields in `free` and fields missing from either side excepted; with allow,
+    append each change to RUN/config_changes.jsonl and return the records (config.yaml itself is not touched)."""
     saved = effective_config(run_dir)
     if saved is None:
         return []
@@ -462,8 +398,7 @@ def check_config_change(run_dir: Path, new_config: dict, step: int, allow: bool 
 
 
 def effective_config(run_dir: Path) -> dict | None:
-    """The settings the run trains with now: RUN/config.yaml with RUN/config_changes.jsonl applied in order;
-    None for a run without config.yaml."""
+    """RUN/config.yaml with RUN/config_changes.jsonl applied in order; None for a run without config.yaml."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         return None
@@ -477,9 +412,8 @@ def effective_config(run_dir: Path) -> dict | None:
 
 
 def update_run_config(run_dir: Path, new_config: dict, free: frozenset[str] = RESUME_FREE_FIELDS) -> None:
-    """On resume, in place of writing config.yaml afresh: only the `free` fields take their new values (a longer
-    run, another device), so the file keeps the settings the run started with. Without a config.yaml (a run
-    from before they were written), new_config is written whole."""
+    """On resume: only the `free` fields of config.yaml take their new values, so that it keeps the settings the run
+    started with; a run without one (from before they were written) gets new_config whole."""
     path = Path(run_dir) / CONFIG_FILE
     if path.exists():
         config = yaml.safe_load(path.read_text()) or {}

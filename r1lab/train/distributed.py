@@ -1,16 +1,7 @@
 """Running under torchrun: this process's rank in the job, and the few collectives r1lab's loops need.
 
-`torchrun --nproc-per-node N -m r1lab grpo ...` starts N copies of the command; torchrun sets RANK, WORLD_SIZE,
-LOCAL_RANK and the rendezvous, and join_world() joins them into one torch.distributed process group (gloo on CPUs,
-NCCL on GPUs). Without torchrun, World() is a job of one and every collective below is the identity, so the loops
-read the same either way.
-
-How work divides: every rank computes the step's whole batch of problems (a pure function of seed and step) and
-takes its own contiguous share of them; sampling is seeded per (seed, step, prompt), never per rank, so N ranks
-draw exactly the samples one process would. What the update needs from all ranks (rewards, for the advantages and
-the loss normalisation) is gathered; each rank trains on its own sequences, and the gradients are summed across
-ranks. A collective that waits longer than the job's timeout (a rank that hung or died) raises on the ranks still
-waiting, and torchrun ends the job.
+Without torchrun, World() is a job of one and every collective is the identity, so the loops read the same either
+way. How the work divides across ranks: docs/torchrun.md.
 """
 
 from __future__ import annotations
@@ -38,9 +29,6 @@ class World:
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """t summed over ranks (a new tensor on t's device; t itself when already on the collective's device)."""
-        if t.device == torch.device(self.device):
-            dist.all_reduce(t)
-            return t
         moved = t.to(self.device)
         dist.all_reduce(moved)
         return moved.to(t.device)
@@ -59,7 +47,7 @@ class World:
         return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
     def gather(self, obj) -> list:
-        """Every rank's obj, in rank order, on every rank (picklable objects)."""
+        """Every rank's (picklable) obj, in rank order, on every rank."""
         if not self.distributed:
             return [obj]
         out = [None] * self.size
@@ -77,8 +65,11 @@ class World:
         return self._all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
     def all(self, flag: bool) -> bool:
-        """True when flag is True on every rank."""
-        return bool(self.sum([0.0 if flag else 1.0])[0] == 0.0)
+        return not self.any(not flag)
+
+    def any(self, flag: bool) -> bool:
+        """Whether flag is true on any rank (every rank must call it)."""
+        return flag if not self.distributed else self.sum([float(flag)])[0] > 0
 
     def broadcast(self, obj):
         """Rank 0's obj, on every rank."""
@@ -87,12 +78,6 @@ class World:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def any(self, flag: bool) -> bool:
-        """Whether flag is true on any rank (every rank must call it)."""
-        if not self.distributed:
-            return flag
-        return bool(self._all_reduce(torch.tensor([float(flag)])).item() > 0)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -105,12 +90,8 @@ class World:
                 counts[key].copy_(self._all_reduce(counts[key]))
 
     def sum_gradients(self, params) -> None:
-        """Replace each parameter's gradient by its sum over ranks (a missing one counts as zero), as DDP's bucketed
-        all-reduce does: the loss is normalised over the whole batch already, so the sum is the full gradient.
-
-        Not DDP itself: DDP syncs from hooks set up by a forward through its wrapper, while training here goes
-        through completion_hidden_states and a hand-written LM-head backward, and a rank may train on no sequence
-        at all in a step (all of its advantages zero), which DDP's hooks would wait for forever."""
+        """Replace each parameter's gradient by its sum over ranks, in buckets as DDP does (not DDP itself: its hooks
+        do not see the hand-written LM-head backward, and would wait forever for a rank that trains no sequence)."""
         if not self.distributed:
             return
         params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]  # FSDP reduces its own
@@ -119,16 +100,11 @@ class World:
         used = self._all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
         params = [p for p, n in zip(params, used.tolist()) if n > 0]
         for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            elif p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad
         for bucket in _buckets([p.grad for p in params], GRADIENT_BUCKET_BYTES):
             flat = self._all_reduce(torch.cat([g.reshape(-1) for g in bucket]))
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
 
 
 def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:
@@ -144,23 +120,12 @@ def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Ten
     return buckets + ([current] if current else [])
 
 
-def launched_by_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-
-
-def current_world() -> World:
-    """The job this process is part of (World() when it is alone), read from the environment torchrun sets."""
-    if not launched_by_torchrun():
-        return World()
-    return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def join_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
     """Join the torchrun job (once per process), and this rank's device: on CUDA, the GPU of its local rank.
-
-    timeout_s bounds every collective: a rank that stops answering (hung, killed) makes the others raise after
-    that long, naming the wait, instead of the job hanging silently."""
-    world = current_world()
+    timeout_s bounds every collective: a rank that hung or died makes the others raise instead of waiting forever."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return World(), device
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not world.distributed:
         return world, device
     if device.type == "cuda":

@@ -1,6 +1,5 @@
 """Per-token log-probs from hidden states, chunked over tokens and optionally recomputed in the backward pass, so
-that a 150k-token vocabulary never needs N x V logits at once; and training_precision (bf16 autocast over
-float32 master weights).
+that a 150k-token vocabulary never needs N x V logits at once; and bf16 autocast over float32 master weights.
 """
 
 from __future__ import annotations
@@ -12,9 +11,7 @@ import torch
 from r1lab.model.loading import DTYPES
 from r1lab.train.backward_step import add_product, deferred_products
 
-# Large enough that each chunk's three products with the (V, D) head are efficient matrix products: at the
-# Qwen2.5-0.5B shape (V = 151,936) a 256-token forward + backward took 2.26 s in 16 MB chunks (27 rows), 1.35 s in
-# 256 MB ones, on 2 CPU cores. Without recompute every chunk's log-softmax is kept anyway; this bounds the transient.
+# Large enough that each chunk's three products with the (V, D) head are efficient matrix products (docs/performance.md)
 LOGITS_CHUNK_BYTES = 256 << 20
 
 
@@ -28,37 +25,27 @@ def training_precision(dtype: str, device: torch.device):
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES,
                    head_dtype: torch.dtype | None = None):
-    """Log-probs (N,) of targets (N,) under softmax(model.lm_head(hidden) / temperature), hidden (N, D); and, with
-    with_entropy, the entropy of one chunk's distributions (a metric: one chunk estimates it well enough).
-
-    The vocabulary projection runs in chunks of at most chunk_bytes of float32 logits, and its backward pass writes
-    the LM head's gradient into one (V, D) tensor (see _HeadLogprobs). With recompute, backward recomputes each
-    chunk's log-softmax instead of keeping it: memory for one chunk, not N x V floats, for one more projection.
-    head_dtype overrides the projection's dtype (float32 under bf16 autocast: the head's logits at full precision)."""
+    """Log-probs (N,) of targets (N,) under softmax(model.lm_head(hidden) / temperature), hidden (N, D), in chunks of
+    at most chunk_bytes of float32 logits; with with_entropy, the entropy of one chunk's distributions (a metric).
+    With recompute, the backward recomputes each chunk's log-softmax instead of keeping it. head_dtype overrides the
+    projection's dtype (float32 under bf16 autocast: the head's logits at full precision)."""
     weight = model.lm_head.weight
     if model.lm_head.bias is not None:
         raise ValueError("token_logprobs expects an LM head without a bias")
     rows = max(1, chunk_bytes // (4 * weight.shape[0]))
     device = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    compute_dtype = head_dtype or compute_dtype  # a float32 head under bf16 autocast, when asked
+    compute_dtype = head_dtype or (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                                   else weight.dtype)
     logp, entropy = _HeadLogprobs.apply(hidden, weight, targets, temperature, rows, not recompute, compute_dtype,
                                         with_entropy, model.config.tie_word_embeddings)
     return logp, entropy if with_entropy else None
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """Target log-probs through the LM head, chunk by chunk, with a hand-written backward.
-
-    Autograd through chunked projections would give each chunk its own (V, D) weight gradient to add into the next:
-    at a 150k vocabulary that is half a gigabyte written and re-read per chunk, and one extra copy of the LM head's
-    gradient held at once. Here every chunk adds into one (V, D) gradient in place, and d logp_t / d logit_j =
-    (1[j = t] - p_j) / T is formed from the kept (or recomputed) log-softmax of the chunk.
-
-    A head tied to the embedding gets its gradient written straight into weight.grad, and none returned: autograd
-    would otherwise sum it with the lookup's gradient out of place, one more (V, D) tensor at the end of every
-    backward. The lookup's (sparse) gradient still reaches the weight through autograd, so the weight's gradient
-    hooks (DDP's among them) fire once, with the whole gradient."""
+    """Target log-probs through the LM head, chunk by chunk, with a hand-written backward: every chunk adds into one
+    (V, D) gradient in place (autograd would give each chunk its own), d logp_t / d logit_j = (1[j = t] - p_j) / T
+    from the chunk's kept (or recomputed) log-softmax. A head tied to the embedding gets its gradient written into
+    weight.grad, none returned, so that autograd does not sum it with the lookup's out of place (one more (V, D))."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, rows, keep, compute_dtype, with_entropy, tied):
@@ -111,11 +98,9 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def idle_pass(model, completions: bool = False) -> None:
-    """A forward and backward pass that adds nothing to any gradient. Under FSDP (r1lab/train/sharding.py) every pass
-    gathers weights and reduces gradients with all ranks at once, so a rank with fewer micro-batches than another
-    (or one whose loss was not finite) runs these to keep step with the rest. It takes the same path as the
-    others' passes, so that it makes the same collectives in the same order: a whole sequence (SFT), or with
-    completions, a prompt and then its completion (GRPO, two forwards through every layer)."""
+    """A forward and backward pass that adds nothing to any gradient: under FSDP every pass makes collectives with all
+    ranks, so a rank with fewer micro-batches (or a non-finite loss) runs these to keep step, on the same path as the
+    others' passes: a whole sequence (SFT), or with completions, a prompt and then its completion (GRPO)."""
     device = model.lm_head.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     if completions:

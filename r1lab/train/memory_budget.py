@@ -1,17 +1,11 @@
-"""Refusing at start the settings whose memory cannot fit the device, with the estimate, instead of a traceback from
-an allocation minutes (or hours) later.
-
-The estimate is of a run's largest step and counts only its big, countable parts: the weights with their gradients
-and AdamW's two moments (16 bytes a parameter in float32), the copies GRPO keeps (a bf16 rollout copy, the KL's
-reference), the rollouts' KV cache (allocated for every row's max_new_tokens at once) and sampled tokens, and the
-log-softmax of every trained token that the backward pass keeps (N x vocabulary floats; one chunk with
-recompute_logits). Activations and the allocator's slack are not counted, so a run refused here cannot fit, and
-one that passes may still not. The device's memory: a GPU's total (torch.cuda.mem_get_info), or for the CPU the
-machine's RAM, lowered to the cgroup's limit in a container.
+"""Refusing at start the settings whose largest step cannot fit the device's memory, with the estimate, instead of a
+traceback from an allocation hours later. Only the big, countable parts are counted (not activations, nor the
+allocator's slack): a run refused here cannot fit, one that passes may still not. See docs/settings-and-runs.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -34,8 +28,8 @@ class MemoryBudgetError(ValueError):
 
 
 def check_grpo_memory(cfg, device: torch.device, ranks: int = 1) -> None:
-    """Refuse cfg (GRPOConfig) when its largest step cannot fit on device; read from the model's config.json only,
-    before any weight is loaded (a directory without one is left to the loader to report)."""
+    """Refuse cfg (GRPOConfig) when its largest step cannot fit on device, from the model's config.json alone (a
+    directory without one is left to the loader to report)."""
     config_file = Path(cfg.model) / "config.json"
     if not config_file.is_file():
         return
@@ -46,7 +40,8 @@ def check_grpo_memory(cfg, device: torch.device, ranks: int = 1) -> None:
 
 
 def grpo_parts(cfg, model_cfg: ModelConfig, ranks: int = 1) -> dict[str, int]:
-    """Bytes of one rank's largest GRPO step, by part (see the module's docstring)."""
+    """Bytes of one rank's largest GRPO step, by part: weights and optimizer state, the copies GRPO keeps, the
+    rollouts' KV cache (every row's max_new_tokens at once) and sampled tokens, and the kept log-softmax."""
     params, width = parameter_count(model_cfg), DTYPES[cfg.dtype].itemsize
     parts = weight_parts(params, cfg.lora_rank, width, ranks if cfg.shard else 1)
     if (cfg.dtype != "float32" and not cfg.lora_rank) or cfg.shard:  # grpo.rollout_policy
@@ -100,24 +95,19 @@ def parameter_count(model_cfg: ModelConfig) -> int:
 
 
 def check_fits(parts: dict[str, int], device: torch.device, advice: str) -> None:
-    """MemoryBudgetError, one line with the estimate and its largest parts, when they exceed device's memory."""
-    available, where = device_memory(device)
+    """MemoryBudgetError, one line with the estimate and its largest parts, when they exceed device's memory (a GPU's
+    total, the machine's RAM for the CPU; MPS's is not known)."""
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[1], str(device)
+    else:
+        available, where = (ram_bytes() if device.type == "cpu" else None), "this machine's RAM"
     total = sum(parts.values())
     if available is None or total <= available:
         return
     largest = sorted(parts.items(), key=lambda item: -item[1])[:3]
-    shown = "; ".join(f"{name} {_gigabytes(size)}" for name, size in largest)
-    raise MemoryBudgetError(f"these settings need an estimated {_gigabytes(total)} of memory ({shown}) and "
-                            f"{where} has {_gigabytes(available)}: {advice}")
-
-
-def device_memory(device: torch.device) -> tuple[int | None, str]:
-    """(bytes, a name for them) of device's memory; None where it is not known (MPS)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1], str(device)
-    if device.type == "cpu":
-        return ram_bytes(), "this machine's RAM"
-    return None, str(device)
+    shown = "; ".join(f"{name} {gigabytes(size)}" for name, size in largest)
+    raise MemoryBudgetError(f"these settings need an estimated {gigabytes(total)} of memory ({shown}) and "
+                            f"{where} has {gigabytes(available)}: {advice}")
 
 
 def ram_bytes() -> int | None:
@@ -126,16 +116,14 @@ def ram_bytes() -> int | None:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         total = None
-    limits = [int(text) for text in map(_read, _CGROUP_LIMITS) if text.isdigit()]  # "max": no limit
+    limits = []
+    for path in _CGROUP_LIMITS:
+        with contextlib.suppress(OSError):
+            text = Path(path).read_text().strip()
+            if text.isdigit():  # "max": no limit
+                limits.append(int(text))
     return min([total, *limits]) if total is not None else min(limits, default=None)
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-def _gigabytes(n: int) -> str:
+def gigabytes(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"

@@ -1,11 +1,10 @@
-"""Run logging: per-step metrics (JSONL + TensorBoard), sample completions, and a live progress bar.
-
-The JSONL files are the source of truth (report.py plots from them); TensorBoard is a convenience and is skipped
-with a warning when it is not installed. Used by `r1lab grpo`, `r1lab sft`, `r1lab pretrain` and `r1lab sample`.
+"""Run logging: per-step metrics (JSONL, the source of truth, mirrored to TensorBoard and trackers), sample
+completions, and a live progress bar.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -45,26 +44,17 @@ def _clean(value: Any) -> Any:
 
 def _append_jsonl(path: Path, row: dict) -> None:
     # Open, write, close per call: a crash mid-run loses at most the line being written.
-    line = json.dumps(_clean(row), allow_nan=False, ensure_ascii=False)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-        f.flush()
+        f.write(json.dumps(_clean(row), allow_nan=False, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a missing file gives [] and a torn last line (crash) is skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    for line in Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else ():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -76,16 +66,9 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
 
 
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and (isinstance(value, (int, float))
-                                            or hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
-
-
 class MetricsLogger:
-    """Appends metrics to run_dir/metrics.jsonl and eval results to run_dir/eval.jsonl, mirrored to TensorBoard.
-
-    Pass `resume_step` (or call `truncate_after`) when resuming, so steps after the checkpoint are not duplicated.
-    """
+    """Appends metrics to run_dir/metrics.jsonl and eval results to run_dir/eval.jsonl, mirrored to TensorBoard; a
+    resumed run passes resume_step, so that the steps after its checkpoint are not there twice."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
                  trackers: Iterable[Any] = ()) -> None:
@@ -132,13 +115,12 @@ class MetricsLogger:
         self.trackers = []
 
     def _scalars(self, prefix: str, metrics: dict[str, Any], step: int) -> None:
-        scalars = {prefix + key: float(value) for key, value in metrics.items() if _is_number(value)}
+        scalars = {prefix + key: float(value) for key, value in metrics.items() if not isinstance(value, bool) and (
+            isinstance(value, (int, float)) or hasattr(value, "item") and getattr(value, "ndim", 1) == 0)}
         for tracker in self.trackers:
             tracker.log(int(step), scalars)
         writer = self._tb()
-        if writer is None:
-            return
-        for key, value in scalars.items():
+        for key, value in scalars.items() if writer is not None else ():
             writer.add_scalar(key, value, int(step))
 
     def _tb(self) -> Any:
@@ -167,8 +149,8 @@ def save_samples(run_dir: Path, step: int, records: Iterable[dict]) -> Path:
     """Write run_dir/samples/step_XXXXXX.jsonl, one record per completion (prompt, completion, reward, ...)."""
     path = Path(run_dir) / "samples" / f"step_{step:06d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) for r in records]
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    path.write_text("".join(json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) + "\n" for r in records),
+                    encoding="utf-8")
     return path
 
 
@@ -185,15 +167,11 @@ def format_live_metrics(metrics: dict[str, Any] | None, keys: tuple = LIVE_KEYS)
 
 
 class TrainingProgress:
-    """A rich progress bar on a terminal; on a pipe (CI logs) a plain line with the elapsed time and the ETA after
-    the first step, about every 5% of the run and at the end instead. keys: the (metric, label) pairs shown.
-    Use as `with training_progress(N, start) as bar: ... bar.update(step, metrics)`."""
+    """A rich progress bar on a terminal; on a pipe (CI logs) a line with the elapsed time and the ETA after the first
+    step, about every 5% of the run and at the end. keys: the (metric, label) pairs shown."""
 
     def __init__(self, total_steps: int, start_step: int = 0, console: Any = None, keys: tuple = LIVE_KEYS) -> None:
-        self.total = total_steps
-        self.start_step = start_step
-        self.keys = keys
-        self.console = console or Console()
+        self.total, self.start_step, self.keys, self.console = total_steps, start_step, keys, console or Console()
         self._progress: Any = None
         self._task: Any = None
         self._t0 = time.monotonic()
@@ -216,14 +194,10 @@ class TrainingProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, live=live)
         elif done == 1 or done % self._every == 0 or step >= self.total:  # the first: an ETA before 5% of the run
-            self.console.print(f"step {step}/{self.total}  {self._timing(step)}  {live}".rstrip(), highlight=False,
-                               soft_wrap=True)  # one line per update, whatever the log's width
-
-    def _timing(self, step: int) -> str:
-        elapsed = time.monotonic() - self._t0
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * max(self.total - step, 0)
-        return f"elapsed {_hms(elapsed)}  eta {_hms(eta)}"
+            elapsed = time.monotonic() - self._t0
+            eta = elapsed / max(done, 1) * max(self.total - step, 0)
+            self.console.print(f"step {step}/{self.total}  elapsed {_hms(elapsed)}  eta {_hms(eta)}  {live}".rstrip(),
+                               highlight=False, soft_wrap=True)  # one line per update, whatever the log's width
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:

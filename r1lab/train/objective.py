@@ -1,18 +1,18 @@
 """The GRPO objective as pure tensor functions: group-relative advantages, the policy-gradient term (PPO's clipped
-ratio, CISPO or GSPO), k3 KL, the sampler/trainer mismatch correction (TIS / MIS), and the per-token weights that
-implement each loss normalisation. Tested against hand-computed values.
+ratio, CISPO or GSPO), k3 KL, the sampler/trainer mismatch correction (TIS / MIS) and the loss normalisations.
 """
 
 from __future__ import annotations
 
 import torch
 
+POLICY_LOSSES = ("ppo-clip", "cispo", "gspo")
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean(group)) / (std(group) + eps); without std scaling (Dr. GRPO) just r_i - mean(group).
 
-    rewards (N,) are ordered group by group (N = groups x group_size). std is the sample std (n - 1), as in TRL.
-    """
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(r_i - mean(group)) / (std(group) + eps), the sample std as in TRL; without std scaling (Dr. GRPO) r_i - mean.
+    rewards (N,) are ordered group by group."""
     r = rewards.view(-1, group_size)  # (groups, G)
     centered = r - r.mean(-1, keepdim=True)
     if scale_by_std:
@@ -27,12 +27,9 @@ def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def token_weights(lengths: torch.Tensor, norm: str, max_new_tokens: int) -> torch.Tensor:
-    """Per-sequence weight of each of its tokens, so that sum(weight * token_loss) is the normalised batch loss.
-
-    token:    every completion token of the batch counts the same (DAPO; no length bias)
-    sequence: mean over each sequence's tokens, then mean over sequences (the original GRPO)
-    constant: divide by sequences x max_new_tokens (Dr. GRPO)
-    """
+    """Per-sequence weight of each of its tokens, so that sum(weight * token_loss) is the normalised batch loss:
+    token (DAPO: every token counts the same), sequence (GRPO: mean per sequence, then over sequences), constant
+    (Dr. GRPO: sequences x max_new_tokens)."""
     n = len(lengths)
     if norm == "token":
         return torch.full((n,), 1.0 / max(1, int(lengths.sum())))
@@ -43,69 +40,51 @@ def token_weights(lengths: torch.Tensor, norm: str, max_new_tokens: int) -> torc
     raise ValueError(f"unknown loss normalisation {norm!r}")
 
 
+def _clip(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: float):
+    """-min(r A, clip(r, 1-low, 1+high) A) and where the clip took the gradient away."""
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    return loss, ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+
+
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            clip_low: float, clip_high: float, ref_logp: torch.Tensor | None = None,
                            kl_coef: float = 0.0):
-    """Per-token loss and per-token stats: -min(rho A, clip(rho, 1-low, 1+high) A) + kl_coef * KL_k3.
-
-    logp, old_logp, ref_logp: log-probs of the sampled tokens, (N,) or (B, T); advantages: one per token (same
-    shape), or (B,) to broadcast over a (B, T) batch.
-    """
+    """Per-token loss -min(rho A, clip(rho, 1-low, 1+high) A) + kl_coef * KL_k3, where it was clipped, and the KL.
+    logp, old_logp, ref_logp: (N,) or (B, T); advantages: the same shape, or (B,) to broadcast over (B, T)."""
     adv = advantages if advantages.shape == logp.shape else advantages[:, None]
-    ratio = torch.exp(logp - old_logp)  # (B, T)
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
-    was_clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
-    kl = None
-    if ref_logp is not None and kl_coef:
-        # k3 estimator of KL(pi || ref): unbiased and never negative
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1
-        loss = loss + kl_coef * kl
-    return loss, was_clipped, kl
-
-
-POLICY_LOSSES = ("ppo-clip", "cispo", "gspo")
-MISMATCH_CORRECTIONS = ("none", "tis", "mis")
+    loss, was_clipped = _clip(torch.exp(logp - old_logp), adv, clip_low, clip_high)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None and kl_coef else None
+    return (loss if kl is None else loss + kl_coef * kl), was_clipped, kl
 
 
 def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
                 clip_high: float, sequence: torch.Tensor | None = None):
-    """Per-token policy-gradient loss (N,) and where the ratio was clipped (N,), for tokens flattened over sequences.
+    """Per-token policy-gradient loss (N,) and where the ratio was clipped (N,), tokens flattened over sequences.
 
-    ppo-clip: -min(r A, clip(r, 1-low, 1+high) A), r = pi/pi_old per token (GRPO, DAPO); a clipped token gets no
-              gradient.
-    cispo:    -sg(clip(r, 1-low, 1+high)) A log pi (MiniMax-M1): the importance weight is clipped and detached, so
-              every token keeps a gradient, of size at most 1+high.
-    gspo:     the PPO clip on the sequence's ratio s_i = exp(mean over its tokens of log pi - log pi_old) (Qwen's
-              GSPO): -min(s_i A_i, clip(s_i) A_i) on each of its tokens, s_i's gradient spread evenly over them.
-              sequence (N,) says which sequence each token belongs to.
+    ppo-clip: PPO's clip on r = pi/pi_old per token (GRPO, DAPO).
+    cispo:    -sg(clip(r)) A log pi (MiniMax-M1): every token keeps a gradient, of size at most 1+high.
+    gspo:     PPO's clip on the sequence's ratio exp(mean of log pi - log pi_old) (Qwen's GSPO); sequence (N,) says
+              which sequence each token belongs to.
     """
     if kind == "ppo-clip":
-        loss, clipped, _ = clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high)
-        return loss, clipped
+        return clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high)[:2]
     ratio = torch.exp(logp - old_logp)
     if kind == "cispo":
         weight = ratio.detach().clamp(1 - clip_low, 1 + clip_high)
-        clipped = (ratio.detach() < 1 - clip_low) | (ratio.detach() > 1 + clip_high)
-        return -weight * advantages * logp, clipped
+        return -weight * advantages * logp, (ratio.detach() < 1 - clip_low) | (ratio.detach() > 1 + clip_high)
     if kind == "gspo":
         if sequence is None:
             raise ValueError("gspo needs each token's sequence index")
         n = int(sequence.max()) + 1 if len(sequence) else 0
         lengths = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, sequence, torch.ones_like(logp))
         log_ratio_sum = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add_(0, sequence, logp - old_logp)
-        seq_ratio = torch.exp(log_ratio_sum / lengths.clamp(min=1))[sequence]  # (N,): s_i on each of its tokens
-        loss = -torch.min(seq_ratio * advantages, seq_ratio.clamp(1 - clip_low, 1 + clip_high) * advantages)
-        clipped = ((seq_ratio < 1 - clip_low) & (advantages < 0)) | ((seq_ratio > 1 + clip_high) & (advantages > 0))
-        return loss, clipped
+        return _clip(torch.exp(log_ratio_sum / lengths.clamp(min=1))[sequence], advantages, clip_low, clip_high)
     raise ValueError(f"unknown policy loss {kind!r} (one of {', '.join(POLICY_LOSSES)})")
 
 
 def mismatch_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
-    """Per-token importance weights (detached) for the gap between the trainer's and the sampler's probabilities of
-    the same tokens under the same weights (bf16 sampling, other kernels): w = pi_trainer / pi_sampler, truncated at
-    cap (TIS) or, past the cap, zero (MIS: such tokens are dropped). Multiplies the policy-gradient term."""
+    """Detached per-token weights pi_trainer / pi_sampler for the same tokens under the same weights (bf16 sampling,
+    other kernels), truncated at cap (TIS) or zero past it (MIS); they multiply the policy-gradient term."""
     ratio = torch.exp(trainer_logp.detach() - sampler_logp)
     if kind == "tis":
         return ratio.clamp(max=cap)

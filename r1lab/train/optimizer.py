@@ -1,6 +1,5 @@
 """The optimizer and its schedule, shared by pretraining, SFT and GRPO: AdamW, warmup with cosine or constant
-learning rates, optimizer_step (skips a non-finite gradient and reports it) and stop_if_diverged (ends the run when
-an update has left the weights non-finite).
+learning rates, the step (a non-finite gradient skips it) and the stop when an update left the weights non-finite.
 """
 
 from __future__ import annotations
@@ -21,12 +20,9 @@ class TrainingDiverged(ValueError):
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float) -> torch.optim.Optimizer:
-    """AdamW. beta2 is the caller's on purpose: pretraining and SFT take large steps on fresh data (0.95 follows the
-    gradient's scale quickly, as LM pretraining does), while RL on a trained policy takes small, noisy ones (0.99
-    averages the noise of a few rollouts per step)."""
-    # fused: one kernel per parameter, where the default (foreach) builds temporaries the size of all the weights at
-    # once (about 1 GB at 0.5B parameters in float32) and takes several times longer on a CPU. Only the parameters
-    # that train (LoRA: the adapters) have state.
+    """AdamW over the parameters that train (LoRA: the adapters). beta2 is the caller's: pretraining and SFT take
+    large steps on fresh data (0.95 follows the gradient's scale quickly), RL small, noisy ones (0.99 averages them)."""
+    # fused: the default (foreach) builds temporaries the size of all the weights and is several times slower on a CPU
     trained = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(trained, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
 
@@ -60,9 +56,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                    finite_loss: bool = True, in_backward: BackwardStep | None = None) -> dict:
-    """Clip (max_grad_norm 0: no clipping) and apply the accumulated gradients; a non-finite loss or gradient drops
-    the step instead, leaving the weights as they were. Returns grad_norm (NaN when dropped) and skipped_nonfinite.
-    With in_backward, the backward pass has applied them already: what is left is finished there."""
+    """Clip (max_grad_norm 0: no clipping) and apply the accumulated gradients, or drop the step when the loss or the
+    gradient is not finite; returns grad_norm (NaN when dropped) and skipped_nonfinite. in_backward: finished there."""
     if in_backward is not None:
         return in_backward.finish(finite_loss)
     grad_norm = None
@@ -78,8 +73,8 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer (a sharded one: this rank's part) is finite: one max-abs
-    reduction per tensor (NaN propagates through it) and one host round trip."""
+    """Whether every floating-point parameter and buffer (a sharded one: this rank's part) is finite, in one host
+    round trip."""
     tensors = [t.to_local() if isinstance(t, DTensor) else t
                for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point() and t.numel()]
     if not tensors:
@@ -91,10 +86,8 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 def stop_if_diverged(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, name: str,
                      world: World = World()) -> None:
-    """TrainingDiverged when step's update left a weight NaN or infinite. Checked before the step is logged or
-    checkpointed, so that no checkpoint and no final model ever holds such weights: the gradient was finite (a
-    non-finite one is skipped), so the update itself was too large, and with AdamW (whose steps are about lr in
-    size whatever the gradient's scale) that is the learning rate."""
+    """TrainingDiverged when step's update left a weight NaN or infinite (checked before the step is logged or
+    checkpointed): the gradient was finite, so with AdamW (steps about lr in size) the learning rate is too large."""
     if world.all(weights_finite(model)):
         return
     group = optimizer.param_groups[0]

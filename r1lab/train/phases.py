@@ -1,9 +1,6 @@
-"""Where a training step's time and memory go: seconds and peak memory per phase, as step metrics.
-
-A phase ends at each lap(name); a name met twice in a step (one per update) adds its seconds and keeps the larger
-peak. The peak is the device's: torch's allocator on CUDA; elsewhere the process's resident memory, sampled every
-few milliseconds by a background thread (the kernel's own high-water mark could be reset per phase, but that would
-also reset the peak that time -v and the benchmarks read from the process's resource usage).
+"""Where a training step's time and memory go: seconds and peak memory per phase (ended by lap(name); a name met
+twice adds its seconds and keeps the larger peak). The peak: torch's allocator on CUDA, else the process's resident
+memory sampled by a thread (resetting the kernel's high-water mark would reset the one time -v and benchmarks read).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""What makes a run resumable: EpochOrder (which examples each step sees, a pure function of (seed, step)),
-resume_run and save_run_config (continue from the newest intact checkpoint, refusing settings that would change
-the run unless allow_config_change, which is recorded), and save_final.
+"""What makes a run resumable: EpochOrder (each step's examples, a pure function of (seed, step)), resume_run and
+save_run_config (the newest intact checkpoint, and the settings guard), and save_final.
 """
 
 from __future__ import annotations
@@ -43,11 +42,9 @@ class EpochOrder:
 
 def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
                world: World = World(), free: frozenset = RESUME_FREE_FIELDS) -> int:
-    """The number of steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0.
-
-    A damaged newer checkpoint is named and skipped; settings that differ from the run's (other than `free` ones)
-    are refused with the difference, before anything is loaded, unless cfg.allow_config_change. Under torchrun,
-    rank 0 chooses and checks; every rank loads (the checkpoint may come from another number of ranks)."""
+    """The steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0. Settings that
+    differ from the run's (but `free` ones) are refused before anything loads, unless cfg.allow_config_change.
+    Under torchrun rank 0 chooses and checks; every rank loads."""
     mode = {True: "true", False: "false"}.get(cfg.resume, cfg.resume)  # a config edited after it was made
     if mode == "false":
         return 0
@@ -66,9 +63,8 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World = World()) -> None:
-    """RUN/model, the trained model in Hugging Face format; with LoRA also RUN/adapter (PEFT's format, on
-    adapter_base) and RUN/model is the adapter merged into the base (the model is done with: merged in place).
-    Each is written whole or not at all (a full disk: DiskFullError, nothing left half written)."""
+    """RUN/model in Hugging Face format, written whole or not at all; with LoRA also RUN/adapter (PEFT's format, on
+    adapter_base), and RUN/model the adapter merged into the base (in place: the model is done with)."""
     if adapter_base is not None:
         adapters = [p for p in model.parameters() if p.requires_grad]
         if world.main:
@@ -85,8 +81,7 @@ def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: Wor
 
 
 def save_run_config(run: Path, cfg, start: int, free: frozenset = RESUME_FREE_FIELDS) -> None:
-    """RUN/config.yaml: the whole config for a new run; on a resume only the free fields are updated, so the file
-    keeps saying what the run was started with (allowed changes are in config_changes.jsonl)."""
+    """RUN/config.yaml: the whole config for a new run; on a resume only the free fields are updated."""
     if start:
         update_run_config(run, dataclasses.asdict(cfg), free)
     else:

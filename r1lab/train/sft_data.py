@@ -1,24 +1,12 @@
-"""Chat data for SFT: reading and validating rows in the usual chat formats, and each conversation's tokens with its
-loss mask.
-
-Formats, detected per file from the first row's keys (or named with data_format):
-- messages: {"messages": [{"role", "content"}, ...]} (TRL's conversational language modeling); loss on every
-  assistant turn.
-- prompt-completion, as TRL defines it: plain ({"prompt": str, "completion": str}: the prompt becomes the user turn of
-  the chosen template, so `--template r1zero` wraps it in the R1-Zero prompt, and the completion is the assistant
-  turn) or conversational ({"prompt": [messages so far], "completion": [assistant turn(s)]}); loss on the
-  completion only, as TRL's completion_only_loss: assistant turns inside the prompt are context.
-- ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}; loss on every "gpt" turn.
-Column names and ShareGPT's role names can be changed (ChatFields).
-
-The loss mask is True on the trained assistant turns only (each turn's content plus the end-of-text or
-turn-closing token after it), never on system/user text or template scaffolding: what `r1lab sft` trains on.
-Conversations are rendered by r1lab/model/templates.py, the same text `r1lab serve` and `r1lab chat` send the model.
+"""Chat data for SFT: rows in the usual chat formats (messages, TRL's prompt-completion, ShareGPT; see
+docs/pipeline.md) read and validated, and each conversation's tokens with its loss mask: True on the trained
+assistant turns (their content and the token that closes each), never on system/user text or template scaffolding.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,9 +24,9 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 @dataclass(frozen=True)
 class ChatFields:
-    """Which format a chat file holds and what its columns are called."""
+    """Which format a chat file holds (one of FORMATS; auto: from the first row's keys) and its columns' names."""
 
-    format: str = "auto"  # one of FORMATS; auto: from the first row's keys
+    format: str = "auto"
     messages: str = "messages"
     prompt: str = "prompt"
     completion: str = "completion"
@@ -46,15 +34,9 @@ class ChatFields:
     roles: dict = field(default_factory=dict)  # ShareGPT "from" value -> system | user | assistant
 
     @classmethod
-    def of(cls, cfg: Any) -> ChatFields:
-        """From an SFTConfig; getattr so that a config without these settings reads as the defaults."""
-        default = cls()
-        return cls(format=getattr(cfg, "data_format", default.format),
-                   messages=getattr(cfg, "messages_field", default.messages),
-                   prompt=getattr(cfg, "prompt_field", default.prompt),
-                   completion=getattr(cfg, "completion_field", default.completion),
-                   conversations=getattr(cfg, "conversations_field", default.conversations),
-                   roles=dict(getattr(cfg, "role_map", None) or {}))
+    def of(cls, cfg: SFTConfig) -> ChatFields:
+        return cls(cfg.data_format, cfg.messages_field, cfg.prompt_field, cfg.completion_field,
+                   cfg.conversations_field, dict(cfg.role_map or {}))
 
     def check(self) -> None:
         if self.format not in FORMATS:
@@ -77,8 +59,7 @@ class Conversation(NamedTuple):
 
 
 def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str], roles: dict) -> str | None:
-    """name: the message's field path ("messages[0]"); keys: its role and content keys; roles: accepted role
-    values -> role."""
+    """What is wrong with message (field path `name`, role and content under `keys`, roles: value -> role)."""
     role_key, content_key = keys
     if not isinstance(message, dict):
         return f"field {name!r} must be an object with {role_key} and {content_key}, got {type(message).__name__}"
@@ -102,14 +83,14 @@ def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str]
 
 def _turns(items: list, names: list[str], keys: tuple[str, str] = ("role", "content"),
            roles: dict | None = None) -> tuple[list[dict], str | None]:
-    """items as {role, content} messages, checked for an optional system message and then alternating user and
-    assistant turns; or the first problem, naming its field."""
+    """items as {role, content} messages (an optional system message, then user and assistant in turn), or the
+    first problem."""
     roles = roles or {r: r for r in ROLES}
     first = 1 if isinstance(items[0], dict) and roles.get(items[0].get(keys[0])) == "system" else 0
     messages = []
     for i, (item, name) in enumerate(zip(items, names)):
-        expected = "system" if i < first else ("user", "assistant")[(i - first) % 2]
-        error = _message_error(name, item, expected, keys, roles)
+        error = _message_error(name, item, "system" if i < first else ("user", "assistant")[(i - first) % 2], keys,
+                               roles)
         if error is not None:
             return [], error
         messages.append({"role": roles[item[keys[0]]], "content": item[keys[1]]})
@@ -141,8 +122,8 @@ def _prompt_completion_row(row: dict, fields: ChatFields) -> tuple[Conversation 
     if isinstance(prompt, str):
         for name, text in ((p, prompt), (c, completion)):
             if not isinstance(text, str):
-                return None, f"field {name!r} must be a string like {p!r} (plain prompt-completion), " \
-                             f"got {type(text).__name__}"
+                return None, (f"field {name!r} must be a string like {p!r} (plain prompt-completion), "
+                              f"got {type(text).__name__}")
             if not text.strip():
                 return None, f"field {name!r} is empty"
         return Conversation(0, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
@@ -185,22 +166,12 @@ def _no_format(row: Any, fields: ChatFields) -> str:
             "completion_field, or the format with data_format")
 
 
-def read_row(row: Any, fields: ChatFields, format: str) -> tuple[Conversation | None, str | None]:
-    """One row of a file in `format` as a Conversation (its line left 0), or the problem naming the field."""
-    if not isinstance(row, dict):
-        return None, f"row is not a JSON object (got {type(row).__name__})"
-    return _READERS[format](row, fields)
-
-
 # ---------------------------------------------------------------- reading a file
 
 
 def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
-    """Every row of a chat file (JSONL/JSON/Parquet) as a Conversation, all validated before any is used.
-
-    The format is fields.format, or detected from the first row's keys and then required of every row. Bad rows
-    raise DatasetError listing each as file:line: field problem (the first MAX_REPORTED_ERRORS of them).
-    """
+    """Every row of a chat file (JSONL/JSON/Parquet) as a Conversation, all validated before any is used: the format
+    is fields.format or the first row's, required of every row; bad rows raise DatasetError, each as file:line."""
     path, fields = Path(path), fields or ChatFields()
     fields.check()
     if not path.is_file():
@@ -214,8 +185,10 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
                 errors.append(f"{path}:{number}: {_no_format(row, fields)}")
                 break
         conversation = None
-        if error is None:
-            conversation, error = read_row(row, fields, format)
+        if error is None and not isinstance(row, dict):
+            error = f"row is not a JSON object (got {type(row).__name__})"
+        elif error is None:
+            conversation, error = _READERS[format](row, fields)
         if error is None:
             rows.append(conversation._replace(line=number))
         else:
@@ -230,16 +203,16 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
 
 
 class TemplateRewrites(ValueError):
-    """The chat template renders an assistant message differently inside the conversation than the message says
+    """The chat template renders an assistant message otherwise inside the conversation than the message says
     (DeepSeek-R1's and Qwen3's drop earlier turns' reasoning; R1's opens <think> in the generation prompt)."""
 
 
 def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, where: str) -> int:
     ids = tokenizer.encode(text)
     if full[: len(ids)] != ids:
-        raise TemplateRewrites(f"messages[{turn}]: the conversation up to the {where} of this assistant message does not "
-                         "tokenize as a prefix of the whole conversation (the chat template rewrites the message, "
-                         "or a token spans its boundary), so its loss mask cannot be placed exactly")
+        raise TemplateRewrites(f"messages[{turn}]: the conversation up to the {where} of this assistant message does "
+                               "not tokenize as a prefix of the whole conversation (the chat template rewrites the "
+                               "message, or a token spans its boundary), so its loss mask cannot be placed exactly")
     return len(ids)
 
 
@@ -249,10 +222,10 @@ def _closes_turn(tokenizer: Tokenizer, token: int) -> bool:
 
 
 def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
-    """Character ranges of the <tag>...</tag> blocks in an assistant message (the tool's output, which the sampler
-    appended and the model never wrote: r1lab/engine/tools.py); an unclosed block runs to the end."""
+    """Character ranges of the <tag>...</tag> blocks in an assistant message (tool output, appended by the sampler:
+    r1lab/engine/tools.py); an unclosed block runs to the end; none for the tag ""."""
     spans, start, opener, closer = [], 0, f"<{tag}>", f"</{tag}>"
-    while (begin := content.find(opener, start)) >= 0:
+    while tag and (begin := content.find(opener, start)) >= 0:
         end = content.find(closer, begin)
         end = len(content) if end < 0 else end + len(closer)
         spans.append((begin, end))
@@ -262,10 +235,9 @@ def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
 
 def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: str = "auto", train_from: int = 0,
                           tool_output_tag: str = "") -> list[tuple[list[int], list[bool], set[int]]]:
-    """A conversation's training examples: the whole conversation with every trained assistant turn masked in, where
-    the template renders each message as it is (conversation_tokens); else, where it rewrites earlier turns or opens
-    the reply in its generation prompt, one example per trained assistant turn, rendered as the final turn, as a
-    model prompted with that history would write it (turn_tokens)."""
+    """A conversation's training examples: the whole conversation with its trained assistant turns masked in
+    (generation_block_tokens or conversation_tokens); where the template rewrites earlier turns, one example per
+    trained assistant turn, as a model prompted with that history would write it (turn_tokens)."""
     if template in ("auto", "chat") and has_generation_blocks(tokenizer.chat_template):
         return [generation_block_tokens(tokenizer, messages, train_from, tool_output_tag)]
     try:
@@ -277,9 +249,8 @@ def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: 
 
 def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_from: int = 0,
                             tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
-    """A conversation's tokens with the mask the template's {% generation %} blocks draw (one per assistant message,
-    as transformers' return_assistant_tokens_mask reads them), each followed by its closing token where the block
-    leaves it out."""
+    """A conversation's tokens with the mask its template's {% generation %} blocks draw (as transformers'
+    return_assistant_tokens_mask reads them), each followed by its closing token where the block leaves it out."""
     text, spans = render_with_generation_spans(tokenizer, messages)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if len(spans) != len(turns):
@@ -289,20 +260,17 @@ def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_fr
     ids, offsets = encoding.ids, encoding.offsets
     mask, closers = [False] * len(ids), set()
     for turn, (begin, end) in zip(turns, spans):
-        if turn < train_from:
-            continue
         inside = [j for j, (a, b) in enumerate(offsets) if begin <= a and b <= end and b > a]
-        if not inside:
-            continue  # an empty reply: nothing written, nothing to learn
+        if turn < train_from or not inside:  # not trained, or an empty reply: nothing written, nothing to learn
+            continue
         last = inside[-1]
         if not _closes_turn(tokenizer, ids[last]):
             last += 1
             if last >= len(ids) or not _closes_turn(tokenizer, ids[last]):
                 raise ValueError(f"messages[{turn}]: the template's generation block is followed by no end-of-text "
                                  "or special token: a model trained on it would never learn to stop")
-        for j in range(inside[0], last + 1):
-            mask[j] = True
-        for a, b in tool_output_spans(text[begin:end], tool_output_tag) if tool_output_tag else ():
+        mask[inside[0] : last + 1] = [True] * (last + 1 - inside[0])
+        for a, b in tool_output_spans(text[begin:end], tool_output_tag):
             for j, (x, y) in enumerate(offsets):
                 if begin + a <= x and y <= begin + b:
                     mask[j] = False
@@ -312,13 +280,10 @@ def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_fr
 
 def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template: str = "auto",
                 tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
-    """messages[turn] (an assistant message) as the completion of the history before it: the history rendered with
-    the generation prompt, then the reply, then the token that closes it, trained on the reply and that token.
-
-    The reply is the template's own rendering of the message as the final turn where the generation prompt is a
-    prefix of it (Qwen3 re-formats the think block); where it is not (DeepSeek-R1's template opens "<think>\n" in
-    the generation prompt and strips the reasoning from every message it renders), it is the message's content,
-    less what the prompt already opened: what the model, prompted so, has to write."""
+    """messages[turn] (an assistant message) as the completion of the history before it, trained on the reply and
+    the token that closes it. The reply is the template's own rendering of the message where the generation prompt
+    is a prefix of it (Qwen3 re-formats the think block); else (DeepSeek-R1's opens "<think>\\n" in the generation
+    prompt and strips the reasoning from what it renders) the message's content less what the prompt opened."""
     prompt = render_conversation(tokenizer, messages[:turn], template, add_generation_prompt=True)
     whole = render_conversation(tokenizer, messages[: turn + 1], template, add_generation_prompt=False)
     whole_ids, prompt_ids = tokenizer.encode(whole), tokenizer.encode(prompt)
@@ -332,7 +297,7 @@ def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template:
         ids = prompt_ids + tokenizer.encode(reply) + [closer]
         position = lambda x: len(prompt_ids) + len(tokenizer.encode(reply[:x]))  # noqa: E731
     mask = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
-    for a, b in tool_output_spans(reply, tool_output_tag) if tool_output_tag else ():
+    for a, b in tool_output_spans(reply, tool_output_tag):
         mask[position(a):position(b)] = [False] * (position(b) - position(a))
     return ids, mask, {closer}
 
@@ -347,12 +312,9 @@ def _last_closer(tokenizer: Tokenizer, ids: list[int], turn: int) -> int:
 
 
 def _after_opened(prompt: str, whole: str, content: str) -> str:
-    """content less the opening the generation prompt already wrote (the part of the prompt past where it and the
-    rendered conversation part ways, e.g. "<think>\n"), where content starts with it."""
-    shared = 0
-    while shared < min(len(prompt), len(whole)) and prompt[shared] == whole[shared]:
-        shared += 1
-    opened = prompt[shared:].strip()
+    """content less the opening the generation prompt already wrote (the prompt past where it and the rendered
+    conversation part ways, e.g. "<think>\\n"), where content starts with it."""
+    opened = prompt[len(os.path.commonprefix([prompt, whole])):].strip()
     stripped = content.lstrip()
     if opened and stripped.startswith(opened):
         return stripped[len(opened):].lstrip("\n")
@@ -363,12 +325,9 @@ def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: st
                         train_from: int = 0, tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
     """Token ids of a conversation, its loss mask, and the ids of the tokens that closed its trained turns.
 
-    The mask is True on the content tokens of each assistant message from messages[train_from] on, and on the
-    end-of-text (or turn-closing special) token right after each, nowhere else. Each assistant message is located
-    by tokenizing the conversation up to where its content starts (the template's generation prompt) and up to
-    where it ends; both must be token prefixes of the whole conversation, since a merge across the boundary would
-    otherwise shift the mask silently. With tool_output_tag, the <tag>...</tag> blocks inside assistant messages
-    (tool output, written by the sampler, not the model) are left out of the mask, located the same way.
+    Each trained assistant message is located by tokenizing the conversation up to where its content starts and
+    where it ends; both must be token prefixes of the whole (a merge across the boundary would shift the mask
+    silently), and a turn-closing token must follow. Tool output blocks are left out of the mask the same way.
     """
     full = tokenizer.encode(render_conversation(tokenizer, messages, template, add_generation_prompt=False))
     mask = [False] * len(full)
@@ -384,7 +343,7 @@ def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: st
             raise ValueError(f"messages[{i}]: the template follows this assistant message with {after!r}, not an "
                              "end-of-text or special token: a model trained on it would never learn to stop")
         mask[start : end + 1] = [True] * (end + 1 - start)
-        for a, b in tool_output_spans(message["content"], tool_output_tag) if tool_output_tag else ():
+        for a, b in tool_output_spans(message["content"], tool_output_tag):
             span_start = _prefix_length(tokenizer, before + message["content"][:a], full, i, "tool output's start")
             span_end = _prefix_length(tokenizer, before + message["content"][:b], full, i, "tool output's end")
             mask[span_start:span_end] = [False] * (span_end - span_start)
@@ -405,19 +364,14 @@ class SFTData:
     dropped_too_long: int = 0
 
     def summary(self) -> dict:
-        docs = self.train_docs + self.eval_docs
-        masks = self.train_masks + self.eval_masks
         return {"rows": self.rows, "train": len(self.train_docs), "heldout": len(self.eval_docs),
-                "dropped_too_long": self.dropped_too_long, "tokens": sum(map(len, docs)),
-                "target_tokens": sum(sum(m) for m in masks)}
+                "dropped_too_long": self.dropped_too_long, "tokens": sum(map(len, self.train_docs + self.eval_docs)),
+                "target_tokens": sum(sum(m) for m in self.train_masks + self.eval_masks)}
 
 
 def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfig) -> SFTData:
-    """Tokenise and mask every conversation; drop (and count) those longer than cfg.max_len tokens.
-
-    Long rows are dropped, never truncated: a cut conversation loses its answer and the end-of-text that closes it,
-    and would teach the model to stop mid-thought. Held-out rows are picked by a stable hash of their messages.
-    """
+    """Tokenise and mask every conversation; those longer than cfg.max_len are dropped and counted, never truncated
+    (a cut conversation loses the end-of-text that closes it). Held-out rows: a stable hash of their messages."""
     if cfg.template == "chat" and not tokenizer.chat_template:
         raise ValueError(f"{cfg.model}: the tokenizer has no chat_template; use --template r1zero or auto")
     data, errors = SFTData(rows=len(rows)), []

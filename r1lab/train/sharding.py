@@ -1,15 +1,5 @@
-"""FSDP2 (`--shard`): parameters, gradients and optimizer state split across the ranks of a torchrun job.
-
-Each rank then holds 1/N of the float32 weights, of their gradients and of AdamW's two moments (16 bytes per
-parameter in all, 16/N sharded), and gathers a block's full weights only while it computes. The units are the
-parameter-holding parts of every decoder layer (its attention projections, its MLP) and the rest (embedding, final
-norm, LM head) at the root. The attention module itself is not a unit: its forward takes the KV cache, which FSDP
-would pass through its own autograd function, and the cache is written in place.
-
-Gradients are summed across ranks (the loss is normalised over the whole batch already), as in the unsharded path.
-The rollout engine samples from a full copy of the weights, refreshed after each update (sync_weights), without
-any of the optimizer state. Checkpoints gather full weights for the Hugging Face model and write the sharded
-optimizer state through torch.distributed.checkpoint.
+"""FSDP2 (`--shard`): parameters, gradients and optimizer state split across the ranks of a torchrun job (see
+docs/torchrun.md); gradients are summed across ranks, as in the unsharded path.
 """
 
 from __future__ import annotations
@@ -29,8 +19,9 @@ from r1lab.train.distributed import World
 MIN_SHARD_PARAMETERS = 1_000_000
 
 
-def check_shardable(model: nn.Module, world: World) -> None:
-    """Refuse, before training starts, a sharding that cannot or need not happen."""
+def shard_model(model: nn.Module, world: World) -> nn.Module:
+    """Shard model in place across the job's ranks (FSDP2) and return it; refuse a sharding that cannot or need not
+    happen."""
     if not world.distributed:
         raise ValueError("shard: FSDP splits a model across the ranks of a torchrun job, and this is one process; "
                          "launch with torchrun --nproc-per-node N (N >= 2), or leave shard off")
@@ -41,14 +32,10 @@ def check_shardable(model: nn.Module, world: World) -> None:
     if getattr(model.config, "moe", None) is not None:
         raise ValueError("shard: MoE models are not sharded yet (an expert no token reached on one rank has no "
                          "gradient there, which FSDP's reduce-scatter cannot match); train it unsharded")
-
-
-def shard_model(model: nn.Module, world: World) -> nn.Module:
-    """Shard model in place across the job's ranks (FSDP2) and return it."""
-    check_shardable(model, world)
     for layer in model.model.layers:
-        attention = [m for m in layer.self_attn.children() if isinstance(m, nn.Linear)]
-        fully_shard(attention)  # one unit: the layer's projections, gathered together
+        # the layer's projections as one unit, not the attention module: FSDP would pass its KV cache (written in
+        # place) through its own autograd function
+        fully_shard([m for m in layer.self_attn.children() if isinstance(m, nn.Linear)])
         fully_shard(layer.mlp)
     fully_shard(model)
     # training calls these, not forward: they are where the root's parameters must be gathered
@@ -90,10 +77,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """What this rank holds of the parameters, their gradients and the optimizer state, in bytes (the local
-    shards under FSDP)."""
-    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
-    size = lambda ts: sum(local(t).numel() * local(t).element_size() for t in ts)  # noqa: E731
+    """Bytes this rank holds of the parameters, their gradients and the optimizer state (its shards under FSDP)."""
+    size = lambda ts: sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in ts)  # noqa: E731
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {"weights": size(params), "gradients": size(p.grad for p in params if p.grad is not None),

@@ -1,8 +1,5 @@
-"""A clean stop on Ctrl-C: the first SIGINT lets the current step finish, a checkpoint is saved, and the command ends
+"""A clean stop on Ctrl-C: the first SIGINT lets the current step finish and be checkpointed, then the command ends
 with one line and exit status 130 (RunStopped, reported by r1lab/cli.py); a second SIGINT stops at once.
-
-Under torchrun every rank must save the same checkpoint step, so the ranks agree after each step: any rank that was
-interrupted stops them all.
 """
 
 from __future__ import annotations
@@ -19,8 +16,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended
 
 
 def exit_now(signum: int | None = None, frame: object = None) -> None:
-    """End the process at once, status 130, without unwinding: no cleanup that a Ctrl-C could interrupt with a
-    traceback. Reward workers and sandbox children end with it (they die with their parent)."""
+    """End the process at once, status 130, without unwinding (no cleanup a Ctrl-C could interrupt with a traceback);
+    reward workers and sandbox children die with it."""
     print("\nr1lab: stopped at once", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
 
@@ -58,5 +55,5 @@ class StopOnInterrupt:
               file=sys.stderr, flush=True)
 
     def requested(self, world: World = World()) -> bool:
-        """Whether any rank was interrupted (a collective under torchrun: every rank calls it after each step)."""
+        """Whether any rank was interrupted: every rank calls it after each step, so that all save the same step."""
         return world.any(self.asked)

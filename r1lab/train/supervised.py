@@ -1,8 +1,6 @@
-"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE`.
-
-SFT is R1's cold start, its stage 3 (on data from `r1lab sample`) and distillation. The loss is the mean
-cross-entropy over the target tokens of a batch: every real token in pretraining, the assistant turns in SFT (loss
-masks from r1lab/train/sft_data.py). Logits are computed only where a target is predicted, in chunks (r1lab/train/logprobs.py).
+"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE` (R1's
+cold start, its stage 3 and distillation). The loss is the mean cross-entropy over a batch's target tokens: every real
+token in pretraining, the assistant turns in SFT.
 """
 
 from __future__ import annotations
@@ -76,7 +74,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     with logger, training_progress(steps, start, keys=LOSS_KEYS) if world.main else Silent() as bar, \
             StopOnInterrupt() as stop:
         if data.eval_docs and start == 0:
-            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # the loss before any training
+            _log_heldout(logger, 0, model, data, tokenizer.pad_id, cfg, world)  # before any training
         train_lm(model, data.train_docs, loss_masks=data.train_masks, steps=steps, batch_size=cfg.batch_size,
                  lr=cfg.lr, warmup=cfg.warmup_steps, pad_id=tokenizer.pad_id, seed=cfg.seed, optimizer=optimizer,
                  start_step=start, micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm,
@@ -101,17 +99,9 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              on_step: StepCallback | None = None, moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
              world: World = World(), optimizer_in_backward: bool = False, name: str = "pretrain",
              mtp_loss_weight: float = 0.0) -> list[float]:
-    """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run.
-
-    loss_masks (a bool per token of each document) restrict the loss; None puts it on every real token.
-    on_step(steps_done, metrics) runs after each step: the progress bar, and SFT's metrics, checkpoints and
-    evaluations (the loop prints nothing itself, so progress is printed once). Under torchrun
-    every rank walks the same order and trains on its share of each batch.
-    moe_bias_update_speed: DeepSeek-V3 routing-bias balancing after each step (r1lab/model/moe.py update_routing_bias);
-    balance_loss_weight: its sequence-wise balance loss, added to the loss (moe.balance_loss).
-    optimizer_in_backward: each parameter's update in the backward pass of the last micro-batch (r1lab/train/backward_step.py).
-    mtp_loss_weight: DeepSeek-V3's multi-token prediction loss (a model with MTP modules), added with this weight.
-    """
+    """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run. loss_masks (a bool
+    per token) restrict the loss, None puts it on every real token; on_step(steps_done, metrics) runs after each step.
+    Under torchrun every rank walks the same order and trains on its share of each batch."""
     order = EpochOrder(len(docs), seed)
     losses = []
     model.train()
@@ -136,12 +126,10 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
             moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0,
             in_backward: BackwardStep | None = None, mtp_loss_weight: float = 0.0) -> dict:
-    """One optimizer step on a batch; the loss is the mean over all the batch's target tokens, however the batch is
-    split into micro-batches and across ranks (each takes its share of docs; the gradients are summed). A non-finite
-    loss or gradient skips the step (the weights stay as they were). An MoE model's expert loads in these forward
-    passes give moe/* metrics and, after the step, balance its routing bias. With mtp_loss_weight, a model's
-    multi-token prediction modules add that weight times their loss (mtp_loss: the mean over depths of each
-    depth's mean cross-entropy), as DeepSeek-V3 trains them."""
+    """One optimizer step on a batch, the loss the mean over all its target tokens however it is split into
+    micro-batches and across ranks; a non-finite loss or gradient skips the step. An MoE model's expert loads give
+    moe/* metrics and balance its routing bias; mtp_loss (the mean over depths of each depth's mean cross-entropy) is
+    added with mtp_loss_weight, as DeepSeek-V3 trains its multi-token prediction modules."""
     device = next(model.parameters()).device
     n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
     mtp_depth = len(model.mtp) if mtp_loss_weight else 0
@@ -194,8 +182,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
 
 
 def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None, skip: int = 1) -> int:
-    """The target tokens of a batch (lm_batch's mask[:, skip:]): all tokens but each document's first skip (1: the
-    next-token loss; k + 1: the k-th multi-token prediction depth's), or the masked ones among them."""
+    """The target tokens of a batch (lm_batch's mask[:, skip:]; skip k + 1: the k-th multi-token prediction depth)."""
     if loss_masks is None:
         return sum(max(len(d) - skip, 0) for d in docs)
     return sum(sum(mask[skip:]) for mask in loss_masks)
@@ -203,11 +190,8 @@ def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None, ski
 
 def lm_batch(docs: list[list[int]], pad_id: int,
              loss_masks: list[list[bool]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) input ids and the (B, T) mask of the tokens the loss is on.
-
-    mask[b, t] means token t is a target (predicted from position t - 1): every real token when loss_masks is None
-    (pretraining), else loss_masks[b] (SFT: the assistant tokens). Padding is never a target.
-    """
+    """Right-padded (B, T) input ids and the (B, T) mask of the target tokens (predicted from position t - 1): every
+    real token when loss_masks is None, else loss_masks[b]; never padding."""
     T = max(len(d) for d in docs)
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(docs), T), dtype=torch.bool)
@@ -224,13 +208,9 @@ def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recomput
 
 def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False,
                  mtp_depth: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Summed next-token cross-entropy over the target tokens in mask (B, T), and that of each of the first
-    mtp_depth multi-token prediction depths (depth k predicts the target tokens from k + 1 on, k + 1 ahead).
-
-    Only positions that predict a target reach the vocabulary projection: in SFT the prompts are often most of the
-    tokens, and with a 150k vocabulary their logits would dominate memory for nothing. All depths share the head:
-    one projection over their rows together.
-    """
+    """Summed next-token cross-entropy over the target tokens in mask (B, T), and that of each of the first mtp_depth
+    multi-token prediction depths (depth k predicts k + 1 ahead). Only positions that predict a target reach the
+    vocabulary projection (SFT's prompts would waste it), one projection for all depths."""
     h = model.hidden_states(ids)  # (B, T, D); right padding needs no attention mask under causal attention
     mtp_depth = min(mtp_depth, ids.shape[1] - 2)  # a depth needs a token to embed and one to predict
     depths = [h] + (model.mtp_hidden_states(h, ids, depth=mtp_depth) if mtp_depth > 0 else [])  # depth k: (B, T - k, D)
@@ -249,8 +229,8 @@ def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompu
 @torch.no_grad()
 def heldout_loss(model: CausalLM, docs: list[list[int]], masks: list[list[bool]], pad_id: int,
                  batch_size: int, world: World = World()) -> float:
-    """Mean cross-entropy per target token over held-out conversations (each rank a share of them; a sharded
-    model's ranks all run every pass, which gathers weights with each other)."""
+    """Mean cross-entropy per target token over held-out conversations (each rank a share of them, but a sharded
+    model's ranks all run every pass)."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, n = 0.0, 0
@@ -274,8 +254,7 @@ def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int,
 
 def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer, optimizer, data: SFTData,
                logger, bar, world: World, stop: StopOnInterrupt) -> StepCallback:
-    """What runs after each SFT step: metrics file, progress bar, held-out loss, checkpoints (every save_every
-    steps, after the last step, and when a Ctrl-C stops the run)."""
+    """After each SFT step: metrics, progress, held-out loss, checkpoints (every save_every steps, the last, Ctrl-C)."""
 
     def on_step(step: int, metrics: dict) -> None:
         logger.log(step, metrics)
@@ -293,8 +272,8 @@ def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer
 
 
 def _add_stop_tokens(model: CausalLM, tokenizer: Tokenizer, closers: set[int], log) -> None:
-    """Turn-closing tokens that were not stop tokens become ones, since the model has just learned to end its
-    answers with them (e.g. ChatML's <|im_end|> on a base model's tokenizer)."""
+    """Turn-closing tokens the model has just learned to end its answers with (ChatML's <|im_end|> on a base model's
+    tokenizer) become stop tokens."""
     extra = sorted(closers - tokenizer.eos_ids)
     if extra:
         model.config.eos_token_id = _with_ids(model.config.eos_token_id, extra)

@@ -1,10 +1,5 @@
-"""Experiment trackers beside metrics.jsonl: `--report-to tensorboard,wandb,trackio,mlflow` (or `none`).
-
-Each tracker gets the run's config at start and every number MetricsLogger writes: the training metrics per step and
-the held-out evaluations as eval/SPLIT/NAME, the curves `r1lab report` draws. Their own settings are theirs
-(WANDB_MODE=offline, WANDB_PROJECT; TRACKIO_PROJECT; MLFLOW_TRACKING_URI, else RUN/mlruns): r1lab only names the run
-after its directory and keeps its id in RUN/trackers.json, so a resumed run goes on in the same tracker run.
-TensorBoard stays MetricsLogger's own (RUN/tensorboard).
+"""Experiment trackers beside metrics.jsonl (`--report-to wandb,trackio,mlflow`; TensorBoard is MetricsLogger's
+own): each gets the run's config and every number MetricsLogger writes. See docs/settings-and-runs.md.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ from typing import Any
 from r1lab.suggest import did_you_mean
 
 REPORTERS = ("tensorboard", "wandb", "trackio", "mlflow")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 IDS_FILE = "trackers.json"
 
 
@@ -37,8 +31,8 @@ def report_to_problem(value: str) -> str | None:
     for name in names:
         if name not in REPORTERS:
             return f"{name!r} is not one of: {', '.join(REPORTERS)}, none{did_you_mean(name, REPORTERS)}"
-        if name != "tensorboard" and importlib.util.find_spec(PACKAGES[name]) is None:
-            return f"{name} is not installed: pip install 'r1lab[{name}]' (or pip install {PACKAGES[name]})"
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:  # each package is named as its tracker
+            return f"{name} is not installed: pip install 'r1lab[{name}]' (or pip install {name})"
     return None
 
 
