@@ -319,12 +319,8 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
     """`r1lab eval --speculative mtp` at temperature 0 on a V3 with its MTP layer: the same figures and completions
     as without it, and the throughput reported; a model without the module, or tools, are refused."""
     from r1lab.cli import main
-    from r1lab.model.tokenizer import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
-    model = _spec_model(tok.vocab_size, 0.3)
-    save_model(model, tmp_path / "m")
-    tok.save(tmp_path / "m")
+    _save_spec_model(tmp_path / "m")
     results = {}
     for mode in ("none", "mtp"):
         out = tmp_path / f"{mode}.json"
@@ -332,10 +328,94 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
               "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1"])
         results[mode] = json.loads(out.read_text())["test"]
     assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results["mtp"]["records"]]
-    assert results["mtp"]["tokens_per_s"] > 0
+    assert results["mtp"]["tokens_per_s"] > 0 and 0 <= results["mtp"]["acceptance"] <= 1
+    assert "acceptance" not in results["none"]
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "m"), "--speculative", "mtp", "--tools", "python"])
-    assert "does not run tool calls" in capsys.readouterr().err
+    assert "speculative mtp does not run with tools 'python'" in capsys.readouterr().err
+
+
+def _save_spec_model(path, mtp=True):
+    """A random V3 (with its MTP layer, or without) and the tiny tokenizer, saved as a model directory."""
+    import dataclasses
+
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.3)
+    save_model(model if mtp else CausalLM(dataclasses.replace(model.config, mtp_depth=0)), path)
+    tok.save(path)
+    return path
+
+
+def test_sample_with_speculative_mtp_keeps_what_plain_sampling_keeps_greedy(tmp_path, capsys):
+    from r1lab.cli import main
+
+    model, rows = _save_spec_model(tmp_path / "m"), {}
+    for mode in ("none", "mtp"):
+        out = tmp_path / mode / "sft.jsonl"
+        main(["sample", "--model", str(model), "--problems", "3", "--samples", "2", "--temperature", "0",
+              "--max-new-tokens", "8", "--min-tokens", "0", "--language", "", "--speculative", mode, "--out", str(out),
+              "--threads", "1"])
+        rows[mode] = (out.read_text(), json.loads((out.parent / "sft.summary.json").read_text()))
+    assert rows["mtp"][0] == rows["none"][0]
+    assert 0 <= rows["mtp"][1].pop("speculative_acceptance") <= 1
+    assert rows["mtp"][1] == {**rows["none"][1], "out": rows["mtp"][1]["out"]}
+
+
+def test_grpo_rollouts_with_mtp_drafts_carry_the_models_own_log_probs():
+    """GRPO's sampler with speculation: greedy, the plain engine's completions; sampled, each token's recorded
+    log-prob is the one the model's own forward pass gives it (what the update's ratio is taken against)."""
+    import dataclasses
+
+    from r1lab.config import GRPOConfig
+    from r1lab.engine.engine import Engine
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.rewards.tasks import get_task
+    from r1lab.train.grpo import sample_rollouts
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.3)
+    problems = get_task("arithmetic").problems("train", 3, 0)
+    greedy = GRPOConfig(samples_per_prompt=2, max_new_tokens=10, temperature=0)  # (GRPO's check wants > 0)
+    plain, fast = (sample_rollouts(Engine(model, tok, speculative=mode), problems, greedy, [1, 2, 3])
+                   for mode in ("none", "mtp"))
+    assert fast.completion_ids == plain.completion_ids and fast.texts == plain.texts
+    engine = Engine(model, tok, speculative="mtp")
+    rollouts = sample_rollouts(engine, problems, dataclasses.replace(greedy, temperature=1.0), [1, 2, 3])
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
+    for prompt, completion, recorded in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.old_logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1]  # (T, V)
+        own = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        assert recorded == pytest.approx(own.tolist(), abs=1e-4)
+
+
+def test_grpo_with_speculative_mtp_logs_each_steps_acceptance(tmp_path):
+    from r1lab.cli import main
+
+    model = _save_spec_model(tmp_path / "m")
+    main(["grpo", "--model", str(model), "--out", str(tmp_path / "run"), "--steps", "2", "--prompts-per-step", "2",
+          "--samples-per-prompt", "2", "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "0",
+          "--speculative", "mtp", "--threads", "1", "--report-to", "none"])
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["speculative/drafted"] > 0 and 0 <= s["speculative/acceptance"] <= 1 for s in steps] == [True, True]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--rollout-slots", "2"], "speculative mtp does not run with rollout_slots 2"),
+    (["--async-steps", "1"], "speculative mtp does not run with async_steps 1"),
+    (["--tools", "python", "--suppress-eos", "true"], "does not run with tools 'python', suppress_eos True"),
+    ([], "needs a model with a multi-token prediction module")])
+def test_grpo_refuses_speculation_it_cannot_run_with_a_clear_error(tmp_path, capsys, flags, said):
+    from r1lab.cli import main
+
+    model = _save_spec_model(tmp_path / "m", mtp=bool(flags))  # no flags: a model without the module
+    with pytest.raises(SystemExit):
+        main(["grpo", "--model", str(model), "--out", str(tmp_path / "run"), "--steps", "1", "--eval-every", "0",
+              "--max-new-tokens", "6", "--speculative", "mtp", "--threads", "1", *flags])
+    err = capsys.readouterr().err
+    assert said in err and err.startswith("r1lab grpo: error:") and "Traceback" not in err, err
 
 
 def test_sft_of_a_v3_with_its_mtp_layer_trains_it_and_logs_mtp_loss(tmp_path):

@@ -134,6 +134,20 @@ class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the s
         return []
 
 
+class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py)
+    speculative: str = setting("none", "mtp: speculative decoding, DeepSeek-V3's multi-token prediction module drafting "
+                                       "one token per step that the model verifies (the same distribution; greedy: "
+                                       "the same tokens; the log-probs are the model's)", choices=("none", "mtp"))
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        # what the speculative decoder does not run: tool turns' stop strings, slots, a worker process, no end-of-text
+        asked = [f"{name} {shown(getattr(cfg, name))}" for name in ("tools", "rollout_slots", "async_steps",
+                                                                    "suppress_eos") if getattr(cfg, name, None)]
+        return [f"speculative {cfg.speculative} does not run with {', '.join(asked)}: leave one off"] \
+            if asked and cfg.speculative != "none" else []
+
+
 class TrainingMemory(Group):  # precision and recomputation: what a training step's memory is traded for
     dtype: str = setting("float32", "bfloat16: forward passes under bf16 autocast over float32 weights (on a GPU)",
                          **DTYPE)

@@ -31,6 +31,8 @@ class Sample:
     text: str  # decoded completion, end-of-text dropped, cut right after a stop string
     logprobs: list[float]  # log-prob of each sampled token under softmax(logits / temperature)
     finish_reason: str  # "stop" (end-of-text or stop string) or "length"
+    drafted: int = 0  # speculative decoding: this sequence's drafted tokens and the accepted ones
+    accepted: int = 0
 
 
 @dataclass
@@ -86,6 +88,12 @@ class Engine:
         self.decode = decode
         self.speculative = speculative
         self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls
+
+    def acceptance_since(self, counts: dict) -> dict:
+        """The drafts made and accepted since speculative_counts were `counts` (a copy taken before), and their
+        share: a figure of the run's logs."""
+        drafted, accepted = (self.speculative_counts[k] - counts[k] for k in ("drafted", "accepted"))
+        return {"speculative/drafted": drafted, "speculative/acceptance": accepted / max(drafted, 1)}
 
     def _decode_mode(self) -> str:
         if self.decode == "auto":
@@ -149,10 +157,14 @@ class Engine:
         if self.speculative == "mtp":
             self._check_speculative(stop_strings, suppress_eos, on_step, max_rows)
             prompts = [p for p in prompt_ids for _ in range(num_samples)]
-            counts = generate_mtp(self.model, prompts, params, eos, self.tokenizer.pad_id, out)
-            self.speculative_counts = {k: self.speculative_counts[k] + counts[k] for k in counts}
+            counts = {k: v.tolist() for k, v in generate_mtp(self.model, prompts, params, eos, self.tokenizer.pad_id,
+                                                             out).items()}
+            self.speculative_counts = {k: self.speculative_counts[k] + sum(counts[k]) for k in counts}
             self.model.train(was_training)
-            return self._samples(out, num_samples, stop_strings)
+            samples = self._samples(out, num_samples, stop_strings)
+            for s, drafted, accepted in zip(samples, counts["drafted"], counts["accepted"]):
+                s.drafted, s.accepted = drafted, accepted
+            return samples
         slots = None
         if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
             batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,

@@ -38,7 +38,7 @@ class _Rows:
 def generate_mtp(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor, pad_id: int,
                  out) -> dict:
     """Sample completions of prompts (one output row each) with params into out (the engine's _Outputs: tokens,
-    logprobs, lengths, stopped). Returns the counts of drafted and accepted tokens."""
+    logprobs, lengths, stopped). Returns each row's counts of drafted and accepted tokens, (B,) tensors."""
     if not len(model.mtp):
         raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
                          "(DeepSeek-V3's num_nextn_predict_layers)")
@@ -51,7 +51,7 @@ def generate_mtp(model: CausalLM, prompts: list[list[int]], params: _RowParams, 
     running = record(torch.ones_like(first, dtype=torch.bool), first, _gather(log_probs(logits), first))
     rows.pending = first
     rows.draft, rows.draft_probs = _draft(model, rows, caches, prompt, probs, generator)
-    drafted = accepted = 0
+    drafted, accepted = torch.zeros_like(first), torch.zeros_like(first)
     column = rows.key_mask.shape[1]
     for _ in range(params.max_steps):
         if not bool(running.any()):
@@ -65,7 +65,7 @@ def generate_mtp(model: CausalLM, prompts: list[list[int]], params: _RowParams, 
         accept = _accept(rows.draft, rows.draft_probs, p_next, generator)
         token = torch.where(accept, rows.draft, draw(_residual(p_next, rows.draft_probs), generator))
         bonus = draw(p_after, generator)
-        drafted, accepted = drafted + int(running.sum()), accepted + int((accept & running).sum())
+        drafted, accepted = drafted + running.long(), accepted + (accept & running).long()
         running = record(running, token, _gather(log_probs(target[:, 0]), token))
         # the bonus token only after an accepted draft, in a row the first token did not end
         running = record(running & accept, bonus, _gather(log_probs(target[:, 1]), bonus)) | (running & ~accept)
