@@ -3,6 +3,7 @@ with enorm, hnorm, eh_proj, shared_head and copies of the embedding and head) lo
 leaves the main logits equal to transformers' (which skips the layer); the module's predictions equal the V3 recipe
 computed with transformers' own decoder layer; its loss in pretraining and SFT (mtp_loss)."""
 
+import dataclasses
 import json
 import math
 
@@ -266,8 +267,41 @@ def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2.0, dtype=torch.float64), stat / 2))
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
+def _dense_pair(vocab, tmp_path, scale):
+    """A dense model and, saved in tmp_path/draft for `--speculative draft:DIR`, a noisy copy of it (a draft that
+    agrees with it often, not always)."""
+    torch.manual_seed(0)
+    model = _randomise(CausalLM(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)),
+                       scale)
+    draft = CausalLM(model.config)
+    with torch.no_grad():
+        for mine, theirs in zip(draft.parameters(), model.parameters()):
+            mine.copy_(theirs + 0.5 * scale * torch.randn_like(theirs))
+    save_model(draft, tmp_path / "draft")
+    return model, f"draft:{tmp_path / 'draft'}"
+
+
+def test_a_draft_model_gives_the_models_greedy_tokens(tmp_path):
+    from r1lab.engine.engine import Engine
+
+    model, draft = _dense_pair(61, tmp_path, 0.3)
+    prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
+    plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    engine = Engine(model, CountingTokenizer(), speculative=draft)
+    fast = engine.generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
+    for a, b in zip(plain, fast):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert all(0 < s.drafted <= 12 for s in fast)
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
+    assert engine.speculative_counts["accepted"] == sum(s.accepted for s in fast)
+    with pytest.raises(ValueError, match="vocabulary of 61 tokens, the model 62: a draft model shares"):
+        Engine(CausalLM(dataclasses.replace(model.config, vocab_size=62)), CountingTokenizer(), speculative=draft)
+
+
+@pytest.mark.parametrize("drafter, top_p", [("mtp", 1.0), ("mtp", 0.8), ("draft", 1.0)])
+def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, top_p, tmp_path):
     """A vocabulary of 5: the empirical distribution of 3 sampled tokens (125 outcomes; an accepted draft brings a
     second token in the same step, a rejected one a token from the residual) against the exact one computed from
     the model's full forward passes, by a chi-square test. The control: the same counts against the distribution
@@ -276,9 +310,9 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
     from r1lab.engine.sampling import sampling_probs
 
     V, n, T = 5, 6000, 0.9
-    model = _spec_model(V, 0.5)
+    model, speculative = _dense_pair(V, tmp_path, 0.5) if drafter == "draft" else (_spec_model(V, 0.5), "mtp")
     prompt = [1, 3, 2]
-    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    engine = Engine(model, CountingTokenizer(), speculative=speculative)
     samples = engine.generate([prompt], num_samples=n, max_new_tokens=3, temperature=T, top_p=top_p, seed=0)
     assert all(len(s.token_ids) == 3 for s in samples)
     seqs = torch.cartesian_prod(*[torch.arange(V)] * 3)  # (125, 3)
@@ -291,9 +325,11 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
         logits = model(ids)[:, len(prompt) - 1 : -1]  # (125, 3, V) the distributions of the 3 tokens
         probs = sampling_probs(logits.reshape(-1, V), T, 0, top_p).view(len(seqs), 3, V)
         exact = probs.gather(-1, seqs[:, :, None]).squeeze(-1).prod(-1)  # (125,)
-        h = model.hidden_states(ids)
-        draft_h = model.mtp_hidden_states(h, ids)[0][:, len(prompt) - 1]  # from the prompt's end and token 1
-        draft = sampling_probs(model.lm_head(draft_h), T, 0, top_p).gather(-1, seqs[:, 1:2]).squeeze(-1)
+        if drafter == "draft":  # the draft model's distribution of token 2
+            draft_logits = engine.draft(ids)[:, len(prompt)]
+        else:  # the module's, from the prompt's end and token 1
+            draft_logits = model.lm_head(model.mtp_hidden_states(model.hidden_states(ids), ids)[0][:, len(prompt) - 1])
+        draft = sampling_probs(draft_logits, T, 0, top_p).gather(-1, seqs[:, 1:2]).squeeze(-1)
     assert abs(exact.sum().item() - 1) < 1e-4
     assert chi_square_pvalue(observed, exact * n) > 1e-3
     token = probs.gather(-1, seqs[:, :, None]).squeeze(-1)  # (125, 3) each token's probability
@@ -303,8 +339,6 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
 
 
 def test_speculative_decoding_refuses_what_it_does_not_do():
-    import dataclasses
-
     from r1lab.engine.engine import Engine
 
     model = _spec_model(11, 0.1)
@@ -313,6 +347,11 @@ def test_speculative_decoding_refuses_what_it_does_not_do():
     engine = Engine(model, CountingTokenizer(), speculative="mtp")
     with pytest.raises(ValueError, match="does not support stop_strings"):
         engine.generate([[1, 2]], max_new_tokens=4, stop_strings=("x",))
+    from r1lab.config import EvalConfig
+
+    for bad in ("draft:", "draft: ", "mtp2", "draft"):
+        with pytest.raises(ValueError, match="is not none, mtp or draft:DIR"):
+            EvalConfig(speculative=bad).check()
 
 
 def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path, capsys):
@@ -337,8 +376,6 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
 
 def _save_spec_model(path, mtp=True):
     """A random V3 (with its MTP layer, or without) and the tiny tokenizer, saved as a model directory."""
-    import dataclasses
-
     from r1lab.model.tokenizer import build_tiny_tokenizer
 
     tok = build_tiny_tokenizer()

@@ -137,7 +137,10 @@ class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the s
 class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py)
     speculative: str = setting("none", "mtp: speculative decoding, DeepSeek-V3's multi-token prediction module drafting "
                                        "one token per step that the model verifies (the same distribution; greedy: "
-                                       "the same tokens; the log-probs are the model's)", choices=("none", "mtp"))
+                                       "the same tokens; the log-probs are the model's); draft:DIR: the model in DIR "
+                                       "(the same tokenizer, smaller) drafts",
+                               rule=lambda v: None if v in ("none", "mtp") or v.startswith("draft:") and v[6:].strip()
+                               else f"{shown(v)} is not none, mtp or draft:DIR", allowed="none, mtp or draft:DIR")
 
     @staticmethod
     def problems(cfg) -> list[str]:
