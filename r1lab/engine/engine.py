@@ -101,16 +101,15 @@ class Engine:
         if speculative == "mtp" and not len(model.mtp):
             raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
                              "(DeepSeek-V3's num_nextn_predict_layers)")
-        if not speculative.startswith("draft:") or speculative == "draft:":
-            if speculative not in ("none", "mtp"):
-                raise ValueError(f"speculative {speculative!r} is not one of {', '.join(SPECULATIVE)}")
+        if speculative in ("none", "mtp"):
             return None
-        weight = model.lm_head.weight
-        draft = load_model(speculative.removeprefix("draft:"), device=weight.device, dtype=weight.dtype).eval()
+        directory = speculative.removeprefix("draft:")
+        if directory == speculative or not directory.strip():
+            raise ValueError(f"speculative {speculative!r} is not one of {', '.join(SPECULATIVE)}")
+        draft = load_model(directory, device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype).eval()
         if draft.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"the draft model {speculative.removeprefix('draft:')} has a vocabulary of "
-                             f"{draft.config.vocab_size} tokens, the model {model.config.vocab_size}: a draft model "
-                             f"shares the model's tokenizer")
+            raise ValueError(f"the draft model {directory} has a vocabulary of {draft.config.vocab_size} tokens, the "
+                             f"model {model.config.vocab_size}: a draft model shares the model's tokenizer")
         return draft
 
     def _decode_mode(self) -> str:

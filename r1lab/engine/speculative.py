@@ -35,11 +35,11 @@ class _Rows:
     draft_probs: torch.Tensor  # (B, V)
     positions: torch.Tensor  # (B,)
     key_mask: torch.Tensor  # (B, S) the main model's cache
-    draft_key_mask: torch.Tensor  # (B, S) the MTP module's cache
+    draft_key_mask: torch.Tensor  # (B, S) the drafter's cache (the MTP module's or the draft model's)
 
 
-def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor, pad_id: int,
-                 out, draft: CausalLM | None = None) -> dict:
+def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
+                         pad_id: int, out, draft: CausalLM | None = None) -> dict:
     """Sample completions of prompts (one output row each) with params into out (the engine's _Outputs: tokens,
     logprobs, lengths, stopped), drafting with the model's MTP module or the draft model. Returns each row's counts
     of drafted and accepted tokens, (B,) tensors."""
