@@ -20,6 +20,9 @@ edited by hand.
 - lora_demo: the demo's GRPO (seed 0) with full fine-tuning and with LoRA (--lora-rank/--lora-alpha/--lora-lr) from
          the same base: held-out gains side by side.
 - continuous: `bench/continuous_batching.py` (continuous batching against batch-at-a-time, same rows, one thread).
+- speculative: `bench/speculative.py --wait-quiet 120` (the tiny V3 base with its MTP module: eval and GRPO rollout
+         tokens/s with and without MTP drafts, acceptance, greedy completions compared); `--speculative-smoke` runs it
+         at tiny sizes, a check that files no figures.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
@@ -49,7 +52,8 @@ README, BENCHMARKS = Path("README.md"), Path("docs/benchmarks.md")
 PAGES = {"demo": README, "bench": README, "gpu": README,
          **{name: BENCHMARKS for name in ("demo_v3", "demo_tools", "realshape", "realshape_in_backward",
                                           "realshape_lora", "realshape_lora_bf16", "gpu_lora", "lora_demo",
-                                          "continuous", "distill", "pipeline", "serve", "distributed", "tests")}}
+                                          "continuous", "speculative", "distill", "pipeline", "serve", "distributed",
+                                          "tests")}}
 FIGURES = ("pass@1", "cons@8", "pass@8", "format_rate", "mean_length")
 
 
@@ -131,6 +135,46 @@ def run_continuous(workdir: Path) -> dict:
     cmd = [sys.executable, "bench/continuous_batching.py", "--threads", "1", "--repeats", "3", "--json", str(out)]
     timed(cmd, workdir / "continuous_batching.log")
     return {**stamp(), "command": " ".join(["python"] + cmd[1:-2]), "figures": json.loads(out.read_text())}
+
+
+def run_speculative(workdir: Path, smoke: bool) -> dict:
+    out = workdir / "speculative.json"
+    argv = ["bench/speculative.py", *(["--smoke"] if smoke else ["--wait-quiet", "120"])]
+    timed([sys.executable, *argv, "--workdir", str(workdir / "speculative"), "--json", str(out)],
+          workdir / "speculative.log")
+    return {**stamp(), "command": "python " + " ".join(argv), "figures": json.loads(out.read_text())}
+
+
+SPECULATIVE_MODES = {"greedy": "greedy, one sample", "sampled": "sampled: temperature 0.6, top-p 0.95",
+                     "rollout": "GRPO's sampling: temperature 1"}
+
+
+def render_speculative(d: dict) -> str:
+    f, a = d["figures"], d["figures"]["args"]
+    if a["smoke"]:  # tiny sizes: whether the bench runs, not a figure
+        return (f"Not measured yet: `{d['command']}` ran on {d['date']} at commit `{d['commit']}` at tiny sizes "
+                f"(a check that it runs, no figures); `python bench/readme_results.py --speculative` measures.")
+    k = f", k = {a['samples']}"
+    rows = [f"| {label}{'' if m == 'greedy' else k} | {f[m]['tokens_per_s']['none']:,.0f} | "
+            f"{f[m]['tokens_per_s']['mtp']:,.0f} | **{f[m]['speedup']:.2f}x** | {100 * f[m]['acceptance']:.1f}% | "
+            f"{100 * f[m]['pass@1']['none']:.1f}% / {100 * f[m]['pass@1']['mtp']:.1f}% |"
+            for m, label in SPECULATIVE_MODES.items()]
+    same = "identical" if f["greedy"]["same_completions"] else "**different**"
+    lines = [f"{measured(d)}, by `{d['command']}`: the tiny DeepSeek-V3 base pretrained {a['pretrain_steps']} steps with "
+             f"`--mtp-depth 1`, `r1lab eval` on {a['problems']} held-out problems ({a['max_new_tokens']} tokens at "
+             f"most), each side a fresh process, the median of {a['repeats']} alternating runs; generation tokens/s as "
+             f"eval's JSON reports it:", "",
+             "| eval | tokens/s | with MTP drafts | speedup | acceptance | held-out pass@1 without / with |",
+             "|---|---:|---:|---:|---:|---:|", *rows, "",
+             f"Greedy completions with and without MTP drafts: {same} ({a['problems']} compared in each run)."]
+    if "grpo" in f:
+        g = f["grpo"]
+        lines.append(f"`r1lab grpo` from that base with the demo's preset, {a['grpo_steps']} steps: rollout "
+                     f"{g['none']['rollout_tokens_per_s']:,.0f} tokens/s without drafts, "
+                     f"{g['mtp']['rollout_tokens_per_s']:,.0f} with (**{g['speedup']:.2f}x**); acceptance per step "
+                     + " / ".join(f"{100 * x:.0f}" for x in g["mtp"]["acceptance"]) + " (%; GRPO does not train "
+                     "the module).")
+    return "\n".join(lines)
 
 
 def render_continuous(d: dict) -> str:
@@ -532,7 +576,8 @@ def render_serve_mixed(mixed: dict) -> str:
 
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
              "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora,
-             "realshape_in_backward": render_realshape_in_backward, "lora_demo": render_lora_demo, "continuous": render_continuous, "distill": render_distill, "pipeline": render_pipeline,
+             "realshape_in_backward": render_realshape_in_backward, "lora_demo": render_lora_demo, "continuous": render_continuous,
+             "speculative": render_speculative, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -586,6 +631,8 @@ def main(argv=None) -> None:
     p.add_argument("--lora-alpha", type=float, default=32.0, help="--lora-demo's alpha")
     p.add_argument("--lora-lr", type=float, default=3e-4, help="--lora-demo's learning rate")
     p.add_argument("--continuous", action="store_true")
+    p.add_argument("--speculative", action="store_true")
+    p.add_argument("--speculative-smoke", action="store_true", help="--speculative at tiny sizes: a check, no figures")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -599,6 +646,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "readme-results")
     a = p.parse_args(argv)
+    a.speculative |= a.speculative_smoke
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
@@ -610,6 +658,7 @@ def main(argv=None) -> None:
              "realshape_in_backward": lambda: run_realshape_lora(a.workdir, REALSHAPE_IN_BACKWARD,
                                                                  "grpo_realshape_in_backward"),
              "continuous": lambda: run_continuous(a.workdir),
+             "speculative": lambda: run_speculative(a.workdir, a.speculative_smoke),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),

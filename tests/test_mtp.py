@@ -3,6 +3,7 @@ with enorm, hnorm, eh_proj, shared_head and copies of the embedding and head) lo
 leaves the main logits equal to transformers' (which skips the layer); the module's predictions equal the V3 recipe
 computed with transformers' own decoder layer; its loss in pretraining and SFT (mtp_loss)."""
 
+import dataclasses
 import json
 import math
 
@@ -266,8 +267,41 @@ def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor((len(expected) - 1) / 2.0, dtype=torch.float64), stat / 2))
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
+def _dense_pair(vocab, tmp_path, scale):
+    """A dense model and, saved in tmp_path/draft for `--speculative draft:DIR`, a noisy copy of it (a draft that
+    agrees with it often, not always)."""
+    torch.manual_seed(0)
+    model = _randomise(CausalLM(ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)),
+                       scale)
+    draft = CausalLM(model.config)
+    with torch.no_grad():
+        for mine, theirs in zip(draft.parameters(), model.parameters()):
+            mine.copy_(theirs + 0.5 * scale * torch.randn_like(theirs))
+    save_model(draft, tmp_path / "draft")
+    return model, f"draft:{tmp_path / 'draft'}"
+
+
+def test_a_draft_model_gives_the_models_greedy_tokens(tmp_path):
+    from r1lab.engine.engine import Engine
+
+    model, draft = _dense_pair(61, tmp_path, 0.3)
+    prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
+    plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    engine = Engine(model, CountingTokenizer(), speculative=draft)
+    fast = engine.generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
+    assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
+    for a, b in zip(plain, fast):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    assert all(0 < s.drafted <= 12 for s in fast)
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
+    assert engine.speculative_counts["accepted"] == sum(s.accepted for s in fast)
+    with pytest.raises(ValueError, match="vocabulary of 61 tokens, the model 62: a draft model shares"):
+        Engine(CausalLM(dataclasses.replace(model.config, vocab_size=62)), CountingTokenizer(), speculative=draft)
+
+
+@pytest.mark.parametrize("drafter, top_p", [("mtp", 1.0), ("mtp", 0.8), ("draft", 1.0)])
+def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, top_p, tmp_path):
     """A vocabulary of 5: the empirical distribution of 3 sampled tokens (125 outcomes; an accepted draft brings a
     second token in the same step, a rejected one a token from the residual) against the exact one computed from
     the model's full forward passes, by a chi-square test. The control: the same counts against the distribution
@@ -276,9 +310,9 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
     from r1lab.engine.sampling import sampling_probs
 
     V, n, T = 5, 6000, 0.9
-    model = _spec_model(V, 0.5)
+    model, speculative = _dense_pair(V, tmp_path, 0.5) if drafter == "draft" else (_spec_model(V, 0.5), "mtp")
     prompt = [1, 3, 2]
-    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    engine = Engine(model, CountingTokenizer(), speculative=speculative)
     samples = engine.generate([prompt], num_samples=n, max_new_tokens=3, temperature=T, top_p=top_p, seed=0)
     assert all(len(s.token_ids) == 3 for s in samples)
     seqs = torch.cartesian_prod(*[torch.arange(V)] * 3)  # (125, 3)
@@ -291,9 +325,11 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
         logits = model(ids)[:, len(prompt) - 1 : -1]  # (125, 3, V) the distributions of the 3 tokens
         probs = sampling_probs(logits.reshape(-1, V), T, 0, top_p).view(len(seqs), 3, V)
         exact = probs.gather(-1, seqs[:, :, None]).squeeze(-1).prod(-1)  # (125,)
-        h = model.hidden_states(ids)
-        draft_h = model.mtp_hidden_states(h, ids)[0][:, len(prompt) - 1]  # from the prompt's end and token 1
-        draft = sampling_probs(model.lm_head(draft_h), T, 0, top_p).gather(-1, seqs[:, 1:2]).squeeze(-1)
+        if drafter == "draft":  # the draft model's distribution of token 2
+            draft_logits = engine.draft(ids)[:, len(prompt)]
+        else:  # the module's, from the prompt's end and token 1
+            draft_logits = model.lm_head(model.mtp_hidden_states(model.hidden_states(ids), ids)[0][:, len(prompt) - 1])
+        draft = sampling_probs(draft_logits, T, 0, top_p).gather(-1, seqs[:, 1:2]).squeeze(-1)
     assert abs(exact.sum().item() - 1) < 1e-4
     assert chi_square_pvalue(observed, exact * n) > 1e-3
     token = probs.gather(-1, seqs[:, :, None]).squeeze(-1)  # (125, 3) each token's probability
@@ -303,8 +339,6 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(top_p):
 
 
 def test_speculative_decoding_refuses_what_it_does_not_do():
-    import dataclasses
-
     from r1lab.engine.engine import Engine
 
     model = _spec_model(11, 0.1)
@@ -313,18 +347,19 @@ def test_speculative_decoding_refuses_what_it_does_not_do():
     engine = Engine(model, CountingTokenizer(), speculative="mtp")
     with pytest.raises(ValueError, match="does not support stop_strings"):
         engine.generate([[1, 2]], max_new_tokens=4, stop_strings=("x",))
+    from r1lab.config import EvalConfig
+
+    for bad in ("draft:", "draft: ", "mtp2", "draft"):
+        with pytest.raises(ValueError, match="is not none, mtp or draft:DIR"):
+            EvalConfig(speculative=bad).check()
 
 
 def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path, capsys):
     """`r1lab eval --speculative mtp` at temperature 0 on a V3 with its MTP layer: the same figures and completions
     as without it, and the throughput reported; a model without the module, or tools, are refused."""
     from r1lab.cli import main
-    from r1lab.model.tokenizer import build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
-    model = _spec_model(tok.vocab_size, 0.3)
-    save_model(model, tmp_path / "m")
-    tok.save(tmp_path / "m")
+    _save_spec_model(tmp_path / "m")
     results = {}
     for mode in ("none", "mtp"):
         out = tmp_path / f"{mode}.json"
@@ -332,10 +367,92 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
               "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1"])
         results[mode] = json.loads(out.read_text())["test"]
     assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results["mtp"]["records"]]
-    assert results["mtp"]["tokens_per_s"] > 0
+    assert results["mtp"]["tokens_per_s"] > 0 and 0 <= results["mtp"]["acceptance"] <= 1
+    assert "acceptance" not in results["none"]
     with pytest.raises(SystemExit):
         main(["eval", "--model", str(tmp_path / "m"), "--speculative", "mtp", "--tools", "python"])
-    assert "does not run tool calls" in capsys.readouterr().err
+    assert "speculative mtp does not run with tools 'python'" in capsys.readouterr().err
+
+
+def _save_spec_model(path, mtp=True):
+    """A random V3 (with its MTP layer, or without) and the tiny tokenizer, saved as a model directory."""
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.3)
+    save_model(model if mtp else CausalLM(dataclasses.replace(model.config, mtp_depth=0)), path)
+    tok.save(path)
+    return path
+
+
+def test_sample_with_speculative_mtp_keeps_what_plain_sampling_keeps_greedy(tmp_path, capsys):
+    from r1lab.cli import main
+
+    model, rows = _save_spec_model(tmp_path / "m"), {}
+    for mode in ("none", "mtp"):
+        out = tmp_path / mode / "sft.jsonl"
+        main(["sample", "--model", str(model), "--problems", "3", "--samples", "2", "--temperature", "0",
+              "--max-new-tokens", "8", "--min-tokens", "0", "--language", "", "--speculative", mode, "--out", str(out),
+              "--threads", "1"])
+        rows[mode] = (out.read_text(), json.loads((out.parent / "sft.summary.json").read_text()))
+    assert rows["mtp"][0] == rows["none"][0]
+    assert 0 <= rows["mtp"][1].pop("speculative_acceptance") <= 1
+    assert rows["mtp"][1] == {**rows["none"][1], "out": rows["mtp"][1]["out"]}
+
+
+def test_grpo_rollouts_with_mtp_drafts_carry_the_models_own_log_probs():
+    """GRPO's sampler with speculation: greedy, the plain engine's completions; sampled, each token's recorded
+    log-prob is the one the model's own forward pass gives it (what the update's ratio is taken against)."""
+    import dataclasses
+
+    from r1lab.config import GRPOConfig
+    from r1lab.engine.engine import Engine
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+    from r1lab.rewards.tasks import get_task
+    from r1lab.train.grpo import sample_rollouts
+
+    tok = build_tiny_tokenizer()
+    model = _spec_model(tok.vocab_size, 0.3)
+    problems = get_task("arithmetic").problems("train", 3, 0)
+    greedy = GRPOConfig(samples_per_prompt=2, max_new_tokens=10, temperature=0)  # (GRPO's check wants > 0)
+    plain, fast = (sample_rollouts(Engine(model, tok, speculative=mode), problems, greedy, [1, 2, 3])
+                   for mode in ("none", "mtp"))
+    assert fast.completion_ids == plain.completion_ids and fast.texts == plain.texts
+    engine = Engine(model, tok, speculative="mtp")
+    rollouts = sample_rollouts(engine, problems, dataclasses.replace(greedy, temperature=1.0), [1, 2, 3])
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
+    for prompt, completion, recorded in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.old_logprobs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + completion]))[0, len(prompt) - 1 : -1]  # (T, V)
+        own = logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
+        assert recorded == pytest.approx(own.tolist(), abs=1e-4)
+
+
+def test_grpo_with_speculative_mtp_logs_each_steps_acceptance(tmp_path):
+    from r1lab.cli import main
+
+    model = _save_spec_model(tmp_path / "m")
+    main(["grpo", "--model", str(model), "--out", str(tmp_path / "run"), "--steps", "2", "--prompts-per-step", "2",
+          "--samples-per-prompt", "2", "--max-new-tokens", "6", "--eval-every", "0", "--save-every", "0",
+          "--speculative", "mtp", "--threads", "1", "--report-to", "none"])
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["speculative/drafted"] > 0 and 0 <= s["speculative/acceptance"] <= 1 for s in steps] == [True, True]
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--rollout-slots", "2"], "speculative mtp does not run with rollout_slots 2"),
+    (["--async-steps", "1"], "speculative mtp does not run with async_steps 1"),
+    (["--tools", "python", "--suppress-eos", "true"], "does not run with tools 'python', suppress_eos True"),
+    ([], "needs a model with a multi-token prediction module")])
+def test_grpo_refuses_speculation_it_cannot_run_with_a_clear_error(tmp_path, capsys, flags, said):
+    from r1lab.cli import main
+
+    model = _save_spec_model(tmp_path / "m", mtp=bool(flags))  # no flags: a model without the module
+    with pytest.raises(SystemExit):
+        main(["grpo", "--model", str(model), "--out", str(tmp_path / "run"), "--steps", "1", "--eval-every", "0",
+              "--max-new-tokens", "6", "--speculative", "mtp", "--threads", "1", *flags])
+    err = capsys.readouterr().err
+    assert said in err and err.startswith("r1lab grpo: error:") and "Traceback" not in err, err
 
 
 def test_sft_of_a_v3_with_its_mtp_layer_trains_it_and_logs_mtp_loss(tmp_path):

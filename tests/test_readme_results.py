@@ -90,3 +90,13 @@ def test_help_runs_without_running_anything():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--render" in done.stdout and "docs/benchmarks.md" in done.stdout
+
+
+def test_the_speculative_block_says_a_smoke_run_is_no_figure_and_renders_a_measured_one():
+    filed = json.loads((ROOT / "bench" / "results" / "speculative.json").read_text())
+    smoke = dict(filed, figures={**filed["figures"], "args": {**filed["figures"]["args"], "smoke": True}})
+    assert readme_results.render_speculative(smoke).startswith("Not measured yet")
+    measured = dict(filed, figures={**filed["figures"], "args": {**filed["figures"]["args"], "smoke": False}})
+    text = readme_results.render_speculative(measured)
+    assert "| greedy, one sample |" in text and "| GRPO's sampling: temperature 1, k = " in text
+    assert "Greedy completions with and without MTP drafts: identical" in text and "`r1lab grpo`" in text

@@ -129,6 +129,8 @@ class Tally:
     scorer_timeouts: int = 0
     tool_calls: int = 0  # with tools (r1lab/engine/tools.py): calls in every sampled completion
     tool_failures: int = 0
+    drafted: int = 0  # with speculative decoding: drafted tokens, and those the model accepted
+    accepted: int = 0
 
     @classmethod
     def merged(cls, tallies: list[Tally]) -> Tally:
@@ -144,7 +146,8 @@ class Tally:
                 "kept_share": self.kept / max(1, self.sampled), "prompts_with_kept": self.prompts_with_kept,
                 "rejected": {r: self.rejected[r] for r in REASONS}, "scorer_errors": self.scorer_errors,
                 "scorer_timeouts": self.scorer_timeouts, "tool_calls": self.tool_calls,
-                "tool_failures": self.tool_failures}
+                "tool_failures": self.tool_failures,
+                **({"speculative_acceptance": self.accepted / self.drafted} if self.drafted else {})}
 
 
 def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, system: str = "",
@@ -199,6 +202,8 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
                     seed=seeds)
     tools = rollout_turns(cfg, task, chunk, tok)
     samples = generate_with_tools(engine, prompts, tools, **sampling) if tools else engine.generate(prompts, **sampling)
+    tally.drafted += sum(s.drafted for s in samples)
+    tally.accepted += sum(s.accepted for s in samples)
     if tools:
         tally.tool_calls += sum(s.calls for s in samples)
         tally.tool_failures += sum(s.failures for s in samples)
@@ -244,7 +249,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     announce_answer_format(cfg, tokenizer, task, log)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, speculative=cfg.speculative)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}
     log(f"sample: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")

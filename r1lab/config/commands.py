@@ -115,6 +115,7 @@ class GRPOConfig(Settings, kind="GRPO"):
     rollout_threads: int = setting(0, "async_steps: CPU threads of the rollout worker, not trainer (0 = half)", ge=0)
     rollout_slots: int = setting(0, "continuous batching: rollouts running at once (0 = all of the step's)", ge=0)
     _tools = shared.Tools
+    _speculative = shared.Speculative
     tool_failure_penalty: float = setting(0.0, "tools: reward subtracted per failed call (error, timeout, limit)", ge=0)
     dtype: str = setting("float32", "bfloat16: bf16 rollouts, bf16-autocast training, float32 weights", **shared.DTYPE)
     recompute_logits: bool = shared.RECOMPUTE_LOGITS
@@ -135,7 +136,7 @@ class GRPOConfig(Settings, kind="GRPO"):
     def eval_config(self) -> "EvalConfig":
         """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
         same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",
-                "reward_timeout_s", "seed")
+                "reward_timeout_s", "seed", "speculative")
         return EvalConfig(task_options=dict(self.task_options), problems=self.eval_problems, samples=self.eval_samples,
                           temperature=self.eval_temperature, top_p=self.eval_top_p,
                           **{name: getattr(self, name) for name in same + tuple(shared.Tools.__annotations__)})
@@ -164,18 +165,11 @@ class EvalConfig(Settings, kind="eval"):
     language: str = setting("en", "the language whose share of the chain of thought is reported", rule="language")
     reward_timeout_s: float = shared.SCORING_TIMEOUT
     _tools = shared.Tools
-    speculative: str = setting("none", "mtp: speculative decoding, DeepSeek-V3's multi-token prediction module drafting "
-                                       "one token per step that the model verifies (the same distribution; greedy: "
-                                       "the same tokens); not with tools", choices=("none", "mtp"))
+    _speculative = shared.Speculative
     out: str = setting("", "JSON results; default RUN/eval.json for a run's RUN/model, else ./eval-MODEL.json")
     seed: int = setting(0, "problems are drawn with seed + 1, samples with seed", **shared.SEED_RANGE)
     _inference = shared.Inference
     dist_timeout_s: float = shared.DIST_TIMEOUT
-
-    def rules(self) -> list[str]:
-        tools = self.speculative != "none" and self.tools
-        return ([f"speculative {self.speculative} does not run tool calls (tools {self.tools})"] if tools else []) + \
-            super().rules()
 
 
 class SFTConfig(Settings, kind="SFT"):
@@ -237,6 +231,7 @@ class SampleConfig(Settings, kind="sample"):
     max_per_prompt: int = setting(0, "distinct completions kept per prompt; 0 = every distinct one", ge=0)
     reward_timeout_s: float = shared.SCORING_TIMEOUT
     _tools = shared.Tools
+    _speculative = shared.Speculative
     out: str = setting("runs/sample/sft.jsonl", "the SFT dataset (a summary and config beside it)", **shared.NONEMPTY)
     seed: int = shared.SEED
     _inference = shared.Inference

@@ -91,6 +91,23 @@ class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the s
         return []
 
 
+class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py)
+    speculative: str = setting("none", "mtp: DeepSeek-V3's multi-token prediction module drafts a token per step that "
+                                       "the model verifies (the same distribution; greedy: the same tokens; log-probs "
+                                       "are the model's); draft:DIR: a smaller model with the same tokenizer drafts",
+                               rule=lambda v: None if v in ("none", "mtp") or v.startswith("draft:") and v[6:].strip()
+                               else f"{shown(v)} is not none, mtp or draft:DIR", allowed="none, mtp or draft:DIR")
+
+    @staticmethod
+    def problems(cfg) -> list[str]:
+        # what the speculative decoder does not run: tool turns' stop strings, slots, a worker process, no end-of-text
+        asked = [f"{name} {shown(getattr(cfg, name))}" for name in ("tools", "rollout_slots", "async_steps",
+                                                                    "suppress_eos") if getattr(cfg, name, None)]
+        asked += [f"task {cfg.task}"] if str(getattr(cfg, "task", "")).split(":")[0] in ("verifiers", "openenv") else []
+        return [f"speculative {cfg.speculative} does not run with {', '.join(asked)}: leave one off"] \
+            if asked and cfg.speculative != "none" else []
+
+
 class TrainingMemory(Group):  # precision and recomputation: what a training step's memory is traded for
     dtype: str = setting("float32", "bfloat16: forwards under bf16 autocast, float32 weights (on a GPU)", **DTYPE)
     recompute_logits: bool = RECOMPUTE_LOGITS

@@ -18,8 +18,9 @@ import torch
 
 from r1lab.engine.sampling import _RowParams, sample_next
 from r1lab.engine.slots import FixedSlots, drop_finished, prefill
-from r1lab.engine.speculative import generate_mtp
+from r1lab.engine.speculative import generate_speculative
 from r1lab.engine.static_decode import StaticDecoder
+from r1lab.model.hf_format import load_model
 from r1lab.model.tokenizer import Tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
 
@@ -31,6 +32,8 @@ class Sample:
     text: str  # decoded completion, end-of-text dropped, cut right after a stop string
     logprobs: list[float]  # log-prob of each sampled token under softmax(logits / temperature)
     finish_reason: str  # "stop" (end-of-text or stop string) or "length"
+    drafted: int = 0  # speculative decoding: this sequence's drafted tokens and the accepted ones
+    accepted: int = 0
 
 
 @dataclass
@@ -62,7 +65,8 @@ StepCallback = Callable[..., "Iterable[int] | None"]  # (rows, tokens) or, with 
 DECODE_MODES = ("auto", "dynamic", "static", "graph")
 
 
-SPECULATIVE = ("none", "mtp")  # mtp: DeepSeek-V3's multi-token prediction module drafts (r1lab/engine/speculative.py)
+# mtp: DeepSeek-V3's multi-token prediction module drafts; draft:DIR: a small model of the same vocabulary does
+SPECULATIVE = ("none", "mtp", "draft:DIR")
 
 
 FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether every row is done (a device sync)
@@ -73,19 +77,40 @@ class Engine:
         """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
         "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
         graph on CUDA, dynamic elsewhere. speculative "mtp": the model's multi-token prediction module drafts a
-        token per step, verified by the model (the same distribution; r1lab/engine/speculative.py)."""
+        token per step, verified by the model (the same distribution; r1lab/engine/speculative.py); "draft:DIR": the
+        model in DIR, of the same vocabulary, drafts."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
-        if speculative not in SPECULATIVE:
-            raise ValueError(f"speculative {speculative!r} is not one of {', '.join(SPECULATIVE)}")
-        if speculative == "mtp" and not len(model.mtp):
-            raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
-                             "(DeepSeek-V3's num_nextn_predict_layers)")
+        self.draft = self._draft_model(model, speculative)
         self.model = model
         self.tokenizer = tokenizer
         self.decode = decode
         self.speculative = speculative
         self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls
+
+    def acceptance_since(self, counts: dict) -> dict:
+        """The drafts made and accepted since speculative_counts were `counts` (a copy taken before), and their
+        share: a figure of the run's logs."""
+        drafted, accepted = (self.speculative_counts[k] - counts[k] for k in ("drafted", "accepted"))
+        return {"speculative/drafted": drafted, "speculative/acceptance": accepted / max(drafted, 1)}
+
+    @staticmethod
+    def _draft_model(model: CausalLM, speculative: str) -> CausalLM | None:
+        """The draft model of draft:DIR, loaded beside the model (None for none and mtp); what cannot draft is
+        refused."""
+        if speculative == "mtp" and not len(model.mtp):
+            raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
+                             "(DeepSeek-V3's num_nextn_predict_layers)")
+        if speculative in ("none", "mtp"):
+            return None
+        directory = speculative.removeprefix("draft:")
+        if directory == speculative or not directory.strip():
+            raise ValueError(f"speculative {speculative!r} is not one of {', '.join(SPECULATIVE)}")
+        draft = load_model(directory, device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype).eval()
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"the draft model {directory} has a vocabulary of {draft.config.vocab_size} tokens, the "
+                             f"model {model.config.vocab_size}: a draft model shares the model's tokenizer")
+        return draft
 
     def _decode_mode(self) -> str:
         if self.decode == "auto":
@@ -146,13 +171,17 @@ class Engine:
                        torch.zeros(n_out, dtype=torch.bool, device=self.device),
                        torch.zeros(n_out, dtype=torch.bool, device=self.device))
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
-        if self.speculative == "mtp":
+        if self.speculative != "none":
             self._check_speculative(stop_strings, suppress_eos, on_step, max_rows)
             prompts = [p for p in prompt_ids for _ in range(num_samples)]
-            counts = generate_mtp(self.model, prompts, params, eos, self.tokenizer.pad_id, out)
-            self.speculative_counts = {k: self.speculative_counts[k] + counts[k] for k in counts}
+            counts = {k: v.tolist() for k, v in generate_speculative(self.model, prompts, params, eos,
+                                                                     self.tokenizer.pad_id, out, self.draft).items()}
+            self.speculative_counts = {k: self.speculative_counts[k] + sum(counts[k]) for k in counts}
             self.model.train(was_training)
-            return self._samples(out, num_samples, stop_strings)
+            samples = self._samples(out, num_samples, stop_strings)
+            for s, drafted, accepted in zip(samples, counts["drafted"], counts["accepted"]):
+                s.drafted, s.accepted = drafted, accepted
+            return samples
         slots = None
         if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
             batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,
@@ -195,7 +224,7 @@ class Engine:
         asked = [name for name, on in (("stop_strings", stop_strings), ("suppress_eos", suppress_eos),
                                        ("on_step", on_step is not None), ("max_rows", max_rows > 0)) if on]
         if asked:
-            raise ValueError(f"speculative decoding (mtp) does not support {', '.join(asked)}: generate without it")
+            raise ValueError(f"speculative decoding does not support {', '.join(asked)}: generate without it")
 
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
         lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()

@@ -1,4 +1,5 @@
-"""Speculative decoding with DeepSeek-V3's multi-token prediction module as the draft (`r1lab eval --speculative mtp`).
+"""Speculative decoding with DeepSeek-V3's multi-token prediction module as the draft (`--speculative mtp`), or a
+small model of the same vocabulary (`--speculative draft:DIR`).
 
 Each step the MTP module drafts one token d ~ q from the main model's last hidden state and the token just sampled;
 one forward of the main model over [last token, d] verifies it and gives the distribution after d as well. d is kept
@@ -8,7 +9,9 @@ the main model's own sampler would draw it (greedy: the same tokens). An accepte
 token too: two tokens for one forward.
 
 Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
-draft's column is hidden by the key mask, as left padding is. All rows run until the last one finishes.
+draft's column is hidden by the key mask, as left padding is. All rows run until the last one finishes. A draft
+model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
+reads the token after the model's hidden state.
 """
 
 from __future__ import annotations
@@ -32,26 +35,24 @@ class _Rows:
     draft_probs: torch.Tensor  # (B, V)
     positions: torch.Tensor  # (B,)
     key_mask: torch.Tensor  # (B, S) the main model's cache
-    draft_key_mask: torch.Tensor  # (B, S) the MTP module's cache
+    draft_key_mask: torch.Tensor  # (B, S) the drafter's cache (the MTP module's or the draft model's)
 
 
-def generate_mtp(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor, pad_id: int,
-                 out) -> dict:
+def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
+                         pad_id: int, out, draft: CausalLM | None = None) -> dict:
     """Sample completions of prompts (one output row each) with params into out (the engine's _Outputs: tokens,
-    logprobs, lengths, stopped). Returns the counts of drafted and accepted tokens."""
-    if not len(model.mtp):
-        raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
-                         "(DeepSeek-V3's num_nextn_predict_layers)")
+    logprobs, lengths, stopped), drafting with the model's MTP module or the draft model. Returns each row's counts
+    of drafted and accepted tokens, (B,) tensors."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
     probs = lambda logits: sampling_probs(logits, temperature, top_k, top_p)  # noqa: E731
     log_probs = lambda logits: logits.float().div(_log_temperature(temperature)).log_softmax(-1)  # noqa: E731
     record = _recorder(out, params, eos)
-    caches, logits, rows, prompt = _prefill(model, prompts, pad_id, 2 * params.max_steps)
+    caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, 2 * params.max_steps)
     first = draw(probs(logits), generator)
     running = record(torch.ones_like(first, dtype=torch.bool), first, _gather(log_probs(logits), first))
     rows.pending = first
-    rows.draft, rows.draft_probs = _draft(model, rows, caches, prompt, probs, generator)
-    drafted = accepted = 0
+    rows.draft, rows.draft_probs = _draft(model, draft, rows, caches, prompt, probs, generator)
+    drafted, accepted = torch.zeros_like(first), torch.zeros_like(first)
     column = rows.key_mask.shape[1]
     for _ in range(params.max_steps):
         if not bool(running.any()):
@@ -65,12 +66,12 @@ def generate_mtp(model: CausalLM, prompts: list[list[int]], params: _RowParams, 
         accept = _accept(rows.draft, rows.draft_probs, p_next, generator)
         token = torch.where(accept, rows.draft, draw(_residual(p_next, rows.draft_probs), generator))
         bonus = draw(p_after, generator)
-        drafted, accepted = drafted + int(running.sum()), accepted + int((accept & running).sum())
+        drafted, accepted = drafted + running.long(), accepted + (accept & running).long()
         running = record(running, token, _gather(log_probs(target[:, 0]), token))
         # the bonus token only after an accepted draft, in a row the first token did not end
         running = record(running & accept, bonus, _gather(log_probs(target[:, 1]), bonus)) | (running & ~accept)
         rows.key_mask[:, -1] = accept  # a rejected draft's keys are never attended
-        rows.draft, rows.draft_probs = _redraft(model, rows, caches, h, token, bonus, accept, column, probs,
+        rows.draft, rows.draft_probs = _redraft(model, draft, rows, caches, h, token, bonus, accept, column, probs,
                                                 generator)
         rows.pending = torch.where(accept, bonus, token)
         rows.positions = rows.positions + 1 + accept.long()
@@ -107,9 +108,9 @@ def _gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _prefill(model: CausalLM, prompts, pad_id: int, extra: int):
+def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, extra: int):
     """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
-    ids, positions and hidden states for the module's prefill)."""
+    ids, positions and hidden states for the drafter's prefill)."""
     P = max(len(p) for p in prompts)
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
@@ -117,32 +118,43 @@ def _prefill(model: CausalLM, prompts, pad_id: int, extra: int):
     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
     one_layer = dataclasses.replace(model.config, num_hidden_layers=1, mtp_depth=0)
     caches = (KVCache(model.config, len(prompts), P + extra, dtype, device),
-              KVCache(one_layer, len(prompts), P + extra, dtype, device))
+              KVCache(draft.config if draft else one_layer, len(prompts), P + extra + 1, dtype, device))
     h = model.hidden_states(ids, None, positions, caches[0], 0, key_mask)  # (B, P, D)
     rows = _Rows(pending=ids[:, -1], draft=ids[:, -1], draft_probs=torch.empty(0), positions=positions[:, -1] + 1,
                  key_mask=key_mask, draft_key_mask=key_mask.clone())
     return caches, model.lm_head(h[:, -1]), rows, (ids, positions, h)
 
 
-def _draft(model: CausalLM, rows: _Rows, caches, prompt, probs, generator):
-    """The module's prefill: each prompt position i with the token after it (the prompt's, then the first sampled
-    one) into its cache; the draft after the first token comes from the last position."""
+def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt, probs, generator):
+    """The drafter's prefill: the module reads each prompt position i with the token after it (the prompt's, then
+    the first sampled one), a draft model the prompt and the first token; the draft after the first token comes
+    from the last position."""
     ids, positions, h = prompt
-    next_ids = torch.cat([ids[:, 1:], rows.pending[:, None]], 1)  # (B, P)
-    out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask)
-    q = probs(model.lm_head(out[:, -1]))
+    if draft is None:
+        next_ids = torch.cat([ids[:, 1:], rows.pending[:, None]], 1)  # (B, P)
+        out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask)
+    else:
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[:, :1])], 1)
+        out = draft.hidden_states(torch.cat([ids, rows.pending[:, None]], 1), None,
+                                  torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0, rows.draft_key_mask)
+    q = probs((draft or model).lm_head(out[:, -1]))
     return draw(q, generator), q
 
 
-def _redraft(model: CausalLM, rows: _Rows, caches, h, token, bonus, accept, column: int, probs, generator):
-    """The module over this step's two positions: (pending's hidden state, the token after it) and, when the draft
-    was accepted, (the draft's hidden state, the bonus token); the next draft follows the last real one."""
+def _redraft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, h, token, bonus, accept, column: int,
+             probs, generator):
+    """The drafter over this step's two new tokens: the module reads (pending's hidden state, the token after it)
+    and, when the draft was accepted, (the draft's hidden state, the bonus token), a draft model the token and the
+    bonus at their own positions; the next draft follows the last real one."""
     rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(h[:, :, 0], dtype=torch.bool)], 1)
     rows.draft_key_mask[:, -1] = accept
-    positions = torch.stack([rows.positions, rows.positions + 1], 1)
-    out = model.mtp_draft_hidden(h, torch.stack([token, bonus], 1), positions, caches[1], column, rows.draft_key_mask)
+    positions, tokens = torch.stack([rows.positions, rows.positions + 1], 1), torch.stack([token, bonus], 1)
+    if draft is None:
+        out = model.mtp_draft_hidden(h, tokens, positions, caches[1], column, rows.draft_key_mask)
+    else:
+        out = draft.hidden_states(tokens, None, positions + 1, caches[1], column + 1, rows.draft_key_mask)
     last = torch.where(accept[:, None], out[:, 1], out[:, 0])  # (B, D)
-    q = probs(model.lm_head(last))
+    q = probs((draft or model).lm_head(last))
     return draw(q, generator), q
 
 

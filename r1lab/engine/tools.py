@@ -72,6 +72,8 @@ class ToolSample:
     text: str  # the completion as the model saw it, tool outputs included (end-of-text dropped)
     logprobs: list[float]  # the sampling log-prob of each model token; 0.0 on tool-output tokens (never used)
     finish_reason: str  # "stop", "length" (max_new_tokens reached, tool outputs included) or "tool_limit"
+    drafted: int = 0  # Sample's, for readers of either (no speculative decoding with tools)
+    accepted: int = 0
     model_mask: list[bool] = field(default_factory=list)  # True on the model's tokens, False on tool output
     calls: int = 0  # tool blocks the model closed
     failures: int = 0  # calls that raised, timed out, exceeded a limit or had no opening tag

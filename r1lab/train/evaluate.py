@@ -82,6 +82,7 @@ class EvalResult:
     tool_calls: float | None = None  # with tools: calls per sample
     tool_failure_rate: float | None = None  # with tools: the share of calls that failed
     tokens_per_s: float | None = None  # completion tokens generated per second of generation (summed over ranks)
+    acceptance: float | None = None  # speculative decoding: the share of drafted tokens accepted
 
     @property
     def pass_at_1(self) -> float:
@@ -96,6 +97,8 @@ class EvalResult:
             out.update(tool_calls=self.tool_calls, tool_failure_rate=self.tool_failure_rate)
         if self.tokens_per_s is not None:
             out.update(tokens_per_s=self.tokens_per_s)
+        if self.acceptance is not None:
+            out.update(acceptance=self.acceptance)
         if include_records:
             out["records"] = self.records
         return out
@@ -178,6 +181,7 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
         raise ValueError(f"k and batch_prompts must be >= 1 (got k={k}, batch_prompts={batch_prompts})")
     records: list[dict] = []
     generated, generation_s = 0, 0.0
+    drafts = dict(getattr(engine, "speculative_counts", {}))  # an engine's counts before (tests pass fakes)
     mine = world.share(len(problems))
     for start in range(mine.start, mine.stop, batch_prompts):
         indices = range(start, min(start + batch_prompts, mine.stop))
@@ -202,6 +206,9 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
     result = summarise(world.concat(records), k)
     # each rank's throughput, summed: the ranks generate at the same time
     result.tokens_per_s = world.sum([generated / generation_s if generation_s > 0 else 0.0])[0]
+    if getattr(engine, "speculative", "none") != "none":
+        drafted, accepted = world.sum([engine.speculative_counts[k] - drafts[k] for k in ("drafted", "accepted")])
+        result.acceptance = accepted / max(drafted, 1)
     return result
 
 

@@ -94,7 +94,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     start = resume_run(run, cfg, model, optimizer, log, world)
     if start:
         sync_rollout_policy(rollout, model)  # the resumed weights
-    engine = Engine(rollout, tokenizer)
+    engine = Engine(rollout, tokenizer, speculative=cfg.speculative)
     if world.main:
         save_run_config(run, cfg, start)
     log(f"grpo: {describe_prompts(tokenizer, stream.batch(start)[0], cfg.template, cfg.prefill, cfg.system)}")
@@ -172,6 +172,7 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     set_lr(optimizer, constant_lr(step, cfg.lr, cfg.warmup_steps))
     problems, mine = stream.batch(step), world.share(cfg.prompts_per_step)  # this rank's share: whole groups
     seeds = [prompt_seed(cfg.seed, step, i) for i in mine]  # per prompt, not per rank: N ranks draw what one would
+    drafts = dict(engine.speculative_counts)
     with moe.count_loads(engine.model) as rollout_loads:  # MoE models: expert loads of the rollout's forward passes
         local = source.take(step) if source else sample_rollouts(engine, problems[mine.start : mine.stop], cfg, seeds,
                                                                  task)
@@ -204,6 +205,8 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     metrics.update({"lr": optimizer.param_groups[0]["lr"], "step_time_s": elapsed,
                     "rollout_time_s": clock.seconds["rollout"], "tokens_per_s": metrics["completion_tokens"] / elapsed,
                     **clock.metrics(), **moe.load_metrics(rollout_loads, "moe/rollout_")})
+    if cfg.speculative != "none":  # this rank's rollouts: the share of drafts the policy accepted
+        metrics.update(engine.acceptance_since(drafts))
     if health is not None:
         metrics.update(health.check(step + 1, metrics, before, after, optimizer.param_groups[0]["lr"]))
     if cfg.samples_every and step % cfg.samples_every == 0:

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Speculative decoding with DeepSeek-V3's MTP module: the tiny V3 demo base's tokens/s with and without MTP drafts.
+
+The base: `r1lab pretrain --arch deepseek-v3 --mtp-depth 1`, the V3 demo's base (600 steps) with its multi-token
+prediction module trained beside it (reused from WORKDIR/base when it was built with the same steps). Then, each side
+a fresh process, `--speculative none` and `--speculative mtp` alternating, `--repeats` times:
+
+* `r1lab eval` of the base on the same held-out problems in three modes: greedy (temperature 0, one sample),
+  sampled (the demo's evaluation: temperature 0.6, top-p 0.95, k samples) and rollout (GRPO's sampling: temperature
+  1, k samples). Reported: eval's generation tokens_per_s (median), its acceptance, and held-out pass@1 of both
+  sides (greedy: the same completions, checked, a difference exits 1; sampled: other draws of the same
+  distribution);
+* `r1lab grpo` from the base with the demo's preset (16 prompts x 8 samples, 64 tokens) for `--grpo-steps` steps:
+  rollout tokens/s (completion tokens over the rollout phase's seconds, the first step left out as warm-up) and
+  the acceptance of each step (GRPO does not train the module: it falls as the policy moves).
+
+    python bench/speculative.py --wait-quiet 120 --json runs/speculative/figures.json
+    python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
+
+Run it on an otherwise quiet machine: a neighbour's load moves the figures (each side's "other procs" is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+SIDES = ("none", "mtp")
+MODES = {"greedy": dict(temperature=0.0, top_p=1.0, one_sample=True),
+         "sampled": dict(temperature=0.6, top_p=0.95, one_sample=False),
+         "rollout": dict(temperature=1.0, top_p=1.0, one_sample=False)}
+SMOKE = dict(pretrain_steps=20, problems=4, samples=2, grpo_steps=2, repeats=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", type=Path, default=common.REPO_ROOT / "runs" / "speculative")
+    p.add_argument("--pretrain-steps", type=int, default=600, help="the base's pretraining steps (the demo's 600)")
+    p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
+    p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
+    p.add_argument("--grpo-steps", type=int, default=10, help="GRPO steps per side (0: no GRPO part)")
+    p.add_argument("--repeats", type=int, default=3, help="evaluations per side and mode, sides alternating")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads of every child")
+    p.add_argument("--wait-quiet", type=float, default=0, help="before each side, wait up to S s for an idle CPU")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (" + ", ".join(f"{k} {v}" for k, v in
+                                                                                 SMOKE.items()) + "): a check only")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    a = p.parse_args(argv)
+    if a.smoke:
+        vars(a).update(SMOKE)
+    return a
+
+
+def r1lab(*args) -> list[str]:
+    return [sys.executable, "-m", "r1lab", *map(str, args)]
+
+
+def build_base(a, env: dict) -> Path:
+    """The tiny V3 base with its MTP module, pretrained once per workdir and steps."""
+    base = a.workdir / f"base-{a.pretrain_steps}"
+    info = {"pretrain_steps": a.pretrain_steps, "mtp_depth": 1}
+    if common.cached_model_info(base / "model", lambda found: found == info, "{info}, not " + str(info)):
+        return base / "model"
+    proc = common.run_child(r1lab("pretrain", "--arch", "deepseek-v3", "--mtp-depth", 1, "--steps", a.pretrain_steps,
+                                  "--out", base, "--seed", common.SEED, "--threads", a.threads),
+                            env, a.workdir / "pretrain.log")
+    if proc["rc"]:
+        sys.exit(f"ERROR: pretraining failed; see {a.workdir / 'pretrain.log'}")
+    common.write_model_info(base / "model", info)
+    return base / "model"
+
+
+def evaluate(a, env: dict, model: Path, mode: str, side: str, repeat: int) -> dict:
+    """One `r1lab eval` child: its figures, completions and the child's own measurements."""
+    m, out = MODES[mode], a.workdir / f"eval-{mode}-{side}-{repeat}.json"
+    cmd = r1lab("eval", "--model", model, "--problems", a.problems, "--samples", 1 if m["one_sample"] else a.samples,
+                "--temperature", m["temperature"], "--top-p", m["top_p"], "--max-new-tokens", a.max_new_tokens,
+                "--speculative", side, "--seed", common.SEED, "--threads", a.threads, "--out", out)
+    figures, proc = common.run_for_result(cmd, env, out.with_suffix(".log"), out, f"eval ({mode}, {side})")
+    test = figures["test"]
+    return {"tokens_per_s": test["tokens_per_s"], "acceptance": test.get("acceptance"), "pass@1": test["pass@1"],
+            "completions": [s["completion"] for r in test["records"] for s in r["samples"]],
+            "foreign_cores": proc["foreign_cores"]}
+
+
+def grpo(a, env: dict, model: Path, side: str) -> dict:
+    """`r1lab grpo` with the demo's preset from the base: rollout tokens/s after the first step, acceptance per step."""
+    from r1lab.commands.stages import tiny_grpo_config
+    from r1lab.config import save_config
+
+    run = a.workdir / f"grpo-{side}"
+    cfg = tiny_grpo_config(model, run, a.grpo_steps, eval_every=0, save_every=0, samples_every=0, report_to="none",
+                           speculative=side, seed=common.SEED, threads=a.threads)
+    save_config(cfg, run.with_suffix(".yaml"))
+    (run / "metrics.jsonl").unlink(missing_ok=True)
+    proc = common.run_child(r1lab("grpo", "--config", run.with_suffix(".yaml")), env, run.with_suffix(".log"))
+    if proc["rc"]:
+        sys.exit(f"ERROR: the GRPO run ({side}) failed; see {run.with_suffix('.log')}")
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = steps[1:] or steps
+    return {"rollout_tokens_per_s": sum(s["completion_tokens"] for s in timed) / sum(s["rollout_time_s"] for s in timed),
+            "acceptance": [s.get("speculative/acceptance") for s in steps], "foreign_cores": proc["foreign_cores"]}
+
+
+def measure(a, env: dict, model: Path) -> dict:
+    runs = {mode: {side: [] for side in SIDES} for mode in MODES}
+    for repeat in range(a.repeats):
+        for mode in MODES:
+            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:  # alternating: a drift in load hits both
+                if a.wait_quiet:
+                    common.wait_until_quiet(a.wait_quiet)
+                runs[mode][side].append(evaluate(a, env, model, mode, side, repeat))
+    figures = {}
+    for mode, sides in runs.items():
+        rate = {side: common.median([r["tokens_per_s"] for r in sides[side]]) for side in SIDES}
+        figures[mode] = {"tokens_per_s": rate, "speedup": rate["mtp"] / rate["none"],
+                         "acceptance": common.median([r["acceptance"] for r in sides["mtp"]]),
+                         "pass@1": {side: sides[side][0]["pass@1"] for side in SIDES},
+                         # sampled: other draws of the same distribution, so only greedy's are compared
+                         "same_completions": all(r["completions"] == sides["none"][0]["completions"]
+                                                 for side in SIDES for r in sides[side]) if mode == "greedy" else None,
+                         "runs_tokens_per_s": {side: [r["tokens_per_s"] for r in sides[side]] for side in SIDES},
+                         "foreign_cores_max": max(r["foreign_cores"] or 0.0 for s in SIDES for r in sides[s])}
+    if a.grpo_steps:
+        figures["grpo"] = {side: grpo(a, env, model, side) for side in SIDES}
+        rates = [figures["grpo"][side]["rollout_tokens_per_s"] for side in SIDES]
+        figures["grpo"]["speedup"] = rates[1] / rates[0]
+    return figures
+
+
+def report(figures: dict) -> None:
+    rows = [[mode, f"{f['tokens_per_s']['none']:,.0f}", f"{f['tokens_per_s']['mtp']:,.0f}", f"{f['speedup']:.2f}x",
+             f"{f['acceptance']:.1%}", f"{f['pass@1']['none']:.1%} / {f['pass@1']['mtp']:.1%}",
+             {True: "yes", False: "NO", None: "-"}[f["same_completions"]], f"{f['foreign_cores_max']:.2f}"]
+            for mode, f in figures.items() if mode in MODES]
+    common.print_table(["eval", "tokens/s none", "tokens/s mtp", "speedup", "acceptance", "pass@1 none / mtp",
+                        "same completions", "other procs (cores)"], rows)
+    if "grpo" in figures:
+        g = figures["grpo"]
+        kept = [f"{x:.0%}" for x in g["mtp"]["acceptance"]]
+        print(f"GRPO rollouts: {g['none']['rollout_tokens_per_s']:,.0f} -> {g['mtp']['rollout_tokens_per_s']:,.0f} "
+              f"tokens/s ({g['speedup']:.2f}x); acceptance per step: {' '.join(kept)}")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    a.workdir = common.make_workdir(a.workdir, "speculative-")
+    env = common.with_repo_on_path(common.child_env(a.threads))
+    model = build_base(a, env)
+    figures = measure(a, env, model)
+    report(figures)
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in ("json", "workdir")}
+    common.write_figures(a.json, {"args": args, "versions": common.versions(), **figures})
+    if not figures["greedy"]["same_completions"]:
+        print("FAIL: greedy decoding with MTP drafts gave other completions than without", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
