@@ -56,7 +56,7 @@ class Inference(Group):  # where a model that only generates runs
 
 
 class TaskChoice(Group):
-    task: str = setting("arithmetic", "a built-in task name, a data file, or an environment (verifiers:ENV)", rule="task")
+    task: str = setting("arithmetic", "a built-in task, a data file, or an environment (verifiers:ENV)", rule="task")
     task_options: dict = setting({}, "the task's options (a YAML mapping)")
 
 
