@@ -66,29 +66,30 @@ class _Tally:
             return 0.0
         return value
 
-    def record(self, spec: str, outcome: Outcome) -> float:
-        """The reward of one user-function call run in a worker (r1lab/rewards/user_functions.py), failures counted."""
+    def record(self, spec: str, outcome: Outcome, what: str = "reward function") -> float:
+        """The reward of one user-function call run in a worker (r1lab/rewards/user_functions.py) or of an
+        environment's episode, failures counted."""
         kind, value = outcome
         if kind == "ok":
             return value
         if kind == "timeout":
             self.timeouts += 1
-            _warn_once(spec, "timeout", f"ran past the {self.timeout_s:g} s timeout")
+            _warn_once(f"{what} {spec}", "timeout", value or f"ran past the {self.timeout_s:g} s timeout")
         else:
             self.errors += 1
-            _warn_once(spec, "error", value)
+            _warn_once(f"{what} {spec}", "error", value)
         return 0.0
 
 
 _WARNED: set[tuple[str, str]] = set()
 
 
-def _warn_once(spec: str, kind: str, reason: str) -> None:
+def _warn_once(source: str, kind: str, reason: str) -> None:
     """Counters say how often a function fails; one message per function and kind says why, without a flood."""
-    if (spec, kind) not in _WARNED:
-        _WARNED.add((spec, kind))
-        warnings.warn(f"reward function {spec}: {reason}; it scores 0 and is counted in scorer_{kind}s "
-                      f"(reported once)", RuntimeWarning)
+    if (source, kind) not in _WARNED:
+        _WARNED.add((source, kind))
+        warnings.warn(f"{source}: {reason}; it scores 0 and is counted in scorer_{kind}s (reported once)",
+                      RuntimeWarning)
 
 
 def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _Tally) -> float:
@@ -110,6 +111,27 @@ def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: li
     return {spec: [tally.record(spec, o) for o in outcomes[spec]] for spec, _ in weights.functions}
 
 
+def _environment_rewards(task: Task, problems: Sequence[Problem], texts: list[str],
+                         tally: _Tally) -> tuple[list[float], dict[str, list[float]]]:
+    """An environment's (r1lab/rewards/environments) rewards of single-turn conversations: each one's 'reward' and
+    its other components by name; an environment that fails or times out gives that conversation 0, counted."""
+    outcomes = []
+    for i, text in enumerate(texts):
+        problem = problems[i] if i < len(problems) else None
+        prompt = (problem.messages or [{"role": "user", "content": problem.prompt}]) if problem else []
+        try:
+            got = {k: float(v) for k, v in task.rewards(problem, [*prompt, {"role": "assistant", "content": text}]).items()}
+            if any(v != v for v in got.values()):  # NaN would poison the group's advantage statistics
+                raise ValueError("a reward is NaN")
+            outcomes.append(got)
+        except Exception as err:  # the environment's failure costs this conversation its reward, never the run
+            kind = "timeout" if isinstance(err, TimeoutError) else "error"
+            tally.record(task.name, (kind, f"{type(err).__name__}: {err}"), "environment")
+            outcomes.append({})
+    names = sorted({name for got in outcomes for name in got} - {"reward"})
+    return [got.get("reward", 0.0) for got in outcomes], {n: [got.get(n, 0.0) for got in outcomes] for n in names}
+
+
 def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
                       weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
                       response_prefix: str = "", answer_format: str = "tags") -> RewardResult:
@@ -121,6 +143,7 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
     as answer_format says (r1lab/rewards/answers.py).
     """
     tally = _Tally(timeout_s)
+    environment = hasattr(task, "rewards")  # it scores the conversation itself: its reward stands for accuracy
     prefix = response_prefix if isinstance(response_prefix, str) else ""
     fmt_name, code = check_answer_format(answer_format), getattr(task, "answers_are_code", False)
     acc, fmt, lang, texts, answers = [], [], [], [], []
@@ -130,18 +153,20 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
         answer = extract_answer(text, fmt_name, code)
         problem = problems[i] if i < len(problems) else None
         answers.append(answer)
-        acc.append(_accuracy(task, problem, answer, tally))
+        acc.append(0.0 if environment else _accuracy(task, problem, answer, tally))
         fmt.append(tally.run(lambda: format_reward(text, fmt_name, code)))
         if weights.language:
             lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
     custom = _user_rewards(weights, problems, texts, tally)
+    acc, by_name = _environment_rewards(task, problems, texts, tally) if environment else (acc, {})
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
-    components = {"accuracy": acc, "format": fmt}
+    components = {"accuracy": acc, "format": fmt, **by_name}
     if weights.language:
         total = [t + weights.language * g for t, g in zip(total, lang)]
         components["language"] = lang
     for spec, weight in weights.functions:
         total = [t + weight * v for t, v in zip(total, custom[spec])]
         components[component_name(spec)] = custom[spec]
-    return RewardResult(total=total, components=components, correct=[a == 1.0 for a in acc], answers=answers,
+    correct = [a > 0 if environment else a == 1.0 for a in acc]  # an environment's reward may be any size
+    return RewardResult(total=total, components=components, correct=correct, answers=answers,
                         errors=tally.errors, timeouts=tally.timeouts)

@@ -24,10 +24,13 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def get_task(spec: str, **options: Any) -> Task:
-    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
+    """A generator task by name ("arithmetic", "countdown"), an environment (openenv:ENV), or a DatasetTask for a .jsonl/.json/.parquet path, a
     `datasets` save_to_disk directory or a hub dataset name (owner/name)."""
     if spec in TASKS:
         return TASKS[spec](**options)
+    if spec.startswith("openenv:"):  # an OpenEnv environment (r1lab/rewards/environments/openenv_env.py)
+        from r1lab.rewards.environments.openenv_env import OpenEnvTask
+        return OpenEnvTask(spec.removeprefix("openenv:"), **options)
     if is_data_source(spec):
         return DatasetTask(spec, **options)
     raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, a data file path ending in "
