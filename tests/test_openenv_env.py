@@ -154,6 +154,30 @@ def test_without_openenv_the_task_is_refused_with_what_to_install(monkeypatch, c
     assert err[1].startswith("  task: --task openenv:... needs the openenv package: pip install 'r1lab[openenv]'")
 
 
+class ScriptedEnvironment:
+    """An environment whose rewards are written per completion: the scoring path of every environment standard."""
+    name, max_turns = "scripted", 1
+
+    def rewards(self, problem, messages):
+        assert messages[0] == {"role": "user", "content": problem.prompt} and messages[-1]["role"] == "assistant"
+        outcome = {"right": {"reward": 2.0, "judge": 1.0}, "wrong": {"reward": 0.0, "judge": 0.0},
+                   "nan": {"reward": float("nan")}, "inf": {"reward": 1.0, "judge": float("inf")}}
+        if messages[-1]["content"] == "slow":
+            raise TimeoutError("no reply")
+        return outcome[messages[-1]["content"]]  # KeyError for anything else: a failing environment
+
+
+def test_an_environment_reward_stands_for_accuracy_and_its_failures_are_counted():
+    from r1lab.rewards.tasks import Problem
+
+    with pytest.warns(RuntimeWarning, match="environment scripted: "):
+        result = score_completions(ScriptedEnvironment(), [Problem("p", "")] * 6,
+                                   ["right", "wrong", "nan", "inf", "slow", "crash"], RewardWeights(accuracy=0.5))
+    assert result.components["accuracy"] == [2.0, 0, 0, 0, 0, 0] and result.components["judge"] == [1.0, 0, 0, 0, 0, 0]
+    assert result.components["format"] == [0.0] * 6 and result.total == [1.0, 0, 0, 0, 0, 0]
+    assert result.correct == [True] + [False] * 5 and (result.errors, result.timeouts) == (3, 1)
+
+
 @needs_openenv
 def test_problems_come_from_reset_and_the_reward_from_step(served):
     task = get_task(f"openenv:{served}")

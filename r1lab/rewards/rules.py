@@ -8,6 +8,7 @@ a scorer that raises or hangs costs that one completion its reward instead of ki
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -121,8 +122,8 @@ def _environment_rewards(task: Task, problems: Sequence[Problem], texts: list[st
         prompt = (problem.messages or [{"role": "user", "content": problem.prompt}]) if problem else []
         try:
             got = {k: float(v) for k, v in task.rewards(problem, [*prompt, {"role": "assistant", "content": text}]).items()}
-            if any(v != v for v in got.values()):  # NaN would poison the group's advantage statistics
-                raise ValueError("a reward is NaN")
+            if not all(map(math.isfinite, got.values())):  # would poison the group's advantage statistics
+                raise ValueError(f"a reward is not a finite number: {got}")
             outcomes.append(got)
         except Exception as err:  # the environment's failure costs this conversation its reward, never the run
             kind = "timeout" if isinstance(err, TimeoutError) else "error"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from r1lab.rewards.environments.openenv_env import OpenEnvTask
 from r1lab.rewards.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask
 from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.tasks.code import CodeFileTask, CodeTask, code_task
@@ -29,7 +30,6 @@ def get_task(spec: str, **options: Any) -> Task:
     if spec in TASKS:
         return TASKS[spec](**options)
     if spec.startswith("openenv:"):  # an OpenEnv environment (r1lab/rewards/environments/openenv_env.py)
-        from r1lab.rewards.environments.openenv_env import OpenEnvTask
         return OpenEnvTask(spec.removeprefix("openenv:"), **options)
     if is_data_source(spec):
         return DatasetTask(spec, **options)
