@@ -154,6 +154,14 @@ def test_without_openenv_the_task_is_refused_with_what_to_install(monkeypatch, c
     assert err[1].startswith("  task: --task openenv:... needs the openenv package: pip install 'r1lab[openenv]'")
 
 
+@pytest.mark.parametrize("first", ["r1lab.rewards.environments", "r1lab.rewards.environments.openenv_env"])
+def test_the_environments_import_first_or_through_the_tasks(first):
+    """tasks import the OpenEnv task, which imports the environments package, which imports tasks.base: each order
+    a program may take works (the child server imports the adapter first)."""
+    subprocess.run([sys.executable, "-c", f"import {first}; from r1lab.rewards.tasks import get_task"], cwd=ROOT,
+                   check=True)
+
+
 class ScriptedEnvironment:
     """An environment whose rewards are written per completion: the scoring path of every environment standard."""
     name, max_turns = "scripted", 1

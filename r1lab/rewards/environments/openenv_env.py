@@ -31,7 +31,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from r1lab.rewards.environments import EnvReply
+import r1lab.rewards.environments as environments  # a module, not its names: the package imports tasks, which import this
 from r1lab.rewards.tasks.base import Problem
 
 PREFIX = "openenv:"
@@ -95,12 +95,12 @@ class OpenEnvTask:
             value = json.dumps({k: v for k, v in observation.items() if k != "metadata"}, ensure_ascii=False)
         return Problem(str(value), "", {"seed": seed})
 
-    def reply(self, problem: Problem, messages: list[dict]) -> EnvReply:
+    def reply(self, problem: Problem, messages: list[dict]) -> environments.EnvReply:
         """The step of the last policy turn: its observation as the next user turn, its reward, done."""
         episode = self._advance(problem, messages)
         self._open.setdefault((episode.seed, episode.turns), []).append(episode)
         text = self._problem(episode.observation, episode.seed).prompt
-        return EnvReply([{"role": "user", "content": text}], episode.done, {"openenv": episode.reward})
+        return environments.EnvReply([{"role": "user", "content": text}], episode.done, {"openenv": episode.reward})
 
     def rewards(self, problem: Problem, messages: list[dict]) -> dict[str, float]:
         """The episode's reward: the steps' rewards summed (turns not stepped yet are stepped now)."""
