@@ -38,12 +38,13 @@ test-torchrun: setup
 	$(PY) -m pytest tests -m torchrun
 
 # OpenEnv environments (tests/test_openenv_env.py) in a venv of their own: openenv cannot be installed beside verifiers
-# (verifiers pins mcp 2.0, openenv's fastmcp needs mcp < 2); torch comes from the same wheel, the rest from pip's cache
+# (verifiers pins mcp 2.0, openenv's fastmcp needs mcp < 2). torch as for .venv; the rest by uv, whose cache makes a
+# rebuild take seconds where pip takes minutes (openenv brings gradio, fastmcp and their ~150 dependencies)
 OPENENV_VENV := .venv-openenv
 $(OPENENV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OPENENV_VENV)
-	$(OPENENV_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(OPENENV_VENV)/bin/python -m pip install -q -e ".[openenv]" "pytest>=8"
+	$(OPENENV_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" uv
+	$(OPENENV_VENV)/bin/python -m uv pip install -q --python $(OPENENV_VENV)/bin/python -e ".[openenv]" "pytest>=8"
 	touch $@
 
 test-openenv: $(OPENENV_VENV)/.installed

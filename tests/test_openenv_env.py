@@ -197,6 +197,7 @@ def test_problems_come_from_reset_and_the_reward_from_step(served):
         assert p.prompt == f"Say the number {p.meta['seed'] % 10}."
     right, wrong = str(train[0].meta["seed"] % 10), "I do not know"
     assert task.rewards(train[0], conversation(train[0], right)) == {"reward": 1.0, "openenv": 1.0}
+    assert task.score(train[0], right) == 1.0 and task.score(train[0], wrong) == 0.0
     # each sample of a group plays its own episode from the same seed, whatever was played before
     result = score_completions(task, [train[0]] * 3, [wrong, right, right], RewardWeights(format=0.0))
     assert result.components["openenv"] == [0.0, 1.0, 1.0] == result.total == result.components["accuracy"]

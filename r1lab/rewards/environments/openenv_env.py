@@ -109,7 +109,9 @@ class OpenEnvTask:
         return {"reward": episode.total, "openenv": episode.total}
 
     def score(self, problem: Problem, answer: str) -> float:
-        return self.rewards(problem, [{"role": "assistant", "content": answer}])["reward"]
+        """The Task protocol's scorer: the answer as the one policy turn."""
+        prompt = problem.messages or [{"role": "user", "content": problem.prompt}]
+        return self.rewards(problem, [*prompt, {"role": "assistant", "content": answer}])["reward"]
 
     def canonical(self, answer: str) -> str:
         return answer.strip()
