@@ -242,6 +242,27 @@ def test_a_server_r1lab_starts_is_stopped_with_the_task(env_module):
 
 
 @needs_openenv
+def test_the_server_ends_with_a_run_that_is_killed(env_module):
+    run = subprocess.Popen([sys.executable, "-c", "from r1lab.rewards.tasks import get_task; import time; "
+                            "t = get_task('openenv:r1lab_test_envs:SayNumber'); print(t.server.process.pid, flush=True); "
+                            "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    server = int(run.stdout.readline())
+    run.kill()  # SIGKILL: no atexit, no finalizer
+    run.wait()
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{server}").exists() and "zombie" not in _status(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{server}").exists() or "zombie" in _status(server)
+
+
+def _status(pid):
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "gone"
+
+
+@needs_openenv
 def test_a_multi_step_environment_answers_each_turn(env_module):
     task = get_task("openenv:r1lab_test_envs:Count", max_turns=3)
     problem = task.problems("train", 1, 0)[0]

@@ -187,7 +187,8 @@ class _LocalServer:
         self.url, log = f"http://127.0.0.1:{sock.getsockname()[1]}", tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
         self.process = subprocess.Popen([sys.executable, "-m", __name__, spec, str(sock.fileno())],
-                                        pass_fds=[sock.fileno()], stdout=log, stderr=log, env=env)
+                                        pass_fds=[sock.fileno()], stdin=subprocess.PIPE, stdout=log, stderr=log,
+                                        env=env)
         sock.close()
         weakref.finalize(self, _stop, self.process)
         deadline = time.monotonic() + max(timeout_s, 60.0)
@@ -233,6 +234,10 @@ def _app(spec: str) -> Any:
 
 
 if __name__ == "__main__":  # the child _LocalServer starts: python -m ... SPEC FD
+    import threading
+
     import uvicorn
 
+    # stdin is a pipe no one writes to: it closes when the parent ends, even by SIGKILL, and the server with it
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
     uvicorn.run(_app(sys.argv[1]), fd=int(sys.argv[2]), log_level="warning")
