@@ -223,6 +223,8 @@ def test_a_server_that_is_gone_costs_rewards_not_the_run(env_module):
     task.server.process.wait()
     result = score_completions(task, problems, ["1", "2"], RewardWeights(format=0.0))
     assert result.total == [0.0, 0.0] and result.errors + result.timeouts == 2
+    with pytest.warns(UserWarning, match="a reset failed"), pytest.raises(RuntimeError, match="3 resets failed"):
+        task.problems("train", 2, 1)  # no prompt can be drawn from a server that is gone
 
 
 @needs_openenv

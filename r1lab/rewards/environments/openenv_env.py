@@ -27,6 +27,7 @@ import tempfile
 import time
 import typing
 import urllib.request
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,17 +75,22 @@ class OpenEnvTask:
         self._open: dict[tuple, list[_Episode]] = {}  # (seed, turns) -> episodes waiting for the next policy turn
 
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
-        """n resets with distinct seeds: even for train, odd for test, so the two splits never share an episode."""
-        rng, seeds = random.Random(f"{split}/{seed}"), []
-        while len(seeds) < n:
+        """n resets with distinct seeds: even for train, odd for test, so the two splits never share an episode. A
+        reset that fails is replaced by another seed's; n failures in one draw mean the server is broken."""
+        rng, problems, failures = random.Random(f"{split}/{seed}"), {}, 0
+        while len(problems) < n:
             s = 2 * rng.randrange(2**30) + (split == "test")
-            seeds += [s] if s not in seeds else []
-        problems = []
-        for s in seeds:
-            episode = self._start(s)
+            try:
+                episode = self._start(s)
+            except Exception as err:
+                failures += 1
+                warnings.warn(f"{self.name}: a reset failed ({type(err).__name__}: {err}); another seed is drawn")
+                if failures >= max(n, 3):
+                    raise RuntimeError(f"{self.name}: {failures} resets failed, the last: {err}") from None
+                continue
             self._idle.append(episode.client)
-            problems.append(self._problem(episode.observation, s))
-        return problems
+            problems[s] = self._problem(episode.observation, s)
+        return list(problems.values())
 
     def _problem(self, observation: dict, seed: int) -> Problem:
         value = observation.get(self.prompt_field) if self.prompt_field else next(
