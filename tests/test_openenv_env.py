@@ -288,6 +288,13 @@ def test_a_multi_step_environment_answers_each_turn(env_module):
     c.insert(2, {"role": "user", "content": "(reply)"})
     assert task.rewards(problem, c) == {"reward": 2.0, "openenv": 2.0}
     assert not any(task._open.values())  # every episode was finished and its session returned
+    # conversations scored from several threads at once (as a scorer's pool does): each its own episode
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: task.rewards(problem, conversation(problem, *map(str, range(n, n + i % 4)))),
+                            range(24)))
+    assert [g["reward"] for g in got] == [float(i % 4) for i in range(24)]
 
 
 @needs_openenv

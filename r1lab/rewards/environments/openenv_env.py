@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 import urllib.request
@@ -73,6 +74,7 @@ class OpenEnvTask:
         self.action_field = action_field or _text_field(self.url, timeout_s)
         self._idle: list = []  # sessions between episodes: the next reset reuses one
         self._open: dict[tuple, list[_Episode]] = {}  # (seed, turns) -> episodes waiting for the next policy turn
+        self._lock = threading.Lock()  # rollouts may be scored or answered from several threads at once
 
     def problems(self, split: str, n: int, seed: int) -> list[Problem]:
         """n resets with distinct seeds: even for train, odd for test, so the two splits never share an episode. A
@@ -104,7 +106,8 @@ class OpenEnvTask:
     def reply(self, problem: Problem, messages: list[dict]) -> environments.EnvReply:
         """The step of the last policy turn: its observation as the next user turn, its reward, done."""
         episode = self._advance(problem, messages)
-        self._open.setdefault((episode.seed, episode.turns), []).append(episode)
+        with self._lock:
+            self._open.setdefault((episode.seed, episode.turns), []).append(episode)
         text = self._problem(episode.observation, episode.seed).prompt
         return environments.EnvReply([{"role": "user", "content": text}], episode.done, {"openenv": episode.reward})
 
@@ -127,8 +130,10 @@ class OpenEnvTask:
         stepped the longest prefix of them (episodes of identical histories are interchangeable), else started."""
         seed, prompt = problem.meta["seed"], len(problem.messages or [problem.prompt])
         turns = tuple(m["content"] for m in messages[prompt:] if m.get("role") == "assistant")
-        k = next((k for k in range(len(turns), 0, -1) if self._open.get((seed, turns[:k]))), 0)
-        episode = self._open[(seed, turns[:k])].pop() if k else self._start(seed)
+        with self._lock:
+            k = next((k for k in range(len(turns), 0, -1) if self._open.get((seed, turns[:k]))), 0)
+            episode = self._open[(seed, turns[:k])].pop() if k else None
+        episode = episode or self._start(seed)
         try:
             for turn in turns[k:]:
                 if episode.done:
@@ -141,9 +146,9 @@ class OpenEnvTask:
         return episode
 
     def _start(self, seed: int) -> _Episode:
-        if self._idle:
-            client = self._idle.pop()
-        else:
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+        if client is None:
             from openenv.core import GenericEnvClient  # optional: only an OpenEnv task needs it
             client = GenericEnvClient(base_url=self.url, message_timeout_s=self.timeout_s).sync()
         episode = _Episode(client, seed)
@@ -159,6 +164,11 @@ class OpenEnvTask:
         episode.reward = float(result.reward or 0.0)
         episode.total += episode.reward
         episode.done, episode.observation = bool(result.done), result.observation
+
+
+def load(name: str, **options: Any) -> OpenEnvTask:
+    """--task openenv:NAME with its task options."""
+    return OpenEnvTask(name, **options)
 
 
 def _close(client: Any) -> None:
