@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast test-torchrun bench clean
+.PHONY: setup demo test test-fast test-torchrun test-openenv bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,22 @@ test-fast: setup
 test-torchrun: setup
 	$(PY) -m pytest tests -m torchrun
 
+# OpenEnv environments (tests/test_openenv_env.py) in a venv of their own: openenv cannot be installed beside verifiers
+# (verifiers pins mcp 2.0, openenv's fastmcp needs mcp < 2). torch as for .venv; the rest by uv, whose cache makes a
+# rebuild take seconds where pip takes minutes (openenv brings gradio, fastmcp and their ~150 dependencies)
+OPENENV_VENV := .venv-openenv
+$(OPENENV_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OPENENV_VENV)
+	$(OPENENV_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" uv
+	$(OPENENV_VENV)/bin/python -m uv pip install -q --python $(OPENENV_VENV)/bin/python -e ".[openenv]" "pytest>=8"
+	touch $@
+
+test-openenv: $(OPENENV_VENV)/.installed
+	$(OPENENV_VENV)/bin/python -m pytest tests/test_openenv_env.py
+
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/grpo_vs_trl.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(OPENENV_VENV) runs

@@ -19,6 +19,7 @@ from r1lab.config.sources import type_problem
 from r1lab.model.loading import pick_device
 from r1lab.model.templates import THINK_CLOSE, resolve_template, response_prefix, template_opens_think
 from r1lab.rewards import tasks
+from r1lab.rewards.environments.openenv_env import OpenEnvTask, openenv_refusal
 from r1lab.rewards.answers import choose_answer_format
 from r1lab.rewards.environments import is_environment_spec
 from r1lab.rewards.language import TARGETS
@@ -33,11 +34,13 @@ from r1lab.train.trackers import REPORTERS, report_to_problem
 
 RULES["report_to"] = (report_to_problem, f"a comma-separated list of {', '.join(REPORTERS)}, or none")
 TASKS_ALLOWED = (f"a built-in task ({', '.join(sorted(TASKS))}), a data file ending in {', '.join(DATA_SUFFIXES)}, "
-                 "a datasets save_to_disk directory, a hub dataset name (owner/name) or an environment (verifiers:ENV)")
+                 "a datasets save_to_disk directory, a hub dataset name (owner/name) or an environment (verifiers:ENV, openenv:ENV)")
 LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
 
 
 def task_problem(value: str) -> str | None:
+    if value.startswith("openenv:") and (refusal := openenv_refusal()):
+        return refusal
     if value in TASKS or is_data_source(value) or is_environment_spec(value):
         return None
     return f"{value!r} is not {TASKS_ALLOWED}{did_you_mean(value, TASKS)}"
@@ -83,7 +86,9 @@ def _task_constructor_problems(task: str, options: dict) -> list[str]:
 
 def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] | None:
     """The keyword parameters the task's constructor takes, by name; None for a task this cannot tell."""
-    if is_data_source(task):
+    if task.startswith("openenv:"):
+        target = OpenEnvTask
+    elif is_data_source(task):
         target = tasks.DatasetTask
     elif task == "arithmetic":  # arithmetic_task(**options) passes them on to ArithmeticTask
         target = tasks.ArithmeticTask
@@ -98,8 +103,8 @@ def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] |
         return None
     if task == "code":
         parameters["path"] = inspect.Parameter("path", inspect.Parameter.KEYWORD_ONLY)
-    elif target is tasks.DatasetTask:
-        parameters.pop("path")  # the data file is the task itself
+    elif target in (tasks.DatasetTask, OpenEnvTask):
+        parameters.pop(next(iter(parameters)))  # the data file or the environment is the task itself
     return parameters
 
 

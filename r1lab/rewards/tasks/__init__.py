@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from r1lab.rewards.environments.openenv_env import OpenEnvTask
 from r1lab.rewards.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask
 from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.tasks.code import CodeFileTask, CodeTask, code_task
