@@ -166,6 +166,9 @@ class ScriptedEnvironment:
     """An environment whose rewards are written per completion: the scoring path of every environment standard."""
     name, max_turns = "scripted", 1
 
+    def reply(self, problem, messages):
+        raise AssertionError("single-turn: never asked")
+
     def rewards(self, problem, messages):
         assert messages[0] == {"role": "user", "content": problem.prompt} and messages[-1]["role"] == "assistant"
         outcome = {"right": {"reward": 2.0, "judge": 1.0}, "wrong": {"reward": 0.0, "judge": 0.0},
@@ -208,7 +211,7 @@ def test_a_failing_or_hanging_environment_is_counted_never_fatal(served):
     task = get_task(f"openenv:{served}", timeout_s=2.0)
     problem = task.problems("train", 1, 0)[0]
     right = str(problem.meta["seed"] % 10)
-    with pytest.warns(RuntimeWarning, match="environment openenv:"):
+    with pytest.warns(RuntimeWarning, match="environment OpenEnvTask.rewards: "):
         result = score_completions(task, [problem] * 4, ["boom", "hang", right, "x"], RewardWeights(format=0.0))
     assert result.total == [0.0, 0.0, 1.0, 0.0]
     assert (result.errors, result.timeouts) == (1, 1)
