@@ -301,7 +301,7 @@ class EnvTurns:
     def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
         problems = [self.problems[r.out.prompt_index] for r in pending]
         outcomes = call_all(self.env.reply, [(p, conversation(p, r.out.messages)) for p, r in zip(problems, pending)],
-                            self.timeout_s)
+                            self.timeout_s, getattr(self.env, "sessions", 16))
         for r, (kind, reply) in zip(pending, outcomes):
             r.out.calls += 1
             r.out.failures += kind == "error"

@@ -149,7 +149,7 @@ def score_environment(env, problems: Sequence[Problem], completions: Sequence, t
     turns = [[{"role": "assistant", "content": c}] if isinstance(c, str) else list(c) for c in completions]
     calls = [(p, [*(p.messages or [{"role": "user", "content": p.prompt}]), *t]) for p, t in zip(problems, turns)]
     outcomes = [("error", "a non-finite reward") if k == "ok" and not all(map(math.isfinite, v.values())) else (k, v)
-                for k, v in call_all(env.rewards, calls, timeout_s)]
+                for k, v in call_all(env.rewards, calls, timeout_s, getattr(env, "sessions", 16))]
     scored = [value if kind == "ok" else {} for kind, value in outcomes]
     names = sorted({name for s in scored for name in s} - {"reward"})
     total = [float(s.get("reward", 0.0)) for s in scored]

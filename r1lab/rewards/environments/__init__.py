@@ -50,10 +50,10 @@ def is_environment(task: Any) -> bool:
     return callable(getattr(task, "reply", None)) and callable(getattr(task, "rewards", None))
 
 
-def call_all(fn: Callable, calls: list[tuple], timeout_s: float) -> list[tuple[str, Any]]:
+def call_all(fn: Callable, calls: list[tuple], timeout_s: float, workers: int = 16) -> list[tuple[str, Any]]:
     """fn(*args) for each args in threads (an environment may wait on I/O): ("ok", value), ("error", message) or
-    ("timeout", None) each. A call past timeout_s is left behind, not waited for."""
-    pool = ThreadPoolExecutor(max_workers=max(1, min(len(calls), 16)))
+    ("timeout", None) each, at most `workers` at once. A call past timeout_s is left behind, not waited for."""
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(calls), workers)))
     futures = [pool.submit(fn, *args) for args in calls]
     outcomes = []
     for future in futures:

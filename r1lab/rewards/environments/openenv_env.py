@@ -62,12 +62,14 @@ class OpenEnvTask:
     """An OpenEnv environment meeting r1lab.rewards.environments.Environment (single- and multi-step)."""
 
     def __init__(self, env: str, max_turns: int = 1, action_field: str = "", prompt_field: str = "",
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, sessions: int = 1) -> None:
         if openenv_refusal():
             raise ValueError(INSTALL)
-        if max_turns < 1 or timeout_s <= 0:
-            raise ValueError(f"openenv: max_turns must be >= 1 and timeout_s > 0 (got {max_turns}, {timeout_s})")
+        if max_turns < 1 or timeout_s <= 0 or sessions < 1:
+            raise ValueError(f"openenv: max_turns and sessions must be >= 1 and timeout_s > 0 (got {max_turns}, "
+                             f"{sessions}, {timeout_s})")
         self.name, self.max_turns, self.timeout_s, self.prompt_field = PREFIX + env, max_turns, timeout_s, prompt_field
+        self.sessions = sessions  # episodes stepped at once: the server's max_concurrent_envs, 1 unless it says more
         remote = env.startswith(("http://", "https://"))
         self.server = None if remote else _LocalServer(env, timeout_s)
         self.url = env.rstrip("/") if remote else self.server.url
