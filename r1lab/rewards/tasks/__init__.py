@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from r1lab.rewards.environments.openenv_env import OpenEnvTask
+from r1lab.rewards import environments  # the module, not its names: environments imports tasks.base
 from r1lab.rewards.tasks.arithmetic import DEMO_OPTIONS, ArithmeticTask
 from r1lab.rewards.tasks.base import Problem, Task
 from r1lab.rewards.tasks.code import CodeFileTask, CodeTask, code_task
@@ -28,12 +28,10 @@ def get_task(spec: str, **options: Any) -> Task:
     """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
     `datasets` save_to_disk directory or a hub dataset name (owner/name), or an environment (verifiers:ENV, its
     options the environment's)."""
-    from r1lab.rewards.environments import is_environment_spec, load_environment  # it imports tasks.base
-
     if spec in TASKS:
         return TASKS[spec](**options)
-    if is_environment_spec(spec):
-        return load_environment(spec, **options)
+    if environments.is_environment_spec(spec):
+        return environments.load_environment(spec, **options)
     if is_data_source(spec):
         return DatasetTask(spec, **options)
     raise ValueError(f"unknown task {spec!r}: use one of {', '.join(sorted(TASKS))}, a data file path ending in "
