@@ -28,7 +28,8 @@ test: setup
 # `make test-fast` (at most 90 s on an idle 2-core CPU) leaves out the tests marked slow (end-to-end runs of whole
 # commands, the server and chat page commands, the sandbox's 1,000 rewards, and whole training runs or long loops whose
 # parts keep a unit test in the tier: GRPO resume and rollout slots, LoRA runs, run health, MoE balancing, Qwen3's
-# cached decode, LiveBatch's penalties and moves), those marked torchrun (each starts 2-process jobs: about 56 s of the
+# cached decode, LiveBatch's penalties and moves, async GRPO's runs, timing-bound server and sandbox tests; see
+# docs/testing.md), those marked torchrun (each starts 2-process jobs: about 56 s of the
 # 125 s the fast tier took with them) but for the one also marked smoke (two ranks train to the weights of one
 # process), and those marked gpu.
 FAST := not slow and not gpu and (not torchrun or smoke)

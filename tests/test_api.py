@@ -23,6 +23,7 @@ def test_import_r1lab_stays_light():
         r1lab.no_such_api
 
 
+@pytest.mark.slow
 def test_grpo_with_a_reward_callable_from_a_module(tiny_base, tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def brevity(completion, problem):\n    return -len(completion) / 100\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -50,6 +51,7 @@ def test_functions_the_workers_cannot_import_and_unknown_settings_are_refused(ti
         r1lab.grpo(model=str(tiny_base), lr=float("nan"))
 
 
+@pytest.mark.slow
 def test_a_reward_defined_in_the_running_script(tiny_base, tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(f"""

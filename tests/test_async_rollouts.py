@@ -24,6 +24,7 @@ def no_worker_left():
     return not [p for p in multiprocessing.active_children() if p.name == "r1lab-rollouts"]
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
     straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=5, save_every=2, async_steps=1, **EVAL),
                           log=lambda *_: None)
@@ -55,6 +56,7 @@ def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tm
     assert [r["reward/mean"] for r in rows_b] == [r["reward/mean"] for r in rows]  # the same prompts and samples
 
 
+@pytest.mark.slow
 def test_async_run_differs_from_the_synchronous_one_and_corrects_by_default(tiny_base, tmp_path):
     sync = grpo.train(small_config(tiny_base, tmp_path / "s", steps=2), log=lambda *_: None)
     run = grpo.train(small_config(tiny_base, tmp_path / "x", steps=2, async_steps=1), log=lambda *_: None)
@@ -70,6 +72,7 @@ def failing_sample(engine, problems, cfg, seeds):
     raise ValueError("no room left for the rollouts")
 
 
+@pytest.mark.slow
 def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
     cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))

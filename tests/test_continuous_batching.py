@@ -146,6 +146,7 @@ def test_a_row_ended_by_the_caller_frees_its_slot(engine):
             assert s.token_ids == f.token_ids
 
 
+@pytest.mark.slow
 def test_the_bench_runs_and_both_sides_sample_the_same_tokens():
     # bench/continuous_batching.py at a tiny size: it exits 1 when the two sides' tokens differ.
     bench = Path(__file__).resolve().parent.parent / "bench" / "continuous_batching.py"

@@ -85,6 +85,7 @@ def test_a_relaunch_the_loader_refused_is_not_repeated(monkeypatch):
         malloc.relaunch_with_preferred_malloc("grpo")
 
 
+@pytest.mark.slow
 @needs_tcmalloc
 def test_the_program_restarts_once_under_tcmalloc_for_a_large_model_on_the_cpu(tmp_path):
     large = model_dir(tmp_path / "large", LARGE_MODEL_BYTES)
@@ -104,6 +105,7 @@ def test_a_small_model_a_gpu_run_or_the_switch_keep_glibc(tmp_path):
         assert "restarting" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate", malloc.CANDIDATES, ids=lambda candidate: candidate[0])
 def test_each_malloc_serves_a_preloaded_process(candidate, monkeypatch):
     if not ctypes.util.find_library(candidate[0]):

@@ -258,6 +258,7 @@ def test_with_no_safe_cache_decode_takes_torchs_path_with_one_line(caches, monke
     assert len(said) == 1 and not list(shared.rglob("*.so")) and not list(private.parent.parent.rglob("*.so"))
 
 
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("planted", ["wrong symbols", "truncated"])
 def test_a_foreign_or_corrupt_library_is_rebuilt_once(caches, monkeypatch, planted):

@@ -139,6 +139,7 @@ def problems(n):
     return [Problem(prompt=f"What is {i}+1?", answer=str(i + 1)) for i in range(n)]
 
 
+@pytest.mark.slow
 def test_judge_scores_caches_and_counts_failures(stub_url, monkeypatch):
     monkeypatch.setattr(judge_module, "_WARNED", set())
     judge = Judge(JudgeSettings(stub_url, "stub", "secret", "{problem}|{reference}|{completion}", concurrency=4,

@@ -158,6 +158,7 @@ def test_formatting():
     assert markdown_table({"a|b": {"pass@2": 1.0}}).splitlines()[0] == "| metric | a\\|b |"
 
 
+@pytest.mark.slow
 def test_report_command_for_a_grpo_run_and_an_sft_run(tmp_path, capsys):
     from r1lab.cli import main
 

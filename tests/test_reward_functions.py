@@ -166,6 +166,7 @@ def test_exit_and_keyboard_interrupt_are_contained_and_counted(hostile):
     assert result.errors == 6 and result.timeouts == 0  # and this test process is still running
 
 
+@pytest.mark.slow
 def test_a_call_that_swallows_the_timeout_is_killed_and_the_rest_is_still_scored(hostile, pool):
     start = time.monotonic()
     out = pool.score({hostile("hangs_on"): [("a", None), ("hang", None), ("bc", None), ("def", None)]}, 0.3)

@@ -157,6 +157,7 @@ def test_printing_and_closing_stdout_cannot_garble_the_report(host_check) -> Non
 # ---------------------------------------------------------------- escapes
 
 
+@pytest.mark.slow
 def test_infinite_loop_returns_within_the_timeout(host_check) -> None:
     for code in ["while True:\n    pass", "import time\ntime.sleep(60)", "def f():\n    while True:\n        pass"]:
         started = time.monotonic()

@@ -354,6 +354,7 @@ def raw_request(server, body: bytes, content_length: int) -> socket.socket:
     return sock
 
 
+@pytest.mark.slow
 def test_stalled_body_gets_408_and_the_connection_is_closed(server):
     t0 = time.monotonic()
     with raw_request(server, b'{"model": "tiny-r1", "pro', content_length=100) as sock:
@@ -367,6 +368,7 @@ def test_stalled_body_gets_408_and_the_connection_is_closed(server):
     assert BODY_TIMEOUT_S * 0.9 < elapsed < BODY_TIMEOUT_S + 10
 
 
+@pytest.mark.slow
 def test_client_gone_mid_body_is_one_log_line(server, caplog):
     uvicorn_log = logging.getLogger("uvicorn.error")  # where an ASGI traceback would go (it does not propagate)
     uvicorn_log.addHandler(caplog.handler)
@@ -661,6 +663,7 @@ def test_concurrent_requests_are_batched(server, api):
     assert after["max_batch_rows"] > 1
 
 
+@pytest.mark.slow
 def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
     """Client A queues 8 long completions (twice the 4 slots); client B's two short ones, sent while A holds every
     slot, start at the very next decode step and finish before any of A's: two of A's rows are parked (B's share is
@@ -705,6 +708,7 @@ def test_a_flood_shares_the_batch_with_a_later_client(model_dir):
     assert batcher.stats["parked_rows"] == 2 and batcher.stats["max_batch_rows"] == 4
 
 
+@pytest.mark.slow
 def test_seeded_completions_are_the_same_whoever_shares_the_engine(tmp_path):
     """A heavy client's six seeded completions in four slots and a light client's one, arriving mid-run: the light
     one takes a slot at once (one of the heavy rows parked), the heavy rows move to their own lane and back; every

@@ -122,6 +122,7 @@ def busy(server_address, source: str) -> socket.socket:
 # the request-head deadline
 
 
+@pytest.mark.slow
 def test_two_thousand_half_open_connections_neither_starve_a_request_nor_stay(model_dir):
     n, timeout = 2000, 3.0
     if raise_open_file_limit() < 2 * n + 2 * FD_RESERVE:  # both ends of every connection are in this process
@@ -145,6 +146,7 @@ def test_two_thousand_half_open_connections_neither_starve_a_request_nor_stay(mo
             close_all(socks)
 
 
+@pytest.mark.slow
 def test_a_head_sent_a_byte_at_a_time_gets_no_more_time(model_dir):
     with server_with(model_dir, header_timeout_s=1.5) as server, socket.create_connection(address(server)) as sock:
         t0 = time.monotonic()
@@ -157,6 +159,7 @@ def test_a_head_sent_a_byte_at_a_time_gets_no_more_time(model_dir):
         assert 1.4 < time.monotonic() - t0 < 8
 
 
+@pytest.mark.slow
 def test_after_a_response_keep_alive_then_the_next_head_has_the_same_deadline(model_dir):
     with (server_with(model_dir, header_timeout_s=1.5, keep_alive_s=60) as server,
           socket.create_connection(address(server), timeout=30) as sock):
@@ -171,6 +174,7 @@ def test_after_a_response_keep_alive_then_the_next_head_has_the_same_deadline(mo
         assert 1.2 < time.monotonic() - t0 < 8
 
 
+@pytest.mark.slow
 def test_an_idle_connection_is_closed_after_keep_alive_s(model_dir):
     with (server_with(model_dir, keep_alive_s=0.5) as server,
           socket.create_connection(address(server), timeout=30) as sock):
@@ -184,6 +188,7 @@ def test_an_idle_connection_is_closed_after_keep_alive_s(model_dir):
 # the caps
 
 
+@pytest.mark.slow
 def test_past_the_per_client_cap_the_longest_waiting_connection_is_closed(model_dir):
     with server_with(model_dir, max_connections_per_client=20) as server:
         mine = half_open(address(server), 30)
@@ -201,6 +206,7 @@ def test_past_the_per_client_cap_the_longest_waiting_connection_is_closed(model_
             close_all(mine + other)
 
 
+@pytest.mark.slow
 def test_a_client_whose_connections_are_all_busy_gets_503(model_dir):
     with server_with(model_dir, max_connections_per_client=2, max_connections=5) as server:
         busy_ones = [busy(address(server), "127.0.0.3") for _ in range(2)]
@@ -221,6 +227,7 @@ def test_a_client_whose_connections_are_all_busy_gets_503(model_dir):
         assert chat(server.url, source="127.0.0.3")[0].status_code == 200
 
 
+@pytest.mark.slow
 def test_the_cap_in_all_closes_the_oldest_waiting_connection_of_any_client(model_dir):
     with server_with(model_dir, max_connections=10) as server:
         socks = half_open(address(server), 10, source="127.0.0.8")

@@ -195,6 +195,7 @@ def test_math_verify_runs_without_its_own_alarm(monkeypatch: pytest.MonkeyPatch)
     assert math_equal("\\frac{3}{7}", "3/7") and not math_equal("123457", "123456")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank, notices", [(None, 1), ("0", 1), ("1", 0)])
 def test_math_verifys_timeout_notice_is_printed_once_and_by_rank_0_alone(rank: str | None, notices: int) -> None:
     # parse and verify each print it once per process; r1lab's scorer timeout stands in for theirs

@@ -51,6 +51,7 @@ def test_results_are_run_programs(mode: str) -> None:
     assert run_program_pooled("import os\nos._exit(3)", sandbox=mode).error == "the process ended with exit status 3"
 
 
+@pytest.mark.slow
 def test_an_infinite_loop_times_out_and_the_next_call_is_quick() -> None:
     slow = run_program_pooled("print('started')\nwhile True: pass", timeout_s=0.5)
     assert (slow.ok, slow.timed_out, slow.output, slow.error) == (False, True, "started\n", "timed out after 0.5 s")
@@ -105,6 +106,7 @@ def test_state_does_not_leak_between_calls() -> None:
     assert after.output == "[1] 2 False\n"
 
 
+@pytest.mark.slow
 def test_a_killed_server_is_replaced() -> None:
     assert run_program_pooled("print(1)").ok
     (server,) = servers()
