@@ -258,6 +258,34 @@ def test_speculative_greedy_decoding_gives_the_engines_tokens():
     assert 0 < counts["accepted"] < counts["drafted"]  # both the accepted and the rejected path ran
 
 
+def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens():
+    """Rows ended by end-of-text or their own token limit are dropped from the batch (both caches, every per-row
+    tensor, each row's generator): greedy, the plain engine's tokens; sampled with per-prompt seeds, each row's
+    tokens are those it samples alone."""
+    from r1lab.engine.engine import Engine
+
+    model = _spec_model(61, 0.3)
+    tok = CountingTokenizer()
+    tok.eos_ids = {7, 11, 23}
+    prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2], [8], [2, 2]]
+    settings = dict(num_samples=2, max_new_tokens=[3, 16, 9, 16, 5])
+    plain = Engine(model, tok).generate(prompts, temperature=0, **settings)
+    engine = Engine(model, tok, speculative="mtp")
+    fast = engine.generate(prompts, temperature=0, **settings)
+    assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
+    assert [s.finish_reason for s in fast] == [s.finish_reason for s in plain]
+    assert len({len(s.token_ids) for s in fast}) >= 3 and {s.finish_reason for s in fast} == {"stop", "length"}
+    for a, b in zip(plain, fast):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    seeds = [11, 12, 13, 14, 15]
+    batch = engine.generate(prompts, temperature=1.0, seed=seeds, **settings)
+    for i, p in enumerate(prompts):
+        alone = engine.generate([p], num_samples=2, max_new_tokens=settings["max_new_tokens"][i], temperature=1.0,
+                                seed=[seeds[i]])
+        assert [s.token_ids for s in alone] == [s.token_ids for s in batch[2 * i : 2 * i + 2]], i
+        assert [s.drafted for s in alone] == [s.drafted for s in batch[2 * i : 2 * i + 2]], i
+
+
 def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     """Pearson's test of counts against expected counts (cells expecting fewer than 5 pooled into one)."""
     small = expected < 5

@@ -42,8 +42,8 @@ def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Ten
     scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
     probs = scaled.softmax(-1)  # (B, V); on a CPU the fused softmax costs less than a separate max and exp
     keep = _truncation_mask(scaled, probs, top_k, top_p, min_p)
-    tokens = _inverse_cdf_sample(probs * keep if keep is not None else probs,
-                                 _uniforms(len(probs), generator, probs.device))
+    tokens = inverse_cdf_sample(probs * keep if keep is not None else probs,
+                                 uniforms(len(probs), generator, probs.device))
     logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a sampled token's probability is never 0
     if greedy_rows is not None and greedy_rows.any():
         greedy_tokens, greedy_logprobs = _greedy(logits)
@@ -145,14 +145,14 @@ def _nucleus(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
     return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, ~drop)
 
 
-def _uniforms(n: int, generator, device) -> torch.Tensor:
-    """(n, 1) uniform draws: from one batch generator, or one draw from each row's own generator."""
+def uniforms(n: int, generator, device, per_row: int = 1) -> torch.Tensor:
+    """(n, per_row) uniform draws: from one batch generator, or per_row from each row's own generator (one call)."""
     if isinstance(generator, list):
-        return torch.cat([torch.rand(1, generator=g, device=device) for g in generator])[:, None]
-    return torch.rand(n, 1, generator=generator, device=device)
+        return torch.stack([torch.rand(per_row, generator=g, device=device) for g in generator])
+    return torch.rand(n, per_row, generator=generator, device=device)
 
 
-def _inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64) -> torch.Tensor:
+def inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64) -> torch.Tensor:
     """One draw per row from (B, V) non-negative weights, given a uniform number per row (B, 1).
 
     Two-level inverse CDF: the cumulative sum runs over blocks of `block` tokens, then inside the one chosen block.
@@ -237,13 +237,3 @@ def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.
         probs = probs / probs.sum(-1, keepdim=True)
     one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.where(greedy, one_hot, probs)
-
-
-def draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One token per row (B,) from (B, V) probabilities, with sample_next's generators (one, or one per row)."""
-    return _inverse_cdf_sample(probs, uniforms(len(probs), generator, probs.device))
-
-
-def uniforms(n: int, generator, device) -> torch.Tensor:
-    """(n, 1) uniform draws in [0, 1): from one generator, or one from each row's own."""
-    return _uniforms(n, generator, device)

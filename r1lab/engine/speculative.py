@@ -9,8 +9,8 @@ the main model's own sampler would draw it (greedy: the same tokens). An accepte
 token too: two tokens for one forward.
 
 Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
-draft's column is hidden by the key mask, as left padding is. All rows run until the last one finishes. A draft
-model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
+draft's column is hidden by the key mask, as left padding is. Finished rows are dropped from the batch (both caches
+and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
 reads the token after the model's hidden state.
 """
 
@@ -21,21 +21,28 @@ from dataclasses import dataclass
 
 import torch
 
-from r1lab.engine.sampling import _RowParams, draw, sampling_probs, uniforms
+from r1lab.engine.sampling import _RowParams, inverse_cdf_sample, sampling_probs, uniforms
 from r1lab.model.transformer import CausalLM, KVCache
 
 
 @dataclass
 class _Rows:
-    """Each row's state between steps: its next token to verify (pending), the draft after it and the draft's
-    distribution, the position of pending and the keys that are real in either cache."""
+    """Each row's state between steps: its output row, its next token to verify (pending), the draft after it and
+    the draft's distribution (None when greedy), the position of pending and the keys that are real in either
+    cache."""
 
+    out: torch.Tensor  # (B,) the output row it writes
     pending: torch.Tensor  # (B,)
     draft: torch.Tensor  # (B,)
-    draft_probs: torch.Tensor  # (B, V)
+    draft_probs: torch.Tensor | None  # (B, V)
     positions: torch.Tensor  # (B,)
     key_mask: torch.Tensor  # (B, S) the main model's cache
     draft_key_mask: torch.Tensor  # (B, S) the drafter's cache (the MTP module's or the draft model's)
+
+    def select(self, keep: torch.Tensor) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, value[keep] if value is not None else None)
 
 
 def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
@@ -44,64 +51,126 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
     logprobs, lengths, stopped), drafting with the model's MTP module or the draft model. Returns each row's counts
     of drafted and accepted tokens, (B,) tensors."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
-    probs = lambda logits: sampling_probs(logits, temperature, top_k, top_p)  # noqa: E731
-    log_probs = lambda logits: logits.float().div(_log_temperature(temperature)).log_softmax(-1)  # noqa: E731
+    rule = _Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
+        _Sampled(temperature, top_k, top_p, generator)
     record = _recorder(out, params, eos)
     caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, 2 * params.max_steps)
-    first = draw(probs(logits), generator)
-    running = record(torch.ones_like(first, dtype=torch.bool), first, _gather(log_probs(logits), first))
+    first = rule.first(logits)
+    running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first, _gather(rule.log_probs(logits), first))
     rows.pending = first
-    rows.draft, rows.draft_probs = _draft(model, draft, rows, caches, prompt, probs, generator)
-    drafted, accepted = torch.zeros_like(first), torch.zeros_like(first)
+    rows.draft, rows.draft_probs = rule.propose(_draft(model, draft, rows, caches, prompt))
+    drafted, accepted = torch.zeros_like(out.lengths), torch.zeros_like(out.lengths)
     column = rows.key_mask.shape[1]
     for _ in range(params.max_steps):
         if not bool(running.any()):
             break
+        if int((~running).sum()) * 4 >= len(running):  # drop the finished rows, as the engine's decoding does
+            keep = running.nonzero().squeeze(-1)
+            for x in (rows, rule, *caches):
+                x.select(keep)
+            running = running[keep]
         tokens = torch.stack([rows.pending, rows.draft], 1)  # (B, 2)
         positions = torch.stack([rows.positions, rows.positions + 1], 1)
         rows.key_mask = torch.cat([rows.key_mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
         h = model.hidden_states(tokens, None, positions, caches[0], column, rows.key_mask)  # (B, 2, D)
         target = model.lm_head(h)  # (B, 2, V)
-        p_next, p_after = probs(target[:, 0]), probs(target[:, 1])
-        accept = _accept(rows.draft, rows.draft_probs, p_next, generator)
-        token = torch.where(accept, rows.draft, draw(_residual(p_next, rows.draft_probs), generator))
-        bonus = draw(p_after, generator)
-        drafted, accepted = drafted + running.long(), accepted + (accept & running).long()
-        running = record(running, token, _gather(log_probs(target[:, 0]), token))
+        accept, token, bonus = rule.verify(rows.draft, rows.draft_probs, target)
+        drafted[rows.out] += running.long()
+        accepted[rows.out] += (accept & running).long()
+        target_logp = rule.log_probs(target)
+        running = record(rows.out, running, token, _gather(target_logp[:, 0], token))
         # the bonus token only after an accepted draft, in a row the first token did not end
-        running = record(running & accept, bonus, _gather(log_probs(target[:, 1]), bonus)) | (running & ~accept)
+        running = record(rows.out, running & accept, bonus, _gather(target_logp[:, 1], bonus)) | (running & ~accept)
         rows.key_mask[:, -1] = accept  # a rejected draft's keys are never attended
-        rows.draft, rows.draft_probs = _redraft(model, draft, rows, caches, h, token, bonus, accept, column, probs,
-                                                generator)
+        rows.draft, rows.draft_probs = rule.propose(_redraft(model, draft, rows, caches, h, token, bonus, accept,
+                                                             column))
         rows.pending = torch.where(accept, bonus, token)
         rows.positions = rows.positions + 1 + accept.long()
         column += 2
     return {"drafted": drafted, "accepted": accepted}
 
 
-def _recorder(out, params: _RowParams, eos: torch.Tensor):
-    """record(mask, tokens, logprobs): append each masked row's token at its own length; returns the masked rows that
-    go on (no end-of-text, under their token limit)."""
-    limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
-    rows = torch.arange(len(out.lengths), device=out.lengths.device)
+class _Greedy:
+    """Temperature 0: the draft is the drafter's argmax, kept when it is the model's; no distribution, no draw."""
 
-    def record(mask: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        at = out.lengths.clamp(max=out.tokens.shape[1] - 1)
+    def first(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().log_softmax(-1)  # sample_next's for greedy rows: at temperature 1
+
+    def select(self, keep: torch.Tensor) -> None:
+        pass
+
+    def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return logits.argmax(-1), None
+
+    def verify(self, draft: torch.Tensor, q: None, target: torch.Tensor):
+        """(accept, the token after pending, the bonus token after an accepted draft), each (B,)."""
+        best = target.argmax(-1)  # (B, 2)
+        return draft == best[:, 0], best[:, 0], best[:, 1]
+
+
+class _Sampled:
+    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p per row), its uniform
+    numbers drawn from the rows' generators: one draw per row for a draft, one of three numbers per verification."""
+
+    def __init__(self, temperature, top_k, top_p, generator):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Under softmax(logits / temperature), as sample_next records them (temperature 1 for greedy rows)."""
+        t = self.temperature  # a number above 0, or (B, 1) per row
+        if torch.is_tensor(t):
+            t = t.masked_fill(t <= 0, 1.0).view(-1, *(1,) * (logits.dim() - 1))
+        return logits.float().div(t).log_softmax(-1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        pick = lambda v: v[keep] if torch.is_tensor(v) else v  # noqa: E731
+        self.temperature, self.top_k, self.top_p = pick(self.temperature), pick(self.top_k), pick(self.top_p)
+        if isinstance(self.generator, list):
+            self.generator = [self.generator[i] for i in keep.tolist()]
+
+    def _draw(self, probs: torch.Tensor) -> torch.Tensor:
+        return inverse_cdf_sample(probs, uniforms(len(probs), self.generator, probs.device))
+
+    def first(self, logits: torch.Tensor) -> torch.Tensor:
+        return self._draw(self.probs(logits))
+
+    def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.probs(logits)
+        return self._draw(q), q
+
+    def verify(self, draft: torch.Tensor, q: torch.Tensor, target: torch.Tensor):
+        """d is kept with probability min(1, p(d) / q(d)) (q(d) > 0: d was drawn from q); a rejected one is replaced
+        by a draw from max(0, p - q) renormalised (p itself where that is all zero: p = q, never rejected)."""
+        p_next, p_after = self.probs(target[:, 0]), self.probs(target[:, 1])
+        u = uniforms(len(draft), self.generator, draft.device, 3)  # (B, 3): acceptance, the replacement, the bonus
+        accept = u[:, 0] * _gather(q, draft) < _gather(p_next, draft)
+        residual = (p_next - q).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+        token = torch.where(accept, draft, inverse_cdf_sample(residual, u[:, 1:2]))
+        return accept, token, inverse_cdf_sample(p_after, u[:, 2:3])
+
+
+def _recorder(out, params: _RowParams, eos: torch.Tensor):
+    """record(rows, mask, tokens, logprobs): append each masked row's token to its output row (rows) at its own
+    length; returns the masked rows that go on (no end-of-text, under their token limit)."""
+    limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
+
+    def record(rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        at = out.lengths[rows].clamp(max=out.tokens.shape[1] - 1)
         out.tokens[rows, at] = torch.where(mask, tokens, out.tokens[rows, at])
         out.logprobs[rows, at] = torch.where(mask, logprobs, out.logprobs[rows, at])
-        out.lengths += mask.long()
+        out.lengths[rows] += mask.long()
         stop = mask & torch.isin(tokens, eos) if len(eos) else torch.zeros_like(mask)
-        out.stopped |= stop
-        return mask & ~stop & (out.lengths < limits)
+        out.stopped[rows] |= stop
+        return mask & ~stop & (out.lengths[rows] < limits[rows])
 
     return record
-
-
-def _log_temperature(temperature):
-    """The temperature of the recorded log-probs: sample_next's (1 for greedy rows)."""
-    if torch.is_tensor(temperature):
-        return temperature.masked_fill(temperature <= 0, 1.0)
-    return temperature if temperature > 0 else 1.0
 
 
 def _gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,12 +189,12 @@ def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, extr
     caches = (KVCache(model.config, len(prompts), P + extra, dtype, device),
               KVCache(draft.config if draft else one_layer, len(prompts), P + extra + 1, dtype, device))
     h = model.hidden_states(ids, None, positions, caches[0], 0, key_mask)  # (B, P, D)
-    rows = _Rows(pending=ids[:, -1], draft=ids[:, -1], draft_probs=torch.empty(0), positions=positions[:, -1] + 1,
+    rows = _Rows(out=torch.arange(len(prompts), device=device), pending=ids[:, -1], draft=ids[:, -1], draft_probs=torch.empty(0), positions=positions[:, -1] + 1,
                  key_mask=key_mask, draft_key_mask=key_mask.clone())
     return caches, model.lm_head(h[:, -1]), rows, (ids, positions, h)
 
 
-def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt, probs, generator):
+def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt) -> torch.Tensor:
     """The drafter's prefill: the module reads each prompt position i with the token after it (the prompt's, then
     the first sampled one), a draft model the prompt and the first token; the draft after the first token comes
     from the last position."""
@@ -137,12 +206,11 @@ def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt,
         rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[:, :1])], 1)
         out = draft.hidden_states(torch.cat([ids, rows.pending[:, None]], 1), None,
                                   torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0, rows.draft_key_mask)
-    q = probs((draft or model).lm_head(out[:, -1]))
-    return draw(q, generator), q
+    return (draft or model).lm_head(out[:, -1])
 
 
-def _redraft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, h, token, bonus, accept, column: int,
-             probs, generator):
+def _redraft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, h, token, bonus, accept,
+             column: int) -> torch.Tensor:
     """The drafter over this step's two new tokens: the module reads (pending's hidden state, the token after it)
     and, when the draft was accepted, (the draft's hidden state, the bonus token), a draft model the token and the
     bonus at their own positions; the next draft follows the last real one."""
@@ -154,18 +222,4 @@ def _redraft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, h, to
     else:
         out = draft.hidden_states(tokens, None, positions + 1, caches[1], column + 1, rows.draft_key_mask)
     last = torch.where(accept[:, None], out[:, 1], out[:, 0])  # (B, D)
-    q = probs((draft or model).lm_head(last))
-    return draw(q, generator), q
-
-
-def _accept(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor, generator) -> torch.Tensor:
-    """(B,) bool: the draft is kept with probability min(1, p(d) / q(d)) (q(d) > 0: d was drawn from q)."""
-    u = uniforms(len(draft), generator, draft.device).squeeze(-1)
-    return u * _gather(q, draft) < _gather(p, draft)
-
-
-def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """max(0, p - q), the distribution of a token after a rejected draft (p itself where it is all zero: p = q,
-    where no draft is rejected)."""
-    r = (p - q).clamp(min=0)
-    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
+    return (draft or model).lm_head(last)

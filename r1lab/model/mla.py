@@ -1,6 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2/V3), its YaRN rotary scaling, and its compressed KV cache, with the math of
 transformers' DeepseekV3Attention. The cache holds per token and layer only the latent c = kv_a_layernorm(x W_kv_a)
-and the shared rotary key. Prefill expands them with kv_b_proj; a decode step never does: kv_b_proj's key half is
+and the shared rotary key. Prefill expands them with kv_b_proj; a decode step (and the engine's other few-token steps)
+never does: kv_b_proj's key half is
 folded into the query and its value half applied after the attention (the weight-absorbed form).
 """
 
@@ -82,9 +83,15 @@ class MLAttention(nn.Module):
         k_rope = self._rotate(k_rope[:, :, None], cos, sin).transpose(1, 2)  # (B, 1, T, rd)
         if cache is not None:
             latent, k_rope = write_cache(cache, start, latent, k_rope)  # (B, 1, S, r), (B, 1, S, rd)
-            if T == 1:
+            if T == 1 or (torch.is_inference_mode_enabled() and self._absorbing_is_cheaper(T)):
                 return self.o_proj(self._absorbed(q_nope, q_rope, latent, k_rope, mask))
         return self.o_proj(self._expanded(q_nope, q_rope, latent, k_rope, mask, causal=mask is None and T > 1))
+
+    def _absorbing_is_cheaper(self, T: int) -> bool:
+        """The engine's few-token steps (a speculative draft verified with its token): per cached key, expanding costs
+        r * (nope + vd) multiply-adds once, the absorbed form about 2r + rd per query. Training passes (autograd, or
+        no_grad for old log-probs) always expand, so their log-probs agree to the bit."""
+        return T * (2 * self.r + self.rd) < self.r * (self.nope + self.vd)
 
     def _expanded(self, q_nope, q_rope, latent, k_rope, mask, causal: bool) -> torch.Tensor:
         """Keys and values of every head from the latents (training and prefill): (B, T, H * vd)."""
@@ -103,11 +110,14 @@ class MLAttention(nn.Module):
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.vd, self.r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, vd, r)
-        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        scores = q_latent @ latent.transpose(-1, -2) + q_rope.transpose(1, 2) @ k_rope.transpose(-1, -2)  # (B, H, T, S)
-        scores = scores.float() * self.scale
+        # Every head reads the same latents: heads and queries as one axis of rows, so that the products read the
+        # cache in place (a (B, H, T, r) @ (B, 1, S, r) product would copy the latents H times)
+        q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk).reshape(B, H * T, self.r)
+        q_rope = q_rope.transpose(1, 2).reshape(B, H * T, self.rd)
+        scores = torch.baddbmm(q_rope @ k_rope[:, 0].transpose(-1, -2), q_latent, latent[:, 0].transpose(-1, -2))
+        scores = scores.view(B, H, T, -1).float() * self.scale  # (B, H, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, T, S) broadcasts over heads
-        o_latent = scores.softmax(-1).to(latent.dtype) @ latent  # (B, H, T, r)
+        o_latent = (scores.softmax(-1).to(latent.dtype).view(B, H * T, -1) @ latent[:, 0]).view(B, H, T, self.r)
         return torch.einsum("bhtr,hvr->bthv", o_latent, w_uv).reshape(B, T, H * self.vd)
 
