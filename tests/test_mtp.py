@@ -389,12 +389,14 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
 
     _save_spec_model(tmp_path / "m")
     results = {}
-    for mode in ("none", "mtp"):
-        out = tmp_path / f"{mode}.json"
+    for mode, chunk in (("none", "64"), ("mtp", "64"), ("mtp", "1")):  # one prompt per generate call, too
+        out = tmp_path / f"{mode}-{chunk}.json"
         main(["eval", "--model", str(tmp_path / "m"), "--problems", "3", "--samples", "2", "--temperature", "0",
-              "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1"])
-        results[mode] = json.loads(out.read_text())["test"]
-    assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results["mtp"]["records"]]
+              "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1",
+              "--prompts-per-chunk", chunk])
+        results[mode if chunk == "64" else "mtp-1"] = json.loads(out.read_text())["test"]
+    for other in ("mtp", "mtp-1"):
+        assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results[other]["records"]]
     assert results["mtp"]["tokens_per_s"] > 0 and 0 <= results["mtp"]["acceptance"] <= 1
     assert "acceptance" not in results["none"]
     with pytest.raises(SystemExit):

@@ -69,7 +69,6 @@ class GRPOConfig(Settings, kind="GRPO"):
     out: str = setting("runs/grpo", "run directory: config, metrics, checkpoints, the final model", **shared.NONEMPTY)
     steps: int = setting(100, "optimizer steps (one batch of rollouts each)", ge=1)
     time_limit_s: float = setting(0.0, "stop after the step that reaches this much training time (0 = no limit)", ge=0)
-    # batch sizes, named by unit
     prompts_per_step: int = setting(16, "distinct prompts per step", ge=1)
     samples_per_prompt: int = setting(8, "G, the group size: advantages compare samples within a group", ge=2)
     micro_batch_size: int = setting(64, "sequences per forward/backward pass", ge=1)
@@ -161,6 +160,7 @@ class EvalConfig(Settings, kind="eval"):
     samples: int = setting(8, "k, samples per problem", ge=1)
     _sampling = shared.Sampling
     max_new_tokens: int = setting(128, "completion length limit, in tokens", ge=1)
+    prompts_per_chunk: int = setting(64, "prompts per generate call, each with its k samples", ge=1)
     _prompts = shared.Prompts
     language: str = setting("en", "the language whose share of the chain of thought is reported", rule="language")
     reward_timeout_s: float = shared.SCORING_TIMEOUT

@@ -156,7 +156,7 @@ def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[
     tok = engine.tokenizer
     return evaluate(engine, task, problems, lambda p: encode_prompt(tok, p, ec.template, ec.prefill, ec.system), k=ec.samples,
                     temperature=ec.temperature, top_p=ec.top_p, max_new_tokens=ec.max_new_tokens, seed=ec.seed,
-                    timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
+                    batch_prompts=ec.prompts_per_chunk, timeout_s=ec.reward_timeout_s, language=ec.language, world=world,
                     tools=lambda chunk: rollout_turns(ec, task, chunk, tok),
                     **scoring_keywords(ec, tok, task))
 
