@@ -4,6 +4,7 @@ cannot share an environment with r1lab[verifiers] (the mcp pin): .ci/run runs th
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -80,6 +81,28 @@ class Count(Environment[SayAction, SayObservation, State]):
         self.next += 1
         done = not right or self._state.step_count == 3
         return SayObservation(prompt=f"Now say {self.next}.", done=done, reward=float(right))
+
+    @property
+    def state(self):
+        return self._state
+
+
+class Retry(Environment[SayAction, SayObservation, State]):
+    """Three turns whatever is said, each answer with <answer> tags earning 1.0: every rollout gets the env's replies."""
+    SUPPORTS_CONCURRENT_SESSIONS = True
+
+    def __init__(self):
+        super().__init__()
+        self._state = State()
+
+    def reset(self, seed=None, episode_id=None, **kwargs):
+        self._state = State(episode_id=episode_id)
+        return SayObservation(prompt=f"{(seed or 0) % 10}+1")
+
+    def step(self, action, timeout_s=None, **kwargs):
+        self._state.step_count += 1
+        return SayObservation(prompt="Try once more.", done=self._state.step_count == 3,
+                              reward=float("<answer>" in action.message))
 
     @property
     def state(self):
@@ -316,3 +339,25 @@ def test_grpo_trains_on_an_openenv_environment_through_the_cli(tiny_base, served
         assert r["scorer_errors"] == r["scorer_timeouts"] == 0 and "reward/format" not in r
     samples = "".join(p.read_text() for p in (out / "samples").iterdir())
     assert "Say the number" in samples  # the reset's observation was the prompt
+
+
+@needs_openenv
+@pytest.mark.slow
+def test_grpo_plays_a_multi_step_openenv_environment_turn_by_turn(tiny_base, env_module, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "r1lab", "grpo", "--model", str(tiny_base), "--out", str(out), "--task",
+         "openenv:r1lab_test_envs:Retry", "--task-options", "{max_turns: 3, sessions: 8}", "--steps", "2",
+         "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "100", "--eval-every", "0",
+         "--save-every", "0", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(env_module), str(ROOT)])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:  # up to three steps' rewards summed per episode
+        assert 0.0 <= r["reward/openenv"] <= 3.0 and r["scorer_errors"] == r["scorer_timeouts"] == 0
+    assert any(r["env/calls_per_rollout"] > 0 and 0 < r["env/output_token_share"] < 1 for r in rows)
+    assert any(r["reward/openenv"] > 1.0 for r in rows)  # a later turn's reward counted too
+    samples = "".join(p.read_text() for p in (out / "samples").iterdir())
+    assert "Try once more." in samples  # the env's reply between the policy's turns
