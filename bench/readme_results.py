@@ -174,7 +174,10 @@ def render_speculative(d: dict) -> str:
                      f"{g['none']['rollout_tokens_per_s']:,.0f} tokens/s without drafts, "
                      f"{g['mtp']['rollout_tokens_per_s']:,.0f} with (**{g['speedup']:.2f}x**); acceptance per step "
                      + " / ".join(f"{100 * x:.0f}" for x in g["mtp"]["acceptance"]) + " (%; GRPO does not train "
-                     "the module).")
+                     "the module)." + ("" if "heldout" not in g["none"] else " Held-out pass@1 at steps " + " / ".join(
+                         str(step) for step, _ in g["none"]["heldout"]) + ": " + "; ".join(
+                         f"{'without' if side == 'none' else 'with'} drafts " + " / ".join(
+                             f"{100 * p:.1f}%" for _, p in g[side]["heldout"]) for side in ("none", "mtp")) + "."))
     return "\n".join(lines)
 
 

@@ -12,8 +12,9 @@ a fresh process, `--speculative none` and `--speculative mtp` alternating, `--re
   sides (greedy: the same completions, checked, a difference exits 1; sampled: other draws of the same
   distribution);
 * `r1lab grpo` from the base with the demo's preset (16 prompts x 8 samples, 64 tokens) for `--grpo-steps` steps:
-  rollout tokens/s (completion tokens over the rollout phase's seconds, the first step left out as warm-up) and
-  the acceptance of each step (GRPO does not train the module: it falls as the policy moves).
+  rollout tokens/s (completion tokens over the rollout phase's seconds, the first step left out as warm-up), the
+  acceptance of each step (GRPO does not train the module: it falls as the policy moves) and held-out pass@1 at the
+  first and last step (the same distribution sampled: the same curve up to sampling noise).
 
     python bench/speculative.py --wait-quiet 120 --json runs/speculative/figures.json
     python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
@@ -102,17 +103,22 @@ def grpo(a, env: dict, model: Path, side: str) -> dict:
     from r1lab.config import save_config
 
     run = a.workdir / f"grpo-{side}"
-    cfg = tiny_grpo_config(model, run, a.grpo_steps, eval_every=0, save_every=0, samples_every=0, report_to="none",
+    # held-out evaluations at the start and the end: the same distribution sampled, so the same curve up to noise
+    cfg = tiny_grpo_config(model, run, a.grpo_steps, eval_every=a.grpo_steps, save_every=0, samples_every=0,
+                           eval_problems=a.problems, report_to="none",
                            speculative=side, seed=common.SEED, threads=a.threads)
     save_config(cfg, run.with_suffix(".yaml"))
-    (run / "metrics.jsonl").unlink(missing_ok=True)
-    proc = common.run_child(r1lab("grpo", "--config", run.with_suffix(".yaml")), env, run.with_suffix(".log"))
+    for old in ("metrics.jsonl", "eval.jsonl"):
+        (run / old).unlink(missing_ok=True)
+    proc = common.run_child(r1lab("grpo", "--config", run.with_suffix(".yaml"), "--overwrite"), env, run.with_suffix(".log"))
     if proc["rc"]:
         sys.exit(f"ERROR: the GRPO run ({side}) failed; see {run.with_suffix('.log')}")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = steps[1:] or steps
     return {"rollout_tokens_per_s": sum(s["completion_tokens"] for s in timed) / sum(s["rollout_time_s"] for s in timed),
-            "acceptance": [s.get("speculative/acceptance") for s in steps], "foreign_cores": proc["foreign_cores"]}
+            "acceptance": [s.get("speculative/acceptance") for s in steps], "foreign_cores": proc["foreign_cores"],
+            "heldout": [[e["step"], e["pass@1"]] for e in map(json.loads,
+                                                               (run / "eval.jsonl").read_text().splitlines())]}
 
 
 def measure(a, env: dict, model: Path) -> dict:
