@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import r1lab.engine.agents as agent_turns
 import r1lab.train.grpo as grpo
 from r1lab.config import GRPOConfig
 from r1lab.engine.engine import Sample
@@ -46,8 +47,8 @@ async def retry(client, model, problem):
 async def rewrite(client, model, problem):
     """Asks, then asks again with its first question edited: history rewritten."""
     first = await ask(client, model, [{"role": "user", "content": problem.prompt}])
-    await ask(client, model, [{"role": "user", "content": problem.prompt + "?"}, {"role": "assistant", "content": first},
-                              {"role": "user", "content": "try again"}])
+    edited = [{"role": "user", "content": problem.prompt + "?"}, {"role": "assistant", "content": first}]
+    await ask(client, model, [*edited, {"role": "user", "content": "try again"}])
     return 1.0
 
 async def broken(client, model, problem):
@@ -116,10 +117,12 @@ def rollouts_of(agent, n=2, samples=2, max_new_tokens=200, **options):
     return env, problems, out, engine
 
 
-def test_the_sample_is_the_served_tokens_and_the_agents_messages_are_never_trained(agents):
+def test_the_sample_is_the_served_tokens_and_the_agents_messages_are_never_trained(agents, monkeypatch):
+    monkeypatch.setattr(agent_turns, "GATHER_S", 5.0)  # however loaded the machine: a batch waits for every agent
     env, problems, samples, engine = rollouts_of("retry")
     assert engine.batches == [4, 4]  # the four agents' requests in flight, answered in one generate call each turn
-    delta = TOK.encode(context_delta(TOK, [{"role": "user", "content": "try again"}], "r1zero"), add_special_tokens=False)
+    try_again = context_delta(TOK, [{"role": "user", "content": "try again"}], "r1zero")
+    delta = TOK.encode(try_again, add_special_tokens=False)
     first = spelled("<answer>0</answer>") + sorted(TOK.eos_ids)
     served = sorted(SERVED.values())
     for s, p in zip(samples, [q for q in problems for _ in range(2)]):
@@ -147,9 +150,10 @@ def test_rewritten_history_is_answered_but_not_trained_and_counted(agents):
     for s in samples:
         assert (s.token_ids, s.model_mask, s.rewrites, s.calls) == (first, [True] * len(first), 1, 2)
         assert len(SERVED[next(k for k, v in SERVED.items() if v[0][0] == s.prompt_ids)]) == 2  # both answered
-    assert grpo.tool_metrics(grpo.Rollouts(
-        problems, [], [s.token_ids for s in samples], [], [""] * 4, [False] * 4, model_mask=[s.model_mask for s in samples],
-        tool_calls=[2] * 4, tool_failures=[0] * 4, conversations=[[]] * 4, rewrites=[1, 0, 1, 0]))["env/rewritten_history"] == 0.5
+    rollouts = grpo.Rollouts(problems, [], [s.token_ids for s in samples], [], [""] * 4, [False] * 4,
+                             model_mask=[s.model_mask for s in samples], tool_calls=[2] * 4, tool_failures=[0] * 4,
+                             conversations=[[]] * 4, rewrites=[1, 0, 1, 0])
+    assert grpo.tool_metrics(rollouts)["env/rewritten_history"] == 0.5
 
 
 def test_a_failing_or_hanging_agent_is_counted_and_scores_zero(agents):
@@ -210,6 +214,10 @@ def test_grpo_trains_exactly_the_tokens_it_served(agents, tiny_base, tmp_path, m
         for sample in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.model_mask):
             assert sample in served  # trained: the served replies (mask 1) and the agent's messages (mask 0), exactly
     assert any(not all(mask) for _, _, mask in served)  # the agent's "try again" is in the samples
+    main(["eval", "--model", str(tmp_path / "run" / "model"), "--task", "agent:my_agents:retry", "--task-options",
+          "{problems: arithmetic}", "--problems", "3", "--samples", "2", "--max-new-tokens", "60", "--device", "cpu",
+          "--out", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["test"]["n_problems"] == 3
 
 
 def reassembled(replies):

@@ -13,9 +13,10 @@ replies are the policy's (trained, with the engine's log-probs), the messages be
 A request that does not extend the conversation as served (the agent rewrote or dropped history, or the reply before
 it was cut by length and so cannot be continued token for token) is still answered, from its own rendering, but is
 not trained on: the rollout's sample stops at the last request that extended it, counted in rewrites (logged as
-env/rewritten_history) with one warning. Sampling settings are the run's (the request's temperature, top_p are
-ignored: the log-probs must be the policy's); every token of a rollout, its requests' included, counts against
-max_new_tokens, and a request past it gets an empty reply with finish_reason "length".
+env/rewritten_history) with one warning. Sampling settings are the run's (a request's temperature or top_p is
+ignored: the log-probs must be the policy's); stream, stop, n > 1 and tools are refused (HTTP 400, the agent's error).
+Every token of a rollout, its requests' included, counts against max_new_tokens; a request past it gets an empty
+reply with finish_reason "length".
 """
 
 from __future__ import annotations
@@ -95,20 +96,20 @@ class AgentTurns:
         requests: queue.Queue[_Request] = queue.Queue()
         server = _endpoint(chains, requests)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        outcomes: list = []
-        agents = threading.Thread(target=lambda: outcomes.extend(asyncio.run(self._run_agents(server, chains))),
+        outcomes, done = [], []  # each agent's (kind, rewards); the agents that finished
+        agents = threading.Thread(target=lambda: outcomes.extend(asyncio.run(self._run_agents(server, chains, done))),
                                   daemon=True)
         agents.start()
         try:
             while agents.is_alive() or not requests.empty():
-                if batch := _gather(requests, agents, len(chains) - len(outcomes)):
+                if batch := _gather(requests, agents, len(chains) - len(done)):
                     self._serve(engine, batch, max_new_tokens, stop_strings, sampling)
         finally:
             server.shutdown()
             server.server_close()
         return [self._finish(chain, outcome) for chain, outcome in zip(chains.values(), outcomes)]
 
-    async def _run_agents(self, server: ThreadingHTTPServer, chains: dict[str, _Chain]) -> list[tuple[str, Any]]:
+    async def _run_agents(self, server: ThreadingHTTPServer, chains: dict[str, _Chain], done: list) -> list:
         import openai  # r1lab[judge]: the agents' client
 
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
@@ -122,6 +123,8 @@ class AgentTurns:
                     return "timeout", f"ran past {self.env.timeout_s:g} s"
                 except Exception as err:  # noqa: BLE001 - an agent's failure costs its rollout, never the run
                     return "error", f"{type(err).__name__}: {err}"
+                finally:
+                    done.append(key)
 
         return await asyncio.gather(*(run(key, chain) for key, chain in chains.items()))
 
@@ -250,7 +253,7 @@ def _endpoint(chains: dict[str, _Chain], requests: queue.Queue) -> ThreadingHTTP
                 return self._send(401, _error("the API key names no rollout of this batch"))
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                refused = [k for k in ("stream", "tools", "functions") if body.get(k)] + \
+                refused = [k for k in ("stream", "stop", "tools", "functions") if body.get(k)] + \
                     (["n"] if body.get("n", 1) != 1 else [])
                 if refused:
                     raise ValueError(f"{', '.join(refused)} not served: one plain completion per request")

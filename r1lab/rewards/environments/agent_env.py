@@ -70,7 +70,8 @@ class AgentEnvironment:
         """One run of the agent and its reward, as components (a bad return raises, counted as the agent's error)."""
         value = await self.agent(client, model, problem)
         try:
-            rewards = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else {"reward": float(value)}
+            rewards = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else \
+                {"reward": float(value)}
         except (TypeError, ValueError):
             rewards = {}
         if "reward" not in rewards or not all(map(math.isfinite, rewards.values())):
