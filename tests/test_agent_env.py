@@ -172,6 +172,15 @@ def test_unserved_requests_and_bad_returns_are_the_agents_errors(agents):
         assert samples[0].failures == 1 and not any(samples[0].model_mask)
 
 
+def test_messages_the_template_cannot_render_are_the_agents_error(agents):
+    env = get_task("agent:my_agents:retry", problems="arithmetic")
+    problems = env.problems("train", 1, 0)
+    turns = grpo.rollout_turns(GRPOConfig(template="none"), env, problems, TOK)
+    with pytest.warns(RuntimeWarning, match="template 'none' sends a question as it is"):
+        [s] = generate_with_tools(ScriptedEngine(), [[1]], turns, max_new_tokens=50, seed=3)
+    assert (s.failures, s.calls) == (1, 0)
+
+
 def test_a_rollouts_requests_share_its_token_budget(agents):
     _, _, [s], _ = rollouts_of("retry", n=1, samples=1, max_new_tokens=12)
     assert len(s.token_ids) == 12 and s.finish_reason == "length"

@@ -105,6 +105,8 @@ class AgentTurns:
                 if batch := _gather(requests, agents, len(chains) - len(done)):
                     self._serve(engine, batch, max_new_tokens, stop_strings, sampling)
         finally:
+            while not requests.empty():  # an agent cancelled mid-request (timed out): its handler must not wait on
+                requests.get_nowait().reply.set_exception(ValueError("the rollout batch is over"))
             server.shutdown()
             server.server_close()
         return [self._finish(chain, outcome) for chain, outcome in zip(chains.values(), outcomes)]
@@ -134,8 +136,12 @@ class AgentTurns:
         for request in batch:
             chain = request.chain
             spent = lambda: len(chain.out.token_ids) + chain.spent  # noqa: E731
-            ids, trained = self._prompt(chain, request.messages, max_new_tokens) if spent() < max_new_tokens else \
-                (chain.prompt + chain.out.token_ids, False)
+            try:
+                ids, trained = self._prompt(chain, request.messages, max_new_tokens) if spent() < max_new_tokens else \
+                    (chain.prompt + chain.out.token_ids, False)
+            except ValueError as err:  # the template cannot render these messages: the agent's error, not the run's
+                request.reply.set_exception(err)
+                continue
             room = min(max_new_tokens - spent(), request.max_tokens or max_new_tokens)
             if room <= 0:  # the rollout's budget is spent (or was while its messages were appended)
                 request.reply.set_result(_completion(ids, [], "", "length"))
@@ -262,7 +268,10 @@ def _endpoint(chains: dict[str, _Chain], requests: queue.Queue) -> ThreadingHTTP
                 return self._send(400, _error(f"bad request: {err}"))
             request = _Request(chain, messages, body.get("max_completion_tokens") or body.get("max_tokens"))
             requests.put(request)
-            self._send(200, request.reply.result())
+            try:
+                self._send(200, request.reply.result())
+            except ValueError as err:
+                self._send(400, _error(str(err)))
 
         def _send(self, status: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
