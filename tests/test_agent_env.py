@@ -13,7 +13,7 @@ import r1lab.engine.agents as agent_turns
 import r1lab.train.grpo as grpo
 from r1lab.config import GRPOConfig
 from r1lab.engine.engine import Sample
-from r1lab.engine.tools import context_delta, generate_with_tools
+from r1lab.engine.tools import context_delta, conversation, generate_with_tools
 from r1lab.model.loading import encode_prompt
 from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.rewards.tasks import get_task
@@ -63,6 +63,21 @@ async def streams(client, model, problem):
 
 async def lazy(client, model, problem):
     return "yes"
+
+async def malformed(client, model, problem):
+    """Requests no server should act on, and one good one: the statuses are its reward's components."""
+    import httpx
+    bodies = [b"{", {"messages": "hi"}, {"messages": [{"content": "hi"}]}, {"messages": [], "max_tokens": "many"},
+              {"messages": [{"role": "user", "content": {"a": 1}}]}, {"messages": [{"role": "user", "content": "hi"}]}]
+    statuses = {}
+    async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
+        for i, body in enumerate(bodies):
+            sent = {"content": body} if isinstance(body, bytes) else {"json": body}
+            reply = await http.post("chat/completions", headers={"Authorization": f"Bearer {client.api_key}"}, **sent)
+            statuses[f"status{i}"] = reply.status_code
+        statuses["stranger"] = (await http.post("chat/completions", json=bodies[-1])).status_code
+        statuses["models"] = (await http.get("models")).status_code
+    return {"reward": 1.0, **statuses}
 '''
 
 
@@ -78,8 +93,8 @@ def agents(tmp_path_factory):
 
 def script(text):
     """A policy that answers 0 first, then the right sum once told to try again."""
-    expression = re.findall(r"\d+(?:\+\d+)+", text)[-1]
-    return f"<answer>{eval(expression)}</answer>" if "try again" in text else "<answer>0</answer>"
+    expression = re.findall(r"\d+(?:\+\d+)+", text)
+    return f"<answer>{eval(expression[-1])}</answer>" if "try again" in text else "<answer>0</answer>"
 
 
 def spelled(text):
@@ -179,6 +194,13 @@ def test_messages_the_template_cannot_render_are_the_agents_error(agents):
     with pytest.warns(RuntimeWarning, match="template 'none' sends a question as it is"):
         [s] = generate_with_tools(ScriptedEngine(), [[1]], turns, max_new_tokens=50, seed=3)
     assert (s.failures, s.calls) == (1, 0)
+
+
+def test_malformed_requests_get_a_400_and_the_run_goes_on(agents):
+    env, problems, [s], _ = rollouts_of("malformed", n=1, samples=1)
+    scored = env.rewards(problems[0], conversation(problems[0], s.messages))  # the components the agent returned
+    assert [scored[f"status{i}"] for i in range(6)] == [400, 400, 400, 400, 400, 200]
+    assert (scored["stranger"], scored["models"], s.failures, s.calls) == (401, 200, 0, 1)
 
 
 def test_a_rollouts_requests_share_its_token_budget(agents):

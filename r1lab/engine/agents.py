@@ -66,7 +66,7 @@ class _Chain(_Rollout):
 class _Request:
     chain: _Chain
     messages: list[dict]
-    max_tokens: int | None
+    max_tokens: int  # 0: as many as the rollout's budget leaves
     reply: Future = field(default_factory=Future)
 
 
@@ -74,7 +74,9 @@ def text_of(content: Any) -> str:
     """A message's content as text: a string, or OpenAI's list of parts (their text joined)."""
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
+    if content is None or isinstance(content, str):
+        return content or ""
+    raise TypeError(f"a message's content is text or a list of parts, not {type(content).__name__}")
 
 
 @dataclass
@@ -139,8 +141,8 @@ class AgentTurns:
             try:
                 ids, trained = self._prompt(chain, request.messages, max_new_tokens) if spent() < max_new_tokens else \
                     (chain.prompt + chain.out.token_ids, False)
-            except ValueError as err:  # the template cannot render these messages: the agent's error, not the run's
-                request.reply.set_exception(err)
+            except Exception as err:  # noqa: BLE001 - messages the template cannot render: the agent's error
+                request.reply.set_exception(ValueError(f"{type(err).__name__}: {err}"))
                 continue
             room = min(max_new_tokens - spent(), request.max_tokens or max_new_tokens)
             if room <= 0:  # the rollout's budget is spent (or was while its messages were appended)
@@ -263,10 +265,11 @@ def _endpoint(chains: dict[str, _Chain], requests: queue.Queue) -> ThreadingHTTP
                     (["n"] if body.get("n", 1) != 1 else [])
                 if refused:
                     raise ValueError(f"{', '.join(refused)} not served: one plain completion per request")
-                messages = [{"role": m["role"], "content": text_of(m.get("content"))} for m in body["messages"]]
+                messages = [{"role": str(m["role"]), "content": text_of(m.get("content"))} for m in body["messages"]]
+                limit = int(body.get("max_completion_tokens") or body.get("max_tokens") or 0)
+                request = _Request(chain, messages, limit)
             except (ValueError, KeyError, TypeError, AttributeError) as err:
-                return self._send(400, _error(f"bad request: {err}"))
-            request = _Request(chain, messages, body.get("max_completion_tokens") or body.get("max_tokens"))
+                return self._send(400, _error(f"bad request: {type(err).__name__}: {err}"))
             requests.put(request)
             try:
                 self._send(200, request.reply.result())
