@@ -183,8 +183,10 @@ def test_a_failing_or_hanging_agent_is_counted_and_scores_zero(agents):
 def test_unserved_requests_and_bad_returns_are_the_agents_errors(agents):
     for agent, match in (("streams", "stream not served"), ("lazy", "returned 'yes'")):
         with pytest.warns(RuntimeWarning, match=match):
-            _, _, samples, _ = rollouts_of(agent, n=1, samples=1)
+            env, problems, samples, _ = rollouts_of(agent, n=1, samples=1)
         assert samples[0].failures == 1 and not any(samples[0].model_mask)
+        result = score_completions(env, problems, [samples[0].messages or samples[0].text])  # as eval scores it
+        assert (result.total, result.errors) == ([0.0], 0)  # the failure is counted once, as the run's
 
 
 def test_messages_the_template_cannot_render_are_the_agents_error(agents):
@@ -248,7 +250,8 @@ def test_grpo_trains_exactly_the_tokens_it_served(agents, tiny_base, tmp_path, m
     main(["eval", "--model", str(tmp_path / "run" / "model"), "--task", "agent:my_agents:retry", "--task-options",
           "{problems: arithmetic}", "--problems", "3", "--samples", "2", "--max-new-tokens", "60", "--device", "cpu",
           "--out", str(tmp_path / "eval.json")])
-    assert json.loads((tmp_path / "eval.json").read_text())["test"]["n_problems"] == 3
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert (evaluated["n_problems"], evaluated["tool_calls"] > 0, evaluated["tool_failure_rate"]) == (3, True, 0.0)
 
 
 def reassembled(replies):

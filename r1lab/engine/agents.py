@@ -203,8 +203,9 @@ class AgentTurns:
             _WARNED.add((kind, self.env.name))
             warnings.warn(f"{self.env.name}: {value}; counted in scorer_{kind}s, the rollout scores 0 (reported once)",
                           RuntimeWarning)
-        if not out.token_ids:  # the agent asked for nothing: no token is the policy's
+        if not out.token_ids:  # the agent was served nothing: no token is the policy's, its turn is empty
             out.token_ids, out.logprobs, out.model_mask = [self.tokenizer.pad_id], [0.0], [False]
+            out.messages = [{"role": "assistant", "content": ""}]
         self.env.record(conversation(self.problems[out.prompt_index], out.messages),
                         value if kind == "ok" else {"reward": 0.0})
         return out
