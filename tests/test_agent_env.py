@@ -64,6 +64,9 @@ async def streams(client, model, problem):
 async def lazy(client, model, problem):
     return "yes"
 
+async def quits(client, model, problem):
+    raise SystemExit("done here")
+
 async def malformed(client, model, problem):
     """Requests no server should act on, and one good one: the statuses are its reward's components."""
     import httpx
@@ -181,7 +184,7 @@ def test_a_failing_or_hanging_agent_is_counted_and_scores_zero(agents):
 
 
 def test_unserved_requests_and_bad_returns_are_the_agents_errors(agents):
-    for agent, match in (("streams", "stream not served"), ("lazy", "returned 'yes'")):
+    for agent, match in (("streams", "stream not served"), ("lazy", "returned 'yes'"), ("quits", "done here")):
         with pytest.warns(RuntimeWarning, match=match):
             env, problems, samples, _ = rollouts_of(agent, n=1, samples=1)
         assert samples[0].failures == 1 and not any(samples[0].model_mask)

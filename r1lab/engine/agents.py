@@ -111,6 +111,8 @@ class AgentTurns:
                 requests.get_nowait().reply.set_exception(ValueError("the rollout batch is over"))
             server.shutdown()
             server.server_close()
+        if len(outcomes) != len(chains):  # not an agent's failure (those are its outcome): the loop itself broke
+            raise RuntimeError(f"{self.env.name}: the agents' event loop ended before their runs did")
         return [self._finish(chain, outcome) for chain, outcome in zip(chains.values(), outcomes)]
 
     async def _run_agents(self, server: ThreadingHTTPServer, chains: dict[str, _Chain], done: list) -> list:

@@ -68,7 +68,10 @@ class AgentEnvironment:
 
     async def run(self, client, model: str, problem: Problem) -> dict[str, float]:
         """One run of the agent and its reward, as components (a bad return raises, counted as the agent's error)."""
-        value = await self.agent(client, model, problem)
+        try:
+            value = await self.agent(client, model, problem)
+        except SystemExit as err:  # would end the event loop of every rollout, not this one's run
+            raise RuntimeError(f"the agent called exit({err})") from None
         try:
             rewards = {k: float(v) for k, v in value.items()} if isinstance(value, Mapping) else \
                 {"reward": float(value)}
