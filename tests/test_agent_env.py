@@ -2,7 +2,6 @@
 calls the policy through a real OpenAI client against the in-process endpoint; its rollout is trained token in, token
 out (the served replies trained, the agent's messages between them context with loss mask 0)."""
 
-import asyncio
 import json
 import re
 import sys
@@ -16,8 +15,8 @@ from r1lab.engine.engine import Sample
 from r1lab.engine.tools import context_delta, conversation, generate_with_tools
 from r1lab.model.loading import encode_prompt
 from r1lab.model.tokenizer import build_tiny_tokenizer
-from r1lab.rewards.tasks import get_task
 from r1lab.rewards.rules import score_completions
+from r1lab.rewards.tasks import get_task
 
 pytest.importorskip("openai")
 TOK = build_tiny_tokenizer()
@@ -163,7 +162,7 @@ def test_the_sample_is_the_served_tokens_and_the_agents_messages_are_never_train
 
 def test_rewritten_history_is_answered_but_not_trained_and_counted(agents):
     with pytest.warns(RuntimeWarning, match="did not extend the conversation as served"):
-        env, problems, samples, _ = rollouts_of("rewrite")
+        _, problems, samples, _ = rollouts_of("rewrite")
     first = spelled("<answer>0</answer>") + sorted(TOK.eos_ids)
     for s in samples:
         assert (s.token_ids, s.model_mask, s.rewrites, s.calls) == (first, [True] * len(first), 1, 2)

@@ -61,6 +61,9 @@ class _Chain(_Rollout):
     served: list[dict] = field(default_factory=list)
     spent: int = 0  # tokens sampled for requests outside the sample (after a rewrite)
 
+    def left(self, max_new_tokens: int) -> int:
+        return max_new_tokens - len(self.out.token_ids) - self.spent
+
 
 @dataclass
 class _Request:
@@ -139,14 +142,13 @@ class AgentTurns:
         jobs = []
         for request in batch:
             chain = request.chain
-            spent = lambda: len(chain.out.token_ids) + chain.spent  # noqa: E731
             try:
-                ids, trained = self._prompt(chain, request.messages, max_new_tokens) if spent() < max_new_tokens else \
-                    (chain.prompt + chain.out.token_ids, False)
+                ids, trained = self._prompt(chain, request.messages, max_new_tokens) if chain.left(max_new_tokens) > 0 \
+                    else (chain.prompt + chain.out.token_ids, False)
             except Exception as err:  # noqa: BLE001 - messages the template cannot render: the agent's error
                 request.reply.set_exception(ValueError(f"{type(err).__name__}: {err}"))
                 continue
-            room = min(max_new_tokens - spent(), request.max_tokens or max_new_tokens)
+            room = min(chain.left(max_new_tokens), request.max_tokens or max_new_tokens)
             if room <= 0:  # the rollout's budget is spent (or was while its messages were appended)
                 request.reply.set_result(_completion(ids, [], "", "length"))
                 continue

@@ -16,7 +16,8 @@ import json
 import math
 import threading
 from collections import defaultdict
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from r1lab.rewards.environments import EnvReply, is_environment_spec
 from r1lab.rewards.tasks import get_task
