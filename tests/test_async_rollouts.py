@@ -87,7 +87,7 @@ def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("change, why", [(dict(tools="python"), "tool calls"), (dict(shard=True), "unsharded"),
-                                         (dict(lora_rank=4), "LoRA")])
+                                         (dict(lora_rank=4), "LoRA"), (dict(task="agent:my_agent:run"), "agents")])
 def test_what_the_worker_cannot_do_is_refused_in_one_line(tiny_base, tmp_path, change, why):
     cfg = small_config(tiny_base, tmp_path, async_steps=1, **change)
     with pytest.raises(ValueError, match=why):

@@ -25,7 +25,8 @@ from r1lab.config import SampleConfig, save_config
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine, Sample
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import generate_with_tools, rollout_turns
+from r1lab.engine.agents import rollout_turns
+from r1lab.engine.tools import generate_with_tools
 from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.rules import RewardResult, score_completions

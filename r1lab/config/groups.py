@@ -103,7 +103,7 @@ class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py
         # what the speculative decoder does not run: tool turns' stop strings, slots, a worker process, no end-of-text
         asked = [f"{name} {shown(getattr(cfg, name))}" for name in ("tools", "rollout_slots", "async_steps",
                                                                     "suppress_eos") if getattr(cfg, name, None)]
-        asked += [f"task {cfg.task}"] if str(getattr(cfg, "task", "")).split(":")[0] in ("verifiers", "openenv") else []
+        asked += [f"task {cfg.task}"] if str(getattr(cfg, "task", "")).split(":")[0] in ("verifiers", "openenv", "agent") else []
         return [f"speculative {cfg.speculative} does not run with {', '.join(asked)}: leave one off"] \
             if asked and cfg.speculative != "none" else []
 

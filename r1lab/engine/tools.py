@@ -28,7 +28,7 @@ from typing import Any, Callable, Protocol
 
 from r1lab.engine.sampling import step_seed
 from r1lab.model.templates import render_conversation
-from r1lab.rewards.environments import call_all, is_environment
+from r1lab.rewards.environments import call_all
 from r1lab.rewards.sandbox.runner import ProgramResult, run_program_pooled, sandbox_summary
 
 TOOLS = ("", "python")  # "" = no tools
@@ -79,6 +79,8 @@ class ToolSample:
     failures: int = 0  # calls that raised, timed out, exceeded a limit or had no opening tag
     timeouts: int = 0  # environment replies past their time (tools count theirs in failures)
     messages: list[dict] = field(default_factory=list)  # with an environment: the turns, policy's and environment's
+    prompt_ids: list[int] = field(default_factory=list)  # an agent's (r1lab/engine/agents.py): its first request's
+    rewrites: int = 0  # an agent's requests that did not extend the conversation as served (not trained on)
 
 
 Runner = Callable[[str, ToolSpec], ProgramResult]
@@ -187,9 +189,11 @@ def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec
     """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls (a ToolSpec) or another
     responder's turns: see the module's docstring. seed: one per prompt, or an int from which each prompt's is drawn
     (None: unseeded); sampling: Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    if hasattr(spec, "rollouts"):  # an agent drives its own turns (r1lab/engine/agents.py)
+        return spec.rollouts(engine, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
+                             stop_strings=stop_strings, **sampling)
     turns = ToolTurns(spec, runner) if isinstance(spec, ToolSpec) else spec
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else \
-        [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(len(prompt_ids))]
+    seeds = prompt_seeds(seed, len(prompt_ids))
     stops = (*turns.stops, *stop_strings)
     first = engine.generate(prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seeds,
                             stop_strings=stops, **sampling)
@@ -211,6 +215,12 @@ def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec
                 _add_turn(r, s, turns, engine.tokenizer.eos_ids)
         turn += 1
     return [r.out for r in rollouts]
+
+
+def prompt_seeds(seed: int | list[int | None] | None, n: int) -> list[int | None]:
+    """Each prompt's seed: as given (one per prompt), or drawn from an int (None: unseeded)."""
+    return list(seed) if isinstance(seed, (list, tuple)) else \
+        [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(n)]
 
 
 def _add_turn(r: _Rollout, sample: Any, turns: Turns, eos_ids: set[int]) -> None:
@@ -312,15 +322,6 @@ class EnvTurns:
             r.out.messages += reply.messages
             text = context_delta(tokenizer, reply.messages, self.template) + self.prefill
             append_context(r, tokenizer.encode(text, add_special_tokens=False), text, max_new_tokens, tokenizer)
-
-
-def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns | None:
-    """What answers the policy between its turns in a command: the task when it is an environment, else the tools
-    cfg asks for (None: neither)."""
-    if is_environment(task):
-        return EnvTurns(task, problems, tokenizer, cfg.template, cfg.prefill, cfg.reward_timeout_s)
-    spec = ToolSpec.of(cfg)
-    return ToolTurns(spec) if spec else None
 
 
 def conversation(problem: Any, messages: list[dict]) -> list[dict]:

@@ -39,7 +39,8 @@ def check_async(cfg, world, device: torch.device) -> None:
         return
     refusals = [(world.size > 1, "runs on one process (no torchrun)"), (device.type != "cpu", "runs on the CPU "
                  "(the worker's weights live in shared host memory)"), (bool(cfg.tools), "does not run tool calls"),
-                (cfg.shard, "needs unsharded weights"), (cfg.lora_rank > 0, "does not train LoRA adapters")]
+                (cfg.shard, "needs unsharded weights"), (cfg.lora_rank > 0, "does not train LoRA adapters"),
+                (str(cfg.task).startswith("agent:"), "does not run agents (their rewards are kept where they ran)")]
     for refused, why in refusals:
         if refused:
             raise ValueError(f"--async-steps {cfg.async_steps}: the rollout worker {why}; use --async-steps 0")

@@ -24,7 +24,8 @@ from r1lab.config import GRPOConfig
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
-from r1lab.engine.tools import generate_with_tools, rollout_turns
+from r1lab.engine.agents import rollout_turns
+from r1lab.engine.tools import generate_with_tools
 from r1lab.model import moe
 from r1lab.model.loading import (DTYPES, check_context, describe_prompts, encode_prompt, load_policy, pick_device,
                                  prompt_text)
@@ -238,6 +239,7 @@ class Rollouts:
     tool_failures: list[int] = field(default_factory=list)
     tool_timeouts: list[int] = field(default_factory=list)  # environment replies past their time
     conversations: list[list[dict]] = field(default_factory=list)  # with an environment: the turns after the prompt
+    rewrites: list[int] = field(default_factory=list)  # an agent's requests that rewrote history (engine/agents.py)
     versions: list[int] = field(default_factory=list)  # async rollouts: the policy version each was sampled from
 
     def trained_mask(self, i: int) -> list[bool]:
@@ -283,13 +285,13 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
     turns = rollout_turns(cfg, task, problems, tok)
     samples = generate_with_tools(engine, prompts, turns, **sampling) if turns else engine.generate(prompts, **sampling)
     rollouts = Rollouts(problems=[problems[s.prompt_index] for s in samples],
-                        prompt_ids=[prompts[s.prompt_index] for s in samples],
+                        prompt_ids=[getattr(s, "prompt_ids", None) or prompts[s.prompt_index] for s in samples],
                         completion_ids=[s.token_ids for s in samples], old_logprobs=[s.logprobs for s in samples],
                         texts=[s.text for s in samples], truncated=[s.finish_reason == "length" for s in samples])
     if turns:
         rollouts.model_mask = [s.model_mask for s in samples]
         rollouts.tool_calls, rollouts.tool_failures = [s.calls for s in samples], [s.failures for s in samples]
-        rollouts.tool_timeouts = [s.timeouts for s in samples]
+        rollouts.tool_timeouts, rollouts.rewrites = [s.timeouts for s in samples], [s.rewrites for s in samples]
     if is_environment(task):
         rollouts.conversations = [s.messages for s in samples]
     return rollouts
@@ -684,7 +686,8 @@ def tool_metrics(rollouts: Rollouts) -> dict:
     tokens, kind = sum(len(m) for m in rollouts.model_mask), "env" if rollouts.conversations else "tools"
     return {f"{kind}/calls_per_rollout": calls / n, f"{kind}/failure_rate": failures / calls if calls else 0.0,
             f"{kind}/rollouts_with_calls": sum(c > 0 for c in rollouts.tool_calls) / n,
-            f"{kind}/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1)}
+            f"{kind}/output_token_share": sum(not t for m in rollouts.model_mask for t in m) / max(tokens, 1),
+            **({"env/rewritten_history": sum(rollouts.rewrites) / n} if kind == "env" else {})}
 
 
 def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, render) -> list[dict]:

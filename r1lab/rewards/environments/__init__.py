@@ -1,4 +1,5 @@
-"""Environments of other standards (verifiers, OpenEnv) as r1lab tasks: `--task verifiers:ENV`, `--task openenv:ENV`.
+"""Environments of other standards and agents as r1lab tasks: `--task verifiers:ENV`, `--task openenv:ENV`,
+`--task agent:MODULE:FUNCTION`.
 
 An environment is a Task (its problems are the prompts) that also answers each policy turn and scores the whole
 conversation. Its messages are context the policy attends to but is never trained on, like tool results
@@ -15,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from r1lab.rewards.tasks.base import Problem, Task
 
-ADAPTERS = {"verifiers": "verifiers_env", "openenv": "openenv_env"}  # --task KIND:NAME -> its module here
+ADAPTERS = {"verifiers": "verifiers_env", "openenv": "openenv_env", "agent": "agent_env"}  # --task KIND:NAME -> its module here
 
 
 @dataclass
