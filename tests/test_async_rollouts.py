@@ -81,7 +81,7 @@ def test_the_workers_held_out_evaluations_are_of_the_weights_of_their_step(tiny_
     try:
         for step, weights_dir in [(0, tiny_base), (2, tmp_path / "checkpoints" / "step_000002"), (4, final)]:
             model, tok = grpo.load_policy(str(weights_dir), torch.device("cpu"))
-            engine = ChunkedEngine(Engine(model.eval(), tok), 8, lambda: chunks.append(step))
+            engine = ChunkedEngine(Engine(model.eval(), tok), 8, lambda step=step: chunks.append(step))
             result = grpo.evaluate_policy(engine, task, cfg.eval_config(), problems)
             saved = json.loads((tmp_path / "eval" / f"step_{step:06d}.json").read_text())["heldout"]
             assert saved["records"] == result.to_dict(include_records=True)["records"]
