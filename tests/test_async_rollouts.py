@@ -85,6 +85,7 @@ def test_the_workers_held_out_evaluations_are_of_the_weights_of_their_step(tiny_
             result = grpo.evaluate_policy(engine, task, cfg.eval_config(), problems)
             saved = json.loads((tmp_path / "eval" / f"step_{step:06d}.json").read_text())["heldout"]
             assert saved["records"] == result.to_dict(include_records=True)["records"]
+            assert engine.tokens == sum(s["length"] for r in result.records for s in r["samples"]) > 0
             assert logged[step] == {"step": step, "split": "heldout",
                                     **{k: v for k, v in result.to_dict().items() if k != "tokens_per_s"}}
     finally:

@@ -28,6 +28,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 
 import torch
@@ -198,11 +199,15 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
         batch.versions = [wanted] * len(batch.texts)
         return batch
 
+    def heldout():
+        chunked = ChunkedEngine(Engine(evaluated, tokenizer), chunk, serve_waiting)
+        result = evaluate(chunked)
+        result.tokens_per_s = chunked.tokens / chunked.seconds  # the evaluation's decoding, not the batches between
+        return result
+
     def serve(kind, step, *request) -> None:
         try:
-            job = rollouts if kind == "rollouts" else \
-                lambda: evaluate(ChunkedEngine(Engine(evaluated, tokenizer), chunk, serve_waiting))
-            results.put((kind, step, job(*request), None))
+            results.put((kind, step, (rollouts if kind == "rollouts" else heldout)(*request), None))
         except Exception:  # any failure is the trainer's to report, with the worker's traceback
             results.put((kind, step, None, traceback.format_exc()))
 
@@ -216,10 +221,11 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
 
 
 class ChunkedEngine:
-    """An engine that generates `chunk` prompts at a time and calls between() before each chunk."""
+    """An engine that generates `chunk` prompts at a time and calls between() before each chunk; tokens and seconds
+    count its own generation."""
 
     def __init__(self, engine: Engine, chunk: int, between):
-        self.engine, self.chunk, self.between = engine, chunk, between
+        self.engine, self.chunk, self.between, self.tokens, self.seconds = engine, chunk, between, 0, 0.0
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
@@ -228,7 +234,10 @@ class ChunkedEngine:
         samples = []
         for i in range(0, len(prompts), self.chunk):
             self.between()
+            start = time.perf_counter()
             samples += self.engine.generate(prompts[i : i + self.chunk], seed=seed[i : i + self.chunk], **sampling)
+            self.seconds += time.perf_counter() - start
+        self.tokens += sum(len(s.token_ids) for s in samples)
         return samples
 
 
