@@ -21,7 +21,6 @@ evaluations of the steps before it, so a resumed run neither loses nor repeats o
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import multiprocessing
 import os
@@ -190,7 +189,9 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
     _exit_with_parent()
     setup_training_process(threads)
     use_sandbox(cfg.sandbox)  # the run's choice, for scoring the held-out completions of a code task
-    engine, chunk = Engine(model, tokenizer), max(1, cfg.prompts_per_step * cfg.samples_per_prompt // cfg.eval_samples)
+    engine = Engine(model, tokenizer)
+    # an evaluation's chunk decodes as many sequences as a step's batch: about what fits while the trainer updates
+    chunk = max(1, cfg.prompts_per_step * cfg.samples_per_prompt // cfg.eval_samples)
 
     def rollouts(wanted, problems, seeds):
         if version.value != wanted:
@@ -212,9 +213,8 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
             results.put((kind, step, None, traceback.format_exc()))
 
     def serve_waiting() -> None:  # between an evaluation's chunks: the batches asked for meanwhile
-        with contextlib.suppress(queue.Empty):
-            while True:
-                serve(*requests.get_nowait())
+        while not requests.empty():  # this process alone takes from the queue: what it holds stays there
+            serve(*requests.get())
 
     while (request := requests.get()) is not None:
         serve(*request)
