@@ -23,6 +23,9 @@ edited by hand.
 - speculative: `bench/speculative.py --wait-quiet 120` (the tiny V3 base with its MTP module: eval and GRPO rollout
          tokens/s with and without MTP drafts, acceptance, greedy completions compared); `--speculative-smoke` runs it
          at tiny sizes, a check that files no figures.
+- async_grpo: `bench/async_grpo.py --wait-quiet 120` (the demo's GRPO with `--async-steps 0` and `1` over 3 seeds,
+         sides alternating, and the random-reward control: wall times, their ratio, held-out pass@1 curves);
+         `--async-grpo-smoke` runs it at tiny sizes, a check that files no figures.
 - distill, pipeline: `r1lab distill` (from the seed-0 demo model) and `r1lab pipeline`, their results.json tables.
 - serve: `bench/serve_load.py` (64 clients x 10 requests) and `bench/serve_load.py --flood`.
 - distributed: `bench/distributed.py` (torchrun, 2 gloo ranks on the CPU: equal weights, FSDP memory per rank).
@@ -52,7 +55,7 @@ README, BENCHMARKS = Path("README.md"), Path("docs/benchmarks.md")
 PAGES = {"demo": README, "bench": README, "gpu": README,
          **{name: BENCHMARKS for name in ("demo_v3", "demo_tools", "realshape", "realshape_in_backward",
                                           "realshape_lora", "realshape_lora_bf16", "gpu_lora", "lora_demo",
-                                          "continuous", "speculative", "distill", "pipeline", "serve", "distributed",
+                                          "continuous", "speculative", "async_grpo", "distill", "pipeline", "serve", "distributed",
                                           "tests")}}
 FIGURES = ("pass@1", "cons@8", "pass@8", "format_rate", "mean_length")
 
@@ -143,6 +146,36 @@ def run_speculative(workdir: Path, smoke: bool) -> dict:
     timed([sys.executable, *argv, "--workdir", str(workdir / "speculative"), "--json", str(out)],
           workdir / "speculative.log")
     return {**stamp(), "command": "python " + " ".join(argv), "figures": json.loads(out.read_text())}
+
+
+def run_async_grpo(workdir: Path, smoke: bool) -> dict:
+    out = workdir / "async_grpo.json"
+    argv = ["bench/async_grpo.py", *(["--smoke"] if smoke else ["--wait-quiet", "120"])]
+    timed([sys.executable, *argv, "--workdir", str(workdir / "async-grpo"), "--json", str(out)],
+          workdir / "async_grpo.log")
+    return {**stamp(), "command": "python " + " ".join(argv), "figures": json.loads(out.read_text())}
+
+
+def render_async_grpo(d: dict) -> str:
+    f, a = d["figures"], d["figures"]["args"]
+    if a["smoke"]:  # tiny sizes: whether the bench runs, not a figure
+        return (f"Not measured yet: `{d['command']}` ran on {d['date']} at commit `{d['commit']}` at tiny sizes "
+                f"(a check that it runs, no figures); `python bench/readme_results.py --async-grpo` measures.")
+    curve = lambda run: " / ".join(f"{100 * x:.1f}" for x in run["pass@1"])  # noqa: E731
+    rows = [f"| {s['seed']} | {s['sync']['wall_s']:.1f} | {s['async']['wall_s']:.1f} | **{s['ratio']:.2f}x** | "
+            f"{curve(s['sync'])} | {curve(s['async'])} |" for s in f["seeds"]]
+    c = f["control"]
+    return "\n".join([
+        f"{measured(d)}, by `{d['command']}`: the demo's GRPO ({a['steps']} steps, held-out evaluation of "
+        f"{a['eval_problems']} problems x 8 samples every {a['eval_every']} steps, {a['threads']} threads) with "
+        "`--async-steps 0` and `1`, each a fresh process, the sides' order alternating; wall time of the whole "
+        "command; held-out pass@1 (%) at each evaluation:", "",
+        "| seed | sync (s) | async (s) | async / sync | held-out pass@1, sync | held-out pass@1, async |",
+        "|---|---:|---:|---:|---|---|", *rows, "",
+        f"Mean async / sync **{f['mean_ratio']:.2f}x**, final pass@1 async minus sync "
+        f"{f['mean_final_gap_points']:+.1f} points (the bar: at most 0.8x, within 5 points: "
+        f"{'met' if f['bar_met'] else '**not met**'}). The random-reward control (synchronous, seed {c['seed']}): "
+        f"{c['wall_s']:.1f} s, held-out pass@1 {curve(c)}."])
 
 
 SPECULATIVE_MODES = {"greedy": "greedy, one sample", "greedy-8": "greedy, 8 prompts per generate call",
@@ -581,7 +614,7 @@ def render_serve_mixed(mixed: dict) -> str:
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
              "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora,
              "realshape_in_backward": render_realshape_in_backward, "lora_demo": render_lora_demo, "continuous": render_continuous,
-             "speculative": render_speculative, "distill": render_distill, "pipeline": render_pipeline,
+             "speculative": render_speculative, "async_grpo": render_async_grpo, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -637,6 +670,8 @@ def main(argv=None) -> None:
     p.add_argument("--continuous", action="store_true")
     p.add_argument("--speculative", action="store_true")
     p.add_argument("--speculative-smoke", action="store_true", help="--speculative at tiny sizes: a check, no figures")
+    p.add_argument("--async-grpo", action="store_true")
+    p.add_argument("--async-grpo-smoke", action="store_true", help="--async-grpo at tiny sizes: a check, no figures")
     p.add_argument("--distill", action="store_true")
     p.add_argument("--pipeline", action="store_true")
     p.add_argument("--serve", action="store_true")
@@ -651,6 +686,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "readme-results")
     a = p.parse_args(argv)
     a.speculative |= a.speculative_smoke
+    a.async_grpo |= a.async_grpo_smoke
     a.workdir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     parts = {"demo": lambda: run_demo(a.seeds, a.workdir),
@@ -663,6 +699,7 @@ def main(argv=None) -> None:
                                                                  "grpo_realshape_in_backward"),
              "continuous": lambda: run_continuous(a.workdir),
              "speculative": lambda: run_speculative(a.workdir, a.speculative_smoke),
+             "async_grpo": lambda: run_async_grpo(a.workdir, a.async_grpo_smoke),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import r1lab.train.grpo as grpo
-from r1lab.train.async_rollouts import AsyncRollouts, check_async, thread_split
+from r1lab.engine.engine import Engine
+from r1lab.train.async_rollouts import AsyncRollouts, ChunkedEngine, check_async, thread_split
 from r1lab.train.distributed import World
 from test_grpo import small_config, weights
 
 
-EVAL = {"eval_every": 2, "eval_problems": 4, "eval_samples": 2}  # evaluations between steps
+EVAL = {"eval_every": 2, "eval_problems": 12, "eval_samples": 2}  # evaluations between steps, in 2 chunks of 8
 
 
 def metrics(run):
@@ -54,6 +55,43 @@ def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tm
     rows_b = metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5]
     assert [r["reward/mean"] for r in rows_b] == [r["reward/mean"] for r in rows]  # the same prompts and samples
+    assert evaluations(tmp_path / "b") == evaluations(tmp_path / "a")  # each step's held-out evaluation, once
+
+
+def evaluations(run):
+    """step -> the held-out figures logged, but for the throughput (a timing)."""
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in rows}) == len(rows)
+    return {r["step"]: {k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows}
+
+
+@pytest.mark.slow
+def test_the_workers_held_out_evaluations_are_of_the_weights_of_their_step(tiny_base, tmp_path):
+    """The worker evaluates version v, logged at step v: the figures and completions of those weights evaluated
+    in the worker's chunks on its threads; the last evaluation is the final model's."""
+    cfg = small_config(tiny_base, tmp_path, steps=4, save_every=2, async_steps=1, **EVAL)
+    final = grpo.train(cfg, log=lambda *_: None)
+    logged = evaluations(tmp_path)
+    assert sorted(logged) == [0, 2, 4]
+    task = grpo.get_task(cfg.task, **cfg.task_options)
+    problems = grpo.heldout_problems(task, "test", cfg.eval_problems, cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(thread_split(threads, cfg.rollout_threads)[0])
+    chunks = []
+    try:
+        for step, weights_dir in [(0, tiny_base), (2, tmp_path / "checkpoints" / "step_000002"), (4, final)]:
+            model, tok = grpo.load_policy(str(weights_dir), torch.device("cpu"))
+            engine = ChunkedEngine(Engine(model.eval(), tok), 8, lambda step=step: chunks.append(step))
+            result = grpo.evaluate_policy(engine, task, cfg.eval_config(), problems)
+            saved = json.loads((tmp_path / "eval" / f"step_{step:06d}.json").read_text())["heldout"]
+            assert saved["records"] == result.to_dict(include_records=True)["records"]
+            assert engine.tokens == sum(s["length"] for r in result.records for s in r["samples"]) > 0
+            assert logged[step] == {"step": step, "split": "heldout",
+                                    **{k: v for k, v in result.to_dict().items() if k != "tokens_per_s"}}
+    finally:
+        torch.set_num_threads(threads)
+    assert chunks == [0, 0, 2, 2, 4, 4]
+    assert no_worker_left()
 
 
 @pytest.mark.slow
@@ -83,6 +121,26 @@ def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
     with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
         source.start(0, model, None)
         source.take(0)
+    assert no_worker_left()
+
+
+def failing_evaluation(engine):
+    raise ValueError("no scorer")
+
+
+@pytest.mark.slow
+def test_a_failed_evaluation_in_the_worker_is_reported(tiny_base, tmp_path):
+    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
+    source = AsyncRollouts(model, tok, cfg, grpo.functools.partial(grpo.sample_rollouts, task=stream.task),
+                           grpo.sync_rollout_policy, lambda step: (stream.batch(step), [0] * cfg.prompts_per_step),
+                           log=lambda *_: None, evaluate=failing_evaluation, report=None)
+    with pytest.raises(RuntimeError, match="failed at the held-out evaluation at step 0: ValueError: no scorer"), \
+            source:
+        source.start(0, model, None)
+        source.evaluate(0, model)
+        source.report_evaluations()
     assert no_worker_left()
 
 

@@ -100,3 +100,14 @@ def test_the_speculative_block_says_a_smoke_run_is_no_figure_and_renders_a_measu
     text = readme_results.render_speculative(measured)
     assert "| greedy, one sample |" in text and "| GRPO's sampling: temperature 1, k = " in text
     assert "Greedy completions with and without MTP drafts: identical" in text and "`r1lab grpo`" in text
+
+
+def test_the_async_grpo_block_says_a_smoke_run_is_no_figure_and_renders_a_measured_one():
+    filed = json.loads((ROOT / "bench" / "results" / "async_grpo.json").read_text())
+    smoke = dict(filed, figures={**filed["figures"], "args": {**filed["figures"]["args"], "smoke": True}})
+    assert readme_results.render_async_grpo(smoke).startswith("Not measured yet")
+    measured = dict(filed, figures={**filed["figures"], "args": {**filed["figures"]["args"], "smoke": False}})
+    text = readme_results.render_async_grpo(measured)
+    seed = filed["figures"]["seeds"][0]
+    assert f"| {seed['seed']} | {seed['sync']['wall_s']:.1f} | {seed['async']['wall_s']:.1f} | " in text
+    assert "The random-reward control (synchronous" in text and "(the bar: at most 0.8x" in text

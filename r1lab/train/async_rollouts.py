@@ -12,6 +12,11 @@ happen to be there. Each sample records its version; none older than K is traine
 Step s's batch is thus a pure function of (seed, s, the weights of version v(s)). The checkpoint after step d
 carries the batches d .. d + K - 1, already sampled (the one being sampled comes from version d, the checkpoint's
 own weights), so a resumed run goes on exactly as the uninterrupted one: no prompt lost or repeated.
+
+The held-out evaluation of version v (at step v, as the synchronous run's) runs in the worker too, on a second shared
+copy of the weights, in chunks of a rollout batch's size with the batches asked for in between: decoding fills the
+time the worker would wait for the next version, and a batch waits for one chunk at most. A checkpoint waits for the
+evaluations of the steps before it, so a resumed run neither loses nor repeats one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import traceback
 
 import torch
@@ -29,6 +35,7 @@ import torch.multiprocessing as mp
 
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
+from r1lab.rewards.sandbox.runner import use_sandbox
 
 RESULT_POLL_S = 1.0  # how often a trainer waiting for a batch checks that the worker is still alive
 
@@ -57,20 +64,24 @@ class AsyncRollouts:
     """The trainer's side of the rollout worker: asks for batches, receives them, publishes new weights. A context
     manager: the worker process ends with it, whatever ends the run (an error, Ctrl-C's RunStopped)."""
 
-    def __init__(self, rollout_model, tokenizer, cfg, sample, sync, batch_of, log=print):
+    def __init__(self, rollout_model, tokenizer, cfg, sample, sync, batch_of, log=print, evaluate=None, report=None):
         """sample(engine, problems, cfg, seeds) -> Rollouts runs in the worker (grpo.sample_rollouts); sync(dst, src)
-        copies weights (grpo.sync_rollout_policy); batch_of(step) -> (problems, seeds) is the step's draw."""
+        copies weights (grpo.sync_rollout_policy); batch_of(step) -> (problems, seeds) is the step's draw;
+        evaluate(engine) -> EvalResult, the held-out evaluation, runs in the worker too, report(step, result) takes
+        its figures."""
         self.K, self.steps, self.sync, self.batch_of, self.log = cfg.async_steps, cfg.steps, sync, batch_of, log
+        self.report, self.evaluating = report, None  # the step of the evaluation asked for and not yet reported
         self.worker_threads, trainer_threads = thread_split(torch.get_num_threads(), cfg.rollout_threads)
         self.previous_threads = torch.get_num_threads()
         torch.set_num_threads(trainer_threads)
         ctx = mp.get_context("spawn")  # no fork of a process that holds torch's thread pools
-        self.shared = copy.deepcopy(rollout_model).requires_grad_(False).eval().share_memory()
+        shared_copy = lambda: copy.deepcopy(rollout_model).requires_grad_(False).eval().share_memory()
+        self.shared, self.evaluated = shared_copy(), evaluate and shared_copy()
         self.version = ctx.Value("q", -1)
         self.requests, self.results = ctx.Queue(), ctx.Queue()
         self.process = ctx.Process(target=worker_main, name="r1lab-rollouts", daemon=True,
-                                   args=(self.shared, tokenizer, cfg, sample, self.version, self.requests,
-                                         self.results, self.worker_threads))
+                                   args=(self.shared, self.evaluated, tokenizer, cfg, sample, evaluate, self.version,
+                                         self.requests, self.results, self.worker_threads))
         self.ready: dict = {}  # step -> Rollouts, received and not yet trained
         self.pending: list[int] = []  # steps asked for, not yet received
 
@@ -111,6 +122,19 @@ class AsyncRollouts:
         if step + 1 + self.K < self.steps:
             self._request(step + 1 + self.K)
 
+    def evaluate(self, step: int, model) -> None:
+        """The held-out evaluation of `model`, the weights after `step` steps, in the worker once the previous one,
+        whose copy of the weights it takes, is done; report() gets its figures when they come."""
+        self.report_evaluations()
+        self.sync(self.evaluated, model)
+        self.requests.put(("heldout", step))
+        self.evaluating = step
+
+    def report_evaluations(self) -> None:
+        """Wait for the evaluation asked for, if any (received, it is reported)."""
+        while self.evaluating is not None:
+            self._receive()
+
     def state(self) -> dict:
         """What a checkpoint carries: the batches already sampled and not yet trained."""
         return {"async_steps": self.K, "rollouts": dict(self.ready)}
@@ -137,41 +161,85 @@ class AsyncRollouts:
             self.log(f"grpo: async: step {step + 1} is sampled from version {self.version.value}, not {wanted} "
                      "(its batch was not in the checkpoint)")
         problems, seeds = self.batch_of(step)
-        self.requests.put((step, self.version.value, problems, seeds))
+        self.requests.put(("rollouts", step, self.version.value, problems, seeds))
         self.pending.append(step)
 
     def _receive(self) -> None:
         while True:
             try:
-                step, rollouts, error = self.results.get(timeout=RESULT_POLL_S)
+                kind, step, result, error = self.results.get(timeout=RESULT_POLL_S)
                 break
             except queue.Empty:
                 if not self.process.is_alive():
                     raise RuntimeError(f"the rollout worker ended (exit code {self.process.exitcode})") from None
         if error:
-            raise RuntimeError(f"the rollout worker failed at step {step + 1}: {error.strip().splitlines()[-1]}\n"
-                               f"{error}")
-        self.pending.remove(step)
-        self.ready[step] = rollouts
+            where = f"step {step + 1}" if kind == "rollouts" else f"the held-out evaluation at step {step}"
+            raise RuntimeError(f"the rollout worker failed at {where}: {error.strip().splitlines()[-1]}\n{error}")
+        if kind == "heldout":
+            self.evaluating = None
+            self.report(step, result)
+        else:
+            self.pending.remove(step)
+            self.ready[step] = result
 
 
-def worker_main(model, tokenizer, cfg, sample, version, requests, results, threads: int) -> None:
+def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, requests, results, threads: int) -> None:
     """The rollout worker: samples each requested batch from the shared weights, which must be the requested
-    version (the trainer publishes before it asks)."""
+    version (the trainer publishes before it asks), and evaluates the weights in `evaluated` when asked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then ends this process
     _exit_with_parent()
     setup_training_process(threads)
+    use_sandbox(cfg.sandbox)  # the run's choice, for scoring the held-out completions of a code task
     engine = Engine(model, tokenizer)
-    while (request := requests.get()) is not None:
-        step, wanted, problems, seeds = request
+    # an evaluation's chunk decodes as many sequences as a step's batch: about what fits while the trainer updates
+    chunk = max(1, cfg.prompts_per_step * cfg.samples_per_prompt // cfg.eval_samples)
+
+    def rollouts(wanted, problems, seeds):
+        if version.value != wanted:
+            raise RuntimeError(f"asked for version {wanted}, the shared weights are version {version.value}")
+        batch = sample(engine, problems, cfg, seeds)
+        batch.versions = [wanted] * len(batch.texts)
+        return batch
+
+    def heldout():
+        chunked = ChunkedEngine(Engine(evaluated, tokenizer), chunk, serve_waiting)
+        result = evaluate(chunked)
+        result.tokens_per_s = chunked.tokens / chunked.seconds  # the evaluation's decoding, not the batches between
+        return result
+
+    def serve(kind, step, *request) -> None:
         try:
-            if version.value != wanted:
-                raise RuntimeError(f"asked for version {wanted}, the shared weights are version {version.value}")
-            rollouts = sample(engine, problems, cfg, seeds)
-            rollouts.versions = [wanted] * len(rollouts.texts)
-            results.put((step, rollouts, None))
+            results.put((kind, step, (rollouts if kind == "rollouts" else heldout)(*request), None))
         except Exception:  # any failure is the trainer's to report, with the worker's traceback
-            results.put((step, None, traceback.format_exc()))
+            results.put((kind, step, None, traceback.format_exc()))
+
+    def serve_waiting() -> None:  # between an evaluation's chunks: the batches asked for meanwhile
+        while not requests.empty():  # this process alone takes from the queue: what it holds stays there
+            serve(*requests.get())
+
+    while (request := requests.get()) is not None:
+        serve(*request)
+
+
+class ChunkedEngine:
+    """An engine that generates `chunk` prompts at a time and calls between() before each chunk; tokens and seconds
+    count its own generation."""
+
+    def __init__(self, engine: Engine, chunk: int, between):
+        self.engine, self.chunk, self.between, self.tokens, self.seconds = engine, chunk, between, 0, 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate(self, prompts: list, seed: list[int], **sampling) -> list:
+        samples = []
+        for i in range(0, len(prompts), self.chunk):
+            self.between()
+            start = time.perf_counter()
+            samples += self.engine.generate(prompts[i : i + self.chunk], seed=seed[i : i + self.chunk], **sampling)
+            self.seconds += time.perf_counter() - start
+        self.tokens += sum(len(s.token_ids) for s in samples)
+        return samples
 
 
 def _exit_with_parent() -> None:

@@ -105,11 +105,11 @@ def train(cfg: GRPOConfig, log=print) -> Path:
         + (f", {world.size} ranks ({cfg.prompts_per_step // world.size} prompts each)" if world.distributed else ""))
     done, trained_s, saved, streak = start, 0.0, {start} if start else set(), 0
 
-    source = async_rollouts(rollout, tokenizer, cfg, stream, log)
-
     def checkpoint(steps_done: int) -> Path:
-        """The checkpoint after steps_done steps, saved once."""
+        """The checkpoint after steps_done steps, saved once (after the held-out evaluations of earlier steps)."""
         if steps_done not in saved:
+            if source:
+                source.report_evaluations()
             save_checkpoint(run, steps_done, model, tokenizer, optimizer, world=world,
                             adapter_base=cfg.model if lora else None, extra=source.state() if source else None)
             saved.add(steps_done)
@@ -117,13 +117,15 @@ def train(cfg: GRPOConfig, log=print) -> Path:
 
     health = RunHealth(log)
     logger = open_metrics(run, cfg, start) if world.main else Silent()
+    source = async_rollouts(rollout, tokenizer, cfg, stream, log, eval_problems,
+                            lambda at, result: report_heldout(logger, run, at, result, log))
     with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop, \
             source or contextlib.nullcontext():
         if source:
             source.start(start, model, checkpoint_extra(run / "checkpoints" / f"step_{start:06d}") if start else None)
         for step in range(start, cfg.steps):
             if cfg.eval_every and step % cfg.eval_every == 0:
-                heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world)
+                heldout(logger, run, step, engine, task, eval_cfg, eval_problems, log, world, source)
             metrics = grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg, run, world, health,
                                 source)
             stop_if_diverged(model, optimizer, step + 1, "grpo", world)  # before the step is logged or checkpointed
@@ -141,22 +143,26 @@ def train(cfg: GRPOConfig, log=print) -> Path:
                 break
         checkpoint(done)  # the last step's, so that a longer run (--steps more, --resume) can go on from it
         if cfg.eval_every:
-            heldout(logger, run, done, engine, task, eval_cfg, eval_problems, log, world)
+            heldout(logger, run, done, engine, task, eval_cfg, eval_problems, log, world, source)
+        if source:
+            source.report_evaluations()
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
 
 
-def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: PromptStream, log) -> AsyncRollouts | None:
+def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: PromptStream, log, eval_problems,
+                   report) -> AsyncRollouts | None:
     """The rollout worker of --async-steps (none without): it samples with sample_rollouts, as this process would,
-    each step's prompts and seeds."""
+    each step's prompts and seeds, and runs the held-out evaluations, their figures going to report(step, result)."""
     if not cfg.async_steps:
         return None
 
     def draw(step: int) -> tuple[list[Problem], list[int]]:
         return stream.batch(step), [prompt_seed(cfg.seed, step, i) for i in range(cfg.prompts_per_step)]
 
+    evaluate = functools.partial(evaluate_policy, task=stream.task, ec=cfg.eval_config(), problems=eval_problems)
     return AsyncRollouts(rollout, tokenizer, cfg, functools.partial(sample_rollouts, task=stream.task),
-                         sync_rollout_policy, draw, log)
+                         sync_rollout_policy, draw, log, evaluate if cfg.eval_every else None, report)
 
 
 def check_world(cfg: GRPOConfig, world: World) -> None:
@@ -715,13 +721,19 @@ def sandbox_metrics(task: Task, log, tools: str = "", sandbox: str = "auto") -> 
 
 
 def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: Task, eval_cfg, problems, log,
-            world: World = World()) -> None:
-    """The held-out evaluation (each rank a share of the problems), said before it starts (it can take minutes) and
-    printed when done."""
+            world: World = World(), source: AsyncRollouts | None = None) -> None:
+    """The held-out evaluation (each rank a share of the problems, or with async rollouts the worker while training
+    goes on), said before it starts (it can take minutes) and reported when done."""
     log(f"grpo: held-out evaluation at step {step}: {len(problems)} problems x {eval_cfg.samples} samples")
+    if source:
+        return source.evaluate(step, engine.model)
     result = evaluate_policy(engine, task, eval_cfg, problems, world)
-    if not world.main:
-        return
+    if world.main:
+        report_heldout(logger, run, step, result, log)
+
+
+def report_heldout(logger: MetricsLogger, run: Path, step: int, result, log) -> None:
+    """A held-out evaluation's figures: printed, logged at its step, saved with every completion."""
     log(f"grpo: held-out at step {step}: pass@1 {result.pass_at_1:.1%}, cons@{result.k} {result.cons_at_k:.1%}, "
         f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens"
         + ("" if result.tool_calls is None else f", {result.tool_calls:.2f} tool calls per sample"))
