@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+r1lab = common.r1lab_command
 
 SIDES = {"sync": 0, "async": 1}  # side -> --async-steps
 BAR_RATIO, BAR_POINTS = 0.8, 5.0
@@ -45,20 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every N steps (the demo's 10)")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems (the demo's 200)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of every run (async: split)")
-    p.add_argument("--wait-quiet", type=float, default=0, help="before each run, wait up to S s for an idle CPU")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (" + ", ".join(f"{k} {v}" for k, v in
-                                                                                 SMOKE.items()) + "): a check only")
-    p.add_argument("--json", type=Path, help="write every figure here")
+    common.add_run_args(p, SMOKE)
     a = p.parse_args(argv)
     if a.smoke:
         vars(a).update(SMOKE)
         a.base = a.workdir / "base" / "model"  # never the demo's own: the smoke pretrains a few steps
     return a
-
-
-def r1lab(*args) -> list[str]:
-    return [sys.executable, "-m", "r1lab", *map(str, args)]
 
 
 def build_base(a, env: dict) -> Path:

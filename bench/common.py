@@ -252,3 +252,17 @@ def check_rounds(p, a) -> None:
         p.error("need 0 <= --warmup < --rounds")
     if a.samples_per_prompt < 2:
         p.error("GRPO needs --samples-per-prompt >= 2")
+
+
+def r1lab_command(*args) -> list[str]:
+    """A child running r1lab with this interpreter (args as text)."""
+    return [sys.executable, "-m", "r1lab", *map(str, args)]
+
+
+def add_run_args(p, smoke: dict) -> None:
+    """The arguments of a bench that runs r1lab children: --threads, --wait-quiet, --smoke (these sizes) and --json."""
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads of every child")
+    p.add_argument("--wait-quiet", type=float, default=0, help="before each run, wait up to S s for an idle CPU")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes (" + ", ".join(f"{k} {v}" for k, v in smoke.items()) + "): a check only")
+    p.add_argument("--json", type=Path, help="write every figure here")

@@ -140,19 +140,11 @@ def run_continuous(workdir: Path) -> dict:
     return {**stamp(), "command": " ".join(["python"] + cmd[1:-2]), "figures": json.loads(out.read_text())}
 
 
-def run_speculative(workdir: Path, smoke: bool) -> dict:
-    out = workdir / "speculative.json"
-    argv = ["bench/speculative.py", *(["--smoke"] if smoke else ["--wait-quiet", "120"])]
-    timed([sys.executable, *argv, "--workdir", str(workdir / "speculative"), "--json", str(out)],
-          workdir / "speculative.log")
-    return {**stamp(), "command": "python " + " ".join(argv), "figures": json.loads(out.read_text())}
-
-
-def run_async_grpo(workdir: Path, smoke: bool) -> dict:
-    out = workdir / "async_grpo.json"
-    argv = ["bench/async_grpo.py", *(["--smoke"] if smoke else ["--wait-quiet", "120"])]
-    timed([sys.executable, *argv, "--workdir", str(workdir / "async-grpo"), "--json", str(out)],
-          workdir / "async_grpo.log")
+def run_quiet_bench(workdir: Path, script: str, name: str, smoke: bool) -> dict:
+    """bench/SCRIPT.py measured on a quiet CPU (--wait-quiet 120), or at its tiny sizes (--smoke), in workdir/NAME."""
+    out = workdir / f"{script}.json"
+    argv = [f"bench/{script}.py", *(["--smoke"] if smoke else ["--wait-quiet", "120"])]
+    timed([sys.executable, *argv, "--workdir", str(workdir / name), "--json", str(out)], workdir / f"{script}.log")
     return {**stamp(), "command": "python " + " ".join(argv), "figures": json.loads(out.read_text())}
 
 
@@ -698,8 +690,8 @@ def main(argv=None) -> None:
              "realshape_in_backward": lambda: run_realshape_lora(a.workdir, REALSHAPE_IN_BACKWARD,
                                                                  "grpo_realshape_in_backward"),
              "continuous": lambda: run_continuous(a.workdir),
-             "speculative": lambda: run_speculative(a.workdir, a.speculative_smoke),
-             "async_grpo": lambda: run_async_grpo(a.workdir, a.async_grpo_smoke),
+             "speculative": lambda: run_quiet_bench(a.workdir, "speculative", "speculative", a.speculative_smoke),
+             "async_grpo": lambda: run_quiet_bench(a.workdir, "async_grpo", "async-grpo", a.async_grpo_smoke),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
              "serve": lambda: run_serve(a.workdir), "distributed": lambda: run_distributed(a.workdir),

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
+r1lab = common.r1lab_command
 
 SIDES = ("none", "mtp")
 MODES = {"greedy": dict(temperature=0.0, top_p=1.0, one_sample=True, chunk=64),
@@ -53,19 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
     p.add_argument("--grpo-steps", type=int, default=10, help="GRPO steps per side (0: no GRPO part)")
     p.add_argument("--repeats", type=int, default=3, help="evaluations per side and mode, sides alternating")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads of every child")
-    p.add_argument("--wait-quiet", type=float, default=0, help="before each side, wait up to S s for an idle CPU")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (" + ", ".join(f"{k} {v}" for k, v in
-                                                                                 SMOKE.items()) + "): a check only")
-    p.add_argument("--json", type=Path, help="write every figure here")
+    common.add_run_args(p, SMOKE)
     a = p.parse_args(argv)
     if a.smoke:
         vars(a).update(SMOKE)
     return a
-
-
-def r1lab(*args) -> list[str]:
-    return [sys.executable, "-m", "r1lab", *map(str, args)]
 
 
 def build_base(a, env: dict) -> Path:
@@ -110,7 +103,8 @@ def grpo(a, env: dict, model: Path, side: str) -> dict:
     save_config(cfg, run.with_suffix(".yaml"))
     for old in ("metrics.jsonl", "eval.jsonl"):
         (run / old).unlink(missing_ok=True)
-    proc = common.run_child(r1lab("grpo", "--config", run.with_suffix(".yaml"), "--overwrite"), env, run.with_suffix(".log"))
+    proc = common.run_child(r1lab("grpo", "--config", run.with_suffix(".yaml"), "--overwrite"), env,
+                            run.with_suffix(".log"))
     if proc["rc"]:
         sys.exit(f"ERROR: the GRPO run ({side}) failed; see {run.with_suffix('.log')}")
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

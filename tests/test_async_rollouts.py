@@ -106,17 +106,24 @@ def test_async_run_differs_from_the_synchronous_one_and_corrects_by_default(tiny
     assert "mismatch_correction: tis" in saved and "mismatch_correction: none" in (tmp_path / "s" / "config.yaml").read_text()
 
 
+def worker(tiny_base, tmp_path, sample, **evaluations) -> tuple:
+    """The policy and an AsyncRollouts over the tiny base's arithmetic prompts (sample None: the run's own)."""
+    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
+    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
+    stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
+    sample = sample or grpo.functools.partial(grpo.sample_rollouts, task=stream.task)
+    return model, AsyncRollouts(model, tok, cfg, sample, grpo.sync_rollout_policy,
+                                lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None,
+                                **evaluations)
+
+
 def failing_sample(engine, problems, cfg, seeds):
     raise ValueError("no room left for the rollouts")
 
 
 @pytest.mark.slow
 def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
-    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
-    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
-    stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
-    source = AsyncRollouts(model, tok, cfg, failing_sample, grpo.sync_rollout_policy,
-                           lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None)
+    model, source = worker(tiny_base, tmp_path, failing_sample)
     assert torch.get_num_threads() == thread_split(source.previous_threads, 0)[1]
     with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
         source.start(0, model, None)
@@ -130,12 +137,7 @@ def failing_evaluation(engine):
 
 @pytest.mark.slow
 def test_a_failed_evaluation_in_the_worker_is_reported(tiny_base, tmp_path):
-    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
-    model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
-    stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
-    source = AsyncRollouts(model, tok, cfg, grpo.functools.partial(grpo.sample_rollouts, task=stream.task),
-                           grpo.sync_rollout_policy, lambda step: (stream.batch(step), [0] * cfg.prompts_per_step),
-                           log=lambda *_: None, evaluate=failing_evaluation, report=None)
+    model, source = worker(tiny_base, tmp_path, None, evaluate=failing_evaluation, report=None)
     with pytest.raises(RuntimeError, match="failed at the held-out evaluation at step 0: ValueError: no scorer"), \
             source:
         source.start(0, model, None)

@@ -62,9 +62,10 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
     drafted, accepted = torch.zeros_like(out.lengths), torch.zeros_like(out.lengths)
     column = rows.key_mask.shape[1]
     for _ in range(params.max_steps):
-        if not bool(running.any()):
+        live = int(running.sum())  # one host sync a step
+        if live == 0:
             break
-        if int((~running).sum()) * 4 >= len(running):  # drop the finished rows, as the engine's decoding does
+        if (len(running) - live) * 4 >= len(running):  # drop the finished rows, as the engine's decoding does
             keep = running.nonzero().squeeze(-1)
             for x in (rows, rule, *caches):
                 x.select(keep)
