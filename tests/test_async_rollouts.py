@@ -106,15 +106,39 @@ def test_async_run_differs_from_the_synchronous_one_and_corrects_by_default(tiny
     assert "mismatch_correction: tis" in saved and "mismatch_correction: none" in (tmp_path / "s" / "config.yaml").read_text()
 
 
-def worker(tiny_base, tmp_path, sample, **evaluations) -> tuple:
+def worker(tiny_base, tmp_path, sample, settings=None, **evaluations) -> tuple:
     """The policy and an AsyncRollouts over the tiny base's arithmetic prompts (sample None: the run's own)."""
-    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
+    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1, **(settings or {}))
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
     stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
     sample = sample or grpo.functools.partial(grpo.sample_rollouts, task=stream.task)
     return model, AsyncRollouts(model, tok, cfg, sample, grpo.sync_rollout_policy,
                                 lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None,
                                 **evaluations)
+
+
+@pytest.mark.slow
+def test_the_trainer_decodes_evaluation_chunks_while_it_waits_with_the_workers_samples(tiny_base, tmp_path):
+    settings = {**EVAL, "eval_problems": 48}  # 6 chunks of 8 prompts: the trainer is offered some while it waits
+    cfg = small_config(tiny_base, tmp_path, **settings)
+    task = grpo.get_task("arithmetic")
+    problems = grpo.heldout_problems(task, "test", cfg.eval_problems, cfg.seed)
+    evaluate = grpo.functools.partial(grpo.evaluate_policy, task=task, ec=cfg.eval_config(), problems=problems)
+    reports = {}
+    model, source = worker(tiny_base, tmp_path, None, settings, evaluate=evaluate,
+                           report=lambda step, result: reports.update({step: result}))
+    with source:
+        source.start(0, model, None)
+        source.evaluate(0, model)
+        source.report_evaluations()  # waiting: the trainer decodes chunks too
+        assert source.taken > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(source.worker_threads)
+    try:
+        alone = evaluate(ChunkedEngine(Engine(model.eval(), source.tokenizer), 8, lambda: None))
+    finally:
+        torch.set_num_threads(threads)
+    assert reports[0].to_dict(include_records=True)["records"] == alone.to_dict(include_records=True)["records"]
 
 
 def failing_sample(engine, problems, cfg, seeds):
