@@ -72,7 +72,8 @@ def alone(engine: Engine, prompt: list[int], settings: dict) -> list:
 
 def crowd(engine: Engine, settings: list[dict], stops=None) -> tuple[dict, list[int], bool]:
     """Three slots for six sequences of different lengths: some join mid-run, some wait for a slot, a stranger is
-    cancelled, one is parked (take) for a few steps and put back. Returns the triples, each one's id and whether the park happened (not when it had ended)."""
+    cancelled, one is parked (take) for a few steps and put back. Returns the triples, each one's id and whether
+    the park happened (not if that one had ended)."""
     batch = LiveBatch(engine, 3)
     seq: dict[int, int] = {}
     add = lambda i: lambda: seq.__setitem__(i, batch.add(PROMPTS[i], **settings[i]))  # noqa: E731
@@ -174,3 +175,43 @@ def test_penalised_and_stop_string_rows_stay_exact(drafter, engines):
     tokens = [t[0] for t in got[ids[4]]]
     first_hit = next(n for n in range(1, 31) if sampled_stop in plain.tokenizer.decode(sampled_free[:n]))
     assert tokens == sampled_free[:first_hit] and got[ids[4]][-1][2] == "stop"
+
+
+def test_serve_with_speculative_mtp_answers_as_the_plain_server_greedy(tmp_path, capsys):
+    """`r1lab serve --speculative mtp` on a loopback port: a chat completion at temperature 0 is the plain server's
+    (text, finish reason, log-probs); /health counts the drafts; what cannot draft is refused in one line."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from test_mtp import _save_spec_model
+    from test_serve import ServerThread
+
+    from r1lab.cli import build_parser, main
+    from r1lab.config import ServeConfig, resolve
+    from r1lab.serve.app import build_app
+    from r1lab.serve.chat import load_engine
+
+    model_dir = _save_spec_model(tmp_path / "m")
+    body = {"model": "m", "messages": [{"role": "user", "content": "What is 6*7?"}], "temperature": 0,
+            "max_tokens": 24, "n": 2, "logprobs": True}
+    replies, stats = {}, {}
+    for mode in ("none", "mtp"):
+        args = build_parser().parse_args(["serve", "--model", str(model_dir), "--speculative", mode, "--device", "cpu",
+                                          "--log-level", "warning"])
+        cfg = resolve(ServeConfig, args)
+        with ServerThread(build_app(cfg, load_engine(cfg))) as server:
+            replies[mode] = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+            stats[mode] = httpx.get(f"{server.url}/health").json()["batcher"]
+    for plain, fast in zip(replies["none"]["choices"], replies["mtp"]["choices"], strict=True):
+        assert fast["message"] == plain["message"] and fast["finish_reason"] == plain["finish_reason"]
+        assert [t["token"] for t in fast["logprobs"]["content"]] == [t["token"] for t in plain["logprobs"]["content"]]
+        assert [t["logprob"] for t in fast["logprobs"]["content"]] == \
+            pytest.approx([t["logprob"] for t in plain["logprobs"]["content"]], abs=1e-4)
+    assert replies["mtp"]["usage"] == replies["none"]["usage"] and replies["mtp"]["usage"]["completion_tokens"] > 10
+    assert stats["none"]["drafted"] == 0 < stats["mtp"]["drafted"]
+    assert stats["mtp"]["accepted"] <= stats["mtp"]["drafted"]
+    no_module = _save_spec_model(tmp_path / "plain", mtp=False)
+    for flags, error in (([str(no_module)], "needs a model with a multi-token prediction module"),
+                         ([str(model_dir), "--tools", "python"], "speculative mtp does not run with tools 'python'")):
+        with pytest.raises(SystemExit):
+            main(["serve", "--model", *flags, "--speculative", "mtp", "--device", "cpu"])
+        assert error in capsys.readouterr().err
