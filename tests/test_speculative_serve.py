@@ -6,7 +6,7 @@ every row move (a drafter that loses a row's keys drafts differently, which the 
 import pytest
 import torch
 from test_live_batch import run
-from test_mtp import CountingTokenizer, _dense_pair, _spec_model
+from test_mtp import CountingTokenizer, _dense_pair, _spec_model, chi_square_pvalue
 
 from r1lab.engine import live_batch as live_module
 from r1lab.engine import slots as slots_module
@@ -141,6 +141,34 @@ def test_seeded_rows_get_the_offline_speculative_engines_tokens(drafter, engines
         assert got[seq][-1][2] == want.finish_reason, i
         assert [t[3] for t in got[seq]] == [t[3] for t in alone(spec, PROMPTS[i], SAMPLED[i])], i
     assert any(t[3] == 2 for seq in ids for t in got[seq])
+
+
+def test_min_p_rows_draw_from_the_models_own_distribution():
+    """min-p, which the offline engine does not take, through the rule: 4,000 seeded sequences of 3 tokens over a
+    vocabulary of 5 (an accepted draft brings two tokens in a step, a rejected one a token from the residual), their
+    empirical distribution against the exact one from the model's full forward passes, by tests/test_mtp.py's
+    chi-square test; the control: the distribution without min-p is rejected."""
+    V, n, T, min_p, prompt = 5, 4000, 0.9, 0.2, [1, 3, 2]
+    model = _spec_model(V, 0.5)
+    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    batch = LiveBatch(engine, 500)
+    for i in range(n):
+        batch.add(prompt, max_new_tokens=3, temperature=T, min_p=min_p, seed=i)
+    seqs = torch.cartesian_prod(*[torch.arange(V)] * 3)  # (125, 3)
+    index = {tuple(q): i for i, q in enumerate(seqs.tolist())}
+    observed = torch.zeros(len(seqs))
+    for triples in run(batch).values():
+        observed[index[tuple(t for t, _, _ in triples)]] += 1
+    with torch.no_grad():
+        logits = model(torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs], 1))[:, len(prompt) - 1 : -1]
+    exact = {}
+    for cut in (min_p, 0.0):
+        probs = sampling_probs(logits.reshape(-1, V), T, 0, 1.0, cut).view(len(seqs), 3, V)
+        exact[cut] = probs.gather(-1, seqs[:, :, None]).squeeze(-1).prod(-1)  # (125,)
+    assert abs(exact[min_p].sum().item() - 1) < 1e-4 and observed.sum() == n
+    assert chi_square_pvalue(observed, exact[min_p] * n) > 1e-3
+    assert chi_square_pvalue(observed, exact[0.0] * n) < 1e-6  # min-p cut something, and the test sees it
+    assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
 
 
 PENALISED = [dict(max_new_tokens=20, temperature=0.0, repetition_penalty=1.8),

@@ -183,10 +183,7 @@ class LiveBatch(Slots):
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._make_room(B, self.first_column[:B], self.clock)  # the clock before a slide: a full cache also grows
         self._decode(tokens)  # rows that just ended are fed too: cheaper than a compaction before the forward
-        for r in reversed(range(B)):  # from the end, so the row moved into a freed one has been looked at
-            if out[r].finish_reason is not None:
-                del self.sequences[out[r].seq]
-                self._free_row(r)
+        self._leave([r for r, t in enumerate(out) if t.finish_reason is not None])
         return out
 
     # --- inside ----------------------------------------------------------------------------------------------------
@@ -231,8 +228,8 @@ class LiveBatch(Slots):
     def _verify(self, target: torch.Tensor, drafted: torch.Tensor, params: tuple):
         """(accept, the token after pending, the bonus token after an accepted draft), each (B,): by the rule for
         rows with a draft, by the plain sampler for the others (their draft counts as rejected)."""
-        accept = torch.zeros_like(drafted)
-        token, bonus = torch.zeros_like(self.pending[: len(drafted)]), torch.zeros_like(self.pending[: len(drafted)])
+        accept, token = torch.zeros_like(drafted), torch.zeros_like(self.pending[: len(drafted)])
+        bonus = token.clone()
         rows, plain = drafted.nonzero().squeeze(-1), (~drafted).nonzero().squeeze(-1)
         if len(rows):
             accept[rows], token[rows], bonus[rows] = self._rule(params, rows).verify(
@@ -271,10 +268,15 @@ class LiveBatch(Slots):
         counts = self.engine.speculative_counts
         counts["drafted"] += int(drafted.sum())
         counts["accepted"] += int(accept.sum())
+        self._leave(ended)
+        return out
+
+    def _leave(self, ended: list[int]) -> None:
+        """These rows' sequences ended: they leave the batch, from the last row on (so that a row moved into a freed
+        one is never one that ended)."""
         for r in reversed(ended):
             del self.sequences[self.rows[r].id]
             self._free_row(r)
-        return out
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         seq.generated.append(token)
