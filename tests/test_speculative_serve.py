@@ -243,3 +243,27 @@ def test_serve_with_speculative_mtp_answers_as_the_plain_server_greedy(tmp_path,
         with pytest.raises(SystemExit):
             main(["serve", "--model", *flags, "--speculative", "mtp", "--device", "cpu"])
         assert error in capsys.readouterr().err
+
+
+def test_a_request_stop_string_ends_a_row_at_the_first_of_its_two_tokens(tmp_path):
+    """The batcher ends a row whose text completes a request's stop string (or whose client left) itself: a bonus
+    token of that row in the same step is dropped. A scripted model drafting for itself keeps every draft, so each
+    step brings two tokens and every other stop falls on the first of them; the replies are the plain server's."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from test_serve import QUESTION, ServerThread, scripted_model_dir
+
+    from r1lab.serve.app import create_app
+
+    model_dir = scripted_model_dir(tmp_path / "scripted")
+    replies, stats = {}, {}
+    for mode in ("none", f"draft:{model_dir}"):
+        app = create_app(model_dir, speculative=mode, device="cpu", log_level="warning")
+        with ServerThread(app) as server:
+            replies[mode] = [httpx.post(f"{server.url}/v1/chat/completions", timeout=30, json={
+                "model": "scripted", "messages": QUESTION, "temperature": 0, "stop": [stop]}).json()["choices"]
+                for stop in ("W", "e", " ", "s", "u", "m", "4", "2")]
+            stats[mode] = server.stats
+    assert replies[f"draft:{model_dir}"] == replies["none"]
+    assert all(choices[0]["finish_reason"] == "stop" for choices in replies["none"])
+    assert stats[f"draft:{model_dir}"]["accepted"] == stats[f"draft:{model_dir}"]["drafted"] > 0

@@ -421,7 +421,9 @@ class Batcher:
 
     def _route(self, t: StepToken, events: dict[Job, list[Event]]) -> None:
         """A row's token to its request's events; a row whose client left, or that completed a stop string, ends."""
-        row = self._running[t.seq]
+        row = self._running.get(t.seq)
+        if row is None:  # it ended at the step's token before (a speculative step gives a row two)
+            return
         lane = self._lanes[self._lane[t.seq]]
         if row.job.cancelled:
             lane.cancel(t.seq)
