@@ -11,7 +11,8 @@ token too: two tokens for one forward.
 Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
 draft's column is hidden by the key mask, as left padding is. Finished rows are dropped from the batch (both caches
 and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
-reads the token after the model's hidden state.
+reads the token after the model's hidden state. The server's continuous batch drafts by the same rule, row by row
+(r1lab/engine/live_batch.py).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Greedy:
 
 
 class Sampled:
-    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p per row), its uniform
+    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p, min-p), its uniform
     numbers drawn from the rows' generators: one draw per row for a draft, one of three numbers per verification."""
 
     def __init__(self, temperature, top_k, top_p, generator, min_p=0.0):
