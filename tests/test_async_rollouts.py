@@ -3,6 +3,7 @@ a killed and resumed run equals the uninterrupted one; the worker never outlives
 
 import json
 import multiprocessing
+import time
 
 import pytest
 import torch
@@ -106,15 +107,62 @@ def test_async_run_differs_from_the_synchronous_one_and_corrects_by_default(tiny
     assert "mismatch_correction: tis" in saved and "mismatch_correction: none" in (tmp_path / "s" / "config.yaml").read_text()
 
 
-def worker(tiny_base, tmp_path, sample, **evaluations) -> tuple:
+def worker(tiny_base, tmp_path, sample, settings=None, **evaluations) -> tuple:
     """The policy and an AsyncRollouts over the tiny base's arithmetic prompts (sample None: the run's own)."""
-    cfg = small_config(tiny_base, tmp_path, steps=2, async_steps=1)
+    cfg = small_config(tiny_base, tmp_path, **{"steps": 2, "async_steps": 1, **(settings or {})})
     model, tok = grpo.load_policy(str(tiny_base), torch.device("cpu"))
     stream = grpo.PromptStream(grpo.get_task("arithmetic"), cfg)
     sample = sample or grpo.functools.partial(grpo.sample_rollouts, task=stream.task)
     return model, AsyncRollouts(model, tok, cfg, sample, grpo.sync_rollout_policy,
                                 lambda step: (stream.batch(step), [0] * cfg.prompts_per_step), log=lambda *_: None,
                                 **evaluations)
+
+
+@pytest.mark.slow
+def test_the_trainer_decodes_evaluation_chunks_while_it_waits_with_the_workers_samples(tiny_base, tmp_path):
+    settings = {**EVAL, "eval_problems": 48}  # 6 chunks of 8 prompts: the trainer is offered some while it waits
+    cfg = small_config(tiny_base, tmp_path, **settings)
+    task = grpo.get_task("arithmetic")
+    problems = grpo.heldout_problems(task, "test", cfg.eval_problems, cfg.seed)
+    evaluate = grpo.functools.partial(grpo.evaluate_policy, task=task, ec=cfg.eval_config(), problems=problems)
+    reports = {}
+    model, source = worker(tiny_base, tmp_path, None, settings, evaluate=evaluate,
+                           report=lambda step, result: reports.update({step: result}))
+    with source:
+        source.start(0, model, None)
+        source.evaluate(0, model)
+        source.report_evaluations()  # waiting: the trainer decodes chunks too
+        assert source.taken["chunks"] > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(source.worker_threads)
+    try:
+        alone = evaluate(ChunkedEngine(Engine(model.eval(), source.tokenizer), 8, lambda: None))
+    finally:
+        torch.set_num_threads(threads)
+    assert reports[0].to_dict(include_records=True)["records"] == alone.to_dict(include_records=True)["records"]
+
+
+@pytest.mark.slow
+def test_the_trainer_samples_a_batch_the_worker_has_not_begun_the_same_as_the_worker(tiny_base, tmp_path):
+    model, source = worker(tiny_base, tmp_path, None, {"steps": 3})
+    with source:
+        source.start(0, model, None)
+        batches = [source.take(0)]  # the worker is still starting: the trainer samples this batch itself
+        assert source.taken["rollouts"] == 1
+        for step in (1, 2):  # the same weights published again: versions 1 and 2 sample as version 0 did
+            source.after_update(step - 1, model)
+            batches.append(source.take(step))
+    assert [b.versions[0] for b in batches] == [0, 0, 1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(source.worker_threads)
+    try:
+        engine = Engine(model.eval(), source.tokenizer)
+        alone = [source.sample(engine, source.batch_of(step)[0], source.cfg, source.batch_of(step)[1])
+                 for step in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for got, want in zip(batches, alone):
+        assert got.completion_ids == want.completion_ids and got.old_logprobs == want.old_logprobs
 
 
 def failing_sample(engine, problems, cfg, seeds):
@@ -127,6 +175,9 @@ def test_a_worker_failure_is_reported_and_the_worker_ends(tiny_base, tmp_path):
     assert torch.get_num_threads() == thread_split(source.previous_threads, 0)[1]
     with pytest.raises(RuntimeError, match="failed at step 1: ValueError: no room left"), source:
         source.start(0, model, None)
+        deadline = time.monotonic() + 120
+        while source.claims.shared[3] < 0 and time.monotonic() < deadline:  # the worker, not the trainer, samples it
+            time.sleep(0.01)
         source.take(0)
     assert no_worker_left()
 

@@ -15,7 +15,11 @@ own weights), so a resumed run goes on exactly as the uninterrupted one: no prom
 
 The held-out evaluation of version v (at step v, as the synchronous run's) runs in the worker too, on a second shared
 copy of the weights, in chunks of a rollout batch's size with the batches asked for in between: decoding fills the
-time the worker would wait for the next version, and a batch waits for one chunk at most. A checkpoint waits for the
+time the worker would wait for the next version, and a batch waits for one chunk at most. The trainer does either
+kind of work while it waits for the worker (Claims): a batch the worker has not begun (it is starting, or decoding a
+chunk) or a chunk of the evaluation on offer. A batch or a chunk is the same whoever samples it (its own seeds, the
+same weights, the worker's thread count), so the schedule and the figures do not depend on the timing. A checkpoint
+waits for the
 evaluations of the steps before it, so a resumed run neither loses nor repeats one.
 """
 
@@ -71,6 +75,9 @@ class AsyncRollouts:
         its figures."""
         self.K, self.steps, self.sync, self.batch_of, self.log = cfg.async_steps, cfg.steps, sync, batch_of, log
         self.report, self.evaluating = report, None  # the step of the evaluation asked for and not yet reported
+        self.tokenizer, self.cfg, self.sample, self.offer = tokenizer, cfg, sample, None  # the chunks on offer
+        self.engines: dict = {}  # the trainer's engines over the shared weights, to sample and evaluate here
+        self.taken = {"rollouts": 0, "chunks": 0}  # the worker's work the trainer did
         self.worker_threads, trainer_threads = thread_split(torch.get_num_threads(), cfg.rollout_threads)
         self.previous_threads = torch.get_num_threads()
         torch.set_num_threads(trainer_threads)
@@ -78,12 +85,12 @@ class AsyncRollouts:
         shared_copy = lambda: copy.deepcopy(rollout_model).requires_grad_(False).eval().share_memory()
         self.shared, self.evaluated = shared_copy(), evaluate and shared_copy()
         self.version = ctx.Value("q", -1)
-        self.requests, self.results = ctx.Queue(), ctx.Queue()
+        self.requests, self.results, self.claims = ctx.Queue(), ctx.Queue(), Claims(ctx)
         self.process = ctx.Process(target=worker_main, name="r1lab-rollouts", daemon=True,
                                    args=(self.shared, self.evaluated, tokenizer, cfg, sample, evaluate, self.version,
-                                         self.requests, self.results, self.worker_threads))
+                                         self.requests, self.results, self.worker_threads, self.claims))
         self.ready: dict = {}  # step -> Rollouts, received and not yet trained
-        self.pending: list[int] = []  # steps asked for, not yet received
+        self.pending: dict = {}  # step -> (version, problems, seeds): asked for, not yet received
 
     def __enter__(self) -> AsyncRollouts:
         return self
@@ -107,7 +114,7 @@ class AsyncRollouts:
     def take(self, step: int):
         """Step's rollouts (waiting for them), checked to come from a version at most K steps old."""
         while step not in self.ready:
-            self._receive()
+            self._advance()
         rollouts = self.ready.pop(step)
         stale = step - min(rollouts.versions)
         assert 0 <= stale <= self.K, f"step {step + 1}'s rollouts come from version {min(rollouts.versions)}"
@@ -117,7 +124,7 @@ class AsyncRollouts:
         """Step's update is done: once the batch being sampled from the old weights is in, the worker gets version
         step + 1 and is asked for the batch that version samples."""
         while self.pending:
-            self._receive()
+            self._advance()
         self._publish(model, step + 1)
         if step + 1 + self.K < self.steps:
             self._request(step + 1 + self.K)
@@ -162,10 +169,24 @@ class AsyncRollouts:
                      "(its batch was not in the checkpoint)")
         problems, seeds = self.batch_of(step)
         self.requests.put(("rollouts", step, self.version.value, problems, seeds))
-        self.pending.append(step)
+        self.pending[step] = (self.version.value, problems, seeds)
+
+    def _advance(self) -> None:
+        """Sample the first batch asked for here if the worker has not begun it, else take the worker's next message
+        (decoding an evaluation's chunk while none is there)."""
+        first = min(self.pending, default=None)
+        if first is None or not self.claims.batch(first):
+            return self._receive()
+        version, problems, seeds = self.pending.pop(first)
+        batch = self._here("rollouts", self.shared, lambda engine: self.sample(engine, problems, self.cfg, seeds))
+        batch.versions = [version] * len(batch.texts)
+        self.ready[first] = batch
 
     def _receive(self) -> None:
         while True:
+            if self.offer and self.results.empty():  # waiting: decode a chunk of the evaluation meanwhile
+                self._take_offered_chunk()
+                continue
             try:
                 kind, step, result, error = self.results.get(timeout=RESULT_POLL_S)
                 break
@@ -175,15 +196,70 @@ class AsyncRollouts:
         if error:
             where = f"step {step + 1}" if kind == "rollouts" else f"the held-out evaluation at step {step}"
             raise RuntimeError(f"the rollout worker failed at {where}: {error.strip().splitlines()[-1]}\n{error}")
-        if kind == "heldout":
+        if kind == "chunks":
+            self.offer = (step, result)
+        elif kind == "heldout":
             self.evaluating = None
             self.report(step, result)
         else:
-            self.pending.remove(step)
+            del self.pending[step]
             self.ready[step] = result
 
+    def _take_offered_chunk(self) -> None:
+        """Claim one chunk on offer and decode it here; the offer is dropped once every chunk is claimed."""
+        serial, (parts, sampling) = self.offer
+        if (i := self.claims.chunk(serial)) is None:
+            self.offer = None
+            return
+        decoded = self._here("chunks", self.evaluated, lambda engine: decode(engine, parts[i], sampling))
+        self.requests.put(("chunk", serial, i, *decoded))
 
-def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, requests, results, threads: int) -> None:
+    def _here(self, kind: str, weights, work):
+        """The worker's work done here, on the worker's thread count: the same numbers as the worker's."""
+        if kind not in self.engines:
+            self.engines[kind] = Engine(weights, self.tokenizer)
+        engine = self.engines[kind]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.worker_threads)
+        try:
+            result = work(engine)
+        finally:
+            torch.set_num_threads(threads)
+        self.taken[kind] += 1
+        return result
+
+
+class Claims:
+    """Work either process may do, done by whoever claims it first: the chunks of the worker's current generate call
+    (its serial, the next unclaimed, how many) and the batches (the last step claimed: they are asked for, taken by
+    the worker and claimed by the trainer in order)."""
+
+    def __init__(self, ctx):
+        self.shared = ctx.Array("q", [0, 0, 0, -1])
+
+    def open(self, n: int) -> int:
+        with self.shared.get_lock():
+            self.shared[:3] = [self.shared[0] + 1, 0, n]
+            return self.shared[0]
+
+    def chunk(self, serial: int) -> int | None:
+        with self.shared.get_lock():
+            current, i, n, _ = self.shared[:]
+            if current != serial or i >= n:
+                return None
+            self.shared[1] = i + 1
+            return i
+
+    def batch(self, step: int) -> bool:
+        with self.shared.get_lock():
+            if self.shared[3] >= step:
+                return False
+            self.shared[3] = step
+            return True
+
+
+def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, requests, results, threads: int,
+                claims: Claims) -> None:
     """The rollout worker: samples each requested batch from the shared weights, which must be the requested
     version (the trainer publishes before it asks), and evaluates the weights in `evaluated` when asked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then ends this process
@@ -201,21 +277,38 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
         batch.versions = [wanted] * len(batch.texts)
         return batch
 
+    taken: dict[int, list] = {}  # chunk -> what the trainer decoded of the generate call on offer
+
+    def offer(serial, parts, sampling):  # one call at a time: its chunks all come back before the next
+        taken.clear()
+        results.put(("chunks", serial, (parts, sampling), None))
+        return taken
+
     def heldout():
-        chunked = ChunkedEngine(Engine(evaluated, tokenizer), chunk, serve_waiting)
+        chunked = ChunkedEngine(Engine(evaluated, tokenizer), chunk, serve_waiting, claims, offer, serve_next)
         result = evaluate(chunked)
         result.tokens_per_s = chunked.tokens / chunked.seconds  # the evaluation's decoding, not the batches between
         return result
 
     def serve(kind, step, *request) -> None:
+        if kind == "rollouts" and not claims.batch(step):
+            return  # the trainer sampled it
         try:
             results.put((kind, step, (rollouts if kind == "rollouts" else heldout)(*request), None))
         except Exception:  # any failure is the trainer's to report, with the worker's traceback
             results.put((kind, step, None, traceback.format_exc()))
 
+    def serve_next() -> None:  # a request, or a chunk the trainer decoded
+        kind, *rest = requests.get()
+        if kind == "chunk":
+            _, i, *decoded = rest
+            taken[i] = decoded  # [samples, seconds]
+        else:
+            serve(kind, *rest)
+
     def serve_waiting() -> None:  # between an evaluation's chunks: the batches asked for meanwhile
         while not requests.empty():  # this process alone takes from the queue: what it holds stays there
-            serve(*requests.get())
+            serve_next()
 
     while (request := requests.get()) is not None:
         serve(*request)
@@ -223,23 +316,38 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
 
 class ChunkedEngine:
     """An engine that generates `chunk` prompts at a time and calls between() before each chunk; tokens and seconds
-    count its own generation."""
+    count its generation. With `shared`, each call's chunks are offered (offer(serial, parts, sampling) -> the dict
+    the trainer's chunks arrive in) and claimed one at a time; wait() takes the next message while the trainer
+    decodes the chunks it claimed."""
 
-    def __init__(self, engine: Engine, chunk: int, between):
+    def __init__(self, engine: Engine, chunk: int, between, shared: Claims | None = None, offer=None, wait=None):
         self.engine, self.chunk, self.between, self.tokens, self.seconds = engine, chunk, between, 0, 0.0
+        self.shared, self.offer, self.wait = shared, offer, wait
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
 
     def generate(self, prompts: list, seed: list[int], **sampling) -> list:
-        samples = []
-        for i in range(0, len(prompts), self.chunk):
+        parts = [(prompts[i : i + self.chunk], seed[i : i + self.chunk]) for i in range(0, len(prompts), self.chunk)]
+        serial = self.shared.open(len(parts)) if self.shared else None
+        done, taken = {}, self.offer(serial, parts, sampling) if self.shared else {}
+        while (i := self.shared.chunk(serial) if self.shared else len(done)) is not None and i < len(parts):
             self.between()
-            start = time.perf_counter()
-            samples += self.engine.generate(prompts[i : i + self.chunk], seed=seed[i : i + self.chunk], **sampling)
-            self.seconds += time.perf_counter() - start
+            done[i] = decode(self.engine, parts[i], sampling)
+        while len(done) + len(taken) < len(parts):
+            self.wait()
+        done.update(taken)
+        samples = [s for i in range(len(parts)) for s in done[i][0]]
+        self.seconds += sum(seconds for _, seconds in done.values())
         self.tokens += sum(len(s.token_ids) for s in samples)
         return samples
+
+
+def decode(engine: Engine, part: tuple[list, list[int]], sampling: dict) -> list:
+    """A chunk's (prompts, seeds) samples, and the seconds they took."""
+    start = time.perf_counter()
+    samples = engine.generate(part[0], seed=part[1], **sampling)
+    return [samples, time.perf_counter() - start]
 
 
 def _exit_with_parent() -> None:
