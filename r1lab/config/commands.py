@@ -396,6 +396,7 @@ class ServeConfig(Settings, kind="serve"):
     max_connections_per_client: int = setting(1024, "connections from one address; past it, as max_connections", ge=1)
     max_header_bytes: int = setting(16384, "largest request head; a larger one gets 400", ge=1024)
     _inference = shared.Inference
+    _speculative = shared.Speculative
     log_level: str = setting("info", "uvicorn's and the server's log level",
                              choices=("critical", "error", "warning", "info", "debug", "trace"))
     _tools = shared.Tools

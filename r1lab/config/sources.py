@@ -97,8 +97,7 @@ def read_yaml_config(path: str) -> dict:
 def resolve(cls, args: argparse.Namespace | None = None, **overrides):
     """Defaults, then the YAML file named by --config, then flags, then keyword overrides; then every field is
     validated (types, ranges, choices, the command's rules), all bad fields reported in one ValueError."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    config_path = getattr(args, "config", None)
+    names, config_path = [f.name for f in dataclasses.fields(cls)], getattr(args, "config", None)
     values = read_yaml_config(config_path) if config_path else {}
     problems = [f"{config_path}: unknown field {str(key)!r}{did_you_mean(str(key), names, aliases=ALIASES)}"
                 for key in values if key not in names]

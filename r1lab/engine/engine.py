@@ -86,7 +86,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.decode = decode
         self.speculative = speculative
-        self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls
+        self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls and LiveBatch steps
 
     def acceptance_since(self, counts: dict) -> dict:
         """The drafts made and accepted since speculative_counts were `counts` (a copy taken before), and their

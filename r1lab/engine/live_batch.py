@@ -15,6 +15,13 @@ into the same batch or another (put), it takes a row again and goes on exactly w
 travel with the keys, its generator is its own). A server parks a client's rows this way to give a client that just
 arrived its share of the rows at once, and moves a heavy client's rows to a batch of their own so that they do not
 slow a light client's steps (r1lab/serve/batcher.py).
+With an engine that drafts (Engine(speculative="mtp" or "draft:DIR")), each running sequence holds its next token
+(pending: sampled, not fed yet) and a draft after it; one forward over [pending, draft] for all rows verifies the
+drafts by speculative decoding's rule (r1lab/engine/speculative.py), so a step gives a sequence one token or two, each
+distributed as the plain step would draw it (greedy: the same tokens). The drafter's cache lies beside the model's in
+the same rows and columns, and follows every row move. A newcomer's prompt is prefilled but its last token, which the
+first step feeds with no draft; a sequence with penalties never drafts (its next token's penalties depend on the
+token before it), so it samples one token a step, from the penalised logits, as without drafts.
 Not thread-safe: one thread owns a LiveBatch.
 """
 
@@ -28,7 +35,8 @@ import torch
 
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import NO_PENALTIES, Penalties, row_generator, sample_next
-from r1lab.engine.slots import Slots, prefill
+from r1lab.engine.slots import Slots, left_padded, prefill, slide_columns
+from r1lab.engine.speculative import Greedy, Sampled, drafter_config, gather, redraft, target_log_probs
 from r1lab.model.transformer import KVCache
 
 INITIAL_ROWS = 8  # the cache starts this small and doubles: an idle server holds little memory
@@ -50,8 +58,9 @@ class _Parked:
 
     cache: KVCache  # one row of span columns
     key_mask: torch.Tensor  # (span,)
-    logits: torch.Tensor  # (V,) the next token's, not sampled yet
+    logits: torch.Tensor  # (V,) the next token's, not sampled yet; drafting: the draft's distribution
     position: int
+    drafter: tuple | None = None  # drafting: the drafter's cache and key mask, the pending token and the draft
 
 
 @dataclass(eq=False)
@@ -89,6 +98,9 @@ class LiveBatch(Slots):
         self.waiting: deque[Sequence] = deque()  # added or put back, taking a row at the next step
         self.sequences: dict[int, Sequence] = {}  # every sequence not finished or cancelled, by id
         self._params = None
+        self.drafting = engine.speculative != "none"
+        self.ahead = int(engine.draft is not None)  # a draft model's cache holds one column more: pending's
+        self.draft_config = drafter_config(engine.model, engine.draft) if self.drafting else None
         super().__init__(engine.model, n_slots, min(INITIAL_ROWS, n_slots), INITIAL_COLUMNS)
 
     @property
@@ -137,11 +149,13 @@ class LiveBatch(Slots):
             self.waiting.remove(seq)
             return seq
         r = self.rows.index(seq)
-        start = int(self.first_column[r])
-        cache = KVCache(self.model.config, 1, self.clock - start, self.dtype, self.device)
-        cache.copy_row(0, 0, self.cache, r, start, self.clock - start)
-        seq.parked = _Parked(cache, self.key_mask[r, start : self.clock].clone(), self.logits[r].clone(),
+        start, end = int(self.first_column[r]), self.clock + self.ahead
+        seq.parked = _Parked(self._row_copy(self.cache, self.model.config, r, start, self.clock),
+                             self.key_mask[r, start : self.clock].clone(), self.logits[r].clone(),
                              int(self.positions[r]))
+        if self.drafting:
+            seq.parked.drafter = (self._row_copy(self.draft_cache, self.draft_config, r, start, end),
+                                  self.draft_key_mask[r, start:end].clone(), int(self.pending[r]), int(self.draft[r]))
         self._free_row(r)
         return seq
 
@@ -158,6 +172,8 @@ class LiveBatch(Slots):
         B = len(self.rows)
         if B == 0:
             return []
+        if self.drafting:
+            return self._step_drafting(B)
         params = self._row_params()
         tokens, logprobs = sample_next(self.logits[:B], *params)  # (B,), (B,)
         penalties = params[-1]
@@ -167,13 +183,100 @@ class LiveBatch(Slots):
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._make_room(B, self.first_column[:B], self.clock)  # the clock before a slide: a full cache also grows
         self._decode(tokens)  # rows that just ended are fed too: cheaper than a compaction before the forward
-        for r in reversed(range(B)):  # from the end, so the row moved into a freed one has been looked at
-            if out[r].finish_reason is not None:
-                del self.sequences[out[r].seq]
-                self._free_row(r)
+        self._leave([r for r, t in enumerate(out) if t.finish_reason is not None])
         return out
 
     # --- inside ----------------------------------------------------------------------------------------------------
+
+    def _step_drafting(self, B: int) -> list[StepToken]:
+        """One forward over every row's [pending, draft] (both caches write two columns); each row keeps the token
+        after pending and, after an accepted draft, the bonus token after it; then the drafter drafts again."""
+        params = self._row_params()
+        self._make_room(B, self.first_column[:B], self.clock + 2)  # a draft model writes up to clock + 2
+        c, a = self.clock, self.ahead
+        drafted = self.draft[:B] >= 0  # (B,) newcomers' first step and penalised rows have no draft
+        tokens = torch.stack([self.pending[:B], self.draft[:B].clamp(min=0)], 1)  # (B, 2)
+        positions = torch.stack([self.positions[:B], self.positions[:B] + 1], 1)
+        self.key_mask[:B, c : c + 2] = True
+        h = self.model.hidden_states(tokens, None, positions, self.cache.first_rows(B), c,
+                                     self.key_mask[:B, : c + 2])  # (B, 2, D)
+        target = self.model.lm_head(h).float()  # (B, 2, V)
+        if params[-1] is not None:  # the penalised rows' next token (the others' logits stay bit for bit)
+            target[:, 0] = params[-1].apply(target[:, 0])
+        accept, token, bonus = self._verify(target, drafted, params)
+        self.key_mask[:B, c + 1] = accept  # a rejected draft's keys are never attended
+        self.draft_key_mask[:B, c + a] = True
+        self.draft_key_mask[:B, c + a + 1] = accept
+        draft_logits = redraft(self.model, self.engine.draft, self.draft_cache.first_rows(B),
+                               self.draft_key_mask[:B, : c + a + 2], h, torch.stack([token, bonus], 1), positions,
+                               accept, c)
+        self._propose(draft_logits, params)
+        self.pending[:B] = torch.where(accept, bonus, token)
+        self.positions[:B] += 1 + accept.long()
+        self.clock += 2
+        logp = target_log_probs(target, params[0])  # (B, 2, V) the model's, as the plain step's
+        return self._emit(token, accept, bonus, gather(logp[:, 0], token), gather(logp[:, 1], bonus), drafted)
+
+    def _rule(self, params: tuple, rows: torch.Tensor) -> Greedy | Sampled:
+        """Speculative decoding's rule for these rows, with their settings and generators."""
+        temperature, top_k, top_p, generators, min_p, _ = params
+        if not bool((temperature[rows] > 0).any()):
+            return Greedy()
+        return Sampled(temperature[rows], top_k[rows], top_p[rows], [generators[r] for r in rows.tolist()],
+                       min_p[rows])
+
+    def _verify(self, target: torch.Tensor, drafted: torch.Tensor, params: tuple):
+        """(accept, the token after pending, the bonus token after an accepted draft), each (B,): by the rule for
+        rows with a draft, by the plain sampler for the others (their draft counts as rejected)."""
+        accept, token = torch.zeros_like(drafted), torch.zeros_like(self.pending[: len(drafted)])
+        bonus = token.clone()
+        rows, plain = drafted.nonzero().squeeze(-1), (~drafted).nonzero().squeeze(-1)
+        if len(rows):
+            accept[rows], token[rows], bonus[rows] = self._rule(params, rows).verify(
+                self.draft[rows], self.logits[rows], target[rows])
+        if len(plain):
+            temperature, top_k, top_p, generators, min_p, penalties = params
+            token[plain] = sample_next(target[plain, 0], temperature[plain], top_k[plain], top_p[plain],
+                                       [generators[r] for r in plain.tolist()], min_p[plain])[0]
+            if penalties is not None:
+                penalties.record(token)  # only the penalised rows' statistics are ever read: theirs are exact
+        return accept, token, bonus
+
+    def _propose(self, draft_logits: torch.Tensor, params: tuple) -> None:
+        """Each row without penalties drafts its next token (its distribution kept in logits: one-hot when
+        greedy); the penalised ones draft nothing."""
+        B = len(draft_logits)
+        self.draft[:B] = -1
+        rows = torch.tensor([r for r, s in enumerate(self.rows) if s.penalties == NO_PENALTIES], dtype=torch.long,
+                            device=self.device)
+        if len(rows):
+            draft, q = self._rule(params, rows).propose(draft_logits[rows])
+            self.draft[rows] = draft
+            self.logits[rows] = q if q is not None else \
+                torch.zeros_like(self.logits[rows]).scatter_(-1, draft[:, None], 1.0)
+
+    def _emit(self, token, accept, bonus, token_logp, bonus_logp, drafted) -> list[StepToken]:
+        """Each row's token, and its bonus token unless the first ended it; the ended rows leave the batch."""
+        out, ended = [], []
+        for r, (seq, t, kept, b, lp, blp) in enumerate(zip(self.rows, token.tolist(), accept.tolist(), bonus.tolist(),
+                                                           token_logp.tolist(), bonus_logp.tolist())):
+            out.append(StepToken(seq.id, t, lp, self._finish_reason(seq, t)))
+            if kept and out[-1].finish_reason is None:
+                out.append(StepToken(seq.id, b, blp, self._finish_reason(seq, b)))
+            if out[-1].finish_reason is not None:
+                ended.append(r)
+        counts = self.engine.speculative_counts
+        counts["drafted"] += int(drafted.sum())
+        counts["accepted"] += int(accept.sum())
+        self._leave(ended)
+        return out
+
+    def _leave(self, ended: list[int]) -> None:
+        """These rows' sequences ended: they leave the batch, from the last row on (so that a row moved into a freed
+        one is never one that ended)."""
+        for r in reversed(ended):
+            del self.sequences[self.rows[r].id]
+            self._free_row(r)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         seq.generated.append(token)
@@ -213,21 +316,87 @@ class LiveBatch(Slots):
         if n <= 0:
             return
         newcomers = [self.waiting.popleft() for _ in range(n)]
-        span = max(s.span for s in newcomers)
+        span = max(s.span for s in newcomers)  # drafting, a fresh one's is one less: room to spare
         self._make_room(len(self.rows), self.first_column[: len(self.rows)], span, new_rows=n)
         self.clock = max(self.clock, span)  # running rows see a masked gap: harmless
         fresh = [s for s in newcomers if s.parked is None]
-        if fresh:
+        if fresh and not self.drafting:
             cache, logits, key_mask = prefill(self.model, [s.prompt for s in fresh], self.engine.tokenizer.pad_id)
+        elif fresh:
+            cache, draft_cache, P = self._prefill_drafting([s.prompt for s in fresh])
         for seq in newcomers:
-            if seq.parked is None:
+            r = len(self.rows)
+            if seq.parked is None and not self.drafting:
                 j = fresh.index(seq)
-                self._enter(len(self.rows), cache, j, key_mask.shape[1] - seq.span, seq.span, logits[j], seq.span)
+                self._enter(r, cache, j, key_mask.shape[1] - seq.span, seq.span, logits[j], seq.span)
+            elif seq.parked is None:  # its last prompt token is pending, with no draft
+                j, n = fresh.index(seq), seq.span - 1
+                self._enter(r, cache, j, P - n, n, 0.0, n)
+                self._enter_drafter(r, draft_cache, j, P - n, n + self.ahead)
+                self.pending[r], self.draft[r] = seq.prompt[-1], -1
             else:
                 p, seq.parked = seq.parked, None
-                self._enter(len(self.rows), p.cache, 0, 0, len(p.key_mask), p.logits, p.position, p.key_mask)
+                self._enter(r, p.cache, 0, 0, len(p.key_mask), p.logits, p.position, p.key_mask)
+                if self.drafting:
+                    d_cache, d_mask, self.pending[r], self.draft[r] = p.drafter
+                    self._enter_drafter(r, d_cache, 0, 0, len(d_mask), d_mask)
             self.rows.append(seq)
         self._params = None
+
+    def _prefill_drafting(self, prompts: list[list[int]]):
+        """The model reads each prompt but its last token (the first step feeds that one), the drafter what lets it
+        draft after that step: the MTP module each of those positions with the token after it, a draft model the
+        whole prompt. Returns both caches, the model's left-padded to P columns, a draft model's to P + 1."""
+        pad, P = self.engine.tokenizer.pad_id, max(1, max(len(p) for p in prompts) - 1)
+        ids, key_mask, positions = left_padded([p[:-1] for p in prompts], pad, self.device, P)  # (n, P)
+        cache = KVCache(self.model.config, len(prompts), P, self.dtype, self.device)
+        draft_cache = KVCache(self.draft_config, len(prompts), P + self.ahead, self.dtype, self.device)
+        h = self.model.hidden_states(ids, None, positions, cache, 0, key_mask)  # (n, P, D)
+        if self.engine.draft is None:
+            next_ids = left_padded([p[1:] for p in prompts], pad, self.device, P)[0]
+            self.model.mtp_draft_hidden(h, next_ids, positions, draft_cache, 0, key_mask)
+        else:
+            ids, key_mask, positions = left_padded(prompts, pad, self.device, P + 1)
+            self.engine.draft.hidden_states(ids, None, positions, draft_cache, 0, key_mask)
+        return cache, draft_cache, P
+
+    def _enter_drafter(self, r: int, source: KVCache, source_row: int, source_start: int, n: int,
+                       key_mask: torch.Tensor | bool = True) -> None:
+        """Row r of the drafter's cache takes n columns from its first column on, as _enter did the model's."""
+        start = int(self.first_column[r])
+        self.draft_cache.copy_row(r, start, source, source_row, source_start, n)
+        self.draft_key_mask[r] = False
+        self.draft_key_mask[r, start : start + n] = key_mask
+
+    def _row_copy(self, cache: KVCache, config, r: int, start: int, end: int) -> KVCache:
+        """Columns [start, end) of cache's row r, as a cache of their own."""
+        copy = KVCache(config, 1, end - start, self.dtype, self.device)
+        copy.copy_row(0, 0, cache, r, start, end - start)
+        return copy
+
+    def _slide(self, B: int, shift: int) -> None:
+        if self.drafting:
+            slide_columns(self.draft_cache.first_rows(B), self.draft_key_mask[:B], shift, self.clock + self.ahead)
+        super()._slide(B, shift)
+
+    def _resize(self, n_rows: int, width: int) -> None:
+        """Slots' buffers and, drafting, the drafter's cache and key mask, each row's pending token and draft."""
+        old = (self.draft_cache, self.draft_key_mask, self.pending, self.draft) \
+            if self.drafting and self.cache is not None else None
+        super()._resize(n_rows, width)
+        if not self.drafting:
+            return
+        self.draft_cache = KVCache(self.draft_config, n_rows, width, self.dtype, self.device)
+        self.draft_key_mask = torch.zeros(n_rows, width, dtype=torch.bool, device=self.device)
+        self.pending = torch.zeros(n_rows, dtype=torch.long, device=self.device)
+        self.draft = torch.full((n_rows,), -1, dtype=torch.long, device=self.device)
+        if old is not None:
+            cache, key_mask, pending, draft = old
+            n, c = key_mask.shape
+            for layer, old_layer in zip(self.draft_cache.layers, cache.layers):
+                for t, s in zip(layer, old_layer):
+                    t[:n, :, :c] = s
+            self.draft_key_mask[:n, :c], self.pending[:n], self.draft[:n] = key_mask, pending, draft
 
     def _free_row(self, r: int) -> None:
         """Row r leaves the batch; the last row's sequence moves into it, so the running rows stay packed."""
@@ -235,7 +404,11 @@ class LiveBatch(Slots):
         if r != last:
             start = int(self.first_column[last])
             self.cache.copy_row(r, start, self.cache, last, start, self.clock - start)
-            for t in (self.key_mask, self.first_column, self.positions, self.logits):
+            moved = (self.key_mask, self.first_column, self.positions, self.logits)
+            if self.drafting:
+                self.draft_cache.copy_row(r, start, self.draft_cache, last, start, self.clock + self.ahead - start)
+                moved += (self.draft_key_mask, self.pending, self.draft)
+            for t in moved:
                 t[r] = t[last]
             self.rows[r] = self.rows[last]
         self.rows.pop()

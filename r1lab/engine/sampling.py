@@ -222,8 +222,9 @@ def row_generator(seed: int | None, sample: int, device) -> torch.Generator:
     return generator
 
 
-def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param) -> torch.Tensor:
-    """(B, V) the distribution sample_next draws from: softmax(logits / temperature) after top-k/top-p truncation,
+def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param,
+                   min_p: Param = 0.0) -> torch.Tensor:
+    """(B, V) the distribution sample_next draws from: softmax(logits / temperature) after top-k/top-p/min-p truncation,
     renormalised; one-hot at the argmax for greedy rows (temperature 0). Speculative decoding's target and draft."""
     logits = logits.float()
     t = temperature if torch.is_tensor(temperature) else \
@@ -231,7 +232,7 @@ def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.
     greedy = t <= 0  # (B, 1)
     scaled = logits / t.masked_fill(greedy, 1.0)
     probs = scaled.softmax(-1)
-    keep = _truncation_mask(scaled, probs, top_k, top_p)
+    keep = _truncation_mask(scaled, probs, top_k, top_p, min_p)
     if keep is not None:
         probs = probs * keep
         probs = probs / probs.sum(-1, keepdim=True)

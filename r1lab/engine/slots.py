@@ -20,14 +20,20 @@ SLIDE_MIN_COLUMNS = 32  # slide dead columns out only once there are this many (
 SLIDE_SHARE = 4  # ... and they are at least 1 / SLIDE_SHARE of the columns in use
 
 
+def left_padded(prompts: list[list[int]], pad_id: int, device, width: int = 0):
+    """The prompts left-padded to width (at least the longest, P): ids, key mask and position ids, each (n, P)."""
+    P = max(width, *(len(p) for p in prompts))
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n, P)
+    key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return ids, key_mask, (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_columns: int = 0):
     """One forward over these prompts, left-padded to the longest (P): their cache (P + extra_columns columns),
     last logits (n, V) and key mask (n, P)."""
-    P = max(len(p) for p in prompts)
     device = next(model.parameters()).device
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n, P)
-    key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    ids, key_mask, positions = left_padded(prompts, pad_id, device)
+    P = ids.shape[1]
     cache = KVCache(model.config, len(prompts), P + extra_columns, next(model.parameters()).dtype, device)
     return cache, model.forward_cached(ids, positions, cache, 0, key_mask), key_mask
 
@@ -46,6 +52,13 @@ def drop_finished(batch, tokens: torch.Tensor, cache: KVCache, decoder: StaticDe
     else:
         decoder = decoder.select(keep)
     return tokens[keep], decoder
+
+
+def slide_columns(cache: KVCache, key_mask: torch.Tensor, shift: int, used: int) -> None:
+    """Columns [shift, used) of the cache and its key mask (B, width) to [0, used - shift); none real after."""
+    cache.slide(shift, used)
+    key_mask[:, : used - shift] = key_mask[:, shift:used].clone()
+    key_mask[:, used - shift :] = False
 
 
 class Slots:
@@ -91,9 +104,7 @@ class Slots:
         full = max(self.clock, clock_at_least) + 1 > width
         if shift and (full or (self.decoder is None and shift >= SLIDE_MIN_COLUMNS
                                and shift * SLIDE_SHARE >= self.clock)):
-            self.cache.first_rows(B).slide(shift, self.clock)
-            self.key_mask[:B, : self.clock - shift] = self.key_mask[:B, shift : self.clock].clone()
-            self.key_mask[:B, self.clock - shift :] = False
+            self._slide(B, shift)
             self.first_column[:B] -= shift
             self.clock -= shift
             if self.decoder is not None:
@@ -102,6 +113,9 @@ class Slots:
         if columns > width or rows > n_rows:  # doubling, so a long run resizes only a few times
             self._resize(n_rows if rows <= n_rows else min(self.n_slots, max(rows, 2 * n_rows)),
                          width if columns <= width else max(columns, 2 * width))
+
+    def _slide(self, B: int, shift: int) -> None:
+        slide_columns(self.cache.first_rows(B), self.key_mask[:B], shift, self.clock)
 
     def _resize(self, n_rows: int, width: int) -> None:
         """New buffers of this size (never smaller), holding the rows' columns so far."""

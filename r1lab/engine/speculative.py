@@ -11,7 +11,8 @@ token too: two tokens for one forward.
 Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
 draft's column is hidden by the key mask, as left padding is. Finished rows are dropped from the batch (both caches
 and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
-reads the token after the model's hidden state.
+reads the token after the model's hidden state. The server's continuous batch drafts by the same rule, row by row
+(r1lab/engine/live_batch.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from r1lab.engine.sampling import _RowParams, inverse_cdf_sample, sampling_probs, uniforms
+from r1lab.engine.slots import left_padded
 from r1lab.model.transformer import CausalLM, KVCache
 
 
@@ -51,12 +53,12 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
     logprobs, lengths, stopped), drafting with the model's MTP module or the draft model. Returns each row's counts
     of drafted and accepted tokens, (B,) tensors."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
-    rule = _Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
-        _Sampled(temperature, top_k, top_p, generator)
+    rule = Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
+        Sampled(temperature, top_k, top_p, generator)
     record = _recorder(out, params, eos)
     caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, 2 * params.max_steps)
     first = rule.first(logits)
-    running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first, _gather(rule.log_probs(logits), first))
+    running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first, gather(rule.log_probs(logits), first))
     rows.pending = first
     rows.draft, rows.draft_probs = rule.propose(_draft(model, draft, rows, caches, prompt))
     drafted, accepted = torch.zeros_like(out.lengths), torch.zeros_like(out.lengths)
@@ -79,19 +81,20 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
         drafted[rows.out] += running.long()
         accepted[rows.out] += (accept & running).long()
         target_logp = rule.log_probs(target)
-        running = record(rows.out, running, token, _gather(target_logp[:, 0], token))
+        running = record(rows.out, running, token, gather(target_logp[:, 0], token))
         # the bonus token only after an accepted draft, in a row the first token did not end
-        running = record(rows.out, running & accept, bonus, _gather(target_logp[:, 1], bonus)) | (running & ~accept)
+        running = record(rows.out, running & accept, bonus, gather(target_logp[:, 1], bonus)) | (running & ~accept)
         rows.key_mask[:, -1] = accept  # a rejected draft's keys are never attended
-        rows.draft, rows.draft_probs = rule.propose(_redraft(model, draft, rows, caches, h, token, bonus, accept,
-                                                             column))
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask, rows.key_mask[:, -2:]], 1)
+        rows.draft, rows.draft_probs = rule.propose(redraft(model, draft, caches[1], rows.draft_key_mask, h,
+                                                            torch.stack([token, bonus], 1), positions, accept, column))
         rows.pending = torch.where(accept, bonus, token)
         rows.positions = rows.positions + 1 + accept.long()
         column += 2
     return {"drafted": drafted, "accepted": accepted}
 
 
-class _Greedy:
+class Greedy:
     """Temperature 0: the draft is the drafter's argmax, kept when it is the model's; no distribution, no draw."""
 
     def first(self, logits: torch.Tensor) -> torch.Tensor:
@@ -112,26 +115,24 @@ class _Greedy:
         return draft == best[:, 0], best[:, 0], best[:, 1]
 
 
-class _Sampled:
-    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p per row), its uniform
+class Sampled:
+    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p, min-p), its uniform
     numbers drawn from the rows' generators: one draw per row for a draft, one of three numbers per verification."""
 
-    def __init__(self, temperature, top_k, top_p, generator):
+    def __init__(self, temperature, top_k, top_p, generator, min_p=0.0):
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.min_p = min_p
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        return sampling_probs(logits, self.temperature, self.top_k, self.top_p)
+        return sampling_probs(logits, self.temperature, self.top_k, self.top_p, self.min_p)
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Under softmax(logits / temperature), as sample_next records them (temperature 1 for greedy rows)."""
-        t = self.temperature  # a number above 0, or (B, 1) per row
-        if torch.is_tensor(t):
-            t = t.masked_fill(t <= 0, 1.0).view(-1, *(1,) * (logits.dim() - 1))
-        return logits.float().div(t).log_softmax(-1)
+        return target_log_probs(logits, self.temperature)
 
     def select(self, keep: torch.Tensor) -> None:
         pick = lambda v: v[keep] if torch.is_tensor(v) else v  # noqa: E731
         self.temperature, self.top_k, self.top_p = pick(self.temperature), pick(self.top_k), pick(self.top_p)
+        self.min_p = pick(self.min_p)
         if isinstance(self.generator, list):
             self.generator = [self.generator[i] for i in keep.tolist()]
 
@@ -150,7 +151,7 @@ class _Sampled:
         by a draw from max(0, p - q) renormalised (p itself where that is all zero: p = q, never rejected)."""
         p_next, p_after = self.probs(target[:, 0]), self.probs(target[:, 1])
         u = uniforms(len(draft), self.generator, draft.device, 3)  # (B, 3): acceptance, the replacement, the bonus
-        accept = u[:, 0] * _gather(q, draft) < _gather(p_next, draft)
+        accept = u[:, 0] * gather(q, draft) < gather(p_next, draft)
         residual = (p_next - q).clamp(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
         token = torch.where(accept, draft, inverse_cdf_sample(residual, u[:, 1:2]))
@@ -174,21 +175,31 @@ def _recorder(out, params: _RowParams, eos: torch.Tensor):
     return record
 
 
-def _gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def target_log_probs(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """Under softmax(logits / temperature), as sample_next records them (temperature 1 for greedy rows);
+    temperature: a number above 0, or (B, 1) per row."""
+    if torch.is_tensor(temperature):
+        temperature = temperature.masked_fill(temperature <= 0, 1.0).view(-1, *(1,) * (logits.dim() - 1))
+    return logits.float().div(temperature).log_softmax(-1)
+
+
+def gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def drafter_config(model: CausalLM, draft: CausalLM | None):
+    """The config of the drafter's cache: the draft model's, or one layer of the model's for its MTP module."""
+    return draft.config if draft else dataclasses.replace(model.config, num_hidden_layers=1, mtp_depth=0)
 
 
 def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, extra: int):
     """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
     ids, positions and hidden states for the drafter's prefill)."""
-    P = max(len(p) for p in prompts)
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
-    key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
-    positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    one_layer = dataclasses.replace(model.config, num_hidden_layers=1, mtp_depth=0)
+    ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
+    P = ids.shape[1]
     caches = (KVCache(model.config, len(prompts), P + extra, dtype, device),
-              KVCache(draft.config if draft else one_layer, len(prompts), P + extra + 1, dtype, device))
+              KVCache(drafter_config(model, draft), len(prompts), P + extra + 1, dtype, device))
     h = model.hidden_states(ids, None, positions, caches[0], 0, key_mask)  # (B, P, D)
     rows = _Rows(out=torch.arange(len(prompts), device=device), pending=ids[:, -1], draft=ids[:, -1], draft_probs=torch.empty(0), positions=positions[:, -1] + 1,
                  key_mask=key_mask, draft_key_mask=key_mask.clone())
@@ -210,17 +221,15 @@ def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt)
     return (draft or model).lm_head(out[:, -1])
 
 
-def _redraft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, h, token, bonus, accept,
-             column: int) -> torch.Tensor:
-    """The drafter over this step's two new tokens: the module reads (pending's hidden state, the token after it)
-    and, when the draft was accepted, (the draft's hidden state, the bonus token), a draft model the token and the
-    bonus at their own positions; the next draft follows the last real one."""
-    rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(h[:, :, 0], dtype=torch.bool)], 1)
-    rows.draft_key_mask[:, -1] = accept
-    positions, tokens = torch.stack([rows.positions, rows.positions + 1], 1), torch.stack([token, bonus], 1)
+def redraft(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor, h: torch.Tensor,
+            tokens: torch.Tensor, positions: torch.Tensor, accept: torch.Tensor, column: int) -> torch.Tensor:
+    """The drafter over a step's two new tokens (B, 2), the one after pending and the bonus, key_mask (B, S) marking
+    them (the bonus only after an accepted draft): the module reads (pending's hidden state, the token after it) and
+    (the draft's hidden state, the bonus) at pending's positions (B, 2) and column, a draft model the two tokens one
+    column and one position later. Returns the next draft's logits (B, V), from the last real token."""
     if draft is None:
-        out = model.mtp_draft_hidden(h, tokens, positions, caches[1], column, rows.draft_key_mask)
+        out = model.mtp_draft_hidden(h, tokens, positions, cache, column, key_mask)
     else:
-        out = draft.hidden_states(tokens, None, positions + 1, caches[1], column + 1, rows.draft_key_mask)
+        out = draft.hidden_states(tokens, None, positions + 1, cache, column + 1, key_mask)
     last = torch.where(accept[:, None], out[:, 1], out[:, 0])  # (B, D)
     return (draft or model).lm_head(last)

@@ -205,10 +205,12 @@ class Batcher:
         self._back: list[tuple[_Row, ProgramResult | None]] = []  # calls done, for the worker to append
         # batches: busy spells (the worker starting from idle); rows: completions started; max_batch_rows: the most
         # running at once; parked_rows: rows set aside for a client under its share; moved_rows: rows moved to the
-        # other lane; light_steps: steps of the light lane alone (see _lanes_to_step)
+        # other lane; light_steps: steps of the light lane alone (see _lanes_to_step); drafted, accepted: speculative
+        # decoding's drafts (r1lab/engine/live_batch.py) and those the model kept
         self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "aborted_rows": 0, "stopped_rows": 0,
                       "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "steps": 0,
-                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0, "tool_calls": 0, "tool_limit_rows": 0}
+                      "parked_rows": 0, "moved_rows": 0, "light_steps": 0, "tool_calls": 0, "tool_limit_rows": 0,
+                      "drafted": 0, "accepted": 0}
         self._lanes = [LiveBatch(engine, max_batch), LiveBatch(engine, max_batch)]  # LIGHT, HEAVY
         self._lane_time = [0.0, 0.0]  # seconds each lane stepped since light and heavy clients both run
         self._running: dict[int, _Row] = {}  # by LiveBatch id; the worker's alone
@@ -380,6 +382,7 @@ class Batcher:
             self._lane_time[lane] += time.perf_counter() - start
         self.stats["steps"] += 1
         self.stats["light_steps"] += lanes == [LIGHT]
+        self.stats.update(self.engine.speculative_counts)
         events: dict[Job, list[Event]] = collections.defaultdict(list)
         for t in tokens:
             self._route(t, events)
@@ -418,7 +421,9 @@ class Batcher:
 
     def _route(self, t: StepToken, events: dict[Job, list[Event]]) -> None:
         """A row's token to its request's events; a row whose client left, or that completed a stop string, ends."""
-        row = self._running[t.seq]
+        row = self._running.get(t.seq)
+        if row is None:  # it ended at the step's token before (a speculative step gives a row two)
+            return
         lane = self._lanes[self._lane[t.seq]]
         if row.job.cancelled:
             lane.cancel(t.seq)

@@ -25,7 +25,7 @@ from r1lab.serve.textstream import TextStream
 def load_engine(cfg: ChatConfig | ServeConfig) -> Engine:
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     model, tokenizer = load_policy(cfg.model, pick_device(cfg.device), cfg.dtype, cfg.adapter)
-    return Engine(model.eval(), tokenizer)
+    return Engine(model.eval(), tokenizer, speculative=getattr(cfg, "speculative", "none"))  # serve's
 
 
 class ReplyView:
