@@ -203,6 +203,15 @@ def render_speculative(d: dict) -> str:
                          str(step) for step, _ in g["none"]["heldout"]) + ": " + "; ".join(
                          f"{'without' if side == 'none' else 'with'} drafts " + " / ".join(
                              f"{100 * p:.1f}%" for _, p in g[side]["heldout"]) for side in ("none", "mtp")) + "."))
+    if "serve" in f:
+        phases = f["serve"]["phases"]
+        lines.append(f"`r1lab serve --speculative mtp` against `none` from that base, {a['serve_requests']} greedy chat "
+                     "completions of held-out questions per phase: " + "; ".join(
+                         f"{name}, {p['tokens_per_s']['none']:,.0f} -> {p['tokens_per_s']['mtp']:,.0f} tokens/s "
+                         f"(**{p['tokens_per_s']['mtp'] / p['tokens_per_s']['none']:.2f}x**)"
+                         for name, p in phases.items()) + f"; acceptance {100 * f['serve']['acceptance']:.1f}%; "
+                     "completions " + ("identical" if all(p["same_completions"] for p in phases.values())
+                                       else "**different**") + " with and without drafts.")
     return "\n".join(lines)
 
 

@@ -14,7 +14,11 @@ a fresh process, `--speculative none` and `--speculative mtp` alternating, `--re
 * `r1lab grpo` from the base with the demo's preset (16 prompts x 8 samples, 64 tokens) for `--grpo-steps` steps:
   rollout tokens/s (completion tokens over the rollout phase's seconds, the first step left out as warm-up), the
   acceptance of each step (GRPO does not train the module: it falls as the policy moves) and held-out pass@1 at the
-  first and last step (the same distribution sampled: the same curve up to sampling noise).
+  first and last step (the same distribution sampled: the same curve up to sampling noise);
+* `r1lab serve --speculative none|mtp` from the base: `--serve-requests` greedy chat completions of held-out
+  questions, first one at a time (one client: a chat user's latency) and then from `--serve-clients` clients at once,
+  each phase's completion tokens/s, the completions of both sides checked to be the same, and the server's
+  acceptance (`/health`).
 
     python bench/speculative.py --wait-quiet 120 --json runs/speculative/figures.json
     python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
@@ -26,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,7 +48,7 @@ MODES = {"greedy": dict(temperature=0.0, top_p=1.0, one_sample=True, chunk=64),
          "greedy-1": dict(temperature=0.0, top_p=1.0, one_sample=True, chunk=1),
          "sampled": dict(temperature=0.6, top_p=0.95, one_sample=False, chunk=64),
          "rollout": dict(temperature=1.0, top_p=1.0, one_sample=False, chunk=64)}
-SMOKE = dict(pretrain_steps=20, problems=4, samples=2, grpo_steps=2, repeats=1)
+SMOKE = dict(pretrain_steps=20, problems=4, samples=2, grpo_steps=2, repeats=1, serve_requests=4, serve_clients=2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
     p.add_argument("--grpo-steps", type=int, default=10, help="GRPO steps per side (0: no GRPO part)")
     p.add_argument("--repeats", type=int, default=3, help="evaluations per side and mode, sides alternating")
+    p.add_argument("--serve-requests", type=int, default=48, help="chat completions per serve phase (0: no serve part)")
+    p.add_argument("--serve-clients", type=int, default=8, help="clients of the concurrent serve phase")
     common.add_run_args(p, SMOKE)
     a = p.parse_args(argv)
     if a.smoke:
@@ -115,6 +123,46 @@ def grpo(a, env: dict, model: Path, side: str) -> dict:
                                                                (run / "eval.jsonl").read_text().splitlines())]}
 
 
+def serve(a, env: dict, model: Path, side: str) -> dict:
+    """A `r1lab serve` child: greedy chat completions of held-out questions, one client, then serve_clients at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import serve_load
+    from r1lab.rewards.tasks import get_task
+    from r1lab.train.evaluate import heldout_problems
+
+    questions = [p.prompt for p in heldout_problems(get_task("arithmetic"), "test", a.serve_requests, common.SEED)]
+    port = serve_load.free_port()
+    url, log = f"http://127.0.0.1:{port}", (a.workdir / f"serve-{side}.log").open("w")
+    server = subprocess.Popen(r1lab("serve", "--model", model, "--port", port, "--speculative", side, "--threads",
+                                    a.threads, "--log-level", "warning"), env=env, stdout=log, stderr=log)
+    try:
+        serve_load.wait_ready(url, server)
+        with httpx.Client(timeout=600) as client:
+            served = client.get(f"{url}/health").json()["model"]
+
+            def complete(question: str) -> dict:
+                body = {"model": served, "messages": [{"role": "user", "content": question}], "temperature": 0,
+                        "max_tokens": a.max_new_tokens}
+                return client.post(f"{url}/v1/chat/completions", json=body).raise_for_status().json()
+
+            phases = {}
+            for name, clients in (("one client", 1), (f"{a.serve_clients} clients", a.serve_clients)):
+                start = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    replies = list(pool.map(complete, questions))
+                tokens = sum(r["usage"]["completion_tokens"] for r in replies)
+                phases[name] = {"tokens_per_s": tokens / (time.perf_counter() - start),
+                                "completions": [r["choices"][0]["message"]["content"] for r in replies]}
+            stats = client.get(f"{url}/health").json().get("batcher", {})
+    finally:
+        server.terminate()
+        server.wait()
+    drafted = stats.get("drafted", 0)
+    return {"phases": phases, "acceptance": stats.get("accepted", 0) / drafted if drafted else None}
+
+
 def measure(a, env: dict, model: Path) -> dict:
     runs = {mode: {side: [] for side in SIDES} for mode in MODES}
     for repeat in range(a.repeats):
@@ -139,6 +187,14 @@ def measure(a, env: dict, model: Path) -> dict:
         figures["grpo"] = {side: grpo(a, env, model, side) for side in SIDES}
         rates = [figures["grpo"][side]["rollout_tokens_per_s"] for side in SIDES]
         figures["grpo"]["speedup"] = rates[1] / rates[0]
+    if a.serve_requests:
+        if a.wait_quiet:
+            common.wait_until_quiet(a.wait_quiet)
+        sides = {side: serve(a, env, model, side) for side in SIDES}
+        figures["serve"] = {"acceptance": sides["mtp"]["acceptance"], "phases": {
+            name: {"tokens_per_s": {side: sides[side]["phases"][name]["tokens_per_s"] for side in SIDES},
+                   "same_completions": sides["mtp"]["phases"][name]["completions"] ==
+                   sides["none"]["phases"][name]["completions"]} for name in sides["none"]["phases"]}}
     return figures
 
 
@@ -154,6 +210,11 @@ def report(figures: dict) -> None:
         kept = [f"{x:.0%}" for x in g["mtp"]["acceptance"]]
         print(f"GRPO rollouts: {g['none']['rollout_tokens_per_s']:,.0f} -> {g['mtp']['rollout_tokens_per_s']:,.0f} "
               f"tokens/s ({g['speedup']:.2f}x); acceptance per step: {' '.join(kept)}")
+    for name, phase in figures.get("serve", {}).get("phases", {}).items():
+        rate = phase["tokens_per_s"]
+        print(f"serve, greedy chat, {name}: {rate['none']:,.0f} -> {rate['mtp']:,.0f} tokens/s "
+              f"({rate['mtp'] / rate['none']:.2f}x), acceptance {figures['serve']['acceptance']:.1%}, "
+              f"same completions: {'yes' if phase['same_completions'] else 'NO'}")
 
 
 def main(argv=None) -> int:
@@ -165,7 +226,8 @@ def main(argv=None) -> int:
     report(figures)
     args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k not in ("json", "workdir")}
     common.write_figures(a.json, {"args": args, "versions": common.versions(), **figures})
-    if not all(f["same_completions"] for mode, f in figures.items() if mode.startswith("greedy")):
+    if not all(f["same_completions"] for mode, f in figures.items() if mode.startswith("greedy")) or \
+            not all(p["same_completions"] for p in figures.get("serve", {}).get("phases", {}).values()):
         print("FAIL: greedy decoding with MTP drafts gave other completions than without", file=sys.stderr)
         return 1
     return 0
