@@ -22,6 +22,7 @@ a fresh process, `--speculative none` and `--speculative mtp` alternating, `--re
 
     python bench/speculative.py --wait-quiet 120 --json runs/speculative/figures.json
     python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
+    python bench/speculative.py --num-layers 12 --modes greedy greedy-8 greedy-1 --grpo-steps 0   # a deeper base
 
 Run it on an otherwise quiet machine: a neighbour's load moves the figures (each side's "other procs" is reported).
 """
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=common.REPO_ROOT / "runs" / "speculative")
     p.add_argument("--pretrain-steps", type=int, default=600, help="the base's pretraining steps (the demo's 600)")
+    p.add_argument("--num-layers", type=int, default=4, help="the base's layers (the demo's 4): the deeper the base, "
+                   "the smaller the MTP layer's share of a step")
+    p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="the eval modes measured")
     p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
@@ -71,12 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_base(a, env: dict) -> Path:
     """The tiny V3 base with its MTP module, pretrained once per workdir and steps."""
-    base = a.workdir / f"base-{a.pretrain_steps}"
-    info = {"pretrain_steps": a.pretrain_steps, "mtp_depth": 1}
+    base = a.workdir / f"base-{a.pretrain_steps}" / ("" if a.num_layers == 4 else f"layers-{a.num_layers}")
+    info = {"pretrain_steps": a.pretrain_steps, "mtp_depth": 1, **({} if a.num_layers == 4 else
+                                                                 {"num_layers": a.num_layers})}
     if common.cached_model_info(base / "model", lambda found: found == info, "{info}, not " + str(info)):
         return base / "model"
     proc = common.run_child(r1lab("pretrain", "--arch", "deepseek-v3", "--mtp-depth", 1, "--steps", a.pretrain_steps,
-                                  "--out", base, "--seed", common.SEED, "--threads", a.threads),
+                                  "--num-layers", a.num_layers, "--out", base, "--seed", common.SEED, "--threads", a.threads),
                             env, a.workdir / "pretrain.log")
     if proc["rc"]:
         sys.exit(f"ERROR: pretraining failed; see {a.workdir / 'pretrain.log'}")
@@ -164,9 +169,9 @@ def serve(a, env: dict, model: Path, side: str) -> dict:
 
 
 def measure(a, env: dict, model: Path) -> dict:
-    runs = {mode: {side: [] for side in SIDES} for mode in MODES}
+    runs = {mode: {side: [] for side in SIDES} for mode in a.modes}
     for repeat in range(a.repeats):
-        for mode in MODES:
+        for mode in a.modes:
             for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:  # alternating: a drift in load hits both
                 if a.wait_quiet:
                     common.wait_until_quiet(a.wait_quiet)
