@@ -3,11 +3,13 @@ a killed and resumed run equals the uninterrupted one; the worker never outlives
 
 import json
 import multiprocessing
+import shutil
 import time
 
 import pytest
 import torch
 
+import r1lab.train.checkpoint as checkpoint
 import r1lab.train.grpo as grpo
 from r1lab.engine.engine import Engine
 from r1lab.train.async_rollouts import AsyncRollouts, ChunkedEngine, check_async, thread_split
@@ -57,6 +59,34 @@ def test_killed_and_resumed_async_run_equals_the_uninterrupted_one(tiny_base, tm
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5]
     assert [r["reward/mean"] for r in rows_b] == [r["reward/mean"] for r in rows]  # the same prompts and samples
     assert evaluations(tmp_path / "b") == evaluations(tmp_path / "a")  # each step's held-out evaluation, once
+
+
+@pytest.mark.slow
+def test_an_async_run_killed_during_a_save_resumes_from_the_checkpoint_before_it_exactly(tiny_base, tmp_path,
+                                                                                       monkeypatch):
+    straight = grpo.train(small_config(tiny_base, tmp_path / "a", steps=5, save_every=2, async_steps=1),
+                          log=lambda *_: None)
+    real_manifest = checkpoint.write_manifest
+
+    def killed_writing_step_4(directory, *args, **kw):  # the last file of a checkpoint, before its rename
+        if directory.name == "step_000004.tmp":
+            shutil.copytree(directory, tmp_path / "left")  # what a kill here leaves on disk
+            raise RuntimeError("killed")
+        return real_manifest(directory, *args, **kw)
+
+    cfg = small_config(tiny_base, tmp_path / "b", steps=5, save_every=2, async_steps=1)
+    monkeypatch.setattr(checkpoint, "write_manifest", killed_writing_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        grpo.train(cfg, log=lambda *_: None)
+    assert no_worker_left()
+    monkeypatch.setattr(checkpoint, "write_manifest", real_manifest)
+    shutil.move(tmp_path / "left", tmp_path / "b" / "checkpoints" / "step_000004.tmp")
+    cfg.resume = True
+    resumed = grpo.train(cfg, log=lambda *_: None)  # from step 2's checkpoint, with its batches in flight
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["reward/mean"] for r in metrics(tmp_path / "b")][-3:] == [r["reward/mean"] for r in
+                                                                         metrics(tmp_path / "a")][-3:]
 
 
 def evaluations(run):
