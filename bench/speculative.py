@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=4, help="the base's layers (the demo's 4): the deeper the base, "
                    "the smaller the MTP layer's share of a step")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="the eval modes measured")
+    p.add_argument("--speculative-tokens", type=int, default=1, help="k, tokens the mtp side drafts a step (chained; "
+                   "serve drafts one, so k > 1 has no serve part)")
     p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
@@ -95,7 +97,7 @@ def evaluate(a, env: dict, model: Path, mode: str, side: str, repeat: int) -> di
     cmd = r1lab("eval", "--model", model, "--problems", a.problems, "--samples", 1 if m["one_sample"] else a.samples,
                 "--temperature", m["temperature"], "--top-p", m["top_p"], "--max-new-tokens", a.max_new_tokens,
                 "--speculative", side, "--seed", common.SEED, "--threads", a.threads, "--out", out,
-                "--prompts-per-chunk", m["chunk"])
+                "--prompts-per-chunk", m["chunk"], "--speculative-tokens", a.speculative_tokens if side == "mtp" else 1)
     figures, proc = common.run_for_result(cmd, env, out.with_suffix(".log"), out, f"eval ({mode}, {side})")
     test = figures["test"]
     return {"tokens_per_s": test["tokens_per_s"], "acceptance": test.get("acceptance"), "pass@1": test["pass@1"],
@@ -112,7 +114,8 @@ def grpo(a, env: dict, model: Path, side: str) -> dict:
     # held-out evaluations at the start and the end: the same distribution sampled, so the same curve up to noise
     cfg = tiny_grpo_config(model, run, a.grpo_steps, eval_every=a.grpo_steps, save_every=0, samples_every=0,
                            eval_problems=a.problems, report_to="none",
-                           speculative=side, seed=common.SEED, threads=a.threads)
+                           speculative=side, speculative_tokens=a.speculative_tokens if side == "mtp" else 1,
+                           seed=common.SEED, threads=a.threads)
     save_config(cfg, run.with_suffix(".yaml"))
     for old in ("metrics.jsonl", "eval.jsonl"):
         (run / old).unlink(missing_ok=True)
@@ -192,7 +195,7 @@ def measure(a, env: dict, model: Path) -> dict:
         figures["grpo"] = {side: grpo(a, env, model, side) for side in SIDES}
         rates = [figures["grpo"][side]["rollout_tokens_per_s"] for side in SIDES]
         figures["grpo"]["speedup"] = rates[1] / rates[0]
-    if a.serve_requests:
+    if a.serve_requests and a.speculative_tokens == 1:
         if a.wait_quiet:
             common.wait_until_quiet(a.wait_quiet)
         sides = {side: serve(a, env, model, side) for side in SIDES}

@@ -242,13 +242,14 @@ def _spec_model(vocab, scale):
     return _randomise(CausalLM(cfg), scale)
 
 
-def test_speculative_greedy_decoding_gives_the_engines_tokens():
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_decoding_gives_the_engines_tokens(k):
     from r1lab.engine.engine import Engine
 
     model = _spec_model(61, 0.3)
     prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
     plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
-    engine = Engine(model, CountingTokenizer(), speculative="mtp")
+    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
     fast = engine.generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
     assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
     assert len({tuple(s.token_ids) for s in plain}) == 3 and all(len(s.token_ids) == 12 for s in fast)
@@ -258,10 +259,11 @@ def test_speculative_greedy_decoding_gives_the_engines_tokens():
     assert 0 < counts["accepted"] < counts["drafted"]  # both the accepted and the rejected path ran
 
 
-def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens():
-    """Rows ended by end-of-text or their own token limit are dropped from the batch (both caches, every per-row
-    tensor, each row's generator): greedy, the plain engine's tokens; sampled with per-prompt seeds, each row's
-    tokens are those it samples alone."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens(k):
+    """Rows ended by end-of-text or their own token limit (also inside a step's kept drafts) are dropped from the
+    batch (both caches, every per-row tensor, each row's generator): greedy, the plain engine's tokens; sampled with
+    per-prompt seeds, each row's tokens are those it samples alone."""
     from r1lab.engine.engine import Engine
 
     model = _spec_model(61, 0.3)
@@ -270,7 +272,7 @@ def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens()
     prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2], [8], [2, 2]]
     settings = dict(num_samples=2, max_new_tokens=[3, 16, 9, 16, 5])
     plain = Engine(model, tok).generate(prompts, temperature=0, **settings)
-    engine = Engine(model, tok, speculative="mtp")
+    engine = Engine(model, tok, speculative="mtp", speculative_tokens=k)
     fast = engine.generate(prompts, temperature=0, **settings)
     assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
     assert [s.finish_reason for s in fast] == [s.finish_reason for s in plain]
@@ -310,26 +312,95 @@ def _dense_pair(vocab, tmp_path, scale):
     return model, f"draft:{tmp_path / 'draft'}"
 
 
-def test_a_draft_model_gives_the_models_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_draft_model_gives_the_models_greedy_tokens(tmp_path, k):
     from r1lab.engine.engine import Engine
 
     model, draft = _dense_pair(61, tmp_path, 0.3)
     prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
     plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
-    engine = Engine(model, CountingTokenizer(), speculative=draft)
+    engine = Engine(model, CountingTokenizer(), speculative=draft, speculative_tokens=k)
     fast = engine.generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
     assert [s.token_ids for s in fast] == [s.token_ids for s in plain]
     for a, b in zip(plain, fast):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-    assert all(0 < s.drafted <= 12 for s in fast)
+    assert all(0 < s.drafted <= 12 * k for s in fast)
     assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
     assert engine.speculative_counts["accepted"] == sum(s.accepted for s in fast)
     with pytest.raises(ValueError, match="vocabulary of 61 tokens, the model 62: a draft model shares"):
         Engine(CausalLM(dataclasses.replace(model.config, vocab_size=62)), CountingTokenizer(), speculative=draft)
 
 
-@pytest.mark.parametrize("drafter, top_p", [("mtp", 1.0), ("mtp", 0.8), ("draft", 1.0)])
-def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, top_p, tmp_path):
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_the_model_drafting_for_itself_has_every_draft_accepted(tmp_path, k):
+    """A draft model that is the model: every draft of every chain is the model's own greedy token, so each is
+    kept, in rows of different prompt lengths that end at different steps. A draft model reading a wrong position,
+    column or key mask (in its catch-up or its chained steps) drafts something else somewhere and fails this."""
+    from r1lab.engine.engine import Engine
+
+    model, _ = _dense_pair(61, tmp_path, 0.3)
+    save_model(model, tmp_path / "self")
+    prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2, 8, 6]]
+    engine = Engine(model, CountingTokenizer(), speculative=f"draft:{tmp_path / 'self'}", speculative_tokens=k)
+    fast = engine.generate(prompts, max_new_tokens=[13, 9, 16], temperature=0)
+    assert [len(s.token_ids) for s in fast] == [13, 9, 16]
+    assert [s.accepted for s in fast] == [s.drafted for s in fast] and all(s.drafted > 0 for s in fast)
+    # k drafts a step, k + 1 tokens a step after the prefill's first: a row stops drafting once it has its tokens
+    assert [s.drafted for s in fast] == [k * -(-(n - 1) // (k + 1)) for n in (13, 9, 16)]
+
+
+def _chained_mtp_reference(model, prompt, completion, k):
+    """The draft logits of greedy speculative decoding with k chained MTP drafts, a (k, V) tensor per step, each
+    computed from scratch without a cache: the module over the prompt and the tokens kept so far (position i reading
+    the model's hidden state at i and token i + 1), then the chain (its own block output and the draft before)."""
+    x = torch.tensor([prompt + completion])
+    emb, steps = model.model.embed_tokens, []
+    pos = len(prompt)  # x[pos] is the next token to feed (pending)
+    while pos < x.shape[1] - 1:
+        h = model.hidden_states(x[:, : pos + 1])
+        H, E, logits = h[:, :pos], emb(x[:, 1 : pos + 1]), []
+        for _ in range(k):
+            cos, sin = model._rope(torch.arange(H.shape[1])[None], h.dtype)
+            out = model.mtp[0].predict(H, E, cos, sin, None)[:, -1:]
+            logits.append(model.lm_head(model.mtp[0].shared_head.norm(out))[0, 0])
+            H, E = torch.cat([H, out], 1), torch.cat([E, emb(logits[-1].argmax()[None, None])], 1)
+        n = 0
+        while n < k and pos + 1 + n < x.shape[1] and int(logits[n].argmax()) == int(x[0, pos + 1 + n]):
+            n += 1
+        steps.append(torch.stack(logits))
+        pos += n + 1
+    return steps
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_chained_mtp_drafts_are_the_modules_own_computed_from_scratch(k, monkeypatch):
+    """Every draft's logits with k chained MTP drafts equal the module's recomputed without a cache, step by step,
+    for prompts of different lengths. A chain that reads a stale key, a wrong position or the normalised state
+    instead of the block's output gives other logits somewhere and fails this."""
+    from r1lab.engine import speculative
+    from r1lab.engine.engine import Engine
+
+    model = _spec_model(7, 1.0)
+    proposed = []
+    propose = speculative.Greedy.propose
+    monkeypatch.setattr(speculative.Greedy, "propose", lambda self, logits: proposed.append(logits[0]) or
+                        propose(self, logits))
+    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
+    kept = 0
+    for prompt in ([3, 5, 1], [2], [4, 4, 6, 4, 2]):
+        proposed.clear()
+        with torch.no_grad():
+            [sample] = engine.generate([prompt], max_new_tokens=14, temperature=0)
+            expected = _chained_mtp_reference(model, prompt, list(sample.token_ids), k)
+        assert len(proposed) == k * len(expected) == sample.drafted
+        torch.testing.assert_close(torch.stack(proposed), torch.cat(expected), atol=2e-3, rtol=1e-3)
+        kept += sample.accepted
+    assert kept > 6  # chains were kept past their first draft, too
+
+
+@pytest.mark.parametrize("drafter, top_p, k", [("mtp", 1.0, 1), ("mtp", 0.8, 1), ("draft", 1.0, 1), ("mtp", 1.0, 2),
+                                               ("draft", 0.8, 2)])
+def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, top_p, k, tmp_path):
     """A vocabulary of 5: the empirical distribution of 3 sampled tokens (125 outcomes; an accepted draft brings a
     second token in the same step, a rejected one a token from the residual) against the exact one computed from
     the model's full forward passes, by a chi-square test. The control: the same counts against the distribution
@@ -340,7 +411,7 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, to
     V, n, T = 5, 6000, 0.9
     model, speculative = _dense_pair(V, tmp_path, 0.5) if drafter == "draft" else (_spec_model(V, 0.5), "mtp")
     prompt = [1, 3, 2]
-    engine = Engine(model, CountingTokenizer(), speculative=speculative)
+    engine = Engine(model, CountingTokenizer(), speculative=speculative, speculative_tokens=k)
     samples = engine.generate([prompt], num_samples=n, max_new_tokens=3, temperature=T, top_p=top_p, seed=0)
     assert all(len(s.token_ids) == 3 for s in samples)
     seqs = torch.cartesian_prod(*[torch.arange(V)] * 3)  # (125, 3)
@@ -380,6 +451,16 @@ def test_speculative_decoding_refuses_what_it_does_not_do():
     for bad in ("draft:", "draft: ", "mtp2", "draft"):
         with pytest.raises(ValueError, match="is not none, mtp or draft:DIR"):
             EvalConfig(speculative=bad).check()
+    from r1lab.config import ServeConfig
+
+    for cfg, said in ((EvalConfig(speculative_tokens=2), "speculative_tokens 2 needs speculative mtp or draft:DIR"),
+                      (EvalConfig(speculative="mtp", speculative_tokens=0), "speculative_tokens: 0 is not in"),
+                      (EvalConfig(speculative="mtp", speculative_tokens=9), "speculative_tokens: 9 is not in"),
+                      (ServeConfig(speculative="mtp", speculative_tokens=2), "speculative_tokens 2 needs speculative mtp or draft:DIR, and not serve")):
+        with pytest.raises(ValueError, match=said):
+            cfg.check()
+    with pytest.raises(ValueError, match="speculative_tokens 0 is not between 1 and 8"):
+        Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=0)
 
 
 def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path, capsys):
@@ -389,13 +470,13 @@ def test_eval_with_speculative_mtp_reports_what_plain_eval_does_greedy(tmp_path,
 
     _save_spec_model(tmp_path / "m")
     results = {}
-    for mode, chunk in (("none", "64"), ("mtp", "64"), ("mtp", "1")):  # one prompt per generate call, too
-        out = tmp_path / f"{mode}-{chunk}.json"
+    for mode, chunk, k in (("none", "64", "1"), ("mtp", "64", "1"), ("mtp", "1", "1"), ("mtp", "64", "3")):
+        out = tmp_path / f"{mode}-{chunk}-{k}.json"  # one prompt per generate call, too; and 3 drafts a step
         main(["eval", "--model", str(tmp_path / "m"), "--problems", "3", "--samples", "2", "--temperature", "0",
               "--max-new-tokens", "8", "--speculative", mode, "--out", str(out), "--threads", "1",
-              "--prompts-per-chunk", chunk])
-        results[mode if chunk == "64" else "mtp-1"] = json.loads(out.read_text())["test"]
-    for other in ("mtp", "mtp-1"):
+              "--prompts-per-chunk", chunk, "--speculative-tokens", k])
+        results[mode if chunk == "64" and k == "1" else f"mtp-{chunk}-{k}"] = json.loads(out.read_text())["test"]
+    for other in ("mtp", "mtp-1-1", "mtp-64-3"):
         assert [r["samples"] for r in results["none"]["records"]] == [r["samples"] for r in results[other]["records"]]
     assert results["mtp"]["tokens_per_s"] > 0 and 0 <= results["mtp"]["acceptance"] <= 1
     assert "acceptance" not in results["none"]
@@ -430,7 +511,8 @@ def test_sample_with_speculative_mtp_keeps_what_plain_sampling_keeps_greedy(tmp_
     assert rows["mtp"][1] == {**rows["none"][1], "out": rows["mtp"][1]["out"]}
 
 
-def test_grpo_rollouts_with_mtp_drafts_carry_the_models_own_log_probs():
+@pytest.mark.parametrize("k", [1, 3])
+def test_grpo_rollouts_with_mtp_drafts_carry_the_models_own_log_probs(k):
     """GRPO's sampler with speculation: greedy, the plain engine's completions; sampled, each token's recorded
     log-prob is the one the model's own forward pass gives it (what the update's ratio is taken against)."""
     import dataclasses
@@ -445,10 +527,10 @@ def test_grpo_rollouts_with_mtp_drafts_carry_the_models_own_log_probs():
     model = _spec_model(tok.vocab_size, 0.3)
     problems = get_task("arithmetic").problems("train", 3, 0)
     greedy = GRPOConfig(samples_per_prompt=2, max_new_tokens=10, temperature=0)  # (GRPO's check wants > 0)
-    plain, fast = (sample_rollouts(Engine(model, tok, speculative=mode), problems, greedy, [1, 2, 3])
-                   for mode in ("none", "mtp"))
+    plain, fast = (sample_rollouts(Engine(model, tok, speculative=mode, speculative_tokens=k if mode == "mtp" else 1),
+                                   problems, greedy, [1, 2, 3]) for mode in ("none", "mtp"))
     assert fast.completion_ids == plain.completion_ids and fast.texts == plain.texts
-    engine = Engine(model, tok, speculative="mtp")
+    engine = Engine(model, tok, speculative="mtp", speculative_tokens=k)
     rollouts = sample_rollouts(engine, problems, dataclasses.replace(greedy, temperature=1.0), [1, 2, 3])
     assert 0 < engine.speculative_counts["accepted"] < engine.speculative_counts["drafted"]
     for prompt, completion, recorded in zip(rollouts.prompt_ids, rollouts.completion_ids, rollouts.old_logprobs):

@@ -250,7 +250,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     announce_answer_format(cfg, tokenizer, task, log)
-    engine = Engine(model, tokenizer, speculative=cfg.speculative)
+    engine = Engine(model, tokenizer, speculative=cfg.speculative, speculative_tokens=cfg.speculative_tokens)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}
     log(f"sample: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")

@@ -85,18 +85,17 @@ class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the s
 
     @staticmethod
     def problems(cfg) -> list[str]:
-        if cfg.tools and cfg.tool_tag == cfg.tool_output_tag:
-            return [f"tool_tag and tool_output_tag are both {cfg.tool_tag!r}: the model could not tell a call from "
-                    f"its output"]
-        return []
+        same = cfg.tools and cfg.tool_tag == cfg.tool_output_tag
+        return [f"tool_tag and tool_output_tag are both {cfg.tool_tag!r}: the model could not tell a call from its "
+                "output"] if same else []
 
 
 class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py)
-    speculative: str = setting("none", "mtp: DeepSeek-V3's multi-token prediction module drafts a token per step that "
-                                       "the model verifies (the same distribution; greedy: the same tokens; log-probs "
-                                       "are the model's); draft:DIR: a smaller model with the same tokenizer drafts",
+    speculative: str = setting("none", "mtp: DeepSeek-V3's MTP module drafts tokens the model verifies (the same "
+                                       "distribution and log-probs); draft:DIR: a small model of the same tokenizer",
                                rule=lambda v: None if v in ("none", "mtp") or v.startswith("draft:") and v[6:].strip()
                                else f"{shown(v)} is not none, mtp or draft:DIR", allowed="none, mtp or draft:DIR")
+    speculative_tokens: int = setting(1, "k, tokens drafted a step, each after the one before (serve: 1)", ge=1, le=8)
 
     @staticmethod
     def problems(cfg) -> list[str]:
@@ -104,6 +103,8 @@ class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py
         asked = [f"{name} {shown(getattr(cfg, name))}" for name in ("tools", "rollout_slots", "async_steps",
                                                                     "suppress_eos") if getattr(cfg, name, None)]
         asked += [f"task {cfg.task}"] if str(getattr(cfg, "task", "")).split(":")[0] in ("verifiers", "openenv", "agent") else []
+        if cfg.speculative_tokens > 1 and (cfg.speculative == "none" or hasattr(cfg, "port")):  # serve drafts one
+            return [f"speculative_tokens {cfg.speculative_tokens} needs speculative mtp or draft:DIR, and not serve"]
         return [f"speculative {cfg.speculative} does not run with {', '.join(asked)}: leave one off"] \
             if asked and cfg.speculative != "none" else []
 

@@ -73,12 +73,13 @@ FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether ev
 
 
 class Engine:
-    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto", speculative: str = "none"):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto", speculative: str = "none",
+                 speculative_tokens: int = 1):
         """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
         "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
         graph on CUDA, dynamic elsewhere. speculative "mtp": the model's multi-token prediction module drafts a
         token per step, verified by the model (the same distribution; r1lab/engine/speculative.py); "draft:DIR": the
-        model in DIR, of the same vocabulary, drafts."""
+        model in DIR, of the same vocabulary, drafts; speculative_tokens of them a step (a live batch drafts one)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         self.draft = self._draft_model(model, speculative)
@@ -86,6 +87,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.decode = decode
         self.speculative = speculative
+        if not 1 <= speculative_tokens <= 8:
+            raise ValueError(f"speculative_tokens {speculative_tokens} is not between 1 and 8")
+        self.speculative_tokens = speculative_tokens
         self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls and LiveBatch steps
 
     def acceptance_since(self, counts: dict) -> dict:
@@ -175,7 +179,8 @@ class Engine:
             self._check_speculative(stop_strings, suppress_eos, on_step, max_rows)
             prompts = [p for p in prompt_ids for _ in range(num_samples)]
             counts = {k: v.tolist() for k, v in generate_speculative(self.model, prompts, params, eos,
-                                                                     self.tokenizer.pad_id, out, self.draft).items()}
+                                                                     self.tokenizer.pad_id, out, self.draft,
+                                                                     self.speculative_tokens).items()}
             self.speculative_counts = {k: self.speculative_counts[k] + sum(counts[k]) for k in counts}
             self.model.train(was_training)
             samples = self._samples(out, num_samples, stop_strings)

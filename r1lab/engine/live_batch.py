@@ -36,7 +36,7 @@ import torch
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import NO_PENALTIES, Penalties, row_generator, sample_next
 from r1lab.engine.slots import Slots, left_padded, prefill, slide_columns
-from r1lab.engine.speculative import Greedy, Sampled, drafter_config, gather, redraft, target_log_probs
+from r1lab.engine.speculative import Greedy, Sampled, catch_up, drafter_config, gather, target_log_probs
 from r1lab.model.transformer import KVCache
 
 INITIAL_ROWS = 8  # the cache starts this small and doubles: an idle server holds little memory
@@ -207,9 +207,9 @@ class LiveBatch(Slots):
         self.key_mask[:B, c + 1] = accept  # a rejected draft's keys are never attended
         self.draft_key_mask[:B, c + a] = True
         self.draft_key_mask[:B, c + a + 1] = accept
-        draft_logits = redraft(self.model, self.engine.draft, self.draft_cache.first_rows(B),
-                               self.draft_key_mask[:B, : c + a + 2], h, torch.stack([token, bonus], 1), positions,
-                               accept, c)
+        draft_logits = catch_up(self.model, self.engine.draft, self.draft_cache.first_rows(B),
+                                self.draft_key_mask[:B, : c + a + 2], h, torch.stack([token, bonus], 1), positions,
+                                accept.long(), c + a)[0]
         self._propose(draft_logits, params)
         self.pending[:B] = torch.where(accept, bonus, token)
         self.positions[:B] += 1 + accept.long()
@@ -232,8 +232,8 @@ class LiveBatch(Slots):
         bonus = token.clone()
         rows, plain = drafted.nonzero().squeeze(-1), (~drafted).nonzero().squeeze(-1)
         if len(rows):
-            accept[rows], token[rows], bonus[rows] = self._rule(params, rows).verify(
-                self.draft[rows], self.logits[rows], target[rows])
+            n, emitted = self._rule(params, rows).verify(self.draft[rows, None], self.logits[rows, None], target[rows])
+            accept[rows], token[rows], bonus[rows] = n > 0, emitted[:, 0], emitted[:, 1]
         if len(plain):
             temperature, top_k, top_p, generators, min_p, penalties = params
             token[plain] = sample_next(target[plain, 0], temperature[plain], top_k[plain], top_p[plain],

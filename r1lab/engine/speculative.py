@@ -29,14 +29,14 @@ from r1lab.model.transformer import CausalLM, KVCache
 
 @dataclass
 class _Rows:
-    """Each row's state between steps: its output row, its next token to verify (pending), the draft after it and
-    the draft's distribution (None when greedy), the position of pending and the keys that are real in either
-    cache."""
+    """Each row's state between steps: its output row, its next token to verify (pending), the k drafts after it and
+    their distributions (None when greedy), the position of pending, the keys that are real in either cache, and
+    the drafter's state to chain from (the MTP module's output at its last position; None for a draft model)."""
 
     out: torch.Tensor  # (B,) the output row it writes
     pending: torch.Tensor  # (B,)
-    draft: torch.Tensor  # (B,)
-    draft_probs: torch.Tensor | None  # (B, V)
+    drafts: torch.Tensor  # (B, k)
+    draft_probs: torch.Tensor | None  # (B, k, V)
     positions: torch.Tensor  # (B,)
     key_mask: torch.Tensor  # (B, S) the main model's cache
     draft_key_mask: torch.Tensor  # (B, S) the drafter's cache (the MTP module's or the draft model's)
@@ -48,50 +48,91 @@ class _Rows:
 
 
 def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
-                         pad_id: int, out, draft: CausalLM | None = None) -> dict:
+                         pad_id: int, out, draft: CausalLM | None = None, k: int = 1) -> dict:
     """Sample completions of prompts (one output row each) with params into out (the engine's _Outputs: tokens,
-    logprobs, lengths, stopped), drafting with the model's MTP module or the draft model. Returns each row's counts
-    of drafted and accepted tokens, (B,) tensors."""
+    logprobs, lengths, stopped), drafting k tokens a step with the model's MTP module or the draft model. Returns
+    each row's counts of drafted and accepted tokens, (B,) tensors."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
     rule = Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
         Sampled(temperature, top_k, top_p, generator)
     record = _recorder(out, params, eos)
-    caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, 2 * params.max_steps)
+    caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, k, params.max_steps)
     first = rule.first(logits)
     running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first, gather(rule.log_probs(logits), first))
     rows.pending = first
-    rows.draft, rows.draft_probs = rule.propose(_draft(model, draft, rows, caches, prompt))
+    draft_logits, state = _draft(model, draft, rows, caches, prompt)
+    _propose_chain(model, draft, rule, rows, caches[1], draft_logits, state, k)
     drafted, accepted = torch.zeros_like(out.lengths), torch.zeros_like(out.lengths)
-    column = rows.key_mask.shape[1]
-    for _ in range(params.max_steps):
-        live = int(running.sum())  # one host sync a step
-        if live == 0:
-            break
+    columns = torch.arange(k + 1, device=eos.device)
+    live = int(running.sum())
+    for _ in range(params.max_steps if live else 0):
         if (len(running) - live) * 4 >= len(running):  # drop the finished rows, as the engine's decoding does
             keep = running.nonzero().squeeze(-1)
             for x in (rows, rule, *caches):
                 x.select(keep)
             running = running[keep]
-        tokens = torch.stack([rows.pending, rows.draft], 1)  # (B, 2)
-        positions = torch.stack([rows.positions, rows.positions + 1], 1)
+        tokens = torch.cat([rows.pending[:, None], rows.drafts], 1)  # (B, k + 1)
+        positions = rows.positions[:, None] + columns
+        column = rows.key_mask.shape[1]
         rows.key_mask = torch.cat([rows.key_mask, torch.ones_like(tokens, dtype=torch.bool)], 1)
-        h = model.hidden_states(tokens, None, positions, caches[0], column, rows.key_mask)  # (B, 2, D)
-        target = model.lm_head(h)  # (B, 2, V)
-        accept, token, bonus = rule.verify(rows.draft, rows.draft_probs, target)
-        drafted[rows.out] += running.long()
-        accepted[rows.out] += (accept & running).long()
+        h = model.hidden_states(tokens, None, positions, caches[0], column, rows.key_mask)  # (B, k + 1, D)
+        target = model.lm_head(h)  # (B, k + 1, V)
+        n, emitted = rule.verify(rows.drafts, rows.draft_probs, target)  # n drafts kept, then emitted[:, n]
+        drafted[rows.out] += k * running.long()
+        accepted[rows.out] += n * running.long()
         target_logp = rule.log_probs(target)
-        running = record(rows.out, running, token, gather(target_logp[:, 0], token))
-        # the bonus token only after an accepted draft, in a row the first token did not end
-        running = record(rows.out, running & accept, bonus, gather(target_logp[:, 1], bonus)) | (running & ~accept)
-        rows.key_mask[:, -1] = accept  # a rejected draft's keys are never attended
-        rows.draft_key_mask = torch.cat([rows.draft_key_mask, rows.key_mask[:, -2:]], 1)
-        rows.draft, rows.draft_probs = rule.propose(redraft(model, draft, caches[1], rows.draft_key_mask, h,
-                                                            torch.stack([token, bonus], 1), positions, accept, column))
-        rows.pending = torch.where(accept, bonus, token)
-        rows.positions = rows.positions + 1 + accept.long()
-        column += 2
+        for j in range(k + 1):  # the kept drafts, then the token after them, until a row ends
+            write = running & (n >= j)
+            running = record(rows.out, write, emitted[:, j], gather(target_logp[:, j], emitted[:, j])) | \
+                (running & ~write)
+        live = int(running.sum())  # one host sync a step; a finished batch drafts no more
+        if live == 0:
+            break
+        kept = columns <= n[:, None]  # (B, k + 1): a rejected draft's keys are never attended
+        rows.key_mask[:, column:] = kept
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask, kept], 1)
+        draft_logits, state = catch_up(model, draft, caches[1], rows.draft_key_mask, h, emitted, positions, n,
+                                       rows.draft_key_mask.shape[1] - k - 1)
+        rows.pending = emitted.gather(1, n[:, None]).squeeze(1)
+        rows.positions = rows.positions + 1 + n
+        _propose_chain(model, draft, rule, rows, caches[1], draft_logits, state, k)
     return {"drafted": drafted, "accepted": accepted}
+
+
+def _propose_chain(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: KVCache,
+                   logits: torch.Tensor, state: torch.Tensor | None, k: int) -> None:
+    """rows' k drafts: the first from logits, each next one from the drafter fed the one before (the MTP module
+    its own output as the hidden state), at the positions after pending's. Their keys are only this round's: the
+    next step's catch-up writes those positions again from the model's own hidden states."""
+    drafts, probs = [], []
+    for i in range(k):
+        d, q = rule.propose(logits)
+        drafts.append(d)
+        probs.append(q)
+        if i == k - 1:
+            break
+        column = rows.draft_key_mask.shape[1]
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None], dtype=torch.bool)], 1)
+        position = rows.positions + i + (0 if draft is None else 1)  # the module reads at the token before d's
+        logits, state = _draft_step(model, draft, cache, rows.draft_key_mask, state, d, position, column)
+    if k > 1:
+        rows.draft_key_mask[:, -(k - 1):] = False
+    rows.drafts = torch.stack(drafts, 1)
+    rows.draft_probs = None if probs[0] is None else torch.stack(probs, 1)
+
+
+def _draft_step(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor,
+                state: torch.Tensor | None, token: torch.Tensor, position: torch.Tensor, column: int):
+    """The drafter over one token (B,) at position (B,): (the next draft's logits (B, V), the new state)."""
+    if draft is None:
+        out = model.mtp_draft_hidden(state[:, None], token[:, None], position[:, None], cache, column, key_mask)[:, 0]
+        return _mtp_logits(model, out), out
+    out = draft.hidden_states(token[:, None], None, position[:, None], cache, column, key_mask)[:, 0]
+    return draft.lm_head(out), None
+
+
+def _mtp_logits(model: CausalLM, out: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.mtp[0].shared_head.norm(out))
 
 
 class Greedy:
@@ -109,10 +150,11 @@ class Greedy:
     def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, None]:
         return logits.argmax(-1), None
 
-    def verify(self, draft: torch.Tensor, q: None, target: torch.Tensor):
-        """(accept, the token after pending, the bonus token after an accepted draft), each (B,)."""
-        best = target.argmax(-1)  # (B, 2)
-        return draft == best[:, 0], best[:, 0], best[:, 1]
+    def verify(self, drafts: torch.Tensor, q: None, target: torch.Tensor):
+        """(n, emitted): each row keeps its first n drafts (B,), those equal to the model's argmax, and emits
+        emitted[:, : n + 1] (B, k + 1): the kept drafts and the model's token after them."""
+        best = target.argmax(-1)  # (B, k + 1)
+        return (drafts == best[:, :-1]).long().cumprod(1).sum(1), best
 
 
 class Sampled:
@@ -146,16 +188,25 @@ class Sampled:
         q = self.probs(logits)
         return self._draw(q), q
 
-    def verify(self, draft: torch.Tensor, q: torch.Tensor, target: torch.Tensor):
-        """d is kept with probability min(1, p(d) / q(d)) (q(d) > 0: d was drawn from q); a rejected one is replaced
-        by a draw from max(0, p - q) renormalised (p itself where that is all zero: p = q, never rejected)."""
-        p_next, p_after = self.probs(target[:, 0]), self.probs(target[:, 1])
-        u = uniforms(len(draft), self.generator, draft.device, 3)  # (B, 3): acceptance, the replacement, the bonus
-        accept = u[:, 0] * gather(q, draft) < gather(p_next, draft)
-        residual = (p_next - q).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
-        token = torch.where(accept, draft, inverse_cdf_sample(residual, u[:, 1:2]))
-        return accept, token, inverse_cdf_sample(p_after, u[:, 2:3])
+    def verify(self, drafts: torch.Tensor, q: torch.Tensor, target: torch.Tensor):
+        """(n, emitted) as Greedy's. Draft j is kept with probability min(1, p_j(d) / q_j(d)) (q_j(d) > 0: d was
+        drawn from q_j), up to the first rejected one, which is replaced by a draw from max(0, p_j - q_j)
+        renormalised (p_j itself where that is all zero: p_j = q_j, never rejected); after k kept drafts, the bonus
+        token is drawn from the model's next distribution. k + 2 uniform numbers per row: the k acceptances, the
+        replacement, the bonus."""
+        B, k = drafts.shape
+        p = torch.stack([self.probs(target[:, j]) for j in range(k + 1)], 1)  # (B, k + 1, V)
+        u = uniforms(B, self.generator, drafts.device, k + 2)
+        kept = u[:, :k] * q.gather(-1, drafts[..., None])[..., 0] < p[:, :k].gather(-1, drafts[..., None])[..., 0]
+        n = kept.long().cumprod(1).sum(1)
+        rows = torch.arange(B, device=drafts.device)
+        p_n, q_n = p[rows, n], q[rows, n.clamp(max=k - 1)]  # at n = k, p_n is the bonus token's distribution
+        residual = (p_n - q_n).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+        last = torch.where(n < k, inverse_cdf_sample(residual, u[:, k : k + 1]),
+                           inverse_cdf_sample(p_n, u[:, k + 1 : k + 2]))
+        emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], last[:, None])
+        return n, emitted
 
 
 def _recorder(out, params: _RowParams, eos: torch.Tensor):
@@ -192,44 +243,45 @@ def drafter_config(model: CausalLM, draft: CausalLM | None):
     return draft.config if draft else dataclasses.replace(model.config, num_hidden_layers=1, mtp_depth=0)
 
 
-def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, extra: int):
+def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: int, steps: int):
     """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
-    ids, positions and hidden states for the drafter's prefill)."""
+    ids, positions and hidden states for the drafter's prefill). A step writes k + 1 columns of the model's cache
+    and 2k of the drafter's (its catch-up and its chained drafts)."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
     P = ids.shape[1]
-    caches = (KVCache(model.config, len(prompts), P + extra, dtype, device),
-              KVCache(drafter_config(model, draft), len(prompts), P + extra + 1, dtype, device))
+    caches = (KVCache(model.config, len(prompts), P + (k + 1) * steps, dtype, device),
+              KVCache(drafter_config(model, draft), len(prompts), P + 1 + 2 * k * (steps + 1), dtype, device))
     h = model.hidden_states(ids, None, positions, caches[0], 0, key_mask)  # (B, P, D)
-    rows = _Rows(out=torch.arange(len(prompts), device=device), pending=ids[:, -1], draft=ids[:, -1], draft_probs=torch.empty(0), positions=positions[:, -1] + 1,
-                 key_mask=key_mask, draft_key_mask=key_mask.clone())
+    rows = _Rows(out=torch.arange(len(prompts), device=device), pending=ids[:, -1], drafts=ids[:, -1:],
+                 draft_probs=None, positions=positions[:, -1] + 1, key_mask=key_mask, draft_key_mask=key_mask.clone())
     return caches, model.lm_head(h[:, -1]), rows, (ids, positions, h)
 
 
-def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt) -> torch.Tensor:
+def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt):
     """The drafter's prefill: the module reads each prompt position i with the token after it (the prompt's, then
     the first sampled one), a draft model the prompt and the first token; the draft after the first token comes
-    from the last position."""
+    from the last position. Returns (its logits (B, V), the state to chain from)."""
     ids, positions, h = prompt
     if draft is None:
         next_ids = torch.cat([ids[:, 1:], rows.pending[:, None]], 1)  # (B, P)
-        out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask)
-    else:
-        rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[:, :1])], 1)
-        out = draft.hidden_states(torch.cat([ids, rows.pending[:, None]], 1), None,
-                                  torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0, rows.draft_key_mask)
-    return (draft or model).lm_head(out[:, -1])
+        out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask)[:, -1]
+        return _mtp_logits(model, out), out
+    rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[:, :1])], 1)
+    out = draft.hidden_states(torch.cat([ids, rows.pending[:, None]], 1), None,
+                              torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0, rows.draft_key_mask)
+    return draft.lm_head(out[:, -1]), None
 
 
-def redraft(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor, h: torch.Tensor,
-            tokens: torch.Tensor, positions: torch.Tensor, accept: torch.Tensor, column: int) -> torch.Tensor:
-    """The drafter over a step's two new tokens (B, 2), the one after pending and the bonus, key_mask (B, S) marking
-    them (the bonus only after an accepted draft): the module reads (pending's hidden state, the token after it) and
-    (the draft's hidden state, the bonus) at pending's positions (B, 2) and column, a draft model the two tokens one
-    column and one position later. Returns the next draft's logits (B, V), from the last real token."""
+def catch_up(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor, h: torch.Tensor,
+             emitted: torch.Tensor, positions: torch.Tensor, n: torch.Tensor, column: int):
+    """The drafter over a step's T emitted tokens (B, T), of which each row's first n + 1 are real (key_mask (B, S)
+    marks them, from column): the module reads (the model's hidden state h at each verified position, the token
+    after it) at those positions (B, T), a draft model the tokens themselves one position later. Returns (the next
+    draft's logits (B, V), from each row's last real token, and the state to chain from)."""
+    rows = torch.arange(len(n), device=n.device)
     if draft is None:
-        out = model.mtp_draft_hidden(h, tokens, positions, cache, column, key_mask)
-    else:
-        out = draft.hidden_states(tokens, None, positions + 1, cache, column + 1, key_mask)
-    last = torch.where(accept[:, None], out[:, 1], out[:, 0])  # (B, D)
-    return (draft or model).lm_head(last)
+        out = model.mtp_draft_hidden(h, emitted, positions, cache, column, key_mask)[rows, n]
+        return _mtp_logits(model, out), out
+    out = draft.hidden_states(emitted, None, positions + 1, cache, column, key_mask)[rows, n]
+    return draft.lm_head(out), None

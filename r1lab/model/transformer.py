@@ -160,12 +160,12 @@ class CausalLM(nn.Module):
 
     def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
         """The first MTP depth over T new positions, its keys written into cache (one layer) at [start, start + T):
-        normalised hidden states (B, T, D), each predicting the token after next_ids (B, T), from the main model's h."""
+        the block's outputs (B, T, D) before shared_head.norm, each predicting the token after next_ids (B, T), from
+        h: the main model's hidden states, or the block's own earlier output when drafts are chained."""
         module = self.mtp[0]
         cos, sin = self._rope(position_ids, h.dtype)
         mask = attention_mask_4d(key_mask, h.shape[1], start)
-        out = module.predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[0], start)
-        return module.shared_head.norm(out)
+        return module.predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[0], start)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the engine's last positions h (B, D): a decode step's few rows take the installed fast path."""

@@ -116,7 +116,8 @@ def run_eval(cfg: EvalConfig) -> Path:
     announce_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
     if world.main:
         print(f"eval: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
-    result = evaluate_policy(Engine(model.eval(), tokenizer, speculative=cfg.speculative), task, cfg, problems, world=world)
+    engine = Engine(model.eval(), tokenizer, speculative=cfg.speculative, speculative_tokens=cfg.speculative_tokens)
+    result = evaluate_policy(engine, task, cfg, problems, world=world)
     path = results_path(cfg)
     if world.main:
         print_table({Path(cfg.model).name or cfg.model: result}, f"{cfg.task} ({cfg.split}, {result.n_problems} problems)")

@@ -95,7 +95,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     start = resume_run(run, cfg, model, optimizer, log, world)
     if start:
         sync_rollout_policy(rollout, model)  # the resumed weights
-    engine = Engine(rollout, tokenizer, speculative=cfg.speculative)
+    engine = Engine(rollout, tokenizer, speculative=cfg.speculative, speculative_tokens=cfg.speculative_tokens)
     if world.main:
         save_run_config(run, cfg, start)
     log(f"grpo: {describe_prompts(tokenizer, stream.batch(start)[0], cfg.template, cfg.prefill, cfg.system)}")
