@@ -23,6 +23,7 @@ a fresh process, `--speculative none` and `--speculative mtp` alternating, `--re
     python bench/speculative.py --wait-quiet 120 --json runs/speculative/figures.json
     python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
     python bench/speculative.py --num-layers 12 --modes greedy greedy-8 greedy-1 --grpo-steps 0   # a deeper base
+    python bench/speculative.py --speculative-tokens 1 2 --modes greedy       # eval sides drafting 1 and 2 tokens
 
 Run it on an otherwise quiet machine: a neighbour's load moves the figures (each side's "other procs" is reported).
 """
@@ -59,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=4, help="the base's layers (the demo's 4): the deeper the base, "
                    "the smaller the MTP layer's share of a step")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="the eval modes measured")
-    p.add_argument("--speculative-tokens", type=int, default=1, help="k, tokens the mtp side drafts a step (chained; "
-                   "serve drafts one, so k > 1 has no serve part)")
+    p.add_argument("--speculative-tokens", type=int, nargs="+", default=[1], help="k, tokens the mtp side drafts a "
+                   "step (chained); more values: eval sides with those k too (serve drafts one: a first k > 1 has no "
+                   "serve part)")
     p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
@@ -96,8 +98,8 @@ def evaluate(a, env: dict, model: Path, mode: str, side: str, repeat: int) -> di
     m, out = MODES[mode], a.workdir / f"eval-{mode}-{side}-{repeat}.json"
     cmd = r1lab("eval", "--model", model, "--problems", a.problems, "--samples", 1 if m["one_sample"] else a.samples,
                 "--temperature", m["temperature"], "--top-p", m["top_p"], "--max-new-tokens", a.max_new_tokens,
-                "--speculative", side, "--seed", common.SEED, "--threads", a.threads, "--out", out,
-                "--prompts-per-chunk", m["chunk"], "--speculative-tokens", a.speculative_tokens if side == "mtp" else 1)
+                "--speculative", side.split("-")[0], "--seed", common.SEED, "--threads", a.threads, "--out", out,
+                "--prompts-per-chunk", m["chunk"], "--speculative-tokens", drafts(a, side))
     figures, proc = common.run_for_result(cmd, env, out.with_suffix(".log"), out, f"eval ({mode}, {side})")
     test = figures["test"]
     return {"tokens_per_s": test["tokens_per_s"], "acceptance": test.get("acceptance"), "pass@1": test["pass@1"],
@@ -114,7 +116,7 @@ def grpo(a, env: dict, model: Path, side: str) -> dict:
     # held-out evaluations at the start and the end: the same distribution sampled, so the same curve up to noise
     cfg = tiny_grpo_config(model, run, a.grpo_steps, eval_every=a.grpo_steps, save_every=0, samples_every=0,
                            eval_problems=a.problems, report_to="none",
-                           speculative=side, speculative_tokens=a.speculative_tokens if side == "mtp" else 1,
+                           speculative=side, speculative_tokens=drafts(a, side),
                            seed=common.SEED, threads=a.threads)
     save_config(cfg, run.with_suffix(".yaml"))
     for old in ("metrics.jsonl", "eval.jsonl"):
@@ -171,31 +173,40 @@ def serve(a, env: dict, model: Path, side: str) -> dict:
     return {"phases": phases, "acceptance": stats.get("accepted", 0) / drafted if drafted else None}
 
 
+def drafts(a, side: str) -> int:
+    """The k of a side: none 1, mtp the first --speculative-tokens, mtp-kK K."""
+    return 1 if side == "none" else a.speculative_tokens[0] if side == "mtp" else int(side.split("-k")[1])
+
+
 def measure(a, env: dict, model: Path) -> dict:
-    runs = {mode: {side: [] for side in SIDES} for mode in a.modes}
+    sides_all = SIDES + tuple(f"mtp-k{k}" for k in a.speculative_tokens[1:])  # eval only: more k
+    runs = {mode: {side: [] for side in sides_all} for mode in a.modes}
     for repeat in range(a.repeats):
         for mode in a.modes:
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:  # alternating: a drift in load hits both
+            for side in sides_all if repeat % 2 == 0 else sides_all[::-1]:  # alternating: a drift in load hits all
                 if a.wait_quiet:
                     common.wait_until_quiet(a.wait_quiet)
                 runs[mode][side].append(evaluate(a, env, model, mode, side, repeat))
     figures = {}
     for mode, sides in runs.items():
-        rate = {side: common.median([r["tokens_per_s"] for r in sides[side]]) for side in SIDES}
-        figures[mode] = {"tokens_per_s": rate, "speedup": rate["mtp"] / rate["none"],
+        rate = {side: common.median([r["tokens_per_s"] for r in sides[side]]) for side in sides_all}
+        figures[mode] = {"tokens_per_s": {side: rate[side] for side in SIDES}, "speedup": rate["mtp"] / rate["none"],
                          "acceptance": common.median([r["acceptance"] for r in sides["mtp"]]),
                          "pass@1": {side: sides[side][0]["pass@1"] for side in SIDES},
                          # sampled: other draws of the same distribution, so only greedy's are compared
                          "same_completions": all(r["completions"] == sides["none"][0]["completions"]
-                                                 for side in SIDES for r in sides[side])
+                                                 for side in sides_all for r in sides[side])
                          if MODES[mode]["temperature"] == 0 else None,
-                         "runs_tokens_per_s": {side: [r["tokens_per_s"] for r in sides[side]] for side in SIDES},
-                         "foreign_cores_max": max(r["foreign_cores"] or 0.0 for s in SIDES for r in sides[s])}
+                         "runs_tokens_per_s": {side: [r["tokens_per_s"] for r in sides[side]] for side in sides_all},
+                         "foreign_cores_max": max(r["foreign_cores"] or 0.0 for s in sides_all for r in sides[s]),
+                         "more_k": {drafts(a, side): {"tokens_per_s": rate[side], "speedup": rate[side] / rate["none"],
+                                                     "acceptance": common.median([r["acceptance"] for r in sides[side]])}
+                                    for side in sides_all[len(SIDES):]}}
     if a.grpo_steps:
         figures["grpo"] = {side: grpo(a, env, model, side) for side in SIDES}
         rates = [figures["grpo"][side]["rollout_tokens_per_s"] for side in SIDES]
         figures["grpo"]["speedup"] = rates[1] / rates[0]
-    if a.serve_requests and a.speculative_tokens == 1:
+    if a.serve_requests and a.speculative_tokens[0] == 1:
         if a.wait_quiet:
             common.wait_until_quiet(a.wait_quiet)
         sides = {side: serve(a, env, model, side) for side in SIDES}
@@ -213,6 +224,10 @@ def report(figures: dict) -> None:
             for mode, f in figures.items() if mode in MODES]
     common.print_table(["eval", "tokens/s none", "tokens/s mtp", "speedup", "acceptance", "pass@1 none / mtp",
                         "same completions", "other procs (cores)"], rows)
+    for mode, f in figures.items():
+        for k, more in f.get("more_k", {}).items() if mode in MODES else ():
+            print(f"{mode}, {k} drafts a step: {more['tokens_per_s']:,.0f} tokens/s ({more['speedup']:.2f}x), "
+                  f"acceptance {more['acceptance']:.1%}")
     if "grpo" in figures:
         g = figures["grpo"]
         kept = [f"{x:.0%}" for x in g["mtp"]["acceptance"]]
