@@ -172,7 +172,7 @@ def render_async_grpo(d: dict) -> str:
 
 
 SPECULATIVE_DEEP = ("--num-layers", "12", "--speculative-tokens", "1", "2", "--modes", "greedy", "greedy-8", "greedy-1",
-                    "--grpo-steps", "0", "--serve-requests", "0")  # where the MTP layer is 1/12 of the model, not 1/4
+                    "--grpo-steps", "0", "--serve-requests", "0", "--repeats", "5")  # the MTP layer 1/12 of the model, not 1/4
 SPECULATIVE_MODES = {"greedy": "greedy, one sample", "greedy-8": "greedy, 8 prompts per generate call",
                      "greedy-1": "greedy, 1 prompt per generate call", "sampled": "sampled: temperature 0.6, top-p 0.95",
                      "rollout": "GRPO's sampling: temperature 1"}
