@@ -266,6 +266,11 @@ def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
     return {f"{prefix}load_max_over_mean": worst, f"{prefix}routing_entropy": mean_entropy}
 
 
+def expert_counts(model: nn.Module) -> dict[int, torch.Tensor]:
+    """Tokens routed to each expert (E,) in the last forward, per MoE layer index (padding tokens included)."""
+    return {i: m.last_expert_counts for i, m in moe_layers(model).items() if m.last_expert_counts is not None}
+
+
 def split_experts(state: dict, cfg: ModelConfig) -> dict:
     """r1lab's expert banks and fused shared experts -> transformers' per-expert checkpoint names."""
     out = {}
