@@ -30,8 +30,8 @@ from r1lab.model.transformer import CausalLM, KVCache
 @dataclass
 class _Rows:
     """Each row's state between steps: its output row, its next token to verify (pending), the k drafts after it and
-    their distributions (None when greedy), the position of pending, the keys that are real in either cache, and
-    the drafter's state to chain from (the MTP module's output at its last position; None for a draft model)."""
+    their distributions (None when greedy), the position of pending and the keys that are real in either
+    cache."""
 
     out: torch.Tensor  # (B,) the output row it writes
     pending: torch.Tensor  # (B,)
@@ -113,22 +113,14 @@ def _propose_chain(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, c
             break
         column = rows.draft_key_mask.shape[1]
         rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None], dtype=torch.bool)], 1)
-        position = rows.positions + i + (0 if draft is None else 1)  # the module reads at the token before d's
-        logits, state = _draft_step(model, draft, cache, rows.draft_key_mask, state, d, position, column)
+        # the drafter's catch-up over one token, d, with no rejected one: the same reading as after a step
+        h = None if state is None else state[:, None]  # a draft model has no state: it reads d itself
+        logits, state = catch_up(model, draft, cache, rows.draft_key_mask, h, d[:, None],
+                                 (rows.positions + i)[:, None], torch.zeros_like(d), column)
     if k > 1:
         rows.draft_key_mask[:, -(k - 1):] = False
     rows.drafts = torch.stack(drafts, 1)
     rows.draft_probs = None if probs[0] is None else torch.stack(probs, 1)
-
-
-def _draft_step(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor,
-                state: torch.Tensor | None, token: torch.Tensor, position: torch.Tensor, column: int):
-    """The drafter over one token (B,) at position (B,): (the next draft's logits (B, V), the new state)."""
-    if draft is None:
-        out = model.mtp_draft_hidden(state[:, None], token[:, None], position[:, None], cache, column, key_mask)[:, 0]
-        return _mtp_logits(model, out), out
-    out = draft.hidden_states(token[:, None], None, position[:, None], cache, column, key_mask)[:, 0]
-    return draft.lm_head(out), None
 
 
 def _mtp_logits(model: CausalLM, out: torch.Tensor) -> torch.Tensor:
