@@ -90,7 +90,7 @@ class Tools(Group):  # tool calls inside rollouts (r1lab/engine/tools.py): the s
                 "output"] if same else []
 
 
-class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py)
+class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py: no tool turns, slots or worker)
     speculative: str = setting("none", "mtp: DeepSeek-V3's MTP module drafts tokens the model verifies (the same "
                                        "distribution and log-probs); draft:DIR: a small model of the same tokenizer",
                                rule=lambda v: None if v in ("none", "mtp") or v.startswith("draft:") and v[6:].strip()
@@ -99,7 +99,6 @@ class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py
 
     @staticmethod
     def problems(cfg) -> list[str]:
-        # what the speculative decoder does not run: tool turns' stop strings, slots, a worker process, no end-of-text
         asked = [f"{name} {shown(getattr(cfg, name))}" for name in ("tools", "rollout_slots", "async_steps",
                                                                     "suppress_eos") if getattr(cfg, name, None)]
         asked += [f"task {cfg.task}"] if str(getattr(cfg, "task", "")).split(":")[0] in ("verifiers", "openenv", "agent") else []
