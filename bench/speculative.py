@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Speculative decoding with DeepSeek-V3's MTP module: the tiny V3 demo base's tokens/s with and without MTP drafts.
 
-The base: `r1lab pretrain --arch deepseek-v3 --mtp-depth 1`, the V3 demo's base (600 steps) with its multi-token
-prediction module trained beside it (reused from WORKDIR/base when it was built with the same steps). Then, each side
+The base: `r1lab pretrain --arch deepseek-v3 --mtp-depth 1` (or `--mtp-depth`), the V3 demo's base (600 steps) with
+its multi-token prediction module trained beside it (reused from WORKDIR/base when it was built with the same steps). Then, each side
 a fresh process, `--speculative none` and `--speculative mtp` alternating, `--repeats` times:
 
 * `r1lab eval` of the base on the same held-out problems in three modes: greedy (temperature 0, one sample; also
@@ -24,6 +24,7 @@ a fresh process, `--speculative none` and `--speculative mtp` alternating, `--re
     python bench/speculative.py --smoke        # tiny sizes, a minute: checks that the script runs, measures nothing
     python bench/speculative.py --num-layers 12 --modes greedy greedy-8 greedy-1 --grpo-steps 0   # a deeper base
     python bench/speculative.py --speculative-tokens 1 2 --modes greedy       # eval sides drafting 1 and 2 tokens
+    python bench/speculative.py --mtp-depth 2 --speculative-tokens 1 2 ...    # the second draft from the second depth
 
 Run it on an otherwise quiet machine: a neighbour's load moves the figures (each side's "other procs" is reported).
 """
@@ -60,9 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=4, help="the base's layers (the demo's 4): the deeper the base, "
                    "the smaller the MTP layer's share of a step")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="the eval modes measured")
+    p.add_argument("--mtp-depth", type=int, default=1, help="the base's MTP depths: k drafts come from k depths where "
+                   "it has them, else the first depth is chained")
     p.add_argument("--speculative-tokens", type=int, nargs="+", default=[1], help="k, tokens the mtp side drafts a "
-                   "step (chained); more values: eval sides with those k too (serve drafts one: a first k > 1 has no "
-                   "serve part)")
+                   "step; more values: eval sides with those k too (serve drafts one: a first k > 1 has no serve part)")
     p.add_argument("--problems", type=int, default=200, help="held-out problems per evaluation")
     p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
@@ -79,13 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_base(a, env: dict) -> Path:
     """The tiny V3 base with its MTP module, pretrained once per workdir and steps."""
-    base = a.workdir / f"base-{a.pretrain_steps}" / ("" if a.num_layers == 4 else f"layers-{a.num_layers}")
-    info = {"pretrain_steps": a.pretrain_steps, "mtp_depth": 1, **({} if a.num_layers == 4 else
-                                                                 {"num_layers": a.num_layers})}
+    base = a.workdir / f"base-{a.pretrain_steps}" / ("" if a.num_layers == 4 else f"layers-{a.num_layers}") / \
+        ("" if a.mtp_depth == 1 else f"mtp-depth-{a.mtp_depth}")
+    info = {"pretrain_steps": a.pretrain_steps, "mtp_depth": a.mtp_depth, **({} if a.num_layers == 4 else
+                                                                           {"num_layers": a.num_layers})}
     if common.cached_model_info(base / "model", lambda found: found == info, "{info}, not " + str(info)):
         return base / "model"
-    proc = common.run_child(r1lab("pretrain", "--arch", "deepseek-v3", "--mtp-depth", 1, "--steps", a.pretrain_steps,
-                                  "--num-layers", a.num_layers, "--out", base, "--seed", common.SEED, "--threads", a.threads),
+    proc = common.run_child(r1lab("pretrain", "--arch", "deepseek-v3", "--mtp-depth", a.mtp_depth,
+                                  "--steps", a.pretrain_steps, "--num-layers", a.num_layers, "--out", base,
+                                  "--seed", common.SEED, "--threads", a.threads),
                             env, a.workdir / "pretrain.log")
     if proc["rc"]:
         sys.exit(f"ERROR: pretraining failed; see {a.workdir / 'pretrain.log'}")

@@ -235,18 +235,18 @@ class CountingTokenizer:
         return " ".join(map(str, ids))
 
 
-def _spec_model(vocab, scale):
+def _spec_model(vocab, scale, depth=1):
     torch.manual_seed(0)
     cfg = ModelConfig.from_hf({**transformers.DeepseekV3Config(num_hidden_layers=2, **{**TINY_V3, "vocab_size": vocab})
-                               .to_dict(), "num_nextn_predict_layers": 1})
+                               .to_dict(), "num_nextn_predict_layers": depth})
     return _randomise(CausalLM(cfg), scale)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_speculative_greedy_decoding_gives_the_engines_tokens(k):
+@pytest.mark.parametrize("k, depth", [(1, 1), (3, 1), (2, 2)])  # depth >= k: each draft from its own depth
+def test_speculative_greedy_decoding_gives_the_engines_tokens(k, depth):
     from r1lab.engine.engine import Engine
 
-    model = _spec_model(61, 0.3)
+    model = _spec_model(61, 0.3, depth)
     prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2]]  # left padding in the batch
     plain = Engine(model, CountingTokenizer()).generate(prompts, num_samples=2, max_new_tokens=12, temperature=0)
     engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
@@ -259,14 +259,14 @@ def test_speculative_greedy_decoding_gives_the_engines_tokens(k):
     assert 0 < counts["accepted"] < counts["drafted"]  # both the accepted and the rejected path ran
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens(k):
+@pytest.mark.parametrize("k, depth", [(1, 1), (2, 1), (2, 2)])
+def test_speculative_rows_that_end_early_leave_the_batch_with_their_own_tokens(k, depth):
     """Rows ended by end-of-text or their own token limit (also inside a step's kept drafts) are dropped from the
     batch (both caches, every per-row tensor, each row's generator): greedy, the plain engine's tokens; sampled with
     per-prompt seeds, each row's tokens are those it samples alone."""
     from r1lab.engine.engine import Engine
 
-    model = _spec_model(61, 0.3)
+    model = _spec_model(61, 0.3, depth)
     tok = CountingTokenizer()
     tok.eos_ids = {7, 11, 23}
     prompts = [[3, 5, 7], [9, 1], [4, 4, 4, 4, 2], [8], [2, 2]]
@@ -349,6 +349,25 @@ def test_the_model_drafting_for_itself_has_every_draft_accepted(tmp_path, k):
     assert [s.drafted for s in fast] == [k * -(-(n - 1) // (k + 1)) for n in (13, 9, 16)]
 
 
+def test_a_row_ending_at_a_kept_draft_keeps_no_token_after_it(tmp_path):
+    """The model drafting for itself keeps all 4 drafts of a step; one of them is the end-of-text token: the row ends
+    there, with the plain engine's tokens and finish reason, not the kept drafts and bonus token after it."""
+    from r1lab.engine.engine import Engine
+
+    model, _ = _dense_pair(61, tmp_path, 0.3)
+    save_model(model, tmp_path / "self")
+    prompts, tok = [[3, 5, 7], [9, 1]], CountingTokenizer()
+    [first, _] = Engine(model, tok).generate(prompts, max_new_tokens=16, temperature=0)
+    end = first.token_ids[2]  # the second draft of the first step (the prefill gave token 0)
+    assert end not in first.token_ids[:2]
+    tok.eos_ids = {end}
+    plain = Engine(model, tok).generate(prompts, max_new_tokens=16, temperature=0)
+    fast = Engine(model, tok, speculative=f"draft:{tmp_path / 'self'}", speculative_tokens=4).generate(
+        prompts, max_new_tokens=16, temperature=0)
+    assert len(plain[0].token_ids) == 3 and plain[0].finish_reason == "stop"
+    assert [(s.token_ids, s.finish_reason) for s in fast] == [(s.token_ids, s.finish_reason) for s in plain]
+
+
 def _chained_mtp_reference(model, prompt, completion, k):
     """The draft logits of greedy speculative decoding with k chained MTP drafts, a (k, V) tensor per step, each
     computed from scratch without a cache: the module over the prompt and the tokens kept so far (position i reading
@@ -370,6 +389,61 @@ def _chained_mtp_reference(model, prompt, completion, k):
         steps.append(torch.stack(logits))
         pos += n + 1
     return steps
+
+
+def _depth_mtp_reference(model, prompt, completion, k):
+    """The draft logits of greedy speculative decoding with k drafts from k MTP depths, a (k, V) tensor per step,
+    each computed from scratch as training computes the depths (mtp_hidden_states, no cache): draft j from depth j
+    at the last verified position p, which reads depth j - 1's output at p and token p + j (the pending token, then
+    the drafts); what lies after p + j is never read (causal), so it is filled with 0."""
+    x, steps = prompt + completion, []
+    pos = len(prompt)  # x[pos] is the next token to feed (pending); p = pos - 1
+    while pos < len(x) - 1:
+        drafts, logits = [], []
+        for j in range(k):
+            seq = torch.tensor([x[: pos + 1] + drafts + [0] * (k - len(drafts))])
+            outs = model.mtp_hidden_states(model.hidden_states(seq), seq, depth=j + 1)
+            logits.append(model.lm_head(outs[j][0, pos - 1]))
+            drafts.append(int(logits[-1].argmax()))
+        n = 0
+        while n < k and pos + 1 + n < len(x) and drafts[n] == x[pos + 1 + n]:
+            n += 1
+        steps.append(torch.stack(logits))
+        pos += n + 1
+    return steps
+
+
+def _proposed_drafts(monkeypatch) -> list:
+    from r1lab.engine import speculative
+
+    proposed = []
+    propose = speculative.Greedy.propose
+    monkeypatch.setattr(speculative.Greedy, "propose", lambda self, logits: proposed.append(logits[0]) or
+                        propose(self, logits))
+    return proposed
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_drafts_from_mtp_depths_are_the_depths_own_computed_from_scratch(k, monkeypatch):
+    """With k MTP depths (here 3), draft j comes from depth j, as DeepSeek-V3 trains them: every draft's logits equal
+    the depths computed without a cache (the training forward), step by step, for prompts of different lengths (a
+    1-token prompt leaves the deeper depths no position of the prompt to read). A depth that reads the wrong
+    position, a stale key, another depth's keys or the normalised output fails this."""
+    from r1lab.engine.engine import Engine
+
+    model = _spec_model(7, 1.0, depth=3)
+    proposed = _proposed_drafts(monkeypatch)
+    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
+    kept = 0
+    for prompt in ([3, 5, 1], [2], [4, 4, 6, 4, 2]):
+        proposed.clear()
+        with torch.no_grad():
+            [sample] = engine.generate([prompt], max_new_tokens=14, temperature=0)
+            expected = _depth_mtp_reference(model, prompt, list(sample.token_ids), k)
+        assert len(proposed) == k * len(expected) == sample.drafted
+        torch.testing.assert_close(torch.stack(proposed), torch.cat(expected), atol=2e-3, rtol=1e-3)
+        kept += sample.accepted
+    assert kept > 6
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -399,7 +473,7 @@ def test_chained_mtp_drafts_are_the_modules_own_computed_from_scratch(k, monkeyp
 
 
 @pytest.mark.parametrize("drafter, top_p, k", [("mtp", 1.0, 1), ("mtp", 0.8, 1), ("draft", 1.0, 1), ("mtp", 1.0, 2),
-                                               ("draft", 0.8, 2)])
+                                               ("draft", 0.8, 2), ("mtp-depth-2", 0.8, 2)])
 def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, top_p, k, tmp_path):
     """A vocabulary of 5: the empirical distribution of 3 sampled tokens (125 outcomes; an accepted draft brings a
     second token in the same step, a rejected one a token from the residual) against the exact one computed from
@@ -409,7 +483,8 @@ def test_speculative_sampling_draws_from_the_models_own_distribution(drafter, to
     from r1lab.engine.sampling import sampling_probs
 
     V, n, T = 5, 6000, 0.9
-    model, speculative = _dense_pair(V, tmp_path, 0.5) if drafter == "draft" else (_spec_model(V, 0.5), "mtp")
+    model, speculative = _dense_pair(V, tmp_path, 0.5) if drafter == "draft" else \
+        (_spec_model(V, 0.5, 2 if drafter == "mtp-depth-2" else 1), "mtp")
     prompt = [1, 3, 2]
     engine = Engine(model, CountingTokenizer(), speculative=speculative, speculative_tokens=k)
     samples = engine.generate([prompt], num_samples=n, max_new_tokens=3, temperature=T, top_p=top_p, seed=0)

@@ -10,9 +10,14 @@ token too: two tokens for one forward.
 
 Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
 draft's column is hidden by the key mask, as left padding is. Finished rows are dropped from the batch (both caches
-and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on its own cache, one column ahead of the model's: it reads each token itself, where the module
-reads the token after the model's hidden state. The server's continuous batch drafts by the same rule, row by row
+and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on
+its own cache, one column ahead of the model's: it reads each token itself, where the module reads the token after
+the model's hidden state. The server's continuous batch drafts by the same rule, row by row
 (r1lab/engine/live_batch.py).
+
+k drafts a step: a model with k or more MTP depths drafts the i-th from depth i, which reads depth i - 1's output and
+the draft before it, as DeepSeek-V3 trains them (each depth keeps its own cache layer, one position behind the depth
+before it); otherwise the first depth (or the draft model) is chained, fed its own output and its own draft.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from r1lab.model.transformer import CausalLM, KVCache
 @dataclass
 class _Rows:
     """Each row's state between steps: its output row, its next token to verify (pending), the k drafts after it and
-    their distributions (None when greedy), the position of pending and the keys that are real in either
-    cache."""
+    their distributions (None when greedy), the position of pending, the keys that are real in the model's cache
+    and in each layer of the drafter's, and (drafting from k MTP depths) each depth's output at its last position."""
 
     out: torch.Tensor  # (B,) the output row it writes
     pending: torch.Tensor  # (B,)
@@ -39,7 +44,8 @@ class _Rows:
     draft_probs: torch.Tensor | None  # (B, k, V)
     positions: torch.Tensor  # (B,)
     key_mask: torch.Tensor  # (B, S) the main model's cache
-    draft_key_mask: torch.Tensor  # (B, S) the drafter's cache (the MTP module's or the draft model's)
+    draft_key_mask: torch.Tensor  # (B, M, S) the drafter's cache: its M layers (MTP depths; 1 for a draft model)
+    last: torch.Tensor | None = None  # (B, M, D) drafting from depths: depth i's output at position p - i
 
     def select(self, keep: torch.Tensor) -> None:
         for f in dataclasses.fields(self):
@@ -58,10 +64,11 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
     record = _recorder(out, params, eos)
     caches, logits, rows, prompt = _prefill(model, draft, prompts, pad_id, k, params.max_steps)
     first = rule.first(logits)
-    running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first, gather(rule.log_probs(logits), first))
+    running = record(rows.out, torch.ones_like(first, dtype=torch.bool), first[:, None],
+                     gather(rule.log_probs(logits), first)[:, None], torch.ones_like(first))
     rows.pending = first
     draft_logits, state = _draft(model, draft, rows, caches, prompt)
-    _propose_chain(model, draft, rule, rows, caches[1], draft_logits, state, k)
+    _propose(model, draft, rule, rows, caches[1], draft_logits, state, k)
     drafted, accepted = torch.zeros_like(out.lengths), torch.zeros_like(out.lengths)
     columns = torch.arange(k + 1, device=eos.device)
     live = int(running.sum())
@@ -80,51 +87,102 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
         n, emitted = rule.verify(rows.drafts, rows.draft_probs, target)  # n drafts kept, then emitted[:, n]
         drafted[rows.out] += k * running.long()
         accepted[rows.out] += n * running.long()
-        target_logp = rule.log_probs(target)
-        for j in range(k + 1):  # the kept drafts, then the token after them, until a row ends
-            write = running & (n >= j)
-            running = record(rows.out, write, emitted[:, j], gather(target_logp[:, j], emitted[:, j])) | \
-                (running & ~write)
+        logprobs = rule.log_probs(target).gather(-1, emitted[..., None])[..., 0]  # (B, k + 1)
+        running = record(rows.out, running, emitted, logprobs, n + 1)  # the kept drafts, then the token after them
         live = int(running.sum())  # one host sync a step; a finished batch drafts no more
         if live == 0:
             break
         kept = columns <= n[:, None]  # (B, k + 1): a rejected draft's keys are never attended
         rows.key_mask[:, column:] = kept
-        rows.draft_key_mask = torch.cat([rows.draft_key_mask, kept], 1)
-        draft_logits, state = catch_up(model, draft, caches[1], rows.draft_key_mask, h, emitted, positions, n,
-                                       rows.draft_key_mask.shape[1] - k - 1)
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask,
+                                         _depth_masks(kept, positions, rows.draft_key_mask.shape[1])], -1)
+        column = rows.draft_key_mask.shape[-1] - k - 1
+        draft_logits, state = catch_up(model, draft, caches[1], rows.draft_key_mask[:, 0], h, emitted, positions,
+                                       n, column) if rows.last is None else \
+            _catch_up_depths(model, caches[1], rows, h, emitted, positions, n, column)
         rows.pending = emitted.gather(1, n[:, None]).squeeze(1)
         rows.positions = rows.positions + 1 + n
-        _propose_chain(model, draft, rule, rows, caches[1], draft_logits, state, k)
+        _propose(model, draft, rule, rows, caches[1], draft_logits, state, k)
     return {"drafted": drafted, "accepted": accepted}
 
 
-def _propose_chain(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: KVCache,
-                   logits: torch.Tensor, state: torch.Tensor | None, k: int) -> None:
-    """rows' k drafts: the first from logits, each next one from the drafter fed the one before (the MTP module
-    its own output as the hidden state), at the positions after pending's. Their keys are only this round's: the
-    next step's catch-up writes those positions again from the model's own hidden states."""
+def from_depths(model: CausalLM, draft: CausalLM | None, k: int) -> bool:
+    """Whether k drafts come from k MTP depths, DeepSeek-V3's layout (depth i reads depth i - 1's output and the
+    draft before it, as it was trained), which a model with k or more depths does; else the drafter is chained."""
+    return draft is None and k > 1 and len(model.mtp) >= k
+
+
+def _propose(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: KVCache,
+             logits: torch.Tensor, state: torch.Tensor | None, k: int) -> None:
+    """rows' k drafts (rows.drafts (B, k)) and their distributions, the first from logits."""
     drafts, probs = [], []
     for i in range(k):
         d, q = rule.propose(logits)
         drafts.append(d)
         probs.append(q)
-        if i == k - 1:
-            break
-        column = rows.draft_key_mask.shape[1]
-        rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None], dtype=torch.bool)], 1)
-        # the drafter's catch-up over one token, d, with no rejected one: the same reading as after a step
-        h = None if state is None else state[:, None]  # a draft model has no state: it reads d itself
-        logits, state = catch_up(model, draft, cache, rows.draft_key_mask, h, d[:, None],
-                                 (rows.positions + i)[:, None], torch.zeros_like(d), column)
-    if k > 1:
-        rows.draft_key_mask[:, -(k - 1):] = False
+        if i < k - 1:
+            logits, state = _chained(model, draft, rows, cache, state, d, i) if rows.last is None else \
+                _next_depth(model, rows, cache, state, torch.stack(drafts, 1), i + 1)
+    if k > 1 and rows.last is None:
+        rows.draft_key_mask[..., -(k - 1):] = False
     rows.drafts = torch.stack(drafts, 1)
     rows.draft_probs = None if probs[0] is None else torch.stack(probs, 1)
 
 
-def _mtp_logits(model: CausalLM, out: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.mtp[0].shared_head.norm(out))
+def _chained(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCache, state, d: torch.Tensor, i: int):
+    """The next draft from the drafter fed draft d (the MTP module its own output as the hidden state) at the
+    position after the last's. Its keys are only this round's: the next step's catch-up writes that position again
+    from the model's own hidden states."""
+    column = rows.draft_key_mask.shape[-1]
+    rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None, None], dtype=torch.bool)], -1)
+    # the drafter's catch-up over one token, d, with no rejected one: the same reading as after a step
+    h = None if state is None else state[:, None]  # a draft model has no state: it reads d itself
+    return catch_up(model, draft, cache, rows.draft_key_mask[:, 0], h, d[:, None], (rows.positions + i)[:, None],
+                    torch.zeros_like(d), column)
+
+
+def _next_depth(model: CausalLM, rows: _Rows, cache: KVCache, state: torch.Tensor | None, drafts: torch.Tensor,
+                i: int):
+    """Draft i + 1 from MTP depth i at the positions p - i + 1 .. p (p: the last verified one) that its catch-up
+    could not read, their tokens two or more ahead being drafts (d_1 .. d_i): it reads depth i - 1's output there
+    (its last real one, then its own such outputs: state) and the drafts. Returns (logits, depth i's outputs)."""
+    B, T = drafts.shape
+    h = rows.last[:, i - 1, None] if state is None else torch.cat([rows.last[:, i - 1, None], state], 1)  # (B, i, D)
+    positions = rows.positions[:, None] - i + torch.arange(T, device=drafts.device)
+    column = rows.draft_key_mask.shape[-1]
+    mine = torch.zeros(B, rows.draft_key_mask.shape[1], T, dtype=torch.bool, device=drafts.device)
+    mine[:, i] = positions >= 0  # only depth i reads them, and only this round
+    rows.draft_key_mask = torch.cat([rows.draft_key_mask, mine], -1)
+    out = model.mtp_draft_hidden(h, drafts, positions.clamp(min=0), cache, column, rows.draft_key_mask[:, i], i)
+    rows.draft_key_mask[:, i, column:] = False
+    return _mtp_logits(model, out[:, -1], i), out
+
+
+def _mtp_logits(model: CausalLM, out: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    return model.lm_head(model.mtp[depth].shared_head.norm(out))
+
+
+def _depth_masks(real: torch.Tensor, positions: torch.Tensor, depths: int) -> torch.Tensor:
+    """(B, M, T) the drafter's M layers' key masks over T new columns, real ones (B, T) at positions (B, T): MTP
+    depth i reads position q - i there, none before the first."""
+    return real[:, None] & (positions[:, None] - torch.arange(depths, device=real.device)[None, :, None] >= 0)
+
+
+def _catch_up_depths(model: CausalLM, cache: KVCache, rows: _Rows, h: torch.Tensor, emitted: torch.Tensor,
+                     positions: torch.Tensor, n: torch.Tensor, column: int):
+    """catch_up's reading of a step for every MTP depth: depth 0 reads the model's hidden states h (B, T, D) and
+    emitted at positions; depth i, one position behind depth i - 1, reads depth i - 1's output there (its last real
+    one of the step before, then this step's) and the same tokens, which are i + 1 ahead of its positions. Updates
+    rows.last; returns (the first draft's logits, None)."""
+    index, last, out = torch.arange(len(n), device=n.device), [], h
+    for i in range(rows.last.shape[1]):
+        if i:
+            h = torch.cat([rows.last[:, i - 1, None], out[:, :-1]], 1)
+        out = model.mtp_draft_hidden(h, emitted, (positions - i).clamp(min=0), cache, column,
+                                     rows.draft_key_mask[:, i], i)
+        last.append(out[index, n])
+    rows.last = torch.stack(last, 1)
+    return _mtp_logits(model, rows.last[:, 0]), None
 
 
 class Greedy:
@@ -202,18 +260,28 @@ class Sampled:
 
 
 def _recorder(out, params: _RowParams, eos: torch.Tensor):
-    """record(rows, mask, tokens, logprobs): append each masked row's token to its output row (rows) at its own
-    length; returns the masked rows that go on (no end-of-text, under their token limit)."""
+    """record(rows, running, tokens, logprobs, count): append each running row's first count (B,) tokens (B, T) and
+    their log-probs to its output row (rows) at its own length, up to an end-of-text and its token limit; returns
+    the rows that go on. out's buffers gain a scratch column that the tokens not written go to, so that no two
+    writes of a step share an index."""
     limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
+    scratch = out.tokens.shape[1]
+    out.tokens, out.logprobs = (torch.cat([x, x[:, :1]], 1) for x in (out.tokens, out.logprobs))
 
-    def record(rows: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-        at = out.lengths[rows].clamp(max=out.tokens.shape[1] - 1)
-        out.tokens[rows, at] = torch.where(mask, tokens, out.tokens[rows, at])
-        out.logprobs[rows, at] = torch.where(mask, logprobs, out.logprobs[rows, at])
-        out.lengths[rows] += mask.long()
-        stop = mask & torch.isin(tokens, eos) if len(eos) else torch.zeros_like(mask)
+    def record(rows: torch.Tensor, running: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor,
+               count: torch.Tensor) -> torch.Tensor:
+        j = torch.arange(tokens.shape[1], device=tokens.device)
+        ends = torch.isin(tokens, eos) if len(eos) else torch.zeros_like(tokens, dtype=torch.bool)
+        after_end = ends.cumsum(1) - ends.long() > 0
+        lengths = out.lengths[rows, None]
+        write = running[:, None] & (j < count[:, None]) & (lengths + j < limits[rows, None]) & ~after_end
+        at = torch.where(write, lengths + j, scratch)
+        out.tokens[rows[:, None], at] = tokens
+        out.logprobs[rows[:, None], at] = logprobs
+        out.lengths[rows] += write.sum(1)
+        stop = (write & ends).any(1)
         out.stopped[rows] |= stop
-        return mask & ~stop & (out.lengths[rows] < limits[rows])
+        return running & ~stop & (out.lengths[rows] < limits[rows])
 
     return record
 
@@ -230,9 +298,9 @@ def gather(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def drafter_config(model: CausalLM, draft: CausalLM | None):
-    """The config of the drafter's cache: the draft model's, or one layer of the model's for its MTP module."""
-    return draft.config if draft else dataclasses.replace(model.config, num_hidden_layers=1, mtp_depth=0)
+def drafter_config(model: CausalLM, draft: CausalLM | None, depths: int = 1):
+    """The config of the drafter's cache: the draft model's, or a layer of the model's for each MTP depth used."""
+    return draft.config if draft else dataclasses.replace(model.config, num_hidden_layers=depths, mtp_depth=0)
 
 
 def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: int, steps: int):
@@ -241,12 +309,15 @@ def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: i
     and 2k of the drafter's (its catch-up and its chained drafts)."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
-    P = ids.shape[1]
-    caches = (KVCache(model.config, len(prompts), P + (k + 1) * steps, dtype, device),
-              KVCache(drafter_config(model, draft), len(prompts), P + 1 + 2 * k * (steps + 1), dtype, device))
+    (B, P), depths = ids.shape, k if from_depths(model, draft, k) else 1
+    caches = (KVCache(model.config, B, P + (k + 1) * steps, dtype, device),
+              KVCache(drafter_config(model, draft, depths), B, P + 1 + (k + 1 + k * (k - 1) // 2) * (steps + 1),
+                      dtype, device))
     h = model.hidden_states(ids, None, positions, caches[0], 0, key_mask)  # (B, P, D)
-    rows = _Rows(out=torch.arange(len(prompts), device=device), pending=ids[:, -1], drafts=ids[:, -1:],
-                 draft_probs=None, positions=positions[:, -1] + 1, key_mask=key_mask, draft_key_mask=key_mask.clone())
+    rows = _Rows(out=torch.arange(B, device=device), pending=ids[:, -1], drafts=ids[:, -1:], draft_probs=None,
+                 positions=positions[:, -1] + 1, key_mask=key_mask,
+                 draft_key_mask=_depth_masks(key_mask, positions, depths),
+                 last=h.new_zeros(B, depths, h.shape[-1]) if depths > 1 else None)
     return caches, model.lm_head(h[:, -1]), rows, (ids, positions, h)
 
 
@@ -257,11 +328,15 @@ def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt)
     ids, positions, h = prompt
     if draft is None:
         next_ids = torch.cat([ids[:, 1:], rows.pending[:, None]], 1)  # (B, P)
-        out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask)[:, -1]
+        if rows.last is not None:  # every depth, as after a step whose last position is the prompt's
+            last = torch.full_like(rows.pending, ids.shape[1] - 1)
+            return _catch_up_depths(model, caches[1], rows, h, next_ids, positions, last, 0)
+        out = model.mtp_draft_hidden(h, next_ids, positions, caches[1], 0, rows.draft_key_mask[:, 0])[:, -1]
         return _mtp_logits(model, out), out
-    rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[:, :1])], 1)
+    rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(rows.draft_key_mask[..., :1])], -1)
     out = draft.hidden_states(torch.cat([ids, rows.pending[:, None]], 1), None,
-                              torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0, rows.draft_key_mask)
+                              torch.cat([positions, rows.positions[:, None]], 1), caches[1], 0,
+                              rows.draft_key_mask[:, 0])
     return draft.lm_head(out[:, -1]), None
 
 

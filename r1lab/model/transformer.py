@@ -158,14 +158,15 @@ class CausalLM(nn.Module):
             out.append(module.shared_head.norm(h))
         return out
 
-    def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask) -> torch.Tensor:
-        """The first MTP depth over T new positions, its keys written into cache (one layer) at [start, start + T):
-        the block's outputs (B, T, D) before shared_head.norm, each predicting the token after next_ids (B, T), from
-        h: the main model's hidden states, or the block's own earlier output when drafts are chained."""
-        module = self.mtp[0]
+    def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask,
+                         depth: int = 0) -> torch.Tensor:
+        """MTP depth `depth` (0: the first) over T new positions, its keys written into cache's layer `depth` at
+        [start, start + T): the block's outputs (B, T, D) before shared_head.norm, each predicting the token after
+        next_ids (B, T), from h: the previous depth's output (the main model's hidden states for the first), or the
+        block's own earlier output when drafts are chained."""
         cos, sin = self._rope(position_ids, h.dtype)
         mask = attention_mask_4d(key_mask, h.shape[1], start)
-        return module.predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[0], start)
+        return self.mtp[depth].predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[depth], start)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of the engine's last positions h (B, D): a decode step's few rows take the installed fast path."""
