@@ -55,7 +55,7 @@ README, BENCHMARKS = Path("README.md"), Path("docs/benchmarks.md")
 PAGES = {"demo": README, "bench": README, "gpu": README,
          **{name: BENCHMARKS for name in ("demo_v3", "demo_tools", "realshape", "realshape_in_backward",
                                           "realshape_lora", "realshape_lora_bf16", "gpu_lora", "lora_demo",
-                                          "continuous", "speculative", "speculative_deep", "async_grpo", "distill", "pipeline", "serve", "distributed",
+                                          "continuous", "speculative", "speculative_deep", "speculative_depths", "async_grpo", "distill", "pipeline", "serve", "distributed",
                                           "tests")}}
 FIGURES = ("pass@1", "cons@8", "pass@8", "format_rate", "mean_length")
 
@@ -173,6 +173,7 @@ def render_async_grpo(d: dict) -> str:
 
 SPECULATIVE_DEEP = ("--num-layers", "12", "--speculative-tokens", "1", "2", "--modes", "greedy", "greedy-8", "greedy-1",
                     "--grpo-steps", "0", "--serve-requests", "0", "--repeats", "5")  # the MTP layer 1/12 of the model, not 1/4
+SPECULATIVE_DEPTHS = ("--mtp-depth", "2", *SPECULATIVE_DEEP)  # the second draft from the second depth
 SPECULATIVE_MODES = {"greedy": "greedy, one sample", "greedy-8": "greedy, 8 prompts per generate call",
                      "greedy-1": "greedy, 1 prompt per generate call", "sampled": "sampled: temperature 0.6, top-p 0.95",
                      "rollout": "GRPO's sampling: temperature 1"}
@@ -190,13 +191,15 @@ def render_speculative(d: dict) -> str:
             for m, label in SPECULATIVE_MODES.items() if m in f]
     same = "identical" if all(f[m]["same_completions"] for m in f if m.startswith("greedy")) else "**different**"
     drafts = a.get("speculative_tokens", [1])
-    more = [f"| {label}, {k} drafts a step | | {x['tokens_per_s']:,.0f} | **{x['speedup']:.2f}x** | "
+    depth = a.get("mtp_depth", 1)
+    more = [f"| {label}, {k} drafts a step{' (from the depths)' if int(k) <= depth else ''} | | "
+            f"{x['tokens_per_s']:,.0f} | **{x['speedup']:.2f}x** | "
             f"{100 * x['acceptance']:.1f}% | |" for m, label in SPECULATIVE_MODES.items() if m in f
             for k, x in f[m].get("more_k", {}).items()]
     layers = a.get("num_layers", 4)
     lines = [f"{measured(d)}, by `{d['command']}`: the tiny DeepSeek-V3 base "
              f"({layers} layers{'' if layers == 4 else ', the demo base has 4'}) pretrained {a['pretrain_steps']} "
-             f"steps with `--mtp-depth 1`, {drafts[0]} drafted token{'s' if drafts[0] > 1 else ''} a step, "
+             f"steps with `--mtp-depth {depth}`, {drafts[0]} drafted token{'s' if drafts[0] > 1 else ''} a step, "
              f"`r1lab eval` on {a['problems']} held-out problems ({a['max_new_tokens']} tokens at "
              f"most; 64 prompts per generate call unless said), each side a fresh process, the median of {a['repeats']} "
              f"alternating runs; generation tokens/s as eval's JSON reports it:", "",
@@ -625,7 +628,8 @@ def render_serve_mixed(mixed: dict) -> str:
 RENDERERS = {"demo": render_demo, "demo_v3": render_demo_v3, "demo_tools": render_demo_tools, "bench": render_bench, "realshape": render_realshape,
              "realshape_lora": render_realshape_lora, "realshape_lora_bf16": render_realshape_lora,
              "realshape_in_backward": render_realshape_in_backward, "lora_demo": render_lora_demo, "continuous": render_continuous,
-             "speculative": render_speculative, "speculative_deep": render_speculative, "async_grpo": render_async_grpo, "distill": render_distill, "pipeline": render_pipeline,
+             "speculative": render_speculative, "speculative_deep": render_speculative,
+             "speculative_depths": render_speculative, "async_grpo": render_async_grpo, "distill": render_distill, "pipeline": render_pipeline,
              "serve": render_serve, "distributed": render_distributed, "gpu": render_gpu, "gpu_lora": render_gpu,
              "tests": render_tests}
 
@@ -683,6 +687,8 @@ def main(argv=None) -> None:
     p.add_argument("--speculative-smoke", action="store_true", help="--speculative at tiny sizes: a check, no figures")
     p.add_argument("--speculative-deep", action="store_true", help="--speculative's greedy evaluations on a 12-layer "
                    "base, drafting 1 and 2 tokens a step")
+    p.add_argument("--speculative-depths", action="store_true", help="--speculative-deep with a base of 2 MTP depths "
+                   "(--mtp-depth 2): 2 drafts a step come from the 2 depths")
     p.add_argument("--async-grpo", action="store_true")
     p.add_argument("--async-grpo-smoke", action="store_true", help="--async-grpo at tiny sizes: a check, no figures")
     p.add_argument("--distill", action="store_true")
@@ -713,6 +719,8 @@ def main(argv=None) -> None:
              "continuous": lambda: run_continuous(a.workdir),
              "speculative": lambda: run_quiet_bench(a.workdir, "speculative", "speculative", a.speculative_smoke),
              "speculative_deep": lambda: run_quiet_bench(a.workdir, "speculative", "speculative-deep", False, SPECULATIVE_DEEP),
+             "speculative_depths": lambda: run_quiet_bench(a.workdir, "speculative", "speculative-depths", False,
+                                                           SPECULATIVE_DEPTHS),
              "async_grpo": lambda: run_quiet_bench(a.workdir, "async_grpo", "async-grpo", a.async_grpo_smoke),
              "lora_demo": lambda: run_lora_demo(a.workdir, a.lora_rank, a.lora_alpha, a.lora_lr),
              "distill": lambda: run_distill(a.workdir), "pipeline": lambda: run_pipeline(a.workdir),
