@@ -95,7 +95,7 @@ class Speculative(Group):  # how generation decodes (r1lab/engine/speculative.py
                                        "distribution and log-probs); draft:DIR: a small model of the same tokenizer",
                                rule=lambda v: None if v in ("none", "mtp") or v.startswith("draft:") and v[6:].strip()
                                else f"{shown(v)} is not none, mtp or draft:DIR", allowed="none, mtp or draft:DIR")
-    speculative_tokens: int = setting(1, "k, drafts a step: from k MTP depths where there are (serve: 1)", ge=1, le=8)
+    speculative_tokens: int = setting(1, "k drafts a step: from k MTP depths if the model has k (serve: 1)", ge=1, le=8)
 
     @staticmethod
     def problems(cfg) -> list[str]:
