@@ -94,16 +94,23 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
             break
         kept = columns <= n[:, None]  # (B, k + 1): a rejected draft's keys are never attended
         rows.key_mask[:, column:] = kept
-        rows.draft_key_mask = torch.cat([rows.draft_key_mask,
-                                         _depth_masks(kept, positions, rows.draft_key_mask.shape[1])], -1)
-        column = rows.draft_key_mask.shape[-1] - k - 1
-        draft_logits, state = catch_up(model, draft, caches[1], rows.draft_key_mask[:, 0], h, emitted, positions,
-                                       n, column) if rows.last is None else \
-            _catch_up_depths(model, caches[1], rows, h, emitted, positions, n, column)
+        draft_logits, state = _drafter_catch_up(model, draft, rows, caches[1], h, emitted, positions, n, kept)
         rows.pending = emitted.gather(1, n[:, None]).squeeze(1)
         rows.positions = rows.positions + 1 + n
         _propose(model, draft, rule, rows, caches[1], draft_logits, state, k)
     return {"drafted": drafted, "accepted": accepted}
+
+
+def _drafter_catch_up(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCache, h: torch.Tensor,
+                      emitted: torch.Tensor, positions: torch.Tensor, n: torch.Tensor, kept: torch.Tensor):
+    """The drafter over a step's verified tokens, of which kept (B, k + 1) marks each row's real ones, in each of its
+    layers: (the next draft's logits, the state to chain from)."""
+    new = _depth_masks(kept, positions, rows.draft_key_mask.shape[1])
+    rows.draft_key_mask = torch.cat([rows.draft_key_mask, new], -1)
+    column = rows.draft_key_mask.shape[-1] - kept.shape[1]
+    if rows.last is not None:
+        return _catch_up_depths(model, cache, rows, h, emitted, positions, n, column)
+    return catch_up(model, draft, cache, rows.draft_key_mask[:, 0], h, emitted, positions, n, column)
 
 
 def from_depths(model: CausalLM, draft: CausalLM | None, k: int) -> bool:
