@@ -242,7 +242,7 @@ def _spec_model(vocab, scale, depth=1):
     return _randomise(CausalLM(cfg), scale)
 
 
-@pytest.mark.parametrize("k, depth", [(1, 1), (3, 1), (2, 2)])  # depth >= k: each draft from its own depth
+@pytest.mark.parametrize("k, depth", [(1, 1), (3, 1), (2, 2), (3, 2)])  # depth >= k: drafts from the depths
 def test_speculative_greedy_decoding_gives_the_engines_tokens(k, depth):
     from r1lab.engine.engine import Engine
 
