@@ -413,14 +413,27 @@ def _depth_mtp_reference(model, prompt, completion, k):
     return steps
 
 
-def _proposed_drafts(monkeypatch) -> list:
+def _drafts_kept_matching(model, reference, k, monkeypatch) -> int:
+    """Greedy decoding of prompts of 3, 1 and 5 tokens with k MTP drafts a step: every draft's logits (each
+    proposal's) equal reference(model, prompt, completion, k)'s, step by step. Returns the drafts kept."""
     from r1lab.engine import speculative
+    from r1lab.engine.engine import Engine
 
     proposed = []
     propose = speculative.Greedy.propose
     monkeypatch.setattr(speculative.Greedy, "propose", lambda self, logits: proposed.append(logits[0]) or
                         propose(self, logits))
-    return proposed
+    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
+    kept = 0
+    for prompt in ([3, 5, 1], [2], [4, 4, 6, 4, 2]):
+        proposed.clear()
+        with torch.no_grad():
+            [sample] = engine.generate([prompt], max_new_tokens=14, temperature=0)
+            expected = reference(model, prompt, list(sample.token_ids), k)
+        assert len(proposed) == k * len(expected) == sample.drafted
+        torch.testing.assert_close(torch.stack(proposed), torch.cat(expected), atol=2e-3, rtol=1e-3)
+        kept += sample.accepted
+    return kept
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -429,21 +442,7 @@ def test_drafts_from_mtp_depths_are_the_depths_own_computed_from_scratch(k, monk
     the depths computed without a cache (the training forward), step by step, for prompts of different lengths (a
     1-token prompt leaves the deeper depths no position of the prompt to read). A depth that reads the wrong
     position, a stale key, another depth's keys or the normalised output fails this."""
-    from r1lab.engine.engine import Engine
-
-    model = _spec_model(7, 1.0, depth=3)
-    proposed = _proposed_drafts(monkeypatch)
-    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
-    kept = 0
-    for prompt in ([3, 5, 1], [2], [4, 4, 6, 4, 2]):
-        proposed.clear()
-        with torch.no_grad():
-            [sample] = engine.generate([prompt], max_new_tokens=14, temperature=0)
-            expected = _depth_mtp_reference(model, prompt, list(sample.token_ids), k)
-        assert len(proposed) == k * len(expected) == sample.drafted
-        torch.testing.assert_close(torch.stack(proposed), torch.cat(expected), atol=2e-3, rtol=1e-3)
-        kept += sample.accepted
-    assert kept > 6
+    assert _drafts_kept_matching(_spec_model(7, 1.0, depth=3), _depth_mtp_reference, k, monkeypatch) > 6
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -451,25 +450,8 @@ def test_chained_mtp_drafts_are_the_modules_own_computed_from_scratch(k, monkeyp
     """Every draft's logits with k chained MTP drafts equal the module's recomputed without a cache, step by step,
     for prompts of different lengths. A chain that reads a stale key, a wrong position or the normalised state
     instead of the block's output gives other logits somewhere and fails this."""
-    from r1lab.engine import speculative
-    from r1lab.engine.engine import Engine
-
-    model = _spec_model(7, 1.0)
-    proposed = []
-    propose = speculative.Greedy.propose
-    monkeypatch.setattr(speculative.Greedy, "propose", lambda self, logits: proposed.append(logits[0]) or
-                        propose(self, logits))
-    engine = Engine(model, CountingTokenizer(), speculative="mtp", speculative_tokens=k)
-    kept = 0
-    for prompt in ([3, 5, 1], [2], [4, 4, 6, 4, 2]):
-        proposed.clear()
-        with torch.no_grad():
-            [sample] = engine.generate([prompt], max_new_tokens=14, temperature=0)
-            expected = _chained_mtp_reference(model, prompt, list(sample.token_ids), k)
-        assert len(proposed) == k * len(expected) == sample.drafted
-        torch.testing.assert_close(torch.stack(proposed), torch.cat(expected), atol=2e-3, rtol=1e-3)
-        kept += sample.accepted
-    assert kept > 6  # chains were kept past their first draft, too
+    # chains were kept past their first draft, too
+    assert _drafts_kept_matching(_spec_model(7, 1.0), _chained_mtp_reference, k, monkeypatch) > 6
 
 
 @pytest.mark.parametrize("drafter, top_p, k", [("mtp", 1.0, 1), ("mtp", 0.8, 1), ("draft", 1.0, 1), ("mtp", 1.0, 2),

@@ -313,7 +313,8 @@ def drafter_config(model: CausalLM, draft: CausalLM | None, depths: int = 1):
 def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: int, steps: int):
     """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
     ids, positions and hidden states for the drafter's prefill). A step writes k + 1 columns of the model's cache
-    and 2k of the drafter's (its catch-up and its chained drafts)."""
+    and at most k + 1 + k(k - 1)/2 of the drafter's (its catch-up, then its chained drafts: k - 1, or each depth's
+    frontier positions: 1 + 2 + ... + k - 1)."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
     (B, P), depths = ids.shape, k if from_depths(model, draft, k) else 1
