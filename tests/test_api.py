@@ -23,6 +23,16 @@ def test_import_r1lab_stays_light():
         r1lab.no_such_api
 
 
+def test_the_commands_start_without_torch_distributed_tensor():
+    # ~0.7 s of every command's start (sympy and DTensor's op tables): loaded by FSDP or a checkpoint's optimizer state
+    # when they are used, and looked up, not imported, by the DTensor checks (r1lab.model.layers.is_dtensor)
+    code = ("import sys, r1lab.cli, r1lab.commands.api, r1lab.train.grpo, r1lab.train.sharding, r1lab.serve.app; "
+            "print(sorted({m for m in sys.modules if m.startswith(('torch.distributed.tensor', "
+            "'torch.distributed.fsdp', 'torch.distributed.checkpoint'))})[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_grpo_with_a_reward_callable_from_a_module(tiny_base, tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def brevity(completion, problem):\n    return -len(completion) / 100\n")

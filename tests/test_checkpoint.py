@@ -181,7 +181,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(run, monkeypatc
         monkeypatch.setattr(checkpoint_module.torch, "save", torch_save_no_space)
         monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
     elif where == "optimizer":
-        monkeypatch.setattr(checkpoint_module.dcp, "save", dcp_no_space)
+        monkeypatch.setattr(dcp, "save", dcp_no_space)
     else:
         monkeypatch.setattr(checkpoint_module, "write_manifest", no_space)
     model = tiny_model()

@@ -4,13 +4,13 @@ the Linear they share.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from r1lab.model.architecture import ModelConfig
 
@@ -46,6 +46,13 @@ FEW_ROWS = 32  # rows of x up to which a float32 CPU product takes FAST_PATHS.fe
 IN_PLACE_GRAD_MIN = 1 << 20  # weights whose gradient _InPlaceGradLinear writes (smaller ones cost no page faults)
 
 
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Whether t is one of FSDP's sharded tensors (a DTensor). Looked up, not imported: importing
+    torch.distributed.tensor takes ~0.7 s of every command's start, and no tensor is one before it is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """x @ W.T + b through the installed few-rows product; None where none is or x is not a few float32 CPU rows."""
     product = FAST_PATHS.few_rows_linear
@@ -63,7 +70,7 @@ class Linear(nn.Linear):
         # (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks.
         w = self.weight
         if (torch.is_grad_enabled() and w.requires_grad and w.numel() >= IN_PLACE_GRAD_MIN
-                and not isinstance(w, DTensor) and not torch.is_autocast_enabled(x.device.type)):
+                and not is_dtensor(w) and not torch.is_autocast_enabled(x.device.type)):
             return _InPlaceGradLinear.apply(x, w, self.bias)
         y = few_rows_product(x, self.weight, self.bias)
         return super().forward(x) if y is None else y

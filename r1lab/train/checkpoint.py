@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from r1lab.model.hf_format import load_model, save_model
 from r1lab.model.lora import CONFIG_FILE as ADAPTER_CONFIG
@@ -64,6 +62,15 @@ class ConfigChangeError(ValueError):
 # ---------------------------------------------------------------- writing
 
 
+def _distributed_checkpoint():
+    """torch.distributed.checkpoint and its state_dict module, imported at the first save or load: they load
+    torch.distributed.tensor, ~0.7 s that a command which never checkpoints should not pay at its start."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict
+
+    return dcp, state_dict
+
+
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
                     adapter_base: str | None = None, extra: dict | None = None) -> Path:
@@ -87,7 +94,9 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
                        tmp / STATE_FILE)
         world.barrier()
         with _single_process_is_meant():
-            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp / OPTIMIZER_DIR)
+            dcp, state_dict = _distributed_checkpoint()
+            dcp.save({"optimizer": state_dict.get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=tmp / OPTIMIZER_DIR)
         world.barrier()
         if world.main:
             write_manifest(tmp)
@@ -307,10 +316,11 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
         if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint
             optimizer.load_state_dict(state["optimizer"])
         else:
-            layout = get_optimizer_state_dict(model, optimizer)  # to fill (initialised if the optimizer is fresh)
+            dcp, state_dict = _distributed_checkpoint()
+            layout = state_dict.get_optimizer_state_dict(model, optimizer)  # to fill (initialised if it is fresh)
             with _single_process_is_meant():
                 dcp.load({"optimizer": layout}, checkpoint_id=path / OPTIMIZER_DIR)
-            set_optimizer_state_dict(model, optimizer, layout)
+            state_dict.set_optimizer_state_dict(model, optimizer, layout)
         rng = state["rng"]
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])

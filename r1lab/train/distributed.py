@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+
+from r1lab.model.layers import is_dtensor
 
 GRADIENT_BUCKET_BYTES = 32 << 20  # gradients are summed in flat buckets of about this size (one collective each)
 
@@ -94,7 +95,7 @@ class World:
         do not see the hand-written LM-head backward, and would wait forever for a rank that trains no sequence)."""
         if not self.distributed:
             return
-        params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]  # FSDP reduces its own
+        params = [p for p in params if p.requires_grad and not is_dtensor(p)]  # FSDP reduces its own
         # A parameter no rank used (an expert no token was routed to) keeps no gradient, as in one process, where
         # the optimizer then leaves it alone; one that some rank used gets zeros from the others.
         used = self._all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))

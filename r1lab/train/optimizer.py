@@ -8,8 +8,8 @@ import itertools
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
+from r1lab.model.layers import is_dtensor
 from r1lab.model.lora import LoRASpec, lora_target_names
 from r1lab.train.backward_step import BackwardStep
 from r1lab.train.distributed import World
@@ -75,7 +75,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 def weights_finite(model: torch.nn.Module) -> bool:
     """Whether every floating-point parameter and buffer (a sharded one: this rank's part) is finite, in one host
     round trip."""
-    tensors = [t.to_local() if isinstance(t, DTensor) else t
+    tensors = [t.to_local() if is_dtensor(t) else t
                for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point() and t.numel()]
     if not tensors:
         return True

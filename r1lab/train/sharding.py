@@ -4,14 +4,13 @@ docs/torchrun.md); gradients are summed across ranks, as in the unsharded path.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
+from r1lab.model.layers import is_dtensor
 from r1lab.train.distributed import World
 
 # Below this many parameters (16 MB of weights, gradients and AdamW state in float32) sharding saves less memory
@@ -32,6 +31,9 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
     if getattr(model.config, "moe", None) is not None:
         raise ValueError("shard: MoE models are not sharded yet (an expert no token reached on one rank has no "
                          "gradient there, which FSDP's reduce-scatter cannot match); train it unsharded")
+    # FSDP is imported where it is used, as torch.distributed.tensor is (r1lab.model.layers.is_dtensor)
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
     for layer in model.model.layers:
         # the layer's projections as one unit, not the attention module: FSDP would pass its KV cache (written in
         # place) through its own autograd function
@@ -52,7 +54,8 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # no module is sharded before FSDP is loaded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def full_state_dict(model: nn.Module) -> dict:
@@ -60,12 +63,16 @@ def full_state_dict(model: nn.Module) -> dict:
     memory on rank 0 ({} elsewhere); for any other, its own state_dict."""
     if not is_sharded(model):
         return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state_dict(model: nn.Module, state: dict) -> None:
     """Full weights (every rank holds them) into a sharded or plain model."""
     if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     else:
         model.load_state_dict(state)
@@ -73,12 +80,12 @@ def load_full_state_dict(model: nn.Module, state: dict) -> None:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value: gathered from the ranks when it is a shard (all ranks must call)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Bytes this rank holds of the parameters, their gradients and the optimizer state (its shards under FSDP)."""
-    size = lambda ts: sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in ts)  # noqa: E731
+    size = lambda ts: sum((t.to_local() if is_dtensor(t) else t).nbytes for t in ts)  # noqa: E731
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {"weights": size(params), "gradients": size(p.grad for p in params if p.grad is not None),
