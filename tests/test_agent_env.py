@@ -173,6 +173,7 @@ def test_rewritten_history_is_answered_but_not_trained_and_counted(agents):
     assert grpo.tool_metrics(rollouts)["env/rewritten_history"] == 0.5
 
 
+@pytest.mark.slow  # waits out a hanging agent's 1 s timeout
 def test_a_failing_or_hanging_agent_is_counted_and_scores_zero(agents):
     with pytest.warns(RuntimeWarning):
         env, problems, samples, _ = rollouts_of("broken", n=4, samples=1, timeout_s=1.0)

@@ -20,23 +20,35 @@ def test_generated_problems_are_deterministic_disjoint_and_their_solutions_pass(
         assert task.score(p, p.answer) == 1.0
 
 
-def test_reward_is_the_share_of_tests_passed_and_correct_means_all(tmp_path):
+def double_problem(tmp_path):
     rows = [{"prompt": "Write double(x).", "entry_point": "double",
              "tests": ["assert candidate(2) == 4", "assert double(0) == 0", "assert double(-3) == -6",
                        "assert double(5) == 10"]}] * 2
     path = tmp_path / "code.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = get_task("code", path=str(path), test_fraction=0.0)
-    problem = task.problems("train", 1, seed=0)[0]
+    return task, task.problems("train", 1, seed=0)[0]
+
+
+def test_reward_is_the_share_of_tests_passed_and_correct_means_all(tmp_path):
+    task, problem = double_problem(tmp_path)
     completions = ["<think>times two</think><answer>```python\ndef double(x):\n    return 2 * x\n```</answer>",
                    "<think>square</think><answer>def double(x):\n    return x * x</answer>",  # passes 2 and 0
                    "<think>plus two</think><answer>def double(x):\n    return x + 2</answer>",  # passes 2 only
-                   "<think>loop</think><answer>while True: pass</answer>",
                    "<think>no answer</think>"]
-    result = score_completions(task, [problem] * 5, completions, RewardWeights(1.0, 0.0), timeout_s=10)
-    assert result.components["accuracy"] == [1.0, 0.5, 0.25, 0.0, 0.0]
-    assert result.correct == [True, False, False, False, False]  # pass@k counts full marks only
-    assert result.errors == 0 and result.timeouts == 0  # a hanging answer is the sandbox's to stop, not an error
+    result = score_completions(task, [problem] * 4, completions, RewardWeights(1.0, 0.0), timeout_s=10)
+    assert result.components["accuracy"] == [1.0, 0.5, 0.25, 0.0]
+    assert result.correct == [True, False, False, False]  # pass@k counts full marks only
+    assert result.errors == 0 and result.timeouts == 0
+
+
+@pytest.mark.slow  # waits for the sandbox's CPU limit
+def test_a_hanging_answer_scores_zero_and_is_the_sandboxs_to_stop(tmp_path):
+    task, problem = double_problem(tmp_path)
+    result = score_completions(task, [problem], ["<think>loop</think><answer>while True: pass</answer>"],
+                               RewardWeights(1.0, 0.0), timeout_s=10)
+    assert result.components["accuracy"] == [0.0] and result.correct == [False]
+    assert result.errors == 0 and result.timeouts == 0  # the sandbox stopped it: not an error of the reward
 
 
 def test_fences_and_canonical_form():

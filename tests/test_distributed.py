@@ -34,12 +34,27 @@ HELDOUT = ["--steps", 3, "--eval-problems", 5, "--eval-samples", 2]
 
 def r1lab(args, ranks=1, timeout=300, check=True):
     """`python -m r1lab ARGS`, or under torchrun with `ranks` processes; the finished process."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--standalone"]
-    command = (launcher if ranks > 1 else [sys.executable]) + ["-m", "r1lab", *map(str, args)]
+    return at_once([(args, ranks)], timeout, check)[0]
+
+
+def at_once(jobs, timeout=300, check=True):
+    """Each (args, ranks) job of r1lab started at once: their start-ups, most of a tiny job's time, overlap on the
+    cores. The finished processes, in order."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and done.returncode:
-        raise AssertionError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    commands = [(launcher + [str(ranks)] if ranks > 1 else [sys.executable]) + ["-m", "r1lab", *map(str, args)]
+                for args, ranks in jobs]
+    started = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for c in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in started]
+        done = [subprocess.CompletedProcess(c, p.returncode, *out) for c, p, out in zip(commands, started, outputs)]
+    finally:
+        for p in started:
+            p.kill()  # a job left running by a timeout (or one that failed first)
+    for job in done:
+        if check and job.returncode:
+            raise AssertionError(f"{' '.join(job.args)} failed ({job.returncode}):\n{job.stdout}\n{job.stderr}")
     return done
 
 
@@ -56,8 +71,9 @@ def max_difference(a, b):
 def runs(tiny_base, tmp_path_factory):
     """3 GRPO steps of the same global batch and seed, in 1 process and in 2 (checkpoints at step 2)."""
     root = tmp_path_factory.mktemp("dist")
-    for name, ranks in (("one", 1), ("two", 2)):  # with a held-out evaluation at steps 0, 2 and 3
-        r1lab(["grpo", "--model", tiny_base, *TASK, *GRPO, *HELDOUT, "--eval-every", 2, "--out", root / name], ranks)
+    # with a held-out evaluation at steps 0, 2 and 3
+    at_once([(["grpo", "--model", tiny_base, *TASK, *GRPO, *HELDOUT, "--eval-every", 2, "--out", root / name], ranks)
+             for name, ranks in (("one", 1), ("two", 2))])
     return root
 
 
@@ -102,8 +118,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(runs, tiny_base):
 def test_sharded_evaluation_equals_one_process_exactly(tiny_base, tmp_path):
     args = ["eval", "--model", tiny_base, *TASK, "--problems", 7, "--samples", 3, "--max-new-tokens", 24,
             "--threads", 1]
-    r1lab([*args, "--out", tmp_path / "one.json"])
-    r1lab([*args, "--out", tmp_path / "two.json"], ranks=2)  # 7 problems: shares of 3 and 4
+    at_once([([*args, "--out", tmp_path / "one.json"], 1), ([*args, "--out", tmp_path / "two.json"], 2)])  # shares 3, 4
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["test"] for n in ("one", "two"))
     assert one.pop("tokens_per_s") > 0 and two.pop("tokens_per_s") > 0  # a timing, not a figure
     assert one == two and one["n_problems"] == 7 and len(two["records"]) == 7
@@ -212,8 +227,7 @@ def test_fsdp_trains_the_steps_of_unsharded_ranks_with_half_the_memory_each(wide
     args = ["grpo", "--model", wide_model / "model", *TASK, *GRPO, "--steps", 3, "--save-every", 0, "--micro-batch-size", 1,
             "--accuracy-weight", 0, "--format-weight", 0, "--reward-functions",
             json.dumps({f"{wide_model / 'length.py'}:reward": 1.0})]
-    r1lab([*args, "--out", tmp_path / "ddp"], ranks=2)
-    r1lab([*args, "--out", tmp_path / "fsdp", "--shard"], ranks=2)
+    at_once([([*args, "--out", tmp_path / "ddp"], 2), ([*args, "--out", tmp_path / "fsdp", "--shard"], 2)])
     ddp, fsdp = weights(tmp_path / "ddp" / "model"), weights(tmp_path / "fsdp" / "model")
     assert max_difference(ddp, fsdp) <= 1e-5
     assert max_difference(ddp, weights(wide_model / "model")) > 1e-4  # the steps did train
@@ -248,9 +262,8 @@ SFT = ["--steps", 3, "--batch-size", 4, "--micro-batch-size", 1, "--lr", "1e-3",
 def test_sft_across_ranks_equals_one_process_and_so_does_fsdp(wide_model, tmp_path):
     data = chat_rows(tmp_path / "chat.jsonl")
     args = ["sft", "--model", wide_model / "model", "--data", data, *SFT]
-    r1lab([*args, "--out", tmp_path / "one"])
-    r1lab([*args, "--out", tmp_path / "two"], ranks=2)
-    r1lab([*args, "--out", tmp_path / "fsdp", "--shard"], ranks=2)
+    at_once([([*args, "--out", tmp_path / "one"], 1), ([*args, "--out", tmp_path / "two"], 2),
+             ([*args, "--out", tmp_path / "fsdp", "--shard"], 2)])
     one = weights(tmp_path / "one" / "model")
     assert max_difference(one, weights(wide_model / "model")) > 1e-4
     assert max_difference(one, weights(tmp_path / "two" / "model")) <= 1e-5
@@ -264,8 +277,7 @@ def test_sft_across_ranks_equals_one_process_and_so_does_fsdp(wide_model, tmp_pa
 def test_rejection_sampling_across_ranks_keeps_the_rows_of_one_process(tiny_base, tmp_path):
     args = ["sample", "--model", tiny_base, "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", 9,
             "--samples", 4, "--max-new-tokens", 48, "--prefill", " <think>", "--threads", 1]
-    r1lab([*args, "--out", tmp_path / "one.jsonl"])
-    r1lab([*args, "--out", tmp_path / "two.jsonl"], ranks=2)
+    at_once([([*args, "--out", tmp_path / "one.jsonl"], 1), ([*args, "--out", tmp_path / "two.jsonl"], 2)])
     assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
     one, two = (json.loads((tmp_path / f"{n}.summary.json").read_text()) for n in ("one", "two"))
     assert {**one, "out": ""} == {**two, "out": ""} and one["sampled"] == 36
@@ -294,8 +306,7 @@ def test_a_deepseek_v3_moe_trains_across_ranks_as_in_one_process(tmp_path):
             "--save-every", 0, "--samples-every", 0, "--lr", "1e-2", "--moe-bias-update-speed", 0.01,
             "--accuracy-weight", 0, "--format-weight", 0, "--threads", 1,
             "--reward-functions", json.dumps({f"{tmp_path / 'length.py'}:reward": 1.0})]
-    r1lab([*args, "--out", tmp_path / "one"])
-    r1lab([*args, "--out", tmp_path / "two"], ranks=2)
+    at_once([([*args, "--out", tmp_path / "one"], 1), ([*args, "--out", tmp_path / "two"], 2)])
     one, two = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
     assert max_difference(one, two) <= 1e-5
     assert max_difference(one, weights(tmp_path / "base")) > 1e-4

@@ -205,6 +205,7 @@ def test_penalised_and_stop_string_rows_stay_exact(drafter, engines):
     assert tokens == sampled_free[:first_hit] and got[ids[4]][-1][2] == "stop"
 
 
+@pytest.mark.slow  # the server end to end, twice: the live batch's drafting is tested above on its own
 def test_serve_with_speculative_mtp_answers_as_the_plain_server_greedy(tmp_path, capsys):
     """`r1lab serve --speculative mtp` on a loopback port: a chat completion at temperature 0 is the plain server's
     (text, finish reason, log-probs); /health counts the drafts; what cannot draft is refused in one line."""

@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -209,9 +209,11 @@ def test_a_failing_or_hanging_env_is_counted_and_the_run_goes_on(packages, monke
     env = get_task("verifiers:guess_env")
     problems = env.problems("train", 2, 0)
 
+    hang = threading.Event()  # released when the test ends: a thread left sleeping would hold up pytest's exit
+
     def rewards(problem, messages):
         if problem is problems[1]:
-            time.sleep(3)
+            hang.wait(10)
         raise RuntimeError("the env broke")
 
     monkeypatch.setattr(env, "reply", lambda problem, messages: 1 / 0)
@@ -221,6 +223,7 @@ def test_a_failing_or_hanging_env_is_counted_and_the_run_goes_on(packages, monke
     monkeypatch.setattr(env, "rewards", rewards)
     with pytest.warns(RuntimeWarning, match="the env broke"):
         result = score_completions(env, problems, [s.messages for s in samples], timeout_s=0.5)
+    hang.set()
     assert (result.total, result.errors, result.timeouts) == ([0.0, 0.0], 1, 1)
 
 
