@@ -40,6 +40,7 @@ from r1lab.rewards.environments import is_environment
 from r1lab.rewards.tasks.base import Problem
 
 GATHER_S = 0.02  # a batch waits this long for more requests once none came in, unless every live agent has asked
+SHUTDOWN_POLL_S = 0.02  # how often the endpoint's loop looks whether the batch is over
 
 
 def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns | AgentTurns | None:
@@ -100,7 +101,8 @@ class AgentTurns:
                   for i in range(len(prompt_ids) * num_samples)}
         requests: queue.Queue[_Request] = queue.Queue()
         server = _endpoint(chains, requests)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # shutdown() waits for the loop's next poll: at serve_forever's default 0.5 s, half a second of every batch
+        threading.Thread(target=server.serve_forever, args=(SHUTDOWN_POLL_S,), daemon=True).start()
         outcomes, done = [], []  # each agent's (kind, rewards); the agents that finished
         agents = threading.Thread(target=lambda: outcomes.extend(asyncio.run(self._run_agents(server, chains, done))),
                                   daemon=True)
