@@ -31,7 +31,7 @@ from r1lab.model.tokenizer import Tokenizer
 from r1lab.model.transformer import CausalLM
 from r1lab.train.distributed import World
 from r1lab.train.memory_budget import gigabytes
-from r1lab.train.sharding import full_state_dict, load_full_state_dict
+from r1lab.train.sharding import distributed_checkpoint, full_state_dict, load_full_state_dict
 
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_DIR = "optimizer"
@@ -62,15 +62,6 @@ class ConfigChangeError(ValueError):
 # ---------------------------------------------------------------- writing
 
 
-def _distributed_checkpoint():
-    """torch.distributed.checkpoint and its state_dict module, imported at the first save or load: they load
-    torch.distributed.tensor, ~0.7 s that a command which never checkpoints should not pay at its start."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict
-
-    return dcp, state_dict
-
-
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
                     adapter_base: str | None = None, extra: dict | None = None) -> Path:
@@ -94,7 +85,7 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
                        tmp / STATE_FILE)
         world.barrier()
         with _single_process_is_meant():
-            dcp, state_dict = _distributed_checkpoint()
+            dcp, state_dict = distributed_checkpoint()
             dcp.save({"optimizer": state_dict.get_optimizer_state_dict(model, optimizer)},
                      checkpoint_id=tmp / OPTIMIZER_DIR)
         world.barrier()
@@ -316,7 +307,7 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
         if "optimizer" in state:  # written before checkpoints used torch.distributed.checkpoint
             optimizer.load_state_dict(state["optimizer"])
         else:
-            dcp, state_dict = _distributed_checkpoint()
+            dcp, state_dict = distributed_checkpoint()
             layout = state_dict.get_optimizer_state_dict(model, optimizer)  # to fill (initialised if it is fresh)
             with _single_process_is_meant():
                 dcp.load({"optimizer": layout}, checkpoint_id=path / OPTIMIZER_DIR)

@@ -58,22 +58,30 @@ def is_sharded(model: nn.Module) -> bool:
     return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
+def distributed_checkpoint():
+    """torch.distributed.checkpoint and its state_dict module, imported where first used: they load
+    torch.distributed.tensor, ~0.7 s that a command which never shards or checkpoints should not pay at its start."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict
+
+    return dcp, state_dict
+
+
 def full_state_dict(model: nn.Module) -> dict:
     """The model's full weights: for a sharded model gathered from every rank (all ranks must call) into CPU
     memory on rank 0 ({} elsewhere); for any other, its own state_dict."""
     if not is_sharded(model):
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state_dict = distributed_checkpoint()[1]
+    return state_dict.get_model_state_dict(model, options=state_dict.StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))
 
 
 def load_full_state_dict(model: nn.Module, state: dict) -> None:
     """Full weights (every rank holds them) into a sharded or plain model."""
     if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        state_dict = distributed_checkpoint()[1]
+        state_dict.set_model_state_dict(model, state, options=state_dict.StateDictOptions(full_state_dict=True))
     else:
         model.load_state_dict(state)
 
