@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine, Sample
 from r1lab.model.architecture import ModelConfig
 from r1lab.model.tokenizer import build_tiny_tokenizer
@@ -108,7 +109,7 @@ def main() -> int:
     args = parse_args()
     if args.slots % args.samples:
         sys.exit("--slots must be a multiple of --samples: batch-at-a-time runs whole groups of G samples")
-    torch.set_num_threads(args.threads)
+    setup_training_process(args.threads)  # threads, malloc and the CPU fast paths, as r1lab's commands set them
     engine = build_engine(args)
     prompts, limits = workload(args, engine.tokenizer)
     sides = {"batch-at-a-time": batch_at_a_time, "continuous": continuous, "all at once": all_at_once}

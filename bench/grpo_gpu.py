@@ -244,12 +244,16 @@ def child_rollout(spec: dict) -> dict:
     """r1lab's Engine.generate alone at the GRPO rollout batch, then the device's copy and matmul rates."""
     import torch
 
+    from r1lab.cpu.process import relaunch_for_large_cpu_model, setup_training_process
     from r1lab.engine.engine import Engine
     from r1lab.model.hf_format import load_model
+    from r1lab.model.layers import FAST_PATHS
     from r1lab.model.tokenizer import load_tokenizer
 
+    # set up as `r1lab grpo` sets up its process (malloc, the CPU fast paths, threads): the rollouts users get
+    relaunch_for_large_cpu_model("grpo", spec["model"], spec["device"])
+    setup_training_process(spec["threads"], spec["model"], spec["device"])
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    torch.set_num_threads(spec["threads"])
     model = load_model(spec["model"], device=device, dtype=dtype)
     tokenizer = load_tokenizer(spec["model"])
     tokenizer.add_eos_ids(model.config.eos_token_id)
@@ -290,6 +294,7 @@ def child_rollout(spec: dict) -> dict:
         "num_heads": cfg.num_attention_heads,
         "head_dim": cfg.head_dim,
         "memory": memory,
+        "cpu_fast_paths": FAST_PATHS.few_rows_linear is not None,  # the decode products r1lab's commands install
         "copy_bytes_per_s": copy_rate(device, spec["copy_mib"] << 20),
         "matmul_flops_per_s": matmul_rate(device, dtype, spec["matmul_n"]),
     }

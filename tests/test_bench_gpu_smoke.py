@@ -47,6 +47,7 @@ def test_r1lab_side_and_rollout_floor(workdir):
     assert "--device" in r1["argv"] and "--dtype" not in r1["argv"]  # float32 is r1lab's default: never passed
     assert r1["memory"]["max_allocated"] is None  # CPU: no device memory to report
     ro = res["rollout"]
+    assert ro["cpu_fast_paths"]  # set up as `r1lab grpo` is: the rollouts it times are the ones users get
     assert ro["batch"] == COMPLETIONS and ro["new_tokens"] == NEW_TOKENS and ro["prompt_tokens"] == [PROMPT_TOKENS] * 8
     assert_positive(ro, "tokens_per_s", "copy_bytes_per_s", "matmul_flops_per_s", "weights_bytes",
                     "bandwidth_floor_tokens_per_s", "compute_floor_tokens_per_s", "roofline_floor_tokens_per_s",
