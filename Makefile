@@ -31,10 +31,12 @@ test: setup
 # cached decode, LiveBatch's penalties and moves, async GRPO's runs, timing-bound server and sandbox tests; see
 # docs/testing.md), those marked torchrun (each starts 2-process jobs: about 56 s of the
 # 125 s the fast tier took with them) but for the one also marked smoke (two ranks train to the weights of one
-# process), and those marked gpu.
+# process), and those marked gpu. It runs on one pytest-xdist worker per core (at most 4), each worker's torch
+# threads its share of the cores (tests/conftest.py): most of a unit test's time is Python, one core's work.
 FAST := not slow and not gpu and (not torchrun or smoke)
+FAST_WORKERS := -n auto --maxprocesses 4
 test-fast: setup
-	$(PY) -m pytest tests -m "$(FAST)"
+	$(PY) -m pytest tests -m "$(FAST)" $(FAST_WORKERS)
 
 # every torchrun job: 2 ranks on the CPUs train, resume, evaluate, sample, shard, and fail as they should
 test-torchrun: setup

@@ -372,16 +372,18 @@ def run_distributed(workdir: Path) -> dict:
 def run_tests(workdir: Path) -> dict:
     # -o addopts= : the project's own -q plus this one would hide the "N passed in S s" line read below
     pytest = [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"]
-    fast = timed(pytest + ["-m", fast_tier()], workdir / "tests-fast.log")
+    fast = timed(pytest + ["-m", make_variable("FAST"), *make_variable("FAST_WORKERS").split()],
+                 workdir / "tests-fast.log")
     full = timed(pytest, workdir / "tests-full.log")
-    return {**stamp(), "fast_s": fast, "full_s": full,
+    return {**stamp(), "fast_s": fast, "full_s": full, "fast_workers": make_variable("FAST_WORKERS"),
             "fast_summary": last_line(workdir / "tests-fast.log"), "full_summary": last_line(workdir / "tests-full.log")}
 
 
-def fast_tier() -> str:
-    """The marker expression of `make test-fast`, read from the Makefile, so the figure is that command's."""
+def make_variable(name: str) -> str:
+    """A variable of `make test-fast` (its markers, its workers), read from the Makefile, so the figure is that
+    command's."""
     makefile = (ROOT / "Makefile").read_text()
-    return next(line.split(":=", 1)[1].strip() for line in makefile.splitlines() if line.startswith("FAST :="))
+    return next(line.split(":=", 1)[1].strip() for line in makefile.splitlines() if line.startswith(f"{name} :="))
 
 
 def last_line(path: Path) -> str:
@@ -565,8 +567,9 @@ def render_gpu(d: dict) -> str:
 
 
 def render_tests(d: dict) -> str:
+    workers = f" (pytest {d['fast_workers']})" if d.get("fast_workers") else ""
     return (f"Measured on {d['date']} at commit `{d['commit']}` on {d['machine']['cpu']} ({d['machine']['cores']} "
-            f"cores): `make test-fast` {d['fast_s']:.0f} s ({d['fast_summary']}); `make test` (the whole suite, what "
+            f"cores): `make test-fast` {d['fast_s']:.0f} s{workers} ({d['fast_summary']}); `make test` (the whole suite, what "
             f"CI runs) {d['full_s']:.0f} s ({d['full_summary']}).")
 
 

@@ -7,7 +7,8 @@ from r1lab.cpu.process import install_fast_paths
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# the cores shared between pytest-xdist's workers (`make test-fast` runs one per core): one thread each on 2 cores
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # every command installs the CPU fast paths at process set-up (r1lab/cpu/process.py); the tests run with them too
 install_fast_paths()

@@ -123,7 +123,10 @@ def signal_trainer():
 '''
 
 
-LEAKS = [f"assert {SECRET!r} in problem()", "assert 'PATH=' in trainer_environ()", "assert 'pytest' in trainer_cmdline()",
+# the trainer's program as its /proc entry names it (pytest's, or an xdist worker's python)
+TRAINER_PROGRAM = Path("/proc/self/cmdline").read_bytes().split(b"\0")[0].decode()
+LEAKS = [f"assert {SECRET!r} in problem()", "assert 'PATH=' in trainer_environ()",
+         f"assert {TRAINER_PROGRAM!r} in trainer_cmdline()",
          "assert 'PATH=' in parent_environ()", "assert signal_trainer() is None"]
 
 
