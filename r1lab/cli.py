@@ -71,7 +71,7 @@ COMMANDS = {command.name: command for command in (
     Command("chat", ChatConfig, "chat with a model in the terminal, reasoning shown apart from the answer",
             "r1lab.serve.chat:run_chat"),
     Command("merge", MergeConfig, "merge a LoRA adapter (PEFT format) into its base: a plain Hugging Face model "
-            "directory", "r1lab.commands.merge:merge", "merged model"),
+            "directory", "r1lab.commands.merge:merge", "merged model", run_directory=True),
     Command("report", ReportConfig, "write RUN/report/report.md for a grpo, sft or pretrain run: curves, tables, "
             "completions", "r1lab.commands.report:report_run", "report"),
 )}
@@ -164,6 +164,10 @@ def check_out(cfg, overwrite: bool) -> Path | None:
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not held or resume:
         return None
+    read = [f"{name} {value}" for name in ("model", "adapter")
+            if (value := getattr(cfg, name, "")) and Path(value).resolve().is_relative_to(out.resolve())]
+    if read:  # writing there (or moving it aside) would overwrite or hide what the command reads
+        raise ValueError(f"out: {out} holds the {' and '.join(read)} that this command reads; choose another --out")
     if overwrite:
         if Path.cwd().resolve().is_relative_to(out.resolve()):
             raise ValueError(f"out: {out} holds the current directory, so --overwrite cannot move it aside")

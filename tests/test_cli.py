@@ -148,6 +148,22 @@ def test_an_occupied_out_is_refused_unless_resume_or_overwrite(tmp_path, capsys,
     assert (tmp_path / "run.old-2" / "config.yaml").exists()  # the first moved-aside run stays as it was
 
 
+def test_merge_refuses_to_write_over_the_model_or_adapter_it_reads(tmp_path, capsys, dispatched):
+    base, adapter, merged = tmp_path / "base", tmp_path / "run" / "adapter", tmp_path / "merged"
+    for directory in (base, adapter, merged):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text("{}")
+    for out in (base, adapter, tmp_path / "run"):  # --overwrite would move it aside: refused too
+        for extra in ([], ["--overwrite"]):
+            err = refused(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(out), *extra], capsys)
+            assert f"out: {out} holds the " in err and "that this command reads; choose another --out" in err
+    assert (base / "config.json").exists() and (adapter / "config.json").exists() and dispatched == []
+    err = refused(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged)], capsys)
+    assert f"out: {merged} already holds files (config.json)" in err and "--overwrite" in err  # as the runs' out
+    main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged), "--overwrite"])
+    assert (tmp_path / "merged.old-1" / "config.json").exists() and [c for c, _ in dispatched] == ["merge"]
+
+
 def test_pretrain_refuses_an_occupied_out_and_stage_reusing_commands_do_not(tmp_path, capsys, dispatched):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.yaml").write_text("")

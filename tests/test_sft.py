@@ -388,6 +388,23 @@ def test_duplicates_and_the_per_prompt_cap_are_rejected():
     assert tally.rejected == {"duplicate": 1, "over_max_per_prompt": 1}
 
 
+def test_the_filters_read_the_think_a_chat_template_opened_in_front_of_the_completion():
+    """An R1-Distill-style template opens <think> in the prompt: the completion starts inside it. The language
+    filter reads the response as the scorer does, so readable reasoning is kept, not rejected as no reasoning."""
+    task, problem = ArithmeticTask(), Problem("2+2", "4")
+    texts = ["I add 2 and 2 to get 4.</think> <answer>4</answer>"]
+    samples = [Sample(0, [1] * 12, texts[0], [0.0] * 12, "stop")]
+    result = score_completions(task, [problem], texts, response_prefix="<think>\n")
+    assert result.correct == [True] and result.components["format"] == [1.0]
+    cfg = SampleConfig(samples=1, language="en")
+    tally = Tally()
+    kept = judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally, "<think>\n")
+    assert [(j, response) for j, response, _ in kept] == [(0, texts[0])] and not tally.rejected
+    # the same completion read without the opened <think> has no reasoning in English: the bug this guards
+    assert judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally) == []
+    assert tally.rejected == {"language": 1}
+
+
 def test_sample_writes_sft_rows_that_sft_accepts(tiny_base, tmp_path, capsys):
     data = tmp_path / "sampled.jsonl"
     main(["sample", "--model", str(tiny_base), "--task-options", "{min_terms: 3, max_terms: 3}", "--problems", "32",

@@ -196,9 +196,10 @@ def test_math_verify_runs_without_its_own_alarm(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank, notices", [(None, 1), ("0", 1), ("1", 0)])
-def test_math_verifys_timeout_notice_is_printed_once_and_by_rank_0_alone(rank: str | None, notices: int) -> None:
-    # parse and verify each print it once per process; r1lab's scorer timeout stands in for theirs
+@pytest.mark.parametrize("rank, notices", [(None, 0), ("0", 0), ("1", 0)])
+def test_math_verifys_timeout_notice_is_not_shown_to_users(rank: str | None, notices: int) -> None:
+    # parse and verify would each print it once per process, telling the caller to interrupt a stuck parse itself:
+    # r1lab's scorer timeout does, and a user could do nothing about it
     import os
     import subprocess
     import sys

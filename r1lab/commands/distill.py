@@ -43,8 +43,10 @@ def teacher_traces(cfg: DistillConfig, log) -> tuple[Path, float]:
     seconds = run_stage("traces from the teacher", sc, data.with_name("sft.config.yaml"), data,
                         lambda: sample(sc, log=log), log)
     if not data.read_text().strip():
-        raise ValueError(f"{cfg.teacher}: none of its {cfg.problems * cfg.samples} completions was verified correct "
-                         f"and readable ({data.with_name('sft.summary.json')}), so there is nothing to distil")
+        summary = data.with_name("sft.summary.json")
+        sampled = json.loads(summary.read_text())["sampled"]  # --problems 0 samples every row: not problems x samples
+        raise ValueError(f"{cfg.teacher}: none of its {sampled} completions was verified correct and readable "
+                         f"({summary}), so there is nothing to distil")
     return data, seconds
 
 

@@ -62,8 +62,9 @@ class Filters:
                finished: bool = True) -> str | None:
         """Why a completion is rejected (the first failed check of REASONS), or None to keep it.
 
-        response is the text as scored (prefill + completion); n_tokens counts the generated tokens without the
-        end-of-text; finished is False for a completion cut off by max_new_tokens, whose end the model never chose.
+        response is the text as scored (what the prompt opened it with, then the completion); n_tokens counts the
+        generated tokens without the end-of-text; finished is False for a completion cut off by max_new_tokens, whose
+        end the model never chose.
         """
         if not correct:
             return "incorrect"
@@ -170,16 +171,18 @@ def _format(result: RewardResult) -> list[float]:
 
 
 def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: RewardResult, cfg: SampleConfig,
-                 filters: Filters, eos_ids: set[int], tally: Tally) -> list[tuple[int, str, int]]:
-    """(sample index, response, tokens) of the completions kept for one prompt; samples[first + j] is its j-th."""
+                 filters: Filters, eos_ids: set[int], tally: Tally, prefix: str = "") -> list[tuple[int, str, int]]:
+    """(sample index, response, tokens) of the completions kept for one prompt; samples[first + j] is its j-th.
+    prefix: the start of the response that the prompt writes (scoring_keywords' response_prefix: the prefill, or the
+    `<think>` a chat template opens), which the filters read in front of each completion, as the scorer does."""
     kept: list[tuple[int, str, int]] = []
     for j in range(cfg.samples):
         n = first + j
         sample = samples[n]
         response = cfg.prefill + sample.text
         n_tokens = sum(t not in eos_ids for t in sample.token_ids)
-        reason = filters.reason(response, n_tokens, result.correct[n], _format(result)[n],
-                                finished=sample.finish_reason == "stop")
+        reason = filters.reason((prefix or cfg.prefill) + sample.text, n_tokens, result.correct[n],
+                                _format(result)[n], finished=sample.finish_reason == "stop")
         if reason is None and any(response.strip() == r.strip() for _, r, _ in kept):
             reason = "duplicate"
         if reason is None and cfg.max_per_prompt and len(kept) >= cfg.max_per_prompt:
@@ -208,15 +211,17 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
     if tools:
         tally.tool_calls += sum(s.calls for s in samples)
         tally.tool_failures += sum(s.failures for s in samples)
+    keywords = scoring_keywords(cfg, tok, task)
     result = score_completions(task, [p for p in chunk for _ in range(k)],
                                [getattr(s, "messages", None) or s.text for s in samples],
-                               timeout_s=cfg.reward_timeout_s, **scoring_keywords(cfg, tok, task))
+                               timeout_s=cfg.reward_timeout_s, **keywords)
     tally.scorer_errors += result.errors
     tally.correct += sum(result.correct)
     tally.scorer_timeouts += result.timeouts
     rows = []
     for i, problem in enumerate(chunk):
-        kept = judge_prompt(problem, samples, i * k, result, cfg, filters, tok.eos_ids, tally)
+        kept = judge_prompt(problem, samples, i * k, result, cfg, filters, tok.eos_ids, tally,
+                            keywords["response_prefix"])
         tally.prompts_with_kept += bool(kept)
         rows += [sft_row(problem, response, i * k + j, result, provenance, cfg.system, prompt_index=offset + i,
                          sample_index=j, seed=seeds[i], tokens=n_tokens,

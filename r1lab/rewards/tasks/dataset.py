@@ -112,13 +112,12 @@ def _parse(text: str) -> tuple:
 
 @lru_cache(maxsize=1)
 def _math_verify() -> tuple[Callable, Callable]:
-    """math-verify's (parse, verify), imported when first needed (sympy is slow to import); its notice that its
-    timeout is off (r1lab's stands in for it) printed once per process, and under torchrun by rank 0 alone."""
+    """math-verify's (parse, verify), imported when first needed (sympy is slow to import). Their notice that their
+    timeout is off, and that the caller must interrupt a stuck parse itself, is silenced: it is addressed to r1lab,
+    whose scorer timeout (rules.py) does that, and a user can do nothing about it."""
     from math_verify import grader, parse, parser, verify
 
-    grader.TIMEOUT_WARNING_SHOWN = True  # verify's notice repeats parse's
-    if os.environ.get("RANK", "0") != "0":
-        parser.TIMEOUT_WARNING_SHOWN = True
+    grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
     return parse, verify
 
 
