@@ -207,6 +207,9 @@ def test_print_table_and_save_json(tmp_path):
     print_table({"base": result, "after RL": result.to_dict()}, "Held-out", console=console)
     text = console.export_text()
     assert "after RL" in text and "cons@4" in text and "pass@4" in text and "33.3%" in text
+    one = {**result.to_dict(), "k": 1, "cons@1": 0.5, "pass@1": 0.5}
+    table = print_table({"base": one}, "Held-out", console=Console(file=io.StringIO()))
+    assert list(table.columns[0].cells) == ["pass@1", "format rate", "mean length"]  # no pass@1 twice, no cons@1
     path = save_json(tmp_path / "eval.json", {"base": result})
     loaded = json.loads(path.read_text())
     assert loaded["base"]["pass@1"] == pytest.approx(result.pass_at_1)

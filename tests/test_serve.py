@@ -274,6 +274,11 @@ def test_unknown_or_invalid_fields_get_400(api):
     assert "reasoning_effort" in error["message"]
     assert_error(api.post("/v1/chat/completions", json={"model": MODEL_ID}), 400, param="messages")
     assert_error(api.post("/v1/chat/completions", json={**base, "temperature": 5}), 400, param="temperature")
+    for field, value in (("temperature", "NaN"), ("top_p", "Infinity"), ("repetition_penalty", "-Infinity")):
+        body = '{"model": "%s", "messages": %s, "%s": %s}' % (MODEL_ID, json.dumps(QUESTION), field, value)
+        error = assert_error(api.post("/v1/chat/completions", content=body,
+                                      headers={"Content-Type": "application/json"}), 400, param=field)
+        assert "finite number" in error["message"], error  # not a range it may seem to be within
     assert_error(api.post("/v1/chat/completions", json={**base, "messages": [{"role": "robot", "content": "hi"}]}),
                  400)
     assert_error(api.post("/v1/completions", json={"model": MODEL_ID, "prompt": ""}), 400, param="prompt")

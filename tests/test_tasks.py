@@ -263,6 +263,7 @@ def test_bad_json_and_bad_types_reported_together(tmp_path: Path) -> None:
         '{"prompt": 5, "answer": "2"}',
         "[1, 2]",
         '{"prompt": "c", "answer": " "}',
+        '{"prompt": "d", "answer": ',  # cut off: the error is at this line's end, not at the next line's start
     ]
     path = _write(tmp_path, lines)
     with pytest.raises(DatasetError) as info:
@@ -272,6 +273,7 @@ def test_bad_json_and_bad_types_reported_together(tmp_path: Path) -> None:
     assert f"{path}:3: field 'prompt' must be a string, got int" in message
     assert f"{path}:4: row is not a JSON object" in message
     assert f"{path}:5: field 'answer' is empty" in message
+    assert f"{path}:6: invalid JSON (Expecting value at column 27)" in message
 
 
 def test_many_errors_are_capped(tmp_path: Path) -> None:
@@ -398,3 +400,15 @@ def test_a_bad_eval_file_is_reported_with_its_own_file_and_line(tmp_path: Path) 
         DatasetTask(train, eval_data=test)
     with pytest.raises(DatasetError, match="not found"):
         DatasetTask(train, eval_data=tmp_path / "missing.jsonl")
+
+
+def test_an_empty_test_split_says_the_ways_out(tmp_path: Path) -> None:
+    # a small file whose stable hash puts no row in the test share: the error names what the user can do about it
+    path = _write(tmp_path, [json.dumps({"prompt": f"{n} + 1", "answer": str(n + 1)}) for n in range(3)])
+    task = DatasetTask(path, test_fraction=1e-9)
+    assert len(task.problems("train")) == 3
+    with pytest.raises(DatasetError) as info:
+        task.problems("test")
+    message = str(info.value)
+    assert f"{path}: the 'test' split is empty (test_fraction=1e-09 of 3 rows" in message
+    assert all(way in message for way in ("eval_data: FILE", "--split all", "--eval-every 0")), message

@@ -29,7 +29,7 @@ class ApiError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN or Infinity: "should be a finite number"
 
 
 class StreamOptions(_Strict):

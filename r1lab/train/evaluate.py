@@ -287,6 +287,8 @@ def print_table(results: dict[str, EvalResult | dict], title: str, console: Any 
         table.add_column(name, justify="right")
     rows = [_table_rows(d) for d in dicts.values()]
     for i, (label, _) in enumerate(rows[0] if rows else []):
+        if k_label == "1" and label.endswith("@k"):  # one sample: cons@1 and pass@1 would repeat pass@1
+            continue
         cells = ["-" if r[i][1] is None else f"{r[i][1]:.1f}" if label == "mean length" else f"{100 * r[i][1]:.1f}%"
                  for r in rows]
         table.add_row(label.replace("@k", f"@{k_label}"), *cells)

@@ -149,7 +149,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line), None
+                # without its line break: an error at the line's end is reported there, not at the next line's start
+                yield number, json.loads(line.rstrip("\r\n")), None
             except json.JSONDecodeError as e:
                 yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
@@ -343,7 +344,10 @@ class DatasetTask:
             rows = list(self._splits[split])
         if not rows:
             source = self.eval_path if split == "test" and self.eval_path is not None else self.path
-            raise DatasetError(f"{source}: the {split!r} split is empty (test_fraction={self.test_fraction})")
+            ways = ("give a file of your own (task option eval_data: FILE), evaluate every row (--split all), or "
+                    "train without held-out evaluations (--eval-every 0)") if split == "test" else "lower test_fraction"
+            raise DatasetError(f"{source}: the {split!r} split is empty (test_fraction={self.test_fraction} of "
+                               f"{len(self.rows):,} rows, by a stable hash of the prompt): {ways}")
         random.Random(seed).shuffle(rows)
         if n is None or n <= 0:
             return rows
