@@ -894,3 +894,18 @@ def test_chat_and_serve_commands(model_dir):
                        input="What is 6*7?\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"thinking: {REASONING}" in r.stdout and f"answer: {ANSWER}" in r.stdout
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(model_dir, monkeypatch, capsys):
+    from r1lab.cli import main
+    from r1lab.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "load_engine", lambda cfg: pytest.fail("the model loaded"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            main(["serve", "--model", str(model_dir), "--port", str(port)])
+    assert info.value.code == 2
+    assert f"r1lab serve: error: cannot listen on 127.0.0.1:{port} (Address already in use)" in capsys.readouterr().err

@@ -32,7 +32,7 @@ from r1lab.model.templates import TemplateVariableError, render_conversation, st
 from r1lab.model.tokenizer import byte_symbols
 from r1lab.serve.chat import load_engine
 from r1lab.serve.batcher import Batcher, Delta, Done, Overloaded, SamplingParams
-from r1lab.serve.connections import ConnectionLimits, raise_open_file_limit, uvicorn_config
+from r1lab.serve.connections import ConnectionLimits, listening_socket, raise_open_file_limit, uvicorn_config
 from r1lab.serve.generation import ClientGone, Generation
 from r1lab.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse_json_body, parse_request
 from r1lab.serve.reasoning import ReasoningSplitter, split_reasoning
@@ -96,11 +96,12 @@ def default_served_name(model_dir: str) -> str:
 def serve(cfg: ServeConfig) -> None:
     cfg.check()
     limits = ConnectionLimits.of(cfg, raise_open_file_limit())  # before the model loads: no room fails at once
+    sock = listening_socket(cfg.host, cfg.port)  # ... and neither does a port in use
     app = build_app(cfg, load_engine(cfg))
     config = uvicorn_config(app, cfg, limits)
     print(startup_message(app.state.server) + "\n" + limits.summary(), flush=True)
     _log_like_uvicorn(cfg.log_level)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def startup_message(state: ServerState) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import socket
 from collections import Counter
 from dataclasses import dataclass
 
@@ -63,6 +64,20 @@ def uvicorn_config(app, cfg: ServeConfig, limits: ConnectionLimits | None = None
                     h11_max_incomplete_event_size=cfg.max_header_bytes,
                     ws="none")  # an upgrade would hand the socket to another protocol, uncounted: none is served
     return uvicorn.Config(app, **(settings | overrides))
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's TCP socket, bound before the model loads, so that an address in use fails at once, with a
+    sentence, not after the weights have loaded; uvicorn listens on it (made as its own bind_socket makes one)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror}): another server may hold the port; "
+                         "choose another --port") from None
+    return sock
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
