@@ -96,3 +96,17 @@ def test_same_tokens_in_rl_sft_serve_and_chat(template, tmp_path, monkeypatch):
                                                               "max_tokens": 2})
     assert response.status_code == 200, response.text
     assert added[-1] == expected
+
+
+def test_the_terminal_chat_prints_control_characters_as_escapes():
+    # a model (or the program its tool call ran) writing terminal sequences: clear the screen, write the clipboard
+    console = Console(file=io.StringIO(), force_terminal=True, width=200)
+    view = ReplyView(console)
+    hostile = 'print("\x1b[2J\x1b]52;c;ZWNobyBoaQ==\x1b\\done\r\b")'
+    view.show(hostile, "")
+    view.show("", "ok\x07\x9b31m")
+    view.close("error: \x1b]0;title\x07")
+    out = console.file.getvalue()
+    for sequence in ("\x1b[2J", "\x1b]52", "\x1b]0;", "\x07", "\x9b", "\r", "\b"):
+        assert sequence not in out, repr(sequence)
+    assert "\\x1b[2J\\x1b]52;c;ZWNobyBoaQ==\\x1b\\done\\x0d\\x08" in out and "ok\\x07\\x9b31m" in out

@@ -6,6 +6,7 @@ streamed exactly as `r1lab serve` does, tool calls included with `--tools python
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from typing import Callable, Iterator, TextIO
 
@@ -28,6 +29,16 @@ def load_engine(cfg: ChatConfig | ServeConfig) -> Engine:
     return Engine(model.eval(), tokenizer, speculative=getattr(cfg, "speculative", "none"))  # serve's
 
 
+# C0 controls but newline and tab, DEL and C1: ESC starts sequences that clear the screen, retitle the window or
+# write the clipboard (OSC 52), \r and \b overwrite what was printed; rich passes ESC through
+CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """The model's (or its tool's) text for the terminal: every control character shown as its \\xNN escape."""
+    return CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class ReplyView:
     """Prints a reply's reasoning and answer deltas as they come, each part under its own label."""
 
@@ -47,7 +58,7 @@ class ReplyView:
                 self.console.print()
             self.console.print(label, style="bold cyan" if part == "answer" else "bold dim", end="")
             self.part = part
-        self.console.print(text, style=style, end="", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(printable(text), style=style, end="", markup=False, highlight=False, soft_wrap=True)
 
     def close(self, note: str = "") -> None:
         if self.part is not None:
@@ -55,7 +66,7 @@ class ReplyView:
         else:  # the model ended its reply at once (or with white space only): say so rather than print nothing
             self.console.print("(empty reply)", style="dim")
         if note:
-            self.console.print(note, style="dim", markup=False, highlight=False)
+            self.console.print(printable(note), style="dim", markup=False, highlight=False)
 
 
 def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view: ReplyView) -> tuple[str, str]:
