@@ -149,3 +149,13 @@ def test_a_stage_is_reused_until_its_input_is_remade(tmp_path):
     os.utime(model / "model.safetensors", (later, later))  # the input model was remade after the stage ran
     run_stage("stage", cfg, config_path, output, stage, log=lambda *_: None)
     assert len(runs) == 2
+
+
+def test_each_rl_stage_evaluates_with_the_pipelines_eval_settings(tmp_path, monkeypatch):
+    import r1lab.commands.pipeline as pipeline
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_stage", lambda label, config, *_: ran.append(config) or 0.0)
+    cfg = PipelineConfig(out=str(tmp_path), eval_problems=5, eval_samples=2)
+    pipeline.Stages(cfg, log=lambda *_: None).rl("stage 2: reasoning RL", "stage2", tmp_path / "model", steps=3)
+    assert [(c.eval_problems, c.eval_samples) for c in ran] == [(5, 2)]  # --eval-samples reached every stage

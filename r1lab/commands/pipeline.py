@@ -40,8 +40,8 @@ class Stages:
         cfg = self.cfg
         gc = tiny_grpo_config(model, self.out / name, steps, lr=cfg.rl_lr, language_weight=language_weight,
                               task=cfg.task, task_options=dict(cfg.task_options), template=cfg.template,
-                              max_new_tokens=cfg.max_new_tokens, eval_problems=cfg.eval_problems, seed=cfg.seed,
-                              threads=cfg.threads)
+                              max_new_tokens=cfg.max_new_tokens, eval_problems=cfg.eval_problems,
+                              eval_samples=cfg.eval_samples, seed=cfg.seed, threads=cfg.threads)
         final = Path(gc.out) / "model"
         self.seconds[label] = run_stage(label, gc, Path(gc.out) / "config.yaml", final / "model.safetensors",
                                         lambda: train(gc, log=self.log), self.log)

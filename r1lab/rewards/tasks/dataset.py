@@ -344,8 +344,9 @@ class DatasetTask:
             rows = list(self._splits[split])
         if not rows:
             source = self.eval_path if split == "test" and self.eval_path is not None else self.path
-            ways = ("give a file of your own (task option eval_data: FILE), evaluate every row (--split all), or "
-                    "train without held-out evaluations (--eval-every 0)") if split == "test" else "lower test_fraction"
+            ways = ("give a file of your own (task option eval_data: FILE); or evaluate every row (eval --split all), "
+                    "or train without held-out evaluations (grpo --eval-every 0)") if split == "test" else \
+                "lower test_fraction"
             raise DatasetError(f"{source}: the {split!r} split is empty (test_fraction={self.test_fraction} of "
                                f"{len(self.rows):,} rows, by a stable hash of the prompt): {ways}")
         random.Random(seed).shuffle(rows)
