@@ -184,3 +184,16 @@ def test_report_command_for_a_grpo_run_and_an_sft_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path)])  # not a run directory
     assert exit_info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_report_of_a_pretrain_run_draws_its_loss(tiny_base, tmp_path):
+    import shutil
+
+    from r1lab.cli import main
+
+    run = shutil.copytree(tiny_base.parent, tmp_path / "base")  # a pretrain run: it logs metrics.jsonl as sft does
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 81)) and rows[-1]["loss"] < rows[0]["loss"]
+    main(["report", str(run)])
+    md = (run / "report" / "report.md").read_text()
+    assert "80 steps logged" in md and (run / "report" / "diagnostics.png").stat().st_size > 10_000
