@@ -197,3 +197,16 @@ def test_report_of_a_pretrain_run_draws_its_loss(tiny_base, tmp_path):
     main(["report", str(run)])
     md = (run / "report" / "report.md").read_text()
     assert "80 steps logged" in md and (run / "report" / "diagnostics.png").stat().st_size > 10_000
+
+
+def test_the_tool_use_plot_counts_calls_per_completion(tmp_path):
+    from r1lab.commands.report import _plot_tool_use
+
+    rows = [{"step": s, "tools/calls_per_rollout": 2.0, "tools/rollouts_with_calls": 1.0} for s in range(1, 4)]
+    evals = [{"step": 0, "split": "heldout", "tool_calls": 1.5}, {"step": 3, "split": "heldout", "tool_calls": 2.0}]
+    path = _plot_tool_use(rows, evals, {}, {}, "heldout", tmp_path)
+    assert path == tmp_path / "tool_use.png" and path.stat().st_size > 5_000
+    # calls per rollout alone (an environment's replies have no share to plot) still draws it
+    (tmp_path / "alone").mkdir()
+    assert _plot_tool_use([{k: v for k, v in r.items() if k != "tools/rollouts_with_calls"} for r in rows], [], {}, {},
+                          "heldout", tmp_path / "alone") is not None

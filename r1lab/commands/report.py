@@ -102,15 +102,15 @@ def _plot_heldout(evals: list[dict], extra: dict[str, list[dict]], split: str, o
 
 def _plot_tool_use(rows: list[dict], evals: list[dict], extra_rows: dict[str, list[dict]],
                    extra_evals: dict[str, list[dict]], split: str, out: Path) -> Path | None:
-    """With tool calls (r1lab/engine/tools.py): the share of training rollouts that called a tool, and calls per held-out
-    sample; absent without tools."""
-    fig, ax = _figure("Tool use", "rate", percent=True)
+    """With tool calls (r1lab/engine/tools.py): calls per training rollout and per held-out sample (counts, not
+    shares: a rollout may call several times); absent without tools."""
+    fig, ax = _figure("Tool use", "calls per completion")
     series = {"": (rows, evals), **{f"{name}: ": (extra_rows[name], extra_evals.get(name, [])) for name in extra_rows}}
     for prefix, (metrics, heldout) in series.items():
         style = {"linestyle": "--"} if prefix else {}
-        steps, values = _series(metrics, "tools/rollouts_with_calls")
+        steps, values = _series(metrics, "tools/calls_per_rollout")
         if values:
-            _line(ax, steps, values, f"{prefix}rollouts with a call (training)", **style)
+            _line(ax, steps, values, f"{prefix}calls per rollout (training)", **style)
         steps, values = _series([r for r in heldout if r.get("split") == split], "tool_calls")
         if values:
             ax.plot(steps, values, marker="o", label=f"{prefix}calls per held-out sample", **style)
