@@ -383,7 +383,7 @@ def test_duplicates_and_the_per_prompt_cap_are_rejected():
     result = score_completions(task, [problem] * 4, texts)
     cfg = SampleConfig(samples=4, max_per_prompt=2)
     tally = Tally()
-    kept = judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally)
+    kept = judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally, cfg.prefill)
     assert [j for j, _, _ in kept] == [0, 2]
     assert tally.rejected == {"duplicate": 1, "over_max_per_prompt": 1}
 
@@ -401,7 +401,7 @@ def test_the_filters_read_the_think_a_chat_template_opened_in_front_of_the_compl
     kept = judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally, "<think>\n")
     assert [(j, response) for j, response, _ in kept] == [(0, texts[0])] and not tally.rejected
     # the same completion read without the opened <think> has no reasoning in English: the bug this guards
-    assert judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally) == []
+    assert judge_prompt(problem, samples, 0, result, cfg, Filters.of(cfg), set(), tally, cfg.prefill) == []
     assert tally.rejected == {"language": 1}
 
 

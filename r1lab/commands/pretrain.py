@@ -173,20 +173,19 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
-    logger = MetricsLogger(out, tensorboard=False, resume_step=0)  # for `r1lab report`; a remade base starts afresh
+    # metrics.jsonl for `r1lab report` (a remade base starts it afresh), and the progress bar
+    with MetricsLogger(out, tensorboard=False, resume_step=0) as logger, \
+            training_progress(cfg.steps, keys=LOSS_KEYS) as bar:
+        def on_step(step: int, metrics: dict) -> None:
+            logger.log(step, metrics)
+            bar.update(step, metrics)
 
-    def on_step(step: int, metrics: dict) -> None:
-        logger.log(step, metrics)
-        bar.update(step, metrics)
-
-    with training_progress(cfg.steps, keys=LOSS_KEYS) as bar:
         train_lm(model, docs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup_steps,
                  pad_id=tokenizer.pad_id, seed=cfg.seed, dtype=cfg.dtype, recompute_logits=cfg.recompute_logits,
                  micro_batch_size=cfg.micro_batch_size,
                  optimizer=make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2),
                  moe_bias_update_speed=cfg.moe_bias_update_speed, balance_loss_weight=cfg.balance_loss_weight,
                  mtp_loss_weight=cfg.mtp_loss_weight, on_step=on_step)
-    logger.close()
     save_final(model, tokenizer, out, adapter_base=None)
     (out / "corpus_sample.txt").write_text("\n\n".join(p + r for p, r in pairs[:20]))
     facts = {**architecture_facts(model), **expert_load(model, docs[:LOAD_DOCUMENTS], tokenizer.pad_id)}

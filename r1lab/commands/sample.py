@@ -171,7 +171,7 @@ def _format(result: RewardResult) -> list[float]:
 
 
 def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: RewardResult, cfg: SampleConfig,
-                 filters: Filters, eos_ids: set[int], tally: Tally, prefix: str = "") -> list[tuple[int, str, int]]:
+                 filters: Filters, eos_ids: set[int], tally: Tally, prefix: str) -> list[tuple[int, str, int]]:
     """(sample index, response, tokens) of the completions kept for one prompt; samples[first + j] is its j-th.
     prefix: the start of the response that the prompt writes (scoring_keywords' response_prefix: the prefill, or the
     `<think>` a chat template opens), which the filters read in front of each completion, as the scorer does."""
@@ -181,7 +181,7 @@ def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: Re
         sample = samples[n]
         response = cfg.prefill + sample.text
         n_tokens = sum(t not in eos_ids for t in sample.token_ids)
-        reason = filters.reason((prefix or cfg.prefill) + sample.text, n_tokens, result.correct[n],
+        reason = filters.reason(prefix + sample.text, n_tokens, result.correct[n],
                                 _format(result)[n], finished=sample.finish_reason == "stop")
         if reason is None and any(response.strip() == r.strip() for _, r, _ in kept):
             reason = "duplicate"
