@@ -179,21 +179,29 @@ SPECULATIVE_MODES = {"greedy": "greedy, one sample", "greedy-8": "greedy, 8 prom
                      "rollout": "GRPO's sampling: temperature 1"}
 
 
+def spread(mode: dict, side: str, median: float) -> str:
+    """A side's median tokens/s and, where its runs were saved, their range: on a 2-core VM one process's decode
+    speed differs from the next one's by up to a third, so a median of a few runs can mislead without it."""
+    runs = mode.get("runs_tokens_per_s", {}).get(side)
+    return f"{median:,.0f}" + (f" ({min(runs):,.0f}-{max(runs):,.0f})" if runs else "")
+
+
 def render_speculative(d: dict) -> str:
     f, a = d["figures"], d["figures"]["args"]
     if a["smoke"]:  # tiny sizes: whether the bench runs, not a figure
         return (f"Not measured yet: `{d['command']}` ran on {d['date']} at commit `{d['commit']}` at tiny sizes "
                 f"(a check that it runs, no figures); `python bench/readme_results.py --speculative` measures.")
     k = f", k = {a['samples']}"
-    rows = [f"| {label}{'' if m.startswith('greedy') else k} | {f[m]['tokens_per_s']['none']:,.0f} | "
-            f"{f[m]['tokens_per_s']['mtp']:,.0f} | **{f[m]['speedup']:.2f}x** | {100 * f[m]['acceptance']:.1f}% | "
+    rate = lambda m, side: spread(f[m], side, f[m]["tokens_per_s"][side])  # noqa: E731
+    rows = [f"| {label}{'' if m.startswith('greedy') else k} | {rate(m, 'none')} | {rate(m, 'mtp')} | "
+            f"**{f[m]['speedup']:.2f}x** | {100 * f[m]['acceptance']:.1f}% | "
             f"{100 * f[m]['pass@1']['none']:.1f}% / {100 * f[m]['pass@1']['mtp']:.1f}% |"
             for m, label in SPECULATIVE_MODES.items() if m in f]
     same = "identical" if all(f[m]["same_completions"] for m in f if m.startswith("greedy")) else "**different**"
     drafts = a.get("speculative_tokens", [1])
     depth = a.get("mtp_depth", 1)
     more = [f"| {label}, {k} drafts a step{' (from the depths)' if int(k) <= depth else ''} | | "
-            f"{x['tokens_per_s']:,.0f} | **{x['speedup']:.2f}x** | "
+            f"{spread(f[m], f'mtp-k{k}', x['tokens_per_s'])} | **{x['speedup']:.2f}x** | "
             f"{100 * x['acceptance']:.1f}% | |" for m, label in SPECULATIVE_MODES.items() if m in f
             for k, x in f[m].get("more_k", {}).items()]
     layers = a.get("num_layers", 4)
@@ -201,8 +209,9 @@ def render_speculative(d: dict) -> str:
              f"({layers} layers{'' if layers == 4 else ', the demo base has 4'}) pretrained {a['pretrain_steps']} "
              f"steps with `--mtp-depth {depth}`, {drafts[0]} drafted token{'s' if drafts[0] > 1 else ''} a step, "
              f"`r1lab eval` on {a['problems']} held-out problems ({a['max_new_tokens']} tokens at "
-             f"most; 64 prompts per generate call unless said), each side a fresh process, the median of {a['repeats']} "
-             f"alternating runs; generation tokens/s as eval's JSON reports it:", "",
+             f"most; 64 prompts per generate call unless said), each side a fresh process, the median of "
+             f"{a['repeats']} alternating runs (their range in brackets); generation tokens/s as eval's JSON reports "
+             "it:", "",
              "| eval | tokens/s | with MTP drafts | speedup | acceptance | held-out pass@1 without / with |",
              "|---|---:|---:|---:|---:|---:|", *rows, *more, "",
              f"Greedy completions with and without MTP drafts: {same} ({a['problems']} compared in each run)."]

@@ -69,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=8, help="k, samples per problem (sampled and rollout modes)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion limit (the demo's GRPO and eval: 64)")
     p.add_argument("--grpo-steps", type=int, default=10, help="GRPO steps per side (0: no GRPO part)")
-    p.add_argument("--repeats", type=int, default=3, help="evaluations per side and mode, sides alternating")
+    p.add_argument("--repeats", type=int, default=9,
+                   help="evaluations per side and mode, sides alternating (one process's speed can differ from the "
+                        "next one's by a third: a median of 3 is not enough)")
     p.add_argument("--serve-requests", type=int, default=48, help="chat completions per serve phase (0: no serve part)")
     p.add_argument("--serve-clients", type=int, default=8, help="clients of the concurrent serve phase")
     common.add_run_args(p, SMOKE)
