@@ -31,6 +31,23 @@ def test_metrics_and_evaluations_reach_every_tracker_as_numbers(tmp_path):
     assert recorder.logged == [(1, {"reward": 0.5}), (1, {"eval/heldout/pass@1": 0.25})] and recorder.closed
 
 
+def test_wandb_writes_under_wandb_dir_when_the_user_set_it(tmp_path, monkeypatch):
+    """WANDB_DIR is wandb's own setting: passing dir= to wandb.init overrides it, so it is passed only when unset."""
+    import sys
+    import types
+
+    from r1lab.train.trackers import WandbTracker
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(kw) or types.SimpleNamespace(id="abc"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    WandbTracker(tmp_path / "run", {}, None)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    WandbTracker(tmp_path / "run", {}, None)
+    assert [c["dir"] for c in calls] == [str(tmp_path / "run"), str(tmp_path / "mine")]
+
+
 def test_report_to_names_are_checked():
     assert parse_report_to("tensorboard, WandB") == ["tensorboard", "wandb"] and parse_report_to("none") == []
     assert "did you mean 'wandb'" in report_to_problem("wandbb")

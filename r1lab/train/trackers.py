@@ -54,7 +54,7 @@ class WandbTracker:
         import wandb
 
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1lab"), name=run_dir.name, config=config,
-                              dir=str(run_dir), id=run_id, resume="allow")
+                              dir=os.environ.get("WANDB_DIR") or str(run_dir), id=run_id, resume="allow")
         self.run_id = self.run.id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
