@@ -1,5 +1,6 @@
 """`--task` from Hugging Face `datasets`: a save_to_disk directory (a Dataset, or a DatasetDict whose test split is
-the held-out set) trains and evaluates; a hub name that cannot be had offline says what to download."""
+the held-out set) or a dataset repository's files trains and evaluates; a hub name that cannot be had offline says
+what to download."""
 
 import json
 
@@ -31,6 +32,29 @@ def test_a_saved_dataset_is_split_like_a_file_and_bad_rows_are_named(tmp_path):
     datasets.Dataset.from_list([{"question": "1+1", "answer": "2"}, {"question": "", "answer": "3"}]).save_to_disk(str(bad))
     with pytest.raises(DatasetError, match=r"bad\[train\]:2: field 'question' is empty"):
         get_task(str(bad))
+
+
+def test_a_dataset_repository_directory_is_read_with_its_splits(tmp_path):
+    """The files of a dataset repository as `hf download --repo-type dataset` writes them: splits named by file, a
+    configuration's folder (gsm8k's main/) picked by the subset option; a model directory is not taken for one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "gsm8k"
+    (repo / "main").mkdir(parents=True)
+    for split, rows in (("train", ROWS[:24]), ("test", ROWS[24:])):
+        pq.write_table(pa.Table.from_pylist(rows), repo / "main" / f"{split}-00000-of-00001.parquet")
+    for subset in (None, "main"):
+        task = get_task(str(repo), **({"subset": subset} if subset else {}))
+        assert len(task.problems("train", 0)) == 24 and len(task.problems("test", 0)) == 6
+    with pytest.raises(DatasetError, match=r"gsm8k: datasets.load_dataset could not read .* under socratic/"):
+        get_task(str(repo), subset="socratic")
+    from r1lab.rewards.tasks import is_data_source
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert not is_data_source(str(model))
 
 
 def test_a_hub_name_offline_says_what_to_download(tmp_path, monkeypatch):

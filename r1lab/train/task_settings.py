@@ -34,8 +34,8 @@ from r1lab.train.trackers import REPORTERS, report_to_problem
 
 RULES["report_to"] = (report_to_problem, f"a comma-separated list of {', '.join(REPORTERS)}, or none")
 TASKS_ALLOWED = (f"a built-in task ({', '.join(sorted(TASKS))}), a data file ending in {', '.join(DATA_SUFFIXES)}, "
-                 "a datasets save_to_disk directory, a hub dataset name (owner/name) or an environment (verifiers:ENV, "
-                 "openenv:ENV, agent:MODULE:FUNCTION)")
+                 "a datasets directory (save_to_disk's or a dataset repository's), a hub dataset name (owner/name) or "
+                 "an environment (verifiers:ENV, openenv:ENV, agent:MODULE:FUNCTION)")
 LANGUAGES_ALLOWED = "one of: " + ", ".join(TARGETS)
 
 

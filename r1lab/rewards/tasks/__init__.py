@@ -26,8 +26,8 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 def get_task(spec: str, **options: Any) -> Task:
     """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
-    `datasets` save_to_disk directory or a hub dataset name (owner/name), or an environment (verifiers:ENV, its
-    options the environment's)."""
+    `datasets` directory (save_to_disk's or a repository's) or a hub dataset name (owner/name), or an environment
+    (verifiers:ENV, its options the environment's)."""
     if spec in TASKS:
         return TASKS[spec](**options)
     if environments.is_environment_spec(spec):
@@ -40,7 +40,7 @@ def get_task(spec: str, **options: Any) -> Task:
 
 
 def is_data_source(spec: str) -> bool:
-    """A data file's path, a `datasets` save_to_disk directory, or a hub dataset name."""
+    """A data file's path, a `datasets` directory (save_to_disk's or a repository's), or a hub dataset name."""
     return spec.lower().endswith(DATA_SUFFIXES) or is_datasets_source(spec)
 
 

@@ -249,7 +249,7 @@ class DatasetTask:
         self.eval_path = Path(eval_data) if eval_data else None
         self._given_fields = (prompt_field, answer_field)
         self.eval_rows = None
-        if hf_datasets.is_datasets_source(str(path)):  # a save_to_disk directory or a hub name
+        if hf_datasets.is_datasets_source(str(path)):  # a datasets directory or a hub name
             train, test, train_name, test_name = hf_datasets.pick_splits(hf_datasets.load_splits(str(path), subset),
                                                                          str(path))
             self.rows = self._load(Path(f"{path}[{train_name}]"), hf_datasets.dataset_rows(train))
