@@ -266,3 +266,18 @@ def reassembled(replies):
         mask += [False] * (len(served_prompt) - len(prompt) - len(ids)) + [True] * len(completion)
         ids = served_prompt[len(prompt) :] + completion
     return prompt, ids, mask
+
+
+def test_heldout_line_counts_an_environments_replies_not_tool_calls(agents, tmp_path, monkeypatch):
+    """EvalResult.tool_calls counts an environment's replies: GRPO's held-out line says so."""
+    from types import SimpleNamespace
+
+    from r1lab.train.distributed import Silent
+
+    monkeypatch.setattr(grpo, "save_json", lambda path, figures: None)
+    result = SimpleNamespace(pass_at_1=0.5, k=2, cons_at_k=0.5, format_rate=1.0, mean_length=9.0, tool_calls=1.5,
+                             to_dict=lambda: {})
+    lines = []
+    for task in (get_task("agent:my_agents:retry", problems="arithmetic"), get_task("arithmetic")):
+        grpo.report_heldout(Silent(), tmp_path, 3, result, lines.append, grpo.calls_name(task))
+    assert lines[0].endswith("1.50 environment replies per sample") and lines[1].endswith("1.50 tool calls per sample")

@@ -118,7 +118,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     health = RunHealth(log)
     logger = open_metrics(run, cfg, start) if world.main else Silent()
     source = async_rollouts(rollout, tokenizer, cfg, stream, log, eval_problems,
-                            lambda at, result: report_heldout(logger, run, at, result, log))
+                            lambda at, result: report_heldout(logger, run, at, result, log, calls_name(task)))
     with logger, training_progress(cfg.steps, start) if world.main else Silent() as bar, StopOnInterrupt() as stop, \
             source or contextlib.nullcontext():
         if source:
@@ -729,13 +729,18 @@ def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: T
         return source.evaluate(step, engine.model)
     result = evaluate_policy(engine, task, eval_cfg, problems, world)
     if world.main:
-        report_heldout(logger, run, step, result, log)
+        report_heldout(logger, run, step, result, log, calls_name(task))
 
 
-def report_heldout(logger: MetricsLogger, run: Path, step: int, result, log) -> None:
+def calls_name(task: Task) -> str:
+    """What EvalResult.tool_calls counts: an environment's replies, or tool calls."""
+    return "environment replies" if is_environment(task) else "tool calls"
+
+
+def report_heldout(logger: MetricsLogger, run: Path, step: int, result, log, calls: str = "tool calls") -> None:
     """A held-out evaluation's figures: printed, logged at its step, saved with every completion."""
     log(f"grpo: held-out at step {step}: pass@1 {result.pass_at_1:.1%}, cons@{result.k} {result.cons_at_k:.1%}, "
         f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens"
-        + ("" if result.tool_calls is None else f", {result.tool_calls:.2f} tool calls per sample"))
+        + ("" if result.tool_calls is None else f", {result.tool_calls:.2f} {calls} per sample"))
     logger.log_eval(step, "heldout", result.to_dict())
     save_json(run / "eval" / f"step_{step:06d}.json", {"heldout": result})  # with every completion, for reading
