@@ -310,6 +310,23 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
         DatasetTask(path)
 
 
+def test_verl_rows_are_read_as_they_are(tmp_path: Path) -> None:
+    """verl's parquet rows: a conversational prompt and the answer in reward_model.ground_truth, found without
+    options; a row without it (None in a Parquet struct) is named."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "train.parquet"
+    row = lambda q, truth: {"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": q}],  # noqa: E731
+                            "ability": "math", "reward_model": {"style": "rule", "ground_truth": truth}}
+    pq.write_table(pa.Table.from_pylist([row("one plus one?", "2"), row("two plus two?", "4")]), path)
+    task = get_task(str(path), test_fraction=0.0)
+    assert sorted((p.prompt, p.answer) for p in task.problems("train", 0, 0)) == [("one plus one?", "2"),
+                                                                                 ("two plus two?", "4")]
+    pq.write_table(pa.Table.from_pylist([row("q", "2"), {**row("r", "3"), "reward_model": {"style": "rule"}}]), path)
+    with pytest.raises(DatasetError, match=re.escape(f"{path}:2: field 'reward_model.ground_truth' must be a string, got NoneType")):
+        DatasetTask(path)
+
+
 @pytest.mark.parametrize("answer, shown", [
     ("NaN", "is nan, not a finite number"), ("Infinity", "is inf, not a finite number"),
     ("-Infinity", "is -inf, not a finite number"),

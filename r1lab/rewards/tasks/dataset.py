@@ -19,7 +19,7 @@ from r1lab.rewards.tasks import hf_datasets
 from r1lab.rewards.tasks.base import DatasetError, Problem
 
 PROMPT_FIELDS = ("prompt", "question", "problem")
-ANSWER_FIELDS = ("answer", "solution", "final_answer")
+ANSWER_FIELDS = ("answer", "solution", "final_answer", "reward_model.ground_truth")  # the last: verl's rows
 MAX_REPORTED_ERRORS = 10
 _STALE_DRAWS = 10_000  # draws without a new problem after which a generator's space counts as exhausted
 _SPLITS = ("train", "test")
@@ -199,7 +199,17 @@ def _rows(path: Path) -> Iterable[tuple[int, Any, str | None]]:
 def _pick_field(row: dict, given: str | None, candidates: tuple[str, ...]) -> str:
     if given is not None:
         return given
-    return next((name for name in candidates if name in row), candidates[0])
+    return next((name for name in candidates if name in with_nested(row, name)), candidates[0])
+
+
+def with_nested(row: dict, name: str) -> dict:
+    """row with a dotted field's value (verl's reward_model.ground_truth) under its whole name, where it has one."""
+    value = row
+    for part in name.split(".") if "." in name and name not in row else ():
+        if not isinstance(value, dict) or part not in value:
+            return row
+        value = value[part]
+    return row if value is row else {**row, name: value}
 
 
 def _prompt_messages_error(name: str, messages: list) -> str | None:
@@ -296,6 +306,7 @@ class DatasetTask:
             if error is not None:
                 return None, error
             row = {**row, self._prompt_field: messages[-1]["content"]}
+        row = with_nested(row, self._answer_field)
         for name, allow_number in ((self._prompt_field, False), (self._answer_field, True)):
             error = _field_error(row, name, allow_number)
             if error is not None:
