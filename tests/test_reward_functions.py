@@ -65,6 +65,43 @@ def test_a_failing_function_gives_zero_and_is_counted(rewards_file):
     assert result.errors == 2 and result.timeouts == 1
 
 
+TRL_REWARDS_PY = '''
+def accuracy(completions, solution, **kwargs):
+    """open-r1's shape: conversational completions, the row's solution column."""
+    return [float(c[0]["content"].endswith(s.split("#### ")[-1])) for c, s in zip(completions, solution)]
+
+def plain(completions, prompts, level, **kwargs):
+    return [len(c) / 100 + level[i] if prompts[i].startswith("What") else None for i, c in enumerate(completions)]
+
+def not_a_list(completions, **kwargs):
+    return 1.0
+'''
+
+
+def test_trl_reward_functions_get_what_trl_passes(tmp_path):
+    """A reward function written for TRL's GRPOTrainer (completions, **kwargs) -> list: completions as messages
+    for a conversational prompt, prompts, and the row's columns; None is 0 (TRL's nansum), a non-list an error."""
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARDS_PY)
+    rows = [{"prompt": [{"role": "user", "content": "What is 2+2?"}], "solution": "2+2 is 4\n#### 4"},
+            {"question": "What is 1+1?", "answer": "#### 2", "level": 3}, {"question": "Sum 1+2", "answer": "3",
+                                                                          "level": 1}]
+    chat, plain = tmp_path / "chat.jsonl", tmp_path / "plain.jsonl"
+    chat.write_text(json.dumps(rows[0]) + "\n")
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    spec = lambda name: ((f"{tmp_path / 'trl_rewards.py'}:{name}", 1.0),)  # noqa: E731
+    task = get_task(str(chat), test_fraction=0.0)
+    problem = task.problems("train", 0, 0)[0]
+    result = score_completions(task, [problem] * 2, ["so it is 4", "so it is 5"],
+                               RewardWeights(0.0, 0.0, functions=spec("accuracy")))
+    assert result.components["accuracy"] == [1.0, 0.0] and result.errors == 0
+    task = get_task(str(plain), test_fraction=0.0)
+    problems = sorted(task.problems("train", 0, 0), key=lambda p: p.prompt, reverse=True)
+    result = score_completions(task, problems, ["x" * 50] * 2, RewardWeights(0.0, 0.0, functions=spec("plain")))
+    assert result.components["plain"] == [3.5, 0.0] and result.errors == 0
+    result = score_completions(task, problems[:1], ["x"], RewardWeights(0.0, 0.0, functions=spec("not_a_list")))
+    assert result.components["not_a_list"] == [0.0] and result.errors == 1
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_colon_here", "write it as 'module:function'"),
     ("{dir}/missing.py:f", "no file"),

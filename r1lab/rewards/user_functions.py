@@ -1,7 +1,8 @@
 """Your own reward functions, added to the built-in ones: `r1lab grpo --reward-functions '{"my_rewards:brevity": 0.5}'`.
 
 A "module:function" or "path/to/file.py:function" is called as `function(completion, problem)` (the response text
-as the built-in rewards see it, and the Problem) and returns a real number within +-MAX_REWARD, logged as
+as the built-in rewards see it, and the Problem), or, written for TRL's GRPOTrainer, `function(completions, **kwargs)`
+over a batch of one; it returns a real number within +-MAX_REWARD, logged as
 `reward/<function name>`. The functions run in worker processes (RewardWorkers), so that nothing they do can end or
 hang training: a failure gives 0 and counts in scorer_errors or scorer_timeouts (docs/rewards-and-sandbox.md).
 
@@ -26,7 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -55,13 +56,39 @@ def load_reward_function(spec: str) -> RewardFunction:
     fn = getattr(_load_module(spec, source), name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {source} has no function {name!r}")
+    if is_trl_style(fn):
+        return partial(_call_trl_style, fn)
     try:
         inspect.signature(fn).bind("completion", None)
     except TypeError:
-        raise ValueError(f"reward function {spec!r}: it must accept (completion, problem)") from None
+        raise ValueError(f"reward function {spec!r}: it must accept (completion, problem), or be written for TRL as "
+                         "(completions, **kwargs)") from None
     except ValueError:  # builtins without a signature: let the call decide
         pass
     return fn
+
+
+def is_trl_style(fn: Callable) -> bool:
+    """A TRL GRPOTrainer reward function, `fn(completions, **kwargs) -> list[float | None]` (open-r1's among them)."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+def _call_trl_style(fn: Callable, completion: str, problem) -> float:
+    """fn over a batch of one, with what TRL passes: prompts and completions (as messages for a conversational
+    prompt) and the row's other columns, one value each. None (the function does not apply) is 0, as TRL's nansum
+    of the weighted rewards makes it."""
+    conversational = problem.messages is not None
+    columns = {"solution": problem.meta.get("solution"), **problem.meta.get("columns", {})}
+    values = fn(prompts=[problem.messages if conversational else problem.prompt],
+                completions=[[{"role": "assistant", "content": completion}] if conversational else completion],
+                **{name: [value] for name, value in columns.items()})
+    if not isinstance(values, (list, tuple)) or len(values) != 1:
+        raise RewardValueError(f"returned {type(values).__name__}, not a list of one reward per completion (TRL's "
+                               "reward functions return a list)")
+    return 0.0 if values[0] is None else values[0]
 
 
 def callable_spec(fn: Callable) -> str:

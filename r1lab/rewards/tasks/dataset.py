@@ -317,7 +317,8 @@ class DatasetTask:
             return None, f"field {self._answer_field!r} has an empty final answer"
         if _non_finite(answer):
             return None, f"field {self._answer_field!r} has the final answer {answer!r}, not a finite number"
-        meta = {"row": number, "solution": raw}
+        # the row's other columns, for reward functions written for TRL (which passes them as keyword arguments)
+        meta = {"row": number, "solution": raw, "columns": {k: v for k, v in row.items() if k != self._prompt_field}}
         conversation = [dict(m) for m in messages] if isinstance(messages, list) else None
         return Problem(prompt=row[self._prompt_field], answer=answer, meta=meta, messages=conversation), None
 
