@@ -102,6 +102,27 @@ def test_trl_reward_functions_get_what_trl_passes(tmp_path):
     assert result.components["not_a_list"] == [0.0] and result.errors == 1
 
 
+def test_trls_own_reward_functions_give_what_they_give_in_trl(tmp_path):
+    """trl.rewards' functions by their spec, on a conversational data file: the rewards TRL's own call gives for the
+    same completions (accuracy_reward's None for an unparseable solution is 0)."""
+    rewards = pytest.importorskip("trl.rewards")
+    data = tmp_path / "chat.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": "What is 2+2?"}], "solution": "4"},
+            {"prompt": [{"role": "user", "content": "Name a colour"}], "solution": "no number here"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task(str(data), answer_field="solution", test_fraction=0.0)
+    problems = sorted(task.problems("train", 0, 0), key=lambda p: p.prompt, reverse=True)
+    completions = ["<think>2 and 2</think>It is \\boxed{4}", "It is \\boxed{5}", "<think>hm</think>\\boxed{red}"]
+    batch = [problems[0], problems[0], problems[1]]
+    for name in ("accuracy_reward", "think_format_reward"):
+        result = score_completions(task, batch, completions,
+                                   RewardWeights(0.0, 0.0, functions=((f"trl.rewards:{name}", 1.0),)))
+        expected = getattr(rewards, name)(completions=[[{"role": "assistant", "content": c}] for c in completions],
+                                          solution=[p.meta["solution"] for p in batch])
+        assert result.components[name] == [0.0 if v is None else v for v in expected] and result.errors == 0
+    assert result.components["think_format_reward"] == [1.0, 0.0, 1.0]
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no_colon_here", "write it as 'module:function'"),
     ("{dir}/missing.py:f", "no file"),
