@@ -77,3 +77,21 @@ def test_a_datasets_directory_trains_and_evaluates_as_a_task(tiny_base, tmp_path
     main(["eval", "--model", str(run / "model"), "--task", str(saved), "--problems", "0", "--samples", "2",
           "--max-new-tokens", "6", "--device", "cpu"])
     assert json.loads((run / "eval.json").read_text())["test"]["n_problems"] == 6
+
+
+def test_sft_reads_a_datasets_source_as_it_reads_a_file(tmp_path):
+    """`r1lab sft --data` takes what `--task` takes: a saved DatasetDict's train split, TRL's messages rows; a bad
+    row is named SOURCE[train]:ROW."""
+    from r1lab.train.sft_data import read_conversations
+
+    chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}  # noqa: E731
+    saved = tmp_path / "chats"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([chat("1+1?", "2"), chat("2+2?", "4")]),
+                          "test": datasets.Dataset.from_list([chat("3+3?", "6")])}).save_to_disk(str(saved))
+    rows = read_conversations(saved)
+    assert [r.messages[-1]["content"] for r in rows] == ["2", "4"] and [r.line for r in rows] == [1, 2]
+    bad = tmp_path / "bad"
+    datasets.Dataset.from_list([chat("1+1?", "2"), {"messages": [{"role": "user", "content": "q"}]}]).save_to_disk(
+        str(bad))
+    with pytest.raises(DatasetError, match=r"bad\[train\]:2: "):
+        read_conversations(bad)

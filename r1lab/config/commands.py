@@ -176,8 +176,8 @@ class SFTConfig(Settings, kind="SFT"):
     """`r1lab sft`: supervised fine-tuning on chat data (rows of `messages`), the loss on assistant turns only."""
 
     model: str = setting("runs/base/model", "the model directory to fine-tune", **shared.NONEMPTY)
-    data: str = setting("runs/sample/sft.jsonl", ".jsonl / .json / .parquet of chat rows: messages, prompt/completion "
-                                                 "(TRL) or ShareGPT conversations", **shared.NONEMPTY)
+    data: str = setting("runs/sample/sft.jsonl", ".jsonl / .json / .parquet of chat rows (or a datasets source): "
+                                                 "messages, prompt/completion (TRL) or ShareGPT", **shared.NONEMPTY)
     data_format: str = setting("auto", "auto: detected from the first row's keys",
                                choices=("auto", "messages", "prompt_completion", "sharegpt"))
     messages_field: str = setting("messages", "the column of {role, content} message lists", **shared.NONEMPTY)

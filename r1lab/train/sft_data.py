@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from r1lab.config import SFTConfig
 from r1lab.model.templates import has_generation_blocks, render_conversation, render_with_generation_spans
 from r1lab.model.tokenizer import Tokenizer
+from r1lab.rewards.tasks import hf_datasets
 from r1lab.rewards.tasks.dataset import DatasetError, _rows, in_test_split, raise_row_errors
 
 ROLES = ("system", "user", "assistant")
@@ -170,15 +171,21 @@ def _no_format(row: Any, fields: ChatFields) -> str:
 
 
 def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
-    """Every row of a chat file (JSONL/JSON/Parquet) as a Conversation, all validated before any is used: the format
-    is fields.format or the first row's, required of every row; bad rows raise DatasetError, each as file:line."""
+    """Every row of a chat file (JSONL/JSON/Parquet), or of a `datasets` source's train split (as `--task` takes
+    them), as a Conversation, all validated before any is used: the format is fields.format or the first row's,
+    required of every row; bad rows raise DatasetError, each as file:line (SOURCE[split]:ROW)."""
     path, fields = Path(path), fields or ChatFields()
     fields.check()
-    if not path.is_file():
+    if hf_datasets.is_datasets_source(str(path)):
+        train, _, split, _ = hf_datasets.pick_splits(hf_datasets.load_splits(str(path)), str(path))
+        path, source = Path(f"{path}[{split}]"), hf_datasets.dataset_rows(train)
+    elif not path.is_file():
         raise DatasetError(f"{path}: file not found")
+    else:
+        source = _rows(path)
     rows, errors = [], []
     format = None if fields.format == "auto" else fields.format
-    for number, row, error in _rows(path):
+    for number, row, error in source:
         if error is None and format is None:
             format = detect_format(row, fields)
             if format is None:  # every later row would fail for the same reason: one error says it
