@@ -219,6 +219,12 @@ def refuse_builtin(spec, *args):
     raise ImportError(f"sandbox: module {getattr(spec, 'name', spec)} is not allowed")
 
 
+def refuse_thread(*args, **kwargs):
+    # What threading raises where RLIMIT_NPROC refuses the clone: the limit does not bind the host's root (r1lab's
+    # own boundary keeps uid 0), and before Python 3.13 starting a thread raises no audit event.
+    raise RuntimeError("can't start new thread")
+
+
 def import_builtins() -> None:
     """Every built-in module but the refused ones: no file, nothing run but the module's init."""
     for name in sys.builtin_module_names:
@@ -233,6 +239,9 @@ def disarm_unaudited() -> None:
     imp = sys.modules["_imp"]
     imp.create_builtin = refuse_builtin
     imp.create_dynamic = guard_extensions(imp.create_dynamic)
+    for name in ("start_new_thread", "start_joinable_thread"):  # replaced, not removed: `import threading` works
+        if hasattr(sys.modules["_thread"], name):
+            setattr(sys.modules["_thread"], name, refuse_thread)
     for module_name, attribute in UNAUDITED_CALLS:
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, attribute):
