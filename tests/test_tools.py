@@ -240,8 +240,10 @@ def test_grpo_runs_with_tools_and_logs_the_calls(tiny_base, tmp_path):
         assert r["skipped_nonfinite"] == 0 and r["logprob_diff/max"] < 1e-4  # no placeholder reached the loss
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2] and all("tool_calls" in json.dumps(e) for e in evals)  # with tools
-    sample = json.loads((tmp_path / "samples" / "step_000000.jsonl").read_text().splitlines()[0])
-    assert "tool_calls" in sample and "<output>" in sample["completion"]
+    # which rollout calls depends on the tool outputs before it (one generator per batch): any of them
+    samples = [json.loads(line) for line in (tmp_path / "samples" / "step_000000.jsonl").read_text().splitlines()]
+    assert all("tool_calls" in s for s in samples)
+    assert any(s["tool_calls"] and "<output>" in s["completion"] for s in samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
