@@ -280,3 +280,17 @@ def test_deepseek_v3_release_config_reads_and_writes_back_for_transformers():
     hf = transformers.DeepseekV3Config(**cfg.to_hf())
     assert hf.rope_parameters["rope_type"] == "yarn" and hf.rope_parameters["factor"] == 40
     assert hf.qk_head_dim == 192 and hf.n_group == 8 and hf.q_lora_rank == 1536
+
+
+def test_auto_decoding_on_cuda_skips_the_graph_an_moe_model_cannot_capture(monkeypatch):
+    """An MoE layer reads its experts' group sizes on the host: "auto" decodes an MoE model on CUDA without a CUDA
+    graph (no capture tried, no warning), a dense one with it."""
+    from r1lab.engine.engine import Engine
+    from r1lab.model.tokenizer import build_tiny_tokenizer
+
+    monkeypatch.setattr(Engine, "device", property(lambda self: torch.device("cuda")))
+    moe_model = CausalLM(ModelConfig.from_hf(make_hf("dsv3-qlora-groups-yarn").config.to_dict()))
+    dense = CausalLM(ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2))
+    modes = [Engine(m, build_tiny_tokenizer())._decode_mode() for m in (moe_model, dense)]
+    assert modes == ["dynamic", "graph"]

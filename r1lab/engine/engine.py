@@ -77,7 +77,8 @@ class Engine:
                  speculative_tokens: int = 1):
         """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
         "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
-        graph on CUDA, dynamic elsewhere. speculative "mtp": the model's multi-token prediction module drafts a
+        graph on CUDA (dynamic for an MoE model: its routing's group sizes come to the host), dynamic elsewhere.
+        speculative "mtp": the model's multi-token prediction module drafts a
         token per step, verified by the model (the same distribution; r1lab/engine/speculative.py); "draft:DIR": the
         model in DIR, of the same vocabulary, drafts; speculative_tokens of them a step (a live batch drafts one)."""
         if decode not in DECODE_MODES:
@@ -118,7 +119,9 @@ class Engine:
 
     def _decode_mode(self) -> str:
         if self.decode == "auto":
-            return "graph" if self.device.type == "cuda" else "dynamic"
+            # An MoE layer reads its experts' group sizes on the host (moe.py): a CUDA graph cannot capture that
+            capturable = self.device.type == "cuda" and self.model.config.moe is None
+            return "graph" if capturable else "dynamic"
         return self.decode
 
     def _static_decoder(self, cache: KVCache, key_mask: torch.Tensor) -> StaticDecoder | None:
