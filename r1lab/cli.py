@@ -44,6 +44,7 @@ class Command:
     # --out is one run, and writing a second run into it would mix the two; demo, distill and pipeline are left out
     # on purpose: they reuse the stages already finished in their out directory (r1lab/commands/stages.py)
     run_directory: bool = False
+    results_file: bool = False  # --out is one file it writes once the work is done: checked before the work starts
     extra: str = ""  # the pip extra its runner needs
 
 
@@ -55,13 +56,13 @@ COMMANDS = {command.name: command for command in (
     Command("grpo", GRPOConfig, "R1-Zero GRPO on a Hugging Face-format model directory",
             "r1lab.train.grpo:train", "final model", torchrun=True, run_directory=True),
     Command("eval", EvalConfig, "pass@1 over k samples, cons@k and pass@k on held-out problems",
-            "r1lab.train.evaluate:run_eval", "results", torchrun=True),
+            "r1lab.train.evaluate:run_eval", "results", torchrun=True, results_file=True),
     Command("sft", SFTConfig, "supervised fine-tuning on chat data (JSONL/Parquet rows of messages), loss on "
             "assistant turns", "r1lab.train.supervised:sft", "final model", torchrun=True, run_directory=True),
     Command("sample", SampleConfig, "rejection sampling: keep the verified-correct, readable completions as SFT data",
-            "r1lab.commands.sample:sample", "SFT data", torchrun=True),
+            "r1lab.commands.sample:sample", "SFT data", torchrun=True, results_file=True),
     Command("score", ScoreConfig, "score completions made elsewhere (vLLM, an API, another trainer) with the "
-            "reward's own scorer", "r1lab.commands.score:score", "results"),
+            "reward's own scorer", "r1lab.commands.score:score", "results", results_file=True),
     Command("distill", DistillConfig, "distil a teacher's verified reasoning into a smaller student (and compare with "
             "GRPO)", "r1lab.commands.distill:run_distill"),
     Command("pipeline", PipelineConfig, "DeepSeek-R1's four stages in CPU size, beside R1-Zero and a distilled student",
@@ -178,6 +179,21 @@ def check_out(cfg, overwrite: bool) -> Path | None:
                      f"aside to {out}.old-N, nothing is deleted), or choose another --out")
 
 
+def check_results_file(cfg) -> None:
+    """Refuses, before the work, a results file --out that is a directory (the save would fail once the work is done)
+    or that would write over what the command reads: its task, data or completions file, or a file in its model."""
+    if not cfg.out:  # the default results file, beside the run or the completions
+        return
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise ValueError(f"out: {out} is a directory; --out names the file to write (e.g. {out / 'results.json'})")
+    for name in ("model", "adapter", "task", "completions"):
+        read = Path(value) if (value := getattr(cfg, name, "")) else None
+        if read and read.exists() and out.resolve().is_relative_to(read.resolve()):
+            raise ValueError(f"out: {out} would write over the {name} {value} that this command reads; "
+                             f"choose another --out")
+
+
 def move_aside(out: Path) -> Path:
     """OUT -> OUT.old-N, the first N free: the old run stays whole and apart, and the new one starts in an empty OUT."""
     out = out.resolve()
@@ -215,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             relaunch_for_large_cpu_model(args.command, getattr(cfg, "model", None), getattr(cfg, "device", "cpu"))
         if COMMANDS[args.command].run_directory and (old := check_out(cfg, args.overwrite)):
             print(f"r1lab {args.command}: --overwrite: moved {old} aside to {move_aside(old)}", file=sys.stderr)
+        if COMMANDS[args.command].results_file:
+            check_results_file(cfg)
         dispatch(args.command, cfg)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("R1LAB_DEBUG"):

@@ -172,3 +172,21 @@ def test_pretrain_refuses_an_occupied_out_and_stage_reusing_commands_do_not(tmp_
     for command in ("demo", "distill", "pipeline"):  # they reuse the stages already done in out, by design
         main([command, "--out", str(tmp_path / "base")])
     assert [command for command, _ in dispatched] == ["demo", "distill", "pipeline"]
+
+
+def test_a_results_file_out_never_writes_over_what_the_command_reads(tmp_path, capsys, dispatched):
+    model, data, completions = tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "completions.jsonl"
+    model.mkdir()
+    for path in (model / "config.json", data, completions):
+        path.write_text("{}\n")
+    for argv, out in ((["eval", "--model", str(model)], model / "config.json"),
+                      (["eval", "--model", str(model), "--task", str(data)], data),
+                      (["sample", "--model", str(model), "--task", str(data)], model / "sft.jsonl"),
+                      (["score", "--task", str(data), "--completions", str(completions)], completions)):
+        err = refused([*argv, "--out", str(out)], capsys)
+        assert f"out: {out} would write over the " in err and "that this command reads" in err
+    err = refused(["eval", "--model", str(model), "--out", str(tmp_path)], capsys)  # it failed after the whole eval
+    assert f"out: {tmp_path} is a directory; --out names the file to write" in err
+    assert all(p.read_text() == "{}\n" for p in (model / "config.json", data, completions)) and dispatched == []
+    main(["eval", "--model", str(model), "--task", str(data), "--out", str(tmp_path / "eval.json")])
+    assert [command for command, _ in dispatched] == ["eval"]
