@@ -190,3 +190,10 @@ def test_a_results_file_out_never_writes_over_what_the_command_reads(tmp_path, c
     assert all(p.read_text() == "{}\n" for p in (model / "config.json", data, completions)) and dispatched == []
     main(["eval", "--model", str(model), "--task", str(data), "--out", str(tmp_path / "eval.json")])
     assert [command for command, _ in dispatched] == ["eval"]
+
+
+def test_a_yaml_file_not_in_utf8_names_the_file_and_line(tmp_path, capsys, dispatched):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_bytes("lr: 1.0e-5\nsystem: Réponds en français\n".encode("latin-1"))  # saved by a Windows editor
+    err = refused(["grpo", "--config", str(cfg_file), "--out", str(tmp_path / "run")], capsys)
+    assert f"error: {cfg_file}:2: not valid UTF-8 (byte 0xe9; save the file as UTF-8)" in err and dispatched == []
