@@ -145,3 +145,23 @@ def test_few_rows_product_equals_linear(out, bias, monkeypatch):
     b = torch.randn(out, generator=g) if bias else None
     torch.testing.assert_close(few_rows_linear(x, weight, b), torch.nn.functional.linear(x, weight, b),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ({"hidden_size": "MISSING"}, "hidden_size is missing"),
+    ({"num_hidden_layers": "2"}, "num_hidden_layers '2' is not a whole number >= 1"),
+    ({"num_attention_heads": -4}, "num_attention_heads -4 is not a whole number >= 1"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps '1e-6' is not a number > 0"),
+    ({"rope_theta": None}, "rope_theta None is not a number > 0"),
+])
+def test_a_config_json_field_missing_or_of_the_wrong_type_is_named(tiny_config_kwargs, tmp_path, edit, expected):
+    hf = {"architectures": ["Qwen2ForCausalLM"], "rms_norm_eps": 1e-6, "rope_theta": 1e4, **tiny_config_kwargs, **edit}
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v != "MISSING"}))
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'}: {expected}$".replace("(", r"\(")):
+        load_model(tmp_path)  # was a KeyError or TypeError from deep inside the model's construction
+
+
+def test_a_config_json_that_is_not_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{'vocab_size': 97}")
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        load_model(tmp_path)

@@ -4,14 +4,19 @@ to transformers' keys, and the rotary embedding's frequencies.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Qwen3MoeForCausalLM": "qwen3_moe"}
 
+REQUIRED_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+OPTIONAL_SHAPE = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null or absent: a default
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
 
 # Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
 ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
@@ -73,6 +78,16 @@ class ModelConfig:
                              f"{self.architecture} has none")
 
     @classmethod
+    def from_file(cls, config_file: Path) -> ModelConfig:
+        try:
+            hf = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{config_file}: must hold a JSON object of settings, not {type(hf).__name__}")
+        return cls.from_hf(hf, str(config_file))
+
+    @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         arch = (hf.get("architectures") or [None])[0]
         if arch is None:  # configs built in code lack "architectures"; the model_type says the same
@@ -84,6 +99,7 @@ class ModelConfig:
             raise ValueError(f"{source}: sliding-window attention is not supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
+        check_shape_fields(hf, source)
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -134,6 +150,17 @@ class ModelConfig:
         if self.architecture == MTP_ARCHITECTURE:
             hf.update(num_nextn_predict_layers=self.mtp_depth)
         return hf
+
+
+def check_shape_fields(hf: dict, source: str) -> None:
+    """A missing or mistyped shape field, named with its value: it failed deep inside the model's construction."""
+    problems = [f"{k} is missing" for k in REQUIRED_SHAPE if k not in hf]
+    problems += [f"{k} {hf[k]!r} is not a whole number >= 1" for k in (*REQUIRED_SHAPE, *OPTIONAL_SHAPE)
+                 if hf.get(k) is not None and not (type(hf[k]) is int and hf[k] >= 1)]
+    problems += [f"{k} {hf[k]!r} is not a number > 0" for k in POSITIVE_NUMBERS if k in hf
+                 and not (type(hf[k]) in (int, float) and math.isfinite(hf[k]) and hf[k] > 0)]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
 
 
 def _arch_keys(arch: str) -> set[str]:

@@ -104,7 +104,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    cfg = ModelConfig.from_file(config_file)
     cfg.generation = read_generation_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():

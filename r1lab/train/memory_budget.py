@@ -6,7 +6,6 @@ allocator's slack): a run refused here cannot fit, one that passes may still not
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 
@@ -33,7 +32,7 @@ def check_grpo_memory(cfg, device: torch.device, ranks: int = 1) -> None:
     config_file = Path(cfg.model) / "config.json"
     if not config_file.is_file():
         return
-    model_cfg = ModelConfig.from_hf(json.loads(config_file.read_text()), str(config_file))
+    model_cfg = ModelConfig.from_file(config_file)
     check_fits(grpo_parts(cfg, model_cfg, ranks), device,
                "lower samples_per_prompt or prompts_per_step, set rollout_slots, lower micro_batch_size or "
                "max_new_tokens, or set recompute_logits")
