@@ -160,8 +160,7 @@ def check_out(cfg, overwrite: bool) -> Path | None:
     out, resume = Path(cfg.out), getattr(cfg, "resume", "false") != "false"
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts afresh: give one of them")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} is a file, not a run directory")
+    check_out_is_no_file(out)
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not held or resume:
         return None
@@ -177,6 +176,11 @@ def check_out(cfg, overwrite: bool) -> Path | None:
     how = "continue that run with --resume, " if hasattr(cfg, "resume") else ""
     raise ValueError(f"out: {out} already holds files ({shown}); {how}start afresh with --overwrite (they are moved "
                      f"aside to {out}.old-N, nothing is deleted), or choose another --out")
+
+
+def check_out_is_no_file(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file, not a run directory")
 
 
 def check_results_file(cfg) -> None:
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"r1lab {args.command}: --overwrite: moved {old} aside to {move_aside(old)}", file=sys.stderr)
         if COMMANDS[args.command].results_file:
             check_results_file(cfg)
+        elif hasattr(cfg, "out"):  # demo, distill, pipeline: their stages' directories would fail with a traceback
+            check_out_is_no_file(Path(cfg.out))
         dispatch(args.command, cfg)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("R1LAB_DEBUG"):

@@ -174,6 +174,14 @@ def test_pretrain_refuses_an_occupied_out_and_stage_reusing_commands_do_not(tmp_
     assert [command for command, _ in dispatched] == ["demo", "distill", "pipeline"]
 
 
+def test_an_out_that_is_a_file_is_refused_by_every_command_with_a_run_directory(tmp_path, capsys, dispatched):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for command in ("demo", "distill", "pipeline", "pretrain", "merge"):  # demo's failed with NotADirectoryError
+        err = refused([command, "--out", str(tmp_path / "notes.txt")], capsys)
+        assert f"out: {tmp_path / 'notes.txt'} is a file, not a run directory" in err
+    assert (tmp_path / "notes.txt").read_text() == "mine\n" and dispatched == []
+
+
 def test_a_results_file_out_never_writes_over_what_the_command_reads(tmp_path, capsys, dispatched):
     model, data, completions = tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "completions.jsonl"
     model.mkdir()
