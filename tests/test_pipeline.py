@@ -159,3 +159,20 @@ def test_each_rl_stage_evaluates_with_the_pipelines_eval_settings(tmp_path, monk
     cfg = PipelineConfig(out=str(tmp_path), eval_problems=5, eval_samples=2)
     pipeline.Stages(cfg, log=lambda *_: None).rl("stage 2: reasoning RL", "stage2", tmp_path / "model", steps=3)
     assert [(c.eval_problems, c.eval_samples) for c in ran] == [(5, 2)]  # --eval-samples reached every stage
+
+
+def test_a_misspelt_teacher_student_or_base_is_refused_before_any_stage(tmp_path, monkeypatch):
+    import r1lab.commands.distill as distill
+    import r1lab.commands.pipeline as pipeline
+
+    stages = []  # a misspelt --teacher was found only once the student's base had been pretrained
+    monkeypatch.setattr(distill, "pretrained_base", lambda *a: stages.append("pretrain") or tmp_path)
+    monkeypatch.setattr(pipeline, "pretrained_base", lambda *a: stages.append("pretrain") or tmp_path)
+    missing = str(tmp_path / "typo")
+    with pytest.raises(ValueError, match=f"teacher: {missing}: no config.json"):
+        run_distill(DistillConfig(teacher=missing, out=str(tmp_path / "d")))
+    with pytest.raises(ValueError, match=f"student: {missing}: no config.json"):
+        run_pipeline(PipelineConfig(student=missing, out=str(tmp_path / "p")))
+    with pytest.raises(ValueError, match=f"base: {missing}: no config.json"):
+        run_pipeline(PipelineConfig(base=missing, out=str(tmp_path / "p")))
+    assert stages == []

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from r1lab.commands.report import write_comparison_report
 from r1lab.commands.sample import sample
-from r1lab.commands.stages import evaluate_models, parameter_count, pretrained_base, run_stage, tiny_grpo_config
+from r1lab.commands.stages import (check_models_exist, evaluate_models, parameter_count, pretrained_base, run_stage,
+                                   tiny_grpo_config)
 from r1lab.config import DistillConfig, EvalConfig, PretrainConfig, SampleConfig, SFTConfig
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
@@ -81,6 +82,7 @@ def same_time_limit(seconds: float) -> float:
 def run_distill(cfg: DistillConfig, log=print) -> Path:
     """Distil cfg.teacher into a student; returns the distilled student's model directory (report beside it)."""
     check_settings(cfg)
+    check_models_exist(cfg, "teacher", "student")
     out = Path(cfg.out)
     base = student_base(cfg, log)
     data, sample_s = teacher_traces(cfg, log)

@@ -22,7 +22,8 @@ from r1lab.commands.distill import run_distill
 from r1lab.commands.pretrain import cold_start_conversations
 from r1lab.commands.report import write_comparison_report
 from r1lab.commands.sample import sample, write_jsonl
-from r1lab.commands.stages import evaluate_models, parameter_count, pretrained_base, run_stage, tiny_grpo_config
+from r1lab.commands.stages import (check_models_exist, evaluate_models, parameter_count, pretrained_base, run_stage,
+                                   tiny_grpo_config)
 from r1lab.config import DistillConfig, EvalConfig, PipelineConfig, PretrainConfig, SampleConfig, SFTConfig
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
@@ -85,6 +86,7 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     check_settings(cfg)
     out = Path(cfg.out)
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before any stage runs
+    check_models_exist(cfg, "base", "student")
     stages = Stages(cfg, log)
     base = Path(cfg.base) if cfg.base else pretrained_base(
         PretrainConfig(out=str(out / "base"), task_options=dict(cfg.task_options), steps=cfg.pretrain_steps,

@@ -21,6 +21,14 @@ from r1lab.rewards.tasks.base import Task
 from r1lab.train.evaluate import EvalResult, evaluate_policy, heldout_problems
 
 
+def check_models_exist(cfg, *names: str) -> None:
+    """Refuses, before the first stage, a model directory given in cfg that a later stage reads: a misspelt
+    --teacher was found only once the student's base had been pretrained."""
+    for name in names:
+        if (path := getattr(cfg, name)) and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{name}: {path}: no config.json (expected a Hugging Face model directory)")
+
+
 def already_done(cfg, config_path: Path, output: Path) -> bool:
     """True when output exists, config_path holds exactly cfg, and output is newer than the stage's inputs (cfg.model,
     cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
