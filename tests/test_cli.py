@@ -92,6 +92,8 @@ def test_bad_flags_stop_grpo_before_its_first_step(tiny_base, tmp_path, capsys, 
     ("allow_config_change: 'no'\n", "allow_config_change: 'no' is not true or false"),
     ("learning_rate: 1.0e-5\n", "unknown field 'learning_rate' (did you mean 'lr'?)"),
     ("lr: 1e-5\n  steps: 3\n", "run.yaml:2:8: malformed YAML"),
+    ("lr: 1e-5\nsteps: 3\nlr: 2e-5\n", "run.yaml:3:1: malformed YAML: 'lr' is given twice (first on line 1)"),
+    ("task_options: {min_terms: 3, min_terms: 4}\n", "run.yaml:1:30: malformed YAML: 'min_terms' is given twice"),
 ])
 def test_bad_yaml_stops_before_anything_runs(tmp_path, capsys, dispatched, text, expected):
     cfg_file = tmp_path / "run.yaml"

@@ -14,7 +14,16 @@ from r1lab.suggest import did_you_mean
 
 
 class YAMLLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads 1e-5 (no decimal point) as text; who writes lr: 1e-5 means a number."""
+    """PyYAML follows YAML 1.1, which reads 1e-5 (no decimal point) as text; who writes lr: 1e-5 means a number. A
+    key given twice is an error: PyYAML keeps the last one silently, and a setting edited in one place is not."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [(self.construct_object(key_node, deep=True), key_node.start_mark) for key_node, _ in node.value]
+        for i, (key, mark) in enumerate(keys):
+            if first := next((m for k, m in keys[:i] if k == key), None):
+                raise yaml.constructor.ConstructorError(
+                    problem=f"{key!r} is given twice (first on line {first.line + 1})", problem_mark=mark)
+        return super().construct_mapping(node, deep)
 
 
 YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float",
