@@ -267,3 +267,11 @@ def test_update_run_config_takes_only_free_fields(config_run):
     update_run_config(fresh, {"lr": 1.0, "task_options": {"ops": ("+",)}})
     assert yaml.safe_load((fresh / "config.yaml").read_text()) == {"lr": 1.0, "task_options": {"ops": ["+"]}}
     shutil.rmtree(fresh)
+
+
+def test_a_resume_leaves_config_yaml_repeatable_in_another_directory(config_run):
+    (config_run / "config.yaml").write_text(yaml.safe_dump({**SAVED, "resume": "false", "allow_config_change": False}))
+    update_run_config(config_run, {**SAVED, "resume": "true", "allow_config_change": True, "steps": 300})
+    saved = yaml.safe_load((config_run / "config.yaml").read_text())
+    # resume 'true' was recorded: `--config RUN/config.yaml --out NEW` then failed on NEW's missing checkpoint
+    assert (saved["resume"], saved["allow_config_change"], saved["steps"]) == ("false", False, 300)

@@ -418,7 +418,10 @@ def update_run_config(run_dir: Path, new_config: dict, free: frozenset[str] = RE
     path = Path(run_dir) / CONFIG_FILE
     if path.exists():
         config = yaml.safe_load(path.read_text()) or {}
-        config.update({name: _normal(new_config[name]) for name in free if name in new_config and name in config})
+        # resume and allow_config_change say how this command continues the run, not what the run is: recorded, a
+        # `--config RUN/config.yaml --out NEW` that repeats the run would resume in NEW, which holds no checkpoint
+        kept = free - {"resume", "allow_config_change"}
+        config.update({name: _normal(new_config[name]) for name in kept if name in new_config and name in config})
     else:
         config = _normal(new_config)
     tmp = path.with_name(path.name + ".tmp")
