@@ -1,6 +1,7 @@
 """The command line: YAML + flag overrides, clear errors for bad input, `r1lab eval` output."""
 
 import json
+import re
 
 import pytest
 
@@ -207,3 +208,19 @@ def test_a_yaml_file_not_in_utf8_names_the_file_and_line(tmp_path, capsys, dispa
     cfg_file.write_bytes("lr: 1.0e-5\nsystem: Réponds en français\n".encode("latin-1"))  # saved by a Windows editor
     err = refused(["grpo", "--config", str(cfg_file), "--out", str(tmp_path / "run")], capsys)
     assert f"error: {cfg_file}:2: not valid UTF-8 (byte 0xe9; save the file as UTF-8)" in err and dispatched == []
+
+
+def test_eval_and_sample_refuse_prompts_that_do_not_fit_the_context(tiny_base, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("R1LAB_DEBUG", raising=False)
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": "1+1", "answer": "2"}, {"prompt": "9" * 600, "answer": "9"}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    every_row = {"eval": ["--split", "all"], "sample": []}
+    for command, out in (("eval", "eval.json"), ("sample", "sft.jsonl")):  # they generated past the context (or
+        base = [command, "--model", str(tiny_base), "--out", str(tmp_path / out)]  # ran out of memory allocating it)
+        err = refused([*base, "--max-new-tokens", "1000000000"], capsys)
+        assert "max_new_tokens 1000000000 leaves no room for a prompt in the model's context of 512 tokens" in err
+        err = refused([*base, "--task", str(data), "--max-new-tokens", "8", "--problems", "0", *every_row[command]],
+                      capsys)
+        assert re.search(r"data.jsonl:2: prompt of \d+ tokens \+ max_new_tokens 8 > context 512", err)
+        assert not (tmp_path / out).exists()

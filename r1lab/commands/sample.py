@@ -27,7 +27,7 @@ from r1lab.engine.engine import Engine, Sample
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.agents import rollout_turns
 from r1lab.engine.tools import generate_with_tools
-from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
+from r1lab.model.loading import check_context, describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import check_target, language_consistency
 from r1lab.rewards.rules import RewardResult, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
@@ -255,6 +255,7 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     filters = Filters.of(cfg)
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     announce_answer_format(cfg, tokenizer, task, log)
+    check_context(model, tokenizer, problems, cfg.template, cfg.prefill, cfg.max_new_tokens, cfg.task, cfg.system)
     engine = Engine(model, tokenizer, speculative=cfg.speculative, speculative_tokens=cfg.speculative_tokens)
     provenance = {"source_model": str(Path(cfg.model).resolve()), "source_step": model_step(cfg.model),
                   "template": cfg.template}

@@ -29,7 +29,7 @@ from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
 from r1lab.engine.agents import rollout_turns
 from r1lab.engine.tools import ToolSample, ToolSpec, Turns, generate_with_tools
-from r1lab.model.loading import describe_prompts, encode_prompt, load_policy, pick_device
+from r1lab.model.loading import check_context, describe_prompts, encode_prompt, load_policy, pick_device
 from r1lab.rewards.language import language_consistency
 from r1lab.rewards.rules import call_with_timeout, score_completions
 from r1lab.rewards.tasks import DatasetTask, Problem, Task, get_task
@@ -114,6 +114,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     model, tokenizer = load_policy(cfg.model, device, cfg.dtype, cfg.adapter)
     problems = heldout_problems(task, cfg.split, cfg.problems, cfg.seed)
     announce_answer_format(cfg, tokenizer, task, print if world.main else lambda _: None)
+    check_context(model, tokenizer, problems, cfg.template, cfg.prefill, cfg.max_new_tokens, cfg.task, cfg.system)
     if world.main:
         print(f"eval: {describe_prompts(tokenizer, problems[0], cfg.template, cfg.prefill, cfg.system)}")
     engine = Engine(model.eval(), tokenizer, speculative=cfg.speculative, speculative_tokens=cfg.speculative_tokens)
