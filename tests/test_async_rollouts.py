@@ -113,7 +113,7 @@ def test_the_workers_held_out_evaluations_are_of_the_weights_of_their_step(tiny_
         for step, weights_dir in [(0, tiny_base), (2, tmp_path / "checkpoints" / "step_000002"), (4, final)]:
             model, tok = grpo.load_policy(str(weights_dir), torch.device("cpu"))
             engine = ChunkedEngine(Engine(model.eval(), tok), 8, lambda step=step: chunks.append(step))
-            result = grpo.evaluate_policy(engine, task, cfg.eval_config(), problems)
+            result = grpo.evaluate_policy(engine, task, grpo.heldout_config(cfg), problems)
             saved = json.loads((tmp_path / "eval" / f"step_{step:06d}.json").read_text())["heldout"]
             assert saved["records"] == result.to_dict(include_records=True)["records"]
             assert engine.tokens == sum(s["length"] for r in result.records for s in r["samples"]) > 0
@@ -154,7 +154,7 @@ def test_the_trainer_decodes_evaluation_chunks_while_it_waits_with_the_workers_s
     cfg = small_config(tiny_base, tmp_path, **settings)
     task = grpo.get_task("arithmetic")
     problems = grpo.heldout_problems(task, "test", cfg.eval_problems, cfg.seed)
-    evaluate = grpo.functools.partial(grpo.evaluate_policy, task=task, ec=cfg.eval_config(), problems=problems)
+    evaluate = grpo.functools.partial(grpo.evaluate_policy, task=task, ec=grpo.heldout_config(cfg), problems=problems)
     reports = {}
     model, source = worker(tiny_base, tmp_path, None, settings, evaluate=evaluate,
                            report=lambda step, result: reports.update({step: result}))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from r1lab.config import EvalConfig, GRPOConfig
 from r1lab.rewards.tasks.base import Problem
+from r1lab.train import grpo
 from r1lab.train.evaluate import (EvalResult, evaluate, evaluate_policy, majority_vote, pass_at_k, pass_ks,
                                   print_table, save_json)
 
@@ -251,9 +252,9 @@ class TextEngine(FakeEngine):
 def test_heldout_evaluation_uses_the_runs_language():
     # The held-out evaluation in GRPO once measured language consistency against "en" whatever --language said.
     cfg = GRPOConfig(language="zh", eval_samples=4, max_new_tokens=16, template="none")
-    assert cfg.eval_config().language == "zh"
+    assert grpo.heldout_config(cfg).language == "zh"
     problems = [Problem("p 0", "3", {"id": 0})]
-    figures = {lang: evaluate_policy(TextEngine(CANNED), FakeTask(), EvalConfig(**{**vars(cfg.eval_config()),
+    figures = {lang: evaluate_policy(TextEngine(CANNED), FakeTask(), EvalConfig(**{**vars(grpo.heldout_config(cfg)),
                                                                                   "language": lang}), problems)
                for lang in ("en", "zh")}
     assert figures["en"].language_consistency >= 0.75  # "hmm" is written in Latin script

@@ -19,6 +19,7 @@ from r1lab.engine.engine import Engine
 from r1lab.model.loading import load_policy, pick_device
 from r1lab.rewards.tasks.base import Task
 from r1lab.train.evaluate import EvalResult, evaluate_policy, heldout_problems
+from r1lab.train.objective import mismatch_kind
 
 
 def check_models_exist(cfg, *names: str) -> None:
@@ -34,7 +35,7 @@ def already_done(cfg, config_path: Path, output: Path) -> bool:
     cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
     a stage whose input model or data was remade since is run again."""
     if isinstance(cfg, GRPOConfig):  # grpo records the mismatch correction it settled on, not "auto"
-        cfg = dataclasses.replace(cfg, mismatch_correction=cfg.mismatch_in_force())
+        cfg = dataclasses.replace(cfg, mismatch_correction=mismatch_kind(cfg))
     if not (output.exists() and config_path.exists()
             and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg)):
         return False

@@ -128,18 +128,6 @@ class GRPOConfig(Settings, kind="GRPO"):
     samples_every: int = setting(10, "write sample completions every N steps (0 = never)", ge=0)
     _trainer_run = shared.TrainerRun
 
-    def mismatch_in_force(self) -> str:
-        """The mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps updates ago)."""
-        return self.mismatch_correction if self.mismatch_correction != "auto" else "tis" if self.async_steps else "none"
-
-    def eval_config(self) -> "EvalConfig":
-        """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
-        same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",
-                "reward_timeout_s", "seed", "speculative")
-        return EvalConfig(task_options=dict(self.task_options), problems=self.eval_problems, samples=self.eval_samples,
-                          temperature=self.eval_temperature, top_p=self.eval_top_p,
-                          **{name: getattr(self, name) for name in same + tuple(shared.Tools.__annotations__)})
-
     def rules(self) -> list[str]:
         no_eval = self.eval_every and (self.eval_samples < 1 or self.eval_problems < 1)
         problems = ["eval_samples and eval_problems must be at least 1 when eval_every > 0"] if no_eval else []

@@ -91,14 +91,12 @@ def shown(value) -> str:
 def read_yaml_config(path: str) -> dict:
     """The mapping of a --config file; a missing file, malformed YAML or another shape is one line naming the file."""
     try:
-        loaded = yaml.load(Path(path).read_text(), Loader=YAMLLoader)
+        loaded = yaml.load(Path(path).read_bytes().decode("utf-8"), Loader=YAMLLoader)
     except OSError as err:
         raise ValueError(f"--config {path}: {err.strerror or err}") from None
     except UnicodeDecodeError as err:  # the message alone names neither the file nor the line
-        data = Path(path).read_bytes()
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}; save the file as UTF-8)") \
-            from None
+        line, byte = err.object.count(b"\n", 0, err.start) + 1, err.object[err.start]
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x}; save the file as UTF-8)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path

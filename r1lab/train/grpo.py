@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from r1lab.config import GRPOConfig
+from r1lab.config import EvalConfig, GRPOConfig
+from r1lab.config.groups import Tools
 from r1lab.cpu.process import setup_training_process
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import step_seed
@@ -45,8 +46,8 @@ from r1lab.train.health import RunHealth, weights_fingerprint
 from r1lab.train.logprobs import LOGITS_CHUNK_BYTES, idle_pass, token_logprobs, training_precision
 from r1lab.train.memory_budget import check_grpo_memory
 from r1lab.train.metrics import MetricsLogger, open_metrics, save_samples, training_progress
-from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_weights, policy_loss,
-                                   token_weights, uniform_groups)
+from r1lab.train.objective import (clipped_surrogate_loss, group_advantages, k3_kl, mismatch_kind, mismatch_weights,
+                                   policy_loss, token_weights, uniform_groups)
 from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimizer_step, set_lr, stop_if_diverged
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
@@ -85,7 +86,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
     if cfg.shard:
         shard_model(model, world)
     stream = PromptStream(task, cfg)
-    eval_cfg = cfg.eval_config()
+    eval_cfg = heldout_config(cfg)
     eval_problems = heldout_problems(task, "test", cfg.eval_problems, cfg.seed) if cfg.eval_every else []
     # every data row (or, for a generator, a step's draw) must fit the context with max_new_tokens, before any step
     check_context(model, tokenizer, (stream.pool or stream.batch(0)) + eval_problems, cfg.template, cfg.prefill,
@@ -160,7 +161,7 @@ def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: Prompt
     def draw(step: int) -> tuple[list[Problem], list[int]]:
         return stream.batch(step), [prompt_seed(cfg.seed, step, i) for i in range(cfg.prompts_per_step)]
 
-    evaluate = functools.partial(evaluate_policy, task=stream.task, ec=cfg.eval_config(), problems=eval_problems)
+    evaluate = functools.partial(evaluate_policy, task=stream.task, ec=heldout_config(cfg), problems=eval_problems)
     return AsyncRollouts(rollout, tokenizer, cfg, functools.partial(sample_rollouts, task=stream.task),
                          sync_rollout_policy, draw, log, evaluate if cfg.eval_every else None, report)
 
@@ -578,8 +579,12 @@ def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[to
     return mb.trainer_old_logp, mismatch_weights(mb.trainer_old_logp, mb.old_logp, kind, cfg.mismatch_cap)
 
 
-def mismatch_kind(cfg: GRPOConfig) -> str:
-    return cfg.mismatch_in_force()
+def heldout_config(cfg: GRPOConfig) -> EvalConfig:
+    """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
+    same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",
+            "reward_timeout_s", "seed", "speculative", *Tools.__annotations__)
+    return EvalConfig(task_options=dict(cfg.task_options), problems=cfg.eval_problems, samples=cfg.eval_samples,
+                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, **{n: getattr(cfg, n) for n in same})
 
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,

@@ -82,6 +82,12 @@ def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, advantage
     raise ValueError(f"unknown policy loss {kind!r} (one of {', '.join(POLICY_LOSSES)})")
 
 
+def mismatch_kind(cfg) -> str:
+    """A GRPO config's mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps
+    updates ago), else none."""
+    return cfg.mismatch_correction if cfg.mismatch_correction != "auto" else "tis" if cfg.async_steps else "none"
+
+
 def mismatch_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
     """Detached per-token weights pi_trainer / pi_sampler for the same tokens under the same weights (bf16 sampling,
     other kernels), truncated at cap (TIS) or zero past it (MIS); they multiply the policy-gradient term."""
