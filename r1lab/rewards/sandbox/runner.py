@@ -529,7 +529,9 @@ class _ForkServer:
     def start(self) -> None:
         self.stop()
         config = self.config
-        self.workdir = None if config.mode == "bwrap" else tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        # named after this process: close_pools removes those of a process gone without stopping its servers (a
+        # forked copy of the trainer that ended by os._exit, as multiprocessing's workers do)
+        self.workdir = None if config.mode == "bwrap" else tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
         # Started from one long-lived thread: bubblewrap's --die-with-parent kills the sandbox when the *thread*
         # that started it ends, and tool calls run on short-lived worker threads.
         self.proc = _STARTER.submit(_start_sandboxed, self.workdir, config.mode, config.file_mb,
@@ -639,11 +641,26 @@ def _pool(config: _Limits) -> _ServerPool:
 
 
 def close_pools() -> None:
-    """Stop every fork server (registered with atexit; tests call it too)."""
+    """Stop every fork server (registered with atexit; tests call it too), and remove the host directories of
+    servers whose process is gone."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
     for pool in pools:
         pool.close()
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = path.name.removeprefix(TEMP_PREFIX).split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _forget_pools_after_fork() -> None:
