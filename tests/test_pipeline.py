@@ -151,6 +151,34 @@ def test_a_stage_is_reused_until_its_input_is_remade(tmp_path):
     assert len(runs) == 2
 
 
+def test_a_stage_killed_when_rerun_with_other_settings_is_not_taken_for_finished(tmp_path):
+    from dataclasses import dataclass, replace
+
+    from r1lab.commands.stages import run_stage
+    from r1lab.config import save_config
+
+    @dataclass
+    class StageConfig:
+        steps: int = 1
+
+    config_path, output = tmp_path / "stage" / "config.yaml", tmp_path / "stage" / "out"
+    runs = []
+
+    def stage(cfg, killed=False):
+        runs.append(cfg.steps)
+        save_config(cfg, config_path)  # as grpo, sft, pretrain and sample do: the config first, the output last
+        if killed:
+            raise KeyboardInterrupt
+        output.write_text(f"{cfg.steps} steps")
+
+    first, longer = StageConfig(), StageConfig(steps=2)
+    run_stage("stage", first, config_path, output, lambda: stage(first), log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):  # the longer run is killed before it writes its output
+        run_stage("stage", longer, config_path, output, lambda: stage(longer, killed=True), log=lambda *_: None)
+    run_stage("stage", replace(longer), config_path, output, lambda: stage(longer), log=lambda *_: None)
+    assert runs == [1, 2, 2] and output.read_text() == "2 steps"  # run again, not the 1-step output reused
+
+
 def test_each_rl_stage_evaluates_with_the_pipelines_eval_settings(tmp_path, monkeypatch):
     import r1lab.commands.pipeline as pipeline
 

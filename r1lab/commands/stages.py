@@ -57,6 +57,9 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
         log(f"{name}: reusing {output} (same settings)")
         return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
     log(f"\n== {name}")
+    # the stage writes its config first and its output last: an output left from other settings would, were this
+    # run killed in between, pass for this run's finished one
+    output.unlink(missing_ok=True)
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
