@@ -91,3 +91,33 @@ def test_sft_ends_with_a_checkpoint(tiny_base, tmp_path):
     main(["sft", "--model", str(tiny_base), "--data", str(data), "--steps", "3", "--batch-size", "2", "--out", str(out),
           "--device", "cpu"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000003"]
+
+
+def test_a_ctrl_c_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_path):
+    from dataclasses import dataclass
+
+    from r1lab.commands.stages import run_stage
+    from r1lab.config import save_config
+    from r1lab.train.stopping import RunStopped, StopOnInterrupt
+
+    @dataclass
+    class StageConfig:
+        steps: int = 1
+
+    cfg, config_path, output = StageConfig(), tmp_path / "stage" / "config.yaml", tmp_path / "stage" / "out"
+
+    def stage():  # a run asked to stop in its last step: it finishes, as grpo and sft do
+        save_config(cfg, config_path)
+        with StopOnInterrupt() as stop:
+            stop._on_interrupt(signal.SIGINT, None)
+        output.write_text("done")
+
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(RunStopped, match="after the stage 'stage' finished; run the same command again"):
+            run_stage("stage", cfg, config_path, output, stage, log=lambda *_: None)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    lines = []
+    run_stage("stage", cfg, config_path, output, lambda: pytest.fail("ran again"), log=lines.append)
+    assert lines == [f"stage: reusing {output} (same settings)"]  # the stage it finished is kept

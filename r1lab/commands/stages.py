@@ -20,6 +20,7 @@ from r1lab.model.loading import load_policy, pick_device
 from r1lab.rewards.tasks.base import Task
 from r1lab.train.evaluate import EvalResult, evaluate_policy, heldout_problems
 from r1lab.train.objective import mismatch_kind
+from r1lab.train.stopping import RunStopped, StopOnInterrupt
 
 
 def check_models_exist(cfg, *names: str) -> None:
@@ -61,9 +62,13 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
     # run killed in between, pass for this run's finished one
     output.unlink(missing_ok=True)
     start = time.perf_counter()
+    StopOnInterrupt.asked_in_process = False
     fn()
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"seconds": seconds}) + "\n")
+    if StopOnInterrupt.asked_in_process:  # a Ctrl-C in the stage's last step: it finished, and the command ends here
+        raise RunStopped(f"stopped by Ctrl-C after the stage '{name}' finished; run the same command again to go on "
+                         f"with the next one (the finished stages are reused)")
     return seconds
 
 

@@ -137,7 +137,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
             if cfg.save_every and done % cfg.save_every == 0:
                 checkpoint(done)
             if stop.requested(world):
-                raise RunStopped(done, checkpoint(done))
+                raise RunStopped.at_step(done, checkpoint(done))
             trained_s += metrics["step_time_s"]  # evaluations and checkpoints do not count against the budget
             if cfg.time_limit_s and trained_s >= cfg.time_limit_s:
                 log(f"grpo: time limit of {cfg.time_limit_s:.0f} s of training reached after {step + 1} steps")

@@ -23,15 +23,19 @@ def exit_now(signum: int | None = None, frame: object = None) -> None:
 
 
 class RunStopped(Exception):
-    """The run stopped early on request, its last step checkpointed."""
+    """The command stopped early on request, what it had done kept; the message says where and how to go on."""
 
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"stopped by Ctrl-C after step {step}; checkpoint {checkpoint}; continue with --resume true")
-        self.step, self.checkpoint = step, checkpoint
+    @classmethod
+    def at_step(cls, step: int, checkpoint: Path) -> "RunStopped":
+        return cls(f"stopped by Ctrl-C after step {step}; checkpoint {checkpoint}; continue with --resume true")
 
 
 class StopOnInterrupt:
     """Within it, SIGINT asks the run to stop after its step instead of raising KeyboardInterrupt mid-step."""
+
+    # Set by a Ctrl-C that asked a run to stop. A run asked in its last step finishes; a command of several stages
+    # reads this to stop after that stage rather than go on with the next (r1lab/commands/stages.py).
+    asked_in_process = False
 
     def __init__(self) -> None:
         self.asked = False
@@ -50,7 +54,7 @@ class StopOnInterrupt:
     def _on_interrupt(self, signum, frame) -> None:
         if self.asked:  # the second Ctrl-C: now (a checkpoint being written stays a .tmp, never taken for one)
             exit_now()
-        self.asked = True
+        self.asked = StopOnInterrupt.asked_in_process = True
         print("\nr1lab: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
               file=sys.stderr, flush=True)
 

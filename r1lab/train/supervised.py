@@ -266,7 +266,7 @@ def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer
             path = save_checkpoint(Path(cfg.out), step, model, tokenizer, optimizer, world=world,
                                    adapter_base=cfg.model if cfg.lora_rank else None)
             if stopping and step < steps:
-                raise RunStopped(step, path)
+                raise RunStopped.at_step(step, path)
 
     return on_step
 
