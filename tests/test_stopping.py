@@ -121,3 +121,40 @@ def test_a_ctrl_c_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_p
     lines = []
     run_stage("stage", cfg, config_path, output, lambda: pytest.fail("ran again"), log=lines.append)
     assert lines == [f"stage: reusing {output} (same settings)"]  # the stage it finished is kept
+
+
+def test_a_stage_stopped_mid_run_goes_on_from_its_checkpoint_when_the_command_is_run_again(tmp_path):
+    from dataclasses import dataclass
+
+    from r1lab.commands.stages import run_stage
+    from r1lab.config import save_config
+    from r1lab.train.stopping import RunStopped
+
+    @dataclass
+    class StageConfig:
+        steps: int = 2
+        resume: str = "false"
+
+    config_path, output = tmp_path / "stage" / "config.yaml", tmp_path / "stage" / "out"
+    stale = tmp_path / "stage" / "checkpoints" / "step_000001"
+    save_config(StageConfig(steps=1), config_path)  # an earlier run of other settings left its checkpoint
+    stale.mkdir(parents=True)
+    modes = []
+
+    def stage(cfg, stop_at=None):
+        modes.append(cfg.resume)
+        save_config(cfg, config_path)
+        if stop_at:
+            raise RunStopped.at_step(stop_at, config_path.parent / "checkpoints" / f"step_{stop_at:06d}")
+        output.write_text("done")
+
+    cfg = StageConfig()
+    with pytest.raises(RunStopped, match="in the stage 'stage' after its step 1 .*run the same command again"):
+        run_stage("stage", cfg, config_path, output, lambda: stage(cfg, stop_at=1), log=lambda *_: None)
+    assert not stale.exists()  # not resumed from: it is of other settings
+    cfg = StageConfig()  # the command run again
+    run_stage("stage", cfg, config_path, output, lambda: stage(cfg), log=lambda *_: None)
+    assert modes == ["false", "auto"]  # the second run went on from the stage's checkpoint (--resume auto)
+    lines = []
+    run_stage("stage", StageConfig(), config_path, output, lambda: pytest.fail("ran again"), log=lines.append)
+    assert lines == [f"stage: reusing {output} (same settings)"]  # its config records resume: auto, no matter

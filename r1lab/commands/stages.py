@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,16 +33,23 @@ def check_models_exist(cfg, *names: str) -> None:
 
 
 def already_done(cfg, config_path: Path, output: Path) -> bool:
-    """True when output exists, config_path holds exactly cfg, and output is newer than the stage's inputs (cfg.model,
+    """True when output exists, config_path holds cfg, and output is newer than the stage's inputs (cfg.model,
     cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
     a stage whose input model or data was remade since is run again."""
+    return output.exists() and started_with(cfg, config_path, since=output)
+
+
+def started_with(cfg, config_path: Path, since: Path) -> bool:
+    """Whether config_path holds cfg's settings (but resume: a resumed stage records "auto") and `since` is newer than
+    the stage's inputs."""
     if isinstance(cfg, GRPOConfig):  # grpo records the mismatch correction it settled on, not "auto"
         cfg = dataclasses.replace(cfg, mismatch_correction=mismatch_kind(cfg))
-    if not (output.exists() and config_path.exists()
-            and yaml.safe_load(config_path.read_text()) == dataclasses.asdict(cfg)):
+    recorded = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
+    settings = dataclasses.asdict(cfg)
+    if not isinstance(recorded, dict) or {**recorded, "resume": None} != {**settings, "resume": None}:
         return False
     inputs = [Path(v) for v in (getattr(cfg, "model", ""), getattr(cfg, "data", "")) if v and Path(v).exists()]
-    return all(_newest_mtime(p) <= output.stat().st_mtime for p in inputs)
+    return all(_newest_mtime(p) <= since.stat().st_mtime for p in inputs)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -61,9 +69,20 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
     # the stage writes its config first and its output last: an output left from other settings would, were this
     # run killed in between, pass for this run's finished one
     output.unlink(missing_ok=True)
+    if getattr(cfg, "resume", None) == "false":
+        if started_with(cfg, config_path, since=config_path):
+            cfg.resume = "auto"  # this stage was stopped or killed with these settings: on from its newest checkpoint
+        else:  # those of a run with other settings, not to be resumed from were this one killed before its first
+            shutil.rmtree(config_path.parent / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
     StopOnInterrupt.asked_in_process = False
-    fn()
+    try:
+        fn()
+    except RunStopped as stopped:
+        if stopped.step is None:
+            raise
+        raise RunStopped(f"stopped by Ctrl-C in the stage '{name}' after its step {stopped.step} (checkpoint "
+                         f"{stopped.checkpoint}); run the same command again to go on from there") from None
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"seconds": seconds}) + "\n")
     if StopOnInterrupt.asked_in_process:  # a Ctrl-C in the stage's last step: it finished, and the command ends here

@@ -25,9 +25,14 @@ def exit_now(signum: int | None = None, frame: object = None) -> None:
 class RunStopped(Exception):
     """The command stopped early on request, what it had done kept; the message says where and how to go on."""
 
+    def __init__(self, message: str, step: int | None = None, checkpoint: Path | None = None):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
+
     @classmethod
-    def at_step(cls, step: int, checkpoint: Path) -> "RunStopped":
-        return cls(f"stopped by Ctrl-C after step {step}; checkpoint {checkpoint}; continue with --resume true")
+    def at_step(cls, step: int, checkpoint: Path) -> RunStopped:
+        return cls(f"stopped by Ctrl-C after step {step}; checkpoint {checkpoint}; continue with --resume true",
+                   step, checkpoint)
 
 
 class StopOnInterrupt:
