@@ -31,6 +31,9 @@ def test_demo_runs_end_to_end_and_writes_a_report(tmp_path):
                                   control="random-reward"), log=lines.append)
     assert any("pretrained base: reusing" in line for line in lines)
     assert "R1-Zero GRPO (verifier rewards), other run" in control.read_text()
+    lines.clear()
+    assert run_demo(cfg, log=lines.append) == report
+    assert any("R1-Zero GRPO: reusing" in line for line in lines)  # its finished GRPO run is not made again
 
 
 def test_the_deepseek_v3_demo_runs_beside_the_dense_one_and_compares_the_bases(tmp_path):
