@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import importlib.metadata
 import itertools
@@ -15,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,6 +226,7 @@ def dispatch(name: str, cfg) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threading.excepthook = _thread_excepthook
     args = build_parser().parse_args(argv)
     if getattr(args, "run_dir", None):
         args.run = args.run or args.run_dir
@@ -245,6 +248,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"r1lab {args.command}: {rank_label()}error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a full or read-only disk outside a checkpoint's save (which says more: DiskFullError)
+        if err.errno not in UNWRITABLE or os.environ.get("R1LAB_DEBUG"):
+            raise
+        where = err.filename or getattr(args, "out", None) or "the output"
+        print(f"r1lab {args.command}: {rank_label()}error: cannot write {where}: {err.strerror}; free some space (or "
+              f"make it writable) and run the command again (grpo and sft: --resume true goes on from the last "
+              f"checkpoint)", file=sys.stderr)
+        sys.exit(2)
     except RunStopped as stopped:  # the first Ctrl-C: the step finished and was checkpointed
         signal.signal(signal.SIGINT, exit_now)  # another Ctrl-C while the process ends: no traceback
         if rank_and_size()[0] == 0:
@@ -262,6 +273,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if "r1lab.train.distributed" in sys.modules:  # imported by the commands that run under torchrun
             sys.modules["r1lab.train.distributed"].leave_world()
+
+
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # OSErrors said in one line: what to do is plain
+
+
+def _thread_excepthook(args) -> None:
+    """A writer thread (TensorBoard's) that meets a full disk dies quietly: the main thread meets it too and says so."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in UNWRITABLE):
+        threading.__excepthook__(args)
 
 
 def rank_and_size() -> tuple[int, int]:

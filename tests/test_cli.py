@@ -1,5 +1,6 @@
 """The command line: YAML + flag overrides, clear errors for bad input, `r1lab eval` output."""
 
+import errno
 import json
 import re
 
@@ -224,3 +225,16 @@ def test_eval_and_sample_refuse_prompts_that_do_not_fit_the_context(tiny_base, t
                       capsys)
         assert re.search(r"data.jsonl:2: prompt of \d+ tokens \+ max_new_tokens 8 > context 512", err)
         assert not (tmp_path / out).exists()
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl"),
+                                   OSError(errno.EROFS, "Read-only file system", "/runs/x/eval.jsonl")])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file(error, tmp_path, capsys, monkeypatch):
+    from r1lab import cli
+
+    monkeypatch.delenv("R1LAB_DEBUG", raising=False)
+
+    def dispatch(command, cfg):
+        raise error  # as metrics.jsonl, TensorBoard, sample's rows or eval's results meet a full disk
+
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    err = refused(["pretrain", "--out", str(tmp_path / "run")], capsys)
+    assert err.count("\n") == 1 and f"cannot write {error.filename}: {error.strerror}; free some space" in err
