@@ -299,3 +299,19 @@ def test_a_runs_model_is_evaluated_into_the_run(tmp_path):
     assert results_path(EvalConfig(model=str(tmp_path / "run" / "model"), out="x.json")) == Path("x.json")
     (tmp_path / "mine").mkdir()  # a model directory of the user's own: results in the current directory
     assert results_path(EvalConfig(model=str(tmp_path / "mine"))) == Path("eval-mine.json")
+
+
+def test_save_json_on_a_full_disk_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    result, _ = run_fake()
+    path = save_json(tmp_path / "step_000002.json", {"heldout": result})
+    before = path.read_text()
+    real_write = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):  # the disk fills after the first 4 KiB
+        real_write(self, text[:4096], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        save_json(path, {"heldout": {**result.to_dict(), "records": result.records * 50}})
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == [path.name]

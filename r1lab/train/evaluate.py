@@ -13,6 +13,7 @@ held-out set heldout_problems defines; `evaluate(engine, task, problems, encode_
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -303,5 +304,10 @@ def save_json(path: str | Path, results: dict[str, EvalResult | dict], include_r
     path.parent.mkdir(parents=True, exist_ok=True)
     out = {name: r.to_dict(include_records=include_records) if isinstance(r, EvalResult) else r
            for name, r in results.items()}
-    path.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    try:  # whole or not at all: a full disk or a kill leaves the earlier file, never a torn one read as complete
+        tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
