@@ -5,6 +5,7 @@ when nothing is learned."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,26 @@ def test_grpo_on_an_r1_distill_style_model_chooses_boxed_and_scores_what_follows
     assert all("zero_variance_streak" in m for m in metrics)
     sample = json.loads((run / "samples" / "step_000000.jsonl").read_text().splitlines()[0])
     assert sample["components"]["opened"] == 1.0
+
+
+def test_sample_stopped_by_a_full_disk_at_its_summary_leaves_no_rows_a_stage_would_take_for_done(tmp_path, monkeypatch):
+    from r1lab.commands.sample import sample
+    from r1lab.config import SampleConfig
+
+    model = r1_distill_model_dir(tmp_path / "r1-distill-tiny")
+    data = _write_rows(tmp_path / "sums.jsonl", [{"prompt": f"What is {n} + 30?", "answer": str(n + 30)}
+                                                 for n in range(4)])
+    real_write = Path.write_text
+
+    def full_at_the_summary(self, *args, **kwargs):
+        if self.name.endswith(".summary.json"):
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_at_the_summary)
+    out = tmp_path / "traces" / "sft.jsonl"
+    cfg = SampleConfig(model=str(model), task=str(data), template="chat", problems=2, samples=1, max_new_tokens=4,
+                       out=str(out), device="cpu", threads=1)
+    with pytest.raises(OSError):
+        sample(cfg, log=lambda *_: None)
+    assert not out.exists()  # distill and pipeline read the summary of any rows they find

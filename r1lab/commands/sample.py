@@ -276,12 +276,13 @@ def sample(cfg: SampleConfig, log=print) -> Path:
     if not world.main:
         world.barrier()
         return out
+    summary = {**tally.summary(), "out": str(out)}
+    # the summary first: rows on disk (what marks a distill or pipeline stage done) always have theirs beside them
+    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_jsonl(out, rows)
     if not rows:
         log(f"sample: WARNING: nothing was kept. If the model was trained on another task or task options than "
             f"--task {cfg.task} --task-options {cfg.task_options or '{}'}, pass the ones it learned.")
-    summary = {**tally.summary(), "out": str(out)}
-    out.with_name(out.stem + ".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log(summary_text(summary))
     world.barrier()  # rank 0 has written: the job may end
     return out
