@@ -204,3 +204,14 @@ def test_a_misspelt_teacher_student_or_base_is_refused_before_any_stage(tmp_path
     with pytest.raises(ValueError, match=f"base: {missing}: no config.json"):
         run_pipeline(PipelineConfig(base=missing, out=str(tmp_path / "p")))
     assert stages == []
+def test_the_cold_start_data_follows_the_cold_start_settings(tmp_path, monkeypatch):
+    from r1lab.commands import pipeline
+
+    monkeypatch.setattr(pipeline, "run_stage", lambda *_: 0.0)
+    data = tmp_path / "stage1-cold-start" / "data.jsonl"
+    pipeline.Stages(PipelineConfig(out=str(tmp_path), cold_start_examples=8), log=print).cold_start(tmp_path / "base")
+    written = data.stat().st_mtime_ns
+    pipeline.Stages(PipelineConfig(out=str(tmp_path), cold_start_examples=8), log=print).cold_start(tmp_path / "base")
+    assert data.stat().st_mtime_ns == written  # the same data: not rewritten, so a finished stage 1 is reused
+    pipeline.Stages(PipelineConfig(out=str(tmp_path), cold_start_examples=4), log=print).cold_start(tmp_path / "base")
+    assert len(data.read_text().splitlines()) == 4  # it kept the 8 rows of the earlier run, and stage 1 with them

@@ -59,9 +59,12 @@ class Stages:
 
     def cold_start(self, base: Path) -> Path:
         data = Path(self.cfg.cold_start_data or self.out / "stage1-cold-start" / "data.jsonl")
-        if not self.cfg.cold_start_data and not data.exists():  # the built-in task: worked solutions, generated
+        if not self.cfg.cold_start_data:  # the built-in task: worked solutions, generated
             task = get_task("arithmetic", **self.cfg.task_options)
-            write_jsonl(data, cold_start_conversations(task, self.cfg.cold_start_examples, self.cfg.seed))
+            rows = cold_start_conversations(task, self.cfg.cold_start_examples, self.cfg.seed)
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            if not data.exists() or data.read_text(encoding="utf-8") != text:  # rewritten only if other settings
+                write_jsonl(data, rows)  # changed it: stage 1 is then run again, as its input is newer
         return self.sft("stage 1: cold-start SFT", "stage1-cold-start", base, data, self.cfg.cold_start_epochs)
 
     def rejection_sampling(self, model: Path) -> Path:
