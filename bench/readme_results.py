@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,7 @@ def run_demo(seeds: list[int], workdir: Path, arch: str = "dense", tools: str = 
     runs, flags = [], ([] if arch == "dense" else ["--arch", arch]) + (["--tools", tools] if tools else [])
     for seed in seeds:
         out = workdir / f"demo-seed{seed}"
+        shutil.rmtree(out, ignore_errors=True)  # demo reuses the stages it finds done: the wall time is a whole run's
         r1lab = [sys.executable, "-m", "r1lab", "demo", "--out", str(out), "--seed", str(seed), *flags]
         demo_s = timed(r1lab, workdir / f"{run_name('demo', arch, tools=tools)}-seed{seed}.log")
         control_s = timed(r1lab + ["--control", "random-reward"],
