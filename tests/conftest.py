@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,8 +51,26 @@ def tiny_base(tmp_path_factory):
     from r1lab.commands.pretrain import pretrain
     from r1lab.config import PretrainConfig
 
-    out = tmp_path_factory.mktemp("base")
-    cfg = PretrainConfig(out=str(out), task_options={"min_terms": 3, "max_terms": 4}, documents=3000, steps=80,
-                         batch_size=32, lr=1e-2, warmup_steps=5, hidden_size=64, num_layers=2, num_heads=2,
-                         num_kv_heads=1, intermediate_size=128)
-    return pretrain(cfg, log=lambda *_: None)
+    def build(out: Path) -> Path:
+        cfg = PretrainConfig(out=str(out), task_options={"min_terms": 3, "max_terms": 4}, documents=3000, steps=80,
+                             batch_size=32, lr=1e-2, warmup_steps=5, hidden_size=64, num_layers=2, num_heads=2,
+                             num_kv_heads=1, intermediate_size=128)
+        return pretrain(cfg, log=lambda *_: None)
+
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp("base"))
+    # pytest-xdist's workers of one run share the model: the first to need it trains it, the others wait and read it
+    from filelock import FileLock  # the dev extras' (make test-openenv runs without workers)
+
+    shared = tmp_path_factory.getbasetemp().parent / "tiny_base"
+    with FileLock(f"{shared}.lock"):
+        if not (shared / "path").exists():
+            (shared / "path").parent.mkdir(exist_ok=True)
+            (shared / "path").write_text(str(build(shared / "run")))
+    return Path((shared / "path").read_text())
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test of the fast tier, the torchrun smoke test (two jobs of ranks), runs first: started last, it
+    would keep one worker busy while the others had nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("smoke") is None)

@@ -2,6 +2,7 @@
 calls the policy through a real OpenAI client against the in-process endpoint; its rollout is trained token in, token
 out (the served replies trained, the agent's messages between them context with loss mask 0)."""
 
+import importlib.util
 import json
 import re
 import sys
@@ -18,7 +19,7 @@ from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.rewards.rules import score_completions
 from r1lab.rewards.tasks import get_task
 
-pytest.importorskip("openai")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="needs the openai client")
 TOK = build_tiny_tokenizer()
 SERVED: dict[str, list[tuple[list[int], list[int]]]] = {}  # rollout key -> (prompt ids, completion ids) per reply
 

@@ -10,7 +10,6 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 
 from r1lab.model.architecture import ModelConfig
@@ -166,6 +165,8 @@ def torch_save_no_space(obj, path, *args, **kwargs):
 
 
 def dcp_no_space(*_args, **_kwargs):
+    import torch.distributed.checkpoint as dcp  # ~0.7 s to import: only where a test needs it
+
     try:
         no_space()
     except OSError as err:  # torch.distributed.checkpoint reports each rank's failure in one BaseException
@@ -181,7 +182,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(run, monkeypatc
         monkeypatch.setattr(checkpoint_module.torch, "save", torch_save_no_space)
         monkeypatch.setattr(checkpoint_module.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
     elif where == "optimizer":
-        monkeypatch.setattr(dcp, "save", dcp_no_space)
+        monkeypatch.setattr("torch.distributed.checkpoint.save", dcp_no_space)
     else:
         monkeypatch.setattr(checkpoint_module, "write_manifest", no_space)
     model = tiny_model()

@@ -2,6 +2,7 @@
 the held-out set) or a dataset repository's files trains and evaluates; a hub name that cannot be had offline says
 what to download."""
 
+import importlib.util
 import json
 
 import pytest
@@ -9,12 +10,14 @@ import pytest
 from r1lab.cli import main
 from r1lab.rewards.tasks import DatasetError, get_task
 
-datasets = pytest.importorskip("datasets")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs datasets")
 
 ROWS = [{"question": f"What is {n}+1?", "answer": f"It is {n + 1}.\n#### {n + 1}"} for n in range(30)]
 
 
 def test_a_saved_dataset_dict_keeps_its_test_split(tmp_path):
+    import datasets
+
     saved = tmp_path / "gsm8k-like"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:24]),
                           "test": datasets.Dataset.from_list(ROWS[24:])}).save_to_disk(str(saved))
@@ -24,6 +27,8 @@ def test_a_saved_dataset_dict_keeps_its_test_split(tmp_path):
 
 
 def test_a_saved_dataset_is_split_like_a_file_and_bad_rows_are_named(tmp_path):
+    import datasets
+
     saved = tmp_path / "one"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(saved))
     task = get_task(str(saved))
@@ -66,6 +71,8 @@ def test_a_hub_name_offline_says_what_to_download(tmp_path, monkeypatch):
 
 
 def test_a_datasets_directory_trains_and_evaluates_as_a_task(tiny_base, tmp_path):
+    import datasets
+
     saved = tmp_path / "sums"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:24]),
                           "test": datasets.Dataset.from_list(ROWS[24:])}).save_to_disk(str(saved))
@@ -80,6 +87,8 @@ def test_a_datasets_directory_trains_and_evaluates_as_a_task(tiny_base, tmp_path
 
 
 def test_sft_reads_a_datasets_source_as_it_reads_a_file(tmp_path):
+    import datasets
+
     """`r1lab sft --data` takes what `--task` takes: a saved DatasetDict's train split, TRL's messages rows; a bad
     row is named SOURCE[train]:ROW."""
     from r1lab.train.sft_data import read_conversations

@@ -8,6 +8,7 @@ and the module it imports.
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ class Imports(ast.NodeVisitor):
         self.generic_visit(node)
 
 
+@functools.cache  # the package's graph is read once for its three tests (a planted package is a new root)
 def import_graph(root: Path) -> tuple[dict[str, Path], dict[str, list[tuple[str, int, bool]]]]:
     """The modules of the package at root, and for each the (module, line, in a function) it imports."""
     modules = module_names(root)

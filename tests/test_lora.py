@@ -17,7 +17,6 @@ from r1lab.model.tokenizer import build_tiny_tokenizer
 from r1lab.model.transformer import CausalLM, KVCache
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 SPEC = LoRASpec(rank=4, alpha=8, targets=ALL_LINEAR)
 QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
@@ -51,6 +50,7 @@ def max_diff(ref, got, mask) -> float:
 
 
 def peft_logits(base_dir, adapter_dir, ids, mask):
+    peft = pytest.importorskip("peft")
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Rewards a model gives: an LLM judge behind an OpenAI-compatible endpoint and a transformers reward model, in GRPO."""
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -27,7 +28,7 @@ from r1lab.rewards.tasks.base import Problem
 from r1lab.train.task_settings import check_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="needs the openai client")
 
 
 # ---------------------------------------------------------------------------------------------------------------

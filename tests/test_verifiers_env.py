@@ -18,7 +18,6 @@ from r1lab.config import GRPOConfig
 from r1lab.engine.engine import Sample
 from r1lab.engine.tools import EnvTurns, context_delta, generate_with_tools
 from r1lab.model.tokenizer import build_tiny_tokenizer
-from r1lab.rewards.environments import verifiers_env
 from r1lab.rewards.rules import score_completions
 from r1lab.rewards.tasks import get_task
 
@@ -108,6 +107,8 @@ def packages(tmp_path_factory):
 
 
 def test_without_verifiers_the_task_is_refused_in_one_line(monkeypatch):
+    from r1lab.rewards.environments import verifiers_env
+
     monkeypatch.setattr(verifiers_env, "vf", None)
     with pytest.raises(ValueError) as err:
         get_task("verifiers:sums_env")
