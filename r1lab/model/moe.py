@@ -1,10 +1,6 @@
-"""Mixture-of-experts feed-forward layers with transformers' routing: DeepSeekMoE (DeepSeek-V3: sigmoid scores, group-
-limited top-k on score + e_score_correction_bias, shared experts; the first first_k_dense_replace layers dense) and
-Qwen3-MoE (softmax top-k; mlp_only_layers and decoder_sparse_step pick the dense layers). Only what is routed is
-computed. Training: expert loads counted (count_loads, load_metrics), V3's auxiliary-loss-free balancing
-(update_routing_bias) and sequence-wise balance loss. In memory an expert bank is two 3-D tensors, as in transformers;
-on disk each expert has its own gate/up/down_proj (split_experts, join_experts).
-"""
+"""Mixture-of-experts layers with transformers' routing: DeepSeekMoE (V3: sigmoid, group-limited top-k, shared
+experts) and Qwen3-MoE (softmax top-k); expert load counts, V3's bias balancing and sequence-wise balance loss. An
+expert bank is two 3-D tensors in memory, one gate/up/down_proj per expert on disk."""
 
 from __future__ import annotations
 
@@ -45,12 +41,11 @@ class SigmoidGroupRouter(nn.Module):
         self.norm, self.scaling = m["norm_topk_prob"], m["routed_scaling_factor"]
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
         nn.init.normal_(self.weight, std=0.02)
-        # chosen on, never weighted by: the load-balancing bias (updated outside the gradient in DeepSeek-V3)
+        # the load-balancing bias: chosen on, never weighted by
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
 
     def _apply(self, fn, recurse=True):
-        # transformers keeps gate.weight and e_score_correction_bias in float32 whatever the model's dtype (in bf16
-        # the bias's rounding would change which experts are chosen): model.to(dtype) moves them, casts them not
+        # float32 whatever the model's dtype, as in transformers (bf16 rounding would change the chosen experts)
         weight, bias = self.weight.data, self.e_score_correction_bias
         super()._apply(fn, recurse)
         self.weight.data = weight.to(device=self.weight.device, dtype=torch.float32)
@@ -113,8 +108,7 @@ class Experts(nn.Module):
                 gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
                 outputs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         y = torch.cat(outputs) * weights.reshape(-1)[order, None]  # (N * k, D)
-        # back to (token, choice) order and summed over the k choices: a gather, not index_add_ (whose CPU kernel
-        # opens a parallel region even for a few rows)
+        # back to (token, choice) order and summed: a gather, not index_add_ (a CPU parallel region even for few rows)
         return y[order.argsort()].view(N, k, -1).sum(1).to(x.dtype), counts
 
 
@@ -146,8 +140,7 @@ class MoE(nn.Module):
         return y + self.shared_experts(x) if self.shared_experts is not None else y
 
     def _balance_loss(self, flat: torch.Tensor, experts: torch.Tensor, B: int, T: int) -> torch.Tensor:
-        """DeepSeek-V3's sequence-wise balance loss, summed over the B sequences: weight * sum_e f_e * P_e, f_e = E /
-        (k T) times the sequence's tokens that chose expert e, P_e their mean normalised score. Padding left out."""
+        """V3's sequence-wise balance loss summed over sequences: weight * sum_e f_e * P_e, padding left out."""
         E, k = self.gate.n_experts, self.gate.top_k
         scores = F.linear(flat.float(), self.gate.weight.float()).sigmoid()
         share = (scores / scores.sum(-1, keepdim=True)).view(B, T, E)
@@ -176,8 +169,7 @@ def moe_layers(model: nn.Module) -> dict[int, MoE]:
 
 @contextlib.contextmanager
 def count_loads(model: nn.Module):
-    """Within it, every MoE layer sums its tokens per expert over the forward passes run; yields a dict that on exit
-    holds layer index -> (E,) counts (empty for a dense model)."""
+    """Within it, MoE layers sum their tokens per expert; yields a dict of layer index -> (E,) counts, on exit."""
     layers, loads = moe_layers(model), {}
     for m in layers.values():
         m.load = torch.zeros(m.experts.gate_up_proj.shape[0], dtype=torch.long, device=m.experts.gate_up_proj.device)
@@ -190,8 +182,7 @@ def count_loads(model: nn.Module):
 
 @contextlib.contextmanager
 def balance_loss(model: nn.Module, weight: float):
-    """Within it, with weight > 0, every DeepSeek-V3 MoE layer's training forward computes V3's sequence-wise
-    balance loss (MoE._balance_loss), for take_balance_loss to collect."""
+    """Within it (weight > 0), DeepSeek-V3 MoE training forwards add the balance loss take_balance_loss collects."""
     layers = [m for m in moe_layers(model).values() if isinstance(m.gate, SigmoidGroupRouter)] if weight else []
     for m in layers:
         m.balance_weight, m.balance_terms = weight, []
@@ -206,9 +197,7 @@ def take_balance_loss(model: nn.Module) -> torch.Tensor | float:
     """The balance losses of the forwards since the last call, summed over layers and sequences (0.0 if none)."""
     total = 0.0
     for m in moe_layers(model).values():
-        for term in m.balance_terms:
-            total = total + term
-        m.balance_terms = []
+        total, m.balance_terms = sum(m.balance_terms, total), []
     return total
 
 
@@ -235,8 +224,7 @@ def add_loads(total: dict, loads: dict) -> dict:
 
 @torch.no_grad()
 def update_routing_bias(model: nn.Module, loads: dict, speed: float) -> None:
-    """DeepSeek-V3's auxiliary-loss-free balancing, from one optimizer step's loads: bias_e += speed * sign(mean
-    load - load_e). The bias only decides which experts are chosen, not their weights."""
+    """DeepSeek-V3's auxiliary-loss-free balancing: bias_e += speed * sign(mean load - load_e)."""
     if not speed:
         return
     for i, m in moe_layers(model).items():
@@ -254,8 +242,7 @@ def copy_routing_bias(to: nn.Module, source: nn.Module) -> None:
 
 
 def load_metrics(loads: dict, prefix: str = "moe/") -> dict:
-    """load_max_over_mean: the most loaded expert's tokens over the mean, worst layer (1 = even); routing_entropy:
-    entropy in nats of the tokens over experts, mean over layers (log(E) when even). {} when nothing was counted."""
+    """load_max_over_mean (worst layer; 1 = even) and routing_entropy (nats, mean over layers); {} if none counted."""
     counts = [c.float() for c in loads.values() if c.sum() > 0]
     if not counts:
         return {}

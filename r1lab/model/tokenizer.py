@@ -1,8 +1,5 @@
-"""Tokenizers: the tiny built-in one made in code (character-level ASCII, plus the R1 tags, end-of-text and the R1-Zero
-template's fixed text as single tokens), and any Hugging Face tokenizer directory, read as transformers 5's
-AutoTokenizer reads it (the class picked by model_type and tokenizer_class, the pipeline rebuilt for Qwen2Tokenizer
-and LlamaTokenizer, the added and named special tokens), so both give the same ids: docs/your-model-and-data.md.
-"""
+"""Tokenizers: the tiny built-in character-level one, and Hugging Face tokenizer directories read as transformers 5's
+AutoTokenizer reads them (class, rebuilt pipeline, added and special tokens), so both give the same ids."""
 
 from __future__ import annotations
 
@@ -34,8 +31,7 @@ CLASS_DEFAULTS = {  # the named special tokens each class's __init__ defaults to
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus what generation needs: end-of-text ids and the chat template. files: the
-    directory's tokenizer files (name -> bytes), written back verbatim by save; None for one made in code."""
+    """A `tokenizers.Tokenizer` plus end-of-text ids and the chat template; files: the loaded files, saved verbatim."""
 
     def __init__(self, backend, eos_token: str | None, chat_template: str | None = None, name: str = "",
                  files: dict[str, bytes] | None = None, bos_token: str | None = None, pad_token: str | None = None):
@@ -59,14 +55,10 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids with end-of-text, begin, pad and other special tokens dropped; the R1 tags are kept even where
-        the tokenizer registers them as special tokens (rewards read them)."""
-        drop = self._dropped_ids()
-        return self.backend.decode([i for i in ids if i not in drop], skip_special_tokens=False)
-
-    def _dropped_ids(self) -> set[int]:
+        """Text of ids without special tokens, but with the R1 tags even where they are special (rewards read them)."""
         special = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special and t.content not in TAGS}
-        return special | self.eos_ids | self._named_ids
+        drop = special | self.eos_ids | self._named_ids
+        return self.backend.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
     def add_eos_ids(self, ids) -> None:
         """Extra stop ids, e.g. from a model's generation_config.json (Qwen2.5 lists two)."""
@@ -74,7 +66,7 @@ class Tokenizer:
             self.eos_ids.add(int(i))
 
     def save(self, path: str | Path) -> None:
-        """The tokenizer files as they were loaded, byte for byte; the built-in tokenizer's own files otherwise."""
+        """The tokenizer files as loaded, byte for byte; the built-in tokenizer's own files otherwise."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.files is None:
@@ -136,7 +128,7 @@ def _model_type(directory: Path) -> str | None:
 
 
 def _transformers_class(model_type: str | None, declared: str | None, tokenizer_json: bytes) -> str:
-    """'qwen2', 'llama' or 'backend' (tokenizer.json as it is): the class AutoTokenizer.from_pretrained builds."""
+    """'qwen2', 'llama' or 'backend' (tokenizer.json as it is): the class AutoTokenizer builds."""
     declared = (declared or "").removesuffix("Fast")
     registered = "Qwen2Tokenizer" if model_type in QWEN2_MODEL_TYPES else ""
     # LlamaTokenizer hard-codes a SentencePiece pipeline, so transformers skips it for byte-level tokenizer.json
@@ -196,8 +188,7 @@ def _llama_pipeline(vocab: dict, merges: list, config: dict) -> Backend:
 
 
 def _special_tokens(config: dict, files: dict, tokenizer_json: dict, kind: str) -> tuple[dict, list]:
-    """The named special tokens (bos_token, ...: AddedToken or str) and the added tokens in id order, from the
-    same files and with the same precedence as transformers' _from_pretrained."""
+    """The named special tokens and the added tokens in id order, with transformers' _from_pretrained precedence."""
     named = dict(CLASS_DEFAULTS[kind])
     named.update({k: _added(config[k]) for k in SPECIAL_KEYS if k in config})
     if "added_tokens_decoder" in config:
@@ -223,8 +214,7 @@ def _content(token) -> str | None:
 
 
 def _add_tokens(backend: Backend, added: list, named: dict, extra: list) -> None:
-    """transformers' TokenizersBackend.__init__: the configured added tokens missing from the backend, then the
-    named and extra special tokens missing from them (as special), in one add_tokens call."""
+    """transformers' TokenizersBackend.__init__: missing added tokens, then missing named and extra ones (special)."""
     def key(t: AddedToken) -> tuple:
         return t.content, t.special, t.lstrip, t.rstrip, t.normalized, t.single_word
 
@@ -237,13 +227,9 @@ def _add_tokens(backend: Backend, added: list, named: dict, extra: list) -> None
             todo.append(token)
             known.add(_content(token))
     names = {_content(t) for t in named.values()}
-    tokens = []
-    for token in todo:
-        if isinstance(token, str):
-            token = AddedToken(token, special=True)
-        elif not token.special and token.content in names:
-            token.special = True
-        tokens.append(token)
+    tokens = [AddedToken(t, special=True) if isinstance(t, str) else t for t in todo]
+    for token in tokens:
+        token.special = token.special or token.content in names
     if tokens:
         backend.add_tokens(tokens)
 
@@ -271,10 +257,8 @@ def byte_symbols() -> dict[int, str]:
 
 
 def _save_builtin(tok: Tokenizer, path: Path) -> None:
-    """The built-in tokenizer as transformers reads it: whatever tokenizer_class says, transformers rebuilds a
-    model_type qwen2 directory's tokenizer as Qwen2Tokenizer (byte-level), so the vocabulary is written in byte-level
-    characters (" " as "Ġ", "\\n" as "Ċ"): the rebuilt pipeline then gives every ASCII text the ids r1lab gives it.
-    (A character outside the vocabulary is dropped there, where the built-in tokenizer gives <unk>.)"""
+    """The built-in tokenizer as transformers reads it: a qwen2 directory's tokenizer is rebuilt as Qwen2Tokenizer
+    (byte-level), so the vocabulary is written in byte-level characters (" " as "Ġ") : ASCII gets the same ids."""
     symbols = byte_symbols()
     vocab = tok.backend.get_vocab(with_added_tokens=False)
     if any(len(t) != 1 or ord(t) > 127 for t in vocab if t != "<unk>"):
@@ -300,7 +284,7 @@ def _token_dict(t: AddedToken) -> dict:
 
 
 def _is_legacy_builtin(tokenizer_json: dict) -> bool:
-    """A built-in tokenizer saved by an earlier r1lab: character-level, no pre-tokenizer, raw space in the vocab."""
+    """A built-in tokenizer saved by an earlier r1lab: no pre-tokenizer, raw space in the vocab."""
     contents = {t["content"] for t in tokenizer_json.get("added_tokens", [])}
     return (R1_ZERO_PREAMBLE in contents and tokenizer_json.get("pre_tokenizer") is None
             and " " in tokenizer_json.get("model", {}).get("vocab", {}))

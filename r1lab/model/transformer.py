@@ -1,7 +1,5 @@
-"""Decoder-only transformer for the Qwen2 / Qwen2.5 / Qwen3 / Llama families, and DeepSeek-V3 and Qwen3-MoE with the
-layers of mla.py and moe.py. `forward` runs full sequences (training); `forward_cached` (the engine's prefill and
-decode) writes into a preallocated KV cache. DeepSeek-V3's multi-token prediction modules run after the main model.
-"""
+"""Decoder-only transformer (Qwen2/2.5/3, Llama, DeepSeek-V3, Qwen3-MoE): `forward` for full sequences,
+`forward_cached` for the engine's prefill and decode into a preallocated KV cache, and V3's MTP modules."""
 
 from __future__ import annotations
 
@@ -40,8 +38,7 @@ class MTPModule(DecoderLayer):
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)})
 
     def predict(self, h, next_embeddings, cos, sin, mask, cache=None, start=0):
-        """The block's output (B, T, D) before shared_head.norm (the next depth's h), from the previous depth's h and
-        the embeddings of the tokens one further ahead (B, T, D); cache: one layer of a KVCache."""
+        """The block's output (B, T, D) before shared_head.norm, from h and the next tokens' embeddings (B, T, D)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h)], dim=-1))
         return self(x, cos, sin, mask, cache, start)
 
@@ -49,8 +46,7 @@ class MTPModule(DecoderLayer):
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        # A tied embedding's gradient is the LM head's (V, D) one plus the lookup's few rows: a sparse lookup gradient
-        # is added into it in place, where a dense one would be another (V, D) tensor at the end of every backward.
+        # tied: a sparse lookup gradient is added in place into the head's (V, D) one, not another (V, D) tensor
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, sparse=cfg.tie_word_embeddings)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -122,8 +118,7 @@ class CausalLM(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, start=0, key_mask=None):
-        """Final normalised hidden states (B, T, D). attention_mask (B, T): 1 for real tokens, without a cache; with
-        one, tokens are written at positions [start, start+T) and key_mask (B, start+T) marks real keys."""
+        """Final normalised hidden states (B, T, D); attention_mask without a cache, key_mask (B, start + T) with it."""
         B, T = input_ids.shape
         if key_mask is None:
             key_mask = attention_mask.bool() if attention_mask is not None else torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
@@ -144,8 +139,7 @@ class CausalLM(nn.Module):
 
     def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask=None,
                           depth: int | None = None) -> list[torch.Tensor]:
-        """The first depth (default all) MTP depths' normalised hidden states: depth k's (B, T - k, D) at position i
-        predicts token i + k + 1. h: hidden_states(input_ids); left padding needs attention_mask."""
+        """The first `depth` MTP depths' final hidden states: depth k's (B, T - k, D) at i predicts token i + k + 1."""
         out, B = [], h.shape[0]
         for k, module in enumerate(self.mtp[:depth], 1):
             T = h.shape[1] - 1  # the last position has no next token to embed
@@ -160,10 +154,8 @@ class CausalLM(nn.Module):
 
     def mtp_draft_hidden(self, h, next_ids, position_ids, cache: KVCache, start: int, key_mask,
                          depth: int = 0) -> torch.Tensor:
-        """MTP depth `depth` (0: the first) over T new positions, its keys written into cache's layer `depth` at
-        [start, start + T): the block's outputs (B, T, D) before shared_head.norm, each predicting the token after
-        next_ids (B, T), from h: the previous depth's output (the main model's hidden states for the first), or the
-        block's own earlier output when drafts are chained."""
+        """MTP depth `depth` over T new positions, its keys written into cache layer `depth` at [start, start + T):
+        outputs (B, T, D) before shared_head.norm, from h (the previous depth's output, or the main model's)."""
         cos, sin = self._rope(position_ids, h.dtype)
         mask = attention_mask_4d(key_mask, h.shape[1], start)
         return self.mtp[depth].predict(h, self.model.embed_tokens(next_ids), cos, sin, mask, cache.layers[depth], start)
@@ -178,9 +170,8 @@ class CausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids))
 
     def completion_hidden_states(self, prompts, prompt_mask, rows, completions, completion_mask) -> torch.Tensor:
-        """Hidden states (B, C, D) that predict each completion token, each distinct prompt run only once (its keys
-        expanded to its samples' rows). prompts (U, P) left-padded with prompt_mask; completion b continues prompt
-        rows[b]; completions (B, C) right-padded with completion_mask."""
+        """Hidden states (B, C, D) predicting each completion token, each distinct prompt (U, P, left-padded) run once;
+        completion b (B, C, right-padded) continues prompt rows[b]."""
         U, P = prompts.shape
         C = completions.shape[1]
         cache = KVCache(self.config, U, P + C, self.lm_head.weight.dtype, prompts.device)
@@ -190,12 +181,10 @@ class CausalLM(nn.Module):
         prompt_in = self._layer_inputs(prompts, prompt_pos, prompt_mask, 0)
         completion_in = self._layer_inputs(completions, positions, key_mask, P)
         x_prompt, x_completion = prompt_in[0], completion_in[0]
-        # Layer by layer, prompt then completions: backward finishes each layer's gradient before the layer below,
-        # so that an optimizer step in the backward pass (r1lab/train/backward_step.py) can free it
+        # Layer by layer: backward finishes each layer's gradient before the one below (for backward_step.py)
         for layer, (k, v) in zip(self.model.layers, cache.layers):
             x_prompt = self._run_layer(layer, x_prompt, prompt_in, (k, v), 0, prompt_mask)
-            # a view of the group's prompt keys per sample: autograd sums the G samples' gradients back
-            expanded = (k.index_select(0, rows), v.index_select(0, rows))
+            expanded = (k.index_select(0, rows), v.index_select(0, rows))  # autograd sums the samples' gradients
             x_completion = self._run_layer(layer, x_completion, completion_in, expanded, P, completion_mask)
         h_prompt, h_completion = self.model.norm(x_prompt), self.model.norm(x_completion)
         # token 0 is predicted by the prompt's last position (left padding puts it at P - 1), token j by token j - 1
@@ -214,8 +203,7 @@ class CausalLM(nn.Module):
         return layer(x, inputs[1], inputs[2], inputs[3], kv, start)
 
     def decode_step(self, input_ids, position_ids, cache: KVCache, write_pos: torch.Tensor, mask) -> torch.Tensor:
-        """One decode step with every shape fixed, for a CUDA graph: logits (B, V) of input_ids (B, 1), the keys
-        written at write_pos (a (1,) tensor) and the whole cache attended under mask (B, 1, 1, max_len)."""
+        """A fixed-shape decode step (CUDA graphs): logits (B, V), keys written at write_pos, mask over the cache."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(position_ids, x.dtype)
         for layer, kv in zip(self.model.layers, cache.layers):
@@ -229,8 +217,7 @@ class CausalLM(nn.Module):
 
 
 def attention_mask_4d(key_mask: torch.Tensor, T: int, start: int) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: causal, real keys only, and always the token itself (a padding row with no key
-    would give NaN, which poisons every later query through 0 * NaN)."""
+    """Boolean (B, 1, T, S) mask: causal, real keys, and always the token itself (a keyless padding row gives NaN)."""
     S = key_mask.shape[1]
     q_pos = torch.arange(start, start + T, device=key_mask.device)[:, None]  # (T, 1)
     k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
