@@ -1,10 +1,6 @@
-"""LoRA adapters on r1lab's model, saved and loaded in PEFT's format (adapter_config.json + adapter_model.safetensors).
-
-Adapters are per Hugging Face module (q_proj, ...), while r1lab fuses q/k/v and gate/up: a forward hook adds each
-part's low-rank term to the fused projection's output, so every forward path (training, KV-cache prefill and decode,
-static decode and its CUDA graph) goes through the adapters unchanged. The base stays the initial policy, so GRPO's
-KL reference is the same model with the adapters off (adapters_disabled). Usage: docs/lora.md.
-"""
+"""LoRA adapters in PEFT's format. Adapters are per Hugging Face module (q_proj, ...) while r1lab fuses q/k/v and
+gate/up: a forward hook on the fused Linear adds each part's low-rank term, so every forward path sees them. The base
+stays the initial policy: GRPO's KL reference is the model with adapters_disabled."""
 
 from __future__ import annotations
 
@@ -28,15 +24,14 @@ from r1lab.suggest import did_you_mean
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Hugging Face names
 ALL_LINEAR = LORA_TARGETS  # PEFT's "all-linear": every linear layer but the LM head
-# Per module of a decoder layer (and its class): the HF modules of each of its Linears, in the order of its output rows
+# Per module of a decoder layer: the HF modules of each of its Linears, in the order of its output rows
 _PARTS = {"self_attn": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",)},
           "mlp": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
 _PARENT_TYPES = {"self_attn": Attention, "mlp": MLP}
 _PARENT = {part: parent for parent, linears in _PARTS.items() for parts in linears.values() for part in parts}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the model as base_model (a LoraModel), which holds it as .model
-# adapter_config.json fields that change what the adapter computes and that r1lab does not implement: any value
-# other than these defaults is refused rather than silently computing another model
+# adapter_config.json fields r1lab does not implement: another value is refused rather than computing another model
 _UNSUPPORTED_DEFAULTS = {"bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
                          "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "exclude_modules": None,
                          "fan_in_fan_out": False, "lora_bias": False, "target_parameters": None,
@@ -72,8 +67,7 @@ class LoRASpec:
 
 
 class LoRAAdapter(nn.Module):
-    """The low-rank update of one Hugging Face module: scale * B @ A, float32 whatever the base's dtype (a bf16 A and
-    B would round away most of an update as small as a learning rate times a gradient)."""
+    """One module's low-rank update scale * B @ A, in float32 (bf16 would round away updates this small)."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, scale: float, device: torch.device):
         super().__init__()
@@ -83,12 +77,12 @@ class LoRAAdapter(nn.Module):
         self.enabled = True
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scale * x @ A.T @ B.T for float32 x (..., in): two thin products, never the (out, in) matrix."""
+        """scale * x @ A.T @ B.T: two thin products, never the (out, in) matrix."""
         return (x @ self.lora_A.t()) @ self.lora_B.t() * self.scale
 
 
 class _AddLowRank:
-    """Forward hook of one r1lab Linear: its output plus each part's low-rank term (zeros for a part without one)."""
+    """Forward hook of one Linear: its output plus each part's low-rank term (zeros for a part without one)."""
 
     def __init__(self, parts: list[tuple[LoRAAdapter | None, int]]):
         self.parts = parts  # (adapter or None, that part's number of output rows)
@@ -107,10 +101,8 @@ class _AddLowRank:
 
 
 def add_lora(model: CausalLM, spec: LoRASpec, seed: int = 0) -> list[nn.Parameter]:
-    """Freeze every base parameter and install adapters on the targeted modules of every decoder layer; returns the
-    adapter parameters. A is initialised as PEFT does (kaiming-uniform, a=sqrt(5), seeded), B with zeros. A layer's
-    adapters live in a ModuleDict `lora` beside the fused Linears (self_attn.lora.q_proj.lora_A, ...), where
-    split_fused never sees them."""
+    """Freeze the base and install adapters on the targeted modules of every layer (in a ModuleDict `lora` beside the
+    fused Linears); returns their parameters. A is initialised as PEFT does, B with zeros."""
     _check_spec(spec)
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters: merge_lora first to add new ones")
@@ -182,12 +174,9 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight (rank, in), .lora_B.weight."""
-    state = {}
-    for path, adapter in _adapters(model):
-        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
-        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B.detach()
-    return state
+    """The adapters' weights under PEFT's names: base_model.model.<module>.lora_A.weight, .lora_B.weight."""
+    return {f"{PEFT_PREFIX}{path}.lora_{ab}.weight": getattr(adapter, f"lora_{ab}").detach()
+            for path, adapter in _adapters(model) for ab in "AB"}
 
 
 def _spec_of(model: CausalLM) -> LoRASpec:
@@ -218,9 +207,7 @@ def save_adapter(model: CausalLM, path: str | Path, base_model: str) -> None:
 
 
 def load_adapter(model: CausalLM, path: str | Path) -> LoRASpec:
-    """Install the adapter saved at path (PEFT's format, by save_adapter or PEFT itself) on model and return its spec.
-    Settings r1lab does not implement, and weights that do not fit the model, are a ValueError that names them; the
-    model is then left as it was."""
+    """Install the PEFT adapter at path on model and return its spec; on a ValueError the model is left as it was."""
     path = Path(path)
     spec, state = _read_adapter(path)
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -236,7 +223,7 @@ def load_adapter(model: CausalLM, path: str | Path) -> LoRASpec:
 
 
 def load_adapter_weights(model: CausalLM, path: str | Path) -> None:
-    """The weights of the adapter at path into model's own adapters, in place (resuming); its settings must match."""
+    """The weights of the adapter at path into model's own adapters (resuming); its settings must match."""
     path = Path(path)
     spec, state = _read_adapter(path)
     own = _spec_of(model)
@@ -255,8 +242,7 @@ def _read_adapter(path: Path) -> tuple[LoRASpec, dict[str, torch.Tensor]]:
 
 
 def read_adapter_config(config_file: Path) -> LoRASpec:
-    """The LoRASpec of an adapter_config.json; a ValueError naming the file and the field for what r1lab cannot
-    compute. lora_dropout is accepted and ignored: dropout only acts in training, and a new run sets its own."""
+    """The LoRASpec of an adapter_config.json (lora_dropout ignored: it only acts in training)."""
     if not config_file.exists():
         raise FileNotFoundError(f"{config_file}: not found (expected a PEFT adapter directory)")
     config = json.loads(config_file.read_text())
@@ -281,7 +267,7 @@ def read_adapter_config(config_file: Path) -> LoRASpec:
 
 
 def _copy_weights(model: CausalLM, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy state (PEFT's names) into the model's adapters, after checking that names and shapes match exactly."""
+    """Copy state (PEFT's names) into the model's adapters once names and shapes match exactly."""
     # PEFT may name the weights with its adapter's name (lora_A.default.weight); saved files normally drop it
     state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
     expected = lora_state_dict(model)
@@ -300,7 +286,7 @@ def _copy_weights(model: CausalLM, state: dict[str, torch.Tensor], source: Path)
 
 
 def merge_lora(model: CausalLM) -> None:
-    """Fold every adapter into its base weight (W += scale * B @ A) and remove them; every parameter trainable again."""
+    """Fold every adapter into its base weight (W += scale * B @ A) and remove them; every parameter trainable."""
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapters to merge")
     with torch.no_grad():
@@ -331,7 +317,7 @@ def _remove_adapters(model: CausalLM) -> None:
 
 @contextlib.contextmanager
 def adapters_disabled(model: CausalLM) -> Iterator[None]:
-    """Inside, the model computes as its base alone: the KL reference of a LoRA run without a second copy."""
+    """Inside, the model computes as its base alone (a LoRA run's KL reference)."""
     adapters = [a for _, a in _adapters(model)]
     was = [a.enabled for a in adapters]
     for a in adapters:
