@@ -1,7 +1,5 @@
-"""One dataclass of settings per command (commands.py), each field declared once with `setting()` (fields.py): its
-default, a one-line help text and the values it allows, its type the annotation. From it come the flag and its --help
-line (r1lab/cli.py) and the checks resolve() runs on YAML and flags alike before anything loads (sources.py); settings
-several commands share are declared once (groups.py). A run's resolved config is saved with it, to rerun it exactly."""
+"""One dataclass of settings per command (commands.py), each field declared once with `setting()` (fields.py); from
+it come the flags, their --help and the checks resolve() runs on YAML and flags alike (sources.py)."""
 
 from r1lab.config.commands import (ChatConfig, DemoConfig, DistillConfig, EvalConfig, GRPOConfig, MergeConfig,
                                    PipelineConfig, PretrainConfig, ReportConfig, SampleConfig, ScoreConfig, ServeConfig,

@@ -9,8 +9,7 @@ from typing import Any, Callable
 from r1lab.config.sources import YES_NO, shown, type_problem
 from r1lab.suggest import did_you_mean
 
-# Rules config cannot apply itself, by name (rule="task"): the tasks and languages are r1lab.rewards', which config
-# does not import. r1lab/train/task_settings.py installs them on import; until then those fields take any text.
+# Rules named by a field (rule="task") and installed by r1lab/train/task_settings.py: config imports no rewards
 RULES: dict[str, tuple[Callable[[Any], str | None], str]] = {}  # name -> (rule, its allowed values)
 CHECKS: list[Callable[[Any], list[str]]] = []  # installed checks across fields, run beside each command's rules()
 
@@ -68,17 +67,14 @@ def setting(default, help: str, **allowed):
 
 
 class Group:
-    """Settings that several commands declare alike, declared once as a subclass's annotated fields; a command's
-    class body names the group where they go (`_tools = Tools`)."""
+    """Settings several commands share; a command's class body names the group where they go (`_tools = Tools`)."""
 
     problems = staticmethod(lambda cfg: [])  # cfg -> what is wrong across the group's fields
 
 
 class Settings:
-    """Base of the command configs. A subclass is a flat dataclass of its settings (`class GRPOConfig(Settings,
-    kind="GRPO")`, kind naming it in check()'s message), each group named in its body replaced, where it stands, by
-    the group's fields: their order is that of --help and of the saved config. check() validates every field against
-    its declaration, then the rules across fields, which run only once every field is valid on its own."""
+    """Base of the command configs: a flat dataclass of its settings, each group named in its body replaced there
+    by the group's fields. Rules across fields run only once every field is valid on its own."""
 
     kind, groups = "the", ()
 
@@ -86,8 +82,7 @@ class Settings:
         self._spell_yes_no_choices()
 
     def _spell_yes_no_choices(self) -> None:
-        """A yes/no choice beside others (resume: false, true or auto) also takes a boolean, from YAML or Python,
-        and the flag words a boolean takes (yes, no, 1, 0): the same choice, spelt as the choices spell it."""
+        """A yes/no choice beside others (resume: false, true or auto) also takes a boolean and yes, no, 1, 0."""
         for f in dataclasses.fields(self):
             value, spec = getattr(self, f.name), f.metadata.get("r1lab")
             value = YES_NO.get(value.lower(), value) if isinstance(value, str) else value
@@ -120,10 +115,10 @@ class Settings:
         return problems or [p for check in CHECKS for p in check(self)] + self.rules()
 
     def rules(self) -> list[str]:
-        """Checks across fields: its groups' here, and a command's own before them where it has any."""
+        """Checks across fields: its groups' (a command's own come first)."""
         return [problem for group in self.groups for problem in group.problems(self)]
 
     def check(self) -> None:
-        """Fail at start, with a sentence, on settings that cannot work (the commands call this themselves)."""
+        """Fail at start, with a sentence, on settings that cannot work."""
         if problems := self.find_problems():
             raise ValueError(f"invalid {self.kind} config: " + "; ".join(problems))

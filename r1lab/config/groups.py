@@ -141,8 +141,7 @@ class Optimizer(Group):  # what grpo and sft share after the learning rate and i
 
     @staticmethod
     def problems(cfg) -> list[str]:
-        """What optimizer_in_backward cannot honour (r1lab/train/backward_step.py; under torchrun it checks the
-        world). Every command with this group has TrainerRun's shard."""
+        """What optimizer_in_backward cannot honour (every command with this group has TrainerRun's shard)."""
         problems = []
         if cfg.optimizer_in_backward and cfg.max_grad_norm:
             problems.append(f"optimizer_in_backward cannot clip to max_grad_norm {shown(cfg.max_grad_norm)}: it "

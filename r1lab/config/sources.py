@@ -14,8 +14,7 @@ from r1lab.suggest import did_you_mean
 
 
 class YAMLLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads 1e-5 (no decimal point) as text; who writes lr: 1e-5 means a number. A
-    key given twice is an error: PyYAML keeps the last one silently, and a setting edited in one place is not."""
+    """YAML 1.1 with 1e-5 read as a number, not text, and a key given twice an error (PyYAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         keys = [(self.construct_object(key_node, deep=True), key_node.start_mark) for key_node, _ in node.value]
@@ -46,8 +45,7 @@ class Unparsed(typing.NamedTuple):  # flag text not of its field's type: kept, t
 
 
 def from_text(tp: type) -> Callable[[str], Any]:
-    """Flag text -> the field's type; text that does not convert is kept (Unparsed) for resolve() to report with the
-    other bad fields, instead of argparse stopping at the first."""
+    """Flag text -> the field's type; text that does not convert is kept (Unparsed), to report with every bad field."""
     def convert(text: str):
         try:
             if tp is bool:
@@ -63,8 +61,7 @@ def from_text(tp: type) -> Callable[[str], Any]:
 
 
 def type_problem(tp: type, value) -> str | None:
-    """Strict types: an int field refuses 2.5 and "3", a float field takes ints but not text, NaN or infinity, a bool
-    field takes only booleans (a quoted YAML 'no' is text, refused rather than read as true)."""
+    """Strict types: int refuses 2.5 and "3", float takes ints but not text or NaN, bool only booleans."""
     if isinstance(value, Unparsed):
         return f"{value.text!r} is not {value.expected}"
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -107,8 +104,7 @@ def read_yaml_config(path: str) -> dict:
 
 
 def resolve(cls, args: argparse.Namespace | None = None, **overrides):
-    """Defaults, then the YAML file named by --config, then flags, then keyword overrides; then every field is
-    validated (types, ranges, choices, the command's rules), all bad fields reported in one ValueError."""
+    """Defaults, then --config's YAML, flags and keyword overrides; every bad field reported in one ValueError."""
     names, config_path = [f.name for f in dataclasses.fields(cls)], getattr(args, "config", None)
     values = read_yaml_config(config_path) if config_path else {}
     problems = [f"{config_path}: unknown field {str(key)!r}{did_you_mean(str(key), names, aliases=ALIASES)}"

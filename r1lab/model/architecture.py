@@ -1,6 +1,4 @@
-"""What a checkpoint's config.json describes: the supported architectures, ModelConfig read from and written
-to transformers' keys, and the rotary embedding's frequencies.
-"""
+"""A checkpoint's config.json: the supported architectures, ModelConfig in transformers' keys, rotary frequencies."""
 
 from __future__ import annotations
 
@@ -18,9 +16,8 @@ REQUIRED_SHAPE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 OPTIONAL_SHAPE = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # null or absent: a default
 POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
 
-# Llama and Qwen3 read attention_bias (a bias on q/k/v/o or none); Qwen2 always has a q/k/v bias and none on o_proj.
+# attention_bias: a bias on q/k/v/o or none; Qwen2 always has a q/k/v bias and none on o_proj
 ATTENTION_BIAS_ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-
 
 MLA_ARCHITECTURES = ("DeepseekV3ForCausalLM",)  # multi-head latent attention (mla.py)
 MOE_ARCHITECTURES = ("DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM")  # mixture-of-experts layers (moe.py)
@@ -28,8 +25,7 @@ MTP_ARCHITECTURE = "DeepseekV3ForCausalLM"  # multi-token prediction modules (tr
 
 
 def attention_shape_problems(hidden_size: int, num_heads: int, num_kv_heads: int, prefix: str = "") -> list[str]:
-    """The attention's constraints on a model's shape: whole, even head sizes (rotary embeddings rotate halves) and
-    whole KV groups; prefix: of the settings' names (student_ for a distilled student)."""
+    """Whole, even head sizes (rotary embeddings rotate halves) and whole KV groups; prefix: of the settings' names."""
     problems = []
     if hidden_size % num_heads or (hidden_size // num_heads) % 2:
         problems.append(f"{prefix}hidden_size {hidden_size} is not num_heads {num_heads} times an even head size")
@@ -111,8 +107,7 @@ class ModelConfig:
             "torch_dtype", "dtype", "transformers_version", "num_key_value_heads",
         } | _arch_keys(arch)
         return cls(
-            **{k: hf[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                  "num_attention_heads")},
+            **{k: hf[k] for k in REQUIRED_SHAPE},
             **{k: hf.get(k) for k in ("head_dim", "bos_token_id", "eos_token_id")},
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -130,8 +125,7 @@ class ModelConfig:
         )
 
     def to_hf(self, dtype: torch.dtype = torch.float32) -> dict:
-        shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim")
+        shape = (*REQUIRED_SHAPE, "num_key_value_heads", "head_dim")
         rest = ("rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings", "bos_token_id",
                 "eos_token_id")
         hf = dict(self.extra)
@@ -153,7 +147,7 @@ class ModelConfig:
 
 
 def check_shape_fields(hf: dict, source: str) -> None:
-    """A missing or mistyped shape field, named with its value: it failed deep inside the model's construction."""
+    """A missing or mistyped shape field, named with its value (not a failure deep inside the model's construction)."""
     problems = [f"{k} is missing" for k in REQUIRED_SHAPE if k not in hf]
     problems += [f"{k} {hf[k]!r} is not a whole number >= 1" for k in (*REQUIRED_SHAPE, *OPTIONAL_SHAPE)
                  if hf.get(k) is not None and not (type(hf[k]) is int and hf[k] >= 1)]
@@ -205,12 +199,9 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).float()
 
 
-# config.json keys of MLA, with transformers' DeepseekV3Config defaults
+# config.json keys of MLA and of the MoE layers, with transformers' defaults
 MLA_KEYS = {"q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
             "v_head_dim": 128, "rope_interleave": True, "attention_bias": False}
-
-
-# config.json keys, with transformers' defaults
 DEEPSEEK_KEYS = {"n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
                  "moe_intermediate_size": 2048, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4,
                  "norm_topk_prob": True, "routed_scaling_factor": 2.5}

@@ -1,5 +1,4 @@
-"""What a model costs per token, for reports: parameters in all and active per token, and the bytes the engine's KV
-cache keeps per token, beside a multi-head model of the same width, heads and depth."""
+"""What a model costs per token, for reports: parameters (all, active) and KV-cache bytes beside a multi-head twin."""
 
 from __future__ import annotations
 

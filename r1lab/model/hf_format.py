@@ -1,8 +1,5 @@
-"""Hugging Face format: config.json + model.safetensors (or shards with model.safetensors.index.json), in transformers'
-tensor names: r1lab's fused projections (qkv_proj, gate_up_proj: one matrix product instead of three or two) are split
-on save and joined on load. DeepSeek-V3's multi-token prediction modules (mtp.K.*) are stored as V3 ships them:
-model.layers.{L + K}.*, with copies of the embedding and output head they share.
-"""
+"""Hugging Face format (config.json, safetensors shards) in transformers' names: the fused qkv_proj and gate_up_proj
+are split on save and joined on load; MTP modules (mtp.K.*) are stored as V3 ships them, model.layers.{L + K}.*."""
 
 from __future__ import annotations
 
@@ -126,8 +123,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     unexpected = set(state) - expected
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    # No tensor may stay a view of the file's memory mapping: it would keep the whole mapping resident, the q/k/v and
-    # gate/up pages read to build the fused tensors included (about half the weights again)
+    # No tensor may stay a view of the file's memory mapping: that would keep the whole mapping resident
     owned = {name: t.to(device=device, copy=name in state or name.startswith("mtp."))
              for name, t in join_fused(state, cfg).items()}
     model.load_state_dict(owned, strict=False, assign=True)
@@ -147,8 +143,7 @@ def _drop_absent_mtp(cfg: ModelConfig, state: dict, path: Path) -> None:
 
 def save_model(model: CausalLM, path: str | Path, dtype: torch.dtype | None = None, max_shard_bytes: int = 4 << 30,
                state: dict | None = None) -> None:
-    """Write config.json, generation_config.json and safetensors weights that transformers and vLLM load; the
-    weights are model's own, or state (a full state dict of it, e.g. gathered from the ranks of a sharded model)."""
+    """Write config.json, generation_config.json and safetensors weights (model's own, or the full state dict state)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu()
@@ -194,7 +189,7 @@ def read_generation_config(path: Path) -> dict:
 
 
 def generation_config(cfg) -> dict:
-    """A saved model's generation_config.json: the one it was loaded with, unchanged; else its token ids."""
+    """The generation_config.json it was loaded with, unchanged; else its token ids."""
     if cfg.generation:
         return dict(cfg.generation)
     return {k: v for k, v in {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}.items()

@@ -1,6 +1,4 @@
-"""The transformer's layers: RMSNorm, the rotary embedding's rotation, grouped-query attention, the gated MLP, and
-the Linear they share.
-"""
+"""The transformer's layers: RMSNorm, rotary rotation, grouped-query attention, the gated MLP and their Linear."""
 
 from __future__ import annotations
 
@@ -47,8 +45,7 @@ IN_PLACE_GRAD_MIN = 1 << 20  # weights whose gradient _InPlaceGradLinear writes 
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether t is one of FSDP's sharded tensors (a DTensor). Looked up, not imported: importing
-    torch.distributed.tensor takes ~0.7 s of every command's start, and no tensor is one before it is loaded."""
+    """Whether t is an FSDP DTensor; looked up, not imported (the import costs ~0.7 s of every command's start)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 
@@ -62,12 +59,10 @@ def few_rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose few-row products take the installed fast path, and whose backward writes its gradients in
-    place (_InPlaceGradLinear)."""
+    """nn.Linear with the few-rows fast path and gradients written in place (_InPlaceGradLinear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Training one process's own weights, outside autocast (which casts inside F.linear); FSDP's sharded weights
-        # (DTensors) keep autograd's path: FSDP reduces their gradients from its hooks.
+        # not for autocast (it casts inside F.linear) nor DTensors (FSDP reduces their gradients from its hooks)
         w = self.weight
         if (torch.is_grad_enabled() and w.requires_grad and w.numel() >= IN_PLACE_GRAD_MIN
                 and not is_dtensor(w) and not torch.is_autocast_enabled(x.device.type)):
@@ -77,9 +72,8 @@ class Linear(nn.Linear):
 
 
 class _InPlaceGradLinear(torch.autograd.Function):
-    """x @ W.T + b whose backward adds dY.T @ x into W.grad in place (and dY summed into b.grad): through autograd,
-    each backward returns a fresh (out, in) gradient, new memory a CPU must fault in and zero (two per weight in
-    GRPO's two passes). A hook on the weight does not see these gradients; a post-accumulate-grad hook still fires."""
+    """x @ W.T + b whose backward adds into W.grad and b.grad in place, not a fresh (out, in) gradient a CPU must
+    fault in and zero. A hook on the weight does not see these gradients; a post-accumulate-grad hook still fires."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -129,8 +123,8 @@ class Attention(nn.Module):
 
 
 def write_cache(cache: tuple, start, *new: torch.Tensor) -> tuple:
-    """Store this step's tensors (B, h, T, d) in a layer's cache at [start, start + T); return what is attended:
-    everything cached so far, or the whole buffer when start is a (1,) tensor (a static decode step, under its mask)."""
+    """Store this step's tensors (B, h, T, d) at [start, start + T); return what is attended: all cached so far, or
+    the whole buffer when start is a (1,) tensor (a static decode step, under its mask)."""
     if torch.is_tensor(start):
         for buffer, t in zip(cache, new):
             buffer.index_copy_(2, start, t)

@@ -1,6 +1,4 @@
-"""Loading what a command runs: the device, the dtype, a model directory with its tokenizer (and adapter), and
-turning a problem into prompt tokens that fit the model's context.
-"""
+"""Loading what a command runs (device, dtype, model, tokenizer, adapter), and prompts that fit the model's context."""
 
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ def encode_prompt(tokenizer: Tokenizer, problem: Problem, template: str, prefill
 
 
 def prompt_text(tokenizer: Tokenizer, problem: Problem, template: str, prefill: str = "", system: str = "") -> str:
-    """The text the model continues for a problem: its conversation (a conversational prompt, else its question as
-    the user's message) after the system message, rendered by the template, then prefill."""
+    """The text the model continues for a problem: its conversation after the system message, rendered, then prefill."""
     if template == "none":
         if problem.messages is not None or system:
             raise ValueError("template 'none' sends a question as it is: a conversational prompt or a system message "
@@ -93,8 +90,7 @@ def describe_prompts(tokenizer: Tokenizer, problem: Problem, template: str, pref
 
 def check_context(model: CausalLM, tokenizer: Tokenizer, problems: list[Problem], template: str, prefill: str,
                   max_new_tokens: int, source: str, system: str = "") -> None:
-    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context (positions past it
-    were never trained)."""
+    """Refuse, before any step, prompts that with max_new_tokens would not fit the model's context."""
     context = model.config.max_position_embeddings
     if max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "

@@ -1,9 +1,6 @@
-"""Multi-head latent attention (DeepSeek-V2/V3), its YaRN rotary scaling, and its compressed KV cache, with the math of
-transformers' DeepseekV3Attention. The cache holds per token and layer only the latent c = kv_a_layernorm(x W_kv_a)
-and the shared rotary key. Prefill expands them with kv_b_proj; a decode step (and the engine's other few-token steps)
-never does: kv_b_proj's key half is
-folded into the query and its value half applied after the attention (the weight-absorbed form).
-"""
+"""Multi-head latent attention (DeepSeek-V2/V3) as transformers computes it. The cache holds per token only the latent
+kv_a_layernorm(x W_kv_a) and the shared rotary key; prefill expands them with kv_b_proj, a decode step folds its key
+half into the query and applies its value half after the attention (the weight-absorbed form)."""
 
 from __future__ import annotations
 
@@ -88,9 +85,8 @@ class MLAttention(nn.Module):
         return self.o_proj(self._expanded(q_nope, q_rope, latent, k_rope, mask, causal=mask is None and T > 1))
 
     def _absorbing_is_cheaper(self, T: int) -> bool:
-        """The engine's few-token steps (a speculative draft verified with its token): per cached key, expanding costs
-        r * (nope + vd) multiply-adds once, the absorbed form about 2r + rd per query. Training passes (autograd, or
-        no_grad for old log-probs) always expand, so their log-probs agree to the bit."""
+        """Per cached key, expanding costs r * (nope + vd) multiply-adds, absorbing about 2r + rd per query. Training
+        passes always expand, so their log-probs agree to the bit."""
         return T * (2 * self.r + self.rd) < self.r * (self.nope + self.vd)
 
     def _expanded(self, q_nope, q_rope, latent, k_rope, mask, causal: bool) -> torch.Tensor:
@@ -110,8 +106,7 @@ class MLAttention(nn.Module):
         B, T, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope + self.vd, self.r)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # (H, nope, r), (H, vd, r)
-        # Every head reads the same latents: heads and queries as one axis of rows, so that the products read the
-        # cache in place (a (B, H, T, r) @ (B, 1, S, r) product would copy the latents H times)
+        # heads and queries as one axis of rows: the products read the cache in place, not copied H times
         q_latent = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk).reshape(B, H * T, self.r)
         q_rope = q_rope.transpose(1, 2).reshape(B, H * T, self.rd)
         scores = torch.baddbmm(q_rope @ k_rope[:, 0].transpose(-1, -2), q_latent, latent[:, 0].transpose(-1, -2))

@@ -1,8 +1,5 @@
-"""The one place where prompts and conversations become text, for every command alike. Templates: "r1zero" (R1-Zero's,
-each user turn wrapped in it, assistant turns verbatim + end-of-text, a system message first with a newline), "chat"
-(the tokenizer's jinja template, as transformers renders it), "auto" (chat if the tokenizer has one, else r1zero),
-"none" (a single question as it is).
-"""
+"""Where prompts and conversations become text. Templates: "r1zero" (R1-Zero's), "chat" (the tokenizer's jinja
+template, as transformers renders it), "auto" (chat if there is one, else r1zero), "none" (a question as it is)."""
 
 from __future__ import annotations
 
@@ -81,8 +78,7 @@ def r1zero_conversation(tokenizer: Tokenizer, messages: list[dict]) -> str:
 
 def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                         variables: dict | None = None) -> str:
-    """The chat template rendered as transformers' apply_chat_template renders it (same Jinja environment, helpers
-    and special-token variables); variables as its keyword arguments (e.g. Qwen3's enable_thinking)."""
+    """The chat template as transformers' apply_chat_template renders it; variables as its keyword arguments."""
     if not tokenizer.chat_template:
         raise ValueError(f"{tokenizer.name}: no chat template (chat_template.jinja, chat_template.json or "
                          "tokenizer_config.json); use template 'r1zero' or 'none'")
@@ -105,8 +101,7 @@ class TemplateVariableError(ValueError):
 
 
 def check_template_variables(template: str, variables: dict) -> None:
-    """Refuse a variable the renderer sets, a value that is not a JSON scalar (what templates' switches are), and one
-    the template never reads (it would be ignored without a word)."""
+    """Refuse a variable the renderer sets, a value that is not a JSON scalar, and one the template never reads."""
     for name, value in variables.items():
         if name in RENDERER_VARIABLES:
             raise TemplateVariableError(f"{name!r} is set by the renderer itself, not by a template variable")
@@ -127,8 +122,7 @@ _SPAN_OPEN, _SPAN_CLOSE = "\ue000", "\ue001"
 
 
 class _GenerationBlocks(jinja2.ext.Extension):
-    """transformers' {% generation %} ... {% endgeneration %}: marks the text a template says the assistant wrote
-    (the blocks TRL's assistant-only loss reads). Rendered as its content; with tracking on, between two markers."""
+    """transformers' {% generation %} ... {% endgeneration %}: the assistant's text, between markers when tracked."""
 
     tags = {"generation"}
 
@@ -183,8 +177,8 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
 
 
 def load_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
-    """A directory's chat template, where transformers looks for it: chat_template.jinja, chat_template.json, then
-    tokenizer_config.json's (a string, or named templates as a list or a dict: the one named "default")."""
+    """A directory's chat template, where transformers looks: chat_template.jinja, .json, then tokenizer_config.json's
+    (named templates: the "default" one)."""
     jinja_file, json_file = Path(directory) / "chat_template.jinja", Path(directory) / "chat_template.json"
     if jinja_file.is_file():
         return jinja_file.read_text(encoding="utf-8")
@@ -204,8 +198,8 @@ def starts_in_think(prompt_text: str) -> bool:
 
 
 def response_prefix(tokenizer: Tokenizer, template: str, prefill: str = "") -> str:
-    """The start of the response that the prompt itself writes, which the rewards read in front of each completion:
-    from the prompt's last `<think>` on when the prompt ends inside one (R1's and QwQ's templates), else the prefill."""
+    """The start of the response the prompt writes, which rewards read before each completion: from its last `<think>`
+    when it ends inside one, else the prefill."""
     prompt = render_prompt(tokenizer, "?", template, prefill)  # the question does not change how the reply opens
     return prompt[prompt.rfind(THINK_OPEN):] if starts_in_think(prompt) else prefill
 

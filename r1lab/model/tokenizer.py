@@ -134,9 +134,7 @@ def _transformers_class(model_type: str | None, declared: str | None, tokenizer_
     # LlamaTokenizer hard-codes a SentencePiece pipeline, so transformers skips it for byte-level tokenizer.json
     if declared == "LlamaTokenizer" and model_type not in QWEN2_FORCED and b'"ByteLevel"' in tokenizer_json:
         return "backend"
-    if declared and registered and declared != registered:
-        declared = registered if model_type in QWEN2_FORCED else declared
-    elif not declared:
+    if not declared or model_type in QWEN2_FORCED:  # QWEN2_FORCED types are all registered
         declared = registered
     if declared in GENERIC_CLASSES:
         return "backend"
