@@ -137,18 +137,15 @@ class CausalLM(nn.Module):
                 layer(x, cos, sin, mask, kv, start)
         return self.model.norm(x)
 
-    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor, attention_mask=None,
+    def mtp_hidden_states(self, h: torch.Tensor, input_ids: torch.Tensor,
                           depth: int | None = None) -> list[torch.Tensor]:
-        """The first `depth` MTP depths' final hidden states: depth k's (B, T - k, D) at i predicts token i + k + 1."""
+        """The first `depth` MTP depths' final hidden states of unpadded rows: depth k's (B, T - k, D) at i predicts
+        token i + k + 1."""
         out, B = [], h.shape[0]
         for k, module in enumerate(self.mtp[:depth], 1):
             T = h.shape[1] - 1  # the last position has no next token to embed
-            positions = torch.arange(T, device=h.device).expand(B, T)
-            if attention_mask is not None:
-                positions = (attention_mask[:, :T].long().cumsum(-1) - 1).clamp(min=0)
-            cos, sin = self._rope(positions, h.dtype)
-            mask = None if attention_mask is None else attention_mask_4d(attention_mask[:, :T].bool(), T, 0)
-            h = module.predict(h[:, :-1], self.model.embed_tokens(input_ids[:, k : k + T]), cos, sin, mask)
+            cos, sin = self._rope(torch.arange(T, device=h.device).expand(B, T), h.dtype)
+            h = module.predict(h[:, :-1], self.model.embed_tokens(input_ids[:, k : k + T]), cos, sin, None)
             out.append(module.shared_head.norm(h))
         return out
 
