@@ -1,8 +1,7 @@
-"""An LLM judge as a reward: `r1lab grpo --judge-url http://host:8000/v1 --judge-model NAME`.
+"""An LLM judge as a reward (`reward/judge`): `r1lab grpo --judge-url http://host:8000/v1 --judge-model NAME`.
 
-Any OpenAI-compatible endpoint is asked, once per distinct judge prompt (a template with {problem}, {reference} and
-{completion}), for a score in [0, 1], logged as `reward/judge`. A failed request or an unreadable reply gives 0 and
-counts in scorer_errors / scorer_timeouts: the judge can make a step's reward poorer, never end the run.
+An OpenAI-compatible endpoint scores each distinct judge prompt in [0, 1]; a failed request or an unreadable reply
+gives 0 and counts in scorer_errors / scorer_timeouts, so the judge can never end the run.
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ Is the student's final answer correct and is the reasoning sound? End your reply
 number from 0 (wrong) to 1 (fully correct)."""
 
 # "score: 0.8", "Score = 7/10", "**score**: 8 out of 10"; the last one in the reply counts (a judge may think aloud)
-_SCORE_RE = re.compile(r"score\W{0,4}?\s*[:=]\s*\**\s*([-+]?\d+(?:\.\d+)?)\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?",
-                       re.IGNORECASE)
-_NUMBER_RE = re.compile(r"\s*([-+]?\d+(?:\.\d+)?)\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?\s*\.?\s*")
+_VALUE = r"([-+]?\d+(?:\.\d+)?)\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?"  # X, X/N or X out of N
+_SCORE_RE = re.compile(rf"score\W{{0,4}}?\s*[:=]\s*\**\s*{_VALUE}", re.IGNORECASE)
+_NUMBER_RE = re.compile(rf"\s*{_VALUE}\s*\.?\s*")
 
 
 def template_problem(template: str) -> str | None:
@@ -73,14 +72,12 @@ def parse_score(reply: object) -> float | None:
     if not isinstance(reply, str):
         return None
     answer = reply.rpartition("</think>")[2]
-    found = _SCORE_RE.findall(answer)
-    if found:
+    if found := _SCORE_RE.findall(answer):
         value, scale = found[-1]
-    else:
-        match = _NUMBER_RE.fullmatch(answer)
-        if not match:
-            return None
+    elif match := _NUMBER_RE.fullmatch(answer):
         value, scale = match.groups()
+    else:
+        return None
     value = float(value)
     if scale:  # X/N
         top = float(scale)
@@ -122,26 +119,24 @@ class Judge:
         self.cache: OrderedDict[str, float | None] = OrderedDict()  # judge prompt -> score (None: unreadable)
         self.lock = threading.Lock()
 
-    def prompt(self, problem: str, reference: str, completion: str) -> str:
-        return self.settings.template.format(problem=problem, reference=reference, completion=completion)
-
     def score(self, problems: Sequence[str], references: Sequence[str], completions: Sequence[str]) -> JudgeScores:
-        prompts = [self.prompt(p, r, c) for p, r, c in zip(problems, references, completions)]
+        prompts = [self.settings.template.format(problem=p, reference=r, completion=c)
+                   for p, r, c in zip(problems, references, completions)]
         with self.lock:
             todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
         outcomes = dict(zip(todo, self.pool.map(self._ask, todo)))
         scores, errors, timeouts = [], 0, 0
         for prompt in prompts:
-            kind, value = outcomes[prompt] if prompt in outcomes else ("ok", self._cached(prompt))
+            if prompt in outcomes:
+                kind, value = outcomes[prompt]
+            else:
+                with self.lock:
+                    self.cache.move_to_end(prompt)
+                    kind, value = "ok", self.cache[prompt]
             scores.append(value if value is not None else 0.0)
             errors += kind == "error" or (kind == "ok" and value is None)
             timeouts += kind == "timeout"
         return JudgeScores(scores, errors, timeouts)
-
-    def _cached(self, prompt: str) -> float | None:
-        with self.lock:
-            self.cache.move_to_end(prompt)
-            return self.cache[prompt]
 
     def _ask(self, prompt: str) -> tuple[str, float | None]:
         """("ok", score or None when unreadable), cached; a failed request ("timeout" / "error") is not cached, so

@@ -13,13 +13,11 @@ from typing import Sequence
 
 import torch
 
-EXTRA = "pip install 'r1lab[reward-model]' (transformers)"
-
 
 def transformers_problem() -> str | None:
     """Why a reward model cannot run here, or None."""
     if importlib.util.find_spec("transformers") is None:
-        return f"needs transformers, which is not installed: {EXTRA}"
+        return "needs transformers, which is not installed: pip install 'r1lab[reward-model]' (transformers)"
     return None
 
 
@@ -51,8 +49,7 @@ class RewardModel:
     """Loaded once; scores texts in batches under torch.inference_mode."""
 
     def __init__(self, settings: RewardModelSettings) -> None:
-        problem = transformers_problem()
-        if problem:
+        if problem := transformers_problem():
             raise ValueError(f"reward_model {problem}")
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -1,14 +1,9 @@
-"""Your own reward functions, added to the built-in ones: `r1lab grpo --reward-functions '{"my_rewards:brevity": 0.5}'`.
+"""Users' reward functions, added to the built-in ones: `r1lab grpo --reward-functions '{"my_rewards:brevity": 0.5}'`.
 
-A "module:function" or "path/to/file.py:function" is called as `function(completion, problem)` (the response text
-as the built-in rewards see it, and the Problem), or, written for TRL's GRPOTrainer, `function(completions, **kwargs)`
-over a batch of one; it returns a real number within +-MAX_REWARD, logged as
-`reward/<function name>`. The functions run in worker processes (RewardWorkers), so that nothing they do can end or
-hang training: a failure gives 0 and counts in scorer_errors or scorer_timeouts (docs/rewards-and-sandbox.md).
-
-    # my_rewards.py
-    def brevity(completion, problem):
-        return 1.0 if len(completion) < 200 else 0.0
+A "module:function" or "path/to/file.py:function" is called as `function(completion, problem)`, or, written for TRL's
+GRPOTrainer, `function(completions, **kwargs)` over a batch of one; it returns a real number within +-MAX_REWARD,
+logged as `reward/<function name>`. The functions run in worker processes (RewardWorkers) so that nothing they do can
+end or hang training: a failure gives 0 and counts in scorer_errors or scorer_timeouts.
 """
 
 from __future__ import annotations
@@ -56,10 +51,11 @@ def load_reward_function(spec: str) -> RewardFunction:
     fn = getattr(_load_module(spec, source), name, None)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {source} has no function {name!r}")
-    if is_trl_style(fn):
-        return partial(_call_trl_style, fn)
     try:
-        inspect.signature(fn).bind("completion", None)
+        signature = inspect.signature(fn)
+        if "completions" in signature.parameters:  # TRL's `fn(completions, **kwargs)`, open-r1's among them
+            return partial(_call_trl_style, fn)
+        signature.bind("completion", None)
     except TypeError:
         raise ValueError(f"reward function {spec!r}: it must accept (completion, problem), or be written for TRL as "
                          "(completions, **kwargs)") from None
@@ -68,18 +64,9 @@ def load_reward_function(spec: str) -> RewardFunction:
     return fn
 
 
-def is_trl_style(fn: Callable) -> bool:
-    """A TRL GRPOTrainer reward function, `fn(completions, **kwargs) -> list[float | None]` (open-r1's among them)."""
-    try:
-        return "completions" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-
-
 def _call_trl_style(fn: Callable, completion: str, problem) -> float:
-    """fn over a batch of one, with what TRL passes: prompts and completions (as messages for a conversational
-    prompt) and the row's other columns, one value each. None (the function does not apply) is 0, as TRL's nansum
-    of the weighted rewards makes it."""
+    """fn over a batch of one, with what TRL passes: prompts, completions (as messages for a conversational prompt)
+    and the row's other columns. None (the function does not apply) is 0, as TRL's nansum makes it."""
     conversational = problem.messages is not None
     columns = {"solution": problem.meta.get("solution"), **problem.meta.get("columns", {})}
     values = fn(prompts=[problem.messages if conversational else problem.prompt],
@@ -326,7 +313,6 @@ class _Running:
     deadline: float = 0.0
 
 
-
 class RewardWorkers:
     """Worker processes that run users' reward functions, started lazily and kept between scoring calls; a job
     sends one worker a chunk of completions in one message, so a cheap function costs about what it did in-process."""
@@ -467,13 +453,9 @@ def _split(spec: str, items: list, parts: int) -> list[_Job]:
     return [_Job(spec, list(range(a, b)), items[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-_POOL: RewardWorkers | None = None
-
-
+@lru_cache(maxsize=None)
 def reward_workers() -> RewardWorkers:
     """The process's shared pool, created on first use and closed at exit."""
-    global _POOL
-    if _POOL is None:
-        _POOL = RewardWorkers()
-        atexit.register(_POOL.close)
-    return _POOL
+    pool = RewardWorkers()
+    atexit.register(pool.close)
+    return pool

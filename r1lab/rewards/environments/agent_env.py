@@ -1,10 +1,8 @@
 """`--task agent:MODULE:FUNCTION`: a Python agent that calls the model through an OpenAI client, as an r1lab task.
 
-FUNCTION is `async def FUNCTION(client, model, problem)`: it talks to the policy with `client` (an
-`openai.AsyncOpenAI` bound to its rollout; `client.base_url` for a program of its own) under the name `model`, and
-returns its reward (a number, or a mapping of named components whose "reward" is the total). Each rollout is one
-run; its sample is what the policy was served (r1lab/engine/agents.py). The problems are another task's: `--task-options
-'{problems: SPEC, problem_options: {...}, timeout_s: 300}'`, SPEC any --task but an environment.
+`async def FUNCTION(client, model, problem)` talks to the policy with `client` (an `openai.AsyncOpenAI` bound to its
+rollout) as `model`, and returns its reward: a number, or named components whose "reward" is the total. The problems
+are another task's: `--task-options '{problems: SPEC, problem_options: {...}, timeout_s: 300}'`.
 """
 
 from __future__ import annotations

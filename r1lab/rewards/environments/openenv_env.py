@@ -1,19 +1,17 @@
-"""OpenEnv environments as r1lab tasks: `r1lab grpo --task openenv:ENV` (and eval, sample), `pip install 'r1lab[openenv]'`.
+"""OpenEnv environments as r1lab tasks: `r1lab grpo --task openenv:ENV`, `pip install 'r1lab[openenv]'`.
 
-ENV is a running server (`openenv:http://host:8000`) or an installed environment that r1lab serves with openenv's own
-server on a free loopback port for the run, in a child process stopped when the run ends: the app openenv's
-create_app built (`openenv:my_env.server.app:app`) or an Environment subclass declared with its types
-(`openenv:my_env.server.env:MyEnvironment`, `class MyEnvironment(Environment[MyAction, MyObservation, State])`).
-r1lab talks to it with openenv's client, one WebSocket session per episode in flight.
+ENV is a running server (`openenv:http://host:8000`), or an installed environment that r1lab serves with openenv's
+server in a child process for the run: an app (`openenv:my_env.server.app:app`) or an Environment subclass declared
+with its types (`openenv:my_env.server.env:MyEnvironment`). One WebSocket session per episode in flight.
 
-A problem is a reset with a seed (problem.meta["seed"]): its observation is the prompt, and every sample of a group
-starts its own episode from the same seed. A policy turn is a step whose action's text field holds the turn; the steps'
-rewards summed are the episode's reward (reward/openenv), done ends it. A server that fails or stays silent past
-timeout_s costs that episode its reward, counted in scorer_errors / scorer_timeouts.
+A problem is a reset with a seed (problem.meta["seed"]), its observation the prompt; each sample of a group starts its
+own episode from that seed. A policy turn is a step whose action's text field holds the turn; the steps' rewards
+summed are the episode's reward (reward/openenv). A failing or silent server costs that episode its reward, counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -168,16 +166,12 @@ class OpenEnvTask:
         episode.done, episode.observation = bool(result.done), result.observation
 
 
-def load(name: str, **options: Any) -> OpenEnvTask:
-    """--task openenv:NAME with its task options."""
-    return OpenEnvTask(name, **options)
+load = OpenEnvTask  # --task openenv:NAME with its task options
 
 
 def _close(client: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the server may be gone already
         client.close()
-    except Exception:  # the server may be gone already
-        pass
 
 
 def _text_field(url: str, timeout_s: float) -> str:
@@ -252,8 +246,6 @@ def _app(spec: str) -> Any:
 
 
 if __name__ == "__main__":  # the child _LocalServer starts: python -m ... SPEC FD
-    import threading
-
     import uvicorn
 
     # stdin is a pipe no one writes to: it closes when the parent ends, even by SIGKILL, and the server with it

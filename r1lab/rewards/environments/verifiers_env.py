@@ -1,15 +1,10 @@
-"""`--task verifiers:ENV`: an installed verifiers (>= 0.4) environment as an r1lab task, loaded as verifiers loads it
-(`vf.load_environment`: ENV's taskset package, and its own `Env` class where it exports one); `--task-options` are
-its taskset config's fields.
+"""`--task verifiers:ENV`: an installed verifiers (>= 0.4) environment as an r1lab task, loaded by
+`vf.load_environment`; `--task-options` are its taskset config's fields. Its tasks are the problems; the reward is
+verifiers' own scoring of the conversation as a trace (the task's rewards and judges, and what the env's run() records).
 
-Its tasks become the problems (prompt and system prompt as messages, `answer` as the reference, the task data in
-meta). The reward is verifiers' own scoring of the conversation as a trace: the task's `@vf.reward` functions and
-judges (`Task.score`), plus what the env's `run()` records itself, weighted as verifiers weights them.
-
-A multi-turn env (an `Env` whose `run()` drives its seat through `interaction(task).turn(...)`) is played by
-replaying: `run()` runs against a seat that hands it the policy's turns so far and stops it where the next policy
-turn is due; the messages it sent after the last policy turn are the environment's reply. verifiers' harnesses
-(agent programs in sandboxes, MCP tools) are not run: r1lab's engine is the agent, one policy turn per model call.
+A multi-turn env is played by replaying: its run() runs against a seat that hands it the policy's turns so far and
+stops it where the next policy turn is due; what it sent after the last policy turn is the environment's reply.
+verifiers' harnesses (sandboxed agents, MCP tools) are not run: r1lab's engine is the agent.
 """
 
 from __future__ import annotations

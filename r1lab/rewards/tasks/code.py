@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import hashlib
 import keyword
 import random
 import re
@@ -23,7 +22,7 @@ from typing import Any, Callable
 from r1lab.rewards.sandbox.judge import UnjudgeableTestError, split_test
 from r1lab.rewards.sandbox.runner import run_tests
 from r1lab.rewards.tasks.base import Problem
-from r1lab.rewards.tasks.dataset import DatasetTask, _field_error, draw_unique
+from r1lab.rewards.tasks.dataset import DatasetTask, _field_error, draw_unique, stable_hash
 
 DEFAULT_TIMEOUT_S = 2.0  # all tests of one answer; below GRPOConfig.reward_timeout_s (5 s) with room to spare
 _MAX_EXAMPLE_CHARS = 70  # the example test shown in the prompt
@@ -177,11 +176,6 @@ FAMILIES: tuple[Family, ...] = (
 FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 
 
-
-def _stable_seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-
-
 @lru_cache(maxsize=65536)
 def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
     """The problem of a family and its params: its tests come from a seed hashed from both, so the same draw gives
@@ -191,7 +185,7 @@ def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
     namespace: dict[str, Any] = {}
     exec(solution, namespace)  # our own reference code, not model output
     reference = namespace[family.entry_point]
-    rng = random.Random(_stable_seed(f"{family.name}:{params_key}"))
+    rng = random.Random(stable_hash(f"{family.name}:{params_key}"))
     tests, examples = [], []
     for _ in range(n_tests):
         args = family.args(rng)
@@ -216,9 +210,8 @@ class _Scorer:
 
     def score(self, problem: Problem, answer: str) -> float:
         # tests may call the function as candidate(...): the judge maps that name to the entry point
-        result = run_tests(strip_fences(answer), problem.meta["tests"], entry_point=problem.meta.get("entry_point"),
-                           timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-        return result.fraction
+        return run_tests(strip_fences(answer), problem.meta["tests"], entry_point=problem.meta.get("entry_point"),
+                         timeout_s=self.timeout_s, memory_mb=self.memory_mb).fraction
 
     def canonical(self, answer: str) -> str:
         return canonical_code(answer)

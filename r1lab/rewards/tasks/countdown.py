@@ -41,20 +41,14 @@ def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
     raise ValueError(f"{type(node).__name__} is not allowed in an equation")
 
 
-def _left_side(equation: str, target: int) -> str | None:
-    """The expression part of "expr" or "expr = target"; None when there is any other right side."""
-    left, equals, right = equation.partition("=")
-    if equals and right.strip() != str(target):  # also rejects a second "=" and an empty right side
-        return None
-    return left
-
-
 def check_equation(equation: str, numbers: list[int], target: int) -> bool:
     """True iff equation uses each of numbers exactly once and evaluates to target (within 1e-5)."""
     if not isinstance(equation, str) or len(equation) > MAX_EQUATION_CHARS:
         return False
-    left = _left_side(equation.strip(), target)
-    if left is None or not left.strip() or set(left) - _ALLOWED_CHARS:
+    left, equals, right = equation.strip().partition("=")  # "expr" or "expr = target"
+    if equals and right.strip() != str(target):  # also rejects a second "=" and an empty right side
+        return False
+    if not left.strip() or set(left) - _ALLOWED_CHARS:
         return False
     literals: list[int] = []
     try:

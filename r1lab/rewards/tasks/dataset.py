@@ -9,7 +9,7 @@ import json
 import math
 import random
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -33,10 +33,13 @@ def raise_row_errors(path: Path, errors: list[str]) -> None:
         raise DatasetError(f"{len(errors)} bad row(s) in {path}:\n" + "\n".join(shown) + more)
 
 
+def stable_hash(key: str) -> int:
+    """A 64-bit hash of key that is the same on every run and machine, unlike hash()."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
 def in_test_split(key: str, test_fraction: float) -> bool:
-    """Whether key belongs to the test split: a stable hash (same on every run and machine), not hash()."""
-    digest = hashlib.sha256(key.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < test_fraction
+    return stable_hash(key) / 2**64 < test_fraction
 
 
 def _check_split(split: str) -> None:
@@ -87,11 +90,8 @@ def plain_number(text: str) -> str | None:
 
 
 def _normal_number(number: str) -> str:
-    """"18.0" -> "18", "0.50" -> "0.5"."""
-    try:
-        value = Decimal(number)
-    except InvalidOperation:
-        return number
+    """"18.0" -> "18", "0.50" -> "0.5" (number is plain_number's, always a valid Decimal)."""
+    value = Decimal(number)
     if value == value.to_integral_value():
         return str(int(value))
     return format(value.normalize(), "f")
@@ -154,26 +154,19 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
                 yield number, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-
 def _encoding_error(data: bytes, e: UnicodeDecodeError) -> str:
     column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
     return f"not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}; save the file as UTF-8)"
 
 
-def _read_utf8(path: Path) -> str:
-    """The whole file as text; a DatasetError naming the line of the first byte that is not UTF-8."""
+def _json_array_rows(path: Path) -> list[tuple[int, Any, str | None]]:
+    """(item number, object, error) for a .json file holding one array of objects."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8-sig")
+        items = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DatasetError(f"{path}:{line}: {_encoding_error(data, e)}") from None
-
-
-def _json_array_rows(path: Path) -> list[tuple[int, Any, str | None]]:
-    """(item number, object, error) for a .json file holding one array of objects."""
-    try:
-        items = json.loads(_read_utf8(path))
     except json.JSONDecodeError as e:
         return [(e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})")]
     if not isinstance(items, list):
@@ -181,16 +174,12 @@ def _json_array_rows(path: Path) -> list[tuple[int, Any, str | None]]:
     return [(number, item, None) for number, item in enumerate(items, start=1)]
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    import pyarrow.parquet as pq  # lazy: only Parquet users pay for the import
-
-    return ((number, row, None) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
-
-
 def _rows(path: Path) -> Iterable[tuple[int, Any, str | None]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _parquet_rows(path)
+        import pyarrow.parquet as pq  # lazy: only Parquet users pay for the import
+
+        return ((number, row, None) for number, row in enumerate(pq.read_table(path).to_pylist(), start=1))
     if suffix == ".json" and path.read_bytes().removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
         return _json_array_rows(path)
     return _jsonl_rows(path)
@@ -327,9 +316,10 @@ class DatasetTask:
             return {"train": self.rows, "test": self.eval_rows}
         if self.test_fraction <= 0:
             return {"train": self.rows, "test": self.rows}
-        test = [p for p in self.rows if in_test_split(p.prompt, self.test_fraction)]
-        train = [p for p in self.rows if not in_test_split(p.prompt, self.test_fraction)]
-        return {"train": train, "test": test}
+        splits = {"train": [], "test": []}
+        for p in self.rows:
+            splits["test" if in_test_split(p.prompt, self.test_fraction) else "train"].append(p)
+        return splits
 
     def split_summary(self) -> str:
         """One line saying where the train and test problems come from, for the log at start."""

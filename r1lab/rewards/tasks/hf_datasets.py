@@ -37,7 +37,11 @@ def is_saved(path: Path) -> bool:
 def load_splits(spec: str, subset: str | None = None) -> dict[str, Any]:
     """The dataset's splits by name ({"train": dataset} for a single saved Dataset). In a repository's directory,
     subset is the folder of the configuration's files (gsm8k's main/), as the hub lays them out."""
-    datasets = _import_datasets()
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError("--task names a Hugging Face dataset, which needs the datasets package: "
+                           "pip install 'r1lab[datasets]'") from None
     local = Path(spec).is_dir()
     if local and is_saved(Path(spec)):
         loaded = datasets.load_from_disk(spec)
@@ -75,14 +79,4 @@ def pick_splits(splits: dict[str, Any], spec: str) -> tuple[Any, Any | None, str
 
 def dataset_rows(dataset: Any) -> Iterator[tuple[int, Any, str | None]]:
     """(row number from 1, row, None) for each row, as a data file's reader yields them."""
-    for number, row in enumerate(dataset, 1):
-        yield number, dict(row), None
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DatasetError("--task names a Hugging Face dataset, which needs the datasets package: "
-                           "pip install 'r1lab[datasets]'") from None
-    return datasets
+    return ((number, dict(row), None) for number, row in enumerate(dataset, 1))
