@@ -1,10 +1,7 @@
-"""Where a completion's final answer is: the one extractor and format check behind the reward, evaluation,
-rejection sampling, `r1lab score` and the server's reasoning split (formats: docs/rewards-and-sandbox.md).
+"""The one answer extractor and format check behind rewards, evaluation, sampling, scoring and serving.
 
 "tags": the last complete `<answer>` pair of `<think>...</think> <answer>...</answer>` (R1-Zero); "boxed": the last
-complete `\\boxed{}` after `</think>` (R1-Distill, QwQ, Qwen3), or for a code task the whole text after it; "auto" is
-chosen once per command by choose_answer_format. The text judged is what the prompt already wrote (response_prefix in
-r1lab/model/templates.py) followed by the completion.
+complete `\\boxed{}` after `</think>` (R1-Distill, QwQ, Qwen3), or for a code task the whole text after it.
 """
 
 from __future__ import annotations
@@ -56,8 +53,7 @@ def boxes(text: str) -> tuple[list[str], bool]:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} in text, nested braces included; None when there is none or
-    the last one is never closed."""
+    """Content of the last complete \\boxed{...} / \\fbox{...} in text; None when the last one is never closed."""
     found, unclosed = boxes(text)
     return None if unclosed or not found else found[-1]
 
@@ -65,20 +61,16 @@ def last_boxed(text: str) -> str | None:
 def after_think(text: str) -> str | None:
     """The text after the think block: after the last `</think>`; the whole text when it has no think tags at all
     (a model that does not reason aloud); None while a think block is open (the reasoning never ended)."""
-    end = text.rfind(THINK_CLOSE)
-    if end >= 0:
-        return text[end + len(THINK_CLOSE) :]
+    if THINK_CLOSE in text:
+        return text.rpartition(THINK_CLOSE)[2]
     return None if THINK_OPEN in text else text
 
 
 def _think_closed_once(text: str) -> str | None:
     """The final part of a response that opens `<think>` at its start and closes it exactly once, with no other think
     tag anywhere; None otherwise."""
-    body = text.lstrip()
-    if not body.startswith(THINK_OPEN):
-        return None
-    rest = body[len(THINK_OPEN) :]
-    if rest.count(THINK_CLOSE) != 1 or THINK_OPEN in rest:
+    before, opens, rest = text.lstrip().partition(THINK_OPEN)
+    if before or not opens or rest.count(THINK_CLOSE) != 1 or THINK_OPEN in rest:
         return None
     thinking, final = rest.split(THINK_CLOSE)
     return None if _OPEN in thinking or _CLOSE in thinking else final
@@ -90,9 +82,7 @@ def extract_answer(text: str, answer_format: str = "tags", code: bool = False) -
         return None
     if answer_format == "boxed":
         final = after_think(text)
-        if final is None:
-            return None
-        return final.strip() if code else last_boxed(final)
+        return None if final is None else final.strip() if code else last_boxed(final)
     end = text.rfind(_CLOSE)
     start = text.rfind(_OPEN, 0, end) if end >= 0 else -1
     return None if start < 0 else text[start + len(_OPEN) : end].strip()
@@ -125,8 +115,7 @@ def uses_boxes(text: str) -> bool:
 
 
 def content_tags(answer_format: str) -> tuple[str, ...]:
-    """The tags the server drops from a reply's content, keeping their inner text: the answer tags of the tags
-    format; none for boxed, whose content is the model's prose with its box, as written."""
+    """The tags the server drops from a reply's content, keeping their inner text (none for boxed)."""
     return ANSWER_TAGS if answer_format == "tags" else ()
 
 

@@ -54,12 +54,8 @@ def script_words(text: str) -> list[str]:
 def think_text(text: str) -> str:
     """The chain of thought: after the first <think>, up to </think> (or the end, if it was cut short); "" when
     there is no <think> at all."""
-    start = text.find(_THINK_OPEN)
-    if start < 0:
-        return ""
-    start += len(_THINK_OPEN)
-    end = text.find(_THINK_CLOSE, start)
-    return text[start:] if end < 0 else text[start:end]
+    _, opens, rest = text.partition(_THINK_OPEN)
+    return rest.partition(_THINK_CLOSE)[0] if opens else ""
 
 
 def check_target(target: str) -> frozenset[str]:
@@ -77,6 +73,4 @@ def language_consistency(text: str, target: str = "en") -> float:
     if not isinstance(text, str) or _THINK_OPEN not in text:
         return 0.0
     words = script_words(think_text(text))
-    if not words:
-        return 1.0
-    return sum(1 for script in words if script in scripts) / len(words)
+    return sum(script in scripts for script in words) / len(words) if words else 1.0

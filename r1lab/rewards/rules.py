@@ -117,26 +117,21 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
     tally = _Tally(timeout_s)
     prefix = response_prefix if isinstance(response_prefix, str) else ""
     fmt_name, code = check_answer_format(answer_format), getattr(task, "answers_are_code", False)
-    acc, fmt, lang, texts, answers = [], [], [], [], []
-    for i, completion in enumerate(completions):
-        text = prefix + (completion if isinstance(completion, str) else "")
-        texts.append(text)
-        answer = extract_answer(text, fmt_name, code)
-        problem = problems[i] if i < len(problems) else None
-        answers.append(answer)
-        acc.append(_accuracy(task, problem, answer, tally))
-        fmt.append(tally.run(lambda: format_reward(text, fmt_name, code)))
-        if weights.language:
-            lang.append(tally.run(lambda: language_consistency(text, weights.target_language)))
-    custom = _user_rewards(weights, problems, texts, tally)
+    texts = [prefix + (c if isinstance(c, str) else "") for c in completions]
+    answers = [extract_answer(text, fmt_name, code) for text in texts]
+    acc = [_accuracy(task, problems[i] if i < len(problems) else None, a, tally) for i, a in enumerate(answers)]
+    fmt = [tally.run(lambda: format_reward(text, fmt_name, code)) for text in texts]
     total = [weights.accuracy * a + weights.format * f for a, f in zip(acc, fmt)]
     components = {"accuracy": acc, "format": fmt}
+    weighted = []
     if weights.language:
-        total = [t + weights.language * g for t, g in zip(total, lang)]
-        components["language"] = lang
-    for spec, weight in weights.functions:
-        total = [t + weight * v for t, v in zip(total, custom[spec])]
-        components[component_name(spec)] = custom[spec]
+        lang = [tally.run(lambda: language_consistency(text, weights.target_language)) for text in texts]
+        weighted.append((weights.language, "language", lang))
+    custom = _user_rewards(weights, problems, texts, tally)
+    weighted += [(weight, component_name(spec), custom[spec]) for spec, weight in weights.functions]
+    for weight, name, values in weighted:
+        total = [t + weight * v for t, v in zip(total, values)]
+        components[name] = values
     return RewardResult(total=total, components=components, correct=[a == 1.0 for a in acc], answers=answers,
                         errors=tally.errors, timeouts=tally.timeouts)
 
