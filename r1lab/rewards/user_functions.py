@@ -9,6 +9,7 @@ end or hang training: a failure gives 0 and counts in scorer_errors or scorer_ti
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -79,8 +80,7 @@ def _call_trl_style(fn: Callable, completion: str, problem) -> float:
 
 
 def callable_spec(fn: Callable) -> str:
-    """The "module:function" (or "script.py:function") spec by which the reward workers import fn; ValueError for a
-    function they cannot reach by name."""
+    """The "module:function" (or "script.py:function") spec by which the reward workers import fn."""
     if not callable(fn):
         raise ValueError(f"reward function {fn!r}: not callable")
     name, module = getattr(fn, "__qualname__", ""), getattr(fn, "__module__", None)
@@ -124,8 +124,8 @@ class RewardValueError(ValueError):
 
 
 def checked_reward(value: object) -> float:
-    """value as a float if it is a finite real number within +-MAX_REWARD, else RewardValueError. Not a string
-    (a bug, not a reward to parse) nor a bool (a predicate returned where a score was meant: float(ok))."""
+    """value as a float if it is a finite real number within +-MAX_REWARD, else RewardValueError. A str or bool
+    is refused: a bug, or a predicate returned where a score was meant."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise RewardValueError(f"returned {type(value).__name__}, not a number (int or float)")
     try:
@@ -140,8 +140,7 @@ def checked_reward(value: object) -> float:
 
 
 class _ScorerTimeout(BaseException):
-    """Raised by the SIGALRM handler. A BaseException so that scorers' `except Exception` (math-verify has
-    several) cannot swallow it."""
+    """Raised by the SIGALRM handler; a BaseException so that scorers' `except Exception` cannot swallow it."""
 
 
 def _on_alarm(signum: int, frame: object) -> None:
@@ -171,8 +170,7 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
 
 def _worker_main(fd: int) -> None:
     """A worker's loop: a job is (spec, cwd, sys.path, timeout_s, one_by_one, [(completion, problem), ...]); it
-    answers ("loaded", error or None), then ("done", [outcome, ...]) batches, in order (one outcome a message when
-    one_by_one)."""
+    answers ("loaded", error or None), then ("done", [outcome, ...]) batches in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it then closes the workers
     _die_with_parent()
     conn = Connection(fd)
@@ -194,9 +192,8 @@ def _worker_main(fd: int) -> None:
 
 
 class _Reporter:
-    """Sends a worker's outcomes in batches, for throughput, yet so that the trainer always knows which call is
-    running: when a call has run for FLUSH_S, a watchdog thread sends what came before it. When the trainer
-    then kills the worker for a call that overran, the first unanswered item is that call."""
+    """Sends a worker's outcomes in batches, but a watchdog thread flushes them once a call has run for FLUSH_S:
+    when the trainer kills a worker for a call that overran, the first unanswered item is that call."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn, self.lock = conn, threading.Lock()
@@ -235,12 +232,10 @@ class _Reporter:
 
 def _die_with_parent() -> None:
     """Ask Linux to kill this worker when the trainer dies, even a worker stuck in a user's endless loop."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the closed pipe still ends an idle worker
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the closed pipe still ends an idle worker
-        pass
 
 
 def _load_in_worker(spec: str, cwd: str, path: list[str]) -> tuple[RewardFunction | None, str | None]:
@@ -274,8 +269,8 @@ def _describe(err: BaseException) -> str:
 
 
 class _Worker:
-    """One worker process, started as a fresh interpreter (no fork of a trainer holding CUDA and threads), that
-    imports only this module: it starts in a fraction of a second, even after a kill."""
+    """One worker process: a fresh interpreter (no fork of a trainer holding CUDA and threads) importing only this
+    module."""
 
     def __init__(self) -> None:
         parent, child = Pipe()

@@ -51,22 +51,18 @@ def draw_unique(draw: Callable[[random.Random], Problem], key: Callable[[Problem
                 split: str, n: int, seed: int) -> list[Problem]:
     """n distinct problems of split from a generator; repeats only once the split's space is exhausted."""
     _check_split(split)
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    found: list[Problem] = []
-    stale = 0
+    rng, found, stale = random.Random(seed), {}, 0  # found: key -> problem, in the order drawn
     while len(found) < n and stale < _STALE_DRAWS:
         problem = draw(rng)
         k = key(problem)
         stale += 1
-        if k in seen or in_test_split(k, test_fraction) != (split == "test"):
-            continue
-        seen.add(k)
-        found.append(problem)
-        stale = 0
+        if k not in found and in_test_split(k, test_fraction) == (split == "test"):
+            found[k] = problem
+            stale = 0
     if n > 0 and not found:
         raise ValueError(f"no {split!r} problems could be generated (test_fraction={test_fraction})")
-    return [found[i % len(found)] for i in range(n)] if n > 0 else []
+    problems = list(found.values())
+    return [problems[i % len(problems)] for i in range(n)]
 
 
 def extract_reference(answer: str) -> str:
@@ -291,15 +287,12 @@ class DatasetTask:
         self._answer_field = _pick_field(row, self._answer_field, ANSWER_FIELDS)
         messages = row.get(self._prompt_field)
         if isinstance(messages, list):  # TRL's conversational prompt
-            error = _prompt_messages_error(self._prompt_field, messages)
-            if error is not None:
+            if error := _prompt_messages_error(self._prompt_field, messages):
                 return None, error
             row = {**row, self._prompt_field: messages[-1]["content"]}
         row = with_nested(row, self._answer_field)
-        for name, allow_number in ((self._prompt_field, False), (self._answer_field, True)):
-            error = _field_error(row, name, allow_number)
-            if error is not None:
-                return None, error
+        if error := _field_error(row, self._prompt_field, False) or _field_error(row, self._answer_field, True):
+            return None, error
         raw = str(row[self._answer_field])
         answer = extract_reference(raw)
         if not answer:
