@@ -121,9 +121,8 @@ def content_tags(answer_format: str) -> tuple[str, ...]:
 
 def choose_answer_format(requested: str, *, opens_think: bool = False, closes_think: bool = False, template: str = "",
                          solutions: Sequence[str] = (), completions: Sequence[str] = ()) -> tuple[str, str]:
-    """(format, why) for a requested format: itself, or for "auto" what the prompt or the data implies: a chat
-    template that opens `<think>` in its generation prompt (opens_think: R1-Distill, QwQ) or writes `</think>`
-    (closes_think: Qwen3) means boxed, template "r1zero" tags, else the data's solutions or the completions decide."""
+    """(format, why) for a requested format: itself, or for "auto" what the chat template, the data's solutions or
+    the completions imply."""
     if requested != "auto":
         return check_answer_format(requested), "as given"
     if opens_think:

@@ -34,8 +34,7 @@ def _reward_model(settings: RewardModelSettings) -> RewardModel:
 
 def add_learned_rewards(result: RewardResult, learned: LearnedRewards, problems: Sequence[Problem],
                         completions: Sequence[str], response_prefix: str = "") -> RewardResult:
-    """result with the judge's and the reward model's components added (in place, and returned); problems[i] is the
-    problem of completions[i], and both see the completion as the rule rewards do, after response_prefix."""
+    """result with the judge's and the reward model's components added (in place, and returned)."""
     texts = [response_prefix + (c if isinstance(c, str) else "") for c in completions]
     prompts = [p.prompt for p in problems]
     if learned.judge is not None:

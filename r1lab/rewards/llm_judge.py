@@ -105,8 +105,7 @@ class JudgeScores:
 
 
 class Judge:
-    """Scores completions with an LLM through the openai client (its retries with backoff, its timeouts), several
-    requests at once, each distinct judge prompt asked once."""
+    """Scores completions with an LLM through the openai client, several requests at once, each prompt once."""
 
     def __init__(self, settings: JudgeSettings) -> None:
         import openai  # optional: only a run with a judge needs it

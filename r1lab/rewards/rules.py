@@ -62,7 +62,6 @@ class _Tally:
         return value
 
     def record(self, spec: str, outcome: Outcome) -> float:
-        """The reward of one user-function call run in a worker (r1lab/rewards/user_functions.py), failures counted."""
         kind, value = outcome
         if kind == "ok":
             return value
@@ -108,10 +107,8 @@ def _user_rewards(weights: RewardWeights, problems: Sequence[Problem], texts: li
 def score_completions(task: Task, problems: Sequence[Problem], completions: Sequence[str],
                       weights: RewardWeights = RewardWeights(), timeout_s: float = 5.0,
                       response_prefix: str = "", answer_format: str = "tags") -> RewardResult:
-    """Accuracy and format rewards (and language and users' functions, when weighted) of each completion;
-    problems[i] is the problem of completions[i]. Both are judged on response_prefix (response text the prompt
-    already supplied, such as a chat template's `<think>`) + completion, as answer_format says. An environment's
-    task scores itself: score_environment."""
+    """The rewards of each completions[i] for problems[i], judged on response_prefix (the response text the prompt
+    already wrote, such as `<think>`) + completion."""
     if is_environment(task):
         return score_environment(task, problems, completions, timeout_s)
     tally = _Tally(timeout_s)
@@ -137,10 +134,8 @@ def score_completions(task: Task, problems: Sequence[Problem], completions: Sequ
 
 
 def score_environment(env, problems: Sequence[Problem], completions: Sequence, timeout_s: float) -> RewardResult:
-    """An environment's rewards (r1lab/rewards/environments) of each conversation (the turns after the prompt, or a
-    single completion's text): its 'reward' is the total, the others are components. A conversation is correct at a
-    total of 1 or more; its answer is its last turn. A scoring that raises or runs past timeout_s scores 0 and is
-    counted."""
+    """An environment's rewards of each conversation (the turns after the prompt, or one completion's text): its
+    'reward' is the total, the others are components; correct means a total of 1 or more."""
     turns = [[{"role": "assistant", "content": c}] if isinstance(c, str) else list(c) for c in completions]
     calls = [(p, [*(p.messages or [{"role": "user", "content": p.prompt}]), *t]) for p, t in zip(problems, turns)]
     outcomes = [("error", "a non-finite reward") if k == "ok" and not all(map(math.isfinite, v.values())) else (k, v)

@@ -309,8 +309,8 @@ class _Running:
 
 
 class RewardWorkers:
-    """Worker processes that run users' reward functions, started lazily and kept between scoring calls; a job
-    sends one worker a chunk of completions in one message, so a cheap function costs about what it did in-process."""
+    """Worker processes for users' reward functions, kept between calls; a job is a chunk of completions in one
+    message, so that a cheap function costs about what it would in-process."""
 
     def __init__(self, workers: int | None = None) -> None:
         # R1LAB_REWARD_WORKERS, else up to 4: scoring runs between generation and the update, when cores are free
@@ -404,9 +404,8 @@ class RewardWorkers:
         self._idle.append(state.worker)
 
     def _fail(self, running: dict, conn: Connection, queue: deque, out: dict, outcome: Outcome) -> None:
-        """The worker died or overran: the call it was making gets outcome, the worker is killed, and the rest
-        of its job goes back to the queue for a fresh worker. A batched worker that died is not sure to have sent
-        every outcome, so its unanswered calls go back one by one, and the call that then kills a worker is blamed."""
+        """The worker died or overran: it is killed, its call gets outcome, and the rest of its job is queued again.
+        A batched worker that died may not have sent every outcome: its unanswered calls are retried one by one."""
         state = running.pop(conn)
         state.worker.kill()
         job, done = state.job, state.done

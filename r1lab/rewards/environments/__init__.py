@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 
 from r1lab.rewards.tasks.base import Problem, Task
 
-ADAPTERS = {"verifiers": "verifiers_env", "openenv": "openenv_env", "agent": "agent_env"}  # --task KIND:NAME -> its module here
+ADAPTERS = {"verifiers": "verifiers_env", "openenv": "openenv_env", "agent": "agent_env"}  # --task KIND:NAME -> module
 
 
 @dataclass

@@ -31,7 +31,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-import r1lab.rewards.environments as environments  # a module, not its names: the package imports tasks, which import this
+import r1lab.rewards.environments as environments  # the module: it imports tasks, which import this
 from r1lab.rewards.tasks.base import Problem
 
 PREFIX = "openenv:"

@@ -14,8 +14,7 @@ from r1lab.rewards.tasks.hf_datasets import is_datasets_source
 
 
 def arithmetic_task(**options: Any) -> ArithmeticTask:
-    """With no options, the demo's task (two 3-digit numbers to add); options describe other expressions, on top of
-    ArithmeticTask's own defaults (4 to 6 one-digit terms)."""
+    """With no options, the demo's task (two 3-digit numbers to add), else ArithmeticTask(**options)."""
     return ArithmeticTask(**(options or DEMO_OPTIONS))
 
 
@@ -25,9 +24,7 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def get_task(spec: str, **options: Any) -> Task:
-    """A generator task by name ("arithmetic", "countdown"), or a DatasetTask for a .jsonl/.json/.parquet path, a
-    `datasets` directory (save_to_disk's or a repository's) or a hub dataset name (owner/name), or an environment
-    (verifiers:ENV, its options the environment's)."""
+    """A generator task by name, an environment (KIND:NAME), or a DatasetTask for a data file or dataset."""
     if spec in TASKS:
         return TASKS[spec](**options)
     if environments.is_environment_spec(spec):
@@ -44,5 +41,5 @@ def is_data_source(spec: str) -> bool:
     return spec.lower().endswith(DATA_SUFFIXES) or is_datasets_source(spec)
 
 
-__all__ = ["TASKS", "ArithmeticTask", "is_data_source", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError", "DatasetTask",
-           "Problem", "Task", "get_task"]
+__all__ = ["TASKS", "ArithmeticTask", "is_data_source", "CodeFileTask", "CodeTask", "CountdownTask", "DatasetError",
+           "DatasetTask", "Problem", "Task", "get_task"]

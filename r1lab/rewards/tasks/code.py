@@ -178,8 +178,7 @@ FAMILY_NAMES = tuple(f.name for f in FAMILIES)
 
 @lru_cache(maxsize=65536)
 def _build(family_index: int, params_key: tuple, n_tests: int) -> Problem:
-    """The problem of a family and its params: its tests come from a seed hashed from both, so the same draw gives
-    the same problem on every run, and caching it makes redraws in an exhausted split cheap."""
+    """The problem of a family and its params, its tests drawn from a seed hashed from both (the same on every run)."""
     family, params = FAMILIES[family_index], dict(params_key)
     solution = family.solution.format(**params)
     namespace: dict[str, Any] = {}

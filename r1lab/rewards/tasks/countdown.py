@@ -109,8 +109,7 @@ class CountdownTask:
         return "".join(answer.split())
 
     def problem_for(self, prompt: str) -> Problem | None:
-        """The problem whose prompt this is (PROMPT's words, any numbers and target), for `r1lab score`; else None.
-        The reference is unknown, and not needed: an equation is checked against the numbers and the target."""
+        """The problem whose prompt this is (PROMPT's words), for `r1lab score`; else None. No reference is needed."""
         match = _PROMPT_RE.fullmatch(prompt.strip())
         if match is None:
             return None

@@ -95,7 +95,7 @@ def _normal_number(number: str) -> str:
 
 @lru_cache(maxsize=8192)
 def _parse(text: str) -> tuple:
-    """math-verify's parse of an answer, with its signal timeout off (rewards.py applies its own)."""
+    """math-verify's parse of an answer, with its own timeout off."""
     parse, _ = _math_verify()
     number = plain_number(text)
     parsed = parse(number if number is not None else text, parsing_timeout=None)
@@ -107,9 +107,8 @@ def _parse(text: str) -> tuple:
 
 @lru_cache(maxsize=1)
 def _math_verify() -> tuple[Callable, Callable]:
-    """math-verify's (parse, verify), imported when first needed (sympy is slow to import). Their notice that their
-    timeout is off, and that the caller must interrupt a stuck parse itself, is silenced: it is addressed to r1lab,
-    whose scorer timeout (rules.py) does that, and a user can do nothing about it."""
+    """math-verify's (parse, verify), imported lazily (sympy is slow). Its notice that its timeout is off is silenced:
+    r1lab's scorer timeout (rules.py) interrupts a stuck parse."""
     from math_verify import grader, parse, parser, verify
 
     grader.TIMEOUT_WARNING_SHOWN = parser.TIMEOUT_WARNING_SHOWN = True
