@@ -22,14 +22,8 @@ class LearnedRewards:
     reward_model_weight: float = 1.0
 
 
-@lru_cache(maxsize=4)
-def _judge(settings: JudgeSettings) -> Judge:
-    return Judge(settings)
-
-
-@lru_cache(maxsize=2)
-def _reward_model(settings: RewardModelSettings) -> RewardModel:
-    return RewardModel(settings)
+_judge = lru_cache(maxsize=4)(Judge)  # one scorer per settings, built once
+_reward_model = lru_cache(maxsize=2)(RewardModel)
 
 
 def add_learned_rewards(result: RewardResult, learned: LearnedRewards, problems: Sequence[Problem],
