@@ -67,22 +67,17 @@ class _Tally:
             return value
         if kind == "timeout":
             self.timeouts += 1
-            _warn_once(spec, "timeout", f"ran past the {self.timeout_s:g} s timeout")
+            value = f"ran past the {self.timeout_s:g} s timeout"
         else:
             self.errors += 1
-            _warn_once(spec, "error", value)
+        if (spec, kind) not in _WARNED:  # counters say how often; one message per function and kind says why
+            _WARNED.add((spec, kind))
+            warnings.warn(f"reward function {spec}: {value}; it scores 0 and is counted in scorer_{kind}s "
+                          f"(reported once)", RuntimeWarning)
         return 0.0
 
 
 _WARNED: set[tuple[str, str]] = set()
-
-
-def _warn_once(spec: str, kind: str, reason: str) -> None:
-    """Counters say how often a function fails; one message per function and kind says why, without a flood."""
-    if (spec, kind) not in _WARNED:
-        _WARNED.add((spec, kind))
-        warnings.warn(f"reward function {spec}: {reason}; it scores 0 and is counted in scorer_{kind}s "
-                      f"(reported once)", RuntimeWarning)
 
 
 def _accuracy(task: Task, problem: Problem | None, answer: str | None, tally: _Tally) -> float:

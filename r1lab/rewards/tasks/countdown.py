@@ -18,16 +18,13 @@ MAX_EQUATION_CHARS = 200  # longer candidates are rejected before parsing: nothi
 _ALLOWED_CHARS = set("0123456789+-*/() \t")  # rules out floats, hex/underscore literals, names, strings
 _MAX_DRAWS = 10_000
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
 PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. You can use basic arithmetic "
           "operations (+, -, *, /) and each number can only be used once.")
 # PROMPT read back: its numbers (a Python list of ints) and its target
 _PROMPT_RE = re.compile(re.escape(PROMPT).replace(re.escape("{numbers}"), r"\[([0-9]{1,9}(?:, [0-9]{1,9}){0,15})\]")
                         .replace(re.escape("{target}"), r"([0-9]{1,9})"))
-
-
-def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    return {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}[op](a, b)
 
 
 def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
@@ -37,7 +34,7 @@ def _evaluate(node: ast.AST, literals: list[int]) -> Fraction:
         literals.append(node.value)
         return Fraction(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _apply(_OPS[type(node.op)], _evaluate(node.left, literals), _evaluate(node.right, literals))
+        return _APPLY[_OPS[type(node.op)]](_evaluate(node.left, literals), _evaluate(node.right, literals))
     raise ValueError(f"{type(node).__name__} is not allowed in an equation")
 
 
@@ -80,7 +77,7 @@ class CountdownTask:
             op = rng.choice("+-*/")
             if op == "/" and b == 0:
                 return None
-            items.append((f"({a_text}{op}{b_text})", _apply(op, a, b)))
+            items.append((f"({a_text}{op}{b_text})", _APPLY[op](a, b)))
         text, value = items[0]
         return text[1:-1], value  # drop the redundant outer parentheses
 
