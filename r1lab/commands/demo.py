@@ -1,13 +1,6 @@
-"""`r1lab demo`: DeepSeek-R1-Zero in miniature on a laptop CPU, with nothing downloaded.
-
-tokenizer -> tiny base model pretrained from scratch -> held-out evaluation -> R1-Zero GRPO (pure RL, rule rewards)
--> held-out evaluation -> report with curves, a before/after table and completions. `--control random-reward` runs
-the same RL with shuffled rewards (same mean, no signal), reusing the pretrained base, to show the gain comes from the
-verifier.
-
-`--tools python` is the tool demo: products of two 3-digit numbers (no tiny model computes them in its head),
-a base pretrained on a corpus where a minority of solutions call the Python tool (r1lab/commands/pretrain.py), and GRPO with
-tool calls inside rollouts (r1lab/engine/tools.py): the report shows the tool-call rate beside the accuracy.
+"""`r1lab demo`: DeepSeek-R1-Zero in miniature on a laptop CPU, with nothing downloaded: a tiny base pretrained from
+scratch, R1-Zero GRPO with held-out evaluations, and a report. `--control random-reward` runs the same RL with shuffled
+rewards, to show the gain comes from the verifier; `--tools python` is the tool demo (products of 3-digit numbers).
 """
 
 from __future__ import annotations
@@ -25,44 +18,25 @@ from r1lab.train.grpo import train
 
 
 def run_name(stage: str, arch: str, control: str = "none", tools: str = "") -> str:
-    """A demo stage's directory under OUT: base, grpo and grpo-random-reward for the dense base; base-deepseek-v3,
-    grpo-deepseek-v3 and grpo-deepseek-v3-random-reward for the MLA + MoE one; base-tools, grpo-tools, ... for the
-    tool demo: so that every demo shares an OUT."""
+    """A demo stage's directory under OUT (e.g. grpo-tools-deepseek-v3-random-reward): every demo shares an OUT."""
     return (stage + ("-tools" if tools else "") + ("" if arch == "dense" else f"-{arch}")
             + ("" if control == "none" else f"-{control}"))
 
 
-def tool_demo_pretrain_settings() -> dict:
-    """What the tool demo's base changes in pretraining: its calls must copy six digits from the prompt into the
-    code and the printed product into the answer, a skill that forms late and at once (loss plateau, then a drop).
-    With 30% of documents calling the tool, 20% of them miscopied, and 600 steps, one seed learned it and another
-    did not (held-out pass@1 0.1% vs 11.6%); with 45% calling (still a minority), 10% miscopied, the calls were
-    right 84% of the time at 600 steps but the answers copied the output only 8% of the time, and at 1,000 steps
-    the base reached pass@1 40% and pass@8 97% (one thread, seed 0). Its documents are 20 to 76 tokens long:
-    micro-batches of 48 grouped by length pad a third less than the whole batch at once (the same step, ~30% faster)."""
-    return dict(think_share=0.45, slip_rate=0.1, steps=1000, micro_batch_size=48)
-
-
-def tool_demo_settings() -> dict:
-    """What the tool demo changes in that preset: the products task, the Python tool, room for a call, its output
-    and the answer (about 70 tokens; 96), at most 2 calls a rollout (the corpus makes one), lr 1e-4 (at 3e-5 the
-    held-out pass@1 gained 22 points in 60 steps, at 1e-4 34 points in 30), and a held-out evaluation every 20 steps:
-    each call is a sandboxed process (about 40 ms of a core), and an evaluation of 200 problems x 8 samples makes
-    up to 1,600 calls once the model calls the tool every time."""
-    return dict(task_options=dict(TOOL_DEMO_OPTIONS), tools="python", max_new_tokens=96,
-                max_tool_calls=2, lr=1e-4, eval_every=20)
-
-
 def base_settings(cfg: DemoConfig) -> dict:
-    """The pretraining settings the demo chooses: 600 steps; the tool demo's own corpus mix and steps."""
-    chosen = {"steps": 600, **(tool_demo_pretrain_settings() if cfg.tools else {})}
-    return {**chosen, **({"steps": cfg.pretrain_steps} if cfg.pretrain_steps else {})}
+    """The demo's pretraining: 600 steps. The tool demo's base must copy six digits into its calls and the product
+    into the answer, a skill that forms late (loss plateau, then a drop): more calls, fewer slips, more steps."""
+    tools = dict(think_share=0.45, slip_rate=0.1, steps=1000, micro_batch_size=48) if cfg.tools else {}
+    return {"steps": 600, **tools, **({"steps": cfg.pretrain_steps} if cfg.pretrain_steps else {})}
 
 
 def run_demo(cfg: DemoConfig, log=print) -> Path:
     # The tiny base is pretrained, or reused when made with the same settings (e.g. for the control run).
     out = Path(cfg.out)
-    tool_settings = tool_demo_settings() if cfg.tools else {}
+    # the tool demo's GRPO: room for a call, its output and the answer (about 70 tokens), a faster lr, and fewer
+    # held-out evaluations (each call is a sandboxed process)
+    tool_settings = dict(task_options=dict(TOOL_DEMO_OPTIONS), tools="python", max_new_tokens=96, max_tool_calls=2,
+                         lr=1e-4, eval_every=20) if cfg.tools else {}
     pre = PretrainConfig(**base_settings(cfg), out=str(out / run_name("base", cfg.arch, tools=cfg.tools)),
                          seed=cfg.seed, threads=cfg.threads, arch=cfg.arch, tools=cfg.tools,
                          task_options=tool_settings.get("task_options", {}))
@@ -88,13 +62,15 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     notes = [f"Held-out pass@1 went from {before['pass@1']:.1%} to {after['pass@1']:.1%} ({gain * 100:+.1f} points).",
              *([f"Tool calls per held-out sample went from {before['tool_calls']:.2f} to {after['tool_calls']:.2f}."]
                if cfg.tools else []),
-             f"Rewards: {'shuffled across the batch (control: same mean, no signal)' if cfg.control != 'none' else 'accuracy + format, rule-based'}."]
+             "Rewards: " + ("shuffled across the batch (control: same mean, no signal)." if is_control
+                            else "accuracy + format, rule-based.")]
     title = "r1lab demo: R1-Zero " + ("with a Python tool " if cfg.tools else "") + "on a tiny model"
-    report = write_report(run, title=title + (" (random-reward control)" if cfg.control != "none" else ""),
+    report = write_report(run, title=title + (" (random-reward control)" if is_control else ""),
                           tables={"Held-out evaluation (k=8 samples, temperature 0.6, top-p 0.95)": columns,
                                   "Tiny bases (from each base's architecture.json and its R1-Zero run)":
                                       architecture_table(out, cfg)},
-                          examples={"before": example_completions(before_records), "after": example_completions(after_records)},
+                          examples={"before": example_completions(before_records),
+                                    "after": example_completions(after_records)},
                           notes=notes, compare_runs=compare)
     log(f"\nheld-out pass@1: {before['pass@1']:.1%} -> {after['pass@1']:.1%} ({gain * 100:+.1f} points)")
     if cfg.tools:
@@ -105,10 +81,8 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
 
 
 def architecture_table(out: Path, cfg: DemoConfig) -> dict[str, dict]:
-    """One column per architecture whose base is under OUT (this demo's, and the other's when it has been run):
-    parameters in all and active per token, KV-cache bytes per token, expert load at the end of pretraining, and the
-    held-out pass@1 before and after its R1-Zero GRPO run (when that run has been made); the bases of cfg's demo
-    (with or without tools)."""
+    """One column per architecture whose base is under OUT (cfg's, and another's when it has been run): its
+    architecture.json figures and the pass@1 before and after its R1-Zero run, when that was made."""
     columns = {}
     for arch in ARCHS:
         facts_file = out / run_name("base", arch, tools=cfg.tools) / ARCHITECTURE_FILE

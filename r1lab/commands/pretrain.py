@@ -1,25 +1,15 @@
 """`r1lab pretrain`: the tiny base model from scratch, on a synthetic corpus that makes it a model that can reason
 but does not reliably choose to.
 
-Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response, in one of three styles:
-- worked ("think" share): column addition from the right, one step per column written as
-  "digit+digit+carry=two-digit sum" (347+285 -> "7+5+0=12,4+8+1=13,3+2+1=06", answer 632); a share of these
-  solutions slips once (a column sum off by one, carried through to the answer), as careless reasoning does;
-- guessed (most of the rest): a one-word thought and the value of another random problem of the same shape, so a
-  guess is right by chance only, however well the model could compute the sum;
-- untagged (a few): a guess in plain text, without the <think>/<answer> format.
+Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response: worked ("think" share),
+column addition from the right, one "digit+digit+carry=two-digit sum" step per column (347+285 -> "7+5+0=12,4+8+1=13,
+3+2+1=06", answer 632), a share of them slipping once; guessed (most of the rest), the value of another random problem
+of the same shape; or untagged (a few), a guess without the <think>/<answer> format. pass@8 is then high and pass@1 low:
+where RL with a verifier helps. Column steps read digits at fixed offsets from the prompt, which a model of under a
+million parameters learns in a few CPU minutes. Only train-split problems are used.
 
-A model pretrained on this mix writes correct worked solutions often enough that pass@8 is high, while its pass@1 is
-low because it usually guesses: exactly the situation where RL with a verifier helps, and where the learned
-behaviour is to think longer. Every column step reads digits at fixed offsets from the prompt, which is what lets a
-model of under a million parameters learn the procedure in a few CPU minutes. Only train-split problems are used,
-so held-out problems stay unseen.
-
-With `--tools python` (the tool demo's corpus, for problems no tiny model computes in its head, e.g. 347*285), the
-worked style is a call of the Python tool instead, written exactly as a rollout with tools reads it (r1lab/engine/tools.py):
-" <think><python>print(347*285)</python><output>98895\n</output></think> <answer>98895</answer>"; a share of
-these calls miscopy one digit of the problem (the output, and so the answer, are then those of the miscopied
-product). Guessed and untagged documents are as above.
+With `--tools python` (the tool demo's products, e.g. 347*285) the worked style is a call of the Python tool, written
+as a rollout with tools reads it (r1lab/engine/tools.py), a share of them miscopying one digit of the problem.
 """
 
 from __future__ import annotations
@@ -78,16 +68,22 @@ def column_steps(terms: list[int], rng: random.Random | None = None, slip: bool 
     return steps, int("".join(map(str, [carry, *answer_digits])))
 
 
-def response(problem: Problem, rng: random.Random, mix: CorpusMix) -> str:
-    """One response text in the corpus style, starting right after the prompt's "Assistant:"."""
+def response(problem: Problem, rng: random.Random, mix: CorpusMix, spec: ToolSpec | None = None) -> str:
+    """One response in the corpus style, right after the prompt's "Assistant:": a guess, or a worked solution (with
+    spec, a call of the Python tool, its output block as a rollout appends it) of which a share slips."""
     terms, ops = problem.meta["terms"], problem.meta["ops"]
-    if set(ops) != {"+"}:
+    if spec is None and set(ops) != {"+"}:
         raise ValueError("the worked-solution corpus covers addition only (ops '+')")
     u = rng.random()
-    if u < mix.think_share:
-        steps, answer = column_steps(terms, rng, slip=rng.random() < mix.slip_rate)
-        return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
-    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+    if u >= mix.think_share:
+        return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
+    slip = rng.random() < mix.slip_rate
+    if spec is None:
+        return worked_solution(problem, rng, slip)
+    terms = miscopied(terms, rng) if slip else terms
+    value = evaluate(terms, ops)
+    block = output_text(ProgramResult(f"{value}\n", True), spec)
+    return f" <think>{spec.open}print({render(terms, ops)}){spec.close}{block}</think> <answer>{value}</answer>"
 
 
 def guessed(terms: list[int], ops: list[str], rng: random.Random, untagged: bool) -> str:
@@ -99,21 +95,6 @@ def guessed(terms: list[int], ops: list[str], rng: random.Random, untagged: bool
     return f" <think>{GUESS_THOUGHT}</think> <answer>{guess}</answer>"
 
 
-def tool_response(problem: Problem, rng: random.Random, mix: CorpusMix, spec: ToolSpec = ToolSpec()) -> str:
-    """One response of the tool corpus: a call of the Python tool (a share of them miscopying one digit), with the
-    output block a rollout appends for it (tools.output_text, so that pretraining and rollouts read alike), then
-    the answer it printed; or a guess, as in response()."""
-    terms, ops = problem.meta["terms"], problem.meta["ops"]
-    u = rng.random()
-    if u < mix.think_share:
-        if rng.random() < mix.slip_rate:
-            terms = miscopied(terms, rng)
-        value = evaluate(terms, ops)
-        block = output_text(ProgramResult(f"{value}\n", True), spec)
-        return f" <think>{spec.open}print({render(terms, ops)}){spec.close}{block}</think> <answer>{value}</answer>"
-    return guessed(terms, ops, rng, untagged=u < mix.think_share + mix.untagged_share)
-
-
 def miscopied(terms: list[int], rng: random.Random) -> list[int]:
     """terms with one digit of one term changed (never into a leading zero)."""
     i = rng.randrange(len(terms))
@@ -123,9 +104,9 @@ def miscopied(terms: list[int], rng: random.Random) -> list[int]:
     return [*terms[:i], int("".join(digits)), *terms[i + 1 :]]
 
 
-def worked_solution(problem: Problem) -> str:
-    """The corpus's worked style without slips: what R1's cold-start data is, readable and in the format."""
-    steps, answer = column_steps(problem.meta["terms"])
+def worked_solution(problem: Problem, rng: random.Random | None = None, slip: bool = False) -> str:
+    """The corpus's worked style; without slips, what R1's cold-start data is: readable and in the format."""
+    steps, answer = column_steps(problem.meta["terms"], rng, slip)
     return f" <think>{','.join(steps)}</think> <answer>{answer}</answer>"
 
 
@@ -138,10 +119,8 @@ def cold_start_conversations(task: ArithmeticTask, n: int, seed: int) -> list[di
 def arithmetic_corpus(task: ArithmeticTask, n: int, seed: int, mix: CorpusMix | None = None,
                       tools: str = "") -> list[tuple[Problem, str]]:
     """n (problem, response) pairs drawn from the train split; tools="python": the tool corpus."""
-    mix = mix or CorpusMix()
-    rng = random.Random(seed)
-    write = tool_response if tools else response
-    return [(p, write(p, rng, mix)) for p in task.problems("train", n, seed)]
+    mix, rng, spec = mix or CorpusMix(), random.Random(seed), ToolSpec() if tools else None
+    return [(p, response(p, rng, mix, spec)) for p in task.problems("train", n, seed)]
 
 
 def corpus_pairs(cfg: PretrainConfig, tokenizer: Tokenizer) -> list[tuple[str, str]]:

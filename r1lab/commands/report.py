@@ -1,8 +1,7 @@
 """The run report: PNG training curves and a Markdown summary (tables, example completions) in run_dir/report/.
 
 Plots are drawn from run_dir/metrics.jsonl and run_dir/eval.jsonl, so a report can be rebuilt for any run, finished
-or crashed, and control runs (e.g. a random-reward control, see R1-RECIPE section 5) can be overlaid.
-Written by `r1lab demo` (and, as comparison reports, by `r1lab distill` and `r1lab pipeline`); callable as `write_report(run_dir, title=..., tables=...)`.
+or crashed, and control runs can be overlaid.
 """
 
 from __future__ import annotations
@@ -42,13 +41,19 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _line(ax: Any, steps: list, values: list, label: str, **style: Any) -> None:
-    # Per-step RL metrics are noisy: show raw values faintly under a moving average once there are enough points.
-    if len(values) >= 20:
+def _line(ax: Any, rows: list[dict], key: str, label: str, **style: Any) -> None:
+    steps, values = _series(rows, key)
+    if len(values) >= 20:  # noisy per-step metrics: raw values faintly, under a moving average
         (raw,) = ax.plot(steps, values, alpha=0.2, linewidth=0.8, **style)
         ax.plot(steps, _smooth(values, max(2, len(values) // 20)), label=label, color=raw.get_color(), **style)
-    else:
+    elif values:
         ax.plot(steps, values, label=label, marker=".", **style)
+
+
+def _points(ax: Any, evals: list[dict], split: str, key: str, label: str, **style: Any) -> None:
+    steps, values = _series([r for r in evals if r.get("split") == split], key)
+    if values:
+        ax.plot(steps, values, marker="o", label=label, **style)
 
 
 def _figure(title: str, ylabel: str, percent: bool = False) -> tuple[Any, Any]:
@@ -65,7 +70,10 @@ def _figure(title: str, ylabel: str, percent: bool = False) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _save(fig: Any, ax: Any, path: Path) -> Path:
+def _save(fig: Any, ax: Any, path: Path) -> Path | None:
+    """The plot saved to path, or None when it has no lines."""
+    if not ax.lines:
+        return None
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=110)
@@ -76,54 +84,40 @@ def _plot_reward(rows: list[dict], extra: dict[str, list[dict]], out: Path) -> P
     keys = ["reward/mean"] + sorted({k for r in rows for k in r if k.startswith("reward/")} - _REWARD_STATS)
     fig, ax = _figure("Reward", "reward")
     for key in keys:
-        steps, values = _series(rows, key)
-        if values:
-            _line(ax, steps, values, "total (mean)" if key == "reward/mean" else key.split("/", 1)[1])
+        _line(ax, rows, key, "total (mean)" if key == "reward/mean" else key.split("/", 1)[1])
     for name, other in extra.items():
-        steps, values = _series(other, "reward/mean")
-        if values:
-            _line(ax, steps, values, f"{name}: total", linestyle="--")
-    return _save(fig, ax, out / "reward.png") if ax.lines else None
+        _line(ax, other, "reward/mean", f"{name}: total", linestyle="--")
+    return _save(fig, ax, out / "reward.png")
 
 
 def _plot_heldout(evals: list[dict], extra: dict[str, list[dict]], split: str, out: Path) -> Path | None:
     fig, ax = _figure(f"Accuracy on '{split}'", "accuracy", percent=True)
-    rows = [r for r in evals if r.get("split") == split]
-    for key in ["pass@1", *sorted({k for r in rows for k in r if k.startswith("cons@")})]:
-        steps, values = _series(rows, key)
-        if values:
-            ax.plot(steps, values, marker="o", label=key)
+    cons = sorted({k for r in evals if r.get("split") == split for k in r if k.startswith("cons@")})
+    for key in ["pass@1", *cons]:
+        _points(ax, evals, split, key, key)
     for name, other in extra.items():
-        steps, values = _series([r for r in other if r.get("split") == split], "pass@1")
-        if values:
-            ax.plot(steps, values, marker="o", linestyle="--", label=f"{name}: pass@1")
-    return _save(fig, ax, out / "heldout_accuracy.png") if ax.lines else None
+        _points(ax, other, split, "pass@1", f"{name}: pass@1", linestyle="--")
+    return _save(fig, ax, out / "heldout_accuracy.png")
 
 
 def _plot_tool_use(rows: list[dict], evals: list[dict], extra_rows: dict[str, list[dict]],
                    extra_evals: dict[str, list[dict]], split: str, out: Path) -> Path | None:
-    """With tool calls (r1lab/engine/tools.py): calls per training rollout and per held-out sample (counts, not
-    shares: a rollout may call several times); absent without tools."""
+    """With tool calls: calls per training rollout and per held-out sample (counts: a rollout may call several
+    times)."""
     fig, ax = _figure("Tool use", "calls per completion")
     series = {"": (rows, evals), **{f"{name}: ": (extra_rows[name], extra_evals.get(name, [])) for name in extra_rows}}
     for prefix, (metrics, heldout) in series.items():
         style = {"linestyle": "--"} if prefix else {}
-        steps, values = _series(metrics, "tools/calls_per_rollout")
-        if values:
-            _line(ax, steps, values, f"{prefix}calls per rollout (training)", **style)
-        steps, values = _series([r for r in heldout if r.get("split") == split], "tool_calls")
-        if values:
-            ax.plot(steps, values, marker="o", label=f"{prefix}calls per held-out sample", **style)
-    return _save(fig, ax, out / "tool_use.png") if ax.lines else None
+        _line(ax, metrics, "tools/calls_per_rollout", f"{prefix}calls per rollout (training)", **style)
+        _points(ax, heldout, split, "tool_calls", f"{prefix}calls per held-out sample", **style)
+    return _save(fig, ax, out / "tool_use.png")
 
 
 def _plot_length(rows: list[dict], out: Path) -> Path | None:
     fig, ax = _figure("Completion length", "tokens")
-    for key, label, style in (("completion_len/mean", "mean", "-"), ("completion_len/max", "max", ":")):
-        steps, values = _series(rows, key)
-        if values:
-            _line(ax, steps, values, label, linestyle=style)
-    return _save(fig, ax, out / "completion_length.png") if ax.lines else None
+    _line(ax, rows, "completion_len/mean", "mean", linestyle="-")
+    _line(ax, rows, "completion_len/max", "max", linestyle=":")
+    return _save(fig, ax, out / "completion_length.png")
 
 
 def _plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
@@ -138,7 +132,7 @@ def _plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
     fig = Figure(figsize=(4 * ncols, 2.6 * nrows), layout="constrained")
     for i, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        _line(ax, *_series(rows, key), key)
+        _line(ax, rows, key, key)
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
@@ -147,10 +141,8 @@ def _plot_diagnostics(rows: list[dict], out: Path) -> Path | None:
 
 
 def plot_curves(run_dir: Path, extra_runs: dict[str, Path] | None = None, split: str = "heldout") -> dict[str, Path]:
-    """Draw the run's PNG curves into run_dir/report/ (control runs in `extra_runs` dashed); returns name -> path.
-
-    A plot whose metrics are absent is not written.
-    """
+    """Draw the run's PNG curves whose metrics are present into run_dir/report/ (control runs in `extra_runs`
+    dashed); returns name -> path."""
     run_dir = Path(run_dir)
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +167,8 @@ def format_value(key: str, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _md_escape(str(value))
     name = key.lower()
-    if name.startswith(("pass@", "cons@")) or name.endswith(("rate", "accuracy", "fraction", "consistency")) or name == "acc":
+    if name.startswith(("pass@", "cons@")) or name.endswith(("rate", "accuracy", "fraction", "consistency")) \
+            or name == "acc":
         return f"{100 * value:.1f}%"
     if isinstance(value, int):
         return str(value)

@@ -107,11 +107,9 @@ def serve(cfg: ServeConfig) -> None:
 def startup_message(state: ServerState) -> str:
     """What a user needs to point a client at this server: the exact base_url and model name."""
     cfg, spec = state.cfg, state.batcher.tools
-    host = cfg.host
+    host, where = cfg.host, ""
     if host in ("0.0.0.0", "::", ""):  # listening everywhere: this machine reaches it as localhost
         host, where = "127.0.0.1", " (listening on all interfaces: from elsewhere use this machine's address)"
-    else:
-        where = ""
     url = f"http://{f'[{host}]' if ':' in host else host}:{cfg.port}"
     key = '"YOUR_API_KEY" (the --api-key you set)' if cfg.api_key else '"none" (any: no --api-key is set)'
     return (f"r1lab serve: model '{state.model_id}' ({state.context_len} tokens of context) on {url}{where}\n"
@@ -196,32 +194,29 @@ def _api_routes(state: ServerState) -> APIRouter:
         _check_model(state, model_id)
         return _model_card(state)
 
+    async def parse(request: Request, cls):
+        req = parse_request(cls, await read_json(request, state.cfg))
+        _check_model(state, req.model)
+        return req
+
     @router.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(ChatRequest, await read_json(request, state.cfg))
-        _check_model(state, req.model)
+        req = await parse(request, ChatRequest)
         prompt_text = _chat_prompt(state, req)
         prompt_ids = state.engine.tokenizer.encode(prompt_text)
         gen = _start(state, req, [prompt_ids], _client_id(request))
-        reply = ChatReply(state, req, len(prompt_ids), starts_in_think(prompt_text))
-        if req.stream:
-            return _sse(reply.stream(gen))
-        return await _answer(request, gen, reply.body)
+        return await _respond(request, gen, ChatReply(state, req, len(prompt_ids), starts_in_think(prompt_text)))
 
     @router.post("/completions")
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await read_json(request, state.cfg))
-        _check_model(state, req.model)
+        req = await parse(request, CompletionRequest)
         texts = req.prompts()
         if len(texts) > state.cfg.max_prompts:  # before tokenizing them all
             raise ApiError(400, f"Too many prompts: {len(texts)}. This server takes at most {state.cfg.max_prompts} "
                                 "prompts in one request.", param="prompt", code="invalid_value")
         prompts = [state.engine.tokenizer.encode(p) for p in texts]
         gen = _start(state, req, prompts, _client_id(request))
-        reply = CompletionReply(state, req, sum(len(p) for p in prompts))
-        if req.stream:
-            return _sse(reply.stream(gen))
-        return await _answer(request, gen, reply.body)
+        return await _respond(request, gen, CompletionReply(state, req, sum(len(p) for p in prompts)))
 
     return router
 
@@ -268,9 +263,8 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
                             "completion tokens.", param="max_tokens", code="invalid_value")
     rows = len(prompt_lens) * req.n
     max_tokens = asked if asked is not None else min(cfg.max_tokens, ctx - longest, cfg.max_request_tokens // rows)
-    # One request may not queue more than max_request_tokens (fairness protects latency, not the machine's time);
-    # a default cut to 0 by the budget fails here.
-    budget = len(prompt_lens) * req.n * max(max_tokens, 1)
+    # fairness protects latency, not the machine's time: one request queues at most max_request_tokens
+    budget = rows * max(max_tokens, 1)
     if budget > cfg.max_request_tokens:
         raise ApiError(400, f"This request asks for {budget} completion tokens ({len(prompt_lens)} prompts x n={req.n} "
                             f"x max_tokens={max(max_tokens, 1)}); this server allows at most {cfg.max_request_tokens} "
@@ -285,17 +279,15 @@ def _sampling_params(state: ServerState, req, prompt_lens: list[int]) -> Samplin
                           logprobs=isinstance(req, ChatRequest) and bool(req.logprobs))
 
 
-async def _answer(request: Request, gen: Generation, body) -> JSONResponse:
+async def _respond(request: Request, gen: Generation, reply: _Reply):
+    if reply.req.stream:
+        return StreamingResponse(reply.stream(gen), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         done = await gen.results(request.is_disconnected)
     except ClientGone:
         return JSONResponse({}, status_code=499)  # nobody reads it; the rows were freed
-    return JSONResponse(body(done))
-
-
-def _sse(events) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return JSONResponse(reply.body(done))
 
 
 def _data(obj) -> str:

@@ -1,37 +1,20 @@
 """One worker thread owns the engine and runs every request in one continuous batch (r1lab/engine/live_batch.py).
 
-Each request prompt (a job) asking for n completions queues n rows under its client (the server names clients by
-their remote address). The worker loops: it gives the batch's free slots to waiting rows, runs one decode step, and
-turns every row's new token into events for its request. A request therefore starts at the step after it arrives
-(plus its prompt's prefill), whatever is running. Only when nothing runs does a first request wait for others, until
-none came for `batch_wait_s` (10 times that at most): a crowd arriving together is prefilled in one forward.
+A request prompt (a job) asking for n completions queues n rows under its client (its remote address). The worker
+gives the batch's free slots to waiting rows, runs one decode step, and turns each row's new token into events for
+its request: text deltas (when it streams or has stop strings), then one Done, handed to the job's thread-safe
+`deliver`. Only when nothing runs does a first request wait for others (until none came for batch_wait_s), so that a
+crowd arriving together is prefilled in one forward.
 
-Slots are shared fairly between clients. Waiting rows are admitted round-robin, one row per client in turn; a client
-fills slots beyond its share (max_batch / clients with rows running or waiting) only while no client under its share
-waits. When the slots are full and a client under its share waits, rows of the client holding the most are parked
-(LiveBatch.park: their keys set aside, nothing recomputed) and go back to the front of that client's queue; they
-resume where they stopped, with the same tokens, once a slot is theirs again. So a client that queued a thousand long
-rows can neither push a later client's row behind them nor hold it off for a whole generation.
+Fairness (docs/serving.md): free slots go round-robin to clients, beyond a client's share only while nobody under
+theirs waits; when the slots are full and a client under its share waits, rows of the client holding the most are
+parked (LiveBatch.park: keys set aside) and resume unchanged later. A step over many long rows costs many times one
+over a few, so light and heavy clients' rows run in two lanes, stepped in turn with LIGHT_SHARE of the time for the
+light one.
 
-A step over many long rows costs many times a step over a few, so sharing slots is not enough for a light client's
-latency. The rows run in two lanes, each its own LiveBatch: while clients holding at most the mean number of rows per
-client (light) run beside heavier ones, the heavy clients' rows are moved to the heavy lane (keys and all) and the
-worker steps one lane at a time, the light one taking LIGHT_SHARE (2/3) of the engine's time: a light request then
-takes at most about 1.5 times as long as on an idle server, and the heavy rows, never stopped, keep a third of the
-time while light requests run. Otherwise both lanes step every time (all rows are in one of them, mostly).
-
-With tools (`r1lab serve --tools python`, r1lab/engine/tools.py), a row's sequence also stops at the tool block's close
-tag. The row then pauses: it leaves the batch (holding no slot), and its code runs in the sandbox on a small thread
-pool, off the worker, so the other rows keep decoding. When the call is back, its output block is appended to the row
-(streamed as text like the model's, counted in its tokens and its max_tokens) and the row goes back to the front of
-its client's queue; admitted again, it runs as a new sequence whose prompt is the request's prompt and the completion
-so far (prefilled again, as generate_with_tools does), seeded per turn (tools.turn_seed), so a seeded completion is
-the same whatever else runs. A block closed past max_tool_calls ends the row (finish_reason "stop").
-
-Each step, a row's new token becomes events for its request: text deltas (when the request streams or has stop
-strings), then one Done. Rows end early when their request's client went away (`Job.cancel()`), freeing their slot
-at the next step, or when they completed a stop string. Events reach the request through its `deliver` function,
-which must be thread-safe (the server hands them to its event loop with `call_soon_threadsafe`).
+With tools (r1lab/engine/tools.py) a row's sequence stops at its tool block's close tag; the row leaves the batch
+while its code runs on a thread pool, then goes back to the front of its client's queue with the output appended
+(counted in its tokens), as a new sequence seeded per turn (tools.turn_seed). A block past max_tool_calls ends it.
 """
 from __future__ import annotations
 
@@ -41,7 +24,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from r1lab.engine.engine import Engine
@@ -53,9 +36,7 @@ from r1lab.serve.textstream import TextStream
 
 log = logging.getLogger("r1lab.serve")
 MAX_WAIT_FACTOR = 10  # an idle worker starts at most this many batch_wait_s after a first request
-# The engine's time the light lane takes while heavier clients run (see _lanes_to_step). At
-# 1/2 a light request would run up to 2x slower than on an idle server, before the step in flight when it arrived
-# and its prefill; 2/3 bounds it near 1.5x, and the heavy rows keep a third of the time while light ones run.
+# the light lane's share of the engine's time while heavier clients run: a light request then takes ~1.5x its idle time
 LIGHT_SHARE = 2 / 3
 LIGHT, HEAVY = 0, 1  # the two lanes: LiveBatches of light clients' rows and of heavy ones'
 
@@ -92,8 +73,7 @@ class Done:
     finish_reason: str  # "stop" (end-of-text, a stop string, a tool call past the limit) or "length"
     completion_tokens: int  # tool outputs' tokens included: they fill max_tokens like the model's
     text: str  # the whole completion text, cut before a stop string
-    logprobs: list[TokenLogprob] | None = None  # every completion token, end-of-text and stop string included;
-    # a tool output's tokens carry 0.0 (they were not sampled)
+    logprobs: list[TokenLogprob] | None = None  # every completion token; a tool output's carry 0.0 (not sampled)
 
 
 @dataclass
@@ -112,7 +92,6 @@ class Job:
     stream: bool = False  # send Delta events as text is produced (else only Done)
     client: str = ""  # who asked: rows are shared fairly between clients
     cancelled: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """The client went away: its rows end at the next step, or it never starts."""
@@ -141,8 +120,7 @@ class _Row:
         self.calling = False  # its tool call runs: out of every batch and queue until it is back
 
     def sequence_args(self, stops: tuple[str, ...]) -> dict:
-        """LiveBatch.add's arguments for the row's current turn: the prompt and the completion so far, the tokens
-        left, and the turn's own seed (a pure function of the request's seed, the row and the turn)."""
+        """LiveBatch.add's arguments for the row's current turn: prompt and completion so far, and the turn's seed."""
         p = self.job.params
         seed = _row_seed(p.seed, self.index) if self.calls == 0 else turn_seed(p.seed, self.index, self.calls)
         return dict(prompt_ids=self.job.prompt_ids + self.ids, max_new_tokens=p.max_tokens - len(self.ids),
@@ -198,15 +176,12 @@ class Batcher:
         self.max_batch, self.batch_wait_s, self.max_pending = max_batch, batch_wait_s, max_pending
         self.tools, self.runner = tools, runner
         self._stops = (tools.close,) if tools else ()  # a row's sequence stops where it closes a tool block
-        # Each call is a process of its own: the threads only wait for them, a few per core at most.
+        # each call is a process of its own: the threads only wait for them
         self._pool = ThreadPoolExecutor(max(1, min(max_batch, 2 * (os.cpu_count() or 1))), "r1lab-tool") \
             if tools else None
         self._calling: set[_Row] = set()  # rows whose tool call runs
         self._back: list[tuple[_Row, ProgramResult | None]] = []  # calls done, for the worker to append
-        # batches: busy spells (the worker starting from idle); rows: completions started; max_batch_rows: the most
-        # running at once; parked_rows: rows set aside for a client under its share; moved_rows: rows moved to the
-        # other lane; light_steps: steps of the light lane alone (see _lanes_to_step); drafted, accepted: speculative
-        # decoding's drafts (r1lab/engine/live_batch.py) and those the model kept
+        # served by /health: batches are busy spells (the worker starting from idle), rows are completions started
         self.stats = {"batches": 0, "rows": 0, "max_batch_rows": 0, "aborted_rows": 0, "stopped_rows": 0,
                       "cancelled_waiting": 0, "failed_batches": 0, "completion_tokens": 0, "steps": 0,
                       "parked_rows": 0, "moved_rows": 0, "light_steps": 0, "tool_calls": 0, "tool_limit_rows": 0,
@@ -241,9 +216,8 @@ class Batcher:
         """Stop taking work, tell waiting requests, and let the running rows finish."""
         with self._cond:
             self._closing = True
-            waiting = {r.job: None for q in self._queues.values() for r in q}
-            waiting.update({r.job: None for r in self._calling})
-            waiting.update({r.job: None for r, _ in self._back})
+            rows = [r for q in self._queues.values() for r in q] + list(self._calling) + [r for r, _ in self._back]
+            waiting = dict.fromkeys(r.job for r in rows)
             self._queues.clear()
             self._calling.clear()
             self._back.clear()
@@ -260,8 +234,6 @@ class Batcher:
         """Completions waiting for a slot (parked ones included)."""
         return self._waiting
 
-    # --- worker thread -----------------------------------------------------------------------------------------
-
     def _run(self) -> None:
         while True:
             if not self._running:
@@ -273,8 +245,8 @@ class Batcher:
                 self._step()
 
     def _gather(self) -> bool:
-        """Nothing runs: wait for a first row (or a tool call back), then for more until none came for batch_wait_s
-        or max_batch rows wait. False: closing."""
+        """Nothing runs: wait for a first row (or a call back), then for more until none came for batch_wait_s or
+        max_batch rows wait. False: closing."""
         with self._cond:
             while not self._queues and not self._back and not self._closing:
                 self._cond.wait()
@@ -292,8 +264,7 @@ class Batcher:
             return True
 
     def _admit(self) -> None:
-        """Free slots to waiting rows, fairly; first park rows of the client holding the most when a client under
-        its share waits and no slot is free for it."""
+        """Free slots to waiting rows, fairly, after parking rows for the waiting clients under their share."""
         self._take_back_calls()
         with self._cond:
             if not self._queues:
@@ -316,8 +287,8 @@ class Batcher:
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self._running))
 
     def _park_for_waiting(self, held: collections.Counter, share: int) -> None:
-        """Park as many running rows as the waiting clients under their share lack free slots for, each time one of
-        the client holding the most (over its share). Called holding the lock."""
+        """Park the running rows that waiting clients under their share lack free slots for, each of the client
+        holding the most (over its share). Called holding the lock."""
         owed = sum(min(len(q), share - held[c]) for c, q in self._queues.items() if held[c] < share)
         for _ in range(owed - (self.max_batch - len(self._running))):
             client, n = max(held.items(), key=lambda item: item[1], default=("", 0))
@@ -332,9 +303,8 @@ class Batcher:
             self.stats["parked_rows"] += 1
 
     def _take(self, free: int, held: collections.Counter, share: int) -> list[_Row]:
-        """Up to `free` waiting rows, one per client in turn: first only clients under their share, then any. A
-        client served goes to the back of the line, so the next admission starts with the next client. Called
-        holding the lock."""
+        """Up to `free` waiting rows, one per client in turn: first only clients under their share, then any; a
+        client served goes to the back of the line. Called holding the lock."""
         rows: list[_Row] = []
         for capped in (True, False):
             line = collections.deque(self._queues)
@@ -345,8 +315,9 @@ class Batcher:
                 queue = self._queues[client]
                 row = queue.popleft()
                 self._waiting -= 1
-                if row.job.cancelled:
-                    self._drop_cancelled(row)
+                if row.job.cancelled:  # a parked row's keys go with it
+                    self.stats["cancelled_waiting" if row.parked is None else "aborted_rows"] += 1
+                    row.parked = None
                 else:
                     rows.append(row)
                     held[client] += 1
@@ -357,16 +328,8 @@ class Batcher:
                     line.append(client)
         return rows
 
-    def _drop_cancelled(self, row: _Row) -> None:
-        if row.parked is None:
-            self.stats["cancelled_waiting"] += 1
-        else:  # parked: its keys go with it
-            row.parked = None
-            self.stats["aborted_rows"] += 1
-
     def _step(self) -> None:
-        """One decode step of the rows whose turn it is (every lane's, unless light and heavy clients both run);
-        route the tokens to their requests."""
+        """One decode step of the lanes whose turn it is; route the tokens to their requests."""
         light = self._light_clients()
         if light is not None:
             self._sort_lanes(light)
@@ -391,8 +354,7 @@ class Batcher:
                 job.deliver(job_events)
 
     def _light_clients(self) -> set[str] | None:
-        """The light clients (holding at most the mean number of rows per client) when heavier ones run too; None
-        when nobody is heavier than the rest (one client, or all alike): then every lane steps together."""
+        """The clients holding at most the mean number of rows, or None when nobody holds more than the rest."""
         held = collections.Counter(r.job.client for r in self._running.values())
         light = {c for c, n in held.items() if n * len(held) <= len(self._running)}
         if len(light) == len(held):
@@ -410,9 +372,8 @@ class Batcher:
                 self.stats["moved_rows"] += 1
 
     def _lanes_to_step(self, split: bool) -> list[int]:
-        """Both lanes, unless light and heavy clients both run: then one lane per step, the light one taking
-        LIGHT_SHARE of the time. A light row so runs at LIGHT_SHARE of its idle speed or faster, however many rows
-        the heavy clients hold, and the heavy rows are never stopped."""
+        """Both busy lanes, unless light and heavy clients both run: then one lane per step, the light one taking
+        LIGHT_SHARE of the time."""
         busy = [lane for lane in (LIGHT, HEAVY) if not self._lanes[lane].idle]
         if not split or len(busy) < 2:
             return busy
@@ -443,15 +404,12 @@ class Batcher:
                 lane.cancel(t.seq)
             del self._running[t.seq], self._lane[t.seq]
 
-    # --- tool calls (worker thread, but for _call_done) ------------------------------------------------------------
-
     def _closed_block(self, t: StepToken) -> bool:
         """Whether a sequence's "stop" was its tool block's close tag (its only stop string) rather than end-of-text."""
         return self.tools is not None and t.finish_reason == "stop" and t.token not in self.engine.tokenizer.eos_ids
 
     def _call(self, row: _Row, events: list[Event]) -> None:
-        """The row closed a tool block: past max_tool_calls it ends ("stop"); else it pauses, out of the batch,
-        while its code runs on the pool."""
+        """The row closed a tool block: past max_tool_calls it ends; else it leaves the batch while its code runs."""
         row.calls += 1
         if row.calls > self.tools.max_calls:
             self.stats["tool_limit_rows"] += 1
@@ -482,8 +440,7 @@ class Batcher:
             self._cond.notify()
 
     def _take_back_calls(self) -> None:
-        """Append the outputs of the calls that are back to their rows (text events, tokens counted against
-        max_tokens), and queue the rows that go on at the front of their clients' queues."""
+        """Append the calls' outputs to their rows, and queue the rows that go on at the front of their clients'."""
         with self._cond:
             back, self._back = self._back, []
         for row, result in back:
