@@ -1,7 +1,5 @@
 """r1lab: train reasoning language models the DeepSeek-R1 way (GRPO with rule rewards), from a laptop CPU up.
-
-The Python API, `r1lab.grpo`, `r1lab.sft` and `r1lab.evaluate`, is r1lab/commands/api.py, loaded on first use so
-that `import r1lab` stays light.
+The Python API (r1lab/commands/api.py) is loaded on first use, so that `import r1lab` stays light.
 """
 
 __version__ = "0.1.0"

@@ -32,19 +32,15 @@ from r1lab.train.stopping import EXIT_INTERRUPTED, RunStopped, exit_now
 
 @dataclass(frozen=True)
 class Command:
-    """An `r1lab` command: its settings, its help line, and the function that runs it, imported only when the command
-    runs (so that `r1lab --help` stays fast)."""
+    """An `r1lab` command; its runner is imported only when it runs, so that `r1lab --help` stays fast."""
 
     name: str
     settings: type
     help: str
     runner: str  # "module:function", called with the resolved settings
     result: str | None = None  # what the runner returns, printed as "result: value"
-    # divides its work across the ranks of a torchrun job; distill and pipeline chain such commands (run their stages
-    # as these commands under torchrun), and the others run in one process
-    torchrun: bool = False
-    # --out is one run, and writing a second run into it would mix the two; demo, distill and pipeline are left out
-    # on purpose: they reuse the stages already finished in their out directory (r1lab/commands/stages.py)
+    torchrun: bool = False  # divides its work across the ranks of a torchrun job
+    # --out is one run, which a second would mix with (demo, distill and pipeline reuse the stages found done there)
     run_directory: bool = False
     results_file: bool = False  # --out is one file it writes once the work is done: checked before the work starts
     extra: str = ""  # the pip extra its runner needs
@@ -157,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_out(cfg, overwrite: bool) -> Path | None:
-    """Refuses, before anything is loaded, a run directory that already holds files (two runs would mix) unless the
-    run resumes there or --overwrite; returns the directory to move aside for --overwrite, if any."""
+    """Refuses a run directory that already holds files unless the run resumes there or --overwrite; returns the
+    directory to move aside for --overwrite, if any."""
     out, resume = Path(cfg.out), getattr(cfg, "resume", "false") != "false"
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts afresh: give one of them")
@@ -186,8 +182,8 @@ def check_out_is_no_file(out: Path) -> None:
 
 
 def check_results_file(cfg) -> None:
-    """Refuses, before the work, a results file --out that is a directory (the save would fail once the work is done)
-    or that would write over what the command reads: its task, data or completions file, or a file in its model."""
+    """Refuses, before the work, a results file --out that is a directory or would write over what the command
+    reads."""
     if not cfg.out:  # the default results file, beside the run or the completions
         return
     out = Path(cfg.out)
@@ -201,7 +197,7 @@ def check_results_file(cfg) -> None:
 
 
 def move_aside(out: Path) -> Path:
-    """OUT -> OUT.old-N, the first N free: the old run stays whole and apart, and the new one starts in an empty OUT."""
+    """OUT -> OUT.old-N, the first N free."""
     out = out.resolve()
     n = next(n for n in itertools.count(1) if not out.with_name(f"{out.name}.old-{n}").exists())
     return out.rename(out.with_name(f"{out.name}.old-{n}"))
@@ -285,8 +281,7 @@ def _thread_excepthook(args) -> None:
 
 
 def rank_and_size() -> tuple[int, int]:
-    """This process's rank and the job's size, from the environment torchrun sets ((0, 1) without torchrun); read
-    here rather than through r1lab.train.distributed, which imports torch, so that `r1lab --help` stays fast."""
+    """This process's rank and the job's size, from torchrun's environment (not r1lab.train.distributed: torch)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 

@@ -1,15 +1,9 @@
 """The Python API: `r1lab.grpo`, `r1lab.sft` and `r1lab.evaluate` run what `r1lab grpo|sft|eval` run, on settings
-given as a config object, a dict or keywords (the CLI's flag names with underscores), checked the same way.
-
-    import r1lab
-    from my_rewards import brevity                 # def brevity(completion, problem) -> float, at a module's top level
+given as a config object, a dict or keywords, checked the same way:
 
     model_dir = r1lab.grpo(model="path/to/model", task="data/train.jsonl", steps=100, rewards=[brevity])
 
-Reward callables run in r1lab's reward worker processes (r1lab/rewards/user_functions.py), which import them by name:
-a function defined at the top level of a module or of the running script (whose top level then runs again in each
-worker, as with multiprocessing: keep the training call under `if __name__ == "__main__":`). A lambda, a nested
-function or one typed into a notebook is refused with what to do instead.
+Reward callables are imported by name in r1lab's reward workers (r1lab/rewards/user_functions.py): top-level only.
 """
 
 from __future__ import annotations
@@ -50,8 +44,7 @@ def evaluate(config: EvalConfig | Mapping[str, Any] | None = None, **settings: A
 
 
 def _settings(cls: type, config: Any, settings: dict[str, Any]):
-    """cls from a config of that class, a mapping, or nothing, with settings on top; an unknown name is a ValueError
-    naming it (the settings' own checks run when the command starts, as on the command line)."""
+    """cls from a config of that class, a mapping, or nothing, with settings on top; a ValueError names an unknown."""
     if config is not None and not isinstance(config, (cls, Mapping)):
         raise TypeError(f"config must be a {cls.__name__} or a mapping of its settings, got {type(config).__name__}")
     given = {**(dict(config) if isinstance(config, Mapping) else {}), **settings}

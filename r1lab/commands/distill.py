@@ -1,9 +1,6 @@
-"""`r1lab distill`: DeepSeek-R1's distillation in miniature. A teacher's sampled reasoning, kept only when verified
-correct and readable (`r1lab sample`), is the SFT data (`r1lab sft`) of a smaller student.
-
-The paper's finding, checked here: the distilled student beats the same student trained by RL directly. With
-`compare_grpo`, the student base is also trained by GRPO for the wall time distillation took (sampling the teacher
-plus SFT), and the report shows teacher, student base, distilled student and GRPO student on one held-out set.
+"""`r1lab distill`: DeepSeek-R1's distillation in miniature: a teacher's verified, readable completions (`r1lab
+sample`) are the SFT data of a smaller student. With `compare_grpo` the student base is also trained by GRPO for the
+same wall time, to check the paper's finding that distillation beats RL on a small model.
 """
 
 from __future__ import annotations
@@ -74,8 +71,7 @@ def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
 
 
 def same_time_limit(seconds: float) -> float:
-    """GRPO's time limit for `seconds` of distillation: rounded to a tenth for a readable config, and never 0, which
-    would mean no limit (a warm tiny run can sample and fine-tune in under 0.05 s)."""
+    """GRPO's time limit for `seconds` of distillation: rounded to a tenth, never 0 (no limit)."""
     return max(round(seconds, 1), 0.1)
 
 

@@ -1,16 +1,6 @@
-"""`r1lab pipeline`: DeepSeek-R1's four-stage pipeline, beside R1-Zero and a distilled student.
-
-On the built-in arithmetic task it runs in CPU size from a tiny base it pretrains; on your own task (a data file) it
-starts from your base model and cold-start data. From the base:
-- R1-Zero: GRPO on the base with accuracy + format rewards (the demo's run), for comparison;
-- stage 1, cold start: SFT of the base on a few hundred readable worked solutions in the <think>/<answer> format;
-- stage 2, reasoning RL: GRPO from the cold-start model, the language-consistency reward added to accuracy + format;
-- stage 3, rejection sampling + SFT: the stage-2 model's verified-correct, readable completions on train prompts
-  become SFT data, on which the *base* is fine-tuned (as R1 fine-tunes DeepSeek-V3-Base, not the RL checkpoint);
-- stage 4, final RL: GRPO from the stage-3 model with the same rewards;
-- distillation of the final model into a student with under a quarter of its parameters (`r1lab distill`).
-Every model is then evaluated on the same held-out problems, and report.md puts them side by side. A stage already
-finished with the same settings is reused, so a crashed or extended run picks up where it stopped.
+"""`r1lab pipeline`: DeepSeek-R1's four stages (docs/pipeline.md) beside R1-Zero and a distilled student, from a tiny
+base it pretrains or your own: cold-start SFT, reasoning RL, rejection sampling + SFT of the base, final RL. Every model
+is evaluated on one held-out set; a stage finished with the same settings is reused.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Rejection sampling, R1's stage 3: `r1lab sample --model DIR --task NAME_OR_FILE --out data.jsonl`.
 
-k completions per prompt from a checkpoint, scored by the task's verifier (the same scorer as the RL reward). A
-completion is kept only when it is correct and readable: format reward 1, a length within [min_tokens, max_tokens],
-its reasoning in the target language, and no repeat of one already kept for its prompt. The kept ones are written
-as chat rows that `r1lab sft` reads (user = the problem, assistant = prefill + completion), each with where it came
-from; a summary counts every rejection by its first failed check.
-
-With --tools python the completions make tool calls (r1lab/engine/tools.py): a kept row's assistant text holds its
-<python> blocks and their <output> blocks as the model read them. `r1lab sft` does not yet mask the output blocks
-out of its loss.
+k completions per prompt, scored by the task's verifier (the RL reward's scorer), are kept only when correct and
+readable (REASONS), as chat rows that `r1lab sft` reads, each with where it came from; a summary counts every
+rejection by its first failed check. With --tools python a kept row holds its tool calls and their outputs.
 """
 
 from __future__ import annotations
@@ -60,12 +54,8 @@ class Filters:
 
     def reason(self, response: str, n_tokens: int, correct: bool, format_score: float,
                finished: bool = True) -> str | None:
-        """Why a completion is rejected (the first failed check of REASONS), or None to keep it.
-
-        response is the text as scored (what the prompt opened it with, then the completion); n_tokens counts the
-        generated tokens without the end-of-text; finished is False for a completion cut off by max_new_tokens, whose
-        end the model never chose.
-        """
+        """Why a completion is rejected (the first failed check of REASONS), or None to keep it. response is the text
+        as scored; n_tokens counts the generated tokens but end-of-text; finished: not cut off by max_new_tokens."""
         if not correct:
             return "incorrect"
         if format_score < 1.0:
@@ -82,8 +72,7 @@ class Filters:
 
 
 def pick_problems(task: Task, cfg: SampleConfig) -> list[Problem]:
-    """The distinct prompts to sample: a data file's split (all of it, or its first `problems` in a seeded order),
-    or `problems` generated ones."""
+    """The distinct prompts to sample: a data file's split (or its first `problems`, seeded), or generated ones."""
     if isinstance(task, DatasetTask):
         drawn = task.problems(cfg.split, None, cfg.seed)  # the whole split, shuffled: no cycling into repeats
         drawn = drawn[: cfg.problems] if cfg.problems else drawn
@@ -101,8 +90,7 @@ def pick_problems(task: Task, cfg: SampleConfig) -> list[Problem]:
 
 
 def model_step(path: str | Path) -> int | None:
-    """The training step a model directory was saved at: an r1lab checkpoint (checkpoints/step_N holding
-    trainer_state.pt) or a Hugging Face Trainer checkpoint (trainer_state.json); None for a final model."""
+    """The step an r1lab or Hugging Face Trainer checkpoint was saved at; None for a final model or unreadable."""
     path = Path(path)
     try:
         if (path / "trainer_state.json").exists():
@@ -129,7 +117,7 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)
     scorer_errors: int = 0
     scorer_timeouts: int = 0
-    tool_calls: int = 0  # with tools (r1lab/engine/tools.py): calls in every sampled completion
+    tool_calls: int = 0
     tool_failures: int = 0
     drafted: int = 0  # with speculative decoding: drafted tokens, and those the model accepted
     accepted: int = 0
@@ -154,9 +142,8 @@ class Tally:
 
 def sft_row(problem: Problem, response: str, n: int, result: RewardResult, provenance: dict, system: str = "",
             turns: list[dict] | None = None, **extra) -> dict:
-    """One kept completion in the chat format `r1lab sft` reads (the conversation it was sampled from, its system
-    message included; with an environment, every turn), plus where it came from. An environment's task has no
-    accuracy or format of its own: its correctness and 1.0 stand in."""
+    """One kept completion in the chat format `r1lab sft` reads (with an environment, every turn), plus where it came
+    from. An environment's task has no accuracy or format of its own: its correctness and 1.0 stand in."""
     history = problem.messages or [{"role": "user", "content": problem.prompt}]
     if system and not any(m["role"] == "system" for m in history):
         history = [{"role": "system", "content": system}, *history]
@@ -173,8 +160,7 @@ def _format(result: RewardResult) -> list[float]:
 def judge_prompt(problem: Problem, samples: list[Sample], first: int, result: RewardResult, cfg: SampleConfig,
                  filters: Filters, eos_ids: set[int], tally: Tally, prefix: str) -> list[tuple[int, str, int]]:
     """(sample index, response, tokens) of the completions kept for one prompt; samples[first + j] is its j-th.
-    prefix: the start of the response that the prompt writes (scoring_keywords' response_prefix: the prefill, or the
-    `<think>` a chat template opens), which the filters read in front of each completion, as the scorer does."""
+    prefix: the start of the response that the prompt writes, read by the filters as by the scorer."""
     kept: list[tuple[int, str, int]] = []
     for j in range(cfg.samples):
         n = first + j
@@ -198,8 +184,7 @@ def sample_chunk(engine: Engine, task: Task, chunk: list[Problem], offset: int, 
                  filters: Filters, provenance: dict, tally: Tally) -> list[dict]:
     """One generate call for a chunk of prompts (k samples each), scored and filtered; the SFT rows kept."""
     k, tok = cfg.samples, engine.tokenizer
-    # A seed per prompt (from the run seed and its index): each sample draws from its own stream, so a kept row's
-    # seed and sample index reproduce it whatever the chunking.
+    # a seed per prompt index: a kept row's seed and sample index reproduce it whatever the chunking
     seeds = [step_seed(cfg.seed, offset + i, "sample") for i in range(len(chunk))]
     prompts = [encode_prompt(tok, p, cfg.template, cfg.prefill, cfg.system) for p in chunk]
     sampling = dict(num_samples=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

@@ -1,16 +1,10 @@
 """Score completions produced elsewhere (vLLM, an API, another trainer) with the reward's own scorer:
 `r1lab score --task NAME_OR_FILE --completions FILE.jsonl [--answer-format F] --out OUT.json`.
 
-Each row of FILE.jsonl holds `prompt` and `completion`. The prompt is a task problem's question (a string, or chat
-messages whose last user message is the question), matched to the task's problems: a data file's rows (also inside
-a prompt as a chat template rendered it), or for a generator task the problem its prompt writes out (arithmetic,
-countdown). The completion is the model's text (a
-string, or assistant messages). Scoring is score_completions, exactly what GRPO rewards and `r1lab eval` reports
-(code tasks run their tests in the sandbox).
-
-Where the think block opened: a prompt given as text that ends with `<think>` opened it; so did the prompt of a
-completion that closes `</think>` without opening it (R1-Distill and QwQ templates open `<think>` in the prompt, and
-vLLM returns only what follows). The response scored is then `<think>` + completion.
+Each row of FILE.jsonl holds `prompt` (a string, or chat messages whose last user message is the question), matched
+to a task problem, and `completion` (a string, or assistant messages), scored as GRPO rewards it. A prompt ending with
+`<think>`, or a completion closing `</think>` without opening it (R1-Distill and QwQ templates open it in the prompt),
+is scored as `<think>` + completion.
 """
 
 from __future__ import annotations
@@ -51,8 +45,7 @@ def problem_lookup(task: Task, name: str) -> Callable[[str], Problem | None]:
         longest_first = sorted(by_prompt, key=len, reverse=True)
 
         def lookup(prompt: str) -> Problem | None:
-            # the question itself, else the longest question inside the prompt as a template rendered it (vLLM's
-            # prompts): longest, so that "What is 1 + 10?" is not taken for "What is 1 + 1"
+            # else the longest question inside a rendered prompt: "What is 1 + 10?" is not "What is 1 + 1"
             found = by_prompt.get(prompt.strip())
             return found or next((by_prompt[q] for q in longest_first if q in prompt), None)
 
@@ -64,8 +57,7 @@ def problem_lookup(task: Task, name: str) -> Callable[[str], Problem | None]:
 
 
 def _message_text(value: Any, role: str) -> str | None:
-    """A string as it is; chat messages: the last user message's content (a prompt), or the assistant messages'
-    contents joined (a completion); None for anything else."""
+    """A string; of chat messages, the last user message's content or the assistant contents joined; else None."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
@@ -107,13 +99,12 @@ def read_rows(path: Path, task: Task, task_name: str) -> list[Row]:
     lookup = problem_lookup(task, task_name)
     rows, errors = [], []
     for number, obj, error in _jsonl_rows(path):
-        row = None
         if error is None:
             row, error = _row(number, obj, lookup, task_name)
-        if error is not None:
-            errors.append(f"{path}:{number}: {error}")
-        elif row is not None:
+        if error is None:
             rows.append(row)
+        else:
+            errors.append(f"{path}:{number}: {error}")
     if not rows and not errors:
         errors.append(f"{path}: the file has no rows")
     raise_row_errors(path, errors)

@@ -25,23 +25,19 @@ from r1lab.train.stopping import RunStopped, StopOnInterrupt
 
 
 def check_models_exist(cfg, *names: str) -> None:
-    """Refuses, before the first stage, a model directory given in cfg that a later stage reads: a misspelt
-    --teacher was found only once the student's base had been pretrained."""
+    """Refuses, before the first stage, a model directory given in cfg that is none (a later stage reads it)."""
     for name in names:
         if (path := getattr(cfg, name)) and not (Path(path) / "config.json").is_file():
             raise ValueError(f"{name}: {path}: no config.json (expected a Hugging Face model directory)")
 
 
 def already_done(cfg, config_path: Path, output: Path) -> bool:
-    """True when output exists, config_path holds cfg, and output is newer than the stage's inputs (cfg.model,
-    cfg.data): a finished stage is not run twice (a crashed pipeline picks up after its last finished stage), while
-    a stage whose input model or data was remade since is run again."""
+    """Whether a stage finished with cfg: output exists, config_path holds cfg, and output is newer than its inputs."""
     return output.exists() and started_with(cfg, config_path, since=output)
 
 
 def started_with(cfg, config_path: Path, since: Path) -> bool:
-    """Whether config_path holds cfg's settings (but resume: a resumed stage records "auto") and `since` is newer than
-    the stage's inputs."""
+    """Whether config_path holds cfg's settings (but resume) and `since` is newer than cfg.model and cfg.data."""
     if isinstance(cfg, GRPOConfig):  # grpo records the mismatch correction it settled on, not "auto"
         cfg = dataclasses.replace(cfg, mismatch_correction=mismatch_kind(cfg))
     recorded = yaml.safe_load(config_path.read_text()) if config_path.exists() else None
@@ -66,8 +62,7 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
         log(f"{name}: reusing {output} (same settings)")
         return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
     log(f"\n== {name}")
-    # the stage writes its config first and its output last: an output left from other settings would, were this
-    # run killed in between, pass for this run's finished one
+    # an output left from other settings would pass for this run's were it killed before writing its own
     output.unlink(missing_ok=True)
     if getattr(cfg, "resume", None) == "false":
         if started_with(cfg, config_path, since=config_path):
@@ -92,8 +87,7 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
 
 
 def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
-    """The demo's GRPO preset for the tiny models (used by demo, distill and pipeline): 16 prompts x 8 samples,
-    64 new tokens, lr 3e-5 (the tiny model collapses at 2e-4), held-out evaluation every 10 steps with k = 8."""
+    """The demo's GRPO preset for the tiny models (at lr 2e-4 they collapse)."""
     preset = dict(prompts_per_step=16, samples_per_prompt=8, micro_batch_size=128, lr=3e-5, max_new_tokens=64,
                   eval_every=10, eval_samples=8, save_every=20, samples_every=10)
     return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**preset, **settings})

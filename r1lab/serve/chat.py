@@ -1,6 +1,5 @@
-"""`r1lab chat --model DIR`: a terminal chat with a model directory. One message per line from stdin (typed or piped),
-each reply streamed as sampled, its reasoning dimmed under "thinking" and then the answer, split, rendered and
-streamed exactly as `r1lab serve` does, tool calls included with `--tools python`. `/reset` starts over, `/quit` leaves.
+"""`r1lab chat --model DIR`: a terminal chat, one message per line from stdin, each reply streamed and split into
+reasoning and answer as `r1lab serve` does (tool calls included). `/reset` starts over, `/quit` leaves.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ def load_engine(cfg: ChatConfig | ServeConfig) -> Engine:
     return Engine(model.eval(), tokenizer, speculative=getattr(cfg, "speculative", "none"))  # serve's
 
 
-# C0 controls but newline and tab, DEL and C1: ESC starts sequences that clear the screen, retitle the window or
-# write the clipboard (OSC 52), \r and \b overwrite what was printed; rich passes ESC through
+# C0 controls but newline and tab, DEL and C1: escape sequences could clear the screen or write the clipboard
 CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -97,8 +95,8 @@ def reply(engine: Engine, messages: list[dict], cfg: ChatConfig, seed: int, view
 
 def _turns(engine: Engine, ids: list[int], cfg: ChatConfig, seed: int, budget: int,
            feed: Callable[[list[int]], None]) -> tuple[int, str, str]:
-    """Generate a reply turn by turn (without tools, one), feeding every token, sampled or a tool output's, to feed.
-    Returns (tokens, finish reason, a note on why it ended, or "")."""
+    """Generate a reply turn by turn, feeding every token (sampled or a tool output's) to feed: (tokens, finish
+    reason, a note on why it ended or "")."""
     spec = ToolSpec.of(cfg)
     completion: list[int] = []
     for turn in itertools.count():

@@ -1,6 +1,5 @@
 """Connections that cannot starve `r1lab serve` (slowloris): uvicorn's h11 protocol plus a deadline for each request
-head and caps on open connections, per client address and in all, under the open-file limit (docs/serving.md).
-uvicorn alone keeps a connection that never completes its head forever, and its limit_concurrency counts those too.
+head and caps on open connections, per client and in all (docs/serving.md); uvicorn alone waits for a head forever.
 """
 
 from __future__ import annotations
@@ -67,8 +66,7 @@ def uvicorn_config(app, cfg: ServeConfig, limits: ConnectionLimits | None = None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's TCP socket, bound before the model loads, so that an address in use fails at once, with a
-    sentence, not after the weights have loaded; uvicorn listens on it (made as its own bind_socket makes one)."""
+    """The server's TCP socket, bound before the model loads so that an address in use fails at once."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -137,8 +135,8 @@ class ConnectionTable:
 
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol under a ConnectionTable's caps and the request-head deadline. A request is in flight
-    from its head's arrival to its response's end (uvicorn's cycle); otherwise the connection waits for a head."""
+    """uvicorn's h11 protocol under a ConnectionTable's caps and the request-head deadline; between a response's end
+    and the next head, the connection waits."""
 
     table: ConnectionTable  # one per server: see guarded_protocol()
 

@@ -1,8 +1,5 @@
-"""The server side of one HTTP request: its batcher jobs and the asyncio queue their events arrive on.
-
-The batcher's worker thread calls `deliver`; it hands the events to the request's event loop with
-call_soon_threadsafe, so the queue is only touched on the loop. A request that ends early for any reason (client
-gone, error) cancels its jobs, which frees their rows at the engine's next step.
+"""The server side of one HTTP request: its batcher jobs, and the asyncio queue their events reach through
+call_soon_threadsafe. A request that ends early (client gone, error) cancels its jobs, freeing their rows.
 """
 
 from __future__ import annotations
@@ -58,8 +55,8 @@ class Generation:
             job.cancel()
 
     async def events(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> AsyncIterator[Event]:
-        """Every Delta and Done until all completions are done. A Failed becomes an ApiError (500); with
-        is_disconnected, the client is checked while waiting and ClientGone raised when it left."""
+        """Every Delta and Done until all completions are done; a Failed raises an ApiError (500), a client that
+        left (is_disconnected) ClientGone."""
         try:
             while self._finished < self.total:
                 event = await self._next(is_disconnected)

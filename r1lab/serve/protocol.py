@@ -1,6 +1,5 @@
-"""The OpenAI request bodies this server accepts, and its errors in OpenAI's shape. Unknown fields are refused; the
-OpenAI fields it does not implement are accepted at their neutral values only (the rules: docs/serving.md). Bodies
-are decoded strictly, so nothing a client sends reaches the tokenizer, pydantic or a response as something they fail on.
+"""The OpenAI request bodies this server accepts, decoded strictly, and its errors in OpenAI's shape. Unknown fields
+are refused; those it does not implement are accepted at their neutral values only (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -182,12 +181,10 @@ def parse_request(cls: type[_Sampling], data: dict) -> _Sampling:
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        if first["type"] == "extra_forbidden":
-            raise ApiError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                           code="unknown_parameter") from None
-        if first["type"] == "missing":
-            raise ApiError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter") from None
-        raise ApiError(400, f"Invalid value for '{param}': {first['msg']}", param=param, code="invalid_value") from None
+        message, code = {"extra_forbidden": (f"Unrecognized request argument supplied: {param}", "unknown_parameter"),
+                         "missing": (f"Missing required parameter: '{param}'", "missing_required_parameter")}.get(
+            first["type"], (f"Invalid value for '{param}': {first['msg']}", "invalid_value"))
+        raise ApiError(400, message, param=param, code=code) from None
     request.check_supported()
     return request
 

@@ -1,7 +1,5 @@
-"""Split streamed completion text into DeepSeek's `reasoning_content` and `content`, chunk by chunk, the same for a
-whole text as for a stream cut anywhere: text inside `<think>`...`</think>` is reasoning, the rest content (in the tags
-answer format without its `<answer>` tags; r1lab/rewards/answers.py); a stray `</think>`, or a `<think>` inside one,
-is dropped; each part is stripped at both ends. A tail that could begin a tag is held until the next chunk.
+"""Split streamed completion text into DeepSeek's `reasoning_content` (inside `<think>`...`</think>`) and `content`
+(without the answer format's tags), the same however the stream is cut; stray tags are dropped, each part stripped.
 """
 
 from __future__ import annotations

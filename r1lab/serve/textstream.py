@@ -1,9 +1,8 @@
 """Token ids in, text deltas out: incremental detokenization and stop strings, for streaming a completion.
 
-Decoding one token at a time is wrong for byte-level BPE (a character can span tokens, a piece's leading space
-depends on its neighbours), so each step decodes a short window of the growing token list and emits only the new
-suffix, and nothing while the window ends in half a character (U+FFFD). Stop strings are cut the OpenAI way: the
-text ends right before the stop string, and a tail that could be the start of one is held back until it is known.
+Byte-level BPE cannot be decoded a token at a time (a character can span tokens), so each step decodes a short window
+and emits the new suffix, nothing while it ends in half a character (U+FFFD). The text ends right before a stop
+string; a tail that could begin one is held back.
 """
 
 from __future__ import annotations
