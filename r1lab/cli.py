@@ -182,8 +182,7 @@ def check_out_is_no_file(out: Path) -> None:
 
 
 def check_results_file(cfg) -> None:
-    """Refuses, before the work, a results file --out that is a directory or would write over what the command
-    reads."""
+    """Refuses a results file --out that is a directory or would write over what the command reads."""
     if not cfg.out:  # the default results file, beside the run or the completions
         return
     out = Path(cfg.out)

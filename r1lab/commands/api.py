@@ -24,8 +24,8 @@ Rewards = Iterable[Callable] | Iterable[tuple[Callable, float]] | Mapping[Callab
 
 
 def grpo(config: GRPOConfig | Mapping[str, Any] | None = None, *, rewards: Rewards = (), **settings: Any) -> Path:
-    """GRPO as `r1lab grpo` runs it, with `rewards` (callables, (callable, weight) pairs or {callable: weight}; weight
-    1.0 by default) added to the built-in rewards and to config.reward_functions; returns the final model's directory."""
+    """GRPO as `r1lab grpo` runs it, `rewards` (callables, (callable, weight) pairs or {callable: weight}) added to
+    config.reward_functions; returns the final model's directory."""
     cfg = _settings(GRPOConfig, config, settings)
     added = {callable_spec(fn): float(weight) for fn, weight in _weighted(rewards)}
     return train(dataclasses.replace(cfg, reward_functions={**cfg.reward_functions, **added}))

@@ -131,10 +131,6 @@ def corpus_pairs(cfg: PretrainConfig, tokenizer: Tokenizer) -> list[tuple[str, s
             for p, r in arithmetic_corpus(task, cfg.documents, cfg.seed, mix, cfg.tools)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the command
-
-
 def pretrain(cfg: PretrainConfig, log=print) -> Path:
     """Build the tokenizer, the corpus and the model; train; save a Hugging Face directory at cfg.out/model."""
     setup_training_process(cfg.threads)
@@ -152,7 +148,6 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
         f"{sum(map(len, docs)) / len(docs):.0f} tokens each on average")
-    # metrics.jsonl for `r1lab report` (a remade base starts it afresh), and the progress bar
     with MetricsLogger(out, tensorboard=False, resume_step=0) as logger, \
             training_progress(cfg.steps, keys=LOSS_KEYS) as bar:
         def on_step(step: int, metrics: dict) -> None:
@@ -175,8 +170,7 @@ def pretrain(cfg: PretrainConfig, log=print) -> Path:
 
 @torch.no_grad()
 def expert_load(model: CausalLM, docs: list[list[int]], pad_id: int) -> dict:
-    """An MoE model's expert loads over docs in one forward pass (moe/load_max_over_mean: 1 is perfectly even;
-    moe/routing_entropy); {} for a dense model."""
+    """An MoE model's expert load metrics over docs in one forward pass; {} for a dense model."""
     if not moe.moe_layers(model):
         return {}
     model.eval()
@@ -199,11 +193,8 @@ def tiny_model_config(cfg: PretrainConfig, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def tiny_deepseek_v3(cfg: PretrainConfig) -> dict:
-    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck (q_lora_rank null), a
-    rotary part of the query/key as wide as a dense head (the corpus's column steps are read at fixed offsets: with
-    half that width the base did not learn them in 600 steps) and a plain part half as wide, as V3's 64 + 128;
-    DeepSeekMoE after cfg.dense_layers dense layers, one expert group (group-limited routing is for hundreds of
-    experts)."""
+    """DeepSeek-V3's config.json keys at the tiny base's width: MLA without a query bottleneck, a rotary part as wide
+    as a dense head (column steps are read at fixed offsets), DeepSeekMoE with one expert group."""
     head = cfg.hidden_size // cfg.num_heads
     return {"architectures": ["DeepseekV3ForCausalLM"], "num_key_value_heads": cfg.num_heads,
             "q_lora_rank": None, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": head // 2,

@@ -102,8 +102,7 @@ def _plot_heldout(evals: list[dict], extra: dict[str, list[dict]], split: str, o
 
 def _plot_tool_use(rows: list[dict], evals: list[dict], extra_rows: dict[str, list[dict]],
                    extra_evals: dict[str, list[dict]], split: str, out: Path) -> Path | None:
-    """With tool calls: calls per training rollout and per held-out sample (counts: a rollout may call several
-    times)."""
+    """Tool calls per training rollout and per held-out sample (counts: a rollout may call several times)."""
     fig, ax = _figure("Tool use", "calls per completion")
     series = {"": (rows, evals), **{f"{name}: ": (extra_rows[name], extra_evals.get(name, [])) for name in extra_rows}}
     for prefix, (metrics, heldout) in series.items():
@@ -287,9 +286,8 @@ def example_completions(records: list[dict], n: int = 3) -> list[dict]:
 def write_comparison_report(path: Path, title: str, results: dict[str, Any], extra: dict[str, dict],
                             notes: list[str], examples_of: list[str] = (), examples_per_model: int = 2,
                             curves: tuple[Path, dict[str, Path]] | None = None) -> Path:
-    """A Markdown report of several models evaluated on one held-out set (EvalResult each): one table, notes,
-    training curves of a run and the runs compared with it (curves = (run, {label: other run}), when given), and
-    a few completions of the models named in examples_of."""
+    """A Markdown report of several models' EvalResults on one held-out set: a table, notes, the curves of
+    curves = (run, {label: other run}) when given, and completions of the models named in examples_of."""
     columns = {label: {**result.to_dict(), **extra.get(label, {})} for label, result in results.items()}
     first = next(iter(results.values()))
     parts = [f"# {title}", "\n".join(f"- {n}" for n in notes),

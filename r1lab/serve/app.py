@@ -323,20 +323,22 @@ class _Reply:
                     completion_tokens += event.completion_tokens
         except ApiError as err:
             yield _data(err.body())
-            yield "data: [DONE]\n\n"
-            return
-        if include_usage:
-            yield _data(self.envelope(self.chunk_object, [], completion_tokens))
+        else:
+            if include_usage:
+                yield _data(self.envelope(self.chunk_object, [], completion_tokens))
         yield "data: [DONE]\n\n"
 
     def opening_chunks(self) -> list[dict]:
         return []
 
+    def body(self, done: list[Done]) -> dict:
+        return self.envelope(self.body_object, [self.choice(d) for d in done], sum(d.completion_tokens for d in done))
+
 
 class ChatReply(_Reply):
     """chat.completion and chat.completion.chunk bodies, the text split into reasoning_content and content."""
 
-    id_prefix, chunk_object = "chatcmpl-", "chat.completion.chunk"
+    id_prefix, body_object, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, state: ServerState, req: ChatRequest, prompt_tokens: int, in_think: bool):
         super().__init__(state, req, prompt_tokens)
@@ -346,15 +348,11 @@ class ChatReply(_Reply):
         self.pending: list[list] = [[] for _ in range(req.n)]  # per choice: log-probs no chunk has carried yet
         self.seen = [0] * req.n  # how many arrived through Deltas; a Done repeats them all
 
-    def body(self, done: list[Done]) -> dict:
-        choices = []
-        for d in done:
-            reasoning, content = split_reasoning(d.text, self.in_think, self.answer_format)
-            message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-            logprobs = self._logprobs(d.logprobs or []) if self.req.logprobs else None
-            choices.append({"index": d.index, "message": message, "logprobs": logprobs,
-                            "finish_reason": d.finish_reason})
-        return self.envelope("chat.completion", choices, sum(d.completion_tokens for d in done))
+    def choice(self, d: Done) -> dict:
+        reasoning, content = split_reasoning(d.text, self.in_think, self.answer_format)
+        message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
+        logprobs = self._logprobs(d.logprobs or []) if self.req.logprobs else None
+        return {"index": d.index, "message": message, "logprobs": logprobs, "finish_reason": d.finish_reason}
 
     def opening_chunks(self) -> list[dict]:
         return [self._chunk(i, {"role": "assistant", "content": ""}) for i in range(self.req.n)]
@@ -407,14 +405,14 @@ def _byte_of_symbol() -> dict[str, int]:
 class CompletionReply(_Reply):
     """text_completion bodies: the raw completion text, think and answer tags included."""
 
-    id_prefix, chunk_object = "cmpl-", "text_completion"
+    id_prefix = "cmpl-"
+    body_object = chunk_object = "text_completion"
 
-    def body(self, done: list[Done]) -> dict:
-        choices = [{"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason} for d in done]
-        return self.envelope("text_completion", choices, sum(d.completion_tokens for d in done))
+    def choice(self, d: Done) -> dict:
+        return {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
 
     def chunks(self, event) -> list[dict]:
         text = event.text if isinstance(event, Delta) else ""
         reason = event.finish_reason if isinstance(event, Done) else None
-        return [self.envelope("text_completion", [{"index": event.index, "text": text, "logprobs": None,
+        return [self.envelope(self.chunk_object, [{"index": event.index, "text": text, "logprobs": None,
                                                    "finish_reason": reason}])]

@@ -5,6 +5,7 @@ call_soon_threadsafe. A request that ends early (client gone, error) cancels its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -40,10 +41,8 @@ class Generation:
             if offset:
                 events = [dataclasses.replace(e, index=e.index + offset) if isinstance(e, (Delta, Done)) else e
                           for e in events]
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is going down
                 self.loop.call_soon_threadsafe(self._put, events)
-            except RuntimeError:  # the loop is closed: the server is going down, nobody is listening
-                pass
         return deliver
 
     def _put(self, events: list[Event]) -> None:
