@@ -1,2 +1,1 @@
-"""The R1 recipe as commands: demo, pretrain, distill, pipeline and its stages, sample, report, merge.
-"""
+"""The R1 recipe as commands: demo, pretrain, distill, pipeline and its stages, sample, report, merge."""

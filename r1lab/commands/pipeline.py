@@ -94,9 +94,9 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
     models.update({"stage 1 cold start": cold, "stage 2 reasoning RL": reasoning, "stage 3 rejection SFT": resampled,
                    "R1 pipeline (stage 4)": final})
     if cfg.distill:
-        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task=cfg.task, task_options=dict(cfg.task_options),
-                           student=cfg.student, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
-                           problems=cfg.distill_problems,
+        dc = DistillConfig(teacher=str(final), out=str(out / "distill"), task=cfg.task,
+                           task_options=dict(cfg.task_options), student=cfg.student, template=cfg.template,
+                           max_new_tokens=cfg.max_new_tokens, problems=cfg.distill_problems,
                            student_pretrain_steps=cfg.student_pretrain_steps, compare_grpo=False, seed=cfg.seed,
                            threads=cfg.threads, eval_problems=cfg.eval_problems, eval_samples=cfg.eval_samples)
         models["distilled student"] = run_distill(dc, log=log)
@@ -111,7 +111,8 @@ def run_pipeline(cfg: PipelineConfig, log=print) -> Path:
                                      results, extra, notes, examples_of=["R1-Zero", "R1 pipeline (stage 4)"],
                                      curves=curves)
     figures = {label: {**result.to_dict(), **extra[label]} for label, result in results.items()}
-    (out / "results.json").write_text(json.dumps({"results": figures, "stage_seconds": stages.seconds}, indent=2) + "\n")
+    results_json = {"results": figures, "stage_seconds": stages.seconds}
+    (out / "results.json").write_text(json.dumps(results_json, indent=2) + "\n")
     for note in notes:
         log(note)
     log(f"report: {report}")

@@ -1,5 +1,5 @@
-"""What the multi-stage commands (`r1lab distill`, `r1lab pipeline`, `r1lab demo`) share: reusing a stage already
-run with the same settings, and evaluating several models on one held-out set under one protocol."""
+"""What the multi-stage commands (demo, distill, pipeline) share: reusing a stage already run with the same settings,
+and evaluating several models on one held-out set."""
 
 from __future__ import annotations
 
@@ -31,11 +31,6 @@ def check_models_exist(cfg, *names: str) -> None:
             raise ValueError(f"{name}: {path}: no config.json (expected a Hugging Face model directory)")
 
 
-def already_done(cfg, config_path: Path, output: Path) -> bool:
-    """Whether a stage finished with cfg: output exists, config_path holds cfg, and output is newer than its inputs."""
-    return output.exists() and started_with(cfg, config_path, since=output)
-
-
 def started_with(cfg, config_path: Path, since: Path) -> bool:
     """Whether config_path holds cfg's settings (but resume) and `since` is newer than cfg.model and cfg.data."""
     if isinstance(cfg, GRPOConfig):  # grpo records the mismatch correction it settled on, not "auto"
@@ -58,7 +53,7 @@ def _newest_mtime(path: Path) -> float:
 def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], object], log) -> float:
     """Run fn() for a stage, or reuse its earlier output; the seconds it took (then or now), kept beside its config."""
     timing = config_path.with_name(config_path.stem.split(".")[0] + ".seconds.json")
-    if already_done(cfg, config_path, output):
+    if output.exists() and started_with(cfg, config_path, since=output):  # finished with these settings and inputs
         log(f"{name}: reusing {output} (same settings)")
         return json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
     log(f"\n== {name}")
