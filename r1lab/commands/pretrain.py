@@ -1,15 +1,11 @@
 """`r1lab pretrain`: the tiny base model from scratch, on a synthetic corpus that makes it a model that can reason
-but does not reliably choose to.
+but does not reliably choose to: pass@8 high, pass@1 low, where RL with a verifier helps.
 
-Each document is an R1-Zero prompt for an addition problem (e.g. 347+285) and one response: worked ("think" share),
-column addition from the right, one "digit+digit+carry=two-digit sum" step per column (347+285 -> "7+5+0=12,4+8+1=13,
-3+2+1=06", answer 632), a share of them slipping once; guessed (most of the rest), the value of another random problem
-of the same shape; or untagged (a few), a guess without the <think>/<answer> format. pass@8 is then high and pass@1 low:
-where RL with a verifier helps. Column steps read digits at fixed offsets from the prompt, which a model of under a
-million parameters learns in a few CPU minutes. Only train-split problems are used.
-
-With `--tools python` (the tool demo's products, e.g. 347*285) the worked style is a call of the Python tool, written
-as a rollout with tools reads it (r1lab/engine/tools.py), a share of them miscopying one digit of the problem.
+Each document is an R1-Zero prompt for an addition problem and a response: worked ("think" share), one
+"digit+digit+carry=two-digit sum" step per column from the right (347+285 -> "7+5+0=12,4+8+1=13,3+2+1=06", 632), a
+share of them slipping once; guessed, the value of a look-alike problem; or untagged, a guess without the format.
+Column steps read digits at fixed offsets from the prompt, which a model of under a million parameters learns in a few
+CPU minutes. With `--tools python` the worked style is a call of the Python tool, a share of them miscopying a digit.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """One worker thread owns the engine and runs every request in one continuous batch (r1lab/engine/live_batch.py).
 
-A request prompt (a job) asking for n completions queues n rows under its client (its remote address). The worker
-gives the batch's free slots to waiting rows, runs one decode step, and turns each row's new token into events for
-its request: text deltas (when it streams or has stop strings), then one Done, handed to the job's thread-safe
-`deliver`. Only when nothing runs does a first request wait for others (until none came for batch_wait_s), so that a
-crowd arriving together is prefilled in one forward.
-
-Fairness (docs/serving.md): free slots go round-robin to clients, beyond a client's share only while nobody under
-theirs waits; when the slots are full and a client under its share waits, rows of the client holding the most are
-parked (LiveBatch.park: keys set aside) and resume unchanged later. A step over many long rows costs many times one
-over a few, so light and heavy clients' rows run in two lanes, stepped in turn with LIGHT_SHARE of the time for the
-light one.
-
-With tools (r1lab/engine/tools.py) a row's sequence stops at its tool block's close tag; the row leaves the batch
-while its code runs on a thread pool, then goes back to the front of its client's queue with the output appended
-(counted in its tokens), as a new sequence seeded per turn (tools.turn_seed). A block past max_tool_calls ends it.
+A request prompt (a job) for n completions queues n rows under its client (its remote address). The worker gives free
+slots to waiting rows, steps, and turns each row's token into events for its job's thread-safe `deliver`: text deltas
+(when it streams or has stop strings), then one Done. Slots go round-robin to clients (docs/serving.md); a client under
+its share that finds none free gets the parked slots (LiveBatch.park) of the client holding the most; light and heavy
+clients' rows run in two lanes, the light one taking LIGHT_SHARE of the steps. With tools, a row leaves the batch at
+its tool block's close tag while the code runs on a thread pool, and comes back with the output appended.
 """
 from __future__ import annotations
 

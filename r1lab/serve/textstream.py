@@ -97,7 +97,4 @@ class TextStream:
         return self._cutter.push(self._detok.push(token_id))
 
     def flush(self) -> str:
-        if self._cutter.hit:
-            return ""
-        out = self._cutter.push(self._detok.flush())
-        return out + self._cutter.flush()
+        return self._cutter.push(self._detok.flush()) + self._cutter.flush()  # both "" once a stop string was hit
