@@ -10,7 +10,7 @@ from pathlib import Path
 
 from r1lab.commands.pretrain import ARCHITECTURE_FILE
 from r1lab.commands.report import eval_records, example_completions, write_report
-from r1lab.commands.stages import pretrained_base, run_stage, tiny_grpo_config
+from r1lab.commands.stages import model_stage, pretrained_base, tiny_grpo_config
 from r1lab.config import DemoConfig, PretrainConfig
 from r1lab.config.groups import ARCHS
 from r1lab.rewards.tasks.arithmetic import TOOL_DEMO_OPTIONS
@@ -43,10 +43,8 @@ def run_demo(cfg: DemoConfig, log=print) -> Path:
     grpo_cfg = tiny_grpo_config(pretrained_base(pre, log), out / run_name("grpo", cfg.arch, cfg.control, cfg.tools),
                                 cfg.grpo_steps, eval_problems=cfg.eval_problems, control=cfg.control, seed=cfg.seed,
                                 threads=cfg.threads, **tool_settings)
-    run = Path(grpo_cfg.out)
-    final_model = run / "model"
-    run_stage("R1-Zero GRPO", grpo_cfg, run / "config.yaml", final_model / "model.safetensors",
-              lambda: train(grpo_cfg, log=log), log)
+    final_model = model_stage("R1-Zero GRPO", grpo_cfg, train, log)[0]
+    run = final_model.parent
     before, before_records = eval_records(run, "first")
     after, after_records = eval_records(run, "last")
     is_control = cfg.control != "none"

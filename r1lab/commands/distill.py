@@ -10,8 +10,8 @@ from pathlib import Path
 
 from r1lab.commands.report import write_comparison_report
 from r1lab.commands.sample import sample
-from r1lab.commands.stages import (check_models_exist, evaluate_models, parameter_count, pretrained_base, run_stage,
-                                   tiny_grpo_config)
+from r1lab.commands.stages import (check_models_exist, evaluate_models, model_stage, parameter_count, pretrained_base,
+                                   run_stage, tiny_grpo_config)
 from r1lab.config import DistillConfig, EvalConfig, PretrainConfig, SampleConfig, SFTConfig
 from r1lab.rewards.tasks import get_task
 from r1lab.train.grpo import train
@@ -52,10 +52,7 @@ def sft_student(cfg: DistillConfig, base: Path, data: Path, log) -> tuple[Path, 
     sc = SFTConfig(model=str(base), data=str(data), out=str(Path(cfg.out) / "student-distilled"), epochs=cfg.epochs,
                    batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed,
                    threads=cfg.threads)
-    model = Path(sc.out) / "model"
-    seconds = run_stage("SFT of the student on the traces", sc, Path(sc.out) / "config.yaml",
-                        model / "model.safetensors", lambda: sft(sc, log=log), log)
-    return model, seconds
+    return model_stage("SFT of the student on the traces", sc, sft, log)
 
 
 def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
@@ -64,10 +61,7 @@ def grpo_student(cfg: DistillConfig, base: Path, seconds: float, log) -> Path:
                           lr=cfg.grpo_lr, max_new_tokens=cfg.max_new_tokens, eval_every=0, save_every=0,
                           task=cfg.task, task_options=dict(cfg.task_options), template=cfg.template, seed=cfg.seed,
                           threads=cfg.threads)
-    model = Path(gc.out) / "model"
-    run_stage(f"GRPO of the student base for the same {seconds:.0f} s", gc, Path(gc.out) / "config.yaml",
-              model / "model.safetensors", lambda: train(gc, log=log), log)
-    return model
+    return model_stage(f"GRPO of the student base for the same {seconds:.0f} s", gc, train, log)[0]
 
 
 def same_time_limit(seconds: float) -> float:

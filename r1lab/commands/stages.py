@@ -88,12 +88,16 @@ def tiny_grpo_config(model, out, steps: int, **settings) -> GRPOConfig:
     return GRPOConfig(model=str(model), out=str(out), steps=steps, **{**preset, **settings})
 
 
+def model_stage(name: str, cfg, fn: Callable, log) -> tuple[Path, float]:
+    """run_stage for a command that saves cfg.out/model (config.yaml beside it): that directory, and the seconds."""
+    model = Path(cfg.out) / "model"
+    return model, run_stage(name, cfg, Path(cfg.out) / "config.yaml", model / "model.safetensors",
+                            lambda: fn(cfg, log=log), log)
+
+
 def pretrained_base(cfg: PretrainConfig, log) -> Path:
     """The model directory of the tiny base of cfg, pretrained now or reused."""
-    model_dir = Path(cfg.out) / "model"
-    run_stage("pretrained base", cfg, Path(cfg.out) / "config.yaml", model_dir / "model.safetensors",
-              lambda: pretrain(cfg, log=log), log)
-    return model_dir
+    return model_stage("pretrained base", cfg, pretrain, log)[0]
 
 
 def evaluate_models(models: dict[str, Path], task: Task, ec: EvalConfig, log) -> dict[str, EvalResult]:
