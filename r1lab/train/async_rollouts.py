@@ -1,30 +1,16 @@
 """Asynchronous rollouts for GRPO (`r1lab grpo --async-steps K`): a second process samples the coming steps' batches
-while this one trains on the current one.
+while this one trains on the current one (docs/performance.md).
 
-The schedule, the same whatever the timing: step s's batch (0-based) is sampled from policy version
-v(s) = max(s - K, 0), version v being the weights after v optimizer steps (0: the initial weights). With K = 1,
-step s trains on rollouts of the weights that step s - 1 started from. The worker holds its own copy of the sampling
-policy, its parameters in shared memory. After step t's update the trainer waits for the batch the worker is
-sampling from version t (step t + K's), copies the new weights in, bumps the version counter to t + 1 and asks for
-step t + K + 1's batch: one batch is sampled while one is trained, and the worker never samples from weights that
-happen to be there. Each sample records its version; none older than K is trained.
-
-Step s's batch is thus a pure function of (seed, s, the weights of version v(s)). The checkpoint after step d
-carries the batches d .. d + K - 1, already sampled (the one being sampled comes from version d, the checkpoint's
-own weights), so a resumed run goes on exactly as the uninterrupted one: no prompt lost or repeated.
-
-The held-out evaluation of version v (at step v, as the synchronous run's) runs in the worker too, on a second shared
-copy of the weights, in chunks of a rollout batch's size with the batches asked for in between: decoding fills the
-time the worker would wait for the next version, and a batch waits for one chunk at most. The trainer does either
-kind of work while it waits for the worker (Claims): a batch the worker has not begun (it is starting, or decoding a
-chunk) or a chunk of the evaluation on offer. A batch or a chunk is the same whoever samples it (its own seeds, the
-same weights, the worker's thread count), so the schedule and the figures do not depend on the timing. A checkpoint
-waits for the
-evaluations of the steps before it, so a resumed run neither loses nor repeats one.
+Step s's batch (0-based) is sampled from version v(s) = max(s - K, 0), version v being the weights after v optimizer
+steps; each sample records its version. The checkpoint after step d carries the batches already sampled, so a resumed
+run goes on exactly as the uninterrupted one. The worker also runs the held-out evaluations, in chunks between
+batches; while it waits, the trainer takes whichever batch or chunk is unclaimed (Claims). Work is the same whoever
+does it (same seeds, weights and thread count), so neither schedule nor figures depend on timing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -58,21 +44,15 @@ def check_async(cfg, world, device: torch.device) -> None:
 
 
 def thread_split(total: int, rollout_threads: int) -> tuple[int, int]:
-    """(worker, trainer) CPU threads out of total: rollout_threads for the worker (0: half, at least one), the rest
-    (at least one) for the trainer. Two cores: one and one."""
+    """(worker, trainer) CPU threads: rollout_threads (0: half) for the worker, the rest for the trainer; each >= 1."""
     worker = rollout_threads or max(1, total // 2)
     return worker, max(1, total - worker)
 
 
-class AsyncRollouts:
-    """The trainer's side of the rollout worker: asks for batches, receives them, publishes new weights. A context
-    manager: the worker process ends with it, whatever ends the run (an error, Ctrl-C's RunStopped)."""
+class AsyncRollouts(contextlib.AbstractContextManager):
+    """The trainer's side of the rollout worker; as a context manager, the worker ends with it however the run ends."""
 
     def __init__(self, rollout_model, tokenizer, cfg, sample, sync, batch_of, log=print, evaluate=None, report=None):
-        """sample(engine, problems, cfg, seeds) -> Rollouts runs in the worker (grpo.sample_rollouts); sync(dst, src)
-        copies weights (grpo.sync_rollout_policy); batch_of(step) -> (problems, seeds) is the step's draw;
-        evaluate(engine) -> EvalResult, the held-out evaluation, runs in the worker too, report(step, result) takes
-        its figures."""
         self.K, self.steps, self.sync, self.batch_of, self.log = cfg.async_steps, cfg.steps, sync, batch_of, log
         self.report, self.evaluating = report, None  # the step of the evaluation asked for and not yet reported
         self.tokenizer, self.cfg, self.sample, self.offer = tokenizer, cfg, sample, None  # the chunks on offer
@@ -92,15 +72,11 @@ class AsyncRollouts:
         self.ready: dict = {}  # step -> Rollouts, received and not yet trained
         self.pending: dict = {}  # step -> (version, problems, seeds): asked for, not yet received
 
-    def __enter__(self) -> AsyncRollouts:
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
     def start(self, start: int, model, restored: dict | None) -> None:
-        """Start the worker at step `start` with the policy `model` (version start): the batches of the checkpoint
-        (restored: its state()), and requests for the others up to start + K."""
+        """Start the worker at version `start`, with the checkpoint's batches and requests up to start + K."""
         self.process.start()
         self.log(f"grpo: async rollouts, {self.K} step(s) ahead: a worker process with {self.worker_threads} "
                  f"thread(s), the trainer {torch.get_num_threads()}")
@@ -112,7 +88,7 @@ class AsyncRollouts:
                 self._request(s)
 
     def take(self, step: int):
-        """Step's rollouts (waiting for them), checked to come from a version at most K steps old."""
+        """Step's rollouts, waited for, from a version at most K steps old."""
         while step not in self.ready:
             self._advance()
         rollouts = self.ready.pop(step)
@@ -121,8 +97,7 @@ class AsyncRollouts:
         return rollouts
 
     def after_update(self, step: int, model) -> None:
-        """Step's update is done: once the batch being sampled from the old weights is in, the worker gets version
-        step + 1 and is asked for the batch that version samples."""
+        """Once the batch in flight is in, publish version step + 1 and ask for the batch it samples."""
         while self.pending:
             self._advance()
         self._publish(model, step + 1)
@@ -130,24 +105,23 @@ class AsyncRollouts:
             self._request(step + 1 + self.K)
 
     def evaluate(self, step: int, model) -> None:
-        """The held-out evaluation of `model`, the weights after `step` steps, in the worker once the previous one,
-        whose copy of the weights it takes, is done; report() gets its figures when they come."""
+        """The held-out evaluation of `model` after `step` steps, in the worker once the previous one is done."""
         self.report_evaluations()
         self.sync(self.evaluated, model)
         self.requests.put(("heldout", step))
         self.evaluating = step
 
     def report_evaluations(self) -> None:
-        """Wait for the evaluation asked for, if any (received, it is reported)."""
+        """Wait for (and report) the evaluation asked for, if any."""
         while self.evaluating is not None:
             self._receive()
 
     def state(self) -> dict:
-        """What a checkpoint carries: the batches already sampled and not yet trained."""
+        """What a checkpoint carries: the batches sampled and not yet trained."""
         return {"async_steps": self.K, "rollouts": dict(self.ready)}
 
     def close(self) -> None:
-        """End the worker now (a batch half-sampled is of no use) and give the trainer its threads back."""
+        """End the worker now and give the trainer its threads back."""
         if self.process.is_alive():
             self.process.terminate()
         if self.process.pid is not None:
@@ -172,8 +146,7 @@ class AsyncRollouts:
         self.pending[step] = (self.version.value, problems, seeds)
 
     def _advance(self) -> None:
-        """Sample the first batch asked for here if the worker has not begun it, else take the worker's next message
-        (decoding an evaluation's chunk while none is there)."""
+        """Sample the first pending batch here if the worker has not begun it, else take the worker's next message."""
         first = min(self.pending, default=None)
         if first is None or not self.claims.batch(first):
             return self._receive()
@@ -206,7 +179,6 @@ class AsyncRollouts:
             self.ready[step] = result
 
     def _take_offered_chunk(self) -> None:
-        """Claim one chunk on offer and decode it here; the offer is dropped once every chunk is claimed."""
         serial, (parts, sampling) = self.offer
         if (i := self.claims.chunk(serial)) is None:
             self.offer = None
@@ -215,7 +187,7 @@ class AsyncRollouts:
         self.requests.put(("chunk", serial, i, *decoded))
 
     def _here(self, kind: str, weights, work):
-        """The worker's work done here, on the worker's thread count: the same numbers as the worker's."""
+        """The worker's work done here, on its thread count (so the numbers are the same)."""
         if kind not in self.engines:
             self.engines[kind] = Engine(weights, self.tokenizer)
         engine = self.engines[kind]
@@ -230,9 +202,8 @@ class AsyncRollouts:
 
 
 class Claims:
-    """Work either process may do, done by whoever claims it first: the chunks of the worker's current generate call
-    (its serial, the next unclaimed, how many) and the batches (the last step claimed: they are asked for, taken by
-    the worker and claimed by the trainer in order)."""
+    """Work either process may do, done by whoever claims it first: [generate call serial, next chunk, chunks, last
+    batch step claimed]."""
 
     def __init__(self, ctx):
         self.shared = ctx.Array("q", [0, 0, 0, -1])
@@ -260,8 +231,7 @@ class Claims:
 
 def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, requests, results, threads: int,
                 claims: Claims) -> None:
-    """The rollout worker: samples each requested batch from the shared weights, which must be the requested
-    version (the trainer publishes before it asks), and evaluates the weights in `evaluated` when asked."""
+    """The rollout worker: samples each requested batch from the shared weights, evaluates `evaluated` when asked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then ends this process
     _exit_with_parent()
     setup_training_process(threads)
@@ -315,10 +285,8 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
 
 
 class ChunkedEngine:
-    """An engine that generates `chunk` prompts at a time and calls between() before each chunk; tokens and seconds
-    count its generation. With `shared`, each call's chunks are offered (offer(serial, parts, sampling) -> the dict
-    the trainer's chunks arrive in) and claimed one at a time; wait() takes the next message while the trainer
-    decodes the chunks it claimed."""
+    """An engine that generates `chunk` prompts at a time, calling between() before each; with `shared`, the chunks
+    are offered to the trainer too and claimed one at a time."""
 
     def __init__(self, engine: Engine, chunk: int, between, shared: Claims | None = None, offer=None, wait=None):
         self.engine, self.chunk, self.between, self.tokens, self.seconds = engine, chunk, between, 0, 0.0
@@ -351,7 +319,7 @@ def decode(engine: Engine, part: tuple[list, list[int]], sampling: dict) -> list
 
 
 def _exit_with_parent() -> None:
-    """End this process as soon as the trainer's ends, even mid-batch (a trainer killed without unwinding)."""
+    """End this process as soon as the trainer's ends (one killed without unwinding)."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()

@@ -1,13 +1,11 @@
-"""The optimizer step inside the backward pass (torchtune's optimizer_in_bwd): each parameter updated as soon as its
-gradient is complete, and that gradient freed at once, so that the gradients of all the weights never exist together.
-What it gives up (global-norm clipping, torchrun): docs/performance.md.
-
-A tied LM head's gradient is complete only after the embedding's backward, the last: while armed, the head's backward
-leaves its products in the weight's deferred_products list, added just before the step, once the activations are gone.
+"""The optimizer step inside the backward pass (torchtune's optimizer_in_bwd): each parameter updated, and its gradient
+freed, as soon as the gradient is complete (docs/performance.md). A tied LM head's products are deferred until the
+embedding's backward, the last, completes its gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,10 +13,9 @@ import torch
 _DEFERRED = "r1lab_deferred_products"
 
 
-class BackwardStep:
-    """Steps `optimizer` one parameter at a time from each parameter's post-accumulate-grad hook, while armed: arm()
-    before the backward of the step's last micro-batch (earlier ones only accumulate), then finish(). Hooks are
-    removed by close() (or leaving the `with` block)."""
+class BackwardStep(contextlib.AbstractContextManager):
+    """Steps `optimizer` one parameter at a time from post-accumulate-grad hooks while armed: arm() before the last
+    micro-batch's backward, then finish()."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -44,8 +41,7 @@ class BackwardStep:
                 self._step(param)
 
     def _step(self, param: torch.Tensor) -> None:
-        """Update param alone (the optimizer's own step over a one-parameter group), then free its gradient; a
-        non-finite gradient drops this parameter's update only (those before it are updated already)."""
+        """Update param alone, then free its gradient; a non-finite gradient drops this parameter's update only."""
         squared = float(torch.linalg.vector_norm(param.grad, dtype=torch.float32)) ** 2
         if math.isfinite(squared):
             self.squared_norm += squared
@@ -64,9 +60,8 @@ class BackwardStep:
         self.stepped.add(param)
 
     def finish(self, finite_loss: bool) -> dict:
-        """After the last micro-batch: step every parameter with a gradient no hook stepped, and return the step's
-        grad_norm and skipped_nonfinite. A non-finite loss ended the micro-batches before the armed backward ran:
-        nothing was updated, and the gradients are dropped."""
+        """Step the parameters no hook stepped; returns grad_norm and skipped_nonfinite. After a non-finite loss
+        (before the armed backward ran) nothing was updated, and the gradients are dropped."""
         self.armed = False
         if not finite_loss:
             assert not self.stepped, "a parameter was updated in a step whose loss was not finite"
@@ -96,21 +91,17 @@ class BackwardStep:
             if hasattr(param, _DEFERRED):
                 delattr(param, _DEFERRED)
 
-    def __enter__(self) -> BackwardStep:
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
 
 def deferred_products(param: torch.Tensor) -> list | None:
-    """The list a backward may leave (grad_out, input) pairs of param's gradient in, added as grad_out.T @ input just
-    before param's step; None when no step in the backward is armed (add at once)."""
+    """The list to leave (grad_out, input) pairs of param's gradient in while armed; None: add at once."""
     return getattr(param, _DEFERRED, None)
 
 
 def add_product(grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
-    """grad += grad_out.T @ x, in place (a product in a lower precision is cast to the gradient's)."""
+    """grad += grad_out.T @ x, in place."""
     if grad_out.dtype == grad.dtype:
         grad.addmm_(grad_out.t(), x)
     else:
@@ -118,7 +109,6 @@ def add_product(grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> 
 
 
 def _add_deferred(param: torch.Tensor) -> None:
-    """Add the products left in param's deferred list into its (dense) gradient, and empty the list."""
     parts = deferred_products(param)
     if not parts:
         return
@@ -133,7 +123,7 @@ def _add_deferred(param: torch.Tensor) -> None:
 
 
 def check_one_process(cfg, world) -> None:
-    """Refuse optimizer_in_backward under torchrun, before anything loads."""
+    """Refuse optimizer_in_backward under torchrun."""
     if cfg.optimizer_in_backward and world.distributed:
         raise ValueError("optimizer_in_backward runs in one process: under torchrun the gradients are summed over the "
                          "ranks after the backward pass, which it would have stepped and freed already")

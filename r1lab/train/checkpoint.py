@@ -1,8 +1,5 @@
-"""Checkpoints that verify themselves, exact resume, and a guard against resuming with other settings.
-
-RUN/checkpoints/step_NNNNNN holds the model in Hugging Face format (a LoRA run: its adapter), optimizer/
-(torch.distributed.checkpoint's format: it loads at any number of ranks), trainer_state.pt (RNG states, step) and
-manifest.json (size and sha256 of every other file, written last). See docs/settings-and-runs.md.
+"""Checkpoints that verify themselves (manifest.json, written last), exact resume, and a guard against resuming
+with other settings. Layout: docs/settings-and-runs.md.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ OPTIMIZER_DIR = "optimizer"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
 CHANGES_FILE = "config_changes.jsonl"
-# Settings that can differ on resume without changing what the run trains (SFT, whose cosine schedule depends on the
-# number of steps, passes this less "steps" and "epochs").
+# Settings that can differ on resume without changing what the run trains.
 RESUME_FREE_FIELDS = frozenset({"steps", "save_every", "eval_every", "samples_every", "threads", "device",
                                 "dist_timeout_s", "shard", "time_limit_s", "resume", "out", "allow_config_change"})
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -48,15 +44,15 @@ _FULL_BELOW = 1 << 20  # bytes free under which a write that failed without sayi
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message is one line (a ValueError, so the CLI prints it as such)."""
+    """A checkpoint that cannot be used (one line; a ValueError, so the CLI prints it)."""
 
 
 class DiskFullError(ValueError):
-    """A save that found no space left: what it had written is removed; one line naming the directory."""
+    """A save that found no space left (what it wrote is removed)."""
 
 
 class ConfigChangeError(ValueError):
-    """Resuming with settings that would change the run; the message lists each field as old -> new."""
+    """Resuming with settings that would change the run."""
 
 
 # ---------------------------------------------------------------- writing
@@ -65,9 +61,8 @@ class ConfigChangeError(ValueError):
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
                     optimizer: torch.optim.Optimizer, keep: int = 2, world: World = World(),
                     adapter_base: str | None = None, extra: dict | None = None) -> Path:
-    """Every rank calls this (run_dir on a file system they all see): rank 0 writes all but the optimizer state, of
-    which each rank writes its part. A LoRA run (adapter_base: its base model) saves its adapter only. extra: a
-    trainer's own picklable state, given back by checkpoint_extra."""
+    """Every rank calls this: rank 0 writes all but the optimizer state, of which each rank writes its part. A LoRA
+    run (adapter_base: its base model) saves its adapter only; extra is returned by checkpoint_extra."""
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     state = full_state_dict(model) if adapter_base is None else None  # a sharded model's weights, onto rank 0
     needed = tensor_bytes(state if state is not None else model.state_dict()) + tensor_bytes(optimizer.state)
@@ -100,9 +95,8 @@ def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokeni
 
 @contextlib.contextmanager
 def written_directory(final: Path, needed_bytes: int, owner: bool = True):
-    """Yields a temporary directory to write `final` into, renamed into place when the block ends (by its owner, the
-    one rank that writes the run's files). A failure removes it and is raised again, one for lack of space as
-    DiskFullError; an earlier `final` stays as it was."""
+    """A temporary directory renamed to `final` (by its owner rank) when the block ends; on failure it is removed
+    (a full disk raised as DiskFullError) and an earlier `final` stays as it was."""
     final = Path(final)
     tmp = final.with_name(final.name + ".tmp")
     try:
@@ -128,7 +122,7 @@ def written_directory(final: Path, needed_bytes: int, owner: bool = True):
 
 
 def tensor_bytes(tree) -> int:
-    """Bytes of the tensors in a (nested) state dict: what saving it writes, give or take the headers."""
+    """Bytes of the tensors in a (nested) state dict."""
     if isinstance(tree, torch.Tensor):
         return tree.numel() * tree.element_size()
     values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
@@ -136,8 +130,8 @@ def tensor_bytes(tree) -> int:
 
 
 def _is_disk_full(err: BaseException, directory: Path) -> bool:
-    """Whether err, one it was raised from, or one a torch.distributed.checkpoint rank reported says the disk is
-    full; for errors that do not say why (torch.save's "file write failed"), whether the disk is now full."""
+    """Whether err or an error in its chain (or a dcp rank's) says the disk is full; else, for errors that do not
+    say why (torch.save's "file write failed"), whether it is now full."""
     pending, seen = [err], set()
     while pending:
         e = pending.pop()
@@ -156,7 +150,6 @@ def _is_disk_full(err: BaseException, directory: Path) -> bool:
 
 
 def _existing(path: Path) -> Path:
-    """path, or its nearest ancestor that exists (what disk_usage can be asked about)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -165,14 +158,14 @@ def _existing(path: Path) -> Path:
 
 @contextlib.contextmanager
 def _single_process_is_meant():
-    """torch.distributed.checkpoint warns when it runs without a process group: one process is what r1lab means."""
+    """Silence torch.distributed.checkpoint's warning that it runs without a process group."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
 
 
 def write_manifest(directory: Path) -> None:
-    """manifest.json: size and sha256 of every file in directory, each flushed to disk first."""
+    """manifest.json: size and sha256 of every file, each flushed to disk first."""
     directory = Path(directory)
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
@@ -202,7 +195,7 @@ def _fsync(path: Path) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Every checkpoint directory of the run, oldest first, intact or not (temporary ones excluded)."""
+    """The run's checkpoint directories, oldest first, intact or not (not .tmp)."""
     root = Path(run_dir) / "checkpoints"
     return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
 
@@ -236,8 +229,7 @@ def checkpoint_problem(path: Path) -> str | None:
 
 
 def _legacy_problem(path: Path) -> str | None:
-    """A checkpoint from before manifests: intact if trainer_state.pt is a whole zip archive (torch.save's format)
-    and every safetensors file is as long as its header says."""
+    """A checkpoint from before manifests: a whole trainer_state.pt zip, safetensors as long as their headers say."""
     if not (path / STATE_FILE).is_file():
         return f"{STATE_FILE}: missing"
     try:
@@ -275,8 +267,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) -> Path | None:
-    """The newest intact checkpoint, each broken newer one named through log; None when the run has none at all.
-    CheckpointError when there are checkpoints but none is intact: starting over silently would throw the run away."""
+    """The newest intact checkpoint (broken newer ones logged), None without any; CheckpointError when none is
+    intact, since starting over silently would throw the run away."""
     broken = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(path)
@@ -295,8 +287,8 @@ def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) 
 
 
 def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG states in place; return the number of steps already done. CheckpointError
-    (one line) when the checkpoint cannot be read or does not fit this run's model."""
+    """Restore weights, optimizer and RNG states in place; returns the steps done. CheckpointError when it cannot
+    be read or does not fit this run's model."""
     path = Path(path)
     if has_lora(model) or (path / ADAPTER_CONFIG).exists():
         _restore_adapter(path, model)
@@ -375,9 +367,8 @@ def _first_line(err: BaseException) -> str:
 
 def check_config_change(run_dir: Path, new_config: dict, step: int, allow: bool = False,
                         free: frozenset[str] = RESUME_FREE_FIELDS) -> list[dict]:
-    """Refuse (ConfigChangeError, each field as "field: old -> new") to resume a run with settings other than those
-    it runs with (effective_config), fields in `free` and fields missing from either side excepted; with allow,
-    append each change to RUN/config_changes.jsonl and return the records (config.yaml itself is not touched)."""
+    """Refuse (ConfigChangeError) to resume with settings other than the run's (effective_config), `free` fields and
+    those missing on either side excepted; with allow, append the changes to CHANGES_FILE and return them."""
     saved = effective_config(run_dir)
     if saved is None:
         return []
@@ -413,13 +404,12 @@ def effective_config(run_dir: Path) -> dict | None:
 
 
 def update_run_config(run_dir: Path, new_config: dict, free: frozenset[str] = RESUME_FREE_FIELDS) -> None:
-    """On resume: only the `free` fields of config.yaml take their new values, so that it keeps the settings the run
-    started with; a run without one (from before they were written) gets new_config whole."""
+    """On resume: only the `free` fields of config.yaml are updated; a run without one gets new_config whole."""
     path = Path(run_dir) / CONFIG_FILE
     if path.exists():
         config = yaml.safe_load(path.read_text()) or {}
-        # resume and allow_config_change say how this command continues the run, not what the run is: recorded, a
-        # `--config RUN/config.yaml --out NEW` that repeats the run would resume in NEW, which holds no checkpoint
+        # resume and allow_config_change describe this command, not the run: recorded, repeating the run from
+        # RUN/config.yaml elsewhere would try to resume
         kept = free - {"resume", "allow_config_change"}
         config.update({name: _normal(new_config[name]) for name in kept if name in new_config and name in config})
     else:
@@ -430,5 +420,5 @@ def update_run_config(run_dir: Path, new_config: dict, free: frozenset[str] = RE
 
 
 def _normal(value: object) -> object:
-    """A value as config.yaml holds it (tuples as lists), so that a saved and a current value compare equal."""
+    """A value as config.yaml holds it (tuples as lists), to compare saved and current values."""
     return json.loads(json.dumps(value, default=str))

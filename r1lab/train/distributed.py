@@ -1,11 +1,10 @@
-"""Running under torchrun: this process's rank in the job, and the few collectives r1lab's loops need.
-
-Without torchrun, World() is a job of one and every collective is the identity, so the loops read the same either
-way. How the work divides across ranks: docs/torchrun.md.
+"""Running under torchrun: this process's rank and the collectives r1lab needs (docs/torchrun.md). Without torchrun,
+World() is a job of one and every collective is the identity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -21,7 +20,6 @@ GRADIENT_BUCKET_BYTES = 32 << 20  # gradients are summed in flat buckets of abou
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job: rank in 0..size-1 (local_rank on its node)."""
 
     rank: int = 0
     size: int = 1
@@ -29,14 +27,14 @@ class World:
     device: str = "cpu"  # where collectives' tensors must live: the rank's GPU under NCCL
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """t summed over ranks (a new tensor on t's device; t itself when already on the collective's device)."""
+        """t summed over ranks, on t's device."""
         moved = t.to(self.device)
         dist.all_reduce(moved)
         return moved.to(t.device)
 
     @property
     def main(self) -> bool:
-        """Rank 0: the one that logs, prints progress and writes the run's files."""
+        """Rank 0: the one that logs and writes the run's files."""
         return self.rank == 0
 
     @property
@@ -44,7 +42,7 @@ class World:
         return self.size > 1
 
     def share(self, n: int) -> range:
-        """This rank's contiguous share of n items (sizes differ by at most one when size does not divide n)."""
+        """This rank's contiguous share of n items (sizes differ by at most one)."""
         return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
     def gather(self, obj) -> list:
@@ -56,7 +54,7 @@ class World:
         return out
 
     def concat(self, items: list) -> list:
-        """Every rank's list, concatenated in rank order: the whole batch again, from each rank's share of it."""
+        """Every rank's list, concatenated in rank order."""
         return [x for part in self.gather(items) for x in part]
 
     def sum(self, values: list[float]) -> list[float]:
@@ -91,13 +89,12 @@ class World:
                 counts[key].copy_(self._all_reduce(counts[key]))
 
     def sum_gradients(self, params) -> None:
-        """Replace each parameter's gradient by its sum over ranks, in buckets as DDP does (not DDP itself: its hooks
-        do not see the hand-written LM-head backward, and would wait forever for a rank that trains no sequence)."""
+        """Each gradient := its sum over ranks, in buckets (not DDP: its hooks miss the hand-written LM-head backward
+        and would wait forever for a rank that trains no sequence)."""
         if not self.distributed:
             return
         params = [p for p in params if p.requires_grad and not is_dtensor(p)]  # FSDP reduces its own
-        # A parameter no rank used (an expert no token was routed to) keeps no gradient, as in one process, where
-        # the optimizer then leaves it alone; one that some rank used gets zeros from the others.
+        # a parameter no rank used keeps no gradient (as in one process); one some rank used gets zeros elsewhere
         used = self._all_reduce(torch.tensor([p.grad is not None for p in params], dtype=torch.float32))
         params = [p for p, n in zip(params, used.tolist()) if n > 0]
         for p in params:
@@ -122,8 +119,8 @@ def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Ten
 
 
 def join_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
-    """Join the torchrun job (once per process), and this rank's device: on CUDA, the GPU of its local rank.
-    timeout_s bounds every collective: a rank that hung or died makes the others raise instead of waiting forever."""
+    """Join the torchrun job, and this rank's device (on CUDA its local rank's GPU); timeout_s bounds every
+    collective, so a dead rank makes the others raise instead of waiting forever."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
         return World(), device
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -144,11 +141,8 @@ def leave_world() -> None:
         dist.destroy_process_group()
 
 
-class Silent:
-    """Stands in for a logger or progress bar on ranks other than 0: every call does nothing."""
-
-    def __enter__(self):
-        return self
+class Silent(contextlib.AbstractContextManager):
+    """A logger or progress bar for ranks other than 0: every call does nothing."""
 
     def __exit__(self, *exc) -> None:
         return None

@@ -1,13 +1,5 @@
-"""Evaluation the DeepSeek-R1 way: k sampled completions per problem, scored by the same rule rewards as training.
-
-Reported figures (R1 paper, section "Evaluation setup"):
-- pass@1: mean correctness over the k samples, averaged over problems (temperature 0.6, top-p 0.95; never greedy,
-  which repeats itself and hides variance);
-- cons@k: the majority-vote answer over the k samples is correct;
-- pass@j: the unbiased estimator of Chen et al. (2021) for j in 1, 2, 4, ..., k.
-
-`r1lab eval`, GRPO's held-out evaluation and the multi-stage commands all go through evaluate_policy, on the one
-held-out set heldout_problems defines; `evaluate(engine, task, problems, encode_prompt)` is the engine-level form.
+"""Evaluation the DeepSeek-R1 way: k sampled completions per problem (never greedy), scored by the training rewards:
+pass@1 (mean correctness), cons@k (majority vote), pass@j (Chen et al. 2021's unbiased estimator).
 """
 
 from __future__ import annotations
@@ -57,7 +49,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most common non-None answer (already canonicalised); ties go to the one seen first."""
+    """The most common non-None answer; ties go to the one seen first."""
     counts = Counter(a for a in answers if a is not None)
     if not counts:
         return None
@@ -97,17 +89,15 @@ class EvalResult:
                    language_consistency=self.language_consistency, k=self.k, n_problems=self.n_problems)
         if self.tool_calls is not None:
             out.update(tool_calls=self.tool_calls, tool_failure_rate=self.tool_failure_rate)
-        if self.tokens_per_s is not None:
-            out.update(tokens_per_s=self.tokens_per_s)
-        if self.acceptance is not None:
-            out.update(acceptance=self.acceptance)
+        out.update({k: v for k, v in (("tokens_per_s", self.tokens_per_s), ("acceptance", self.acceptance))
+                    if v is not None})
         if include_records:
             out["records"] = self.records
         return out
 
 
 def run_eval(cfg: EvalConfig) -> Path:
-    """`r1lab eval`: the held-out evaluation of a model directory, printed as a table and saved as JSON."""
+    """`r1lab eval`: evaluate a model directory, print a table and save JSON."""
     setup_training_process(cfg.threads, cfg.model, cfg.device)
     world, device = join_world(pick_device(cfg.device), cfg.dist_timeout_s)  # torchrun: each rank a share
     task = get_task(cfg.task, **cfg.task_options)  # a malformed data file fails here, before the model loads
@@ -129,8 +119,7 @@ def run_eval(cfg: EvalConfig) -> Path:
 
 
 def results_path(cfg: EvalConfig) -> Path:
-    """--out; else eval.json beside the run whose model this is (RUN/model -> RUN/eval.json), else eval-NAME.json in
-    the current directory: never inside the model directory, which is the model's alone."""
+    """--out; else RUN/eval.json for RUN/model, else eval-NAME.json here (never inside the model directory)."""
     if cfg.out:
         return Path(cfg.out)
     model = Path(cfg.model)
@@ -140,9 +129,8 @@ def results_path(cfg: EvalConfig) -> Path:
 
 
 def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
-    """The held-out set every command reports on: n problems of the split, drawn with seed + 1, never one twice.
-    A data file's split gives at most its rows (n 0: every row; split "all": both splits); a generated task draws
-    n distinct problems."""
+    """The held-out set every command reports on: n distinct problems of the split, drawn with seed + 1 (a data file:
+    at most its rows; n 0: all)."""
     if isinstance(task, DatasetTask):
         return task.problems(split, None, seed + 1)[: n if n > 0 else None]
     if split == "all" or n <= 0:
@@ -153,8 +141,7 @@ def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]
 
 def evaluate_policy(engine: Any, task: Task, ec: EvalConfig, problems: Sequence[Problem] | None = None,
                     world: World = World()) -> EvalResult:
-    """The paper's protocol as ec sets it (k samples, temperature, top-p), on the held-out set unless problems are
-    given: the one evaluation entry of `r1lab eval`, GRPO and the stages of distill and pipeline."""
+    """The paper's protocol as ec sets it, on the held-out set unless problems are given."""
     if problems is None:
         problems = heldout_problems(task, ec.split, ec.problems, ec.seed)
     tok = engine.tokenizer
@@ -171,13 +158,9 @@ def evaluate(engine: Any, task: Any, problems: Sequence[Problem], encode_prompt:
              scorer: Callable[..., Any] | None = None, language: str = "en", world: World = World(),
              tools: ToolSpec | Callable[[list[Problem]], Turns | None] | None = None,
              answer_format: str = "tags") -> EvalResult:
-    """Sample k completions per problem (with tool calls or environment turns when tools gives them, a ToolSpec or
-    a function of a batch's problems, r1lab/engine/tools.py), score them with the training rewards and summarise.
-
-    Under torchrun each rank evaluates its share of the problems and the records are gathered: every problem's
-    samples are seeded by (seed, its index), so the figures equal one process's exactly. `scorer` defaults to
-    r1lab.rewards.rules.score_completions in answer_format (same signature); tests pass a fake.
-    """
+    """Sample k completions per problem (with tools: a ToolSpec or a function of a batch's problems), score them
+    with `scorer` (default score_completions) and summarise. Each rank takes a share; samples are seeded by
+    (seed, problem index), so the figures equal one process's exactly."""
     scorer = scorer or partial(score_completions, answer_format=answer_format)
     if not problems:
         raise ValueError("evaluate() got no problems")
@@ -221,8 +204,7 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
     answers = reward.answers[sl]
     canon = [_canonical(task, a, timeout_s) for a in answers]
     vote = majority_vote(canon)
-    # The vote is correct when the samples that gave it were: their scores came from the guarded scorer already,
-    # so the vote needs no second call to the verifier.
+    # the vote is correct when the samples that gave it were: no second call to the verifier
     correct = reward.correct[sl]
     voted_correct = [c for a, c in zip(canon, correct) if a is not None and a == vote]
     return {"prompt": problem.prompt, "reference": problem.answer, "majority": vote,
@@ -237,8 +219,7 @@ def _problem_record(task: Any, problem: Problem, samples: list, reward: Any, sl:
 
 
 def _canonical(task: Any, answer: str | None, timeout_s: float) -> str | None:
-    """The answer's canonical form for voting, under the scorers' timeout; an answer whose canonical form cannot be
-    computed (a verifier crash or hang) casts no vote."""
+    """The answer's canonical form for voting, under the scorers' timeout; None (no vote) on a crash or hang."""
     if answer is None:
         return None
     try:
@@ -250,7 +231,6 @@ def _canonical(task: Any, answer: str | None, timeout_s: float) -> str | None:
 
 
 def summarise(records: list[dict], k: int) -> EvalResult:
-    """EvalResult figures from per-problem records (as built by evaluate)."""
     samples = [s for r in records for s in r["samples"]]
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     pass_at = {j: _mean([pass_at_k(k, c, j) for c in n_correct]) for j in pass_ks(k)}

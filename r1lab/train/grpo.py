@@ -1,11 +1,7 @@
 """R1-Zero reinforcement learning with GRPO: `r1lab grpo --model DIR --task NAME_OR_FILE [--config FILE.yaml]`.
 
-train() is the driver; one step (grpo_step), top to bottom:
-  1. sample     prompts_per_step problems, G completions each, from the policy itself (same weights, no sync)
-  2. score      each completion with the task's rule rewards (accuracy + format), the same scorer evaluation uses
-  3. advantage  group-relative: each reward against its group's mean (and std)
-  4. update     clipped surrogate (+ optional k3 KL to a frozen reference), updates_per_batch gradient steps
-  5. log        metrics (JSONL + TensorBoard), sample completions; held-out evaluation and checkpoints in train()
+One step (grpo_step): sample G completions per prompt from the policy, score them with the rule rewards, take
+group-relative advantages, update (clipped surrogate, optional k3 KL), log.
 """
 
 from __future__ import annotations
@@ -52,6 +48,7 @@ from r1lab.train.optimizer import constant_lr, lora_spec, make_optimizer, optimi
 from r1lab.train.phases import PhaseClock
 from r1lab.train.resume import EpochOrder, resume_run, save_final, save_run_config
 from r1lab.train.stopping import RunStopped, StopOnInterrupt
+from r1lab.train.supervised import lm_batch
 from r1lab.train.sharding import full_tensor, held_bytes, is_sharded, shard_model
 from r1lab.train.task_settings import (announce_answer_format, check_settings, model_rewards,
                                       scoring_keywords)
@@ -153,8 +150,7 @@ def train(cfg: GRPOConfig, log=print) -> Path:
 
 def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: PromptStream, log, eval_problems,
                    report) -> AsyncRollouts | None:
-    """The rollout worker of --async-steps (none without): it samples with sample_rollouts, as this process would,
-    each step's prompts and seeds, and runs the held-out evaluations, their figures going to report(step, result)."""
+    """The rollout worker of --async-steps (None without); held-out figures go to report(step, result)."""
     if not cfg.async_steps:
         return None
 
@@ -167,7 +163,7 @@ def async_rollouts(rollout: CausalLM, tokenizer, cfg: GRPOConfig, stream: Prompt
 
 
 def check_world(cfg: GRPOConfig, world: World) -> None:
-    """Refuse, before anything loads, a batch that does not divide across the ranks: a group never spans ranks."""
+    """Refuse a batch that does not divide across the ranks: a group never spans ranks."""
     if cfg.prompts_per_step % world.size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} does not divide across {world.size} ranks: give a "
                          f"multiple of {world.size} (each rank samples and trains whole groups)")
@@ -239,8 +235,7 @@ class Rollouts:
     old_logprobs: list[list[float]]
     texts: list[str]
     truncated: list[bool]
-    # with tools or an environment (r1lab/engine/tools.py), per completion; empty without: every token is the
-    # model's, no calls
+    # per completion with tools or an environment; empty without
     model_mask: list[list[bool]] = field(default_factory=list)  # True on the model's tokens, False on tool output
     tool_calls: list[int] = field(default_factory=list)  # tool calls, or environment replies
     tool_failures: list[int] = field(default_factory=list)
@@ -250,7 +245,6 @@ class Rollouts:
     versions: list[int] = field(default_factory=list)  # async rollouts: the policy version each was sampled from
 
     def trained_mask(self, i: int) -> list[bool]:
-        """Which of completion i's tokens are the model's own: trained, with sampling log-probs."""
         return self.model_mask[i] if self.model_mask else [True] * len(self.completion_ids[i])
 
 
@@ -259,7 +253,7 @@ class PromptStream:
 
     def __init__(self, task: Task, cfg: GRPOConfig):
         self.task, self.cfg = task, cfg
-        # A data file is walked through in shuffled epochs; a generator draws fresh problems every step.
+        # a data file is walked in shuffled epochs; a generator draws fresh problems every step
         self.pool = task.problems("train", None, cfg.seed) if isinstance(task, DatasetTask) else None
         self.order = EpochOrder(len(self.pool), cfg.seed) if self.pool else None
 
@@ -271,12 +265,10 @@ class PromptStream:
 
 
 def prompt_seed(seed: int, step: int, prompt: int) -> int:
-    """The sampling seed of the step's prompt-th prompt (its G samples draw from (this, j))."""
     return step_seed(seed, step, f"sample/{prompt}")
 
 
 def gather_rollouts(world: World, local: Rollouts) -> Rollouts:
-    """The whole step's rollouts on every rank, from each rank's share (in prompt order)."""
     if not world.distributed:
         return local
     parts = world.gather(local)
@@ -337,8 +329,7 @@ def gather_results(world: World, local: RewardResult) -> RewardResult:
 
 
 def control_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> torch.Tensor:
-    """The rewards as trained on: as scored, or for the control, the same rewards handed to random completions
-    (same mean and spread, no signal)."""
+    """The rewards as scored, or for the random-reward control, shuffled across completions (no signal)."""
     if cfg.control != "random-reward":
         return rewards
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, "control"))
@@ -346,13 +337,12 @@ def control_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. advantage: objective.group_advantages (pure functions, tested against hand computation)
-# 4. update
+# 4. update (3. advantage: objective.group_advantages)
 
 
 @dataclass
 class MicroBatch:
-    """Sequences grouped by prompt: each distinct prompt appears once, so a group's prompt is computed once."""
+    """Sequences grouped by prompt: each distinct prompt is computed once."""
 
     prompts: torch.Tensor  # (U, P) the distinct prompts of this micro-batch, left-padded
     prompt_mask: torch.Tensor  # (U, P) True on real prompt tokens
@@ -363,12 +353,10 @@ class MicroBatch:
     advantages: torch.Tensor  # (N,) each token carries its sequence's advantage
     weights: torch.Tensor  # (N,) per-token loss weight implementing the normalisation
     trainer_old_logp: torch.Tensor | None = None  # (N,) the trainer's log-probs at the first update (set then)
-    trained_mask: torch.Tensor | None = None  # (B, C) True on the N trained tokens: the model's own, not tool
-    # output (r1lab/engine/tools.py); None: every real completion token
+    trained_mask: torch.Tensor | None = None  # (B, C) the N trained tokens (not tool output); None: completion_mask
 
     @property
     def trained(self) -> torch.Tensor:
-        """(B, C) True on the N tokens the loss is taken over."""
         return self.completion_mask if self.trained_mask is None else self.trained_mask
 
     def sequence_of_tokens(self) -> torch.Tensor:
@@ -379,8 +367,7 @@ class MicroBatch:
 
 def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch.Tensor, cfg: GRPOConfig,
                        pad_id: int, device, share: range | None = None) -> list[MicroBatch]:
-    """The micro-batches of the sequences in share (this rank's; all by default), their loss weights normalised
-    over every kept sequence of the whole batch, so that the ranks' gradients sum to the whole batch's."""
+    """Micro-batches of the sequences in share (default all), weights normalised over the whole batch's kept ones."""
     rows = keep.nonzero().squeeze(-1)
     # a sequence's length is its trained tokens: tool outputs count neither in the loss nor in its normalisation
     lengths = torch.tensor([sum(rollouts.trained_mask(i)) for i in rows.tolist()])
@@ -389,8 +376,7 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
     if share is not None:
         trained &= (rows >= share.start) & (rows < share.stop)
     if cfg.skip_zero_advantage and cfg.kl_coef == 0:
-        # A zero advantage gives its tokens exactly zero gradient (without a KL term), so those sequences, often most
-        # of a batch late in training, skip the forward and backward passes. The update is the same.
+        # without a KL term, a zero advantage gives exactly zero gradient: skip those passes, same update
         trained &= advantages[rows] != 0
     rows, lengths, seq_weights = rows[trained], lengths[trained], seq_weights[trained]
     rows = rows.tolist()
@@ -399,8 +385,8 @@ def make_micro_batches(rollouts: Rollouts, advantages: torch.Tensor, keep: torch
         chunk = rows[start : start + cfg.micro_batch_size]
         per_seq = lengths[start : start + len(chunk)]
         prompts, prompt_mask, prompt_of = _distinct_prompts([rollouts.prompt_ids[i] for i in chunk], pad_id)
-        completions, completion_mask = _right_padded([rollouts.completion_ids[i] for i in chunk], pad_id)
-        trained = _right_padded([rollouts.trained_mask(i) for i in chunk], False)[0].bool()  # (B, C)
+        completions, completion_mask = lm_batch([rollouts.completion_ids[i] for i in chunk], pad_id)
+        trained = lm_batch([rollouts.trained_mask(i) for i in chunk], False)[0].bool()  # (B, C)
         old = torch.tensor([lp for i in chunk for lp, m in zip(rollouts.old_logprobs[i], rollouts.trained_mask(i))
                             if m])
         batches.append(MicroBatch(prompts.to(device), prompt_mask.to(device), prompt_of.to(device),
@@ -422,20 +408,10 @@ def _distinct_prompts(prompts: list[list[int]], pad_id: int):
     return ids, mask, prompt_of
 
 
-def _right_padded(seqs: list[list[int]], pad_id: int):
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    for r, seq in enumerate(seqs):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = True
-    return ids, mask
-
-
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
                   cfg: GRPOConfig, clock: PhaseClock | None = None, world: World = World()) -> dict:
-    """updates_per_batch optimizer steps over the rollouts (this rank's micro-batches; the gradients summed over
-    ranks); a non-finite loss or gradient on any rank skips the step. The gradients are released after the last step
-    (the rollouts that come next do not need them)."""
+    """updates_per_batch optimizer steps over this rank's micro-batches, gradients summed over ranks; a non-finite
+    loss or gradient on any rank skips the step. Gradients are released at the end."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0,
@@ -455,14 +431,13 @@ def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batche
             "kl": totals["kl"] / tokens if ref_model is not None else None,
             "entropy": totals["entropy"] / totals["entropy_tokens"] if totals["entropy_tokens"] else None,
             "grad_norm": totals["grad_norm"] / updates, "skipped_nonfinite": totals["skipped"],
-            **{f"memory/rank_{k}_mb": v / 2**20 for k, v in held.items()}, **_logp_diff(totals), **_ratio(totals),
+            **{f"memory/rank_{k}_mb": v / 2**20 for k, v in held.items()}, **_sampler_gap(totals),
             **moe.load_metrics(loads)}
 
 
 def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, update: int, totals: dict, loads: dict,
             clock: PhaseClock, world: World, in_backward: BackwardStep | None) -> None:
-    """One optimizer step over the micro-batches. With in_backward, the last micro-batch's backward pass updates
-    the parameters as their gradients complete; finish() updates any it did not reach."""
+    """One optimizer step over the micro-batches (with in_backward, stepped during the last backward pass)."""
     optimizer.zero_grad(set_to_none=True)
     with moe.count_loads(model) as counted:
         finite = _run_micro_batches(model, ref_model, batches, passes, cfg, update, totals, in_backward)
@@ -485,29 +460,24 @@ def _update(model, ref_model, optimizer, batches, passes: int, cfg: GRPOConfig, 
 
 def _run_micro_batches(model, ref_model, batches: list[MicroBatch], passes: int, cfg: GRPOConfig, update: int,
                        totals: dict, in_backward: BackwardStep | None = None) -> bool:
-    """Forward and backward of each micro-batch; False when a loss was not finite (the step is then dropped). One
-    process, or replicated ranks: the first non-finite loss ends the loop. FSDP (passes may exceed this rank's
-    micro-batches): idle passes make up the count, also in place of the passes after a non-finite loss."""
-    if not is_sharded(model):
-        for i, mb in enumerate(batches):
-            if in_backward is not None and i == len(batches) - 1:
-                in_backward.arm()  # the earlier micro-batches only add to the gradients
-            if not _micro_batch_loss(model, ref_model, mb, cfg, update, totals):
-                return False
-        return True
+    """Forward and backward of each micro-batch; False on a non-finite loss. Under FSDP, idle passes make up
+    `passes` (each pass is a collective), also after a non-finite loss."""
     finite = True
     for i in range(passes):
         if finite and i < len(batches):
+            if in_backward is not None and i == len(batches) - 1:
+                in_backward.arm()  # the earlier micro-batches only add to the gradients
             if _micro_batch_loss(model, ref_model, batches[i], cfg, update, totals):
                 continue
             finite = False
+            if not is_sharded(model):
+                break
         idle_pass(model, completions=True)
     return finite
 
 
 def _sum_totals(world: World, totals: dict) -> None:
-    """The figures of every rank's micro-batches, as one process would have counted them (grad_norm and skipped
-    are the same on every rank already)."""
+    """Every rank's figures, as one process would count them (grad_norm and skipped are already equal)."""
     extremes = {"logp_diff_max": max, "ratio_max": max, "ratio_min": min}
     summed = [k for k in totals if k not in ("grad_norm", "skipped", *extremes)]
     totals.update(zip(summed, world.sum([totals[k] for k in summed])))
@@ -517,8 +487,7 @@ def _sum_totals(world: World, totals: dict) -> None:
 
 
 def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update: int, totals: dict) -> bool:
-    """Forward and backward of one micro-batch, its figures added to totals; False (nothing done) on a non-finite
-    loss, which drops the whole optimizer step."""
+    """Forward and backward of one micro-batch, adding to totals; False (nothing done) on a non-finite loss."""
     with training_precision(cfg.dtype, mb.completions.device):
         logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=update == 0,
                                             recompute_logits=cfg.recompute_logits, fp32_head=cfg.fp32_lm_head)
@@ -567,12 +536,9 @@ def _micro_batch_loss(model, ref_model, mb: MicroBatch, cfg: GRPOConfig, update:
 
 
 def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The old policy's log-probs that the ratio is taken against, and the mismatch correction's weights (or None).
-
-    Without a correction: with a single update the sampling policy is the current one, so detach() gives the exact
-    ratio of 1; with more, the engine's sampling log-probs (same weights, same process) are the old policy. With
-    one (TIS / MIS), the ratio is taken against the trainer's own log-probs before the updates, and the gap between
-    those and the sampler's becomes a separate, capped importance weight."""
+    """The old log-probs the ratio is taken against, and the mismatch correction's weights (or None). Without a
+    correction and a single synchronous update, detach() gives the exact ratio of 1; otherwise the sampler's.
+    With TIS / MIS, the trainer's log-probs before the updates, the sampler gap a separate capped weight."""
     kind = mismatch_kind(cfg)
     if kind == "none":  # async rollouts come from an older policy: the sampler's log-probs are the old policy
         return (logp.detach() if cfg.updates_per_batch == 1 and not cfg.async_steps else mb.old_logp), None
@@ -580,7 +546,7 @@ def _old_policy(logp: torch.Tensor, mb: MicroBatch, cfg: GRPOConfig) -> tuple[to
 
 
 def heldout_config(cfg: GRPOConfig) -> EvalConfig:
-    """The held-out evaluation during training: the protocol of `r1lab eval` with the eval_* settings."""
+    """The held-out evaluation's settings: `r1lab eval`'s with the eval_* fields."""
     same = ("model", "task", "max_new_tokens", "template", "prefill", "system", "answer_format", "language",
             "reward_timeout_s", "seed", "speculative", *Tools.__annotations__)
     return EvalConfig(task_options=dict(cfg.task_options), problems=cfg.eval_problems, samples=cfg.eval_samples,
@@ -589,9 +555,7 @@ def heldout_config(cfg: GRPOConfig) -> EvalConfig:
 
 def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, with_entropy: bool = False,
                         recompute_logits: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES, fp32_head: bool = False):
-    """Log-probs (N,) of the N trained tokens under softmax(logits / temperature), the sampling distribution;
-    logits only where a trained token is predicted (prompt, padding and tool output never reach the vocabulary
-    projection, though the model attends to tool output)."""
+    """Log-probs (N,) of the N trained tokens under softmax(logits / temperature); only they reach the LM head."""
     hidden = model.completion_hidden_states(mb.prompts, mb.prompt_mask, mb.rows, mb.completions,
                                             mb.completion_mask)[mb.trained]  # (N, D)
     return token_logprobs(model, hidden, mb.completions[mb.trained], temperature, recompute=recompute_logits,
@@ -599,28 +563,22 @@ def completion_logprobs(model: CausalLM, mb: MicroBatch, temperature: float, wit
                           head_dtype=torch.float32 if fp32_head else None)
 
 
-def _ratio(totals: dict) -> dict:
-    """importance_ratio/{mean,min,max}: p_trainer / p_sampler of the trained tokens over every update (1 up to
-    rounding at the first update in float32; how far the policy moved from the sampler at later ones)."""
-    if not totals["tokens"]:
-        return {}
-    updates_tokens = totals["tokens"]  # each update counts its tokens once, as ratio_sum does
-    return {"importance_ratio/mean": totals["ratio_sum"] / updates_tokens, "importance_ratio/min": totals["ratio_min"],
-            "importance_ratio/max": totals["ratio_max"]}
-
-
-def _logp_diff(totals: dict) -> dict:
-    """Mean and max |training log-prob - sampling log-prob| of the trained tokens, before any update: the
-    mismatch that biases the importance ratio when sampler and trainer disagree (0 up to rounding in float32)."""
-    if not totals["logp_diff_tokens"]:
-        return {}
-    return {"logprob_diff/mean": totals["logp_diff_sum"] / totals["logp_diff_tokens"],
-            "logprob_diff/max": totals["logp_diff_max"]}
+def _sampler_gap(totals: dict) -> dict:
+    """logprob_diff/{mean,max}: |trainer - sampler log-prob| of the trained tokens before any update;
+    importance_ratio/{mean,min,max}: p_trainer / p_sampler over every update."""
+    out = {}
+    if totals["logp_diff_tokens"]:
+        out.update({"logprob_diff/mean": totals["logp_diff_sum"] / totals["logp_diff_tokens"],
+                    "logprob_diff/max": totals["logp_diff_max"]})
+    if totals["tokens"]:  # each update counts its tokens once, as ratio_sum does
+        out.update({"importance_ratio/mean": totals["ratio_sum"] / totals["tokens"],
+                    "importance_ratio/min": totals["ratio_min"], "importance_ratio/max": totals["ratio_max"]})
+    return out
 
 
 def reference_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM | None:
-    """The KL term's frozen reference (none without one): a copy of the initial policy in the training dtype, or
-    under LoRA the policy itself, whose base with the adapters off is the initial policy: no second copy."""
+    """The KL term's frozen reference: a copy of the initial policy, or under LoRA the policy itself (adapters
+    off); None without KL."""
     if not cfg.kl_coef:
         return None
     if has_lora(model):
@@ -629,10 +587,8 @@ def reference_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM | None:
 
 
 def rollout_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM:
-    """The weights the engine samples from: the policy itself in float32, and under LoRA (the adapters apply in
-    the engine's forward passes too, on a base kept in the training dtype); otherwise in bfloat16 a bf16 copy of the
-    float32 master weights, half the bytes to read per decode step, kept equal to them by sync_rollout_policy; with
-    shard a full copy (weights only) of the policy about to be sharded."""
+    """The weights the engine samples from: the policy itself in float32 or under LoRA; otherwise (bf16, or shard)
+    a frozen copy in the training dtype, kept equal by sync_rollout_policy."""
     if (cfg.dtype == "float32" or has_lora(model)) and not cfg.shard:
         return model
     return copy.deepcopy(model).to(DTYPES[cfg.dtype]).requires_grad_(False).eval()
@@ -668,29 +624,22 @@ def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOCon
 
 
 def zero_variance_streak(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str, log) -> int:
-    """Steps in a row, this one included, in which every group's rewards were all equal: zero advantages, zero
-    gradient. The loss alone does not show it, so a streak of ZERO_VARIANCE_PATIENCE is said once, with its likely
-    causes and the figures that tell them apart."""
+    """Steps in a row where every group's rewards were equal (zero gradient); warned once at the patience."""
     streak = streak + 1 if metrics["zero_variance_groups"] >= 1.0 else 0
     if streak == ZERO_VARIANCE_PATIENCE:
-        log(zero_variance_warning(streak, metrics, cfg, answer_format))
-    return streak
-
-
-def zero_variance_warning(streak: int, metrics: dict, cfg: GRPOConfig, answer_format: str) -> str:
-    fmt, accuracy, truncated = metrics.get("reward/format", 0.0), metrics["accuracy"], metrics["truncated"]
-    return (f"grpo: WARNING: for {streak} steps every group's rewards were all equal (reward "
+        fmt, accuracy, truncated = metrics.get("reward/format", 0.0), metrics["accuracy"], metrics["truncated"]
+        log(f"grpo: WARNING: for {streak} steps every group's rewards were all equal (reward "
             f"{metrics['reward/mean']:.2f}, format {fmt:.0%}, accuracy {accuracy:.0%}, truncated {truncated:.0%}): no "
             f"advantage, nothing is learned. Likely causes: the answer format (--answer-format, here {answer_format}; "
             f"a model that answers in \\boxed{{}} after </think> needs boxed, one that writes <answer> tags needs "
             f"tags; see the completions in samples/), a task too hard for the model (accuracy 0: easier task options "
             f"or a stronger base), or max_new_tokens {cfg.max_new_tokens} too short for its reasoning (truncated near "
             f"100%).")
+    return streak
 
 
 def tool_metrics(rollouts: Rollouts) -> dict:
-    """Per step, with tools (tools/) or an environment (env/, its replies): calls per rollout, the share of calls
-    that failed, the share of rollouts that called, and the outputs' share of the completion tokens."""
+    """tools/* (or env/* for an environment's replies): calls, failures, callers, and the outputs' token share."""
     if not rollouts.model_mask:
         return {}
     calls, failures, n = sum(rollouts.tool_calls), sum(rollouts.tool_failures), len(rollouts.tool_calls)
@@ -702,7 +651,7 @@ def tool_metrics(rollouts: Rollouts) -> dict:
 
 
 def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, render) -> list[dict]:
-    """The first n rollouts of a step, each with its prompt as rendered for the model (render(problem))."""
+    """The first n rollouts of a step, with each prompt as rendered for the model."""
     return [{"prompt": rollouts.problems[i].prompt, "prompt_text": render(rollouts.problems[i]),
              "reference": rollouts.problems[i].answer,
              "completion": rollouts.texts[i], "reward": rewards[i].item(), "answer": result.answers[i],
@@ -713,9 +662,8 @@ def sample_records(rollouts: Rollouts, rewards, result: RewardResult, n: int, re
 
 
 def sandbox_metrics(task: Task, log, tools: str = "", sandbox: str = "auto") -> dict:
-    """For a code task or tool calls: the process's sandbox choice set, and the isolation layers it gets on this
-    machine as metrics logged every step (sandbox/bwrap: 1, ...; sandbox/none: 1 where the user opted out), so that
-    every run records what stood between the policy's code and the host."""
+    """Sets the sandbox; for a code task or tool calls, its isolation layers as per-step metrics (sandbox/LAYER: 1,
+    sandbox/none where opted out), so every run records what stood between the policy's code and the host."""
     use_sandbox(sandbox)
     if not isinstance(task, (CodeTask, CodeFileTask)) and not tools:
         return {}
@@ -727,8 +675,7 @@ def sandbox_metrics(task: Task, log, tools: str = "", sandbox: str = "auto") -> 
 
 def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: Task, eval_cfg, problems, log,
             world: World = World(), source: AsyncRollouts | None = None) -> None:
-    """The held-out evaluation (each rank a share of the problems, or with async rollouts the worker while training
-    goes on), said before it starts (it can take minutes) and reported when done."""
+    """The held-out evaluation (ranks share it; async: in the worker), announced since it can take minutes."""
     log(f"grpo: held-out evaluation at step {step}: {len(problems)} problems x {eval_cfg.samples} samples")
     if source:
         return source.evaluate(step, engine.model)
@@ -738,12 +685,11 @@ def heldout(logger: MetricsLogger, run: Path, step: int, engine: Engine, task: T
 
 
 def calls_name(task: Task) -> str:
-    """What EvalResult.tool_calls counts: an environment's replies, or tool calls."""
     return "environment replies" if is_environment(task) else "tool calls"
 
 
 def report_heldout(logger: MetricsLogger, run: Path, step: int, result, log, calls: str = "tool calls") -> None:
-    """A held-out evaluation's figures: printed, logged at its step, saved with every completion."""
+    """Print, log and save (with every completion) a held-out evaluation's figures."""
     log(f"grpo: held-out at step {step}: pass@1 {result.pass_at_1:.1%}, cons@{result.k} {result.cons_at_k:.1%}, "
         f"format {result.format_rate:.1%}, length {result.mean_length:.1f} tokens"
         + ("" if result.tool_calls is None else f", {result.tool_calls:.2f} {calls} per sample"))

@@ -1,14 +1,6 @@
-"""Loud checks of a GRPO run's plumbing, on by default: each gives a metric every step and a warning line when it
-goes wrong, because none of these failures shows in the loss.
-
-- sync/policy_changed: the sampler's weights changed after an update that should have changed them (an update that
-  was applied, with a gradient, at a learning rate above 0); 0 means rollouts keep coming from a stale policy (a weight sync that
-  silently stopped, LoRA adapters that do not reach the sampler).
-- importance_ratio/mean outside [RATIO_LOW, RATIO_HIGH]: the trained tokens were sampled by a policy far from the
-  one trained (off-policy data, or a sampler that computes something else).
-- logprob_diff/mean above LOGPROB_DRIFT: the sampler's and the trainer's log-probs of the same tokens on the same
-  weights drift apart (precision, kernels, a template or tokenization mismatch).
-Each warning is said when the check first fails, and again only after it has passed in between.
+"""Checks of a GRPO run's plumbing, none of whose failures shows in the loss: the sampler's weights change after an
+update (sync/policy_changed), the importance ratio stays near 1, sampler and trainer log-probs agree. Each warns
+when it first fails, and again only after passing in between.
 """
 
 from __future__ import annotations
@@ -22,8 +14,7 @@ SAMPLES_PER_TENSOR = 4096
 
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> float:
-    """A cheap fingerprint of a model's weights: a float64 sum over an even sample of each parameter's entries
-    (SAMPLES_PER_TENSOR of them), so that any update that moves the weights moves it."""
+    """A cheap fingerprint of the weights: a float64 sum over an even sample of each parameter's entries."""
     total = 0.0
     for p in model.parameters():
         flat = p.detach().reshape(-1)
@@ -33,13 +24,13 @@ def weights_fingerprint(model: torch.nn.Module) -> float:
 
 
 class RunHealth:
-    """The checks' state across steps: which warnings are standing (said once until they clear)."""
+    """Which warnings are standing (said once until they clear)."""
 
     def __init__(self, log) -> None:
         self.log, self.standing = log, set()
 
     def check(self, step: int, metrics: dict, before: float | None, after: float | None, lr: float) -> dict:
-        """The step's health metrics (added to metrics), with a warning for each check newly failing."""
+        """The step's health metrics, warning for each check newly failing."""
         out, failing = {}, {}
         moved = lr > 0 and metrics.get("grad_norm", 1.0) > 0 and not metrics.get("skipped_nonfinite")
         if before is not None and after is not None and moved:

@@ -1,5 +1,5 @@
-"""Per-token log-probs from hidden states, chunked over tokens and optionally recomputed in the backward pass, so
-that a 150k-token vocabulary never needs N x V logits at once; and bf16 autocast over float32 master weights.
+"""Per-token log-probs from hidden states, chunked over tokens (optionally recomputed in the backward) so that N x V
+logits never exist at once; and bf16 autocast over float32 master weights.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ def training_precision(dtype: str, device: torch.device):
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    recompute: bool = False, with_entropy: bool = False, chunk_bytes: int = LOGITS_CHUNK_BYTES,
                    head_dtype: torch.dtype | None = None):
-    """Log-probs (N,) of targets (N,) under softmax(model.lm_head(hidden) / temperature), hidden (N, D), in chunks of
-    at most chunk_bytes of float32 logits; with with_entropy, the entropy of one chunk's distributions (a metric).
-    With recompute, the backward recomputes each chunk's log-softmax instead of keeping it. head_dtype overrides the
-    projection's dtype (float32 under bf16 autocast: the head's logits at full precision)."""
+    """Log-probs (N,) of targets under softmax(lm_head(hidden) / temperature), in chunks of at most chunk_bytes of
+    logits; with_entropy: the first chunk's entropies; head_dtype overrides the projection's dtype."""
     weight = model.lm_head.weight
     if model.lm_head.bias is not None:
         raise ValueError("token_logprobs expects an LM head without a bias")
@@ -42,10 +40,8 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperatu
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """Target log-probs through the LM head, chunk by chunk, with a hand-written backward: every chunk adds into one
-    (V, D) gradient in place (autograd would give each chunk its own), d logp_t / d logit_j = (1[j = t] - p_j) / T
-    from the chunk's kept (or recomputed) log-softmax. A head tied to the embedding gets its gradient written into
-    weight.grad, none returned, so that autograd does not sum it with the lookup's out of place (one more (V, D))."""
+    """Target log-probs through the LM head, chunk by chunk; the hand-written backward adds every chunk into one
+    (V, D) gradient in place. A tied head's gradient goes straight into weight.grad (autograd would add a copy)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, rows, keep, compute_dtype, with_entropy, tied):
@@ -98,9 +94,8 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def idle_pass(model, completions: bool = False) -> None:
-    """A forward and backward pass that adds nothing to any gradient: under FSDP every pass makes collectives with all
-    ranks, so a rank with fewer micro-batches (or a non-finite loss) runs these to keep step, on the same path as the
-    others' passes: a whole sequence (SFT), or with completions, a prompt and then its completion (GRPO)."""
+    """A forward and backward pass adding nothing to any gradient, so that an FSDP rank with fewer micro-batches
+    keeps step with the others' collectives (completions: GRPO's path)."""
     device = model.lm_head.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     if completions:
@@ -113,7 +108,7 @@ def idle_pass(model, completions: bool = False) -> None:
 
 
 def _chunk_log_softmax(hidden, weight_c, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """(n, V) float32 log-softmax of the chunk's logits / temperature, the projection in dtype (weight_c is in it)."""
+    """(n, V) float32 log-softmax of the chunk's logits / temperature."""
     with _no_autocast(hidden.device.type):
         logits = (hidden.to(dtype) @ weight_c.t()).float()
     return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)

@@ -1,6 +1,5 @@
-"""Refusing at start the settings whose largest step cannot fit the device's memory, with the estimate, instead of a
-traceback from an allocation hours later. Only the big, countable parts are counted (not activations, nor the
-allocator's slack): a run refused here cannot fit, one that passes may still not. See docs/settings-and-runs.md.
+"""Refusing at start the settings whose largest step cannot fit the device's memory. Only the big, countable parts
+are counted: a run refused here cannot fit, one that passes may still not.
 """
 
 from __future__ import annotations
@@ -23,12 +22,11 @@ _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.lim
 
 
 class MemoryBudgetError(ValueError):
-    """Settings whose estimate exceeds the device's memory; one line (a ValueError: the CLI prints it as such)."""
+    """Settings whose estimate exceeds the device's memory (a ValueError: the CLI prints it)."""
 
 
 def check_grpo_memory(cfg, device: torch.device, ranks: int = 1) -> None:
-    """Refuse cfg (GRPOConfig) when its largest step cannot fit on device, from the model's config.json alone (a
-    directory without one is left to the loader to report)."""
+    """Refuse a GRPOConfig whose largest step cannot fit on device, from the model's config.json alone."""
     config_file = Path(cfg.model) / "config.json"
     if not config_file.is_file():
         return
@@ -39,8 +37,7 @@ def check_grpo_memory(cfg, device: torch.device, ranks: int = 1) -> None:
 
 
 def grpo_parts(cfg, model_cfg: ModelConfig, ranks: int = 1) -> dict[str, int]:
-    """Bytes of one rank's largest GRPO step, by part: weights and optimizer state, the copies GRPO keeps, the
-    rollouts' KV cache (every row's max_new_tokens at once) and sampled tokens, and the kept log-softmax."""
+    """Bytes of one rank's largest GRPO step, by part."""
     params, width = parameter_count(model_cfg), DTYPES[cfg.dtype].itemsize
     parts = weight_parts(params, cfg.lora_rank, width, ranks if cfg.shard else 1)
     if (cfg.dtype != "float32" and not cfg.lora_rank) or cfg.shard:  # grpo.rollout_policy
@@ -61,8 +58,7 @@ def grpo_parts(cfg, model_cfg: ModelConfig, ranks: int = 1) -> dict[str, int]:
 
 def check_supervised_memory(cfg, model: torch.nn.Module, docs: list[list[int]], device: torch.device,
                             ranks: int = 1) -> None:
-    """Refuse a pretraining or SFT run (cfg: its settings) whose largest step cannot fit on device: the loaded
-    model's weights and optimizer state, and the logits of the micro-batch of the longest documents."""
+    """Refuse a pretraining or SFT run whose largest step (the longest documents' micro-batch) cannot fit."""
     params = sum(p.numel() for p in model.parameters())
     lora_rank, shards = getattr(cfg, "lora_rank", 0), ranks if getattr(cfg, "shard", False) else 1
     per_pass = cfg.micro_batch_size or -(-cfg.batch_size // ranks)  # lm_step: the micro-batch, or the rank's share
@@ -81,7 +77,7 @@ def weight_parts(params: int, lora_rank: int, width: int, shards: int = 1) -> di
 
 
 def logits_part(tokens: int, vocab_size: int, recompute: bool, what: str) -> dict[str, int]:
-    """The log-softmax the backward pass keeps: every trained token's (one chunk of them with recompute)."""
+    """The log-softmax the backward pass keeps (one chunk with recompute)."""
     kept = tokens * vocab_size * 4
     if recompute:
         return {"logits (one chunk, recomputed)": min(kept, LOGITS_CHUNK_BYTES)}
@@ -94,8 +90,7 @@ def parameter_count(model_cfg: ModelConfig) -> int:
 
 
 def check_fits(parts: dict[str, int], device: torch.device, advice: str) -> None:
-    """MemoryBudgetError, one line with the estimate and its largest parts, when they exceed device's memory (a GPU's
-    total, the machine's RAM for the CPU; MPS's is not known)."""
+    """MemoryBudgetError when parts exceed the device's memory (a GPU's total, or RAM; MPS's is not known)."""
     if device.type == "cuda":
         available, where = torch.cuda.mem_get_info(device)[1], str(device)
     else:
@@ -110,7 +105,7 @@ def check_fits(parts: dict[str, int], device: torch.device, advice: str) -> None
 
 
 def ram_bytes() -> int | None:
-    """The machine's RAM, or the container's memory limit where that is lower (None where neither is known)."""
+    """The machine's RAM, or the container's lower memory limit (None where neither is known)."""
     try:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

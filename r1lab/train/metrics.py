@@ -1,6 +1,4 @@
-"""Run logging: per-step metrics (JSONL, the source of truth, mirrored to TensorBoard and trackers), sample
-completions, and a live progress bar.
-"""
+"""Run logging: per-step metrics (JSONL, mirrored to TensorBoard and trackers), samples, a live progress bar."""
 
 from __future__ import annotations
 
@@ -66,9 +64,9 @@ def _truncate_jsonl(path: Path, step: int) -> None:
     os.replace(tmp, path)  # atomic: a crash here leaves either the old or the new file
 
 
-class MetricsLogger:
-    """Appends metrics to run_dir/metrics.jsonl and eval results to run_dir/eval.jsonl, mirrored to TensorBoard; a
-    resumed run passes resume_step, so that the steps after its checkpoint are not there twice."""
+class MetricsLogger(contextlib.AbstractContextManager):
+    """Appends metrics to metrics.jsonl and eval results to eval.jsonl, mirrored to TensorBoard; resume_step drops
+    the rows after a resumed run's checkpoint."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
                  trackers: Iterable[Any] = ()) -> None:
@@ -93,8 +91,7 @@ class MetricsLogger:
         self._scalars(f"eval/{split}/", row, step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop training rows with step > `step` and evaluations at step >= `step` (a resumed run evaluates its
-        first step again), from both files and from TensorBoard on its next write."""
+        """Drop training rows after `step` and evaluations at or after it (evaluated again), TensorBoard's too."""
         _truncate_jsonl(self.metrics_path, step)
         _truncate_jsonl(self.eval_path, step - 1)
         self._purge_step = step + 1
@@ -104,9 +101,6 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def __enter__(self) -> MetricsLogger:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -139,14 +133,14 @@ class MetricsLogger:
 
 
 def open_metrics(run_dir: Path, cfg: Any, resume_step: int) -> MetricsLogger:
-    """A training run's MetricsLogger with the trackers of cfg.report_to, each given the run's whole config."""
+    """A training run's MetricsLogger with the trackers of cfg.report_to."""
     names = parse_report_to(cfg.report_to)
     return MetricsLogger(run_dir, tensorboard="tensorboard" in names, resume_step=resume_step,
                          trackers=open_trackers(names, run_dir, dataclasses.asdict(cfg)))
 
 
 def save_samples(run_dir: Path, step: int, records: Iterable[dict]) -> Path:
-    """Write run_dir/samples/step_XXXXXX.jsonl, one record per completion (prompt, completion, reward, ...)."""
+    """Write run_dir/samples/step_XXXXXX.jsonl, one record per completion."""
     path = Path(run_dir) / "samples" / f"step_{step:06d}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(_clean(r), allow_nan=False, ensure_ascii=False) + "\n" for r in records),
@@ -167,8 +161,7 @@ def format_live_metrics(metrics: dict[str, Any] | None, keys: tuple = LIVE_KEYS)
 
 
 class TrainingProgress:
-    """A rich progress bar on a terminal; on a pipe (CI logs) a line with the elapsed time and the ETA after the first
-    step, about every 5% of the run and at the end. keys: the (metric, label) pairs shown."""
+    """A rich progress bar on a terminal; on a pipe, a line after the first step, every ~5% and at the end."""
 
     def __init__(self, total_steps: int, start_step: int = 0, console: Any = None, keys: tuple = LIVE_KEYS) -> None:
         self.total, self.start_step, self.keys, self.console = total_steps, start_step, keys, console or Console()
@@ -188,7 +181,6 @@ class TrainingProgress:
         return self
 
     def update(self, step: int, metrics: dict[str, Any] | None = None) -> None:
-        """Record that `step` steps are done, showing a few of `metrics`."""
         live = format_live_metrics(metrics, self.keys)
         done = step - self.start_step
         if self._progress is not None:

@@ -1,6 +1,4 @@
-"""The GRPO objective as pure tensor functions: group-relative advantages, the policy-gradient term (PPO's clipped
-ratio, CISPO or GSPO), k3 KL, the sampler/trainer mismatch correction (TIS / MIS) and the loss normalisations.
-"""
+"""The GRPO objective as pure tensor functions: advantages, policy losses, k3 KL, mismatch correction, normalisation."""
 
 from __future__ import annotations
 
@@ -11,8 +9,7 @@ POLICY_LOSSES = ("ppo-clip", "cispo", "gspo")
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
-    """(r_i - mean(group)) / (std(group) + eps), the sample std as in TRL; without std scaling (Dr. GRPO) r_i - mean.
-    rewards (N,) are ordered group by group."""
+    """(r_i - mean(group)) / (std(group) + eps) (sample std, as TRL); without scaling (Dr. GRPO) r_i - mean."""
     r = rewards.view(-1, group_size)  # (groups, G)
     centered = r - r.mean(-1, keepdim=True)
     if scale_by_std:
@@ -27,9 +24,8 @@ def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def token_weights(lengths: torch.Tensor, norm: str, max_new_tokens: int) -> torch.Tensor:
-    """Per-sequence weight of each of its tokens, so that sum(weight * token_loss) is the normalised batch loss:
-    token (DAPO: every token counts the same), sequence (GRPO: mean per sequence, then over sequences), constant
-    (Dr. GRPO: sequences x max_new_tokens)."""
+    """Per-sequence token weights so sum(weight * token_loss) is the batch loss normalised by token (DAPO), sequence
+    (GRPO) or constant (Dr. GRPO: sequences x max_new_tokens)."""
     n = len(lengths)
     if norm == "token":
         return torch.full((n,), 1.0 / max(1, int(lengths.sum())))
@@ -49,8 +45,8 @@ def _clip(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: fl
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            clip_low: float, clip_high: float, ref_logp: torch.Tensor | None = None,
                            kl_coef: float = 0.0):
-    """Per-token loss -min(rho A, clip(rho, 1-low, 1+high) A) + kl_coef * KL_k3, where it was clipped, and the KL.
-    logp, old_logp, ref_logp: (N,) or (B, T); advantages: the same shape, or (B,) to broadcast over (B, T)."""
+    """Per-token PPO-clip loss + kl_coef * KL_k3, where it was clipped, and the KL; advantages may be (B,) for
+    (B, T) inputs."""
     adv = advantages if advantages.shape == logp.shape else advantages[:, None]
     loss, was_clipped = _clip(torch.exp(logp - old_logp), adv, clip_low, clip_high)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None and kl_coef else None
@@ -59,13 +55,8 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
 
 def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_low: float,
                 clip_high: float, sequence: torch.Tensor | None = None):
-    """Per-token policy-gradient loss (N,) and where the ratio was clipped (N,), tokens flattened over sequences.
-
-    ppo-clip: PPO's clip on r = pi/pi_old per token (GRPO, DAPO).
-    cispo:    -sg(clip(r)) A log pi (MiniMax-M1): every token keeps a gradient, of size at most 1+high.
-    gspo:     PPO's clip on the sequence's ratio exp(mean of log pi - log pi_old) (Qwen's GSPO); sequence (N,) says
-              which sequence each token belongs to.
-    """
+    """Per-token loss (N,) and where the ratio was clipped: ppo-clip per token; cispo -sg(clip(r)) A log pi
+    (MiniMax-M1); gspo clips the sequence's geometric-mean ratio (sequence: each token's sequence index)."""
     if kind == "ppo-clip":
         return clipped_surrogate_loss(logp, old_logp, advantages, clip_low, clip_high)[:2]
     ratio = torch.exp(logp - old_logp)
@@ -83,14 +74,12 @@ def policy_loss(kind: str, logp: torch.Tensor, old_logp: torch.Tensor, advantage
 
 
 def mismatch_kind(cfg) -> str:
-    """A GRPO config's mismatch correction in force: auto is TIS for async rollouts (sampled up to async_steps
-    updates ago), else none."""
+    """The mismatch correction in force: auto is TIS with async rollouts, else none."""
     return cfg.mismatch_correction if cfg.mismatch_correction != "auto" else "tis" if cfg.async_steps else "none"
 
 
 def mismatch_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, kind: str, cap: float) -> torch.Tensor:
-    """Detached per-token weights pi_trainer / pi_sampler for the same tokens under the same weights (bf16 sampling,
-    other kernels), truncated at cap (TIS) or zero past it (MIS); they multiply the policy-gradient term."""
+    """Detached per-token pi_trainer / pi_sampler, truncated at cap (TIS) or zeroed past it (MIS)."""
     ratio = torch.exp(trainer_logp.detach() - sampler_logp)
     if kind == "tis":
         return ratio.clamp(max=cap)

@@ -1,6 +1,4 @@
-"""The optimizer and its schedule, shared by pretraining, SFT and GRPO: AdamW, warmup with cosine or constant
-learning rates, the step (a non-finite gradient skips it) and the stop when an update left the weights non-finite.
-"""
+"""AdamW, its learning-rate schedules, the step, and the stop when an update left the weights non-finite."""
 
 from __future__ import annotations
 
@@ -16,19 +14,18 @@ from r1lab.train.distributed import World
 
 
 class TrainingDiverged(ValueError):
-    """An update left the weights non-finite; one line (a ValueError, so the CLI prints it as such)."""
+    """An update left the weights non-finite (a ValueError, so the CLI prints it)."""
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, beta2: float) -> torch.optim.Optimizer:
-    """AdamW over the parameters that train (LoRA: the adapters). beta2 is the caller's: pretraining and SFT take
-    large steps on fresh data (0.95 follows the gradient's scale quickly), RL small, noisy ones (0.99 averages them)."""
-    # fused: the default (foreach) builds temporaries the size of all the weights and is several times slower on a CPU
+    """AdamW over the trained parameters; beta2: 0.95 for supervised steps, 0.99 to average RL's noisy ones."""
+    # fused: foreach builds temporaries the size of all the weights and is several times slower on a CPU
     trained = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(trained, lr=lr, betas=(0.9, beta2), weight_decay=weight_decay, fused=True)
 
 
 def lora_spec(cfg) -> LoRASpec | None:
-    """The LoRA adapters cfg asks for (lora_rank, lora_alpha, lora_targets), or None for full fine-tuning."""
+    """The LoRA adapters cfg asks for, or None for full fine-tuning."""
     if not cfg.lora_rank:
         return None
     if getattr(cfg, "shard", False):
@@ -56,8 +53,8 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                    finite_loss: bool = True, in_backward: BackwardStep | None = None) -> dict:
-    """Clip (max_grad_norm 0: no clipping) and apply the accumulated gradients, or drop the step when the loss or the
-    gradient is not finite; returns grad_norm (NaN when dropped) and skipped_nonfinite. in_backward: finished there."""
+    """Clip (0: not) and apply the gradients, or drop the step when loss or gradient is not finite; returns grad_norm
+    (NaN when dropped) and skipped_nonfinite."""
     if in_backward is not None:
         return in_backward.finish(finite_loss)
     grad_norm = None
@@ -73,8 +70,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
-    """Whether every floating-point parameter and buffer (a sharded one: this rank's part) is finite, in one host
-    round trip."""
+    """Whether every floating-point parameter and buffer (this rank's part) is finite, in one host round trip."""
     tensors = [t.to_local() if is_dtensor(t) else t
                for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point() and t.numel()]
     if not tensors:
@@ -86,8 +82,7 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 def stop_if_diverged(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, name: str,
                      world: World = World()) -> None:
-    """TrainingDiverged when step's update left a weight NaN or infinite (checked before the step is logged or
-    checkpointed): the gradient was finite, so with AdamW (steps about lr in size) the learning rate is too large."""
+    """TrainingDiverged when step's (finite) update left a weight non-finite: with AdamW, lr is too large."""
     if world.all(weights_finite(model)):
         return
     group = optimizer.param_groups[0]

@@ -1,6 +1,5 @@
-"""Where a training step's time and memory go: seconds and peak memory per phase (ended by lap(name); a name met
-twice adds its seconds and keeps the larger peak). The peak: torch's allocator on CUDA, else the process's resident
-memory sampled by a thread (resetting the kernel's high-water mark would reset the one time -v and benchmarks read).
+"""Seconds and peak memory per phase of a training step (ended by lap(name)): torch's allocator peak on CUDA, else
+the resident memory sampled by a thread (resetting the kernel's high-water mark would upset time -v).
 """
 
 from __future__ import annotations

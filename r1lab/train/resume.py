@@ -1,6 +1,4 @@
-"""What makes a run resumable: EpochOrder (each step's examples, a pure function of (seed, step)), resume_run and
-save_run_config (the newest intact checkpoint, and the settings guard), and save_final.
-"""
+"""What makes a run resumable: EpochOrder, resume_run, save_run_config, and save_final."""
 
 from __future__ import annotations
 
@@ -23,8 +21,7 @@ from r1lab.train.sharding import full_state_dict
 
 
 class EpochOrder:
-    """Positions in an endless sequence of shuffled epochs over n examples; each epoch's shuffle is seeded by
-    (seed, epoch) alone, so step s's batch is computed without replaying the epochs before it."""
+    """Endless shuffled epochs over n examples, each seeded by (seed, epoch) alone: any step's batch is direct."""
 
     def __init__(self, n: int, seed: int):
         if n < 1:
@@ -32,7 +29,7 @@ class EpochOrder:
         self.n, self.seed = n, seed
 
     def batch(self, step: int, size: int) -> list[int]:
-        """The example indices of step `step`, `size` of them; a batch runs on across an epoch boundary."""
+        """The `size` example indices of step `step` (a batch may cross an epoch boundary)."""
         return [self._epoch(p // self.n)[p % self.n] for p in range(step * size, (step + 1) * size)]
 
     @functools.lru_cache(maxsize=4)
@@ -42,9 +39,8 @@ class EpochOrder:
 
 def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, log,
                world: World = World(), free: frozenset = RESUME_FREE_FIELDS) -> int:
-    """The steps already done: those of the run's newest intact checkpoint when cfg.resume, else 0. Settings that
-    differ from the run's (but `free` ones) are refused before anything loads, unless cfg.allow_config_change.
-    Under torchrun rank 0 chooses and checks; every rank loads."""
+    """The steps done: the newest intact checkpoint's when cfg.resume, else 0. Settings that differ from the run's
+    (`free` ones excepted) are refused unless cfg.allow_config_change. Rank 0 checks; every rank loads."""
     mode = {True: "true", False: "false"}.get(cfg.resume, cfg.resume)  # a config edited after it was made
     if mode == "false":
         return 0
@@ -63,8 +59,8 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World = World()) -> None:
-    """RUN/model in Hugging Face format, written whole or not at all; with LoRA also RUN/adapter (PEFT's format, on
-    adapter_base), and RUN/model the adapter merged into the base (in place: the model is done with)."""
+    """RUN/model in Hugging Face format, written whole or not at all; with LoRA also RUN/adapter, and the adapter
+    merged (in place) into RUN/model."""
     if adapter_base is not None:
         adapters = [p for p in model.parameters() if p.requires_grad]
         if world.main:

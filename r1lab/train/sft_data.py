@@ -1,6 +1,5 @@
-"""Chat data for SFT: rows in the usual chat formats (messages, TRL's prompt-completion, ShareGPT; see
-docs/pipeline.md) read and validated, and each conversation's tokens with its loss mask: True on the trained
-assistant turns (their content and the token that closes each), never on system/user text or template scaffolding.
+"""Chat data for SFT (messages, prompt-completion, ShareGPT: docs/pipeline.md), read and validated, and each
+conversation's tokens with its loss mask: True on the trained assistant turns and the token that closes each.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 @dataclass(frozen=True)
 class ChatFields:
-    """Which format a chat file holds (one of FORMATS; auto: from the first row's keys) and its columns' names."""
+    """A chat file's format (one of FORMATS; auto: from the first row's keys) and column names."""
 
     format: str = "auto"
     messages: str = "messages"
@@ -48,8 +47,7 @@ class ChatFields:
 
 
 class Conversation(NamedTuple):
-    """One usable row: its line in the file, its messages, and the first message the loss may cover (a
-    prompt-completion row's completion starts after its prompt)."""
+    """One usable row: its line, its messages, and the first message the loss may cover."""
 
     line: int
     messages: list[dict]
@@ -60,7 +58,6 @@ class Conversation(NamedTuple):
 
 
 def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str], roles: dict) -> str | None:
-    """What is wrong with message (field path `name`, role and content under `keys`, roles: value -> role)."""
     role_key, content_key = keys
     if not isinstance(message, dict):
         return f"field {name!r} must be an object with {role_key} and {content_key}, got {type(message).__name__}"
@@ -84,8 +81,7 @@ def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str]
 
 def _turns(items: list, names: list[str], keys: tuple[str, str] = ("role", "content"),
            roles: dict | None = None) -> tuple[list[dict], str | None]:
-    """items as {role, content} messages (an optional system message, then user and assistant in turn), or the
-    first problem."""
+    """items as {role, content} messages (optional system, then user and assistant in turn), or the first problem."""
     roles = roles or {r: r for r in ROLES}
     first = 1 if isinstance(items[0], dict) and roles.get(items[0].get(keys[0])) == "system" else 0
     messages = []
@@ -113,8 +109,7 @@ def _list_row(row: dict, name: str, keys: tuple[str, str] = ("role", "content"),
 
 
 def _prompt_completion_row(row: dict, fields: ChatFields) -> tuple[Conversation | None, str | None]:
-    """Plain (two strings: the prompt is the user turn) or conversational (two lists of messages: the loss is on
-    the completion's assistant turns only)."""
+    """Plain (two strings) or conversational (two message lists: the loss is on the completion's only)."""
     p, c = fields.prompt, fields.completion
     for name in (p, c):
         if name not in row:
@@ -147,7 +142,6 @@ _READERS = {"messages": lambda row, fields: _list_row(row, fields.messages),
 
 
 def detect_format(row: Any, fields: ChatFields) -> str | None:
-    """The format a row's keys say, or None when none matches."""
     if not isinstance(row, dict):
         return None
     if fields.messages in row:
@@ -171,9 +165,8 @@ def _no_format(row: Any, fields: ChatFields) -> str:
 
 
 def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
-    """Every row of a chat file (JSONL/JSON/Parquet), or of a `datasets` source's train split (as `--task` takes
-    them), as a Conversation, all validated before any is used: the format is fields.format or the first row's,
-    required of every row; bad rows raise DatasetError, each as file:line (SOURCE[split]:ROW)."""
+    """Every row of a chat file or a `datasets` source's train split as a Conversation, all validated first (the
+    format: fields.format or the first row's); bad rows raise DatasetError, each as file:line."""
     path, fields = Path(path), fields or ChatFields()
     fields.check()
     if hf_datasets.is_datasets_source(str(path)):
@@ -210,8 +203,8 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
 
 
 class TemplateRewrites(ValueError):
-    """The chat template renders an assistant message otherwise inside the conversation than the message says
-    (DeepSeek-R1's and Qwen3's drop earlier turns' reasoning; R1's opens <think> in the generation prompt)."""
+    """The chat template rewrites an assistant message inside the conversation (R1's and Qwen3's drop earlier
+    turns' reasoning)."""
 
 
 def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, where: str) -> int:
@@ -224,13 +217,12 @@ def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, 
 
 
 def _closes_turn(tokenizer: Tokenizer, token: int) -> bool:
-    # An end-of-text id, or a special token (decoding drops those): ChatML's <|im_end|>, Llama 3's <|eot_id|>.
+    # an end-of-text id, or a special token (decoding drops those): <|im_end|>, <|eot_id|>
     return token in tokenizer.eos_ids or tokenizer.decode([token]) == ""
 
 
 def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
-    """Character ranges of the <tag>...</tag> blocks in an assistant message (tool output, appended by the sampler:
-    r1lab/engine/tools.py); an unclosed block runs to the end; none for the tag ""."""
+    """Character ranges of the <tag>...</tag> (tool output) blocks; an unclosed one runs to the end; none for ""."""
     spans, start, opener, closer = [], 0, f"<{tag}>", f"</{tag}>"
     while tag and (begin := content.find(opener, start)) >= 0:
         end = content.find(closer, begin)
@@ -242,9 +234,8 @@ def tool_output_spans(content: str, tag: str) -> list[tuple[int, int]]:
 
 def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: str = "auto", train_from: int = 0,
                           tool_output_tag: str = "") -> list[tuple[list[int], list[bool], set[int]]]:
-    """A conversation's training examples: the whole conversation with its trained assistant turns masked in
-    (generation_block_tokens or conversation_tokens); where the template rewrites earlier turns, one example per
-    trained assistant turn, as a model prompted with that history would write it (turn_tokens)."""
+    """A conversation's training examples: the whole conversation, or where the template rewrites earlier turns,
+    one example per trained assistant turn (turn_tokens)."""
     if template in ("auto", "chat") and has_generation_blocks(tokenizer.chat_template):
         return [generation_block_tokens(tokenizer, messages, train_from, tool_output_tag)]
     try:
@@ -256,8 +247,7 @@ def conversation_examples(tokenizer: Tokenizer, messages: list[dict], template: 
 
 def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_from: int = 0,
                             tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
-    """A conversation's tokens with the mask its template's {% generation %} blocks draw (as transformers'
-    return_assistant_tokens_mask reads them), each followed by its closing token where the block leaves it out."""
+    """A conversation's tokens masked by its template's {% generation %} blocks, plus each turn's closing token."""
     text, spans = render_with_generation_spans(tokenizer, messages)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if len(spans) != len(turns):
@@ -287,10 +277,8 @@ def generation_block_tokens(tokenizer: Tokenizer, messages: list[dict], train_fr
 
 def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template: str = "auto",
                 tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
-    """messages[turn] (an assistant message) as the completion of the history before it, trained on the reply and
-    the token that closes it. The reply is the template's own rendering of the message where the generation prompt
-    is a prefix of it (Qwen3 re-formats the think block); else (DeepSeek-R1's opens "<think>\\n" in the generation
-    prompt and strips the reasoning from what it renders) the message's content less what the prompt opened."""
+    """messages[turn] as the completion of the history before it: the template's rendering where the generation
+    prompt is a prefix of it (Qwen3), else the content less what the prompt opened (R1's "<think>\\n")."""
     prompt = render_conversation(tokenizer, messages[:turn], template, add_generation_prompt=True)
     whole = render_conversation(tokenizer, messages[: turn + 1], template, add_generation_prompt=False)
     whole_ids, prompt_ids = tokenizer.encode(whole), tokenizer.encode(prompt)
@@ -310,7 +298,6 @@ def turn_tokens(tokenizer: Tokenizer, messages: list[dict], turn: int, template:
 
 
 def _last_closer(tokenizer: Tokenizer, ids: list[int], turn: int) -> int:
-    """The token that closes the final turn: the last end-of-text or special token of its rendering."""
     for token in reversed(ids):
         if _closes_turn(tokenizer, token):
             return token
@@ -319,8 +306,7 @@ def _last_closer(tokenizer: Tokenizer, ids: list[int], turn: int) -> int:
 
 
 def _after_opened(prompt: str, whole: str, content: str) -> str:
-    """content less the opening the generation prompt already wrote (the prompt past where it and the rendered
-    conversation part ways, e.g. "<think>\\n"), where content starts with it."""
+    """content less the opening (e.g. "<think>\\n") the generation prompt already wrote."""
     opened = prompt[len(os.path.commonprefix([prompt, whole])):].strip()
     stripped = content.lstrip()
     if opened and stripped.startswith(opened):
@@ -330,12 +316,8 @@ def _after_opened(prompt: str, whole: str, content: str) -> str:
 
 def conversation_tokens(tokenizer: Tokenizer, messages: list[dict], template: str = "auto",
                         train_from: int = 0, tool_output_tag: str = "") -> tuple[list[int], list[bool], set[int]]:
-    """Token ids of a conversation, its loss mask, and the ids of the tokens that closed its trained turns.
-
-    Each trained assistant message is located by tokenizing the conversation up to where its content starts and
-    where it ends; both must be token prefixes of the whole (a merge across the boundary would shift the mask
-    silently), and a turn-closing token must follow. Tool output blocks are left out of the mask the same way.
-    """
+    """Token ids of a conversation, its loss mask, and the tokens that closed its trained turns. Each boundary must
+    tokenize as a prefix of the whole (a merge across it would shift the mask silently)."""
     full = tokenizer.encode(render_conversation(tokenizer, messages, template, add_generation_prompt=False))
     mask = [False] * len(full)
     closers: set[int] = set()
@@ -377,8 +359,8 @@ class SFTData:
 
 
 def build_sft_data(tokenizer: Tokenizer, rows: list[Conversation], cfg: SFTConfig) -> SFTData:
-    """Tokenise and mask every conversation; those longer than cfg.max_len are dropped and counted, never truncated
-    (a cut conversation loses the end-of-text that closes it). Held-out rows: a stable hash of their messages."""
+    """Tokenise and mask every conversation; those over cfg.max_len are dropped (never truncated: a cut one loses
+    its end-of-text). Held-out rows: a stable hash of their messages."""
     if cfg.template == "chat" and not tokenizer.chat_template:
         raise ValueError(f"{cfg.model}: the tokenizer has no chat_template; use --template r1zero or auto")
     data, errors = SFTData(rows=len(rows)), []

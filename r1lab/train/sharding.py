@@ -1,6 +1,4 @@
-"""FSDP2 (`--shard`): parameters, gradients and optimizer state split across the ranks of a torchrun job (see
-docs/torchrun.md); gradients are summed across ranks, as in the unsharded path.
-"""
+"""FSDP2 (`--shard`): parameters, gradients and optimizer state split across a torchrun job's ranks."""
 
 from __future__ import annotations
 
@@ -19,8 +17,7 @@ MIN_SHARD_PARAMETERS = 1_000_000
 
 
 def shard_model(model: nn.Module, world: World) -> nn.Module:
-    """Shard model in place across the job's ranks (FSDP2) and return it; refuse a sharding that cannot or need not
-    happen."""
+    """Shard model in place (FSDP2) and return it; refuse a sharding that cannot or need not happen."""
     if not world.distributed:
         raise ValueError("shard: FSDP splits a model across the ranks of a torchrun job, and this is one process; "
                          "launch with torchrun --nproc-per-node N (N >= 2), or leave shard off")
@@ -31,7 +28,6 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
     if getattr(model.config, "moe", None) is not None:
         raise ValueError("shard: MoE models are not sharded yet (an expert no token reached on one rank has no "
                          "gradient there, which FSDP's reduce-scatter cannot match); train it unsharded")
-    # FSDP is imported where it is used, as torch.distributed.tensor is (r1lab.model.layers.is_dtensor)
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     for layer in model.model.layers:
@@ -59,8 +55,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def distributed_checkpoint():
-    """torch.distributed.checkpoint and its state_dict module, imported where first used: they load
-    torch.distributed.tensor, ~0.7 s that a command which never shards or checkpoints should not pay at its start."""
+    """torch.distributed.checkpoint and its state_dict module, imported lazily (~0.7 s at a command's start)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import state_dict
 
@@ -68,8 +63,7 @@ def distributed_checkpoint():
 
 
 def full_state_dict(model: nn.Module) -> dict:
-    """The model's full weights: for a sharded model gathered from every rank (all ranks must call) into CPU
-    memory on rank 0 ({} elsewhere); for any other, its own state_dict."""
+    """The model's full weights; a sharded model's gathered onto rank 0's CPU ({} elsewhere; all ranks call)."""
     if not is_sharded(model):
         return model.state_dict()
     state_dict = distributed_checkpoint()[1]
@@ -78,7 +72,6 @@ def full_state_dict(model: nn.Module) -> dict:
 
 
 def load_full_state_dict(model: nn.Module, state: dict) -> None:
-    """Full weights (every rank holds them) into a sharded or plain model."""
     if is_sharded(model):
         state_dict = distributed_checkpoint()[1]
         state_dict.set_model_state_dict(model, state, options=state_dict.StateDictOptions(full_state_dict=True))
@@ -87,12 +80,12 @@ def load_full_state_dict(model: nn.Module, state: dict) -> None:
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value: gathered from the ranks when it is a shard (all ranks must call)."""
+    """A parameter's whole value, gathered when it is a shard (all ranks call)."""
     return t.full_tensor() if is_dtensor(t) else t
 
 
 def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Bytes this rank holds of the parameters, their gradients and the optimizer state (its shards under FSDP)."""
+    """Bytes this rank holds of the parameters, gradients and optimizer state."""
     size = lambda ts: sum((t.to_local() if is_dtensor(t) else t).nbytes for t in ts)  # noqa: E731
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]

@@ -1,5 +1,5 @@
-"""A clean stop on Ctrl-C: the first SIGINT lets the current step finish and be checkpointed, then the command ends
-with one line and exit status 130 (RunStopped, reported by r1lab/cli.py); a second SIGINT stops at once.
+"""A clean stop on Ctrl-C: the first SIGINT lets the step finish and be checkpointed, then the command ends with
+status 130 (RunStopped); a second stops at once.
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process ended
 
 
 def exit_now(signum: int | None = None, frame: object = None) -> None:
-    """End the process at once, status 130, without unwinding (no cleanup a Ctrl-C could interrupt with a traceback);
-    reward workers and sandbox children die with it."""
+    """End the process at once, status 130, without unwinding (a cleanup a Ctrl-C would interrupt with a traceback)."""
     print("\nr1lab: stopped at once", file=sys.stderr, flush=True)
     os._exit(EXIT_INTERRUPTED)
 
 
 class RunStopped(Exception):
-    """The command stopped early on request, what it had done kept; the message says where and how to go on."""
+    """The command stopped early on request; the message says where and how to go on."""
 
     def __init__(self, message: str, step: int | None = None, checkpoint: Path | None = None):
         super().__init__(message)
@@ -38,8 +37,7 @@ class RunStopped(Exception):
 class StopOnInterrupt:
     """Within it, SIGINT asks the run to stop after its step instead of raising KeyboardInterrupt mid-step."""
 
-    # Set by a Ctrl-C that asked a run to stop. A run asked in its last step finishes; a command of several stages
-    # reads this to stop after that stage rather than go on with the next (r1lab/commands/stages.py).
+    # set by a Ctrl-C: a multi-stage command stops after the stage (r1lab/commands/stages.py)
     asked_in_process = False
 
     def __init__(self) -> None:
@@ -64,5 +62,5 @@ class StopOnInterrupt:
               file=sys.stderr, flush=True)
 
     def requested(self, world: World = World()) -> bool:
-        """Whether any rank was interrupted: every rank calls it after each step, so that all save the same step."""
+        """Whether any rank was interrupted (every rank calls it after each step)."""
         return world.any(self.asked)

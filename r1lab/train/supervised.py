@@ -1,6 +1,5 @@
-"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE` (R1's
-cold start, its stage 3 and distillation). The loss is the mean cross-entropy over a batch's target tokens: every real
-token in pretraining, the assistant turns in SFT.
+"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE`.
+The loss is the mean cross-entropy over a batch's target tokens (SFT: the assistant turns).
 """
 
 from __future__ import annotations
@@ -60,7 +59,7 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     check_supervised_memory(cfg, model, data.train_docs, device, world.size)
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(data.train_docs) / cfg.batch_size))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, SUPERVISED_BETA2)
-    # The cosine schedule depends on the total number of steps, so in SFT changing them changes the rest of the run.
+    # the cosine schedule depends on the number of steps: changing them changes the run
     start = resume_run(run, cfg, model, optimizer, log, world, free=RESUME_FREE_FIELDS - {"steps", "epochs"})
     summary = data.summary()
     if world.main:
@@ -99,9 +98,8 @@ def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: 
              on_step: StepCallback | None = None, moe_bias_update_speed: float = 0.0, balance_loss_weight: float = 0.0,
              world: World = World(), optimizer_in_backward: bool = False, name: str = "pretrain",
              mtp_loss_weight: float = 0.0) -> list[float]:
-    """AdamW on shuffled documents with a cosine learning rate; returns the loss of each step run. loss_masks (a bool
-    per token) restrict the loss, None puts it on every real token; on_step(steps_done, metrics) runs after each step.
-    Under torchrun every rank walks the same order and trains on its share of each batch."""
+    """AdamW on shuffled documents with a cosine learning rate; returns each step's loss. loss_masks restrict the
+    loss (None: every real token); on_step(steps_done, metrics) runs after each step."""
     order = EpochOrder(len(docs), seed)
     losses = []
     model.train()
@@ -126,10 +124,8 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
             max_grad_norm: float = 1.0, dtype: str = "float32", recompute_logits: bool = False,
             moe_bias_update_speed: float = 0.0, world: World = World(), balance_loss_weight: float = 0.0,
             in_backward: BackwardStep | None = None, mtp_loss_weight: float = 0.0) -> dict:
-    """One optimizer step on a batch, the loss the mean over all its target tokens however it is split into
-    micro-batches and across ranks; a non-finite loss or gradient skips the step. An MoE model's expert loads give
-    moe/* metrics and balance its routing bias; mtp_loss (the mean over depths of each depth's mean cross-entropy) is
-    added with mtp_loss_weight, as DeepSeek-V3 trains its multi-token prediction modules."""
+    """One optimizer step, the loss the mean over the batch's target tokens however it is split; a non-finite loss
+    or gradient skips it. mtp_loss (the mean over MTP depths) is added with mtp_loss_weight, as in DeepSeek-V3."""
     device = next(model.parameters()).device
     n_targets = target_count(docs, loss_masks)  # of the whole batch, which every rank has
     mtp_depth = len(model.mtp) if mtp_loss_weight else 0
@@ -182,7 +178,7 @@ def lm_step(model: CausalLM, optimizer: torch.optim.Optimizer, docs: list[list[i
 
 
 def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None, skip: int = 1) -> int:
-    """The target tokens of a batch (lm_batch's mask[:, skip:]; skip k + 1: the k-th multi-token prediction depth)."""
+    """The target tokens of a batch (lm_batch's mask[:, skip:]; skip k + 1: MTP depth k)."""
     if loss_masks is None:
         return sum(max(len(d) - skip, 0) for d in docs)
     return sum(sum(mask[skip:]) for mask in loss_masks)
@@ -190,8 +186,7 @@ def target_count(docs: list[list[int]], loss_masks: list[list[bool]] | None, ski
 
 def lm_batch(docs: list[list[int]], pad_id: int,
              loss_masks: list[list[bool]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) input ids and the (B, T) mask of the target tokens (predicted from position t - 1): every
-    real token when loss_masks is None, else loss_masks[b]; never padding."""
+    """Right-padded (B, T) ids and the mask of target tokens (loss_masks, or every real token); never padding."""
     T = max(len(d) for d in docs)
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(docs), T), dtype=torch.bool)
@@ -208,9 +203,8 @@ def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recomput
 
 def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False,
                  mtp_depth: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Summed next-token cross-entropy over the target tokens in mask (B, T), and that of each of the first mtp_depth
-    multi-token prediction depths (depth k predicts k + 1 ahead). Only positions that predict a target reach the
-    vocabulary projection (SFT's prompts would waste it), one projection for all depths."""
+    """Summed next-token cross-entropy over the targets in mask (B, T), and that of each of the first mtp_depth MTP
+    depths (depth k predicts k + 1 ahead); only positions that predict a target reach the LM head."""
     h = model.hidden_states(ids)  # (B, T, D); right padding needs no attention mask under causal attention
     mtp_depth = min(mtp_depth, ids.shape[1] - 2)  # a depth needs a token to embed and one to predict
     depths = [h] + (model.mtp_hidden_states(h, ids, depth=mtp_depth) if mtp_depth > 0 else [])  # depth k: (B, T - k, D)
@@ -229,8 +223,7 @@ def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompu
 @torch.no_grad()
 def heldout_loss(model: CausalLM, docs: list[list[int]], masks: list[list[bool]], pad_id: int,
                  batch_size: int, world: World = World()) -> float:
-    """Mean cross-entropy per target token over held-out conversations (each rank a share of them, but a sharded
-    model's ranks all run every pass)."""
+    """Mean cross-entropy per target token over held-out conversations (ranks share them, unless sharded)."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     total, n = 0.0, 0
@@ -254,7 +247,7 @@ def _log_heldout(logger, step: int, model: CausalLM, data: SFTData, pad_id: int,
 
 def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer, optimizer, data: SFTData,
                logger, bar, world: World, stop: StopOnInterrupt) -> StepCallback:
-    """After each SFT step: metrics, progress, held-out loss, checkpoints (every save_every steps, the last, Ctrl-C)."""
+    """After each SFT step: metrics, progress, held-out loss, checkpoints."""
 
     def on_step(step: int, metrics: dict) -> None:
         logger.log(step, metrics)
@@ -272,8 +265,7 @@ def _step_hook(cfg: SFTConfig, steps: int, model: CausalLM, tokenizer: Tokenizer
 
 
 def _add_stop_tokens(model: CausalLM, tokenizer: Tokenizer, closers: set[int], log) -> None:
-    """Turn-closing tokens the model has just learned to end its answers with (ChatML's <|im_end|> on a base model's
-    tokenizer) become stop tokens."""
+    """The turn-closing tokens the model learned to end with (e.g. <|im_end|>) become stop tokens."""
     extra = sorted(closers - tokenizer.eos_ids)
     if extra:
         model.config.eos_token_id = _with_ids(model.config.eos_token_id, extra)

@@ -1,11 +1,8 @@
-"""The settings only r1lab.rewards can judge: task names and options, languages, users' reward functions, the judge
-and the reward model, and whether the sandbox that a code task or tool calls need works here.
+"""The settings only r1lab.rewards can judge (tasks, languages, reward functions, judge, reward model, sandbox).
 
-r1lab.config does not import r1lab.rewards, so this module installs the rules of these fields into it when imported:
-the CLI imports it before it builds its flags (`--task`'s help lists the tasks), and the commands that take these
-settings start with check_settings(cfg). Their problems are reported with every other bad setting, in the words they
-always had. Users' reward functions are found only as a command starts: finding one imports its module, which runs
-the user's code.
+r1lab.config does not import r1lab.rewards, so this module installs these fields' rules into it when imported (the
+CLI does so before building its flags). Users' reward functions are loaded only by check_settings, as a command
+starts: loading one runs the user's code.
 """
 
 import dataclasses
@@ -54,8 +51,7 @@ def language_problem(value: str) -> str | None:
 
 
 def task_option_problems(cfg) -> list[str]:
-    """Options a built-in task or a data file does not take, or of the wrong type: the task constructors would raise
-    a TypeError with a traceback only once the command is running."""
+    """Options a built-in task or a data file does not take, or of the wrong type (found before the command runs)."""
     options = getattr(cfg, "task_options", None)
     parameters = None if options is None else _task_parameters(cfg.task, options)
     if parameters is None:
@@ -74,8 +70,7 @@ def task_option_problems(cfg) -> list[str]:
 
 
 def _task_constructor_problems(task: str, options: dict) -> list[str]:
-    """A generator task checks its options' ranges itself (min_terms <= max_terms, ...) and is built in microseconds:
-    build it here, so that those mistakes too are found before anything runs. A data file is not read here."""
+    """Build a generator task (cheap) so that its own range checks run now; a data file is not read here."""
     if task not in TASKS or "path" in options:
         return []
     try:
@@ -86,7 +81,7 @@ def _task_constructor_problems(task: str, options: dict) -> list[str]:
 
 
 def _task_parameters(task: str, options: dict) -> dict[str, inspect.Parameter] | None:
-    """The keyword parameters the task's constructor takes, by name; None for a task this cannot tell."""
+    """The task constructor's keyword parameters by name; None where this cannot tell."""
     if task.startswith("openenv:"):
         target = OpenEnvTask
     elif is_data_source(task):
@@ -125,8 +120,7 @@ def sandbox_problems(cfg) -> list[str]:
 
 
 def start_sandbox(cfg, log) -> None:
-    """As eval, sample or score starts: its sandbox choice becomes the process's (for the code task's rewards), and it says
-    what model-written code runs in (NO OS boundary, with --sandbox none)."""
+    """Set the process's sandbox choice and say what model-written code runs in (eval, sample, score)."""
     use_sandbox(cfg.sandbox)
     if getattr(cfg, "tools", "") or cfg.task == "code":
         log(f"{cfg.kind}: model-written code runs {sandbox_summary(cfg.sandbox)}")
@@ -139,7 +133,7 @@ CHECKS.extend([task_option_problems, sandbox_problems, environment_problems])
 
 
 def check_settings(cfg) -> None:
-    """cfg.check(), then what only a starting command checks: that each of the user's reward functions exists."""
+    """cfg.check(), then that the user's reward functions load and the judge or reward model can start."""
     cfg.check()
     problems = []
     for spec in getattr(cfg, "reward_functions", {}):
@@ -154,7 +148,7 @@ def check_settings(cfg) -> None:
 
 @lru_cache(maxsize=8)  # GRPO settles the format every step, on the same task
 def task_solutions(task) -> tuple[str, ...]:
-    """A data file's reference solutions as written (for the auto answer format); none for a generator task."""
+    """A data file's reference solutions (for the auto answer format); none for a generator task."""
     if not isinstance(task, tasks.DatasetTask):
         return ()
     return tuple(p.meta.get("solution", "") for p in task.rows)
@@ -171,27 +165,25 @@ def settle_answer_format(cfg, tokenizer, task) -> tuple[str, str]:
 
 
 def announce_answer_format(cfg, tokenizer, task, log=print) -> str:
-    """The answer format a command scores in, said in one line at its start. The settings keep "auto" as given (a
-    resumed run or a reused stage compares them), and the scorer settles it the same way each time."""
+    """The answer format a command scores in, said at its start (the settings keep "auto" as given)."""
     chosen, why = settle_answer_format(cfg, tokenizer, task)
     log(f"{cfg.kind.lower()}: answer format {chosen} ({why})")
     return chosen
 
 
 def with_answer_format(cfg, tokenizer, task, log=print):
-    """cfg with its answer format settled and said (the server, which keeps no run directory)."""
+    """cfg with its answer format settled and said (for the server)."""
     return dataclasses.replace(cfg, answer_format=announce_answer_format(cfg, tokenizer, task, log))
 
 
 def scoring_keywords(cfg, tokenizer, task) -> dict:
-    """score_completions' answer_format and response_prefix for a command's settings: the format settled, and the
-    response its prompts already write (a prefill, or the `<think>` a chat template opens)."""
+    """score_completions' answer_format and response_prefix (what the prompts already write) for the settings."""
     return {"answer_format": settle_answer_format(cfg, tokenizer, task)[0],
             "response_prefix": response_prefix(tokenizer, cfg.template, cfg.prefill)}
 
 
 def model_reward_problems(cfg) -> list[str]:
-    """What keeps the judge or the reward model from starting: found before any weights load, not at the first step."""
+    """What keeps the judge or the reward model from starting, found before any weights load."""
     problems = []
     if getattr(cfg, "judge_url", ""):
         if importlib.util.find_spec("openai") is None:
@@ -210,7 +202,7 @@ def model_reward_problems(cfg) -> list[str]:
 
 
 def model_rewards(cfg) -> LearnedRewards:
-    """The judge and the reward model cfg asks for (check_settings has found that they can start)."""
+    """The judge and the reward model cfg asks for."""
     judge = rm = None
     if cfg.judge_url:
         key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else "EMPTY"

@@ -1,6 +1,4 @@
-"""Experiment trackers beside metrics.jsonl (`--report-to wandb,trackio,mlflow`; TensorBoard is MetricsLogger's
-own): each gets the run's config and every number MetricsLogger writes. See docs/settings-and-runs.md.
-"""
+"""Experiment trackers beside metrics.jsonl (`--report-to wandb,trackio,mlflow`): the config and every number."""
 
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ def report_to_problem(value: str) -> str | None:
 
 
 def open_trackers(names: list[str], run_dir: Path, config: dict) -> list[Any]:
-    """The trackers other than TensorBoard, started for this run (resumed where RUN/trackers.json has their ids)."""
+    """The trackers other than TensorBoard, started (or resumed, by RUN/trackers.json's ids)."""
     ids_path = Path(run_dir) / IDS_FILE
     ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}
     trackers = [TRACKERS[name](Path(run_dir), config, ids.get(name)) for name in names if name in TRACKERS]
@@ -55,31 +53,24 @@ class WandbTracker:
 
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "r1lab"), name=run_dir.name, config=config,
                               dir=os.environ.get("WANDB_DIR") or str(run_dir), id=run_id, resume="allow")
-        self.run_id = self.run.id
+        self.api, self.run_id = self.run, self.run.id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
+        self.api.log(metrics, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        self.api.finish()
 
 
-class TrackioTracker:
+class TrackioTracker(WandbTracker):
     name = "trackio"
 
     def __init__(self, run_dir: Path, config: dict, run_id: str | None):
         import trackio
 
-        self.trackio = trackio
         self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "r1lab"), name=run_id or run_dir.name,
                                 config=config, resume="allow", embed=False)
-        self.run_id = run_id or run_dir.name
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.trackio.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.trackio.finish()
+        self.api, self.run_id = trackio, run_id or run_dir.name  # trackio logs through the module
 
 
 class MlflowTracker:
