@@ -112,7 +112,6 @@ class AsyncRollouts(contextlib.AbstractContextManager):
         self.evaluating = step
 
     def report_evaluations(self) -> None:
-        """Wait for (and report) the evaluation asked for, if any."""
         while self.evaluating is not None:
             self._receive()
 
@@ -202,8 +201,7 @@ class AsyncRollouts(contextlib.AbstractContextManager):
 
 
 class Claims:
-    """Work either process may do, done by whoever claims it first: [generate call serial, next chunk, chunks, last
-    batch step claimed]."""
+    """Work done by whichever process claims it first: [call serial, next chunk, chunks, last batch claimed]."""
 
     def __init__(self, ctx):
         self.shared = ctx.Array("q", [0, 0, 0, -1])
@@ -285,8 +283,7 @@ def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, req
 
 
 class ChunkedEngine:
-    """An engine that generates `chunk` prompts at a time, calling between() before each; with `shared`, the chunks
-    are offered to the trainer too and claimed one at a time."""
+    """Generates `chunk` prompts at a time, calling between() before each; `shared`: the trainer may claim chunks."""
 
     def __init__(self, engine: Engine, chunk: int, between, shared: Claims | None = None, offer=None, wait=None):
         self.engine, self.chunk, self.between, self.tokens, self.seconds = engine, chunk, between, 0, 0.0

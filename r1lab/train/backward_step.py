@@ -14,8 +14,7 @@ _DEFERRED = "r1lab_deferred_products"
 
 
 class BackwardStep(contextlib.AbstractContextManager):
-    """Steps `optimizer` one parameter at a time from post-accumulate-grad hooks while armed: arm() before the last
-    micro-batch's backward, then finish()."""
+    """Steps each parameter from its post-accumulate-grad hook: arm() before the last backward, then finish()."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer

@@ -1,6 +1,4 @@
-"""Checkpoints that verify themselves (manifest.json, written last), exact resume, and a guard against resuming
-with other settings. Layout: docs/settings-and-runs.md.
-"""
+"""Self-verifying checkpoints, exact resume, and a guard against resuming with other settings."""
 
 from __future__ import annotations
 
@@ -53,9 +51,6 @@ class DiskFullError(ValueError):
 
 class ConfigChangeError(ValueError):
     """Resuming with settings that would change the run."""
-
-
-# ---------------------------------------------------------------- writing
 
 
 def save_checkpoint(run_dir: Path, step: int, model: CausalLM, tokenizer: Tokenizer,
@@ -122,7 +117,6 @@ def written_directory(final: Path, needed_bytes: int, owner: bool = True):
 
 
 def tensor_bytes(tree) -> int:
-    """Bytes of the tensors in a (nested) state dict."""
     if isinstance(tree, torch.Tensor):
         return tree.numel() * tree.element_size()
     values = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
@@ -184,14 +178,10 @@ def _sha256(path: Path) -> str:
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the data files are what matters
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot sync a directory; the data files matter
+            os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------- finding an intact checkpoint
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -267,8 +257,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) -> Path | None:
-    """The newest intact checkpoint (broken newer ones logged), None without any; CheckpointError when none is
-    intact, since starting over silently would throw the run away."""
+    """The newest intact checkpoint (broken newer ones logged), None without any; CheckpointError if none is intact."""
     broken = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = checkpoint_problem(path)
@@ -283,12 +272,8 @@ def find_resume_checkpoint(run_dir: Path, log: Callable[[str], object] = print) 
     return None
 
 
-# ---------------------------------------------------------------- loading
-
-
 def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer and RNG states in place; returns the steps done. CheckpointError when it cannot
-    be read or does not fit this run's model."""
+    """Restore weights, optimizer and RNG states in place; returns the steps done, or raises CheckpointError."""
     path = Path(path)
     if has_lora(model) or (path / ADAPTER_CONFIG).exists():
         _restore_adapter(path, model)
@@ -316,7 +301,6 @@ def load_checkpoint(path: Path, model: CausalLM, optimizer: torch.optim.Optimize
 
 
 def checkpoint_extra(path: Path) -> dict | None:
-    """The extra state save_checkpoint was given (None where it had none)."""
     try:
         return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False).get("extra")
     except Exception as err:  # as in load_checkpoint
@@ -360,9 +344,6 @@ def _shape(t: torch.Tensor | None) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-# ---------------------------------------------------------------- settings on resume
 
 
 def check_config_change(run_dir: Path, new_config: dict, step: int, allow: bool = False,

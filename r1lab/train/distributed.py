@@ -46,7 +46,6 @@ class World:
         return range(n * self.rank // self.size, n * (self.rank + 1) // self.size)
 
     def gather(self, obj) -> list:
-        """Every rank's (picklable) obj, in rank order, on every rank."""
         if not self.distributed:
             return [obj]
         out = [None] * self.size
@@ -54,7 +53,6 @@ class World:
         return out
 
     def concat(self, items: list) -> list:
-        """Every rank's list, concatenated in rank order."""
         return [x for part in self.gather(items) for x in part]
 
     def sum(self, values: list[float]) -> list[float]:
@@ -71,7 +69,6 @@ class World:
         return flag if not self.distributed else self.sum([float(flag)])[0] > 0
 
     def broadcast(self, obj):
-        """Rank 0's obj, on every rank."""
         if not self.distributed:
             return obj
         box = [obj]
@@ -119,8 +116,7 @@ def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Ten
 
 
 def join_world(device: torch.device, timeout_s: float) -> tuple[World, torch.device]:
-    """Join the torchrun job, and this rank's device (on CUDA its local rank's GPU); timeout_s bounds every
-    collective, so a dead rank makes the others raise instead of waiting forever."""
+    """Join the torchrun job; returns it and this rank's device. timeout_s bounds every collective (a dead rank)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
         return World(), device
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))

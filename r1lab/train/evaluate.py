@@ -129,8 +129,7 @@ def results_path(cfg: EvalConfig) -> Path:
 
 
 def heldout_problems(task: Task, split: str, n: int, seed: int) -> list[Problem]:
-    """The held-out set every command reports on: n distinct problems of the split, drawn with seed + 1 (a data file:
-    at most its rows; n 0: all)."""
+    """The held-out set: n distinct problems of the split, drawn with seed + 1 (a data file's: n 0 for every row)."""
     if isinstance(task, DatasetTask):
         return task.problems(split, None, seed + 1)[: n if n > 0 else None]
     if split == "all" or n <= 0:

@@ -1,7 +1,6 @@
 """R1-Zero reinforcement learning with GRPO: `r1lab grpo --model DIR --task NAME_OR_FILE [--config FILE.yaml]`.
 
-One step (grpo_step): sample G completions per prompt from the policy, score them with the rule rewards, take
-group-relative advantages, update (clipped surrogate, optional k3 KL), log.
+One step (grpo_step): sample G completions per prompt, score them, take group-relative advantages, update, log.
 """
 
 from __future__ import annotations
@@ -221,10 +220,6 @@ def grpo_step(step, model, ref_model, optimizer, engine, task, stream, cfg: GRPO
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 1. sample
-
-
 @dataclass
 class Rollouts:
     """G completions per problem, flattened group by group (completion i belongs to group i // G)."""
@@ -296,10 +291,6 @@ def sample_rollouts(engine: Engine, problems: list[Problem], cfg: GRPOConfig, se
     return rollouts
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 2. score
-
-
 def score_rollouts(task: Task, rollouts: Rollouts, cfg: GRPOConfig, tokenizer) -> RewardResult:
     scoring = scoring_keywords(cfg, tokenizer, task)
     result = score_completions(task, rollouts.problems, rollouts.conversations or rollouts.texts,
@@ -336,10 +327,6 @@ def control_rewards(rewards: torch.Tensor, cfg: GRPOConfig, step: int) -> torch.
     return rewards[torch.randperm(len(rewards), generator=generator)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 4. update (3. advantage: objective.group_advantages)
-
-
 @dataclass
 class MicroBatch:
     """Sequences grouped by prompt: each distinct prompt is computed once."""
@@ -360,7 +347,6 @@ class MicroBatch:
         return self.completion_mask if self.trained_mask is None else self.trained_mask
 
     def sequence_of_tokens(self) -> torch.Tensor:
-        """(N,) the index of the sequence (row) each of the N trained tokens belongs to."""
         rows = torch.arange(len(self.completions), device=self.completions.device)
         return rows[:, None].expand_as(self.trained)[self.trained]
 
@@ -410,8 +396,7 @@ def _distinct_prompts(prompts: list[list[int]], pad_id: int):
 
 def update_policy(model: CausalLM, ref_model: CausalLM | None, optimizer, batches: list[MicroBatch],
                   cfg: GRPOConfig, clock: PhaseClock | None = None, world: World = World()) -> dict:
-    """updates_per_batch optimizer steps over this rank's micro-batches, gradients summed over ranks; a non-finite
-    loss or gradient on any rank skips the step. Gradients are released at the end."""
+    """updates_per_batch optimizer steps, gradients summed over ranks; a non-finite loss on any rank skips a step."""
     clock = clock or PhaseClock(model.lm_head.weight.device)
     totals = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "entropy_tokens": 0, "tokens": 0.0,
               "grad_norm": 0.0, "skipped": 0, "logp_diff_sum": 0.0, "logp_diff_max": 0.0, "logp_diff_tokens": 0,
@@ -577,8 +562,7 @@ def _sampler_gap(totals: dict) -> dict:
 
 
 def reference_policy(model: CausalLM, cfg: GRPOConfig) -> CausalLM | None:
-    """The KL term's frozen reference: a copy of the initial policy, or under LoRA the policy itself (adapters
-    off); None without KL."""
+    """The KL term's frozen reference: a copy of the policy, or under LoRA the policy itself (adapters off)."""
     if not cfg.kl_coef:
         return None
     if has_lora(model):
@@ -601,10 +585,6 @@ def sync_rollout_policy(rollout: CausalLM, model: CausalLM) -> None:
         for r, p in zip(rollout.parameters(), model.parameters()):
             r.copy_(full_tensor(p))
         moe.copy_routing_bias(rollout, model)  # a buffer, updated outside the gradient
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 5. log
 
 
 def step_metrics(rewards, result: RewardResult, rollouts: Rollouts, cfg: GRPOConfig, update: dict) -> dict:

@@ -1,6 +1,4 @@
-"""Per-token log-probs from hidden states, chunked over tokens (optionally recomputed in the backward) so that N x V
-logits never exist at once; and bf16 autocast over float32 master weights.
-"""
+"""Per-token log-probs from hidden states, chunked so that N x V logits never exist at once; bf16 autocast."""
 
 from __future__ import annotations
 
@@ -94,8 +92,7 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def idle_pass(model, completions: bool = False) -> None:
-    """A forward and backward pass adding nothing to any gradient, so that an FSDP rank with fewer micro-batches
-    keeps step with the others' collectives (completions: GRPO's path)."""
+    """A pass adding nothing to any gradient: an FSDP rank with fewer micro-batches keeps step with the others."""
     device = model.lm_head.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     if completions:

@@ -1,6 +1,4 @@
-"""Refusing at start the settings whose largest step cannot fit the device's memory. Only the big, countable parts
-are counted: a run refused here cannot fit, one that passes may still not.
-"""
+"""Refuse at start settings whose largest step cannot fit in memory (counting only the big, countable parts)."""
 
 from __future__ import annotations
 
@@ -106,17 +104,15 @@ def check_fits(parts: dict[str, int], device: torch.device, advice: str) -> None
 
 def ram_bytes() -> int | None:
     """The machine's RAM, or the container's lower memory limit (None where neither is known)."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        total = None
     limits = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     for path in _CGROUP_LIMITS:
         with contextlib.suppress(OSError):
             text = Path(path).read_text().strip()
             if text.isdigit():  # "max": no limit
                 limits.append(int(text))
-    return min([total, *limits]) if total is not None else min(limits, default=None)
+    return min(limits, default=None)
 
 
 def gigabytes(n: int) -> str:

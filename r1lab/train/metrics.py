@@ -65,8 +65,7 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 class MetricsLogger(contextlib.AbstractContextManager):
-    """Appends metrics to metrics.jsonl and eval results to eval.jsonl, mirrored to TensorBoard; resume_step drops
-    the rows after a resumed run's checkpoint."""
+    """metrics.jsonl and eval.jsonl, mirrored to TensorBoard; resume_step drops the rows after the checkpoint."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None,
                  trackers: Iterable[Any] = ()) -> None:
@@ -133,7 +132,6 @@ class MetricsLogger(contextlib.AbstractContextManager):
 
 
 def open_metrics(run_dir: Path, cfg: Any, resume_step: int) -> MetricsLogger:
-    """A training run's MetricsLogger with the trackers of cfg.report_to."""
     names = parse_report_to(cfg.report_to)
     return MetricsLogger(run_dir, tensorboard="tensorboard" in names, resume_step=resume_step,
                          trackers=open_trackers(names, run_dir, dataclasses.asdict(cfg)))

@@ -45,8 +45,7 @@ def _clip(ratio: torch.Tensor, adv: torch.Tensor, clip_low: float, clip_high: fl
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                            clip_low: float, clip_high: float, ref_logp: torch.Tensor | None = None,
                            kl_coef: float = 0.0):
-    """Per-token PPO-clip loss + kl_coef * KL_k3, where it was clipped, and the KL; advantages may be (B,) for
-    (B, T) inputs."""
+    """Per-token PPO-clip loss + kl_coef * KL_k3, where it was clipped, and the KL; advantages may broadcast."""
     adv = advantages if advantages.shape == logp.shape else advantages[:, None]
     loss, was_clipped = _clip(torch.exp(logp - old_logp), adv, clip_low, clip_high)
     kl = k3_kl(logp, ref_logp) if ref_logp is not None and kl_coef else None

@@ -53,8 +53,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float,
                    finite_loss: bool = True, in_backward: BackwardStep | None = None) -> dict:
-    """Clip (0: not) and apply the gradients, or drop the step when loss or gradient is not finite; returns grad_norm
-    (NaN when dropped) and skipped_nonfinite."""
+    """Clip and apply the gradients, or drop the step if loss or gradient is not finite (grad_norm NaN)."""
     if in_backward is not None:
         return in_backward.finish(finite_loss)
     grad_norm = None

@@ -27,7 +27,6 @@ class PhaseClock:
         self.t = now
 
     def metrics(self) -> dict:
-        """time/NAME_s per phase, and memory/NAME_peak_gb where the peak can be read."""
         return ({f"time/{k}_s": v for k, v in self.seconds.items()}
                 | {f"memory/{k}_peak_gb": v / 1e9 for k, v in self.peaks.items()})
 

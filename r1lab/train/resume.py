@@ -59,8 +59,7 @@ def resume_run(run: Path, cfg, model: torch.nn.Module, optimizer: torch.optim.Op
 
 
 def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: World = World()) -> None:
-    """RUN/model in Hugging Face format, written whole or not at all; with LoRA also RUN/adapter, and the adapter
-    merged (in place) into RUN/model."""
+    """RUN/model (Hugging Face format), written whole or not at all; with LoRA also RUN/adapter, merged into it."""
     if adapter_base is not None:
         adapters = [p for p in model.parameters() if p.requires_grad]
         if world.main:
@@ -77,7 +76,6 @@ def save_final(model, tokenizer, run: Path, adapter_base: str | None, world: Wor
 
 
 def save_run_config(run: Path, cfg, start: int, free: frozenset = RESUME_FREE_FIELDS) -> None:
-    """RUN/config.yaml: the whole config for a new run; on a resume only the free fields are updated."""
     if start:
         update_run_config(run, dataclasses.asdict(cfg), free)
     else:

@@ -54,9 +54,6 @@ class Conversation(NamedTuple):
     train_from: int = 0
 
 
-# ---------------------------------------------------------------- validating one row
-
-
 def _message_error(name: str, message: Any, expected: str, keys: tuple[str, str], roles: dict) -> str | None:
     role_key, content_key = keys
     if not isinstance(message, dict):
@@ -142,15 +139,9 @@ _READERS = {"messages": lambda row, fields: _list_row(row, fields.messages),
 
 
 def detect_format(row: Any, fields: ChatFields) -> str | None:
-    if not isinstance(row, dict):
-        return None
-    if fields.messages in row:
-        return "messages"
-    if fields.conversations in row:
-        return "sharegpt"
-    if fields.prompt in row and fields.completion in row:
-        return "prompt_completion"
-    return None
+    keys = {"messages": [fields.messages], "sharegpt": [fields.conversations],
+            "prompt_completion": [fields.prompt, fields.completion]}
+    return next((f for f, names in keys.items() if isinstance(row, dict) and all(n in row for n in names)), None)
 
 
 def _no_format(row: Any, fields: ChatFields) -> str:
@@ -159,9 +150,6 @@ def _no_format(row: Any, fields: ChatFields) -> str:
             f"(messages), {fields.conversations!r} (ShareGPT) or {fields.prompt!r} and {fields.completion!r} "
             "(prompt-completion); name your columns with messages_field, conversations_field, prompt_field and "
             "completion_field, or the format with data_format")
-
-
-# ---------------------------------------------------------------- reading a file
 
 
 def read_conversations(path: str | Path, fields: ChatFields | None = None) -> list[Conversation]:
@@ -199,12 +187,8 @@ def read_conversations(path: str | Path, fields: ChatFields | None = None) -> li
     return rows
 
 
-# ---------------------------------------------------------------- tokens and loss masks
-
-
 class TemplateRewrites(ValueError):
-    """The chat template rewrites an assistant message inside the conversation (R1's and Qwen3's drop earlier
-    turns' reasoning)."""
+    """The chat template rewrites an assistant message (R1's and Qwen3's drop earlier turns' reasoning)."""
 
 
 def _prefix_length(tokenizer: Tokenizer, text: str, full: list[int], turn: int, where: str) -> int:

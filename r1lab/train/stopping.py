@@ -1,6 +1,4 @@
-"""A clean stop on Ctrl-C: the first SIGINT lets the step finish and be checkpointed, then the command ends with
-status 130 (RunStopped); a second stops at once.
-"""
+"""A clean stop on Ctrl-C: the step finishes and is checkpointed, then status 130; a second Ctrl-C stops at once."""
 
 from __future__ import annotations
 

@@ -1,6 +1,4 @@
-"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE`.
-The loss is the mean cross-entropy over a batch's target tokens (SFT: the assistant turns).
-"""
+"""Supervised next-token training: the loop pretraining and SFT share, and `r1lab sft --model DIR --data FILE`."""
 
 from __future__ import annotations
 
@@ -85,10 +83,6 @@ def sft(cfg: SFTConfig, log=print) -> Path:
     _add_stop_tokens(model, tokenizer, data.closers, log)
     save_final(model, tokenizer, run, cfg.model if lora else None, world)
     return run / "model"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the loop, shared by pretraining and SFT
 
 
 def train_lm(model: CausalLM, docs: list[list[int]], *, steps: int, batch_size: int, lr: float, warmup: int,
@@ -197,7 +191,6 @@ def lm_batch(docs: list[list[int]], pad_id: int,
 
 
 def lm_loss_sum(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompute_logits: bool = False) -> torch.Tensor:
-    """Summed next-token cross-entropy over the target tokens in mask (B, T)."""
     return lm_loss_sums(model, ids, mask, recompute_logits)[0]
 
 
@@ -214,10 +207,6 @@ def lm_loss_sums(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, recompu
     logp, _ = token_logprobs(model, hidden, targets, recompute=recompute_logits)
     sums = [-part.sum() for part in logp.split([int(pick.sum()) for pick in picks])]
     return sums[0], sums[1:]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SFT's bookkeeping
 
 
 @torch.no_grad()

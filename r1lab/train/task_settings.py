@@ -202,7 +202,6 @@ def model_reward_problems(cfg) -> list[str]:
 
 
 def model_rewards(cfg) -> LearnedRewards:
-    """The judge and the reward model cfg asks for."""
     judge = rm = None
     if cfg.judge_url:
         key = os.environ[cfg.judge_api_key_env] if cfg.judge_api_key_env else "EMPTY"
