@@ -1,8 +1,5 @@
-"""The settings only r1lab.rewards can judge (tasks, languages, reward functions, judge, reward model, sandbox).
-
-r1lab.config does not import r1lab.rewards, so this module installs these fields' rules into it when imported (the
-CLI does so before building its flags). Users' reward functions are loaded only by check_settings, as a command
-starts: loading one runs the user's code.
+"""The settings only r1lab.rewards can judge, whose rules this module installs into r1lab.config when imported
+(r1lab.config does not import r1lab.rewards). Users' reward functions load only in check_settings: that runs their code.
 """
 
 import dataclasses
