@@ -1,11 +1,7 @@
-"""Asynchronous rollouts for GRPO (`r1lab grpo --async-steps K`): a second process samples the coming steps' batches
-while this one trains on the current one (docs/performance.md).
-
-Step s's batch (0-based) is sampled from version v(s) = max(s - K, 0), version v being the weights after v optimizer
-steps; each sample records its version. The checkpoint after step d carries the batches already sampled, so a resumed
-run goes on exactly as the uninterrupted one. The worker also runs the held-out evaluations, in chunks between
-batches; while it waits, the trainer takes whichever batch or chunk is unclaimed (Claims). Work is the same whoever
-does it (same seeds, weights and thread count), so neither schedule nor figures depend on timing.
+"""Asynchronous rollouts for GRPO (`--async-steps K`, docs/performance.md): a worker process samples the coming steps'
+batches, and runs the held-out evaluations, while this one trains. Step s's batch comes from the weights after
+max(s - K, 0) steps and checkpoints carry the batches sampled ahead, so a resumed run goes on exactly. Either process
+may take unclaimed work (Claims): same seeds, weights and thread count, so no figure depends on timing.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The optimizer step inside the backward pass (torchtune's optimizer_in_bwd): each parameter updated, and its gradient
-freed, as soon as the gradient is complete (docs/performance.md). A tied LM head's products are deferred until the
-embedding's backward, the last, completes its gradient.
+"""The optimizer step inside the backward pass (docs/performance.md): each parameter updated, and its gradient freed,
+once complete; a tied LM head's products wait for the embedding's backward, the last.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""Checks of a GRPO run's plumbing, none of whose failures shows in the loss: the sampler's weights change after an
-update (sync/policy_changed), the importance ratio stays near 1, sampler and trainer log-probs agree. Each warns
-when it first fails, and again only after passing in between.
+"""Checks of a GRPO run's plumbing whose failures the loss does not show (weight sync, importance ratio, log-prob
+drift); each warns when it first fails, and again only after passing in between.
 """
 
 from __future__ import annotations
