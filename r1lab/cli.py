@@ -251,11 +251,11 @@ def main(argv: list[str] | None = None) -> None:
               f"make it writable) and run the command again (grpo and sft: --resume true goes on from the last "
               f"checkpoint)", file=sys.stderr)
         sys.exit(2)
-    except RunStopped as stopped:  # the first Ctrl-C: the step finished and was checkpointed
+    except RunStopped as stopped:  # the first Ctrl-C or SIGTERM: the step finished and was checkpointed
         signal.signal(signal.SIGINT, exit_now)  # another Ctrl-C while the process ends: no traceback
         if rank_and_size()[0] == 0:
             print(f"r1lab {args.command}: {stopped}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(stopped.status)
     except KeyboardInterrupt:  # a Ctrl-C outside a training loop
         signal.signal(signal.SIGINT, exit_now)
         print(f"\nr1lab {args.command}: {rank_label()}interrupted", file=sys.stderr)

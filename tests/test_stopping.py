@@ -38,16 +38,18 @@ def wait_for_steps(out: Path, n: int, process, limit_s: float = 300) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_goes_on(tiny_base, tmp_path):
+@pytest.mark.parametrize("signum, said, status", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_finishes_the_step_saves_a_checkpoint_and_resume_goes_on(tiny_base, tmp_path, signum, said,
+                                                                                 status):
     out = tmp_path / "run"
     process = start(grpo_argv(tiny_base, out))
     wait_for_steps(out, 2, process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     sent = time.monotonic()
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and time.monotonic() - sent < 30, err
-    assert "Traceback" not in err and "stopped by Ctrl-C after step" in err, err
-    step = int(err.split("stopped by Ctrl-C after step ")[1].split(";")[0])
+    assert process.returncode == status and time.monotonic() - sent < 30, err
+    assert "Traceback" not in err and f"stopped by {said} after step" in err, err
+    step = int(err.split(f"stopped by {said} after step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step_{step:06d}").is_dir()
     assert not (out / "model").exists()  # a stopped run is not a finished one
     main([*grpo_argv(tiny_base, out, steps=step + 1), "--resume", "true"])
@@ -109,7 +111,7 @@ def test_a_ctrl_c_in_a_stages_last_step_stops_the_command_after_that_stage(tmp_p
     def stage():  # a run asked to stop in its last step: it finishes, as grpo and sft do
         save_config(cfg, config_path)
         with StopOnInterrupt() as stop:
-            stop._on_interrupt(signal.SIGINT, None)
+            stop._on_signal(signal.SIGINT, None)
         output.write_text("done")
 
     handler = signal.getsignal(signal.SIGINT)
@@ -158,3 +160,23 @@ def test_a_stage_stopped_mid_run_goes_on_from_its_checkpoint_when_the_command_is
     lines = []
     run_stage("stage", StageConfig(), config_path, output, lambda: pytest.fail("ran again"), log=lines.append)
     assert lines == [f"stage: reusing {output} (same settings)"]  # its config records resume: auto, no matter
+
+
+def test_sigterm_asks_for_the_clean_stop_and_a_repeat_asks_again_rather_than_ending_the_process():
+    from r1lab.train.stopping import RunStopped, StopOnInterrupt
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with StopOnInterrupt() as stop:
+            # a preempted job's processes each get SIGTERM: under torchrun a rank gets its own and the launcher's
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in this (the main) thread between two bytecodes
+            assert stop.requested() and StopOnInterrupt.asked_by == signal.SIGTERM
+            stopped = RunStopped.at_step(3, Path("run/checkpoints/step_000003"))
+        assert stopped.status == 143 and str(stopped).startswith("stopped by SIGTERM after step 3; checkpoint run/")
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]  # the handlers are the process's again
+    finally:
+        StopOnInterrupt.asked_by = None
+        for signum, handler in before.items():
+            signal.signal(signum, handler)

@@ -21,7 +21,7 @@ from r1lab.model.loading import load_policy, pick_device
 from r1lab.rewards.tasks.base import Task
 from r1lab.train.evaluate import EvalResult, evaluate_policy, heldout_problems
 from r1lab.train.objective import mismatch_kind
-from r1lab.train.stopping import RunStopped, StopOnInterrupt
+from r1lab.train.stopping import RunStopped, StopOnInterrupt, stop_reason
 
 
 def check_models_exist(cfg, *names: str) -> None:
@@ -65,19 +65,19 @@ def run_stage(name: str, cfg, config_path: Path, output: Path, fn: Callable[[], 
         else:  # those of a run with other settings, not to be resumed from were this one killed before its first
             shutil.rmtree(config_path.parent / "checkpoints", ignore_errors=True)
     start = time.perf_counter()
-    StopOnInterrupt.asked_in_process = False
+    StopOnInterrupt.asked_by = None
     try:
         fn()
     except RunStopped as stopped:
         if stopped.step is None:
             raise
-        raise RunStopped(f"stopped by Ctrl-C in the stage '{name}' after its step {stopped.step} (checkpoint "
+        raise RunStopped(f"stopped by {stop_reason()} in the stage '{name}' after its step {stopped.step} (checkpoint "
                          f"{stopped.checkpoint}); run the same command again to go on from there") from None
     seconds = time.perf_counter() - start
     timing.write_text(json.dumps({"seconds": seconds}) + "\n")
-    if StopOnInterrupt.asked_in_process:  # a Ctrl-C in the stage's last step: it finished, and the command ends here
-        raise RunStopped(f"stopped by Ctrl-C after the stage '{name}' finished; run the same command again to go on "
-                         f"with the next one (the finished stages are reused)")
+    if StopOnInterrupt.asked_by:  # a Ctrl-C in the stage's last step: it finished, and the command ends here
+        raise RunStopped(f"stopped by {stop_reason()} after the stage '{name}' finished; run the same command again to "
+                         f"go on with the next one (the finished stages are reused)")
     return seconds
 
 

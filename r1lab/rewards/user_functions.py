@@ -171,7 +171,10 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
 def _worker_main(fd: int) -> None:
     """A worker's loop: a job is (spec, cwd, sys.path, timeout_s, one_by_one, [(completion, problem), ...]); it
     answers ("loaded", error or None), then ("done", [outcome, ...]) batches in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it then closes the workers
+    # Ctrl-C and SIGTERM (which a scheduler sends to every process of the job) are the trainer's to handle; it then
+    # closes the workers
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     _die_with_parent()
     conn = Connection(fd)
     reporter = _Reporter(conn)

@@ -226,7 +226,10 @@ class Claims:
 def worker_main(model, evaluated, tokenizer, cfg, sample, evaluate, version, requests, results, threads: int,
                 claims: Claims) -> None:
     """The rollout worker: samples each requested batch from the shared weights, evaluates `evaluated` when asked."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then ends this process
+    # Ctrl-C and SIGTERM (which a scheduler sends to every process of the job) are the trainer's: it checkpoints,
+    # then ends this process
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     _exit_with_parent()
     setup_training_process(threads)
     use_sandbox(cfg.sandbox)  # the run's choice, for scoring the held-out completions of a code task
