@@ -1,10 +1,9 @@
 """Batched sampling with a KV cache: the one sampler behind RL rollouts, evaluation and chat.
 
-Prompts are left-padded and prefilled once; each prompt's cache is then copied to its `num_samples` rows, so a GRPO
-group of G samples pays for one prefill. Finished rows are dropped from the batch as they accumulate, so they stop
-costing work. On a GPU the decode step keeps fixed shapes and is replayed as a CUDA graph (engine/static_decode.py);
-tokens and log-probs stay on the device until the batch ends. With max_rows, at most that many sequences run at
-once and a finished one's row goes to the next waiting one (continuous batching, engine/slots.py).
+Prompts are left-padded and prefilled once; each prompt's cache is copied to its `num_samples` rows, so a GRPO group
+pays for one prefill. Finished rows are dropped from the batch as they accumulate. On a GPU the decode step keeps fixed
+shapes and is replayed as a CUDA graph (static_decode.py); outputs stay on the device until the batch ends. With
+max_rows, a finished sequence's row goes to the next waiting one (continuous batching, slots.py).
 """
 
 from __future__ import annotations
@@ -57,52 +56,37 @@ class _Batch:
 
 
 PerPrompt = float | int | list  # one value for every prompt, or a list with one value per prompt
-
-
 StepCallback = Callable[..., "Iterable[int] | None"]  # (rows, tokens) or, with step_logprobs, (rows, tokens, logprobs)
-
-
 DECODE_MODES = ("auto", "dynamic", "static", "graph")
-
-
 # mtp: DeepSeek-V3's multi-token prediction module drafts; draft:DIR: a small model of the same vocabulary does
 SPECULATIVE = ("none", "mtp", "draft:DIR")
-
-
 FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether every row is done (a device sync)
 
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto", speculative: str = "none",
                  speculative_tokens: int = 1):
-        """decode: "dynamic" (the cache grows with the sequence, finished rows are compacted away: best on a CPU),
-        "static" (fixed shapes, r1lab/engine/static_decode.py), "graph" (static, replayed as a CUDA graph), or "auto":
-        graph on CUDA (dynamic for an MoE model: its routing's group sizes come to the host), dynamic elsewhere.
-        speculative "mtp": the model's multi-token prediction module drafts a
-        token per step, verified by the model (the same distribution; r1lab/engine/speculative.py); "draft:DIR": the
-        model in DIR, of the same vocabulary, drafts; speculative_tokens of them a step (a live batch drafts one)."""
+        """decode: "dynamic" (the cache grows, finished rows are compacted away: best on a CPU), "static" (fixed
+        shapes), "graph" (static, replayed as a CUDA graph) or "auto": graph on CUDA unless the model is an MoE,
+        dynamic elsewhere. speculative: "mtp" (the model's multi-token prediction module drafts) or "draft:DIR" (the
+        model in DIR drafts), speculative_tokens drafts a step (a live batch drafts one)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         self.draft = self._draft_model(model, speculative)
-        self.model = model
-        self.tokenizer = tokenizer
-        self.decode = decode
-        self.speculative = speculative
+        self.model, self.tokenizer, self.decode, self.speculative = model, tokenizer, decode, speculative
         if not 1 <= speculative_tokens <= 8:
             raise ValueError(f"speculative_tokens {speculative_tokens} is not between 1 and 8")
         self.speculative_tokens = speculative_tokens
         self.speculative_counts = {"drafted": 0, "accepted": 0}  # summed over generate calls and LiveBatch steps
 
     def acceptance_since(self, counts: dict) -> dict:
-        """The drafts made and accepted since speculative_counts were `counts` (a copy taken before), and their
-        share: a figure of the run's logs."""
+        """The drafts made and accepted since speculative_counts were `counts`, for the run's logs."""
         drafted, accepted = (self.speculative_counts[k] - counts[k] for k in ("drafted", "accepted"))
         return {"speculative/drafted": drafted, "speculative/acceptance": accepted / max(drafted, 1)}
 
     @staticmethod
     def _draft_model(model: CausalLM, speculative: str) -> CausalLM | None:
-        """The draft model of draft:DIR, loaded beside the model (None for none and mtp); what cannot draft is
-        refused."""
+        """The draft model of draft:DIR (None for none and mtp); what cannot draft is refused."""
         if speculative == "mtp" and not len(model.mtp):
             raise ValueError("speculative decoding with mtp needs a model with a multi-token prediction module "
                              "(DeepSeek-V3's num_nextn_predict_layers)")
@@ -118,10 +102,9 @@ class Engine:
         return draft
 
     def _decode_mode(self) -> str:
+        # An MoE layer reads its experts' group sizes on the host (moe.py): a CUDA graph cannot capture that
         if self.decode == "auto":
-            # An MoE layer reads its experts' group sizes on the host (moe.py): a CUDA graph cannot capture that
-            capturable = self.device.type == "cuda" and self.model.config.moe is None
-            return "graph" if capturable else "dynamic"
+            return "graph" if self.device.type == "cuda" and self.model.config.moe is None else "dynamic"
         return self.decode
 
     def _static_decoder(self, cache: KVCache, key_mask: torch.Tensor) -> StaticDecoder | None:
@@ -149,20 +132,12 @@ class Engine:
                  on_step: StepCallback | None = None, step_logprobs: bool = False, max_rows: int = 0) -> list[Sample]:
         """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
 
-        max_new_tokens, temperature, top_p, top_k and seed take one value for all prompts or a list with one per
-        prompt (a server batches requests with different settings). With per-prompt seeds, each sample draws from
-        its own generator, so its tokens do not depend on what else is in the batch. on_step(rows, tokens) is
-        called after every decode step with the output rows that produced a token and those tokens (host lists);
-        it may return rows to end now (finish_reason "abort"), e.g. for a client that disconnected. With
-        step_logprobs it is called as on_step(rows, tokens, logprobs), those tokens' Sample.logprobs (one more host
-        copy per step, so only when asked: a server returning log-probs as it streams).
-
-        max_rows > 0 runs at most that many sequences at a time, with continuous batching (r1lab/engine/slots.py): a
-        finished sequence's row goes to the next waiting one at once. Fewer rows than sequences bound the KV cache,
-        and with completions of very different lengths no row idles waiting for the longest. It decodes in the
-        engine's decode mode; with static decoding the host asks every step who finished (a device sync per step).
-        With per-prompt seeds the samples are the ones generate gives without max_rows. 0 (or at least as
-        many rows as sequences): all at once.
+        max_new_tokens, temperature, top_p, top_k and seed take one value or a list with one per prompt. With
+        per-prompt seeds each sample draws from its own generator, so its tokens do not depend on its batch-mates.
+        on_step(rows, tokens) (with step_logprobs: on_step(rows, tokens, logprobs)) is called after every decode step
+        with the output rows that produced a token; it may return rows to end now (finish_reason "abort").
+        max_rows > 0 runs at most that many sequences at a time, with continuous batching (slots.py); with static
+        decoding it then syncs with the device every step.
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")
@@ -171,27 +146,27 @@ class Engine:
         params = _RowParams.build(len(prompt_ids), num_samples, self.device, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         n_out, steps = len(prompt_ids) * num_samples, params.max_steps
-        # Outputs stay on the device as tensors until the end: no host round trip per token.
-        out = _Outputs(torch.zeros((n_out, steps), dtype=torch.long, device=self.device),
-                       torch.zeros((n_out, steps), device=self.device),
-                       torch.zeros(n_out, dtype=torch.long, device=self.device),
-                       torch.zeros(n_out, dtype=torch.bool, device=self.device),
-                       torch.zeros(n_out, dtype=torch.bool, device=self.device))
+        zeros = lambda *shape, dtype=None: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
+        out = _Outputs(zeros(n_out, steps, dtype=torch.long), zeros(n_out, steps), zeros(n_out, dtype=torch.long),
+                       zeros(n_out, dtype=torch.bool), zeros(n_out, dtype=torch.bool))
         eos = torch.tensor(sorted(self.tokenizer.eos_ids), device=self.device, dtype=torch.long)
         if self.speculative != "none":
-            self._check_speculative(stop_strings, suppress_eos, on_step, max_rows)
+            asked = [name for name, on in (("stop_strings", stop_strings), ("suppress_eos", suppress_eos),
+                                           ("on_step", on_step is not None), ("max_rows", max_rows > 0)) if on]
+            if asked:
+                raise ValueError(f"speculative decoding does not support {', '.join(asked)}: generate without it")
             prompts = [p for p in prompt_ids for _ in range(num_samples)]
-            counts = {k: v.tolist() for k, v in generate_speculative(self.model, prompts, params, eos,
-                                                                     self.tokenizer.pad_id, out, self.draft,
-                                                                     self.speculative_tokens).items()}
-            self.speculative_counts = {k: self.speculative_counts[k] + sum(counts[k]) for k in counts}
+            drafted, accepted = (c.tolist() for c in generate_speculative(
+                self.model, prompts, params, eos, self.tokenizer.pad_id, out, self.draft, self.speculative_tokens))
+            self.speculative_counts["drafted"] += sum(drafted)
+            self.speculative_counts["accepted"] += sum(accepted)
             self.model.train(was_training)
             samples = self._samples(out, num_samples, stop_strings)
-            for s, drafted, accepted in zip(samples, counts["drafted"], counts["accepted"]):
-                s.drafted, s.accepted = drafted, accepted
+            for s, d, a in zip(samples, drafted, accepted):
+                s.drafted, s.accepted = d, a
             return samples
         slots = None
-        if 0 < max_rows < n_out:  # continuous batching (r1lab/engine/slots.py)
+        if 0 < max_rows < n_out:  # continuous batching
             batch = slots = FixedSlots(self.model, prompt_ids, num_samples, max_rows, steps, self.tokenizer.pad_id,
                                        self._static_decoder)
             limits = params.limits if params.limits is not None else torch.full_like(out.lengths, steps)
@@ -227,24 +202,21 @@ class Engine:
         self.model.train(was_training)
         return self._samples(out, num_samples, stop_strings)
 
-    @staticmethod
-    def _check_speculative(stop_strings, suppress_eos, on_step, max_rows) -> None:
-        asked = [name for name, on in (("stop_strings", stop_strings), ("suppress_eos", suppress_eos),
-                                       ("on_step", on_step is not None), ("max_rows", max_rows > 0)) if on]
-        if asked:
-            raise ValueError(f"speculative decoding does not support {', '.join(asked)}: generate without it")
-
     def _samples(self, out: _Outputs, num_samples: int, stop_strings) -> list[Sample]:
-        lengths, stopped, aborted = out.lengths.tolist(), out.stopped.tolist(), out.aborted.tolist()
-        tokens_out, logprobs_out = out.tokens.tolist(), out.logprobs.tolist()
-        reasons = ["abort" if a else "stop" if s else "length" for a, s in zip(aborted, stopped)]
-        return [self._finish(i // num_samples, tokens_out[i][: lengths[i]], logprobs_out[i][: lengths[i]],
-                             reasons[i], stop_strings) for i in range(len(lengths))]
+        lengths, tokens, logprobs = out.lengths.tolist(), out.tokens.tolist(), out.logprobs.tolist()
+        samples = []
+        for i, (n, aborted, stopped) in enumerate(zip(lengths, out.aborted.tolist(), out.stopped.tolist())):
+            text = self.tokenizer.decode([t for t in tokens[i][:n] if t not in self.tokenizer.eos_ids])
+            for s in stop_strings:
+                if s in text:
+                    text = text[: text.index(s) + len(s)]
+            reason = "abort" if aborted else "stop" if stopped else "length"
+            samples.append(Sample(i // num_samples, tokens[i][:n], text, logprobs[i][:n], reason))
+        return samples
 
     @staticmethod
     def _call_back(on_step: StepCallback, batch: _Batch | FixedSlots, live, tokens, logprobs, out: _Outputs) -> None:
-        """Hand this step's tokens (and their log-probs, unless None) to the caller; rows it returns end now, with
-        finish_reason "abort"."""
+        """Hand this step's tokens (and log-probs, unless None) to the caller; rows it returns end as "abort"."""
         args = (batch.rows[live].tolist(), tokens[live].tolist())
         ended = on_step(*args, logprobs[live].tolist()) if logprobs is not None else on_step(*args)
         if ended:
@@ -267,13 +239,11 @@ class Engine:
 
     def _record(self, batch: _Batch | FixedSlots, step: int | torch.Tensor, tokens, logprobs, out: _Outputs, eos,
                 stop_strings, limits) -> torch.Tensor:
-        """Write each unfinished row's token; mark rows that sampled end-of-text, completed a stop string or reached
-        their own token limit. step: the index of this token, one for the batch or (B,) per row (continuous
-        batching). Returns the (B,) mask of rows that recorded a token."""
+        """Write each unfinished row's token at step (one for the batch, or (B,) per row); mark rows that sampled
+        end-of-text, completed a stop string or reached their limit. Returns the (B,) mask of rows that wrote."""
         live = ~batch.finished
         rows = batch.rows
-        # Written with torch.where over every row rather than by boolean indexing, which would make the host wait
-        # for the device at every token to learn how many rows are live.
+        # torch.where over every row, not boolean indexing, which would sync with the device at every token.
         out.tokens[rows, step] = torch.where(live, tokens, out.tokens[rows, step])
         out.logprobs[rows, step] = torch.where(live, logprobs, out.logprobs[rows, step])
         out.lengths[rows] = torch.where(live, step + 1, out.lengths[rows])
@@ -293,10 +263,3 @@ class Engine:
         # A stop string of n characters spans at most n tokens, so the tail is enough to see it complete.
         tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop_strings):])
         return any(s in tail for s in stop_strings)
-
-    def _finish(self, prompt_index, tokens, logprobs, reason, stop_strings) -> Sample:
-        text = self.tokenizer.decode([t for t in tokens if t not in self.tokenizer.eos_ids])
-        for s in stop_strings:
-            if s in text:
-                text = text[: text.index(s) + len(s)]
-        return Sample(prompt_index, tokens, text, logprobs, reason)

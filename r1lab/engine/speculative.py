@@ -1,23 +1,15 @@
 """Speculative decoding with DeepSeek-V3's multi-token prediction module as the draft (`--speculative mtp`), or a
 small model of the same vocabulary (`--speculative draft:DIR`).
 
-Each step the MTP module drafts one token d ~ q from the main model's last hidden state and the token just sampled;
-one forward of the main model over [last token, d] verifies it and gives the distribution after d as well. d is kept
-with probability min(1, p(d) / q(d)); if it is rejected, the token is drawn from max(0, p - q) renormalised (the
-standard rejection-sampling rule of Leviathan et al. and Chen et al., 2023), so every token is distributed exactly as
-the main model's own sampler would draw it (greedy: the same tokens). An accepted draft adds the main model's next
-token too: two tokens for one forward.
-
-Every step writes two cache columns in every row (the main model's and the module's own one-layer cache); a rejected
-draft's column is hidden by the key mask, as left padding is. Finished rows are dropped from the batch (both caches
-and every per-row tensor) once a quarter of them are, as the engine's own decoding does. A draft model works alike on
-its own cache, one column ahead of the model's: it reads each token itself, where the module reads the token after
-the model's hidden state. The server's continuous batch drafts by the same rule, row by row
-(r1lab/engine/live_batch.py).
-
-k drafts a step: a model with k or more MTP depths drafts the i-th from depth i, which reads depth i - 1's output and
-the draft before it, as DeepSeek-V3 trains them (each depth keeps its own cache layer, one position behind the depth
-before it); otherwise the first depth (or the draft model) is chained, fed its own output and its own draft.
+Each step the drafter proposes tokens d ~ q; one forward of the main model over [last token, drafts] verifies them.
+A draft is kept with probability min(1, p(d) / q(d)); the first rejected one is replaced by a draw from max(0, p - q)
+renormalised (Leviathan et al., Chen et al., 2023), so every token is distributed as the main model's own sampler
+would draw it (greedy: the same tokens), and after k kept drafts the model's next token comes free. A rejected draft's
+cache columns are hidden by the key mask, as left padding is; finished rows are dropped once a quarter are.
+The MTP module reads the model's hidden state and the token after it; a draft model reads the tokens themselves, its
+cache one column ahead. With k drafts a step, a model with k or more MTP depths drafts the i-th from depth i (as
+DeepSeek-V3 trains them, each depth one position behind the one before); otherwise the drafter is chained on its own
+output. The server's live batch drafts by the same rule (live_batch.py).
 """
 
 from __future__ import annotations
@@ -34,15 +26,13 @@ from r1lab.model.transformer import CausalLM, KVCache
 
 @dataclass
 class _Rows:
-    """Each row's state between steps: its output row, its next token to verify (pending), the k drafts after it and
-    their distributions (None when greedy), the position of pending, the keys that are real in the model's cache
-    and in each layer of the drafter's, and (drafting from k MTP depths) each depth's output at its last position."""
+    """Each row's state between steps."""
 
     out: torch.Tensor  # (B,) the output row it writes
-    pending: torch.Tensor  # (B,)
-    drafts: torch.Tensor  # (B, k)
-    draft_probs: torch.Tensor | None  # (B, k, V)
-    positions: torch.Tensor  # (B,)
+    pending: torch.Tensor  # (B,) its next token to verify
+    drafts: torch.Tensor  # (B, k) the drafts after pending
+    draft_probs: torch.Tensor | None  # (B, k, V) their distributions (None when greedy)
+    positions: torch.Tensor  # (B,) the position of pending
     key_mask: torch.Tensor  # (B, S) the main model's cache
     draft_key_mask: torch.Tensor  # (B, M, S) the drafter's cache: its M layers (MTP depths; 1 for a draft model)
     last: torch.Tensor | None = None  # (B, M, D) drafting from depths: depth i's output at position p - i
@@ -54,10 +44,9 @@ class _Rows:
 
 
 def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
-                         pad_id: int, out, draft: CausalLM | None = None, k: int = 1) -> dict:
-    """Sample completions of prompts (one output row each) with params into out (the engine's _Outputs: tokens,
-    logprobs, lengths, stopped), drafting k tokens a step with the model's MTP module or the draft model. Returns
-    each row's counts of drafted and accepted tokens, (B,) tensors."""
+                         pad_id: int, out, draft: CausalLM | None = None, k: int = 1):
+    """Sample a completion of each prompt into its row of out (the engine's _Outputs), drafting k tokens a step with
+    the model's MTP module or the draft model. Returns each row's drafted and accepted token counts, (B,) tensors."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
     rule = Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
         Sampled(temperature, top_k, top_p, generator)
@@ -94,29 +83,18 @@ def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _Row
             break
         kept = columns <= n[:, None]  # (B, k + 1): a rejected draft's keys are never attended
         rows.key_mask[:, column:] = kept
-        draft_logits, state = _drafter_catch_up(model, draft, rows, caches[1], h, emitted, positions, n, kept)
+        new = _depth_masks(kept, positions, rows.draft_key_mask.shape[1])  # the drafter reads the verified tokens
+        rows.draft_key_mask = torch.cat([rows.draft_key_mask, new], -1)
+        column = rows.draft_key_mask.shape[-1] - kept.shape[1]
+        if rows.last is not None:
+            draft_logits, state = _catch_up_depths(model, caches[1], rows, h, emitted, positions, n, column)
+        else:
+            draft_logits, state = catch_up(model, draft, caches[1], rows.draft_key_mask[:, 0], h, emitted, positions,
+                                           n, column)
         rows.pending = emitted.gather(1, n[:, None]).squeeze(1)
         rows.positions = rows.positions + 1 + n
         _propose(model, draft, rule, rows, caches[1], draft_logits, state, k)
-    return {"drafted": drafted, "accepted": accepted}
-
-
-def _drafter_catch_up(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCache, h: torch.Tensor,
-                      emitted: torch.Tensor, positions: torch.Tensor, n: torch.Tensor, kept: torch.Tensor):
-    """The drafter over a step's verified tokens, of which kept (B, k + 1) marks each row's real ones, in each of its
-    layers: (the next draft's logits, the state to chain from)."""
-    new = _depth_masks(kept, positions, rows.draft_key_mask.shape[1])
-    rows.draft_key_mask = torch.cat([rows.draft_key_mask, new], -1)
-    column = rows.draft_key_mask.shape[-1] - kept.shape[1]
-    if rows.last is not None:
-        return _catch_up_depths(model, cache, rows, h, emitted, positions, n, column)
-    return catch_up(model, draft, cache, rows.draft_key_mask[:, 0], h, emitted, positions, n, column)
-
-
-def from_depths(model: CausalLM, draft: CausalLM | None, k: int) -> bool:
-    """Whether k drafts come from k MTP depths, DeepSeek-V3's layout (depth i reads depth i - 1's output and the
-    draft before it, as it was trained), which a model with k or more depths does; else the drafter is chained."""
-    return draft is None and k > 1 and len(model.mtp) >= k
+    return drafted, accepted
 
 
 def _propose(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: KVCache,
@@ -137,12 +115,11 @@ def _propose(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: 
 
 
 def _chained(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCache, state, d: torch.Tensor, i: int):
-    """The next draft from the drafter fed draft d (the MTP module its own output as the hidden state) at the
-    position after the last's. Its keys are only this round's: the next step's catch-up writes that position again
-    from the model's own hidden states."""
+    """The next draft from the drafter fed draft d (the MTP module its own output as hidden state) at the next
+    position: the drafter's catch-up over one kept token. Its keys last this round only: the next step's catch-up
+    writes that position again from the model's own hidden states."""
     column = rows.draft_key_mask.shape[-1]
     rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None, None], dtype=torch.bool)], -1)
-    # the drafter's catch-up over one token, d, with no rejected one: the same reading as after a step
     h = None if state is None else state[:, None]  # a draft model has no state: it reads d itself
     return catch_up(model, draft, cache, rows.draft_key_mask[:, 0], h, d[:, None], (rows.positions + i)[:, None],
                     torch.zeros_like(d), column)
@@ -150,9 +127,8 @@ def _chained(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCach
 
 def _next_depth(model: CausalLM, rows: _Rows, cache: KVCache, state: torch.Tensor | None, drafts: torch.Tensor,
                 i: int):
-    """Draft i + 1 from MTP depth i at the positions p - i + 1 .. p (p: the last verified one) that its catch-up
-    could not read, their tokens two or more ahead being drafts (d_1 .. d_i): it reads depth i - 1's output there
-    (its last real one, then its own such outputs: state) and the drafts. Returns (logits, depth i's outputs)."""
+    """Draft i + 1 from MTP depth i, which reads depth i - 1's output (its last real one, then state) and the drafts
+    at the positions p - i + 1 .. p its catch-up could not read. Returns (logits, depth i's outputs)."""
     B, T = drafts.shape
     h = rows.last[:, i - 1, None] if state is None else torch.cat([rows.last[:, i - 1, None], state], 1)  # (B, i, D)
     positions = rows.positions[:, None] - i + torch.arange(T, device=drafts.device)
@@ -170,17 +146,16 @@ def _mtp_logits(model: CausalLM, out: torch.Tensor, depth: int = 0) -> torch.Ten
 
 
 def _depth_masks(real: torch.Tensor, positions: torch.Tensor, depths: int) -> torch.Tensor:
-    """(B, M, T) the drafter's M layers' key masks over T new columns, real ones (B, T) at positions (B, T): MTP
+    """(B, M, T) key masks of the drafter's M layers over T new columns, real ones (B, T) at positions (B, T): MTP
     depth i reads position q - i there, none before the first."""
     return real[:, None] & (positions[:, None] - torch.arange(depths, device=real.device)[None, :, None] >= 0)
 
 
 def _catch_up_depths(model: CausalLM, cache: KVCache, rows: _Rows, h: torch.Tensor, emitted: torch.Tensor,
                      positions: torch.Tensor, n: torch.Tensor, column: int):
-    """catch_up's reading of a step for every MTP depth: depth 0 reads the model's hidden states h (B, T, D) and
-    emitted at positions; depth i, one position behind depth i - 1, reads depth i - 1's output there (its last real
-    one of the step before, then this step's) and the same tokens, which are i + 1 ahead of its positions. Updates
-    rows.last; returns (the first draft's logits, None)."""
+    """catch_up for every MTP depth: depth 0 reads the model's hidden states h (B, T, D), depth i depth i - 1's
+    output one position behind (its last real one, then this step's), with the same tokens. Updates rows.last;
+    returns (the first draft's logits, None)."""
     index, last, out = torch.arange(len(n), device=n.device), [], h
     for i in range(rows.last.shape[1]):
         if i:
@@ -193,7 +168,7 @@ def _catch_up_depths(model: CausalLM, cache: KVCache, rows: _Rows, h: torch.Tens
 
 
 class Greedy:
-    """Temperature 0: the draft is the drafter's argmax, kept when it is the model's; no distribution, no draw."""
+    """Temperature 0: the draft is the drafter's argmax, kept when it is the model's."""
 
     def first(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.argmax(-1)
@@ -214,13 +189,15 @@ class Greedy:
         return (drafts == best[:, :-1]).long().cumprod(1).sum(1), best
 
 
+@dataclass
 class Sampled:
-    """The rejection-sampling rule over sample_next's distributions (temperature, top-k, top-p, min-p), its uniform
-    numbers drawn from the rows' generators: one draw per row for a draft, one of three numbers per verification."""
+    """The rejection-sampling rule over sample_next's distributions, its uniform numbers from the rows' generators."""
 
-    def __init__(self, temperature, top_k, top_p, generator, min_p=0.0):
-        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.min_p = min_p
+    temperature: float | torch.Tensor
+    top_k: int | torch.Tensor
+    top_p: float | torch.Tensor
+    generator: torch.Generator | list[torch.Generator] | None
+    min_p: float | torch.Tensor = 0.0
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return sampling_probs(logits, self.temperature, self.top_k, self.top_p, self.min_p)
@@ -229,9 +206,9 @@ class Sampled:
         return target_log_probs(logits, self.temperature)
 
     def select(self, keep: torch.Tensor) -> None:
-        pick = lambda v: v[keep] if torch.is_tensor(v) else v  # noqa: E731
-        self.temperature, self.top_k, self.top_p = pick(self.temperature), pick(self.top_k), pick(self.top_p)
-        self.min_p = pick(self.min_p)
+        for name in ("temperature", "top_k", "top_p", "min_p"):
+            if torch.is_tensor(value := getattr(self, name)):
+                setattr(self, name, value[keep])
         if isinstance(self.generator, list):
             self.generator = [self.generator[i] for i in keep.tolist()]
 
@@ -246,11 +223,9 @@ class Sampled:
         return self._draw(q), q
 
     def verify(self, drafts: torch.Tensor, q: torch.Tensor, target: torch.Tensor):
-        """(n, emitted) as Greedy's. Draft j is kept with probability min(1, p_j(d) / q_j(d)) (q_j(d) > 0: d was
-        drawn from q_j), up to the first rejected one, which is replaced by a draw from max(0, p_j - q_j)
-        renormalised (p_j itself where that is all zero: p_j = q_j, never rejected); after k kept drafts, the bonus
-        token is drawn from the model's next distribution. k + 2 uniform numbers per row: the k acceptances, the
-        replacement, the bonus."""
+        """(n, emitted) as Greedy's. Draft j is kept with probability min(1, p_j(d) / q_j(d)) up to the first
+        rejected one, which is replaced by a draw from max(0, p_j - q_j) renormalised (p_j where that is all zero);
+        after k kept drafts the bonus token is drawn from p_k. k + 2 uniform numbers per row."""
         B, k = drafts.shape
         p = torch.stack([self.probs(target[:, j]) for j in range(k + 1)], 1)  # (B, k + 1, V)
         u = uniforms(B, self.generator, drafts.device, k + 2)
@@ -268,9 +243,8 @@ class Sampled:
 
 def _recorder(out, params: _RowParams, eos: torch.Tensor):
     """record(rows, running, tokens, logprobs, count): append each running row's first count (B,) tokens (B, T) and
-    their log-probs to its output row (rows) at its own length, up to an end-of-text and its token limit; returns
-    the rows that go on. out's buffers gain a scratch column that the tokens not written go to, so that no two
-    writes of a step share an index."""
+    log-probs at its own length, up to an end-of-text and its token limit; returns the rows that go on. The tokens
+    not written go to a scratch column, so that no two writes of a step share an index."""
     limits = params.limits if params.limits is not None else torch.full_like(out.lengths, params.max_steps)
     scratch = out.tokens.shape[1]
     out.tokens, out.logprobs = (torch.cat([x, x[:, :1]], 1) for x in (out.tokens, out.logprobs))
@@ -294,8 +268,7 @@ def _recorder(out, params: _RowParams, eos: torch.Tensor):
 
 
 def target_log_probs(logits: torch.Tensor, temperature) -> torch.Tensor:
-    """Under softmax(logits / temperature), as sample_next records them (temperature 1 for greedy rows);
-    temperature: a number above 0, or (B, 1) per row."""
+    """Under softmax(logits / temperature), as sample_next records them (temperature 1 for greedy rows)."""
     if torch.is_tensor(temperature):
         temperature = temperature.masked_fill(temperature <= 0, 1.0).view(-1, *(1,) * (logits.dim() - 1))
     return logits.float().div(temperature).log_softmax(-1)
@@ -313,11 +286,11 @@ def drafter_config(model: CausalLM, draft: CausalLM | None, depths: int = 1):
 def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: int, steps: int):
     """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
     ids, positions and hidden states for the drafter's prefill). A step writes k + 1 columns of the model's cache
-    and at most k + 1 + k(k - 1)/2 of the drafter's (its catch-up, then its chained drafts: k - 1, or each depth's
-    frontier positions: 1 + 2 + ... + k - 1)."""
+    and at most k + 1 + k(k - 1)/2 of the drafter's (its catch-up, then its chained drafts or each depth's)."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
-    (B, P), depths = ids.shape, k if from_depths(model, draft, k) else 1
+    B, P = ids.shape
+    depths = k if draft is None and k > 1 and len(model.mtp) >= k else 1  # k drafts from k MTP depths
     caches = (KVCache(model.config, B, P + (k + 1) * steps, dtype, device),
               KVCache(drafter_config(model, draft, depths), B, P + 1 + (k + 1 + k * (k - 1) // 2) * (steps + 1),
                       dtype, device))
@@ -330,9 +303,8 @@ def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: i
 
 
 def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt):
-    """The drafter's prefill: the module reads each prompt position i with the token after it (the prompt's, then
-    the first sampled one), a draft model the prompt and the first token; the draft after the first token comes
-    from the last position. Returns (its logits (B, V), the state to chain from)."""
+    """The drafter's prefill: the module reads each prompt position with the token after it (the last one's: the
+    first sampled token), a draft model the prompt and the first token. Returns (its logits (B, V), its state)."""
     ids, positions, h = prompt
     if draft is None:
         next_ids = torch.cat([ids[:, 1:], rows.pending[:, None]], 1)  # (B, P)
@@ -350,10 +322,9 @@ def _draft(model: CausalLM, draft: CausalLM | None, rows: _Rows, caches, prompt)
 
 def catch_up(model: CausalLM, draft: CausalLM | None, cache: KVCache, key_mask: torch.Tensor, h: torch.Tensor,
              emitted: torch.Tensor, positions: torch.Tensor, n: torch.Tensor, column: int):
-    """The drafter over a step's T emitted tokens (B, T), of which each row's first n + 1 are real (key_mask (B, S)
-    marks them, from column): the module reads (the model's hidden state h at each verified position, the token
-    after it) at those positions (B, T), a draft model the tokens themselves one position later. Returns (the next
-    draft's logits (B, V), from each row's last real token, and the state to chain from)."""
+    """The drafter over a step's emitted tokens (B, T) at positions (B, T), each row's first n + 1 real (key_mask
+    (B, S) marks them, from column): the module reads the model's hidden state h at each position with the token
+    after it, a draft model the tokens one position later. Returns (the next draft's logits (B, V), its state)."""
     rows = torch.arange(len(n), device=n.device)
     if draft is None:
         out = model.mtp_draft_hidden(h, emitted, positions, cache, column, key_mask)[rows, n]
