@@ -1,22 +1,15 @@
 """Agents that call the policy through an OpenAI client (`--task agent:MODULE:FUNCTION`,
 r1lab/rewards/environments/agent_env.py), and what answers the policy between its turns in a command (rollout_turns).
 
-For a batch of rollouts, an OpenAI-compatible endpoint (`POST {base_url}/chat/completions`, not streamed) is served
-on a free loopback port, backed by the policy: each rollout's agent gets a client whose API key names its rollout,
-and every completion it asks for is sampled by the engine in the caller's thread, the requests in flight batched
-into one generate call. Token in, token out: a rollout's first request is rendered by the template (the sample's
-prompt); a later one whose messages extend the conversation as served (the earlier requests' messages and the
-replies as returned) appends only its new messages, as the template renders them after an assistant turn
-(tools.context_delta), to the tokens served so far. So the sample trained on is the served tokens exactly: the
-replies are the policy's (trained, with the engine's log-probs), the messages between them context (loss mask 0).
-
-A request that does not extend the conversation as served (the agent rewrote or dropped history, or the reply before
-it was cut by length and so cannot be continued token for token) is still answered, from its own rendering, but is
-not trained on: the rollout's sample stops at the last request that extended it, counted in rewrites (logged as
-env/rewritten_history) with one warning. Sampling settings are the run's (a request's temperature or top_p is
-ignored: the log-probs must be the policy's); stream, stop, n > 1 and tools are refused (HTTP 400, the agent's error).
-Every token of a rollout, its requests' included, counts against max_new_tokens; a request past it gets an empty
-reply with finish_reason "length".
+For a batch of rollouts, an OpenAI-compatible endpoint (`POST {base_url}/chat/completions`) is served on a loopback
+port, backed by the policy: each agent's API key names its rollout, and the requests in flight are batched into one
+generate call in the caller's thread. Token in, token out: a rollout's first request is rendered by the template; a
+later one that extends the conversation as served appends only its new messages, as the template renders them after
+an assistant turn (tools.context_delta), so the sample trained on is exactly the served tokens.
+A request that does not extend it (history rewritten, or a reply cut by length) is answered from its own rendering
+but not trained on: the sample stops before it (counted in env/rewritten_history). Sampling settings are the run's;
+stream, stop, n > 1 and tools are refused (HTTP 400). A rollout's requests share its max_new_tokens; one past it gets
+an empty reply with finish_reason "length".
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from r1lab.engine.tools import (EnvTurns, ToolSample, ToolSpec, ToolTurns, Turns, _Rollout, append_context,
-                                context_delta, conversation, prompt_seeds, turn_seed)
+                                append_turn, context_delta, conversation, prompt_seeds, turn_seed)
 from r1lab.model.loading import encode_prompt
 from r1lab.rewards.environments import is_environment
 from r1lab.rewards.tasks.base import Problem
@@ -44,8 +37,7 @@ SHUTDOWN_POLL_S = 0.02  # how often the endpoint's loop looks whether the batch 
 
 
 def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns | AgentTurns | None:
-    """What answers the policy between its turns in a command: the agent when the task is one, the environment
-    when it is one, else the tools cfg asks for (None: none of them)."""
+    """The task's agent, else its environment, else the tools cfg asks for (None: none of them)."""
     if callable(getattr(task, "agent", None)):
         return AgentTurns(task, problems, tokenizer, cfg.template, cfg.prefill)
     if is_environment(task):
@@ -56,8 +48,8 @@ def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns 
 
 @dataclass
 class _Chain(_Rollout):
-    """A rollout as served: its sample (out), the conversation as returned to its agent (served), and whether later
-    requests still extend it (pending not None: the _Rollout mark of a rollout that goes on)."""
+    """A rollout as served: its sample, the conversation as returned to its agent, and whether later requests still
+    extend it (pending not None)."""
 
     served: list[dict] = field(default_factory=list)
     spent: int = 0  # tokens sampled for requests outside the sample (after a rewrite)
@@ -85,7 +77,7 @@ def text_of(content: Any) -> str:
 
 @dataclass
 class AgentTurns:
-    """The rollouts of an agent task: its agent run once per rollout against the endpoint (module docstring)."""
+    """The rollouts of an agent task: its agent run once per rollout against the endpoint."""
 
     env: Any  # an AgentEnvironment (r1lab/rewards/environments/agent_env.py)
     problems: list
@@ -163,10 +155,7 @@ class AgentTurns:
         for (request, ids, trained, _, _), s in zip(jobs, samples):
             chain, out = request.chain, request.chain.out
             if trained:
-                out.token_ids += s.token_ids
-                out.logprobs += s.logprobs
-                out.model_mask += [True] * len(s.token_ids)
-                out.text, out.finish_reason = out.text + s.text, s.finish_reason
+                append_turn(out, s)
                 out.messages.append({"role": "assistant", "content": s.text})
                 chain.served = [*request.messages, {"role": "assistant", "content": s.text}]
                 if not (s.token_ids and s.token_ids[-1] in engine.tokenizer.eos_ids):
@@ -186,7 +175,7 @@ class AgentTurns:
         if chain.pending is not None and messages[:seen] == chain.served and len(messages) > seen:
             new = messages[seen:]
             text = context_delta(tok, new, self.template) + self.prefill
-            append_context(chain, tok.encode(text, add_special_tokens=False), text, max_new_tokens, tok)
+            append_context(chain, text, max_new_tokens, tok)
             chain.out.messages += new
             chain.served = messages
             return chain.prompt + chain.out.token_ids, True
@@ -221,8 +210,8 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 def _gather(requests: queue.Queue, agents: threading.Thread, live: int) -> list[_Request]:
-    """The requests to answer together: those waiting, and those that come while every live agent has not asked
-    yet, until none came for GATHER_S."""
+    """The requests waiting, and those that come while not every live agent has asked, until none came for
+    GATHER_S."""
     try:
         batch = [requests.get(timeout=0.05)]
     except queue.Empty:

@@ -1,22 +1,15 @@
-"""Tool calls and environment turns inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat with
-the same settings).
+"""Tool calls and environment turns inside rollouts: `r1lab grpo --tools python` (and eval, sample, serve, chat).
 
-When the model closes a tool block (`<python>...</python>` by default), that rollout pauses: the block's code runs
-in the code sandbox (r1lab/rewards/sandbox/runner.py: a fresh process forked by a pre-started sandbox, time and memory
-limits), what it printed (cut to
-tool_output_chars, with a marker) is appended as `<output>...</output>`, and generation continues from there. The
-tool-output tokens are seen by the model but are not its own: they carry no sampling log-prob and are never
-trained on (ToolSample.model_mask, used by GRPO's loss). A rollout makes at most max_tool_calls calls (a block
-closed past the limit ends it, finish_reason "tool_limit"), and all its tokens, the tools' included, fit in
-max_new_tokens.
+When the model closes a tool block (`<python>...</python>` by default), its rollout pauses: the code runs in the
+sandbox (r1lab/rewards/sandbox/runner.py), what it printed (cut to tool_output_chars) is appended as
+`<output>...</output>`, and generation continues. Tool-output tokens are read by the model but never trained on
+(ToolSample.model_mask). A rollout makes at most max_tool_calls calls (one more ends it, finish_reason "tool_limit"),
+and all its tokens, the tools' included, fit in max_new_tokens.
 
-generate_with_tools drives Engine.generate turn by turn: turn 0 samples every rollout with the close tag as a stop
-string; each later turn continues the rollouts that stopped on it, each as its own prompt (prompt + completion so
-far) with a seed drawn from (its prompt's seed, its sample index, the turn), so a rollout's tokens do not depend on
-what else is in the batch. An environment's turns (`--task verifiers:ENV`, EnvTurns) run the same loop: a policy turn
-that ends with end-of-text gets the environment's reply, appended as context the same way. The server
-(r1lab/serve/batcher.py) and the terminal chat (r1lab/serve/chat.py) run the same turns with the helpers below
-(closes_block, block_code, call_tool, output_tokens, turn_seed) while they stream.
+generate_with_tools drives Engine.generate turn by turn: each later turn continues the rollouts that stopped on the
+close tag, each as its own prompt, seeded by (its prompt's seed, its sample index, the turn), so a rollout's tokens do
+not depend on its batch-mates. An environment's turns (EnvTurns) run the same loop. The server and the terminal chat
+run the same turns with the helpers below while they stream.
 """
 
 from __future__ import annotations
@@ -30,8 +23,6 @@ from r1lab.engine.sampling import step_seed
 from r1lab.model.templates import render_conversation
 from r1lab.rewards.environments import call_all
 from r1lab.rewards.sandbox.runner import ProgramResult, run_program_pooled, sandbox_summary
-
-TOOLS = ("", "python")  # "" = no tools
 
 
 @dataclass(frozen=True)
@@ -93,21 +84,19 @@ def run_in_sandbox(code: str, spec: ToolSpec) -> ProgramResult:
 
 
 def closes_block(turn_text: str, token_ids: list[int], spec: ToolSpec, eos_ids: set[int]) -> bool:
-    """Whether a turn that stopped did so by closing a tool block: its text (cut at the stop string, as
-    Engine.generate cuts it) ends with the close tag, and it did not end with end-of-text after it."""
+    """Whether a turn that stopped did so by closing a tool block (and not by end-of-text after it)."""
     return turn_text.endswith(spec.close) and not (token_ids and token_ids[-1] in eos_ids)
 
 
 def cut_at_close(turn_text: str, spec: ToolSpec) -> str:
-    """A turn's text up to its first close tag: the engine stops there, but the token that completed the tag may
-    carry more characters (Engine.generate cuts Sample.text the same way)."""
+    """A turn's text up to its first close tag (the token that completed the tag may carry more characters)."""
     end = turn_text.find(spec.close)
     return turn_text if end < 0 else turn_text[: end + len(spec.close)]
 
 
 def call_tool(code: str | None, spec: ToolSpec, runner: Runner) -> ProgramResult | None:
-    """Run a block's code (None: the block had no opening tag, nothing to run). A runner that raises (the sandbox
-    could not start a process) is a failed call the model reads about, not a crashed rollout."""
+    """Run a block's code (None: no opening tag, nothing to run). A runner that raises is a failed call that the
+    model reads about, not a crashed rollout."""
     if code is None:
         return None
     try:
@@ -117,19 +106,21 @@ def call_tool(code: str | None, spec: ToolSpec, runner: Runner) -> ProgramResult
 
 
 def output_tokens(result: ProgramResult | None, spec: ToolSpec, tokenizer: Any, room: int) -> tuple[list[int], str]:
-    """The output block's tokens and text as the model reads them, at most `room` tokens (the rollout's token budget
-    left): an output that fills it is cut there, and the rollout ends by length."""
-    text = output_text(result, spec)
+    """The output block's tokens and text as the model reads them, cut at `room` tokens."""
+    return _fit(output_text(result, spec), tokenizer, room)[:2]
+
+
+def _fit(text: str, tokenizer: Any, room: int) -> tuple[list[int], str, bool]:
+    """text's tokens and text, cut to fewer than room tokens where they fill it; and whether they did."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) >= room:
-        ids = ids[: max(room, 0)]
-        text = tokenizer.decode(ids)
-    return ids, text
+    if len(ids) < room:
+        return ids, text, False
+    ids = ids[: max(room, 0)]
+    return ids, tokenizer.decode(ids), True
 
 
 def tool_summary(spec: ToolSpec) -> str:
-    """What serve and chat say at start with --tools: the blocks they run, the limits, and what isolates the code
-    (in grpo's words)."""
+    """What serve and chat say at start with --tools."""
     return (f"python, {spec.open}...{spec.close} blocks (at most {spec.max_calls} per reply, {spec.timeout_s:g} s "
             f"and {spec.memory_mb} MB each); tool calls run {sandbox_summary(spec.sandbox)}")
 
@@ -142,8 +133,7 @@ def block_code(turn_text: str, spec: ToolSpec) -> str | None:
 
 
 def output_text(result: ProgramResult | None, spec: ToolSpec) -> str:
-    """The <output>...</output> block the model reads after a call: what the code printed, cut to output_chars with
-    a marker, and why it failed when it did (None: the block had no opening tag)."""
+    """The output block after a call: what the code printed, cut to output_chars, and why it failed when it did."""
     if result is None:
         return f"<{spec.output_tag}>error: {spec.close} without {spec.open}\n</{spec.output_tag}>"
     printed = result.output
@@ -186,9 +176,8 @@ def generate_with_tools(engine: Any, prompt_ids: list[list[int]], spec: ToolSpec
                         max_new_tokens: int = 128, seed: int | list[int | None] | None = None,
                         stop_strings: tuple[str, ...] = (), runner: Runner = run_in_sandbox,
                         **sampling: Any) -> list[ToolSample]:
-    """num_samples rollouts per prompt (prompt-major, like Engine.generate), with tool calls (a ToolSpec) or another
-    responder's turns: see the module's docstring. seed: one per prompt, or an int from which each prompt's is drawn
-    (None: unseeded); sampling: Engine.generate's temperature, top_p, top_k, suppress_eos, max_rows."""
+    """num_samples rollouts per prompt (prompt-major, like Engine.generate) with tool calls (a ToolSpec) or another
+    responder's turns. seed: one per prompt, or an int each prompt's is drawn from; sampling: Engine.generate's."""
     if hasattr(spec, "rollouts"):  # an agent drives its own turns (r1lab/engine/agents.py)
         return spec.rollouts(engine, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
                              stop_strings=stop_strings, **sampling)
@@ -223,25 +212,27 @@ def prompt_seeds(seed: int | list[int | None] | None, n: int) -> list[int | None
         [None if seed is None else step_seed(seed, i, "tool-prompt") for i in range(n)]
 
 
-def _add_turn(r: _Rollout, sample: Any, turns: Turns, eos_ids: set[int]) -> None:
-    """Append a turn's model tokens; mark the rollout pending when the turn waits for a response."""
-    out = r.out
+def append_turn(out: ToolSample, sample: Any) -> None:
+    """Append a turn the model sampled (its tokens trained on)."""
     out.token_ids += sample.token_ids
     out.logprobs += sample.logprobs
     out.model_mask += [True] * len(sample.token_ids)
     out.text += sample.text
     out.finish_reason = sample.finish_reason
+
+
+def _add_turn(r: _Rollout, sample: Any, turns: Turns, eos_ids: set[int]) -> None:
+    """Append a turn's model tokens; mark the rollout pending when the turn waits for a response."""
+    append_turn(r.out, sample)
     if turns.ended(r, sample, eos_ids):
         r.pending = sample.text
 
 
-def append_context(r: _Rollout, ids: list[int], text: str, max_new_tokens: int, tokenizer: Any) -> None:
-    """Append tokens the model reads but did not sample (a tool's output, an environment's messages): no log-prob,
-    never trained on. Cut at the rollout's token budget, where the rollout then ends by length."""
-    room = max_new_tokens - len(r.out.token_ids)
-    if len(ids) >= room:
-        ids = ids[: max(room, 0)]
-        text = tokenizer.decode(ids)
+def append_context(r: _Rollout, text: str, max_new_tokens: int, tokenizer: Any) -> None:
+    """Append text the model reads but did not sample (a tool's output, an environment's messages), never trained
+    on; cut at the rollout's token budget, where the rollout then ends by length."""
+    ids, text, cut = _fit(text, tokenizer, max_new_tokens - len(r.out.token_ids))
+    if cut:
         r.out.finish_reason, r.pending = "length", None
     r.out.token_ids += ids
     r.out.logprobs += [0.0] * len(ids)
@@ -264,8 +255,8 @@ class ToolTurns:
         return sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, self.spec, eos_ids)
 
     def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
-        """Run the pending rollouts' blocks (in parallel: each is its own process) and append their outputs; a
-        rollout past its call limit or out of tokens ends (its pending mark cleared)."""
+        """Run the pending rollouts' blocks in parallel and append their outputs; a rollout past its call limit
+        ends."""
         spec = self.spec
         for r in pending:
             r.out.calls += 1
@@ -279,16 +270,14 @@ class ToolTurns:
                 r.out.finish_reason, r.pending = "tool_limit", None
         for r, result in zip(allowed, results):
             r.out.failures += result is None or not result.ok
-            ids, text = output_tokens(result, spec, tokenizer, max_new_tokens - len(r.out.token_ids))
-            append_context(r, ids, text, max_new_tokens, tokenizer)
+            append_context(r, output_text(result, spec), max_new_tokens, tokenizer)
 
 
 @dataclass
 class EnvTurns:
-    """An environment's turns (r1lab/rewards/environments): a policy turn that ends with end-of-text, short of the
-    environment's max_turns, waits for its reply. The reply's messages are appended as the template renders them
-    after an assistant turn (context_delta): the policy's sampled tokens stay as sampled, never decoded and
-    re-encoded."""
+    """An environment's turns (r1lab/rewards/environments): a policy turn that ends with end-of-text, short of
+    max_turns, waits for its reply, whose messages are appended as the template renders them after an assistant turn
+    (context_delta): the policy's sampled tokens are never decoded and re-encoded."""
 
     env: Any  # an Environment
     problems: list  # the problem of each prompt, in the prompts' order
@@ -321,7 +310,7 @@ class EnvTurns:
                 continue
             r.out.messages += reply.messages
             text = context_delta(tokenizer, reply.messages, self.template) + self.prefill
-            append_context(r, tokenizer.encode(text, add_special_tokens=False), text, max_new_tokens, tokenizer)
+            append_context(r, text, max_new_tokens, tokenizer)
 
 
 def conversation(problem: Any, messages: list[dict]) -> list[dict]:
