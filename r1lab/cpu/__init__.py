@@ -1,3 +1,1 @@
-"""CPU-only speed-ups: the decode kernel and glibc's malloc settings, installed at process set-up; tcmalloc for a large
-model, chosen by the `r1lab` program restarting itself (malloc.py).
-"""
+"""CPU-only speed-ups: the decode kernel, glibc's malloc settings, tcmalloc for a large model."""

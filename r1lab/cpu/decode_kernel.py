@@ -1,17 +1,10 @@
 """A decode step's matrix products on a CPU, x @ W.T + b for a few rows of x: a small C++ kernel (decode_kernel.cpp)
-where it can be built, else torch's products in the orientation MKL streams fastest.
+that streams the weights from memory (MKL's sgemm is built to reuse them from cache), else torch's products.
 
-Decoding reads every weight once per step for a handful of rows, so its speed is the rate at which the weights
-stream from memory; MKL's sgemm is built for products that reuse the matrix from cache, the kernel for streaming it
-(bench/README.md has the figures). The kernel is compiled on first use by torch.utils.cpp_extension (its lock and
-compiler flags), for this CPU's vector instructions: the CPU is part of the library's name, so a cache shared by two
-machines holds one build each. Without a compiler or ninja, or with R1LAB_DECODE_KERNEL=0, decode takes torch's
-products, with a warning saying why in the first case.
-
-A library in the build cache runs inside r1lab, so the cache must be one nobody else can write to: torch's
-(TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) where it and its files are the user's and writable by no one
-else, else a private one (~/.cache/r1lab/torch_extensions), said in one line. A cached library is read with nm
-before it is loaded: one that is corrupt or lacks the kernel's symbols is rebuilt once, said in one line.
+The kernel is compiled on first use by torch.utils.cpp_extension for this CPU (whose digest is in the library's
+name); without a compiler or ninja (with a warning), or with R1LAB_DECODE_KERNEL=0, decode takes torch's products.
+A built library runs inside r1lab, so the build cache must be one nobody else can write to: torch's where safe, else
+a private one. A cached library is read with nm before it is loaded: a corrupt one is rebuilt once.
 """
 
 from __future__ import annotations
@@ -31,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from r1lab.cpu.malloc import switched_off
+
 SOURCE = Path(__file__).with_name("decode_kernel.cpp")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 SLICE_ROWS = 512  # rows of a weight slice in torch's path: 256-768 measured alike
@@ -43,11 +38,7 @@ _loaded: dict[str, object] = {}  # "kernel": the C function, or None once it cou
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + b for a few float32 rows of x on a CPU: the kernel where it applies, else torch's products.
-
-    Without the kernel, MKL streams the weights at different rates by orientation and size: a weight of up to a
-    few thousand rows goes fastest as W @ x.T; a taller and large one (gate_up_proj, the LM head) as x @ W.T over
-    slices of SLICE_ROWS rows. bf16 goes through other kernels: there the plain product."""
+    """x @ W.T + b for a few rows of x on a CPU: the kernel, else torch's products as MKL streams them fastest."""
     rows, out = x.numel() // x.shape[-1], weight.shape[0]
     flat = x.reshape(rows, x.shape[-1])
     y = linear(flat, weight, bias)
@@ -60,11 +51,8 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x (rows, K) @ weight.T + bias as a new (rows, N) tensor, or None where the kernel does not apply: not a
-    contiguous float32 CPU weight, a product autograd must see, or no kernel on this machine."""
-    if not _applies(x, weight, bias):
-        return None
-    kernel = _kernel()
+    """x @ weight.T + bias by the kernel, or None where it does not apply."""
+    kernel = _kernel() if _applies(x, weight, bias) else None
     if kernel is None:
         return None
     x = x.contiguous()
@@ -87,7 +75,7 @@ def _applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 
 def available() -> bool:
-    """Whether decode on this machine uses the kernel (compiling it now if it is not yet)."""
+    """Whether decode uses the kernel (compiling it now if needed)."""
     return _kernel() is not None
 
 
@@ -122,8 +110,7 @@ def _load():
 
 
 def _checked_build(cpp_extension, name: str, directory: Path) -> Path:
-    """The kernel's library in directory, built (or rebuilt) by torch.utils.cpp_extension where needed. A cached
-    library is checked before torch loads it: a corrupt or foreign one is rebuilt from scratch, once."""
+    """The kernel's library in directory, built where needed; a cached one that fails the check is rebuilt once."""
     cached = directory / f"{name}.so"
     if cached.exists() and (problem := library_problem(cached)) is not None:
         warnings.warn(f"r1lab: the cached CPU decode kernel {cached} {problem}; rebuilding it", RuntimeWarning,
@@ -139,8 +126,7 @@ def _checked_build(cpp_extension, name: str, directory: Path) -> Path:
 
 
 def library_problem(path: Path) -> str | None:
-    """What is wrong with the shared library at path, or None when it defines SYMBOLS. Read with nm, not loaded:
-    loading a library runs its code."""
+    """What is wrong with the library at path, or None when it defines SYMBOLS: read with nm, as loading runs it."""
     nm = shutil.which("nm")
     if nm is None:
         return "cannot be checked: nm is missing (install binutils, which the C++ compiler comes with)"
@@ -159,16 +145,15 @@ def library_problem(path: Path) -> str | None:
 
 
 def build_directory(name: str) -> Path:
-    """The directory the kernel is built in and loaded from: torch's cache (TORCH_EXTENSIONS_DIR, else its per-user
-    one) where no one else can write to it, else r1lab's private cache, said in one line; RuntimeError where
-    neither is safe."""
+    """torch's build cache where no one else can write to it, else r1lab's private one, else RuntimeError."""
     from torch.utils import cpp_extension
 
     shared_root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
     directory, problem = _prepared(shared_root / name)
     if problem is None:
         return directory
-    private, private_problem = _prepared(private_cache_root() / name)
+    private_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1lab" / "torch_extensions"
+    private, private_problem = _prepared(private_root / name)
     if private_problem is not None:
         raise RuntimeError(f"no safe build cache: {problem}; {private_problem}")
     warnings.warn(f"r1lab: {problem}, so another user could plant a library there; the CPU decode kernel is built in "
@@ -176,13 +161,8 @@ def build_directory(name: str) -> Path:
     return private
 
 
-def private_cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "r1lab" / "torch_extensions"
-
-
 def _prepared(directory: Path) -> tuple[Path, str | None]:
-    """directory, created (for this user only) if missing, and why another user could plant a library in it (None
-    if no one could)."""
+    """directory, created for this user if missing, and why another user could plant a library in it (or None)."""
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory = directory.resolve()
@@ -192,9 +172,8 @@ def _prepared(directory: Path) -> tuple[Path, str | None]:
 
 
 def planting_risk(directory: Path) -> str | None:
-    """Why someone other than this user could put a library into directory, or None. The directory and every entry
-    in it must be the user's and writable by no one else; each directory above it the user's or root's, and where
-    others may write to it, sticky (as /tmp is: no one can move or replace another's entry there)."""
+    """Why another user could put a library into directory, or None. It and its entries must be the user's and
+    writable by no one else; each directory above it the user's or root's, and sticky where others may write."""
     uid = os.getuid()
     for path in [directory, *directory.iterdir()]:
         info = path.lstat()  # a link's own mode is rwx for all: refused, as the cache holds none of its own
@@ -212,8 +191,7 @@ def planting_risk(directory: Path) -> str | None:
 
 
 def _withhold_write_from_others(directory: Path) -> None:
-    """What the build wrote under a umask that lets others write (002), made writable by this user alone, so that
-    the next run finds the cache safe."""
+    """What the build wrote under a umask such as 002, made writable by this user alone."""
     for path in [directory, *directory.iterdir()]:
         info = path.lstat()
         if info.st_mode & WRITABLE_BY_OTHERS and not stat.S_ISLNK(info.st_mode):
@@ -231,14 +209,10 @@ def cpu_tag() -> str:
 
 
 def openmp_runtimes() -> set[str]:
-    """The OpenMP runtime libraries mapped into this process (Linux; elsewhere none is seen)."""
+    """The OpenMP runtime libraries mapped into this process (Linux only)."""
     if not sys.platform.startswith("linux"):
         return set()
     names = ("libgomp", "libiomp", "libomp")
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "/" in line}
     return {os.path.realpath(p) for p in paths if os.path.basename(p).startswith(names)}
-
-
-def switched_off(variable: str) -> bool:
-    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")

@@ -1,11 +1,7 @@
-"""tcmalloc for a large model on the CPU: the `r1lab` command starts itself again with it preloaded.
+"""tcmalloc for a large model on the CPU: the `r1lab` command starts itself again (exec) with it preloaded.
 
-A CPU training step at the Qwen2.5-0.5B shape frees and re-allocates gigabytes of activations and gradients. glibc's
-malloc either gives those blocks back to the system (and the next step faults them in again: 13% of the step) or
-keeps them in a heap that fragments (more than 1 GB higher peak). tcmalloc, with its defaults, held r1lab's former
-hand-written allocator's throughput within 10% and its peak within 6% on both CPUs measured; jemalloc, second, did
-on an Intel Xeon but ran at 0.78x on an AMD EPYC (docs/performance.md). A malloc can only be swapped before the
-process starts, hence the relaunch: the same command line, the same process id (exec), with LD_PRELOAD set.
+At the Qwen2.5-0.5B shape glibc's malloc either returns freed gigabytes and faults them in again (13% of a step) or
+fragments (over 1 GB more at peak); tcmalloc does neither, jemalloc comes second (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -29,7 +25,6 @@ SWITCH = "R1LAB_CPU_ALLOCATOR"  # 0: keep glibc's malloc
 
 
 def preloaded() -> str | None:
-    """The candidate malloc mapped into this process, if any."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
@@ -46,8 +41,7 @@ def find_candidate() -> tuple[str, str, str | None, str | None, str] | None:
 
 
 def preload_env(env: dict) -> dict | None:
-    """env with the preferred malloc preloaded (the user's own LD_PRELOAD and settings kept); None where no candidate
-    is installed."""
+    """env with the preferred malloc preloaded (the user's LD_PRELOAD and settings kept), or None."""
     candidate = find_candidate()
     if candidate is None:
         return None
@@ -62,13 +56,15 @@ def preload_env(env: dict) -> dict | None:
 
 def wanted(weights_bytes: int, on_cpu: bool, threshold: int) -> bool:
     """A large model on the CPU, the swap not switched off, and not done already."""
-    switched_off = os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
-    return on_cpu and weights_bytes >= threshold and not switched_off and sys.platform.startswith("linux")
+    return on_cpu and weights_bytes >= threshold and not switched_off(SWITCH) and sys.platform.startswith("linux")
+
+
+def switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def relaunch_with_preferred_malloc(command: str) -> None:
-    """Replace this process with the same command line under tcmalloc (or jemalloc); return where it is already
-    preloaded, or where none is installed (with a warning that says what to install)."""
+    """Replace this process with the same command line under tcmalloc (or jemalloc), where it is not yet."""
     if preloaded():
         return
     if os.environ.get(RELAUNCHED):  # relaunched, yet not mapped: the loader refused it (it said why on stderr)

@@ -1,6 +1,5 @@
-"""This process's resident memory: its size now, and the largest size since a caller last asked, sampled every
-few milliseconds by a background thread (the kernel's own high-water mark could be reset per phase, but that would
-also reset the peak that time -v and the benchmarks read from the process's resource usage).
+"""This process's resident memory now, and its peak since the last ask, sampled by a background thread (resetting
+the kernel's high-water mark would also reset the peak that time -v reads).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def resident_bytes() -> int | None:
-    """This process's resident set size now, from /proc (None where there is none)."""
     try:
         return int(_STATM.read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
@@ -24,8 +22,7 @@ def resident_bytes() -> int | None:
 
 
 class _RssSampler(threading.Thread):
-    """The largest resident set size seen since the last take_peak(channel), per channel (the phases' clock, the
-    benchmarks' own: each reads its own), read from /proc (None where there is none)."""
+    """The largest resident set size seen since the last take_peak()."""
 
     _instance = None
 
@@ -33,7 +30,7 @@ class _RssSampler(threading.Thread):
         super().__init__(daemon=True, name="r1lab-rss-sampler")
         self.lock = threading.Lock()
         self.start_rss = resident_bytes()
-        self.peaks: dict[str, int] = {}
+        self.peak: int | None = None  # None until the first take_peak
 
     @classmethod
     def shared(cls) -> "_RssSampler":
@@ -47,16 +44,15 @@ class _RssSampler(threading.Thread):
         while True:
             rss = resident_bytes()
             with self.lock:
-                for channel, peak in self.peaks.items():
-                    self.peaks[channel] = max(peak, rss)
+                if self.peak is not None:
+                    self.peak = max(self.peak, rss)
             time.sleep(SAMPLE_EVERY_S)
 
-    def take_peak(self, channel: str = "phases") -> float | None:
-        """The peak since this channel's last call (at its first: the larger of the resident size when the sampler
-        started and now), and start a new one."""
+    def take_peak(self) -> float | None:
+        """The peak since the last call (or since the sampler started), and start a new one."""
         if self.start_rss is None:
             return None
         now = resident_bytes()
         with self.lock:
-            peak, self.peaks[channel] = max(self.peaks.get(channel, self.start_rss), now), now
+            peak, self.peak = max(self.start_rss if self.peak is None else self.peak, now), now
         return float(peak)

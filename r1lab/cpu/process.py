@@ -1,13 +1,8 @@
 """Process set-up for training commands: CPU threads and the C library's malloc.
 
-glibc returns freed memory to the operating system past a trim threshold, and serves large blocks with fresh
-mmaps, so a CPU training step that frees and re-allocates the same tens of megabytes each step pays for page faults
-on memory it just gave back: a tenth or more of a GRPO step of a small model, and most of its run-to-run variance.
-So a small model's process keeps what it freed. A large model's is the other way round: its step takes seconds,
-page faults are a small share of it, and memory kept in the heap fragments: at the Qwen2.5-0.5B shape, holding
-freed blocks raised the peak by more than 1 GB. So blocks of 128 KB or more are mapped apart and given back; and the
-`r1lab` command restarts such a process under tcmalloc where it is installed (r1lab/cpu/malloc.py), which reuses
-freed pages without the peak rising.
+A small model's process keeps what it freed: glibc giving it back costs page faults on every step (a tenth of a small
+GRPO step). A large model's gives blocks of 128 KB or more back, as held ones fragment (over 1 GB more at peak), and
+the `r1lab` command restarts it under tcmalloc where installed (malloc.py).
 """
 
 from __future__ import annotations
@@ -49,8 +44,7 @@ def weights_bytes(model: str | Path | None) -> int:
 
 
 def setup_training_process(threads: int = 0, model: str | Path | None = None, device: str = "cpu") -> None:
-    """CPU threads, the fast paths, and glibc's malloc policy for the size of the model about to be loaded from
-    `model` (none where tcmalloc or jemalloc serves this process)."""
+    """CPU threads, the fast paths, and glibc's malloc policy for the size of the model in `model`."""
     if threads:
         torch.set_num_threads(threads)
     install_fast_paths()
@@ -59,14 +53,11 @@ def setup_training_process(threads: int = 0, model: str | Path | None = None, de
 
 
 def relaunch_for_large_cpu_model(command: str, model: str | Path | None, device: str) -> None:
-    """For a large model on the CPU (`device` "auto": CUDA where there is one), start this command again under
-    tcmalloc (r1lab/cpu/malloc.py). On a GPU, the host's large blocks are the weights on their way to the device:
-    glibc's policy is enough."""
+    """For a large model on the CPU, start this command again under tcmalloc (on a GPU glibc's policy is enough)."""
     if malloc.wanted(weights_bytes(model), model is not None and pick_device(device).type == "cpu", LARGE_MODEL_BYTES):
         malloc.relaunch_with_preferred_malloc(command)
 
 
 def install_fast_paths() -> None:
-    """The model's CPU fast paths (model/layers.py's FAST_PATHS, the one door through which cpu/ reaches the model):
-    the decode kernel's products over a few rows."""
+    """The model's CPU fast paths (model/layers.py's FAST_PATHS): the decode kernel's products over a few rows."""
     FAST_PATHS.few_rows_linear = decode_kernel.few_rows_linear

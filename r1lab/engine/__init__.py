@@ -1,3 +1,1 @@
-"""How tokens are sampled: the batched engine with its KV cache, continuous batching, static decode, and tool calls
-inside generation.
-"""
+"""How tokens are sampled: the batched engine, continuous batching, static decode, tool calls inside generation."""

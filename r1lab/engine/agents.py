@@ -1,15 +1,11 @@
 """Agents that call the policy through an OpenAI client (`--task agent:MODULE:FUNCTION`,
 r1lab/rewards/environments/agent_env.py), and what answers the policy between its turns in a command (rollout_turns).
 
-For a batch of rollouts, an OpenAI-compatible endpoint (`POST {base_url}/chat/completions`) is served on a loopback
-port, backed by the policy: each agent's API key names its rollout, and the requests in flight are batched into one
-generate call in the caller's thread. Token in, token out: a rollout's first request is rendered by the template; a
-later one that extends the conversation as served appends only its new messages, as the template renders them after
-an assistant turn (tools.context_delta), so the sample trained on is exactly the served tokens.
-A request that does not extend it (history rewritten, or a reply cut by length) is answered from its own rendering
-but not trained on: the sample stops before it (counted in env/rewritten_history). Sampling settings are the run's;
-stream, stop, n > 1 and tools are refused (HTTP 400). A rollout's requests share its max_new_tokens; one past it gets
-an empty reply with finish_reason "length".
+For a batch of rollouts, an OpenAI-compatible endpoint is served on a loopback port; each agent's API key names its
+rollout, and the requests in flight are batched into one generate call. Token in, token out: a request that extends
+the conversation as served appends only its new messages (tools.context_delta), so the sample trained on is exactly
+the served tokens; one that does not is answered but not trained on (env/rewritten_history). A rollout's requests
+share its max_new_tokens.
 """
 
 from __future__ import annotations
@@ -48,8 +44,7 @@ def rollout_turns(cfg: Any, task: Any, problems: list, tokenizer: Any) -> Turns 
 
 @dataclass
 class _Chain(_Rollout):
-    """A rollout as served: its sample, the conversation as returned to its agent, and whether later requests still
-    extend it (pending not None)."""
+    """A rollout as served; pending not None while later requests still extend it."""
 
     served: list[dict] = field(default_factory=list)
     spent: int = 0  # tokens sampled for requests outside the sample (after a rewrite)
@@ -210,8 +205,7 @@ _WARNED: set[tuple[str, str]] = set()
 
 
 def _gather(requests: queue.Queue, agents: threading.Thread, live: int) -> list[_Request]:
-    """The requests waiting, and those that come while not every live agent has asked, until none came for
-    GATHER_S."""
+    """The requests waiting, and those that come until none came for GATHER_S or every live agent asked."""
     try:
         batch = [requests.get(timeout=0.05)]
     except queue.Empty:

@@ -1,9 +1,7 @@
 """Batched sampling with a KV cache: the one sampler behind RL rollouts, evaluation and chat.
 
-Prompts are left-padded and prefilled once; each prompt's cache is copied to its `num_samples` rows, so a GRPO group
-pays for one prefill. Finished rows are dropped from the batch as they accumulate. On a GPU the decode step keeps fixed
-shapes and is replayed as a CUDA graph (static_decode.py); outputs stay on the device until the batch ends. With
-max_rows, a finished sequence's row goes to the next waiting one (continuous batching, slots.py).
+Each prompt is prefilled once for its `num_samples` rows; finished rows are dropped from the batch as they accumulate.
+On a GPU the decode step is replayed as a CUDA graph (static_decode.py); outputs stay on the device until the end.
 """
 
 from __future__ import annotations
@@ -66,10 +64,9 @@ FINISHED_CHECK_EVERY = 16  # static decoding: how often the host asks whether ev
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, decode: str = "auto", speculative: str = "none",
                  speculative_tokens: int = 1):
-        """decode: "dynamic" (the cache grows, finished rows are compacted away: best on a CPU), "static" (fixed
-        shapes), "graph" (static, replayed as a CUDA graph) or "auto": graph on CUDA unless the model is an MoE,
-        dynamic elsewhere. speculative: "mtp" (the model's multi-token prediction module drafts) or "draft:DIR" (the
-        model in DIR drafts), speculative_tokens drafts a step (a live batch drafts one)."""
+        """decode: "dynamic" (best on a CPU), "static" (fixed shapes), "graph" (static, as a CUDA graph) or "auto".
+        speculative: "mtp" (the model's MTP module drafts) or "draft:DIR" (the model in DIR drafts), speculative_tokens
+        drafts a step (a live batch drafts one)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode {decode!r} is not one of {', '.join(DECODE_MODES)}")
         self.draft = self._draft_model(model, speculative)
@@ -132,12 +129,9 @@ class Engine:
                  on_step: StepCallback | None = None, step_logprobs: bool = False, max_rows: int = 0) -> list[Sample]:
         """num_samples completions per prompt, prompt-major: prompt i's j-th sample is at i * num_samples + j.
 
-        max_new_tokens, temperature, top_p, top_k and seed take one value or a list with one per prompt. With
-        per-prompt seeds each sample draws from its own generator, so its tokens do not depend on its batch-mates.
-        on_step(rows, tokens) (with step_logprobs: on_step(rows, tokens, logprobs)) is called after every decode step
-        with the output rows that produced a token; it may return rows to end now (finish_reason "abort").
-        max_rows > 0 runs at most that many sequences at a time, with continuous batching (slots.py); with static
-        decoding it then syncs with the device every step.
+        max_new_tokens, temperature, top_p, top_k and seed take one value or one per prompt (per-prompt seeds: each
+        sample's own generator). on_step(rows, tokens[, logprobs]) is called after every step and may return rows to
+        end now ("abort"). max_rows > 0 runs at most that many sequences at once (continuous batching, slots.py).
         """
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt, each with at least one token")

@@ -1,28 +1,11 @@
 """A continuous batch that sequences join and leave between decode steps: the engine under `r1lab serve`.
 
-Engine.generate(max_rows=N) runs a set of sequences fixed when it is called. A server's requests arrive while others
-run, so here a sequence is added at any time (add) and takes a row at the next step, its prompt prefilled by a forward
-of its own; step() samples one token for every running sequence and feeds them forward together. Each sequence keeps
-its own sampling settings (vLLM's min-p and penalties included), token limit, stop strings and random generator, so
-a seeded sequence samples the same tokens whoever runs beside it (its logits differ only by float rounding).
-
-The layout is Slots' (r1lab/engine/slots.py). The running sequences are kept packed in the first rows (a row freed
-takes the last row's contents), so a step's forward covers only the rows in use; the buffers start small and double
-(rows or columns) when they must.
-
-A sequence can be taken out of a batch (take): running, its row's keys are copied aside and the row freed. Put back,
-into the same batch or another (put), it takes a row again and goes on exactly where it stopped (rotary positions
-travel with the keys, its generator is its own). A server parks a client's rows this way to give a client that just
-arrived its share of the rows at once, and moves a heavy client's rows to a batch of their own so that they do not
-slow a light client's steps (r1lab/serve/batcher.py).
-With an engine that drafts (Engine(speculative="mtp" or "draft:DIR")), each running sequence holds its next token
-(pending: sampled, not fed yet) and a draft after it; one forward over [pending, draft] for all rows verifies the
-drafts by speculative decoding's rule (r1lab/engine/speculative.py), so a step gives a sequence one token or two, each
-distributed as the plain step would draw it (greedy: the same tokens). The drafter's cache lies beside the model's in
-the same rows and columns, and follows every row move. A newcomer's prompt is prefilled but its last token, which the
-first step feeds with no draft; a sequence with penalties never drafts (its next token's penalties depend on the
-token before it), so it samples one token a step, from the penalised logits, as without drafts.
-Not thread-safe: one thread owns a LiveBatch.
+A sequence is added at any time and takes a row at the next step; step() samples one token for every running one.
+Each keeps its own settings and generator, so a seeded sequence samples the same tokens whoever runs beside it. The
+layout is Slots' (slots.py), running sequences packed in the first rows. A sequence can be taken out and put back,
+here or in another batch, and goes on exactly where it stopped. With an engine that drafts, each row holds its next
+token (pending) and a draft after it, verified together by speculative decoding's rule (speculative.py); a sequence
+with penalties never drafts. Not thread-safe: one thread owns a LiveBatch.
 """
 
 from __future__ import annotations
@@ -35,7 +18,7 @@ import torch
 
 from r1lab.engine.engine import Engine
 from r1lab.engine.sampling import NO_PENALTIES, Penalties, row_generator, sample_next
-from r1lab.engine.slots import Slots, left_padded, prefill, slide_columns
+from r1lab.engine.slots import Slots, copy_columns, left_padded, prefill, slide_columns
 from r1lab.engine.speculative import Greedy, Sampled, catch_up, drafter_config, gather, target_log_probs
 from r1lab.model.transformer import KVCache
 
@@ -82,8 +65,7 @@ class Sequence:
     parked: _Parked | None = None
 
     @property
-    def span(self) -> int:
-        """Columns it needs before the clock when it takes a row."""
+    def span(self) -> int:  # columns it needs before the clock when it takes a row
         return len(self.prompt) if self.parked is None else len(self.parked.key_mask)
 
 
@@ -115,18 +97,16 @@ class LiveBatch(Slots):
             top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
             frequency_penalty: float = 0.0, seed: int | None = None, stop_strings: tuple[str, ...] = (),
             output_start: int | None = None) -> int:
-        """Queue a sequence; it starts at the next step (when a slot is free). With a seed and no min-p or penalties
-        its tokens are those of Engine.generate([prompt_ids], seed=[seed], ...) with the same settings. The penalties
-        (r1lab/engine/sampling.py Penalties) count the output from prompt_ids[output_start:] on (default: the sampled
-        tokens only). Returns its id."""
+        """Queue a sequence (it starts when a slot is free) and return its id. With a seed and no min-p or penalties
+        its tokens are Engine.generate's with the same settings. The penalties count the output from
+        prompt_ids[output_start:] on (default: the sampled tokens only)."""
         if not prompt_ids or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
         seq = Sequence(next(_sequence_ids), list(prompt_ids), max_new_tokens, temperature, top_p, top_k,
                        tuple(stop_strings), row_generator(seed, 0, self.device), min_p,
                        (repetition_penalty, presence_penalty, frequency_penalty),
                        len(prompt_ids) if output_start is None else output_start)
-        self.sequences[seq.id] = seq
-        self.waiting.append(seq)
+        self.put(seq)
         return seq.id
 
     @torch.inference_mode()
@@ -142,8 +122,7 @@ class LiveBatch(Slots):
 
     @torch.inference_mode()
     def take(self, seq_id: int) -> Sequence:
-        """Remove a sequence to put() it back later, here or into another LiveBatch of the same engine: running, its
-        row's keys are set aside and the row freed; it then goes on where it stopped, with the same tokens."""
+        """Remove a sequence to put() back later, here or into another LiveBatch of the same engine."""
         seq = self.sequences.pop(seq_id)
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -160,14 +139,13 @@ class LiveBatch(Slots):
         return seq
 
     def put(self, seq: Sequence) -> None:
-        """A sequence taken from this batch or another waits for a row (it has one at the next step, if free)."""
+        """A sequence taken from this batch or another waits for a row."""
         self.sequences[seq.id] = seq
         self.waiting.append(seq)
 
     @torch.inference_mode()
     def step(self) -> list[StepToken]:
-        """Give free rows to waiting sequences, sample one token for every running sequence and feed the tokens
-        forward. Returns each running sequence's token; those that ended leave the batch."""
+        """Give free rows to waiting sequences, sample and feed one token for every running one; return them."""
         self._admit()
         B = len(self.rows)
         if B == 0:
@@ -176,9 +154,8 @@ class LiveBatch(Slots):
             return self._step_drafting(B)
         params = self._row_params()
         tokens, logprobs = sample_next(self.logits[:B], *params)  # (B,), (B,)
-        penalties = params[-1]
-        if penalties is not None:
-            penalties.record(tokens)
+        if params[-1] is not None:
+            params[-1].record(tokens)
         out = [StepToken(seq.id, token, logprob, self._finish_reason(seq, token))
                for seq, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist())]
         self._make_room(B, self.first_column[:B], self.clock)  # the clock before a slide: a full cache also grows
@@ -186,11 +163,8 @@ class LiveBatch(Slots):
         self._leave([r for r, t in enumerate(out) if t.finish_reason is not None])
         return out
 
-    # --- inside ----------------------------------------------------------------------------------------------------
-
     def _step_drafting(self, B: int) -> list[StepToken]:
-        """One forward over every row's [pending, draft] (both caches write two columns); each row keeps the token
-        after pending and, after an accepted draft, the bonus token after it; then the drafter drafts again."""
+        """One forward verifies every row's [pending, draft]; then the drafter drafts again."""
         params = self._row_params()
         self._make_room(B, self.first_column[:B], self.clock + 2)  # a draft model writes up to clock + 2
         c, a = self.clock, self.ahead
@@ -218,7 +192,6 @@ class LiveBatch(Slots):
         return self._emit(token, accept, bonus, gather(logp[:, 0], token), gather(logp[:, 1], bonus), drafted)
 
     def _rule(self, params: tuple, rows: torch.Tensor) -> Greedy | Sampled:
-        """Speculative decoding's rule for these rows, with their settings and generators."""
         temperature, top_k, top_p, generators, min_p, _ = params
         if not bool((temperature[rows] > 0).any()):
             return Greedy()
@@ -226,8 +199,7 @@ class LiveBatch(Slots):
                        min_p[rows])
 
     def _verify(self, target: torch.Tensor, drafted: torch.Tensor, params: tuple):
-        """(accept, the token after pending, the bonus token after an accepted draft), each (B,): by the rule for
-        rows with a draft, by the plain sampler for the others (their draft counts as rejected)."""
+        """(accept, the token after pending, the bonus token), each (B,): rows without a draft sample plainly."""
         accept, token = torch.zeros_like(drafted), torch.zeros_like(self.pending[: len(drafted)])
         bonus = token.clone()
         rows, plain = drafted.nonzero().squeeze(-1), (~drafted).nonzero().squeeze(-1)
@@ -243,8 +215,7 @@ class LiveBatch(Slots):
         return accept, token, bonus
 
     def _propose(self, draft_logits: torch.Tensor, params: tuple) -> None:
-        """Each row without penalties drafts its next token (its distribution kept in logits: one-hot when
-        greedy); the penalised ones draft nothing."""
+        """Rows without penalties draft their next token (its distribution kept in logits)."""
         B = len(draft_logits)
         self.draft[:B] = -1
         rows = torch.tensor([r for r, s in enumerate(self.rows) if s.penalties == NO_PENALTIES], dtype=torch.long,
@@ -256,7 +227,6 @@ class LiveBatch(Slots):
                 torch.zeros_like(self.logits[rows]).scatter_(-1, draft[:, None], 1.0)
 
     def _emit(self, token, accept, bonus, token_logp, bonus_logp, drafted) -> list[StepToken]:
-        """Each row's token, and its bonus token unless the first ended it; the ended rows leave the batch."""
         out, ended = [], []
         for r, (seq, t, kept, b, lp, blp) in enumerate(zip(self.rows, token.tolist(), accept.tolist(), bonus.tolist(),
                                                            token_logp.tolist(), bonus_logp.tolist())):
@@ -272,8 +242,7 @@ class LiveBatch(Slots):
         return out
 
     def _leave(self, ended: list[int]) -> None:
-        """These rows' sequences ended: they leave the batch, from the last row on (so that a row moved into a freed
-        one is never one that ended)."""
+        # from the last row on, so that a row moved into a freed one is never one that ended
         for r in reversed(ended):
             del self.sequences[self.rows[r].id]
             self._free_row(r)
@@ -287,9 +256,7 @@ class LiveBatch(Slots):
         return "length" if len(seq.generated) >= seq.max_new_tokens else None
 
     def _row_params(self) -> tuple:
-        """sample_next's (temperature, top_k, top_p, generators, min_p, penalties): (B, 1) tensors, the rows'
-        generators and their Penalties (None when no row has any), rebuilt when the rows change; between changes
-        step() records each sampled token in the penalties' statistics."""
+        """sample_next's (temperature, top_k, top_p, generators, min_p, penalties), rebuilt when the rows change."""
         if self._params is None:
             column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=self.device)[:, None]  # noqa: E731
             self._params = (column([s.temperature for s in self.rows], torch.float32),
@@ -301,7 +268,6 @@ class LiveBatch(Slots):
         return self._params
 
     def _penalties(self) -> Penalties | None:
-        """The running rows' penalties and the tokens they read (listed only for rows that have penalties)."""
         if all(s.penalties == NO_PENALTIES for s in self.rows):
             return None
         counted = [s if s.penalties != NO_PENALTIES else None for s in self.rows]
@@ -311,7 +277,7 @@ class LiveBatch(Slots):
                                self.logits.shape[1], self.device)
 
     def _admit(self) -> None:
-        """The waiting sequences take the free rows: new prompts prefilled together, parked rows copied back."""
+        """The waiting sequences take the free rows: new prompts prefilled together, parked ones copied back."""
         n = min(self.n_slots - len(self.rows), len(self.waiting))
         if n <= 0:
             return
@@ -344,9 +310,8 @@ class LiveBatch(Slots):
         self._params = None
 
     def _prefill_drafting(self, prompts: list[list[int]]):
-        """The model reads each prompt but its last token (the first step feeds that one), the drafter what lets it
-        draft after that step: the MTP module each of those positions with the token after it, a draft model the
-        whole prompt. Returns both caches, the model's left-padded to P columns, a draft model's to P + 1."""
+        """The model reads each prompt but its last token (the first step feeds it), the MTP module those positions
+        with the token after each, a draft model the whole prompt. Returns both caches (P, P + ahead columns), P."""
         pad, P = self.engine.tokenizer.pad_id, max(1, max(len(p) for p in prompts) - 1)
         ids, key_mask, positions = left_padded([p[:-1] for p in prompts], pad, self.device, P)  # (n, P)
         cache = KVCache(self.model.config, len(prompts), P, self.dtype, self.device)
@@ -362,14 +327,12 @@ class LiveBatch(Slots):
 
     def _enter_drafter(self, r: int, source: KVCache, source_row: int, source_start: int, n: int,
                        key_mask: torch.Tensor | bool = True) -> None:
-        """Row r of the drafter's cache takes n columns from its first column on, as _enter did the model's."""
         start = int(self.first_column[r])
         self.draft_cache.copy_row(r, start, source, source_row, source_start, n)
         self.draft_key_mask[r] = False
         self.draft_key_mask[r, start : start + n] = key_mask
 
     def _row_copy(self, cache: KVCache, config, r: int, start: int, end: int) -> KVCache:
-        """Columns [start, end) of cache's row r, as a cache of their own."""
         copy = KVCache(config, 1, end - start, self.dtype, self.device)
         copy.copy_row(0, 0, cache, r, start, end - start)
         return copy
@@ -380,7 +343,6 @@ class LiveBatch(Slots):
         super()._slide(B, shift)
 
     def _resize(self, n_rows: int, width: int) -> None:
-        """Slots' buffers and, drafting, the drafter's cache and key mask, each row's pending token and draft."""
         old = (self.draft_cache, self.draft_key_mask, self.pending, self.draft) \
             if self.drafting and self.cache is not None else None
         super()._resize(n_rows, width)
@@ -393,13 +355,11 @@ class LiveBatch(Slots):
         if old is not None:
             cache, key_mask, pending, draft = old
             n, c = key_mask.shape
-            for layer, old_layer in zip(self.draft_cache.layers, cache.layers):
-                for t, s in zip(layer, old_layer):
-                    t[:n, :, :c] = s
+            copy_columns(self.draft_cache, cache, c)
             self.draft_key_mask[:n, :c], self.pending[:n], self.draft[:n] = key_mask, pending, draft
 
     def _free_row(self, r: int) -> None:
-        """Row r leaves the batch; the last row's sequence moves into it, so the running rows stay packed."""
+        """Row r leaves the batch; the last row's sequence moves into it."""
         last = len(self.rows) - 1
         if r != last:
             start = int(self.first_column[last])

@@ -1,6 +1,5 @@
-"""Choosing the next token: temperature, top-k, top-p and min-p per row, from a seeded generator, after vLLM's
-repetition, presence and frequency penalties (the server's); and the per-step seeds that make runs resumable and
-reproducible.
+"""Choosing the next token: temperature, top-k, top-p and min-p per row, from seeded generators, after vLLM's
+penalties; and the per-step seeds that make runs resumable and reproducible.
 """
 
 from __future__ import annotations
@@ -22,26 +21,18 @@ Param = float | torch.Tensor  # one value for the whole batch, or a (B, 1) tenso
 def sample_next(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param,
                 generator: torch.Generator | list[torch.Generator] | None, min_p: Param = 0.0,
                 penalties: Penalties | None = None):
-    """Sample one token per row. Returns (tokens (B,), logprobs (B,)).
+    """Sample one token per row: (tokens (B,), logprobs (B,)).
 
-    The log-prob is taken under softmax(logits / temperature) before top-k/top-p/min-p truncation: that is the
-    distribution the training pass recomputes, so old and new log-probs agree. With penalties (the server's; training
-    never sets them) the logits are the penalised ones, so the log-prob is still that of the distribution the token was
-    drawn from before truncation. Rows with temperature 0 are greedy over the (penalised) logits (their log-prob is
-    taken at temperature 1). Each parameter is a number or a (B, 1) tensor of per-row values; generator is one
-    generator for the batch or one per row (a row's draws then do not depend on its batch-mates).
+    The log-prob is under softmax(logits / temperature) before truncation (of the penalised logits, with penalties):
+    the distribution the training pass recomputes. Rows at temperature 0 are greedy, their log-prob at temperature 1.
+    Each parameter is a number or a (B, 1) tensor; generator is one for the batch or one per row.
     """
     logits = logits.float()
     if penalties is not None:  # before temperature, as vLLM and transformers apply them
         logits = penalties.apply(logits)
     if not torch.is_tensor(temperature) and temperature <= 0:
         return _greedy(logits)
-    greedy_rows = temperature <= 0 if torch.is_tensor(temperature) else None
-    if greedy_rows is not None:
-        temperature = temperature.masked_fill(greedy_rows, 1.0)
-    scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
-    probs = scaled.softmax(-1)  # (B, V); on a CPU the fused softmax costs less than a separate max and exp
-    keep = _truncation_mask(scaled, probs, top_k, top_p, min_p)
+    greedy_rows, probs, keep = _distribution(logits, temperature, top_k, top_p, min_p)
     tokens = inverse_cdf_sample(probs * keep if keep is not None else probs,
                                  uniforms(len(probs), generator, probs.device))
     logprobs = probs.gather(-1, tokens[:, None]).squeeze(-1).log()  # a sampled token's probability is never 0
@@ -57,8 +48,8 @@ NO_PENALTIES = (1.0, 0.0, 0.0)  # (repetition, presence, frequency) that change 
 
 @dataclass
 class Penalties:
-    """vLLM's repetition penalty and OpenAI's presence and frequency penalties, one value per row, with the token
-    statistics they read. A row at the neutral values (1, 0, 0) keeps its logits bit for bit."""
+    """vLLM's repetition and OpenAI's presence and frequency penalties per row, with the token statistics they read.
+    A row at the neutral values (1, 0, 0) keeps its logits bit for bit."""
 
     repetition: torch.Tensor  # (B, 1) a prompt or output token's logit is divided by it when positive, else multiplied
     presence: torch.Tensor  # (B, 1) subtracted from the logit of each token the output holds
@@ -69,8 +60,7 @@ class Penalties:
     @classmethod
     def build(cls, values: list[tuple[float, float, float]], contexts: list[list[int]], outputs: list[list[int]],
               vocab_size: int, device) -> Penalties:
-        """values: (repetition, presence, frequency) per row; contexts: each row's prompt and output tokens; outputs:
-        its output tokens (those that presence and frequency count)."""
+        """Per row: (repetition, presence, frequency), prompt + output tokens, and output tokens."""
         B = len(values)
         seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
         counts = torch.zeros(B, vocab_size, device=device)
@@ -89,9 +79,18 @@ class Penalties:
         return logits - self.frequency * self.counts - self.presence * (self.counts > 0)
 
     def record(self, tokens: torch.Tensor) -> None:
-        """Each row's sampled token (B,) joins its output."""
         self.seen.scatter_(1, tokens[:, None], True)
         self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(self.counts[:, :1]))
+
+
+def _distribution(logits: torch.Tensor, temperature: Param, top_k, top_p, min_p):
+    """(the greedy rows (B, 1) or None, softmax(logits / temperature) (B, V), the truncation mask or None)."""
+    greedy_rows = temperature <= 0 if torch.is_tensor(temperature) else None
+    if greedy_rows is not None:
+        temperature = temperature.masked_fill(greedy_rows, 1.0)
+    scaled = logits / temperature if torch.is_tensor(temperature) or temperature != 1.0 else logits  # (B, V)
+    probs = scaled.softmax(-1)  # on a CPU the fused softmax costs less than a separate max and exp
+    return greedy_rows, probs, _truncation_mask(scaled, probs, top_k, top_p, min_p)
 
 
 def _greedy(logits: torch.Tensor):
@@ -100,8 +99,7 @@ def _greedy(logits: torch.Tensor):
 
 
 def _truncation_mask(scaled, weights, top_k, top_p, min_p=0.0) -> torch.Tensor | None:
-    """(B, V) bool of the tokens top-k, min-p and top-p keep, or None when none truncates. Top-p takes its share of
-    what top-k and min-p keep, as in vLLM."""
+    """(B, V) the tokens top-k, min-p and top-p keep (None: all); top-p after the others, as in vLLM."""
     V = scaled.shape[-1]
     keep = None
     k_max = int(top_k.max()) if torch.is_tensor(top_k) else top_k
@@ -127,11 +125,10 @@ NUCLEUS_FIRST_K = 1024
 
 
 def _nucleus(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
-    """(B, V) bool: each row's most probable tokens, in order, while the mass before each is below top_p.
+    """(B, V) bool: each row's most probable tokens while the mass before each is below top_p.
 
-    Sorting a 150k vocabulary costs about twice the LM head of a decode step on a CPU; a trained policy's nucleus is
-    a few tokens. So the NUCLEUS_FIRST_K most probable are taken first, and the whole row is sorted only when they
-    do not reach top_p (a token past them has at least their mass before it: dropped either way)."""
+    Sorting a 150k vocabulary costs twice a CPU decode step's LM head, and a trained policy's nucleus is a few
+    tokens: the whole row is sorted only when the NUCLEUS_FIRST_K most probable do not reach top_p."""
     V = probs.shape[-1]
     total = probs.sum(-1, keepdim=True)
     k = min(NUCLEUS_FIRST_K, V)
@@ -146,7 +143,7 @@ def _nucleus(probs: torch.Tensor, top_p: Param) -> torch.Tensor:
 
 
 def uniforms(n: int, generator, device, per_row: int = 1) -> torch.Tensor:
-    """(n, per_row) uniform draws: from one batch generator, or per_row from each row's own generator (one call)."""
+    """(n, per_row) uniform draws: from one batch generator, or per_row from each row's own."""
     if isinstance(generator, list):
         return torch.stack([torch.rand(per_row, generator=g, device=device) for g in generator])
     return torch.rand(n, per_row, generator=generator, device=device)
@@ -155,9 +152,8 @@ def uniforms(n: int, generator, device, per_row: int = 1) -> torch.Tensor:
 def inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64) -> torch.Tensor:
     """One draw per row from (B, V) non-negative weights, given a uniform number per row (B, 1).
 
-    Two-level inverse CDF: the cumulative sum runs over blocks of `block` tokens, then inside the one chosen block.
-    torch.multinomial draws an exponential variate per vocabulary entry, and a cumulative sum over the whole
-    vocabulary is sequential per row; on a CPU either costs about as much as the model's decode step.
+    A two-level inverse CDF, over blocks of `block` tokens, then inside the chosen one: on a CPU torch.multinomial or
+    a cumulative sum over the whole vocabulary costs about as much as the model's decode step.
     """
     B, V = weights.shape
     n_blocks = -(-V // block)
@@ -175,7 +171,7 @@ def inverse_cdf_sample(weights: torch.Tensor, u: torch.Tensor, block: int = 64) 
 
 @dataclass
 class _RowParams:
-    """Sampling settings as scalars (one for the batch, the fast path) or per output row (N, 1) tensors."""
+    """Sampling settings as scalars (the fast path) or per output row (N, 1) tensors."""
 
     temperature: float | torch.Tensor
     top_k: int | torch.Tensor
@@ -207,7 +203,7 @@ class _RowParams:
                    generator, limits.squeeze(-1) if torch.is_tensor(limits) else None, max_steps)
 
     def for_rows(self, rows: torch.Tensor) -> tuple:
-        """(temperature, top_k, top_p, generator) for the batch's current rows (they shrink as rows finish)."""
+        """(temperature, top_k, top_p, generator) for the batch's current rows."""
         pick = lambda v: v[rows] if torch.is_tensor(v) else v  # noqa: E731
         gen = [self.generator[r] for r in rows.tolist()] if isinstance(self.generator, list) else self.generator
         return pick(self.temperature), pick(self.top_k), pick(self.top_p), gen
@@ -224,15 +220,11 @@ def row_generator(seed: int | None, sample: int, device) -> torch.Generator:
 
 def sampling_probs(logits: torch.Tensor, temperature: Param, top_k: int | torch.Tensor, top_p: Param,
                    min_p: Param = 0.0) -> torch.Tensor:
-    """(B, V) the distribution sample_next draws from: softmax(logits / temperature) after top-k/top-p/min-p truncation,
-    renormalised; one-hot at the argmax for greedy rows (temperature 0). Speculative decoding's target and draft."""
+    """The distribution sample_next draws from, renormalised (one-hot when greedy): speculative decoding's."""
     logits = logits.float()
     t = temperature if torch.is_tensor(temperature) else \
         torch.full((len(logits), 1), float(temperature), device=logits.device)
-    greedy = t <= 0  # (B, 1)
-    scaled = logits / t.masked_fill(greedy, 1.0)
-    probs = scaled.softmax(-1)
-    keep = _truncation_mask(scaled, probs, top_k, top_p, min_p)
+    greedy, probs, keep = _distribution(logits, t, top_k, top_p, min_p)
     if keep is not None:
         probs = probs * keep
         probs = probs / probs.sum(-1, keepdim=True)

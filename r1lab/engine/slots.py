@@ -1,9 +1,9 @@
 """Continuous batching: sequences in the rows of one KV cache, a finished one's row going to a waiting one.
 
-Slots is the layout, for Engine.generate (FixedSlots, below) and the server's LiveBatch (r1lab/engine/live_batch.py):
-every row writes its next key at the same cache column (the clock), so one decode step is one forward over the rows.
-A newcomer's keys end just before the clock and its key mask hides the rest of its row; columns no running row
-attends any more are slid out from time to time. Rotary positions travel with the keys, so a slide changes nothing.
+Slots is the layout of Engine.generate's FixedSlots and the server's LiveBatch: every row writes its next key at the
+same cache column (the clock), so a decode step is one forward over the rows. A newcomer's keys end just before the
+clock, its key mask hiding the rest of its row; columns no row attends any more are slid out from time to time
+(rotary positions travel with the keys, so a slide changes nothing).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ SLIDE_SHARE = 4  # ... and they are at least 1 / SLIDE_SHARE of the columns in u
 
 
 def left_padded(prompts: list[list[int]], pad_id: int, device, width: int = 0):
-    """The prompts left-padded to width (at least the longest, P): ids, key mask and position ids, each (n, P)."""
+    """The prompts left-padded to width (at least the longest): ids, key mask and position ids, each (n, P)."""
     P = max(width, *(len(p) for p in prompts))
     ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (n, P)
     key_mask = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=device)
@@ -29,8 +29,7 @@ def left_padded(prompts: list[list[int]], pad_id: int, device, width: int = 0):
 
 
 def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_columns: int = 0):
-    """One forward over these prompts, left-padded to the longest (P): their cache (P + extra_columns columns),
-    last logits (n, V) and key mask (n, P)."""
+    """One forward over the prompts, left-padded: their cache (P + extra_columns), last logits and key mask."""
     device = next(model.parameters()).device
     ids, key_mask, positions = left_padded(prompts, pad_id, device)
     P = ids.shape[1]
@@ -40,7 +39,7 @@ def prefill(model: CausalLM, prompts: list[list[int]], pad_id: int, extra_column
 
 def drop_finished(batch, tokens: torch.Tensor, cache: KVCache, decoder: StaticDecoder | None, names: tuple[str, ...]):
     """Once a quarter of batch's rows are finished (half with a static decoder, captured anew), drop them from its
-    per-row tensors (names, and finished), the cache (or the decoder) and tokens (B,). Returns (tokens, decoder)."""
+    tensors (names, and finished), the cache (or the decoder) and tokens. Returns (tokens, decoder)."""
     n_done = int(batch.finished.sum())
     if n_done == 0 or n_done * (4 if decoder is None else 2) < len(batch.finished):
         return tokens, decoder
@@ -54,16 +53,22 @@ def drop_finished(batch, tokens: torch.Tensor, cache: KVCache, decoder: StaticDe
     return tokens[keep], decoder
 
 
+def copy_columns(new: KVCache, old: KVCache, columns: int) -> None:
+    """old's first columns into new's first rows (a larger cache)."""
+    for layer, old_layer in zip(new.layers, old.layers):
+        for t, s in zip(layer, old_layer):
+            t[: len(s), :, :columns] = s[:, :, :columns]
+
+
 def slide_columns(cache: KVCache, key_mask: torch.Tensor, shift: int, used: int) -> None:
-    """Columns [shift, used) of the cache and its key mask (B, width) to [0, used - shift); none real after."""
+    """Columns [shift, used) of the cache and its key mask to [0, used - shift); none real after."""
     cache.slide(shift, used)
     key_mask[:, : used - shift] = key_mask[:, shift:used].clone()
     key_mask[:, used - shift :] = False
 
 
 class Slots:
-    """The rows' buffers: KV cache, key_mask (rows, width) real keys of each row, first_column where each row's keys
-    start, positions the position id of each row's next token, logits (rows, V) of its next token; and the clock."""
+    """The rows' buffers (KV cache, key_mask, first_column, positions, logits) and the clock."""
 
     def __init__(self, model: CausalLM, n_slots: int, n_rows: int, width: int, floor: int = 0):
         """At most n_slots rows; buffers of n_rows x width to start with; the clock never slides below floor."""
@@ -75,7 +80,7 @@ class Slots:
 
     def _enter(self, r: int, source: KVCache, source_row: int, source_start: int, span: int, logits: torch.Tensor,
                position: int, key_mask: torch.Tensor | bool = True) -> None:
-        """Row r takes a sequence whose span columns (source's row from source_start) end just before the clock."""
+        """Row r takes span columns of source's row, ending just before the clock."""
         start = self.clock - span
         self.cache.copy_row(r, start, source, source_row, source_start, span)
         self.key_mask[r] = False
@@ -83,7 +88,7 @@ class Slots:
         self.first_column[r], self.positions[r], self.logits[r] = start, position, logits
 
     def _decode(self, tokens: torch.Tensor) -> None:
-        """Feed the first len(tokens) rows their next token: they write at the clock, then read the new logits."""
+        """Feed the first len(tokens) rows their next token, written at the clock."""
         B = len(tokens)
         if self.decoder is not None:  # it writes at the clock and unmasks that column itself
             self.logits[:B] = self.decoder.step(tokens, self.positions[:B])
@@ -96,9 +101,8 @@ class Slots:
         self.positions[:B] += 1
 
     def _make_room(self, B: int, starts: torch.Tensor, clock_at_least: int = 0, new_rows: int = 0) -> None:
-        """Room for the clock to be at clock_at_least or more and write there, and for new_rows rows beside the first
-        B. starts: the running rows' first columns; the columns before them all are slid out when they are many or
-        the cache is full (only when full with a static decoder); the buffers double when still short."""
+        """Room for the clock at clock_at_least and for new_rows rows beside the first B: the columns before starts
+        slid out when many (static decoder: only when full), the buffers doubled when still short."""
         shift = min(int(starts.min()) if len(starts) else self.clock, self.clock - self.floor)
         width = self.key_mask.shape[1]
         full = max(self.clock, clock_at_least) + 1 > width
@@ -118,7 +122,6 @@ class Slots:
         slide_columns(self.cache.first_rows(B), self.key_mask[:B], shift, self.clock)
 
     def _resize(self, n_rows: int, width: int) -> None:
-        """New buffers of this size (never smaller), holding the rows' columns so far."""
         old = None if self.cache is None else (self.cache, self.key_mask, self.first_column, self.positions,
                                                self.logits)
         self.cache = KVCache(self.model.config, n_rows, width, self.dtype, self.device)
@@ -129,22 +132,18 @@ class Slots:
         if old is not None:
             cache, key_mask, first_column, positions, logits = old
             n, c = len(key_mask), self.clock
-            for layer, old_layer in zip(self.cache.layers, cache.layers):
-                for t, s in zip(layer, old_layer):
-                    t[:n, :, :c] = s[:, :, :c]
+            copy_columns(self.cache, cache, c)
             self.key_mask[:n, :c] = key_mask[:, :c]
             self.first_column[:n], self.positions[:n], self.logits[:n] = first_column, positions, logits
 
 
 class FixedSlots(Slots):
-    """Engine.generate's batch over sequences fixed up front: num_samples per prompt, output rows prompt-major, at
-    most n_slots running. rows (B,) output row of each slot, finished (B,) (empty slots too), logits (B, V). A prompt
-    is prefilled once for all its samples; with a static decoder its mask is the key mask."""
+    """Engine.generate's batch over sequences fixed up front (num_samples per prompt): rows (B,) the output row of
+    each slot, finished (B,) (empty slots too). A prompt is prefilled once for all its samples."""
 
     def __init__(self, model: CausalLM, prompt_ids: list[list[int]], num_samples: int, n_slots: int,
                  max_new_tokens: int, pad_id: int,
                  static_decoder: Callable[[KVCache, torch.Tensor], StaticDecoder | None] = lambda *_: None):
-        """static_decoder(cache, key_mask): the engine's fixed-shape decoder over the filled columns, or None."""
         self.prompt_ids, self.num_samples, self.pad_id = prompt_ids, num_samples, pad_id
         longest_prompt = max(len(p) for p in prompt_ids)
         n_slots = min(n_slots, len(prompt_ids) * num_samples)  # a slot never filled would hold no output row
@@ -164,7 +163,7 @@ class FixedSlots(Slots):
         return not self.waiting and bool(self.finished.all())
 
     def step(self, tokens: torch.Tensor) -> None:
-        """Feed each running row its sampled token (B,), then give the slots of finished rows to waiting ones."""
+        """Feed each running row its token, then give the finished rows' slots to waiting ones."""
         if not self.waiting:
             tokens, self.decoder = drop_finished(self, tokens, self.cache, self.decoder,
                                                  ("rows", "first_column", "positions", "logits", "key_mask"))
@@ -177,7 +176,7 @@ class FixedSlots(Slots):
             self._admit(self.finished.nonzero().squeeze(-1).tolist())
 
     def _admit(self, free: list[int]) -> None:
-        """The next waiting sequences take these slots, their prompts prefilled (once per prompt, in one forward)."""
+        """The next waiting sequences take these slots, their prompts prefilled once, in one forward."""
         newcomers = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
         new = sorted({row // self.num_samples for row in newcomers} - self.prefilled.keys())
         if new:

@@ -1,15 +1,11 @@
 """Speculative decoding with DeepSeek-V3's multi-token prediction module as the draft (`--speculative mtp`), or a
 small model of the same vocabulary (`--speculative draft:DIR`).
 
-Each step the drafter proposes tokens d ~ q; one forward of the main model over [last token, drafts] verifies them.
-A draft is kept with probability min(1, p(d) / q(d)); the first rejected one is replaced by a draw from max(0, p - q)
-renormalised (Leviathan et al., Chen et al., 2023), so every token is distributed as the main model's own sampler
-would draw it (greedy: the same tokens), and after k kept drafts the model's next token comes free. A rejected draft's
-cache columns are hidden by the key mask, as left padding is; finished rows are dropped once a quarter are.
-The MTP module reads the model's hidden state and the token after it; a draft model reads the tokens themselves, its
-cache one column ahead. With k drafts a step, a model with k or more MTP depths drafts the i-th from depth i (as
-DeepSeek-V3 trains them, each depth one position behind the one before); otherwise the drafter is chained on its own
-output. The server's live batch drafts by the same rule (live_batch.py).
+Each step the drafter proposes k tokens d ~ q; one forward of the main model verifies them. A draft is kept with
+probability min(1, p(d) / q(d)), the first rejected one replaced by a draw from max(0, p - q) renormalised (Leviathan
+et al., 2023), so every token is distributed as the model's own sampler draws it (greedy: the same tokens). A rejected
+draft's cache columns are hidden by the key mask. A model with k or more MTP depths drafts the i-th from depth i (as
+DeepSeek-V3 trains them); otherwise the drafter is chained on its own output.
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ class _Rows:
 
 def generate_speculative(model: CausalLM, prompts: list[list[int]], params: _RowParams, eos: torch.Tensor,
                          pad_id: int, out, draft: CausalLM | None = None, k: int = 1):
-    """Sample a completion of each prompt into its row of out (the engine's _Outputs), drafting k tokens a step with
-    the model's MTP module or the draft model. Returns each row's drafted and accepted token counts, (B,) tensors."""
+    """Sample each prompt's completion into out, drafting k tokens a step; returns (drafted, accepted) per row."""
     temperature, top_k, top_p, generator = params.for_rows(torch.arange(len(prompts), device=eos.device))
     rule = Greedy() if not torch.is_tensor(temperature) and temperature <= 0 else \
         Sampled(temperature, top_k, top_p, generator)
@@ -284,9 +279,8 @@ def drafter_config(model: CausalLM, draft: CausalLM | None, depths: int = 1):
 
 
 def _prefill(model: CausalLM, draft: CausalLM | None, prompts, pad_id: int, k: int, steps: int):
-    """The prompts (left-padded) through the main model into its cache: (caches, last logits, rows, the prompt's
-    ids, positions and hidden states for the drafter's prefill). A step writes k + 1 columns of the model's cache
-    and at most k + 1 + k(k - 1)/2 of the drafter's (its catch-up, then its chained drafts or each depth's)."""
+    """The prompts through the main model: (caches, last logits, rows, (ids, positions, hidden states)). A step
+    writes k + 1 columns of the model's cache, at most k + 1 + k(k - 1)/2 of the drafter's."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     ids, key_mask, positions = left_padded(prompts, pad_id, device)  # (B, P)
     B, P = ids.shape

@@ -1,7 +1,6 @@
-"""Decode steps with fixed shapes, replayed as one CUDA graph on a GPU (launching a small model's few hundred kernels
-one by one from Python sets the pace). Every step uses the same buffers: token and position copied into static tensors,
-keys written at a position held in a (1,) tensor, the whole cache attended under a mask that gains a column per step.
-Elsewhere the step runs eagerly (the CPU tests check it gives the dynamic path's tokens).
+"""Decode steps with fixed shapes, replayed as one CUDA graph on a GPU (launching a small model's kernels one by one
+from Python sets the pace): the same buffers every step, keys written at a position held in a (1,) tensor, the whole
+cache attended under a mask that gains a column per step. Elsewhere the step runs eagerly.
 """
 
 from __future__ import annotations
@@ -46,11 +45,11 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._run()
-        self._rewind()  # capture records without running, but be explicit: the first real step writes at P
+        self._rewind()  # the first real step writes at P
         return graph
 
     def _rewind(self) -> None:
-        """Undo the warm-up steps: their cache entries are overwritten before they are ever attended."""
+        # the warm-up steps' cache entries are overwritten before they are ever attended
         self.write_pos.fill_(self.prompt_len)
         self.mask[..., self.prompt_len :] = False
 

@@ -6,10 +6,8 @@ sandbox (r1lab/rewards/sandbox/runner.py), what it printed (cut to tool_output_c
 (ToolSample.model_mask). A rollout makes at most max_tool_calls calls (one more ends it, finish_reason "tool_limit"),
 and all its tokens, the tools' included, fit in max_new_tokens.
 
-generate_with_tools drives Engine.generate turn by turn: each later turn continues the rollouts that stopped on the
-close tag, each as its own prompt, seeded by (its prompt's seed, its sample index, the turn), so a rollout's tokens do
-not depend on its batch-mates. An environment's turns (EnvTurns) run the same loop. The server and the terminal chat
-run the same turns with the helpers below while they stream.
+generate_with_tools drives Engine.generate turn by turn, each turn seeded by (its prompt's seed, its sample index, the
+turn), so a rollout's tokens do not depend on its batch-mates; an environment's turns (EnvTurns) run the same loop.
 """
 
 from __future__ import annotations
@@ -95,8 +93,7 @@ def cut_at_close(turn_text: str, spec: ToolSpec) -> str:
 
 
 def call_tool(code: str | None, spec: ToolSpec, runner: Runner) -> ProgramResult | None:
-    """Run a block's code (None: no opening tag, nothing to run). A runner that raises is a failed call that the
-    model reads about, not a crashed rollout."""
+    """Run a block's code (None: no opening tag); a runner that raises is a failed call, not a crashed rollout."""
     if code is None:
         return None
     try:
@@ -229,8 +226,7 @@ def _add_turn(r: _Rollout, sample: Any, turns: Turns, eos_ids: set[int]) -> None
 
 
 def append_context(r: _Rollout, text: str, max_new_tokens: int, tokenizer: Any) -> None:
-    """Append text the model reads but did not sample (a tool's output, an environment's messages), never trained
-    on; cut at the rollout's token budget, where the rollout then ends by length."""
+    """Append text the model reads but did not sample, cut at the token budget (the rollout then ends by length)."""
     ids, text, cut = _fit(text, tokenizer, max_new_tokens - len(r.out.token_ids))
     if cut:
         r.out.finish_reason, r.pending = "length", None
@@ -255,8 +251,7 @@ class ToolTurns:
         return sample.finish_reason == "stop" and closes_block(sample.text, sample.token_ids, self.spec, eos_ids)
 
     def respond(self, pending: list[_Rollout], tokenizer: Any, max_new_tokens: int) -> None:
-        """Run the pending rollouts' blocks in parallel and append their outputs; a rollout past its call limit
-        ends."""
+        """Run the pending rollouts' blocks in parallel and append their outputs; past the call limit, end."""
         spec = self.spec
         for r in pending:
             r.out.calls += 1
