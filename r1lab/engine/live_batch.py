@@ -97,9 +97,8 @@ class LiveBatch(Slots):
             top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
             frequency_penalty: float = 0.0, seed: int | None = None, stop_strings: tuple[str, ...] = (),
             output_start: int | None = None) -> int:
-        """Queue a sequence (it starts when a slot is free) and return its id. With a seed and no min-p or penalties
-        its tokens are Engine.generate's with the same settings. The penalties count the output from
-        prompt_ids[output_start:] on (default: the sampled tokens only)."""
+        """Queue a sequence and return its id (seeded, with no min-p or penalties: Engine.generate's tokens). The
+        penalties count the output from prompt_ids[output_start:] on (default: the sampled tokens only)."""
         if not prompt_ids or max_new_tokens < 1:
             raise ValueError("a sequence needs at least one prompt token and max_new_tokens >= 1")
         seq = Sequence(next(_sequence_ids), list(prompt_ids), max_new_tokens, temperature, top_p, top_k,

@@ -110,9 +110,8 @@ def _propose(model: CausalLM, draft: CausalLM | None, rule, rows: _Rows, cache: 
 
 
 def _chained(model: CausalLM, draft: CausalLM | None, rows: _Rows, cache: KVCache, state, d: torch.Tensor, i: int):
-    """The next draft from the drafter fed draft d (the MTP module its own output as hidden state) at the next
-    position: the drafter's catch-up over one kept token. Its keys last this round only: the next step's catch-up
-    writes that position again from the model's own hidden states."""
+    """The next draft from the drafter fed draft d at the next position (the MTP module its own output as hidden
+    state); its keys last this round only, the next catch-up rewrites them from the model's hidden states."""
     column = rows.draft_key_mask.shape[-1]
     rows.draft_key_mask = torch.cat([rows.draft_key_mask, torch.ones_like(d[:, None, None], dtype=torch.bool)], -1)
     h = None if state is None else state[:, None]  # a draft model has no state: it reads d itself
@@ -148,9 +147,8 @@ def _depth_masks(real: torch.Tensor, positions: torch.Tensor, depths: int) -> to
 
 def _catch_up_depths(model: CausalLM, cache: KVCache, rows: _Rows, h: torch.Tensor, emitted: torch.Tensor,
                      positions: torch.Tensor, n: torch.Tensor, column: int):
-    """catch_up for every MTP depth: depth 0 reads the model's hidden states h (B, T, D), depth i depth i - 1's
-    output one position behind (its last real one, then this step's), with the same tokens. Updates rows.last;
-    returns (the first draft's logits, None)."""
+    """catch_up for every MTP depth, depth i reading depth i - 1's output one position behind (depth 0: h). Updates
+    rows.last; returns (the first draft's logits, None)."""
     index, last, out = torch.arange(len(n), device=n.device), [], h
     for i in range(rows.last.shape[1]):
         if i:
@@ -218,9 +216,8 @@ class Sampled:
         return self._draw(q), q
 
     def verify(self, drafts: torch.Tensor, q: torch.Tensor, target: torch.Tensor):
-        """(n, emitted) as Greedy's. Draft j is kept with probability min(1, p_j(d) / q_j(d)) up to the first
-        rejected one, which is replaced by a draw from max(0, p_j - q_j) renormalised (p_j where that is all zero);
-        after k kept drafts the bonus token is drawn from p_k. k + 2 uniform numbers per row."""
+        """(n, emitted) as Greedy's: draft j kept with probability min(1, p_j(d) / q_j(d)), the first rejected one
+        replaced by a draw from max(0, p_j - q_j) renormalised, after k kept the bonus drawn from p_k."""
         B, k = drafts.shape
         p = torch.stack([self.probs(target[:, j]) for j in range(k + 1)], 1)  # (B, k + 1, V)
         u = uniforms(B, self.generator, drafts.device, k + 2)
