@@ -32,9 +32,11 @@ test: setup
 # docs/testing.md), those marked torchrun (each starts 2-process jobs: about 56 s of the
 # 125 s the fast tier took with them) but for the one also marked smoke (two ranks train to the weights of one
 # process), and those marked gpu. It runs on one pytest-xdist worker per core (at most 4), each worker's torch
-# threads its share of the cores (tests/conftest.py): most of a unit test's time is Python, one core's work.
+# threads its share of the cores (tests/conftest.py): most of a unit test's time is Python, one core's work. Each test
+# file runs on one worker (--dist loadfile), the longest first (tests/conftest.py): a module's fixtures and the optional
+# libraries its tests import are then paid once, not on every worker.
 FAST := not slow and not gpu and (not torchrun or smoke)
-FAST_WORKERS := -n auto --maxprocesses 4
+FAST_WORKERS := -n auto --maxprocesses 4 --dist loadfile
 test-fast: setup
 	$(PY) -m pytest tests -m "$(FAST)" $(FAST_WORKERS)
 
