@@ -118,7 +118,7 @@ class AsyncRollouts(contextlib.AbstractContextManager):
     def close(self) -> None:
         """End the worker now and give the trainer its threads back."""
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it leaves SIGTERM to the trainer (worker_main); there is nothing of its to save
         if self.process.pid is not None:
             self.process.join()
         for q in (self.requests, self.results):
